@@ -1,0 +1,52 @@
+"""dimse_async: an asyncio-native DICOM networking framework (PS3.7, PS3.8)."""
+
+from .acse import ContextSpec, PresentationContext
+from .ae import AE
+from .association import Association
+from .dimse import Status
+from .exceptions import (
+    AssociationAborted,
+    AssociationError,
+    AssociationRejected,
+    AssociationTimeout,
+    ConnectionFailed,
+    DIMSEFailure,
+    NoAcceptedContext,
+)
+from .pdu import UserIdentityRQ
+from .server import Server
+from .services.requests import Request
+from .uids import Verification
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AE",
+    "Association",
+    "AssociationAborted",
+    "AssociationError",
+    "AssociationRejected",
+    "AssociationTimeout",
+    "ConnectionFailed",
+    "ContextSpec",
+    "DIMSEFailure",
+    "NoAcceptedContext",
+    "PresentationContext",
+    "Request",
+    "Server",
+    "Status",
+    "UserIdentityRQ",
+    "Verification",
+    "run",
+]
+
+
+def run(main):  # type: ignore[no-untyped-def]
+    """Run a coroutine on uvloop when it is installed, else on the default loop."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - platform dependent
+        return asyncio.run(main)
+    return uvloop.run(main)

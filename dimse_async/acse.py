@@ -1,0 +1,366 @@
+"""Association negotiation (PS3.7 §7.4 and Annex D; PS3.8 §7.1), sans I/O.
+
+The requestor builds an A-ASSOCIATE-RQ with :func:`build_request` and reads the
+answer with :func:`requestor_contexts`. The acceptor turns an RQ into either an
+A-ASSOCIATE-AC or an A-ASSOCIATE-RJ with :func:`negotiate`, given an
+:class:`AcceptorPolicy`. Everything here is pure and synchronous; the only
+asynchronous step (user identity) is done by the caller and passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .pdu import (
+    APPLICATION_CONTEXT,
+    AssociateAC,
+    AssociateRJ,
+    AssociateRQ,
+    AsyncOpsWindow,
+    PresentationContextAC,
+    PresentationContextRQ,
+    RoleSelection,
+    SOPClassCommonExtended,
+    SOPClassExtended,
+    UserIdentityAC,
+    UserIdentityRQ,
+    UserInformation,
+)
+
+__all__ = [
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
+    "AcceptorPolicy",
+    "ContextSpec",
+    "Negotiated",
+    "PresentationContext",
+    "build_request",
+    "context_result_text",
+    "negotiate",
+    "reject_text",
+    "requestor_contexts",
+    "validate_ae_title",
+]
+
+IMPLEMENTATION_CLASS_UID = "2.25.274571480719065348315665717021919789922"
+IMPLEMENTATION_VERSION_NAME = "DIMSE_ASYNC_01"
+
+ACCEPTANCE = 0
+USER_REJECTION = 1
+NO_REASON = 2
+ABSTRACT_SYNTAX_NOT_SUPPORTED = 3
+TRANSFER_SYNTAXES_NOT_SUPPORTED = 4
+
+_CONTEXT_RESULTS = {
+    ACCEPTANCE: "acceptance",
+    USER_REJECTION: "user-rejection",
+    NO_REASON: "no-reason (provider rejection)",
+    ABSTRACT_SYNTAX_NOT_SUPPORTED: "abstract-syntax-not-supported",
+    TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer-syntaxes-not-supported",
+}
+
+# (source, reason) -> text, PS3.8 §9.3.4 Table 9-21
+_REJECT_REASONS = {
+    (1, 1): "no-reason-given",
+    (1, 2): "application-context-name-not-supported",
+    (1, 3): "calling-AE-title-not-recognized",
+    (1, 7): "called-AE-title-not-recognized",
+    (2, 1): "no-reason-given",
+    (2, 2): "protocol-version-not-supported",
+    (3, 0): "reserved",
+    (3, 1): "temporary-congestion",
+    (3, 2): "local-limit-exceeded",
+}
+_REJECT_SOURCES = {1: "service-user", 2: "service-provider (ACSE)", 3: "service-provider (presentation)"}
+_REJECT_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+
+
+def reject_text(rj: AssociateRJ) -> str:
+    """Human-readable A-ASSOCIATE-RJ result, source and reason."""
+    return (
+        f"{_REJECT_RESULTS.get(rj.result, f'result {rj.result}')}, "
+        f"source {_REJECT_SOURCES.get(rj.source, rj.source)}, "
+        f"reason {_REJECT_REASONS.get((rj.source, rj.reason), rj.reason)}"
+    )
+
+
+def context_result_text(result: int) -> str:
+    return _CONTEXT_RESULTS.get(result, f"result {result}")
+
+
+def validate_ae_title(title: str | bytes, what: str = "AE title") -> str:
+    """Return the significant part of an AE title, or raise ``ValueError``.
+
+    PS3.5 §6.2 (AE): at most 16 characters of the ISO 646 basic G0 set, no
+    backslash, no control characters, not all spaces.
+    """
+    if isinstance(title, bytes):
+        try:
+            title = title.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} {title!r} is not ASCII") from None
+    stripped = title.strip(" ")
+    if not stripped:
+        raise ValueError(f"{what} must not be empty or all spaces")
+    if len(stripped) > 16:
+        raise ValueError(f"{what} {stripped!r} is longer than 16 characters")
+    for ch in stripped:
+        if ch == "\\" or not (0x20 <= ord(ch) < 0x7F):
+            raise ValueError(f"{what} {stripped!r} contains an invalid character {ch!r}")
+    return stripped
+
+
+@dataclass(slots=True)
+class ContextSpec:
+    """A presentation context we request (as requestor) or support (as acceptor).
+
+    Role selection: as requestor, ``scu_role``/``scp_role`` set to booleans propose a
+    role selection item (e.g. ``scp_role=True`` for C-GET storage sub-operations). As
+    acceptor they say which roles the *requestor* may take when it proposes them
+    (defaults: it may be SCU, not SCP).
+    """
+
+    abstract_syntax: str
+    transfer_syntaxes: list[str]
+    scu_role: bool | None = None
+    scp_role: bool | None = None
+
+
+@dataclass(slots=True)
+class PresentationContext:
+    """A negotiated presentation context and the roles the *local* side may take."""
+
+    id: int
+    abstract_syntax: str
+    transfer_syntax: str
+    result: int
+    as_scu: bool = True
+    as_scp: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return self.result == ACCEPTANCE
+
+
+@dataclass(slots=True)
+class Negotiated:
+    """What an association settled on, whichever side we were."""
+
+    contexts: list[PresentationContext]
+    peer_max_pdu: int
+    max_ops_invoked: int = 1  # outstanding requests we may invoke (0 = unlimited)
+    max_ops_performed: int = 1  # outstanding requests we must be ready to perform
+    peer_implementation_uid: str = ""
+    peer_implementation_version: str | None = None
+    extended: dict[str, bytes] = field(default_factory=dict)
+    common_extended: list[SOPClassCommonExtended] = field(default_factory=list)
+    identity: UserIdentityRQ | None = None
+    identity_response: bytes | None = None
+
+    @property
+    def accepted(self) -> list[PresentationContext]:
+        return [c for c in self.contexts if c.accepted]
+
+
+def _min0(a: int, b: int) -> int:
+    """Minimum where 0 means unlimited."""
+    if a == 0:
+        return b
+    if b == 0:
+        return a
+    return min(a, b)
+
+
+def build_request(
+    called_ae: str,
+    calling_ae: str,
+    contexts: Iterable[ContextSpec],
+    *,
+    max_pdu: int,
+    async_ops: tuple[int, int] | None = None,
+    extended: Iterable[SOPClassExtended] = (),
+    common_extended: Iterable[SOPClassCommonExtended] = (),
+    identity: UserIdentityRQ | None = None,
+) -> AssociateRQ:
+    """Build an A-ASSOCIATE-RQ; context ids are 1, 3, 5, … in the given order."""
+    pcs = []
+    roles: dict[str, RoleSelection] = {}
+    for i, spec in enumerate(contexts):
+        if i >= 128:
+            raise ValueError("at most 128 presentation contexts can be proposed")
+        pcs.append(PresentationContextRQ(2 * i + 1, spec.abstract_syntax, list(spec.transfer_syntaxes)))
+        if spec.scu_role is not None or spec.scp_role is not None:
+            roles[spec.abstract_syntax] = RoleSelection(
+                spec.abstract_syntax, bool(spec.scu_role if spec.scu_role is not None else True), bool(spec.scp_role)
+            )
+    ui = UserInformation(
+        max_length=max_pdu,
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+        async_ops=AsyncOpsWindow(*async_ops) if async_ops and async_ops != (1, 1) else None,
+        roles=list(roles.values()),
+        extended=list(extended),
+        common_extended=list(common_extended),
+        identity_rq=identity,
+    )
+    return AssociateRQ(called_ae, calling_ae, pcs, ui)
+
+
+def requestor_contexts(rq: AssociateRQ, ac: AssociateAC) -> Negotiated:
+    """Combine our RQ and the peer's AC into the negotiated result (requestor side)."""
+    answers = {pc.id: pc for pc in ac.presentation_contexts}
+    roles = {r.sop_class_uid: r for r in ac.user_info.roles}
+    proposed_roles = {r.sop_class_uid: r for r in rq.user_info.roles}
+    contexts = []
+    for pc in rq.presentation_contexts:
+        ans = answers.get(pc.id)
+        result = ans.result if ans is not None else NO_REASON
+        ts = ans.transfer_syntax if ans is not None else ""
+        if result == ACCEPTANCE and ts not in pc.transfer_syntaxes:
+            result = NO_REASON  # the peer picked a syntax we never proposed
+        as_scu, as_scp = True, False
+        if pc.abstract_syntax in proposed_roles:
+            reply = roles.get(pc.abstract_syntax)
+            if reply is not None:
+                prop = proposed_roles[pc.abstract_syntax]
+                as_scu, as_scp = prop.scu_role and reply.scu_role, prop.scp_role and reply.scp_role
+        contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp))
+    ops = ac.user_info.async_ops
+    proposed = rq.user_info.async_ops
+    invoked = performed = 1
+    if ops is not None and proposed is not None:
+        invoked = _min0(ops.max_ops_invoked, proposed.max_ops_invoked)
+        performed = _min0(ops.max_ops_performed, proposed.max_ops_performed)
+    return Negotiated(
+        contexts=contexts,
+        peer_max_pdu=ac.user_info.max_length or 0,
+        max_ops_invoked=invoked,
+        max_ops_performed=performed,
+        peer_implementation_uid=ac.user_info.implementation_class_uid,
+        peer_implementation_version=ac.user_info.implementation_version_name,
+        extended={e.sop_class_uid: e.info for e in ac.user_info.extended},
+        identity_response=ac.user_info.identity_ac.server_response if ac.user_info.identity_ac else None,
+    )
+
+
+@dataclass
+class AcceptorPolicy:
+    """How an acceptor judges an A-ASSOCIATE-RQ (PS3.7 §7.4, PS3.8 §7.1)."""
+
+    ae_title: str
+    supported: dict[str, ContextSpec]
+    max_pdu: int
+    require_called_ae: bool = True
+    allowed_calling_aes: frozenset[str] | None = None
+    #: Outstanding operations we perform / invoke concurrently (0 = unlimited).
+    max_ops_performed: int = 16
+    max_ops_invoked: int = 16
+    #: SOP class extended negotiation: (sop_class_uid, info) -> reply info or None.
+    on_extended: Callable[[str, bytes], bytes | None] | None = None
+    #: SOP class common extended negotiation: item -> accept?
+    on_common_extended: Callable[[SOPClassCommonExtended], bool] | None = None
+
+
+def negotiate(
+    rq: AssociateRQ,
+    policy: AcceptorPolicy,
+    *,
+    identity_ok: bool = True,
+    identity_response: bytes | None = None,
+) -> tuple[AssociateAC | AssociateRJ, Negotiated | None]:
+    """Acceptor side: judge ``rq`` and build the AC (with its result) or an RJ.
+
+    ``identity_ok``/``identity_response`` carry the outcome of the (asynchronous)
+    user identity check done by the caller.
+    """
+    if rq.application_context != APPLICATION_CONTEXT:
+        return AssociateRJ(1, 1, 2), None
+    if policy.require_called_ae and rq.called_ae != policy.ae_title:
+        return AssociateRJ(1, 1, 7), None
+    if policy.allowed_calling_aes is not None and rq.calling_ae not in policy.allowed_calling_aes:
+        return AssociateRJ(1, 1, 3), None
+    if not identity_ok:
+        return AssociateRJ(1, 1, 1), None
+
+    proposed_roles = {r.sop_class_uid: r for r in rq.user_info.roles}
+    reply_roles: dict[str, RoleSelection] = {}
+    ac_pcs: list[PresentationContextAC] = []
+    contexts: list[PresentationContext] = []
+    seen: set[int] = set()
+    for pc in rq.presentation_contexts:
+        spec = policy.supported.get(pc.abstract_syntax)
+        ts = ""
+        as_scu, as_scp = False, True  # our roles, by default acceptor = SCP
+        if pc.id % 2 == 0 or pc.id in seen:
+            result = NO_REASON
+        elif spec is None:
+            result = ABSTRACT_SYNTAX_NOT_SUPPORTED
+        else:
+            offered = set(pc.transfer_syntaxes)
+            ts = next((t for t in spec.transfer_syntaxes if t in offered), "")
+            result = ACCEPTANCE if ts else TRANSFER_SYNTAXES_NOT_SUPPORTED
+            prop = proposed_roles.get(pc.abstract_syntax)
+            if result == ACCEPTANCE and prop is not None:
+                scu = prop.scu_role and (spec.scu_role is None or spec.scu_role)
+                scp = prop.scp_role and bool(spec.scp_role)
+                reply_roles[pc.abstract_syntax] = RoleSelection(pc.abstract_syntax, scu, scp)
+                # The requestor's roles are scu/scp; ours are the mirror image.
+                as_scu, as_scp = scp, scu
+                if not (scu or scp):
+                    result = USER_REJECTION
+        seen.add(pc.id)
+        ac_pcs.append(PresentationContextAC(pc.id, result, ts if result == ACCEPTANCE else ""))
+        contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp))
+
+    invoked = performed = 1
+    async_reply = None
+    if rq.user_info.async_ops is not None:
+        ops = rq.user_info.async_ops
+        # AC fields are from the requestor's point of view (PS3.7 D.3.3.3).
+        req_invoked = _min0(ops.max_ops_invoked, policy.max_ops_performed)
+        req_performed = _min0(ops.max_ops_performed, policy.max_ops_invoked)
+        async_reply = AsyncOpsWindow(req_invoked, req_performed)
+        performed, invoked = req_invoked, req_performed
+
+    extended: dict[str, bytes] = {}
+    ext_replies = []
+    for item in rq.user_info.extended:
+        reply = policy.on_extended(item.sop_class_uid, item.info) if policy.on_extended else None
+        if reply is not None:
+            extended[item.sop_class_uid] = reply
+            ext_replies.append(SOPClassExtended(item.sop_class_uid, reply))
+    common = [
+        item
+        for item in rq.user_info.common_extended
+        if policy.on_common_extended is None or policy.on_common_extended(item)
+    ]
+
+    identity = rq.user_info.identity_rq
+    identity_ac = None
+    if identity is not None and identity.positive_response_requested and identity_response is not None:
+        identity_ac = UserIdentityAC(identity_response)
+
+    ui = UserInformation(
+        max_length=policy.max_pdu,
+        implementation_class_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version_name=IMPLEMENTATION_VERSION_NAME,
+        async_ops=async_reply,
+        roles=list(reply_roles.values()),
+        extended=ext_replies,
+        identity_ac=identity_ac,
+    )
+    ac = AssociateAC(rq.called_ae, rq.calling_ae, ac_pcs, ui)
+    negotiated = Negotiated(
+        contexts=contexts,
+        peer_max_pdu=rq.user_info.max_length or 0,
+        max_ops_invoked=invoked,
+        max_ops_performed=performed,
+        peer_implementation_uid=rq.user_info.implementation_class_uid,
+        peer_implementation_version=rq.user_info.implementation_version_name,
+        extended=extended,
+        common_extended=common,
+        identity=identity,
+        identity_response=identity_response,
+    )
+    return ac, negotiated

@@ -1,0 +1,281 @@
+"""The application entity: configuration, handlers, ``associate()`` and ``start_server()``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from .acse import AcceptorPolicy, ContextSpec, build_request, validate_ae_title
+from .association import Association
+from .exceptions import AssociationTimeout, ConnectionFailed
+from .pdu import SOPClassCommonExtended, SOPClassExtended, UserIdentityRQ
+from .server import Server
+from .uids import DEFAULT_TRANSFER_SYNTAXES
+
+__all__ = ["AE"]
+
+Handler = Callable[..., Awaitable[Any]]
+Authenticator = Callable[[UserIdentityRQ, Association], Awaitable[tuple[bool, bytes | None]]]
+
+_EVENTS = ("requested", "accepted", "rejected", "released", "aborted")
+
+
+class AE:
+    """A DICOM application entity (PS3.7 §7).
+
+    >>> ae = AE("MY_AE")
+    >>> ae.add_requested_context(Verification)
+    >>> async with ae.associate("127.0.0.1", 11112, called_ae="PEER") as assoc:
+    ...     status = await assoc.c_echo()
+
+    Timeouts are in seconds (``None`` waits forever): ``connect_timeout`` for TCP,
+    ``acse_timeout`` for A-ASSOCIATE / A-RELEASE answers, ``dimse_timeout`` for a
+    DIMSE response, ``network_timeout`` for an idle association, ``artim_timeout``
+    for the ARTIM timer (PS3.8 §9.1.5).
+    """
+
+    def __init__(
+        self,
+        ae_title: str = "DIMSE_ASYNC",
+        *,
+        max_pdu: int = 262_144,
+        connect_timeout: float | None = 30.0,
+        acse_timeout: float | None = 30.0,
+        dimse_timeout: float | None = 60.0,
+        network_timeout: float | None = 300.0,
+        artim_timeout: float = 30.0,
+        max_associations: int = 1000,
+        require_called_ae: bool = True,
+        allowed_calling_aes: Iterable[str] | None = None,
+        max_ops_invoked: int = 16,
+        max_ops_performed: int = 16,
+    ):
+        self.ae_title = validate_ae_title(ae_title)
+        if not 0 <= max_pdu <= 0xFFFFFFFF or 0 < max_pdu < 1024:
+            raise ValueError(f"max_pdu {max_pdu} must be 0 (unlimited) or at least 1024")
+        self.max_pdu = max_pdu
+        self.connect_timeout = connect_timeout
+        self.acse_timeout = acse_timeout
+        self.dimse_timeout = dimse_timeout
+        self.network_timeout = network_timeout
+        self.artim_timeout = artim_timeout
+        self.max_associations = max_associations
+        self.require_called_ae = require_called_ae
+        self.allowed_calling_aes = (
+            None if allowed_calling_aes is None else frozenset(validate_ae_title(t) for t in allowed_calling_aes)
+        )
+        self.max_ops_invoked = max_ops_invoked
+        self.max_ops_performed = max_ops_performed
+        self.requested_contexts: list[ContextSpec] = []
+        self.supported_contexts: dict[str, ContextSpec] = {}
+        self._handlers: dict[str, Handler] = {}
+        self._hooks: dict[str, list[Callable[[Association], Any]]] = {e: [] for e in _EVENTS}
+        self._authenticator: Authenticator | None = None
+        self._hook_tasks: set[asyncio.Future[Any]] = set()
+        self._on_extended: Callable[[str, bytes], bytes | None] | None = None
+        self._on_common_extended: Callable[[SOPClassCommonExtended], bool] | None = None
+
+    # ------------------------------------------------------------ contexts
+
+    def add_requested_context(
+        self,
+        abstract_syntax: str,
+        transfer_syntaxes: Iterable[str] | None = None,
+        *,
+        scu_role: bool | None = None,
+        scp_role: bool | None = None,
+    ) -> None:
+        """Propose ``abstract_syntax`` when we request associations."""
+        self.requested_contexts.append(
+            ContextSpec(
+                str(abstract_syntax),
+                [str(t) for t in transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES],
+                scu_role,
+                scp_role,
+            )
+        )
+
+    def add_supported_context(
+        self,
+        abstract_syntax: str,
+        transfer_syntaxes: Iterable[str] | None = None,
+        *,
+        scu_role: bool | None = None,
+        scp_role: bool | None = None,
+    ) -> None:
+        """Accept ``abstract_syntax`` as acceptor; ``transfer_syntaxes`` in our preference order.
+
+        ``scu_role``/``scp_role`` answer a requestor's role selection proposal: by default
+        it may act as SCU but not SCP (set ``scp_role=True`` to allow e.g. C-GET sub-ops).
+        """
+        self.supported_contexts[str(abstract_syntax)] = ContextSpec(
+            str(abstract_syntax), [str(t) for t in transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES], scu_role, scp_role
+        )
+
+    # ------------------------------------------------------------ handlers and hooks
+
+    def on_c_echo(self, handler: Handler) -> Handler:
+        """Register the C-ECHO handler: ``async def h(request) -> status | None``."""
+        self._handlers["c_echo"] = handler
+        return handler
+
+    def set_handler(self, service: str, handler: Handler) -> None:
+        self._handlers[service] = handler
+
+    def on_user_identity(self, authenticator: Authenticator) -> Authenticator:
+        """Register ``async def check(identity, assoc) -> (ok, server_response | None)``.
+
+        A refusal rejects the association (rejected-permanent, service-user, no-reason-given).
+        """
+        self._authenticator = authenticator
+        return authenticator
+
+    def on_extended_negotiation(
+        self, callback: Callable[[str, bytes], bytes | None]
+    ) -> Callable[[str, bytes], bytes | None]:
+        """SOP class extended negotiation (PS3.7 D.3.3.5): ``(sop_class, info) -> reply | None``."""
+        self._on_extended = callback
+        return callback
+
+    def on_common_extended_negotiation(
+        self, callback: Callable[[SOPClassCommonExtended], bool]
+    ) -> Callable[[SOPClassCommonExtended], bool]:
+        """SOP class common extended negotiation (PS3.7 D.3.3.6): ``item -> accept?``."""
+        self._on_common_extended = callback
+        return callback
+
+    def on_association(self, event: str) -> Callable[[Callable[[Association], Any]], Callable[[Association], Any]]:
+        """Hook an association event: requested, accepted, rejected, released or aborted.
+
+        The hook gets the :class:`Association`; an ``async`` hook runs as a task.
+        """
+        if event not in self._hooks:
+            raise ValueError(f"unknown association event {event!r}; one of {', '.join(_EVENTS)}")
+
+        def register(fn: Callable[[Association], Any]) -> Callable[[Association], Any]:
+            self._hooks[event].append(fn)
+            return fn
+
+        return register
+
+    def _fire(self, event: str, assoc: Association) -> None:
+        for hook in self._hooks[event]:
+            try:
+                result = hook(assoc)
+                if asyncio.iscoroutine(result):
+                    task = asyncio.ensure_future(result)
+                    self._hook_tasks.add(task)
+                    task.add_done_callback(self._hook_tasks.discard)
+            except Exception as exc:
+                assoc.log.error("association hook failed", hook_event=event, error=repr(exc))
+
+    def _acceptor_policy(self) -> AcceptorPolicy:
+        return AcceptorPolicy(
+            ae_title=self.ae_title,
+            supported=self.supported_contexts,
+            max_pdu=self.max_pdu,
+            require_called_ae=self.require_called_ae,
+            allowed_calling_aes=self.allowed_calling_aes,
+            max_ops_performed=self.max_ops_performed,
+            max_ops_invoked=self.max_ops_invoked,
+            on_extended=self._on_extended,
+            on_common_extended=self._on_common_extended,
+        )
+
+    # ------------------------------------------------------------ requestor
+
+    def associate(
+        self,
+        host: str,
+        port: int,
+        called_ae: str = "ANY-SCP",
+        *,
+        contexts: Iterable[ContextSpec] | None = None,
+        async_ops: tuple[int, int] | None = None,
+        identity: UserIdentityRQ | None = None,
+        extended: Iterable[SOPClassExtended] = (),
+        common_extended: Iterable[SOPClassCommonExtended] = (),
+    ) -> _Associating:
+        """Request an association. Use as ``async with`` (released on exit) or ``await``.
+
+        ``async_ops=(invoked, performed)`` proposes an asynchronous operations window
+        (default: this AE's ``max_ops_invoked``/``max_ops_performed``; ``(1, 1)`` proposes none).
+        Raises :class:`ConnectionFailed`, :class:`AssociationRejected`,
+        :class:`AssociationAborted` or :class:`AssociationTimeout`.
+        """
+        called = validate_ae_title(called_ae, "called AE title")
+        specs = list(contexts if contexts is not None else self.requested_contexts)
+        if not specs:
+            raise ValueError("no presentation contexts to propose: call add_requested_context() first")
+        ops = async_ops if async_ops is not None else (self.max_ops_invoked, self.max_ops_performed)
+        rq = build_request(
+            called,
+            self.ae_title,
+            specs,
+            max_pdu=self.max_pdu,
+            async_ops=ops,
+            extended=extended,
+            common_extended=common_extended,
+            identity=identity,
+        )
+        return _Associating(self, host, port, rq)
+
+    # ------------------------------------------------------------ acceptor
+
+    async def start_server(self, host: str = "0.0.0.0", port: int = 11112, *, backlog: int = 512) -> Server:
+        """Listen for associations; returns at once with a running :class:`Server`."""
+        if not self.supported_contexts:
+            raise ValueError("no supported presentation contexts: call add_supported_context() first")
+        server = Server(self)
+        loop = asyncio.get_running_loop()
+        server._server = await loop.create_server(
+            lambda: Association(self, requestor=False, server=server), host, port, backlog=backlog, reuse_address=True
+        )
+        return server
+
+
+class _Associating:
+    """The pending result of :meth:`AE.associate`: awaitable and an async context manager."""
+
+    def __init__(self, ae: AE, host: str, port: int, rq: Any):
+        self._ae, self._host, self._port, self._rq = ae, host, port, rq
+        self._assoc: Association | None = None
+
+    async def _open(self) -> Association:
+        ae = self._ae
+        loop = asyncio.get_running_loop()
+        assoc = Association(ae, requestor=True)
+        assoc.request = self._rq
+        assoc.peer_ae = self._rq.called_ae
+        assoc.log = assoc.log.bind(peer_ae=self._rq.called_ae, local_ae=ae.ae_title)
+        assoc._run(assoc.fsm.associate(self._rq))  # Evt1 -> AE-1: we open the transport
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: assoc, self._host, self._port), ae.connect_timeout)
+        except TimeoutError:
+            raise AssociationTimeout(
+                f"TCP connect to {self._host}:{self._port} timed out after {ae.connect_timeout} s"
+            ) from None
+        except OSError as exc:
+            raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}") from exc
+        await assoc._wait_established(ae.acse_timeout)
+        return assoc
+
+    def __await__(self):
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Association:
+        self._assoc = await self._open()
+        return self._assoc
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        assoc = self._assoc
+        if assoc is None:
+            return
+        if exc_type is not None and issubclass(exc_type, (asyncio.CancelledError, KeyboardInterrupt)):
+            assoc.abort("cancelled")
+            return
+        if assoc.is_established:
+            await assoc.release()
+        elif not assoc.is_closed:
+            assoc.abort("leaving the association context")

@@ -1,0 +1,648 @@
+"""One association as an ``asyncio.Protocol``: the thin adapter around the sans-I/O core.
+
+:class:`Association` moves bytes between the socket and :class:`~dimse_async.fsm.UpperLayer`,
+runs the outputs it returns (writes, ARTIM and other timers, closing), reassembles
+DIMSE messages, correlates responses with requests by message id, runs SCP handlers
+as tasks within the negotiated asynchronous operations window, and pauses reading
+when handlers fall behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from pydicom.uid import UID
+
+from . import fsm
+from .acse import (
+    Negotiated,
+    PresentationContext,
+    context_result_text,
+    negotiate,
+    reject_text,
+    requestor_contexts,
+)
+from .dimse import (
+    Command,
+    CommandField,
+    DIMSEError,
+    Message,
+    MessageAssembler,
+    Status,
+    encode_command,
+    fragment,
+)
+from .exceptions import (
+    AssociationAborted,
+    AssociationError,
+    AssociationRejected,
+    AssociationTimeout,
+    DIMSEFailure,
+    NoAcceptedContext,
+)
+from .log import debug_enabled, get_logger
+from .pdu import AbortReason, AssociateRJ, AssociateRQ
+from .uids import Verification
+
+if TYPE_CHECKING:
+    from .ae import AE
+    from .server import Server
+
+__all__ = ["Association"]
+
+_ids = itertools.count(1)
+_WRITE_BATCH = 1 << 20  # join up to this many bytes of PDUs into one write
+
+
+class Association(asyncio.Protocol):
+    """A DICOM association, requestor or acceptor side.
+
+    Users get one from ``AE.associate()`` (requestor) or in SCP handlers as
+    ``request.assoc`` (acceptor). DIMSE operations: :meth:`c_echo`; the lifecycle:
+    :meth:`release`, :meth:`abort`, :meth:`wait_closed`.
+    """
+
+    def __init__(self, ae: AE, *, requestor: bool, server: Server | None = None):
+        self.ae = ae
+        self.requestor = requestor
+        self.server = server
+        self.id = f"{next(_ids):x}"
+        self.loop = asyncio.get_running_loop()
+        self.fsm = fsm.UpperLayer(requestor=requestor, max_pdu_receive=ae.max_pdu)
+        self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, int] = ("", 0)
+        self.local_ae = ae.ae_title
+        self.peer_ae = ""
+        self.request: AssociateRQ | None = None
+        self.negotiated: Negotiated | None = None
+        self.log = get_logger(assoc=self.id)
+        self._debug = debug_enabled(self.log)
+
+        self._established: asyncio.Future[None] = self.loop.create_future()
+        self._release_confirm: asyncio.Future[None] | None = None
+        self._closed: asyncio.Future[None] = self.loop.create_future()
+        self._end_reason: str | None = None
+        self._released = False
+
+        self._artim: asyncio.TimerHandle | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._last_rx = 0.0
+
+        self._assembler = MessageAssembler()
+        self._send_lock = asyncio.Lock()
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+
+        self._msg_ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Message] | asyncio.Queue[Message]] = {}
+        self._window: asyncio.Semaphore | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._max_performed = 1
+        self._contexts_by_id: dict[int, PresentationContext] = {}
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def is_established(self) -> bool:
+        return self.fsm.state is fsm.State.Sta6
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.done()
+
+    @property
+    def accepted_contexts(self) -> list[PresentationContext]:
+        return self.negotiated.accepted if self.negotiated else []
+
+    @property
+    def rejected_contexts(self) -> list[PresentationContext]:
+        return [c for c in self.negotiated.contexts if not c.accepted] if self.negotiated else []
+
+    @property
+    def end_reason(self) -> str | None:
+        """Why the association ended, if it ended other than by a normal release."""
+        return self._end_reason
+
+    def __repr__(self) -> str:
+        return f"<Association {self.id} {self.local_ae}<->{self.peer_ae} {self.peer[0]}:{self.peer[1]} {self.fsm.state.name}>"
+
+    # ------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # pragma: no cover - platform dependent
+                pass
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.peer = (str(peer[0]), int(peer[1]))
+        transport.set_write_buffer_limits(high=4 * _WRITE_BATCH)
+        self.log = self.log.bind(peer=f"{self.peer[0]}:{self.peer[1]}", local_ae=self.local_ae)
+        self._last_rx = self.loop.time()
+        if self.server is not None:
+            self.server._track(self)
+        self._run(self.fsm.connection_made())
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.loop.time()
+        if self._debug:
+            self.log.debug("bytes received", n=len(data), state=self.fsm.state.name)
+        self._run(self.fsm.receive_data(data))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        was = self.fsm.state
+        outputs = self.fsm.connection_lost()
+        self._run(outputs)
+        if was not in (fsm.State.Sta1, fsm.State.Sta13) and self._end_reason is None:
+            self._end_reason = self.fsm.failure or "connection lost"
+        self._finish()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # ----------------------------------------------------------- running outputs
+
+    def _run(self, outputs: list[fsm.Output]) -> None:
+        for out in outputs:
+            kind = type(out)
+            if kind is fsm.Send:
+                if self.transport is not None and not self.transport.is_closing():
+                    self.transport.write(out.data)  # type: ignore[union-attr]
+            elif kind is fsm.PDataIndication:
+                self._on_pdata(out)  # type: ignore[arg-type]
+            elif kind is fsm.StartARTIM:
+                if self._artim is not None:
+                    self._artim.cancel()
+                self._artim = self.loop.call_later(self.ae.artim_timeout, self._on_artim)
+            elif kind is fsm.StopARTIM:
+                if self._artim is not None:
+                    self._artim.cancel()
+                    self._artim = None
+            elif kind is fsm.CloseTransport:
+                if self.transport is not None:
+                    self.transport.close()
+            elif kind is fsm.AssociateIndication:
+                self._spawn(self._on_associate_request(out.rq))  # type: ignore[union-attr]
+            elif kind is fsm.AssociateAccepted:
+                self._on_accepted(out)  # type: ignore[arg-type]
+            elif kind is fsm.AssociateRejected:
+                rj = out.rj  # type: ignore[union-attr]
+                self._end_reason = f"rejected: {reject_text(rj)}"
+                self.log.info("association rejected by peer", reason=reject_text(rj))
+                if not self._established.done():
+                    self._established.set_exception(AssociationRejected(rj))
+            elif kind is fsm.ReleaseIndication:
+                self._on_release_indication(out.collision)  # type: ignore[union-attr]
+            elif kind is fsm.ReleaseConfirm:
+                self._released = True
+                if self.fsm.state is fsm.State.Sta12:  # acceptor side of a collision
+                    self.loop.call_soon(self._release_response)
+                if self._release_confirm is not None and not self._release_confirm.done():
+                    self._release_confirm.set_result(None)
+            elif kind is fsm.PeerAbort:
+                self._aborted(f"aborted by peer (A-ABORT source {out.source}, reason {out.reason})")  # type: ignore[union-attr]
+            elif kind is fsm.ProviderAbort:
+                self._aborted(f"provider abort: {out.reason}")  # type: ignore[union-attr]
+            # ConnectTransport: the requestor opens the connection itself (see AE.associate).
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._handlers.add(task)
+        task.add_done_callback(self._handler_done)
+        return task
+
+    def _handler_done(self, task: asyncio.Task[Any]) -> None:
+        self._handlers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, AssociationError):
+                self.log.error("internal error in association task", error=repr(exc))
+                self.abort(f"internal error: {exc!r}")
+        if self._reading_paused and len(self._handlers) < self._max_performed:
+            self._reading_paused = False
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _on_artim(self) -> None:
+        self._artim = None
+        self._run(self.fsm.artim_expired())
+        if self.fsm.failure and self._end_reason is None:
+            self._end_reason = self.fsm.failure
+        if self.fsm.state is fsm.State.Sta1:
+            self.log.warning("ARTIM timer expired, connection closed", reason=self.fsm.failure)
+
+    def _cancel_timers(self) -> None:
+        for handle in (self._artim, self._idle):
+            if handle is not None:
+                handle.cancel()
+        self._artim = self._idle = None
+
+    def _arm_idle(self) -> None:
+        timeout = self.ae.network_timeout
+        if timeout is None or self._closed.done():
+            return
+        self._idle = self.loop.call_at(self._last_rx + timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._idle = None
+        timeout = self.ae.network_timeout
+        if timeout is None or self._closed.done():
+            return
+        if self.loop.time() - self._last_rx >= timeout and not self._handlers and not self._pending:
+            self.abort(f"network idle timeout ({timeout} s)")
+            return
+        if self.loop.time() - self._last_rx >= timeout:
+            self._last_rx = self.loop.time()  # busy locally: not idle
+        self._arm_idle()
+
+    def _aborted(self, reason: str) -> None:
+        if self._end_reason is None:
+            self._end_reason = reason
+        self.log.warning("association aborted", reason=reason)
+        exc = AssociationAborted(reason)
+        if not self._established.done():
+            self._established.set_exception(exc)
+        if self._release_confirm is not None and not self._release_confirm.done():
+            self._release_confirm.set_exception(exc)
+        self._fail_pending(exc)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        for waiter in self._pending.values():
+            if isinstance(waiter, asyncio.Queue):
+                waiter.put_nowait(exc)  # type: ignore[arg-type]
+            elif not waiter.done():
+                waiter.set_exception(exc)
+        self._pending.clear()
+
+    def _finish(self) -> None:
+        if self._closed.done():
+            return
+        self._cancel_timers()
+        reason = self._end_reason
+        exc = AssociationAborted(reason or "association closed")
+        if not self._established.done():
+            self._established.set_exception(exc)
+        if self._release_confirm is not None and not self._release_confirm.done():
+            if self._released:
+                self._release_confirm.set_result(None)
+            else:
+                self._release_confirm.set_exception(exc)
+        self._fail_pending(exc)
+        for task in list(self._handlers):
+            task.cancel()
+        self._closed.set_result(None)
+        if self.server is not None:
+            self.server._untrack(self)
+        if self.negotiated is not None:
+            event = "released" if self._released and reason is None else "aborted"
+            self.ae._fire(event, self)
+        # Mark retrieved exceptions on futures nobody awaits.
+        for fut in (self._established, self._release_confirm):
+            if fut is not None and fut.done() and not fut.cancelled():
+                fut.exception()
+        if reason:
+            self.log.info("association closed", reason=reason)
+        else:
+            self.log.info("association closed")
+
+    # ----------------------------------------------------------- establishment
+
+    async def _on_associate_request(self, rq: AssociateRQ) -> None:
+        """Acceptor: judge the A-ASSOCIATE-RQ (AE-6 issued the indication; we are Sta3)."""
+        self.request = rq
+        self.peer_ae = rq.calling_ae
+        self.log = self.log.bind(peer_ae=rq.calling_ae, called_ae=rq.called_ae)
+        ae = self.ae
+        ae._fire("requested", self)
+        result: Any
+        if self.server is not None and self.server.over_limit():
+            result, neg = AssociateRJ(2, 3, 2), None  # rejected-transient, local-limit-exceeded
+        else:
+            ok, response = True, None
+            identity = rq.user_info.identity_rq
+            if identity is not None and ae._authenticator is not None:
+                try:
+                    ok, response = await asyncio.wait_for(ae._authenticator(identity, self), ae.acse_timeout)
+                except Exception as exc:  # the hook failed: treat as a refusal, say why
+                    self.log.warning("user identity check failed", error=repr(exc))
+                    ok, response = False, None
+            policy = ae._acceptor_policy()
+            result, neg = negotiate(rq, policy, identity_ok=ok, identity_response=response)
+        if self.fsm.state is not fsm.State.Sta3:
+            return  # the peer aborted or went away while we decided
+        if isinstance(result, AssociateRJ):
+            self._end_reason = f"rejected: {reject_text(result)}"
+            self.log.info("association rejected", reason=reject_text(result))
+            self._run(self.fsm.reject(result))
+            ae._fire("rejected", self)
+            return
+        assert neg is not None
+        self._set_negotiated(neg)
+        self._run(self.fsm.accept(result))
+        self._log_negotiation("association accepted")
+        ae._fire("accepted", self)
+        if not self._established.done():
+            self._established.set_result(None)
+
+    def _on_accepted(self, out: fsm.AssociateAccepted) -> None:
+        """Requestor: the peer accepted (AE-3)."""
+        assert self.request is not None
+        self._set_negotiated(requestor_contexts(self.request, out.ac))
+        self._log_negotiation("association accepted by peer")
+        self.ae._fire("accepted", self)
+        if not self._established.done():
+            self._established.set_result(None)
+
+    def _set_negotiated(self, neg: Negotiated) -> None:
+        self.negotiated = neg
+        self._contexts_by_id = {c.id: c for c in neg.accepted}
+        self._window = asyncio.Semaphore(neg.max_ops_invoked or 1 << 16)
+        self._max_performed = neg.max_ops_performed or 1 << 16
+        self._arm_idle()
+
+    def _log_negotiation(self, what: str) -> None:
+        neg = self.negotiated
+        assert neg is not None
+        self.log.info(
+            what,
+            accepted=[f"{c.id}:{_uid_name(c.abstract_syntax)}/{_uid_name(c.transfer_syntax)}" for c in neg.accepted],
+            rejected=[
+                f"{c.id}:{_uid_name(c.abstract_syntax)}:{context_result_text(c.result)}"
+                for c in neg.contexts
+                if not c.accepted
+            ],
+            peer_max_pdu=neg.peer_max_pdu,
+            window=(neg.max_ops_invoked, neg.max_ops_performed),
+            peer_impl=neg.peer_implementation_version or neg.peer_implementation_uid,
+        )
+
+    async def _wait_established(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._established), timeout)
+        except TimeoutError:
+            self.abort(f"association negotiation timeout ({timeout} s)")
+            raise AssociationTimeout(f"no A-ASSOCIATE response within {timeout} s") from None
+
+    # ----------------------------------------------------------- release and abort
+
+    async def release(self, timeout: float | None = None) -> None:
+        """A-RELEASE (PS3.8 §7.2): waits for outstanding requests, then for A-RELEASE-RP.
+
+        A peer that does not answer within ``timeout`` (default: ACSE timeout) is aborted.
+        """
+        if self.fsm.state is not fsm.State.Sta6:
+            if not self._closed.done() and self.fsm.state is not fsm.State.Sta1:
+                await self.wait_closed()
+            return
+        if self._pending:
+            await asyncio.gather(
+                *(w for w in self._pending.values() if isinstance(w, asyncio.Future)), return_exceptions=True
+            )
+        if self.fsm.state is not fsm.State.Sta6:
+            return
+        async with self._send_lock:
+            self._release_confirm = self.loop.create_future()
+            self._run(self.fsm.release())
+        timeout = self.ae.acse_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(asyncio.shield(self._release_confirm), timeout)
+        except TimeoutError:
+            self.abort(f"no A-RELEASE-RP within {timeout} s")
+            raise AssociationTimeout(f"no A-RELEASE response within {timeout} s") from None
+        await self.wait_closed()
+
+    def _on_release_indication(self, collision: bool) -> None:
+        if collision:
+            self.log.info("release collision", side="requestor" if self.requestor else "acceptor")
+            if self.requestor:  # Sta9: answer at once (AR-9)
+                self.loop.call_soon(self._release_response)
+            return  # acceptor (Sta10) waits for the A-RELEASE-RP first
+        self._released = True
+        self._spawn(self._release_after_handlers())
+
+    async def _release_after_handlers(self) -> None:
+        """The peer asked to release (Sta8): let running handlers send their responses."""
+        current = asyncio.current_task()
+        others = [t for t in self._handlers if t is not current]
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        self._release_response()
+
+    def _release_response(self) -> None:
+        if self.fsm.state in (fsm.State.Sta8, fsm.State.Sta9, fsm.State.Sta12):
+            self._run(self.fsm.release_response())
+
+    def abort(self, reason: str = "aborted by local user") -> None:
+        """A-ABORT (PS3.8 §7.3), service-user source. Safe to call in any state."""
+        state = self.fsm.state
+        if state in (fsm.State.Sta1, fsm.State.Sta2, fsm.State.Sta13):
+            if self.transport is not None and state is not fsm.State.Sta13:
+                self.transport.close()
+            if self._end_reason is None:
+                self._end_reason = reason
+            return
+        self._end_reason = self._end_reason or reason
+        self.log.info("aborting association", reason=reason)
+        self._run(self.fsm.abort(reason))
+        self._aborted(reason)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    # ----------------------------------------------------------- DIMSE transport
+
+    def context_for(self, abstract_syntax: str, *, as_scp: bool = False) -> PresentationContext:
+        """The first accepted context for ``abstract_syntax`` where we may take the role."""
+        for ctx in self.accepted_contexts:
+            if ctx.abstract_syntax == abstract_syntax and (ctx.as_scp if as_scp else ctx.as_scu):
+                return ctx
+        raise NoAcceptedContext(
+            f"no accepted presentation context for {_uid_name(abstract_syntax)} with us as {'SCP' if as_scp else 'SCU'}"
+        )
+
+    def _check_can_send(self) -> None:
+        if self.fsm.state not in (fsm.State.Sta6, fsm.State.Sta8):
+            raise AssociationAborted(self._end_reason or f"association not established ({self.fsm.state.name})")
+
+    async def _drain(self) -> None:
+        if self._write_paused and self.transport is not None and not self.transport.is_closing():
+            self._drain_waiter = self.loop.create_future()
+            await self._drain_waiter
+
+    async def send_message(self, context_id: int, command: Command, dataset: bytes | memoryview | None = None) -> None:
+        """Send one DIMSE message, fragmented for the peer's maximum PDU length.
+
+        Messages never interleave: the send lock is held from the first fragment to the
+        last, and small messages go out in a single write.
+        """
+        if dataset is not None:
+            command.data_set_type = 0x0000
+        cmd = encode_command(command)
+        max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
+        async with self._send_lock:
+            self._check_can_send()
+            batch = list(fragment(context_id, cmd, True, max_pdu))
+            size = sum(map(len, batch))
+            if dataset is not None:
+                for pdu in fragment(context_id, dataset, False, max_pdu):
+                    batch.append(pdu)
+                    size += len(pdu)
+                    if size >= _WRITE_BATCH:
+                        self._run(self.fsm.send_pdata(b"".join(batch)))
+                        batch, size = [], 0
+                        await self._drain()
+                        self._check_can_send()
+            if batch:
+                self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else batch[0]))
+            if self._debug:
+                self.log.debug("message sent", command=command.name, context=context_id, dataset=dataset is not None)
+            await self._drain()
+
+    def _next_message_id(self) -> int:
+        for _ in range(0x10000):
+            mid = next(self._msg_ids) & 0xFFFF
+            if mid and mid not in self._pending:
+                return mid
+        raise DIMSEFailure("no free message id")  # pragma: no cover
+
+    async def _request(
+        self, context: PresentationContext, command: Command, dataset: bytes | None = None, timeout: float | None = None
+    ) -> Message:
+        """Send a request and await its single response (within the async ops window)."""
+        assert self._window is not None
+        async with self._window:
+            self._check_can_send()
+            mid = self._next_message_id()
+            command.message_id = mid
+            waiter: asyncio.Future[Message] = self.loop.create_future()
+            self._pending[mid] = waiter
+            try:
+                await self.send_message(context.id, command, dataset)
+                timeout = self.ae.dimse_timeout if timeout is None else timeout
+                try:
+                    return await asyncio.wait_for(waiter, timeout)
+                except TimeoutError:
+                    self.abort(f"no {command.name} response within {timeout} s")
+                    raise AssociationTimeout(f"no {command.name} response within {timeout} s") from None
+            finally:
+                self._pending.pop(mid, None)
+
+    def _on_pdata(self, out: fsm.PDataIndication) -> None:
+        try:
+            events = self._assembler.receive(out.pdu.pdvs)
+            for kind, msg in events:
+                if msg.context_id not in self._contexts_by_id:
+                    raise DIMSEError(f"message on presentation context {msg.context_id}, which was not accepted")
+                if kind == "command" and msg.command.has_dataset:
+                    self._on_command_with_dataset(msg)
+                    continue
+                self._on_message(msg)
+        except DIMSEError as exc:
+            self.log.warning("DIMSE protocol violation", error=str(exc))
+            self._run(self.fsm.provider_abort(f"DIMSE protocol violation: {exc}", AbortReason.NOT_SPECIFIED))
+
+    def _on_command_with_dataset(self, msg: Message) -> None:
+        """Hook for streaming data sets as they arrive; by default they are collected."""
+
+    def _on_message(self, msg: Message) -> None:
+        cmd = msg.command
+        if self._debug:
+            self.log.debug("message received", command=cmd.name, context=msg.context_id)
+        if cmd.is_response:
+            waiter = self._pending.get(cmd.message_id_being_responded_to or -1)
+            if waiter is None:
+                raise DIMSEError(f"{cmd.name} answers message id {cmd.message_id_being_responded_to}, never sent")
+            if isinstance(waiter, asyncio.Queue):
+                waiter.put_nowait(msg)
+            elif not waiter.done():
+                waiter.set_result(msg)
+            return
+        self._spawn(self._serve(msg))
+        if len(self._handlers) >= self._max_performed and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    async def _serve(self, msg: Message) -> None:
+        """Run the SCP side of one request and send its response."""
+        cmd = msg.command
+        ctx = self._contexts_by_id[msg.context_id]
+        service = _SCP_SERVICES.get(cmd.command_field)
+        if service is None:
+            self.log.warning("unsupported DIMSE request", command=cmd.name)
+            rsp = Command(cmd.command_field | 0x8000, message_id_being_responded_to=cmd.message_id, status=0x0211)
+            rsp.affected_sop_class_uid = cmd.affected_sop_class_uid
+            await self.send_message(ctx.id, rsp)
+            return
+        await service(self, ctx, msg)
+
+    # ----------------------------------------------------------- DIMSE-C: verification
+
+    async def c_echo(self, *, timeout: float | None = None) -> Status:
+        """C-ECHO (PS3.7 §9.1.5, PS3.4 Annex A): returns the response status."""
+        ctx = self.context_for(Verification)
+        rsp = await self._request(
+            ctx, Command(CommandField.C_ECHO_RQ, affected_sop_class_uid=Verification), timeout=timeout
+        )
+        return _status_of(rsp.command)
+
+    async def _scp_c_echo(self, ctx: PresentationContext, msg: Message) -> None:
+        handler = self.ae._handlers.get("c_echo")
+        status: Any = Status.SUCCESS
+        if handler is not None:
+            status = await self._call_handler(handler, msg, failure=0x0211)
+        rsp = Command(
+            CommandField.C_ECHO_RSP,
+            message_id_being_responded_to=msg.command.message_id,
+            affected_sop_class_uid=msg.command.affected_sop_class_uid or Verification,
+            status=int(status),
+        )
+        await self.send_message(ctx.id, rsp)
+
+    async def _call_handler(self, handler: Callable[..., Awaitable[Any]], msg: Message, *, failure: int) -> Any:
+        """Run a user handler; an exception becomes a failure status, logged with its cause."""
+        from .services.requests import Request
+
+        try:
+            result = await handler(Request(self, msg))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.log.error("handler failed", command=msg.command.name, error=repr(exc))
+            return Status(failure, f"handler error: {exc!r}"[:64])
+        return Status.SUCCESS if result is None else result
+
+
+def _status_of(cmd: Command) -> Status:
+    if cmd.status is None:
+        raise DIMSEFailure(f"{cmd.name} has no status")
+    return Status(cmd.status, cmd.error_comment)
+
+
+def _uid_name(uid: str) -> str:
+    try:
+        name = UID(uid).name
+    except Exception:  # pragma: no cover
+        return uid
+    return name if name and name != uid else uid
+
+
+_SCP_SERVICES: dict[int, Callable[[Association, PresentationContext, Message], Awaitable[None]]] = {
+    CommandField.C_ECHO_RQ: Association._scp_c_echo,
+}

@@ -1,0 +1,132 @@
+"""The ``dimse-async`` command line (also ``python -m dimse_async``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from . import AE, Verification, run
+from .acse import validate_ae_title
+from .exceptions import (
+    AssociationAborted,
+    AssociationError,
+    AssociationRejected,
+    AssociationTimeout,
+    ConnectionFailed,
+    NoAcceptedContext,
+)
+from .log import configure_logging
+
+__all__ = ["main"]
+
+# Exit codes: one per kind of failure, so scripts can tell them apart.
+EXIT_OK = 0
+EXIT_STATUS = 1  # the peer answered with a non-success status
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
+EXIT_REJECTED = 4
+EXIT_TIMEOUT = 5
+EXIT_ABORTED = 6
+
+
+def _ae_title(value: str) -> str:
+    try:
+        return validate_ae_title(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    p.add_argument("--log-json", action="store_true", help="log as JSON lines")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dimse-async", description="asyncio DICOM networking tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    echo = sub.add_parser("echo", help="C-ECHO (verification) SCU")
+    echo.add_argument("host")
+    echo.add_argument("port", type=int)
+    echo.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our (calling) AE title")
+    echo.add_argument("--aec", type=_ae_title, default="ANY-SCP", help="the peer's (called) AE title")
+    echo.add_argument("--repeat", type=int, default=1, help="number of C-ECHOs on the association")
+    echo.add_argument("--timeout", type=float, default=30.0, help="connect/ACSE/DIMSE timeout in seconds")
+    _common(echo)
+
+    for name, helptext in (("echo-scp", "verification SCP"), ("serve", "run the main server (verification SCP)")):
+        scp = sub.add_parser(name, help=helptext)
+        scp.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+        scp.add_argument("--port", type=int, default=11112)
+        scp.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our AE title")
+        scp.add_argument("--any-called-ae", action="store_true", help="accept any called AE title")
+        scp.add_argument("--max-associations", type=int, default=1000)
+        scp.add_argument("--log-level", default="INFO")
+        scp.add_argument("--log-json", action="store_true")
+    return parser
+
+
+async def _echo(args: argparse.Namespace) -> int:
+    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
+    ae.add_requested_context(Verification)
+    where = f"{args.aec}@{args.host}:{args.port}"
+    try:
+        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1)) as assoc:
+            for i in range(args.repeat):
+                status = await assoc.c_echo()
+                if not status.is_success:
+                    print(f"C-ECHO {i + 1} to {where}: {status}", file=sys.stderr)
+                    return EXIT_STATUS
+    except ConnectionFailed as exc:
+        print(f"echo {where}: {exc}", file=sys.stderr)
+        return EXIT_CONNECT
+    except AssociationRejected as exc:
+        print(f"echo {where}: {exc}", file=sys.stderr)
+        return EXIT_REJECTED
+    except AssociationTimeout as exc:
+        print(f"echo {where}: timeout: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except (AssociationAborted, NoAcceptedContext, AssociationError) as exc:
+        print(f"echo {where}: {exc}", file=sys.stderr)
+        return EXIT_ABORTED
+    print(f"C-ECHO to {where}: success ({args.repeat}x)")
+    return EXIT_OK
+
+
+async def _serve_verification(args: argparse.Namespace) -> int:
+    ae = AE(args.aet, require_called_ae=not args.any_called_ae, max_associations=args.max_associations)
+    ae.add_supported_context(Verification)
+    server = await ae.start_server(args.host, args.port)
+    print(f"{args.aet} listening on {args.host}:{server.port} (verification)", flush=True)
+    await _until_signalled(server)
+    return EXIT_OK
+
+
+async def _until_signalled(server) -> None:  # type: ignore[no-untyped-def]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
+            pass
+    await stop.wait()
+    server.close()
+    await server.wait_closed(grace=10.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level, json=args.log_json)
+    if args.command == "echo":
+        return run(_echo(args))
+    if args.command in ("echo-scp", "serve"):
+        return run(_serve_verification(args))
+    return EXIT_USAGE  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

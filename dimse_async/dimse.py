@@ -1,0 +1,381 @@
+"""DIMSE messages: command sets, fragmentation and reassembly (PS3.7 §6.3, §9.3, §10.3,
+Annex E; PS3.8 Annex E). Pure code.
+
+A command set is group 0000 encoded in implicit VR little endian. :class:`Command`
+holds every command field of PS3.7 Annex E; :func:`encode_command` and
+:func:`decode_command` convert it. :func:`fragment` cuts a message into P-DATA-TF
+PDUs for the peer's maximum length, and :class:`MessageAssembler` rebuilds messages
+from received PDVs, checking context ids and ordering.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from enum import IntEnum
+from typing import Protocol
+
+from .pdu import PDV, encode_pdata_header
+
+__all__ = [
+    "NO_DATASET",
+    "Command",
+    "CommandField",
+    "DIMSEError",
+    "DatasetSink",
+    "Message",
+    "MessageAssembler",
+    "Status",
+    "decode_command",
+    "encode_command",
+    "fragment",
+]
+
+NO_DATASET = 0x0101
+"""Command Data Set Type value meaning "no data set" (PS3.7 E.1)."""
+
+
+class CommandField(IntEnum):
+    """Command Field (0000,0100) values (PS3.7 E.1)."""
+
+    C_STORE_RQ = 0x0001
+    C_STORE_RSP = 0x8001
+    C_GET_RQ = 0x0010
+    C_GET_RSP = 0x8010
+    C_FIND_RQ = 0x0020
+    C_FIND_RSP = 0x8020
+    C_MOVE_RQ = 0x0021
+    C_MOVE_RSP = 0x8021
+    C_ECHO_RQ = 0x0030
+    C_ECHO_RSP = 0x8030
+    N_EVENT_REPORT_RQ = 0x0100
+    N_EVENT_REPORT_RSP = 0x8100
+    N_GET_RQ = 0x0110
+    N_GET_RSP = 0x8110
+    N_SET_RQ = 0x0120
+    N_SET_RSP = 0x8120
+    N_ACTION_RQ = 0x0130
+    N_ACTION_RSP = 0x8130
+    N_CREATE_RQ = 0x0140
+    N_CREATE_RSP = 0x8140
+    N_DELETE_RQ = 0x0150
+    N_DELETE_RSP = 0x8150
+    C_CANCEL_RQ = 0x0FFF
+
+
+class DIMSEError(ValueError):
+    """A DIMSE protocol violation (bad command set, misordered fragments)."""
+
+
+# (element number, VR, attribute) for every command element, in tag order.
+_ELEMENTS: list[tuple[int, str, str]] = [
+    (0x0002, "UI", "affected_sop_class_uid"),
+    (0x0003, "UI", "requested_sop_class_uid"),
+    (0x0100, "US", "command_field"),
+    (0x0110, "US", "message_id"),
+    (0x0120, "US", "message_id_being_responded_to"),
+    (0x0600, "AE", "move_destination"),
+    (0x0700, "US", "priority"),
+    (0x0800, "US", "data_set_type"),
+    (0x0900, "US", "status"),
+    (0x0901, "AT", "offending_element"),
+    (0x0902, "LO", "error_comment"),
+    (0x0903, "US", "error_id"),
+    (0x1000, "UI", "affected_sop_instance_uid"),
+    (0x1001, "UI", "requested_sop_instance_uid"),
+    (0x1002, "US", "event_type_id"),
+    (0x1005, "AT", "attribute_identifier_list"),
+    (0x1008, "US", "action_type_id"),
+    (0x1020, "US", "remaining"),
+    (0x1021, "US", "completed"),
+    (0x1022, "US", "failed"),
+    (0x1023, "US", "warning"),
+    (0x1030, "AE", "move_originator_ae"),
+    (0x1031, "US", "move_originator_message_id"),
+]
+_BY_ELEMENT = {elem: (vr, name) for elem, vr, name in _ELEMENTS}
+_ELEM_HDR = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+@dataclass(slots=True)
+class Command:
+    """A DIMSE command set (PS3.7 Annex E). Absent fields are ``None``.
+
+    ``offending_element`` and ``attribute_identifier_list`` hold tags as ints
+    (``0xGGGGEEEE``).
+    """
+
+    command_field: int
+    message_id: int | None = None
+    message_id_being_responded_to: int | None = None
+    affected_sop_class_uid: str | None = None
+    requested_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    requested_sop_instance_uid: str | None = None
+    data_set_type: int = NO_DATASET
+    status: int | None = None
+    priority: int | None = None
+    move_destination: str | None = None
+    offending_element: list[int] | None = None
+    error_comment: str | None = None
+    error_id: int | None = None
+    event_type_id: int | None = None
+    attribute_identifier_list: list[int] | None = None
+    action_type_id: int | None = None
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    move_originator_ae: str | None = None
+    move_originator_message_id: int | None = None
+
+    @property
+    def has_dataset(self) -> bool:
+        return self.data_set_type != NO_DATASET
+
+    @property
+    def is_response(self) -> bool:
+        return bool(self.command_field & 0x8000)
+
+    @property
+    def name(self) -> str:
+        try:
+            return CommandField(self.command_field).name.replace("_", "-")
+        except ValueError:
+            return f"command {self.command_field:#06x}"
+
+
+def _encode_value(vr: str, value) -> bytes:
+    if vr == "US":
+        return _US.pack(value)
+    if vr == "AT":
+        return b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in value)
+    raw = value.encode("ascii") if isinstance(value, str) else bytes(value)
+    if len(raw) % 2:
+        raw += b"\x00" if vr == "UI" else b" "
+    return raw
+
+
+def encode_command(cmd: Command) -> bytes:
+    """Encode a command set, group length first (implicit VR little endian)."""
+    body = bytearray()
+    for elem, vr, name in _ELEMENTS:
+        value = getattr(cmd, name)
+        if value is None:
+            continue
+        raw = _encode_value(vr, value)
+        body += _ELEM_HDR.pack(0x0000, elem, len(raw))
+        body += raw
+    return _ELEM_HDR.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def decode_command(data: bytes | bytearray | memoryview) -> Command:
+    """Decode a command set. Unknown group-0000 elements are skipped."""
+    mv = memoryview(data)
+    pos, end = 0, len(mv)
+    values: dict[str, object] = {}
+    while pos < end:
+        if end - pos < 8:
+            raise DIMSEError("truncated command element")
+        group, elem, length = _ELEM_HDR.unpack_from(mv, pos)
+        pos += 8
+        if group != 0 or pos + length > end:
+            raise DIMSEError(f"invalid command element ({group:04X},{elem:04X}) length {length}")
+        raw = mv[pos : pos + length]
+        pos += length
+        spec = _BY_ELEMENT.get(elem)
+        if spec is None:
+            continue
+        vr, name = spec
+        try:
+            if vr == "US":
+                (values[name],) = _US.unpack(raw)
+            elif vr == "AT":
+                values[name] = [(g << 16) | e for g, e in struct.iter_unpack("<HH", raw)]
+            else:
+                values[name] = bytes(raw).decode("ascii", "replace").rstrip("\x00 ").lstrip(" ")
+        except struct.error:
+            raise DIMSEError(f"command element (0000,{elem:04X}) has bad length {length}") from None
+    if "command_field" not in values:
+        raise DIMSEError("command set has no Command Field (0000,0100)")
+    if "data_set_type" not in values:
+        raise DIMSEError("command set has no Command Data Set Type (0000,0800)")
+    return Command(**values)  # type: ignore[arg-type]
+
+
+COMMAND_ATTRIBUTES = tuple(f.name for f in fields(Command))
+
+
+# ---------------------------------------------------------------------------
+# Status (PS3.7 Annex C)
+# ---------------------------------------------------------------------------
+
+
+class Status(int):
+    """A DIMSE status code with its category (PS3.7 Annex C)."""
+
+    SUCCESS = 0x0000
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01
+    CANCEL = 0xFE00
+
+    error_comment: str | None
+
+    def __new__(cls, code: int, error_comment: str | None = None) -> Status:
+        obj = super().__new__(cls, code)
+        obj.error_comment = error_comment
+        return obj
+
+    @property
+    def category(self) -> str:
+        code = int(self)
+        if code == 0x0000:
+            return "success"
+        if code in (0xFF00, 0xFF01):
+            return "pending"
+        if code == 0xFE00:
+            return "cancel"
+        if code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
+            return "warning"
+        return "failure"
+
+    @property
+    def is_success(self) -> bool:
+        return self == 0
+
+    @property
+    def is_pending(self) -> bool:
+        return self.category == "pending"
+
+    @property
+    def is_failure(self) -> bool:
+        return self.category == "failure"
+
+    def __repr__(self) -> str:
+        extra = f", {self.error_comment!r}" if self.error_comment else ""
+        return f"Status(0x{int(self):04X} {self.category}{extra})"
+
+    __str__ = __repr__
+
+
+# ---------------------------------------------------------------------------
+# Fragmentation and reassembly (PS3.8 Annex E)
+# ---------------------------------------------------------------------------
+
+
+def fragment(context_id: int, data: bytes | memoryview, is_command: bool, max_pdu: int) -> Iterator[bytes]:
+    """Cut one command or data set into P-DATA-TF PDUs of one PDV each.
+
+    ``max_pdu`` is the peer's maximum length (0 = unlimited; a large finite value
+    is then used). The last fragment has the "last" bit set.
+    """
+    max_data = (max_pdu or (1 << 22)) - 6
+    if max_data < 1:
+        raise ValueError(f"peer maximum PDU length {max_pdu} is too small")
+    mv = memoryview(data)
+    total = len(mv)
+    base = 1 if is_command else 0
+    pos = 0
+    while True:
+        chunk = mv[pos : pos + max_data]
+        pos += len(chunk)
+        control = base | (2 if pos >= total else 0)
+        yield encode_pdata_header(len(chunk), context_id, control) + chunk
+        if pos >= total:
+            return
+
+
+class DatasetSink(Protocol):
+    """Where the fragments of a received data set go."""
+
+    def write(self, data: bytes | memoryview) -> object: ...
+
+
+@dataclass(slots=True)
+class Message:
+    """A complete (command) or in-progress (data set still arriving) DIMSE message."""
+
+    context_id: int
+    command: Command
+    dataset: bytes | None = None
+
+
+class MessageAssembler:
+    """Rebuild DIMSE messages from PDVs (PS3.7 §9.3 / PS3.8 Annex E).
+
+    :meth:`receive` returns the events completed by one PDU's PDVs:
+
+    - ``("command", Message)`` when a command set is complete. If the message has
+      a data set, its fragments follow; by default they are collected in memory,
+      or the caller can hand a sink with :meth:`set_sink` before they arrive.
+    - ``("dataset", Message)`` when the last data set fragment has arrived; the
+      message's ``dataset`` holds the bytes if no sink was set.
+
+    Any ordering violation raises :class:`DIMSEError`.
+    """
+
+    __slots__ = ("_cmd", "_cmd_context", "_current", "_sink", "_buffer", "received")
+
+    def __init__(self) -> None:
+        self._cmd = bytearray()
+        self._cmd_context = 0
+        self._current: Message | None = None  # message whose data set is arriving
+        self._sink: DatasetSink | None = None
+        self._buffer: bytearray | None = None
+        #: Data set bytes received so far for the current message.
+        self.received = 0
+
+    def set_sink(self, sink: DatasetSink) -> None:
+        self._sink = sink
+
+    @property
+    def in_dataset(self) -> bool:
+        return self._current is not None
+
+    def receive(self, pdvs: list[PDV]) -> list[tuple[str, Message]]:
+        events: list[tuple[str, Message]] = []
+        for pdv in pdvs:
+            current = self._current
+            if pdv.is_command:
+                if current is not None:
+                    raise DIMSEError("command fragment received while a data set was arriving")
+                if self._cmd and pdv.context_id != self._cmd_context:
+                    raise DIMSEError("command fragments on different presentation contexts")
+                self._cmd_context = pdv.context_id
+                self._cmd += pdv.data
+                if len(self._cmd) > 1 << 20:
+                    raise DIMSEError("command set larger than 1 MiB")
+                if pdv.is_last:
+                    cmd = decode_command(self._cmd)
+                    self._cmd = bytearray()
+                    msg = Message(pdv.context_id, cmd)
+                    events.append(("command", msg))
+                    if cmd.has_dataset:
+                        self._current = msg
+                        self._sink = None
+                        self._buffer = None
+                        self.received = 0
+            else:
+                if current is None:
+                    raise DIMSEError("data set fragment received without a command")
+                if pdv.context_id != current.context_id:
+                    raise DIMSEError(
+                        f"data set fragment on context {pdv.context_id}, command was on {current.context_id}"
+                    )
+                self.received += len(pdv.data)
+                if self._sink is not None:
+                    self._sink.write(pdv.data)
+                else:
+                    if self._buffer is None:
+                        self._buffer = bytearray()
+                    self._buffer += pdv.data
+                if pdv.is_last:
+                    if self._sink is None:
+                        current.dataset = bytes(self._buffer or b"")
+                    self._current = None
+                    self._sink = None
+                    self._buffer = None
+                    events.append(("dataset", current))
+        return events

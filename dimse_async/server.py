@@ -1,0 +1,88 @@
+"""A listening AE: many concurrent associations on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from .log import get_logger
+
+if TYPE_CHECKING:
+    from .ae import AE
+    from .association import Association
+
+__all__ = ["Server"]
+
+
+class Server:
+    """Returned by :meth:`AE.start_server`; already listening.
+
+    ``async with server:`` closes it on exit; :meth:`serve_forever` blocks until
+    cancelled; :meth:`close` stops accepting and :meth:`wait_closed` waits for open
+    associations for a grace period, then aborts what is left.
+    """
+
+    def __init__(self, ae: AE):
+        self.ae = ae
+        self._server: asyncio.base_events.Server | None = None
+        self.associations: set[Association] = set()
+        self._log = get_logger(local_ae=ae.ae_title)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        return tuple(self._server.sockets) if self._server else ()
+
+    def over_limit(self) -> bool:
+        """Whether accepting one more association would exceed ``max_associations``."""
+        established = sum(1 for a in self.associations if a.negotiated is not None and not a.is_closed)
+        return established >= self.ae.max_associations
+
+    def _track(self, assoc: Association) -> None:
+        self.associations.add(assoc)
+
+    def _untrack(self, assoc: Association) -> None:
+        self.associations.discard(assoc)
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        try:
+            await self._server.serve_forever()
+        finally:
+            self.close()
+            await self.wait_closed()
+
+    def close(self) -> None:
+        """Stop listening; open associations carry on until :meth:`wait_closed`."""
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self, grace: float = 10.0) -> None:
+        """Wait up to ``grace`` seconds for open associations to end, then abort them."""
+        pending = [a for a in self.associations if not a.is_closed]
+        if pending:
+            _done, rest = await asyncio.wait([asyncio.ensure_future(a.wait_closed()) for a in pending], timeout=grace)
+            for fut in rest:
+                fut.cancel()
+            for assoc in list(self.associations):
+                if not assoc.is_closed:
+                    assoc.abort("server shutting down")
+            still = [a for a in self.associations if not a.is_closed]
+            if still:
+                await asyncio.wait([asyncio.ensure_future(a.wait_closed()) for a in still], timeout=2.0)
+                for assoc in still:
+                    if not assoc.is_closed and assoc.transport is not None:
+                        assoc.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+        await self.wait_closed()
