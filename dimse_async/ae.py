@@ -50,6 +50,8 @@ class AE:
         allowed_calling_aes: Iterable[str] | None = None,
         max_ops_invoked: int = 16,
         max_ops_performed: int = 16,
+        spool_threshold: int = 4 << 20,
+        spool_dir: str | None = None,
     ):
         self.ae_title = validate_ae_title(ae_title)
         if not 0 <= max_pdu <= 0xFFFFFFFF or 0 < max_pdu < 1024:
@@ -67,6 +69,9 @@ class AE:
         )
         self.max_ops_invoked = max_ops_invoked
         self.max_ops_performed = max_ops_performed
+        #: Received data sets larger than this go to a temporary file in ``spool_dir``.
+        self.spool_threshold = spool_threshold
+        self.spool_dir = spool_dir
         self.requested_contexts: list[ContextSpec] = []
         self.supported_contexts: dict[str, ContextSpec] = {}
         self._handlers: dict[str, Handler] = {}
@@ -118,6 +123,15 @@ class AE:
     def on_c_echo(self, handler: Handler) -> Handler:
         """Register the C-ECHO handler: ``async def h(request) -> status | None``."""
         self._handlers["c_echo"] = handler
+        return handler
+
+    def on_c_store(self, handler: Handler) -> Handler:
+        """Register the C-STORE handler: ``async def h(request: StoreRequest) -> status | None``.
+
+        Raising ``OSError`` answers 0xA700 (out of resources), any other exception
+        0xC000 (cannot understand); the association stays up.
+        """
+        self._handlers["c_store"] = handler
         return handler
 
     def set_handler(self, service: str, handler: Handler) -> None:

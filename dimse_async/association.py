@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import UID
@@ -45,7 +45,8 @@ from .exceptions import (
     NoAcceptedContext,
 )
 from .log import debug_enabled, get_logger
-from .pdu import AbortReason, AssociateRJ, AssociateRQ
+from .pdu import AbortReason, AssociateRJ, AssociateRQ, encode_pdata_header
+from .services.storage import Spool, c_store, make_spool, scp_c_store
 from .uids import Verification
 
 if TYPE_CHECKING:
@@ -92,11 +93,11 @@ class Association(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
 
-        self._assembler = MessageAssembler()
+        self._assembler = MessageAssembler(sink_for=self._sink_for)
         self._send_lock = asyncio.Lock()
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
-        self._reading_paused = False
+        self._pause_reasons: set[str] = set()
 
         self._msg_ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message] | asyncio.Queue[Message]] = {}
@@ -235,10 +236,21 @@ class Association(asyncio.Protocol):
             if not isinstance(exc, AssociationError):
                 self.log.error("internal error in association task", error=repr(exc))
                 self.abort(f"internal error: {exc!r}")
-        if self._reading_paused and len(self._handlers) < self._max_performed:
-            self._reading_paused = False
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.resume_reading()
+        if len(self._handlers) < self._max_performed:
+            self._resume_reading("window")
+
+    def _pause_reading(self, reason: str) -> None:
+        """Stop reading the socket until every reason to pause is gone (backpressure)."""
+        if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._pause_reasons.add(reason)
+
+    def _resume_reading(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def _on_artim(self) -> None:
         self._artim = None
@@ -307,6 +319,9 @@ class Association(asyncio.Protocol):
         self._fail_pending(exc)
         for task in list(self._handlers):
             task.cancel()
+        partial = self._assembler._current
+        if partial is not None and isinstance(partial.sink, Spool):
+            partial.sink.discard()  # an interrupted instance never looks complete
         self._closed.set_result(None)
         if self.server is not None:
             self.server._untrack(self)
@@ -486,11 +501,13 @@ class Association(asyncio.Protocol):
             self._drain_waiter = self.loop.create_future()
             await self._drain_waiter
 
-    async def send_message(self, context_id: int, command: Command, dataset: bytes | memoryview | None = None) -> None:
+    async def send_message(self, context_id: int, command: Command, dataset: bytes | memoryview | Any = None) -> None:
         """Send one DIMSE message, fragmented for the peer's maximum PDU length.
 
-        Messages never interleave: the send lock is held from the first fragment to the
-        last, and small messages go out in a single write.
+        ``dataset`` is bytes, or a payload with ``length`` and ``read(n)`` that is
+        streamed in PDU-sized pieces (a file). Messages never interleave: the send lock
+        is held from the first fragment to the last; small messages go out in one
+        write, large ones in ~1 MiB writes that wait for the transport to drain.
         """
         if dataset is not None:
             command.data_set_type = 0x0000
@@ -501,7 +518,12 @@ class Association(asyncio.Protocol):
             batch = list(fragment(context_id, cmd, True, max_pdu))
             size = sum(map(len, batch))
             if dataset is not None:
-                for pdu in fragment(context_id, dataset, False, max_pdu):
+                pdus = (
+                    fragment(context_id, dataset, False, max_pdu)
+                    if isinstance(dataset, (bytes, bytearray, memoryview))
+                    else _stream_fragments(context_id, dataset, max_pdu)
+                )
+                for pdu in pdus:
                     batch.append(pdu)
                     size += len(pdu)
                     if size >= _WRITE_BATCH:
@@ -551,15 +573,17 @@ class Association(asyncio.Protocol):
                 if msg.context_id not in self._contexts_by_id:
                     raise DIMSEError(f"message on presentation context {msg.context_id}, which was not accepted")
                 if kind == "command" and msg.command.has_dataset:
-                    self._on_command_with_dataset(msg)
-                    continue
+                    continue  # its data set follows
                 self._on_message(msg)
         except DIMSEError as exc:
             self.log.warning("DIMSE protocol violation", error=str(exc))
             self._run(self.fsm.provider_abort(f"DIMSE protocol violation: {exc}", AbortReason.NOT_SPECIFIED))
 
-    def _on_command_with_dataset(self, msg: Message) -> None:
-        """Hook for streaming data sets as they arrive; by default they are collected."""
+    def _sink_for(self, msg: Message) -> Spool | None:
+        """Where an arriving data set goes: C-STORE data sets stream into a spool."""
+        if msg.command.command_field == CommandField.C_STORE_RQ and msg.context_id in self._contexts_by_id:
+            return make_spool(self, msg)
+        return None
 
     def _on_message(self, msg: Message) -> None:
         cmd = msg.command
@@ -575,9 +599,8 @@ class Association(asyncio.Protocol):
                 waiter.set_result(msg)
             return
         self._spawn(self._serve(msg))
-        if len(self._handlers) >= self._max_performed and not self._reading_paused and self.transport is not None:
-            self._reading_paused = True
-            self.transport.pause_reading()
+        if len(self._handlers) >= self._max_performed:
+            self._pause_reading("window")
 
     async def _serve(self, msg: Message) -> None:
         """Run the SCP side of one request and send its response."""
@@ -601,6 +624,22 @@ class Association(asyncio.Protocol):
             ctx, Command(CommandField.C_ECHO_RQ, affected_sop_class_uid=Verification), timeout=timeout
         )
         return _status_of(rsp.command)
+
+    async def c_store(
+        self,
+        source: Any,
+        *,
+        priority: int = 0,
+        move_originator: tuple[str, int] | None = None,
+        timeout: float | None = None,
+    ) -> Status:
+        """C-STORE one instance (PS3.7 §9.1.1): a pydicom ``Dataset`` or a Part 10 file path.
+
+        A file in an accepted transfer syntax is streamed from disk without decoding.
+        Pipelines with other calls up to the negotiated window, e.g.
+        ``await asyncio.gather(*(assoc.c_store(p) for p in paths))``.
+        """
+        return await c_store(self, source, priority=priority, move_originator=move_originator, timeout=timeout)
 
     async def _scp_c_echo(self, ctx: PresentationContext, msg: Message) -> None:
         handler = self.ae._handlers.get("c_echo")
@@ -629,6 +668,21 @@ class Association(asyncio.Protocol):
         return Status.SUCCESS if result is None else result
 
 
+def _stream_fragments(context_id: int, payload: Any, max_pdu: int) -> Iterator[bytes]:
+    """P-DATA-TF PDUs for a payload read in pieces (``length``, ``read(n)``)."""
+    max_data = (max_pdu or (1 << 22)) - 6
+    remaining = payload.length
+    while True:
+        n = min(max_data, remaining)
+        chunk = payload.read(n)
+        if len(chunk) != n:
+            raise DIMSEFailure(f"data set source ended {remaining - len(chunk)} bytes early")
+        remaining -= n
+        yield encode_pdata_header(n, context_id, 2 if remaining == 0 else 0) + chunk
+        if remaining == 0:
+            return
+
+
 def _status_of(cmd: Command) -> Status:
     if cmd.status is None:
         raise DIMSEFailure(f"{cmd.name} has no status")
@@ -645,4 +699,5 @@ def _uid_name(uid: str) -> str:
 
 _SCP_SERVICES: dict[int, Callable[[Association, PresentationContext, Message], Awaitable[None]]] = {
     CommandField.C_ECHO_RQ: Association._scp_c_echo,
+    CommandField.C_STORE_RQ: scp_c_store,
 }

@@ -11,7 +11,7 @@ from received PDVs, checking context ids and ordering.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Protocol
@@ -300,6 +300,8 @@ class Message:
     context_id: int
     command: Command
     dataset: bytes | None = None
+    #: Where the data set went instead, when a sink was set (e.g. a C-STORE spool).
+    sink: DatasetSink | None = None
 
 
 class MessageAssembler:
@@ -316,11 +318,20 @@ class MessageAssembler:
     Any ordering violation raises :class:`DIMSEError`.
     """
 
-    __slots__ = ("_cmd", "_cmd_context", "_current", "_sink", "_buffer", "received")
+    __slots__ = ("_cmd", "_cmd_context", "_current", "_sink", "_buffer", "received", "max_in_memory", "sink_for")
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        max_in_memory: int = 64 << 20,
+        sink_for: Callable[[Message], DatasetSink | None] | None = None,
+    ) -> None:
+        #: Largest data set collected in memory when no sink is set.
+        self.max_in_memory = max_in_memory
+        #: Called as soon as a command announcing a data set is complete; a sink it
+        #: returns receives that data set's fragments (e.g. a C-STORE spool).
+        self.sink_for = sink_for
         self._cmd = bytearray()
-        self._cmd_context = 0
+        self._cmd_context: int | None = None  # context of the command set being received
         self._current: Message | None = None  # message whose data set is arriving
         self._sink: DatasetSink | None = None
         self._buffer: bytearray | None = None
@@ -328,7 +339,14 @@ class MessageAssembler:
         self.received = 0
 
     def set_sink(self, sink: DatasetSink) -> None:
+        # Fragments that arrived before the sink (e.g. in the same PDU as the last
+        # command fragment) were buffered: hand them over so none is lost.
+        if self._buffer:
+            sink.write(bytes(self._buffer))
+        self._buffer = None
         self._sink = sink
+        if self._current is not None:
+            self._current.sink = sink
 
     @property
     def in_dataset(self) -> bool:
@@ -341,7 +359,7 @@ class MessageAssembler:
             if pdv.is_command:
                 if current is not None:
                     raise DIMSEError("command fragment received while a data set was arriving")
-                if self._cmd and pdv.context_id != self._cmd_context:
+                if self._cmd_context is not None and pdv.context_id != self._cmd_context:
                     raise DIMSEError("command fragments on different presentation contexts")
                 self._cmd_context = pdv.context_id
                 self._cmd += pdv.data
@@ -350,6 +368,7 @@ class MessageAssembler:
                 if pdv.is_last:
                     cmd = decode_command(self._cmd)
                     self._cmd = bytearray()
+                    self._cmd_context = None
                     msg = Message(pdv.context_id, cmd)
                     events.append(("command", msg))
                     if cmd.has_dataset:
@@ -357,6 +376,10 @@ class MessageAssembler:
                         self._sink = None
                         self._buffer = None
                         self.received = 0
+                        if self.sink_for is not None:
+                            sink = self.sink_for(msg)
+                            if sink is not None:
+                                self.set_sink(sink)
             else:
                 if current is None:
                     raise DIMSEError("data set fragment received without a command")
@@ -371,6 +394,8 @@ class MessageAssembler:
                     if self._buffer is None:
                         self._buffer = bytearray()
                     self._buffer += pdv.data
+                    if len(self._buffer) > self.max_in_memory:
+                        raise DIMSEError(f"{current.command.name} data set larger than {self.max_in_memory} bytes")
                 if pdv.is_last:
                     if self._sink is None:
                         current.dataset = bytes(self._buffer or b"")

@@ -1,0 +1,97 @@
+"""DICOM Part 10 file meta information, read and written without pydicom (PS3.10 §7.1).
+
+Reading gives the SOP class/instance, the transfer syntax and the byte offset where
+the data set starts, so a sender can stream the data set straight from disk;
+writing produces the preamble and group 0002 that a receiver puts before the bytes
+it received.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+__all__ = ["FileMeta", "encode_file_meta", "read_file_meta", "valid_uid"]
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_MAX_META = 1 << 16
+
+
+@dataclass(slots=True)
+class FileMeta:
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    dataset_offset: int
+
+
+def valid_uid(uid: str) -> bool:
+    """PS3.5 §9.1: 1-64 chars of digits and dots, no empty component, no leading zero."""
+    if not 0 < len(uid) <= 64 or uid[0] == "." or uid[-1] == ".":
+        return False
+    for part in uid.split("."):
+        if not part or not part.isdigit() or not part.isascii() or (len(part) > 1 and part[0] == "0"):
+            return False
+    return True
+
+
+def read_file_meta(fp: BinaryIO) -> FileMeta | None:
+    """Parse preamble and group 0002 from the start of ``fp``.
+
+    Returns ``None`` if there is no ``DICM`` prefix or the meta information lacks the
+    media storage SOP class / instance or the transfer syntax.
+    """
+    fp.seek(0)
+    head = fp.read(132 + _MAX_META)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    pos = 132
+    values: dict[int, str] = {}
+    while pos + 8 <= len(head):
+        group, elem = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002:
+            break
+        vr = head[pos + 4 : pos + 6]
+        if vr in _LONG_VRS:
+            if pos + 12 > len(head):
+                return None
+            (length,) = struct.unpack_from("<I", head, pos + 8)
+            start = pos + 12
+        else:
+            (length,) = struct.unpack_from("<H", head, pos + 6)
+            start = pos + 8
+        if start + length > len(head):
+            return None
+        if elem in (0x0002, 0x0003, 0x0010):
+            values[elem] = head[start : start + length].decode("ascii", "replace").rstrip("\x00 ")
+        pos = start + length
+    if not all(k in values for k in (0x0002, 0x0003, 0x0010)):
+        return None
+    return FileMeta(values[0x0002], values[0x0003], values[0x0010], pos)
+
+
+def _elem(elem: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2sHI", 2, elem, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
+
+
+def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None = None) -> bytes:
+    """128-byte preamble, ``DICM`` and the file meta information group (explicit VR LE)."""
+    body = b"".join(
+        [
+            _elem(0x0001, b"OB", b"\x00\x01"),
+            _elem(0x0002, b"UI", sop_class_uid.encode("ascii")),
+            _elem(0x0003, b"UI", sop_instance_uid.encode("ascii")),
+            _elem(0x0010, b"UI", transfer_syntax.encode("ascii")),
+            _elem(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            _elem(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+            _elem(0x0016, b"AE", source_ae.encode("ascii")) if source_ae else b"",
+        ]
+    )
+    return bytes(128) + b"DICM" + _elem(0x0000, b"UL", struct.pack("<I", len(body))) + body

@@ -1,0 +1,561 @@
+"""Storage service class (PS3.4 Annex B): C-STORE SCU and SCP (PS3.7 §9.1.1, §9.3.1).
+
+SCU: a file is streamed from disk in PDU-sized pieces when its transfer syntax was
+accepted; otherwise it is transcoded between the uncompressed syntaxes, or refused
+with :class:`NoAcceptedContext` (never sent in a syntax the peer did not accept).
+
+SCP: data set fragments go into a :class:`Spool` as they arrive: memory up to a
+threshold, then a ``.partial`` temporary file written off the event loop, with reading
+paused while the disk lags. The handler gets a :class:`StoreRequest`, decodes with
+pydicom only if it asks, and :meth:`StoreRequest.save` moves the spool into place
+as a complete Part 10 file.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import io
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import pydicom
+from pydicom._uid_dict import UID_dictionary
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
+
+from ..dimse import Command, CommandField, Message, Status
+from ..exceptions import NoAcceptedContext
+from ..part10 import encode_file_meta, read_file_meta, valid_uid
+from ..uids import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from .requests import Request
+
+if TYPE_CHECKING:
+    from ..acse import PresentationContext
+    from ..association import Association
+
+__all__ = [
+    "STORAGE_SOP_CLASSES",
+    "STORE_TRANSFER_SYNTAXES",
+    "DirectoryStore",
+    "Spool",
+    "StoreRequest",
+    "c_store",
+    "scp_c_store",
+]
+
+#: Every non-retired storage SOP class pydicom knows (PS3.4 B.5).
+STORAGE_SOP_CLASSES: list[str] = sorted(
+    uid
+    for uid, (name, kind, _, retired, _) in UID_dictionary.items()
+    if kind == "SOP Class" and name.endswith("Storage") and retired != "Retired" and uid != "1.2.840.10008.1.3.10"
+)
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
+
+#: What a storage SCP accepts by default: uncompressed first, then the usual compressed.
+STORE_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+]
+
+_FLUSH_CHUNK = 1 << 20  # write to disk in pieces of at least this size
+_HIGH_WATER = 8 << 20  # pause reading while this much waits for the disk
+_LOW_WATER = 2 << 20
+_SMALL_WRITE = 1 << 20  # smaller files are written on the loop, larger ones in a thread
+
+
+# ---------------------------------------------------------------------------
+# SCP: spooling and the handler's request
+# ---------------------------------------------------------------------------
+
+
+class Spool:
+    """Receives one C-STORE data set; holds ``header`` (Part 10 meta) + data set bytes.
+
+    Up to ``threshold`` bytes stay in memory; past it they go to a ``.partial``
+    temporary file in ``directory``, written in a worker thread. While more than
+    ``_HIGH_WATER`` bytes wait for the disk, ``pause`` is called to stop reading the
+    socket; ``resume`` when the writer catches up.
+    """
+
+    def __init__(
+        self,
+        header: bytes,
+        *,
+        threshold: int,
+        directory: str | None,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ):
+        self._mem = bytearray(header)
+        self.header_length = len(header)
+        self.size = 0
+        self.threshold = threshold
+        self.directory = directory
+        self.path: str | None = None
+        self._file: BinaryIO | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._pause, self._resume = pause, resume
+        self._paused = False
+        #: The OSError that made the spool fail (disk full, permissions), if any.
+        self.error: OSError | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None and self.path is None
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self.error is not None:
+            return  # already failed: count, drop, and answer with a failure status
+        self._mem += data
+        if self._file is None:
+            if len(self._mem) <= self.threshold:
+                return
+            try:
+                os.makedirs(self.directory or tempfile.gettempdir(), exist_ok=True)
+                fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=self.directory)
+                self._file = os.fdopen(fd, "wb", buffering=0)
+            except OSError as exc:
+                self._fail(exc)
+                return
+        if self._flusher is None and len(self._mem) >= _FLUSH_CHUNK:
+            self._flusher = asyncio.ensure_future(self._flush())
+        if len(self._mem) >= _HIGH_WATER and not self._paused:
+            self._paused = True
+            self._pause()
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        self._mem = bytearray()
+        self._unpause()
+
+    def _unpause(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+    async def _flush(self, final: bool = False) -> None:
+        try:
+            while self._file is not None and self.error is None and (len(self._mem) >= _FLUSH_CHUNK or (final and self._mem)):
+                chunk = bytes(self._mem)
+                self._mem.clear()
+                await asyncio.to_thread(self._file.write, chunk)
+                if len(self._mem) < _LOW_WATER:
+                    self._unpause()
+        except OSError as exc:
+            self._fail(exc)
+        finally:
+            if not final:
+                self._flusher = None
+
+    async def finish(self) -> None:
+        """Wait until every byte received is in memory or on disk; close the file."""
+        if self._flusher is not None:
+            await self._flusher
+        if self._file is not None:
+            await self._flush(final=True)
+            self._file.close()
+            self._file = None
+        self._unpause()
+
+    def memory(self) -> bytes:
+        return bytes(self._mem)
+
+    def discard(self) -> None:
+        """Drop the spool; removes the temporary file (used after aborts and failures)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.path = None
+        self._mem = bytearray()
+        self._unpause()
+
+
+class StoreRequest(Request):
+    """A received C-STORE: metadata from the command set, the data set on demand."""
+
+    __slots__ = ("_dataset", "_saved", "spool")
+
+    def __init__(self, assoc: Association, message: Message, spool: Spool):
+        super().__init__(assoc, message)
+        self.spool = spool
+        self._dataset: Dataset | None = None
+        self._saved: str | None = None
+
+    @property
+    def sop_class_uid(self) -> str:
+        return self.command.affected_sop_class_uid or ""
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.command.affected_sop_instance_uid or ""
+
+    @property
+    def priority(self) -> int:
+        return self.command.priority or 0
+
+    @property
+    def move_originator(self) -> tuple[str, int] | None:
+        cmd = self.command
+        if cmd.move_originator_ae:
+            return cmd.move_originator_ae, cmd.move_originator_message_id or 0
+        return None
+
+    @property
+    def size(self) -> int:
+        """Data set size in bytes, as received."""
+        return self.spool.size
+
+    def open(self) -> BinaryIO:
+        """The instance as a Part 10 stream (file meta + data set), without decoding."""
+        if self._saved is not None:
+            return open(self._saved, "rb")
+        if self.spool.path is not None:
+            return open(self.spool.path, "rb")
+        return io.BytesIO(self.spool.memory())
+
+    @property
+    def dataset(self) -> Dataset:
+        """The data set, decoded by pydicom on first access."""
+        if self._dataset is None:
+            with self.open() as fp:
+                self._dataset = pydicom.dcmread(fp)
+        return self._dataset
+
+    async def save(self, path: str | os.PathLike[str]) -> str:
+        """Write the instance as a Part 10 file at ``path``, atomically.
+
+        The file appears complete or not at all. A spooled instance is moved into
+        place (no copy when on the same file system).
+        """
+        dest = os.fspath(path)
+        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        spool = self.spool
+        if spool.path is not None:
+            src, spool.path = spool.path, None
+            try:
+                os.replace(src, dest)
+            except OSError:
+                await asyncio.to_thread(_copy_then_replace, src, dest)
+        else:
+            data = spool.memory()
+            if len(data) < _SMALL_WRITE:
+                _write_atomic(dest, data)
+            else:
+                await asyncio.to_thread(_write_atomic, dest, data)
+        self._saved = dest
+        return dest
+
+
+def _write_atomic(dest: str, data: bytes) -> None:
+    tmp = f"{dest}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _copy_then_replace(src: str, dest: str) -> None:
+    import shutil
+
+    tmp = f"{dest}.partial"
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+    finally:
+        for p in (src, tmp):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def make_spool(assoc: Association, msg: Message) -> Spool:
+    """Sink factory for an incoming C-STORE-RQ data set (see MessageAssembler.sink_for)."""
+    cmd = msg.command
+    ctx = assoc._contexts_by_id.get(msg.context_id)
+    header = encode_file_meta(
+        cmd.affected_sop_class_uid or "",
+        cmd.affected_sop_instance_uid or "",
+        ctx.transfer_syntax if ctx else ImplicitVRLittleEndian,
+        assoc.peer_ae or None,
+    )
+    ae = assoc.ae
+    return Spool(
+        header,
+        threshold=ae.spool_threshold,
+        directory=ae.spool_dir,
+        pause=lambda: assoc._pause_reading("spool"),
+        resume=lambda: assoc._resume_reading("spool"),
+    )
+
+
+async def scp_c_store(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
+    """Run the C-STORE handler for one received instance and answer (PS3.4 B.2.3)."""
+    cmd = msg.command
+    spool = msg.sink
+    if not isinstance(spool, Spool):  # arrived without a spool (no sink factory)
+        spool = Spool(b"", threshold=1 << 62, directory=None, pause=lambda: None, resume=lambda: None)
+        spool.write(msg.dataset or b"")
+    status: Status
+    try:
+        await spool.finish()
+        handler = assoc.ae._handlers.get("c_store")
+        if spool.error is not None:
+            assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(spool.error))
+            status = Status(0xA700, f"Out of resources: {spool.error.strerror or spool.error}")
+        elif handler is None:
+            status = Status(0x0122, "No C-STORE handler: SOP class not supported")
+        else:
+            status = await _run_store_handler(assoc, handler, StoreRequest(assoc, msg, spool))
+    finally:
+        spool.discard()
+    if status.category in ("warning", "failure"):
+        assoc.log.warning(
+            "C-STORE answered with non-success", sop_instance=cmd.affected_sop_instance_uid, status=repr(status)
+        )
+    rsp = Command(
+        CommandField.C_STORE_RSP,
+        message_id_being_responded_to=cmd.message_id,
+        affected_sop_class_uid=cmd.affected_sop_class_uid,
+        affected_sop_instance_uid=cmd.affected_sop_instance_uid,
+        status=int(status),
+        error_comment=(status.error_comment or "")[:64] or None if status.category != "success" else None,
+    )
+    await assoc.send_message(ctx.id, rsp)
+
+
+async def _run_store_handler(assoc: Association, handler: Any, request: StoreRequest) -> Status:
+    try:
+        result = await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except OSError as exc:
+        assoc.log.error("C-STORE handler failed", sop_instance=request.sop_instance_uid, error=repr(exc))
+        return Status(0xA700, f"Out of resources: {exc.strerror or exc}")
+    except Exception as exc:
+        assoc.log.error("C-STORE handler failed", sop_instance=request.sop_instance_uid, error=repr(exc))
+        return Status(0xC000, f"Cannot understand: {exc}")
+    if result is None:
+        return Status(0)
+    return result if isinstance(result, Status) else Status(int(result))
+
+
+class DirectoryStore:
+    """A C-STORE handler that writes each instance to ``root/<SOP Instance UID>.dcm``.
+
+    UIDs are validated (PS3.5 §9.1) and never used as paths otherwise: an invalid UID
+    gets failure 0xC000 instead of a file. An instance already present is replaced.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stored = 0
+
+    def path_for(self, sop_instance_uid: str) -> Path:
+        if not valid_uid(sop_instance_uid):
+            raise ValueError(f"invalid SOP Instance UID {sop_instance_uid[:70]!r}")
+        return self.root / f"{sop_instance_uid}.dcm"
+
+    async def __call__(self, request: StoreRequest) -> Status:
+        try:
+            path = self.path_for(request.sop_instance_uid)
+        except ValueError as exc:
+            return Status(0xC000, str(exc)[:64])
+        if not valid_uid(request.sop_class_uid):
+            return Status(0xC000, "invalid SOP Class UID")
+        await request.save(path)
+        self.stored += 1
+        return Status(0)
+
+
+# ---------------------------------------------------------------------------
+# SCU
+# ---------------------------------------------------------------------------
+
+
+class _FilePayload:
+    """The data set part of a Part 10 file, read in pieces by the sender."""
+
+    def __init__(self, fp: BinaryIO, offset: int):
+        self.fp = fp
+        fp.seek(0, os.SEEK_END)
+        self.length = fp.tell() - offset
+        fp.seek(offset)
+
+    def read(self, n: int) -> bytes:
+        return self.fp.read(n)
+
+
+async def c_store(
+    assoc: Association,
+    source: Dataset | str | os.PathLike[str],
+    *,
+    priority: int = 0,
+    move_originator: tuple[str, int] | None = None,
+    timeout: float | None = None,
+) -> Status:
+    """C-STORE one instance from a pydicom ``Dataset`` or a file path (PS3.7 §9.1.1)."""
+    if isinstance(source, Dataset):
+        ctx, payload, sop_class, sop_instance = _dataset_payload(assoc, source)
+        return await _send_store(assoc, ctx, payload, sop_class, sop_instance, priority, move_originator, timeout)
+    path = os.fspath(source)
+    with open(path, "rb") as fp:  # noqa: ASYNC230 - local reads of PDU-sized pieces; a thread hop per piece costs more
+        meta = read_file_meta(fp)
+        if meta is not None:
+            ctx = _find_context(assoc, meta.sop_class_uid, meta.transfer_syntax)
+            if ctx is not None:
+                payload: Any = _FilePayload(fp, meta.dataset_offset)
+                return await _send_store(
+                    assoc, ctx, payload, meta.sop_class_uid, meta.sop_instance_uid, priority, move_originator, timeout
+                )
+        fp.seek(0)
+        ds = pydicom.dcmread(fp, force=True)
+    ctx, payload, sop_class, sop_instance = _dataset_payload(assoc, ds)
+    return await _send_store(assoc, ctx, payload, sop_class, sop_instance, priority, move_originator, timeout)
+
+
+async def _send_store(
+    assoc: Association,
+    ctx: PresentationContext,
+    payload: bytes | _FilePayload,
+    sop_class: str,
+    sop_instance: str,
+    priority: int,
+    move_originator: tuple[str, int] | None,
+    timeout: float | None,
+) -> Status:
+    cmd = Command(
+        CommandField.C_STORE_RQ,
+        affected_sop_class_uid=sop_class,
+        affected_sop_instance_uid=sop_instance,
+        priority=priority,
+        data_set_type=0x0000,
+    )
+    if move_originator is not None:
+        cmd.move_originator_ae, cmd.move_originator_message_id = move_originator
+    rsp = await assoc._request(ctx, cmd, payload, timeout=timeout)
+    status = Status(rsp.command.status if rsp.command.status is not None else 0xC000, rsp.command.error_comment)
+    if status.category in ("warning", "failure"):
+        assoc.log.warning("C-STORE not successful", sop_instance=sop_instance, status=repr(status))
+    return status
+
+
+def _find_context(assoc: Association, sop_class: str, transfer_syntax: str) -> PresentationContext | None:
+    for ctx in assoc.accepted_contexts:
+        if ctx.abstract_syntax == sop_class and ctx.transfer_syntax == transfer_syntax and ctx.as_scu:
+            return ctx
+    return None
+
+
+def _dataset_payload(assoc: Association, ds: Dataset) -> tuple[PresentationContext, bytes, str, str]:
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    sop_instance = str(ds.get("SOPInstanceUID", ""))
+    if not sop_class or not sop_instance:
+        raise ValueError("data set has no SOP Class UID or SOP Instance UID")
+    meta = getattr(ds, "file_meta", None)
+    source_ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if source_ts:
+        ctx = _find_context(assoc, sop_class, source_ts)
+        if ctx is not None:
+            return ctx, encode_dataset(ds, source_ts, source_ts), sop_class, sop_instance
+    if source_ts and source_ts not in _UNCOMPRESSED:
+        raise NoAcceptedContext(
+            f"{sop_instance}: stored as {_ts_name(source_ts)}, which the peer did not accept for "
+            f"{_ts_name(sop_class)}; not transcoding compressed data"
+        )
+    for ctx in assoc.accepted_contexts:
+        if ctx.abstract_syntax == sop_class and ctx.as_scu and ctx.transfer_syntax in _UNCOMPRESSED:
+            return ctx, encode_dataset(ds, ctx.transfer_syntax, source_ts or None), sop_class, sop_instance
+    raise NoAcceptedContext(f"{sop_instance}: no accepted presentation context for {_ts_name(sop_class)}")
+
+
+def _ts_name(uid: str) -> str:
+    return UID_dictionary.get(uid, (uid,))[0]
+
+
+_WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _swap_words(ds: Dataset) -> Dataset:
+    """Copy of ``ds`` with OW/OF/OL/OD/OV values byte-swapped (endianness change)."""
+    out = Dataset()
+    for elem in ds:
+        if elem.VR == "SQ":
+            new = pydicom.DataElement(elem.tag, "SQ", [_swap_words(item) for item in elem.value])
+        elif elem.VR in _WORD_SIZES and elem.value:
+            code = {2: "H", 4: "I", 8: "Q"}[_WORD_SIZES[elem.VR]]
+            words = array.array(code, bytes(elem.value))
+            words.byteswap()
+            new = pydicom.DataElement(elem.tag, elem.VR, words.tobytes())
+        else:
+            new = elem
+        out.add(new)
+    return out
+
+
+def encode_dataset(ds: Dataset, transfer_syntax: str, source_syntax: str | None = None) -> bytes:
+    """Encode ``ds`` (no file meta) in ``transfer_syntax``.
+
+    Between little and big endian, word-valued binary elements (OW, OF, OL, OD, OV)
+    are byte-swapped, which pydicom does not do on its own.
+    """
+    little = transfer_syntax != ExplicitVRBigEndian
+    source_little = (source_syntax or ExplicitVRLittleEndian) != ExplicitVRBigEndian
+    if little != source_little:
+        ds = _swap_words(ds)
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
+    fp.is_little_endian = little
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+        data = packer.compress(data) + packer.flush()
+        if len(data) % 2:
+            data += b"\x00"
+    return data
