@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from .exceptions import (
     NoAcceptedContext,
 )
 from .log import configure_logging
+from .services.send import SendResult, collect_files, send_files
+from .services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
 
 __all__ = ["main"]
 
@@ -66,6 +69,28 @@ def _parser() -> argparse.ArgumentParser:
         scp.add_argument("--max-associations", type=int, default=1000)
         scp.add_argument("--log-level", default="INFO")
         scp.add_argument("--log-json", action="store_true")
+    store = sub.add_parser("store-scp", help="storage SCP writing Part 10 files")
+    store.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    store.add_argument("--port", type=int, default=11112)
+    store.add_argument("--out", default="dicom-in", help="directory for received files (default ./dicom-in)")
+    store.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our AE title")
+    store.add_argument("--any-called-ae", action="store_true", help="accept any called AE title")
+    store.add_argument("--max-associations", type=int, default=1000)
+    store.add_argument("--window", type=int, default=16, help="concurrent operations per association")
+    store.add_argument("--log-level", default="INFO")
+    store.add_argument("--log-json", action="store_true")
+
+    send = sub.add_parser("send", help="C-STORE files to a storage SCP")
+    send.add_argument("host")
+    send.add_argument("port", type=int)
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    send.add_argument("--recurse", "-r", action="store_true", help="descend into directories")
+    send.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our (calling) AE title")
+    send.add_argument("--aec", type=_ae_title, default="ANY-SCP", help="the peer's (called) AE title")
+    send.add_argument("--associations", type=int, default=1, help="parallel associations")
+    send.add_argument("--window", type=int, default=1, help="C-STOREs in flight per association")
+    send.add_argument("--timeout", type=float, default=60.0, help="connect/ACSE/DIMSE timeout in seconds")
+    _common(send)
     return parser
 
 
@@ -118,6 +143,86 @@ async def _until_signalled(server) -> None:  # type: ignore[no-untyped-def]
     await server.wait_closed(grace=10.0)
 
 
+def storage_ae(args: argparse.Namespace) -> AE:
+    """An AE accepting verification and every storage SOP class in the usual syntaxes."""
+    ae = AE(
+        args.aet,
+        require_called_ae=not args.any_called_ae,
+        max_associations=args.max_associations,
+        max_ops_performed=args.window,
+        spool_dir=os.path.join(args.out, ".incoming"),
+    )
+    ae.add_supported_context(Verification)
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, STORE_TRANSFER_SYNTAXES)
+    return ae
+
+
+async def _store_scp(args: argparse.Namespace) -> int:
+    ae = storage_ae(args)
+    store = DirectoryStore(args.out)
+    ae.on_c_store(store)
+    server = await ae.start_server(args.host, args.port)
+    print(f"{args.aet} listening on {args.host}:{server.port}, storing into {args.out}", flush=True)
+    await _until_signalled(server)
+    print(f"stored {store.stored} instances", flush=True)
+    return EXIT_OK
+
+
+async def _send(args: argparse.Namespace) -> int:
+    try:
+        paths = collect_files(args.paths, args.recurse)
+    except ValueError as exc:
+        print(f"send: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
+    total = len(paths)
+    tty = sys.stderr.isatty()
+    done = 0
+    sent_bytes = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    def progress(res: SendResult) -> None:
+        nonlocal done, sent_bytes
+        done += 1
+        sent_bytes += res.size if res.ok else 0
+        if tty:
+            rate = sent_bytes / max(loop.time() - start, 1e-6) / 1e6
+            width = 30
+            filled = int(width * done / max(total, 1))
+            bar = "#" * filled + "-" * (width - filled)
+            print(f"\r[{bar}] {done}/{total} instances  {rate:7.1f} MB/s", end="", file=sys.stderr, flush=True)
+
+    try:
+        report = await send_files(
+            ae,
+            args.host,
+            args.port,
+            args.aec,
+            paths,
+            associations=args.associations,
+            window=args.window,
+            progress=progress,
+        )
+    except ValueError as exc:
+        print(f"send: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if tty:
+        print(file=sys.stderr)
+    failed = report.failed
+    ok = len(report.results) - len(failed)
+    mb = report.bytes_sent / 1e6
+    print(
+        f"sent {ok}/{len(report.results)} instances, {mb:.1f} MB in {report.seconds:.2f} s "
+        f"({ok / max(report.seconds, 1e-6):.1f} instances/s, {mb / max(report.seconds, 1e-6):.1f} MB/s)"
+        + (f", {len(failed)} failed" if failed else "")
+    )
+    for res in failed:
+        print(f"FAILED {res.path}: {res.error or res.status}", file=sys.stderr)
+    return EXIT_STATUS if failed else EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.log_level, json=args.log_json)
@@ -125,6 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(_echo(args))
     if args.command in ("echo-scp", "serve"):
         return run(_serve_verification(args))
+    if args.command == "store-scp":
+        return run(_store_scp(args))
+    if args.command == "send":
+        return run(_send(args))
     return EXIT_USAGE  # pragma: no cover
 
 

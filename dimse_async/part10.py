@@ -81,7 +81,9 @@ def _elem(elem: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
 
 
-def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None = None) -> bytes:
+def encode_file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None = None
+) -> bytes:
     """128-byte preamble, ``DICM`` and the file meta information group (explicit VR LE)."""
     body = b"".join(
         [

@@ -162,7 +162,11 @@ class Spool:
 
     async def _flush(self, final: bool = False) -> None:
         try:
-            while self._file is not None and self.error is None and (len(self._mem) >= _FLUSH_CHUNK or (final and self._mem)):
+            while (
+                self._file is not None
+                and self.error is None
+                and (len(self._mem) >= _FLUSH_CHUNK or (final and self._mem))
+            ):
                 chunk = bytes(self._mem)
                 self._mem.clear()
                 await asyncio.to_thread(self._file.write, chunk)
