@@ -338,8 +338,16 @@ def negotiate(
 
     identity = rq.user_info.identity_rq
     identity_ac = None
-    if identity is not None and identity.positive_response_requested and identity_response is not None:
-        identity_ac = UserIdentityAC(identity_response)
+    if identity is not None and identity.positive_response_requested:
+        if identity.type in (1, 2):
+            # Username (and passcode): acknowledge with an empty server response. PS3.7
+            # D.3.3.7.2 requires it to be zero length, and PS3.15 B.4 requires the sub-item
+            # when a positive response is requested (DCMTK fails the association without it).
+            identity_ac = UserIdentityAC(b"")
+        elif identity_response is not None:
+            # Kerberos ticket, SAML response or JWT: only what the authenticator returned.
+            identity_ac = UserIdentityAC(identity_response)
+    identity_response = identity_ac.server_response if identity_ac is not None else None
 
     ui = UserInformation(
         max_length=policy.max_pdu,

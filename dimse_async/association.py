@@ -523,14 +523,23 @@ class Association(asyncio.Protocol):
                     if isinstance(dataset, (bytes, bytearray, memoryview))
                     else _stream_fragments(context_id, dataset, max_pdu)
                 )
-                for pdu in pdus:
-                    batch.append(pdu)
-                    size += len(pdu)
-                    if size >= _WRITE_BATCH:
-                        self._run(self.fsm.send_pdata(b"".join(batch)))
-                        batch, size = [], 0
-                        await self._drain()
-                        self._check_can_send()
+                started = False
+                try:
+                    for pdu in pdus:
+                        batch.append(pdu)
+                        size += len(pdu)
+                        if size >= _WRITE_BATCH:
+                            self._run(self.fsm.send_pdata(b"".join(batch)))
+                            started = True
+                            batch, size = [], 0
+                            await self._drain()
+                            self._check_can_send()
+                except BaseException as exc:
+                    if started:
+                        # Part of the message is on the wire: the peer can never see it
+                        # complete, so the association cannot carry on (PS3.8 Annex E).
+                        self.abort(f"sending {command.name} failed midway: {exc!r}")
+                    raise
             if batch:
                 self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else batch[0]))
             if self._debug:

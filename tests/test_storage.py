@@ -1,0 +1,404 @@
+"""Storage service end to end between our SCU and our SCP: streaming, spooling,
+backpressure, failure statuses, safe names, transcoding, pipelining."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import struct
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import free_port
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+
+from dimse_async import AE, AssociationAborted, NoAcceptedContext, Status
+from dimse_async.dimse import DIMSEError
+from dimse_async.part10 import encode_file_meta, read_file_meta
+from dimse_async.services.storage import (
+    STORAGE_SOP_CLASSES,
+    STORE_TRANSFER_SYNTAXES,
+    DirectoryStore,
+    encode_dataset,
+)
+
+CT = get_testdata_file("CT_small.dcm")
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+
+
+def storage_scp(**kw) -> AE:
+    ae = AE("SCP", **kw)
+    for uid in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(uid, STORE_TRANSFER_SYNTAXES)
+    return ae
+
+
+def scu(*contexts: tuple[str, list[str]], **kw) -> AE:
+    ae = AE("SCU", **kw)
+    for sop, ts in contexts:
+        ae.add_requested_context(sop, ts)
+    return ae
+
+
+def dataset_bytes(path: str | Path) -> bytes:
+    with open(path, "rb") as fp:
+        meta = read_file_meta(fp)
+        assert meta is not None
+        fp.seek(meta.dataset_offset)
+        return fp.read()
+
+
+async def test_store_file_streams_bytes_unchanged(tmp_path):
+    ae = storage_scp()
+    ae.on_c_store(DirectoryStore(tmp_path))
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            status = await assoc.c_store(CT)
+    assert status == 0 and status.category == "success"
+    uid = pydicom.dcmread(CT).SOPInstanceUID
+    out = tmp_path / f"{uid}.dcm"
+    assert dataset_bytes(out) == dataset_bytes(CT)
+    meta = pydicom.dcmread(out).file_meta
+    assert meta.MediaStorageSOPInstanceUID == uid
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert meta.SourceApplicationEntityTitle == "SCU"
+
+
+@pytest.mark.parametrize("target", [ImplicitVRLittleEndian, ExplicitVRBigEndian, "1.2.840.10008.1.2.1.99"])
+async def test_store_transcodes_uncompressed(tmp_path, target):
+    ae = storage_scp()
+    ae.on_c_store(DirectoryStore(tmp_path))
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((CT_CLASS, [target])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert assoc.accepted_contexts[0].transfer_syntax == target
+            status = await assoc.c_store(CT)
+    assert status.is_success
+    original = pydicom.dcmread(CT)
+    received = pydicom.dcmread(tmp_path / f"{original.SOPInstanceUID}.dcm")
+    assert received.file_meta.TransferSyntaxUID == target
+    assert np.array_equal(received.pixel_array, original.pixel_array)
+    assert received.PatientName == original.PatientName
+
+
+def test_big_endian_transcoding_swaps_words():
+    be = pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    raw = encode_dataset(be, ExplicitVRLittleEndian, ExplicitVRBigEndian)
+    back = pydicom.dcmread(
+        pydicom.filebase.DicomBytesIO(encode_file_meta(be.SOPClassUID, be.SOPInstanceUID, ExplicitVRLittleEndian) + raw)
+    )
+    assert np.array_equal(back.pixel_array, be.pixel_array)
+
+
+async def test_compressed_file_not_accepted_is_never_sent(tmp_path):
+    jpeg = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    received = []
+    ae = storage_scp()
+
+    @ae.on_c_store
+    async def handler(request):
+        received.append(request.sop_instance_uid)
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((SC_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            with pytest.raises(NoAcceptedContext, match="not transcoding compressed"):
+                await assoc.c_store(jpeg)
+            assert assoc.is_established
+    assert received == []
+
+
+async def test_failed_handler_returns_failure_status_and_association_lives(tmp_path):
+    ae = storage_scp()
+    calls = 0
+
+    @ae.on_c_store
+    async def handler(request):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(28, "No space left on device")
+        if calls == 2:
+            raise RuntimeError("cannot parse")
+        return 0xB000
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            first = await assoc.c_store(CT)
+            second = await assoc.c_store(CT)
+            third = await assoc.c_store(CT)
+            assert assoc.is_established
+    assert int(first) == 0xA700 and first.category == "failure" and "No space" in first.error_comment
+    assert int(second) == 0xC000 and "cannot parse" in second.error_comment
+    assert int(third) == 0xB000 and third.category == "warning"
+
+
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")
+async def test_unsafe_uids_never_become_paths(tmp_path):
+    out = tmp_path / "out"
+    ae = storage_scp()
+    ae.on_c_store(DirectoryStore(out))
+    ds = pydicom.dcmread(CT)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            statuses = []
+            for bad in ("../../escape", "/etc/passwd", "1." + "2" * 80, "1.2.3.04"):
+                ds.SOPInstanceUID = bad
+                statuses.append(await assoc.c_store(ds))
+    assert [int(s) for s in statuses] == [0xC000] * 4
+    assert list(out.iterdir()) == [] or all(p.name == ".incoming" for p in out.iterdir())
+    assert not (tmp_path / "escape").exists()
+
+
+async def test_dataset_access_is_lazy_and_decodes_on_demand(tmp_path):
+    seen = {}
+    ae = storage_scp()
+
+    @ae.on_c_store
+    async def handler(request):
+        seen["decoded_before"] = request._dataset is not None
+        seen["name"] = str(request.dataset.PatientName)
+        seen["size"] = request.size
+        seen["ts"] = request.transfer_syntax
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert (await assoc.c_store(CT)).is_success
+    assert seen == {
+        "decoded_before": False,
+        "name": str(pydicom.dcmread(CT).PatientName),
+        "size": len(dataset_bytes(CT)),
+        "ts": ExplicitVRLittleEndian,
+    }
+
+
+async def test_pipelining_fills_the_negotiated_window(tmp_path):
+    """16 concurrent C-STOREs over one association, SCP performs at most 4 at a time."""
+    active = peak = 0
+    ae = storage_scp(max_ops_performed=4)
+
+    @ae.on_c_store
+    async def handler(request):
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.05)
+        active -= 1
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        client = scu((CT_CLASS, [ExplicitVRLittleEndian]), max_ops_invoked=16)
+        async with client.associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert assoc.negotiated.max_ops_invoked == 4
+            statuses = await asyncio.gather(*(assoc.c_store(CT) for _ in range(16)))
+    assert all(s.is_success for s in statuses)
+    assert peak == 4
+
+
+async def test_slow_handler_pauses_reading(tmp_path):
+    """Backpressure: while handlers are slow, the SCP stops reading that socket."""
+    release = asyncio.Event()
+    ae = storage_scp(max_ops_performed=2)
+    paused_seen = []
+
+    @ae.on_c_store
+    async def handler(request):
+        paused_seen.append(bool(request.assoc._pause_reasons))
+        await release.wait()
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        client = scu((CT_CLASS, [ExplicitVRLittleEndian]), max_ops_invoked=2)
+        async with client.associate("127.0.0.1", server.port, "SCP") as assoc:
+            tasks = [asyncio.ensure_future(assoc.c_store(CT)) for _ in range(6)]
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if len(paused_seen) == 2:
+                    break
+            (server_assoc,) = server.associations
+            assert server_assoc._pause_reasons == {"window"}
+            assert len(paused_seen) == 2  # no third handler while two run
+            release.set()
+            statuses = await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert all(s.is_success for s in statuses)
+
+
+async def test_spool_to_disk_above_threshold(tmp_path):
+    spool_dir = tmp_path / "spool"
+    out = tmp_path / "out"
+    paths = []
+    ae = storage_scp(spool_threshold=8192, spool_dir=str(spool_dir))
+    store = DirectoryStore(out)
+
+    @ae.on_c_store
+    async def handler(request):
+        paths.append(request.spool.path)
+        return await store(request)
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert (await assoc.c_store(CT)).is_success
+    assert paths[0] is not None and paths[0].startswith(str(spool_dir)) and paths[0].endswith(".partial")
+    assert os.listdir(spool_dir) == []  # moved into place, nothing left behind
+    (written,) = out.iterdir()
+    assert dataset_bytes(written) == dataset_bytes(CT)
+
+
+class _BrokenPayload:
+    """A data set source that fails after ``fail_after`` bytes (a disk error midway)."""
+
+    def __init__(self, length: int, fail_after: int):
+        self.length, self.fail_after, self.sent = length, fail_after, 0
+
+    def read(self, n: int) -> bytes:
+        if self.sent + n > self.fail_after:
+            raise OSError(5, "Input/output error")
+        self.sent += n
+        return b"\x00" * n
+
+
+async def test_abort_mid_instance_leaves_no_complete_file(tmp_path):
+    from dimse_async.dimse import Command, CommandField
+
+    spool_dir = tmp_path / "spool"
+    out = tmp_path / "out"
+    ae = storage_scp(spool_threshold=1 << 20, spool_dir=str(spool_dir))
+    ae.on_c_store(DirectoryStore(out))
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assoc = await scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP")
+        ctx = assoc.accepted_contexts[0]
+        cmd = Command(
+            CommandField.C_STORE_RQ,
+            message_id=1,
+            affected_sop_class_uid=CT_CLASS,
+            affected_sop_instance_uid="1.2.3.4.5",
+            priority=0,
+        )
+        with pytest.raises(OSError):
+            await assoc.send_message(ctx.id, cmd, _BrokenPayload(64 << 20, 8 << 20))
+        await asyncio.wait_for(assoc.wait_closed(), 10)
+        assert "failed midway" in (assoc.end_reason or "")
+        for _ in range(100):
+            if not server.associations:
+                break
+            await asyncio.sleep(0.02)
+        assert not server.associations
+    assert not out.exists() or [p for p in out.iterdir() if p.name != ".incoming"] == []
+    assert not spool_dir.exists() or os.listdir(spool_dir) == []
+
+
+def _write_large_instance(path: Path, pixel_bytes: int) -> str:
+    """A Secondary Capture file with ``pixel_bytes`` of pixel data, written in pieces."""
+    uid = generate_uid()
+    rows = 4096
+    cols = pixel_bytes // (rows * 2)
+    elems = [
+        ((0x0008, 0x0016), b"UI", SC_CLASS.encode() + b"\x00"),
+        ((0x0008, 0x0018), b"UI", (uid.encode() + b"\x00") if len(uid) % 2 else uid.encode()),
+        ((0x0008, 0x0064), b"CS", b"WSD "),
+        ((0x0010, 0x0010), b"PN", b"LARGE^TEST"),
+        ((0x0028, 0x0002), b"US", struct.pack("<H", 1)),
+        ((0x0028, 0x0004), b"CS", b"MONOCHROME2 "),
+        ((0x0028, 0x0010), b"US", struct.pack("<H", rows)),
+        ((0x0028, 0x0011), b"US", struct.pack("<H", cols)),
+        ((0x0028, 0x0100), b"US", struct.pack("<H", 16)),
+        ((0x0028, 0x0101), b"US", struct.pack("<H", 16)),
+        ((0x0028, 0x0102), b"US", struct.pack("<H", 15)),
+        ((0x0028, 0x0103), b"US", struct.pack("<H", 0)),
+    ]
+    block = bytes(range(256)) * 4096  # 1 MiB pattern
+    with open(path, "wb") as f:
+        f.write(encode_file_meta(SC_CLASS, uid, ExplicitVRLittleEndian))
+        for (g, e), vr, value in elems:
+            f.write(struct.pack("<HH2sH", g, e, vr, len(value)) + value)
+        n = rows * cols * 2
+        f.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n))
+        left = n
+        while left:
+            f.write(block[: min(left, len(block))])
+            left -= min(left, len(block))
+    return uid
+
+
+def _vm(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _sha256(path: Path, skip: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(skip)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.mark.timeout(240)
+async def test_large_instance_bounded_memory_in_receiver(tmp_path):
+    """A 256 MiB instance passes through a separate SCP process whose peak RSS barely moves."""
+    size = 256 << 20
+    src = tmp_path / "large.dcm"
+    uid = _write_large_instance(src, size)
+    out = tmp_path / "out"
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dimse_async", "store-scp", "--port", str(port), "--host", "127.0.0.1",
+        "--out", str(out), "--aet", "BIG", "--log-level", "WARNING",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(proc.stdout.readline(), 30)  # "... listening ..."
+        client = scu((SC_CLASS, [ExplicitVRLittleEndian]), dimse_timeout=120)
+        # Warm up: one small instance so imports and buffers are in the baseline.
+        small = tmp_path / "small.dcm"
+        _write_large_instance(small, 4096 * 2 * 16)
+        async with client.associate("127.0.0.1", port, "BIG") as assoc:
+            assert (await assoc.c_store(small)).is_success
+        baseline = _vm(proc.pid, "VmHWM")
+        t0 = time.monotonic()
+        async with client.associate("127.0.0.1", port, "BIG") as assoc:
+            status = await assoc.c_store(src)
+        elapsed = time.monotonic() - t0
+        assert status.is_success, status
+        peak = _vm(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+    grew = peak - baseline
+    print(f"256 MiB instance in {elapsed:.1f} s; receiver peak RSS grew {grew / 2**20:.1f} MiB")
+    assert grew < 48 << 20, f"receiver peak RSS grew {grew / 2**20:.1f} MiB for a 256 MiB instance"
+    received = out / f"{uid}.dcm"
+    with open(src, "rb") as f:
+        src_offset = read_file_meta(f).dataset_offset
+    with open(received, "rb") as f:
+        dst_offset = read_file_meta(f).dataset_offset
+    assert _sha256(received, dst_offset) == _sha256(src, src_offset)
+
+
+async def test_store_after_peer_abort_raises(tmp_path):
+    ae = storage_scp()
+
+    @ae.on_c_store
+    async def handler(request):
+        request.assoc.abort("handler aborts")
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assoc = await scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP")
+        with pytest.raises(AssociationAborted):
+            await assoc.c_store(CT)
+        await asyncio.wait_for(assoc.wait_closed(), 5)
+
+
+def test_status_of_unknown_code_is_failure():
+    assert Status(0xA801).category == "failure"
+    with pytest.raises(DIMSEError):
+        from dimse_async.dimse import decode_command
+
+        decode_command(b"\x00\x00")
