@@ -1,0 +1,243 @@
+"""Association negotiation, pure (PS3.7 §7.4, Annex D; PS3.8 §7.1, §9.3.4)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dimse_async.acse import (
+    ABSTRACT_SYNTAX_NOT_SUPPORTED,
+    ACCEPTANCE,
+    NO_REASON,
+    TRANSFER_SYNTAXES_NOT_SUPPORTED,
+    USER_REJECTION,
+    AcceptorPolicy,
+    ContextSpec,
+    build_request,
+    negotiate,
+    reject_text,
+    requestor_contexts,
+    validate_ae_title,
+)
+from dimse_async.pdu import (
+    AssociateAC,
+    AssociateRJ,
+    PresentationContextRQ,
+    SOPClassCommonExtended,
+    SOPClassExtended,
+    UserIdentityRQ,
+)
+
+ECHO = "1.2.840.10008.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+IMPLICIT = "1.2.840.10008.1.2"
+EXPLICIT = "1.2.840.10008.1.2.1"
+JPEG = "1.2.840.10008.1.2.4.50"
+
+
+def policy(**kw) -> AcceptorPolicy:
+    supported = {
+        ECHO: ContextSpec(ECHO, [IMPLICIT]),
+        CT: ContextSpec(CT, [EXPLICIT, IMPLICIT], scp_role=True),
+        MR: ContextSpec(MR, [EXPLICIT]),
+    }
+    return AcceptorPolicy(ae_title="SCP", supported=supported, max_pdu=65536, **kw)
+
+
+def request(*specs: ContextSpec, **kw):
+    return build_request("SCP", "SCU", specs or [ContextSpec(ECHO, [IMPLICIT])], max_pdu=32768, **kw)
+
+
+def roundtrip_ac(ac: AssociateAC) -> AssociateAC:
+    from dimse_async.pdu import PDUReader
+
+    reader = PDUReader(0)
+    reader.feed(ac.encode())
+    out = reader.next_pdu()
+    assert isinstance(out, AssociateAC)
+    return out
+
+
+def test_context_results_per_context():
+    rq = request(
+        ContextSpec(CT, [IMPLICIT, EXPLICIT]),
+        ContextSpec(MR, [JPEG]),
+        ContextSpec("1.2.3.4", [IMPLICIT]),
+        ContextSpec(ECHO, [IMPLICIT]),
+    )
+    ac, neg = negotiate(rq, policy())
+    assert isinstance(ac, AssociateAC)
+    results = [(pc.id, pc.result, pc.transfer_syntax) for pc in ac.presentation_contexts]
+    # Acceptor preference order wins: explicit before implicit for CT.
+    assert results == [
+        (1, ACCEPTANCE, EXPLICIT),
+        (3, TRANSFER_SYNTAXES_NOT_SUPPORTED, ""),
+        (5, ABSTRACT_SYNTAX_NOT_SUPPORTED, ""),
+        (7, ACCEPTANCE, IMPLICIT),
+    ]
+    assert [c.id for c in neg.accepted] == [1, 7]
+    assert neg.peer_max_pdu == 32768
+    # The requestor sees the same outcome after the AC travels as bytes.
+    mine = requestor_contexts(rq, roundtrip_ac(ac))
+    assert [(c.id, c.result, c.transfer_syntax) for c in mine.contexts] == results
+    assert mine.peer_max_pdu == 65536
+
+
+def test_even_and_duplicate_context_ids_are_refused():
+    rq = request(ContextSpec(ECHO, [IMPLICIT]))
+    rq.presentation_contexts += [PresentationContextRQ(2, ECHO, [IMPLICIT]), PresentationContextRQ(1, ECHO, [IMPLICIT])]
+    ac, _ = negotiate(rq, policy())
+    assert [pc.result for pc in ac.presentation_contexts] == [ACCEPTANCE, NO_REASON, NO_REASON]
+
+
+def test_requestor_ignores_syntax_it_never_proposed():
+    rq = request(ContextSpec(CT, [IMPLICIT]))
+    ac, _ = negotiate(rq, policy())
+    ac.presentation_contexts[0].transfer_syntax = JPEG
+    neg = requestor_contexts(rq, ac)
+    assert neg.contexts[0].result == NO_REASON and not neg.accepted
+
+
+@pytest.mark.parametrize(
+    ("proposed", "allowed_scp", "reply", "requestor_roles", "acceptor_roles", "result"),
+    [
+        # (scu, scp) proposed; acceptor allows requestor SCP?; reply item; requestor (scu, scp); acceptor (scu, scp)
+        ((True, True), True, (True, True), (True, True), (True, True), ACCEPTANCE),
+        ((False, True), True, (False, True), (False, True), (True, False), ACCEPTANCE),
+        ((True, True), False, (True, False), (True, False), (False, True), ACCEPTANCE),
+        ((False, True), False, (False, False), (False, False), (False, False), USER_REJECTION),
+    ],
+)
+def test_role_selection(proposed, allowed_scp, reply, requestor_roles, acceptor_roles, result):
+    rq = request(ContextSpec(CT, [EXPLICIT], scu_role=proposed[0], scp_role=proposed[1]))
+    pol = policy()
+    pol.supported[CT].scp_role = allowed_scp
+    ac, neg = negotiate(rq, pol)
+    (role,) = ac.user_info.roles
+    assert (role.scu_role, role.scp_role) == reply
+    assert ac.presentation_contexts[0].result == result
+    ctx = neg.contexts[0]
+    assert (ctx.as_scu, ctx.as_scp) == acceptor_roles
+    mine = requestor_contexts(rq, roundtrip_ac(ac))
+    if result == ACCEPTANCE:
+        assert (mine.contexts[0].as_scu, mine.contexts[0].as_scp) == requestor_roles
+
+
+def test_no_role_item_means_default_roles():
+    rq = request(ContextSpec(CT, [EXPLICIT]))
+    assert rq.user_info.roles == []
+    ac, neg = negotiate(rq, policy())
+    assert ac.user_info.roles == []
+    assert (neg.contexts[0].as_scu, neg.contexts[0].as_scp) == (False, True)
+    mine = requestor_contexts(rq, ac)
+    assert (mine.contexts[0].as_scu, mine.contexts[0].as_scp) == (True, False)
+
+
+@pytest.mark.parametrize(
+    ("proposed", "ours", "reply", "requestor_window", "acceptor_window"),
+    [
+        ((16, 1), (8, 8), (8, 1), (8, 1), (1, 8)),  # we perform at most 8 of theirs
+        ((0, 0), (4, 2), (4, 2), (4, 2), (2, 4)),  # 0 = unlimited on their side
+        ((3, 5), (0, 0), (3, 5), (3, 5), (5, 3)),  # unlimited on ours
+    ],
+)
+def test_async_operations_window(proposed, ours, reply, requestor_window, acceptor_window):
+    rq = request(async_ops=proposed)
+    ac, neg = negotiate(rq, policy(max_ops_performed=ours[0], max_ops_invoked=ours[1]))
+    got = ac.user_info.async_ops
+    assert (got.max_ops_invoked, got.max_ops_performed) == reply
+    assert (neg.max_ops_invoked, neg.max_ops_performed) == acceptor_window
+    mine = requestor_contexts(rq, roundtrip_ac(ac))
+    assert (mine.max_ops_invoked, mine.max_ops_performed) == requestor_window
+
+
+def test_no_window_proposed_means_synchronous():
+    rq = request(async_ops=(1, 1))
+    assert rq.user_info.async_ops is None
+    ac, neg = negotiate(rq, policy())
+    assert ac.user_info.async_ops is None
+    assert (neg.max_ops_invoked, neg.max_ops_performed) == (1, 1)
+
+
+def test_extended_and_common_extended_negotiation():
+    seen = []
+
+    def on_ext(uid, info):
+        seen.append((uid, info))
+        return b"\x01" if uid == CT else None
+
+    rq = request(
+        extended=[SOPClassExtended(CT, b"\x01\x01"), SOPClassExtended(MR, b"\x00")],
+        common_extended=[SOPClassCommonExtended(CT, "1.2.840.10008.4.2", ["1.2.3"]), SOPClassCommonExtended(MR, "1.2.840.10008.4.2")],
+    )
+    ac, neg = negotiate(rq, policy(on_extended=on_ext, on_common_extended=lambda item: item.sop_class_uid == CT))
+    assert seen == [(CT, b"\x01\x01"), (MR, b"\x00")]
+    assert [(e.sop_class_uid, e.info) for e in ac.user_info.extended] == [(CT, b"\x01")]
+    assert neg.extended == {CT: b"\x01"}
+    assert [c.sop_class_uid for c in neg.common_extended] == [CT]
+    assert requestor_contexts(rq, roundtrip_ac(ac)).extended == {CT: b"\x01"}
+
+
+def test_user_identity_response_only_when_requested():
+    ident = UserIdentityRQ(2, b"alice", b"secret", positive_response_requested=True)
+    ac, neg = negotiate(request(identity=ident), policy(), identity_ok=True, identity_response=b"token")
+    # Username (+passcode): the positive response carries no server response (PS3.7 D.3.3.7.2).
+    assert ac.user_info.identity_ac.server_response == b""
+    assert neg.identity == ident
+    jwt = UserIdentityRQ(5, b"eyJ.token", positive_response_requested=True)
+    ac, _ = negotiate(request(identity=jwt), policy(), identity_ok=True, identity_response=b"token")
+    assert ac.user_info.identity_ac.server_response == b"token"
+    ident.positive_response_requested = False
+    ac, _ = negotiate(request(identity=ident), policy(), identity_ok=True, identity_response=b"token")
+    assert ac.user_info.identity_ac is None
+    rj, neg = negotiate(request(identity=ident), policy(), identity_ok=False)
+    assert isinstance(rj, AssociateRJ) and (rj.result, rj.source, rj.reason) == (1, 1, 1) and neg is None
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda rq, p: setattr(rq, "application_context", "1.2.3"), (1, 1, 2)),
+        (lambda rq, p: setattr(rq, "called_ae", "OTHER"), (1, 1, 7)),
+        (lambda rq, p: setattr(p, "allowed_calling_aes", frozenset({"GOOD"})), (1, 1, 3)),
+    ],
+)
+def test_rejections(mutate, expected):
+    rq, pol = request(), policy()
+    mutate(rq, pol)
+    rj, _ = negotiate(rq, pol)
+    assert isinstance(rj, AssociateRJ)
+    assert (rj.result, rj.source, rj.reason) == expected
+
+
+def test_called_ae_not_checked_when_not_required():
+    rq = request()
+    rq.called_ae = "ANYTHING"
+    ac, _ = negotiate(rq, policy(require_called_ae=False))
+    assert isinstance(ac, AssociateAC)
+
+
+def test_reject_texts():
+    assert reject_text(AssociateRJ(2, 3, 2)) == (
+        "rejected-transient, source service-provider (presentation), reason local-limit-exceeded"
+    )
+    assert "called-AE-title-not-recognized" in reject_text(AssociateRJ(1, 1, 7))
+    assert "protocol-version-not-supported" in reject_text(AssociateRJ(1, 2, 2))
+
+
+@pytest.mark.parametrize("good", ["A", "STORESCP", " PADDED  ", "X" * 16, "with space"])
+def test_valid_ae_titles(good):
+    assert validate_ae_title(good) == good.strip(" ")
+
+
+@pytest.mark.parametrize("bad", ["", "    ", "X" * 17, "BACK\\SLASH", "TAB\tX", "NUL\x00", "é"])
+def test_invalid_ae_titles(bad):
+    with pytest.raises(ValueError):
+        validate_ae_title(bad)
+
+
+def test_build_request_limits_and_ids():
+    rq = build_request("A", "B", [ContextSpec(ECHO, [IMPLICIT])] * 128, max_pdu=0)
+    assert [pc.id for pc in rq.presentation_contexts][-1] == 255
+    with pytest.raises(ValueError):
+        build_request("A", "B", [ContextSpec(ECHO, [IMPLICIT])] * 129, max_pdu=0)
