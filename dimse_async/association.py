@@ -10,6 +10,7 @@ when handlers fall behind.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -103,6 +104,13 @@ class Association(asyncio.Protocol):
         self._pending: dict[int, asyncio.Future[Message] | asyncio.Queue[Message]] = {}
         self._window: asyncio.Semaphore | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        # SCP side: requests being performed, those waiting for a free slot in the
+        # negotiated window, and operations a C-CANCEL can reach (by message id).
+        self._serving: set[asyncio.Task[Any]] = set()
+        self._backlog: collections.deque[Message] = collections.deque()
+        self.running_operations: dict[int, Any] = {}
+        #: Per-association C-STORE handler override (e.g. a C-GET's sink).
+        self.store_handler: Callable[..., Awaitable[Any]] | None = None
         self._max_performed = 1
         self._contexts_by_id: dict[int, PresentationContext] = {}
 
@@ -236,8 +244,12 @@ class Association(asyncio.Protocol):
             if not isinstance(exc, AssociationError):
                 self.log.error("internal error in association task", error=repr(exc))
                 self.abort(f"internal error: {exc!r}")
-        if len(self._handlers) < self._max_performed:
-            self._resume_reading("window")
+        if task in self._serving:
+            self._serving.discard(task)
+            while self._backlog and len(self._serving) < self._max_performed and not self._closed.done():
+                self._start_serving(self._backlog.popleft())
+            if not self._backlog:
+                self._resume_reading("window")
 
     def _pause_reading(self, reason: str) -> None:
         """Stop reading the socket until every reason to pause is gone (backpressure)."""
@@ -607,9 +619,21 @@ class Association(asyncio.Protocol):
             elif not waiter.done():
                 waiter.set_result(msg)
             return
-        self._spawn(self._serve(msg))
-        if len(self._handlers) >= self._max_performed:
+        if cmd.command_field == CommandField.C_CANCEL_RQ:
+            op = self.running_operations.get(cmd.message_id_being_responded_to or -1)
+            if op is not None:
+                op.cancel()
+            return  # C-CANCEL has no response (PS3.7 §9.3.2.3)
+        if len(self._serving) < self._max_performed:
+            self._start_serving(msg)
+        else:
+            # The peer exceeded the negotiated window: hold the request and stop reading
+            # until a slot frees (C-CANCELs already read still get through).
+            self._backlog.append(msg)
             self._pause_reading("window")
+
+    def _start_serving(self, msg: Message) -> None:
+        self._serving.add(self._spawn(self._serve(msg)))
 
     async def _serve(self, msg: Message) -> None:
         """Run the SCP side of one request and send its response."""

@@ -124,7 +124,7 @@ class Action(Enum):
     AA_4 = "Issue A-P-ABORT indication primitive"
     # The standard words AA-5 exactly like AR-5; Enum members with equal values are
     # aliases, so the value must differ or AA-5 would silently become AR-5.
-    AA_5 = "Stop ARTIM timer"
+    AA_5 = "Stop ARTIM timer (transport connection closed in Sta2)"
     AA_6 = "Ignore PDU"
     AA_7 = "Send A-ABORT PDU"
     AA_8 = "Send A-ABORT PDU (service-provider source), issue an A-P-ABORT indication, and start ARTIM timer"
@@ -577,7 +577,6 @@ class UpperLayer:
         self._stop_artim()
         if self.failure is None and self._why:
             self.failure = self._why
-        self._out.append(CloseTransport())
         return S.Sta1
 
     def _aa_3(self) -> State:

@@ -200,26 +200,33 @@ async def test_pipelining_fills_the_negotiated_window(tmp_path):
 
 
 async def test_slow_handler_pauses_reading(tmp_path):
-    """Backpressure: while handlers are slow, the SCP stops reading that socket."""
+    """Backpressure: a peer exceeding the window while handlers are slow is not read."""
     release = asyncio.Event()
     ae = storage_scp(max_ops_performed=2)
     paused_seen = []
 
     @ae.on_c_store
     async def handler(request):
-        paused_seen.append(bool(request.assoc._pause_reasons))
+        paused_seen.append(request.sop_instance_uid)
         await release.wait()
 
     async with await ae.start_server("127.0.0.1", 0) as server:
         client = scu((CT_CLASS, [ExplicitVRLittleEndian]), max_ops_invoked=2)
         async with client.associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert assoc.negotiated.max_ops_invoked == 2
+            assoc._window = asyncio.Semaphore(16)  # misbehave: ignore the negotiated window
             tasks = [asyncio.ensure_future(assoc.c_store(CT)) for _ in range(6)]
             for _ in range(100):
                 await asyncio.sleep(0.01)
                 if len(paused_seen) == 2:
                     break
             (server_assoc,) = server.associations
+            for _ in range(100):
+                if server_assoc._pause_reasons:
+                    break
+                await asyncio.sleep(0.01)
             assert server_assoc._pause_reasons == {"window"}
+            assert len(server_assoc._backlog) >= 1
             assert len(paused_seen) == 2  # no third handler while two run
             release.set()
             statuses = await asyncio.wait_for(asyncio.gather(*tasks), 10)
