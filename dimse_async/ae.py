@@ -52,6 +52,8 @@ class AE:
         max_ops_performed: int = 16,
         spool_threshold: int = 4 << 20,
         spool_dir: str | None = None,
+        known_aes: dict[str, tuple[str, int]] | None = None,
+        move_concurrency: int = 4,
     ):
         self.ae_title = validate_ae_title(ae_title)
         if not 0 <= max_pdu <= 0xFFFFFFFF or 0 < max_pdu < 1024:
@@ -72,6 +74,10 @@ class AE:
         #: Received data sets larger than this go to a temporary file in ``spool_dir``.
         self.spool_threshold = spool_threshold
         self.spool_dir = spool_dir
+        #: C-MOVE destinations: AE title -> (host, port).
+        self.known_aes: dict[str, tuple[str, int]] = dict(known_aes or {})
+        #: C-STORE sub-operations kept in flight per C-MOVE (if the destination agrees).
+        self.move_concurrency = move_concurrency
         self.requested_contexts: list[ContextSpec] = []
         self.supported_contexts: dict[str, ContextSpec] = {}
         self._handlers: dict[str, Handler] = {}
@@ -132,6 +138,25 @@ class AE:
         0xC000 (cannot understand); the association stays up.
         """
         self._handlers["c_store"] = handler
+        return handler
+
+    def on_c_find(self, handler: Handler) -> Handler:
+        """Register the C-FIND handler: an async generator ``h(request)`` yielding matches
+        (``Dataset``, or ``(status, Dataset)`` for 0xFF01)."""
+        self._handlers["c_find"] = handler
+        return handler
+
+    def on_c_get(self, handler: Handler) -> Handler:
+        """Register the C-GET handler: an async generator yielding paths or ``Dataset``s."""
+        self._handlers["c_get"] = handler
+        return handler
+
+    def on_c_move(self, handler: Handler) -> Handler:
+        """Register the C-MOVE handler: an async generator yielding paths or ``Dataset``s.
+
+        The destination is looked up in ``known_aes``; unknown gives 0xA801.
+        """
+        self._handlers["c_move"] = handler
         return handler
 
     def set_handler(self, service: str, handler: Handler) -> None:

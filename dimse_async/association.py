@@ -47,6 +47,7 @@ from .exceptions import (
 )
 from .log import debug_enabled, get_logger
 from .pdu import AbortReason, AssociateRJ, AssociateRQ, encode_pdata_header
+from .services import qr
 from .services.storage import Spool, c_store, make_spool, scp_c_store
 from .uids import Verification
 
@@ -674,6 +675,26 @@ class Association(asyncio.Protocol):
         """
         return await c_store(self, source, priority=priority, move_originator=move_originator, timeout=timeout)
 
+    def c_find(self, query: Any, model: str = "study", *, priority: int = 0) -> qr.Responses:
+        """C-FIND (PS3.4 C.4.1, K.4): ``async for identifier in assoc.c_find(query):``.
+
+        ``model``: "patient", "study", "patient-study", "worklist" or a SOP class UID.
+        Leaving the loop early sends C-CANCEL; ``.status`` holds the final status.
+        """
+        return qr.c_find(self, query, model, priority=priority)
+
+    def c_get(self, query: Any, model: str = "study", *, priority: int = 0, store: Any = None) -> qr.Responses:
+        """C-GET (PS3.4 C.4.3): yields :class:`~dimse_async.services.qr.Progress`.
+
+        Instances arrive as C-STORE sub-operations on this association (propose the
+        storage classes with ``scp_role=True``) and go to ``store`` or the C-STORE handler.
+        """
+        return qr.c_get(self, query, model, priority=priority, store=store)
+
+    def c_move(self, query: Any, destination: str, model: str = "study", *, priority: int = 0) -> qr.Responses:
+        """C-MOVE (PS3.4 C.4.2) to the AE titled ``destination``: yields progress."""
+        return qr.c_move(self, query, destination, model, priority=priority)
+
     async def _scp_c_echo(self, ctx: PresentationContext, msg: Message) -> None:
         handler = self.ae._handlers.get("c_echo")
         status: Any = Status.SUCCESS
@@ -733,4 +754,7 @@ def _uid_name(uid: str) -> str:
 _SCP_SERVICES: dict[int, Callable[[Association, PresentationContext, Message], Awaitable[None]]] = {
     CommandField.C_ECHO_RQ: Association._scp_c_echo,
     CommandField.C_STORE_RQ: scp_c_store,
+    CommandField.C_FIND_RQ: qr.scp_c_find,
+    CommandField.C_GET_RQ: qr.scp_c_get,
+    CommandField.C_MOVE_RQ: qr.scp_c_move,
 }

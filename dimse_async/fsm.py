@@ -577,6 +577,7 @@ class UpperLayer:
         self._stop_artim()
         if self.failure is None and self._why:
             self.failure = self._why
+        self._out.append(CloseTransport())
         return S.Sta1
 
     def _aa_3(self) -> State:

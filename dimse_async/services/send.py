@@ -11,15 +11,18 @@ import asyncio
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pydicom
 
 from ..acse import ContextSpec
-from ..ae import AE
 from ..dimse import Status
 from ..exceptions import AssociationError
 from ..part10 import read_file_meta
 from ..uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+if TYPE_CHECKING:
+    from ..ae import AE
 
 __all__ = ["SendReport", "SendResult", "collect_files", "plan_contexts", "send_files"]
 
@@ -37,7 +40,7 @@ class SendResult:
 
 
 @dataclass(slots=True)
-class _Item:
+class FileInfo:
     path: str
     sop_class: str
     transfer_syntax: str
@@ -73,24 +76,24 @@ def collect_files(paths: Iterable[str], recurse: bool) -> list[str]:
     return out
 
 
-def _inspect(path: str) -> _Item | SendResult:
+def inspect_file(path: str) -> FileInfo | SendResult:
     try:
         with open(path, "rb") as fp:
             meta = read_file_meta(fp)
             size = os.fstat(fp.fileno()).st_size
         if meta is not None:
-            return _Item(path, meta.sop_class_uid, meta.transfer_syntax, size)
+            return FileInfo(path, meta.sop_class_uid, meta.transfer_syntax, size)
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
         sop_class = str(ds.get("SOPClassUID", ""))
         if not sop_class:
             return SendResult(path, 0, error="not a DICOM instance (no SOP Class UID)")
         ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ImplicitVRLittleEndian)
-        return _Item(path, sop_class, ts, size)
+        return FileInfo(path, sop_class, ts, size)
     except Exception as exc:
         return SendResult(path, 0, error=f"cannot read: {exc}")
 
 
-def plan_contexts(items: Iterable[_Item]) -> list[ContextSpec]:
+def plan_contexts(items: Iterable[FileInfo]) -> list[ContextSpec]:
     """One context per (SOP class, stored syntax), plus an uncompressed one per class."""
     pairs: dict[tuple[str, str], None] = {}
     classes: dict[str, None] = {}
@@ -123,9 +126,9 @@ async def send_files(
     loop = asyncio.get_running_loop()
     started = loop.time()
     report = SendReport()
-    items: list[_Item] = []
+    items: list[FileInfo] = []
     for p in paths:
-        got = _inspect(p)
+        got = inspect_file(p)
         if isinstance(got, SendResult):
             report.results.append(got)
             if progress:
@@ -136,7 +139,7 @@ async def send_files(
         report.seconds = loop.time() - started
         return report
     specs = plan_contexts(items)
-    queue: asyncio.Queue[_Item] = asyncio.Queue()
+    queue: asyncio.Queue[FileInfo] = asyncio.Queue()
     for it in items:
         queue.put_nowait(it)
 

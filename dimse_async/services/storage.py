@@ -347,7 +347,7 @@ async def scp_c_store(assoc: Association, ctx: PresentationContext, msg: Message
     status: Status
     try:
         await spool.finish()
-        handler = assoc.ae._handlers.get("c_store")
+        handler = assoc.store_handler or assoc.ae._handlers.get("c_store")
         if spool.error is not None:
             assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(spool.error))
             status = Status(0xA700, f"Out of resources: {spool.error.strerror or spool.error}")
