@@ -124,6 +124,9 @@ _UNSPLIT_VRS = frozenset({"LT", "ST", "UT", "UR"})
 _LEADING_PAD_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM"})
 _NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "SS", "US", "SL", "UL", "SV", "UV"})
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
 
 
 # ---------------------------------------------------------------------------
@@ -149,6 +152,13 @@ def _strip(text: str, vr: str) -> str:
     return text.lstrip(" ") if vr in _LEADING_PAD_VRS else text
 
 
+def _decode(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _values(value: Any, vr: str) -> list[Any]:
     """The individual values of a key or stored Attribute, padding removed.
 
@@ -160,7 +170,10 @@ def _values(value: Any, vr: str) -> list[Any]:
     if value is None:
         return []
     if isinstance(value, (bytes, bytearray)):
-        return [bytes(value)] if value else []
+        if vr not in _TEXT_VRS:
+            return [bytes(value)] if value else []
+        # an undecoded value (e.g. a UN private key) compared under a text VR
+        value = _decode(bytes(value))
     if isinstance(value, (Dataset, DicomSequence)):
         return [value]
     if isinstance(value, (str, PersonName)):

@@ -43,6 +43,7 @@ __all__ = [
     "QueryRequest",
     "Responses",
     "RetrieveRequest",
+    "StatusError",
     "c_find",
     "c_get",
     "c_move",
@@ -365,7 +366,18 @@ async def _respond(
     await assoc.send_message(ctx.id, rsp, payload)
 
 
+class StatusError(Exception):
+    """Raise from a handler to answer with a specific failure ``status``."""
+
+    def __init__(self, status: Status | int, comment: str | None = None):
+        self.status = status if isinstance(status, Status) else Status(status, comment)
+        super().__init__(self.status.error_comment or repr(self.status))
+
+
 def _handler_failure(assoc: Association, msg: Message, exc: BaseException) -> Status:
+    if isinstance(exc, StatusError):
+        assoc.log.info("handler refused", command=msg.command.name, status=repr(exc.status))
+        return exc.status
     assoc.log.error("handler failed", command=msg.command.name, error=repr(exc))
     return Status(0xC000 if not isinstance(exc, OSError) else 0xA700, f"Unable to process: {exc}")
 
