@@ -349,10 +349,12 @@ class Archive:
             rng = parse_range(date, "DA") if date else None
             if rng is not None:
                 lo, hi = rng
-                if lo:
+                # Only full YYYYMMDD bounds compare correctly as strings; shorter ones
+                # (a whole month or year) are left to the matcher.
+                if lo and len(lo) == 8 and lo.isdigit():
                     where.append("st.study_date >= ?")
                     args.append(lo)
-                if hi:
+                if hi and len(hi) == 8 and hi.isdigit():
                     where.append("st.study_date <= ?")
                     args.append(hi)
             elif _exact(date):

@@ -91,7 +91,7 @@ import calendar
 import copy
 import datetime
 import re
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
@@ -551,7 +551,7 @@ def _items(value: Any) -> list[Dataset]:
     return [item for item in value if isinstance(item, Dataset)]
 
 
-def _is_key(elem: DataElement, ignore: frozenset[str] | Iterable[Any]) -> bool:
+def _is_key(elem: DataElement, ignore: Container[Any]) -> bool:
     tag = elem.tag
     if tag.group in (0x0000, 0x0002) or tag.element == 0x0000 or tag.is_private_creator:
         return False
@@ -565,9 +565,7 @@ def _key_vr(key: DataElement, stored: DataElement | None) -> str:
     return vr
 
 
-def _match_dataset(
-    query: Dataset, candidate: Dataset, ignore: frozenset[str] | Iterable[Any], pn_case_insensitive: bool
-) -> bool:
+def _match_dataset(query: Dataset, candidate: Dataset, ignore: Container[Any], pn_case_insensitive: bool) -> bool:
     for key in query:
         if not _is_key(key, ignore):
             continue

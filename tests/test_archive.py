@@ -1,0 +1,267 @@
+"""The archive behind ``dimse-async serve``: index, re-index, queries, retrieves,
+worklist and configuration — through real associations where it matters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dimse_async import AE, Verification
+from dimse_async.cli import archive_ae
+from dimse_async.config import ServeConfig, load_config
+from dimse_async.services.archive import Archive, Worklist
+from dimse_async.services.qr import MODELS
+
+CT = get_testdata_file("CT_small.dcm")
+MR = get_testdata_file("MR_small.dcm")
+
+
+def make_archive_files(root, patients=2, studies=2, series=2, instances=2):
+    """Patients P0.. with studies on 2020010N dates, CT and MR series."""
+    made = []
+    for p in range(patients):
+        for s in range(studies):
+            study_uid = generate_uid()
+            for r in range(series):
+                series_uid = generate_uid()
+                for i in range(instances):
+                    ds = pydicom.dcmread(CT if r == 0 else MR)
+                    ds.PatientID = f"P{p}"
+                    ds.PatientName = f"Doe^Pat{p}"
+                    ds.StudyInstanceUID = study_uid
+                    ds.StudyDate = f"2020010{s + 1}"
+                    ds.AccessionNumber = f"A{p}{s}"
+                    ds.SeriesInstanceUID = series_uid
+                    ds.SeriesNumber = r + 1
+                    ds.Modality = "CT" if r == 0 else "MR"
+                    ds.SOPInstanceUID = generate_uid()
+                    ds.InstanceNumber = i + 1
+                    path = root / f"src-{p}-{s}-{r}-{i}.dcm"
+                    ds.save_as(path, enforce_file_format=True)
+                    made.append(path)
+    return made
+
+
+def q(level, **keys):
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+@pytest.fixture
+async def archive(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = make_archive_files(src)
+    arch = Archive(tmp_path / "arch")
+    for f in files:
+        dest = arch.path_for(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, dest)
+    added, skipped, gone = await arch.reindex()
+    assert (added, skipped, gone) == (16, 0, 0)
+    yield arch
+    arch.close()
+
+
+STUDY_ROOT = MODELS["study"]["find"]
+PATIENT_ROOT = MODELS["patient"]["find"]
+
+
+async def test_find_levels_and_matching(archive):
+    patients = await archive.find(
+        PATIENT_ROOT, q("PATIENT", PatientID="", PatientName="", NumberOfPatientRelatedStudies=None)
+    )
+    assert sorted((d.PatientID, d.NumberOfPatientRelatedStudies) for d in patients) == [("P0", 2), ("P1", 2)]
+
+    studies = await archive.find(
+        STUDY_ROOT,
+        q(
+            "STUDY",
+            PatientID="P1",
+            StudyInstanceUID="",
+            StudyDate="",
+            ModalitiesInStudy="",
+            NumberOfStudyRelatedInstances=None,
+        ),
+    )
+    assert len(studies) == 2
+    assert all(list(d.ModalitiesInStudy) == ["CT", "MR"] and d.NumberOfStudyRelatedInstances == 4 for d in studies)
+
+    wildcard = await archive.find(STUDY_ROOT, q("STUDY", PatientName="doe^pat*", StudyInstanceUID=""))
+    assert len(wildcard) == 4  # PN matching is case-insensitive
+
+    ranged = await archive.find(STUDY_ROOT, q("STUDY", StudyDate="20200102-", StudyInstanceUID="", AccessionNumber=""))
+    assert sorted(d.AccessionNumber for d in ranged) == ["A01", "A11"]
+
+    uid_list = [d.StudyInstanceUID for d in studies]
+    listed = await archive.find(STUDY_ROOT, q("STUDY", StudyInstanceUID=uid_list))
+    assert sorted(d.StudyInstanceUID for d in listed) == sorted(uid_list)
+
+    series = await archive.find(
+        STUDY_ROOT,
+        q(
+            "SERIES",
+            StudyInstanceUID=uid_list[0],
+            SeriesInstanceUID="",
+            Modality="MR",
+            NumberOfSeriesRelatedInstances=None,
+        ),
+    )
+    assert [(d.Modality, d.NumberOfSeriesRelatedInstances) for d in series] == [("MR", 2)]
+
+    images = await archive.find(
+        STUDY_ROOT,
+        q(
+            "IMAGE",
+            StudyInstanceUID=uid_list[0],
+            SeriesInstanceUID=series[0].SeriesInstanceUID,
+            SOPInstanceUID="",
+            InstanceNumber="",
+        ),
+    )
+    assert sorted(int(d.InstanceNumber) for d in images) == [1, 2]
+    # Only requested keys come back (plus the level).
+    assert set(images[0].dir()) == {
+        "QueryRetrieveLevel",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "InstanceNumber",
+    }
+
+
+async def test_invalid_level_for_model_is_refused(archive):
+    from dimse_async.services.qr import StatusError
+
+    with pytest.raises(StatusError) as err:
+        await archive.find(MODELS["study"]["find"], q("PATIENT", PatientID=""))
+    assert int(err.value.status) == 0xA900
+
+
+async def test_reindex_is_incremental_and_skips_corrupt_files(archive):
+    assert await archive.reindex() == (0, 0, 0)
+    bad = archive.root / "zz" / "broken.dcm"
+    bad.parent.mkdir(exist_ok=True)
+    good = next(archive.root.rglob("*.dcm"))
+    bad.write_bytes(good.read_bytes()[:300])  # truncated: a partial file
+    victim = sorted(archive.root.rglob("*.dcm"))[-1]
+    if victim == bad:
+        victim = sorted(archive.root.rglob("*.dcm"))[0]
+    victim.unlink()
+    added, skipped, gone = await archive.reindex()
+    assert (added, skipped, gone) == (0, 1, 1)
+    assert await archive.count() == 15
+
+
+async def test_retrieve_requires_unique_key(archive):
+    from dimse_async.services.qr import StatusError
+
+    with pytest.raises(StatusError):
+        await archive.retrieve_paths(MODELS["study"]["move"], q("STUDY", PatientID="P0"))
+    studies = await archive.find(STUDY_ROOT, q("STUDY", PatientID="P0", StudyInstanceUID=""))
+    paths = await archive.retrieve_paths(
+        MODELS["study"]["move"], q("STUDY", StudyInstanceUID=studies[0].StudyInstanceUID)
+    )
+    assert len(paths) == 4
+
+
+async def test_serve_ae_store_find_get_roundtrip(tmp_path):
+    """Through real associations: C-STORE into the archive, C-FIND, C-GET back."""
+    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"))
+    arch = Archive(config.storage_dir)
+    ae = archive_ae(config)
+    arch.install(ae)
+    src = tmp_path / "src"
+    src.mkdir()
+    files = make_archive_files(src, patients=1, studies=1, series=1, instances=3)
+    try:
+        async with await ae.start_server("127.0.0.1", 0) as server:
+            scu = AE("SCU")
+            scu.add_requested_context(Verification)
+            scu.add_requested_context(
+                "1.2.840.10008.5.1.4.1.1.2", [ExplicitVRLittleEndian], scu_role=True, scp_role=True
+            )
+            for model in ("find", "get"):
+                scu.add_requested_context(MODELS["study"][model])
+            received = []
+
+            async def sink(request):
+                received.append(request.sop_instance_uid)
+
+            async with scu.associate("127.0.0.1", server.port, "ARCHIVE") as assoc:
+                statuses = await asyncio.gather(*(assoc.c_store(f) for f in files))
+                assert all(s.is_success for s in statuses)
+                found = [d async for d in assoc.c_find(q("STUDY", PatientID="P0", StudyInstanceUID=""))]
+                assert len(found) == 1
+                responses = assoc.c_get(q("STUDY", StudyInstanceUID=found[0].StudyInstanceUID), store=sink)
+                progress = [p async for p in responses]
+            assert responses.status == 0 and progress[-1].completed == 3
+            assert sorted(received) == sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
+    finally:
+        arch.close()
+
+
+async def test_worklist_sequence_matching(tmp_path):
+    wl_dir = tmp_path / "wl"
+    wl_dir.mkdir()
+    for i, (modality, station, date) in enumerate(
+        [("CT", "CT1", "20240105"), ("MR", "MR1", "20240105"), ("CT", "CT2", "20240210")]
+    ):
+        item = Dataset()
+        item.PatientName = f"Work^List{i}"
+        item.PatientID = f"W{i}"
+        item.AccessionNumber = f"ACC{i}"
+        step = Dataset()
+        step.Modality = modality
+        step.ScheduledStationAETitle = station
+        step.ScheduledProcedureStepStartDate = date
+        step.ScheduledProcedureStepID = f"SPS{i}"
+        item.ScheduledProcedureStepSequence = Sequence([step])
+        item.file_meta = pydicom.dataset.FileMetaDataset()
+        item.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        item.save_as(wl_dir / f"item{i}.wl", enforce_file_format=False)
+    (wl_dir / "junk.wl").write_bytes(b"not dicom at all")
+    worklist = Worklist(wl_dir)
+    query = Dataset()
+    query.PatientName = ""
+    query.AccessionNumber = ""
+    step = Dataset()
+    step.Modality = "CT"
+    step.ScheduledStationAETitle = ""
+    step.ScheduledProcedureStepStartDate = "20240101-20240131"
+    query.ScheduledProcedureStepSequence = Sequence([step])
+
+    class _Req:
+        identifier = query
+
+    got = [d async for d in worklist.on_c_find(_Req())]
+    assert [d.AccessionNumber for d in got] == ["ACC0"]
+    assert got[0].ScheduledProcedureStepSequence[0].ScheduledStationAETitle == "CT1"
+
+
+def test_config_defaults_and_errors(tmp_path):
+    assert load_config(None) == ServeConfig()
+    good = tmp_path / "good.toml"
+    good.write_text('ae_title = "ARCH"\nport = 4242\n[known_aes]\nVIEWER = { host = "127.0.0.1", port = 104 }\n')
+    cfg = load_config(good)
+    assert (cfg.ae_title, cfg.port, cfg.known_aes) == ("ARCH", 4242, {"VIEWER": ("127.0.0.1", 104)})
+    for text, message in [
+        ("prot = 1\n", "unknown setting"),
+        ('ae_title = "WAY_TOO_LONG_FOR_AN_AE"\n', "longer than 16"),
+        ('port = "x"\n', "integer"),
+        ("[known_aes]\nX = { host = 1 }\n", "host"),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_config(bad)
