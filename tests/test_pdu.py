@@ -1,0 +1,1036 @@
+"""Unit tests of the sans-I/O upper layer codec: PDUs, items, sub-items and framing.
+
+References: PS3.8 §9.3 (PDU structure), Annex D (user information sub-items),
+Annex E (message control header); PS3.7 Annex D.3.3 (extended negotiation sub-items).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dimse_async.pdu import (
+    ABORT_SOURCE_PROVIDER,
+    ABORT_SOURCE_USER,
+    APPLICATION_CONTEXT,
+    MAX_CONTROL_PDU,
+    PDV,
+    Abort,
+    AbortReason,
+    AssociateAC,
+    AssociateRJ,
+    AssociateRQ,
+    AsyncOpsWindow,
+    PDataTF,
+    PDUError,
+    PDUReader,
+    PDUType,
+    PresentationContextAC,
+    PresentationContextRQ,
+    ReleaseRP,
+    ReleaseRQ,
+    RoleSelection,
+    SOPClassCommonExtended,
+    SOPClassExtended,
+    UserIdentityAC,
+    UserIdentityRQ,
+    UserInformation,
+    decode_pdu,
+    encode_pdata_header,
+)
+
+VERIFICATION = "1.2.840.10008.1.1"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STORAGE_SERVICE_CLASS = "1.2.840.10008.4.2"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# Helpers (written from the standard's tables, independently of the codec)
+# ---------------------------------------------------------------------------
+
+
+def item(item_type: int, value: bytes) -> bytes:
+    """An item or sub-item: type, reserved 00, 2-byte big-endian length, value."""
+    return bytes((item_type, 0)) + len(value).to_bytes(2, "big") + value
+
+
+def pdu_bytes(pdu_type: int, body: bytes) -> bytes:
+    """A PDU: type, reserved 00, 4-byte big-endian length, body."""
+    return bytes((pdu_type, 0)) + len(body).to_bytes(4, "big") + body
+
+
+def associate_fixed(called: str = "ANY-SCP", calling: str = "ECHOSCU") -> bytes:
+    """The 68 fixed bytes of an A-ASSOCIATE-RQ/AC body (PS3.8 Table 9-11)."""
+    return b"\x00\x01\x00\x00" + called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
+
+
+APP_CONTEXT_ITEM = b"\x10\x00\x00\x15" + b"1.2.840.10008.3.1.1.1"
+VERIFICATION_PC_ITEM = (
+    b"\x20\x00\x00\x2e\x01\x00\x00\x00"
+    + b"\x30\x00\x00\x11"
+    + VERIFICATION.encode()
+    + b"\x40\x00\x00\x11"
+    + IMPLICIT_LE.encode()
+)
+
+
+def read_stream(data: bytes, cuts: list[int] | None = None, max_pdata_length: int = 0) -> list:
+    """Feed ``data`` to a fresh reader, split at ``cuts``; return every PDU taken."""
+    reader = PDUReader(max_pdata_length)
+    bounds = sorted({0, len(data), *(c for c in (cuts or []) if 0 <= c <= len(data))})
+    out = []
+    for start, stop in itertools.pairwise(bounds):
+        reader.feed(data[start:stop])
+        while (pdu := reader.next_pdu()) is not None:
+            out.append(pdu)
+    assert reader.next_pdu() is None
+    return out
+
+
+def round_trip(pdu, max_pdata_length: int = 0):
+    encoded = pdu.encode()
+    reader = PDUReader(max_pdata_length)
+    reader.feed(encoded)
+    decoded = reader.next_pdu()
+    assert reader.next_pdu() is None
+    assert reader.buffered == 0
+    return encoded, decoded
+
+
+def full_user_info() -> UserInformation:
+    return UserInformation(
+        max_length=16384,
+        implementation_class_uid="1.2.826.0.1.3680043.9.7433.1",
+        implementation_version_name="DIMSE_ASYNC_010",
+        async_ops=AsyncOpsWindow(max_ops_invoked=5, max_ops_performed=3),
+        roles=[
+            RoleSelection(CT_IMAGE, scu_role=True, scp_role=False),
+            RoleSelection(MR_IMAGE, scu_role=False, scp_role=True),
+        ],
+        extended=[
+            SOPClassExtended(STUDY_ROOT_FIND, b"\x01\x01\x00\x01"),
+            SOPClassExtended(CT_IMAGE, b"\x02\x00\x00\x00\x01\x00"),
+        ],
+        common_extended=[
+            SOPClassCommonExtended(CT_IMAGE, STORAGE_SERVICE_CLASS, [MR_IMAGE, "1.2.840.10008.5.1.4.1.1.2.1"]),
+            SOPClassCommonExtended(MR_IMAGE, STORAGE_SERVICE_CLASS, []),
+        ],
+        identity_rq=UserIdentityRQ(2, b"alice", b"s3cret", positive_response_requested=True),
+    )
+
+
+def full_rq() -> AssociateRQ:
+    return AssociateRQ(
+        called_ae="ANY-SCP",
+        calling_ae="STORESCU",
+        presentation_contexts=[
+            PresentationContextRQ(1, VERIFICATION, [IMPLICIT_LE]),
+            PresentationContextRQ(3, CT_IMAGE, [EXPLICIT_LE, IMPLICIT_LE, JPEG_BASELINE]),
+            PresentationContextRQ(255, MR_IMAGE, [IMPLICIT_LE]),
+        ],
+        user_info=full_user_info(),
+    )
+
+
+def full_ac() -> AssociateAC:
+    return AssociateAC(
+        called_ae="ANY-SCP",
+        calling_ae="STORESCU",
+        presentation_contexts=[
+            PresentationContextAC(1, 0, IMPLICIT_LE),
+            PresentationContextAC(3, 0, EXPLICIT_LE),
+            PresentationContextAC(5, 1),
+            PresentationContextAC(7, 2),
+            PresentationContextAC(9, 3),
+            PresentationContextAC(11, 4),
+        ],
+        user_info=UserInformation(
+            max_length=0,
+            implementation_class_uid="1.2.3.4.5",
+            implementation_version_name="SCP_1",
+            async_ops=AsyncOpsWindow(0, 0),
+            roles=[RoleSelection(CT_IMAGE, scu_role=False, scp_role=True)],
+            extended=[SOPClassExtended(STUDY_ROOT_FIND, b"\x01\x00")],
+            identity_ac=UserIdentityAC(b"kerberos-ticket"),
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Round trips of every PDU type and item
+# ---------------------------------------------------------------------------
+
+
+def test_associate_rq_round_trip_with_every_item():
+    rq = full_rq()
+    encoded, decoded = round_trip(rq)
+    assert encoded[0] == PDUType.ASSOCIATE_RQ
+    assert isinstance(decoded, AssociateRQ)
+    assert decoded == rq
+    # Spot-check fields so an equality that is too lenient would still be caught.
+    assert decoded.called_ae == "ANY-SCP" and decoded.calling_ae == "STORESCU"
+    assert decoded.application_context == APPLICATION_CONTEXT
+    assert decoded.protocol_version == 1
+    assert [pc.id for pc in decoded.presentation_contexts] == [1, 3, 255]
+    assert decoded.presentation_contexts[1].transfer_syntaxes == [EXPLICIT_LE, IMPLICIT_LE, JPEG_BASELINE]
+    ui = decoded.user_info
+    assert ui.max_length == 16384
+    assert ui.implementation_class_uid == "1.2.826.0.1.3680043.9.7433.1"
+    assert ui.implementation_version_name == "DIMSE_ASYNC_010"
+    assert ui.async_ops == AsyncOpsWindow(5, 3)
+    assert ui.roles[0].scu_role and not ui.roles[0].scp_role
+    assert ui.roles[1].scp_role and not ui.roles[1].scu_role
+    assert ui.extended[1].info == b"\x02\x00\x00\x00\x01\x00"
+    assert ui.common_extended[0].related_general_sop_classes == [MR_IMAGE, "1.2.840.10008.5.1.4.1.1.2.1"]
+    assert ui.common_extended[1].related_general_sop_classes == []
+    assert ui.identity_rq == UserIdentityRQ(2, b"alice", b"s3cret", True)
+    assert ui.identity_ac is None
+
+
+def test_associate_ac_round_trip_with_every_result():
+    ac = full_ac()
+    encoded, decoded = round_trip(ac)
+    assert encoded[0] == PDUType.ASSOCIATE_AC
+    assert isinstance(decoded, AssociateAC)
+    assert decoded == ac
+    assert [(pc.id, pc.result) for pc in decoded.presentation_contexts] == [
+        (1, 0),
+        (3, 0),
+        (5, 1),
+        (7, 2),
+        (9, 3),
+        (11, 4),
+    ]
+    assert decoded.presentation_contexts[1].transfer_syntax == EXPLICIT_LE
+    assert decoded.user_info.max_length == 0
+    assert decoded.user_info.async_ops == AsyncOpsWindow(0, 0)
+    assert decoded.user_info.identity_ac == UserIdentityAC(b"kerberos-ticket")
+    assert decoded.user_info.identity_rq is None
+
+
+def test_minimal_user_info_round_trip():
+    rq = AssociateRQ("A", "B", [PresentationContextRQ(1, VERIFICATION, [IMPLICIT_LE])], UserInformation())
+    _, decoded = round_trip(rq)
+    assert decoded == rq
+    ui = decoded.user_info
+    assert ui.max_length is None and ui.async_ops is None and ui.implementation_version_name is None
+    assert ui.roles == [] and ui.extended == [] and ui.common_extended == []
+
+
+@pytest.mark.parametrize(
+    "pdu",
+    [
+        AssociateRJ(1, 1, 1),
+        AssociateRJ(2, 2, 2),
+        AssociateRJ(1, 3, 7),
+        ReleaseRQ(),
+        ReleaseRP(),
+        Abort(),
+        Abort(ABORT_SOURCE_PROVIDER, AbortReason.UNEXPECTED_PDU),
+        PDataTF([PDV(1, True, True, b"\x00" * 10)]),
+        PDataTF(
+            [
+                PDV(1, True, False, b"cmd-part-1"),
+                PDV(1, True, True, b"cmd-part-2"),
+                PDV(1, False, False, b"data"),
+                PDV(3, False, True, b""),
+            ]
+        ),
+    ],
+    ids=repr,
+)
+def test_simple_pdu_round_trip(pdu):
+    encoded, decoded = round_trip(pdu)
+    assert encoded[0] == {AssociateRJ: 3, PDataTF: 4, ReleaseRQ: 5, ReleaseRP: 6, Abort: 7}[type(pdu)]
+    assert type(decoded) is type(pdu)
+    assert decoded == pdu
+
+
+def test_pdata_pdv_fields_survive():
+    pdu = PDataTF([PDV(7, True, False, b"abc"), PDV(9, False, True, bytes(range(256)))])
+    _, decoded = round_trip(pdu)
+    assert [(p.context_id, p.is_command, p.is_last, bytes(p.data)) for p in decoded.pdvs] == [
+        (7, True, False, b"abc"),
+        (9, False, True, bytes(range(256))),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Exact byte layouts, built by hand from PS3.8 §9.3
+# ---------------------------------------------------------------------------
+
+
+def test_a_abort_layout():
+    # 07 00 | 00000004 | 00 00 | source | reason
+    assert Abort(ABORT_SOURCE_PROVIDER, AbortReason.INVALID_PDU_PARAMETER_VALUE).encode() == bytes.fromhex(
+        "07 00 00000004 00 00 02 06"
+    )
+    assert Abort(ABORT_SOURCE_USER, 0).encode() == bytes.fromhex("07 00 00000004 00 00 00 00")
+    assert decode_pdu(0x07, bytes.fromhex("00 00 02 01")) == Abort(2, AbortReason.UNRECOGNIZED_PDU)
+
+
+def test_a_release_layout():
+    assert ReleaseRQ().encode() == bytes.fromhex("05 00 00000004 00000000")
+    assert ReleaseRP().encode() == bytes.fromhex("06 00 00000004 00000000")
+    assert read_stream(bytes.fromhex("05 00 00000004 00000000 06 00 00000004 00000000")) == [ReleaseRQ(), ReleaseRP()]
+
+
+def test_a_associate_rj_layout():
+    # 03 00 | 00000004 | 00 | result | source | reason/diag.
+    # rejected-transient (2), service-provider ACSE (2), protocol version not supported (2)
+    assert AssociateRJ(2, 2, 2).encode() == bytes.fromhex("03 00 00000004 00 02 02 02")
+    # rejected-permanent (1), service-user (1), called AE title not recognized (7)
+    assert decode_pdu(0x03, bytes.fromhex("00 01 01 07")) == AssociateRJ(1, 1, 7)
+
+
+def test_a_associate_rq_layout():
+    rq = AssociateRQ(
+        "ANY-SCP",
+        "ECHOSCU",
+        [PresentationContextRQ(1, VERIFICATION, [IMPLICIT_LE])],
+        UserInformation(max_length=16384, implementation_class_uid="1.2.3.4", implementation_version_name="X_1"),
+    )
+    user_info = (
+        b"\x50\x00\x00\x1a"
+        + b"\x51\x00\x00\x04\x00\x00\x40\x00"
+        + b"\x52\x00\x00\x07"
+        + b"1.2.3.4"
+        + b"\x55\x00\x00\x03"
+        + b"X_1"
+    )
+    body = (
+        b"\x00\x01\x00\x00"
+        + b"ANY-SCP         "
+        + b"ECHOSCU         "
+        + bytes(32)
+        + APP_CONTEXT_ITEM
+        + VERIFICATION_PC_ITEM
+        + user_info
+    )
+    expected = b"\x01\x00\x00\x00\x00\xad" + body
+    assert len(body) == 0xAD
+    assert rq.encode() == expected
+    assert read_stream(expected) == [rq]
+
+
+def test_a_associate_ac_layout():
+    ac = AssociateAC(
+        "ANY-SCP",
+        "ECHOSCU",
+        [PresentationContextAC(1, 0, IMPLICIT_LE), PresentationContextAC(3, 3)],
+        UserInformation(max_length=0, implementation_class_uid="1.2"),
+    )
+    body = (
+        associate_fixed()
+        + APP_CONTEXT_ITEM
+        + b"\x21\x00\x00\x19\x01\x00\x00\x00"
+        + b"\x40\x00\x00\x11"
+        + IMPLICIT_LE.encode()
+        + b"\x21\x00\x00\x04\x03\x00\x03\x00"
+        + b"\x50\x00\x00\x0f"
+        + b"\x51\x00\x00\x04\x00\x00\x00\x00"
+        + b"\x52\x00\x00\x03"
+        + b"1.2"
+    )
+    assert ac.encode() == b"\x02\x00" + len(body).to_bytes(4, "big") + body
+    assert decode_pdu(0x02, body) == ac
+
+
+def test_rejected_ac_context_carrying_transfer_syntax_is_accepted():
+    # PS3.8 Table 9-18: the transfer syntax of a rejected context is not significant.
+    body = (
+        associate_fixed()
+        + APP_CONTEXT_ITEM
+        + b"\x21\x00\x00\x19\x05\x00\x04\x00"
+        + b"\x40\x00\x00\x11"
+        + IMPLICIT_LE.encode()
+        + item(0x50, item(0x52, b"1.2"))
+    )
+    ac = decode_pdu(0x02, body)
+    assert ac.presentation_contexts == [PresentationContextAC(5, 4, IMPLICIT_LE)]
+
+
+@pytest.mark.parametrize(
+    ("is_command", "is_last", "mch"),
+    [(False, False, 0x00), (True, False, 0x01), (False, True, 0x02), (True, True, 0x03)],
+)
+def test_pdv_message_control_header(is_command, is_last, mch):
+    # PS3.8 Annex E: bit 0 = command (1) / data set (0), bit 1 = last fragment.
+    expected = bytes.fromhex("04 00 0000000c 00000008 03") + bytes((mch,)) + b"ABCDEF"
+    pdv = PDV(3, is_command, is_last, b"ABCDEF")
+    assert pdv.control == mch
+    assert PDataTF([pdv]).encode() == expected
+    assert encode_pdata_header(6, 3, mch) + b"ABCDEF" == expected
+    [decoded] = read_stream(expected)
+    assert decoded.pdvs[0].is_command is is_command
+    assert decoded.pdvs[0].is_last is is_last
+
+
+def test_pdv_reserved_control_bits_are_not_tested():
+    [decoded] = read_stream(bytes.fromhex("04 00 00000007 00000003 01 fc 99"))
+    pdv = decoded.pdvs[0]
+    assert (pdv.is_command, pdv.is_last, bytes(pdv.data)) == (False, False, b"\x99")
+
+
+def test_ae_titles_are_space_padded_to_16_bytes():
+    rq = AssociateRQ("SCP", "A-LONG-CALLER-16", [], UserInformation(implementation_class_uid="1.2"))
+    encoded = rq.encode()
+    assert encoded[10:26] == b"SCP" + b" " * 13
+    assert encoded[26:42] == b"A-LONG-CALLER-16"
+    assert encoded[42:74] == bytes(32)
+    ac = AssociateAC("X", "YZ", [], UserInformation())
+    assert ac.encode()[10:42] == b"X" + b" " * 15 + b"YZ" + b" " * 14
+
+
+def test_ae_title_longer_than_16_is_refused_on_encode():
+    with pytest.raises(ValueError):
+        AssociateRQ("THIS-IS-17-CHARS!", "OK", [], UserInformation()).encode()
+    with pytest.raises(ValueError):
+        AssociateRQ("OK", "SEVENTEEN-CHARS-X", [], UserInformation()).encode()
+
+
+def test_decode_strips_ae_and_uid_padding():
+    body = (
+        b"\x00\x01\x00\x00"
+        + b"  SPACED SCP    "
+        + b"CALLER          "
+        + bytes(32)
+        + APP_CONTEXT_ITEM
+        + item(0x20, b"\x01\x00\x00\x00" + item(0x30, b"1.2.840.10008.1.1\x00") + item(0x40, b"1.2.840.10008.1.2\x00"))
+        + item(0x50, item(0x52, b"1.2.3\x00") + item(0x55, b"NAME  "))
+    )
+    rq = decode_pdu(0x01, body)
+    assert rq.called_ae == "SPACED SCP"
+    assert rq.calling_ae == "CALLER"
+    assert rq.presentation_contexts == [PresentationContextRQ(1, VERIFICATION, [IMPLICIT_LE])]
+    assert rq.user_info.implementation_class_uid == "1.2.3"
+    assert rq.user_info.implementation_version_name == "NAME"
+
+
+IMPL = item(0x52, b"1.2")
+
+
+@pytest.mark.parametrize(
+    ("user_info", "sub_item"),
+    [
+        pytest.param(UserInformation(max_length=0x12345), b"\x51\x00\x00\x04\x00\x01\x23\x45", id="51-max-length"),
+        pytest.param(
+            UserInformation(async_ops=AsyncOpsWindow(5, 0)), b"\x53\x00\x00\x04\x00\x05\x00\x00", id="53-async-ops"
+        ),
+        pytest.param(
+            UserInformation(roles=[RoleSelection("1.2.3", scu_role=True, scp_role=False)]),
+            b"\x54\x00\x00\x09\x00\x05" + b"1.2.3" + b"\x01\x00",
+            id="54-role-scu",
+        ),
+        pytest.param(
+            UserInformation(roles=[RoleSelection("1.2.3", scu_role=False, scp_role=True)]),
+            b"\x54\x00\x00\x09\x00\x05" + b"1.2.3" + b"\x00\x01",
+            id="54-role-scp",
+        ),
+        pytest.param(
+            UserInformation(implementation_version_name="DIMSE_ASYNC_010"),
+            b"\x55\x00\x00\x0f" + b"DIMSE_ASYNC_010",
+            id="55-version-name",
+        ),
+        pytest.param(
+            UserInformation(extended=[SOPClassExtended("1.2.3", b"\x01\x00\x01")]),
+            b"\x56\x00\x00\x0a\x00\x05" + b"1.2.3" + b"\x01\x00\x01",
+            id="56-extended",
+        ),
+        pytest.param(
+            UserInformation(common_extended=[SOPClassCommonExtended("1.2.3", "1.2.4", ["1.2.5", "1.2.66"])]),
+            b"\x57\x00\x00\x1f"
+            + b"\x00\x05"
+            + b"1.2.3"
+            + b"\x00\x05"
+            + b"1.2.4"
+            + b"\x00\x0f"
+            + b"\x00\x05"
+            + b"1.2.5"
+            + b"\x00\x06"
+            + b"1.2.66",
+            id="57-common-extended-related",
+        ),
+        pytest.param(
+            UserInformation(common_extended=[SOPClassCommonExtended("1.2.3", "1.2.4")]),
+            b"\x57\x00\x00\x10\x00\x05" + b"1.2.3" + b"\x00\x05" + b"1.2.4" + b"\x00\x00",
+            id="57-common-extended-no-related",
+        ),
+        pytest.param(
+            UserInformation(identity_rq=UserIdentityRQ(2, b"alice", b"s3cret", positive_response_requested=True)),
+            b"\x58\x00\x00\x11\x02\x01\x00\x05" + b"alice" + b"\x00\x06" + b"s3cret",
+            id="58-identity-user-pass",
+        ),
+        pytest.param(
+            UserInformation(identity_rq=UserIdentityRQ(1, b"bob")),
+            b"\x58\x00\x00\x09\x01\x00\x00\x03" + b"bob" + b"\x00\x00",
+            id="58-identity-user",
+        ),
+        pytest.param(
+            UserInformation(identity_ac=UserIdentityAC(b"ticket")),
+            b"\x59\x00\x00\x08\x00\x06" + b"ticket",
+            id="59-identity-ac",
+        ),
+    ],
+)
+@pytest.mark.parametrize("pdu_cls", [AssociateRQ, AssociateAC])
+def test_user_info_sub_item_layout(pdu_cls, user_info, sub_item):
+    user_info = dataclasses.replace(user_info, implementation_class_uid="1.2")
+    subs = sub_item + IMPL if sub_item[0] == 0x51 else IMPL + sub_item
+    body = associate_fixed() + APP_CONTEXT_ITEM + item(0x50, subs)
+    pdu = pdu_cls("ANY-SCP", "ECHOSCU", [], user_info)
+    assert pdu.encode() == bytes(((pdu_cls is AssociateAC) + 1, 0)) + len(body).to_bytes(4, "big") + body
+    decoded = decode_pdu(pdu.encode()[0], body)
+    assert decoded.user_info == user_info
+
+
+def test_unknown_user_info_sub_items_are_skipped():
+    known = item(0x51, b"\x00\x00\x40\x00") + item(0x52, b"1.2.3") + item(0x55, b"V1")
+    with_unknown = (
+        item(0x5F, b"\xde\xad\xbe\xef")
+        + item(0x51, b"\x00\x00\x40\x00")
+        + item(0x5A, b"")
+        + item(0x52, b"1.2.3")
+        + item(0xFF, bytes(300))
+        + item(0x55, b"V1")
+        + item(0x5F, b"x")
+    )
+    plain = decode_pdu(0x01, associate_fixed() + APP_CONTEXT_ITEM + VERIFICATION_PC_ITEM + item(0x50, known))
+    extra = decode_pdu(0x01, associate_fixed() + APP_CONTEXT_ITEM + VERIFICATION_PC_ITEM + item(0x50, with_unknown))
+    assert extra == plain
+    assert extra.user_info.max_length == 16384
+    assert extra.user_info.implementation_version_name == "V1"
+
+
+# ---------------------------------------------------------------------------
+# pynetdicom cross-check (an independent implementation of PS3.8)
+# ---------------------------------------------------------------------------
+
+
+def test_pynetdicom_reads_our_associate_rq():
+    pdus = pytest.importorskip("pynetdicom.pdu")
+    rq = full_rq()
+    theirs = pdus.A_ASSOCIATE_RQ()
+    theirs.decode(rq.encode())
+    assert theirs.called_ae_title == "ANY-SCP"
+    assert theirs.calling_ae_title == "STORESCU"
+    assert theirs.application_context_name == APPLICATION_CONTEXT
+    assert [(pc.context_id, pc.abstract_syntax, pc.transfer_syntax) for pc in theirs.presentation_context] == [
+        (1, VERIFICATION, [IMPLICIT_LE]),
+        (3, CT_IMAGE, [EXPLICIT_LE, IMPLICIT_LE, JPEG_BASELINE]),
+        (255, MR_IMAGE, [IMPLICIT_LE]),
+    ]
+    ui = theirs.user_information
+    assert ui.maximum_length == 16384
+    assert ui.implementation_class_uid == "1.2.826.0.1.3680043.9.7433.1"
+    assert ui.implementation_version_name == "DIMSE_ASYNC_010"
+    assert (
+        ui.async_ops_window.maximum_number_operations_invoked,
+        ui.async_ops_window.maximum_number_operations_performed,
+    ) == (5, 3)
+    roles = {str(r.sop_class_uid): (r.scu_role, r.scp_role) for r in ui.role_selection.values()}
+    assert roles == {CT_IMAGE: (True, False), MR_IMAGE: (False, True)}
+    assert ui.user_identity.primary_field == b"alice"
+    assert ui.user_identity.secondary_field == b"s3cret"
+    assert len(ui.ext_neg) == 2 and len(ui.common_ext_neg) == 2
+    # pynetdicom re-encodes the same PDU byte for byte.
+    assert theirs.encode() == rq.encode()
+
+
+def test_we_read_pynetdicom_associate_ac():
+    pdus = pytest.importorskip("pynetdicom.pdu")
+    ac = full_ac()
+    theirs = pdus.A_ASSOCIATE_AC()
+    theirs.decode(ac.encode())
+    assert decode_pdu(0x02, theirs.encode()[6:]) == ac
+    assert [(pc.context_id, pc.result) for pc in theirs.presentation_context] == [
+        (pc.id, pc.result) for pc in ac.presentation_contexts
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Incremental framing
+# ---------------------------------------------------------------------------
+
+
+STREAM_PDUS = [
+    full_rq(),
+    full_ac(),
+    PDataTF([PDV(1, True, True, b"\x00" * 100)]),
+    PDataTF([PDV(1, False, False, bytes(range(200))), PDV(1, False, True, b"end")]),
+    ReleaseRQ(),
+    ReleaseRP(),
+    AssociateRJ(1, 2, 3),
+    Abort(2, 6),
+]
+STREAM = b"".join(p.encode() for p in STREAM_PDUS)
+
+
+def test_reader_all_at_once_yields_every_pdu():
+    assert read_stream(STREAM) == STREAM_PDUS
+
+
+def test_reader_one_byte_at_a_time():
+    assert read_stream(STREAM, cuts=list(range(len(STREAM)))) == STREAM_PDUS
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_reader_random_splits(seed):
+    rng = random.Random(seed)
+    cuts = rng.sample(range(len(STREAM)), rng.randint(1, 60))
+    assert read_stream(STREAM, cuts) == STREAM_PDUS
+
+
+def test_reader_waits_for_complete_header_and_body():
+    data = ReleaseRQ().encode() + Abort().encode()
+    reader = PDUReader(0)
+    for i in range(9):
+        reader.feed(data[i : i + 1])
+        assert reader.next_pdu() is None
+        assert reader.buffered == i + 1
+    reader.feed(data[9:11])
+    assert reader.next_pdu() == ReleaseRQ()
+    assert reader.buffered == 1  # the first byte of the A-ABORT
+    assert reader.next_pdu() is None
+    reader.feed(data[11:])
+    assert reader.next_pdu() == Abort()
+    assert reader.next_pdu() is None
+    assert reader.buffered == 0
+
+
+# ---------------------------------------------------------------------------
+# Length limits and unknown PDU types: judged from the header alone
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pdu_type", list(PDUType))
+@pytest.mark.parametrize("claimed", [64 * MiB, 0xFFFFFFFF])
+def test_huge_length_claim_refused_from_header(pdu_type, claimed):
+    header = bytes((pdu_type, 0)) + claimed.to_bytes(4, "big")
+    reader = PDUReader(max_pdata_length=16384)
+    reader.feed(header[:5])
+    assert reader.next_pdu() is None  # not enough to judge yet
+    reader.feed(header[5:])
+    with pytest.raises(PDUError) as info:
+        reader.next_pdu()
+    assert info.value.reason == AbortReason.INVALID_PDU_PARAMETER_VALUE
+    assert reader.buffered == 6
+
+
+def test_unlimited_pdata_still_capped_by_hard_limit():
+    reader = PDUReader(max_pdata_length=0, hard_limit=MiB)
+    reader.feed(bytes((4, 0)) + (MiB + 1).to_bytes(4, "big"))
+    with pytest.raises(PDUError) as info:
+        reader.next_pdu()
+    assert info.value.reason == AbortReason.INVALID_PDU_PARAMETER_VALUE
+    reader = PDUReader(max_pdata_length=0)
+    reader.feed(bytes((4, 0)) + (64 * MiB + 1).to_bytes(4, "big"))
+    with pytest.raises(PDUError):
+        reader.next_pdu()
+    assert reader.buffered == 6
+
+
+def test_control_pdu_over_control_limit_refused():
+    reader = PDUReader(max_pdata_length=0)
+    reader.feed(bytes((1, 0)) + (MAX_CONTROL_PDU + 1).to_bytes(4, "big"))
+    with pytest.raises(PDUError) as info:
+        reader.next_pdu()
+    assert info.value.reason == AbortReason.INVALID_PDU_PARAMETER_VALUE
+
+
+def test_pdata_limit_applies_to_the_pdu_length_field():
+    limit = 16384
+    at_limit = PDataTF([PDV(1, False, True, bytes(limit - 6))]).encode()
+    assert int.from_bytes(at_limit[2:6], "big") == limit
+    [pdu] = read_stream(at_limit, max_pdata_length=limit)
+    assert len(pdu.pdvs[0].data) == limit - 6
+
+    over = PDataTF([PDV(1, False, True, bytes(limit - 5))]).encode()
+    reader = PDUReader(limit)
+    reader.feed(over[:6])
+    with pytest.raises(PDUError) as info:
+        reader.next_pdu()
+    assert info.value.reason == AbortReason.INVALID_PDU_PARAMETER_VALUE
+
+
+def test_pdata_limit_does_not_apply_to_control_pdus():
+    rq = full_rq()
+    assert len(rq.encode()) > 200
+    assert read_stream(rq.encode(), max_pdata_length=100) == [rq]
+
+
+@pytest.mark.parametrize("pdu_type", [0x00, 0x08, 0x09, 0x10, 0x7F, 0xFF])
+def test_unknown_pdu_type_refused_from_header(pdu_type):
+    reader = PDUReader(16384)
+    reader.feed(bytes((pdu_type, 0, 0, 0, 0, 4)))
+    with pytest.raises(PDUError) as info:
+        reader.next_pdu()
+    assert info.value.reason == AbortReason.UNRECOGNIZED_PDU
+    with pytest.raises(PDUError) as info:
+        decode_pdu(pdu_type, b"\x00\x00\x00\x00")
+    assert info.value.reason == AbortReason.UNRECOGNIZED_PDU
+
+
+def test_unknown_pdu_type_after_valid_pdus():
+    reader = PDUReader(0)
+    reader.feed(ReleaseRQ().encode() + bytes.fromhex("08 00 00000004 00000000"))
+    assert reader.next_pdu() == ReleaseRQ()
+    with pytest.raises(PDUError) as info:
+        reader.next_pdu()
+    assert info.value.reason == AbortReason.UNRECOGNIZED_PDU
+
+
+# ---------------------------------------------------------------------------
+# Malformed bodies: always PDUError
+# ---------------------------------------------------------------------------
+
+FIXED = associate_fixed()
+PC_OK = VERIFICATION_PC_ITEM
+UI_OK = item(0x50, item(0x52, b"1.2"))
+
+
+def rq_body(*items: bytes, ui: bytes = UI_OK) -> bytes:
+    return FIXED + APP_CONTEXT_ITEM + b"".join(items) + ui
+
+
+def rq_with_sub_item(sub: bytes) -> bytes:
+    return rq_body(PC_OK, ui=item(0x50, item(0x52, b"1.2") + sub))
+
+
+MALFORMED = [
+    # A-ASSOCIATE-RQ / AC structure
+    ("rq-empty", 0x01, b""),
+    ("rq-short-fixed-fields", 0x01, FIXED[:67]),
+    ("ac-short-fixed-fields", 0x02, FIXED[:40]),
+    ("rq-truncated-item-header", 0x01, FIXED + APP_CONTEXT_ITEM + b"\x20\x00\x00"),
+    ("rq-item-overruns-pdu", 0x01, FIXED + APP_CONTEXT_ITEM + b"\x20\x00\x00\x40\x01\x00\x00\x00"),
+    ("rq-no-user-info", 0x01, FIXED + APP_CONTEXT_ITEM + PC_OK),
+    ("ac-no-user-info", 0x02, FIXED + APP_CONTEXT_ITEM),
+    ("rq-no-application-context", 0x01, FIXED + PC_OK + UI_OK),
+    ("rq-non-ascii-called-ae", 0x01, b"\x00\x01\x00\x00" + b"\xff" * 16 + FIXED[20:] + APP_CONTEXT_ITEM + UI_OK),
+    ("rq-non-ascii-app-context", 0x01, FIXED + item(0x10, b"1.2.\x80") + UI_OK),
+    ("rq-unknown-item", 0x01, rq_body(item(0x33, b"zz"))),
+    ("rq-with-ac-context-item", 0x01, rq_body(item(0x21, b"\x01\x00\x00\x00"))),
+    ("ac-with-rq-context-item", 0x02, FIXED + APP_CONTEXT_ITEM + PC_OK + UI_OK),
+    # presentation context items
+    ("pc-rq-too-short", 0x01, rq_body(item(0x20, b"\x01\x00\x00"))),
+    ("pc-ac-too-short", 0x02, FIXED + APP_CONTEXT_ITEM + item(0x21, b"\x01") + UI_OK),
+    ("pc-no-abstract", 0x01, rq_body(item(0x20, b"\x01\x00\x00\x00" + item(0x40, IMPLICIT_LE.encode())))),
+    ("pc-no-transfer", 0x01, rq_body(item(0x20, b"\x01\x00\x00\x00" + item(0x30, VERIFICATION.encode())))),
+    (
+        "pc-two-abstracts",
+        0x01,
+        rq_body(
+            item(
+                0x20,
+                b"\x01\x00\x00\x00" + item(0x30, b"1.2") + item(0x30, b"1.3") + item(0x40, IMPLICIT_LE.encode()),
+            )
+        ),
+    ),
+    ("pc-sub-item-overrun", 0x01, rq_body(item(0x20, b"\x01\x00\x00\x00\x30\x00\x00\x20" + b"1.2"))),
+    ("pc-truncated-sub-item-header", 0x01, rq_body(item(0x20, b"\x01\x00\x00\x00\x30\x00"))),
+    (
+        "pc-ac-sub-item-overrun",
+        0x02,
+        FIXED + APP_CONTEXT_ITEM + item(0x21, b"\x01\x00\x00\x00\x40\x00\x00\x09ab") + UI_OK,
+    ),
+    # user information sub-items
+    ("ui-sub-item-overrun", 0x01, rq_body(PC_OK, ui=item(0x50, b"\x52\x00\x00\x10" + b"1.2"))),
+    ("ui-truncated-sub-item-header", 0x01, rq_body(PC_OK, ui=item(0x50, b"\x52\x00"))),
+    ("max-length-3-bytes", 0x01, rq_with_sub_item(item(0x51, b"\x00\x40\x00"))),
+    ("max-length-5-bytes", 0x01, rq_with_sub_item(item(0x51, b"\x00\x00\x40\x00\x00"))),
+    ("async-ops-short", 0x01, rq_with_sub_item(item(0x53, b"\x00\x01\x00"))),
+    ("async-ops-long", 0x01, rq_with_sub_item(item(0x53, b"\x00\x01\x00\x01\x00"))),
+    ("role-empty", 0x01, rq_with_sub_item(item(0x54, b""))),
+    ("role-uid-overrun", 0x01, rq_with_sub_item(item(0x54, b"\x00\x09" + b"1.2.3\x01\x00"))),
+    ("role-missing-flags", 0x01, rq_with_sub_item(item(0x54, b"\x00\x05" + b"1.2.3\x01"))),
+    ("role-extra-bytes", 0x01, rq_with_sub_item(item(0x54, b"\x00\x05" + b"1.2.3\x01\x00\x00"))),
+    ("extended-empty", 0x01, rq_with_sub_item(item(0x56, b"\x00"))),
+    ("extended-uid-overrun", 0x01, rq_with_sub_item(item(0x56, b"\x00\x40" + b"1.2"))),
+    ("common-ext-truncated", 0x01, rq_with_sub_item(item(0x57, b"\x00\x03" + b"1.2"))),
+    ("common-ext-service-overrun", 0x01, rq_with_sub_item(item(0x57, b"\x00\x03" + b"1.2" + b"\x00\x09" + b"1.3"))),
+    (
+        "common-ext-no-related-length",
+        0x01,
+        rq_with_sub_item(item(0x57, b"\x00\x03" + b"1.2" + b"\x00\x03" + b"1.3\x00")),
+    ),
+    (
+        "common-ext-related-list-overrun",
+        0x01,
+        rq_with_sub_item(item(0x57, b"\x00\x03" + b"1.2" + b"\x00\x03" + b"1.3" + b"\x00\x20" + b"\x00\x03" + b"1.4")),
+    ),
+    (
+        "common-ext-related-uid-overrun",
+        0x01,
+        rq_with_sub_item(item(0x57, b"\x00\x03" + b"1.2" + b"\x00\x03" + b"1.3" + b"\x00\x05" + b"\x00\x07" + b"1.4")),
+    ),
+    (
+        "common-ext-related-uid-truncated-length",
+        0x01,
+        rq_with_sub_item(item(0x57, b"\x00\x03" + b"1.2" + b"\x00\x03" + b"1.3" + b"\x00\x01" + b"\x00")),
+    ),
+    ("identity-rq-short", 0x01, rq_with_sub_item(item(0x58, b"\x01\x00\x00"))),
+    ("identity-rq-primary-overrun", 0x01, rq_with_sub_item(item(0x58, b"\x01\x00\x00\x09" + b"bob" + b"\x00\x00"))),
+    ("identity-rq-no-secondary-length", 0x01, rq_with_sub_item(item(0x58, b"\x01\x00\x00\x03" + b"bob"))),
+    (
+        "identity-rq-secondary-overrun",
+        0x01,
+        rq_with_sub_item(item(0x58, b"\x02\x00\x00\x01" + b"a" + b"\x00\x05" + b"pw")),
+    ),
+    (
+        "identity-rq-trailing-bytes",
+        0x01,
+        rq_with_sub_item(item(0x58, b"\x02\x00\x00\x01" + b"a" + b"\x00\x01" + b"pw")),
+    ),
+    ("identity-ac-empty", 0x02, FIXED + APP_CONTEXT_ITEM + item(0x50, item(0x59, b"\x00"))),
+    ("identity-ac-bad-length", 0x02, FIXED + APP_CONTEXT_ITEM + item(0x50, item(0x59, b"\x00\x05" + b"tok"))),
+    ("non-ascii-impl-uid", 0x01, rq_body(PC_OK, ui=item(0x50, item(0x52, b"1.2\xc3\xa9")))),
+    # P-DATA-TF
+    ("pdata-empty", 0x04, b""),
+    ("pdata-truncated-pdv-header", 0x04, b"\x00\x00\x00\x02\x01"),
+    ("pdata-pdv-length-0", 0x04, b"\x00\x00\x00\x00\x01\x03"),
+    ("pdata-pdv-length-1", 0x04, b"\x00\x00\x00\x01\x01\x03"),
+    # Lengths 0 and 1 that would otherwise frame: the next PDV header starts in their "value".
+    ("pdata-pdv-length-0-then-valid", 0x04, b"\x00\x00\x00\x00" + b"\x00\x00\x00\x02\x01\x03"),
+    ("pdata-pdv-length-1-then-valid", 0x04, b"\x00\x00\x00\x01\x01" + b"\x00\x00\x00\x02\x01\x03"),
+    ("pdata-pdv-overrun", 0x04, b"\x00\x00\x00\x08\x01\x03abc"),
+    ("pdata-second-pdv-truncated", 0x04, b"\x00\x00\x00\x03\x01\x03a" + b"\x00\x00\x00"),
+    ("pdata-second-pdv-overrun", 0x04, b"\x00\x00\x00\x03\x01\x03a" + b"\x00\x00\x00\x09\x01\x02b"),
+    # fixed-length PDUs
+    *[
+        (f"{t.name.lower()}-length-{n}", int(t), bytes(n))
+        for t in (PDUType.ASSOCIATE_RJ, PDUType.RELEASE_RQ, PDUType.RELEASE_RP, PDUType.ABORT)
+        for n in (0, 3, 5, 8)
+    ],
+]
+
+
+@pytest.mark.parametrize(("pdu_type", "body"), [pytest.param(t, b, id=name) for name, t, b in MALFORMED])
+def test_malformed_body_raises_pdu_error(pdu_type, body):
+    with pytest.raises(PDUError) as info:
+        decode_pdu(pdu_type, body)
+    assert isinstance(info.value.reason, AbortReason)
+    # The same through the framer, header and all.
+    reader = PDUReader(0)
+    reader.feed(pdu_bytes(pdu_type, body))
+    with pytest.raises(PDUError):
+        reader.next_pdu()
+
+
+def test_malformed_fixtures_differ_from_valid_ones():
+    # Guard the table above: the well-formed counterparts decode.
+    assert decode_pdu(0x01, rq_body(PC_OK)).presentation_contexts == [
+        PresentationContextRQ(1, VERIFICATION, [IMPLICIT_LE])
+    ]
+    assert decode_pdu(
+        0x01, rq_with_sub_item(item(0x58, b"\x02\x00\x00\x01" + b"a" + b"\x00\x02" + b"pw"))
+    ).user_info.identity_rq == UserIdentityRQ(2, b"a", b"pw")
+    assert decode_pdu(0x04, b"\x00\x00\x00\x02\x01\x03").pdvs == [PDV(1, True, True, b"")]
+    assert decode_pdu(0x04, b"\x00\x00\x00\x03\x01\x03a" + b"\x00\x00\x00\x03\x01\x02b").pdvs == [
+        PDV(1, True, True, b"a"),
+        PDV(1, False, True, b"b"),
+    ]
+
+
+def test_pdu_error_is_a_value_error_with_default_reason():
+    err = PDUError("boom")
+    assert isinstance(err, ValueError)
+    assert err.reason == AbortReason.INVALID_PDU_PARAMETER_VALUE
+    with pytest.raises(PDUError) as info:
+        decode_pdu(0x01, rq_body(item(0x21, b"\x01\x00\x00\x00")))
+    assert info.value.reason == AbortReason.UNEXPECTED_PDU_PARAMETER
+
+
+# ---------------------------------------------------------------------------
+# Property tests
+# ---------------------------------------------------------------------------
+
+# Modest example counts keep the file fast; hypothesis is not cheap per example.
+PROPERTY_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+STREAM_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ_SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Generating UIDs component by component is slow; mix a pool of real-looking UIDs
+# (odd and even lengths, up to the 64-character maximum) with random suffixes.
+UID_POOL = [
+    "1.2",
+    "1.2.3",
+    VERIFICATION,
+    IMPLICIT_LE,
+    EXPLICIT_LE,
+    CT_IMAGE,
+    STUDY_ROOT_FIND,
+    "2.25.329800735698586629295641978511506172918",
+    "1.2.826.0.1.3680043.9.7433.1.2.3.4.5.6.7.8.9.10.11.12.13.14.15.1",
+]
+assert len(UID_POOL[-1]) == 64
+uids = st.one_of(st.sampled_from(UID_POOL), st.integers(0, 10**20).map(lambda n: f"1.2.826.0.1.{n}"))
+ae_titles = (
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters="\\"), min_size=1, max_size=16)
+    .map(str.strip)
+    .filter(bool)
+)
+version_names = st.text(st.sampled_from("ABCDEFGHIJKLMNOPQRSTUVWXYZabcxyz0123456789._-"), min_size=1, max_size=16)
+u16 = st.integers(0, 0xFFFF)
+context_ids = st.integers(0, 127).map(lambda i: 2 * i + 1)
+
+user_infos = st.builds(
+    UserInformation,
+    max_length=st.none() | st.integers(0, 0xFFFFFFFF),
+    implementation_class_uid=uids,
+    implementation_version_name=st.none() | version_names,
+    async_ops=st.none() | st.builds(AsyncOpsWindow, u16, u16),
+    roles=st.lists(st.builds(RoleSelection, uids, st.booleans(), st.booleans()), max_size=2),
+    extended=st.lists(st.builds(SOPClassExtended, uids, st.binary(max_size=16)), max_size=2),
+    common_extended=st.lists(
+        st.builds(SOPClassCommonExtended, uids, uids, st.lists(uids, max_size=2)),
+        max_size=2,
+    ),
+    identity_rq=st.none()
+    | st.builds(UserIdentityRQ, st.integers(0, 255), st.binary(max_size=24), st.binary(max_size=24), st.booleans()),
+    identity_ac=st.none() | st.builds(UserIdentityAC, st.binary(max_size=24)),
+)
+rq_contexts = st.builds(PresentationContextRQ, context_ids, uids, st.lists(uids, min_size=1, max_size=3))
+ac_contexts = st.one_of(
+    st.builds(PresentationContextAC, context_ids, st.just(0), uids),
+    st.builds(PresentationContextAC, context_ids, st.integers(1, 4), st.just("") | uids),
+)
+associate_rqs = st.builds(
+    AssociateRQ,
+    ae_titles,
+    ae_titles,
+    st.lists(rq_contexts, max_size=3),
+    user_infos,
+    st.just(APPLICATION_CONTEXT) | uids,
+)
+associate_acs = st.builds(
+    AssociateAC,
+    ae_titles,
+    ae_titles,
+    st.lists(ac_contexts, max_size=3),
+    user_infos,
+    st.just(APPLICATION_CONTEXT) | uids,
+)
+pdata_tfs = st.builds(
+    PDataTF,
+    st.lists(st.builds(PDV, context_ids, st.booleans(), st.booleans(), st.binary(max_size=64)), min_size=1, max_size=5),
+)
+any_pdus = st.one_of(
+    associate_rqs,
+    associate_acs,
+    pdata_tfs,
+    st.builds(AssociateRJ, st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)),
+    st.builds(Abort, st.integers(0, 255), st.integers(0, 255)),
+    st.just(ReleaseRQ()),
+    st.just(ReleaseRP()),
+)
+
+
+def cuts_for(data: st.DataObject, length: int) -> list[int]:
+    return data.draw(st.lists(st.integers(0, length), max_size=12), label="cuts")
+
+
+@PROPERTY_SETTINGS
+@given(pdu=st.one_of(associate_rqs, associate_acs, pdata_tfs), data=st.data())
+def test_property_round_trip(pdu, data):
+    encoded = pdu.encode()
+    assert read_stream(encoded, cuts_for(data, len(encoded))) == [pdu]
+
+
+@STREAM_SETTINGS
+@given(pdus=st.lists(any_pdus, min_size=2, max_size=3), data=st.data())
+def test_property_stream_round_trip(pdus, data):
+    stream = b"".join(p.encode() for p in pdus)
+    assert read_stream(stream, cuts_for(data, len(stream))) == pdus
+
+
+def read_or_pdu_error(stream: bytes, cuts: list[int], max_pdata_length: int = 0) -> None:
+    """Anything but a list of PDUs or a PDUError fails the test."""
+    try:
+        pdus = read_stream(stream, cuts, max_pdata_length)
+    except PDUError as exc:
+        assert isinstance(exc.reason, AbortReason)
+    else:
+        for pdu in pdus:
+            assert isinstance(pdu, AssociateRQ | AssociateAC | AssociateRJ | PDataTF | ReleaseRQ | ReleaseRP | Abort)
+
+
+sub_item_types = st.sampled_from(
+    [0x10, 0x20, 0x21, 0x30, 0x40, 0x50, 0x51, 0x52, 0x53, 0x54, 0x55, 0x56, 0x57, 0x58, 0x59, 0x5F]
+)
+
+
+@st.composite
+def raw_items(draw, depth: int = 0) -> bytes:
+    """A run of items with plausible types, sometimes with lying lengths."""
+    out = b""
+    for _ in range(draw(st.integers(0, 4))):
+        t = draw(sub_item_types)
+        if depth < 1 and t in (0x20, 0x21, 0x50):
+            value = draw(st.binary(max_size=4)) + draw(raw_items(depth + 1))
+        else:
+            value = draw(st.binary(max_size=24))
+        length = len(value) + draw(st.sampled_from([0, 0, 0, 0, -1, 1, -3, 7]))
+        out += bytes((t, 0)) + max(length, 0).to_bytes(2, "big") + value
+    return out
+
+
+@st.composite
+def plausible_streams(draw) -> bytes:
+    pdu_type = draw(st.integers(0, 9))
+    if pdu_type in (1, 2):
+        body = draw(st.binary(min_size=60, max_size=72)) + draw(raw_items())
+    else:
+        body = draw(st.binary(max_size=40))
+    length = len(body) + draw(st.sampled_from([0, 0, 0, -1, 1, -5, 50]))
+    return bytes((pdu_type, draw(st.integers(0, 255)))) + max(length, 0).to_bytes(4, "big") + body
+
+
+@FUZZ_SETTINGS
+@given(
+    stream=st.one_of(st.binary(max_size=300), st.lists(plausible_streams(), min_size=1, max_size=3).map(b"".join)),
+    data=st.data(),
+)
+def test_property_arbitrary_bytes_only_raise_pdu_error(stream, data):
+    read_or_pdu_error(stream, cuts_for(data, len(stream)), data.draw(st.sampled_from([0, 16, 4096])))
+
+
+@st.composite
+def mutated_streams(draw) -> bytes:
+    stream = bytearray(b"".join(p.encode() for p in draw(st.lists(any_pdus, min_size=1, max_size=2))))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "truncate", "insert", "delete"]))
+        pos = draw(st.integers(0, max(len(stream) - 1, 0)))
+        if op == "flip" and stream:
+            stream[pos] ^= draw(st.integers(1, 255))
+        elif op == "truncate":
+            del stream[pos:]
+        elif op == "insert":
+            stream[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+        else:
+            del stream[pos : pos + draw(st.integers(1, 8))]
+    return bytes(stream)
+
+
+@PROPERTY_SETTINGS
+@given(stream=mutated_streams(), data=st.data())
+def test_property_mutated_pdus_only_raise_pdu_error(stream, data):
+    read_or_pdu_error(stream, cuts_for(data, len(stream)))
+
+
+def test_struct_layout_of_pdata_header_helper():
+    # encode_pdata_header: PDU header + one PDV header, all big endian.
+    assert encode_pdata_header(10, 5, 2) == struct.pack(">BBIIBB", 4, 0, 16, 12, 5, 2)
