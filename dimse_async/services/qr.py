@@ -508,17 +508,25 @@ async def _run_suboperations(
     await _respond(assoc, ctx, msg, status, final_ident, counters)
 
 
-async def scp_c_get(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
-    """C-GET SCP: the handler's instances go back as C-STORE sub-operations on this
-    association (PS3.4 C.4.3)."""
-    handler = assoc.ae._handlers.get("c_get")
+async def _scp_retrieve(
+    assoc: Association,
+    ctx: PresentationContext,
+    msg: Message,
+    service: str,
+    perform: Callable[[QueryRequest, list[Any]], Awaitable[None]],
+    check: Callable[[], Status | None] = lambda: None,
+) -> None:
+    """Shared C-GET / C-MOVE SCP flow: decode, refuse early, collect the handler's
+    items, then ``perform`` the sub-operations; always forget the operation."""
+    handler = assoc.ae._handlers.get(service)
     request = await _start(assoc, ctx, msg, RetrieveRequest)
     if isinstance(request, Status):
         await _respond(assoc, ctx, msg, request)
         return
     try:
-        if handler is None:
-            await _respond(assoc, ctx, msg, Status(0x0122, "C-GET not supported"))
+        refusal = Status(0x0122, f"{msg.command.name[:-3]} not supported") if handler is None else check()
+        if refusal is not None:
+            await _respond(assoc, ctx, msg, refusal)
             return
         try:
             items = await _collect(handler, request)
@@ -527,41 +535,36 @@ async def scp_c_get(assoc: Association, ctx: PresentationContext, msg: Message) 
         except Exception as exc:
             await _respond(assoc, ctx, msg, _handler_failure(assoc, msg, exc))
             return
-
-        async def store(item: Any) -> Status:
-            return await assoc.c_store(item)
-
-        await _run_suboperations(assoc, ctx, msg, request, items, store)
+        await perform(request, items)
     finally:
         assoc.running_operations.pop(msg.command.message_id or -1, None)
+
+
+async def scp_c_get(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
+    """C-GET SCP: the handler's instances go back as C-STORE sub-operations on this
+    association (PS3.4 C.4.3)."""
+
+    async def perform(request: QueryRequest, items: list[Any]) -> None:
+        await _run_suboperations(assoc, ctx, msg, request, items, assoc.c_store)
+
+    await _scp_retrieve(assoc, ctx, msg, "c_get", perform)
 
 
 async def scp_c_move(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
     """C-MOVE SCP: look up the destination, open a second association, C-STORE the
     handler's instances with the move originator fields set (PS3.4 C.4.2)."""
     ae = assoc.ae
-    handler = ae._handlers.get("c_move")
-    request = await _start(assoc, ctx, msg, RetrieveRequest)
-    if isinstance(request, Status):
-        await _respond(assoc, ctx, msg, request)
-        return
-    try:
-        if handler is None:
-            await _respond(assoc, ctx, msg, Status(0x0122, "C-MOVE not supported"))
-            return
-        dest_title = (msg.command.move_destination or "").strip()
-        destination = ae.known_aes.get(dest_title)
+    dest_title = (msg.command.move_destination or "").strip()
+    destination = ae.known_aes.get(dest_title)
+
+    def check() -> Status | None:
         if destination is None:
             assoc.log.warning("unknown move destination", destination=dest_title)
-            await _respond(assoc, ctx, msg, Status(0xA801, f"Move destination unknown: {dest_title}"[:64]))
-            return
-        try:
-            items = await _collect(handler, request)
-        except AssociationError:
-            raise
-        except Exception as exc:
-            await _respond(assoc, ctx, msg, _handler_failure(assoc, msg, exc))
-            return
+            return Status(0xA801, f"Move destination unknown: {dest_title}"[:64])
+        return None
+
+    async def perform(request: QueryRequest, items: list[Any]) -> None:
+        assert destination is not None
         if not items:
             await _respond(assoc, ctx, msg, Status(0x0000), None, (None, 0, 0, 0))
             return
@@ -586,8 +589,8 @@ async def scp_c_move(assoc: Association, ctx: PresentationContext, msg: Message)
                 await sub.release()
             else:
                 sub.abort("move sub-association ended")
-    finally:
-        assoc.running_operations.pop(msg.command.message_id or -1, None)
+
+    await _scp_retrieve(assoc, ctx, msg, "c_move", perform, check)
 
 
 def _dataset_item(ds: Dataset) -> FileInfo:
