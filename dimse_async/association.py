@@ -13,7 +13,7 @@ import asyncio
 import collections
 import itertools
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import UID
@@ -36,6 +36,7 @@ from .dimse import (
     Status,
     encode_command,
     fragment,
+    fragment_stream,
 )
 from .exceptions import (
     AssociationAborted,
@@ -46,10 +47,9 @@ from .exceptions import (
     NoAcceptedContext,
 )
 from .log import debug_enabled, get_logger
-from .pdu import AbortReason, AssociateRJ, AssociateRQ, encode_pdata_header
-from .services import qr
+from .pdu import AbortReason, AssociateRJ, AssociateRQ
+from .services import qr, verification
 from .services.storage import Spool, c_store, make_spool, scp_c_store
-from .uids import Verification
 
 if TYPE_CHECKING:
     from .ae import AE
@@ -534,7 +534,7 @@ class Association(asyncio.Protocol):
                 pdus = (
                     fragment(context_id, dataset, False, max_pdu)
                     if isinstance(dataset, (bytes, bytearray, memoryview))
-                    else _stream_fragments(context_id, dataset, max_pdu)
+                    else fragment_stream(context_id, dataset, max_pdu)
                 )
                 started = False
                 try:
@@ -653,11 +653,7 @@ class Association(asyncio.Protocol):
 
     async def c_echo(self, *, timeout: float | None = None) -> Status:
         """C-ECHO (PS3.7 §9.1.5, PS3.4 Annex A): returns the response status."""
-        ctx = self.context_for(Verification)
-        rsp = await self._request(
-            ctx, Command(CommandField.C_ECHO_RQ, affected_sop_class_uid=Verification), timeout=timeout
-        )
-        return _status_of(rsp.command)
+        return await verification.c_echo(self, timeout=timeout)
 
     async def c_store(
         self,
@@ -695,53 +691,6 @@ class Association(asyncio.Protocol):
         """C-MOVE (PS3.4 C.4.2) to the AE titled ``destination``: yields progress."""
         return qr.c_move(self, query, destination, model, priority=priority)
 
-    async def _scp_c_echo(self, ctx: PresentationContext, msg: Message) -> None:
-        handler = self.ae._handlers.get("c_echo")
-        status: Any = Status.SUCCESS
-        if handler is not None:
-            status = await self._call_handler(handler, msg, failure=0x0211)
-        rsp = Command(
-            CommandField.C_ECHO_RSP,
-            message_id_being_responded_to=msg.command.message_id,
-            affected_sop_class_uid=msg.command.affected_sop_class_uid or Verification,
-            status=int(status),
-        )
-        await self.send_message(ctx.id, rsp)
-
-    async def _call_handler(self, handler: Callable[..., Awaitable[Any]], msg: Message, *, failure: int) -> Any:
-        """Run a user handler; an exception becomes a failure status, logged with its cause."""
-        from .services.requests import Request
-
-        try:
-            result = await handler(Request(self, msg))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.log.error("handler failed", command=msg.command.name, error=repr(exc))
-            return Status(failure, f"handler error: {exc!r}"[:64])
-        return Status.SUCCESS if result is None else result
-
-
-def _stream_fragments(context_id: int, payload: Any, max_pdu: int) -> Iterator[bytes]:
-    """P-DATA-TF PDUs for a payload read in pieces (``length``, ``read(n)``)."""
-    max_data = (max_pdu or (1 << 22)) - 6
-    remaining = payload.length
-    while True:
-        n = min(max_data, remaining)
-        chunk = payload.read(n)
-        if len(chunk) != n:
-            raise DIMSEFailure(f"data set source ended {remaining - len(chunk)} bytes early")
-        remaining -= n
-        yield encode_pdata_header(n, context_id, 2 if remaining == 0 else 0) + chunk
-        if remaining == 0:
-            return
-
-
-def _status_of(cmd: Command) -> Status:
-    if cmd.status is None:
-        raise DIMSEFailure(f"{cmd.name} has no status")
-    return Status(cmd.status, cmd.error_comment)
-
 
 def _uid_name(uid: str) -> str:
     try:
@@ -752,7 +701,7 @@ def _uid_name(uid: str) -> str:
 
 
 _SCP_SERVICES: dict[int, Callable[[Association, PresentationContext, Message], Awaitable[None]]] = {
-    CommandField.C_ECHO_RQ: Association._scp_c_echo,
+    CommandField.C_ECHO_RQ: verification.scp_c_echo,
     CommandField.C_STORE_RQ: scp_c_store,
     CommandField.C_FIND_RQ: qr.scp_c_find,
     CommandField.C_GET_RQ: qr.scp_c_get,

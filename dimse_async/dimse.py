@@ -30,6 +30,7 @@ __all__ = [
     "decode_command",
     "encode_command",
     "fragment",
+    "fragment_stream",
 ]
 
 NO_DATASET = 0x0101
@@ -285,6 +286,31 @@ def fragment(context_id: int, data: bytes | memoryview, is_command: bool, max_pd
         yield encode_pdata_header(len(chunk), context_id, control) + chunk
         if pos >= total:
             return
+
+
+def fragment_stream(context_id: int, payload: DatasetSource, max_pdu: int) -> Iterator[bytes]:
+    """Like :func:`fragment` for a data set read in pieces (a file being streamed)."""
+    max_data = (max_pdu or (1 << 22)) - 6
+    if max_data < 1:
+        raise ValueError(f"peer maximum PDU length {max_pdu} is too small")
+    remaining = payload.length
+    while True:
+        n = min(max_data, remaining)
+        chunk = payload.read(n)
+        if len(chunk) != n:
+            raise DIMSEError(f"data set source ended {remaining - len(chunk)} bytes early")
+        remaining -= n
+        yield encode_pdata_header(n, context_id, 2 if remaining == 0 else 0) + chunk
+        if remaining == 0:
+            return
+
+
+class DatasetSource(Protocol):
+    """A data set to send, read in pieces: its total ``length`` and ``read(n)``."""
+
+    length: int
+
+    def read(self, n: int) -> bytes: ...
 
 
 class DatasetSink(Protocol):
