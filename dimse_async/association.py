@@ -94,6 +94,7 @@ class Association(asyncio.Protocol):
         self._artim: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
+        self._last_tx = 0.0  # last time the peer took data from us (resume_writing)
 
         self._assembler = MessageAssembler(sink_for=self._sink_for)
         self._send_lock = asyncio.Lock()
@@ -183,6 +184,7 @@ class Association(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._last_tx = self.loop.time()
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -268,6 +270,8 @@ class Association(asyncio.Protocol):
     def _on_artim(self) -> None:
         self._artim = None
         self._run(self.fsm.artim_expired())
+        if self.fsm.state is fsm.State.Sta1 and self.transport is not None:
+            self.transport.abort()  # ARTIM expired: do not wait to flush to a silent peer
         if self.fsm.failure and self._end_reason is None:
             self._end_reason = self.fsm.failure
         if self.fsm.state is fsm.State.Sta1:
@@ -283,18 +287,21 @@ class Association(asyncio.Protocol):
         timeout = self.ae.network_timeout
         if timeout is None or self._closed.done():
             return
-        self._idle = self.loop.call_at(self._last_rx + timeout, self._check_idle)
+        self._idle = self.loop.call_at(max(self._last_rx, self._last_tx) + timeout, self._check_idle)
 
     def _check_idle(self) -> None:
         self._idle = None
         timeout = self.ae.network_timeout
         if timeout is None or self._closed.done():
             return
-        if self.loop.time() - self._last_rx >= timeout and not self._handlers and not self._pending:
+        now = self.loop.time()
+        silent = now - max(self._last_rx, self._last_tx) >= timeout
+        # Handlers blocked on a peer that neither sends nor reads are not local work.
+        if silent and (self._write_paused or (not self._handlers and not self._pending)):
             self.abort(f"network idle timeout ({timeout} s)")
             return
-        if self.loop.time() - self._last_rx >= timeout:
-            self._last_rx = self.loop.time()  # busy locally: not idle
+        if silent:
+            self._last_rx = now  # busy locally: not idle
         self._arm_idle()
 
     def _aborted(self, reason: str) -> None:
@@ -589,12 +596,16 @@ class Association(asyncio.Protocol):
                 self._pending.pop(mid, None)
 
     def _on_pdata(self, out: fsm.PDataIndication) -> None:
+        if self.fsm.state in (fsm.State.Sta1, fsm.State.Sta13):
+            return  # aborted earlier in this batch of PDUs: the data is ignored (AA-6)
         try:
             events = self._assembler.receive(out.pdu.pdvs)
             for kind, msg in events:
                 if msg.context_id not in self._contexts_by_id:
                     raise DIMSEError(f"message on presentation context {msg.context_id}, which was not accepted")
                 if kind == "command" and msg.command.has_dataset:
+                    if msg.command.command_field in _NO_DATASET_REQUESTS:
+                        raise DIMSEError(f"{msg.command.name} must not carry a data set")
                     continue  # its data set follows
                 self._on_message(msg)
         except DIMSEError as exc:
@@ -699,6 +710,9 @@ def _uid_name(uid: str) -> str:
         return uid
     return name if name and name != uid else uid
 
+
+# Requests that never carry a data set (PS3.7 §9.3.5, §9.3.2.3, §10.3.6).
+_NO_DATASET_REQUESTS = frozenset({CommandField.C_ECHO_RQ, CommandField.C_CANCEL_RQ, CommandField.N_DELETE_RQ})
 
 _SCP_SERVICES: dict[int, Callable[[Association, PresentationContext, Message], Awaitable[None]]] = {
     CommandField.C_ECHO_RQ: verification.scp_c_echo,

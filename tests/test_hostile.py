@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import struct
 from collections.abc import AsyncIterator, Callable
 
@@ -247,9 +248,7 @@ async def test_twelve_stalled_partial_pdus_are_closed_by_artim_and_lock_nobody_o
             assert loop.time() - start < artim * 0.8, "the legitimate C-ECHO had to wait for the stalled peers"
             assert all(p.is_open() for p in peers), "a stalled peer was closed before ARTIM expired"
 
-            replies = await asyncio.wait_for(
-                asyncio.gather(*(p.expect_eof(artim + 3) for p in peers)), artim + 5
-            )
+            replies = await asyncio.wait_for(asyncio.gather(*(p.expect_eof(artim + 3) for p in peers)), artim + 5)
             elapsed = loop.time() - start
             assert replies == [b""] * 12  # Sta2 + ARTIM expiry is AA-2: close, send nothing
             assert artim * 0.8 <= elapsed <= artim + 3, elapsed
@@ -314,7 +313,7 @@ async def test_dribbling_peer_does_not_extend_artim() -> None:
 @pytest.mark.parametrize("pdu_type", [0x04, 0x01], ids=["P-DATA-TF", "A-ASSOCIATE-RQ"])
 @pytest.mark.parametrize("associated", [False, True], ids=["sta2", "sta6"])
 async def test_64_mib_pdu_claim_is_refused_from_its_header(pdu_type: int, associated: bool) -> None:
-    artim = 2.0
+    artim = 1.0
     process = psutil.Process()
     loop = asyncio.get_running_loop()
     async with running_scp(artim_timeout=artim) as server, raw_peer(server.port) as peer:
@@ -423,10 +422,15 @@ MALFORMED_RQ = {
         INVALID_PARAMETER_VALUE,
     ),
     "abstract-syntax-overruns-context": (
-        associate_rq(APP_CONTEXT + item(0x20, b"\x01\x00\x00\x00" + item(0x30, Verification.encode(), 0xFFFF)) + USER_INFO),
+        associate_rq(
+            APP_CONTEXT + item(0x20, b"\x01\x00\x00\x00" + item(0x30, Verification.encode(), 0xFFFF)) + USER_INFO
+        ),
         INVALID_PARAMETER_VALUE,
     ),
-    "truncated-context-item": (associate_rq(APP_CONTEXT + item(0x20, b"\x01\x00") + USER_INFO), INVALID_PARAMETER_VALUE),
+    "truncated-context-item": (
+        associate_rq(APP_CONTEXT + item(0x20, b"\x01\x00") + USER_INFO),
+        INVALID_PARAMETER_VALUE,
+    ),
     "context-without-transfer-syntax": (
         associate_rq(APP_CONTEXT + item(0x20, context_value(syntaxes=())) + USER_INFO),
         INVALID_PARAMETER_VALUE,
@@ -440,7 +444,10 @@ MALFORMED_RQ = {
         associate_rq(APP_CONTEXT + CONTEXT + item(0x50, item(0x51, b"\x40\x00") + item(0x52, b"1.2.3"))),
         INVALID_PARAMETER_VALUE,
     ),
-    "pdu-length-covers-zero-padding": (associate_rq(APP_CONTEXT + CONTEXT + USER_INFO + bytes(8)), UNEXPECTED_PARAMETER),
+    "pdu-length-covers-zero-padding": (
+        associate_rq(APP_CONTEXT + CONTEXT + USER_INFO + bytes(8)),
+        UNEXPECTED_PARAMETER,
+    ),
 }
 
 
@@ -550,7 +557,9 @@ DIMSE_VIOLATIONS = {
             )
         ]
     ).encode(),
-    "command-set-without-command-field": PDataTF([PDV(1, True, True, b"\x00\x00\x10\x01\x02\x00\x00\x00\x01\x00")]).encode(),
+    "command-set-without-command-field": PDataTF(
+        [PDV(1, True, True, b"\x00\x00\x10\x01\x02\x00\x00\x00\x01\x00")]
+    ).encode(),
 }
 
 
@@ -564,6 +573,33 @@ async def test_dimse_framing_violation_is_aborted(name: str) -> None:
         await echo_ok(server.port)
         assert await peer.expect_eof(artim + 3) == b""
         await wait_until(lambda: not server.associations, 2, "the server forgot the aborted association")
+
+
+async def test_request_behind_a_violation_is_not_served() -> None:
+    calls: list[str] = []
+    ae = AE("SCP", artim_timeout=0.5)
+    ae.add_supported_context(Verification)
+
+    @ae.on_c_echo
+    async def count(request: object) -> int:
+        calls.append("c-echo")
+        return 0
+
+    server = await ae.start_server(HOST, 0)
+    try:
+        async with raw_peer(server.port) as peer:
+            await raw_associate(peer)
+            # One write, one segment: a command on a context that was never accepted,
+            # then a well-formed C-ECHO-RQ. The first aborts the association (AA-8);
+            # the second arrives in Sta13 and must be ignored (AA-6).
+            await peer.send(echo_rq_pdata(9) + echo_rq_pdata(1))
+            reply = await peer.expect_eof(3.5)
+            assert split_pdus(reply)[0] == a_abort(PROVIDER, NOT_SPECIFIED)
+        await wait_until(lambda: not server.associations, 2, "the server forgot the aborted association")
+        assert calls == [], "the C-ECHO handler ran for a request received after the association was aborted"
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=1), 10)
 
 
 # ---------------------------------------------------------------------------------
@@ -616,6 +652,41 @@ async def test_silent_raw_association_is_aborted_after_network_timeout() -> None
         assert idle * 0.8 <= elapsed <= idle + 2, elapsed
         assert await peer.expect_eof(artim + 3) == b""
         await echo_ok(server.port)
+
+
+async def test_peer_that_stops_reading_is_timed_out() -> None:
+    idle, artim = 0.5, 0.5
+    ae = AE("SCP", artim_timeout=artim, network_timeout=idle, max_associations=1)
+    ae.add_supported_context(Verification)
+
+    @ae.on_association("accepted")
+    def small_buffers(assoc: object) -> None:
+        # Shrink the server's buffers so a few hundred responses fill them; a real
+        # attacker just sends more requests (the default high-water mark is 4 MiB).
+        transport = assoc.transport  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=4096)
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    server = await ae.start_server(HOST, 0)
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (HOST, server.port)), 5)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        peer = Peer(reader, writer)
+        try:
+            await raw_associate(peer)
+            # Pipeline requests and never read a response, then go silent.
+            writer.write(echo_rq_pdata(1) * 2000)
+            await wait_until(lambda: not server.associations, idle + artim + 3, "the non-reading peer was dropped")
+            await echo_ok(server.port)  # its max_associations slot is free again
+        finally:
+            writer.transport.abort()
+    finally:
+        sock.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=1), 10)
 
 
 async def test_silent_scu_association_is_aborted_but_a_busy_one_is_not() -> None:

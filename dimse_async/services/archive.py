@@ -93,6 +93,7 @@ _UNIQUE = {
 }
 _ORDER = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _ALL_KEYS = [k for level in _ORDER for k in LEVEL_KEYS[level]]
+_CHARSET = "SpecificCharacterSet"  # stored with each level's attributes, never matched
 _VR = {k: pydicom.datadict.dictionary_VR(pydicom.datadict.tag_for_keyword(k)) for k in _ALL_KEYS}
 
 _SCHEMA = """
@@ -133,19 +134,33 @@ def _text(value: Any) -> str:
 
 
 def _attrs(ds: Dataset, level: str) -> dict[str, str]:
-    return {k: _text(ds.get(k)) for k in LEVEL_KEYS[level] if k in ds}
+    attrs = {k: _text(ds.get(k)) for k in LEVEL_KEYS[level] if k in ds}
+    if _CHARSET in ds:  # the values are kept decoded; remember which repertoire they need
+        attrs[_CHARSET] = _text(ds.get(_CHARSET))
+    return attrs
 
 
 def _dataset(*attr_maps: dict[str, str]) -> Dataset:
+    """A candidate built from index rows, declaring a Specific Character Set that can
+    encode its values: the rows' own when they agree, else UTF-8 (PS3.5 §6.1.2.5.3)."""
     ds = Dataset()
+    charsets = {attrs[_CHARSET] for attrs in attr_maps if attrs.get(_CHARSET, "").strip("\\ ")}
+    if charsets:
+        ds.SpecificCharacterSet = _split(charsets.pop()) if len(charsets) == 1 else "ISO_IR 192"
     for attrs in attr_maps:
         for key, value in attrs.items():
+            if key == _CHARSET:
+                continue
             vr = _VR[key]
             if vr in ("US", "SS", "UL", "SL"):
                 setattr(ds, key, int(value) if value.strip().lstrip("-").isdigit() else None)
             else:
-                setattr(ds, key, value.split("\\") if "\\" in value else value)
+                setattr(ds, key, _split(value))
     return ds
+
+
+def _split(value: str) -> str | list[str]:
+    return value.split("\\") if "\\" in value else value
 
 
 def _exact(value: Any) -> list[str] | None:
