@@ -425,14 +425,20 @@ class DirectoryStore:
 class _FilePayload:
     """The data set part of a Part 10 file, read in pieces by the sender."""
 
-    def __init__(self, fp: BinaryIO, offset: int):
+    def __init__(self, fp: BinaryIO, offset: int, *, pad_odd: bool = False):
         self.fp = fp
         fp.seek(0, os.SEEK_END)
         self.length = fp.tell() - offset
+        # PS3.5 A.5: an odd-length deflated stream gets one trailing NUL (some files lack it).
+        self._pad = b"\x00" if pad_odd and self.length % 2 else b""
+        self.length += len(self._pad)
         fp.seek(offset)
 
     def read(self, n: int) -> bytes:
-        return self.fp.read(n)
+        data = self.fp.read(n)
+        if len(data) < n and self._pad:
+            data, self._pad = data + self._pad, b""
+        return data
 
 
 async def c_store(
@@ -453,7 +459,9 @@ async def c_store(
         if meta is not None:
             ctx = _find_context(assoc, meta.sop_class_uid, meta.transfer_syntax)
             if ctx is not None:
-                payload: Any = _FilePayload(fp, meta.dataset_offset)
+                payload: Any = _FilePayload(
+                    fp, meta.dataset_offset, pad_odd=meta.transfer_syntax == DeflatedExplicitVRLittleEndian
+                )
                 return await _send_store(
                     assoc, ctx, payload, meta.sop_class_uid, meta.sop_instance_uid, priority, move_originator, timeout
                 )
