@@ -15,6 +15,7 @@ final status is Cancel (0xFE00).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -120,6 +121,7 @@ class Responses:
     def __init__(self, run: Callable[[Responses], AsyncIterator[Any]]):
         self.status: Status | None = None
         self.result: Progress | None = None
+        self._cancelling: asyncio.Task[None] | None = None
         self._agen = run(self)
 
     def __aiter__(self) -> Responses:
@@ -130,6 +132,8 @@ class Responses:
 
     async def aclose(self) -> None:
         await self._agen.aclose()
+        if self._cancelling is not None:  # C-CANCEL sent: wait for the final response
+            await asyncio.shield(self._cancelling)
 
     async def __aenter__(self) -> Responses:
         return self
@@ -171,7 +175,7 @@ async def _exchange(
             if finished or not assoc.is_established:
                 assoc._pending.pop(mid, None)
             else:
-                assoc._spawn(_cancel_and_drain(assoc, ctx, mid, queue, owner))
+                owner._cancelling = assoc._spawn(_cancel_and_drain(assoc, ctx, mid, queue, owner))
 
 
 async def _next_response(assoc: Association, queue: asyncio.Queue[Any], cmd: Command) -> Message:
@@ -213,9 +217,10 @@ def c_find(assoc: Association, query: Dataset, model: str = "study", *, priority
 
     async def run(owner: Responses) -> AsyncIterator[Dataset]:
         cmd = Command(CommandField.C_FIND_RQ, affected_sop_class_uid=sop_class, priority=priority)
-        async for msg in _exchange(assoc, ctx, cmd, _identifier_bytes(query, ctx), owner):
-            if msg.command.status in PENDING and msg.dataset is not None:
-                yield decode_identifier(msg.dataset, ctx.transfer_syntax)
+        async with contextlib.aclosing(_exchange(assoc, ctx, cmd, _identifier_bytes(query, ctx), owner)) as msgs:
+            async for msg in msgs:
+                if msg.command.status in PENDING and msg.dataset is not None:
+                    yield decode_identifier(msg.dataset, ctx.transfer_syntax)
 
     return Responses(run)
 
@@ -250,11 +255,12 @@ def _retrieve(
     async def run(owner: Responses) -> AsyncIterator[Progress]:
         field_ = CommandField.C_GET_RQ if op == "get" else CommandField.C_MOVE_RQ
         cmd = Command(field_, affected_sop_class_uid=sop_class, priority=priority, move_destination=destination)
-        async for msg in _exchange(assoc, ctx, cmd, _identifier_bytes(query, ctx), owner):
-            progress = _progress(msg, ctx)
-            if msg.command.status not in PENDING:
-                owner.result = progress
-            yield progress
+        async with contextlib.aclosing(_exchange(assoc, ctx, cmd, _identifier_bytes(query, ctx), owner)) as msgs:
+            async for msg in msgs:
+                progress = _progress(msg, ctx)
+                if msg.command.status not in PENDING:
+                    owner.result = progress
+                yield progress
 
     return Responses(run)
 
@@ -278,8 +284,9 @@ def c_get(
     async def with_store(owner: Responses) -> AsyncIterator[Progress]:
         previous, assoc.store_handler = assoc.store_handler, store
         try:
-            async for item in inner:
-                yield item
+            async with contextlib.aclosing(inner) as items:
+                async for item in items:
+                    yield item
         finally:
             assoc.store_handler = previous
 
