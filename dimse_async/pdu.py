@@ -573,30 +573,52 @@ class PDUReader:
     judged as soon as its 6 bytes are in: an unknown type or a length over the limit
     raises :class:`PDUError` at once, so a 64 MiB claim costs 6 bytes of memory.
 
+    Received chunks are kept as they came; they are joined only when a PDU spans
+    several of them, and PDU bodies (and so P-DATA fragments) are memoryviews into
+    them, so each received byte is copied at most once.
+
     ``max_pdata_length`` is the maximum length we advertised (PS3.8 D.1): the limit
     on the P-DATA-TF PDU-length field. 0 means we advertised "unlimited"; the reader
     still caps it at ``hard_limit``.
     """
 
-    __slots__ = ("_buf", "max_pdata_length", "hard_limit")
+    __slots__ = ("_head", "_pos", "_tail", "_avail", "max_pdata_length", "hard_limit")
 
     def __init__(self, max_pdata_length: int, hard_limit: int = 1 << 26):
-        self._buf = bytearray()
+        self._head: bytes = b""
+        self._pos = 0
+        self._tail: list[bytes] = []
+        self._avail = 0
         self.max_pdata_length = max_pdata_length
         self.hard_limit = hard_limit
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        if not data:
+            return
+        chunk = data if type(data) is bytes else bytes(data)
+        if self._pos >= len(self._head) and not self._tail:
+            self._head, self._pos = chunk, 0
+        else:
+            self._tail.append(chunk)
+        self._avail += len(chunk)
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._avail
+
+    def _coalesce(self, need: int) -> None:
+        """Make at least ``need`` unread bytes contiguous in ``_head``."""
+        if len(self._head) - self._pos >= need:
+            return
+        self._head = self._head[self._pos :] + b"".join(self._tail)
+        self._pos = 0
+        self._tail = []
 
     def next_pdu(self) -> PDU | None:
-        buf = self._buf
-        if len(buf) < 6:
+        if self._avail < 6:
             return None
-        pdu_type, _, length = _HDR.unpack_from(buf, 0)
+        self._coalesce(6)
+        pdu_type, _, length = _HDR.unpack_from(self._head, self._pos)
         if pdu_type == PDUType.P_DATA_TF:
             limit = self.max_pdata_length or self.hard_limit
         elif 1 <= pdu_type <= 7:
@@ -608,8 +630,14 @@ class PDUReader:
                 f"PDU type {pdu_type:#04x} claims {length} bytes, over our limit of {limit}",
                 AbortReason.INVALID_PDU_PARAMETER_VALUE,
             )
-        if len(buf) < 6 + length:
+        total = 6 + length
+        if self._avail < total:
             return None
-        body = bytes(buf[6 : 6 + length])
-        del buf[: 6 + length]
+        self._coalesce(total)
+        start = self._pos + 6
+        body = memoryview(self._head)[start : start + length]
+        self._pos += total
+        self._avail -= total
+        if self._pos >= len(self._head):
+            self._head, self._pos = (self._tail.pop(0), 0) if self._tail else (b"", 0)
         return decode_pdu(pdu_type, body)

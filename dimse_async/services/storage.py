@@ -97,6 +97,7 @@ _SMALL_WRITE = 1 << 20  # smaller files are written on the loop, larger ones in 
 class Spool:
     """Receives one C-STORE data set; holds ``header`` (Part 10 meta) + data set bytes.
 
+    Received fragments are kept as they came (views into the received PDUs, no copy).
     Up to ``threshold`` bytes stay in memory; past it they go to a ``.partial``
     temporary file in ``directory``, written in a worker thread. While more than
     ``_HIGH_WATER`` bytes wait for the disk, ``pause`` is called to stop reading the
@@ -112,7 +113,8 @@ class Spool:
         pause: Callable[[], None],
         resume: Callable[[], None],
     ):
-        self._mem = bytearray(header)
+        self._chunks: list[bytes | memoryview] = [header]
+        self._pending = len(header)  # bytes in _chunks
         self.header_length = len(header)
         self.size = 0
         self.threshold = threshold
@@ -130,29 +132,31 @@ class Spool:
         return self._file is None and self.path is None
 
     def write(self, data: bytes | memoryview) -> None:
-        self.size += len(data)
+        n = len(data)
+        self.size += n
         if self.error is not None:
             return  # already failed: count, drop, and answer with a failure status
-        self._mem += data
+        self._chunks.append(data)
+        self._pending += n
         if self._file is None:
-            if len(self._mem) <= self.threshold:
+            if self._pending <= self.threshold:
                 return
             try:
                 os.makedirs(self.directory or tempfile.gettempdir(), exist_ok=True)
                 fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=self.directory)
-                self._file = os.fdopen(fd, "wb", buffering=0)
+                self._file = os.fdopen(fd, "wb")
             except OSError as exc:
                 self._fail(exc)
                 return
-        if self._flusher is None and len(self._mem) >= _FLUSH_CHUNK:
+        if self._flusher is None and self._pending >= _FLUSH_CHUNK:
             self._flusher = asyncio.ensure_future(self._flush())
-        if len(self._mem) >= _HIGH_WATER and not self._paused:
+        if self._pending >= _HIGH_WATER and not self._paused:
             self._paused = True
             self._pause()
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
-        self._mem = bytearray()
+        self._chunks, self._pending = [], 0
         self._unpause()
 
     def _unpause(self) -> None:
@@ -165,12 +169,11 @@ class Spool:
             while (
                 self._file is not None
                 and self.error is None
-                and (len(self._mem) >= _FLUSH_CHUNK or (final and self._mem))
+                and (self._pending >= _FLUSH_CHUNK or (final and self._pending))
             ):
-                chunk = bytes(self._mem)
-                self._mem.clear()
-                await asyncio.to_thread(self._file.write, chunk)
-                if len(self._mem) < _LOW_WATER:
+                chunks, self._chunks, self._pending = self._chunks, [], 0
+                await asyncio.to_thread(self._file.writelines, chunks)
+                if self._pending < _LOW_WATER:
                     self._unpause()
         except OSError as exc:
             self._fail(exc)
@@ -184,12 +187,21 @@ class Spool:
             await self._flusher
         if self._file is not None:
             await self._flush(final=True)
-            self._file.close()
+            try:
+                await asyncio.to_thread(self._file.close)
+            except OSError as exc:
+                self._fail(exc)
             self._file = None
         self._unpause()
 
+    def chunks(self) -> list[bytes | memoryview]:
+        """The in-memory part (header + data set) as received, without copying."""
+        return self._chunks
+
     def memory(self) -> bytes:
-        return bytes(self._mem)
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return bytes(self._chunks[0]) if self._chunks else b""
 
     def discard(self) -> None:
         """Drop the spool; removes the temporary file (used after aborts and failures)."""
@@ -208,7 +220,7 @@ class Spool:
             except OSError:
                 pass
             self.path = None
-        self._mem = bytearray()
+        self._chunks, self._pending = [], 0
         self._unpause()
 
 
@@ -270,29 +282,37 @@ class StoreRequest(Request):
         place (no copy when on the same file system).
         """
         dest = os.fspath(path)
-        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-        spool = self.spool
-        if spool.path is not None:
-            src, spool.path = spool.path, None
-            try:
-                os.replace(src, dest)
-            except OSError:
-                await asyncio.to_thread(_copy_then_replace, src, dest)
-        else:
-            data = spool.memory()
-            if len(data) < _SMALL_WRITE:
-                _write_atomic(dest, data)
-            else:
-                await asyncio.to_thread(_write_atomic, dest, data)
+        try:
+            await self._place(dest)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            await self._place(dest)
         self._saved = dest
         return dest
 
+    async def _place(self, dest: str) -> None:
+        spool = self.spool
+        if spool.path is not None:
+            try:
+                os.replace(spool.path, dest)
+            except FileNotFoundError:
+                raise
+            except OSError:  # another file system: copy, then drop the spool file
+                await asyncio.to_thread(_copy_then_replace, spool.path, dest)
+            spool.path = None
+        else:
+            chunks = spool.chunks()
+            if spool.size < _SMALL_WRITE:
+                _write_atomic(dest, chunks)
+            else:
+                await asyncio.to_thread(_write_atomic, dest, chunks)
 
-def _write_atomic(dest: str, data: bytes) -> None:
+
+def _write_atomic(dest: str, chunks: list[bytes | memoryview]) -> None:
     tmp = f"{dest}.partial"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines(chunks)
         os.replace(tmp, dest)
     except BaseException:
         try:
