@@ -8,6 +8,7 @@ it received.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -28,14 +29,12 @@ class FileMeta:
     dataset_offset: int
 
 
+_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+
+
 def valid_uid(uid: str) -> bool:
     """PS3.5 §9.1: 1-64 chars of digits and dots, no empty component, no leading zero."""
-    if not 0 < len(uid) <= 64 or uid[0] == "." or uid[-1] == ".":
-        return False
-    for part in uid.split("."):
-        if not part or not part.isdigit() or not part.isascii() or (len(part) > 1 and part[0] == "0"):
-            return False
-    return True
+    return 0 < len(uid) <= 64 and _UID.fullmatch(uid) is not None
 
 
 def read_file_meta(fp: BinaryIO) -> FileMeta | None:
