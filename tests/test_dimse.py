@@ -28,6 +28,7 @@ from dimse_async.dimse import (
     decode_command,
     encode_command,
     fragment,
+    fragment_stream,
 )
 from dimse_async.pdu import PDV, PDataTF, PDUReader
 
@@ -641,6 +642,48 @@ def test_fragment_unlimited_max_pdu_is_still_finite():
 def test_fragment_refuses_max_pdu_without_room_for_data(max_pdu):
     with pytest.raises(ValueError):
         list(fragment(1, b"x", True, max_pdu))
+
+
+class Source:
+    """A data set read in pieces, as from a file; ``short`` bytes go missing at the end."""
+
+    def __init__(self, data: bytes, short: int = 0) -> None:
+        self.length = len(data)
+        self._file = io.BytesIO(data[: len(data) - short])
+        self.reads: list[int] = []
+
+    def read(self, n: int) -> bytes:
+        self.reads.append(n)
+        return self._file.read(n)
+
+
+@pytest.mark.parametrize(("size", "max_pdu"), [(0, 16384), (1, 7), (5000, 1006), (5001, 1006), (100_000, 0)])
+def test_fragment_stream_matches_fragment(size, max_pdu):
+    payload = bytes(i % 253 for i in range(size))
+    source = Source(payload)
+    streamed = list(fragment_stream(3, source, max_pdu))
+    assert streamed == list(fragment(3, payload, False, max_pdu))
+    pdvs = parse_fragments(streamed, max_pdu)
+    assert not any(p.is_command for p in pdvs)
+    assert [p.is_last for p in pdvs] == [False] * (len(pdvs) - 1) + [True]
+    assert sum(source.reads) == size  # never asks for more than the announced length
+
+
+def test_fragment_stream_reads_lazily():
+    source = Source(bytes(5000))
+    gen = fragment_stream(1, source, 1006)
+    next(gen)
+    assert source.reads == [1000]
+
+
+def test_fragment_stream_source_ending_early():
+    with pytest.raises(DIMSEError):
+        list(fragment_stream(1, Source(bytes(5000), short=1), 1006))
+
+
+def test_fragment_stream_refuses_tiny_max_pdu():
+    with pytest.raises(ValueError):
+        list(fragment_stream(1, Source(b"x"), 6))
 
 
 # ---------------------------------------------------------------------------
