@@ -237,3 +237,30 @@ async def test_every_model_reaches_the_find_handler(model):
             assert [d async for d in responses] == []
     assert seen == [MODELS[model]["find"]]
     assert responses.status == 0
+
+
+async def test_cancel_stops_get_suboperations(tmp_path):
+    paths = make_studies(tmp_path, 30)
+    ae = qr_scp()
+
+    @ae.on_c_get
+    async def get(request):
+        for p in paths:
+            yield p
+
+    received = []
+
+    async def slow_sink(request):
+        received.append(request.sop_instance_uid)
+        await asyncio.sleep(0.02)
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with qr_scu(get_storage=True).associate("127.0.0.1", server.port, "QRSCP") as assoc:
+            responses = assoc.c_get(study_query(StudyInstanceUID="1.2.3"), store=slow_sink)
+            async with responses:
+                async for progress in responses:
+                    if progress.completed and progress.completed >= 2:
+                        break
+            assert responses.status == 0xFE00
+            assert (await assoc.c_echo()).is_success
+    assert 2 <= len(received) < 30
