@@ -310,7 +310,10 @@ def negotiate(
                 if not (scu or scp):
                     result = USER_REJECTION
         seen.add(pc.id)
-        ac_pcs.append(PresentationContextAC(pc.id, result, ts if result == ACCEPTANCE else ""))
+        # PS3.8 Table 9-18: the AC item always carries one transfer syntax sub-item; when the
+        # context is not accepted its value is not significant (we echo the first proposed).
+        echoed = ts if result == ACCEPTANCE else (pc.transfer_syntaxes[0] if pc.transfer_syntaxes else "")
+        ac_pcs.append(PresentationContextAC(pc.id, result, echoed))
         contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp))
 
     invoked = performed = 1

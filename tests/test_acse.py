@@ -68,18 +68,20 @@ def test_context_results_per_context():
     ac, neg = negotiate(rq, policy())
     assert isinstance(ac, AssociateAC)
     results = [(pc.id, pc.result, pc.transfer_syntax) for pc in ac.presentation_contexts]
-    # Acceptor preference order wins: explicit before implicit for CT.
+    # Acceptor preference order wins: explicit before implicit for CT. Rejected contexts
+    # still carry one (insignificant) transfer syntax sub-item: the first proposed.
     assert results == [
         (1, ACCEPTANCE, EXPLICIT),
-        (3, TRANSFER_SYNTAXES_NOT_SUPPORTED, ""),
-        (5, ABSTRACT_SYNTAX_NOT_SUPPORTED, ""),
+        (3, TRANSFER_SYNTAXES_NOT_SUPPORTED, JPEG),
+        (5, ABSTRACT_SYNTAX_NOT_SUPPORTED, IMPLICIT),
         (7, ACCEPTANCE, IMPLICIT),
     ]
     assert [c.id for c in neg.accepted] == [1, 7]
     assert neg.peer_max_pdu == 32768
     # The requestor sees the same outcome after the AC travels as bytes.
     mine = requestor_contexts(rq, roundtrip_ac(ac))
-    assert [(c.id, c.result, c.transfer_syntax) for c in mine.contexts] == results
+    assert [(c.id, c.result) for c in mine.contexts] == [(i, r) for i, r, _ in results]
+    assert [c.transfer_syntax for c in mine.accepted] == [EXPLICIT, IMPLICIT]
     assert mine.peer_max_pdu == 65536
 
 
