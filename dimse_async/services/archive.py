@@ -163,6 +163,23 @@ def _split(value: str) -> str | list[str]:
     return value.split("\\") if "\\" in value else value
 
 
+def _name_key(name: str) -> str:
+    """What a PN key without ``=`` is matched against: the alphabetic group, upper case
+    (PN matching is case-insensitive here, see :mod:`.matching`)."""
+    return name.split("=", 1)[0].rstrip(" ^").upper()
+
+
+def _name_prefix(value: Any) -> str:
+    """The literal prefix of a single-valued PN key, upper case; "" when none can be used."""
+    text = _text(value).strip()
+    if not text or "\\" in text or "=" in text:
+        return ""
+    for i, ch in enumerate(text):
+        if ch in "*?":
+            return text[:i].upper()
+    return text.rstrip(" ^").upper()
+
+
 def _exact(value: Any) -> list[str] | None:
     """Values of a key usable for an SQL equality prefilter (no wildcard, no range)."""
     text = _text(value).strip()
@@ -186,6 +203,16 @@ class Archive:
         if self._db is None:
             self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(patients)")}
+            if "name_key" not in columns:  # an index from an earlier version: add and fill
+                with self._db:
+                    self._db.execute("ALTER TABLE patients ADD COLUMN name_key TEXT")
+                    rows = self._db.execute("SELECT patient_id, attrs FROM patients").fetchall()
+                    self._db.executemany(
+                        "UPDATE patients SET name_key = ? WHERE patient_id = ?",
+                        [(_name_key(json.loads(a).get("PatientName", "")), pid) for pid, a in rows],
+                    )
+            self._db.execute("CREATE INDEX IF NOT EXISTS patients_name ON patients(name_key)")
         return self._db
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -215,9 +242,11 @@ class Archive:
         patient_id = _text(ds.get("PatientID"))
         db = self._conn()
         with db:
+            patient = _attrs(ds, "PATIENT")
             db.execute(
-                "INSERT INTO patients VALUES (?, ?) ON CONFLICT(patient_id) DO UPDATE SET attrs=excluded.attrs",
-                (patient_id, json.dumps(_attrs(ds, "PATIENT"))),
+                "INSERT INTO patients (patient_id, attrs, name_key) VALUES (?, ?, ?) ON CONFLICT(patient_id) "
+                "DO UPDATE SET attrs=excluded.attrs, name_key=excluded.name_key",
+                (patient_id, json.dumps(patient), _name_key(patient.get("PatientName", ""))),
             )
             study = _attrs(ds, "STUDY")
             db.execute(
@@ -357,6 +386,11 @@ class Archive:
 
         depth = _ORDER.index(level)
         exact("p.patient_id", "PatientID")
+        prefix = _name_prefix(q.get("PatientName")) if "PatientName" in q else ""
+        if prefix:
+            # The literal start of a name key narrows by index; the matcher decides the rest.
+            where.append("p.name_key >= ? AND p.name_key < ?")
+            args.extend([prefix, prefix + "\U0010ffff"])
         if depth >= 1:
             exact("st.study_uid", "StudyInstanceUID")
             exact("st.accession", "AccessionNumber")
