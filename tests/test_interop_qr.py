@@ -1547,8 +1547,8 @@ async def test_our_scu_cancels_find_mid_stream(
     is the right one: Cancel (0xFE00) if the peer stopped early, Success only if it had
     already sent every match before it could read the C-CANCEL.
 
-    Seen on loopback: serve sends all 36 small responses before it reads the C-CANCEL
-    (Success); Orthanc stops after the first (Cancel); dcmqrscp goes either way; slowed
+    Seen on loopback: serve reads the C-CANCEL between responses (usually Cancel, Success
+    if all had gone); Orthanc stops after the first (Cancel); dcmqrscp goes either way; slowed
     wlmscpfs always cancels, after the second match."""
     proc = None
     if peer_name == "wlmscpfs-slow":

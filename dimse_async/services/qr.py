@@ -409,6 +409,7 @@ async def scp_c_find(assoc: Association, ctx: PresentationContext, msg: Message)
                         break
                     code, ident = item if isinstance(item, tuple) else (0xFF00, item)
                     await _respond(assoc, ctx, msg, Status(code), ident)
+                    await asyncio.sleep(0)  # let the loop read a C-CANCEL that may have arrived
                     if request.cancelled:
                         status = Status(0xFE00)
                         break
