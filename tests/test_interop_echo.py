@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import dcmtk, free_port
+from conftest import communicate, dcmtk, free_port
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -72,19 +72,8 @@ class Completed:
 
 async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 30.0) -> Completed:
     """Run a peer to completion without blocking the event loop (our SCP keeps serving)."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        pytest.fail(f"{' '.join(argv)} did not finish within {timeout} s")
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), 5)
-    assert proc.returncode is not None
-    return Completed(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+    code, out, err = await communicate(argv, env=env, timeout=timeout)
+    return Completed(argv, code, out, err)
 
 
 async def echoscu(port: int, *options: str) -> Completed:

@@ -37,8 +37,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -51,7 +49,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from conftest import dcmtk, free_port
+from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -492,19 +490,8 @@ class Completed:
 
 async def run(*argv: str, cwd: Path | None = None, timeout: float = WAIT) -> Completed:
     """Run a program to completion without blocking the event loop (our SCPs keep serving)."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd, env=DCMTK_ENV
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        pytest.fail(f"{' '.join(argv)} did not finish within {timeout} s")
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), 5)
-    assert proc.returncode is not None
-    return Completed(argv, proc.returncode, out.decode(errors="replace"))
+    code, out, _ = await communicate(argv, env=DCMTK_ENV, cwd=cwd, timeout=timeout, merge_stderr=True)
+    return Completed(argv, code, out)
 
 
 def run_sync(*argv: str, cwd: Path | None = None, timeout: float = WAIT) -> Completed:
@@ -523,33 +510,6 @@ def start_process(argv: Sequence[str], log: Path, *, cwd: Path | None = None) ->
         return subprocess.Popen(
             list(argv), stdout=sink, stderr=subprocess.STDOUT, cwd=cwd, env=DCMTK_ENV, start_new_session=True
         )
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM, wait, SIGKILL if it lingers; then end children left in its process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode
-
-
-def wait_tcp(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex((HOST, port)) == 0:
-                return
-        time.sleep(0.05)
-    pytest.fail(f"{proc.args} not listening on port {port} after {timeout} s")
 
 
 def in_thread(fn: Callable[[], Awaitable[Any]], timeout: float = 2 * WAIT) -> Any:

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from conftest import dcmtk, free_port
+from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
@@ -376,45 +376,16 @@ class Completed:
 
 async def run(*argv: str, env: dict[str, str] | None = None, timeout: float = WAIT) -> Completed:
     """Run a program to completion without blocking the event loop (our SCP keeps serving)."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        pytest.fail(f"{' '.join(argv)} did not finish within {timeout} s")
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await asyncio.wait_for(proc.wait(), 5)
-    assert proc.returncode is not None
-    return Completed(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+    code, out, err = await communicate(argv, env=env, timeout=timeout)
+    return Completed(argv, code, out, err)
 
 
 def _stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM, wait, SIGKILL if it lingers; returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    return proc.returncode
+    return stop_process(proc, timeout)
 
 
 def _wait_tcp(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = WAIT) -> None:
-    """Until something accepts TCP connections on ``port`` (bounded; fails if the process dies)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args} exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex((HOST, port)) == 0:
-                return
-        time.sleep(0.05)
-    pytest.fail(f"{proc.args} not listening on port {port} after {timeout} s")
+    wait_tcp(proc, port, log, timeout)
 
 
 @dataclass
