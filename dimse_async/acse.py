@@ -46,6 +46,9 @@ __all__ = [
 IMPLEMENTATION_CLASS_UID = "2.25.274571480719065348315665717021919789922"
 IMPLEMENTATION_VERSION_NAME = "DIMSE_ASYNC_01"
 
+#: Smallest maximum PDU length we accept from a peer: a PDV header plus some data.
+MIN_PEER_PDU = 64
+
 ACCEPTANCE = 0
 USER_REJECTION = 1
 NO_REASON = 2
@@ -281,6 +284,10 @@ def negotiate(
     if policy.allowed_calling_aes is not None and rq.calling_ae not in policy.allowed_calling_aes:
         return AssociateRJ(1, 1, 3), None
     if not identity_ok:
+        return AssociateRJ(1, 1, 1), None
+    peer_max = rq.user_info.max_length
+    if peer_max is not None and 0 < peer_max < MIN_PEER_PDU:
+        # We could not send a single PDV to this peer (PS3.8 D.1): refuse up front.
         return AssociateRJ(1, 1, 1), None
 
     proposed_roles = {r.sop_class_uid: r for r in rq.user_info.roles}

@@ -243,3 +243,12 @@ def test_build_request_limits_and_ids():
     assert [pc.id for pc in rq.presentation_contexts][-1] == 255
     with pytest.raises(ValueError):
         build_request("A", "B", [ContextSpec(ECHO, [IMPLICIT])] * 129, max_pdu=0)
+
+
+@pytest.mark.parametrize(("max_pdu", "accepted"), [(0, True), (1, False), (63, False), (64, True)])
+def test_peer_max_pdu_too_small_to_carry_a_pdv_is_rejected(max_pdu, accepted):
+    rq = build_request("SCP", "SCU", [ContextSpec(ECHO, [IMPLICIT])], max_pdu=max_pdu)
+    result, _ = negotiate(rq, policy())
+    assert isinstance(result, AssociateAC) is accepted
+    if not accepted:
+        assert (result.result, result.source, result.reason) == (1, 1, 1)
