@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
@@ -204,9 +204,6 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
     if "data_set_type" not in values:
         raise DIMSEError("command set has no Command Data Set Type (0000,0800)")
     return Command(**values)  # type: ignore[arg-type]
-
-
-COMMAND_ATTRIBUTES = tuple(f.name for f in fields(Command))
 
 
 # ---------------------------------------------------------------------------

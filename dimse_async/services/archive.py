@@ -180,6 +180,29 @@ def _name_prefix(value: Any) -> str:
     return text.rstrip(" ^").upper()
 
 
+def _level(model: str, identifier: Dataset, what: str) -> str:
+    """The identifier's level, refused (0xA900) when the model has no such level."""
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    if level not in _MODEL_LEVELS[model]:
+        raise StatusError(Status(0xA900, f"{what} level {level!r} not valid for this model"))
+    return level
+
+
+def _model(model_uid: str) -> str:
+    model = _MODEL_BY_UID.get(model_uid)
+    if model is None:
+        raise StatusError(Status(0x0122, "Information model not supported"))
+    return model
+
+
+def _where_in(identifier: Dataset, key: str, column: str, where: list[str], args: list[Any]) -> None:
+    """Add ``column IN (...)`` for a key with exact values (no wildcard, no range)."""
+    values = _exact(identifier.get(key)) if key in identifier else None
+    if values:
+        where.append(f"{column} IN ({','.join('?' * len(values))})")
+        args.extend(values)
+
+
 def _exact(value: Any) -> list[str] | None:
     """Values of a key usable for an SQL equality prefilter (no wildcard, no range)."""
     text = _text(value).strip()
@@ -358,10 +381,7 @@ class Archive:
     # -- querying -----------------------------------------------------------------
 
     def _query(self, model: str, identifier: Dataset) -> list[Dataset]:
-        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-        levels = _MODEL_LEVELS[model]
-        if level not in levels:
-            raise StatusError(Status(0xA900, f"Query level {level!r} not valid for this model"))
+        level = _level(model, identifier, "Query")
         rows = self._candidates(model, level, identifier)
         out = []
         for attrs, extra in rows:
@@ -379,10 +399,7 @@ class Archive:
         args: list[Any] = []
 
         def exact(column: str, key: str) -> None:
-            values = _exact(q.get(key)) if key in q else None
-            if values:
-                where.append(f"{column} IN ({','.join('?' * len(values))})")
-                args.extend(values)
+            _where_in(q, key, column, where, args)
 
         depth = _ORDER.index(level)
         exact("p.patient_id", "PatientID")
@@ -482,34 +499,22 @@ class Archive:
         return out
 
     async def find(self, model_uid: str, identifier: Dataset) -> list[Dataset]:
-        model = _MODEL_BY_UID.get(model_uid)
-        if model is None:
-            raise StatusError(Status(0x0122, "Information model not supported"))
-        return await self._call(self._query, model, identifier)
+        return await self._call(self._query, _model(model_uid), identifier)
 
     def _paths(self, model: str, identifier: Dataset) -> list[str]:
-        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
-        levels = _MODEL_LEVELS[model]
-        if level not in levels:
-            raise StatusError(Status(0xA900, f"Retrieve level {level!r} not valid for this model"))
+        level = _level(model, identifier, "Retrieve")
         # Unique keys at the retrieve level (and above, for the hierarchy) are required (C.4.2.2.1).
         if not _exact(identifier.get(_UNIQUE[level])):
             raise StatusError(Status(0xA900, f"{_UNIQUE[level]} is required at {level} level"))
-        q = Dataset()
-        for key in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            if key in identifier and _exact(identifier.get(key)):
-                setattr(q, key, identifier.get(key))
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         for column, key in (
             ("st.patient_id", "PatientID"),
             ("st.study_uid", "StudyInstanceUID"),
             ("se.series_uid", "SeriesInstanceUID"),
             ("i.sop_uid", "SOPInstanceUID"),
         ):
-            values = _exact(q.get(key)) if key in q else None
-            if values:
-                where.append(f"{column} IN ({','.join('?' * len(values))})")
-                args.extend(values)
+            _where_in(identifier, key, column, where, args)
         sql = (
             "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
             "JOIN studies st ON se.study_uid = st.study_uid WHERE " + " AND ".join(where) + " ORDER BY i.path"
@@ -517,10 +522,7 @@ class Archive:
         return [r[0] for r in self._conn().execute(sql, args) if os.path.exists(r[0])]
 
     async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
-        model = _MODEL_BY_UID.get(model_uid)
-        if model is None:
-            raise StatusError(Status(0x0122, "Information model not supported"))
-        return await self._call(self._paths, model, identifier)
+        return await self._call(self._paths, _model(model_uid), identifier)
 
     # -- handlers -----------------------------------------------------------------
 

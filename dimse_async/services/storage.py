@@ -17,6 +17,7 @@ import array
 import asyncio
 import io
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -126,10 +127,6 @@ class Spool:
         self._paused = False
         #: The OSError that made the spool fail (disk full, permissions), if any.
         self.error: OSError | None = None
-
-    @property
-    def in_memory(self) -> bool:
-        return self._file is None and self.path is None
 
     def write(self, data: bytes | memoryview) -> None:
         n = len(data)
@@ -323,8 +320,6 @@ def _write_atomic(dest: str, chunks: list[bytes | memoryview]) -> None:
 
 
 def _copy_then_replace(src: str, dest: str) -> None:
-    import shutil
-
     tmp = f"{dest}.partial"
     try:
         shutil.copyfile(src, tmp)
