@@ -308,11 +308,18 @@ class Association(asyncio.Protocol):
         if self._end_reason is None:
             self._end_reason = reason
         self.log.warning("association aborted", reason=reason)
-        exc = AssociationAborted(reason)
+        self._settle_waiters(AssociationAborted(reason), released=False)
+
+    def _settle_waiters(self, exc: Exception, *, released: bool) -> None:
+        """Answer everyone still waiting on this association: ``exc``, or a completed
+        release when ``released``."""
         if not self._established.done():
             self._established.set_exception(exc)
         if self._release_confirm is not None and not self._release_confirm.done():
-            self._release_confirm.set_exception(exc)
+            if released:
+                self._release_confirm.set_result(None)
+            else:
+                self._release_confirm.set_exception(exc)
         self._fail_pending(exc)
 
     def _fail_pending(self, exc: Exception) -> None:
@@ -328,15 +335,7 @@ class Association(asyncio.Protocol):
             return
         self._cancel_timers()
         reason = self._end_reason
-        exc = AssociationAborted(reason or "association closed")
-        if not self._established.done():
-            self._established.set_exception(exc)
-        if self._release_confirm is not None and not self._release_confirm.done():
-            if self._released:
-                self._release_confirm.set_result(None)
-            else:
-                self._release_confirm.set_exception(exc)
-        self._fail_pending(exc)
+        self._settle_waiters(AssociationAborted(reason or "association closed"), released=self._released)
         for task in list(self._handlers):
             task.cancel()
         partial = self._assembler._current
