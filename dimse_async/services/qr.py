@@ -465,15 +465,12 @@ async def _run_suboperations(
     total = len(items)
     completed = failed = warning = 0
     failed_uids: list[str] = []
-    started = 0
-    lock = asyncio.Lock()
     queue = list(reversed(items))
 
     async def worker() -> None:
-        nonlocal completed, failed, warning, started
+        nonlocal completed, failed, warning
         while queue and not request.cancelled and assoc.is_established:
             item = queue.pop()
-            started += 1
             try:
                 status = await store(item)
                 category = status.category
@@ -494,8 +491,8 @@ async def _run_suboperations(
                 failed_uids.append(_item_uid(item))
             remaining = total - completed - failed - warning
             if remaining and not request.cancelled:
-                async with lock:
-                    await _respond(assoc, ctx, msg, Status(0xFF00), None, (remaining, completed, failed, warning))
+                # The association's send lock keeps concurrent workers' responses whole and in order.
+                await _respond(assoc, ctx, msg, Status(0xFF00), None, (remaining, completed, failed, warning))
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
     remaining = total - completed - failed - warning
