@@ -356,9 +356,8 @@ async def scp_c_store(assoc: Association, ctx: PresentationContext, msg: Message
     """Run the C-STORE handler for one received instance and answer (PS3.4 B.2.3)."""
     cmd = msg.command
     spool = msg.sink
-    if not isinstance(spool, Spool):  # arrived without a spool (no sink factory)
-        spool = Spool(b"", threshold=1 << 62, directory=None, pause=lambda: None, resume=lambda: None)
-        spool.write(msg.dataset or b"")
+    # Association._sink_for gives every C-STORE-RQ on an accepted context a spool.
+    assert isinstance(spool, Spool), "C-STORE data set arrived without a spool"
     status: Status
     try:
         await spool.finish()

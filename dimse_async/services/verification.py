@@ -30,8 +30,8 @@ async def c_echo(assoc: Association, *, timeout: float | None = None) -> Status:
 async def scp_c_echo(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
     """Answer a C-ECHO: success, or what the ``@ae.on_c_echo`` handler returns.
 
-    A handler that raises answers 0x0211 (unrecognized operation would be wrong for
-    an echo, but it is the generic failure PS3.7 C.5 offers) and is logged.
+    A handler that raises is logged and answered with failure 0x0211 (PS3.7 C.5,
+    the generic failure status C-ECHO can carry).
     """
     handler = assoc.ae._handlers.get("c_echo")
     status: Any = Status(Status.SUCCESS)
