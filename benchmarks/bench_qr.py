@@ -63,8 +63,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 import dimse_async
 from dimse_async import AE
+from dimse_async.archive.index import Archive
 from dimse_async.log import configure_logging
-from dimse_async.services.archive import Archive
 from dimse_async.services.qr import MODELS
 
 HERE = Path(__file__).resolve().parent

@@ -14,9 +14,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dimse_async import AE, Verification
-from dimse_async.cli import archive_ae
-from dimse_async.config import ServeConfig, load_config
-from dimse_async.services.archive import Archive, Worklist
+from dimse_async.archive.config import ServeConfig, load_config
+from dimse_async.archive.index import Archive, Worklist
+from dimse_async.archive.serve import archive_ae
 from dimse_async.services.qr import MODELS
 
 CT = get_testdata_file("CT_small.dcm")

@@ -4,7 +4,7 @@ Data: 3 patients x 2 studies x 2 series x 3 instances written with pydicom from
 CT_small.dcm / MR_small.dcm with new UIDs and distinct names, IDs, study dates,
 accession numbers and modalities (one patient's name is Latin-1, ISO_IR 100).
 Every expectation is computed from what pydicom reads back from those files, with
-plain Python predicates, never with :mod:`dimse_async.services.matching`.
+plain Python predicates, never with :mod:`dimse_async.archive.matching`.
 
 1. ``dimse-async serve`` as a process (TOML config), loaded by DCMTK ``storescu``:
    ``findscu`` (patient and study root, every level, wild cards, date ranges, UID

@@ -20,7 +20,7 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.valuerep import PersonName
 
-from dimse_async.services.matching import (
+from dimse_async.archive.matching import (
     WILDCARD_VRS,
     is_universal,
     match_value,

@@ -26,9 +26,9 @@ from pydicom.dataset import Dataset
 from ..dimse import Status
 from ..log import get_logger
 from ..part10 import valid_uid
+from ..services.qr import MODELS, QueryRequest, StatusError
+from ..services.storage import StoreRequest
 from .matching import matches, parse_range, response_identifier
-from .qr import MODELS, QueryRequest, StatusError
-from .storage import StoreRequest
 
 if TYPE_CHECKING:
     from ..ae import AE

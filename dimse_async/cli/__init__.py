@@ -9,10 +9,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from . import AE, Verification, run
-from .acse import validate_ae_title
-from .config import ServeConfig, load_config
-from .exceptions import (
+from .. import AE, Verification, run
+from ..acse import validate_ae_title
+from ..exceptions import (
     AssociationAborted,
     AssociationError,
     AssociationRejected,
@@ -20,11 +19,9 @@ from .exceptions import (
     ConnectionFailed,
     NoAcceptedContext,
 )
-from .log import configure_logging
-from .services.archive import Archive, Worklist
-from .services.qr import MODELS
-from .services.send import SendResult, collect_files, send_files
-from .services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
+from ..log import configure_logging
+from ..services.send import SendResult, collect_files, send_files
+from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
 
 __all__ = ["main"]
 
@@ -73,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     scp.add_argument("--log-json", action="store_true")
 
     serve = sub.add_parser("serve", help="the archive: storage, query/retrieve and worklist SCP")
-    serve.add_argument("--config", help="TOML configuration file (see dimse_async/config.py)")
+    serve.add_argument("--config", help="TOML configuration file (see dimse_async/archive/config.py)")
     serve.add_argument("--host", help="address to listen on (config: host, default all)")
     serve.add_argument("--port", type=int, help="port (config: port, default 11112)")
     serve.add_argument("--aet", type=_ae_title, help="our AE title (config: ae_title)")
@@ -235,62 +232,6 @@ async def _send(args: argparse.Namespace) -> int:
     return EXIT_STATUS if failed else EXIT_OK
 
 
-def archive_ae(config: ServeConfig) -> AE:
-    """The ``serve`` AE: verification, all storage classes (SCP and, for C-GET, SCU
-    role), Q/R FIND/GET/MOVE in every model and modality worklist."""
-    ae = AE(
-        config.ae_title,
-        require_called_ae=config.require_called_ae,
-        allowed_calling_aes=config.allowed_calling_aes,
-        max_associations=config.max_associations,
-        max_ops_performed=config.max_ops,
-        max_ops_invoked=config.max_ops,
-        spool_dir=os.path.join(config.storage_dir, ".incoming"),
-        known_aes=config.known_aes,
-    )
-    ae.add_supported_context(Verification)
-    for sop_class in STORAGE_SOP_CLASSES:
-        ae.add_supported_context(sop_class, STORE_TRANSFER_SYNTAXES, scp_role=True)
-    for model in MODELS.values():
-        for uid in model.values():
-            ae.add_supported_context(uid)
-    return ae
-
-
-async def _serve(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except (OSError, ValueError) as exc:
-        print(f"serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    for arg, key in (
-        ("host", "host"),
-        ("port", "port"),
-        ("aet", "ae_title"),
-        ("storage_dir", "storage_dir"),
-        ("worklist_dir", "worklist_dir"),
-    ):
-        if getattr(args, arg) is not None:
-            setattr(config, key, getattr(args, arg))
-    archive = Archive(config.storage_dir)
-    added, skipped, gone = await archive.reindex()
-    total = await archive.count()
-    ae = archive_ae(config)
-    archive.install(ae, Worklist(config.worklist_dir) if config.worklist_dir else None)
-    server = await ae.start_server(config.host, config.port)
-    print(
-        f"{config.ae_title} listening on {config.host}:{server.port}; archive {config.storage_dir}: "
-        f"{total} instances ({added} indexed now, {skipped} unreadable skipped, {gone} gone)"
-        + (f"; worklist {config.worklist_dir}" if config.worklist_dir else ""),
-        flush=True,
-    )
-    try:
-        await _until_signalled(server)
-    finally:
-        archive.close()
-    return EXIT_OK
-
-
 def _tune_allocator() -> None:
     """Keep glibc from mapping and unmapping every large short-lived buffer.
 
@@ -319,7 +260,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "echo-scp":
         return run(_serve_verification(args))
     if args.command == "serve":
-        return run(_serve(args))
+        from ..archive.serve import serve
+
+        return run(serve(args, _until_signalled))
     if args.command == "store-scp":
         return run(_store_scp(args))
     if args.command == "send":

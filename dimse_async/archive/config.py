@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .acse import validate_ae_title
+from ..acse import validate_ae_title
 
 __all__ = ["ServeConfig", "load_config"]
 
