@@ -116,6 +116,16 @@ class Association(asyncio.Protocol):
         self._max_performed = 1
         self._contexts_by_id: dict[int, PresentationContext] = {}
 
+        # Accounting for the log: bytes each way, operations by kind, open operations
+        # (message id -> start time, data set bytes, request) for their outcome line.
+        self._opened_at = self.loop.time()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.operations: collections.Counter[str] = collections.Counter()
+        self.failed_operations = 0
+        self._ops_out: dict[int, tuple[float, int | None, Command]] = {}
+        self._ops_in: dict[int, tuple[float, int | None, Command]] = {}
+
     # ------------------------------------------------------------------ properties
 
     @property
@@ -163,6 +173,7 @@ class Association(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_rx = self.loop.time()
+        self.bytes_received += len(data)
         if self._debug:
             self.log.debug("bytes received", n=len(data), state=self.fsm.state.name)
         self._run(self.fsm.receive_data(data))
@@ -197,6 +208,7 @@ class Association(asyncio.Protocol):
             if kind is fsm.Send:
                 if self.transport is not None and not self.transport.is_closing():
                     self.transport.write(out.data)  # type: ignore[union-attr]
+                    self.bytes_sent += len(out.data)  # type: ignore[union-attr]
             elif kind is fsm.PDataIndication:
                 self._on_pdata(out)  # type: ignore[arg-type]
             elif kind is fsm.StartARTIM:
@@ -351,10 +363,17 @@ class Association(asyncio.Protocol):
         for fut in (self._established, self._release_confirm):
             if fut is not None and fut.done() and not fut.cancelled():
                 fut.exception()
+        ops = ",".join(f"{name}:{n}" for name, n in sorted(self.operations.items())) or "none"
+        fields: dict[str, Any] = {
+            "ops": ops,
+            "failed": self.failed_operations,
+            "rx_bytes": self.bytes_received,
+            "tx_bytes": self.bytes_sent,
+            "duration_ms": round((self.loop.time() - self._opened_at) * 1000),
+        }
         if reason:
-            self.log.info("association closed", reason=reason)
-        else:
-            self.log.info("association closed")
+            fields["reason"] = reason
+        self.log.info("association closed", **fields)
 
     # ----------------------------------------------------------- establishment
 
@@ -416,6 +435,13 @@ class Association(asyncio.Protocol):
         assert neg is not None
         self.log.info(
             what,
+            contexts=f"{len(neg.accepted)}/{len(neg.contexts)}",
+            window=f"{neg.max_ops_invoked},{neg.max_ops_performed}",
+        )
+        if not self._debug:
+            return
+        self.log.debug(
+            "negotiated",
             accepted=[f"{c.id}:{_uid_name(c.abstract_syntax)}/{_uid_name(c.transfer_syntax)}" for c in neg.accepted],
             rejected=[
                 f"{c.id}:{_uid_name(c.abstract_syntax)}:{context_result_text(c.result)}"
@@ -534,6 +560,7 @@ class Association(asyncio.Protocol):
         max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
         async with self._send_lock:
             self._check_can_send()
+            self._track_sent(command, dataset)
             batch = list(fragment(context_id, cmd, True, max_pdu))
             size = sum(map(len, batch))
             if dataset is not None:
@@ -621,6 +648,7 @@ class Association(asyncio.Protocol):
         cmd = msg.command
         if self._debug:
             self.log.debug("message received", command=cmd.name, context=msg.context_id)
+        self._track_received(msg)
         if cmd.is_response:
             waiter = self._pending.get(cmd.message_id_being_responded_to or -1)
             if waiter is None:
@@ -642,6 +670,57 @@ class Association(asyncio.Protocol):
             # until a slot frees (C-CANCELs already read still get through).
             self._backlog.append(msg)
             self._pause_reading("window")
+
+    # ----------------------------------------------------------- operation log
+
+    def _track_sent(self, command: Command, dataset: Any) -> None:
+        """Note a request we send, or log the outcome of one we performed."""
+        if command.is_response:
+            if command.status is not None and command.status not in (0xFF00, 0xFF01):
+                started = self._ops_in.pop(command.message_id_being_responded_to or -1, None)
+                if started is not None:
+                    self._op_done("scp", started, Status(command.status, command.error_comment), command)
+        elif command.command_field != CommandField.C_CANCEL_RQ and command.message_id is not None:
+            size = None if dataset is None else (len(dataset) if hasattr(dataset, "__len__") else dataset.length)
+            self._ops_out[command.message_id] = (self.loop.time(), size, command)
+
+    def _track_received(self, msg: Message) -> None:
+        """Note a request we are asked to perform, or log the outcome of one we sent."""
+        cmd = msg.command
+        if cmd.is_response:
+            if cmd.status is not None and cmd.status not in (0xFF00, 0xFF01):
+                started = self._ops_out.pop(cmd.message_id_being_responded_to or -1, None)
+                if started is not None:
+                    self._op_done("scu", started, Status(cmd.status, cmd.error_comment), cmd)
+        elif cmd.command_field != CommandField.C_CANCEL_RQ and cmd.message_id is not None:
+            size = len(msg.dataset) if msg.dataset is not None else getattr(msg.sink, "size", None)
+            self._ops_in[cmd.message_id] = (self.loop.time(), size, cmd)
+
+    def _op_done(self, role: str, started: tuple[float, int | None, Command], status: Status, rsp: Command) -> None:
+        """One line per finished operation: DEBUG on success, INFO otherwise."""
+        t0, size, rq = started
+        name = rq.name.removesuffix("-RQ")
+        self.operations[name] += 1
+        ok = status == 0
+        if not ok and status.category != "warning":
+            self.failed_operations += 1
+        if ok and not self._debug:
+            return
+        fields: dict[str, Any] = {"role": role, "status": f"0x{int(status):04X}"}
+        uid = rq.affected_sop_instance_uid or rsp.affected_sop_instance_uid
+        if uid:
+            fields["sop_instance"] = uid
+        if size is not None:
+            fields["bytes"] = size
+        fields["ms"] = round((self.loop.time() - t0) * 1000, 1)
+        if rsp.completed is not None or rsp.failed is not None:
+            fields["sub_ops"] = f"{rsp.completed or 0} completed, {rsp.failed or 0} failed, {rsp.warning or 0} warning"
+        if ok:
+            self.log.debug(f"{name} done", **fields)
+        else:
+            if status.error_comment:
+                fields["error_comment"] = status.error_comment
+            self.log.info(f"{name} {status.category}", **fields)
 
     def _start_serving(self, msg: Message) -> None:
         self._serving.add(self._spawn(self._serve(msg)))

@@ -1,48 +1,164 @@
-"""Structured logging (structlog). Every association line carries ``assoc``, the AE
-titles and the peer address; see :meth:`Association.log`.
+"""Logging: structlog events delivered through the standard library's ``logging``.
 
-The library never configures logging on import; applications (and our CLI) call
-:func:`configure_logging`.
+A library must stay silent until the application decides where its lines go. So:
+
+- every line is a structlog event bound with context (``assoc``, ``local_ae``,
+  ``peer_ae``, ``peer``) and handed to the stdlib logger ``"dimse_async"`` (children:
+  ``dimse_async.archive`` ...). The record's message reads ``event key=value ...`` and
+  the fields are also on the record as ``record.dimse_async`` (a dict) for structured
+  handlers;
+- importing the package configures nothing: ``"dimse_async"`` has a ``NullHandler``
+  (so Python's last-resort handler never prints), structlog's global configuration is
+  never touched, and nothing is printed to stdout;
+- a host application's ``logging`` configuration (uvicorn, gunicorn, ``dictConfig``)
+  therefore decides level, format and destination;
+- :func:`configure_logging` is for command-line tools and applications that want our
+  format: it installs one handler on the ``"dimse_async"`` logger (console or JSON
+  lines on stderr), optionally captures Python warnings and pydicom's log into the
+  same stream, and still leaves structlog's and the root logger's configuration alone.
+
+What is logged: INFO has one line when an association is established and one when it
+ends (operation counts, bytes each way, duration), plus one per failed operation;
+DEBUG adds the negotiated contexts, each successful operation (SOP instance UID,
+status, bytes, milliseconds) and message-level detail.
 """
 
 from __future__ import annotations
 
+import datetime
+import json as _json
 import logging
 import sys
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure_logging", "debug_enabled", "get_logger"]
+__all__ = ["LOGGER_NAME", "configure_logging", "debug_enabled", "get_logger"]
+
+LOGGER_NAME = "dimse_async"
+
+_root = logging.getLogger(LOGGER_NAME)
+_root.addHandler(logging.NullHandler())
+
+#: The record attribute carrying the structured fields of an event.
+RECORD_ATTR = "dimse_async"
 
 
-def get_logger(**initial: Any) -> Any:
-    return structlog.get_logger("dimse_async", **initial)
+def _format_value(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    if not text or any(c in text for c in " \"=\n"):
+        return _json.dumps(text)
+    return text
 
 
-def configure_logging(level: str | int = "INFO", *, json: bool = False, stream: TextIO | None = None) -> None:
-    """Configure structlog for an application: level filter, timestamps, console or JSON."""
-    if isinstance(level, str):
-        level = logging.getLevelName(level.upper())
-    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+def _to_stdlib(_logger: Any, _method: str, event_dict: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Last processor: ``event k=v ...`` as the message, the fields on the record."""
+    event = str(event_dict.pop("event", ""))
+    pairs = " ".join(f"{k}={_format_value(v)}" for k, v in event_dict.items())
+    message = f"{event} {pairs}" if pairs else event
+    return (message,), {"extra": {RECORD_ATTR: {"event": event, **event_dict}}}
+
+
+_PROCESSORS = [structlog.stdlib.filter_by_level, _to_stdlib]
+
+
+def get_logger(name: str | None = None, **initial: Any) -> Any:
+    """A structlog bound logger writing to stdlib logger ``dimse_async[.name]``.
+
+    Independent of ``structlog.configure()``: the processors are our own, so a host's
+    structlog setup is neither needed nor changed.
+    """
+    stdlib_logger = logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
+    return structlog.wrap_logger(
+        stdlib_logger,
+        processors=_PROCESSORS,
+        wrapper_class=structlog.stdlib.BoundLogger,
+        context_class=dict,
         cache_logger_on_first_use=False,
-    )
+    ).bind(**initial)
+
+
+class StructuredFormatter(logging.Formatter):
+    """Console (``time level event k=v``) or JSON lines; for any record, ours or not."""
+
+    def __init__(self, json: bool = False):
+        super().__init__()
+        self.json = json
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, RECORD_ATTR, None)
+        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds")
+        level = record.levelname.lower()
+        if self.json:
+            if fields is not None:
+                out = dict(fields)
+            else:
+                out = {"event": record.getMessage().rstrip()}
+                if record.name != LOGGER_NAME:
+                    out["logger"] = record.name
+            if record.exc_info:
+                out["exception"] = self.formatException(record.exc_info)
+            out = {"timestamp": stamp, "level": level, **out}
+            return _json.dumps(out, default=str)
+        text = f"{stamp} [{level:<7}] {record.getMessage().rstrip()}"
+        if fields is None and record.name != LOGGER_NAME:
+            text += f" logger={record.name}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+_installed: list[tuple[logging.Logger, logging.Handler]] = []
+
+
+def configure_logging(
+    level: str | int = "INFO",
+    *,
+    json: bool = False,
+    stream: TextIO | None = None,
+    capture_warnings: bool = True,
+) -> logging.Handler:
+    """Send this library's log (and, by default, Python warnings and pydicom's log)
+    to ``stream`` (default stderr) as console lines or JSON lines, at ``level``.
+
+    Installs a handler on the ``"dimse_async"``, ``"py.warnings"`` and ``"pydicom"``
+    loggers only (replacing the one a previous call installed); the root logger and
+    structlog's global configuration are left as they are. Raises ``ValueError`` for an
+    unknown level name. Returns the handler.
+    """
+    numeric = _level(level)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(StructuredFormatter(json=json))
+    for logger, old in _installed:
+        logger.removeHandler(old)
+    _installed.clear()
+    names = [LOGGER_NAME] + (["py.warnings", "pydicom"] if capture_warnings else [])
+    for name in names:
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(numeric if name == LOGGER_NAME else max(numeric, logging.WARNING))
+        logger.propagate = False
+        _installed.append((logger, handler))
+    if capture_warnings:
+        logging.captureWarnings(True)
+    return handler
+
+
+def _level(level: str | int) -> int:
+    if isinstance(level, int):
+        return level
+    numeric = logging.getLevelName(level.upper())
+    if not isinstance(numeric, int):
+        raise ValueError(f"unknown log level {level!r}; one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+    return numeric
 
 
 def debug_enabled(logger: Any) -> bool:
     """Whether ``logger`` would emit DEBUG lines (so hot paths can skip building them)."""
     try:
-        return bool(logger.is_enabled_for(logging.DEBUG))
+        return bool(logger.isEnabledFor(logging.DEBUG))
     except AttributeError:
         try:
-            return bool(logger.isEnabledFor(logging.DEBUG))
+            return bool(logger.is_enabled_for(logging.DEBUG))
         except AttributeError:
             return True

@@ -16,7 +16,7 @@ import pytest
 
 from dimse_async.log import configure_logging
 
-configure_logging("WARNING")
+configure_logging("WARNING", capture_warnings=False)
 
 DCMTK = "/usr/bin"
 

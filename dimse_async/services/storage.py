@@ -371,10 +371,6 @@ async def scp_c_store(assoc: Association, ctx: PresentationContext, msg: Message
             status = await _run_store_handler(assoc, handler, StoreRequest(assoc, msg, spool))
     finally:
         spool.discard()
-    if status.category in ("warning", "failure"):
-        assoc.log.warning(
-            "C-STORE answered with non-success", sop_instance=cmd.affected_sop_instance_uid, status=repr(status)
-        )
     rsp = Command(
         CommandField.C_STORE_RSP,
         message_id_being_responded_to=cmd.message_id,
@@ -506,9 +502,7 @@ async def _send_store(
         cmd.move_originator_ae, cmd.move_originator_message_id = move_originator
     rsp = await assoc._request(ctx, cmd, payload, timeout=timeout)
     status = Status(rsp.command.status if rsp.command.status is not None else 0xC000, rsp.command.error_comment)
-    if status.category in ("warning", "failure"):
-        assoc.log.warning("C-STORE not successful", sop_instance=sop_instance, status=repr(status))
-    return status
+    return status  # the association logs the outcome (Association._op_done)
 
 
 def _find_context(assoc: Association, sop_class: str, transfer_syntax: str) -> PresentationContext | None:

@@ -1,0 +1,242 @@
+"""Logging as a library: silent until the application opts in, routed through stdlib
+``logging`` under ``dimse_async``; one INFO line per association and per failed
+operation; DEBUG lines per successful operation; ``configure_logging`` leaves the
+host's structlog and root logger alone and captures warnings as structured lines.
+
+Each scenario runs in a fresh interpreter (the host application), so nothing the test
+process configured leaks in; the association is real (our SCU and SCP on loopback, and
+DCMTK ``echoscu``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import dcmtk, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_host(code: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+# A small DICOM exchange used by the host apps: an SCP storing into memory (one
+# instance refused with 0xA700) and an SCU echoing and storing two instances.
+EXCHANGE = """
+import asyncio
+import dimse_async as da
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid, ExplicitVRLittleEndian
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+def instance(uid):
+    ds = Dataset()
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = uid
+    ds.PatientName = "LOG^TEST"
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+async def exchange():
+    scp = da.AE("LOGSCP")
+    scp.add_supported_context(da.Verification)
+    scp.add_supported_context(CT)
+
+    @scp.on_c_store
+    async def store(request):
+        return 0xA700 if request.sop_instance_uid.endswith(".9") else 0x0000
+
+    server = await scp.start_server("127.0.0.1", 0)
+    scu = da.AE("LOGSCU")
+    scu.add_requested_context(da.Verification)
+    scu.add_requested_context(CT)
+    async with scu.associate("127.0.0.1", server.port, "LOGSCP") as assoc:
+        await assoc.c_echo()
+        await assoc.c_store(instance("1.2.3.4.1"))
+        await assoc.c_store(instance("1.2.3.4.9"))
+    server.close()
+    await server.wait_closed(grace=5)
+"""
+
+
+def test_host_app_with_stdlib_logging_gets_the_lines_and_stdout_stays_empty(tmp_path: Path) -> None:
+    """A host application with its own ``logging.config.dictConfig`` (as uvicorn or
+    gunicorn have) receives our lines through its handler; nothing goes to stdout."""
+    log_file = tmp_path / "app.log"
+    code = f"""
+        import logging, logging.config
+        logging.config.dictConfig({{
+            "version": 1,
+            "formatters": {{"app": {{"format": "APP %(levelname)s %(name)s %(message)s"}}}},
+            "handlers": {{"file": {{"class": "logging.FileHandler", "filename": {str(log_file)!r},
+                                    "formatter": "app"}}}},
+            "root": {{"level": "DEBUG", "handlers": ["file"]}},
+        }})
+        {textwrap.indent(EXCHANGE, "        ").strip()}
+        asyncio.run(exchange())
+    """
+    done = run_host(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == ""
+    lines = log_file.read_text().splitlines()
+    ours = [line for line in lines if " dimse_async" in line]
+    assert ours, lines
+    assert all(line.startswith("APP ") for line in lines)
+    # One short INFO line when an association is established, and one when it closes.
+    established = [line for line in ours if line.startswith("APP INFO") and "association accepted" in line]
+    assert len(established) == 2  # requestor and acceptor side
+    assert all(len(line) < 300 for line in established), established
+    closed = [line for line in ours if line.startswith("APP INFO") and "association closed" in line]
+    assert len(closed) == 2
+    requestor_close = next(line for line in closed if "local_ae=LOGSCU" in line)
+    for field in ("ops=C-ECHO:1,C-STORE:2", "failed=1", "rx_bytes=", "tx_bytes=", "duration_ms="):
+        assert field in requestor_close, requestor_close
+    # The failed C-STORE: one INFO line on each side with the UID and status.
+    failed = [line for line in ours if line.startswith("APP INFO") and "C-STORE failure" in line]
+    assert len(failed) == 2, ours
+    assert all("sop_instance=1.2.3.4.9" in line and "status=0xA700" in line for line in failed)
+    # The successful one at DEBUG: UID, status, bytes, milliseconds.
+    done_lines = [line for line in ours if line.startswith("APP DEBUG") and "C-STORE done" in line]
+    assert len(done_lines) == 2, ours
+    for line in done_lines:
+        assert "sop_instance=1.2.3.4.1" in line and "status=0x0000" in line
+        assert " bytes=" in line and " ms=" in line
+    # Negotiation details are DEBUG only.
+    assert any(line.startswith("APP DEBUG") and "negotiated" in line and "accepted=" in line for line in ours)
+
+
+def test_host_app_at_info_sees_no_debug_lines(tmp_path: Path) -> None:
+    code = f"""
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", filename={str(tmp_path / "a.log")!r})
+        {textwrap.indent(EXCHANGE, "        ").strip()}
+        asyncio.run(exchange())
+    """
+    done = run_host(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+    lines = (tmp_path / "a.log").read_text().splitlines()
+    assert lines and not any(line.startswith("DEBUG") for line in lines)
+    assert sum("association closed" in line for line in lines) == 2
+
+
+def test_unconfigured_library_is_silent() -> None:
+    """No logging configured at all: not a byte on stdout or stderr, even for the
+    failed operation (no last-resort handler output) or a refused connection."""
+    code = f"""
+        {textwrap.indent(EXCHANGE, "        ").strip()}
+        async def refused():
+            ae = da.AE("X")
+            ae.add_requested_context(da.Verification)
+            try:
+                await ae.associate("127.0.0.1", {free_port()}, "NOBODY")
+            except da.ConnectionFailed:
+                pass
+        asyncio.run(exchange())
+        asyncio.run(refused())
+    """
+    done = run_host(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert done.stderr == ""
+
+
+def test_host_structlog_configuration_is_left_alone() -> None:
+    """Importing, logging and even ``configure_logging`` never change the host's
+    structlog configuration; the host's own structlog lines still go where it said."""
+    code = """
+        import io, logging, structlog, sys
+        buf = io.StringIO()
+        structlog.configure(processors=[structlog.processors.KeyValueRenderer()],
+                            logger_factory=structlog.PrintLoggerFactory(file=buf))
+        before = structlog.get_config()
+        import dimse_async
+        from dimse_async.log import configure_logging, get_logger
+        get_logger(assoc="1").info("library line")
+        configure_logging("DEBUG", stream=sys.stderr)
+        get_logger(assoc="1").info("library line after configure")
+        assert structlog.get_config() == before, (structlog.get_config(), before)
+        structlog.get_logger().info("host line")
+        assert "host line" in buf.getvalue() and "library" not in buf.getvalue(), buf.getvalue()
+        assert logging.getLogger().handlers == []
+    """
+    done = run_host(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "library line after configure" in done.stderr
+    assert "library line " not in done.stderr.replace("library line after configure", "")
+
+
+def test_configure_logging_json_captures_warnings_as_structured_lines() -> None:
+    """With ``configure_logging(json=True)`` every stderr line is one JSON object: our
+    events with their fields, Python warnings and pydicom's log included."""
+    code = """
+        import logging, warnings
+        from dimse_async.log import configure_logging, get_logger
+        configure_logging("INFO", json=True)
+        get_logger(assoc="7").info("hello", peer="127.0.0.1:1")
+        warnings.warn("a warning from somewhere")
+        logging.getLogger("pydicom").warning("pydicom says\\nsomething")
+        from pydicom.dataset import Dataset
+        ds = Dataset()
+        ds.PatientName = "X"
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            ds.Manufacturer = "x" * 70          # pydicom warns: value too long for LO
+    """
+    done = run_host(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert records[0]["event"] == "hello" and records[0]["assoc"] == "7" and records[0]["level"] == "info"
+    assert any(r.get("logger") == "py.warnings" and "a warning from somewhere" in r["event"] for r in records)
+    assert any(r.get("logger") == "pydicom" and "pydicom says" in r["event"] for r in records)
+    assert len(records) >= 3
+
+
+def test_echoscu_against_embedded_scp_logs_to_the_app_handler(tmp_path: Path) -> None:
+    """DCMTK ``echoscu`` as the peer of an SCP embedded in a host app that logs to a
+    file: the acceptor's lines arrive there, stdout stays empty."""
+    port = free_port()
+    log_file = tmp_path / "scp.log"
+    code = f"""
+        import asyncio, logging, subprocess
+        logging.basicConfig(level=logging.INFO, filename={str(log_file)!r}, format="%(name)s %(message)s")
+        import dimse_async as da
+
+        async def main():
+            ae = da.AE("EMBEDDED")
+            ae.add_supported_context(da.Verification)
+            server = await ae.start_server("127.0.0.1", {port})
+            proc = await asyncio.create_subprocess_exec({dcmtk("echoscu")!r}, "-aec", "EMBEDDED",
+                "127.0.0.1", "{port}", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+            server.close()
+            await server.wait_closed(grace=5)
+
+        asyncio.run(main())
+    """
+    done = run_host(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+    text = log_file.read_text()
+    assert "dimse_async association accepted" in text
+    assert "ops=C-ECHO:1" in text
