@@ -395,10 +395,19 @@ def undeclared_8bit(ds: Dataset) -> list[str]:
 
 
 def check_identifiers(
-    got: Sequence[Dataset], query: Query, corpus: Corpus, peer: str, *, allowed_extra: frozenset[str] = frozenset()
+    got: Sequence[Dataset],
+    query: Query,
+    corpus: Corpus,
+    peer: str,
+    *,
+    allowed_extra: frozenset[str] = frozenset(),
+    retrieve_ae: str | None = None,
 ) -> None:
     """The responses are exactly the expected entities, every requested key valued as
-    pydicom reads it from the files, nothing returned twice, nothing unrequested."""
+    pydicom reads it from the files, nothing returned twice, nothing unrequested; with
+    ``retrieve_ae`` each carries that Retrieve AE Title (PS3.4 C.4.1.1.3.2)."""
+    if retrieve_ae is not None:
+        allowed_extra = allowed_extra | {"RetrieveAETitle"}
     expected = query.expected(corpus)
     assert expected, "the query must match something, or it proves little"
     unique = UNIQUE[query.level]
@@ -412,6 +421,8 @@ def check_identifiers(
         missing = set(query.keys) - keywords
         assert not missing, f"{where}: requested keys {sorted(missing)} missing\n{ds}"
         extra = keywords - set(query.keys) - {"QueryRetrieveLevel", "SpecificCharacterSet"} - allowed_extra
+        if retrieve_ae is not None:
+            assert norm(ds.get("RetrieveAETitle")) == retrieve_ae, f"{where}: Retrieve AE Title\n{ds}"
         assert not extra, f"{where}: attributes {sorted(extra)} were not requested\n{ds}"
         row = {k: norm(ds.get(k), k) for k in query.keys}
         assert row[unique] not in seen, f"{where}: {unique} {row[unique]} returned twice"
@@ -844,6 +855,10 @@ class Peer:
     http_port: int | None = None
 
 
+#: Relational queries asked for in study root C-FIND (PS3.4 C.5.1.1.1 extended negotiation).
+RELATIONAL = [da.pdu.SOPClassExtended(MODELS["study"]["find"], b"\x01")]
+
+
 def our_scu(*, retrieve_classes: Sequence[str] = ()) -> da.AE:
     """Our SCU: verification, FIND/MOVE/GET of patient and study root, worklist; the
     storage SCP role for ``retrieve_classes`` (C-GET)."""
@@ -1136,7 +1151,7 @@ def test_findscu_against_serve(name: str, serve: Serve, corpus: Corpus, tmp_path
     done = run_sync(*findscu_argv(serve.port, SERVE_AE, query.findscu_args(), tmp_path / "rsp"))
     assert done.returncode == 0, done
     assert final_status(done) == "Success", done
-    check_identifiers(findscu_responses(tmp_path / "rsp"), query, corpus, "serve via findscu")
+    check_identifiers(findscu_responses(tmp_path / "rsp"), query, corpus, "serve via findscu", retrieve_ae=SERVE_AE)
 
 
 def test_findscu_level_not_in_model_fails_on_serve(serve: Serve, tmp_path: Path) -> None:
@@ -1264,7 +1279,7 @@ def test_pynetdicom_scu_against_serve(serve: Serve, corpus: Corpus, qr_ports: di
                     if status.Status in (0xFF00, 0xFF01):
                         found.append(identifier)
                 assert statuses[-1] == 0x0000 and statuses.count(0xFF00) == len(statuses) - 1, statuses
-                check_identifiers(found, query, corpus, f"serve via pynetdicom ({name})")
+                check_identifiers(found, query, corpus, f"serve via pynetdicom ({name})", retrieve_ae=SERVE_AE)
 
             study = corpus.select("STUDY", PatientID="PAT003")[1]["StudyInstanceUID"]
             get_rsp = list(
@@ -1334,7 +1349,10 @@ def test_serve_reindexes_on_restart(corpus: Corpus, tmp_path: Path) -> None:
         assert found == {"PAT001": "11", "PAT002": "1"}
 
         for uid, count in ((new_uid, 1), (gone_uid, 0)):
-            args = ["-S", "-k", "QueryRetrieveLevel=IMAGE", "-k", f"SOPInstanceUID={uid}", "-k", "PatientID"]
+            (image,) = corpus.select("IMAGE", SOPInstanceUID=uid)
+            args = ["-S", "-k", "QueryRetrieveLevel=IMAGE", "-k", f"SOPInstanceUID={uid}", "-k", "PatientID",
+                    "-k", f"StudyInstanceUID={image['StudyInstanceUID']}",
+                    "-k", f"SeriesInstanceUID={image['SeriesInstanceUID']}"]  # fmt: skip
             done = run_sync(*findscu_argv(second.port, SERVE_AE, args, tmp_path / f"image-{count}"))
             assert final_status(done) == "Success", done
             assert [norm(d.SOPInstanceUID) for d in findscu_responses(tmp_path / f"image-{count}")] == [uid] * count
@@ -1528,7 +1546,7 @@ async def test_our_scu_cancels_find_mid_stream(
         model, total = "study", len(corpus.files)
     try:
         async with WireTap(peer.port) as tap:
-            async with our_scu().associate(HOST, tap.port, peer.ae_title) as assoc:
+            async with our_scu().associate(HOST, tap.port, peer.ae_title, extended=RELATIONAL) as assoc:
                 responses = assoc.c_find(query, model=model)
                 first = None
                 async with responses:
@@ -1568,7 +1586,7 @@ async def test_our_scu_cancels_find_mid_stream(
 
 
 async def test_leaving_async_with_waits_for_the_cancel(serve: Serve) -> None:
-    async with our_scu().associate(HOST, serve.port, SERVE_AE) as assoc:
+    async with our_scu().associate(HOST, serve.port, SERVE_AE, extended=RELATIONAL) as assoc:
         responses = assoc.c_find(retrieve_query("IMAGE", SOPInstanceUID="", StudyInstanceUID=""), model="study")
         async with responses:
             async for _ds in responses:

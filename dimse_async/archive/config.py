@@ -8,6 +8,9 @@ Example::
     worklist_dir = "/var/lib/worklist"        # optional
     allowed_calling_aes = ["CT1", "VIEWER"]   # optional; absent = any
     require_called_ae = false
+    duplicates = "keep"                       # or "replace": an instance already stored
+    fsync = true                              # flush files and index before answering success
+    storage_classes = ["1.2.3.4"]             # extra storage SOP classes to accept
 
     [known_aes]                               # C-MOVE destinations
     VIEWER = { host = "10.0.0.5", port = 104 }
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..acse import validate_ae_title
+from ..part10 import valid_uid
 
 __all__ = ["ServeConfig", "load_config"]
 
@@ -37,6 +41,12 @@ class ServeConfig:
     max_associations: int = 1000
     max_ops: int = 16
     known_aes: dict[str, tuple[str, int]] = field(default_factory=dict)
+    #: An instance already stored: "keep" it (default) or "replace" it with a valid new one.
+    duplicates: str = "keep"
+    #: Flush each stored file and the index to the disk before answering success.
+    fsync: bool = True
+    #: Storage SOP classes to accept beyond those of PS3.4 Annex B (private ones, say).
+    storage_classes: list[str] = field(default_factory=list)
 
 
 def _known(raw: Any) -> dict[str, tuple[str, int]]:
@@ -77,5 +87,13 @@ def load_config(path: str | Path | None) -> ServeConfig:
             value = [validate_ae_title(v, "allowed calling AE title") for v in value]
         elif key in ("port", "max_associations", "max_ops") and not isinstance(value, int):
             raise ValueError(f"{key} must be an integer")
+        elif key == "duplicates" and value not in ("keep", "replace"):
+            raise ValueError('duplicates must be "keep" or "replace"')
+        elif key in ("fsync", "require_called_ae") and not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false")
+        elif key == "storage_classes" and not (
+            isinstance(value, list) and all(isinstance(v, str) and valid_uid(v) for v in value)
+        ):
+            raise ValueError("storage_classes must be a list of SOP Class UIDs")
         setattr(config, key, value)
     return config

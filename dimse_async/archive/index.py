@@ -11,6 +11,8 @@ runs on one worker thread, so the event loop never waits on the database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import sqlite3
@@ -23,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.dataset import Dataset
 
+from ..dataset_check import DataSetError, DataSetSummary, check_part10
 from ..dimse import Status
 from ..log import get_logger
-from ..part10 import valid_uid
+from ..part10 import read_file_meta, valid_uid
 from ..services.qr import MODELS, QueryRequest, StatusError
 from ..services.storage import StoreRequest
 from .matching import matches, parse_range, response_identifier
@@ -33,9 +36,19 @@ from .matching import matches, parse_range, response_identifier
 if TYPE_CHECKING:
     from ..ae import AE
 
-__all__ = ["LEVEL_KEYS", "Archive", "Worklist"]
+__all__ = ["DUPLICATE_POLICIES", "LEVEL_KEYS", "Archive", "IndexingError", "Worklist", "relational_queries"]
 
 log = get_logger()
+
+#: What a C-STORE of a SOP Instance UID already stored does. ``keep``: the stored
+#: instance stays; the same data set again is answered success, a different one
+#: failure 0xA900. ``replace``: a complete, valid new instance replaces the stored one.
+DUPLICATE_POLICIES = ("keep", "replace")
+
+
+class IndexingError(ValueError):
+    """A stored file that cannot be indexed (its data set lacks the hierarchy's UIDs)."""
+
 
 #: Attributes kept per level (PS3.4 C.6.1.1 / C.6.2.1 keys and common optional ones).
 LEVEL_KEYS: dict[str, tuple[str, ...]] = {
@@ -92,19 +105,65 @@ _UNIQUE = {
     "IMAGE": "SOPInstanceUID",
 }
 _ORDER = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+#: Index keys available for a query at each level (that level and those above it).
+_INDEXED_UP_TO = {
+    level: frozenset(k for upper in _ORDER[: i + 1] for k in LEVEL_KEYS[upper])
+    for i, level in enumerate(("PATIENT", "STUDY", "SERIES", "IMAGE"))
+}
+#: Keys that are not attributes of the stored instances (PS3.4 C.3, C.4.1.1.3).
+_NOT_STORED = frozenset(
+    {
+        "QueryRetrieveLevel",
+        "SpecificCharacterSet",
+        "RetrieveAETitle",
+        "InstanceAvailability",
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfPatientRelatedStudies",
+        "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "NumberOfSeriesRelatedInstances",
+        "TimezoneOffsetFromUTC",
+    }
+)
+#: Required (R) keys per model and level (PS3.4 C.6.1.1, C.6.2.1): a zero-length
+#: stored value is unknown and matches any key value (C.2.2.1.2).
+_STUDY_R = frozenset({"StudyDate", "StudyTime", "AccessionNumber", "StudyID"})
+_SERIES_R = frozenset({"Modality", "SeriesNumber"})
+_IMAGE_R = frozenset({"InstanceNumber"})
+_REQUIRED: dict[str, dict[str, frozenset[str]]] = {
+    "patient": {"PATIENT": frozenset({"PatientName"}), "STUDY": _STUDY_R, "SERIES": _SERIES_R, "IMAGE": _IMAGE_R},
+    "study": {"STUDY": _STUDY_R | {"PatientName", "PatientID"}, "SERIES": _SERIES_R, "IMAGE": _IMAGE_R},
+    "patient-study": {
+        "PATIENT": frozenset({"PatientName"}),
+        "STUDY": _STUDY_R,
+    },
+}
+#: Unique keys that a hierarchical query must carry for every level
+#: above its own (PS3.4 C.4.1.2.2; relational queries are not negotiated).
+_ABOVE = {
+    "patient": {"PATIENT": (), "STUDY": ("PatientID",), "SERIES": ("PatientID", "StudyInstanceUID"),
+                "IMAGE": ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")},
+    "study": {"STUDY": (), "SERIES": ("StudyInstanceUID",), "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID")},
+    "patient-study": {"PATIENT": (), "STUDY": ("PatientID",)},
+}  # fmt: skip
 _ALL_KEYS = [k for level in _ORDER for k in LEVEL_KEYS[level]]
 _CHARSET = "SpecificCharacterSet"  # stored with each level's attributes, never matched
 _VR = {k: pydicom.datadict.dictionary_VR(pydicom.datadict.tag_for_keyword(k)) for k in _ALL_KEYS}
 
+_SCHEMA_VERSION = 2  # 2: patients keyed by ID + issuer, or name + birth date when the ID is empty
 _SCHEMA = """
 PRAGMA journal_mode=WAL;
-PRAGMA synchronous=NORMAL;
 CREATE TABLE IF NOT EXISTS patients (
-    patient_id TEXT PRIMARY KEY, attrs TEXT NOT NULL);
+    patient_key TEXT PRIMARY KEY, patient_id TEXT NOT NULL, name_key TEXT, attrs TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS patients_id ON patients(patient_id);
+CREATE INDEX IF NOT EXISTS patients_name ON patients(name_key);
 CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY, patient_id TEXT NOT NULL, study_date TEXT,
+    study_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL, study_date TEXT,
     accession TEXT, attrs TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_id);
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_key);
 CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date);
 CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession);
 CREATE TABLE IF NOT EXISTS series (
@@ -188,6 +247,37 @@ def _level(model: str, identifier: Dataset, what: str) -> str:
     return level
 
 
+def relational_queries(sop_class_uid: str, info: bytes) -> bytes | None:
+    """SOP class extended negotiation reply (PS3.4 C.5.1.1.1): relational queries are
+    granted for the Q/R FIND classes when asked for; the other options are declined."""
+    if sop_class_uid not in _MODEL_BY_UID or sop_class_uid != MODELS[_MODEL_BY_UID[sop_class_uid]]["find"]:
+        return None
+    return b"\x01" if info[:1] == b"\x01" else b"\x00"
+
+
+def _check_hierarchy(model: str, level: str, identifier: Dataset) -> None:
+    """Refuse (0xA900) a query lacking the unique key of a level above its own (a
+    UID list is taken as List of UID Matching; wild cards and empty values are refused)."""
+    for key in _ABOVE[model][level]:
+        values = _exact(identifier.get(key)) if key in identifier else None
+        if not values or (len(values) != 1 and key == "PatientID"):
+            raise StatusError(Status(0xA900, f"{level} query needs one {key} (no relational queries)"[:64]))
+
+
+def _add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:
+    """Copy the keys the index lacks from the stored instance into ``candidate``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stored = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(tags))
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        log.warning("archive: cannot read stored instance for matching", path=path, error=str(exc)[:200])
+        return
+    for tag in tags:
+        if tag in stored and tag not in candidate:
+            candidate.add(stored[tag])
+
+
 def _model(model_uid: str) -> str:
     model = _MODEL_BY_UID.get(model_uid)
     if model is None:
@@ -195,11 +285,15 @@ def _model(model_uid: str) -> str:
     return model
 
 
-def _where_in(identifier: Dataset, key: str, column: str, where: list[str], args: list[Any]) -> None:
-    """Add ``column IN (...)`` for a key with exact values (no wildcard, no range)."""
+def _where_in(
+    identifier: Dataset, key: str, column: str, where: list[str], args: list[Any], *, or_empty: bool = False
+) -> None:
+    """Add ``column IN (...)`` for a key with exact values (no wildcard, no range);
+    ``or_empty`` also lets rows whose value is unknown (zero length) through."""
     values = _exact(identifier.get(key)) if key in identifier else None
     if values:
-        where.append(f"{column} IN ({','.join('?' * len(values))})")
+        clause = f"{column} IN ({','.join('?' * len(values))})"
+        where.append(f"({clause} OR {column} = '')" if or_empty else clause)
         args.extend(values)
 
 
@@ -211,31 +305,129 @@ def _exact(value: Any) -> list[str] | None:
     return [v.strip() for v in text.split("\\") if v.strip()]
 
 
+def _patient_key(patient: dict[str, str], study_uid: str) -> str:
+    """Patient identity (PS3.4 C.6.1.1.2: Patient ID is Type 2 and may be empty).
+
+    Patient ID with its issuer when there is an ID; otherwise name and birth date, and
+    when those are empty too the study alone, so instances without an ID are never
+    merged into one patient."""
+    pid = patient.get("PatientID", "").strip()
+    if pid:
+        return json.dumps(["id", pid, patient.get("IssuerOfPatientID", "").strip()])
+    name, birth = patient.get("PatientName", "").strip(), patient.get("PatientBirthDate", "").strip()
+    if name or birth:
+        return json.dumps(["name", name, birth])
+    return json.dumps(["study", study_uid])
+
+
+async def _check_request(request: StoreRequest) -> DataSetSummary:
+    """Parse the received data set to its end (off the loop when it is large)."""
+
+    def check() -> DataSetSummary:
+        with request.open() as fp:
+            return check_part10(fp)
+
+    if request.spool.path is None and request.size < (1 << 20):
+        return check()
+    return await asyncio.to_thread(check)
+
+
+def _dataset_part(fp: Any) -> tuple[str, int] | None:
+    meta = read_file_meta(fp)
+    if meta is None:
+        return None
+    fp.seek(meta.dataset_offset)
+    return meta.transfer_syntax, meta.dataset_offset
+
+
+def _same_instance(stored: str, request: StoreRequest) -> bool:
+    """Whether the stored file holds the received data set, byte for byte, in the same syntax."""
+    with open(stored, "rb") as a, request.open() as b:
+        pa, pb = _dataset_part(a), _dataset_part(b)
+        if pa is None or pb is None or pa[0] != pb[0]:
+            return False
+        while True:
+            x, y = a.read(1 << 20), b.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _keep_previous(dest: str) -> str | None:
+    """Hard-link a file about to be replaced to ``<dest>.old`` (restored if indexing fails)."""
+    if not os.path.exists(dest):
+        return None
+    old = f"{dest}.old"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(old)
+    os.link(dest, old)
+    return old
+
+
+def _fsync_file_and_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
+    """0xA700 with the true reason: disk full, read-only, too many open files, a locked index."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
+    else:
+        reason = f"index: {exc}"
+    request.assoc.log.error("C-STORE out of resources", sop_instance=request.sop_instance_uid, error=str(exc)[:200])
+    return Status(0xA700, f"Out of resources: {reason}"[:64])
+
+
 class Archive:
     """Files under ``root`` and their index in ``root/index.sqlite``."""
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        duplicates: str = "keep",
+        fsync: bool = True,
+        retrieve_ae_title: str | None = None,
+    ):
+        if duplicates not in DUPLICATE_POLICIES:
+            raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        #: What a C-STORE of an instance already stored does (see :data:`DUPLICATE_POLICIES`).
+        self.duplicates = duplicates
+        #: Flush each stored file and the index to the disk before answering success.
+        self.fsync = fsync
+        #: Retrieve AE Title (0008,0054) put in C-FIND responses; the serving AE's title.
+        self.retrieve_ae_title = retrieve_ae_title
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-index")
         self._db: sqlite3.Connection | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
 
     # -- database thread ----------------------------------------------------------
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
-            self._db.executescript(_SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(patients)")}
-            if "name_key" not in columns:  # an index from an earlier version: add and fill
-                with self._db:
-                    self._db.execute("ALTER TABLE patients ADD COLUMN name_key TEXT")
-                    rows = self._db.execute("SELECT patient_id, attrs FROM patients").fetchall()
-                    self._db.executemany(
-                        "UPDATE patients SET name_key = ? WHERE patient_id = ?",
-                        [(_name_key(json.loads(a).get("PatientName", "")), pid) for pid, a in rows],
-                    )
-            self._db.execute("CREATE INDEX IF NOT EXISTS patients_name ON patients(name_key)")
+            db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version != _SCHEMA_VERSION:
+                # An index from an earlier layout: start afresh; the re-index refills it from the files.
+                with db:
+                    for table in ("instances", "series", "studies", "patients"):
+                        db.execute(f"DROP TABLE IF EXISTS {table}")
+                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+            self._db = db
         return self._db
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -261,23 +453,28 @@ class Archive:
         sop_uid = _text(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"))
         study_uid, series_uid = _text(ds.get("StudyInstanceUID")), _text(ds.get("SeriesInstanceUID"))
         if not (sop_uid and study_uid and series_uid):
-            raise ValueError("missing Study, Series or SOP Instance UID")
-        patient_id = _text(ds.get("PatientID"))
+            raise IndexingError("missing Study, Series or SOP Instance UID")
+        patient = _attrs(ds, "PATIENT")
+        patient_key = _patient_key(patient, study_uid)
         db = self._conn()
         with db:
-            patient = _attrs(ds, "PATIENT")
             db.execute(
-                "INSERT INTO patients (patient_id, attrs, name_key) VALUES (?, ?, ?) ON CONFLICT(patient_id) "
-                "DO UPDATE SET attrs=excluded.attrs, name_key=excluded.name_key",
-                (patient_id, json.dumps(patient), _name_key(patient.get("PatientName", ""))),
+                "INSERT INTO patients (patient_key, patient_id, attrs, name_key) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(patient_key) DO UPDATE SET attrs=excluded.attrs, name_key=excluded.name_key",
+                (
+                    patient_key,
+                    patient.get("PatientID", ""),
+                    json.dumps(patient),
+                    _name_key(patient.get("PatientName", "")),
+                ),
             )
             study = _attrs(ds, "STUDY")
             db.execute(
                 "INSERT INTO studies VALUES (?, ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
-                "patient_id=excluded.patient_id, study_date=excluded.study_date, accession=excluded.accession, attrs=excluded.attrs",
+                "patient_key=excluded.patient_key, study_date=excluded.study_date, accession=excluded.accession, attrs=excluded.attrs",
                 (
                     study_uid,
-                    patient_id,
+                    patient_key,
                     study.get("StudyDate", ""),
                     study.get("AccessionNumber", ""),
                     json.dumps(study),
@@ -313,7 +510,20 @@ class Archive:
         """Index one Part 10 file (after it was stored); returns its SOP Instance UID."""
         return await self._call(self._index_file, os.fspath(path))
 
+    def _clean_leftovers(self) -> int:
+        """Remove what an interrupted store leaves behind: spools (``.partial``) and the
+        previous version kept while a replacement was indexed (``.dcm.old``)."""
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.endswith((".partial", ".dcm.old")):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+        return removed
+
     def _reindex(self) -> tuple[int, int, int]:
+        self._clean_leftovers()
         db = self._conn()
         known = {row[0]: (row[1], row[2]) for row in db.execute("SELECT path, size, mtime FROM instances")}
         added = skipped = 0
@@ -332,21 +542,32 @@ class Archive:
                 if known.get(path) == (st.st_size, st.st_mtime):
                     continue
                 try:
+                    with open(path, "rb") as fp:
+                        check_part10(fp)
                     self._index_file(path)
                     added += 1
+                except (OSError, sqlite3.Error):
+                    raise
                 except Exception as exc:
                     skipped += 1
                     log.warning("archive: skipping unreadable file", path=path, error=str(exc)[:200])
         gone = [p for p in known if p not in seen]
         with db:
             db.executemany("DELETE FROM instances WHERE path = ?", [(p,) for p in gone])
-            db.execute("DELETE FROM series WHERE series_uid NOT IN (SELECT series_uid FROM instances)")
-            db.execute("DELETE FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM series)")
-            db.execute("DELETE FROM patients WHERE patient_id NOT IN (SELECT patient_id FROM studies)")
+            self._drop_orphans(db)
         return added, skipped, len(gone)
 
+    @staticmethod
+    def _drop_orphans(db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM series WHERE series_uid NOT IN (SELECT series_uid FROM instances)")
+        db.execute("DELETE FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM series)")
+        db.execute("DELETE FROM patients WHERE patient_key NOT IN (SELECT patient_key FROM studies)")
+
     async def reindex(self) -> tuple[int, int, int]:
-        """Incremental re-index: (files added or changed, files skipped as unreadable, files gone)."""
+        """Incremental re-index: (files added or changed, files skipped as unreadable, files gone).
+
+        Leftovers of interrupted stores are removed first; a file is indexed only
+        when its data set parses to its end."""
         return await self._call(self._reindex)
 
     def _count(self) -> int:
@@ -354,6 +575,17 @@ class Archive:
 
     async def count(self) -> int:
         return await self._call(self._count)
+
+    def _stored(self, sop_uid: str) -> tuple[str, int] | None:
+        """The stored file of ``sop_uid`` and its size, if indexed and present."""
+        row = self._conn().execute("SELECT path, size FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        return (row[0], row[1]) if row and os.path.exists(row[0]) else None
+
+    def _unindex(self, sop_uid: str) -> None:
+        db = self._conn()
+        with db:
+            db.execute("DELETE FROM instances WHERE sop_uid = ?", (sop_uid,))
+            self._drop_orphans(db)
 
     # -- storing ------------------------------------------------------------------
 
@@ -365,48 +597,142 @@ class Archive:
         return self.root / digest[:2] / digest[2:] / f"{sop_instance_uid}.dcm"
 
     async def on_c_store(self, request: StoreRequest) -> Status:
-        """C-STORE handler: save, then index (PS3.4 B.2.3)."""
+        """C-STORE handler (PS3.4 B.2.3): check, then store and index together.
+
+        The data set must parse to its end (else 0xC000) and carry the command's SOP
+        Class and Instance UIDs (else 0xA900). An instance already stored is kept or
+        replaced according to :attr:`duplicates`. The file is moved into place and then
+        indexed; if indexing fails the previous state is restored and the answer is
+        0xA700 (out of resources, with the reason) or 0xA900. A success is answered
+        only when the file and its index row are both committed.
+        """
+        uid = request.sop_instance_uid
         try:
-            path = self.path_for(request.sop_instance_uid)
+            path = self.path_for(uid)
         except ValueError as exc:
             return Status(0xC000, str(exc)[:64])
-        await request.save(path)
+        if not valid_uid(request.sop_class_uid):
+            return Status(0xC000, "invalid SOP Class UID")
         try:
-            await self.index_file(path)
+            summary = await _check_request(request)
+        except DataSetError as exc:
+            request.assoc.log.warning("C-STORE data set refused", sop_instance=uid, error=str(exc))
+            return Status(0xC000, f"Cannot understand: {exc}"[:64])
+        if summary.sop_instance_uid != uid or summary.sop_class_uid != request.sop_class_uid:
+            request.assoc.log.warning(
+                "C-STORE UIDs differ from the data set's",
+                sop_instance=uid,
+                dataset_instance=summary.sop_instance_uid,
+                sop_class=request.sop_class_uid,
+                dataset_class=summary.sop_class_uid,
+            )
+            what = "Instance" if summary.sop_instance_uid != uid else "Class"
+            return Status(0xA900, f"Data set SOP {what} UID differs from the command's"[:64])
+        lock = self._locks.setdefault(uid, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._store_locked(request, path)
+        finally:
+            if not lock.locked() and not getattr(lock, "_waiters", None):
+                self._locks.pop(uid, None)
+
+    async def _store_locked(self, request: StoreRequest, path: Path) -> Status:
+        uid = request.sop_instance_uid
+        try:
+            existing = await self._call(self._stored, uid)
+        except sqlite3.Error as exc:
+            return _out_of_resources(request, exc)
+        dest = os.fspath(path)
+        if existing is not None and self.duplicates == "keep":
+            same = await asyncio.to_thread(_same_instance, existing[0], request)
+            if same:
+                return Status(0)
+            request.assoc.log.warning("duplicate SOP Instance UID: stored instance kept", sop_instance=uid)
+            return Status(0xA900, "Duplicate SOP Instance UID; stored instance kept"[:64])
+        old: str | None = None
+        try:
+            old = await asyncio.to_thread(_keep_previous, dest)
+            await request.save(dest)
+            if self.fsync:
+                await asyncio.to_thread(_fsync_file_and_dir, dest)
+        except OSError as exc:
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.replace(old, dest)
+            return _out_of_resources(request, exc)
+        try:
+            await self.index_file(dest)
         except Exception as exc:
-            request.assoc.log.warning("stored instance could not be indexed", path=str(path), error=str(exc)[:200])
-            return Status(0xB007, "Stored, but not indexed: data set does not match SOP class")
+            await self._undo_store(dest, old, uid, request)
+            if isinstance(exc, OSError | sqlite3.Error):
+                return _out_of_resources(request, exc)
+            request.assoc.log.warning("C-STORE data set cannot be indexed", sop_instance=uid, error=str(exc)[:200])
+            return Status(0xA900, f"Cannot index: {exc}"[:64])
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
         return Status(0)
+
+    async def _undo_store(self, dest: str, old: str | None, uid: str, request: StoreRequest) -> None:
+        """Put back what was there before a store whose indexing failed."""
+        try:
+            if old is not None:
+                os.replace(old, dest)
+                await self.index_file(dest)
+            else:
+                os.unlink(dest)
+                await self._call(self._unindex, uid)
+        except Exception as exc:  # the re-index at the next start repairs what is left
+            request.assoc.log.error("cannot undo a failed store", path=dest, error=str(exc)[:200])
 
     # -- querying -----------------------------------------------------------------
 
-    def _query(self, model: str, identifier: Dataset) -> list[Dataset]:
+    def _query(self, model: str, identifier: Dataset, relational: bool = False) -> list[Dataset]:
         level = _level(model, identifier, "Query")
-        rows = self._candidates(model, level, identifier)
+        if not relational:
+            _check_hierarchy(model, level, identifier)
+        required = _REQUIRED[model][level]
+        indexed = set(_INDEXED_UP_TO[level])
+        from_file = [
+            elem.tag
+            for elem in identifier
+            if elem.tag.group not in (0x0000, 0x0002)
+            and elem.keyword not in indexed
+            and elem.keyword not in _NOT_STORED
+        ]
         out = []
-        for attrs, extra in rows:
+        for attrs, extra, path in self._candidates(model, level, identifier, required, bool(from_file)):
             candidate = _dataset(*attrs)
             for key, value in extra.items():
                 setattr(candidate, key, value)
-            if matches(identifier, candidate):
-                out.append(response_identifier(identifier, candidate))
+            if from_file and path is not None:
+                _add_from_file(candidate, path, from_file)
+            if matches(identifier, candidate, unknown=required):
+                response = response_identifier(identifier, candidate)
+                if self.retrieve_ae_title:
+                    response.RetrieveAETitle = self.retrieve_ae_title
+                out.append(response)
         return out
 
-    def _candidates(self, model: str, level: str, q: Dataset) -> Iterable[tuple[list[dict[str, str]], dict[str, Any]]]:
-        """Rows at ``level`` joined with their parents, narrowed by exact keys in SQL."""
+    def _candidates(
+        self, model: str, level: str, q: Dataset, required: frozenset[str], want_path: bool
+    ) -> Iterable[tuple[list[dict[str, str]], dict[str, Any], str | None]]:
+        """Rows at ``level`` joined with their parents, narrowed by exact keys in SQL
+        (a Required key also lets a zero-length stored value through, C.2.2.1.2), and
+        with ``want_path`` the file of one instance of each entity."""
         db = self._conn()
         where: list[str] = []
         args: list[Any] = []
 
         def exact(column: str, key: str) -> None:
-            _where_in(q, key, column, where, args)
+            _where_in(q, key, column, where, args, or_empty=key in required)
 
         depth = _ORDER.index(level)
         exact("p.patient_id", "PatientID")
         prefix = _name_prefix(q.get("PatientName")) if "PatientName" in q else ""
         if prefix:
             # The literal start of a name key narrows by index; the matcher decides the rest.
-            where.append("p.name_key >= ? AND p.name_key < ?")
+            where.append("(p.name_key >= ? AND p.name_key < ? OR p.name_key = '')")
             args.extend([prefix, prefix + "\U0010ffff"])
         if depth >= 1:
             exact("st.study_uid", "StudyInstanceUID")
@@ -416,13 +742,17 @@ class Archive:
             if rng is not None:
                 lo, hi = rng
                 # Only full YYYYMMDD bounds compare correctly as strings; shorter ones
-                # (a whole month or year) are left to the matcher.
+                # (a whole month or year) are left to the matcher. An unknown (empty)
+                # study date matches (Required key, C.2.2.1.2).
+                bounds = []
                 if lo and len(lo) == 8 and lo.isdigit():
-                    where.append("st.study_date >= ?")
+                    bounds.append("st.study_date >= ?")
                     args.append(lo)
                 if hi and len(hi) == 8 and hi.isdigit():
-                    where.append("st.study_date <= ?")
+                    bounds.append("st.study_date <= ?")
                     args.append(hi)
+                if bounds:
+                    where.append(f"({' AND '.join(bounds)} OR st.study_date = '')")
             elif _exact(date):
                 exact("st.study_date", "StudyDate")
         if depth >= 2:
@@ -431,9 +761,9 @@ class Archive:
         if depth >= 3:
             exact("i.sop_uid", "SOPInstanceUID")
         joins = ["patients p"]
-        select = ["p.attrs"]
+        select = ["p.attrs", "p.patient_key"]
         if depth >= 1:
-            joins.append("JOIN studies st ON st.patient_id = p.patient_id")
+            joins.append("JOIN studies st ON st.patient_key = p.patient_key")
             select.append("st.attrs")
             select.append("st.study_uid")
         if depth >= 2:
@@ -443,40 +773,59 @@ class Archive:
         if depth >= 3:
             joins.append("JOIN instances i ON i.series_uid = se.series_uid")
             select.append("i.attrs")
+            select.append("i.path")
         sql = f"SELECT {', '.join(select)} FROM {' '.join(joins)}"
         if where:
             sql += " WHERE " + " AND ".join(where)
         for row in db.execute(sql, args):
             attrs = [json.loads(row[0])]
-            extra: dict[str, Any] = {}
+            keys = {"PATIENT": row[1]}
             if depth >= 1:
-                attrs.append(json.loads(row[1]))
-                attrs[-1].setdefault("StudyInstanceUID", row[2])
+                attrs.append(json.loads(row[2]))
+                attrs[-1].setdefault("StudyInstanceUID", row[3])
+                keys["STUDY"] = row[3]
             if depth >= 2:
-                attrs.append(json.loads(row[3]))
-                attrs[-1].setdefault("SeriesInstanceUID", row[4])
+                attrs.append(json.loads(row[4]))
+                attrs[-1].setdefault("SeriesInstanceUID", row[5])
+                keys["SERIES"] = row[5]
+            path = None
             if depth >= 3:
-                attrs.append(json.loads(row[5]))
-            extra.update(self._computed(db, level, attrs, q))
-            yield attrs, extra
+                attrs.append(json.loads(row[6]))
+                path = row[7]
+            elif want_path:
+                path = self._representative(db, level, keys[level])
+            yield attrs, self._computed(db, level, keys, q), path
 
-    def _computed(self, db: sqlite3.Connection, level: str, attrs: list[dict[str, str]], q: Dataset) -> dict[str, Any]:
+    @staticmethod
+    def _representative(db: sqlite3.Connection, level: str, key: str) -> str | None:
+        """The file of one instance of a patient, study or series."""
+        sql = {
+            "PATIENT": "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
+            "JOIN studies st ON se.study_uid = st.study_uid WHERE st.patient_key = ? LIMIT 1",
+            "STUDY": "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
+            "WHERE se.study_uid = ? LIMIT 1",
+            "SERIES": "SELECT path FROM instances WHERE series_uid = ? LIMIT 1",
+        }[level]
+        row = db.execute(sql, (key,)).fetchone()
+        return row[0] if row else None
+
+    def _computed(self, db: sqlite3.Connection, level: str, keys: dict[str, str], q: Dataset) -> dict[str, Any]:
         """Counts and ModalitiesInStudy when the query asks for them (PS3.4 C.3.4)."""
         out: dict[str, Any] = {}
         if level == "PATIENT":
-            pid = attrs[0].get("PatientID", "")
+            pid = keys["PATIENT"]
             if "NumberOfPatientRelatedStudies" in q:
                 out["NumberOfPatientRelatedStudies"] = db.execute(
-                    "SELECT COUNT(*) FROM studies WHERE patient_id=?", (pid,)
+                    "SELECT COUNT(*) FROM studies WHERE patient_key=?", (pid,)
                 ).fetchone()[0]
             if "NumberOfPatientRelatedInstances" in q:
                 out["NumberOfPatientRelatedInstances"] = db.execute(
                     "SELECT COUNT(*) FROM instances i JOIN series se ON i.series_uid=se.series_uid "
-                    "JOIN studies st ON se.study_uid=st.study_uid WHERE st.patient_id=?",
+                    "JOIN studies st ON se.study_uid=st.study_uid WHERE st.patient_key=?",
                     (pid,),
                 ).fetchone()[0]
         elif level == "STUDY":
-            uid = attrs[1]["StudyInstanceUID"]
+            uid = keys["STUDY"]
             if "ModalitiesInStudy" in q:
                 mods = sorted(
                     {r[0] for r in db.execute("SELECT modality FROM series WHERE study_uid=?", (uid,)) if r[0]}
@@ -492,14 +841,15 @@ class Archive:
                     (uid,),
                 ).fetchone()[0]
         elif level == "SERIES" and "NumberOfSeriesRelatedInstances" in q:
-            uid = attrs[2]["SeriesInstanceUID"]
+            uid = keys["SERIES"]
             out["NumberOfSeriesRelatedInstances"] = db.execute(
                 "SELECT COUNT(*) FROM instances WHERE series_uid=?", (uid,)
             ).fetchone()[0]
         return out
 
-    async def find(self, model_uid: str, identifier: Dataset) -> list[Dataset]:
-        return await self._call(self._query, _model(model_uid), identifier)
+    async def find(self, model_uid: str, identifier: Dataset, *, relational: bool = False) -> list[Dataset]:
+        """C-FIND matches; ``relational`` when relational queries were negotiated (C.4.1.2.2.2)."""
+        return await self._call(self._query, _model(model_uid), identifier, relational)
 
     def _paths(self, model: str, identifier: Dataset) -> list[str]:
         level = _level(model, identifier, "Retrieve")
@@ -509,7 +859,7 @@ class Archive:
         where: list[str] = []
         args: list[Any] = []
         for column, key in (
-            ("st.patient_id", "PatientID"),
+            ("p.patient_id", "PatientID"),
             ("st.study_uid", "StudyInstanceUID"),
             ("se.series_uid", "SeriesInstanceUID"),
             ("i.sop_uid", "SOPInstanceUID"),
@@ -517,7 +867,8 @@ class Archive:
             _where_in(identifier, key, column, where, args)
         sql = (
             "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
-            "JOIN studies st ON se.study_uid = st.study_uid WHERE " + " AND ".join(where) + " ORDER BY i.path"
+            "JOIN studies st ON se.study_uid = st.study_uid JOIN patients p ON st.patient_key = p.patient_key "
+            "WHERE " + " AND ".join(where) + " ORDER BY i.path"
         )
         return [r[0] for r in self._conn().execute(sql, args) if os.path.exists(r[0])]
 
@@ -527,7 +878,9 @@ class Archive:
     # -- handlers -----------------------------------------------------------------
 
     async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
-        for ds in await self.find(request.model, request.identifier):
+        negotiated = request.assoc.negotiated
+        reply = negotiated.extended.get(request.model, b"") if negotiated is not None else b""
+        for ds in await self.find(request.model, request.identifier, relational=reply[:1] == b"\x01"):
             yield ds
 
     async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str]:

@@ -58,7 +58,9 @@ Interpretation choices (documented here as a Conformance Statement would)
   ST, LT, UT and UR have VM 1 and may contain a backslash, so they are never split.
 * A stored Attribute that is absent or zero-length (an unknown value) fails to
   match every non-universal key (PS3.4 §K.2.2.1.1.1) except a pure wild card such as
-  ``*``, which per §K.2.2.1.1.1 note 1 may be used to query such entities.
+  ``*``, which per §K.2.2.1.1.1 note 1 may be used to query such entities. For the
+  Required Keys of Query/Retrieve (``matches(..., unknown=...)``) an absent or
+  zero-length stored value is unknown and matches any key value (§C.2.2.1.2).
 * PN: a key without ``=`` is compared with the first (alphabetic) component group
   of the stored name only; a key with ``=`` is compared group by group, an empty
   key group matching any stored group. Empty trailing components (``Smith^John^^``)
@@ -565,12 +567,20 @@ def _key_vr(key: DataElement, stored: DataElement | None) -> str:
     return vr
 
 
-def _match_dataset(query: Dataset, candidate: Dataset, ignore: Container[Any], pn_case_insensitive: bool) -> bool:
+def _match_dataset(
+    query: Dataset,
+    candidate: Dataset,
+    ignore: Container[Any],
+    pn_case_insensitive: bool,
+    unknown: Container[str] = frozenset(),
+) -> bool:
     for key in query:
         if not _is_key(key, ignore):
             continue
         stored = candidate.get(key.tag)
         stored_value = stored.value if stored is not None else None
+        if key.keyword in unknown and is_universal(stored_value):
+            continue  # an unknown value of a Required key matches any key value (C.2.2.1.2)
         if not match_value(key.value, stored_value, _key_vr(key, stored), pn_case_insensitive=pn_case_insensitive):
             return False
     return True
@@ -600,6 +610,7 @@ def matches(
     *,
     ignore: frozenset[str] = DEFAULT_IGNORE,
     pn_case_insensitive: bool = True,
+    unknown: Container[str] = frozenset(),
 ) -> bool:
     """Whether *candidate* matches every Key Attribute of the request Identifier *query*.
 
@@ -607,10 +618,12 @@ def matches(
     elements, group lengths, private creator elements and those whose keyword (or
     tag) is in *ignore* (by default Query/Retrieve Level and Specific Character Set,
     which are never matched, §C.2.2.2). A candidate lacking a key's Attribute
-    matches it only if the key is universal (or a pure ``*`` wild card). Sequence
-    keys use Sequence Matching (§C.2.2.2.6).
+    matches it only if the key is universal (or a pure ``*`` wild card), unless the
+    key's keyword is in *unknown*: for Required Keys of Query/Retrieve an absent or
+    zero-length stored value is unknown and matches any key value (§C.2.2.1.2).
+    Sequence keys use Sequence Matching (§C.2.2.2.6).
     """
-    return _match_dataset(query, candidate, ignore, pn_case_insensitive)
+    return _match_dataset(query, candidate, ignore, pn_case_insensitive, unknown)
 
 
 def _empty_element(key: DataElement) -> DataElement:

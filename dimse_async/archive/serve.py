@@ -11,7 +11,7 @@ from .. import AE, Server, Verification
 from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES
 from .config import ServeConfig, load_config
-from .index import Archive, Worklist
+from .index import Archive, Worklist, relational_queries
 
 __all__ = ["archive_ae", "serve"]
 
@@ -30,11 +30,12 @@ def archive_ae(config: ServeConfig) -> AE:
         known_aes=config.known_aes,
     )
     ae.add_supported_context(Verification)
-    for sop_class in STORAGE_SOP_CLASSES:
+    for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *config.storage_classes]):
         ae.add_supported_context(sop_class, STORE_TRANSFER_SYNTAXES, scp_role=True)
     for model in MODELS.values():
         for uid in model.values():
             ae.add_supported_context(uid)
+    ae.on_extended_negotiation(relational_queries)
     return ae
 
 
@@ -54,7 +55,9 @@ async def serve(args: argparse.Namespace, until_signalled: Callable[[Server], Aw
     ):
         if getattr(args, arg) is not None:
             setattr(config, key, getattr(args, arg))
-    archive = Archive(config.storage_dir)
+    archive = Archive(
+        config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, retrieve_ae_title=config.ae_title
+    )
     added, skipped, gone = await archive.reindex()
     total = await archive.count()
     ae = archive_ae(config)

@@ -33,6 +33,7 @@ from pydicom.filewriter import write_dataset
 from ..dimse import Command, CommandField, Message, Status
 from ..exceptions import NoAcceptedContext
 from ..part10 import encode_file_meta, read_file_meta, valid_uid
+from ..sop_classes import STORAGE_SOP_CLASSES
 from ..uids import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -54,13 +55,6 @@ __all__ = [
     "c_store",
     "scp_c_store",
 ]
-
-#: Every non-retired storage SOP class pydicom knows (PS3.4 B.5).
-STORAGE_SOP_CLASSES: list[str] = sorted(
-    uid
-    for uid, (name, kind, _, retired, _) in UID_dictionary.items()
-    if kind == "SOP Class" and name.endswith("Storage") and retired != "Retired" and uid != "1.2.840.10008.1.3.10"
-)
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 

@@ -1,0 +1,244 @@
+"""Structural check of an encoded data set: every element parsed to the end (PS3.5 §7).
+
+Values are skipped, not decoded, so a 2 GB instance is checked with constant memory.
+Sequences and items (§7.5), encapsulated pixel data (§A.4) and the deflated syntax
+(§A.5) are followed; an element whose length runs past the end, a missing delimiter
+or bytes left over inside a defined-length item or sequence is an error. The top-level
+SOP Class and SOP Instance UIDs are returned, so a receiver can compare them with the
+command's (PS3.4 B.2.3: 0xA900 when they differ).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .part10 import read_file_meta
+
+__all__ = ["DataSetError", "DataSetSummary", "check_dataset", "check_part10"]
+
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_BE = "1.2.840.10008.1.2.2"
+_DEFLATED = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_SHORT_VRS = frozenset(
+    {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL",
+     b"SS", b"ST", b"TM", b"UI", b"UL", b"US"}
+)  # fmt: skip
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_SOP_CLASS, _SOP_INSTANCE = 0x00080016, 0x00080018
+_MAX_DEPTH = 64
+_CHUNK = 1 << 16
+
+
+class DataSetError(ValueError):
+    """The bytes are not a complete, well-formed data set."""
+
+
+@dataclass(slots=True)
+class DataSetSummary:
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    elements: int
+
+
+class _Source:
+    """Exact reads and skips over a file (seekable, bounded) or an inflated stream."""
+
+    def __init__(self, fp: BinaryIO, start: int, deflated: bool):
+        self.fp = fp
+        self.pos = 0
+        fp.seek(0, io.SEEK_END)
+        self._size = fp.tell() - start
+        fp.seek(start)
+        self._inflater = zlib.decompressobj(-15) if deflated else None
+        self._buf = b""
+
+    def _fill(self, n: int) -> bool:
+        """Inflate until ``n`` bytes are buffered; False at the end of the stream."""
+        assert self._inflater is not None
+        while len(self._buf) < n:
+            raw = self.fp.read(_CHUNK)
+            if not raw:
+                self._buf += self._inflater.flush()
+                return len(self._buf) >= n
+            try:
+                self._buf += self._inflater.decompress(raw)
+            except zlib.error as exc:
+                raise DataSetError(f"deflated data set is corrupt: {exc}") from None
+        return True
+
+    def at_end(self) -> bool:
+        if self._inflater is None:
+            return self.pos >= self._size
+        # An odd-length deflated stream carries one NUL pad after the zlib end (PS3.5 A.5).
+        return not self._fill(1)
+
+    def read(self, n: int) -> bytes:
+        if self._inflater is None:
+            data = self.fp.read(n)
+        else:
+            self._fill(n)
+            data, self._buf = self._buf[:n], self._buf[n:]
+        if len(data) != n:
+            raise DataSetError(f"data set ends inside an element header or value at byte {self.pos + len(data)}")
+        self.pos += n
+        return data
+
+    def skip(self, n: int) -> None:
+        if self._inflater is None:
+            if self.pos + n > self._size:
+                raise DataSetError(
+                    f"value of {n} bytes at byte {self.pos} runs past the end of the data set ({self._size} bytes)"
+                )
+            self.fp.seek(n, io.SEEK_CUR)
+            self.pos += n
+            return
+        left = n
+        while left:
+            take = min(left, _CHUNK)
+            self.read(take)
+            left -= take
+
+
+class _Walker:
+    def __init__(self, src: _Source, implicit: bool, little: bool):
+        self.src = src
+        self.implicit = implicit
+        self.end = "<" if little else ">"
+        self.elements = 0
+        self.top: dict[int, str] = {}
+
+    def _tag(self) -> int:
+        group, elem = struct.unpack(self.end + "HH", self.src.read(4))
+        return (group << 16) | elem
+
+    def _u32(self) -> int:
+        return int(struct.unpack(self.end + "I", self.src.read(4))[0])
+
+    def elements_until(self, bound: int | None, depth: int, item: bool) -> None:
+        """Elements up to byte ``bound`` (defined length), or to an item delimiter
+        (``item`` with undefined length), or to the end of the stream (top level)."""
+        src = self.src
+        while True:
+            if bound is not None:
+                if src.pos == bound:
+                    return
+                if src.pos > bound:
+                    raise DataSetError(f"element crosses the end of its item at byte {bound}")
+            elif not item and src.at_end():
+                return
+            tag = self._tag()
+            if tag == _ITEM_END:
+                if not item or bound is not None:
+                    raise DataSetError(f"unexpected item delimiter at byte {src.pos - 4}")
+                src.read(4)
+                return
+            if tag >> 16 == 0xFFFE:
+                raise DataSetError(f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 4}")
+            self.element(tag, depth)
+
+    def element(self, tag: int, depth: int) -> None:
+        src = self.src
+        self.elements += 1
+        if self.implicit:
+            vr = b""
+            length = self._u32()
+        else:
+            vr = src.read(2)
+            if vr in _LONG_VRS:
+                src.read(2)
+                length = self._u32()
+            elif vr in _SHORT_VRS:
+                length = int(struct.unpack(self.end + "H", src.read(2))[0])
+            else:
+                raise DataSetError(f"invalid VR {vr!r} in ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 6}")
+        if length == _UNDEFINED:
+            if vr in (b"OB", b"OW") or (tag == 0x7FE00010 and vr != b"SQ"):
+                self.fragments(tag)
+            elif vr == b"UN":  # contents are implicit VR little endian (PS3.5 §6.2.2 note)
+                saved = self.implicit, self.end
+                self.implicit, self.end = True, "<"
+                try:
+                    self.sequence(None, depth)
+                finally:
+                    self.implicit, self.end = saved
+            elif vr in (b"SQ", b""):
+                self.sequence(None, depth)
+            else:
+                raise DataSetError(f"undefined length in ({tag >> 16:04X},{tag & 0xFFFF:04X}) with VR {vr!r}")
+            return
+        if vr == b"SQ":
+            self.sequence(src.pos + length, depth)
+        elif depth == 0 and tag in (_SOP_CLASS, _SOP_INSTANCE):
+            self.top[tag] = src.read(length).decode("ascii", "replace").strip("\x00 ")
+        else:
+            src.skip(length)
+
+    def sequence(self, bound: int | None, depth: int) -> None:
+        if depth >= _MAX_DEPTH:
+            raise DataSetError("sequences nested too deep")
+        src = self.src
+        while True:
+            if bound is not None:
+                if src.pos == bound:
+                    return
+                if src.pos > bound:
+                    raise DataSetError(f"item crosses the end of its sequence at byte {bound}")
+            tag = self._tag()
+            length = self._u32()
+            if tag == _SEQ_END and bound is None:
+                return
+            if tag != _ITEM:
+                raise DataSetError(f"expected an item tag at byte {src.pos - 8}")
+            if length == _UNDEFINED:
+                self.elements_until(None, depth + 1, item=True)
+            else:
+                self.elements_until(src.pos + length, depth + 1, item=True)
+
+    def fragments(self, tag: int) -> None:
+        src = self.src
+        while True:
+            item = self._tag()
+            length = self._u32()
+            if item == _SEQ_END:
+                return
+            if item != _ITEM or length == _UNDEFINED:
+                raise DataSetError(
+                    f"bad fragment in encapsulated ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 8}"
+                )
+            src.skip(length)
+
+
+def check_dataset(fp: BinaryIO, transfer_syntax: str, start: int = 0) -> DataSetSummary:
+    """Walk the data set in ``fp`` from byte ``start`` to its end; raise
+    :class:`DataSetError` unless every element is complete."""
+    deflated = transfer_syntax in _DEFLATED
+    walker = _Walker(
+        _Source(fp, start, deflated),
+        implicit=transfer_syntax == _IMPLICIT_LE,
+        little=transfer_syntax != _EXPLICIT_BE,
+    )
+    try:
+        walker.elements_until(None, 0, item=False)
+    except struct.error as exc:  # pragma: no cover - read() always returns what was asked
+        raise DataSetError(str(exc)) from None
+    if deflated and walker.src._buf.strip(b"\x00"):
+        raise DataSetError("bytes after the end of the deflated data set")
+    return DataSetSummary(
+        walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, ""), transfer_syntax, walker.elements
+    )
+
+
+def check_part10(fp: BinaryIO) -> DataSetSummary:
+    """Check a Part 10 stream (preamble, file meta, data set) as :func:`check_dataset`."""
+    meta = read_file_meta(fp)
+    if meta is None:
+        raise DataSetError("no DICM prefix or incomplete file meta information")
+    return check_dataset(fp, meta.transfer_syntax, meta.dataset_offset)
