@@ -1,0 +1,753 @@
+"""``serve`` never loses, overwrites or hides data, and answers as PS3.4 says: checked
+with real peers (DCMTK storescu/findscu/getscu, pynetdicom as sender and SCU).
+
+- a truncated re-send, a data set whose UIDs differ from the command's, and a
+  different instance under a stored UID never replace what is stored;
+- the duplicate policy ("keep" by default, "replace" with a complete valid instance);
+- every storage SOP class of PS3.4 Annex B negotiates (serve and store-scp);
+- instances without a Patient ID are not merged into one patient;
+- C-FIND: Required keys with unknown values, keys the index does not hold,
+  Retrieve AE Title, hierarchical queries without relational negotiation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import communicate, dcmtk, stop_process
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
+from pynetdicom import AE as PynetdicomAE
+from pynetdicom import _config as pynetdicom_config
+
+from dimse_async.archive.config import ServeConfig
+from dimse_async.archive.index import Archive
+from dimse_async.archive.serve import archive_ae
+from dimse_async.part10 import read_file_meta
+from dimse_async.services.qr import MODELS
+from dimse_async.sop_classes import STORAGE_SOP_CLASSES
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
+
+HOST = "127.0.0.1"
+SERVE_AE = "ARCHIVE"
+CT = get_testdata_file("CT_small.dcm")
+MR = get_testdata_file("MR_small.dcm")
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class Running:
+    port: int
+    archive: Archive
+    root: Path
+
+
+@contextlib.asynccontextmanager
+async def running_serve(root: Path, **settings: object) -> AsyncIterator[Running]:
+    """The ``serve`` AE (same wiring as the command) in this process, on loopback."""
+    config = ServeConfig(ae_title=SERVE_AE, storage_dir=str(root), host=HOST, port=0)
+    for key, value in settings.items():
+        setattr(config, key, value)
+    archive = Archive(root, duplicates=config.duplicates, fsync=config.fsync, retrieve_ae_title=config.ae_title)
+    await archive.reindex()
+    ae = archive_ae(config)
+    archive.install(ae)
+    try:
+        async with await ae.start_server(HOST, 0) as server:
+            yield Running(server.port, archive, root)
+    finally:
+        archive.close()
+
+
+async def storescu(port: int, *paths: Path | str, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    code, out, _ = await communicate(
+        (dcmtk("storescu"), "-v", "-aec", SERVE_AE, *extra, HOST, str(port), *map(str, paths)),
+        env=DCMTK_ENV,
+        merge_stderr=True,
+    )
+    return code, out
+
+
+def store_statuses(output: str) -> list[str]:
+    """What storescu (-v) reported for each C-STORE, in order."""
+    return [line.split("(", 1)[1].rstrip(")") for line in output.splitlines() if "Received Store Response" in line]
+
+
+async def findscu(port: int, tmp: Path, *keys: str, model: str = "-S") -> tuple[str, list[Dataset]]:
+    """findscu with ``-k`` keys; (final status text, response identifiers)."""
+    out = tmp / f"find-{len(list(tmp.glob('find-*')))}"
+    out.mkdir(parents=True)
+    args = [dcmtk("findscu"), "-v", model, "-aec", SERVE_AE, "-X", "-od", str(out)]
+    for key in keys:
+        args += ["-k", key]
+    _code, text, _ = await communicate((*args, HOST, str(port)), env=DCMTK_ENV, merge_stderr=True)
+    finals = [line.split("(", 1)[1].rstrip(")") for line in text.splitlines() if "Received Final Find Response" in line]
+    assert len(finals) == 1, text
+    return finals[0], [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+async def getscu(port: int, out: Path, *keys: str) -> tuple[int, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    args = [dcmtk("getscu"), "-v", "-S", "-aec", SERVE_AE, "-od", str(out)]
+    for key in keys:
+        args += ["-k", key]
+    code, text, _ = await communicate((*args, HOST, str(port)), env=DCMTK_ENV, merge_stderr=True, timeout=60)
+    return code, text
+
+
+def dataset_bytes(path: Path) -> tuple[str, bytes]:
+    """(transfer syntax, data set bytes) of a Part 10 file."""
+    with path.open("rb") as fp:
+        meta = read_file_meta(fp)
+        assert meta is not None, path
+        fp.seek(meta.dataset_offset)
+        return meta.transfer_syntax, fp.read()
+
+
+def same_dataset(a: Path, b: Path) -> bool:
+    """Element by element (storescu re-encodes what it sends: group lengths and the
+    data set trailing padding may go)."""
+
+    def elements(path: Path) -> dict[int, object]:
+        ds = pydicom.dcmread(path)
+        return {int(e.tag): e.value for e in ds if e.tag.element != 0x0000 and e.tag != 0xFFFCFFFC}
+
+    return elements(a) == elements(b)
+
+
+def stored_file(root: Path, uid: str) -> Path:
+    found = [p for p in root.rglob(f"{uid}.dcm") if ".incoming" not in p.parts]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def pynetdicom_store_files(port: int, paths: list[Path], sop_class: str) -> list[int]:
+    """pynetdicom sends each file as it is on disk (its file meta UIDs in the command)."""
+    previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = PynetdicomAE(ae_title="PYNETSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
+        assoc = ae.associate(HOST, port, ae_title=SERVE_AE)
+        assert assoc.is_established
+        try:
+            return [int(assoc.send_c_store(p).Status) for p in paths]
+        finally:
+            assoc.release()
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def pynetdicom_store_answers(port: int, paths: list[Path], sop_class: str) -> list[tuple[int, str]]:
+    """pynetdicom C-STOREs each file (decoded by pydicom); (status, error comment) each."""
+    ae = PynetdicomAE(ae_title="PYNETSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate(HOST, port, ae_title=SERVE_AE)
+    assert assoc.is_established
+    try:
+        out = []
+        for path in paths:
+            rsp = assoc.send_c_store(pydicom.dcmread(path))
+            out.append((int(rsp.Status), str(rsp.get("ErrorComment", ""))))
+        return out
+    finally:
+        assoc.release()
+
+
+def write_ct(path: Path, **attrs: object) -> Path:
+    ds = pydicom.dcmread(CT)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --------------------------------------------------------------------------- storing
+
+
+async def test_truncated_resend_never_replaces_the_stored_instance(tmp_path: Path) -> None:
+    """A 500-byte head of a stored instance, sent again (pynetdicom, as on disk): refused
+    with 0xC000, the stored file and index untouched; getscu retrieves the original."""
+    original = write_ct(tmp_path / "ct.dcm", SOPInstanceUID=generate_uid())
+    uid = pydicom.dcmread(original).SOPInstanceUID
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(original.read_bytes()[:500])
+    async with running_serve(tmp_path / "arch", duplicates="replace") as srv:
+        code, out = await storescu(srv.port, original)
+        assert code == 0 and store_statuses(out) == ["Success"], out
+        before = stored_file(srv.root, uid).read_bytes()
+        statuses = await asyncio.to_thread(pynetdicom_store_files, srv.port, [truncated], str(UID(CT_CLASS)))
+        assert len(statuses) == 1 and statuses[0] & 0xF000 == 0xC000, [hex(s) for s in statuses]
+        assert stored_file(srv.root, uid).read_bytes() == before
+        study = pydicom.dcmread(original).StudyInstanceUID
+        code, text = await getscu(srv.port, tmp_path / "got", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}")
+        assert code == 0, text
+        (got,) = list((tmp_path / "got").iterdir())
+        assert same_dataset(got, original)
+        assert not list(srv.root.rglob("*.partial")) and not list(srv.root.rglob("*.old"))
+
+
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+async def test_command_uids_must_equal_the_data_sets(tmp_path: Path) -> None:
+    """A file whose meta names another instance than its data set (pynetdicom puts the
+    meta's UIDs in the command): 0xA900, as DCMTK storescp answers; the instance named
+    in the command keeps its content."""
+    victim = write_ct(tmp_path / "victim.dcm", SOPInstanceUID=generate_uid(), PatientName="VICTIM^ONE")
+    victim_uid = pydicom.dcmread(victim).SOPInstanceUID
+    liar = pydicom.dcmread(CT)
+    liar.SOPInstanceUID = generate_uid()
+    liar.PatientName = "OTHER^ONE"
+    liar.file_meta.MediaStorageSOPInstanceUID = victim_uid  # meta says victim, data set says otherwise
+    liar_path = tmp_path / "liar.dcm"
+    liar.save_as(liar_path)  # not enforce_file_format: that would make the meta agree
+    async with running_serve(tmp_path / "arch", duplicates="replace") as srv:
+        code, out = await storescu(srv.port, victim)
+        assert code == 0 and store_statuses(out) == ["Success"], out
+        before = stored_file(srv.root, victim_uid).read_bytes()
+        statuses = await asyncio.to_thread(pynetdicom_store_files, srv.port, [liar_path], CT_CLASS)
+        assert statuses == [0xA900], [hex(s) for s in statuses]
+        assert stored_file(srv.root, victim_uid).read_bytes() == before
+        assert not list(srv.root.rglob(f"{liar.SOPInstanceUID}.dcm"))
+
+
+async def test_duplicate_keep_is_the_default(tmp_path: Path) -> None:
+    """Default policy: the same instance again is a success (it is stored); a different
+    data set under the stored UID is refused (0xA900) and the stored one stays."""
+    uid = generate_uid()
+    first = write_ct(tmp_path / "first.dcm", SOPInstanceUID=uid, PatientName="FIRST^KEPT")
+    other = write_ct(tmp_path / "other.dcm", SOPInstanceUID=uid, PatientName="SECOND^REFUSED")
+    async with running_serve(tmp_path / "arch") as srv:
+        _code, out = await storescu(srv.port, first, first, other)
+        assert store_statuses(out) == ["Success", "Success", "Error: DataSetDoesNotMatchSOPClass"], out
+        assert same_dataset(stored_file(srv.root, uid), first)
+        study = pydicom.dcmread(first).StudyInstanceUID
+        status, found = await findscu(
+            srv.port, tmp_path, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}", "PatientName"
+        )
+        assert status == "Success" and [str(d.PatientName) for d in found] == ["FIRST^KEPT"]
+
+
+async def test_duplicate_replace_takes_a_valid_new_instance(tmp_path: Path) -> None:
+    uid = generate_uid()
+    first = write_ct(tmp_path / "first.dcm", SOPInstanceUID=uid, PatientName="FIRST^OLD")
+    second = write_ct(tmp_path / "second.dcm", SOPInstanceUID=uid, PatientName="SECOND^NEW")
+    async with running_serve(tmp_path / "arch", duplicates="replace") as srv:
+        _code, out = await storescu(srv.port, first, second)
+        assert store_statuses(out) == ["Success", "Success"], out
+        assert same_dataset(stored_file(srv.root, uid), second)
+        study = pydicom.dcmread(first).StudyInstanceUID
+        status, found = await findscu(
+            srv.port, tmp_path, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}", "PatientName"
+        )
+        assert status == "Success" and [str(d.PatientName) for d in found] == ["SECOND^NEW"]
+        assert await srv.archive.count() == 1
+
+
+# --------------------------------------------------------------------------- storage classes
+
+
+def pynetdicom_negotiate(port: int, called: str, classes: list[str]) -> set[str]:
+    """Propose ``classes`` (at most 128 per association); the abstract syntaxes accepted."""
+    accepted: set[str] = set()
+    for start in range(0, len(classes), 120):
+        ae = PynetdicomAE(ae_title="PYNETSCU")
+        ae.acse_timeout = ae.network_timeout = 30
+        for uid in classes[start : start + 120]:
+            ae.add_requested_context(uid, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        assoc = ae.associate(HOST, port, ae_title=called)
+        assert assoc.is_established
+        accepted |= {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        assoc.release()
+    return accepted
+
+
+FOR_PRESENTATION_PROCESSING = [
+    "1.2.840.10008.5.1.4.1.1.1.1",  # Digital X-Ray - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.1.1",  # Digital X-Ray - For Processing
+    "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography - For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.1.3",  # Intra-Oral
+    "1.2.840.10008.5.1.4.1.1.1.3.1",
+    "1.2.840.10008.5.1.4.1.1.13.1.4",  # Breast Projection X-Ray
+    "1.2.840.10008.5.1.4.1.1.13.1.5",
+    "1.2.840.10008.5.1.4.1.1.14.1",  # IVOCT
+    "1.2.840.10008.5.1.4.1.1.14.2",
+    "1.2.840.10008.5.1.4.1.1.501.2.1",  # DICOS Digital X-Ray
+    "1.2.840.10008.5.1.4.1.1.501.2.2",
+]
+PRIVATE_CLASS = "1.2.826.0.1.3680043.9.7433.1.1"
+
+
+def test_storage_class_list_covers_annex_b() -> None:
+    assert set(FOR_PRESENTATION_PROCESSING) <= set(STORAGE_SOP_CLASSES)
+    assert "1.2.840.10008.1.20.1" not in STORAGE_SOP_CLASSES  # Storage Commitment
+    assert "1.2.840.10008.1.3.10" not in STORAGE_SOP_CLASSES  # Media Storage Directory
+    assert len(STORAGE_SOP_CLASSES) > 150
+
+
+async def test_every_storage_class_negotiates_with_serve(tmp_path: Path) -> None:
+    """pynetdicom proposes every storage SOP class (and a configured private one): serve accepts all."""
+    wanted = [*STORAGE_SOP_CLASSES, PRIVATE_CLASS]
+    async with running_serve(tmp_path / "arch", storage_classes=[PRIVATE_CLASS]) as srv:
+        accepted = await asyncio.to_thread(pynetdicom_negotiate, srv.port, SERVE_AE, wanted)
+    assert set(wanted) - accepted == set()
+
+
+async def test_every_storage_class_negotiates_with_store_scp(tmp_path: Path) -> None:
+    from dimse_async.cli import storage_ae
+
+    class Args:
+        aet = "STORESCP"
+        any_called_ae = True
+        max_associations = 10
+        window = 4
+        out = str(tmp_path / "out")
+
+    ae = storage_ae(Args())  # type: ignore[arg-type]
+    async with await ae.start_server(HOST, 0) as server:
+        accepted = await asyncio.to_thread(pynetdicom_negotiate, server.port, "STORESCP", list(STORAGE_SOP_CLASSES))
+    assert set(STORAGE_SOP_CLASSES) - accepted == set()
+    assert set(FOR_PRESENTATION_PROCESSING) <= accepted
+
+
+async def test_digital_xray_for_presentation_is_stored(tmp_path: Path) -> None:
+    """A DX For Presentation instance from storescu lands in the archive."""
+    dx = pydicom.dcmread(CT)
+    dx.SOPClassUID = dx.file_meta.MediaStorageSOPClassUID = FOR_PRESENTATION_PROCESSING[0]
+    dx.SOPInstanceUID = dx.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dx.Modality = "DX"
+    path = tmp_path / "dx.dcm"
+    dx.save_as(path, enforce_file_format=True)
+    async with running_serve(tmp_path / "arch") as srv:
+        code, out = await storescu(srv.port, path)
+        assert code == 0 and store_statuses(out) == ["Success"], out
+        assert same_dataset(stored_file(srv.root, dx.SOPInstanceUID), path)
+
+
+# --------------------------------------------------------------------------- patients
+
+
+async def test_empty_patient_ids_are_not_merged(tmp_path: Path) -> None:
+    """Two studies of different people without a Patient ID: each study comes back with
+    its own patient's name and sex, and a patient-level query finds two patients."""
+    a = write_ct(tmp_path / "a.dcm", SOPInstanceUID=generate_uid(), StudyInstanceUID=generate_uid(),
+                 SeriesInstanceUID=generate_uid(), PatientID="", PatientName="ANON^ANNA", PatientSex="F",
+                 PatientBirthDate="19700101")  # fmt: skip
+    b = write_ct(tmp_path / "b.dcm", SOPInstanceUID=generate_uid(), StudyInstanceUID=generate_uid(),
+                 SeriesInstanceUID=generate_uid(), PatientID="", PatientName="NONAME^BEN", PatientSex="M",
+                 PatientBirthDate="19800101")  # fmt: skip
+    async with running_serve(tmp_path / "arch") as srv:
+        _code, out = await storescu(srv.port, a, b)
+        assert store_statuses(out) == ["Success", "Success"], out
+        status, found = await findscu(
+            srv.port, tmp_path, "QueryRetrieveLevel=STUDY", "StudyInstanceUID", "PatientName", "PatientSex"
+        )
+        assert status == "Success"
+        got = {str(d.StudyInstanceUID): (str(d.PatientName), str(d.PatientSex)) for d in found}
+        want = {
+            str(pydicom.dcmread(p).StudyInstanceUID): (
+                str(pydicom.dcmread(p).PatientName),
+                pydicom.dcmread(p).PatientSex,
+            )
+            for p in (a, b)
+        }
+        assert got == want
+        status, patients = await findscu(
+            srv.port, tmp_path, "QueryRetrieveLevel=PATIENT", "PatientName", "PatientID", model="-P"
+        )
+        assert status == "Success" and sorted(str(d.PatientName) for d in patients) == ["ANON^ANNA", "NONAME^BEN"]
+
+
+# --------------------------------------------------------------------------- C-FIND (PS3.4 C.2.2, C.4.1)
+
+
+@pytest.fixture
+async def find_archive(tmp_path: Path) -> AsyncIterator[tuple[Running, dict[str, Dataset]]]:
+    """Three studies: one with InstitutionName JFK Hospital and a study date, one with no
+    study date and no accession number (unknown values), one at another institution."""
+    specs = {
+        "jfk": {"InstitutionName": "JFK Hospital", "StudyDate": "20200105", "AccessionNumber": "ACC1",
+                "StationName": "CT01", "Modality": "CT"},
+        "unknown": {"InstitutionName": "Mercy", "StudyDate": "", "AccessionNumber": "", "StationName": "CT02",
+                    "Modality": "CT"},
+        "other": {"InstitutionName": "St Mary", "StudyDate": "20221111", "AccessionNumber": "ACC3",
+                  "StationName": "MR01", "Modality": "MR"},
+    }  # fmt: skip
+    made = {}
+    paths = []
+    for n, (name, attrs) in enumerate(specs.items()):
+        path = write_ct(tmp_path / f"{name}.dcm", SOPInstanceUID=generate_uid(), StudyInstanceUID=generate_uid(),
+                        SeriesInstanceUID=generate_uid(), PatientID=f"PID{n}", PatientName=f"PAT^{name.upper()}",
+                        **attrs)  # fmt: skip
+        made[name] = pydicom.dcmread(path)
+        paths.append(path)
+    async with running_serve(tmp_path / "arch") as srv:
+        _code, out = await storescu(srv.port, *paths)
+        assert store_statuses(out) == ["Success"] * 3, out
+        yield srv, made
+
+
+def studies(found: list[Dataset]) -> set[str]:
+    return {str(d.StudyInstanceUID) for d in found}
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        # keys the index does not hold are matched on the stored instance (C.2.2.2.1, C.2.2.2.4)
+        (("InstitutionName=JFK*",), {"jfk"}),
+        (("InstitutionName=Mercy",), {"unknown"}),
+        (("StationName=CT0?",), {"jfk", "unknown"}),
+        # universal matching of a key the index lacks: every study, with the value returned (C.2.2.2.3)
+        (("InstitutionName",), {"jfk", "unknown", "other"}),
+        # a zero-length value of a Required key is unknown and matches (C.2.2.1.2): range, single, wildcard
+        (("StudyDate=20200101-20201231",), {"jfk", "unknown"}),
+        (("StudyDate=20221111",), {"other", "unknown"}),
+        (("AccessionNumber=ACC3",), {"other", "unknown"}),
+        (("AccessionNumber=ACC*",), {"jfk", "other", "unknown"}),
+        # List of UID Matching (C.2.2.2.2)
+        (("StudyInstanceUID={jfk}\\{other}",), {"jfk", "other"}),
+    ],
+    ids=[
+        "optional-wildcard",
+        "optional-single",
+        "optional-question-mark",
+        "optional-universal",
+        "required-unknown-range",
+        "required-unknown-single",
+        "required-unknown-accession",
+        "required-unknown-wildcard",
+        "uid-list",
+    ],
+)
+async def test_find_matching_rules(
+    find_archive: tuple[Running, dict[str, Dataset]], tmp_path: Path, keys: tuple[str, ...], expected: set[str]
+) -> None:
+    srv, made = find_archive
+    uids = {name: str(ds.StudyInstanceUID) for name, ds in made.items()}
+    keys = tuple(k.format(**uids) for k in keys)
+    status, found = await findscu(
+        srv.port, tmp_path, "QueryRetrieveLevel=STUDY", "StudyInstanceUID", "InstitutionName", *keys
+    )
+    assert status == "Success"
+    assert studies(found) == {uids[n] for n in expected}
+    for ds in found:
+        name = next(n for n, u in uids.items() if u == ds.StudyInstanceUID)
+        assert ds.InstitutionName == made[name].InstitutionName  # returned from the stored instance
+        assert ds.RetrieveAETitle == SERVE_AE  # C.4.1.1.3.2
+
+
+async def test_series_query_without_study_uid_is_refused(
+    find_archive: tuple[Running, dict[str, Dataset]], tmp_path: Path
+) -> None:
+    """No relational queries negotiated: a SERIES query needs the Study Instance UID (C.4.1.2.2.1)."""
+    srv, made = find_archive
+    status, found = await findscu(srv.port, tmp_path, "QueryRetrieveLevel=SERIES", "SeriesInstanceUID", "Modality=MR")
+    assert status.startswith("Error") and not found, status
+    study = str(made["other"].StudyInstanceUID)
+    status, found = await findscu(
+        srv.port, tmp_path, "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}", "SeriesInstanceUID", "Modality"
+    )
+    assert status == "Success" and [d.Modality for d in found] == ["MR"]
+
+
+async def test_relational_series_query_when_negotiated(find_archive: tuple[Running, dict[str, Dataset]]) -> None:
+    """pynetdicom asks for relational queries (extended negotiation): granted, and a
+    SERIES query without a Study Instance UID is answered."""
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    srv, made = find_archive
+    find_class = MODELS["study"]["find"]
+
+    def query() -> tuple[bytes | None, list[str], int]:
+        ae = PynetdicomAE(ae_title="PYNETSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(find_class)
+        ext = SOPClassExtendedNegotiation()
+        ext.sop_class_uid = find_class
+        ext.service_class_application_information = b"\x01"
+        assoc = ae.associate(HOST, srv.port, ae_title=SERVE_AE, ext_neg=[ext])
+        assert assoc.is_established
+        try:
+            granted = None
+            for item in assoc.acceptor.user_information:
+                if isinstance(item, SOPClassExtendedNegotiation):
+                    granted = item.service_class_application_information
+            ident = Dataset()
+            ident.QueryRetrieveLevel = "SERIES"
+            ident.SeriesInstanceUID = ""
+            ident.Modality = "MR"
+            got, final = [], 0
+            for status, identifier in assoc.send_c_find(ident, find_class):
+                if status.Status in (0xFF00, 0xFF01):
+                    got.append(str(identifier.SeriesInstanceUID))
+                else:
+                    final = int(status.Status)
+            return granted, got, final
+        finally:
+            assoc.release()
+
+    granted, got, final = await asyncio.to_thread(query)
+    assert granted == b"\x01" and final == 0
+    assert got == [str(made["other"].SeriesInstanceUID)]
+
+
+# --------------------------------------------------------------------------- disk full, read-only
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (skips when mounting is not allowed)."""
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       check=True, capture_output=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {detail}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=10)
+
+
+def remount(where: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True, timeout=10)
+
+
+def distinct_cts(tmp: Path, count: int) -> list[Path]:
+    study, series = generate_uid(), generate_uid()
+    return [
+        write_ct(
+            tmp / f"ct{i:03d}.dcm",
+            SOPInstanceUID=generate_uid(),
+            StudyInstanceUID=study,
+            SeriesInstanceUID=series,
+            InstanceNumber=i + 1,
+        )
+        for i in range(count)
+    ]
+
+
+def check_nothing_half_written(root: Path, archive_count: int, stored_ok: list[Path]) -> None:
+    """Every file in the archive parses to its end, no spool is left, and exactly the
+    instances answered with success are indexed."""
+    from dimse_async.dataset_check import check_part10
+
+    files = [p for p in root.rglob("*.dcm") if ".incoming" not in p.parts]
+    for path in files:
+        with path.open("rb") as fp:
+            check_part10(fp)
+    assert not list(root.rglob("*.partial")), list(root.rglob("*.partial"))
+    assert archive_count == len(stored_ok) == len(files)
+    for src in stored_ok:
+        assert same_dataset(stored_file(root, str(pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID)), src)
+
+
+async def echo_ok(port: int) -> bool:
+    code, _, _ = await communicate((dcmtk("echoscu"), "-aec", SERVE_AE, HOST, str(port)), env=DCMTK_ENV)
+    return code == 0
+
+
+async def test_disk_full_answers_out_of_resources_and_recovers(tmp_path: Path) -> None:
+    """Storage on a 700 KB tmpfs, 30 x 39 KB instances from storescu: those that do not
+    fit are answered 0xA700, nothing half-written is left or indexed, the server keeps
+    answering, and once there is room again the same instances are stored."""
+    files = distinct_cts(tmp_path, 30)
+    with small_tmpfs(tmp_path / "arch", "700k") as root:
+        async with running_serve(root) as srv:
+            _code, out = await storescu(srv.port, *files, extra=("-nh",))  # -nh: go on after a failure
+            statuses = store_statuses(out)
+            assert len(statuses) == len(files), out
+            ok = [f for f, s in zip(files, statuses) if s == "Success"]
+            failed = [f for f, s in zip(files, statuses) if s != "Success"]
+            assert ok and failed, statuses
+            assert all(s == "Refused: OutOfResources" for s in statuses if s != "Success"), statuses
+            assert await echo_ok(srv.port)
+            check_nothing_half_written(root, await srv.archive.count(), ok)
+
+            remount(root, "size=8m")
+            _code, out = await storescu(srv.port, *failed)
+            assert store_statuses(out) == ["Success"] * len(failed), out
+            check_nothing_half_written(root, await srv.archive.count(), files)
+
+
+async def test_read_only_storage_answers_out_of_resources(tmp_path: Path) -> None:
+    """The directory an instance belongs in is a read-only file system: 0xA700, nothing
+    left behind, queries still answered; once writable again the instance is stored."""
+    first, second = distinct_cts(tmp_path, 2)
+    async with running_serve(tmp_path / "arch") as srv:
+        _code, out = await storescu(srv.port, first)
+        assert store_statuses(out) == ["Success"], out
+        shard = srv.archive.path_for(str(pydicom.dcmread(second).SOPInstanceUID)).parent
+        with small_tmpfs(shard, "1m"):
+            remount(shard, "ro")
+            _code, out = await storescu(srv.port, second)
+            assert store_statuses(out) == ["Refused: OutOfResources"], out
+            study = str(pydicom.dcmread(first).StudyInstanceUID)
+            status, found = await findscu(
+                srv.port, tmp_path, "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}", "PatientID"
+            )
+            assert status == "Success" and len(found) == 1
+            assert await srv.archive.count() == 1
+        _code, out = await storescu(srv.port, second)
+        assert store_statuses(out) == ["Success"], out
+        check_nothing_half_written(srv.root, await srv.archive.count(), [first, second])
+
+
+async def test_index_failure_is_out_of_resources_with_the_reason(tmp_path: Path) -> None:
+    """The index cannot be written (another process holds its write lock): 0xA700 whose
+    comment says why, never a warning claiming the instance was stored; the file is
+    removed again, and the instance is stored once the index is free."""
+    import sqlite3
+
+    (ct,) = distinct_cts(tmp_path, 1)
+    async with running_serve(tmp_path / "arch") as srv:
+        await srv.archive.count()  # the index exists
+        blocker = sqlite3.connect(srv.root / "index.sqlite", timeout=1)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            answers = await asyncio.to_thread(pynetdicom_store_answers, srv.port, [ct], CT_CLASS)
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert [a[0] for a in answers] == [0xA700], answers
+        assert "locked" in answers[0][1], answers
+        assert not [p for p in srv.root.rglob("*.dcm") if ".incoming" not in p.parts]
+        answers = await asyncio.to_thread(pynetdicom_store_answers, srv.port, [ct], CT_CLASS)
+        assert [a[0] for a in answers] == [0x0000], answers
+        check_nothing_half_written(srv.root, await srv.archive.count(), [ct])
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+LISTENING = re.compile(r"listening on [\d.]+:(\d+);")
+
+
+def start_serve_process(config: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    out = log.with_suffix(".stdout")
+    with out.open("ab") as stdout, log.open("ab") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dimse_async", "serve", "--config", str(config), "--log-level", "WARNING"],
+            stdout=stdout, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+    deadline = time.monotonic() + 60
+    seen = out.stat().st_size if out.exists() else 0
+    while time.monotonic() < deadline:
+        text = out.read_text(errors="replace")
+        match = LISTENING.search(text, seen) if len(text) > seen else None
+        if match:
+            return proc, int(match[1])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop_process(proc)
+    pytest.fail(f"serve did not start:\n{out.read_text(errors='replace')}\n{log.read_text(errors='replace')}")
+
+
+def acknowledged(storescu_output: str) -> set[str]:
+    """Files storescu (-v) sent and got a Success response for."""
+    done, current = set(), None
+    for line in storescu_output.splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current is not None:
+            done.add(current)
+            current = None
+    return done
+
+
+async def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    """storescu ingests into ``serve`` (a process); serve is killed with SIGKILL at random
+    moments, several times, and restarted. After every restart each instance that got
+    a success is found; at the end every instance is retrieved by getscu and equals
+    what was sent, every stored file is complete and nothing else is indexed.
+    CI: 150 instances, 3 kills; DIMSE_ASYNC_LONG=1: 500 instances, 8 kills."""
+    long = os.environ.get("DIMSE_ASYNC_LONG") == "1"
+    count, kills = (500, 8) if long else (150, 3)
+    seed = int(time.time())
+    rng = random.Random(seed)
+    src = tmp_path / "src"
+    src.mkdir()
+    files = distinct_cts(src, count)
+    by_path = {str(p): p for p in files}
+    uids = {str(p): str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    root = tmp_path / "arch"
+    config = tmp_path / "serve.toml"
+    config.write_text(f'ae_title = "{SERVE_AE}"\nhost = "{HOST}"\nport = 0\nstorage_dir = "{root}"\n')
+    log = tmp_path / "serve.log"
+    acked: set[str] = set()
+
+    async def indexed_instances(port: int) -> set[str]:
+        status, found = await findscu(
+            port, tmp_path, "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}",
+            f"SeriesInstanceUID={series}", "SOPInstanceUID",
+        )  # fmt: skip
+        assert status == "Success"
+        return {str(d.SOPInstanceUID) for d in found}
+
+    killed_mid_ingest = 0
+    for round_ in range(kills):
+        proc, port = start_serve_process(config, log)
+        try:
+            assert not list(root.rglob("*.partial")), f"seed {seed}: spools left after restart"
+            have = await indexed_instances(port)
+            lost = {uids[p] for p in acked} - have
+            assert not lost, f"seed {seed}, round {round_}: acknowledged instances lost {sorted(lost)[:5]}"
+            assert have <= set(uids.values())
+            todo = [by_path[p] for p in by_path if p not in acked]
+            sender = asyncio.ensure_future(storescu(port, *todo, extra=("-nh", "-to", "5", "-ta", "5", "-td", "5")))
+            await asyncio.sleep(rng.uniform(0.2, 1.2))
+            if not sender.done():
+                killed_mid_ingest += 1
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            _, out = await sender
+            acked |= acknowledged(out)
+        finally:
+            stop_process(proc)
+    assert killed_mid_ingest >= 1, f"seed {seed}: no kill happened during ingest"
+
+    proc, port = start_serve_process(config, log)
+    try:
+        assert not list(root.rglob("*.partial"))
+        have = await indexed_instances(port)
+        assert {uids[p] for p in acked} <= have, f"seed {seed}: acknowledged instances lost"
+        todo = [by_path[p] for p in by_path if p not in acked]
+        if todo:
+            _, out = await storescu(port, *todo, extra=("-nh",))
+            acked |= acknowledged(out)
+        assert acked == set(by_path), f"seed {seed}: {len(by_path) - len(acked)} never acknowledged"
+        got = tmp_path / "got"
+        code, text = await getscu(port, got, "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}",
+                                  f"SeriesInstanceUID={series}")  # fmt: skip
+        assert code == 0, text
+        received = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in got.iterdir()}
+        assert set(received) == set(uids.values())
+        for path, uid in uids.items():
+            assert same_dataset(received[uid], by_path[path]), f"seed {seed}: {uid} differs"
+    finally:
+        assert stop_process(proc) == 0
+    check_nothing_half_written(root, len(uids), files)
