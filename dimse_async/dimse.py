@@ -153,7 +153,9 @@ def _encode_value(vr: str, value) -> bytes:
         return _US.pack(value)
     if vr == "AT":
         return b"".join(struct.pack("<HH", t >> 16, t & 0xFFFF) for t in value)
-    raw = value.encode("ascii") if isinstance(value, str) else bytes(value)
+    # A value echoed from a malformed request may hold bytes decoded as U+FFFD: never
+    # fail to answer over it (PS3.7 §6.3.1, command strings are the default repertoire).
+    raw = value.encode("ascii", "replace") if isinstance(value, str) else bytes(value)
     if len(raw) % 2:
         raw += b"\x00" if vr == "UI" else b" "
     return raw

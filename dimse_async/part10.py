@@ -92,7 +92,7 @@ def encode_file_meta(
             _elem(0x0010, b"UI", transfer_syntax.encode("ascii")),
             _elem(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
             _elem(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
-            _elem(0x0016, b"AE", source_ae.encode("ascii")) if source_ae else b"",
+            _elem(0x0016, b"AE", source_ae.encode("ascii", "replace")) if source_ae else b"",
         ]
     )
     return bytes(128) + b"DICM" + _elem(0x0000, b"UL", struct.pack("<I", len(body))) + body

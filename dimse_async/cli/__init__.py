@@ -251,9 +251,18 @@ def _tune_allocator() -> None:
         pass
 
 
+def _quiet_pydicom() -> None:
+    """Received data sets are kept as sent: pydicom's value-validation warnings would
+    print to stderr for every odd value a peer sends, so the CLI turns them off."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _tune_allocator()
+    _quiet_pydicom()
     configure_logging(args.log_level, json=args.log_json)
     if args.command == "echo":
         return run(_echo(args))

@@ -121,12 +121,23 @@ class Spool:
         self._paused = False
         #: The OSError that made the spool fail (disk full, permissions), if any.
         self.error: OSError | None = None
+        #: Set when the request is refused before its data set arrives: the bytes are
+        #: counted and dropped, and this status answers it.
+        self.refusal: Status | None = None
+
+    @classmethod
+    def refused(cls, status: Status) -> Spool:
+        """A spool that keeps nothing: the data set is drained and ``status`` answers."""
+        spool = cls(b"", threshold=0, directory=None, pause=_nothing, resume=_nothing)
+        spool.refusal = status
+        spool._chunks, spool._pending = [], 0
+        return spool
 
     def write(self, data: bytes | memoryview) -> None:
         n = len(data)
         self.size += n
-        if self.error is not None:
-            return  # already failed: count, drop, and answer with a failure status
+        if self.error is not None or self.refusal is not None:
+            return  # failed or refused: count, drop, and answer with a failure status
         self._chunks.append(data)
         self._pending += n
         if self._file is None:
@@ -326,14 +337,41 @@ def _copy_then_replace(src: str, dest: str) -> None:
                 pass
 
 
+def _nothing() -> None:
+    return None
+
+
+def store_refusal(cmd: Command, ctx: PresentationContext | None) -> Status | None:
+    """Why a C-STORE-RQ cannot be stored, judged from its command set alone, or ``None``.
+
+    A SOP Class UID other than the context's abstract syntax is refused as not
+    supported (0x0122); a SOP Instance UID that is not a UID (PS3.5 §9.1) cannot be
+    understood (0xC000). PS3.4 B.2.3.
+    """
+    sop_class = cmd.affected_sop_class_uid or ""
+    if ctx is None or sop_class != ctx.abstract_syntax or not valid_uid(sop_class):
+        return Status(0x0122, "SOP Class UID does not match the presentation context")
+    if not valid_uid(cmd.affected_sop_instance_uid or ""):
+        return Status(0xC000, "invalid Affected SOP Instance UID")
+    return None
+
+
 def make_spool(assoc: Association, msg: Message) -> Spool:
-    """Sink factory for an incoming C-STORE-RQ data set (see MessageAssembler.sink_for)."""
+    """Sink factory for an incoming C-STORE-RQ data set (see MessageAssembler.sink_for).
+
+    Never raises: a request that cannot be stored gets a spool that drains its data set
+    and answers with a failure status.
+    """
     cmd = msg.command
     ctx = assoc._contexts_by_id.get(msg.context_id)
+    refusal = store_refusal(cmd, ctx)
+    if refusal is not None:
+        return Spool.refused(refusal)
+    assert ctx is not None
     header = encode_file_meta(
         cmd.affected_sop_class_uid or "",
         cmd.affected_sop_instance_uid or "",
-        ctx.transfer_syntax if ctx else ImplicitVRLittleEndian,
+        ctx.transfer_syntax,
         assoc.peer_ae or None,
     )
     ae = assoc.ae
@@ -350,13 +388,16 @@ async def scp_c_store(assoc: Association, ctx: PresentationContext, msg: Message
     """Run the C-STORE handler for one received instance and answer (PS3.4 B.2.3)."""
     cmd = msg.command
     spool = msg.sink
-    # Association._sink_for gives every C-STORE-RQ on an accepted context a spool.
-    assert isinstance(spool, Spool), "C-STORE data set arrived without a spool"
+    if not isinstance(spool, Spool):
+        # Command Data Set Type said "no data set": there is nothing to store (PS3.7 §9.3.1.1).
+        spool = Spool.refused(Status(0xC000, "C-STORE-RQ without a data set"))
     status: Status
     try:
         await spool.finish()
         handler = assoc.store_handler or assoc.ae._handlers.get("c_store")
-        if spool.error is not None:
+        if spool.refusal is not None:
+            status = spool.refusal
+        elif spool.error is not None:
             assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(spool.error))
             status = Status(0xA700, f"Out of resources: {spool.error.strerror or spool.error}")
         elif handler is None:

@@ -35,7 +35,11 @@ async def scp_c_echo(assoc: Association, ctx: PresentationContext, msg: Message)
     """
     handler = assoc.ae._handlers.get("c_echo")
     status: Any = Status(Status.SUCCESS)
-    if handler is not None:
+    if msg.command.affected_sop_class_uid != ctx.abstract_syntax:
+        # PS3.7 §9.3.5.1: the Verification SOP Class; anything else is not supported.
+        assoc.log.warning("C-ECHO-RQ for another SOP class", sop_class=msg.command.affected_sop_class_uid)
+        status = Status(0x0122, "SOP class not supported")
+    elif handler is not None:
         try:
             result = await handler(Request(assoc, msg))
         except asyncio.CancelledError:
