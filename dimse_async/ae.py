@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Iterable
+from ssl import SSLContext
 from typing import Any
 
+from .acceptor import AcceptOptions, preamble_factory
 from .acse import AcceptorPolicy, ContextSpec, build_request, validate_ae_title
 from .association import Association
 from .exceptions import AssociationTimeout, ConnectionFailed
 from .pdu import SOPClassCommonExtended, SOPClassExtended, UserIdentityRQ
+from .proxy import networks
 from .server import Server
 from .uids import DEFAULT_TRANSFER_SYNTAXES
 
@@ -29,7 +33,7 @@ class AE:
     >>> async with ae.associate("127.0.0.1", 11112, called_ae="PEER") as assoc:
     ...     status = await assoc.c_echo()
 
-    Timeouts are in seconds (``None`` waits forever): ``connect_timeout`` for TCP,
+    Timeouts are in seconds (``None`` waits forever): ``connect_timeout`` for TCP (and TLS),
     ``acse_timeout`` for A-ASSOCIATE / A-RELEASE answers, ``dimse_timeout`` for a
     DIMSE response, ``network_timeout`` for an idle association, ``artim_timeout``
     for the ARTIM timer (PS3.8 §9.1.5).
@@ -54,6 +58,11 @@ class AE:
         spool_dir: str | None = None,
         known_aes: dict[str, tuple[str, int]] | None = None,
         move_concurrency: int = 4,
+        allowed_peer_addresses: Iterable[str] | None = None,
+        keepalive_idle: float | None = None,
+        keepalive_interval: float = 10.0,
+        keepalive_count: int = 5,
+        idle_release: float | None = None,
     ):
         self.ae_title = validate_ae_title(ae_title)
         if not 0 <= max_pdu <= 0xFFFFFFFF or 0 < max_pdu < 1024:
@@ -78,6 +87,17 @@ class AE:
         self.known_aes: dict[str, tuple[str, int]] = dict(known_aes or {})
         #: C-STORE sub-operations kept in flight per C-MOVE (if the destination agrees).
         self.move_concurrency = move_concurrency
+        #: Acceptor: only peers at these addresses / CIDR blocks may associate (the real
+        #: client address when the PROXY protocol is on); others get A-ASSOCIATE-RJ.
+        self.allowed_peer_addresses = None if allowed_peer_addresses is None else networks(allowed_peer_addresses)
+        #: TCP keepalive (both roles): probe after ``keepalive_idle`` s of silence, every
+        #: ``keepalive_interval`` s, give up after ``keepalive_count`` probes. ``None``: off.
+        self.keepalive = None if keepalive_idle is None else (keepalive_idle, keepalive_interval, keepalive_count)
+        #: Requestor: release an association that has had no DIMSE traffic for this many
+        #: seconds (before a NAT or firewall forgets the connection).
+        self.idle_release = idle_release
+        #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
+        self.observer: Any = None
         self.requested_contexts: list[ContextSpec] = []
         self.supported_contexts: dict[str, ContextSpec] = {}
         self._handlers: dict[str, Handler] = {}
@@ -235,11 +255,16 @@ class AE:
         identity: UserIdentityRQ | None = None,
         extended: Iterable[SOPClassExtended] = (),
         common_extended: Iterable[SOPClassCommonExtended] = (),
+        ssl: SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> _Associating:
         """Request an association. Use as ``async with`` (released on exit) or ``await``.
 
         ``async_ops=(invoked, performed)`` proposes an asynchronous operations window
         (default: this AE's ``max_ops_invoked``/``max_ops_performed``; ``(1, 1)`` proposes none).
+        ``ssl``: a client context (see :func:`dimse_async.tls.client_context`); the server
+        certificate is checked against ``server_hostname`` (default ``host``); the
+        handshake counts towards ``connect_timeout``.
         Raises :class:`ConnectionFailed`, :class:`AssociationRejected`,
         :class:`AssociationAborted` or :class:`AssociationTimeout`.
         """
@@ -258,27 +283,57 @@ class AE:
             common_extended=common_extended,
             identity=identity,
         )
-        return _Associating(self, host, port, rq)
+        return _Associating(self, host, port, rq, ssl, server_hostname)
 
     # ------------------------------------------------------------ acceptor
 
-    async def start_server(self, host: str = "0.0.0.0", port: int = 11112, *, backlog: int = 512) -> Server:
-        """Listen for associations; returns at once with a running :class:`Server`."""
+    async def start_server(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 11112,
+        *,
+        backlog: int = 512,
+        ssl: SSLContext | None = None,
+        ssl_handshake_timeout: float = 10.0,
+        proxy_protocol: bool = False,
+        trusted_proxies: Iterable[str] = ("127.0.0.1", "::1"),
+        proxy_header_timeout: float = 10.0,
+    ) -> Server:
+        """Listen for associations; returns at once with a running :class:`Server`.
+
+        ``ssl``: a server context (see :func:`dimse_async.tls.server_context`); each
+        client gets ``ssl_handshake_timeout`` seconds for its handshake, on its own.
+        ``proxy_protocol``: every connection starts with a PROXY v1/v2 header, accepted
+        only from ``trusted_proxies`` (addresses or CIDR blocks); associations then see
+        the client's address from the header.
+        """
         if not self.supported_contexts:
             raise ValueError("no supported presentation contexts: call add_supported_context() first")
         server = Server(self)
         loop = asyncio.get_running_loop()
-        server._server = await loop.create_server(
-            lambda: Association(self, requestor=False, server=server), host, port, backlog=backlog, reuse_address=True
-        )
+
+        def make_association() -> Association:
+            return Association(self, requestor=False, server=server)
+
+        factory: Callable[[], Any] = make_association
+        if ssl is not None or proxy_protocol:
+            options = AcceptOptions(
+                ssl=ssl,
+                handshake_timeout=ssl_handshake_timeout,
+                trusted_proxies=networks(trusted_proxies) if proxy_protocol else None,
+                header_timeout=proxy_header_timeout,
+            )
+            factory = preamble_factory(server, options, make_association)
+        server._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
         return server
 
 
 class _Associating:
     """The pending result of :meth:`AE.associate`: awaitable and an async context manager."""
 
-    def __init__(self, ae: AE, host: str, port: int, rq: Any):
+    def __init__(self, ae: AE, host: str, port: int, rq: Any, ssl: SSLContext | None, server_hostname: str | None):
         self._ae, self._host, self._port, self._rq = ae, host, port, rq
+        self._ssl, self._server_hostname = ssl, server_hostname
         self._assoc: Association | None = None
 
     async def _open(self) -> Association:
@@ -289,15 +344,28 @@ class _Associating:
         assoc.peer_ae = self._rq.called_ae
         assoc.log = assoc.log.bind(peer_ae=self._rq.called_ae, local_ae=ae.ae_title)
         assoc._run(assoc.fsm.associate(self._rq))  # Evt1 -> AE-1: we open the transport
+        tls: dict[str, Any] = {}
+        if self._ssl is not None:
+            tls = {"ssl": self._ssl, "server_hostname": self._server_hostname or self._host}
+            if ae.connect_timeout is not None:
+                tls["ssl_handshake_timeout"] = ae.connect_timeout
+        started = loop.time()
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: assoc, self._host, self._port), ae.connect_timeout)
+            await asyncio.wait_for(
+                loop.create_connection(lambda: assoc, self._host, self._port, **tls), ae.connect_timeout
+            )
         except TimeoutError:
             raise AssociationTimeout(
                 f"TCP connect to {self._host}:{self._port} timed out after {ae.connect_timeout} s"
             ) from None
+        except ssl_module.SSLError as exc:
+            why = f"certificate verify failed: {exc.verify_message}" if getattr(exc, "verify_message", None) else exc.reason
+            raise ConnectionFailed(f"TLS handshake with {self._host}:{self._port} failed: {why or exc}") from exc
         except OSError as exc:
             raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}") from exc
+        assoc.timings["connect"] = loop.time() - started
         await assoc._wait_established(ae.acse_timeout)
+        assoc.timings["associate"] = loop.time() - started - assoc.timings["connect"]
         return assoc
 
     def __await__(self):

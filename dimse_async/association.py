@@ -46,10 +46,13 @@ from .exceptions import (
     DIMSEFailure,
     NoAcceptedContext,
 )
+from .keepalive import set_keepalive
 from .log import debug_enabled, get_logger
 from .pdu import AbortReason, AssociateRJ, AssociateRQ
+from .proxy import address_in
 from .services import qr, verification
 from .services.storage import Spool, c_store, make_spool, scp_c_store
+from .tls import TLSInfo, session_info
 
 if TYPE_CHECKING:
     from .ae import AE
@@ -78,6 +81,16 @@ class Association(asyncio.Protocol):
         self.fsm = fsm.UpperLayer(requestor=requestor, max_pdu_receive=ae.max_pdu)
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)
+        #: Acceptor behind a PROXY protocol load balancer: the client's address from the
+        #: header (``peer`` then holds it) and the proxy's own address.
+        self.proxied_peer: tuple[str, int] | None = None
+        self.via: tuple[str, int] | None = None
+        #: The TLS session (version, cipher, verified peer certificate subject) or ``None``.
+        self.tls: TLSInfo | None = None
+        #: Requestor: seconds the TCP (and TLS) connect and the negotiation took.
+        self.timings: dict[str, float] = {}
+        self.bytes_received = 0
+        self.bytes_sent = 0
         self.local_ae = ae.ae_title
         self.peer_ae = ""
         self.request: AssociateRQ | None = None
@@ -95,6 +108,8 @@ class Association(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._last_rx = 0.0
         self._last_tx = 0.0  # last time the peer took data from us (resume_writing)
+        self._last_dimse = 0.0  # last DIMSE message either way (idle release)
+        self._idle_release: asyncio.TimerHandle | None = None
 
         self._assembler = MessageAssembler(sink_for=self._sink_for)
         self._send_lock = asyncio.Lock()
@@ -162,10 +177,19 @@ class Association(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:  # pragma: no cover - platform dependent
                 pass
-        peer = transport.get_extra_info("peername") or ("", 0)
+            if self.ae.keepalive is not None:
+                set_keepalive(sock, *self.ae.keepalive)
+        peer = self.proxied_peer or transport.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        self.tls = session_info(transport)
         transport.set_write_buffer_limits(high=4 * _WRITE_BATCH)
         self.log = self.log.bind(peer=f"{self.peer[0]}:{self.peer[1]}", local_ae=self.local_ae)
+        if self.via is not None:
+            self.log = self.log.bind(via=f"{self.via[0]}:{self.via[1]}")
+        if self.tls is not None:
+            self.log = self.log.bind(tls=self.tls.version, tls_subject=self.tls.peer_subject)
+        if self.ae.observer is not None:
+            self.ae.observer.association_started(self)
         self._last_rx = self.loop.time()
         if self.server is not None:
             self.server._track(self)
@@ -290,10 +314,30 @@ class Association(asyncio.Protocol):
             self.log.warning("ARTIM timer expired, connection closed", reason=self.fsm.failure)
 
     def _cancel_timers(self) -> None:
-        for handle in (self._artim, self._idle):
+        for handle in (self._artim, self._idle, self._idle_release):
             if handle is not None:
                 handle.cancel()
-        self._artim = self._idle = None
+        self._artim = self._idle = self._idle_release = None
+
+    def _arm_idle_release(self) -> None:
+        """Requestor with ``AE(idle_release=...)``: release after that long without DIMSE traffic."""
+        delay = self.ae.idle_release
+        if delay is None or not self.requestor or self._closed.done():
+            return
+        self._idle_release = self.loop.call_at(self._last_dimse + delay, self._check_idle_release)
+
+    def _check_idle_release(self) -> None:
+        self._idle_release = None
+        delay = self.ae.idle_release
+        if delay is None or self._closed.done() or not self.is_established:
+            return
+        if self._pending or self.loop.time() - self._last_dimse < delay:
+            if self._pending:
+                self._last_dimse = self.loop.time()
+            self._arm_idle_release()
+            return
+        self.log.info("releasing idle association", idle_release=delay)
+        self._spawn(self.release())
 
     def _arm_idle(self) -> None:
         timeout = self.ae.network_timeout
@@ -356,6 +400,8 @@ class Association(asyncio.Protocol):
         self._closed.set_result(None)
         if self.server is not None:
             self.server._untrack(self)
+        if self.ae.observer is not None:
+            self.ae.observer.association_ended(self)
         if self.negotiated is not None:
             event = "released" if self._released and reason is None else "aborted"
             self.ae._fire(event, self)
@@ -387,6 +433,9 @@ class Association(asyncio.Protocol):
         result: Any
         if self.server is not None and self.server.over_limit():
             result, neg = AssociateRJ(2, 3, 2), None  # rejected-transient, local-limit-exceeded
+        elif ae.allowed_peer_addresses is not None and not address_in(self.peer[0], ae.allowed_peer_addresses):
+            self.log.warning("peer address not allowed", address=self.peer[0])
+            result, neg = AssociateRJ(1, 1, 1), None  # rejected-permanent, service-user, no-reason-given
         else:
             ok, response = True, None
             identity = rq.user_info.identity_rq
@@ -429,6 +478,8 @@ class Association(asyncio.Protocol):
         self._window = asyncio.Semaphore(neg.max_ops_invoked or 1 << 16)
         self._max_performed = neg.max_ops_performed or 1 << 16
         self._arm_idle()
+        self._last_dimse = self.loop.time()
+        self._arm_idle_release()
 
     def _log_negotiation(self, what: str) -> None:
         neg = self.negotiated
@@ -590,6 +641,9 @@ class Association(asyncio.Protocol):
                 self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else batch[0]))
             if self._debug:
                 self.log.debug("message sent", command=command.name, context=context_id, dataset=dataset is not None)
+            self._last_dimse = self.loop.time()
+            if self.ae.observer is not None:
+                self.ae.observer.message_sent(self, command)
             await self._drain()
 
     def _next_message_id(self) -> int:
@@ -649,6 +703,9 @@ class Association(asyncio.Protocol):
         if self._debug:
             self.log.debug("message received", command=cmd.name, context=msg.context_id)
         self._track_received(msg)
+        self._last_dimse = self.loop.time()
+        if self.ae.observer is not None:
+            self.ae.observer.message_received(self, cmd)
         if cmd.is_response:
             waiter = self._pending.get(cmd.message_id_being_responded_to or -1)
             if waiter is None:

@@ -19,14 +19,18 @@ class Server:
 
     ``async with server:`` closes it on exit; :meth:`serve_forever` blocks until
     cancelled; :meth:`close` stops accepting and :meth:`wait_closed` waits for open
-    associations for a grace period, then aborts what is left.
+    associations for a grace period, then aborts what is left. :meth:`drain` does
+    both after turning :attr:`ready` false (graceful shutdown behind a load balancer).
     """
 
     def __init__(self, ae: AE):
         self.ae = ae
         self._server: asyncio.base_events.Server | None = None
         self.associations: set[Association] = set()
+        self._preambles: set[Any] = set()  # connections still in their PROXY header / TLS handshake
         self._log = get_logger(local_ae=ae.ae_title)
+        #: Set by :meth:`drain`: unready, new associations rejected (transient).
+        self.draining = False
 
     @property
     def port(self) -> int:
@@ -39,6 +43,8 @@ class Server:
 
     def over_limit(self) -> bool:
         """Whether accepting one more association would exceed ``max_associations``."""
+        if self.draining:
+            return True
         established = sum(1 for a in self.associations if a.negotiated is not None and not a.is_closed)
         return established >= self.ae.max_associations
 
@@ -47,6 +53,30 @@ class Server:
 
     def _untrack(self, assoc: Association) -> None:
         self.associations.discard(assoc)
+
+    def _note_refused(self, why: str) -> None:
+        """A connection was dropped before it became an association (PROXY, TLS)."""
+        observer = self.ae.observer
+        if observer is not None:
+            observer.connection_refused(why)
+
+    @property
+    def ready(self) -> bool:
+        """Whether new associations are welcome: listening and not draining."""
+        return self._server is not None and self._server.is_serving() and not self.draining
+
+    async def drain(self, grace: float = 30.0, delay: float = 0.0) -> None:
+        """Graceful shutdown: turn :attr:`ready` false, answer new association requests
+        with rejected-transient for ``delay`` seconds (while load balancers notice), stop
+        listening, let running associations finish for up to ``grace`` seconds, then
+        abort the rest, logging each."""
+        self.draining = True
+        self._log.info("draining", open_associations=len(self.associations), grace=grace, delay=delay)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.close()
+        await self.wait_closed(grace)
+        self._log.info("drained")
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -60,6 +90,8 @@ class Server:
         """Stop listening; open associations carry on until :meth:`wait_closed`."""
         if self._server is not None:
             self._server.close()
+        for preamble in list(self._preambles):
+            preamble.abort()
 
     async def wait_closed(self, grace: float = 10.0) -> None:
         """Wait up to ``grace`` seconds for open associations to end, then abort them."""
@@ -70,6 +102,7 @@ class Server:
                 fut.cancel()
             for assoc in list(self.associations):
                 if not assoc.is_closed:
+                    assoc.log.warning("aborting association still open after the grace period", grace=grace)
                     assoc.abort("server shutting down")
             still = [a for a in self.associations if not a.is_closed]
             if still:

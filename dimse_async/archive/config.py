@@ -12,6 +12,24 @@ Example::
     fsync = true                              # flush files and index before answering success
     storage_classes = ["1.2.3.4"]             # extra storage SOP classes to accept
 
+    # Deployment (docs/deployment.md); all optional:
+    tls_cert = "/etc/dicom/server.pem"        # enables TLS (PS3.15 B.9, BCP 195)
+    tls_key = "/etc/dicom/server.key"
+    tls_ca = "/etc/dicom/clients-ca.pem"      # verify client certificates
+    tls_require_client_cert = true            # mutual TLS
+    tls_handshake_timeout = 10
+    proxy_protocol = true                     # PROXY v1/v2 header from a load balancer
+    trusted_proxies = ["10.0.0.0/8"]          # only these may send one
+    allowed_peer_addresses = ["10.1.2.0/24"]  # client addresses allowed to associate
+    keepalive_idle = 60                       # TCP keepalive: probe after 60 s idle,
+    keepalive_interval = 10                   #   every 10 s,
+    keepalive_count = 5                       #   give up after 5
+    idle_timeout = 300                        # abort an association silent this long
+    http_host = "0.0.0.0"                     # /healthz and /metrics
+    http_port = 8080
+    drain_grace = 30                          # on SIGTERM: running associations get 30 s
+    drain_delay = 5                           # unready (and rejecting) 5 s before closing the port
+
     [known_aes]                               # C-MOVE destinations
     VIEWER = { host = "10.0.0.5", port = 104 }
 """
@@ -25,6 +43,7 @@ from typing import Any
 
 from ..acse import validate_ae_title
 from ..part10 import valid_uid
+from ..proxy import networks
 
 __all__ = ["ServeConfig", "load_config"]
 
@@ -47,6 +66,44 @@ class ServeConfig:
     fsync: bool = True
     #: Storage SOP classes to accept beyond those of PS3.4 Annex B (private ones, say).
     storage_classes: list[str] = field(default_factory=list)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_require_client_cert: bool = False
+    tls_handshake_timeout: float = 10.0
+    proxy_protocol: bool = False
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
+    allowed_peer_addresses: list[str] | None = None
+    keepalive_idle: float | None = None
+    keepalive_interval: float = 10.0
+    keepalive_count: int = 5
+    idle_timeout: float | None = 300.0
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    drain_grace: float = 30.0
+    drain_delay: float = 0.0
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "tls_cert": (str,),
+    "tls_key": (str,),
+    "tls_ca": (str,),
+    "tls_require_client_cert": (bool,),
+    "tls_handshake_timeout": (int, float),
+    "proxy_protocol": (bool,),
+    "keepalive_idle": (int, float),
+    "keepalive_interval": (int, float),
+    "keepalive_count": (int,),
+    "idle_timeout": (int, float),
+    "http_host": (str,),
+    "http_port": (int,),
+    "drain_grace": (int, float),
+    "drain_delay": (int, float),
+    "require_called_ae": (bool,),
+    "host": (str,),
+    "storage_dir": (str,),
+    "worklist_dir": (str,),
+}
 
 
 def _known(raw: Any) -> dict[str, tuple[str, int]]:
@@ -95,5 +152,13 @@ def load_config(path: str | Path | None) -> ServeConfig:
             isinstance(value, list) and all(isinstance(v, str) and valid_uid(v) for v in value)
         ):
             raise ValueError("storage_classes must be a list of SOP Class UIDs")
+        elif key in ("trusted_proxies", "allowed_peer_addresses"):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{key} must be a list of addresses or CIDR blocks")
+            networks(value)  # raises on a bad entry
+        elif key in _TYPES and (
+            not isinstance(value, _TYPES[key]) or (type(value) is bool and bool not in _TYPES[key])
+        ):
+            raise ValueError(f"{key} must be of type {' or '.join(t.__name__ for t in _TYPES[key])}")
         setattr(config, key, value)
     return config

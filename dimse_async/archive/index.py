@@ -664,6 +664,8 @@ class Archive:
             await self.index_file(dest)
         except Exception as exc:
             await self._undo_store(dest, old, uid, request)
+            if request.assoc.ae.observer is not None:
+                request.assoc.ae.observer.error("index")
             if isinstance(exc, OSError | sqlite3.Error):
                 return _out_of_resources(request, exc)
             request.assoc.log.warning("C-STORE data set cannot be indexed", sop_instance=uid, error=str(exc)[:200])

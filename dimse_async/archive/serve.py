@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Awaitable, Callable
 
 from .. import AE, Server, Verification
+from ..deploy import Deployment, serve_until_signalled, server_ssl
+from ..health import HealthServer
 from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES
 from .config import ServeConfig, load_config
@@ -28,6 +29,11 @@ def archive_ae(config: ServeConfig) -> AE:
         max_ops_invoked=config.max_ops,
         spool_dir=os.path.join(config.storage_dir, ".incoming"),
         known_aes=config.known_aes,
+        allowed_peer_addresses=config.allowed_peer_addresses,
+        network_timeout=config.idle_timeout,
+        keepalive_idle=config.keepalive_idle,
+        keepalive_interval=config.keepalive_interval,
+        keepalive_count=config.keepalive_count,
     )
     ae.add_supported_context(Verification)
     for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *config.storage_classes]):
@@ -39,22 +45,59 @@ def archive_ae(config: ServeConfig) -> AE:
     return ae
 
 
-async def serve(args: argparse.Namespace, until_signalled: Callable[[Server], Awaitable[None]]) -> int:
-    """Run ``dimse-async serve`` until ``until_signalled`` returns; the exit code."""
-    try:
-        config = load_config(args.config)
-    except (OSError, ValueError) as exc:
-        print(f"serve: {exc}", file=sys.stderr)
-        return 2
+def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
+    """Command line flags override the configuration file."""
     for arg, key in (
         ("host", "host"),
         ("port", "port"),
         ("aet", "ae_title"),
         ("storage_dir", "storage_dir"),
         ("worklist_dir", "worklist_dir"),
+        ("tls_cert", "tls_cert"),
+        ("tls_key", "tls_key"),
+        ("tls_ca", "tls_ca"),
+        ("tls_handshake_timeout", "tls_handshake_timeout"),
+        ("trusted_proxy", "trusted_proxies"),
+        ("allowed_peer", "allowed_peer_addresses"),
+        ("keepalive_idle", "keepalive_idle"),
+        ("keepalive_interval", "keepalive_interval"),
+        ("keepalive_count", "keepalive_count"),
+        ("idle_timeout", "idle_timeout"),
+        ("http_host", "http_host"),
+        ("http_port", "http_port"),
+        ("drain_grace", "drain_grace"),
+        ("drain_delay", "drain_delay"),
     ):
-        if getattr(args, arg) is not None:
+        if getattr(args, arg, None) is not None:
             setattr(config, key, getattr(args, arg))
+    if getattr(args, "tls_require_client_cert", False):
+        config.tls_require_client_cert = True
+    if getattr(args, "proxy_protocol", False):
+        config.proxy_protocol = True
+
+
+def deployment(config: ServeConfig) -> Deployment:
+    return Deployment(
+        ssl=server_ssl(config.tls_cert, config.tls_key, config.tls_ca, config.tls_require_client_cert),
+        handshake_timeout=config.tls_handshake_timeout,
+        proxy_protocol=config.proxy_protocol,
+        trusted_proxies=tuple(config.trusted_proxies),
+        http_host=config.http_host,
+        http_port=config.http_port,
+        drain_grace=config.drain_grace,
+        drain_delay=config.drain_delay,
+    )
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Run ``dimse-async serve`` until SIGTERM/SIGINT (then drain); the exit code."""
+    try:
+        config = load_config(args.config)
+        apply_args(config, args)
+        dep = deployment(config)
+    except (OSError, ValueError) as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
     archive = Archive(
         config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, retrieve_ae_title=config.ae_title
     )
@@ -62,15 +105,22 @@ async def serve(args: argparse.Namespace, until_signalled: Callable[[Server], Aw
     total = await archive.count()
     ae = archive_ae(config)
     archive.install(ae, Worklist(config.worklist_dir) if config.worklist_dir else None)
-    server = await ae.start_server(config.host, config.port)
-    print(
-        f"{config.ae_title} listening on {config.host}:{server.port}; archive {config.storage_dir}: "
-        f"{total} instances ({added} indexed now, {skipped} unreadable skipped, {gone} gone)"
-        + (f"; worklist {config.worklist_dir}" if config.worklist_dir else ""),
-        flush=True,
-    )
+
+    def announce(server: Server, health: HealthServer | None) -> None:
+        print(
+            f"{config.ae_title} listening on {config.host}:{server.port}"
+            + (" (TLS)" if dep.ssl else "")
+            + (" (PROXY protocol)" if dep.proxy_protocol else "")
+            + f"; archive {config.storage_dir}: "
+            f"{total} instances ({added} indexed now, {skipped} unreadable skipped, {gone} gone)"
+            + (f"; worklist {config.worklist_dir}" if config.worklist_dir else ""),
+            flush=True,
+        )
+        if health is not None:
+            print(f"health and metrics on port {health.port}: /healthz, /metrics", flush=True)
+
     try:
-        await until_signalled(server)
+        await serve_until_signalled(ae, config.host, config.port, dep, announce)
     finally:
         archive.close()
     return 0

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .. import AE, Verification, run
 from ..acse import validate_ae_title
+from ..deploy import Deployment, serve_until_signalled
 from ..exceptions import (
     AssociationAborted,
     AssociationError,
@@ -22,6 +23,7 @@ from ..exceptions import (
 from ..log import configure_logging
 from ..services.send import SendResult, collect_files, send_files
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
+from . import check, options
 
 __all__ = ["main"]
 
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--repeat", type=int, default=1, help="number of C-ECHOs on the association")
     echo.add_argument("--timeout", type=float, default=30.0, help="connect/ACSE/DIMSE timeout in seconds")
     _common(echo)
+    options.add_client_tls(echo)
+    options.add_keepalive(echo)
 
     scp = sub.add_parser("echo-scp", help="verification SCP")
     scp.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
@@ -68,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     scp.add_argument("--max-associations", type=int, default=1000)
     scp.add_argument("--log-level", default="INFO")
     scp.add_argument("--log-json", action="store_true")
+    _server_options(scp)
 
     serve = sub.add_parser("serve", help="the archive: storage, query/retrieve and worklist SCP")
     serve.add_argument("--config", help="TOML configuration file (see dimse_async/archive/config.py)")
@@ -78,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--worklist-dir", help="directory of worklist files (config: worklist_dir)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-json", action="store_true")
+    _server_options(serve)
     store = sub.add_parser("store-scp", help="storage SCP writing Part 10 files")
     store.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
     store.add_argument("--port", type=int, default=11112)
@@ -88,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--window", type=int, default=16, help="concurrent operations per association")
     store.add_argument("--log-level", default="INFO")
     store.add_argument("--log-json", action="store_true")
+    _server_options(store)
 
     send = sub.add_parser("send", help="C-STORE files to a storage SCP")
     send.add_argument("host")
@@ -100,15 +107,58 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--window", type=int, default=1, help="C-STOREs in flight per association")
     send.add_argument("--timeout", type=float, default=60.0, help="connect/ACSE/DIMSE timeout in seconds")
     _common(send)
+    options.add_client_tls(send)
+    options.add_keepalive(send)
+    send.add_argument(
+        "--idle-release", type=float, metavar="S", help="release an association idle for S seconds (NAT friendly)"
+    )
+    check.add_parser(sub)
     return parser
 
 
+def _server_options(p: argparse.ArgumentParser) -> None:
+    options.add_server_tls(p)
+    options.add_keepalive(p)
+    options.add_deployment(p)
+
+
+def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw = options.keepalive_kwargs(args.keepalive_idle, args.keepalive_interval, args.keepalive_count)
+    if args.idle_timeout is not None:
+        kw["network_timeout"] = args.idle_timeout
+    if getattr(args, "idle_release", None) is not None:
+        kw["idle_release"] = args.idle_release
+    return kw
+
+
+def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw = options.keepalive_kwargs(args.keepalive_idle, args.keepalive_interval, args.keepalive_count)
+    if args.idle_timeout is not None:
+        kw["network_timeout"] = args.idle_timeout
+    if args.allowed_peer:
+        kw["allowed_peer_addresses"] = args.allowed_peer
+    return kw
+
+
 async def _echo(args: argparse.Namespace) -> int:
-    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
+    ae = AE(
+        args.aet,
+        connect_timeout=args.timeout,
+        acse_timeout=args.timeout,
+        dimse_timeout=args.timeout,
+        **_client_kwargs(args),
+    )
     ae.add_requested_context(Verification)
     where = f"{args.aec}@{args.host}:{args.port}"
     try:
-        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1)) as assoc:
+        ssl = options.client_ssl(args)
+    except (OSError, ValueError) as exc:
+        print(f"echo: TLS: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        async with ae.associate(
+            args.host, args.port, args.aec, async_ops=(1, 1), ssl=ssl, server_hostname=args.tls_server_name
+        ) as assoc:
             for i in range(args.repeat):
                 status = await assoc.c_echo()
                 if not status.is_success:
@@ -130,26 +180,33 @@ async def _echo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _deployment(args: argparse.Namespace, command: str) -> Deployment | None:
+    try:
+        return options.deployment_from_args(args)
+    except (OSError, ValueError) as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None
+
+
 async def _serve_verification(args: argparse.Namespace) -> int:
-    ae = AE(args.aet, require_called_ae=not args.any_called_ae, max_associations=args.max_associations)
+    dep = _deployment(args, "echo-scp")
+    if dep is None:
+        return EXIT_USAGE
+    ae = AE(
+        args.aet,
+        require_called_ae=not args.any_called_ae,
+        max_associations=args.max_associations,
+        **_server_kwargs(args),
+    )
     ae.add_supported_context(Verification)
-    server = await ae.start_server(args.host, args.port)
-    print(f"{args.aet} listening on {args.host}:{server.port} (verification)", flush=True)
-    await _until_signalled(server)
+    await serve_until_signalled(
+        ae,
+        args.host,
+        args.port,
+        dep,
+        options.announce(f"{args.aet} listening on {args.host}:{{port}} (verification)"),
+    )
     return EXIT_OK
-
-
-async def _until_signalled(server) -> None:  # type: ignore[no-untyped-def]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
-            pass
-    await stop.wait()
-    server.close()
-    await server.wait_closed(grace=10.0)
 
 
 def storage_ae(args: argparse.Namespace) -> AE:
@@ -160,6 +217,7 @@ def storage_ae(args: argparse.Namespace) -> AE:
         max_associations=args.max_associations,
         max_ops_performed=args.window,
         spool_dir=os.path.join(args.out, ".incoming"),
+        **_server_kwargs(args),
     )
     ae.add_supported_context(Verification)
     for sop_class in STORAGE_SOP_CLASSES:
@@ -168,12 +226,19 @@ def storage_ae(args: argparse.Namespace) -> AE:
 
 
 async def _store_scp(args: argparse.Namespace) -> int:
+    dep = _deployment(args, "store-scp")
+    if dep is None:
+        return EXIT_USAGE
     ae = storage_ae(args)
     store = DirectoryStore(args.out)
     ae.on_c_store(store)
-    server = await ae.start_server(args.host, args.port)
-    print(f"{args.aet} listening on {args.host}:{server.port}, storing into {args.out}", flush=True)
-    await _until_signalled(server)
+    await serve_until_signalled(
+        ae,
+        args.host,
+        args.port,
+        dep,
+        options.announce(f"{args.aet} listening on {args.host}:{{port}}, storing into {args.out}"),
+    )
     print(f"stored {store.stored} instances", flush=True)
     return EXIT_OK
 
@@ -184,7 +249,18 @@ async def _send(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"send: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
+    try:
+        ssl = options.client_ssl(args)
+    except (OSError, ValueError) as exc:
+        print(f"send: TLS: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ae = AE(
+        args.aet,
+        connect_timeout=args.timeout,
+        acse_timeout=args.timeout,
+        dimse_timeout=args.timeout,
+        **_client_kwargs(args),
+    )
     total = len(paths)
     tty = sys.stderr.isatty()
     done = 0
@@ -213,6 +289,8 @@ async def _send(args: argparse.Namespace) -> int:
             associations=args.associations,
             window=args.window,
             progress=progress,
+            ssl=ssl,
+            server_hostname=args.tls_server_name,
         )
     except ValueError as exc:
         print(f"send: {exc}", file=sys.stderr)
@@ -260,7 +338,13 @@ def _quiet_pydicom() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        if exc.code == EXIT_USAGE and "check" in argv:
+            return check.UNKNOWN  # monitoring convention: bad arguments are UNKNOWN
+        raise
     _tune_allocator()
     _quiet_pydicom()
     configure_logging(args.log_level, json=args.log_json)
@@ -271,11 +355,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from ..archive.serve import serve
 
-        return run(serve(args, _until_signalled))
+        return run(serve(args))
     if args.command == "store-scp":
         return run(_store_scp(args))
     if args.command == "send":
         return run(_send(args))
+    if args.command == "check":
+        return check.run(args)
     return EXIT_USAGE  # pragma: no cover
 
 

@@ -11,7 +11,7 @@ import asyncio
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 
@@ -121,6 +121,8 @@ async def send_files(
     associations: int = 1,
     window: int = 1,
     progress: Callable[[SendResult], None] | None = None,
+    ssl: Any = None,
+    server_hostname: str | None = None,
 ) -> SendReport:
     """C-STORE every file; never raises for a single instance, reports it instead."""
     loop = asyncio.get_running_loop()
@@ -152,7 +154,9 @@ async def send_files(
         if queue.empty():
             return
         try:
-            async with ae.associate(host, port, called_ae, contexts=specs, async_ops=(window, 1)) as assoc:
+            async with ae.associate(
+                host, port, called_ae, contexts=specs, async_ops=(window, 1), ssl=ssl, server_hostname=server_hostname
+            ) as assoc:
 
                 async def worker() -> None:
                     while not queue.empty():

@@ -399,6 +399,8 @@ async def scp_c_store(assoc: Association, ctx: PresentationContext, msg: Message
             status = spool.refusal
         elif spool.error is not None:
             assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(spool.error))
+            if assoc.ae.observer is not None:
+                assoc.ae.observer.error("spool")
             status = Status(0xA700, f"Out of resources: {spool.error.strerror or spool.error}")
         elif handler is None:
             status = Status(0x0122, "No C-STORE handler: SOP class not supported")
@@ -424,6 +426,8 @@ async def _run_store_handler(assoc: Association, handler: Any, request: StoreReq
         raise
     except OSError as exc:
         assoc.log.error("C-STORE handler failed", sop_instance=request.sop_instance_uid, error=repr(exc))
+        if assoc.ae.observer is not None:
+            assoc.ae.observer.error("storage")
         return Status(0xA700, f"Out of resources: {exc.strerror or exc}")
     except Exception as exc:
         assoc.log.error("C-STORE handler failed", sop_instance=request.sop_instance_uid, error=repr(exc))

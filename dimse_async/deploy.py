@@ -1,0 +1,92 @@
+"""Running an SCP until SIGTERM/SIGINT behind a load balancer: TLS, PROXY protocol, the
+health/metrics HTTP port and graceful drain (used by ``serve``, ``store-scp``, ``echo-scp``)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import tls
+from .health import HealthServer
+from .log import get_logger
+
+if TYPE_CHECKING:
+    from .ae import AE
+    from .server import Server
+
+__all__ = ["Deployment", "serve_until_signalled", "server_ssl"]
+
+
+def server_ssl(cert: str | None, key: str | None, ca: str | None, require: bool) -> ssl.SSLContext | None:
+    """A server context from file names, or ``None`` without a certificate."""
+    if cert is None:
+        if key or ca or require:
+            raise ValueError("TLS options need a certificate (--tls-cert / tls_cert)")
+        return None
+    return tls.server_context(cert, key, cafile=ca, require_client_cert=require)
+
+
+@dataclass
+class Deployment:
+    """How an SCP command listens and shuts down."""
+
+    ssl: ssl.SSLContext | None = None
+    handshake_timeout: float = 10.0
+    proxy_protocol: bool = False
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None
+    drain_grace: float = 30.0
+    drain_delay: float = 0.0
+
+
+async def serve_until_signalled(
+    ae: AE, host: str, port: int, dep: Deployment, announce: Callable[[Server, HealthServer | None], None]
+) -> Server:
+    """Listen, call ``announce(server, health)``, and on SIGTERM/SIGINT drain: unready
+    first, then stop accepting, then give running associations ``drain_grace`` seconds.
+
+    With ``dep.http_port``, a :class:`~dimse_async.health.HealthServer` serves
+    ``/healthz`` and ``/metrics`` (a :class:`~dimse_async.metrics.Metrics` installed on ``ae``).
+    """
+    log = get_logger(local_ae=ae.ae_title)
+    metrics = None
+    if dep.http_port is not None:
+        try:
+            from .metrics import Metrics
+
+            metrics = Metrics().install(ae)
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            log.warning("metrics disabled", error=str(exc))
+    server = await ae.start_server(
+        host,
+        port,
+        ssl=dep.ssl,
+        ssl_handshake_timeout=dep.handshake_timeout,
+        proxy_protocol=dep.proxy_protocol,
+        trusted_proxies=dep.trusted_proxies,
+    )
+    health = None
+    if dep.http_port is not None:
+        health = await HealthServer(lambda: server.ready, metrics).start(dep.http_host, dep.http_port)
+    announce(server, health)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
+            pass
+    await stop.wait()
+    log.warning("shutting down: draining", grace=dep.drain_grace, delay=dep.drain_delay)
+    try:
+        await server.drain(dep.drain_grace, dep.drain_delay)
+    finally:
+        if health is not None:
+            health.close()
+            await health.wait_closed()
+    return server

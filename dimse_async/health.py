@@ -1,0 +1,103 @@
+"""A small HTTP responder for load balancers and Prometheus: ``/healthz``, ``/livez``, ``/metrics``.
+
+``GET /healthz`` answers 200 ``ok`` while the DICOM server accepts associations and 503
+``draining`` once a drain began (so a load balancer stops sending new clients first);
+``GET /livez`` answers 200 while the process runs; ``GET /metrics`` is the Prometheus
+exposition of a :class:`~dimse_async.metrics.Metrics` (404 without one). Requests are
+bounded (8 KiB of headers, 5 s); every response closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from .log import get_logger
+
+__all__ = ["HealthServer"]
+
+_MAX_HEAD = 8192
+_TIMEOUT = 5.0
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class HealthServer:
+    """``await HealthServer(ready, metrics).start(host, port)``; :meth:`close` stops it."""
+
+    def __init__(self, ready: Callable[[], bool], metrics: Any = None):
+        self.ready = ready
+        self.metrics = metrics
+        self._server: asyncio.base_events.Server | None = None
+        self._log = get_logger()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> HealthServer:
+        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True, limit=_MAX_HEAD)
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+                return
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+                await self._send(writer, 400, b"bad request\n")
+                return
+            method, target = parts[0], parts[1].split(b"?", 1)[0]
+            if method not in (b"GET", b"HEAD"):
+                await self._send(writer, 405, b"method not allowed\n", head_only=False, extra=b"Allow: GET, HEAD\r\n")
+                return
+            head_only = method == b"HEAD"
+            if target == b"/healthz" or target == b"/readyz":
+                ready = self.ready()
+                await self._send(writer, 200 if ready else 503, b"ok\n" if ready else b"draining\n", head_only=head_only)
+            elif target == b"/livez":
+                await self._send(writer, 200, b"ok\n", head_only=head_only)
+            elif target == b"/metrics" and self.metrics is not None:
+                from .metrics import CONTENT_TYPE
+
+                body = self.metrics.exposition()
+                await self._send(writer, 200, body, content_type=CONTENT_TYPE, head_only=head_only)
+            else:
+                await self._send(writer, 404, b"not found\n", head_only=head_only)
+        except Exception as exc:  # never let one bad client take the responder down
+            self._log.warning("health endpoint request failed", error=repr(exc))
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), _TIMEOUT)
+
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        code: int,
+        body: bytes,
+        *,
+        content_type: str = "text/plain; charset=utf-8",
+        head_only: bool = False,
+        extra: bytes = b"",
+    ) -> None:
+        reason = _REASONS[code]
+        header = (
+            f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\nCache-Control: no-store\r\n"
+        ).encode() + extra + b"\r\n"
+        writer.write(header if head_only else header + body)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await asyncio.wait_for(writer.drain(), _TIMEOUT)

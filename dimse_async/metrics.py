@@ -1,0 +1,193 @@
+"""Prometheus metrics for associations and DIMSE operations (optional: ``prometheus-client``).
+
+>>> metrics = Metrics()            # its own CollectorRegistry unless one is given
+>>> metrics.install(ae)            # the AE reports to it (any number of AEs may share one)
+>>> metrics.exposition()           # text format for a /metrics endpoint
+
+``prometheus_client`` is imported only when a :class:`Metrics` is created; install the
+``metrics`` extra (``pip install dimse_async[metrics]``).
+
+Families (``role`` is ``scp`` for associations we accepted, ``scu`` for those we requested):
+
+- ``dicom_associations_total{role,outcome,reason}``: ended associations; outcome
+  ``released``, ``aborted``, ``rejected`` (``reason`` per PS3.8 Table 9-21) or ``failed``
+  (the connection ended before negotiation completed);
+- ``dicom_associations_open{role}``: associations (and connections negotiating) now;
+- ``dicom_connections_refused_total{reason}``: connections dropped before DICOM started
+  (PROXY header from an untrusted address, bad header, TLS handshake failure);
+- ``dicom_operations_total{role,service,status}``: completed DIMSE operations by service
+  (``C-STORE`` ...) and status category (``success``, ``warning``, ``failure``, ``cancel``,
+  PS3.7 Annex C); ``role`` is ours in the operation (``scp``: we performed it);
+- ``dicom_operation_seconds{role,service}``: request-to-final-response latency histogram;
+- ``dicom_bytes_received_total{role}``, ``dicom_bytes_sent_total{role}``: DICOM bytes
+  (PDUs, after TLS decryption), counted as they pass;
+- ``dicom_errors_total{kind}``: ``spool`` (a data set could not be written to its spool),
+  ``storage`` (a C-STORE handler failed to save), ``index`` (stored but not indexed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .ae import AE
+    from .association import Association
+    from .dimse import Command
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+_PENDING = (0xFF00, 0xFF01)
+_CANCEL_RQ = 0x0FFF
+
+
+def _role(assoc: Association) -> str:
+    return "scu" if assoc.requestor else "scp"
+
+
+def _service(command: Command) -> str:
+    name = command.name
+    for suffix in ("-RQ", "-RSP"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _category(code: int) -> str:
+    from .dimse import Status
+
+    return Status(code).category
+
+
+class Metrics:
+    """Counters, gauges and histograms fed by every AE it is installed on."""
+
+    def __init__(self, registry: Any = None):
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            raise ImportError("metrics need prometheus-client: pip install 'dimse_async[metrics]'") from exc
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.associations = Counter(
+            "dicom_associations", "Ended associations by outcome", ["role", "outcome", "reason"], registry=r
+        )
+        self.open = Gauge("dicom_associations_open", "Open associations", ["role"], registry=r)
+        self.refused = Counter(
+            "dicom_connections_refused", "Connections dropped before DICOM started", ["reason"], registry=r
+        )
+        self.operations = Counter(
+            "dicom_operations", "Completed DIMSE operations", ["role", "service", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "dicom_operation_seconds",
+            "DIMSE request to final response",
+            ["role", "service"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter("dicom_errors", "Spool, storage and index errors", ["kind"], registry=r)
+        self._live: set[Association] = set()
+        self._closed_bytes = {("scp", "in"): 0, ("scp", "out"): 0, ("scu", "in"): 0, ("scu", "out"): 0}
+        # (association, role that performs, message id) -> (service, start time)
+        self._started: dict[tuple[int, str, int], tuple[str, float]] = {}
+        r.register(_ByteCounter(self))
+
+    def install(self, ae: AE) -> Metrics:
+        """Make ``ae`` report here; returns ``self``."""
+        ae.observer = self
+        return self
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of everything registered."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------ observer interface
+
+    def association_started(self, assoc: Association) -> None:
+        self._live.add(assoc)
+        self.open.labels(_role(assoc)).inc()
+
+    def association_ended(self, assoc: Association) -> None:
+        if assoc not in self._live:
+            return
+        self._live.discard(assoc)
+        role = _role(assoc)
+        self.open.labels(role).dec()
+        self._closed_bytes[(role, "in")] += assoc.bytes_received
+        self._closed_bytes[(role, "out")] += assoc.bytes_sent
+        reason = assoc.end_reason or ""
+        if assoc.negotiated is not None:
+            outcome, why = ("released", "") if not reason else ("aborted", "")
+        elif reason.startswith("rejected"):
+            outcome, why = "rejected", reason.rsplit("reason ", 1)[-1]
+        else:
+            outcome, why = "failed", ""
+        self.associations.labels(role, outcome, why).inc()
+        key = id(assoc)
+        for k in [k for k in self._started if k[0] == key]:
+            del self._started[k]
+
+    def connection_refused(self, why: str) -> None:
+        reason = "tls" if "tls" in why.lower() else "proxy"
+        self.refused.labels(reason).inc()
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind).inc()
+
+    def message_sent(self, assoc: Association, command: Command) -> None:
+        self._message(assoc, command, sent=True)
+
+    def message_received(self, assoc: Association, command: Command) -> None:
+        self._message(assoc, command, sent=False)
+
+    def _message(self, assoc: Association, command: Command, *, sent: bool) -> None:
+        field = command.command_field
+        if field == _CANCEL_RQ:
+            return
+        now = assoc.loop.time()
+        if command.is_response:
+            if command.status in _PENDING:
+                return
+            # A final response we send ends an operation we performed (our role: SCP);
+            # one we receive ends an operation we invoked (SCU).
+            key = (id(assoc), "ours" if sent else "theirs", command.message_id_being_responded_to or 0)
+            started = self._started.pop(key, None)
+            if started is None:
+                return
+            service, t0 = started
+            role = "scp" if sent else "scu"
+            self.operations.labels(role, service, _category(command.status or 0)).inc()
+            self.latency.labels(role, service).observe(now - t0)
+        else:
+            # A request we receive is ours to perform; a request we send, theirs.
+            key = (id(assoc), "ours" if not sent else "theirs", command.message_id or 0)
+            self._started[key] = (_service(command), now)
+
+
+class _ByteCounter:
+    """Collects byte counters at scrape time: closed associations plus live ones."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        m = self.metrics
+        totals = dict(m._closed_bytes)
+        for assoc in m._live:
+            role = _role(assoc)
+            totals[(role, "in")] += assoc.bytes_received
+            totals[(role, "out")] += assoc.bytes_sent
+        rx = CounterMetricFamily("dicom_bytes_received", "DICOM bytes received", labels=["role"])
+        tx = CounterMetricFamily("dicom_bytes_sent", "DICOM bytes sent", labels=["role"])
+        for role in ("scp", "scu"):
+            rx.add_metric([role], totals[(role, "in")])
+            tx.add_metric([role], totals[(role, "out")])
+        yield rx
+        yield tx

@@ -1,0 +1,158 @@
+"""PROXY protocol v1 and v2 header parsing, sans I/O (HAProxy "The PROXY protocol", rev. 2.x).
+
+A TCP load balancer in front of an acceptor hides the client's address; with
+``send-proxy`` / ``send-proxy-v2`` it writes one header before the client's bytes.
+:func:`parse` takes the bytes received so far and answers either the parsed
+:class:`ProxyHeader` or how many bytes the buffer must hold before it can say more; it
+never asks for a byte beyond the header, so what follows (an A-ASSOCIATE-RQ, a TLS
+ClientHello) stays unread in the socket. Malformed input raises :class:`ProxyProtocolError`.
+
+:func:`networks` and :func:`address_in` implement address allow-lists (trusted proxies,
+allowed peers).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["V2_SIGNATURE", "ProxyHeader", "ProxyProtocolError", "address_in", "networks", "parse"]
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_MAX = 107  # the longest v1 line, CRLF included
+V2_MAX_PAYLOAD = 0xFFFF
+FIRST_READ = 12  # enough to tell v1 ("PROXY ") from v2 (signature); shorter than any header
+
+_V2_FAMILIES = {0x1: (4, 4), 0x2: (16, 16), 0x3: (108, 108)}  # INET, INET6, UNIX: address sizes
+
+
+class ProxyProtocolError(ValueError):
+    """The connection did not start with a valid PROXY protocol header."""
+
+
+@dataclass(frozen=True)
+class ProxyHeader:
+    """A parsed header. ``source``/``destination`` are ``(address, port)`` of the client
+    and of the proxy's listener, or ``None`` for LOCAL (the proxy's own health check)
+    and UNKNOWN / unspecified families: then the connection's own address applies."""
+
+    version: int
+    length: int  # bytes the header took
+    source: tuple[str, int] | None
+    destination: tuple[str, int] | None
+    local: bool = False  # v2 LOCAL command
+    tlvs: bytes = b""  # v2 type-length-value extensions, unparsed
+
+
+def parse(data: bytes | bytearray | memoryview) -> ProxyHeader | int:
+    """Parse a PROXY header at the start of ``data``.
+
+    Returns the header, or the total number of bytes ``data`` must hold before parsing
+    can progress (never more than the header's own length).
+    """
+    buf = bytes(data)
+    if len(buf) < FIRST_READ:
+        if not (V2_SIGNATURE.startswith(buf) or b"PROXY ".startswith(buf[:6])):
+            raise ProxyProtocolError("no PROXY protocol header")
+        return FIRST_READ
+    if buf.startswith(V2_SIGNATURE):
+        return _parse_v2(buf)
+    if buf.startswith(b"PROXY "):
+        return _parse_v1(buf)
+    raise ProxyProtocolError("no PROXY protocol header")
+
+
+def _parse_v1(buf: bytes) -> ProxyHeader | int:
+    end = buf.find(b"\r\n")
+    if end < 0:
+        if len(buf) >= V1_MAX:
+            raise ProxyProtocolError(f"PROXY v1 line longer than {V1_MAX} bytes")
+        return len(buf) + (1 if buf.endswith(b"\r") else 2)
+    line = buf[:end]
+    length = end + 2
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        raise ProxyProtocolError("PROXY v1 line is not ASCII") from None
+    fields = text.split(" ")
+    if len(fields) >= 2 and fields[1] == "UNKNOWN":
+        return ProxyHeader(1, length, None, None)
+    if len(fields) != 6 or fields[1] not in ("TCP4", "TCP6"):
+        raise ProxyProtocolError(f"malformed PROXY v1 line {text[:V1_MAX]!r}")
+    version = 4 if fields[1] == "TCP4" else 6
+    src = _v1_address(fields[2], version)
+    dst = _v1_address(fields[3], version)
+    return ProxyHeader(1, length, (src, _v1_port(fields[4])), (dst, _v1_port(fields[5])))
+
+
+def _v1_address(text: str, version: int) -> str:
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        raise ProxyProtocolError(f"PROXY v1: {text!r} is not an IP address") from None
+    if addr.version != version:
+        raise ProxyProtocolError(f"PROXY v1: {text!r} is not an IPv{version} address")
+    return str(addr)
+
+
+def _v1_port(text: str) -> int:
+    if not text.isdigit() or len(text) > 5 or (len(text) > 1 and text[0] == "0") or int(text) > 0xFFFF:
+        raise ProxyProtocolError(f"PROXY v1: bad port {text!r}")
+    return int(text)
+
+
+def _parse_v2(buf: bytes) -> ProxyHeader | int:
+    if len(buf) < 16:
+        return 16
+    ver_cmd, fam, size = buf[12], buf[13], int.from_bytes(buf[14:16], "big")
+    if ver_cmd >> 4 != 2:
+        raise ProxyProtocolError(f"PROXY v2: unsupported version {ver_cmd >> 4}")
+    command = ver_cmd & 0x0F
+    if command not in (0, 1):
+        raise ProxyProtocolError(f"PROXY v2: unknown command {command}")
+    total = 16 + size
+    if len(buf) < total:
+        return total
+    body = buf[16:total]
+    if command == 0:  # LOCAL: the proxy speaks for itself; addresses are ignored
+        return ProxyHeader(2, total, None, None, local=True, tlvs=body)
+    family, transport = fam >> 4, fam & 0x0F
+    if family == 0 or family == 0x3:  # UNSPEC or UNIX: keep the connection's address
+        return ProxyHeader(2, total, None, None, tlvs=body[216:] if family == 0x3 else body)
+    if family not in _V2_FAMILIES or transport not in (1, 2):
+        raise ProxyProtocolError(f"PROXY v2: unknown address family/transport 0x{fam:02x}")
+    alen = _V2_FAMILIES[family][0]
+    need = 2 * alen + 4
+    if size < need:
+        raise ProxyProtocolError(f"PROXY v2: address block of {size} bytes, needs {need}")
+    src = ipaddress.ip_address(body[:alen])
+    dst = ipaddress.ip_address(body[alen : 2 * alen])
+    sport = int.from_bytes(body[2 * alen : 2 * alen + 2], "big")
+    dport = int.from_bytes(body[2 * alen + 2 : need], "big")
+    return ProxyHeader(2, total, (str(src), sport), (str(dst), dport), tlvs=body[need:])
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def networks(items: Iterable[str]) -> tuple[Network, ...]:
+    """Addresses and CIDR blocks (``"10.0.0.0/8"``, ``"::1"``) as networks; bad entries raise."""
+    out = []
+    for item in items:
+        try:
+            out.append(ipaddress.ip_network(str(item).strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(out)
+
+
+def address_in(address: str, nets: Iterable[Network]) -> bool:
+    """Whether ``address`` (IPv4-mapped IPv6 counts as IPv4) lies in one of ``nets``."""
+    try:
+        addr = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr.version == net.version and addr in net for net in nets)

@@ -1,0 +1,192 @@
+"""TLS (PS3.15 B.9, BCP 195): our SCU and SCP with certificates from ``trustme``, and a
+silent TLS client that must not delay anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+
+import dimse_async as da
+from dimse_async import tls
+
+pytestmark = pytest.mark.timeout(60)
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Certs:
+    """PEM files: a CA, a server certificate for localhost/127.0.0.1, a client certificate
+    (CN=CT1, OU=CT, O=Radiology), and a second, unrelated CA."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+    other_client_cert: Path
+    other_client_key: Path
+
+
+def make_certs(root: Path) -> Certs:
+    ca, other = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    client = ca.issue_cert(
+        "ct1.example.org", common_name="CT1", organization_name="Radiology", organization_unit_name="CT"
+    )
+    stranger = other.issue_cert("intruder.example.org", common_name="INTRUDER")
+    files = Certs(*(root / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key", "other-ca.pem", "other.pem", "other.key")))
+    ca.cert_pem.write_to_path(files.ca)
+    server.cert_chain_pems[0].write_to_path(files.server_cert)
+    server.private_key_pem.write_to_path(files.server_key)
+    client.cert_chain_pems[0].write_to_path(files.client_cert)
+    client.private_key_pem.write_to_path(files.client_key)
+    other.cert_pem.write_to_path(files.other_ca)
+    stranger.cert_chain_pems[0].write_to_path(files.other_client_cert)
+    stranger.private_key_pem.write_to_path(files.other_client_key)
+    return files
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def echo_scp(seen: list[da.Association]) -> da.AE:
+    ae = da.AE("TLS_SCP", network_timeout=10)
+    ae.add_supported_context(da.Verification)
+
+    @ae.on_c_echo
+    async def echo(request: da.Request) -> int:
+        seen.append(request.assoc)
+        return 0
+
+    return ae
+
+
+def scu() -> da.AE:
+    ae = da.AE("TLS_SCU", connect_timeout=5, acse_timeout=5, dimse_timeout=5)
+    ae.add_requested_context(da.Verification)
+    return ae
+
+
+async def test_mutual_tls_echo_exposes_client_subject(certs: Certs):
+    seen: list[da.Association] = []
+    server_ctx = tls.server_context(
+        str(certs.server_cert), str(certs.server_key), cafile=str(certs.ca), require_client_cert=True
+    )
+    client_ctx = tls.client_context(str(certs.ca), certfile=str(certs.client_cert), keyfile=str(certs.client_key))
+    async with await echo_scp(seen).start_server(HOST, 0, ssl=server_ctx) as server:
+        async with scu().associate(HOST, server.port, "TLS_SCP", ssl=client_ctx) as assoc:
+            assert (await assoc.c_echo()).is_success
+            assert assoc.tls is not None and assoc.tls.version in ("TLSv1.2", "TLSv1.3")
+            assert assoc.tls.peer_certificate is not None  # the server's, verified
+    (theirs,) = seen
+    assert theirs.tls is not None
+    assert theirs.tls.peer_subject == "CN=CT1,OU=CT,O=Radiology"
+    assert theirs.tls.cipher in {c["name"] for c in server_ctx.get_ciphers()} | {
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_CHACHA20_POLY1305_SHA256",
+    }
+
+
+async def test_server_without_client_ca_serves_anonymous_clients(certs: Certs):
+    seen: list[da.Association] = []
+    server_ctx = tls.server_context(str(certs.server_cert), str(certs.server_key))
+    async with await echo_scp(seen).start_server(HOST, 0, ssl=server_ctx) as server:
+        async with scu().associate(HOST, server.port, "TLS_SCP", ssl=tls.client_context(str(certs.ca))) as assoc:
+            assert (await assoc.c_echo()).is_success
+    assert seen[0].tls is not None and seen[0].tls.peer_subject is None
+
+
+async def test_client_certificate_from_another_ca_is_refused(certs: Certs):
+    seen: list[da.Association] = []
+    server_ctx = tls.server_context(
+        str(certs.server_cert), str(certs.server_key), cafile=str(certs.ca), require_client_cert=True
+    )
+    stranger = tls.client_context(
+        str(certs.ca), certfile=str(certs.other_client_cert), keyfile=str(certs.other_client_key)
+    )
+    no_cert = tls.client_context(str(certs.ca))
+    async with await echo_scp(seen).start_server(HOST, 0, ssl=server_ctx) as server:
+        for ctx in (stranger, no_cert):
+            # TLS 1.3 clients learn of the refusal after their half of the handshake.
+            with pytest.raises((da.ConnectionFailed, da.AssociationAborted)):
+                async with scu().associate(HOST, server.port, "TLS_SCP", ssl=ctx) as assoc:
+                    await assoc.c_echo()
+        assert not server.associations
+    assert seen == []
+
+
+async def test_client_refuses_server_it_cannot_verify(certs: Certs):
+    seen: list[da.Association] = []
+    server_ctx = tls.server_context(str(certs.server_cert), str(certs.server_key))
+    async with await echo_scp(seen).start_server(HOST, 0, ssl=server_ctx) as server:
+        with pytest.raises(da.ConnectionFailed, match="certificate verify failed"):
+            await scu().associate(HOST, server.port, "TLS_SCP", ssl=tls.client_context(str(certs.other_ca)))
+        with pytest.raises(da.ConnectionFailed, match=r"certificate verify failed|Hostname mismatch"):
+            await scu().associate(
+                HOST, server.port, "TLS_SCP", ssl=tls.client_context(str(certs.ca)), server_hostname="pacs.example.org"
+            )
+    assert seen == []
+
+
+async def test_bcp195_profile_refuses_weak_protocols_and_ciphers(certs: Certs):
+    ctx = tls.server_context(str(certs.server_cert), str(certs.server_key))
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+    tls12 = {c["name"] for c in ctx.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    assert tls12 and all("GCM" in name or "CHACHA20" in name for name in tls12)
+    assert all(name.startswith(("ECDHE", "DHE")) for name in tls12)
+    # A TLS 1.2 client offering only CBC suites finds no common cipher.
+    weak = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    weak.load_verify_locations(str(certs.ca))
+    weak.maximum_version = ssl.TLSVersion.TLSv1_2
+    weak.set_ciphers("ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA")
+    seen: list[da.Association] = []
+    async with await echo_scp(seen).start_server(HOST, 0, ssl=ctx) as server:
+        with pytest.raises(da.ConnectionFailed):
+            await scu().associate(HOST, server.port, "TLS_SCP", ssl=weak)
+        # The same client with an AEAD suite gets through.
+        weak.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+        async with scu().associate(HOST, server.port, "TLS_SCP", ssl=weak) as assoc:
+            assert assoc.tls is not None and assoc.tls.version == "TLSv1.2"
+            assert (await assoc.c_echo()).is_success
+
+
+async def test_silent_tls_client_does_not_delay_other_clients(certs: Certs):
+    """One client connects and never sends its ClientHello; another connects and
+    associates at once. The silent one is dropped when its handshake time is up."""
+    seen: list[da.Association] = []
+    server_ctx = tls.server_context(str(certs.server_cert), str(certs.server_key))
+    client_ctx = tls.client_context(str(certs.ca))
+    async with await echo_scp(seen).start_server(HOST, 0, ssl=server_ctx, ssl_handshake_timeout=3.0) as server:
+        silent = [socket.create_connection((HOST, server.port)) for _ in range(5)]
+        half = socket.create_connection((HOST, server.port))
+        half.sendall(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello, then nothing
+        try:
+            await asyncio.sleep(0.2)  # the server has accepted them all
+            t0 = time.monotonic()
+            async with scu().associate(HOST, server.port, "TLS_SCP", ssl=client_ctx) as assoc:
+                assert (await assoc.c_echo()).is_success
+            elapsed = time.monotonic() - t0
+            assert elapsed < 1.0, f"second client took {elapsed:.2f} s behind a silent one"
+            # The silent clients are disconnected after the handshake timeout, not before.
+            for s in [*silent, half]:
+                s.settimeout(8.0)
+                assert await asyncio.to_thread(s.recv, 100) == b""
+                assert time.monotonic() - t0 >= 2.5
+            assert time.monotonic() - t0 < 8.0
+            assert not server._preambles
+        finally:
+            for s in [*silent, half]:
+                s.close()
+    assert len(seen) == 1
