@@ -1,17 +1,18 @@
 """What an acceptor does with a new connection before DICOM starts: PROXY header, TLS.
 
-:class:`Preamble` is the asyncio protocol of a freshly accepted connection when the
-server speaks the PROXY protocol or TLS. It reads the PROXY header (only from trusted
-proxy addresses, exactly its bytes, within a time limit), runs the TLS handshake
-(PS3.15 B.9) with its own timeout, then hands the connection to an
-:class:`~dimse_async.association.Association` that sees the real client address. Each
-connection does this on its own, so a client that never finishes its header or
-handshake delays nobody else.
+When a server speaks the PROXY protocol or TLS, :class:`Acceptor` replaces the plain
+``loop.create_server`` listener. Each accepted connection gets its own task that reads
+the PROXY header (only from trusted proxy addresses, exactly its bytes, within a time
+limit), runs the TLS handshake (PS3.15 B.9) with its own timeout, and then hands the
+socket to an :class:`~dimse_async.association.Association` that sees the real client
+address. A client that never finishes its header or handshake delays nobody else;
+every refusal is logged with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from .association import Association
     from .server import Server
 
-__all__ = ["AcceptOptions", "Preamble"]
+__all__ = ["AcceptOptions", "Acceptor"]
 
 
 @dataclass(frozen=True)
@@ -40,180 +41,142 @@ class AcceptOptions:
     header_timeout: float = 10.0
 
 
-class Preamble(asyncio.BufferedProtocol):
-    """One accepted connection until it becomes an association (PROXY header, TLS)."""
+class Acceptor:
+    """A listening socket and its accept loop; offers what :class:`~dimse_async.server.Server`
+    uses of ``asyncio.Server`` (``sockets``, ``close``, ``is_serving``, ``wait_closed``,
+    ``serve_forever``)."""
 
     def __init__(self, server: Server, options: AcceptOptions, make_association: Callable[[], Association]):
         self.server = server
         self.options = options
         self.make_association = make_association
         self.loop = asyncio.get_running_loop()
-        self.transport: asyncio.Transport | None = None
-        self.peer: tuple[str, int] = ("", 0)
         self.log = get_logger(local_ae=server.ae.ae_title)
-        self._buf = bytearray()
-        self._chunk = bytearray()
-        self._need = proxy.FIRST_READ
-        self._timer: asyncio.TimerHandle | None = None
+        self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
-        self._done = False
+        self._closed = self.loop.create_future()
 
-    # ------------------------------------------------------------ asyncio.BufferedProtocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername") or ("", 0)
-        self.peer = (str(peer[0]), int(peer[1]))
-        self.log = self.log.bind(peer=f"{self.peer[0]}:{self.peer[1]}")
-        self.server._preambles.add(self)
-        trusted = self.options.trusted_proxies
-        if trusted is not None:
-            if not proxy.address_in(self.peer[0], trusted):
-                self._refuse("PROXY protocol header from an address that is not a trusted proxy")
-                return
-            self._timer = self.loop.call_later(self.options.header_timeout, self._header_timeout)
-            return
-        self._proceed(None)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        # Never more than the header still needs: what follows is not ours to read.
-        self._chunk = bytearray(max(self._need - len(self._buf), 1))
-        return memoryview(self._chunk)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        if self._done:
-            return
-        self._buf += self._chunk[:nbytes]
-        if len(self._buf) < self._need:
-            return
+    async def start(self, host: str, port: int, backlog: int) -> Acceptor:
+        infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            result = proxy.parse(self._buf)
-        except proxy.ProxyProtocolError as exc:
-            self._refuse(f"bad PROXY protocol header: {exc}")
-            return
-        if isinstance(result, int):
-            self._need = result
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._proceed(result)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self._task = asyncio.ensure_future(self._accept_loop())
+        return self
 
-    def eof_received(self) -> bool:
-        if not self._done:
-            self._refuse("connection closed before the PROXY protocol header was complete")
-        return False
+    # ------------------------------------------------------------ asyncio.Server look-alike
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._task is None:
-            self._finish()
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._sock is not None else ()
 
-    # ------------------------------------------------------------ steps
+    def is_serving(self) -> bool:
+        return self._sock is not None
 
-    def _finish(self) -> None:
-        self._done = True
-        self.server._preambles.discard(self)
-
-    def abort(self) -> None:
-        """Drop the connection (server shutting down)."""
+    def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        if self.transport is not None:
-            self.transport.abort()
-        self._finish()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if not self._closed.done():
+            self._closed.set_result(None)
 
-    def _refuse(self, why: str) -> None:
-        self.log.warning("connection refused", reason=why)
-        self.server._note_refused(why)
-        self.abort()
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
 
-    def _header_timeout(self) -> None:
-        self._timer = None
-        if not self._done:
-            self._refuse(f"no complete PROXY protocol header within {self.options.header_timeout} s")
+    async def serve_forever(self) -> None:
+        await asyncio.shield(self._closed)
 
-    def _proceed(self, header: proxy.ProxyHeader | None) -> None:
-        assert self.transport is not None
-        self._done = True
-        self.transport.pause_reading()  # the next bytes belong to TLS or to the association
-        assoc = self.make_association()
-        if header is not None:
-            assoc.proxied_peer = header.source  # None for LOCAL / UNKNOWN: the proxy itself
-            assoc.via = self.peer
-        if self.options.ssl is None:
-            self._finish()
-            self.transport.set_protocol(assoc)
-            assoc.connection_made(self.transport)
-            self.transport.resume_reading()
-            return
-        self._task = asyncio.ensure_future(self._handshake(assoc))
+    # ------------------------------------------------------------ per connection
 
-    async def _handshake(self, assoc: Association) -> None:
-        assert self.transport is not None and self.options.ssl is not None
-        raw = self.transport
-        peer = assoc.proxied_peer or self.peer
-        early = _Early()
+    async def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                conn, address = await self.loop.sock_accept(self._sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:  # EMFILE and friends: keep serving the others
+                self.log.warning("accept failed", error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._welcome(conn, address))
+            self.server._preambles.add(task)
+            task.add_done_callback(self.server._preambles.discard)
+
+    async def _welcome(self, conn: socket.socket, address: Any) -> None:
+        peer = (str(address[0]), int(address[1]))
+        log = self.log.bind(peer=f"{peer[0]}:{peer[1]}")
+        options = self.options
+        header = None
+        handed_over = False
         try:
-            transport = await self.loop.start_tls(
-                raw,
-                early,
-                self.options.ssl,
-                server_side=True,
-                ssl_handshake_timeout=self.options.handshake_timeout,
-            )
-        except asyncio.CancelledError:
-            raw.abort()
-            raise
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as exc:
-            self.log.warning("TLS handshake failed", client=f"{peer[0]}:{peer[1]}", error=_tls_error(exc))
-            self.server._note_refused("tls handshake failed")
-            raw.abort()
-            return
+            if options.trusted_proxies is not None:
+                if not proxy.address_in(peer[0], options.trusted_proxies):
+                    self._refuse(log, "PROXY protocol header from an address that is not a trusted proxy")
+                    return
+                try:
+                    header = await asyncio.wait_for(self._read_header(conn), options.header_timeout)
+                except TimeoutError:
+                    self._refuse(log, f"no complete PROXY protocol header within {options.header_timeout} s")
+                    return
+                except (proxy.ProxyProtocolError, OSError) as exc:
+                    self._refuse(log, f"bad PROXY protocol header: {exc}")
+                    return
+            assoc = self.make_association()
+            client = peer
+            if header is not None and header.source is not None:  # LOCAL / UNKNOWN: the proxy itself
+                assoc.proxied_peer = client = header.source
+                assoc.via = peer
+            if options.ssl is None:
+                handed_over = True
+                await self.loop.connect_accepted_socket(lambda: assoc, conn)
+                return
+            try:
+                handed_over = True
+                await self.loop.connect_accepted_socket(
+                    lambda: assoc, conn, ssl=options.ssl, ssl_handshake_timeout=options.handshake_timeout
+                )
+            except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+                if client != peer:
+                    log = log.bind(client=f"{client[0]}:{client[1]}")
+                self._refuse(log, f"TLS handshake failed: {_tls_error(exc)}")  # the loop closed the socket
         finally:
-            self._finish()
-        if transport is None:  # pragma: no cover - the connection went away meanwhile
-            raw.abort()
-            return
-        transport.set_protocol(assoc)
-        assoc.connection_made(transport)
-        early.hand_over(assoc)
+            if not handed_over:
+                conn.close()
 
+    def _refuse(self, log: Any, why: str) -> None:
+        log.warning("connection refused", reason=why)
+        self.server._note_refused(why)
 
-class _Early(asyncio.Protocol):
-    """Holds what arrives between the end of the TLS handshake and the hand-over
-    (the client may send its A-ASSOCIATE-RQ in the same flight as its Finished)."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.eof = False
-        self.lost: tuple[Exception | None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True  # keep the transport open until the association decides
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = (exc,)
-
-    def hand_over(self, assoc: asyncio.Protocol) -> None:
-        for chunk in self.chunks:
-            assoc.data_received(chunk)
-        if self.eof and not assoc.eof_received():
-            assoc.transport.close()  # type: ignore[attr-defined]
-        if self.lost is not None:
-            assoc.connection_lost(self.lost[0])
+    async def _read_header(self, conn: socket.socket) -> proxy.ProxyHeader:
+        """Read exactly the PROXY header: what follows stays in the socket."""
+        buf = bytearray()
+        need = proxy.FIRST_READ
+        while True:
+            while len(buf) < need:
+                chunk = await self.loop.sock_recv(conn, need - len(buf))
+                if not chunk:
+                    raise proxy.ProxyProtocolError("connection closed before the header was complete")
+                buf += chunk
+            result = proxy.parse(buf)
+            if isinstance(result, proxy.ProxyHeader):
+                return result
+            need = result
 
 
 def _tls_error(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     return str(exc) or type(exc).__name__
-
-
-def preamble_factory(server: Server, options: AcceptOptions, make_association: Callable[[], Any]) -> Callable[[], Any]:
-    """The protocol factory ``loop.create_server`` needs."""
-    return lambda: Preamble(server, options, make_association)

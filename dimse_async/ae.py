@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from ssl import SSLContext
 from typing import Any
 
-from .acceptor import AcceptOptions, preamble_factory
+from .acceptor import AcceptOptions, Acceptor
 from .acse import AcceptorPolicy, ContextSpec, build_request, validate_ae_title
 from .association import Association
 from .exceptions import AssociationTimeout, ConnectionFailed
@@ -315,7 +315,6 @@ class AE:
         def make_association() -> Association:
             return Association(self, requestor=False, server=server)
 
-        factory: Callable[[], Any] = make_association
         if ssl is not None or proxy_protocol:
             options = AcceptOptions(
                 ssl=ssl,
@@ -323,8 +322,9 @@ class AE:
                 trusted_proxies=networks(trusted_proxies) if proxy_protocol else None,
                 header_timeout=proxy_header_timeout,
             )
-            factory = preamble_factory(server, options, make_association)
-        server._server = await loop.create_server(factory, host, port, backlog=backlog, reuse_address=True)
+            server._server = await Acceptor(server, options, make_association).start(host, port, backlog)  # type: ignore[assignment]
+            return server
+        server._server = await loop.create_server(make_association, host, port, backlog=backlog, reuse_address=True)
         return server
 
 

@@ -89,8 +89,6 @@ class Association(asyncio.Protocol):
         self.tls: TLSInfo | None = None
         #: Requestor: seconds the TCP (and TLS) connect and the negotiation took.
         self.timings: dict[str, float] = {}
-        self.bytes_received = 0
-        self.bytes_sent = 0
         self.local_ae = ae.ae_title
         self.peer_ae = ""
         self.request: AssociateRQ | None = None

@@ -27,7 +27,7 @@ class Server:
         self.ae = ae
         self._server: asyncio.base_events.Server | None = None
         self.associations: set[Association] = set()
-        self._preambles: set[Any] = set()  # connections still in their PROXY header / TLS handshake
+        self._preambles: set[Any] = set()  # tasks of connections still in their PROXY header / TLS handshake
         self._log = get_logger(local_ae=ae.ae_title)
         #: Set by :meth:`drain`: unready, new associations rejected (transient).
         self.draining = False
@@ -90,8 +90,8 @@ class Server:
         """Stop listening; open associations carry on until :meth:`wait_closed`."""
         if self._server is not None:
             self._server.close()
-        for preamble in list(self._preambles):
-            preamble.abort()
+        for welcome in list(self._preambles):
+            welcome.cancel()
 
     async def wait_closed(self, grace: float = 10.0) -> None:
         """Wait up to ``grace`` seconds for open associations to end, then abort them."""
