@@ -132,11 +132,13 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw = options.keepalive_kwargs(args.keepalive_idle, args.keepalive_interval, args.keepalive_count)
-    if args.idle_timeout is not None:
-        kw["network_timeout"] = args.idle_timeout
-    if args.allowed_peer:
-        kw["allowed_peer_addresses"] = args.allowed_peer
+    """AE settings from the keepalive and deployment flags (absent ones: defaults)."""
+    get = args.__dict__.get
+    kw = options.keepalive_kwargs(get("keepalive_idle"), get("keepalive_interval"), get("keepalive_count"))
+    if get("idle_timeout") is not None:
+        kw["network_timeout"] = get("idle_timeout")
+    if get("allowed_peer"):
+        kw["allowed_peer_addresses"] = get("allowed_peer")
     return kw
 
 
