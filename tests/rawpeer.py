@@ -295,14 +295,21 @@ def _around(text: str, needle: str, width: int = 3000) -> str:
 
 @contextlib.contextmanager
 def server_process(
-    tmp_path: Path, command: str = "serve", *extra: str, env_extra: dict[str, str] | None = None
+    tmp_path: Path,
+    command: str = "serve",
+    *extra: str,
+    host: str | None = HOST,
+    env_extra: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
-    """``dimse-async <command>`` on 127.0.0.1:<free port>, JSON logs at INFO to a file."""
+    """``dimse-async <command>`` on <host>:<free port> (no ``--host`` when ``host`` is
+    None), JSON logs at INFO to a file."""
     port = free_port()
     root = tmp_path / "server"
     root.mkdir(exist_ok=True)
     log = tmp_path / f"{command}.log"
-    argv = [sys.executable, "-m", "dimse_async", command, "--host", HOST, "--port", str(port)]
+    argv = [sys.executable, "-m", "dimse_async", command, "--port", str(port)]
+    if host is not None:
+        argv += ["--host", host]
     if command == "serve":
         argv += ["--storage-dir", str(root / "archive"), "--aet", "ARCHIVE"]
     elif command == "store-scp":

@@ -170,7 +170,10 @@ def test_extended_and_common_extended_negotiation():
 
     rq = request(
         extended=[SOPClassExtended(CT, b"\x01\x01"), SOPClassExtended(MR, b"\x00")],
-        common_extended=[SOPClassCommonExtended(CT, "1.2.840.10008.4.2", ["1.2.3"]), SOPClassCommonExtended(MR, "1.2.840.10008.4.2")],
+        common_extended=[
+            SOPClassCommonExtended(CT, "1.2.840.10008.4.2", ["1.2.3"]),
+            SOPClassCommonExtended(MR, "1.2.840.10008.4.2"),
+        ],
     )
     ac, neg = negotiate(rq, policy(on_extended=on_ext, on_common_extended=lambda item: item.sop_class_uid == CT))
     assert seen == [(CT, b"\x01\x01"), (MR, b"\x00")]

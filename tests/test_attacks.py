@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
 from rawpeer import (
     VERIFICATION,
@@ -108,3 +110,19 @@ async def test_find_level_with_0xff_is_a_failure_status(archive: ServerProcess) 
 
 def test_no_traceback_or_internal_error_in_the_server_log(archive: ServerProcess) -> None:
     archive.check_log()
+
+
+@pytest.mark.parametrize("command", ["serve", "store-scp", "echo-scp"])
+def test_servers_listen_on_loopback_unless_told(command: str, tmp_path: Path) -> None:
+    with server_process(tmp_path, command, host=None) as server:
+        listening = {c.laddr.ip for c in server.ps.net_connections() if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}
+        assert "listening on all interfaces" not in server.log_text()
+
+
+@pytest.mark.parametrize("command", ["serve", "echo-scp"])
+def test_listening_on_all_interfaces_without_an_ae_policy_is_logged(command: str, tmp_path: Path) -> None:
+    with server_process(tmp_path, command, host="0.0.0.0") as server:
+        pass
+    warnings = [e for e in server.log_events() if "listening on all interfaces" in str(e.get("event"))]
+    assert warnings and warnings[0]["level"] == "warning", server.log_text()

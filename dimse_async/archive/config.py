@@ -51,7 +51,7 @@ __all__ = ["ServeConfig", "load_config"]
 @dataclass
 class ServeConfig:
     ae_title: str = "DIMSE_ASYNC"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless configured: see README, "Defaults"
     port: int = 11112
     storage_dir: str = "dicom-archive"
     worklist_dir: str | None = None

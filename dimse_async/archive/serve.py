@@ -9,6 +9,7 @@ import sys
 from .. import AE, Server, Verification
 from ..deploy import Deployment, serve_until_signalled, server_ssl
 from ..health import HealthServer
+from ..log import get_logger
 from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES
 from .config import ServeConfig, load_config
@@ -105,6 +106,12 @@ async def serve(args: argparse.Namespace) -> int:
     total = await archive.count()
     ae = archive_ae(config)
     archive.install(ae, Worklist(config.worklist_dir) if config.worklist_dir else None)
+    if config.host in ("", "0.0.0.0", "::") and not (config.allowed_calling_aes or config.allowed_peer_addresses):
+        get_logger().warning(
+            "listening on all interfaces and accepting any calling AE title; "
+            "restrict with host, allowed_calling_aes or allowed_peer_addresses",
+            host=config.host or "*",
+        )
 
     def announce(server: Server, health: HealthServer | None) -> None:
         print(

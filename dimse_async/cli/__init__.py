@@ -20,7 +20,7 @@ from ..exceptions import (
     ConnectionFailed,
     NoAcceptedContext,
 )
-from ..log import configure_logging
+from ..log import configure_logging, get_logger
 from ..services.send import SendResult, collect_files, send_files
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
 from . import check, options
@@ -35,6 +35,19 @@ EXIT_CONNECT = 3
 EXIT_REJECTED = 4
 EXIT_TIMEOUT = 5
 EXIT_ABORTED = 6
+
+
+LOOPBACK = "127.0.0.1"  # listen on loopback unless told otherwise (--host)
+
+
+def warn_if_exposed(host: str, *, ae_policy: bool) -> None:
+    """Say loudly when an SCP listens on every interface and accepts any calling AE."""
+    if host in ("", "0.0.0.0", "::") and not ae_policy:
+        get_logger().warning(
+            "listening on all interfaces and accepting any calling AE title; "
+            "restrict with --host or --allowed-peer",
+            host=host or "*",
+        )
 
 
 def _ae_title(value: str) -> str:
@@ -65,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     options.add_keepalive(echo)
 
     scp = sub.add_parser("echo-scp", help="verification SCP")
-    scp.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    scp.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     scp.add_argument("--port", type=int, default=11112)
     scp.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our AE title")
     scp.add_argument("--any-called-ae", action="store_true", help="accept any called AE title")
@@ -76,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="the archive: storage, query/retrieve and worklist SCP")
     serve.add_argument("--config", help="TOML configuration file (see dimse_async/archive/config.py)")
-    serve.add_argument("--host", help="address to listen on (config: host, default all)")
+    serve.add_argument("--host", help="address to listen on (config: host, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (config: port, default 11112)")
     serve.add_argument("--aet", type=_ae_title, help="our AE title (config: ae_title)")
     serve.add_argument("--storage-dir", help="archive directory (config: storage_dir)")
@@ -85,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-json", action="store_true")
     _server_options(serve)
     store = sub.add_parser("store-scp", help="storage SCP writing Part 10 files")
-    store.add_argument("--host", default="0.0.0.0", help="address to listen on (default all)")
+    store.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     store.add_argument("--port", type=int, default=11112)
     store.add_argument("--out", default="dicom-in", help="directory for received files (default ./dicom-in)")
     store.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our AE title")
@@ -201,6 +214,7 @@ async def _serve_verification(args: argparse.Namespace) -> int:
         **_server_kwargs(args),
     )
     ae.add_supported_context(Verification)
+    warn_if_exposed(args.host, ae_policy=bool(getattr(args, "allowed_peer", None)))
     await serve_until_signalled(
         ae,
         args.host,
@@ -234,6 +248,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
     ae = storage_ae(args)
     store = DirectoryStore(args.out)
     ae.on_c_store(store)
+    warn_if_exposed(args.host, ae_policy=bool(getattr(args, "allowed_peer", None)))
     await serve_until_signalled(
         ae,
         args.host,
