@@ -272,6 +272,14 @@ class ServerProcess:
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
 
+    def listening(self) -> set[str]:
+        """Addresses this process listens on at :attr:`port`."""
+        return {
+            c.laddr.ip
+            for c in self.ps.net_connections()
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == self.port
+        }
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -324,7 +332,14 @@ def server_process(
         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=root)
     try:
         wait_tcp(proc, port, log)
-        yield ServerProcess(proc, port, log, root)
+        server = ServerProcess(proc, port, log, root)
+        # The port answered; make sure it is this process listening (not a port reused by another).
+        deadline = time.monotonic() + 30
+        while not server.listening():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{command} is not listening on port {port}:\n{server.log_text()}")
+            time.sleep(0.05)
+        yield server
     finally:
         stop_process(proc)
 

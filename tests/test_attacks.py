@@ -12,7 +12,6 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 from rawpeer import (
     VERIFICATION,
@@ -115,8 +114,7 @@ def test_no_traceback_or_internal_error_in_the_server_log(archive: ServerProcess
 @pytest.mark.parametrize("command", ["serve", "store-scp", "echo-scp"])
 def test_servers_listen_on_loopback_unless_told(command: str, tmp_path: Path) -> None:
     with server_process(tmp_path, command, host=None) as server:
-        listening = {c.laddr.ip for c in server.ps.net_connections() if c.status == psutil.CONN_LISTEN}
-        assert listening == {"127.0.0.1"}
+        assert server.listening() == {"127.0.0.1"}
         assert "listening on all interfaces" not in server.log_text()
 
 
