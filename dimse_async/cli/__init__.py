@@ -40,9 +40,9 @@ EXIT_ABORTED = 6
 LOOPBACK = "127.0.0.1"  # listen on loopback unless told otherwise (--host)
 
 
-def warn_if_exposed(host: str, *, ae_policy: bool) -> None:
+def warn_if_exposed(host: str, *, policy: bool) -> None:
     """Say loudly when an SCP listens on every interface and accepts any calling AE."""
-    if host in ("", "0.0.0.0", "::") and not ae_policy:
+    if host in ("", "0.0.0.0", "::") and not policy:
         get_logger().warning(
             "listening on all interfaces and accepting any calling AE title; "
             "restrict with --host or --allowed-peer",
@@ -214,7 +214,7 @@ async def _serve_verification(args: argparse.Namespace) -> int:
         **_server_kwargs(args),
     )
     ae.add_supported_context(Verification)
-    warn_if_exposed(args.host, ae_policy=bool(getattr(args, "allowed_peer", None)))
+    warn_if_exposed(args.host, policy=bool(getattr(args, "allowed_peer", None)))
     await serve_until_signalled(
         ae,
         args.host,
@@ -248,7 +248,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
     ae = storage_ae(args)
     store = DirectoryStore(args.out)
     ae.on_c_store(store)
-    warn_if_exposed(args.host, ae_policy=bool(getattr(args, "allowed_peer", None)))
+    warn_if_exposed(args.host, policy=bool(getattr(args, "allowed_peer", None)))
     await serve_until_signalled(
         ae,
         args.host,
