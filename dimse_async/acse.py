@@ -304,10 +304,16 @@ def negotiate(
         elif spec is None:
             result = ABSTRACT_SYNTAX_NOT_SUPPORTED
         else:
-            offered = set(pc.transfer_syntaxes)
-            ts = next((t for t in spec.transfer_syntaxes if t in offered), "")
-            result = ACCEPTANCE if ts else TRANSFER_SYNTAXES_NOT_SUPPORTED
             prop = proposed_roles.get(pc.abstract_syntax)
+            if prop is not None and prop.scp_role and spec.scp_role:
+                # The requestor will receive on this context (C-GET sub-operations):
+                # its order says what it prefers to get.
+                ours = set(spec.transfer_syntaxes)
+                ts = next((t for t in pc.transfer_syntaxes if t in ours), "")
+            else:
+                offered = set(pc.transfer_syntaxes)
+                ts = next((t for t in spec.transfer_syntaxes if t in offered), "")
+            result = ACCEPTANCE if ts else TRANSFER_SYNTAXES_NOT_SUPPORTED
             if result == ACCEPTANCE and prop is not None:
                 scu = prop.scu_role and (spec.scu_role is None or spec.scu_role)
                 scp = prop.scp_role and bool(spec.scp_role)

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from .part10 import read_file_meta
 
-__all__ = ["DataSetError", "DataSetSummary", "check_dataset", "check_part10"]
+__all__ = ["DataSetError", "DataSetSummary", "check_dataset", "check_part10", "dataset_uids"]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -107,8 +107,13 @@ class _Source:
             left -= take
 
 
+class _Enough(Exception):
+    """The walk reached the tag it was asked to stop after."""
+
+
 class _Walker:
-    def __init__(self, src: _Source, implicit: bool, little: bool):
+    def __init__(self, src: _Source, implicit: bool, little: bool, stop_after: int | None = None):
+        self.stop_after = stop_after
         self.src = src
         self.implicit = implicit
         self.end = "<" if little else ">"
@@ -142,6 +147,8 @@ class _Walker:
                 return
             if tag >> 16 == 0xFFFE:
                 raise DataSetError(f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 4}")
+            if depth == 0 and self.stop_after is not None and tag > self.stop_after:
+                raise _Enough
             self.element(tag, depth)
 
     def element(self, tag: int, depth: int) -> None:
@@ -234,6 +241,22 @@ def check_dataset(fp: BinaryIO, transfer_syntax: str, start: int = 0) -> DataSet
     return DataSetSummary(
         walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, ""), transfer_syntax, walker.elements
     )
+
+
+def dataset_uids(fp: BinaryIO, transfer_syntax: str, start: int) -> tuple[str, str]:
+    """The data set's own SOP Class and Instance UIDs, reading only as far as (0008,0018);
+    raises :class:`DataSetError` when the start of the data set is not well formed."""
+    walker = _Walker(
+        _Source(fp, start, transfer_syntax in _DEFLATED),
+        implicit=transfer_syntax == _IMPLICIT_LE,
+        little=transfer_syntax != _EXPLICIT_BE,
+        stop_after=_SOP_INSTANCE,
+    )
+    try:
+        walker.elements_until(None, 0, item=False)
+    except _Enough:
+        pass
+    return walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, "")
 
 
 def check_part10(fp: BinaryIO) -> DataSetSummary:

@@ -34,6 +34,7 @@ from pydicom.uid import UID, generate_uid
 from pynetdicom import AE as PynetdicomAE
 from pynetdicom import _config as pynetdicom_config
 
+from dimse_async import AE
 from dimse_async.archive.config import ServeConfig
 from dimse_async.archive.index import Archive
 from dimse_async.archive.serve import archive_ae
@@ -55,6 +56,7 @@ class Running:
     port: int
     archive: Archive
     root: Path
+    ae: AE
 
 
 @contextlib.asynccontextmanager
@@ -69,7 +71,7 @@ async def running_serve(root: Path, **settings: object) -> AsyncIterator[Running
     archive.install(ae)
     try:
         async with await ae.start_server(HOST, 0) as server:
-            yield Running(server.port, archive, root)
+            yield Running(server.port, archive, root, ae)
     finally:
         archive.close()
 
@@ -751,3 +753,233 @@ async def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -
     finally:
         assert stop_process(proc) == 0
     check_nothing_half_written(root, len(uids), files)
+
+
+# --------------------------------------------------------------------------- dimse-async send
+
+
+@contextlib.contextmanager
+def dcmtk_storescp(out: Path, *options: str) -> Iterator[tuple[int, Path]]:
+    from conftest import free_port, wait_tcp
+
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}-storescp.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [dcmtk("storescp"), "-v", "-aet", "STORESCP", "-od", str(out), *options, str(port)],
+            stdout=sink, stderr=subprocess.STDOUT, env=DCMTK_ENV, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_tcp(proc, port, log)
+        yield port, log
+    finally:
+        stop_process(proc)
+
+
+async def dimse_send(port: int, *paths: Path) -> tuple[int, str]:
+    code, out, err = await communicate(
+        (sys.executable, "-m", "dimse_async", "send", HOST, str(port), *map(str, paths), "--aec", "STORESCP",
+         "--timeout", "20"),
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )  # fmt: skip
+    return code, out + err
+
+
+async def test_send_puts_the_data_sets_uids_in_the_command(tmp_path: Path) -> None:
+    """A file whose meta names another instance: the command carries the data set's
+    UIDs, so DCMTK storescp (which answers 0xA900 to a mismatch) stores it under them."""
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()  # stale meta
+    path = tmp_path / "stale-meta.dcm"
+    ds.save_as(path)
+    with dcmtk_storescp(tmp_path / "out") as (port, _log):
+        code, text = await dimse_send(port, path)
+        assert code == 0, text
+        (got,) = list((tmp_path / "out").iterdir())
+        assert pydicom.dcmread(got).SOPInstanceUID == ds.SOPInstanceUID
+
+
+async def test_send_skips_a_file_that_is_not_what_it_claims(tmp_path: Path) -> None:
+    """pydicom's SC_rgb_jpeg.dcm declares explicit VR but holds implicit VR: reported and
+    skipped before anything is sent; the other files go on the same association."""
+    liar = Path(get_testdata_file("SC_rgb_jpeg.dcm"))
+    good = distinct_cts(tmp_path, 2)
+    with dcmtk_storescp(tmp_path / "out") as (port, log):
+        code, text = await dimse_send(port, good[0], liar, good[1])
+        assert code == 1, text
+        assert f"FAILED {liar}" in text and "not a valid data set" in text, text
+        assert "sent 2/3" in text, text
+        assert log.read_text(errors="replace").count("Association Acknowledged") == 1
+    assert len(list((tmp_path / "out").iterdir())) == 2
+
+
+async def test_send_opens_a_new_association_after_a_peer_abort(tmp_path: Path) -> None:
+    """storescp --abort-after aborts every association after its first C-STORE-RQ: each
+    file is then sent on a new association, none is failed unsent."""
+    files = distinct_cts(tmp_path, 3)
+    with dcmtk_storescp(tmp_path / "out", "--abort-after") as (port, log):
+        code, text = await dimse_send(port, *files)
+        assert code == 1, text  # no response ever came
+        assert all(f"FAILED {f}" in text for f in files), text
+        scp_log = log.read_text(errors="replace")
+        assert scp_log.count("Association Acknowledged") == 3, scp_log
+        assert scp_log.count("Received Store Request") == 3, scp_log
+
+
+# --------------------------------------------------------------------------- retrieve: the pydicom corpus
+
+#: getscu/movescu option that makes the transfer syntax the preferred one for incoming C-STOREs.
+PREFER = {
+    "1.2.840.10008.1.2.1": "+xe",
+    "1.2.840.10008.1.2": "+xi",
+    "1.2.840.10008.1.2.2": "+xb",
+    "1.2.840.10008.1.2.1.99": "+xd",
+    "1.2.840.10008.1.2.4.50": "+xy",
+    "1.2.840.10008.1.2.4.51": "+xx",
+    "1.2.840.10008.1.2.4.70": "+xs",
+    "1.2.840.10008.1.2.4.80": "+xt",
+    "1.2.840.10008.1.2.4.81": "+xu",
+    "1.2.840.10008.1.2.4.90": "+xv",
+    "1.2.840.10008.1.2.4.91": "+xw",
+    "1.2.840.10008.1.2.5": "+xr",
+}
+
+
+def pydicom_corpus(dest: Path) -> dict[str, tuple[str, Path]]:
+    """Every pydicom test file with a storage SOP class whose data set is complete and
+    names itself and its study and series: SOP Instance UID -> (transfer syntax, file). Files holding an instance
+    already taken get a new UID of the same length patched in (encoding untouched)."""
+    import warnings
+
+    from pydicom.data import get_testdata_files
+
+    from dimse_async.dataset_check import DataSetError, check_part10
+
+    out: dict[str, tuple[str, Path]] = {}
+    names = sorted(get_testdata_files(), key=lambda n: (not n.endswith("dfl.dcm"), n))  # deflated first
+    for n, name in enumerate(names):
+        path = Path(name)
+        if not path.is_file():
+            continue
+        with path.open("rb") as fp:
+            meta = read_file_meta(fp)
+            if meta is None:
+                continue
+            try:
+                summary = check_part10(fp)
+            except DataSetError:
+                continue
+        if summary.sop_class_uid not in STORAGE_SOP_CLASSES or not summary.sop_instance_uid:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(path)
+            except Exception:
+                continue
+        if not (ds.get("StudyInstanceUID") and ds.get("SeriesInstanceUID")):
+            continue  # no place in the Q/R hierarchy: refused with 0xA900 (test_integrity elsewhere)
+        data = path.read_bytes()
+        uid = summary.sop_instance_uid
+        if uid in out:
+            if meta.transfer_syntax in ("1.2.840.10008.1.2.1.99",):
+                continue
+            head, _, last = uid.rpartition(".")
+            new = f"{head}.{str(n).rjust(len(last), '1')[-len(last) :]}"
+            if len(new) != len(uid) or new in out or new == uid:
+                continue
+            data = data.replace(uid.encode(), new.encode())
+            uid = new
+        target = dest / f"{len(out):03d}-{path.name}"
+        target.write_bytes(data)
+        out[uid] = (meta.transfer_syntax, target)
+    return out
+
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+UNCOMPRESSED = {EXPLICIT_LE, "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+_PIXEL_DESCRIPTION = {0x7FE00010, 0x00280004, 0x00280006, 0x00282110, 0x00282112, 0x00282114}
+
+
+def same_decoded(got: Path, sent: Path, sent_syntax: str) -> bool:
+    """A decompressed copy: every other element equal, the pixels equal to pydicom's
+    decoding of the original, and a lossy original still marked lossy."""
+    import numpy as np
+
+    a, b = pydicom.dcmread(got), pydicom.dcmread(sent)
+
+    def rest(ds: Dataset) -> dict[int, object]:
+        return {int(e.tag): e.value for e in ds if e.tag.element and e.tag != 0xFFFCFFFC
+                and int(e.tag) not in _PIXEL_DESCRIPTION}  # fmt: skip
+
+    lossy = not UID(sent_syntax).is_lossless or b.get("LossyImageCompression") == "01"
+    return (
+        rest(a) == rest(b)
+        and np.array_equal(a.pixel_array, b.pixel_array)
+        and (a.get("LossyImageCompression") == "01") == lossy
+    )
+
+
+def received_by_uid(directory: Path) -> dict[str, Path]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in directory.iterdir()}
+
+
+async def test_pydicom_corpus_retrieved_by_getscu_and_movescu_in_its_own_syntax(tmp_path: Path) -> None:
+    """The pydicom corpus is stored (``dimse-async send`` engine, one association), then
+    retrieved per transfer syntax by DCMTK getscu and by movescu (its own storage SCP as
+    the destination), each preferring that syntax: every instance arrives in its own
+    transfer syntax and equals what was sent, element by element."""
+    from conftest import free_port
+
+    from dimse_async.services.send import send_files
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    corpus = pydicom_corpus(src)
+    assert len(corpus) >= 100, len(corpus)
+    by_syntax: dict[str, list[str]] = {}
+    for uid, (ts, _path) in corpus.items():
+        by_syntax.setdefault(ts, []).append(uid)
+    assert set(by_syntax) <= set(PREFER), set(by_syntax) - set(PREFER)
+    async with running_serve(tmp_path / "arch") as srv:
+        report = await send_files(AE("SENDER"), HOST, srv.port, SERVE_AE, [str(p) for _, p in corpus.values()])
+        assert not report.failed, [(r.path, r.error or r.status) for r in report.failed]
+        for ts, uids in sorted(by_syntax.items()):
+            keys = ["-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID=" + "\\".join(uids)]
+            got_dir = tmp_path / f"get-{ts}"
+            got_dir.mkdir()
+            code, text, _ = await communicate(
+                (dcmtk("getscu"), "-S", "+B", "-aec", SERVE_AE, PREFER[ts], "-od", str(got_dir), *keys, HOST, str(srv.port)),
+                env=DCMTK_ENV, merge_stderr=True, timeout=60,
+            )  # fmt: skip
+            assert code == 0, text
+            move_dir = tmp_path / f"move-{ts}"
+            move_dir.mkdir()
+            port = free_port()
+            srv.ae.known_aes["MOVESCU"] = (HOST, port)
+            code, text, _ = await communicate(
+                (dcmtk("movescu"), "-v", "-S", "-aet", "MOVESCU", "-aec", SERVE_AE, "-aem", "MOVESCU", "+P", str(port),
+                 PREFER[ts], "+B", *keys, HOST, str(srv.port)),
+                env=DCMTK_ENV, merge_stderr=True, timeout=60, cwd=move_dir,  # +B writes to the current directory
+            )  # fmt: skip
+            assert code == 0, text
+            move_text = text
+            # movescu takes each instance in its own syntax. getscu (DCMTK 3.6.7) proposes
+            # explicit VR little endian only for most of its preferences: what is stored in
+            # another syntax then comes transcoded, compressed pixel data decoded by pydicom.
+            for how, directory in (("movescu", move_dir), ("getscu", got_dir)):
+                received = received_by_uid(directory)
+                assert set(received) == set(uids), f"{how} {ts}: missing {sorted(set(uids) - set(received))[:3]}" + (
+                    move_text if how == "movescu" else ""
+                )
+                for uid in uids:
+                    got, sent = received[uid], corpus[uid][1]
+                    arrived = dataset_bytes(got)[0]
+                    want = {ts} if how == "movescu" else {ts, EXPLICIT_LE}
+                    assert arrived in want, f"{how}: {sent.name} arrived in {arrived}"
+                    if ts in UNCOMPRESSED or arrived == ts:
+                        assert same_dataset(got, sent), f"{how}: {sent.name} differs"
+                    else:
+                        assert same_decoded(got, sent, ts), f"{how}: {sent.name} differs"

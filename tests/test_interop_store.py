@@ -831,7 +831,7 @@ async def test_our_scu_to_storescp(corpus: Corpus, storescp: StoreSCP) -> None:
 
 
 async def test_our_scu_transcodes_for_storescp(corpus: Corpus, storescp: StoreSCP) -> None:
-    """Only Implicit VR LE accepted: explicit LE and big endian files are converted, JPEG refused."""
+    """Only Implicit VR LE accepted: explicit LE and big endian files are converted, JPEG decoded."""
     explicit = corpus.named("CT_small.dcm")
     big_endian = _instance(Path(get_testdata_file("MR_small_bigendian.dcm")))
     jpeg = corpus.named("SC_rgb_jpeg_dcmtk.dcm")
@@ -844,15 +844,16 @@ async def test_our_scu_transcodes_for_storescp(corpus: Corpus, storescp: StoreSC
         assert [c.transfer_syntax for c in assoc.accepted_contexts] == [IMPLICIT_LE] * 3
         assert await assoc.c_store(explicit.path) == 0x0000
         assert await assoc.c_store(big_endian.path) == 0x0000
-        with pytest.raises(da.NoAcceptedContext, match="not transcoding compressed"):
-            await assoc.c_store(jpeg.path)
-        # The refusal happened before anything was sent: the association carries on.
-        assert assoc.is_established
+        assert await assoc.c_store(jpeg.path) == 0x0000  # decoded by pydicom, marked lossy
         assert await assoc.c_store(corpus.series[0].path) == 0x0000
     received = storescp.received()
-    assert set(received) == {explicit.sop_instance, big_endian.sop_instance, corpus.series[0].sop_instance}
-    # storescp saw three C-STORE requests: the JPEG file never went out.
-    assert storescp.log.read_text(errors="replace").count("Received Store Request") == 3
+    assert set(received) == {
+        explicit.sop_instance, big_endian.sop_instance, jpeg.sop_instance, corpus.series[0].sop_instance,
+    }  # fmt: skip
+    decoded = pydicom.dcmread(received[jpeg.sop_instance])
+    assert _stored_dataset(received[jpeg.sop_instance])[0] == IMPLICIT_LE
+    assert decoded.LossyImageCompression == "01"
+    assert (decoded.pixel_array == jpeg.read().pixel_array).all()
     for inst in (explicit, big_endian, corpus.series[0]):
         path = received[inst.sop_instance]
         assert _stored_dataset(path)[0] == IMPLICIT_LE

@@ -96,7 +96,28 @@ def test_big_endian_transcoding_swaps_words():
     assert np.array_equal(back.pixel_array, be.pixel_array)
 
 
-async def test_compressed_file_not_accepted_is_never_sent(tmp_path):
+async def test_compressed_file_is_decompressed_for_a_peer_taking_only_uncompressed(tmp_path):
+    """JPEG baseline, the peer accepts explicit LE only: pydicom decodes the pixel data,
+    the instance goes out in explicit LE and stays marked lossy (PS3.3 C.7.6.1.1.5)."""
+    jpeg = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
+    received = []
+    ae = storage_scp()
+
+    @ae.on_c_store
+    async def handler(request):
+        received.append((request.transfer_syntax, request.dataset))
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((SC_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert (await assoc.c_store(jpeg)).is_success
+    ((ts, got),) = received
+    original = pydicom.dcmread(jpeg)
+    assert ts == ExplicitVRLittleEndian and got.SOPInstanceUID == original.SOPInstanceUID
+    assert got.LossyImageCompression == "01" and "ISO_10918_1" in str(got.LossyImageCompressionMethod)
+    assert np.array_equal(got.pixel_array, original.pixel_array)
+
+
+async def test_compressed_file_without_an_uncompressed_context_is_never_sent(tmp_path):
     jpeg = get_testdata_file("SC_rgb_jpeg_dcmtk.dcm")
     received = []
     ae = storage_scp()
@@ -106,8 +127,9 @@ async def test_compressed_file_not_accepted_is_never_sent(tmp_path):
         received.append(request.sop_instance_uid)
 
     async with await ae.start_server("127.0.0.1", 0) as server:
-        async with scu((SC_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
-            with pytest.raises(NoAcceptedContext, match="not transcoding compressed"):
+        rle = "1.2.840.10008.1.2.5"
+        async with scu((SC_CLASS, [rle])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            with pytest.raises(NoAcceptedContext, match="nor an uncompressed syntax"):
                 await assoc.c_store(jpeg)
             assert assoc.is_established
     assert received == []

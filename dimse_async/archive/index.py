@@ -445,10 +445,13 @@ class Archive:
     # -- indexing -----------------------------------------------------------------
 
     def _index_file(self, path: str) -> str:
-        st = os.stat(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's value warnings: the file is stored as received
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return self._index_file_quietly(path)
+
+    def _index_file_quietly(self, path: str) -> str:
+        st = os.stat(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
         sop_uid = _text(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"))
         study_uid, series_uid = _text(ds.get("StudyInstanceUID")), _text(ds.get("SeriesInstanceUID"))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 
 from ..acse import ContextSpec
+from ..dataset_check import DataSetError, check_part10
 from ..dimse import Status
 from ..exceptions import AssociationError
 from ..part10 import read_file_meta
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from ..ae import AE
 
 __all__ = ["SendReport", "SendResult", "collect_files", "plan_contexts", "send_files"]
+
+
+_RETRIES = 3  # associations in a row that may end before one more file is answered
 
 
 @dataclass(slots=True)
@@ -76,11 +80,24 @@ def collect_files(paths: Iterable[str], recurse: bool) -> list[str]:
     return out
 
 
-def inspect_file(path: str) -> FileInfo | SendResult:
+def inspect_file(path: str, *, check: bool = False) -> FileInfo | SendResult:
+    """What a file holds (SOP class, transfer syntax), or why it cannot be sent.
+
+    With ``check`` a Part 10 file's data set is parsed to its end in its declared
+    transfer syntax: a file that is not what it claims is reported, not sent (a peer
+    would abort the association on it)."""
     try:
         with open(path, "rb") as fp:
             meta = read_file_meta(fp)
             size = os.fstat(fp.fileno()).st_size
+            if meta is not None and check:
+                try:
+                    summary = check_part10(fp)
+                except DataSetError as exc:
+                    return SendResult(path, 0, error=f"not a valid data set in its transfer syntax: {exc}")
+                if not summary.sop_class_uid or not summary.sop_instance_uid:
+                    return SendResult(path, 0, error="the data set has no SOP Class or SOP Instance UID")
+                return FileInfo(path, summary.sop_class_uid, meta.transfer_syntax, size)
         if meta is not None:
             return FileInfo(path, meta.sop_class_uid, meta.transfer_syntax, size)
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
@@ -130,7 +147,7 @@ async def send_files(
     report = SendReport()
     items: list[FileInfo] = []
     for p in paths:
-        got = inspect_file(p)
+        got = await asyncio.to_thread(inspect_file, p, check=True)
         if isinstance(got, SendResult):
             report.results.append(got)
             if progress:
@@ -150,34 +167,45 @@ async def send_files(
         if progress:
             progress(res)
 
-    async def one_association() -> None:
-        if queue.empty():
-            return
-        try:
-            async with ae.associate(
-                host, port, called_ae, contexts=specs, async_ops=(window, 1), ssl=ssl, server_hostname=server_hostname
-            ) as assoc:
+    async def one_association() -> bool:
+        """Send from the queue until it is empty (True) or the association ends (False)."""
+        async with ae.associate(
+            host, port, called_ae, contexts=specs, async_ops=(window, 1), ssl=ssl, server_hostname=server_hostname
+        ) as assoc:
 
-                async def worker() -> None:
-                    while not queue.empty():
-                        it = queue.get_nowait()
-                        if not assoc.is_established:
-                            record(SendResult(it.path, it.size, error=assoc.end_reason or "association lost"))
-                            continue
-                        try:
-                            status = await assoc.c_store(it.path)
-                            record(SendResult(it.path, it.size, status=status))
-                        except AssociationError as exc:
-                            record(SendResult(it.path, it.size, error=str(exc)))
-                        except (OSError, ValueError) as exc:
-                            record(SendResult(it.path, it.size, error=f"{type(exc).__name__}: {exc}"))
+            async def worker() -> None:
+                while not queue.empty() and assoc.is_established:
+                    it = queue.get_nowait()
+                    try:
+                        status = await assoc.c_store(it.path)
+                        record(SendResult(it.path, it.size, status=status))
+                    except AssociationError as exc:
+                        record(SendResult(it.path, it.size, error=str(exc)))
+                    except (OSError, ValueError) as exc:
+                        record(SendResult(it.path, it.size, error=f"{type(exc).__name__}: {exc}"))
 
-                await asyncio.gather(*(worker() for _ in range(max(1, window))))
-        except AssociationError as exc:
-            while not queue.empty():
-                it = queue.get_nowait()
-                record(SendResult(it.path, it.size, error=str(exc)))
+            await asyncio.gather(*(worker() for _ in range(max(1, window))))
+            return assoc.is_established
 
-    await asyncio.gather(*(one_association() for _ in range(max(1, associations))))
+    async def sender() -> None:
+        # A peer abort ends one association, not the batch: the rest goes on a new one,
+        # until _RETRIES associations in a row answer nothing.
+        idle = 0
+        while not queue.empty():
+            before = len(report.results)
+            error = "association ended before a response"
+            try:
+                if await one_association():
+                    return
+            except AssociationError as exc:
+                error = str(exc)
+            idle = idle + 1 if len(report.results) == before else 0
+            if idle >= _RETRIES:
+                while not queue.empty():
+                    it = queue.get_nowait()
+                    record(SendResult(it.path, it.size, error=error))
+                return
+
+    await asyncio.gather(*(sender() for _ in range(max(1, associations))))
     report.seconds = loop.time() - started
     return report

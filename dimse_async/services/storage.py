@@ -30,10 +30,12 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
+from ..dataset_check import DataSetError, dataset_uids
 from ..dimse import Command, CommandField, Message, Status
 from ..exceptions import NoAcceptedContext
 from ..part10 import encode_file_meta, read_file_meta, valid_uid
 from ..sop_classes import STORAGE_SOP_CLASSES
+from ..transcode import decompress
 from ..uids import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -506,13 +508,15 @@ async def c_store(
     with open(path, "rb") as fp:  # noqa: ASYNC230 - local reads of PDU-sized pieces; a thread hop per piece costs more
         meta = read_file_meta(fp)
         if meta is not None:
-            ctx = _find_context(assoc, meta.sop_class_uid, meta.transfer_syntax)
+            # The command names what the data set says it is (PS3.4 B.2.3), not the file meta.
+            sop_class, sop_instance = _own_uids(path, fp, meta)
+            ctx = _find_context(assoc, sop_class, meta.transfer_syntax)
             if ctx is not None:
                 payload: Any = _FilePayload(
                     fp, meta.dataset_offset, pad_odd=meta.transfer_syntax == DeflatedExplicitVRLittleEndian
                 )
                 return await _send_store(
-                    assoc, ctx, payload, meta.sop_class_uid, meta.sop_instance_uid, priority, move_originator, timeout
+                    assoc, ctx, payload, sop_class, sop_instance, priority, move_originator, timeout
                 )
         fp.seek(0)
         ds = pydicom.dcmread(fp, force=True)
@@ -544,6 +548,17 @@ async def _send_store(
     return status  # the association logs the outcome (Association._op_done)
 
 
+def _own_uids(path: str, fp: BinaryIO, meta: Any) -> tuple[str, str]:
+    """The data set's SOP Class/Instance UIDs (those of the meta when the data set lacks them)."""
+    try:
+        sop_class, sop_instance = dataset_uids(fp, meta.transfer_syntax, meta.dataset_offset)
+    except DataSetError as exc:
+        raise ValueError(f"{path}: not a well-formed data set in {_ts_name(meta.transfer_syntax)}: {exc}") from None
+    if not sop_instance or not sop_class:
+        raise ValueError(f"{path}: the data set has no SOP Class or SOP Instance UID")
+    return sop_class, sop_instance
+
+
 def _find_context(assoc: Association, sop_class: str, transfer_syntax: str) -> PresentationContext | None:
     for ctx in assoc.accepted_contexts:
         if ctx.abstract_syntax == sop_class and ctx.transfer_syntax == transfer_syntax and ctx.as_scu:
@@ -563,10 +578,16 @@ def _dataset_payload(assoc: Association, ds: Dataset) -> tuple[PresentationConte
         if ctx is not None:
             return ctx, encode_dataset(ds, source_ts, source_ts), sop_class, sop_instance
     if source_ts and source_ts not in _UNCOMPRESSED:
-        raise NoAcceptedContext(
-            f"{sop_instance}: stored as {_ts_name(source_ts)}, which the peer did not accept for "
-            f"{_ts_name(sop_class)}; not transcoding compressed data"
-        )
+        # Compressed, and the peer did not accept that syntax: decode the pixel data
+        # when pydicom can, and send in an accepted uncompressed syntax (lossy stays marked).
+        if not any(c.abstract_syntax == sop_class and c.as_scu and c.transfer_syntax in _UNCOMPRESSED
+                   for c in assoc.accepted_contexts):  # fmt: skip
+            raise NoAcceptedContext(
+                f"{sop_instance}: stored as {_ts_name(source_ts)}, which the peer did not accept for "
+                f"{_ts_name(sop_class)}, nor an uncompressed syntax"
+            )
+        ds = decompress(ds)
+        source_ts = ExplicitVRLittleEndian
     for ctx in assoc.accepted_contexts:
         if ctx.abstract_syntax == sop_class and ctx.as_scu and ctx.transfer_syntax in _UNCOMPRESSED:
             return ctx, encode_dataset(ds, ctx.transfer_syntax, source_ts or None), sop_class, sop_instance
