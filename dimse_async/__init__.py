@@ -2,8 +2,6 @@
 
 from .acse import ContextSpec, PresentationContext
 from .ae import AE
-from .association import Association
-from .dimse import Status
 from .exceptions import (
     AssociationAborted,
     AssociationError,
@@ -13,9 +11,13 @@ from .exceptions import (
     DIMSEFailure,
     NoAcceptedContext,
 )
+from .interface import AssociationEvent
+from .operations import Association
 from .pdu import UserIdentityRQ
 from .server import Server
 from .services.requests import Request
+from .services.scp import StatusError
+from .status import Code, Status, StatusCategory
 from .uids import Verification
 
 __version__ = "0.1.0"
@@ -24,9 +26,11 @@ __all__ = [
     "AE",
     "Association",
     "AssociationAborted",
+    "AssociationEvent",
     "AssociationError",
     "AssociationRejected",
     "AssociationTimeout",
+    "Code",
     "ConnectionFailed",
     "ContextSpec",
     "DIMSEFailure",
@@ -35,6 +39,8 @@ __all__ = [
     "Request",
     "Server",
     "Status",
+    "StatusCategory",
+    "StatusError",
     "UserIdentityRQ",
     "Verification",
     "run",

@@ -20,13 +20,17 @@ from .pdu import (
     AsyncOpsWindow,
     PresentationContextAC,
     PresentationContextRQ,
+    RejectResult,
+    RejectSource,
     RoleSelection,
     SOPClassCommonExtended,
     SOPClassExtended,
     UserIdentityAC,
     UserIdentityRQ,
     UserInformation,
+    UserReason,
 )
+from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, uid_name
 
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
@@ -38,13 +42,12 @@ __all__ = [
     "build_request",
     "context_result_text",
     "negotiate",
+    "negotiation_summary",
     "reject_text",
     "requestor_contexts",
     "validate_ae_title",
 ]
 
-IMPLEMENTATION_CLASS_UID = "2.25.274571480719065348315665717021919789922"
-IMPLEMENTATION_VERSION_NAME = "DIMSE_ASYNC_01"
 
 #: Smallest maximum PDU length we accept from a peer: a PDV header plus some data.
 MIN_PEER_PDU = 64
@@ -86,6 +89,21 @@ def reject_text(rj: AssociateRJ) -> str:
         f"source {_REJECT_SOURCES.get(rj.source, rj.source)}, "
         f"reason {_REJECT_REASONS.get((rj.source, rj.reason), rj.reason)}"
     )
+
+
+def negotiation_summary(neg: Negotiated) -> dict[str, object]:
+    """The DEBUG line about a negotiation: contexts, window, peer implementation."""
+    return {
+        "accepted": [f"{c.id}:{uid_name(c.abstract_syntax)}/{uid_name(c.transfer_syntax)}" for c in neg.accepted],
+        "rejected": [
+            f"{c.id}:{uid_name(c.abstract_syntax)}:{context_result_text(c.result)}"
+            for c in neg.contexts
+            if not c.accepted
+        ],
+        "peer_max_pdu": neg.peer_max_pdu,
+        "window": (neg.max_ops_invoked, neg.max_ops_performed),
+        "peer_impl": neg.peer_implementation_version or neg.peer_implementation_uid,
+    }
 
 
 def context_result_text(result: int) -> str:
@@ -278,17 +296,19 @@ def negotiate(
     user identity check done by the caller.
     """
     if rq.application_context != APPLICATION_CONTEXT:
-        return AssociateRJ(1, 1, 2), None
+        return AssociateRJ(
+            RejectResult.PERMANENT, RejectSource.USER, UserReason.APPLICATION_CONTEXT_NOT_SUPPORTED
+        ), None
     if policy.require_called_ae and rq.called_ae != policy.ae_title:
-        return AssociateRJ(1, 1, 7), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.CALLED_AE_NOT_RECOGNIZED), None
     if policy.allowed_calling_aes is not None and rq.calling_ae not in policy.allowed_calling_aes:
-        return AssociateRJ(1, 1, 3), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.CALLING_AE_NOT_RECOGNIZED), None
     if not identity_ok:
-        return AssociateRJ(1, 1, 1), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN), None
     peer_max = rq.user_info.max_length
     if peer_max is not None and 0 < peer_max < MIN_PEER_PDU:
         # We could not send a single PDV to this peer (PS3.8 D.1): refuse up front.
-        return AssociateRJ(1, 1, 1), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN), None
 
     proposed_roles = {r.sop_class_uid: r for r in rq.user_info.roles}
     reply_roles: dict[str, RoleSelection] = {}

@@ -3,26 +3,52 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Iterable
 from ssl import SSLContext
-from typing import Any
+from typing import Any, TypeVar
 
 from .acceptor import AcceptOptions, Acceptor
-from .acse import AcceptorPolicy, ContextSpec, build_request, validate_ae_title
-from .association import Association
+from .acse import AcceptorPolicy, ContextSpec, Negotiated, build_request, negotiate, validate_ae_title
+from .dimse import CommandField, Message
 from .exceptions import AssociationTimeout, ConnectionFailed
-from .pdu import SOPClassCommonExtended, SOPClassExtended, UserIdentityRQ
-from .proxy import networks
+from .interface import AssociationEvent, DIMSEProvider, ServiceHandler, Settings, SinkFactory
+from .operations import Association
+from .pdu import (
+    AssociateAC,
+    AssociateRJ,
+    AssociateRQ,
+    PresentationReason,
+    RejectResult,
+    RejectSource,
+    SOPClassCommonExtended,
+    SOPClassExtended,
+    UserIdentityRQ,
+    UserReason,
+)
+from .proxy import address_in, networks
 from .server import Server
+from .services import qr, verification
+from .services.storage import make_spool, scp_c_store
 from .uids import DEFAULT_TRANSFER_SYNTAXES
 
-__all__ = ["AE"]
+__all__ = ["AE", "Service"]
 
-Handler = Callable[..., Awaitable[Any]]
+Handler = Callable[..., Any]
+H = TypeVar("H", bound=Handler)
+Hook = Callable[[Association], Any]
 Authenticator = Callable[[UserIdentityRQ, Association], Awaitable[tuple[bool, bytes | None]]]
 
-_EVENTS = ("requested", "accepted", "rejected", "released", "aborted")
+#: Services an SCP handler can be registered for, by their request's command field.
+Service = CommandField
+_SERVICE_NAMES = {
+    "c_echo": CommandField.C_ECHO_RQ,
+    "c_store": CommandField.C_STORE_RQ,
+    "c_find": CommandField.C_FIND_RQ,
+    "c_get": CommandField.C_GET_RQ,
+    "c_move": CommandField.C_MOVE_RQ,
+}
 
 
 class AE:
@@ -100,8 +126,8 @@ class AE:
         self.observer: Any = None
         self.requested_contexts: list[ContextSpec] = []
         self.supported_contexts: dict[str, ContextSpec] = {}
-        self._handlers: dict[str, Handler] = {}
-        self._hooks: dict[str, list[Callable[[Association], Any]]] = {e: [] for e in _EVENTS}
+        self._handlers: dict[CommandField, Handler] = {}
+        self._hooks: dict[AssociationEvent, list[Hook]] = {e: [] for e in AssociationEvent}
         self._authenticator: Authenticator | None = None
         self._hook_tasks: set[asyncio.Future[Any]] = set()
         self._on_extended: Callable[[str, bytes], bytes | None] | None = None
@@ -146,41 +172,42 @@ class AE:
 
     # ------------------------------------------------------------ handlers and hooks
 
-    def on_c_echo(self, handler: Handler) -> Handler:
+    def on_c_echo(self, handler: H) -> H:
         """Register the C-ECHO handler: ``async def h(request) -> status | None``."""
-        self._handlers["c_echo"] = handler
+        self._handlers[CommandField.C_ECHO_RQ] = handler
         return handler
 
-    def on_c_store(self, handler: Handler) -> Handler:
+    def on_c_store(self, handler: H) -> H:
         """Register the C-STORE handler: ``async def h(request: StoreRequest) -> status | None``.
 
-        Raising ``OSError`` answers 0xA700 (out of resources), any other exception
-        0xC000 (cannot understand); the association stays up.
+        Raising ``OSError`` answers 0xA700 (out of resources), ``StatusError`` its status,
+        any other exception 0xC000 (cannot understand); the association stays up.
         """
-        self._handlers["c_store"] = handler
+        self._handlers[CommandField.C_STORE_RQ] = handler
         return handler
 
-    def on_c_find(self, handler: Handler) -> Handler:
+    def on_c_find(self, handler: H) -> H:
         """Register the C-FIND handler: an async generator ``h(request)`` yielding matches
         (``Dataset``, or ``(status, Dataset)`` for 0xFF01)."""
-        self._handlers["c_find"] = handler
+        self._handlers[CommandField.C_FIND_RQ] = handler
         return handler
 
-    def on_c_get(self, handler: Handler) -> Handler:
+    def on_c_get(self, handler: H) -> H:
         """Register the C-GET handler: an async generator yielding paths or ``Dataset``s."""
-        self._handlers["c_get"] = handler
+        self._handlers[CommandField.C_GET_RQ] = handler
         return handler
 
-    def on_c_move(self, handler: Handler) -> Handler:
+    def on_c_move(self, handler: H) -> H:
         """Register the C-MOVE handler: an async generator yielding paths or ``Dataset``s.
 
         The destination is looked up in ``known_aes``; unknown gives 0xA801.
         """
-        self._handlers["c_move"] = handler
+        self._handlers[CommandField.C_MOVE_RQ] = handler
         return handler
 
-    def set_handler(self, service: str, handler: Handler) -> None:
-        self._handlers[service] = handler
+    def set_handler(self, service: Service | str, handler: Handler) -> None:
+        """Register ``handler`` for ``service`` (a :data:`Service` or "c_echo", "c_store", ...)."""
+        self._handlers[_SERVICE_NAMES[service] if isinstance(service, str) else CommandField(service)] = handler
 
     def on_user_identity(self, authenticator: Authenticator) -> Authenticator:
         """Register ``async def check(identity, assoc) -> (ok, server_response | None)``.
@@ -204,21 +231,24 @@ class AE:
         self._on_common_extended = callback
         return callback
 
-    def on_association(self, event: str) -> Callable[[Callable[[Association], Any]], Callable[[Association], Any]]:
-        """Hook an association event: requested, accepted, rejected, released or aborted.
+    def on_association(self, event: AssociationEvent | str) -> Callable[[Hook], Hook]:
+        """Hook an association event (:class:`AssociationEvent`, or its name: requested,
+        accepted, rejected, released, aborted). The hook gets the :class:`Association`;
+        an ``async`` hook runs as a task."""
+        try:
+            key = AssociationEvent(event)
+        except ValueError:
+            raise ValueError(
+                f"unknown association event {event!r}; one of {', '.join(e.value for e in AssociationEvent)}"
+            ) from None
 
-        The hook gets the :class:`Association`; an ``async`` hook runs as a task.
-        """
-        if event not in self._hooks:
-            raise ValueError(f"unknown association event {event!r}; one of {', '.join(_EVENTS)}")
-
-        def register(fn: Callable[[Association], Any]) -> Callable[[Association], Any]:
-            self._hooks[event].append(fn)
+        def register(fn: Hook) -> Hook:
+            self._hooks[key].append(fn)
             return fn
 
         return register
 
-    def _fire(self, event: str, assoc: Association) -> None:
+    def _fire(self, event: AssociationEvent, assoc: Association) -> None:
         for hook in self._hooks[event]:
             try:
                 result = hook(assoc)
@@ -227,7 +257,82 @@ class AE:
                     self._hook_tasks.add(task)
                     task.add_done_callback(self._hook_tasks.discard)
             except Exception as exc:
-                assoc.log.error("association hook failed", hook_event=event, error=repr(exc))
+                assoc.log.error("association hook failed", hook_event=event.value, error=repr(exc))
+
+    # ------------------------------------------------------------ what associations get
+
+    def _dispatch(self) -> dict[int, ServiceHandler]:
+        """Command field -> service: the services read the registered handler at call time."""
+        handlers = self._handlers
+        route = qr.MoveRoute(self.known_aes, self.associate, self.move_concurrency)
+
+        async def echo(assoc: DIMSEProvider, op: Any) -> None:
+            await verification.scp_c_echo(assoc, op, handlers.get(CommandField.C_ECHO_RQ))
+
+        async def store(assoc: DIMSEProvider, op: Any) -> None:
+            await scp_c_store(assoc, op, handlers.get(CommandField.C_STORE_RQ))
+
+        async def find(assoc: DIMSEProvider, op: Any) -> None:
+            await qr.scp_c_find(assoc, op, handlers.get(CommandField.C_FIND_RQ))
+
+        async def get(assoc: DIMSEProvider, op: Any) -> None:
+            await qr.scp_c_get(assoc, op, handlers.get(CommandField.C_GET_RQ))
+
+        async def move(assoc: DIMSEProvider, op: Any) -> None:
+            await qr.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), route)
+
+        return {
+            CommandField.C_ECHO_RQ: echo,
+            CommandField.C_STORE_RQ: store,
+            CommandField.C_FIND_RQ: find,
+            CommandField.C_GET_RQ: get,
+            CommandField.C_MOVE_RQ: move,
+        }
+
+    def _sinks(self) -> dict[int, SinkFactory]:
+        def spool(assoc: DIMSEProvider, msg: Message) -> Any:
+            return make_spool(assoc, msg, threshold=self.spool_threshold, directory=self.spool_dir)
+
+        return {CommandField.C_STORE_RQ: spool}
+
+    def _settings(self, server: Server | None = None) -> Settings:
+        return Settings(
+            ae_title=self.ae_title,
+            max_pdu=self.max_pdu,
+            acse_timeout=self.acse_timeout,
+            dimse_timeout=self.dimse_timeout,
+            network_timeout=self.network_timeout,
+            artim_timeout=self.artim_timeout,
+            dispatch=self._dispatch(),
+            sinks=self._sinks(),
+            judge=functools.partial(self._judge, server),
+            hook=lambda event, assoc: self._fire(event, assoc),
+            on_open=server.track if server is not None else None,
+            on_close=server.untrack if server is not None else None,
+            keepalive=self.keepalive,
+            idle_release=self.idle_release,
+            observer=self.observer,
+        )
+
+    async def _judge(
+        self, server: Server | None, assoc: Association, rq: AssociateRQ
+    ) -> tuple[AssociateAC | AssociateRJ, Negotiated | None]:
+        """Acceptor: admission (``max_associations``), user identity, then negotiation."""
+        if server is not None and not server.admit(assoc):  # the slot is held from here on
+            rj = AssociateRJ(RejectResult.TRANSIENT, RejectSource.PRESENTATION, PresentationReason.LOCAL_LIMIT_EXCEEDED)
+            return rj, None
+        if self.allowed_peer_addresses is not None and not address_in(assoc.peer[0], self.allowed_peer_addresses):
+            assoc.log.warning("peer address not allowed", address=assoc.peer[0])
+            return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN), None
+        ok, response = True, None
+        identity = rq.user_info.identity_rq
+        if identity is not None and self._authenticator is not None:
+            try:
+                ok, response = await asyncio.wait_for(self._authenticator(identity, assoc), self.acse_timeout)
+            except Exception as exc:  # the hook failed: treat as a refusal, say why
+                assoc.log.warning("user identity check failed", error=repr(exc))
+                ok, response = False, None
+        return negotiate(rq, self._acceptor_policy(), identity_ok=ok, identity_response=response)
 
     def _acceptor_policy(self) -> AcceptorPolicy:
         return AcceptorPolicy(
@@ -310,10 +415,11 @@ class AE:
         if not self.supported_contexts:
             raise ValueError("no supported presentation contexts: call add_supported_context() first")
         server = Server(self)
+        settings = self._settings(server)
         loop = asyncio.get_running_loop()
 
         def make_association() -> Association:
-            return Association(self, requestor=False, server=server)
+            return Association(settings, requestor=False, ae=self)
 
         if ssl is not None or proxy_protocol:
             options = AcceptOptions(
@@ -331,7 +437,9 @@ class AE:
 class _Associating:
     """The pending result of :meth:`AE.associate`: awaitable and an async context manager."""
 
-    def __init__(self, ae: AE, host: str, port: int, rq: Any, ssl: SSLContext | None, server_hostname: str | None):
+    def __init__(
+        self, ae: AE, host: str, port: int, rq: AssociateRQ, ssl: SSLContext | None, server_hostname: str | None
+    ):
         self._ae, self._host, self._port, self._rq = ae, host, port, rq
         self._ssl, self._server_hostname = ssl, server_hostname
         self._assoc: Association | None = None
@@ -339,11 +447,8 @@ class _Associating:
     async def _open(self) -> Association:
         ae = self._ae
         loop = asyncio.get_running_loop()
-        assoc = Association(ae, requestor=True)
-        assoc.request = self._rq
-        assoc.peer_ae = self._rq.called_ae
-        assoc.log = assoc.log.bind(peer_ae=self._rq.called_ae, local_ae=ae.ae_title)
-        assoc._run(assoc.fsm.associate(self._rq))  # Evt1 -> AE-1: we open the transport
+        assoc = Association(ae._settings(), requestor=True, ae=ae)
+        assoc.request_association(self._rq)
         tls: dict[str, Any] = {}
         if self._ssl is not None:
             tls = {"ssl": self._ssl, "server_hostname": self._server_hostname or self._host}
@@ -359,16 +464,20 @@ class _Associating:
                 f"TCP connect to {self._host}:{self._port} timed out after {ae.connect_timeout} s"
             ) from None
         except ssl_module.SSLError as exc:
-            why = f"certificate verify failed: {exc.verify_message}" if getattr(exc, "verify_message", None) else exc.reason
+            why = (
+                f"certificate verify failed: {exc.verify_message}"
+                if getattr(exc, "verify_message", None)
+                else exc.reason
+            )
             raise ConnectionFailed(f"TLS handshake with {self._host}:{self._port} failed: {why or exc}") from exc
         except OSError as exc:
             raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}") from exc
         assoc.timings["connect"] = loop.time() - started
-        await assoc._wait_established(ae.acse_timeout)
+        await assoc.wait_established(ae.acse_timeout)
         assoc.timings["associate"] = loop.time() - started - assoc.timings["connect"]
         return assoc
 
-    def __await__(self):
+    def __await__(self) -> Any:
         return self._open().__await__()
 
     async def __aenter__(self) -> Association:

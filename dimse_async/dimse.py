@@ -11,22 +11,28 @@ from received PDVs, checking context ids and ordering.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol
 
 from .pdu import PDV, encode_pdata_header
+from .status import Status
 
 __all__ = [
     "NO_DATASET",
+    "AssemblerEvent",
     "Command",
     "CommandField",
+    "CommandReceived",
     "DIMSEError",
+    "DataFragment",
     "DatasetSink",
+    "DatasetSource",
     "Message",
     "MessageAssembler",
     "Status",
+    "response_to",
     "decode_command",
     "encode_command",
     "fragment",
@@ -148,7 +154,7 @@ class Command:
             return f"command {self.command_field:#06x}"
 
 
-def _encode_value(vr: str, value) -> bytes:
+def _encode_value(vr: str, value: object) -> bytes:
     if vr == "US":
         return _US.pack(value)
     if vr == "AT":
@@ -209,58 +215,6 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
 
 
 # ---------------------------------------------------------------------------
-# Status (PS3.7 Annex C)
-# ---------------------------------------------------------------------------
-
-
-class Status(int):
-    """A DIMSE status code with its category (PS3.7 Annex C)."""
-
-    SUCCESS = 0x0000
-    PENDING = 0xFF00
-    PENDING_WARNING = 0xFF01
-    CANCEL = 0xFE00
-
-    error_comment: str | None
-
-    def __new__(cls, code: int, error_comment: str | None = None) -> Status:
-        obj = super().__new__(cls, code)
-        obj.error_comment = error_comment
-        return obj
-
-    @property
-    def category(self) -> str:
-        code = int(self)
-        if code == 0x0000:
-            return "success"
-        if code in (0xFF00, 0xFF01):
-            return "pending"
-        if code == 0xFE00:
-            return "cancel"
-        if code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
-            return "warning"
-        return "failure"
-
-    @property
-    def is_success(self) -> bool:
-        return self == 0
-
-    @property
-    def is_pending(self) -> bool:
-        return self.category == "pending"
-
-    @property
-    def is_failure(self) -> bool:
-        return self.category == "failure"
-
-    def __repr__(self) -> str:
-        extra = f", {self.error_comment!r}" if self.error_comment else ""
-        return f"Status(0x{int(self):04X} {self.category}{extra})"
-
-    __str__ = __repr__
-
-
-# ---------------------------------------------------------------------------
 # Fragmentation and reassembly (PS3.8 Annex E)
 # ---------------------------------------------------------------------------
 
@@ -313,76 +267,81 @@ class DatasetSource(Protocol):
 
 
 class DatasetSink(Protocol):
-    """Where the fragments of a received data set go."""
+    """Where the fragments of a received data set go (e.g. a C-STORE spool)."""
 
     def write(self, data: bytes | memoryview) -> object: ...
+
+    def discard(self) -> None: ...
 
 
 @dataclass(slots=True)
 class Message:
-    """A complete (command) or in-progress (data set still arriving) DIMSE message."""
+    """A complete DIMSE message: its context, command set and data set (if collected)."""
 
     context_id: int
     command: Command
     dataset: bytes | None = None
-    #: Where the data set went instead, when a sink was set (e.g. a C-STORE spool).
+    #: Where the data set went instead, when it was streamed (e.g. a C-STORE spool).
     sink: DatasetSink | None = None
 
 
+@dataclass(slots=True, frozen=True)
+class CommandReceived:
+    """A command set is complete; if ``command.has_dataset`` its fragments follow."""
+
+    context_id: int
+    command: Command
+
+
+@dataclass(slots=True, frozen=True)
+class DataFragment:
+    """One data set fragment, as received (a view into the PDU, not a copy)."""
+
+    context_id: int
+    data: bytes | memoryview
+    last: bool
+
+
+AssemblerEvent = CommandReceived | DataFragment
+
+
+def response_to(request: Command, status: int, error_comment: str | None = None) -> Command:
+    """The response command set answering ``request`` with ``status`` (PS3.7 §9.3, §10.3)."""
+    return Command(
+        request.command_field | 0x8000,
+        message_id_being_responded_to=request.message_id,
+        affected_sop_class_uid=request.affected_sop_class_uid,
+        status=status,
+        error_comment=error_comment,
+    )
+
+
 class MessageAssembler:
-    """Rebuild DIMSE messages from PDVs (PS3.7 §9.3 / PS3.8 Annex E).
+    """Rebuild DIMSE messages from PDVs (PS3.7 §9.3 / PS3.8 Annex E); never calls out.
 
-    :meth:`receive` returns the events completed by one PDU's PDVs:
-
-    - ``("command", Message)`` when a command set is complete. If the message has
-      a data set, its fragments follow; by default they are collected in memory,
-      or the caller can hand a sink with :meth:`set_sink` before they arrive.
-    - ``("dataset", Message)`` when the last data set fragment has arrived; the
-      message's ``dataset`` holds the bytes if no sink was set.
-
-    Any ordering violation raises :class:`DIMSEError`.
+    :meth:`receive` turns one PDU's PDVs into typed events: :class:`CommandReceived`
+    when a command set is complete, then a :class:`DataFragment` per data set fragment
+    (``last`` on the final one). Any ordering violation raises :class:`DIMSEError`.
     """
 
-    __slots__ = ("_cmd", "_cmd_context", "_current", "_sink", "_buffer", "received", "max_in_memory", "sink_for")
+    __slots__ = ("_cmd", "_cmd_context", "_data_context", "received")
 
-    def __init__(
-        self,
-        max_in_memory: int = 64 << 20,
-        sink_for: Callable[[Message], DatasetSink | None] | None = None,
-    ) -> None:
-        #: Largest data set collected in memory when no sink is set.
-        self.max_in_memory = max_in_memory
-        #: Called as soon as a command announcing a data set is complete; a sink it
-        #: returns receives that data set's fragments (e.g. a C-STORE spool).
-        self.sink_for = sink_for
+    def __init__(self) -> None:
         self._cmd = bytearray()
         self._cmd_context: int | None = None  # context of the command set being received
-        self._current: Message | None = None  # message whose data set is arriving
-        self._sink: DatasetSink | None = None
-        self._buffer: bytearray | None = None
+        self._data_context: int | None = None  # context of the data set being received
         #: Data set bytes received so far for the current message.
         self.received = 0
 
-    def set_sink(self, sink: DatasetSink) -> None:
-        # Fragments that arrived before the sink (e.g. in the same PDU as the last
-        # command fragment) were buffered: hand them over so none is lost.
-        if self._buffer:
-            sink.write(bytes(self._buffer))
-        self._buffer = None
-        self._sink = sink
-        if self._current is not None:
-            self._current.sink = sink
-
     @property
     def in_dataset(self) -> bool:
-        return self._current is not None
+        return self._data_context is not None
 
-    def receive(self, pdvs: list[PDV]) -> list[tuple[str, Message]]:
-        events: list[tuple[str, Message]] = []
+    def receive(self, pdvs: list[PDV]) -> list[AssemblerEvent]:
+        events: list[AssemblerEvent] = []
         for pdv in pdvs:
-            current = self._current
             if pdv.is_command:
-                if current is not None:
+                if self._data_context is not None:
                     raise DIMSEError("command fragment received while a data set was arriving")
                 if self._cmd_context is not None and pdv.context_id != self._cmd_context:
                     raise DIMSEError("command fragments on different presentation contexts")
@@ -394,38 +353,19 @@ class MessageAssembler:
                     cmd = decode_command(self._cmd)
                     self._cmd = bytearray()
                     self._cmd_context = None
-                    msg = Message(pdv.context_id, cmd)
-                    events.append(("command", msg))
+                    events.append(CommandReceived(pdv.context_id, cmd))
                     if cmd.has_dataset:
-                        self._current = msg
-                        self._sink = None
-                        self._buffer = None
+                        self._data_context = pdv.context_id
                         self.received = 0
-                        if self.sink_for is not None:
-                            sink = self.sink_for(msg)
-                            if sink is not None:
-                                self.set_sink(sink)
             else:
-                if current is None:
+                if self._data_context is None:
                     raise DIMSEError("data set fragment received without a command")
-                if pdv.context_id != current.context_id:
+                if pdv.context_id != self._data_context:
                     raise DIMSEError(
-                        f"data set fragment on context {pdv.context_id}, command was on {current.context_id}"
+                        f"data set fragment on context {pdv.context_id}, command was on {self._data_context}"
                     )
                 self.received += len(pdv.data)
-                if self._sink is not None:
-                    self._sink.write(pdv.data)
-                else:
-                    if self._buffer is None:
-                        self._buffer = bytearray()
-                    self._buffer += pdv.data
-                    if len(self._buffer) > self.max_in_memory:
-                        raise DIMSEError(f"{current.command.name} data set larger than {self.max_in_memory} bytes")
                 if pdv.is_last:
-                    if self._sink is None:
-                        current.dataset = bytes(self._buffer or b"")
-                    self._current = None
-                    self._sink = None
-                    self._buffer = None
-                    events.append(("dataset", current))
+                    self._data_context = None
+                events.append(DataFragment(pdv.context_id, pdv.data, pdv.is_last))
         return events

@@ -19,12 +19,15 @@ from .pdu import (
     PDU,
     Abort,
     AbortReason,
+    ACSEReason,
     AssociateAC,
     AssociateRJ,
     AssociateRQ,
     PDataTF,
     PDUError,
     PDUReader,
+    RejectResult,
+    RejectSource,
     ReleaseRP,
     ReleaseRQ,
 )
@@ -494,7 +497,13 @@ class UpperLayer:
         if not self._pdu.protocol_version & 1:
             # Rejected by the service-provider (ACSE): protocol-version-not-supported.
             self.failure = f"protocol version {self._pdu.protocol_version:#06x} not supported"
-            self._out.append(Send(AssociateRJ(1, 2, 2).encode()))
+            self._out.append(
+                Send(
+                    AssociateRJ(
+                        RejectResult.PERMANENT, RejectSource.ACSE, ACSEReason.PROTOCOL_VERSION_NOT_SUPPORTED
+                    ).encode()
+                )
+            )
             self._start_artim()
             return S.Sta13
         self._out.append(AssociateIndication(self._pdu))

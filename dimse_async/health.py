@@ -66,7 +66,9 @@ class HealthServer:
             head_only = method == b"HEAD"
             if target == b"/healthz" or target == b"/readyz":
                 ready = self.ready()
-                await self._send(writer, 200 if ready else 503, b"ok\n" if ready else b"draining\n", head_only=head_only)
+                await self._send(
+                    writer, 200 if ready else 503, b"ok\n" if ready else b"draining\n", head_only=head_only
+                )
             elif target == b"/livez":
                 await self._send(writer, 200, b"ok\n", head_only=head_only)
             elif target == b"/metrics" and self.metrics is not None:
@@ -95,9 +97,13 @@ class HealthServer:
     ) -> None:
         reason = _REASONS[code]
         header = (
-            f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\nCache-Control: no-store\r\n"
-        ).encode() + extra + b"\r\n"
+            (
+                f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\nCache-Control: no-store\r\n"
+            ).encode()
+            + extra
+            + b"\r\n"
+        )
         writer.write(header if head_only else header + body)
         with contextlib.suppress(ConnectionError, TimeoutError):
             await asyncio.wait_for(writer.drain(), _TIMEOUT)

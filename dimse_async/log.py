@@ -46,7 +46,7 @@ RECORD_ATTR = "dimse_async"
 
 def _format_value(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
-    if not text or any(c in text for c in " \"=\n"):
+    if not text or any(c in text for c in ' "=\n'):
         return _json.dumps(text)
     return text
 

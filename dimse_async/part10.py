@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 __all__ = ["FileMeta", "encode_file_meta", "read_file_meta", "valid_uid"]
 

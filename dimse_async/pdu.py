@@ -15,6 +15,7 @@ __all__ = [
     "ABORT_SOURCE_PROVIDER",
     "ABORT_SOURCE_USER",
     "APPLICATION_CONTEXT",
+    "ACSEReason",
     "Abort",
     "AbortReason",
     "AssociateAC",
@@ -29,6 +30,9 @@ __all__ = [
     "PDUType",
     "PresentationContextAC",
     "PresentationContextRQ",
+    "PresentationReason",
+    "RejectResult",
+    "RejectSource",
     "ReleaseRP",
     "ReleaseRQ",
     "RoleSelection",
@@ -37,6 +41,7 @@ __all__ = [
     "UserIdentityAC",
     "UserIdentityRQ",
     "UserInformation",
+    "UserReason",
     "decode_pdu",
     "encode_pdata_header",
 ]
@@ -237,6 +242,44 @@ class AssociateAC:
             body += _item(0x21, bytes((pc.id, 0, pc.result, 0)) + sub)
         body += _encode_user_info(self.user_info)
         return _pdu(PDUType.ASSOCIATE_AC, body)
+
+
+class RejectResult(IntEnum):
+    """A-ASSOCIATE-RJ Result (PS3.8 Table 9-21)."""
+
+    PERMANENT = 1
+    TRANSIENT = 2
+
+
+class RejectSource(IntEnum):
+    """A-ASSOCIATE-RJ Source (PS3.8 Table 9-21)."""
+
+    USER = 1  # DICOM UL service-user
+    ACSE = 2  # DICOM UL service-provider (ACSE related function)
+    PRESENTATION = 3  # DICOM UL service-provider (presentation related function)
+
+
+class UserReason(IntEnum):
+    """A-ASSOCIATE-RJ Reason/Diag. when the source is the service-user."""
+
+    NO_REASON_GIVEN = 1
+    APPLICATION_CONTEXT_NOT_SUPPORTED = 2
+    CALLING_AE_NOT_RECOGNIZED = 3
+    CALLED_AE_NOT_RECOGNIZED = 7
+
+
+class ACSEReason(IntEnum):
+    """A-ASSOCIATE-RJ Reason/Diag. when the source is the service-provider (ACSE)."""
+
+    NO_REASON_GIVEN = 1
+    PROTOCOL_VERSION_NOT_SUPPORTED = 2
+
+
+class PresentationReason(IntEnum):
+    """A-ASSOCIATE-RJ Reason/Diag. when the source is the service-provider (presentation)."""
+
+    TEMPORARY_CONGESTION = 1
+    LOCAL_LIMIT_EXCEEDED = 2
 
 
 @dataclass(slots=True)

@@ -9,7 +9,7 @@ from .log import get_logger
 
 if TYPE_CHECKING:
     from .ae import AE
-    from .association import Association
+    from .operations import Association
 
 __all__ = ["Server"]
 
@@ -27,6 +27,7 @@ class Server:
         self.ae = ae
         self._server: asyncio.base_events.Server | None = None
         self.associations: set[Association] = set()
+        self._admitted: set[Association] = set()  # judged or being judged, not yet closed
         self._preambles: set[Any] = set()  # tasks of connections still in their PROXY header / TLS handshake
         self._log = get_logger(local_ae=ae.ae_title)
         #: Set by :meth:`drain`: unready, new associations rejected (transient).
@@ -42,17 +43,27 @@ class Server:
         return tuple(self._server.sockets) if self._server else ()
 
     def over_limit(self) -> bool:
-        """Whether accepting one more association would exceed ``max_associations``."""
+        """Whether admitting one more association would exceed ``max_associations``."""
         if self.draining:
             return True
-        established = sum(1 for a in self.associations if a.negotiated is not None and not a.is_closed)
-        return established >= self.ae.max_associations
+        return len(self._admitted) >= self.ae.max_associations
 
-    def _track(self, assoc: Association) -> None:
+    def admit(self, assoc: Association) -> bool:
+        """Reserve a place for ``assoc`` before it is judged (an authenticator may await):
+        ``False`` when ``max_associations`` are already admitted (or draining)."""
+        if self.over_limit():
+            return False
+        self._admitted.add(assoc)
+        return True
+
+    def track(self, assoc: Association) -> None:
+        """A connection was made (called by the association)."""
         self.associations.add(assoc)
 
-    def _untrack(self, assoc: Association) -> None:
+    def untrack(self, assoc: Association) -> None:
+        """The connection is gone: its place is free again."""
         self.associations.discard(assoc)
+        self._admitted.discard(assoc)
 
     def _note_refused(self, why: str) -> None:
         """A connection was dropped before it became an association (PROXY, TLS)."""

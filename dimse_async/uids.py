@@ -6,9 +6,16 @@ from pydicom import uid as _uid
 
 __all__ = [
     "DEFAULT_TRANSFER_SYNTAXES",
+    "IMPLEMENTATION_CLASS_UID",
+    "IMPLEMENTATION_VERSION_NAME",
     "UNCOMPRESSED_TRANSFER_SYNTAXES",
     "Verification",
+    "uid_name",
 ]
+
+#: Our Implementation Class UID and Version Name (PS3.7 D.3.3.2), in every A-ASSOCIATE and file meta.
+IMPLEMENTATION_CLASS_UID = "2.25.274571480719065348315665717021919789922"
+IMPLEMENTATION_VERSION_NAME = "DIMSE_ASYNC_01"
 
 Verification = _uid.UID("1.2.840.10008.1.1")
 
@@ -26,3 +33,12 @@ UNCOMPRESSED_TRANSFER_SYNTAXES = [
 
 #: What we propose and accept unless told otherwise.
 DEFAULT_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+def uid_name(uid: str) -> str:
+    """The registered name of ``uid`` (PS3.6 Annex A) if pydicom knows it, else the UID."""
+    try:
+        name = _uid.UID(uid).name
+    except Exception:  # pragma: no cover - pydicom version differences
+        return uid
+    return name if name and name != uid else uid

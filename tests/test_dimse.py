@@ -22,6 +22,8 @@ from dimse_async.dimse import (
     NO_DATASET,
     Command,
     CommandField,
+    CommandReceived,
+    DataFragment,
     DIMSEError,
     MessageAssembler,
     Status,
@@ -695,16 +697,12 @@ def pdvs_of(context_id: int, data: bytes, is_command: bool, max_pdu: int) -> lis
     return parse_fragments(list(fragment(context_id, data, is_command, max_pdu)), max_pdu)
 
 
-class Sink:
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-
-    def write(self, data) -> None:
-        self.parts.append(bytes(data))
-
-
 STORE_RQ = EXAMPLES["C-STORE-RQ"]
 PAYLOAD = bytes(range(256)) * 40  # 10240 bytes
+
+
+def dataset_of(events) -> bytes:
+    return b"".join(bytes(e.data) for e in events if isinstance(e, DataFragment))
 
 
 def test_reassembly_rebuilds_command_and_dataset():
@@ -712,20 +710,29 @@ def test_reassembly_rebuilds_command_and_dataset():
     events = []
     for pdv in pdvs_of(3, encode_command(STORE_RQ), True, 64):
         events += assembler.receive([pdv])
-    assert [kind for kind, _ in events] == ["command"]
-    [(_, msg)] = events
-    assert msg.command == STORE_RQ and msg.context_id == 3
+    assert events == [CommandReceived(3, STORE_RQ)]
     assert assembler.in_dataset
     ds_pdvs = pdvs_of(3, PAYLOAD, False, 1000)
     assert len(ds_pdvs) == 11
+    fragments = []
     for pdv in ds_pdvs[:-1]:
-        assert assembler.receive([pdv]) == []
+        [frag] = assembler.receive([pdv])
+        assert isinstance(frag, DataFragment) and not frag.last and frag.context_id == 3
+        fragments.append(frag)
     assert assembler.received == 10 * 994
-    [(kind, done)] = assembler.receive([ds_pdvs[-1]])
-    assert kind == "dataset" and done is msg
-    assert done.dataset == PAYLOAD
+    [last] = assembler.receive([ds_pdvs[-1]])
+    assert last.last
+    assert dataset_of([*fragments, last]) == PAYLOAD
     assert assembler.received == len(PAYLOAD)
     assert not assembler.in_dataset
+
+
+def test_fragments_are_views_not_copies():
+    assembler = MessageAssembler()
+    assembler.receive(pdvs_of(1, encode_command(STORE_RQ), True, 0))
+    pdv = pdvs_of(1, PAYLOAD, False, 0)[0]
+    [frag] = assembler.receive([pdv])
+    assert frag.data is pdv.data
 
 
 def test_reassembly_whole_message_in_one_pdu_and_next_message():
@@ -734,77 +741,18 @@ def test_reassembly_whole_message_in_one_pdu_and_next_message():
     pdvs = pdvs_of(1, encode_command(STORE_RQ), True, 0) + pdvs_of(1, PAYLOAD, False, 0)
     pdvs += pdvs_of(5, encode_command(echo), True, 0)
     events = assembler.receive(pdvs)
-    assert [(kind, m.context_id) for kind, m in events] == [("command", 1), ("dataset", 1), ("command", 5)]
-    assert events[1][1].dataset == PAYLOAD
-    assert events[2][1].command == echo and events[2][1].dataset is None
+    assert [type(e).__name__ for e in events] == ["CommandReceived", "DataFragment", "CommandReceived"]
+    assert dataset_of(events) == PAYLOAD and events[1].last
+    assert events[2] == CommandReceived(5, echo)
     assert not assembler.in_dataset
 
 
 def test_command_without_dataset_completes_alone():
     assembler = MessageAssembler()
-    [(kind, msg)] = assembler.receive(pdvs_of(1, encode_command(EXAMPLES["C-ECHO-RSP"]), True, 20))
-    assert kind == "command" and not assembler.in_dataset
-    assert msg.command == EXAMPLES["C-ECHO-RSP"] and msg.dataset is None
+    [event] = assembler.receive(pdvs_of(1, encode_command(EXAMPLES["C-ECHO-RSP"]), True, 20))
+    assert event == CommandReceived(1, EXAMPLES["C-ECHO-RSP"]) and not assembler.in_dataset
     with pytest.raises(DIMSEError):
         assembler.receive([PDV(1, False, True, b"stray")])
-
-
-def test_set_sink_receives_dataset_fragments():
-    assembler = MessageAssembler()
-    [(_, msg)] = assembler.receive(pdvs_of(1, encode_command(STORE_RQ), True, 0))
-    sink = Sink()
-    assembler.set_sink(sink)
-    ds_pdvs = pdvs_of(1, PAYLOAD, False, 2000)
-    events = []
-    for pdv in ds_pdvs:
-        events += assembler.receive([pdv])
-    assert sink.parts == [bytes(p.data) for p in ds_pdvs]
-    assert b"".join(sink.parts) == PAYLOAD
-    assert events == [("dataset", msg)]
-    assert msg.dataset is None and msg.sink is sink
-    # The sink belongs to that message: the next data set is collected in memory again.
-    assembler.receive(pdvs_of(1, encode_command(STORE_RQ), True, 0))
-    [(_, nxt)] = assembler.receive(pdvs_of(1, b"second", False, 0))
-    assert nxt.dataset == b"second"
-    assert sink.parts[-1] != b"second"
-
-
-def test_set_sink_after_fragments_in_the_same_pdu_loses_nothing():
-    assembler = MessageAssembler()
-    first = pdvs_of(1, encode_command(STORE_RQ), True, 0) + pdvs_of(1, PAYLOAD[:100], False, 0)[:1]
-    first[-1].is_last = False
-    assert [kind for kind, _ in assembler.receive(first)] == ["command"]
-    sink = Sink()
-    assembler.set_sink(sink)
-    [(kind, msg)] = assembler.receive([PDV(1, False, True, PAYLOAD[100:])])
-    assert kind == "dataset" and msg.sink is sink and msg.dataset is None
-    assert b"".join(sink.parts) == PAYLOAD
-
-
-def test_sink_for_callback_supplies_the_sink():
-    sinks: list[Sink] = []
-
-    def sink_for(msg):
-        if msg.command.command_field != CommandField.C_STORE_RQ:
-            return None
-        sinks.append(Sink())
-        return sinks[-1]
-
-    assembler = MessageAssembler(sink_for=sink_for)
-    events = assembler.receive(pdvs_of(1, encode_command(STORE_RQ), True, 0) + pdvs_of(1, PAYLOAD, False, 4096))
-    assert [k for k, _ in events] == ["command", "dataset"]
-    assert b"".join(sinks[0].parts) == PAYLOAD and events[1][1].dataset is None
-    find = EXAMPLES["C-FIND-RQ"]
-    events = assembler.receive(pdvs_of(1, encode_command(find), True, 0) + pdvs_of(1, b"query!", False, 0))
-    assert len(sinks) == 1 and events[1][1].dataset == b"query!"
-
-
-def test_in_memory_dataset_limit():
-    assembler = MessageAssembler(max_in_memory=1000)
-    assembler.receive(pdvs_of(1, encode_command(STORE_RQ), True, 0))
-    assembler.receive([PDV(1, False, False, bytes(1000))])
-    with pytest.raises(DIMSEError):
-        assembler.receive([PDV(1, False, True, b"x")])
 
 
 def test_dataset_fragment_before_any_command():
@@ -869,8 +817,8 @@ def test_command_fragments_split_over_two_contexts_after_empty_fragment():
 def test_next_command_may_use_another_context():
     assembler = MessageAssembler()
     assembler.receive(pdvs_of(1, encode_command(EXAMPLES["C-ECHO-RQ"]), True, 0))
-    [(_, msg)] = assembler.receive(pdvs_of(3, encode_command(EXAMPLES["C-ECHO-RQ"]), True, 0))
-    assert msg.context_id == 3
+    [event] = assembler.receive(pdvs_of(3, encode_command(EXAMPLES["C-ECHO-RQ"]), True, 0))
+    assert event.context_id == 3
 
 
 def test_malformed_command_set_in_last_fragment():
@@ -939,6 +887,7 @@ def test_property_fragment_then_reassemble(size, max_cmd, max_ds, sizes):
         n = sizes[i % len(sizes)]
         events += assembler.receive(pdvs[pos : pos + n])
         pos, i = pos + n, i + 1
-    assert [kind for kind, _ in events] == ["command", "dataset"]
-    assert events[0][1].command == STORE_RQ
-    assert events[1][1].dataset == payload
+    assert events[0] == CommandReceived(7, STORE_RQ)
+    assert all(isinstance(e, DataFragment) for e in events[1:]) and events[-1].last
+    assert not any(e.last for e in events[1:-1])
+    assert dataset_of(events) == payload

@@ -44,8 +44,7 @@ def warn_if_exposed(host: str, *, policy: bool) -> None:
     """Say loudly when an SCP listens on every interface and accepts any calling AE."""
     if host in ("", "0.0.0.0", "::") and not policy:
         get_logger().warning(
-            "listening on all interfaces and accepting any calling AE title; "
-            "restrict with --host or --allowed-peer",
+            "listening on all interfaces and accepting any calling AE title; restrict with --host or --allowed-peer",
             host=host or "*",
         )
 

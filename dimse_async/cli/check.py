@@ -74,7 +74,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--aet", type=_title, default="DIMSE_CHECK", help="our (calling) AE title")
     p.add_argument("--aec", type=_title, default="ANY-SCP", help="the peer's (called) AE title")
     p.add_argument(
-        "--sop", type=sop_class, action="append", default=[], metavar="CLASS", help="SOP class UID or keyword to propose"
+        "--sop",
+        type=sop_class,
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="SOP class UID or keyword to propose",
     )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for each phase (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -46,9 +46,7 @@ def add_client_tls(p: argparse.ArgumentParser) -> None:
 def client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_no_verify or args.tls_server_name):
         return None
-    return tls.client_context(
-        args.tls_ca, certfile=args.tls_cert, keyfile=args.tls_key, verify=not args.tls_no_verify
-    )
+    return tls.client_context(args.tls_ca, certfile=args.tls_cert, keyfile=args.tls_key, verify=not args.tls_no_verify)
 
 
 def add_keepalive(p: argparse.ArgumentParser) -> None:
@@ -73,9 +71,7 @@ def keepalive_kwargs(idle: float | None, interval: float | None, count: int | No
 def add_deployment(p: argparse.ArgumentParser) -> None:
     """PROXY protocol, peer allow-list, HTTP health/metrics port and drain for an SCP."""
     g = p.add_argument_group("load balancers, health and metrics")
-    g.add_argument(
-        "--proxy-protocol", action="store_true", help="expect a PROXY v1/v2 header on every connection"
-    )
+    g.add_argument("--proxy-protocol", action="store_true", help="expect a PROXY v1/v2 header on every connection")
     g.add_argument(
         "--trusted-proxy",
         action="append",

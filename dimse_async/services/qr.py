@@ -15,31 +15,30 @@ final status is Cancel (0xFE00).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
-import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, TypeVar
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
 
-from ..dimse import Command, CommandField, Message, Status
-from ..exceptions import AssociationError, DIMSEFailure, NoAcceptedContext
+from ..acse import ContextSpec, PresentationContext
+from ..codec import decode_identifier, encode_dataset
+from ..contexts import FileInfo, inspect_file, plan_contexts
+from ..dimse import Command, CommandField, Message
+from ..exceptions import AssociationError, NoAcceptedContext
+from ..interface import DIMSEProvider, ResponseStream, StoreHandler
 from ..part10 import read_file_meta
-from ..uids import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from ..session import Operation
+from ..status import Code, Status, StatusCategory, response_status
+from ..uids import ExplicitVRLittleEndian
 from .requests import Request
-from .send import FileInfo, inspect_file, plan_contexts
-from .storage import encode_dataset
-
-if TYPE_CHECKING:
-    from ..acse import PresentationContext
-    from ..association import Association
+from .scp import StatusError, failure_status, response
+from .storage import c_store
 
 __all__ = [
     "MODELS",
+    "MoveRoute",
     "Progress",
     "QueryRequest",
     "Responses",
@@ -75,7 +74,8 @@ MODELS: dict[str, dict[str, str]] = {
     "worklist": {"find": "1.2.840.10008.5.1.4.31"},
 }
 
-PENDING = (0xFF00, 0xFF01)
+PENDING = (Code.PENDING, Code.PENDING_WARNING)
+T = TypeVar("T")
 
 
 def model_uid(model: str, operation: str) -> str:
@@ -86,17 +86,6 @@ def model_uid(model: str, operation: str) -> str:
         except KeyError:
             raise ValueError(f"the {model} model has no {operation.upper()} SOP class") from None
     return model
-
-
-def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
-    """Decode an identifier (a data set without meta) in ``transfer_syntax``."""
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompress(data, -15)
-    fp = DicomBytesIO(data)
-    implicit = transfer_syntax == ImplicitVRLittleEndian
-    little = transfer_syntax != ExplicitVRBigEndian
-    fp.is_implicit_VR, fp.is_little_endian = implicit, little
-    return read_dataset(fp, implicit, little)
 
 
 @dataclass(slots=True)
@@ -111,34 +100,90 @@ class Progress:
     failed_instances: list[str] = field(default_factory=list)
 
 
-class Responses:
-    """Async iterator over one multi-response operation; ``status`` is set at the end.
+class Responses(Generic[T]):
+    """The results of one C-FIND / C-GET / C-MOVE: an async iterator and an async
+    context manager; ``status`` holds the final status once the operation is over.
 
-    Use ``async for`` directly, or ``async with`` to be sure a cancel has finished
-    before the block is left.
+    Leave early the documented way, ``async with assoc.c_find(q) as responses:``, or
+    with ``await responses.aclose()``: C-CANCEL goes out at once and the final
+    response is awaited, so ``status`` is set (PS3.7 §9.3.2.3). A loop left with
+    ``break`` over an iterator nobody else holds cancels as soon as it is dropped.
     """
 
-    def __init__(self, run: Callable[[Responses], AsyncIterator[Any]]):
+    def __init__(
+        self,
+        stream: ResponseStream,
+        convert: Callable[[Message], T | None],
+        *,
+        on_start: Callable[[], None] | None = None,
+        on_end: Callable[[], None] | None = None,
+    ):
+        self._stream = stream
+        self._iter: AsyncIterator[Message] | None = None
+        self._convert = convert
+        self._on_start, self._on_end = on_start, on_end
+        self._ended = False
+        #: The final status (``None`` until the operation is over).
         self.status: Status | None = None
+        #: C-GET / C-MOVE: the final :class:`Progress`.
         self.result: Progress | None = None
-        self._cancelling: asyncio.Task[None] | None = None
-        self._agen = run(self)
 
-    def __aiter__(self) -> Responses:
+    def __aiter__(self) -> Responses[T]:
         return self
 
-    async def __anext__(self) -> Any:
-        return await self._agen.__anext__()
+    async def __anext__(self) -> T:
+        while True:
+            if self._iter is None:
+                if self._on_start is not None:
+                    self._on_start()
+                self._iter = self._stream.__aiter__()
+            try:
+                msg = await self._iter.__anext__()
+            except StopAsyncIteration:
+                self._end()
+                raise
+            except BaseException:
+                self._end()
+                raise
+            item = self._convert(msg)
+            if msg is self._stream.final:
+                if isinstance(item, Progress):
+                    self.result = item
+                self._end()
+            if item is not None:
+                return item
+            if self._ended:
+                raise StopAsyncIteration
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        final = self._stream.final
+        if final is not None:
+            self.status = response_status(final.command.status, final.command.error_comment)
+        elif self.status is None:
+            self.status = Status(Code.CANNOT_UNDERSTAND, "no final response: the association ended")
+        if self._on_end is not None:
+            self._on_end()
 
     async def aclose(self) -> None:
-        await self._agen.aclose()
-        if self._cancelling is not None:  # C-CANCEL sent: wait for the final response
-            await asyncio.shield(self._cancelling)
+        """Stop: C-CANCEL if the operation is still running, then its final response."""
+        if self._ended:
+            return
+        try:
+            if self._iter is not None:
+                await self._stream.aclose()
+        finally:
+            if self._iter is None:
+                self._ended = True
+                self.status = Status(Code.CANCEL, "not started")
+            self._end()
 
-    async def __aenter__(self) -> Responses:
+    async def __aenter__(self) -> Responses[T]:
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
 
@@ -147,82 +192,19 @@ class Responses:
 # ---------------------------------------------------------------------------
 
 
-async def _exchange(
-    assoc: Association, ctx: PresentationContext, cmd: Command, identifier: bytes, owner: Responses
-) -> AsyncIterator[Message]:
-    """Send a request and yield every response; cancel on early exit (PS3.7 §9.3.2.3)."""
-    assert assoc._window is not None
-    async with assoc._window:
-        assoc._check_can_send()
-        mid = assoc._next_message_id()
-        cmd.message_id = mid
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        assoc._pending[mid] = queue
-        finished = False
-        try:
-            await assoc.send_message(ctx.id, cmd, identifier)
-            while True:
-                item = await _next_response(assoc, queue, cmd)
-                status = item.command.status
-                if status in PENDING:
-                    yield item
-                    continue
-                finished = True
-                owner.status = Status(status if status is not None else 0xC000, item.command.error_comment)
-                yield item
-                return
-        finally:
-            if finished or not assoc.is_established:
-                assoc._pending.pop(mid, None)
-            else:
-                owner._cancelling = assoc._spawn(_cancel_and_drain(assoc, ctx, mid, queue, owner))
-
-
-async def _next_response(assoc: Association, queue: asyncio.Queue[Any], cmd: Command) -> Message:
-    timeout = assoc.ae.dimse_timeout
-    try:
-        item = await asyncio.wait_for(queue.get(), timeout)
-    except TimeoutError:
-        assoc.abort(f"no {cmd.name} response within {timeout} s")
-        raise DIMSEFailure(f"no {cmd.name} response within {timeout} s") from None
-    if isinstance(item, BaseException):
-        raise item
-    return item
-
-
-async def _cancel_and_drain(
-    assoc: Association, ctx: PresentationContext, mid: int, queue: asyncio.Queue[Any], owner: Responses
-) -> None:
-    try:
-        await assoc.send_message(ctx.id, Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=mid))
-        while True:
-            item = await _next_response(assoc, queue, Command(CommandField.C_CANCEL_RQ))
-            if item.command.status not in PENDING:
-                owner.status = Status(item.command.status or 0, item.command.error_comment)
-                return
-    except AssociationError:
-        return
-    finally:
-        assoc._pending.pop(mid, None)
-
-
-def _identifier_bytes(query: Dataset, ctx: PresentationContext) -> bytes:
-    return encode_dataset(query, ctx.transfer_syntax)
-
-
-def c_find(assoc: Association, query: Dataset, model: str = "study", *, priority: int = 0) -> Responses:
+def c_find(assoc: DIMSEProvider, query: Dataset, model: str = "study", *, priority: int = 0) -> Responses[Dataset]:
     """C-FIND: yields each pending identifier as a ``Dataset``; ``status`` at the end."""
     sop_class = model_uid(model, "find")
     ctx = assoc.context_for(sop_class)
+    cmd = Command(CommandField.C_FIND_RQ, affected_sop_class_uid=sop_class, priority=priority)
+    stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax))
 
-    async def run(owner: Responses) -> AsyncIterator[Dataset]:
-        cmd = Command(CommandField.C_FIND_RQ, affected_sop_class_uid=sop_class, priority=priority)
-        async with contextlib.aclosing(_exchange(assoc, ctx, cmd, _identifier_bytes(query, ctx), owner)) as msgs:
-            async for msg in msgs:
-                if msg.command.status in PENDING and msg.dataset is not None:
-                    yield decode_identifier(msg.dataset, ctx.transfer_syntax)
+    def convert(msg: Message) -> Dataset | None:
+        if msg.command.status in PENDING and msg.dataset is not None:
+            return decode_identifier(msg.dataset, ctx.transfer_syntax)
+        return None
 
-    return Responses(run)
+    return Responses(stream, convert)
 
 
 def _progress(msg: Message, ctx: PresentationContext) -> Progress:
@@ -236,69 +218,60 @@ def _progress(msg: Message, ctx: PresentationContext) -> Progress:
                 failed_list = [str(value)] if isinstance(value, str) else [str(v) for v in value]
         except Exception:  # a malformed identifier does not hide the counters
             failed_list = []
-    return Progress(
-        Status(cmd.status if cmd.status is not None else 0xC000, cmd.error_comment),
-        cmd.remaining,
-        cmd.completed,
-        cmd.failed,
-        cmd.warning,
-        failed_list,
-    )
+    status = response_status(cmd.status, cmd.error_comment)
+    return Progress(status, cmd.remaining, cmd.completed, cmd.failed, cmd.warning, failed_list)
 
 
 def _retrieve(
-    assoc: Association, op: str, query: Dataset, model: str, priority: int, destination: str | None
-) -> Responses:
-    sop_class = model_uid(model, op)
+    assoc: DIMSEProvider,
+    op: CommandField,
+    query: Dataset,
+    model: str,
+    priority: int,
+    destination: str | None,
+    store: StoreHandler | None = None,
+) -> Responses[Progress]:
+    sop_class = model_uid(model, "get" if op == CommandField.C_GET_RQ else "move")
     ctx = assoc.context_for(sop_class)
+    cmd = Command(op, affected_sop_class_uid=sop_class, priority=priority, move_destination=destination)
+    stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax))
 
-    async def run(owner: Responses) -> AsyncIterator[Progress]:
-        field_ = CommandField.C_GET_RQ if op == "get" else CommandField.C_MOVE_RQ
-        cmd = Command(field_, affected_sop_class_uid=sop_class, priority=priority, move_destination=destination)
-        async with contextlib.aclosing(_exchange(assoc, ctx, cmd, _identifier_bytes(query, ctx), owner)) as msgs:
-            async for msg in msgs:
-                progress = _progress(msg, ctx)
-                if msg.command.status not in PENDING:
-                    owner.result = progress
-                yield progress
+    def convert(msg: Message) -> Progress:
+        return _progress(msg, ctx)
 
-    return Responses(run)
+    previous: list[StoreHandler | None] = []
+
+    def start() -> None:
+        previous.append(assoc.store_handler)
+        assoc.store_handler = store
+
+    def end() -> None:
+        assoc.store_handler = previous[0]
+
+    if store is None:
+        return Responses(stream, convert)
+    return Responses(stream, convert, on_start=start, on_end=end)
 
 
 def c_get(
-    assoc: Association,
+    assoc: DIMSEProvider,
     query: Dataset,
     model: str = "study",
     *,
     priority: int = 0,
-    store: Callable[..., Awaitable[Any]] | None = None,
-) -> Responses:
+    store: StoreHandler | None = None,
+) -> Responses[Progress]:
     """C-GET: yields :class:`Progress`; the instances arrive as C-STORE sub-operations on
     this association (we must have the SCP role for their storage classes) and go to
     ``store`` if given, else to the AE's C-STORE handler."""
-    responses = _retrieve(assoc, "get", query, model, priority, None)
-    if store is None:
-        return responses
-    inner = responses._agen
-
-    async def with_store(owner: Responses) -> AsyncIterator[Progress]:
-        previous, assoc.store_handler = assoc.store_handler, store
-        try:
-            async with contextlib.aclosing(inner) as items:
-                async for item in items:
-                    yield item
-        finally:
-            assoc.store_handler = previous
-
-    responses._agen = with_store(responses)
-    return responses
+    return _retrieve(assoc, CommandField.C_GET_RQ, query, model, priority, None, store)
 
 
 def c_move(
-    assoc: Association, query: Dataset, destination: str, model: str = "study", *, priority: int = 0
-) -> Responses:
+    assoc: DIMSEProvider, query: Dataset, destination: str, model: str = "study", *, priority: int = 0
+) -> Responses[Progress]:
     """C-MOVE to ``destination`` (an AE title the peer knows): yields :class:`Progress`."""
-    return _retrieve(assoc, "move", query, model, priority, destination)
+    return _retrieve(assoc, CommandField.C_MOVE_RQ, query, model, priority, destination)
 
 
 # ---------------------------------------------------------------------------
@@ -309,12 +282,12 @@ def c_move(
 class QueryRequest(Request):
     """A C-FIND / C-GET / C-MOVE request as seen by its handler."""
 
-    __slots__ = ("cancelled", "identifier")
+    __slots__ = ("identifier", "operation")
 
-    def __init__(self, assoc: Association, message: Message, identifier: Dataset):
-        super().__init__(assoc, message)
+    def __init__(self, assoc: DIMSEProvider, operation: Operation, identifier: Dataset):
+        super().__init__(assoc, operation.message)
+        self.operation = operation
         self.identifier = identifier
-        self.cancelled = False
 
     @property
     def model(self) -> str:
@@ -325,8 +298,13 @@ class QueryRequest(Request):
     def level(self) -> str:
         return str(self.identifier.get("QueryRetrieveLevel", ""))
 
+    @property
+    def cancelled(self) -> bool:
+        """Whether the peer sent C-CANCEL for this request."""
+        return self.operation.cancelled
+
     def cancel(self) -> None:
-        self.cancelled = True
+        self.operation.cancelled = True
 
 
 class RetrieveRequest(QueryRequest):
@@ -337,94 +315,75 @@ class RetrieveRequest(QueryRequest):
         return self.command.move_destination
 
 
-async def _start(
-    assoc: Association, ctx: PresentationContext, msg: Message, cls: type[QueryRequest]
-) -> QueryRequest | Status:
+#: A C-FIND / C-GET / C-MOVE handler: an async generator over the request.
+QueryHandler = Callable[[Any], Any]
+
+
+@dataclass(slots=True)
+class MoveRoute:
+    """How a C-MOVE SCP reaches destinations: AE title -> (host, port), and a way to associate."""
+
+    known_aes: Mapping[str, tuple[str, int]]
+    associate: Callable[..., Awaitable[Any]]
+    concurrency: int = 4
+
+
+def _decode(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
     try:
-        identifier = decode_identifier(msg.dataset or b"", ctx.transfer_syntax)
+        identifier = decode_identifier(op.message.dataset or b"", op.context.transfer_syntax)
     except Exception as exc:
-        assoc.log.warning("cannot decode identifier", command=msg.command.name, error=repr(exc))
-        return Status(0xA900, "Identifier does not match SOP class")
-    request = cls(assoc, msg, identifier)
-    if msg.command.message_id is not None:
-        assoc.running_operations[msg.command.message_id] = request
-    return request
+        assoc.log.warning("cannot decode identifier", command=op.command.name, error=repr(exc))
+        return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier does not match SOP class")
+    return cls(assoc, op, identifier)
 
 
 async def _respond(
-    assoc: Association,
-    ctx: PresentationContext,
-    msg: Message,
+    assoc: DIMSEProvider,
+    op: Operation,
     status: Status,
     identifier: Dataset | None = None,
     counters: tuple[int | None, int, int, int] | None = None,
 ) -> None:
-    cmd = msg.command
-    rsp = Command(
-        cmd.command_field | 0x8000,
-        message_id_being_responded_to=cmd.message_id,
-        affected_sop_class_uid=cmd.affected_sop_class_uid,
-        status=int(status),
-        error_comment=(status.error_comment or "")[:64] or None if status.category == "failure" else None,
-    )
+    rsp = response(op.command, status)
     if counters is not None:
         rsp.remaining, rsp.completed, rsp.failed, rsp.warning = counters
-    payload = encode_dataset(identifier, ctx.transfer_syntax) if identifier is not None else None
-    await assoc.send_message(ctx.id, rsp, payload)
+    payload = encode_dataset(identifier, op.context.transfer_syntax) if identifier is not None else None
+    await assoc.send(op.context.id, rsp, payload)
 
 
-class StatusError(Exception):
-    """Raise from a handler to answer with a specific failure ``status``."""
-
-    def __init__(self, status: Status | int, comment: str | None = None):
-        self.status = status if isinstance(status, Status) else Status(status, comment)
-        super().__init__(self.status.error_comment or repr(self.status))
+def _unsupported(op: Operation) -> Status:
+    return Status(Code.SOP_CLASS_NOT_SUPPORTED, f"{op.command.name[:-3]} not supported")
 
 
-def _handler_failure(assoc: Association, msg: Message, exc: BaseException) -> Status:
-    if isinstance(exc, StatusError):
-        assoc.log.info("handler refused", command=msg.command.name, status=repr(exc.status))
-        return exc.status
-    assoc.log.error("handler failed", command=msg.command.name, error=repr(exc))
-    return Status(0xC000 if not isinstance(exc, OSError) else 0xA700, f"Unable to process: {exc}")
-
-
-async def scp_c_find(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
+async def scp_c_find(assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None) -> None:
     """Run the C-FIND handler: a pending response per yielded identifier (PS3.4 C.4.1)."""
-    handler = assoc.ae._handlers.get("c_find")
-    request = await _start(assoc, ctx, msg, QueryRequest)
-    if isinstance(request, Status):
-        await _respond(assoc, ctx, msg, request)
+    request = _decode(assoc, op, QueryRequest)
+    if isinstance(request, Status) or handler is None:
+        await _respond(assoc, op, request if isinstance(request, Status) else _unsupported(op))
         return
-    status = Status(0x0000)
     try:
-        if handler is None:
-            status = Status(0x0122, "C-FIND not supported")
-        else:
-            agen = handler(request)
-            try:
-                async for item in agen:
-                    if request.cancelled:
-                        status = Status(0xFE00)
-                        break
-                    code, ident = item if isinstance(item, tuple) else (0xFF00, item)
-                    await _respond(assoc, ctx, msg, Status(code), ident)
-                    await asyncio.sleep(0)  # let the loop read a C-CANCEL that may have arrived
-                    if request.cancelled:
-                        status = Status(0xFE00)
-                        break
-                else:
-                    if request.cancelled:
-                        status = Status(0xFE00)
-            finally:
-                await agen.aclose()
+        status = await _find_responses(assoc, op, handler(request))
     except AssociationError:
         raise
     except Exception as exc:
-        status = _handler_failure(assoc, msg, exc)
+        status = failure_status(CommandField.C_FIND_RQ, exc, assoc)
+    await _respond(assoc, op, status)
+
+
+async def _find_responses(assoc: DIMSEProvider, op: Operation, agen: Any) -> Status:
+    """Send a pending response per match; stop at the next match after a C-CANCEL."""
+    try:
+        async for item in agen:
+            if op.cancelled:
+                return Status(Code.CANCEL)
+            code, ident = item if isinstance(item, tuple) else (Code.PENDING, item)
+            await _respond(assoc, op, Status(code), ident)
+            await asyncio.sleep(0)  # let the loop read a C-CANCEL that may have arrived
+            if op.cancelled:
+                return Status(Code.CANCEL)
     finally:
-        assoc.running_operations.pop(msg.command.message_id or -1, None)
-    await _respond(assoc, ctx, msg, status)
+        await agen.aclose()
+    return Status(Code.CANCEL if op.cancelled else Code.SUCCESS)
 
 
 def _item_uid(item: Any) -> str:
@@ -438,7 +397,7 @@ def _item_uid(item: Any) -> str:
         return ""
 
 
-async def _collect(handler: Any, request: QueryRequest) -> list[Any]:
+async def _collect(handler: QueryHandler, request: QueryRequest) -> list[Any]:
     items = []
     agen = handler(request)
     try:
@@ -451,11 +410,20 @@ async def _collect(handler: Any, request: QueryRequest) -> list[Any]:
     return items
 
 
+def _final_status(cancelled: bool, remaining: int, completed: int, failed: int, warning: int) -> Status:
+    """The final C-GET / C-MOVE status from the counters (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+    if cancelled and remaining:
+        return Status(Code.CANCEL)
+    if failed and not completed and not warning:
+        return Status(Code.OUT_OF_RESOURCES_SUBOPERATIONS, "Unable to perform sub-operations")
+    if failed or warning:
+        return Status(Code.SUBOPERATIONS_WARNING, "Sub-operations complete, one or more failures or warnings")
+    return Status(Code.SUCCESS)
+
+
 async def _run_suboperations(
-    assoc: Association,
-    ctx: PresentationContext,
-    msg: Message,
-    request: QueryRequest,
+    assoc: DIMSEProvider,
+    op: Operation,
     items: list[Any],
     store: Callable[[Any], Awaitable[Status]],
     concurrency: int = 1,
@@ -469,133 +437,132 @@ async def _run_suboperations(
 
     async def worker() -> None:
         nonlocal completed, failed, warning
-        while queue and not request.cancelled and assoc.is_established:
+        while queue and not op.cancelled and assoc.is_established:
             item = queue.pop()
             try:
-                status = await store(item)
-                category = status.category
+                category = (await store(item)).category
             except NoAcceptedContext as exc:
                 assoc.log.warning("sub-operation not possible", error=str(exc))
-                category = "failure"
+                category = StatusCategory.FAILURE
             except AssociationError:
                 raise
             except Exception as exc:
                 assoc.log.warning("sub-operation failed", error=repr(exc))
-                category = "failure"
-            if category == "success":
+                category = StatusCategory.FAILURE
+            if category is StatusCategory.SUCCESS:
                 completed += 1
-            elif category == "warning":
+            elif category is StatusCategory.WARNING:
                 warning += 1
             else:
                 failed += 1
-                failed_uids.append(_item_uid(item))
+                failed_uids.append(await asyncio.to_thread(_item_uid, item))
             remaining = total - completed - failed - warning
-            if remaining and not request.cancelled:
+            if remaining and not op.cancelled:
                 # The association's send lock keeps concurrent workers' responses whole and in order.
-                await _respond(assoc, ctx, msg, Status(0xFF00), None, (remaining, completed, failed, warning))
+                await _respond(assoc, op, Status(Code.PENDING), None, (remaining, completed, failed, warning))
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
     remaining = total - completed - failed - warning
+    status = _final_status(op.cancelled, remaining, completed, failed, warning)
     final_ident = None
-    if request.cancelled and remaining:
-        status = Status(0xFE00)
-    elif failed and not completed and not warning:
-        status = Status(0xA702, "Unable to perform sub-operations")
-    elif failed or warning:
-        status = Status(0xB000, "Sub-operations complete, one or more failures or warnings")
-    else:
-        status = Status(0x0000)
     if failed_uids:
         final_ident = Dataset()
         final_ident.FailedSOPInstanceUIDList = [u for u in failed_uids if u] or [""]
     # Remaining is only meaningful in pending and cancel responses (PS3.7 §9.3.3.2).
-    counters = (remaining if status == 0xFE00 else None, completed, failed, warning)
-    await _respond(assoc, ctx, msg, status, final_ident, counters)
+    counters = (remaining if status == Code.CANCEL else None, completed, failed, warning)
+    await _respond(assoc, op, status, final_ident, counters)
 
 
 async def _scp_retrieve(
-    assoc: Association,
-    ctx: PresentationContext,
-    msg: Message,
-    service: str,
+    assoc: DIMSEProvider,
+    op: Operation,
+    handler: QueryHandler | None,
     perform: Callable[[QueryRequest, list[Any]], Awaitable[None]],
     check: Callable[[], Status | None] = lambda: None,
 ) -> None:
     """Shared C-GET / C-MOVE SCP flow: decode, refuse early, collect the handler's
-    items, then ``perform`` the sub-operations; always forget the operation."""
-    handler = assoc.ae._handlers.get(service)
-    request = await _start(assoc, ctx, msg, RetrieveRequest)
-    if isinstance(request, Status):
-        await _respond(assoc, ctx, msg, request)
+    items, then ``perform`` the sub-operations."""
+    request = _decode(assoc, op, RetrieveRequest)
+    if isinstance(request, Status) or handler is None:
+        await _respond(assoc, op, request if isinstance(request, Status) else _unsupported(op))
+        return
+    refusal = check()
+    if refusal is not None:
+        await _respond(assoc, op, refusal)
         return
     try:
-        refusal = Status(0x0122, f"{msg.command.name[:-3]} not supported") if handler is None else check()
-        if refusal is not None:
-            await _respond(assoc, ctx, msg, refusal)
-            return
-        try:
-            items = await _collect(handler, request)
-        except AssociationError:
-            raise
-        except Exception as exc:
-            await _respond(assoc, ctx, msg, _handler_failure(assoc, msg, exc))
-            return
-        await perform(request, items)
-    finally:
-        assoc.running_operations.pop(msg.command.message_id or -1, None)
+        items = await _collect(handler, request)
+    except AssociationError:
+        raise
+    except Exception as exc:
+        await _respond(assoc, op, failure_status(op.command.command_field, exc, assoc))
+        return
+    await perform(request, items)
 
 
-async def scp_c_get(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
+async def scp_c_get(assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None) -> None:
     """C-GET SCP: the handler's instances go back as C-STORE sub-operations on this
     association (PS3.4 C.4.3)."""
 
+    async def store(item: Any) -> Status:
+        return await c_store(assoc, item)
+
     async def perform(request: QueryRequest, items: list[Any]) -> None:
-        await _run_suboperations(assoc, ctx, msg, request, items, assoc.c_store)
+        await _run_suboperations(assoc, op, items, store)
 
-    await _scp_retrieve(assoc, ctx, msg, "c_get", perform)
+    await _scp_retrieve(assoc, op, handler, perform)
 
 
-async def scp_c_move(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
+async def scp_c_move(
+    assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None, route: MoveRoute | None = None
+) -> None:
     """C-MOVE SCP: look up the destination, open a second association, C-STORE the
     handler's instances with the move originator fields set (PS3.4 C.4.2)."""
-    ae = assoc.ae
-    dest_title = (msg.command.move_destination or "").strip()
-    destination = ae.known_aes.get(dest_title)
+    dest_title = (op.command.move_destination or "").strip()
+    destination = route.known_aes.get(dest_title) if route is not None else None
 
     def check() -> Status | None:
         if destination is None:
             assoc.log.warning("unknown move destination", destination=dest_title)
-            return Status(0xA801, f"Move destination unknown: {dest_title}"[:64])
+            return Status(Code.MOVE_DESTINATION_UNKNOWN, f"Move destination unknown: {dest_title}"[:64])
         return None
 
     async def perform(request: QueryRequest, items: list[Any]) -> None:
-        assert destination is not None
+        assert destination is not None and route is not None
         if not items:
-            await _respond(assoc, ctx, msg, Status(0x0000), None, (None, 0, 0, 0))
+            await _respond(assoc, op, Status(Code.SUCCESS), None, (None, 0, 0, 0))
             return
-        inspected = [_dataset_item(i) if isinstance(i, Dataset) else inspect_file(os.fspath(i)) for i in items]
-        specs = plan_contexts([x for x in inspected if isinstance(x, FileInfo)])
-        host, port = destination
-        originator = (assoc.peer_ae, msg.command.message_id or 0)
-        try:
-            sub = await ae.associate(host, port, dest_title, contexts=specs, async_ops=(ae.move_concurrency, 1))
-        except AssociationError as exc:
-            assoc.log.warning("cannot reach move destination", destination=dest_title, error=str(exc))
-            await _respond(assoc, ctx, msg, Status(0xA801, f"Cannot reach {dest_title}: {exc}"[:64]))
-            return
-        try:
+        await _move(assoc, op, items, dest_title, destination, route)
 
-            async def store(item: Any) -> Status:
-                return await sub.c_store(item, move_originator=originator)
+    await _scp_retrieve(assoc, op, handler, perform, check)
 
-            await _run_suboperations(assoc, ctx, msg, request, items, store, concurrency=ae.move_concurrency)
-        finally:
-            if sub.is_established:
-                await sub.release()
-            else:
-                sub.abort("move sub-association ended")
 
-    await _scp_retrieve(assoc, ctx, msg, "c_move", perform, check)
+async def _move(
+    assoc: DIMSEProvider, op: Operation, items: list[Any], title: str, address: tuple[str, int], route: MoveRoute
+) -> None:
+    inspected = await asyncio.to_thread(
+        lambda: [_dataset_item(i) if isinstance(i, Dataset) else inspect_file(os.fspath(i)) for i in items]
+    )
+    specs: list[ContextSpec] = plan_contexts([x for x in inspected if isinstance(x, FileInfo)])
+    originator = (assoc.peer_ae, op.command.message_id or 0)
+    try:
+        sub = await route.associate(address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1))
+    except AssociationError as exc:
+        assoc.log.warning("cannot reach move destination", destination=title, error=str(exc))
+        await _respond(assoc, op, Status(Code.MOVE_DESTINATION_UNKNOWN, f"Cannot reach {title}: {exc}"[:64]))
+        return
+    try:
+
+        async def store(item: Any) -> Status:
+            status: Status = await sub.c_store(item, move_originator=originator)
+            return status
+
+        await _run_suboperations(assoc, op, items, store, concurrency=route.concurrency)
+    finally:
+        if sub.is_established:
+            await sub.release()
+        else:
+            sub.abort("move sub-association ended")
 
 
 def _dataset_item(ds: Dataset) -> FileInfo:

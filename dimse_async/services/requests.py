@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..dimse import Command, Message
-
-if TYPE_CHECKING:
-    from ..association import Association
+from ..interface import DIMSEProvider
 
 __all__ = ["Request"]
 
@@ -22,7 +18,7 @@ class Request:
 
     __slots__ = ("assoc", "message")
 
-    def __init__(self, assoc: Association, message: Message):
+    def __init__(self, assoc: DIMSEProvider, message: Message):
         self.assoc = assoc
         self.message = message
 
@@ -40,7 +36,7 @@ class Request:
 
     @property
     def transfer_syntax(self) -> str:
-        return self.assoc._contexts_by_id[self.message.context_id].transfer_syntax
+        return self.assoc.context(self.message.context_id).transfer_syntax
 
     @property
     def calling_ae(self) -> str:

@@ -13,19 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import pydicom
-
-from ..acse import ContextSpec
-from ..dataset_check import DataSetError, check_part10
-from ..dimse import Status
+from ..contexts import FileInfo, inspect_file, plan_contexts
 from ..exceptions import AssociationError
-from ..part10 import read_file_meta
-from ..uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from ..status import Status, StatusCategory
 
 if TYPE_CHECKING:
     from ..ae import AE
 
-__all__ = ["SendReport", "SendResult", "collect_files", "plan_contexts", "send_files"]
+__all__ = ["SendReport", "SendResult", "collect_files", "send_files"]
 
 
 _RETRIES = 3  # associations in a row that may end before one more file is answered
@@ -40,15 +35,7 @@ class SendResult:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and self.status.category in ("success", "warning")
-
-
-@dataclass(slots=True)
-class FileInfo:
-    path: str
-    sop_class: str
-    transfer_syntax: str
-    size: int
+        return self.status is not None and self.status.category in (StatusCategory.SUCCESS, StatusCategory.WARNING)
 
 
 @dataclass
@@ -80,54 +67,6 @@ def collect_files(paths: Iterable[str], recurse: bool) -> list[str]:
     return out
 
 
-def inspect_file(path: str, *, check: bool = False) -> FileInfo | SendResult:
-    """What a file holds (SOP class, transfer syntax), or why it cannot be sent.
-
-    With ``check`` a Part 10 file's data set is parsed to its end in its declared
-    transfer syntax: a file that is not what it claims is reported, not sent (a peer
-    would abort the association on it)."""
-    try:
-        with open(path, "rb") as fp:
-            meta = read_file_meta(fp)
-            size = os.fstat(fp.fileno()).st_size
-            if meta is not None and check:
-                try:
-                    summary = check_part10(fp)
-                except DataSetError as exc:
-                    return SendResult(path, 0, error=f"not a valid data set in its transfer syntax: {exc}")
-                if not summary.sop_class_uid or not summary.sop_instance_uid:
-                    return SendResult(path, 0, error="the data set has no SOP Class or SOP Instance UID")
-                return FileInfo(path, summary.sop_class_uid, meta.transfer_syntax, size)
-        if meta is not None:
-            return FileInfo(path, meta.sop_class_uid, meta.transfer_syntax, size)
-        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
-        sop_class = str(ds.get("SOPClassUID", ""))
-        if not sop_class:
-            return SendResult(path, 0, error="not a DICOM instance (no SOP Class UID)")
-        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ImplicitVRLittleEndian)
-        return FileInfo(path, sop_class, ts, size)
-    except Exception as exc:
-        return SendResult(path, 0, error=f"cannot read: {exc}")
-
-
-def plan_contexts(items: Iterable[FileInfo]) -> list[ContextSpec]:
-    """One context per (SOP class, stored syntax), plus an uncompressed one per class."""
-    pairs: dict[tuple[str, str], None] = {}
-    classes: dict[str, None] = {}
-    for it in items:
-        pairs[(it.sop_class, it.transfer_syntax)] = None
-        classes[it.sop_class] = None
-    specs = [ContextSpec(c, [ts]) for c, ts in pairs]
-    for c in classes:
-        if (c, ExplicitVRLittleEndian) not in pairs or (c, ImplicitVRLittleEndian) not in pairs:
-            specs.append(ContextSpec(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
-    if len(specs) > 128:
-        raise ValueError(
-            f"the files need {len(specs)} presentation contexts, more than the 128 one association can carry"
-        )
-    return specs
-
-
 async def send_files(
     ae: AE,
     host: str,
@@ -148,10 +87,11 @@ async def send_files(
     items: list[FileInfo] = []
     for p in paths:
         got = await asyncio.to_thread(inspect_file, p, check=True)
-        if isinstance(got, SendResult):
-            report.results.append(got)
+        if isinstance(got, str):
+            failed = SendResult(p, 0, error=got)
+            report.results.append(failed)
             if progress:
-                progress(got)
+                progress(failed)
         else:
             items.append(got)
     if not items:

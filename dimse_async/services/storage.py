@@ -13,40 +13,38 @@ as a complete Part 10 file.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import io
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import pydicom
-from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 
+from ..acse import PresentationContext
+from ..codec import UNCOMPRESSED, encode_dataset
 from ..dataset_check import DataSetError, dataset_uids
-from ..dimse import Command, CommandField, Message, Status
+from ..dimse import Command, CommandField, Message
 from ..exceptions import NoAcceptedContext
+from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, read_file_meta, valid_uid
+from ..session import Operation
 from ..sop_classes import STORAGE_SOP_CLASSES
+from ..status import Code, Status, response_status
 from ..transcode import decompress
 from ..uids import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    uid_name,
 )
 from .requests import Request
-
-if TYPE_CHECKING:
-    from ..acse import PresentationContext
-    from ..association import Association
+from .scp import response, run_handler
 
 __all__ = [
     "STORAGE_SOP_CLASSES",
@@ -55,10 +53,9 @@ __all__ = [
     "Spool",
     "StoreRequest",
     "c_store",
+    "make_spool",
     "scp_c_store",
 ]
-
-_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 
 #: What a storage SCP accepts by default: uncompressed first, then the usual compressed.
 STORE_TRANSFER_SYNTAXES: list[str] = [
@@ -96,9 +93,11 @@ class Spool:
 
     Received fragments are kept as they came (views into the received PDUs, no copy).
     Up to ``threshold`` bytes stay in memory; past it they go to a ``.partial``
-    temporary file in ``directory``, written in a worker thread. While more than
-    ``_HIGH_WATER`` bytes wait for the disk, ``pause`` is called to stop reading the
-    socket; ``resume`` when the writer catches up.
+    temporary file in ``directory``, created and written in a worker thread (no file
+    work on the event loop). While more than ``_HIGH_WATER`` bytes wait for the disk,
+    ``pause`` is called to stop reading the socket; ``resume`` when the writer catches
+    up. :meth:`discard` never closes or removes the file under a running write: the
+    writer does it when that write returns.
     """
 
     def __init__(
@@ -118,7 +117,10 @@ class Spool:
         self.directory = directory
         self.path: str | None = None
         self._file: BinaryIO | None = None
+        self._spilling = False  # past the threshold: bytes go to the file
         self._flusher: asyncio.Task[None] | None = None
+        self._in_thread: asyncio.Future[None] | None = None  # the file operation running in a worker thread
+        self._discarded = False
         self._pause, self._resume = pause, resume
         self._paused = False
         #: The OSError that made the spool fail (disk full, permissions), if any.
@@ -138,25 +140,31 @@ class Spool:
     def write(self, data: bytes | memoryview) -> None:
         n = len(data)
         self.size += n
-        if self.error is not None or self.refusal is not None:
+        if self.error is not None or self.refusal is not None or self._discarded:
             return  # failed or refused: count, drop, and answer with a failure status
         self._chunks.append(data)
         self._pending += n
-        if self._file is None:
+        if not self._spilling:
             if self._pending <= self.threshold:
                 return
-            try:
-                os.makedirs(self.directory or tempfile.gettempdir(), exist_ok=True)
-                fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=self.directory)
-                self._file = os.fdopen(fd, "wb")
-            except OSError as exc:
-                self._fail(exc)
-                return
+            self._spilling = True
         if self._flusher is None and self._pending >= _FLUSH_CHUNK:
             self._flusher = asyncio.ensure_future(self._flush())
         if self._pending >= _HIGH_WATER and not self._paused:
             self._paused = True
             self._pause()
+
+    def _open(self) -> BinaryIO:
+        """Create the ``.partial`` file (in the worker thread)."""
+        directory = self.directory or tempfile.gettempdir()
+        os.makedirs(directory, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
+        return os.fdopen(fd, "wb")
+
+    def _write_chunks(self, chunks: list[bytes | memoryview]) -> None:
+        if self._file is None:
+            self._file = self._open()
+        self._file.writelines(chunks)
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
@@ -168,15 +176,31 @@ class Spool:
             self._paused = False
             self._resume()
 
+    async def _thread(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run one file operation in a worker thread; a cancelled waiter does not stop
+        it, and a discard during it is carried out when it returns."""
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._in_thread = fut
+        fut.add_done_callback(self._thread_done)
+        await asyncio.shield(fut)
+
+    def _thread_done(self, fut: asyncio.Future[None]) -> None:
+        self._in_thread = None
+        if not fut.cancelled():
+            fut.exception()  # the awaiting side reports it
+        if self._discarded:
+            self._remove()
+
     async def _flush(self, final: bool = False) -> None:
         try:
             while (
-                self._file is not None
+                self._spilling
                 and self.error is None
+                and not self._discarded
                 and (self._pending >= _FLUSH_CHUNK or (final and self._pending))
             ):
                 chunks, self._chunks, self._pending = self._chunks, [], 0
-                await asyncio.to_thread(self._file.writelines, chunks)
+                await self._thread(self._write_chunks, chunks)
                 if self._pending < _LOW_WATER:
                     self._unpause()
         except OSError as exc:
@@ -188,14 +212,15 @@ class Spool:
     async def finish(self) -> None:
         """Wait until every byte received is in memory or on disk; close the file."""
         if self._flusher is not None:
-            await self._flusher
-        if self._file is not None:
+            await asyncio.shield(self._flusher)
+        if self._spilling:
             await self._flush(final=True)
-            try:
-                await asyncio.to_thread(self._file.close)
-            except OSError as exc:
-                self._fail(exc)
-            self._file = None
+            if self._file is not None and not self._discarded:
+                try:
+                    await self._thread(self._file.close)
+                except OSError as exc:
+                    self._fail(exc)
+                self._file = None
         self._unpause()
 
     def chunks(self) -> list[bytes | memoryview]:
@@ -207,25 +232,37 @@ class Spool:
             self._chunks = [b"".join(self._chunks)]
         return bytes(self._chunks[0]) if self._chunks else b""
 
+    def _unlink(self) -> None:
+        path, self.path = self.path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _remove(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
+        self._unlink()
+
     def discard(self) -> None:
-        """Drop the spool; removes the temporary file (used after aborts and failures)."""
-        if self._flusher is not None:
-            self._flusher.cancel()
-            self._flusher = None
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-            self.path = None
+        """Drop the spool and its temporary file (after aborts and failures).
+
+        The file's name goes at once; the file itself is closed only when no write is
+        running in the worker thread (else when that write returns), never under it.
+        """
+        if self._discarded:
+            return
+        self._discarded = True
         self._chunks, self._pending = [], 0
         self._unpause()
+        self._unlink()  # one metadata operation; a running write carries on into the unlinked file
+        if self._in_thread is None:
+            self._remove()
 
 
 class StoreRequest(Request):
@@ -233,7 +270,7 @@ class StoreRequest(Request):
 
     __slots__ = ("_dataset", "_saved", "spool")
 
-    def __init__(self, assoc: Association, message: Message, spool: Spool):
+    def __init__(self, assoc: DIMSEProvider, message: Message, spool: Spool):
         super().__init__(assoc, message)
         self.spool = spool
         self._dataset: Dataset | None = None
@@ -289,7 +326,7 @@ class StoreRequest(Request):
         try:
             await self._place(dest)
         except FileNotFoundError:
-            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            await asyncio.to_thread(os.makedirs, os.path.dirname(dest) or ".", exist_ok=True)
             await self._place(dest)
         self._saved = dest
         return dest
@@ -298,7 +335,7 @@ class StoreRequest(Request):
         spool = self.spool
         if spool.path is not None:
             try:
-                os.replace(spool.path, dest)
+                os.replace(spool.path, dest)  # one rename, no data copied
             except FileNotFoundError:
                 raise
             except OSError:  # another file system: copy, then drop the spool file
@@ -306,7 +343,7 @@ class StoreRequest(Request):
             spool.path = None
         else:
             chunks = spool.chunks()
-            if spool.size < _SMALL_WRITE:
+            if spool.size < _SMALL_WRITE:  # page-cache write of < 1 MiB: cheaper than a thread hop
                 _write_atomic(dest, chunks)
             else:
                 await asyncio.to_thread(_write_atomic, dest, chunks)
@@ -343,7 +380,7 @@ def _nothing() -> None:
     return None
 
 
-def store_refusal(cmd: Command, ctx: PresentationContext | None) -> Status | None:
+def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     """Why a C-STORE-RQ cannot be stored, judged from its command set alone, or ``None``.
 
     A SOP Class UID other than the context's abstract syntax is refused as not
@@ -351,92 +388,64 @@ def store_refusal(cmd: Command, ctx: PresentationContext | None) -> Status | Non
     understood (0xC000). PS3.4 B.2.3.
     """
     sop_class = cmd.affected_sop_class_uid or ""
-    if ctx is None or sop_class != ctx.abstract_syntax or not valid_uid(sop_class):
-        return Status(0x0122, "SOP Class UID does not match the presentation context")
+    if sop_class != ctx.abstract_syntax or not valid_uid(sop_class):
+        return Status(Code.SOP_CLASS_NOT_SUPPORTED, "SOP Class UID does not match the presentation context")
     if not valid_uid(cmd.affected_sop_instance_uid or ""):
-        return Status(0xC000, "invalid Affected SOP Instance UID")
+        return Status(Code.CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID")
     return None
 
 
-def make_spool(assoc: Association, msg: Message) -> Spool:
-    """Sink factory for an incoming C-STORE-RQ data set (see MessageAssembler.sink_for).
+def make_spool(assoc: DIMSEProvider, msg: Message, *, threshold: int, directory: str | None) -> Spool:
+    """Sink for an incoming C-STORE-RQ data set: Part 10 meta first, then the fragments.
 
     Never raises: a request that cannot be stored gets a spool that drains its data set
     and answers with a failure status.
     """
     cmd = msg.command
-    ctx = assoc._contexts_by_id.get(msg.context_id)
-    refusal = store_refusal(cmd, ctx)
+    refusal = store_refusal(cmd, assoc.context(msg.context_id))
     if refusal is not None:
         return Spool.refused(refusal)
-    assert ctx is not None
     header = encode_file_meta(
         cmd.affected_sop_class_uid or "",
         cmd.affected_sop_instance_uid or "",
-        ctx.transfer_syntax,
+        assoc.context(msg.context_id).transfer_syntax,
         assoc.peer_ae or None,
     )
-    ae = assoc.ae
     return Spool(
         header,
-        threshold=ae.spool_threshold,
-        directory=ae.spool_dir,
-        pause=lambda: assoc._pause_reading("spool"),
-        resume=lambda: assoc._resume_reading("spool"),
+        threshold=threshold,
+        directory=directory,
+        pause=lambda: assoc.pause_reading("spool"),
+        resume=lambda: assoc.resume_reading("spool"),
     )
 
 
-async def scp_c_store(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
-    """Run the C-STORE handler for one received instance and answer (PS3.4 B.2.3)."""
-    cmd = msg.command
-    spool = msg.sink
+async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler | None = None) -> None:
+    """Run the C-STORE handler for one received instance and answer (PS3.4 B.2.3).
+
+    ``assoc.store_handler`` (a C-GET's sink) takes precedence over ``handler``.
+    """
+    cmd = op.command
+    spool = op.message.sink
     if not isinstance(spool, Spool):
         # Command Data Set Type said "no data set": there is nothing to store (PS3.7 §9.3.1.1).
-        spool = Spool.refused(Status(0xC000, "C-STORE-RQ without a data set"))
-    status: Status
+        spool = Spool.refused(Status(Code.CANNOT_UNDERSTAND, "C-STORE-RQ without a data set"))
     try:
         await spool.finish()
-        handler = assoc.store_handler or assoc.ae._handlers.get("c_store")
+        handler = assoc.store_handler or handler
         if spool.refusal is not None:
             status = spool.refusal
         elif spool.error is not None:
             assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(spool.error))
-            if assoc.ae.observer is not None:
-                assoc.ae.observer.error("spool")
-            status = Status(0xA700, f"Out of resources: {spool.error.strerror or spool.error}")
+            assoc.note_error("spool")
+            status = Status(Code.OUT_OF_RESOURCES, f"Out of resources: {spool.error.strerror or spool.error}")
         elif handler is None:
-            status = Status(0x0122, "No C-STORE handler: SOP class not supported")
+            status = Status(Code.SOP_CLASS_NOT_SUPPORTED, "No C-STORE handler: SOP class not supported")
         else:
-            status = await _run_store_handler(assoc, handler, StoreRequest(assoc, msg, spool))
+            status = await run_handler(CommandField.C_STORE_RQ, handler, StoreRequest(assoc, op.message, spool), assoc)
     finally:
         spool.discard()
-    rsp = Command(
-        CommandField.C_STORE_RSP,
-        message_id_being_responded_to=cmd.message_id,
-        affected_sop_class_uid=cmd.affected_sop_class_uid,
-        affected_sop_instance_uid=cmd.affected_sop_instance_uid,
-        status=int(status),
-        error_comment=(status.error_comment or "")[:64] or None if status.category != "success" else None,
-    )
-    await assoc.send_message(ctx.id, rsp)
-
-
-async def _run_store_handler(assoc: Association, handler: Any, request: StoreRequest) -> Status:
-    try:
-        result = await handler(request)
-    except asyncio.CancelledError:
-        raise
-    except OSError as exc:
-        assoc.log.error("C-STORE handler failed", sop_instance=request.sop_instance_uid, error=repr(exc))
-        if assoc.ae.observer is not None:
-            assoc.ae.observer.error("storage")
-        return Status(0xA700, f"Out of resources: {exc.strerror or exc}")
-    except Exception as exc:
-        assoc.log.error("C-STORE handler failed", sop_instance=request.sop_instance_uid, error=repr(exc))
-        return Status(0xC000, f"Cannot understand: {exc}")
-    if result is None:
-        return Status(0)
-    return result if isinstance(result, Status) else Status(int(result))
+    await assoc.send(op.context.id, response(cmd, status))
 
 
 class DirectoryStore:
@@ -460,12 +469,12 @@ class DirectoryStore:
         try:
             path = self.path_for(request.sop_instance_uid)
         except ValueError as exc:
-            return Status(0xC000, str(exc)[:64])
+            return Status(Code.CANNOT_UNDERSTAND, str(exc)[:64])
         if not valid_uid(request.sop_class_uid):
-            return Status(0xC000, "invalid SOP Class UID")
+            return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID")
         await request.save(path)
         self.stored += 1
-        return Status(0)
+        return Status(Code.SUCCESS)
 
 
 # ---------------------------------------------------------------------------
@@ -493,7 +502,7 @@ class _FilePayload:
 
 
 async def c_store(
-    assoc: Association,
+    assoc: DIMSEProvider,
     source: Dataset | str | os.PathLike[str],
     *,
     priority: int = 0,
@@ -525,7 +534,7 @@ async def c_store(
 
 
 async def _send_store(
-    assoc: Association,
+    assoc: DIMSEProvider,
     ctx: PresentationContext,
     payload: bytes | _FilePayload,
     sop_class: str,
@@ -543,9 +552,8 @@ async def _send_store(
     )
     if move_originator is not None:
         cmd.move_originator_ae, cmd.move_originator_message_id = move_originator
-    rsp = await assoc._request(ctx, cmd, payload, timeout=timeout)
-    status = Status(rsp.command.status if rsp.command.status is not None else 0xC000, rsp.command.error_comment)
-    return status  # the association logs the outcome (Association._op_done)
+    rsp = await assoc.request(ctx, cmd, payload, timeout=timeout)
+    return response_status(rsp.command.status, rsp.command.error_comment)  # the association logs the outcome
 
 
 def _own_uids(path: str, fp: BinaryIO, meta: Any) -> tuple[str, str]:
@@ -553,20 +561,20 @@ def _own_uids(path: str, fp: BinaryIO, meta: Any) -> tuple[str, str]:
     try:
         sop_class, sop_instance = dataset_uids(fp, meta.transfer_syntax, meta.dataset_offset)
     except DataSetError as exc:
-        raise ValueError(f"{path}: not a well-formed data set in {_ts_name(meta.transfer_syntax)}: {exc}") from None
+        raise ValueError(f"{path}: not a well-formed data set in {uid_name(meta.transfer_syntax)}: {exc}") from None
     if not sop_instance or not sop_class:
         raise ValueError(f"{path}: the data set has no SOP Class or SOP Instance UID")
     return sop_class, sop_instance
 
 
-def _find_context(assoc: Association, sop_class: str, transfer_syntax: str) -> PresentationContext | None:
+def _find_context(assoc: DIMSEProvider, sop_class: str, transfer_syntax: str) -> PresentationContext | None:
     for ctx in assoc.accepted_contexts:
         if ctx.abstract_syntax == sop_class and ctx.transfer_syntax == transfer_syntax and ctx.as_scu:
             return ctx
     return None
 
 
-def _dataset_payload(assoc: Association, ds: Dataset) -> tuple[PresentationContext, bytes, str, str]:
+def _dataset_payload(assoc: DIMSEProvider, ds: Dataset) -> tuple[PresentationContext, bytes, str, str]:
     sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
     sop_instance = str(ds.get("SOPInstanceUID", ""))
     if not sop_class or not sop_instance:
@@ -577,65 +585,18 @@ def _dataset_payload(assoc: Association, ds: Dataset) -> tuple[PresentationConte
         ctx = _find_context(assoc, sop_class, source_ts)
         if ctx is not None:
             return ctx, encode_dataset(ds, source_ts, source_ts), sop_class, sop_instance
-    if source_ts and source_ts not in _UNCOMPRESSED:
+    if source_ts and source_ts not in UNCOMPRESSED:
         # Compressed, and the peer did not accept that syntax: decode the pixel data
         # when pydicom can, and send in an accepted uncompressed syntax (lossy stays marked).
-        if not any(c.abstract_syntax == sop_class and c.as_scu and c.transfer_syntax in _UNCOMPRESSED
+        if not any(c.abstract_syntax == sop_class and c.as_scu and c.transfer_syntax in UNCOMPRESSED
                    for c in assoc.accepted_contexts):  # fmt: skip
             raise NoAcceptedContext(
-                f"{sop_instance}: stored as {_ts_name(source_ts)}, which the peer did not accept for "
-                f"{_ts_name(sop_class)}, nor an uncompressed syntax"
+                f"{sop_instance}: stored as {uid_name(source_ts)}, which the peer did not accept for "
+                f"{uid_name(sop_class)}, nor an uncompressed syntax"
             )
         ds = decompress(ds)
         source_ts = ExplicitVRLittleEndian
     for ctx in assoc.accepted_contexts:
-        if ctx.abstract_syntax == sop_class and ctx.as_scu and ctx.transfer_syntax in _UNCOMPRESSED:
+        if ctx.abstract_syntax == sop_class and ctx.as_scu and ctx.transfer_syntax in UNCOMPRESSED:
             return ctx, encode_dataset(ds, ctx.transfer_syntax, source_ts or None), sop_class, sop_instance
-    raise NoAcceptedContext(f"{sop_instance}: no accepted presentation context for {_ts_name(sop_class)}")
-
-
-def _ts_name(uid: str) -> str:
-    return UID_dictionary.get(uid, (uid,))[0]
-
-
-_WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-
-
-def _swap_words(ds: Dataset) -> Dataset:
-    """Copy of ``ds`` with OW/OF/OL/OD/OV values byte-swapped (endianness change)."""
-    out = Dataset()
-    for elem in ds:
-        if elem.VR == "SQ":
-            new = pydicom.DataElement(elem.tag, "SQ", [_swap_words(item) for item in elem.value])
-        elif elem.VR in _WORD_SIZES and elem.value:
-            code = {2: "H", 4: "I", 8: "Q"}[_WORD_SIZES[elem.VR]]
-            words = array.array(code, bytes(elem.value))
-            words.byteswap()
-            new = pydicom.DataElement(elem.tag, elem.VR, words.tobytes())
-        else:
-            new = elem
-        out.add(new)
-    return out
-
-
-def encode_dataset(ds: Dataset, transfer_syntax: str, source_syntax: str | None = None) -> bytes:
-    """Encode ``ds`` (no file meta) in ``transfer_syntax``.
-
-    Between little and big endian, word-valued binary elements (OW, OF, OL, OD, OV)
-    are byte-swapped, which pydicom does not do on its own.
-    """
-    little = transfer_syntax != ExplicitVRBigEndian
-    source_little = (source_syntax or ExplicitVRLittleEndian) != ExplicitVRBigEndian
-    if little != source_little:
-        ds = _swap_words(ds)
-    fp = DicomBytesIO()
-    fp.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
-    fp.is_little_endian = little
-    write_dataset(fp, ds)
-    data = fp.getvalue()
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        packer = zlib.compressobj(6, zlib.DEFLATED, -15)
-        data = packer.compress(data) + packer.flush()
-        if len(data) % 2:
-            data += b"\x00"
-    return data
+    raise NoAcceptedContext(f"{sop_instance}: no accepted presentation context for {uid_name(sop_class)}")

@@ -2,56 +2,45 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from ..dimse import Command, CommandField, Message, Status
-from ..exceptions import DIMSEFailure
+from ..dimse import Command, CommandField
+from ..interface import DIMSEProvider
+from ..session import Operation
+from ..status import Code, Status, response_status
 from ..uids import Verification
 from .requests import Request
-
-if TYPE_CHECKING:
-    from ..acse import PresentationContext
-    from ..association import Association
+from .scp import response, run_handler
 
 __all__ = ["c_echo", "scp_c_echo"]
 
 
-async def c_echo(assoc: Association, *, timeout: float | None = None) -> Status:
+async def c_echo(assoc: DIMSEProvider, *, timeout: float | None = None) -> Status:
+    """C-ECHO (PS3.7 §9.1.5): the response status."""
     ctx = assoc.context_for(Verification)
-    rsp = await assoc._request(
+    rsp = await assoc.request(
         ctx, Command(CommandField.C_ECHO_RQ, affected_sop_class_uid=Verification), timeout=timeout
     )
-    if rsp.command.status is None:
-        raise DIMSEFailure("C-ECHO-RSP has no status")
-    return Status(rsp.command.status, rsp.command.error_comment)
+    return response_status(rsp.command.status, rsp.command.error_comment)
 
 
-async def scp_c_echo(assoc: Association, ctx: PresentationContext, msg: Message) -> None:
-    """Answer a C-ECHO: success, or what the ``@ae.on_c_echo`` handler returns.
+async def scp_c_echo(
+    assoc: DIMSEProvider, op: Operation, handler: Callable[[Request], Awaitable[Any]] | None = None
+) -> None:
+    """Answer a C-ECHO: success, or what the ``@ae.on_c_echo`` handler answers.
 
     A handler that raises is logged and answered with failure 0x0211 (PS3.7 C.5,
     the generic failure status C-ECHO can carry).
     """
-    handler = assoc.ae._handlers.get("c_echo")
-    status: Any = Status(Status.SUCCESS)
-    if msg.command.affected_sop_class_uid != ctx.abstract_syntax:
+    status = Status(Status.SUCCESS)
+    if op.command.affected_sop_class_uid != op.context.abstract_syntax:
         # PS3.7 §9.3.5.1: the Verification SOP Class; anything else is not supported.
-        assoc.log.warning("C-ECHO-RQ for another SOP class", sop_class=msg.command.affected_sop_class_uid)
-        status = Status(0x0122, "SOP class not supported")
+        assoc.log.warning("C-ECHO-RQ for another SOP class", sop_class=op.command.affected_sop_class_uid)
+        status = Status(Code.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
     elif handler is not None:
-        try:
-            result = await handler(Request(assoc, msg))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            assoc.log.error("C-ECHO handler failed", error=repr(exc))
-            result = Status(0x0211, f"handler error: {exc!r}"[:64])
-        status = Status.SUCCESS if result is None else result
-    rsp = Command(
-        CommandField.C_ECHO_RSP,
-        message_id_being_responded_to=msg.command.message_id,
-        affected_sop_class_uid=msg.command.affected_sop_class_uid or Verification,
-        status=int(status),
-    )
-    await assoc.send_message(ctx.id, rsp)
+        status = await run_handler(CommandField.C_ECHO_RQ, handler, Request(assoc, op.message), assoc)
+    cmd = op.command
+    rsp = response(cmd, status)
+    rsp.affected_sop_class_uid = cmd.affected_sop_class_uid or Verification
+    await assoc.send(op.context.id, rsp)

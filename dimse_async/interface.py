@@ -1,0 +1,138 @@
+"""What the service classes see of an association, and what the AE hands down to it.
+
+:class:`DIMSEProvider` is the small public interface the services are typed against
+(send, request, request stream, context lookup, reading pause/resume); the asyncio
+adapter (:mod:`dimse_async.association`) implements it. :class:`Settings` carries the
+AE's configuration down: timeouts, the dispatch table (command field -> service
+handler), the sink factories, the acceptor's judgement and the event hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+from .acse import Negotiated, PresentationContext
+from .dimse import Command, DatasetSink, DatasetSource, Message
+from .pdu import AssociateAC, AssociateRJ, AssociateRQ
+from .session import Operation
+
+__all__ = [
+    "AssociationEvent",
+    "DIMSEProvider",
+    "Hook",
+    "Judge",
+    "ResponseStream",
+    "ServiceHandler",
+    "Settings",
+    "SinkFactory",
+    "StoreHandler",
+]
+
+Dataset = bytes | memoryview | DatasetSource
+
+
+class AssociationEvent(StrEnum):
+    """Association life-cycle events for ``@ae.on_association`` hooks."""
+
+    REQUESTED = "requested"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    RELEASED = "released"
+    ABORTED = "aborted"
+
+
+class ResponseStream(Protocol):
+    """The responses to one multi-response request (C-FIND, C-GET, C-MOVE).
+
+    Iterate for every response up to and including the final one. ``aclose()``
+    before the end sends C-CANCEL and waits for the final response (PS3.7 §9.3.2.3);
+    ``final`` is the final response once it arrived.
+    """
+
+    final: Message | None
+
+    def __aiter__(self) -> AsyncIterator[Message]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class DIMSEProvider(Protocol):
+    """An established association as the services use it."""
+
+    log: Any
+    peer_ae: str
+    #: A C-STORE handler that takes precedence over the AE's (e.g. for a C-GET's sub-operations).
+    store_handler: StoreHandler | None
+
+    @property
+    def is_established(self) -> bool: ...
+
+    @property
+    def accepted_contexts(self) -> list[PresentationContext]: ...
+
+    def context_for(self, abstract_syntax: str, *, as_scp: bool = False) -> PresentationContext: ...
+
+    def context(self, context_id: int) -> PresentationContext: ...
+
+    async def send(self, context_id: int, command: Command, dataset: Dataset | None = None) -> None: ...
+
+    async def request(
+        self,
+        context: PresentationContext,
+        command: Command,
+        dataset: Dataset | None = None,
+        timeout: float | None = None,
+    ) -> Message: ...
+
+    def request_stream(
+        self, context: PresentationContext, command: Command, dataset: Dataset | None = None
+    ) -> ResponseStream: ...
+
+    def pause_reading(self, reason: str) -> None: ...
+
+    def resume_reading(self, reason: str) -> None: ...
+
+    def abort(self, reason: str = ...) -> None: ...
+
+    def note_error(self, kind: str) -> None:
+        """Count a local failure of ``kind`` (e.g. "spool", "storage") for metrics."""
+
+
+#: Performs one received request and sends its response(s).
+ServiceHandler = Callable[[DIMSEProvider, Operation], Awaitable[None]]
+#: Opens the sink for a streamed data set (a C-STORE spool).
+SinkFactory = Callable[[DIMSEProvider, Message], DatasetSink]
+#: A user's C-STORE handler (see :class:`~dimse_async.services.storage.StoreRequest`).
+StoreHandler = Callable[[Any], Awaitable[Any]]
+#: Acceptor: decide an A-ASSOCIATE-RQ (may await, e.g. user identity).
+Judge = Callable[[Any, AssociateRQ], Awaitable[tuple[AssociateAC | AssociateRJ, Negotiated | None]]]
+#: Called with an event and the association (the AE's hooks, a server's bookkeeping).
+Hook = Callable[[AssociationEvent, Any], None]
+
+
+@dataclass(slots=True)
+class Settings:
+    """What an association needs from its AE; built by the AE, read-only below it."""
+
+    ae_title: str
+    max_pdu: int = 262_144
+    acse_timeout: float | None = 30.0
+    dimse_timeout: float | None = 60.0
+    network_timeout: float | None = 300.0
+    artim_timeout: float = 30.0
+    dispatch: Mapping[int, ServiceHandler] = field(default_factory=dict)
+    sinks: Mapping[int, SinkFactory] = field(default_factory=dict)
+    judge: Judge | None = None
+    hook: Hook | None = None
+    #: The server's bookkeeping: called when a connection is made and when it is gone.
+    on_open: Callable[[Any], None] | None = None
+    on_close: Callable[[Any], None] | None = None
+    #: TCP keepalive (idle, interval, count) or ``None``.
+    keepalive: tuple[float, float, int] | None = None
+    #: Requestor: release after this many seconds without DIMSE traffic.
+    idle_release: float | None = None
+    #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
+    observer: Any = None

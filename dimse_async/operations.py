@@ -1,0 +1,75 @@
+"""The association users hold: the adapter plus the DIMSE-C operations (PS3.7 §9.1).
+
+:class:`Association` adds ``c_echo``, ``c_store``, ``c_find``, ``c_get`` and ``c_move``
+on top of :class:`~dimse_async.association.AssociationProtocol`; each is a thin call
+into its service class module, which uses only the adapter's public interface.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydicom.dataset import Dataset
+
+from .association import AssociationProtocol
+from .interface import StoreHandler
+from .services import qr, verification
+from .services.storage import c_store
+from .status import Status
+
+__all__ = ["Association"]
+
+
+class Association(AssociationProtocol):
+    """A DICOM association, requestor or acceptor side.
+
+    Users get one from ``AE.associate()`` (requestor) or in SCP handlers as
+    ``request.assoc`` (acceptor). DIMSE operations: :meth:`c_echo`, :meth:`c_store`,
+    :meth:`c_find`, :meth:`c_get`, :meth:`c_move`; the life cycle: :meth:`release`,
+    :meth:`abort`, :meth:`wait_closed`.
+    """
+
+    async def c_echo(self, *, timeout: float | None = None) -> Status:
+        """C-ECHO (PS3.7 §9.1.5, PS3.4 Annex A): returns the response status."""
+        return await verification.c_echo(self, timeout=timeout)
+
+    async def c_store(
+        self,
+        source: Dataset | str | os.PathLike[str],
+        *,
+        priority: int = 0,
+        move_originator: tuple[str, int] | None = None,
+        timeout: float | None = None,
+    ) -> Status:
+        """C-STORE one instance (PS3.7 §9.1.1): a pydicom ``Dataset`` or a Part 10 file path.
+
+        A file in an accepted transfer syntax is streamed from disk without decoding.
+        Pipelines with other calls up to the negotiated window, e.g.
+        ``await asyncio.gather(*(assoc.c_store(p) for p in paths))``.
+        """
+        return await c_store(self, source, priority=priority, move_originator=move_originator, timeout=timeout)
+
+    def c_find(self, query: Dataset, model: str = "study", *, priority: int = 0) -> qr.Responses[Dataset]:
+        """C-FIND (PS3.4 C.4.1, K.4): ``async with assoc.c_find(query) as responses:``
+        then ``async for identifier in responses``.
+
+        ``model``: "patient", "study", "patient-study", "worklist" or a SOP class UID.
+        Leaving the ``async with`` block early sends C-CANCEL; ``.status`` holds the final status.
+        """
+        return qr.c_find(self, query, model, priority=priority)
+
+    def c_get(
+        self, query: Dataset, model: str = "study", *, priority: int = 0, store: StoreHandler | None = None
+    ) -> qr.Responses[qr.Progress]:
+        """C-GET (PS3.4 C.4.3): yields :class:`~dimse_async.services.qr.Progress`.
+
+        Instances arrive as C-STORE sub-operations on this association (propose the
+        storage classes with ``scp_role=True``) and go to ``store`` or the C-STORE handler.
+        """
+        return qr.c_get(self, query, model, priority=priority, store=store)
+
+    def c_move(
+        self, query: Dataset, destination: str, model: str = "study", *, priority: int = 0
+    ) -> qr.Responses[qr.Progress]:
+        """C-MOVE (PS3.4 C.4.2) to the AE titled ``destination``: yields progress."""
+        return qr.c_move(self, query, destination, model, priority=priority)

@@ -1,0 +1,87 @@
+"""Accounting for the log: bytes each way, operations by kind, and one line per finished
+operation (DEBUG on success, INFO otherwise) with its UID, status, size and duration."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from .dimse import Command, CommandField, Message
+from .status import PENDING_CODES, Status
+
+__all__ = ["OperationLog"]
+
+
+class OperationLog:
+    """What one association did, for its log lines; fed by the adapter."""
+
+    def __init__(self, now: float):
+        self.opened_at = now
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.operations: collections.Counter[str] = collections.Counter()
+        self.failed_operations = 0
+        # message id -> (start time, data set bytes, request), per direction
+        self._out: dict[int, tuple[float, int | None, Command]] = {}
+        self._in: dict[int, tuple[float, int | None, Command]] = {}
+
+    def sent(self, now: float, command: Command, dataset: Any, log: Any, debug: bool) -> None:
+        """Note a request we send, or log the outcome of one we performed."""
+        if command.is_response:
+            if command.status is not None and command.status not in PENDING_CODES:
+                started = self._in.pop(command.message_id_being_responded_to or -1, None)
+                if started is not None:
+                    self._done(now, "scp", started, command, log, debug)
+        elif command.command_field != CommandField.C_CANCEL_RQ and command.message_id is not None:
+            size = None if dataset is None else (len(dataset) if hasattr(dataset, "__len__") else dataset.length)
+            self._out[command.message_id] = (now, size, command)
+
+    def received(self, now: float, msg: Message, log: Any, debug: bool) -> None:
+        """Note a request we are asked to perform, or log the outcome of one we sent."""
+        cmd = msg.command
+        if cmd.is_response:
+            if cmd.status is not None and cmd.status not in PENDING_CODES:
+                started = self._out.pop(cmd.message_id_being_responded_to or -1, None)
+                if started is not None:
+                    self._done(now, "scu", started, cmd, log, debug)
+        elif cmd.command_field != CommandField.C_CANCEL_RQ and cmd.message_id is not None:
+            size = len(msg.dataset) if msg.dataset is not None else getattr(msg.sink, "size", None)
+            self._in[cmd.message_id] = (now, size, cmd)
+
+    def _done(
+        self, now: float, role: str, started: tuple[float, int | None, Command], rsp: Command, log: Any, debug: bool
+    ) -> None:
+        t0, size, rq = started
+        status = Status(rsp.status or 0, rsp.error_comment)
+        name = rq.name.removesuffix("-RQ")
+        self.operations[name] += 1
+        ok = status == 0
+        if not ok and status.category != "warning":
+            self.failed_operations += 1
+        if ok and not debug:
+            return
+        fields: dict[str, Any] = {"role": role, "status": f"0x{int(status):04X}"}
+        uid = rq.affected_sop_instance_uid or rsp.affected_sop_instance_uid
+        if uid:
+            fields["sop_instance"] = uid
+        if size is not None:
+            fields["bytes"] = size
+        fields["ms"] = round((now - t0) * 1000, 1)
+        if rsp.completed is not None or rsp.failed is not None:
+            fields["sub_ops"] = f"{rsp.completed or 0} completed, {rsp.failed or 0} failed, {rsp.warning or 0} warning"
+        if ok:
+            log.debug(f"{name} done", **fields)
+        else:
+            if status.error_comment:
+                fields["error_comment"] = status.error_comment
+            log.info(f"{name} {status.category.value}", **fields)
+
+    def summary(self, now: float) -> dict[str, Any]:
+        """Fields of the "association closed" line."""
+        return {
+            "ops": ",".join(f"{name}:{n}" for name, n in sorted(self.operations.items())) or "none",
+            "failed": self.failed_operations,
+            "rx_bytes": self.bytes_received,
+            "tx_bytes": self.bytes_sent,
+            "duration_ms": round((now - self.opened_at) * 1000),
+        }

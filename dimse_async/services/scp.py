@@ -1,0 +1,104 @@
+"""One path from an SCP handler's outcome to a DIMSE status, for every service.
+
+A handler returns a status (or ``None`` for success), raises :class:`StatusError` to
+answer a specific status, or raises anything else: ``OSError`` answers the service's
+out-of-resources code, other exceptions its generic failure code, and a returned value
+that is not a status answers 0xC000 (PS3.7 C.5.2); the association stays up either
+way. Error comments go with warning and failure statuses only, at most 64
+characters (PS3.7 C.4, LO).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..dimse import Command, CommandField, response_to
+from ..interface import DIMSEProvider
+from ..status import Code, Status, StatusCategory
+
+__all__ = [
+    "FAILURE_CODES",
+    "StatusError",
+    "error_comment",
+    "failure_status",
+    "outcome_status",
+    "response",
+    "run_handler",
+]
+
+
+class StatusError(Exception):
+    """Raise from a handler to answer with a specific ``status`` (any service)."""
+
+    def __init__(self, status: Status | int, comment: str | None = None):
+        self.status = status if isinstance(status, Status) else Status(status, comment)
+        super().__init__(self.status.error_comment or repr(self.status))
+
+
+#: Per service: (status for a failed handler, status for an OSError) (PS3.4 A.2.1, B.2.3, C.4).
+FAILURE_CODES: dict[int, tuple[int, int]] = {
+    CommandField.C_ECHO_RQ: (Code.UNRECOGNIZED_OPERATION, Code.UNRECOGNIZED_OPERATION),
+    CommandField.C_STORE_RQ: (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES),
+    CommandField.C_FIND_RQ: (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES),
+    CommandField.C_GET_RQ: (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES_MATCHES),
+    CommandField.C_MOVE_RQ: (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES_MATCHES),
+}
+
+
+def error_comment(status: Status) -> str | None:
+    """The one error-comment rule: warning and failure statuses carry theirs, cut to 64 chars."""
+    if status.category in (StatusCategory.WARNING, StatusCategory.FAILURE) and status.error_comment:
+        return status.error_comment[:64]
+    return None
+
+
+def response(request: Command, status: Status) -> Command:
+    """The response to ``request`` carrying ``status`` and, by the rule, its comment."""
+    rsp = response_to(request, int(status), error_comment(status))
+    if request.command_field == CommandField.C_STORE_RQ:
+        rsp.affected_sop_instance_uid = request.affected_sop_instance_uid
+    return rsp
+
+
+def failure_status(service: int, exc: BaseException, assoc: DIMSEProvider) -> Status:
+    """The status answering a handler that raised ``exc``; logged with the service name."""
+    log = assoc.log
+    name = CommandField(service).name.replace("_", "-")[:-3]
+    if isinstance(exc, StatusError):
+        log.info("handler refused", service=name, status=repr(exc.status))
+        return exc.status
+    generic, resources = FAILURE_CODES.get(service, (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES))
+    log.error(f"{name} handler failed", error=repr(exc))
+    if isinstance(exc, OSError):
+        if service == CommandField.C_STORE_RQ:
+            assoc.note_error("storage")
+        return Status(resources, f"Out of resources: {exc.strerror or exc}")
+    return Status(generic, f"Unable to process: {exc}")
+
+
+def outcome_status(service: int, result: object, log: Any) -> Status:
+    """The status a handler's return value stands for: ``None`` is success."""
+    if result is None:
+        return Status(Code.SUCCESS)
+    if isinstance(result, Status):
+        return result
+    if isinstance(result, int) and not isinstance(result, bool) and 0 <= result <= 0xFFFF:
+        return Status(result)
+    name = CommandField(service).name.replace("_", "-")[:-3]
+    log.error(f"{name} handler returned a non-status", result=repr(result)[:100])
+    return Status(Code.CANNOT_UNDERSTAND, f"handler returned {type(result).__name__}, not a status")
+
+
+async def run_handler(
+    service: int, handler: Callable[[Any], Awaitable[Any]], request: Any, assoc: DIMSEProvider
+) -> Status:
+    """Await ``handler(request)`` and turn its outcome into a status."""
+    try:
+        result = await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        return failure_status(service, exc, assoc)
+    return outcome_status(service, result, assoc.log)

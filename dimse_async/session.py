@@ -1,0 +1,351 @@
+"""The DIMSE session of one association, sans I/O (PS3.7 §9.3, §10.3, D.3.3.3, D.3.3.4).
+
+:class:`Session` sits between the reassembler (:mod:`dimse_async.dimse`) and the
+asyncio adapter. It owns everything about DIMSE messages that is bookkeeping rather
+than I/O:
+
+- message ids and the requests we invoked, matched with their responses (one for
+  C-ECHO/C-STORE, pending ones then a final one for C-FIND/C-GET/C-MOVE);
+- the requests the peer invoked: performed within the negotiated asynchronous
+  operations window, the rest held back in arrival order;
+- C-CANCEL routing, also to a request still held back (answered Cancel at once);
+- context and role checks: a message on a context that was not accepted is a protocol
+  violation; a request on a context where we did not agree to be SCP is refused.
+
+``receive(pdvs)`` returns :data:`SessionEvent` objects for the adapter to act on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from .acse import PresentationContext
+from .dimse import (
+    Command,
+    CommandField,
+    CommandReceived,
+    DataFragment,
+    DIMSEError,
+    Message,
+    MessageAssembler,
+    response_to,
+)
+from .exceptions import NoAcceptedContext
+from .pdu import PDV
+from .status import PENDING_CODES, Code
+from .uids import uid_name
+
+__all__ = [
+    "CancelRequested",
+    "Operation",
+    "PauseReading",
+    "Perform",
+    "Respond",
+    "ResponseArrived",
+    "ResumeReading",
+    "Session",
+    "SessionEvent",
+    "StreamStarted",
+]
+
+
+# Requests that never carry a data set (PS3.7 §9.3.5, §9.3.2.3, §10.3.6).
+_NO_DATASET_REQUESTS = frozenset({CommandField.C_ECHO_RQ, CommandField.C_CANCEL_RQ, CommandField.N_DELETE_RQ})
+# DIMSE-C requests: the receiver performs them as SCP of the context's SOP class (PS3.7 D.3.3.4).
+_C_REQUESTS = frozenset(
+    {
+        CommandField.C_ECHO_RQ,
+        CommandField.C_STORE_RQ,
+        CommandField.C_FIND_RQ,
+        CommandField.C_GET_RQ,
+        CommandField.C_MOVE_RQ,
+    }
+)
+# Requests a C-CANCEL can reach (PS3.7 §9.3.2.3, §9.3.3.3, §9.3.4.3).
+_CANCELLABLE = frozenset({CommandField.C_FIND_RQ, CommandField.C_GET_RQ, CommandField.C_MOVE_RQ})
+
+
+@dataclass(slots=True, eq=False)
+class Operation:
+    """A request the peer invoked, performed by us (or held back until a slot frees)."""
+
+    context: PresentationContext
+    message: Message
+    #: Set when the peer sent C-CANCEL for it; the handler stops at its next step.
+    cancelled: bool = False
+
+    @property
+    def command(self) -> Command:
+        return self.message.command
+
+    @property
+    def message_id(self) -> int | None:
+        return self.message.command.message_id
+
+
+@dataclass(slots=True, frozen=True)
+class StreamStarted:
+    """A request whose data set streams to a sink: the adapter opens one now; the
+    :class:`~dimse_async.dimse.DataFragment` events that follow go to it."""
+
+    message: Message
+
+
+@dataclass(slots=True, frozen=True)
+class Perform:
+    """Run the handler for this operation now (a slot in the window is reserved)."""
+
+    operation: Operation
+
+
+@dataclass(slots=True, frozen=True)
+class Respond:
+    """Send this response, decided by the session (a refusal, or Cancel for a held-back request)."""
+
+    context_id: int
+    command: Command
+
+
+@dataclass(slots=True, frozen=True)
+class ResponseArrived:
+    """A response to a request we invoked; ``final`` unless its status is pending."""
+
+    message_id: int
+    message: Message
+    final: bool
+
+
+@dataclass(slots=True, frozen=True)
+class CancelRequested:
+    """The peer cancelled a running operation (``operation.cancelled`` is now set)."""
+
+    operation: Operation
+
+
+@dataclass(slots=True, frozen=True)
+class PauseReading:
+    """The peer exceeded the window: stop reading until :class:`ResumeReading`."""
+
+
+@dataclass(slots=True, frozen=True)
+class ResumeReading:
+    """Every held-back request has started: read again."""
+
+
+SessionEvent = (
+    StreamStarted | DataFragment | Perform | Respond | ResponseArrived | CancelRequested | PauseReading | ResumeReading
+)
+
+
+class Session:
+    """DIMSE bookkeeping for one association (see the module docstring).
+
+    ``contexts``: the accepted presentation contexts; ``max_performed``: how many
+    requests we perform at once (0 = unlimited); ``streamed``: request command fields
+    whose data sets go to a sink as they arrive instead of being collected in memory.
+    """
+
+    def __init__(
+        self,
+        contexts: Collection[PresentationContext],
+        *,
+        max_performed: int = 1,
+        streamed: Collection[int] = (CommandField.C_STORE_RQ,),
+        max_in_memory: int = 64 << 20,
+    ) -> None:
+        self.contexts = {c.id: c for c in contexts if c.accepted}
+        self.max_performed = max_performed or 1 << 16
+        self.streamed = frozenset(streamed)
+        #: Largest data set collected in memory (identifiers, responses).
+        self.max_in_memory = max_in_memory
+        self.assembler = MessageAssembler()
+        self._next_id = 0
+        self._invoked: dict[int, bool] = {}  # message id -> expects several responses
+        self._performing: dict[int, Operation] = {}  # by id() of the operation
+        self._held: deque[Operation] = deque()
+        # The message whose data set is arriving: collected in memory, streamed, or dropped.
+        self._current: Message | None = None
+        self._chunks: list[bytes | memoryview] = []
+        self._size = 0
+        self._mode = "memory"  # "memory" | "stream" | "drop"
+        self._refusal: Respond | None = None
+
+    # ----------------------------------------------------------- contexts
+
+    def context(self, context_id: int) -> PresentationContext:
+        try:
+            return self.contexts[context_id]
+        except KeyError:
+            raise NoAcceptedContext(f"presentation context {context_id} was not accepted") from None
+
+    def context_for(self, abstract_syntax: str, *, as_scp: bool = False) -> PresentationContext:
+        """The first accepted context for ``abstract_syntax`` where we may take the role."""
+        for ctx in self.contexts.values():
+            if ctx.abstract_syntax == abstract_syntax and (ctx.as_scp if as_scp else ctx.as_scu):
+                return ctx
+        raise NoAcceptedContext(
+            f"no accepted presentation context for {uid_name(abstract_syntax)} with us as {'SCP' if as_scp else 'SCU'}"
+        )
+
+    # ----------------------------------------------------------- requests we invoke
+
+    @property
+    def outstanding(self) -> int:
+        """Requests we invoked that have not had their final response."""
+        return len(self._invoked)
+
+    def start_request(self, context: PresentationContext, command: Command, *, multi: bool = False) -> int:
+        """Give ``command`` a free message id and expect its response(s) (PS3.7 §9.3.1.1)."""
+        if command.command_field in _C_REQUESTS and not context.as_scu:
+            raise NoAcceptedContext(f"{command.name}: we are not SCU on presentation context {context.id}")
+        for _ in range(0x10000):
+            self._next_id = (self._next_id % 0xFFFF) + 1
+            if self._next_id not in self._invoked:
+                break
+        else:  # pragma: no cover - 65535 requests outstanding
+            raise DIMSEError("no free message id")
+        command.message_id = self._next_id
+        self._invoked[self._next_id] = multi
+        return self._next_id
+
+    def cancel_request(self, message_id: int) -> Command:
+        """The C-CANCEL-RQ for an outstanding request (PS3.7 §9.3.2.3); its final response still comes."""
+        return Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=message_id)
+
+    def forget_request(self, message_id: int) -> None:
+        """Stop expecting responses to ``message_id`` (timed out, or the association ended)."""
+        self._invoked.pop(message_id, None)
+
+    # ----------------------------------------------------------- requests we perform
+
+    @property
+    def held(self) -> int:
+        """Requests of the peer's held back until a slot in the window frees."""
+        return len(self._held)
+
+    @property
+    def idle(self) -> bool:
+        """No request of the peer's is being performed or held back."""
+        return not self._performing and not self._held
+
+    def finished(self, operation: Operation) -> list[SessionEvent]:
+        """``operation`` has answered: start held-back requests as slots free."""
+        self._performing.pop(id(operation), None)
+        events: list[SessionEvent] = []
+        while self._held and len(self._performing) < self.max_performed:
+            op = self._held.popleft()
+            self._performing[id(op)] = op
+            events.append(Perform(op))
+            if not self._held:
+                events.append(ResumeReading())
+        return events
+
+    # ----------------------------------------------------------- receiving
+
+    def receive(self, pdvs: list[PDV]) -> list[SessionEvent]:
+        """Events for one P-DATA-TF's PDVs; raises :class:`DIMSEError` on a violation."""
+        out: list[SessionEvent] = []
+        for event in self.assembler.receive(pdvs):
+            if event.context_id not in self.contexts:
+                raise DIMSEError(f"message on presentation context {event.context_id}, which was not accepted")
+            if type(event) is CommandReceived:
+                self._on_command(Message(event.context_id, event.command), out)
+            else:
+                self._on_fragment(event, out)  # type: ignore[arg-type]
+        return out
+
+    def _on_command(self, msg: Message, out: list[SessionEvent]) -> None:
+        cmd = msg.command
+        if not cmd.has_dataset:
+            self._complete(msg, out)
+            return
+        if not cmd.is_response and cmd.command_field in _NO_DATASET_REQUESTS:
+            raise DIMSEError(f"{cmd.name} must not carry a data set")
+        self._current, self._chunks, self._size, self._mode = msg, [], 0, "memory"
+        if not cmd.is_response:
+            self._refusal = self._refuse(msg)
+            if self._refusal is not None:
+                self._mode = "drop"
+            elif cmd.command_field in self.streamed:
+                self._mode = "stream"
+                out.append(StreamStarted(msg))
+        elif cmd.message_id_being_responded_to not in self._invoked:
+            raise DIMSEError(f"{cmd.name} answers message id {cmd.message_id_being_responded_to}, never sent")
+
+    def _on_fragment(self, event: DataFragment, out: list[SessionEvent]) -> None:
+        msg = self._current
+        assert msg is not None  # the assembler checked the order
+        if self._mode == "stream":
+            out.append(event)
+        elif self._mode == "memory":
+            self._chunks.append(event.data)
+            self._size += len(event.data)
+            if self._size > self.max_in_memory:
+                raise DIMSEError(f"{msg.command.name} data set larger than {self.max_in_memory} bytes")
+        if not event.last:
+            return
+        self._current = None
+        if self._mode == "memory":
+            msg.dataset = b"".join(self._chunks)
+        self._chunks = []
+        if self._mode == "drop":
+            assert self._refusal is not None
+            out.append(self._refusal)
+            self._refusal = None
+            return
+        self._complete(msg, out)
+
+    def _complete(self, msg: Message, out: list[SessionEvent]) -> None:
+        cmd = msg.command
+        if cmd.is_response:
+            mid = cmd.message_id_being_responded_to
+            if mid is None or mid not in self._invoked:
+                raise DIMSEError(f"{cmd.name} answers message id {mid}, never sent")
+            final = not (self._invoked[mid] and cmd.status in PENDING_CODES)
+            if final:
+                del self._invoked[mid]
+            out.append(ResponseArrived(mid, msg, final))
+        elif cmd.command_field == CommandField.C_CANCEL_RQ:
+            self._cancel(cmd.message_id_being_responded_to, out)  # no response (PS3.7 §9.3.2.3)
+        else:
+            refusal = self._refuse(msg)
+            if refusal is not None:
+                out.append(refusal)
+                return
+            op = Operation(self.contexts[msg.context_id], msg)
+            if len(self._performing) < self.max_performed:
+                self._performing[id(op)] = op
+                out.append(Perform(op))
+            else:  # the peer exceeded the negotiated window: hold it, stop reading
+                if not self._held:
+                    out.append(PauseReading())
+                self._held.append(op)
+
+    def _refuse(self, msg: Message) -> Respond | None:
+        """A request on a context where we did not agree to be SCP is refused (PS3.7 D.3.3.4)."""
+        cmd = msg.command
+        ctx = self.contexts[msg.context_id]
+        if cmd.command_field in _C_REQUESTS and not ctx.as_scp:
+            comment = f"SCP role not negotiated for {ctx.abstract_syntax}"[:64]
+            rsp = response_to(cmd, Code.SOP_CLASS_NOT_SUPPORTED, comment)
+            if cmd.command_field == CommandField.C_STORE_RQ:
+                rsp.affected_sop_instance_uid = cmd.affected_sop_instance_uid
+            return Respond(msg.context_id, rsp)
+        return None
+
+    def _cancel(self, target: int | None, out: list[SessionEvent]) -> None:
+        for op in self._performing.values():
+            if op.message_id == target and op.command.command_field in _CANCELLABLE:
+                op.cancelled = True
+                out.append(CancelRequested(op))
+                return
+        for op in self._held:
+            if op.message_id == target and op.command.command_field in _CANCELLABLE:
+                # Never started: its only response is the final one, Cancel (PS3.4 C.4.1.3.1).
+                self._held.remove(op)
+                out.append(Respond(op.context.id, response_to(op.command, Code.CANCEL)))
+                if not self._held:
+                    out.append(ResumeReading())
+                return

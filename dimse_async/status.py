@@ -1,0 +1,104 @@
+"""DIMSE status codes and their categories (PS3.7 Annex C; PS3.4 per service class). Pure."""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+__all__ = ["PENDING_CODES", "Code", "Status", "StatusCategory", "response_status"]
+
+
+class StatusCategory(StrEnum):
+    """The category of a status code (PS3.7 C.1). Compares equal to its lower-case name."""
+
+    SUCCESS = "success"
+    PENDING = "pending"
+    CANCEL = "cancel"
+    WARNING = "warning"
+    FAILURE = "failure"
+
+
+class Code(IntEnum):
+    """Status codes this library sends or interprets (PS3.7 Annex C, PS3.4 B.2.3, C.4)."""
+
+    SUCCESS = 0x0000
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01
+    CANCEL = 0xFE00
+    # warnings
+    ATTRIBUTE_LIST_ERROR = 0x0107
+    COERCION_OF_DATA_ELEMENTS = 0xB000  # C-STORE; also "sub-operations with failures" (C-GET/C-MOVE)
+    SUBOPERATIONS_WARNING = 0xB000
+    ELEMENTS_DISCARDED = 0xB006
+    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
+    # failures
+    PROCESSING_FAILURE = 0x0110
+    NO_SUCH_SOP_CLASS = 0x0118
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    NOT_AUTHORIZED = 0x0124
+    UNRECOGNIZED_OPERATION = 0x0211
+    OUT_OF_RESOURCES = 0xA700
+    OUT_OF_RESOURCES_MATCHES = 0xA701
+    OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702
+    MOVE_DESTINATION_UNKNOWN = 0xA801
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # "identifier does not match SOP class" in Q/R
+    CANNOT_UNDERSTAND = 0xC000
+
+
+_WARNING_CODES = frozenset({0x0001, 0x0107, 0x0116})
+
+#: The codes of a pending (non-final) response.
+PENDING_CODES = frozenset({Code.PENDING, Code.PENDING_WARNING})
+
+
+class Status(int):
+    """A DIMSE status code with its optional error comment (PS3.7 Annex C)."""
+
+    SUCCESS = Code.SUCCESS
+    PENDING = Code.PENDING
+    PENDING_WARNING = Code.PENDING_WARNING
+    CANCEL = Code.CANCEL
+
+    error_comment: str | None
+
+    def __new__(cls, code: int, error_comment: str | None = None) -> Status:
+        obj = super().__new__(cls, code)
+        obj.error_comment = error_comment
+        return obj
+
+    @property
+    def category(self) -> StatusCategory:
+        code = int(self)
+        if code == 0x0000:
+            return StatusCategory.SUCCESS
+        if code in (0xFF00, 0xFF01):
+            return StatusCategory.PENDING
+        if code == 0xFE00:
+            return StatusCategory.CANCEL
+        if code in _WARNING_CODES or 0xB000 <= code <= 0xBFFF:
+            return StatusCategory.WARNING
+        return StatusCategory.FAILURE
+
+    @property
+    def is_success(self) -> bool:
+        return self == 0
+
+    @property
+    def is_pending(self) -> bool:
+        return self.category is StatusCategory.PENDING
+
+    @property
+    def is_failure(self) -> bool:
+        return self.category is StatusCategory.FAILURE
+
+    def __repr__(self) -> str:
+        extra = f", {self.error_comment!r}" if self.error_comment else ""
+        return f"Status(0x{int(self):04X} {self.category.value}{extra})"
+
+    __str__ = __repr__
+
+
+def response_status(status: int | None, error_comment: str | None = None) -> Status:
+    """The status a received response carries; a response without one is a failure (0xC000)."""
+    if status is None:
+        return Status(Code.CANNOT_UNDERSTAND, "response has no status")
+    return Status(status, error_comment)

@@ -1,0 +1,164 @@
+"""Waiting for DIMSE responses: one request's response queue and the stream of a
+multi-response operation with C-CANCEL on early exit (PS3.7 §9.3.2.3). Used by the
+asyncio adapter; the session decides which response is final."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Protocol
+
+from .acse import PresentationContext
+from .dimse import Command, CommandField, Message
+from .exceptions import AssociationError, AssociationTimeout
+
+__all__ = ["MessageStream", "ResponseQueue"]
+
+
+class _Owner(Protocol):
+    """The adapter as seen from here."""
+
+    loop: asyncio.AbstractEventLoop
+    _window: asyncio.Semaphore
+    settings: Any
+
+    @property
+    def is_established(self) -> bool: ...
+
+    def abort(self, reason: str = ...) -> None: ...
+
+    async def send(self, context_id: int, command: Command, dataset: Any = None) -> None: ...
+
+    def spawn(self, coro: Any) -> Any: ...
+
+    def _invoke(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue: ...
+
+    def _forget(self, waiter: ResponseQueue) -> None: ...
+
+
+class ResponseQueue:
+    """The responses to one request, as they arrive; ``done`` resolves with the final one."""
+
+    __slots__ = ("_items", "_owner", "_wakeup", "done", "message_id", "name")
+
+    def __init__(self, owner: _Owner, message_id: int, name: str):
+        self._owner = owner
+        self.message_id = message_id
+        self.name = name
+        self._items: deque[Message | BaseException] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self.done: asyncio.Future[None] = owner.loop.create_future()
+
+    def put(self, message: Message, final: bool) -> None:
+        self._items.append(message)
+        if final and not self.done.done():
+            self.done.set_result(None)
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        self._items.append(exc)
+        if not self.done.done():
+            self.done.set_result(None)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def get(self, timeout: float | None) -> Message:
+        """The next response; no response within ``timeout`` aborts (one rule for every operation)."""
+        if not self._items:
+            self._wakeup = self._owner.loop.create_future()
+            try:
+                await asyncio.wait_for(self._wakeup, timeout)
+            except TimeoutError:
+                reason = f"no {self.name} response within {timeout} s"
+                self._owner.abort(reason)
+                raise AssociationTimeout(reason) from None
+            finally:
+                self._wakeup = None
+        item = self._items.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class MessageStream:
+    """Every response to one multi-response request, the final one last.
+
+    Leaving early with :meth:`aclose` (or ``async with``) sends C-CANCEL and waits for
+    the final response, which is then in ``final``.
+    """
+
+    def __init__(self, owner: _Owner, context: PresentationContext, command: Command, dataset: Any):
+        self._owner, self._context, self._command, self._dataset = owner, context, command, dataset
+        self._waiter: ResponseQueue | None = None
+        self._closed = False
+        #: The final response, once it arrived.
+        self.final: Message | None = None
+
+    def __aiter__(self) -> MessageStream:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._closed or self.final is not None:
+            raise StopAsyncIteration
+        owner = self._owner
+        if self._waiter is None:
+            await owner._window.acquire()
+            try:
+                self._waiter = owner._invoke(self._context, self._command, multi=True)
+                await owner.send(self._context.id, self._command, self._dataset)
+            except BaseException:
+                self._finish()
+                raise
+        try:
+            msg = await self._waiter.get(owner.settings.dimse_timeout)
+        except BaseException:
+            self._finish()
+            raise
+        if self._waiter.done.done() and not self._waiter._items:
+            self.final = msg
+            self._finish()
+        return msg
+
+    def __del__(self) -> None:
+        # Dropped before the end (``break`` out of a loop nobody else holds): cancel now.
+        if self._waiter is not None and not self._closed and self._owner.is_established:
+            try:
+                self._owner.spawn(self.aclose())
+            except RuntimeError:  # pragma: no cover - the loop is gone
+                pass
+
+    def _finish(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._waiter is not None:
+                self._owner._forget(self._waiter)
+            self._owner._window.release()
+
+    async def aclose(self) -> None:
+        """Stop early: C-CANCEL, then wait for the final response (PS3.7 §9.3.2.3)."""
+        waiter = self._waiter
+        if self._closed or waiter is None:
+            self._closed = True
+            return
+        try:
+            if self._owner.is_established:
+                await self._owner.send(
+                    self._context.id, Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=waiter.message_id)
+                )
+                while self.final is None:
+                    msg = await waiter.get(self._owner.settings.dimse_timeout)
+                    if waiter.done.done() and not waiter._items:
+                        self.final = msg
+        except AssociationError:
+            pass
+        finally:
+            self._finish()
+
+    async def __aenter__(self) -> MessageStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
