@@ -983,3 +983,97 @@ async def test_pydicom_corpus_retrieved_by_getscu_and_movescu_in_its_own_syntax(
                         assert same_dataset(got, sent), f"{how}: {sent.name} differs"
                     else:
                         assert same_decoded(got, sent, ts), f"{how}: {sent.name} differs"
+
+
+# --------------------------------------------------------------------------- C-MOVE final response
+
+
+async def test_move_ends_with_a_final_response_when_the_destination_aborts(tmp_path: Path) -> None:
+    """The C-MOVE destination (DCMTK storescp --abort-after) aborts the sub-association on
+    the first C-STORE: the SCU (pynetdicom) still gets a final response, with the
+    sub-operation counts and every instance in the Failed SOP Instance UID List."""
+    files = distinct_cts(tmp_path, 3)
+    uids = sorted(str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files)
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    move_class = MODELS["study"]["move"]
+    with dcmtk_storescp(tmp_path / "dest", "--abort-after") as (dest_port, _log):
+        async with running_serve(tmp_path / "arch") as srv:
+            _code, out = await storescu(srv.port, *files)
+            assert store_statuses(out) == ["Success"] * 3, out
+            srv.ae.known_aes["DEST"] = (HOST, dest_port)
+
+            def move() -> list[tuple[int, int | None, int | None, list[str]]]:
+                ae = PynetdicomAE(ae_title="PYNETSCU")
+                ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+                ae.add_requested_context(move_class)
+                assoc = ae.associate(HOST, srv.port, ae_title=SERVE_AE)
+                assert assoc.is_established
+                ident = Dataset()
+                ident.QueryRetrieveLevel = "STUDY"
+                ident.StudyInstanceUID = study
+                got = []
+                try:
+                    for status, identifier in assoc.send_c_move(ident, "DEST", move_class):
+                        failed_list = []
+                        if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+                            value = identifier.FailedSOPInstanceUIDList
+                            failed_list = [str(value)] if isinstance(value, str) else [str(v) for v in value]
+                        got.append((
+                            int(status.get("Status", -1)) if status else -1,
+                            status.get("NumberOfCompletedSuboperations") if status else None,
+                            status.get("NumberOfFailedSuboperations") if status else None,
+                            failed_list,
+                        ))  # fmt: skip
+                finally:
+                    if assoc.is_established:
+                        assoc.release()
+                return got
+
+            responses = await asyncio.to_thread(move)
+    assert responses, "no C-MOVE response at all"
+    final_status, completed, failed, failed_list = responses[-1]
+    assert final_status == 0xA702, responses  # every sub-operation failed (PS3.4 C.4.2.3.1)
+    assert (completed, failed) == (0, 3), responses
+    assert sorted(failed_list) == uids
+
+
+# --------------------------------------------------------------------------- configuration, leftovers
+
+
+def test_serve_settings_for_integrity(tmp_path: Path) -> None:
+    from dimse_async.archive.config import load_config
+
+    good = tmp_path / "good.toml"
+    good.write_text(
+        'duplicates = "replace"\nfsync = false\nstorage_classes = ["1.2.3.4"]\n'
+        'transfer_syntaxes = ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1"]\n'
+    )
+    cfg = load_config(good)
+    assert (cfg.duplicates, cfg.fsync, cfg.storage_classes) == ("replace", False, ["1.2.3.4"])
+    ae = archive_ae(cfg)
+    assert ae.supported_contexts["1.2.3.4"].transfer_syntaxes == ["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1"]
+    assert load_config(None).duplicates == "keep" and load_config(None).fsync is True
+    for text, message in [
+        ('duplicates = "overwrite"\n', "duplicates"),
+        ('fsync = "yes"\n', "fsync"),
+        ('storage_classes = ["not a uid"]\n', "storage_classes"),
+        ("transfer_syntaxes = []\n", "transfer_syntaxes"),
+    ]:
+        bad = tmp_path / "bad.toml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_config(bad)
+
+
+async def test_start_removes_stale_spools_and_replacement_leftovers(tmp_path: Path) -> None:
+    """What a killed store leaves (``.incoming/*.partial``, ``<uid>.dcm.partial``,
+    ``<uid>.dcm.old``) is removed at start and never indexed."""
+    root = tmp_path / "arch"
+    (root / ".incoming").mkdir(parents=True)
+    (root / ".incoming" / ".incoming-abc.partial").write_bytes(b"half")
+    (root / "12" / "34").mkdir(parents=True)
+    (root / "12" / "34" / "1.2.3.1234.dcm.partial").write_bytes(Path(CT).read_bytes()[:900])
+    (root / "12" / "34" / "1.2.3.1234.dcm.old").write_bytes(Path(CT).read_bytes())
+    async with running_serve(root) as srv:
+        assert await srv.archive.count() == 0
+    assert not list(root.rglob("*.partial")) and not list(root.rglob("*.old"))

@@ -11,6 +11,7 @@ Example::
     duplicates = "keep"                       # or "replace": an instance already stored
     fsync = true                              # flush files and index before answering success
     storage_classes = ["1.2.3.4"]             # extra storage SOP classes to accept
+    transfer_syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # accepted for storage, in this order
 
     # Deployment (docs/deployment.md); all optional:
     tls_cert = "/etc/dicom/server.pem"        # enables TLS (PS3.15 B.9, BCP 195)
@@ -44,6 +45,7 @@ from typing import Any
 from ..acse import validate_ae_title
 from ..part10 import valid_uid
 from ..proxy import networks
+from ..services.storage import STORE_TRANSFER_SYNTAXES
 
 __all__ = ["ServeConfig", "load_config"]
 
@@ -66,6 +68,9 @@ class ServeConfig:
     fsync: bool = True
     #: Storage SOP classes to accept beyond those of PS3.4 Annex B (private ones, say).
     storage_classes: list[str] = field(default_factory=list)
+    #: Transfer syntaxes accepted for storage, in order of preference (the first one the
+    #: peer proposes wins; on C-GET contexts the retrieving peer's order wins instead).
+    transfer_syntaxes: list[str] = field(default_factory=lambda: list(STORE_TRANSFER_SYNTAXES))
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -152,6 +157,10 @@ def load_config(path: str | Path | None) -> ServeConfig:
             isinstance(value, list) and all(isinstance(v, str) and valid_uid(v) for v in value)
         ):
             raise ValueError("storage_classes must be a list of SOP Class UIDs")
+        elif key == "transfer_syntaxes" and not (
+            isinstance(value, list) and value and all(isinstance(v, str) and valid_uid(v) for v in value)
+        ):
+            raise ValueError("transfer_syntaxes must be a non-empty list of transfer syntax UIDs")
         elif key in ("trusted_proxies", "allowed_peer_addresses"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{key} must be a list of addresses or CIDR blocks")

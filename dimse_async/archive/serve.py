@@ -11,7 +11,7 @@ from ..deploy import Deployment, serve_until_signalled, server_ssl
 from ..health import HealthServer
 from ..log import get_logger
 from ..services.qr import MODELS
-from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES
+from ..services.storage import STORAGE_SOP_CLASSES
 from .config import ServeConfig, load_config
 from .index import Archive, Worklist, relational_queries
 
@@ -38,7 +38,7 @@ def archive_ae(config: ServeConfig) -> AE:
     )
     ae.add_supported_context(Verification)
     for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *config.storage_classes]):
-        ae.add_supported_context(sop_class, STORE_TRANSFER_SYNTAXES, scp_role=True)
+        ae.add_supported_context(sop_class, config.transfer_syntaxes, scp_role=True)
     for model in MODELS.values():
         for uid in model.values():
             ae.add_supported_context(uid)

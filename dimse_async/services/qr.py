@@ -444,8 +444,13 @@ async def _run_suboperations(
             except NoAcceptedContext as exc:
                 assoc.log.warning("sub-operation not possible", error=str(exc))
                 category = StatusCategory.FAILURE
-            except AssociationError:
-                raise
+            except AssociationError as exc:
+                if not assoc.is_established:
+                    raise
+                # The C-MOVE sub-association ended (the destination aborted): this and
+                # every later sub-operation fail, and the final response still goes out.
+                assoc.log.warning("sub-operation failed: sub-association ended", error=str(exc))
+                category = StatusCategory.FAILURE
             except Exception as exc:
                 assoc.log.warning("sub-operation failed", error=repr(exc))
                 category = StatusCategory.FAILURE
