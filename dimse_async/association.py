@@ -2,10 +2,10 @@
 
 :class:`AssociationProtocol` moves bytes between the socket and
 :class:`~dimse_async.fsm.UpperLayer`, runs the outputs it returns (writes, ARTIM,
-closing), feeds P-DATA to the :class:`~dimse_async.session.Session` and runs what
-that returns (handler tasks from the AE's dispatch table, sinks from its factories,
-responses to waiting requests), keeps the idle timer, and pauses reading when
-handlers or the disk fall behind. It implements :class:`~dimse_async.interface.DIMSEProvider`.
+closing), keeps the idle timers, and carries the association through negotiation,
+release and abort. Its DIMSE half (:class:`~dimse_async.messaging.DIMSEMessaging`)
+feeds P-DATA to the sans-I/O :class:`~dimse_async.session.Session` and runs what that
+returns. Together they implement :class:`~dimse_async.interface.DIMSEProvider`.
 """
 
 from __future__ import annotations
@@ -16,37 +16,24 @@ import socket
 from typing import Any, cast
 
 from . import fsm
-from .acse import Negotiated, PresentationContext, negotiation_summary, reject_text, requestor_contexts
-from .dimse import Command, DataFragment, DatasetSink, DIMSEError, Message, encode_command, fragment, fragment_stream
-from .exceptions import AssociationAborted, AssociationError, AssociationRejected, AssociationTimeout
-from .interface import AssociationEvent, Dataset, Settings, StoreHandler
+from .acse import Negotiated, negotiation_summary, reject_text, requestor_contexts
+from .exceptions import AssociationAborted, AssociationRejected, AssociationTimeout
+from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
 from .log import debug_enabled, get_logger
-from .oplog import OperationLog
-from .pdu import AbortReason, AssociateRJ, AssociateRQ
+from .messaging import WRITE_BATCH, DIMSEMessaging
+from .pdu import AssociateRJ, AssociateRQ
 from .session import (
-    CancelRequested,
-    Operation,
-    PauseReading,
-    Perform,
-    Respond,
-    ResponseArrived,
-    ResumeReading,
     Session,
-    SessionEvent,
-    StreamStarted,
 )
-from .status import Code
-from .streams import MessageStream, ResponseQueue
 from .tls import TLSInfo, session_info
 
 __all__ = ["AssociationProtocol"]
 
 _ids = itertools.count(1)
-_WRITE_BATCH = 1 << 20  # join up to this many bytes of PDUs into one write
 
 
-class AssociationProtocol(asyncio.Protocol):
+class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
     """A DICOM association, requestor or acceptor side: transport, timers, session outputs."""
 
     def __init__(self, settings: Settings, *, requestor: bool, ae: Any = None):
@@ -71,8 +58,6 @@ class AssociationProtocol(asyncio.Protocol):
         self.peer_ae = ""
         self.associate_rq: AssociateRQ | None = None
         self.negotiated: Negotiated | None = None
-        self.session = Session(())
-        self.store_handler: StoreHandler | None = None
         self.log: Any = get_logger(assoc=self.id)
         self._debug = debug_enabled(self.log)
         self._established: asyncio.Future[None] = self.loop.create_future()
@@ -85,15 +70,7 @@ class AssociationProtocol(asyncio.Protocol):
         self._idle_release: asyncio.TimerHandle | None = None
         self._last_dimse = 0.0  # last DIMSE message either way (idle release)
         self._last_rx = self._last_tx = 0.0  # last bytes from the peer / last time it took ours
-        self._send_lock = asyncio.Lock()
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._pause_reasons: set[str] = set()
-        self._window = asyncio.Semaphore(1)
-        self._waiters: dict[int, ResponseQueue] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._sink: DatasetSink | None = None
-        self.oplog = OperationLog(self.loop.time())
+        self._init_messaging()
 
     @property
     def is_established(self) -> bool:
@@ -102,14 +79,6 @@ class AssociationProtocol(asyncio.Protocol):
     @property
     def is_closed(self) -> bool:
         return self._closed.done()
-
-    @property
-    def accepted_contexts(self) -> list[PresentationContext]:
-        return self.negotiated.accepted if self.negotiated else []
-
-    @property
-    def rejected_contexts(self) -> list[PresentationContext]:
-        return [c for c in self.negotiated.contexts if not c.accepted] if self.negotiated else []
 
     @property
     def end_reason(self) -> str | None:
@@ -135,7 +104,7 @@ class AssociationProtocol(asyncio.Protocol):
         peer = self.proxied_peer or transport.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
         self.tls = session_info(transport)
-        transport.set_write_buffer_limits(high=4 * _WRITE_BATCH)
+        transport.set_write_buffer_limits(high=4 * WRITE_BATCH)
         self.log = self.log.bind(peer=f"{self.peer[0]}:{self.peer[1]}", local_ae=self.local_ae)
         if self.via is not None:
             self.log = self.log.bind(via=f"{self.via[0]}:{self.via[1]}")
@@ -174,19 +143,6 @@ class AssociationProtocol(asyncio.Protocol):
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def pause_reading(self, reason: str) -> None:
-        """Stop reading the socket until every reason to pause is gone (backpressure)."""
-        if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-        self._pause_reasons.add(reason)
-
-    def resume_reading(self, reason: str) -> None:
-        if reason not in self._pause_reasons:
-            return
-        self._pause_reasons.discard(reason)
-        if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     # ----------------------------------------------------------- upper layer outputs
 
@@ -231,20 +187,6 @@ class AssociationProtocol(asyncio.Protocol):
                 self._aborted(f"provider abort: {out.reason}")
             # ConnectTransport: the requestor opens the connection itself (see AE.associate).
 
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
-        """Run ``coro`` as a task of this association: cancelled when it ends; an
-        unexpected exception aborts the association."""
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, AssociationError):
-            self.log.error("internal error in association task", error=repr(exc))
-            self.abort(f"internal error: {exc!r}")
-
     def _on_artim(self) -> None:
         self._artim = None
         self._run(self.fsm.artim_expired())
@@ -253,45 +195,6 @@ class AssociationProtocol(asyncio.Protocol):
             self.log.warning("ARTIM timer expired, connection closed", reason=self.fsm.failure)
         if self.fsm.failure and self._end_reason is None:
             self._end_reason = self.fsm.failure
-
-    def _arm_idle(self) -> None:
-        timeout = self.settings.network_timeout
-        if timeout is not None and not self._closed.done():
-            self._idle = self.loop.call_at(max(self._last_rx, self._last_tx) + timeout, self._check_idle)
-
-    def _check_idle(self) -> None:
-        self._idle = None
-        timeout = self.settings.network_timeout
-        if timeout is None or self._closed.done():
-            return
-        now = self.loop.time()
-        silent = now - max(self._last_rx, self._last_tx) >= timeout
-        # Handlers blocked on a peer that neither sends nor reads are not local work.
-        if silent and (self._write_paused or (not self._tasks and not self._waiters)):
-            self.abort(f"network idle timeout ({timeout} s)")
-            return
-        if silent:
-            self._last_rx = now  # busy locally: not idle
-        self._arm_idle()
-
-    def _arm_idle_release(self) -> None:
-        """Requestor with ``AE(idle_release=...)``: release after that long without DIMSE traffic."""
-        delay = self.settings.idle_release
-        if delay is not None and self.requestor and not self._closed.done():
-            self._idle_release = self.loop.call_at(self._last_dimse + delay, self._check_idle_release)
-
-    def _check_idle_release(self) -> None:
-        self._idle_release = None
-        delay = self.settings.idle_release
-        if delay is None or self._closed.done() or not self.is_established:
-            return
-        if self._waiters or self.loop.time() - self._last_dimse < delay:
-            if self._waiters:
-                self._last_dimse = self.loop.time()
-            self._arm_idle_release()
-            return
-        self.log.info("releasing idle association", idle_release=delay)
-        self.spawn(self.release())
 
     # ----------------------------------------------------------- life cycle
 
@@ -453,171 +356,3 @@ class AssociationProtocol(asyncio.Protocol):
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
-
-    # ----------------------------------------------------------- DIMSE
-
-    def context_for(self, abstract_syntax: str, *, as_scp: bool = False) -> PresentationContext:
-        """The first accepted context for ``abstract_syntax`` where we may take the role."""
-        return self.session.context_for(abstract_syntax, as_scp=as_scp)
-
-    def context(self, context_id: int) -> PresentationContext:
-        return self.session.context(context_id)
-
-    def _check_can_send(self) -> None:
-        if self.fsm.state not in (fsm.State.Sta6, fsm.State.Sta8):
-            raise AssociationAborted(self._end_reason or f"association not established ({self.fsm.state.name})")
-
-    async def _drain(self) -> None:
-        if self._write_paused and self.transport is not None and not self.transport.is_closing():
-            self._drain_waiter = self.loop.create_future()
-            await self._drain_waiter
-
-    async def send(self, context_id: int, command: Command, dataset: Dataset | None = None) -> None:
-        """Send one DIMSE message, fragmented for the peer's maximum PDU length.
-
-        ``dataset`` is bytes, or a payload with ``length`` and ``read(n)`` streamed in
-        PDU-sized pieces (a file). The send lock keeps messages whole; small ones go
-        out in one write, large ones in ~1 MiB writes that wait for the transport to drain.
-        """
-        if dataset is not None:
-            command.data_set_type = 0x0000
-        cmd = encode_command(command)
-        max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
-        async with self._send_lock:
-            self._check_can_send()
-            self.oplog.sent(self.loop.time(), command, dataset, self.log, self._debug)
-            batch = list(fragment(context_id, cmd, True, max_pdu))
-            size = sum(map(len, batch))
-            if dataset is not None:
-                if isinstance(dataset, (bytes, bytearray, memoryview)):
-                    pdus = fragment(context_id, dataset, False, max_pdu)
-                else:
-                    pdus = fragment_stream(context_id, dataset, max_pdu)
-                started = False
-                try:
-                    for pdu in pdus:
-                        batch.append(pdu)
-                        size += len(pdu)
-                        if size >= _WRITE_BATCH:
-                            self._run(self.fsm.send_pdata(b"".join(batch)))
-                            started, batch, size = True, [], 0
-                            await self._drain()
-                            self._check_can_send()
-                except BaseException as exc:
-                    if started:  # the peer can never see this message whole (PS3.8 Annex E)
-                        self.abort(f"sending {command.name} failed midway: {exc!r}")
-                    raise
-            if batch:
-                self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else batch[0]))
-            if self._debug:
-                self.log.debug("message sent", command=command.name, context=context_id, dataset=dataset is not None)
-            self._last_dimse = self.loop.time()
-            if self.settings.observer is not None:
-                self.settings.observer.message_sent(self, command)
-            await self._drain()
-
-    send_message = send
-
-    async def request(
-        self,
-        context: PresentationContext,
-        command: Command,
-        dataset: Dataset | None = None,
-        timeout: float | None = None,
-    ) -> Message:
-        """Send a request and await its single response (within the async ops window)."""
-        async with self._window:
-            waiter = self._invoke(context, command, multi=False)
-            try:
-                await self.send(context.id, command, dataset)
-                return await waiter.get(self.settings.dimse_timeout if timeout is None else timeout)
-            finally:
-                self._forget(waiter)
-
-    def request_stream(
-        self, context: PresentationContext, command: Command, dataset: Dataset | None = None
-    ) -> MessageStream:
-        """Send a multi-response request (C-FIND/C-GET/C-MOVE); iterate its responses."""
-        return MessageStream(self, context, command, dataset)
-
-    def _invoke(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue:
-        self._check_can_send()
-        mid = self.session.start_request(context, command, multi=multi)
-        waiter = self._waiters[mid] = ResponseQueue(self, mid, command.name)
-        return waiter
-
-    def _forget(self, waiter: ResponseQueue) -> None:
-        self._waiters.pop(waiter.message_id, None)
-        self.session.forget_request(waiter.message_id)
-
-    def _on_pdata(self, out: fsm.PDataIndication) -> None:
-        if self.fsm.state in (fsm.State.Sta1, fsm.State.Sta13):
-            return  # aborted earlier in this batch of PDUs: the data is ignored (AA-6)
-        try:
-            events = self.session.receive(out.pdu.pdvs)
-        except DIMSEError as exc:
-            self.log.warning("DIMSE protocol violation", error=str(exc))
-            self._run(self.fsm.provider_abort(f"DIMSE protocol violation: {exc}", AbortReason.NOT_SPECIFIED))
-            return
-        for event in events:
-            self._on_session_event(event)
-
-    def _received(self, msg: Message) -> None:
-        """A complete request or response arrived: accounting and observers."""
-        now = self._last_dimse = self.loop.time()
-        self.oplog.received(now, msg, self.log, self._debug)
-        if self.settings.observer is not None:
-            self.settings.observer.message_received(self, msg.command)
-
-    def note_error(self, kind: str) -> None:
-        """Count a local failure of ``kind`` (e.g. "spool", "storage") for metrics."""
-        if self.settings.observer is not None:
-            self.settings.observer.error(kind)
-
-    def _on_session_event(self, event: SessionEvent) -> None:
-        if isinstance(event, DataFragment):
-            if self._sink is not None:
-                self._sink.write(event.data)
-                if event.last:
-                    self._sink = None
-        elif isinstance(event, ResponseArrived):
-            self._received(event.message)
-            waiter = self._waiters.get(event.message_id)
-            if waiter is not None:
-                waiter.put(event.message, event.final)
-        elif isinstance(event, StreamStarted):
-            self._sink = self.settings.sinks[event.message.command.command_field](self, event.message)
-            event.message.sink = self._sink
-        elif isinstance(event, Perform):
-            self._received(event.operation.message)
-            self.spawn(self._perform(event.operation))
-        elif isinstance(event, Respond):
-            self.spawn(self.send(event.context_id, event.command))
-        elif isinstance(event, PauseReading):
-            self.pause_reading("window")
-        elif isinstance(event, ResumeReading):
-            self.resume_reading("window")
-        elif isinstance(event, CancelRequested) and self._debug:
-            self.log.debug("C-CANCEL received", message_id=event.operation.message_id)
-
-    async def _perform(self, op: Operation) -> None:
-        """Run the service for one received request; then let the next held-back one start."""
-        try:
-            cmd = op.command
-            if self._debug:
-                self.log.debug("message received", command=cmd.name, context=op.context.id)
-            service = self.settings.dispatch.get(cmd.command_field)
-            if service is None:
-                self.log.warning("unsupported DIMSE request", command=cmd.name)
-                rsp = Command(cmd.command_field | 0x8000, message_id_being_responded_to=cmd.message_id)
-                rsp.affected_sop_class_uid, rsp.status = cmd.affected_sop_class_uid, Code.UNRECOGNIZED_OPERATION
-                await self.send(op.context.id, rsp)
-            else:
-                await service(self, op)
-        finally:
-            sink = op.message.sink
-            if sink is not None:
-                sink.discard()
-            if not self._closed.done():
-                for event in self.session.finished(op):
-                    self._on_session_event(event)

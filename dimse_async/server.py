@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .log import get_logger
 
 if TYPE_CHECKING:
-    from .ae import AE
     from .operations import Association
 
 __all__ = ["Server"]
+
+
+class ServerOwner(Protocol):
+    """What a server reads of its AE."""
+
+    ae_title: str
+    max_associations: int
+    observer: Any
 
 
 class Server:
@@ -23,7 +30,7 @@ class Server:
     both after turning :attr:`ready` false (graceful shutdown behind a load balancer).
     """
 
-    def __init__(self, ae: AE):
+    def __init__(self, ae: ServerOwner):
         self.ae = ae
         self._server: asyncio.base_events.Server | None = None
         self.associations: set[Association] = set()
