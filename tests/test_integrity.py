@@ -394,9 +394,16 @@ async def find_archive(tmp_path: Path) -> AsyncIterator[tuple[Running, dict[str,
         "other": {"InstitutionName": "St Mary", "StudyDate": "20221111", "AccessionNumber": "ACC3",
                   "StationName": "MR01", "Modality": "MR"},
     }  # fmt: skip
+    created = {"jfk": "20200110", "unknown": "20210315", "other": "20221111"}
+    codes = {"jfk": "CTHEAD", "unknown": "CTCHEST", "other": "MRKNEE"}
     made = {}
     paths = []
     for n, (name, attrs) in enumerate(specs.items()):
+        code = Dataset()
+        code.CodeValue = codes[name]
+        code.CodingSchemeDesignator = "LOCAL"
+        code.CodeMeaning = codes[name].title()
+        attrs = {**attrs, "InstanceCreationDate": created[name], "ProcedureCodeSequence": [code]}
         path = write_ct(tmp_path / f"{name}.dcm", SOPInstanceUID=generate_uid(), StudyInstanceUID=generate_uid(),
                         SeriesInstanceUID=generate_uid(), PatientID=f"PID{n}", PatientName=f"PAT^{name.upper()}",
                         **attrs)  # fmt: skip
@@ -428,6 +435,14 @@ def studies(found: list[Dataset]) -> set[str]:
         (("AccessionNumber=ACC*",), {"jfk", "other", "unknown"}),
         # List of UID Matching (C.2.2.2.2)
         (("StudyInstanceUID={jfk}\\{other}",), {"jfk", "other"}),
+        # Range Matching on a date the index does not hold (C.2.2.2.5)
+        (("InstanceCreationDate=20210101-20231231",), {"unknown", "other"}),
+        (("InstanceCreationDate=-20200131",), {"jfk"}),
+        # Sequence Matching on a sequence the index does not hold (C.2.2.2.6)
+        (("ProcedureCodeSequence[0].CodeValue=CT*",), {"jfk", "unknown"}),
+        (("ProcedureCodeSequence[0].CodeValue=MRKNEE",), {"other"}),
+        # Single Value Matching of PN, case-insensitive here (C.2.2.2.1, conformance note)
+        (("PatientName=pat^jfk",), {"jfk"}),
     ],
     ids=[
         "optional-wildcard",
@@ -439,6 +454,11 @@ def studies(found: list[Dataset]) -> set[str]:
         "required-unknown-accession",
         "required-unknown-wildcard",
         "uid-list",
+        "optional-date-range",
+        "optional-date-open-range",
+        "sequence-wildcard",
+        "sequence-single",
+        "pn-case",
     ],
 )
 async def test_find_matching_rules(
