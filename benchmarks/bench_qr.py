@@ -527,7 +527,7 @@ def start_serve(work: Path, name: str, root: Path, port: int, dest_port: int, pr
     argv = [sys.executable]
     if profile is not None:
         argv += ["-m", "cProfile", "-o", str(profile)]
-    argv += ["-m", "dimse_async.cli", "serve", "--config", str(cfg), "--log-level", "WARNING"]
+    argv += ["-m", "dimse_async", "serve", "--config", str(cfg), "--log-level", "WARNING"]
     return Proc(name, argv, work / f"{name}.log")
 
 

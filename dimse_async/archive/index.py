@@ -528,6 +528,15 @@ class Archive:
     def _reindex(self) -> tuple[int, int, int]:
         self._clean_leftovers()
         db = self._conn()
+        # The files are the truth and a re-index interrupted is simply redone: no flush
+        # per file while catching up.
+        db.execute("PRAGMA synchronous=OFF")
+        try:
+            return self._reindex_files(db)
+        finally:
+            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+
+    def _reindex_files(self, db: sqlite3.Connection) -> tuple[int, int, int]:
         known = {row[0]: (row[1], row[2]) for row in db.execute("SELECT path, size, mtime FROM instances")}
         added = skipped = 0
         seen = set()
