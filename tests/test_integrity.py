@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -323,11 +324,13 @@ async def test_every_storage_class_negotiates_with_store_scp(tmp_path: Path) -> 
         max_associations = 10
         window = 4
         out = str(tmp_path / "out")
+        sop_class = (PRIVATE_CLASS,)  # --sop-class
 
     ae = storage_ae(Args())  # type: ignore[arg-type]
+    wanted = [*STORAGE_SOP_CLASSES, PRIVATE_CLASS]
     async with await ae.start_server(HOST, 0) as server:
-        accepted = await asyncio.to_thread(pynetdicom_negotiate, server.port, "STORESCP", list(STORAGE_SOP_CLASSES))
-    assert set(STORAGE_SOP_CLASSES) - accepted == set()
+        accepted = await asyncio.to_thread(pynetdicom_negotiate, server.port, "STORESCP", wanted)
+    assert set(wanted) - accepted == set()
     assert set(FOR_PRESENTATION_PROCESSING) <= accepted
 
 
@@ -1097,3 +1100,73 @@ async def test_start_removes_stale_spools_and_replacement_leftovers(tmp_path: Pa
     async with running_serve(root) as srv:
         assert await srv.archive.count() == 0
     assert not list(root.rglob("*.partial")) and not list(root.rglob("*.old"))
+
+
+# --------------------------------------------------------------------------- C-GET of a compressed instance
+
+
+@pytest.mark.parametrize(
+    ("proposed", "arrives"),
+    [
+        (["1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1"], "1.2.840.10008.1.2.5"),  # RLE first: as stored
+        (["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.5"], "1.2.840.10008.1.2.1"),  # explicit first: decoded
+        (["1.2.840.10008.1.2.1"], "1.2.840.10008.1.2.1"),  # nothing better offered: decoded
+    ],
+    ids=["rle-preferred", "explicit-preferred", "explicit-only"],
+)
+async def test_get_of_an_rle_instance_delivers_what_the_peer_takes(
+    tmp_path: Path, proposed: list[str], arrives: str
+) -> None:
+    """An RLE-stored instance, pynetdicom C-GETs it proposing one storage context (SCP
+    role) with ``proposed``: it arrives in the syntax the peer prefers, as stored when
+    that is RLE, otherwise decoded into explicit VR LE with the same pixels."""
+    import numpy as np
+    from pynetdicom import build_role, evt
+
+    rle = Path(get_testdata_file("MR_small_RLE.dcm"))
+    original = pydicom.dcmread(rle)
+    get_class = MODELS["study"]["get"]
+    async with running_serve(tmp_path / "arch") as srv:
+        from dimse_async.services.send import send_files
+
+        report = await send_files(AE("SENDER"), HOST, srv.port, SERVE_AE, [str(rle)])  # stored as RLE
+        assert not report.failed, report.results
+
+        def get() -> tuple[int, list[tuple[str, Dataset]]]:
+            received: list[tuple[str, Dataset]] = []
+
+            def on_store(event: Any) -> int:
+                received.append((str(event.context.transfer_syntax), event.dataset))
+                return 0
+
+            ae = PynetdicomAE(ae_title="PYNETSCU")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+            ae.add_requested_context(get_class)
+            ae.add_requested_context(str(original.SOPClassUID), proposed)
+            role = build_role(str(original.SOPClassUID), scp_role=True)
+            assoc = ae.associate(
+                HOST, srv.port, ae_title=SERVE_AE, ext_neg=[role], evt_handlers=[(evt.EVT_C_STORE, on_store)]
+            )
+            assert assoc.is_established
+            ident = Dataset()
+            ident.QueryRetrieveLevel = "STUDY"
+            ident.StudyInstanceUID = original.StudyInstanceUID
+            final = -1
+            try:
+                for status, _identifier in assoc.send_c_get(ident, get_class):
+                    if status and status.Status not in (0xFF00, 0xFF01):
+                        final = int(status.Status)
+            finally:
+                assoc.release()
+            return final, received
+
+        final, received = await asyncio.to_thread(get)
+    assert final == 0x0000
+    ((syntax, got),) = received
+    assert syntax == arrives
+    if arrives == "1.2.840.10008.1.2.5":
+        assert got.PixelData == original.PixelData
+    else:
+        got.file_meta = pydicom.dataset.FileMetaDataset()
+        got.file_meta.TransferSyntaxUID = arrives
+        assert np.array_equal(got.pixel_array, original.pixel_array)

@@ -21,6 +21,7 @@ from ..exceptions import (
     NoAcceptedContext,
 )
 from ..log import configure_logging, get_logger
+from ..part10 import valid_uid
 from ..services.send import SendResult, collect_files, send_files
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
 from . import check, options
@@ -54,6 +55,12 @@ def _ae_title(value: str) -> str:
         return validate_ae_title(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _sop_class(value: str) -> str:
+    if not valid_uid(value):
+        raise argparse.ArgumentTypeError(f"not a UID: {value!r}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -104,6 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     store.add_argument("--any-called-ae", action="store_true", help="accept any called AE title")
     store.add_argument("--max-associations", type=int, default=1000)
     store.add_argument("--window", type=int, default=16, help="concurrent operations per association")
+    store.add_argument(
+        "--sop-class",
+        type=_sop_class,
+        action="append",
+        default=[],
+        metavar="UID",
+        help="also accept this storage SOP class (repeatable; every PS3.4 Annex B class is accepted already)",
+    )
     store.add_argument("--log-level", default="INFO")
     store.add_argument("--log-json", action="store_true")
     _server_options(store)
@@ -235,7 +250,7 @@ def storage_ae(args: argparse.Namespace) -> AE:
         **_server_kwargs(args),
     )
     ae.add_supported_context(Verification)
-    for sop_class in STORAGE_SOP_CLASSES:
+    for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *(getattr(args, "sop_class", None) or [])]):
         ae.add_supported_context(sop_class, STORE_TRANSFER_SYNTAXES)
     return ae
 
