@@ -197,3 +197,87 @@ async def test_many_concurrent_associations():
 
         results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(200))), 60)
     assert len(results) == 200 and all(s.is_success for s in results)
+
+
+async def test_release_waiting_for_the_send_lock_survives_a_peer_abort():
+    """release() judges the state only once it holds the send lock: an A-ABORT arriving
+    while it waits ends the association instead of raising InvalidPrimitive."""
+    ae = echo_scp()
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assoc = await echo_scu().associate("127.0.0.1", server.port, "SCP")
+        (server_assoc,) = server.associations
+        async with assoc._send_lock:  # a message being sent (reached in directly: timing)
+            releasing = asyncio.ensure_future(assoc.release())
+            for _ in range(10):
+                await asyncio.sleep(0)
+            server_assoc.abort("test: abort while the peer waits to release")
+            await asyncio.wait_for(assoc.wait_closed(), 5)
+        await asyncio.wait_for(releasing, 5)  # returns; no InvalidPrimitive
+        assert assoc.is_closed and "aborted by peer" in (assoc.end_reason or "")
+
+
+async def test_held_back_requests_are_answered_before_the_release_response():
+    """A peer exceeding the window then asking to release gets every response first."""
+    from rawpeer import RawPeer, echo_rq, rq_bytes
+
+    from dimse_async.dimse import decode_command
+    from dimse_async.pdu import ReleaseRQ
+
+    ae = AE("ARCHIVE", max_ops_performed=1)
+    ae.add_supported_context(Verification)
+
+    @ae.on_c_echo
+    async def slow(request):
+        await asyncio.sleep(0.1)
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        peer = await RawPeer.connect(server.port)
+        try:
+            await peer.associate(rq_bytes(called="ARCHIVE"))  # proposes no window: one at a time
+            await peer.send(echo_rq(1) + echo_rq(2) + echo_rq(3) + ReleaseRQ().encode())
+            answered, pdu_types = [], []
+            while True:
+                pdu = await peer.read_pdu(10)
+                assert pdu is not None, f"closed after {pdu_types}"
+                pdu_types.append(pdu[0])
+                if pdu[0] == 0x04:
+                    body = pdu[6:]
+                    answered.append(decode_command(body[6:]).message_id_being_responded_to)
+                if pdu[0] == 0x06:
+                    break
+            assert answered == [1, 2, 3] and pdu_types == [0x04, 0x04, 0x04, 0x06]
+        finally:
+            await peer.close()
+
+
+async def test_max_associations_holds_while_an_authenticator_awaits():
+    """The place is taken when the request is judged, so a slow user-identity check
+    cannot let a second association in past ``max_associations``."""
+    from dimse_async.pdu import UserIdentityRQ
+
+    ae = echo_scp(max_associations=1)
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    @ae.on_user_identity
+    async def check(identity, assoc):
+        entered.set()
+        await gate.wait()
+        return True, None
+
+    identity = UserIdentityRQ(1, b"user")
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        first = asyncio.ensure_future(echo_scu().associate("127.0.0.1", server.port, "SCP", identity=identity))
+        await asyncio.wait_for(entered.wait(), 5)
+        second = asyncio.ensure_future(echo_scu().associate("127.0.0.1", server.port, "SCP", identity=identity))
+        done, _ = await asyncio.wait([second], timeout=2)
+        gate.set()
+        assoc = await asyncio.wait_for(first, 5)
+        try:
+            assert done, "the second association was not judged while the first was being authenticated"
+            with pytest.raises(AssociationRejected) as rejected:
+                second.result()
+            assert (rejected.value.result, rejected.value.source, rejected.value.reason) == (2, 3, 2)
+        finally:
+            await assoc.release()
+            if not second.done():
+                second.cancel()

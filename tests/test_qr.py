@@ -10,7 +10,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dimse_async import AE, Verification
+from dimse_async import AE, AssociationAborted, AssociationTimeout, Verification
 from dimse_async.services.qr import MODELS
 from dimse_async.services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
 
@@ -264,3 +264,122 @@ async def test_cancel_stops_get_suboperations(tmp_path):
             assert responses.status == 0xFE00
             assert (await assoc.c_echo()).is_success
     assert 2 <= len(received) < 30
+
+
+def endless_find(ae: AE, cancelled: asyncio.Event, *, delay: float = 0.005):
+    """A C-FIND handler that matches forever until cancelled."""
+
+    @ae.on_c_find
+    async def find(request):
+        try:
+            for i in range(100_000):
+                ds = Dataset()
+                ds.PatientID = str(i)
+                yield ds
+                await asyncio.sleep(delay)
+        finally:
+            if request.cancelled:
+                cancelled.set()
+
+
+async def test_async_with_block_left_early_has_the_final_status_at_once():
+    """The documented way: leaving ``async with`` sends C-CANCEL and waits for the final
+    response, so ``status`` is set without polling."""
+    ae = qr_scp()
+    cancelled = asyncio.Event()
+    endless_find(ae, cancelled)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with qr_scu().associate("127.0.0.1", server.port, "QRSCP") as assoc:
+            async with assoc.c_find(study_query()) as responses:
+                async for _ds in responses:
+                    break
+            assert responses.status == 0xFE00
+            assert cancelled.is_set()
+
+
+async def test_break_out_of_a_loop_nobody_holds_cancels_promptly():
+    """``async for ds in assoc.c_find(q): break`` with no reference kept: C-CANCEL goes
+    out as soon as the loop drops the iterator, not whenever the garbage collector runs."""
+    import gc
+
+    ae = qr_scp()
+    cancelled = asyncio.Event()
+    endless_find(ae, cancelled)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with qr_scu().associate("127.0.0.1", server.port, "QRSCP") as assoc:
+            gc.disable()  # only reference counting may free the iterator
+            try:
+                async for _ds in assoc.c_find(study_query()):
+                    break
+                await asyncio.wait_for(cancelled.wait(), 5)
+            finally:
+                gc.enable()
+            assert (await assoc.c_echo()).is_success
+
+
+async def test_status_is_set_when_the_association_ends_mid_find():
+    ae = qr_scp()
+    cancelled = asyncio.Event()
+    endless_find(ae, cancelled, delay=0.02)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assoc = await qr_scu().associate("127.0.0.1", server.port, "QRSCP")
+        responses = assoc.c_find(study_query())
+        with pytest.raises(AssociationAborted):
+            async for _ds in responses:
+                (server_assoc,) = server.associations
+                server_assoc.abort("test")
+        assert responses.status is not None and responses.status.is_failure
+        await responses.aclose()  # nothing left to cancel: returns at once
+        await assoc.wait_closed()
+
+
+async def test_find_response_timeout_is_association_timeout():
+    """One timeout rule: no response within dimse_timeout raises AssociationTimeout and
+    aborts, for C-FIND as for every other operation."""
+    ae = qr_scp()
+    gate = asyncio.Event()
+
+    @ae.on_c_find
+    async def find(request):
+        await gate.wait()
+        yield Dataset()
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assoc = await qr_scu(dimse_timeout=0.3).associate("127.0.0.1", server.port, "QRSCP")
+        with pytest.raises(AssociationTimeout):
+            async for _ds in assoc.c_find(study_query()):
+                pass
+        await asyncio.wait_for(assoc.wait_closed(), 5)
+        assert "no C-FIND-RQ response" in (assoc.end_reason or "")
+        gate.set()
+
+
+async def test_handler_returning_a_non_status_answers_failure_and_keeps_the_association():
+    ae = qr_scp()
+
+    @ae.on_c_echo
+    async def echo(request):
+        return "fine"  # not a status
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with qr_scu().associate("127.0.0.1", server.port, "QRSCP") as assoc:
+            status = await assoc.c_echo()
+            assert status == 0xC000 and "not a status" in status.error_comment
+            assert assoc.is_established
+
+
+async def test_status_error_is_honoured_by_c_store():
+    from dimse_async import StatusError
+
+    ae = qr_scp()
+
+    @ae.on_c_store
+    async def store(request):
+        raise StatusError(0xA711, "quota exceeded")
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        scu = qr_scu()
+        scu.add_requested_context(CT_CLASS, [ExplicitVRLittleEndian])
+        async with scu.associate("127.0.0.1", server.port, "QRSCP") as assoc:
+            status = await assoc.c_store(CT)
+    assert status == 0xA711 and status.error_comment == "quota exceeded"

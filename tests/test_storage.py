@@ -431,3 +431,46 @@ def test_status_of_unknown_code_is_failure():
         from dimse_async.dimse import decode_command
 
         decode_command(b"\x00\x00")
+
+
+async def test_spool_discard_never_closes_the_file_under_the_writer_thread(tmp_path, monkeypatch):
+    """discard() during a disk write leaves the file to the writer: it is closed and
+    gone after the write returns, the write is never cut off, and nothing blocks the loop."""
+    import threading
+
+    from dimse_async.services import storage
+
+    events: list[str] = []
+    writing = threading.Event()
+    real_fdopen = os.fdopen
+
+    class Watched:
+        """The spool's real file, noting when writes and the close happen."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def writelines(self, chunks):
+            events.append("write start")
+            writing.set()
+            time.sleep(0.2)  # a slow disk
+            self.f.writelines(chunks)
+            events.append("write end")
+
+        def close(self):
+            events.append("close")
+            self.f.close()
+
+    monkeypatch.setattr(storage.os, "fdopen", lambda fd, mode: Watched(real_fdopen(fd, mode)))
+    spool = storage.Spool(b"HEAD", threshold=1024, directory=str(tmp_path), pause=lambda: None, resume=lambda: None)
+    spool.write(bytes(2 << 20))  # past the threshold and the flush size: a write starts
+    await asyncio.wait_for(asyncio.to_thread(writing.wait, 5), 6)
+    t0 = time.monotonic()
+    spool.discard()
+    assert time.monotonic() - t0 < 0.1  # the loop does not wait for the disk
+    for _ in range(100):
+        if "close" in events:
+            break
+        await asyncio.sleep(0.02)
+    assert events == ["write start", "write end", "close"]
+    assert os.listdir(tmp_path) == []

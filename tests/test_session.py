@@ -1,0 +1,184 @@
+"""The sans-I/O DIMSE session: message ids, the window and held-back requests, C-CANCEL
+routing, role checks and response matching, driven with PDVs only (no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dimse_async.acse import PresentationContext
+from dimse_async.dimse import NO_DATASET, Command, CommandField, DataFragment, DIMSEError, encode_command
+from dimse_async.exceptions import NoAcceptedContext
+from dimse_async.pdu import PDV
+from dimse_async.services.qr import Responses
+from dimse_async.session import (
+    CancelRequested,
+    PauseReading,
+    Perform,
+    Respond,
+    ResponseArrived,
+    ResumeReading,
+    Session,
+    StreamStarted,
+)
+from dimse_async.status import Code, StatusCategory, response_status
+
+VERIFICATION = "1.2.840.10008.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+LE = "1.2.840.10008.1.2.1"
+
+
+def scp_session(max_performed: int = 1) -> Session:
+    """The acceptor's view: SCP on every context, and SCU too on the CT one (C-GET)."""
+    contexts = [
+        PresentationContext(1, VERIFICATION, LE, 0, as_scu=False, as_scp=True),
+        PresentationContext(3, FIND, LE, 0, as_scu=False, as_scp=True),
+        PresentationContext(5, CT, LE, 0, as_scu=True, as_scp=False),
+    ]
+    return Session(contexts, max_performed=max_performed)
+
+
+def command(ctx: int, cmd: Command) -> list[PDV]:
+    return [PDV(ctx, True, True, encode_command(cmd))]
+
+
+def find_rq(mid: int) -> list[PDV]:
+    cmd = Command(CommandField.C_FIND_RQ, message_id=mid, affected_sop_class_uid=FIND, priority=0, data_set_type=0)
+    return command(3, cmd) + [PDV(3, False, True, b"identifier")]
+
+
+def cancel(mid: int) -> list[PDV]:
+    return command(3, Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=mid))
+
+
+def test_requests_beyond_the_window_are_held_back_and_started_in_order():
+    session = scp_session(max_performed=1)
+    [first] = session.receive(find_rq(1))
+    assert isinstance(first, Perform) and first.operation.message.dataset == b"identifier"
+    assert session.receive(find_rq(2)) == [PauseReading()]
+    assert session.receive(find_rq(3)) == []
+    assert session.held == 2 and not session.idle
+    started = session.finished(first.operation)
+    assert [type(e) for e in started] == [Perform]
+    assert started[0].operation.message_id == 2
+    started = session.finished(started[0].operation)
+    assert [type(e) for e in started] == [Perform, ResumeReading]
+    session.finished(started[0].operation)
+    assert session.idle
+
+
+def test_cancel_reaches_a_running_operation():
+    session = scp_session()
+    [perform] = session.receive(find_rq(7))
+    [event] = session.receive(cancel(7))
+    assert event == CancelRequested(perform.operation) and perform.operation.cancelled
+
+
+def test_cancel_aimed_at_a_held_back_request_answers_it_with_cancel():
+    session = scp_session(max_performed=1)
+    session.receive(find_rq(1))
+    session.receive(find_rq(2))
+    events = session.receive(cancel(2))
+    assert [type(e) for e in events] == [Respond, ResumeReading]
+    rsp = events[0].command
+    assert rsp.command_field == CommandField.C_FIND_RSP and rsp.message_id_being_responded_to == 2
+    assert rsp.status == Code.CANCEL
+    assert session.held == 0
+
+
+def test_cancel_for_an_unknown_message_id_is_ignored():
+    assert scp_session().receive(cancel(99)) == []
+
+
+def test_request_on_a_context_without_the_scp_role_is_refused():
+    """PS3.7 D.3.3.4: on context 5 we are only SCU, so a C-STORE-RQ there is refused."""
+    session = scp_session()
+    cmd = Command(
+        CommandField.C_STORE_RQ, message_id=4, affected_sop_class_uid=CT, affected_sop_instance_uid="1.2.3", data_set_type=0
+    )
+    events = session.receive(command(5, cmd) + [PDV(5, False, False, b"ab"), PDV(5, False, True, b"cd")])
+    [refusal] = events  # no StreamStarted, the data set is dropped
+    assert isinstance(refusal, Respond) and refusal.command.status == Code.SOP_CLASS_NOT_SUPPORTED
+    assert refusal.command.affected_sop_instance_uid == "1.2.3"
+
+
+def test_streamed_data_set_goes_out_as_fragments():
+    contexts = [PresentationContext(1, CT, LE, 0, as_scu=False, as_scp=True)]
+    session = Session(contexts, streamed={CommandField.C_STORE_RQ})
+    cmd = Command(
+        CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid=CT, affected_sop_instance_uid="1.2", data_set_type=0
+    )
+    events = session.receive(command(1, cmd) + [PDV(1, False, False, b"ab"), PDV(1, False, True, b"cd")])
+    assert [type(e) for e in events] == [StreamStarted, DataFragment, DataFragment, Perform]
+    assert events[3].operation.message.dataset is None and events[2].last
+
+
+def test_message_on_a_context_that_was_not_accepted_is_a_violation():
+    with pytest.raises(DIMSEError):
+        scp_session().receive(command(9, Command(CommandField.C_ECHO_RQ, message_id=1, affected_sop_class_uid=VERIFICATION)))
+
+
+def test_responses_match_their_requests_single_and_multi():
+    session = Session([PresentationContext(3, FIND, LE, 0)])  # requestor: SCU
+    ctx = session.context(3)
+    echo = Command(CommandField.C_FIND_RQ, affected_sop_class_uid=FIND)
+    mid = session.start_request(ctx, echo, multi=True)
+    assert echo.message_id == mid and session.outstanding == 1
+    pending = Command(CommandField.C_FIND_RSP, message_id_being_responded_to=mid, status=Code.PENDING, data_set_type=0)
+    [arrived] = session.receive(command(3, pending) + [PDV(3, False, True, b"match")])
+    assert isinstance(arrived, ResponseArrived) and not arrived.final and arrived.message.dataset == b"match"
+    final = Command(CommandField.C_FIND_RSP, message_id_being_responded_to=mid, status=0, data_set_type=NO_DATASET)
+    [arrived] = session.receive(command(3, final))
+    assert arrived.final and session.outstanding == 0
+    with pytest.raises(DIMSEError):  # nothing outstanding any more
+        session.receive(command(3, final))
+
+
+def test_a_final_response_without_status_is_a_failure():
+    """A missing Status counts as 0xC000 everywhere, never as success."""
+    session = Session([PresentationContext(3, FIND, LE, 0)])
+    mid = session.start_request(session.context(3), Command(CommandField.C_FIND_RQ, affected_sop_class_uid=FIND), multi=True)
+    [arrived] = session.receive(command(3, Command(CommandField.C_FIND_RSP, message_id_being_responded_to=mid)))
+    assert arrived.final
+    status = response_status(arrived.message.command.status, None)
+    assert status == Code.CANNOT_UNDERSTAND and status.category is StatusCategory.FAILURE
+
+
+def test_we_never_invoke_on_a_context_where_we_are_not_scu():
+    session = scp_session()
+    with pytest.raises(NoAcceptedContext):
+        session.start_request(session.context(3), Command(CommandField.C_FIND_RQ, affected_sop_class_uid=FIND))
+    with pytest.raises(NoAcceptedContext):
+        session.context_for(FIND)  # as SCU
+
+
+def test_message_ids_skip_those_still_outstanding():
+    session = Session([PresentationContext(1, VERIFICATION, LE, 0)])
+    ctx = session.context(1)
+    ids = [session.start_request(ctx, Command(CommandField.C_ECHO_RQ)) for _ in range(3)]
+    assert ids == [1, 2, 3]
+    session._next_id = 0xFFFF  # wrap around: 1..3 are taken
+    assert session.start_request(ctx, Command(CommandField.C_ECHO_RQ)) == 4
+
+
+async def test_responses_status_after_a_final_response_without_status():
+    """The user-level Responses turns a status-less final response into 0xC000."""
+    session = Session([PresentationContext(3, FIND, LE, 0)])
+    mid = session.start_request(session.context(3), Command(CommandField.C_FIND_RQ, affected_sop_class_uid=FIND), multi=True)
+    [arrived] = session.receive(command(3, Command(CommandField.C_FIND_RSP, message_id_being_responded_to=mid)))
+
+    class Delivered:
+        final = arrived.message
+
+        def __aiter__(self):
+            return self._gen()
+
+        async def _gen(self):
+            yield arrived.message
+
+        async def aclose(self) -> None:
+            return None
+
+    responses = Responses(Delivered(), lambda msg: None)
+    assert [r async for r in responses] == []
+    assert responses.status == Code.CANNOT_UNDERSTAND
