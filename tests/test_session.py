@@ -44,7 +44,7 @@ def command(ctx: int, cmd: Command) -> list[PDV]:
 
 def find_rq(mid: int) -> list[PDV]:
     cmd = Command(CommandField.C_FIND_RQ, message_id=mid, affected_sop_class_uid=FIND, priority=0, data_set_type=0)
-    return command(3, cmd) + [PDV(3, False, True, b"identifier")]
+    return [*command(3, cmd), PDV(3, False, True, b"identifier")]
 
 
 def cancel(mid: int) -> list[PDV]:
@@ -94,9 +94,13 @@ def test_request_on_a_context_without_the_scp_role_is_refused():
     """PS3.7 D.3.3.4: on context 5 we are only SCU, so a C-STORE-RQ there is refused."""
     session = scp_session()
     cmd = Command(
-        CommandField.C_STORE_RQ, message_id=4, affected_sop_class_uid=CT, affected_sop_instance_uid="1.2.3", data_set_type=0
+        CommandField.C_STORE_RQ,
+        message_id=4,
+        affected_sop_class_uid=CT,
+        affected_sop_instance_uid="1.2.3",
+        data_set_type=0,
     )
-    events = session.receive(command(5, cmd) + [PDV(5, False, False, b"ab"), PDV(5, False, True, b"cd")])
+    events = session.receive([*command(5, cmd), PDV(5, False, False, b"ab"), PDV(5, False, True, b"cd")])
     [refusal] = events  # no StreamStarted, the data set is dropped
     assert isinstance(refusal, Respond) and refusal.command.status == Code.SOP_CLASS_NOT_SUPPORTED
     assert refusal.command.affected_sop_instance_uid == "1.2.3"
@@ -106,16 +110,22 @@ def test_streamed_data_set_goes_out_as_fragments():
     contexts = [PresentationContext(1, CT, LE, 0, as_scu=False, as_scp=True)]
     session = Session(contexts, streamed={CommandField.C_STORE_RQ})
     cmd = Command(
-        CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid=CT, affected_sop_instance_uid="1.2", data_set_type=0
+        CommandField.C_STORE_RQ,
+        message_id=1,
+        affected_sop_class_uid=CT,
+        affected_sop_instance_uid="1.2",
+        data_set_type=0,
     )
-    events = session.receive(command(1, cmd) + [PDV(1, False, False, b"ab"), PDV(1, False, True, b"cd")])
+    events = session.receive([*command(1, cmd), PDV(1, False, False, b"ab"), PDV(1, False, True, b"cd")])
     assert [type(e) for e in events] == [StreamStarted, DataFragment, DataFragment, Perform]
     assert events[3].operation.message.dataset is None and events[2].last
 
 
 def test_message_on_a_context_that_was_not_accepted_is_a_violation():
     with pytest.raises(DIMSEError):
-        scp_session().receive(command(9, Command(CommandField.C_ECHO_RQ, message_id=1, affected_sop_class_uid=VERIFICATION)))
+        scp_session().receive(
+            command(9, Command(CommandField.C_ECHO_RQ, message_id=1, affected_sop_class_uid=VERIFICATION))
+        )
 
 
 def test_responses_match_their_requests_single_and_multi():
@@ -125,7 +135,7 @@ def test_responses_match_their_requests_single_and_multi():
     mid = session.start_request(ctx, echo, multi=True)
     assert echo.message_id == mid and session.outstanding == 1
     pending = Command(CommandField.C_FIND_RSP, message_id_being_responded_to=mid, status=Code.PENDING, data_set_type=0)
-    [arrived] = session.receive(command(3, pending) + [PDV(3, False, True, b"match")])
+    [arrived] = session.receive([*command(3, pending), PDV(3, False, True, b"match")])
     assert isinstance(arrived, ResponseArrived) and not arrived.final and arrived.message.dataset == b"match"
     final = Command(CommandField.C_FIND_RSP, message_id_being_responded_to=mid, status=0, data_set_type=NO_DATASET)
     [arrived] = session.receive(command(3, final))
@@ -137,7 +147,9 @@ def test_responses_match_their_requests_single_and_multi():
 def test_a_final_response_without_status_is_a_failure():
     """A missing Status counts as 0xC000 everywhere, never as success."""
     session = Session([PresentationContext(3, FIND, LE, 0)])
-    mid = session.start_request(session.context(3), Command(CommandField.C_FIND_RQ, affected_sop_class_uid=FIND), multi=True)
+    mid = session.start_request(
+        session.context(3), Command(CommandField.C_FIND_RQ, affected_sop_class_uid=FIND), multi=True
+    )
     [arrived] = session.receive(command(3, Command(CommandField.C_FIND_RSP, message_id_being_responded_to=mid)))
     assert arrived.final
     status = response_status(arrived.message.command.status, None)
@@ -164,7 +176,9 @@ def test_message_ids_skip_those_still_outstanding():
 async def test_responses_status_after_a_final_response_without_status():
     """The user-level Responses turns a status-less final response into 0xC000."""
     session = Session([PresentationContext(3, FIND, LE, 0)])
-    mid = session.start_request(session.context(3), Command(CommandField.C_FIND_RQ, affected_sop_class_uid=FIND), multi=True)
+    mid = session.start_request(
+        session.context(3), Command(CommandField.C_FIND_RQ, affected_sop_class_uid=FIND), multi=True
+    )
     [arrived] = session.receive(command(3, Command(CommandField.C_FIND_RSP, message_id_being_responded_to=mid)))
 
     class Delivered:
