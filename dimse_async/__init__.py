@@ -1,5 +1,8 @@
 """dimse_async: an asyncio-native DICOM networking framework (PS3.7, PS3.8)."""
 
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
 from .acse import ContextSpec, PresentationContext
 from .ae import AE
 from .exceptions import (
@@ -21,6 +24,8 @@ from .status import Code, Status, StatusCategory
 from .uids import Verification
 
 __version__ = "0.1.0"
+
+T = TypeVar("T")
 
 __all__ = [
     "AE",
@@ -47,7 +52,7 @@ __all__ = [
 ]
 
 
-def run(main):  # type: ignore[no-untyped-def]
+def run(main: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on uvloop when it is installed, else on the default loop."""
     import asyncio
 

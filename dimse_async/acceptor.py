@@ -22,7 +22,7 @@ from . import proxy
 from .log import get_logger
 
 if TYPE_CHECKING:
-    from .association import Association
+    from .operations import Association
     from .server import Server
 
 __all__ = ["AcceptOptions", "Acceptor"]

@@ -283,33 +283,27 @@ class AcceptorPolicy:
     on_common_extended: Callable[[SOPClassCommonExtended], bool] | None = None
 
 
-def negotiate(
-    rq: AssociateRQ,
-    policy: AcceptorPolicy,
-    *,
-    identity_ok: bool = True,
-    identity_response: bytes | None = None,
-) -> tuple[AssociateAC | AssociateRJ, Negotiated | None]:
-    """Acceptor side: judge ``rq`` and build the AC (with its result) or an RJ.
-
-    ``identity_ok``/``identity_response`` carry the outcome of the (asynchronous)
-    user identity check done by the caller.
-    """
+def _refusal(rq: AssociateRQ, policy: AcceptorPolicy, identity_ok: bool) -> AssociateRJ | None:
+    """An A-ASSOCIATE-RJ for a request refused as a whole (PS3.8 §7.1.1.7), or ``None``."""
     if rq.application_context != APPLICATION_CONTEXT:
-        return AssociateRJ(
-            RejectResult.PERMANENT, RejectSource.USER, UserReason.APPLICATION_CONTEXT_NOT_SUPPORTED
-        ), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.APPLICATION_CONTEXT_NOT_SUPPORTED)
     if policy.require_called_ae and rq.called_ae != policy.ae_title:
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.CALLED_AE_NOT_RECOGNIZED), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.CALLED_AE_NOT_RECOGNIZED)
     if policy.allowed_calling_aes is not None and rq.calling_ae not in policy.allowed_calling_aes:
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.CALLING_AE_NOT_RECOGNIZED), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.CALLING_AE_NOT_RECOGNIZED)
     if not identity_ok:
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN)
     peer_max = rq.user_info.max_length
     if peer_max is not None and 0 < peer_max < MIN_PEER_PDU:
         # We could not send a single PDV to this peer (PS3.8 D.1): refuse up front.
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN), None
+        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN)
+    return None
 
+
+def _judge_contexts(
+    rq: AssociateRQ, policy: AcceptorPolicy
+) -> tuple[list[PresentationContextAC], list[PresentationContext], list[RoleSelection]]:
+    """Per proposed context: result, transfer syntax and roles (PS3.7 D.3.3.4, PS3.8 §9.3.3.2)."""
     proposed_roles = {r.sop_class_uid: r for r in rq.user_info.roles}
     reply_roles: dict[str, RoleSelection] = {}
     ac_pcs: list[PresentationContextAC] = []
@@ -348,6 +342,41 @@ def negotiate(
         echoed = ts if result == ACCEPTANCE else (pc.transfer_syntaxes[0] if pc.transfer_syntaxes else "")
         ac_pcs.append(PresentationContextAC(pc.id, result, echoed))
         contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp))
+    return ac_pcs, contexts, list(reply_roles.values())
+
+
+def _identity_reply(rq: AssociateRQ, identity_response: bytes | None) -> UserIdentityAC | None:
+    """The user identity AC sub-item, when a positive response was requested (PS3.7 D.3.3.7.2)."""
+    identity = rq.user_info.identity_rq
+    if identity is None or not identity.positive_response_requested:
+        return None
+    if identity.type in (1, 2):
+        # Username (and passcode): acknowledge with an empty server response. PS3.7
+        # D.3.3.7.2 requires it to be zero length, and PS3.15 B.4 requires the sub-item
+        # when a positive response is requested (DCMTK fails the association without it).
+        return UserIdentityAC(b"")
+    if identity_response is not None:
+        # Kerberos ticket, SAML response or JWT: only what the authenticator returned.
+        return UserIdentityAC(identity_response)
+    return None
+
+
+def negotiate(
+    rq: AssociateRQ,
+    policy: AcceptorPolicy,
+    *,
+    identity_ok: bool = True,
+    identity_response: bytes | None = None,
+) -> tuple[AssociateAC | AssociateRJ, Negotiated | None]:
+    """Acceptor side: judge ``rq`` and build the AC (with its result) or an RJ.
+
+    ``identity_ok``/``identity_response`` carry the outcome of the (asynchronous)
+    user identity check done by the caller.
+    """
+    refusal = _refusal(rq, policy, identity_ok)
+    if refusal is not None:
+        return refusal, None
+    ac_pcs, contexts, roles = _judge_contexts(rq, policy)
 
     invoked = performed = 1
     async_reply = None
@@ -371,30 +400,16 @@ def negotiate(
         for item in rq.user_info.common_extended
         if policy.on_common_extended is None or policy.on_common_extended(item)
     ]
-
-    identity = rq.user_info.identity_rq
-    identity_ac = None
-    if identity is not None and identity.positive_response_requested:
-        if identity.type in (1, 2):
-            # Username (and passcode): acknowledge with an empty server response. PS3.7
-            # D.3.3.7.2 requires it to be zero length, and PS3.15 B.4 requires the sub-item
-            # when a positive response is requested (DCMTK fails the association without it).
-            identity_ac = UserIdentityAC(b"")
-        elif identity_response is not None:
-            # Kerberos ticket, SAML response or JWT: only what the authenticator returned.
-            identity_ac = UserIdentityAC(identity_response)
-    identity_response = identity_ac.server_response if identity_ac is not None else None
-
+    identity_ac = _identity_reply(rq, identity_response)
     ui = UserInformation(
         max_length=policy.max_pdu,
         implementation_class_uid=IMPLEMENTATION_CLASS_UID,
         implementation_version_name=IMPLEMENTATION_VERSION_NAME,
         async_ops=async_reply,
-        roles=list(reply_roles.values()),
+        roles=roles,
         extended=ext_replies,
         identity_ac=identity_ac,
     )
-    ac = AssociateAC(rq.called_ae, rq.calling_ae, ac_pcs, ui)
     negotiated = Negotiated(
         contexts=contexts,
         peer_max_pdu=rq.user_info.max_length or 0,
@@ -404,7 +419,7 @@ def negotiate(
         peer_implementation_version=rq.user_info.implementation_version_name,
         extended=extended,
         common_extended=common,
-        identity=identity,
-        identity_response=identity_response,
+        identity=rq.user_info.identity_rq,
+        identity_response=identity_ac.server_response if identity_ac is not None else None,
     )
-    return ac, negotiated
+    return AssociateAC(rq.called_ae, rq.calling_ae, ac_pcs, ui), negotiated

@@ -465,7 +465,7 @@ class _Associating:
             ) from None
         except ssl_module.SSLError as exc:
             why = (
-                f"certificate verify failed: {exc.verify_message}"
+                f"certificate verify failed: {getattr(exc, 'verify_message', '')}"
                 if getattr(exc, "verify_message", None)
                 else exc.reason
             )

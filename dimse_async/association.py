@@ -81,6 +81,14 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
         return self._closed.done()
 
     @property
+    def bytes_received(self) -> int:
+        return self.oplog.bytes_received
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.oplog.bytes_sent
+
+    @property
     def end_reason(self) -> str | None:
         """Why the association ended, if it ended other than by a normal release."""
         return self._end_reason

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import zlib
+from typing import BinaryIO, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -74,4 +75,4 @@ def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian
     fp.is_implicit_VR, fp.is_little_endian = implicit, little
-    return read_dataset(fp, implicit, little)
+    return read_dataset(cast(BinaryIO, fp), implicit, little)

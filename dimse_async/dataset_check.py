@@ -122,7 +122,7 @@ class _Walker:
 
     def _tag(self) -> int:
         group, elem = struct.unpack(self.end + "HH", self.src.read(4))
-        return (group << 16) | elem
+        return int((group << 16) | elem)
 
     def _u32(self) -> int:
         return int(struct.unpack(self.end + "I", self.src.read(4))[0])

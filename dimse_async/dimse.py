@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from .pdu import PDV, encode_pdata_header
 from .status import Status
@@ -154,7 +154,7 @@ class Command:
             return f"command {self.command_field:#06x}"
 
 
-def _encode_value(vr: str, value: object) -> bytes:
+def _encode_value(vr: str, value: Any) -> bytes:
     if vr == "US":
         return _US.pack(value)
     if vr == "AT":

@@ -73,6 +73,10 @@ class DIMSEProvider(Protocol):
     @property
     def accepted_contexts(self) -> list[PresentationContext]: ...
 
+    @property
+    def negotiated(self) -> Negotiated | None:
+        """What the association settled on (e.g. extended negotiation replies)."""
+
     def context_for(self, abstract_syntax: str, *, as_scp: bool = False) -> PresentationContext: ...
 
     def context(self, context_id: int) -> PresentationContext: ...

@@ -59,7 +59,7 @@ def _to_stdlib(_logger: Any, _method: str, event_dict: dict[str, Any]) -> tuple[
     return (message,), {"extra": {RECORD_ATTR: {"event": event, **event_dict}}}
 
 
-_PROCESSORS = [structlog.stdlib.filter_by_level, _to_stdlib]
+_PROCESSORS: list[Any] = [structlog.stdlib.filter_by_level, _to_stdlib]
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:

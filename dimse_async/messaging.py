@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from . import fsm
 from .acse import Negotiated, PresentationContext
 from .dimse import Command, DataFragment, DatasetSink, DIMSEError, Message, encode_command, fragment, fragment_stream
 from .exceptions import AssociationAborted, AssociationError
+from .fsm import Output, PDataIndication, State, UpperLayer
 from .interface import Dataset, Settings, StoreHandler
 from .oplog import OperationLog
 from .pdu import AbortReason
@@ -47,7 +47,7 @@ class DIMSEMessaging:
     # Provided by the adapter (association.py).
     settings: Settings
     loop: asyncio.AbstractEventLoop
-    fsm: fsm.UpperLayer
+    fsm: UpperLayer
     transport: asyncio.Transport | None
     negotiated: Negotiated | None
     log: Any
@@ -72,7 +72,7 @@ class DIMSEMessaging:
     def abort(self, reason: str = "aborted by local user") -> None:
         raise NotImplementedError
 
-    def _run(self, outputs: list[fsm.Output]) -> None:
+    def _run(self, outputs: list[Output]) -> None:
         raise NotImplementedError
 
     def _init_messaging(self) -> None:
@@ -132,7 +132,7 @@ class DIMSEMessaging:
         return self.session.context(context_id)
 
     def _check_can_send(self) -> None:
-        if self.fsm.state not in (fsm.State.Sta6, fsm.State.Sta8):
+        if self.fsm.state not in (State.Sta6, State.Sta8):
             raise AssociationAborted(self._end_reason or f"association not established ({self.fsm.state.name})")
 
     async def _drain(self) -> None:
@@ -184,49 +184,6 @@ class DIMSEMessaging:
                 self.settings.observer.message_sent(self, command)
             await self._drain()
 
-    send_message = send
-
-    # ------------------------------------------------------------ idle timers
-
-    def _arm_idle(self) -> None:
-        timeout = self.settings.network_timeout
-        if timeout is not None and not self._closed.done():
-            self._idle = self.loop.call_at(max(self._last_rx, self._last_tx) + timeout, self._check_idle)
-
-    def _check_idle(self) -> None:
-        self._idle = None
-        timeout = self.settings.network_timeout
-        if timeout is None or self._closed.done():
-            return
-        now = self.loop.time()
-        silent = now - max(self._last_rx, self._last_tx) >= timeout
-        # Handlers blocked on a peer that neither sends nor reads are not local work.
-        if silent and (self._write_paused or (not self._tasks and not self._waiters)):
-            self.abort(f"network idle timeout ({timeout} s)")
-            return
-        if silent:
-            self._last_rx = now  # busy locally: not idle
-        self._arm_idle()
-
-    def _arm_idle_release(self) -> None:
-        """Requestor with ``AE(idle_release=...)``: release after that long without DIMSE traffic."""
-        delay = self.settings.idle_release
-        if delay is not None and self.requestor and not self._closed.done():
-            self._idle_release = self.loop.call_at(self._last_dimse + delay, self._check_idle_release)
-
-    def _check_idle_release(self) -> None:
-        self._idle_release = None
-        delay = self.settings.idle_release
-        if delay is None or self._closed.done() or not self.is_established:
-            return
-        if self._waiters or self.loop.time() - self._last_dimse < delay:
-            if self._waiters:
-                self._last_dimse = self.loop.time()
-            self._arm_idle_release()
-            return
-        self.log.info("releasing idle association", idle_release=delay)
-        self.spawn(self.release())
-
     async def request(
         self,
         context: PresentationContext,
@@ -259,8 +216,8 @@ class DIMSEMessaging:
         self._waiters.pop(waiter.message_id, None)
         self.session.forget_request(waiter.message_id)
 
-    def _on_pdata(self, out: fsm.PDataIndication) -> None:
-        if self.fsm.state in (fsm.State.Sta1, fsm.State.Sta13):
+    def _on_pdata(self, out: PDataIndication) -> None:
+        if self.fsm.state in (State.Sta1, State.Sta13):
             return  # aborted earlier in this batch of PDUs: the data is ignored (AA-6)
         try:
             events = self.session.receive(out.pdu.pdvs)

@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .ae import AE
-    from .association import Association
     from .dimse import Command
+    from .operations import Association
 
 __all__ = ["CONTENT_TYPE", "Metrics"]
 

@@ -8,6 +8,7 @@ of the claimed body is buffered.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -438,7 +439,7 @@ def _text(raw: bytes | memoryview, what: str) -> str:
         raise PDUError(f"{what} is not ASCII") from None
 
 
-def _items(body: memoryview, what: str):
+def _items(body: memoryview, what: str) -> Iterator[tuple[int, memoryview]]:
     """Iterate (type, value) over a run of items with 2-byte lengths."""
     pos, end = 0, len(body)
     while pos < end:

@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"messaging"},
     {"association"},
     # service classes, typed against the interface
-    {"services.requests", "services.scp"},
+    {"services.requests", "services.scp", "services.spool"},
     {"services.storage", "services.verification"},
     {"services.qr"},
     # the association users hold, the listening side, the AE that wires it all

@@ -438,7 +438,7 @@ async def test_spool_discard_never_closes_the_file_under_the_writer_thread(tmp_p
     gone after the write returns, the write is never cut off, and nothing blocks the loop."""
     import threading
 
-    from dimse_async.services import storage
+    from dimse_async.services import spool as spool_module
 
     events: list[str] = []
     writing = threading.Event()
@@ -461,8 +461,8 @@ async def test_spool_discard_never_closes_the_file_under_the_writer_thread(tmp_p
             events.append("close")
             self.f.close()
 
-    monkeypatch.setattr(storage.os, "fdopen", lambda fd, mode: Watched(real_fdopen(fd, mode)))
-    spool = storage.Spool(b"HEAD", threshold=1024, directory=str(tmp_path), pause=lambda: None, resume=lambda: None)
+    monkeypatch.setattr(spool_module.os, "fdopen", lambda fd, mode: Watched(real_fdopen(fd, mode)))
+    spool = spool_module.Spool(b"HEAD", threshold=1024, directory=str(tmp_path), pause=lambda: None, resume=lambda: None)
     spool.write(bytes(2 << 20))  # past the threshold and the flush size: a write starts
     await asyncio.wait_for(asyncio.to_thread(writing.wait, 5), 6)
     t0 = time.monotonic()

@@ -17,10 +17,10 @@ import json
 import os
 import sqlite3
 import warnings
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -32,6 +32,8 @@ from ..part10 import read_file_meta, valid_uid
 from ..services.qr import MODELS, QueryRequest, StatusError
 from ..services.storage import StoreRequest
 from .matching import matches, parse_range, response_identifier
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from ..ae import AE
@@ -151,7 +153,7 @@ _ABOVE = {
 }  # fmt: skip
 _ALL_KEYS = [k for level in _ORDER for k in LEVEL_KEYS[level]]
 _CHARSET = "SpecificCharacterSet"  # stored with each level's attributes, never matched
-_VR = {k: pydicom.datadict.dictionary_VR(pydicom.datadict.tag_for_keyword(k)) for k in _ALL_KEYS}
+_VR = {k: pydicom.datadict.dictionary_VR(pydicom.datadict.tag_for_keyword(k) or 0) for k in _ALL_KEYS}
 
 _SCHEMA_VERSION = 2  # 2: patients keyed by ID + issuer, or name + birth date when the ID is empty
 _SCHEMA = """
@@ -430,7 +432,7 @@ class Archive:
             self._db = db
         return self._db
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
@@ -676,8 +678,7 @@ class Archive:
             await self.index_file(dest)
         except Exception as exc:
             await self._undo_store(dest, old, uid, request)
-            if request.assoc.ae.observer is not None:
-                request.assoc.ae.observer.error("index")
+            request.assoc.note_error("index")
             if isinstance(exc, OSError | sqlite3.Error):
                 return _out_of_resources(request, exc)
             request.assoc.log.warning("C-STORE data set cannot be indexed", sop_instance=uid, error=str(exc)[:200])

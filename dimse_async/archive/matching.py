@@ -484,7 +484,7 @@ def _as_tag(value: Any) -> int | None:
 def _match_single(key: Any, stored: Any, vr: str, pn_case_insensitive: bool) -> bool:
     """One key value against one stored value (both already padding-stripped)."""
     if isinstance(key, (bytes, bytearray)) or isinstance(stored, (bytes, bytearray)) or vr in _BINARY_VRS:
-        return key == stored
+        return bool(key == stored)
     if vr in _NUMERIC_VRS:
         a, b = _as_number(key), _as_number(stored)
         if a is not None and b is not None and not (a.is_nan() or b.is_nan()):

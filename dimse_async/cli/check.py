@@ -29,7 +29,7 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from pydicom._uid_dict import UID_dictionary
 
@@ -86,7 +86,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="ERROR")
     p.add_argument("--log-json", action="store_true")
     add_client_tls(p)
-    return p
+    return cast(argparse.ArgumentParser, p)
 
 
 def _name(uid: str) -> str:

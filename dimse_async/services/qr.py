@@ -474,7 +474,7 @@ async def _run_suboperations(
         final_ident = Dataset()
         final_ident.FailedSOPInstanceUIDList = [u for u in failed_uids if u] or [""]
     # Remaining is only meaningful in pending and cancel responses (PS3.7 §9.3.3.2).
-    counters = (remaining if status == Code.CANCEL else None, completed, failed, warning)
+    counters = (remaining if int(status) == Code.CANCEL else None, completed, failed, warning)
     await _respond(assoc, op, status, final_ident, counters)
 
 

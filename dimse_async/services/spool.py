@@ -1,0 +1,204 @@
+"""Where a received C-STORE data set goes while it arrives (PS3.4 B.2.3 SCP behaviour).
+
+A :class:`Spool` keeps fragments in memory up to a threshold, then in a ``.partial``
+temporary file created and written in a worker thread; reading pauses while the disk
+lags. It is the sink the AE's factory hands to an association (see
+``services.storage.make_spool``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+from ..status import Status
+
+__all__ = ["Spool"]
+
+_FLUSH_CHUNK = 1 << 20  # write to disk in pieces of at least this size
+_HIGH_WATER = 8 << 20  # pause reading while this much waits for the disk
+_LOW_WATER = 2 << 20
+
+
+def _nothing() -> None:
+    return None
+
+
+class Spool:
+    """Receives one C-STORE data set; holds ``header`` (Part 10 meta) + data set bytes.
+
+    Received fragments are kept as they came (views into the received PDUs, no copy).
+    Up to ``threshold`` bytes stay in memory; past it they go to a ``.partial``
+    temporary file in ``directory``, created and written in a worker thread (no file
+    work on the event loop). While more than ``_HIGH_WATER`` bytes wait for the disk,
+    ``pause`` is called to stop reading the socket; ``resume`` when the writer catches
+    up. :meth:`discard` never closes or removes the file under a running write: the
+    writer does it when that write returns.
+    """
+
+    def __init__(
+        self,
+        header: bytes,
+        *,
+        threshold: int,
+        directory: str | None,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ):
+        self._chunks: list[bytes | memoryview] = [header]
+        self._pending = len(header)  # bytes in _chunks
+        self.header_length = len(header)
+        self.size = 0
+        self.threshold = threshold
+        self.directory = directory
+        self.path: str | None = None
+        self._file: BinaryIO | None = None
+        self._spilling = False  # past the threshold: bytes go to the file
+        self._flusher: asyncio.Task[None] | None = None
+        self._in_thread: asyncio.Future[None] | None = None  # the file operation running in a worker thread
+        self._discarded = False
+        self._pause, self._resume = pause, resume
+        self._paused = False
+        #: The OSError that made the spool fail (disk full, permissions), if any.
+        self.error: OSError | None = None
+        #: Set when the request is refused before its data set arrives: the bytes are
+        #: counted and dropped, and this status answers it.
+        self.refusal: Status | None = None
+
+    @classmethod
+    def refused(cls, status: Status) -> Spool:
+        """A spool that keeps nothing: the data set is drained and ``status`` answers."""
+        spool = cls(b"", threshold=0, directory=None, pause=_nothing, resume=_nothing)
+        spool.refusal = status
+        spool._chunks, spool._pending = [], 0
+        return spool
+
+    def write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        self.size += n
+        if self.error is not None or self.refusal is not None or self._discarded:
+            return  # failed or refused: count, drop, and answer with a failure status
+        self._chunks.append(data)
+        self._pending += n
+        if not self._spilling:
+            if self._pending <= self.threshold:
+                return
+            self._spilling = True
+        if self._flusher is None and self._pending >= _FLUSH_CHUNK:
+            self._flusher = asyncio.ensure_future(self._flush())
+        if self._pending >= _HIGH_WATER and not self._paused:
+            self._paused = True
+            self._pause()
+
+    def _open(self) -> BinaryIO:
+        """Create the ``.partial`` file (in the worker thread)."""
+        directory = self.directory or tempfile.gettempdir()
+        os.makedirs(directory, exist_ok=True)
+        fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
+        return os.fdopen(fd, "wb")
+
+    def _write_chunks(self, chunks: list[bytes | memoryview]) -> None:
+        if self._file is None:
+            self._file = self._open()
+        self._file.writelines(chunks)
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        self._chunks, self._pending = [], 0
+        self._unpause()
+
+    def _unpause(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._resume()
+
+    async def _thread(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run one file operation in a worker thread; a cancelled waiter does not stop
+        it, and a discard during it is carried out when it returns."""
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._in_thread = fut
+        fut.add_done_callback(self._thread_done)
+        await asyncio.shield(fut)
+
+    def _thread_done(self, fut: asyncio.Future[None]) -> None:
+        self._in_thread = None
+        if not fut.cancelled():
+            fut.exception()  # the awaiting side reports it
+        if self._discarded:
+            self._remove()
+
+    async def _flush(self, final: bool = False) -> None:
+        try:
+            while (
+                self._spilling
+                and self.error is None
+                and not self._discarded
+                and (self._pending >= _FLUSH_CHUNK or (final and self._pending))
+            ):
+                chunks, self._chunks, self._pending = self._chunks, [], 0
+                await self._thread(self._write_chunks, chunks)
+                if self._pending < _LOW_WATER:
+                    self._unpause()
+        except OSError as exc:
+            self._fail(exc)
+        finally:
+            if not final:
+                self._flusher = None
+
+    async def finish(self) -> None:
+        """Wait until every byte received is in memory or on disk; close the file."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._spilling:
+            await self._flush(final=True)
+            if self._file is not None and not self._discarded:
+                try:
+                    await self._thread(self._file.close)
+                except OSError as exc:
+                    self._fail(exc)
+                self._file = None
+        self._unpause()
+
+    def chunks(self) -> list[bytes | memoryview]:
+        """The in-memory part (header + data set) as received, without copying."""
+        return self._chunks
+
+    def memory(self) -> bytes:
+        if len(self._chunks) > 1:
+            self._chunks = [b"".join(self._chunks)]
+        return bytes(self._chunks[0]) if self._chunks else b""
+
+    def _unlink(self) -> None:
+        path, self.path = self.path, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _remove(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass
+        self._unlink()
+
+    def discard(self) -> None:
+        """Drop the spool and its temporary file (after aborts and failures).
+
+        The file's name goes at once; the file itself is closed only when no write is
+        running in the worker thread (else when that write returns), never under it.
+        """
+        if self._discarded:
+            return
+        self._discarded = True
+        self._chunks, self._pending = [], 0
+        self._unpause()
+        self._unlink()  # one metadata operation; a running write carries on into the unlinked file
+        if self._in_thread is None:
+            self._remove()
