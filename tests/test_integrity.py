@@ -1170,3 +1170,61 @@ async def test_get_of_an_rle_instance_delivers_what_the_peer_takes(
         got.file_meta = pydicom.dataset.FileMetaDataset()
         got.file_meta.TransferSyntaxUID = arrives
         assert np.array_equal(got.pixel_array, original.pixel_array)
+
+
+async def test_too_many_open_files_is_out_of_resources_with_the_reason(tmp_path: Path) -> None:
+    """The server process runs out of file descriptors while a C-STORE arrives
+    (RLIMIT_NOFILE lowered to what is open): 0xA700 "Too many open files", nothing
+    stored or indexed; with descriptors back, the same instance is stored."""
+    import resource
+    import threading
+
+    (ct,) = distinct_cts(tmp_path, 1)
+    ds = pydicom.dcmread(ct)
+    async with running_serve(tmp_path / "arch") as srv:
+        await srv.archive.count()
+        ae = PynetdicomAE(ae_title="PYNETSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        ae.add_requested_context(CT_CLASS, ["1.2.840.10008.1.2.1"])
+        assoc = await asyncio.to_thread(ae.associate, HOST, srv.port, ae_title=SERVE_AE)
+        assert assoc.is_established
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        answers: list[tuple[int, str]] = []
+        done = threading.Event()
+
+        go = threading.Event()
+
+        def store() -> None:
+            go.wait(10)
+            rsp = assoc.send_c_store(ds)
+            answers.append((int(rsp.Status), str(rsp.get("ErrorComment", ""))))
+            done.set()
+
+        sender = threading.Thread(target=store)
+        sender.start()  # the thread exists before the limit drops
+        try:
+            # A new descriptor gets the lowest free number: with the limit at that number none is given.
+            for _ in range(10):
+                try:
+                    probe = os.open(os.devnull, os.O_RDONLY)
+                except OSError:
+                    break
+                os.close(probe)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (probe, hard))
+            else:
+                pytest.fail("could not exhaust file descriptors")
+            go.set()
+            deadline = time.monotonic() + 20
+            while not done.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        sender.join(10)
+        assert answers and answers[0][0] == 0xA700, answers
+        assert "Too many open files" in answers[0][1], answers
+        assert await srv.archive.count() == 0
+        assert not [p for p in srv.root.rglob("*.dcm") if ".incoming" not in p.parts]
+        rsp = await asyncio.to_thread(assoc.send_c_store, ds)
+        assert int(rsp.Status) == 0x0000
+        await asyncio.to_thread(assoc.release)
+        assert await srv.archive.count() == 1

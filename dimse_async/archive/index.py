@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import sqlite3
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -363,7 +364,10 @@ def _keep_previous(dest: str) -> str | None:
     old = f"{dest}.old"
     with contextlib.suppress(FileNotFoundError):
         os.unlink(old)
-    os.link(dest, old)
+    try:
+        os.link(dest, old)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(dest, old)
     return old
 
 
@@ -413,7 +417,7 @@ class Archive:
         self.retrieve_ae_title = retrieve_ae_title
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-index")
         self._db: sqlite3.Connection | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list[Any]] = {}
 
     # -- database thread ----------------------------------------------------------
 
@@ -642,12 +646,15 @@ class Archive:
             )
             what = "Instance" if summary.sop_instance_uid != uid else "Class"
             return Status(0xA900, f"Data set SOP {what} UID differs from the command's"[:64])
-        lock = self._locks.setdefault(uid, asyncio.Lock())
+        # One store at a time per SOP Instance UID; the entry lives while someone uses it.
+        entry = self._locks.setdefault(uid, [asyncio.Lock(), 0])
+        entry[1] += 1
         try:
-            async with lock:
+            async with entry[0]:
                 return await self._store_locked(request, path)
         finally:
-            if not lock.locked() and not getattr(lock, "_waiters", None):
+            entry[1] -= 1
+            if not entry[1]:
                 self._locks.pop(uid, None)
 
     async def _store_locked(self, request: StoreRequest, path: Path) -> Status:
