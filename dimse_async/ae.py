@@ -29,7 +29,7 @@ from .pdu import (
 )
 from .proxy import address_in, networks
 from .server import Server
-from .services import qr, verification
+from .services import normalized, qr, verification
 from .services.storage import make_spool, scp_c_store
 from .uids import DEFAULT_TRANSFER_SYNTAXES
 
@@ -127,6 +127,8 @@ class AE:
         self.requested_contexts: list[ContextSpec] = []
         self.supported_contexts: dict[str, ContextSpec] = {}
         self._handlers: dict[CommandField, Handler] = {}
+        #: DIMSE-N handlers by (request command field, SOP class or None for any class).
+        self._n_handlers: dict[tuple[int, str | None], Handler] = {}
         self._hooks: dict[AssociationEvent, list[Hook]] = {e: [] for e in AssociationEvent}
         self._authenticator: Authenticator | None = None
         self._hook_tasks: set[asyncio.Future[Any]] = set()
@@ -205,6 +207,47 @@ class AE:
         self._handlers[CommandField.C_MOVE_RQ] = handler
         return handler
 
+    def _on_n(self, field: int, handler: Any, sop_class: str | None) -> Any:
+        if handler is not None and callable(handler):
+            self._n_handlers[(field, sop_class)] = handler
+            return handler
+
+        def register(fn: H) -> H:
+            self._n_handlers[(field, sop_class)] = fn
+            return fn
+
+        return register
+
+    def on_n_event_report(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
+        """Register an N-EVENT-REPORT handler (PS3.7 §10.1.1), for ``sop_class`` or any:
+        ``async def h(request: NRequest) -> status | Dataset | (status, Dataset) | None``.
+        Use bare (``@ae.on_n_event_report``) or with ``sop_class=``; the same for every ``on_n_*``."""
+        return self._on_n(CommandField.N_EVENT_REPORT_RQ, handler, sop_class)
+
+    def on_n_get(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
+        """Register an N-GET handler (PS3.7 §10.1.2); it returns the attribute list."""
+        return self._on_n(CommandField.N_GET_RQ, handler, sop_class)
+
+    def on_n_set(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
+        """Register an N-SET handler (PS3.7 §10.1.3); ``request.dataset`` is the modification list."""
+        return self._on_n(CommandField.N_SET_RQ, handler, sop_class)
+
+    def on_n_action(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
+        """Register an N-ACTION handler (PS3.7 §10.1.4); ``request.action_type_id``."""
+        return self._on_n(CommandField.N_ACTION_RQ, handler, sop_class)
+
+    def on_n_create(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
+        """Register an N-CREATE handler (PS3.7 §10.1.5)."""
+        return self._on_n(CommandField.N_CREATE_RQ, handler, sop_class)
+
+    def on_n_delete(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
+        """Register an N-DELETE handler (PS3.7 §10.1.6)."""
+        return self._on_n(CommandField.N_DELETE_RQ, handler, sop_class)
+
+    def n_handler(self, field: int, sop_class: str) -> Handler | None:
+        """The handler for an N-request of ``sop_class``: the class's own, else the catch-all."""
+        return self._n_handlers.get((field, sop_class)) or self._n_handlers.get((field, None))
+
     def set_handler(self, service: Service | str, handler: Handler) -> None:
         """Register ``handler`` for ``service`` (a :data:`Service` or "c_echo", "c_store", ...)."""
         self._handlers[_SERVICE_NAMES[service] if isinstance(service, str) else CommandField(service)] = handler
@@ -281,7 +324,13 @@ class AE:
         async def move(assoc: DIMSEProvider, op: Any) -> None:
             await qr.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), route)
 
+        async def n_service(assoc: DIMSEProvider, op: Any) -> None:
+            cmd = op.command
+            sop_class = cmd.affected_sop_class_uid or cmd.requested_sop_class_uid or ""
+            await normalized.scp_n_service(assoc, op, self.n_handler(cmd.command_field, sop_class))
+
         return {
+            **{field: n_service for field in normalized.N_REQUESTS},
             CommandField.C_ECHO_RQ: echo,
             CommandField.C_STORE_RQ: store,
             CommandField.C_FIND_RQ: find,

@@ -13,7 +13,8 @@ from pydicom.dataset import Dataset
 
 from .association import AssociationProtocol
 from .interface import StoreHandler
-from .services import qr, verification
+from .services import normalized, qr, verification
+from .services.normalized import NResult
 from .services.storage import c_store
 from .status import Status
 
@@ -73,3 +74,60 @@ class Association(AssociationProtocol):
     ) -> qr.Responses[qr.Progress]:
         """C-MOVE (PS3.4 C.4.2) to the AE titled ``destination``: yields progress."""
         return qr.c_move(self, query, destination, model, priority=priority)
+
+    # ------------------------------------------------------------ DIMSE-N (PS3.7 §10.1)
+
+    async def n_event_report(
+        self,
+        sop_class: str,
+        sop_instance: str,
+        event_type_id: int,
+        event_information: Dataset | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> NResult:
+        """N-EVENT-REPORT (PS3.7 §10.1.1), sent as the SCP of ``sop_class``."""
+        return await normalized.n_event_report(
+            self, sop_class, sop_instance, event_type_id, event_information, timeout=timeout
+        )
+
+    async def n_get(
+        self, sop_class: str, sop_instance: str, attributes: list[int] | None = None, *, timeout: float | None = None
+    ) -> NResult:
+        """N-GET (PS3.7 §10.1.2): ``result.dataset`` holds the attributes asked for (tags as ints)."""
+        return await normalized.n_get(self, sop_class, sop_instance, attributes, timeout=timeout)
+
+    async def n_set(
+        self, sop_class: str, sop_instance: str, modifications: Dataset, *, timeout: float | None = None
+    ) -> NResult:
+        """N-SET (PS3.7 §10.1.3) with a modification list."""
+        return await normalized.n_set(self, sop_class, sop_instance, modifications, timeout=timeout)
+
+    async def n_action(
+        self,
+        sop_class: str,
+        sop_instance: str,
+        action_type_id: int,
+        action_information: Dataset | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> NResult:
+        """N-ACTION (PS3.7 §10.1.4); ``result.dataset`` is the action reply, if any."""
+        return await normalized.n_action(
+            self, sop_class, sop_instance, action_type_id, action_information, timeout=timeout
+        )
+
+    async def n_create(
+        self,
+        sop_class: str,
+        sop_instance: str | None = None,
+        attributes: Dataset | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> NResult:
+        """N-CREATE (PS3.7 §10.1.5); ``result.sop_instance_uid`` is the instance created."""
+        return await normalized.n_create(self, sop_class, sop_instance, attributes, timeout=timeout)
+
+    async def n_delete(self, sop_class: str, sop_instance: str, *, timeout: float | None = None) -> NResult:
+        """N-DELETE (PS3.7 §10.1.6)."""
+        return await normalized.n_delete(self, sop_class, sop_instance, timeout=timeout)

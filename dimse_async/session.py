@@ -63,6 +63,17 @@ _C_REQUESTS = frozenset(
         CommandField.C_MOVE_RQ,
     }
 )
+# DIMSE-N requests: N-EVENT-REPORT is invoked by the SCP of the SOP class and performed
+# by its SCU, the others the other way round (PS3.7 §10.1, D.3.3.4).
+_N_REQUESTS = frozenset(
+    {
+        CommandField.N_GET_RQ,
+        CommandField.N_SET_RQ,
+        CommandField.N_ACTION_RQ,
+        CommandField.N_CREATE_RQ,
+        CommandField.N_DELETE_RQ,
+    }
+)
 # Requests a C-CANCEL can reach (PS3.7 §9.3.2.3, §9.3.3.3, §9.3.4.3).
 _CANCELLABLE = frozenset({CommandField.C_FIND_RQ, CommandField.C_GET_RQ, CommandField.C_MOVE_RQ})
 
@@ -198,8 +209,10 @@ class Session:
 
     def start_request(self, context: PresentationContext, command: Command, *, multi: bool = False) -> int:
         """Give ``command`` a free message id and expect its response(s) (PS3.7 §9.3.1.1)."""
-        if command.command_field in _C_REQUESTS and not context.as_scu:
+        if command.command_field in _C_REQUESTS | _N_REQUESTS and not context.as_scu:
             raise NoAcceptedContext(f"{command.name}: we are not SCU on presentation context {context.id}")
+        if command.command_field == CommandField.N_EVENT_REPORT_RQ and not context.as_scp:
+            raise NoAcceptedContext(f"{command.name}: we are not SCP on presentation context {context.id}")
         for _ in range(0x10000):
             self._next_id = (self._next_id % 0xFFFF) + 1
             if self._next_id not in self._invoked:
@@ -327,13 +340,20 @@ class Session:
         """A request on a context where we did not agree to be SCP is refused (PS3.7 D.3.3.4)."""
         cmd = msg.command
         ctx = self.contexts[msg.context_id]
-        if cmd.command_field in _C_REQUESTS and not ctx.as_scp:
+        if cmd.command_field in _C_REQUESTS | _N_REQUESTS and not ctx.as_scp:
             comment = f"SCP role not negotiated for {ctx.abstract_syntax}"[:64]
-            rsp = response_to(cmd, Code.SOP_CLASS_NOT_SUPPORTED, comment)
-            if cmd.command_field == CommandField.C_STORE_RQ:
-                rsp.affected_sop_instance_uid = cmd.affected_sop_instance_uid
-            return Respond(msg.context_id, rsp)
-        return None
+        elif cmd.command_field == CommandField.N_EVENT_REPORT_RQ and not ctx.as_scu:
+            # The report comes from the SCP; we must be the SCU of the class on this context.
+            comment = f"SCU role not negotiated for {ctx.abstract_syntax}"[:64]
+        else:
+            return None
+        rsp = response_to(cmd, Code.SOP_CLASS_NOT_SUPPORTED, comment)
+        if cmd.command_field in (CommandField.C_STORE_RQ, CommandField.N_CREATE_RQ, CommandField.N_EVENT_REPORT_RQ):
+            rsp.affected_sop_instance_uid = cmd.affected_sop_instance_uid
+        elif cmd.command_field in _N_REQUESTS:
+            rsp.affected_sop_class_uid = cmd.requested_sop_class_uid
+            rsp.affected_sop_instance_uid = cmd.requested_sop_instance_uid
+        return Respond(msg.context_id, rsp)
 
     def _cancel(self, target: int | None, out: list[SessionEvent]) -> None:
         for op in self._performing.values():

@@ -44,6 +44,8 @@ FAILURE_CODES: dict[int, tuple[int, int]] = {
     CommandField.C_FIND_RQ: (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES),
     CommandField.C_GET_RQ: (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES_MATCHES),
     CommandField.C_MOVE_RQ: (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES_MATCHES),
+    # DIMSE-N: processing failure, resource limitation (PS3.7 C.5.9, C.5.13).
+    **{field: (Code.PROCESSING_FAILURE, 0x0213) for field in range(0x0100, 0x0151, 0x10)},
 }
 
 
