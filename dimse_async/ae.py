@@ -127,6 +127,8 @@ class AE:
         self.requested_contexts: list[ContextSpec] = []
         self.supported_contexts: dict[str, ContextSpec] = {}
         self._handlers: dict[CommandField, Handler] = {}
+        #: Pending storage commitment transactions (a CommitmentTracker, made on first use).
+        self.commitments: Any = None
         #: DIMSE-N handlers by (request command field, SOP class or None for any class).
         self._n_handlers: dict[tuple[int, str | None], Handler] = {}
         self._hooks: dict[AssociationEvent, list[Hook]] = {e: [] for e in AssociationEvent}
@@ -438,6 +440,29 @@ class AE:
             identity=identity,
         )
         return _Associating(self, host, port, rq, ssl, server_hostname)
+
+    async def request_commitment(
+        self,
+        host: str,
+        port: int,
+        called_ae: str,
+        references: Iterable[tuple[str, str]],
+        *,
+        timeout: float = 60.0,
+        hold: float = 5.0,
+        **kwargs: Any,
+    ) -> Any:
+        """Storage commitment (PS3.4 Annex J): ask ``called_ae`` to commit ``references``
+        ((SOP class, SOP instance) pairs) and return its
+        :class:`~dimse_async.services.commitment.CommitmentResult` once the N-EVENT-REPORT
+        arrives, on the requesting association (held up to ``hold`` s) or on one the SCP
+        opens to this AE (listen with the commitment class supported, ``scp_role=True``).
+        Raises ``CommitmentTimeout`` after ``timeout`` s, ``CommitmentFailed`` on refusal."""
+        from .services.commitment import request_commitment
+
+        return await request_commitment(
+            self, host, port, called_ae, references, timeout=timeout, hold=hold, **kwargs
+        )
 
     # ------------------------------------------------------------ acceptor
 

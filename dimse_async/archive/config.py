@@ -31,7 +31,16 @@ Example::
     drain_grace = 30                          # on SIGTERM: running associations get 30 s
     drain_delay = 5                           # unready (and rejecting) 5 s before closing the port
 
-    [known_aes]                               # C-MOVE destinations
+    # Storage commitment (PS3.4 Annex J), MPPS (Annex F), availability (Annex R):
+    storage_commitment = true                 # act as Storage Commitment Push Model SCP
+    commitment_same_association = true        # report on the request's association if still open
+    commitment_retries = 3                    # else on a new one to known_aes[requester], retried
+    commitment_retry_interval = 5
+    mpps = true                               # act as MPPS SCP (N-CREATE / N-SET)
+    ian_destinations = ["RIS"]                # send Instance Availability Notifications (known_aes)
+    ian_delay = 60                            # a study is complete after 60 s without new instances
+
+    [known_aes]                               # C-MOVE destinations, commitment and IAN peers
     VIEWER = { host = "10.0.0.5", port = 104 }
 """
 
@@ -87,6 +96,13 @@ class ServeConfig:
     http_port: int | None = None
     drain_grace: float = 30.0
     drain_delay: float = 0.0
+    storage_commitment: bool = True
+    commitment_same_association: bool = True
+    commitment_retries: int = 3
+    commitment_retry_interval: float = 5.0
+    mpps: bool = True
+    ian_destinations: list[str] = field(default_factory=list)
+    ian_delay: float = 60.0
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -108,6 +124,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,),
     "storage_dir": (str,),
     "worklist_dir": (str,),
+    "storage_commitment": (bool,),
+    "commitment_same_association": (bool,),
+    "commitment_retries": (int,),
+    "commitment_retry_interval": (int, float),
+    "mpps": (bool,),
+    "ian_delay": (int, float),
 }
 
 
@@ -161,6 +183,10 @@ def load_config(path: str | Path | None) -> ServeConfig:
             isinstance(value, list) and value and all(isinstance(v, str) and valid_uid(v) for v in value)
         ):
             raise ValueError("transfer_syntaxes must be a non-empty list of transfer syntax UIDs")
+        elif key == "ian_destinations":
+            if not isinstance(value, list):
+                raise ValueError("ian_destinations must be a list of AE titles (from known_aes)")
+            value = [validate_ae_title(v, "IAN destination") for v in value]
         elif key in ("trusted_proxies", "allowed_peer_addresses"):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{key} must be a list of addresses or CIDR blocks")

@@ -14,6 +14,7 @@ from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES
 from .config import ServeConfig, load_config
 from .index import Archive, Worklist, relational_queries
+from .normalized import MPPS, STORAGE_COMMITMENT, install_normalized
 
 __all__ = ["archive_ae", "serve"]
 
@@ -43,6 +44,10 @@ def archive_ae(config: ServeConfig) -> AE:
         for uid in model.values():
             ae.add_supported_context(uid)
     ae.on_extended_negotiation(relational_queries)
+    if config.storage_commitment:
+        ae.add_supported_context(STORAGE_COMMITMENT)
+    if config.mpps:
+        ae.add_supported_context(MPPS)
     return ae
 
 
@@ -106,6 +111,7 @@ async def serve(args: argparse.Namespace) -> int:
     total = await archive.count()
     ae = archive_ae(config)
     archive.install(ae, Worklist(config.worklist_dir) if config.worklist_dir else None)
+    extras = install_normalized(ae, archive, config)
     if config.host in ("", "0.0.0.0", "::") and not (config.allowed_calling_aes or config.allowed_peer_addresses):
         get_logger().warning(
             "listening on all interfaces and accepting any calling AE title; "
@@ -129,5 +135,6 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         await serve_until_signalled(ae, config.host, config.port, dep, announce)
     finally:
+        await extras.close()
         archive.close()
     return 0

@@ -1,0 +1,172 @@
+"""``serve`` as Storage Commitment Push Model SCP (PS3.4 Annex J).
+
+The N-ACTION is answered at once (J.3.2); then every referenced instance is checked:
+indexed, of the SOP class the request names, and its file still whole (the size the
+index recorded, read to the end, its header naming the same instance and class).
+Only those are committed; the others fail with a reason (J.3.3.1.1.1): 0x0112 not
+held, 0x0119 held under another SOP class, 0x0110 the file is damaged or unreadable,
+0x0131 a Transaction UID already used by that requester. The report goes on the
+requesting association if it is still open, else on a new association to the
+requester's entry in ``[known_aes]`` (proposing the SCP role), retried; one log
+line per transaction says what was committed and how the report went.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import OrderedDict
+from typing import Any
+
+import pydicom
+
+from ..log import get_logger
+from ..services.commitment import (
+    STORAGE_COMMITMENT,
+    CommitmentRequest,
+    CommitmentResult,
+    FailureReason,
+    Reference,
+    commitment_request,
+    send_report,
+)
+from ..services.normalized import NRequest
+from ..status import Status
+
+__all__ = ["CommitmentSCP"]
+
+_CHUNK = 1 << 20
+
+
+def _file_intact(path: str, size: int | None, sop_class: str, sop_instance: str) -> bool:
+    """Re-read the stored file: its size as indexed, readable to the end, the same instance."""
+    try:
+        st = os.stat(path)
+        if size is not None and st.st_size != size:
+            return False
+        with open(path, "rb") as f:
+            while f.read(_CHUNK):
+                pass
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        meta = ds.file_meta
+        got_instance = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
+        got_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
+        return got_instance == sop_instance and got_class == sop_class
+    except Exception:
+        return False
+
+
+class CommitmentSCP:
+    """The commitment SCP of an :class:`~dimse_async.archive.index.Archive` (see the module)."""
+
+    def __init__(
+        self,
+        archive: Any,
+        ae: Any,
+        *,
+        same_association: bool = True,
+        retries: int = 3,
+        retry_interval: float = 5.0,
+    ):
+        self.archive = archive
+        self.ae = ae
+        self.same_association = same_association
+        self.retries = retries
+        self.retry_interval = retry_interval
+        self.log = get_logger("dimse_async.commitment")
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # (requester, transaction) -> time
+        #: The last results, newest last (for inspection and tests).
+        self.results: OrderedDict[str, tuple[CommitmentResult, str]] = OrderedDict()
+
+    def install(self, ae: Any) -> None:
+        ae.on_n_action(self.on_n_action, sop_class=STORAGE_COMMITMENT)
+
+    async def on_n_action(self, request: NRequest) -> Any:
+        parsed = commitment_request(request)
+        if isinstance(parsed, Status):
+            self.log.warning("storage commitment request refused", status=repr(parsed), peer_ae=request.calling_ae)
+            return parsed
+        key = (request.calling_ae, parsed.transaction_uid)
+        duplicate = key in self._seen
+        self._seen[key] = time.time()
+        while len(self._seen) > 10_000:
+            self._seen.popitem(last=False)
+        task = asyncio.ensure_future(self._commit(request.assoc, request.calling_ae, parsed, duplicate))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return None
+
+    async def _check(self, ref: Reference) -> int | None:
+        """``None`` if the instance is held intact, else the failure reason."""
+        sop_class, sop_instance = ref
+
+        def row() -> Any:
+            return (
+                self.archive._conn()
+                .execute("SELECT sop_class, path, size FROM instances WHERE sop_uid = ?", (sop_instance,))
+                .fetchone()
+            )
+
+        found = await self.archive._call(row)
+        if found is None:
+            return FailureReason.NO_SUCH_OBJECT_INSTANCE
+        stored_class, path, size = found
+        if stored_class != sop_class:
+            return FailureReason.CLASS_INSTANCE_CONFLICT
+        if not await asyncio.to_thread(_file_intact, path, size, sop_class, sop_instance):
+            return FailureReason.PROCESSING_FAILURE
+        return None
+
+    async def verify(
+        self, transaction_uid: str, references: list[Reference], duplicate: bool = False
+    ) -> CommitmentResult:
+        result = CommitmentResult(transaction_uid, retrieve_ae=self.ae.ae_title)
+        for ref in references:
+            try:
+                reason = FailureReason.DUPLICATE_TRANSACTION_UID if duplicate else await self._check(ref)
+            except Exception as exc:
+                self.log.error("storage commitment check failed", sop_instance=ref[1], error=repr(exc))
+                reason = FailureReason.PROCESSING_FAILURE
+            if reason is None:
+                result.committed.append(ref)
+            else:
+                result.failed.append((ref[0], ref[1], reason))
+        return result
+
+    async def _commit(self, assoc: Any, requester: str, parsed: CommitmentRequest, duplicate: bool) -> None:
+        started = time.monotonic()
+        result = await self.verify(parsed.transaction_uid, parsed.references, duplicate)
+        destination = self.ae.known_aes.get(requester)
+        fields = {
+            "transaction_uid": parsed.transaction_uid,
+            "requester": requester,
+            "committed": len(result.committed),
+            "failed": len(result.failed),
+        }
+        if result.failed:
+            fields["reasons"] = ",".join(sorted({f"0x{r:04X}" for _c, _i, r in result.failed}))
+        try:
+            how = await send_report(
+                self.ae,
+                result,
+                assoc=assoc if self.same_association else None,
+                destination=destination,
+                called_ae=requester,
+                retries=self.retries,
+                retry_interval=self.retry_interval,
+            )
+        except Exception as exc:
+            self.log.error("storage commitment report not delivered", **fields, error=str(exc)[:200])
+            self.results[parsed.transaction_uid] = (result, f"undelivered: {exc}")
+        else:
+            self.log.info("storage commitment", **fields, report=how, seconds=round(time.monotonic() - started, 3))
+            self.results[parsed.transaction_uid] = (result, how)
+        while len(self.results) > 1000:
+            self.results.popitem(last=False)
+
+    async def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until every transaction's report went out (or failed); for shutdown and tests."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)

@@ -1,0 +1,195 @@
+"""``serve`` as Modality Performed Procedure Step SCP (PS3.4 Annex F.7).
+
+N-CREATE makes a step, which must start "IN PROGRESS" (F.7.2.1); N-SET updates it
+while it is in progress and may end it "COMPLETED" or "DISCONTINUED" (F.7.2.2). A
+step that has ended may no longer be updated: 0x0110 with the standard's comment
+(F.7.2.2.2, Error ID 0xA710). An N-SET for an instance never created: 0x0112. Steps
+are kept in ``mpps.sqlite`` beside the archive index; :meth:`MPPSStore.find` lists
+them (by status, patient, study) - the small query API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from ..codec import decode_identifier, encode_dataset
+from ..services.normalized import NCode, NRequest
+from ..status import Status
+from ..uids import ExplicitVRLittleEndian
+
+__all__ = ["MPPS", "MPPSStore", "mpps_create_dataset"]
+
+#: Modality Performed Procedure Step SOP Class (PS3.4 F.7.1).
+MPPS = "1.2.840.10008.3.1.2.3.3"
+IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
+_STATES = (IN_PROGRESS, COMPLETED, DISCONTINUED)
+_ENDED_COMMENT = "Performed Procedure Step Object may no longer be updated"  # F.7.2.2.2, 0xA710
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS mpps (
+    sop_uid TEXT PRIMARY KEY, status TEXT NOT NULL, patient_id TEXT, study_uid TEXT, modality TEXT,
+    station_ae TEXT, created REAL NOT NULL, updated REAL NOT NULL, attrs BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS mpps_status ON mpps(status);
+CREATE INDEX IF NOT EXISTS mpps_patient ON mpps(patient_id);
+"""
+
+
+def _study_uid(ds: Dataset) -> str:
+    for item in ds.get("ScheduledStepAttributesSequence") or []:
+        if item.get("StudyInstanceUID"):
+            return str(item.StudyInstanceUID)
+    return str(ds.get("StudyInstanceUID") or "")
+
+
+def mpps_create_dataset(
+    patient_id: str, patient_name: str, study_uid: str, modality: str, procedure_step_id: str, station_ae: str = ""
+) -> Dataset:
+    """A minimal N-CREATE attribute list for an SCU (F.7.2.1.1, Table F.7.2-1): IN PROGRESS now."""
+    ds = Dataset()
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    step = Dataset()
+    step.StudyInstanceUID = study_uid
+    step.AccessionNumber = ""
+    step.RequestedProcedureID = ""
+    step.ScheduledProcedureStepID = ""
+    ds.ScheduledStepAttributesSequence = [step]
+    ds.PerformedProcedureStepID = procedure_step_id
+    ds.PerformedStationAETitle = station_ae
+    now = time.localtime()
+    ds.PerformedProcedureStepStartDate = time.strftime("%Y%m%d", now)
+    ds.PerformedProcedureStepStartTime = time.strftime("%H%M%S", now)
+    ds.PerformedProcedureStepEndDate = None
+    ds.PerformedProcedureStepEndTime = None
+    ds.PerformedProcedureStepStatus = IN_PROGRESS
+    ds.Modality = modality
+    ds.PerformedSeriesSequence = []
+    return ds
+
+
+class MPPSStore:
+    """Performed procedure steps in ``root/mpps.sqlite``, and the MPPS SCP handlers."""
+
+    def __init__(self, root: str | Path):
+        self.path = Path(root) / "mpps.sqlite"
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()  # sqlite calls run in worker threads
+        self._steps = asyncio.Lock()  # one N-CREATE / N-SET at a time: the state rules hold
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def install(self, ae: Any) -> None:
+        ae.on_n_create(self.on_n_create, sop_class=MPPS)
+        ae.on_n_set(self.on_n_set, sop_class=MPPS)
+
+    # -- storage
+
+    def _get(self, uid: str) -> tuple[str, Dataset] | None:
+        with self._lock:
+            row = self._db.execute("SELECT status, attrs FROM mpps WHERE sop_uid = ?", (uid,)).fetchone()
+        return None if row is None else (row[0], decode_identifier(row[1], ExplicitVRLittleEndian))
+
+    def _put(self, uid: str, ds: Dataset, *, new: bool) -> None:
+        now = time.time()
+        values = (
+            str(ds.get("PerformedProcedureStepStatus") or ""),
+            str(ds.get("PatientID") or ""),
+            _study_uid(ds),
+            str(ds.get("Modality") or ""),
+            str(ds.get("PerformedStationAETitle") or ""),
+            now,
+            encode_dataset(ds, ExplicitVRLittleEndian),
+        )
+        with self._lock, self._db:
+            if new:
+                self._db.execute(
+                    "INSERT INTO mpps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (uid, *values[:5], now, *values[5:])
+                )
+            else:
+                self._db.execute(
+                    "UPDATE mpps SET status=?, patient_id=?, study_uid=?, modality=?, station_ae=?, updated=?, attrs=? "
+                    "WHERE sop_uid=?",
+                    (*values, uid),
+                )
+
+    async def get(self, uid: str) -> Dataset | None:
+        """The step's attributes, with its SOP Instance UID, or ``None``."""
+        got = await asyncio.to_thread(self._get, uid)
+        if got is None:
+            return None
+        got[1].SOPInstanceUID = uid
+        got[1].SOPClassUID = MPPS
+        return got[1]
+
+    def _find(self, status: str | None, patient_id: str | None, study_uid: str | None) -> list[tuple[str, bytes]]:
+        sql, args = "SELECT sop_uid, attrs FROM mpps WHERE 1=1", []
+        for column, value in (("status", status), ("patient_id", patient_id), ("study_uid", study_uid)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        with self._lock:
+            return self._db.execute(sql + " ORDER BY created", args).fetchall()
+
+    async def find(
+        self, *, status: str | None = None, patient_id: str | None = None, study_uid: str | None = None
+    ) -> list[Dataset]:
+        """Steps matching every criterion given, oldest first (each with its SOP Instance UID)."""
+        rows = await asyncio.to_thread(self._find, status, patient_id, study_uid)
+        out = []
+        for uid, attrs in rows:
+            ds = decode_identifier(attrs, ExplicitVRLittleEndian)
+            ds.SOPInstanceUID = uid
+            ds.SOPClassUID = MPPS
+            out.append(ds)
+        return out
+
+    # -- SCP
+
+    async def on_n_create(self, request: NRequest) -> Any:
+        """N-CREATE (F.7.2.1): a new step, IN PROGRESS."""
+        ds = request.dataset
+        uid = request.sop_instance_uid or ""
+        if ds is None:
+            return Status(NCode.MISSING_ATTRIBUTE, "N-CREATE without an attribute list")
+        state = str(ds.get("PerformedProcedureStepStatus") or "")
+        if state != IN_PROGRESS:
+            # F.7.2.1.2: a step is created "IN PROGRESS"; anything else is an invalid value.
+            return Status(NCode.INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status must be {IN_PROGRESS}")
+        async with self._steps:
+            if await asyncio.to_thread(self._get, uid) is not None:
+                return Status(NCode.DUPLICATE_SOP_INSTANCE, "performed procedure step already exists")
+            await asyncio.to_thread(self._put, uid, ds, new=True)
+        request.assoc.log.info("MPPS created", sop_instance=uid, patient_id=str(ds.get("PatientID") or ""))
+        return None
+
+    async def on_n_set(self, request: NRequest) -> Any:
+        """N-SET (F.7.2.2): update a step in progress; COMPLETED / DISCONTINUED end it."""
+        uid = request.sop_instance_uid or ""
+        mods = request.dataset
+        assert mods is not None  # the N-service layer answered 0x0120 otherwise
+        async with self._steps:
+            got = await asyncio.to_thread(self._get, uid)
+            if got is None:
+                return Status(NCode.NO_SUCH_SOP_INSTANCE, "no such performed procedure step")
+            state, ds = got
+            if state != IN_PROGRESS:
+                # F.7.2.2.2: once COMPLETED or DISCONTINUED the step is final.
+                return Status(NCode.PROCESSING_FAILURE, f"{_ENDED_COMMENT} ({state})")
+            new_state = str(mods.get("PerformedProcedureStepStatus") or state)
+            if new_state not in _STATES:
+                return Status(NCode.INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status {new_state!r}"[:64])
+            for elem in mods:
+                ds[elem.tag] = elem
+            await asyncio.to_thread(self._put, uid, ds, new=False)
+        request.assoc.log.info("MPPS updated", sop_instance=uid, status=new_state)
+        return None

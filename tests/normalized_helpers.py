@@ -1,0 +1,92 @@
+"""Shared by the normalized-service tests: small Part 10 instances and an in-process
+``serve`` archive (the same AE, archive and normalized services the CLI builds)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+import dimse_async as da
+from dimse_async.archive.config import ServeConfig
+from dimse_async.archive.index import Archive
+from dimse_async.archive.normalized import Extras, install_normalized
+from dimse_async.archive.serve import archive_ae
+from dimse_async.services.send import send_files
+
+HOST = "127.0.0.1"
+
+
+def make_instances(
+    directory: Path, count: int, *, study_uid: str | None = None, patient_id: str = "PAT1"
+) -> list[tuple[Path, str, str]]:
+    """``count`` small CT instances of one study: (path, SOP class, SOP instance)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    out = []
+    for n in range(count):
+        ds = Dataset()
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.PatientID = patient_id
+        ds.PatientName = "Test^Patient"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.Modality = "CT"
+        ds.InstanceNumber = n + 1
+        ds.Rows = ds.Columns = 4
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.SamplesPerPixel = 1
+        ds.PixelRepresentation = 0
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = bytes(range(32))
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        path = directory / f"{n:03d}.dcm"
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        out.append((path, str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    return out
+
+
+@dataclass
+class ServeUnderTest:
+    port: int
+    config: ServeConfig
+    archive: Archive
+    ae: da.AE
+    extras: Extras
+    server: da.Server
+
+
+@contextlib.asynccontextmanager
+async def running_serve(storage: Path, **settings: Any) -> AsyncIterator[ServeUnderTest]:
+    """The ``serve`` AE on a free port, configured like a TOML file would (``settings``)."""
+    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(storage), fsync=False, **settings)
+    archive = Archive(config.storage_dir, duplicates=config.duplicates, fsync=False, retrieve_ae_title=config.ae_title)
+    ae = archive_ae(config)
+    archive.install(ae)
+    extras = install_normalized(ae, archive, config)
+    server = await ae.start_server(HOST, 0)
+    try:
+        yield ServeUnderTest(server.port, config, archive, ae, extras, server)
+    finally:
+        server.close()
+        await server.wait_closed(2)
+        await extras.close()
+        archive.close()
+
+
+async def store(port: int, paths: list[Path], called: str = "ARCHIVE", calling: str = "MODALITY") -> None:
+    report = await send_files(da.AE(calling), HOST, port, called, [str(p) for p in paths])
+    assert not report.failed, report.failed

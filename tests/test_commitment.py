@@ -1,0 +1,252 @@
+"""Storage Commitment Push Model (PS3.4 Annex J): our SCU against ``serve``'s SCP, and
+pynetdicom on the other side where a peer must behave in a particular way.
+
+- the report on the requesting association, and on a new association to our AE after
+  the requesting one was released (the transaction survives it);
+- ``serve`` commits only what it holds intact: failures 0x0112 (not held), 0x0119
+  (held under another class), 0x0110 (file damaged since), 0x0131 (Transaction UID
+  used again);
+- a report after our timeout is acknowledged and kept as late;
+- hostile: an N-EVENT-REPORT for an unknown transaction, one with an unknown event
+  type, an N-ACTION with an unsupported Action Type ID - each a clear status, the
+  association still usable afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port
+from normalized_helpers import HOST, make_instances, running_serve, store
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage, generate_uid
+from pynetdicom import AE as PynetdicomAE
+from pynetdicom import build_role, evt
+
+import dimse_async as da
+from dimse_async.services.commitment import (
+    STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    CommitmentResult,
+    CommitmentTimeout,
+    report_dataset,
+    request_dataset,
+)
+
+WAIT = 30.0
+
+
+def listening_scu(title: str = "OUR_SCU") -> da.AE:
+    """An SCU that also accepts the report on a new association (SCP role for the peer)."""
+    ae = da.AE(title, dimse_timeout=WAIT)
+    ae.add_supported_context(STORAGE_COMMITMENT, scp_role=True)
+    ae.add_supported_context(da.Verification)
+    return ae
+
+
+async def test_report_on_the_same_association(tmp_path: Path) -> None:
+    files = make_instances(tmp_path / "in", 3)
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        unknown = (files[0][1], generate_uid())
+        wrong_class = (MRImageStorage, files[1][2])
+        refs = [(c, i) for _p, c, i in files] + [unknown, wrong_class]
+        ae = da.AE("OUR_SCU", dimse_timeout=WAIT)  # not listening: the report must come on the request's association
+        result = await asyncio.wait_for(
+            ae.request_commitment(HOST, serve.port, "ARCHIVE", refs, timeout=WAIT, hold=WAIT), WAIT
+        )
+        assert result.same_association and result.calling_ae == "ARCHIVE"
+        assert result.committed == [(c, i) for _p, c, i in files]
+        assert result.failed == [(*unknown, 0x0112), (*wrong_class, 0x0119)]
+        assert result.retrieve_ae == "ARCHIVE" and not result.success
+        await serve.extras.commitment.wait_idle()
+        assert serve.extras.commitment.results[result.transaction_uid][1] == "same association"
+
+
+async def test_report_on_a_new_association_after_release(tmp_path: Path) -> None:
+    files = make_instances(tmp_path / "in", 4)
+    ours = listening_scu()
+    async with await ours.start_server(HOST, 0) as listener:
+        async with running_serve(
+            tmp_path / "archive", commitment_same_association=False, known_aes={"OUR_SCU": (HOST, listener.port)}
+        ) as serve:
+            await store(serve.port, [p for p, _c, _i in files])
+            # Damage one stored file behind the archive's back: it must not be committed.
+            damaged = serve.archive.path_for(files[2][2])
+            damaged.write_bytes(damaged.read_bytes()[:-10])
+            refs = [(c, i) for _p, c, i in files]
+            # hold=0: the requesting association is released at once; the report comes later.
+            result = await asyncio.wait_for(
+                ours.request_commitment(HOST, serve.port, "ARCHIVE", refs, timeout=WAIT, hold=0), WAIT
+            )
+            assert not result.same_association and result.calling_ae == "ARCHIVE"
+            assert result.committed == [refs[0], refs[1], refs[3]]
+            assert result.failed == [(*refs[2], 0x0110)]
+            await serve.extras.commitment.wait_idle()
+            assert serve.extras.commitment.results[result.transaction_uid][1] == "new association"
+            # The same Transaction UID again: every reference fails with 0x0131.
+            again = await asyncio.wait_for(
+                ours.request_commitment(
+                    HOST, serve.port, "ARCHIVE", refs[:1], timeout=WAIT, hold=0, transaction_uid=result.transaction_uid
+                ),
+                WAIT,
+            )
+            assert again.failed == [(*refs[0], 0x0131)] and again.committed == []
+    assert not ours.commitments.pending
+
+
+def _late_reporter(port: int, report_to: int, delay: float) -> tuple[Any, list[Any]]:
+    """A pynetdicom commitment SCP answering every reference as committed, ``delay`` s late,
+    on a new association to ``report_to``."""
+    reports: list[Any] = []
+
+    def on_action(event: Any) -> Any:
+        info = event.action_information
+
+        def later() -> None:
+            time.sleep(delay)
+            result = CommitmentResult(
+                str(info.TransactionUID),
+                [(str(i.ReferencedSOPClassUID), str(i.ReferencedSOPInstanceUID)) for i in info.ReferencedSOPSequence],
+            )
+            event_type, ds = report_dataset(result)
+            ae = PynetdicomAE("PYNET_SCP")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+            ae.add_requested_context(STORAGE_COMMITMENT)
+            assoc = ae.associate(
+                HOST,
+                report_to,
+                ae_title="OUR_SCU",
+                ext_neg=[build_role(STORAGE_COMMITMENT, scu_role=False, scp_role=True)],
+            )
+            if assoc.is_established:
+                rsp, _ = assoc.send_n_event_report(ds, event_type, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
+                reports.append(int(rsp.Status) if "Status" in rsp else None)
+                assoc.release()
+            else:
+                reports.append("not associated")
+
+        threading.Thread(target=later, daemon=True).start()
+        return 0x0000, None
+
+    ae = PynetdicomAE("PYNET_SCP")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_supported_context(STORAGE_COMMITMENT)
+    server = ae.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_N_ACTION, on_action)])
+    return server, reports
+
+
+async def test_timeout_then_late_report(tmp_path: Path) -> None:
+    ours = listening_scu()
+    seen_late: list[Any] = []
+    async with await ours.start_server(HOST, 0) as listener:
+        port = free_port()
+        server, reports = _late_reporter(port, listener.port, delay=1.5)
+        try:
+            refs = [("1.2.840.10008.5.1.4.1.1.2", generate_uid())]
+            with pytest.raises(CommitmentTimeout) as info:
+                await ours.request_commitment(HOST, port, "PYNET_SCP", refs, timeout=0.5, hold=0.2)
+            uid = info.value.transaction_uid
+            ours.commitments.on_late = seen_late.append
+            deadline = time.monotonic() + WAIT
+            while not reports and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await asyncio.to_thread(server.shutdown)
+    assert reports == [0x0000]  # acknowledged, not refused
+    late = ours.commitments.late[uid]
+    assert late.committed == refs and late.success
+    assert [r.transaction_uid for r in seen_late] == [uid]
+    assert uid not in ours.commitments.pending
+
+
+def _hostile_reports(port: int) -> dict[str, Any]:
+    """pynetdicom as the commitment SCP reporting what nobody asked for, then a C-ECHO."""
+    ae = PynetdicomAE("PYNET_SCP")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(STORAGE_COMMITMENT)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    out: dict[str, Any] = {}
+    assoc = ae.associate(
+        HOST, port, ae_title="OUR_SCU", ext_neg=[build_role(STORAGE_COMMITMENT, scu_role=False, scp_role=True)]
+    )
+    assert assoc.is_established
+    try:
+        _type, ds = report_dataset(CommitmentResult(generate_uid(), [("1.2.3", "1.2.3.4")]))
+        out["unknown"] = assoc.send_n_event_report(ds, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+        out["bad_event"] = assoc.send_n_event_report(ds, 9, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+        no_uid = Dataset()
+        no_uid.RetrieveAETitle = "SOMEWHERE"
+        out["no_uid"] = assoc.send_n_event_report(no_uid, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+        out["echo"] = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    return out
+
+
+async def test_hostile_reports_to_our_scu() -> None:
+    ours = listening_scu()
+    from dimse_async.services.commitment import tracker_of
+
+    tracker_of(ours)  # the AE handles commitment reports from now on
+    async with await ours.start_server(HOST, 0) as listener:
+        out = await asyncio.wait_for(asyncio.to_thread(_hostile_reports, listener.port), WAIT)
+    assert int(out["unknown"].Status) == 0x0110
+    assert str(out["unknown"].ErrorComment).startswith("no pending transaction")
+    assert int(out["bad_event"].Status) == 0x0113
+    assert int(out["no_uid"].Status) == 0x0120
+    assert int(out["echo"].Status) == 0x0000
+
+
+def _hostile_actions(port: int, refs: list[tuple[str, str]]) -> dict[str, Any]:
+    """pynetdicom as the commitment SCU sending a bad then a good N-ACTION on one association."""
+    ae = PynetdicomAE("PYNET_SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(STORAGE_COMMITMENT)
+    out: dict[str, Any] = {"events": []}
+    got = threading.Event()
+
+    def on_report(event: Any) -> Any:
+        out["events"].append((event.event_type, event.event_information))
+        got.set()
+        return 0x0000, None
+
+    assoc = ae.associate(HOST, port, ae_title="ARCHIVE", evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    try:
+        uid = generate_uid()
+        info = request_dataset(uid, refs)
+        out["bad_type"] = assoc.send_n_action(info, 7, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+        out["bad_instance"] = assoc.send_n_action(info, 1, STORAGE_COMMITMENT, "1.2.3.4")[0]
+        out["no_refs"] = assoc.send_n_action(
+            request_dataset(uid, []), 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
+        )[0]
+        out["good"] = assoc.send_n_action(info, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+        out["transaction_uid"] = uid
+        got.wait(10)
+    finally:
+        assoc.release()
+    return out
+
+
+async def test_hostile_requests_to_serve_and_pynetdicom_scu(tmp_path: Path) -> None:
+    files = make_instances(tmp_path / "in", 2)
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        refs = [(c, i) for _p, c, i in files]
+        out = await asyncio.wait_for(asyncio.to_thread(_hostile_actions, serve.port, refs), WAIT)
+    assert int(out["bad_type"].Status) == 0x0123
+    assert "no action type 7" in str(out["bad_type"].ErrorComment)
+    assert int(out["bad_instance"].Status) == 0x0112
+    assert int(out["no_refs"].Status) == 0x0120
+    assert int(out["good"].Status) == 0x0000
+    # The report reached pynetdicom on the same association: everything committed.
+    ((event_type, info),) = out["events"]
+    assert event_type == 1 and info.TransactionUID == out["transaction_uid"]
+    assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == refs
+    assert "FailedSOPSequence" not in info
