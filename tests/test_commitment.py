@@ -250,3 +250,49 @@ async def test_hostile_requests_to_serve_and_pynetdicom_scu(tmp_path: Path) -> N
     assert event_type == 1 and info.TransactionUID == out["transaction_uid"]
     assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in info.ReferencedSOPSequence] == refs
     assert "FailedSOPSequence" not in info
+
+
+async def _cli(*argv: str) -> tuple[int, str, str]:
+    import os
+    import sys
+
+    from conftest import communicate
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return await communicate((sys.executable, "-m", "dimse_async", "commit", *argv), env=env, timeout=WAIT)
+
+
+async def test_cli_commit(tmp_path: Path) -> None:
+    import json
+
+    files = make_instances(tmp_path / "in", 3)
+    not_stored = make_instances(tmp_path / "other", 1)
+    listen = free_port()
+    async with running_serve(
+        tmp_path / "archive",
+        commitment_same_association=False,
+        commitment_retries=1,
+        commitment_retry_interval=0.2,
+        known_aes={"CLI_SCU": (HOST, listen)},
+    ) as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        paths = [str(p) for p, _c, _i in files]
+        port = str(serve.port)
+        base = ("--aet", "CLI_SCU", "--aec", "ARCHIVE", "--timeout", "20")
+        # The report comes on a new association to the CLI's listening port.
+        code, out, err = await _cli(HOST, port, *paths, *base, "--listen-port", str(listen), "--json")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["outcome"] == "committed" and not doc["same_association"]
+        assert [c["path"] for c in doc["committed"]] == paths
+        # One file the archive never received: exit 1, its reason in the text output.
+        code, out, err = await _cli(HOST, port, *paths, str(not_stored[0][0]), *base, "--listen-port", str(listen))
+        assert code == 1, err
+        assert "3/4 committed, 1 failed" in out and f"FAILED {not_stored[0][0]}: reason 0x0112" in out
+        # Not listening: the report cannot reach us -> timeout (5), the transaction logged by serve.
+        code, out, err = await _cli(HOST, port, *paths[:1], *base[:4], "--timeout", "1", "--hold", "0.2", "--json")
+        assert code == 5 and json.loads(out)["outcome"] == "timeout"
+    code, _out, err = await _cli(HOST, str(free_port()), *paths, "--aec", "ARCHIVE", "--timeout", "5")
+    assert code == 3, err
+    code, _out, err = await _cli(HOST, "104", str(tmp_path / "missing.dcm"))
+    assert code == 2 and "missing.dcm" in err

@@ -24,7 +24,7 @@ from ..log import configure_logging, get_logger
 from ..part10 import valid_uid
 from ..services.send import SendResult, collect_files, send_files
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
-from . import check, options
+from . import check, commit, options
 
 __all__ = ["main"]
 
@@ -140,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         "--idle-release", type=float, metavar="S", help="release an association idle for S seconds (NAT friendly)"
     )
     check.add_parser(sub)
+    commit.add_parser(sub)
     return parser
 
 
@@ -393,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(_send(args))
     if args.command == "check":
         return check.run(args)
+    if args.command == "commit":
+        return commit.main(args)
     return EXIT_USAGE  # pragma: no cover
 
 
