@@ -1,0 +1,112 @@
+"""Instance Availability Notification (PS3.4 Annex R): ``serve`` as SCU telling a
+pynetdicom SCP when a study is complete and on demand; our AE as SCP of a
+pynetdicom SCU's notifications."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from conftest import free_port
+from normalized_helpers import HOST, make_instances, running_serve, store
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE as PynetdicomAE
+from pynetdicom import evt
+
+import dimse_async as da
+from dimse_async.services.availability import (
+    INSTANCE_AVAILABILITY,
+    Availability,
+    notification_dataset,
+    parse_notification,
+)
+from dimse_async.services.normalized import NRequest
+
+WAIT = 30.0
+
+
+async def test_serve_notifies_when_a_study_is_complete_and_on_demand(tmp_path: Path) -> None:
+    received: list[tuple[str, Dataset]] = []
+    lock = threading.Lock()
+
+    def on_create(event: Any) -> Any:
+        with lock:
+            received.append((event.assoc.requestor.ae_title, event.attribute_list))
+        return 0x0000, None
+
+    ris = PynetdicomAE("RIS")
+    ris.acse_timeout = ris.dimse_timeout = ris.network_timeout = 10
+    ris.add_supported_context(INSTANCE_AVAILABILITY)
+    ris_port = free_port()
+    server = ris.start_server((HOST, ris_port), block=False, evt_handlers=[(evt.EVT_N_CREATE, on_create)])
+    try:
+        files = make_instances(tmp_path / "in", 3)
+        study_uid = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+        async with running_serve(
+            tmp_path / "archive", ian_destinations=["RIS"], ian_delay=0.5, known_aes={"RIS": (HOST, ris_port)}
+        ) as serve:
+            await store(serve.port, [p for p, _c, _i in files])
+            deadline = time.monotonic() + WAIT
+            while not received and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert serve.extras.availability is not None
+            outcome = await serve.extras.availability.notify(study_uid)
+            assert outcome == [("RIS", "sent")]
+    finally:
+        await asyncio.to_thread(server.shutdown)
+    assert len(received) == 2  # one when the study went quiet, one on demand
+    for calling, ds in received:
+        assert calling == "ARCHIVE" and ds.StudyInstanceUID == study_uid
+        (series,) = ds.ReferencedSeriesSequence
+        refs = sorted((r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID) for r in series.ReferencedSOPSequence)
+        assert refs == sorted((c, i) for _p, c, i in files)
+        assert {r.InstanceAvailability for r in series.ReferencedSOPSequence} == {"ONLINE"}
+        assert {r.RetrieveAETitle for r in series.ReferencedSOPSequence} == {"ARCHIVE"}
+
+
+def _pynetdicom_notifies(port: int, good: Dataset) -> list[int]:
+    ae = PynetdicomAE("RIS_SCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(INSTANCE_AVAILABILITY)
+    assoc = ae.associate(HOST, port, ae_title="OUR_SCP")
+    assert assoc.is_established
+    try:
+        bad = Dataset()
+        bad.ReferencedSeriesSequence = []
+        return [
+            int(assoc.send_n_create(good, INSTANCE_AVAILABILITY, generate_uid())[0].Status),
+            int(assoc.send_n_create(bad, INSTANCE_AVAILABILITY, generate_uid())[0].Status),
+            int(assoc.send_n_create(good, INSTANCE_AVAILABILITY, generate_uid())[0].Status),
+        ]
+    finally:
+        assoc.release()
+
+
+async def test_our_scp_receives_notifications() -> None:
+    got: list[Availability] = []
+    ae = da.AE("OUR_SCP")
+    ae.add_supported_context(INSTANCE_AVAILABILITY)
+
+    @ae.on_n_create(sop_class=INSTANCE_AVAILABILITY)
+    async def on_ian(request: NRequest) -> Any:
+        try:
+            got.append(parse_notification(request))
+        except ValueError as exc:
+            raise da.StatusError(0x0120, str(exc)) from None
+        return None
+
+    study = generate_uid()
+    av = Availability(study, {generate_uid(): [("1.2.840.10008.5.1.4.1.1.2", generate_uid())]}, retrieve_ae="PACS")
+    async with await ae.start_server(HOST, 0) as server:
+        statuses = await asyncio.wait_for(
+            asyncio.to_thread(_pynetdicom_notifies, server.port, notification_dataset(av)), WAIT
+        )
+    assert statuses == [0x0000, 0x0120, 0x0000]
+    assert [(g.study_uid, g.series, g.retrieve_ae, g.availability) for g in got] == [
+        (study, av.series, "PACS", "ONLINE")
+    ] * 2
