@@ -331,7 +331,7 @@ async def scp_n_service(assoc: DIMSEProvider, op: Operation, handler: NHandler |
         elif field != CommandField.N_CREATE_RQ and not request.sop_instance_uid:
             status = Status(NCode.MISSING_ATTRIBUTE, "no SOP Instance UID in the command")
         elif request.sop_class_uid != ctx.abstract_syntax:
-            status = Status(NCode.CLASS_INSTANCE_CONFLICT, "SOP class differs from the presentation context's")
+            status = Status(NCode.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context's")
         elif handler is None:
             status = Status(NCode.SOP_CLASS_NOT_SUPPORTED, f"no {name} handler for this SOP class")
     reply: Dataset | None = None
