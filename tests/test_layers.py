@@ -31,8 +31,8 @@ LAYERS: list[set[str]] = [
     {"association"},
     # service classes, typed against the interface
     {"services.requests", "services.scp", "services.spool"},
-    {"services.storage", "services.verification"},
-    {"services.qr"},
+    {"services.storage", "services.verification", "services.normalized"},
+    {"services.qr", "services.commitment", "services.availability"},
     # the association users hold, the listening side, the AE that wires it all
     {"operations"},
     {"server"},
@@ -45,10 +45,11 @@ LAYERS: list[set[str]] = [
     {"", "services"},  # the package's public face
     # applications on top of the framework
     {"archive", "archive.matching", "archive.config"},
-    {"archive.index"},
+    {"archive.index", "archive.commitment", "archive.mpps"},
+    {"archive.normalized"},
     {"archive.serve"},
     {"cli.options"},
-    {"cli.check"},
+    {"cli.check", "cli.commit"},
     {"cli"},
     {"__main__"},
 ]
