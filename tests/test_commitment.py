@@ -15,6 +15,7 @@ pynetdicom on the other side where a peer must behave in a particular way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from pathlib import Path
@@ -49,23 +50,57 @@ def listening_scu(title: str = "OUR_SCU") -> da.AE:
     return ae
 
 
+class Lines(logging.Handler):
+    """The messages logged under ``dimse_async.<name>`` at INFO and above, while attached."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        self.logger = logging.getLogger(f"dimse_async.{name}")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> Lines:
+        self.level_before = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+
 async def test_report_on_the_same_association(tmp_path: Path) -> None:
     files = make_instances(tmp_path / "in", 3)
-    async with running_serve(tmp_path / "archive") as serve:
-        await store(serve.port, [p for p, _c, _i in files])
-        unknown = (files[0][1], generate_uid())
-        wrong_class = (MRImageStorage, files[1][2])
-        refs = [(c, i) for _p, c, i in files] + [unknown, wrong_class]
-        ae = da.AE("OUR_SCU", dimse_timeout=WAIT)  # not listening: the report must come on the request's association
-        result = await asyncio.wait_for(
-            ae.request_commitment(HOST, serve.port, "ARCHIVE", refs, timeout=WAIT, hold=WAIT), WAIT
-        )
-        assert result.same_association and result.calling_ae == "ARCHIVE"
-        assert result.committed == [(c, i) for _p, c, i in files]
-        assert result.failed == [(*unknown, 0x0112), (*wrong_class, 0x0119)]
-        assert result.retrieve_ae == "ARCHIVE" and not result.success
-        await serve.extras.commitment.wait_idle()
-        assert serve.extras.commitment.results[result.transaction_uid][1] == "same association"
+    with Lines("commitment") as log:
+        async with running_serve(tmp_path / "archive") as serve:
+            result = await _same_association(serve, files)
+    # One line for the transaction, saying what was committed and how the report went.
+    (line,) = [m for m in log.lines if m.startswith("storage commitment ")]
+    assert f"transaction_uid={result.transaction_uid}" in line
+    assert "committed=3" in line and "failed=2" in line and "reasons=0x0112,0x0119" in line
+    assert "report=" in line and "same association" in line
+
+
+async def _same_association(serve: Any, files: list[Any]) -> Any:
+    """Three stored, one never received, one under another class: the report on the request's association."""
+    await store(serve.port, [p for p, _c, _i in files])
+    unknown = (files[0][1], generate_uid())
+    wrong_class = (MRImageStorage, files[1][2])
+    refs = [(c, i) for _p, c, i in files] + [unknown, wrong_class]
+    ae = da.AE("OUR_SCU", dimse_timeout=WAIT)  # not listening: the report must come on the request's association
+    result = await asyncio.wait_for(
+        ae.request_commitment(HOST, serve.port, "ARCHIVE", refs, timeout=WAIT, hold=WAIT), WAIT
+    )
+    assert result.same_association and result.calling_ae == "ARCHIVE"
+    assert result.committed == [(c, i) for _p, c, i in files]
+    assert result.failed == [(*unknown, 0x0112), (*wrong_class, 0x0119)]
+    assert result.retrieve_ae == "ARCHIVE" and not result.success
+    await serve.extras.commitment.wait_idle()
+    assert serve.extras.commitment.results[result.transaction_uid][1] == "same association"
+    return result
 
 
 async def test_report_on_a_new_association_after_release(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ class CommitmentSCP:
         self.same_association = same_association
         self.retries = retries
         self.retry_interval = retry_interval
-        self.log = get_logger("dimse_async.commitment")
+        self.log = get_logger("commitment")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # (requester, transaction) -> time
         #: The last results, newest last (for inspection and tests).

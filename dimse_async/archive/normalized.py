@@ -33,7 +33,7 @@ class AvailabilityNotifier:
         self.ae = ae
         self.destinations = destinations
         self.delay = delay
-        self.log = get_logger("dimse_async.availability")
+        self.log = get_logger("availability")
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: (study UID, destination, outcome) of every notification, newest last (bounded).

@@ -161,7 +161,7 @@ class CommitmentTracker:
         self.late: OrderedDict[str, CommitmentResult] = OrderedDict()
         self.keep_late = keep_late
         self.on_late: Callable[[CommitmentResult], Any] | None = None
-        self.log = get_logger("dimse_async.commitment")
+        self.log = get_logger("commitment")
 
     def expect(self, transaction_uid: str, association_id: int) -> asyncio.Future[CommitmentResult]:
         fut: asyncio.Future[CommitmentResult] = asyncio.get_running_loop().create_future()
