@@ -331,3 +331,31 @@ async def test_cli_commit(tmp_path: Path) -> None:
     assert code == 3, err
     code, _out, err = await _cli(HOST, "104", str(tmp_path / "missing.dcm"))
     assert code == 2 and "missing.dcm" in err
+
+
+async def test_report_retried_until_the_requester_listens(tmp_path: Path) -> None:
+    """Nobody listens at the requester's known_aes address at first: serve retries."""
+    files = make_instances(tmp_path / "in", 1)
+    ours = listening_scu()
+    listen = free_port()
+    async with running_serve(
+        tmp_path / "archive",
+        commitment_same_association=False,
+        commitment_retries=4,
+        commitment_retry_interval=0.3,
+        known_aes={"OUR_SCU": (HOST, listen)},
+    ) as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        pending = asyncio.ensure_future(
+            ours.request_commitment(HOST, serve.port, "ARCHIVE", [files[0][1:]], timeout=WAIT, hold=0)
+        )
+        # The first attempt is refused (connection refused); we start listening after it.
+        deadline = time.monotonic() + WAIT
+        while not any("attempt" in str(e) for e in serve.extras.commitment.attempts) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        async with await ours.start_server(HOST, listen):
+            result = await asyncio.wait_for(pending, WAIT)
+            await serve.extras.commitment.wait_idle()
+        how = serve.extras.commitment.results[result.transaction_uid][1]
+    assert result.committed == [files[0][1:]] and not result.same_association
+    assert how.startswith("new association (attempt ")

@@ -77,6 +77,8 @@ class CommitmentSCP:
         self.log = get_logger("commitment")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # (requester, transaction) -> time
+        #: Failed report attempts, "attempt N: error", newest last (bounded).
+        self.attempts: list[str] = []
         #: The last results, newest last (for inspection and tests).
         self.results: OrderedDict[str, tuple[CommitmentResult, str]] = OrderedDict()
 
@@ -156,6 +158,7 @@ class CommitmentSCP:
                 called_ae=requester,
                 retries=self.retries,
                 retry_interval=self.retry_interval,
+                on_retry=lambda n, exc: self._retry(n, exc, fields),
             )
         except Exception as exc:
             self.log.error("storage commitment report not delivered", **fields, error=str(exc)[:200])
@@ -165,6 +168,11 @@ class CommitmentSCP:
             self.results[parsed.transaction_uid] = (result, how)
         while len(self.results) > 1000:
             self.results.popitem(last=False)
+
+    def _retry(self, attempt: int, exc: Exception, fields: dict[str, Any]) -> None:
+        self.attempts.append(f"attempt {attempt}: {exc}")
+        del self.attempts[:-1000]
+        self.log.warning("storage commitment report attempt failed", **fields, attempt=attempt, error=str(exc)[:200])
 
     async def wait_idle(self, timeout: float = 30.0) -> None:
         """Until every transaction's report went out (or failed); for shutdown and tests."""

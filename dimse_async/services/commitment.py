@@ -390,10 +390,12 @@ async def send_report(
     called_ae: str = "",
     retries: int = 3,
     retry_interval: float = 5.0,
+    on_retry: Callable[[int, Exception], Any] | None = None,
 ) -> str:
     """Deliver the report: on ``assoc`` if it is still established, else on a new
     association to ``destination`` (proposing the SCP role), retried ``retries`` times.
-    Returns how it went ("same association", "new association"); raises the last error."""
+    Returns how it went ("same association", "new association"); raises the last error.
+    ``on_retry(attempt, error)`` is called after each failed attempt on a new association."""
     event_type, info = report_dataset(result)
     if assoc is not None and assoc.is_established:
         try:
@@ -419,5 +421,7 @@ async def send_report(
             return "new association" + (f" (attempt {attempt + 1})" if attempt else "")
         except (AssociationError, DIMSEFailure, OSError) as exc:
             last = exc
+            if on_retry is not None:
+                on_retry(attempt + 1, exc)
     assert last is not None
     raise last
