@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,3 +91,19 @@ async def running_serve(storage: Path, **settings: Any) -> AsyncIterator[ServeUn
 async def store(port: int, paths: list[Path], called: str = "ARCHIVE", calling: str = "MODALITY") -> None:
     report = await send_files(da.AE(calling), HOST, port, called, [str(p) for p in paths])
     assert not report.failed, report.failed
+
+
+def park(assoc: Any, timeout: float = 2.0) -> None:
+    """Before each request from a pynetdicom requestor: wait until its reactor thread is
+    really paused, so that it cannot take our (fast) response off the queue. pynetdicom 3
+    sets ``_is_paused`` before blocking on ``_reactor_checkpoint`` and clears it after, so
+    right after a previous request the flag can be stale (see test_interop_store)."""
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + timeout
+    seen_running = False
+    while time.monotonic() < deadline:
+        if not assoc._is_paused:
+            seen_running = True
+        elif seen_running:
+            return
+        time.sleep(0.0001)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pydicom
 from conftest import free_port
-from normalized_helpers import HOST, make_instances, running_serve, store
+from normalized_helpers import HOST, make_instances, park, running_serve, store
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -78,11 +78,11 @@ def _pynetdicom_notifies(port: int, good: Dataset) -> list[int]:
     try:
         bad = Dataset()
         bad.ReferencedSeriesSequence = []
-        return [
-            int(assoc.send_n_create(good, INSTANCE_AVAILABILITY, generate_uid())[0].Status),
-            int(assoc.send_n_create(bad, INSTANCE_AVAILABILITY, generate_uid())[0].Status),
-            int(assoc.send_n_create(good, INSTANCE_AVAILABILITY, generate_uid())[0].Status),
-        ]
+        statuses = []
+        for ds in (good, bad, good):
+            park(assoc)
+            statuses.append(int(assoc.send_n_create(ds, INSTANCE_AVAILABILITY, generate_uid())[0].Status))
+        return statuses
     finally:
         assoc.release()
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port
-from normalized_helpers import HOST, make_instances, running_serve, store
+from normalized_helpers import HOST, make_instances, park, running_serve, store
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -160,6 +160,7 @@ def _late_reporter(port: int, report_to: int, delay: float) -> tuple[Any, list[A
                 ext_neg=[build_role(STORAGE_COMMITMENT, scu_role=False, scp_role=True)],
             )
             if assoc.is_established:
+                park(assoc)
                 rsp, _ = assoc.send_n_event_report(ds, event_type, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
                 reports.append(int(rsp.Status) if "Status" in rsp else None)
                 assoc.release()
@@ -213,11 +214,15 @@ def _hostile_reports(port: int) -> dict[str, Any]:
     assert assoc.is_established
     try:
         _type, ds = report_dataset(CommitmentResult(generate_uid(), [("1.2.3", "1.2.3.4")]))
+        park(assoc)
         out["unknown"] = assoc.send_n_event_report(ds, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+        park(assoc)
         out["bad_event"] = assoc.send_n_event_report(ds, 9, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
         no_uid = Dataset()
         no_uid.RetrieveAETitle = "SOMEWHERE"
+        park(assoc)
         out["no_uid"] = assoc.send_n_event_report(no_uid, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+        park(assoc)
         out["echo"] = assoc.send_c_echo()
     finally:
         assoc.release()
@@ -256,11 +261,15 @@ def _hostile_actions(port: int, refs: list[tuple[str, str]]) -> dict[str, Any]:
     try:
         uid = generate_uid()
         info = request_dataset(uid, refs)
+        park(assoc)
         out["bad_type"] = assoc.send_n_action(info, 7, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+        park(assoc)
         out["bad_instance"] = assoc.send_n_action(info, 1, STORAGE_COMMITMENT, "1.2.3.4")[0]
+        park(assoc)
         out["no_refs"] = assoc.send_n_action(
             request_dataset(uid, []), 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE
         )[0]
+        park(assoc)
         out["good"] = assoc.send_n_action(info, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
         out["transaction_uid"] = uid
         got.wait(10)

@@ -8,7 +8,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from normalized_helpers import HOST, running_serve
+from normalized_helpers import HOST, park, running_serve
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -29,14 +29,17 @@ def _pynetdicom_mpps(port: int, study_uid: str) -> dict[str, Any]:
     try:
         first, second = generate_uid(), generate_uid()
         out["uids"] = (first, second)
+        park(assoc)
         out["create"] = assoc.send_n_create(
             mpps_create_dataset("PAT7", "Doe^Jane", study_uid, "CT", "PPS1", "CT1"), MPPS, first
         )[0]
+        park(assoc)
         out["duplicate"] = assoc.send_n_create(
             mpps_create_dataset("PAT7", "Doe^Jane", study_uid, "CT", "PPS1"), MPPS, first
         )[0]
         bad = mpps_create_dataset("PAT7", "Doe^Jane", study_uid, "CT", "PPS9")
         bad.PerformedProcedureStepStatus = "COMPLETED"
+        park(assoc)
         out["create_completed"] = assoc.send_n_create(bad, MPPS, generate_uid())[0]
         progress = Dataset()
         series = Dataset()
@@ -44,24 +47,31 @@ def _pynetdicom_mpps(port: int, study_uid: str) -> dict[str, Any]:
         series.ReferencedImageSequence = []
         series.RetrieveAETitle = "ARCHIVE"
         progress.PerformedSeriesSequence = [series]
+        park(assoc)
         out["set_progress"] = assoc.send_n_set(progress, MPPS, first)[0]
         done = Dataset()
         done.PerformedProcedureStepStatus = "COMPLETED"
         done.PerformedProcedureStepEndDate = "20261201"
         done.PerformedProcedureStepEndTime = "120000"
+        park(assoc)
         out["set_completed"] = assoc.send_n_set(done, MPPS, first)[0]
         reopen = Dataset()
         reopen.PerformedProcedureStepStatus = "IN PROGRESS"
+        park(assoc)
         out["set_after_end"] = assoc.send_n_set(reopen, MPPS, first)[0]
+        park(assoc)
         out["set_unknown"] = assoc.send_n_set(done, MPPS, generate_uid())[0]
         weird = Dataset()
         weird.PerformedProcedureStepStatus = "PAUSED"
+        park(assoc)
         out["create_second"] = assoc.send_n_create(
             mpps_create_dataset("PAT8", "Roe^Rick", study_uid, "MR", "PPS2"), MPPS, second
         )[0]
+        park(assoc)
         out["set_weird"] = assoc.send_n_set(weird, MPPS, second)[0]
         stop = Dataset()
         stop.PerformedProcedureStepStatus = "DISCONTINUED"
+        park(assoc)
         out["set_discontinued"] = assoc.send_n_set(stop, MPPS, second)[0]
     finally:
         assoc.release()

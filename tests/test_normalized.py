@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port
+from normalized_helpers import park
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -131,19 +132,32 @@ def _pynetdicom_scu(port: int) -> dict[str, Any]:
     try:
         uid = generate_uid()
         attrs = _ds(NumberOfCopies=2, FilmDestination="MAGAZINE")
+        park(assoc)
         out["create"] = assoc.send_n_create(attrs, FILM_SESSION, uid)
+        park(assoc)
         out["create_again"] = assoc.send_n_create(attrs, FILM_SESSION, uid)
+        park(assoc)
         out["create_assigned"] = assoc.send_n_create(_ds(NumberOfCopies=1), FILM_SESSION, None)
+        park(assoc)
         out["set"] = assoc.send_n_set(_ds(NumberOfCopies=5), FILM_SESSION, uid)
+        park(assoc)
         out["get"] = assoc.send_n_get([0x20000010], FILM_SESSION, uid)
+        park(assoc)
         out["get_printer"] = assoc.send_n_get([0x21100010], PRINTER, PRINTER_INSTANCE)
+        park(assoc)
         out["action"] = assoc.send_n_action(None, 1, FILM_SESSION, uid)
+        park(assoc)
         out["bad_action"] = assoc.send_n_action(None, 7, FILM_SESSION, uid)
+        park(assoc)
         out["delete"] = assoc.send_n_delete(FILM_SESSION, uid)
+        park(assoc)
         out["delete_again"] = assoc.send_n_delete(FILM_SESSION, uid)
+        park(assoc)
         out["get_gone"] = assoc.send_n_get([0x20000010], FILM_SESSION, uid)
         # N-EVENT-REPORT is the SCP's to send: from the SCU side it is refused (0x0122).
+        park(assoc)
         out["wrong_role_report"] = assoc.send_n_event_report(_ds(PrinterStatusInfo="X"), 1, PRINTER, PRINTER_INSTANCE)
+        park(assoc)
         out["after"] = assoc.send_n_get([], PRINTER, PRINTER_INSTANCE)
     finally:
         assoc.release()
@@ -250,6 +264,7 @@ class PynetSCP:
             HOST, self.report_to, ae_title="OUR_SCU", ext_neg=[build_role(PRINTER, scu_role=False, scp_role=True)]
         )
         if assoc.is_established:
+            park(assoc)
             self.reports.append(assoc.send_n_event_report(_ds(PrinterStatusInfo="WARM"), 2, PRINTER, PRINTER_INSTANCE))
             assoc.release()
         else:
