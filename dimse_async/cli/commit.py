@@ -39,7 +39,9 @@ def _title(value: str) -> str:
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-    p = sub.add_parser("commit", help="storage commitment SCU: ask a peer to commit the instances of files")
+    p: argparse.ArgumentParser = sub.add_parser(
+        "commit", help="storage commitment SCU: ask a peer to commit the instances of files"
+    )
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("paths", nargs="+", metavar="PATH")
