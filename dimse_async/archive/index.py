@@ -599,12 +599,6 @@ class Archive:
         row = self._conn().execute("SELECT path, size FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
         return (row[0], row[1]) if row and os.path.exists(row[0]) else None
 
-    def _unindex(self, sop_uid: str) -> None:
-        db = self._conn()
-        with db:
-            db.execute("DELETE FROM instances WHERE sop_uid = ?", (sop_uid,))
-            self._drop_orphans(db)
-
     # -- storing ------------------------------------------------------------------
 
     def path_for(self, sop_instance_uid: str) -> Path:
@@ -684,7 +678,7 @@ class Archive:
         try:
             await self.index_file(dest)
         except Exception as exc:
-            await self._undo_store(dest, old, uid, request)
+            await asyncio.to_thread(self._undo_store, dest, old, request)
             request.assoc.note_error("index")
             if isinstance(exc, OSError | sqlite3.Error):
                 return _out_of_resources(request, exc)
@@ -695,16 +689,17 @@ class Archive:
                 os.unlink(old)
         return Status(0)
 
-    async def _undo_store(self, dest: str, old: str | None, uid: str, request: StoreRequest) -> None:
-        """Put back what was there before a store whose indexing failed."""
+    @staticmethod
+    def _undo_store(dest: str, old: str | None, request: StoreRequest) -> None:
+        """Put back the file that was there before a store whose indexing failed. The
+        index needs nothing: its transaction rolled back, so its row (if any) still
+        describes the previous file, whose size and time come back with it."""
         try:
             if old is not None:
                 os.replace(old, dest)
-                await self.index_file(dest)
             else:
                 os.unlink(dest)
-                await self._call(self._unindex, uid)
-        except Exception as exc:  # the re-index at the next start repairs what is left
+        except OSError as exc:  # the re-index at the next start repairs what is left
             request.assoc.log.error("cannot undo a failed store", path=dest, error=str(exc)[:200])
 
     # -- querying -----------------------------------------------------------------
