@@ -413,6 +413,7 @@ class AE:
         common_extended: Iterable[SOPClassCommonExtended] = (),
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
+        local_address: tuple[str, int] | None = None,
     ) -> _Associating:
         """Request an association. Use as ``async with`` (released on exit) or ``await``.
 
@@ -420,7 +421,8 @@ class AE:
         (default: this AE's ``max_ops_invoked``/``max_ops_performed``; ``(1, 1)`` proposes none).
         ``ssl``: a client context (see :func:`dimse_async.tls.client_context`); the server
         certificate is checked against ``server_hostname`` (default ``host``); the
-        handshake counts towards ``connect_timeout``.
+        handshake counts towards ``connect_timeout``. ``local_address``: ``(host, port)``
+        to connect from (multi-homed hosts; port 0 picks one).
         Raises :class:`ConnectionFailed`, :class:`AssociationRejected`,
         :class:`AssociationAborted` or :class:`AssociationTimeout`.
         """
@@ -439,7 +441,7 @@ class AE:
             common_extended=common_extended,
             identity=identity,
         )
-        return _Associating(self, host, port, rq, ssl, server_hostname)
+        return _Associating(self, host, port, rq, ssl, server_hostname, local_address)
 
     async def request_commitment(
         self,
@@ -512,10 +514,17 @@ class _Associating:
     """The pending result of :meth:`AE.associate`: awaitable and an async context manager."""
 
     def __init__(
-        self, ae: AE, host: str, port: int, rq: AssociateRQ, ssl: SSLContext | None, server_hostname: str | None
+        self,
+        ae: AE,
+        host: str,
+        port: int,
+        rq: AssociateRQ,
+        ssl: SSLContext | None = None,
+        server_hostname: str | None = None,
+        local_address: tuple[str, int] | None = None,
     ):
         self._ae, self._host, self._port, self._rq = ae, host, port, rq
-        self._ssl, self._server_hostname = ssl, server_hostname
+        self._ssl, self._server_hostname, self._local_address = ssl, server_hostname, local_address
         self._assoc: Association | None = None
 
     async def _open(self) -> Association:
@@ -523,9 +532,9 @@ class _Associating:
         loop = asyncio.get_running_loop()
         assoc = Association(ae._settings(), requestor=True, ae=ae)
         assoc.request_association(self._rq)
-        tls: dict[str, Any] = {}
+        tls: dict[str, Any] = {"local_addr": self._local_address} if self._local_address else {}
         if self._ssl is not None:
-            tls = {"ssl": self._ssl, "server_hostname": self._server_hostname or self._host}
+            tls.update(ssl=self._ssl, server_hostname=self._server_hostname or self._host)
             if ae.connect_timeout is not None:
                 tls["ssl_handshake_timeout"] = ae.connect_timeout
         started = loop.time()

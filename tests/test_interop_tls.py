@@ -4,6 +4,7 @@ SCP and our SCU/CLI against ``storescp +tls``, mutual TLS included (PS3.15 B.9).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -172,6 +173,10 @@ async def test_cli_echo_send_and_check_over_tls_to_storescp(certs: Certs, tmp_pa
         )
         assert code == 0, out + err
         assert len(list(received.iterdir())) == 4
+        code, out, err = await communicate((*CLI, "check", HOST, str(port), "--aec", "STORESCP", "--json", *client))
+        report = json.loads(out)
+        assert code == 0 and report["tls"]["version"] in ("TLSv1.2", "TLSv1.3"), out + err
+        assert report["tls"]["server_subject"] and report["timings_ms"]["connect"] is not None
         # A server we cannot verify: connection error (exit 3), not a hang.
         code, out, err = await communicate(
             (*CLI, "echo", HOST, str(port), "--aec", "STORESCP", "--tls-ca", str(certs.other_ca))

@@ -1,0 +1,205 @@
+"""PROXY protocol v1/v2 parsing (sans I/O) and the acceptor's trusted-proxy rules."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dimse_async as da
+from dimse_async import proxy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def v2(command: int, family: int, body: bytes) -> bytes:
+    return proxy.V2_SIGNATURE + bytes([0x20 | command, family]) + struct.pack("!H", len(body)) + body
+
+
+def v2_inet(src: str, sport: int, dst: str, dport: int, tlv: bytes = b"") -> bytes:
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    fam = 0x11 if a.version == 4 else 0x21
+    return v2(1, fam, a.packed + b.packed + struct.pack("!HH", sport, dport) + tlv)
+
+
+def feed(data: bytes) -> tuple[proxy.ProxyHeader, int]:
+    """Drive the parser as the acceptor does: read only as many bytes as it asks for.
+    Returns the header and the number of bytes consumed."""
+    need, got = proxy.FIRST_READ, b""
+    while True:
+        got = data[:need]
+        if len(got) < need:
+            raise AssertionError(f"parser asked for {need} bytes, only {len(data)} exist")
+        result = proxy.parse(got)
+        if isinstance(result, proxy.ProxyHeader):
+            return result, len(got)
+        assert result > need, "the parser must ask for more each time"
+        need = result
+
+
+def test_v1_tcp4_and_tcp6():
+    line = b"PROXY TCP4 192.168.0.1 10.0.0.2 56324 11112\r\n"
+    h, used = feed(line + b"\x01\x00rest")
+    assert (h.version, h.source, h.destination) == (1, ("192.168.0.1", 56324), ("10.0.0.2", 11112))
+    assert h.length == used == len(line)
+    h, _ = feed(b"PROXY TCP6 2001:db8::1 ::1 1 65535\r\nXX")
+    assert h.source == ("2001:db8::1", 1) and h.destination == ("::1", 65535)
+
+
+def test_v1_unknown_keeps_the_connection_address():
+    h, used = feed(b"PROXY UNKNOWN ffff::1 ::1 1 2\r\nABC")
+    assert h.source is None and used == len(b"PROXY UNKNOWN ffff::1 ::1 1 2\r\n")
+    h, used = feed(b"PROXY UNKNOWN\r\n\x01")
+    assert h.source is None and used == 15
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1\r\n",  # a field missing
+        b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n",  # mixed families
+        b"PROXY TCP4 1.2.3.256 5.6.7.8 1 2\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",  # leading zero
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
+        b"PROXY UDP4 1.2.3.4 5.6.7.8 1 2\r\n",
+        b"PROXY TCP4  1.2.3.4 5.6.7.8 1 2\r\n",  # double space
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\xff\r\n",
+    ],
+)
+def test_v1_malformed(line: bytes):
+    with pytest.raises(proxy.ProxyProtocolError):
+        feed(line + b"x" * 200)
+
+
+def test_v1_line_too_long():
+    with pytest.raises(proxy.ProxyProtocolError, match="longer"):
+        feed(b"PROXY TCP4 " + b"1" * 200)
+
+
+def test_not_a_proxy_header():
+    a_associate_rq = b"\x01\x00\x00\x00\x00\xcd\x00\x01\x00\x00ANY-SCP"
+    with pytest.raises(proxy.ProxyProtocolError):
+        proxy.parse(a_associate_rq[:proxy.FIRST_READ])
+    with pytest.raises(proxy.ProxyProtocolError):
+        proxy.parse(b"\x16\x03\x01")  # a TLS ClientHello: fails early, before 12 bytes
+    assert proxy.parse(b"PRO") == proxy.FIRST_READ
+
+
+def test_v2_inet_inet6_and_tlvs():
+    data = v2_inet("203.0.113.7", 40000, "10.0.0.1", 104, tlv=b"\x04\x00\x01\x00") + b"\x01\x00"
+    h, used = feed(data)
+    assert h.version == 2 and h.source == ("203.0.113.7", 40000) and h.destination == ("10.0.0.1", 104)
+    assert h.tlvs == b"\x04\x00\x01\x00" and used == len(data) - 2
+    h, _ = feed(v2_inet("2001:db8::7", 1, "2001:db8::1", 2) + b"Z")
+    assert h.source == ("2001:db8::7", 1)
+
+
+def test_v2_local_and_unspec_keep_the_connection_address():
+    h, used = feed(v2(0, 0x00, b"") + b"\x01")
+    assert h.local and h.source is None and used == 16
+    h, _ = feed(v2(1, 0x00, b"\x00" * 5) + b"\x01")
+    assert not h.local and h.source is None
+    h, _ = feed(v2(1, 0x31, b"/tmp/a".ljust(216, b"\x00")) + b"\x01")  # AF_UNIX
+    assert h.source is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        proxy.V2_SIGNATURE + bytes([0x11, 0x11, 0, 12]) + b"\x00" * 12,  # version 1 in a v2 header
+        proxy.V2_SIGNATURE + bytes([0x22, 0x11, 0, 12]) + b"\x00" * 12,  # command 2
+        proxy.V2_SIGNATURE + bytes([0x21, 0x11, 0, 8]) + b"\x00" * 8,  # address block too short
+        proxy.V2_SIGNATURE + bytes([0x21, 0x51, 0, 12]) + b"\x00" * 12,  # family 5
+    ],
+)
+def test_v2_malformed(data: bytes):
+    with pytest.raises(proxy.ProxyProtocolError):
+        feed(data + b"\x00" * 64)
+
+
+@given(
+    st.one_of(
+        st.tuples(st.ip_addresses(v=4), st.ip_addresses(v=4)),
+        st.tuples(st.ip_addresses(v=6), st.ip_addresses(v=6)),
+    ),
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+    st.booleans(),
+    st.binary(max_size=64),
+)
+def test_never_reads_past_the_header(addrs, sport, dport, use_v2, after):
+    src, dst = map(str, addrs)
+    if use_v2:
+        header = v2_inet(src, sport, dst, dport)
+    else:
+        tcp = "TCP4" if addrs[0].version == 4 else "TCP6"
+        header = f"PROXY {tcp} {src} {dst} {sport} {dport}\r\n".encode()
+    h, used = feed(header + after)
+    assert used == len(header) == h.length
+    assert h.source == (str(ipaddress.ip_address(src)), sport)
+
+
+@given(st.binary(max_size=120))
+def test_arbitrary_bytes_never_crash(data: bytes):
+    try:
+        result = proxy.parse(data)
+    except proxy.ProxyProtocolError:
+        return
+    assert isinstance(result, (int, proxy.ProxyHeader))
+    if isinstance(result, int):
+        assert result > len(data) or result == proxy.FIRST_READ
+
+
+def test_networks_and_address_in():
+    nets = proxy.networks(["10.0.0.0/8", "127.0.0.1", "::1"])
+    assert proxy.address_in("10.2.3.4", nets)
+    assert proxy.address_in("::ffff:127.0.0.1", nets)  # IPv4-mapped
+    assert proxy.address_in("::1", nets)
+    assert not proxy.address_in("127.0.0.2", nets)
+    assert not proxy.address_in("not an address", nets)
+    with pytest.raises(ValueError):
+        proxy.networks(["10.0.0.0/33"])
+
+
+# ------------------------------------------------------------ the acceptor
+
+
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """What the server sent before closing (a reset counts as closing)."""
+    try:
+        return await asyncio.wait_for(reader.read(), timeout)
+    except ConnectionResetError:
+        return b""
+
+
+async def test_untrusted_and_headerless_connections_are_refused():
+    ae = da.AE("PROXIED")
+    ae.add_supported_context(da.Verification)
+    seen: list[da.Association] = []
+    ae.on_association("requested")(seen.append)
+    async with await ae.start_server(
+        "127.0.0.1", 0, proxy_protocol=True, trusted_proxies=["127.0.0.1"], proxy_header_timeout=1.0
+    ) as server:
+        # From 127.0.0.2, not a trusted proxy: closed without a byte.
+        r, w = await asyncio.open_connection("127.0.0.1", server.port, local_addr=("127.0.0.2", 0))
+        w.write(b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\n")
+        assert await read_until_closed(r, 5) == b""
+        w.close()
+        # From a trusted proxy, but an A-ASSOCIATE-RQ instead of a header: closed.
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        w.write(b"\x01\x00\x00\x00\x00\x44\x00\x01\x00\x00" + b"A" * 64)
+        assert await read_until_closed(r, 5) == b""
+        w.close()
+        # A trusted proxy that never finishes its header: closed after the header timeout.
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        w.write(b"PROXY TCP4 10.0")
+        t0 = asyncio.get_running_loop().time()
+        assert await read_until_closed(r, 5) == b""
+        assert asyncio.get_running_loop().time() - t0 >= 0.8
+        w.close()
+    assert seen == []  # none of them got as far as an A-ASSOCIATE-RQ
