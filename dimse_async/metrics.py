@@ -118,8 +118,8 @@ class Metrics:
         self._live.discard(assoc)
         role = _role(assoc)
         self.open.labels(role).dec()
-        self._closed_bytes[(role, "in")] += assoc.bytes_received
-        self._closed_bytes[(role, "out")] += assoc.bytes_sent
+        self._closed_bytes[(role, "in")] += assoc.oplog.bytes_received
+        self._closed_bytes[(role, "out")] += assoc.oplog.bytes_sent
         reason = assoc.end_reason or ""
         if assoc.negotiated is not None:
             outcome, why = ("released", "") if not reason else ("aborted", "")
@@ -182,8 +182,8 @@ class _ByteCounter:
         totals = dict(m._closed_bytes)
         for assoc in m._live:
             role = _role(assoc)
-            totals[(role, "in")] += assoc.bytes_received
-            totals[(role, "out")] += assoc.bytes_sent
+            totals[(role, "in")] += assoc.oplog.bytes_received
+            totals[(role, "out")] += assoc.oplog.bytes_sent
         rx = CounterMetricFamily("dicom_bytes_received", "DICOM bytes received", labels=["role"])
         tx = CounterMetricFamily("dicom_bytes_sent", "DICOM bytes sent", labels=["role"])
         for role in ("scp", "scu"):
