@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Iterable
 from ssl import SSLContext
@@ -414,6 +415,7 @@ class AE:
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
         local_address: tuple[str, int] | None = None,
+        proxy_header: bytes | None = None,
     ) -> _Associating:
         """Request an association. Use as ``async with`` (released on exit) or ``await``.
 
@@ -422,7 +424,9 @@ class AE:
         ``ssl``: a client context (see :func:`dimse_async.tls.client_context`); the server
         certificate is checked against ``server_hostname`` (default ``host``); the
         handshake counts towards ``connect_timeout``. ``local_address``: ``(host, port)``
-        to connect from (multi-homed hosts; port 0 picks one).
+        to connect from (multi-homed hosts; port 0 picks one). ``proxy_header``: bytes
+        sent before anything else, e.g. :func:`dimse_async.proxy.encode_v2` to reach an
+        acceptor that expects the PROXY protocol (health checks).
         Raises :class:`ConnectionFailed`, :class:`AssociationRejected`,
         :class:`AssociationAborted` or :class:`AssociationTimeout`.
         """
@@ -441,7 +445,7 @@ class AE:
             common_extended=common_extended,
             identity=identity,
         )
-        return _Associating(self, host, port, rq, ssl, server_hostname, local_address)
+        return _Associating(self, host, port, rq, ssl, server_hostname, local_address, proxy_header)
 
     async def request_commitment(
         self,
@@ -522,8 +526,10 @@ class _Associating:
         ssl: SSLContext | None = None,
         server_hostname: str | None = None,
         local_address: tuple[str, int] | None = None,
+        proxy_header: bytes | None = None,
     ):
         self._ae, self._host, self._port, self._rq = ae, host, port, rq
+        self._proxy_header = proxy_header
         self._ssl, self._server_hostname, self._local_address = ssl, server_hostname, local_address
         self._assoc: Association | None = None
 
@@ -539,9 +545,7 @@ class _Associating:
                 tls["ssl_handshake_timeout"] = ae.connect_timeout
         started = loop.time()
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: assoc, self._host, self._port, **tls), ae.connect_timeout
-            )
+            await asyncio.wait_for(self._connect(loop, assoc, tls), ae.connect_timeout)
         except TimeoutError:
             raise AssociationTimeout(
                 f"TCP connect to {self._host}:{self._port} timed out after {ae.connect_timeout} s"
@@ -559,6 +563,26 @@ class _Associating:
         await assoc.wait_established(ae.acse_timeout)
         assoc.timings["associate"] = loop.time() - started - assoc.timings["connect"]
         return assoc
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, assoc: Association, kwargs: dict[str, Any]) -> None:
+        if self._proxy_header is None:
+            await loop.create_connection(lambda: assoc, self._host, self._port, **kwargs)
+            return
+        # The header goes first, in the clear, before any TLS handshake.
+        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            local = kwargs.pop("local_addr", None)
+            if local is not None:
+                sock.bind(local)
+            await loop.sock_connect(sock, address)
+            await loop.sock_sendall(sock, self._proxy_header)
+            await loop.create_connection(lambda: assoc, sock=sock, **kwargs)
+        except BaseException:
+            sock.close()
+            raise
 
     def __await__(self) -> Any:
         return self._open().__await__()

@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["V2_SIGNATURE", "ProxyHeader", "ProxyProtocolError", "address_in", "networks", "parse"]
+__all__ = ["V2_SIGNATURE", "ProxyHeader", "ProxyProtocolError", "address_in", "encode_v2", "networks", "parse"]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107  # the longest v1 line, CRLF included
@@ -131,6 +131,19 @@ def _parse_v2(buf: bytes) -> ProxyHeader | int:
     sport = int.from_bytes(body[2 * alen : 2 * alen + 2], "big")
     dport = int.from_bytes(body[2 * alen + 2 : need], "big")
     return ProxyHeader(2, total, (str(src), sport), (str(dst), dport), tlvs=body[need:])
+
+
+def encode_v2(source: tuple[str, int] | None = None, destination: tuple[str, int] | None = None) -> bytes:
+    """A v2 header: PROXY for ``source`` -> ``destination`` (same address family), or
+    LOCAL when ``source`` is ``None`` (the sender speaks for itself: health checks)."""
+    if source is None or destination is None:
+        return V2_SIGNATURE + b"\x20\x00\x00\x00"
+    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    if src.version != dst.version:
+        raise ValueError("PROXY v2: source and destination must be of one address family")
+    body = src.packed + dst.packed + source[1].to_bytes(2, "big") + destination[1].to_bytes(2, "big")
+    family = 0x11 if src.version == 4 else 0x21
+    return V2_SIGNATURE + bytes([0x21, family]) + len(body).to_bytes(2, "big") + body
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -115,3 +115,20 @@ async def test_direct_connections_bypassing_haproxy_are_refused(stack: dict):
         await scu().associate(HOST, stack["serve"], "ARCHIVE", local_address=(HOST, 0))
     log = Path(stack["log"]).read_text()
     assert "not a trusted proxy" in log and "bad PROXY protocol header" in log
+
+
+async def test_check_speaks_proxy_protocol_to_a_proxied_backend(stack: dict):
+    """``check --proxy-protocol`` sends a v2 LOCAL header: the backend takes it from a
+    trusted address and judges the association on the checker's own address."""
+    import json
+
+    from conftest import communicate
+
+    base = (*CLI, "check", HOST, str(stack["serve"]), "--aec", "ARCHIVE", "--json", "--timeout", "5")
+    code, out, _ = await communicate((*base, "--proxy-protocol"), timeout=30)
+    report = json.loads(out)
+    # 127.0.0.1 is a trusted proxy but not an allowed peer: the association itself is rejected.
+    assert code == 2 and report["association"]["reject"]["source"] == 1, report
+    code, out, _ = await communicate(base, timeout=30)
+    report = json.loads(out)
+    assert code == 2 and report["association"]["reject"] is None, report  # refused before DICOM

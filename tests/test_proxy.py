@@ -203,3 +203,41 @@ async def test_untrusted_and_headerless_connections_are_refused():
         assert asyncio.get_running_loop().time() - t0 >= 0.8
         w.close()
     assert seen == []  # none of them got as far as an A-ASSOCIATE-RQ
+
+
+async def test_proxy_header_then_tls_and_the_real_address(tmp_path):
+    """PROXY v2 header in the clear, then the TLS handshake: the association sees the
+    address from the header and the client certificate's subject."""
+    from test_tls import make_certs
+
+    from dimse_async import tls
+
+    certs = make_certs(tmp_path)
+    seen: list[da.Association] = []
+    ae = da.AE("PROXIED", allowed_peer_addresses=["198.51.100.0/24"])
+    ae.add_supported_context(da.Verification)
+
+    @ae.on_c_echo
+    async def echo(request: da.Request) -> int:
+        seen.append(request.assoc)
+        return 0
+
+    server_ctx = tls.server_context(
+        str(certs.server_cert), str(certs.server_key), cafile=str(certs.ca), require_client_cert=True
+    )
+    client_ctx = tls.client_context(str(certs.ca), certfile=str(certs.client_cert), keyfile=str(certs.client_key))
+    scu = da.AE("CLIENT")
+    scu.add_requested_context(da.Verification)
+    async with await ae.start_server("127.0.0.1", 0, ssl=server_ctx, proxy_protocol=True) as server:
+        header = proxy.encode_v2(("198.51.100.7", 4242), ("127.0.0.1", server.port))
+        async with scu.associate("127.0.0.1", server.port, "PROXIED", ssl=client_ctx, proxy_header=header) as assoc:
+            assert (await assoc.c_echo()).is_success
+        # The same client without the header is refused; with a header for a disallowed address, rejected.
+        with pytest.raises((da.AssociationAborted, da.ConnectionFailed)):
+            await scu.associate("127.0.0.1", server.port, "PROXIED", ssl=client_ctx)
+        header = proxy.encode_v2(("203.0.113.1", 1), ("127.0.0.1", server.port))
+        with pytest.raises(da.AssociationRejected):
+            await scu.associate("127.0.0.1", server.port, "PROXIED", ssl=client_ctx, proxy_header=header)
+    (assoc,) = seen
+    assert assoc.peer == ("198.51.100.7", 4242) and assoc.via is not None and assoc.via[0] == "127.0.0.1"
+    assert assoc.tls is not None and assoc.tls.peer_subject == "CN=CT1,OU=CT,O=Radiology"

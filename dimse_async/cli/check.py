@@ -37,6 +37,7 @@ from .. import AE, Verification
 from ..acse import ContextSpec, context_result_text, reject_text, validate_ae_title
 from ..exceptions import AssociationError, AssociationRejected, AssociationTimeout, ConnectionFailed
 from ..pdu import AssociateRJ
+from ..proxy import encode_v2
 from ..uids import DEFAULT_TRANSFER_SYNTAXES
 from .options import add_client_tls, client_ssl
 
@@ -83,6 +84,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds for each phase (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="send a PROXY v2 LOCAL header first (a backend behind a PROXY-protocol load balancer)",
+    )
     p.add_argument("--log-level", default="ERROR")
     p.add_argument("--log-json", action="store_true")
     add_client_tls(p)
@@ -132,6 +138,7 @@ async def check(args: argparse.Namespace) -> dict[str, Any]:
             async_ops=(1, 1),
             ssl=ssl,
             server_hostname=args.tls_server_name,
+            proxy_header=encode_v2() if args.proxy_protocol else None,
         )
     except (OSError, ValueError) as exc:  # unreadable certificate files and the like
         report["error"] = f"TLS setup: {exc}"
