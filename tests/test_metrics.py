@@ -28,6 +28,7 @@ HOST = "127.0.0.1"
 _SCRIPT = Path(sys.executable).with_name("dimse-async")
 CLI: list[str] = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "dimse_async"]
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def distinct_ports(n: int) -> list[int]:
@@ -177,3 +178,33 @@ async def test_metrics_library_hook_counts_scu_and_scp(tmp_path: Path):
         health.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_storage_and_spool_errors_are_counted(tmp_path: Path):
+    """A C-STORE handler that cannot save (OSError) and a spool that cannot be written
+    are both answered 0xA700 and counted in ``dicom_errors_total``."""
+    files = make_instances(tmp_path / "send", 2)
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_bytes(b"")
+    metrics = Metrics()
+    full_disk = da.AE("FULL")
+    bad_spool = da.AE("SPOOL", spool_threshold=0, spool_dir=str(not_a_directory))
+    scu = da.AE("SCU")
+    scu.add_requested_context(CT)
+    for ae in (full_disk, bad_spool):
+        metrics.install(ae)
+        ae.add_supported_context(CT)
+
+        @ae.on_c_store
+        async def store(request: da.Request) -> int:
+            raise OSError(28, "No space left on device")
+
+    for ae in (full_disk, bad_spool):
+        async with await ae.start_server(HOST, 0) as server:
+            async with scu.associate(HOST, server.port, ae.ae_title) as assoc:
+                for path in files:
+                    assert await assoc.c_store(path) == 0xA700
+    m = samples(metrics.exposition().decode())
+    assert value(m, "dicom_operations_total", role="scp", service="C-STORE", status="failure") == 4
+    assert value(m, "dicom_errors_total", kind="storage") == 2
+    assert value(m, "dicom_errors_total", kind="spool") == 2
