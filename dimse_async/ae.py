@@ -90,6 +90,13 @@ class AE:
         keepalive_interval: float = 10.0,
         keepalive_count: int = 5,
         idle_release: float | None = None,
+        max_per_address: int = 256,
+        max_per_calling_ae: int = 256,
+        max_pending: int = 1024,
+        max_pending_per_address: int = 256,
+        fd_reserve: int = 64,
+        pdu_timeout: float | None = 60.0,
+        max_request_dataset: int = 1 << 20,
     ):
         self.ae_title = validate_ae_title(ae_title)
         if not 0 <= max_pdu <= 0xFFFFFFFF or 0 < max_pdu < 1024:
@@ -125,6 +132,21 @@ class AE:
         self.idle_release = idle_release
         #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
         self.observer: Any = None
+        #: Acceptor admission (PS3.8 §9.3.4 rejected-transient, local-limit-exceeded past
+        #: a cap): associations per peer address and per calling AE title; connections
+        #: that have not sent their A-ASSOCIATE-RQ, in all and per address (more are
+        #: dropped at once); descriptors kept back for answering A-ASSOCIATE-RJ.
+        self.max_per_address = max_per_address
+        self.max_per_calling_ae = max_per_calling_ae
+        self.max_pending = max_pending
+        self.max_pending_per_address = max_pending_per_address
+        self.fd_reserve = fd_reserve
+        #: A PDU that has started arriving must be complete within this many seconds,
+        #: however slowly it drips in (``None``: no limit).
+        self.pdu_timeout = pdu_timeout
+        #: Largest request data set (a C-FIND/C-GET/C-MOVE identifier) accepted; a larger
+        #: one is refused with 0xA700 (out of resources) without being kept in memory.
+        self.max_request_dataset = max_request_dataset
         self.requested_contexts: list[ContextSpec] = []
         self.supported_contexts: dict[str, ContextSpec] = {}
         self._handlers: dict[CommandField, Handler] = {}
@@ -364,13 +386,17 @@ class AE:
             keepalive=self.keepalive,
             idle_release=self.idle_release,
             observer=self.observer,
+            pdu_timeout=self.pdu_timeout,
+            max_request_dataset=self.max_request_dataset,
         )
 
     async def _judge(
         self, server: Server | None, assoc: Association, rq: AssociateRQ
     ) -> tuple[AssociateAC | AssociateRJ, Negotiated | None]:
         """Acceptor: admission (``max_associations``), user identity, then negotiation."""
-        if server is not None and not server.admit(assoc):  # the slot is held from here on
+        refusal = server.admit(assoc) if server is not None else None  # the slot is held from here on
+        if refusal is not None:
+            assoc.log.warning("association refused: local limit", reason=refusal)
             rj = AssociateRJ(RejectResult.TRANSIENT, RejectSource.PRESENTATION, PresentationReason.LOCAL_LIMIT_EXCEEDED)
             return rj, None
         if self.allowed_peer_addresses is not None and not address_in(assoc.peer[0], self.allowed_peer_addresses):

@@ -22,7 +22,7 @@ from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
 from .log import debug_enabled, get_logger
 from .messaging import WRITE_BATCH, DIMSEMessaging
-from .pdu import AssociateRJ, AssociateRQ
+from .pdu import AbortReason, AssociateRJ, AssociateRQ
 from .session import (
     Session,
 )
@@ -31,6 +31,7 @@ from .tls import TLSInfo, session_info
 __all__ = ["AssociationProtocol"]
 
 _ids = itertools.count(1)
+_AFTER_ABORT = 64 << 10  # bytes read from a peer after our A-ABORT before reading stops
 
 
 class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
@@ -68,6 +69,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
         self._artim: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._idle_release: asyncio.TimerHandle | None = None
+        self._pdu_timer: asyncio.TimerHandle | None = None  # a started PDU must complete in time
+        self._refused = False  # dropped by admission control before the upper layer started
+        self._after_abort: int | None = None  # bytes received since we sent an A-ABORT
         self._last_dimse = 0.0  # last DIMSE message either way (idle release)
         self._last_rx = self._last_tx = 0.0  # last bytes from the peer / last time it took ours
         self._init_messaging()
@@ -121,8 +125,10 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
         if self.settings.observer is not None:
             self.settings.observer.association_started(self)
         self._last_rx = self.loop.time()
-        if self.settings.on_open is not None:
-            self.settings.on_open(self)
+        if self.settings.on_open is not None and self.settings.on_open(self) is False:
+            self._refused = True
+            transport.abort()  # refused by the server's admission control (logged there)
+            return
         self._run(self.fsm.connection_made())
 
     def data_received(self, data: bytes) -> None:
@@ -130,7 +136,49 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
         self.oplog.bytes_received += len(data)
         if self._debug:
             self.log.debug("bytes received", n=len(data), state=self.fsm.state.name)
+        if self._after_abort is not None:
+            # After our A-ABORT the peer should close (Sta13). Its closing is noticed, but
+            # what it keeps sending is not absorbed: past a little, reading stops (TCP
+            # pushes back) and ARTIM closes the connection.
+            self._after_abort += len(data)
+            if self._after_abort > _AFTER_ABORT and self.transport is not None:
+                self.transport.pause_reading()
+                self._pause_reasons.add("aborted")
+        before = self.fsm.reader.buffered + len(data)
         self._run(self.fsm.receive_data(data))
+        self._pdu_progress(before)
+
+    def _pdu_progress(self, before: int) -> None:
+        """PDU progress timeout: a PDU that has started must be complete within
+        ``pdu_timeout`` seconds, however slowly its bytes drip in."""
+        timeout = self.settings.pdu_timeout
+        after = self.fsm.reader.buffered
+        if after == 0 or after < before or timeout is None or self._closed.done():
+            if self._pdu_timer is not None:  # nothing pending, or a PDU completed: start over
+                self._pdu_timer.cancel()
+                self._pdu_timer = None
+            if after == 0 or timeout is None:
+                return
+        if self._pdu_timer is None:
+            self._pdu_timer = self.loop.call_later(timeout, self._pdu_stalled)
+
+    def _pdu_stalled(self) -> None:
+        self._pdu_timer = None
+        if self._closed.done() or not self.fsm.reader.buffered:
+            return
+        timeout = self.settings.pdu_timeout
+        if self._pause_reasons:  # we stopped reading, not the peer: not its fault
+            self._pdu_timer = self.loop.call_later(timeout or 1.0, self._pdu_stalled)
+            return
+        reason = f"PDU not completed within {timeout} s ({self.fsm.reader.buffered} bytes received)"
+        self.log.warning("PDU progress timeout", reason=reason)
+        if self.fsm.state in (fsm.State.Sta2, fsm.State.Sta13):
+            self._end_reason = self._end_reason or reason
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._end_reason = self._end_reason or reason
+        self._run(self.fsm.provider_abort(reason, AbortReason.NOT_SPECIFIED))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -160,6 +208,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
                 if self.transport is not None and not self.transport.is_closing():
                     self.transport.write(out.data)
                     self.oplog.bytes_sent += len(out.data)
+                    if out.data[:1] == b"\x07" and self._after_abort is None:
+                        self._after_abort = 0  # we sent an A-ABORT: see data_received
             elif isinstance(out, fsm.PDataIndication):
                 self._on_pdata(out)
             elif isinstance(out, fsm.StartARTIM):
@@ -228,7 +278,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
     def _finish(self) -> None:
         if self._closed.done():
             return
-        for handle in (self._artim, self._idle, self._idle_release):
+        for handle in (self._artim, self._idle, self._idle_release, self._pdu_timer):
             if handle is not None:
                 handle.cancel()
         reason = self._end_reason
@@ -249,6 +299,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
         for fut in (self._established, self._release_confirm):  # mark exceptions nobody awaits as retrieved
             if fut is not None and fut.done() and not fut.cancelled():
                 fut.exception()
+        if self._refused:
+            return
         fields = self.oplog.summary(self.loop.time())
         self.log.info("association closed", **fields, **({"reason": reason} if reason else {}))
 
@@ -277,7 +329,12 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
 
     def _set_negotiated(self, neg: Negotiated, what: str) -> None:
         self.negotiated = neg
-        self.session = Session(neg.accepted, max_performed=neg.max_ops_performed, streamed=self.settings.sinks)
+        self.session = Session(
+            neg.accepted,
+            max_performed=neg.max_ops_performed,
+            streamed=self.settings.sinks,
+            max_request_dataset=self.settings.max_request_dataset,
+        )
         self._window = asyncio.Semaphore(neg.max_ops_invoked or 1 << 16)
         self._arm_idle()
         self._last_dimse = self.loop.time()

@@ -17,6 +17,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_dataset
 
+from .inflate import DEFAULT_LIMITS, InflationLimits, inflate
 from .uids import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 __all__ = ["UNCOMPRESSED", "decode_identifier", "encode_dataset"]
@@ -67,10 +68,14 @@ def encode_dataset(ds: Dataset, transfer_syntax: str, source_syntax: str | None 
     return bytes(data)
 
 
-def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
-    """Decode an identifier (a data set without meta) in ``transfer_syntax``."""
+def decode_identifier(data: bytes, transfer_syntax: str, limits: InflationLimits = DEFAULT_LIMITS) -> Dataset:
+    """Decode an identifier (a data set without meta) in ``transfer_syntax``.
+
+    A deflated one is inflated within ``limits`` (:class:`~dimse_async.inflate.InflationLimit`
+    past them, a ``ValueError``).
+    """
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompress(data, -15)
+        data = inflate(data, limits)
     fp = DicomBytesIO(data)
     implicit = transfer_syntax == ImplicitVRLittleEndian
     little = transfer_syntax != ExplicitVRBigEndian

@@ -132,11 +132,16 @@ class Settings:
     judge: Judge | None = None
     hook: Hook | None = None
     #: The server's bookkeeping: called when a connection is made and when it is gone.
-    on_open: Callable[[Any], None] | None = None
+    #: ``on_open`` returning ``False`` drops the connection (admission control).
+    on_open: Callable[[Any], bool | None] | None = None
     on_close: Callable[[Any], None] | None = None
     #: TCP keepalive (idle, interval, count) or ``None``.
     keepalive: tuple[float, float, int] | None = None
     #: Requestor: release after this many seconds without DIMSE traffic.
     idle_release: float | None = None
+    #: A PDU that has started arriving must be complete within this many seconds.
+    pdu_timeout: float | None = 60.0
+    #: Largest data set of a request (an identifier) kept in memory; larger is refused.
+    max_request_dataset: int = 1 << 20
     #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
     observer: Any = None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .log import get_logger
@@ -35,6 +38,23 @@ class Server:
         self._server: asyncio.base_events.Server | None = None
         self.associations: set[Association] = set()
         self._admitted: set[Association] = set()  # judged or being judged, not yet closed
+        # Admission counts, kept as associations come and go (never a scan over all):
+        # admitted ones by peer address and by calling AE title, and connections that
+        # have not sent their A-ASSOCIATE-RQ yet, by address.
+        self._unadmitted: set[Association] = set()
+        self._pending_by_address: Counter[str] = Counter()
+        self._by_address: Counter[str] = Counter()
+        self._by_calling_ae: Counter[str] = Counter()
+        self._refused_connections = 0
+        self._refusal_logged = 0.0
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        try:
+            baseline = len(os.listdir("/proc/self/fd"))
+        except OSError:  # pragma: no cover - not Linux
+            baseline = 32
+        #: Connections we can hold before file descriptors run short; beyond it the
+        #: ``fd_reserve`` is kept for answering A-ASSOCIATE-RJ (local limit exceeded).
+        self.fd_budget = (1 << 30) if soft == resource.RLIM_INFINITY else max(0, soft - baseline - ae.fd_reserve)
         self._preambles: set[Any] = set()  # tasks of connections still in their PROXY header / TLS handshake
         self._log = get_logger(local_ae=ae.ae_title)
         #: Set by :meth:`drain`: unready, new associations rejected (transient).
@@ -55,22 +75,73 @@ class Server:
             return True
         return len(self._admitted) >= self.ae.max_associations
 
-    def admit(self, assoc: Association) -> bool:
-        """Reserve a place for ``assoc`` before it is judged (an authenticator may await):
-        ``False`` when ``max_associations`` are already admitted (or draining)."""
-        if self.over_limit():
-            return False
+    def admit(self, assoc: Association) -> str | None:
+        """Reserve a place for ``assoc`` before it is judged (an authenticator may await);
+        why not (for A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded) when
+        ``max_associations``, the per-address or per-calling-AE cap is reached, file
+        descriptors run short, or the server is draining."""
+        self._settled(assoc)
+        ae, address, calling = self.ae, assoc.peer[0], assoc.peer_ae
+        if self.draining:
+            return "server draining"
+        if len(self._admitted) >= ae.max_associations:
+            return f"max_associations ({ae.max_associations}) reached"
+        if len(self.associations) > self.fd_budget:
+            return f"file descriptors running short ({len(self.associations)} connections)"
+        if self._by_address[address] >= ae.max_per_address:
+            return f"max_per_address ({ae.max_per_address}) reached for {address}"
+        if self._by_calling_ae[calling] >= ae.max_per_calling_ae:
+            return f"max_per_calling_ae ({ae.max_per_calling_ae}) reached for {calling!r}"
         self._admitted.add(assoc)
-        return True
+        self._by_address[address] += 1
+        self._by_calling_ae[calling] += 1
+        return None
 
-    def track(self, assoc: Association) -> None:
-        """A connection was made (called by the association)."""
+    def _settled(self, assoc: Association) -> None:
+        """``assoc`` has sent its A-ASSOCIATE-RQ (or is gone): no longer pending."""
+        if assoc in self._unadmitted:
+            self._unadmitted.discard(assoc)
+            address = assoc.peer[0]
+            self._pending_by_address[address] -= 1
+            if self._pending_by_address[address] <= 0:
+                del self._pending_by_address[address]
+
+    def track(self, assoc: Association) -> bool:
+        """A connection was made (called by the association): ``False`` to drop it at
+        once because too many connections have not associated yet (``max_pending``
+        in all, ``max_pending_per_address`` from its address)."""
+        ae, address = self.ae, assoc.peer[0]
+        if len(self._unadmitted) >= ae.max_pending or self._pending_by_address[address] >= ae.max_pending_per_address:
+            self._refused_connections += 1
+            now = asyncio.get_running_loop().time()
+            if now - self._refusal_logged >= 1.0:  # one line a second, however many
+                self._log.warning(
+                    "connections dropped: too many not yet associated",
+                    dropped=self._refused_connections,
+                    pending=len(self._unadmitted),
+                    address=address,
+                    from_address=self._pending_by_address[address],
+                )
+                self._refusal_logged, self._refused_connections = now, 0
+            self._note_refused("pending limit")
+            return False
         self.associations.add(assoc)
+        self._unadmitted.add(assoc)
+        self._pending_by_address[address] += 1
+        return True
 
     def untrack(self, assoc: Association) -> None:
         """The connection is gone: its place is free again."""
+        if assoc not in self.associations:
+            return
+        self._settled(assoc)
         self.associations.discard(assoc)
-        self._admitted.discard(assoc)
+        if assoc in self._admitted:
+            self._admitted.discard(assoc)
+            for counter, key in ((self._by_address, assoc.peer[0]), (self._by_calling_ae, assoc.peer_ae)):
+                counter[key] -= 1
+                if counter[key] <= 0:
+                    del counter[key]
 
     def _note_refused(self, why: str) -> None:
         """A connection was dropped before it became an association (PROXY, TLS)."""

@@ -165,12 +165,16 @@ class Session:
         max_performed: int = 1,
         streamed: Collection[int] = (CommandField.C_STORE_RQ,),
         max_in_memory: int = 64 << 20,
+        max_request_dataset: int = 1 << 20,
     ) -> None:
         self.contexts = {c.id: c for c in contexts if c.accepted}
         self.max_performed = max_performed or 1 << 16
         self.streamed = frozenset(streamed)
-        #: Largest data set collected in memory (identifiers, responses).
+        #: Largest data set of a response collected in memory.
         self.max_in_memory = max_in_memory
+        #: Largest data set of a request collected in memory (an identifier); a larger
+        #: one is dropped as it arrives and the request refused (out of resources).
+        self.max_request_dataset = max_request_dataset
         self.assembler = MessageAssembler()
         self._next_id = 0
         self._invoked: dict[int, bool] = {}  # message id -> expects several responses
@@ -295,7 +299,10 @@ class Session:
         elif self._mode == "memory":
             self._chunks.append(event.data)
             self._size += len(event.data)
-            if self._size > self.max_in_memory:
+            if not msg.command.is_response and self._size > self.max_request_dataset:
+                self._mode, self._chunks = "drop", []
+                self._refusal = Respond(msg.context_id, _too_large(msg.command, self.max_request_dataset))
+            elif self._size > self.max_in_memory:
                 raise DIMSEError(f"{msg.command.name} data set larger than {self.max_in_memory} bytes")
         if not event.last:
             return
@@ -369,3 +376,11 @@ class Session:
                 if not self._held:
                     out.append(ResumeReading())
                 return
+
+
+def _too_large(cmd: Command, limit: int) -> Command:
+    """The refusal of a request whose data set passed ``limit`` bytes: out of resources
+    (0xA700, PS3.4 C.4.1.1.4) for Q/R, resource limitation (0x0213, PS3.7 C.5.x) otherwise."""
+    qr = cmd.command_field in _CANCELLABLE
+    code = Code.OUT_OF_RESOURCES if qr else 0x0213
+    return response_to(cmd, code, f"Out of resources: data set larger than {limit} bytes"[:64])

@@ -272,6 +272,13 @@ class ServerProcess:
     def rss(self) -> int:
         return int(self.ps.memory_info().rss)
 
+    def peak_rss(self) -> int:
+        """The process's RSS high-water mark (VmHWM), in bytes."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
     def listening(self) -> set[str]:
         """Addresses this process listens on at :attr:`port`."""
         return {
@@ -308,6 +315,8 @@ def server_process(
     *extra: str,
     host: str | None = HOST,
     env_extra: dict[str, str] | None = None,
+    nofile: int | None = None,
+    storage: Path | None = None,
 ) -> Iterator[ServerProcess]:
     """``dimse-async <command>`` on <host>:<free port> (no ``--host`` when ``host`` is
     None), JSON logs at INFO to a file."""
@@ -319,7 +328,7 @@ def server_process(
     if host is not None:
         argv += ["--host", host]
     if command == "serve":
-        argv += ["--storage-dir", str(root / "archive"), "--aet", "ARCHIVE"]
+        argv += ["--storage-dir", str(storage or root / "archive"), "--aet", "ARCHIVE"]
     elif command == "store-scp":
         argv += ["--out", str(root / "in"), "--aet", "ARCHIVE"]
     else:
@@ -329,7 +338,14 @@ def server_process(
     env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     env.update(env_extra or {})
     with open(log, "wb") as logf:
-        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=root)
+        proc = subprocess.Popen(
+            argv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=root,
+            preexec_fn=None if nofile is None else lambda: _limit_nofile(nofile),
+        )
     try:
         wait_tcp(proc, port, log)
         server = ServerProcess(proc, port, log, root)
@@ -342,6 +358,11 @@ def server_process(
         yield server
     finally:
         stop_process(proc)
+
+
+def _limit_nofile(n: int) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n, hard))
 
 
 class RSSWatch:

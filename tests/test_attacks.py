@@ -8,27 +8,45 @@ Malformed fields get a DIMSE failure status (PS3.7 Annex C), never an abort for 
 
 from __future__ import annotations
 
+import asyncio
 import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
+from pydicom.dataset import Dataset
 from rawpeer import (
+    EXPLICIT_LE,
+    HOST,
+    LEGIT_HOST,
+    STUDY_FIND,
     VERIFICATION,
+    LegitClient,
+    MiB,
     RawPeer,
+    RSSWatch,
     ServerProcess,
     command_bytes,
     ct_dataset,
+    echo_rq,
     find_identifier,
     find_rq,
     legit_echo,
     pdata,
     response_status,
+    rq_bytes,
     server_process,
     store_rq,
+    wait_for,
 )
 
+from dimse_async import AE
+from dimse_async.codec import encode_dataset
 from dimse_async.dimse import Command, CommandField
+from dimse_async.part10 import encode_file_meta
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +142,271 @@ def test_listening_on_all_interfaces_without_an_ae_policy_is_logged(command: str
         pass
     warnings = [e for e in server.log_events() if "listening on all interfaces" in str(e.get("event"))]
     assert warnings and warnings[0]["level"] == "warning", server.log_text()
+
+
+# ---------------------------------------------------------------------------------
+# Admission control: lockout attempts (attacker 127.0.0.1, legitimate client 127.0.0.2)
+# ---------------------------------------------------------------------------------
+
+RJ_LOCAL_LIMIT = bytes.fromhex("03 00 00000004 00 02 03 02")  # rejected-transient, local-limit-exceeded
+
+
+async def _associate_or_reject(port: int) -> tuple[RawPeer, bytes]:
+    peer = await RawPeer.connect(port)
+    await peer.send(rq_bytes())
+    reply = await peer.read_pdu()
+    assert reply is not None, "closed without answering the A-ASSOCIATE-RQ"
+    assert reply[0] in (0x02, 0x03), reply[:10].hex()
+    return peer, reply
+
+
+async def test_clients_stalled_mid_pdu_cannot_lock_out_others(tmp_path: Path) -> None:
+    """150 clients associate from one address and stall inside a P-DATA PDU (one of them
+    dripping a byte every 0.3 s): the per-address cap answers A-ASSOCIATE-RJ past 100,
+    the PDU progress timeout aborts the stalled ones, and 127.0.0.2 is served throughout."""
+    args = ("--max-associations", "300", "--max-per-address", "100", "--pdu-timeout", "2")
+    with server_process(tmp_path, "echo-scp", *args) as server:
+        async with LegitClient(server.port, interval=0.2) as legit, RSSWatch(server) as rss:
+            peers: list[RawPeer] = []
+            try:
+                replies = []
+                for _ in range(150):
+                    peer, reply = await _associate_or_reject(server.port)
+                    peers.append(peer)
+                    replies.append(reply)
+                accepted = [p for p, r in zip(peers, replies) if r[0] == 0x02]
+                assert len(accepted) == 100
+                assert [r for r in replies if r[0] == 0x03] == [RJ_LOCAL_LIMIT] * 50
+                for peer in accepted:
+                    await peer.send(echo_rq()[:10])  # a PDU header and 4 bytes, then silence
+
+                async def drip(peer: RawPeer) -> None:
+                    for byte in echo_rq()[10:]:
+                        await asyncio.sleep(0.3)
+                        try:
+                            await peer.send(bytes((byte,)))
+                        except ConnectionError:
+                            return
+
+                dripper = asyncio.ensure_future(drip(accepted[0]))
+                aborts = await asyncio.gather(*(p.read_pdu(timeout=8) for p in accepted))
+                dripper.cancel()
+                assert all(a is not None and a[0] == 0x07 and a[8] == 2 for a in aborts), aborts[:3]
+                # The slots are free again: a new client from the attacker's address gets in.
+                await wait_for(lambda: "PDU progress timeout" in server.log_text(), 5, "the timeout was logged")
+            finally:
+                for peer in peers:
+                    await peer.close()
+        legit.check(minimum=5)
+        rss.check(48 * MiB)
+        events = [str(e.get("event")) for e in server.log_events()]
+        assert events.count("association refused: local limit") == 50
+        assert events.count("PDU progress timeout") == 100
+        server.check_log()
+
+
+async def test_per_calling_ae_cap(tmp_path: Path) -> None:
+    with server_process(tmp_path, "echo-scp", "--max-per-calling-ae", "3") as server:
+        peers = []
+        try:
+            for _ in range(3):
+                peer = await RawPeer.connect(server.port)
+                await peer.associate(rq_bytes("GREEDY"))
+                peers.append(peer)
+            peer = await RawPeer.connect(server.port, LEGIT_HOST)
+            peers.append(peer)
+            await peer.send(rq_bytes("GREEDY"))
+            assert await peer.read_pdu() == RJ_LOCAL_LIMIT  # same AE title, other address: still refused
+            await legit_echo(server.port)  # another AE title is served
+        finally:
+            for peer in peers:
+                await peer.close()
+
+
+async def test_connections_that_never_associate_are_capped(tmp_path: Path) -> None:
+    with server_process(tmp_path, "echo-scp", "--max-pending-per-address", "20") as server:
+        async with LegitClient(server.port, interval=0.2) as legit:
+            peers = [await RawPeer.connect(server.port) for _ in range(60)]
+            try:
+                await asyncio.sleep(0.5)
+                closed = [p for p in peers if await _closed_now(p)]
+                assert len(closed) == 40
+                await legit_echo(server.port)
+            finally:
+                for peer in peers:
+                    await peer.close()
+        legit.check(minimum=2)
+        assert any(e.get("event") == "connections dropped: too many not yet associated" for e in server.log_events())
+
+
+async def _closed_now(peer: RawPeer) -> bool:
+    try:
+        data = await asyncio.wait_for(peer.reader.read(1), 0.05)
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    assert data == b"", "the server sent something to a connection that sent nothing"
+    return True
+
+
+async def test_descriptor_shortage_answers_associate_rj(tmp_path: Path) -> None:
+    """With few file descriptors left, new associations get A-ASSOCIATE-RJ (transient,
+    local limit exceeded) from the reserve instead of a silent close."""
+    with server_process(tmp_path, "echo-scp", nofile=140) as server:
+        peers: list[RawPeer] = []
+        try:
+            replies = []
+            for _ in range(90):
+                peer, reply = await _associate_or_reject(server.port)
+                peers.append(peer)
+                replies.append(reply[:10])
+            accepted = sum(r[0] == 0x02 for r in replies)
+            assert 10 <= accepted < 90, accepted
+            assert replies[accepted:] == [RJ_LOCAL_LIMIT] * (90 - accepted)
+        finally:
+            for peer in peers:
+                await peer.close()
+        await wait_for(lambda: "file descriptors running short" in server.log_text(), 5, "the shortage was logged")
+        await asyncio.sleep(0.5)
+        await legit_echo(server.port)  # descriptors given back: served again
+        server.check_log()
+
+
+# ---------------------------------------------------------------------------------
+# After an A-ABORT the server stops reading
+# ---------------------------------------------------------------------------------
+
+
+async def test_after_an_abort_the_server_does_not_absorb_what_the_peer_sends(tmp_path: Path) -> None:
+    with server_process(tmp_path, "echo-scp") as server:
+        async with RSSWatch(server) as rss:
+            peer = await RawPeer.connect(server.port)
+            try:
+                await peer.associate()
+                peer.writer.write(struct.pack(">BBI", 0x04, 0, 64 * MiB))  # over our maximum length
+                reply = await peer.read_pdu()
+                assert reply is not None and reply[:8] == bytes.fromhex("0700000000040000") and reply[8] == 2
+                # Now try to push the 64 MiB body: the server must not read it.
+                chunk = bytes(MiB)
+                sent = 0
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 3
+                while sent < 64 * MiB and loop.time() < deadline:
+                    peer.writer.write(chunk)
+                    try:
+                        await asyncio.wait_for(peer.writer.drain(), max(0.01, deadline - loop.time()))
+                    except (TimeoutError, ConnectionError):
+                        break
+                    sent += len(chunk)
+                assert sent < 16 * MiB, f"the server read {sent / MiB:.0f} MiB after its A-ABORT"
+            finally:
+                peer.writer.transport.abort()
+        rss.check(16 * MiB)
+        await legit_echo(server.port)
+
+
+# ---------------------------------------------------------------------------------
+# Bounded decoding: large identifiers, deflate bombs
+# ---------------------------------------------------------------------------------
+
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+
+
+def _big_identifier(size: int) -> bytes:
+    """A C-FIND identifier (explicit VR LE) padded with one ``size``-byte OB element."""
+    _, data = find_rq(find_identifier("STUDY"))
+    return data + b"\x09\x00\x10\x00OB\x00\x00" + struct.pack("<I", size) + bytes(size)
+
+
+def deflate_bomb(ds: Dataset) -> bytes:
+    """``ds`` in Deflated Explicit VR LE followed by 512 MiB of zero pixel data: ~0.5 MiB."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = packer.compress(encode_dataset(ds, EXPLICIT_LE))
+    return head + _join_tail(packer)
+
+
+def _join_tail(packer: Any) -> bytes:
+    size = 512 * MiB
+    out = [packer.compress(b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", size))]
+    zeros = bytes(MiB)
+    out += [packer.compress(zeros) for _ in range(size // MiB)]
+    out.append(packer.flush())
+    data = b"".join(out)
+    return data + (b"\x00" if len(data) % 2 else b"")
+
+
+async def test_huge_identifier_is_refused_out_of_resources(archive: ServerProcess) -> None:
+    async with LegitClient(archive.port, interval=0.2) as legit, RSSWatch(archive) as rss:
+        cmd, _ = find_rq(find_identifier("STUDY"))
+        data = _big_identifier(48 * MiB)
+        chunks = [
+            pdata(7, data[i : i + 60000], command=False, last=i + 60000 >= len(data))
+            for i in range(0, len(data), 60000)
+        ]
+        attack = exchange(archive.port, pdata(7, cmd, command=True), b"".join(chunks))
+        result, during = await asyncio.gather(attack, legit_echo(archive.port))
+        assert result == [(0x8020, 0xA700)]
+    legit.check(minimum=1)
+    rss.check(24 * MiB)
+    assert during < 2.0
+
+
+async def test_deflate_bomb_c_store_is_refused_with_bounded_memory(tmp_path: Path) -> None:
+    ds = ct_dataset()
+    bomb = deflate_bomb(ds)
+    assert len(bomb) < 2 * MiB
+    with server_process(tmp_path, "serve") as server:
+        base = server.rss()
+        async with LegitClient(server.port, interval=0.2) as legit:
+            cmd, _ = store_rq(ds, ctx=5)
+            parts = [
+                pdata(5, bomb[i : i + 60000], command=False, last=i + 60000 >= len(bomb))
+                for i in range(0, len(bomb), 60000)
+            ]
+            assert await exchange(server.port, pdata(5, cmd, command=True), b"".join(parts)) == [(0x8001, 0xC000)]
+        legit.check(minimum=1)
+        assert server.peak_rss() - base < 64 * MiB, (server.peak_rss() - base) / MiB
+        server.check_log()
+
+
+async def test_reindex_refuses_a_stored_deflate_bomb(tmp_path: Path) -> None:
+    ds = ct_dataset()
+    storage = tmp_path / "archive"
+    (storage / "ab").mkdir(parents=True)
+    meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), DEFLATED_LE)
+    (storage / "ab" / "bomb.dcm").write_bytes(meta + deflate_bomb(ds))
+    with server_process(tmp_path, "serve", storage=storage) as server:
+        assert server.peak_rss() < 200 * MiB, server.peak_rss() / MiB
+        skipped = [e for e in server.log_events() if e.get("event") == "archive: skipping unreadable file"]
+        assert skipped and "inflates" in str(skipped[0].get("error")), server.log_text()[-2000:]
+        await legit_echo(server.port)
+
+
+async def test_deflate_bomb_identifier_is_refused_in_process() -> None:
+    """An SCP that accepts deflated C-FIND identifiers inflates them within limits (0xA900)."""
+    ae = AE("ARCHIVE", max_request_dataset=4 * MiB)
+    ae.add_supported_context(STUDY_FIND, [DEFLATED_LE])
+    calls = []
+
+    @ae.on_c_find
+    async def find(request: Any) -> Any:
+        calls.append(request)
+        yield find_identifier("STUDY")
+
+    process = psutil.Process()
+    server = await ae.start_server(HOST, 0)
+    try:
+        base = process.memory_info().rss
+        cmd, _ = find_rq(find_identifier("STUDY"), ctx=9)
+        bomb = deflate_bomb(find_identifier("STUDY"))
+        parts = [
+            pdata(9, bomb[i : i + 60000], command=False, last=i + 60000 >= len(bomb))
+            for i in range(0, len(bomb), 60000)
+        ]
+        assert await exchange(server.port, pdata(9, cmd, command=True), b"".join(parts)) == [(0x8020, 0xA900)]
+        assert process.memory_info().rss - base < 64 * MiB
+        assert calls == []
+    finally:
+        server.close()
+        await server.wait_closed(grace=1)

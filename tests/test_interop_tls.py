@@ -109,7 +109,9 @@ def our_scp(seen: list[da.Request]) -> da.AE:
 
 async def test_echoscu_mutual_tls_to_our_scp(certs: Certs):
     seen: list[da.Request] = []
-    ctx = tls.server_context(str(certs.server_cert), str(certs.server_key), cafile=str(certs.ca), require_client_cert=True)
+    ctx = tls.server_context(
+        str(certs.server_cert), str(certs.server_key), cafile=str(certs.ca), require_client_cert=True
+    )
     async with await our_scp(seen).start_server(HOST, 0, ssl=ctx) as server:
         argv = (dcmtk("echoscu"), "-v", "-aec", "OUR_TLS", *tls_client_args(certs), HOST, str(server.port))
         code, out, _ = await communicate(argv, env=DCMTK_ENV, merge_stderr=True)

@@ -43,7 +43,21 @@ def make_certs(root: Path) -> Certs:
         "ct1.example.org", common_name="CT1", organization_name="Radiology", organization_unit_name="CT"
     )
     stranger = other.issue_cert("intruder.example.org", common_name="INTRUDER")
-    files = Certs(*(root / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key", "other-ca.pem", "other.pem", "other.key")))
+    files = Certs(
+        *(
+            root / n
+            for n in (
+                "ca.pem",
+                "server.pem",
+                "server.key",
+                "client.pem",
+                "client.key",
+                "other-ca.pem",
+                "other.pem",
+                "other.key",
+            )
+        )
+    )
     ca.cert_pem.write_to_path(files.ca)
     server.cert_chain_pems[0].write_to_path(files.server_cert)
     server.private_key_pem.write_to_path(files.server_key)

@@ -26,6 +26,15 @@ Example::
     keepalive_interval = 10                   #   every 10 s,
     keepalive_count = 5                       #   give up after 5
     idle_timeout = 300                        # abort an association silent this long
+
+    # Admission control and bounded input (README, "Hostile clients"); the defaults:
+    max_associations = 1000                   # associations at once
+    max_per_address = 256                     # ... from one client address
+    max_per_calling_ae = 256                  # ... from one calling AE title
+    max_pending = 1024                        # connections without an A-ASSOCIATE-RQ yet
+    max_pending_per_address = 256             # ... from one address
+    pdu_timeout = 60                          # a started PDU must be whole within 60 s
+    max_request_dataset = 1048576             # largest C-FIND/GET/MOVE identifier (bytes)
     http_host = "0.0.0.0"                     # /healthz and /metrics
     http_port = 8080
     drain_grace = 30                          # on SIGTERM: running associations get 30 s
@@ -56,7 +65,7 @@ from ..part10 import valid_uid
 from ..proxy import networks
 from ..services.storage import STORE_TRANSFER_SYNTAXES
 
-__all__ = ["ServeConfig", "load_config"]
+__all__ = ["ADMISSION_KEYS", "ServeConfig", "load_config"]
 
 
 @dataclass
@@ -103,9 +112,34 @@ class ServeConfig:
     mpps: bool = True
     ian_destinations: list[str] = field(default_factory=list)
     ian_delay: float = 60.0
+    #: Admission control and bounded input (see ``AE``): caps per client address and
+    #: calling AE, on connections not yet associated, the PDU progress timeout and the
+    #: largest identifier.
+    max_per_address: int = 256
+    max_per_calling_ae: int = 256
+    max_pending: int = 1024
+    max_pending_per_address: int = 256
+    pdu_timeout: float | None = 60.0
+    max_request_dataset: int = 1 << 20
 
+
+#: Settings that are also ``serve`` command line flags (``--max-per-address`` ...).
+ADMISSION_KEYS = (
+    "max_per_address",
+    "max_per_calling_ae",
+    "max_pending",
+    "max_pending_per_address",
+    "pdu_timeout",
+    "max_request_dataset",
+)
 
 _TYPES: dict[str, tuple[type, ...]] = {
+    "max_per_address": (int,),
+    "max_per_calling_ae": (int,),
+    "max_pending": (int,),
+    "max_pending_per_address": (int,),
+    "pdu_timeout": (int, float),
+    "max_request_dataset": (int,),
     "tls_cert": (str,),
     "tls_key": (str,),
     "tls_ca": (str,),

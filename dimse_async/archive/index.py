@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from ..dataset_check import DataSetError, DataSetSummary, check_part10
 from ..dimse import Status
+from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
 from ..log import get_logger
 from ..part10 import read_file_meta, valid_uid
 from ..services.qr import MODELS, QueryRequest, StatusError
@@ -323,11 +324,24 @@ def _patient_key(patient: dict[str, str], study_uid: str) -> str:
     return json.dumps(["study", study_uid])
 
 
-async def _check_request(request: StoreRequest) -> DataSetSummary:
+def _check_inflation(fp: Any, limits: InflationLimits) -> None:
+    """Refuse a deflated data set that would inflate past ``limits`` (a deflate bomb),
+    measured by streaming it, before anything decodes it whole (PS3.5 A.5)."""
+    meta = read_file_meta(fp)
+    if meta is not None and meta.transfer_syntax == _DEFLATED_LE:
+        check_deflated(fp, meta.dataset_offset, limits)
+    fp.seek(0)
+
+
+_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+
+
+async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAULT_LIMITS) -> DataSetSummary:
     """Parse the received data set to its end (off the loop when it is large)."""
 
     def check() -> DataSetSummary:
         with request.open() as fp:
+            _check_inflation(fp, limits)
             return check_part10(fp)
 
     if request.spool.path is None and request.size < (1 << 20):
@@ -404,6 +418,7 @@ class Archive:
         duplicates: str = "keep",
         fsync: bool = True,
         retrieve_ae_title: str | None = None,
+        inflation_limits: InflationLimits = DEFAULT_LIMITS,
     ):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
@@ -415,6 +430,9 @@ class Archive:
         self.fsync = fsync
         #: Retrieve AE Title (0008,0054) put in C-FIND responses; the serving AE's title.
         self.retrieve_ae_title = retrieve_ae_title
+        #: How far a deflated instance may inflate; larger ones are refused on C-STORE
+        #: (0xC000) and skipped by the re-index.
+        self.inflation_limits = inflation_limits
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-index")
         self._db: sqlite3.Connection | None = None
         self._locks: dict[str, list[Any]] = {}
@@ -561,6 +579,7 @@ class Archive:
                     continue
                 try:
                     with open(path, "rb") as fp:
+                        _check_inflation(fp, self.inflation_limits)
                         check_part10(fp)
                     self._index_file(path)
                     added += 1
@@ -626,8 +645,8 @@ class Archive:
         if not valid_uid(request.sop_class_uid):
             return Status(0xC000, "invalid SOP Class UID")
         try:
-            summary = await _check_request(request)
-        except DataSetError as exc:
+            summary = await _check_request(request, self.inflation_limits)
+        except (DataSetError, InflationLimit) as exc:
             request.assoc.log.warning("C-STORE data set refused", sop_instance=uid, error=str(exc))
             return Status(0xC000, f"Cannot understand: {exc}"[:64])
         if summary.sop_instance_uid != uid or summary.sop_class_uid != request.sop_class_uid:

@@ -12,7 +12,7 @@ from ..health import HealthServer
 from ..log import get_logger
 from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES
-from .config import ServeConfig, load_config
+from .config import ADMISSION_KEYS, ServeConfig, load_config
 from .index import Archive, Worklist, relational_queries
 from .normalized import MPPS, STORAGE_COMMITMENT, install_normalized
 
@@ -36,6 +36,12 @@ def archive_ae(config: ServeConfig) -> AE:
         keepalive_idle=config.keepalive_idle,
         keepalive_interval=config.keepalive_interval,
         keepalive_count=config.keepalive_count,
+        max_per_address=config.max_per_address,
+        max_per_calling_ae=config.max_per_calling_ae,
+        max_pending=config.max_pending,
+        max_pending_per_address=config.max_pending_per_address,
+        pdu_timeout=config.pdu_timeout,
+        max_request_dataset=config.max_request_dataset,
     )
     ae.add_supported_context(Verification)
     for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *config.storage_classes]):
@@ -73,6 +79,8 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         ("http_port", "http_port"),
         ("drain_grace", "drain_grace"),
         ("drain_delay", "drain_delay"),
+        ("max_associations", "max_associations"),
+        *((name, name) for name in ADMISSION_KEYS),
     ):
         if getattr(args, arg, None) is not None:
             setattr(config, key, getattr(args, arg))

@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--aet", type=_ae_title, help="our AE title (config: ae_title)")
     serve.add_argument("--storage-dir", help="archive directory (config: storage_dir)")
     serve.add_argument("--worklist-dir", help="directory of worklist files (config: worklist_dir)")
+    serve.add_argument("--max-associations", type=int, help="associations at once (config: max_associations)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-json", action="store_true")
     _server_options(serve)
@@ -144,10 +145,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Admission control and bounded input (AE settings; serve: the same keys in TOML).
+ADMISSION: tuple[tuple[str, type, str], ...] = (
+    ("max_per_address", int, "associations from one client address (default 256)"),
+    ("max_per_calling_ae", int, "associations from one calling AE title (default 256)"),
+    ("max_pending", int, "connections that have not sent an A-ASSOCIATE-RQ yet (default 1024)"),
+    ("max_pending_per_address", int, "such connections from one address (default 256)"),
+    ("pdu_timeout", float, "seconds a started PDU gets to arrive whole, however slowly (default 60)"),
+    ("max_request_dataset", int, "largest identifier in bytes; larger is refused 0xA700 (default 1 MiB)"),
+)
+
+
+def _add_admission(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("admission control (over a cap: A-ASSOCIATE-RJ transient, local limit exceeded)")
+    for name, kind, what in ADMISSION:
+        g.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N" if kind is int else "S", help=what)
+
+
 def _server_options(p: argparse.ArgumentParser) -> None:
     options.add_server_tls(p)
     options.add_keepalive(p)
     options.add_deployment(p)
+    _add_admission(p)
 
 
 def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,6 +186,9 @@ def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["network_timeout"] = get("idle_timeout")
     if get("allowed_peer"):
         kw["allowed_peer_addresses"] = get("allowed_peer")
+    for name, _, _ in ADMISSION:
+        if get(name) is not None:
+            kw[name] = get(name)
     return kw
 
 

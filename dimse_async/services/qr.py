@@ -27,11 +27,12 @@ from ..codec import decode_identifier, encode_dataset
 from ..contexts import FileInfo, inspect_file, plan_contexts
 from ..dimse import Command, CommandField, Message
 from ..exceptions import AssociationError, NoAcceptedContext
+from ..inflate import InflationLimit
 from ..interface import DIMSEProvider, ResponseStream, StoreHandler
 from ..part10 import read_file_meta
 from ..session import Operation
 from ..status import Code, Status, StatusCategory, response_status
-from ..uids import ExplicitVRLittleEndian
+from ..uids import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from .requests import Request
 from .scp import StatusError, failure_status, response
 from .storage import c_store
@@ -328,9 +329,20 @@ class MoveRoute:
     concurrency: int = 4
 
 
-def _decode(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
+#: Identifiers larger than this (or deflated) are decoded in a worker thread.
+_DECODE_ON_LOOP = 64 << 10
+
+
+async def _decode(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
+    data, syntax = op.message.dataset or b"", op.context.transfer_syntax
     try:
-        identifier = decode_identifier(op.message.dataset or b"", op.context.transfer_syntax)
+        if len(data) > _DECODE_ON_LOOP or syntax == DeflatedExplicitVRLittleEndian:
+            identifier = await asyncio.to_thread(decode_identifier, data, syntax)
+        else:
+            identifier = decode_identifier(data, syntax)
+    except InflationLimit as exc:
+        assoc.log.warning("identifier refused", command=op.command.name, error=str(exc))
+        return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier refused: inflates past the limit")
     except Exception as exc:
         assoc.log.warning("cannot decode identifier", command=op.command.name, error=repr(exc))
         return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier does not match SOP class")
@@ -357,7 +369,7 @@ def _unsupported(op: Operation) -> Status:
 
 async def scp_c_find(assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None) -> None:
     """Run the C-FIND handler: a pending response per yielded identifier (PS3.4 C.4.1)."""
-    request = _decode(assoc, op, QueryRequest)
+    request = await _decode(assoc, op, QueryRequest)
     if isinstance(request, Status) or handler is None:
         await _respond(assoc, op, request if isinstance(request, Status) else _unsupported(op))
         return
@@ -487,7 +499,7 @@ async def _scp_retrieve(
 ) -> None:
     """Shared C-GET / C-MOVE SCP flow: decode, refuse early, collect the handler's
     items, then ``perform`` the sub-operations."""
-    request = _decode(assoc, op, RetrieveRequest)
+    request = await _decode(assoc, op, RetrieveRequest)
     if isinstance(request, Status) or handler is None:
         await _respond(assoc, op, request if isinstance(request, Status) else _unsupported(op))
         return
