@@ -333,7 +333,7 @@ def server_process(
         argv += ["--out", str(root / "in"), "--aet", "ARCHIVE"]
     else:
         argv += ["--aet", "ARCHIVE"]
-    argv += ["--log-level", "INFO", "--log-json", *extra]
+    argv += ["--log-level", "INFO", "--log-json", "--drain-grace", "2", *extra]
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     env.update(env_extra or {})

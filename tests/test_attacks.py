@@ -9,6 +9,8 @@ Malformed fields get a DIMSE failure status (PS3.7 Annex C), never an abort for 
 from __future__ import annotations
 
 import asyncio
+import functools
+import random
 import struct
 import zlib
 from collections.abc import Iterator
@@ -319,15 +321,23 @@ def _big_identifier(size: int) -> bytes:
     return data + b"\x09\x00\x10\x00OB\x00\x00" + struct.pack("<I", size) + bytes(size)
 
 
+BOMB_DS = ct_dataset(rnd=random.Random(9))
+
+
+@functools.lru_cache(maxsize=2)
+def _bomb(which: str) -> bytes:
+    return deflate_bomb(BOMB_DS if which == "ct" else find_identifier("STUDY"))
+
+
 def deflate_bomb(ds: Dataset) -> bytes:
-    """``ds`` in Deflated Explicit VR LE followed by 512 MiB of zero pixel data: ~0.5 MiB."""
+    """``ds`` in Deflated Explicit VR LE followed by 300 MiB of zero pixel data: ~0.3 MiB."""
     packer = zlib.compressobj(9, zlib.DEFLATED, -15)
     head = packer.compress(encode_dataset(ds, EXPLICIT_LE))
     return head + _join_tail(packer)
 
 
 def _join_tail(packer: Any) -> bytes:
-    size = 512 * MiB
+    size = 300 * MiB
     out = [packer.compress(b"\xe0\x7f\x10\x00OB\x00\x00" + struct.pack("<I", size))]
     zeros = bytes(MiB)
     out += [packer.compress(zeros) for _ in range(size // MiB)]
@@ -353,8 +363,7 @@ async def test_huge_identifier_is_refused_out_of_resources(archive: ServerProces
 
 
 async def test_deflate_bomb_c_store_is_refused_with_bounded_memory(tmp_path: Path) -> None:
-    ds = ct_dataset()
-    bomb = deflate_bomb(ds)
+    ds, bomb = BOMB_DS, _bomb("ct")
     assert len(bomb) < 2 * MiB
     with server_process(tmp_path, "serve") as server:
         base = server.rss()
@@ -371,11 +380,11 @@ async def test_deflate_bomb_c_store_is_refused_with_bounded_memory(tmp_path: Pat
 
 
 async def test_reindex_refuses_a_stored_deflate_bomb(tmp_path: Path) -> None:
-    ds = ct_dataset()
+    ds = BOMB_DS
     storage = tmp_path / "archive"
     (storage / "ab").mkdir(parents=True)
     meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), DEFLATED_LE)
-    (storage / "ab" / "bomb.dcm").write_bytes(meta + deflate_bomb(ds))
+    (storage / "ab" / "bomb.dcm").write_bytes(meta + _bomb("ct"))
     with server_process(tmp_path, "serve", storage=storage) as server:
         assert server.peak_rss() < 200 * MiB, server.peak_rss() / MiB
         skipped = [e for e in server.log_events() if e.get("event") == "archive: skipping unreadable file"]
@@ -399,7 +408,7 @@ async def test_deflate_bomb_identifier_is_refused_in_process() -> None:
     try:
         base = process.memory_info().rss
         cmd, _ = find_rq(find_identifier("STUDY"), ctx=9)
-        bomb = deflate_bomb(find_identifier("STUDY"))
+        bomb = _bomb("identifier")
         parts = [
             pdata(9, bomb[i : i + 60000], command=False, last=i + 60000 >= len(bomb))
             for i in range(0, len(bomb), 60000)
