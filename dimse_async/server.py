@@ -21,6 +21,11 @@ class ServerOwner(Protocol):
 
     ae_title: str
     max_associations: int
+    max_per_address: int
+    max_per_calling_ae: int
+    max_pending: int
+    max_pending_per_address: int
+    fd_reserve: int
     observer: Any
 
 
