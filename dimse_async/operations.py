@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from .association import AssociationProtocol
 from .interface import StoreHandler
 from .services import normalized, qr, verification
+from .services.commitment import CommitmentResult, request_commitment_on
 from .services.normalized import NResult
 from .services.storage import c_store
 from .status import Status
@@ -131,3 +132,8 @@ class Association(AssociationProtocol):
     async def n_delete(self, sop_class: str, sop_instance: str, *, timeout: float | None = None) -> NResult:
         """N-DELETE (PS3.7 §10.1.6)."""
         return await normalized.n_delete(self, sop_class, sop_instance, timeout=timeout)
+
+    async def request_commitment(self, references: list[tuple[str, str]], *, timeout: float = 60.0) -> CommitmentResult:
+        """Storage commitment on this association (PS3.4 J.3.2): N-ACTION, then wait up to
+        ``timeout`` s for the report, here or on a new association to our AE."""
+        return await request_commitment_on(self, references, timeout=timeout)

@@ -368,3 +368,16 @@ async def test_report_retried_until_the_requester_listens(tmp_path: Path) -> Non
         how = serve.extras.commitment.results[result.transaction_uid][1]
     assert result.committed == [files[0][1:]] and not result.same_association
     assert how.startswith("new association (attempt ")
+
+
+async def test_request_on_an_open_association(tmp_path: Path) -> None:
+    files = make_instances(tmp_path / "in", 2)
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        ae = da.AE("OUR_SCU", dimse_timeout=WAIT)
+        ae.add_requested_context(STORAGE_COMMITMENT)
+        ae.add_requested_context(da.Verification)
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            result = await assoc.request_commitment([(c, i) for _p, c, i in files], timeout=WAIT)
+            assert (await assoc.c_echo()).is_success  # the association goes on
+    assert result.same_association and result.success and len(result.committed) == 2
