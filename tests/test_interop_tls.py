@@ -184,3 +184,36 @@ async def test_cli_echo_send_and_check_over_tls_to_storescp(certs: Certs, tmp_pa
             (*CLI, "echo", HOST, str(port), "--aec", "STORESCP", "--tls-ca", str(certs.other_ca))
         )
         assert code == 3 and "certificate verify failed" in err, out + err
+
+
+async def test_serve_tls_from_its_toml_file(certs: Certs, tmp_path: Path):
+    """``serve`` configured for mutual TLS by its TOML file: DCMTK echoscu and our
+    ``check`` get through with client certificates; a client without one does not."""
+    port = free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        f"""
+ae_title = "ARCHIVE"
+host = "{HOST}"
+port = {port}
+storage_dir = "{tmp_path / "archive"}"
+tls_cert = "{certs.server_cert}"
+tls_key = "{certs.server_key}"
+tls_ca = "{certs.ca}"
+tls_require_client_cert = true
+tls_handshake_timeout = 5
+"""
+    )
+    with process([*CLI, "serve", "--config", str(config)], port, tmp_path / "serve.log"):
+        argv = (dcmtk("echoscu"), "-aec", "ARCHIVE", *tls_client_args(certs), HOST, str(port))
+        code, out, _ = await communicate(argv, env=DCMTK_ENV, merge_stderr=True)
+        assert code == 0, out
+        client = ["--tls-ca", str(certs.ca), "--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key)]
+        code, out, err = await communicate((*CLI, "check", HOST, str(port), "--aec", "ARCHIVE", "--json", *client))
+        assert code == 0 and json.loads(out)["tls"]["version"].startswith("TLSv1."), out + err
+        code, out, err = await communicate(
+            (*CLI, "check", HOST, str(port), "--aec", "ARCHIVE", "--json", "--tls-ca", str(certs.ca))
+        )
+        assert code == 2 and json.loads(out)["association"]["accepted"] is False, out + err
+    log = (tmp_path / "serve.log").read_text()
+    assert "(TLS)" in log and "TLS handshake failed" in log
