@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import json
 import os
 import shutil
 import sqlite3
+import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -419,6 +421,8 @@ class Archive:
         fsync: bool = True,
         retrieve_ae_title: str | None = None,
         inflation_limits: InflationLimits = DEFAULT_LIMITS,
+        query_max_matches: int = 50_000,
+        query_time_budget: float = 60.0,
     ):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
@@ -433,8 +437,17 @@ class Archive:
         #: How far a deflated instance may inflate; larger ones are refused on C-STORE
         #: (0xC000) and skipped by the re-index.
         self.inflation_limits = inflation_limits
+        #: A C-FIND stops with 0xA700 (out of resources) past this many matches or
+        #: seconds (the index keeps serving everyone else meanwhile).
+        self.query_max_matches = query_max_matches
+        self.query_time_budget = query_time_budget
+        # Writes (store, re-index) on one thread and one connection; queries on their
+        # own threads, each with its own read-only connection (SQLite WAL: readers never
+        # wait for the writer), so a query never delays a store and the reverse.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-index")
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="archive-query")
         self._db: sqlite3.Connection | None = None
+        self._schema_ready = False
         self._locks: dict[str, list[Any]] = {}
 
     # -- database thread ----------------------------------------------------------
@@ -465,6 +478,20 @@ class Archive:
 
         self._executor.submit(_close).result()
         self._executor.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+
+    def _read_conn(self, deadline: float | None = None) -> sqlite3.Connection:
+        """A read-only connection of its own for one query; interrupted past ``deadline``."""
+        db = sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True, check_same_thread=False)
+        if deadline is not None:
+            db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
+        return db
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._schema_ready:
+            await self._call(self._conn)  # the writer creates (or migrates) the schema first
+            self._schema_ready = True
+        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
 
     # -- indexing -----------------------------------------------------------------
 
@@ -724,6 +751,13 @@ class Archive:
     # -- querying -----------------------------------------------------------------
 
     def _query(self, model: str, identifier: Dataset, relational: bool = False) -> list[Dataset]:
+        db = self._read_conn()
+        try:
+            return list(self._matches(db, model, identifier, relational))
+        finally:
+            db.close()
+
+    def _matches(self, db: sqlite3.Connection, model: str, identifier: Dataset, relational: bool) -> Iterator[Dataset]:
         level = _level(model, identifier, "Query")
         if not relational:
             _check_hierarchy(model, level, identifier)
@@ -736,8 +770,7 @@ class Archive:
             and elem.keyword not in indexed
             and elem.keyword not in _NOT_STORED
         ]
-        out = []
-        for attrs, extra, path in self._candidates(model, level, identifier, required, bool(from_file)):
+        for attrs, extra, path in self._candidates(db, model, level, identifier, required, bool(from_file)):
             candidate = _dataset(*attrs)
             for key, value in extra.items():
                 setattr(candidate, key, value)
@@ -747,16 +780,14 @@ class Archive:
                 response = response_identifier(identifier, candidate)
                 if self.retrieve_ae_title:
                     response.RetrieveAETitle = self.retrieve_ae_title
-                out.append(response)
-        return out
+                yield response
 
     def _candidates(
-        self, model: str, level: str, q: Dataset, required: frozenset[str], want_path: bool
+        self, db: sqlite3.Connection, model: str, level: str, q: Dataset, required: frozenset[str], want_path: bool
     ) -> Iterable[tuple[list[dict[str, str]], dict[str, Any], str | None]]:
         """Rows at ``level`` joined with their parents, narrowed by exact keys in SQL
         (a Required key also lets a zero-length stored value through, C.2.2.1.2), and
         with ``want_path`` the file of one instance of each entity."""
-        db = self._conn()
         where: list[str] = []
         args: list[Any] = []
 
@@ -885,7 +916,40 @@ class Archive:
 
     async def find(self, model_uid: str, identifier: Dataset, *, relational: bool = False) -> list[Dataset]:
         """C-FIND matches; ``relational`` when relational queries were negotiated (C.4.1.2.2.2)."""
-        return await self._call(self._query, _model(model_uid), identifier, relational)
+        return await self._read(self._query, _model(model_uid), identifier, relational)
+
+    async def find_iter(
+        self, model_uid: str, identifier: Dataset, *, relational: bool = False, batch: int = 64
+    ) -> AsyncIterator[Dataset]:
+        """C-FIND matches produced in batches, each only when the previous one was
+        taken (a peer that does not read its responses stops the query), within
+        :attr:`query_max_matches` and :attr:`query_time_budget` (else 0xA700)."""
+        model = _model(model_uid)
+        deadline = time.monotonic() + self.query_time_budget
+        db = await self._read(self._read_conn, deadline)
+        matches = self._matches(db, model, identifier, relational)
+        produced = 0
+        try:
+            while True:
+                try:
+                    items = await self._read(_take, matches, batch)
+                except sqlite3.OperationalError as exc:
+                    if time.monotonic() > deadline:
+                        raise StatusError(
+                            Status(0xA700, f"Out of resources: query over {self.query_time_budget:g} s")
+                        ) from exc
+                    raise
+                for item in items:
+                    yield item
+                produced += len(items)
+                if len(items) < batch:
+                    return
+                if produced >= self.query_max_matches:
+                    raise StatusError(Status(0xA700, f"Out of resources: more than {self.query_max_matches} matches"))
+                if time.monotonic() > deadline:
+                    raise StatusError(Status(0xA700, f"Out of resources: query over {self.query_time_budget:g} s"))
+        finally:
+            await self._read(_close_query, matches, db)
 
     def _paths(self, model: str, identifier: Dataset) -> list[str]:
         level = _level(model, identifier, "Retrieve")
@@ -906,17 +970,21 @@ class Archive:
             "JOIN studies st ON se.study_uid = st.study_uid JOIN patients p ON st.patient_key = p.patient_key "
             "WHERE " + " AND ".join(where) + " ORDER BY i.path"
         )
-        return [r[0] for r in self._conn().execute(sql, args) if os.path.exists(r[0])]
+        db = self._read_conn()
+        try:
+            return [r[0] for r in db.execute(sql, args) if os.path.exists(r[0])]
+        finally:
+            db.close()
 
     async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
-        return await self._call(self._paths, _model(model_uid), identifier)
+        return await self._read(self._paths, _model(model_uid), identifier)
 
     # -- handlers -----------------------------------------------------------------
 
     async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
         negotiated = request.assoc.negotiated
         reply = negotiated.extended.get(request.model, b"") if negotiated is not None else b""
-        for ds in await self.find(request.model, request.identifier, relational=reply[:1] == b"\x01"):
+        async for ds in self.find_iter(request.model, request.identifier, relational=reply[:1] == b"\x01"):
             yield ds
 
     async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str]:
@@ -941,6 +1009,18 @@ class Archive:
         ae.on_c_find(on_c_find)
         ae.on_c_get(self.on_retrieve)
         ae.on_c_move(self.on_retrieve)
+
+
+def _take(items: Iterator[Dataset], n: int) -> list[Dataset]:
+    """Up to ``n`` more matches (run on a query thread)."""
+    return list(itertools.islice(items, n))
+
+
+def _close_query(items: Iterator[Any], db: sqlite3.Connection) -> None:
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
+    db.close()
 
 
 class Worklist:
