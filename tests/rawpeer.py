@@ -222,7 +222,7 @@ class LegitClient:
     port: int
     interval: float = 0.2
     called: str = "ARCHIVE"
-    timeout: float = 5.0
+    timeout: float = 10.0
     durations: list[float] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     _task: asyncio.Task[None] | None = None
