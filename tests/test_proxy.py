@@ -241,3 +241,26 @@ async def test_proxy_header_then_tls_and_the_real_address(tmp_path):
     (assoc,) = seen
     assert assoc.peer == ("198.51.100.7", 4242) and assoc.via is not None and assoc.via[0] == "127.0.0.1"
     assert assoc.tls is not None and assoc.tls.peer_subject == "CN=CT1,OU=CT,O=Radiology"
+
+
+async def test_per_address_limit_counts_the_address_from_the_proxy_header():
+    """Behind one proxy, clients with different real addresses each get their own
+    ``max_per_address`` allowance; the same real address twice hits it."""
+    ae = da.AE("PROXIED", max_per_address=1)
+    ae.add_supported_context(da.Verification)
+    scu = da.AE("CLIENT")
+    scu.add_requested_context(da.Verification)
+    async with await ae.start_server("127.0.0.1", 0, proxy_protocol=True) as server:
+
+        def header(client: str) -> bytes:
+            return proxy.encode_v2((client, 40000), ("127.0.0.1", server.port))
+
+        first = await scu.associate("127.0.0.1", server.port, "PROXIED", proxy_header=header("192.0.2.1"))
+        second = await scu.associate("127.0.0.1", server.port, "PROXIED", proxy_header=header("192.0.2.2"))
+        with pytest.raises(da.AssociationRejected) as rejected:
+            await scu.associate("127.0.0.1", server.port, "PROXIED", proxy_header=header("192.0.2.1"))
+        assert rejected.value.result == 2  # transient: local limit exceeded
+        assert sorted(a.peer[0] for a in server.associations if a.is_established) == ["192.0.2.1", "192.0.2.2"]
+        for assoc in (first, second):
+            assert (await assoc.c_echo()).is_success
+            await assoc.release()
