@@ -32,6 +32,7 @@ from .proxy import address_in, networks
 from .server import Server
 from .services import normalized, qr, verification
 from .services.storage import make_spool, scp_c_store
+from .session import Operation
 from .uids import DEFAULT_TRANSFER_SYNTAXES
 
 __all__ = ["AE", "Service"]
@@ -334,19 +335,19 @@ class AE:
         handlers = self._handlers
         route = qr.MoveRoute(self.known_aes, self.associate, self.move_concurrency)
 
-        async def echo(assoc: DIMSEProvider, op: Any) -> None:
+        async def echo(assoc: DIMSEProvider, op: Operation) -> None:
             await verification.scp_c_echo(assoc, op, handlers.get(CommandField.C_ECHO_RQ))
 
-        async def store(assoc: DIMSEProvider, op: Any) -> None:
+        async def store(assoc: DIMSEProvider, op: Operation) -> None:
             await scp_c_store(assoc, op, handlers.get(CommandField.C_STORE_RQ))
 
-        async def find(assoc: DIMSEProvider, op: Any) -> None:
+        async def find(assoc: DIMSEProvider, op: Operation) -> None:
             await qr.scp_c_find(assoc, op, handlers.get(CommandField.C_FIND_RQ))
 
-        async def get(assoc: DIMSEProvider, op: Any) -> None:
+        async def get(assoc: DIMSEProvider, op: Operation) -> None:
             await qr.scp_c_get(assoc, op, handlers.get(CommandField.C_GET_RQ))
 
-        async def move(assoc: DIMSEProvider, op: Any) -> None:
+        async def move(assoc: DIMSEProvider, op: Operation) -> None:
             await qr.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), route)
 
         async def n_service(assoc: DIMSEProvider, op: Any) -> None:

@@ -31,7 +31,8 @@ __all__ = [
     "StoreHandler",
 ]
 
-Dataset = bytes | memoryview | DatasetSource
+#: A data set to send: bytes, or a source read in pieces (a file being streamed).
+Payload = bytes | memoryview | DatasetSource
 
 
 class AssociationEvent(StrEnum):
@@ -81,18 +82,18 @@ class DIMSEProvider(Protocol):
 
     def context(self, context_id: int) -> PresentationContext: ...
 
-    async def send(self, context_id: int, command: Command, dataset: Dataset | None = None) -> None: ...
+    async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None: ...
 
     async def request(
         self,
         context: PresentationContext,
         command: Command,
-        dataset: Dataset | None = None,
+        dataset: Payload | None = None,
         timeout: float | None = None,
     ) -> Message: ...
 
     def request_stream(
-        self, context: PresentationContext, command: Command, dataset: Dataset | None = None
+        self, context: PresentationContext, command: Command, dataset: Payload | None = None
     ) -> ResponseStream: ...
 
     def pause_reading(self, reason: str) -> None: ...

@@ -18,7 +18,7 @@ from .acse import Negotiated, PresentationContext
 from .dimse import Command, DataFragment, DatasetSink, DIMSEError, Message, encode_command, fragment, fragment_stream
 from .exceptions import AssociationAborted, AssociationError
 from .fsm import Output, PDataIndication, State, UpperLayer
-from .interface import Dataset, Settings, StoreHandler
+from .interface import Payload, Settings, StoreHandler
 from .oplog import OperationLog
 from .pdu import AbortReason
 from .session import (
@@ -140,7 +140,7 @@ class DIMSEMessaging:
             self._drain_waiter = self.loop.create_future()
             await self._drain_waiter
 
-    async def send(self, context_id: int, command: Command, dataset: Dataset | None = None) -> None:
+    async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None:
         """Send one DIMSE message, fragmented for the peer's maximum PDU length.
 
         ``dataset`` is bytes, or a payload with ``length`` and ``read(n)`` streamed in
@@ -188,7 +188,7 @@ class DIMSEMessaging:
         self,
         context: PresentationContext,
         command: Command,
-        dataset: Dataset | None = None,
+        dataset: Payload | None = None,
         timeout: float | None = None,
     ) -> Message:
         """Send a request and await its single response (within the async ops window)."""
@@ -201,7 +201,7 @@ class DIMSEMessaging:
                 self._forget(waiter)
 
     def request_stream(
-        self, context: PresentationContext, command: Command, dataset: Dataset | None = None
+        self, context: PresentationContext, command: Command, dataset: Payload | None = None
     ) -> MessageStream:
         """Send a multi-response request (C-FIND/C-GET/C-MOVE); iterate its responses."""
         return MessageStream(self, context, command, dataset)

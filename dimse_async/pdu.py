@@ -8,9 +8,26 @@ of the claimed body is buffered.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
+
+from .pdu_items import (
+    U16,
+    AbortReason,
+    AsyncOpsWindow,
+    PDUError,
+    RoleSelection,
+    SOPClassCommonExtended,
+    SOPClassExtended,
+    UserIdentityAC,
+    UserIdentityRQ,
+    UserInformation,
+    decode_user_info,
+    encode_user_info,
+    item,
+    items,
+    text,
+)
 
 __all__ = [
     "ABORT_SOURCE_PROVIDER",
@@ -54,9 +71,6 @@ ABORT_SOURCE_USER = 0
 ABORT_SOURCE_PROVIDER = 2
 
 _HDR = struct.Struct(">BBI")  # PDU type, reserved, length
-_ITEM = struct.Struct(">BBH")  # item type, reserved, length
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
 _PDV = struct.Struct(">IBB")  # item length, context id, message control header
 _PDATA_HDR = struct.Struct(">BBIIBB")  # PDU header + one PDV header
 
@@ -75,25 +89,6 @@ class PDUType(IntEnum):
     RELEASE_RQ = 0x05
     RELEASE_RP = 0x06
     ABORT = 0x07
-
-
-class AbortReason(IntEnum):
-    """A-ABORT reason/diag. when the source is the service-provider (PS3.8 §9.3.8)."""
-
-    NOT_SPECIFIED = 0
-    UNRECOGNIZED_PDU = 1
-    UNEXPECTED_PDU = 2
-    UNRECOGNIZED_PDU_PARAMETER = 4
-    UNEXPECTED_PDU_PARAMETER = 5
-    INVALID_PDU_PARAMETER_VALUE = 6
-
-
-class PDUError(ValueError):
-    """A malformed or unacceptable PDU; ``reason`` is the A-ABORT reason to send."""
-
-    def __init__(self, message: str, reason: AbortReason = AbortReason.INVALID_PDU_PARAMETER_VALUE):
-        super().__init__(message)
-        self.reason = reason
 
 
 # ---------------------------------------------------------------------------
@@ -123,75 +118,6 @@ class PresentationContextAC:
     transfer_syntax: str = ""
 
 
-@dataclass(slots=True)
-class AsyncOpsWindow:
-    """Asynchronous operations window sub-item (53H, PS3.7 D.3.3.3). 0 = unlimited."""
-
-    max_ops_invoked: int = 1
-    max_ops_performed: int = 1
-
-
-@dataclass(slots=True)
-class RoleSelection:
-    """SCP/SCU role selection sub-item (54H, PS3.7 D.3.3.4)."""
-
-    sop_class_uid: str
-    scu_role: bool
-    scp_role: bool
-
-
-@dataclass(slots=True)
-class SOPClassExtended:
-    """SOP class extended negotiation sub-item (56H, PS3.7 D.3.3.5)."""
-
-    sop_class_uid: str
-    info: bytes
-
-
-@dataclass(slots=True)
-class SOPClassCommonExtended:
-    """SOP class common extended negotiation sub-item (57H, PS3.7 D.3.3.6)."""
-
-    sop_class_uid: str
-    service_class_uid: str
-    related_general_sop_classes: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class UserIdentityRQ:
-    """User identity negotiation sub-item, RQ (58H, PS3.7 D.3.3.7.1).
-
-    ``type``: 1 username, 2 username+passcode, 3 Kerberos, 4 SAML, 5 JWT.
-    """
-
-    type: int
-    primary: bytes
-    secondary: bytes = b""
-    positive_response_requested: bool = False
-
-
-@dataclass(slots=True)
-class UserIdentityAC:
-    """User identity negotiation sub-item, AC (59H, PS3.7 D.3.3.7.2)."""
-
-    server_response: bytes = b""
-
-
-@dataclass(slots=True)
-class UserInformation:
-    """User information item (50H) and its sub-items (PS3.8 Annex D, PS3.7 Annex D)."""
-
-    max_length: int | None = None
-    implementation_class_uid: str = ""
-    implementation_version_name: str | None = None
-    async_ops: AsyncOpsWindow | None = None
-    roles: list[RoleSelection] = field(default_factory=list)
-    extended: list[SOPClassExtended] = field(default_factory=list)
-    common_extended: list[SOPClassCommonExtended] = field(default_factory=list)
-    identity_rq: UserIdentityRQ | None = None
-    identity_ac: UserIdentityAC | None = None
-
-
 # ---------------------------------------------------------------------------
 # PDUs
 # ---------------------------------------------------------------------------
@@ -210,15 +136,15 @@ class AssociateRQ:
 
     def encode(self) -> bytes:
         body = bytearray()
-        body += _U16.pack(self.protocol_version) + b"\x00\x00"
+        body += U16.pack(self.protocol_version) + b"\x00\x00"
         body += _ae(self.called_ae) + _ae(self.calling_ae) + bytes(32)
-        body += _item(0x10, self.application_context.encode("ascii"))
+        body += item(0x10, self.application_context.encode("ascii"))
         for pc in self.presentation_contexts:
-            sub = _item(0x30, pc.abstract_syntax.encode("ascii"))
+            sub = item(0x30, pc.abstract_syntax.encode("ascii"))
             for ts in pc.transfer_syntaxes:
-                sub += _item(0x40, ts.encode("ascii"))
-            body += _item(0x20, bytes((pc.id, 0, 0, 0)) + sub)
-        body += _encode_user_info(self.user_info)
+                sub += item(0x40, ts.encode("ascii"))
+            body += item(0x20, bytes((pc.id, 0, 0, 0)) + sub)
+        body += encode_user_info(self.user_info)
         return _pdu(PDUType.ASSOCIATE_RQ, body)
 
 
@@ -235,13 +161,13 @@ class AssociateAC:
 
     def encode(self) -> bytes:
         body = bytearray()
-        body += _U16.pack(self.protocol_version) + b"\x00\x00"
+        body += U16.pack(self.protocol_version) + b"\x00\x00"
         body += _ae(self.called_ae) + _ae(self.calling_ae) + bytes(32)
-        body += _item(0x10, self.application_context.encode("ascii"))
+        body += item(0x10, self.application_context.encode("ascii"))
         for pc in self.presentation_contexts:
-            sub = _item(0x40, pc.transfer_syntax.encode("ascii")) if pc.transfer_syntax else b""
-            body += _item(0x21, bytes((pc.id, 0, pc.result, 0)) + sub)
-        body += _encode_user_info(self.user_info)
+            sub = item(0x40, pc.transfer_syntax.encode("ascii")) if pc.transfer_syntax else b""
+            body += item(0x21, bytes((pc.id, 0, pc.result, 0)) + sub)
+        body += encode_user_info(self.user_info)
         return _pdu(PDUType.ASSOCIATE_AC, body)
 
 
@@ -374,12 +300,6 @@ def _pdu(pdu_type: int, body: bytes | bytearray) -> bytes:
     return _HDR.pack(pdu_type, 0, len(body)) + body
 
 
-def _item(item_type: int, value: bytes | bytearray) -> bytes:
-    if len(value) > 0xFFFF:
-        raise ValueError(f"item {item_type:#04x} value too long ({len(value)} bytes)")
-    return _ITEM.pack(item_type, 0, len(value)) + value
-
-
 def _ae(title: str) -> bytes:
     raw = title.encode("ascii")
     if len(raw) > 16:
@@ -387,167 +307,36 @@ def _ae(title: str) -> bytes:
     return raw.ljust(16, b" ")
 
 
-def _uid_field(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return _U16.pack(len(raw)) + raw
-
-
-def _encode_user_info(ui: UserInformation) -> bytes:
-    sub = bytearray()
-    if ui.max_length is not None:
-        sub += _item(0x51, _U32.pack(ui.max_length))
-    sub += _item(0x52, ui.implementation_class_uid.encode("ascii"))
-    if ui.async_ops is not None:
-        sub += _item(0x53, struct.pack(">HH", ui.async_ops.max_ops_invoked, ui.async_ops.max_ops_performed))
-    for role in ui.roles:
-        sub += _item(0x54, _uid_field(role.sop_class_uid) + bytes((int(role.scu_role), int(role.scp_role))))
-    if ui.implementation_version_name:
-        sub += _item(0x55, ui.implementation_version_name.encode("ascii"))
-    for ext in ui.extended:
-        sub += _item(0x56, _uid_field(ext.sop_class_uid) + bytes(ext.info))
-    for cx in ui.common_extended:
-        related = b"".join(_uid_field(u) for u in cx.related_general_sop_classes)
-        sub += _item(
-            0x57,
-            _uid_field(cx.sop_class_uid) + _uid_field(cx.service_class_uid) + _U16.pack(len(related)) + related,
-        )
-    if ui.identity_rq is not None:
-        rq = ui.identity_rq
-        sub += _item(
-            0x58,
-            bytes((rq.type, int(rq.positive_response_requested)))
-            + _U16.pack(len(rq.primary))
-            + rq.primary
-            + _U16.pack(len(rq.secondary))
-            + rq.secondary,
-        )
-    if ui.identity_ac is not None:
-        resp = ui.identity_ac.server_response
-        sub += _item(0x59, _U16.pack(len(resp)) + resp)
-    return _item(0x50, sub)
-
-
 # ---------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------
 
 
-def _text(raw: bytes | memoryview, what: str) -> str:
-    try:
-        return bytes(raw).decode("ascii").rstrip("\x00 ").lstrip(" ")
-    except UnicodeDecodeError:
-        raise PDUError(f"{what} is not ASCII") from None
-
-
-def _items(body: memoryview, what: str) -> Iterator[tuple[int, memoryview]]:
-    """Iterate (type, value) over a run of items with 2-byte lengths."""
-    pos, end = 0, len(body)
-    while pos < end:
-        if end - pos < 4:
-            raise PDUError(f"truncated item header in {what}")
-        item_type, _, length = _ITEM.unpack_from(body, pos)
-        pos += 4
-        if pos + length > end:
-            raise PDUError(f"item {item_type:#04x} in {what} claims {length} bytes, only {end - pos} remain")
-        yield item_type, body[pos : pos + length]
-        pos += length
-
-
-def _uid_prefixed(value: memoryview, pos: int, what: str) -> tuple[str, int]:
-    if pos + 2 > len(value):
-        raise PDUError(f"truncated {what}")
-    (n,) = _U16.unpack_from(value, pos)
-    pos += 2
-    if pos + n > len(value):
-        raise PDUError(f"{what} length {n} overruns its item")
-    return _text(value[pos : pos + n], what), pos + n
-
-
-def _decode_user_info(value: memoryview) -> UserInformation:
-    ui = UserInformation()
-    for t, v in _items(value, "user information"):
-        if t == 0x51:
-            if len(v) != 4:
-                raise PDUError("maximum length sub-item must be 4 bytes")
-            ui.max_length = _U32.unpack(v)[0]
-        elif t == 0x52:
-            ui.implementation_class_uid = _text(v, "implementation class UID")
-        elif t == 0x53:
-            if len(v) != 4:
-                raise PDUError("asynchronous operations window sub-item must be 4 bytes")
-            ui.async_ops = AsyncOpsWindow(*struct.unpack(">HH", v))
-        elif t == 0x54:
-            uid, pos = _uid_prefixed(v, 0, "role selection SOP class UID")
-            if pos + 2 != len(v):
-                raise PDUError("role selection sub-item has bad length")
-            ui.roles.append(RoleSelection(uid, bool(v[pos]), bool(v[pos + 1])))
-        elif t == 0x55:
-            ui.implementation_version_name = _text(v, "implementation version name")
-        elif t == 0x56:
-            uid, pos = _uid_prefixed(v, 0, "extended negotiation SOP class UID")
-            ui.extended.append(SOPClassExtended(uid, bytes(v[pos:])))
-        elif t == 0x57:
-            sop, pos = _uid_prefixed(v, 0, "common extended SOP class UID")
-            service, pos = _uid_prefixed(v, pos, "common extended service class UID")
-            if pos + 2 > len(v):
-                raise PDUError("truncated related general SOP class list")
-            (n,) = _U16.unpack_from(v, pos)
-            pos += 2
-            end = pos + n
-            if end > len(v):
-                raise PDUError("related general SOP class list overruns its item")
-            related = []
-            sub = v[:end]
-            while pos < end:
-                uid, pos = _uid_prefixed(sub, pos, "related general SOP class UID")
-                related.append(uid)
-            ui.common_extended.append(SOPClassCommonExtended(sop, service, related))
-        elif t == 0x58:
-            if len(v) < 4:
-                raise PDUError("truncated user identity sub-item")
-            id_type, pos_rsp = v[0], v[1]
-            (n1,) = _U16.unpack_from(v, 2)
-            if 4 + n1 + 2 > len(v):
-                raise PDUError("user identity primary field overruns its item")
-            primary = bytes(v[4 : 4 + n1])
-            (n2,) = _U16.unpack_from(v, 4 + n1)
-            if 6 + n1 + n2 != len(v):
-                raise PDUError("user identity secondary field has bad length")
-            secondary = bytes(v[6 + n1 :])
-            ui.identity_rq = UserIdentityRQ(id_type, primary, secondary, bool(pos_rsp))
-        elif t == 0x59:
-            if len(v) < 2 or _U16.unpack_from(v, 0)[0] != len(v) - 2:
-                raise PDUError("user identity response sub-item has bad length")
-            ui.identity_ac = UserIdentityAC(bytes(v[2:]))
-        # Unknown sub-items are skipped (PS3.7 D.3.3: not fatal).
-    return ui
-
-
 def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | AssociateAC:
     if len(body) < 68:
         raise PDUError("A-ASSOCIATE PDU shorter than its fixed fields")
-    (version,) = _U16.unpack_from(body, 0)
-    called = _text(body[4:20], "called AE title")
-    calling = _text(body[20:36], "calling AE title")
+    (version,) = U16.unpack_from(body, 0)
+    called = text(body[4:20], "called AE title")
+    calling = text(body[20:36], "calling AE title")
     app_context = None
     user_info = None
     rq_contexts: list[PresentationContextRQ] = []
     ac_contexts: list[PresentationContextAC] = []
-    for t, v in _items(body[68:], "A-ASSOCIATE PDU"):
+    for t, v in items(body[68:], "A-ASSOCIATE PDU"):
         if t == 0x10:
-            app_context = _text(v, "application context name")
+            app_context = text(v, "application context name")
         elif t == 0x20 and pdu_type == PDUType.ASSOCIATE_RQ:
             if len(v) < 4:
                 raise PDUError("truncated presentation context item")
             abstract = None
             syntaxes = []
-            for st, sv in _items(v[4:], "presentation context"):
+            for st, sv in items(v[4:], "presentation context"):
                 if st == 0x30:
                     if abstract is not None:
                         raise PDUError("presentation context has two abstract syntaxes")
-                    abstract = _text(sv, "abstract syntax")
+                    abstract = text(sv, "abstract syntax")
                 elif st == 0x40:
-                    syntaxes.append(_text(sv, "transfer syntax"))
+                    syntaxes.append(text(sv, "transfer syntax"))
                 else:
                     raise PDUError(
                         f"unknown sub-item {st:#04x} in presentation context", AbortReason.UNRECOGNIZED_PDU_PARAMETER
@@ -559,12 +348,12 @@ def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | Associat
             if len(v) < 4:
                 raise PDUError("truncated presentation context item")
             ts = ""
-            for st, sv in _items(v[4:], "presentation context"):
+            for st, sv in items(v[4:], "presentation context"):
                 if st == 0x40:
-                    ts = _text(sv, "transfer syntax")
+                    ts = text(sv, "transfer syntax")
             ac_contexts.append(PresentationContextAC(v[0], v[2], ts))
         elif t == 0x50:
-            user_info = _decode_user_info(v)
+            user_info = decode_user_info(v)
         else:
             raise PDUError(f"unexpected item {t:#04x} in A-ASSOCIATE PDU", AbortReason.UNEXPECTED_PDU_PARAMETER)
     if app_context is None:

@@ -227,10 +227,6 @@ class Session:
         self._invoked[self._next_id] = multi
         return self._next_id
 
-    def cancel_request(self, message_id: int) -> Command:
-        """The C-CANCEL-RQ for an outstanding request (PS3.7 §9.3.2.3); its final response still comes."""
-        return Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=message_id)
-
     def forget_request(self, message_id: int) -> None:
         """Stop expecting responses to ``message_id`` (timed out, or the association ended)."""
         self._invoked.pop(message_id, None)

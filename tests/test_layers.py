@@ -20,6 +20,7 @@ LAYERS: list[set[str]] = [
     # pure helpers with no package imports
     {"uids", "log", "status", "keepalive", "proxy", "tls", "sop_classes", "inflate"},
     # the sans-I/O core: bytes <-> PDUs, the state machine, negotiation, DIMSE messages
+    {"pdu_items", "fsm_table"},
     {"pdu"},
     {"acse", "part10", "fsm", "dimse"},
     {"exceptions", "dataset_check", "codec"},
