@@ -493,9 +493,7 @@ class AE:
         Raises ``CommitmentTimeout`` after ``timeout`` s, ``CommitmentFailed`` on refusal."""
         from .services.commitment import request_commitment
 
-        return await request_commitment(
-            self, host, port, called_ae, references, timeout=timeout, hold=hold, **kwargs
-        )
+        return await request_commitment(self, host, port, called_ae, references, timeout=timeout, hold=hold, **kwargs)
 
     # ------------------------------------------------------------ acceptor
 

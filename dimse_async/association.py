@@ -18,11 +18,12 @@ from typing import Any, cast
 from . import fsm
 from .acse import Negotiated, negotiation_summary, reject_text, requestor_contexts
 from .exceptions import AssociationAborted, AssociationRejected, AssociationTimeout
+from .guards import InputGuards
 from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
 from .log import debug_enabled, get_logger
 from .messaging import WRITE_BATCH, DIMSEMessaging
-from .pdu import AbortReason, AssociateRJ, AssociateRQ
+from .pdu import AssociateRJ, AssociateRQ
 from .session import (
     Session,
 )
@@ -31,10 +32,9 @@ from .tls import TLSInfo, session_info
 __all__ = ["AssociationProtocol"]
 
 _ids = itertools.count(1)
-_AFTER_ABORT = 64 << 10  # bytes read from a peer after our A-ABORT before reading stops
 
 
-class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
+class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.Protocol):
     """A DICOM association, requestor or acceptor side: transport, timers, session outputs."""
 
     def __init__(self, settings: Settings, *, requestor: bool, ae: Any = None):
@@ -69,12 +69,11 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
         self._artim: asyncio.TimerHandle | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._idle_release: asyncio.TimerHandle | None = None
-        self._pdu_timer: asyncio.TimerHandle | None = None  # a started PDU must complete in time
         self._refused = False  # dropped by admission control before the upper layer started
-        self._after_abort: int | None = None  # bytes received since we sent an A-ABORT
         self._last_dimse = 0.0  # last DIMSE message either way (idle release)
         self._last_rx = self._last_tx = 0.0  # last bytes from the peer / last time it took ours
         self._init_messaging()
+        self._init_guards()
 
     @property
     def is_established(self) -> bool:
@@ -83,14 +82,6 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
     @property
     def is_closed(self) -> bool:
         return self._closed.done()
-
-    @property
-    def bytes_received(self) -> int:
-        return self.oplog.bytes_received
-
-    @property
-    def bytes_sent(self) -> int:
-        return self.oplog.bytes_sent
 
     @property
     def end_reason(self) -> str | None:
@@ -136,49 +127,10 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
         self.oplog.bytes_received += len(data)
         if self._debug:
             self.log.debug("bytes received", n=len(data), state=self.fsm.state.name)
-        if self._after_abort is not None:
-            # After our A-ABORT the peer should close (Sta13). Its closing is noticed, but
-            # what it keeps sending is not absorbed: past a little, reading stops (TCP
-            # pushes back) and ARTIM closes the connection.
-            self._after_abort += len(data)
-            if self._after_abort > _AFTER_ABORT and self.transport is not None:
-                self.transport.pause_reading()
-                self._pause_reasons.add("aborted")
+        self._count_after_abort(len(data))
         before = self.fsm.reader.buffered + len(data)
         self._run(self.fsm.receive_data(data))
         self._pdu_progress(before)
-
-    def _pdu_progress(self, before: int) -> None:
-        """PDU progress timeout: a PDU that has started must be complete within
-        ``pdu_timeout`` seconds, however slowly its bytes drip in."""
-        timeout = self.settings.pdu_timeout
-        after = self.fsm.reader.buffered
-        if after == 0 or after < before or timeout is None or self._closed.done():
-            if self._pdu_timer is not None:  # nothing pending, or a PDU completed: start over
-                self._pdu_timer.cancel()
-                self._pdu_timer = None
-            if after == 0 or timeout is None:
-                return
-        if self._pdu_timer is None:
-            self._pdu_timer = self.loop.call_later(timeout, self._pdu_stalled)
-
-    def _pdu_stalled(self) -> None:
-        self._pdu_timer = None
-        if self._closed.done() or not self.fsm.reader.buffered:
-            return
-        timeout = self.settings.pdu_timeout
-        if self._pause_reasons:  # we stopped reading, not the peer: not its fault
-            self._pdu_timer = self.loop.call_later(timeout or 1.0, self._pdu_stalled)
-            return
-        reason = f"PDU not completed within {timeout} s ({self.fsm.reader.buffered} bytes received)"
-        self.log.warning("PDU progress timeout", reason=reason)
-        if self.fsm.state in (fsm.State.Sta2, fsm.State.Sta13):
-            self._end_reason = self._end_reason or reason
-            if self.transport is not None:
-                self.transport.abort()
-            return
-        self._end_reason = self._end_reason or reason
-        self._run(self.fsm.provider_abort(reason, AbortReason.NOT_SPECIFIED))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -189,16 +141,6 @@ class AssociationProtocol(DIMSEMessaging, asyncio.Protocol):
         if was not in (fsm.State.Sta1, fsm.State.Sta13) and self._end_reason is None:
             self._end_reason = self.fsm.failure or "connection lost"
         self._finish()
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._last_tx = self.loop.time()
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # ----------------------------------------------------------- upper layer outputs
 

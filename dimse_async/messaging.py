@@ -90,6 +90,24 @@ class DIMSEMessaging:
         self._sink: DatasetSink | None = None
 
     @property
+    def bytes_received(self) -> int:
+        return self.oplog.bytes_received
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.oplog.bytes_sent
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._last_tx = self.loop.time()
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
     def accepted_contexts(self) -> list[PresentationContext]:
         return self.negotiated.accepted if self.negotiated else []
 

@@ -28,7 +28,7 @@ LAYERS: list[set[str]] = [
     # what services see of an association
     {"interface"},
     # the asyncio adapter
-    {"messaging"},
+    {"messaging", "guards"},
     {"association"},
     # service classes, typed against the interface
     {"services.requests", "services.scp", "services.spool"},
