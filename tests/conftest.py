@@ -23,19 +23,24 @@ DCMTK = "/usr/bin"
 
 
 _PORTS = random.Random(os.getpid() ^ time.time_ns())
+_HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
     """A port that is free now, below the kernel's ephemeral range (32768+ on Linux), so
-    that no client connection's source port takes it before the test's server binds it."""
+    that no client connection's source port takes it before the test's server binds it;
+    never the same port twice in one run, so two servers started together cannot collide."""
     for _ in range(200):
         port = _PORTS.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free port between 20000 and 32000")
 
