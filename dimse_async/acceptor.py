@@ -56,12 +56,14 @@ class Acceptor:
         self._task: asyncio.Task[None] | None = None
         self._closed = self.loop.create_future()
 
-    async def start(self, host: str, port: int, backlog: int) -> Acceptor:
+    async def start(self, host: str, port: int, backlog: int, *, reuse_port: bool = False) -> Acceptor:
         infos = await self.loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             sock.listen(backlog)
             sock.setblocking(False)

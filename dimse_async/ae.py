@@ -508,6 +508,7 @@ class AE:
         proxy_protocol: bool = False,
         trusted_proxies: Iterable[str] = ("127.0.0.1", "::1"),
         proxy_header_timeout: float = 10.0,
+        reuse_port: bool = False,
     ) -> Server:
         """Listen for associations; returns at once with a running :class:`Server`.
 
@@ -515,7 +516,9 @@ class AE:
         client gets ``ssl_handshake_timeout`` seconds for its handshake, on its own.
         ``proxy_protocol``: every connection starts with a PROXY v1/v2 header, accepted
         only from ``trusted_proxies`` (addresses or CIDR blocks); associations then see
-        the client's address from the header.
+        the client's address from the header. ``reuse_port``: set ``SO_REUSEPORT`` so
+        several processes listen on one port and the kernel spreads connections among
+        them (``--workers N``).
         """
         if not self.supported_contexts:
             raise ValueError("no supported presentation contexts: call add_supported_context() first")
@@ -533,9 +536,12 @@ class AE:
                 trusted_proxies=networks(trusted_proxies) if proxy_protocol else None,
                 header_timeout=proxy_header_timeout,
             )
-            server._server = await Acceptor(server, options, make_association).start(host, port, backlog)  # type: ignore[assignment]
+            acceptor = Acceptor(server, options, make_association)
+            server._server = await acceptor.start(host, port, backlog, reuse_port=reuse_port)  # type: ignore[assignment]
             return server
-        server._server = await loop.create_server(make_association, host, port, backlog=backlog, reuse_address=True)
+        server._server = await loop.create_server(
+            make_association, host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port or None
+        )
         return server
 
 

@@ -42,6 +42,8 @@ class Deployment:
     http_port: int | None = None
     drain_grace: float = 30.0
     drain_delay: float = 0.0
+    #: Listen with ``SO_REUSEPORT`` (a worker process of ``--workers N``).
+    reuse_port: bool = False
 
 
 async def serve_until_signalled(
@@ -69,6 +71,7 @@ async def serve_until_signalled(
         ssl_handshake_timeout=dep.handshake_timeout,
         proxy_protocol=dep.proxy_protocol,
         trusted_proxies=dep.trusted_proxies,
+        reuse_port=dep.reuse_port,
     )
     health = None
     if dep.http_port is not None:

@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["LOGGER_NAME", "configure_logging", "debug_enabled", "get_logger"]
+__all__ = ["LOGGER_NAME", "configure_logging", "debug_enabled", "get_logger", "set_process_fields"]
 
 LOGGER_NAME = "dimse_async"
 
@@ -42,6 +42,16 @@ _root.addHandler(logging.NullHandler())
 
 #: The record attribute carrying the structured fields of an event.
 RECORD_ATTR = "dimse_async"
+
+
+#: Fields appended to every line this process formats (``worker``, ``pid`` in a worker
+#: process of ``--workers N``, so the one shared log stream tells the workers apart).
+_process_fields: dict[str, Any] = {}
+
+
+def set_process_fields(**fields: Any) -> None:
+    """Add ``fields`` to every line :class:`StructuredFormatter` writes in this process."""
+    _process_fields.update(fields)
 
 
 def _format_value(value: Any) -> str:
@@ -98,11 +108,13 @@ class StructuredFormatter(logging.Formatter):
                     out["logger"] = record.name
             if record.exc_info:
                 out["exception"] = self.formatException(record.exc_info)
-            out = {"timestamp": stamp, "level": level, **out}
+            out = {"timestamp": stamp, "level": level, **out, **_process_fields}
             return _json.dumps(out, default=str)
         text = f"{stamp} [{level:<7}] {record.getMessage().rstrip()}"
         if fields is None and record.name != LOGGER_NAME:
             text += f" logger={record.name}"
+        for key, value in _process_fields.items():
+            text += f" {key}={_format_value(value)}"
         if record.exc_info:
             text += "\n" + self.formatException(record.exc_info)
         return text

@@ -10,6 +10,7 @@ Example::
     require_called_ae = false
     duplicates = "keep"                       # or "replace": an instance already stored
     fsync = true                              # flush files and index before answering success
+    workers = 2                               # processes sharing the port (SO_REUSEPORT; docs/scale-out.md)
     storage_classes = ["1.2.3.4"]             # extra storage SOP classes to accept
     transfer_syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # accepted for storage, in this order
 
@@ -121,6 +122,9 @@ class ServeConfig:
     max_pending_per_address: int = 256
     pdu_timeout: float | None = 60.0
     max_request_dataset: int = 1 << 20
+    #: Worker processes sharing the port (SO_REUSEPORT), supervised by the parent;
+    #: each admits max_associations // workers associations.
+    workers: int = 1
 
 
 #: Settings that are also ``serve`` command line flags (``--max-per-address`` ...).
@@ -203,8 +207,12 @@ def load_config(path: str | Path | None) -> ServeConfig:
             if not isinstance(value, list):
                 raise ValueError("allowed_calling_aes must be a list of AE titles")
             value = [validate_ae_title(v, "allowed calling AE title") for v in value]
-        elif key in ("port", "max_associations", "max_ops") and not isinstance(value, int):
+        elif key in ("port", "max_associations", "max_ops", "workers") and (
+            not isinstance(value, int) or isinstance(value, bool)
+        ):
             raise ValueError(f"{key} must be an integer")
+        elif key == "workers" and value < 1:
+            raise ValueError("workers must be at least 1")
         elif key == "duplicates" and value not in ("keep", "replace"):
             raise ValueError('duplicates must be "keep" or "replace"')
         elif key in ("fsync", "require_called_ae") and not isinstance(value, bool):

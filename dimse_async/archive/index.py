@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
+import hashlib
 import itertools
 import json
 import os
@@ -400,6 +402,66 @@ def _fsync_file_and_dir(path: str) -> None:
         os.close(fd)
 
 
+#: Several processes share one index (``--workers N``): SQLite waits this long for a
+#: lock held by another process, and a write still finding the database busy is
+#: retried (:func:`_retry_busy`) before the store is answered 0xA700.
+BUSY_TIMEOUT = 30.0
+BUSY_RETRIES = 5
+_LOCK_BUCKETS = 4096  # lock files for per-instance cross-process locks
+
+
+def _busy(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
+
+
+def _retry_busy(fn: Callable[[], T]) -> T:
+    """Run a write transaction, retrying a few times while another process holds the
+    database (SQLITE_BUSY beyond the busy timeout, or a busy WAL snapshot upgrade)."""
+    for attempt in range(BUSY_RETRIES):
+        try:
+            return fn()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or attempt == BUSY_RETRIES - 1:
+                raise
+            log.warning("archive: index busy; retrying", attempt=attempt + 1, error=str(exc)[:100])
+            time.sleep(0.05 * (2**attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _InstanceFileLock:
+    """A cross-process exclusive lock for one SOP Instance UID: ``flock`` on one of
+    :data:`_LOCK_BUCKETS` files under ``root/.locks`` chosen by the UID's hash (two
+    UIDs sharing a bucket merely wait for each other). Polled, so the event loop
+    never blocks."""
+
+    def __init__(self, root: Path, uid: str):
+        bucket = int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=4).digest(), "big") % _LOCK_BUCKETS
+        self.path = root / ".locks" / f"{bucket:04d}.lock"
+        self.fd: int | None = None
+
+    async def __aenter__(self) -> None:
+        self.path.parent.mkdir(exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        delay = 0.002
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
 def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
     """0xA700 with the true reason: disk full, read-only, too many open files, a locked index."""
     if isinstance(exc, OSError):
@@ -423,6 +485,7 @@ class Archive:
         inflation_limits: InflationLimits = DEFAULT_LIMITS,
         query_max_matches: int = 50_000,
         query_time_budget: float = 60.0,
+        shared: bool = False,
     ):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
@@ -441,6 +504,9 @@ class Archive:
         #: seconds (the index keeps serving everyone else meanwhile).
         self.query_max_matches = query_max_matches
         self.query_time_budget = query_time_budget
+        #: Other processes store into the same root and index (``--workers N``): stores
+        #: of one SOP Instance UID are serialised across processes too.
+        self.shared = shared
         # Writes (store, re-index) on one thread and one connection; queries on their
         # own threads, each with its own read-only connection (SQLite WAL: readers never
         # wait for the writer), so a query never delays a store and the reverse.
@@ -454,15 +520,26 @@ class Archive:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False)
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version != _SCHEMA_VERSION:
-                # An index from an earlier layout: start afresh; the re-index refills it from the files.
-                with db:
-                    for table in ("instances", "series", "studies", "patients"):
-                        db.execute(f"DROP TABLE IF EXISTS {table}")
-                    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            db.executescript(_SCHEMA)
+            db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, timeout=BUSY_TIMEOUT)
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+
+            def upgrade() -> None:
+                # Under the write lock, so two processes starting at once upgrade once.
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    version = db.execute("PRAGMA user_version").fetchone()[0]
+                    if version != _SCHEMA_VERSION:
+                        # An index from an earlier layout: start afresh; the re-index refills it from the files.
+                        for table in ("instances", "series", "studies", "patients"):
+                            db.execute(f"DROP TABLE IF EXISTS {table}")
+                        db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+
+            _retry_busy(upgrade)
+            _retry_busy(lambda: db.executescript(_SCHEMA))
             db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
             self._db = db
         return self._db
@@ -501,6 +578,9 @@ class Archive:
             return self._index_file_quietly(path)
 
     def _index_file_quietly(self, path: str) -> str:
+        return _retry_busy(lambda: self._index_file_once(path))
+
+    def _index_file_once(self, path: str) -> str:
         st = os.stat(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
@@ -691,7 +771,10 @@ class Archive:
         entry[1] += 1
         try:
             async with entry[0]:
-                return await self._store_locked(request, path)
+                if not self.shared:
+                    return await self._store_locked(request, path)
+                async with _InstanceFileLock(self.root, uid):  # and across processes
+                    return await self._store_locked(request, path)
         finally:
             entry[1] -= 1
             if not entry[1]:

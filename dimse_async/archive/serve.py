@@ -12,11 +12,12 @@ from ..health import HealthServer
 from ..log import get_logger
 from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES
+from ..workers import run_workers, worker_info
 from .config import ADMISSION_KEYS, ServeConfig, load_config
 from .index import Archive, Worklist, relational_queries
 from .normalized import MPPS, STORAGE_COMMITMENT, install_normalized
 
-__all__ = ["archive_ae", "serve"]
+__all__ = ["archive_ae", "serve", "supervise"]
 
 
 def archive_ae(config: ServeConfig) -> AE:
@@ -81,6 +82,7 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         ("drain_delay", "drain_delay"),
         ("max_associations", "max_associations"),
         *((name, name) for name in ADMISSION_KEYS),
+        ("workers", "workers"),
     ):
         if getattr(args, arg, None) is not None:
             setattr(config, key, getattr(args, arg))
@@ -103,6 +105,33 @@ def deployment(config: ServeConfig) -> Deployment:
     )
 
 
+def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """With ``workers`` > 1: re-index once, then run and supervise the worker processes
+    (:mod:`dimse_async.workers`) and return their exit code; ``None`` for one process."""
+    try:
+        config = load_config(args.config)
+        apply_args(config, args)
+        deployment(config)
+    except (OSError, ValueError) as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 2
+    if config.workers <= 1:
+        return None
+    import asyncio
+
+    async def reindex() -> None:
+        archive = Archive(config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, shared=True)
+        try:
+            added, skipped, gone = await archive.reindex()
+            get_logger().info("archive re-indexed", added=added, skipped=skipped, gone=gone)
+        finally:
+            archive.close()
+
+    asyncio.run(reindex())
+    grace = config.drain_grace + config.drain_delay + 15
+    return run_workers(argv, config.workers, config.host, config.port, grace=grace)
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Run ``dimse-async serve`` until SIGTERM/SIGINT (then drain); the exit code."""
     try:
@@ -112,10 +141,21 @@ async def serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 2
+    info = worker_info()
+    if info is not None:  # one of several workers: the parent's port, a share of the limits
+        config.port = info.port
+        config.max_associations = info.share(config.max_associations)
+        dep.reuse_port = True
+        dep.http_port = info.http_port(dep.http_port)
     archive = Archive(
-        config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, retrieve_ae_title=config.ae_title
+        config.storage_dir,
+        duplicates=config.duplicates,
+        fsync=config.fsync,
+        retrieve_ae_title=config.ae_title,
+        shared=info is not None,
     )
-    added, skipped, gone = await archive.reindex()
+    # The parent of a set of workers re-indexed already.
+    added, skipped, gone = await archive.reindex() if info is None else (0, 0, 0)
     total = await archive.count()
     ae = archive_ae(config)
     archive.install(ae, Worklist(config.worklist_dir) if config.worklist_dir else None)

@@ -24,6 +24,7 @@ from ..log import configure_logging, get_logger
 from ..part10 import valid_uid
 from ..services.send import SendResult, collect_files, send_files
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
+from ..workers import run_workers, worker_info
 from . import check, commit, options
 
 __all__ = ["main"]
@@ -61,6 +62,16 @@ def _sop_class(value: str) -> str:
     if not valid_uid(value):
         raise argparse.ArgumentTypeError(f"not a UID: {value!r}")
     return value
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {value!r}")
+    return number
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -101,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--storage-dir", help="archive directory (config: storage_dir)")
     serve.add_argument("--worklist-dir", help="directory of worklist files (config: worklist_dir)")
     serve.add_argument("--max-associations", type=int, help="associations at once (config: max_associations)")
+    serve.add_argument("--workers", type=_positive, help="worker processes sharing the port (config: workers, default 1)")
     serve.add_argument("--log-level", default="INFO")
     serve.add_argument("--log-json", action="store_true")
     _server_options(serve)
@@ -120,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="UID",
         help="also accept this storage SOP class (repeatable; every PS3.4 Annex B class is accepted already)",
     )
+    store.add_argument("--workers", type=_positive, default=1, help="worker processes sharing the port (default 1)")
     store.add_argument("--log-level", default="INFO")
     store.add_argument("--log-json", action="store_true")
     _server_options(store)
@@ -282,6 +295,12 @@ async def _store_scp(args: argparse.Namespace) -> int:
     dep = _deployment(args, "store-scp")
     if dep is None:
         return EXIT_USAGE
+    info = worker_info()
+    if info is not None:  # one of --workers N: the parent's port, a share of the limits
+        args.port = info.port
+        args.max_associations = info.share(args.max_associations)
+        dep.reuse_port = True
+        dep.http_port = info.http_port(dep.http_port)
     ae = storage_ae(args)
     store = DirectoryStore(args.out)
     ae.on_c_store(store)
@@ -407,10 +426,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "echo-scp":
         return run(_serve_verification(args))
     if args.command == "serve":
-        from ..archive.serve import serve
+        from ..archive.serve import serve, supervise
 
+        if worker_info() is None:
+            code = supervise(args, argv)
+            if code is not None:
+                return code
         return run(serve(args))
     if args.command == "store-scp":
+        if args.workers > 1 and worker_info() is None:
+            dep = _deployment(args, "store-scp")
+            if dep is None:
+                return EXIT_USAGE
+            grace = dep.drain_grace + dep.drain_delay + 15
+            return run_workers(argv, args.workers, args.host, args.port, grace=grace)
         return run(_store_scp(args))
     if args.command == "send":
         return run(_send(args))

@@ -1,0 +1,222 @@
+"""``--workers N``: N processes accepting on one port, supervised by the parent.
+
+One Python process uses one core. With ``--workers N`` the command starts N copies of
+itself as worker processes; each listens on the same port with ``SO_REUSEPORT`` and
+the kernel spreads incoming connections among them. The parent binds the port once
+(without listening) to reserve it and to resolve port 0, then only supervises:
+
+- a worker that dies (crash, ``kill -9``) is started again after a back-off
+  (0.5 s doubling up to 30 s; reset once a worker has run for 30 s); one that fails
+  before it ever listened stops the whole set (a configuration or bind error);
+- SIGTERM / SIGINT are forwarded to every worker, which drains as a single process
+  does (:func:`dimse_async.deploy.serve_until_signalled`); workers still running after
+  the drain time are killed. The exit code is 0 when every worker exited cleanly;
+- workers inherit stderr, so there is one log stream; every line a worker writes
+  carries ``worker=<i> pid=<pid>``. Their stdout lines come through the parent, which
+  announces the port once all are listening;
+- limits are divided: each worker admits ``max(1, max_associations // N)``
+  associations; the health/metrics HTTP port of worker ``i`` is ``http_port + i - 1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .log import get_logger, set_process_fields
+
+__all__ = ["WorkerInfo", "run_workers", "worker_info"]
+
+_ENV_WORKER = "DIMSE_ASYNC_WORKER"  # "<i>/<n>" in a worker process
+_ENV_PORT = "DIMSE_ASYNC_WORKER_PORT"  # the port the parent reserved
+_LISTENING = re.compile(r"listening on ")
+_STORED = re.compile(r"^stored (\d+) instances$")
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0  # seconds of running after which a worker's back-off starts afresh
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """This process's place in a ``--workers N`` set."""
+
+    index: int  # 1 .. count
+    count: int
+    port: int
+
+    def share(self, total: int) -> int:
+        """This worker's part of a limit set for the whole set (at least 1)."""
+        return max(1, total // self.count)
+
+    def http_port(self, port: int | None) -> int | None:
+        """Worker ``i`` serves health and metrics on ``port + i - 1`` (0 stays 0)."""
+        return port + self.index - 1 if port else port
+
+
+def worker_info() -> WorkerInfo | None:
+    """The :class:`WorkerInfo` when this process is a worker (else ``None``); the first
+    call also tags every log line with ``worker`` and ``pid`` and arranges for the
+    worker to get SIGTERM if the parent dies."""
+    raw = os.environ.get(_ENV_WORKER)
+    if not raw:
+        return None
+    index, _, count = raw.partition("/")
+    info = WorkerInfo(int(index), int(count), int(os.environ[_ENV_PORT]))
+    set_process_fields(worker=info.index, pid=os.getpid())
+    _die_with_parent()
+    return info
+
+
+def _die_with_parent() -> None:
+    """Linux ``prctl(PR_SET_PDEATHSIG, SIGTERM)``: no orphaned workers."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """Bind (not listen) ``host:port`` with ``SO_REUSEPORT``: holds the port for the
+    workers and resolves port 0 to a real one."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Supervisor:
+    def __init__(self, argv: Sequence[str], count: int, port: int, grace: float):
+        self.argv = list(argv)
+        self.count = count
+        self.port = port
+        self.grace = grace
+        self.log = get_logger()
+        self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.ready: set[int] = set()
+        self.announced = False
+        self.stopping = asyncio.Event()
+        self.failed = False
+        self.exit_codes: dict[int, int] = {}
+        self.stored = 0
+        self.stored_seen = False
+
+    async def _pump(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            stored = _STORED.match(line)
+            if stored:
+                self.stored += int(stored.group(1))
+                self.stored_seen = True
+            elif _LISTENING.search(line):
+                self.log.info("worker listening", worker=index, pid=proc.pid)
+                self.ready.add(index)
+                if not self.announced and len(self.ready) == self.count:
+                    self.announced = True
+                    pids = ",".join(str(p.pid) for _, p in sorted(self.procs.items()))
+                    print(f"{line} ({self.count} workers, pids {pids})", flush=True)
+            else:
+                print(f"worker {index}: {line}", flush=True)
+
+    async def _run_one(self, index: int) -> None:
+        backoff = BACKOFF_START
+        loop = asyncio.get_running_loop()
+        while True:
+            env = dict(os.environ, **{_ENV_WORKER: f"{index}/{self.count}", _ENV_PORT: str(self.port)})
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dimse_async", *self.argv, stdout=asyncio.subprocess.PIPE, env=env
+            )
+            self.procs[index] = proc
+            self.log.info("worker started", worker=index, pid=proc.pid)
+            started = loop.time()
+            pump = asyncio.ensure_future(self._pump(index, proc))
+            rc = await proc.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(pump, 5)
+            was_ready = index in self.ready
+            self.ready.discard(index)
+            if self.stopping.is_set():
+                self.exit_codes[index] = rc
+                self.log.info("worker exited", worker=index, pid=proc.pid, exit_code=rc)
+                return
+            if not was_ready and not self.announced:
+                self.log.error("worker failed to start; stopping", worker=index, pid=proc.pid, exit_code=rc)
+                self.failed = True
+                self.stopping.set()
+                return
+            if loop.time() - started >= STABLE_AFTER:
+                backoff = BACKOFF_START
+            self.log.warning("worker died; restarting", worker=index, pid=proc.pid, exit_code=rc, delay=backoff)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            if self.stopping.is_set():
+                self.exit_codes[index] = rc
+                return
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _forward(self, sig: int) -> None:
+        if not self.stopping.is_set():
+            self.log.warning("stopping workers", signal=signal.Signals(sig).name)
+        self.stopping.set()
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._forward, sig)
+        tasks = [asyncio.ensure_future(self._run_one(i)) for i in range(1, self.count + 1)]
+        await self.stopping.wait()
+        if self.failed:  # stop the others of a set that cannot start
+            self._forward(signal.SIGTERM)
+        _done, pending = await asyncio.wait(tasks, timeout=self.grace)
+        if pending:
+            for index, proc in self.procs.items():
+                if proc.returncode is None:
+                    self.log.error("worker still running after the drain time; killing", worker=index, pid=proc.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            await asyncio.wait(pending, timeout=10)
+        if self.stored_seen:
+            print(f"stored {self.stored} instances", flush=True)
+        if self.failed or pending:
+            return 1
+        # A worker stopped by the forwarded signal before it set up its handler is clean too.
+        clean = (0, -signal.SIGTERM, -signal.SIGINT)
+        return 0 if all(rc in clean for rc in self.exit_codes.values()) else 1
+
+
+def run_workers(argv: Sequence[str], count: int, host: str, port: int, *, grace: float) -> int:
+    """Run the command ``argv`` (``dimse-async`` arguments) as ``count`` supervised
+    workers sharing ``host:port``; returns when all have stopped (after SIGTERM/SIGINT
+    or a failed start). ``grace``: how long stopping workers get before being killed."""
+    try:
+        reserved = _reserve(host, port)
+    except OSError as exc:
+        print(f"cannot listen on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        actual = int(reserved.getsockname()[1])
+        return asyncio.run(_Supervisor(argv, count, actual, grace).run())
+    finally:
+        reserved.close()

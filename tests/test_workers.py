@@ -1,0 +1,216 @@
+"""``--workers N``: several processes on one port (SO_REUSEPORT), supervised; one SQLite
+index shared by several writer processes; a duplicate arriving at two workers at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import stop_process
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dimse_async import AE, Verification
+from dimse_async.services.qr import MODELS
+
+CT = get_testdata_file("CT_small.dcm")
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+ANNOUNCE = re.compile(r"listening on [\d.]+:(\d+)\b.*\((\d+) workers, pids ([\d,]+)\)")
+
+
+class Workers:
+    """A ``dimse-async <command> --workers N`` process with its stdout and stderr in files."""
+
+    def __init__(self, tmp: Path, *args: str):
+        self.out, self.err = tmp / "stdout", tmp / "stderr"
+        env = dict(os.environ, PYTHONPATH=os.getcwd())
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "dimse_async", *args, "--log-level", "INFO"], stdout=out, stderr=err, env=env
+            )
+        match = self.wait_for(lambda: ANNOUNCE.search(self.out.read_text()), "announce")
+        self.port = int(match.group(1))
+        self.pids = [int(p) for p in match.group(3).split(",")]
+
+    def log(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def wait_for(self, condition, what: str, timeout: float = 90.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = condition()
+            if result:
+                return result
+            if self.proc.poll() is not None:
+                pytest.fail(f"exited with {self.proc.returncode} waiting for {what}:\n{self.log()[-3000:]}")
+            time.sleep(0.05)
+        pytest.fail(f"no {what} after {timeout} s:\n{self.log()[-3000:]}")
+
+    def worker_of(self, peer_port: int) -> int | None:
+        """The worker whose log says it accepted the association from ``peer_port``."""
+        m = re.search(rf"association accepted .*peer=127\.0\.0\.1:{peer_port} .*worker=(\d+) pid=", self.log())
+        return int(m.group(1)) if m else None
+
+    def stop(self) -> int:
+        return stop_process(self.proc, timeout=60)
+
+
+def echoscu(port: int) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["/usr/bin/echoscu", "-to", "10", "127.0.0.1", str(port)], capture_output=True, timeout=30)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_serve_workers_share_the_port_restart_and_drain(tmp_path):
+    server = Workers(tmp_path, "serve", "--workers", "2", "--port", "0", "--storage-dir", str(tmp_path / "a"))
+    try:
+        assert len(server.pids) == 2 and len(set(server.pids)) == 2
+        # Both workers take associations: the kernel spreads connections over the two.
+        served = set()
+        for _ in range(60):
+            assert echoscu(server.port).returncode == 0
+            served = {int(p) for p in re.findall(r"association accepted .* worker=\d+ pid=(\d+)", server.log())}
+            if served == set(server.pids):
+                break
+        assert served == set(server.pids), server.log()[-2000:]
+
+        # kill -9 one worker: the other serves meanwhile, the parent starts a new one.
+        victim, other = server.pids
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for(lambda: not alive(victim), "victim gone", 10)
+        before = server.log().count("association accepted")
+        for _ in range(3):
+            assert echoscu(server.port).returncode == 0
+        assert server.log().count("association accepted") >= before + 3
+        server.wait_for(lambda: re.search(rf"worker died; restarting worker=1 pid={victim}", server.log()), "restart")
+        new = server.wait_for(
+            lambda: re.search(r"worker listening worker=1 pid=(\d+)", server.log().split("worker died")[-1]),
+            "new worker",
+        )
+        new_pid = int(new.group(1))
+        assert new_pid != victim and alive(new_pid) and alive(other)
+        assert echoscu(server.port).returncode == 0
+
+        # SIGTERM: forwarded, every worker drains, the parent exits 0.
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.log()[-3000:]
+        log = server.log()
+        assert log.count("drained") >= 2
+        assert not alive(new_pid) and not alive(other)
+    finally:
+        server.stop()
+
+
+def test_store_scp_workers_count_and_failed_start(tmp_path):
+    """store-scp --workers 2 stores from DCMTK and sums the workers' counts; a set that
+    cannot start (port taken) exits non-zero instead of restarting forever."""
+    (tmp_path / "one").mkdir()
+    server = Workers(tmp_path / "one", "store-scp", "--any-called-ae", "--workers", "2", "--port", "0", "--out", str(tmp_path / "in"))
+    try:
+        for _ in range(4):
+            done = subprocess.run(
+                ["/usr/bin/storescu", "-to", "10", "127.0.0.1", str(server.port), CT], capture_output=True, timeout=30
+            )
+            assert done.returncode == 0, done.stderr
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+        assert "stored 4 instances" in server.out.read_text()
+    finally:
+        server.stop()
+    with __import__("socket").socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "dimse_async", "store-scp", "--workers", "2", "--port", str(port)],
+            capture_output=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=dict(os.environ, PYTHONPATH=os.getcwd()),
+        )
+        assert done.returncode != 0 and b"cannot listen" in done.stderr
+
+
+def _scu() -> AE:
+    scu = AE("SCU", acse_timeout=30, dimse_timeout=60)
+    scu.add_requested_context(Verification)
+    scu.add_requested_context(CT_CLASS, [ExplicitVRLittleEndian])
+    scu.add_requested_context(MODELS["study"]["find"])
+    return scu
+
+
+async def _one_on_each_worker(server: Workers, scu: AE) -> list:
+    """Open associations until one is held on each of the two workers; release the rest."""
+    held: dict[int, object] = {}
+    spare = []
+    for _ in range(40):
+        assoc = await scu.associate("127.0.0.1", server.port, "ANY-SCP")
+        local_port = assoc.transport.get_extra_info("sockname")[1]
+        worker = await asyncio.to_thread(server.wait_for, lambda p=local_port: server.worker_of(p), "log line", 30)
+        if worker in held:
+            spare.append(assoc)
+        else:
+            held[worker] = assoc
+        if len(held) == 2:
+            break
+    for assoc in spare:
+        await assoc.release()
+    assert len(held) == 2, "connections never reached both workers"
+    return [held[1], held[2]]
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-data", "different-data"])
+async def test_duplicate_at_two_workers_at_once(tmp_path, same):
+    """The same SOP Instance UID stored through two workers concurrently: one copy on
+    disk and in the index; both answered by the ``keep`` policy (identical data: both
+    success; different data: one success, the other 0xA900)."""
+    uid = generate_uid()
+    files = []
+    for i in range(2):
+        ds = pydicom.dcmread(CT)
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        if not same:
+            ds.StudyDescription = f"version {i}"
+        path = tmp_path / f"v{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    storage = tmp_path / "archive"
+    server = Workers(tmp_path, "serve", "--workers", "2", "--port", "0", "--storage-dir", str(storage))
+    try:
+        scu = _scu()
+        a1, a2 = await _one_on_each_worker(server, scu)
+        statuses = await asyncio.gather(a1.c_store(files[0]), a2.c_store(files[1]))
+        codes = sorted(int(s) for s in statuses)
+        assert codes == ([0, 0] if same else [0, 0xA900]), statuses
+        await asyncio.gather(a1.release(), a2.release())
+        stored = [p for p in storage.rglob("*.dcm")]
+        assert len(stored) == 1
+        if not same:  # the copy kept is the one answered success
+            winner = files[0] if statuses[0].is_success else files[1]
+            assert pydicom.dcmread(stored[0]).StudyDescription == pydicom.dcmread(winner).StudyDescription
+        with sqlite3.connect(storage / "index.sqlite") as db:
+            rows = db.execute("SELECT sop_uid, path FROM instances").fetchall()
+        assert rows == [(uid, str(stored[0]))]
+    finally:
+        assert server.stop() == 0
