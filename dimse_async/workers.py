@@ -15,7 +15,8 @@ the kernel spreads incoming connections among them. The parent binds the port on
   carries ``worker=<i> pid=<pid>``. Their stdout lines come through the parent, which
   announces the port once all are listening;
 - limits are divided: each worker admits ``max(1, max_associations // N)``
-  associations; the health/metrics HTTP port of worker ``i`` is ``http_port + i - 1``.
+  associations and ``max(1, max_pending // N)`` connections not yet associated
+  (per-client caps apply in each worker); the health/metrics HTTP port of worker ``i`` is ``http_port + i - 1``.
 """
 
 from __future__ import annotations

@@ -145,6 +145,7 @@ async def serve(args: argparse.Namespace) -> int:
     if info is not None:  # one of several workers: the parent's port, a share of the limits
         config.port = info.port
         config.max_associations = info.share(config.max_associations)
+        config.max_pending = info.share(config.max_pending)
         dep.reuse_port = True
         dep.http_port = info.http_port(dep.http_port)
     archive = Archive(

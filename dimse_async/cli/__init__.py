@@ -299,6 +299,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
     if info is not None:  # one of --workers N: the parent's port, a share of the limits
         args.port = info.port
         args.max_associations = info.share(args.max_associations)
+        args.max_pending = info.share(1024 if args.max_pending is None else args.max_pending)
         dep.reuse_port = True
         dep.http_port = info.http_port(dep.http_port)
     ae = storage_ae(args)
