@@ -405,8 +405,8 @@ def _fsync_file_and_dir(path: str) -> None:
 #: Several processes share one index (``--workers N``): SQLite waits this long for a
 #: lock held by another process, and a write still finding the database busy is
 #: retried (:func:`_retry_busy`) before the store is answered 0xA700.
-BUSY_TIMEOUT = 30.0
-BUSY_RETRIES = 5
+BUSY_TIMEOUT = 5.0
+BUSY_RETRIES = 2
 _LOCK_BUCKETS = 4096  # lock files for per-instance cross-process locks
 
 
