@@ -42,7 +42,7 @@ LAYERS: list[set[str]] = [
     # built on the AE
     {"services.send", "metrics"},
     {"health"},
-    {"deploy"},
+    {"deploy", "workers"},
     {"", "services"},  # the package's public face
     # applications on top of the framework
     {"archive", "archive.matching", "archive.config"},
