@@ -57,9 +57,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         yield server
 
 
-async def exchange(port: int, *parts: bytes) -> list[tuple[int, int | None]]:
+async def exchange(port: int, *parts: bytes, source: str = HOST) -> list[tuple[int, int | None]]:
     """Associate, send ``parts``, read responses until a final one; release."""
-    peer = await RawPeer.connect(port)
+    peer = await RawPeer.connect(port, source)
     try:
         await peer.associate()
         for part in parts:
@@ -419,3 +419,66 @@ async def test_deflate_bomb_identifier_is_refused_in_process() -> None:
     finally:
         server.close()
         await server.wait_closed(grace=1)
+
+
+# ---------------------------------------------------------------------------------
+# Bounded output: C-FIND clients that never read their responses
+# ---------------------------------------------------------------------------------
+
+
+def _fill_archive(storage: Path, studies: int) -> None:
+    """``studies`` one-instance studies as Part 10 files, indexed by serve's start-up re-index."""
+    rnd = random.Random(5)
+    for i in range(studies):
+        ds = ct_dataset(patient=f"P{i % 50}")
+        ds.SOPInstanceUID = f"2.25.{rnd.getrandbits(100)}"
+        ds.StudyInstanceUID = f"2.25.{rnd.getrandbits(100)}"
+        ds.SeriesInstanceUID = f"2.25.{rnd.getrandbits(100)}"
+        ds.StudyDescription = "x" * 60
+        folder = storage / f"{i % 97:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT_LE)
+        (folder / f"{ds.SOPInstanceUID}.dcm").write_bytes(meta + encode_dataset(ds, EXPLICIT_LE))
+
+
+@pytest.mark.timeout(300)
+async def test_c_find_clients_that_never_read_neither_grow_memory_nor_starve_stores(tmp_path: Path) -> None:
+    storage = tmp_path / "archive"
+    _fill_archive(storage, 2000)
+    with server_process(tmp_path, "serve", storage=storage) as server:
+        async with RSSWatch(server) as rss:
+            hogs = []
+            try:
+                for _ in range(20):
+                    peer = await RawPeer.connect(server.port)
+                    await peer.associate()
+                    peer.writer.transport.pause_reading()  # never read a response
+                    q = find_identifier("STUDY")
+                    q.PatientName = ""
+                    q.StudyDescription = ""
+                    cmd, data = find_rq(q)
+                    await peer.send(pdata(7, cmd, command=True) + pdata(7, data, command=False))
+                    hogs.append(peer)
+                await asyncio.sleep(1.0)
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                cmd, data = store_rq(ct_dataset(patient="LEGIT"))
+                stored = await exchange(
+                    server.port, pdata(3, cmd, command=True), pdata(3, data, command=False), source=LEGIT_HOST
+                )
+                store_seconds = loop.time() - start
+                assert stored == [(0x8001, 0x0000)]
+                q = find_identifier("STUDY")
+                q.PatientID = "LEGIT"
+                cmd, data = find_rq(q)
+                found = await exchange(
+                    server.port, pdata(7, cmd, command=True), pdata(7, data, command=False), source=LEGIT_HOST
+                )
+                assert found == [(0x8020, 0xFF00), (0x8020, 0x0000)]
+                assert store_seconds < 5.0, store_seconds
+                await legit_echo(server.port)
+            finally:
+                for peer in hogs:
+                    peer.writer.transport.abort()
+        rss.check(96 * MiB)
+        server.check_log()

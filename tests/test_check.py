@@ -83,9 +83,29 @@ async def test_check_storescp(tmp_path: Path):
 
 async def test_check_serve_and_failures(tmp_path: Path):
     port = free_port()
-    argv = [*CLI, "serve", "--host", HOST, "--port", str(port), "--aet", "ARCHIVE", "--storage-dir", str(tmp_path / "a")]
+    argv = [
+        *CLI,
+        "serve",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--aet",
+        "ARCHIVE",
+        "--storage-dir",
+        str(tmp_path / "a"),
+    ]
     with listening(argv, port, tmp_path / "serve.log"):
-        code, report = await check(HOST, str(port), "--aec", "ARCHIVE", "--sop", "CTImageStorage", "--sop", "StudyRootQueryRetrieveInformationModelFind")
+        code, report = await check(
+            HOST,
+            str(port),
+            "--aec",
+            "ARCHIVE",
+            "--sop",
+            "CTImageStorage",
+            "--sop",
+            "StudyRootQueryRetrieveInformationModelFind",
+        )
         assert code == 0, report
         assert len(report["contexts"]) == 3 and all(c["accepted"] for c in report["contexts"])
         assert report["association"]["peer_implementation_class_uid"]

@@ -123,13 +123,19 @@ async def test_store_scp_metrics_after_known_workload(tmp_path: Path):
                 (dcmtk("echoscu"), "-aec", "STORE", "--repeat", "3", HOST, str(port)), env=ENV, merge_stderr=True
             )
             assert code == 0, out
-            code, out, _ = await communicate((dcmtk("echoscu"), "-aec", "WRONG", HOST, str(port)), env=ENV, merge_stderr=True)
+            code, out, _ = await communicate(
+                (dcmtk("echoscu"), "-aec", "WRONG", HOST, str(port)), env=ENV, merge_stderr=True
+            )
             assert code != 0, out
             # The SCP has closed every association once its counters stop moving.
             for _ in range(100):
                 m = await scrape(http, http_port)
                 if value(m, "dicom_associations_open", role="scp") == 0 and value(
-                    m, "dicom_associations_total", role="scp", outcome="rejected", reason="called-AE-title-not-recognized"
+                    m,
+                    "dicom_associations_total",
+                    role="scp",
+                    outcome="rejected",
+                    reason="called-AE-title-not-recognized",
                 ):
                     break
                 await asyncio.sleep(0.05)
@@ -140,9 +146,10 @@ async def test_store_scp_metrics_after_known_workload(tmp_path: Path):
     assert value(m, "dicom_operation_seconds_count", role="scp", service="C-STORE") == 7
     assert value(m, "dicom_operation_seconds_count", role="scp", service="C-ECHO") == 3
     assert value(m, "dicom_associations_total", role="scp", outcome="released", reason="") == 2
-    assert value(
-        m, "dicom_associations_total", role="scp", outcome="rejected", reason="called-AE-title-not-recognized"
-    ) == 1
+    assert (
+        value(m, "dicom_associations_total", role="scp", outcome="rejected", reason="called-AE-title-not-recognized")
+        == 1
+    )
     assert value(m, "dicom_associations_open", role="scp") == 0
     assert value(m, "dicom_bytes_received_total", role="scp") == relay.to_server
     assert value(m, "dicom_bytes_sent_total", role="scp") == relay.to_client

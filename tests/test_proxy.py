@@ -84,7 +84,7 @@ def test_v1_line_too_long():
 def test_not_a_proxy_header():
     a_associate_rq = b"\x01\x00\x00\x00\x00\xcd\x00\x01\x00\x00ANY-SCP"
     with pytest.raises(proxy.ProxyProtocolError):
-        proxy.parse(a_associate_rq[:proxy.FIRST_READ])
+        proxy.parse(a_associate_rq[: proxy.FIRST_READ])
     with pytest.raises(proxy.ProxyProtocolError):
         proxy.parse(b"\x16\x03\x01")  # a TLS ClientHello: fails early, before 12 bytes
     assert proxy.parse(b"PRO") == proxy.FIRST_READ

@@ -462,7 +462,9 @@ async def test_spool_discard_never_closes_the_file_under_the_writer_thread(tmp_p
             self.f.close()
 
     monkeypatch.setattr(spool_module.os, "fdopen", lambda fd, mode: Watched(real_fdopen(fd, mode)))
-    spool = spool_module.Spool(b"HEAD", threshold=1024, directory=str(tmp_path), pause=lambda: None, resume=lambda: None)
+    spool = spool_module.Spool(
+        b"HEAD", threshold=1024, directory=str(tmp_path), pause=lambda: None, resume=lambda: None
+    )
     spool.write(bytes(2 << 20))  # past the threshold and the flush size: a write starts
     await asyncio.wait_for(asyncio.to_thread(writing.wait, 5), 6)
     t0 = time.monotonic()
