@@ -6,15 +6,16 @@ import asyncio
 import functools
 import socket
 import ssl as ssl_module
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from ssl import SSLContext
-from typing import Any, TypeVar
+from typing import Any
 
 from .acceptor import AcceptOptions, Acceptor
 from .acse import AcceptorPolicy, ContextSpec, Negotiated, build_request, negotiate, validate_ae_title
 from .dimse import CommandField, Message
 from .exceptions import AssociationTimeout, ConnectionFailed
-from .interface import AssociationEvent, DIMSEProvider, ServiceHandler, Settings, SinkFactory
+from .handlers import HandlerRegistry, Service
+from .interface import DIMSEProvider, ServiceHandler, Settings, SinkFactory
 from .operations import Association
 from .pdu import (
     AssociateAC,
@@ -28,7 +29,7 @@ from .pdu import (
     UserIdentityRQ,
     UserReason,
 )
-from .proxy import address_in, networks
+from .proxy import Network, address_in, networks
 from .server import Server
 from .services import normalized, qr, verification
 from .services.storage import make_spool, scp_c_store
@@ -37,23 +38,8 @@ from .uids import DEFAULT_TRANSFER_SYNTAXES
 
 __all__ = ["AE", "Service"]
 
-Handler = Callable[..., Any]
-H = TypeVar("H", bound=Handler)
-Hook = Callable[[Association], Any]
-Authenticator = Callable[[UserIdentityRQ, Association], Awaitable[tuple[bool, bytes | None]]]
 
-#: Services an SCP handler can be registered for, by their request's command field.
-Service = CommandField
-_SERVICE_NAMES = {
-    "c_echo": CommandField.C_ECHO_RQ,
-    "c_store": CommandField.C_STORE_RQ,
-    "c_find": CommandField.C_FIND_RQ,
-    "c_get": CommandField.C_GET_RQ,
-    "c_move": CommandField.C_MOVE_RQ,
-}
-
-
-class AE:
+class AE(HandlerRegistry):
     """A DICOM application entity (PS3.7 §7).
 
     >>> ae = AE("MY_AE")
@@ -66,6 +52,44 @@ class AE:
     DIMSE response, ``network_timeout`` for an idle association, ``artim_timeout``
     for the ARTIM timer (PS3.8 §9.1.5).
     """
+
+    #: Received data sets larger than this go to a temporary file in ``spool_dir``.
+    spool_threshold: int
+    spool_dir: str | None
+    #: C-MOVE destinations: AE title -> (host, port).
+    known_aes: dict[str, tuple[str, int]]
+    #: C-STORE sub-operations kept in flight per C-MOVE (if the destination agrees).
+    move_concurrency: int
+    #: Acceptor: only peers at these addresses / CIDR blocks may associate (the real
+    #: client address when the PROXY protocol is on); others get A-ASSOCIATE-RJ.
+    allowed_peer_addresses: tuple[Network, ...] | None
+    #: TCP keepalive (both roles): probe after ``keepalive_idle`` s of silence, every
+    #: ``keepalive_interval`` s, give up after ``keepalive_count`` probes. ``None``: off.
+    keepalive: tuple[float, float, int] | None
+    #: Requestor: release an association that has had no DIMSE traffic for this many
+    #: seconds (before a NAT or firewall forgets the connection).
+    idle_release: float | None
+    #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
+    observer: Any
+    #: Acceptor admission (PS3.8 §9.3.4 rejected-transient, local-limit-exceeded past
+    #: a cap): associations per peer address and per calling AE title; connections
+    #: that have not sent their A-ASSOCIATE-RQ, in all and per address (more are
+    #: dropped at once); descriptors kept back for answering A-ASSOCIATE-RJ.
+    max_per_address: int
+    max_per_calling_ae: int
+    max_pending: int
+    max_pending_per_address: int
+    fd_reserve: int
+    #: A PDU that has started arriving must be complete within this many seconds,
+    #: however slowly it drips in (``None``: no limit).
+    pdu_timeout: float | None
+    #: Largest request data set (a C-FIND/C-GET/C-MOVE identifier) accepted; a larger
+    #: one is refused with 0xA700 (out of resources) without being kept in memory.
+    max_request_dataset: int
+    requested_contexts: list[ContextSpec]
+    supported_contexts: dict[str, ContextSpec]
+    #: Pending storage commitment transactions (a CommitmentTracker, made on first use).
+    commitments: Any
 
     def __init__(
         self,
@@ -99,6 +123,7 @@ class AE:
         pdu_timeout: float | None = 60.0,
         max_request_dataset: int = 1 << 20,
     ):
+        super().__init__()
         self.ae_title = validate_ae_title(ae_title)
         if not 0 <= max_pdu <= 0xFFFFFFFF or 0 < max_pdu < 1024:
             raise ValueError(f"max_pdu {max_pdu} must be 0 (unlimited) or at least 1024")
@@ -115,51 +140,24 @@ class AE:
         )
         self.max_ops_invoked = max_ops_invoked
         self.max_ops_performed = max_ops_performed
-        #: Received data sets larger than this go to a temporary file in ``spool_dir``.
         self.spool_threshold = spool_threshold
         self.spool_dir = spool_dir
-        #: C-MOVE destinations: AE title -> (host, port).
-        self.known_aes: dict[str, tuple[str, int]] = dict(known_aes or {})
-        #: C-STORE sub-operations kept in flight per C-MOVE (if the destination agrees).
+        self.known_aes = dict(known_aes or {})
         self.move_concurrency = move_concurrency
-        #: Acceptor: only peers at these addresses / CIDR blocks may associate (the real
-        #: client address when the PROXY protocol is on); others get A-ASSOCIATE-RJ.
         self.allowed_peer_addresses = None if allowed_peer_addresses is None else networks(allowed_peer_addresses)
-        #: TCP keepalive (both roles): probe after ``keepalive_idle`` s of silence, every
-        #: ``keepalive_interval`` s, give up after ``keepalive_count`` probes. ``None``: off.
         self.keepalive = None if keepalive_idle is None else (keepalive_idle, keepalive_interval, keepalive_count)
-        #: Requestor: release an association that has had no DIMSE traffic for this many
-        #: seconds (before a NAT or firewall forgets the connection).
         self.idle_release = idle_release
-        #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
-        self.observer: Any = None
-        #: Acceptor admission (PS3.8 §9.3.4 rejected-transient, local-limit-exceeded past
-        #: a cap): associations per peer address and per calling AE title; connections
-        #: that have not sent their A-ASSOCIATE-RQ, in all and per address (more are
-        #: dropped at once); descriptors kept back for answering A-ASSOCIATE-RJ.
+        self.observer = None
         self.max_per_address = max_per_address
         self.max_per_calling_ae = max_per_calling_ae
         self.max_pending = max_pending
         self.max_pending_per_address = max_pending_per_address
         self.fd_reserve = fd_reserve
-        #: A PDU that has started arriving must be complete within this many seconds,
-        #: however slowly it drips in (``None``: no limit).
         self.pdu_timeout = pdu_timeout
-        #: Largest request data set (a C-FIND/C-GET/C-MOVE identifier) accepted; a larger
-        #: one is refused with 0xA700 (out of resources) without being kept in memory.
         self.max_request_dataset = max_request_dataset
-        self.requested_contexts: list[ContextSpec] = []
-        self.supported_contexts: dict[str, ContextSpec] = {}
-        self._handlers: dict[CommandField, Handler] = {}
-        #: Pending storage commitment transactions (a CommitmentTracker, made on first use).
-        self.commitments: Any = None
-        #: DIMSE-N handlers by (request command field, SOP class or None for any class).
-        self._n_handlers: dict[tuple[int, str | None], Handler] = {}
-        self._hooks: dict[AssociationEvent, list[Hook]] = {e: [] for e in AssociationEvent}
-        self._authenticator: Authenticator | None = None
-        self._hook_tasks: set[asyncio.Future[Any]] = set()
-        self._on_extended: Callable[[str, bytes], bytes | None] | None = None
-        self._on_common_extended: Callable[[SOPClassCommonExtended], bool] | None = None
+        self.requested_contexts = []
+        self.supported_contexts = {}
+        self.commitments = None
 
     # ------------------------------------------------------------ contexts
 
@@ -197,136 +195,6 @@ class AE:
         self.supported_contexts[str(abstract_syntax)] = ContextSpec(
             str(abstract_syntax), [str(t) for t in transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES], scu_role, scp_role
         )
-
-    # ------------------------------------------------------------ handlers and hooks
-
-    def on_c_echo(self, handler: H) -> H:
-        """Register the C-ECHO handler: ``async def h(request) -> status | None``."""
-        self._handlers[CommandField.C_ECHO_RQ] = handler
-        return handler
-
-    def on_c_store(self, handler: H) -> H:
-        """Register the C-STORE handler: ``async def h(request: StoreRequest) -> status | None``.
-
-        Raising ``OSError`` answers 0xA700 (out of resources), ``StatusError`` its status,
-        any other exception 0xC000 (cannot understand); the association stays up.
-        """
-        self._handlers[CommandField.C_STORE_RQ] = handler
-        return handler
-
-    def on_c_find(self, handler: H) -> H:
-        """Register the C-FIND handler: an async generator ``h(request)`` yielding matches
-        (``Dataset``, or ``(status, Dataset)`` for 0xFF01)."""
-        self._handlers[CommandField.C_FIND_RQ] = handler
-        return handler
-
-    def on_c_get(self, handler: H) -> H:
-        """Register the C-GET handler: an async generator yielding paths or ``Dataset``s."""
-        self._handlers[CommandField.C_GET_RQ] = handler
-        return handler
-
-    def on_c_move(self, handler: H) -> H:
-        """Register the C-MOVE handler: an async generator yielding paths or ``Dataset``s.
-
-        The destination is looked up in ``known_aes``; unknown gives 0xA801.
-        """
-        self._handlers[CommandField.C_MOVE_RQ] = handler
-        return handler
-
-    def _on_n(self, field: int, handler: Any, sop_class: str | None) -> Any:
-        if handler is not None and callable(handler):
-            self._n_handlers[(field, sop_class)] = handler
-            return handler
-
-        def register(fn: H) -> H:
-            self._n_handlers[(field, sop_class)] = fn
-            return fn
-
-        return register
-
-    def on_n_event_report(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
-        """Register an N-EVENT-REPORT handler (PS3.7 §10.1.1), for ``sop_class`` or any:
-        ``async def h(request: NRequest) -> status | Dataset | (status, Dataset) | None``.
-        Use bare (``@ae.on_n_event_report``) or with ``sop_class=``; the same for every ``on_n_*``."""
-        return self._on_n(CommandField.N_EVENT_REPORT_RQ, handler, sop_class)
-
-    def on_n_get(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
-        """Register an N-GET handler (PS3.7 §10.1.2); it returns the attribute list."""
-        return self._on_n(CommandField.N_GET_RQ, handler, sop_class)
-
-    def on_n_set(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
-        """Register an N-SET handler (PS3.7 §10.1.3); ``request.dataset`` is the modification list."""
-        return self._on_n(CommandField.N_SET_RQ, handler, sop_class)
-
-    def on_n_action(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
-        """Register an N-ACTION handler (PS3.7 §10.1.4); ``request.action_type_id``."""
-        return self._on_n(CommandField.N_ACTION_RQ, handler, sop_class)
-
-    def on_n_create(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
-        """Register an N-CREATE handler (PS3.7 §10.1.5)."""
-        return self._on_n(CommandField.N_CREATE_RQ, handler, sop_class)
-
-    def on_n_delete(self, handler: Any = None, *, sop_class: str | None = None) -> Any:
-        """Register an N-DELETE handler (PS3.7 §10.1.6)."""
-        return self._on_n(CommandField.N_DELETE_RQ, handler, sop_class)
-
-    def n_handler(self, field: int, sop_class: str) -> Handler | None:
-        """The handler for an N-request of ``sop_class``: the class's own, else the catch-all."""
-        return self._n_handlers.get((field, sop_class)) or self._n_handlers.get((field, None))
-
-    def set_handler(self, service: Service | str, handler: Handler) -> None:
-        """Register ``handler`` for ``service`` (a :data:`Service` or "c_echo", "c_store", ...)."""
-        self._handlers[_SERVICE_NAMES[service] if isinstance(service, str) else CommandField(service)] = handler
-
-    def on_user_identity(self, authenticator: Authenticator) -> Authenticator:
-        """Register ``async def check(identity, assoc) -> (ok, server_response | None)``.
-
-        A refusal rejects the association (rejected-permanent, service-user, no-reason-given).
-        """
-        self._authenticator = authenticator
-        return authenticator
-
-    def on_extended_negotiation(
-        self, callback: Callable[[str, bytes], bytes | None]
-    ) -> Callable[[str, bytes], bytes | None]:
-        """SOP class extended negotiation (PS3.7 D.3.3.5): ``(sop_class, info) -> reply | None``."""
-        self._on_extended = callback
-        return callback
-
-    def on_common_extended_negotiation(
-        self, callback: Callable[[SOPClassCommonExtended], bool]
-    ) -> Callable[[SOPClassCommonExtended], bool]:
-        """SOP class common extended negotiation (PS3.7 D.3.3.6): ``item -> accept?``."""
-        self._on_common_extended = callback
-        return callback
-
-    def on_association(self, event: AssociationEvent | str) -> Callable[[Hook], Hook]:
-        """Hook an association event (:class:`AssociationEvent`, or its name: requested,
-        accepted, rejected, released, aborted). The hook gets the :class:`Association`;
-        an ``async`` hook runs as a task."""
-        try:
-            key = AssociationEvent(event)
-        except ValueError:
-            raise ValueError(
-                f"unknown association event {event!r}; one of {', '.join(e.value for e in AssociationEvent)}"
-            ) from None
-
-        def register(fn: Hook) -> Hook:
-            self._hooks[key].append(fn)
-            return fn
-
-        return register
-
-    def _fire(self, event: AssociationEvent, assoc: Association) -> None:
-        for hook in self._hooks[event]:
-            try:
-                result = hook(assoc)
-                if asyncio.iscoroutine(result):
-                    task = asyncio.ensure_future(result)
-                    self._hook_tasks.add(task)
-                    task.add_done_callback(self._hook_tasks.discard)
-            except Exception as exc:
-                assoc.log.error("association hook failed", hook_event=event.value, error=repr(exc))
 
     # ------------------------------------------------------------ what associations get
 

@@ -36,6 +36,7 @@ LAYERS: list[set[str]] = [
     {"services.qr", "services.commitment", "services.availability"},
     # the association users hold, the listening side, the AE that wires it all
     {"operations"},
+    {"handlers"},
     {"server"},
     {"acceptor"},
     {"ae"},
