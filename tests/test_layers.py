@@ -46,6 +46,8 @@ LAYERS: list[set[str]] = [
     {"deploy", "workers"},
     {"", "services"},  # the package's public face
     # applications on top of the framework
+    {"archive.date_ranges"},
+    {"archive.value_matching"},
     {"archive", "archive.matching", "archive.config"},
     {"archive.index", "archive.commitment", "archive.mpps"},
     {"archive.normalized"},

@@ -89,19 +89,16 @@ Interpretation choices (documented here as a Conformance Statement would)
 
 from __future__ import annotations
 
-import calendar
 import copy
-import datetime
-import re
-from collections.abc import Container, Iterable
-from decimal import Decimal, InvalidOperation
-from functools import lru_cache
+from collections.abc import Container
 from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import PersonName
+
+from .date_ranges import parse_range
+from .value_matching import WILDCARD_VRS, is_universal, match_plain_value, norm_vr, unwrap
 
 __all__ = [
     "DEFAULT_IGNORE",
@@ -113,399 +110,9 @@ __all__ = [
     "response_identifier",
 ]
 
+
 #: Keywords present in an Identifier that are never matched (§C.2.2.2; PS3.4 §C.4.1.1.3.1).
 DEFAULT_IGNORE: frozenset[str] = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
-
-#: VRs for which ``*`` and ``?`` are wild cards (PS3.4 §C.2.2.2.4).
-WILDCARD_VRS: frozenset[str] = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
-
-_RANGE_VRS = frozenset({"DA", "TM", "DT"})
-# VM is always 1 and a backslash is an ordinary character (PS3.5 §6.2).
-_UNSPLIT_VRS = frozenset({"LT", "ST", "UT", "UR"})
-# Leading spaces are padding, not content (PS3.5 Table 6.2-1).
-_LEADING_PAD_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM"})
-_NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "SS", "US", "SL", "UL", "SV", "UV"})
-_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
-_TEXT_VRS = frozenset(
-    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
-)
-
-
-# ---------------------------------------------------------------------------
-# Values
-
-
-def _norm_vr(vr: str | None) -> str:
-    """``"US or SS"`` -> ``"US"``; ``None`` -> ``"UN"``."""
-    if not vr:
-        return "UN"
-    return vr.split(" or ")[0].strip().upper()
-
-
-def _unwrap(value: Any) -> Any:
-    return value.value if isinstance(value, DataElement) else value
-
-
-def _strip(text: str, vr: str) -> str:
-    """Drop the padding that PS3.5 §6.2 declares not significant."""
-    if vr == "UI":
-        return text.strip(" \x00")
-    text = text.rstrip(" \x00")
-    return text.lstrip(" ") if vr in _LEADING_PAD_VRS else text
-
-
-def _decode(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
-
-
-def _values(value: Any, vr: str) -> list[Any]:
-    """The individual values of a key or stored Attribute, padding removed.
-
-    Strings are split on backslash (the VM delimiter) unless the VR has VM 1 and
-    allows backslash in text. Zero-length values are dropped, so an empty list means
-    "zero-length".
-    """
-    value = _unwrap(value)
-    if value is None:
-        return []
-    if isinstance(value, (bytes, bytearray)):
-        if vr not in _TEXT_VRS:
-            return [bytes(value)] if value else []
-        # an undecoded value (e.g. a UN private key) compared under a text VR
-        value = _decode(bytes(value))
-    if isinstance(value, (Dataset, DicomSequence)):
-        return [value]
-    if isinstance(value, (str, PersonName)):
-        text = str(value)
-        parts = [text] if vr in _UNSPLIT_VRS else text.split("\\")
-        return [p for p in (_strip(p, vr) for p in parts) if p]
-    if isinstance(value, Iterable):
-        out: list[Any] = []
-        for item in value:
-            out.extend(_values(item, vr))
-        return out
-    return [value]  # int, float, Tag, ...
-
-
-def is_universal(value: Any) -> bool:
-    """Whether a key value requests Universal Matching (PS3.4 §C.2.2.2.3).
-
-    True for a zero-length value: ``None``, ``""`` (or only padding), an empty
-    MultiValue/list, empty bytes, and for a sequence key with no items or a single
-    item with no Item Key Attributes (§C.2.2.2.6, "Universal Matching like
-    mechanism"). A :class:`~pydicom.dataelem.DataElement` is judged by its value.
-    ``"*"`` is not a zero-length value; it reaches the same result through Wild Card
-    Matching where wild cards apply.
-    """
-    value = _unwrap(value)
-    if value is None:
-        return True
-    if isinstance(value, DicomSequence) or (
-        isinstance(value, list) and value and all(isinstance(v, Dataset) for v in value)
-    ):
-        return len(value) == 0 or (len(value) == 1 and len(value[0]) == 0)
-    if isinstance(value, Dataset):
-        return len(value) == 0
-    if isinstance(value, (str, bytes, bytearray, PersonName)):
-        if isinstance(value, (bytes, bytearray)):
-            return len(value) == 0
-        return not str(value).strip(" \x00")
-    if isinstance(value, Iterable):
-        return all(is_universal(v) for v in value)
-    return False
-
-
-# ---------------------------------------------------------------------------
-# Wild cards and person names
-
-
-@lru_cache(maxsize=1024)
-def _wildcard_regex(pattern: str) -> re.Pattern[str]:
-    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
-    return re.compile("".join(parts), re.DOTALL)
-
-
-def _has_wildcard(text: str) -> bool:
-    return "*" in text or "?" in text
-
-
-def _wildcard_match(pattern: str, text: str) -> bool:
-    return _wildcard_regex(pattern).fullmatch(text) is not None
-
-
-def _pn_groups(text: str) -> list[str]:
-    """Component groups with empty trailing components and groups removed."""
-    groups = [g.rstrip(" ").rstrip("^") for g in text.split("=")]
-    while len(groups) > 1 and not groups[-1]:
-        groups.pop()
-    return groups
-
-
-def _pn_group_match(key: str, stored: str) -> bool:
-    if not key:
-        return True  # an empty key group is universal for that group
-    if _has_wildcard(key):
-        # Allow "Smith^John^*" to match "Smith^John" by also trying the padded form.
-        padded = stored + "^" * max(0, 4 - stored.count("^"))
-        return _wildcard_match(key, stored) or _wildcard_match(key, padded)
-    return key == stored
-
-
-def _pn_match(key: str, stored: str, case_insensitive: bool) -> bool:
-    if case_insensitive:
-        key, stored = key.casefold(), stored.casefold()
-    key_groups = _pn_groups(key)
-    stored_groups = _pn_groups(stored)
-    if len(key_groups) == 1:
-        return _pn_group_match(key_groups[0], stored_groups[0])
-    stored_groups += [""] * (len(key_groups) - len(stored_groups))
-    return all(_pn_group_match(k, s) for k, s in zip(key_groups, stored_groups))
-
-
-# ---------------------------------------------------------------------------
-# Dates and times (PS3.5 §6.2 DA, TM, DT)
-
-_US_PER_SECOND = 1_000_000
-_DA_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?")
-_DA_LEGACY_RE = re.compile(r"\d{4}\.\d{2}\.\d{2}")
-_TM_RE = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?")
-_DT_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.(\d{1,6}))?([+-]\d{4})?")
-_DT_TOKEN_RE = re.compile(r"\d{4}(?:\d{2}){0,5}(?:\.\d{1,6})?(?:[+-]\d{4})?")
-
-
-class _Period:
-    """The interval ``[start, end]`` a DA/TM/DT value denotes, with its UTC offset."""
-
-    __slots__ = ("end", "offset", "start")
-
-    def __init__(self, start: Any, end: Any, offset: datetime.timedelta | None = None):
-        self.start = start
-        self.end = end
-        self.offset = offset
-
-
-def _fraction(digits: str | None) -> tuple[int, int]:
-    """(microseconds, width of the precision unit in microseconds)."""
-    if not digits:
-        return 0, 0
-    return int(digits.ljust(6, "0")), 10 ** (6 - len(digits))
-
-
-def _parse_da(text: str) -> _Period | None:
-    if _DA_LEGACY_RE.fullmatch(text):
-        text = text.replace(".", "")
-    m = _DA_RE.fullmatch(text)
-    if m is None:
-        return None
-    year, month, day = m.group(1), m.group(2), m.group(3)
-    try:
-        y = int(year)
-        if month is None:
-            first, last = datetime.date(y, 1, 1), datetime.date(y, 12, 31)
-        elif day is None:
-            mo = int(month)
-            first = datetime.date(y, mo, 1)
-            last = datetime.date(y, mo, calendar.monthrange(y, mo)[1])
-        else:
-            first = last = datetime.date(y, int(month), int(day))
-    except ValueError:
-        return None
-    return _Period(first.toordinal(), last.toordinal())
-
-
-def _parse_tm(text: str) -> _Period | None:
-    m = _TM_RE.fullmatch(text.replace(":", ""))
-    if m is None:
-        return None
-    hh, mm, ss, frac = m.groups()
-    if frac is not None and ss is None:
-        return None
-    h, mi, s = int(hh), int(mm or 0), int(ss or 0)
-    if h > 23 or mi > 59 or s > 60:
-        return None
-    us, unit = _fraction(frac)
-    start = ((h * 60 + mi) * 60 + s) * _US_PER_SECOND + us
-    if frac:
-        width = unit
-    elif ss is not None:
-        width = _US_PER_SECOND
-    elif mm is not None:
-        width = 60 * _US_PER_SECOND
-    else:
-        width = 3600 * _US_PER_SECOND
-    return _Period(start, start + width - 1)
-
-
-def _parse_offset(text: str | None) -> datetime.timedelta | None:
-    if not text:
-        return None
-    hours, minutes = int(text[1:3]), int(text[3:5])
-    if hours > 14 or minutes > 59:
-        raise ValueError(text)
-    delta = datetime.timedelta(hours=hours, minutes=minutes)
-    return -delta if text[0] == "-" else delta
-
-
-def _parse_dt(text: str) -> _Period | None:
-    m = _DT_RE.fullmatch(text)
-    if m is None:
-        return None
-    year, month, day, hh, mm, ss, frac, off = m.groups()
-    if frac is not None and ss is None:
-        return None
-    try:
-        offset = _parse_offset(off)
-        y = int(year)
-        mo, d = int(month or 1), int(day or 1)
-        h, mi, s = int(hh or 0), int(mm or 0), int(ss or 0)
-        us, unit = _fraction(frac)
-        if s == 60:  # leap second: datetime cannot represent it; clamp
-            s, us, unit = 59, 999_999, 1
-        start = datetime.datetime(y, mo, d, h, mi, s, us)
-        if frac or ss is not None:
-            end = start + datetime.timedelta(microseconds=(unit or _US_PER_SECOND) - 1)
-        elif mm is not None:
-            end = start.replace(second=59, microsecond=999_999)
-        elif hh is not None:
-            end = start.replace(minute=59, second=59, microsecond=999_999)
-        elif day is not None:
-            end = start.replace(hour=23, minute=59, second=59, microsecond=999_999)
-        elif month is not None:
-            end = datetime.datetime(y, mo, calendar.monthrange(y, mo)[1], 23, 59, 59, 999_999)
-        else:
-            end = datetime.datetime(y, 12, 31, 23, 59, 59, 999_999)
-    except (ValueError, OverflowError):
-        return None
-    return _Period(start, end, offset)
-
-
-_PARSERS = {"DA": _parse_da, "TM": _parse_tm, "DT": _parse_dt}
-
-
-def _le(a: Any, a_off: datetime.timedelta | None, b: Any, b_off: datetime.timedelta | None) -> bool:
-    """``a <= b``; DT readings are converted to UTC only when both carry an offset."""
-    if a_off is not None and b_off is not None:
-        return bool(a - a_off <= b - b_off)
-    return bool(a <= b)
-
-
-def _looks_like_dt_offset(left: str, right: str) -> bool:
-    """Is ``left-right`` a single DT whose ``-`` is an offset sign? (see module doc)"""
-    if not (len(right) == 4 and right.isdigit() and int(right[:2]) <= 14 and int(right[2:]) <= 59):
-        return False
-    return len(left) > 4 and _DT_TOKEN_RE.fullmatch(left) is not None and left[-5] not in "+-"
-
-
-def parse_range(value: str, vr: str | None = None) -> tuple[str | None, str | None] | None:
-    """Split a Range Matching key (PS3.4 §C.2.2.2.5) into ``(lower, upper)``.
-
-    ``"A-B"`` -> ``("A", "B")``, ``"-B"`` -> ``(None, "B")``, ``"A-"`` -> ``("A", None)``;
-    spaces around either end are removed. Returns ``None`` when *value* is not a
-    range (no ``-``), i.e. the key asks for Single Value Matching. ``"-"`` alone gives
-    ``(None, None)``, an unbounded range.
-
-    Only DT values may themselves contain ``-`` (a negative UTC offset). With
-    ``vr="DT"`` the separator is chosen so that both ends are valid DT values, and
-    a lone ``-`` followed by a plausible offset is read as the offset sign (see the
-    module documentation). Without *vr* (or for DA/TM) a value with one ``-`` is
-    always a range and one with several ``-`` is resolved as for DT. The ends are
-    not otherwise validated; unparseable ends simply match nothing.
-    """
-    text = str(value).strip(" \x00")
-    dashes = [i for i, c in enumerate(text) if c == "-"]
-    if not dashes:
-        return None
-
-    def ends(i: int) -> tuple[str | None, str | None]:
-        lo, hi = text[:i].strip(), text[i + 1 :].strip()
-        return (lo or None, hi or None)
-
-    is_dt = _norm_vr(vr) == "DT" if vr else False
-    if len(dashes) == 1:
-        lo, hi = ends(dashes[0])
-        if is_dt and lo is not None and hi is not None and _looks_like_dt_offset(lo, hi):
-            return None
-        return lo, hi
-    for i in dashes:
-        lo, hi = ends(i)
-        if all(part is None or _DT_TOKEN_RE.fullmatch(part) for part in (lo, hi)):
-            return lo, hi
-    return None
-
-
-def _range_match(key: str, stored: str, vr: str) -> bool:
-    parse = _PARSERS[vr]
-    point = parse(stored)
-    bounds = parse_range(key, vr)
-    if bounds is None:  # Single Value Matching on the period the key denotes
-        period = parse(key)
-        if period is None or point is None:
-            return key == stored
-        lower: _Period | None = period
-        upper: _Period | None = period
-    else:
-        lo, hi = bounds
-        lower = parse(lo) if lo is not None else None
-        upper = parse(hi) if hi is not None else None
-        if (lo is not None and lower is None) or (hi is not None and upper is None):
-            return False
-        if point is None:
-            return False
-    if lower is not None and not _le(lower.start, lower.offset, point.start, point.offset):
-        return False
-    return upper is None or _le(point.start, point.offset, upper.end, upper.offset)
-
-
-# ---------------------------------------------------------------------------
-# Single values
-
-
-def _as_number(value: Any) -> Decimal | None:
-    try:
-        return Decimal(str(value).strip())
-    except (InvalidOperation, ValueError):
-        return None
-
-
-def _as_tag(value: Any) -> int | None:
-    """An AT value as an int: a Tag/int, or text like ``00100010`` or ``(0010,0010)``."""
-    if isinstance(value, int):
-        return int(value)
-    text = re.sub(r"[\s(),]", "", str(value)).removeprefix("0x").removeprefix("0X")
-    try:
-        return int(text, 16) if len(text) == 8 else None
-    except ValueError:
-        return None
-
-
-def _match_single(key: Any, stored: Any, vr: str, pn_case_insensitive: bool) -> bool:
-    """One key value against one stored value (both already padding-stripped)."""
-    if isinstance(key, (bytes, bytearray)) or isinstance(stored, (bytes, bytearray)) or vr in _BINARY_VRS:
-        return bool(key == stored)
-    if vr in _NUMERIC_VRS:
-        a, b = _as_number(key), _as_number(stored)
-        if a is not None and b is not None and not (a.is_nan() or b.is_nan()):
-            return a == b
-        return str(key) == str(stored)
-    if vr == "AT":
-        a_tag, b_tag = _as_tag(key), _as_tag(stored)
-        return a_tag == b_tag if a_tag is not None and b_tag is not None else str(key) == str(stored)
-    k, s = str(key), str(stored)
-    if vr in _RANGE_VRS:
-        return _range_match(k, s, vr)
-    if vr == "PN":
-        return _pn_match(k, s, pn_case_insensitive)
-    if vr in WILDCARD_VRS and _has_wildcard(k):
-        return _wildcard_match(k, s)
-    return k == s
-
-
-def _pure_wildcard(key_values: list[Any], vr: str) -> bool:
-    """A key like ``*`` (or ``**``) that also matches a zero-length value."""
-    return vr in WILDCARD_VRS and any(isinstance(k, str) and k and set(k) <= {"*"} for k in key_values)
 
 
 def match_value(query: Any, stored: Any, vr: str, *, pn_case_insensitive: bool = True) -> bool:
@@ -525,19 +132,9 @@ def match_value(query: Any, stored: Any, vr: str, *, pn_case_insensitive: bool =
 
     See the module documentation for the matching types and interpretation choices.
     """
-    vr = _norm_vr(vr)
-    query, stored = _unwrap(query), _unwrap(stored)
-    if is_universal(query):
-        return True
-    if vr == "SQ":
-        return _match_sequence(query, stored, pn_case_insensitive)
-    keys = _values(query, vr)
-    if not keys:  # only delimiters / padding: nothing to match on
-        return True
-    stored_values = _values(stored, vr)
-    if not stored_values:
-        return _pure_wildcard(keys, vr)
-    return any(_match_single(k, s, vr, pn_case_insensitive) for k in keys for s in stored_values)
+    if norm_vr(vr) == "SQ" and not is_universal(unwrap(query)):
+        return _match_sequence(unwrap(query), unwrap(stored), pn_case_insensitive)
+    return match_plain_value(query, stored, vr, pn_case_insensitive=pn_case_insensitive)
 
 
 # ---------------------------------------------------------------------------
@@ -545,7 +142,7 @@ def match_value(query: Any, stored: Any, vr: str, *, pn_case_insensitive: bool =
 
 
 def _items(value: Any) -> list[Dataset]:
-    value = _unwrap(value)
+    value = unwrap(value)
     if value is None:
         return []
     if isinstance(value, Dataset):
@@ -561,9 +158,9 @@ def _is_key(elem: DataElement, ignore: Container[Any]) -> bool:
 
 
 def _key_vr(key: DataElement, stored: DataElement | None) -> str:
-    vr = _norm_vr(key.VR)
+    vr = norm_vr(key.VR)
     if (vr == "UN" or " or " in str(key.VR)) and stored is not None:
-        return _norm_vr(stored.VR)
+        return norm_vr(stored.VR)
     return vr
 
 
