@@ -36,6 +36,7 @@ from pydicom._uid_dict import UID_dictionary
 from .. import AE, Verification
 from ..acse import ContextSpec, context_result_text, reject_text, validate_ae_title
 from ..exceptions import AssociationError, AssociationRejected, AssociationTimeout, ConnectionFailed
+from ..operations import Association
 from ..pdu import AssociateRJ
 from ..proxy import encode_v2
 from ..uids import DEFAULT_TRANSFER_SYNTAXES
@@ -104,12 +105,9 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-async def check(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the check; the report (see the module docstring)."""
-    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
-    wanted = [Verification, *dict.fromkeys(s for s in args.sop if s != Verification)]
-    specs = [ContextSpec(str(uid), list(DEFAULT_TRANSFER_SYNTAXES)) for uid in wanted]
-    report: dict[str, Any] = {
+def _new_report(args: argparse.Namespace, wanted: list[str]) -> dict[str, Any]:
+    """The report before anything is known: CRITICAL until the check gets further."""
+    return {
         "status": "CRITICAL",
         "exit_code": CRITICAL,
         "host": args.host,
@@ -126,6 +124,38 @@ async def check(args: argparse.Namespace) -> dict[str, Any]:
         "tls": None,
         "error": None,
     }
+
+
+def _record_association(report: dict[str, Any], assoc: Association) -> None:
+    """What the acceptor answered: its limits and implementation, TLS, each context's result."""
+    neg = assoc.negotiated
+    assert neg is not None
+    report["association"].update(
+        accepted=True,
+        peer_max_pdu=neg.peer_max_pdu,
+        peer_implementation_class_uid=neg.peer_implementation_uid,
+        peer_implementation_version=neg.peer_implementation_version,
+    )
+    if assoc.tls is not None:
+        server_cert = assoc.tls.peer_subject
+        report["tls"] = {"version": assoc.tls.version, "cipher": assoc.tls.cipher, "server_subject": server_cert}
+    by_id = {c.id: c for c in neg.contexts}
+    for entry in report["contexts"]:
+        ctx = by_id.get(entry["id"])
+        if ctx is None:
+            entry["result"] = "no answer"
+            continue
+        entry["accepted"] = ctx.accepted
+        entry["result"] = context_result_text(ctx.result)
+        entry["transfer_syntax"] = ctx.transfer_syntax if ctx.accepted else None
+
+
+async def check(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the check; the report (see the module docstring)."""
+    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
+    wanted = [Verification, *dict.fromkeys(s for s in args.sop if s != Verification)]
+    specs = [ContextSpec(str(uid), list(DEFAULT_TRANSFER_SYNTAXES)) for uid in wanted]
+    report = _new_report(args, wanted)
     timings = report["timings_ms"]
     start = time.perf_counter()
     try:
@@ -158,26 +188,7 @@ async def check(args: argparse.Namespace) -> dict[str, Any]:
         return _finish(report, start, CRITICAL)
     timings["connect"] = _ms(assoc.timings.get("connect"))
     timings["associate"] = _ms(assoc.timings.get("associate"))
-    neg = assoc.negotiated
-    assert neg is not None
-    report["association"].update(
-        accepted=True,
-        peer_max_pdu=neg.peer_max_pdu,
-        peer_implementation_class_uid=neg.peer_implementation_uid,
-        peer_implementation_version=neg.peer_implementation_version,
-    )
-    if assoc.tls is not None:
-        server_cert = assoc.tls.peer_subject
-        report["tls"] = {"version": assoc.tls.version, "cipher": assoc.tls.cipher, "server_subject": server_cert}
-    by_id = {c.id: c for c in neg.contexts}
-    for entry in report["contexts"]:
-        ctx = by_id.get(entry["id"])
-        if ctx is None:
-            entry["result"] = "no answer"
-            continue
-        entry["accepted"] = ctx.accepted
-        entry["result"] = context_result_text(ctx.result)
-        entry["transfer_syntax"] = ctx.transfer_syntax if ctx.accepted else None
+    _record_association(report, assoc)
     code = OK
     try:
         if not report["contexts"][0]["accepted"]:

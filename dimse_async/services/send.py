@@ -67,6 +67,23 @@ def collect_files(paths: Iterable[str], recurse: bool) -> list[str]:
     return out
 
 
+async def _inspect_all(
+    paths: list[str], report: SendReport, progress: Callable[[SendResult], None] | None
+) -> list[FileInfo]:
+    """The files that can be sent; each unreadable one is reported as failed at once."""
+    items: list[FileInfo] = []
+    for p in paths:
+        got = await asyncio.to_thread(inspect_file, p, check=True)
+        if isinstance(got, str):
+            failed = SendResult(p, 0, error=got)
+            report.results.append(failed)
+            if progress:
+                progress(failed)
+        else:
+            items.append(got)
+    return items
+
+
 async def send_files(
     ae: AE,
     host: str,
@@ -84,16 +101,7 @@ async def send_files(
     loop = asyncio.get_running_loop()
     started = loop.time()
     report = SendReport()
-    items: list[FileInfo] = []
-    for p in paths:
-        got = await asyncio.to_thread(inspect_file, p, check=True)
-        if isinstance(got, str):
-            failed = SendResult(p, 0, error=got)
-            report.results.append(failed)
-            if progress:
-                progress(failed)
-        else:
-            items.append(got)
+    items = await _inspect_all(paths, report, progress)
     if not items:
         report.seconds = loop.time() - started
         return report
