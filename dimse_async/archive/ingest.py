@@ -1,0 +1,413 @@
+"""The C-STORE path of the archive (PS3.4 B.2.3): checking a received data set,
+the duplicate policy, a per-instance lock across processes, fsync, undo of a store
+whose indexing failed, 0xA700 with its reason, and indexing / re-indexing files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from ..dataset_check import DataSetError, DataSetSummary, check_part10
+from ..dimse import Status
+from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
+from ..part10 import read_file_meta, valid_uid
+from ..services.storage import StoreRequest
+from .db import (
+    IndexDB,
+    _retry_busy,
+    log,
+)
+from .schema import (
+    IndexingError,
+    _attrs,
+    _name_key,
+    _patient_key,
+    _text,
+)
+
+
+def _check_inflation(fp: Any, limits: InflationLimits) -> None:
+    """Refuse a deflated data set that would inflate past ``limits`` (a deflate bomb),
+    measured by streaming it, before anything decodes it whole (PS3.5 A.5)."""
+    meta = read_file_meta(fp)
+    if meta is not None and meta.transfer_syntax == _DEFLATED_LE:
+        check_deflated(fp, meta.dataset_offset, limits)
+    fp.seek(0)
+
+
+_DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+
+
+async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAULT_LIMITS) -> DataSetSummary:
+    """Parse the received data set to its end (off the loop when it is large)."""
+
+    def check() -> DataSetSummary:
+        with request.open() as fp:
+            _check_inflation(fp, limits)
+            return check_part10(fp)
+
+    if request.spool.path is None and request.size < (1 << 20):
+        return check()
+    return await asyncio.to_thread(check)
+
+
+def _dataset_part(fp: Any) -> tuple[str, int] | None:
+    meta = read_file_meta(fp)
+    if meta is None:
+        return None
+    fp.seek(meta.dataset_offset)
+    return meta.transfer_syntax, meta.dataset_offset
+
+
+def _same_instance(stored: str, request: StoreRequest) -> bool:
+    """Whether the stored file holds the received data set, byte for byte, in the same syntax."""
+    with open(stored, "rb") as a, request.open() as b:
+        pa, pb = _dataset_part(a), _dataset_part(b)
+        if pa is None or pb is None or pa[0] != pb[0]:
+            return False
+        while True:
+            x, y = a.read(1 << 20), b.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def _keep_previous(dest: str) -> str | None:
+    """Hard-link a file about to be replaced to ``<dest>.old`` (restored if indexing fails)."""
+    if not os.path.exists(dest):
+        return None
+    old = f"{dest}.old"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(old)
+    try:
+        os.link(dest, old)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(dest, old)
+    return old
+
+
+def _fsync_file_and_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_LOCK_BUCKETS = 4096  # lock files for per-instance cross-process locks
+
+
+class _InstanceFileLock:
+    """A cross-process exclusive lock for one SOP Instance UID: ``flock`` on one of
+    :data:`_LOCK_BUCKETS` files under ``root/.locks`` chosen by the UID's hash (two
+    UIDs sharing a bucket merely wait for each other). Polled, so the event loop
+    never blocks."""
+
+    def __init__(self, root: Path, uid: str):
+        bucket = int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=4).digest(), "big") % _LOCK_BUCKETS
+        self.path = root / ".locks" / f"{bucket:04d}.lock"
+        self.fd: int | None = None
+
+    async def __aenter__(self) -> None:
+        self.path.parent.mkdir(exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        delay = 0.002
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.05)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+
+def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
+    """0xA700 with the true reason: disk full, read-only, too many open files, a locked index."""
+    if isinstance(exc, OSError):
+        reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
+    else:
+        reason = f"index: {exc}"
+    request.assoc.log.error("C-STORE out of resources", sop_instance=request.sop_instance_uid, error=str(exc)[:200])
+    return Status(0xA700, f"Out of resources: {reason}"[:64])
+
+
+class IngestMixin(IndexDB):
+    """Storing and indexing files (see the module)."""
+
+    def _index_file(self, path: str) -> str:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's value warnings: the file is stored as received
+            return self._index_file_quietly(path)
+
+    def _index_file_quietly(self, path: str) -> str:
+        return _retry_busy(lambda: self._index_file_once(path))
+
+    def _index_file_once(self, path: str) -> str:
+        st = os.stat(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        meta = ds.file_meta
+        sop_uid = _text(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"))
+        study_uid, series_uid = _text(ds.get("StudyInstanceUID")), _text(ds.get("SeriesInstanceUID"))
+        if not (sop_uid and study_uid and series_uid):
+            raise IndexingError("missing Study, Series or SOP Instance UID")
+        patient = _attrs(ds, "PATIENT")
+        patient_key = _patient_key(patient, study_uid)
+        db = self._conn()
+        with db:
+            db.execute(
+                "INSERT INTO patients (patient_key, patient_id, attrs, name_key) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(patient_key) DO UPDATE SET attrs=excluded.attrs, name_key=excluded.name_key",
+                (
+                    patient_key,
+                    patient.get("PatientID", ""),
+                    json.dumps(patient),
+                    _name_key(patient.get("PatientName", "")),
+                ),
+            )
+            study = _attrs(ds, "STUDY")
+            db.execute(
+                "INSERT INTO studies VALUES (?, ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
+                "patient_key=excluded.patient_key, study_date=excluded.study_date, accession=excluded.accession, attrs=excluded.attrs",
+                (
+                    study_uid,
+                    patient_key,
+                    study.get("StudyDate", ""),
+                    study.get("AccessionNumber", ""),
+                    json.dumps(study),
+                ),
+            )
+            series = _attrs(ds, "SERIES")
+            db.execute(
+                "INSERT INTO series VALUES (?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
+                "study_uid=excluded.study_uid, modality=excluded.modality, attrs=excluded.attrs",
+                (series_uid, study_uid, series.get("Modality", ""), json.dumps(series)),
+            )
+            image = _attrs(ds, "IMAGE")
+            image.setdefault("SOPClassUID", _text(meta.get("MediaStorageSOPClassUID")))
+            db.execute("DELETE FROM instances WHERE path = ? AND sop_uid != ?", (path, sop_uid))
+            db.execute(
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET "
+                "series_uid=excluded.series_uid, sop_class=excluded.sop_class, transfer_syntax=excluded.transfer_syntax, "
+                "path=excluded.path, size=excluded.size, mtime=excluded.mtime, attrs=excluded.attrs",
+                (
+                    sop_uid,
+                    series_uid,
+                    image["SOPClassUID"],
+                    _text(meta.get("TransferSyntaxUID")),
+                    path,
+                    st.st_size,
+                    st.st_mtime,
+                    json.dumps(image),
+                ),
+            )
+        return sop_uid
+
+    async def index_file(self, path: str | os.PathLike[str]) -> str:
+        """Index one Part 10 file (after it was stored); returns its SOP Instance UID."""
+        return await self._call(self._index_file, os.fspath(path))
+
+    def _clean_leftovers(self) -> int:
+        """Remove what an interrupted store leaves behind: spools (``.partial``) and the
+        previous version kept while a replacement was indexed (``.dcm.old``)."""
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.endswith((".partial", ".dcm.old")):
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+        return removed
+
+    def _reindex(self) -> tuple[int, int, int]:
+        self._clean_leftovers()
+        db = self._conn()
+        # The files are the truth and a re-index interrupted is simply redone: no flush
+        # per file while catching up.
+        db.execute("PRAGMA synchronous=OFF")
+        try:
+            return self._reindex_files(db)
+        finally:
+            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+
+    def _reindex_files(self, db: sqlite3.Connection) -> tuple[int, int, int]:
+        known = {row[0]: (row[1], row[2]) for row in db.execute("SELECT path, size, mtime FROM instances")}
+        added = skipped = 0
+        seen = set()
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if not name.endswith(".dcm"):
+                    continue
+                path = os.path.join(dirpath, name)
+                seen.add(path)
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    continue
+                if known.get(path) == (st.st_size, st.st_mtime):
+                    continue
+                try:
+                    with open(path, "rb") as fp:
+                        _check_inflation(fp, self.inflation_limits)
+                        check_part10(fp)
+                    self._index_file(path)
+                    added += 1
+                except (OSError, sqlite3.Error):
+                    raise
+                except Exception as exc:
+                    skipped += 1
+                    log.warning("archive: skipping unreadable file", path=path, error=str(exc)[:200])
+        gone = [p for p in known if p not in seen]
+        with db:
+            db.executemany("DELETE FROM instances WHERE path = ?", [(p,) for p in gone])
+            self._drop_orphans(db)
+        return added, skipped, len(gone)
+
+    @staticmethod
+    def _drop_orphans(db: sqlite3.Connection) -> None:
+        db.execute("DELETE FROM series WHERE series_uid NOT IN (SELECT series_uid FROM instances)")
+        db.execute("DELETE FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM series)")
+        db.execute("DELETE FROM patients WHERE patient_key NOT IN (SELECT patient_key FROM studies)")
+
+    async def reindex(self) -> tuple[int, int, int]:
+        """Incremental re-index: (files added or changed, files skipped as unreadable, files gone).
+
+        Leftovers of interrupted stores are removed first; a file is indexed only
+        when its data set parses to its end."""
+        return await self._call(self._reindex)
+
+    # -- storing ------------------------------------------------------------------
+
+    def path_for(self, sop_instance_uid: str) -> Path:
+        if not valid_uid(sop_instance_uid):
+            raise ValueError(f"invalid SOP Instance UID {sop_instance_uid[:70]!r}")
+        # Two levels of fan-out keep directories small with 10^5..10^7 files.
+        digest = sop_instance_uid[-4:].replace(".", "0")
+        return self.root / digest[:2] / digest[2:] / f"{sop_instance_uid}.dcm"
+
+    async def on_c_store(self, request: StoreRequest) -> Status:
+        """C-STORE handler (PS3.4 B.2.3): check, then store and index together.
+
+        The data set must parse to its end (else 0xC000) and carry the command's SOP
+        Class and Instance UIDs (else 0xA900). An instance already stored is kept or
+        replaced according to :attr:`duplicates`. The file is moved into place and then
+        indexed; if indexing fails the previous state is restored and the answer is
+        0xA700 (out of resources, with the reason) or 0xA900. A success is answered
+        only when the file and its index row are both committed.
+        """
+        uid = request.sop_instance_uid
+        try:
+            path = self.path_for(uid)
+        except ValueError as exc:
+            return Status(0xC000, str(exc)[:64])
+        if not valid_uid(request.sop_class_uid):
+            return Status(0xC000, "invalid SOP Class UID")
+        try:
+            summary = await _check_request(request, self.inflation_limits)
+        except (DataSetError, InflationLimit) as exc:
+            request.assoc.log.warning("C-STORE data set refused", sop_instance=uid, error=str(exc))
+            return Status(0xC000, f"Cannot understand: {exc}"[:64])
+        if summary.sop_instance_uid != uid or summary.sop_class_uid != request.sop_class_uid:
+            request.assoc.log.warning(
+                "C-STORE UIDs differ from the data set's",
+                sop_instance=uid,
+                dataset_instance=summary.sop_instance_uid,
+                sop_class=request.sop_class_uid,
+                dataset_class=summary.sop_class_uid,
+            )
+            what = "Instance" if summary.sop_instance_uid != uid else "Class"
+            return Status(0xA900, f"Data set SOP {what} UID differs from the command's"[:64])
+        # One store at a time per SOP Instance UID; the entry lives while someone uses it.
+        entry = self._locks.setdefault(uid, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                if not self.shared:
+                    return await self._store_locked(request, path)
+                async with _InstanceFileLock(self.root, uid):  # and across processes
+                    return await self._store_locked(request, path)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                self._locks.pop(uid, None)
+
+    async def _store_locked(self, request: StoreRequest, path: Path) -> Status:
+        uid = request.sop_instance_uid
+        try:
+            existing = await self._call(self._stored, uid)
+        except sqlite3.Error as exc:
+            return _out_of_resources(request, exc)
+        dest = os.fspath(path)
+        if existing is not None and self.duplicates == "keep":
+            same = await asyncio.to_thread(_same_instance, existing[0], request)
+            if same:
+                return Status(0)
+            request.assoc.log.warning("duplicate SOP Instance UID: stored instance kept", sop_instance=uid)
+            return Status(0xA900, "Duplicate SOP Instance UID; stored instance kept"[:64])
+        old: str | None = None
+        try:
+            old = await asyncio.to_thread(_keep_previous, dest)
+            await request.save(dest)
+            if self.fsync:
+                await asyncio.to_thread(_fsync_file_and_dir, dest)
+        except OSError as exc:
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.replace(old, dest)
+            return _out_of_resources(request, exc)
+        try:
+            await self.index_file(dest)
+        except Exception as exc:
+            await asyncio.to_thread(self._undo_store, dest, old, request)
+            request.assoc.note_error("index")
+            if isinstance(exc, OSError | sqlite3.Error):
+                return _out_of_resources(request, exc)
+            request.assoc.log.warning("C-STORE data set cannot be indexed", sop_instance=uid, error=str(exc)[:200])
+            return Status(0xA900, f"Cannot index: {exc}"[:64])
+        if old is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(old)
+        return Status(0)
+
+    @staticmethod
+    def _undo_store(dest: str, old: str | None, request: StoreRequest) -> None:
+        """Put back the file that was there before a store whose indexing failed. The
+        index needs nothing: its transaction rolled back, so its row (if any) still
+        describes the previous file, whose size and time come back with it."""
+        try:
+            if old is not None:
+                os.replace(old, dest)
+            else:
+                os.unlink(dest)
+        except OSError as exc:  # the re-index at the next start repairs what is left
+            request.assoc.log.error("cannot undo a failed store", path=dest, error=str(exc)[:200])
+
+    # -- querying -----------------------------------------------------------------

@@ -1,0 +1,292 @@
+"""The archive index's SQLite schema and the mapping between data sets and
+index rows: the attributes kept per level (PS3.4 C.6.1.1, C.6.2.1), the keys each
+model requires, patient identity, and the SQL prefilters of a query."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from ..dimse import Status
+from ..log import get_logger
+from ..services.qr import MODELS, StatusError
+
+log = get_logger()
+
+
+class IndexingError(ValueError):
+    """A stored file that cannot be indexed (its data set lacks the hierarchy's UIDs)."""
+
+
+#: Attributes kept per level (PS3.4 C.6.1.1 / C.6.2.1 keys and common optional ones).
+LEVEL_KEYS: dict[str, tuple[str, ...]] = {
+    "PATIENT": (
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientSex",
+        "OtherPatientIDs",
+        "EthnicGroup",
+        "PatientComments",
+    ),
+    "STUDY": (
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "ReferringPhysicianName",
+        "StudyDescription",
+        "PatientAge",
+        "PatientSize",
+        "PatientWeight",
+    ),
+    "SERIES": (
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "BodyPartExamined",
+        "PerformedProcedureStepStartDate",
+    ),
+    "IMAGE": (
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+        "ContentDate",
+        "ContentTime",
+        "AcquisitionDate",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "ImageType",
+    ),
+}
+_UNIQUE = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+_ORDER = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+#: Index keys available for a query at each level (that level and those above it).
+_INDEXED_UP_TO = {
+    level: frozenset(k for upper in _ORDER[: i + 1] for k in LEVEL_KEYS[upper])
+    for i, level in enumerate(("PATIENT", "STUDY", "SERIES", "IMAGE"))
+}
+#: Keys that are not attributes of the stored instances (PS3.4 C.3, C.4.1.1.3).
+_NOT_STORED = frozenset(
+    {
+        "QueryRetrieveLevel",
+        "SpecificCharacterSet",
+        "RetrieveAETitle",
+        "InstanceAvailability",
+        "ModalitiesInStudy",
+        "SOPClassesInStudy",
+        "NumberOfPatientRelatedStudies",
+        "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "NumberOfSeriesRelatedInstances",
+        "TimezoneOffsetFromUTC",
+    }
+)
+#: Required (R) keys per model and level (PS3.4 C.6.1.1, C.6.2.1): a zero-length
+#: stored value is unknown and matches any key value (C.2.2.1.2).
+_STUDY_R = frozenset({"StudyDate", "StudyTime", "AccessionNumber", "StudyID"})
+_SERIES_R = frozenset({"Modality", "SeriesNumber"})
+_IMAGE_R = frozenset({"InstanceNumber"})
+_REQUIRED: dict[str, dict[str, frozenset[str]]] = {
+    "patient": {"PATIENT": frozenset({"PatientName"}), "STUDY": _STUDY_R, "SERIES": _SERIES_R, "IMAGE": _IMAGE_R},
+    "study": {"STUDY": _STUDY_R | {"PatientName", "PatientID"}, "SERIES": _SERIES_R, "IMAGE": _IMAGE_R},
+    "patient-study": {
+        "PATIENT": frozenset({"PatientName"}),
+        "STUDY": _STUDY_R,
+    },
+}
+#: Unique keys that a hierarchical query must carry for every level
+#: above its own (PS3.4 C.4.1.2.2; relational queries are not negotiated).
+_ABOVE = {
+    "patient": {"PATIENT": (), "STUDY": ("PatientID",), "SERIES": ("PatientID", "StudyInstanceUID"),
+                "IMAGE": ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")},
+    "study": {"STUDY": (), "SERIES": ("StudyInstanceUID",), "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID")},
+    "patient-study": {"PATIENT": (), "STUDY": ("PatientID",)},
+}  # fmt: skip
+_ALL_KEYS = [k for level in _ORDER for k in LEVEL_KEYS[level]]
+_CHARSET = "SpecificCharacterSet"  # stored with each level's attributes, never matched
+_VR = {k: pydicom.datadict.dictionary_VR(pydicom.datadict.tag_for_keyword(k) or 0) for k in _ALL_KEYS}
+
+_SCHEMA_VERSION = 2  # 2: patients keyed by ID + issuer, or name + birth date when the ID is empty
+_SCHEMA = """
+PRAGMA journal_mode=WAL;
+CREATE TABLE IF NOT EXISTS patients (
+    patient_key TEXT PRIMARY KEY, patient_id TEXT NOT NULL, name_key TEXT, attrs TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS patients_id ON patients(patient_id);
+CREATE INDEX IF NOT EXISTS patients_name ON patients(name_key);
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL, study_date TEXT,
+    accession TEXT, attrs TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_key);
+CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date);
+CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, modality TEXT, attrs TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, sop_class TEXT NOT NULL,
+    transfer_syntax TEXT, path TEXT NOT NULL UNIQUE, size INTEGER, mtime REAL, attrs TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+"""
+
+# Which information model allows which levels, and the root of its hierarchy.
+_MODEL_LEVELS = {
+    "patient": ("PATIENT", "STUDY", "SERIES", "IMAGE"),
+    "study": ("STUDY", "SERIES", "IMAGE"),
+    "patient-study": ("PATIENT", "STUDY"),
+}
+_MODEL_BY_UID = {uid: name for name, ops in MODELS.items() for uid in ops.values() if name in _MODEL_LEVELS}
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _attrs(ds: Dataset, level: str) -> dict[str, str]:
+    attrs = {k: _text(ds.get(k)) for k in LEVEL_KEYS[level] if k in ds}
+    if _CHARSET in ds:  # the values are kept decoded; remember which repertoire they need
+        attrs[_CHARSET] = _text(ds.get(_CHARSET))
+    return attrs
+
+
+def _dataset(*attr_maps: dict[str, str]) -> Dataset:
+    """A candidate built from index rows, declaring a Specific Character Set that can
+    encode its values: the rows' own when they agree, else UTF-8 (PS3.5 §6.1.2.5.3)."""
+    ds = Dataset()
+    charsets = {attrs[_CHARSET] for attrs in attr_maps if attrs.get(_CHARSET, "").strip("\\ ")}
+    if charsets:
+        ds.SpecificCharacterSet = _split(charsets.pop()) if len(charsets) == 1 else "ISO_IR 192"
+    for attrs in attr_maps:
+        for key, value in attrs.items():
+            if key == _CHARSET:
+                continue
+            vr = _VR[key]
+            if vr in ("US", "SS", "UL", "SL"):
+                setattr(ds, key, int(value) if value.strip().lstrip("-").isdigit() else None)
+            else:
+                setattr(ds, key, _split(value))
+    return ds
+
+
+def _split(value: str) -> str | list[str]:
+    return value.split("\\") if "\\" in value else value
+
+
+def _name_key(name: str) -> str:
+    """What a PN key without ``=`` is matched against: the alphabetic group, upper case
+    (PN matching is case-insensitive here, see :mod:`.matching`)."""
+    return name.split("=", 1)[0].rstrip(" ^").upper()
+
+
+def _name_prefix(value: Any) -> str:
+    """The literal prefix of a single-valued PN key, upper case; "" when none can be used."""
+    text = _text(value).strip()
+    if not text or "\\" in text or "=" in text:
+        return ""
+    for i, ch in enumerate(text):
+        if ch in "*?":
+            return text[:i].upper()
+    return text.rstrip(" ^").upper()
+
+
+def _level(model: str, identifier: Dataset, what: str) -> str:
+    """The identifier's level, refused (0xA900) when the model has no such level."""
+    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    if level not in _MODEL_LEVELS[model]:
+        raise StatusError(Status(0xA900, f"{what} level {level!r} not valid for this model"))
+    return level
+
+
+def relational_queries(sop_class_uid: str, info: bytes) -> bytes | None:
+    """SOP class extended negotiation reply (PS3.4 C.5.1.1.1): relational queries are
+    granted for the Q/R FIND classes when asked for; the other options are declined."""
+    if sop_class_uid not in _MODEL_BY_UID or sop_class_uid != MODELS[_MODEL_BY_UID[sop_class_uid]]["find"]:
+        return None
+    return b"\x01" if info[:1] == b"\x01" else b"\x00"
+
+
+def _check_hierarchy(model: str, level: str, identifier: Dataset) -> None:
+    """Refuse (0xA900) a query lacking the unique key of a level above its own (a
+    UID list is taken as List of UID Matching; wild cards and empty values are refused)."""
+    for key in _ABOVE[model][level]:
+        values = _exact(identifier.get(key)) if key in identifier else None
+        if not values or (len(values) != 1 and key == "PatientID"):
+            raise StatusError(Status(0xA900, f"{level} query needs one {key} (no relational queries)"[:64]))
+
+
+def _add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:
+    """Copy the keys the index lacks from the stored instance into ``candidate``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stored = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(tags))
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        log.warning("archive: cannot read stored instance for matching", path=path, error=str(exc)[:200])
+        return
+    for tag in tags:
+        if tag in stored and tag not in candidate:
+            candidate.add(stored[tag])
+
+
+def _model(model_uid: str) -> str:
+    model = _MODEL_BY_UID.get(model_uid)
+    if model is None:
+        raise StatusError(Status(0x0122, "Information model not supported"))
+    return model
+
+
+def _where_in(
+    identifier: Dataset, key: str, column: str, where: list[str], args: list[Any], *, or_empty: bool = False
+) -> None:
+    """Add ``column IN (...)`` for a key with exact values (no wildcard, no range);
+    ``or_empty`` also lets rows whose value is unknown (zero length) through."""
+    values = _exact(identifier.get(key)) if key in identifier else None
+    if values:
+        clause = f"{column} IN ({','.join('?' * len(values))})"
+        where.append(f"({clause} OR {column} = '')" if or_empty else clause)
+        args.extend(values)
+
+
+def _exact(value: Any) -> list[str] | None:
+    """Values of a key usable for an SQL equality prefilter (no wildcard, no range)."""
+    text = _text(value).strip()
+    if not text or "*" in text or "?" in text:
+        return None
+    return [v.strip() for v in text.split("\\") if v.strip()]
+
+
+def _patient_key(patient: dict[str, str], study_uid: str) -> str:
+    """Patient identity (PS3.4 C.6.1.1.2: Patient ID is Type 2 and may be empty).
+
+    Patient ID with its issuer when there is an ID; otherwise name and birth date, and
+    when those are empty too the study alone, so instances without an ID are never
+    merged into one patient."""
+    pid = patient.get("PatientID", "").strip()
+    if pid:
+        return json.dumps(["id", pid, patient.get("IssuerOfPatientID", "").strip()])
+    name, birth = patient.get("PatientName", "").strip(), patient.get("PatientBirthDate", "").strip()
+    if name or birth:
+        return json.dumps(["name", name, birth])
+    return json.dumps(["study", study_uid])

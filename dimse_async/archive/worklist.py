@@ -1,0 +1,58 @@
+"""Modality worklist served from a directory of worklist files (PS3.4 K)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from ..log import get_logger
+from ..services.qr import QueryRequest
+from .matching import matches, response_identifier
+
+log = get_logger()
+
+
+class Worklist:
+    """Modality worklist items from ``*.wl`` / ``*.dcm`` files in a directory (PS3.4 K).
+
+    Files are re-read when they change; matching follows PS3.4 C.2.2.2 (with
+    sequence matching on the Scheduled Procedure Step Sequence).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+        self._cache: dict[str, tuple[float, Dataset]] = {}
+
+    def _items(self) -> list[Dataset]:
+        items = []
+        present = set()
+        for path in sorted(self.directory.glob("*")):
+            if path.suffix.lower() not in (".wl", ".dcm") or not path.is_file():
+                continue
+            key = str(path)
+            present.add(key)
+            mtime = path.stat().st_mtime
+            cached = self._cache.get(key)
+            if cached is None or cached[0] != mtime:
+                try:
+                    cached = (mtime, pydicom.dcmread(path, force=True))
+                except Exception as exc:
+                    log.warning("worklist: skipping unreadable file", path=key, error=str(exc)[:200])
+                    continue
+                self._cache[key] = cached
+            items.append(cached[1])
+        for key in list(self._cache):
+            if key not in present:
+                del self._cache[key]
+        return items
+
+    async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
+        items = await asyncio.to_thread(self._items)
+        for item in items:
+            if matches(request.identifier, item):
+                yield response_identifier(request.identifier, item)
