@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from .exceptions import InvalidAETitle
 from .pdu import (
     APPLICATION_CONTEXT,
     AssociateAC,
@@ -111,7 +112,8 @@ def context_result_text(result: int) -> str:
 
 
 def validate_ae_title(title: str | bytes, what: str = "AE title") -> str:
-    """Return the significant part of an AE title, or raise ``ValueError``.
+    """Return the significant part of an AE title, or raise :class:`InvalidAETitle`
+    (a ``ValueError``).
 
     PS3.5 §6.2 (AE): at most 16 characters of the ISO 646 basic G0 set, no
     backslash, no control characters, not all spaces.
@@ -120,15 +122,15 @@ def validate_ae_title(title: str | bytes, what: str = "AE title") -> str:
         try:
             title = title.decode("ascii")
         except UnicodeDecodeError:
-            raise ValueError(f"{what} {title!r} is not ASCII") from None
+            raise InvalidAETitle(f"{what} {title!r} is not ASCII") from None
     stripped = title.strip(" ")
     if not stripped:
-        raise ValueError(f"{what} must not be empty or all spaces")
+        raise InvalidAETitle(f"{what} must not be empty or all spaces")
     if len(stripped) > 16:
-        raise ValueError(f"{what} {stripped!r} is longer than 16 characters")
+        raise InvalidAETitle(f"{what} {stripped!r} is longer than 16 characters")
     for ch in stripped:
         if ch == "\\" or not (0x20 <= ord(ch) < 0x7F):
-            raise ValueError(f"{what} {stripped!r} contains an invalid character {ch!r}")
+            raise InvalidAETitle(f"{what} {stripped!r} contains an invalid character {ch!r}")
     return stripped
 
 

@@ -32,11 +32,46 @@ from .pdu import (
 from .proxy import Network, address_in, networks
 from .server import Server
 from .services import normalized, qr, verification
-from .services.storage import make_spool, scp_c_store
+from .services.storage import STORE_TRANSFER_SYNTAXES, make_spool, scp_c_store
 from .session import Operation
 from .uids import DEFAULT_TRANSFER_SYNTAXES
 
-__all__ = ["AE", "Service"]
+__all__ = ["AE", "TRANSFER_SYNTAX_PRESETS", "Service"]
+
+
+#: Named transfer syntax lists for ``add_requested_context`` / ``add_supported_context``:
+#: ``"default"`` explicit then implicit VR little endian (PS3.5 A.2, A.1);
+#: ``"uncompressed"`` also deflated and big endian (PS3.5 A.5, A.3, retired but still sent);
+#: ``"as-received"`` (storage) those plus the JPEG, JPEG-LS, JPEG 2000, HTJ2K and RLE syntaxes,
+#: so instances are stored as the sender has them, without transcoding (PS3.5 A.4).
+TRANSFER_SYNTAX_PRESETS: dict[str, list[str]] = {
+    "default": list(DEFAULT_TRANSFER_SYNTAXES),
+    "uncompressed": [
+        "1.2.840.10008.1.2.1",
+        "1.2.840.10008.1.2",
+        "1.2.840.10008.1.2.1.99",
+        "1.2.840.10008.1.2.2",
+    ],
+    "as-received": list(STORE_TRANSFER_SYNTAXES),
+}
+
+
+def _syntaxes(transfer_syntaxes: Iterable[str] | str | None) -> list[str]:
+    """A list of transfer syntax UIDs from a list, a preset name or ``None`` (default)."""
+    if transfer_syntaxes is None:
+        return list(DEFAULT_TRANSFER_SYNTAXES)
+    if isinstance(transfer_syntaxes, str):
+        if transfer_syntaxes in TRANSFER_SYNTAX_PRESETS:
+            return list(TRANSFER_SYNTAX_PRESETS[transfer_syntaxes])
+        if transfer_syntaxes[:1].isdigit():
+            return [transfer_syntaxes]
+        raise ValueError(
+            f"unknown transfer syntax preset {transfer_syntaxes!r}; one of {', '.join(TRANSFER_SYNTAX_PRESETS)}"
+        )
+    out = [str(t) for t in transfer_syntaxes]
+    if not out:
+        raise ValueError("no transfer syntaxes given")
+    return out
 
 
 class AE(HandlerRegistry):
@@ -164,36 +199,48 @@ class AE(HandlerRegistry):
     def add_requested_context(
         self,
         abstract_syntax: str,
-        transfer_syntaxes: Iterable[str] | None = None,
+        transfer_syntaxes: Iterable[str] | str | None = None,
         *,
         scu_role: bool | None = None,
         scp_role: bool | None = None,
     ) -> None:
-        """Propose ``abstract_syntax`` when we request associations."""
+        """Propose ``abstract_syntax`` when we request associations (PS3.8 §9.3.2.2).
+
+        ``transfer_syntaxes``: UIDs, or a preset name from :data:`TRANSFER_SYNTAX_PRESETS`
+        (``"default"``: explicit and implicit VR little endian, used when omitted;
+        ``"uncompressed"``; ``"as-received"``). ``scp_role=True`` proposes the SCP role
+        (e.g. storage classes for C-GET sub-operations, PS3.7 D.3.3.4).
+        """
         self.requested_contexts.append(
-            ContextSpec(
-                str(abstract_syntax),
-                [str(t) for t in transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES],
-                scu_role,
-                scp_role,
-            )
+            ContextSpec(str(abstract_syntax), _syntaxes(transfer_syntaxes), scu_role, scp_role)
         )
 
     def add_supported_context(
         self,
         abstract_syntax: str,
-        transfer_syntaxes: Iterable[str] | None = None,
+        transfer_syntaxes: Iterable[str] | str | None = None,
         *,
         scu_role: bool | None = None,
         scp_role: bool | None = None,
     ) -> None:
-        """Accept ``abstract_syntax`` as acceptor; ``transfer_syntaxes`` in our preference order.
+        """Accept ``abstract_syntax`` as acceptor; ``transfer_syntaxes`` in our preference
+        order (the acceptor's order decides, PS3.8 §9.3.3.2).
+
+        ``transfer_syntaxes`` is a list of UIDs or a preset name from
+        :data:`TRANSFER_SYNTAX_PRESETS`:
+
+        - omitted or ``"default"``: explicit and implicit VR little endian only;
+          compressed instances are then refused a context, or sent transcoded;
+        - ``"uncompressed"``: also deflated and explicit big endian;
+        - ``"as-received"``: every syntax a storage SCP can keep as the sender has it
+          (uncompressed first, then JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE); use this for
+          storage SCPs that must not make senders transcode.
 
         ``scu_role``/``scp_role`` answer a requestor's role selection proposal: by default
         it may act as SCU but not SCP (set ``scp_role=True`` to allow e.g. C-GET sub-ops).
         """
         self.supported_contexts[str(abstract_syntax)] = ContextSpec(
-            str(abstract_syntax), [str(t) for t in transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES], scu_role, scp_role
+            str(abstract_syntax), _syntaxes(transfer_syntaxes), scu_role, scp_role
         )
 
     # ------------------------------------------------------------ what associations get
@@ -311,6 +358,7 @@ class AE(HandlerRegistry):
         server_hostname: str | None = None,
         local_address: tuple[str, int] | None = None,
         proxy_header: bytes | None = None,
+        timeout: float | None = None,
     ) -> _Associating:
         """Request an association. Use as ``async with`` (released on exit) or ``await``.
 
@@ -321,9 +369,15 @@ class AE(HandlerRegistry):
         handshake counts towards ``connect_timeout``. ``local_address``: ``(host, port)``
         to connect from (multi-homed hosts; port 0 picks one). ``proxy_header``: bytes
         sent before anything else, e.g. :func:`dimse_async.proxy.encode_v2` to reach an
-        acceptor that expects the PROXY protocol (health checks).
-        Raises :class:`ConnectionFailed`, :class:`AssociationRejected`,
-        :class:`AssociationAborted` or :class:`AssociationTimeout`.
+        acceptor that expects the PROXY protocol (health checks). ``timeout`` bounds, in
+        seconds, each of the TCP connect (with the handshake) and the wait for the
+        A-ASSOCIATE answer for this call (default: the AE's ``connect_timeout`` and
+        ``acse_timeout``).
+
+        Raises :class:`ConnectionFailed` (TCP connect failed), :class:`AssociationRejected`
+        (A-ASSOCIATE-RJ), :class:`AssociationAborted` (A-ABORT or connection lost while
+        negotiating), :class:`AssociationTimeout`, and :class:`InvalidAETitle` (a
+        ``ValueError``) for a called AE title that is not valid (PS3.5 §6.2).
         """
         called = validate_ae_title(called_ae, "called AE title")
         specs = list(contexts if contexts is not None else self.requested_contexts)
@@ -340,7 +394,9 @@ class AE(HandlerRegistry):
             common_extended=common_extended,
             identity=identity,
         )
-        return _Associating(self, host, port, rq, ssl, server_hostname, local_address, proxy_header)
+        return _Associating(
+            self, host, port, rq, ssl, server_hostname, local_address, proxy_header, timeout
+        )
 
     async def request_commitment(
         self,
@@ -426,11 +482,14 @@ class _Associating:
         server_hostname: str | None = None,
         local_address: tuple[str, int] | None = None,
         proxy_header: bytes | None = None,
+        timeout: float | None = None,
     ):
         self._ae, self._host, self._port, self._rq = ae, host, port, rq
         self._proxy_header = proxy_header
         self._ssl, self._server_hostname, self._local_address = ssl, server_hostname, local_address
         self._assoc: Association | None = None
+        self._connect_timeout = ae.connect_timeout if timeout is None else timeout
+        self._acse_timeout = ae.acse_timeout if timeout is None else timeout
 
     async def _open(self) -> Association:
         ae = self._ae
@@ -440,14 +499,14 @@ class _Associating:
         tls: dict[str, Any] = {"local_addr": self._local_address} if self._local_address else {}
         if self._ssl is not None:
             tls.update(ssl=self._ssl, server_hostname=self._server_hostname or self._host)
-            if ae.connect_timeout is not None:
-                tls["ssl_handshake_timeout"] = ae.connect_timeout
+            if self._connect_timeout is not None:
+                tls["ssl_handshake_timeout"] = self._connect_timeout
         started = loop.time()
         try:
-            await asyncio.wait_for(self._connect(loop, assoc, tls), ae.connect_timeout)
+            await asyncio.wait_for(self._connect(loop, assoc, tls), self._connect_timeout)
         except TimeoutError:
             raise AssociationTimeout(
-                f"TCP connect to {self._host}:{self._port} timed out after {ae.connect_timeout} s"
+                f"TCP connect to {self._host}:{self._port} timed out after {self._connect_timeout} s"
             ) from None
         except ssl_module.SSLError as exc:
             why = (
@@ -459,7 +518,7 @@ class _Associating:
         except OSError as exc:
             raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}") from exc
         assoc.timings["connect"] = loop.time() - started
-        await assoc.wait_established(ae.acse_timeout)
+        await assoc.wait_established(self._acse_timeout)
         assoc.timings["associate"] = loop.time() - started - assoc.timings["connect"]
         return assoc
 

@@ -198,20 +198,23 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.Protocol):
 
     # ----------------------------------------------------------- life cycle
 
-    def _aborted(self, reason: str) -> None:
+    def _aborted(self, reason: str, *, local: bool = False) -> None:
         self._end_reason = self._end_reason or reason
-        self.log.warning("association aborted", reason=reason)
+        if not local:  # a local abort was logged by abort()
+            self.log.warning("association aborted", reason=reason)
         self._settle(AssociationAborted(reason), released=False)
 
     def _settle(self, exc: Exception, *, released: bool) -> None:
         """Answer everyone still waiting: ``exc``, or a completed release when ``released``."""
         if not self._established.done():
             self._established.set_exception(exc)
+            self._established.exception()  # retrieved: a caller that timed out no longer waits
         if self._release_confirm is not None and not self._release_confirm.done():
             if released:
                 self._release_confirm.set_result(None)
             else:
                 self._release_confirm.set_exception(exc)
+                self._release_confirm.exception()
         for mid, waiter in list(self._waiters.items()):
             waiter.fail(exc)
             self.session.forget_request(mid)
@@ -359,7 +362,7 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.Protocol):
             return
         self.log.info("aborting association", reason=reason)
         self._run(self.fsm.abort(reason))
-        self._aborted(reason)
+        self._aborted(reason, local=True)
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)

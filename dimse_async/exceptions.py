@@ -11,6 +11,7 @@ __all__ = [
     "AssociationTimeout",
     "ConnectionFailed",
     "DIMSEFailure",
+    "InvalidAETitle",
     "NoAcceptedContext",
 ]
 
@@ -47,3 +48,9 @@ class NoAcceptedContext(AssociationError):
 
 class DIMSEFailure(AssociationError):
     """A DIMSE exchange could not be completed (bad response, protocol violation)."""
+
+
+class InvalidAETitle(ValueError):
+    """An AE title that PS3.5 §6.2 does not allow (empty, over 16 characters, a
+    backslash or control character); raised by ``AE()``, ``associate()`` and the
+    acceptance settings. A ``ValueError``, so existing handlers keep working."""

@@ -876,7 +876,7 @@ async def test_cli_echo_failure_status_from_pynetdicom(pynetdicom_scp: Callable[
 
 async def test_echoscu_to_cli_echo_scp(tmp_path: Path):
     port = free_port()
-    argv = [*CLI, "echo-scp", "--host", HOST, "--port", str(port), "--aet", "CLI_SCP"]
+    argv = [*CLI, "echo-scp", "--host", HOST, "--port", str(port), "--aet", "CLI_SCP", "--require-called-ae"]
     with listening_process(argv, port, tmp_path / "echo-scp.log", {**os.environ, "PYTHONUNBUFFERED": "1"}) as peer:
         ok = await echoscu(port, "-aec", "CLI_SCP", "--repeat", "2")
         wrong = await echoscu(port, "-aec", "WRONG")

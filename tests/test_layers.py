@@ -41,7 +41,7 @@ LAYERS: list[set[str]] = [
     {"acceptor"},
     {"ae"},
     # built on the AE
-    {"services.send", "metrics"},
+    {"services.send", "metrics", "pool"},
     {"health"},
     {"deploy", "workers"},
     {"", "services"},  # the package's public face
@@ -54,10 +54,15 @@ LAYERS: list[set[str]] = [
     {"archive.ingest", "archive.query"},
     {"archive.index", "archive.commitment", "archive.mpps"},
     {"archive.normalized"},
+    {"cli.common"},  # one-line errors and checks shared by the commands and serve
     {"archive.serve"},
     {"cli.options"},
     {"cli.check", "cli.commit"},
+    {"cli.progress", "cli.query"},
+    {"cli.retrieve"},
+    {"cli.find", "cli.get", "cli.move"},
     {"cli"},
+    {"conformance"},  # reads the tables of everything below
     {"__main__"},
 ]
 

@@ -4,7 +4,7 @@ Example::
 
     ae_title = "ARCHIVE"
     port = 11112
-    storage_dir = "/var/lib/dicom"
+    storage_dir = "/var/lib/dicom"            # default: ~/.local/share/dimse-async/archive
     worklist_dir = "/var/lib/worklist"        # optional
     allowed_calling_aes = ["CT1", "VIEWER"]   # optional; absent = any
     require_called_ae = false
@@ -56,6 +56,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -66,7 +67,14 @@ from ..part10 import valid_uid
 from ..proxy import networks
 from ..services.storage import STORE_TRANSFER_SYNTAXES
 
-__all__ = ["ADMISSION_KEYS", "ServeConfig", "load_config"]
+__all__ = ["ADMISSION_KEYS", "ServeConfig", "default_storage_dir", "load_config"]
+
+
+def default_storage_dir() -> str:
+    """``$XDG_DATA_HOME/dimse-async/archive`` (``~/.local/share/dimse-async/archive``):
+    a per-user data directory, not wherever the server happens to be started."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "dimse-async", "archive")
 
 
 @dataclass
@@ -74,7 +82,7 @@ class ServeConfig:
     ae_title: str = "DIMSE_ASYNC"
     host: str = "127.0.0.1"  # loopback unless configured: see README, "Defaults"
     port: int = 11112
-    storage_dir: str = "dicom-archive"
+    storage_dir: str = field(default_factory=default_storage_dir)
     worklist_dir: str | None = None
     require_called_ae: bool = False
     allowed_calling_aes: list[str] | None = None
@@ -171,71 +179,104 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def _port(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65535:
+        raise ValueError(f"{what} must be an integer 0..65535, not {value!r}")
+    return value
+
+
 def _known(raw: Any) -> dict[str, tuple[str, int]]:
     if not isinstance(raw, dict):
         raise ValueError("known_aes must be a table of AE title = { host = ..., port = ... }")
     out = {}
     for title, entry in raw.items():
         title = validate_ae_title(title, "known_aes title")
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("host"), str)
-            or not isinstance(entry.get("port"), int)
-        ):
+        if not isinstance(entry, dict) or not isinstance(entry.get("host"), str) or "port" not in entry:
             raise ValueError(f"known_aes.{title} needs host (string) and port (integer)")
-        out[title] = (entry["host"], entry["port"])
+        out[title] = (entry["host"], _port(entry["port"], f"known_aes.{title}.port"))
     return out
 
 
+def _check(key: str, value: Any) -> Any:
+    """``value`` for setting ``key`` checked against its type; ``ValueError`` otherwise."""
+    if key == "known_aes":
+        return _known(value)
+    if key == "ae_title":
+        if not isinstance(value, str):
+            raise ValueError(f"ae_title must be a string, not {value!r}")
+        return validate_ae_title(value)
+    if key == "allowed_calling_aes":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("allowed_calling_aes must be a list of AE titles (strings)")
+        return [validate_ae_title(v, "allowed calling AE title") for v in value]
+    if key == "port":
+        return _port(value, "port")
+    if key in ("max_associations", "max_ops"):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, not {value!r}")
+        return value
+    if key in ("host", "storage_dir", "worklist_dir"):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{key} must be a non-empty string, not {value!r}")
+        return value
+    if key in ("fsync", "require_called_ae"):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, not {value!r}")
+        return value
+    if key == "duplicates":
+        if value not in ("keep", "replace"):
+            raise ValueError(f'duplicates must be "keep" or "replace", not {value!r}')
+        return value
+    if key == "ian_destinations":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("ian_destinations must be a list of AE titles (from known_aes)")
+        return [validate_ae_title(v, "IAN destination") for v in value]
+    if key == "workers":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"workers must be an integer of at least 1, not {value!r}")
+        return value
+    if key == "transfer_syntaxes":
+        if not (isinstance(value, list) and value and all(isinstance(v, str) and valid_uid(v) for v in value)):
+            raise ValueError("transfer_syntaxes must be a non-empty list of transfer syntax UIDs")
+        return value
+    if key == "storage_classes":
+        if not (isinstance(value, list) and all(isinstance(v, str) and valid_uid(v) for v in value)):
+            raise ValueError("storage_classes must be a list of SOP Class UIDs")
+        return value
+    if key in ("trusted_proxies", "allowed_peer_addresses"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{key} must be a list of addresses or CIDR blocks")
+        networks(value)  # raises on a bad entry
+        return value
+    if key == "http_port":
+        return _port(value, key)
+    if key in _TYPES:
+        if not isinstance(value, _TYPES[key]) or (type(value) is bool and bool not in _TYPES[key]):
+            raise ValueError(f"{key} must be of type {' or '.join(t.__name__ for t in _TYPES[key])}, not {value!r}")
+        return value
+    raise ValueError(f"unknown setting {key}")  # pragma: no cover - filtered before
+
+
 def load_config(path: str | Path | None) -> ServeConfig:
-    """Read ``path`` (or return the defaults); unknown keys and bad values are errors."""
+    """Read ``path`` (or return the defaults). An unreadable file, invalid TOML, an
+    unknown key or a value of the wrong type is a ``ValueError`` naming the file."""
     config = ServeConfig()
     if path is None:
         return config
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML: {exc}") from None
     names = {f.name for f in fields(ServeConfig)}
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
     for key, value in raw.items():
-        if key == "known_aes":
-            value = _known(value)
-        elif key == "ae_title":
-            value = validate_ae_title(value)
-        elif key == "allowed_calling_aes":
-            if not isinstance(value, list):
-                raise ValueError("allowed_calling_aes must be a list of AE titles")
-            value = [validate_ae_title(v, "allowed calling AE title") for v in value]
-        elif key in ("port", "max_associations", "max_ops", "workers") and (
-            not isinstance(value, int) or isinstance(value, bool)
-        ):
-            raise ValueError(f"{key} must be an integer")
-        elif key == "workers" and value < 1:
-            raise ValueError("workers must be at least 1")
-        elif key == "duplicates" and value not in ("keep", "replace"):
-            raise ValueError('duplicates must be "keep" or "replace"')
-        elif key in ("fsync", "require_called_ae") and not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false")
-        elif key == "storage_classes" and not (
-            isinstance(value, list) and all(isinstance(v, str) and valid_uid(v) for v in value)
-        ):
-            raise ValueError("storage_classes must be a list of SOP Class UIDs")
-        elif key == "transfer_syntaxes" and not (
-            isinstance(value, list) and value and all(isinstance(v, str) and valid_uid(v) for v in value)
-        ):
-            raise ValueError("transfer_syntaxes must be a non-empty list of transfer syntax UIDs")
-        elif key == "ian_destinations":
-            if not isinstance(value, list):
-                raise ValueError("ian_destinations must be a list of AE titles (from known_aes)")
-            value = [validate_ae_title(v, "IAN destination") for v in value]
-        elif key in ("trusted_proxies", "allowed_peer_addresses"):
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{key} must be a list of addresses or CIDR blocks")
-            networks(value)  # raises on a bad entry
-        elif key in _TYPES and (
-            not isinstance(value, _TYPES[key]) or (type(value) is bool and bool not in _TYPES[key])
-        ):
-            raise ValueError(f"{key} must be of type {' or '.join(t.__name__ for t in _TYPES[key])}")
-        setattr(config, key, value)
+        try:
+            setattr(config, key, _check(key, value))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     return config

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
-import sys
 
 from .. import AE, Server, Verification
 from ..deploy import Deployment, serve_until_signalled, server_ssl
@@ -113,8 +113,9 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
         apply_args(config, args)
         deployment(config)
     except (OSError, ValueError) as exc:
-        print(f"serve: {exc}", file=sys.stderr)
-        return 2
+        from ..cli.common import EXIT_USAGE, CLIError
+
+        raise CLIError(str(exc), EXIT_USAGE) from None
     if config.workers <= 1:
         return None
     import asyncio
@@ -133,14 +134,20 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    """Run ``dimse-async serve`` until SIGTERM/SIGINT (then drain); the exit code."""
+    """Run ``dimse-async serve`` until SIGTERM/SIGINT (then drain); the exit code.
+
+    Before the (possibly long) re-index, the configuration is checked (errors name the
+    file), the storage directory must be writable and the port must be free: each
+    failure is one line and its exit code (:class:`~dimse_async.cli.common.CLIError`).
+    """
+    from ..cli.common import EXIT_USAGE, CLIError, check_bindable, writable_dir
+
     try:
         config = load_config(args.config)
         apply_args(config, args)
         dep = deployment(config)
     except (OSError, ValueError) as exc:
-        print(f"serve: {exc}", file=sys.stderr)
-        return 2
+        raise CLIError(str(exc), EXIT_USAGE) from None
     info = worker_info()
     if info is not None:  # one of several workers: the parent's port, a share of the limits
         config.port = info.port
@@ -148,6 +155,13 @@ async def serve(args: argparse.Namespace) -> int:
         config.max_pending = info.share(config.max_pending)
         dep.reuse_port = True
         dep.http_port = info.http_port(dep.http_port)
+    if getattr(args, "require_called_ae", False):
+        config.require_called_ae = True
+    await asyncio.to_thread(writable_dir, config.storage_dir, "storage directory")
+    if config.worklist_dir is not None and not await asyncio.to_thread(os.path.isdir, config.worklist_dir):
+        raise CLIError(f"worklist directory {config.worklist_dir!r} does not exist", EXIT_USAGE)
+    if info is None:  # workers share the parent's port (SO_REUSEPORT)
+        check_bindable(config.host, config.port)
     archive = Archive(
         config.storage_dir,
         duplicates=config.duplicates,

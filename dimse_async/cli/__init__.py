@@ -1,4 +1,9 @@
-"""The ``dimse-async`` command line (also ``python -m dimse_async``)."""
+"""The ``dimse-async`` command line (also ``python -m dimse_async``).
+
+Errors are one line on stderr with an exit code per kind of failure
+(:data:`~dimse_async.cli.common.EXIT_CODES`), no traceback. ``find``, ``get`` and
+``move`` live in their own modules (``add_parser(subparsers)`` and ``async run(args)``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .. import AE, Verification, run
-from ..acse import validate_ae_title
+from .. import AE, Verification, __version__, run
 from ..deploy import Deployment, serve_until_signalled
 from ..exceptions import (
     AssociationAborted,
@@ -25,18 +29,32 @@ from ..part10 import valid_uid
 from ..services.send import SendResult, collect_files, send_files
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
 from ..workers import run_workers, worker_info
-from . import check, commit, options
+from . import check, commit, find, get, move, options
+from .common import (
+    EXIT_ABORTED,
+    EXIT_CODES,
+    EXIT_CONNECT,
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_STATUS,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    Parser,
+    ae_title,
+    check_bindable,
+    log_level,
+    port,
+    positive_float,
+    positive_int,
+    report,
+    writable_dir,
+)
+from .progress import progress_bar
 
 __all__ = ["main"]
 
-# Exit codes: one per kind of failure, so scripts can tell them apart.
-EXIT_OK = 0
-EXIT_STATUS = 1  # the peer answered with a non-success status
-EXIT_USAGE = 2
-EXIT_CONNECT = 3
-EXIT_REJECTED = 4
-EXIT_TIMEOUT = 5
-EXIT_ABORTED = 6
+#: Commands in their own modules: ``add_parser(subparsers)`` and ``async run(args)``.
+MODULES = {"find": find, "get": get, "move": move}
 
 
 LOOPBACK = "127.0.0.1"  # listen on loopback unless told otherwise (--host)
@@ -51,11 +69,7 @@ def warn_if_exposed(host: str, *, policy: bool) -> None:
         )
 
 
-def _ae_title(value: str) -> str:
-    try:
-        return validate_ae_title(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+_ae_title = ae_title
 
 
 def _sop_class(value: str) -> str:
@@ -75,55 +89,68 @@ def _positive(value: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default) or ERROR")
+    p.add_argument("--log-level", type=log_level, default="ERROR", help="DEBUG, INFO, WARNING or ERROR (default)")
+    p.add_argument("--log-json", action="store_true", help="log as JSON lines")
+
+
+def _scp_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--require-called-ae",
+        action="store_true",
+        help="reject associations not called by our AE title (default: accept any called AE title)",
+    )
+    p.add_argument("--any-called-ae", action="store_true", help=argparse.SUPPRESS)  # the default now
+    p.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG, INFO (default), WARNING or ERROR")
     p.add_argument("--log-json", action="store_true", help="log as JSON lines")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dimse-async", description="asyncio DICOM networking tools")
-    sub = parser.add_subparsers(dest="command", required=True)
+    epilog = "exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items())
+    parser = Parser(prog="dimse-async", description="asyncio DICOM networking tools", epilog=epilog)
+    parser.add_argument("--version", action="version", version=f"dimse-async {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     echo = sub.add_parser("echo", help="C-ECHO (verification) SCU")
     echo.add_argument("host")
-    echo.add_argument("port", type=int)
+    echo.add_argument("port", type=port)
     echo.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our (calling) AE title")
     echo.add_argument("--aec", type=_ae_title, default="ANY-SCP", help="the peer's (called) AE title")
-    echo.add_argument("--repeat", type=int, default=1, help="number of C-ECHOs on the association")
-    echo.add_argument("--timeout", type=float, default=30.0, help="connect/ACSE/DIMSE timeout in seconds")
+    echo.add_argument("--repeat", type=positive_int, default=1, help="number of C-ECHOs on the association")
+    echo.add_argument("--timeout", type=positive_float, default=30.0, help="connect/ACSE/DIMSE timeout in seconds")
     _common(echo)
     options.add_client_tls(echo)
     options.add_keepalive(echo)
 
     scp = sub.add_parser("echo-scp", help="verification SCP")
     scp.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    scp.add_argument("--port", type=int, default=11112)
+    scp.add_argument("--port", type=port, default=11112)
     scp.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our AE title")
-    scp.add_argument("--any-called-ae", action="store_true", help="accept any called AE title")
-    scp.add_argument("--max-associations", type=int, default=1000)
-    scp.add_argument("--log-level", default="INFO")
-    scp.add_argument("--log-json", action="store_true")
+    scp.add_argument("--max-associations", type=positive_int, default=1000)
+    _scp_common(scp)
     _server_options(scp)
 
     serve = sub.add_parser("serve", help="the archive: storage, query/retrieve and worklist SCP")
     serve.add_argument("--config", help="TOML configuration file (see dimse_async/archive/config.py)")
     serve.add_argument("--host", help="address to listen on (config: host, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (config: port, default 11112)")
+    serve.add_argument("--port", type=port, help="port (config: port, default 11112)")
     serve.add_argument("--aet", type=_ae_title, help="our AE title (config: ae_title)")
-    serve.add_argument("--storage-dir", help="archive directory (config: storage_dir)")
+    serve.add_argument(
+        "--storage-dir", help="archive directory (config: storage_dir, default ~/.local/share/dimse-async/archive)"
+    )
     serve.add_argument("--worklist-dir", help="directory of worklist files (config: worklist_dir)")
-    serve.add_argument("--max-associations", type=int, help="associations at once (config: max_associations)")
+    serve.add_argument(
+        "--max-associations", type=positive_int, help="associations at once (config: max_associations)"
+    )
     serve.add_argument("--workers", type=_positive, help="worker processes sharing the port (config: workers, default 1)")
-    serve.add_argument("--log-level", default="INFO")
-    serve.add_argument("--log-json", action="store_true")
+    _scp_common(serve)
     _server_options(serve)
     store = sub.add_parser("store-scp", help="storage SCP writing Part 10 files")
     store.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    store.add_argument("--port", type=int, default=11112)
+    store.add_argument("--port", type=port, default=11112)
     store.add_argument("--out", default="dicom-in", help="directory for received files (default ./dicom-in)")
     store.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our AE title")
-    store.add_argument("--any-called-ae", action="store_true", help="accept any called AE title")
-    store.add_argument("--max-associations", type=int, default=1000)
-    store.add_argument("--window", type=int, default=16, help="concurrent operations per association")
+    store.add_argument("--max-associations", type=positive_int, default=1000)
+    store.add_argument("--window", type=positive_int, default=16, help="concurrent operations per association")
     store.add_argument(
         "--sop-class",
         type=_sop_class,
@@ -133,20 +160,19 @@ def _parser() -> argparse.ArgumentParser:
         help="also accept this storage SOP class (repeatable; every PS3.4 Annex B class is accepted already)",
     )
     store.add_argument("--workers", type=_positive, default=1, help="worker processes sharing the port (default 1)")
-    store.add_argument("--log-level", default="INFO")
-    store.add_argument("--log-json", action="store_true")
+    _scp_common(store)
     _server_options(store)
 
     send = sub.add_parser("send", help="C-STORE files to a storage SCP")
     send.add_argument("host")
-    send.add_argument("port", type=int)
+    send.add_argument("port", type=port)
     send.add_argument("paths", nargs="+", metavar="PATH")
     send.add_argument("--recurse", "-r", action="store_true", help="descend into directories")
     send.add_argument("--aet", type=_ae_title, default="DIMSE_ASYNC", help="our (calling) AE title")
     send.add_argument("--aec", type=_ae_title, default="ANY-SCP", help="the peer's (called) AE title")
-    send.add_argument("--associations", type=int, default=1, help="parallel associations")
-    send.add_argument("--window", type=int, default=1, help="C-STOREs in flight per association")
-    send.add_argument("--timeout", type=float, default=60.0, help="connect/ACSE/DIMSE timeout in seconds")
+    send.add_argument("--associations", type=positive_int, default=1, help="parallel associations")
+    send.add_argument("--window", type=positive_int, default=1, help="C-STOREs in flight per association")
+    send.add_argument("--timeout", type=positive_float, default=60.0, help="connect/ACSE/DIMSE timeout in seconds")
     _common(send)
     options.add_client_tls(send)
     options.add_keepalive(send)
@@ -155,6 +181,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_parser(sub)
     commit.add_parser(sub)
+    for module in MODULES.values():
+        module.add_parser(sub)
+    for name, command in sub.choices.items():
+        command.epilog = epilog if name != "check" else command.epilog
+        command.add_argument("--version", action="version", version=f"dimse-async {__version__}")
     return parser
 
 
@@ -218,7 +249,7 @@ async def _echo(args: argparse.Namespace) -> int:
     try:
         ssl = options.client_ssl(args)
     except (OSError, ValueError) as exc:
-        print(f"echo: TLS: {exc}", file=sys.stderr)
+        print(f"dimse-async echo: TLS: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         async with ae.associate(
@@ -227,21 +258,21 @@ async def _echo(args: argparse.Namespace) -> int:
             for i in range(args.repeat):
                 status = await assoc.c_echo()
                 if not status.is_success:
-                    print(f"C-ECHO {i + 1} to {where}: {status}", file=sys.stderr)
+                    print(f"dimse-async echo: C-ECHO {i + 1} to {where}: {status}", file=sys.stderr)
                     return EXIT_STATUS
     except ConnectionFailed as exc:
-        print(f"echo {where}: {exc}", file=sys.stderr)
+        print(f"dimse-async echo: {where}: {exc}", file=sys.stderr)
         return EXIT_CONNECT
     except AssociationRejected as exc:
-        print(f"echo {where}: {exc}", file=sys.stderr)
+        print(f"dimse-async echo: {where}: {exc}", file=sys.stderr)
         return EXIT_REJECTED
     except AssociationTimeout as exc:
-        print(f"echo {where}: timeout: {exc}", file=sys.stderr)
+        print(f"dimse-async echo: {where}: timeout: {exc}", file=sys.stderr)
         return EXIT_TIMEOUT
     except (AssociationAborted, NoAcceptedContext, AssociationError) as exc:
-        print(f"echo {where}: {exc}", file=sys.stderr)
+        print(f"dimse-async echo: {where}: {exc}", file=sys.stderr)
         return EXIT_ABORTED
-    print(f"C-ECHO to {where}: success ({args.repeat}x)")
+    print(f"C-ECHO to {where}: success" + (f" ({args.repeat} times)" if args.repeat > 1 else ""))
     return EXIT_OK
 
 
@@ -249,7 +280,7 @@ def _deployment(args: argparse.Namespace, command: str) -> Deployment | None:
     try:
         return options.deployment_from_args(args)
     except (OSError, ValueError) as exc:
-        print(f"{command}: {exc}", file=sys.stderr)
+        print(f"dimse-async {command}: {exc}", file=sys.stderr)
         return None
 
 
@@ -257,9 +288,10 @@ async def _serve_verification(args: argparse.Namespace) -> int:
     dep = _deployment(args, "echo-scp")
     if dep is None:
         return EXIT_USAGE
+    check_bindable(args.host, args.port)
     ae = AE(
         args.aet,
-        require_called_ae=not args.any_called_ae,
+        require_called_ae=args.require_called_ae,
         max_associations=args.max_associations,
         **_server_kwargs(args),
     )
@@ -279,7 +311,7 @@ def storage_ae(args: argparse.Namespace) -> AE:
     """An AE accepting verification and every storage SOP class in the usual syntaxes."""
     ae = AE(
         args.aet,
-        require_called_ae=not args.any_called_ae,
+        require_called_ae=bool(getattr(args, "require_called_ae", False)),
         max_associations=args.max_associations,
         max_ops_performed=args.window,
         spool_dir=os.path.join(args.out, ".incoming"),
@@ -302,6 +334,9 @@ async def _store_scp(args: argparse.Namespace) -> int:
         args.max_pending = info.share(1024 if args.max_pending is None else args.max_pending)
         dep.reuse_port = True
         dep.http_port = info.http_port(dep.http_port)
+    await asyncio.to_thread(writable_dir, args.out, "output directory")
+    if info is None:  # workers share the parent's port (SO_REUSEPORT)
+        check_bindable(args.host, args.port)
     ae = storage_ae(args)
     store = DirectoryStore(args.out)
     ae.on_c_store(store)
@@ -321,12 +356,12 @@ async def _send(args: argparse.Namespace) -> int:
     try:
         paths = collect_files(args.paths, args.recurse)
     except ValueError as exc:
-        print(f"send: {exc}", file=sys.stderr)
+        print(f"dimse-async send: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
         ssl = options.client_ssl(args)
     except (OSError, ValueError) as exc:
-        print(f"send: TLS: {exc}", file=sys.stderr)
+        print(f"dimse-async send: TLS: {exc}", file=sys.stderr)
         return EXIT_USAGE
     ae = AE(
         args.aet,
@@ -335,42 +370,27 @@ async def _send(args: argparse.Namespace) -> int:
         dimse_timeout=args.timeout,
         **_client_kwargs(args),
     )
-    total = len(paths)
-    tty = sys.stderr.isatty()
-    done = 0
-    sent_bytes = 0
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    with progress_bar("sending", total=len(paths), unit="instances") as bar:
 
-    def progress(res: SendResult) -> None:
-        nonlocal done, sent_bytes
-        done += 1
-        sent_bytes += res.size if res.ok else 0
-        if tty:
-            rate = sent_bytes / max(loop.time() - start, 1e-6) / 1e6
-            width = 30
-            filled = int(width * done / max(total, 1))
-            bar = "#" * filled + "-" * (width - filled)
-            print(f"\r[{bar}] {done}/{total} instances  {rate:7.1f} MB/s", end="", file=sys.stderr, flush=True)
+        def progress(res: SendResult) -> None:
+            bar.advance(1, res.size if res.ok else 0)
 
-    try:
-        report = await send_files(
-            ae,
-            args.host,
-            args.port,
-            args.aec,
-            paths,
-            associations=args.associations,
-            window=args.window,
-            progress=progress,
-            ssl=ssl,
-            server_hostname=args.tls_server_name,
-        )
-    except ValueError as exc:
-        print(f"send: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if tty:
-        print(file=sys.stderr)
+        try:
+            report = await send_files(
+                ae,
+                args.host,
+                args.port,
+                args.aec,
+                paths,
+                associations=args.associations,
+                window=args.window,
+                progress=progress,
+                ssl=ssl,
+                server_hostname=args.tls_server_name,
+            )
+        except ValueError as exc:
+            print(f"dimse-async send: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     failed = report.failed
     ok = len(report.results) - len(failed)
     mb = report.bytes_sent / 1e6
@@ -422,6 +442,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tune_allocator()
     _quiet_pydicom()
     configure_logging(args.log_level, json=args.log_json)
+    try:
+        return _dispatch(args, argv)
+    except (Exception, KeyboardInterrupt) as exc:
+        return report(f"dimse-async {args.command}", exc, args.log_level)
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command in MODULES:
+        return run(MODULES[args.command].run(args))
     if args.command == "echo":
         return run(_echo(args))
     if args.command == "echo-scp":
