@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .exceptions import InvalidAETitle
 from .pdu import (
     APPLICATION_CONTEXT,
     AssociateAC,
@@ -36,6 +35,7 @@ from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, uid_nam
 __all__ = [
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
+    "InvalidAETitle",
     "AcceptorPolicy",
     "ContextSpec",
     "Negotiated",
@@ -109,6 +109,12 @@ def negotiation_summary(neg: Negotiated) -> dict[str, object]:
 
 def context_result_text(result: int) -> str:
     return _CONTEXT_RESULTS.get(result, f"result {result}")
+
+
+class InvalidAETitle(ValueError):
+    """An AE title that PS3.5 §6.2 does not allow (empty, over 16 characters, a
+    backslash or control character); raised by ``AE()``, ``associate()`` and the
+    acceptance settings. A ``ValueError``, so existing handlers keep working."""
 
 
 def validate_ae_title(title: str | bytes, what: str = "AE title") -> str:

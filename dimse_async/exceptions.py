@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .acse import InvalidAETitle
 from .pdu import AssociateRJ
 
 __all__ = [
@@ -49,8 +50,3 @@ class NoAcceptedContext(AssociationError):
 class DIMSEFailure(AssociationError):
     """A DIMSE exchange could not be completed (bad response, protocol violation)."""
 
-
-class InvalidAETitle(ValueError):
-    """An AE title that PS3.5 §6.2 does not allow (empty, over 16 characters, a
-    backslash or control character); raised by ``AE()``, ``associate()`` and the
-    acceptance settings. A ``ValueError``, so existing handlers keep working."""

@@ -93,7 +93,11 @@ class DIMSEProvider(Protocol):
     ) -> Message: ...
 
     def request_stream(
-        self, context: PresentationContext, command: Command, dataset: Payload | None = None
+        self,
+        context: PresentationContext,
+        command: Command,
+        dataset: Payload | None = None,
+        timeout: float | None = None,
     ) -> ResponseStream: ...
 
     def pause_reading(self, reason: str) -> None: ...

@@ -219,10 +219,15 @@ class DIMSEMessaging:
                 self._forget(waiter)
 
     def request_stream(
-        self, context: PresentationContext, command: Command, dataset: Payload | None = None
+        self,
+        context: PresentationContext,
+        command: Command,
+        dataset: Payload | None = None,
+        timeout: float | None = None,
     ) -> MessageStream:
-        """Send a multi-response request (C-FIND/C-GET/C-MOVE); iterate its responses."""
-        return MessageStream(self, context, command, dataset)
+        """Send a multi-response request (C-FIND/C-GET/C-MOVE); iterate its responses,
+        waiting at most ``timeout`` (default: the AE's ``dimse_timeout``) for each."""
+        return MessageStream(self, context, command, dataset, timeout)
 
     def _invoke(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue:
         self._check_can_send()

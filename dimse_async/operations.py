@@ -51,30 +51,41 @@ class Association(AssociationProtocol):
         """
         return await c_store(self, source, priority=priority, move_originator=move_originator, timeout=timeout)
 
-    def c_find(self, query: Dataset, model: str = "study", *, priority: int = 0) -> qr.Responses[Dataset]:
+    def c_find(
+        self, query: Dataset, model: str = "study", *, priority: int = 0, timeout: float | None = None
+    ) -> qr.Responses[Dataset]:
         """C-FIND (PS3.4 C.4.1, K.4): ``async with assoc.c_find(query) as responses:``
         then ``async for identifier in responses``.
 
         ``model``: "patient", "study", "patient-study", "worklist" or a SOP class UID.
         Leaving the ``async with`` block early sends C-CANCEL; ``.status`` holds the final status.
+        ``timeout``: seconds to wait for each response (default: the AE's ``dimse_timeout``);
+        expiry aborts the association (:class:`AssociationTimeout`).
         """
-        return qr.c_find(self, query, model, priority=priority)
+        return qr.c_find(self, query, model, priority=priority, timeout=timeout)
 
     def c_get(
-        self, query: Dataset, model: str = "study", *, priority: int = 0, store: StoreHandler | None = None
+        self,
+        query: Dataset,
+        model: str = "study",
+        *,
+        priority: int = 0,
+        store: StoreHandler | None = None,
+        timeout: float | None = None,
     ) -> qr.Responses[qr.Progress]:
         """C-GET (PS3.4 C.4.3): yields :class:`~dimse_async.services.qr.Progress`.
 
         Instances arrive as C-STORE sub-operations on this association (propose the
         storage classes with ``scp_role=True``) and go to ``store`` or the C-STORE handler.
         """
-        return qr.c_get(self, query, model, priority=priority, store=store)
+        return qr.c_get(self, query, model, priority=priority, store=store, timeout=timeout)
 
     def c_move(
-        self, query: Dataset, destination: str, model: str = "study", *, priority: int = 0
+        self, query: Dataset, destination: str, model: str = "study", *, priority: int = 0, timeout: float | None = None
     ) -> qr.Responses[qr.Progress]:
-        """C-MOVE (PS3.4 C.4.2) to the AE titled ``destination``: yields progress."""
-        return qr.c_move(self, query, destination, model, priority=priority)
+        """C-MOVE (PS3.4 C.4.2) to the AE titled ``destination``: yields progress
+        (``timeout``: per response, as for :meth:`c_find`)."""
+        return qr.c_move(self, query, destination, model, priority=priority, timeout=timeout)
 
     # ------------------------------------------------------------ DIMSE-N (PS3.7 §10.1)
 

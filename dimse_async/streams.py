@@ -90,8 +90,12 @@ class MessageStream:
     the final response, which is then in ``final``.
     """
 
-    def __init__(self, owner: _Owner, context: PresentationContext, command: Command, dataset: Any):
+    def __init__(
+        self, owner: _Owner, context: PresentationContext, command: Command, dataset: Any, timeout: float | None = None
+    ):
         self._owner, self._context, self._command, self._dataset = owner, context, command, dataset
+        #: Seconds to wait for each response (default: the AE's ``dimse_timeout``).
+        self._timeout = timeout
         self._waiter: ResponseQueue | None = None
         self._closed = False
         #: The final response, once it arrived.
@@ -113,7 +117,7 @@ class MessageStream:
                 self._finish()
                 raise
         try:
-            msg = await self._waiter.get(owner.settings.dimse_timeout)
+            msg = await self._waiter.get(owner.settings.dimse_timeout if self._timeout is None else self._timeout)
         except BaseException:
             self._finish()
             raise
@@ -149,7 +153,9 @@ class MessageStream:
                     self._context.id, Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=waiter.message_id)
                 )
                 while self.final is None:
-                    msg = await waiter.get(self._owner.settings.dimse_timeout)
+                    msg = await waiter.get(
+                        self._owner.settings.dimse_timeout if self._timeout is None else self._timeout
+                    )
                     if waiter.done.done() and not waiter._items:
                         self.final = msg
         except AssociationError:

@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+from pydicom.dataset import Dataset
 
 import dimse_async as da
 
@@ -96,5 +97,33 @@ async def test_dimse_call_timeout_per_call_overrides_the_ae() -> None:
         started = time.monotonic()
         with pytest.raises(da.AssociationTimeout, match=r"0\.3 s"):
             await assoc.c_echo(timeout=0.3)
+        assert time.monotonic() - started < 5
+        await asyncio.wait_for(assoc.wait_closed(), 10)
+
+
+async def test_c_find_timeout_per_call_overrides_the_ae() -> None:
+    """A C-FIND SCP that sends nothing for 10 s: ``c_find(timeout=0.3)`` gives up after
+    0.3 s (the AE allows 30 s) with AssociationTimeout; the association is aborted."""
+    scp = da.AE("SLOWFIND")
+    scp.add_supported_context(da.QR_MODELS["study"]["find"])
+
+    @scp.on_c_find
+    async def slow(request):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(10)
+        yield request.identifier
+
+    server = await scp.start_server(HOST, 0)
+    async with server:
+        ae = da.AE("SCU", dimse_timeout=30)
+        ae.add_requested_context(da.QR_MODELS["study"]["find"])
+        assoc = await ae.associate(HOST, server.port, "SLOWFIND", timeout=10)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        started = time.monotonic()
+        with pytest.raises(da.AssociationTimeout):
+            async with assoc.c_find(query, timeout=0.3) as responses:
+                async for _ in responses:
+                    pass
         assert time.monotonic() - started < 5
         await asyncio.wait_for(assoc.wait_closed(), 10)

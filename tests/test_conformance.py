@@ -1,4 +1,4 @@
-"""docs/conformance-statement.md is what ``python -m dimse_async.conformance`` generates
+"""docs/conformance-statement.md is what ``python -m dimse_async.cli.conformance`` generates
 from the code's tables: the test fails when a table changed and the document did not."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pydicom
 
-from dimse_async import conformance
+from dimse_async.cli import conformance
 
 ROOT = Path(__file__).resolve().parent.parent
 _REGISTRY_ROW = re.compile(r"^\| .* \| `[\d.]+` \|$")
@@ -32,17 +32,17 @@ def test_conformance_statement_is_up_to_date() -> None:
     recorded = re.search(r"pydicom (\S+)'s registry", current)
     assert recorded, "the statement records the pydicom version it was generated with"
     if recorded[1] == pydicom.__version__:
-        assert current == generated, "stale: run python -m dimse_async.conformance --write"
+        assert current == generated, "stale: run python -m dimse_async.cli.conformance --write"
     else:  # another pydicom: its registry may name or list classes differently
         assert _without_registry(current) == _without_registry(generated), (
-            "stale: run python -m dimse_async.conformance --write"
+            "stale: run python -m dimse_async.cli.conformance --write"
         )
 
 
 def test_check_option_detects_a_stale_document(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "dimse_async.conformance", "--check"],
+        [sys.executable, "-m", "dimse_async.cli.conformance", "--check"],
         env=env,
         capture_output=True,
         text=True,

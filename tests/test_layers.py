@@ -62,7 +62,7 @@ LAYERS: list[set[str]] = [
     {"cli.retrieve"},
     {"cli.find", "cli.get", "cli.move"},
     {"cli"},
-    {"conformance"},  # reads the tables of everything below
+    {"cli.conformance"},  # reads the tables of everything below
     {"__main__"},
 ]
 

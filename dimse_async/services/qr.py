@@ -193,12 +193,14 @@ class Responses(Generic[T]):
 # ---------------------------------------------------------------------------
 
 
-def c_find(assoc: DIMSEProvider, query: Dataset, model: str = "study", *, priority: int = 0) -> Responses[Dataset]:
+def c_find(
+    assoc: DIMSEProvider, query: Dataset, model: str = "study", *, priority: int = 0, timeout: float | None = None
+) -> Responses[Dataset]:
     """C-FIND: yields each pending identifier as a ``Dataset``; ``status`` at the end."""
     sop_class = model_uid(model, "find")
     ctx = assoc.context_for(sop_class)
     cmd = Command(CommandField.C_FIND_RQ, affected_sop_class_uid=sop_class, priority=priority)
-    stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax))
+    stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax), timeout)
 
     def convert(msg: Message) -> Dataset | None:
         if msg.command.status in PENDING and msg.dataset is not None:
@@ -231,11 +233,12 @@ def _retrieve(
     priority: int,
     destination: str | None,
     store: StoreHandler | None = None,
+    timeout: float | None = None,
 ) -> Responses[Progress]:
     sop_class = model_uid(model, "get" if op == CommandField.C_GET_RQ else "move")
     ctx = assoc.context_for(sop_class)
     cmd = Command(op, affected_sop_class_uid=sop_class, priority=priority, move_destination=destination)
-    stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax))
+    stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax), timeout)
 
     def convert(msg: Message) -> Progress:
         return _progress(msg, ctx)
@@ -261,18 +264,25 @@ def c_get(
     *,
     priority: int = 0,
     store: StoreHandler | None = None,
+    timeout: float | None = None,
 ) -> Responses[Progress]:
     """C-GET: yields :class:`Progress`; the instances arrive as C-STORE sub-operations on
     this association (we must have the SCP role for their storage classes) and go to
     ``store`` if given, else to the AE's C-STORE handler."""
-    return _retrieve(assoc, CommandField.C_GET_RQ, query, model, priority, None, store)
+    return _retrieve(assoc, CommandField.C_GET_RQ, query, model, priority, None, store, timeout)
 
 
 def c_move(
-    assoc: DIMSEProvider, query: Dataset, destination: str, model: str = "study", *, priority: int = 0
+    assoc: DIMSEProvider,
+    query: Dataset,
+    destination: str,
+    model: str = "study",
+    *,
+    priority: int = 0,
+    timeout: float | None = None,
 ) -> Responses[Progress]:
     """C-MOVE to ``destination`` (an AE title the peer knows): yields :class:`Progress`."""
-    return _retrieve(assoc, CommandField.C_MOVE_RQ, query, model, priority, destination)
+    return _retrieve(assoc, CommandField.C_MOVE_RQ, query, model, priority, destination, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------
