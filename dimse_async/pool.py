@@ -34,7 +34,7 @@ from .uids import Verification
 
 if TYPE_CHECKING:
     from .ae import AE
-    from .association import Association
+    from .operations import Association
 
 __all__ = ["AssociationPool", "PoolClosed", "PoolStats"]
 
@@ -172,9 +172,9 @@ class AssociationPool:
             self._log.info("pooled association dropped", assoc=assoc.id, reason=assoc.end_reason or "health check")
             if not assoc.is_closed:
                 assoc.abort("failed the pool's health check")
-        assoc = await ae.associate(key[0], key[1], key[2], timeout=self.timeout)
+        opened: Association = await ae.associate(key[0], key[1], key[2], timeout=self.timeout)
         self._stats.opened += 1
-        return assoc
+        return opened
 
     def _checkin(self, slot: _Slot, assoc: Association, reusable: bool) -> None:
         if not assoc.is_established:
@@ -201,7 +201,7 @@ class AssociationPool:
             status = await assoc.c_echo(timeout=self.timeout)
         except AssociationError:
             return False
-        return status.is_success
+        return bool(status.is_success)
 
     async def _reap(self) -> None:
         """Release associations idle for longer than ``idle_timeout``; stop when none idle."""

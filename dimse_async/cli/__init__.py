@@ -450,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command in MODULES:
-        return run(MODULES[args.command].run(args))
+        return int(run(MODULES[args.command].run(args)))
     if args.command == "echo":
         return run(_echo(args))
     if args.command == "echo-scp":

@@ -78,7 +78,7 @@ def _sop_class(value: str) -> str:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    p = subparsers.add_parser(
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "get",
         help="C-GET SCU: retrieve instances into a directory",
         description="Retrieve with C-GET; instances arrive on the same association and are written "

@@ -15,7 +15,7 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    p = subparsers.add_parser(
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "move",
         help="C-MOVE SCU: have the peer send instances to a named AE",
         description="Retrieve with C-MOVE: the peer sends the matching instances to the AE titled "
