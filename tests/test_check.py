@@ -111,9 +111,9 @@ async def test_check_serve_and_failures(tmp_path: Path):
         assert report["association"]["peer_implementation_class_uid"]
         assert_timed(report, "connect", "associate", "echo", "release")
 
-    # Our verification SCP requires its own AE title: rejected, CRITICAL, with the reason.
+    # Our verification SCP told to require its own AE title: rejected, CRITICAL, with the reason.
     port = free_port()
-    argv = [*CLI, "echo-scp", "--host", HOST, "--port", str(port), "--aet", "VERIFY"]
+    argv = [*CLI, "echo-scp", "--host", HOST, "--port", str(port), "--aet", "VERIFY", "--require-called-ae"]
     with listening(argv, port, tmp_path / "echo-scp.log"):
         code, report = await check(HOST, str(port), "--aec", "WRONG")
         assert code == 2 and report["status"] == "CRITICAL", report

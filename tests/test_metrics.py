@@ -109,7 +109,7 @@ async def test_store_scp_metrics_after_known_workload(tmp_path: Path):
     dicom_port, http_port = distinct_ports(2)
     argv = [
         *CLI, "store-scp", "--host", HOST, "--port", str(dicom_port), "--out", str(tmp_path / "in"),
-        "--aet", "STORE", "--http-port", str(http_port),
+        "--aet", "STORE", "--require-called-ae", "--http-port", str(http_port),
     ]  # fmt: skip
     relay = Relay(dicom_port)
     with listening(argv, [dicom_port, http_port], tmp_path / "scp.log"):
