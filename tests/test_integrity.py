@@ -744,7 +744,13 @@ async def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -
             assert have <= set(uids.values())
             todo = [by_path[p] for p in by_path if p not in acked]
             sender = asyncio.ensure_future(storescu(port, *todo, extra=("-nh", "-to", "5", "-ta", "5", "-td", "5")))
-            await asyncio.sleep(rng.uniform(0.2, 1.2))
+            # Kill after a random number of new files has appeared (at most half of what is
+            # sent), so the kill lands mid-ingest however fast this machine is.
+            before = len(list(root.rglob("*.dcm")))
+            target = before + rng.randint(1, max(1, len(todo) // 2))
+            deadline = time.monotonic() + 30
+            while not sender.done() and time.monotonic() < deadline and len(list(root.rglob("*.dcm"))) < target:
+                await asyncio.sleep(0.005)
             if not sender.done():
                 killed_mid_ingest += 1
             os.kill(proc.pid, signal.SIGKILL)
