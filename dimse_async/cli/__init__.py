@@ -16,14 +16,6 @@ from typing import Any
 
 from .. import AE, Verification, __version__, run
 from ..deploy import Deployment, serve_until_signalled
-from ..exceptions import (
-    AssociationAborted,
-    AssociationError,
-    AssociationRejected,
-    AssociationTimeout,
-    ConnectionFailed,
-    NoAcceptedContext,
-)
 from ..log import configure_logging, get_logger
 from ..part10 import valid_uid
 from ..services.send import SendResult, collect_files, send_files
@@ -31,16 +23,13 @@ from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, Dir
 from ..workers import run_workers, worker_info
 from . import check, commit, find, get, move, options
 from .common import (
-    EXIT_ABORTED,
     EXIT_CODES,
-    EXIT_CONNECT,
     EXIT_OK,
-    EXIT_REJECTED,
     EXIT_STATUS,
-    EXIT_TIMEOUT,
     EXIT_USAGE,
     Parser,
     ae_title,
+    association_errors,
     check_bindable,
     log_level,
     port,
@@ -76,16 +65,6 @@ def _sop_class(value: str) -> str:
     if not valid_uid(value):
         raise argparse.ArgumentTypeError(f"not a UID: {value!r}")
     return value
-
-
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"not a positive integer: {value!r}")
-    return number
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -141,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--max-associations", type=positive_int, help="associations at once (config: max_associations)"
     )
-    serve.add_argument("--workers", type=_positive, help="worker processes sharing the port (config: workers, default 1)")
+    serve.add_argument("--workers", type=positive_int, help="worker processes sharing the port (config: workers, default 1)")
     _scp_common(serve)
     _server_options(serve)
     store = sub.add_parser("store-scp", help="storage SCP writing Part 10 files")
@@ -159,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="UID",
         help="also accept this storage SOP class (repeatable; every PS3.4 Annex B class is accepted already)",
     )
-    store.add_argument("--workers", type=_positive, default=1, help="worker processes sharing the port (default 1)")
+    store.add_argument("--workers", type=positive_int, default=1, help="worker processes sharing the port (default 1)")
     _scp_common(store)
     _server_options(store)
 
@@ -251,7 +230,8 @@ async def _echo(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"dimse-async echo: TLS: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
+
+    async def echo() -> int:
         async with ae.associate(
             args.host, args.port, args.aec, async_ops=(1, 1), ssl=ssl, server_hostname=args.tls_server_name
         ) as assoc:
@@ -260,18 +240,10 @@ async def _echo(args: argparse.Namespace) -> int:
                 if not status.is_success:
                     print(f"dimse-async echo: C-ECHO {i + 1} to {where}: {status}", file=sys.stderr)
                     return EXIT_STATUS
-    except ConnectionFailed as exc:
-        print(f"dimse-async echo: {where}: {exc}", file=sys.stderr)
-        return EXIT_CONNECT
-    except AssociationRejected as exc:
-        print(f"dimse-async echo: {where}: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
-    except AssociationTimeout as exc:
-        print(f"dimse-async echo: {where}: timeout: {exc}", file=sys.stderr)
-        return EXIT_TIMEOUT
-    except (AssociationAborted, NoAcceptedContext, AssociationError) as exc:
-        print(f"dimse-async echo: {where}: {exc}", file=sys.stderr)
-        return EXIT_ABORTED
+        return EXIT_OK
+
+    if await association_errors(where, echo) != EXIT_OK:
+        return EXIT_STATUS
     print(f"C-ECHO to {where}: success" + (f" ({args.repeat} times)" if args.repeat > 1 else ""))
     return EXIT_OK
 

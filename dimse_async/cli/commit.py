@@ -25,10 +25,11 @@ from ..services.commitment import (
     references_from_files,
 )
 from ..services.send import collect_files
+from .common import EXIT_ABORTED, EXIT_CONNECT, EXIT_OK, EXIT_REJECTED, EXIT_STATUS, EXIT_TIMEOUT, EXIT_USAGE
 
 __all__ = ["add_parser", "main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONNECT, EXIT_REJECTED, EXIT_TIMEOUT, EXIT_ABORTED = 0, 1, 2, 3, 4, 5, 6
+EXIT_FAILED = EXIT_STATUS  # the report lists failed references, or the request was refused
 
 
 def _title(value: str) -> str:
