@@ -10,7 +10,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,109 @@ def wait_tcp(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float
                 return
         time.sleep(0.05)
     pytest.fail(f"{proc.args} not listening on port {port} after {timeout} s")
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+def _pg_bin() -> Path:
+    """Debian's PostgreSQL server programs (the newest installed major version)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
+PG_USER = "dimsepg"  # initdb and the server refuse to run as root: an unprivileged account
+
+
+def _as_pg_user(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", PG_USER, "--", *argv] if os.geteuid() == 0 else argv
+
+
+class PostgreSQLServer:
+    """A throw-away PostgreSQL cluster (Debian's ``postgresql`` package) on a loopback
+    port: ``initdb`` and ``pg_ctl`` as an unprivileged user into a temporary directory;
+    trust authentication for the ``postgres`` role from 127.0.0.1 only."""
+
+    def __init__(self, base: Path):
+        for tool in ("initdb", "pg_ctl", "psql"):
+            if not (PG_BIN / tool).exists():
+                pytest.fail(f"{PG_BIN / tool} not found: install PostgreSQL (apt-get install -y postgresql)")
+        if os.geteuid() == 0 and subprocess.run(["id", "-u", PG_USER], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+                           check=True, capture_output=True)  # fmt: skip
+        self.dir = base
+        self.data = base / "data"
+        self.log = base / "postgresql.log"
+        self.port = free_port()
+        self._databases = 0
+        if os.geteuid() == 0:
+            shutil.chown(base, PG_USER)
+            base.chmod(0o700)
+        init = subprocess.run(
+            _as_pg_user([str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                         "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"]),
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+        if init.returncode != 0:
+            pytest.fail(f"initdb failed: {init.stdout.decode(errors='replace')}{init.stderr.decode(errors='replace')}")
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={base} "
+                   "-c fsync=off -c full_page_writes=off -c max_connections=300")  # fmt: skip
+        start = subprocess.run(
+            _as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
+                         "-o", options, "start"]),
+            capture_output=True, timeout=90,
+        )  # fmt: skip
+        if start.returncode != 0:
+            pytest.fail(f"pg_ctl start failed: {start.stderr.decode(errors='replace')}\n{self.log.read_text(errors='replace')}")
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, sql: str, dsn: str | None = None) -> str:
+        """Run ``sql`` (in the database at ``dsn``, else ``postgres``); its rows, ``|``-separated."""
+        done = subprocess.run(
+            [str(PG_BIN / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", dsn or self.dsn(), "-c", sql],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pytest.fail(f"psql {sql!r}: {done.stderr.decode(errors='replace')}")
+        return done.stdout.decode()
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its URL."""
+        self._databases += 1
+        name = f"archive_{os.getpid()}_{self._databases}"
+        self.psql(f"CREATE DATABASE {name}")
+        return self.dsn(name)
+
+    def stop(self) -> None:
+        subprocess.run(
+            _as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop"]),
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def postgresql() -> Iterator[PostgreSQLServer]:
+    """One PostgreSQL server for the session (started on first use, stopped at the end).
+    Its directory is directly under the system temporary directory: pytest's own are
+    private to the user running the tests."""
+    base = Path(tempfile.mkdtemp(prefix="dimse-async-pg-"))
+    try:
+        server = PostgreSQLServer(base)
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest) -> str | None:
+    """The archive index of a test run against both back ends: ``None`` (SQLite in the
+    storage directory) or the URL of a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    server: PostgreSQLServer = request.getfixturevalue("postgresql")
+    return server.new_database()

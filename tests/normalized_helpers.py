@@ -74,7 +74,13 @@ class ServeUnderTest:
 async def running_serve(storage: Path, **settings: Any) -> AsyncIterator[ServeUnderTest]:
     """The ``serve`` AE on a free port, configured like a TOML file would (``settings``)."""
     config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(storage), fsync=False, **settings)
-    archive = Archive(config.storage_dir, duplicates=config.duplicates, fsync=False, retrieve_ae_title=config.ae_title)
+    archive = Archive(
+        config.storage_dir,
+        duplicates=config.duplicates,
+        fsync=False,
+        retrieve_ae_title=config.ae_title,
+        index=config.index,
+    )
     ae = archive_ae(config)
     archive.install(ae)
     extras = install_normalized(ae, archive, config)

@@ -58,11 +58,12 @@ def q(level, **keys):
 
 
 @pytest.fixture
-async def archive(tmp_path):
+async def archive(tmp_path, index):
+    """16 instances indexed by a re-index, in SQLite and in PostgreSQL (``index``)."""
     src = tmp_path / "src"
     src.mkdir()
     files = make_archive_files(src)
-    arch = Archive(tmp_path / "arch")
+    arch = Archive(tmp_path / "arch", index=index)
     for f in files:
         dest = arch.path_for(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -175,10 +176,10 @@ async def test_retrieve_requires_unique_key(archive):
     assert len(paths) == 4
 
 
-async def test_serve_ae_store_find_get_roundtrip(tmp_path):
+async def test_serve_ae_store_find_get_roundtrip(tmp_path, index):
     """Through real associations: C-STORE into the archive, C-FIND, C-GET back."""
-    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"))
-    arch = Archive(config.storage_dir)
+    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"), index=index)
+    arch = Archive(config.storage_dir, index=config.index)
     ae = archive_ae(config)
     arch.install(ae)
     src = tmp_path / "src"

@@ -30,7 +30,7 @@ from dimse_async.services.normalized import NRequest
 WAIT = 30.0
 
 
-async def test_serve_notifies_when_a_study_is_complete_and_on_demand(tmp_path: Path) -> None:
+async def test_serve_notifies_when_a_study_is_complete_and_on_demand(tmp_path: Path, index: str | None) -> None:
     received: list[tuple[str, Dataset]] = []
     lock = threading.Lock()
 
@@ -48,7 +48,11 @@ async def test_serve_notifies_when_a_study_is_complete_and_on_demand(tmp_path: P
         files = make_instances(tmp_path / "in", 3)
         study_uid = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
         async with running_serve(
-            tmp_path / "archive", ian_destinations=["RIS"], ian_delay=0.5, known_aes={"RIS": (HOST, ris_port)}
+            tmp_path / "archive",
+            ian_destinations=["RIS"],
+            ian_delay=0.5,
+            known_aes={"RIS": (HOST, ris_port)},
+            index=index,
         ) as serve:
             await store(serve.port, [p for p, _c, _i in files])
             deadline = time.monotonic() + WAIT

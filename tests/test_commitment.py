@@ -72,10 +72,11 @@ class Lines(logging.Handler):
         self.logger.setLevel(self.level_before)
 
 
-async def test_report_on_the_same_association(tmp_path: Path) -> None:
+async def test_report_on_the_same_association(tmp_path: Path, index: str | None) -> None:
+    """Commitment lookups in both index back ends (SQLite, PostgreSQL)."""
     files = make_instances(tmp_path / "in", 3)
     with Lines("commitment") as log:
-        async with running_serve(tmp_path / "archive") as serve:
+        async with running_serve(tmp_path / "archive", index=index) as serve:
             result = await _same_association(serve, files)
     # One line for the transaction, saying what was committed and how the report went.
     (line,) = [m for m in log.lines if m.startswith("storage commitment ")]
@@ -103,12 +104,15 @@ async def _same_association(serve: Any, files: list[Any]) -> Any:
     return result
 
 
-async def test_report_on_a_new_association_after_release(tmp_path: Path) -> None:
+async def test_report_on_a_new_association_after_release(tmp_path: Path, index: str | None) -> None:
     files = make_instances(tmp_path / "in", 4)
     ours = listening_scu()
     async with await ours.start_server(HOST, 0) as listener:
         async with running_serve(
-            tmp_path / "archive", commitment_same_association=False, known_aes={"OUR_SCU": (HOST, listener.port)}
+            tmp_path / "archive",
+            commitment_same_association=False,
+            known_aes={"OUR_SCU": (HOST, listener.port)},
+            index=index,
         ) as serve:
             await store(serve.port, [p for p, _c, _i in files])
             # Damage one stored file behind the archive's back: it must not be committed.

@@ -8,6 +8,9 @@ with real peers (DCMTK storescu/findscu/getscu, pynetdicom as sender and SCU).
 - instances without a Patient ID are not merged into one patient;
 - C-FIND: Required keys with unknown values, keys the index does not hold,
   Retrieve AE Title, hierarchical queries without relational negotiation.
+
+The storing and C-FIND tests run against both index back ends (the ``index``
+fixture: SQLite, and a fresh database of a real PostgreSQL server).
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ async def running_serve(root: Path, **settings: object) -> AsyncIterator[Running
     config = ServeConfig(ae_title=SERVE_AE, storage_dir=str(root), host=HOST, port=0)
     for key, value in settings.items():
         setattr(config, key, value)
-    archive = Archive(root, duplicates=config.duplicates, fsync=config.fsync, retrieve_ae_title=config.ae_title)
+    archive = Archive(
+        root, duplicates=config.duplicates, fsync=config.fsync, retrieve_ae_title=config.ae_title, index=config.index
+    )
     await archive.reindex()
     ae = archive_ae(config)
     archive.install(ae)
@@ -185,14 +190,14 @@ def write_ct(path: Path, **attrs: object) -> Path:
 # --------------------------------------------------------------------------- storing
 
 
-async def test_truncated_resend_never_replaces_the_stored_instance(tmp_path: Path) -> None:
+async def test_truncated_resend_never_replaces_the_stored_instance(tmp_path: Path, index: str | None) -> None:
     """A 500-byte head of a stored instance, sent again (pynetdicom, as on disk): refused
     with 0xC000, the stored file and index untouched; getscu retrieves the original."""
     original = write_ct(tmp_path / "ct.dcm", SOPInstanceUID=generate_uid())
     uid = pydicom.dcmread(original).SOPInstanceUID
     truncated = tmp_path / "truncated.dcm"
     truncated.write_bytes(original.read_bytes()[:500])
-    async with running_serve(tmp_path / "arch", duplicates="replace") as srv:
+    async with running_serve(tmp_path / "arch", duplicates="replace", index=index) as srv:
         code, out = await storescu(srv.port, original)
         assert code == 0 and store_statuses(out) == ["Success"], out
         before = stored_file(srv.root, uid).read_bytes()
@@ -210,7 +215,7 @@ async def test_truncated_resend_never_replaces_the_stored_instance(tmp_path: Pat
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
-async def test_command_uids_must_equal_the_data_sets(tmp_path: Path) -> None:
+async def test_command_uids_must_equal_the_data_sets(tmp_path: Path, index: str | None) -> None:
     """A file whose meta names another instance than its data set (pynetdicom puts the
     meta's UIDs in the command): 0xA900, as DCMTK storescp answers; the instance named
     in the command keeps its content."""
@@ -222,7 +227,7 @@ async def test_command_uids_must_equal_the_data_sets(tmp_path: Path) -> None:
     liar.file_meta.MediaStorageSOPInstanceUID = victim_uid  # meta says victim, data set says otherwise
     liar_path = tmp_path / "liar.dcm"
     liar.save_as(liar_path)  # not enforce_file_format: that would make the meta agree
-    async with running_serve(tmp_path / "arch", duplicates="replace") as srv:
+    async with running_serve(tmp_path / "arch", duplicates="replace", index=index) as srv:
         code, out = await storescu(srv.port, victim)
         assert code == 0 and store_statuses(out) == ["Success"], out
         before = stored_file(srv.root, victim_uid).read_bytes()
@@ -232,13 +237,13 @@ async def test_command_uids_must_equal_the_data_sets(tmp_path: Path) -> None:
         assert not list(srv.root.rglob(f"{liar.SOPInstanceUID}.dcm"))
 
 
-async def test_duplicate_keep_is_the_default(tmp_path: Path) -> None:
+async def test_duplicate_keep_is_the_default(tmp_path: Path, index: str | None) -> None:
     """Default policy: the same instance again is a success (it is stored); a different
     data set under the stored UID is refused (0xA900) and the stored one stays."""
     uid = generate_uid()
     first = write_ct(tmp_path / "first.dcm", SOPInstanceUID=uid, PatientName="FIRST^KEPT")
     other = write_ct(tmp_path / "other.dcm", SOPInstanceUID=uid, PatientName="SECOND^REFUSED")
-    async with running_serve(tmp_path / "arch") as srv:
+    async with running_serve(tmp_path / "arch", index=index) as srv:
         _code, out = await storescu(srv.port, first, first, other)
         assert store_statuses(out) == ["Success", "Success", "Error: DataSetDoesNotMatchSOPClass"], out
         assert same_dataset(stored_file(srv.root, uid), first)
@@ -249,11 +254,11 @@ async def test_duplicate_keep_is_the_default(tmp_path: Path) -> None:
         assert status == "Success" and [str(d.PatientName) for d in found] == ["FIRST^KEPT"]
 
 
-async def test_duplicate_replace_takes_a_valid_new_instance(tmp_path: Path) -> None:
+async def test_duplicate_replace_takes_a_valid_new_instance(tmp_path: Path, index: str | None) -> None:
     uid = generate_uid()
     first = write_ct(tmp_path / "first.dcm", SOPInstanceUID=uid, PatientName="FIRST^OLD")
     second = write_ct(tmp_path / "second.dcm", SOPInstanceUID=uid, PatientName="SECOND^NEW")
-    async with running_serve(tmp_path / "arch", duplicates="replace") as srv:
+    async with running_serve(tmp_path / "arch", duplicates="replace", index=index) as srv:
         _code, out = await storescu(srv.port, first, second)
         assert store_statuses(out) == ["Success", "Success"], out
         assert same_dataset(stored_file(srv.root, uid), second)
@@ -351,7 +356,7 @@ async def test_digital_xray_for_presentation_is_stored(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- patients
 
 
-async def test_empty_patient_ids_are_not_merged(tmp_path: Path) -> None:
+async def test_empty_patient_ids_are_not_merged(tmp_path: Path, index: str | None) -> None:
     """Two studies of different people without a Patient ID: each study comes back with
     its own patient's name and sex, and a patient-level query finds two patients."""
     a = write_ct(tmp_path / "a.dcm", SOPInstanceUID=generate_uid(), StudyInstanceUID=generate_uid(),
@@ -360,7 +365,7 @@ async def test_empty_patient_ids_are_not_merged(tmp_path: Path) -> None:
     b = write_ct(tmp_path / "b.dcm", SOPInstanceUID=generate_uid(), StudyInstanceUID=generate_uid(),
                  SeriesInstanceUID=generate_uid(), PatientID="", PatientName="NONAME^BEN", PatientSex="M",
                  PatientBirthDate="19800101")  # fmt: skip
-    async with running_serve(tmp_path / "arch") as srv:
+    async with running_serve(tmp_path / "arch", index=index) as srv:
         _code, out = await storescu(srv.port, a, b)
         assert store_statuses(out) == ["Success", "Success"], out
         status, found = await findscu(
@@ -386,9 +391,10 @@ async def test_empty_patient_ids_are_not_merged(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-async def find_archive(tmp_path: Path) -> AsyncIterator[tuple[Running, dict[str, Dataset]]]:
+async def find_archive(tmp_path: Path, index: str | None) -> AsyncIterator[tuple[Running, dict[str, Dataset]]]:
     """Three studies: one with InstitutionName JFK Hospital and a study date, one with no
-    study date and no accession number (unknown values), one at another institution."""
+    study date and no accession number (unknown values), one at another institution;
+    indexed in SQLite and in PostgreSQL (``index``)."""
     specs = {
         "jfk": {"InstitutionName": "JFK Hospital", "StudyDate": "20200105", "AccessionNumber": "ACC1",
                 "StationName": "CT01", "Modality": "CT"},
@@ -412,7 +418,7 @@ async def find_archive(tmp_path: Path) -> AsyncIterator[tuple[Running, dict[str,
                         **attrs)  # fmt: skip
         made[name] = pydicom.dcmread(path)
         paths.append(path)
-    async with running_serve(tmp_path / "arch") as srv:
+    async with running_serve(tmp_path / "arch", index=index) as srv:
         _code, out = await storescu(srv.port, *paths)
         assert store_statuses(out) == ["Success"] * 3, out
         yield srv, made

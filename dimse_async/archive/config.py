@@ -11,6 +11,7 @@ Example::
     duplicates = "keep"                       # or "replace": an instance already stored
     fsync = true                              # flush files and index before answering success
     workers = 2                               # processes sharing the port (SO_REUSEPORT; docs/scale-out.md)
+    index = "postgresql://archive@db.example/archive"  # optional; absent = SQLite in storage_dir
     storage_classes = ["1.2.3.4"]             # extra storage SOP classes to accept
     transfer_syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # accepted for storage, in this order
 
@@ -67,7 +68,7 @@ from ..part10 import valid_uid
 from ..proxy import networks
 from ..services.storage import STORE_TRANSFER_SYNTAXES
 
-__all__ = ["ADMISSION_KEYS", "ServeConfig", "default_storage_dir", "load_config"]
+__all__ = ["ADMISSION_KEYS", "ServeConfig", "check_setting", "default_storage_dir", "load_config"]
 
 
 def default_storage_dir() -> str:
@@ -133,6 +134,9 @@ class ServeConfig:
     #: Worker processes sharing the port (SO_REUSEPORT), supervised by the parent;
     #: each admits max_associations // workers associations.
     workers: int = 1
+    #: The index database: absent for ``index.sqlite`` in ``storage_dir``, or a
+    #: ``postgresql://`` URL shared by several nodes (docs/scale-out.md).
+    index: str | None = None
 
 
 #: Settings that are also ``serve`` command line flags (``--max-per-address`` ...).
@@ -235,6 +239,10 @@ def _check(key: str, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"workers must be an integer of at least 1, not {value!r}")
         return value
+    if key == "index":
+        if not (isinstance(value, str) and value.startswith(("postgresql://", "postgres://"))):
+            raise ValueError("index must be a postgresql:// URL (absent: SQLite in storage_dir)")
+        return value
     if key == "transfer_syntaxes":
         if not (isinstance(value, list) and value and all(isinstance(v, str) and valid_uid(v) for v in value)):
             raise ValueError("transfer_syntaxes must be a non-empty list of transfer syntax UIDs")
@@ -255,6 +263,11 @@ def _check(key: str, value: Any) -> Any:
             raise ValueError(f"{key} must be of type {' or '.join(t.__name__ for t in _TYPES[key])}, not {value!r}")
         return value
     raise ValueError(f"unknown setting {key}")  # pragma: no cover - filtered before
+
+
+def check_setting(key: str, value: Any) -> Any:
+    """``value`` for setting ``key`` (from the command line), checked as in a file."""
+    return _check(key, value)
 
 
 def load_config(path: str | Path | None) -> ServeConfig:

@@ -1,13 +1,13 @@
-"""The archive index database: the writer connection and its thread, read-only
-connections for queries on their own threads (SQLite WAL), and retries while
-another process holds the database (``--workers N``)."""
+"""The archive index database: a back end (:mod:`.backend`) chosen by the ``index``
+setting - SQLite in the storage directory by default, or PostgreSQL for several
+nodes - with the archive's writer threads and query threads, so the event loop never
+waits on the database."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
-import time
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,10 +15,9 @@ from typing import Any, TypeVar
 
 from ..inflate import DEFAULT_LIMITS, InflationLimits
 from ..log import get_logger
-from .schema import (
-    _SCHEMA,
-    _SCHEMA_VERSION,
-)
+from .backend import Backend, Connection
+from .backend_pg import PostgreSQLBackend
+from .backend_sqlite import SQLiteBackend
 
 T = TypeVar("T")
 
@@ -30,34 +29,22 @@ log = get_logger()
 #: failure 0xA900. ``replace``: a complete, valid new instance replaces the stored one.
 DUPLICATE_POLICIES = ("keep", "replace")
 
-
-#: Several processes share one index (``--workers N``): SQLite waits this long for a
-#: lock held by another process, and a write still finding the database busy is
-#: retried (:func:`_retry_busy`) before the store is answered 0xA700.
-BUSY_TIMEOUT = 5.0
-BUSY_RETRIES = 2
+#: URL schemes of a PostgreSQL index.
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
 
-def _busy(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in str(exc) or "busy" in str(exc))
-
-
-def _retry_busy(fn: Callable[[], T]) -> T:
-    """Run a write transaction, retrying a few times while another process holds the
-    database (SQLITE_BUSY beyond the busy timeout, or a busy WAL snapshot upgrade)."""
-    for attempt in range(BUSY_RETRIES):
-        try:
-            return fn()
-        except sqlite3.OperationalError as exc:
-            if not _busy(exc) or attempt == BUSY_RETRIES - 1:
-                raise
-            log.warning("archive: index busy; retrying", attempt=attempt + 1, error=str(exc)[:100])
-            time.sleep(0.05 * (2**attempt))
-    raise AssertionError("unreachable")  # pragma: no cover
+def open_backend(root: Path, index: str | None, *, fsync: bool, shared: bool) -> Backend:
+    """The back end for the ``index`` setting: ``None`` (or ``""``) is
+    ``root/index.sqlite``; ``postgresql://user@host/db`` a PostgreSQL database."""
+    if not index:
+        return SQLiteBackend(root, fsync=fsync, shared=shared)
+    if index.startswith(POSTGRESQL_SCHEMES):
+        return PostgreSQLBackend(index, fsync=fsync)
+    raise ValueError(f"index must be a postgresql:// URL (or absent for SQLite), not {index[:40]!r}")
 
 
 class IndexDB:
-    """Files under ``root`` and the index connections in ``root/index.sqlite``."""
+    """Files under ``root`` and the connections to their index (see the module)."""
 
     def __init__(
         self,
@@ -70,6 +57,7 @@ class IndexDB:
         query_max_matches: int = 50_000,
         query_time_budget: float = 60.0,
         shared: bool = False,
+        index: str | None = None,
     ):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
@@ -91,62 +79,48 @@ class IndexDB:
         #: Other processes store into the same root and index (``--workers N``): stores
         #: of one SOP Instance UID are serialised across processes too.
         self.shared = shared
-        # Writes (store, re-index) on one thread and one connection; queries on their
-        # own threads, each with its own read-only connection (SQLite WAL: readers never
-        # wait for the writer), so a query never delays a store and the reverse.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-index")
+        #: The index database (SQLite in ``root``, or PostgreSQL shared by several nodes).
+        self.backend = open_backend(self.root, index, fsync=fsync, shared=shared)
+        #: What a failing file system or index raises (answered 0xA700, "out of resources").
+        self.resource_errors: tuple[type[BaseException], ...] = (OSError, TimeoutError, *self.backend.errors)
+        # Writes (store, re-index) on the writer threads, each with its connection (SQLite:
+        # one); queries on their own threads, each with its own connection (SQLite WAL:
+        # readers never wait for the writer), so a query never delays a store and the reverse.
+        self._executor = ThreadPoolExecutor(max_workers=self.backend.writers, thread_name_prefix="archive-index")
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="archive-query")
-        self._db: sqlite3.Connection | None = None
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+        self._connections_lock = threading.Lock()
         self._schema_ready = False
         self._locks: dict[str, list[Any]] = {}
 
-    # -- database thread ----------------------------------------------------------
+    # -- database threads ---------------------------------------------------------
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, timeout=BUSY_TIMEOUT)
-            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-
-            def upgrade() -> None:
-                # Under the write lock, so two processes starting at once upgrade once.
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    version = db.execute("PRAGMA user_version").fetchone()[0]
-                    if version != _SCHEMA_VERSION:
-                        # An index from an earlier layout: start afresh; the re-index refills it from the files.
-                        for table in ("instances", "series", "studies", "patients"):
-                            db.execute(f"DROP TABLE IF EXISTS {table}")
-                        db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-
-            _retry_busy(upgrade)
-            _retry_busy(lambda: db.executescript(_SCHEMA))
-            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
-            self._db = db
-        return self._db
+    def _conn(self) -> Any:
+        """This writer thread's connection (the schema is migrated by the first one)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self.backend.connect()
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
-        def _close() -> None:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-        self._executor.submit(_close).result()
         self._executor.shutdown(wait=True)
         self._readers.shutdown(wait=True)
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
+        self.backend.close()
 
-    def _read_conn(self, deadline: float | None = None) -> sqlite3.Connection:
-        """A read-only connection of its own for one query; interrupted past ``deadline``."""
-        db = sqlite3.connect(f"file:{self.root / 'index.sqlite'}?mode=ro", uri=True, check_same_thread=False)
-        if deadline is not None:
-            db.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
-        return db
+    def _read_conn(self, deadline: float | None = None) -> Any:
+        """A connection of its own for one query; its statements fail past ``deadline``."""
+        return self.backend.read_connection(deadline)
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         if not self._schema_ready:

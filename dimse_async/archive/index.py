@@ -1,11 +1,12 @@
-"""A small archive: received files on disk plus an SQLite index, served by
+"""A small archive: received files on disk plus an index (SQLite, or PostgreSQL
+shared by several nodes), served by
 C-STORE, C-FIND, C-GET and C-MOVE handlers (PS3.4 Annex B, C) and an optional
 modality worklist (Annex K) from a directory of worklist files.
 
 The index holds one row per patient, study, series and instance with the
 attributes PS3.4 C.6 lists as keys; a query is narrowed in SQL by its exact UID
-/ ID / date keys and then matched in full with :mod:`.matching`. All SQLite work
-runs on one worker thread, so the event loop never waits on the database.
+/ ID / date keys and then matched in full with :mod:`.matching`. All database work
+runs on worker threads, so the event loop never waits on the database.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = ["DUPLICATE_POLICIES", "LEVEL_KEYS", "Archive", "IndexingError", "Work
 
 
 class Archive(IngestMixin, QueryMixin):
-    """Files under ``root`` and their index in ``root/index.sqlite``."""
+    """Files under ``root`` and their index (``root/index.sqlite``, or PostgreSQL: ``index``)."""
 
     def install(self, ae: AE, worklist: Worklist | None = None) -> None:
         """Register this archive's handlers (and a worklist's, if given) on ``ae``."""

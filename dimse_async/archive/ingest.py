@@ -7,12 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
-import hashlib
 import json
 import os
 import shutil
-import sqlite3
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,11 +22,7 @@ from ..dimse import Status
 from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
 from ..part10 import read_file_meta, valid_uid
 from ..services.storage import StoreRequest
-from .db import (
-    IndexDB,
-    _retry_busy,
-    log,
-)
+from .db import IndexDB, log
 from .schema import (
     IndexingError,
     _attrs,
@@ -48,6 +42,10 @@ def _check_inflation(fp: Any, limits: InflationLimits) -> None:
 
 
 _DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+
+#: With an index shared by several nodes, start-up removes interrupted stores'
+#: leftovers only once they are this old (seconds): younger ones may be in use.
+LEFTOVER_AGE = 3600.0
 
 
 async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAULT_LIMITS) -> DataSetSummary:
@@ -112,43 +110,6 @@ def _fsync_file_and_dir(path: str) -> None:
         os.close(fd)
 
 
-_LOCK_BUCKETS = 4096  # lock files for per-instance cross-process locks
-
-
-class _InstanceFileLock:
-    """A cross-process exclusive lock for one SOP Instance UID: ``flock`` on one of
-    :data:`_LOCK_BUCKETS` files under ``root/.locks`` chosen by the UID's hash (two
-    UIDs sharing a bucket merely wait for each other). Polled, so the event loop
-    never blocks."""
-
-    def __init__(self, root: Path, uid: str):
-        bucket = int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=4).digest(), "big") % _LOCK_BUCKETS
-        self.path = root / ".locks" / f"{bucket:04d}.lock"
-        self.fd: int | None = None
-
-    async def __aenter__(self) -> None:
-        self.path.parent.mkdir(exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        delay = 0.002
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.05)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-
-    async def __aexit__(self, *exc: Any) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # releases the flock
-            self.fd = None
-
-
 def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
     """0xA700 with the true reason: disk full, read-only, too many open files, a locked index."""
     if isinstance(exc, OSError):
@@ -168,7 +129,7 @@ class IngestMixin(IndexDB):
             return self._index_file_quietly(path)
 
     def _index_file_quietly(self, path: str) -> str:
-        return _retry_busy(lambda: self._index_file_once(path))
+        return self.backend.retry(lambda: self._index_file_once(path))
 
     def _index_file_once(self, path: str) -> str:
         st = os.stat(path)
@@ -236,28 +197,32 @@ class IngestMixin(IndexDB):
 
     def _clean_leftovers(self) -> int:
         """Remove what an interrupted store leaves behind: spools (``.partial``) and the
-        previous version kept while a replacement was indexed (``.dcm.old``)."""
+        previous version kept while a replacement was indexed (``.dcm.old``). With an
+        index shared by several nodes, other nodes may be storing right now: only
+        leftovers untouched for :data:`LEFTOVER_AGE` seconds go."""
         removed = 0
+        cutoff = time.time() - LEFTOVER_AGE if self.backend.multi_node else None
         for dirpath, _dirnames, filenames in os.walk(self.root):
             for name in filenames:
                 if name.endswith((".partial", ".dcm.old")):
+                    path = os.path.join(dirpath, name)
                     with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(dirpath, name))
+                        if cutoff is not None and os.stat(path).st_mtime > cutoff:
+                            continue
+                        os.unlink(path)
                         removed += 1
         return removed
 
     def _reindex(self) -> tuple[int, int, int]:
-        self._clean_leftovers()
         db = self._conn()
-        # The files are the truth and a re-index interrupted is simply redone: no flush
-        # per file while catching up.
-        db.execute("PRAGMA synchronous=OFF")
-        try:
+        # One re-index at a time across the processes and nodes sharing the index. The
+        # files are the truth and a re-index interrupted is simply redone: no flush per
+        # file while catching up.
+        with self.backend.exclusive("reindex"), self.backend.bulk(db):
+            self._clean_leftovers()
             return self._reindex_files(db)
-        finally:
-            db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
 
-    def _reindex_files(self, db: sqlite3.Connection) -> tuple[int, int, int]:
+    def _reindex_files(self, db: Any) -> tuple[int, int, int]:
         known = {row[0]: (row[1], row[2]) for row in db.execute("SELECT path, size, mtime FROM instances")}
         added = skipped = 0
         seen = set()
@@ -280,19 +245,21 @@ class IngestMixin(IndexDB):
                         check_part10(fp)
                     self._index_file(path)
                     added += 1
-                except (OSError, sqlite3.Error):
+                except self.resource_errors:
                     raise
                 except Exception as exc:
                     skipped += 1
                     log.warning("archive: skipping unreadable file", path=path, error=str(exc)[:200])
-        gone = [p for p in known if p not in seen]
+        # A row whose file is gone is dropped, unless the file came back meanwhile (another
+        # node storing it again): only the very row seen, at the moment it is still missing.
+        gone = [(p, *known[p]) for p in known if p not in seen and not os.path.exists(p)]
         with db:
-            db.executemany("DELETE FROM instances WHERE path = ?", [(p,) for p in gone])
+            db.executemany("DELETE FROM instances WHERE path = ? AND size = ? AND mtime = ?", gone)
             self._drop_orphans(db)
         return added, skipped, len(gone)
 
     @staticmethod
-    def _drop_orphans(db: sqlite3.Connection) -> None:
+    def _drop_orphans(db: Any) -> None:
         db.execute("DELETE FROM series WHERE series_uid NOT IN (SELECT series_uid FROM instances)")
         db.execute("DELETE FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM series)")
         db.execute("DELETE FROM patients WHERE patient_key NOT IN (SELECT patient_key FROM studies)")
@@ -349,11 +316,10 @@ class IngestMixin(IndexDB):
         entry = self._locks.setdefault(uid, [asyncio.Lock(), 0])
         entry[1] += 1
         try:
-            async with entry[0]:
-                if not self.shared:
-                    return await self._store_locked(request, path)
-                async with _InstanceFileLock(self.root, uid):  # and across processes
-                    return await self._store_locked(request, path)
+            async with entry[0], self.backend.instance_lock(uid):  # and across processes and nodes
+                return await self._store_locked(request, path)
+        except self.backend.errors as exc:  # the lock could not be had (the index unreachable)
+            return _out_of_resources(request, exc)
         finally:
             entry[1] -= 1
             if not entry[1]:
@@ -363,7 +329,7 @@ class IngestMixin(IndexDB):
         uid = request.sop_instance_uid
         try:
             existing = await self._call(self._stored, uid)
-        except sqlite3.Error as exc:
+        except self.backend.errors as exc:
             return _out_of_resources(request, exc)
         dest = os.fspath(path)
         if existing is not None and self.duplicates == "keep":
@@ -388,7 +354,7 @@ class IngestMixin(IndexDB):
         except Exception as exc:
             await asyncio.to_thread(self._undo_store, dest, old, request)
             request.assoc.note_error("index")
-            if isinstance(exc, OSError | sqlite3.Error):
+            if isinstance(exc, self.resource_errors):
                 return _out_of_resources(request, exc)
             request.assoc.log.warning("C-STORE data set cannot be indexed", sop_instance=uid, error=str(exc)[:200])
             return Status(0xA900, f"Cannot index: {exc}"[:64])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
@@ -48,7 +47,7 @@ class QueryMixin(IndexDB):
         finally:
             db.close()
 
-    def _matches(self, db: sqlite3.Connection, model: str, identifier: Dataset, relational: bool) -> Iterator[Dataset]:
+    def _matches(self, db: Any, model: str, identifier: Dataset, relational: bool) -> Iterator[Dataset]:
         level = _level(model, identifier, "Query")
         if not relational:
             _check_hierarchy(model, level, identifier)
@@ -74,7 +73,7 @@ class QueryMixin(IndexDB):
                 yield response
 
     def _candidates(
-        self, db: sqlite3.Connection, model: str, level: str, q: Dataset, required: frozenset[str], want_path: bool
+        self, db: Any, model: str, level: str, q: Dataset, required: frozenset[str], want_path: bool
     ) -> Iterable[tuple[list[dict[str, str]], dict[str, Any], str | None]]:
         """Rows at ``level`` joined with their parents, narrowed by exact keys in SQL
         (a Required key also lets a zero-length stored value through, C.2.2.1.2), and
@@ -83,7 +82,7 @@ class QueryMixin(IndexDB):
         args: list[Any] = []
 
         def exact(column: str, key: str) -> None:
-            _where_in(q, key, column, where, args, or_empty=key in required)
+            _where_in(q, key, column, where, args, or_empty=key in required, prefilter=True)
 
         depth = _ORDER.index(level)
         exact("p.patient_id", "PatientID")
@@ -135,7 +134,7 @@ class QueryMixin(IndexDB):
         sql = f"SELECT {', '.join(select)} FROM {' '.join(joins)}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        for row in db.execute(sql, args):
+        for row in self.backend.iterate(db, sql, args):
             attrs = [json.loads(row[0])]
             keys = {"PATIENT": row[1]}
             if depth >= 1:
@@ -155,7 +154,7 @@ class QueryMixin(IndexDB):
             yield attrs, self._computed(db, level, keys, q), path
 
     @staticmethod
-    def _representative(db: sqlite3.Connection, level: str, key: str) -> str | None:
+    def _representative(db: Any, level: str, key: str) -> str | None:
         """The file of one instance of a patient, study or series."""
         sql = {
             "PATIENT": "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
@@ -167,7 +166,7 @@ class QueryMixin(IndexDB):
         row = db.execute(sql, (key,)).fetchone()
         return row[0] if row else None
 
-    def _computed(self, db: sqlite3.Connection, level: str, keys: dict[str, str], q: Dataset) -> dict[str, Any]:
+    def _computed(self, db: Any, level: str, keys: dict[str, str], q: Dataset) -> dict[str, Any]:
         """Counts and ModalitiesInStudy when the query asks for them (PS3.4 C.3.4)."""
         out: dict[str, Any] = {}
         if level == "PATIENT":
@@ -224,7 +223,7 @@ class QueryMixin(IndexDB):
             while True:
                 try:
                     items = await self._read(_take, matches, batch)
-                except sqlite3.OperationalError as exc:
+                except self.resource_errors as exc:
                     if time.monotonic() > deadline:
                         raise StatusError(
                             Status(0xA700, f"Out of resources: query over {self.query_time_budget:g} s")
@@ -288,7 +287,7 @@ def _take(items: Iterator[Dataset], n: int) -> list[Dataset]:
     return list(itertools.islice(items, n))
 
 
-def _close_query(items: Iterator[Any], db: sqlite3.Connection) -> None:
+def _close_query(items: Iterator[Any], db: Any) -> None:
     close = getattr(items, "close", None)
     if close is not None:
         close()

@@ -1,6 +1,6 @@
-"""The archive index's SQLite schema and the mapping between data sets and
-index rows: the attributes kept per level (PS3.4 C.6.1.1, C.6.2.1), the keys each
-model requires, patient identity, and the SQL prefilters of a query."""
+"""The mapping between data sets and index rows (the tables are in ``migrations/``):
+the attributes kept per level (PS3.4 C.6.1.1, C.6.2.1), the keys each model
+requires, patient identity, and the SQL prefilters of a query."""
 
 from __future__ import annotations
 
@@ -125,28 +125,6 @@ _ALL_KEYS = [k for level in _ORDER for k in LEVEL_KEYS[level]]
 _CHARSET = "SpecificCharacterSet"  # stored with each level's attributes, never matched
 _VR = {k: pydicom.datadict.dictionary_VR(pydicom.datadict.tag_for_keyword(k) or 0) for k in _ALL_KEYS}
 
-_SCHEMA_VERSION = 2  # 2: patients keyed by ID + issuer, or name + birth date when the ID is empty
-_SCHEMA = """
-PRAGMA journal_mode=WAL;
-CREATE TABLE IF NOT EXISTS patients (
-    patient_key TEXT PRIMARY KEY, patient_id TEXT NOT NULL, name_key TEXT, attrs TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS patients_id ON patients(patient_id);
-CREATE INDEX IF NOT EXISTS patients_name ON patients(name_key);
-CREATE TABLE IF NOT EXISTS studies (
-    study_uid TEXT PRIMARY KEY, patient_key TEXT NOT NULL, study_date TEXT,
-    accession TEXT, attrs TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS studies_patient ON studies(patient_key);
-CREATE INDEX IF NOT EXISTS studies_date ON studies(study_date);
-CREATE INDEX IF NOT EXISTS studies_accession ON studies(accession);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, modality TEXT, attrs TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, sop_class TEXT NOT NULL,
-    transfer_syntax TEXT, path TEXT NOT NULL UNIQUE, size INTEGER, mtime REAL, attrs TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-"""
-
 # Which information model allows which levels, and the root of its hierarchy.
 _MODEL_LEVELS = {
     "patient": ("PATIENT", "STUDY", "SERIES", "IMAGE"),
@@ -257,13 +235,25 @@ def _model(model_uid: str) -> str:
     return model
 
 
+#: Longer value lists are left to the matcher (a bound on SQL parameters, in every engine).
+_MAX_IN = 1000
+
+
 def _where_in(
-    identifier: Dataset, key: str, column: str, where: list[str], args: list[Any], *, or_empty: bool = False
+    identifier: Dataset,
+    key: str,
+    column: str,
+    where: list[str],
+    args: list[Any],
+    *,
+    or_empty: bool = False,
+    prefilter: bool = False,
 ) -> None:
     """Add ``column IN (...)`` for a key with exact values (no wildcard, no range);
-    ``or_empty`` also lets rows whose value is unknown (zero length) through."""
+    ``or_empty`` also lets rows whose value is unknown (zero length) through; a
+    ``prefilter`` (the matcher decides anyway) is dropped for very long lists."""
     values = _exact(identifier.get(key)) if key in identifier else None
-    if values:
+    if values and not (prefilter and len(values) > _MAX_IN):
         clause = f"{column} IN ({','.join('?' * len(values))})"
         where.append(f"({clause} OR {column} = '')" if or_empty else clause)
         args.extend(values)

@@ -13,7 +13,7 @@ from ..log import get_logger
 from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES
 from ..workers import run_workers, worker_info
-from .config import ADMISSION_KEYS, ServeConfig, load_config
+from .config import ADMISSION_KEYS, ServeConfig, check_setting, load_config
 from .index import Archive, Worklist, relational_queries
 from .normalized import MPPS, STORAGE_COMMITMENT, install_normalized
 
@@ -86,6 +86,8 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
     ):
         if getattr(args, arg, None) is not None:
             setattr(config, key, getattr(args, arg))
+    if getattr(args, "index", None) is not None:
+        config.index = check_setting("index", args.index)
     if getattr(args, "tls_require_client_cert", False):
         config.tls_require_client_cert = True
     if getattr(args, "proxy_protocol", False):
@@ -121,7 +123,9 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
     import asyncio
 
     async def reindex() -> None:
-        archive = Archive(config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, shared=True)
+        archive = Archive(
+            config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, shared=True, index=config.index
+        )
         try:
             added, skipped, gone = await archive.reindex()
             get_logger().info("archive re-indexed", added=added, skipped=skipped, gone=gone)
@@ -140,7 +144,7 @@ async def serve(args: argparse.Namespace) -> int:
     file), the storage directory must be writable and the port must be free: each
     failure is one line and its exit code (:class:`~dimse_async.cli.common.CLIError`).
     """
-    from ..cli.common import EXIT_USAGE, CLIError, check_bindable, writable_dir
+    from ..cli.common import EXIT_CONNECT, EXIT_USAGE, CLIError, check_bindable, writable_dir
 
     try:
         config = load_config(args.config)
@@ -168,10 +172,15 @@ async def serve(args: argparse.Namespace) -> int:
         fsync=config.fsync,
         retrieve_ae_title=config.ae_title,
         shared=info is not None,
+        index=config.index,
     )
-    # The parent of a set of workers re-indexed already.
-    added, skipped, gone = await archive.reindex() if info is None else (0, 0, 0)
-    total = await archive.count()
+    try:
+        # The parent of a set of workers re-indexed already.
+        added, skipped, gone = await archive.reindex() if info is None else (0, 0, 0)
+        total = await archive.count()
+    except archive.backend.errors as exc:
+        archive.close()
+        raise CLIError(f"index {archive.backend.description}: {exc}", EXIT_CONNECT) from None
     ae = archive_ae(config)
     archive.install(ae, Worklist(config.worklist_dir) if config.worklist_dir else None)
     extras = install_normalized(ae, archive, config)

@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-associations", type=positive_int, help="associations at once (config: max_associations)"
     )
     serve.add_argument("--workers", type=positive_int, help="worker processes sharing the port (config: workers, default 1)")
+    serve.add_argument(
+        "--index",
+        metavar="URL",
+        help="index database: postgresql://user@host/db, shared by several nodes (config: index; default SQLite in the storage directory)",
+    )
     _scp_common(serve)
     _server_options(serve)
     store = sub.add_parser("store-scp", help="storage SCP writing Part 10 files")

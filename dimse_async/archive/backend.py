@@ -1,0 +1,128 @@
+"""What the archive needs of an index database, whatever the engine: a small
+interface implemented for SQLite (:mod:`.backend_sqlite`) and PostgreSQL
+(:mod:`.backend_pg`).
+
+The archive logic (ingest with its duplicate policy and undo, C-FIND matching,
+retrieve, commitment lookups) is written once against :class:`Connection`: blocking
+DB-API-like calls made on the archive's worker threads, with ``?`` placeholders and
+SQL both engines understand (``INSERT ... ON CONFLICT ... DO UPDATE``, joins,
+``COUNT``). A back end supplies the connections, its schema migrations (numbered SQL
+files under ``migrations/<dialect>/``, recorded in a ``schema_version`` table), the
+retry of transient write conflicts, and a per-instance lock that holds across every
+process writing the same index.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from importlib import resources
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["Backend", "Connection", "Cursor", "migrations", "split_statements"]
+
+
+class Cursor(Protocol):
+    """The rows of one statement."""
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """One connection, used by one thread at a time; ``with conn:`` is one transaction
+    (committed on success, rolled back on an exception), as for :mod:`sqlite3`."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> Any: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: Any) -> Any: ...
+
+
+class Backend(ABC):
+    """An index database engine (see the module)."""
+
+    #: ``"sqlite"`` or ``"postgresql"``: the directory of its migrations.
+    dialect: str
+    #: Exceptions meaning "the index could not do it now" (locked, unreachable, out
+    #: of space): a store is answered 0xA700 with the reason, never success.
+    errors: tuple[type[BaseException], ...]
+    #: Threads writing at once (SQLite: one writer; PostgreSQL: several).
+    writers: int = 1
+    #: Other processes, perhaps on other machines, may write this index at any time.
+    multi_node: bool = False
+
+    @abstractmethod
+    def connect(self) -> Connection:
+        """A read-write connection with the schema up to date (blocking; a worker thread)."""
+
+    @abstractmethod
+    def read_connection(self, deadline: float | None = None) -> Connection:
+        """A connection for one query; its statements fail past ``deadline`` (monotonic)."""
+
+    def iterate(self, db: Connection, sql: str, parameters: Sequence[Any]) -> Iterator[Any]:
+        """The rows of a possibly large query, fetched as they are consumed."""
+        return iter(db.execute(sql, parameters))
+
+    def retry(self, fn: Callable[[], T]) -> T:
+        """Run one write transaction, again when it meets a transient conflict."""
+        return fn()
+
+    @abstractmethod
+    def bulk(self, db: Connection) -> AbstractContextManager[None]:
+        """Relaxed durability for a re-index (the files are the truth; it is redone if cut short)."""
+
+    @abstractmethod
+    def instance_lock(self, uid: str) -> AbstractAsyncContextManager[None]:
+        """Exclusive use of one SOP Instance UID by this store, across every writer
+        of the index (other processes, other nodes)."""
+
+    @abstractmethod
+    def exclusive(self, name: str) -> AbstractContextManager[None]:
+        """Exclusive use of a named task (the re-index) across processes (blocking)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the back end holds (after every connection was closed)."""
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """Where the index is, for messages (no password)."""
+
+
+_NUMBERED = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+def migrations(dialect: str) -> list[tuple[int, str, str]]:
+    """The schema migrations of ``dialect`` in order: (version, file name, SQL)."""
+    folder = resources.files(__package__).joinpath("migrations", dialect)
+    found = []
+    for entry in folder.iterdir():
+        match = _NUMBERED.match(entry.name)
+        if match:
+            found.append((int(match[1]), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [v for v, _n, _s in found]
+    if versions != list(range(1, len(versions) + 1)):
+        raise RuntimeError(f"{dialect} migrations are not numbered 1..n: {versions}")
+    return found
+
+
+def split_statements(sql: str) -> list[str]:
+    """The statements of a migration file (``;`` ends a statement at the end of a line;
+    ``--`` comments dropped)."""
+    lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
+    return [s.strip() for s in re.split(r";\s*$", "\n".join(lines), flags=re.M) if s.strip()]

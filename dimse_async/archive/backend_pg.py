@@ -1,0 +1,383 @@
+"""The PostgreSQL index back end (``index = "postgresql://..."``), through ``asyncpg``.
+
+Several ``serve`` nodes (and their workers) share one database and one storage
+directory: any node answers for what any node stored. The archive's worker threads
+call blocking :class:`Connection` methods; each call runs as a coroutine on this back
+end's own event loop thread (asyncpg's connections belong to one loop), so neither
+the archive's event loop nor the engine waits on the other.
+
+- Migrations (``migrations/postgresql/NNNN_*.sql``) are applied at start under an
+  advisory lock, recorded in ``schema_version``: nodes starting at once migrate once.
+- A store holds a session advisory lock on its SOP Instance UID while it compares,
+  moves the file into place and indexes it: the database, not the file system, is the
+  arbiter between nodes, and a node that dies releases its locks with its connection.
+- Write transactions meeting a deadlock or serialization failure are retried; a
+  commit returns once durable (``synchronous_commit``), unless ``fsync = false``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import hashlib
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from ..log import get_logger
+from .backend import Backend, migrations
+
+try:
+    import asyncpg  # type: ignore[import-untyped,unused-ignore]
+except ImportError:  # pragma: no cover - the optional extra
+    asyncpg = None
+
+T = TypeVar("T")
+
+log = get_logger()
+
+#: Connections per process: writer threads, queries, and one per store holding its lock.
+POOL_SIZE = 24
+#: A statement (or a wait for a lock) taking longer fails: the store is answered 0xA700.
+COMMAND_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 10.0
+WRITE_RETRIES = 3
+#: Rows fetched at a time by a query's cursor.
+FETCH = 256
+
+
+def redact(dsn: str) -> str:
+    """``dsn`` without its password."""
+    parts = urllib.parse.urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def lock_key(kind: str, name: str) -> int:
+    """A 64-bit advisory lock key for ``name`` (collisions merely serialise)."""
+    return int.from_bytes(
+        hashlib.blake2b(f"dimse_async:{kind}:{name}".encode(), digest_size=8).digest(), "big", signed=True
+    )
+
+
+@functools.lru_cache(maxsize=512)
+def dollar_placeholders(sql: str) -> str:
+    """``?`` placeholders (outside quoted literals) numbered ``$1, $2, ...``."""
+    out, n = [], 0
+    for part in re.split(r"('(?:[^']|'')*')", sql):
+        if part.startswith("'"):
+            out.append(part)
+            continue
+        pieces = part.split("?")
+        for i, piece in enumerate(pieces):
+            if i:
+                n += 1
+                out.append(f"${n}")
+            out.append(piece)
+    return "".join(out)
+
+
+def _arg(value: Any) -> Any:
+    # PostgreSQL text cannot hold NUL: dropped alike when storing and when querying.
+    return value.replace("\x00", "") if isinstance(value, str) and "\x00" in value else value
+
+
+class _Rows:
+    def __init__(self, rows: list[Any]):
+        self.rows = rows
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+
+class PGConnection:
+    """A blocking facade over one pooled asyncpg connection (see the module)."""
+
+    def __init__(self, backend: PostgreSQLBackend, deadline: float | None = None):
+        self.backend = backend
+        self.deadline = deadline
+        self._conn: Any = None
+        self._tx: Any = None
+
+    def _timeout(self) -> float:
+        if self.deadline is None:
+            return COMMAND_TIMEOUT
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("query time budget exhausted")
+        return min(left, COMMAND_TIMEOUT)
+
+    def _ensure(self) -> Any:
+        if self._conn is not None and self._conn.is_closed():
+            if self._tx is not None:
+                raise asyncpg.InterfaceError("connection lost in a transaction")
+            self.backend.run(self.backend.release(self._conn))
+            self._conn = None
+        if self._conn is None:
+            self._conn = self.backend.run(self.backend.acquire())
+        return self._conn
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Rows:
+        conn = self._ensure()
+        args = [_arg(a) for a in parameters]
+        rows = self.backend.run(conn.fetch(dollar_placeholders(sql), *args, timeout=self._timeout()))
+        return _Rows([tuple(r) for r in rows])
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> None:
+        conn = self._ensure()
+        batch = [[_arg(a) for a in p] for p in parameters]
+        if batch:
+            self.backend.run(conn.executemany(dollar_placeholders(sql), batch, timeout=self._timeout()))
+
+    def iterate(self, sql: str, parameters: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
+        """Rows fetched :data:`FETCH` at a time through a cursor (in a transaction)."""
+        conn = self._ensure()
+        own = self._tx is None
+        if own:
+            self.__enter__()
+        try:
+            args = [_arg(a) for a in parameters]
+
+            async def open_cursor() -> Any:
+                return await conn.cursor(dollar_placeholders(sql), *args)
+
+            cursor = self.backend.run(open_cursor())
+            while True:
+                rows = self.backend.run(cursor.fetch(FETCH, timeout=self._timeout()))
+                yield from (tuple(r) for r in rows)
+                if len(rows) < FETCH:
+                    return
+        finally:
+            if own:
+                self.__exit__(None, None, None)
+
+    def __enter__(self) -> PGConnection:
+        conn = self._ensure()
+        tx = conn.transaction()
+        self.backend.run(tx.start())
+        self._tx = tx
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        tx, self._tx = self._tx, None
+        if tx is None:
+            return
+        if exc_type is None:
+            self.backend.run(tx.commit())
+        else:
+            with contextlib.suppress(Exception):
+                self.backend.run(tx.rollback())
+
+    def close(self) -> None:
+        if self._tx is not None:
+            self.__exit__(RuntimeError, None, None)
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                self.backend.run(self.backend.release(conn))
+
+
+class PostgreSQLBackend(Backend):
+    """One PostgreSQL database shared by every node (see the module)."""
+
+    dialect = "postgresql"
+    writers = 4
+    multi_node = True
+
+    def __init__(self, dsn: str, *, fsync: bool = True, pool_size: int = POOL_SIZE):
+        if asyncpg is None:
+            raise ValueError("a postgresql:// index needs asyncpg: pip install 'dimse_async[postgresql]'")
+        self.dsn = dsn
+        self.fsync = fsync
+        self.pool_size = pool_size
+        self.errors = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+        self._started = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._pool: Any = None
+
+    @property
+    def description(self) -> str:
+        return redact(self.dsn)
+
+    # -- the back end's event loop ----------------------------------------------------
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the back end's loop and wait for it (from a worker thread)."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def start(self) -> None:
+        """Start the loop thread, open the pool and migrate (once; blocking)."""
+        with self._started:
+            if self._pool is not None:
+                return
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="archive-postgresql", daemon=True)
+            thread.start()
+            self._loop, self._thread = loop, thread
+            try:
+                self._pool = self.run(self._open())
+            except BaseException:
+                self._stop_loop()
+                raise
+
+    async def _open(self) -> Any:
+        settings = {"application_name": "dimse_async"}
+        if not self.fsync:
+            settings["synchronous_commit"] = "off"
+        pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=1,
+            max_size=self.pool_size,
+            timeout=CONNECT_TIMEOUT,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings=settings,
+        )
+        try:
+            async with pool.acquire() as conn:
+                await self._migrate(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        return pool
+
+    @staticmethod
+    async def _migrate(conn: Any) -> None:
+        key = lock_key("migrate", "index")
+        await conn.execute("SELECT pg_advisory_lock($1)", key)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                "applied TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            applied = {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
+            for version, name, sql in migrations("postgresql"):
+                if version in applied:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO schema_version (version, name) VALUES ($1, $2)", version, name)
+                log.info("archive: index migrated", version=version, migration=name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+
+    async def acquire(self) -> Any:
+        return await self._pool.acquire()
+
+    async def release(self, conn: Any) -> None:
+        await self._pool.release(conn)
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        if not thread.is_alive():
+            loop.close()
+        self._loop = self._thread = None
+
+    def close(self) -> None:
+        with self._started:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                try:
+                    self.run(asyncio.wait_for(pool.close(), 10))
+                except Exception:
+                    pool.terminate()
+            self._stop_loop()
+
+    # -- the interface ----------------------------------------------------------------
+
+    def connect(self) -> PGConnection:
+        self.start()
+        return PGConnection(self)
+
+    def read_connection(self, deadline: float | None = None) -> PGConnection:
+        self.start()
+        return PGConnection(self, deadline)
+
+    def iterate(self, db: Any, sql: str, parameters: Sequence[Any]) -> Iterator[Any]:
+        return db.iterate(sql, parameters)  # type: ignore[no-any-return]
+
+    def retry(self, fn: Callable[[], T]) -> T:
+        for attempt in range(WRITE_RETRIES):
+            try:
+                return fn()
+            except asyncpg.exceptions.TransactionRollbackError as exc:  # deadlock, serialization failure
+                if attempt == WRITE_RETRIES - 1:
+                    raise
+                log.warning("archive: index write conflict; retrying", attempt=attempt + 1, error=str(exc)[:100])
+                time.sleep(0.02 * (2**attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @contextlib.contextmanager
+    def bulk(self, db: Any) -> Iterator[None]:
+        db.execute("SET synchronous_commit = off")
+        try:
+            yield
+        finally:
+            db.execute("RESET synchronous_commit" if self.fsync else "SET synchronous_commit = off")
+
+    async def _lock(self, key: int) -> Any:
+        conn = await self._pool.acquire()
+        try:
+            await conn.execute("SELECT pg_advisory_lock($1)", key)
+        except BaseException:
+            await self._pool.release(conn)  # the pool's reset drops any advisory lock
+            raise
+        return conn
+
+    async def _unlock(self, conn: Any, key: int) -> None:
+        try:
+            await conn.execute("SELECT pg_advisory_unlock($1)", key)
+        finally:
+            await self._pool.release(conn)
+
+    def _unlock_later(self, key: int, fut: concurrent.futures.Future[Any]) -> None:
+        """The store waiting for a lock went away; free the lock if it was taken after all."""
+        if not fut.cancelled() and fut.exception() is None and self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self._unlock(fut.result(), key), self._loop)
+
+    @contextlib.asynccontextmanager
+    async def instance_lock(self, uid: str) -> AsyncIterator[None]:
+        if self._pool is None:
+            await asyncio.to_thread(self.start)
+        assert self._loop is not None
+        key = lock_key("instance", uid)
+        taking = asyncio.run_coroutine_threadsafe(self._lock(key), self._loop)
+        try:
+            conn = await asyncio.shield(asyncio.wrap_future(taking))
+        except asyncio.CancelledError:
+            taking.add_done_callback(functools.partial(self._unlock_later, key))
+            raise
+        try:
+            yield
+        finally:
+            freeing = asyncio.run_coroutine_threadsafe(self._unlock(conn, key), self._loop)
+            with contextlib.suppress(Exception):
+                await asyncio.shield(asyncio.wrap_future(freeing))
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[None]:
+        self.start()
+        key = lock_key("task", name)
+        conn = self.run(self._lock(key))
+        try:
+            yield
+        finally:
+            self.run(self._unlock(conn, key))
