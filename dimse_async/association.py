@@ -34,8 +34,11 @@ __all__ = ["AssociationProtocol"]
 _ids = itertools.count(1)
 
 
-class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.Protocol):
-    """A DICOM association, requestor or acceptor side: transport, timers, session outputs."""
+class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol):
+    """A DICOM association, requestor or acceptor side: transport, timers, session outputs.
+
+    Received bytes land in the PDU reader's own buffer (``asyncio.BufferedProtocol``).
+    """
 
     def __init__(self, settings: Settings, *, requestor: bool, ae: Any = None):
         self.settings = settings
@@ -122,15 +125,30 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.Protocol):
             return
         self._run(self.fsm.connection_made())
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """The transport receives straight into the PDU reader's buffer (no copy, no join)."""
+        return self.fsm.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         self._last_rx = self.loop.time()
-        self.oplog.bytes_received += len(data)
+        self.oplog.bytes_received += nbytes
         if self._debug:
-            self.log.debug("bytes received", n=len(data), state=self.fsm.state.name)
-        self._count_after_abort(len(data))
-        before = self.fsm.reader.buffered + len(data)
-        self._run(self.fsm.receive_data(data))
+            self.log.debug("bytes received", n=nbytes, state=self.fsm.state.name)
+        self._count_after_abort(nbytes)
+        before = self.fsm.reader.buffered + nbytes
+        self._run(self.fsm.buffer_updated(nbytes))
         self._pdu_progress(before)
+
+    def data_received(self, data: bytes) -> None:
+        """The same for bytes handed over as an object (a transport that does not
+        receive into our buffer)."""
+        view = memoryview(data)
+        while view:
+            room = self.get_buffer(len(view))
+            n = min(len(room), len(view))
+            room[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -233,6 +251,7 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.Protocol):
         if self._sink is not None:
             self._sink.discard()  # an interrupted instance never looks complete
             self._sink = None
+        self._close_writer()
         self._closed.set_result(None)
         if self.settings.on_close is not None:
             self.settings.on_close(self)

@@ -200,12 +200,24 @@ class UpperLayer:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Output]:
         """Feed bytes received from the peer; decode and dispatch every whole PDU."""
-        out: list[Output] = []
-        if self.state in (State.Sta1, State.Sta4):
-            return out  # no association, nothing to interpret
-        if self._unframeable:
-            return out  # after an invalid PDU the stream cannot be framed again
+        if self.state in (State.Sta1, State.Sta4) or self._unframeable:
+            return []  # no association, or the stream cannot be framed again: ignored
         self.reader.feed(data)
+        return self._take_pdus()
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the transport should receive the next bytes (see :meth:`buffer_updated`)."""
+        return self.reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> list[Output]:
+        """``nbytes`` were received into :meth:`get_buffer`'s view: like :meth:`receive_data`."""
+        if self.state in (State.Sta1, State.Sta4) or self._unframeable:
+            return []  # ignored: the bytes are not kept
+        self.reader.buffer_updated(nbytes)
+        return self._take_pdus()
+
+    def _take_pdus(self) -> list[Output]:
+        out: list[Output] = []
         while self.state not in (State.Sta1, State.Sta4):
             try:
                 pdu = self.reader.next_pdu()

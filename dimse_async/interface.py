@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from .acse import Negotiated, PresentationContext
 from .dimse import Command, DatasetSink, DatasetSource, Message
+from .filewriter import FileWriter
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
 from .session import Operation
 
@@ -70,6 +71,10 @@ class DIMSEProvider(Protocol):
 
     @property
     def is_established(self) -> bool: ...
+
+    @property
+    def writer(self) -> FileWriter:
+        """The association's file writer: file work off the event loop."""
 
     @property
     def accepted_contexts(self) -> list[PresentationContext]: ...

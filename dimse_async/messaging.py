@@ -17,6 +17,7 @@ from typing import Any
 from .acse import Negotiated, PresentationContext
 from .dimse import Command, DataFragment, DatasetSink, DIMSEError, Message, encode_command, fragment, fragment_stream
 from .exceptions import AssociationAborted, AssociationError
+from .filewriter import FileWriter
 from .fsm import Output, PDataIndication, State, UpperLayer
 from .interface import Payload, Settings, StoreHandler
 from .oplog import OperationLog
@@ -88,6 +89,18 @@ class DIMSEMessaging:
         self._waiters: dict[int, ResponseQueue] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sink: DatasetSink | None = None
+        self._writer: FileWriter | None = None
+
+    @property
+    def writer(self) -> FileWriter:
+        """This association's file writer thread (started on first use, ended with it)."""
+        if self._writer is None:
+            self._writer = FileWriter(self.loop)
+        return self._writer
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
     @property
     def bytes_received(self) -> int:

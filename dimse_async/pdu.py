@@ -71,6 +71,7 @@ ABORT_SOURCE_USER = 0
 ABORT_SOURCE_PROVIDER = 2
 
 _HDR = struct.Struct(">BBI")  # PDU type, reserved, length
+_LEN = struct.Struct(">I")
 _PDV = struct.Struct(">IBB")  # item length, context id, message control header
 _PDATA_HDR = struct.Struct(">BBIIBB")  # PDU header + one PDV header
 
@@ -399,59 +400,92 @@ def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
     raise PDUError(f"unrecognized PDU type {pdu_type:#04x}", AbortReason.UNRECOGNIZED_PDU)
 
 
+_FRESH = 64 << 10  # a new receive buffer at a PDU boundary: one small PDU or the start of a big one
+_WHOLE = 1 << 20  # a PDU up to this long gets a buffer of its full length at once (larger ones grow)
+_MAX_BUFFER = 4 << 20  # a fresh buffer holds a few PDUs of the last size seen, up to this much
+
+
 class PDUReader:
-    """Incremental PDU framer (cf. h11's receive buffer).
+    """Incremental PDU framer that owns its receive buffers (cf. h11's receive buffer).
 
-    Feed it bytes in any split; take complete PDUs with :meth:`next_pdu`. A header is
-    judged as soon as its 6 bytes are in: an unknown type or a length over the limit
-    raises :class:`PDUError` at once, so a 64 MiB claim costs 6 bytes of memory.
+    Two ways in: :meth:`feed` with bytes in any split, or :meth:`get_buffer` /
+    :meth:`buffer_updated` for the transport to receive straight into the buffer (an
+    ``asyncio.BufferedProtocol``); take complete PDUs with :meth:`next_pdu`. A header
+    is judged as soon as its 6 bytes are in: an unknown type or a length over the
+    limit raises :class:`PDUError` at once, so a 64 MiB claim costs 6 bytes of memory.
 
-    Received chunks are kept as they came; they are joined only when a PDU spans
-    several of them, and PDU bodies (and so P-DATA fragments) are memoryviews into
-    them, so each received byte is copied at most once.
+    PDU bodies (and so P-DATA fragments) are memoryviews into the buffer, parsed in
+    place, so a buffer is never written again where views were handed out: when a
+    PDU does not fit in what is left, the part of it already received moves to a new
+    buffer sized for the whole PDU (bounded while only its header is in). A buffer
+    that was read completely is let go, so an idle association holds none.
 
     ``max_pdata_length`` is the maximum length we advertised (PS3.8 D.1): the limit
     on the P-DATA-TF PDU-length field. 0 means we advertised "unlimited"; the reader
     still caps it at ``hard_limit``.
     """
 
-    __slots__ = ("_head", "_pos", "_tail", "_avail", "max_pdata_length", "hard_limit")
+    __slots__ = ("_buf", "_start", "_end", "_last", "max_pdata_length", "hard_limit")
 
     def __init__(self, max_pdata_length: int, hard_limit: int = 1 << 26):
-        self._head: bytes = b""
-        self._pos = 0
-        self._tail: list[bytes] = []
-        self._avail = 0
+        self._buf = bytearray()
+        self._start = 0  # first unread byte
+        self._end = 0  # end of the bytes received
+        self._last = 0  # length of the last PDU taken (sizes the next fresh buffer)
         self.max_pdata_length = max_pdata_length
         self.hard_limit = hard_limit
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        chunk = data if type(data) is bytes else bytes(data)
-        if self._pos >= len(self._head) and not self._tail:
-            self._head, self._pos = chunk, 0
-        else:
-            self._tail.append(chunk)
-        self._avail += len(chunk)
-
     @property
     def buffered(self) -> int:
-        return self._avail
+        """Bytes received and not yet taken as a PDU."""
+        return self._end - self._start
 
-    def _coalesce(self, need: int) -> None:
-        """Make at least ``need`` unread bytes contiguous in ``_head``."""
-        if len(self._head) - self._pos >= need:
-            return
-        self._head = self._head[self._pos :] + b"".join(self._tail)
-        self._pos = 0
-        self._tail = []
+    def _need(self) -> int:
+        """Bytes the PDU at the read position needs in all (6 while its header is incomplete)."""
+        if self._end - self._start < 6:
+            return 6
+        return 6 + int(_LEN.unpack_from(self._buf, self._start + 2)[0])
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (at least one byte of room)."""
+        buf, start, end = self._buf, self._start, self._end
+        pending = end - start
+        need = self._need()
+        if pending and len(buf) - start >= need > pending:
+            return memoryview(buf)[end:]  # the PDU under way fits: receive its rest in place
+        if not pending and len(buf) - end >= _FRESH // 4:
+            return memoryview(buf)[end:]
+        if need <= _WHOLE:
+            size = max(need, min(_MAX_BUFFER, 2 * self._last), _FRESH)
+        else:  # a huge claim gets memory as its bytes arrive, not at once
+            size = min(need, 2 * pending + _FRESH)
+        size = max(size, pending + 4096)  # room even when a whole PDU waits unread
+        fresh = bytearray(size)
+        if pending:
+            fresh[:pending] = memoryview(buf)[start:end]
+        self._buf, self._start, self._end = fresh, 0, pending
+        return memoryview(fresh)[pending:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
+        self._end += nbytes
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` into the buffer (for callers that do not receive in place)."""
+        view = memoryview(data).cast("B")
+        while view:
+            room = self.get_buffer(len(view))
+            n = min(len(room), len(view))
+            room[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
 
     def next_pdu(self) -> PDU | None:
-        if self._avail < 6:
+        buf, start = self._buf, self._start
+        avail = self._end - start
+        if avail < 6:
             return None
-        self._coalesce(6)
-        pdu_type, _, length = _HDR.unpack_from(self._head, self._pos)
+        pdu_type, _, length = _HDR.unpack_from(buf, start)
         if pdu_type == PDUType.P_DATA_TF:
             limit = self.max_pdata_length or self.hard_limit
         elif 1 <= pdu_type <= 7:
@@ -464,13 +498,12 @@ class PDUReader:
                 AbortReason.INVALID_PDU_PARAMETER_VALUE,
             )
         total = 6 + length
-        if self._avail < total:
+        if avail < total:
             return None
-        self._coalesce(total)
-        start = self._pos + 6
-        body = memoryview(self._head)[start : start + length]
-        self._pos += total
-        self._avail -= total
-        if self._pos >= len(self._head):
-            self._head, self._pos = (self._tail.pop(0), 0) if self._tail else (b"", 0)
+        body = memoryview(buf)[start + 6 : start + total]
+        self._last = total
+        if avail == total:  # all read: let the buffer go with the views into it
+            self._buf, self._start, self._end = bytearray(), 0, 0
+        else:
+            self._start = start + total
         return decode_pdu(pdu_type, body)

@@ -1156,3 +1156,101 @@ def structurally_mutated_associates(draw) -> bytes:
 @given(stream=structurally_mutated_associates(), data=st.data())
 def test_property_structurally_mutated_associates_only_raise_pdu_error(stream, data):
     read_or_pdu_error(stream, cuts_for(data, len(stream)))
+
+
+# ---------------------------------------------------------------------------
+# Receiving in place (asyncio.BufferedProtocol): get_buffer / buffer_updated
+# ---------------------------------------------------------------------------
+
+
+def _stream_pdus() -> list:
+    """A stream as an acceptor sees it: A-ASSOCIATE-RQ, P-DATA-TF of many sizes (the
+    largest past the reader's fresh-buffer size), A-RELEASE-RQ."""
+    rq = AssociateRQ(
+        "CALLED", "CALLING", [PresentationContextRQ(1, VERIFICATION, [IMPLICIT_LE])], UserInformation(max_length=0)
+    )
+    pdus: list = [rq]
+    rnd = random.Random(7)
+    for size in (2, 3, 100, 5000, 70_000, 1, 300_000, 17):
+        pdus.append(PDataTF([PDV(1, size % 2 == 0, True, rnd.randbytes(size))]))
+    pdus.append(PDataTF([PDV(1, True, False, b"ab"), PDV(3, False, True, b"cdef")]))
+    pdus.append(ReleaseRQ())
+    return pdus
+
+
+def receive_in_place(data: bytes, cuts: list[int]) -> list:
+    """Receive ``data`` into the reader's own buffers as a transport would (each receive
+    writes at most the room offered), split at ``cuts``; every PDU taken, in order."""
+    reader = PDUReader(0)
+    bounds = sorted({0, len(data), *(c for c in cuts if 0 <= c <= len(data))})
+    out = []
+    for start, stop in itertools.pairwise(bounds):
+        pos = start
+        while pos < stop:
+            room = reader.get_buffer(-1)
+            assert len(room) > 0
+            n = min(len(room), stop - pos)
+            room[:n] = data[pos : pos + n]
+            reader.buffer_updated(n)
+            pos += n
+            while (pdu := reader.next_pdu()) is not None:
+                out.append(pdu)
+    assert reader.buffered == 0 and reader.next_pdu() is None
+    return out
+
+
+def _same(got: list, want: list) -> None:
+    """PDUs equal; P-DATA compared by bytes (their values are views into the reader's buffers)."""
+    assert [type(p) for p in got] == [type(p) for p in want]
+    for g, w in zip(got, want, strict=True):
+        if isinstance(w, PDataTF):
+            assert [(v.context_id, v.is_command, v.is_last, bytes(v.data)) for v in g.pdvs] == [
+                (v.context_id, v.is_command, v.is_last, bytes(v.data)) for v in w.pdvs
+            ]
+        else:
+            assert g.encode() == w.encode()
+
+
+def test_in_place_every_byte_boundary_of_small_pdus():
+    """Split at every byte position (two receives), and one byte per receive."""
+    pdus = [p for p in _stream_pdus() if len(p.encode()) < 6000]
+    data = b"".join(p.encode() for p in pdus)
+    for cut in range(len(data) + 1):
+        _same(receive_in_place(data, [cut]), pdus)
+    _same(receive_in_place(data, list(range(len(data)))), pdus)
+
+
+def test_in_place_large_pdus_split_around_every_header_and_in_one_receive():
+    """PDUs larger than a fresh buffer, cut at and around every PDU header byte, at random,
+    and the whole stream in one receive (many PDUs per read). PDUs taken earlier keep their
+    bytes while later ones arrive: a buffer with views into it is never written again."""
+    pdus = _stream_pdus()
+    encoded = [p.encode() for p in pdus]
+    data = b"".join(encoded)
+    starts = list(itertools.accumulate([0, *map(len, encoded)]))
+    around = sorted({s + d for s in starts for d in range(-2, 8)})
+    _same(receive_in_place(data, []), pdus)
+    _same(receive_in_place(data, around), pdus)
+    for cut in around:
+        _same(receive_in_place(data, [cut]), pdus)
+    rnd = random.Random(11)
+    for _ in range(20):
+        _same(receive_in_place(data, rnd.sample(range(len(data)), 40)), pdus)
+
+
+def test_in_place_buffer_let_go_when_read_completely_and_claims_not_allocated_at_once():
+    """An idle reader holds no buffer; a 64 MiB claim (limit 0 = unlimited) gets memory as
+    its bytes arrive, not 64 MiB for six bytes."""
+    reader = PDUReader(0)
+    room = reader.get_buffer(-1)
+    echo = PDataTF([PDV(1, True, True, b"x" * 10)]).encode()
+    room[: len(echo)] = echo
+    reader.buffer_updated(len(echo))
+    assert isinstance(reader.next_pdu(), PDataTF)
+    assert reader._buf == bytearray()  # nothing held between PDUs
+    claim = struct.pack(">BBI", 4, 0, (1 << 26) - 6)
+    room = reader.get_buffer(-1)
+    room[:6] = claim
+    reader.buffer_updated(6)
+    assert reader.next_pdu() is None
+    assert len(reader.get_buffer(-1)) < 1 << 20

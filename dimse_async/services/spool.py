@@ -1,8 +1,8 @@
 """Where a received C-STORE data set goes while it arrives (PS3.4 B.2.3 SCP behaviour).
 
 A :class:`Spool` keeps fragments in memory up to a threshold, then in a ``.partial``
-temporary file created and written in a worker thread; reading pauses while the disk
-lags. It is the sink the AE's factory hands to an association (see
+temporary file created and written by the association's file writer thread (never on
+the event loop); reading pauses while the disk lags. It is the sink the AE's factory hands to an association (see
 ``services.storage.make_spool``).
 """
 
@@ -12,8 +12,9 @@ import asyncio
 import os
 import tempfile
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
+from ..filewriter import FileWriter, writev_all
 from ..status import Status
 
 __all__ = ["Spool"]
@@ -27,13 +28,27 @@ def _nothing() -> None:
     return None
 
 
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class Spool:
     """Receives one C-STORE data set; holds ``header`` (Part 10 meta) + data set bytes.
 
     Received fragments are kept as they came (views into the received PDUs, no copy).
     Up to ``threshold`` bytes stay in memory; past it they go to a ``.partial``
-    temporary file in ``directory``, created and written in a worker thread (no file
-    work on the event loop). While more than ``_HIGH_WATER`` bytes wait for the disk,
+    temporary file in ``directory``, created and written in ``writer``'s thread (a
+    worker thread of the default executor without one): no file work on the event loop. While more than ``_HIGH_WATER`` bytes wait for the disk,
     ``pause`` is called to stop reading the socket; ``resume`` when the writer catches
     up. :meth:`discard` never closes or removes the file under a running write: the
     writer does it when that write returns.
@@ -47,6 +62,7 @@ class Spool:
         directory: str | None,
         pause: Callable[[], None],
         resume: Callable[[], None],
+        writer: FileWriter | None = None,
     ):
         self._chunks: list[bytes | memoryview] = [header]
         self._pending = len(header)  # bytes in _chunks
@@ -55,7 +71,8 @@ class Spool:
         self.threshold = threshold
         self.directory = directory
         self.path: str | None = None
-        self._file: BinaryIO | None = None
+        self._fd: int | None = None
+        self.writer = writer
         self._spilling = False  # past the threshold: bytes go to the file
         self._flusher: asyncio.Task[None] | None = None
         self._in_thread: asyncio.Future[None] | None = None  # the file operation running in a worker thread
@@ -93,17 +110,30 @@ class Spool:
             self._paused = True
             self._pause()
 
-    def _open(self) -> BinaryIO:
-        """Create the ``.partial`` file (in the worker thread)."""
+    def _open(self) -> int:
+        """Create the ``.partial`` file (in the writer thread)."""
         directory = self.directory or tempfile.gettempdir()
-        os.makedirs(directory, exist_ok=True)
-        fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
-        return os.fdopen(fd, "wb")
+        try:
+            fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
+        except FileNotFoundError:
+            os.makedirs(directory, exist_ok=True)
+            fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
+        return fd
 
     def _write_chunks(self, chunks: list[bytes | memoryview]) -> None:
-        if self._file is None:
-            self._file = self._open()
-        self._file.writelines(chunks)
+        if self._fd is None:
+            self._fd = self._open()
+        writev_all(self._fd, chunks)
+
+    def _close(self, sync: bool) -> None:
+        """Close the file, ``fsync`` first when ``sync`` (in the writer thread)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _fail(self, exc: OSError) -> None:
         self.error = exc
@@ -116,9 +146,12 @@ class Spool:
             self._resume()
 
     async def _thread(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run one file operation in a worker thread; a cancelled waiter does not stop
+        """Run one file operation in the writer thread; a cancelled waiter does not stop
         it, and a discard during it is carried out when it returns."""
-        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        if self.writer is not None:
+            fut = self.writer.submit(fn, *args)
+        else:
+            fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         self._in_thread = fut
         fut.add_done_callback(self._thread_done)
         await asyncio.shield(fut)
@@ -148,18 +181,18 @@ class Spool:
             if not final:
                 self._flusher = None
 
-    async def finish(self) -> None:
-        """Wait until every byte received is in memory or on disk; close the file."""
+    async def finish(self, sync: bool = False) -> None:
+        """Wait until every byte received is in memory or on disk; close the file
+        (after an ``fsync`` when ``sync``)."""
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
         if self._spilling:
             await self._flush(final=True)
-            if self._file is not None and not self._discarded:
+            if self._fd is not None and not self._discarded:
                 try:
-                    await self._thread(self._file.close)
+                    await self._thread(self._close, sync)
                 except OSError as exc:
                     self._fail(exc)
-                self._file = None
         self._unpause()
 
     def chunks(self) -> list[bytes | memoryview]:
@@ -174,18 +207,18 @@ class Spool:
     def _unlink(self) -> None:
         path, self.path = self.path, None
         if path is not None:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            if self.writer is not None:
+                self.writer.post(_unlink, path)
+            else:
+                _unlink(path)
 
     def _remove(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
-            try:
-                file.close()
-            except OSError:
-                pass
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            if self.writer is not None:
+                self.writer.post(_close_fd, fd)
+            else:
+                _close_fd(fd)
         self._unlink()
 
     def discard(self) -> None:

@@ -13,7 +13,6 @@ as a complete Part 10 file.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import shutil
@@ -28,6 +27,7 @@ from ..codec import UNCOMPRESSED, encode_dataset
 from ..dataset_check import DataSetError, dataset_uids
 from ..dimse import Command, CommandField, Message
 from ..exceptions import NoAcceptedContext
+from ..filewriter import group_commit, sync_file, write_file
 from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, read_file_meta, valid_uid
 from ..session import Operation
@@ -75,8 +75,6 @@ STORE_TRANSFER_SYNTAXES: list[str] = [
     "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 ]
-
-_SMALL_WRITE = 1 << 20  # smaller files are written on the loop, larger ones in a thread
 
 
 # ---------------------------------------------------------------------------
@@ -135,57 +133,53 @@ class StoreRequest(Request):
                 self._dataset = pydicom.dcmread(fp)
         return self._dataset
 
-    async def save(self, path: str | os.PathLike[str]) -> str:
+    async def save(self, path: str | os.PathLike[str], *, durable: bool = False) -> str:
         """Write the instance as a Part 10 file at ``path``, atomically.
 
         The file appears complete or not at all. A spooled instance is moved into
-        place (no copy when on the same file system).
+        place (no copy when on the same file system). The file work runs in the
+        association's writer thread, never on the event loop. ``durable``: the file
+        and its directory entry are on stable storage (``fsync``; the directory's
+        shared with concurrent stores, :class:`~dimse_async.filewriter.GroupCommit`)
+        before this returns.
         """
         dest = os.fspath(path)
-        try:
-            await self._place(dest)
-        except FileNotFoundError:
-            await asyncio.to_thread(os.makedirs, os.path.dirname(dest) or ".", exist_ok=True)
-            await self._place(dest)
+        spool, writer = self.spool, self.assoc.writer
+        if spool.path is not None:
+            source, spool.path = spool.path, None
+            await writer.submit(_move_into_place, source, dest, durable)
+        else:
+            await writer.submit(write_file, dest, spool.chunks(), durable)
+        if durable:
+            await group_commit().sync(os.path.dirname(dest) or ".")
         self._saved = dest
         return dest
 
-    async def _place(self, dest: str) -> None:
-        spool = self.spool
-        if spool.path is not None:
-            try:
-                os.replace(spool.path, dest)  # one rename, no data copied
-            except FileNotFoundError:
-                raise
-            except OSError:  # another file system: copy, then drop the spool file
-                await asyncio.to_thread(_copy_then_replace, spool.path, dest)
-            spool.path = None
-        else:
-            chunks = spool.chunks()
-            if spool.size < _SMALL_WRITE:  # page-cache write of < 1 MiB: cheaper than a thread hop
-                _write_atomic(dest, chunks)
-            else:
-                await asyncio.to_thread(_write_atomic, dest, chunks)
 
-
-def _write_atomic(dest: str, chunks: list[bytes | memoryview]) -> None:
-    tmp = f"{dest}.partial"
+def _move_into_place(src: str, dest: str, durable: bool) -> None:
+    """Rename a spool file to ``dest`` (copy across file systems); in the writer thread."""
     try:
-        with open(tmp, "wb") as f:
-            f.writelines(chunks)
-        os.replace(tmp, dest)
-    except BaseException:
+        if durable:
+            sync_file(src)
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+            os.replace(src, dest)  # one rename, no data copied
+        except FileNotFoundError:
+            if not os.path.exists(src):
+                raise
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            os.replace(src, dest)
+    except FileNotFoundError:
         raise
+    except OSError:  # another file system: copy, then drop the spool file
+        _copy_then_replace(src, dest, durable)
 
 
-def _copy_then_replace(src: str, dest: str) -> None:
+def _copy_then_replace(src: str, dest: str, durable: bool = False) -> None:
     tmp = f"{dest}.partial"
     try:
         shutil.copyfile(src, tmp)
+        if durable:
+            sync_file(tmp)
         os.replace(tmp, dest)
     finally:
         for p in (src, tmp):
@@ -232,6 +226,7 @@ def make_spool(assoc: DIMSEProvider, msg: Message, *, threshold: int, directory:
         directory=directory,
         pause=lambda: assoc.pause_reading("spool"),
         resume=lambda: assoc.resume_reading("spool"),
+        writer=assoc.writer,
     )
 
 
@@ -263,16 +258,23 @@ async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler
     await assoc.send(op.context.id, response(cmd, status))
 
 
+_SUCCESS = Status(Code.SUCCESS)
+
+
 class DirectoryStore:
     """A C-STORE handler that writes each instance to ``root/<SOP Instance UID>.dcm``.
 
     UIDs are validated (PS3.5 §9.1) and never used as paths otherwise: an invalid UID
     gets failure 0xC000 instead of a file. An instance already present is replaced.
+    ``durable``: success is answered only once file and directory entry were fsynced
+    (group commit across concurrent stores, see :meth:`StoreRequest.save`).
     """
 
-    def __init__(self, root: str | os.PathLike[str]):
+    def __init__(self, root: str | os.PathLike[str], *, durable: bool = False):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root = os.fspath(self.root)
+        self.durable = durable
         self.stored = 0
 
     def path_for(self, sop_instance_uid: str) -> Path:
@@ -281,15 +283,14 @@ class DirectoryStore:
         return self.root / f"{sop_instance_uid}.dcm"
 
     async def __call__(self, request: StoreRequest) -> Status:
-        try:
-            path = self.path_for(request.sop_instance_uid)
-        except ValueError as exc:
-            return Status(Code.CANNOT_UNDERSTAND, str(exc)[:64])
+        uid = request.sop_instance_uid
+        if not valid_uid(uid):
+            return Status(Code.CANNOT_UNDERSTAND, f"invalid SOP Instance UID {uid[:70]!r}"[:64])
         if not valid_uid(request.sop_class_uid):
             return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID")
-        await request.save(path)
+        await request.save(os.path.join(self._root, uid + ".dcm"), durable=self.durable)
         self.stored += 1
-        return Status(Code.SUCCESS)
+        return _SUCCESS
 
 
 # ---------------------------------------------------------------------------
