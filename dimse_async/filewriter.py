@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar
 
-__all__ = ["FileWriter", "GroupCommit", "group_commit", "sync_file", "write_file", "writev_all"]
+__all__ = ["FileWriter", "GroupCommit", "group_commit", "make_dirs", "sync_file", "write_file", "writev_all"]
 
 T = TypeVar("T")
 
@@ -158,15 +158,32 @@ def _write_batch(fd: int, batch: list[Any]) -> int:
     return total
 
 
-def write_file(dest: str, chunks: Sequence[bytes | bytearray | memoryview], durable: bool) -> None:
+def make_dirs(directory: str) -> list[str]:
+    """Create ``directory`` and missing parents; the directories whose entries changed
+    (the parents of those created), to fsync for a durable store."""
+    created: list[str] = []
+    path = directory
+    while path and not os.path.isdir(path):
+        created.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    os.makedirs(directory, exist_ok=True)
+    return [os.path.dirname(p) or "." for p in created]
+
+
+def write_file(dest: str, chunks: Sequence[bytes | bytearray | memoryview], durable: bool) -> list[str]:
     """Write ``chunks`` to ``dest`` atomically: a ``.partial`` file, written, (fsynced,)
-    then renamed over ``dest``. Creates the directory if missing. In the writer thread."""
+    then renamed over ``dest``. Creates the directory if missing. In the writer thread.
+    Returns the directories created on the way's parents (see :func:`make_dirs`)."""
     tmp = f"{dest}.partial"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC
+    created: list[str] = []
     try:
         fd = os.open(tmp, flags, 0o666)
     except FileNotFoundError:
-        os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+        created = make_dirs(os.path.dirname(dest) or ".")
         fd = os.open(tmp, flags, 0o666)
     try:
         try:
@@ -182,6 +199,7 @@ def write_file(dest: str, chunks: Sequence[bytes | bytearray | memoryview], dura
         except OSError:
             pass
         raise
+    return created
 
 
 def sync_file(path: str) -> None:

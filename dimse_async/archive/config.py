@@ -9,7 +9,8 @@ Example::
     allowed_calling_aes = ["CT1", "VIEWER"]   # optional; absent = any
     require_called_ae = false
     duplicates = "keep"                       # or "replace": an instance already stored
-    fsync = true                              # flush files and index before answering success
+    durable = true                            # fsync files, directory and index before answering
+                                              #   success (group commit; alias: fsync)
     workers = 2                               # processes sharing the port (SO_REUSEPORT; docs/scale-out.md)
     index = "postgresql://archive@db.example/archive"  # optional; absent = SQLite in storage_dir
     storage_classes = ["1.2.3.4"]             # extra storage SOP classes to accept
@@ -92,7 +93,9 @@ class ServeConfig:
     known_aes: dict[str, tuple[str, int]] = field(default_factory=dict)
     #: An instance already stored: "keep" it (default) or "replace" it with a valid new one.
     duplicates: str = "keep"
-    #: Flush each stored file and the index to the disk before answering success.
+    #: Flush each stored file, its directory entry and the index to the disk before
+    #: answering success (TOML ``durable``, or its older name ``fsync``). Directory
+    #: flushes are shared by concurrent stores (group commit).
     fsync: bool = True
     #: Storage SOP classes to accept beyond those of PS3.4 Annex B (private ones, say).
     storage_classes: list[str] = field(default_factory=list)
@@ -283,6 +286,10 @@ def load_config(path: str | Path | None) -> ServeConfig:
         raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: invalid TOML: {exc}") from None
+    if "durable" in raw:  # the setting's name; "fsync" is the older one
+        if "fsync" in raw and raw["fsync"] != raw["durable"]:
+            raise ValueError(f"{path}: durable and fsync are the same setting and disagree")
+        raw["fsync"] = raw.pop("durable")
     names = {f.name for f in fields(ServeConfig)}
     unknown = sorted(set(raw) - names)
     if unknown:

@@ -97,19 +97,6 @@ def _keep_previous(dest: str) -> str | None:
     return old
 
 
-def _fsync_file_and_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
     """0xA700 with the true reason: disk full, read-only, too many open files, a locked index."""
     if isinstance(exc, OSError):
@@ -341,9 +328,7 @@ class IngestMixin(IndexDB):
         old: str | None = None
         try:
             old = await asyncio.to_thread(_keep_previous, dest)
-            await request.save(dest)
-            if self.fsync:
-                await asyncio.to_thread(_fsync_file_and_dir, dest)
+            await request.save(dest, durable=self.fsync)  # fsync of file and directory (group commit)
         except OSError as exc:
             if old is not None:
                 with contextlib.suppress(OSError):

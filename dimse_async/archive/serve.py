@@ -88,6 +88,8 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
             setattr(config, key, getattr(args, arg))
     if getattr(args, "index", None) is not None:
         config.index = check_setting("index", args.index)
+    if getattr(args, "durable", None) is not None:
+        config.fsync = args.durable
     if getattr(args, "tls_require_client_cert", False):
         config.tls_require_client_cert = True
     if getattr(args, "proxy_protocol", False):

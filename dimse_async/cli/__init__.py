@@ -126,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="index database: postgresql://user@host/db, shared by several nodes (config: index; default SQLite in the storage directory)",
     )
+    serve.add_argument(
+        "--durable",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fsync each file and its directory before answering success (config: durable, default on)",
+    )
     _scp_common(serve)
     _server_options(serve)
     store = sub.add_parser("store-scp", help="storage SCP writing Part 10 files")
@@ -144,6 +150,11 @@ def _parser() -> argparse.ArgumentParser:
         help="also accept this storage SOP class (repeatable; every PS3.4 Annex B class is accepted already)",
     )
     store.add_argument("--workers", type=positive_int, default=1, help="worker processes sharing the port (default 1)")
+    store.add_argument(
+        "--durable",
+        action="store_true",
+        help="fsync each file and its directory before answering success (group commit across stores)",
+    )
     _scp_common(store)
     _server_options(store)
 
@@ -315,7 +326,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
     if info is None:  # workers share the parent's port (SO_REUSEPORT)
         check_bindable(args.host, args.port)
     ae = storage_ae(args)
-    store = DirectoryStore(args.out)
+    store = DirectoryStore(args.out, durable=args.durable)
     ae.on_c_store(store)
     warn_if_exposed(args.host, policy=bool(getattr(args, "allowed_peer", None)))
     await serve_until_signalled(

@@ -27,7 +27,7 @@ from ..codec import UNCOMPRESSED, encode_dataset
 from ..dataset_check import DataSetError, dataset_uids
 from ..dimse import Command, CommandField, Message
 from ..exceptions import NoAcceptedContext
-from ..filewriter import group_commit, sync_file, write_file
+from ..filewriter import group_commit, make_dirs, sync_file, write_file
 from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, read_file_meta, valid_uid
 from ..session import Operation
@@ -147,17 +147,21 @@ class StoreRequest(Request):
         spool, writer = self.spool, self.assoc.writer
         if spool.path is not None:
             source, spool.path = spool.path, None
-            await writer.submit(_move_into_place, source, dest, durable)
+            created = await writer.submit(_move_into_place, source, dest, durable)
         else:
-            await writer.submit(write_file, dest, spool.chunks(), durable)
-        if durable:
-            await group_commit().sync(os.path.dirname(dest) or ".")
+            created = await writer.submit(write_file, dest, spool.chunks(), durable)
+        if durable:  # the new name, and those of directories made for it, on disk too
+            commit = group_commit()
+            for directory in [os.path.dirname(dest) or ".", *reversed(created)]:
+                await commit.sync(directory)
         self._saved = dest
         return dest
 
 
-def _move_into_place(src: str, dest: str, durable: bool) -> None:
-    """Rename a spool file to ``dest`` (copy across file systems); in the writer thread."""
+def _move_into_place(src: str, dest: str, durable: bool) -> list[str]:
+    """Rename a spool file to ``dest`` (copy across file systems); in the writer thread.
+    Returns the parents of directories created for it (see :func:`make_dirs`)."""
+    created: list[str] = []
     try:
         if durable:
             sync_file(src)
@@ -166,12 +170,13 @@ def _move_into_place(src: str, dest: str, durable: bool) -> None:
         except FileNotFoundError:
             if not os.path.exists(src):
                 raise
-            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            created = make_dirs(os.path.dirname(dest) or ".")
             os.replace(src, dest)
     except FileNotFoundError:
         raise
     except OSError:  # another file system: copy, then drop the spool file
         _copy_then_replace(src, dest, durable)
+    return created
 
 
 def _copy_then_replace(src: str, dest: str, durable: bool = False) -> None:

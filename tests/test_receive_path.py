@@ -1,0 +1,250 @@
+"""The storage SCP's receive path: file work off the event loop, durable stores.
+
+PS3.4 B.2.3: a success status means the instance is stored. Every file operation of a
+C-STORE runs in the association's writer thread, so a slow file system never stalls
+the other associations; with ``durable`` the file and its directory entry are fsynced
+before the status is sent, the directory ``fsync`` shared by concurrent stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dimse_async import AE, Status
+from dimse_async.filewriter import group_commit
+from dimse_async.part10 import read_file_meta
+from dimse_async.services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore, StoreRequest
+
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+VERIFICATION = "1.2.840.10008.1.1"
+STORESCU = "/usr/bin/storescu"
+
+
+def storage_scp() -> AE:
+    ae = AE("SCP", require_called_ae=False)
+    ae.add_supported_context(VERIFICATION)
+    for uid in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(uid, STORE_TRANSFER_SYNTAXES)
+    return ae
+
+
+def write_instances(directory: Path, n: int) -> list[str]:
+    """``n`` copies of CT_small.dcm with fresh SOP Instance UIDs; their UIDs."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uids = []
+    for i in range(n):
+        uid = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.save_as(directory / f"{i:03d}.dcm", enforce_file_format=True)
+        uids.append(uid)
+    return uids
+
+
+async def storescu(port: int, *paths: Path) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        STORESCU,
+        "-aec",
+        "SCP",
+        "-R",  # propose the files' own transfer syntax only: stored bytes = sent bytes
+        "+sd",
+        "127.0.0.1",
+        str(port),
+        *map(str, paths),
+        env={**os.environ, "TCP_NODELAY": "1"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        return await asyncio.wait_for(proc.wait(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def dataset_part(path: Path) -> bytes:
+    with open(path, "rb") as fp:
+        meta = read_file_meta(fp)
+        assert meta is not None
+        fp.seek(meta.dataset_offset)
+        return fp.read()
+
+
+def sent_intact(received: bytes, src: Path) -> bool:
+    """``received`` is a Part 10 file holding the data set of ``src`` as storescu sends
+    it: byte for byte up to the trailing padding (FFFC,FFFC), which DCMTK drops."""
+    sent = dataset_part(src)
+    data = received[received.index(sent[:64]) :] if sent[:64] in received else b""
+    return received[128:132] == b"DICM" and len(data) > 30_000 and sent.startswith(data)
+
+
+async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
+    """The instance's file is a FIFO nobody reads for a second: the store waits in its
+    writer thread while the loop keeps its pace (sleeps late by a few ms at most) and
+    another association's C-ECHO is answered. Then the FIFO is read: every byte of the
+    instance came through, and storescu got its success status."""
+    src = tmp_path / "src"
+    (uid,) = write_instances(src, 1)
+    out = tmp_path / "out"
+    ae = storage_scp()
+    ae.on_c_store(DirectoryStore(out))
+    fifo = out / f"{uid}.dcm.partial"  # where the instance is written before its rename
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader_started = threading.Event()
+
+    def read_fifo() -> None:
+        reader_started.set()
+        fd = os.open(fifo, os.O_RDONLY)  # the writer thread's open() returns now
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                received.append(chunk)
+        finally:
+            os.close(fd)
+
+    timer = threading.Timer(1.0, read_fifo)
+    loop = asyncio.get_running_loop()
+    worst_lag = 0.0
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        store = asyncio.ensure_future(storescu(server.port, src))
+
+        async def watch() -> None:
+            nonlocal worst_lag
+            while not store.done():
+                t0 = loop.time()
+                await asyncio.sleep(0.005)
+                worst_lag = max(worst_lag, loop.time() - t0 - 0.005)
+
+        watcher = asyncio.ensure_future(watch())
+        timer.start()
+        try:
+            for _ in range(200):  # the C-STORE has arrived and waits on the FIFO
+                if server.associations and any(a.writer._thread for a in server.associations):
+                    break
+                await asyncio.sleep(0.005)
+            echo_ae = AE("ECHO")
+            echo_ae.add_requested_context(VERIFICATION)
+            t0 = time.monotonic()
+            async with echo_ae.associate("127.0.0.1", server.port, "SCP") as assoc:
+                assert (await assoc.c_echo()).is_success
+            echo_seconds = time.monotonic() - t0
+            assert not reader_started.is_set(), "the C-ECHO was answered while the write was blocked"
+            assert await asyncio.wait_for(store, 30) == 0
+            await watcher
+        finally:
+            timer.cancel()
+            timer.join(5)
+    assert echo_seconds < 0.5
+    assert worst_lag < 0.2, f"event loop stalled {worst_lag:.3f} s"
+    assert sent_intact(b"".join(received), src / "000.dcm")
+
+
+async def test_durable_stores_fsync_file_and_directory_before_success(tmp_path, monkeypatch):
+    """``DirectoryStore(durable=True)``: three storescu at once; every instance's file was
+    fsynced (before its rename: the ``.partial`` name) and the directory after it, in
+    group-commit rounds shared by concurrent stores; every status success, every file
+    complete. A durable save that cannot write answers out of resources (0xA700)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def observed_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", observed_fsync)
+    sources = [tmp_path / f"src{i}" for i in range(3)]
+    uids = [write_instances(src, 5) for src in sources]
+    out = tmp_path / "out"
+    ae = storage_scp()
+    ae.on_c_store(DirectoryStore(out, durable=True))
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        codes = await asyncio.gather(*(storescu(server.port, src) for src in sources))
+        commit = group_commit()
+    assert codes == [0, 0, 0]
+    stored = sorted(p.name for p in out.iterdir() if p.suffix == ".dcm")
+    assert stored == sorted(f"{u}.dcm" for us in uids for u in us)
+    for src, us in zip(sources, uids, strict=True):
+        for i, uid in enumerate(us):
+            assert sent_intact((out / f"{uid}.dcm").read_bytes(), src / f"{i:03d}.dcm")
+    files = {s for s in synced if s.endswith(".dcm.partial")}
+    assert files == {str(out / f"{u}.dcm.partial") for us in uids for u in us}
+    assert synced.count(str(out)) == commit.rounds >= 1
+    assert commit.waiters == 15 and commit.rounds <= 15
+
+    async def failing(request: StoreRequest) -> Status:
+        await request.save(out / "000.dcm" / "x.dcm", durable=True)  # a file, not a directory
+        return Status(0)
+
+    ae2 = storage_scp()
+    ae2.on_c_store(failing)
+    scu = AE("SCU")
+    scu.add_requested_context(CT_CLASS, [ExplicitVRLittleEndian])
+    (out / "000.dcm").write_bytes(b"")
+    async with await ae2.start_server("127.0.0.1", 0) as server:
+        async with scu.associate("127.0.0.1", server.port, "SCP") as assoc:
+            status = await assoc.c_store(sources[0] / "000.dcm")
+    assert int(status) == 0xA700
+
+
+async def test_the_writer_thread_ends_with_its_association(tmp_path):
+    src = tmp_path / "src"
+    write_instances(src, 2)
+    ae = storage_scp()
+    ae.on_c_store(DirectoryStore(tmp_path / "out"))
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assert await storescu(server.port, src) == 0
+        for _ in range(200):
+            if not [t for t in threading.enumerate() if t.name == "dimse-async-writer"]:
+                break
+            await asyncio.sleep(0.01)
+    assert not [t for t in threading.enumerate() if t.name == "dimse-async-writer"]
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 2
+
+
+async def test_store_scp_durable_flag_and_serve_durable_setting(tmp_path):
+    """``store-scp --durable`` answers success for what it stored, fsynced; serve's TOML
+    takes ``durable`` (the older ``fsync`` still works; both disagreeing is an error)."""
+    import subprocess
+    import sys
+
+    import pytest
+    from conftest import free_port, stop_process, wait_tcp
+
+    from dimse_async.archive.config import load_config
+
+    src = tmp_path / "src"
+    uids = write_instances(src, 3)
+    out = tmp_path / "out"
+    port = free_port()
+    log = tmp_path / "scp.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dimse_async", "store-scp", "--port", str(port), "--out", str(out), "--durable"],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_tcp(proc, port, log)
+        assert await storescu(port, src) == 0
+    finally:
+        stop_process(proc)
+    assert sorted(p.name for p in out.glob("*.dcm")) == sorted(f"{u}.dcm" for u in uids)
+
+    cfg = tmp_path / "serve.toml"
+    cfg.write_text("durable = false\n")
+    assert load_config(cfg).fsync is False
+    cfg.write_text("fsync = false\n")
+    assert load_config(cfg).fsync is False
+    cfg.write_text("durable = true\nfsync = false\n")
+    with pytest.raises(ValueError, match="disagree"):
+        load_config(cfg)
