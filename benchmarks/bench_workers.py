@@ -1,20 +1,29 @@
 """8 concurrent DCMTK storescu into one receiver: ``store-scp --workers 2`` vs
-``--workers 1`` vs DCMTK ``storescp --fork -pdu 131072 +B -dhl``.
+``--workers 1`` vs DCMTK ``storescp --fork -pdu 131072 +B -dhl``, and the archive
+``serve`` (which indexes every instance) with its SQLite index and with a PostgreSQL
+index, one and two workers.
 
 Reports wall time, throughput and the receiver's CPU seconds per instance (the parent
-and all its worker or forked processes, reaped ones included). Standalone: measures,
-asserts nothing. ``python benchmarks/bench_workers.py [--senders 8] [--files 100]``.
+and all its worker or forked processes, reaped ones included) and, for PostgreSQL, the
+database server's CPU per instance beside it. PostgreSQL: ``--postgresql URL`` of a
+server you run, else a throw-away cluster is started from Debian's ``postgresql``
+package (``initdb`` / ``pg_ctl``, as an unprivileged user when run as root), with
+``fsync`` on like the SQLite index. Standalone: measures, asserts nothing.
+``python benchmarks/bench_workers.py [--senders 8] [--files 100] [--only serve]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -67,7 +76,9 @@ def receiver_cpu(proc: psutil.Process) -> float:
     return total
 
 
-def run(name: str, command: list[str], port: int, dirs: list[Path]) -> dict[str, float]:
+def run(
+    name: str, command: list[str], port: int, dirs: list[Path], database: psutil.Process | None = None
+) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     recv = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -75,6 +86,7 @@ def run(name: str, command: list[str], port: int, dirs: list[Path]) -> dict[str,
         time.sleep(3)  # every worker listening (the parent reserves the port first)
         ps = psutil.Process(recv.pid)
         cpu0 = receiver_cpu(ps)
+        db0 = receiver_cpu(database) if database is not None else 0.0
         start = time.monotonic()
         senders = [
             subprocess.Popen(
@@ -88,6 +100,7 @@ def run(name: str, command: list[str], port: int, dirs: list[Path]) -> dict[str,
         seconds = time.monotonic() - start
         time.sleep(0.5)  # forked storescp children finish and are reaped
         cpu = receiver_cpu(ps) - cpu0
+        db = receiver_cpu(database) - db0 if database is not None else float("nan")
     finally:
         recv.terminate()
         try:
@@ -104,39 +117,130 @@ def run(name: str, command: list[str], port: int, dirs: list[Path]) -> dict[str,
         "instances/s": n / seconds,
         "MB/s": size / seconds / 1e6,
         "cpu ms/instance": cpu / n * 1000,
+        "db ms/instance": db / n * 1000,
     }
+
+
+PG_USER = "dimsepg"
+
+
+@contextlib.contextmanager
+def postgresql_cluster() -> Iterator[tuple[str, psutil.Process] | None]:
+    """A throw-away PostgreSQL server on a free loopback port: (URL, postmaster); ``None``
+    when Debian's PostgreSQL is not installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not found:
+        yield None
+        return
+    bin_dir = found[-1].parent
+    base = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        if subprocess.run(["id", "-u", PG_USER], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--system", "--no-create-home", PG_USER], check=True)
+        shutil.chown(base, PG_USER)
+        as_user = ["runuser", "-u", PG_USER, "--"]
+    port = free_port()
+    data = base / "data"
+    try:
+        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "--encoding=UTF8", "--locale=C.UTF-8"], check=True, capture_output=True)  # fmt: skip
+        options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={base} -c max_connections=200"
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
+                        options, "start"], check=True, capture_output=True)  # fmt: skip
+        pid = int((data / "postmaster.pid").read_text().split()[0])
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres", psutil.Process(pid)
+    finally:
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def fresh_database(url: str, name: str) -> str:
+    """``CREATE DATABASE name`` on the server at ``url``; the new database's URL."""
+    import asyncio
+
+    import asyncpg  # type: ignore[import-untyped]
+
+    async def create() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def database_process(url: str) -> psutil.Process | None:
+    """The postmaster of a server on this machine listening on ``url``'s port, if found."""
+    port = int(url.split("@")[-1].split("/")[0].rsplit(":", 1)[-1]) if ":" in url.split("@")[-1] else 5432
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    return None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--senders", type=int, default=8)
     ap.add_argument("--files", type=int, default=100, help="instances per sender")
+    ap.add_argument("--only", choices=["store-scp", "serve", "storescp"], action="append",
+                    help="run only these receivers (repeatable; default all)")  # fmt: skip
+    ap.add_argument("--postgresql", metavar="URL", help="a PostgreSQL server to use (default: start one)")
     args = ap.parse_args()
+    only = set(args.only or ["store-scp", "serve", "storescp"])
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         base = Path(tmp)
         dirs = make_files(base, args.senders, args.files)
-        for name, make in (
-            ("store-scp --workers 1", lambda port, out: ["--workers", "1"]),
-            ("store-scp --workers 2", lambda port, out: ["--workers", "2"]),
-        ):
+        if "store-scp" in only:
+            for workers in (1, 2):
+                name = f"store-scp --workers {workers}"
+                port = free_port()
+                out = base / name.replace(" ", "_")
+                cmd = [sys.executable, "-m", "dimse_async", "store-scp", "--any-called-ae", "--port", str(port)]
+                cmd += ["--out", str(out), "--log-level", "WARNING", "--workers", str(workers)]
+                results.append(run(name, cmd, port, dirs))
+        if "serve" in only:
+            server: tuple[str, psutil.Process | None] | None
+            if args.postgresql:
+                server = (args.postgresql, database_process(args.postgresql))
+            else:
+                server = stack.enter_context(postgresql_cluster())
+            for index in ("sqlite", "postgresql"):
+                if index == "postgresql" and server is None:
+                    print("PostgreSQL not installed: serve on PostgreSQL skipped", file=sys.stderr)
+                    continue
+                for workers in (1, 2):
+                    name = f"serve {index} --workers {workers}"
+                    port = free_port()
+                    cmd = [sys.executable, "-m", "dimse_async", "serve", "--port", str(port), "--log-level", "WARNING",
+                           "--storage-dir", str(base / name.replace(" ", "_")), "--workers", str(workers)]  # fmt: skip
+                    database = None
+                    if index == "postgresql":
+                        assert server is not None
+                        cmd += ["--index", fresh_database(server[0], f"bench_{workers}")]
+                        database = server[1]
+                    results.append(run(name, cmd, port, dirs, database))
+        if "storescp" in only:
             port = free_port()
-            out = base / name.replace(" ", "_")
-            cmd = [sys.executable, "-m", "dimse_async", "store-scp", "--any-called-ae", "--port", str(port)]
-            cmd += ["--out", str(out), "--log-level", "WARNING", *make(port, out)]
-            results.append(run(name, cmd, port, dirs))
-        port = free_port()
-        out = base / "storescp"
-        out.mkdir()
-        cmd = ["/usr/bin/storescp", "--fork", "-pdu", "131072", "+B", "-dhl", "-od", str(out), str(port)]
-        results.append(run("storescp --fork", cmd, port, dirs))
+            out = base / "storescp"
+            out.mkdir()
+            cmd = ["/usr/bin/storescp", "--fork", "-pdu", "131072", "+B", "-dhl", "-od", str(out), str(port)]
+            results.append(run("storescp --fork", cmd, port, dirs))
     cpus = os.cpu_count()
     print(f"{args.senders} concurrent storescu x {args.files} instances (~39 KB each); {cpus} CPUs shared with senders")
-    print(f"{'receiver':<24}{'ok':>4}{'seconds':>9}{'inst/s':>9}{'MB/s':>8}{'CPU ms/inst':>13}")
+    print()
+    print("| receiver | ok | seconds | instances/s | MB/s | receiver CPU ms/instance | PostgreSQL CPU ms/instance |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
+        db = r["db ms/instance"]
         print(
-            f"{r['name']:<24}{'yes' if r['ok'] else 'NO':>4}{r['seconds']:>9.2f}{r['instances/s']:>9.1f}"
-            f"{r['MB/s']:>8.1f}{r['cpu ms/instance']:>13.2f}"
+            f"| `{r['name']}` | {'yes' if r['ok'] else 'NO'} | {r['seconds']:.2f} | {r['instances/s']:.1f} | "
+            f"{r['MB/s']:.1f} | {r['cpu ms/instance']:.2f} | {'' if db != db else f'{db:.2f}'} |"
         )
     return 0
 

@@ -247,7 +247,7 @@ async def test_two_nodes_behind_haproxy_share_the_archive_and_survive_a_kill(pos
     src.mkdir()
     study, series = generate_uid(), generate_uid()
     first = instances(src, 20, study, series, 0)
-    batch = instances(src, 40, study, series, 20)
+    batch = instances(src, 90, study, series, 20)
     uids = {str(p): uid_of(p) for p in first + batch}
     nodes = [Node(tmp_path, "node1", root, dsn), Node(tmp_path, "node2", root, dsn)]
     front = free_port()
@@ -277,14 +277,12 @@ async def test_two_nodes_behind_haproxy_share_the_archive_and_survive_a_kill(pos
             # kill -9 the node receiving a batch, after a random number of its files landed.
             before = len(stored_files(root))
             sender = asyncio.ensure_future(storescu(front, "KILLTEST", batch))
-            victim = await asyncio.to_thread(
-                wait_until, lambda: next((n for n in nodes if n.associations("KILLTEST")), None), "batch association"
-            )
-            target = before + rng.randint(3, 20)
+            target = before + rng.randint(3, len(batch) // 3)
             deadline = time.monotonic() + 60
             while not sender.done() and len(stored_files(root)) < target and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
             assert not sender.done(), f"seed {seed}: the batch ended before the kill"
+            (victim,) = [n for n in nodes if n.associations("KILLTEST")]
             os.kill(victim.proc.pid, signal.SIGKILL)
             victim.proc.wait(10)
             acked = acknowledged(await sender)

@@ -76,6 +76,12 @@ class Backend(ABC):
         """The rows of a possibly large query, fetched as they are consumed."""
         return iter(db.execute(sql, parameters))
 
+    def transaction(self, db: Connection, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Run ``statements`` as one transaction (their rows are not needed)."""
+        with db:
+            for sql, parameters in statements:
+                db.execute(sql, parameters)
+
     def retry(self, fn: Callable[[], T]) -> T:
         """Run one write transaction, again when it meets a transient conflict."""
         return fn()

@@ -142,6 +142,23 @@ class PGConnection:
         if batch:
             self.backend.run(conn.executemany(dollar_placeholders(sql), batch, timeout=self._timeout()))
 
+    def transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """``statements`` in one transaction, sent in one call to the back end's loop."""
+        conn = self._ensure()
+        if self._tx is not None:
+            for sql, parameters in statements:
+                self.execute(sql, parameters)
+            return
+        timeout = self._timeout()
+        prepared = [(dollar_placeholders(sql), [_arg(a) for a in parameters]) for sql, parameters in statements]
+
+        async def run() -> None:
+            async with conn.transaction():
+                for sql, args in prepared:
+                    await conn.execute(sql, *args, timeout=timeout)
+
+        self.backend.run(run())
+
     def iterate(self, sql: str, parameters: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
         """Rows fetched :data:`FETCH` at a time through a cursor (in a transaction)."""
         conn = self._ensure()
@@ -276,7 +293,8 @@ class PostgreSQLBackend(Backend):
             await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     async def acquire(self) -> Any:
-        return await self._pool.acquire()
+        """A pooled connection; waiting longer than :data:`COMMAND_TIMEOUT` for one fails."""
+        return await self._pool.acquire(timeout=COMMAND_TIMEOUT)
 
     async def release(self, conn: Any) -> None:
         await self._pool.release(conn)
@@ -314,6 +332,9 @@ class PostgreSQLBackend(Backend):
     def iterate(self, db: Any, sql: str, parameters: Sequence[Any]) -> Iterator[Any]:
         return db.iterate(sql, parameters)  # type: ignore[no-any-return]
 
+    def transaction(self, db: Any, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        db.transaction(statements)
+
     def retry(self, fn: Callable[[], T]) -> T:
         for attempt in range(WRITE_RETRIES):
             try:
@@ -334,7 +355,7 @@ class PostgreSQLBackend(Backend):
             db.execute("RESET synchronous_commit" if self.fsync else "SET synchronous_commit = off")
 
     async def _lock(self, key: int) -> Any:
-        conn = await self._pool.acquire()
+        conn = await self.acquire()
         try:
             await conn.execute("SELECT pg_advisory_lock($1)", key)
         except BaseException:

@@ -128,54 +128,59 @@ class IngestMixin(IndexDB):
             raise IndexingError("missing Study, Series or SOP Instance UID")
         patient = _attrs(ds, "PATIENT")
         patient_key = _patient_key(patient, study_uid)
-        db = self._conn()
-        with db:
-            db.execute(
-                "INSERT INTO patients (patient_key, patient_id, attrs, name_key) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(patient_key) DO UPDATE SET attrs=excluded.attrs, name_key=excluded.name_key",
-                (
-                    patient_key,
-                    patient.get("PatientID", ""),
-                    json.dumps(patient),
-                    _name_key(patient.get("PatientName", "")),
-                ),
-            )
-            study = _attrs(ds, "STUDY")
-            db.execute(
-                "INSERT INTO studies VALUES (?, ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
-                "patient_key=excluded.patient_key, study_date=excluded.study_date, accession=excluded.accession, attrs=excluded.attrs",
-                (
-                    study_uid,
-                    patient_key,
-                    study.get("StudyDate", ""),
-                    study.get("AccessionNumber", ""),
-                    json.dumps(study),
-                ),
-            )
-            series = _attrs(ds, "SERIES")
-            db.execute(
-                "INSERT INTO series VALUES (?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
-                "study_uid=excluded.study_uid, modality=excluded.modality, attrs=excluded.attrs",
-                (series_uid, study_uid, series.get("Modality", ""), json.dumps(series)),
-            )
-            image = _attrs(ds, "IMAGE")
-            image.setdefault("SOPClassUID", _text(meta.get("MediaStorageSOPClassUID")))
-            db.execute("DELETE FROM instances WHERE path = ? AND sop_uid != ?", (path, sop_uid))
-            db.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET "
-                "series_uid=excluded.series_uid, sop_class=excluded.sop_class, transfer_syntax=excluded.transfer_syntax, "
-                "path=excluded.path, size=excluded.size, mtime=excluded.mtime, attrs=excluded.attrs",
-                (
-                    sop_uid,
-                    series_uid,
-                    image["SOPClassUID"],
-                    _text(meta.get("TransferSyntaxUID")),
-                    path,
-                    st.st_size,
-                    st.st_mtime,
-                    json.dumps(image),
-                ),
-            )
+        # One transaction (in PostgreSQL, one round trip to the database's thread).
+        statements: list[tuple[str, tuple[Any, ...]]] = []
+
+        def execute(sql: str, args: tuple[Any, ...]) -> None:
+            statements.append((sql, args))
+
+        execute(
+            "INSERT INTO patients (patient_key, patient_id, attrs, name_key) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(patient_key) DO UPDATE SET attrs=excluded.attrs, name_key=excluded.name_key",
+            (
+                patient_key,
+                patient.get("PatientID", ""),
+                json.dumps(patient),
+                _name_key(patient.get("PatientName", "")),
+            ),
+        )
+        study = _attrs(ds, "STUDY")
+        execute(
+            "INSERT INTO studies VALUES (?, ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
+            "patient_key=excluded.patient_key, study_date=excluded.study_date, accession=excluded.accession, attrs=excluded.attrs",
+            (
+                study_uid,
+                patient_key,
+                study.get("StudyDate", ""),
+                study.get("AccessionNumber", ""),
+                json.dumps(study),
+            ),
+        )
+        series = _attrs(ds, "SERIES")
+        execute(
+            "INSERT INTO series VALUES (?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
+            "study_uid=excluded.study_uid, modality=excluded.modality, attrs=excluded.attrs",
+            (series_uid, study_uid, series.get("Modality", ""), json.dumps(series)),
+        )
+        image = _attrs(ds, "IMAGE")
+        image.setdefault("SOPClassUID", _text(meta.get("MediaStorageSOPClassUID")))
+        execute("DELETE FROM instances WHERE path = ? AND sop_uid != ?", (path, sop_uid))
+        execute(
+            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET "
+            "series_uid=excluded.series_uid, sop_class=excluded.sop_class, transfer_syntax=excluded.transfer_syntax, "
+            "path=excluded.path, size=excluded.size, mtime=excluded.mtime, attrs=excluded.attrs",
+            (
+                sop_uid,
+                series_uid,
+                image["SOPClassUID"],
+                _text(meta.get("TransferSyntaxUID")),
+                path,
+                st.st_size,
+                st.st_mtime,
+                json.dumps(image),
+            ),
+        )
+        self.backend.transaction(self._conn(), statements)
         return sop_uid
 
     async def index_file(self, path: str | os.PathLike[str]) -> str:
