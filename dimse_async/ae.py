@@ -31,12 +31,15 @@ from .pdu import (
 )
 from .proxy import Network, address_in, networks
 from .server import Server
-from .services import normalized, qr, verification
+from .services import verification
 from .services.storage import STORE_TRANSFER_SYNTAXES, make_spool, scp_c_store
 from .session import Operation
 from .uids import DEFAULT_TRANSFER_SYNTAXES
 
 __all__ = ["AE", "TRANSFER_SYNTAX_PRESETS", "Service"]
+
+#: The DIMSE-N requests (PS3.7 §10.1), served by services.normalized.
+_N_REQUESTS = tuple(f for f in CommandField if f.name.startswith("N_") and f.name.endswith("_RQ"))
 
 
 #: Named transfer syntax lists for ``add_requested_context`` / ``add_supported_context``:
@@ -246,9 +249,12 @@ class AE(HandlerRegistry):
     # ------------------------------------------------------------ what associations get
 
     def _dispatch(self) -> dict[int, ServiceHandler]:
-        """Command field -> service: the services read the registered handler at call time."""
+        """Command field -> service: the services read the registered handler at call time.
+
+        The query/retrieve and DIMSE-N services (and pydicom, which they need) are
+        loaded when their first request arrives."""
         handlers = self._handlers
-        route = qr.MoveRoute(self.known_aes, self.associate, self.move_concurrency)
+        routes: list[Any] = []  # the C-MOVE route, made on the first C-MOVE
 
         async def echo(assoc: DIMSEProvider, op: Operation) -> None:
             await verification.scp_c_echo(assoc, op, handlers.get(CommandField.C_ECHO_RQ))
@@ -257,21 +263,31 @@ class AE(HandlerRegistry):
             await scp_c_store(assoc, op, handlers.get(CommandField.C_STORE_RQ))
 
         async def find(assoc: DIMSEProvider, op: Operation) -> None:
+            from .services import qr
+
             await qr.scp_c_find(assoc, op, handlers.get(CommandField.C_FIND_RQ))
 
         async def get(assoc: DIMSEProvider, op: Operation) -> None:
+            from .services import qr
+
             await qr.scp_c_get(assoc, op, handlers.get(CommandField.C_GET_RQ))
 
         async def move(assoc: DIMSEProvider, op: Operation) -> None:
-            await qr.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), route)
+            from .services import qr
+
+            if not routes:
+                routes.append(qr.MoveRoute(self.known_aes, self.associate, self.move_concurrency))
+            await qr.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), routes[0])
 
         async def n_service(assoc: DIMSEProvider, op: Any) -> None:
+            from .services import normalized
+
             cmd = op.command
             sop_class = cmd.affected_sop_class_uid or cmd.requested_sop_class_uid or ""
             await normalized.scp_n_service(assoc, op, self.n_handler(cmd.command_field, sop_class))
 
         return {
-            **{field: n_service for field in normalized.N_REQUESTS},
+            **{field: n_service for field in _N_REQUESTS},
             CommandField.C_ECHO_RQ: echo,
             CommandField.C_STORE_RQ: store,
             CommandField.C_FIND_RQ: find,

@@ -11,8 +11,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import pydicom
-
 from .acse import ContextSpec
 from .dataset_check import DataSetError, check_part10
 from .part10 import read_file_meta
@@ -52,6 +50,8 @@ def inspect_file(path: str, *, check: bool = False) -> FileInfo | str:
                 return FileInfo(path, summary.sop_class_uid, meta.transfer_syntax, size)
         if meta is not None:
             return FileInfo(path, meta.sop_class_uid, meta.transfer_syntax, size)
+        import pydicom  # a file without file meta: only pydicom can tell what it is
+
         ds = pydicom.dcmread(path, force=True, stop_before_pixels=True)
         sop_class = str(ds.get("SOPClassUID", ""))
         if not sop_class:

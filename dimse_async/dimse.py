@@ -263,7 +263,7 @@ class DatasetSource(Protocol):
 
     length: int
 
-    def read(self, n: int) -> bytes: ...
+    def read(self, n: int) -> bytes | memoryview: ...
 
 
 class DatasetSink(Protocol):

@@ -31,8 +31,6 @@ import logging
 import sys
 from typing import Any, TextIO
 
-import structlog
-
 __all__ = ["LOGGER_NAME", "configure_logging", "debug_enabled", "get_logger", "set_process_fields"]
 
 LOGGER_NAME = "dimse_async"
@@ -69,23 +67,82 @@ def _to_stdlib(_logger: Any, _method: str, event_dict: dict[str, Any]) -> tuple[
     return (message,), {"extra": {RECORD_ATTR: {"event": event, **event_dict}}}
 
 
-_PROCESSORS: list[Any] = [structlog.stdlib.filter_by_level, _to_stdlib]
+def _wrap(stdlib_logger: logging.Logger, initial: dict[str, Any]) -> Any:
+    import structlog
+
+    processors: list[Any] = [structlog.stdlib.filter_by_level, _to_stdlib]
+    return structlog.wrap_logger(
+        stdlib_logger,
+        processors=processors,
+        wrapper_class=structlog.stdlib.BoundLogger,
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    ).bind(**initial)
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "exception": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "fatal": logging.CRITICAL,
+}
+
+
+def _ignore(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+class _LazyLogger:
+    """A structlog bound logger, made the first time a line is logged at an enabled level.
+
+    Loading structlog (and what it loads) takes longer than a short command-line run
+    that logs nothing; until then this holds the stdlib logger and the bound context,
+    and calls at a disabled level return at once.
+    """
+
+    __slots__ = ("_bound", "_initial", "_stdlib")
+
+    def __init__(self, stdlib_logger: logging.Logger, initial: dict[str, Any]):
+        self._stdlib = stdlib_logger
+        self._initial = initial
+        self._bound: Any = None
+
+    def _real(self) -> Any:
+        if self._bound is None:
+            self._bound = _wrap(self._stdlib, self._initial)
+        return self._bound
+
+    def bind(self, **values: Any) -> Any:
+        if self._bound is not None:
+            return self._bound.bind(**values)
+        return _LazyLogger(self._stdlib, {**self._initial, **values})
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self._stdlib.isEnabledFor(level)
+
+    def is_enabled_for(self, level: int) -> bool:
+        return self._stdlib.isEnabledFor(level)
+
+    def __getattr__(self, name: str) -> Any:
+        level = _LEVELS.get(name)
+        if level is not None and not self._stdlib.isEnabledFor(level):
+            return _ignore
+        return getattr(self._real(), name)
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
     """A structlog bound logger writing to stdlib logger ``dimse_async[.name]``.
 
     Independent of ``structlog.configure()``: the processors are our own, so a host's
-    structlog setup is neither needed nor changed.
+    structlog setup is neither needed nor changed. structlog is loaded when the first
+    line is logged at an enabled level.
     """
     stdlib_logger = logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
-    return structlog.wrap_logger(
-        stdlib_logger,
-        processors=_PROCESSORS,
-        wrapper_class=structlog.stdlib.BoundLogger,
-        context_class=dict,
-        cache_logger_on_first_use=False,
-    ).bind(**initial)
+    return _LazyLogger(stdlib_logger, initial)
 
 
 class StructuredFormatter(logging.Formatter):

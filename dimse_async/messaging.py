@@ -188,12 +188,19 @@ class DIMSEMessaging:
             batch = list(fragment(context_id, cmd, True, max_pdu))
             size = sum(map(len, batch))
             if dataset is not None:
+                # A source with ``prefetch`` (a file read in a worker thread) is asked to
+                # have the next write batch in memory before the PDUs are cut from it.
+                prefetch = None
                 if isinstance(dataset, (bytes, bytearray, memoryview)):
                     pdus = fragment(context_id, dataset, False, max_pdu)
                 else:
                     pdus = fragment_stream(context_id, dataset, max_pdu)
+                    prefetch = getattr(dataset, "prefetch", None)
+                ahead = WRITE_BATCH + (max_pdu or 1 << 22)
                 started = False
                 try:
+                    if prefetch is not None:
+                        await prefetch(ahead)
                     for pdu in pdus:
                         batch.append(pdu)
                         size += len(pdu)
@@ -202,6 +209,8 @@ class DIMSEMessaging:
                             started, batch, size = True, [], 0
                             await self._drain()
                             self._check_can_send()
+                            if prefetch is not None:
+                                await prefetch(ahead)
                 except BaseException as exc:
                     if started:  # the peer can never see this message whole (PS3.8 Annex E)
                         self.abort(f"sending {command.name} failed midway: {exc!r}")

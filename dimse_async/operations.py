@@ -8,16 +8,20 @@ into its service class module, which uses only the adapter's public interface.
 from __future__ import annotations
 
 import os
-
-from pydicom.dataset import Dataset
+from typing import TYPE_CHECKING
 
 from .association import AssociationProtocol
 from .interface import StoreHandler
-from .services import normalized, qr, verification
-from .services.commitment import CommitmentResult, request_commitment_on
-from .services.normalized import NResult
-from .services.storage import c_store
+from .services import verification
+from .services.storage import PreparedFile, c_store
 from .status import Status
+
+if TYPE_CHECKING:  # loaded when first used: they need pydicom, a C-STORE or C-ECHO does not
+    from pydicom.dataset import Dataset
+
+    from .services import qr
+    from .services.commitment import CommitmentResult
+    from .services.normalized import NResult
 
 __all__ = ["Association"]
 
@@ -37,13 +41,14 @@ class Association(AssociationProtocol):
 
     async def c_store(
         self,
-        source: Dataset | str | os.PathLike[str],
+        source: Dataset | str | os.PathLike[str] | PreparedFile,
         *,
         priority: int = 0,
         move_originator: tuple[str, int] | None = None,
         timeout: float | None = None,
     ) -> Status:
-        """C-STORE one instance (PS3.7 §9.1.1): a pydicom ``Dataset`` or a Part 10 file path.
+        """C-STORE one instance (PS3.7 §9.1.1): a pydicom ``Dataset`` or a Part 10 file path
+        (or a :class:`~dimse_async.services.storage.PreparedFile`).
 
         A file in an accepted transfer syntax is streamed from disk without decoding.
         Pipelines with other calls up to the negotiated window, e.g.
@@ -62,6 +67,8 @@ class Association(AssociationProtocol):
         ``timeout``: seconds to wait for each response (default: the AE's ``dimse_timeout``);
         expiry aborts the association (:class:`AssociationTimeout`).
         """
+        from .services import qr
+
         return qr.c_find(self, query, model, priority=priority, timeout=timeout)
 
     def c_get(
@@ -78,6 +85,8 @@ class Association(AssociationProtocol):
         Instances arrive as C-STORE sub-operations on this association (propose the
         storage classes with ``scp_role=True``) and go to ``store`` or the C-STORE handler.
         """
+        from .services import qr
+
         return qr.c_get(self, query, model, priority=priority, store=store, timeout=timeout)
 
     def c_move(
@@ -85,6 +94,8 @@ class Association(AssociationProtocol):
     ) -> qr.Responses[qr.Progress]:
         """C-MOVE (PS3.4 C.4.2) to the AE titled ``destination``: yields progress
         (``timeout``: per response, as for :meth:`c_find`)."""
+        from .services import qr
+
         return qr.c_move(self, query, destination, model, priority=priority, timeout=timeout)
 
     # ------------------------------------------------------------ DIMSE-N (PS3.7 §10.1)
@@ -99,6 +110,8 @@ class Association(AssociationProtocol):
         timeout: float | None = None,
     ) -> NResult:
         """N-EVENT-REPORT (PS3.7 §10.1.1), sent as the SCP of ``sop_class``."""
+        from .services import normalized
+
         return await normalized.n_event_report(
             self, sop_class, sop_instance, event_type_id, event_information, timeout=timeout
         )
@@ -107,12 +120,16 @@ class Association(AssociationProtocol):
         self, sop_class: str, sop_instance: str, attributes: list[int] | None = None, *, timeout: float | None = None
     ) -> NResult:
         """N-GET (PS3.7 §10.1.2): ``result.dataset`` holds the attributes asked for (tags as ints)."""
+        from .services import normalized
+
         return await normalized.n_get(self, sop_class, sop_instance, attributes, timeout=timeout)
 
     async def n_set(
         self, sop_class: str, sop_instance: str, modifications: Dataset, *, timeout: float | None = None
     ) -> NResult:
         """N-SET (PS3.7 §10.1.3) with a modification list."""
+        from .services import normalized
+
         return await normalized.n_set(self, sop_class, sop_instance, modifications, timeout=timeout)
 
     async def n_action(
@@ -125,6 +142,8 @@ class Association(AssociationProtocol):
         timeout: float | None = None,
     ) -> NResult:
         """N-ACTION (PS3.7 §10.1.4); ``result.dataset`` is the action reply, if any."""
+        from .services import normalized
+
         return await normalized.n_action(
             self, sop_class, sop_instance, action_type_id, action_information, timeout=timeout
         )
@@ -138,13 +157,19 @@ class Association(AssociationProtocol):
         timeout: float | None = None,
     ) -> NResult:
         """N-CREATE (PS3.7 §10.1.5); ``result.sop_instance_uid`` is the instance created."""
+        from .services import normalized
+
         return await normalized.n_create(self, sop_class, sop_instance, attributes, timeout=timeout)
 
     async def n_delete(self, sop_class: str, sop_instance: str, *, timeout: float | None = None) -> NResult:
         """N-DELETE (PS3.7 §10.1.6)."""
+        from .services import normalized
+
         return await normalized.n_delete(self, sop_class, sop_instance, timeout=timeout)
 
     async def request_commitment(self, references: list[tuple[str, str]], *, timeout: float = 60.0) -> CommitmentResult:
         """Storage commitment on this association (PS3.4 J.3.2): N-ACTION, then wait up to
         ``timeout`` s for the report, here or on a new association to our AE."""
+        from .services.commitment import request_commitment_on
+
         return await request_commitment_on(self, references, timeout=timeout)

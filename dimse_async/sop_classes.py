@@ -4,11 +4,14 @@ Every non-retired SOP class whose name says it stores instances, including the
 "- For Presentation" / "- For Processing" pairs (DX, MG, IO, Breast Projection X-Ray,
 IVOCT, DICOS DX) whose names do not end in "Storage". Not storage classes: Storage
 Commitment and Media Storage Directory (DICOMDIR, PS3.10).
+
+The list is built from pydicom's registry on first use (PEP 562), so that a program
+that never asks for it (a sender) does not load pydicom.
 """
 
 from __future__ import annotations
 
-from pydicom import uid as _uid
+from typing import Any
 
 __all__ = ["STORAGE_SOP_CLASSES", "is_storage_class"]
 
@@ -17,7 +20,9 @@ _NOT_STORAGE = ("Storage Commitment", "Media Storage Directory")
 
 def is_storage_class(uid: str) -> bool:
     """Whether pydicom names ``uid`` a non-retired storage SOP class."""
-    info = _uid.UID(uid)
+    from pydicom.uid import UID
+
+    info = UID(uid)
     if info.type != "SOP Class" or info.is_retired:
         return False
     name = info.name
@@ -25,6 +30,17 @@ def is_storage_class(uid: str) -> bool:
 
 
 #: The storage SOP classes, sorted by UID.
-STORAGE_SOP_CLASSES: list[str] = sorted(
-    {str(v) for v in vars(_uid).values() if isinstance(v, _uid.UID) and is_storage_class(v)}
-)
+STORAGE_SOP_CLASSES: list[str]
+
+
+def _storage_sop_classes() -> list[str]:
+    from pydicom import uid as _uid
+
+    return sorted({str(v) for v in vars(_uid).values() if isinstance(v, _uid.UID) and is_storage_class(v)})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "STORAGE_SOP_CLASSES":
+        value = globals()[name] = _storage_sop_classes()
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,10 @@
-"""UIDs the library uses by name (PS3.6 Annex A), taken from pydicom where it has them."""
+"""UIDs the library uses by name (PS3.6 Annex A).
+
+Plain strings, so that importing them does not load pydicom; :func:`uid_name` asks
+pydicom's registry only when a name is wanted (messages, logs).
+"""
 
 from __future__ import annotations
-
-from pydicom import uid as _uid
 
 __all__ = [
     "DEFAULT_TRANSFER_SYNTAXES",
@@ -17,12 +19,12 @@ __all__ = [
 IMPLEMENTATION_CLASS_UID = "2.25.274571480719065348315665717021919789922"
 IMPLEMENTATION_VERSION_NAME = "DIMSE_ASYNC_01"
 
-Verification = _uid.UID("1.2.840.10008.1.1")
+Verification = "1.2.840.10008.1.1"
 
-ImplicitVRLittleEndian = _uid.ImplicitVRLittleEndian
-ExplicitVRLittleEndian = _uid.ExplicitVRLittleEndian
-ExplicitVRBigEndian = _uid.ExplicitVRBigEndian
-DeflatedExplicitVRLittleEndian = _uid.DeflatedExplicitVRLittleEndian
+ImplicitVRLittleEndian = "1.2.840.10008.1.2"
+ExplicitVRLittleEndian = "1.2.840.10008.1.2.1"
+ExplicitVRBigEndian = "1.2.840.10008.1.2.2"
+DeflatedExplicitVRLittleEndian = "1.2.840.10008.1.2.1.99"
 
 #: Uncompressed transfer syntaxes, in our order of preference as acceptor.
 UNCOMPRESSED_TRANSFER_SYNTAXES = [
@@ -38,7 +40,9 @@ DEFAULT_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 def uid_name(uid: str) -> str:
     """The registered name of ``uid`` (PS3.6 Annex A) if pydicom knows it, else the UID."""
     try:
-        name = _uid.UID(uid).name
+        from pydicom.uid import UID
+
+        name = UID(uid).name
     except Exception:  # pragma: no cover - pydicom version differences
         return uid
     return name if name and name != uid else uid

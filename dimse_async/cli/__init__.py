@@ -1,27 +1,33 @@
 """The ``dimse-async`` command line (also ``python -m dimse_async``).
 
 Errors are one line on stderr with an exit code per kind of failure
-(:data:`~dimse_async.cli.common.EXIT_CODES`), no traceback. ``find``, ``get`` and
-``move`` live in their own modules (``add_parser(subparsers)`` and ``async run(args)``).
+(:data:`~dimse_async.cli.common.EXIT_CODES`), no traceback. ``find``, ``get``,
+``move``, ``check`` and ``commit`` live in their own modules (``add_parser(subparsers)``
+and a ``run``).
+
+Start-up is part of every run: only the command being run is set up and only what it
+uses is imported (a ``send`` loads neither pydicom nor structlog unless a file needs
+decoding or a line is logged); ``--help`` without a command loads every command.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.abc
+import importlib.machinery
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-from .. import AE, Verification, __version__, run
-from ..deploy import Deployment, serve_until_signalled
+from .. import __version__, run
 from ..log import configure_logging, get_logger
 from ..part10 import valid_uid
-from ..services.send import SendResult, collect_files, send_files
-from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore
-from ..workers import run_workers, worker_info
-from . import check, commit, find, get, move, options
+from ..workers import worker_info
+from . import options
 from .common import (
     EXIT_CODES,
     EXIT_OK,
@@ -40,10 +46,21 @@ from .common import (
 )
 from .progress import progress_bar
 
+if TYPE_CHECKING:
+    from .. import AE
+    from ..deploy import Deployment
+    from ..services.send import SendResult
+
 __all__ = ["main"]
 
 #: Commands in their own modules: ``add_parser(subparsers)`` and ``async run(args)``.
-MODULES = {"find": find, "get": get, "move": move}
+MODULES = ("find", "get", "move")
+#: Commands with their own ``add_parser(subparsers)`` and a synchronous entry point.
+OWN_PARSER = ("check", "commit")
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f".{name}", __package__)
 
 
 LOOPBACK = "127.0.0.1"  # listen on loopback unless told otherwise (--host)
@@ -83,12 +100,22 @@ def _scp_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-json", action="store_true", help="log as JSON lines")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``command``, only that command's arguments are set up."""
     epilog = "exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items())
     parser = Parser(prog="dimse-async", description="asyncio DICOM networking tools", epilog=epilog)
     parser.add_argument("--version", action="version", version=f"dimse-async {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, build in _BUILDERS.items():
+        if command is None or name == command:
+            build(sub)
+    for name, cmd in sub.choices.items():
+        cmd.epilog = epilog if name != "check" else cmd.epilog
+        cmd.add_argument("--version", action="version", version=f"dimse-async {__version__}")
+    return parser
 
+
+def _add_echo(sub: Any) -> None:
     echo = sub.add_parser("echo", help="C-ECHO (verification) SCU")
     echo.add_argument("host")
     echo.add_argument("port", type=port)
@@ -100,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     options.add_client_tls(echo)
     options.add_keepalive(echo)
 
+
+def _add_echo_scp(sub: Any) -> None:
     scp = sub.add_parser("echo-scp", help="verification SCP")
     scp.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     scp.add_argument("--port", type=port, default=11112)
@@ -108,6 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     _scp_common(scp)
     _server_options(scp)
 
+
+def _add_serve(sub: Any) -> None:
     serve = sub.add_parser("serve", help="the archive: storage, query/retrieve and worklist SCP")
     serve.add_argument("--config", help="TOML configuration file (see dimse_async/archive/config.py)")
     serve.add_argument("--host", help="address to listen on (config: host, default 127.0.0.1)")
@@ -134,6 +165,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _scp_common(serve)
     _server_options(serve)
+
+
+def _add_store_scp(sub: Any) -> None:
     store = sub.add_parser("store-scp", help="storage SCP writing Part 10 files")
     store.add_argument("--host", default=LOOPBACK, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     store.add_argument("--port", type=port, default=11112)
@@ -158,6 +192,8 @@ def _parser() -> argparse.ArgumentParser:
     _scp_common(store)
     _server_options(store)
 
+
+def _add_send(sub: Any) -> None:
     send = sub.add_parser("send", help="C-STORE files to a storage SCP")
     send.add_argument("host")
     send.add_argument("port", type=port)
@@ -174,14 +210,24 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--idle-release", type=float, metavar="S", help="release an association idle for S seconds (NAT friendly)"
     )
-    check.add_parser(sub)
-    commit.add_parser(sub)
-    for module in MODULES.values():
-        module.add_parser(sub)
-    for name, command in sub.choices.items():
-        command.epilog = epilog if name != "check" else command.epilog
-        command.add_argument("--version", action="version", version=f"dimse-async {__version__}")
-    return parser
+
+
+def _add_module(name: str) -> Callable[[Any], None]:
+    def build(sub: Any) -> None:
+        _module(name).add_parser(sub)
+
+    return build
+
+
+#: Every command, in the order ``--help`` lists them.
+_BUILDERS: dict[str, Callable[[Any], None]] = {
+    "echo": _add_echo,
+    "echo-scp": _add_echo_scp,
+    "serve": _add_serve,
+    "store-scp": _add_store_scp,
+    "send": _add_send,
+    **{name: _add_module(name) for name in (*OWN_PARSER, *MODULES)},
+}
 
 
 #: Admission control and bounded input (AE settings; serve: the same keys in TOML).
@@ -232,6 +278,8 @@ def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _echo(args: argparse.Namespace) -> int:
+    from .. import AE, Verification
+
     ae = AE(
         args.aet,
         connect_timeout=args.timeout,
@@ -273,6 +321,9 @@ def _deployment(args: argparse.Namespace, command: str) -> Deployment | None:
 
 
 async def _serve_verification(args: argparse.Namespace) -> int:
+    from .. import AE, Verification
+    from ..deploy import serve_until_signalled
+
     dep = _deployment(args, "echo-scp")
     if dep is None:
         return EXIT_USAGE
@@ -297,6 +348,9 @@ async def _serve_verification(args: argparse.Namespace) -> int:
 
 def storage_ae(args: argparse.Namespace) -> AE:
     """An AE accepting verification and every storage SOP class in the usual syntaxes."""
+    from .. import AE, Verification
+    from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES
+
     ae = AE(
         args.aet,
         require_called_ae=bool(getattr(args, "require_called_ae", False)),
@@ -312,6 +366,9 @@ def storage_ae(args: argparse.Namespace) -> AE:
 
 
 async def _store_scp(args: argparse.Namespace) -> int:
+    from ..deploy import serve_until_signalled
+    from ..services.storage import DirectoryStore
+
     dep = _deployment(args, "store-scp")
     if dep is None:
         return EXIT_USAGE
@@ -341,6 +398,9 @@ async def _store_scp(args: argparse.Namespace) -> int:
 
 
 async def _send(args: argparse.Namespace) -> int:
+    from .. import AE
+    from ..services.send import collect_files, send_files
+
     try:
         paths = collect_files(args.paths, args.recurse)
     except ValueError as exc:
@@ -411,21 +471,55 @@ def _tune_allocator() -> None:
         pass
 
 
+def _quiet_config(module: ModuleType) -> None:
+    module.settings.reading_validation_mode = module.IGNORE
+
+
+class _QuietPydicom(importlib.abc.MetaPathFinder):
+    """Applies :func:`_quiet_config` to ``pydicom.config`` as soon as it is imported,
+    so that a command that never decodes a data set need not import pydicom."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "pydicom.config":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        loader = spec.loader if spec is not None else None
+        if spec is None or loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run_module = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run_module(module)
+            _quiet_config(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
 def _quiet_pydicom() -> None:
     """Received data sets are kept as sent: pydicom's value-validation warnings would
-    print to stderr for every odd value a peer sends, so the CLI turns them off."""
-    import pydicom.config
+    print to stderr for every odd value a peer sends, so the CLI turns them off (now,
+    or when pydicom is first imported)."""
+    config = sys.modules.get("pydicom.config")
+    if config is not None:
+        _quiet_config(config)
+    elif not any(isinstance(f, _QuietPydicom) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietPydicom())
 
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+def _command(argv: list[str]) -> str | None:
+    """The command named on the command line (the first argument), if it is one."""
+    return argv[0] if argv and argv[0] in _BUILDERS else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(_command(argv)).parse_args(argv)
     except SystemExit as exc:
         if exc.code == EXIT_USAGE and "check" in argv:
-            return check.UNKNOWN  # monitoring convention: bad arguments are UNKNOWN
+            return int(_module("check").UNKNOWN)  # monitoring convention: bad arguments are UNKNOWN
         raise
     _tune_allocator()
     _quiet_pydicom()
@@ -438,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command in MODULES:
-        return int(run(MODULES[args.command].run(args)))
+        return int(run(_module(args.command).run(args)))
     if args.command == "echo":
         return run(_echo(args))
     if args.command == "echo-scp":
@@ -453,6 +547,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return run(serve(args))
     if args.command == "store-scp":
         if args.workers > 1 and worker_info() is None:
+            from ..workers import run_workers
+
             dep = _deployment(args, "store-scp")
             if dep is None:
                 return EXIT_USAGE
@@ -462,9 +558,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "send":
         return run(_send(args))
     if args.command == "check":
-        return check.run(args)
+        return int(_module("check").run(args))
     if args.command == "commit":
-        return commit.main(args)
+        return int(_module("commit").main(args))
     return EXIT_USAGE  # pragma: no cover
 
 

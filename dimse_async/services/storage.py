@@ -16,25 +16,22 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import pydicom
-from pydicom.dataset import Dataset
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
-from ..codec import UNCOMPRESSED, encode_dataset
-from ..dataset_check import DataSetError, dataset_uids
+from ..dataset_check import DataSetError, check_dataset, check_dataset_bytes, dataset_uids
 from ..dimse import Command, CommandField, Message
 from ..exceptions import NoAcceptedContext
 from ..filewriter import group_commit, make_dirs, sync_file, write_file
 from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, read_file_meta, valid_uid
 from ..session import Operation
-from ..sop_classes import STORAGE_SOP_CLASSES
 from ..status import Code, Status, response_status
-from ..transcode import decompress
 from ..uids import (
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -45,16 +42,33 @@ from .requests import Request
 from .scp import response, run_handler
 from .spool import Spool
 
+if TYPE_CHECKING:  # pydicom is loaded only where a data set is decoded or encoded
+    from pydicom.dataset import Dataset
+
 __all__ = [
     "STORAGE_SOP_CLASSES",
     "STORE_TRANSFER_SYNTAXES",
     "DirectoryStore",
+    "PreparedFile",
     "Spool",
     "StoreRequest",
     "c_store",
     "make_spool",
+    "prepare_file",
     "scp_c_store",
 ]
+
+#: The storage SOP classes (:mod:`dimse_async.sop_classes`), loaded on first use.
+STORAGE_SOP_CLASSES: list[str]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "STORAGE_SOP_CLASSES":  # built from pydicom's registry on first use
+        from .. import sop_classes
+
+        return sop_classes.STORAGE_SOP_CLASSES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: What a storage SCP accepts by default: uncompressed first, then the usual compressed.
 STORE_TRANSFER_SYNTAXES: list[str] = [
@@ -129,6 +143,8 @@ class StoreRequest(Request):
     def dataset(self) -> Dataset:
         """The data set, decoded by pydicom on first access."""
         if self._dataset is None:
+            import pydicom
+
             with self.open() as fp:
                 self._dataset = pydicom.dcmread(fp)
         return self._dataset
@@ -303,61 +319,218 @@ class DirectoryStore:
 # ---------------------------------------------------------------------------
 
 
-class _FilePayload:
-    """The data set part of a Part 10 file, read in pieces by the sender."""
+#: Data sets up to this size are read whole (in a worker thread) before they are sent;
+#: larger ones are streamed from their file in pieces read ahead in a worker thread.
+READ_WHOLE = 4 << 20
+_PIECE = 1 << 20  # bytes per read of a streamed file
+_UNCOMPRESSED = frozenset(UNCOMPRESSED_TRANSFER_SYNTAXES) | {DeflatedExplicitVRLittleEndian}
 
-    def __init__(self, fp: BinaryIO, offset: int, *, pad_odd: bool = False):
+
+@dataclass(slots=True)
+class PreparedFile:
+    """A Part 10 file ready to send (PS3.10 §7.1): the UIDs its data set names, its
+    transfer syntax, and the data set's bytes (``dataset``, when small) or where they
+    are in the file (``offset``, ``length``)."""
+
+    path: str
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    file_size: int
+    offset: int
+    length: int
+    dataset: bytes | None = None
+    pad: bool = False  # PS3.5 A.5: an odd-length deflated stream gets one trailing NUL
+
+
+def prepare_file(path: str, *, check: bool = False) -> PreparedFile | None:
+    """Read what sending ``path`` needs, without decoding it. Blocking (run it in a thread).
+
+    ``None`` when the file has no usable file meta (pydicom must read it). Raises
+    ``ValueError`` for a data set that is not well formed: with ``check`` every element
+    is walked to the end (PS3.5 §7), else only as far as the SOP Instance UID.
+    Data sets up to :data:`READ_WHOLE` bytes are read into memory, larger ones stay on disk.
+    """
+    with open(path, "rb") as fp:
+        meta = read_file_meta(fp)
+        if meta is None:
+            return None
+        file_size = os.fstat(fp.fileno()).st_size
+        length = file_size - meta.dataset_offset
+        ts = meta.transfer_syntax
+        data: bytes | None = None
+        try:
+            if length <= READ_WHOLE:
+                fp.seek(meta.dataset_offset)
+                data = fp.read(length)
+                if check:
+                    summary = check_dataset_bytes(data, ts)
+                    sop_class, sop_instance = summary.sop_class_uid, summary.sop_instance_uid
+                else:
+                    sop_class, sop_instance = dataset_uids(io.BytesIO(data), ts, 0)
+            elif check:
+                summary = check_dataset(fp, ts, meta.dataset_offset)
+                sop_class, sop_instance = summary.sop_class_uid, summary.sop_instance_uid
+            else:
+                sop_class, sop_instance = dataset_uids(fp, ts, meta.dataset_offset)
+        except DataSetError as exc:
+            raise ValueError(f"not a valid data set in its transfer syntax ({uid_name(ts)}): {exc}") from None
+    if not sop_class or not sop_instance:
+        raise ValueError("the data set has no SOP Class or SOP Instance UID")
+    pad = ts == DeflatedExplicitVRLittleEndian and length % 2 == 1
+    if data is not None and pad:
+        data += b"\x00"
+    return PreparedFile(path, sop_class, sop_instance, ts, file_size, meta.dataset_offset, length + pad, data, pad)
+
+
+class _FileStream:
+    """The data set of a large file, sent in pieces read ahead in a worker thread.
+
+    :meth:`prefetch` (awaited by the sender between writes) keeps the next bytes in
+    memory, one read in flight behind them; :meth:`read` serves from there. At most
+    about two write batches of the file are in memory at once, whatever its size.
+    """
+
+    def __init__(self, fp: BinaryIO, prepared: PreparedFile):
         self.fp = fp
-        fp.seek(0, os.SEEK_END)
-        self.length = fp.tell() - offset
-        # PS3.5 A.5: an odd-length deflated stream gets one trailing NUL (some files lack it).
-        self._pad = b"\x00" if pad_odd and self.length % 2 else b""
-        self.length += len(self._pad)
-        fp.seek(offset)
+        self.length = prepared.length
+        self._unread = prepared.length - prepared.pad  # bytes of the file not yet read
+        self._pad = b"\x00" if prepared.pad else b""
+        self._pieces: deque[memoryview] = deque()
+        self._buffered = 0
+        self._pending: asyncio.Future[bytes] | None = None
 
-    def read(self, n: int) -> bytes:
-        data = self.fp.read(n)
-        if len(data) < n and self._pad:
-            data, self._pad = data + self._pad, b""
-        return data
+    def _start(self) -> None:
+        if self._pending is None and self._unread > 0:
+            n = min(_PIECE, self._unread)
+            self._unread -= n
+            self._pending = asyncio.get_running_loop().run_in_executor(None, self.fp.read, n)
+
+    async def _take(self) -> None:
+        assert self._pending is not None
+        data = await self._pending
+        self._pending = None
+        if data:
+            self._pieces.append(memoryview(data))
+            self._buffered += len(data)
+        if self._unread <= 0 and self._pad:
+            self._pieces.append(memoryview(self._pad))
+            self._buffered, self._pad = self._buffered + 1, b""
+
+    async def prefetch(self, n: int) -> None:
+        """Have at least ``n`` bytes (or all that is left) in memory, and the next read started."""
+        self._start()
+        while self._buffered < n and self._pending is not None:
+            await self._take()
+            self._start()
+
+    def read(self, n: int) -> bytes | memoryview:
+        if self._buffered < n:  # not prefetched (a sender that does not prefetch): read here
+            while self._unread > 0 and self._buffered < n and self._pending is None:
+                data = self.fp.read(min(_PIECE, self._unread))
+                self._unread -= len(data) if data else self._unread
+                if data:
+                    self._pieces.append(memoryview(data))
+                    self._buffered += len(data)
+            if self._unread <= 0 and self._pad and self._pending is None:
+                self._pieces.append(memoryview(self._pad))
+                self._buffered, self._pad = self._buffered + 1, b""
+        out: list[memoryview] = []
+        want = n
+        while want and self._pieces:
+            head = self._pieces[0]
+            if len(head) <= want:
+                out.append(self._pieces.popleft())
+                want -= len(head)
+            else:
+                out.append(head[:want])
+                self._pieces[0] = head[want:]
+                want = 0
+        self._buffered -= n - want
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    async def close(self) -> None:
+        """Wait for a read still in flight, then close the file."""
+        if self._pending is not None:
+            try:
+                await asyncio.shield(self._pending)
+            except Exception:  # the read's own error does not matter any more
+                pass
+            self._pending = None
+        self.fp.close()
 
 
 async def c_store(
     assoc: DIMSEProvider,
-    source: Dataset | str | os.PathLike[str],
+    source: Dataset | str | os.PathLike[str] | PreparedFile,
     *,
     priority: int = 0,
     move_originator: tuple[str, int] | None = None,
     timeout: float | None = None,
 ) -> Status:
-    """C-STORE one instance from a pydicom ``Dataset`` or a file path (PS3.7 §9.1.1)."""
-    if isinstance(source, Dataset):
+    """C-STORE one instance from a pydicom ``Dataset``, a file path or a
+    :class:`PreparedFile` (PS3.7 §9.1.1).
+
+    A file in an accepted transfer syntax goes as it is stored: read whole in a worker
+    thread when small, else streamed from disk with bounded read-ahead (never the
+    whole file in memory); the command names what the data set says it is (PS3.4
+    B.2.3), not the file meta. Other files are decoded and transcoded with pydicom.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        prepared = await asyncio.to_thread(prepare_file, path)
+        if prepared is None:
+            return await _store_decoded(assoc, path, priority, move_originator, timeout)
+    elif isinstance(source, PreparedFile):
+        prepared = source
+    else:
         ctx, payload, sop_class, sop_instance = _dataset_payload(assoc, source)
         return await _send_store(assoc, ctx, payload, sop_class, sop_instance, priority, move_originator, timeout)
-    path = os.fspath(source)
-    with open(path, "rb") as fp:  # noqa: ASYNC230 - local reads of PDU-sized pieces; a thread hop per piece costs more
-        meta = read_file_meta(fp)
-        if meta is not None:
-            # The command names what the data set says it is (PS3.4 B.2.3), not the file meta.
-            sop_class, sop_instance = _own_uids(path, fp, meta)
-            file_ctx = _find_context(assoc, sop_class, meta.transfer_syntax)
-            if file_ctx is not None:
-                streamed = _FilePayload(
-                    fp, meta.dataset_offset, pad_odd=meta.transfer_syntax == DeflatedExplicitVRLittleEndian
-                )
-                return await _send_store(
-                    assoc, file_ctx, streamed, sop_class, sop_instance, priority, move_originator, timeout
-                )
-        fp.seek(0)
-        ds = pydicom.dcmread(fp, force=True)
-    ctx, payload, sop_class, sop_instance = _dataset_payload(assoc, ds)
+    file_ctx = _find_context(assoc, prepared.sop_class, prepared.transfer_syntax)
+    if file_ctx is None:
+        return await _store_decoded(assoc, prepared.path, priority, move_originator, timeout)
+    if prepared.dataset is not None:
+        return await _send_store(
+            assoc,
+            file_ctx,
+            prepared.dataset,
+            prepared.sop_class,
+            prepared.sop_instance,
+            priority,
+            move_originator,
+            timeout,
+        )
+    fp = await asyncio.to_thread(open, prepared.path, "rb")
+    stream = _FileStream(fp, prepared)
+    try:
+        await asyncio.to_thread(fp.seek, prepared.offset)
+        return await _send_store(
+            assoc, file_ctx, stream, prepared.sop_class, prepared.sop_instance, priority, move_originator, timeout
+        )
+    finally:
+        await stream.close()
+
+
+async def _store_decoded(
+    assoc: DIMSEProvider, path: str, priority: int, move_originator: tuple[str, int] | None, timeout: float | None
+) -> Status:
+    """A file without file meta, or in a syntax the peer did not accept: decoded and
+    re-encoded (in a worker thread) in an accepted syntax."""
+
+    def decode() -> tuple[PresentationContext, bytes, str, str]:
+        import pydicom
+
+        ds = pydicom.dcmread(path, force=True)
+        return _dataset_payload(assoc, ds)
+
+    ctx, payload, sop_class, sop_instance = await asyncio.to_thread(decode)
     return await _send_store(assoc, ctx, payload, sop_class, sop_instance, priority, move_originator, timeout)
 
 
 async def _send_store(
     assoc: DIMSEProvider,
     ctx: PresentationContext,
-    payload: bytes | _FilePayload,
+    payload: bytes | _FileStream,
     sop_class: str,
     sop_instance: str,
     priority: int,
@@ -377,17 +550,6 @@ async def _send_store(
     return response_status(rsp.command.status, rsp.command.error_comment)  # the association logs the outcome
 
 
-def _own_uids(path: str, fp: BinaryIO, meta: Any) -> tuple[str, str]:
-    """The data set's SOP Class/Instance UIDs (those of the meta when the data set lacks them)."""
-    try:
-        sop_class, sop_instance = dataset_uids(fp, meta.transfer_syntax, meta.dataset_offset)
-    except DataSetError as exc:
-        raise ValueError(f"{path}: not a well-formed data set in {uid_name(meta.transfer_syntax)}: {exc}") from None
-    if not sop_instance or not sop_class:
-        raise ValueError(f"{path}: the data set has no SOP Class or SOP Instance UID")
-    return sop_class, sop_instance
-
-
 def _find_context(assoc: DIMSEProvider, sop_class: str, transfer_syntax: str) -> PresentationContext | None:
     for ctx in assoc.accepted_contexts:
         if ctx.abstract_syntax == sop_class and ctx.transfer_syntax == transfer_syntax and ctx.as_scu:
@@ -396,6 +558,8 @@ def _find_context(assoc: DIMSEProvider, sop_class: str, transfer_syntax: str) ->
 
 
 def _dataset_payload(assoc: DIMSEProvider, ds: Dataset) -> tuple[PresentationContext, bytes, str, str]:
+    from ..codec import encode_dataset
+
     sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
     sop_instance = str(ds.get("SOPInstanceUID", ""))
     if not sop_class or not sop_instance:
@@ -406,18 +570,20 @@ def _dataset_payload(assoc: DIMSEProvider, ds: Dataset) -> tuple[PresentationCon
         ctx = _find_context(assoc, sop_class, source_ts)
         if ctx is not None:
             return ctx, encode_dataset(ds, source_ts, source_ts), sop_class, sop_instance
-    if source_ts and source_ts not in UNCOMPRESSED:
+    if source_ts and source_ts not in _UNCOMPRESSED:
         # Compressed, and the peer did not accept that syntax: decode the pixel data
         # when pydicom can, and send in an accepted uncompressed syntax (lossy stays marked).
-        if not any(c.abstract_syntax == sop_class and c.as_scu and c.transfer_syntax in UNCOMPRESSED
+        if not any(c.abstract_syntax == sop_class and c.as_scu and c.transfer_syntax in _UNCOMPRESSED
                    for c in assoc.accepted_contexts):  # fmt: skip
             raise NoAcceptedContext(
                 f"{sop_instance}: stored as {uid_name(source_ts)}, which the peer did not accept for "
                 f"{uid_name(sop_class)}, nor an uncompressed syntax"
             )
+        from ..transcode import decompress
+
         ds = decompress(ds)
         source_ts = ExplicitVRLittleEndian
     for ctx in assoc.accepted_contexts:
-        if ctx.abstract_syntax == sop_class and ctx.as_scu and ctx.transfer_syntax in UNCOMPRESSED:
+        if ctx.abstract_syntax == sop_class and ctx.as_scu and ctx.transfer_syntax in _UNCOMPRESSED:
             return ctx, encode_dataset(ds, ctx.transfer_syntax, source_ts or None), sop_class, sop_instance
     raise NoAcceptedContext(f"{sop_instance}: no accepted presentation context for {uid_name(sop_class)}")
