@@ -225,6 +225,15 @@ def fragment(context_id: int, data: bytes | memoryview, is_command: bool, max_pd
     ``max_pdu`` is the peer's maximum length (0 = unlimited; a large finite value
     is then used). The last fragment has the "last" bit set.
     """
+    for header, chunk in fragment_parts(context_id, data, is_command, max_pdu):
+        yield header + chunk
+
+
+def fragment_parts(
+    context_id: int, data: bytes | memoryview, is_command: bool, max_pdu: int
+) -> Iterator[tuple[bytes, memoryview]]:
+    """:func:`fragment` as (PDU and PDV header, value slice) pairs: the value is not
+    copied, so a sender joins each write's PDUs in one copy."""
     max_data = (max_pdu or (1 << 22)) - 6
     if max_data < 1:
         raise ValueError(f"peer maximum PDU length {max_pdu} is too small")
@@ -236,13 +245,21 @@ def fragment(context_id: int, data: bytes | memoryview, is_command: bool, max_pd
         chunk = mv[pos : pos + max_data]
         pos += len(chunk)
         control = base | (2 if pos >= total else 0)
-        yield encode_pdata_header(len(chunk), context_id, control) + chunk
+        yield encode_pdata_header(len(chunk), context_id, control), chunk
         if pos >= total:
             return
 
 
 def fragment_stream(context_id: int, payload: DatasetSource, max_pdu: int) -> Iterator[bytes]:
     """Like :func:`fragment` for a data set read in pieces (a file being streamed)."""
+    for header, chunk in fragment_stream_parts(context_id, payload, max_pdu):
+        yield header + chunk
+
+
+def fragment_stream_parts(
+    context_id: int, payload: DatasetSource, max_pdu: int
+) -> Iterator[tuple[bytes, bytes | memoryview]]:
+    """:func:`fragment_stream` as (header, value) pairs, like :func:`fragment_parts`."""
     max_data = (max_pdu or (1 << 22)) - 6
     if max_data < 1:
         raise ValueError(f"peer maximum PDU length {max_pdu} is too small")
@@ -253,7 +270,7 @@ def fragment_stream(context_id: int, payload: DatasetSource, max_pdu: int) -> It
         if len(chunk) != n:
             raise DIMSEError(f"data set source ended {remaining - len(chunk)} bytes early")
         remaining -= n
-        yield encode_pdata_header(n, context_id, 2 if remaining == 0 else 0) + chunk
+        yield encode_pdata_header(n, context_id, 2 if remaining == 0 else 0), chunk
         if remaining == 0:
             return
 

@@ -12,10 +12,21 @@ waiting for the transport to drain. It implements most of
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 from .acse import Negotiated, PresentationContext
-from .dimse import Command, DataFragment, DatasetSink, DIMSEError, Message, encode_command, fragment, fragment_stream
+from .dimse import (
+    Command,
+    DataFragment,
+    DatasetSink,
+    DIMSEError,
+    Message,
+    encode_command,
+    fragment,
+    fragment_parts,
+    fragment_stream_parts,
+)
 from .exceptions import AssociationAborted, AssociationError
 from .filewriter import FileWriter
 from .fsm import Output, PDataIndication, State, UpperLayer
@@ -185,25 +196,27 @@ class DIMSEMessaging:
         async with self._send_lock:
             self._check_can_send()
             self.oplog.sent(self.loop.time(), command, dataset, self.log, self._debug)
-            batch = list(fragment(context_id, cmd, True, max_pdu))
+            batch: list[bytes | memoryview] = list(fragment(context_id, cmd, True, max_pdu))
             size = sum(map(len, batch))
             if dataset is not None:
                 # A source with ``prefetch`` (a file read in a worker thread) is asked to
                 # have the next write batch in memory before the PDUs are cut from it.
+                # Headers and value slices are joined once per write, not copied per PDU.
                 prefetch = None
+                parts: Iterator[tuple[bytes, bytes | memoryview]]
                 if isinstance(dataset, (bytes, bytearray, memoryview)):
-                    pdus = fragment(context_id, dataset, False, max_pdu)
+                    parts = fragment_parts(context_id, dataset, False, max_pdu)
                 else:
-                    pdus = fragment_stream(context_id, dataset, max_pdu)
+                    parts = fragment_stream_parts(context_id, dataset, max_pdu)
                     prefetch = getattr(dataset, "prefetch", None)
                 ahead = WRITE_BATCH + (max_pdu or 1 << 22)
                 started = False
                 try:
                     if prefetch is not None:
                         await prefetch(ahead)
-                    for pdu in pdus:
-                        batch.append(pdu)
-                        size += len(pdu)
+                    for header, chunk in parts:
+                        batch += (header, chunk)
+                        size += len(header) + len(chunk)
                         if size >= WRITE_BATCH:
                             self._run(self.fsm.send_pdata(b"".join(batch)))
                             started, batch, size = True, [], 0
@@ -216,7 +229,7 @@ class DIMSEMessaging:
                         self.abort(f"sending {command.name} failed midway: {exc!r}")
                     raise
             if batch:
-                self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else batch[0]))
+                self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else bytes(batch[0])))
             if self._debug:
                 self.log.debug("message sent", command=command.name, context=context_id, dataset=dataset is not None)
             self._last_dimse = self.loop.time()

@@ -41,29 +41,46 @@ def read_file_meta(fp: BinaryIO) -> FileMeta | None:
     """Parse preamble and group 0002 from the start of ``fp``.
 
     Returns ``None`` if there is no ``DICM`` prefix or the meta information lacks the
-    media storage SOP class / instance or the transfer syntax.
+    media storage SOP class / instance or the transfer syntax. Reads a few KB (more
+    only for an unusually long file meta), not the data set.
     """
     fp.seek(0)
-    head = fp.read(132 + _MAX_META)
+    head = fp.read(132 + _FIRST_READ)
     if len(head) < 132 or head[128:132] != b"DICM":
         return None
+    got = _parse_meta(head, complete=len(head) < 132 + _FIRST_READ)
+    if got is _MORE:
+        head += fp.read(_MAX_META - _FIRST_READ)
+        got = _parse_meta(head, complete=True)
+    return None if got is _MORE else got  # type: ignore[return-value]
+
+
+_FIRST_READ = 4096
+_MORE = object()  # the meta runs past what was read
+
+
+def _parse_meta(head: bytes, *, complete: bool) -> FileMeta | object | None:
     pos = 132
     values: dict[int, str] = {}
-    while pos + 8 <= len(head):
+    while True:
+        if pos + 8 > len(head):
+            if not complete:
+                return _MORE
+            break
         group, elem = struct.unpack_from("<HH", head, pos)
         if group != 0x0002:
             break
         vr = head[pos + 4 : pos + 6]
         if vr in _LONG_VRS:
             if pos + 12 > len(head):
-                return None
+                return None if complete else _MORE
             (length,) = struct.unpack_from("<I", head, pos + 8)
             start = pos + 12
         else:
             (length,) = struct.unpack_from("<H", head, pos + 6)
             start = pos + 8
         if start + length > len(head):
-            return None
+            return None if complete else _MORE
         if elem in (0x0002, 0x0003, 0x0010):
             values[elem] = head[start : start + length].decode("ascii", "replace").rstrip("\x00 ")
         pos = start + length

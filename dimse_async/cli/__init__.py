@@ -509,7 +509,10 @@ def _quiet_pydicom() -> None:
 
 
 def _command(argv: list[str]) -> str | None:
-    """The command named on the command line (the first argument), if it is one."""
+    """The command named on the command line (the first argument), if it is one
+    ("" for a lone ``--version``: no command needs setting up)."""
+    if argv == ["--version"]:
+        return ""
     return argv[0] if argv and argv[0] in _BUILDERS else None
 
 

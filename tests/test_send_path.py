@@ -1,0 +1,323 @@
+"""The sender's path: what a ``send`` imports, files read off the event loop and
+checked before they are sent, large data sets streamed with bounded memory.
+
+Peers are DCMTK storescp and our own SCP, on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+import dimse_async as da
+from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
+from dimse_async.dataset_check import DataSetError, check_dataset, check_dataset_bytes
+from dimse_async.part10 import read_file_meta
+from dimse_async.services import storage
+from dimse_async.services.send import send_files
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+CT = get_testdata_file("CT_small.dcm")
+
+#: Modules a sender does not need: decoding, the archive, the query/retrieve services,
+#: structlog and what it loads (rich), compression codecs.
+HEAVY = (
+    "pydicom",
+    "numpy",
+    "structlog",
+    "rich",
+    "sqlite3",
+    "dimse_async.archive",
+    "dimse_async.services.qr",
+    "dimse_async.services.normalized",
+    "dimse_async.codec",
+    "dimse_async.transcode",
+)
+
+_LOADED = """
+import json, sys
+{body}
+heavy = {heavy!r}
+print(json.dumps(sorted({{m for m in sys.modules for h in heavy if m == h or m.startswith(h + ".")}})))
+"""
+
+
+def loaded_heavy(body: str) -> tuple[list[str], str]:
+    """Run ``body`` in a fresh interpreter; the heavy modules loaded afterwards (and stderr)."""
+    code = _LOADED.format(body=body, heavy=HEAVY)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    return json.loads(last), res.stdout + res.stderr
+
+
+def distinct_cts(directory: Path, n: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(CT)
+    out = []
+    for i in range(n):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = directory / f"ct{i}.dcm"
+        ds.save_as(path)
+        out.append(path)
+    return out
+
+
+@contextlib.contextmanager
+def storescp(out: Path) -> Iterator[int]:
+    port = free_port()
+    out.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}-storescp.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [dcmtk("storescp"), "-aet", "STORESCP", "-od", str(out), "-pdu", "131072", "+B", "-dhl", str(port)],
+            stdout=sink, stderr=subprocess.STDOUT, env=DCMTK_ENV, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_tcp(proc, port, log)
+        yield port
+    finally:
+        stop_process(proc)
+
+
+# --------------------------------------------------------------------------- start-up: lazy imports
+
+
+def test_importing_the_package_loads_nothing_heavy() -> None:
+    got, text = loaded_heavy("import dimse_async")
+    assert got == [], text
+
+
+def test_the_public_names_still_resolve() -> None:
+    """Lazily loaded, but every name in __all__ is there (and the heavy ones load on use)."""
+    got, text = loaded_heavy(
+        "import dimse_async\nnames = [getattr(dimse_async, n) for n in dimse_async.__all__]\n"
+        "assert dimse_async.QR_MODEL_NAMES and len(dimse_async.STORAGE_SOP_CLASSES) > 100"
+    )
+    assert "pydicom" in got and "dimse_async.services.qr" in got, text
+
+
+def test_version_loads_nothing_heavy() -> None:
+    got, text = loaded_heavy(
+        "from dimse_async.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0"
+    )
+    assert got == [], text
+
+
+async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
+    """A whole ``send`` run (one instance, to storescp, INFO logging off as by default)
+    needs neither pydicom nor structlog nor the Q/R services."""
+    (path,) = distinct_cts(tmp_path / "in", 1)
+    with storescp(tmp_path / "out") as port:
+        body = (
+            "from dimse_async.cli import main\n"
+            f"code = main(['send', {HOST!r}, '{port}', {str(path)!r}, '--aec', 'STORESCP'])\n"
+            "assert code == 0, code"
+        )
+        got, text = await asyncio.to_thread(loaded_heavy, body)
+        assert "sent 1/1 instances" in text, text
+    assert got == [], text
+    assert len(list((tmp_path / "out").iterdir())) == 1
+
+
+async def test_send_of_a_file_without_meta_loads_pydicom_when_needed(tmp_path: Path) -> None:
+    """The counterpart: a file with no Part 10 header can only be read by pydicom, which is
+    then loaded (and the file sent)."""
+    (full,) = distinct_cts(tmp_path / "in", 1)
+    data = full.read_bytes()
+    meta = read_file_meta(io.BytesIO(data))
+    assert meta is not None and meta.transfer_syntax == ExplicitVRLittleEndian
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(data[meta.dataset_offset :])  # the data set alone, no preamble or meta
+    assert read_file_meta(io.BytesIO(bare.read_bytes())) is None
+    with storescp(tmp_path / "out") as port:
+        body = (
+            "from dimse_async.cli import main\n"
+            f"code = main(['send', {HOST!r}, '{port}', {str(bare)!r}, '--aec', 'STORESCP'])\n"
+            "assert code == 0, code"
+        )
+        got, text = await asyncio.to_thread(loaded_heavy, body)
+    assert "pydicom" in got, text
+
+
+# --------------------------------------------------------------------------- the structural check
+
+
+def _variants(data: bytes, rng: random.Random) -> Iterator[bytes]:
+    yield data
+    for cut in (len(data) // 2, len(data) - 1, len(data) - 7, 9):
+        yield data[:cut]
+    for _ in range(8):
+        b = bytearray(data)
+        if b:
+            for _ in range(rng.randrange(1, 4)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        yield bytes(b)
+
+
+def test_in_memory_check_agrees_with_the_file_walk() -> None:
+    """check_dataset_bytes (the sender's fast walk) accepts and refuses exactly what
+    check_dataset does, with the same UIDs and element counts, over pydicom's corpus in
+    every syntax it has, truncated and with random bytes changed."""
+    rng = random.Random(20261202)
+    compared = refused = 0
+    for name in get_testdata_files():
+        try:
+            data = Path(name).read_bytes()
+        except OSError:
+            continue
+        meta = read_file_meta(io.BytesIO(data))
+        if meta is None:
+            continue
+        for variant in _variants(data[meta.dataset_offset :], rng):
+            outcomes = []
+            for walk in (
+                lambda v=variant: check_dataset(io.BytesIO(v), meta.transfer_syntax),
+                lambda v=variant: check_dataset_bytes(v, meta.transfer_syntax),
+            ):
+                try:
+                    s = walk()
+                    outcomes.append((s.sop_class_uid, s.sop_instance_uid, s.elements))
+                except DataSetError:
+                    outcomes.append(None)
+            assert outcomes[0] == outcomes[1], (name, meta.transfer_syntax)
+            compared += 1
+            refused += outcomes[0] is None
+    assert compared > 1000 and 100 < refused < compared
+
+
+# --------------------------------------------------------------------------- reads off the loop
+
+
+class _Opens:
+    """Which threads opened files under a directory (an audit hook: sys.addaudithook)."""
+
+    def __init__(self, directory: Path):
+        self.directory = str(directory)
+        self.threads: set[int] = set()
+        self.active = True
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event: str, args: tuple[object, ...]) -> None:
+        if self.active and event == "open" and isinstance(args[0], str) and args[0].startswith(self.directory):
+            self.threads.add(threading.get_ident())
+
+
+async def test_send_reads_files_in_worker_threads_only(tmp_path: Path) -> None:
+    """No file of the batch is opened on the event loop's thread: small ones, a large
+    one (streamed) and one sent through ``Association.c_store(path)``."""
+    small = distinct_cts(tmp_path / "in", 3)
+    big = big_file(tmp_path / "in" / "big.dcm", 6 << 20)
+    opens = _Opens(tmp_path / "in")
+    try:
+        with storescp(tmp_path / "out") as port:
+            report = await send_files(da.AE("SENDER"), HOST, port, "STORESCP", [str(p) for p in [*small, big]])
+            assert not report.failed, report.failed
+            ae = da.AE("SENDER")
+            ae.add_requested_context(pydicom.dcmread(CT).SOPClassUID, [ExplicitVRLittleEndian])
+            async with ae.associate(HOST, port, "STORESCP") as assoc:
+                assert (await assoc.c_store(small[0])).is_success
+    finally:
+        opens.active = False
+    assert opens.threads and threading.get_ident() not in opens.threads
+
+
+# --------------------------------------------------------------------------- large instances
+
+
+def big_file(path: Path, pixel_bytes: int) -> Path:
+    """A CT instance with ``pixel_bytes`` of random pixel data (explicit VR little endian)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(CT)
+    side = int((pixel_bytes // 2) ** 0.5)
+    ds.Rows = ds.Columns = side
+    ds.PixelData = random.Random(7).randbytes(side * side * 2)
+    ds["PixelData"].VR = "OW"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+async def test_a_large_instance_is_streamed_with_bounded_memory(tmp_path: Path) -> None:
+    """A 40 MB instance goes to storescp byte for byte while the sender holds a few MB
+    at most (read-ahead, one write batch, the transport's buffer): never the whole file."""
+    path = big_file(tmp_path / "in" / "big.dcm", 40 << 20)
+    assert path.stat().st_size > 8 * storage.READ_WHOLE
+    with storescp(tmp_path / "out") as port:
+        ae = da.AE("SENDER")
+        ae.add_requested_context(pydicom.dcmread(CT).SOPClassUID, [ExplicitVRLittleEndian])
+        async with ae.associate(HOST, port, "STORESCP") as assoc:
+            tracemalloc.start()
+            try:
+                status = await assoc.c_store(path)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+        assert status.is_success
+    assert peak < 16 << 20, f"peak {peak / 1e6:.1f} MB while sending {path.stat().st_size / 1e6:.0f} MB"
+    (got,) = list((tmp_path / "out").iterdir())
+    sent, received = path.read_bytes(), got.read_bytes()
+    meta = read_file_meta(io.BytesIO(sent))
+    assert meta is not None
+    assert received.endswith(sent[meta.dataset_offset :])
+
+
+async def test_a_file_truncated_while_it_is_sent_aborts_the_association(tmp_path: Path) -> None:
+    """A streamed file that ends early cannot become a whole message: the association is
+    aborted (PS3.8 Annex E), the peer stores nothing, the call raises."""
+    path = big_file(tmp_path / "in" / "big.dcm", 24 << 20)
+    prepared = await asyncio.to_thread(storage.prepare_file, str(path))
+    assert prepared is not None and prepared.dataset is None
+    os.truncate(path, path.stat().st_size - (12 << 20))
+    with storescp(tmp_path / "out") as port:
+        ae = da.AE("SENDER")
+        ae.add_requested_context(prepared.sop_class, [ExplicitVRLittleEndian])
+        async with ae.associate(HOST, port, "STORESCP") as assoc:
+            with pytest.raises((da.AssociationError, ValueError, OSError)):
+                await assoc.c_store(prepared)
+            await asyncio.wait_for(assoc.wait_closed(), 10)
+    assert [p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")] == []
+
+
+async def test_send_command_pipelines_to_our_scp(tmp_path: Path) -> None:
+    """``dimse-async send --window 4`` to ``dimse-async store-scp``: every file arrives."""
+    files = distinct_cts(tmp_path / "in", 12)
+    port = free_port()
+    out = tmp_path / "out"
+    log = tmp_path / "scp.log"
+    with log.open("wb") as sink:
+        scp = subprocess.Popen(
+            [sys.executable, "-m", "dimse_async", "store-scp", "--port", str(port), "--out", str(out),
+             "--log-level", "WARNING"],
+            stdout=sink, stderr=subprocess.STDOUT, env=ENV, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_tcp(scp, port, log)
+        code, text, err = await communicate(
+            (sys.executable, "-m", "dimse_async", "send", HOST, str(port), str(tmp_path / "in"), "-r", "--window", "4"),
+            env=ENV,
+        )
+        assert code == 0, text + err
+        assert "sent 12/12" in text
+    finally:
+        stop_process(scp)
+    assert len(list(out.glob("*.dcm"))) == len(files)
