@@ -165,6 +165,44 @@ def make_large(directory: Path, count: int, seed: int = 20240607) -> Workload:
     return Workload("large", directory, count, total, uids)
 
 
+def make_huge(directory: Path, mib: int) -> Workload:
+    """One CT instance whose pixel data is ``mib`` MiB (2048: a 2 GiB instance), written
+    in pieces: the file is never in memory, here or in the sender."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import generate_uid
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = _template()
+    for kw in ("SmallestImagePixelValue", "LargestImagePixelValue", "PixelData"):
+        if kw in ds:
+            delattr(ds, kw)
+    n_bytes = mib << 20
+    side = int((n_bytes // 2) ** 0.5)
+    rows, n_bytes = n_bytes // 2 // side, (n_bytes // 2 // side) * side * 2
+    ds.Rows, ds.Columns = rows, side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    uid = generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    head.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(head, ds.file_meta, enforce_standard=True)
+    write_dataset(head, ds)
+    path = directory / "huge_00000.dcm"
+    block = random.Random(20261202).randbytes(4 << 20)
+    with open(path, "wb") as f:
+        f.write(head.getvalue())
+        f.write(b"\xe0\x7f\x10\x00OW\x00\x00" + n_bytes.to_bytes(4, "little"))
+        left = n_bytes
+        while left:
+            f.write(block[: min(left, len(block))])
+            left -= min(left, len(block))
+    return Workload("huge", directory, 1, path.stat().st_size, {uid})
+
+
 # ---------------------------------------------------------------------------
 # the programs
 # ---------------------------------------------------------------------------
@@ -425,12 +463,14 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float, wha
 
 
 def proc_status(pid: int) -> dict[str, float]:
-    """Peak RSS (VmHWM, MB) and CPU seconds (user + system) of a live process."""
+    """Peak and current RSS (VmHWM, VmRSS; MB) and CPU seconds (user + system) of a live process."""
     out: dict[str, float] = {}
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 out["peak_rss_mb"] = int(line.split()[1]) / 1024
+            elif line.startswith("VmRSS:"):
+                out["rss_mb"] = int(line.split()[1]) / 1024
     with contextlib.suppress(OSError, IndexError, ValueError):
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2 :].split()
@@ -559,6 +599,7 @@ class Run:
     sender_peak_rss_mb: float | None = None
     receiver_peak_rss_mb: float | None = None
     receiver_cpu_s: float | None = None  # CPU used from "listening" to "all files present"
+    receiver_rss_growth_mb: float | None = None  # peak RSS over the run minus RSS when it listened
     stored: int | None = None
     profiled: bool = False
     load_before: float | None = None  # 1-minute load average when the run started (other work on the machine)
@@ -620,7 +661,8 @@ def measure(
                 start_new_session=True,  # a Ctrl-C in the terminal reaches us, not it: we stop it
             )
         wait_listening(recv, port, READY_TIMEOUT, receiver.label)
-        cpu_ready = proc_status(recv.pid).get("cpu_s", 0.0)
+        ready = proc_status(recv.pid)
+        cpu_ready = ready.get("cpu_s", 0.0)
 
         busy_before = machine_busy_s()
         wall, code, usage = run_timed(send_argv, sender.env(), work, timeout)
@@ -641,6 +683,8 @@ def measure(
             time.sleep(0.02)
         status = proc_status(recv.pid)
         run.receiver_peak_rss_mb = status.get("peak_rss_mb")
+        if run.receiver_peak_rss_mb is not None and "rss_mb" in ready:
+            run.receiver_rss_growth_mb = run.receiver_peak_rss_mb - ready["rss_mb"]
         if "cpu_s" in status:
             run.receiver_cpu_s = status["cpu_s"] - cpu_ready
         if busy_before is not None and busy_after is not None:
@@ -763,7 +807,8 @@ def format_table(best: dict[tuple[str, str, str], Run], wls: dict[str, Workload]
     lines = []
     head = (
         f"{'sender':<22} {'receiver':<22} {'wall s':>7} {'inst/s':>8} {'MB/s':>7} | "
-        f"{'own s':>6} {'inst/s':>8} {'MB/s':>7} | {'recv RSS':>8} {'recv CPU':>8} {'send CPU':>8} {'send RSS':>8} {'other':>6}"
+        f"{'own s':>6} {'inst/s':>8} {'MB/s':>7} | {'recv RSS':>8} {'+RSS':>7} {'recv CPU':>8} {'send CPU':>8} "
+        f"{'send RSS':>8} {'other':>6}"
     )
     for wl in wls.values():
         lines.append("")
@@ -786,7 +831,8 @@ def format_table(best: dict[tuple[str, str, str], Run], wls: dict[str, Workload]
             lines.append(
                 f"{name} {r.wall_s:7.3f} {r.inst_per_s:8.1f} {r.mb_per_s:7.1f} | "
                 f"{_fmt(r.reported_s, '6.3f')} {_fmt(rep_inst, '8.1f')} {_fmt(rep_mb, '7.1f')} | "
-                f"{_fmt(r.receiver_peak_rss_mb, '6.1f')}MB {_fmt(r.receiver_cpu_s, '7.2f')}s "
+                f"{_fmt(r.receiver_peak_rss_mb, '6.1f')}MB {_fmt(r.receiver_rss_growth_mb, '5.1f')}MB "
+                f"{_fmt(r.receiver_cpu_s, '7.2f')}s "
                 f"{_fmt(r.sender_cpu_s, '7.2f')}s {_fmt(r.sender_peak_rss_mb, '6.1f')}MB {_fmt(r.other_cpu_s, '5.2f')}s"
                 + ("  (profiled)" if r.profiled else "")
             )
@@ -794,6 +840,7 @@ def format_table(best: dict[tuple[str, str, str], Run], wls: dict[str, Workload]
     lines.append(
         "wall s: sender process start to exit, nothing subtracted; own s: the sender's own time for the transfer "
         "(dimse-async send: its report; storescu: 'Requesting Association'..'Releasing Association' in its log). "
+        "recv RSS: receiver peak RSS; +RSS: its growth over the run (peak minus RSS when it listened). "
         "recv CPU: receiver user+sys CPU from listening to done. other: CPU used meanwhile by every other "
         "process on the machine (interference; best of N picks the lowest wall time). "
         "MB = 10^6 bytes of Part 10 files."
@@ -887,7 +934,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--small", type=int, help="number of ~39 KB instances (default 1000, --quick 200)")
     p.add_argument("--large", type=int, help="number of ~2 MB instances (default 100, --quick 20)")
     p.add_argument("--repeat", type=int, default=1, help="runs per combination; the best (lowest wall time) counts")
-    p.add_argument("--workloads", default="small,large", help="comma list of: small, large")
+    p.add_argument("--workloads", default="small,large", help="comma list of: small, large, huge")
+    p.add_argument(
+        "--huge",
+        action="store_true",
+        help="add the 'huge' workload: one instance of --huge-mib MiB (slow: ~2 GiB written per run)",
+    )
+    p.add_argument("--huge-mib", type=int, default=2048, help="size of the huge instance's pixel data (default 2048)")
     p.add_argument(
         "--only",
         help="comma list of combinations to run, as SENDER>RECEIVER (senders: "
@@ -925,8 +978,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.small = args.small if args.small is not None else (200 if args.quick else 1000)
     args.large = args.large if args.large is not None else (20 if args.quick else 100)
     args.workload_names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.huge and "huge" not in args.workload_names:
+        args.workload_names.append("huge")
     for w in args.workload_names:
-        if w not in ("small", "large"):
+        if w not in ("small", "large", "huge"):
             p.error(f"unknown workload {w!r}")
     combos = COMBOS
     if args.only:
@@ -961,6 +1016,8 @@ def main(argv: list[str] | None = None) -> int:
             wls["small"] = make_small(scratch / "input-small", args.small)
         if "large" in args.workload_names:
             wls["large"] = make_large(scratch / "input-large", args.large)
+        if "huge" in args.workload_names:
+            wls["huge"] = make_huge(scratch / "input-huge", args.huge_mib)
         for wl in wls.values():
             print(
                 f"  {wl.name}: {wl.count} files, {wl.total_bytes / 1e6:.1f} MB ({wl.mean_kb:.1f} KB each)",

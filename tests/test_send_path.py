@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import dimse_async as da
-from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
 from dimse_async.dataset_check import DataSetError, check_dataset, check_dataset_bytes
 from dimse_async.part10 import read_file_meta
 from dimse_async.services import storage
@@ -189,9 +189,10 @@ def test_in_memory_check_agrees_with_the_file_walk() -> None:
             continue
         for variant in _variants(data[meta.dataset_offset :], rng):
             outcomes = []
+            ts = meta.transfer_syntax
             for walk in (
-                lambda v=variant: check_dataset(io.BytesIO(v), meta.transfer_syntax),
-                lambda v=variant: check_dataset_bytes(v, meta.transfer_syntax),
+                lambda v=variant, ts=ts: check_dataset(io.BytesIO(v), ts),
+                lambda v=variant, ts=ts: check_dataset_bytes(v, ts),
             ):
                 try:
                     s = walk()

@@ -67,6 +67,10 @@ def __getattr__(name: str) -> Any:
         from .. import sop_classes
 
         return sop_classes.STORAGE_SOP_CLASSES
+    if name == "encode_dataset":  # pydicom-based: loaded when asked for
+        from .. import codec
+
+        return codec.encode_dataset
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

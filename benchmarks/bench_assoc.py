@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Association rate: associate, C-ECHO, release, by 16 concurrent clients, for a while.
+
+Servers, each fresh on 127.0.0.1:
+
+* ``ours-info``: ``dimse-async echo-scp --log-level INFO`` (its log to a file): what an
+  operator runs, one line per association;
+* ``ours-warning``: the same with ``--log-level WARNING``;
+* ``storescp``: DCMTK ``storescp -dhl`` (single process, TCP_NODELAY=1), which answers
+  C-ECHO too.
+
+Clients are raw sockets (``bench_idle.Conn``: a fixed A-ASSOCIATE-RQ, one C-ECHO-RQ,
+A-RELEASE-RQ), 16 loops spread over ``--client-procs`` processes so that the clients are
+not the limit. After a short warm-up every completed cycle within ``--seconds`` counts.
+
+    python benchmarks/bench_assoc.py              # 5 s per server
+    python benchmarks/bench_assoc.py --quick      # 2 s per server
+
+Prints a markdown table (associations/s, p50/p95 of one cycle, server CPU per
+association) and the ratios of ours over storescp; benchmarks/results/assoc.json.
+Not a test: asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_store as bs  # noqa: E402
+
+SERVERS = ("ours-info", "ours-warning", "storescp")
+
+
+def server_argv(key: str, port: int, work: Path) -> tuple[list[str], dict[str, str]]:
+    if key == "storescp":
+        return [bs.STORESCP, "-dhl", "-aet", "BENCH", "-od", str(work), str(port)], bs._dcmtk_env()
+    level = "INFO" if key == "ours-info" else "WARNING"
+    argv = [*bs._dimse_async_cmd(), "echo-scp", "--host", bs.HOST, "--port", str(port), "--aet", "BENCH",
+            "--log-level", level]  # fmt: skip
+    return argv, bs._py_env()
+
+
+# --------------------------------------------------------------------------- client process
+
+
+async def _client_main(port: int, loops: int, warmup: float, seconds: float) -> dict[str, object]:
+    from bench_idle import Conn
+
+    done: list[float] = []
+    errors = 0
+    start = time.perf_counter()
+    t_begin, t_end = start + warmup, start + warmup + seconds
+
+    async def loop() -> None:
+        nonlocal errors
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= t_end:
+                return
+            try:
+                conn = await Conn.open(port, bs.HOST, timeout=10)
+                await conn.echo()
+                await conn.release()
+            except Exception:
+                errors += 1
+                await asyncio.sleep(0.01)
+                continue
+            t1 = time.perf_counter()
+            if t0 >= t_begin and t1 <= t_end:
+                done.append(t1 - t0)
+
+    await asyncio.gather(*(loop() for _ in range(loops)))
+    cpu = os.times()
+    return {"latencies": done, "errors": errors, "cpu_s": cpu.user + cpu.system}
+
+
+def client(argv: list[str]) -> int:
+    port, loops, warmup, seconds = int(argv[0]), int(argv[1]), float(argv[2]), float(argv[3])
+    try:
+        import uvloop
+
+        result = uvloop.run(_client_main(port, loops, warmup, seconds))
+    except ImportError:
+        result = asyncio.run(_client_main(port, loops, warmup, seconds))
+    print(json.dumps(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- one server
+
+
+def measure(key: str, clients: int, procs: int, warmup: float, seconds: float) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix=f"assoc-{key}-"))
+    port = bs.free_port()
+    argv, env = server_argv(key, port, work)
+    server = None
+    out: dict[str, object] = {"server": key}
+    try:
+        with open(work / "server.log", "wb") as log:
+            server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+        bs.wait_listening(server, port, bs.READY_TIMEOUT, key)
+        cpu0 = bs.proc_status(server.pid).get("cpu_s", 0.0)
+        per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+        runners = [
+            subprocess.Popen([sys.executable, __file__, "--client", str(port), str(n), str(warmup), str(seconds)],
+                             stdout=subprocess.PIPE, env=bs._py_env(), text=True)
+            for n in per if n
+        ]  # fmt: skip
+        results = [json.loads(r.communicate(timeout=seconds + warmup + 60)[0]) for r in runners]
+        cpu1 = bs.proc_status(server.pid).get("cpu_s", 0.0)
+        lat = sorted(x for r in results for x in r["latencies"])
+        n = len(lat)
+        out.update(
+            associations=n,
+            per_s=n / seconds,
+            p50_ms=statistics.median(lat) * 1e3 if lat else None,
+            p95_ms=lat[int(0.95 * (n - 1))] * 1e3 if lat else None,
+            errors=sum(r["errors"] for r in results),
+            # the server's CPU over warm-up + measured window, per association completed in all
+            server_cpu_ms_per_assoc=(cpu1 - cpu0) * 1e3 / max(1, n) * seconds / (seconds + warmup),
+            client_cpu_s=sum(r["cpu_s"] for r in results),
+            log_bytes=(work / "server.log").stat().st_size,
+        )
+    finally:
+        bs.stop(server)
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--client":
+        return client(argv[1:])
+    p = argparse.ArgumentParser(description="association rate: associate, C-ECHO, release (benchmarks/README.md)")
+    p.add_argument("--quick", action="store_true", help="2 s per server")
+    p.add_argument("--seconds", type=float, help="measured seconds per server (default 5)")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--client-procs", type=int, default=2)
+    p.add_argument("--servers", default=",".join(SERVERS))
+    p.add_argument("--repeat", type=int, default=1, help="runs per server, interleaved; the best counts")
+    p.add_argument("--json", default=str(bs.RESULTS_DIR / "assoc.json"))
+    args = p.parse_args(argv)
+    seconds = args.seconds or (2.0 if args.quick else 5.0)
+    bs._warm_up()
+    runs = []
+    for _ in range(args.repeat):
+        for key in args.servers.split(","):
+            r = measure(key.strip(), args.clients, args.client_procs, 0.5, seconds)
+            runs.append(r)
+            print(f"{key}: {r.get('per_s', 0):.0f} associations/s", file=sys.stderr, flush=True)
+    best: dict[str, dict[str, object]] = {}
+    for r in runs:
+        k = str(r["server"])
+        if k not in best or float(r.get("per_s") or 0) > float(best[k].get("per_s") or 0):  # type: ignore[arg-type]
+            best[k] = r
+    print("| server | associations/s | p50 ms | p95 ms | server CPU ms/association | errors | log bytes |")
+    print("|---|---|---|---|---|---|---|")
+    for k, r in best.items():
+        print(f"| {k} | {r['per_s']:.0f} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | "
+              f"{r['server_cpu_ms_per_assoc']:.3f} | {r['errors']} | {r['log_bytes']} |")  # fmt: skip
+    ratios = {}
+    if "storescp" in best:
+        for k in ("ours-info", "ours-warning"):
+            if k in best and best["storescp"].get("per_s"):
+                ratios[k] = float(best[k]["per_s"]) / float(best["storescp"]["per_s"])  # type: ignore[arg-type]
+                print(f"\n{k} vs storescp: {ratios[k]:.2f}x associations/s", end="")
+        print()
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": bs.environment(), "clients": args.clients, "seconds": seconds,
+                                "runs": runs, "ratios": ratios}, indent=2) + "\n")  # fmt: skip
+    return 0 if all(not r.get("errors") for r in best.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
