@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -554,11 +555,30 @@ async def _send_store(
     return response_status(rsp.command.status, rsp.command.error_comment)  # the association logs the outcome
 
 
+#: Per association: (SOP class, transfer syntax) -> the accepted context to send it on.
+_CONTEXTS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], PresentationContext | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _find_context(assoc: DIMSEProvider, sop_class: str, transfer_syntax: str) -> PresentationContext | None:
-    for ctx in assoc.accepted_contexts:
-        if ctx.abstract_syntax == sop_class and ctx.transfer_syntax == transfer_syntax and ctx.as_scu:
-            return ctx
-    return None
+    """The accepted context for the pair where we may be SCU; remembered per association
+    (the contexts do not change once negotiated), so a batch does not rescan them per file."""
+    try:
+        known = _CONTEXTS.setdefault(assoc, {})
+    except TypeError:  # not weakly referenceable: no memory
+        known = {}
+    key = (sop_class, transfer_syntax)
+    if key in known:
+        return known[key]
+    accepted = assoc.accepted_contexts
+    found = next(
+        (c for c in accepted if c.abstract_syntax == sop_class and c.transfer_syntax == transfer_syntax and c.as_scu),
+        None,
+    )
+    if accepted:  # negotiated: the answer holds for the association's life
+        known[key] = found
+    return found
 
 
 def _dataset_payload(assoc: DIMSEProvider, ds: Dataset) -> tuple[PresentationContext, bytes, str, str]:
