@@ -13,6 +13,7 @@ as a complete Part 10 file.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
