@@ -112,8 +112,7 @@ class Acceptor:
                 await asyncio.sleep(0.1)
                 continue
             task = asyncio.ensure_future(self._welcome(conn, address))
-            self.server._preambles.add(task)
-            task.add_done_callback(self.server._preambles.discard)
+            self.server.track_preamble(task)
 
     async def _welcome(self, conn: socket.socket, address: Any) -> None:
         peer = (str(address[0]), int(address[1]))
@@ -158,7 +157,7 @@ class Acceptor:
 
     def _refuse(self, log: Any, why: str) -> None:
         log.warning("connection refused", reason=why)
-        self.server._note_refused(why)
+        self.server.note_refused(why)
 
     async def _read_header(self, conn: socket.socket) -> proxy.ProxyHeader:
         """Read exactly the PROXY header: what follows stays in the socket."""

@@ -410,9 +410,7 @@ class AE(HandlerRegistry):
             common_extended=common_extended,
             identity=identity,
         )
-        return _Associating(
-            self, host, port, rq, ssl, server_hostname, local_address, proxy_header, timeout
-        )
+        return _Associating(self, host, port, rq, ssl, server_hostname, local_address, proxy_header, timeout)
 
     async def request_commitment(
         self,
@@ -477,10 +475,12 @@ class AE(HandlerRegistry):
                 header_timeout=proxy_header_timeout,
             )
             acceptor = Acceptor(server, options, make_association)
-            server._server = await acceptor.start(host, port, backlog, reuse_port=reuse_port)  # type: ignore[assignment]
+            server.attach(await acceptor.start(host, port, backlog, reuse_port=reuse_port))
             return server
-        server._server = await loop.create_server(
-            make_association, host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port or None
+        server.attach(
+            await loop.create_server(
+                make_association, host, port, backlog=backlog, reuse_address=True, reuse_port=reuse_port or None
+            )
         )
         return server
 

@@ -180,7 +180,10 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
                 self._artim.cancel()
                 self._artim = None
             elif isinstance(out, fsm.CloseTransport) and self.transport is not None:
-                self.transport.close()
+                if out.discard:
+                    self.transport.abort()  # nothing queued can matter to the peer any more
+                else:
+                    self.transport.close()
             elif isinstance(out, fsm.AssociateIndication):
                 self.spawn(self._on_associate_request(out.rq))
             elif isinstance(out, fsm.AssociateAccepted):
@@ -245,6 +248,7 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
             if handle is not None:
                 handle.cancel()
         reason = self._end_reason
+        self._wake_drain()  # a send waiting for a peer that never read: the connection is gone
         self._settle(AssociationAborted(reason or "association closed"), released=self._released)
         for task in list(self._tasks):
             task.cancel()

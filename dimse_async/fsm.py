@@ -86,7 +86,10 @@ class ConnectTransport:
 
 @dataclass(slots=True)
 class CloseTransport:
-    pass
+    """Close the connection; with ``discard`` drop what is still queued to send (the
+    peer aborted, or ARTIM expired on a peer that does not read)."""
+
+    discard: bool = False
 
 
 @dataclass(slots=True)
@@ -450,7 +453,7 @@ class UpperLayer:
         self._stop_artim()
         if self.failure is None and self._why:
             self.failure = self._why
-        self._out.append(CloseTransport())
+        self._out.append(CloseTransport(discard=True))
         return S.Sta1
 
     def _aa_3(self) -> State:
@@ -460,7 +463,7 @@ class UpperLayer:
             self._out.append(ProviderAbort(f"peer provider abort, reason {self._pdu.reason}"))
         else:
             self._out.append(PeerAbort(self._pdu.source, self._pdu.reason))
-        self._out.append(CloseTransport())
+        self._out.append(CloseTransport(discard=True))
         return S.Sta1
 
     def _aa_4(self) -> State:

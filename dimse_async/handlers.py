@@ -79,6 +79,14 @@ class HandlerRegistry:
         self._handlers[CommandField.C_MOVE_RQ] = handler
         return handler
 
+    def handler_for(self, field: CommandField) -> Handler | None:
+        """The registered handler for a DIMSE-C request (e.g. ``CommandField.C_STORE_RQ``)."""
+        return self._handlers.get(field)
+
+    def has_n_handler(self, field: int, sop_class: str | None) -> bool:
+        """Whether a DIMSE-N handler is registered for exactly ``sop_class`` (``None``: the catch-all)."""
+        return (field, sop_class) in self._n_handlers
+
     def _on_n(self, field: int, handler: Any, sop_class: str | None) -> Any:
         if handler is not None and callable(handler):
             self._n_handlers[(field, sop_class)] = handler

@@ -9,7 +9,8 @@ handler), the sink factories, the acceptor's judgement and the event hook.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -23,6 +24,8 @@ from .session import Operation
 __all__ = [
     "AssociationEvent",
     "DIMSEProvider",
+    "RequestInvoker",
+    "ResponseWaiter",
     "Hook",
     "Judge",
     "ResponseStream",
@@ -113,6 +116,52 @@ class DIMSEProvider(Protocol):
 
     def note_error(self, kind: str) -> None:
         """Count a local failure of ``kind`` (e.g. "spool", "storage") for metrics."""
+
+
+class ResponseWaiter(Protocol):
+    """The responses to one request as they arrive (see :class:`~dimse_async.streams.ResponseQueue`)."""
+
+    message_id: int
+    #: Resolves when the final response (or a failure) has arrived.
+    done: asyncio.Future[None]
+
+    @property
+    def drained(self) -> bool:
+        """The final response arrived and has been taken."""
+
+    async def get(self, timeout: float | None) -> Message: ...
+
+
+class RequestInvoker(Protocol):
+    """What a request stream needs of the adapter (:class:`~dimse_async.streams.MessageStream`):
+    a slot in the negotiated asynchronous operations window (PS3.7 D.3.3.3), a message
+    id with a waiter for the responses, and sending."""
+
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def is_established(self) -> bool: ...
+
+    @property
+    def dimse_timeout(self) -> float | None:
+        """Default seconds to wait for each response."""
+
+    async def acquire_window(self) -> None:
+        """Wait for a free slot in the window of operations we may invoke."""
+
+    def release_window(self) -> None: ...
+
+    def begin_request(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseWaiter:
+        """Give ``command`` a message id and a waiter for its responses (not sent yet)."""
+
+    def end_request(self, waiter: ResponseWaiter) -> None:
+        """Forget the request: later responses to it are ignored."""
+
+    async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
+
+    def abort(self, reason: str = ...) -> None: ...
 
 
 #: Performs one received request and sends its response(s).

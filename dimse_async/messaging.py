@@ -30,7 +30,7 @@ from .dimse import (
 from .exceptions import AssociationAborted, AssociationError
 from .filewriter import FileWriter
 from .fsm import Output, PDataIndication, State, UpperLayer
-from .interface import Payload, Settings, StoreHandler
+from .interface import Payload, ResponseWaiter, Settings, StoreHandler
 from .oplog import OperationLog
 from .pdu import AbortReason
 from .session import (
@@ -127,6 +127,11 @@ class DIMSEMessaging:
     def resume_writing(self) -> None:
         self._write_paused = False
         self._last_tx = self.loop.time()
+        self._wake_drain()
+
+    def _wake_drain(self) -> None:
+        """Let a send waiting for the transport to drain go on (it then finds out
+        whether the association still stands)."""
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -144,6 +149,11 @@ class DIMSEMessaging:
         if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
         self._pause_reasons.add(reason)
+
+    @property
+    def reading_paused_by(self) -> frozenset[str]:
+        """Why reading is paused now (e.g. ``"window"``, ``"disk"``); empty while reading."""
+        return frozenset(self._pause_reasons)
 
     def resume_reading(self, reason: str) -> None:
         if reason not in self._pause_reasons:
@@ -181,6 +191,7 @@ class DIMSEMessaging:
         if self._write_paused and self.transport is not None and not self.transport.is_closing():
             self._drain_waiter = self.loop.create_future()
             await self._drain_waiter
+            self._check_can_send()  # the connection may have gone while we waited
 
     async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None:
         """Send one DIMSE message, fragmented for the peer's maximum PDU length.
@@ -246,12 +257,12 @@ class DIMSEMessaging:
     ) -> Message:
         """Send a request and await its single response (within the async ops window)."""
         async with self._window:
-            waiter = self._invoke(context, command, multi=False)
+            waiter = self.begin_request(context, command, multi=False)
             try:
                 await self.send(context.id, command, dataset)
                 return await waiter.get(self.settings.dimse_timeout if timeout is None else timeout)
             finally:
-                self._forget(waiter)
+                self.end_request(waiter)
 
     def request_stream(
         self,
@@ -264,13 +275,27 @@ class DIMSEMessaging:
         waiting at most ``timeout`` (default: the AE's ``dimse_timeout``) for each."""
         return MessageStream(self, context, command, dataset, timeout)
 
-    def _invoke(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue:
+    @property
+    def dimse_timeout(self) -> float | None:
+        """Default seconds to wait for each response (the AE's ``dimse_timeout``)."""
+        return self.settings.dimse_timeout
+
+    async def acquire_window(self) -> None:
+        """Wait for a free slot in the window of operations we may invoke (PS3.7 D.3.3.3)."""
+        await self._window.acquire()
+
+    def release_window(self) -> None:
+        self._window.release()
+
+    def begin_request(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue:
+        """Give ``command`` a message id and a queue for its responses (not sent yet)."""
         self._check_can_send()
         mid = self.session.start_request(context, command, multi=multi)
         waiter = self._waiters[mid] = ResponseQueue(self, mid, command.name)
         return waiter
 
-    def _forget(self, waiter: ResponseQueue) -> None:
+    def end_request(self, waiter: ResponseWaiter) -> None:
+        """Forget the request: later responses to it are ignored."""
         self._waiters.pop(waiter.message_id, None)
         self.session.forget_request(waiter.message_id)
 

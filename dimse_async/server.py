@@ -128,7 +128,7 @@ class Server:
                     from_address=self._pending_by_address[address],
                 )
                 self._refusal_logged, self._refused_connections = now, 0
-            self._note_refused("pending limit")
+            self.note_refused("pending limit")
             return False
         self.associations.add(assoc)
         self._unadmitted.add(assoc)
@@ -148,7 +148,21 @@ class Server:
                 if counter[key] <= 0:
                     del counter[key]
 
-    def _note_refused(self, why: str) -> None:
+    def attach(self, listener: Any) -> None:
+        """The listening server (``loop.create_server``'s or the acceptor's) this object fronts."""
+        self._server = listener
+
+    def track_preamble(self, task: asyncio.Future[Any]) -> None:
+        """A connection still in its PROXY header or TLS handshake: cancelled by :meth:`close`."""
+        self._preambles.add(task)
+        task.add_done_callback(self._preambles.discard)
+
+    @property
+    def preambles(self) -> int:
+        """Connections still in their PROXY header or TLS handshake."""
+        return len(self._preambles)
+
+    def note_refused(self, why: str) -> None:
         """A connection was dropped before it became an association (PROXY, TLS)."""
         observer = self.ae.observer
         if observer is not None:

@@ -6,34 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Any, Protocol
+from typing import Any
 
 from .acse import PresentationContext
 from .dimse import Command, CommandField, Message
 from .exceptions import AssociationError, AssociationTimeout
+from .interface import RequestInvoker, ResponseWaiter
 
 __all__ = ["MessageStream", "ResponseQueue"]
-
-
-class _Owner(Protocol):
-    """The adapter as seen from here."""
-
-    loop: asyncio.AbstractEventLoop
-    _window: asyncio.Semaphore
-    settings: Any
-
-    @property
-    def is_established(self) -> bool: ...
-
-    def abort(self, reason: str = ...) -> None: ...
-
-    async def send(self, context_id: int, command: Command, dataset: Any = None) -> None: ...
-
-    def spawn(self, coro: Any) -> Any: ...
-
-    def _invoke(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue: ...
-
-    def _forget(self, waiter: ResponseQueue) -> None: ...
 
 
 class ResponseQueue:
@@ -41,13 +21,18 @@ class ResponseQueue:
 
     __slots__ = ("_items", "_owner", "_wakeup", "done", "message_id", "name")
 
-    def __init__(self, owner: _Owner, message_id: int, name: str):
+    def __init__(self, owner: RequestInvoker, message_id: int, name: str):
         self._owner = owner
         self.message_id = message_id
         self.name = name
         self._items: deque[Message | BaseException] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self.done: asyncio.Future[None] = owner.loop.create_future()
+
+    @property
+    def drained(self) -> bool:
+        """The final response arrived and has been taken."""
+        return self.done.done() and not self._items
 
     def put(self, message: Message, final: bool) -> None:
         self._items.append(message)
@@ -91,12 +76,17 @@ class MessageStream:
     """
 
     def __init__(
-        self, owner: _Owner, context: PresentationContext, command: Command, dataset: Any, timeout: float | None = None
+        self,
+        owner: RequestInvoker,
+        context: PresentationContext,
+        command: Command,
+        dataset: Any,
+        timeout: float | None = None,
     ):
         self._owner, self._context, self._command, self._dataset = owner, context, command, dataset
         #: Seconds to wait for each response (default: the AE's ``dimse_timeout``).
         self._timeout = timeout
-        self._waiter: ResponseQueue | None = None
+        self._waiter: ResponseWaiter | None = None
         self._closed = False
         #: The final response, once it arrived.
         self.final: Message | None = None
@@ -109,19 +99,19 @@ class MessageStream:
             raise StopAsyncIteration
         owner = self._owner
         if self._waiter is None:
-            await owner._window.acquire()
+            await owner.acquire_window()
             try:
-                self._waiter = owner._invoke(self._context, self._command, multi=True)
+                self._waiter = owner.begin_request(self._context, self._command, multi=True)
                 await owner.send(self._context.id, self._command, self._dataset)
             except BaseException:
                 self._finish()
                 raise
         try:
-            msg = await self._waiter.get(owner.settings.dimse_timeout if self._timeout is None else self._timeout)
+            msg = await self._waiter.get(owner.dimse_timeout if self._timeout is None else self._timeout)
         except BaseException:
             self._finish()
             raise
-        if self._waiter.done.done() and not self._waiter._items:
+        if self._waiter.drained:
             self.final = msg
             self._finish()
         return msg
@@ -138,8 +128,8 @@ class MessageStream:
         if not self._closed:
             self._closed = True
             if self._waiter is not None:
-                self._owner._forget(self._waiter)
-            self._owner._window.release()
+                self._owner.end_request(self._waiter)
+            self._owner.release_window()
 
     async def aclose(self) -> None:
         """Stop early: C-CANCEL, then wait for the final response (PS3.7 §9.3.2.3)."""
@@ -153,10 +143,8 @@ class MessageStream:
                     self._context.id, Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=waiter.message_id)
                 )
                 while self.final is None:
-                    msg = await waiter.get(
-                        self._owner.settings.dimse_timeout if self._timeout is None else self._timeout
-                    )
-                    if waiter.done.done() and not waiter._items:
+                    msg = await waiter.get(self._owner.dimse_timeout if self._timeout is None else self._timeout)
+                    if waiter.drained:
                         self.final = msg
         except AssociationError:
             pass

@@ -18,6 +18,7 @@ from dimse_async import (
     NoAcceptedContext,
     Verification,
 )
+from dimse_async.dimse import Command, CommandField
 from dimse_async.fsm import State
 
 
@@ -206,13 +207,30 @@ async def test_release_waiting_for_the_send_lock_survives_a_peer_abort():
     async with await ae.start_server("127.0.0.1", 0) as server:
         assoc = await echo_scu().associate("127.0.0.1", server.port, "SCP")
         (server_assoc,) = server.associations
-        async with assoc._send_lock:  # a message being sent (reached in directly: timing)
-            releasing = asyncio.ensure_future(assoc.release())
-            for _ in range(10):
-                await asyncio.sleep(0)
-            server_assoc.abort("test: abort while the peer waits to release")
-            await asyncio.wait_for(assoc.wait_closed(), 5)
+        # A message being sent holds the send lock: 64 MiB to a peer that stopped reading.
+        server_assoc.pause_reading("test")
+        context = assoc.context_for(Verification)
+        sending = asyncio.ensure_future(
+            assoc.send(
+                context.id,
+                Command(CommandField.C_ECHO_RQ, message_id=9, affected_sop_class_uid=Verification),
+                bytes(64 << 20),
+            )
+        )
+        for _ in range(500):
+            if assoc.transport.get_write_buffer_size() > 0 and not sending.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not sending.done(), "the message went out at once: the send lock was never held"
+        releasing = asyncio.ensure_future(assoc.release())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not releasing.done()  # waiting for the send lock
+        server_assoc.abort("test: abort while the peer waits to release")
+        await asyncio.wait_for(assoc.wait_closed(), 5)
         await asyncio.wait_for(releasing, 5)  # returns; no InvalidPrimitive
+        with pytest.raises(AssociationAborted):
+            await sending
         assert assoc.is_closed and "aborted by peer" in (assoc.end_reason or "")
 
 

@@ -24,9 +24,10 @@ LAYERS: list[set[str]] = [
     {"pdu"},
     {"acse", "part10", "fsm", "dimse"},
     {"exceptions", "dataset_check", "codec"},
-    {"session", "transcode", "contexts", "oplog", "streams"},
-    # what services see of an association
+    {"session", "transcode", "contexts", "oplog"},
+    # what services see of an association; response streams typed against it
     {"interface"},
+    {"streams"},
     # the asyncio adapter
     {"messaging", "guards"},
     {"association"},
@@ -178,3 +179,55 @@ def test_the_checker_sees_upward_imports():
     known = set(modules())
     found = set().union(*(resolve("services.qr", False, n, known) for n in tree.body))  # type: ignore[arg-type]
     assert found == {"archive.index", "cli"}
+
+
+def _own_names(tree: ast.Module) -> set[str]:
+    """Private names a module defines for itself: functions, classes, module and class
+    variables, ``__slots__`` entries and ``self._x`` attributes."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+                names.add(node.attr)
+        elif isinstance(node, ast.Assign) and _slots(node):
+            assert isinstance(node.value, (ast.Tuple, ast.List))
+            names |= {e.value for e in node.value.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+    return {n for n in names if n.startswith("_")}
+
+
+def _slots(node: ast.Assign) -> bool:
+    """A ``__slots__ = (...)`` assignment."""
+    is_slots = any(isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets)
+    return is_slots and isinstance(node.value, (ast.Tuple, ast.List))
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+#: Private names of the standard library used where no public name exists
+#: (argparse and zlib types; namedtuple._replace is documented API).
+STDLIB_PRIVATE_TYPES = {"_SubParsersAction", "_Decompress", "_replace"}
+
+
+def test_no_module_uses_another_modules_private_names():
+    """A module reaches another only through public names: no ``from .x import _y``,
+    no ``obj._attr`` unless this module defines ``_attr`` itself (the interface
+    between layers is what they publish). ``self._x`` of a base class is allowed."""
+    found = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        own = _own_names(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                found += [f"{name}:{node.lineno} imports {a.name}" for a in node.names if _private(a.name)]
+            elif isinstance(node, ast.Attribute) and _private(node.attr) and node.attr not in own:
+                if node.attr in STDLIB_PRIVATE_TYPES:
+                    continue
+                if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):  # a base's own
+                    found.append(f"{name}:{node.lineno} uses {ast.unparse(node)}")
+    assert not found, "\n".join(found)

@@ -169,7 +169,10 @@ def test_message_ids_skip_those_still_outstanding():
     ctx = session.context(1)
     ids = [session.start_request(ctx, Command(CommandField.C_ECHO_RQ)) for _ in range(3)]
     assert ids == [1, 2, 3]
-    session._next_id = 0xFFFF  # wrap around: 1..3 are taken
+    for expected in range(4, 0x10000):  # up to the last id, each answered at once
+        assert session.start_request(ctx, Command(CommandField.C_ECHO_RQ)) == expected
+        session.forget_request(expected)
+    # Wrap around: 1..3 are still outstanding.
     assert session.start_request(ctx, Command(CommandField.C_ECHO_RQ)) == 4
 
 

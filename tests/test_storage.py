@@ -19,7 +19,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from dimse_async import AE, AssociationAborted, NoAcceptedContext, Status
-from dimse_async.dimse import DIMSEError
+from dimse_async.dimse import Command, CommandField, DIMSEError
 from dimse_async.part10 import encode_file_meta, read_file_meta
 from dimse_async.services.storage import (
     STORAGE_SOP_CLASSES,
@@ -27,6 +27,7 @@ from dimse_async.services.storage import (
     DirectoryStore,
     encode_dataset,
 )
+from dimse_async.status import response_status
 
 CT = get_testdata_file("CT_small.dcm")
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
@@ -183,7 +184,7 @@ async def test_dataset_access_is_lazy_and_decodes_on_demand(tmp_path):
 
     @ae.on_c_store
     async def handler(request):
-        seen["decoded_before"] = request._dataset is not None
+        seen["decoded_before"] = request.decoded
         seen["name"] = str(request.dataset.PatientName)
         seen["size"] = request.size
         seen["ts"] = request.transfer_syntax
@@ -236,18 +237,31 @@ async def test_slow_handler_pauses_reading(tmp_path):
         client = scu((CT_CLASS, [ExplicitVRLittleEndian]), max_ops_invoked=2)
         async with client.associate("127.0.0.1", server.port, "SCP") as assoc:
             assert assoc.negotiated.max_ops_invoked == 2
-            assoc._window = asyncio.Semaphore(16)  # misbehave: ignore the negotiated window
-            tasks = [asyncio.ensure_future(assoc.c_store(CT)) for _ in range(6)]
+            context = assoc.context_for(CT_CLASS)
+            data = dataset_bytes(CT)
+
+            async def store_ignoring_the_window(i: int) -> Status:
+                # Misbehave: invoke without waiting for a slot in the negotiated window.
+                cmd = Command(CommandField.C_STORE_RQ, affected_sop_class_uid=CT_CLASS, priority=0)
+                cmd.affected_sop_instance_uid = f"2.25.{i + 1}"
+                waiter = assoc.begin_request(context, cmd, multi=False)
+                try:
+                    await assoc.send(context.id, cmd, data)
+                    return response_status((await waiter.get(10)).command.status)
+                finally:
+                    assoc.end_request(waiter)
+
+            tasks = [asyncio.ensure_future(store_ignoring_the_window(i)) for i in range(6)]
             for _ in range(100):
                 await asyncio.sleep(0.01)
                 if len(paused_seen) == 2:
                     break
             (server_assoc,) = server.associations
             for _ in range(100):
-                if server_assoc._pause_reasons:
+                if server_assoc.reading_paused_by:
                     break
                 await asyncio.sleep(0.01)
-            assert server_assoc._pause_reasons == {"window"}
+            assert server_assoc.reading_paused_by == {"window"}
             assert server_assoc.session.held >= 1
             assert len(paused_seen) == 2  # no third handler while two run
             release.set()

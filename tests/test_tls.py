@@ -199,7 +199,7 @@ async def test_silent_tls_client_does_not_delay_other_clients(certs: Certs):
                 assert await asyncio.to_thread(s.recv, 100) == b""
                 assert time.monotonic() - t0 >= 2.5
             assert time.monotonic() - t0 < 8.0
-            assert not server._preambles
+            assert not server.preambles
         finally:
             for s in [*silent, half]:
                 s.close()

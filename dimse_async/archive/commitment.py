@@ -106,12 +106,12 @@ class CommitmentSCP:
 
         def row() -> Any:
             return (
-                self.archive._conn()
+                self.archive.connection()
                 .execute("SELECT sop_class, path, size FROM instances WHERE sop_uid = ?", (sop_instance,))
                 .fetchone()
             )
 
-        found = await self.archive._call(row)
+        found = await self.archive.in_index_thread(row)
         if found is None:
             return FailureReason.NO_SUCH_OBJECT_INSTANCE
         stored_class, path, size = found

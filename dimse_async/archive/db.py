@@ -96,7 +96,7 @@ class IndexDB:
 
     # -- database threads ---------------------------------------------------------
 
-    def _conn(self) -> Any:
+    def connection(self) -> Any:
         """This writer thread's connection (the schema is migrated by the first one)."""
         db = getattr(self._local, "db", None)
         if db is None:
@@ -106,7 +106,8 @@ class IndexDB:
                 self._connections.append(db)
         return db
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def in_index_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on a writer thread (see :meth:`connection`)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def close(self) -> None:
@@ -124,17 +125,17 @@ class IndexDB:
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         if not self._schema_ready:
-            await self._call(self._conn)  # the writer creates (or migrates) the schema first
+            await self.in_index_thread(self.connection)  # the writer creates (or migrates) the schema first
             self._schema_ready = True
         return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
 
     def _count(self) -> int:
-        return int(self._conn().execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+        return int(self.connection().execute("SELECT COUNT(*) FROM instances").fetchone()[0])
 
     async def count(self) -> int:
-        return await self._call(self._count)
+        return await self.in_index_thread(self._count)
 
     def _stored(self, sop_uid: str) -> tuple[str, int] | None:
         """The stored file of ``sop_uid`` and its size, if indexed and present."""
-        row = self._conn().execute("SELECT path, size FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
+        row = self.connection().execute("SELECT path, size FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
         return (row[0], row[1]) if row and os.path.exists(row[0]) else None

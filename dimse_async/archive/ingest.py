@@ -25,10 +25,10 @@ from ..services.storage import StoreRequest
 from .db import IndexDB, log
 from .schema import (
     IndexingError,
-    _attrs,
-    _name_key,
-    _patient_key,
-    _text,
+    level_attrs,
+    name_key,
+    patient_key_of,
+    text_of,
 )
 
 
@@ -122,12 +122,12 @@ class IngestMixin(IndexDB):
         st = os.stat(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
-        sop_uid = _text(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"))
-        study_uid, series_uid = _text(ds.get("StudyInstanceUID")), _text(ds.get("SeriesInstanceUID"))
+        sop_uid = text_of(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"))
+        study_uid, series_uid = text_of(ds.get("StudyInstanceUID")), text_of(ds.get("SeriesInstanceUID"))
         if not (sop_uid and study_uid and series_uid):
             raise IndexingError("missing Study, Series or SOP Instance UID")
-        patient = _attrs(ds, "PATIENT")
-        patient_key = _patient_key(patient, study_uid)
+        patient = level_attrs(ds, "PATIENT")
+        patient_key = patient_key_of(patient, study_uid)
         # One transaction (in PostgreSQL, one round trip to the database's thread).
         statements: list[tuple[str, tuple[Any, ...]]] = []
 
@@ -141,10 +141,10 @@ class IngestMixin(IndexDB):
                 patient_key,
                 patient.get("PatientID", ""),
                 json.dumps(patient),
-                _name_key(patient.get("PatientName", "")),
+                name_key(patient.get("PatientName", "")),
             ),
         )
-        study = _attrs(ds, "STUDY")
+        study = level_attrs(ds, "STUDY")
         execute(
             "INSERT INTO studies VALUES (?, ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
             "patient_key=excluded.patient_key, study_date=excluded.study_date, accession=excluded.accession, attrs=excluded.attrs",
@@ -156,14 +156,14 @@ class IngestMixin(IndexDB):
                 json.dumps(study),
             ),
         )
-        series = _attrs(ds, "SERIES")
+        series = level_attrs(ds, "SERIES")
         execute(
             "INSERT INTO series VALUES (?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
             "study_uid=excluded.study_uid, modality=excluded.modality, attrs=excluded.attrs",
             (series_uid, study_uid, series.get("Modality", ""), json.dumps(series)),
         )
-        image = _attrs(ds, "IMAGE")
-        image.setdefault("SOPClassUID", _text(meta.get("MediaStorageSOPClassUID")))
+        image = level_attrs(ds, "IMAGE")
+        image.setdefault("SOPClassUID", text_of(meta.get("MediaStorageSOPClassUID")))
         execute("DELETE FROM instances WHERE path = ? AND sop_uid != ?", (path, sop_uid))
         execute(
             "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET "
@@ -173,19 +173,19 @@ class IngestMixin(IndexDB):
                 sop_uid,
                 series_uid,
                 image["SOPClassUID"],
-                _text(meta.get("TransferSyntaxUID")),
+                text_of(meta.get("TransferSyntaxUID")),
                 path,
                 st.st_size,
                 st.st_mtime,
                 json.dumps(image),
             ),
         )
-        self.backend.transaction(self._conn(), statements)
+        self.backend.transaction(self.connection(), statements)
         return sop_uid
 
     async def index_file(self, path: str | os.PathLike[str]) -> str:
         """Index one Part 10 file (after it was stored); returns its SOP Instance UID."""
-        return await self._call(self._index_file, os.fspath(path))
+        return await self.in_index_thread(self._index_file, os.fspath(path))
 
     def _clean_leftovers(self) -> int:
         """Remove what an interrupted store leaves behind: spools (``.partial``) and the
@@ -206,7 +206,7 @@ class IngestMixin(IndexDB):
         return removed
 
     def _reindex(self) -> tuple[int, int, int]:
-        db = self._conn()
+        db = self.connection()
         # One re-index at a time across the processes and nodes sharing the index. The
         # files are the truth and a re-index interrupted is simply redone: no flush per
         # file while catching up.
@@ -261,7 +261,7 @@ class IngestMixin(IndexDB):
 
         Leftovers of interrupted stores are removed first; a file is indexed only
         when its data set parses to its end."""
-        return await self._call(self._reindex)
+        return await self.in_index_thread(self._reindex)
 
     # -- storing ------------------------------------------------------------------
 
@@ -320,7 +320,7 @@ class IngestMixin(IndexDB):
     async def _store_locked(self, request: StoreRequest, path: Path) -> Status:
         uid = request.sop_instance_uid
         try:
-            existing = await self._call(self._stored, uid)
+            existing = await self.in_index_thread(self._stored, uid)
         except self.backend.errors as exc:
             return _out_of_resources(request, exc)
         dest = os.fspath(path)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from ..dimse import CommandField
 from ..log import get_logger
 from ..services.availability import INSTANCE_AVAILABILITY, Availability, group_instances, send_notification
 from ..services.commitment import STORAGE_COMMITMENT
@@ -41,7 +42,7 @@ class AvailabilityNotifier:
 
     def install(self, ae: Any) -> None:
         """Wrap the archive's C-STORE handler: each stored instance restarts its study's timer."""
-        store = ae._handlers.get(0x0001)
+        store = ae.handler_for(CommandField.C_STORE_RQ)
         if store is None:
             return
 
@@ -61,7 +62,7 @@ class AvailabilityNotifier:
     async def _restart(self, sop_instance_uid: str) -> None:
         def study() -> Any:
             return (
-                self.archive._conn()
+                self.archive.connection()
                 .execute(
                     "SELECT s.study_uid FROM instances i JOIN series s ON i.series_uid = s.series_uid WHERE i.sop_uid = ?",
                     (sop_instance_uid,),
@@ -69,7 +70,7 @@ class AvailabilityNotifier:
                 .fetchone()
             )
 
-        row = await self.archive._call(study)
+        row = await self.archive.in_index_thread(study)
         if row is None:
             return
         uid = row[0]
@@ -88,7 +89,7 @@ class AvailabilityNotifier:
     async def availability(self, study_uid: str) -> Availability:
         def rows() -> Any:
             return (
-                self.archive._conn()
+                self.archive.connection()
                 .execute(
                     "SELECT i.series_uid, i.sop_class, i.sop_uid FROM instances i JOIN series s "
                     "ON i.series_uid = s.series_uid WHERE s.study_uid = ? ORDER BY i.series_uid, i.sop_uid",
@@ -97,7 +98,9 @@ class AvailabilityNotifier:
                 .fetchall()
             )
 
-        return Availability(study_uid, group_instances(await self.archive._call(rows)), retrieve_ae=self.ae.ae_title)
+        return Availability(
+            study_uid, group_instances(await self.archive.in_index_thread(rows)), retrieve_ae=self.ae.ae_title
+        )
 
     async def notify(self, study_uid: str) -> list[tuple[str, str]]:
         """Send the study's notification to every destination now: [(destination, outcome)]."""

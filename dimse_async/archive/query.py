@@ -20,20 +20,20 @@ from .db import (
 )
 from .matching import matches, parse_range, response_identifier
 from .schema import (
-    _INDEXED_UP_TO,
-    _NOT_STORED,
-    _ORDER,
-    _REQUIRED,
-    _UNIQUE,
-    _add_from_file,
-    _check_hierarchy,
-    _dataset,
-    _exact,
-    _level,
-    _model,
-    _name_prefix,
-    _text,
-    _where_in,
+    INDEXED_UP_TO,
+    LEVEL_ORDER,
+    NOT_STORED,
+    REQUIRED_KEYS,
+    UNIQUE_KEYS,
+    add_from_file,
+    check_hierarchy,
+    dataset_from,
+    exact_values,
+    model_name,
+    name_prefix,
+    query_level,
+    text_of,
+    where_in,
 )
 
 
@@ -48,24 +48,22 @@ class QueryMixin(IndexDB):
             db.close()
 
     def _matches(self, db: Any, model: str, identifier: Dataset, relational: bool) -> Iterator[Dataset]:
-        level = _level(model, identifier, "Query")
+        level = query_level(model, identifier, "Query")
         if not relational:
-            _check_hierarchy(model, level, identifier)
-        required = _REQUIRED[model][level]
-        indexed = set(_INDEXED_UP_TO[level])
+            check_hierarchy(model, level, identifier)
+        required = REQUIRED_KEYS[model][level]
+        indexed = set(INDEXED_UP_TO[level])
         from_file = [
             elem.tag
             for elem in identifier
-            if elem.tag.group not in (0x0000, 0x0002)
-            and elem.keyword not in indexed
-            and elem.keyword not in _NOT_STORED
+            if elem.tag.group not in (0x0000, 0x0002) and elem.keyword not in indexed and elem.keyword not in NOT_STORED
         ]
         for attrs, extra, path in self._candidates(db, model, level, identifier, required, bool(from_file)):
-            candidate = _dataset(*attrs)
+            candidate = dataset_from(*attrs)
             for key, value in extra.items():
                 setattr(candidate, key, value)
             if from_file and path is not None:
-                _add_from_file(candidate, path, from_file)
+                add_from_file(candidate, path, from_file)
             if matches(identifier, candidate, unknown=required):
                 response = response_identifier(identifier, candidate)
                 if self.retrieve_ae_title:
@@ -78,78 +76,14 @@ class QueryMixin(IndexDB):
         """Rows at ``level`` joined with their parents, narrowed by exact keys in SQL
         (a Required key also lets a zero-length stored value through, C.2.2.1.2), and
         with ``want_path`` the file of one instance of each entity."""
-        where: list[str] = []
-        args: list[Any] = []
-
-        def exact(column: str, key: str) -> None:
-            _where_in(q, key, column, where, args, or_empty=key in required, prefilter=True)
-
-        depth = _ORDER.index(level)
-        exact("p.patient_id", "PatientID")
-        prefix = _name_prefix(q.get("PatientName")) if "PatientName" in q else ""
-        if prefix:
-            # The literal start of a name key narrows by index; the matcher decides the rest.
-            where.append("(p.name_key >= ? AND p.name_key < ? OR p.name_key = '')")
-            args.extend([prefix, prefix + "\U0010ffff"])
-        if depth >= 1:
-            exact("st.study_uid", "StudyInstanceUID")
-            exact("st.accession", "AccessionNumber")
-            date = _text(q.get("StudyDate")) if "StudyDate" in q else ""
-            rng = parse_range(date, "DA") if date else None
-            if rng is not None:
-                lo, hi = rng
-                # Only full YYYYMMDD bounds compare correctly as strings; shorter ones
-                # (a whole month or year) are left to the matcher. An unknown (empty)
-                # study date matches (Required key, C.2.2.1.2).
-                bounds = []
-                if lo and len(lo) == 8 and lo.isdigit():
-                    bounds.append("st.study_date >= ?")
-                    args.append(lo)
-                if hi and len(hi) == 8 and hi.isdigit():
-                    bounds.append("st.study_date <= ?")
-                    args.append(hi)
-                if bounds:
-                    where.append(f"({' AND '.join(bounds)} OR st.study_date = '')")
-            elif _exact(date):
-                exact("st.study_date", "StudyDate")
-        if depth >= 2:
-            exact("se.series_uid", "SeriesInstanceUID")
-            exact("se.modality", "Modality")
-        if depth >= 3:
-            exact("i.sop_uid", "SOPInstanceUID")
-        joins = ["patients p"]
-        select = ["p.attrs", "p.patient_key"]
-        if depth >= 1:
-            joins.append("JOIN studies st ON st.patient_key = p.patient_key")
-            select.append("st.attrs")
-            select.append("st.study_uid")
-        if depth >= 2:
-            joins.append("JOIN series se ON se.study_uid = st.study_uid")
-            select.append("se.attrs")
-            select.append("se.series_uid")
-        if depth >= 3:
-            joins.append("JOIN instances i ON i.series_uid = se.series_uid")
-            select.append("i.attrs")
-            select.append("i.path")
-        sql = f"SELECT {', '.join(select)} FROM {' '.join(joins)}"
+        depth = LEVEL_ORDER.index(level)
+        where, args = _prefilter(q, depth, required)
+        sql = _select(depth)
         if where:
             sql += " WHERE " + " AND ".join(where)
         for row in self.backend.iterate(db, sql, args):
-            attrs = [json.loads(row[0])]
-            keys = {"PATIENT": row[1]}
-            if depth >= 1:
-                attrs.append(json.loads(row[2]))
-                attrs[-1].setdefault("StudyInstanceUID", row[3])
-                keys["STUDY"] = row[3]
-            if depth >= 2:
-                attrs.append(json.loads(row[4]))
-                attrs[-1].setdefault("SeriesInstanceUID", row[5])
-                keys["SERIES"] = row[5]
-            path = None
-            if depth >= 3:
-                attrs.append(json.loads(row[6]))
-                path = row[7]
-            elif want_path:
+            attrs, keys, path = _unpack(row, depth)
+            if path is None and want_path and depth < 3:
                 path = self._representative(db, level, keys[level])
             yield attrs, self._computed(db, level, keys, q), path
 
@@ -206,7 +140,7 @@ class QueryMixin(IndexDB):
 
     async def find(self, model_uid: str, identifier: Dataset, *, relational: bool = False) -> list[Dataset]:
         """C-FIND matches; ``relational`` when relational queries were negotiated (C.4.1.2.2.2)."""
-        return await self._read(self._query, _model(model_uid), identifier, relational)
+        return await self._read(self._query, model_name(model_uid), identifier, relational)
 
     async def find_iter(
         self, model_uid: str, identifier: Dataset, *, relational: bool = False, batch: int = 64
@@ -214,7 +148,7 @@ class QueryMixin(IndexDB):
         """C-FIND matches produced in batches, each only when the previous one was
         taken (a peer that does not read its responses stops the query), within
         :attr:`query_max_matches` and :attr:`query_time_budget` (else 0xA700)."""
-        model = _model(model_uid)
+        model = model_name(model_uid)
         deadline = time.monotonic() + self.query_time_budget
         db = await self._read(self._read_conn, deadline)
         matches = self._matches(db, model, identifier, relational)
@@ -242,10 +176,10 @@ class QueryMixin(IndexDB):
             await self._read(_close_query, matches, db)
 
     def _paths(self, model: str, identifier: Dataset) -> list[str]:
-        level = _level(model, identifier, "Retrieve")
+        level = query_level(model, identifier, "Retrieve")
         # Unique keys at the retrieve level (and above, for the hierarchy) are required (C.4.2.2.1).
-        if not _exact(identifier.get(_UNIQUE[level])):
-            raise StatusError(Status(0xA900, f"{_UNIQUE[level]} is required at {level} level"))
+        if not exact_values(identifier.get(UNIQUE_KEYS[level])):
+            raise StatusError(Status(0xA900, f"{UNIQUE_KEYS[level]} is required at {level} level"))
         where: list[str] = []
         args: list[Any] = []
         for column, key in (
@@ -254,7 +188,7 @@ class QueryMixin(IndexDB):
             ("se.series_uid", "SeriesInstanceUID"),
             ("i.sop_uid", "SOPInstanceUID"),
         ):
-            _where_in(identifier, key, column, where, args)
+            where_in(identifier, key, column, where, args)
         sql = (
             "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
             "JOIN studies st ON se.study_uid = st.study_uid JOIN patients p ON st.patient_key = p.patient_key "
@@ -267,7 +201,7 @@ class QueryMixin(IndexDB):
             db.close()
 
     async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
-        return await self._read(self._paths, _model(model_uid), identifier)
+        return await self._read(self._paths, model_name(model_uid), identifier)
 
     # -- handlers -----------------------------------------------------------------
 
@@ -280,6 +214,88 @@ class QueryMixin(IndexDB):
     async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str]:
         for path in await self.retrieve_paths(request.model, request.identifier):
             yield path
+
+
+def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[str], list[Any]]:
+    """SQL conditions (and their arguments) from the keys of ``q`` that narrow by index
+    down to the query level at ``depth``; the matcher decides everything else."""
+    where: list[str] = []
+    args: list[Any] = []
+
+    def exact(column: str, key: str) -> None:
+        where_in(q, key, column, where, args, or_empty=key in required, prefilter=True)
+
+    exact("p.patient_id", "PatientID")
+    prefix = name_prefix(q.get("PatientName")) if "PatientName" in q else ""
+    if prefix:
+        # The literal start of a name key narrows by index; the matcher decides the rest.
+        where.append("(p.name_key >= ? AND p.name_key < ? OR p.name_key = '')")
+        args.extend([prefix, prefix + "\U0010ffff"])
+    if depth >= 1:
+        exact("st.study_uid", "StudyInstanceUID")
+        exact("st.accession", "AccessionNumber")
+        date = text_of(q.get("StudyDate")) if "StudyDate" in q else ""
+        if not _study_date_range(date, where, args) and exact_values(date):
+            exact("st.study_date", "StudyDate")
+    if depth >= 2:
+        exact("se.series_uid", "SeriesInstanceUID")
+        exact("se.modality", "Modality")
+    if depth >= 3:
+        exact("i.sop_uid", "SOPInstanceUID")
+    return where, args
+
+
+def _study_date_range(date: str, where: list[str], args: list[Any]) -> bool:
+    """Narrow by a Study Date range key; ``False`` when ``date`` is not a range.
+
+    Only full YYYYMMDD bounds compare correctly as strings; shorter ones (a whole
+    month or year) are left to the matcher. An unknown (empty) study date matches
+    (Required key, C.2.2.1.2)."""
+    rng = parse_range(date, "DA") if date else None
+    if rng is None:
+        return False
+    bounds = []
+    for bound, op in zip(rng, (">=", "<="), strict=True):
+        if bound and len(bound) == 8 and bound.isdigit():
+            bounds.append(f"st.study_date {op} ?")
+            args.append(bound)
+    if bounds:
+        where.append(f"({' AND '.join(bounds)} OR st.study_date = '')")
+    return True
+
+
+#: Per level below PATIENT: the join and the columns it adds (attributes, then key or path).
+_LEVEL_JOINS = (
+    ("JOIN studies st ON st.patient_key = p.patient_key", "st.attrs", "st.study_uid"),
+    ("JOIN series se ON se.study_uid = st.study_uid", "se.attrs", "se.series_uid"),
+    ("JOIN instances i ON i.series_uid = se.series_uid", "i.attrs", "i.path"),
+)
+
+
+def _select(depth: int) -> str:
+    """The SELECT of rows at ``depth`` joined with their parents (without WHERE)."""
+    joins = ["patients p"]
+    select = ["p.attrs", "p.patient_key"]
+    for join, attrs, key in _LEVEL_JOINS[:depth]:
+        joins.append(join)
+        select += [attrs, key]
+    return f"SELECT {', '.join(select)} FROM {' '.join(joins)}"
+
+
+def _unpack(row: Any, depth: int) -> tuple[list[dict[str, str]], dict[str, str], str | None]:
+    """One row of :func:`_select`: each level's attributes, the entity keys by level,
+    and at IMAGE level the instance's file."""
+    attrs = [json.loads(row[0])]
+    keys = {"PATIENT": row[1]}
+    for i, (level, uid_key) in enumerate((("STUDY", "StudyInstanceUID"), ("SERIES", "SeriesInstanceUID"))):
+        if depth > i:
+            attrs.append(json.loads(row[2 + 2 * i]))
+            attrs[-1].setdefault(uid_key, row[3 + 2 * i])
+            keys[level] = row[3 + 2 * i]
+    if depth >= 3:
+        attrs.append(json.loads(row[6]))
+        return attrs, keys, row[7]
+    return attrs, keys, None
 
 
 def _take(items: Iterator[Dataset], n: int) -> list[Dataset]:

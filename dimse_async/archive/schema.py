@@ -70,20 +70,20 @@ LEVEL_KEYS: dict[str, tuple[str, ...]] = {
         "ImageType",
     ),
 }
-_UNIQUE = {
+UNIQUE_KEYS = {
     "PATIENT": "PatientID",
     "STUDY": "StudyInstanceUID",
     "SERIES": "SeriesInstanceUID",
     "IMAGE": "SOPInstanceUID",
 }
-_ORDER = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+LEVEL_ORDER = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 #: Index keys available for a query at each level (that level and those above it).
-_INDEXED_UP_TO = {
-    level: frozenset(k for upper in _ORDER[: i + 1] for k in LEVEL_KEYS[upper])
+INDEXED_UP_TO = {
+    level: frozenset(k for upper in LEVEL_ORDER[: i + 1] for k in LEVEL_KEYS[upper])
     for i, level in enumerate(("PATIENT", "STUDY", "SERIES", "IMAGE"))
 }
 #: Keys that are not attributes of the stored instances (PS3.4 C.3, C.4.1.1.3).
-_NOT_STORED = frozenset(
+NOT_STORED = frozenset(
     {
         "QueryRetrieveLevel",
         "SpecificCharacterSet",
@@ -105,7 +105,7 @@ _NOT_STORED = frozenset(
 _STUDY_R = frozenset({"StudyDate", "StudyTime", "AccessionNumber", "StudyID"})
 _SERIES_R = frozenset({"Modality", "SeriesNumber"})
 _IMAGE_R = frozenset({"InstanceNumber"})
-_REQUIRED: dict[str, dict[str, frozenset[str]]] = {
+REQUIRED_KEYS: dict[str, dict[str, frozenset[str]]] = {
     "patient": {"PATIENT": frozenset({"PatientName"}), "STUDY": _STUDY_R, "SERIES": _SERIES_R, "IMAGE": _IMAGE_R},
     "study": {"STUDY": _STUDY_R | {"PatientName", "PatientID"}, "SERIES": _SERIES_R, "IMAGE": _IMAGE_R},
     "patient-study": {
@@ -121,7 +121,7 @@ _ABOVE = {
     "study": {"STUDY": (), "SERIES": ("StudyInstanceUID",), "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID")},
     "patient-study": {"PATIENT": (), "STUDY": ("PatientID",)},
 }  # fmt: skip
-_ALL_KEYS = [k for level in _ORDER for k in LEVEL_KEYS[level]]
+_ALL_KEYS = [k for level in LEVEL_ORDER for k in LEVEL_KEYS[level]]
 _CHARSET = "SpecificCharacterSet"  # stored with each level's attributes, never matched
 _VR = {k: pydicom.datadict.dictionary_VR(pydicom.datadict.tag_for_keyword(k) or 0) for k in _ALL_KEYS}
 
@@ -134,7 +134,7 @@ _MODEL_LEVELS = {
 _MODEL_BY_UID = {uid: name for name, ops in MODELS.items() for uid in ops.values() if name in _MODEL_LEVELS}
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, pydicom.multival.MultiValue | list | tuple):
@@ -142,14 +142,14 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def _attrs(ds: Dataset, level: str) -> dict[str, str]:
-    attrs = {k: _text(ds.get(k)) for k in LEVEL_KEYS[level] if k in ds}
+def level_attrs(ds: Dataset, level: str) -> dict[str, str]:
+    attrs = {k: text_of(ds.get(k)) for k in LEVEL_KEYS[level] if k in ds}
     if _CHARSET in ds:  # the values are kept decoded; remember which repertoire they need
-        attrs[_CHARSET] = _text(ds.get(_CHARSET))
+        attrs[_CHARSET] = text_of(ds.get(_CHARSET))
     return attrs
 
 
-def _dataset(*attr_maps: dict[str, str]) -> Dataset:
+def dataset_from(*attr_maps: dict[str, str]) -> Dataset:
     """A candidate built from index rows, declaring a Specific Character Set that can
     encode its values: the rows' own when they agree, else UTF-8 (PS3.5 §6.1.2.5.3)."""
     ds = Dataset()
@@ -172,15 +172,15 @@ def _split(value: str) -> str | list[str]:
     return value.split("\\") if "\\" in value else value
 
 
-def _name_key(name: str) -> str:
+def name_key(name: str) -> str:
     """What a PN key without ``=`` is matched against: the alphabetic group, upper case
     (PN matching is case-insensitive here, see :mod:`.matching`)."""
     return name.split("=", 1)[0].rstrip(" ^").upper()
 
 
-def _name_prefix(value: Any) -> str:
+def name_prefix(value: Any) -> str:
     """The literal prefix of a single-valued PN key, upper case; "" when none can be used."""
-    text = _text(value).strip()
+    text = text_of(value).strip()
     if not text or "\\" in text or "=" in text:
         return ""
     for i, ch in enumerate(text):
@@ -189,7 +189,7 @@ def _name_prefix(value: Any) -> str:
     return text.rstrip(" ^").upper()
 
 
-def _level(model: str, identifier: Dataset, what: str) -> str:
+def query_level(model: str, identifier: Dataset, what: str) -> str:
     """The identifier's level, refused (0xA900) when the model has no such level."""
     level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
     if level not in _MODEL_LEVELS[model]:
@@ -205,16 +205,16 @@ def relational_queries(sop_class_uid: str, info: bytes) -> bytes | None:
     return b"\x01" if info[:1] == b"\x01" else b"\x00"
 
 
-def _check_hierarchy(model: str, level: str, identifier: Dataset) -> None:
+def check_hierarchy(model: str, level: str, identifier: Dataset) -> None:
     """Refuse (0xA900) a query lacking the unique key of a level above its own (a
     UID list is taken as List of UID Matching; wild cards and empty values are refused)."""
     for key in _ABOVE[model][level]:
-        values = _exact(identifier.get(key)) if key in identifier else None
+        values = exact_values(identifier.get(key)) if key in identifier else None
         if not values or (len(values) != 1 and key == "PatientID"):
             raise StatusError(Status(0xA900, f"{level} query needs one {key} (no relational queries)"[:64]))
 
 
-def _add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:
+def add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:
     """Copy the keys the index lacks from the stored instance into ``candidate``."""
     try:
         with warnings.catch_warnings():
@@ -228,7 +228,7 @@ def _add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:
             candidate.add(stored[tag])
 
 
-def _model(model_uid: str) -> str:
+def model_name(model_uid: str) -> str:
     model = _MODEL_BY_UID.get(model_uid)
     if model is None:
         raise StatusError(Status(0x0122, "Information model not supported"))
@@ -239,7 +239,7 @@ def _model(model_uid: str) -> str:
 _MAX_IN = 1000
 
 
-def _where_in(
+def where_in(
     identifier: Dataset,
     key: str,
     column: str,
@@ -252,22 +252,22 @@ def _where_in(
     """Add ``column IN (...)`` for a key with exact values (no wildcard, no range);
     ``or_empty`` also lets rows whose value is unknown (zero length) through; a
     ``prefilter`` (the matcher decides anyway) is dropped for very long lists."""
-    values = _exact(identifier.get(key)) if key in identifier else None
+    values = exact_values(identifier.get(key)) if key in identifier else None
     if values and not (prefilter and len(values) > _MAX_IN):
         clause = f"{column} IN ({','.join('?' * len(values))})"
         where.append(f"({clause} OR {column} = '')" if or_empty else clause)
         args.extend(values)
 
 
-def _exact(value: Any) -> list[str] | None:
+def exact_values(value: Any) -> list[str] | None:
     """Values of a key usable for an SQL equality prefilter (no wildcard, no range)."""
-    text = _text(value).strip()
+    text = text_of(value).strip()
     if not text or "*" in text or "?" in text:
         return None
     return [v.strip() for v in text.split("\\") if v.strip()]
 
 
-def _patient_key(patient: dict[str, str], study_uid: str) -> str:
+def patient_key_of(patient: dict[str, str], study_uid: str) -> str:
     """Patient identity (PS3.4 C.6.1.1.2: Patient ID is Type 2 and may be empty).
 
     Patient ID with its issuer when there is an ID; otherwise name and birth date, and

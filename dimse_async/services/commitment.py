@@ -250,7 +250,7 @@ def tracker_of(ae: Any) -> CommitmentTracker:
     tracker = getattr(ae, "commitments", None)
     if tracker is None:
         tracker = ae.commitments = CommitmentTracker()
-    if (0x0100, STORAGE_COMMITMENT) not in ae._n_handlers:  # a catch-all handler does not count
+    if not ae.has_n_handler(0x0100, STORAGE_COMMITMENT):  # a catch-all handler does not count
         ae.on_n_event_report(tracker.on_report, sop_class=STORAGE_COMMITMENT)
     return tracker
 

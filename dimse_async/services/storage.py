@@ -146,6 +146,11 @@ class StoreRequest(Request):
         return io.BytesIO(self.spool.memory())
 
     @property
+    def decoded(self) -> bool:
+        """Whether :attr:`dataset` has been decoded (it costs a full parse)."""
+        return self._dataset is not None
+
+    @property
     def dataset(self) -> Dataset:
         """The data set, decoded by pydicom on first access."""
         if self._dataset is None:
