@@ -18,7 +18,6 @@ from typing import Any, cast
 from . import fsm
 from .acse import Negotiated, negotiation_summary, reject_text, requestor_contexts
 from .exceptions import AssociationAborted, AssociationRejected, AssociationTimeout
-from .guards import InputGuards
 from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
 from .log import debug_enabled, get_logger
@@ -34,7 +33,7 @@ __all__ = ["AssociationProtocol"]
 _ids = itertools.count(1)
 
 
-class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol):
+class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     """A DICOM association, requestor or acceptor side: transport, timers, session outputs.
 
     Received bytes land in the PDU reader's own buffer (``asyncio.BufferedProtocol``).
@@ -47,7 +46,13 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
         self.requestor = requestor
         self.id = f"{next(_ids):x}"
         self.loop = asyncio.get_running_loop()
-        self.fsm = fsm.UpperLayer(requestor=requestor, max_pdu_receive=settings.max_pdu)
+        self.fsm = fsm.UpperLayer(
+            requestor=requestor,
+            max_pdu_receive=settings.max_pdu,
+            artim_timeout=settings.artim_timeout,
+            abort_artim_timeout=settings.abort_artim_timeout,
+            pdu_timeout=settings.pdu_timeout,
+        )
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)
         #: Acceptor behind a PROXY protocol load balancer: the client's address from the
@@ -69,14 +74,12 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
         self._closed: asyncio.Future[None] = self.loop.create_future()
         self._end_reason: str | None = None
         self._released = False
-        self._artim: asyncio.TimerHandle | None = None
-        self._idle: asyncio.TimerHandle | None = None
-        self._idle_release: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the one wake-up: see _schedule
+        self._timer_at = 0.0
         self._refused = False  # dropped by admission control before the upper layer started
         self._last_dimse = 0.0  # last DIMSE message either way (idle release)
         self._last_rx = self._last_tx = 0.0  # last bytes from the peer / last time it took ours
         self._init_messaging()
-        self._init_guards()
 
     @property
     def is_established(self) -> bool:
@@ -123,21 +126,18 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
             self._refused = True
             transport.abort()  # refused by the server's admission control (logged there)
             return
-        self._run(self.fsm.connection_made())
+        self._run(self.fsm.connection_made(now=self._last_rx))
 
     def get_buffer(self, sizehint: int) -> memoryview:
         """The transport receives straight into the PDU reader's buffer (no copy, no join)."""
         return self.fsm.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._last_rx = self.loop.time()
+        self._last_rx = now = self.loop.time()
         self.oplog.bytes_received += nbytes
         if self._debug:
             self.log.debug("bytes received", n=nbytes, state=self.fsm.state.name)
-        self._count_after_abort(nbytes)
-        before = self.fsm.reader.buffered + nbytes
-        self._run(self.fsm.buffer_updated(nbytes))
-        self._pdu_progress(before)
+        self._run(self.fsm.buffer_updated(nbytes, now=now))
 
     def data_received(self, data: bytes) -> None:
         """The same for bytes handed over as an object (a transport that does not
@@ -155,7 +155,7 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.fsm.state
-        self._run(self.fsm.connection_lost())
+        self._run(self.fsm.connection_lost(now=self.loop.time()))
         if was not in (fsm.State.Sta1, fsm.State.Sta13) and self._end_reason is None:
             self._end_reason = self.fsm.failure or "connection lost"
         self._finish()
@@ -168,17 +168,14 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
                 if self.transport is not None and not self.transport.is_closing():
                     self.transport.write(out.data)
                     self.oplog.bytes_sent += len(out.data)
-                    if out.data[:1] == b"\x07" and self._after_abort is None:
-                        self._after_abort = 0  # we sent an A-ABORT: see data_received
             elif isinstance(out, fsm.PDataIndication):
                 self._on_pdata(out)
-            elif isinstance(out, fsm.StartARTIM):
-                if self._artim is not None:
-                    self._artim.cancel()
-                self._artim = self.loop.call_later(self.settings.artim_timeout, self._on_artim)
-            elif isinstance(out, fsm.StopARTIM) and self._artim is not None:
-                self._artim.cancel()
-                self._artim = None
+            elif isinstance(out, fsm.TimerExpired):
+                self._end_reason = self._end_reason or out.reason
+                what = "ARTIM timer expired, connection closed" if out.timer == "ARTIM" else f"{out.timer} timeout"
+                self.log.warning(what, reason=self.fsm.failure if out.timer == "ARTIM" else out.reason)
+            elif isinstance(out, fsm.StopReading):
+                self.pause_reading("aborted")  # for good: ARTIM closes the connection
             elif isinstance(out, fsm.CloseTransport) and self.transport is not None:
                 if out.discard:
                     self.transport.abort()  # nothing queued can matter to the peer any more
@@ -207,15 +204,36 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
             elif isinstance(out, fsm.ProviderAbort):
                 self._aborted(f"provider abort: {out.reason}")
             # ConnectTransport: the requestor opens the connection itself (see AE.associate).
+            # StartARTIM / StopARTIM: the core keeps the deadline (fsm.get_timer).
+        self._schedule()
 
-    def _on_artim(self) -> None:
-        self._artim = None
-        self._run(self.fsm.artim_expired())
-        if self.fsm.state is fsm.State.Sta1 and self.transport is not None:
-            self.transport.abort()  # ARTIM expired: do not wait to flush to a silent peer
-            self.log.warning("ARTIM timer expired, connection closed", reason=self.fsm.failure)
-        if self.fsm.failure and self._end_reason is None:
-            self._end_reason = self.fsm.failure
+    # ----------------------------------------------------------- the one timer
+
+    def _schedule(self) -> None:
+        """Keep one ``call_at`` for the earliest deadline: the core's (ARTIM, PDU
+        progress) and the adapter's own (network idle, idle release). A deadline that
+        moved later is found when the timer fires early and is scheduled again."""
+        if self._closed.done():
+            return
+        candidates = (self.fsm.get_timer(), self._idle_deadline(), self._idle_release_deadline())
+        deadlines = [d for d in candidates if d is not None]
+        if not deadlines:
+            return
+        when = min(deadlines)
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self.loop.time()
+        self._run(self.fsm.handle_timer(now))
+        self._check_idle(now)
+        self._check_idle_release(now)
+        self._schedule()
 
     # ----------------------------------------------------------- life cycle
 
@@ -244,9 +262,9 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
     def _finish(self) -> None:
         if self._closed.done():
             return
-        for handle in (self._artim, self._idle, self._idle_release, self._pdu_timer):
-            if handle is not None:
-                handle.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         reason = self._end_reason
         self._wake_drain()  # a send waiting for a peer that never read: the connection is gone
         self._settle(AssociationAborted(reason or "association closed"), released=self._released)
@@ -288,11 +306,11 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
         if isinstance(result, AssociateRJ):
             self._end_reason = f"rejected: {reject_text(result)}"
             self.log.info("association rejected", reason=reject_text(result))
-            self._run(self.fsm.reject(result))
+            self._run(self.fsm.reject(result, now=self.loop.time()))
             self._hook(AssociationEvent.REJECTED)
             return
         assert neg is not None
-        self._run(self.fsm.accept(result))
+        self._run(self.fsm.accept(result, now=self.loop.time()))
         self._set_negotiated(neg, "association accepted")
 
     def _set_negotiated(self, neg: Negotiated, what: str) -> None:
@@ -304,9 +322,8 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
             max_request_dataset=self.settings.max_request_dataset,
         )
         self._window = asyncio.Semaphore(neg.max_ops_invoked or 1 << 16)
-        self._arm_idle()
         self._last_dimse = self.loop.time()
-        self._arm_idle_release()
+        self._schedule()
         self.log.info(
             what,
             contexts=f"{len(neg.accepted)}/{len(neg.contexts)}",
@@ -322,7 +339,7 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
         """Requestor: A-ASSOCIATE request (Evt1, AE-1); the caller then opens the transport."""
         self.associate_rq, self.peer_ae = rq, rq.called_ae
         self.log = self.log.bind(peer_ae=rq.called_ae, local_ae=self.local_ae)
-        self._run(self.fsm.associate(rq))
+        self._run(self.fsm.associate(rq, now=self.loop.time()))
 
     async def wait_established(self, timeout: float | None) -> None:
         try:
@@ -341,7 +358,7 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
         async with self._send_lock:  # the state is judged after the last message went out
             if self.fsm.state is fsm.State.Sta6:
                 self._release_confirm = self.loop.create_future()
-                self._run(self.fsm.release())
+                self._run(self.fsm.release(now=self.loop.time()))
         if self._release_confirm is None:  # released or aborted meanwhile, by either side
             if not self._closed.done() and self.fsm.state is not fsm.State.Sta1:
                 await self.wait_closed()
@@ -373,7 +390,7 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
 
     def _release_response(self) -> None:
         if self.fsm.state in (fsm.State.Sta8, fsm.State.Sta9, fsm.State.Sta12):
-            self._run(self.fsm.release_response())
+            self._run(self.fsm.release_response(now=self.loop.time()))
 
     def abort(self, reason: str = "aborted by local user") -> None:
         """A-ABORT (PS3.8 §7.3), service-user source. Safe to call in any state."""
@@ -384,7 +401,7 @@ class AssociationProtocol(InputGuards, DIMSEMessaging, asyncio.BufferedProtocol)
                 self.transport.close()
             return
         self.log.info("aborting association", reason=reason)
-        self._run(self.fsm.abort(reason))
+        self._run(self.fsm.abort(reason, now=self.loop.time()))
         self._aborted(reason, local=True)
 
     async def wait_closed(self) -> None:

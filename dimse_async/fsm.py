@@ -3,15 +3,38 @@
 :data:`TRANSITIONS` is Table 9-10 written as data: ``(state, event) -> action``,
 with states, events and actions named exactly as in the standard so the two can be
 read side by side. :class:`UpperLayer` runs it: it takes bytes from the peer, local
-service primitives and timer expiries, and returns :mod:`output <dimse_async.fsm>`
-objects (bytes to send, timers to start or stop, the transport to close, and
+service primitives and the time, and returns :mod:`output <dimse_async.fsm>`
+objects (bytes to send, the transport to close, reading to stop, and
 indications/confirmations for the local user). It owns no socket and no clock.
+
+Timers are inputs, as in aioquic: every input takes ``now`` (any monotonic clock),
+:meth:`UpperLayer.get_timer` says when the machine next needs to be woken and
+:meth:`UpperLayer.handle_timer` runs what is due. Two timers live here: ARTIM
+(PS3.8 §9.1.5; shorter once we have sent an A-ABORT, since only the peer's close is
+awaited) and the PDU progress timeout (a PDU that has started arriving must be
+complete within ``pdu_timeout`` seconds, however slowly its bytes drip in).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from .fsm_outputs import (
+    AssociateAccepted,
+    AssociateIndication,
+    AssociateRejected,
+    CloseTransport,
+    ConnectTransport,
+    Output,
+    PDataIndication,
+    PeerAbort,
+    ProviderAbort,
+    ReleaseConfirm,
+    ReleaseIndication,
+    Send,
+    StartARTIM,
+    StopARTIM,
+    StopReading,
+    TimerExpired,
+)
 from .fsm_table import TRANSITIONS, Action, Event, State
 from .pdu import (
     ABORT_SOURCE_PROVIDER,
@@ -52,6 +75,8 @@ __all__ = [
     "StartARTIM",
     "State",
     "StopARTIM",
+    "StopReading",
+    "TimerExpired",
     "UpperLayer",
 ]
 
@@ -69,101 +94,6 @@ _PDU_EVENTS: dict[type, Event] = {
 }
 
 
-# ---------------------------------------------------------------------------
-# Outputs: what the adapter must do, and what the local user is told
-# ---------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Send:
-    data: bytes
-
-
-@dataclass(slots=True)
-class ConnectTransport:
-    pass
-
-
-@dataclass(slots=True)
-class CloseTransport:
-    """Close the connection; with ``discard`` drop what is still queued to send (the
-    peer aborted, or ARTIM expired on a peer that does not read)."""
-
-    discard: bool = False
-
-
-@dataclass(slots=True)
-class StartARTIM:
-    pass
-
-
-@dataclass(slots=True)
-class StopARTIM:
-    pass
-
-
-@dataclass(slots=True)
-class AssociateIndication:
-    rq: AssociateRQ
-
-
-@dataclass(slots=True)
-class AssociateAccepted:
-    ac: AssociateAC
-
-
-@dataclass(slots=True)
-class AssociateRejected:
-    rj: AssociateRJ
-
-
-@dataclass(slots=True)
-class PDataIndication:
-    pdu: PDataTF
-
-
-@dataclass(slots=True)
-class ReleaseIndication:
-    collision: bool = False
-
-
-@dataclass(slots=True)
-class ReleaseConfirm:
-    pass
-
-
-@dataclass(slots=True)
-class PeerAbort:
-    """A-ABORT indication: the peer's service-user (or provider) sent an A-ABORT PDU."""
-
-    source: int
-    reason: int
-
-
-@dataclass(slots=True)
-class ProviderAbort:
-    """A-P-ABORT indication: the local provider aborted, ``reason`` says why."""
-
-    reason: str
-
-
-Output = (
-    Send
-    | ConnectTransport
-    | CloseTransport
-    | StartARTIM
-    | StopARTIM
-    | AssociateIndication
-    | AssociateAccepted
-    | AssociateRejected
-    | PDataIndication
-    | ReleaseIndication
-    | ReleaseConfirm
-    | PeerAbort
-    | ProviderAbort
-)
-
-
 class InvalidPrimitive(RuntimeError):
     """A local service primitive that Table 9-10 does not allow in the current state."""
 
@@ -177,17 +107,42 @@ class UpperLayer:
     """One association's upper-layer protocol machine (PS3.8 §9.2).
 
     Inputs are methods: :meth:`receive_data` (bytes from the peer),
-    :meth:`connection_made` / :meth:`connection_lost` (transport), :meth:`artim_expired`,
-    and the local primitives :meth:`associate`, :meth:`accept`, :meth:`reject`,
-    :meth:`send_pdata`, :meth:`release`, :meth:`release_response`, :meth:`abort`. Each
-    returns the list of outputs to carry out, in order.
+    :meth:`connection_made` / :meth:`connection_lost` (transport), :meth:`handle_timer`
+    (or :meth:`artim_expired` directly), and the local primitives :meth:`associate`,
+    :meth:`accept`, :meth:`reject`, :meth:`send_pdata`, :meth:`release`,
+    :meth:`release_response`, :meth:`abort`. Each returns the list of outputs to carry
+    out, in order, and takes ``now`` (seconds; without it the last time given is used).
+
+    ``artim_timeout`` is the ARTIM value, ``abort_artim_timeout`` the one used after we
+    sent an A-ABORT; ``pdu_timeout`` bounds the arrival of one PDU (``None``: no bound);
+    after our A-ABORT at most ``after_abort_read`` more bytes are taken from the peer.
     """
 
-    def __init__(self, *, requestor: bool, max_pdu_receive: int):
+    def __init__(
+        self,
+        *,
+        requestor: bool,
+        max_pdu_receive: int,
+        artim_timeout: float = 30.0,
+        abort_artim_timeout: float = 5.0,
+        pdu_timeout: float | None = None,
+        after_abort_read: int = 64 << 10,
+    ):
         self.requestor = requestor
         self.state = State.Sta1
         self.reader = PDUReader(max_pdu_receive)
+        self.artim_timeout = artim_timeout
+        self.abort_artim_timeout = min(abort_artim_timeout, artim_timeout)
+        self.pdu_timeout = pdu_timeout
+        self.after_abort_read = after_abort_read
+        #: Set by the adapter while it does not read (our backpressure, not the peer's
+        #: slowness): the PDU progress timeout then starts over instead of aborting.
+        self.reading_paused = False
+        self.now = 0.0
         self.artim_running = False
+        self.artim_deadline: float | None = None
+        self.pdu_deadline: float | None = None
+        self._after_abort: int | None = None  # bytes received since we sent an A-ABORT
         self._unframeable = False
         #: Why the association ended, when it ended abnormally; for logs.
         self.failure: str | None = None
@@ -201,23 +156,43 @@ class UpperLayer:
 
     # -- inputs from the peer and the transport ------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Output]:
+    def receive_data(self, data: bytes | bytearray | memoryview, *, now: float | None = None) -> list[Output]:
         """Feed bytes received from the peer; decode and dispatch every whole PDU."""
+        self._tick(now)
+        out = self._count_after_abort(len(data))
         if self.state in (State.Sta1, State.Sta4) or self._unframeable:
-            return []  # no association, or the stream cannot be framed again: ignored
+            return out  # no association, or the stream cannot be framed again: ignored
+        before = self.reader.buffered + len(data)
         self.reader.feed(data)
-        return self._take_pdus()
+        out += self._take_pdus()
+        self._pdu_progress(before)
+        return out
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the transport should receive the next bytes (see :meth:`buffer_updated`)."""
         return self.reader.get_buffer(sizehint)
 
-    def buffer_updated(self, nbytes: int) -> list[Output]:
+    def buffer_updated(self, nbytes: int, *, now: float | None = None) -> list[Output]:
         """``nbytes`` were received into :meth:`get_buffer`'s view: like :meth:`receive_data`."""
+        self._tick(now)
+        out = self._count_after_abort(nbytes)
         if self.state in (State.Sta1, State.Sta4) or self._unframeable:
-            return []  # ignored: the bytes are not kept
+            return out  # ignored: the bytes are not kept
+        before = self.reader.buffered + nbytes
         self.reader.buffer_updated(nbytes)
-        return self._take_pdus()
+        out += self._take_pdus()
+        self._pdu_progress(before)
+        return out
+
+    def _count_after_abort(self, n: int) -> list[Output]:
+        """After our A-ABORT (Sta13) the peer's close is noticed, but what it keeps
+        sending is not absorbed: past a little, reading stops (TCP pushes back) until
+        ARTIM closes the connection."""
+        if self._after_abort is None:
+            return []
+        over = self._after_abort <= self.after_abort_read < self._after_abort + n
+        self._after_abort += n
+        return [StopReading()] if over else []
 
     def _take_pdus(self) -> list[Output]:
         out: list[Output] = []
@@ -241,39 +216,96 @@ class UpperLayer:
             out += self._handle(_PDU_EVENTS[type(pdu)])
         return out
 
-    def connection_made(self) -> list[Output]:
+    def connection_made(self, *, now: float | None = None) -> list[Output]:
         """Evt2 for the requestor (connect confirmation), Evt5 for the acceptor."""
+        self._tick(now)
         return self._handle(E.Evt2 if self.requestor else E.Evt5)
 
-    def connection_lost(self) -> list[Output]:
+    def connection_lost(self, *, now: float | None = None) -> list[Output]:
         """Evt17. Ignored once idle (the close we asked for ourselves)."""
+        self._tick(now)
+        self.pdu_deadline = None
         if self.state is State.Sta1:
             return []
         self._why = "transport connection closed by peer"
         return self._handle(E.Evt17)
 
-    def artim_expired(self) -> list[Output]:
+    def artim_expired(self, *, now: float | None = None) -> list[Output]:
         """Evt18. A stale expiry (timer already stopped) is ignored."""
+        self._tick(now)
         if not self.artim_running:
             return []
         self.artim_running = False
+        self.artim_deadline = None
         self._why = f"ARTIM timer expired in {self.state.name}"
         return self._handle(E.Evt18)
 
+    # -- time --------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` should next be called (``None``: no timer runs)."""
+        deadlines = [d for d in (self.artim_deadline, self.pdu_deadline) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> list[Output]:
+        """Run the timers due at ``now``: ARTIM expiry (Evt18: AA-2 closes in Sta2 and
+        Sta13), then the PDU progress timeout (A-ABORT, or the close in Sta2/Sta13
+        where ARTIM runs anyway). Early or repeated calls do nothing."""
+        self._tick(now)
+        if self.artim_deadline is not None and now >= self.artim_deadline:
+            state = self.state.name
+            return [TimerExpired("ARTIM", f"ARTIM timer expired in {state}"), *self.artim_expired()]
+        if self.pdu_deadline is not None and now >= self.pdu_deadline:
+            return self._pdu_stalled(now)
+        return []
+
+    def _tick(self, now: float | None) -> None:
+        if now is not None:
+            self.now = now
+
+    def _pdu_progress(self, before: int) -> None:
+        """Restart the PDU progress timer when a PDU completed, stop it when nothing is
+        pending, start it when a PDU has begun (``before``: bytes pending plus received)."""
+        after = self.reader.buffered
+        if after == 0 or after < before or self.pdu_timeout is None:
+            self.pdu_deadline = None
+            if after == 0 or self.pdu_timeout is None:
+                return
+        if self.pdu_deadline is None:
+            self.pdu_deadline = self.now + self.pdu_timeout
+
+    def _pdu_stalled(self, now: float) -> list[Output]:
+        self.pdu_deadline = None
+        timeout = self.pdu_timeout
+        if not self.reader.buffered or timeout is None or self.state in (State.Sta1, State.Sta4):
+            return []
+        if self.reading_paused:  # we stopped reading, not the peer: not its fault
+            self.pdu_deadline = now + timeout
+            return []
+        reason = f"PDU not completed within {timeout:g} s ({self.reader.buffered} bytes received)"
+        out: list[Output] = [TimerExpired("PDU progress", reason)]
+        if self.state in (State.Sta2, State.Sta13):  # ARTIM runs: end as its expiry would (AA-2)
+            self.failure = self.failure or reason
+            return out + self.artim_expired()
+        return out + self.provider_abort(reason, AbortReason.NOT_SPECIFIED)
+
     # -- local service primitives ---------------------------------------------------
 
-    def associate(self, rq: AssociateRQ) -> list[Output]:
+    def associate(self, rq: AssociateRQ, *, now: float | None = None) -> list[Output]:
         """A-ASSOCIATE request (Evt1); the RQ is sent once the transport is up."""
+        self._tick(now)
         self._pdu = rq
         return self._handle(E.Evt1)
 
-    def accept(self, ac: AssociateAC) -> list[Output]:
+    def accept(self, ac: AssociateAC, *, now: float | None = None) -> list[Output]:
         """A-ASSOCIATE response, accept (Evt7)."""
+        self._tick(now)
         self._pdu = ac
         return self._handle(E.Evt7)
 
-    def reject(self, rj: AssociateRJ) -> list[Output]:
+    def reject(self, rj: AssociateRJ, *, now: float | None = None) -> list[Output]:
         """A-ASSOCIATE response, reject (Evt8)."""
+        self._tick(now)
         self._pdu = rj
         return self._handle(E.Evt8)
 
@@ -282,26 +314,32 @@ class UpperLayer:
         self._pdu = data  # type: ignore[assignment]
         return self._handle(E.Evt9)
 
-    def release(self) -> list[Output]:
+    def release(self, *, now: float | None = None) -> list[Output]:
         """A-RELEASE request (Evt11)."""
+        self._tick(now)
         return self._handle(E.Evt11)
 
-    def release_response(self) -> list[Output]:
+    def release_response(self, *, now: float | None = None) -> list[Output]:
         """A-RELEASE response (Evt14)."""
+        self._tick(now)
         return self._handle(E.Evt14)
 
-    def abort(self, reason: str = "aborted by local user") -> list[Output]:
+    def abort(self, reason: str = "aborted by local user", *, now: float | None = None) -> list[Output]:
         """A-ABORT request (Evt15), service-user source."""
+        self._tick(now)
         self._abort_source, self._abort_reason = ABORT_SOURCE_USER, 0
         self._why = reason
         return self._handle(E.Evt15)
 
-    def provider_abort(self, reason: str, diag: AbortReason = AbortReason.NOT_SPECIFIED) -> list[Output]:
+    def provider_abort(
+        self, reason: str, diag: AbortReason = AbortReason.NOT_SPECIFIED, *, now: float | None = None
+    ) -> list[Output]:
         """Abort on a protocol violation found above the PDU layer (e.g. DIMSE framing).
 
         Runs the Evt19 column: A-ABORT with service-provider source and an A-P-ABORT
         indication.
         """
+        self._tick(now)
         self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, int(diag)
         self._why = reason
         return self._handle(E.Evt19)
@@ -325,15 +363,20 @@ class UpperLayer:
 
     def _start_artim(self) -> None:
         self.artim_running = True
+        timeout = self.abort_artim_timeout if self._after_abort is not None else self.artim_timeout
+        self.artim_deadline = self.now + timeout
         self._out.append(StartARTIM())
 
     def _stop_artim(self) -> None:
         if self.artim_running:
             self.artim_running = False
+            self.artim_deadline = None
             self._out.append(StopARTIM())
 
     def _send_abort(self, source: int, reason: int) -> None:
         self._out.append(Send(Abort(source, reason).encode()))
+        if self._after_abort is None:
+            self._after_abort = 0  # see receive_data
 
     def _ae_1(self) -> State:
         self._out.append(ConnectTransport())

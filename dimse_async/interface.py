@@ -186,6 +186,8 @@ class Settings:
     dimse_timeout: float | None = 60.0
     network_timeout: float | None = 300.0
     artim_timeout: float = 30.0
+    #: ARTIM after we sent an A-ABORT: only the peer's close is awaited (PS3.8 §9.1.5).
+    abort_artim_timeout: float = 5.0
     dispatch: Mapping[int, ServiceHandler] = field(default_factory=dict)
     sinks: Mapping[int, SinkFactory] = field(default_factory=dict)
     judge: Judge | None = None

@@ -70,8 +70,6 @@ class DIMSEMessaging:
     _last_dimse: float
     _last_rx: float
     _last_tx: float
-    _idle: asyncio.TimerHandle | None
-    _idle_release: asyncio.TimerHandle | None
     requestor: bool
 
     @property
@@ -149,6 +147,7 @@ class DIMSEMessaging:
         if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
         self._pause_reasons.add(reason)
+        self.fsm.reading_paused = True  # a PDU stalled meanwhile is not the peer's fault
 
     @property
     def reading_paused_by(self) -> frozenset[str]:
@@ -159,6 +158,7 @@ class DIMSEMessaging:
         if reason not in self._pause_reasons:
             return
         self._pause_reasons.discard(reason)
+        self.fsm.reading_paused = bool(self._pause_reasons)
         if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -306,7 +306,11 @@ class DIMSEMessaging:
             events = self.session.receive(out.pdu.pdvs)
         except DIMSEError as exc:
             self.log.warning("DIMSE protocol violation", error=str(exc))
-            self._run(self.fsm.provider_abort(f"DIMSE protocol violation: {exc}", AbortReason.NOT_SPECIFIED))
+            self._run(
+                self.fsm.provider_abort(
+                    f"DIMSE protocol violation: {exc}", AbortReason.NOT_SPECIFIED, now=self.loop.time()
+                )
+            )
             return
         for event in events:
             self._on_session_event(event)
@@ -374,42 +378,41 @@ class DIMSEMessaging:
     send_message = send
 
     # ------------------------------------------------------------ idle timers
+    # Not in the sans-I/O core: they weigh local work (handlers running, responses
+    # awaited, a transport that cannot drain), which only the adapter sees. The
+    # adapter's single timer (association._schedule) wakes them.
 
-    def _arm_idle(self) -> None:
+    def _idle_deadline(self) -> float | None:
+        """Network idle timeout: when the association counts as silent (``network_timeout``)."""
         timeout = self.settings.network_timeout
-        if timeout is not None and not self._closed.done():
-            self._idle = self.loop.call_at(max(self._last_rx, self._last_tx) + timeout, self._check_idle)
+        if timeout is None or self.negotiated is None:
+            return None
+        return max(self._last_rx, self._last_tx) + timeout
 
-    def _check_idle(self) -> None:
-        self._idle = None
-        timeout = self.settings.network_timeout
-        if timeout is None or self._closed.done():
+    def _check_idle(self, now: float) -> None:
+        deadline = self._idle_deadline()
+        if deadline is None or now < deadline or self._closed.done():
             return
-        now = self.loop.time()
-        silent = now - max(self._last_rx, self._last_tx) >= timeout
         # Handlers blocked on a peer that neither sends nor reads are not local work.
-        if silent and (self._write_paused or (not self._tasks and not self._waiters)):
-            self.abort(f"network idle timeout ({timeout} s)")
+        if self._write_paused or (not self._tasks and not self._waiters):
+            self.abort(f"network idle timeout ({self.settings.network_timeout} s)")
             return
-        if silent:
-            self._last_rx = now  # busy locally: not idle
-        self._arm_idle()
+        self._last_rx = now  # busy locally: not idle
 
-    def _arm_idle_release(self) -> None:
+    def _idle_release_deadline(self) -> float | None:
         """Requestor with ``AE(idle_release=...)``: release after that long without DIMSE traffic."""
         delay = self.settings.idle_release
-        if delay is not None and self.requestor and not self._closed.done():
-            self._idle_release = self.loop.call_at(self._last_dimse + delay, self._check_idle_release)
+        if delay is None or not self.requestor or self.negotiated is None:
+            return None
+        return self._last_dimse + delay
 
-    def _check_idle_release(self) -> None:
-        self._idle_release = None
-        delay = self.settings.idle_release
-        if delay is None or self._closed.done() or not self.is_established:
+    def _check_idle_release(self, now: float) -> None:
+        deadline = self._idle_release_deadline()
+        if deadline is None or now < deadline or self._closed.done() or not self.is_established:
             return
-        if self._waiters or self.loop.time() - self._last_dimse < delay:
-            if self._waiters:
-                self._last_dimse = self.loop.time()
-            self._arm_idle_release()
+        if self._waiters:
+            self._last_dimse = now
             return
-        self.log.info("releasing idle association", idle_release=delay)
+        self.log.info("releasing idle association", idle_release=self.settings.idle_release)
+        self._last_dimse = float("inf")  # once
         self.spawn(self.release())

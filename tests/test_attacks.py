@@ -281,31 +281,51 @@ async def test_descriptor_shortage_answers_associate_rj(tmp_path: Path) -> None:
 
 
 async def test_after_an_abort_the_server_does_not_absorb_what_the_peer_sends(tmp_path: Path) -> None:
+    """After its A-ABORT (a PDU length over the limit) the server reads at most a
+    little more, then stops reading and closes at its short post-abort ARTIM (5 s),
+    however long the peer keeps pushing its 64 MiB body (PS3.8 §9.2, Sta13)."""
     with server_process(tmp_path, "echo-scp") as server:
         async with RSSWatch(server) as rss:
             peer = await RawPeer.connect(server.port)
+            loop = asyncio.get_running_loop()
             try:
                 await peer.associate()
                 peer.writer.write(struct.pack(">BBI", 0x04, 0, 64 * MiB))  # over our maximum length
                 reply = await peer.read_pdu()
                 assert reply is not None and reply[:8] == bytes.fromhex("0700000000040000") and reply[8] == 2
-                # Now try to push the 64 MiB body: the server must not read it.
+                aborted_at = loop.time()
+                # Now push the 64 MiB body, never reading: the server must stop taking it.
                 chunk = bytes(MiB)
-                sent = 0
-                loop = asyncio.get_running_loop()
-                deadline = loop.time() + 3
+                sent, closed = 0, False
+                deadline = aborted_at + 15
                 while sent < 64 * MiB and loop.time() < deadline:
                     peer.writer.write(chunk)
                     try:
                         await asyncio.wait_for(peer.writer.drain(), max(0.01, deadline - loop.time()))
-                    except (TimeoutError, ConnectionError):
+                    except TimeoutError:
+                        break
+                    except ConnectionError:
+                        closed = True
                         break
                     sent += len(chunk)
-                assert sent < 16 * MiB, f"the server read {sent / MiB:.0f} MiB after its A-ABORT"
+                assert sent < 16 * MiB, f"the server took {sent / MiB:.0f} MiB after its A-ABORT"
+                if not closed:  # blocked by TCP: the server stopped reading; ARTIM must close
+                    peer.writer.transport.pause_reading()
+                    await wait_for(lambda: _closed_line(server) is not None, 15, "the server closed the connection")
+                closed_after = loop.time() - aborted_at
             finally:
                 peer.writer.transport.abort()
+        line = _closed_line(server)
+        assert line is not None, "no 'association closed' line"
+        assert int(line["rx_bytes"]) < 2 * MiB, f"the server read {line['rx_bytes']} bytes"  # type: ignore[call-overload]
+        assert closed_after < 12, f"closed {closed_after:.1f} s after the A-ABORT"
         rss.check(16 * MiB)
         await legit_echo(server.port)
+
+
+def _closed_line(server: ServerProcess) -> dict[str, object] | None:
+    """The server's "association closed" log event of the first association, if logged."""
+    return next((e for e in server.log_events() if e.get("event") == "association closed"), None)
 
 
 # ---------------------------------------------------------------------------------

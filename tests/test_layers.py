@@ -22,6 +22,7 @@ LAYERS: list[set[str]] = [
     # the sans-I/O core: bytes <-> PDUs, the state machine, negotiation, DIMSE messages
     {"pdu_items", "fsm_table"},
     {"pdu"},
+    {"fsm_outputs"},
     {"acse", "part10", "fsm", "dimse"},
     {"exceptions", "dataset_check", "codec"},
     {"session", "transcode", "contexts", "oplog"},
@@ -29,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"interface"},
     {"streams"},
     # the asyncio adapter
-    {"messaging", "guards"},
+    {"messaging"},
     {"association"},
     # service classes, typed against the interface
     {"services.requests", "services.scp", "services.spool"},

@@ -1,0 +1,135 @@
+"""What the upper layer state machine (:mod:`dimse_async.fsm`) returns: bytes to send,
+the transport to open, close or stop reading, timers that ran out, and the
+indications and confirmations for the local user (PS3.8 §9.1, Tables 9-6 .. 9-9)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .pdu import AssociateAC, AssociateRJ, AssociateRQ, PDataTF
+
+__all__ = [
+    "AssociateAccepted",
+    "AssociateIndication",
+    "AssociateRejected",
+    "CloseTransport",
+    "ConnectTransport",
+    "Output",
+    "PDataIndication",
+    "PeerAbort",
+    "ProviderAbort",
+    "ReleaseConfirm",
+    "ReleaseIndication",
+    "Send",
+    "StartARTIM",
+    "StopARTIM",
+    "StopReading",
+    "TimerExpired",
+]
+
+
+@dataclass(slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(slots=True)
+class ConnectTransport:
+    pass
+
+
+@dataclass(slots=True)
+class CloseTransport:
+    """Close the connection; with ``discard`` drop what is still queued to send (the
+    peer aborted, or ARTIM expired on a peer that does not read)."""
+
+    discard: bool = False
+
+
+@dataclass(slots=True)
+class StartARTIM:
+    pass
+
+
+@dataclass(slots=True)
+class StopARTIM:
+    pass
+
+
+@dataclass(slots=True)
+class StopReading:
+    """Stop reading from the peer for good: we sent an A-ABORT and it keeps sending
+    (Sta13); ARTIM closes the connection."""
+
+
+@dataclass(slots=True)
+class TimerExpired:
+    """A timer ran out (from :meth:`UpperLayer.handle_timer`), for the log; what it
+    causes follows as further outputs."""
+
+    timer: str  # "ARTIM" or "PDU progress"
+    reason: str
+
+
+@dataclass(slots=True)
+class AssociateIndication:
+    rq: AssociateRQ
+
+
+@dataclass(slots=True)
+class AssociateAccepted:
+    ac: AssociateAC
+
+
+@dataclass(slots=True)
+class AssociateRejected:
+    rj: AssociateRJ
+
+
+@dataclass(slots=True)
+class PDataIndication:
+    pdu: PDataTF
+
+
+@dataclass(slots=True)
+class ReleaseIndication:
+    collision: bool = False
+
+
+@dataclass(slots=True)
+class ReleaseConfirm:
+    pass
+
+
+@dataclass(slots=True)
+class PeerAbort:
+    """A-ABORT indication: the peer's service-user (or provider) sent an A-ABORT PDU."""
+
+    source: int
+    reason: int
+
+
+@dataclass(slots=True)
+class ProviderAbort:
+    """A-P-ABORT indication: the local provider aborted, ``reason`` says why."""
+
+    reason: str
+
+
+Output = (
+    Send
+    | ConnectTransport
+    | CloseTransport
+    | StartARTIM
+    | StopARTIM
+    | StopReading
+    | TimerExpired
+    | AssociateIndication
+    | AssociateAccepted
+    | AssociateRejected
+    | PDataIndication
+    | ReleaseIndication
+    | ReleaseConfirm
+    | PeerAbort
+    | ProviderAbort
+)
