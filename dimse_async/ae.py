@@ -12,6 +12,7 @@ from typing import Any
 
 from .acceptor import AcceptOptions, Acceptor
 from .acse import AcceptorPolicy, ContextSpec, Negotiated, build_request, negotiate, validate_ae_title
+from .budget import OutputBudget
 from .dimse import CommandField, Message
 from .exceptions import AssociationTimeout, ConnectionFailed
 from .handlers import HandlerRegistry, Service
@@ -124,6 +125,11 @@ class AE(HandlerRegistry):
     #: Largest request data set (a C-FIND/C-GET/C-MOVE identifier) accepted; a larger
     #: one is refused with 0xA700 (out of resources) without being kept in memory.
     max_request_dataset: int
+    #: Response bytes queued for peers, summed over all associations of this AE: past
+    #: it, responses to peers that do not read wait (``dimse_async.budget``). ``None``:
+    #: only the per-association bound (~4 MiB).
+    max_buffered_output: int | None
+    output_budget: OutputBudget
     requested_contexts: list[ContextSpec]
     supported_contexts: dict[str, ContextSpec]
     #: Pending storage commitment transactions (a CommitmentTracker, made on first use).
@@ -160,6 +166,7 @@ class AE(HandlerRegistry):
         fd_reserve: int = 64,
         pdu_timeout: float | None = 60.0,
         max_request_dataset: int = 1 << 20,
+        max_buffered_output: int | None = 64 << 20,
     ):
         super().__init__()
         self.ae_title = validate_ae_title(ae_title)
@@ -193,6 +200,8 @@ class AE(HandlerRegistry):
         self.fd_reserve = fd_reserve
         self.pdu_timeout = pdu_timeout
         self.max_request_dataset = max_request_dataset
+        self.max_buffered_output = max_buffered_output
+        self.output_budget = OutputBudget(max_buffered_output)
         self.requested_contexts = []
         self.supported_contexts = {}
         self.commitments = None
@@ -320,6 +329,7 @@ class AE(HandlerRegistry):
             observer=self.observer,
             pdu_timeout=self.pdu_timeout,
             max_request_dataset=self.max_request_dataset,
+            output_budget=self.output_budget,
         )
 
     async def _judge(

@@ -267,6 +267,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self._timer = None
         reason = self._end_reason
         self._wake_drain()  # a send waiting for a peer that never read: the connection is gone
+        self._report_output(0)
         self._settle(AssociationAborted(reason or "association closed"), released=self._released)
         for task in list(self._tasks):
             task.cancel()

@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from .acse import Negotiated, PresentationContext
+from .budget import OutputBudget
 from .dimse import Command, DatasetSink, DatasetSource, Message
 from .filewriter import FileWriter
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
@@ -204,5 +205,7 @@ class Settings:
     pdu_timeout: float | None = 60.0
     #: Largest data set of a request (an identifier) kept in memory; larger is refused.
     max_request_dataset: int = 1 << 20
+    #: Server-wide bound on response bytes queued for peers (shared by the AE's associations).
+    output_budget: OutputBudget | None = None
     #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
     observer: Any = None

@@ -125,7 +125,41 @@ class DIMSEMessaging:
     def resume_writing(self) -> None:
         self._write_paused = False
         self._last_tx = self.loop.time()
+        self._report_output()
         self._wake_drain()
+
+    # ------------------------------------------------------------ the output budget
+
+    def buffered_output(self) -> int:
+        """Bytes the transport holds that the peer has not taken yet."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None and not transport.is_closing() else 0
+
+    def _report_output(self, size: int | None = None) -> None:
+        budget = self.settings.output_budget
+        if budget is not None:
+            budget.report(self, self.buffered_output() if size is None else size)
+
+    async def _within_output_budget(self) -> None:
+        """While the server-wide output budget is exceeded, a response goes out only
+        once this peer has taken everything queued for it: a peer that does not read
+        holds its producers, one that reads is served, a message at a time."""
+        budget, transport = self.settings.output_budget, self.transport
+        if budget is None or transport is None:
+            return
+        tight = False
+        while budget.over(self.loop.time()) and self.buffered_output() > 0:
+            if not tight:
+                tight = True
+                self.log.debug("output budget exceeded: waiting for the peer to read", queued=budget.total)
+                transport.set_write_buffer_limits(high=0, low=0)  # paused until fully drained
+            if self._write_paused:
+                await self._drain()
+            else:  # pragma: no cover - a transport that did not pause at once
+                await asyncio.sleep(0.05)
+                self._check_can_send()
+        if tight and not transport.is_closing():
+            transport.set_write_buffer_limits(high=4 * WRITE_BATCH)
 
     def _wake_drain(self) -> None:
         """Let a send waiting for the transport to drain go on (it then finds out
@@ -206,6 +240,8 @@ class DIMSEMessaging:
         max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
         async with self._send_lock:
             self._check_can_send()
+            if command.command_field & 0x8000:  # a response: within the server-wide budget
+                await self._within_output_budget()
             self.oplog.sent(self.loop.time(), command, dataset, self.log, self._debug)
             batch: list[bytes | memoryview] = list(fragment(context_id, cmd, True, max_pdu))
             size = sum(map(len, batch))
@@ -230,6 +266,7 @@ class DIMSEMessaging:
                         size += len(header) + len(chunk)
                         if size >= WRITE_BATCH:
                             self._run(self.fsm.send_pdata(b"".join(batch)))
+                            self._report_output()
                             started, batch, size = True, [], 0
                             await self._drain()
                             self._check_can_send()
@@ -241,6 +278,7 @@ class DIMSEMessaging:
                     raise
             if batch:
                 self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else bytes(batch[0])))
+                self._report_output()
             if self._debug:
                 self.log.debug("message sent", command=command.name, context=context_id, dataset=dataset is not None)
             self._last_dimse = self.loop.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import pydicom
 import pytest
@@ -266,3 +267,92 @@ def test_config_defaults_and_errors(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             load_config(bad)
+
+
+# ---------------------------------------------------------------------------------
+# Query budgets: every C-FIND the archive runs (Q/R and worklist), over an association
+# ---------------------------------------------------------------------------------
+
+
+async def _find_over_association(ae: AE, query: Dataset, model: str) -> tuple[int, Any, int]:
+    """(final status, its error comment, pending responses) of one C-FIND to ``ae``."""
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        scu = AE("SCU")
+        scu.add_requested_context(MODELS[model]["find"])
+        async with scu.associate("127.0.0.1", server.port, "ARCHIVE") as assoc:
+            async with assoc.c_find(query, model=model) as responses:
+                pending = len([d async for d in responses])
+    status = responses.status
+    assert status is not None
+    return int(status), status.error_comment, pending
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(3, (0xA700, "Out of resources: more than 3 matches", 3)), (4, None)])
+async def test_archive_c_find_stops_at_its_match_budget(archive, limit, expected):
+    """Past ``query_max_matches`` the matches so far go out, then 0xA700 Refused: Out of
+    Resources (PS3.4 C.4.1.1.4), logged; exactly the limit is still a success."""
+    archive.query_max_matches = limit
+    ae = archive_ae(ServeConfig(ae_title="ARCHIVE"))
+    archive.install(ae)
+    got = await _find_over_association(ae, q("STUDY", PatientID="", StudyInstanceUID=""), "study")
+    assert got == (expected or (0x0000, None, 4))
+
+
+async def test_archive_c_find_stops_at_its_time_budget(archive):
+    archive.query_time_budget = 0.0
+    ae = archive_ae(ServeConfig(ae_title="ARCHIVE"))
+    archive.install(ae)
+    status, comment, _ = await _find_over_association(ae, q("STUDY", PatientID="", StudyInstanceUID=""), "study")
+    assert (status, comment) == (0xA700, "Out of resources: query over 0 s")
+
+
+def _worklist_items(directory, n):
+    directory.mkdir()
+    for i in range(n):
+        item = Dataset()
+        item.PatientName = f"Work^List{i}"
+        item.PatientID = f"W{i}"
+        item.AccessionNumber = f"ACC{i}"
+        step = Dataset()
+        step.Modality = "CT"
+        step.ScheduledStationAETitle = "CT1"
+        item.ScheduledProcedureStepSequence = Sequence([step])
+        item.file_meta = pydicom.dataset.FileMetaDataset()
+        item.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        item.save_as(directory / f"item{i}.wl", enforce_file_format=False)
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        ({"max_matches": 2}, (0xA700, "Out of resources: more than 2 matches", 2)),
+        ({"time_budget": 0.0}, (0xA700, "Out of resources: query over 0 s", 0)),
+        ({"max_matches": 3}, (0x0000, None, 3)),
+    ],
+)
+async def test_worklist_c_find_has_a_budget_too(tmp_path, budget, expected):
+    """The modality worklist C-FIND stops with 0xA700 (PS3.4 K.4.1.1.4) like the archive's."""
+    _worklist_items(tmp_path / "wl", 3)
+    arch = Archive(tmp_path / "arch")
+    try:
+        ae = archive_ae(ServeConfig(ae_title="ARCHIVE"))
+        arch.install(ae, Worklist(tmp_path / "wl", **budget))
+        query = Dataset()
+        query.PatientName = ""
+        query.AccessionNumber = ""
+        step = Dataset()
+        step.Modality = "CT"
+        query.ScheduledProcedureStepSequence = Sequence([step])
+        assert await _find_over_association(ae, query, "worklist") == expected
+    finally:
+        arch.close()
+
+
+def test_query_budgets_from_toml(tmp_path):
+    path = tmp_path / "serve.toml"
+    path.write_text("query_max_matches = 10\nquery_time_budget = 2.5\nmax_buffered_output = 1048576\n")
+    config = load_config(path)
+    assert (config.query_max_matches, config.query_time_budget, config.max_buffered_output) == (10, 2.5, 1 << 20)
+    path.write_text('query_max_matches = "many"\n')
+    with pytest.raises(ValueError, match="query_max_matches"):
+        load_config(path)

@@ -446,11 +446,14 @@ async def test_deflate_bomb_identifier_is_refused_in_process() -> None:
 # ---------------------------------------------------------------------------------
 
 
-def _fill_archive(storage: Path, studies: int) -> None:
-    """``studies`` one-instance studies as Part 10 files, indexed by serve's start-up re-index."""
+def _fill_archive(storage: Path, studies: int, comments: int = 0) -> None:
+    """``studies`` one-instance studies as Part 10 files, indexed by serve's start-up
+    re-index; with ``comments``, each patient's Patient Comments that long."""
     rnd = random.Random(5)
     for i in range(studies):
         ds = ct_dataset(patient=f"P{i % 50}")
+        if comments:
+            ds.PatientComments = "x" * comments
         ds.SOPInstanceUID = f"2.25.{rnd.getrandbits(100)}"
         ds.StudyInstanceUID = f"2.25.{rnd.getrandbits(100)}"
         ds.SeriesInstanceUID = f"2.25.{rnd.getrandbits(100)}"
@@ -502,3 +505,62 @@ async def test_c_find_clients_that_never_read_neither_grow_memory_nor_starve_sto
                     peer.writer.transport.abort()
         rss.check(96 * MiB)
         server.check_log()
+
+
+@pytest.mark.timeout(300)
+async def test_non_reading_c_find_clients_are_bounded_server_wide(tmp_path: Path) -> None:
+    """24 clients each run a C-FIND whose responses (~8 KiB each, ~16 MiB in all) they
+    never read. Each could hold ~4 MiB queued in the server (the per-association
+    bound; the server grew ~220 MiB so); the server-wide ``--max-buffered-output``
+    (8 MiB here) stops them first, while a client from 127.0.0.2 finds 40 matches,
+    stores and echoes."""
+    storage = tmp_path / "archive"
+    _fill_archive(storage, 2000, comments=8000)
+    budget = 8 * MiB
+    with server_process(tmp_path, "serve", "--max-buffered-output", str(budget), storage=storage) as server:
+        async with RSSWatch(server) as rss:
+            hogs = []
+            try:
+                for _ in range(24):
+                    peer = await RawPeer.connect(server.port)
+                    await peer.associate()
+                    peer.writer.transport.pause_reading()  # never read a response
+                    q = find_identifier("STUDY")
+                    q.PatientComments = ""
+                    cmd, data = find_rq(q)
+                    await peer.send(pdata(7, cmd, command=True) + pdata(7, data, command=False))
+                    hogs.append(peer)
+                await _settled(rss)
+                q = find_identifier("STUDY")
+                q.PatientID = "P7"
+                q.PatientComments = ""
+                cmd, data = find_rq(q)
+                found = await asyncio.wait_for(
+                    exchange(
+                        server.port, pdata(7, cmd, command=True), pdata(7, data, command=False), source=LEGIT_HOST
+                    ),
+                    30,
+                )
+                assert found == [(0x8020, 0xFF00)] * 40 + [(0x8020, 0x0000)]
+                cmd, data = store_rq(ct_dataset(patient="LEGIT"))
+                stored = await exchange(
+                    server.port, pdata(3, cmd, command=True), pdata(3, data, command=False), source=LEGIT_HOST
+                )
+                assert stored == [(0x8001, 0x0000)]
+                await legit_echo(server.port)
+            finally:
+                for peer in hogs:
+                    peer.writer.transport.abort()
+        rss.check(budget + 56 * MiB)  # open queries cost some too
+        server.check_log()
+
+
+async def _settled(rss: RSSWatch, quiet: float = 3.0, limit: float = 90.0) -> None:
+    """Wait until the server's RSS has not grown for ``quiet`` seconds (producers blocked)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + limit
+    peak, since = rss.peak, loop.time()
+    while loop.time() < end and loop.time() - since < quiet:
+        await asyncio.sleep(0.1)
+        if rss.peak > peak + MiB:
+            peak, since = rss.peak, loop.time()

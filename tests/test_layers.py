@@ -18,7 +18,7 @@ PACKAGE = Path(dimse_async.__file__).parent
 
 LAYERS: list[set[str]] = [
     # pure helpers with no package imports
-    {"uids", "log", "status", "keepalive", "proxy", "tls", "sop_classes", "inflate", "filewriter"},
+    {"uids", "log", "status", "keepalive", "proxy", "tls", "sop_classes", "inflate", "filewriter", "budget"},
     # the sans-I/O core: bytes <-> PDUs, the state machine, negotiation, DIMSE messages
     {"pdu_items", "fsm_table"},
     {"pdu"},
@@ -48,7 +48,7 @@ LAYERS: list[set[str]] = [
     {"deploy", "workers"},
     {"", "services"},  # the package's public face
     # applications on top of the framework
-    {"archive.date_ranges"},
+    {"archive.date_ranges", "archive.budget"},
     {"archive.value_matching"},
     {"archive", "archive.matching", "archive.config"},
     {"archive.schema", "archive.worklist", "archive.backend"},

@@ -38,6 +38,9 @@ Example::
     max_pending_per_address = 256             # ... from one address
     pdu_timeout = 60                          # a started PDU must be whole within 60 s
     max_request_dataset = 1048576             # largest C-FIND/GET/MOVE identifier (bytes)
+    max_buffered_output = 67108864            # response bytes queued for peers, all associations
+    query_max_matches = 50000                 # a C-FIND (archive or worklist) stops with 0xA700
+    query_time_budget = 60                    #   past this many matches or seconds
     http_host = "0.0.0.0"                     # /healthz and /metrics
     http_port = 8080
     drain_grace = 30                          # on SIGTERM: running associations get 30 s
@@ -134,6 +137,13 @@ class ServeConfig:
     max_pending_per_address: int = 256
     pdu_timeout: float | None = 60.0
     max_request_dataset: int = 1 << 20
+    #: Response bytes queued for peers that have not read them, over all associations
+    #: (per worker process); past it, peers that do not read get nothing more.
+    max_buffered_output: int = 64 << 20
+    #: Every C-FIND the archive runs (Q/R and worklist) stops with 0xA700 (out of
+    #: resources, logged) past this many matches or seconds.
+    query_max_matches: int = 50_000
+    query_time_budget: float = 60.0
     #: Worker processes sharing the port (SO_REUSEPORT), supervised by the parent;
     #: each admits max_associations // workers associations.
     workers: int = 1
@@ -150,6 +160,7 @@ ADMISSION_KEYS = (
     "max_pending_per_address",
     "pdu_timeout",
     "max_request_dataset",
+    "max_buffered_output",
 )
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -159,6 +170,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_pending_per_address": (int,),
     "pdu_timeout": (int, float),
     "max_request_dataset": (int,),
+    "max_buffered_output": (int,),
+    "query_max_matches": (int,),
+    "query_time_budget": (int, float),
     "tls_cert": (str,),
     "tls_key": (str,),
     "tls_ca": (str,),

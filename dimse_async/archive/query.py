@@ -7,7 +7,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from pydicom.dataset import Dataset
 
 from ..dimse import Status
 from ..services.qr import QueryRequest, StatusError
+from .budget import QueryBudget
 from .db import (
     IndexDB,
 )
@@ -149,29 +149,25 @@ class QueryMixin(IndexDB):
         taken (a peer that does not read its responses stops the query), within
         :attr:`query_max_matches` and :attr:`query_time_budget` (else 0xA700)."""
         model = model_name(model_uid)
-        deadline = time.monotonic() + self.query_time_budget
-        db = await self._read(self._read_conn, deadline)
+        budget = QueryBudget(self.query_max_matches, self.query_time_budget, "archive C-FIND")
+        db = await self._read(self._read_conn, budget.deadline)
         matches = self._matches(db, model, identifier, relational)
         produced = 0
         try:
             while True:
+                want = min(batch, self.query_max_matches + 1 - produced)  # one more shows the excess
                 try:
-                    items = await self._read(_take, matches, batch)
-                except self.resource_errors as exc:
-                    if time.monotonic() > deadline:
-                        raise StatusError(
-                            Status(0xA700, f"Out of resources: query over {self.query_time_budget:g} s")
-                        ) from exc
+                    items = await self._read(_take, matches, want)
+                except self.resource_errors:
+                    if budget.expired():  # interrupted at the deadline
+                        budget.timed_out()
                     raise
-                for item in items:
+                for item in items[: self.query_max_matches - produced]:
                     yield item
                 produced += len(items)
-                if len(items) < batch:
+                budget.check(produced)
+                if len(items) < want:
                     return
-                if produced >= self.query_max_matches:
-                    raise StatusError(Status(0xA700, f"Out of resources: more than {self.query_max_matches} matches"))
-                if time.monotonic() > deadline:
-                    raise StatusError(Status(0xA700, f"Out of resources: query over {self.query_time_budget:g} s"))
         finally:
             await self._read(_close_query, matches, db)
 

@@ -43,6 +43,7 @@ def archive_ae(config: ServeConfig) -> AE:
         max_pending_per_address=config.max_pending_per_address,
         pdu_timeout=config.pdu_timeout,
         max_request_dataset=config.max_request_dataset,
+        max_buffered_output=config.max_buffered_output,
     )
     ae.add_supported_context(Verification)
     for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *config.storage_classes]):
@@ -66,6 +67,8 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         ("aet", "ae_title"),
         ("storage_dir", "storage_dir"),
         ("worklist_dir", "worklist_dir"),
+        ("query_max_matches", "query_max_matches"),
+        ("query_time_budget", "query_time_budget"),
         ("tls_cert", "tls_cert"),
         ("tls_key", "tls_key"),
         ("tls_ca", "tls_ca"),
@@ -175,6 +178,8 @@ async def serve(args: argparse.Namespace) -> int:
         retrieve_ae_title=config.ae_title,
         shared=info is not None,
         index=config.index,
+        query_max_matches=config.query_max_matches,
+        query_time_budget=config.query_time_budget,
     )
     try:
         # The parent of a set of workers re-indexed already.
@@ -184,7 +189,12 @@ async def serve(args: argparse.Namespace) -> int:
         archive.close()
         raise CLIError(f"index {archive.backend.description}: {exc}", EXIT_CONNECT) from None
     ae = archive_ae(config)
-    archive.install(ae, Worklist(config.worklist_dir) if config.worklist_dir else None)
+    worklist = None
+    if config.worklist_dir:
+        worklist = Worklist(
+            config.worklist_dir, max_matches=config.query_max_matches, time_budget=config.query_time_budget
+        )
+    archive.install(ae, worklist)
     extras = install_normalized(ae, archive, config)
     if config.host in ("", "0.0.0.0", "::") and not (config.allowed_calling_aes or config.allowed_peer_addresses):
         get_logger().warning(

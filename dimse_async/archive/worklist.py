@@ -12,6 +12,7 @@ from pydicom.dataset import Dataset
 
 from ..log import get_logger
 from ..services.qr import QueryRequest
+from .budget import QueryBudget
 from .matching import matches, response_identifier
 
 log = get_logger()
@@ -21,17 +22,22 @@ class Worklist:
     """Modality worklist items from ``*.wl`` / ``*.dcm`` files in a directory (PS3.4 K).
 
     Files are re-read when they change; matching follows PS3.4 C.2.2.2 (with
-    sequence matching on the Scheduled Procedure Step Sequence).
+    sequence matching on the Scheduled Procedure Step Sequence). A query stops with
+    0xA700 past ``max_matches`` matches or ``time_budget`` seconds (PS3.4 K.4.1.1.4).
     """
 
-    def __init__(self, directory: str | os.PathLike[str]):
+    def __init__(self, directory: str | os.PathLike[str], *, max_matches: int = 50_000, time_budget: float = 60.0):
         self.directory = Path(directory)
+        self.max_matches = max_matches
+        self.time_budget = time_budget
         self._cache: dict[str, tuple[float, Dataset]] = {}
 
-    def _items(self) -> list[Dataset]:
+    def _items(self, budget: QueryBudget | None = None) -> list[Dataset]:
         items = []
         present = set()
         for path in sorted(self.directory.glob("*")):
+            if budget is not None and budget.expired():
+                budget.timed_out()
             if path.suffix.lower() not in (".wl", ".dcm") or not path.is_file():
                 continue
             key = str(path)
@@ -52,7 +58,14 @@ class Worklist:
         return items
 
     async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
-        items = await asyncio.to_thread(self._items)
-        for item in items:
+        budget = QueryBudget(self.max_matches, self.time_budget, "worklist C-FIND")
+        items = await asyncio.to_thread(self._items, budget)
+        produced = 0
+        for i, item in enumerate(items):
             if matches(request.identifier, item):
+                produced += 1
+                budget.check(produced)
                 yield response_identifier(request.identifier, item)
+            elif i % 256 == 255:  # a long list without matches: the budget, and the others
+                budget.check(produced)
+                await asyncio.sleep(0)

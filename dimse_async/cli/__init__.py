@@ -149,6 +149,18 @@ def _add_serve(sub: Any) -> None:
     )
     serve.add_argument("--worklist-dir", help="directory of worklist files (config: worklist_dir)")
     serve.add_argument(
+        "--query-max-matches",
+        type=positive_int,
+        metavar="N",
+        help="a C-FIND stops with 0xA700 past N matches (config: query_max_matches, default 50000)",
+    )
+    serve.add_argument(
+        "--query-time-budget",
+        type=float,
+        metavar="S",
+        help="... or past S seconds (config: query_time_budget, default 60)",
+    )
+    serve.add_argument(
         "--max-associations", type=positive_int, help="associations at once (config: max_associations)"
     )
     serve.add_argument("--workers", type=positive_int, help="worker processes sharing the port (config: workers, default 1)")
@@ -238,6 +250,7 @@ ADMISSION: tuple[tuple[str, type, str], ...] = (
     ("max_pending_per_address", int, "such connections from one address (default 256)"),
     ("pdu_timeout", float, "seconds a started PDU gets to arrive whole, however slowly (default 60)"),
     ("max_request_dataset", int, "largest identifier in bytes; larger is refused 0xA700 (default 1 MiB)"),
+    ("max_buffered_output", int, "response bytes queued for non-reading peers, all associations (default 64 MiB)"),
 )
 
 
