@@ -13,12 +13,18 @@ them idle, then measures:
 - new-association cost: median / p95 wall time of 50 fresh associate + release
   round trips from another address while the N stay open.
 
-Servers: ``dimse-async echo-scp`` (ours) and DCMTK ``storescp --fork`` (DCMTK's
-storescp without ``--fork`` serves one association at a time, so it cannot hold idle
-associations at all; that is measured too, as how many get an A-ASSOCIATE-AC within 5 s).
+Servers, side by side: ``dimse-async echo-scp`` (ours), DCMTK ``storescp --fork``
+(a process per association) and DCMTK ``storescp`` without ``--fork``, which serves one
+association at a time: of the N it answers one A-ASSOCIATE-RQ (the others wait 5 s and
+give up), so its row shows how many were associated, its memory and idle CPU with the N
+connections made, the C-ECHO on the one it serves, and whether a new association gets
+an A-ASSOCIATE-AC within 5 s while that one stays open.
 
-    python benchmarks/bench_idle.py                        # 1000 5000 10000, both servers
+    python benchmarks/bench_idle.py                        # 1000 5000 10000, all servers
     python benchmarks/bench_idle.py --counts 1000 --servers ours
+    python benchmarks/bench_idle.py --quick                # 200 associations, 2 idle seconds
+
+Prints one JSON line per measurement, then a markdown table of all of them.
 
 Raises the soft RLIMIT_NOFILE to the hard limit (it needs N + a few hundred
 descriptors in this process and in the server).
@@ -219,12 +225,13 @@ async def measure(kind: str, n: int, idle: float) -> dict[str, object]:
             await asyncio.sleep(0.5)
             base_mem = memory_bytes(ps, per_process)
             start = time.perf_counter()
-            sem = asyncio.Semaphore(64)
+            serial = kind == "dcmtk"  # one association at a time: the rest wait 5 s at once
+            sem = asyncio.Semaphore(n if serial else 64)
 
             async def one(i: int) -> Conn | None:
                 async with sem:
                     try:
-                        return await Conn.open(port, SOURCES[i % len(SOURCES)], timeout=5 if kind == "dcmtk" else 60)
+                        return await Conn.open(port, SOURCES[i % len(SOURCES)], timeout=5 if serial else 60)
                     except (OSError, RuntimeError, TimeoutError, asyncio.IncompleteReadError):
                         return None
 
@@ -232,29 +239,33 @@ async def measure(kind: str, n: int, idle: float) -> dict[str, object]:
             conns = [c for c in results if c is not None]
             open_seconds = time.perf_counter() - start
             out: dict[str, object] = {"server": kind, "n": n, "associated": len(conns), "open_s": round(open_seconds, 2)}
-            if not conns:
-                return out
             await asyncio.sleep(2.0)  # let allocations settle
             mem = memory_bytes(ps, per_process)
             out["mem_total_mib"] = round(mem / 2**20, 1)
-            out["mem_per_assoc_kib"] = round((mem - base_mem) / len(conns) / 1024, 1)
+            if conns:
+                out["mem_per_assoc_kib"] = round((mem - base_mem) / len(conns) / 1024, 1)
             cpu0 = cpu_seconds(ps)
             await asyncio.sleep(idle)
             out["idle_cpu_pct"] = round(100 * (cpu_seconds(ps) - cpu0) / idle, 2)
-            if kind == "dcmtk":
-                return out  # busy with its one association: nothing more to measure
+            if not conns:
+                return out
             probes = conns[:: max(1, len(conns) // 50)][:50]
             latencies = [await c.echo() for c in probes]
             out["echo_ms_median"] = round(1000 * statistics.median(latencies), 2)
             out["echo_ms_p95"] = round(1000 * pct(latencies, 0.95), 2)
             fresh = []
-            for _ in range(50):
+            for _ in range(3 if serial else 50):
                 t0 = time.perf_counter()
-                c = await Conn.open(port, PROBE_SOURCE)
+                try:
+                    c = await Conn.open(port, PROBE_SOURCE, timeout=5 if serial else 30)
+                except (OSError, RuntimeError, TimeoutError, asyncio.IncompleteReadError):
+                    continue  # no A-ASSOCIATE-AC while the N stay open
                 await c.release()
                 fresh.append(time.perf_counter() - t0)
-            out["new_assoc_ms_median"] = round(1000 * statistics.median(fresh), 2)
-            out["new_assoc_ms_p95"] = round(1000 * pct(fresh, 0.95), 2)
+            out["new_assoc_ok"] = f"{len(fresh)}/{3 if serial else 50}"
+            if fresh:
+                out["new_assoc_ms_median"] = round(1000 * statistics.median(fresh), 2)
+                out["new_assoc_ms_p95"] = round(1000 * pct(fresh, 0.95), 2)
             return out
         finally:
             for c in conns:
@@ -273,20 +284,47 @@ async def main() -> None:
     parser.add_argument("--servers", nargs="+", default=["ours", "dcmtk-fork", "dcmtk"])
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle CPU measurement")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "idle.jsonl"))
+    parser.add_argument("--quick", action="store_true", help="200 associations, 2 idle seconds")
     args = parser.parse_args()
+    if args.quick:
+        args.counts, args.idle = [200], 2.0
     limit = raise_nofile()
     print(f"RLIMIT_NOFILE soft limit {limit}", file=sys.stderr)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for kind in args.servers:
-        for n in args.counts:
-            if kind == "dcmtk" and n > args.counts[0]:
-                continue  # one association at a time: one size shows it
+    rows = []
+    for n in args.counts:
+        for kind in args.servers:
             if n + 200 > limit:
                 print(f"skipping {kind} n={n}: RLIMIT_NOFILE {limit} too low", file=sys.stderr)
                 continue
             row = await measure(kind, n, args.idle)
             print(json.dumps(row), flush=True)
             _append(args.out, row)
+            rows.append(row)
+    print()
+    print(markdown(rows))
+
+
+NAMES = {"ours": "dimse-async echo-scp", "dcmtk-fork": "DCMTK storescp --fork", "dcmtk": "DCMTK storescp"}
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    """The measurements side by side, one row per server and N."""
+    lines = [
+        "| server | N | associated | open all (s) | memory / association | idle CPU | "
+        "C-ECHO median / p95 (ms) | new association with N open: ok, median / p95 (ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per = f"{r.get('mem_per_assoc_kib', '-')} KiB ({r['mem_total_mib']} MiB in all)" if "mem_total_mib" in r else "-"
+        echo = f"{r['echo_ms_median']} / {r['echo_ms_p95']}" if "echo_ms_median" in r else "-"
+        new = str(r.get("new_assoc_ok", "-"))
+        if "new_assoc_ms_median" in r:
+            new += f", {r['new_assoc_ms_median']} / {r['new_assoc_ms_p95']}"
+        cpu = f"{r['idle_cpu_pct']} %" if "idle_cpu_pct" in r else "-"
+        name = NAMES.get(str(r["server"]), str(r["server"]))
+        lines.append(f"| {name} | {r['n']:,} | {r['associated']:,} | {r['open_s']} | {per} | {cpu} | {echo} | {new} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,13 @@ def archive_ae(config: ServeConfig) -> AE:
     return ae
 
 
+def _worklist(config: ServeConfig) -> Worklist | None:
+    """The modality worklist of ``worklist_dir``, within the query budget of every C-FIND."""
+    if not config.worklist_dir:
+        return None
+    return Worklist(config.worklist_dir, max_matches=config.query_max_matches, time_budget=config.query_time_budget)
+
+
 def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
     """Command line flags override the configuration file."""
     for arg, key in (
@@ -189,12 +196,7 @@ async def serve(args: argparse.Namespace) -> int:
         archive.close()
         raise CLIError(f"index {archive.backend.description}: {exc}", EXIT_CONNECT) from None
     ae = archive_ae(config)
-    worklist = None
-    if config.worklist_dir:
-        worklist = Worklist(
-            config.worklist_dir, max_matches=config.query_max_matches, time_budget=config.query_time_budget
-        )
-    archive.install(ae, worklist)
+    archive.install(ae, _worklist(config))
     extras = install_normalized(ae, archive, config)
     if config.host in ("", "0.0.0.0", "::") and not (config.allowed_calling_aes or config.allowed_peer_addresses):
         get_logger().warning(
