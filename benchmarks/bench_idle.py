@@ -219,7 +219,11 @@ async def measure(kind: str, n: int, idle: float) -> dict[str, object]:
         proc = start_server(kind, port, Path(tmp), n)
         conns: list[Conn] = []
         try:
-            wait_port(port, proc)
+            try:
+                wait_port(port, proc)
+            except RuntimeError as exc:
+                log = (Path(tmp) / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{kind} n={n}: {exc}\n{log}") from None
             ps = psutil.Process(proc.pid)
             per_process = kind == "dcmtk-fork"
             await asyncio.sleep(0.5)
