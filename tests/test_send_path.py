@@ -330,3 +330,37 @@ async def test_send_command_pipelines_to_our_scp(tmp_path: Path) -> None:
     finally:
         stop_process(scp)
     assert len(list(out.glob("*.dcm"))) == len(files)
+
+
+async def test_the_file_stream_gives_back_the_file_however_it_is_read() -> None:
+    """The streamed source returns the file's bytes (plus the deflate pad) in order for
+    any mix of read sizes and prefetches, comes up short on a truncated file, and
+    always closes its file, also with a read still in flight."""
+    rng = random.Random(20261202)
+    for trial in range(60):
+        size = rng.randrange(1, 3 << 20)
+        data = rng.randbytes(size)
+        pad = size % 2 == 1 and rng.random() < 0.3
+        body = data[: rng.randrange(size)] if rng.random() < 0.15 else data
+        prepared = storage.PreparedFile("f", "1.2", "1.2.3", ExplicitVRLittleEndian, size, 0, size + pad, None, pad)
+        stream = storage._FileStream(io.BytesIO(body), prepared)
+        got, left, short = [], prepared.length, False
+        prefetching = rng.random() < 0.7
+        while left:
+            n = min(left, rng.choice([1, 7, 4096, 130_000, 1 << 20, 3 << 20]))
+            if prefetching and rng.random() < 0.5:
+                await stream.prefetch(n + rng.randrange(2 << 20))
+            piece = stream.read(n)
+            if len(piece) != n:
+                short = True
+                break
+            got.append(bytes(piece))
+            left -= n
+            if rng.random() < 0.02:
+                break  # abandoned midway
+        await stream.close()
+        assert stream.fp.closed, trial
+        if len(body) < size:
+            assert short or left, trial
+        elif not left:
+            assert b"".join(got) == data + (b"\x00" if pad else b""), trial

@@ -14,6 +14,8 @@ as a complete Part 10 file.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import io
 import os
 import shutil
@@ -405,26 +407,32 @@ class _FileStream:
     def __init__(self, fp: BinaryIO, prepared: PreparedFile):
         self.fp = fp
         self.length = prepared.length
-        self._unread = prepared.length - prepared.pad  # bytes of the file not yet read
+        self._unread = prepared.length - prepared.pad  # bytes of the file not yet asked for
         self._pad = b"\x00" if prepared.pad else b""
         self._pieces: deque[memoryview] = deque()
         self._buffered = 0
-        self._pending: asyncio.Future[bytes] | None = None
+        self._pending: concurrent.futures.Future[bytes] | None = None  # the read in flight
 
     def _start(self) -> None:
         if self._pending is None and self._unread > 0:
             n = min(_PIECE, self._unread)
             self._unread -= n
-            self._pending = asyncio.get_running_loop().run_in_executor(None, self.fp.read, n)
+            self._pending = concurrent.futures.Future()
+            asyncio.get_running_loop().run_in_executor(None, self._read_piece, self._pending, n)
 
-    async def _take(self) -> None:
-        assert self._pending is not None
-        data = await self._pending
+    def _read_piece(self, done: concurrent.futures.Future[bytes], n: int) -> None:
+        """In a worker thread: one piece of the file into ``done``."""
+        try:
+            done.set_result(self.fp.read(n))
+        except BaseException as exc:
+            done.set_exception(exc)
+
+    def _keep(self, data: bytes) -> None:
         self._pending = None
         if data:
             self._pieces.append(memoryview(data))
             self._buffered += len(data)
-        if self._unread <= 0 and self._pad:
+        if self._unread <= 0 and self._pending is None and self._pad:
             self._pieces.append(memoryview(self._pad))
             self._buffered, self._pad = self._buffered + 1, b""
 
@@ -432,20 +440,22 @@ class _FileStream:
         """Have at least ``n`` bytes (or all that is left) in memory, and the next read started."""
         self._start()
         while self._buffered < n and self._pending is not None:
-            await self._take()
+            self._keep(await asyncio.wrap_future(self._pending))
             self._start()
 
     def read(self, n: int) -> bytes | memoryview:
-        if self._buffered < n:  # not prefetched (a sender that does not prefetch): read here
-            while self._unread > 0 and self._buffered < n and self._pending is None:
-                data = self.fp.read(min(_PIECE, self._unread))
-                self._unread -= len(data) if data else self._unread
-                if data:
-                    self._pieces.append(memoryview(data))
-                    self._buffered += len(data)
-            if self._unread <= 0 and self._pad and self._pending is None:
-                self._pieces.append(memoryview(self._pad))
-                self._buffered, self._pad = self._buffered + 1, b""
+        # Prefetched, this only slices what is in memory. A sender that reads ahead of
+        # what it prefetched (or never prefetches) gets the rest read here, blocking.
+        while self._buffered < n and (self._pending is not None or self._unread > 0):
+            if self._pending is None:
+                self._unread -= (k := min(_PIECE, self._unread))
+                data = self.fp.read(k)
+            else:
+                data = self._pending.result()
+            self._pending = None
+            if len(data) == 0:
+                self._unread = 0
+            self._keep(data)
         out: list[memoryview] = []
         want = n
         while want and self._pieces:
@@ -461,13 +471,18 @@ class _FileStream:
         return out[0] if len(out) == 1 else b"".join(out)
 
     async def close(self) -> None:
-        """Wait for a read still in flight, then close the file."""
-        if self._pending is not None:
-            try:
-                await asyncio.shield(self._pending)
-            except Exception:  # the read's own error does not matter any more
-                pass
-            self._pending = None
+        """Close the file once no read is in flight (even if this task is cancelled meanwhile)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            self.fp.close()
+            return
+        pending.add_done_callback(self._close_after)
+        with contextlib.suppress(Exception):  # the read's own error does not matter any more
+            await asyncio.shield(asyncio.wrap_future(pending))
+
+    def _close_after(self, read: concurrent.futures.Future[bytes]) -> None:
+        if not read.cancelled():
+            read.exception()  # retrieved: nobody else will
         self.fp.close()
 
 
