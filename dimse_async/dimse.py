@@ -10,6 +10,7 @@ from received PDVs, checking context ids and ordering.
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ class CommandField(IntEnum):
     N_DELETE_RQ = 0x0150
     N_DELETE_RSP = 0x8150
     C_CANCEL_RQ = 0x0FFF
+
+
+_NAMES = {int(f): f.name.replace("_", "-") for f in CommandField}
 
 
 class DIMSEError(ValueError):
@@ -148,10 +152,8 @@ class Command:
 
     @property
     def name(self) -> str:
-        try:
-            return CommandField(self.command_field).name.replace("_", "-")
-        except ValueError:
-            return f"command {self.command_field:#06x}"
+        name = _NAMES.get(self.command_field)
+        return name if name is not None else f"command {self.command_field:#06x}"
 
 
 def _encode_value(vr: str, value: Any) -> bytes:
@@ -167,17 +169,25 @@ def _encode_value(vr: str, value: Any) -> bytes:
     return raw
 
 
+_US_ELEM = struct.Struct("<HHIH")  # a whole US element: tag, length 2, value
+_GROUP_LENGTH = struct.Struct("<HHII")  # (0000,0000) UL
+_ALL_VALUES = operator.attrgetter(*(name for _, _, name in _ELEMENTS))  # every field in one C call
+_ENCODING = [(elem, vr == "US", vr) for elem, vr, _ in _ELEMENTS]
+
+
 def encode_command(cmd: Command) -> bytes:
     """Encode a command set, group length first (implicit VR little endian)."""
     body = bytearray()
-    for elem, vr, name in _ELEMENTS:
-        value = getattr(cmd, name)
+    for (elem, us, vr), value in zip(_ENCODING, _ALL_VALUES(cmd)):
         if value is None:
             continue
-        raw = _encode_value(vr, value)
-        body += _ELEM_HDR.pack(0x0000, elem, len(raw))
-        body += raw
-    return _ELEM_HDR.pack(0, 0, 4) + struct.pack("<I", len(body)) + body
+        if us:
+            body += _US_ELEM.pack(0, elem, 2, value)
+        else:
+            raw = _encode_value(vr, value)
+            body += _ELEM_HDR.pack(0, elem, len(raw))
+            body += raw
+    return _GROUP_LENGTH.pack(0, 0, 4, len(body)) + body
 
 
 def decode_command(data: bytes | bytearray | memoryview) -> Command:
@@ -204,7 +214,7 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
             elif vr == "AT":
                 values[name] = [(g << 16) | e for g, e in struct.iter_unpack("<HH", raw)]
             else:
-                values[name] = bytes(raw).decode("ascii", "replace").rstrip("\x00 ").lstrip(" ")
+                values[name] = str(raw, "ascii", "replace").rstrip("\x00 ").lstrip(" ")
         except struct.error:
             raise DIMSEError(f"command element (0000,{elem:04X}) has bad length {length}") from None
     if "command_field" not in values:

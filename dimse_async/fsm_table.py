@@ -15,6 +15,8 @@ __all__ = ["TRANSITIONS", "Action", "Event", "State"]
 class State(Enum):
     """PS3.8 Tables 9-1 … 9-5."""
 
+    __hash__ = object.__hash__  # members are singletons: the identity hash, in C (dict lookups per PDU)
+
     Sta1 = "Idle"
     Sta2 = "Transport connection open (awaiting A-ASSOCIATE-RQ PDU)"
     Sta3 = "Awaiting local A-ASSOCIATE response primitive"
@@ -32,6 +34,8 @@ class State(Enum):
 
 class Event(Enum):
     """PS3.8 Table 9-10, the event rows."""
+
+    __hash__ = object.__hash__  # members are singletons: the identity hash, in C (dict lookups per PDU)
 
     Evt1 = "A-ASSOCIATE request (local user)"
     Evt2 = "Transport connect confirmation (local transport service)"
@@ -56,6 +60,8 @@ class Event(Enum):
 
 class Action(Enum):
     """PS3.8 Tables 9-6 … 9-9."""
+
+    __hash__ = object.__hash__  # members are singletons: the identity hash, in C (dict lookups per PDU)
 
     AE_1 = "Issue TRANSPORT CONNECT request primitive to local transport service"
     AE_2 = "Send A-ASSOCIATE-RQ-PDU"

@@ -100,16 +100,32 @@ def _elem(elem: int, vr: bytes, value: bytes) -> bytes:
 def encode_file_meta(
     sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, source_ae: str | None = None
 ) -> bytes:
-    """128-byte preamble, ``DICM`` and the file meta information group (explicit VR LE)."""
-    body = b"".join(
-        [
-            _elem(0x0001, b"OB", b"\x00\x01"),
-            _elem(0x0002, b"UI", sop_class_uid.encode("ascii")),
-            _elem(0x0003, b"UI", sop_instance_uid.encode("ascii")),
-            _elem(0x0010, b"UI", transfer_syntax.encode("ascii")),
-            _elem(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
-            _elem(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
-            _elem(0x0016, b"AE", source_ae.encode("ascii", "replace")) if source_ae else b"",
-        ]
-    )
-    return bytes(128) + b"DICM" + _elem(0x0000, b"UL", struct.pack("<I", len(body))) + body
+    """128-byte preamble, ``DICM`` and the file meta information group (explicit VR LE).
+
+    All but the SOP Instance UID repeat from instance to instance: the parts before
+    and after it are kept per (SOP class, transfer syntax, source AE).
+    """
+    key = (sop_class_uid, transfer_syntax, source_ae)
+    parts = _META_PARTS.get(key)
+    if parts is None:
+        head = _elem(0x0001, b"OB", b"\x00\x01") + _elem(0x0002, b"UI", sop_class_uid.encode("ascii"))
+        tail = b"".join(
+            [
+                _elem(0x0010, b"UI", transfer_syntax.encode("ascii")),
+                _elem(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii")),
+                _elem(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+                _elem(0x0016, b"AE", source_ae.encode("ascii", "replace")) if source_ae else b"",
+            ]
+        )
+        if len(_META_PARTS) >= 256:
+            _META_PARTS.clear()
+        parts = _META_PARTS[key] = (head, tail)
+    head, tail = parts
+    instance = _elem(0x0003, b"UI", sop_instance_uid.encode("ascii"))
+    length = len(head) + len(instance) + len(tail)
+    return b"".join((_PREAMBLE, _UL.pack(length), head, instance, tail))
+
+
+_PREAMBLE = bytes(128) + b"DICM" + struct.pack("<HH2sH", 2, 0, b"UL", 4)  # then the group length value
+_UL = struct.Struct("<I")
+_META_PARTS: dict[tuple[str, str, str | None], tuple[bytes, bytes]] = {}
