@@ -299,6 +299,11 @@ def _ours_scp(port: int, out: Path, prof: Path | None) -> list[str]:
     )
 
 
+def _ours_durable_scp(port: int, out: Path, prof: Path | None) -> list[str]:
+    # Each file and its directory entry fsynced before the success status (group commit).
+    return [*_ours_scp(port, out, prof), "--durable"]
+
+
 def _storescp(port: int, out: Path, prof: Path | None) -> list[str]:
     # Single process (the default). +B: bit-preserving, the data set is written to the
     # file as it arrives, nothing parsed or re-encoded (its fastest mode); -dhl: no
@@ -397,6 +402,7 @@ def _send_reported(work: Path) -> float | None:
 
 RECEIVERS = {
     "ours": Receiver("ours", "dimse-async store-scp", _ours_scp, _py_env),
+    "ours-durable": Receiver("ours-durable", "store-scp --durable", _ours_durable_scp, _py_env),
     "storescp": Receiver("storescp", "DCMTK storescp", _storescp, _dcmtk_env),
     "pynetdicom": Receiver("pynetdicom", "pynetdicom SCP", _pynetdicom_scp, _py_env),
 }
@@ -410,6 +416,7 @@ SENDERS = {
 #: (sender, receiver), in the order they run and are printed.
 COMBOS: list[tuple[str, str]] = [
     ("storescu", "ours"),
+    ("storescu", "ours-durable"),
     ("storescu", "storescp"),
     ("storescu", "pynetdicom"),
     ("send-w1", "ours"),
@@ -638,7 +645,7 @@ def measure(
     recv_prof = send_prof = None
     if profile_dir is not None:
         stem = f"{sender.key}_to_{receiver.key}_{wl.name}"
-        if receiver.key == "ours":
+        if receiver.key.startswith("ours"):
             recv_prof = profile_dir / f"{stem}.scp.prof"
         if sender.key.startswith("send"):
             send_prof = profile_dir / f"{stem}.scu.prof"
@@ -749,6 +756,10 @@ def compute_ratios(
     specs = [
         ("our SCP vs DCMTK storescp (sender storescu)", ("storescu", "ours"), ("storescu", "storescp"),
          "receiver", {"small": 1.0, "large": 0.8}),
+        ("our SCP --durable vs our SCP (sender storescu)", ("storescu", "ours-durable"), ("storescu", "ours"),
+         "receiver", {}),
+        ("our SCP --durable vs DCMTK storescp (sender storescu)", ("storescu", "ours-durable"),
+         ("storescu", "storescp"), "receiver", {}),
         ("our SCP vs pynetdicom SCP (sender storescu)", ("storescu", "ours"), ("storescu", "pynetdicom"),
          "receiver", {"small": 4.0, "large": 4.0}),
         ("our SCU window 16 vs window 1 (-> our SCP)", ("send-w16", "ours"), ("send-w1", "ours"), None, {}),

@@ -510,6 +510,20 @@ class _QuietPydicom(importlib.abc.MetaPathFinder):
         return spec
 
 
+def _tune_gc() -> None:
+    """Collect young objects every 100,000 allocations instead of 700.
+
+    With the default, the objects of a short association outlive a few young
+    collections, get promoted and trigger full collections that walk every object of
+    every open association: the cost of a new association grew with the number open
+    (+70% with 10,000 idle). Objects now die young before a collection sees them.
+    Applied by the CLI only (a process-wide setting).
+    """
+    import gc
+
+    gc.set_threshold(100_000, 50, 100)
+
+
 def _quiet_pydicom() -> None:
     """Received data sets are kept as sent: pydicom's value-validation warnings would
     print to stderr for every odd value a peer sends, so the CLI turns them off (now,
@@ -538,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(_module("check").UNKNOWN)  # monitoring convention: bad arguments are UNKNOWN
         raise
     _tune_allocator()
+    _tune_gc()
     _quiet_pydicom()
     configure_logging(args.log_level, json=args.log_json)
     try:
