@@ -59,7 +59,7 @@ def make_huge(path: Path, size: int) -> str:
             _elem(2, 0x0012, b"UI", b"1.2.3.4"),
         ]
     )
-    cols = 8192
+    cols = 32768  # rows stay <= 65535 up to 4 GiB
     rows = size // (cols * 2)
     size = rows * cols * 2
     head = b"".join(

@@ -197,12 +197,13 @@ def main() -> int:
         base = Path(tmp)
         dirs = make_files(base, args.senders, args.files)
         if "store-scp" in only:
-            for workers in (1, 2):
-                name = f"store-scp --workers {workers}"
+            for workers, durable in ((1, False), (2, False), (1, True)):  # --durable: fsync, group commit
+                name = f"store-scp --workers {workers}" + (" --durable" if durable else "")
                 port = free_port()
                 out = base / name.replace(" ", "_")
                 cmd = [sys.executable, "-m", "dimse_async", "store-scp", "--any-called-ae", "--port", str(port)]
                 cmd += ["--out", str(out), "--log-level", "WARNING", "--workers", str(workers)]
+                cmd += ["--durable"] if durable else []
                 results.append(run(name, cmd, port, dirs))
         if "serve" in only:
             server: tuple[str, psutil.Process | None] | None

@@ -89,10 +89,10 @@ def sent_intact(received: bytes, src: Path) -> bool:
 
 
 async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
-    """The instance's file is a FIFO nobody reads for a second: the store waits in its
-    writer thread while the loop keeps its pace (sleeps late by a few ms at most) and
-    another association's C-ECHO is answered. Then the FIFO is read: every byte of the
-    instance came through, and storescu got its success status."""
+    """The instance's file is a FIFO nobody reads for 1.5 s: the store waits in its
+    writer thread while the loop keeps its pace (no sleep late by anything near the
+    blocked time) and another association's C-ECHO is answered. Then the FIFO is read:
+    every byte of the instance came through, and storescu got its success status."""
     src = tmp_path / "src"
     (uid,) = write_instances(src, 1)
     out = tmp_path / "out"
@@ -112,7 +112,7 @@ async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
         finally:
             os.close(fd)
 
-    timer = threading.Timer(1.0, read_fifo)
+    timer = threading.Timer(1.5, read_fifo)
     loop = asyncio.get_running_loop()
     worst_lag = 0.0
     async with await ae.start_server("127.0.0.1", 0) as server:
@@ -144,8 +144,8 @@ async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
         finally:
             timer.cancel()
             timer.join(5)
-    assert echo_seconds < 0.5
-    assert worst_lag < 0.2, f"event loop stalled {worst_lag:.3f} s"
+    assert echo_seconds < 1.0
+    assert worst_lag < 0.5, f"event loop stalled {worst_lag:.3f} s"
     assert sent_intact(b"".join(received), src / "000.dcm")
 
 
