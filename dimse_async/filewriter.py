@@ -1,9 +1,9 @@
 """File work of the storage SCP, off the event loop (PS3.4 B.2.3: success only once stored).
 
-A :class:`FileWriter` is one thread, started on first use by an association that
-stores something and ended with it (or after a few idle seconds): file creation,
-``os.writev`` of the received fragments, ``fsync`` and rename run there, one thread
-hop per instance, never on the event loop. :func:`write_file` is the job that
+A :class:`FileWriter` is an association's writer: its jobs run in order in one of a
+few threads shared by all associations (started on first use, ended after a few idle
+seconds): file creation, ``os.writev`` of the received fragments, ``fsync`` and
+rename run there, one thread hop per instance, never on the event loop. :func:`write_file` is the job that
 places one instance; :class:`GroupCommit` batches the directory ``fsync`` of durable
 stores done at about the same time into one (group commit), so concurrent durable
 stores share it.
@@ -12,6 +12,7 @@ stores share it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 import weakref
@@ -23,72 +24,47 @@ __all__ = ["FileWriter", "GroupCommit", "group_commit", "make_dirs", "sync_file"
 
 T = TypeVar("T")
 
-_IDLE_EXIT = 5.0  # seconds without work before the thread ends (a later job starts another)
+_IDLE_EXIT = 2.0  # seconds without work before a thread ends (a later job starts another)
 _IOV_MAX = 1024  # buffers per writev call (Linux IOV_MAX)
 _BATCH = 256 << 10  # bytes per writev call at most (unless one chunk is larger)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_STOP = object()
 
 
-class FileWriter:
-    """One worker thread running file jobs in order; results come back as futures.
+class _Worker:
+    """One thread running file jobs in order, for any loop; ends after a few idle seconds."""
 
-    ``submit`` costs one queue put; the thread hands each result back with one
-    ``call_soon_threadsafe``. A job still queued at :meth:`close` is run first.
-    """
+    __slots__ = ("_queue", "_thread", "_lock", "name")
 
-    __slots__ = ("_loop", "_queue", "_thread", "_lock", "name")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, name: str = "dimse-async-writer"):
-        self._loop = loop
+    def __init__(self, name: str):
         self._queue: SimpleQueue[Any] = SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.name = name
 
-    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run ``fn(*args)`` in the writer's thread; the future resolves on the loop."""
-        fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put((fut, fn, args))
-        self._ensure_thread()
-        return fut
-
-    def post(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run ``fn(*args)`` in the thread, nobody waiting (errors ignored)."""
-        self._queue.put((None, fn, args))
-        self._ensure_thread()
-
-    def _ensure_thread(self) -> None:
+    def put(
+        self, item: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...]]
+    ) -> None:
+        self._queue.put(item)
         with self._lock:  # against the thread ending idle at this moment
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
 
-    def close(self) -> None:
-        """End the thread once the jobs queued so far are done."""
-        with self._lock:
-            if self._thread is not None:
-                self._queue.put(_STOP)
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
 
     def _run(self) -> None:
-        queue, loop = self._queue, self._loop
+        queue = self._queue
         while True:
             try:
-                item = queue.get(timeout=_IDLE_EXIT)
+                loop, fut, fn, args = queue.get(timeout=_IDLE_EXIT)
             except Empty:
                 with self._lock:  # idle: end; a job queued meanwhile starts a new thread
                     if queue.empty():
                         self._thread = None
                         return
                 continue
-            if item is _STOP:
-                with self._lock:
-                    if self._thread is threading.current_thread():
-                        self._thread = None
-                if not queue.empty():  # submitted after close: keep serving
-                    self._ensure_thread()
-                return
-            fut, fn, args = item
             try:
                 result = fn(*args)
             except BaseException as exc:  # handed to the awaiting side
@@ -97,6 +73,45 @@ class FileWriter:
                 continue
             if fut is not None:
                 _deliver(loop, fut, result, None)
+
+
+_POOL_SIZE = 4  # writer threads shared by every association of the process
+_pool = [_Worker("dimse-async-writer") for _ in range(_POOL_SIZE)]
+_next_worker = itertools.count()
+
+
+class FileWriter:
+    """An association's file writer: its jobs run in order, in one of a few threads
+    shared by all associations (each association keeps to one of them, so its own
+    jobs never overlap or reorder); results come back as futures on ``loop``.
+
+    ``submit`` costs one queue put; the thread hands each result back with one
+    ``call_soon_threadsafe``. Threads start on first use and end after a few idle
+    seconds, so idle associations hold none.
+    """
+
+    __slots__ = ("_loop", "_worker", "submitted")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, worker: _Worker | None = None):
+        self._loop = loop
+        self._worker = worker if worker is not None else _pool[next(_next_worker) % _POOL_SIZE]
+        #: Jobs handed to the thread so far.
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` in the writer's thread; the future resolves on the loop."""
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self.submitted += 1
+        self._worker.put((self._loop, fut, fn, args))
+        return fut
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the thread, nobody waiting (errors ignored)."""
+        self.submitted += 1
+        self._worker.put((self._loop, None, fn, args))
+
+    def close(self) -> None:
+        """Nothing to stop: the shared thread ends by itself once idle."""
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -232,7 +247,7 @@ class GroupCommit:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._writer = FileWriter(loop, "dimse-async-commit")
+        self._writer = FileWriter(loop, _Worker("dimse-async-commit"))
         self._next: dict[str, list[asyncio.Future[None]]] = {}
         self._running = False
         #: Rounds run and directory syncs waited for (for the benchmark and tests).

@@ -102,7 +102,7 @@ class DIMSEMessaging:
 
     @property
     def writer(self) -> FileWriter:
-        """This association's file writer thread (started on first use, ended with it)."""
+        """This association's file writer (its jobs in order, in a shared thread; made on first use)."""
         if self._writer is None:
             self._writer = FileWriter(self.loop)
         return self._writer

@@ -129,7 +129,7 @@ async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
         timer.start()
         try:
             for _ in range(200):  # the C-STORE has arrived and waits on the FIFO
-                if server.associations and any(a.writer._thread for a in server.associations):
+                if any(a.writer.submitted for a in server.associations):
                     break
                 await asyncio.sleep(0.005)
             echo_ae = AE("ECHO")
@@ -196,19 +196,32 @@ async def test_durable_stores_fsync_file_and_directory_before_success(tmp_path, 
     assert int(status) == 0xA700
 
 
-async def test_the_writer_thread_ends_with_its_association(tmp_path):
-    src = tmp_path / "src"
-    write_instances(src, 2)
+async def test_writer_threads_are_few_shared_and_end_when_idle(tmp_path):
+    """Four storescu at once: their file work runs in at most four shared writer
+    threads, which end a few seconds after the last job (idle associations hold none)."""
+    sources = [tmp_path / f"src{i}" for i in range(4)]
+    for src in sources:
+        write_instances(src, 3)
     ae = storage_scp()
     ae.on_c_store(DirectoryStore(tmp_path / "out"))
+    seen = 0
+
+    def writers() -> int:
+        return len([t for t in threading.enumerate() if t.name == "dimse-async-writer"])
+
     async with await ae.start_server("127.0.0.1", 0) as server:
-        assert await storescu(server.port, src) == 0
-        for _ in range(200):
-            if not [t for t in threading.enumerate() if t.name == "dimse-async-writer"]:
+        runs = asyncio.gather(*(storescu(server.port, src) for src in sources))
+        while not runs.done():
+            seen = max(seen, writers())
+            await asyncio.sleep(0.01)
+        assert await runs == [0, 0, 0, 0]
+        for _ in range(800):
+            if not writers():
                 break
             await asyncio.sleep(0.01)
-    assert not [t for t in threading.enumerate() if t.name == "dimse-async-writer"]
-    assert len(list((tmp_path / "out").glob("*.dcm"))) == 2
+    assert 1 <= seen <= 4
+    assert writers() == 0
+    assert len(list((tmp_path / "out").glob("*.dcm"))) == 12
 
 
 async def test_store_scp_durable_flag_and_serve_durable_setting(tmp_path):
