@@ -1,5 +1,6 @@
 """``--workers N``: several processes on one port (SO_REUSEPORT), supervised; one SQLite
-index shared by several writer processes; a duplicate arriving at two workers at once."""
+(or PostgreSQL) index shared by several writer processes; a duplicate arriving at two
+workers at once."""
 
 from __future__ import annotations
 
@@ -180,10 +181,11 @@ async def _one_on_each_worker(server: Workers, scu: AE) -> list:
 
 
 @pytest.mark.parametrize("same", [True, False], ids=["same-data", "different-data"])
-async def test_duplicate_at_two_workers_at_once(tmp_path, same):
+async def test_duplicate_at_two_workers_at_once(tmp_path, same, index, request):
     """The same SOP Instance UID stored through two workers concurrently: one copy on
     disk and in the index; both answered by the ``keep`` policy (identical data: both
-    success; different data: one success, the other 0xA900)."""
+    success; different data: one success, the other 0xA900). With the SQLite index
+    and with a PostgreSQL one."""
     uid = generate_uid()
     files = []
     for i in range(2):
@@ -196,7 +198,8 @@ async def test_duplicate_at_two_workers_at_once(tmp_path, same):
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     storage = tmp_path / "archive"
-    server = Workers(tmp_path, "serve", "--workers", "2", "--port", "0", "--storage-dir", str(storage))
+    extra = ("--index", index) if index else ()
+    server = Workers(tmp_path, "serve", "--workers", "2", "--port", "0", "--storage-dir", str(storage), *extra)
     try:
         scu = _scu()
         a1, a2 = await _one_on_each_worker(server, scu)
@@ -209,8 +212,12 @@ async def test_duplicate_at_two_workers_at_once(tmp_path, same):
         if not same:  # the copy kept is the one answered success
             winner = files[0] if statuses[0].is_success else files[1]
             assert pydicom.dcmread(stored[0]).StudyDescription == pydicom.dcmread(winner).StudyDescription
-        with sqlite3.connect(storage / "index.sqlite") as db:
-            rows = db.execute("SELECT sop_uid, path FROM instances").fetchall()
-        assert rows == [(uid, str(stored[0]))]
+        if index is None:
+            with sqlite3.connect(storage / "index.sqlite") as db:
+                rows = db.execute("SELECT sop_uid, path FROM instances").fetchall()
+            assert rows == [(uid, str(stored[0]))]
+        else:
+            rows = request.getfixturevalue("postgresql").psql("SELECT sop_uid, path FROM instances", dsn=index)
+            assert rows == f"{uid}|{stored[0]}\n"
     finally:
         assert server.stop() == 0
