@@ -81,61 +81,77 @@ class QueryMixin(IndexDB):
         sql = _select(depth)
         if where:
             sql += " WHERE " + " AND ".join(where)
-        for row in self.backend.iterate(db, sql, args):
-            attrs, keys, path = _unpack(row, depth)
-            if path is None and want_path and depth < 3:
-                path = self._representative(db, level, keys[level])
-            yield attrs, self._computed(db, level, keys, q), path
+        rows = self.backend.iterate(db, sql, args)
+        while chunk := list(itertools.islice(rows, _BATCH)):
+            # Computed keys and files for the whole batch, one statement each; the rows
+            # are decoded one at a time (a query held by a slow peer keeps little).
+            keys = sorted({row[1 + 2 * depth] for row in chunk}) if depth < 3 else []
+            computed = self._computed(db, level, keys, q)
+            paths = self._representatives(db, level, keys) if want_path and depth < 3 else {}
+            for row in chunk:
+                attrs, entities, path = _unpack(row, depth)
+                if depth >= 3:
+                    yield attrs, {}, path
+                else:
+                    yield attrs, computed[entities[level]], paths.get(entities[level])
 
     @staticmethod
-    def _representative(db: Any, level: str, key: str) -> str | None:
-        """The file of one instance of a patient, study or series."""
-        sql = {
-            "PATIENT": "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
-            "JOIN studies st ON se.study_uid = st.study_uid WHERE st.patient_key = ? LIMIT 1",
-            "STUDY": "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
-            "WHERE se.study_uid = ? LIMIT 1",
-            "SERIES": "SELECT path FROM instances WHERE series_uid = ? LIMIT 1",
-        }[level]
-        row = db.execute(sql, (key,)).fetchone()
-        return row[0] if row else None
+    def _representatives(db: Any, level: str, keys: list[str]) -> dict[str, str]:
+        """The file of one instance of each patient, study or series in ``keys``."""
+        column, sql = {
+            "PATIENT": ("st.patient_key", "FROM instances i JOIN series se ON i.series_uid = se.series_uid "
+                        "JOIN studies st ON se.study_uid = st.study_uid"),
+            "STUDY": ("se.study_uid", "FROM instances i JOIN series se ON i.series_uid = se.series_uid"),
+            "SERIES": ("i.series_uid", "FROM instances i"),
+        }[level]  # fmt: skip
+        rows = db.execute(
+            f"SELECT {column}, MIN(i.path) {sql} WHERE {column} IN ({_marks(keys)}) GROUP BY {column}", keys
+        )
+        return {row[0]: row[1] for row in rows}
 
-    def _computed(self, db: Any, level: str, keys: dict[str, str], q: Dataset) -> dict[str, Any]:
-        """Counts and ModalitiesInStudy when the query asks for them (PS3.4 C.3.4)."""
-        out: dict[str, Any] = {}
+    @staticmethod
+    def _counts(db: Any, column: str, joins: str, keys: list[str]) -> dict[str, int]:
+        rows = db.execute(
+            f"SELECT {column}, COUNT(*) {joins} WHERE {column} IN ({_marks(keys)}) GROUP BY {column}", keys
+        )
+        return {row[0]: int(row[1]) for row in rows}
+
+    def _computed(self, db: Any, level: str, keys: list[str], q: Dataset) -> dict[str, dict[str, Any]]:
+        """Counts and ModalitiesInStudy of each entity in ``keys`` when the query asks
+        for them (PS3.4 C.3.4): one statement per key for the whole batch."""
+        out: dict[str, dict[str, Any]] = {key: {} for key in keys}
+        if not keys:
+            return out
+        wanted: list[tuple[str, str, str]] = []  # (attribute, key column, FROM ... JOIN ...)
         if level == "PATIENT":
-            pid = keys["PATIENT"]
-            if "NumberOfPatientRelatedStudies" in q:
-                out["NumberOfPatientRelatedStudies"] = db.execute(
-                    "SELECT COUNT(*) FROM studies WHERE patient_key=?", (pid,)
-                ).fetchone()[0]
-            if "NumberOfPatientRelatedInstances" in q:
-                out["NumberOfPatientRelatedInstances"] = db.execute(
-                    "SELECT COUNT(*) FROM instances i JOIN series se ON i.series_uid=se.series_uid "
-                    "JOIN studies st ON se.study_uid=st.study_uid WHERE st.patient_key=?",
-                    (pid,),
-                ).fetchone()[0]
+            wanted = [
+                ("NumberOfPatientRelatedStudies", "patient_key", "FROM studies"),
+                ("NumberOfPatientRelatedInstances", "st.patient_key",
+                 "FROM instances i JOIN series se ON i.series_uid = se.series_uid "
+                 "JOIN studies st ON se.study_uid = st.study_uid"),
+            ]  # fmt: skip
         elif level == "STUDY":
-            uid = keys["STUDY"]
+            wanted = [
+                ("NumberOfStudyRelatedSeries", "study_uid", "FROM series"),
+                ("NumberOfStudyRelatedInstances", "se.study_uid",
+                 "FROM instances i JOIN series se ON i.series_uid = se.series_uid"),
+            ]  # fmt: skip
             if "ModalitiesInStudy" in q:
-                mods = sorted(
-                    {r[0] for r in db.execute("SELECT modality FROM series WHERE study_uid=?", (uid,)) if r[0]}
-                )
-                out["ModalitiesInStudy"] = mods
-            if "NumberOfStudyRelatedSeries" in q:
-                out["NumberOfStudyRelatedSeries"] = db.execute(
-                    "SELECT COUNT(*) FROM series WHERE study_uid=?", (uid,)
-                ).fetchone()[0]
-            if "NumberOfStudyRelatedInstances" in q:
-                out["NumberOfStudyRelatedInstances"] = db.execute(
-                    "SELECT COUNT(*) FROM instances i JOIN series se ON i.series_uid=se.series_uid WHERE se.study_uid=?",
-                    (uid,),
-                ).fetchone()[0]
-        elif level == "SERIES" and "NumberOfSeriesRelatedInstances" in q:
-            uid = keys["SERIES"]
-            out["NumberOfSeriesRelatedInstances"] = db.execute(
-                "SELECT COUNT(*) FROM instances WHERE series_uid=?", (uid,)
-            ).fetchone()[0]
+                modalities: dict[str, set[str]] = {key: set() for key in keys}
+                for uid, modality in db.execute(
+                    f"SELECT study_uid, modality FROM series WHERE study_uid IN ({_marks(keys)})", keys
+                ):
+                    if modality:
+                        modalities[uid].add(modality)
+                for key in keys:
+                    out[key]["ModalitiesInStudy"] = sorted(modalities[key])
+        elif level == "SERIES":
+            wanted = [("NumberOfSeriesRelatedInstances", "series_uid", "FROM instances")]
+        for attribute, column, joins in wanted:
+            if attribute in q:
+                counts = self._counts(db, column, joins, keys)
+                for key in keys:
+                    out[key][attribute] = counts.get(key, 0)
         return out
 
     async def find(self, model_uid: str, identifier: Dataset, *, relational: bool = False) -> list[Dataset]:
@@ -292,6 +308,14 @@ def _unpack(row: Any, depth: int) -> tuple[list[dict[str, str]], dict[str, str],
         attrs.append(json.loads(row[6]))
         return attrs, keys, row[7]
     return attrs, keys, None
+
+
+#: Candidate rows handled together: their computed keys and files in one statement each.
+_BATCH = 16
+
+
+def _marks(values: list[str]) -> str:
+    return ",".join("?" * len(values))
 
 
 def _take(items: Iterator[Dataset], n: int) -> list[Dataset]:
