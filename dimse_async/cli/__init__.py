@@ -124,8 +124,7 @@ def _add_echo(sub: Any) -> None:
     echo.add_argument("--repeat", type=positive_int, default=1, help="number of C-ECHOs on the association")
     echo.add_argument("--timeout", type=positive_float, default=30.0, help="connect/ACSE/DIMSE timeout in seconds")
     _common(echo)
-    options.add_client_tls(echo)
-    options.add_keepalive(echo)
+    options.add_client_connection(echo)
 
 
 def _add_echo_scp(sub: Any) -> None:
@@ -217,8 +216,7 @@ def _add_send(sub: Any) -> None:
     send.add_argument("--window", type=positive_int, default=1, help="C-STOREs in flight per association")
     send.add_argument("--timeout", type=positive_float, default=60.0, help="connect/ACSE/DIMSE timeout in seconds")
     _common(send)
-    options.add_client_tls(send)
-    options.add_keepalive(send)
+    options.add_client_connection(send)
     send.add_argument(
         "--idle-release", type=float, metavar="S", help="release an association idle for S seconds (NAT friendly)"
     )
@@ -267,15 +265,6 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     _add_admission(p)
 
 
-def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kw = options.keepalive_kwargs(args.keepalive_idle, args.keepalive_interval, args.keepalive_count)
-    if args.idle_timeout is not None:
-        kw["network_timeout"] = args.idle_timeout
-    if getattr(args, "idle_release", None) is not None:
-        kw["idle_release"] = args.idle_release
-    return kw
-
-
 def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """AE settings from the keepalive and deployment flags (absent ones: defaults)."""
     get = args.__dict__.get
@@ -298,20 +287,14 @@ async def _echo(args: argparse.Namespace) -> int:
         connect_timeout=args.timeout,
         acse_timeout=args.timeout,
         dimse_timeout=args.timeout,
-        **_client_kwargs(args),
+        **options.client_kwargs(args),
     )
     ae.add_requested_context(Verification)
     where = f"{args.aec}@{args.host}:{args.port}"
-    try:
-        ssl = options.client_ssl(args)
-    except (OSError, ValueError) as exc:
-        print(f"dimse-async echo: TLS: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    connection = options.associate_kwargs(args)
 
     async def echo() -> int:
-        async with ae.associate(
-            args.host, args.port, args.aec, async_ops=(1, 1), ssl=ssl, server_hostname=args.tls_server_name
-        ) as assoc:
+        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1), **connection) as assoc:
             for i in range(args.repeat):
                 status = await assoc.c_echo()
                 if not status.is_success:
@@ -419,17 +402,13 @@ async def _send(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"dimse-async send: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        ssl = options.client_ssl(args)
-    except (OSError, ValueError) as exc:
-        print(f"dimse-async send: TLS: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    connection = options.associate_kwargs(args)
     ae = AE(
         args.aet,
         connect_timeout=args.timeout,
         acse_timeout=args.timeout,
         dimse_timeout=args.timeout,
-        **_client_kwargs(args),
+        **options.client_kwargs(args),
     )
     with progress_bar("sending", total=len(paths), unit="instances") as bar:
 
@@ -446,8 +425,7 @@ async def _send(args: argparse.Namespace) -> int:
                 associations=args.associations,
                 window=args.window,
                 progress=progress,
-                ssl=ssl,
-                server_hostname=args.tls_server_name,
+                **connection,
             )
         except ValueError as exc:
             print(f"dimse-async send: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ import sys
 
 from .. import AE, Verification
 from ..services.qr import MODELS
+from . import options
 from .common import EXIT_OK, EXIT_STATUS, add_logging, add_scu, association_errors
 from .progress import progress_bar
 from .query import add_query, build_query, format_identifier
@@ -27,22 +28,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_query(p, "find")
     p.add_argument("--json", action="store_true", help="print each identifier as DICOM JSON, one per line")
     p.add_argument("--limit", type=int, default=0, help="stop (C-CANCEL) after this many matches (0: all)")
+    options.add_client_connection(p)
     add_logging(p, "ERROR")
     return p
 
 
 async def run(args: argparse.Namespace) -> int:
     query = build_query(args, "find")
-    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
+    ae = AE(
+        args.aet,
+        connect_timeout=args.timeout,
+        acse_timeout=args.timeout,
+        dimse_timeout=args.timeout,
+        **options.client_kwargs(args),
+    )
     ae.add_requested_context(MODELS[args.model]["find"])
     ae.add_requested_context(Verification)
     where = f"{args.aec}@{args.host}:{args.port}"
+    connection = options.associate_kwargs(args)
     count = 0
     status = None
 
     async def body() -> int:
         nonlocal count, status
-        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1)) as assoc:
+        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1), **connection) as assoc:
             with progress_bar("matches", unit="") as bar:
                 async with assoc.c_find(query, model=args.model) as responses:
                     async for identifier in responses:

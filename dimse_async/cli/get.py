@@ -12,6 +12,7 @@ from .. import AE
 from ..services.qr import MODELS
 from ..services.storage import STORE_TRANSFER_SYNTAXES, DirectoryStore
 from ..uids import UNCOMPRESSED_TRANSFER_SYNTAXES
+from . import options
 from .common import EXIT_USAGE, CLIError, add_logging, add_scu, association_errors, writable_dir
 from .query import add_query, build_query
 from .retrieve import follow, outcome
@@ -100,6 +101,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="store_true",
         help="accept instances in uncompressed transfer syntaxes only (default: also as stored)",
     )
+    options.add_client_connection(p)
     add_logging(p, "ERROR")
     return p
 
@@ -116,6 +118,7 @@ async def run(args: argparse.Namespace) -> int:
         acse_timeout=args.timeout,
         dimse_timeout=args.timeout,
         spool_dir=str(out / ".incoming"),
+        **options.client_kwargs(args),
     )
     ae.add_requested_context(MODELS[args.model]["get"])
     syntaxes = UNCOMPRESSED_TRANSFER_SYNTAXES if args.uncompressed_only else STORE_TRANSFER_SYNTAXES
@@ -123,9 +126,10 @@ async def run(args: argparse.Namespace) -> int:
         ae.add_requested_context(sop_class, syntaxes, scu_role=False, scp_role=True)
     store = DirectoryStore(out)
     where = f"{args.aec}@{args.host}:{args.port}"
+    connection = options.associate_kwargs(args)
 
     async def body() -> int:
-        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1)) as assoc:
+        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1), **connection) as assoc:
             responses = assoc.c_get(query, model=args.model, store=store)
             final = await follow(responses, "retrieving")
             return outcome("get", where, responses, final)

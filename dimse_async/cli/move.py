@@ -7,6 +7,7 @@ import argparse
 
 from .. import AE
 from ..services.qr import MODELS
+from . import options
 from .common import add_logging, add_scu, ae_title, association_errors
 from .query import add_query, build_query
 from .retrieve import follow, outcome
@@ -24,18 +25,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_scu(p, timeout=60.0)
     add_query(p, "move")
     p.add_argument("--dest", "--move", required=True, type=ae_title, help="destination AE title")
+    options.add_client_connection(p)
     add_logging(p, "ERROR")
     return p
 
 
 async def run(args: argparse.Namespace) -> int:
     query = build_query(args, "move")
-    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
+    ae = AE(
+        args.aet,
+        connect_timeout=args.timeout,
+        acse_timeout=args.timeout,
+        dimse_timeout=args.timeout,
+        **options.client_kwargs(args),
+    )
     ae.add_requested_context(MODELS[args.model]["move"])
     where = f"{args.aec}@{args.host}:{args.port}"
+    connection = options.associate_kwargs(args)
 
     async def body() -> int:
-        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1)) as assoc:
+        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1), **connection) as assoc:
             responses = assoc.c_move(query, args.dest, model=args.model)
             final = await follow(responses, f"moving to {args.dest}")
             return outcome("move", where, responses, final)

@@ -11,11 +11,14 @@ from .. import tls
 from ..deploy import Deployment, server_ssl
 
 __all__ = [
+    "add_client_connection",
     "add_client_tls",
     "add_deployment",
     "add_keepalive",
     "add_server_tls",
     "announce",
+    "associate_kwargs",
+    "client_kwargs",
     "client_ssl",
     "deployment_from_args",
     "keepalive_kwargs",
@@ -47,6 +50,34 @@ def client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_no_verify or args.tls_server_name):
         return None
     return tls.client_context(args.tls_ca, certfile=args.tls_cert, keyfile=args.tls_key, verify=not args.tls_no_verify)
+
+
+def add_client_connection(p: argparse.ArgumentParser) -> None:
+    """The connection options every SCU command shares: TLS, TCP keepalive, idle timeout."""
+    add_client_tls(p)
+    add_keepalive(p)
+
+
+def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """AE settings from the keepalive/idle flags of :func:`add_client_connection`."""
+    kw = keepalive_kwargs(args.keepalive_idle, args.keepalive_interval, args.keepalive_count)
+    if args.idle_timeout is not None:
+        kw["network_timeout"] = args.idle_timeout
+    if getattr(args, "idle_release", None) is not None:
+        kw["idle_release"] = args.idle_release
+    return kw
+
+
+def associate_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``AE.associate`` arguments from the TLS flags (``ssl``, ``server_hostname``);
+    unreadable certificate files are a usage error (:class:`~.common.CLIError`, exit 2)."""
+    from .common import EXIT_USAGE, CLIError
+
+    try:
+        context = client_ssl(args)
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"TLS: {exc}", EXIT_USAGE) from None
+    return {"ssl": context, "server_hostname": args.tls_server_name}
 
 
 def add_keepalive(p: argparse.ArgumentParser) -> None:
