@@ -1,5 +1,5 @@
 """An AI gateway: receive a study by C-STORE, analyse its pixels, send a derived result
-back to the sender's archive.
+back to the sender's archive and confirm it with storage commitment.
 
 A modality (or a PACS forwarding rule) sends a series to this gateway. When the sending
 association is released, the instances it brought are analysed per series with numpy
@@ -7,9 +7,15 @@ association is released, the instances it brought are analysed per series with n
 and the result goes back as a derived Secondary Capture (PS3.3 A.8.1) in a new series of
 the same study, referencing its sources (Source Image Sequence), by C-STORE to the
 archive configured for the sender's AE title. Associations to archives come from an
-:class:`~dimse_async.AssociationPool`.
+:class:`~dimse_async.AssociationPool`. Once the archive accepted it, the gateway asks
+it to commit the result (Storage Commitment Push Model, PS3.4 Annex J): the outcome
+(committed, or failed with the archive's reason) is logged and kept with the result, so
+nothing is reported as delivered that the archive does not hold. The report may come on
+the requesting association or on a new one the archive opens to the gateway's DICOM
+port (the archive must know the gateway's AE title, host and port for that).
 
-It is an ASGI app, so it runs under uvicorn next to an HTTP API (``GET /results``)::
+It is an ASGI app, so it runs under uvicorn next to an HTTP API (``GET /results``, and
+``POST /commitment`` to ask an archive again whether it holds given instances)::
 
     GATEWAY_AET=AI_GATEWAY DICOM_PORT=11114 \\
     ARCHIVES='{"CT_SCANNER": ["127.0.0.1", 11112, "ARCHIVE"]}' \\
@@ -18,7 +24,8 @@ It is an ASGI app, so it runs under uvicorn next to an HTTP API (``GET /results`
 Settings (environment): ``GATEWAY_AET`` (default ``AI_GATEWAY``), ``DICOM_HOST``
 (default 127.0.0.1), ``DICOM_PORT`` (default 11114), ``ARCHIVES``: JSON mapping a
 calling AE title to ``[host, port, called AE title]`` (senders not listed are received
-but get no result back; ``"*"`` is the fallback). Instances are kept in memory up to
+but get no result back; ``"*"`` is the fallback), ``COMMIT_TIMEOUT``: seconds to wait
+for the commitment report (default 60). Instances are kept in memory up to
 ``MAX_INSTANCES`` per association (default 500); larger studies should be spooled to disk.
 """
 
@@ -35,12 +42,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 import dimse_async as da
 from dimse_async.log import get_logger
+from dimse_async.services.commitment import STORAGE_COMMITMENT, CommitmentFailed, CommitmentTimeout
 
 log = get_logger("ai_gateway")
 
@@ -52,6 +60,7 @@ class Settings:
     port: int = 11114
     archives: dict[str, tuple[str, int, str]] = field(default_factory=dict)
     max_instances: int = 500
+    commit_timeout: float = 60.0
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -63,6 +72,7 @@ class Settings:
             port=int(env.get("DICOM_PORT", cls.port)),
             archives=archives,
             max_instances=int(env.get("MAX_INSTANCES", cls.max_instances)),
+            commit_timeout=float(env.get("COMMIT_TIMEOUT", cls.commit_timeout)),
         )
 
 
@@ -159,23 +169,59 @@ class Gateway:
                 mask = await asyncio.to_thread(analyse, [ds.pixel_array for ds in sources])
                 sc = secondary_capture(sources, mask, self.settings.ae_title)
                 result["derived"] = str(sc.SOPInstanceUID)
-                result["status"] = await self.send_back(sender, sc)
+                result.update(await self.send_back(sender, sc))
             except Exception as exc:  # a result for every series, even a failed one
                 log.warning("analysis failed", sender=sender, error=repr(exc))
                 result["status"] = f"error: {exc}"
             self.results.append(result)
 
-    async def send_back(self, sender: str, sc: Dataset) -> str:
-        archive = self.settings.archives.get(sender) or self.settings.archives.get("*")
+    def archive_of(self, sender: str) -> tuple[str, int, str] | None:
+        return self.settings.archives.get(sender) or self.settings.archives.get("*")
+
+    async def send_back(self, sender: str, sc: Dataset) -> dict[str, Any]:
+        """C-STORE the result to the sender's archive, then have it commit the result:
+        ``{"status": "0x0000", "commitment": {...}}``."""
+        archive = self.archive_of(sender)
         if archive is None:
-            return "no archive configured for the sender"
+            return {"status": "no archive configured for the sender"}
         host, port, called = archive
         try:
             async with self.pool.acquire(host, port, called) as assoc:
                 status = await assoc.c_store(sc)
         except da.AssociationError as exc:
-            return f"error: {exc}"
-        return f"0x{int(status):04X}"
+            return {"status": f"error: {exc}"}
+        out: dict[str, Any] = {"status": f"0x{int(status):04X}"}
+        if not status.is_failure:
+            out["commitment"] = await self.commit(archive, [(str(sc.SOPClassUID), str(sc.SOPInstanceUID))])
+        return out
+
+    async def commit(self, archive: tuple[str, int, str], references: list[tuple[str, str]]) -> dict[str, Any]:
+        """Storage commitment (PS3.4 Annex J) of ``references`` by ``archive``: the
+        report as a dict (``success``, ``committed``, ``failed`` with reasons), or
+        ``success: false`` with the error when the request was refused, no report came
+        within ``COMMIT_TIMEOUT`` or the archive could not be reached."""
+        host, port, called = archive
+        fields = {"archive": called, "instances": len(references)}
+        try:
+            result = await self.ae.request_commitment(
+                host, port, called, references, timeout=self.settings.commit_timeout
+            )
+        except CommitmentTimeout as exc:  # a later report lands in ae.commitments.late
+            log.warning("storage commitment: no report", **fields, transaction_uid=exc.transaction_uid)
+            return {"success": False, "transaction_uid": exc.transaction_uid, "error": str(exc)}
+        except (CommitmentFailed, da.AssociationError) as exc:
+            log.warning("storage commitment: request failed", **fields, error=str(exc))
+            return {"success": False, "error": str(exc)}
+        report: dict[str, Any] = result.as_dict()
+        if result.success:
+            log.info("storage commitment: committed", **fields, transaction_uid=result.transaction_uid)
+        else:
+            reasons = ",".join(sorted({f"0x{reason:04X}" for _c, _i, reason in result.failed}))
+            log.warning(
+                "storage commitment: failures", **fields, failed=len(result.failed), reasons=reasons,
+                transaction_uid=result.transaction_uid,
+            )  # fmt: skip
+        return report
 
 
 def build_gateway(settings: Settings) -> Gateway:
@@ -185,6 +231,8 @@ def build_gateway(settings: Settings) -> Gateway:
         ae.add_supported_context(sop_class, "as-received")
     ae.add_requested_context(da.Verification)
     ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+    # The archive may send the commitment report on a new association to us (as SCP role).
+    ae.add_supported_context(STORAGE_COMMITMENT, scp_role=True)
     gateway = Gateway(settings, ae, da.AssociationPool(ae, max_size=2, idle_timeout=30))
     ae.on_c_store(gateway.on_store)
     ae.on_association("released")(gateway.on_released)
@@ -213,3 +261,19 @@ app = FastAPI(title="dimse_async AI gateway example", lifespan=lifespan)
 @app.get("/results")
 async def results(request: Request) -> list[dict[str, Any]]:
     return list(request.app.state.gateway.results)
+
+
+@app.post("/commitment")
+async def commitment(request: Request) -> dict[str, Any]:
+    """Ask the archive of ``sender`` whether it holds ``references`` (storage commitment):
+    ``{"sender": "CT_SCANNER", "references": [["<SOP class>", "<SOP instance>"], ...]}``."""
+    gateway: Gateway = request.app.state.gateway
+    body = await request.json()
+    try:
+        archive = gateway.archive_of(str(body["sender"]))
+        references = [(str(c), str(i)) for c, i in body["references"]]
+    except (KeyError, TypeError, ValueError):
+        raise HTTPException(400, "expected {sender, references: [[class, instance], ...]}") from None
+    if archive is None or not references:
+        raise HTTPException(400, "no archive configured for that sender, or no references")
+    return await gateway.commit(archive, references)

@@ -6,9 +6,12 @@ against ``dimse-async serve`` (a process) loaded by DCMTK ``storescu``.
   three requests; SIGTERM shuts everything down with exit status 0, and the library
   prints nothing into uvicorn's output.
 - AI gateway: DCMTK ``storescu`` sends a study to the gateway; on release the gateway
-  analyses the pixels with numpy and sends a derived Secondary Capture back to the
-  sender's archive (``serve``), where DCMTK ``findscu`` finds it and ``getscu``
-  retrieves it; its pixels are checked against the same analysis done here.
+  analyses the pixels with numpy, sends a derived Secondary Capture back to the
+  sender's archive (``serve``) and has ``serve`` confirm it by storage commitment (the
+  report says committed; ``serve`` logs the transaction); asking the archive to commit
+  an instance it does not hold reports failure 0x0112. DCMTK ``findscu`` finds the
+  result in the archive and ``getscu`` retrieves it; its pixels are checked against the
+  same analysis done here.
 """
 
 from __future__ import annotations
@@ -200,9 +203,34 @@ def test_ai_gateway_sends_a_derived_secondary_capture_back_to_the_archive(tmp_pa
             assert len(results) == 1, results
             result = results[0]
             assert result["study"] == study and result["instances"] == 3 and result["status"] == "0x0000", result
+            # the archive committed the derived result (storage commitment report)
+            commitment = result["commitment"]
+            assert commitment["success"] is True, commitment
+            assert commitment["committed"] == [
+                {"sop_class": pydicom.uid.SecondaryCaptureImageStorage, "sop_instance": result["derived"]}
+            ], commitment
+            assert commitment["failed"] == [] and commitment["retrieve_ae"] == ARCHIVE_AE, commitment
+            # failure path: an instance the archive does not hold is reported failed (0x0112)
+            missing = generate_uid()
+            asked = http.post("/commitment", json={
+                "sender": "MODALITY",
+                "references": [[pydicom.uid.SecondaryCaptureImageStorage, result["derived"]],
+                               [pydicom.uid.CTImageStorage, missing]],
+            })  # fmt: skip
+            assert asked.status_code == 200, asked.text
+            report = asked.json()
+            assert report["success"] is False, report
+            assert report["committed"] == [commitment["committed"][0]], report
+            assert report["failed"] == [
+                {"sop_class": pydicom.uid.CTImageStorage, "sop_instance": missing, "reason": "0x0112"}
+            ], report
+            assert http.post("/commitment", json={"sender": "NOBODY", "references": []}).status_code == 400
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) in (0, -signal.SIGTERM), log.read_text()
         assert "Application shutdown complete" in log.read_text()
+        serve_log = (tmp_path / "serve.log").read_text()
+        assert re.search(r"storage commitment .*requester=AI_GATEWAY .*committed=1 failed=0", serve_log), serve_log
+        assert re.search(r"storage commitment .*committed=1 failed=1 reasons=0x0112", serve_log), serve_log
         # DCMTK finds the new series in the archive and retrieves it
         rsp = tmp_path / "rsp"
         rsp.mkdir()
