@@ -65,8 +65,19 @@ def test_statement_lists_what_the_servers_accept() -> None:
         "1.2.840.10008.5.1.4.1.2.2.1",
         "1.2.840.10008.5.1.4.31",
         "1.2.840.10008.5.1.4.1.1.2",
+        "1.2.840.10008.1.20.1",  # storage commitment
+        "1.2.840.10008.3.1.2.3.3",  # MPPS
+        "1.2.840.10008.5.1.4.33",  # instance availability notification
     ):
         assert f"`{uid}`" in text, uid
+    roles = [line for line in text.splitlines() if line.startswith("| ") and " | N-" in line]
+    assert any("`1.2.840.10008.1.20.1` | N-ACTION | SCP" in line for line in roles), roles
+    assert any("`1.2.840.10008.1.20.1` | N-EVENT-REPORT | SCU" in line for line in roles), roles
+    assert any("`1.2.840.10008.3.1.2.3.3` | N-CREATE | SCP" in line for line in roles), roles
+    assert any("`1.2.840.10008.3.1.2.3.3` | N-SET | SCP" in line for line in roles), roles
+    assert any("`1.2.840.10008.5.1.4.33` | N-CREATE | SCU" in line for line in roles), roles
+    assert "| 0x0112 | no such object instance |" in text
     for heading in ("## 1 Conformance Statement Overview", "## 4 Networking", "### 4.2 AE specifications",
-                    "#### 4.2.2 Association policies", "## 6 Support of character sets", "## 7 Security"):  # fmt: skip
+                    "#### 4.2.2 Association policies", "#### 4.2.6 Normalized services: storage commitment, MPPS, "
+                    "instance availability", "## 6 Support of character sets", "## 7 Security"):  # fmt: skip
         assert heading in text

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -21,10 +23,24 @@ from pydicom.uid import UID
 from .. import __version__
 from ..acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from ..ae import AE, TRANSFER_SYNTAX_PRESETS
+from ..archive.commitment import CommitmentSCP
 from ..archive.config import ServeConfig
 from ..archive.index import LEVEL_KEYS
 from ..archive.matching import WILDCARD_VRS
+from ..archive.mpps import _STATES as MPPS_STATES
+from ..archive.mpps import MPPS, MPPSStore
 from ..archive.serve import archive_ae
+from ..dimse import CommandField
+from ..services.availability import INSTANCE_AVAILABILITY, Availability, notification_dataset
+from ..services.commitment import (
+    ACTION_REQUEST,
+    EVENT_FAILURES,
+    EVENT_SUCCESS,
+    STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    FailureReason,
+)
+from ..services.normalized import N_REQUESTS, NCode
 from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES
 from ..uids import DEFAULT_TRANSFER_SYNTAXES, Verification
@@ -55,6 +71,110 @@ def _ts_table(uids: list[str]) -> list[str]:
     return rows
 
 
+def _n_service(field: int) -> str:
+    """``N-ACTION`` from the command field (PS3.7 E.1)."""
+    return N_REQUESTS[field].upper().replace("_", "-")
+
+
+def _serve_n_handlers(config: ServeConfig) -> list[tuple[str, str]]:
+    """(N-service, SOP class) pairs ``serve`` performs: the handlers its commitment and
+    MPPS SCPs register on an AE (built in a scratch directory, which MPPS needs)."""
+    ae = archive_ae(config)
+    with tempfile.TemporaryDirectory() as scratch:
+        if config.storage_commitment:
+            CommitmentSCP(None, ae).install(ae)
+        if config.mpps:
+            store = MPPSStore(scratch)
+            store.install(ae)
+            store.close()
+    return sorted((_n_service(field), uid) for field, uid in ae._n_handlers if uid is not None)
+
+
+def _status_row(code: int, meaning: str) -> str:
+    return f"| 0x{code:04X} | {meaning} |"
+
+
+def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
+    """Section 4.2.6: the DIMSE-N service classes (commitment, MPPS, IAN)."""
+    handlers = _serve_n_handlers(config)
+    add("#### 4.2.6 Normalized services: storage commitment, MPPS, instance availability")
+    add("")
+    add('DIMSE-N services (PS3.7 §10) and roles per SOP class. "SCU" sends the request,')
+    add('"SCP" performs it; for storage commitment the SCP also sends the N-EVENT-REPORT.')
+    add("")
+    add("| SOP class | UID | DIMSE | `serve` | Other role (our tools) |")
+    add("|---|---|---|---|---|")
+    scu = {STORAGE_COMMITMENT: "SCU: `commit`, `AE.request_commitment`", MPPS: "SCU: the API (`assoc.n_create`)"}
+    rows: list[tuple[str, str, str, str]] = [(str(Verification), "C-ECHO", "SCP", "SCU: `echo`, `check`, the API")]
+    rows += [(uid, service, "SCP", scu.get(uid, "SCU: the API")) for service, uid in handlers]
+    if config.storage_commitment:
+        report = _n_service(CommandField.N_EVENT_REPORT_RQ)
+        rows.append((STORAGE_COMMITMENT, report, "SCU (sends the report)", "SCP role: `commit --listen-port`, the API"))
+    rows.append(
+        (
+            INSTANCE_AVAILABILITY,
+            _n_service(CommandField.N_CREATE_RQ),
+            "SCU (with `ian_destinations`)",
+            "SCP: the API (`AE.on_n_create`)",
+        )
+    )
+    for uid, service, ours, theirs in sorted(rows, key=lambda r: (r[0] != Verification, _name(r[0]), r[1])):
+        add(f"| {_name(uid)} | `{uid}` | {service} | {ours} | {theirs} |")
+    add("")
+    add("The library offers all six DIMSE-N services as SCU (`assoc.n_get` ...) and as SCP")
+    add("(`AE.on_n_...` handlers per SOP class): " + ", ".join(_n_service(f) for f in N_REQUESTS) + ".")
+    add("Transfer syntaxes: " + ", ".join(_name(u) for u in DEFAULT_TRANSFER_SYNTAXES) + ".")
+    add("")
+    add("**Storage Commitment Push Model (PS3.4 Annex J)**, `serve` as SCP "
+        f"(`storage_commitment = {str(config.storage_commitment).lower()}`):")  # fmt: skip
+    add("")
+    add(f"- N-ACTION, Action Type ID {ACTION_REQUEST} (Request Storage Commitment) on the well-known")
+    add(f"  instance `{STORAGE_COMMITMENT_INSTANCE}`, answered at once; then each referenced instance is")
+    add("  checked: indexed, of the SOP class named, its file re-read whole. Only those are committed.")
+    add(f"- N-EVENT-REPORT, Event Type ID {EVENT_SUCCESS} (all committed) or {EVENT_FAILURES} (failures exist), on the")
+    add("  requesting association while it is open (`commitment_same_association = "
+        f"{str(config.commitment_same_association).lower()}`), else on a new association to the")  # fmt: skip
+    add(f"  requester's `known_aes` entry proposing the SCP role, retried {config.commitment_retries} times "
+        f"{config.commitment_retry_interval:g} s apart (times the attempt).")  # fmt: skip
+    add("- The commitment is as durable as the archive: a committed instance stays until deleted")
+    add("  from the storage directory by an operator. Retrieve AE Title in the report: the archive's.")
+    add("")
+    add("| Failure Reason | Meaning |")
+    add("|---|---|")
+    for name, code in sorted(vars(FailureReason).items(), key=lambda kv: str(kv[1])):
+        if not name.startswith("_") and isinstance(code, int):
+            add(_status_row(code, name.lower().replace("_", " ")))
+    add("")
+    add("As SCU (`commit`, `AE.request_commitment`): the N-ACTION on a new association, held open")
+    add("for the report for `hold` seconds (5), then the report is accepted on any association the")
+    add("SCP opens to our AE (SCP role accepted when the AE supports the class with `scp_role=True`),")
+    add("matched by Transaction UID; a report after the timeout is acknowledged and kept as late.")
+    add("")
+    add(
+        f"**Modality Performed Procedure Step (PS3.4 Annex F.7)**, `serve` as SCP (`mpps = {str(config.mpps).lower()}`):"
+    )
+    add("")
+    add(f"- N-CREATE starts a step in state `{MPPS_STATES[0]}`; N-SET updates it while in progress and may")
+    add(f"  end it `{MPPS_STATES[1]}` or `{MPPS_STATES[2]}`; steps are kept beside the index (`mpps.sqlite`).")
+    add("")
+    add("| Status | Meaning |")
+    add("|---|---|")
+    add(_status_row(NCode.SUCCESS, "created / updated"))
+    add(_status_row(NCode.DUPLICATE_SOP_INSTANCE, "N-CREATE of a step that exists"))
+    add(_status_row(NCode.INVALID_ATTRIBUTE_VALUE, f"N-CREATE not `{MPPS_STATES[0]}`, or an unknown state"))
+    add(_status_row(NCode.NO_SUCH_SOP_INSTANCE, "N-SET of a step never created"))
+    add(_status_row(NCode.PROCESSING_FAILURE, "N-SET of a step that has ended (may no longer be updated)"))
+    add(_status_row(NCode.MISSING_ATTRIBUTE, "N-CREATE without an attribute list"))
+    add("")
+    sample = notification_dataset(Availability("1", {"2": [("3", "4")]}, retrieve_ae="AE"))
+    keys = sorted({e.keyword for e in sample.iterall() if e.keyword})
+    add("**Instance Availability Notification (PS3.4 Annex R)**, `serve` as SCU: when a study has")
+    add(f"had no new instance for `ian_delay` ({config.ian_delay:g}) seconds, one N-CREATE per AE title in")
+    add("`ian_destinations` (looked up in `known_aes`), on a new association, with the attributes")
+    add(", ".join(keys) + ".")
+    add("")
+
+
 def render() -> str:
     """The conformance statement as Markdown."""
     d = _defaults()
@@ -76,10 +196,11 @@ def render() -> str:
     # ------------------------------------------------------------------ 1 overview
     add("## 1 Conformance Statement Overview")
     add("")
-    add("dimse_async implements the DICOM Upper Layer (PS3.8) and the DIMSE-C services (PS3.7)")
+    add("dimse_async implements the DICOM Upper Layer (PS3.8) and the DIMSE-C and DIMSE-N services (PS3.7)")
     add("as a library; applications build their own AEs from it. The command line ships these AEs:")
-    add("`serve` (archive: storage, query/retrieve, worklist, verification), `store-scp`,")
-    add("`echo-scp`, and the SCUs `echo`, `send`, `find`, `get`, `move`.")
+    add("`serve` (archive: storage, query/retrieve, worklist, verification, storage commitment,")
+    add("MPPS, instance availability notification), `store-scp`, `echo-scp`, and the SCUs `echo`,")
+    add("`send`, `find`, `get`, `move`, `commit`.")
     add("")
     add("| Network service | SOP classes | User of service (SCU) | Provider of service (SCP) |")
     add("|---|---|---|---|")
@@ -90,6 +211,9 @@ def render() -> str:
     add("| Query/Retrieve MOVE | 3 | Yes (`move`) | Yes (`serve`) |")
     add("| Query/Retrieve GET | 3 | Yes (`get`) | Yes (`serve`) |")
     add("| Modality Worklist FIND | 1 | Yes (`find -W`) | Yes (`serve` with a worklist directory) |")
+    add("| Storage Commitment Push Model | 1 | Yes (`commit`) | Yes (`serve`) |")
+    add("| Modality Performed Procedure Step | 1 | Yes (API) | Yes (`serve`) |")
+    add("| Instance Availability Notification | 1 | Yes (`serve`) | Yes (API handler) |")
     add("")
     add("Media interchange: none. Web services: none.")
     add("")
@@ -139,6 +263,10 @@ def render() -> str:
     for uid in qr_classes:
         if uid in specs:
             add(f"| {_name(uid)} | `{uid}` | No | Yes |")
+    for uid in (STORAGE_COMMITMENT, MPPS):
+        if uid in specs:
+            add(f"| {_name(uid)} | `{uid}` | {'Yes (N-EVENT-REPORT)' if uid == STORAGE_COMMITMENT else 'No'} | Yes |")
+    add(f"| {_name(INSTANCE_AVAILABILITY)} | `{INSTANCE_AVAILABILITY}` | Yes (with `ian_destinations`) | No |")
     add(
         f"| Storage: the {storage_count} classes of Annex A | (see Annex A) | Yes (C-MOVE, C-GET sub-operations) | Yes |"
     )
@@ -241,6 +369,8 @@ def render() -> str:
         add(f"| `{preset}` | {len(uids)}: {', '.join(_name(u) for u in uids)} |")
     add("")
 
+    _normalized(add, serve_config)
+
     add("### 4.3 Network interfaces")
     add("")
     add("TCP/IP (IPv4 and IPv6) as provided by the operating system; TCP_NODELAY is set.")
@@ -263,8 +393,11 @@ def render() -> str:
     add("")
     add("## 7 Security")
     add("")
-    add("No TLS profile is claimed. Access control: called/calling AE title checks and user")
-    add("identity negotiation (an application-provided authenticator).")
+    add("BCP 195 TLS Secure Transport Connection Profile (PS3.15 B.9) when configured (`--tls-*`")
+    add("options, `tls_*` keys): TLS 1.2 or later, AEAD cipher suites, server certificates verified by")
+    add("the SCU commands, optional mutual authentication. Access control: called/calling AE title")
+    add("checks, peer address allow-lists, and user identity negotiation (an application-provided")
+    add("authenticator).")
     add("")
     add("## Annex A: Storage SOP classes")
     add("")
