@@ -130,6 +130,8 @@ class AE(HandlerRegistry):
     #: only the per-association bound (~4 MiB).
     max_buffered_output: int | None
     output_budget: OutputBudget
+    #: Log each successful operation (UID, status, bytes, ms) at INFO instead of DEBUG.
+    log_operations: bool
     requested_contexts: list[ContextSpec]
     supported_contexts: dict[str, ContextSpec]
     #: Pending storage commitment transactions (a CommitmentTracker, made on first use).
@@ -167,6 +169,7 @@ class AE(HandlerRegistry):
         pdu_timeout: float | None = 60.0,
         max_request_dataset: int = 1 << 20,
         max_buffered_output: int | None = 64 << 20,
+        log_operations: bool = False,
     ):
         super().__init__()
         self.ae_title = validate_ae_title(ae_title)
@@ -202,6 +205,7 @@ class AE(HandlerRegistry):
         self.max_request_dataset = max_request_dataset
         self.max_buffered_output = max_buffered_output
         self.output_budget = OutputBudget(max_buffered_output)
+        self.log_operations = log_operations
         self.requested_contexts = []
         self.supported_contexts = {}
         self.commitments = None
@@ -330,6 +334,7 @@ class AE(HandlerRegistry):
             pdu_timeout=self.pdu_timeout,
             max_request_dataset=self.max_request_dataset,
             output_budget=self.output_budget,
+            log_operations=self.log_operations,
         )
 
     async def _judge(

@@ -209,3 +209,5 @@ class Settings:
     output_budget: OutputBudget | None = None
     #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
     observer: Any = None
+    #: Log each successful DIMSE operation at INFO (else DEBUG).
+    log_operations: bool = False

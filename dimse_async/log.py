@@ -19,8 +19,9 @@ A library must stay silent until the application decides where its lines go. So:
 
 What is logged: INFO has one line when an association is established and one when it
 ends (operation counts, bytes each way, duration), plus one per failed operation;
-DEBUG adds the negotiated contexts, each successful operation (SOP instance UID,
-status, bytes, milliseconds) and message-level detail.
+DEBUG adds the negotiated contexts, each successful operation (SOP class and instance
+UID, status, bytes, milliseconds) and message-level detail. ``AE(log_operations=True)``
+(CLI ``--log-ops``) logs the successful operations at INFO instead.
 """
 
 from __future__ import annotations

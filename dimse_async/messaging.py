@@ -89,7 +89,7 @@ class DIMSEMessaging:
         self.session = Session(())
         #: A C-STORE handler that takes precedence over the AE's (a C-GET's sub-operations).
         self.store_handler: StoreHandler | None = None
-        self.oplog = OperationLog(self.loop.time())
+        self.oplog = OperationLog(self.loop.time(), info=self.settings.log_operations)
         self._send_lock = asyncio.Lock()
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None

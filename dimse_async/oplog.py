@@ -1,5 +1,6 @@
 """Accounting for the log: bytes each way, operations by kind, and one line per finished
-operation (DEBUG on success, INFO otherwise) with its UID, status, size and duration."""
+operation (DEBUG on success - INFO with ``AE(log_operations=True)`` - INFO otherwise)
+with its UIDs, status, size and duration."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ __all__ = ["OperationLog"]
 class OperationLog:
     """What one association did, for its log lines; fed by the adapter."""
 
-    def __init__(self, now: float):
+    def __init__(self, now: float, info: bool = False):
         self.opened_at = now
+        #: Successful operations are logged at INFO (else DEBUG).
+        self.info = info
         self.bytes_received = 0
         self.bytes_sent = 0
         self.operations: collections.Counter[str] = collections.Counter()
@@ -58,19 +61,25 @@ class OperationLog:
         ok = status == 0
         if not ok and status.category != "warning":
             self.failed_operations += 1
-        if ok and not debug:
+        if ok and not (debug or self.info):
             return
         fields: dict[str, Any] = {"role": role, "status": f"0x{int(status):04X}"}
-        uid = rq.affected_sop_instance_uid or rsp.affected_sop_instance_uid
+        sop_class = rq.affected_sop_class_uid or rq.requested_sop_class_uid or rsp.affected_sop_class_uid
+        if sop_class:
+            fields["sop_class"] = sop_class
+        uid = (
+            rq.affected_sop_instance_uid
+            or rq.requested_sop_instance_uid  # N-GET, N-SET, N-ACTION, N-DELETE (PS3.7 10.3)
+            or rsp.affected_sop_instance_uid
+        )
         if uid:
             fields["sop_instance"] = uid
-        if size is not None:
-            fields["bytes"] = size
+        fields["bytes"] = size or 0
         fields["ms"] = round((now - t0) * 1000, 1)
         if rsp.completed is not None or rsp.failed is not None:
             fields["sub_ops"] = f"{rsp.completed or 0} completed, {rsp.failed or 0} failed, {rsp.warning or 0} warning"
         if ok:
-            log.debug(f"{name} done", **fields)
+            (log.info if self.info else log.debug)(f"{name} done", **fields)
         else:
             if status.error_comment:
                 fields["error_comment"] = status.error_comment

@@ -17,7 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import dcmtk, free_port
+from conftest import dcmtk, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -240,3 +240,169 @@ def test_echoscu_against_embedded_scp_logs_to_the_app_handler(tmp_path: Path) ->
     text = log_file.read_text()
     assert "dimse_async association accepted" in text
     assert "ops=C-ECHO:1" in text
+
+
+# Every kind of operation, with log_operations on both sides: C-ECHO, C-STORE, C-FIND,
+# C-GET (its C-STORE sub-operation), C-MOVE (to the SCP itself) and N-ACTION.
+ALL_OPERATIONS = """
+import asyncio, json, logging, logging.config, sys
+
+records = []
+
+class Collect(logging.Handler):
+    def emit(self, record):
+        records.append({"level": record.levelname, "name": record.name, **getattr(record, "dimse_async", {})})
+
+logging.config.dictConfig({
+    "version": 1,
+    "handlers": {"mine": {"()": Collect}},
+    "root": {"level": "INFO", "handlers": ["mine"]},
+})
+
+import dimse_async as da
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid, ExplicitVRLittleEndian
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+FIND, GET, MOVE = (da.QR_MODELS["study"][op] for op in ("find", "get", "move"))
+ACTION_CLASS = "1.2.840.10008.1.20.1"
+
+def instance(uid):
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CT, uid
+    ds.StudyInstanceUID, ds.PatientID = "1.2.3", "OPS"
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+async def main():
+    scp = da.AE("OPSSCP", log_operations=True, require_called_ae=False)
+    for uid in (da.Verification, CT, FIND, GET, MOVE, ACTION_CLASS):
+        scp.add_supported_context(uid, scp_role=uid == CT)
+    scp.add_requested_context(CT)
+
+    @scp.on_c_store
+    async def store(request):
+        return 0x0000
+
+    @scp.on_c_find
+    async def find(request):
+        yield instance("1.2.3.4.7")
+
+    @scp.on_c_get
+    async def get(request):
+        yield instance("1.2.3.4.8")
+
+    @scp.on_c_move
+    async def move(request):
+        yield instance("1.2.3.4.9")
+
+    @scp.on_n_action(sop_class=ACTION_CLASS)
+    async def action(request):
+        return None
+
+    async def received(request):
+        return 0x0000
+
+    server = await scp.start_server("127.0.0.1", 0)
+    scp.known_aes["OPSSCP"] = ("127.0.0.1", server.port)
+    scu = da.AE("OPSSCU", log_operations=True)
+    for uid in (da.Verification, FIND, GET, MOVE, ACTION_CLASS):
+        scu.add_requested_context(uid)
+    scu.add_requested_context(CT, scp_role=True)
+    query = Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", "1.2.3"
+    async with scu.associate("127.0.0.1", server.port, "OPSSCP") as assoc:
+        await assoc.c_echo()
+        await assoc.c_store(instance("1.2.3.4.1"))
+        async with assoc.c_find(query, model="study") as responses:
+            async for _ in responses:
+                pass
+        async for _ in assoc.c_get(query, model="study", store=received):
+            pass
+        async for _ in assoc.c_move(query, "OPSSCP", model="study"):
+            pass
+        ds = Dataset()
+        ds.TransactionUID = generate_uid()
+        await assoc.n_action(ACTION_CLASS, "1.2.840.10008.1.20.1.1", 1, ds)
+    server.close()
+    await server.wait_closed(grace=5)
+
+asyncio.run(main())
+sys.stderr.write(json.dumps(records))
+"""
+
+
+def test_log_operations_puts_one_info_line_per_successful_operation_in_the_host_handler() -> None:
+    """``AE(log_operations=True)``: each successful C-ECHO/STORE/FIND/GET/MOVE and N-ACTION
+    is one INFO record in the host's stdlib handler, carrying UID, status, bytes and ms
+    (on both sides); nothing reaches stdout."""
+    done = run_host(ALL_OPERATIONS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    records = json.loads(done.stderr)
+    ops = [r for r in records if r.get("event", "").endswith(" done")]
+    assert ops and all(r["level"] == "INFO" and r["name"].startswith("dimse_async") for r in ops), ops
+    for record in ops:
+        for field in ("status", "bytes", "ms", "role", "sop_class", "local_ae"):
+            assert field in record, record
+        assert record["status"] == "0x0000" and isinstance(record["ms"], float), record
+    seen = {(r["event"], r["role"]) for r in ops}
+    for name in ("C-ECHO", "C-STORE", "C-FIND", "C-GET", "C-MOVE", "N-ACTION"):
+        assert {(f"{name} done", "scu"), (f"{name} done", "scp")} <= seen, (name, seen)
+    stores = [r for r in ops if r["event"] == "C-STORE done"]
+    # ours, the C-GET sub-operation and the C-MOVE sub-operation, each seen from both sides
+    assert {r["sop_instance"] for r in stores} == {"1.2.3.4.1", "1.2.3.4.8", "1.2.3.4.9"}, stores
+    assert all(r["bytes"] > 0 for r in stores), stores
+    action = [r for r in ops if r["event"] == "N-ACTION done"]
+    assert all(r["sop_instance"] == "1.2.840.10008.1.20.1.1" and r["bytes"] > 0 for r in action), action
+    finds = [r for r in ops if r["event"] == "C-FIND done"]
+    assert all(r["sop_class"] == "1.2.840.10008.5.1.4.1.2.2.1" and r["bytes"] > 0 for r in finds), finds
+
+
+def test_without_log_operations_success_lines_stay_at_debug() -> None:
+    done = run_host(ALL_OPERATIONS.replace("log_operations=True", "log_operations=False"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    records = json.loads(done.stderr)
+    assert records and not any(r.get("event", "").endswith(" done") for r in records), records
+
+
+def test_cli_log_ops_flag_and_toml_key(tmp_path: Path) -> None:
+    """``--log-ops`` (and ``log_operations = true`` for ``serve``): the success lines on
+    stderr at INFO; stdout keeps only the command's own output."""
+    from pydicom.data import get_testdata_file
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    config = tmp_path / "serve.toml"
+    config.write_text(f'port = {port}\nstorage_dir = "{tmp_path / "archive"}"\nlog_operations = true\n')
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "dimse_async", "serve", "--config", str(config), "--log-json"],
+        stdout=subprocess.PIPE, stderr=(tmp_path / "serve.err").open("wb"), env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert serve.stdout is not None
+        assert "listening on" in serve.stdout.readline().decode()
+        ct = get_testdata_file("CT_small.dcm")
+        sent = subprocess.run(
+            [sys.executable, "-m", "dimse_async", "send", "127.0.0.1", str(port), ct, "--log-ops", "--log-json"],
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent
+        assert sent.stdout.startswith("sent 1/1 instances") and len(sent.stdout.splitlines()) == 1, sent.stdout
+        lines = [json.loads(line) for line in sent.stderr.splitlines()]
+        store = [r for r in lines if r["event"] == "C-STORE done"]
+        assert len(store) == 1 and store[0]["level"] == "info", lines
+        assert store[0]["sop_instance"] == "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"
+        assert store[0]["bytes"] > 0 and store[0]["status"] == "0x0000" and "ms" in store[0]
+        quiet = subprocess.run(
+            [sys.executable, "-m", "dimse_async", "send", "127.0.0.1", str(port), ct, "--log-json"],
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )  # fmt: skip
+        assert quiet.returncode == 0 and quiet.stderr == "", quiet
+    finally:
+        stop_process(serve)  # type: ignore[arg-type]
+    logged = [json.loads(line) for line in (tmp_path / "serve.err").read_text().splitlines()]
+    served = [r for r in logged if r["event"] == "C-STORE done"]
+    assert len(served) == 2 and all(r["level"] == "info" and r["role"] == "scp" for r in served), logged

@@ -13,6 +13,7 @@ Example::
                                               #   success (group commit; alias: fsync)
     workers = 2                               # processes sharing the port (SO_REUSEPORT; docs/scale-out.md)
     index = "postgresql://archive@db.example/archive"  # optional; absent = SQLite in storage_dir
+    log_operations = true                     # one INFO line per successful operation (else DEBUG)
     storage_classes = ["1.2.3.4"]             # extra storage SOP classes to accept
     transfer_syntaxes = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]  # accepted for storage, in this order
 
@@ -150,6 +151,8 @@ class ServeConfig:
     #: The index database: absent for ``index.sqlite`` in ``storage_dir``, or a
     #: ``postgresql://`` URL shared by several nodes (docs/scale-out.md).
     index: str | None = None
+    #: One INFO line per successful operation (UID, status, bytes, ms); else at DEBUG.
+    log_operations: bool = False
 
 
 #: Settings that are also ``serve`` command line flags (``--max-per-address`` ...).
@@ -197,6 +200,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "commitment_retry_interval": (int, float),
     "mpps": (bool,),
     "ian_delay": (int, float),
+    "log_operations": (bool,),
 }
 
 

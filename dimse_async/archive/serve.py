@@ -44,6 +44,7 @@ def archive_ae(config: ServeConfig) -> AE:
         pdu_timeout=config.pdu_timeout,
         max_request_dataset=config.max_request_dataset,
         max_buffered_output=config.max_buffered_output,
+        log_operations=config.log_operations,
     )
     ae.add_supported_context(Verification)
     for sop_class in dict.fromkeys([*STORAGE_SOP_CLASSES, *config.storage_classes]):
@@ -104,6 +105,8 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         config.tls_require_client_cert = True
     if getattr(args, "proxy_protocol", False):
         config.proxy_protocol = True
+    if getattr(args, "log_ops", False):
+        config.log_operations = True
 
 
 def deployment(config: ServeConfig) -> Deployment:

@@ -34,6 +34,7 @@ from .common import (
     EXIT_STATUS,
     EXIT_USAGE,
     Parser,
+    add_log_ops,
     ae_title,
     association_errors,
     check_bindable,
@@ -87,6 +88,7 @@ def _sop_class(value: str) -> str:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", type=log_level, default="ERROR", help="DEBUG, INFO, WARNING or ERROR (default)")
     p.add_argument("--log-json", action="store_true", help="log as JSON lines")
+    add_log_ops(p)
 
 
 def _scp_common(p: argparse.ArgumentParser) -> None:
@@ -98,6 +100,7 @@ def _scp_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--any-called-ae", action="store_true", help=argparse.SUPPRESS)  # the default now
     p.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG, INFO (default), WARNING or ERROR")
     p.add_argument("--log-json", action="store_true", help="log as JSON lines")
+    add_log_ops(p)
 
 
 def _parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -276,6 +279,8 @@ def _server_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for name, _, _ in ADMISSION:
         if get(name) is not None:
             kw[name] = get(name)
+    if get("log_ops"):
+        kw["log_operations"] = True
     return kw
 
 
@@ -532,7 +537,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tune_allocator()
     _tune_gc()
     _quiet_pydicom()
-    configure_logging(args.log_level, json=args.log_json)
+    level = args.log_level
+    if getattr(args, "log_ops", False) and level in ("WARNING", "ERROR", "CRITICAL"):
+        level = "INFO"  # --log-ops asks for the INFO lines
+    configure_logging(level, json=args.log_json)
     try:
         return _dispatch(args, argv)
     except (Exception, KeyboardInterrupt) as exc:

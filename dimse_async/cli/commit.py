@@ -25,7 +25,16 @@ from ..services.commitment import (
     references_from_files,
 )
 from ..services.send import collect_files
-from .common import EXIT_ABORTED, EXIT_CONNECT, EXIT_OK, EXIT_REJECTED, EXIT_STATUS, EXIT_TIMEOUT, EXIT_USAGE
+from .common import (
+    EXIT_ABORTED,
+    EXIT_CONNECT,
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_STATUS,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    add_log_ops,
+)
 
 __all__ = ["add_parser", "main"]
 
@@ -58,6 +67,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--log-json", action="store_true")
+    add_log_ops(p)
     return p
 
 
@@ -76,7 +86,13 @@ async def _commit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     refs = [ref for _path, ref in files]
     by_instance = {ref[1]: path for path, ref in files}
-    ae = AE(args.aet, connect_timeout=args.timeout, acse_timeout=args.timeout, dimse_timeout=args.timeout)
+    ae = AE(
+        args.aet,
+        connect_timeout=args.timeout,
+        acse_timeout=args.timeout,
+        dimse_timeout=args.timeout,
+        log_operations=args.log_ops,
+    )
     where = f"{args.aec}@{args.host}:{args.port}"
     server = None
     if args.listen_port is not None:

@@ -39,6 +39,7 @@ __all__ = [
     "EXIT_USAGE",
     "CLIError",
     "Parser",
+    "add_log_ops",
     "add_logging",
     "add_scu",
     "ae_title",
@@ -140,6 +141,17 @@ def log_level(value: str) -> str:
 def add_logging(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--log-level", type=log_level, default=default, help=f"{', '.join(LEVELS)} (default {default})")
     p.add_argument("--log-json", action="store_true", help="log as JSON lines on stderr")
+    add_log_ops(p)
+
+
+def add_log_ops(p: argparse.ArgumentParser) -> None:
+    """``--log-ops``: one INFO line per successful operation (``AE(log_operations=True)``);
+    raises the log level to INFO if it was higher."""
+    p.add_argument(
+        "--log-ops",
+        action="store_true",
+        help="log each successful operation at INFO: SOP class/instance UID, status, bytes, ms",
+    )
 
 
 DEFAULT_AET = "DIMSE_ASYNC"
