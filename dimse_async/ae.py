@@ -343,8 +343,10 @@ class AE(HandlerRegistry):
         """Acceptor: admission (``max_associations``), user identity, then negotiation."""
         refusal = server.admit(assoc) if server is not None else None  # the slot is held from here on
         if refusal is not None:
-            assoc.log.warning("association refused: local limit", reason=refusal)
-            rj = AssociateRJ(RejectResult.TRANSIENT, RejectSource.PRESENTATION, PresentationReason.LOCAL_LIMIT_EXCEEDED)
+            paused = server is not None and server.paused
+            assoc.log.warning("association refused: " + ("not open yet" if paused else "local limit"), reason=refusal)
+            why = PresentationReason.TEMPORARY_CONGESTION if paused else PresentationReason.LOCAL_LIMIT_EXCEEDED
+            rj = AssociateRJ(RejectResult.TRANSIENT, RejectSource.PRESENTATION, why)
             return rj, None
         if self.allowed_peer_addresses is not None and not address_in(assoc.peer[0], self.allowed_peer_addresses):
             assoc.log.warning("peer address not allowed", address=assoc.peer[0])
@@ -462,6 +464,7 @@ class AE(HandlerRegistry):
         trusted_proxies: Iterable[str] = ("127.0.0.1", "::1"),
         proxy_header_timeout: float = 10.0,
         reuse_port: bool = False,
+        paused: bool = False,
     ) -> Server:
         """Listen for associations; returns at once with a running :class:`Server`.
 
@@ -471,11 +474,14 @@ class AE(HandlerRegistry):
         only from ``trusted_proxies`` (addresses or CIDR blocks); associations then see
         the client's address from the header. ``reuse_port``: set ``SO_REUSEPORT`` so
         several processes listen on one port and the kernel spreads connections among
-        them (``--workers N``).
+        them (``--workers N``). ``paused``: bind and listen now, but answer every
+        A-ASSOCIATE-RQ with A-ASSOCIATE-RJ rejected-transient (temporary congestion) and
+        report unready until :meth:`Server.open` (for start-up work such as indexing).
         """
         if not self.supported_contexts:
             raise ValueError("no supported presentation contexts: call add_supported_context() first")
         server = Server(self)
+        server.paused = paused
         settings = self._settings(server)
         loop = asyncio.get_running_loop()
 

@@ -4,9 +4,11 @@ health/metrics HTTP port and graceful drain (used by ``serve``, ``store-scp``, `
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +20,17 @@ if TYPE_CHECKING:
     from .ae import AE
     from .server import Server
 
-__all__ = ["Deployment", "serve_until_signalled", "server_ssl"]
+__all__ = ["Deployment", "ListenError", "serve_until_signalled", "server_ssl"]
+
+
+class ListenError(OSError):
+    """The listening socket could not be bound: ``cannot listen on HOST:PORT: why``."""
+
+    def __init__(self, host: str, port: int, cause: OSError):
+        why = (cause.strerror or str(cause)).lower()
+        if cause.errno == errno.EADDRINUSE:
+            why = "address already in use"
+        super().__init__(cause.errno or 0, f"cannot listen on {host}:{port}: {why}")
 
 
 def server_ssl(cert: str | None, key: str | None, ca: str | None, require: bool) -> ssl.SSLContext | None:
@@ -47,10 +59,21 @@ class Deployment:
 
 
 async def serve_until_signalled(
-    ae: AE, host: str, port: int, dep: Deployment, announce: Callable[[Server, HealthServer | None], None]
+    ae: AE,
+    host: str,
+    port: int,
+    dep: Deployment,
+    announce: Callable[[Server, HealthServer | None], None],
+    prepare: Callable[[], Awaitable[None]] | None = None,
 ) -> Server:
     """Listen, call ``announce(server, health)``, and on SIGTERM/SIGINT drain: unready
     first, then stop accepting, then give running associations ``drain_grace`` seconds.
+
+    ``prepare`` (e.g. re-indexing an archive) runs after the port is bound and listening
+    and before associations are admitted: meanwhile A-ASSOCIATE-RQs are answered
+    rejected-transient (temporary congestion) and ``/healthz`` says unready; a signal
+    during it stops at once. A port that cannot be bound raises :class:`ListenError`
+    before any of that work.
 
     With ``dep.http_port``, a :class:`~dimse_async.health.HealthServer` serves
     ``/healthz`` and ``/metrics`` (a :class:`~dimse_async.metrics.Metrics` installed on ``ae``).
@@ -64,19 +87,19 @@ async def serve_until_signalled(
             metrics = Metrics().install(ae)
         except ImportError as exc:  # pragma: no cover - depends on the installation
             log.warning("metrics disabled", error=str(exc))
-    server = await ae.start_server(
-        host,
-        port,
-        ssl=dep.ssl,
-        ssl_handshake_timeout=dep.handshake_timeout,
-        proxy_protocol=dep.proxy_protocol,
-        trusted_proxies=dep.trusted_proxies,
-        reuse_port=dep.reuse_port,
-    )
-    health = None
-    if dep.http_port is not None:
-        health = await HealthServer(lambda: server.ready, metrics).start(dep.http_host, dep.http_port)
-    announce(server, health)
+    try:
+        server = await ae.start_server(
+            host,
+            port,
+            ssl=dep.ssl,
+            ssl_handshake_timeout=dep.handshake_timeout,
+            proxy_protocol=dep.proxy_protocol,
+            trusted_proxies=dep.trusted_proxies,
+            reuse_port=dep.reuse_port,
+            paused=prepare is not None,
+        )
+    except OSError as exc:
+        raise ListenError(host, port, exc) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,6 +107,35 @@ async def serve_until_signalled(
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
             pass
+    health = None
+    try:
+        if dep.http_port is not None:
+            health = await HealthServer(lambda: server.ready, metrics).start(dep.http_host, dep.http_port)
+        if prepare is not None:
+            log.info("listening; preparing before accepting associations", port=server.port)
+            work = asyncio.ensure_future(prepare())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not work.done():  # a signal while preparing: stop now
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+                log.warning("stopped before accepting associations")
+                server.close()
+                await server.wait_closed(0)
+                if health is not None:
+                    health.close()
+                    await health.wait_closed()
+                return server
+            work.result()  # its error, if any
+            server.open()
+    except BaseException:
+        server.close()
+        if health is not None:
+            health.close()
+        raise
+    announce(server, health)
     await stop.wait()
     log.warning("shutting down: draining", grace=dep.drain_grace, delay=dep.drain_delay)
     try:

@@ -64,6 +64,16 @@ class Server:
         self._log = get_logger(local_ae=ae.ae_title)
         #: Set by :meth:`drain`: unready, new associations rejected (transient).
         self.draining = False
+        #: Set while the server is listening but not open yet (``start_server(paused=True)``,
+        #: e.g. while an archive is re-indexed): unready, new associations rejected
+        #: (transient, temporary congestion) until :meth:`open`.
+        self.paused = False
+
+    def open(self) -> None:
+        """Start admitting associations (after ``start_server(paused=True)``)."""
+        if self.paused:
+            self.paused = False
+            self._log.info("accepting associations")
 
     @property
     def port(self) -> int:
@@ -76,7 +86,7 @@ class Server:
 
     def over_limit(self) -> bool:
         """Whether admitting one more association would exceed ``max_associations``."""
-        if self.draining:
+        if self.draining or self.paused:
             return True
         return len(self._admitted) >= self.ae.max_associations
 
@@ -89,6 +99,8 @@ class Server:
         ae, address, calling = self.ae, assoc.peer[0], assoc.peer_ae
         if self.draining:
             return "server draining"
+        if self.paused:
+            return "server starting"
         if len(self._admitted) >= ae.max_associations:
             return f"max_associations ({ae.max_associations}) reached"
         if len(self.associations) > self.fd_budget:
@@ -171,7 +183,7 @@ class Server:
     @property
     def ready(self) -> bool:
         """Whether new associations are welcome: listening and not draining."""
-        return self._server is not None and self._server.is_serving() and not self.draining
+        return self._server is not None and self._server.is_serving() and not (self.draining or self.paused)
 
     async def drain(self, grace: float = 30.0, delay: float = 0.0) -> None:
         """Graceful shutdown: turn :attr:`ready` false, answer new association requests

@@ -28,8 +28,9 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .log import get_logger, set_process_fields
 
@@ -118,6 +119,8 @@ class _Supervisor:
         self.exit_codes: dict[int, int] = {}
         self.stored = 0
         self.stored_seen = False
+        #: Answers on the port while ``prepare`` runs (closed once every worker listens).
+        self.placeholder: Any = None
 
     async def _pump(self, index: int, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -132,6 +135,7 @@ class _Supervisor:
                 self.ready.add(index)
                 if not self.announced and len(self.ready) == self.count:
                     self.announced = True
+                    self._release_placeholder()
                     pids = ",".join(str(p.pid) for _, p in sorted(self.procs.items()))
                     print(f"{line} ({self.count} workers, pids {pids})", flush=True)
             else:
@@ -182,12 +186,48 @@ class _Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
 
-    async def run(self) -> int:
+    async def _prepare(self, prepare: Callable[[], Awaitable[None]], hold: Callable[[int], Awaitable[Any]] | None) -> bool:
+        """Run ``prepare`` (e.g. re-index) while ``hold`` (if given) answers on the port;
+        ``False`` if a signal came first."""
+        self.placeholder = await hold(self.port) if hold is not None else None
+        self.log.info("listening; preparing before starting workers", port=self.port)
+        work = asyncio.ensure_future(prepare())
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            self.log.warning("stopped before starting workers")
+            self._release_placeholder()
+            return False
+        work.result()
+        return True
+
+    def _release_placeholder(self) -> None:
+        if self.placeholder is not None:
+            self.placeholder.close()
+            self.placeholder = None
+
+    async def run(
+        self,
+        prepare: Callable[[], Awaitable[None]] | None = None,
+        hold: Callable[[int], Awaitable[Any]] | None = None,
+    ) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._forward, sig)
+        if prepare is not None:
+            try:
+                if not await self._prepare(prepare, hold):
+                    return 0
+            except BaseException:
+                self._release_placeholder()
+                raise
         tasks = [asyncio.ensure_future(self._run_one(i)) for i in range(1, self.count + 1)]
         await self.stopping.wait()
+        self._release_placeholder()
         if self.failed:  # stop the others of a set that cannot start
             self._forward(signal.SIGTERM)
         _done, pending = await asyncio.wait(tasks, timeout=self.grace)
@@ -207,17 +247,33 @@ class _Supervisor:
         return 0 if all(rc in clean for rc in self.exit_codes.values()) else 1
 
 
-def run_workers(argv: Sequence[str], count: int, host: str, port: int, *, grace: float) -> int:
+def run_workers(
+    argv: Sequence[str],
+    count: int,
+    host: str,
+    port: int,
+    *,
+    grace: float,
+    prepare: Callable[[], Awaitable[None]] | None = None,
+    hold: Callable[[int], Awaitable[Any]] | None = None,
+) -> int:
     """Run the command ``argv`` (``dimse-async`` arguments) as ``count`` supervised
     workers sharing ``host:port``; returns when all have stopped (after SIGTERM/SIGINT
-    or a failed start). ``grace``: how long stopping workers get before being killed."""
+    or a failed start). ``grace``: how long stopping workers get before being killed.
+
+    The port is reserved first: one that cannot be bound raises
+    :class:`~dimse_async.deploy.ListenError` before anything else happens. Then
+    ``prepare()`` runs (e.g. re-indexing an archive) while ``hold(port)`` - a server
+    listening on the port with ``SO_REUSEPORT``, paused - answers association requests
+    rejected-transient; it is closed once every worker listens."""
+    from .deploy import ListenError
+
     try:
         reserved = _reserve(host, port)
     except OSError as exc:
-        print(f"cannot listen on {host}:{port}: {exc}", file=sys.stderr)
-        return 1
+        raise ListenError(host, port, exc) from None
     try:
         actual = int(reserved.getsockname()[1])
-        return asyncio.run(_Supervisor(argv, count, actual, grace).run())
+        return asyncio.run(_Supervisor(argv, count, actual, grace).run(prepare, hold))
     finally:
         reserved.close()

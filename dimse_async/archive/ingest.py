@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -109,6 +110,9 @@ def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
 
 class IngestMixin(IndexDB):
     """Storing and indexing files (see the module)."""
+
+    #: Set when the caller of :meth:`reindex` was cancelled: the pass stops before the next file.
+    _reindex_stop: threading.Event | None = None
 
     def _index_file(self, path: str) -> str:
         with warnings.catch_warnings():
@@ -223,6 +227,9 @@ class IngestMixin(IndexDB):
             for name in filenames:
                 if not name.endswith(".dcm"):
                     continue
+                if self._reindex_stop is not None and self._reindex_stop.is_set():
+                    log.warning("archive: re-index stopped", added=added, skipped=skipped)
+                    return added, skipped, 0  # what was not seen is not gone
                 path = os.path.join(dirpath, name)
                 seen.add(path)
                 try:
@@ -260,8 +267,14 @@ class IngestMixin(IndexDB):
         """Incremental re-index: (files added or changed, files skipped as unreadable, files gone).
 
         Leftovers of interrupted stores are removed first; a file is indexed only
-        when its data set parses to its end."""
-        return await self.in_index_thread(self._reindex)
+        when its data set parses to its end. Cancelling the caller stops the pass before
+        its next file (what was indexed stays; the next pass goes on from there)."""
+        stop = self._reindex_stop = threading.Event()
+        try:
+            return await self.in_index_thread(self._reindex)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
 
     # -- storing ------------------------------------------------------------------
 

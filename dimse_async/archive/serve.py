@@ -123,7 +123,8 @@ def deployment(config: ServeConfig) -> Deployment:
 
 
 def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
-    """With ``workers`` > 1: re-index once, then run and supervise the worker processes
+    """With ``workers`` > 1: reserve the port, re-index once (association requests
+    meanwhile are rejected-transient), then run and supervise the worker processes
     (:mod:`dimse_async.workers`) and return their exit code; ``None`` for one process."""
     try:
         config = load_config(args.config)
@@ -135,31 +136,47 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
         raise CLIError(str(exc), EXIT_USAGE) from None
     if config.workers <= 1:
         return None
-    import asyncio
+    dep = deployment(config)
+    archive = Archive(
+        config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, shared=True, index=config.index
+    )
 
     async def reindex() -> None:
-        archive = Archive(
-            config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, shared=True, index=config.index
-        )
         try:
             added, skipped, gone = await archive.reindex()
             get_logger().info("archive re-indexed", added=added, skipped=skipped, gone=gone)
         finally:
             archive.close()
 
-    asyncio.run(reindex())
+    async def hold(port: int) -> Server:
+        """While re-indexing: listen on the workers' port, rejecting (transient)."""
+        return await archive_ae(config).start_server(
+            config.host,
+            port,
+            ssl=dep.ssl,
+            ssl_handshake_timeout=dep.handshake_timeout,
+            proxy_protocol=dep.proxy_protocol,
+            trusted_proxies=dep.trusted_proxies,
+            reuse_port=True,
+            paused=True,
+        )
+
     grace = config.drain_grace + config.drain_delay + 15
-    return run_workers(argv, config.workers, config.host, config.port, grace=grace)
+    return run_workers(argv, config.workers, config.host, config.port, grace=grace, prepare=reindex, hold=hold)
 
 
 async def serve(args: argparse.Namespace) -> int:
     """Run ``dimse-async serve`` until SIGTERM/SIGINT (then drain); the exit code.
 
     Before the (possibly long) re-index, the configuration is checked (errors name the
-    file), the storage directory must be writable and the port must be free: each
-    failure is one line and its exit code (:class:`~dimse_async.cli.common.CLIError`).
+    file), the storage directory must be writable and the port is bound and listening:
+    each failure is one line and its exit code (:class:`~dimse_async.cli.common.CLIError`,
+    :class:`~dimse_async.deploy.ListenError`, exit 7). Association requests arriving while
+    the archive is re-indexed are answered A-ASSOCIATE-RJ rejected-transient (temporary
+    congestion) and ``/healthz`` says unready; then associations are admitted and the
+    "listening on" line is printed.
     """
-    from ..cli.common import EXIT_CONNECT, EXIT_USAGE, CLIError, check_bindable, writable_dir
+    from ..cli.common import EXIT_CONNECT, EXIT_USAGE, CLIError, writable_dir
 
     try:
         config = load_config(args.config)
@@ -179,8 +196,6 @@ async def serve(args: argparse.Namespace) -> int:
     await asyncio.to_thread(writable_dir, config.storage_dir, "storage directory")
     if config.worklist_dir is not None and not await asyncio.to_thread(os.path.isdir, config.worklist_dir):
         raise CLIError(f"worklist directory {config.worklist_dir!r} does not exist", EXIT_USAGE)
-    if info is None:  # workers share the parent's port (SO_REUSEPORT)
-        check_bindable(config.host, config.port)
     archive = Archive(
         config.storage_dir,
         duplicates=config.duplicates,
@@ -191,13 +206,6 @@ async def serve(args: argparse.Namespace) -> int:
         query_max_matches=config.query_max_matches,
         query_time_budget=config.query_time_budget,
     )
-    try:
-        # The parent of a set of workers re-indexed already.
-        added, skipped, gone = await archive.reindex() if info is None else (0, 0, 0)
-        total = await archive.count()
-    except archive.backend.errors as exc:
-        archive.close()
-        raise CLIError(f"index {archive.backend.description}: {exc}", EXIT_CONNECT) from None
     ae = archive_ae(config)
     archive.install(ae, _worklist(config))
     extras = install_normalized(ae, archive, config)
@@ -207,6 +215,22 @@ async def serve(args: argparse.Namespace) -> int:
             "restrict with host, allowed_calling_aes or allowed_peer_addresses",
             host=config.host or "*",
         )
+    counts = {"added": 0, "skipped": 0, "gone": 0, "total": 0}
+
+    async def reindex() -> None:
+        """Bring the index up to date with the storage directory (the port is bound
+        already: association requests meanwhile get A-ASSOCIATE-RJ rejected-transient)."""
+        try:
+            counts["added"], counts["skipped"], counts["gone"] = await archive.reindex()
+            counts["total"] = await archive.count()
+        except archive.backend.errors as exc:
+            raise CLIError(f"index {archive.backend.description}: {exc}", EXIT_CONNECT) from None
+
+    async def count() -> None:  # a worker: the parent re-indexed already
+        try:
+            counts["total"] = await archive.count()
+        except archive.backend.errors as exc:
+            raise CLIError(f"index {archive.backend.description}: {exc}", EXIT_CONNECT) from None
 
     def announce(server: Server, health: HealthServer | None) -> None:
         print(
@@ -214,7 +238,8 @@ async def serve(args: argparse.Namespace) -> int:
             + (" (TLS)" if dep.ssl else "")
             + (" (PROXY protocol)" if dep.proxy_protocol else "")
             + f"; archive {config.storage_dir}: "
-            f"{total} instances ({added} indexed now, {skipped} unreadable skipped, {gone} gone)"
+            f"{counts['total']} instances ({counts['added']} indexed now, {counts['skipped']} unreadable skipped, "
+            f"{counts['gone']} gone)"
             + (f"; worklist {config.worklist_dir}" if config.worklist_dir else ""),
             flush=True,
         )
@@ -222,7 +247,9 @@ async def serve(args: argparse.Namespace) -> int:
             print(f"health and metrics on port {health.port}: /healthz, /metrics", flush=True)
 
     try:
-        await serve_until_signalled(ae, config.host, config.port, dep, announce)
+        await serve_until_signalled(
+            ae, config.host, config.port, dep, announce, prepare=reindex if info is None else count
+        )
     finally:
         await extras.close()
         archive.close()

@@ -1,0 +1,230 @@
+"""``serve`` binds its port before it re-indexes the archive.
+
+The storage directory is pre-populated with instances that are not indexed yet.
+"Indexing is in progress" is a state the test holds rather than a race against the
+machine's speed:
+
+- port in use: the archive also holds a FIFO named like an instance file, which a
+  re-index would block on forever: one line on stderr, exit 7, about as fast as a
+  command that does nothing (``serve --version``), nobody opened the FIFO and no index
+  was built;
+- while indexing (the test holds the SQLite index's write lock, so the re-index waits
+  on it): the port is bound and listening; DCMTK ``echoscu`` and our ``echo`` get
+  A-ASSOCIATE-RJ rejected-transient (temporary congestion), ``/healthz`` answers 503;
+  once the lock is released the "listening on" line reports the indexed instances and
+  associations are accepted (``/healthz`` 200);
+- SIGTERM while indexing: the server stops without admitting anyone and exits 0; the
+  re-index stops before its next file.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import dcmtk, free_port, stop_process
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "dimse_async"]
+HOST = "127.0.0.1"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+INSTANCES = 40
+
+
+def populate(storage: Path, count: int = INSTANCES) -> None:
+    """``count`` CT instances, not indexed yet."""
+    storage.mkdir(parents=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for i in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(storage / f"{i:04d}.dcm")
+
+
+@contextmanager
+def index_locked(storage: Path) -> Iterator[sqlite3.Connection]:
+    """Hold an exclusive lock on the (new) index: a re-index waits for it (the archive's
+    busy timeout and retries give it ~10 s); the caller commits to release it early."""
+    db = sqlite3.connect(storage / "index.sqlite", isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    try:
+        yield db
+    finally:
+        if db.in_transaction:
+            db.execute("COMMIT")
+        db.close()
+
+
+def wait_preparing(proc: subprocess.Popen[str], log: Path) -> None:
+    """Until serve logged that it listens and prepares (re-indexes) before admitting."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        if "listening; preparing before" in log.read_text():
+            return
+        time.sleep(0.02)
+    pytest.fail(f"serve never started preparing: {log.read_text()}")
+
+
+def fifo_opened(fifo: Path) -> bool:
+    """Whether something has the FIFO open for reading."""
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # no reader
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+def healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{HOST}:{port}/healthz", timeout=5) as rsp:
+            return int(rsp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@contextmanager
+def starting_serve(
+    storage: Path, port: int, http_port: int | None, log: Path, workers: int = 1
+) -> Iterator[subprocess.Popen[str]]:
+    http = ["--http-port", str(http_port)] if http_port else []
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [*CLI, "serve", "--host", HOST, "--port", str(port), "--storage-dir", str(storage),
+             "--workers", str(workers), *http],
+            stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        stop_process(proc)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_port_in_use_fails_before_indexing(tmp_path: Path, workers: int) -> None:
+    storage = tmp_path / "archive"
+    populate(storage)
+    fifo = storage / "0000-fifo.dcm"
+    os.mkfifo(fifo)
+    baselines = []
+    for _ in range(2):  # the same interpreter start and imports, no work
+        started = time.monotonic()
+        subprocess.run([*CLI, "serve", "--version"], env=ENV, capture_output=True, timeout=30, check=True)
+        baselines.append(time.monotonic() - started)
+    baseline = max(baselines)
+    with socket_listening() as port:
+        started = time.monotonic()
+        done = subprocess.run(
+            [*CLI, "serve", "--host", HOST, "--port", str(port), "--storage-dir", str(storage),
+             "--workers", str(workers)],
+            capture_output=True, text=True, env=ENV, timeout=30, check=False,
+        )  # fmt: skip
+        elapsed = time.monotonic() - started
+    assert done.returncode == 7, done
+    lines = done.stderr.strip().splitlines()
+    assert lines == [f"dimse-async serve: cannot listen on {HOST}:{port}: address already in use"], done.stderr
+    assert done.stdout == ""
+    # well under a second of work beyond starting Python (a loaded machine adds noise)
+    assert elapsed < baseline + 1.5, (elapsed, baselines)
+    assert not fifo_opened(fifo)  # the re-index never started
+    assert not (storage / "index.sqlite").exists() or _indexed(storage) == 0
+
+
+def _indexed(storage: Path) -> int:
+    with sqlite3.connect(storage / "index.sqlite") as db:
+        return int(db.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+
+@contextmanager
+def socket_listening() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_associations_during_indexing_are_rejected_transient_then_accepted(tmp_path: Path, workers: int) -> None:
+    """With ``--workers 2`` the parent re-indexes while a paused server holds the port."""
+    storage = tmp_path / "archive"
+    populate(storage)
+    port = free_port()
+    http_port = free_port() if workers == 1 else None
+    log = tmp_path / "serve.log"
+    with index_locked(storage) as lock, starting_serve(storage, port, http_port, log, workers) as proc:
+        wait_preparing(proc, log)
+        # bound, listening, not admitting: rejected-transient, temporary congestion
+        echo = subprocess.run(
+            [dcmtk("echoscu"), "-to", "10", "-ta", "10", "-aec", "ARCHIVE", HOST, str(port)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert echo.returncode != 0, echo
+        assert re.search(r"Rejected.*Transient", echo.stderr + echo.stdout, re.S), echo
+        assert "Temporary Congestion" in echo.stderr + echo.stdout, echo
+        if http_port:
+            assert healthz(http_port) == 503
+        ours = subprocess.run(
+            [*CLI, "echo", HOST, str(port), "--timeout", "10"],
+            capture_output=True, text=True, env=ENV, timeout=30, check=False,
+        )  # fmt: skip
+        assert ours.returncode == 4, ours
+        assert "rejected-transient" in ours.stderr and "temporary-congestion" in ours.stderr, ours.stderr
+        assert proc.poll() is None and "listening on" not in log.read_text()
+        lock.execute("COMMIT")  # indexing may go on
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert f"listening on {HOST}:{port}" in line, (line, log.read_text())
+        if workers == 1:
+            assert f"{INSTANCES} instances ({INSTANCES} indexed now, 0 unreadable skipped, 0 gone)" in line, line
+            assert healthz(http_port) == 200
+        else:
+            assert f"{INSTANCES} instances" in line and "(2 workers, pids" in line, line
+        echo = subprocess.run(
+            [*CLI, "echo", HOST, str(port)], capture_output=True, text=True, env=ENV, timeout=30, check=False
+        )
+        assert echo.returncode == 0, echo
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+    text = log.read_text()
+    assert "association refused: not open yet" in text and 'reason="server starting"' in text, text
+
+
+def test_sigterm_while_indexing_stops_without_admitting(tmp_path: Path) -> None:
+    storage = tmp_path / "archive"
+    populate(storage, count=5)
+    port, http_port = free_port(), free_port()
+    log = tmp_path / "serve.log"
+    with index_locked(storage) as lock, starting_serve(storage, port, http_port, log) as proc:
+        wait_preparing(proc, log)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "stopped before accepting associations" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        lock.execute("COMMIT")  # the re-index thread gets the index, sees it was stopped
+        assert proc.wait(20) == 0, log.read_text()
+        assert proc.stdout is not None and "listening on" not in proc.stdout.read()
+    text = log.read_text()
+    assert "stopped before accepting associations" in text and "re-index stopped" in text, text
+    assert _indexed(storage) == 0
