@@ -112,7 +112,7 @@ async def serve_until_signalled(
         if dep.http_port is not None:
             health = await HealthServer(lambda: server.ready, metrics).start(dep.http_host, dep.http_port)
         if prepare is not None:
-            log.info("listening; preparing before accepting associations", port=server.port)
+            log.debug("listening; preparing before accepting associations", port=server.port)
             work = asyncio.ensure_future(prepare())
             stopped = asyncio.ensure_future(stop.wait())
             await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)

@@ -190,7 +190,7 @@ class _Supervisor:
         """Run ``prepare`` (e.g. re-index) while ``hold`` (if given) answers on the port;
         ``False`` if a signal came first."""
         self.placeholder = await hold(self.port) if hold is not None else None
-        self.log.info("listening; preparing before starting workers", port=self.port)
+        self.log.debug("listening; preparing before starting workers", port=self.port)
         work = asyncio.ensure_future(prepare())
         stopped = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait([work, stopped], return_when=asyncio.FIRST_COMPLETED)

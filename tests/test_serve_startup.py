@@ -23,6 +23,7 @@ import errno
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -72,15 +73,17 @@ def index_locked(storage: Path) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-def wait_preparing(proc: subprocess.Popen[str], log: Path) -> None:
-    """Until serve logged that it listens and prepares (re-indexes) before admitting."""
+def wait_preparing(proc: subprocess.Popen[str], port: int, log: Path) -> None:
+    """Until serve listens on ``port`` (it then prepares - re-indexes - before admitting)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()
-        if "listening; preparing before" in log.read_text():
-            return
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((HOST, port)) == 0:
+                return
         time.sleep(0.02)
-    pytest.fail(f"serve never started preparing: {log.read_text()}")
+    pytest.fail(f"serve never listened: {log.read_text()}")
 
 
 def fifo_opened(fifo: Path) -> bool:
@@ -157,8 +160,6 @@ def _indexed(storage: Path) -> int:
 
 @contextmanager
 def socket_listening() -> Iterator[int]:
-    import socket
-
     with socket.socket() as s:
         s.bind((HOST, 0))
         s.listen()
@@ -174,7 +175,7 @@ def test_associations_during_indexing_are_rejected_transient_then_accepted(tmp_p
     http_port = free_port() if workers == 1 else None
     log = tmp_path / "serve.log"
     with index_locked(storage) as lock, starting_serve(storage, port, http_port, log, workers) as proc:
-        wait_preparing(proc, log)
+        wait_preparing(proc, port, log)
         # bound, listening, not admitting: rejected-transient, temporary congestion
         echo = subprocess.run(
             [dcmtk("echoscu"), "-to", "10", "-ta", "10", "-aec", "ARCHIVE", HOST, str(port)],
@@ -217,7 +218,7 @@ def test_sigterm_while_indexing_stops_without_admitting(tmp_path: Path) -> None:
     port, http_port = free_port(), free_port()
     log = tmp_path / "serve.log"
     with index_locked(storage) as lock, starting_serve(storage, port, http_port, log) as proc:
-        wait_preparing(proc, log)
+        wait_preparing(proc, port, log)
         proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while "stopped before accepting associations" not in log.read_text() and time.monotonic() < deadline:
