@@ -56,6 +56,8 @@ class Deployment:
     drain_delay: float = 0.0
     #: Listen with ``SO_REUSEPORT`` (a worker process of ``--workers N``).
     reuse_port: bool = False
+    #: Collect metrics even without an HTTP port (a worker whose parent serves the sum).
+    collect_metrics: bool = False
 
 
 async def serve_until_signalled(
@@ -80,7 +82,7 @@ async def serve_until_signalled(
     """
     log = get_logger(local_ae=ae.ae_title)
     metrics = None
-    if dep.http_port is not None:
+    if dep.http_port is not None or dep.collect_metrics:
         try:
             from .metrics import Metrics
 

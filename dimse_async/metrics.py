@@ -20,14 +20,19 @@ Families (``role`` is ``scp`` for associations we accepted, ``scu`` for those we
   PS3.7 Annex C); ``role`` is ours in the operation (``scp``: we performed it);
 - ``dicom_operation_seconds{role,service}``: request-to-final-response latency histogram;
 - ``dicom_bytes_received_total{role}``, ``dicom_bytes_sent_total{role}``: DICOM bytes
-  (PDUs, after TLS decryption), counted as they pass;
+  (PDUs, after TLS decryption), added at each DIMSE message, when an association ends
+  and, for live associations, at each scrape;
 - ``dicom_errors_total{kind}``: ``spool`` (a data set could not be written to its spool),
   ``storage`` (a C-STORE handler failed to save), ``index`` (stored but not indexed).
+
+Several processes (``--workers N``): with ``PROMETHEUS_MULTIPROC_DIR`` set in their
+environment, prometheus_client keeps every value in files there (its multiprocess
+mode; the open-associations gauge sums the live processes), and
+:class:`MultiProcessMetrics` - in the supervising parent - exposes the sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,7 +40,7 @@ if TYPE_CHECKING:
     from .dimse import Command
     from .operations import Association
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "Metrics", "MultiProcessMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -74,7 +79,9 @@ class Metrics:
         self.associations = Counter(
             "dicom_associations", "Ended associations by outcome", ["role", "outcome", "reason"], registry=r
         )
-        self.open = Gauge("dicom_associations_open", "Open associations", ["role"], registry=r)
+        self.open = Gauge(
+            "dicom_associations_open", "Open associations", ["role"], registry=r, multiprocess_mode="livesum"
+        )
         self.refused = Counter(
             "dicom_connections_refused", "Connections dropped before DICOM started", ["reason"], registry=r
         )
@@ -89,11 +96,15 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("dicom_errors", "Spool, storage and index errors", ["kind"], registry=r)
-        self._live: set[Association] = set()
-        self._closed_bytes = {("scp", "in"): 0, ("scp", "out"): 0, ("scu", "in"): 0, ("scu", "out"): 0}
+        self.bytes_received = Counter("dicom_bytes_received", "DICOM bytes received", ["role"], registry=r)
+        self.bytes_sent = Counter("dicom_bytes_sent", "DICOM bytes sent", ["role"], registry=r)
+        for role in ("scp", "scu"):
+            self.bytes_received.labels(role)
+            self.bytes_sent.labels(role)
+        # Live associations -> [bytes received, bytes sent] already counted.
+        self._live: dict[Association, list[int]] = {}
         # (association, role that performs, message id) -> (service, start time)
         self._started: dict[tuple[int, str, int], tuple[str, float]] = {}
-        r.register(_ByteCounter(self))
 
     def install(self, ae: AE) -> Metrics:
         """Make ``ae`` report here; returns ``self``."""
@@ -104,22 +115,37 @@ class Metrics:
         """The Prometheus text exposition of everything registered."""
         from prometheus_client import generate_latest
 
+        for assoc in list(self._live):
+            self._count_bytes(assoc)
         return generate_latest(self.registry)
+
+    def _count_bytes(self, assoc: Association) -> None:
+        """Add what ``assoc`` received and sent since it was last counted."""
+        counted = self._live.get(assoc)
+        if counted is None:
+            return
+        rx, tx = assoc.oplog.bytes_received, assoc.oplog.bytes_sent
+        role = _role(assoc)
+        if rx > counted[0]:
+            self.bytes_received.labels(role).inc(rx - counted[0])
+            counted[0] = rx
+        if tx > counted[1]:
+            self.bytes_sent.labels(role).inc(tx - counted[1])
+            counted[1] = tx
 
     # ------------------------------------------------------------ observer interface
 
     def association_started(self, assoc: Association) -> None:
-        self._live.add(assoc)
+        self._live[assoc] = [0, 0]
         self.open.labels(_role(assoc)).inc()
 
     def association_ended(self, assoc: Association) -> None:
         if assoc not in self._live:
             return
-        self._live.discard(assoc)
+        self._count_bytes(assoc)
+        del self._live[assoc]
         role = _role(assoc)
         self.open.labels(role).dec()
-        self._closed_bytes[(role, "in")] += assoc.oplog.bytes_received
-        self._closed_bytes[(role, "out")] += assoc.oplog.bytes_sent
         reason = assoc.end_reason or ""
         if assoc.negotiated is not None:
             outcome, why = ("released", "") if not reason else ("aborted", "")
@@ -146,6 +172,7 @@ class Metrics:
         self._message(assoc, command, sent=False)
 
     def _message(self, assoc: Association, command: Command, *, sent: bool) -> None:
+        self._count_bytes(assoc)
         field = command.command_field
         if field == _CANCEL_RQ:
             return
@@ -169,25 +196,25 @@ class Metrics:
             self._started[key] = (_service(command), now)
 
 
-class _ByteCounter:
-    """Collects byte counters at scrape time: closed associations plus live ones."""
+class MultiProcessMetrics:
+    """The sum of every process writing to ``path`` (prometheus_client's multiprocess
+    mode): what the supervisor of ``--workers N`` serves on ``/metrics``."""
 
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
+    def __init__(self, path: str):
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
 
-    def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily
+        self.path = path
+        self.registry = CollectorRegistry()
+        MultiProcessCollector(self.registry, path=path)  # type: ignore[no-untyped-call]
 
-        m = self.metrics
-        totals = dict(m._closed_bytes)
-        for assoc in m._live:
-            role = _role(assoc)
-            totals[(role, "in")] += assoc.oplog.bytes_received
-            totals[(role, "out")] += assoc.oplog.bytes_sent
-        rx = CounterMetricFamily("dicom_bytes_received", "DICOM bytes received", labels=["role"])
-        tx = CounterMetricFamily("dicom_bytes_sent", "DICOM bytes sent", labels=["role"])
-        for role in ("scp", "scu"):
-            rx.add_metric([role], totals[(role, "in")])
-            tx.add_metric([role], totals[(role, "out")])
-        yield rx
-        yield tx
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+    def process_dead(self, pid: int) -> None:
+        """Drop a dead process's live-gauge files (its counters stay in the totals)."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        mark_process_dead(pid, self.path)  # type: ignore[no-untyped-call]

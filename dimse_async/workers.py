@@ -16,7 +16,12 @@ the kernel spreads incoming connections among them. The parent binds the port on
   announces the port once all are listening;
 - limits are divided: each worker admits ``max(1, max_associations // N)``
   associations and ``max(1, max_pending // N)`` connections not yet associated
-  (per-client caps apply in each worker); the health/metrics HTTP port of worker ``i`` is ``http_port + i - 1``.
+  (per-client caps apply in each worker);
+- metrics are aggregated: with an HTTP port the parent serves ``/healthz`` (200 while
+  at least one worker listens and no stop was asked) and ``/metrics``, the sum over all
+  workers. The workers keep their metrics in prometheus_client's multiprocess files in
+  a temporary directory the parent creates (``PROMETHEUS_MULTIPROC_DIR``) and removes
+  at exit; a dead worker's counters stay in the totals, its live gauges are dropped.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +45,7 @@ __all__ = ["WorkerInfo", "run_workers", "worker_info"]
 
 _ENV_WORKER = "DIMSE_ASYNC_WORKER"  # "<i>/<n>" in a worker process
 _ENV_PORT = "DIMSE_ASYNC_WORKER_PORT"  # the port the parent reserved
+_ENV_METRICS = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode
 _LISTENING = re.compile(r"listening on ")
 _STORED = re.compile(r"^stored (\d+) instances$")
 
@@ -53,14 +61,16 @@ class WorkerInfo:
     index: int  # 1 .. count
     count: int
     port: int
+    #: The parent serves the summed metrics: this worker collects into the shared files.
+    metrics: bool = False
 
     def share(self, total: int) -> int:
         """This worker's part of a limit set for the whole set (at least 1)."""
         return max(1, total // self.count)
 
     def http_port(self, port: int | None) -> int | None:
-        """Worker ``i`` serves health and metrics on ``port + i - 1`` (0 stays 0)."""
-        return port + self.index - 1 if port else port
+        """No HTTP port of its own: the parent serves ``/healthz`` and ``/metrics``."""
+        return None
 
 
 def worker_info() -> WorkerInfo | None:
@@ -71,7 +81,7 @@ def worker_info() -> WorkerInfo | None:
     if not raw:
         return None
     index, _, count = raw.partition("/")
-    info = WorkerInfo(int(index), int(count), int(os.environ[_ENV_PORT]))
+    info = WorkerInfo(int(index), int(count), int(os.environ[_ENV_PORT]), metrics=bool(os.environ.get(_ENV_METRICS)))
     set_process_fields(worker=info.index, pid=os.getpid())
     _die_with_parent()
     return info
@@ -105,8 +115,14 @@ def _reserve(host: str, port: int) -> socket.socket:
 
 
 class _Supervisor:
-    def __init__(self, argv: Sequence[str], count: int, port: int, grace: float):
+    def __init__(
+        self, argv: Sequence[str], count: int, port: int, grace: float, http: tuple[str, int] | None = None
+    ):
         self.argv = list(argv)
+        self.http = http
+        self.metrics_dir: str | None = None
+        self.metrics: Any = None
+        self.health: Any = None
         self.count = count
         self.port = port
         self.grace = grace
@@ -138,6 +154,8 @@ class _Supervisor:
                     self._release_placeholder()
                     pids = ",".join(str(p.pid) for _, p in sorted(self.procs.items()))
                     print(f"{line} ({self.count} workers, pids {pids})", flush=True)
+                    if self.health is not None:
+                        print(f"health and metrics on port {self.health.port}: /healthz, /metrics", flush=True)
             else:
                 print(f"worker {index}: {line}", flush=True)
 
@@ -146,6 +164,9 @@ class _Supervisor:
         loop = asyncio.get_running_loop()
         while True:
             env = dict(os.environ, **{_ENV_WORKER: f"{index}/{self.count}", _ENV_PORT: str(self.port)})
+            env.pop(_ENV_METRICS, None)
+            if self.metrics_dir is not None:
+                env[_ENV_METRICS] = self.metrics_dir
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "dimse_async", *self.argv, stdout=asyncio.subprocess.PIPE, env=env
             )
@@ -154,6 +175,8 @@ class _Supervisor:
             started = loop.time()
             pump = asyncio.ensure_future(self._pump(index, proc))
             rc = await proc.wait()
+            if self.metrics is not None:
+                self.metrics.process_dead(proc.pid)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pump, 5)
             was_ready = index in self.ready
@@ -218,6 +241,41 @@ class _Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._forward, sig)
+        if self.http is not None:
+            await self._serve_http(*self.http)
+        try:
+            return await self._run(prepare, hold)
+        finally:
+            if self.health is not None:
+                self.health.close()
+                await self.health.wait_closed()
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    async def _serve_http(self, host: str, port: int) -> None:
+        """``/healthz`` and the summed ``/metrics`` of the workers on the one HTTP port."""
+        from .health import HealthServer
+
+        self.metrics_dir = tempfile.mkdtemp(prefix="dimse-async-metrics-")
+        try:
+            from .metrics import MultiProcessMetrics
+
+            self.metrics = MultiProcessMetrics(self.metrics_dir)
+        except ImportError as exc:  # pragma: no cover - depends on the installation
+            self.log.warning("metrics disabled", error=str(exc))
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
+
+        def ready() -> bool:
+            return bool(self.ready) and not self.stopping.is_set()
+
+        self.health = await HealthServer(ready, self.metrics).start(host, port)
+
+    async def _run(
+        self,
+        prepare: Callable[[], Awaitable[None]] | None,
+        hold: Callable[[int], Awaitable[Any]] | None,
+    ) -> int:
         if prepare is not None:
             try:
                 if not await self._prepare(prepare, hold):
@@ -256,6 +314,7 @@ def run_workers(
     grace: float,
     prepare: Callable[[], Awaitable[None]] | None = None,
     hold: Callable[[int], Awaitable[Any]] | None = None,
+    http: tuple[str, int] | None = None,
 ) -> int:
     """Run the command ``argv`` (``dimse-async`` arguments) as ``count`` supervised
     workers sharing ``host:port``; returns when all have stopped (after SIGTERM/SIGINT
@@ -265,7 +324,8 @@ def run_workers(
     :class:`~dimse_async.deploy.ListenError` before anything else happens. Then
     ``prepare()`` runs (e.g. re-indexing an archive) while ``hold(port)`` - a server
     listening on the port with ``SO_REUSEPORT``, paused - answers association requests
-    rejected-transient; it is closed once every worker listens."""
+    rejected-transient; it is closed once every worker listens. ``http``: (host, port)
+    where the parent serves ``/healthz`` and the workers' summed ``/metrics``."""
     from .deploy import ListenError
 
     try:
@@ -274,6 +334,6 @@ def run_workers(
         raise ListenError(host, port, exc) from None
     try:
         actual = int(reserved.getsockname()[1])
-        return asyncio.run(_Supervisor(argv, count, actual, grace).run(prepare, hold))
+        return asyncio.run(_Supervisor(argv, count, actual, grace, http).run(prepare, hold))
     finally:
         reserved.close()

@@ -221,3 +221,104 @@ async def test_duplicate_at_two_workers_at_once(tmp_path, same, index, request):
             assert rows == f"{uid}|{stored[0]}\n"
     finally:
         assert server.stop() == 0
+
+
+def _scrape(port: int) -> dict:
+    import urllib.request
+
+    from test_metrics import samples
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as rsp:
+        assert rsp.status == 200
+        return samples(rsp.read().decode())
+
+
+def _healthz(port: int) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as rsp:
+            return int(rsp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _send_concurrently(port: int, batches: list[list[Path]]) -> None:
+    """One DCMTK storescu per batch, all at once (several connections, so the kernel
+    spreads them over the workers)."""
+    argv = ["/usr/bin/storescu", "-to", "20", "-ta", "20", "-td", "30", "127.0.0.1", str(port)]
+    procs = [
+        subprocess.Popen([*argv, *map(str, batch)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for batch in batches
+    ]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out.decode(errors="replace")
+
+
+def test_metrics_of_all_workers_summed_on_one_http_port(tmp_path):
+    """store-scp --workers 2 --http-port P: several concurrent senders reach both workers;
+    /metrics on P (served by the parent from prometheus_client's multiprocess files)
+    counts exactly the instances sent, whichever worker took them; a worker killed with
+    SIGKILL keeps its counts in the total and its restart adds to them; the files'
+    directory is removed when the set stops."""
+    from conftest import free_port
+    from test_interop_tls import make_instances
+    from test_metrics import value
+
+    http_port = free_port()
+    files = make_instances(tmp_path / "send", 48)
+    (tmp_path / "run").mkdir()
+    server = Workers(
+        tmp_path / "run", "store-scp", "--workers", "2", "--port", "0", "--out", str(tmp_path / "in"),
+        "--http-port", str(http_port),
+    )  # fmt: skip
+    try:
+        server.wait_for(lambda: f"health and metrics on port {http_port}" in server.out.read_text(), "HTTP port")
+        assert _healthz(http_port) == 200
+        directories = set()
+        for pid in server.pids:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            directories |= {e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")}
+        assert len(directories) == 1, directories  # one directory, shared by the workers
+        metrics_dir = Path(directories.pop())
+        sent = associations = 0
+        for rounds in range(1, 6):  # until both workers took some (the kernel hashes connections)
+            batch = files[(rounds - 1) * 8 : rounds * 8]
+            _send_concurrently(server.port, [batch[i::4] for i in range(4)])
+            sent, associations = sent + len(batch), associations + 4
+            took = {int(w) for w in re.findall(r"association accepted .*worker=(\d+) pid=", server.log())}
+            if took == {1, 2}:
+                break
+        assert took == {1, 2}, f"connections never reached both workers: {took}"
+
+        def settled() -> dict | None:
+            m = _scrape(http_port)
+            closed = value(m, "dicom_associations_total", role="scp", outcome="released", reason="")
+            return m if closed == associations and value(m, "dicom_associations_open", role="scp") == 0 else None
+
+        m = server.wait_for(settled, "settled metrics", timeout=30)
+        assert value(m, "dicom_operations_total", role="scp", service="C-STORE", status="success") == sent
+        assert value(m, "dicom_operation_seconds_count", role="scp", service="C-STORE") == sent
+        assert value(m, "dicom_bytes_received_total", role="scp") > sum(f.stat().st_size for f in files[:sent]) / 2
+        assert {p.stem.split("_")[-1] for p in metrics_dir.glob("counter_*.db")} == {str(p) for p in server.pids}
+
+        # SIGKILL one worker: its counts stay in the total; the restarted one adds to them
+        victim = server.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        server.wait_for(lambda: "worker died; restarting" in server.log(), "restart")
+        server.wait_for(lambda: server.log().count("worker listening") >= 3, "restarted worker listening")
+        m = _scrape(http_port)
+        assert value(m, "dicom_operations_total", role="scp", service="C-STORE", status="success") == sent
+        more = files[40:48]
+        _send_concurrently(server.port, [more[i::4] for i in range(4)])
+        sent, associations = sent + len(more), associations + 4
+        m = server.wait_for(settled, "settled metrics after the restart", timeout=30)
+        assert value(m, "dicom_operations_total", role="scp", service="C-STORE", status="success") == sent
+        assert value(m, "dicom_associations_open", role="scp") == 0
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0, server.log()[-3000:]
+    finally:
+        server.stop()
+    assert not metrics_dir.exists()

@@ -162,7 +162,10 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
         )
 
     grace = config.drain_grace + config.drain_delay + 15
-    return run_workers(argv, config.workers, config.host, config.port, grace=grace, prepare=reindex, hold=hold)
+    http = (config.http_host, config.http_port) if config.http_port is not None else None
+    return run_workers(
+        argv, config.workers, config.host, config.port, grace=grace, prepare=reindex, hold=hold, http=http
+    )
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -191,6 +194,7 @@ async def serve(args: argparse.Namespace) -> int:
         config.max_pending = info.share(config.max_pending)
         dep.reuse_port = True
         dep.http_port = info.http_port(dep.http_port)
+        dep.collect_metrics = info.metrics
     if getattr(args, "require_called_ae", False):
         config.require_called_ae = True
     await asyncio.to_thread(writable_dir, config.storage_dir, "storage directory")

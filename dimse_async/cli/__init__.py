@@ -380,6 +380,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
         args.max_pending = info.share(1024 if args.max_pending is None else args.max_pending)
         dep.reuse_port = True
         dep.http_port = info.http_port(dep.http_port)
+        dep.collect_metrics = info.metrics
     await asyncio.to_thread(writable_dir, args.out, "output directory")
     if info is None:  # workers share the parent's port (SO_REUSEPORT)
         check_bindable(args.host, args.port)
@@ -570,7 +571,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             if dep is None:
                 return EXIT_USAGE
             grace = dep.drain_grace + dep.drain_delay + 15
-            return run_workers(argv, args.workers, args.host, args.port, grace=grace)
+            http = (dep.http_host, dep.http_port) if dep.http_port is not None else None
+            return run_workers(argv, args.workers, args.host, args.port, grace=grace, http=http)
         return run(_store_scp(args))
     if args.command == "send":
         return run(_send(args))
