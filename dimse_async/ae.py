@@ -341,6 +341,9 @@ class AE(HandlerRegistry):
         self, server: Server | None, assoc: Association, rq: AssociateRQ
     ) -> tuple[AssociateAC | AssociateRJ, Negotiated | None]:
         """Acceptor: admission (``max_associations``), user identity, then negotiation."""
+        if server is not None and server.paused:  # starting up: wait a little for it
+            assoc.log.info("association request waiting: server starting", wait=server.paused_wait)
+            await server.wait_open()
         refusal = server.admit(assoc) if server is not None else None  # the slot is held from here on
         if refusal is not None:
             paused = server is not None and server.paused
@@ -474,9 +477,10 @@ class AE(HandlerRegistry):
         only from ``trusted_proxies`` (addresses or CIDR blocks); associations then see
         the client's address from the header. ``reuse_port``: set ``SO_REUSEPORT`` so
         several processes listen on one port and the kernel spreads connections among
-        them (``--workers N``). ``paused``: bind and listen now, but answer every
-        A-ASSOCIATE-RQ with A-ASSOCIATE-RJ rejected-transient (temporary congestion) and
-        report unready until :meth:`Server.open` (for start-up work such as indexing).
+        them (``--workers N``). ``paused``: bind and listen now but admit no association
+        until :meth:`Server.open` (for start-up work such as indexing): a request waits up
+        to ``server.paused_wait`` (5) seconds for it, then gets A-ASSOCIATE-RJ
+        rejected-transient (temporary congestion); the server reports unready meanwhile.
         """
         if not self.supported_contexts:
             raise ValueError("no supported presentation contexts: call add_supported_context() first")

@@ -72,9 +72,9 @@ async def serve_until_signalled(
     first, then stop accepting, then give running associations ``drain_grace`` seconds.
 
     ``prepare`` (e.g. re-indexing an archive) runs after the port is bound and listening
-    and before associations are admitted: meanwhile A-ASSOCIATE-RQs are answered
-    rejected-transient (temporary congestion) and ``/healthz`` says unready; a signal
-    during it stops at once. A port that cannot be bound raises :class:`ListenError`
+    and before associations are admitted: meanwhile an A-ASSOCIATE-RQ waits up to
+    ``server.paused_wait`` seconds, then is answered rejected-transient (temporary
+    congestion), and ``/healthz`` says unready; a signal during it stops at once. A port that cannot be bound raises :class:`ListenError`
     before any of that work.
 
     With ``dep.http_port``, a :class:`~dimse_async.health.HealthServer` serves

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 from collections import Counter
@@ -65,15 +66,25 @@ class Server:
         #: Set by :meth:`drain`: unready, new associations rejected (transient).
         self.draining = False
         #: Set while the server is listening but not open yet (``start_server(paused=True)``,
-        #: e.g. while an archive is re-indexed): unready, new associations rejected
-        #: (transient, temporary congestion) until :meth:`open`.
+        #: e.g. while an archive is re-indexed): unready; an association request waits up
+        #: to :attr:`paused_wait` seconds for :meth:`open`, then is rejected (transient,
+        #: temporary congestion).
         self.paused = False
+        self.paused_wait = 5.0
+        self._opened = asyncio.Event()
 
     def open(self) -> None:
         """Start admitting associations (after ``start_server(paused=True)``)."""
+        self._opened.set()
         if self.paused:
             self.paused = False
             self._log.info("accepting associations")
+
+    async def wait_open(self) -> None:
+        """While paused: until :meth:`open`, at most :attr:`paused_wait` seconds."""
+        if self.paused:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._opened.wait(), self.paused_wait)
 
     @property
     def port(self) -> int:

@@ -51,7 +51,10 @@ async def test_sigterm_mid_batch_lets_the_running_association_finish(tmp_path: P
     log = tmp_path / "serve.log"
     with listening(argv, [dicom_port, http_port], log) as proc:
         async with aiohttp.ClientSession() as http:
-            assert await healthz(http, http_port) == 200
+            async def ready() -> bool:  # serve listens first, then re-indexes, then is ready
+                return await healthz(http, http_port) == 200
+
+            await wait_for(ready, 30, "/healthz answering 200")
             # An idle association held open keeps the drain waiting while we look around.
             holder = await scu().associate(HOST, dicom_port, "ARCHIVE")
             sender = await asyncio.create_subprocess_exec(

@@ -174,10 +174,10 @@ async def serve(args: argparse.Namespace) -> int:
     Before the (possibly long) re-index, the configuration is checked (errors name the
     file), the storage directory must be writable and the port is bound and listening:
     each failure is one line and its exit code (:class:`~dimse_async.cli.common.CLIError`,
-    :class:`~dimse_async.deploy.ListenError`, exit 7). Association requests arriving while
-    the archive is re-indexed are answered A-ASSOCIATE-RJ rejected-transient (temporary
-    congestion) and ``/healthz`` says unready; then associations are admitted and the
-    "listening on" line is printed.
+    :class:`~dimse_async.deploy.ListenError`, exit 7). An association request arriving while
+    the archive is re-indexed waits up to 5 s, then is answered A-ASSOCIATE-RJ
+    rejected-transient (temporary congestion); ``/healthz`` says unready; then
+    associations are admitted and the "listening on" line is printed.
     """
     from ..cli.common import EXIT_CONNECT, EXIT_USAGE, CLIError, writable_dir
 
