@@ -262,3 +262,32 @@ def test_a_request_during_a_short_reindex_waits_and_is_accepted(tmp_path: Path) 
         out, err = echo.communicate(timeout=30)
         assert echo.returncode == 0, (out, err, log.read_text())
         assert "association refused" not in log.read_text()
+
+
+async def test_library_paused_server_rejects_transient_until_open() -> None:
+    """``AE.start_server(paused=True)``: listening, unready; a request waits up to
+    ``paused_wait`` and is rejected-transient (temporary congestion) unless the server
+    opens meanwhile; after :meth:`Server.open` associations are accepted."""
+    import asyncio
+
+    import dimse_async as da
+
+    scp = da.AE("PAUSED", require_called_ae=False)
+    scp.add_supported_context(da.Verification)
+    scu = da.AE("SCU")
+    scu.add_requested_context(da.Verification)
+    async with await scp.start_server(HOST, 0, paused=True) as server:
+        server.paused_wait = 0.3
+        assert not server.ready
+        with pytest.raises(da.AssociationRejected) as rejected:
+            await scu.associate(HOST, server.port, "PAUSED")
+        assert (int(rejected.value.result), int(rejected.value.source), int(rejected.value.reason)) == (2, 3, 1)
+        server.paused_wait = 10.0
+        waiting = asyncio.ensure_future(scu.associate(HOST, server.port, "PAUSED"))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # held while paused
+        server.open()
+        assoc = await asyncio.wait_for(waiting, 10)
+        assert server.ready
+        assert (await assoc.c_echo()).is_success
+        await assoc.release()
