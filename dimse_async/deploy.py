@@ -74,8 +74,8 @@ async def serve_until_signalled(
     ``prepare`` (e.g. re-indexing an archive) runs after the port is bound and listening
     and before associations are admitted: meanwhile an A-ASSOCIATE-RQ waits up to
     ``server.paused_wait`` seconds, then is answered rejected-transient (temporary
-    congestion), and ``/healthz`` says unready; a signal during it stops at once. A port that cannot be bound raises :class:`ListenError`
-    before any of that work.
+    congestion), and ``/healthz`` says unready; a signal during it stops at once. A port
+    that cannot be bound raises :class:`ListenError` before any of that work.
 
     With ``dep.http_port``, a :class:`~dimse_async.health.HealthServer` serves
     ``/healthz`` and ``/metrics`` (a :class:`~dimse_async.metrics.Metrics` installed on ``ae``).
