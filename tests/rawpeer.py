@@ -355,6 +355,15 @@ def server_process(
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"{command} is not listening on port {port}:\n{server.log_text()}")
             time.sleep(0.05)
+        # Listening comes first; the "listening on" line once it admits associations
+        # (serve re-indexes in between).
+        while not any(
+            not line.startswith("{") and "listening on " in line and f":{port}" in line
+            for line in server.log_text().splitlines()
+        ):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{command} never announced it was ready:\n{server.log_text()}")
+            time.sleep(0.05)
         yield server
     finally:
         stop_process(proc)
