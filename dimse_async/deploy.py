@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import tls
+from .exceptions import ListenError
 from .health import HealthServer
 from .log import get_logger
 
@@ -21,16 +21,6 @@ if TYPE_CHECKING:
     from .server import Server
 
 __all__ = ["Deployment", "ListenError", "serve_until_signalled", "server_ssl"]
-
-
-class ListenError(OSError):
-    """The listening socket could not be bound: ``cannot listen on HOST:PORT: why``."""
-
-    def __init__(self, host: str, port: int, cause: OSError):
-        why = (cause.strerror or str(cause)).lower()
-        if cause.errno == errno.EADDRINUSE:
-            why = "address already in use"
-        super().__init__(cause.errno or 0, f"cannot listen on {host}:{port}: {why}")
 
 
 def server_ssl(cert: str | None, key: str | None, ca: str | None, require: bool) -> ssl.SSLContext | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from .acse import InvalidAETitle
 from .pdu import AssociateRJ
 
@@ -13,6 +15,7 @@ __all__ = [
     "ConnectionFailed",
     "DIMSEFailure",
     "InvalidAETitle",
+    "ListenError",
     "NoAcceptedContext",
 ]
 
@@ -50,3 +53,12 @@ class NoAcceptedContext(AssociationError):
 class DIMSEFailure(AssociationError):
     """A DIMSE exchange could not be completed (bad response, protocol violation)."""
 
+
+class ListenError(OSError):
+    """A listening socket could not be bound: ``cannot listen on HOST:PORT: why``."""
+
+    def __init__(self, host: str, port: int, cause: OSError):
+        why = (cause.strerror or str(cause)).lower()
+        if cause.errno == errno.EADDRINUSE:
+            why = "address already in use"
+        super().__init__(cause.errno or 0, f"cannot listen on {host}:{port}: {why}")

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .exceptions import ListenError
 from .log import get_logger, set_process_fields
 
 __all__ = ["WorkerInfo", "run_workers", "worker_info"]
@@ -115,9 +116,7 @@ def _reserve(host: str, port: int) -> socket.socket:
 
 
 class _Supervisor:
-    def __init__(
-        self, argv: Sequence[str], count: int, port: int, grace: float, http: tuple[str, int] | None = None
-    ):
+    def __init__(self, argv: Sequence[str], count: int, port: int, grace: float, http: tuple[str, int] | None = None):
         self.argv = list(argv)
         self.http = http
         self.metrics_dir: str | None = None
@@ -209,7 +208,9 @@ class _Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(sig)
 
-    async def _prepare(self, prepare: Callable[[], Awaitable[None]], hold: Callable[[int], Awaitable[Any]] | None) -> bool:
+    async def _prepare(
+        self, prepare: Callable[[], Awaitable[None]], hold: Callable[[int], Awaitable[Any]] | None
+    ) -> bool:
         """Run ``prepare`` (e.g. re-index) while ``hold`` (if given) answers on the port;
         ``False`` if a signal came first."""
         self.placeholder = await hold(self.port) if hold is not None else None
@@ -321,13 +322,11 @@ def run_workers(
     or a failed start). ``grace``: how long stopping workers get before being killed.
 
     The port is reserved first: one that cannot be bound raises
-    :class:`~dimse_async.deploy.ListenError` before anything else happens. Then
+    :class:`~dimse_async.exceptions.ListenError` before anything else happens. Then
     ``prepare()`` runs (e.g. re-indexing an archive) while ``hold(port)`` - a server
     listening on the port with ``SO_REUSEPORT``, paused - answers association requests
     rejected-transient; it is closed once every worker listens. ``http``: (host, port)
     where the parent serves ``/healthz`` and the workers' summed ``/metrics``."""
-    from .deploy import ListenError
-
     try:
         reserved = _reserve(host, port)
     except OSError as exc:

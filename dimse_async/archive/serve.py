@@ -174,7 +174,7 @@ async def serve(args: argparse.Namespace) -> int:
     Before the (possibly long) re-index, the configuration is checked (errors name the
     file), the storage directory must be writable and the port is bound and listening:
     each failure is one line and its exit code (:class:`~dimse_async.cli.common.CLIError`,
-    :class:`~dimse_async.deploy.ListenError`, exit 7). An association request arriving while
+    :class:`~dimse_async.exceptions.ListenError`, exit 7). An association request arriving while
     the archive is re-indexed waits up to 5 s, then is answered A-ASSOCIATE-RJ
     rejected-transient (temporary congestion); ``/healthz`` says unready; then
     associations are admitted and the "listening on" line is printed.
