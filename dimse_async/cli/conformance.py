@@ -27,8 +27,7 @@ from ..archive.commitment import CommitmentSCP
 from ..archive.config import ServeConfig
 from ..archive.index import LEVEL_KEYS
 from ..archive.matching import WILDCARD_VRS
-from ..archive.mpps import _STATES as MPPS_STATES
-from ..archive.mpps import MPPS, MPPSStore
+from ..archive.mpps import COMPLETED, DISCONTINUED, IN_PROGRESS, MPPS, MPPSStore
 from ..archive.serve import archive_ae
 from ..dimse import CommandField
 from ..services.availability import INSTANCE_AVAILABILITY, Availability, notification_dataset
@@ -87,7 +86,8 @@ def _serve_n_handlers(config: ServeConfig) -> list[tuple[str, str]]:
             store = MPPSStore(scratch)
             store.install(ae)
             store.close()
-    return sorted((_n_service(field), uid) for field, uid in ae._n_handlers if uid is not None)
+    classes = (STORAGE_COMMITMENT, MPPS, INSTANCE_AVAILABILITY)
+    return sorted((_n_service(f), uid) for f in N_REQUESTS for uid in classes if ae.has_n_handler(f, uid))
 
 
 def _status_row(code: int, meaning: str) -> str:
@@ -154,14 +154,14 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
         f"**Modality Performed Procedure Step (PS3.4 Annex F.7)**, `serve` as SCP (`mpps = {str(config.mpps).lower()}`):"
     )
     add("")
-    add(f"- N-CREATE starts a step in state `{MPPS_STATES[0]}`; N-SET updates it while in progress and may")
-    add(f"  end it `{MPPS_STATES[1]}` or `{MPPS_STATES[2]}`; steps are kept beside the index (`mpps.sqlite`).")
+    add(f"- N-CREATE starts a step in state `{IN_PROGRESS}`; N-SET updates it while in progress and may")
+    add(f"  end it `{COMPLETED}` or `{DISCONTINUED}`; steps are kept beside the index (`mpps.sqlite`).")
     add("")
     add("| Status | Meaning |")
     add("|---|---|")
     add(_status_row(NCode.SUCCESS, "created / updated"))
     add(_status_row(NCode.DUPLICATE_SOP_INSTANCE, "N-CREATE of a step that exists"))
-    add(_status_row(NCode.INVALID_ATTRIBUTE_VALUE, f"N-CREATE not `{MPPS_STATES[0]}`, or an unknown state"))
+    add(_status_row(NCode.INVALID_ATTRIBUTE_VALUE, f"N-CREATE not `{IN_PROGRESS}`, or an unknown state"))
     add(_status_row(NCode.NO_SUCH_SOP_INSTANCE, "N-SET of a step never created"))
     add(_status_row(NCode.PROCESSING_FAILURE, "N-SET of a step that has ended (may no longer be updated)"))
     add(_status_row(NCode.MISSING_ATTRIBUTE, "N-CREATE without an attribute list"))
