@@ -215,11 +215,12 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         moved later is found when the timer fires early and is scheduled again."""
         if self._closed.done():
             return
-        candidates = (self.fsm.get_timer(), self._idle_deadline(), self._idle_release_deadline())
-        deadlines = [d for d in candidates if d is not None]
-        if not deadlines:
+        when = self.fsm.get_timer()
+        for deadline in (self._idle_deadline(), self._idle_release_deadline()):
+            if deadline is not None and (when is None or deadline < when):
+                when = deadline
+        if when is None:
             return
-        when = min(deadlines)
         if self._timer is not None:
             if self._timer_at <= when:
                 return

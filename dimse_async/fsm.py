@@ -244,8 +244,10 @@ class UpperLayer:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` should next be called (``None``: no timer runs)."""
-        deadlines = [d for d in (self.artim_deadline, self.pdu_deadline) if d is not None]
-        return min(deadlines) if deadlines else None
+        artim, pdu = self.artim_deadline, self.pdu_deadline
+        if artim is None or pdu is None:
+            return pdu if artim is None else artim
+        return min(artim, pdu)
 
     def handle_timer(self, now: float) -> list[Output]:
         """Run the timers due at ``now``: ARTIM expiry (Evt18: AA-2 closes in Sta2 and
