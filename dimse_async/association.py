@@ -142,13 +142,11 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     def data_received(self, data: bytes) -> None:
         """The same for bytes handed over as an object (a transport that does not
         receive into our buffer)."""
-        view = memoryview(data)
-        while view:
-            room = self.get_buffer(len(view))
-            n = min(len(room), len(view))
-            room[:n] = view[:n]
-            self.buffer_updated(n)
-            view = view[n:]
+        self._last_rx = now = self.loop.time()
+        self.oplog.bytes_received += len(data)
+        if self._debug:
+            self.log.debug("bytes received", n=len(data), state=self.fsm.state.name)
+        self._run(self.fsm.receive_data(data, now=now))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
