@@ -289,9 +289,6 @@ async def _echo(args: argparse.Namespace) -> int:
 
     ae = AE(
         args.aet,
-        connect_timeout=args.timeout,
-        acse_timeout=args.timeout,
-        dimse_timeout=args.timeout,
         **options.client_kwargs(args),
     )
     ae.add_requested_context(Verification)
@@ -411,9 +408,6 @@ async def _send(args: argparse.Namespace) -> int:
     connection = options.associate_kwargs(args)
     ae = AE(
         args.aet,
-        connect_timeout=args.timeout,
-        acse_timeout=args.timeout,
-        dimse_timeout=args.timeout,
         **options.client_kwargs(args),
     )
     with progress_bar("sending", total=len(paths), unit="instances") as bar:

@@ -37,9 +37,6 @@ async def run(args: argparse.Namespace) -> int:
     query = build_query(args, "find")
     ae = AE(
         args.aet,
-        connect_timeout=args.timeout,
-        acse_timeout=args.timeout,
-        dimse_timeout=args.timeout,
         **options.client_kwargs(args),
     )
     ae.add_requested_context(MODELS[args.model]["find"])

@@ -114,9 +114,6 @@ async def run(args: argparse.Namespace) -> int:
         raise CLIError("at most 127 storage SOP classes fit on one association with the C-GET context", EXIT_USAGE)
     ae = AE(
         args.aet,
-        connect_timeout=args.timeout,
-        acse_timeout=args.timeout,
-        dimse_timeout=args.timeout,
         spool_dir=str(out / ".incoming"),
         **options.client_kwargs(args),
     )

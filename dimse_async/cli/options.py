@@ -59,8 +59,14 @@ def add_client_connection(p: argparse.ArgumentParser) -> None:
 
 
 def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """AE settings from the keepalive/idle flags of :func:`add_client_connection` (and ``--log-ops``)."""
-    kw = keepalive_kwargs(args.keepalive_idle, args.keepalive_interval, args.keepalive_count)
+    """AE settings of an SCU command: ``--timeout`` for connecting, association and DIMSE
+    replies, the keepalive/idle flags of :func:`add_client_connection` (and ``--log-ops``)."""
+    kw: dict[str, Any] = {
+        "connect_timeout": args.timeout,
+        "acse_timeout": args.timeout,
+        "dimse_timeout": args.timeout,
+        **keepalive_kwargs(args.keepalive_idle, args.keepalive_interval, args.keepalive_count),
+    }
     if args.idle_timeout is not None:
         kw["network_timeout"] = args.idle_timeout
     if getattr(args, "idle_release", None) is not None:
