@@ -118,6 +118,18 @@ def wait_tcp(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float
     pytest.fail(f"{proc.args} not listening on port {port} after {timeout} s")
 
 
+def acknowledged(storescu_output: str) -> set[str]:
+    """Files DCMTK storescu (run with -v) sent and got a Success response for."""
+    done, current = set(), None
+    for line in storescu_output.splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current is not None:
+            done.add(current)
+            current = None
+    return done
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 def _pg_bin() -> Path:

@@ -31,7 +31,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from conftest import communicate, dcmtk, stop_process
+from conftest import acknowledged, communicate, dcmtk, stop_process
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
@@ -694,18 +694,6 @@ def start_serve_process(config: Path, log: Path) -> tuple[subprocess.Popen[bytes
         time.sleep(0.05)
     stop_process(proc)
     pytest.fail(f"serve did not start:\n{out.read_text(errors='replace')}\n{log.read_text(errors='replace')}")
-
-
-def acknowledged(storescu_output: str) -> set[str]:
-    """Files storescu (-v) sent and got a Success response for."""
-    done, current = set(), None
-    for line in storescu_output.splitlines():
-        if "Sending file: " in line:
-            current = line.split("Sending file: ", 1)[1].strip()
-        elif "Received Store Response (Success)" in line and current is not None:
-            done.add(current)
-            current = None
-    return done
 
 
 async def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -> None:

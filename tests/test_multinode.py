@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
+from conftest import acknowledged, communicate, dcmtk, free_port, stop_process, wait_tcp
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -188,18 +188,6 @@ async def storescu(port: int, calling: str, paths: list[Path]) -> str:
         env=DCMTK_ENV, merge_stderr=True, timeout=120,
     )  # fmt: skip
     return out
-
-
-def acknowledged(output: str) -> set[str]:
-    """Files storescu (-v) sent and got a Success response for."""
-    done, current = set(), None
-    for line in output.splitlines():
-        if "Sending file: " in line:
-            current = line.split("Sending file: ", 1)[1].strip()
-        elif "Received Store Response (Success)" in line and current is not None:
-            done.add(current)
-            current = None
-    return done
 
 
 async def find_instances(port: int, tmp: Path, study: str, series: str) -> set[str]:
