@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .association import AssociationProtocol
 from .interface import StoreHandler
 from .services import verification
-from .services.storage import PreparedFile, c_store
+from .services.store_scu import PreparedFile, c_store
 from .status import Status
 
 if TYPE_CHECKING:  # loaded when first used: they need pydicom, a C-STORE or C-ECHO does not
@@ -48,7 +48,7 @@ class Association(AssociationProtocol):
         timeout: float | None = None,
     ) -> Status:
         """C-STORE one instance (PS3.7 §9.1.1): a pydicom ``Dataset`` or a Part 10 file path
-        (or a :class:`~dimse_async.services.storage.PreparedFile`).
+        (or a :class:`~dimse_async.services.store_scu.PreparedFile`).
 
         A file in an accepted transfer syntax is streamed from disk without decoding.
         Pipelines with other calls up to the negotiated window, e.g.

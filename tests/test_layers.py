@@ -34,7 +34,7 @@ LAYERS: list[set[str]] = [
     {"association"},
     # service classes, typed against the interface
     {"services.requests", "services.scp", "services.spool"},
-    {"services.storage", "services.verification", "services.normalized"},
+    {"services.storage", "services.store_scu", "services.verification", "services.normalized"},
     {"services.qr", "services.commitment", "services.availability"},
     # the association users hold, the listening side, the AE that wires it all
     {"operations"},

@@ -28,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 import dimse_async as da
 from dimse_async.dataset_check import DataSetError, check_dataset, check_dataset_bytes
 from dimse_async.part10 import read_file_meta
-from dimse_async.services import storage
+from dimse_async.services import store_scu
 from dimse_async.services.send import send_files
 
 HOST = "127.0.0.1"
@@ -263,7 +263,7 @@ async def test_a_large_instance_is_streamed_with_bounded_memory(tmp_path: Path) 
     """A 40 MB instance goes to storescp byte for byte while the sender holds a few MB
     at most (read-ahead, one write batch, the transport's buffer): never the whole file."""
     path = big_file(tmp_path / "in" / "big.dcm", 40 << 20)
-    assert path.stat().st_size > 8 * storage.READ_WHOLE
+    assert path.stat().st_size > 8 * store_scu.READ_WHOLE
     with storescp(tmp_path / "out") as port:
         ae = da.AE("SENDER")
         ae.add_requested_context(pydicom.dcmread(CT).SOPClassUID, [ExplicitVRLittleEndian])
@@ -287,7 +287,7 @@ async def test_a_file_truncated_while_it_is_sent_aborts_the_association(tmp_path
     """A streamed file that ends early cannot become a whole message: the association is
     aborted (PS3.8 Annex E) instead of sending a short data set, and the call raises."""
     path = big_file(tmp_path / "in" / "big.dcm", 24 << 20)
-    prepared = await asyncio.to_thread(storage.prepare_file, str(path))
+    prepared = await asyncio.to_thread(store_scu.prepare_file, str(path))
     assert prepared is not None and prepared.dataset is None
     os.truncate(path, path.stat().st_size - (12 << 20))
     with storescp(tmp_path / "out", "-v") as port:
@@ -342,8 +342,8 @@ async def test_the_file_stream_gives_back_the_file_however_it_is_read() -> None:
         data = rng.randbytes(size)
         pad = size % 2 == 1 and rng.random() < 0.3
         body = data[: rng.randrange(size)] if rng.random() < 0.15 else data
-        prepared = storage.PreparedFile("f", "1.2", "1.2.3", ExplicitVRLittleEndian, size, 0, size + pad, None, pad)
-        stream = storage._FileStream(io.BytesIO(body), prepared)
+        prepared = store_scu.PreparedFile("f", "1.2", "1.2.3", ExplicitVRLittleEndian, size, 0, size + pad, None, pad)
+        stream = store_scu._FileStream(io.BytesIO(body), prepared)
         got, left, short = [], prepared.length, False
         prefetching = rng.random() < 0.7
         while left:

@@ -35,7 +35,7 @@ from ..status import Code, Status, StatusCategory, response_status
 from ..uids import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from .requests import Request
 from .scp import StatusError, failure_status, response
-from .storage import c_store
+from .store_scu import c_store
 
 __all__ = [
     "MODELS",

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..contexts import FileInfo, inspect_file, plan_contexts
 from ..exceptions import AssociationError
 from ..status import Status, StatusCategory
-from .storage import PreparedFile, prepare_file
+from .store_scu import PreparedFile, prepare_file
 
 if TYPE_CHECKING:
     from ..ae import AE
@@ -71,7 +71,7 @@ def collect_files(paths: Iterable[str], recurse: bool) -> list[str]:
 
 
 #: Bytes of prepared data sets held ahead of the senders (each file read whole is at
-#: most :data:`~dimse_async.services.storage.READ_WHOLE`; larger ones stay on disk).
+#: most :data:`~dimse_async.services.store_scu.READ_WHOLE`; larger ones stay on disk).
 READ_AHEAD_BYTES = 16 << 20
 _BATCH_BYTES = 2 << 20  # read at most about this much per worker-thread hop
 _BATCH_FILES = 16

@@ -1,10 +1,7 @@
-"""Storage service class (PS3.4 Annex B): C-STORE SCU and SCP (PS3.7 §9.1.1, §9.3.1).
+"""Storage service class, SCP side (PS3.4 Annex B, PS3.7 §9.3.1); the SCU side is
+:mod:`.store_scu`.
 
-SCU: a file is streamed from disk in PDU-sized pieces when its transfer syntax was
-accepted; otherwise it is transcoded between the uncompressed syntaxes, or refused
-with :class:`NoAcceptedContext` (never sent in a syntax the peer did not accept).
-
-SCP: data set fragments go into a :class:`Spool` as they arrive: memory up to a
+Data set fragments go into a :class:`Spool` as they arrive: memory up to a
 threshold, then a ``.partial`` temporary file written off the event loop, with reading
 paused while the disk lags. The handler gets a :class:`StoreRequest`, decodes with
 pydicom only if it asks, and :meth:`StoreRequest.save` moves the spool into place
@@ -13,34 +10,24 @@ as a complete Part 10 file.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import io
 import os
 import shutil
-import weakref
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
-from ..dataset_check import DataSetError, check_dataset, check_dataset_bytes, dataset_uids
 from ..dimse import Command, CommandField, Message
-from ..exceptions import NoAcceptedContext
 from ..filewriter import group_commit, make_dirs, sync_file, write_file
 from ..interface import DIMSEProvider, StoreHandler
-from ..part10 import encode_file_meta, read_file_meta, valid_uid
+from ..part10 import encode_file_meta, valid_uid
 from ..session import Operation
-from ..status import Code, Status, response_status
+from ..status import Code, Status
 from ..uids import (
-    UNCOMPRESSED_TRANSFER_SYNTAXES,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    uid_name,
 )
 from .requests import Request
 from .scp import response, run_handler
@@ -53,12 +40,9 @@ __all__ = [
     "STORAGE_SOP_CLASSES",
     "STORE_TRANSFER_SYNTAXES",
     "DirectoryStore",
-    "PreparedFile",
     "Spool",
     "StoreRequest",
-    "c_store",
     "make_spool",
-    "prepare_file",
     "scp_c_store",
 ]
 
@@ -325,310 +309,3 @@ class DirectoryStore:
         await request.save(os.path.join(self._root, uid + ".dcm"), durable=self.durable)
         self.stored += 1
         return _SUCCESS
-
-
-# ---------------------------------------------------------------------------
-# SCU
-# ---------------------------------------------------------------------------
-
-
-#: Data sets up to this size are read whole (in a worker thread) before they are sent;
-#: larger ones are streamed from their file in pieces read ahead in a worker thread.
-READ_WHOLE = 4 << 20
-_PIECE = 1 << 20  # bytes per read of a streamed file
-_UNCOMPRESSED = frozenset(UNCOMPRESSED_TRANSFER_SYNTAXES) | {DeflatedExplicitVRLittleEndian}
-
-
-@dataclass(slots=True)
-class PreparedFile:
-    """A Part 10 file ready to send (PS3.10 §7.1): the UIDs its data set names, its
-    transfer syntax, and the data set's bytes (``dataset``, when small) or where they
-    are in the file (``offset``, ``length``)."""
-
-    path: str
-    sop_class: str
-    sop_instance: str
-    transfer_syntax: str
-    file_size: int
-    offset: int
-    length: int
-    dataset: bytes | None = None
-    pad: bool = False  # PS3.5 A.5: an odd-length deflated stream gets one trailing NUL
-
-
-def prepare_file(path: str, *, check: bool = False) -> PreparedFile | None:
-    """Read what sending ``path`` needs, without decoding it. Blocking (run it in a thread).
-
-    ``None`` when the file has no usable file meta (pydicom must read it). Raises
-    ``ValueError`` for a data set that is not well formed: with ``check`` every element
-    is walked to the end (PS3.5 §7), else only as far as the SOP Instance UID.
-    Data sets up to :data:`READ_WHOLE` bytes are read into memory, larger ones stay on disk.
-    """
-    with open(path, "rb") as fp:
-        meta = read_file_meta(fp)
-        if meta is None:
-            return None
-        file_size = os.fstat(fp.fileno()).st_size
-        length = file_size - meta.dataset_offset
-        ts = meta.transfer_syntax
-        data: bytes | None = None
-        try:
-            if length <= READ_WHOLE:
-                fp.seek(meta.dataset_offset)
-                data = fp.read(length)
-                if check:
-                    summary = check_dataset_bytes(data, ts)
-                    sop_class, sop_instance = summary.sop_class_uid, summary.sop_instance_uid
-                else:
-                    sop_class, sop_instance = dataset_uids(io.BytesIO(data), ts, 0)
-            elif check:
-                summary = check_dataset(fp, ts, meta.dataset_offset)
-                sop_class, sop_instance = summary.sop_class_uid, summary.sop_instance_uid
-            else:
-                sop_class, sop_instance = dataset_uids(fp, ts, meta.dataset_offset)
-        except DataSetError as exc:
-            raise ValueError(f"not a valid data set in its transfer syntax ({uid_name(ts)}): {exc}") from None
-    if not sop_class or not sop_instance:
-        raise ValueError("the data set has no SOP Class or SOP Instance UID")
-    pad = ts == DeflatedExplicitVRLittleEndian and length % 2 == 1
-    if data is not None and pad:
-        data += b"\x00"
-    return PreparedFile(path, sop_class, sop_instance, ts, file_size, meta.dataset_offset, length + pad, data, pad)
-
-
-class _FileStream:
-    """The data set of a large file, sent in pieces read ahead in a worker thread.
-
-    :meth:`prefetch` (awaited by the sender between writes) keeps the next bytes in
-    memory, one read in flight behind them; :meth:`read` serves from there. At most
-    about two write batches of the file are in memory at once, whatever its size.
-    """
-
-    def __init__(self, fp: BinaryIO, prepared: PreparedFile):
-        self.fp = fp
-        self.length = prepared.length
-        self._unread = prepared.length - prepared.pad  # bytes of the file not yet asked for
-        self._pad = b"\x00" if prepared.pad else b""
-        self._pieces: deque[memoryview] = deque()
-        self._buffered = 0
-        self._pending: concurrent.futures.Future[bytes] | None = None  # the read in flight
-
-    def _start(self) -> None:
-        if self._pending is None and self._unread > 0:
-            n = min(_PIECE, self._unread)
-            self._unread -= n
-            self._pending = concurrent.futures.Future()
-            asyncio.get_running_loop().run_in_executor(None, self._read_piece, self._pending, n)
-
-    def _read_piece(self, done: concurrent.futures.Future[bytes], n: int) -> None:
-        """In a worker thread: one piece of the file into ``done``."""
-        try:
-            done.set_result(self.fp.read(n))
-        except BaseException as exc:
-            done.set_exception(exc)
-
-    def _keep(self, data: bytes) -> None:
-        self._pending = None
-        if data:
-            self._pieces.append(memoryview(data))
-            self._buffered += len(data)
-        if self._unread <= 0 and self._pending is None and self._pad:
-            self._pieces.append(memoryview(self._pad))
-            self._buffered, self._pad = self._buffered + 1, b""
-
-    async def prefetch(self, n: int) -> None:
-        """Have at least ``n`` bytes (or all that is left) in memory, and the next read started."""
-        self._start()
-        while self._buffered < n and self._pending is not None:
-            self._keep(await asyncio.wrap_future(self._pending))
-            self._start()
-
-    def read(self, n: int) -> bytes | memoryview:
-        # Prefetched, this only slices what is in memory. A sender that reads ahead of
-        # what it prefetched (or never prefetches) gets the rest read here, blocking.
-        while self._buffered < n and (self._pending is not None or self._unread > 0):
-            if self._pending is None:
-                self._unread -= (k := min(_PIECE, self._unread))
-                data = self.fp.read(k)
-            else:
-                data = self._pending.result()
-            self._pending = None
-            if len(data) == 0:
-                self._unread = 0
-            self._keep(data)
-        out: list[memoryview] = []
-        want = n
-        while want and self._pieces:
-            head = self._pieces[0]
-            if len(head) <= want:
-                out.append(self._pieces.popleft())
-                want -= len(head)
-            else:
-                out.append(head[:want])
-                self._pieces[0] = head[want:]
-                want = 0
-        self._buffered -= n - want
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    async def close(self) -> None:
-        """Close the file once no read is in flight (even if this task is cancelled meanwhile)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            self.fp.close()
-            return
-        pending.add_done_callback(self._close_after)
-        with contextlib.suppress(Exception):  # the read's own error does not matter any more
-            await asyncio.shield(asyncio.wrap_future(pending))
-
-    def _close_after(self, read: concurrent.futures.Future[bytes]) -> None:
-        if not read.cancelled():
-            read.exception()  # retrieved: nobody else will
-        self.fp.close()
-
-
-async def c_store(
-    assoc: DIMSEProvider,
-    source: Dataset | str | os.PathLike[str] | PreparedFile,
-    *,
-    priority: int = 0,
-    move_originator: tuple[str, int] | None = None,
-    timeout: float | None = None,
-) -> Status:
-    """C-STORE one instance from a pydicom ``Dataset``, a file path or a
-    :class:`PreparedFile` (PS3.7 §9.1.1).
-
-    A file in an accepted transfer syntax goes as it is stored: read whole in a worker
-    thread when small, else streamed from disk with bounded read-ahead (never the
-    whole file in memory); the command names what the data set says it is (PS3.4
-    B.2.3), not the file meta. Other files are decoded and transcoded with pydicom.
-    """
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        prepared = await asyncio.to_thread(prepare_file, path)
-        if prepared is None:
-            return await _store_decoded(assoc, path, priority, move_originator, timeout)
-    elif isinstance(source, PreparedFile):
-        prepared = source
-    else:
-        ctx, payload, sop_class, sop_instance = _dataset_payload(assoc, source)
-        return await _send_store(assoc, ctx, payload, sop_class, sop_instance, priority, move_originator, timeout)
-    file_ctx = _find_context(assoc, prepared.sop_class, prepared.transfer_syntax)
-    if file_ctx is None:
-        return await _store_decoded(assoc, prepared.path, priority, move_originator, timeout)
-    if prepared.dataset is not None:
-        return await _send_store(
-            assoc,
-            file_ctx,
-            prepared.dataset,
-            prepared.sop_class,
-            prepared.sop_instance,
-            priority,
-            move_originator,
-            timeout,
-        )
-    fp = await asyncio.to_thread(open, prepared.path, "rb")
-    stream = _FileStream(fp, prepared)
-    try:
-        await asyncio.to_thread(fp.seek, prepared.offset)
-        return await _send_store(
-            assoc, file_ctx, stream, prepared.sop_class, prepared.sop_instance, priority, move_originator, timeout
-        )
-    finally:
-        await stream.close()
-
-
-async def _store_decoded(
-    assoc: DIMSEProvider, path: str, priority: int, move_originator: tuple[str, int] | None, timeout: float | None
-) -> Status:
-    """A file without file meta, or in a syntax the peer did not accept: decoded and
-    re-encoded (in a worker thread) in an accepted syntax."""
-
-    def decode() -> tuple[PresentationContext, bytes, str, str]:
-        import pydicom
-
-        ds = pydicom.dcmread(path, force=True)
-        return _dataset_payload(assoc, ds)
-
-    ctx, payload, sop_class, sop_instance = await asyncio.to_thread(decode)
-    return await _send_store(assoc, ctx, payload, sop_class, sop_instance, priority, move_originator, timeout)
-
-
-async def _send_store(
-    assoc: DIMSEProvider,
-    ctx: PresentationContext,
-    payload: bytes | _FileStream,
-    sop_class: str,
-    sop_instance: str,
-    priority: int,
-    move_originator: tuple[str, int] | None,
-    timeout: float | None,
-) -> Status:
-    cmd = Command(
-        CommandField.C_STORE_RQ,
-        affected_sop_class_uid=sop_class,
-        affected_sop_instance_uid=sop_instance,
-        priority=priority,
-        data_set_type=0x0000,
-    )
-    if move_originator is not None:
-        cmd.move_originator_ae, cmd.move_originator_message_id = move_originator
-    rsp = await assoc.request(ctx, cmd, payload, timeout=timeout)
-    return response_status(rsp.command.status, rsp.command.error_comment)  # the association logs the outcome
-
-
-#: Per association: (SOP class, transfer syntax) -> the accepted context to send it on.
-_CONTEXTS: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], PresentationContext | None]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _find_context(assoc: DIMSEProvider, sop_class: str, transfer_syntax: str) -> PresentationContext | None:
-    """The accepted context for the pair where we may be SCU; remembered per association
-    (the contexts do not change once negotiated), so a batch does not rescan them per file."""
-    try:
-        known = _CONTEXTS.setdefault(assoc, {})
-    except TypeError:  # not weakly referenceable: no memory
-        known = {}
-    key = (sop_class, transfer_syntax)
-    if key in known:
-        return known[key]
-    accepted = assoc.accepted_contexts
-    found = next(
-        (c for c in accepted if c.abstract_syntax == sop_class and c.transfer_syntax == transfer_syntax and c.as_scu),
-        None,
-    )
-    if accepted:  # negotiated: the answer holds for the association's life
-        known[key] = found
-    return found
-
-
-def _dataset_payload(assoc: DIMSEProvider, ds: Dataset) -> tuple[PresentationContext, bytes, str, str]:
-    from ..codec import encode_dataset
-
-    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
-    sop_instance = str(ds.get("SOPInstanceUID", ""))
-    if not sop_class or not sop_instance:
-        raise ValueError("data set has no SOP Class UID or SOP Instance UID")
-    meta = getattr(ds, "file_meta", None)
-    source_ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    if source_ts:
-        ctx = _find_context(assoc, sop_class, source_ts)
-        if ctx is not None:
-            return ctx, encode_dataset(ds, source_ts, source_ts), sop_class, sop_instance
-    if source_ts and source_ts not in _UNCOMPRESSED:
-        # Compressed, and the peer did not accept that syntax: decode the pixel data
-        # when pydicom can, and send in an accepted uncompressed syntax (lossy stays marked).
-        if not any(c.abstract_syntax == sop_class and c.as_scu and c.transfer_syntax in _UNCOMPRESSED
-                   for c in assoc.accepted_contexts):  # fmt: skip
-            raise NoAcceptedContext(
-                f"{sop_instance}: stored as {uid_name(source_ts)}, which the peer did not accept for "
-                f"{uid_name(sop_class)}, nor an uncompressed syntax"
-            )
-        from ..transcode import decompress
-
-        ds = decompress(ds)
-        source_ts = ExplicitVRLittleEndian
-    for ctx in assoc.accepted_contexts:
-        if ctx.abstract_syntax == sop_class and ctx.as_scu and ctx.transfer_syntax in _UNCOMPRESSED:
-            return ctx, encode_dataset(ds, ctx.transfer_syntax, source_ts or None), sop_class, sop_instance
-    raise NoAcceptedContext(f"{sop_instance}: no accepted presentation context for {uid_name(sop_class)}")
