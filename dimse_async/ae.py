@@ -8,9 +8,8 @@ import socket
 import ssl as ssl_module
 from collections.abc import Iterable
 from ssl import SSLContext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .acceptor import AcceptOptions, Acceptor
 from .acse import AcceptorPolicy, ContextSpec, Negotiated, build_request, negotiate, validate_ae_title
 from .budget import OutputBudget
 from .dimse import CommandField, Message
@@ -30,12 +29,14 @@ from .pdu import (
     UserIdentityRQ,
     UserReason,
 )
-from .proxy import Network, address_in, networks
-from .server import Server
 from .services import verification
 from .services.storage import STORE_TRANSFER_SYNTAXES, make_spool, scp_c_store
 from .session import Operation
 from .uids import DEFAULT_TRANSFER_SYNTAXES
+
+if TYPE_CHECKING:  # the acceptor side is loaded when a server starts, not by an SCU
+    from .proxy import Network
+    from .server import Server
 
 __all__ = ["AE", "TRANSFER_SYNTAX_PRESETS", "Service"]
 
@@ -58,6 +59,12 @@ TRANSFER_SYNTAX_PRESETS: dict[str, list[str]] = {
     ],
     "as-received": list(STORE_TRANSFER_SYNTAXES),
 }
+
+
+def _address_in(address: str, allowed: tuple[Network, ...]) -> bool:
+    from .proxy import address_in
+
+    return address_in(address, allowed)
 
 
 def _syntaxes(transfer_syntaxes: Iterable[str] | str | None) -> list[str]:
@@ -192,7 +199,12 @@ class AE(HandlerRegistry):
         self.spool_dir = spool_dir
         self.known_aes = dict(known_aes or {})
         self.move_concurrency = move_concurrency
-        self.allowed_peer_addresses = None if allowed_peer_addresses is None else networks(allowed_peer_addresses)
+        if allowed_peer_addresses is not None:
+            from .proxy import networks
+
+            self.allowed_peer_addresses = networks(allowed_peer_addresses)
+        else:
+            self.allowed_peer_addresses = None
         self.keepalive = None if keepalive_idle is None else (keepalive_idle, keepalive_interval, keepalive_count)
         self.idle_release = idle_release
         self.observer = None
@@ -351,7 +363,7 @@ class AE(HandlerRegistry):
             why = PresentationReason.TEMPORARY_CONGESTION if paused else PresentationReason.LOCAL_LIMIT_EXCEEDED
             rj = AssociateRJ(RejectResult.TRANSIENT, RejectSource.PRESENTATION, why)
             return rj, None
-        if self.allowed_peer_addresses is not None and not address_in(assoc.peer[0], self.allowed_peer_addresses):
+        if self.allowed_peer_addresses is not None and not _address_in(assoc.peer[0], self.allowed_peer_addresses):
             assoc.log.warning("peer address not allowed", address=assoc.peer[0])
             return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN), None
         ok, response = True, None
@@ -482,6 +494,10 @@ class AE(HandlerRegistry):
         to ``server.paused_wait`` (5) seconds for it, then gets A-ASSOCIATE-RJ
         rejected-transient (temporary congestion); the server reports unready meanwhile.
         """
+        from .acceptor import AcceptOptions, Acceptor
+        from .proxy import networks
+        from .server import Server
+
         if not self.supported_contexts:
             raise ValueError("no supported presentation contexts: call add_supported_context() first")
         server = Server(self)

@@ -60,9 +60,21 @@ print(json.dumps(sorted({{m for m in sys.modules for h in heavy if m == h or m.s
 """
 
 
-def loaded_heavy(body: str) -> tuple[list[str], str]:
+#: What an SCU run does not need either: the acceptor side (listening, admission, PROXY
+#: protocol), worker processes, the health endpoint and the deployment options.
+SERVER_SIDE = (
+    "dimse_async.acceptor",
+    "dimse_async.server",
+    "dimse_async.proxy",
+    "dimse_async.workers",
+    "dimse_async.deploy",
+    "dimse_async.health",
+)
+
+
+def loaded_heavy(body: str, heavy: tuple[str, ...] = HEAVY) -> tuple[list[str], str]:
     """Run ``body`` in a fresh interpreter; the heavy modules loaded afterwards (and stderr)."""
-    code = _LOADED.format(body=body, heavy=HEAVY)
+    code = _LOADED.format(body=body, heavy=heavy)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert res.returncode == 0, res.stderr
     last = res.stdout.strip().splitlines()[-1]
@@ -123,6 +135,18 @@ def test_version_loads_nothing_heavy() -> None:
     assert got == [], text
 
 
+def test_version_loads_neither_asyncio_nor_the_protocol() -> None:
+    """``--version`` (alone or after a command) only builds a parser: no event loop, no
+    protocol modules, nothing of the package beyond the command line itself."""
+    for argv in (["--version"], ["send", "--version"]):
+        got, text = loaded_heavy(
+            f"from dimse_async.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as e:\n"
+            "    assert e.code == 0",
+            ("asyncio", "uvloop", "ssl", "dataclasses", *(f"dimse_async.{m}" for m in ("pdu", "acse", "ae", "log"))),
+        )
+        assert "dimse-async " in text and got == [], (argv, text)
+
+
 async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
     """A whole ``send`` run (one instance, to storescp, INFO logging off as by default)
     needs neither pydicom nor structlog nor the Q/R services."""
@@ -133,7 +157,7 @@ async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
             f"code = main(['send', {HOST!r}, '{port}', {str(path)!r}, '--aec', 'STORESCP'])\n"
             "assert code == 0, code"
         )
-        got, text = await asyncio.to_thread(loaded_heavy, body)
+        got, text = await asyncio.to_thread(loaded_heavy, body, HEAVY + SERVER_SIDE)
         assert "sent 1/1 instances" in text, text
     assert got == [], text
     assert len(list((tmp_path / "out").iterdir())) == 1

@@ -13,9 +13,7 @@ decoding or a line is logged); ``--help`` without a command loads every command.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
-import importlib.abc
 import importlib.machinery
 import os
 import sys
@@ -24,9 +22,6 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__, run
-from ..log import configure_logging, get_logger
-from ..part10 import valid_uid
-from ..workers import worker_info
 from . import options
 from .common import (
     EXIT_CODES,
@@ -70,6 +65,8 @@ LOOPBACK = "127.0.0.1"  # listen on loopback unless told otherwise (--host)
 def warn_if_exposed(host: str, *, policy: bool) -> None:
     """Say loudly when an SCP listens on every interface and accepts any calling AE."""
     if host in ("", "0.0.0.0", "::") and not policy:
+        from ..log import get_logger
+
         get_logger().warning(
             "listening on all interfaces and accepting any calling AE title; restrict with --host or --allowed-peer",
             host=host or "*",
@@ -80,6 +77,8 @@ _ae_title = ae_title
 
 
 def _sop_class(value: str) -> str:
+    from ..part10 import valid_uid
+
     if not valid_uid(value):
         raise argparse.ArgumentTypeError(f"not a UID: {value!r}")
     return value
@@ -364,8 +363,11 @@ def storage_ae(args: argparse.Namespace) -> AE:
 
 
 async def _store_scp(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ..deploy import serve_until_signalled
     from ..services.storage import DirectoryStore
+    from ..workers import worker_info
 
     dep = _deployment(args, "store-scp")
     if dep is None:
@@ -466,7 +468,7 @@ def _quiet_config(module: ModuleType) -> None:
     module.settings.reading_validation_mode = module.IGNORE
 
 
-class _QuietPydicom(importlib.abc.MetaPathFinder):
+class _QuietPydicom:
     """Applies :func:`_quiet_config` to ``pydicom.config`` as soon as it is imported,
     so that a command that never decodes a data set need not import pydicom."""
 
@@ -535,6 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = args.log_level
     if getattr(args, "log_ops", False) and level in ("WARNING", "ERROR", "CRITICAL"):
         level = "INFO"  # --log-ops asks for the INFO lines
+    from ..log import configure_logging
+
     configure_logging(level, json=args.log_json)
     try:
         return _dispatch(args, argv)
@@ -551,6 +555,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         return run(_serve_verification(args))
     if args.command == "serve":
         from ..archive.serve import serve, supervise
+        from ..workers import worker_info
 
         if worker_info() is None:
             code = supervise(args, argv)
@@ -558,6 +563,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 return code
         return run(serve(args))
     if args.command == "store-scp":
+        from ..workers import worker_info
+
         if args.workers > 1 and worker_info() is None:
             from ..workers import run_workers
 

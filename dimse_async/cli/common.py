@@ -8,24 +8,13 @@ DEBUG``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import socket
 import sys
-import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from ..acse import validate_ae_title
-from ..exceptions import (
-    AssociationAborted,
-    AssociationError,
-    AssociationRejected,
-    AssociationTimeout,
-    ConnectionFailed,
-    NoAcceptedContext,
-)
+if TYPE_CHECKING:  # imported where used: building a parser loads none of the package
+    from pathlib import Path
 
 __all__ = [
     "EXIT_ABORTED",
@@ -123,6 +112,8 @@ def positive_float(value: str) -> float:
 
 
 def ae_title(value: str) -> str:
+    from ..acse import validate_ae_title
+
     try:
         return validate_ae_title(value)
     except ValueError as exc:
@@ -180,6 +171,15 @@ def add_scu(p: argparse.ArgumentParser, timeout: float = 30.0) -> None:
 async def association_errors(what: str, body: Callable[[], Awaitable[int]]) -> int:
     """Run an SCU ``body``; association failures become one line (prefixed with ``what``,
     the peer) and their exit code."""
+    from ..exceptions import (
+        AssociationAborted,
+        AssociationError,
+        AssociationRejected,
+        AssociationTimeout,
+        ConnectionFailed,
+        NoAcceptedContext,
+    )
+
     try:
         return await body()
     except ConnectionFailed as exc:
@@ -200,6 +200,8 @@ def check_bindable(host: str, port_number: int) -> None:
     with SO_REUSEADDR like the server itself, so TIME_WAIT leftovers do not count."""
     if port_number == 0:
         return
+    import socket
+
     try:
         infos = socket.getaddrinfo(host or None, port_number, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -218,6 +220,9 @@ def check_bindable(host: str, port_number: int) -> None:
 def writable_dir(path: str | os.PathLike[str], what: str = "directory") -> Path:
     """Create ``path`` if needed and prove we can write there (root ignores mode bits,
     so try it); :class:`CLIError` (exit 7) otherwise."""
+    import tempfile
+    from pathlib import Path
+
     directory = Path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -239,6 +244,8 @@ def report(prog: str, exc: BaseException, level: str) -> int:
         print(f"{prog}: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
         return EXIT_LOCAL
     if level == "DEBUG":
+        import logging
+
         logging.getLogger("dimse_async").exception("internal error")
     print(f"{prog}: internal error: {exc!r}", file=sys.stderr)
     return 70  # EX_SOFTWARE

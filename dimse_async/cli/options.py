@@ -4,11 +4,12 @@ the health/metrics HTTP port and graceful drain."""
 from __future__ import annotations
 
 import argparse
-import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import tls
-from ..deploy import Deployment, server_ssl
+if TYPE_CHECKING:  # loaded by the commands that use them, not to build a parser
+    import ssl
+
+    from ..deploy import Deployment
 
 __all__ = [
     "add_client_connection",
@@ -49,6 +50,8 @@ def add_client_tls(p: argparse.ArgumentParser) -> None:
 def client_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_no_verify or args.tls_server_name):
         return None
+    from .. import tls
+
     return tls.client_context(args.tls_ca, certfile=args.tls_cert, keyfile=args.tls_key, verify=not args.tls_no_verify)
 
 
@@ -135,6 +138,8 @@ def add_deployment(p: argparse.ArgumentParser) -> None:
 
 def deployment_from_args(args: argparse.Namespace) -> Deployment:
     """From the ``add_server_tls`` and ``add_deployment`` flags."""
+    from ..deploy import Deployment, server_ssl
+
     dep = Deployment(ssl=server_ssl(args.tls_cert, args.tls_key, args.tls_ca, args.tls_require_client_cert))
     if args.tls_handshake_timeout is not None:
         dep.handshake_timeout = args.tls_handshake_timeout
