@@ -70,9 +70,13 @@ class _Worker:
             except BaseException as exc:  # handed to the awaiting side
                 if fut is not None:
                     _deliver(loop, fut, None, exc)
+                del loop, fut, fn, args
                 continue
             if fut is not None:
                 _deliver(loop, fut, result, None)
+            # Not kept while waiting for the next job: the fragments written are views
+            # into receive buffers, reused once nothing refers to them (pdu.BufferPool).
+            del loop, fut, fn, args, result
 
 
 _POOL_SIZE = 4  # writer threads shared by every association of the process

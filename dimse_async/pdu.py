@@ -8,6 +8,8 @@ of the claimed body is buffered.
 from __future__ import annotations
 
 import struct
+import threading
+from collections import deque
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -40,6 +42,7 @@ __all__ = [
     "AssociateRJ",
     "AssociateRQ",
     "AsyncOpsWindow",
+    "BufferPool",
     "PDU",
     "PDUError",
     "PDUReader",
@@ -405,6 +408,97 @@ _WHOLE = 1 << 20  # a PDU up to this long gets a buffer of its full length at on
 _MAX_BUFFER = 4 << 20  # a fresh buffer holds a few PDUs of the last size seen, up to this much
 
 
+class BufferPool:
+    """Receive buffers let go by :class:`PDUReader` objects, kept for reuse.
+
+    A buffer a reader has finished with may still be referenced: the P-DATA fragments
+    handed out are memoryviews into it, held until their bytes are written. A
+    ``bytearray`` with live views cannot be resized (CPython refuses with
+    ``BufferError``), which is the test used here: only a buffer nobody views any more
+    is handed out again, so reused memory never overwrites a fragment still in use.
+    Reuse saves allocating and zeroing a new buffer per few PDUs (for a streamed
+    instance, one per 256 KiB).
+
+    Bounded: at most ``max_bytes`` in all, no single buffer over ``max_buffer``; the
+    oldest buffers are dropped first. A take looks at no more than a few of the oldest
+    (views are released roughly in the order they were made). Shared by every reader
+    of the process (``RECEIVE_BUFFERS``), so an idle association holds none; safe to
+    use from several threads.
+    """
+
+    __slots__ = ("_free", "_bytes", "_lock", "max_bytes", "max_buffer", "reused", "allocated")
+
+    _TRIES = 4
+
+    def __init__(self, max_bytes: int = 16 << 20, max_buffer: int = _MAX_BUFFER):
+        self._free: deque[bytearray] = deque()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.max_bytes = max_bytes
+        self.max_buffer = max_buffer
+        #: Buffers handed out again / newly allocated by :meth:`take` (for tests and benchmarks).
+        self.reused = 0
+        self.allocated = 0
+
+    @property
+    def held(self) -> int:
+        """Bytes of the buffers kept (in use by views or not)."""
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def put(self, buf: bytearray) -> None:
+        """Keep ``buf`` (a reader has let it go; views into it may live on)."""
+        n = len(buf)
+        if not _FRESH <= n <= self.max_buffer:
+            return
+        with self._lock:
+            self._free.append(buf)
+            self._bytes += n
+            while self._bytes > self.max_bytes:
+                self._bytes -= len(self._free.popleft())
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (at most 4 times that when reused) that
+        nothing references any more; a new zeroed one when none of the oldest fits."""
+        with self._lock:
+            free = self._free
+            for _ in range(min(self._TRIES, len(free))):
+                buf = free.popleft()
+                if not _unviewed(buf):
+                    free.append(buf)  # still in use: look again later
+                    continue
+                n = len(buf)
+                if size <= n <= 4 * size:
+                    self._bytes -= n
+                    self.reused += 1
+                    return buf
+                free.append(buf)
+            self.allocated += 1
+        return bytearray(size)
+
+    def clear(self) -> None:
+        """Drop every buffer kept."""
+        with self._lock:
+            self._free.clear()
+            self._bytes = 0
+
+
+def _unviewed(buf: bytearray) -> bool:
+    """No memoryview (or other buffer export) of ``buf`` is alive: a resize would fail otherwise."""
+    try:
+        last = buf.pop()  # shrinking by one byte stays within the allocation: no copy
+    except BufferError:
+        return False
+    buf.append(last)
+    return True
+
+
+#: The process's pool of receive buffers (see :class:`BufferPool`).
+RECEIVE_BUFFERS = BufferPool()
+
+
 class PDUReader:
     """Incremental PDU framer that owns its receive buffers (cf. h11's receive buffer).
 
@@ -418,16 +512,19 @@ class PDUReader:
     place, so a buffer is never written again where views were handed out: when a
     PDU does not fit in what is left, the part of it already received moves to a new
     buffer sized for the whole PDU (bounded while only its header is in). A buffer
-    that was read completely is let go, so an idle association holds none.
+    that was read completely is let go, so an idle association holds none. Buffers
+    let go go to ``pool`` (default :data:`RECEIVE_BUFFERS`; ``None``: none), and new
+    ones come from it once no view into them is left.
 
     ``max_pdata_length`` is the maximum length we advertised (PS3.8 D.1): the limit
     on the P-DATA-TF PDU-length field. 0 means we advertised "unlimited"; the reader
     still caps it at ``hard_limit``.
     """
 
-    __slots__ = ("_buf", "_start", "_end", "_last", "max_pdata_length", "hard_limit")
+    __slots__ = ("_buf", "_start", "_end", "_last", "max_pdata_length", "hard_limit", "pool")
 
-    def __init__(self, max_pdata_length: int, hard_limit: int = 1 << 26):
+    def __init__(self, max_pdata_length: int, hard_limit: int = 1 << 26, pool: BufferPool | None = RECEIVE_BUFFERS):
+        self.pool = pool
         self._buf = bytearray()
         self._start = 0  # first unread byte
         self._end = 0  # end of the bytes received
@@ -460,9 +557,12 @@ class PDUReader:
         else:  # a huge claim gets memory as its bytes arrive, not at once
             size = min(need, 2 * pending + _FRESH)
         size = max(size, pending + 4096)  # room even when a whole PDU waits unread
-        fresh = bytearray(size)
+        pool = self.pool
+        fresh = bytearray(size) if pool is None else pool.take(size)
         if pending:
             fresh[:pending] = memoryview(buf)[start:end]
+        if pool is not None:
+            pool.put(buf)
         self._buf, self._start, self._end = fresh, 0, pending
         return memoryview(fresh)[pending:]
 
@@ -503,6 +603,8 @@ class PDUReader:
         body = memoryview(buf)[start + 6 : start + total]
         self._last = total
         if avail == total:  # all read: let the buffer go with the views into it
+            if self.pool is not None:
+                self.pool.put(buf)
             self._buf, self._start, self._end = bytearray(), 0, 0
         else:
             self._start = start + total

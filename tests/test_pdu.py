@@ -27,6 +27,7 @@ from dimse_async.pdu import (
     AssociateRJ,
     AssociateRQ,
     AsyncOpsWindow,
+    BufferPool,
     PDataTF,
     PDUError,
     PDUReader,
@@ -1254,3 +1255,99 @@ def test_in_place_buffer_let_go_when_read_completely_and_claims_not_allocated_at
     reader.buffer_updated(6)
     assert reader.next_pdu() is None
     assert len(reader.get_buffer(-1)) < 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# Receive buffers reused once nothing views them (BufferPool)
+# ---------------------------------------------------------------------------
+
+
+def _receive_stream(reader: PDUReader, data: bytes, step: int) -> list[PDataTF]:
+    """Receive ``data`` in reads of at most ``step`` bytes; the P-DATA PDUs taken."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        room = reader.get_buffer(-1)
+        n = min(len(room), step, len(data) - pos)
+        room[:n] = data[pos : pos + n]
+        del room  # a transport releases the view once it has received into it
+        reader.buffer_updated(n)
+        pos += n
+        while (pdu := reader.next_pdu()) is not None:
+            out.append(pdu)
+    return out
+
+
+def test_reused_buffers_never_overwrite_a_fragment_still_referenced():
+    """Fragments of an unfinished data set (held here, as a spool holds them until
+    written) keep their bytes while many more PDUs arrive through a small pool; the
+    fragments let go of are in buffers that are reused. A pool that handed out a
+    buffer with live views would overwrite the held ones."""
+    pool = BufferPool(max_bytes=4 << 20)
+    reader = PDUReader(0, pool=pool)
+    rnd = random.Random(5)
+    values = [rnd.randbytes(131_060) for _ in range(120)]
+    data = b"".join(PDataTF([PDV(1, False, i == len(values) - 1, v)]).encode() for i, v in enumerate(values))
+    held: dict[int, memoryview] = {}
+    pos, taken = 0, 0
+    while pos < len(data):
+        room = reader.get_buffer(-1)
+        n = min(len(room), 70_000, len(data) - pos)  # PDUs split across reads and buffers
+        room[:n] = data[pos : pos + n]
+        del room
+        reader.buffer_updated(n)
+        pos += n
+        while (pdu := reader.next_pdu()) is not None:
+            if taken % 5 == 0 or taken < 10:  # an unfinished fragment: still referenced
+                held[taken] = pdu.pdvs[0].data
+            taken += 1
+            del pdu
+    assert taken == len(values)
+    assert pool.reused > 10, (pool.reused, pool.allocated)  # buffers were reused...
+    for i, view in held.items():  # ...never one that a held fragment is in
+        assert view == values[i], f"fragment {i} was overwritten"
+
+
+def test_a_buffer_is_reused_once_its_views_are_gone():
+    """A buffer comes back from the pool (the same object) only once no view into it
+    is left, however derived (a slice of a slice, a view of a view)."""
+    pool = BufferPool()
+    buf = bytearray(256 << 10)
+    fragment = memoryview(buf)[100:200_000][5:10]
+    pool.put(buf)
+    assert pool.take(256 << 10) is not buf and pool.allocated == 1
+    again = memoryview(fragment)
+    del fragment
+    assert pool.take(256 << 10) is not buf
+    del again
+    assert pool.take(256 << 10) is buf and pool.reused == 1
+    assert len(pool) == 0
+
+
+def test_buffer_pool_is_bounded():
+    """At most ``max_bytes`` are kept, oldest dropped first; buffers larger than
+    ``max_buffer`` or smaller than a fresh buffer are not kept; a reused buffer is
+    never more than 4 times the size asked for."""
+    pool = BufferPool(max_bytes=1 << 20, max_buffer=512 << 10)
+    bufs = [bytearray(256 << 10) for _ in range(6)]
+    for b in bufs:
+        pool.put(b)
+    assert len(pool) == 4 and pool.held == 1 << 20
+    pool.put(bytearray(1 << 20))  # too large to keep
+    pool.put(bytearray(100))  # too small to bother
+    assert len(pool) == 4 and pool.held == 1 << 20
+    assert pool.take(32 << 10) is not bufs[2]  # 8 times too large: not used for this
+    assert pool.take(200 << 10) is bufs[2]  # the oldest kept, unviewed
+    assert pool.held == 768 << 10
+    pool.clear()
+    assert len(pool) == 0 and pool.held == 0
+
+
+def test_reader_without_pool_allocates_every_buffer():
+    reader = PDUReader(0, pool=None)
+    pdu_bytes = PDataTF([PDV(1, False, True, bytes(200_000))]).encode()
+    (first,) = _receive_stream(reader, pdu_bytes, 1 << 20)
+    buf = first.pdvs[0].data.obj
+    del first
+    (second,) = _receive_stream(reader, pdu_bytes, 1 << 20)
+    assert second.pdvs[0].data.obj is not buf

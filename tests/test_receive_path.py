@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dimse_async import AE, Status
 from dimse_async.filewriter import group_commit
 from dimse_async.part10 import read_file_meta
+from dimse_async.pdu import RECEIVE_BUFFERS
 from dimse_async.services.storage import STORAGE_SOP_CLASSES, STORE_TRANSFER_SYNTAXES, DirectoryStore, StoreRequest
 
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
@@ -261,3 +263,40 @@ async def test_store_scp_durable_flag_and_serve_durable_setting(tmp_path):
     cfg.write_text("durable = true\nfsync = false\n")
     with pytest.raises(ValueError, match="disagree"):
         load_config(cfg)
+
+
+def write_large_instances(directory: Path, sizes: list[int]) -> dict[str, Path]:
+    """CT instances with ``sizes`` bytes of random pixel data each (a different stream
+    per instance, explicit VR little endian); by SOP Instance UID."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds[0xFFFCFFFC]  # trailing padding, which storescu does not send
+    files = {}
+    for i, size in enumerate(sizes):
+        side = int((size // 2) ** 0.5)
+        ds.Rows = ds.Columns = side
+        ds.PixelData = random.Random(i).randbytes(side * side * 2)
+        ds["PixelData"].VR = "OW"
+        uid = generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        files[uid] = directory / f"{i:03d}.dcm"
+        ds.save_as(files[uid], enforce_file_format=True)
+    return files
+
+
+async def test_large_instances_through_reused_receive_buffers_are_stored_intact(tmp_path):
+    """storescu sends instances kept in memory until written (2.5 MB) and one spooled
+    to disk as it arrives (9 MB): the receive buffers of the earlier fragments are
+    reused for later ones once written (the pool hands some out again), and every
+    stored file holds exactly the data set sent."""
+    files = write_large_instances(tmp_path / "src", [2_500_000, 2_500_000, 9_000_000, 2_500_000, 2_500_000])
+    out = tmp_path / "out"
+    ae = storage_scp()
+    ae.on_c_store(DirectoryStore(out))
+    reused = RECEIVE_BUFFERS.reused
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assert await storescu(server.port, tmp_path / "src") == 0
+    assert RECEIVE_BUFFERS.reused > reused
+    for uid, src in files.items():
+        assert dataset_part(out / f"{uid}.dcm") == dataset_part(src), f"{src.name} stored differently"
