@@ -4,9 +4,8 @@ indications and confirmations for the local user (PS3.8 §9.1, Tables 9-6 .. 9-9
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ, PDataTF
+from .records import Record
 
 __all__ = [
     "AssociateAccepted",
@@ -28,92 +27,109 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True)
-class Send:
-    data: bytes
+class Send(Record):
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
-@dataclass(slots=True)
-class ConnectTransport:
-    pass
+class ConnectTransport(Record):
+    __slots__ = ()
 
 
-@dataclass(slots=True)
-class CloseTransport:
+class CloseTransport(Record):
     """Close the connection; with ``discard`` drop what is still queued to send (the
     peer aborted, or ARTIM expired on a peer that does not read)."""
 
-    discard: bool = False
+    __slots__ = ("discard",)
+
+    def __init__(self, discard: bool = False) -> None:
+        self.discard = discard
 
 
-@dataclass(slots=True)
-class StartARTIM:
-    pass
+class StartARTIM(Record):
+    __slots__ = ()
 
 
-@dataclass(slots=True)
-class StopARTIM:
-    pass
+class StopARTIM(Record):
+    __slots__ = ()
 
 
-@dataclass(slots=True)
-class StopReading:
+class StopReading(Record):
     """Stop reading from the peer for good: we sent an A-ABORT and it keeps sending
     (Sta13); ARTIM closes the connection."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
-class TimerExpired:
+
+class TimerExpired(Record):
     """A timer ran out (from :meth:`UpperLayer.handle_timer`), for the log; what it
     causes follows as further outputs."""
 
-    timer: str  # "ARTIM" or "PDU progress"
-    reason: str
+    __slots__ = ("timer", "reason")
+
+    def __init__(self, timer: str, reason: str) -> None:
+        self.timer = timer  # "ARTIM" or "PDU progress"
+        self.reason = reason
 
 
-@dataclass(slots=True)
-class AssociateIndication:
-    rq: AssociateRQ
+class AssociateIndication(Record):
+    __slots__ = ("rq",)
+
+    def __init__(self, rq: AssociateRQ) -> None:
+        self.rq = rq
 
 
-@dataclass(slots=True)
-class AssociateAccepted:
-    ac: AssociateAC
+class AssociateAccepted(Record):
+    __slots__ = ("ac",)
+
+    def __init__(self, ac: AssociateAC) -> None:
+        self.ac = ac
 
 
-@dataclass(slots=True)
-class AssociateRejected:
-    rj: AssociateRJ
+class AssociateRejected(Record):
+    __slots__ = ("rj",)
+
+    def __init__(self, rj: AssociateRJ) -> None:
+        self.rj = rj
 
 
-@dataclass(slots=True)
-class PDataIndication:
-    pdu: PDataTF
+class PDataIndication(Record):
+    __slots__ = ("pdu",)
+
+    def __init__(self, pdu: PDataTF) -> None:
+        self.pdu = pdu
 
 
-@dataclass(slots=True)
-class ReleaseIndication:
-    collision: bool = False
+class ReleaseIndication(Record):
+    __slots__ = ("collision",)
+
+    def __init__(self, collision: bool = False) -> None:
+        self.collision = collision
 
 
-@dataclass(slots=True)
-class ReleaseConfirm:
-    pass
+class ReleaseConfirm(Record):
+    __slots__ = ()
 
 
-@dataclass(slots=True)
-class PeerAbort:
+class PeerAbort(Record):
     """A-ABORT indication: the peer's service-user (or provider) sent an A-ABORT PDU."""
 
-    source: int
-    reason: int
+    __slots__ = ("source", "reason")
+
+    def __init__(self, source: int, reason: int) -> None:
+        self.source = source
+        self.reason = reason
 
 
-@dataclass(slots=True)
-class ProviderAbort:
+class ProviderAbort(Record):
     """A-P-ABORT indication: the local provider aborted, ``reason`` says why."""
 
-    reason: str
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 Output = (

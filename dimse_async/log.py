@@ -26,6 +26,7 @@ UID, status, bytes, milliseconds) and message-level detail. ``AE(log_operations=
 
 from __future__ import annotations
 
+import json as _json
 import logging
 import sys
 from typing import Any, TextIO
@@ -54,9 +55,7 @@ def set_process_fields(**fields: Any) -> None:
 def _format_value(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
     if not text or any(c in text for c in ' "=\n'):
-        import json  # loaded when a line is formatted, not by importing the package
-
-        return json.dumps(text)
+        return _json.dumps(text)
     return text
 
 
@@ -154,8 +153,7 @@ class StructuredFormatter(logging.Formatter):
         self.json = json
 
     def format(self, record: logging.LogRecord) -> str:
-        import datetime
-        import json as _json
+        import datetime  # loaded when a line is written, not by importing the package
 
         fields = getattr(record, RECORD_ATTR, None)
         stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds")

@@ -30,6 +30,7 @@ from .pdu_items import (
     items,
     text,
 )
+from .records import Record
 
 __all__ = [
     "ABORT_SOURCE_PROVIDER",
@@ -100,26 +101,30 @@ class PDUType(IntEnum):
 # ---------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class PresentationContextRQ:
+class PresentationContextRQ(Record):
     """Presentation context item of an A-ASSOCIATE-RQ (item 20H, PS3.8 §9.3.2.2)."""
 
-    id: int
-    abstract_syntax: str
-    transfer_syntaxes: list[str]
+    __slots__ = ("id", "abstract_syntax", "transfer_syntaxes")
+
+    def __init__(self, id: int, abstract_syntax: str, transfer_syntaxes: list[str]) -> None:
+        self.id = id
+        self.abstract_syntax = abstract_syntax
+        self.transfer_syntaxes = transfer_syntaxes
 
 
-@dataclass(slots=True)
-class PresentationContextAC:
+class PresentationContextAC(Record):
     """Presentation context item of an A-ASSOCIATE-AC (item 21H, PS3.8 §9.3.3.2).
 
     ``result``: 0 acceptance, 1 user-rejection, 2 no-reason (provider rejection),
     3 abstract-syntax-not-supported, 4 transfer-syntaxes-not-supported.
     """
 
-    id: int
-    result: int
-    transfer_syntax: str = ""
+    __slots__ = ("id", "result", "transfer_syntax")
+
+    def __init__(self, id: int, result: int, transfer_syntax: str = "") -> None:
+        self.id = id
+        self.result = result
+        self.transfer_syntax = transfer_syntax
 
 
 # ---------------------------------------------------------------------------
@@ -213,41 +218,47 @@ class PresentationReason(IntEnum):
     LOCAL_LIMIT_EXCEEDED = 2
 
 
-@dataclass(slots=True)
-class AssociateRJ:
+class AssociateRJ(Record):
     """A-ASSOCIATE-RJ PDU (PS3.8 §9.3.4).
 
     ``result``: 1 rejected-permanent, 2 rejected-transient. ``source``: 1 service-user,
     2 service-provider (ACSE), 3 service-provider (presentation).
     """
 
-    result: int
-    source: int
-    reason: int
+    __slots__ = ("result", "source", "reason")
+
+    def __init__(self, result: int, source: int, reason: int) -> None:
+        self.result = result
+        self.source = source
+        self.reason = reason
 
     def encode(self) -> bytes:
         return _pdu(PDUType.ASSOCIATE_RJ, bytes((0, self.result, self.source, self.reason)))
 
 
-@dataclass(slots=True)
-class PDV:
+class PDV(Record):
     """One presentation data value item of a P-DATA-TF PDU (PS3.8 §9.3.5, Annex E)."""
 
-    context_id: int
-    is_command: bool
-    is_last: bool
-    data: bytes | memoryview
+    __slots__ = ("context_id", "is_command", "is_last", "data")
+
+    def __init__(self, context_id: int, is_command: bool, is_last: bool, data: bytes | memoryview) -> None:
+        self.context_id = context_id
+        self.is_command = is_command
+        self.is_last = is_last
+        self.data = data
 
     @property
     def control(self) -> int:
         return (1 if self.is_command else 0) | (2 if self.is_last else 0)
 
 
-@dataclass(slots=True)
-class PDataTF:
+class PDataTF(Record):
     """P-DATA-TF PDU (PS3.8 §9.3.5)."""
 
-    pdvs: list[PDV]
+    __slots__ = ("pdvs",)
+
+    def __init__(self, pdvs: list[PDV]) -> None:
+        self.pdvs = pdvs
 
     def encode(self) -> bytes:
         parts = []
@@ -257,28 +268,32 @@ class PDataTF:
         return _pdu(PDUType.P_DATA_TF, b"".join(parts))
 
 
-@dataclass(slots=True)
-class ReleaseRQ:
+class ReleaseRQ(Record):
     """A-RELEASE-RQ PDU (PS3.8 §9.3.6)."""
+
+    __slots__ = ()
 
     def encode(self) -> bytes:
         return _pdu(PDUType.RELEASE_RQ, bytes(4))
 
 
-@dataclass(slots=True)
-class ReleaseRP:
+class ReleaseRP(Record):
     """A-RELEASE-RP PDU (PS3.8 §9.3.7)."""
+
+    __slots__ = ()
 
     def encode(self) -> bytes:
         return _pdu(PDUType.RELEASE_RP, bytes(4))
 
 
-@dataclass(slots=True)
-class Abort:
+class Abort(Record):
     """A-ABORT PDU (PS3.8 §9.3.8). ``source``: 0 service-user, 2 service-provider."""
 
-    source: int = ABORT_SOURCE_USER
-    reason: int = 0
+    __slots__ = ("source", "reason")
+
+    def __init__(self, source: int = ABORT_SOURCE_USER, reason: int = 0) -> None:
+        self.source = source
+        self.reason = reason
 
     def encode(self) -> bytes:
         return _pdu(PDUType.ABORT, bytes((0, 0, self.source, self.reason)))

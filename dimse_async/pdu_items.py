@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from .records import Record
+
 __all__ = [
     "ITEM",
     "AbortReason",
@@ -46,58 +48,76 @@ class AbortReason(IntEnum):
     INVALID_PDU_PARAMETER_VALUE = 6
 
 
-@dataclass(slots=True)
-class AsyncOpsWindow:
+class AsyncOpsWindow(Record):
     """Asynchronous operations window sub-item (53H, PS3.7 D.3.3.3). 0 = unlimited."""
 
-    max_ops_invoked: int = 1
-    max_ops_performed: int = 1
+    __slots__ = ("max_ops_invoked", "max_ops_performed")
+
+    def __init__(self, max_ops_invoked: int = 1, max_ops_performed: int = 1) -> None:
+        self.max_ops_invoked = max_ops_invoked
+        self.max_ops_performed = max_ops_performed
 
 
-@dataclass(slots=True)
-class RoleSelection:
+class RoleSelection(Record):
     """SCP/SCU role selection sub-item (54H, PS3.7 D.3.3.4)."""
 
-    sop_class_uid: str
-    scu_role: bool
-    scp_role: bool
+    __slots__ = ("sop_class_uid", "scu_role", "scp_role")
+
+    def __init__(self, sop_class_uid: str, scu_role: bool, scp_role: bool) -> None:
+        self.sop_class_uid = sop_class_uid
+        self.scu_role = scu_role
+        self.scp_role = scp_role
 
 
-@dataclass(slots=True)
-class SOPClassExtended:
+class SOPClassExtended(Record):
     """SOP class extended negotiation sub-item (56H, PS3.7 D.3.3.5)."""
 
-    sop_class_uid: str
-    info: bytes
+    __slots__ = ("sop_class_uid", "info")
+
+    def __init__(self, sop_class_uid: str, info: bytes) -> None:
+        self.sop_class_uid = sop_class_uid
+        self.info = info
 
 
-@dataclass(slots=True)
-class SOPClassCommonExtended:
+class SOPClassCommonExtended(Record):
     """SOP class common extended negotiation sub-item (57H, PS3.7 D.3.3.6)."""
 
-    sop_class_uid: str
-    service_class_uid: str
-    related_general_sop_classes: list[str] = field(default_factory=list)
+    __slots__ = ("sop_class_uid", "service_class_uid", "related_general_sop_classes")
+
+    def __init__(
+        self, sop_class_uid: str, service_class_uid: str, related_general_sop_classes: list[str] | None = None
+    ) -> None:
+        self.sop_class_uid = sop_class_uid
+        self.service_class_uid = service_class_uid
+        self.related_general_sop_classes: list[str] = (
+            [] if related_general_sop_classes is None else related_general_sop_classes
+        )
 
 
-@dataclass(slots=True)
-class UserIdentityRQ:
+class UserIdentityRQ(Record):
     """User identity negotiation sub-item, RQ (58H, PS3.7 D.3.3.7.1).
 
     ``type``: 1 username, 2 username+passcode, 3 Kerberos, 4 SAML, 5 JWT.
     """
 
-    type: int
-    primary: bytes
-    secondary: bytes = b""
-    positive_response_requested: bool = False
+    __slots__ = ("type", "primary", "secondary", "positive_response_requested")
+
+    def __init__(
+        self, type: int, primary: bytes, secondary: bytes = b"", positive_response_requested: bool = False
+    ) -> None:
+        self.type = type
+        self.primary = primary
+        self.secondary = secondary
+        self.positive_response_requested = positive_response_requested
 
 
-@dataclass(slots=True)
-class UserIdentityAC:
+class UserIdentityAC(Record):
     """User identity negotiation sub-item, AC (59H, PS3.7 D.3.3.7.2)."""
 
-    server_response: bytes = b""
+    __slots__ = ("server_response",)
+
+    def __init__(self, server_response: bytes = b"") -> None:
+        self.server_response = server_response
 
 
 @dataclass(slots=True)
