@@ -185,7 +185,10 @@ async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
         body = (
             "from dimse_async.cli import main\n"
             f"code = main(['send', {HOST!r}, '{port}', {str(path)!r}, '--aec', 'STORESCP'])\n"
-            "assert code == 0, code"
+            "assert code == 0, code\n"
+            "import gc\n"
+            "frozen = gc.get_freeze_count()\n"
+            "assert frozen > 10_000, frozen  # the imported modules are out of the collector's sight"
         )
         got, text = await asyncio.to_thread(loaded_heavy, body, HEAVY + SERVER_SIDE)
         assert "sent 1/1 instances" in text, text

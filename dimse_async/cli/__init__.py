@@ -402,6 +402,7 @@ async def _send(args: argparse.Namespace) -> int:
     from .. import AE
     from ..services.send import collect_files, send_files
 
+    _freeze_imports()
     try:
         paths = collect_files(args.paths, args.recurse)
     except ValueError as exc:
@@ -502,6 +503,20 @@ def _tune_gc() -> None:
     import gc
 
     gc.set_threshold(100_000, 50, 100)
+    _freeze_imports()
+
+
+def _freeze_imports() -> None:
+    """Move the objects that exist now (modules, classes, functions: made by imports,
+    alive until the process ends) out of the collector's sight (:func:`gc.freeze`).
+
+    Full collections, and the one at interpreter exit, then skip them: that last one
+    alone was ~15-30 ms of a one-instance ``send``. Called once the command's modules
+    are imported (again by commands that import more).
+    """
+    import gc
+
+    gc.freeze()
 
 
 def _quiet_pydicom() -> None:
