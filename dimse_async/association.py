@@ -164,8 +164,13 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         for out in outputs:
             if isinstance(out, fsm.Send):
                 if self.transport is not None and not self.transport.is_closing():
-                    self.transport.write(out.data)
-                    self.oplog.bytes_sent += len(out.data)
+                    data = out.data
+                    if type(data) is list:  # PDU headers and value slices: one writev, no join
+                        self.transport.writelines(data)
+                        self.oplog.bytes_sent += sum(map(len, data))
+                    else:
+                        self.transport.write(data)  # type: ignore[arg-type]
+                        self.oplog.bytes_sent += len(data)
             elif isinstance(out, fsm.PDataIndication):
                 self._on_pdata(out)
             elif isinstance(out, fsm.TimerExpired):

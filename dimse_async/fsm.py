@@ -311,8 +311,9 @@ class UpperLayer:
         self._pdu = rj
         return self._handle(E.Evt8)
 
-    def send_pdata(self, data: bytes) -> list[Output]:
-        """P-DATA request (Evt9); ``data`` is one or more encoded P-DATA-TF PDUs."""
+    def send_pdata(self, data: bytes | list[bytes | memoryview]) -> list[Output]:
+        """P-DATA request (Evt9); ``data`` is one or more encoded P-DATA-TF PDUs, as one
+        buffer or as a list of buffers that are the PDUs in order (sent as they are)."""
         self._pdu = data  # type: ignore[assignment]
         return self._handle(E.Evt9)
 

@@ -28,9 +28,12 @@ __all__ = [
 
 
 class Send(Record):
+    """Bytes for the peer: one buffer, or a list of buffers written in order (PDU
+    headers and the value slices between them, not joined)."""
+
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | list[bytes | memoryview]) -> None:
         self.data = data
 
 

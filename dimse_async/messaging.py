@@ -50,7 +50,8 @@ from .streams import MessageStream, ResponseQueue
 
 __all__ = ["DIMSEMessaging"]
 
-WRITE_BATCH = 1 << 20  # join up to this many bytes of PDUs into one write
+WRITE_BATCH = 1 << 20  # hand up to this many bytes of PDUs to the transport at once
+JOIN_BELOW = 64 << 10  # a message smaller than this is joined into one buffer (one write)
 
 
 class DIMSEMessaging:
@@ -245,11 +246,15 @@ class DIMSEMessaging:
             self.oplog.sent(self.loop.time(), command, dataset, self.log, self._debug)
             batch: list[bytes | memoryview] = list(fragment(context_id, cmd, True, max_pdu))
             size = sum(map(len, batch))
+            unjoined = False
             if dataset is not None:
                 # A source with ``prefetch`` (a file read in a worker thread) is asked to
                 # have the next write batch in memory before the PDUs are cut from it.
-                # Headers and value slices are joined once per write, not copied per PDU.
+                # Headers and value slices are handed to the transport as they are (one
+                # writev) when the bytes cannot change under it (``bytes``, or a source
+                # marked ``immutable``), else joined once per write.
                 prefetch = None
+                unjoined = type(dataset) is bytes or getattr(dataset, "immutable", False)
                 parts: Iterator[tuple[bytes, bytes | memoryview]]
                 if isinstance(dataset, (bytes, bytearray, memoryview)):
                     parts = fragment_parts(context_id, dataset, False, max_pdu)
@@ -265,7 +270,7 @@ class DIMSEMessaging:
                         batch += (header, chunk)
                         size += len(header) + len(chunk)
                         if size >= WRITE_BATCH:
-                            self._run(self.fsm.send_pdata(b"".join(batch)))
+                            self._run(self.fsm.send_pdata(batch if unjoined else b"".join(batch)))
                             self._report_output()
                             started, batch, size = True, [], 0
                             await self._drain()
@@ -277,7 +282,10 @@ class DIMSEMessaging:
                         self.abort(f"sending {command.name} failed midway: {exc!r}")
                     raise
             if batch:
-                self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else bytes(batch[0])))
+                if unjoined and size >= JOIN_BELOW:  # a large tail: written as the pieces it is
+                    self._run(self.fsm.send_pdata(batch))
+                else:  # a small message: one buffer, one write
+                    self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else bytes(batch[0])))
                 self._report_output()
             if self._debug:
                 self.log.debug("message sent", command=command.name, context=context_id, dataset=dataset is not None)

@@ -26,7 +26,7 @@ class ResponseQueue:
         self.message_id = message_id
         self.name = name
         self._items: deque[Message | BaseException] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
+        self._wakeup: asyncio.Future[bool] | None = None
         self.done: asyncio.Future[None] = owner.loop.create_future()
 
     @property
@@ -48,20 +48,31 @@ class ResponseQueue:
 
     def _wake(self) -> None:
         if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
+            self._wakeup.set_result(True)
+
+    @staticmethod
+    def _expire(wakeup: asyncio.Future[bool]) -> None:
+        if not wakeup.done():
+            wakeup.set_result(False)  # the timeout: nothing arrived
 
     async def get(self, timeout: float | None) -> Message:
         """The next response; no response within ``timeout`` aborts (one rule for every operation)."""
         if not self._items:
-            self._wakeup = self._owner.loop.create_future()
+            # One future and one timer per wait (cheaper than asyncio.wait_for, which
+            # this runs for every response of a batch).
+            loop = self._owner.loop
+            self._wakeup = wakeup = loop.create_future()
+            timer = None if timeout is None else loop.call_later(timeout, self._expire, wakeup)
             try:
-                await asyncio.wait_for(self._wakeup, timeout)
-            except TimeoutError:
-                reason = f"no {self.name} response within {timeout} s"
-                self._owner.abort(reason)
-                raise AssociationTimeout(reason) from None
+                arrived = await wakeup
             finally:
                 self._wakeup = None
+                if timer is not None:
+                    timer.cancel()
+            if not arrived:
+                reason = f"no {self.name} response within {timeout} s"
+                self._owner.abort(reason)
+                raise AssociationTimeout(reason)
         item = self._items.popleft()
         if isinstance(item, BaseException):
             raise item

@@ -124,6 +124,10 @@ class _FileStream:
     about two write batches of the file are in memory at once, whatever its size.
     """
 
+    #: :meth:`read` returns bytes, or views of bytes, that nothing changes afterwards:
+    #: the sender may hand them to the transport without copying them.
+    immutable = True
+
     def __init__(self, fp: BinaryIO, prepared: PreparedFile):
         self.fp = fp
         self.length = prepared.length
