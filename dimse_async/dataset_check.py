@@ -13,12 +13,19 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from .part10 import read_file_meta
 
-__all__ = ["DataSetError", "DataSetSummary", "check_dataset", "check_dataset_bytes", "check_part10", "dataset_uids"]
+__all__ = [
+    "DataSetError",
+    "DataSetSummary",
+    "check_dataset",
+    "check_dataset_bytes",
+    "check_part10",
+    "dataset_uids",
+]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -46,6 +53,9 @@ class DataSetSummary:
     sop_instance_uid: str
     transfer_syntax: str
     elements: int
+    #: The top-level elements asked for (``keep``) with a defined length and not a
+    #: sequence: tag -> (VR as in the stream, ``b""`` when implicit; value bytes).
+    kept: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
 
 
 class _Source:
@@ -112,8 +122,17 @@ class _Enough(Exception):
 
 
 class _Walker:
-    def __init__(self, src: _Source, implicit: bool, little: bool, stop_after: int | None = None):
+    def __init__(
+        self,
+        src: _Source,
+        implicit: bool,
+        little: bool,
+        stop_after: int | None = None,
+        keep: frozenset[int] = frozenset(),
+    ):
         self.stop_after = stop_after
+        self.keep = keep
+        self.kept: dict[int, tuple[bytes, bytes]] = {}
         self.src = src
         self.implicit = implicit
         self.end = "<" if little else ">"
@@ -183,8 +202,12 @@ class _Walker:
             return
         if vr == b"SQ":
             self.sequence(src.pos + length, depth)
-        elif depth == 0 and tag in (_SOP_CLASS, _SOP_INSTANCE):
-            self.top[tag] = src.read(length).decode("ascii", "replace").strip("\x00 ")
+        elif depth == 0 and (tag in self.keep or tag in (_SOP_CLASS, _SOP_INSTANCE)):
+            value = src.read(length)
+            if tag in (_SOP_CLASS, _SOP_INSTANCE):
+                self.top[tag] = value.decode("ascii", "replace").strip("\x00 ")
+            if tag in self.keep:
+                self.kept[tag] = (vr, value)
         else:
             src.skip(length)
 
@@ -230,10 +253,12 @@ class _BufferWalker:
     times faster than :class:`_Walker`, which reads a file element by element.
     """
 
-    __slots__ = ("buf", "elements", "hdr", "implicit", "little", "size", "top", "u32", "pos", "seq")
+    __slots__ = ("buf", "elements", "hdr", "implicit", "keep", "kept", "little", "size", "top", "u32", "pos", "seq")
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool):
+    def __init__(self, buf: bytes, implicit: bool, little: bool, keep: frozenset[int] = frozenset()):
         self.buf = buf
+        self.keep = keep
+        self.kept: dict[int, tuple[bytes, bytes]] = {}
         self.size = len(buf)
         self.pos = 0
         self.elements = 0
@@ -301,9 +326,12 @@ class _BufferWalker:
                     f"value of {length} bytes at byte {pos} runs past the end of the data set ({size} bytes)"
                 )
             else:
-                if top and tag in (_SOP_CLASS, _SOP_INSTANCE):
-                    top_uids = self.top
-                    top_uids[tag] = buf[pos : pos + length].decode("ascii", "replace").strip("\x00 ")
+                if top:
+                    if tag in (_SOP_CLASS, _SOP_INSTANCE):
+                        top_uids = self.top
+                        top_uids[tag] = buf[pos : pos + length].decode("ascii", "replace").strip("\x00 ")
+                    if tag in self.keep:
+                        self.kept[tag] = (vr, buf[pos : pos + length])
                 self.pos = pos + length
 
     def _undefined(self, tag: int, vr: bytes, depth: int) -> None:
@@ -366,25 +394,31 @@ class _BufferWalker:
             self.pos = pos + 8 + length
 
 
-def check_dataset_bytes(data: bytes, transfer_syntax: str) -> DataSetSummary:
+def check_dataset_bytes(data: bytes, transfer_syntax: str, keep: frozenset[int] = frozenset()) -> DataSetSummary:
     """:func:`check_dataset` for a data set held in memory (bytes)."""
     if transfer_syntax in _DEFLATED:
-        return check_dataset(io.BytesIO(data), transfer_syntax)
-    walker = _BufferWalker(data, implicit=transfer_syntax == _IMPLICIT_LE, little=transfer_syntax != _EXPLICIT_BE)
+        return check_dataset(io.BytesIO(data), transfer_syntax, keep=keep)
+    walker = _BufferWalker(
+        data, implicit=transfer_syntax == _IMPLICIT_LE, little=transfer_syntax != _EXPLICIT_BE, keep=keep
+    )
     walker.elements_until(None, 0, item=False)
     return DataSetSummary(
-        walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, ""), transfer_syntax, walker.elements
+        walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, ""), transfer_syntax, walker.elements, walker.kept
     )
 
 
-def check_dataset(fp: BinaryIO, transfer_syntax: str, start: int = 0) -> DataSetSummary:
+def check_dataset(
+    fp: BinaryIO, transfer_syntax: str, start: int = 0, keep: frozenset[int] = frozenset()
+) -> DataSetSummary:
     """Walk the data set in ``fp`` from byte ``start`` to its end; raise
-    :class:`DataSetError` unless every element is complete."""
+    :class:`DataSetError` unless every element is complete. The values of the
+    top-level elements in ``keep`` are returned with the summary (no second read)."""
     deflated = transfer_syntax in _DEFLATED
     walker = _Walker(
         _Source(fp, start, deflated),
         implicit=transfer_syntax == _IMPLICIT_LE,
         little=transfer_syntax != _EXPLICIT_BE,
+        keep=keep,
     )
     try:
         walker.elements_until(None, 0, item=False)
@@ -393,7 +427,7 @@ def check_dataset(fp: BinaryIO, transfer_syntax: str, start: int = 0) -> DataSet
     if deflated and walker.src._buf.strip(b"\x00"):
         raise DataSetError("bytes after the end of the deflated data set")
     return DataSetSummary(
-        walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, ""), transfer_syntax, walker.elements
+        walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, ""), transfer_syntax, walker.elements, walker.kept
     )
 
 
@@ -413,9 +447,9 @@ def dataset_uids(fp: BinaryIO, transfer_syntax: str, start: int) -> tuple[str, s
     return walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, "")
 
 
-def check_part10(fp: BinaryIO) -> DataSetSummary:
+def check_part10(fp: BinaryIO, keep: frozenset[int] = frozenset()) -> DataSetSummary:
     """Check a Part 10 stream (preamble, file meta, data set) as :func:`check_dataset`."""
     meta = read_file_meta(fp)
     if meta is None:
         raise DataSetError("no DICM prefix or incomplete file meta information")
-    return check_dataset(fp, meta.transfer_syntax, meta.dataset_offset)
+    return check_dataset(fp, meta.transfer_syntax, meta.dataset_offset, keep)

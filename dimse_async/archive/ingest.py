@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -18,14 +19,16 @@ from typing import Any
 
 import pydicom
 
-from ..dataset_check import DataSetError, DataSetSummary, check_part10
+from ..dataset_check import DataSetError, DataSetSummary, check_dataset_bytes, check_part10
 from ..dimse import Status
 from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
 from ..part10 import read_file_meta, valid_uid
 from ..services.storage import StoreRequest
 from .db import IndexDB, log
 from .schema import (
+    INDEX_TAGS,
     IndexingError,
+    dataset_of_kept,
     level_attrs,
     name_key,
     patient_key_of,
@@ -50,14 +53,20 @@ LEFTOVER_AGE = 3600.0
 
 
 async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAULT_LIMITS) -> DataSetSummary:
-    """Parse the received data set to its end (off the loop when it is large)."""
+    """Parse the received data set to its end (off the loop when it is large), keeping
+    the raw values of the elements the index needs (:data:`.schema.INDEX_TAGS`): the
+    one pass over the data set a store makes."""
 
     def check() -> DataSetSummary:
         with request.open() as fp:
             _check_inflation(fp, limits)
-            return check_part10(fp)
+            return check_part10(fp, INDEX_TAGS)
 
     if request.spool.path is None and request.size < (1 << 20):
+        data = request.spool.memory()
+        meta = read_file_meta(io.BytesIO(data))
+        if meta is not None and meta.transfer_syntax != _DEFLATED_LE:  # walked in place, header by header
+            return check_dataset_bytes(data[meta.dataset_offset :], meta.transfer_syntax, INDEX_TAGS)
         return check()
     return await asyncio.to_thread(check)
 
@@ -127,12 +136,36 @@ class IngestMixin(IndexDB):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
         sop_uid = text_of(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"))
+        statements = self._index_statements(
+            path, st, ds, sop_uid, text_of(meta.get("MediaStorageSOPClassUID")), text_of(meta.get("TransferSyntaxUID"))
+        )
+        self.backend.transaction(self.connection(), statements)
+        return sop_uid
+
+    def _index_stored(self, path: str, summary: DataSetSummary) -> str:
+        """Index a file just stored from the values its check kept (no second parse)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom's value warnings: the file is stored as received
+            st = os.stat(path)
+            ds = dataset_of_kept(summary.kept, summary.transfer_syntax)
+            statements = self._index_statements(
+                path, st, ds, summary.sop_instance_uid, summary.sop_class_uid, summary.transfer_syntax
+            )
+        db = self.connection()
+        self.backend.retry(lambda: self.backend.transaction(db, statements))
+        return summary.sop_instance_uid
+
+    @staticmethod
+    def _index_statements(
+        path: str, st: os.stat_result, ds: Any, sop_uid: str, sop_class: str, transfer_syntax: str
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """The index rows of one stored file: one transaction (in PostgreSQL, one round
+        trip to the database's thread)."""
         study_uid, series_uid = text_of(ds.get("StudyInstanceUID")), text_of(ds.get("SeriesInstanceUID"))
         if not (sop_uid and study_uid and series_uid):
             raise IndexingError("missing Study, Series or SOP Instance UID")
         patient = level_attrs(ds, "PATIENT")
         patient_key = patient_key_of(patient, study_uid)
-        # One transaction (in PostgreSQL, one round trip to the database's thread).
         statements: list[tuple[str, tuple[Any, ...]]] = []
 
         def execute(sql: str, args: tuple[Any, ...]) -> None:
@@ -167,7 +200,7 @@ class IngestMixin(IndexDB):
             (series_uid, study_uid, series.get("Modality", ""), json.dumps(series)),
         )
         image = level_attrs(ds, "IMAGE")
-        image.setdefault("SOPClassUID", text_of(meta.get("MediaStorageSOPClassUID")))
+        image.setdefault("SOPClassUID", sop_class)
         execute("DELETE FROM instances WHERE path = ? AND sop_uid != ?", (path, sop_uid))
         execute(
             "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET "
@@ -177,15 +210,14 @@ class IngestMixin(IndexDB):
                 sop_uid,
                 series_uid,
                 image["SOPClassUID"],
-                text_of(meta.get("TransferSyntaxUID")),
+                transfer_syntax,
                 path,
                 st.st_size,
                 st.st_mtime,
                 json.dumps(image),
             ),
         )
-        self.backend.transaction(self.connection(), statements)
-        return sop_uid
+        return statements
 
     async def index_file(self, path: str | os.PathLike[str]) -> str:
         """Index one Part 10 file (after it was stored); returns its SOP Instance UID."""
@@ -322,7 +354,7 @@ class IngestMixin(IndexDB):
         entry[1] += 1
         try:
             async with entry[0], self.backend.instance_lock(uid):  # and across processes and nodes
-                return await self._store_locked(request, path)
+                return await self._store_locked(request, path, summary)
         except self.backend.errors as exc:  # the lock could not be had (the index unreachable)
             return _out_of_resources(request, exc)
         finally:
@@ -330,7 +362,7 @@ class IngestMixin(IndexDB):
             if not entry[1]:
                 self._locks.pop(uid, None)
 
-    async def _store_locked(self, request: StoreRequest, path: Path) -> Status:
+    async def _store_locked(self, request: StoreRequest, path: Path, summary: DataSetSummary) -> Status:
         uid = request.sop_instance_uid
         try:
             existing = await self.in_index_thread(self._stored, uid)
@@ -353,7 +385,7 @@ class IngestMixin(IndexDB):
                     os.replace(old, dest)
             return _out_of_resources(request, exc)
         try:
-            await self.index_file(dest)
+            await self.in_index_thread(self._index_stored, dest, summary)
         except Exception as exc:
             await asyncio.to_thread(self._undo_store, dest, old, request)
             request.assoc.note_error("index")

@@ -9,7 +9,9 @@ import warnings
 from typing import Any
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 from ..dimse import Status
 from ..log import get_logger
@@ -142,11 +144,38 @@ def text_of(value: Any) -> str:
     return str(value)
 
 
+_CHARSET_TAG = BaseTag(0x00080005)
+#: (keyword, tag) of the attributes kept per level, looked up by tag (no keyword look-up per store).
+_LEVEL_TAGS = {
+    level: tuple((k, BaseTag(pydicom.datadict.tag_for_keyword(k) or 0)) for k in keys)
+    for level, keys in LEVEL_KEYS.items()
+}
+#: Every top-level element the index reads from a data set: the kept attributes, the
+#: hierarchy's UIDs and the Specific Character Set their text needs (PS3.5 §6.1.2.5).
+INDEX_TAGS = frozenset(
+    {int(tag) for tags in _LEVEL_TAGS.values() for _k, tag in tags}
+    | {int(_CHARSET_TAG), 0x00080016, 0x00080018, 0x0020000D, 0x0020000E}
+)
+
+
 def level_attrs(ds: Dataset, level: str) -> dict[str, str]:
-    attrs = {k: text_of(ds.get(k)) for k in LEVEL_KEYS[level] if k in ds}
-    if _CHARSET in ds:  # the values are kept decoded; remember which repertoire they need
-        attrs[_CHARSET] = text_of(ds.get(_CHARSET))
+    attrs = {k: text_of(ds[tag].value) for k, tag in _LEVEL_TAGS[level] if tag in ds}
+    if _CHARSET_TAG in ds:  # the values are kept decoded; remember which repertoire they need
+        attrs[_CHARSET] = text_of(ds[_CHARSET_TAG].value)
     return attrs
+
+
+def dataset_of_kept(kept: dict[int, tuple[bytes, bytes]], transfer_syntax: str) -> Dataset:
+    """A data set of the raw top-level elements a structural check kept
+    (:attr:`~dimse_async.dataset_check.DataSetSummary.kept`), decoded by pydicom on
+    access exactly as a full read of the file would decode them (PS3.5 §7, §6.1.2.5)."""
+    implicit = transfer_syntax == "1.2.840.10008.1.2"
+    little = transfer_syntax != "1.2.840.10008.1.2.2"
+    ds = Dataset()
+    for tag, (vr, value) in sorted(kept.items()):
+        t = BaseTag(tag)
+        ds[t] = RawDataElement(t, vr.decode("ascii") if vr else None, len(value), value, 0, implicit, little)  # type: ignore[assignment]
+    return ds
 
 
 def dataset_from(*attr_maps: dict[str, str]) -> Dataset:
