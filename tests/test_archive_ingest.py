@@ -17,6 +17,7 @@ from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.uid import generate_uid
 
 from dimse_async import AE
+from dimse_async.archive.backend import IndexRow
 from dimse_async.archive.config import ServeConfig
 from dimse_async.archive.index import Archive
 from dimse_async.archive.schema import INDEX_TAGS, LEVEL_KEYS, dataset_of_kept, level_attrs, text_of
@@ -143,3 +144,92 @@ def test_index_tags_cover_every_indexed_attribute(name):
     with open(get_testdata_file(name), "rb") as fp:
         summary = check_part10(fp, INDEX_TAGS)
     assert {0x0020000D, 0x0020000E, 0x00080018} <= set(summary.kept)
+
+
+def _patient_row(key: str, patient_id: str | None) -> IndexRow:
+    """An index row of its own patient, study, series and instance."""
+    return IndexRow(
+        key, patient_id, "{}", "", f"st-{key}", "", "", "{}", f"se-{key}", "", "{}",
+        f"sop-{key}", "1.2", "1.2.840.10008.1.2.1", f"/nowhere/{key}.dcm", 1, 0.0, "{}",
+    )  # fmt: skip
+
+
+def _committed(root, key: str) -> bool:
+    """Whether ``key``'s row is committed: seen from a connection of its own."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{root / 'index.sqlite'}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT 1 FROM patients WHERE patient_key = ?", (key,)).fetchone() is not None
+    finally:
+        db.close()
+
+
+async def test_group_commit_answers_each_write_after_its_commit(tmp_path):
+    """SQLite: eight writes arriving while the writer is busy share one transaction.
+    The one whose statement fails (NOT NULL) is rolled back alone and gets its error;
+    each of the others is answered only once its row is visible to another connection
+    (committed), and the failed one's row never is."""
+    import sqlite3
+    import threading
+
+    arch = Archive(tmp_path / "arch")
+    try:
+        await arch.count()  # the schema exists
+        gate = threading.Event()
+        busy = asyncio.ensure_future(arch.in_index_thread(gate.wait, 10))  # the writer is busy
+        seen: dict[str, bool | BaseException] = {}
+
+        async def write(i: int) -> None:
+            key = f"k{i}"
+            try:
+                await arch.commit_write(lambda: _patient_row(key, None if i == 3 else f"P{i}"))
+            except sqlite3.Error as exc:
+                seen[key] = exc
+                return
+            seen[key] = _committed(arch.root, key)  # at the very moment it is answered
+
+        writes = [asyncio.ensure_future(write(i)) for i in range(8)]
+        await asyncio.sleep(0.05)
+        assert not seen and len(arch._pending) == 8  # all waiting for the one transaction
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(busy, *writes), 30)
+        assert isinstance(seen.pop("k3"), sqlite3.IntegrityError)
+        assert seen == {f"k{i}": True for i in range(8) if i != 3}
+        assert not _committed(arch.root, "k3")
+        assert (
+            await arch.in_index_thread(lambda: arch.connection().execute("SELECT COUNT(*) FROM patients").fetchone()[0])
+            == 7
+        )
+    finally:
+        arch.close()
+
+
+async def test_group_commit_a_failed_transaction_fails_every_write(tmp_path):
+    """The shared transaction itself fails (another process holds the index's write
+    lock past the busy timeout): every write of the group gets the error, no row is
+    stored; once the lock is free the next group commits."""
+    import sqlite3
+
+    arch = Archive(tmp_path / "arch")
+    try:
+        await arch.count()
+        blocker = sqlite3.connect(arch.root / "index.sqlite")
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(
+                    *(arch.commit_write(lambda i=i: _patient_row(f"k{i}", f"P{i}")) for i in range(4)),
+                    return_exceptions=True,
+                ),
+                60,
+            )
+        finally:
+            blocker.rollback()
+            blocker.close()
+        assert all(isinstance(o, sqlite3.OperationalError) and "locked" in str(o) for o in outcomes), outcomes
+        assert not any(_committed(arch.root, f"k{i}") for i in range(4))
+        await arch.commit_write(lambda: _patient_row("k9", "P9"))
+        assert _committed(arch.root, "k9")
+    finally:
+        arch.close()

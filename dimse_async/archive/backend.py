@@ -19,11 +19,68 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from importlib import resources
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Backend", "Connection", "Cursor", "migrations", "split_statements"]
+__all__ = ["Backend", "Connection", "Cursor", "IndexRow", "index_statements", "migrations", "split_statements"]
+
+Statements = Sequence[tuple[str, Sequence[Any]]]
+
+
+class IndexRow(NamedTuple):
+    """What indexing one stored instance writes: its patient, study, series and
+    instance rows (PS3.4 C.6 keys per level, as JSON ``attrs``)."""
+
+    patient_key: str
+    patient_id: str
+    patient_attrs: str
+    name_key: str
+    study_uid: str
+    study_date: str
+    accession: str
+    study_attrs: str
+    series_uid: str
+    modality: str
+    series_attrs: str
+    sop_uid: str
+    sop_class: str
+    transfer_syntax: str
+    path: str
+    size: int
+    mtime: float
+    attrs: str
+
+
+def index_statements(r: IndexRow) -> list[tuple[str, tuple[Any, ...]]]:
+    """The statements writing ``r`` (one transaction): upserts of the patient, study
+    and series; the row of another instance that had this path dropped; the instance
+    upserted (an instance stored again replaces its row)."""
+    return [
+        (
+            "INSERT INTO patients (patient_key, patient_id, attrs, name_key) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(patient_key) DO UPDATE SET attrs=excluded.attrs, name_key=excluded.name_key",
+            (r.patient_key, r.patient_id, r.patient_attrs, r.name_key),
+        ),
+        (
+            "INSERT INTO studies VALUES (?, ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
+            "patient_key=excluded.patient_key, study_date=excluded.study_date, accession=excluded.accession, "
+            "attrs=excluded.attrs",
+            (r.study_uid, r.patient_key, r.study_date, r.accession, r.study_attrs),
+        ),
+        (
+            "INSERT INTO series VALUES (?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
+            "study_uid=excluded.study_uid, modality=excluded.modality, attrs=excluded.attrs",
+            (r.series_uid, r.study_uid, r.modality, r.series_attrs),
+        ),
+        ("DELETE FROM instances WHERE path = ? AND sop_uid != ?", (r.path, r.sop_uid)),
+        (
+            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET "
+            "series_uid=excluded.series_uid, sop_class=excluded.sop_class, transfer_syntax=excluded.transfer_syntax, "
+            "path=excluded.path, size=excluded.size, mtime=excluded.mtime, attrs=excluded.attrs",
+            (r.sop_uid, r.series_uid, r.sop_class, r.transfer_syntax, r.path, r.size, r.mtime, r.attrs),
+        ),
+    ]
 
 
 class Cursor(Protocol):
@@ -63,6 +120,8 @@ class Backend(ABC):
     writers: int = 1
     #: Other processes, perhaps on other machines, may write this index at any time.
     multi_node: bool = False
+    #: Concurrent stores' writes are grouped in one transaction (:meth:`transaction_group`).
+    group_commit: bool = False
 
     @abstractmethod
     def connect(self) -> Connection:
@@ -81,6 +140,16 @@ class Backend(ABC):
         with db:
             for sql, parameters in statements:
                 db.execute(sql, parameters)
+
+    def write_index(self, db: Connection, row: IndexRow) -> None:
+        """Index one stored instance, in one transaction."""
+        self.transaction(db, index_statements(row))
+
+    def transaction_group(self, db: Connection, writes: Sequence[Callable[[], IndexRow]]) -> list[BaseException | None]:
+        """Index several instances in one transaction, each in a savepoint: a write
+        that fails (making its row or writing it) is rolled back alone and its
+        exception returned in its place; the commit's failure is raised (none stored)."""
+        raise NotImplementedError
 
     def retry(self, fn: Callable[[], T]) -> T:
         """Run one write transaction, again when it meets a transient conflict."""

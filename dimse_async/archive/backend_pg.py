@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from typing import Any, TypeVar
 
 from ..log import get_logger
-from .backend import Backend, migrations
+from .backend import Backend, IndexRow, migrations
 
 try:
     import asyncpg  # type: ignore[import-untyped,unused-ignore]
@@ -49,6 +49,9 @@ CONNECT_TIMEOUT = 10.0
 WRITE_RETRIES = 3
 #: Rows fetched at a time by a query's cursor (held while a slow peer takes the matches).
 FETCH = 64
+
+
+_INDEX_INSTANCE = f"SELECT index_instance({', '.join('?' * len(IndexRow._fields))})"
 
 
 def redact(dsn: str) -> str:
@@ -361,6 +364,10 @@ class PostgreSQLBackend(Backend):
 
     def transaction(self, db: Any, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         db.transaction(statements)
+
+    def write_index(self, db: Any, row: IndexRow) -> None:
+        """One round trip: the server runs the statements (migration 0002)."""
+        db.execute(_INDEX_INSTANCE, row)
 
     def retry(self, fn: Callable[[], T]) -> T:
         for attempt in range(WRITE_RETRIES):

@@ -12,12 +12,12 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..log import get_logger
-from .backend import Backend, migrations, split_statements
+from .backend import Backend, IndexRow, index_statements, migrations, split_statements
 
 T = TypeVar("T")
 
@@ -78,6 +78,7 @@ class SQLiteBackend(Backend):
     dialect = "sqlite"
     errors = (sqlite3.Error,)
     writers = 1
+    group_commit = True
 
     def __init__(self, root: Path, *, fsync: bool = True, shared: bool = False):
         self.root = root
@@ -101,6 +102,28 @@ class SQLiteBackend(Backend):
                 log.warning("archive: index busy; retrying", attempt=attempt + 1, error=str(exc)[:100])
                 time.sleep(0.05 * (2**attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def transaction_group(self, db: Any, writes: Sequence[Callable[[], IndexRow]]) -> list[BaseException | None]:
+        outcomes: list[BaseException | None] = []
+        db.execute("BEGIN IMMEDIATE")  # a savepoint alone would open (and its release commit) a transaction
+        try:
+            for make in writes:
+                db.execute("SAVEPOINT write")
+                try:
+                    for sql, parameters in index_statements(make()):
+                        db.execute(sql, parameters)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO write")
+                    outcomes.append(exc)
+                else:
+                    outcomes.append(None)
+                db.execute("RELEASE write")
+            db.execute("COMMIT")  # flushed (synchronous=FULL) before any of them is answered
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=BUSY_TIMEOUT)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ..inflate import DEFAULT_LIMITS, InflationLimits
 from ..log import get_logger
-from .backend import Backend, Connection
+from .backend import Backend, Connection, IndexRow
 from .backend_pg import PostgreSQLBackend
 from .backend_sqlite import SQLiteBackend
 
@@ -93,6 +93,10 @@ class IndexDB:
         self._connections_lock = threading.Lock()
         self._schema_ready = False
         self._locks: dict[str, list[Any]] = {}
+        # Group commit (one writer): index writes waiting for the next transaction.
+        self._pending: list[tuple[Callable[[], IndexRow], asyncio.Future[None]]] = []
+        self._pending_lock = threading.Lock()
+        self._flush_queued = False
 
     # -- database threads ---------------------------------------------------------
 
@@ -109,6 +113,48 @@ class IndexDB:
     async def in_index_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on a writer thread (see :meth:`connection`)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def commit_write(self, make: Callable[[], IndexRow]) -> None:
+        """Write the index row ``make()`` returns (called on a writer thread), committed
+        before this returns; its failure (or that of ``make``) is raised here.
+
+        With a single writer (SQLite, :attr:`.Backend.group_commit`) the writes of stores arriving together share one
+        transaction and one flush to disk (group commit): each runs inside its own
+        savepoint, so one failing is rolled back alone and fails alone, and every one
+        is answered only once the shared commit has returned (if it fails, all fail).
+        """
+        if not self.backend.group_commit:  # several writers; the server shares the flushes
+            await self.in_index_thread(self._commit_alone, make)
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        with self._pending_lock:
+            self._pending.append((make, fut))
+            queue = not self._flush_queued
+            self._flush_queued = True
+        if queue:  # one flush queued at a time; it takes every write waiting when it starts
+            self._executor.submit(self._flush, loop)
+        await fut
+
+    def _commit_alone(self, make: Callable[[], IndexRow]) -> None:
+        row = make()
+        db = self.connection()
+        self.backend.retry(lambda: self.backend.write_index(db, row))
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One group commit (on the writer thread): every pending write in one transaction."""
+        with self._pending_lock:
+            batch, self._pending = self._pending, []
+            self._flush_queued = False
+        if not batch:
+            return
+        try:
+            db = self.connection()
+            outcomes = self.backend.retry(lambda: self.backend.transaction_group(db, [make for make, _f in batch]))
+        except BaseException as exc:  # the transaction (or its commit) failed: none of them is stored
+            outcomes = [exc] * len(batch)
+        for (_make, fut), outcome in zip(batch, outcomes, strict=True):
+            loop.call_soon_threadsafe(_settle, fut, outcome)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -139,3 +185,12 @@ class IndexDB:
         """The stored file of ``sop_uid`` and its size, if indexed and present."""
         row = self.connection().execute("SELECT path, size FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
         return (row[0], row[1]) if row and os.path.exists(row[0]) else None
+
+
+def _settle(fut: asyncio.Future[None], outcome: BaseException | None) -> None:
+    if fut.done():  # the store was cancelled meanwhile (what it wrote stays committed)
+        return
+    if outcome is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(outcome)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from ..dimse import Status
 from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
 from ..part10 import read_file_meta, valid_uid
 from ..services.storage import StoreRequest
+from .backend import IndexRow
 from .db import IndexDB, log
 from .schema import (
     INDEX_TAGS,
@@ -136,88 +138,56 @@ class IngestMixin(IndexDB):
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta
         sop_uid = text_of(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"))
-        statements = self._index_statements(
+        row = self._index_row(
             path, st, ds, sop_uid, text_of(meta.get("MediaStorageSOPClassUID")), text_of(meta.get("TransferSyntaxUID"))
         )
-        self.backend.transaction(self.connection(), statements)
+        self.backend.write_index(self.connection(), row)
         return sop_uid
 
-    def _index_stored(self, path: str, summary: DataSetSummary) -> str:
-        """Index a file just stored from the values its check kept (no second parse)."""
+    def _stored_rows(self, path: str, summary: DataSetSummary) -> IndexRow:
+        """The index rows of a file just stored, from the values its check kept (no
+        second parse); on a writer thread."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's value warnings: the file is stored as received
             st = os.stat(path)
             ds = dataset_of_kept(summary.kept, summary.transfer_syntax)
-            statements = self._index_statements(
+            return self._index_row(
                 path, st, ds, summary.sop_instance_uid, summary.sop_class_uid, summary.transfer_syntax
             )
-        db = self.connection()
-        self.backend.retry(lambda: self.backend.transaction(db, statements))
-        return summary.sop_instance_uid
 
     @staticmethod
-    def _index_statements(
+    def _index_row(
         path: str, st: os.stat_result, ds: Any, sop_uid: str, sop_class: str, transfer_syntax: str
-    ) -> list[tuple[str, tuple[Any, ...]]]:
-        """The index rows of one stored file: one transaction (in PostgreSQL, one round
-        trip to the database's thread)."""
+    ) -> IndexRow:
+        """The index rows of one stored file (written by :meth:`.Backend.write_index`)."""
         study_uid, series_uid = text_of(ds.get("StudyInstanceUID")), text_of(ds.get("SeriesInstanceUID"))
         if not (sop_uid and study_uid and series_uid):
             raise IndexingError("missing Study, Series or SOP Instance UID")
         patient = level_attrs(ds, "PATIENT")
-        patient_key = patient_key_of(patient, study_uid)
-        statements: list[tuple[str, tuple[Any, ...]]] = []
-
-        def execute(sql: str, args: tuple[Any, ...]) -> None:
-            statements.append((sql, args))
-
-        execute(
-            "INSERT INTO patients (patient_key, patient_id, attrs, name_key) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(patient_key) DO UPDATE SET attrs=excluded.attrs, name_key=excluded.name_key",
-            (
-                patient_key,
-                patient.get("PatientID", ""),
-                json.dumps(patient),
-                name_key(patient.get("PatientName", "")),
-            ),
-        )
         study = level_attrs(ds, "STUDY")
-        execute(
-            "INSERT INTO studies VALUES (?, ?, ?, ?, ?) ON CONFLICT(study_uid) DO UPDATE SET "
-            "patient_key=excluded.patient_key, study_date=excluded.study_date, accession=excluded.accession, attrs=excluded.attrs",
-            (
-                study_uid,
-                patient_key,
-                study.get("StudyDate", ""),
-                study.get("AccessionNumber", ""),
-                json.dumps(study),
-            ),
-        )
         series = level_attrs(ds, "SERIES")
-        execute(
-            "INSERT INTO series VALUES (?, ?, ?, ?) ON CONFLICT(series_uid) DO UPDATE SET "
-            "study_uid=excluded.study_uid, modality=excluded.modality, attrs=excluded.attrs",
-            (series_uid, study_uid, series.get("Modality", ""), json.dumps(series)),
-        )
         image = level_attrs(ds, "IMAGE")
         image.setdefault("SOPClassUID", sop_class)
-        execute("DELETE FROM instances WHERE path = ? AND sop_uid != ?", (path, sop_uid))
-        execute(
-            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sop_uid) DO UPDATE SET "
-            "series_uid=excluded.series_uid, sop_class=excluded.sop_class, transfer_syntax=excluded.transfer_syntax, "
-            "path=excluded.path, size=excluded.size, mtime=excluded.mtime, attrs=excluded.attrs",
-            (
-                sop_uid,
-                series_uid,
-                image["SOPClassUID"],
-                transfer_syntax,
-                path,
-                st.st_size,
-                st.st_mtime,
-                json.dumps(image),
-            ),
+        return IndexRow(
+            patient_key_of(patient, study_uid),
+            patient.get("PatientID", ""),
+            json.dumps(patient),
+            name_key(patient.get("PatientName", "")),
+            study_uid,
+            study.get("StudyDate", ""),
+            study.get("AccessionNumber", ""),
+            json.dumps(study),
+            series_uid,
+            series.get("Modality", ""),
+            json.dumps(series),
+            sop_uid,
+            image["SOPClassUID"],
+            transfer_syntax,
+            path,
+            st.st_size,
+            st.st_mtime,
+            json.dumps(image),
         )
-        return statements
 
     async def index_file(self, path: str | os.PathLike[str]) -> str:
         """Index one Part 10 file (after it was stored); returns its SOP Instance UID."""
@@ -364,20 +334,18 @@ class IngestMixin(IndexDB):
 
     async def _store_locked(self, request: StoreRequest, path: Path, summary: DataSetSummary) -> Status:
         uid = request.sop_instance_uid
-        try:
-            existing = await self.in_index_thread(self._stored, uid)
-        except self.backend.errors as exc:
-            return _out_of_resources(request, exc)
         dest = os.fspath(path)
-        if existing is not None and self.duplicates == "keep":
+        try:
+            existing, old = await self.in_index_thread(self._before_store, uid, dest)
+        except self.resource_errors as exc:
+            return _out_of_resources(request, exc)
+        if existing is not None:
             same = await asyncio.to_thread(_same_instance, existing[0], request)
             if same:
                 return Status(0)
             request.assoc.log.warning("duplicate SOP Instance UID: stored instance kept", sop_instance=uid)
             return Status(0xA900, "Duplicate SOP Instance UID; stored instance kept"[:64])
-        old: str | None = None
         try:
-            old = await asyncio.to_thread(_keep_previous, dest)
             await request.save(dest, durable=self.fsync)  # fsync of file and directory (group commit)
         except OSError as exc:
             if old is not None:
@@ -385,7 +353,7 @@ class IngestMixin(IndexDB):
                     os.replace(old, dest)
             return _out_of_resources(request, exc)
         try:
-            await self.in_index_thread(self._index_stored, dest, summary)
+            await self.commit_write(functools.partial(self._stored_rows, dest, summary))
         except Exception as exc:
             await asyncio.to_thread(self._undo_store, dest, old, request)
             request.assoc.note_error("index")
@@ -397,6 +365,14 @@ class IngestMixin(IndexDB):
             with contextlib.suppress(OSError):
                 os.unlink(old)
         return Status(0)
+
+    def _before_store(self, uid: str, dest: str) -> tuple[tuple[str, int] | None, str | None]:
+        """One hop to a writer thread before a store: (the stored copy kept by the
+        ``keep`` policy, if any; else the hard link of a file about to be replaced)."""
+        existing = self._stored(uid) if self.duplicates == "keep" else None
+        if existing is not None:
+            return existing, None
+        return None, _keep_previous(dest)
 
     @staticmethod
     def _undo_store(dest: str, old: str | None, request: StoreRequest) -> None:
