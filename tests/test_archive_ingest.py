@@ -233,3 +233,50 @@ async def test_group_commit_a_failed_transaction_fails_every_write(tmp_path):
         assert _committed(arch.root, "k9")
     finally:
         arch.close()
+
+
+async def test_an_instance_that_cannot_be_indexed_is_undone(tmp_path, index):
+    """A data set without a Series Instance UID is refused (0xA900) after it was moved
+    into place: the file is removed again. Replacing a stored instance with such a one
+    (``duplicates = "replace"``) puts the previous file back byte for byte with its
+    row, and the instance's lock is free again: the next valid store of it succeeds."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    uid = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+    good = tmp_path / "good.dcm"
+    ds.save_as(good)
+    ds.PatientID = "CHANGED"
+    del ds.SeriesInstanceUID
+    broken = tmp_path / "broken.dcm"
+    ds.save_as(broken)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    new_broken = tmp_path / "new-broken.dcm"
+    ds.save_as(new_broken)
+
+    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"), index=index, duplicates="replace")
+    arch = Archive(config.storage_dir, index=config.index, duplicates="replace")
+    ae = archive_ae(config)
+    arch.install(ae)
+    try:
+        async with await ae.start_server("127.0.0.1", 0) as server:
+            scu = AE("SCU")
+            scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+            async with scu.associate("127.0.0.1", server.port, "ARCHIVE") as assoc:
+                status = await assoc.c_store(new_broken)
+                assert int(status) == 0xA900 and "index" in (status.error_comment or ""), status
+                assert not arch.path_for(str(ds.SOPInstanceUID)).exists()
+                assert int(await assoc.c_store(good)) == 0
+                stored = arch.path_for(uid)
+                before = stored.read_bytes()
+                rows = await arch.in_index_thread(_rows, arch)
+                status = await asyncio.wait_for(assoc.c_store(broken), 30)
+                assert int(status) == 0xA900, status
+                assert stored.read_bytes() == before
+                assert not list(stored.parent.glob("*.old"))
+                assert await arch.in_index_thread(_rows, arch) == rows
+                assert int(await asyncio.wait_for(assoc.c_store(good), 30)) == 0  # the lock is free
+        assert await arch.count() == 1
+    finally:
+        arch.close()

@@ -160,9 +160,12 @@ class Backend(ABC):
         """Relaxed durability for a re-index (the files are the truth; it is redone if cut short)."""
 
     @abstractmethod
-    def instance_lock(self, uid: str) -> AbstractAsyncContextManager[None]:
+    def instance_lock(self, uid: str, find: bool = False) -> AbstractAsyncContextManager[Any]:
         """Exclusive use of one SOP Instance UID by this store, across every writer
-        of the index (other processes, other nodes)."""
+        of the index (other processes, other nodes). A back end that can do the store's
+        look-up (``find``) and index write itself, on the lock's connection, yields an
+        object with ``existing`` and ``write_index(make, unlock=...)`` (PostgreSQL);
+        else ``None``, and the archive uses its writer threads."""
 
     @abstractmethod
     def exclusive(self, name: str) -> AbstractContextManager[None]:

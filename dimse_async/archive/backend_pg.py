@@ -51,7 +51,18 @@ WRITE_RETRIES = 3
 FETCH = 64
 
 
-_INDEX_INSTANCE = f"SELECT index_instance({', '.join('?' * len(IndexRow._fields))})"
+#: Indexing one instance: one statement, one round trip (migration 0002).
+_INDEX_INSTANCE = f"SELECT index_instance({', '.join(f'${i + 1}' for i in range(len(IndexRow.__annotations__)))})"
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """The back end's loop: uvloop when installed (asyncpg's own choice; a hop and a
+    round trip cost less), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def redact(dsn: str) -> str:
@@ -104,6 +115,32 @@ class _Rows:
 
     def __iter__(self) -> Iterator[Any]:
         return iter(self.rows)
+
+
+class HeldInstance:
+    """A store's hold of one SOP Instance UID's advisory lock: the stored copy found
+    when it was taken (``None``: none, or not looked up) and the index write on the
+    lock's own connection, so no writer thread is involved."""
+
+    __slots__ = ("backend", "conn", "existing", "key", "released", "writing")
+
+    def __init__(self, backend: PostgreSQLBackend, conn: Any, key: int, existing: tuple[str, int] | None):
+        self.backend = backend
+        self.conn = conn
+        self.key = key
+        self.existing = existing
+        self.released = False
+        self.writing: concurrent.futures.Future[None] | None = None
+
+    async def write_index(self, make: Callable[[], IndexRow], *, unlock: bool) -> None:
+        """Index the stored instance (``make()`` runs on the back end's loop thread),
+        committed when this returns; ``unlock``: release the lock in the same hop once
+        committed (after a failure it stays held while the store undoes its file).
+        Cancelling the caller does not stop the write (the row matches the file)."""
+        loop = self.backend._loop
+        assert loop is not None
+        self.writing = asyncio.run_coroutine_threadsafe(self.backend._write_held(self, make, unlock), loop)
+        await asyncio.shield(asyncio.wrap_future(self.writing))
 
 
 class PGConnection:
@@ -272,7 +309,7 @@ class PostgreSQLBackend(Backend):
         with self._started:
             if self._pool is not None:
                 return
-            loop = asyncio.new_event_loop()
+            loop = _new_loop()
             thread = threading.Thread(target=loop.run_forever, name="archive-postgresql", daemon=True)
             thread.start()
             self._loop, self._thread = loop, thread
@@ -367,7 +404,7 @@ class PostgreSQLBackend(Backend):
 
     def write_index(self, db: Any, row: IndexRow) -> None:
         """One round trip: the server runs the statements (migration 0002)."""
-        db.execute(_INDEX_INSTANCE, row)
+        db.execute(_INDEX_INSTANCE, row)  # no "?" in it: sent as it is
 
     def retry(self, fn: Callable[[], T]) -> T:
         for attempt in range(WRITE_RETRIES):
@@ -403,29 +440,63 @@ class PostgreSQLBackend(Backend):
         finally:
             await self._pool.release(conn)
 
+    async def _lock_and_find(self, key: int, uid: str, find: bool) -> tuple[Any, tuple[str, int] | None]:
+        conn = await self._lock(key)
+        if not find:
+            return conn, None
+        try:
+            row = await conn.fetchrow("SELECT path, size FROM instances WHERE sop_uid = $1", uid)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._unlock(conn, key)
+            raise
+        return conn, (None if row is None else (row[0], row[1]))
+
     def _unlock_later(self, key: int, fut: concurrent.futures.Future[Any]) -> None:
         """The store waiting for a lock went away; free the lock if it was taken after all."""
         if not fut.cancelled() and fut.exception() is None and self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._unlock(fut.result(), key), self._loop)
+            asyncio.run_coroutine_threadsafe(self._unlock(fut.result()[0], key), self._loop)
+
+    async def _write_held(self, held: HeldInstance, make: Callable[[], IndexRow], unlock: bool) -> None:
+        row = make()
+        await held.conn.execute(_INDEX_INSTANCE, *[_arg(a) for a in row], timeout=COMMAND_TIMEOUT)
+        # Committed. Unlocked here only then: a failed store undoes its file still holding it.
+        if unlock:
+            held.released = True
+            with contextlib.suppress(Exception):  # a connection lost or reset drops its locks anyway
+                await self._unlock(held.conn, held.key)
 
     @contextlib.asynccontextmanager
-    async def instance_lock(self, uid: str) -> AsyncIterator[None]:
+    async def instance_lock(self, uid: str, find: bool = False) -> AsyncIterator[HeldInstance]:
+        """The lock, its look-up of a stored copy (``find``) and, through the
+        :class:`HeldInstance` yielded, the index write on the lock's connection: a store
+        costs two hops to the back end's loop (three when a previous file is replaced)."""
         if self._pool is None:
             await asyncio.to_thread(self.start)
         assert self._loop is not None
         key = lock_key("instance", uid)
-        taking = asyncio.run_coroutine_threadsafe(self._lock(key), self._loop)
+        taking = asyncio.run_coroutine_threadsafe(self._lock_and_find(key, uid, find), self._loop)
         try:
-            conn = await asyncio.shield(asyncio.wrap_future(taking))
+            conn, existing = await asyncio.shield(asyncio.wrap_future(taking))
         except asyncio.CancelledError:
             taking.add_done_callback(functools.partial(self._unlock_later, key))
             raise
+        held = HeldInstance(self, conn, key, existing)
         try:
-            yield
+            yield held
         finally:
-            freeing = asyncio.run_coroutine_threadsafe(self._unlock(conn, key), self._loop)
-            with contextlib.suppress(Exception):
-                await asyncio.shield(asyncio.wrap_future(freeing))
+            writing = held.writing
+            if writing is not None and not writing.done():  # cancelled meanwhile: unlock after it
+                writing.add_done_callback(lambda _f: self._free_held(held))
+            elif not held.released:
+                freeing = asyncio.run_coroutine_threadsafe(self._unlock(conn, key), self._loop)
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(asyncio.wrap_future(freeing))
+
+    def _free_held(self, held: HeldInstance) -> None:
+        if not held.released and self._loop is not None:
+            held.released = True
+            asyncio.run_coroutine_threadsafe(self._unlock(held.conn, held.key), self._loop)
 
     @contextlib.contextmanager
     def exclusive(self, name: str) -> Iterator[None]:

@@ -178,12 +178,12 @@ class SQLiteBackend(Backend):
             db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
 
     @contextlib.asynccontextmanager
-    async def instance_lock(self, uid: str) -> AsyncIterator[None]:
+    async def instance_lock(self, uid: str, find: bool = False) -> AsyncIterator[None]:
         if not self.shared:  # one process: the archive's own per-UID lock suffices
-            yield
+            yield None
             return
         async with _InstanceFileLock(self.root, uid):
-            yield
+            yield None
 
     def close(self) -> None:
         pass  # nothing beyond the connections

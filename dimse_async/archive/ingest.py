@@ -109,6 +109,13 @@ def _keep_previous(dest: str) -> str | None:
     return old
 
 
+def _files_before_store(existing: tuple[str, int] | None, dest: str) -> tuple[tuple[str, int] | None, str | None]:
+    """(the stored copy, if its file is there; else the hard link of a file about to be replaced)."""
+    if existing is not None and os.path.exists(existing[0]):
+        return existing, None
+    return None, _keep_previous(dest)
+
+
 def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
     """0xA700 with the true reason: disk full, read-only, too many open files, a locked index."""
     if isinstance(exc, OSError):
@@ -323,8 +330,9 @@ class IngestMixin(IndexDB):
         entry = self._locks.setdefault(uid, [asyncio.Lock(), 0])
         entry[1] += 1
         try:
-            async with entry[0], self.backend.instance_lock(uid):  # and across processes and nodes
-                return await self._store_locked(request, path, summary)
+            # and across processes and nodes
+            async with entry[0], self.backend.instance_lock(uid, find=self.duplicates == "keep") as held:
+                return await self._store_locked(request, path, summary, held)
         except self.backend.errors as exc:  # the lock could not be had (the index unreachable)
             return _out_of_resources(request, exc)
         finally:
@@ -332,11 +340,14 @@ class IngestMixin(IndexDB):
             if not entry[1]:
                 self._locks.pop(uid, None)
 
-    async def _store_locked(self, request: StoreRequest, path: Path, summary: DataSetSummary) -> Status:
+    async def _store_locked(self, request: StoreRequest, path: Path, summary: DataSetSummary, held: Any) -> Status:
         uid = request.sop_instance_uid
         dest = os.fspath(path)
         try:
-            existing, old = await self.in_index_thread(self._before_store, uid, dest)
+            if held is None:  # the look-up on a writer thread
+                existing, old = await self.in_index_thread(self._before_store, uid, dest)
+            else:  # looked up with the lock
+                existing, old = await asyncio.to_thread(_files_before_store, held.existing, dest)
         except self.resource_errors as exc:
             return _out_of_resources(request, exc)
         if existing is not None:
@@ -352,8 +363,12 @@ class IngestMixin(IndexDB):
                 with contextlib.suppress(OSError):
                     os.replace(old, dest)
             return _out_of_resources(request, exc)
+        make = functools.partial(self._stored_rows, dest, summary)
         try:
-            await self.commit_write(functools.partial(self._stored_rows, dest, summary))
+            if held is None:
+                await self.commit_write(make)
+            else:  # on the lock's connection; unlocked at once unless a previous file is still to go
+                await held.write_index(make, unlock=old is None)
         except Exception as exc:
             await asyncio.to_thread(self._undo_store, dest, old, request)
             request.assoc.note_error("index")
@@ -369,10 +384,7 @@ class IngestMixin(IndexDB):
     def _before_store(self, uid: str, dest: str) -> tuple[tuple[str, int] | None, str | None]:
         """One hop to a writer thread before a store: (the stored copy kept by the
         ``keep`` policy, if any; else the hard link of a file about to be replaced)."""
-        existing = self._stored(uid) if self.duplicates == "keep" else None
-        if existing is not None:
-            return existing, None
-        return None, _keep_previous(dest)
+        return _files_before_store(self._stored(uid) if self.duplicates == "keep" else None, dest)
 
     @staticmethod
     def _undo_store(dest: str, old: str | None, request: StoreRequest) -> None:
