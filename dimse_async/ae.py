@@ -6,7 +6,7 @@ import asyncio
 import functools
 import socket
 import ssl as ssl_module
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 
@@ -281,11 +281,12 @@ class AE(HandlerRegistry):
         handlers = self._handlers
         routes: list[Any] = []  # the C-MOVE route, made on the first C-MOVE
 
-        async def echo(assoc: DIMSEProvider, op: Operation) -> None:
-            await verification.scp_c_echo(assoc, op, handlers.get(CommandField.C_ECHO_RQ))
+        # echo and store hand back the service's coroutine (no wrapper coroutine per request).
+        def echo(assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
+            return verification.scp_c_echo(assoc, op, handlers.get(CommandField.C_ECHO_RQ))
 
-        async def store(assoc: DIMSEProvider, op: Operation) -> None:
-            await scp_c_store(assoc, op, handlers.get(CommandField.C_STORE_RQ))
+        def store(assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
+            return scp_c_store(assoc, op, handlers.get(CommandField.C_STORE_RQ))
 
         async def find(assoc: DIMSEProvider, op: Operation) -> None:
             from .services import qr

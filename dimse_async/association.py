@@ -162,53 +162,60 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
 
     def _run(self, outputs: list[fsm.Output]) -> None:
         for out in outputs:
-            if isinstance(out, fsm.Send):
-                if self.transport is not None and not self.transport.is_closing():
-                    data = out.data
+            kind = type(out)  # the two per-message outputs first, by identity
+            if kind is fsm.Send:
+                transport = self.transport
+                if transport is not None and not transport.is_closing():
+                    data = out.data  # type: ignore[union-attr]
                     if type(data) is list:  # PDU headers and value slices: one writev, no join
-                        self.transport.writelines(data)
+                        transport.writelines(data)
                         self.oplog.bytes_sent += sum(map(len, data))
                     else:
-                        self.transport.write(data)  # type: ignore[arg-type]
+                        transport.write(data)
                         self.oplog.bytes_sent += len(data)
-            elif isinstance(out, fsm.PDataIndication):
-                self._on_pdata(out)
-            elif isinstance(out, fsm.TimerExpired):
-                self._end_reason = self._end_reason or out.reason
-                what = "ARTIM timer expired, connection closed" if out.timer == "ARTIM" else f"{out.timer} timeout"
-                self.log.warning(what, reason=self.fsm.failure if out.timer == "ARTIM" else out.reason)
-            elif isinstance(out, fsm.StopReading):
-                self.pause_reading("aborted")  # for good: ARTIM closes the connection
-            elif isinstance(out, fsm.CloseTransport) and self.transport is not None:
-                if out.discard:
-                    self.transport.abort()  # nothing queued can matter to the peer any more
-                else:
-                    self.transport.close()
-            elif isinstance(out, fsm.AssociateIndication):
-                self.spawn(self._on_associate_request(out.rq))
-            elif isinstance(out, fsm.AssociateAccepted):
-                assert self.associate_rq is not None
-                self._set_negotiated(requestor_contexts(self.associate_rq, out.ac), "association accepted by peer")
-            elif isinstance(out, fsm.AssociateRejected):
-                self._end_reason = f"rejected: {reject_text(out.rj)}"
-                self.log.info("association rejected by peer", reason=reject_text(out.rj))
-                if not self._established.done():
-                    self._established.set_exception(AssociationRejected(out.rj))
-            elif isinstance(out, fsm.ReleaseIndication):
-                self._on_release_indication(out.collision)
-            elif isinstance(out, fsm.ReleaseConfirm):
-                self._released = True
-                if self.fsm.state is fsm.State.Sta12:  # acceptor side of a collision
-                    self.loop.call_soon(self._release_response)
-                if self._release_confirm is not None and not self._release_confirm.done():
-                    self._release_confirm.set_result(None)
-            elif isinstance(out, fsm.PeerAbort):
-                self._aborted(f"aborted by peer (A-ABORT source {out.source}, reason {out.reason})")
-            elif isinstance(out, fsm.ProviderAbort):
-                self._aborted(f"provider abort: {out.reason}")
-            # ConnectTransport: the requestor opens the connection itself (see AE.associate).
-            # StartARTIM / StopARTIM: the core keeps the deadline (fsm.get_timer).
+            elif kind is fsm.PDataIndication:
+                self._on_pdata(out)  # type: ignore[arg-type]
+            else:
+                self._run_other(out)
         self._schedule()
+
+    def _run_other(self, out: fsm.Output) -> None:
+        """The outputs of association set-up, release, abort and timers."""
+        if isinstance(out, fsm.TimerExpired):
+            self._end_reason = self._end_reason or out.reason
+            what = "ARTIM timer expired, connection closed" if out.timer == "ARTIM" else f"{out.timer} timeout"
+            self.log.warning(what, reason=self.fsm.failure if out.timer == "ARTIM" else out.reason)
+        elif isinstance(out, fsm.StopReading):
+            self.pause_reading("aborted")  # for good: ARTIM closes the connection
+        elif isinstance(out, fsm.CloseTransport) and self.transport is not None:
+            if out.discard:
+                self.transport.abort()  # nothing queued can matter to the peer any more
+            else:
+                self.transport.close()
+        elif isinstance(out, fsm.AssociateIndication):
+            self.spawn(self._on_associate_request(out.rq))
+        elif isinstance(out, fsm.AssociateAccepted):
+            assert self.associate_rq is not None
+            self._set_negotiated(requestor_contexts(self.associate_rq, out.ac), "association accepted by peer")
+        elif isinstance(out, fsm.AssociateRejected):
+            self._end_reason = f"rejected: {reject_text(out.rj)}"
+            self.log.info("association rejected by peer", reason=reject_text(out.rj))
+            if not self._established.done():
+                self._established.set_exception(AssociationRejected(out.rj))
+        elif isinstance(out, fsm.ReleaseIndication):
+            self._on_release_indication(out.collision)
+        elif isinstance(out, fsm.ReleaseConfirm):
+            self._released = True
+            if self.fsm.state is fsm.State.Sta12:  # acceptor side of a collision
+                self.loop.call_soon(self._release_response)
+            if self._release_confirm is not None and not self._release_confirm.done():
+                self._release_confirm.set_result(None)
+        elif isinstance(out, fsm.PeerAbort):
+            self._aborted(f"aborted by peer (A-ABORT source {out.source}, reason {out.reason})")
+        elif isinstance(out, fsm.ProviderAbort):
+            self._aborted(f"provider abort: {out.reason}")
+        # ConnectTransport: the requestor opens the connection itself (see AE.associate).
+        # StartARTIM / StopARTIM: the core keeps the deadline (fsm.get_timer).
 
     # ----------------------------------------------------------- the one timer
 
@@ -216,6 +223,10 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         """Keep one ``call_at`` for the earliest deadline: the core's (ARTIM, PDU
         progress) and the adapter's own (network idle, idle release). A deadline that
         moved later is found when the timer fires early and is scheduled again."""
+        if self._timer is not None:  # the usual case, per PDU: has the core's deadline moved earlier?
+            core = self.fsm.get_timer()
+            if core is None or core >= self._timer_at:
+                return  # the adapter's own deadlines only move later (see _set_negotiated)
         if self._closed.done():
             return
         when = self.fsm.get_timer()
@@ -328,6 +339,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         )
         self._window = asyncio.Semaphore(neg.max_ops_invoked or 1 << 16)
         self._last_dimse = self.loop.time()
+        if self._timer is not None:  # the idle deadlines start now: computed afresh
+            self._timer.cancel()
+            self._timer = None
         self._schedule()
         self.log.info(
             what,
@@ -383,7 +397,10 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 self.loop.call_soon(self._release_response)
             return  # acceptor (Sta10) waits for the A-RELEASE-RP first
         self._released = True
-        self.spawn(self._release_after_handlers())
+        if self.session.idle and not self._sending:  # the usual case: every answer went out already
+            self._release_response()
+        else:
+            self.spawn(self._release_after_handlers())
 
     async def _release_after_handlers(self) -> None:
         """The peer asked to release (Sta8): every request it sent, running or held back,

@@ -36,6 +36,7 @@ __all__ = [
     "response_to",
     "decode_command",
     "encode_command",
+    "encode_pdata",
     "fragment",
     "fragment_stream",
 ]
@@ -241,33 +242,39 @@ def encode_command(cmd: Command) -> bytes:
     return _GROUP_LENGTH.pack(0, 0, 4, len(body)) + body
 
 
+_US_KIND, _AT_KIND, _STR_KIND = 0, 1, 2
+# element number -> (kind, attribute), for decoding
+_DECODING = {elem: (_US_KIND if vr == "US" else _AT_KIND if vr == "AT" else _STR_KIND, name) for elem, vr, name in _ELEMENTS}
+
+
 def decode_command(data: bytes | bytearray | memoryview) -> Command:
     """Decode a command set. Unknown group-0000 elements are skipped."""
-    mv = memoryview(data)
-    pos, end = 0, len(mv)
+    raw = bytes(data)
+    pos, end = 0, len(raw)
     values: dict[str, object] = {}
+    unpack_header, decoding = _ELEM_HDR.unpack_from, _DECODING
     while pos < end:
         if end - pos < 8:
             raise DIMSEError("truncated command element")
-        group, elem, length = _ELEM_HDR.unpack_from(mv, pos)
+        group, elem, length = unpack_header(raw, pos)
         pos += 8
-        if group != 0 or pos + length > end:
+        stop = pos + length
+        if group != 0 or stop > end:
             raise DIMSEError(f"invalid command element ({group:04X},{elem:04X}) length {length}")
-        raw = mv[pos : pos + length]
-        pos += length
-        spec = _BY_ELEMENT.get(elem)
-        if spec is None:
-            continue
-        vr, name = spec
-        try:
-            if vr == "US":
-                (values[name],) = _US.unpack(raw)
-            elif vr == "AT":
-                values[name] = [(g << 16) | e for g, e in struct.iter_unpack("<HH", raw)]
+        spec = decoding.get(elem)
+        if spec is not None:
+            kind, name = spec
+            if kind == _US_KIND:
+                if length != 2:
+                    raise DIMSEError(f"command element (0000,{elem:04X}) has bad length {length}")
+                values[name] = raw[pos] | raw[pos + 1] << 8
+            elif kind == _STR_KIND:
+                values[name] = raw[pos:stop].decode("ascii", "replace").rstrip("\x00 ").lstrip(" ")
             else:
-                values[name] = str(raw, "ascii", "replace").rstrip("\x00 ").lstrip(" ")
-        except struct.error:
-            raise DIMSEError(f"command element (0000,{elem:04X}) has bad length {length}") from None
+                if length % 4:
+                    raise DIMSEError(f"command element (0000,{elem:04X}) has bad length {length}")
+                values[name] = [(g << 16) | e for g, e in struct.iter_unpack("<HH", raw[pos:stop])]
+        pos = stop
     if "command_field" not in values:
         raise DIMSEError("command set has no Command Field (0000,0100)")
     if "data_set_type" not in values:
@@ -288,6 +295,15 @@ def fragment(context_id: int, data: bytes | memoryview, is_command: bool, max_pd
     """
     for header, chunk in fragment_parts(context_id, data, is_command, max_pdu):
         yield header + chunk
+
+
+def encode_pdata(context_id: int, data: bytes, is_command: bool, max_pdu: int) -> bytes:
+    """:func:`fragment` joined: every P-DATA-TF PDU of one command or data set, as one
+    ``bytes`` (a single PDU, the usual case for a command set, costs one concatenation)."""
+    n = len(data)
+    if 0 < n <= (max_pdu or (1 << 22)) - 6:
+        return encode_pdata_header(n, context_id, 3 if is_command else 2) + data
+    return b"".join(fragment(context_id, data, is_command, max_pdu))
 
 
 def fragment_parts(

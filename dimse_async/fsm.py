@@ -174,15 +174,24 @@ class UpperLayer:
 
     def buffer_updated(self, nbytes: int, *, now: float | None = None) -> list[Output]:
         """``nbytes`` were received into :meth:`get_buffer`'s view: like :meth:`receive_data`."""
-        self._tick(now)
-        out = self._count_after_abort(nbytes)
-        if self.state in (State.Sta1, State.Sta4) or self._unframeable:
-            return out  # ignored: the bytes are not kept
+        if now is not None:
+            self.now = now
+        if self._after_abort is not None:
+            out = self._count_after_abort(nbytes)
+            if self.state in (State.Sta1, State.Sta4) or self._unframeable:
+                return out  # ignored: the bytes are not kept
+        elif self.state in (State.Sta1, State.Sta4) or self._unframeable:
+            return []
+        else:
+            out = None
         before = self.reader.buffered + nbytes
         self.reader.buffer_updated(nbytes)
-        out += self._take_pdus()
+        pdus = self._take_pdus()
         self._pdu_progress(before)
-        return out
+        if out:
+            out += pdus
+            return out
+        return pdus
 
     def _count_after_abort(self, n: int) -> list[Output]:
         """After our A-ABORT (Sta13) the peer's close is noticed, but what it keeps
@@ -208,7 +217,9 @@ class UpperLayer:
             if pdu is None:
                 break
             self._pdu = pdu
-            if type(pdu) is Abort:
+            if type(pdu) is PDataTF and self.state is State.Sta6:
+                pass  # DT-2, the usual case: nothing to explain
+            elif type(pdu) is Abort:
                 self._why = f"A-ABORT received (source {pdu.source}, reason {pdu.reason})"
             else:
                 self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, AbortReason.UNEXPECTED_PDU

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json as _json
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
@@ -52,19 +53,28 @@ def set_process_fields(**fields: Any) -> None:
     _process_fields.update(fields)
 
 
+_QUOTED = re.compile(r'[ "=\n]')
+
+
 def _format_value(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
-    if not text or any(c in text for c in ' "=\n'):
+    if not text or _QUOTED.search(text):
         return _json.dumps(text)
     return text
+
+
+def _render(event: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``event k=v ...`` as the message, and the record's ``extra`` carrying the fields."""
+    pairs = " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])
+    message = event + " " + pairs if pairs else event
+    return message, {RECORD_ATTR: {"event": event, **fields}}
 
 
 def _to_stdlib(_logger: Any, _method: str, event_dict: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Last processor: ``event k=v ...`` as the message, the fields on the record."""
     event = str(event_dict.pop("event", ""))
-    pairs = " ".join(f"{k}={_format_value(v)}" for k, v in event_dict.items())
-    message = f"{event} {pairs}" if pairs else event
-    return (message,), {"extra": {RECORD_ATTR: {"event": event, **event_dict}}}
+    message, extra = _render(event, event_dict)
+    return (message,), {"extra": extra}
 
 
 def _wrap(stdlib_logger: logging.Logger, initial: dict[str, Any]) -> Any:
@@ -97,11 +107,15 @@ def _ignore(*_args: Any, **_kwargs: Any) -> None:
 
 
 class _LazyLogger:
-    """A structlog bound logger, made the first time a line is logged at an enabled level.
+    """A structlog-style bound logger over a stdlib logger.
 
-    Loading structlog (and what it loads) takes longer than a short command-line run
-    that logs nothing; until then this holds the stdlib logger and the bound context,
-    and calls at a disabled level return at once.
+    The level methods (``debug`` ... ``critical``) render the line themselves, the
+    same as our structlog processors (``filter_by_level``, then ``event k=v ...``
+    with the fields on the record) would, without loading structlog or building a
+    structlog logger per association: a disabled level returns at once, an enabled
+    one costs one dict and one string. Anything else (``new``, ``unbind``,
+    ``exception``, positional arguments ...) goes to a real structlog bound logger,
+    made on first use.
     """
 
     __slots__ = ("_bound", "_initial", "_stdlib")
@@ -126,6 +140,33 @@ class _LazyLogger:
 
     def is_enabled_for(self, level: int) -> bool:
         return self._stdlib.isEnabledFor(level)
+
+    def _emit(self, level: int, method: str, event: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        if self._bound is not None or args or "event" in kw:
+            return getattr(self._real(), method)(event, *args, **kw)
+        stdlib = self._stdlib
+        if not stdlib.isEnabledFor(level):
+            return None
+        message, extra = _render(str(event) if event is not None else "", {**self._initial, **kw})
+        stdlib.log(level, message, extra=extra)
+        return None
+
+    def debug(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        return self._emit(logging.DEBUG, "debug", event, args, kw)
+
+    def info(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        return self._emit(logging.INFO, "info", event, args, kw)
+
+    def warning(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        return self._emit(logging.WARNING, "warning", event, args, kw)
+
+    warn = warning
+
+    def error(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        return self._emit(logging.ERROR, "error", event, args, kw)
+
+    def critical(self, event: Any = None, *args: Any, **kw: Any) -> Any:
+        return self._emit(logging.CRITICAL, "critical", event, args, kw)
 
     def __getattr__(self, name: str) -> Any:
         level = _LEVELS.get(name)

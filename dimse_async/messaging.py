@@ -23,6 +23,7 @@ from .dimse import (
     DIMSEError,
     Message,
     encode_command,
+    encode_pdata,
     fragment,
     fragment_parts,
     fragment_stream_parts,
@@ -92,6 +93,7 @@ class DIMSEMessaging:
         self.store_handler: StoreHandler | None = None
         self.oplog = OperationLog(self.loop.time(), info=self.settings.log_operations)
         self._send_lock = asyncio.Lock()
+        self._sending = 0  # sends holding or waiting for the lock (none: a small message goes at once)
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._pause_reasons: set[str] = set()
@@ -200,7 +202,7 @@ class DIMSEMessaging:
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Run ``coro`` as a task of this association: cancelled when it ends; an
         unexpected exception aborts the association."""
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task: asyncio.Task[Any] = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -235,10 +237,51 @@ class DIMSEMessaging:
         PDU-sized pieces (a file). The send lock keeps messages whole; small ones go
         out in one write, large ones in ~1 MiB writes that wait for the transport to drain.
         """
-        if dataset is not None:
+        if dataset is None:
+            if not self._sending and self._send_now(context_id, command):
+                if self._write_paused:
+                    await self._drain()
+                return
+        else:
             command.data_set_type = 0x0000
         cmd = encode_command(command)
         max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
+        self._sending += 1
+        try:
+            await self._send_locked(context_id, command, cmd, dataset, max_pdu)
+        finally:
+            self._sending -= 1
+
+    def _send_now(self, context_id: int, command: Command) -> bool:
+        """Send a message without a data set at once, when no other send is under way
+        or waiting (so nothing can come between): one write, no lock, no task switch.
+        ``False`` when a response must wait for the output budget (the caller then
+        takes the locked path)."""
+        self._check_can_send()
+        budget = self.settings.output_budget
+        if (
+            budget is not None
+            and command.command_field & 0x8000
+            and budget.over(self.loop.time())
+            and self.buffered_output() > 0
+        ):
+            return False
+        max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
+        pdu = encode_pdata(context_id, encode_command(command), True, max_pdu)
+        self._last_dimse = now = self.loop.time()
+        self.oplog.sent(now, command, None, self.log, self._debug)
+        self._run(self.fsm.send_pdata(pdu))
+        if budget is not None:
+            self._report_output()
+        if self._debug:
+            self.log.debug("message sent", command=command.name, context=context_id, dataset=False)
+        if self.settings.observer is not None:
+            self.settings.observer.message_sent(self, command)
+        return True
+
+    async def _send_locked(
+        self, context_id: int, command: Command, cmd: bytes, dataset: Payload | None, max_pdu: int
+    ) -> None:
         async with self._send_lock:
             self._check_can_send()
             if command.command_field & 0x8000:  # a response: within the server-wide budget
@@ -391,13 +434,24 @@ class DIMSEMessaging:
             self._received(event.operation.message)
             self.spawn(self._perform(event.operation))
         elif isinstance(event, Respond):
-            self.spawn(self.send(event.context_id, event.command))
+            self._respond(event.context_id, event.command)
         elif isinstance(event, PauseReading):
             self.pause_reading("window")
         elif isinstance(event, ResumeReading):
             self.resume_reading("window")
         elif isinstance(event, CancelRequested) and self._debug:
             self.log.debug("C-CANCEL received", message_id=event.operation.message_id)
+
+    def _respond(self, context_id: int, command: Command) -> None:
+        """Send a response the session decided: at once when nothing else is being
+        sent, else in a task behind the sends under way."""
+        if not self._sending and not self._write_paused:
+            try:
+                if self._send_now(context_id, command):
+                    return
+            except AssociationError:
+                return  # the association is gone: nobody to answer
+        self.spawn(self.send(context_id, command))
 
     async def _perform(self, op: Operation) -> None:
         """Run the service for one received request; then let the next held-back one start."""

@@ -12,6 +12,8 @@ from .status import PENDING_CODES, Status
 
 __all__ = ["OperationLog"]
 
+_OP_NAMES = {int(f): f.name.replace("_", "-").removesuffix("-RQ") for f in CommandField if not f & 0x8000}
+
 
 class OperationLog:
     """What one association did, for its log lines; fed by the adapter."""
@@ -30,8 +32,9 @@ class OperationLog:
 
     def sent(self, now: float, command: Command, dataset: Any, log: Any, debug: bool) -> None:
         """Note a request we send, or log the outcome of one we performed."""
-        if command.is_response:
-            if command.status is not None and command.status not in PENDING_CODES:
+        if command.command_field & 0x8000:
+            status = command.status
+            if status is not None and status not in PENDING_CODES:
                 started = self._in.pop(command.message_id_being_responded_to or -1, None)
                 if started is not None:
                     self._done(now, "scp", started, command, log, debug)
@@ -55,9 +58,11 @@ class OperationLog:
         self, now: float, role: str, started: tuple[float, int | None, Command], rsp: Command, log: Any, debug: bool
     ) -> None:
         t0, size, rq = started
-        status = Status(rsp.status or 0, rsp.error_comment)
-        name = rq.name.removesuffix("-RQ")
+        name = _OP_NAMES.get(rq.command_field) or rq.name.removesuffix("-RQ")
         self.operations[name] += 1
+        if not rsp.status and not (debug or self.info):
+            return  # success, not logged: counted only
+        status = Status(rsp.status or 0, rsp.error_comment)
         ok = status == 0
         if not ok and status.category != "warning":
             self.failed_operations += 1

@@ -300,3 +300,65 @@ async def test_large_instances_through_reused_receive_buffers_are_stored_intact(
     assert RECEIVE_BUFFERS.reused > reused
     for uid, src in files.items():
         assert dataset_part(out / f"{uid}.dcm") == dataset_part(src), f"{src.name} stored differently"
+
+
+async def test_inline_and_awaiting_handlers_answer_every_request_within_the_window(tmp_path):
+    """C-ECHOs answered at once (the response goes out without a task switch) mixed
+    with C-STOREs whose handler awaits: over one association whose SCP performs at
+    most 2 operations at once (PS3.7 D.3.3.3), every request gets its own response,
+    never more than 2 run at once, and with a window of 1 the responses come back in
+    the order the requests were sent."""
+    src = tmp_path / "src"
+    write_instances(src, 6)
+    paths = sorted(src.glob("*.dcm"))
+    running = peak = 0
+    finished: list[str] = []
+    started: list[str] = []  # the order the SCP took the requests up
+
+    async def quick_echo(request) -> None:
+        started.append(f"echo{request.message_id}")
+
+    async def slow_store(request: StoreRequest) -> Status:
+        nonlocal running, peak
+        started.append(f"store{request.message_id}")
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(0.02)
+            return Status(0)
+        finally:
+            running -= 1
+            finished.append(request.sop_instance_uid)
+
+    ae = storage_scp()
+    ae.max_ops_performed = 2
+    ae.on_c_store(slow_store)
+    ae.on_c_echo(quick_echo)
+    scu = AE("SCU")
+    scu.add_requested_context(VERIFICATION)
+    scu.add_requested_context(CT_CLASS, ExplicitVRLittleEndian)
+    order: list[str] = []
+
+    async def echo(assoc) -> None:
+        assert (await assoc.c_echo()).is_success
+        order.append(f"echo{assoc.session._next_id}")  # window 1: the id just answered
+
+    async def store(assoc, path: Path) -> None:
+        assert (await assoc.c_store(path)).is_success
+        order.append(f"store{assoc.session._next_id}")
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        for window in (2, 1):  # the SCU proposes 8 (or none); the SCP allows 2
+            order.clear()
+            started.clear()
+            peak = 0
+            proposed = (8, 8) if window == 2 else (1, 1)
+            async with scu.associate("127.0.0.1", server.port, "SCP", async_ops=proposed) as assoc:
+                assert assoc.negotiated is not None and (assoc.negotiated.max_ops_invoked or 1) == window
+                jobs = [job for path in paths for job in (store(assoc, path), echo(assoc))]
+                await asyncio.wait_for(asyncio.gather(*jobs), 30)
+            assert len(order) == len(started) == 12
+            assert 1 <= peak <= window
+        # window 1: every request was answered before the next one was taken up
+        assert order == started
+    assert len(finished) == 12

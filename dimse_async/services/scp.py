@@ -58,7 +58,7 @@ def error_comment(status: Status) -> str | None:
 
 def response(request: Command, status: Status) -> Command:
     """The response to ``request`` carrying ``status`` and, by the rule, its comment."""
-    rsp = response_to(request, int(status), error_comment(status))
+    rsp = response_to(request, int(status), error_comment(status) if status else None)
     if request.command_field == CommandField.C_STORE_RQ:
         rsp.affected_sop_instance_uid = request.affected_sop_instance_uid
     return rsp

@@ -84,6 +84,8 @@ class Spool:
         #: Set when the request is refused before its data set arrives: the bytes are
         #: counted and dropped, and this status answers it.
         self.refusal: Status | None = None
+        #: Set when the request's SOP Class and Instance UIDs were checked as it arrived.
+        self.uids_valid = False
 
     @classmethod
     def refused(cls, status: Status) -> Spool:
@@ -194,6 +196,11 @@ class Spool:
                 except OSError as exc:
                     self._fail(exc)
         self._unpause()
+
+    @property
+    def in_memory(self) -> bool:
+        """Everything received is in memory, no file work pending (:meth:`finish` has nothing to do)."""
+        return not self._spilling and self._flusher is None
 
     def chunks(self) -> list[bytes | memoryview]:
         """The in-memory part (header + data set) as received, without copying."""

@@ -10,6 +10,7 @@ as a complete Part 10 file.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import shutil
@@ -30,7 +31,7 @@ from ..uids import (
     ImplicitVRLittleEndian,
 )
 from .requests import Request
-from .scp import response, run_handler
+from .scp import failure_status, outcome_status, response
 from .spool import Spool
 
 if TYPE_CHECKING:  # pydicom is loaded only where a data set is decoded or encoded
@@ -238,7 +239,7 @@ def make_spool(assoc: DIMSEProvider, msg: Message, *, threshold: int, directory:
         assoc.context(msg.context_id).transfer_syntax,
         assoc.peer_ae or None,
     )
-    return Spool(
+    spool = Spool(
         header,
         threshold=threshold,
         directory=directory,
@@ -246,6 +247,8 @@ def make_spool(assoc: DIMSEProvider, msg: Message, *, threshold: int, directory:
         resume=lambda: assoc.resume_reading("spool"),
         writer=assoc.writer,
     )
+    spool.uids_valid = True
+    return spool
 
 
 async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler | None = None) -> None:
@@ -259,7 +262,8 @@ async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler
         # Command Data Set Type said "no data set": there is nothing to store (PS3.7 §9.3.1.1).
         spool = Spool.refused(Status(Code.CANNOT_UNDERSTAND, "C-STORE-RQ without a data set"))
     try:
-        await spool.finish()
+        if not spool.in_memory:
+            await spool.finish()
         handler = assoc.store_handler or handler
         if spool.refusal is not None:
             status = spool.refusal
@@ -269,8 +273,17 @@ async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler
             status = Status(Code.OUT_OF_RESOURCES, f"Out of resources: {spool.error.strerror or spool.error}")
         elif handler is None:
             status = Status(Code.SOP_CLASS_NOT_SUPPORTED, "No C-STORE handler: SOP class not supported")
-        else:
-            status = await run_handler(CommandField.C_STORE_RQ, handler, StoreRequest(assoc, op.message, spool), assoc)
+        else:  # run_handler, inlined: one coroutine less per instance
+            try:
+                result = await handler(StoreRequest(assoc, op.message, spool))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                status = failure_status(CommandField.C_STORE_RQ, exc, assoc)
+            else:
+                status = result
+                if not isinstance(result, Status):
+                    status = outcome_status(CommandField.C_STORE_RQ, result, assoc.log)
     finally:
         spool.discard()
     await assoc.send(op.context.id, response(cmd, status))
@@ -302,10 +315,11 @@ class DirectoryStore:
 
     async def __call__(self, request: StoreRequest) -> Status:
         uid = request.sop_instance_uid
-        if not valid_uid(uid):
-            return Status(Code.CANNOT_UNDERSTAND, f"invalid SOP Instance UID {uid[:70]!r}"[:64])
-        if not valid_uid(request.sop_class_uid):
-            return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID")
+        if not request.spool.uids_valid:  # else checked as the request arrived (store_refusal)
+            if not valid_uid(uid):
+                return Status(Code.CANNOT_UNDERSTAND, f"invalid SOP Instance UID {uid[:70]!r}"[:64])
+            if not valid_uid(request.sop_class_uid):
+                return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID")
         await request.save(os.path.join(self._root, uid + ".dcm"), durable=self.durable)
         self.stored += 1
         return _SUCCESS
