@@ -6,7 +6,7 @@ import asyncio
 import functools
 import socket
 import ssl as ssl_module
-from collections.abc import Awaitable, Iterable
+from collections.abc import Iterable
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from .pdu import (
     UserReason,
 )
 from .services import verification
-from .services.storage import STORE_TRANSFER_SYNTAXES, make_spool, scp_c_store
+from .services.storage import STORE_TRANSFER_SYNTAXES, CStoreService, make_spool
 from .session import Operation
 from .uids import DEFAULT_TRANSFER_SYNTAXES
 
@@ -281,12 +281,9 @@ class AE(HandlerRegistry):
         handlers = self._handlers
         routes: list[Any] = []  # the C-MOVE route, made on the first C-MOVE
 
-        # echo and store hand back the service's coroutine (no wrapper coroutine per request).
-        def echo(assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
-            return verification.scp_c_echo(assoc, op, handlers.get(CommandField.C_ECHO_RQ))
-
-        def store(assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
-            return scp_c_store(assoc, op, handlers.get(CommandField.C_STORE_RQ))
+        # C-ECHO and C-STORE may run a request as callbacks, without a task (``start``).
+        echo = verification.EchoService(functools.partial(handlers.get, CommandField.C_ECHO_RQ))
+        store = CStoreService(functools.partial(handlers.get, CommandField.C_STORE_RQ))
 
         async def find(assoc: DIMSEProvider, op: Operation) -> None:
             from .services import qr

@@ -181,6 +181,11 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
 
     def _run_other(self, out: fsm.Output) -> None:
         """The outputs of association set-up, release, abort and timers."""
+        kind = type(out)
+        if kind is fsm.StartARTIM or kind is fsm.StopARTIM or kind is fsm.ConnectTransport:
+            # The core keeps the ARTIM deadline (fsm.get_timer); the requestor opens the
+            # connection itself (see AE.associate).
+            return
         if isinstance(out, fsm.TimerExpired):
             self._end_reason = self._end_reason or out.reason
             what = "ARTIM timer expired, connection closed" if out.timer == "ARTIM" else f"{out.timer} timeout"
@@ -214,8 +219,6 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self._aborted(f"aborted by peer (A-ABORT source {out.source}, reason {out.reason})")
         elif isinstance(out, fsm.ProviderAbort):
             self._aborted(f"provider abort: {out.reason}")
-        # ConnectTransport: the requestor opens the connection itself (see AE.associate).
-        # StartARTIM / StopARTIM: the core keeps the deadline (fsm.get_timer).
 
     # ----------------------------------------------------------- the one timer
 

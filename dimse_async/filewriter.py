@@ -18,7 +18,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from queue import Empty, SimpleQueue
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["FileWriter", "GroupCommit", "group_commit", "make_dirs", "sync_file", "write_file", "writev_all"]
 
@@ -42,7 +42,7 @@ class _Worker:
         self.name = name
 
     def put(
-        self, item: tuple[asyncio.AbstractEventLoop, asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...]]
+        self, item: tuple[asyncio.AbstractEventLoop, _Result | None, Callable[..., Any], tuple[Any, ...]]
     ) -> None:
         self._queue.put(item)
         with self._lock:  # against the thread ending idle at this moment
@@ -109,6 +109,13 @@ class FileWriter:
         self._worker.put((self._loop, fut, fn, args))
         return fut
 
+    def submit_then(self, then: Callable[[Any, BaseException | None], None], fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the writer's thread, then ``then(result, exception)`` on
+        the loop: no future, and the callback runs in the loop pass that takes the
+        result (a future's done callbacks would wait for the next)."""
+        self.submitted += 1
+        self._worker.put((self._loop, _Then(then), fn, args))
+
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` in the thread, nobody waiting (errors ignored)."""
         self.submitted += 1
@@ -118,14 +125,42 @@ class FileWriter:
         """Nothing to stop: the shared thread ends by itself once idle."""
 
 
-def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+class _Result(Protocol):
+    """Where a job's outcome goes: a future on the loop, or a :class:`_Then`."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exc: BaseException, /) -> None: ...
+
+
+class _Then:
+    """A job's outcome handed straight to a callback (see :meth:`FileWriter.submit_then`)."""
+
+    __slots__ = ("_then",)
+
+    def __init__(self, then: Callable[[Any, BaseException | None], None]):
+        self._then = then
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result: Any, /) -> None:
+        self._then(result, None)
+
+    def set_exception(self, exc: BaseException, /) -> None:
+        self._then(None, exc)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, fut: _Result, result: Any, exc: BaseException | None) -> None:
     try:
         loop.call_soon_threadsafe(_settle, fut, result, exc)
     except RuntimeError:  # the loop is closed: nobody waits any more
         pass
 
 
-def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+def _settle(fut: _Result, result: Any, exc: BaseException | None) -> None:
     if fut.done():
         return
     if exc is not None:

@@ -93,6 +93,10 @@ class DIMSEProvider(Protocol):
 
     async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None: ...
 
+    def answer(self, op: Operation, command: Command, done: asyncio.Future[None]) -> None:
+        """The final response of an operation a service's ``start`` took up (run as
+        callbacks, no task): sent, then the operation is finished."""
+
     async def request(
         self,
         context: PresentationContext,

@@ -99,7 +99,7 @@ class DIMSEMessaging:
         self._pause_reasons: set[str] = set()
         self._window = asyncio.Semaphore(1)
         self._waiters: dict[int, ResponseQueue] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()  # tasks, and operations run as callbacks
         self._sink: DatasetSink | None = None
         self._writer: FileWriter | None = None
 
@@ -207,7 +207,7 @@ class DIMSEMessaging:
         task.add_done_callback(self._task_done)
         return task
 
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
+    def _task_done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, AssociationError):
             self.log.error("internal error in association task", error=repr(exc))
@@ -432,7 +432,10 @@ class DIMSEMessaging:
             event.message.sink = self._sink
         elif isinstance(event, Perform):
             self._received(event.operation.message)
-            self.spawn(self._perform(event.operation))
+            if self._debug:
+                self.log.debug("message received", command=event.operation.command.name, context=event.operation.context.id)
+            if not self._start_inline(event.operation):
+                self.spawn(self._perform(event.operation))
         elif isinstance(event, Respond):
             self._respond(event.context_id, event.command)
         elif isinstance(event, PauseReading):
@@ -441,6 +444,49 @@ class DIMSEMessaging:
             self.resume_reading("window")
         elif isinstance(event, CancelRequested) and self._debug:
             self.log.debug("C-CANCEL received", message_id=event.operation.message_id)
+
+    def _start_inline(self, op: Operation) -> bool:
+        """Let a service with a ``start(assoc, op, done)`` run ``op`` as callbacks
+        instead of a task (the usual C-STORE into a directory: one file job, then the
+        response); it then ends with :meth:`answer`. ``False``: it did not take it."""
+        start = getattr(self.settings.dispatch.get(op.command.command_field), "start", None)
+        if start is None:
+            return False
+        done: asyncio.Future[None] = self.loop.create_future()
+        self._tasks.add(done)  # local work: cancelled when the association ends, awaited before a release
+        if not start(self, op, done):
+            self._tasks.discard(done)
+            return False
+        return True
+
+    def answer(self, op: Operation, command: Command, done: asyncio.Future[None]) -> None:
+        """Send the final response of ``op`` run as callbacks (see :meth:`_start_inline`),
+        at once when nothing else is being sent, else behind the sends under way; then
+        the operation is finished (the next held-back request may start). Nothing is
+        sent once ``done`` is done: the association ended meanwhile."""
+        if done.done():
+            return
+        if not self._sending and not self._write_paused:
+            try:
+                sent = self._send_now(op.context.id, command)
+            except AssociationError:
+                sent = True  # gone: nobody to answer
+            if sent:
+                self._finished_inline(op, done)
+                return
+        task = self.spawn(self.send(op.context.id, command))
+        task.add_done_callback(lambda _task: self._finished_inline(op, done))
+
+    def _finished_inline(self, op: Operation, done: asyncio.Future[None]) -> None:
+        self._tasks.discard(done)
+        if not done.done():
+            done.set_result(None)
+        sink = op.message.sink
+        if sink is not None:
+            sink.discard()
+        if not self._closed.done():
+            for event in self.session.finished(op):
+                self._on_session_event(event)
 
     def _respond(self, context_id: int, command: Command) -> None:
         """Send a response the session decided: at once when nothing else is being
@@ -457,8 +503,6 @@ class DIMSEMessaging:
         """Run the service for one received request; then let the next held-back one start."""
         try:
             cmd = op.command
-            if self._debug:
-                self.log.debug("message received", command=cmd.name, context=op.context.id)
             service = self.settings.dispatch.get(cmd.command_field)
             if service is None:
                 self.log.warning("unsupported DIMSE request", command=cmd.name)

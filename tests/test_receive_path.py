@@ -362,3 +362,34 @@ async def test_inline_and_awaiting_handlers_answer_every_request_within_the_wind
         # window 1: every request was answered before the next one was taken up
         assert order == started
     assert len(finished) == 12
+
+
+async def test_directory_store_answers_each_instance_from_its_file_job(tmp_path):
+    """A plain DirectoryStore answers from the outcome of the instance's one file job
+    (no task per instance): pipelined stores within the window all succeed with their
+    files complete; a file that cannot be created is answered 0xA700 with the reason
+    and the association goes on (PS3.4 B.2.3)."""
+    src = tmp_path / "src"
+    uids = write_instances(src, 6)
+    paths = sorted(src.glob("*.dcm"))
+    out = tmp_path / "out"
+    store = DirectoryStore(out)
+    (out / f"{uids[2]}.dcm.partial").mkdir()  # where instance 2 would be written: cannot be
+    ae = storage_scp()
+    ae.max_ops_performed = 2
+    ae.on_c_store(store)
+    scu = AE("SCU")
+    scu.add_requested_context(VERIFICATION)
+    scu.add_requested_context(CT_CLASS, ExplicitVRLittleEndian)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu.associate("127.0.0.1", server.port, "SCP", async_ops=(8, 8)) as assoc:
+            statuses = await asyncio.wait_for(asyncio.gather(*(assoc.c_store(p) for p in paths)), 30)
+            assert (await assoc.c_echo()).is_success
+    assert [int(s) for s in statuses] == [0, 0, 0xA700, 0, 0, 0]
+    assert statuses[2].error_comment is not None and statuses[2].error_comment.startswith("Out of resources")
+    assert store.stored == 5
+    for i, (uid, path) in enumerate(zip(uids, paths)):
+        assert (out / f"{uid}.dcm").exists() == (i != 2)
+        if i != 2:
+            assert sent_intact((out / f"{uid}.dcm").read_bytes(), path)
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".partial")) == [f"{uids[2]}.dcm.partial"]

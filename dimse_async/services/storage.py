@@ -14,6 +14,7 @@ import asyncio
 import io
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # pydicom is loaded only where a data set is decoded or encod
     from pydicom.dataset import Dataset
 
 __all__ = [
+    "CStoreService",
     "STORAGE_SOP_CLASSES",
     "STORE_TRANSFER_SYNTAXES",
     "DirectoryStore",
@@ -45,6 +47,7 @@ __all__ = [
     "StoreRequest",
     "make_spool",
     "scp_c_store",
+    "start_c_store",
 ]
 
 #: The storage SOP classes (:mod:`dimse_async.sop_classes`), loaded on first use.
@@ -290,6 +293,70 @@ async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler
 
 
 _SUCCESS = Status(Code.SUCCESS)
+
+
+def start_c_store(
+    assoc: DIMSEProvider, op: Operation, handler: StoreHandler | None, done: asyncio.Future[None]
+) -> bool:
+    """The usual C-STORE, run as callbacks instead of a task: the handler is a plain
+    :class:`DirectoryStore` (not durable), the instance arrived whole in memory and its
+    UIDs were checked on arrival. One job in the association's writer (the file
+    written and renamed into place, as :meth:`StoreRequest.save` does), then the
+    status from its outcome, as :func:`scp_c_store` would answer, sent in the loop pass
+    that learns it (PS3.4 B.2.3: success only once the file is complete and renamed).
+    ``False``: anything else, for :func:`scp_c_store` in a task."""
+    spool = op.message.sink
+    if (
+        type(handler) is not DirectoryStore
+        or handler.durable
+        or assoc.store_handler is not None
+        or type(spool) is not Spool
+        or not spool.uids_valid
+        or not spool.in_memory
+        or spool.refusal is not None
+        or spool.error is not None
+    ):
+        return False
+    cmd = op.command
+    store: DirectoryStore = handler
+
+    def written(_created: object, exc: BaseException | None) -> None:
+        spool.discard()
+        if done.done():
+            return  # the association ended meanwhile
+        try:
+            if exc is None:
+                store.stored += 1
+                status: Status = _SUCCESS
+            elif isinstance(exc, Exception):
+                status = failure_status(CommandField.C_STORE_RQ, exc, assoc)
+            else:  # pragma: no cover - KeyboardInterrupt and the like in the writer thread
+                raise exc
+            assoc.answer(op, response(cmd, status), done)
+        except BaseException as err:  # never leave the operation hanging
+            assoc.log.error("internal error in C-STORE", error=repr(err))
+            done.set_exception(err)
+
+    dest = os.path.join(store._root, f"{cmd.affected_sop_instance_uid}.dcm")
+    assoc.writer.submit_then(written, write_file, dest, spool.chunks(), False)
+    return True
+
+
+class CStoreService:
+    """The C-STORE entry of an AE's dispatch table: :func:`scp_c_store` in a task, or
+    :func:`start_c_store` where it applies; ``handler()`` gives the handler registered
+    at the time of the request."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler: Callable[[], StoreHandler | None]):
+        self._handler = handler
+
+    def __call__(self, assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
+        return scp_c_store(assoc, op, self._handler())
+
+    def start(self, assoc: DIMSEProvider, op: Operation, done: asyncio.Future[None]) -> bool:
+        return start_c_store(assoc, op, self._handler(), done)
 
 
 class DirectoryStore:

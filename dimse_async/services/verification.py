@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from ..uids import Verification
 from .requests import Request
 from .scp import response, run_handler
 
-__all__ = ["c_echo", "scp_c_echo"]
+__all__ = ["EchoService", "c_echo", "scp_c_echo", "start_c_echo"]
 
 
 async def c_echo(assoc: DIMSEProvider, *, timeout: float | None = None) -> Status:
@@ -25,6 +26,36 @@ async def c_echo(assoc: DIMSEProvider, *, timeout: float | None = None) -> Statu
     return response_status(rsp.command.status, rsp.command.error_comment)
 
 
+def _echo_status(assoc: DIMSEProvider, op: Operation) -> Status | None:
+    """The status for a C-ECHO-RQ of another SOP class (logged), else ``None``."""
+    if op.command.affected_sop_class_uid != op.context.abstract_syntax:
+        # PS3.7 §9.3.5.1: the Verification SOP Class; anything else is not supported.
+        assoc.log.warning("C-ECHO-RQ for another SOP class", sop_class=op.command.affected_sop_class_uid)
+        return Status(Code.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
+    return None
+
+
+def _echo_response(cmd: Command, status: Status) -> Command:
+    rsp = response(cmd, status)
+    rsp.affected_sop_class_uid = cmd.affected_sop_class_uid or Verification
+    return rsp
+
+
+def start_c_echo(
+    assoc: DIMSEProvider, op: Operation, handler: Callable[[Request], Awaitable[Any]] | None, done: asyncio.Future[None]
+) -> bool:
+    """Answer a C-ECHO at once, without a task, when no handler is registered (see
+    :meth:`~dimse_async.messaging.DIMSEMessaging.answer`); ``False`` otherwise."""
+    if handler is not None:
+        return False
+    status = _echo_status(assoc, op) or _SUCCESS
+    assoc.answer(op, _echo_response(op.command, status), done)
+    return True
+
+
+_SUCCESS = Status(Status.SUCCESS)
+
+
 async def scp_c_echo(
     assoc: DIMSEProvider, op: Operation, handler: Callable[[Request], Awaitable[Any]] | None = None
 ) -> None:
@@ -33,14 +64,26 @@ async def scp_c_echo(
     A handler that raises is logged and answered with failure 0x0211 (PS3.7 C.5,
     the generic failure status C-ECHO can carry).
     """
-    status = Status(Status.SUCCESS)
-    if op.command.affected_sop_class_uid != op.context.abstract_syntax:
-        # PS3.7 §9.3.5.1: the Verification SOP Class; anything else is not supported.
-        assoc.log.warning("C-ECHO-RQ for another SOP class", sop_class=op.command.affected_sop_class_uid)
-        status = Status(Code.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
-    elif handler is not None:
-        status = await run_handler(CommandField.C_ECHO_RQ, handler, Request(assoc, op.message), assoc)
-    cmd = op.command
-    rsp = response(cmd, status)
-    rsp.affected_sop_class_uid = cmd.affected_sop_class_uid or Verification
-    await assoc.send(op.context.id, rsp)
+    status = _echo_status(assoc, op)
+    if status is None:
+        status = _SUCCESS
+        if handler is not None:
+            status = await run_handler(CommandField.C_ECHO_RQ, handler, Request(assoc, op.message), assoc)
+    await assoc.send(op.context.id, _echo_response(op.command, status))
+
+
+class EchoService:
+    """The C-ECHO entry of an AE's dispatch table: :func:`scp_c_echo` in a task, or
+    :func:`start_c_echo` without one; ``handler()`` gives the handler registered at the
+    time of the request."""
+
+    __slots__ = ("_handler",)
+
+    def __init__(self, handler: Callable[[], Callable[[Request], Awaitable[Any]] | None]):
+        self._handler = handler
+
+    def __call__(self, assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
+        return scp_c_echo(assoc, op, self._handler())
+
+    def start(self, assoc: DIMSEProvider, op: Operation, done: asyncio.Future[None]) -> bool:
+        return start_c_echo(assoc, op, self._handler(), done)
