@@ -171,7 +171,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                         transport.writelines(data)
                         self.oplog.bytes_sent += sum(map(len, data))
                     else:
-                        transport.write(data)
+                        transport.write(data)  # type: ignore[arg-type]
                         self.oplog.bytes_sent += len(data)
             elif kind is fsm.PDataIndication:
                 self._on_pdata(out)  # type: ignore[arg-type]

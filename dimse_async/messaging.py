@@ -417,11 +417,19 @@ class DIMSEMessaging:
             self.settings.observer.error(kind)
 
     def _on_session_event(self, event: SessionEvent) -> None:
+        # The per-message events first: a data set fragment, a request to perform, a response.
         if isinstance(event, DataFragment):
             if self._sink is not None:
                 self._sink.write(event.data)
                 if event.last:
                     self._sink = None
+        elif isinstance(event, Perform):
+            op = event.operation
+            self._received(op.message)
+            if self._debug:
+                self.log.debug("message received", command=op.command.name, context=op.context.id)
+            if not self._start_inline(op):
+                self.spawn(self._perform(op))
         elif isinstance(event, ResponseArrived):
             self._received(event.message)
             waiter = self._waiters.get(event.message_id)
@@ -430,12 +438,6 @@ class DIMSEMessaging:
         elif isinstance(event, StreamStarted):
             self._sink = self.settings.sinks[event.message.command.command_field](self, event.message)
             event.message.sink = self._sink
-        elif isinstance(event, Perform):
-            self._received(event.operation.message)
-            if self._debug:
-                self.log.debug("message received", command=event.operation.command.name, context=event.operation.context.id)
-            if not self._start_inline(event.operation):
-                self.spawn(self._perform(event.operation))
         elif isinstance(event, Respond):
             self._respond(event.context_id, event.command)
         elif isinstance(event, PauseReading):

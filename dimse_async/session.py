@@ -297,10 +297,11 @@ class Session:
         if not cmd.has_dataset:
             self._complete(msg, out)
             return
-        if not cmd.is_response and cmd.command_field in _NO_DATASET_REQUESTS:
+        request = not cmd.command_field & 0x8000
+        if request and cmd.command_field in _NO_DATASET_REQUESTS:
             raise DIMSEError(f"{cmd.name} must not carry a data set")
         self._current, self._chunks, self._size, self._mode = msg, [], 0, "memory"
-        if not cmd.is_response:
+        if request:
             self._refusal = self._refuse(msg)
             if self._refusal is not None:
                 self._mode = "drop"
@@ -334,11 +335,12 @@ class Session:
             out.append(self._refusal)
             self._refusal = None
             return
-        self._complete(msg, out)
+        self._complete(msg, out, checked=True)
 
-    def _complete(self, msg: Message, out: list[SessionEvent]) -> None:
+    def _complete(self, msg: Message, out: list[SessionEvent], *, checked: bool = False) -> None:
+        """``checked``: a request whose role was judged as its command set arrived."""
         cmd = msg.command
-        if cmd.is_response:
+        if cmd.command_field & 0x8000:
             mid = cmd.message_id_being_responded_to
             if mid is None or mid not in self._invoked:
                 raise DIMSEError(f"{cmd.name} answers message id {mid}, never sent")
@@ -349,7 +351,7 @@ class Session:
         elif cmd.command_field == CommandField.C_CANCEL_RQ:
             self._cancel(cmd.message_id_being_responded_to, out)  # no response (PS3.7 §9.3.2.3)
         else:
-            refusal = self._refuse(msg)
+            refusal = None if checked else self._refuse(msg)
             if refusal is not None:
                 out.append(refusal)
                 return

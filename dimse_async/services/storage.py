@@ -233,13 +233,14 @@ def make_spool(assoc: DIMSEProvider, msg: Message, *, threshold: int, directory:
     and answers with a failure status.
     """
     cmd = msg.command
-    refusal = store_refusal(cmd, assoc.context(msg.context_id))
+    context = assoc.context(msg.context_id)
+    refusal = store_refusal(cmd, context)
     if refusal is not None:
         return Spool.refused(refusal)
     header = encode_file_meta(
         cmd.affected_sop_class_uid or "",
         cmd.affected_sop_instance_uid or "",
-        assoc.context(msg.context_id).transfer_syntax,
+        context.transfer_syntax,
         assoc.peer_ae or None,
     )
     spool = Spool(
