@@ -10,6 +10,7 @@ asynchronous step (user identity) is done by the caller and passed in.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 from .pdu import (
     APPLICATION_CONTEXT,
@@ -29,7 +30,6 @@ from .pdu import (
     UserInformation,
     UserReason,
 )
-from .records import Record
 from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, uid_name
 
 __all__ = [
@@ -140,7 +140,8 @@ def validate_ae_title(title: str | bytes, what: str = "AE title") -> str:
     return stripped
 
 
-class ContextSpec(Record):
+@dataclass(slots=True)
+class ContextSpec:
     """A presentation context we request (as requestor) or support (as acceptor).
 
     Role selection: as requestor, ``scu_role``/``scp_role`` set to booleans propose a
@@ -149,86 +150,42 @@ class ContextSpec(Record):
     (defaults: it may be SCU, not SCP).
     """
 
-    __slots__ = ("abstract_syntax", "transfer_syntaxes", "scu_role", "scp_role")
-
-    def __init__(
-        self,
-        abstract_syntax: str,
-        transfer_syntaxes: list[str],
-        scu_role: bool | None = None,
-        scp_role: bool | None = None,
-    ) -> None:
-        self.abstract_syntax = abstract_syntax
-        self.transfer_syntaxes = transfer_syntaxes
-        self.scu_role = scu_role
-        self.scp_role = scp_role
+    abstract_syntax: str
+    transfer_syntaxes: list[str]
+    scu_role: bool | None = None
+    scp_role: bool | None = None
 
 
-class PresentationContext(Record):
+@dataclass(slots=True)
+class PresentationContext:
     """A negotiated presentation context and the roles the *local* side may take."""
 
-    __slots__ = ("id", "abstract_syntax", "transfer_syntax", "result", "as_scu", "as_scp")
-
-    def __init__(
-        self,
-        id: int,
-        abstract_syntax: str,
-        transfer_syntax: str,
-        result: int,
-        as_scu: bool = True,
-        as_scp: bool = False,
-    ) -> None:
-        self.id = id
-        self.abstract_syntax = abstract_syntax
-        self.transfer_syntax = transfer_syntax
-        self.result = result
-        self.as_scu = as_scu
-        self.as_scp = as_scp
+    id: int
+    abstract_syntax: str
+    transfer_syntax: str
+    result: int
+    as_scu: bool = True
+    as_scp: bool = False
 
     @property
     def accepted(self) -> bool:
         return self.result == ACCEPTANCE
 
 
-class Negotiated(Record):
+@dataclass(slots=True)
+class Negotiated:
     """What an association settled on, whichever side we were."""
 
-    __slots__ = (
-        "contexts",
-        "peer_max_pdu",
-        "max_ops_invoked",
-        "max_ops_performed",
-        "peer_implementation_uid",
-        "peer_implementation_version",
-        "extended",
-        "common_extended",
-        "identity",
-        "identity_response",
-    )
-
-    def __init__(
-        self,
-        contexts: list[PresentationContext],
-        peer_max_pdu: int,
-        max_ops_invoked: int = 1,
-        max_ops_performed: int = 1,
-        peer_implementation_uid: str = "",
-        peer_implementation_version: str | None = None,
-        extended: dict[str, bytes] | None = None,
-        common_extended: list[SOPClassCommonExtended] | None = None,
-        identity: UserIdentityRQ | None = None,
-        identity_response: bytes | None = None,
-    ) -> None:
-        self.contexts = contexts
-        self.peer_max_pdu = peer_max_pdu
-        self.max_ops_invoked = max_ops_invoked  # outstanding requests we may invoke (0 = unlimited)
-        self.max_ops_performed = max_ops_performed  # outstanding requests we must be ready to perform
-        self.peer_implementation_uid = peer_implementation_uid
-        self.peer_implementation_version = peer_implementation_version
-        self.extended: dict[str, bytes] = {} if extended is None else extended
-        self.common_extended: list[SOPClassCommonExtended] = [] if common_extended is None else common_extended
-        self.identity = identity
-        self.identity_response = identity_response
+    contexts: list[PresentationContext]
+    peer_max_pdu: int
+    max_ops_invoked: int = 1  # outstanding requests we may invoke (0 = unlimited)
+    max_ops_performed: int = 1  # outstanding requests we must be ready to perform
+    peer_implementation_uid: str = ""
+    peer_implementation_version: str | None = None
+    extended: dict[str, bytes] = field(default_factory=dict)
+    common_extended: list[SOPClassCommonExtended] = field(default_factory=list)
+    identity: UserIdentityRQ | None = None
+    identity_response: bytes | None = None
 
     @property
     def accepted(self) -> list[PresentationContext]:
@@ -316,45 +273,22 @@ def requestor_contexts(rq: AssociateRQ, ac: AssociateAC) -> Negotiated:
     )
 
 
-class AcceptorPolicy(Record):
+@dataclass
+class AcceptorPolicy:
     """How an acceptor judges an A-ASSOCIATE-RQ (PS3.7 §7.4, PS3.8 §7.1)."""
 
-    __slots__ = (
-        "ae_title",
-        "supported",
-        "max_pdu",
-        "require_called_ae",
-        "allowed_calling_aes",
-        "max_ops_performed",
-        "max_ops_invoked",
-        "on_extended",
-        "on_common_extended",
-    )
-
-    def __init__(
-        self,
-        ae_title: str,
-        supported: dict[str, ContextSpec],
-        max_pdu: int,
-        require_called_ae: bool = True,
-        allowed_calling_aes: frozenset[str] | None = None,
-        max_ops_performed: int = 16,
-        max_ops_invoked: int = 16,
-        on_extended: Callable[[str, bytes], bytes | None] | None = None,
-        on_common_extended: Callable[[SOPClassCommonExtended], bool] | None = None,
-    ) -> None:
-        self.ae_title = ae_title
-        self.supported = supported
-        self.max_pdu = max_pdu
-        self.require_called_ae = require_called_ae
-        self.allowed_calling_aes = allowed_calling_aes
-        #: Outstanding operations we perform / invoke concurrently (0 = unlimited).
-        self.max_ops_performed = max_ops_performed
-        self.max_ops_invoked = max_ops_invoked
-        #: SOP class extended negotiation: (sop_class_uid, info) -> reply info or None.
-        self.on_extended = on_extended
-        #: SOP class common extended negotiation: item -> accept?
-        self.on_common_extended = on_common_extended
+    ae_title: str
+    supported: dict[str, ContextSpec]
+    max_pdu: int
+    require_called_ae: bool = True
+    allowed_calling_aes: frozenset[str] | None = None
+    #: Outstanding operations we perform / invoke concurrently (0 = unlimited).
+    max_ops_performed: int = 16
+    max_ops_invoked: int = 16
+    #: SOP class extended negotiation: (sop_class_uid, info) -> reply info or None.
+    on_extended: Callable[[str, bytes], bytes | None] | None = None
+    #: SOP class common extended negotiation: item -> accept?
+    on_common_extended: Callable[[SOPClassCommonExtended], bool] | None = None
 
 
 def _refusal(rq: AssociateRQ, policy: AcceptorPolicy, identity_ok: bool) -> AssociateRJ | None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .acse import ContextSpec
 from .dataset_check import DataSetError, check_part10
 from .part10 import read_file_meta
-from .records import Record
 from .uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 __all__ = ["MAX_CONTEXTS", "FileInfo", "inspect_file", "plan_contexts"]
@@ -22,14 +22,12 @@ __all__ = ["MAX_CONTEXTS", "FileInfo", "inspect_file", "plan_contexts"]
 MAX_CONTEXTS = 128
 
 
-class FileInfo(Record):
-    __slots__ = ("path", "sop_class", "transfer_syntax", "size")
-
-    def __init__(self, path: str, sop_class: str, transfer_syntax: str, size: int) -> None:
-        self.path = path
-        self.sop_class = sop_class
-        self.transfer_syntax = transfer_syntax
-        self.size = size
+@dataclass(slots=True)
+class FileInfo:
+    path: str
+    sop_class: str
+    transfer_syntax: str
+    size: int
 
 
 def inspect_file(path: str, *, check: bool = False) -> FileInfo | str:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Protocol
 
 from .pdu import PDV, encode_pdata_header
-from .records import FrozenRecord, Record
 from .status import Status
 
 __all__ = [
@@ -111,88 +111,37 @@ _ELEM_HDR = struct.Struct("<HHI")
 _US = struct.Struct("<H")
 
 
-class Command(Record):
+@dataclass(slots=True)
+class Command:
     """A DIMSE command set (PS3.7 Annex E). Absent fields are ``None``.
 
     ``offending_element`` and ``attribute_identifier_list`` hold tags as ints
     (``0xGGGGEEEE``).
     """
 
-    __slots__ = (
-        "command_field",
-        "message_id",
-        "message_id_being_responded_to",
-        "affected_sop_class_uid",
-        "requested_sop_class_uid",
-        "affected_sop_instance_uid",
-        "requested_sop_instance_uid",
-        "data_set_type",
-        "status",
-        "priority",
-        "move_destination",
-        "offending_element",
-        "error_comment",
-        "error_id",
-        "event_type_id",
-        "attribute_identifier_list",
-        "action_type_id",
-        "remaining",
-        "completed",
-        "failed",
-        "warning",
-        "move_originator_ae",
-        "move_originator_message_id",
-    )
-
-    def __init__(
-        self,
-        command_field: int,
-        message_id: int | None = None,
-        message_id_being_responded_to: int | None = None,
-        affected_sop_class_uid: str | None = None,
-        requested_sop_class_uid: str | None = None,
-        affected_sop_instance_uid: str | None = None,
-        requested_sop_instance_uid: str | None = None,
-        data_set_type: int = NO_DATASET,
-        status: int | None = None,
-        priority: int | None = None,
-        move_destination: str | None = None,
-        offending_element: list[int] | None = None,
-        error_comment: str | None = None,
-        error_id: int | None = None,
-        event_type_id: int | None = None,
-        attribute_identifier_list: list[int] | None = None,
-        action_type_id: int | None = None,
-        remaining: int | None = None,
-        completed: int | None = None,
-        failed: int | None = None,
-        warning: int | None = None,
-        move_originator_ae: str | None = None,
-        move_originator_message_id: int | None = None,
-    ) -> None:
-        self.command_field = command_field
-        self.message_id = message_id
-        self.message_id_being_responded_to = message_id_being_responded_to
-        self.affected_sop_class_uid = affected_sop_class_uid
-        self.requested_sop_class_uid = requested_sop_class_uid
-        self.affected_sop_instance_uid = affected_sop_instance_uid
-        self.requested_sop_instance_uid = requested_sop_instance_uid
-        self.data_set_type = data_set_type
-        self.status = status
-        self.priority = priority
-        self.move_destination = move_destination
-        self.offending_element = offending_element
-        self.error_comment = error_comment
-        self.error_id = error_id
-        self.event_type_id = event_type_id
-        self.attribute_identifier_list = attribute_identifier_list
-        self.action_type_id = action_type_id
-        self.remaining = remaining
-        self.completed = completed
-        self.failed = failed
-        self.warning = warning
-        self.move_originator_ae = move_originator_ae
-        self.move_originator_message_id = move_originator_message_id
+    command_field: int
+    message_id: int | None = None
+    message_id_being_responded_to: int | None = None
+    affected_sop_class_uid: str | None = None
+    requested_sop_class_uid: str | None = None
+    affected_sop_instance_uid: str | None = None
+    requested_sop_instance_uid: str | None = None
+    data_set_type: int = NO_DATASET
+    status: int | None = None
+    priority: int | None = None
+    move_destination: str | None = None
+    offending_element: list[int] | None = None
+    error_comment: str | None = None
+    error_id: int | None = None
+    event_type_id: int | None = None
+    attribute_identifier_list: list[int] | None = None
+    action_type_id: int | None = None
+    remaining: int | None = None
+    completed: int | None = None
+    failed: int | None = None
+    warning: int | None = None
+    move_originator_ae: str | None = None
+    move_originator_message_id: int | None = None
 
     @property
     def has_dataset(self) -> bool:
@@ -368,45 +317,32 @@ class DatasetSink(Protocol):
     def discard(self) -> None: ...
 
 
-class Message(Record):
+@dataclass(slots=True)
+class Message:
     """A complete DIMSE message: its context, command set and data set (if collected)."""
 
-    __slots__ = ("context_id", "command", "dataset", "sink")
-
-    def __init__(
-        self, context_id: int, command: Command, dataset: bytes | None = None, sink: DatasetSink | None = None
-    ) -> None:
-        self.context_id = context_id
-        self.command = command
-        self.dataset = dataset
-        #: Where the data set went instead, when it was streamed (e.g. a C-STORE spool).
-        self.sink = sink
+    context_id: int
+    command: Command
+    dataset: bytes | None = None
+    #: Where the data set went instead, when it was streamed (e.g. a C-STORE spool).
+    sink: DatasetSink | None = None
 
 
-class CommandReceived(FrozenRecord):
+@dataclass(slots=True, frozen=True)
+class CommandReceived:
     """A command set is complete; if ``command.has_dataset`` its fragments follow."""
 
     context_id: int
     command: Command
-    __slots__ = ("context_id", "command")
-
-    def __init__(self, context_id: int, command: Command) -> None:
-        object.__setattr__(self, "context_id", context_id)
-        object.__setattr__(self, "command", command)
 
 
-class DataFragment(FrozenRecord):
+@dataclass(slots=True, frozen=True)
+class DataFragment:
     """One data set fragment, as received (a view into the PDU, not a copy)."""
 
     context_id: int
     data: bytes | memoryview
     last: bool
-    __slots__ = ("context_id", "data", "last")
-
-    def __init__(self, context_id: int, data: bytes | memoryview, last: bool) -> None:
-        object.__setattr__(self, "context_id", context_id)
-        object.__setattr__(self, "data", data)
-        object.__setattr__(self, "last", last)
 
 
 AssemblerEvent = CommandReceived | DataFragment

@@ -4,8 +4,9 @@ indications and confirmations for the local user (PS3.8 §9.1, Tables 9-6 .. 9-9
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ, PDataTF
-from .records import Record
 
 __all__ = [
     "AssociateAccepted",
@@ -27,112 +28,95 @@ __all__ = [
 ]
 
 
-class Send(Record):
+@dataclass(slots=True)
+class Send:
     """Bytes for the peer: one buffer, or a list of buffers written in order (PDU
     headers and the value slices between them, not joined)."""
 
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes | list[bytes | memoryview]) -> None:
-        self.data = data
+    data: bytes | list[bytes | memoryview]
 
 
-class ConnectTransport(Record):
-    __slots__ = ()
+@dataclass(slots=True)
+class ConnectTransport:
+    pass
 
 
-class CloseTransport(Record):
+@dataclass(slots=True)
+class CloseTransport:
     """Close the connection; with ``discard`` drop what is still queued to send (the
     peer aborted, or ARTIM expired on a peer that does not read)."""
 
-    __slots__ = ("discard",)
-
-    def __init__(self, discard: bool = False) -> None:
-        self.discard = discard
+    discard: bool = False
 
 
-class StartARTIM(Record):
-    __slots__ = ()
+@dataclass(slots=True)
+class StartARTIM:
+    pass
 
 
-class StopARTIM(Record):
-    __slots__ = ()
+@dataclass(slots=True)
+class StopARTIM:
+    pass
 
 
-class StopReading(Record):
+@dataclass(slots=True)
+class StopReading:
     """Stop reading from the peer for good: we sent an A-ABORT and it keeps sending
     (Sta13); ARTIM closes the connection."""
 
-    __slots__ = ()
 
-
-class TimerExpired(Record):
+@dataclass(slots=True)
+class TimerExpired:
     """A timer ran out (from :meth:`UpperLayer.handle_timer`), for the log; what it
     causes follows as further outputs."""
 
-    __slots__ = ("timer", "reason")
-
-    def __init__(self, timer: str, reason: str) -> None:
-        self.timer = timer  # "ARTIM" or "PDU progress"
-        self.reason = reason
+    timer: str  # "ARTIM" or "PDU progress"
+    reason: str
 
 
-class AssociateIndication(Record):
-    __slots__ = ("rq",)
-
-    def __init__(self, rq: AssociateRQ) -> None:
-        self.rq = rq
+@dataclass(slots=True)
+class AssociateIndication:
+    rq: AssociateRQ
 
 
-class AssociateAccepted(Record):
-    __slots__ = ("ac",)
-
-    def __init__(self, ac: AssociateAC) -> None:
-        self.ac = ac
+@dataclass(slots=True)
+class AssociateAccepted:
+    ac: AssociateAC
 
 
-class AssociateRejected(Record):
-    __slots__ = ("rj",)
-
-    def __init__(self, rj: AssociateRJ) -> None:
-        self.rj = rj
+@dataclass(slots=True)
+class AssociateRejected:
+    rj: AssociateRJ
 
 
-class PDataIndication(Record):
-    __slots__ = ("pdu",)
-
-    def __init__(self, pdu: PDataTF) -> None:
-        self.pdu = pdu
+@dataclass(slots=True)
+class PDataIndication:
+    pdu: PDataTF
 
 
-class ReleaseIndication(Record):
-    __slots__ = ("collision",)
-
-    def __init__(self, collision: bool = False) -> None:
-        self.collision = collision
+@dataclass(slots=True)
+class ReleaseIndication:
+    collision: bool = False
 
 
-class ReleaseConfirm(Record):
-    __slots__ = ()
+@dataclass(slots=True)
+class ReleaseConfirm:
+    pass
 
 
-class PeerAbort(Record):
+@dataclass(slots=True)
+class PeerAbort:
     """A-ABORT indication: the peer's service-user (or provider) sent an A-ABORT PDU."""
 
-    __slots__ = ("source", "reason")
-
-    def __init__(self, source: int, reason: int) -> None:
-        self.source = source
-        self.reason = reason
+    source: int
+    reason: int
 
 
-class ProviderAbort(Record):
+@dataclass(slots=True)
+class ProviderAbort:
     """A-P-ABORT indication: the local provider aborted, ``reason`` says why."""
 
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    reason: str
 
 
 Output = (

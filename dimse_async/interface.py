@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -19,7 +20,6 @@ from .budget import OutputBudget
 from .dimse import Command, DatasetSink, DatasetSource, Message
 from .filewriter import FileWriter
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
-from .records import Record
 from .session import Operation
 
 __all__ = [
@@ -181,82 +181,37 @@ Judge = Callable[[Any, AssociateRQ], Awaitable[tuple[AssociateAC | AssociateRJ, 
 Hook = Callable[[AssociationEvent, Any], None]
 
 
-class Settings(Record):
+@dataclass(slots=True)
+class Settings:
     """What an association needs from its AE; built by the AE, read-only below it."""
 
-    __slots__ = (
-        "ae_title",
-        "max_pdu",
-        "acse_timeout",
-        "dimse_timeout",
-        "network_timeout",
-        "artim_timeout",
-        "abort_artim_timeout",
-        "dispatch",
-        "sinks",
-        "judge",
-        "hook",
-        "on_open",
-        "on_close",
-        "keepalive",
-        "idle_release",
-        "pdu_timeout",
-        "max_request_dataset",
-        "output_budget",
-        "observer",
-        "log_operations",
-    )
-
-    def __init__(
-        self,
-        ae_title: str,
-        max_pdu: int = 262_144,
-        acse_timeout: float | None = 30.0,
-        dimse_timeout: float | None = 60.0,
-        network_timeout: float | None = 300.0,
-        artim_timeout: float = 30.0,
-        abort_artim_timeout: float = 5.0,
-        dispatch: Mapping[int, ServiceHandler] | None = None,
-        sinks: Mapping[int, SinkFactory] | None = None,
-        judge: Judge | None = None,
-        hook: Hook | None = None,
-        on_open: Callable[[Any], bool | None] | None = None,
-        on_close: Callable[[Any], None] | None = None,
-        keepalive: tuple[float, float, int] | None = None,
-        idle_release: float | None = None,
-        pdu_timeout: float | None = 60.0,
-        max_request_dataset: int = 1 << 20,
-        output_budget: OutputBudget | None = None,
-        observer: Any = None,
-        log_operations: bool = False,
-    ) -> None:
-        self.ae_title = ae_title
-        self.max_pdu = max_pdu
-        self.acse_timeout = acse_timeout
-        self.dimse_timeout = dimse_timeout
-        self.network_timeout = network_timeout
-        self.artim_timeout = artim_timeout
-        #: ARTIM after we sent an A-ABORT: only the peer's close is awaited (PS3.8 §9.1.5).
-        self.abort_artim_timeout = abort_artim_timeout
-        self.dispatch: Mapping[int, ServiceHandler] = {} if dispatch is None else dispatch
-        self.sinks: Mapping[int, SinkFactory] = {} if sinks is None else sinks
-        self.judge = judge
-        self.hook = hook
-        #: The server's bookkeeping: called when a connection is made and when it is gone.
-        #: ``on_open`` returning ``False`` drops the connection (admission control).
-        self.on_open = on_open
-        self.on_close = on_close
-        #: TCP keepalive (idle, interval, count) or ``None``.
-        self.keepalive = keepalive
-        #: Requestor: release after this many seconds without DIMSE traffic.
-        self.idle_release = idle_release
-        #: A PDU that has started arriving must be complete within this many seconds.
-        self.pdu_timeout = pdu_timeout
-        #: Largest data set of a request (an identifier) kept in memory; larger is refused.
-        self.max_request_dataset = max_request_dataset
-        #: Server-wide bound on response bytes queued for peers (shared by the AE's associations).
-        self.output_budget = output_budget
-        #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
-        self.observer = observer
-        #: Log each successful DIMSE operation at INFO (else DEBUG).
-        self.log_operations = log_operations
+    ae_title: str
+    max_pdu: int = 262_144
+    acse_timeout: float | None = 30.0
+    dimse_timeout: float | None = 60.0
+    network_timeout: float | None = 300.0
+    artim_timeout: float = 30.0
+    #: ARTIM after we sent an A-ABORT: only the peer's close is awaited (PS3.8 §9.1.5).
+    abort_artim_timeout: float = 5.0
+    dispatch: Mapping[int, ServiceHandler] = field(default_factory=dict)
+    sinks: Mapping[int, SinkFactory] = field(default_factory=dict)
+    judge: Judge | None = None
+    hook: Hook | None = None
+    #: The server's bookkeeping: called when a connection is made and when it is gone.
+    #: ``on_open`` returning ``False`` drops the connection (admission control).
+    on_open: Callable[[Any], bool | None] | None = None
+    on_close: Callable[[Any], None] | None = None
+    #: TCP keepalive (idle, interval, count) or ``None``.
+    keepalive: tuple[float, float, int] | None = None
+    #: Requestor: release after this many seconds without DIMSE traffic.
+    idle_release: float | None = None
+    #: A PDU that has started arriving must be complete within this many seconds.
+    pdu_timeout: float | None = 60.0
+    #: Largest data set of a request (an identifier) kept in memory; larger is refused.
+    max_request_dataset: int = 1 << 20
+    #: Server-wide bound on response bytes queued for peers (shared by the AE's associations).
+    output_budget: OutputBudget | None = None
+    #: Receives association and DIMSE events (e.g. :class:`dimse_async.metrics.Metrics`).
+    observer: Any = None
+    #: Log each successful DIMSE operation at INFO (else DEBUG).
+    log_operations: bool = False

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 import struct
+from dataclasses import dataclass
 from typing import BinaryIO
 
-from .records import Record
 from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 __all__ = ["FileMeta", "encode_file_meta", "read_file_meta", "valid_uid"]
@@ -21,14 +21,12 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 _MAX_META = 1 << 16
 
 
-class FileMeta(Record):
-    __slots__ = ("sop_class_uid", "sop_instance_uid", "transfer_syntax", "dataset_offset")
-
-    def __init__(self, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, dataset_offset: int) -> None:
-        self.sop_class_uid = sop_class_uid
-        self.sop_instance_uid = sop_instance_uid
-        self.transfer_syntax = transfer_syntax
-        self.dataset_offset = dataset_offset
+@dataclass(slots=True)
+class FileMeta:
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    dataset_offset: int
 
 
 _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")

@@ -30,7 +30,6 @@ from .pdu_items import (
     items,
     text,
 )
-from .records import Record
 
 __all__ = [
     "ABORT_SOURCE_PROVIDER",
@@ -101,30 +100,26 @@ class PDUType(IntEnum):
 # ---------------------------------------------------------------------------
 
 
-class PresentationContextRQ(Record):
+@dataclass(slots=True)
+class PresentationContextRQ:
     """Presentation context item of an A-ASSOCIATE-RQ (item 20H, PS3.8 §9.3.2.2)."""
 
-    __slots__ = ("id", "abstract_syntax", "transfer_syntaxes")
-
-    def __init__(self, id: int, abstract_syntax: str, transfer_syntaxes: list[str]) -> None:
-        self.id = id
-        self.abstract_syntax = abstract_syntax
-        self.transfer_syntaxes = transfer_syntaxes
+    id: int
+    abstract_syntax: str
+    transfer_syntaxes: list[str]
 
 
-class PresentationContextAC(Record):
+@dataclass(slots=True)
+class PresentationContextAC:
     """Presentation context item of an A-ASSOCIATE-AC (item 21H, PS3.8 §9.3.3.2).
 
     ``result``: 0 acceptance, 1 user-rejection, 2 no-reason (provider rejection),
     3 abstract-syntax-not-supported, 4 transfer-syntaxes-not-supported.
     """
 
-    __slots__ = ("id", "result", "transfer_syntax")
-
-    def __init__(self, id: int, result: int, transfer_syntax: str = "") -> None:
-        self.id = id
-        self.result = result
-        self.transfer_syntax = transfer_syntax
+    id: int
+    result: int
+    transfer_syntax: str = ""
 
 
 # ---------------------------------------------------------------------------
@@ -218,47 +213,41 @@ class PresentationReason(IntEnum):
     LOCAL_LIMIT_EXCEEDED = 2
 
 
-class AssociateRJ(Record):
+@dataclass(slots=True)
+class AssociateRJ:
     """A-ASSOCIATE-RJ PDU (PS3.8 §9.3.4).
 
     ``result``: 1 rejected-permanent, 2 rejected-transient. ``source``: 1 service-user,
     2 service-provider (ACSE), 3 service-provider (presentation).
     """
 
-    __slots__ = ("result", "source", "reason")
-
-    def __init__(self, result: int, source: int, reason: int) -> None:
-        self.result = result
-        self.source = source
-        self.reason = reason
+    result: int
+    source: int
+    reason: int
 
     def encode(self) -> bytes:
         return _pdu(PDUType.ASSOCIATE_RJ, bytes((0, self.result, self.source, self.reason)))
 
 
-class PDV(Record):
+@dataclass(slots=True)
+class PDV:
     """One presentation data value item of a P-DATA-TF PDU (PS3.8 §9.3.5, Annex E)."""
 
-    __slots__ = ("context_id", "is_command", "is_last", "data")
-
-    def __init__(self, context_id: int, is_command: bool, is_last: bool, data: bytes | memoryview) -> None:
-        self.context_id = context_id
-        self.is_command = is_command
-        self.is_last = is_last
-        self.data = data
+    context_id: int
+    is_command: bool
+    is_last: bool
+    data: bytes | memoryview
 
     @property
     def control(self) -> int:
         return (1 if self.is_command else 0) | (2 if self.is_last else 0)
 
 
-class PDataTF(Record):
+@dataclass(slots=True)
+class PDataTF:
     """P-DATA-TF PDU (PS3.8 §9.3.5)."""
 
-    __slots__ = ("pdvs",)
-
-    def __init__(self, pdvs: list[PDV]) -> None:
-        self.pdvs = pdvs
+    pdvs: list[PDV]
 
     def encode(self) -> bytes:
         parts = []
@@ -268,32 +257,28 @@ class PDataTF(Record):
         return _pdu(PDUType.P_DATA_TF, b"".join(parts))
 
 
-class ReleaseRQ(Record):
+@dataclass(slots=True)
+class ReleaseRQ:
     """A-RELEASE-RQ PDU (PS3.8 §9.3.6)."""
-
-    __slots__ = ()
 
     def encode(self) -> bytes:
         return _pdu(PDUType.RELEASE_RQ, bytes(4))
 
 
-class ReleaseRP(Record):
+@dataclass(slots=True)
+class ReleaseRP:
     """A-RELEASE-RP PDU (PS3.8 §9.3.7)."""
-
-    __slots__ = ()
 
     def encode(self) -> bytes:
         return _pdu(PDUType.RELEASE_RP, bytes(4))
 
 
-class Abort(Record):
+@dataclass(slots=True)
+class Abort:
     """A-ABORT PDU (PS3.8 §9.3.8). ``source``: 0 service-user, 2 service-provider."""
 
-    __slots__ = ("source", "reason")
-
-    def __init__(self, source: int = ABORT_SOURCE_USER, reason: int = 0) -> None:
-        self.source = source
-        self.reason = reason
+    source: int = ABORT_SOURCE_USER
+    reason: int = 0
 
     def encode(self) -> bytes:
         return _pdu(PDUType.ABORT, bytes((0, 0, self.source, self.reason)))

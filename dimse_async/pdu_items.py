@@ -8,8 +8,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from .records import Record
-
 __all__ = [
     "ITEM",
     "AbortReason",
@@ -48,76 +46,58 @@ class AbortReason(IntEnum):
     INVALID_PDU_PARAMETER_VALUE = 6
 
 
-class AsyncOpsWindow(Record):
+@dataclass(slots=True)
+class AsyncOpsWindow:
     """Asynchronous operations window sub-item (53H, PS3.7 D.3.3.3). 0 = unlimited."""
 
-    __slots__ = ("max_ops_invoked", "max_ops_performed")
-
-    def __init__(self, max_ops_invoked: int = 1, max_ops_performed: int = 1) -> None:
-        self.max_ops_invoked = max_ops_invoked
-        self.max_ops_performed = max_ops_performed
+    max_ops_invoked: int = 1
+    max_ops_performed: int = 1
 
 
-class RoleSelection(Record):
+@dataclass(slots=True)
+class RoleSelection:
     """SCP/SCU role selection sub-item (54H, PS3.7 D.3.3.4)."""
 
-    __slots__ = ("sop_class_uid", "scu_role", "scp_role")
-
-    def __init__(self, sop_class_uid: str, scu_role: bool, scp_role: bool) -> None:
-        self.sop_class_uid = sop_class_uid
-        self.scu_role = scu_role
-        self.scp_role = scp_role
+    sop_class_uid: str
+    scu_role: bool
+    scp_role: bool
 
 
-class SOPClassExtended(Record):
+@dataclass(slots=True)
+class SOPClassExtended:
     """SOP class extended negotiation sub-item (56H, PS3.7 D.3.3.5)."""
 
-    __slots__ = ("sop_class_uid", "info")
-
-    def __init__(self, sop_class_uid: str, info: bytes) -> None:
-        self.sop_class_uid = sop_class_uid
-        self.info = info
+    sop_class_uid: str
+    info: bytes
 
 
-class SOPClassCommonExtended(Record):
+@dataclass(slots=True)
+class SOPClassCommonExtended:
     """SOP class common extended negotiation sub-item (57H, PS3.7 D.3.3.6)."""
 
-    __slots__ = ("sop_class_uid", "service_class_uid", "related_general_sop_classes")
-
-    def __init__(
-        self, sop_class_uid: str, service_class_uid: str, related_general_sop_classes: list[str] | None = None
-    ) -> None:
-        self.sop_class_uid = sop_class_uid
-        self.service_class_uid = service_class_uid
-        self.related_general_sop_classes: list[str] = (
-            [] if related_general_sop_classes is None else related_general_sop_classes
-        )
+    sop_class_uid: str
+    service_class_uid: str
+    related_general_sop_classes: list[str] = field(default_factory=list)
 
 
-class UserIdentityRQ(Record):
+@dataclass(slots=True)
+class UserIdentityRQ:
     """User identity negotiation sub-item, RQ (58H, PS3.7 D.3.3.7.1).
 
     ``type``: 1 username, 2 username+passcode, 3 Kerberos, 4 SAML, 5 JWT.
     """
 
-    __slots__ = ("type", "primary", "secondary", "positive_response_requested")
-
-    def __init__(
-        self, type: int, primary: bytes, secondary: bytes = b"", positive_response_requested: bool = False
-    ) -> None:
-        self.type = type
-        self.primary = primary
-        self.secondary = secondary
-        self.positive_response_requested = positive_response_requested
+    type: int
+    primary: bytes
+    secondary: bytes = b""
+    positive_response_requested: bool = False
 
 
-class UserIdentityAC(Record):
+@dataclass(slots=True)
+class UserIdentityAC:
     """User identity negotiation sub-item, AC (59H, PS3.7 D.3.3.7.2)."""
 
-    __slots__ = ("server_response",)
-
-    def __init__(self, server_response: bytes = b"") -> None:
-        self.server_response = server_response
+    server_response: bytes = b""
 
 
 @dataclass(slots=True)

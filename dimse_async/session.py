@@ -34,7 +34,6 @@ from .dimse import (
 )
 from .exceptions import NoAcceptedContext
 from .pdu import PDV
-from .records import FrozenRecord, Record
 from .status import PENDING_CODES, Code
 from .uids import uid_name
 
@@ -79,20 +78,14 @@ _N_REQUESTS = frozenset(
 _CANCELLABLE = frozenset({CommandField.C_FIND_RQ, CommandField.C_GET_RQ, CommandField.C_MOVE_RQ})
 
 
-class Operation(Record):
-    """A request the peer invoked, performed by us (or held back until a slot frees).
-    Equal only to itself."""
+@dataclass(slots=True, eq=False)
+class Operation:
+    """A request the peer invoked, performed by us (or held back until a slot frees)."""
 
-    __slots__ = ("context", "message", "cancelled")
-
-    def __init__(self, context: PresentationContext, message: Message, cancelled: bool = False) -> None:
-        self.context = context
-        self.message = message
-        #: Set when the peer sent C-CANCEL for it; the handler stops at its next step.
-        self.cancelled = cancelled
-
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
+    context: PresentationContext
+    message: Message
+    #: Set when the peer sent C-CANCEL for it; the handler stops at its next step.
+    cancelled: bool = False
 
     @property
     def command(self) -> Command:
@@ -103,25 +96,19 @@ class Operation(Record):
         return self.message.command.message_id
 
 
-class StreamStarted(FrozenRecord):
+@dataclass(slots=True, frozen=True)
+class StreamStarted:
     """A request whose data set streams to a sink: the adapter opens one now; the
     :class:`~dimse_async.dimse.DataFragment` events that follow go to it."""
 
     message: Message
-    __slots__ = ("message",)
-
-    def __init__(self, message: Message) -> None:
-        object.__setattr__(self, "message", message)
 
 
-class Perform(FrozenRecord):
+@dataclass(slots=True, frozen=True)
+class Perform:
     """Run the handler for this operation now (a slot in the window is reserved)."""
 
     operation: Operation
-    __slots__ = ("operation",)
-
-    def __init__(self, operation: Operation) -> None:
-        object.__setattr__(self, "operation", operation)
 
 
 @dataclass(slots=True, frozen=True)
@@ -132,40 +119,30 @@ class Respond:
     command: Command
 
 
-class ResponseArrived(FrozenRecord):
+@dataclass(slots=True, frozen=True)
+class ResponseArrived:
     """A response to a request we invoked; ``final`` unless its status is pending."""
 
     message_id: int
     message: Message
     final: bool
-    __slots__ = ("message_id", "message", "final")
-
-    def __init__(self, message_id: int, message: Message, final: bool) -> None:
-        object.__setattr__(self, "message_id", message_id)
-        object.__setattr__(self, "message", message)
-        object.__setattr__(self, "final", final)
 
 
-class CancelRequested(FrozenRecord):
+@dataclass(slots=True, frozen=True)
+class CancelRequested:
     """The peer cancelled a running operation (``operation.cancelled`` is now set)."""
 
     operation: Operation
-    __slots__ = ("operation",)
-
-    def __init__(self, operation: Operation) -> None:
-        object.__setattr__(self, "operation", operation)
 
 
-class PauseReading(FrozenRecord):
+@dataclass(slots=True, frozen=True)
+class PauseReading:
     """The peer exceeded the window: stop reading until :class:`ResumeReading`."""
 
-    __slots__ = ()
 
-
-class ResumeReading(FrozenRecord):
+@dataclass(slots=True, frozen=True)
+class ResumeReading:
     """Every held-back request has started: read again."""
-
-    __slots__ = ()
 
 
 SessionEvent = (

@@ -147,36 +147,6 @@ def test_version_loads_neither_asyncio_nor_the_protocol() -> None:
         assert "dimse-async " in text and got == [], (argv, text)
 
 
-def test_value_classes_behave_as_the_dataclasses_they_replace() -> None:
-    """The protocol's value classes are written out (no dataclass generated per class at
-    import): equal by class and fields, printed with their fields, unhashable unless
-    frozen, frozen ones refuse assignment; defaults and per-instance lists as before."""
-    from dimse_async.acse import Negotiated
-    from dimse_async.dimse import Command, DataFragment
-    from dimse_async.fsm_outputs import CloseTransport, Send
-    from dimse_async.pdu import PDV, Abort
-    from dimse_async.session import Operation, Perform
-
-    assert Send(b"x") == Send(b"x") and Send(b"x") != Send(b"y") and Send(b"x") != CloseTransport()
-    assert CloseTransport() == CloseTransport(discard=False) != CloseTransport(discard=True)
-    assert repr(PDV(1, True, False, b"ab")) == "PDV(context_id=1, is_command=True, is_last=False, data=b'ab')"
-    assert Abort() == Abort(0, 0) and repr(Abort(2, 6)) == "Abort(source=2, reason=6)"
-    cmd = Command(0x0001, message_id=7)
-    assert cmd == Command(1, message_id=7) and cmd.data_set_type == 0x0101 and cmd.status is None
-    assert "message_id=7" in repr(cmd) and repr(cmd).startswith("Command(command_field=1, ")
-    with pytest.raises(TypeError):
-        hash(cmd)
-    fragment = DataFragment(1, b"data", True)
-    assert fragment == DataFragment(1, b"data", True) and hash(fragment) == hash(DataFragment(1, b"data", True))
-    with pytest.raises(AttributeError):
-        fragment.last = False  # type: ignore[misc]
-    a, b = Negotiated([], 16384), Negotiated([], 16384)
-    assert a == b and a.extended == {} and a.common_extended == [] and a.extended is not b.extended
-    op = Operation(None, None)  # type: ignore[arg-type]
-    assert op == op and op != Operation(None, None) and Perform(op) == Perform(op)  # type: ignore[arg-type]
-    assert len({op, Operation(None, None)}) == 2  # type: ignore[arg-type]
-
-
 async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
     """A whole ``send`` run (one instance, to storescp, INFO logging off as by default)
     needs neither pydicom nor structlog nor the Q/R services."""

@@ -174,7 +174,7 @@ def dataset_of_kept(kept: dict[int, tuple[bytes, bytes]], transfer_syntax: str) 
     ds = Dataset()
     for tag, (vr, value) in sorted(kept.items()):
         t = BaseTag(tag)
-        ds[t] = RawDataElement(t, vr.decode("ascii") if vr else None, len(value), value, 0, implicit, little)  # type: ignore[assignment]
+        ds[t] = RawDataElement(t, vr.decode("ascii") if vr else None, len(value), value, 0, implicit, little)  # type: ignore[assignment, unused-ignore]
     return ds
 
 

@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..contexts import FileInfo, inspect_file, plan_contexts
 from ..exceptions import AssociationError
-from ..records import Record
 from ..status import Status, StatusCategory
 from .store_scu import PreparedFile, prepare_file
 
@@ -29,26 +29,22 @@ __all__ = ["SendReport", "SendResult", "collect_files", "send_files"]
 _RETRIES = 3  # associations in a row that may end before one more file is answered
 
 
-class SendResult(Record):
-    __slots__ = ("path", "size", "status", "error")
-
-    def __init__(self, path: str, size: int, status: Status | None = None, error: str | None = None) -> None:
-        self.path = path
-        self.size = size
-        self.status = status
-        self.error = error
+@dataclass(slots=True)
+class SendResult:
+    path: str
+    size: int
+    status: Status | None = None
+    error: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.status is not None and self.status.category in (StatusCategory.SUCCESS, StatusCategory.WARNING)
 
 
-class SendReport(Record):
-    __slots__ = ("results", "seconds")
-
-    def __init__(self, results: list[SendResult] | None = None, seconds: float = 0.0) -> None:
-        self.results: list[SendResult] = [] if results is None else results
-        self.seconds = seconds
+@dataclass
+class SendReport:
+    results: list[SendResult] = field(default_factory=list)
+    seconds: float = 0.0
 
     @property
     def failed(self) -> list[SendResult]:

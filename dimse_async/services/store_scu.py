@@ -11,6 +11,7 @@ import io
 import os
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
@@ -19,7 +20,6 @@ from ..dimse import Command, CommandField
 from ..exceptions import NoAcceptedContext
 from ..interface import DIMSEProvider
 from ..part10 import read_file_meta
-from ..records import Record
 from ..status import Status, response_status
 from ..uids import UNCOMPRESSED_TRANSFER_SYNTAXES, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, uid_name
 
@@ -36,44 +36,21 @@ _PIECE = 1 << 20  # bytes per read of a streamed file
 _UNCOMPRESSED = frozenset(UNCOMPRESSED_TRANSFER_SYNTAXES) | {DeflatedExplicitVRLittleEndian}
 
 
-class PreparedFile(Record):
+@dataclass(slots=True)
+class PreparedFile:
     """A Part 10 file ready to send (PS3.10 §7.1): the UIDs its data set names, its
     transfer syntax, and the data set's bytes (``dataset``, when small) or where they
     are in the file (``offset``, ``length``)."""
 
-    __slots__ = (
-        "path",
-        "sop_class",
-        "sop_instance",
-        "transfer_syntax",
-        "file_size",
-        "offset",
-        "length",
-        "dataset",
-        "pad",
-    )
-
-    def __init__(
-        self,
-        path: str,
-        sop_class: str,
-        sop_instance: str,
-        transfer_syntax: str,
-        file_size: int,
-        offset: int,
-        length: int,
-        dataset: bytes | None = None,
-        pad: bool = False,
-    ) -> None:
-        self.path = path
-        self.sop_class = sop_class
-        self.sop_instance = sop_instance
-        self.transfer_syntax = transfer_syntax
-        self.file_size = file_size
-        self.offset = offset
-        self.length = length
-        self.dataset = dataset
-        self.pad = pad  # PS3.5 A.5: an odd-length deflated stream gets one trailing NUL
+    path: str
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+    file_size: int
+    offset: int
+    length: int
+    dataset: bytes | None = None
+    pad: bool = False  # PS3.5 A.5: an odd-length deflated stream gets one trailing NUL
 
 
 def prepare_file(path: str, *, check: bool = False) -> PreparedFile | None:
