@@ -608,4 +608,6 @@ class PDUReader:
             self._buf, self._start, self._end = bytearray(), 0, 0
         else:
             self._start = start + total
+        if pdu_type == PDUType.P_DATA_TF:
+            return _decode_pdata(body)
         return decode_pdu(pdu_type, body)
