@@ -31,6 +31,11 @@ from .tls import TLSInfo, session_info
 __all__ = ["AssociationProtocol"]
 
 _ids = itertools.count(1)
+_WIND_DOWN = 30.0  # seconds for an ended association's cancelled tasks, then for its file work
+
+
+def _nothing() -> None:
+    return None
 
 
 class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
@@ -72,6 +77,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._established: asyncio.Future[None] = self.loop.create_future()
         self._release_confirm: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] = self.loop.create_future()
+        self._wound_down: asyncio.Task[None] | None = None  # see _wind_down
         self._end_reason: str | None = None
         self._released = False
         self._timer: asyncio.TimerHandle | None = None  # the one wake-up: see _schedule
@@ -287,14 +293,20 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._wake_drain()  # a send waiting for a peer that never read: the connection is gone
         self._report_output(0)
         self._settle(AssociationAborted(reason or "association closed"), released=self._released)
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
         if self._sink is not None:
             self._sink.discard()  # an interrupted instance never looks complete
             self._sink = None
+        for op in self.session.operations():  # held back, or cancelled before they started
+            if op.message.sink is not None:
+                op.message.sink.discard()
         self._close_writer()
         self._closed.set_result(None)
-        if self.settings.on_close is not None:
+        if tasks or (self._writer is not None and self._writer.submitted):
+            self._wound_down = self.loop.create_task(self._wind_down(tasks))
+        elif self.settings.on_close is not None:
             self.settings.on_close(self)
         if self.settings.observer is not None:
             self.settings.observer.association_ended(self)
@@ -429,5 +441,23 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._run(self.fsm.abort(reason, now=self.loop.time()))
         self._aborted(reason, local=True)
 
+    async def _wind_down(self, tasks: list[asyncio.Future[Any]]) -> None:
+        """After the end: let the cancelled tasks finish, then the file work they and the
+        end queued (the removal of spool files); only then is the association gone."""
+        try:
+            if tasks:
+                await asyncio.wait(tasks, timeout=_WIND_DOWN)
+            if self._writer is not None:
+                await asyncio.wait_for(self._writer.submit(_nothing), _WIND_DOWN)
+        except TimeoutError:
+            self.log.warning("file work still under way after the association ended", timeout=_WIND_DOWN)
+        finally:
+            if self.settings.on_close is not None:
+                self.settings.on_close(self)
+
     async def wait_closed(self) -> None:
+        """Until the association has ended and its work is done: its tasks ended and no
+        temporary file of its left (a spool of an interrupted instance)."""
         await asyncio.shield(self._closed)
+        if self._wound_down is not None:
+            await asyncio.shield(self._wound_down)

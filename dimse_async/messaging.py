@@ -439,6 +439,8 @@ class DIMSEMessaging:
             self._sink = self.settings.sinks[event.message.command.command_field](self, event.message)
             event.message.sink = self._sink
         elif isinstance(event, Respond):
+            if event.request is not None and event.request.sink is not None:
+                event.request.sink.discard()  # refused or cancelled before it started
             self._respond(event.context_id, event.command)
         elif isinstance(event, PauseReading):
             self.pause_reading("window")

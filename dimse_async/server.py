@@ -226,7 +226,7 @@ class Server:
 
     async def wait_closed(self, grace: float = 10.0) -> None:
         """Wait up to ``grace`` seconds for open associations to end, then abort them."""
-        pending = [a for a in self.associations if not a.is_closed]
+        pending = list(self.associations)  # also those ended and still removing their files
         if pending:
             _done, rest = await asyncio.wait([asyncio.ensure_future(a.wait_closed()) for a in pending], timeout=grace)
             for fut in rest:

@@ -117,6 +117,8 @@ class Respond:
 
     context_id: int
     command: Command
+    #: The request answered, when its data set may have streamed to a sink (to drop).
+    request: Message | None = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -238,6 +240,10 @@ class Session:
         """Requests of the peer's held back until a slot in the window frees."""
         return len(self._held)
 
+    def operations(self) -> list[Operation]:
+        """The peer's requests being performed or held back."""
+        return [*self._performing.values(), *self._held]
+
     @property
     def idle(self) -> bool:
         """No request of the peer's is being performed or held back."""
@@ -358,7 +364,7 @@ class Session:
         elif cmd.command_field in _N_REQUESTS:
             rsp.affected_sop_class_uid = cmd.requested_sop_class_uid
             rsp.affected_sop_instance_uid = cmd.requested_sop_instance_uid
-        return Respond(msg.context_id, rsp)
+        return Respond(msg.context_id, rsp, msg)
 
     def _cancel(self, target: int | None, out: list[SessionEvent]) -> None:
         for op in self._performing.values():
@@ -370,7 +376,7 @@ class Session:
             if op.message_id == target and op.command.command_field in _CANCELLABLE:
                 # Never started: its only response is the final one, Cancel (PS3.4 C.4.1.3.1).
                 self._held.remove(op)
-                out.append(Respond(op.context.id, response_to(op.command, Code.CANCEL)))
+                out.append(Respond(op.context.id, response_to(op.command, Code.CANCEL), op.message))
                 if not self._held:
                     out.append(ResumeReading())
                 return

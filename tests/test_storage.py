@@ -303,15 +303,31 @@ class _BrokenPayload:
         return b"\x00" * n
 
 
-async def test_abort_mid_instance_leaves_no_complete_file(tmp_path):
+def _slow_disk(monkeypatch) -> None:
+    """Spool writes take 0.2 s each: an abort finds one under way."""
+    from dimse_async.services import spool as spool_module
+
+    real = spool_module.writev_all
+
+    def slow_writev(fd, chunks):
+        time.sleep(0.2)
+        return real(fd, chunks)
+
+    monkeypatch.setattr(spool_module, "writev_all", slow_writev)
+
+
+async def test_abort_mid_instance_leaves_no_complete_file(tmp_path, monkeypatch):
+    """No spool file outlives the association, even with a write under way at the abort."""
     from dimse_async.dimse import Command, CommandField
 
+    _slow_disk(monkeypatch)
     spool_dir = tmp_path / "spool"
     out = tmp_path / "out"
     ae = storage_scp(spool_threshold=1 << 20, spool_dir=str(spool_dir))
     ae.on_c_store(DirectoryStore(out))
     async with await ae.start_server("127.0.0.1", 0) as server:
         assoc = await scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP")
+        (theirs,) = server.associations
         ctx = assoc.accepted_contexts[0]
         cmd = Command(
             CommandField.C_STORE_RQ,
@@ -324,17 +340,62 @@ async def test_abort_mid_instance_leaves_no_complete_file(tmp_path):
             await assoc.send_message(ctx.id, cmd, _BrokenPayload(64 << 20, 8 << 20))
         await asyncio.wait_for(assoc.wait_closed(), 10)
         assert "failed midway" in (assoc.end_reason or "")
-        for _ in range(100):
-            if not server.associations:
-                break
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(theirs.wait_closed(), 10)
+        assert not spool_dir.exists() or os.listdir(spool_dir) == []
         assert not server.associations
-        for _ in range(100):  # the spool file goes in the association's writer thread
-            if not spool_dir.exists() or not os.listdir(spool_dir):
-                break
-            await asyncio.sleep(0.02)
     assert not out.exists() or [p for p in out.iterdir() if p.name != ".incoming"] == []
-    assert not spool_dir.exists() or os.listdir(spool_dir) == []
+
+
+async def test_abort_with_requests_held_back_leaves_no_spool_file(tmp_path):
+    """A peer sends requests past the operations window; the association is aborted: the
+    spools of those never started go with it (PS3.7 §D.3.3.3, PS3.8 §7.3)."""
+    from rawpeer import RawPeer, command_bytes, pdata, rq_bytes
+
+    spool_dir = tmp_path / "spool"
+    # ARTIM short: reading stays paused after the abort, so ARTIM ends the connection.
+    ae = storage_scp(spool_threshold=64 << 10, spool_dir=str(spool_dir), artim_timeout=0.5)
+    started, never = asyncio.Event(), asyncio.Event()
+
+    @ae.on_c_store
+    async def store(request):
+        started.set()
+        await never.wait()  # still performing the first when the abort comes
+        return 0
+
+    def store_rq(uid: str) -> bytes:
+        cmd = Command(
+            CommandField.C_STORE_RQ,
+            message_id=int(uid.rsplit(".", 1)[1]),
+            affected_sop_class_uid=CT_CLASS,
+            affected_sop_instance_uid=uid,
+            priority=0,
+            data_set_type=0,
+        )
+        data = b"\x00" * (2 << 20)
+        frags = [data[i : i + (16 << 10)] for i in range(0, len(data), 16 << 10)]
+        return pdata(3, command_bytes(cmd), command=True) + b"".join(
+            pdata(3, f, command=False, last=i == len(frags) - 1) for i, f in enumerate(frags)
+        )
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        peer = await RawPeer.connect(server.port)
+        try:
+            await peer.associate(rq_bytes(called="SCP", max_pdu=1 << 20))
+            (theirs,) = server.associations
+            await peer.send(store_rq("1.2.3.4.1") + store_rq("1.2.3.4.2"))
+            await asyncio.wait_for(started.wait(), 10)
+            for _ in range(500):  # the second one's data set arrives and is held back
+                if theirs.session.held:
+                    break
+                await asyncio.sleep(0.01)
+            assert theirs.session.held == 1
+            assert os.listdir(spool_dir)  # both spooled to disk
+            theirs.abort("shutting down")  # reading is paused (the window): it cannot see the peer's abort
+            await peer.close()
+            await asyncio.wait_for(theirs.wait_closed(), 10)
+            assert os.listdir(spool_dir) == []
+        finally:
+            await peer.close()
 
 
 def _write_large_instance(path: Path, pixel_bytes: int) -> str:

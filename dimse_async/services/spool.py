@@ -162,7 +162,7 @@ class Spool:
         self._in_thread = None
         if not fut.cancelled():
             fut.exception()  # the awaiting side reports it
-        if self._discarded:
+        if self._discarded and self.writer is None:
             self._remove()
 
     async def _flush(self, final: bool = False) -> None:
@@ -228,17 +228,32 @@ class Spool:
                 _close_fd(fd)
         self._unlink()
 
+    def _remove_now(self) -> None:
+        """Close and unlink the file (in the writer thread, after its running write)."""
+        fd, self._fd = self._fd, None
+        path, self.path = self.path, None
+        if fd is not None:
+            _close_fd(fd)
+        if path is not None:
+            _unlink(path)
+
     def discard(self) -> None:
         """Drop the spool and its temporary file (after aborts and failures).
 
-        The file's name goes at once; the file itself is closed only when no write is
-        running in the worker thread (else when that write returns), never under it.
+        With a writer, one job closes and removes the file; it runs after the write
+        under way, if any (a writer's jobs run in order), so whoever waits for the
+        writer's queue to drain knows the file is gone. Without one, the name goes at
+        once and the file is closed when no write runs in the worker thread.
         """
         if self._discarded:
             return
         self._discarded = True
         self._chunks, self._pending = [], 0
         self._unpause()
+        if self.writer is not None:
+            if self._in_thread is not None or self._fd is not None or self.path is not None:
+                self.writer.post(self._remove_now)
+            return
         self._unlink()  # one metadata operation; a running write carries on into the unlinked file
         if self._in_thread is None:
             self._remove()
