@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -210,12 +211,33 @@ class PostgreSQLServer:
         )  # fmt: skip
 
 
+def _pg_watchdog(base: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A process that stops the cluster in ``base`` and removes it once this process is
+    gone, however it ended (tests/pg_watchdog.py); and the pipe end that keeps it waiting."""
+    read, write = os.pipe()  # not inherited by the subprocesses tests start
+    stop = _as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(base / "data"), "-m", "immediate", "-w", "-t", "30", "stop"])
+    try:
+        watchdog = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("pg_watchdog.py")), str(read), str(os.getpid()), str(base), *stop],
+            pass_fds=(read,), start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    except BaseException:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    return watchdog, write
+
+
 @pytest.fixture(scope="session")
 def postgresql() -> Iterator[PostgreSQLServer]:
     """One PostgreSQL server for the session (started on first use, stopped at the end).
     Its directory is directly under the system temporary directory: pytest's own are
-    private to the user running the tests."""
+    private to the user running the tests. A watchdog process stops it should this
+    process end without its teardown (killed, ``kill -9`` included)."""
     base = Path(tempfile.mkdtemp(prefix="dimse-async-pg-"))
+    watchdog, lifeline = _pg_watchdog(base)
     try:
         server = PostgreSQLServer(base)
         try:
@@ -223,6 +245,12 @@ def postgresql() -> Iterator[PostgreSQLServer]:
         finally:
             server.stop()
     finally:
+        os.close(lifeline)  # the watchdog finds the cluster stopped, removes the directory, ends
+        try:
+            watchdog.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            watchdog.kill()
+            watchdog.wait()
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -1,23 +1,30 @@
 """The PostgreSQL index with a real server (the ``postgresql`` fixture): migrations run
 once when nodes start at once, a duplicate instance arriving at two nodes at once is
-settled by the duplicate policy, ``serve --index`` errors; and the SQLite index made
-before the ``schema_version`` table keeps its rows. (The archive and C-FIND tests run
+settled by the duplicate policy, ``serve --index`` errors; the SQLite index made
+before the ``schema_version`` table keeps its rows; and a test run killed outright
+leaves no cluster running. (The archive and C-FIND tests run
 against both back ends through the ``index`` fixture.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
+import re
+import select
+import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pydicom
 import pytest
-from conftest import free_port
+from conftest import PG_BIN, _as_pg_user, free_port
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -155,3 +162,74 @@ def test_serve_index_errors_are_one_line_without_the_password(tmp_path: Path) ->
     assert "postgresql://archive:***@127.0.0.1" in done.stderr and "s3cret" not in done.stderr
     done = serve_cli(tmp_path, "--index", "mysql://x/y")
     assert done.returncode == 2 and "postgresql://" in done.stderr, done
+
+
+_HOLD = """
+import time
+
+
+def test_hold(postgresql):
+    print("CLUSTER", postgresql.data, flush=True)
+    time.sleep(300)
+"""
+
+
+def _postgres_for(data: Path) -> list[psutil.Process]:
+    """The PostgreSQL server processes running on the cluster in ``data`` (``-D data``)."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            argv = proc.info["cmdline"] or []
+            if proc.info["name"] == "postgres" and ("-D", str(data)) in itertools.pairwise(argv):
+                found.append(proc)
+    return found
+
+
+def _cluster_line(output: bytes) -> Path | None:
+    """The data directory the held test printed, once its whole line is there."""
+    for line in output.decode(errors="replace").splitlines(keepends=True):
+        match = re.fullmatch(r"CLUSTER (/\S+/dimse-async-pg-[^/\s]+/data)\n", line)
+        if match:
+            return Path(match[1])
+    return None
+
+
+def test_cluster_does_not_outlive_a_killed_test_run(tmp_path: Path) -> None:
+    """pytest killed with SIGKILL (no fixture teardown): its cluster is stopped and removed anyway."""
+    hold = tmp_path / "test_hold.py"
+    hold.write_text(_HOLD)
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "conftest", "-p", "no:cacheprovider", str(hold)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    data: Path | None = None
+    try:
+        assert run.stdout is not None
+        os.set_blocking(run.stdout.fileno(), False)
+        output = b""
+        deadline = time.monotonic() + 120
+        while data is None and time.monotonic() < deadline and run.poll() is None:
+            select.select([run.stdout], [], [], 0.5)
+            output += run.stdout.read() or b""
+            data = _cluster_line(output)
+        assert data is not None, output.decode(errors="replace")
+        assert _postgres_for(data), "the cluster should be running"
+        run.kill()  # SIGKILL: no teardown runs in pytest
+        run.wait(10)
+        deadline = time.monotonic() + 30
+        while (_postgres_for(data) or data.parent.exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _postgres_for(data), "the cluster outlived the killed test run"
+        assert not data.parent.exists()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+        if data is not None and _postgres_for(data):  # leaked: stop it here
+            subprocess.run(
+                _as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "-t", "30", "stop"]),
+                capture_output=True, timeout=60, check=False,
+            )  # fmt: skip
+            shutil.rmtree(data.parent, ignore_errors=True)  # /tmp/dimse-async-pg-*, as matched above
