@@ -96,7 +96,8 @@ class AE(HandlerRegistry):
     Timeouts are in seconds (``None`` waits forever): ``connect_timeout`` for TCP (and TLS),
     ``acse_timeout`` for A-ASSOCIATE / A-RELEASE answers, ``dimse_timeout`` for a
     DIMSE response, ``network_timeout`` for an idle association, ``artim_timeout``
-    for the ARTIM timer (PS3.8 §9.1.5).
+    for the ARTIM timer (PS3.8 §9.1.5), ``abort_artim_timeout`` for ARTIM after we sent
+    an A-ABORT (only the peer's close is awaited; never above ``artim_timeout``).
     """
 
     #: Received data sets larger than this go to a temporary file in ``spool_dir``.
@@ -154,6 +155,7 @@ class AE(HandlerRegistry):
         dimse_timeout: float | None = 60.0,
         network_timeout: float | None = 300.0,
         artim_timeout: float = 30.0,
+        abort_artim_timeout: float = 5.0,
         max_associations: int = 1000,
         require_called_ae: bool = True,
         allowed_calling_aes: Iterable[str] | None = None,
@@ -188,6 +190,7 @@ class AE(HandlerRegistry):
         self.dimse_timeout = dimse_timeout
         self.network_timeout = network_timeout
         self.artim_timeout = artim_timeout
+        self.abort_artim_timeout = abort_artim_timeout
         self.max_associations = max_associations
         self.require_called_ae = require_called_ae
         self.allowed_calling_aes = (
@@ -332,6 +335,7 @@ class AE(HandlerRegistry):
             dimse_timeout=self.dimse_timeout,
             network_timeout=self.network_timeout,
             artim_timeout=self.artim_timeout,
+            abort_artim_timeout=self.abort_artim_timeout,
             dispatch=self._dispatch(),
             sinks=self._sinks(),
             judge=functools.partial(self._judge, server),
@@ -478,6 +482,7 @@ class AE(HandlerRegistry):
         proxy_header_timeout: float = 10.0,
         reuse_port: bool = False,
         paused: bool = False,
+        paused_wait: float = 5.0,
     ) -> Server:
         """Listen for associations; returns at once with a running :class:`Server`.
 
@@ -489,7 +494,7 @@ class AE(HandlerRegistry):
         several processes listen on one port and the kernel spreads connections among
         them (``--workers N``). ``paused``: bind and listen now but admit no association
         until :meth:`Server.open` (for start-up work such as indexing): a request waits up
-        to ``server.paused_wait`` (5) seconds for it, then gets A-ASSOCIATE-RJ
+        to ``paused_wait`` seconds (``server.paused_wait``) for it, then gets A-ASSOCIATE-RJ
         rejected-transient (temporary congestion); the server reports unready meanwhile.
         """
         from .acceptor import AcceptOptions, Acceptor
@@ -499,7 +504,7 @@ class AE(HandlerRegistry):
         if not self.supported_contexts:
             raise ValueError("no supported presentation contexts: call add_supported_context() first")
         server = Server(self)
-        server.paused = paused
+        server.paused, server.paused_wait = paused, paused_wait
         settings = self._settings(server)
         loop = asyncio.get_running_loop()
 

@@ -44,6 +44,8 @@ class Deployment:
     http_port: int | None = None
     drain_grace: float = 30.0
     drain_delay: float = 0.0
+    #: While ``prepare`` runs: seconds an association request waits, then rejected-transient.
+    paused_wait: float = 5.0
     #: Listen with ``SO_REUSEPORT`` (a worker process of ``--workers N``).
     reuse_port: bool = False
     #: Collect metrics even without an HTTP port (a worker whose parent serves the sum).
@@ -63,7 +65,7 @@ async def serve_until_signalled(
 
     ``prepare`` (e.g. re-indexing an archive) runs after the port is bound and listening
     and before associations are admitted: meanwhile an A-ASSOCIATE-RQ waits up to
-    ``server.paused_wait`` seconds, then is answered rejected-transient (temporary
+    ``dep.paused_wait`` seconds, then is answered rejected-transient (temporary
     congestion), and ``/healthz`` says unready; a signal during it stops at once. A port
     that cannot be bound raises :class:`ListenError` before any of that work.
 
@@ -89,6 +91,7 @@ async def serve_until_signalled(
             trusted_proxies=dep.trusted_proxies,
             reuse_port=dep.reuse_port,
             paused=prepare is not None,
+            paused_wait=dep.paused_wait,
         )
     except OSError as exc:
         raise ListenError(host, port, exc) from None

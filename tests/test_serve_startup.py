@@ -9,7 +9,7 @@ machine's speed:
   command that does nothing (``serve --version``), nobody opened the FIFO and no index
   was built;
 - while indexing (the test holds the lock a re-index takes, so it waits): the port is
-  bound and listening; DCMTK ``echoscu`` and our ``echo`` wait ~5 s, then get
+  bound and listening; DCMTK ``echoscu`` and our ``echo`` wait ``--paused-wait`` (1 s here, 5 by default), then get
   A-ASSOCIATE-RJ rejected-transient (temporary congestion), ``/healthz`` answers 503;
   once the lock is released the "listening on" line reports the indexed instances and
   associations are accepted (``/healthz`` 200);
@@ -120,9 +120,9 @@ def healthz(port: int) -> int:
 
 @contextmanager
 def starting_serve(
-    storage: Path, port: int, http_port: int | None, log: Path, workers: int = 1
+    storage: Path, port: int, http_port: int | None, log: Path, workers: int = 1, extra: tuple[str, ...] = ()
 ) -> Iterator[subprocess.Popen[str]]:
-    http = ["--http-port", str(http_port)] if http_port else []
+    http = ["--http-port", str(http_port), *extra] if http_port else list(extra)
     with log.open("w") as err:
         proc = subprocess.Popen(
             [*CLI, "serve", "--host", HOST, "--port", str(port), "--storage-dir", str(storage),
@@ -183,19 +183,23 @@ def socket_listening() -> Iterator[int]:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_associations_during_indexing_are_rejected_transient_then_accepted(tmp_path: Path, workers: int) -> None:
-    """With ``--workers 2`` the parent re-indexes while a paused server holds the port."""
+    """With ``--workers 2`` the parent re-indexes while a paused server holds the port.
+    ``--paused-wait 1``: a request waits 1 s (not the default 5) before the rejection."""
     storage = tmp_path / "archive"
     populate(storage)
     port = free_port()
     http_port = free_port() if workers == 1 else None
     log = tmp_path / "serve.log"
-    with reindex_locked(storage) as lock, starting_serve(storage, port, http_port, log, workers) as proc:
+    paused = ("--paused-wait", "1")
+    with reindex_locked(storage) as lock, starting_serve(storage, port, http_port, log, workers, paused) as proc:
         wait_preparing(proc, port, log)
         # bound, listening, not admitting: rejected-transient, temporary congestion
+        started = time.monotonic()
         echo = subprocess.run(
             [dcmtk("echoscu"), "-to", "10", "-ta", "10", "-aec", "ARCHIVE", HOST, str(port)],
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
+        assert time.monotonic() - started < 4.5  # the default wait is 5 s
         assert echo.returncode != 0, echo
         assert re.search(r"Rejected.*Transient", echo.stderr + echo.stdout, re.S), echo
         assert "Temporary Congestion" in echo.stderr + echo.stdout, echo

@@ -12,6 +12,8 @@ Example::
     durable = true                            # fsync files, directory and index before answering
                                               #   success (group commit; alias: fsync)
     workers = 2                               # processes sharing the port (SO_REUSEPORT; docs/scale-out.md)
+    paused_wait = 5                           # while re-indexing at start-up, a request waits this
+                                              #   long, then is rejected-transient
     index = "postgresql://archive@db.example/archive"  # optional; absent = SQLite in storage_dir
     log_operations = true                     # one INFO line per successful operation (else DEBUG)
     storage_classes = ["1.2.3.4"]             # extra storage SOP classes to accept
@@ -40,6 +42,7 @@ Example::
     pdu_timeout = 60                          # a started PDU must be whole within 60 s
     max_request_dataset = 1048576             # largest C-FIND/GET/MOVE identifier (bytes)
     max_buffered_output = 67108864            # response bytes queued for peers, all associations
+    abort_artim_timeout = 5                   # after our A-ABORT, seconds for the peer to close
     query_max_matches = 50000                 # a C-FIND (archive or worklist) stops with 0xA700
     query_time_budget = 60                    #   past this many matches or seconds
     http_host = "0.0.0.0"                     # /healthz and /metrics
@@ -141,6 +144,8 @@ class ServeConfig:
     #: Response bytes queued for peers that have not read them, over all associations
     #: (per worker process); past it, peers that do not read get nothing more.
     max_buffered_output: int = 64 << 20
+    #: After our A-ABORT, seconds the peer gets to close the connection (ARTIM, PS3.8 §9.1.5).
+    abort_artim_timeout: float = 5.0
     #: Every C-FIND the archive runs (Q/R and worklist) stops with 0xA700 (out of
     #: resources, logged) past this many matches or seconds.
     query_max_matches: int = 50_000
@@ -148,6 +153,9 @@ class ServeConfig:
     #: Worker processes sharing the port (SO_REUSEPORT), supervised by the parent;
     #: each admits max_associations // workers associations.
     workers: int = 1
+    #: While the archive is re-indexed at start-up (the port already bound), an
+    #: association request waits this many seconds, then is rejected-transient.
+    paused_wait: float = 5.0
     #: The index database: absent for ``index.sqlite`` in ``storage_dir``, or a
     #: ``postgresql://`` URL shared by several nodes (docs/scale-out.md).
     index: str | None = None
@@ -164,6 +172,7 @@ ADMISSION_KEYS = (
     "pdu_timeout",
     "max_request_dataset",
     "max_buffered_output",
+    "abort_artim_timeout",
 )
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -174,6 +183,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "pdu_timeout": (int, float),
     "max_request_dataset": (int,),
     "max_buffered_output": (int,),
+    "abort_artim_timeout": (int, float),
+    "paused_wait": (int, float),
     "query_max_matches": (int,),
     "query_time_budget": (int, float),
     "tls_cert": (str,),

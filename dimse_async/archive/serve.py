@@ -44,6 +44,7 @@ def archive_ae(config: ServeConfig) -> AE:
         pdu_timeout=config.pdu_timeout,
         max_request_dataset=config.max_request_dataset,
         max_buffered_output=config.max_buffered_output,
+        abort_artim_timeout=config.abort_artim_timeout,
         log_operations=config.log_operations,
     )
     ae.add_supported_context(Verification)
@@ -94,6 +95,7 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         ("max_associations", "max_associations"),
         *((name, name) for name in ADMISSION_KEYS),
         ("workers", "workers"),
+        ("paused_wait", "paused_wait"),
     ):
         if getattr(args, arg, None) is not None:
             setattr(config, key, getattr(args, arg))
@@ -119,6 +121,7 @@ def deployment(config: ServeConfig) -> Deployment:
         http_port=config.http_port,
         drain_grace=config.drain_grace,
         drain_delay=config.drain_delay,
+        paused_wait=config.paused_wait,
     )
 
 
@@ -159,6 +162,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
             trusted_proxies=dep.trusted_proxies,
             reuse_port=True,
             paused=True,
+            paused_wait=dep.paused_wait,
         )
 
     grace = config.drain_grace + config.drain_delay + 15
@@ -175,7 +179,7 @@ async def serve(args: argparse.Namespace) -> int:
     file), the storage directory must be writable and the port is bound and listening:
     each failure is one line and its exit code (:class:`~dimse_async.cli.common.CLIError`,
     :class:`~dimse_async.exceptions.ListenError`, exit 7). An association request arriving while
-    the archive is re-indexed waits up to 5 s, then is answered A-ASSOCIATE-RJ
+    the archive is re-indexed waits up to ``paused_wait`` (5) s, then is answered A-ASSOCIATE-RJ
     rejected-transient (temporary congestion); ``/healthz`` says unready; then
     associations are admitted and the "listening on" line is printed.
     """

@@ -166,6 +166,13 @@ def _add_serve(sub: Any) -> None:
     )
     serve.add_argument("--workers", type=positive_int, help="worker processes sharing the port (config: workers, default 1)")
     serve.add_argument(
+        "--paused-wait",
+        type=positive_float,
+        metavar="S",
+        help="while the archive is re-indexed at start-up, an association request waits up to S seconds, "
+        "then is rejected-transient (config: paused_wait, default 5)",
+    )
+    serve.add_argument(
         "--index",
         metavar="URL",
         help="index database: postgresql://user@host/db, shared by several nodes (config: index; default SQLite in the storage directory)",
@@ -242,7 +249,7 @@ _BUILDERS: dict[str, Callable[[Any], None]] = {
 }
 
 
-#: Admission control and bounded input (AE settings; serve: the same keys in TOML).
+#: Admission control and bounded input and time (AE settings; serve: the same keys in TOML).
 ADMISSION: tuple[tuple[str, type, str], ...] = (
     ("max_per_address", int, "associations from one client address (default 256)"),
     ("max_per_calling_ae", int, "associations from one calling AE title (default 256)"),
@@ -251,6 +258,7 @@ ADMISSION: tuple[tuple[str, type, str], ...] = (
     ("pdu_timeout", float, "seconds a started PDU gets to arrive whole, however slowly (default 60)"),
     ("max_request_dataset", int, "largest identifier in bytes; larger is refused 0xA700 (default 1 MiB)"),
     ("max_buffered_output", int, "response bytes queued for non-reading peers, all associations (default 64 MiB)"),
+    ("abort_artim_timeout", float, "seconds a peer gets to close the connection after our A-ABORT (default 5)"),
 )
 
 

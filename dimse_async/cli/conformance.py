@@ -308,6 +308,7 @@ def render() -> str:
     add("|---|---|")
     for key in ("connect_timeout", "acse_timeout", "dimse_timeout", "network_timeout", "artim_timeout"):
         add(f"| `{key}` | {d[key]} |")
+    add(f"| `abort_artim_timeout` (ARTIM after our A-ABORT; `--abort-artim-timeout`) | {d['abort_artim_timeout']} |")
     add("")
 
     add("#### 4.2.3 Query/Retrieve SCP (`serve`)")
