@@ -1,6 +1,7 @@
 """Settings reachable alike from the API, the command line and the ``serve`` TOML file:
-the ARTIM after our A-ABORT (PS3.8 §9.1.5) and the wait of an association request while
-``serve`` re-indexes."""
+the ARTIM after our A-ABORT (PS3.8 §9.1.5), the wait of an association request while
+``serve`` re-indexes, and the server-wide output budget with ``--workers N`` (a limit
+for the whole set, each worker getting its share, like ``max_associations``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from rawpeer import RawPeer, rq_bytes
 
 from dimse_async import AE, Verification
 from dimse_async.archive.config import load_config
-from dimse_async.archive.serve import apply_args, archive_ae, deployment
-from dimse_async.cli import _parser, storage_ae
+from dimse_async.archive.serve import apply_args, archive_ae, deployment, share_limits
+from dimse_async.cli import _parser, _share_limits, storage_ae
+from dimse_async.workers import WorkerInfo
 
 
 def test_abort_artim_timeout_and_paused_wait_from_the_command_line(tmp_path: Path) -> None:
@@ -58,6 +60,21 @@ async def test_abort_artim_timeout_bounds_the_wait_for_the_peers_close() -> None
             assert time.monotonic() - started < 3.0  # well before the default 5 s
         finally:
             await peer.close()
+
+
+def test_output_budget_is_shared_by_the_workers(tmp_path: Path) -> None:
+    """``max_buffered_output`` bounds the whole set of workers, like ``max_associations``."""
+    info = WorkerInfo(index=1, count=4, port=11112)
+    config = load_config(None)
+    config.max_buffered_output = 100 << 20
+    share_limits(config, info)
+    assert (config.max_buffered_output, config.max_associations, config.max_pending) == (25 << 20, 250, 256)
+    args = _parser("store-scp").parse_args(["store-scp", "--out", str(tmp_path), "--workers", "4"])
+    _share_limits(args, info)
+    assert storage_ae(args).output_budget.limit == 16 << 20  # the default 64 MiB, shared
+    args = _parser("store-scp").parse_args(["store-scp", "--out", str(tmp_path), "--max-buffered-output", "1000000"])
+    _share_limits(args, info)
+    assert storage_ae(args).max_buffered_output == 250_000
 
 
 async def test_paused_wait_from_start_server() -> None:

@@ -41,7 +41,7 @@ Example::
     max_pending_per_address = 256             # ... from one address
     pdu_timeout = 60                          # a started PDU must be whole within 60 s
     max_request_dataset = 1048576             # largest C-FIND/GET/MOVE identifier (bytes)
-    max_buffered_output = 67108864            # response bytes queued for peers, all associations
+    max_buffered_output = 67108864            # response bytes queued for peers, all associations (and workers)
     abort_artim_timeout = 5                   # after our A-ABORT, seconds for the peer to close
     query_max_matches = 50000                 # a C-FIND (archive or worklist) stops with 0xA700
     query_time_budget = 60                    #   past this many matches or seconds
@@ -142,7 +142,8 @@ class ServeConfig:
     pdu_timeout: float | None = 60.0
     max_request_dataset: int = 1 << 20
     #: Response bytes queued for peers that have not read them, over all associations
-    #: (per worker process); past it, peers that do not read get nothing more.
+    #: (of all workers: each gets ``max_buffered_output // workers``); past it, peers
+    #: that do not read get nothing more.
     max_buffered_output: int = 64 << 20
     #: After our A-ABORT, seconds the peer gets to close the connection (ARTIM, PS3.8 §9.1.5).
     abort_artim_timeout: float = 5.0

@@ -12,7 +12,7 @@ from ..health import HealthServer
 from ..log import get_logger
 from ..services.qr import MODELS
 from ..services.storage import STORAGE_SOP_CLASSES
-from ..workers import run_workers, worker_info
+from ..workers import WorkerInfo, run_workers, worker_info
 from .config import ADMISSION_KEYS, ServeConfig, check_setting, load_config
 from .index import Archive, Worklist, relational_queries
 from .normalized import MPPS, STORAGE_COMMITMENT, install_normalized
@@ -111,6 +111,14 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         config.log_operations = True
 
 
+def share_limits(config: ServeConfig, info: WorkerInfo) -> None:
+    """A worker's part of the limits set for the whole set of workers: associations,
+    connections not yet associated, and response bytes queued for peers."""
+    config.max_associations = info.share(config.max_associations)
+    config.max_pending = info.share(config.max_pending)
+    config.max_buffered_output = info.share(config.max_buffered_output)
+
+
 def deployment(config: ServeConfig) -> Deployment:
     return Deployment(
         ssl=server_ssl(config.tls_cert, config.tls_key, config.tls_ca, config.tls_require_client_cert),
@@ -194,8 +202,7 @@ async def serve(args: argparse.Namespace) -> int:
     info = worker_info()
     if info is not None:  # one of several workers: the parent's port, a share of the limits
         config.port = info.port
-        config.max_associations = info.share(config.max_associations)
-        config.max_pending = info.share(config.max_pending)
+        share_limits(config, info)
         dep.reuse_port = True
         dep.http_port = info.http_port(dep.http_port)
         dep.collect_metrics = info.metrics

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from .. import AE
     from ..deploy import Deployment
     from ..services.send import SendResult
+    from ..workers import WorkerInfo
 
 __all__ = ["main"]
 
@@ -257,7 +258,7 @@ ADMISSION: tuple[tuple[str, type, str], ...] = (
     ("max_pending_per_address", int, "such connections from one address (default 256)"),
     ("pdu_timeout", float, "seconds a started PDU gets to arrive whole, however slowly (default 60)"),
     ("max_request_dataset", int, "largest identifier in bytes; larger is refused 0xA700 (default 1 MiB)"),
-    ("max_buffered_output", int, "response bytes queued for non-reading peers, all associations (default 64 MiB)"),
+    ("max_buffered_output", int, "response bytes queued for peers not reading, all workers together (default 64 MiB)"),
     ("abort_artim_timeout", float, "seconds a peer gets to close the connection after our A-ABORT (default 5)"),
 )
 
@@ -370,6 +371,13 @@ def storage_ae(args: argparse.Namespace) -> AE:
     return ae
 
 
+def _share_limits(args: argparse.Namespace, info: WorkerInfo) -> None:
+    """A worker's part of the limits set for the whole set of workers (defaults as in ``AE``)."""
+    args.max_associations = info.share(args.max_associations)
+    args.max_pending = info.share(1024 if args.max_pending is None else args.max_pending)
+    args.max_buffered_output = info.share((64 << 20) if args.max_buffered_output is None else args.max_buffered_output)
+
+
 async def _store_scp(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -383,8 +391,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
     info = worker_info()
     if info is not None:  # one of --workers N: the parent's port, a share of the limits
         args.port = info.port
-        args.max_associations = info.share(args.max_associations)
-        args.max_pending = info.share(1024 if args.max_pending is None else args.max_pending)
+        _share_limits(args, info)
         dep.reuse_port = True
         dep.http_port = info.http_port(dep.http_port)
         dep.collect_metrics = info.metrics
