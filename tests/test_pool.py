@@ -84,13 +84,18 @@ async def test_reuses_one_association_with_storescp_and_rebuilds_after_it_restar
     assert log.read_text().count("Association Acknowledged") == 2
 
 
-async def our_scp(events: list[str]) -> tuple[da.AE, da.Server]:
+async def our_scp(events: list[str], in_store: asyncio.Event | None = None) -> tuple[da.AE, da.Server]:
+    """Our SCP whose C-STORE handler takes 0.05 s; with ``in_store``, it sets the event
+    and then holds the store (up to 10 s) so a test can act while it is under way."""
     ae = da.AE("POOLSCP", max_associations=50)
     ae.add_supported_context(da.Verification)
     ae.add_supported_context(CT)
 
     @ae.on_c_store
     async def store(request):  # type: ignore[no-untyped-def]
+        if in_store is not None:
+            in_store.set()
+            await asyncio.sleep(10)
         await asyncio.sleep(0.05)
         return 0
 
@@ -156,7 +161,8 @@ async def test_idle_associations_expire_with_a_release() -> None:
 
 async def test_an_association_left_with_an_error_is_not_reused() -> None:
     events: list[str] = []
-    _ae, server = await our_scp(events)
+    in_store = asyncio.Event()
+    _ae, server = await our_scp(events, in_store)
     async with server, AssociationPool(scu()) as pool:
         task = None
 
@@ -165,8 +171,7 @@ async def test_an_association_left_with_an_error_is_not_reused() -> None:
                 await assoc.c_store(instance())
 
         task = asyncio.ensure_future(slow_store())
-        await until(lambda: any(a.negotiated for a in server.associations))
-        await asyncio.sleep(0.01)
+        await asyncio.wait_for(in_store.wait(), 10)  # the C-STORE is under way at the SCP
         task.cancel()  # mid C-STORE: the association's state is unknown
         with pytest.raises(asyncio.CancelledError):
             await task
