@@ -383,3 +383,42 @@ async def test_status_error_is_honoured_by_c_store():
         async with scu.associate("127.0.0.1", server.port, "QRSCP") as assoc:
             status = await assoc.c_store(CT)
     assert status == 0xA711 and status.error_comment == "quota exceeded"
+
+
+def find_then_wait_for_cancel(ae: AE, matches: int, *, then: str) -> None:
+    """A C-FIND handler: ``matches`` matches, then it waits (bounded) until the peer's
+    C-CANCEL has been read, then ``then``: "end" (no more matches), "look" (reads
+    ``request.cancelled`` and stops) or "more" (yields one more match)."""
+
+    @ae.on_c_find
+    async def find(request):
+        for i in range(matches):
+            ds = Dataset()
+            ds.PatientID = str(i)
+            yield ds
+        for _ in range(500):  # the operation's flag, not request.cancelled: nothing observed
+            if request.operation.cancelled:
+                break
+            await asyncio.sleep(0.01)
+        assert request.operation.cancelled, "the C-CANCEL never arrived"
+        if then == "look" and request.cancelled:
+            return
+        if then == "more":
+            yield Dataset()
+
+
+@pytest.mark.parametrize(("then", "expected"), [("end", 0x0000), ("look", 0xFE00), ("more", 0xFE00)])
+async def test_cancel_read_after_the_last_match_went_out(then: str, expected: int) -> None:
+    """A C-CANCEL that arrives once every match has been sent leaves the final status
+    Success: matching was not terminated. Cancel when a match was left unsent or the
+    handler stopped on seeing the cancel."""
+    ae = qr_scp()
+    find_then_wait_for_cancel(ae, 2, then=then)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with qr_scu().associate("127.0.0.1", server.port, "QRSCP") as assoc:
+            async with assoc.c_find(study_query()) as responses:
+                async for _ds in responses:
+                    break
+            assert responses.status is not None
+            assert int(responses.status) == expected, hex(int(responses.status))
+            assert (await assoc.c_echo()).is_success

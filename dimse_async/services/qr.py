@@ -293,12 +293,15 @@ def c_move(
 class QueryRequest(Request):
     """A C-FIND / C-GET / C-MOVE request as seen by its handler."""
 
-    __slots__ = ("identifier", "operation")
+    __slots__ = ("cancel_seen", "identifier", "operation")
 
     def __init__(self, assoc: DIMSEProvider, operation: Operation, identifier: Dataset):
         super().__init__(assoc, operation.message)
         self.operation = operation
         self.identifier = identifier
+        #: The handler read :attr:`cancelled` as true (or called :meth:`cancel`): if it
+        #: ends now, it may have stopped early, so the final status is Cancel.
+        self.cancel_seen = False
 
     @property
     def model(self) -> str:
@@ -312,10 +315,12 @@ class QueryRequest(Request):
     @property
     def cancelled(self) -> bool:
         """Whether the peer sent C-CANCEL for this request."""
+        if self.operation.cancelled:
+            self.cancel_seen = True
         return self.operation.cancelled
 
     def cancel(self) -> None:
-        self.operation.cancelled = True
+        self.operation.cancelled = self.cancel_seen = True
 
 
 class RetrieveRequest(QueryRequest):
@@ -384,7 +389,7 @@ async def scp_c_find(assoc: DIMSEProvider, op: Operation, handler: QueryHandler 
         await _respond(assoc, op, request if isinstance(request, Status) else _unsupported(op))
         return
     try:
-        status = await _find_responses(assoc, op, handler(request))
+        status = await _find_responses(assoc, op, request, handler(request))
     except AssociationError:
         raise
     except Exception as exc:
@@ -392,20 +397,23 @@ async def scp_c_find(assoc: DIMSEProvider, op: Operation, handler: QueryHandler 
     await _respond(assoc, op, status)
 
 
-async def _find_responses(assoc: DIMSEProvider, op: Operation, agen: Any) -> Status:
-    """Send a pending response per match; stop at the next match after a C-CANCEL."""
+async def _find_responses(assoc: DIMSEProvider, op: Operation, request: QueryRequest, agen: Any) -> Status:
+    """Send a pending response per match; after a C-CANCEL stop at the next match.
+
+    Cancel (0xFE00, "matching terminated due to cancel", PS3.4 C.4.1.1.4) only when
+    matching was cut short: a match was left unsent, or the handler ended after it saw
+    ``request.cancelled``. A C-CANCEL read after the last match went out changes
+    nothing: every match was sent, the final status is Success (PS3.7 §9.3.2.3)."""
     try:
         async for item in agen:
             if op.cancelled:
-                return Status(Code.CANCEL)
+                return Status(Code.CANCEL)  # this match is left unsent
             code, ident = item if isinstance(item, tuple) else (Code.PENDING, item)
             await _respond(assoc, op, Status(code), ident)
             await asyncio.sleep(0)  # let the loop read a C-CANCEL that may have arrived
-            if op.cancelled:
-                return Status(Code.CANCEL)
     finally:
         await agen.aclose()
-    return Status(Code.CANCEL if op.cancelled else Code.SUCCESS)
+    return Status(Code.CANCEL if request.cancel_seen else Code.SUCCESS)
 
 
 def _item_uid(item: Any) -> str:
