@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import queue
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,26 +79,71 @@ def receiver_cpu(proc: psutil.Process) -> float:
     return total
 
 
+LISTENING = re.compile(r"listening on [^ ]*:(\d+)")
+
+
+def announced_port(recv: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    """The port in the receiver's ``listening on host:port`` line, which ``--workers N``
+    prints only once every worker listens (before that, a start-up placeholder answers
+    A-ASSOCIATE-RJ rejected-transient: senders started then would fail). Its stdout is
+    drained in a thread from then on."""
+    assert recv.stdout is not None
+    lines: queue.Queue[bytes | None] = queue.Queue()
+
+    def pump() -> None:
+        assert recv.stdout is not None
+        for line in recv.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        if found := LISTENING.search(line.decode(errors="replace")):
+            return int(found.group(1))
+    raise RuntimeError(f"the receiver never announced its port (exit code {recv.poll()})")
+
+
+def failure(log: Path) -> str:
+    """A failed storescu's reason: its first error lines (``F:`` / ``E:``)."""
+    errors = [ln[3:].strip() for ln in log.read_text(errors="replace").splitlines() if ln[:2] in ("F:", "E:")]
+    return " ".join(errors[:3]) or "no error output"
+
+
 def run(
-    name: str, command: list[str], port: int, dirs: list[Path], database: psutil.Process | None = None
-) -> dict[str, float]:
+    name: str, command: list[str], port: int | None, dirs: list[Path], database: psutil.Process | None = None
+) -> dict[str, object]:
+    """``port``: DCMTK's fixed port; ``None`` for ours, started on port 0 (no free-port race
+    with other programs), the port taken from their announcement."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    recv = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    logs = Path(tempfile.mkdtemp(prefix="bench-workers-"))
+    recv_log = (logs / "receiver.log").open("wb")
+    ours = port is None
+    recv = subprocess.Popen(command, stdout=subprocess.PIPE if ours else subprocess.DEVNULL, stderr=recv_log, env=env)
     try:
-        wait_port(port)
-        time.sleep(3)  # every worker listening (the parent reserves the port first)
+        if port is None:
+            port = announced_port(recv)
+        else:
+            wait_port(port)
+            time.sleep(1)
+        if recv.poll() is not None:
+            raise RuntimeError(f"{name}: the receiver exited ({recv.returncode}); see {logs / 'receiver.log'}")
         ps = psutil.Process(recv.pid)
         cpu0 = receiver_cpu(ps)
         db0 = receiver_cpu(database) if database is not None else 0.0
         start = time.monotonic()
-        senders = [
-            subprocess.Popen(
-                ["/usr/bin/storescu", "-aec", "ANY-SCP", "+sd", "-pdu", "131072", "127.0.0.1", str(port), str(d)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for d in dirs
-        ]
+        sender_logs = [logs / f"sender{i}.log" for i in range(len(dirs))]
+        senders = []
+        for d, log in zip(dirs, sender_logs):
+            with log.open("wb") as out:
+                argv = ["/usr/bin/storescu", "-aec", "ANY-SCP", "+sd", "-pdu", "131072", "127.0.0.1", str(port), str(d)]
+                senders.append(subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT))
         codes = [s.wait(600) for s in senders]
         seconds = time.monotonic() - start
         time.sleep(0.5)  # forked storescp children finish and are reaped
@@ -108,11 +156,19 @@ def run(
         except subprocess.TimeoutExpired:
             recv.kill()
             recv.wait()
+        recv_log.close()
+    failed = [f"sender {i} exit {c}: {failure(log)}" for i, (c, log) in enumerate(zip(codes, sender_logs)) if c != 0]
+    if failed:
+        print(f"{name}: {len(failed)} of {len(codes)} senders failed (logs in {logs})", file=sys.stderr)
+        for line in failed:
+            print("  " + line, file=sys.stderr)
+    else:
+        shutil.rmtree(logs, ignore_errors=True)
     n = sum(len(list(d.iterdir())) for d in dirs)
     size = sum(f.stat().st_size for d in dirs for f in d.iterdir())
     return {
-        "name": name,  # type: ignore[dict-item]
-        "ok": all(c == 0 for c in codes),  # type: ignore[dict-item]
+        "name": name,
+        "failed": failed,
         "seconds": seconds,
         "instances/s": n / seconds,
         "MB/s": size / seconds / 1e6,
@@ -199,12 +255,11 @@ def main() -> int:
         if "store-scp" in only:
             for workers, durable in ((1, False), (2, False), (1, True)):  # --durable: fsync, group commit
                 name = f"store-scp --workers {workers}" + (" --durable" if durable else "")
-                port = free_port()
                 out = base / name.replace(" ", "_")
-                cmd = [sys.executable, "-m", "dimse_async", "store-scp", "--any-called-ae", "--port", str(port)]
+                cmd = [sys.executable, "-m", "dimse_async", "store-scp", "--any-called-ae", "--port", "0"]
                 cmd += ["--out", str(out), "--log-level", "WARNING", "--workers", str(workers)]
                 cmd += ["--durable"] if durable else []
-                results.append(run(name, cmd, port, dirs))
+                results.append(run(name, cmd, None, dirs))
         if "serve" in only:
             server: tuple[str, psutil.Process | None] | None
             if args.postgresql:
@@ -217,15 +272,14 @@ def main() -> int:
                     continue
                 for workers in (1, 2):
                     name = f"serve {index} --workers {workers}"
-                    port = free_port()
-                    cmd = [sys.executable, "-m", "dimse_async", "serve", "--port", str(port), "--log-level", "WARNING",
+                    cmd = [sys.executable, "-m", "dimse_async", "serve", "--port", "0", "--log-level", "WARNING",
                            "--storage-dir", str(base / name.replace(" ", "_")), "--workers", str(workers)]  # fmt: skip
                     database = None
                     if index == "postgresql":
                         assert server is not None
                         cmd += ["--index", fresh_database(server[0], f"bench_{workers}")]
                         database = server[1]
-                    results.append(run(name, cmd, port, dirs, database))
+                    results.append(run(name, cmd, None, dirs, database))
         if "storescp" in only:
             port = free_port()
             out = base / "storescp"
@@ -238,11 +292,17 @@ def main() -> int:
     print("| receiver | ok | seconds | instances/s | MB/s | receiver CPU ms/instance | PostgreSQL CPU ms/instance |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
-        db = r["db ms/instance"]
+        db = float(r["db ms/instance"])  # type: ignore[arg-type]
+        failed: list[str] = r["failed"]  # type: ignore[assignment]
+        ok = "yes" if not failed else f"NO: {len(failed)} of {args.senders} senders failed"
         print(
-            f"| `{r['name']}` | {'yes' if r['ok'] else 'NO'} | {r['seconds']:.2f} | {r['instances/s']:.1f} | "
+            f"| `{r['name']}` | {ok} | {r['seconds']:.2f} | {r['instances/s']:.1f} | "
             f"{r['MB/s']:.1f} | {r['cpu ms/instance']:.2f} | {'' if db != db else f'{db:.2f}'} |"
         )
+    failures = [f"- `{r['name']}`: {why}" for r in results for why in r["failed"]]  # type: ignore[attr-defined]
+    if failures:
+        print()
+        print("\n".join(failures))
     return 0
 
 
