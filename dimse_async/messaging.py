@@ -12,6 +12,7 @@ waiting for the transport to drain. It implements most of
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,6 +100,7 @@ class DIMSEMessaging:
         self._pause_reasons: set[str] = set()
         self._window = asyncio.Semaphore(1)
         self._waiters: dict[int, ResponseQueue] = {}
+        self._finished_ops: deque[Operation] = deque()  # finished inline, next held-back ones to start
         self._tasks: set[asyncio.Future[Any]] = set()  # tasks, and operations run as callbacks
         self._sink: DatasetSink | None = None
         self._writer: FileWriter | None = None
@@ -443,7 +445,8 @@ class DIMSEMessaging:
                 event.request.sink.discard()  # refused or cancelled before it started
             self._respond(event.context_id, event.command)
         elif isinstance(event, PauseReading):
-            self.pause_reading("window")
+            if self.session.held:  # not when the held-back requests already ran (answered inline)
+                self.pause_reading("window")
         elif isinstance(event, ResumeReading):
             self.resume_reading("window")
         elif isinstance(event, CancelRequested) and self._debug:
@@ -488,9 +491,17 @@ class DIMSEMessaging:
         sink = op.message.sink
         if sink is not None:
             sink.discard()
-        if not self._closed.done():
-            for event in self.session.finished(op):
+        if self._closed.done():
+            return
+        # A held-back request started here may finish inline too: loop, never recurse
+        # (a peer can pack thousands of requests beyond the window into one PDU).
+        self._finished_ops.append(op)
+        if len(self._finished_ops) > 1:
+            return  # an outer call is taking them in turn
+        while self._finished_ops:
+            for event in self.session.finished(self._finished_ops[0]):
                 self._on_session_event(event)
+            self._finished_ops.popleft()
 
     def _respond(self, context_id: int, command: Command) -> None:
         """Send a response the session decided: at once when nothing else is being

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import struct
 import threading
 import time
 from pathlib import Path
@@ -18,8 +19,10 @@ from pathlib import Path
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from rawpeer import RawPeer, command_bytes, response_status, rq_bytes
 
 from dimse_async import AE, Status
+from dimse_async.dimse import Command, CommandField
 from dimse_async.filewriter import group_commit
 from dimse_async.part10 import read_file_meta
 from dimse_async.pdu import RECEIVE_BUFFERS
@@ -393,3 +396,32 @@ async def test_directory_store_answers_each_instance_from_its_file_job(tmp_path)
         if i != 2:
             assert sent_intact((out / f"{uid}.dcm").read_bytes(), path)
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".partial")) == [f"{uids[2]}.dcm.partial"]
+
+
+async def test_thousands_of_requests_in_one_pdu_beyond_the_window_are_all_answered():
+    """A raw peer packs 2000 C-ECHO-RQs into one P-DATA-TF PDU without negotiating a
+    window (PS3.7 D.3.3.3: one at a time): each is held back, then answered at once as
+    the one before it finishes (iteratively, however many: no recursion), in order;
+    reading resumes once none is held, so the A-RELEASE-RQ that follows is answered."""
+    n = 2000
+    ae = AE("ARCHIVE", require_called_ae=False)
+    ae.add_supported_context(VERIFICATION)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        peer = await RawPeer.connect(server.port)
+        await peer.associate(rq_bytes(max_pdu=1 << 20))
+        pdvs = b"".join(
+            struct.pack(">IBB", len(c) + 2, 1, 3) + c
+            for c in (
+                command_bytes(Command(CommandField.C_ECHO_RQ, message_id=i + 1, affected_sop_class_uid=VERIFICATION))
+                for i in range(n)
+            )
+        )
+        await peer.send(struct.pack(">BBI", 4, 0, len(pdvs)) + pdvs)
+        answered = []
+        for _ in range(n):
+            pdu = await peer.read_pdu(timeout=20)
+            assert pdu is not None
+            answered.append(response_status(pdu))
+        assert answered == [(0x8030, 0)] * n
+        await peer.release()  # read again: the release is answered
+        await peer.close()
