@@ -218,9 +218,12 @@ class Server:
             await self.wait_closed()
 
     def close(self) -> None:
-        """Stop listening; open associations carry on until :meth:`wait_closed`."""
+        """Stop listening; open associations carry on until :meth:`wait_closed`.
+        Requests waiting for a paused server to open are answered at once
+        (rejected-transient), not after the rest of :attr:`paused_wait`."""
         if self._server is not None:
             self._server.close()
+        self._opened.set()  # a paused server stays paused: its waiters are refused now
         for welcome in list(self._preambles):
             welcome.cancel()
 

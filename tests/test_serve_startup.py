@@ -298,3 +298,36 @@ async def test_library_paused_server_rejects_transient_until_open() -> None:
         assert server.ready
         assert (await assoc.c_echo()).is_success
         await assoc.release()
+
+
+async def test_closing_a_paused_server_refuses_its_waiting_requests_at_once() -> None:
+    """A request waiting on a paused server (``serve --workers N``'s placeholder while the
+    workers start) is rejected-transient as soon as that server closes, so the peer can
+    retry on the workers at once instead of waiting out ``paused_wait``."""
+    import asyncio
+
+    import dimse_async as da
+
+    scp = da.AE("PAUSED", require_called_ae=False)
+    scp.add_supported_context(da.Verification)
+    scu = da.AE("SCU")
+    scu.add_requested_context(da.Verification)
+    server = await scp.start_server(HOST, 0, paused=True)
+    try:
+        server.paused_wait = 60.0
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(scu.associate(HOST, server.port, "PAUSED"))
+        deadline = loop.time() + 10
+        while not server.associations and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)  # the request is in, waiting for the server to open
+        assert not waiting.done()
+        closed_at = loop.time()
+        server.close()
+        with pytest.raises(da.AssociationRejected) as rejected:
+            await asyncio.wait_for(waiting, 10)
+        assert loop.time() - closed_at < 5
+        assert (int(rejected.value.result), int(rejected.value.source), int(rejected.value.reason)) == (2, 3, 1)
+    finally:
+        server.close()
+        await server.wait_closed()
