@@ -141,30 +141,20 @@ def test_port_in_use_fails_before_indexing(tmp_path: Path, workers: int) -> None
     populate(storage)
     fifo = storage / "0000-fifo.dcm"
     os.mkfifo(fifo)
-    baselines = []
-    for _ in range(2):  # the same interpreter start and imports (``--version`` imports neither), no work
-        started = time.monotonic()
-        subprocess.run(
-            [sys.executable, "-c", "import dimse_async.cli, dimse_async.archive.serve"],
-            env=ENV, capture_output=True, timeout=30, check=True,
-        )  # fmt: skip
-        baselines.append(time.monotonic() - started)
-    baseline = max(baselines)
     with socket_listening() as port:
-        started = time.monotonic()
         done = subprocess.run(
             [*CLI, "serve", "--host", HOST, "--port", str(port), "--storage-dir", str(storage),
              "--workers", str(workers)],
             capture_output=True, text=True, env=ENV, timeout=30, check=False,
         )  # fmt: skip
-        elapsed = time.monotonic() - started
     assert done.returncode == 7, done
     lines = done.stderr.strip().splitlines()
     assert lines == [f"dimse-async serve: cannot listen on {HOST}:{port}: address already in use"], done.stderr
     assert done.stdout == ""
-    # well under a second of work beyond starting Python (a loaded machine adds noise)
-    assert elapsed < baseline + 1.5, (elapsed, baselines)
-    assert not fifo_opened(fifo)  # the re-index never started
+    # A re-index would open the FIFO and block there until the 30 s timeout: not opened
+    # means the port was judged before any indexing (no timing against a baseline,
+    # which a loaded machine made unreliable).
+    assert not fifo_opened(fifo)
     assert not (storage / "index.sqlite").exists() or _indexed(storage) == 0
 
 
