@@ -43,6 +43,20 @@ _MAX_DEPTH = 64
 _CHUNK = 1 << 16
 
 
+def _vr_kinds(order: str) -> bytes:
+    """The VR (two bytes read as an unsigned short in ``order``) -> 1 for a 2-byte length,
+    2 for a 4-byte length after 2 reserved bytes, 3 for a sequence, 0 for no VR (PS3.5 §7.1.2)."""
+    table = bytearray(1 << 16)
+    for vrs, kind in ((_SHORT_VRS, 1), (_LONG_VRS, 2), ((b"SQ",), 3)):
+        for vr in vrs:
+            table[struct.unpack(order + "H", vr)[0]] = kind
+    return bytes(table)
+
+
+_VR_KIND_LE, _VR_KIND_BE = _vr_kinds("<"), _vr_kinds(">")
+_HDR_LE, _HDR_BE = struct.Struct("<HHHH").unpack_from, struct.Struct(">HHHH").unpack_from
+
+
 class DataSetError(ValueError):
     """The bytes are not a complete, well-formed data set."""
 
@@ -253,11 +267,14 @@ class _BufferWalker:
     times faster than :class:`_Walker`, which reads a file element by element.
     """
 
-    __slots__ = ("buf", "elements", "hdr", "implicit", "keep", "kept", "little", "size", "top", "u32", "pos", "seq")
+    __slots__ = (
+        "buf", "elements", "hdr", "implicit", "keep", "kept", "little", "size", "top", "u32", "pos", "seq", "watch"
+    )  # fmt: skip
 
     def __init__(self, buf: bytes, implicit: bool, little: bool, keep: frozenset[int] = frozenset()):
         self.buf = buf
         self.keep = keep
+        self.watch = keep | {_SOP_CLASS, _SOP_INSTANCE}  # top-level tags whose value is read
         self.kept: dict[int, tuple[bytes, bytes]] = {}
         self.size = len(buf)
         self.pos = 0
@@ -277,6 +294,9 @@ class _BufferWalker:
         return DataSetError(f"data set ends inside an element header or value at byte {min(at, self.size)}")
 
     def elements_until(self, bound: int | None, depth: int, item: bool) -> None:
+        if not self.implicit:
+            self._explicit_until(bound, depth, item)
+            return
         buf, size, top = self.buf, self.size, depth == 0
         while True:
             pos = self.pos
@@ -333,6 +353,74 @@ class _BufferWalker:
                     if tag in self.keep:
                         self.kept[tag] = (vr, buf[pos : pos + length])
                 self.pos = pos + length
+
+    def _explicit_until(self, bound: int | None, depth: int, item: bool) -> None:
+        """:meth:`elements_until` for an explicit VR syntax, the common case: position and
+        element count kept in locals, the VR read as a number and classified by one table
+        index, tags built only where a value is read (top level) or a sequence followed."""
+        buf, size, u32, watch = self.buf, self.size, self.u32, self.watch if depth == 0 else None
+        hdr, kinds = (_HDR_LE, _VR_KIND_LE) if self.little else (_HDR_BE, _VR_KIND_BE)
+        # Where the walk ends: the item's end, the data set's end (top level), or never
+        # (an undefined-length item, ended by its delimiter; size + 1 is not reachable).
+        limit = bound if bound is not None else (size + 1 if item else size)
+        pos = self.pos
+        count = 0
+        try:
+            while True:
+                if pos >= limit:
+                    if pos == limit:
+                        break
+                    raise DataSetError(f"element crosses the end of its item at byte {bound}")
+                group, elem, vr, length = hdr(buf, pos)  # struct.error: fewer than 8 bytes left
+                if group == 0xFFFE:
+                    if elem != 0xE00D:
+                        raise DataSetError(f"unexpected item tag ({group:04X},{elem:04X}) at byte {pos}")
+                    if not item or bound is not None:
+                        raise DataSetError(f"unexpected item delimiter at byte {pos}")
+                    pos += 8
+                    break
+                kind = kinds[vr]
+                if kind == 1:  # 2-byte length
+                    pos += 8
+                elif kind:
+                    (length,) = u32(buf, pos + 8)  # struct.error: fewer than 12 bytes left
+                    pos += 12
+                    if length == _UNDEFINED or kind == 3:
+                        count += 1
+                        self.pos = pos
+                        if length == _UNDEFINED:
+                            self._undefined((group << 16) | elem, buf[pos - 8 : pos - 6], depth)
+                        else:
+                            self.sequence(pos + length, depth)
+                        pos = self.pos
+                        continue
+                else:
+                    raise DataSetError(
+                        f"invalid VR {buf[pos + 4 : pos + 6]!r} in ({group:04X},{elem:04X}) at byte {pos}"
+                    )
+                count += 1
+                end = pos + length
+                if end > size:
+                    if watch is not None and ((group << 16) | elem) in (_SOP_CLASS, _SOP_INSTANCE):
+                        raise self._short(size)
+                    raise DataSetError(
+                        f"value of {length} bytes at byte {pos} runs past the end of the data set ({size} bytes)"
+                    )
+                if watch is not None:
+                    tag = (group << 16) | elem
+                    if tag in watch:
+                        if tag in (_SOP_CLASS, _SOP_INSTANCE):
+                            self.top[tag] = buf[pos:end].decode("ascii", "replace").strip("\x00 ")
+                        if tag in self.keep:
+                            self.kept[tag] = (
+                                buf[pos - 4 : pos - 2] if kind == 1 else buf[pos - 8 : pos - 6],
+                                buf[pos:end],
+                            )
+                pos = end
+        except struct.error:
+            raise self._short(size) from None
+        self.pos = pos
+        self.elements += count
 
     def _undefined(self, tag: int, vr: bytes, depth: int) -> None:
         if vr in (b"OB", b"OW") or (tag == 0x7FE00010 and vr != b"SQ"):
