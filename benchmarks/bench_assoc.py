@@ -86,14 +86,15 @@ async def _client_main(port: int, loops: int, warmup: float, seconds: float) -> 
 
 
 def client(argv: list[str]) -> int:
-    port, loops, warmup, seconds = int(argv[0]), int(argv[1]), float(argv[2]), float(argv[3])
+    port, loops, warmup, seconds, out = int(argv[0]), int(argv[1]), float(argv[2]), float(argv[3]), Path(argv[4])
     try:
         import uvloop
 
         result = uvloop.run(_client_main(port, loops, warmup, seconds))
     except ImportError:
         result = asyncio.run(_client_main(port, loops, warmup, seconds))
-    print(json.dumps(result))
+    # a file, not stdout: a fast run's latencies are several pipe buffers long
+    out.write_text(json.dumps(result))
     return 0
 
 
@@ -112,12 +113,15 @@ def measure(key: str, clients: int, procs: int, warmup: float, seconds: float) -
         bs.wait_listening(server, port, bs.READY_TIMEOUT, key)
         cpu0 = bs.proc_status(server.pid).get("cpu_s", 0.0)
         per = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+        outs = [work / f"client-{i}.json" for i in range(len(per))]
         runners = [
-            subprocess.Popen([sys.executable, __file__, "--client", str(port), str(n), str(warmup), str(seconds)],
-                             stdout=subprocess.PIPE, env=bs._py_env(), text=True)
-            for n in per if n
+            subprocess.Popen([sys.executable, __file__, "--client", str(port), str(n), str(warmup), str(seconds), str(o)],
+                             env=bs._py_env())
+            for n, o in zip(per, outs) if n
         ]  # fmt: skip
-        results = [json.loads(r.communicate(timeout=seconds + warmup + 60)[0]) for r in runners]
+        for r in runners:
+            r.wait(timeout=seconds + warmup + 60)
+        results = [json.loads(o.read_text()) for n, o in zip(per, outs) if n]
         cpu1 = bs.proc_status(server.pid).get("cpu_s", 0.0)
         lat = sorted(x for r in results for x in r["latencies"])
         n = len(lat)
