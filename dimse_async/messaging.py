@@ -275,11 +275,15 @@ class DIMSEMessaging:
         self._run(self.fsm.send_pdata(pdu))
         if budget is not None:
             self._report_output()
+        self._message_sent(context_id, command, dataset=False)
+        return True
+
+    def _message_sent(self, context_id: int, command: Command, *, dataset: bool) -> None:
+        """A whole message has gone to the transport: debug line and observer."""
         if self._debug:
-            self.log.debug("message sent", command=command.name, context=context_id, dataset=False)
+            self.log.debug("message sent", command=command.name, context=context_id, dataset=dataset)
         if self.settings.observer is not None:
             self.settings.observer.message_sent(self, command)
-        return True
 
     async def _send_locked(
         self, context_id: int, command: Command, cmd: bytes, dataset: Payload | None, max_pdu: int
@@ -332,11 +336,8 @@ class DIMSEMessaging:
                 else:  # a small message: one buffer, one write
                     self._run(self.fsm.send_pdata(b"".join(batch) if len(batch) > 1 else bytes(batch[0])))
                 self._report_output()
-            if self._debug:
-                self.log.debug("message sent", command=command.name, context=context_id, dataset=dataset is not None)
             self._last_dimse = self.loop.time()
-            if self.settings.observer is not None:
-                self.settings.observer.message_sent(self, command)
+            self._message_sent(context_id, command, dataset=dataset is not None)
             await self._drain()
 
     async def request(
