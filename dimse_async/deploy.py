@@ -9,7 +9,7 @@ import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import tls
 from .exceptions import ListenError
@@ -18,6 +18,7 @@ from .log import get_logger
 
 if TYPE_CHECKING:
     from .ae import AE
+    from .metrics import Metrics
     from .server import Server
 
 __all__ = ["Deployment", "ListenError", "serve_until_signalled", "server_ssl"]
@@ -81,6 +82,36 @@ async def serve_until_signalled(
             metrics = Metrics().install(ae)
         except ImportError as exc:  # pragma: no cover - depends on the installation
             log.warning("metrics disabled", error=str(exc))
+    # Handlers first: a signal that arrives once the port listens (a supervisor or test
+    # seeing it open) must stop us cleanly, not kill the process by default action.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
+            pass
+    try:
+        return await _serve(ae, host, port, dep, announce, prepare, stop, metrics, log)
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _serve(
+    ae: AE,
+    host: str,
+    port: int,
+    dep: Deployment,
+    announce: Callable[[Server, HealthServer | None], None],
+    prepare: Callable[[], Awaitable[None]] | None,
+    stop: asyncio.Event,
+    metrics: Metrics | None,
+    log: Any,
+) -> Server:
+    """The body of :func:`serve_until_signalled`, with its signal handlers installed."""
     try:
         server = await ae.start_server(
             host,
@@ -95,13 +126,6 @@ async def serve_until_signalled(
         )
     except OSError as exc:
         raise ListenError(host, port, exc) from None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
-            pass
     health = None
     try:
         if dep.http_port is not None:
