@@ -78,7 +78,7 @@ class DIMSEProvider(Protocol):
 
     @property
     def writer(self) -> FileWriter:
-        """The association's file writer: file work off the event loop."""
+        """The association's file writer: file work in a thread, off the event loop."""
 
     @property
     def accepted_contexts(self) -> list[PresentationContext]: ...

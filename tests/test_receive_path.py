@@ -1,8 +1,9 @@
 """The storage SCP's receive path: file work off the event loop, durable stores.
 
-PS3.4 B.2.3: a success status means the instance is stored. Every file operation of a
-C-STORE runs in the association's writer thread, so a slow file system never stalls
-the other associations; with ``durable`` the file and its directory entry are fsynced
+PS3.4 B.2.3: a success status means the instance is stored. The file operations of a
+C-STORE run in the association's writer thread (small instances on the loop while such
+writes are fast, see test_inline_store.py), so a slow file system never stalls the
+other associations; with ``durable`` the file and its directory entry are fsynced
 before the status is sent, the directory ``fsync`` shared by concurrent stores.
 """
 

@@ -14,13 +14,14 @@ import asyncio
 import io
 import os
 import shutil
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
 from ..dimse import Command, CommandField, Message
-from ..filewriter import group_commit, make_dirs, sync_file, write_file
+from ..filewriter import InlineWrites, group_commit, make_dirs, sync_file, write_file, write_file_inline
 from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, valid_uid
 from ..session import Operation
@@ -301,10 +302,12 @@ def start_c_store(
 ) -> bool:
     """The usual C-STORE, run as callbacks instead of a task: the handler is a plain
     :class:`DirectoryStore` (not durable), the instance arrived whole in memory and its
-    UIDs were checked on arrival. One job in the association's writer (the file
-    written and renamed into place, as :meth:`StoreRequest.save` does), then the
-    status from its outcome, as :func:`scp_c_store` would answer, sent in the loop pass
-    that learns it (PS3.4 B.2.3: success only once the file is complete and renamed).
+    UIDs were checked on arrival. The file is written and renamed into place (as
+    :meth:`StoreRequest.save` does) at once on the loop when small and such writes are
+    fast (:class:`~dimse_async.filewriter.InlineWrites`, nothing of this association
+    still in its writer), else by one job in the association's writer; then the status
+    from its outcome, as :func:`scp_c_store` would answer, sent in the loop pass that
+    learns it (PS3.4 B.2.3: success only once the file is complete and renamed).
     ``False``: anything else, for :func:`scp_c_store` in a task."""
     spool = op.message.sink
     if (
@@ -339,7 +342,21 @@ def start_c_store(
             done.set_exception(err)
 
     dest = os.path.join(store._root, f"{cmd.affected_sop_instance_uid}.dcm")
-    assoc.writer.submit_then(written, write_file, dest, spool.chunks(), False)
+    writer = assoc.writer
+    inline = store.inline
+    if inline is not None and not writer.busy and inline.allowed(spool.header_length + spool.size):
+        t0 = time.perf_counter()
+        try:
+            placed = write_file_inline(dest, spool.chunks())
+        except Exception as exc:
+            inline.took(time.perf_counter() - t0)
+            written(None, exc)
+            return True
+        inline.took(time.perf_counter() - t0)
+        if placed:
+            written(None, None)
+            return True
+    writer.submit_then(written, write_file, dest, spool.chunks(), False)
     return True
 
 
@@ -367,13 +384,21 @@ class DirectoryStore:
     gets failure 0xC000 instead of a file. An instance already present is replaced.
     ``durable``: success is answered only once file and directory entry were fsynced
     (group commit across concurrent stores, see :meth:`StoreRequest.save`).
+    ``inline``: when a small instance's file is written on the event loop instead of in
+    the association's writer thread (:class:`~dimse_async.filewriter.InlineWrites`;
+    ``True``: its defaults; ``False``: never; never when durable).
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, durable: bool = False):
+    def __init__(
+        self, root: str | os.PathLike[str], *, durable: bool = False, inline: bool | InlineWrites = True
+    ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._root = os.fspath(self.root)
         self.durable = durable
+        self.inline: InlineWrites | None = (
+            inline if isinstance(inline, InlineWrites) else InlineWrites() if inline else None
+        )
         self.stored = 0
 
     def path_for(self, sop_instance_uid: str) -> Path:

@@ -1,0 +1,191 @@
+"""Small instances written on the event loop (``filewriter.InlineWrites``).
+
+PS3.4 B.2.3: success only once the instance is stored. A small instance whose data set
+arrived whole is placed by the loop itself (a new ``.partial`` file, ``writev``,
+rename) when such writes are fast; a large one, or any while inline writes are slow,
+goes to the association's writer thread. Either way the final name only ever holds a
+complete file, and a full or read-only disk answers 0xA700 leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from test_receive_path import CT_CLASS, VERIFICATION, sent_intact, storage_scp, storescu, write_instances
+
+from dimse_async import AE
+from dimse_async.filewriter import InlineWrites
+from dimse_async.services.storage import DirectoryStore
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``where`` (skips when mounting is not allowed)."""
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       check=True, capture_output=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {exc}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=10)
+
+
+def remount(where: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True, timeout=10)
+
+
+@contextlib.asynccontextmanager
+async def store_scp(store: DirectoryStore) -> AsyncIterator[int]:
+    ae = storage_scp()
+    ae.on_c_store(store)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        yield server.port
+
+
+async def store_each(port: int, paths: list[Path]) -> list[tuple[int, str | None]]:
+    """C-STORE each file over one association; (status, error comment) of each."""
+    scu = AE("SCU")
+    scu.add_requested_context(VERIFICATION)
+    scu.add_requested_context(CT_CLASS, ExplicitVRLittleEndian)
+    answers = []
+    async with scu.associate("127.0.0.1", port, "SCP") as assoc:
+        for path in paths:
+            status = await asyncio.wait_for(assoc.c_store(path), 30)
+            answers.append((int(status), status.error_comment))
+        assert (await assoc.c_echo()).is_success
+    return answers
+
+
+def never_slow(max_size: int = 256 << 10) -> InlineWrites:
+    """A policy no write counts as slow for (a loaded test machine may take 50 ms for one)."""
+    return InlineWrites(max_size=max_size, slow=60.0, stall=60.0)
+
+
+def left_partial(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if p.name.endswith(".partial")]
+
+
+async def test_small_instances_are_placed_by_the_loop_large_ones_by_the_writer(tmp_path):
+    """storescu sends 5 small instances: each is written inline (no thread job), stored
+    intact under its final name. With a size limit below the instances' size they go
+    to the writer thread instead, with the same result."""
+    src = tmp_path / "src"
+    uids = write_instances(src, 5)
+    for limit, inline_writes in ((256 << 10, 5), (1000, 0)):
+        out = tmp_path / f"out{limit}"
+        store = DirectoryStore(out, inline=never_slow(limit))
+        async with store_scp(store) as port:
+            assert await storescu(port, src) == 0
+        assert store.inline is not None and store.inline.writes == inline_writes
+        assert store.stored == 5
+        for i, uid in enumerate(uids):
+            assert sent_intact((out / f"{uid}.dcm").read_bytes(), src / f"{i:03d}.dcm")
+        assert left_partial(out) == []
+
+
+async def test_slow_inline_writes_send_the_next_ones_to_the_writer_thread(tmp_path):
+    """Inline writes that count as slow (here: any, ``slow=0``) pause inline writing:
+    the first instance is written inline, the other four by the writer thread, all
+    stored intact; ``inline=False`` never writes inline."""
+    src = tmp_path / "src"
+    uids = write_instances(src, 5)
+    slow = InlineWrites(slow=0.0, backoff=60.0)
+    for store in (DirectoryStore(tmp_path / "a", inline=slow), DirectoryStore(tmp_path / "b", inline=False)):
+        async with store_scp(store) as port:
+            assert await storescu(port, src) == 0
+        assert store.stored == 5
+        for i, uid in enumerate(uids):
+            assert sent_intact((store.root / f"{uid}.dcm").read_bytes(), src / f"{i:03d}.dcm")
+    assert (slow.writes, slow.pauses) == (1, 1)
+
+
+def test_inline_write_policy_pauses_on_slow_writes_and_resumes_on_a_fast_one():
+    """The policy alone: fast writes keep inline writing on; an average above ``slow``
+    or one write above ``stall`` pauses it for ``backoff`` s; the first write after the
+    pause decides: slow doubles the next pause, fast resumes."""
+    policy = InlineWrites(max_size=100, slow=0.005, stall=0.05, backoff=0.05)
+    assert policy.allowed(100) and not policy.allowed(101)
+    for _ in range(50):
+        policy.took(0.001)  # fast, however many
+    assert policy.allowed(10) and policy.pauses == 0
+    policy.took(0.02)  # one outlier: the average stays below 5 ms
+    assert policy.allowed(10) and policy.pauses == 0
+    for _ in range(8):
+        if not policy.allowed(10):
+            break
+        policy.took(0.02)  # slow as a rule now
+    assert not policy.allowed(10) and policy.pauses == 1
+
+    def wait_allowed(limit: float) -> float:
+        t0 = time.monotonic()
+        while not policy.allowed(10):
+            assert time.monotonic() - t0 < limit, "the pause did not end"
+            time.sleep(0.005)
+        return time.monotonic() - t0
+
+    wait_allowed(2.0)
+    policy.took(0.02)  # slow again after the pause: paused twice as long
+    assert not policy.allowed(10) and policy.pauses == 2
+    assert wait_allowed(2.0) >= 0.05
+    policy.took(0.001)  # fast: inline again, with no pause pending
+    assert policy.allowed(10)
+    policy.took(0.06)  # one stall is enough
+    assert not policy.allowed(10) and policy.pauses == 3
+
+
+async def test_disk_full_on_the_inline_path_answers_out_of_resources_and_leaves_nothing(tmp_path):
+    """The store's directory is a 200 KB tmpfs: instances are written inline until it
+    is full; the rest are answered 0xA700 with the reason, no partial file is left,
+    every stored file is complete; once there is room the same instances are stored."""
+    src = tmp_path / "src"
+    uids = write_instances(src, 8)
+    paths = [src / f"{i:03d}.dcm" for i in range(8)]
+    with small_tmpfs(tmp_path / "out", "200k") as out:
+        store = DirectoryStore(out, inline=never_slow())
+        async with store_scp(store) as port:
+            answers = await store_each(port, paths)
+            stored = [i for i, (code, _) in enumerate(answers) if code == 0]
+            failed = [i for i, (code, _) in enumerate(answers) if code != 0]
+            assert stored and failed, answers
+            for i in failed:
+                code, comment = answers[i]
+                assert code == 0xA700 and comment and comment.startswith("Out of resources"), answers[i]
+            assert store.inline is not None and store.inline.writes == 8  # all on the inline path
+            assert left_partial(out) == []
+            assert sorted(p.name for p in out.iterdir()) == sorted(f"{uids[i]}.dcm" for i in stored)
+            for i in stored:
+                assert sent_intact((out / f"{uids[i]}.dcm").read_bytes(), paths[i])
+
+            remount(out, "size=4m")
+            assert [code for code, _ in await store_each(port, [paths[i] for i in failed])] == [0] * len(failed)
+        assert left_partial(out) == []
+        for uid, path in zip(uids, paths):
+            assert sent_intact((out / f"{uid}.dcm").read_bytes(), path)
+
+
+async def test_read_only_directory_on_the_inline_path_answers_out_of_resources(tmp_path):
+    """The store's directory is read-only: the inline write cannot create its file and
+    the instance is answered 0xA700; writable again, it is stored."""
+    src = tmp_path / "src"
+    (uid,) = write_instances(src, 1)
+    with small_tmpfs(tmp_path / "out", "1m") as out:
+        store = DirectoryStore(out, inline=never_slow())
+        remount(out, "ro")
+        async with store_scp(store) as port:
+            ((code, comment),) = await store_each(port, [src / "000.dcm"])
+            assert code == 0xA700 and comment and comment.startswith("Out of resources"), comment
+            assert list(out.iterdir()) == []
+            remount(out, "rw")
+            assert await store_each(port, [src / "000.dcm"]) == [(0, None)]
+        assert store.inline is not None and store.inline.writes == 2
+        assert sent_intact((out / f"{uid}.dcm").read_bytes(), src / "000.dcm")
