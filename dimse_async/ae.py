@@ -339,6 +339,7 @@ class AE(HandlerRegistry):
             dispatch=self._dispatch(),
             sinks=self._sinks(),
             judge=functools.partial(self._judge, server),
+            judge_now=functools.partial(self._judge_now, server),
             hook=lambda event, assoc: self._fire(event, assoc),
             on_open=server.track if server is not None else None,
             on_close=server.untrack if server is not None else None,
@@ -358,16 +359,9 @@ class AE(HandlerRegistry):
         if server is not None and server.paused:  # starting up: wait a little for it
             assoc.log.info("association request waiting: server starting", wait=server.paused_wait)
             await server.wait_open()
-        refusal = server.admit(assoc) if server is not None else None  # the slot is held from here on
-        if refusal is not None:
-            paused = server is not None and server.paused
-            assoc.log.warning("association refused: " + ("not open yet" if paused else "local limit"), reason=refusal)
-            why = PresentationReason.TEMPORARY_CONGESTION if paused else PresentationReason.LOCAL_LIMIT_EXCEEDED
-            rj = AssociateRJ(RejectResult.TRANSIENT, RejectSource.PRESENTATION, why)
-            return rj, None
-        if self.allowed_peer_addresses is not None and not _address_in(assoc.peer[0], self.allowed_peer_addresses):
-            assoc.log.warning("peer address not allowed", address=assoc.peer[0])
-            return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN), None
+        refused = self._admission(server, assoc)
+        if refused is not None:
+            return refused, None
         ok, response = True, None
         identity = rq.user_info.identity_rq
         if identity is not None and self._authenticator is not None:
@@ -377,6 +371,33 @@ class AE(HandlerRegistry):
                 assoc.log.warning("user identity check failed", error=repr(exc))
                 ok, response = False, None
         return negotiate(rq, self._acceptor_policy(), identity_ok=ok, identity_response=response)
+
+    def _judge_now(
+        self, server: Server | None, assoc: Association, rq: AssociateRQ
+    ) -> tuple[AssociateAC | AssociateRJ, Negotiated | None] | None:
+        """:meth:`_judge` without a task, when nothing in it would await: ``None`` while
+        the server is paused or when a user identity goes to the authenticator."""
+        if (server is not None and server.paused) or (
+            rq.user_info.identity_rq is not None and self._authenticator is not None
+        ):
+            return None
+        refused = self._admission(server, assoc)
+        if refused is not None:
+            return refused, None
+        return negotiate(rq, self._acceptor_policy())
+
+    def _admission(self, server: Server | None, assoc: Association) -> AssociateRJ | None:
+        """The A-ASSOCIATE-RJ for a request the server or the address policy turns away."""
+        refusal = server.admit(assoc) if server is not None else None  # the slot is held from here on
+        if refusal is not None:
+            paused = server is not None and server.paused
+            assoc.log.warning("association refused: " + ("not open yet" if paused else "local limit"), reason=refusal)
+            why = PresentationReason.TEMPORARY_CONGESTION if paused else PresentationReason.LOCAL_LIMIT_EXCEEDED
+            return AssociateRJ(RejectResult.TRANSIENT, RejectSource.PRESENTATION, why)
+        if self.allowed_peer_addresses is not None and not _address_in(assoc.peer[0], self.allowed_peer_addresses):
+            assoc.log.warning("peer address not allowed", address=assoc.peer[0])
+            return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN)
+        return None
 
     def _acceptor_policy(self) -> AcceptorPolicy:
         return AcceptorPolicy(

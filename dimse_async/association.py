@@ -22,7 +22,7 @@ from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
 from .log import debug_enabled, get_logger
 from .messaging import WRITE_BATCH, DIMSEMessaging
-from .pdu import AssociateRJ, AssociateRQ
+from .pdu import AssociateAC, AssociateRJ, AssociateRQ
 from .session import (
     Session,
 )
@@ -204,7 +204,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             else:
                 self.transport.close()
         elif isinstance(out, fsm.AssociateIndication):
-            self.spawn(self._on_associate_request(out.rq))
+            self._on_associate_indication(out.rq)
         elif isinstance(out, fsm.AssociateAccepted):
             assert self.associate_rq is not None
             self._set_negotiated(requestor_contexts(self.associate_rq, out.ac), "association accepted by peer")
@@ -325,13 +325,36 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         if self.settings.hook is not None:
             self.settings.hook(event, self)
 
-    async def _on_associate_request(self, rq: AssociateRQ) -> None:
-        """Acceptor: the AE judges the A-ASSOCIATE-RQ (AE-6 gave the indication; we are Sta3)."""
+    def _on_associate_indication(self, rq: AssociateRQ) -> None:
+        """Acceptor: the AE judges the A-ASSOCIATE-RQ (AE-6 gave the indication; we are
+        Sta3): at once when nothing needs awaiting (no task), else in a task."""
         self.associate_rq, self.peer_ae = rq, rq.calling_ae
         self.log = self.log.bind(peer_ae=rq.calling_ae, called_ae=rq.called_ae)
-        self._hook(AssociationEvent.REQUESTED)
+        judge_now = self.settings.judge_now
+        if judge_now is None or self.fsm.state is not fsm.State.Sta3:
+            self.spawn(self._on_associate_request(rq))
+            return
+        try:
+            self._hook(AssociationEvent.REQUESTED)
+            decided = judge_now(self, rq)
+            if decided is None:
+                self.spawn(self._on_associate_request(rq, hooked=True))
+            else:
+                self._answer_request(*decided)
+        except Exception as exc:  # as a failed association task would be
+            self.log.error("internal error in association task", error=repr(exc))
+            self.abort(f"internal error: {exc!r}")
+
+    async def _on_associate_request(self, rq: AssociateRQ, *, hooked: bool = False) -> None:
+        """Acceptor: the AE judges the A-ASSOCIATE-RQ, awaiting what it needs to."""
+        if not hooked:
+            self._hook(AssociationEvent.REQUESTED)
         assert self.settings.judge is not None, "an acceptor needs Settings.judge"
         result, neg = await self.settings.judge(self, rq)
+        self._answer_request(result, neg)
+
+    def _answer_request(self, result: AssociateAC | AssociateRJ, neg: Negotiated | None) -> None:
+        """A-ASSOCIATE response (accept or reject) to the request being judged."""
         if self.fsm.state is not fsm.State.Sta3:
             return  # the peer aborted or went away while we decided
         if isinstance(result, AssociateRJ):

@@ -177,6 +177,8 @@ SinkFactory = Callable[[DIMSEProvider, Message], DatasetSink]
 StoreHandler = Callable[[Any], Awaitable[Any]]
 #: Acceptor: decide an A-ASSOCIATE-RQ (may await, e.g. user identity).
 Judge = Callable[[Any, AssociateRQ], Awaitable[tuple[AssociateAC | AssociateRJ, Negotiated | None]]]
+#: Acceptor: the same decision taken at once, or ``None`` when it must await (see ``Settings.judge_now``).
+JudgeNow = Callable[[Any, AssociateRQ], tuple[AssociateAC | AssociateRJ, Negotiated | None] | None]
 #: Called with an event and the association (the AE's hooks, a server's bookkeeping).
 Hook = Callable[[AssociationEvent, Any], None]
 
@@ -196,6 +198,9 @@ class Settings:
     dispatch: Mapping[int, ServiceHandler] = field(default_factory=dict)
     sinks: Mapping[int, SinkFactory] = field(default_factory=dict)
     judge: Judge | None = None
+    #: Acceptor: decide without a task when nothing needs awaiting; ``None`` means
+    #: "use ``judge``" (a paused server, a user identity for the authenticator).
+    judge_now: JudgeNow | None = None
     hook: Hook | None = None
     #: The server's bookkeeping: called when a connection is made and when it is gone.
     #: ``on_open`` returning ``False`` drops the connection (admission control).

@@ -30,6 +30,7 @@ import json as _json
 import logging
 import re
 import sys
+import time
 from typing import Any, TextIO
 
 __all__ = ["LOGGER_NAME", "configure_logging", "debug_enabled", "get_logger", "set_process_fields"]
@@ -118,12 +119,13 @@ class _LazyLogger:
     made on first use.
     """
 
-    __slots__ = ("_bound", "_initial", "_stdlib")
+    __slots__ = ("_bound", "_initial", "_prefix", "_stdlib")
 
     def __init__(self, stdlib_logger: logging.Logger, initial: dict[str, Any]):
         self._stdlib = stdlib_logger
         self._initial = initial
         self._bound: Any = None
+        self._prefix: str | None = None  # the bound fields as rendered, made on first use
 
     def _real(self) -> Any:
         if self._bound is None:
@@ -147,8 +149,24 @@ class _LazyLogger:
         stdlib = self._stdlib
         if not stdlib.isEnabledFor(level):
             return None
-        message, extra = _render(str(event) if event is not None else "", {**self._initial, **kw})
-        stdlib.log(level, message, extra=extra)
+        event = str(event) if event is not None else ""
+        initial = self._initial
+        if kw and not initial.keys().isdisjoint(kw):  # a bound field given again: its new value in its place
+            fields = {**initial, **kw}
+            pairs = " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])
+        else:
+            fields = {**initial, **kw} if kw else initial
+            pairs = self._prefix
+            if pairs is None:  # the bound fields rendered once per logger, not per line
+                pairs = self._prefix = " ".join([f"{k}={_format_value(v)}" for k, v in initial.items()])
+            if kw:
+                more = " ".join([f"{k}={_format_value(v)}" for k, v in kw.items()])
+                pairs = pairs + " " + more if pairs else more
+        # The record made and handled directly: what Logger.log would do, less the
+        # search of the stack for the caller (which would name this method anyway).
+        record = stdlib.makeRecord(stdlib.name, level, "", 0, event + " " + pairs if pairs else event, (), None)
+        setattr(record, RECORD_ATTR, {"event": event, **fields})
+        stdlib.handle(record)
         return None
 
     def debug(self, event: Any = None, *args: Any, **kw: Any) -> Any:
@@ -192,12 +210,24 @@ class StructuredFormatter(logging.Formatter):
     def __init__(self, json: bool = False):
         super().__init__()
         self.json = json
+        self._second = -1
+        self._second_text = ""
+
+    def _stamp(self, created: float) -> str:
+        """ISO 8601 UTC with milliseconds; the date and time of day made once a second."""
+        second = int(created)
+        us = round((created - second) * 1e6)  # to the microsecond first, as datetime does
+        if us >= 1_000_000:
+            second, us = second + 1, 0
+        ms = us // 1000
+        if second != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{ms:03d}+00:00"
 
     def format(self, record: logging.LogRecord) -> str:
-        import datetime  # loaded when a line is written, not by importing the package
-
         fields = getattr(record, RECORD_ATTR, None)
-        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds")
+        stamp = self._stamp(record.created)
         level = record.levelname.lower()
         if self.json:
             if fields is not None:
