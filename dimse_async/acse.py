@@ -9,8 +9,10 @@ asynchronous step (user identity) is done by the caller and passed in.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .pdu import (
     APPLICATION_CONTEXT,
@@ -37,6 +39,7 @@ __all__ = [
     "IMPLEMENTATION_VERSION_NAME",
     "InvalidAETitle",
     "AcceptorPolicy",
+    "NegotiationCache",
     "ContextSpec",
     "Negotiated",
     "PresentationContext",
@@ -431,3 +434,101 @@ def negotiate(
         identity_response=identity_ac.server_response if identity_ac is not None else None,
     )
     return AssociateAC(rq.called_ae, rq.calling_ae, ac_pcs, ui), negotiated
+
+
+class _EncodedAC(AssociateAC):
+    """An A-ASSOCIATE-AC whose encoding is kept (one per cache entry, never changed)."""
+
+    __slots__ = ("_encoded",)
+
+    def encode(self) -> bytes:
+        return self._encoded
+
+
+class NegotiationCache:
+    """:func:`negotiate` remembered for requests seen before (a bounded LRU, per server).
+
+    Clients of one kind send the same A-ASSOCIATE-RQ every time; its answer then costs
+    a dictionary look-up instead of judging every context and encoding the AC. The key
+    is everything of the RQ :func:`negotiate` reads (AE titles, application context,
+    every presentation context with its transfer syntaxes in order, maximum length,
+    implementation class and version, asynchronous operations window, role selections)
+    and every scalar of the :class:`AcceptorPolicy`; the supported contexts are checked
+    on each hit (a ``dict`` whose values are replaced, as ``AE.add_supported_context``
+    does, never changed in place). Requests with a user identity, SOP class extended or
+    common extended negotiation are not cached (their answer involves the application's
+    callbacks), and neither are rejections. Every hit gets its own :class:`Negotiated`.
+    """
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._entries: OrderedDict[tuple[Any, ...], tuple[_EncodedAC, Negotiated, dict[str, ContextSpec]]] = (
+            OrderedDict()
+        )
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def negotiate(self, rq: AssociateRQ, policy: AcceptorPolicy) -> tuple[AssociateAC | AssociateRJ, Negotiated | None]:
+        """The same as ``negotiate(rq, policy)``."""
+        ui = rq.user_info
+        if ui.identity_rq is not None or ui.extended or ui.common_extended:
+            return negotiate(rq, policy)
+        ops = ui.async_ops
+        key = (
+            rq.called_ae,
+            rq.calling_ae,
+            rq.application_context,
+            rq.protocol_version,
+            ui.max_length,
+            ui.implementation_class_uid,
+            ui.implementation_version_name,
+            None if ops is None else (ops.max_ops_invoked, ops.max_ops_performed),
+            tuple([(r.sop_class_uid, r.scu_role, r.scp_role) for r in ui.roles]),
+            tuple([(pc.id, pc.abstract_syntax, tuple(pc.transfer_syntaxes)) for pc in rq.presentation_contexts]),
+            policy.ae_title,
+            policy.max_pdu,
+            policy.require_called_ae,
+            policy.allowed_calling_aes,
+            policy.max_ops_performed,
+            policy.max_ops_invoked,
+        )
+        entry = self._entries.get(key)
+        if entry is not None and entry[2] == policy.supported:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            ac, neg = entry[0], entry[1]
+            return ac, Negotiated(
+                list(neg.contexts),
+                neg.peer_max_pdu,
+                neg.max_ops_invoked,
+                neg.max_ops_performed,
+                neg.peer_implementation_uid,
+                neg.peer_implementation_version,
+            )
+        self.misses += 1
+        result, neg = negotiate(rq, policy)
+        if neg is None or not isinstance(result, AssociateAC):
+            return result, neg
+        kept = _EncodedAC(
+            result.called_ae,
+            result.calling_ae,
+            result.presentation_contexts,
+            result.user_info,
+            result.application_context,
+            result.protocol_version,
+        )
+        kept._encoded = result.encode()
+        self._entries[key] = (kept, neg, dict(policy.supported))
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return kept, Negotiated(
+            list(neg.contexts),
+            neg.peer_max_pdu,
+            neg.max_ops_invoked,
+            neg.max_ops_performed,
+            neg.peer_implementation_uid,
+            neg.peer_implementation_version,
+        )

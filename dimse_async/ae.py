@@ -384,7 +384,9 @@ class AE(HandlerRegistry):
         refused = self._admission(server, assoc)
         if refused is not None:
             return refused, None
-        return negotiate(rq, self._acceptor_policy())
+        if server is None:
+            return negotiate(rq, self._acceptor_policy())
+        return server.negotiations.negotiate(rq, self._acceptor_policy())
 
     def _admission(self, server: Server | None, assoc: Association) -> AssociateRJ | None:
         """The A-ASSOCIATE-RJ for a request the server or the address policy turns away."""

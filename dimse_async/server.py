@@ -9,6 +9,7 @@ import resource
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .acse import NegotiationCache
 from .log import get_logger
 
 if TYPE_CHECKING:
@@ -72,6 +73,8 @@ class Server:
         self.paused = False
         self.paused_wait = 5.0
         self._opened = asyncio.Event()
+        #: Answers to A-ASSOCIATE-RQs seen before (bounded; see :class:`~dimse_async.acse.NegotiationCache`).
+        self.negotiations = NegotiationCache()
 
     def open(self) -> None:
         """Start admitting associations (after ``start_server(paused=True)``)."""

@@ -255,3 +255,121 @@ def test_peer_max_pdu_too_small_to_carry_a_pdv_is_rejected(max_pdu, accepted):
     assert isinstance(result, AssociateAC) is accepted
     if not accepted:
         assert (result.result, result.source, result.reason) == (1, 1, 1)
+
+
+# ------------------------------------------------------------ the acceptor's negotiation cache
+
+
+def same_answer(got, expected) -> None:
+    """A cached answer is the fresh one: the same AC bytes and the same negotiation."""
+    (g_ac, g_neg), (e_ac, e_neg) = got, expected
+    assert type(g_ac) is not AssociateRJ and g_ac.encode() == e_ac.encode()
+    assert roundtrip_ac(g_ac) == roundtrip_ac(e_ac)
+    assert g_neg == e_neg
+
+
+def variants():
+    """Requests that differ from the first in one thing negotiate reads."""
+    yield request(ContextSpec(CT, [EXPLICIT, IMPLICIT]))
+    yield request(ContextSpec(CT, [IMPLICIT, EXPLICIT]))  # the same syntaxes, another order
+    yield request(ContextSpec(CT, [JPEG]))  # nothing acceptable
+    yield request(ContextSpec(CT, [EXPLICIT, IMPLICIT]), ContextSpec(MR, [EXPLICIT]))
+    yield request(ContextSpec(CT, [EXPLICIT, IMPLICIT], scu_role=True, scp_role=True))  # role selection
+    yield request(ContextSpec(CT, [EXPLICIT, IMPLICIT]), async_ops=(4, 2))
+    yield request(ContextSpec(CT, [EXPLICIT, IMPLICIT]), async_ops=(2, 4))
+    yield build_request("SCP", "OTHER", [ContextSpec(CT, [EXPLICIT, IMPLICIT])], max_pdu=32768)  # calling AE
+    yield build_request("SCP", "SCU", [ContextSpec(CT, [EXPLICIT, IMPLICIT])], max_pdu=16384)  # max length
+    rq = request(ContextSpec(CT, [EXPLICIT, IMPLICIT]))
+    rq.presentation_contexts[0].id = 5  # another context id
+    yield rq
+    rq = request(ContextSpec(CT, [EXPLICIT, IMPLICIT]))
+    rq.user_info.implementation_class_uid = "1.2.3.4"
+    yield rq
+    rq = request(ContextSpec(CT, [EXPLICIT, IMPLICIT]))
+    rq.user_info.implementation_version_name = "OTHER_1"
+    yield rq
+
+
+def test_cached_answer_is_never_reused_for_a_different_request():
+    from dimse_async.acse import NegotiationCache
+
+    cache = NegotiationCache()
+    pol = policy()
+    rqs = list(variants())
+    for _ in range(2):  # the second round is answered from the cache
+        for rq in rqs:
+            same_answer(cache.negotiate(rq, pol), negotiate(rq, pol))
+    assert cache.misses == len(rqs) and cache.hits == len(rqs)
+    assert len(cache) == len(rqs)  # each variant has its own entry
+
+
+def test_cached_answer_follows_changed_settings():
+    from dimse_async.acse import NegotiationCache
+
+    cache = NegotiationCache()
+    rq = request(ContextSpec(CT, [EXPLICIT, IMPLICIT]), ContextSpec(MR, [EXPLICIT]), async_ops=(8, 8))
+    pol = policy()
+    same_answer(cache.negotiate(rq, pol), negotiate(rq, pol))
+    changed = [
+        policy(max_ops_performed=2),
+        policy(max_ops_invoked=3),
+        AcceptorPolicy(ae_title="SCP", supported=pol.supported, max_pdu=4096),
+        policy(require_called_ae=False),
+        policy(allowed_calling_aes=frozenset({"SCU"})),
+    ]
+    for other in changed:
+        same_answer(cache.negotiate(rq, other), negotiate(rq, other))
+    # a supported context replaced (as add_supported_context does) or removed
+    pol.supported[CT] = ContextSpec(CT, [IMPLICIT])
+    same_answer(cache.negotiate(rq, pol), negotiate(rq, pol))
+    assert cache.negotiate(rq, pol)[1].contexts[0].transfer_syntax == IMPLICIT
+    del pol.supported[MR]
+    same_answer(cache.negotiate(rq, pol), negotiate(rq, pol))
+    assert [c.result for c in cache.negotiate(rq, pol)[1].contexts] == [ACCEPTANCE, ABSTRACT_SYNTAX_NOT_SUPPORTED]
+    # settings that now refuse the request: the rejection, not the cached AC
+    for refusing in (policy(allowed_calling_aes=frozenset({"NOBODY"})), AcceptorPolicy("OTHER", pol.supported, 4096)):
+        assert cache.negotiate(rq, refusing) == negotiate(rq, refusing)
+        assert isinstance(cache.negotiate(rq, refusing)[0], AssociateRJ)
+
+
+def test_negotiation_cache_is_bounded_and_keeps_the_recent():
+    from dimse_async.acse import NegotiationCache
+
+    cache = NegotiationCache(size=8)
+    pol = policy()
+    rqs = [build_request("SCP", f"SCU{i}", [ContextSpec(ECHO, [IMPLICIT])], max_pdu=32768) for i in range(50)]
+    for rq in rqs:
+        same_answer(cache.negotiate(rq, pol), negotiate(rq, pol))
+        assert len(cache) <= 8
+    assert len(cache) == 8
+    hits = cache.hits
+    cache.negotiate(rqs[-1], pol)  # recent: kept
+    assert cache.hits == hits + 1
+    cache.negotiate(rqs[0], pol)  # oldest: evicted long ago, negotiated afresh
+    assert cache.hits == hits + 1
+
+
+def test_requests_with_identity_or_extended_negotiation_are_not_cached():
+    from dimse_async.acse import NegotiationCache
+
+    cache = NegotiationCache()
+    pol = policy(on_extended=lambda uid, info: info, on_common_extended=lambda item: True)
+    spec = ContextSpec(CT, [EXPLICIT])
+    for rq in (
+        request(spec, identity=UserIdentityRQ(1, b"alice")),
+        request(spec, extended=[SOPClassExtended(CT, b"\x01")]),
+        request(spec, common_extended=[SOPClassCommonExtended(CT, "1.2.840.10008.4.2")]),
+    ):
+        for _ in range(2):
+            assert cache.negotiate(rq, pol) == negotiate(rq, pol)
+    assert len(cache) == 0 and cache.hits == 0
+
+
+def test_each_hit_gets_its_own_negotiation():
+    from dimse_async.acse import NegotiationCache
+
+    cache = NegotiationCache()
+    rq, pol = request(ContextSpec(CT, [EXPLICIT])), policy()
+    _, first = cache.negotiate(rq, pol)
+    _, second = cache.negotiate(rq, pol)
+    assert first == second and first is not second and first.contexts is not second.contexts

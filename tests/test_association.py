@@ -299,3 +299,32 @@ async def test_max_associations_holds_while_an_authenticator_awaits():
             await assoc.release()
             if not second.done():
                 second.cancel()
+
+
+async def test_repeated_requests_are_answered_from_the_negotiation_cache_and_each_gets_its_own():
+    """The same RQ again is answered from the server's cache; another calling AE, other
+    contexts, and a context added to the AE meanwhile each get their own answer."""
+    CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+    ae = echo_scp()
+    async with await ae.start_server("127.0.0.1", 0) as server:
+
+        async def accepted(calling: str, *contexts: str) -> tuple[str, list[tuple[str, str]]]:
+            scu = AE(calling)
+            for uid in contexts:
+                scu.add_requested_context(uid)
+            async with scu.associate("127.0.0.1", server.port, "SCP") as assoc:
+                assert assoc.negotiated is not None
+                result = [(c.abstract_syntax, c.transfer_syntax) for c in assoc.negotiated.accepted]
+                if assoc.negotiated.accepted and Verification in contexts:
+                    assert (await assoc.c_echo()).is_success
+                return assoc.peer_ae, result
+
+        first = await accepted("SCU", Verification)
+        assert await accepted("SCU", Verification) == first
+        assert server.negotiations.hits == 1
+        assert (await accepted("OTHER", Verification))[1] == first[1]
+        assert [p for p, _ in [await accepted("SCU", Verification, CT_IMAGE)][0][1]] == [Verification]
+        ae.add_supported_context(CT_IMAGE)  # settings changed while serving
+        _, both = await accepted("SCU", Verification, CT_IMAGE)
+        assert [p for p, _ in both] == [Verification, CT_IMAGE]
+        assert server.negotiations.misses == 4 and server.negotiations.hits == 1
