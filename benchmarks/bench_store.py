@@ -482,7 +482,8 @@ def proc_status(pid: int) -> dict[str, float]:
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2 :].split()
         ticks = os.sysconf("SC_CLK_TCK")
-        out["cpu_s"] = (int(fields[11]) + int(fields[12])) / ticks
+        out["user_s"], out["sys_s"] = int(fields[11]) / ticks, int(fields[12]) / ticks
+        out["cpu_s"] = out["user_s"] + out["sys_s"]
     return out
 
 
@@ -606,6 +607,8 @@ class Run:
     sender_peak_rss_mb: float | None = None
     receiver_peak_rss_mb: float | None = None
     receiver_cpu_s: float | None = None  # CPU used from "listening" to "all files present"
+    receiver_user_s: float | None = None  # the same, split into user and system (kernel) time
+    receiver_sys_s: float | None = None
     receiver_rss_growth_mb: float | None = None  # peak RSS over the run minus RSS when it listened
     stored: int | None = None
     profiled: bool = False
@@ -694,6 +697,8 @@ def measure(
             run.receiver_rss_growth_mb = run.receiver_peak_rss_mb - ready["rss_mb"]
         if "cpu_s" in status:
             run.receiver_cpu_s = status["cpu_s"] - cpu_ready
+            run.receiver_user_s = status["user_s"] - ready.get("user_s", 0.0)
+            run.receiver_sys_s = status["sys_s"] - ready.get("sys_s", 0.0)
         if busy_before is not None and busy_after is not None:
             run.other_cpu_s = max(0.0, busy_after - busy_before - run.sender_cpu_s - (run.receiver_cpu_s or 0.0))
         run.stored = len(found)
@@ -818,8 +823,8 @@ def format_table(best: dict[tuple[str, str, str], Run], wls: dict[str, Workload]
     lines = []
     head = (
         f"{'sender':<22} {'receiver':<22} {'wall s':>7} {'inst/s':>8} {'MB/s':>7} | "
-        f"{'own s':>6} {'inst/s':>8} {'MB/s':>7} | {'recv RSS':>8} {'+RSS':>7} {'recv CPU':>8} {'send CPU':>8} "
-        f"{'send RSS':>8} {'other':>6}"
+        f"{'own s':>6} {'inst/s':>8} {'MB/s':>7} | {'recv RSS':>8} {'+RSS':>7} {'recv CPU':>8} {'user/sys':>9} "
+        f"{'send CPU':>8} {'send RSS':>8} {'other':>6}"
     )
     for wl in wls.values():
         lines.append("")
@@ -844,6 +849,7 @@ def format_table(best: dict[tuple[str, str, str], Run], wls: dict[str, Workload]
                 f"{_fmt(r.reported_s, '6.3f')} {_fmt(rep_inst, '8.1f')} {_fmt(rep_mb, '7.1f')} | "
                 f"{_fmt(r.receiver_peak_rss_mb, '6.1f')}MB {_fmt(r.receiver_rss_growth_mb, '5.1f')}MB "
                 f"{_fmt(r.receiver_cpu_s, '7.2f')}s "
+                f"{_fmt(r.receiver_user_s, '4.2f')}/{_fmt(r.receiver_sys_s, '4.2f')} "
                 f"{_fmt(r.sender_cpu_s, '7.2f')}s {_fmt(r.sender_peak_rss_mb, '6.1f')}MB {_fmt(r.other_cpu_s, '5.2f')}s"
                 + ("  (profiled)" if r.profiled else "")
             )
@@ -852,7 +858,7 @@ def format_table(best: dict[tuple[str, str, str], Run], wls: dict[str, Workload]
         "wall s: sender process start to exit, nothing subtracted; own s: the sender's own time for the transfer "
         "(dimse-async send: its report; storescu: 'Requesting Association'..'Releasing Association' in its log). "
         "recv RSS: receiver peak RSS; +RSS: its growth over the run (peak minus RSS when it listened). "
-        "recv CPU: receiver user+sys CPU from listening to done. other: CPU used meanwhile by every other "
+        "recv CPU: receiver user+sys CPU from listening to done (user/sys: the split). other: CPU used meanwhile by every other "
         "process on the machine (interference; best of N picks the lowest wall time). "
         "MB = 10^6 bytes of Part 10 files."
     )
