@@ -201,6 +201,13 @@ def writev_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> int
     """Write every chunk to ``fd``: small neighbours together with ``writev``, each
     large one with its own ``write`` (a multi-megabyte ``writev`` costs the kernel
     several times more per byte than the same bytes in ~256 KiB writes)."""
+    if 1 < len(chunks) <= _IOV_MAX:  # the usual small instance: one writev writes it all
+        size = sum(map(len, chunks))
+        if size <= _BATCH:
+            n = os.writev(fd, chunks)
+            if n == size:
+                return n
+            return n + _write_batch(fd, _after(chunks, n))  # a short write: the rest
     total = 0
     batch: list[Any] = []
     size = 0
@@ -216,6 +223,19 @@ def writev_all(fd: int, chunks: Sequence[bytes | bytearray | memoryview]) -> int
     if batch:
         total += _write_batch(fd, batch)
     return total
+
+
+def _after(chunks: Sequence[bytes | bytearray | memoryview], n: int) -> list[Any]:
+    """What is left of ``chunks`` once their first ``n`` bytes are written."""
+    rest: list[Any] = []
+    for chunk in chunks:
+        size = len(chunk)
+        if n >= size:
+            n -= size
+            continue
+        rest.append(memoryview(chunk).cast("B")[n:] if n else chunk)
+        n = 0
+    return rest
 
 
 def _write_batch(fd: int, batch: list[Any]) -> int:

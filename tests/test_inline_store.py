@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -189,3 +190,22 @@ async def test_read_only_directory_on_the_inline_path_answers_out_of_resources(t
             assert await store_each(port, [src / "000.dcm"]) == [(0, None)]
         assert store.inline is not None and store.inline.writes == 2
         assert sent_intact((out / f"{uid}.dcm").read_bytes(), src / "000.dcm")
+
+
+def test_writev_all_writes_every_chunk_and_the_rest_after_a_short_write(tmp_path):
+    """One ``writev`` for a small instance's chunks (bytes, bytearray, views, an empty
+    one); what is left after a short write is exactly the unwritten tail."""
+    from dimse_async.filewriter import _after, writev_all
+
+    data = bytes(range(256)) * 300
+    chunks = [b"head", bytearray(data[:1000]), b"", memoryview(data)[1000:50_000], data[50_000:]]
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        assert writev_all(fd, chunks) == 4 + len(data)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"head" + data
+    whole = b"".join(bytes(c) for c in chunks)
+    for n in (0, 3, 4, 5, 1004, 49_004, len(whole) - 1, len(whole)):
+        assert b"".join(bytes(c) for c in _after(chunks, n)) == whole[n:]

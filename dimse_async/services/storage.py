@@ -341,7 +341,7 @@ def start_c_store(
             assoc.log.error("internal error in C-STORE", error=repr(err))
             done.set_exception(err)
 
-    dest = os.path.join(store._root, f"{cmd.affected_sop_instance_uid}.dcm")
+    dest = f"{store._prefix}{cmd.affected_sop_instance_uid}.dcm"
     writer = assoc.writer
     inline = store.inline
     if inline is not None and not writer.busy and inline.allowed(spool.header_length + spool.size):
@@ -395,6 +395,7 @@ class DirectoryStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._root = os.fspath(self.root)
+        self._prefix = os.path.join(self._root, "")  # the root with its trailing separator
         self.durable = durable
         self.inline: InlineWrites | None = (
             inline if isinstance(inline, InlineWrites) else InlineWrites() if inline else None
