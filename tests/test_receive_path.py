@@ -426,3 +426,51 @@ async def test_thousands_of_requests_in_one_pdu_beyond_the_window_are_all_answer
         assert answered == [(0x8030, 0)] * n
         await peer.release()  # read again: the release is answered
         await peer.close()
+
+
+async def test_instances_spooled_as_they_arrive_are_moved_into_place_by_the_answering_job(tmp_path):
+    """A data set past the spool threshold goes to a temporary file as it arrives; with
+    a plain DirectoryStore its last bytes, the close and the move into place are one
+    writer job after the earlier writes, then the status (PS3.4 B.2.3). Instances on
+    both sides of the threshold are stored byte for byte, and no temporary file is
+    left in the spool directory or beside the stored files."""
+    files = write_large_instances(tmp_path / "src", [700_000, 2_500_000, 9_000_000, 100_000, 2_500_000])
+    out = tmp_path / "out"
+    spool_dir = out / ".incoming"
+    ae = storage_scp()
+    ae.spool_threshold = 256 << 10
+    ae.spool_dir = str(spool_dir)
+    store = DirectoryStore(out)
+    ae.on_c_store(store)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assert await storescu(server.port, tmp_path / "src") == 0
+    assert store.stored == len(files)
+    for uid, src in files.items():
+        assert dataset_part(out / f"{uid}.dcm") == dataset_part(src), f"{src.name} stored differently"
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == sorted(f"{uid}.dcm" for uid in files)
+    assert not spool_dir.exists() or list(spool_dir.iterdir()) == []
+
+
+async def test_a_spool_that_cannot_be_written_fails_the_store_not_the_association(tmp_path):
+    """The spool directory cannot hold files (it is a file): an instance past the
+    threshold is answered 0xA700 (out of resources) and not stored, whichever of the
+    answering paths learns of the failed write; the association goes on."""
+    files = write_large_instances(tmp_path / "src", [2_500_000])
+    path = next(iter(files.values()))
+    out = tmp_path / "out"
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_bytes(b"")
+    ae = storage_scp()
+    ae.spool_threshold = 0
+    ae.spool_dir = str(not_a_directory)
+    ae.on_c_store(DirectoryStore(out))
+    scu = AE("SCU")
+    scu.add_requested_context(VERIFICATION)
+    scu.add_requested_context(CT_CLASS, ExplicitVRLittleEndian)
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu.associate("127.0.0.1", server.port, "SCP") as assoc:
+            status = await asyncio.wait_for(assoc.c_store(path), 30)
+            assert (await assoc.c_echo()).is_success
+    assert int(status) == 0xA700
+    assert status.error_comment is not None and status.error_comment.startswith("Out of resources")
+    assert list(out.iterdir()) == []

@@ -352,6 +352,12 @@ async def _serve_verification(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: ``store-scp`` writes a data set larger than this to disk as it arrives (the writes
+#: overlap the transfer, so little is left to write once the last fragment is in);
+#: smaller ones are written in one job once complete.
+STREAM_TO_DISK_ABOVE = 512 << 10
+
+
 def storage_ae(args: argparse.Namespace) -> AE:
     """An AE accepting verification and every storage SOP class in the usual syntaxes."""
     from .. import AE, Verification
@@ -363,6 +369,7 @@ def storage_ae(args: argparse.Namespace) -> AE:
         max_associations=args.max_associations,
         max_ops_performed=args.window,
         spool_dir=os.path.join(args.out, ".incoming"),
+        spool_threshold=STREAM_TO_DISK_ABOVE,
         **_server_kwargs(args),
     )
     ae.add_supported_context(Verification)

@@ -9,6 +9,7 @@ the event loop); reading pauses while the disk lags. It is the sink the AE's fac
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from ..status import Status
 
 __all__ = ["Spool"]
 
-_FLUSH_CHUNK = 1 << 20  # write to disk in pieces of at least this size
+_FLUSH_CHUNK = 512 << 10  # write to disk in pieces of at least this size
 _HIGH_WATER = 8 << 20  # pause reading while this much waits for the disk
 _LOW_WATER = 2 << 20
 
@@ -86,6 +87,9 @@ class Spool:
         self.refusal: Status | None = None
         #: Set when the request's SOP Class and Instance UIDs were checked as it arrived.
         self.uids_valid = False
+        #: A write of the spool's that failed, as the writer thread saw it.
+        self.write_error: OSError | None = None
+        self._handed_off = False  # some bytes went to the writer thread
 
     @classmethod
     def refused(cls, status: Status) -> Spool:
@@ -123,9 +127,41 @@ class Spool:
         return fd
 
     def _write_chunks(self, chunks: list[bytes | memoryview]) -> None:
+        try:
+            if self._fd is None:
+                self._fd = self._open()
+            writev_all(self._fd, chunks)
+        except OSError as exc:
+            self.write_error = exc  # for a later job of this spool (see :meth:`finish_job`)
+            raise
+
+    def take_rest(self) -> list[bytes | memoryview] | None:
+        """For a spool past its threshold whose data set is complete: the bytes not
+        handed to the writer yet, for :meth:`finish_job` (which must run next in
+        ``writer``); reading resumes. ``None`` when it cannot be placed that way
+        (failed, refused, discarded, or no writer)."""
+        if self.writer is None or self.error is not None or self.refusal is not None or self._discarded:
+            return None
+        chunks, self._chunks, self._pending = self._chunks, [], 0
+        self._unpause()
+        return chunks
+
+    def finish_job(self, rest: list[bytes | memoryview]) -> str | None:
+        """In the writer thread, after the spool's earlier writes: write ``rest`` to the
+        temporary file and close it; its path (still the spool's until moved, see
+        ``services.storage``). ``None`` when no file was started: ``rest`` is then
+        the whole instance. A failed earlier write is raised here."""
+        if self.write_error is not None:
+            raise self.write_error
         if self._fd is None:
-            self._fd = self._open()
-        writev_all(self._fd, chunks)
+            if self._handed_off:  # bytes went to a write that left no file: never answer success
+                raise OSError(errno.EIO, "spool file missing")
+            return None
+        try:
+            writev_all(self._fd, rest)
+        finally:
+            self._close(False)
+        return self.path
 
     def _close(self, sync: bool) -> None:
         """Close the file, ``fsync`` first when ``sync`` (in the writer thread)."""
@@ -174,6 +210,7 @@ class Spool:
                 and (self._pending >= _FLUSH_CHUNK or (final and self._pending))
             ):
                 chunks, self._chunks, self._pending = self._chunks, [], 0
+                self._handed_off = True
                 await self._thread(self._write_chunks, chunks)
                 if self._pending < _LOW_WATER:
                     self._unpause()

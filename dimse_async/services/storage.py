@@ -301,13 +301,14 @@ def start_c_store(
     assoc: DIMSEProvider, op: Operation, handler: StoreHandler | None, done: asyncio.Future[None]
 ) -> bool:
     """The usual C-STORE, run as callbacks instead of a task: the handler is a plain
-    :class:`DirectoryStore` (not durable), the instance arrived whole in memory and its
-    UIDs were checked on arrival. The file is written and renamed into place (as
+    :class:`DirectoryStore` (not durable) and the instance's UIDs were checked on
+    arrival. An instance whole in memory is written and renamed into place (as
     :meth:`StoreRequest.save` does) at once on the loop when small and such writes are
     fast (:class:`~dimse_async.filewriter.InlineWrites`, nothing of this association
-    still in its writer), else by one job in the association's writer; then the status
-    from its outcome, as :func:`scp_c_store` would answer, sent in the loop pass that
-    learns it (PS3.4 B.2.3: success only once the file is complete and renamed).
+    still in its writer), else by one job in the association's writer; one spooled to a
+    file as it arrived gets one job for its last bytes and the move into place. Then the
+    status from its outcome, as :func:`scp_c_store` would answer, sent in the loop pass
+    that learns it (PS3.4 B.2.3: success only once the file is complete and renamed).
     ``False``: anything else, for :func:`scp_c_store` in a task."""
     spool = op.message.sink
     if (
@@ -316,11 +317,17 @@ def start_c_store(
         or assoc.store_handler is not None
         or type(spool) is not Spool
         or not spool.uids_valid
-        or not spool.in_memory
         or spool.refusal is not None
         or spool.error is not None
     ):
         return False
+    rest = None
+    if not spool.in_memory:  # spooled as it arrived: the rest, then the move, in one more job
+        if spool.writer is not assoc.writer:
+            return False
+        rest = spool.take_rest()
+        if rest is None:
+            return False
     cmd = op.command
     store: DirectoryStore = handler
 
@@ -332,6 +339,10 @@ def start_c_store(
             if exc is None:
                 store.stored += 1
                 status: Status = _SUCCESS
+            elif isinstance(exc, OSError) and exc is spool.write_error:  # as scp_c_store answers a spool error
+                assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(exc))
+                assoc.note_error("spool")
+                status = Status(Code.OUT_OF_RESOURCES, f"Out of resources: {exc.strerror or exc}")
             elif isinstance(exc, Exception):
                 status = failure_status(CommandField.C_STORE_RQ, exc, assoc)
             else:  # pragma: no cover - KeyboardInterrupt and the like in the writer thread
@@ -343,6 +354,9 @@ def start_c_store(
 
     dest = f"{store._prefix}{cmd.affected_sop_instance_uid}.dcm"
     writer = assoc.writer
+    if rest is not None:
+        writer.submit_then(written, _place_spooled, spool, dest, rest)
+        return True
     inline = store.inline
     if inline is not None and not writer.busy and inline.allowed(spool.header_length + spool.size):
         t0 = time.perf_counter()
@@ -358,6 +372,18 @@ def start_c_store(
             return True
     writer.submit_then(written, write_file, dest, spool.chunks(), False)
     return True
+
+
+def _place_spooled(spool: Spool, dest: str, rest: list[bytes | memoryview]) -> list[str]:
+    """In the writer thread, after the spool's earlier writes: its last bytes written,
+    the file closed and moved to ``dest`` (what :meth:`Spool.finish` and
+    :meth:`StoreRequest.save` do, in one job instead of three)."""
+    source = spool.finish_job(rest)
+    if source is None:  # past the threshold, but nothing written yet: the whole instance is here
+        return write_file(dest, rest, False)
+    created = _move_into_place(source, dest, False)
+    spool.path = None  # moved: nothing left for discard() to remove
+    return created
 
 
 class CStoreService:
