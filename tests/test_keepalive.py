@@ -72,6 +72,7 @@ async def test_idle_timeout_aborts_silent_association_on_serve(tmp_path: Path):
     with listening(argv, [port], tmp_path / "serve.log"):
         ae = da.AE("SCU", network_timeout=None)
         ae.add_requested_context(da.Verification)
+        t0 = time.monotonic()  # serve's idle time cannot start before this (nor the ss run below)
         assoc = await ae.associate(HOST, port, "ARCHIVE")
         local = assoc.transport.get_extra_info("sockname")[1]
         # The kernel's view of serve's end of this connection: keepalive timer armed at 45 s.
@@ -82,7 +83,6 @@ async def test_idle_timeout_aborts_silent_association_on_serve(tmp_path: Path):
         timer = re.search(r"timer:\(keepalive,(\d+)(?:min)?(\d*)", out)
         assert timer, out
         assert 40 <= int(timer.group(1)) <= 45, out
-        t0 = time.monotonic()
         await asyncio.wait_for(assoc.wait_closed(), 10)
         assert 0.8 <= time.monotonic() - t0 < 5
         assert "aborted" in (assoc.end_reason or "")
