@@ -9,6 +9,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def listening(argv: list[str], ports: list[int], log: Path) -> Iterator[subproce
     try:
         for port in ports:
             wait_tcp(proc, port, log)
+        # The port listens first; the "listening on" line once associations are admitted
+        # (serve re-indexes in between: a request meanwhile waits, or is rejected-transient).
+        deadline = time.monotonic() + 60
+        while f"listening on {HOST}:{ports[0]}" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{argv[:3]} never announced it was ready:\n{log.read_text(errors='replace')}")
+            time.sleep(0.05)
         yield proc
     finally:
         stop_process(proc)
