@@ -520,13 +520,13 @@ async def test_spool_discard_never_closes_the_file_under_the_writer_thread(tmp_p
     from dimse_async.services import spool as spool_module
 
     events: list[str] = []
-    writing = threading.Event()
+    writing, disk_done = threading.Event(), threading.Event()
     real_writev, real_close = spool_module.writev_all, spool_module._close_fd
 
     def slow_writev(fd, chunks):
         events.append("write start")
         writing.set()
-        time.sleep(0.2)  # a slow disk
+        disk_done.wait(30)  # a slow disk: the write lasts until the test ends it
         real_writev(fd, chunks)
         events.append("write end")
 
@@ -540,11 +540,13 @@ async def test_spool_discard_never_closes_the_file_under_the_writer_thread(tmp_p
         b"HEAD", threshold=1024, directory=str(tmp_path), pause=lambda: None, resume=lambda: None
     )
     spool.write(bytes(2 << 20))  # past the threshold and the flush size: a write starts
-    await asyncio.wait_for(asyncio.to_thread(writing.wait, 5), 6)
-    t0 = time.monotonic()
+    await asyncio.wait_for(asyncio.to_thread(writing.wait, 30), 31)
     spool.discard()
-    assert time.monotonic() - t0 < 0.1  # the loop does not wait for the disk
-    for _ in range(100):
+    # discard() returned while the write is still under way: the loop does not wait for the
+    # disk (had it waited, the write would have ended first, after the 30 s bound)
+    assert events == ["write start"]
+    disk_done.set()
+    for _ in range(500):
         if "close" in events:
             break
         await asyncio.sleep(0.02)
