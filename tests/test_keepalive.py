@@ -54,9 +54,12 @@ async def test_idle_scu_association_is_released_before_a_nat_would_drop_it():
         busy = await scu.associate(HOST, server.port, "SCP")
         idle = await scu.associate(HOST, server.port, "SCP")
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 1.5:  # traffic keeps ``busy`` open
+        # Traffic keeps ``busy`` open (an echo every ~0.1 s, well inside 0.6 s) for 1.5 s
+        # and until ``idle`` is released (bounded: a loaded machine may be slow to do it).
+        while time.monotonic() - t0 < 1.5 or not idle.is_closed:
+            assert time.monotonic() - t0 < 15, "the idle association was not released"
             assert (await busy.c_echo()).is_success
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
         assert idle.is_closed and idle.end_reason is None  # a normal A-RELEASE, not an abort
         assert not busy.is_closed
         await busy.release()
