@@ -50,7 +50,7 @@ async def test_serve_notifies_when_a_study_is_complete_and_on_demand(tmp_path: P
         async with running_serve(
             tmp_path / "archive",
             ian_destinations=["RIS"],
-            ian_delay=0.5,
+            ian_delay=2.0,  # longer than any pause between the three stores, however loaded the machine
             known_aes={"RIS": (HOST, ris_port)},
             index=index,
         ) as serve:
