@@ -132,12 +132,14 @@ async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
                 worst_lag = max(worst_lag, loop.time() - t0 - 0.005)
 
         watcher = asyncio.ensure_future(watch())
-        timer.start()
         try:
-            for _ in range(200):  # the C-STORE has arrived and waits on the FIFO
-                if any(a.writer.submitted for a in server.associations):
-                    break
+            # The C-STORE has arrived and waits on the FIFO (storescu's start-up takes what
+            # it takes on a loaded machine: the 1.5 s of blocking count from here).
+            deadline = loop.time() + 30
+            while not any(a.writer.submitted for a in server.associations):
+                assert loop.time() < deadline and not store.done(), "the C-STORE never reached the writer"
                 await asyncio.sleep(0.005)
+            timer.start()
             echo_ae = AE("ECHO")
             echo_ae.add_requested_context(VERIFICATION)
             t0 = time.monotonic()
@@ -149,7 +151,8 @@ async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
             await watcher
         finally:
             timer.cancel()
-            timer.join(5)
+            if timer.is_alive():
+                timer.join(5)
     assert echo_seconds < 1.0
     assert worst_lag < 0.5, f"event loop stalled {worst_lag:.3f} s"
     assert sent_intact(b"".join(received), src / "000.dcm")
