@@ -324,7 +324,9 @@ async def test_64_mib_pdu_claim_is_refused_from_its_header(pdu_type: int, associ
         await peer.send(struct.pack(">BBI", pdu_type, 0, 0x04000000))  # claims 64 MiB, sends none of it
         reply = await peer.read_pdu(timeout=1.0)
         assert reply == a_abort(PROVIDER, INVALID_PARAMETER_VALUE)
-        assert loop.time() - start < artim / 2, "the server waited for the body before answering"
+        # answered before ARTIM could have run out (no body ever comes: waiting for it
+        # would mean no answer, or only ARTIM's close)
+        assert loop.time() - start < artim, "the server waited for the body before answering"
 
         # Whatever follows is not buffered: the stream cannot be framed any more.
         with contextlib.suppress(ConnectionError):
