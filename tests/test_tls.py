@@ -192,7 +192,8 @@ async def test_silent_tls_client_does_not_delay_other_clients(certs: Certs):
             async with scu().associate(HOST, server.port, "TLS_SCP", ssl=client_ctx) as assoc:
                 assert (await assoc.c_echo()).is_success
             elapsed = time.monotonic() - t0
-            assert elapsed < 1.0, f"second client took {elapsed:.2f} s behind a silent one"
+            # queued behind a silent one it would wait for its 3 s handshake timeout
+            assert elapsed < 2.0, f"second client took {elapsed:.2f} s behind a silent one"
             # The silent clients are disconnected after the handshake timeout, not before.
             for s in [*silent, half]:
                 s.settimeout(8.0)
