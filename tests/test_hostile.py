@@ -645,8 +645,8 @@ async def test_silent_raw_association_is_aborted_after_network_timeout() -> None
     idle, artim = 0.6, 0.5
     loop = asyncio.get_running_loop()
     async with running_scp(network_timeout=idle, artim_timeout=artim) as server, raw_peer(server.port) as peer:
+        start = loop.time()  # the idle time cannot start before this
         await raw_associate(peer)
-        start = loop.time()
         await echo_ok(server.port)
         reply = await peer.read_pdu(idle + 3)
         elapsed = loop.time() - start
@@ -698,9 +698,14 @@ async def test_silent_scu_association_is_aborted_but_a_busy_one_is_not() -> None
         busy = await asyncio.wait_for(client.associate(HOST, server.port, called_ae="SCP"), 5)
         silent = await asyncio.wait_for(client.associate(HOST, server.port, called_ae="SCP"), 5)
         try:
-            for _ in range(8):  # 1.2 s of traffic, well past the idle timeout
+            # Traffic on ``busy`` every ~0.1 s (well inside the 0.5 s idle limit) for 1.2 s,
+            # past the idle timeout, and until ``silent`` is closed (bounded).
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            while loop.time() - start < 1.2 or not silent.is_closed:
+                assert loop.time() - start < idle + 5, "the silent association was not closed"
                 assert int(await asyncio.wait_for(busy.c_echo(), 5)) == 0
-                await asyncio.sleep(0.15)
+                await asyncio.sleep(0.1)
             await asyncio.wait_for(silent.wait_closed(), idle + 3)
             assert (silent.end_reason or "").startswith("aborted by peer (A-ABORT source 0"), silent.end_reason
             with pytest.raises(AssociationAborted):
