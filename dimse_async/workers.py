@@ -130,6 +130,8 @@ class _Supervisor:
         self.ready: set[int] = set()
         self.announced = False
         self.stopping = asyncio.Event()
+        #: The signal forwarded to the workers (also sent to one started after it came).
+        self.stop_signal = signal.SIGTERM
         self.failed = False
         self.exit_codes: dict[int, int] = {}
         self.stored = 0
@@ -171,6 +173,9 @@ class _Supervisor:
             )
             self.procs[index] = proc
             self.log.info("worker started", worker=index, pid=proc.pid)
+            if self.stopping.is_set():  # the stop came while it was being started: it stops too
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(self.stop_signal)
             started = loop.time()
             pump = asyncio.ensure_future(self._pump(index, proc))
             rc = await proc.wait()
@@ -202,6 +207,7 @@ class _Supervisor:
     def _forward(self, sig: int) -> None:
         if not self.stopping.is_set():
             self.log.warning("stopping workers", signal=signal.Signals(sig).name)
+            self.stop_signal = signal.Signals(sig)
         self.stopping.set()
         for proc in self.procs.values():
             if proc.returncode is None:
