@@ -114,7 +114,9 @@ def test_inline_write_policy_pauses_on_slow_writes_and_resumes_on_a_fast_one():
     """The policy alone: fast writes keep inline writing on; an average above ``slow``
     or one write above ``stall`` pauses it for ``backoff`` s; the first write after the
     pause decides: slow doubles the next pause, fast resumes."""
-    policy = InlineWrites(max_size=100, slow=0.005, stall=0.05, backoff=0.05)
+    # A pause long enough that no scheduling delay between two statements of this test
+    # (tens of ms on a loaded machine) ends it unseen.
+    policy = InlineWrites(max_size=100, slow=0.005, stall=0.05, backoff=0.5)
     assert policy.allowed(100) and not policy.allowed(101)
     for _ in range(50):
         policy.took(0.001)  # fast, however many
@@ -134,10 +136,10 @@ def test_inline_write_policy_pauses_on_slow_writes_and_resumes_on_a_fast_one():
             time.sleep(0.005)
         return time.monotonic() - t0
 
-    wait_allowed(2.0)
+    wait_allowed(5.0)
     policy.took(0.02)  # slow again after the pause: paused twice as long
     assert not policy.allowed(10) and policy.pauses == 2
-    assert wait_allowed(2.0) >= 0.05
+    assert wait_allowed(5.0) >= 0.5  # 1 s, less the time since took()
     policy.took(0.001)  # fast: inline again, with no pause pending
     assert policy.allowed(10)
     policy.took(0.06)  # one stall is enough
