@@ -88,7 +88,8 @@ def haproxy_config(tmp: Path, front: int, nodes: list[Node]) -> tuple[Path, Path
     check.chmod(0o755)
     sock = tmp / "haproxy.sock"
     servers = "\n".join(
-        f"    server {n.name} {HOST}:{n.port} send-proxy-v2 check inter 3s fall 2 rise 1" for n in nodes
+        f"    server {n.name} {HOST}:{n.port} send-proxy-v2 check inter 10s fastinter 1s downinter 1s fall 2 rise 1"
+        for n in nodes
     )
     cfg = tmp / "haproxy.cfg"
     cfg.write_text(
@@ -100,8 +101,10 @@ global
     stats socket {sock} mode 600 level admin
 defaults
     mode tcp
-    # an external check is stopped after min(connect, inter) + check: a Python process
-    # per check needs a few seconds on a busy machine
+    # an external check is stopped after min(connect, inter): a Python process per check
+    # needs a few seconds on a busy machine, and two stopped checks mark a healthy node
+    # down (both down: HAProxy closes the client's connection at once). Hence inter 10s
+    # while a node is up, the check every second once one failed or the node is down.
     timeout connect 10s
     timeout client 60s
     timeout server 60s
