@@ -48,6 +48,27 @@ def free_port() -> int:
     raise RuntimeError("no free port between 20000 and 32000")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """After each test body: end the pynetdicom associations it left running.
+
+    A pynetdicom 3 requestor waits for its reactor thread to pause by spinning on a flag,
+    without a time limit; seen once on a loaded machine: the flag stayed unset while the
+    reactor was blocked, the test failed on its own bounded wait, and the thread it had
+    run pynetdicom in kept spinning, so the event loop's shutdown (which joins that
+    thread) hung the whole run instead of failing one test. ``kill()`` sets the flag and
+    stops the association's network thread, so such a thread ends."""
+    yield
+    association = sys.modules.get("pynetdicom.association")
+    if association is None:
+        return
+    import threading
+
+    for thread in threading.enumerate():
+        if isinstance(thread, association.Association) and thread.is_alive():
+            thread.kill()
+
+
 def dcmtk(tool: str) -> str:
     """Path of a DCMTK tool; DCMTK is a required test dependency (README, .ci/run)."""
     path = f"{DCMTK}/{tool}"
