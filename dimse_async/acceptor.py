@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import proxy
+from .keepalive import set_nodelay
 from .log import get_logger
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ class Acceptor:
                 self.log.warning("accept failed", error=str(exc))
                 await asyncio.sleep(0.1)
                 continue
+            set_nodelay(conn)  # the loop does it for the sockets it accepts, not for ours
             task = asyncio.ensure_future(self._welcome(conn, address))
             self.server.track_preamble(task)
 

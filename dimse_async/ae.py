@@ -16,6 +16,7 @@ from .dimse import CommandField, Message
 from .exceptions import AssociationTimeout, ConnectionFailed
 from .handlers import HandlerRegistry, Service
 from .interface import DIMSEProvider, ServiceHandler, Settings, SinkFactory
+from .keepalive import set_nodelay
 from .operations import Association
 from .pdu import (
     AssociateAC,
@@ -619,6 +620,7 @@ class _Associating:
             if local is not None:
                 sock.bind(local)
             await loop.sock_connect(sock, address)
+            set_nodelay(sock)  # the loop sets it only on the sockets it makes itself
             await loop.sock_sendall(sock, self._proxy_header)
             await loop.create_connection(lambda: assoc, sock=sock, **kwargs)
         except BaseException:

@@ -108,13 +108,12 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         transport = self.transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover - platform dependent
-                pass
-            if self.settings.keepalive is not None:
+        # TCP_NODELAY is set by the event loop on the TCP transports it makes (asyncio and
+        # uvloop alike), and by us on the sockets we make ourselves (the acceptor's, a
+        # PROXY header's connection): no system call here for it.
+        if self.settings.keepalive is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 set_keepalive(sock, *self.settings.keepalive)
         peer = self.proxied_peer or transport.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))

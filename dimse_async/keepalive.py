@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-__all__ = ["keepalive_settings", "set_keepalive"]
+__all__ = ["keepalive_settings", "set_keepalive", "set_nodelay"]
 
 
 def set_keepalive(sock: Any, idle: float, interval: float, count: int) -> None:
@@ -36,3 +36,12 @@ def keepalive_settings(sock: Any) -> tuple[bool, int, int, int]:
         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
     )
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """TCP_NODELAY on a TCP socket we made (small PDUs go out at once, not after Nagle's delay)."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - platform dependent
+            pass

@@ -328,3 +328,31 @@ async def test_repeated_requests_are_answered_from_the_negotiation_cache_and_eac
         _, both = await accepted("SCU", Verification, CT_IMAGE)
         assert [p for p, _ in both] == [Verification, CT_IMAGE]
         assert server.negotiations.misses == 4 and server.negotiations.hits == 1
+
+
+def _nodelay(assoc) -> int:
+    sock = assoc.transport.get_extra_info("socket")
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+async def _nodelay_everywhere() -> list[tuple[str, int, int]]:
+    from dimse_async import proxy
+
+    seen: list[tuple[str, int, int]] = []
+    for proxied in (False, True):
+        ae = echo_scp()
+        accepted = []
+        ae.on_association("accepted")(accepted.append)
+        async with await ae.start_server("127.0.0.1", 0, proxy_protocol=proxied) as server:
+            header = proxy.encode_v2(("192.0.2.7", 4242), ("127.0.0.1", server.port)) if proxied else None
+            async with echo_scu().associate("127.0.0.1", server.port, "SCP", proxy_header=header) as assoc:
+                assert (await assoc.c_echo()).is_success
+                seen.append(("proxied" if proxied else "plain", _nodelay(assoc), _nodelay(accepted[0])))
+    return seen
+
+
+def test_tcp_nodelay_on_both_sides_with_asyncio_and_uvloop():
+    """Small PDUs are never held back by Nagle's algorithm: the event loop sets TCP_NODELAY
+    on the transports it makes, we set it on the sockets we make (acceptor, PROXY header)."""
+    for run in (asyncio.run, uvloop.run):
+        assert run(_nodelay_everywhere()) == [("plain", 1, 1), ("proxied", 1, 1)], run
