@@ -99,17 +99,23 @@ async def store(port: int, paths: list[Path], called: str = "ARCHIVE", calling: 
     assert not report.failed, report.failed
 
 
-def park(assoc: Any, timeout: float = 2.0) -> None:
+def park(assoc: Any, timeout: float = 10.0) -> None:
     """Before each request from a pynetdicom requestor: wait until its reactor thread is
-    really paused, so that it cannot take our (fast) response off the queue. pynetdicom 3
-    sets ``_is_paused`` before blocking on ``_reactor_checkpoint`` and clears it after, so
-    right after a previous request the flag can be stale (see test_interop_store)."""
-    assoc._reactor_checkpoint.clear()
+    really blocked on its checkpoint (a race in pynetdicom 3's ``_run_reactor``).
+
+    A ``send_*`` pauses the reactor by clearing ``_reactor_checkpoint`` and waiting for
+    ``_is_paused``; but the reactor sets ``_is_paused = True`` *before* waiting on the
+    checkpoint and resets it only after, so right after the previous request the flag
+    is stale. When the reactor is descheduled in that window (a loaded machine), the
+    request goes ahead, the reactor takes our fast response off the queue ("Received
+    unexpected ... message") and the request waits out the DIMSE timeout. Here: clear
+    the checkpoint and wait until the reactor is registered as a waiter of it, i.e.
+    blocked until the request's end sets it again.
+    """
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
     deadline = time.monotonic() + timeout
-    seen_running = False
-    while time.monotonic() < deadline:
-        if not assoc._is_paused:
-            seen_running = True
-        elif seen_running:
-            return
+    while not (assoc._is_paused and checkpoint._cond._waiters):
+        if time.monotonic() > deadline or not assoc.is_alive():
+            raise AssertionError(f"pynetdicom's reactor did not pause within {timeout} s")
         time.sleep(0.0001)

@@ -52,6 +52,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
+from normalized_helpers import park
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
@@ -940,29 +941,6 @@ async def test_our_scu_to_pynetdicom_scp(
         assert got.dataset.SOPClassUID == inst.sop_class
 
 
-def _park_pynetdicom_reactor(assoc: Any, timeout: float = 2.0) -> None:
-    """Work around a race in pynetdicom 3's requestor (association.py, ``_run_reactor``).
-
-    ``send_c_store`` pauses the reactor thread by clearing ``_reactor_checkpoint`` and
-    waiting for ``_is_paused``; but the reactor sets ``_is_paused = True`` *before* waiting
-    on the checkpoint and resets it only after, so right after the previous send the flag
-    is stale. When the reactor thread is descheduled in that window (a loaded machine),
-    the send goes ahead, the reactor takes our fast C-STORE-RSP off the queue ("Received
-    unexpected C-STORE service message") and send_c_store waits out the DIMSE timeout.
-    Here: clear the checkpoint and wait until the reactor was seen running and then
-    paused again, i.e. really blocked on the checkpoint.
-    """
-    assoc._reactor_checkpoint.clear()
-    deadline = time.monotonic() + timeout
-    seen_running = False
-    while time.monotonic() < deadline:
-        if not assoc._is_paused:
-            seen_running = True
-        elif seen_running:
-            return
-        time.sleep(0.0001)
-
-
 def _pynetdicom_send(port: int, called: str, instances: Sequence[Instance]) -> list[tuple[str, int | None]]:
     """Blocking: one pynetdicom association, C-STORE each file as is, release."""
     ae = PynetdicomAE(PYNETDICOM_AE)
@@ -977,7 +955,7 @@ def _pynetdicom_send(port: int, called: str, instances: Sequence[Instance]) -> l
     statuses: list[tuple[str, int | None]] = []
     try:
         for inst in instances:
-            _park_pynetdicom_reactor(assoc)
+            park(assoc)
             rsp = assoc.send_c_store(inst.path)
             statuses.append((inst.sop_instance, int(rsp.Status) if "Status" in rsp else None))
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -146,6 +147,13 @@ def _pynetdicom_scu(port: int) -> dict[str, Any]:
         out["get_printer"] = assoc.send_n_get([0x21100010], PRINTER, PRINTER_INSTANCE)
         park(assoc)
         out["action"] = assoc.send_n_action(None, 1, FILM_SESSION, uid)
+        # Our N-EVENT-REPORT follows the N-ACTION response. pynetdicom 3 cannot take a
+        # request while its own is outstanding (both threads read one message queue):
+        # next request only once its reactor has taken the report (park() then waits
+        # for the reactor to finish answering it and pause).
+        deadline = time.monotonic() + 10
+        while not out["events"] and time.monotonic() < deadline:
+            time.sleep(0.001)
         park(assoc)
         out["bad_action"] = assoc.send_n_action(None, 7, FILM_SESSION, uid)
         park(assoc)
