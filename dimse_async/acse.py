@@ -440,6 +440,7 @@ class _EncodedAC(AssociateAC):
     """An A-ASSOCIATE-AC whose encoding is kept (one per cache entry, never changed)."""
 
     __slots__ = ("_encoded",)
+    _encoded: bytes
 
     def encode(self) -> bytes:
         return self._encoded
@@ -508,9 +509,10 @@ class NegotiationCache:
                 neg.peer_implementation_version,
             )
         self.misses += 1
-        result, neg = negotiate(rq, policy)
-        if neg is None or not isinstance(result, AssociateAC):
-            return result, neg
+        result, fresh = negotiate(rq, policy)
+        if fresh is None or not isinstance(result, AssociateAC):
+            return result, fresh
+        neg = fresh
         kept = _EncodedAC(
             result.called_ae,
             result.calling_ae,

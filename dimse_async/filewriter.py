@@ -276,17 +276,19 @@ def make_dirs(directory: str) -> list[str]:
 
 
 def write_file(dest: str, chunks: Sequence[bytes | bytearray | memoryview], durable: bool) -> list[str]:
-    """Write ``chunks`` to ``dest`` atomically: a ``.partial`` file, written, (fsynced,)
-    then renamed over ``dest``. Creates the directory if missing. In the writer thread.
-    Returns the directories created on the way's parents (see :func:`make_dirs`)."""
-    tmp = f"{dest}.partial"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC
+    """Write ``chunks`` to ``dest`` atomically: a new ``.partial`` file, written,
+    (fsynced,) then renamed over ``dest``. Creates the directory if missing. In the writer
+    thread. Returns the directories created on the way's parents (see :func:`make_dirs`).
+
+    The temporary file is created here (``O_EXCL``): when ``dest.partial`` is taken (the
+    same instance being written by another association or process, or anything else
+    under that name) a name of its own is used, so two writers never share a file."""
     created: list[str] = []
     try:
-        fd = os.open(tmp, flags, 0o666)
+        fd, tmp = _create_partial(dest)
     except FileNotFoundError:
         created = make_dirs(os.path.dirname(dest) or ".")
-        fd = os.open(tmp, flags, 0o666)
+        fd, tmp = _create_partial(dest)
     try:
         try:
             writev_all(fd, chunks)
@@ -302,6 +304,20 @@ def write_file(dest: str, chunks: Sequence[bytes | bytearray | memoryview], dura
             pass
         raise
     return created
+
+
+_partial_names = itertools.count()
+
+
+def _create_partial(dest: str) -> tuple[int, str]:
+    """A new temporary file for ``dest``: ``dest.partial``, else ``dest.<pid>-<n>.partial``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+    tmp = f"{dest}.partial"
+    while True:
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            tmp = f"{dest}.{os.getpid()}-{next(_partial_names)}.partial"
 
 
 def write_file_inline(dest: str, chunks: Sequence[bytes | bytearray | memoryview]) -> bool:

@@ -156,9 +156,10 @@ class _LazyLogger:
             pairs = " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])
         else:
             fields = {**initial, **kw} if kw else initial
-            pairs = self._prefix
-            if pairs is None:  # the bound fields rendered once per logger, not per line
-                pairs = self._prefix = " ".join([f"{k}={_format_value(v)}" for k, v in initial.items()])
+            prefix = self._prefix
+            if prefix is None:  # the bound fields rendered once per logger, not per line
+                prefix = self._prefix = " ".join([f"{k}={_format_value(v)}" for k, v in initial.items()])
+            pairs = prefix
             if kw:
                 more = " ".join([f"{k}={_format_value(v)}" for k, v in kw.items()])
                 pairs = pairs + " " + more if pairs else more

@@ -16,13 +16,14 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from rawpeer import RawPeer, command_bytes, response_status, rq_bytes
 
-from dimse_async import AE, Status
+from dimse_async import AE, Status, filewriter
 from dimse_async.dimse import Command, CommandField
 from dimse_async.filewriter import group_commit
 from dimse_async.part10 import read_file_meta
@@ -94,31 +95,25 @@ def sent_intact(received: bytes, src: Path) -> bool:
     return received[128:132] == b"DICM" and len(data) > 30_000 and sent.startswith(data)
 
 
-async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
-    """The instance's file is a FIFO nobody reads for 1.5 s: the store waits in its
-    writer thread while the loop keeps its pace (no sleep late by anything near the
-    blocked time) and another association's C-ECHO is answered. Then the FIFO is read:
-    every byte of the instance came through, and storescu got its success status."""
+async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path, monkeypatch):
+    """The instance's file write blocks in its writer thread for 1.5 s (a stalled disk):
+    the loop keeps its pace (no sleep late by anything near the blocked time) and another
+    association's C-ECHO is answered meanwhile. Then the write goes on: the file holds
+    every byte of the instance, and storescu got its success status."""
     src = tmp_path / "src"
     (uid,) = write_instances(src, 1)
     out = tmp_path / "out"
     ae = storage_scp()
-    ae.on_c_store(DirectoryStore(out))
-    fifo = out / f"{uid}.dcm.partial"  # where the instance is written before its rename
-    os.mkfifo(fifo)
-    received: list[bytes] = []
-    reader_started = threading.Event()
+    ae.on_c_store(DirectoryStore(out, inline=False))  # the writer thread's path
+    unblocked = threading.Event()
+    real_writev_all = filewriter.writev_all
 
-    def read_fifo() -> None:
-        reader_started.set()
-        fd = os.open(fifo, os.O_RDONLY)  # the writer thread's open() returns now
-        try:
-            while chunk := os.read(fd, 1 << 16):
-                received.append(chunk)
-        finally:
-            os.close(fd)
+    def stalled_writev_all(fd: int, chunks: Any) -> None:
+        unblocked.wait(30)
+        real_writev_all(fd, chunks)
 
-    timer = threading.Timer(1.5, read_fifo)
+    monkeypatch.setattr(filewriter, "writev_all", stalled_writev_all)
+    timer = threading.Timer(1.5, unblocked.set)
     loop = asyncio.get_running_loop()
     worst_lag = 0.0
     async with await ae.start_server("127.0.0.1", 0) as server:
@@ -133,7 +128,7 @@ async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
 
         watcher = asyncio.ensure_future(watch())
         try:
-            # The C-STORE has arrived and waits on the FIFO (storescu's start-up takes what
+            # The C-STORE has arrived and its write is stalled (storescu's start-up takes what
             # it takes on a loaded machine: the 1.5 s of blocking count from here).
             deadline = loop.time() + 30
             while not any(a.writer.submitted for a in server.associations):
@@ -146,16 +141,15 @@ async def test_a_file_write_that_blocks_never_stalls_the_event_loop(tmp_path):
             async with echo_ae.associate("127.0.0.1", server.port, "SCP") as assoc:
                 assert (await assoc.c_echo()).is_success
             echo_seconds = time.monotonic() - t0
-            assert not reader_started.is_set(), "the C-ECHO was answered while the write was blocked"
+            assert not unblocked.is_set(), "the C-ECHO was answered while the write was blocked"
             assert await asyncio.wait_for(store, 30) == 0
             await watcher
         finally:
             timer.cancel()
-            if timer.is_alive():
-                timer.join(5)
+            unblocked.set()
     assert echo_seconds < 1.0
     assert worst_lag < 0.5, f"event loop stalled {worst_lag:.3f} s"
-    assert sent_intact(b"".join(received), src / "000.dcm")
+    assert sent_intact((out / f"{uid}.dcm").read_bytes(), src / "000.dcm")
 
 
 async def test_durable_stores_fsync_file_and_directory_before_success(tmp_path, monkeypatch):
@@ -381,7 +375,7 @@ async def test_directory_store_answers_each_instance_from_its_file_job(tmp_path)
     paths = sorted(src.glob("*.dcm"))
     out = tmp_path / "out"
     store = DirectoryStore(out)
-    (out / f"{uids[2]}.dcm.partial").mkdir()  # where instance 2 would be written: cannot be
+    (out / f"{uids[2]}.dcm" / "x").mkdir(parents=True)  # instance 2's name: cannot be replaced
     ae = storage_scp()
     ae.max_ops_performed = 2
     ae.on_c_store(store)
@@ -396,10 +390,10 @@ async def test_directory_store_answers_each_instance_from_its_file_job(tmp_path)
     assert statuses[2].error_comment is not None and statuses[2].error_comment.startswith("Out of resources")
     assert store.stored == 5
     for i, (uid, path) in enumerate(zip(uids, paths)):
-        assert (out / f"{uid}.dcm").exists() == (i != 2)
+        assert (out / f"{uid}.dcm").is_file() == (i != 2)
         if i != 2:
             assert sent_intact((out / f"{uid}.dcm").read_bytes(), path)
-    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".partial")) == [f"{uids[2]}.dcm.partial"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".partial")]  # the failed one's removed
 
 
 async def test_thousands_of_requests_in_one_pdu_beyond_the_window_are_all_answered():
@@ -477,3 +471,20 @@ async def test_a_spool_that_cannot_be_written_fails_the_store_not_the_associatio
     assert int(status) == 0xA700
     assert status.error_comment is not None and status.error_comment.startswith("Out of resources")
     assert list(out.iterdir()) == []
+
+
+def test_a_taken_temporary_name_is_never_shared(tmp_path):
+    """``write_file`` creates its temporary file: when ``dest.partial`` is taken (the same
+    instance written by another association or process at this moment, or a FIFO), it
+    writes under a name of its own, never into the other file, never blocking on it."""
+    dest = tmp_path / "1.2.3.dcm"
+    other = tmp_path / "1.2.3.dcm.partial"
+    other.write_bytes(b"another writer's half")
+    filewriter.write_file(str(dest), [b"DICM", memoryview(b" complete")], False)
+    assert dest.read_bytes() == b"DICM complete"
+    assert other.read_bytes() == b"another writer's half"  # untouched
+    other.unlink()
+    os.mkfifo(other)  # nobody reads it: opening it for writing would block
+    filewriter.write_file(str(dest), [b"second"], False)
+    assert dest.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1.2.3.dcm", "1.2.3.dcm.partial"]
