@@ -446,6 +446,19 @@ class _EncodedAC(AssociateAC):
         return self._encoded
 
 
+def _own_copy(neg: Negotiated) -> Negotiated:
+    """A cached negotiation for one association (its contexts list its own; nothing
+    else cached is set: requests with identity or extended negotiation are not cached)."""
+    return Negotiated(
+        list(neg.contexts),
+        neg.peer_max_pdu,
+        neg.max_ops_invoked,
+        neg.max_ops_performed,
+        neg.peer_implementation_uid,
+        neg.peer_implementation_version,
+    )
+
+
 class NegotiationCache:
     """:func:`negotiate` remembered for requests seen before (a bounded LRU, per server).
 
@@ -500,14 +513,7 @@ class NegotiationCache:
             self._entries.move_to_end(key)
             self.hits += 1
             ac, neg = entry[0], entry[1]
-            return ac, Negotiated(
-                list(neg.contexts),
-                neg.peer_max_pdu,
-                neg.max_ops_invoked,
-                neg.max_ops_performed,
-                neg.peer_implementation_uid,
-                neg.peer_implementation_version,
-            )
+            return ac, _own_copy(neg)
         self.misses += 1
         result, fresh = negotiate(rq, policy)
         if fresh is None or not isinstance(result, AssociateAC):
@@ -526,11 +532,4 @@ class NegotiationCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
-        return kept, Negotiated(
-            list(neg.contexts),
-            neg.peer_max_pdu,
-            neg.max_ops_invoked,
-            neg.max_ops_performed,
-            neg.peer_implementation_uid,
-            neg.peer_implementation_version,
-        )
+        return kept, _own_copy(neg)

@@ -289,6 +289,15 @@ def write_file(dest: str, chunks: Sequence[bytes | bytearray | memoryview], dura
     except FileNotFoundError:
         created = make_dirs(os.path.dirname(dest) or ".")
         fd, tmp = _create_partial(dest)
+    _fill_and_place(fd, tmp, dest, chunks, durable)
+    return created
+
+
+def _fill_and_place(
+    fd: int, tmp: str, dest: str, chunks: Sequence[bytes | bytearray | memoryview], durable: bool
+) -> None:
+    """Write ``chunks`` to the new file ``fd`` named ``tmp``, (fsync,) close, rename it
+    over ``dest``; on any failure the temporary file is removed and the error raised."""
     try:
         try:
             writev_all(fd, chunks)
@@ -303,7 +312,6 @@ def write_file(dest: str, chunks: Sequence[bytes | bytearray | memoryview], dura
         except OSError:
             pass
         raise
-    return created
 
 
 _partial_names = itertools.count()
@@ -335,18 +343,7 @@ def write_file_inline(dest: str, chunks: Sequence[bytes | bytearray | memoryview
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o666)
     except (FileExistsError, FileNotFoundError):
         return False
-    try:
-        try:
-            writev_all(fd, chunks)
-        finally:
-            os.close(fd)
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _fill_and_place(fd, tmp, dest, chunks, False)
     return True
 
 

@@ -12,37 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from pydicom.uid import ExplicitVRLittleEndian
+from test_integrity import remount, small_tmpfs
 from test_receive_path import CT_CLASS, VERIFICATION, sent_intact, storage_scp, storescu, write_instances
 
 from dimse_async import AE
 from dimse_async.filewriter import InlineWrites
 from dimse_async.services.storage import DirectoryStore
-
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted at ``where`` (skips when mounting is not allowed)."""
-    where.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                       check=True, capture_output=True, timeout=10)  # fmt: skip
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {exc}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True, timeout=10)
-
-
-def remount(where: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(where)], check=True, capture_output=True, timeout=10)
 
 
 @contextlib.asynccontextmanager
