@@ -64,9 +64,14 @@ def _format_value(value: Any) -> str:
     return text
 
 
+def _pairs(fields: dict[str, Any]) -> str:
+    """The fields as ``k=v k=v ...``, as they follow the event in a line."""
+    return " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])
+
+
 def _render(event: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """``event k=v ...`` as the message, and the record's ``extra`` carrying the fields."""
-    pairs = " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])
+    pairs = _pairs(fields)
     message = event + " " + pairs if pairs else event
     return message, {RECORD_ATTR: {"event": event, **fields}}
 
@@ -153,15 +158,15 @@ class _LazyLogger:
         initial = self._initial
         if kw and not initial.keys().isdisjoint(kw):  # a bound field given again: its new value in its place
             fields = {**initial, **kw}
-            pairs = " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])
+            pairs = _pairs(fields)
         else:
             fields = {**initial, **kw} if kw else initial
             prefix = self._prefix
             if prefix is None:  # the bound fields rendered once per logger, not per line
-                prefix = self._prefix = " ".join([f"{k}={_format_value(v)}" for k, v in initial.items()])
+                prefix = self._prefix = _pairs(initial)
             pairs = prefix
             if kw:
-                more = " ".join([f"{k}={_format_value(v)}" for k, v in kw.items()])
+                more = _pairs(kw)
                 pairs = pairs + " " + more if pairs else more
         # The record made and handled directly: what Logger.log would do, less the
         # search of the stack for the caller (which would name this method anyway).

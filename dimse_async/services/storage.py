@@ -360,15 +360,14 @@ def start_c_store(
     inline = store.inline
     if inline is not None and not writer.busy and inline.allowed(spool.header_length + spool.size):
         t0 = time.perf_counter()
+        error: Exception | None = None
         try:
             placed = write_file_inline(dest, spool.chunks())
         except Exception as exc:
-            inline.took(time.perf_counter() - t0)
-            written(None, exc)
-            return True
+            placed, error = True, exc  # tried, and failed: answered as such
         inline.took(time.perf_counter() - t0)
         if placed:
-            written(None, None)
+            written(None, error)
             return True
     writer.submit_then(written, write_file, dest, spool.chunks(), False)
     return True
