@@ -167,19 +167,18 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
 
     def _run(self, outputs: list[fsm.Output]) -> None:
         for out in outputs:
-            kind = type(out)  # the two per-message outputs first, by identity
-            if kind is fsm.Send:
+            if type(out) is fsm.Send:  # the two per-message outputs first, by identity
                 transport = self.transport
                 if transport is not None and not transport.is_closing():
-                    data = out.data  # type: ignore[union-attr]
-                    if type(data) is list:  # PDU headers and value slices: one writev, no join
+                    data = out.data
+                    if isinstance(data, list):  # PDU headers and value slices: one writev, no join
                         transport.writelines(data)
                         self.oplog.bytes_sent += sum(map(len, data))
                     else:
-                        transport.write(data)  # type: ignore[arg-type]
+                        transport.write(data)
                         self.oplog.bytes_sent += len(data)
-            elif kind is fsm.PDataIndication:
-                self._on_pdata(out)  # type: ignore[arg-type]
+            elif type(out) is fsm.PDataIndication:
+                self._on_pdata(out)
             else:
                 self._run_other(out)
         self._schedule()

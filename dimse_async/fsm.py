@@ -150,6 +150,8 @@ class UpperLayer:
         self.history: list[tuple[State, Event, Action]] = []
         self._out: list[Output] = []
         self._pdu: PDU | None = None
+        #: The P-DATA-TF PDUs of the pending P-DATA request (Evt9), until sent.
+        self._outgoing: bytes | list[bytes | memoryview] = b""
         self._abort_source = ABORT_SOURCE_USER
         self._abort_reason = 0
         self._why = ""
@@ -325,7 +327,7 @@ class UpperLayer:
     def send_pdata(self, data: bytes | list[bytes | memoryview]) -> list[Output]:
         """P-DATA request (Evt9); ``data`` is one or more encoded P-DATA-TF PDUs, as one
         buffer or as a list of buffers that are the PDUs in order (sent as they are)."""
-        self._pdu = data  # type: ignore[assignment]
+        self._outgoing = data
         return self._handle(E.Evt9)
 
     def release(self, *, now: float | None = None) -> list[Output]:
@@ -445,7 +447,7 @@ class UpperLayer:
         return S.Sta13
 
     def _dt_1(self) -> State:
-        self._out.append(Send(self._pdu))  # type: ignore[arg-type]
+        self._out.append(Send(self._take_outgoing()))
         return S.Sta6
 
     def _dt_2(self) -> State:
@@ -480,8 +482,12 @@ class UpperLayer:
         return S.Sta7
 
     def _ar_7(self) -> State:
-        self._out.append(Send(self._pdu))  # type: ignore[arg-type]
+        self._out.append(Send(self._take_outgoing()))
         return S.Sta8
+
+    def _take_outgoing(self) -> bytes | list[bytes | memoryview]:
+        data, self._outgoing = self._outgoing, b""
+        return data
 
     def _ar_8(self) -> State:
         self._out.append(ReleaseIndication(collision=True))
