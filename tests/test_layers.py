@@ -59,7 +59,7 @@ LAYERS: list[set[str]] = [
     {"archive.normalized"},
     {"cli.common"},  # one-line errors and checks shared by the commands and serve
     {"archive.serve"},
-    {"cli.options"},
+    {"cli.options", "cli.process"},
     {"cli.check", "cli.commit"},
     {"cli.progress", "cli.query"},
     {"cli.retrieve"},
