@@ -127,6 +127,25 @@ async def test_find_level_with_0xff_is_a_failure_status(archive: ServerProcess) 
     await legit_echo(archive.port)
 
 
+async def test_find_key_of_many_wild_cards_is_answered_and_stops_nobody(archive: ServerProcess) -> None:
+    """A Patient's Name key of 63 ``*`` and an ``X`` against a stored instance:
+    the C-FIND ends with its final response and another client is served meanwhile."""
+    cmd, data = store_rq(ct_dataset("WILD"))
+    assert await exchange(archive.port, pdata(3, cmd, command=True), pdata(3, data, command=False)) == [(0x8001, 0)]
+    key = find_identifier()
+    key.PatientID = "WILD"
+    key.PatientName = "*" * 63 + "X"  # 64 characters, the longest a name group may be
+    cmd, data = find_rq(key)
+    find = asyncio.ensure_future(
+        asyncio.wait_for(exchange(archive.port, pdata(7, cmd, command=True), pdata(7, data, command=False)), 10)
+    )
+    try:
+        assert await legit_echo(archive.port, timeout=3) < 3
+        assert await find == [(0x8020, 0x0000)]
+    finally:
+        find.cancel()
+
+
 def test_no_traceback_or_internal_error_in_the_server_log(archive: ServerProcess) -> None:
     archive.check_log()
 

@@ -169,6 +169,28 @@ def test_wildcard_case_sensitivity() -> None:
     assert match_value("CT*", "CT_HEAD", "LO")
 
 
+_HOSTILE_WILDCARDS = ["*" * 5000 + "X", "*?" * 3000 + "X", "?*" * 40 + "Q", ("*a" * 200 + "*") * 2 + "b"]
+
+
+def test_hostile_wild_card_keys_match_in_bounded_time() -> None:
+    """A key of many wild cards against a short value is answered at once (a regular
+    expression built from it backtracked for ever, holding the GIL: the event loop of
+    ``serve`` stopped). Run in a child process so a regression fails instead of hanging."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, time; from dimse_async.archive.matching import match_value; t = time.monotonic()\n"
+        f"for key in {_HOSTILE_WILDCARDS!r}:\n"
+        "    for vr in ('PN', 'LO'):\n"
+        "        assert not match_value(key, 'CompressedSamples^CT1' + 'a' * 300, vr), key[:20]\n"
+        "print(time.monotonic() - t)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 2.0, done.stdout
+
+
 STANDARD_WILDCARD_VRS = ["AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"]  # §C.2.2.2.4
 
 

@@ -129,9 +129,9 @@ def is_universal(value: Any) -> bool:
 
 
 @lru_cache(maxsize=1024)
-def _wildcard_regex(pattern: str) -> re.Pattern[str]:
-    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern]
-    return re.compile("".join(parts), re.DOTALL)
+def _segment_regex(segment: str) -> re.Pattern[str]:
+    """A piece of a key between two ``*``: literal characters and ``?`` (any one)."""
+    return re.compile("".join("." if c == "?" else re.escape(c) for c in segment), re.DOTALL)
 
 
 def _has_wildcard(text: str) -> bool:
@@ -139,7 +139,32 @@ def _has_wildcard(text: str) -> bool:
 
 
 def _wildcard_match(pattern: str, text: str) -> bool:
-    return _wildcard_regex(pattern).fullmatch(text) is not None
+    """Wild card matching (PS3.4 §C.2.2.2.4) in O(len(pattern) * len(text)).
+
+    The pieces between ``*`` are found in order, each at its leftmost place (which
+    never loses a match); the first is anchored at the start, the last at the end.
+    No backtracking regular expression: a key of many ``*`` and ``?`` would take
+    exponential time, holding the GIL and so the event loop.
+    """
+    first, *middle = pattern.split("*")
+    if not middle:
+        return len(first) == len(text) and _segment_regex(first).fullmatch(text) is not None
+    last = middle.pop()
+    end = len(text) - len(last)
+    if end < len(first):
+        return False
+    if _segment_regex(first).fullmatch(text, 0, len(first)) is None:
+        return False
+    if _segment_regex(last).fullmatch(text, end) is None:
+        return False
+    pos = len(first)
+    for segment in middle:
+        if segment:
+            found = _segment_regex(segment).search(text, pos, end)
+            if found is None:
+                return False
+            pos = found.end()
+    return True
 
 
 def _pn_groups(text: str) -> list[str]:
