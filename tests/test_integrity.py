@@ -1228,3 +1228,60 @@ async def test_too_many_open_files_is_out_of_resources_with_the_reason(tmp_path:
         assert int(rsp.Status) == 0x0000
         await asyncio.to_thread(assoc.release)
         assert await srv.archive.count() == 1
+
+
+# --------------------------------------------------------------------------- C-GET of files changed on disk
+
+
+async def test_get_counts_a_file_gone_or_truncated_on_disk_as_a_failed_sub_operation(
+    tmp_path: Path, index: str | None
+) -> None:
+    """Three instances of a study stored; then one file is deleted and one truncated
+    behind the archive's back. A C-GET of the study sends the intact one only and ends
+    with a warning (0xB000): 1 completed, 2 failed, both UIDs in the Failed SOP Instance
+    UID List; never success for a partial study nor a truncated data set sent."""
+    files = distinct_cts(tmp_path, 3)
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    async with running_serve(tmp_path / "arch", index=index) as srv:
+        _code, out = await storescu(srv.port, *files)
+        assert store_statuses(out) == ["Success"] * 3, out
+        stored_file(srv.root, uids[0]).unlink()
+        truncated = stored_file(srv.root, uids[1])
+        os.truncate(truncated, truncated.stat().st_size - 1000)
+        scu = AE("GETSCU")
+        scu.add_requested_context(MODELS["study"]["get"])
+        scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", [EXPLICIT_LE], scu_role=False, scp_role=True)
+        received: list[str] = []
+
+        async def sink(request: Any) -> int:
+            received.append(request.sop_instance_uid)
+            return 0
+
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = study
+        async with scu.associate(HOST, srv.port, SERVE_AE) as assoc:
+            responses = assoc.c_get(ident, store=sink)
+            progress = [p async for p in responses]
+        assert received == [uids[2]]
+        final = progress[-1]
+        assert int(responses.status) == 0xB000, responses.status
+        assert (final.completed, final.failed, final.warning) == (1, 2, 0)
+        assert sorted(final.failed_instances) == sorted(uids[:2])
+        # The same by C-MOVE to a storage SCP of ours.
+        dest = AE("DEST")
+        dest.add_supported_context("1.2.840.10008.5.1.4.1.1.2", [EXPLICIT_LE])
+        dest.on_c_store(sink)
+        received.clear()
+        async with await dest.start_server(HOST, 0) as dest_server:
+            srv.ae.known_aes["DEST"] = (HOST, dest_server.port)
+            mover = AE("MOVESCU")
+            mover.add_requested_context(MODELS["study"]["move"])
+            async with mover.associate(HOST, srv.port, SERVE_AE) as assoc:
+                moved = assoc.c_move(ident, "DEST")
+                progress = [p async for p in moved]
+        assert received == [uids[2]]
+        assert int(moved.status) == 0xB000, moved.status
+        assert (progress[-1].completed, progress[-1].failed) == (1, 2)
+        assert sorted(progress[-1].failed_instances) == sorted(uids[:2])

@@ -13,7 +13,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from ..dimse import Status
-from ..services.qr import QueryRequest, StatusError
+from ..services.qr import QueryRequest, StatusError, Unavailable
 from .budget import QueryBudget
 from .db import (
     IndexDB,
@@ -187,7 +187,7 @@ class QueryMixin(IndexDB):
         finally:
             await self._read(_close_query, matches, db)
 
-    def _paths(self, model: str, identifier: Dataset) -> list[str]:
+    def _paths(self, model: str, identifier: Dataset) -> list[str | Unavailable]:
         level = query_level(model, identifier, "Retrieve")
         # Unique keys at the retrieve level (and above, for the hierarchy) are required (C.4.2.2.1).
         if not exact_values(identifier.get(UNIQUE_KEYS[level])):
@@ -202,18 +202,23 @@ class QueryMixin(IndexDB):
         ):
             where_in(identifier, key, column, where, args)
         sql = (
-            "SELECT i.path FROM instances i JOIN series se ON i.series_uid = se.series_uid "
+            "SELECT i.path, i.size, i.sop_uid FROM instances i JOIN series se ON i.series_uid = se.series_uid "
             "JOIN studies st ON se.study_uid = st.study_uid JOIN patients p ON st.patient_key = p.patient_key "
             "WHERE " + " AND ".join(where) + " ORDER BY i.path"
         )
         db = self._read_conn()
         try:
-            return [r[0] for r in db.execute(sql, args) if os.path.exists(r[0])]
+            return [_on_disk(path, size, uid) for path, size, uid in db.execute(sql, args)]
         finally:
             db.close()
 
-    async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
+    async def retrieve_items(self, model_uid: str, identifier: Dataset) -> list[str | Unavailable]:
+        """What a C-GET / C-MOVE sends: each matching instance's file, or
+        :class:`Unavailable` when the file is gone or not the size it was stored at."""
         return await self._read(self._paths, model_name(model_uid), identifier)
+
+    async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
+        return [i for i in await self.retrieve_items(model_uid, identifier) if isinstance(i, str)]
 
     # -- handlers -----------------------------------------------------------------
 
@@ -223,9 +228,21 @@ class QueryMixin(IndexDB):
         async for ds in self.find_iter(request.model, request.identifier, relational=reply[:1] == b"\x01"):
             yield ds
 
-    async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str]:
-        for path in await self.retrieve_paths(request.model, request.identifier):
-            yield path
+    async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str | Unavailable]:
+        for item in await self.retrieve_items(request.model, request.identifier):
+            yield item
+
+
+def _on_disk(path: str, size: int | None, uid: str) -> str | Unavailable:
+    """``path`` if its file is there with the size indexed when it was stored; a file
+    deleted or truncated since is never sent as if it were the instance."""
+    try:
+        actual = os.stat(path).st_size
+    except OSError as exc:
+        return Unavailable(uid, f"stored file unreadable: {exc.strerror or exc}: {path}")
+    if size is not None and actual != size:
+        return Unavailable(uid, f"stored file is {actual} bytes, {size} when stored: {path}")
+    return path
 
 
 def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[str], list[Any]]:

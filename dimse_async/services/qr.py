@@ -45,6 +45,7 @@ __all__ = [
     "Responses",
     "RetrieveRequest",
     "StatusError",
+    "Unavailable",
     "c_find",
     "c_get",
     "c_move",
@@ -87,6 +88,16 @@ def model_uid(model: str, operation: str) -> str:
         except KeyError:
             raise ValueError(f"the {model} model has no {operation.upper()} SOP class") from None
     return model
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """What a C-GET / C-MOVE handler yields for a matching instance it cannot send (its
+    file gone or changed): a failed sub-operation, the UID in the Failed SOP Instance
+    UID List (PS3.4 C.4.2.3.1, C.4.3.3.1), ``reason`` logged; nothing is sent."""
+
+    sop_instance_uid: str
+    reason: str
 
 
 @dataclass(slots=True)
@@ -417,6 +428,8 @@ async def _find_responses(assoc: DIMSEProvider, op: Operation, request: QueryReq
 
 
 def _item_uid(item: Any) -> str:
+    if isinstance(item, Unavailable):
+        return item.sop_instance_uid
     if isinstance(item, Dataset):
         return str(item.get("SOPInstanceUID", ""))
     try:
@@ -470,7 +483,13 @@ async def _run_suboperations(
         while queue and not op.cancelled and assoc.is_established:
             item = queue.pop()
             try:
-                category = (await store(item)).category
+                if isinstance(item, Unavailable):
+                    assoc.log.warning(
+                        "sub-operation not possible", sop_instance=item.sop_instance_uid, error=item.reason
+                    )
+                    category = StatusCategory.FAILURE
+                else:
+                    category = (await store(item)).category
             except NoAcceptedContext as exc:
                 assoc.log.warning("sub-operation not possible", error=str(exc))
                 category = StatusCategory.FAILURE
@@ -576,7 +595,11 @@ async def _move(
     assoc: DIMSEProvider, op: Operation, items: list[Any], title: str, address: tuple[str, int], route: MoveRoute
 ) -> None:
     inspected = await asyncio.to_thread(
-        lambda: [_dataset_item(i) if isinstance(i, Dataset) else inspect_file(os.fspath(i)) for i in items]
+        lambda: [
+            _dataset_item(i) if isinstance(i, Dataset) else inspect_file(os.fspath(i))
+            for i in items
+            if not isinstance(i, Unavailable)
+        ]
     )
     specs: list[ContextSpec] = plan_contexts([x for x in inspected if isinstance(x, FileInfo)])
     originator = (assoc.peer_ae, op.command.message_id or 0)
