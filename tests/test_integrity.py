@@ -254,6 +254,23 @@ async def test_duplicate_keep_is_the_default(tmp_path: Path, index: str | None) 
         assert status == "Success" and [str(d.PatientName) for d in found] == ["FIRST^KEPT"]
 
 
+async def test_a_stored_copy_truncated_on_disk_is_replaced_by_a_resend(tmp_path: Path, index: str | None) -> None:
+    """Keep policy: the stored file of an instance lost its tail behind the archive's
+    back (not the size it was stored at); the same instance sent again is stored (a
+    success), not refused as a different data set in favour of the broken copy."""
+    uid = generate_uid()
+    first = write_ct(tmp_path / "first.dcm", SOPInstanceUID=uid)
+    async with running_serve(tmp_path / "arch", index=index) as srv:
+        _code, out = await storescu(srv.port, first)
+        assert store_statuses(out) == ["Success"], out
+        stored = stored_file(srv.root, uid)
+        os.truncate(stored, stored.stat().st_size - 1000)
+        _code, out = await storescu(srv.port, first)
+        assert store_statuses(out) == ["Success"], out
+        assert same_dataset(stored_file(srv.root, uid), first)
+        assert await srv.archive.count() == 1
+
+
 async def test_duplicate_replace_takes_a_valid_new_instance(tmp_path: Path, index: str | None) -> None:
     uid = generate_uid()
     first = write_ct(tmp_path / "first.dcm", SOPInstanceUID=uid, PatientName="FIRST^OLD")

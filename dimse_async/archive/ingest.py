@@ -110,9 +110,19 @@ def _keep_previous(dest: str) -> str | None:
 
 
 def _files_before_store(existing: tuple[str, int] | None, dest: str) -> tuple[tuple[str, int] | None, str | None]:
-    """(the stored copy, if its file is there; else the hard link of a file about to be replaced)."""
-    if existing is not None and os.path.exists(existing[0]):
-        return existing, None
+    """(the stored copy, if its file is there at the size it was stored at; else the
+    hard link of a file about to be replaced). A copy cut short behind the archive's
+    back is not kept against the same instance sent again: the new one replaces it."""
+    if existing is not None:
+        try:
+            size = os.stat(existing[0]).st_size
+        except FileNotFoundError:
+            size = None
+        if size is not None and (existing[1] is None or size == existing[1]):
+            return existing, None
+        if size is not None:
+            log.warning("archive: stored file damaged, replaced by the new copy", path=existing[0],
+                        size=size, stored_size=existing[1])  # fmt: skip
     return None, _keep_previous(dest)
 
 
