@@ -1302,3 +1302,64 @@ async def test_get_counts_a_file_gone_or_truncated_on_disk_as_a_failed_sub_opera
         assert int(moved.status) == 0xB000, moved.status
         assert (progress[-1].completed, progress[-1].failed) == (1, 2)
         assert sorted(progress[-1].failed_instances) == sorted(uids[:2])
+
+
+# --------------------------------------------------------------------------- Deflated Image Frame Compression
+
+FRAME_DEFLATE = "1.2.840.10008.1.2.8.1"  # PS3.5 A.4.13: each frame deflated, the data set not
+
+
+def frame_deflate_file(path: Path) -> Path:
+    """CT_small.dcm in Deflated Image Frame Compression: its frame deflated into one
+    fragment of encapsulated Pixel Data, the data set itself explicit VR little endian."""
+    import zlib
+
+    from pydicom.encaps import encapsulate
+
+    from dimse_async.codec import encode_dataset
+    from dimse_async.part10 import encode_file_meta
+
+    ds = pydicom.dcmread(CT)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    ds.PixelData = encapsulate([deflate.compress(ds.PixelData) + deflate.flush()])
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.SOPInstanceUID = generate_uid()
+    data = encode_dataset(ds, EXPLICIT_LE)
+    path.write_bytes(encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), FRAME_DEFLATE) + data)
+    return path
+
+
+async def test_deflated_image_frame_compression_is_stored_and_retrieved_as_sent(tmp_path: Path) -> None:
+    """Accepted when configured (transfer_syntaxes): its data set is not deflated as a
+    whole (only the frames are), so it is checked, stored, indexed and sent back as is."""
+    sent = frame_deflate_file(tmp_path / "frame-deflate.dcm")
+    uid = str(pydicom.dcmread(sent, stop_before_pixels=True).SOPInstanceUID)
+    study = str(pydicom.dcmread(sent, stop_before_pixels=True).StudyInstanceUID)
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    async with running_serve(tmp_path / "arch", transfer_syntaxes=[FRAME_DEFLATE, EXPLICIT_LE]) as srv:
+        scu = AE("SCU")
+        scu.add_requested_context(ct, [FRAME_DEFLATE])
+        async with scu.associate(HOST, srv.port, SERVE_AE) as assoc:
+            assert int(await assoc.c_store(sent)) == 0
+        getter = AE("GETSCU")  # role selection is per SOP class: a second association
+        getter.add_requested_context(MODELS["study"]["get"])
+        getter.add_requested_context(ct, [FRAME_DEFLATE], scu_role=False, scp_role=True)
+        got: list[tuple[str, bytes]] = []
+
+        async def sink(request: Any) -> int:
+            with request.open() as fp:
+                meta = read_file_meta(fp)
+                fp.seek(meta.dataset_offset)
+                got.append((meta.transfer_syntax, fp.read()))
+            return 0
+
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "STUDY"
+        ident.StudyInstanceUID = study
+        async with getter.associate(HOST, srv.port, SERVE_AE) as assoc:
+            responses = assoc.c_get(ident, store=sink)
+            _ = [p async for p in responses]
+        assert int(responses.status) == 0, responses.status
+        assert dataset_bytes(stored_file(srv.root, uid)) == dataset_bytes(sent)
+    assert got == [dataset_bytes(sent)]
