@@ -337,6 +337,10 @@ def render() -> str:
     add("| 0xB000 | sub-operations complete, one or more failures |")
     add("| 0xC000 | unable to process |")
     add("")
+    add("A matching instance whose stored file is gone, or not the size it was stored at, is a")
+    add("failed C-GET/C-MOVE sub-operation (its UID in the Failed SOP Instance UID List, the")
+    add("reason logged); nothing is sent for it.")
+    add("")
 
     add("#### 4.2.4 Storage SCP (`serve`, `store-scp`)")
     add("")
