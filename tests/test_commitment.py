@@ -385,3 +385,45 @@ async def test_request_on_an_open_association(tmp_path: Path) -> None:
             result = await assoc.request_commitment([(c, i) for _p, c, i in files], timeout=WAIT)
             assert (await assoc.c_echo()).is_success  # the association goes on
     assert result.same_association and result.success and len(result.committed) == 2
+
+
+async def test_shutdown_abandons_a_transaction_under_way_without_a_false_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction still being checked when ``serve`` shuts down is abandoned: no report
+    calling stored instances failed (the archive closing under the checks), no error line
+    per reference; one line says it was abandoned."""
+    from dimse_async.archive import commitment as commitment_module
+
+    files = make_instances(tmp_path / "in", 2)
+    gate = threading.Event()
+    checking = threading.Event()
+    real = commitment_module._file_intact
+
+    def slow(*args: Any) -> bool:
+        checking.set()
+        gate.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(commitment_module, "_file_intact", slow)
+    refs = [(c, i) for _p, c, i in files]
+    try:
+        with Lines("commitment") as log:
+            async with running_serve(tmp_path / "archive") as serve:
+                await store(serve.port, [p for p, _c, _i in files])
+                scu = asyncio.ensure_future(
+                    da.AE("OUR_SCU", dimse_timeout=WAIT).request_commitment(
+                        HOST, serve.port, "ARCHIVE", refs, timeout=WAIT, hold=WAIT
+                    )
+                )
+                assert await asyncio.to_thread(checking.wait, 10)
+                commitment = serve.extras.commitment
+                await commitment.close(timeout=0.2)
+                gate.set()
+                assert not commitment.results, commitment.results
+                scu.cancel()
+                await asyncio.gather(scu, return_exceptions=True)
+    finally:
+        gate.set()
+    assert any(m.startswith("storage commitment abandoned at shutdown") for m in log.lines), log.lines
+    assert not [m for m in log.lines if "check failed" in m or m.startswith("storage commitment report")]

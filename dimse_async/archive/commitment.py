@@ -139,7 +139,15 @@ class CommitmentSCP:
 
     async def _commit(self, assoc: Any, requester: str, parsed: CommitmentRequest, duplicate: bool) -> None:
         started = time.monotonic()
-        result = await self.verify(parsed.transaction_uid, parsed.references, duplicate)
+        try:
+            result = await self.verify(parsed.transaction_uid, parsed.references, duplicate)
+        except asyncio.CancelledError:
+            self.log.warning(
+                "storage commitment abandoned at shutdown; no report (the requester may ask again)",
+                transaction_uid=parsed.transaction_uid,
+                requester=requester,
+            )
+            raise
         destination = self.ae.known_aes.get(requester)
         fields = {
             "transaction_uid": parsed.transaction_uid,
@@ -178,3 +186,15 @@ class CommitmentSCP:
         """Until every transaction's report went out (or failed); for shutdown and tests."""
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Shutdown: wait up to ``timeout`` for the transactions under way, then abandon
+        the others without a report. Checks cut short by the archive closing would
+        report stored instances as failed (0x0110); no report lets the requester ask
+        again (PS3.4 J.3.2)."""
+        await self.wait_idle(timeout)
+        left = list(self._tasks)
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(left, timeout=timeout)

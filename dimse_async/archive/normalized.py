@@ -148,7 +148,7 @@ class Extras:
 
     async def close(self) -> None:
         if self.commitment is not None:
-            await self.commitment.wait_idle(10)
+            await self.commitment.close(10)
         if self.availability is not None:
             await self.availability.close()
         if self.mpps is not None:
