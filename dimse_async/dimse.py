@@ -380,6 +380,14 @@ class MessageAssembler:
     def in_dataset(self) -> bool:
         return self._data_context is not None
 
+    def stream_fragment(self, pdv: PDV) -> bool:
+        """A data PDV, not the last, of the data set being received on its context:
+        counted, ``True`` (what :meth:`receive` does for it, without the event)."""
+        if pdv.context_id != self._data_context:
+            return False
+        self.received += len(pdv.data)
+        return True
+
     def receive(self, pdvs: list[PDV]) -> list[AssemblerEvent]:
         events: list[AssemblerEvent] = []
         for pdv in pdvs:

@@ -220,8 +220,15 @@ class UpperLayer:
                 break
             self._pdu = pdu
             if type(pdu) is PDataTF and self.state is State.Sta6:
-                pass  # DT-2, the usual case: nothing to explain
-            elif type(pdu) is Abort:
+                # Evt10 in Sta6 is DT-2 (P-DATA indication, stay in Sta6): the usual case,
+                # run here without the table lookup (see _handle).
+                history = self.history
+                history.append(_DT_2)
+                if len(history) > 64:
+                    del history[:32]
+                out.append(PDataIndication(pdu))
+                continue
+            if type(pdu) is Abort:
                 self._why = f"A-ABORT received (source {pdu.source}, reason {pdu.reason})"
             else:
                 self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, AbortReason.UNEXPECTED_PDU
@@ -555,3 +562,4 @@ class UpperLayer:
 
 
 _ACTIONS = {action: getattr(UpperLayer, "_" + action.name.lower()) for action in Action}
+_DT_2 = (S.Sta6, E.Evt10, A.DT_2)

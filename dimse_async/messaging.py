@@ -394,8 +394,13 @@ class DIMSEMessaging:
     def _on_pdata(self, out: PDataIndication) -> None:
         if self.fsm.state in (State.Sta1, State.Sta13):
             return  # aborted earlier in this batch of PDUs: the data is ignored (AA-6)
+        pdvs = out.pdu.pdvs
+        sink = self._sink
+        if sink is not None and len(pdvs) == 1 and self.session.stream_fragment(pdvs[0]):
+            sink.write(pdvs[0].data)  # the bulk of a streamed data set: straight to its sink
+            return
         try:
-            events = self.session.receive(out.pdu.pdvs)
+            events = self.session.receive(pdvs)
         except DIMSEError as exc:
             self.log.warning("DIMSE protocol violation", error=str(exc))
             self._run(

@@ -263,6 +263,15 @@ class Session:
 
     # ----------------------------------------------------------- receiving
 
+    def stream_fragment(self, pdv: PDV) -> bool:
+        """Whether ``pdv`` is a fragment, not the last, of the data set being streamed to a
+        sink: then it is counted and the caller hands ``pdv.data`` to that sink, as the
+        :class:`DataFragment` :meth:`receive` would return for it (the bulk of a large
+        data set: no event objects). ``False``: :meth:`receive` takes it."""
+        if pdv.is_command or pdv.is_last or self._mode != "stream":
+            return False
+        return self.assembler.stream_fragment(pdv)
+
     def receive(self, pdvs: list[PDV]) -> list[SessionEvent]:
         """Events for one P-DATA-TF's PDVs; raises :class:`DIMSEError` on a violation."""
         out: list[SessionEvent] = []

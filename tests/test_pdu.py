@@ -1283,10 +1283,10 @@ def test_reused_buffers_never_overwrite_a_fragment_still_referenced():
     written) keep their bytes while many more PDUs arrive through a small pool; the
     fragments let go of are in buffers that are reused. A pool that handed out a
     buffer with live views would overwrite the held ones."""
-    pool = BufferPool(max_bytes=4 << 20)
+    pool = BufferPool(max_bytes=8 << 20)  # a few of the ~1 MiB buffers 128 KiB PDUs get
     reader = PDUReader(0, pool=pool)
     rnd = random.Random(5)
-    values = [rnd.randbytes(131_060) for _ in range(120)]
+    values = [rnd.randbytes(131_060) for _ in range(240)]
     data = b"".join(PDataTF([PDV(1, False, i == len(values) - 1, v)]).encode() for i, v in enumerate(values))
     held: dict[int, memoryview] = {}
     pos, taken = 0, 0
@@ -1298,7 +1298,9 @@ def test_reused_buffers_never_overwrite_a_fragment_still_referenced():
         reader.buffer_updated(n)
         pos += n
         while (pdu := reader.next_pdu()) is not None:
-            if taken % 5 == 0 or taken < 10:  # an unfinished fragment: still referenced
+            # An unfinished fragment: still referenced. Sparse enough that some of the
+            # buffers (a few PDUs each) hold none of them and can be reused.
+            if taken % 20 == 0 or taken < 10:
                 held[taken] = pdu.pdvs[0].data
             taken += 1
             del pdu

@@ -121,6 +121,40 @@ def test_streamed_data_set_goes_out_as_fragments():
     assert events[3].operation.message.dataset is None and events[2].last
 
 
+def test_middle_fragments_of_a_streamed_data_set_are_taken_without_events():
+    """``stream_fragment`` takes a data PDV, not the last, of the data set being streamed
+    (counted as :meth:`Session.receive` would); anything else is left to ``receive``,
+    which still judges it: a command, the last fragment, a data set kept in memory, a
+    fragment on another context or with no data set under way."""
+    contexts = [
+        PresentationContext(1, CT, LE, 0, as_scu=False, as_scp=True),
+        PresentationContext(3, FIND, LE, 0, as_scu=False, as_scp=True),
+    ]
+    session = Session(contexts, streamed={CommandField.C_STORE_RQ})
+    store = Command(
+        CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid=CT, affected_sop_instance_uid="1.2", data_set_type=0
+    )
+    assert not session.stream_fragment(PDV(1, False, False, b"early"))  # no data set under way
+    with pytest.raises(DIMSEError):
+        session.receive([PDV(1, False, False, b"early")])
+    session = Session(contexts, streamed={CommandField.C_STORE_RQ})
+    assert [type(e) for e in session.receive(command(1, store))] == [StreamStarted]
+    assert session.stream_fragment(PDV(1, False, False, b"ab"))
+    assert session.stream_fragment(PDV(1, False, False, b"cde"))
+    assert session.assembler.received == 5
+    assert not session.stream_fragment(PDV(3, False, False, b"x"))  # another context
+    assert not session.stream_fragment(PDV(1, True, False, b"x"))  # a command fragment
+    assert not session.stream_fragment(PDV(1, False, True, b"fg"))  # the last one: receive() ends the message
+    [last, perform] = session.receive([PDV(1, False, True, b"fg")])
+    assert isinstance(last, DataFragment) and last.last and isinstance(perform, Perform)
+    assert session.assembler.received == 7
+    assert not session.stream_fragment(PDV(1, False, False, b"late"))  # the data set has ended
+    session.finished(perform.operation)
+    find = Command(CommandField.C_FIND_RQ, message_id=2, affected_sop_class_uid=FIND, priority=0, data_set_type=0)
+    assert session.receive(command(3, find)) == []
+    assert not session.stream_fragment(PDV(3, False, False, b"ident"))  # kept in memory, not streamed
+
+
 def test_message_on_a_context_that_was_not_accepted_is_a_violation():
     with pytest.raises(DIMSEError):
         scp_session().receive(
