@@ -488,3 +488,112 @@ def test_a_taken_temporary_name_is_never_shared(tmp_path):
     filewriter.write_file(str(dest), [b"second"], False)
     assert dest.read_bytes() == b"second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1.2.3.dcm", "1.2.3.dcm.partial"]
+
+
+def _failing_spool_writes(monkeypatch: Any, after: int) -> list[int]:
+    """Spool writes fail with ENOSPC (disk full) once ``after`` of them went through;
+    the number of bytes each successful write was handed."""
+    import errno
+
+    from dimse_async.services import spool as spool_module
+
+    real = spool_module.writev_all
+    done: list[int] = []
+
+    def writev(fd: int, chunks: Any) -> int:
+        if len(done) >= after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        done.append(sum(map(len, chunks)))
+        return real(fd, chunks)
+
+    monkeypatch.setattr(spool_module, "writev_all", writev)
+    return done
+
+
+async def test_a_disk_full_in_the_middle_of_a_spooled_instance_fails_only_that_store(tmp_path, monkeypatch):
+    """The disk fills up after the first of several spool writes of a large instance: it
+    is answered 0xA700 and not stored, through both answering paths (a plain
+    DirectoryStore's writer job and a handler awaiting ``save``); no temporary file is
+    left; the association goes on and the next instance is stored."""
+    files = write_large_instances(tmp_path / "src", [9_000_000])
+    path = next(iter(files.values()))
+    scu = AE("SCU")
+    scu.add_requested_context(VERIFICATION)
+    scu.add_requested_context(CT_CLASS, ExplicitVRLittleEndian)
+    for plain in (True, False):
+        out = tmp_path / f"out-{plain}"
+        spool_dir = out / ".incoming"
+        ae = storage_scp()
+        ae.spool_threshold = 256 << 10
+        ae.spool_dir = str(spool_dir)
+        store = DirectoryStore(out)
+        if plain:
+            ae.on_c_store(store)
+        else:
+
+            @ae.on_c_store
+            async def awaiting(request: StoreRequest, store: DirectoryStore = store) -> Status:
+                return await store(request)
+
+        done = _failing_spool_writes(monkeypatch, after=1)
+        async with await ae.start_server("127.0.0.1", 0) as server:
+            async with scu.associate("127.0.0.1", server.port, "SCP") as assoc:
+                status = await asyncio.wait_for(assoc.c_store(path), 30)
+                assert int(status) == 0xA700, plain
+                assert status.error_comment is not None and "No space left" in status.error_comment
+                assert len(done) == 1
+                monkeypatch.undo()
+                assert (await asyncio.wait_for(assoc.c_store(path), 30)).is_success
+                assert (await assoc.c_echo()).is_success
+        assert [p.name for p in out.iterdir() if p.is_file()] == [f"{next(iter(files))}.dcm"]
+        assert not spool_dir.exists() or list(spool_dir.iterdir()) == []
+
+
+async def test_spool_write_jobs_queue_without_waiting_and_pause_reading_while_the_disk_lags(tmp_path, monkeypatch):
+    """Past the threshold, every MiB becomes a write job queued behind the earlier ones
+    (no wait for each); reading pauses while more than the high-water mark waits for
+    the disk and resumes once the writer is below the low-water mark; ``finish`` waits
+    for every job; the file holds the bytes in order. A discard with jobs still queued
+    writes nothing more and leaves no file."""
+    from dimse_async.services import spool as spool_module
+
+    gate = threading.Event()
+    real = spool_module.writev_all
+
+    def gated(fd: int, chunks: Any) -> int:
+        gate.wait(30)
+        return real(fd, chunks)
+
+    monkeypatch.setattr(spool_module, "writev_all", gated)
+    calls: list[str] = []
+    spool = spool_module.Spool(
+        b"HEAD",
+        threshold=1024,
+        directory=str(tmp_path),
+        pause=lambda: calls.append("pause"),
+        resume=lambda: calls.append("resume"),
+    )
+    payload = os.urandom(1 << 20)
+    for _ in range(12):
+        spool.write(memoryview(payload))
+    assert calls == ["pause"]  # 12 MiB queued, none written
+    assert spool.writer is not None and spool.writer.submitted == 12
+    gate.set()
+    await asyncio.wait_for(spool.finish(), 30)
+    assert calls == ["pause", "resume"]
+    assert spool.path is not None
+    with open(spool.path, "rb") as fp:
+        assert fp.read() == b"HEAD" + payload * 12
+    spool.discard()
+    await spool.writer.submit(lambda: None)
+    assert os.listdir(tmp_path) == []
+
+    gate.clear()
+    second = spool_module.Spool(b"HEAD", threshold=0, directory=str(tmp_path), pause=lambda: None, resume=lambda: None)
+    for _ in range(4):
+        second.write(payload)
+    second.discard()  # four jobs queued, the first one blocked
+    gate.set()
+    assert second.writer is not None
+    await second.writer.submit(lambda: None)
+    assert os.listdir(tmp_path) == []

@@ -2,8 +2,8 @@
 
 A :class:`Spool` keeps fragments in memory up to a threshold, then in a ``.partial``
 temporary file created and written by the association's file writer thread (never on
-the event loop); reading pauses while the disk lags. It is the sink the AE's factory hands to an association (see
-``services.storage.make_spool``).
+the event loop); reading pauses while the disk lags. It is the sink the AE's factory
+hands to an association (see ``services.storage.make_spool``).
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import errno
 import os
 import tempfile
 from collections.abc import Callable
-from typing import Any
 
 from ..filewriter import FileWriter, writev_all
 from ..status import Status
 
 __all__ = ["Spool"]
 
-_FLUSH_CHUNK = 512 << 10  # write to disk in pieces of at least this size
+_FLUSH_CHUNK = 1 << 20  # hand bytes to the writer in pieces of at least this size
 _HIGH_WATER = 8 << 20  # pause reading while this much waits for the disk
 _LOW_WATER = 2 << 20
 
@@ -48,11 +47,16 @@ class Spool:
 
     Received fragments are kept as they came (views into the received PDUs, no copy).
     Up to ``threshold`` bytes stay in memory; past it they go to a ``.partial``
-    temporary file in ``directory``, created and written in ``writer``'s thread (a
-    worker thread of the default executor without one): no file work on the event loop. While more than ``_HIGH_WATER`` bytes wait for the disk,
-    ``pause`` is called to stop reading the socket; ``resume`` when the writer catches
-    up. :meth:`discard` never closes or removes the file under a running write: the
-    writer does it when that write returns.
+    temporary file in ``directory``, created and written in ``writer``'s thread (the
+    association's; one of the shared writer threads without one): no file work on the
+    event loop. Every ``_FLUSH_CHUNK`` bytes become one write job, queued behind the
+    earlier ones without waiting for them (the jobs of a writer run in order): no task,
+    no future, and no wake-up of the loop per job; the thread calls back only when the
+    loop has something to do (a failed write, reading to resume, :meth:`finish`
+    waiting). While more than ``_HIGH_WATER`` bytes wait for the disk, ``pause`` is
+    called to stop reading the socket; ``resume`` once the writer is below
+    ``_LOW_WATER``. :meth:`discard` never closes or removes the file under a running
+    write: the writer does it after the jobs queued before it.
     """
 
     def __init__(
@@ -75,8 +79,12 @@ class Spool:
         self._fd: int | None = None
         self.writer = writer
         self._spilling = False  # past the threshold: bytes go to the file
-        self._flusher: asyncio.Task[None] | None = None
-        self._in_thread: asyncio.Future[None] | None = None  # the file operation running in a worker thread
+        # Bytes handed to write jobs (counted on the loop only) and written by them
+        # (counted in the writer thread only): their difference waits for the disk.
+        self._queued = 0
+        self._written = 0
+        self._idle: asyncio.Future[None] | None = None  # finish() waiting for every job
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._discarded = False
         self._pause, self._resume = pause, resume
         self._paused = False
@@ -110,11 +118,27 @@ class Spool:
             if self._pending <= self.threshold:
                 return
             self._spilling = True
-        if self._flusher is None and self._pending >= _FLUSH_CHUNK:
-            self._flusher = asyncio.ensure_future(self._flush())
-        if self._pending >= _HIGH_WATER and not self._paused:
-            self._paused = True
+        if self._pending >= _FLUSH_CHUNK:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Queue the bytes held as one write job (on the loop); pause reading while too
+        much waits for the disk."""
+        chunks, n = self._chunks, self._pending
+        self._chunks, self._pending = [], 0
+        writer = self.writer
+        if writer is None:
+            self._loop = asyncio.get_running_loop()
+            writer = self.writer = FileWriter(self._loop)
+        elif self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._handed_off = True
+        self._queued += n
+        writer.post(self._write_job, chunks, n)
+        if not self._paused and self._queued - self._written >= _HIGH_WATER:
+            self._paused = True  # before the check below: see _write_job
             self._pause()
+            self._progress()  # the writer may have caught up meanwhile
 
     def _open(self) -> int:
         """Create the ``.partial`` file (in the writer thread)."""
@@ -126,14 +150,42 @@ class Spool:
             fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
         return fd
 
-    def _write_chunks(self, chunks: list[bytes | memoryview]) -> None:
+    def _write_job(self, chunks: list[bytes | memoryview], n: int) -> None:
+        """One write job, in the writer thread. The loop is called back only when it has
+        something to do; each flag is set on the loop before the check that follows it
+        there, and read here after ``_written`` moved, so no call back is lost."""
+        failed: OSError | None = None
         try:
-            if self._fd is None:
-                self._fd = self._open()
-            writev_all(self._fd, chunks)
+            if self.write_error is None and not self._discarded:
+                if self._fd is None:
+                    self._fd = self._open()
+                writev_all(self._fd, chunks)
         except OSError as exc:
-            self.write_error = exc  # for a later job of this spool (see :meth:`finish_job`)
-            raise
+            self.write_error = failed = exc  # for :meth:`finish_job` and the loop
+        finally:
+            self._written += n
+        if (
+            failed is not None
+            or (self._paused and self._queued - self._written < _LOW_WATER)
+            or (self._idle is not None and self._written == self._queued)
+        ):
+            loop = self._loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._progress)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    pass
+
+    def _progress(self) -> None:
+        """On the loop: act on what the writer did (see :meth:`_write_job`)."""
+        if self.write_error is not None and self.error is None:
+            self._fail(self.write_error)
+        backlog = self._queued - self._written
+        if self._paused and backlog < _LOW_WATER:
+            self._unpause()
+        idle = self._idle
+        if idle is not None and backlog == 0 and not idle.done():
+            idle.set_result(None)
 
     def take_rest(self) -> list[bytes | memoryview] | None:
         """For a spool past its threshold whose data set is complete: the bytes not
@@ -183,53 +235,22 @@ class Spool:
             self._paused = False
             self._resume()
 
-    async def _thread(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run one file operation in the writer thread; a cancelled waiter does not stop
-        it, and a discard during it is carried out when it returns."""
-        if self.writer is not None:
-            fut = self.writer.submit(fn, *args)
-        else:
-            fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        self._in_thread = fut
-        fut.add_done_callback(self._thread_done)
-        await asyncio.shield(fut)
-
-    def _thread_done(self, fut: asyncio.Future[None]) -> None:
-        self._in_thread = None
-        if not fut.cancelled():
-            fut.exception()  # the awaiting side reports it
-        if self._discarded and self.writer is None:
-            self._remove()
-
-    async def _flush(self, final: bool = False) -> None:
-        try:
-            while (
-                self._spilling
-                and self.error is None
-                and not self._discarded
-                and (self._pending >= _FLUSH_CHUNK or (final and self._pending))
-            ):
-                chunks, self._chunks, self._pending = self._chunks, [], 0
-                self._handed_off = True
-                await self._thread(self._write_chunks, chunks)
-                if self._pending < _LOW_WATER:
-                    self._unpause()
-        except OSError as exc:
-            self._fail(exc)
-        finally:
-            if not final:
-                self._flusher = None
-
     async def finish(self, sync: bool = False) -> None:
         """Wait until every byte received is in memory or on disk; close the file
         (after an ``fsync`` when ``sync``)."""
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        if self._spilling:
-            await self._flush(final=True)
-            if self._fd is not None and not self._discarded:
+        if self._spilling and self.error is None and not self._discarded:
+            if self._pending:
+                self._submit()
+            if self._queued != self._written:
+                self._idle = asyncio.get_running_loop().create_future()
+                self._progress()  # the writer may be done already (see _write_job)
+                await asyncio.shield(self._idle)
+            if self.write_error is not None:
+                self._fail(self.write_error)
+            elif self._fd is not None and not self._discarded:
+                assert self.writer is not None
                 try:
-                    await self._thread(self._close, sync)
+                    await asyncio.shield(self.writer.submit(self._close, sync))
                 except OSError as exc:
                     self._fail(exc)
         self._unpause()
@@ -237,7 +258,7 @@ class Spool:
     @property
     def in_memory(self) -> bool:
         """Everything received is in memory, no file work pending (:meth:`finish` has nothing to do)."""
-        return not self._spilling and self._flusher is None
+        return not self._spilling
 
     def chunks(self) -> list[bytes | memoryview]:
         """The in-memory part (header + data set) as received, without copying."""
@@ -248,25 +269,8 @@ class Spool:
             self._chunks = [b"".join(self._chunks)]
         return bytes(self._chunks[0]) if self._chunks else b""
 
-    def _unlink(self) -> None:
-        path, self.path = self.path, None
-        if path is not None:
-            if self.writer is not None:
-                self.writer.post(_unlink, path)
-            else:
-                _unlink(path)
-
-    def _remove(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            if self.writer is not None:
-                self.writer.post(_close_fd, fd)
-            else:
-                _close_fd(fd)
-        self._unlink()
-
     def _remove_now(self) -> None:
-        """Close and unlink the file (in the writer thread, after its running write)."""
+        """Close and unlink the file (in the writer thread, after the jobs queued before)."""
         fd, self._fd = self._fd, None
         path, self.path = self.path, None
         if fd is not None:
@@ -277,20 +281,20 @@ class Spool:
     def discard(self) -> None:
         """Drop the spool and its temporary file (after aborts and failures).
 
-        With a writer, one job closes and removes the file; it runs after the write
-        under way, if any (a writer's jobs run in order), so whoever waits for the
-        writer's queue to drain knows the file is gone. Without one, the name goes at
-        once and the file is closed when no write runs in the worker thread.
+        One job of the writer closes and removes the file; it runs after the jobs
+        queued before it (a writer's jobs run in order; those not started write
+        nothing once the spool is discarded), so whoever waits for the writer's queue
+        to drain knows the file is gone.
         """
         if self._discarded:
             return
         self._discarded = True
         self._chunks, self._pending = [], 0
         self._unpause()
-        if self.writer is not None:
-            if self._in_thread is not None or self._fd is not None or self.path is not None:
-                self.writer.post(self._remove_now)
-            return
-        self._unlink()  # one metadata operation; a running write carries on into the unlinked file
-        if self._in_thread is None:
-            self._remove()
+        idle = self._idle
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+        # Nothing to remove once every job ran and the file was closed and moved (the
+        # usual end: see services.storage); a job still queued may yet create the file.
+        if self.writer is not None and (self._queued != self._written or self._fd is not None or self.path is not None):
+            self.writer.post(self._remove_now)
