@@ -33,9 +33,11 @@ import dimse_async as da
 from dimse_async.services.commitment import (
     STORAGE_COMMITMENT,
     STORAGE_COMMITMENT_INSTANCE,
+    CommitmentFailed,
     CommitmentResult,
     CommitmentTimeout,
     report_dataset,
+    request_commitment_on,
     request_dataset,
 )
 
@@ -427,3 +429,120 @@ async def test_shutdown_abandons_a_transaction_under_way_without_a_false_report(
         gate.set()
     assert any(m.startswith("storage commitment abandoned at shutdown") for m in log.lines), log.lines
     assert not [m for m in log.lines if "check failed" in m or m.startswith("storage commitment report")]
+
+
+def _counting_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Count the file checks and the most that ran at once, and the threads they ran on."""
+    from dimse_async.archive import commitment as commitment_module
+
+    real = commitment_module._file_intact
+    seen: dict[str, Any] = {"calls": [], "running": 0, "most": 0, "threads": set()}
+    lock = threading.Lock()
+
+    def counted(path: str, size: int | None, sop_class: str, sop_instance: str) -> bool:
+        with lock:
+            seen["calls"].append(sop_instance)
+            seen["running"] += 1
+            seen["most"] = max(seen["most"], seen["running"])
+            seen["threads"].add(threading.current_thread().name)
+        try:
+            time.sleep(0.005)  # long enough for checks of other transactions to overlap if allowed
+            return real(path, size, sop_class, sop_instance)
+        finally:
+            with lock:
+                seen["running"] -= 1
+
+    monkeypatch.setattr(commitment_module, "_file_intact", counted)
+    return seen
+
+
+async def test_repeated_references_are_checked_once_and_answered_as_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One instance referenced 500 times (and an unknown one 100 times): its file is read
+    once, the index asked once per distinct reference; the report answers every reference
+    as sent, in order."""
+    files = make_instances(tmp_path / "in", 2)
+    seen = _counting_checks(monkeypatch)
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        held, other = [(c, i) for _p, c, i in files]
+        unknown = (held[0], generate_uid())
+        refs = [held] * 500 + [unknown] * 100 + [other, held]
+        lookups = 0
+        real_lookup = serve.archive.in_index_thread
+
+        async def counted_lookup(fn: Any) -> Any:
+            nonlocal lookups
+            lookups += 1
+            return await real_lookup(fn)
+
+        monkeypatch.setattr(serve.archive, "in_index_thread", counted_lookup)
+        with Lines("commitment") as log:
+            result = await asyncio.wait_for(
+                da.AE("OUR_SCU", dimse_timeout=WAIT).request_commitment(
+                    HOST, serve.port, "ARCHIVE", refs, timeout=WAIT, hold=WAIT
+                ),
+                WAIT,
+            )
+            await serve.extras.commitment.wait_idle()
+    assert sorted(seen["calls"]) == sorted([held[1], other[1]])
+    assert lookups == 3
+    assert result.committed == [held] * 500 + [other, held]
+    assert result.failed == [(*unknown, 0x0112)] * 100
+    (line,) = [m for m in log.lines if m.startswith("storage commitment ")]
+    assert "committed=502" in line and "failed=100" in line and "distinct=3" in line
+
+
+async def test_too_many_references_refused_with_resource_limitation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``commitment_max_references`` the N-ACTION fails with 0x0213, an error comment
+    and a log line; nothing is checked, the association goes on, and the Transaction UID
+    may be used again with fewer references."""
+    files = make_instances(tmp_path / "in", 1)
+    seen = _counting_checks(monkeypatch)
+    async with running_serve(tmp_path / "archive", commitment_max_references=4) as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        ref = (files[0][1], files[0][2])
+        ae = da.AE("OUR_SCU", dimse_timeout=WAIT)
+        ae.add_requested_context(STORAGE_COMMITMENT)
+        ae.add_requested_context(da.Verification)
+        uid = generate_uid()
+        with Lines("commitment") as log:
+            async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+                with pytest.raises(CommitmentFailed) as refused:
+                    await request_commitment_on(assoc, [ref] * 5, timeout=WAIT, transaction_uid=uid)
+                assert (await assoc.c_echo()).is_success
+                result = await request_commitment_on(assoc, [ref] * 4, timeout=WAIT, transaction_uid=uid)
+    status = refused.value.status
+    assert int(status) == 0x0213 and status.is_failure
+    assert "5 references" in str(status.error_comment) and "4" in str(status.error_comment)
+    assert any("storage commitment request refused" in m and "5 references" in m for m in log.lines), log.lines
+    assert result.success and result.committed == [ref] * 4
+    assert seen["calls"] == [ref[1]]
+
+
+async def test_checks_of_all_transactions_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight transactions at once: their file checks run one at a time on the commitment's
+    own thread, never on the shared pool the stores use."""
+    files = make_instances(tmp_path / "in", 3)
+    seen = _counting_checks(monkeypatch)
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        refs = [(c, i) for _p, c, i in files]
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    da.AE("OUR_SCU", dimse_timeout=WAIT).request_commitment(
+                        HOST, serve.port, "ARCHIVE", refs, timeout=WAIT, hold=WAIT
+                    )
+                    for _ in range(8)
+                )
+            ),
+            WAIT,
+        )
+    assert all(r.success and r.committed == refs for r in results)
+    assert len(seen["calls"]) == 24
+    assert seen["most"] == 1
+    assert all(name.startswith("commitment") for name in seen["threads"]), seen["threads"]

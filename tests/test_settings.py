@@ -91,3 +91,23 @@ async def test_paused_wait_from_start_server() -> None:
         with pytest.raises(AssociationRejected):
             await asyncio.wait_for(scu.associate("127.0.0.1", server.port, "PAUSED"), 10)
         assert time.monotonic() - started < 3.0
+
+
+def test_commitment_max_references_from_toml_and_the_command_line(tmp_path: Path) -> None:
+    from dimse_async.archive.normalized import install_normalized
+
+    path = tmp_path / "serve.toml"
+    path.write_text("commitment_max_references = 50\n")
+    config = load_config(path)
+    assert config.commitment_max_references == 50
+    for bad in ("commitment_max_references = 0\n", 'commitment_max_references = "many"\n'):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="commitment_max_references"):
+            load_config(path)
+    args = _parser("serve").parse_args(["serve", "--commitment-max-references", "7"])
+    config = load_config(None)
+    assert config.commitment_max_references == 10_000
+    apply_args(config, args)
+    config.mpps = False
+    extras = install_normalized(archive_ae(config), None, config)
+    assert extras.commitment is not None and extras.commitment.max_references == 7

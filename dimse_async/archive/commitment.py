@@ -9,6 +9,14 @@ held, 0x0119 held under another SOP class, 0x0110 the file is damaged or unreada
 requesting association if it is still open, else on a new association to the
 requester's entry in ``[known_aes]`` (proposing the SCP role), retried; one log
 line per transaction says what was committed and how the report went.
+
+Hostile load: each distinct (SOP Class, SOP Instance) of a request is checked once; a
+reference repeated in the request is answered as often as sent, in order, with the
+verdict of its first check (PS3.4 J.3.3.1.1 lists the references of the request; it
+does not ask for them to be unique). A request with more than ``max_references``
+references is refused 0x0213 (resource limitation, PS3.7 10.1.4.1.10) before any
+check. The file checks of all transactions run on the SCP's own ``checks`` threads
+(one by default), never on the shared pool the stores use; transactions take turns.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import asyncio
 import os
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pydicom
@@ -31,12 +40,14 @@ from ..services.commitment import (
     commitment_request,
     send_report,
 )
-from ..services.normalized import NRequest
+from ..services.normalized import NCode, NRequest
 from ..status import Status
 
 __all__ = ["CommitmentSCP"]
 
 _CHUNK = 1 << 20
+#: References one N-ACTION may carry (``commitment_max_references``).
+MAX_REFERENCES = 10_000
 
 
 def _file_intact(path: str, size: int | None, sop_class: str, sop_instance: str) -> bool:
@@ -68,12 +79,17 @@ class CommitmentSCP:
         same_association: bool = True,
         retries: int = 3,
         retry_interval: float = 5.0,
+        max_references: int = MAX_REFERENCES,
+        checks: int = 1,
     ):
         self.archive = archive
         self.ae = ae
         self.same_association = same_association
         self.retries = retries
         self.retry_interval = retry_interval
+        self.max_references = max_references
+        #: The file checks of every transaction, ``checks`` at a time (FIFO: transactions take turns).
+        self._pool = ThreadPoolExecutor(max_workers=checks, thread_name_prefix="commitment")
         self.log = get_logger("commitment")
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # (requester, transaction) -> time
@@ -90,6 +106,15 @@ class CommitmentSCP:
         if isinstance(parsed, Status):
             self.log.warning("storage commitment request refused", status=repr(parsed), peer_ae=request.calling_ae)
             return parsed
+        if len(parsed.references) > self.max_references:
+            reason = f"{len(parsed.references)} references, more than {self.max_references}"
+            self.log.warning(
+                f"storage commitment request refused: {reason} (commitment_max_references)",
+                status="0x0213",
+                transaction_uid=parsed.transaction_uid,
+                peer_ae=request.calling_ae,
+            )
+            return Status(NCode.RESOURCE_LIMITATION, reason)
         key = (request.calling_ae, parsed.transaction_uid)
         duplicate = key in self._seen
         self._seen[key] = time.time()
@@ -117,20 +142,27 @@ class CommitmentSCP:
         stored_class, path, size = found
         if stored_class != sop_class:
             return FailureReason.CLASS_INSTANCE_CONFLICT
-        if not await asyncio.to_thread(_file_intact, path, size, sop_class, sop_instance):
+        loop = asyncio.get_running_loop()
+        if not await loop.run_in_executor(self._pool, _file_intact, path, size, sop_class, sop_instance):
             return FailureReason.PROCESSING_FAILURE
         return None
 
     async def verify(
         self, transaction_uid: str, references: list[Reference], duplicate: bool = False
     ) -> CommitmentResult:
+        """Each reference's verdict, in the request's order; a repeated one checked once."""
         result = CommitmentResult(transaction_uid, retrieve_ae=self.ae.ae_title)
+        verdicts: dict[Reference, int | None] = {}
         for ref in references:
-            try:
-                reason = FailureReason.DUPLICATE_TRANSACTION_UID if duplicate else await self._check(ref)
-            except Exception as exc:
-                self.log.error("storage commitment check failed", sop_instance=ref[1], error=repr(exc))
-                reason = FailureReason.PROCESSING_FAILURE
+            if ref in verdicts:
+                reason = verdicts[ref]
+            else:
+                try:
+                    reason = FailureReason.DUPLICATE_TRANSACTION_UID if duplicate else await self._check(ref)
+                except Exception as exc:
+                    self.log.error("storage commitment check failed", sop_instance=ref[1], error=repr(exc))
+                    reason = FailureReason.PROCESSING_FAILURE
+                verdicts[ref] = reason
             if reason is None:
                 result.committed.append(ref)
             else:
@@ -155,6 +187,9 @@ class CommitmentSCP:
             "committed": len(result.committed),
             "failed": len(result.failed),
         }
+        distinct = len(set(parsed.references))
+        if distinct < len(parsed.references):
+            fields["distinct"] = distinct
         if result.failed:
             fields["reasons"] = ",".join(sorted({f"0x{r:04X}" for _c, _i, r in result.failed}))
         try:
@@ -198,3 +233,4 @@ class CommitmentSCP:
             task.cancel()
         if left:
             await asyncio.wait(left, timeout=timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)

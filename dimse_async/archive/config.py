@@ -55,6 +55,7 @@ Example::
     commitment_same_association = true        # report on the request's association if still open
     commitment_retries = 3                    # else on a new one to known_aes[requester], retried
     commitment_retry_interval = 5
+    commitment_max_references = 10000         # a larger N-ACTION is refused 0x0213 (resource limitation)
     mpps = true                               # act as MPPS SCP (N-CREATE / N-SET)
     ian_destinations = ["RIS"]                # send Instance Availability Notifications (known_aes)
     ian_delay = 60                            # a study is complete after 60 s without new instances
@@ -129,6 +130,9 @@ class ServeConfig:
     commitment_same_association: bool = True
     commitment_retries: int = 3
     commitment_retry_interval: float = 5.0
+    #: References one storage commitment N-ACTION may carry; past it the request is
+    #: refused 0x0213 (resource limitation), nothing checked.
+    commitment_max_references: int = 10_000
     mpps: bool = True
     ian_destinations: list[str] = field(default_factory=list)
     ian_delay: float = 60.0
@@ -248,7 +252,7 @@ def _check(key: str, value: Any) -> Any:
         return [validate_ae_title(v, "allowed calling AE title") for v in value]
     if key == "port":
         return _port(value, "port")
-    if key in ("max_associations", "max_ops"):
+    if key in ("max_associations", "max_ops", "commitment_max_references"):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, not {value!r}")
         return value

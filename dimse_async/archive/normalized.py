@@ -166,6 +166,7 @@ def install_normalized(ae: Any, archive: Any, config: Any) -> Extras:
             same_association=config.commitment_same_association,
             retries=config.commitment_retries,
             retry_interval=config.commitment_retry_interval,
+            max_references=config.commitment_max_references,
         )
         extras.commitment.install(ae)
     if config.mpps:

@@ -78,6 +78,7 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         ("worklist_dir", "worklist_dir"),
         ("query_max_matches", "query_max_matches"),
         ("query_time_budget", "query_time_budget"),
+        ("commitment_max_references", "commitment_max_references"),
         ("tls_cert", "tls_cert"),
         ("tls_key", "tls_key"),
         ("tls_ca", "tls_ca"),

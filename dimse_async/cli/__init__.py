@@ -163,6 +163,13 @@ def _add_serve(sub: Any) -> None:
         help="... or past S seconds (config: query_time_budget, default 60)",
     )
     serve.add_argument(
+        "--commitment-max-references",
+        type=positive_int,
+        metavar="N",
+        help="a storage commitment request with more than N references is refused 0x0213 "
+        "(config: commitment_max_references, default 10000)",
+    )
+    serve.add_argument(
         "--max-associations", type=positive_int, help="associations at once (config: max_associations)"
     )
     serve.add_argument("--workers", type=positive_int, help="worker processes sharing the port (config: workers, default 1)")

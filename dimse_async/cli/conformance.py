@@ -131,6 +131,10 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add(f"- N-ACTION, Action Type ID {ACTION_REQUEST} (Request Storage Commitment) on the well-known")
     add(f"  instance `{STORAGE_COMMITMENT_INSTANCE}`, answered at once; then each referenced instance is")
     add("  checked: indexed, of the SOP class named, its file re-read whole. Only those are committed.")
+    add("- A reference repeated in one request is checked once and answered as often as sent, in")
+    add(f"  order. More than {config.commitment_max_references} references (`commitment_max_references`): the")
+    add(f"  N-ACTION is refused 0x{NCode.RESOURCE_LIMITATION:04X} (resource limitation), nothing checked. The file")
+    add("  checks of all transactions run one at a time on a thread of their own, transactions taking turns.")
     add(f"- N-EVENT-REPORT, Event Type ID {EVENT_SUCCESS} (all committed) or {EVENT_FAILURES} (failures exist), on the")
     add("  requesting association while it is open (`commitment_same_association = "
         f"{str(config.commitment_same_association).lower()}`), else on a new association to the")  # fmt: skip
