@@ -553,7 +553,7 @@ class PDUReader:
         if not pending and len(buf) - end >= _FRESH // 4:
             return memoryview(buf)[end:]
         if need <= _WHOLE:
-            size = max(need, min(_MAX_BUFFER, 8 * self._last), _FRESH)
+            size = max(need, min(_MAX_BUFFER, 2 * self._last), _FRESH)
         else:  # a huge claim gets memory as its bytes arrive, not at once
             size = min(need, 2 * pending + _FRESH)
         size = max(size, pending + 4096)  # room even when a whole PDU waits unread
