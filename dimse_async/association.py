@@ -207,8 +207,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             assert self.associate_rq is not None
             self._set_negotiated(requestor_contexts(self.associate_rq, out.ac), "association accepted by peer")
         elif isinstance(out, fsm.AssociateRejected):
-            self._end_reason = f"rejected: {reject_text(out.rj)}"
-            self.log.info("association rejected by peer", reason=reject_text(out.rj))
+            self._end_reason = f"rejected: {reject_text(out.rj)}"  # on the "association closed" line
+            if self._debug:
+                self.log.debug("association rejected by peer", reason=reject_text(out.rj))
             if not self._established.done():
                 self._established.set_exception(AssociationRejected(out.rj))
         elif isinstance(out, fsm.ReleaseIndication):
@@ -316,8 +317,15 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 fut.exception()
         if self._refused:
             return
+        # The association's one INFO line (PS3.8 has no say; the contract): who,
+        # what was negotiated, what was done, how long, and why it ended if not released.
+        neg = self.negotiated
         fields = self.oplog.summary(self.loop.time())
-        self.log.info("association closed", **fields, **({"reason": reason} if reason else {}))
+        if neg is not None:
+            fields = {"contexts": f"{len(neg.accepted)}/{len(neg.contexts)}", **fields}
+        if reason:
+            fields["reason"] = reason
+        self.log.info("association closed", **fields)
 
     def _hook(self, event: AssociationEvent) -> None:
         if self.settings.hook is not None:
@@ -356,8 +364,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         if self.fsm.state is not fsm.State.Sta3:
             return  # the peer aborted or went away while we decided
         if isinstance(result, AssociateRJ):
-            self._end_reason = f"rejected: {reject_text(result)}"
-            self.log.info("association rejected", reason=reject_text(result))
+            self._end_reason = f"rejected: {reject_text(result)}"  # on the "association closed" line
+            if self._debug:
+                self.log.debug("association rejected", reason=reject_text(result))
             self._run(self.fsm.reject(result, now=self.loop.time()))
             self._hook(AssociationEvent.REJECTED)
             return
@@ -379,12 +388,12 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         self._schedule()
-        self.log.info(
-            what,
-            contexts=f"{len(neg.accepted)}/{len(neg.contexts)}",
-            window=f"{neg.max_ops_invoked},{neg.max_ops_performed}",
-        )
-        if self._debug:
+        if self._debug:  # INFO has the association's one line when it ends (see _finish)
+            self.log.debug(
+                what,
+                contexts=f"{len(neg.accepted)}/{len(neg.contexts)}",
+                window=f"{neg.max_ops_invoked},{neg.max_ops_performed}",
+            )
             self.log.debug("negotiated", **negotiation_summary(neg))
         self._hook(AssociationEvent.ACCEPTED)
         if not self._established.done():

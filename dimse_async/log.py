@@ -17,11 +17,13 @@ A library must stay silent until the application decides where its lines go. So:
   lines on stderr), optionally captures Python warnings and pydicom's log into the
   same stream, and still leaves structlog's and the root logger's configuration alone.
 
-What is logged: INFO has one line when an association is established and one when it
-ends (operation counts, bytes each way, duration), plus one per failed operation;
-DEBUG adds the negotiated contexts, each successful operation (SOP class and instance
-UID, status, bytes, milliseconds) and message-level detail. ``AE(log_operations=True)``
-(CLI ``--log-ops``) logs the successful operations at INFO instead.
+What is logged: INFO has one line per association, when it ends ("association closed":
+peer, AE titles, contexts accepted of proposed, operation counts, failures, bytes each
+way, duration, and why it ended unless released), plus one per failed operation; DEBUG
+adds the association's establishment or rejection, the negotiated contexts, each
+successful operation (SOP class and instance UID, status, bytes, milliseconds) and
+message-level detail. ``AE(log_operations=True)`` (CLI ``--log-ops``) logs the
+successful operations at INFO instead.
 """
 
 from __future__ import annotations

@@ -100,15 +100,23 @@ def test_host_app_with_stdlib_logging_gets_the_lines_and_stdout_stays_empty(tmp_
     ours = [line for line in lines if " dimse_async" in line]
     assert ours, lines
     assert all(line.startswith("APP ") for line in lines)
-    # One short INFO line when an association is established, and one when it closes.
-    established = [line for line in ours if line.startswith("APP INFO") and "association accepted" in line]
-    assert len(established) == 2  # requestor and acceptor side
-    assert all(len(line) < 300 for line in established), established
-    closed = [line for line in ours if line.startswith("APP INFO") and "association closed" in line]
-    assert len(closed) == 2
+    # One short INFO line per association, when it ends: who, contexts, what was done, how long.
+    association_info = [
+        line for line in ours if line.startswith("APP INFO") and " association " in line and "sop_instance=" not in line
+    ]
+    closed = [line for line in association_info if "association closed" in line]
+    assert len(closed) == 2 and len(association_info) == 2, association_info  # requestor and acceptor side
+    assert all(len(line) < 300 for line in closed), closed
     requestor_close = next(line for line in closed if "local_ae=LOGSCU" in line)
-    for field in ("ops=C-ECHO:1,C-STORE:2", "failed=1", "rx_bytes=", "tx_bytes=", "duration_ms="):
-        assert field in requestor_close, requestor_close
+    acceptor_close = next(line for line in closed if "local_ae=LOGSCP" in line)
+    for line in (requestor_close, acceptor_close):
+        for field in ("ops=C-ECHO:1,C-STORE:2", "failed=1", "contexts=2/2", "rx_bytes=", "tx_bytes=", "duration_ms="):
+            assert field in line, line
+        assert "reason=" not in line, line  # released: no reason
+    assert "peer_ae=LOGSCP" in requestor_close and "peer_ae=LOGSCU" in acceptor_close
+    # Establishment is DEBUG only, as are the negotiation details.
+    established = [line for line in ours if "association accepted" in line]
+    assert len(established) == 2 and all(line.startswith("APP DEBUG") for line in established), established
     # The failed C-STORE: one INFO line on each side with the UID and status.
     failed = [line for line in ours if line.startswith("APP INFO") and "C-STORE failure" in line]
     assert len(failed) == 2, ours
@@ -136,6 +144,7 @@ def test_host_app_at_info_sees_no_debug_lines(tmp_path: Path) -> None:
     lines = (tmp_path / "a.log").read_text().splitlines()
     assert lines and not any(line.startswith("DEBUG") for line in lines)
     assert sum("association closed" in line for line in lines) == 2
+    assert not any("association accepted" in line for line in lines)
 
 
 def test_unconfigured_library_is_silent() -> None:
@@ -238,8 +247,8 @@ def test_echoscu_against_embedded_scp_logs_to_the_app_handler(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
     text = log_file.read_text()
-    assert "dimse_async association accepted" in text
-    assert "ops=C-ECHO:1" in text
+    (line,) = [line for line in text.splitlines() if line.startswith("dimse_async association closed")]
+    assert "ops=C-ECHO:1" in line and "peer_ae=ECHOSCU" in line and "contexts=1/1" in line, line
 
 
 # Every kind of operation, with log_operations on both sides: C-ECHO, C-STORE, C-FIND,

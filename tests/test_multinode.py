@@ -61,7 +61,7 @@ class Node:
         env = dict(os.environ, PYTHONPATH=os.getcwd())
         with self.out.open("wb") as out, self.log.open("wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dimse_async", "serve", "--config", str(config), "--log-level", "INFO"],
+                [sys.executable, "-m", "dimse_async", "serve", "--config", str(config), "--log-level", "DEBUG"],
                 stdout=out, stderr=err, env=env, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + 90
@@ -72,7 +72,9 @@ class Node:
             time.sleep(0.05)
 
     def associations(self, calling_ae: str) -> int:
-        """Associations accepted from ``calling_ae`` so far."""
+        """Associations accepted from ``calling_ae`` so far (DEBUG lines, written as each is
+        accepted: INFO has one line per association, when it ends, and the node that holds
+        an association still open is looked for here)."""
         text = self.log.read_text(errors="replace")
         return len(re.findall(rf"association accepted.*peer_ae={calling_ae}\b", text))
 

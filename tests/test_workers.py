@@ -31,12 +31,12 @@ ANNOUNCE = re.compile(r"listening on [\d.]+:(\d+)\b.*\((\d+) workers, pids ([\d,
 class Workers:
     """A ``dimse-async <command> --workers N`` process with its stdout and stderr in files."""
 
-    def __init__(self, tmp: Path, *args: str):
+    def __init__(self, tmp: Path, *args: str, level: str = "INFO"):
         self.out, self.err = tmp / "stdout", tmp / "stderr"
         env = dict(os.environ, PYTHONPATH=os.getcwd())
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dimse_async", *args, "--log-level", "INFO"], stdout=out, stderr=err, env=env
+                [sys.executable, "-m", "dimse_async", *args, "--log-level", level], stdout=out, stderr=err, env=env
             )
         match = self.wait_for(lambda: ANNOUNCE.search(self.out.read_text()), "announce")
         self.port = int(match.group(1))
@@ -57,9 +57,15 @@ class Workers:
         pytest.fail(f"no {what} after {timeout} s:\n{self.log()[-3000:]}")
 
     def worker_of(self, peer_port: int) -> int | None:
-        """The worker whose log says it accepted the association from ``peer_port``."""
+        """The worker whose log says it accepted the association from ``peer_port``
+        (a DEBUG line: INFO has one line per association, when it ends)."""
         m = re.search(rf"association accepted .*peer=127\.0\.0\.1:{peer_port} .*worker=(\d+) pid=", self.log())
         return int(m.group(1)) if m else None
+
+    def closed(self) -> list[tuple[int, int]]:
+        """(worker, pid) of every association logged as ended so far (its INFO line is
+        written once the peer has closed the connection, so a peer may be done before)."""
+        return [(int(w), int(p)) for w, p in re.findall(r"association closed .* worker=(\d+) pid=(\d+)", self.log())]
 
     def stop(self) -> int:
         return stop_process(self.proc, timeout=60)
@@ -87,10 +93,11 @@ def test_serve_workers_share_the_port_restart_and_drain(tmp_path):
     try:
         assert len(server.pids) == 2 and len(set(server.pids)) == 2
         # Both workers take associations: the kernel spreads connections over the two.
-        served = set()
-        for _ in range(60):
+        served: set[int] = set()
+        for n in range(1, 61):
             assert echoscu(server.port).returncode == 0
-            served = {int(p) for p in re.findall(r"association accepted .* worker=\d+ pid=(\d+)", server.log())}
+            logged = server.wait_for(lambda n=n: len(server.closed()) >= n and server.closed(), "association lines")
+            served = {pid for _, pid in logged}
             if served == set(server.pids):
                 break
         assert served == set(server.pids), server.log()[-2000:]
@@ -103,10 +110,10 @@ def test_serve_workers_share_the_port_restart_and_drain(tmp_path):
         # connection queued on it then is reset when they are done.
         server.wait_for(lambda: re.search(rf"worker died; restarting worker=1 pid={victim}", server.log()), "restart")
         assert not alive(victim)
-        before = server.log().count("association accepted")
+        before = len(server.closed())
         for _ in range(3):
             assert echoscu(server.port).returncode == 0
-        assert server.log().count("association accepted") >= before + 3
+        server.wait_for(lambda: len(server.closed()) >= before + 3, "the three associations logged")
         new = server.wait_for(
             lambda: re.search(r"worker listening worker=1 pid=(\d+)", server.log().split("worker died")[-1]),
             "new worker",
@@ -202,7 +209,9 @@ async def test_duplicate_at_two_workers_at_once(tmp_path, same, index, request):
         files.append(path)
     storage = tmp_path / "archive"
     extra = ("--index", index) if index else ()
-    server = Workers(tmp_path, "serve", "--workers", "2", "--port", "0", "--storage-dir", str(storage), *extra)
+    server = Workers(
+        tmp_path, "serve", "--workers", "2", "--port", "0", "--storage-dir", str(storage), *extra, level="DEBUG"
+    )  # DEBUG: the worker of an open association is found from its "association accepted" line
     try:
         scu = _scu()
         a1, a2 = await _one_on_each_worker(server, scu)
@@ -291,7 +300,8 @@ def test_metrics_of_all_workers_summed_on_one_http_port(tmp_path):
             batch = files[(rounds - 1) * 8 : rounds * 8]
             _send_concurrently(server.port, [batch[i::4] for i in range(4)])
             sent, associations = sent + len(batch), associations + 4
-            took = {int(w) for w in re.findall(r"association accepted .*worker=(\d+) pid=", server.log())}
+            logged = server.wait_for(lambda n=associations: len(server.closed()) >= n and server.closed(), "lines")
+            took = {worker for worker, _ in logged}
             if took == {1, 2}:
                 break
         assert took == {1, 2}, f"connections never reached both workers: {took}"
