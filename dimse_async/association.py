@@ -384,9 +384,13 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         )
         self._window = asyncio.Semaphore(neg.max_ops_invoked or 1 << 16)
         self._last_dimse = self.loop.time()
-        if self._timer is not None:  # the idle deadlines start now: computed afresh
-            self._timer.cancel()
-            self._timer = None
+        timer = self._timer
+        if timer is not None:  # the idle deadlines start now: the timer must not wake later than they are due
+            for deadline in (self._idle_deadline(), self._idle_release_deadline()):
+                if deadline is not None and deadline < self._timer_at:
+                    timer.cancel()
+                    self._timer = None
+                    break
         self._schedule()
         if self._debug:  # INFO has the association's one line when it ends (see _finish)
             self.log.debug(

@@ -94,6 +94,11 @@ _PDU_EVENTS: dict[type, Event] = {
 }
 
 
+# Outputs without data, and PDUs that are always the same bytes: made once.
+_START_ARTIM, _STOP_ARTIM = StartARTIM(), StopARTIM()
+_RELEASE_RQ, _RELEASE_RP = ReleaseRQ().encode(), ReleaseRP().encode()
+
+
 class InvalidPrimitive(RuntimeError):
     """A local service primitive that Table 9-10 does not allow in the current state."""
 
@@ -388,13 +393,13 @@ class UpperLayer:
         self.artim_running = True
         timeout = self.abort_artim_timeout if self._after_abort is not None else self.artim_timeout
         self.artim_deadline = self.now + timeout
-        self._out.append(StartARTIM())
+        self._out.append(_START_ARTIM)
 
     def _stop_artim(self) -> None:
         if self.artim_running:
             self.artim_running = False
             self.artim_deadline = None
-            self._out.append(StopARTIM())
+            self._out.append(_STOP_ARTIM)
 
     def _send_abort(self, source: int, reason: int) -> None:
         self._out.append(Send(Abort(source, reason).encode()))
@@ -463,7 +468,7 @@ class UpperLayer:
         return S.Sta6
 
     def _ar_1(self) -> State:
-        self._out.append(Send(ReleaseRQ().encode()))
+        self._out.append(Send(_RELEASE_RQ))
         return S.Sta7
 
     def _ar_2(self) -> State:
@@ -475,7 +480,7 @@ class UpperLayer:
         return S.Sta1
 
     def _ar_4(self) -> State:
-        self._out.append(Send(ReleaseRP().encode()))
+        self._out.append(Send(_RELEASE_RP))
         self._start_artim()
         return S.Sta13
 
@@ -501,7 +506,7 @@ class UpperLayer:
         return S.Sta9 if self.requestor else S.Sta10
 
     def _ar_9(self) -> State:
-        self._out.append(Send(ReleaseRP().encode()))
+        self._out.append(Send(_RELEASE_RP))
         return S.Sta11
 
     def _ar_10(self) -> State:

@@ -4,7 +4,6 @@ with its UIDs, status, size and duration."""
 
 from __future__ import annotations
 
-import collections
 from typing import Any
 
 from .dimse import Command, CommandField, Message
@@ -24,7 +23,7 @@ class OperationLog:
         self.info = info
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.operations: collections.Counter[str] = collections.Counter()
+        self.operations: dict[str, int] = {}  # by name, e.g. "C-STORE"
         self.failed_operations = 0
         # message id -> (start time, data set bytes, request), per direction
         self._out: dict[int, tuple[float, int | None, Command]] = {}
@@ -59,7 +58,7 @@ class OperationLog:
     ) -> None:
         t0, size, rq = started
         name = _OP_NAMES.get(rq.command_field) or rq.name.removesuffix("-RQ")
-        self.operations[name] += 1
+        self.operations[name] = self.operations.get(name, 0) + 1
         if not rsp.status and not (debug or self.info):
             return  # success, not logged: counted only
         status = Status(rsp.status or 0, rsp.error_comment)
@@ -93,7 +92,7 @@ class OperationLog:
     def summary(self, now: float) -> dict[str, Any]:
         """Fields of the "association closed" line."""
         return {
-            "ops": ",".join(f"{name}:{n}" for name, n in sorted(self.operations.items())) or "none",
+            "ops": ",".join([f"{name}:{n}" for name, n in sorted(self.operations.items())]) or "none",
             "failed": self.failed_operations,
             "rx_bytes": self.bytes_received,
             "tx_bytes": self.bytes_sent,

@@ -403,6 +403,44 @@ def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
     raise PDUError(f"unrecognized PDU type {pdu_type:#04x}", AbortReason.UNRECOGNIZED_PDU)
 
 
+#: A-ASSOCIATE-RQs up to this long are remembered decoded (see :func:`_decode_rq_cached`).
+_RQ_CACHED_UP_TO = 4096
+_RQ_CACHE_SIZE = 64
+_rq_cache: dict[bytes, AssociateRQ] = {}
+_rq_cache_lock = threading.Lock()
+
+
+def _decode_rq_cached(body: memoryview) -> AssociateRQ:
+    """Decode an A-ASSOCIATE-RQ body, remembering the last few seen (by their bytes).
+
+    A client sends the same bytes every time it associates, so decoding them again
+    (every item, every UID) is wasted work. Each call still gets an ``AssociateRQ`` of
+    its own whose list of presentation contexts is its own; the items in it and the
+    user information are shared between equal requests and never changed (nothing in
+    the library changes a received request). Bounded: at most ``_RQ_CACHE_SIZE``
+    requests of at most ``_RQ_CACHED_UP_TO`` bytes, the oldest dropped first. Invalid
+    requests raise :class:`PDUError` every time (they are not remembered).
+    """
+    raw = bytes(body)
+    rq = _rq_cache.get(raw)
+    if rq is None:
+        decoded = _decode_associate(PDUType.ASSOCIATE_RQ, body)
+        assert isinstance(decoded, AssociateRQ)
+        rq = decoded
+        with _rq_cache_lock:  # readers of several threads' event loops may share it
+            _rq_cache[raw] = rq
+            while len(_rq_cache) > _RQ_CACHE_SIZE:
+                del _rq_cache[next(iter(_rq_cache))]
+    return AssociateRQ(
+        rq.called_ae,
+        rq.calling_ae,
+        list(rq.presentation_contexts),
+        rq.user_info,
+        rq.application_context,
+        rq.protocol_version,
+    )
+
+
 _FRESH = 64 << 10  # a new receive buffer at a PDU boundary: one small PDU or the start of a big one
 _WHOLE = 1 << 20  # a PDU up to this long gets a buffer of its full length at once (larger ones grow)
 _MAX_BUFFER = 4 << 20  # a fresh buffer holds a few PDUs of the last size seen, up to this much
@@ -610,4 +648,6 @@ class PDUReader:
             self._start = start + total
         if pdu_type == PDUType.P_DATA_TF:
             return _decode_pdata(body)
+        if pdu_type == PDUType.ASSOCIATE_RQ and length <= _RQ_CACHED_UP_TO:
+            return _decode_rq_cached(body)
         return decode_pdu(pdu_type, body)

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import resource
-from collections import Counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .acse import NegotiationCache
@@ -16,6 +15,15 @@ if TYPE_CHECKING:
     from .operations import Association
 
 __all__ = ["Server"]
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    """One fewer under ``key``; the key goes when none is left (the dicts stay small)."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
 
 
 class ServerOwner(Protocol):
@@ -48,10 +56,11 @@ class Server:
         # Admission counts, kept as associations come and go (never a scan over all):
         # admitted ones by peer address and by calling AE title, and connections that
         # have not sent their A-ASSOCIATE-RQ yet, by address.
+        # (Plain dicts: a Counter's missing keys and deletions are Python-level calls.)
         self._unadmitted: set[Association] = set()
-        self._pending_by_address: Counter[str] = Counter()
-        self._by_address: Counter[str] = Counter()
-        self._by_calling_ae: Counter[str] = Counter()
+        self._pending_by_address: dict[str, int] = {}
+        self._by_address: dict[str, int] = {}
+        self._by_calling_ae: dict[str, int] = {}
         self._refused_connections = 0
         self._refusal_logged = 0.0
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -119,30 +128,28 @@ class Server:
             return f"max_associations ({ae.max_associations}) reached"
         if len(self.associations) > self.fd_budget:
             return f"file descriptors running short ({len(self.associations)} connections)"
-        if self._by_address[address] >= ae.max_per_address:
+        by_address, by_calling_ae = self._by_address, self._by_calling_ae
+        if by_address.get(address, 0) >= ae.max_per_address:
             return f"max_per_address ({ae.max_per_address}) reached for {address}"
-        if self._by_calling_ae[calling] >= ae.max_per_calling_ae:
+        if by_calling_ae.get(calling, 0) >= ae.max_per_calling_ae:
             return f"max_per_calling_ae ({ae.max_per_calling_ae}) reached for {calling!r}"
         self._admitted.add(assoc)
-        self._by_address[address] += 1
-        self._by_calling_ae[calling] += 1
+        by_address[address] = by_address.get(address, 0) + 1
+        by_calling_ae[calling] = by_calling_ae.get(calling, 0) + 1
         return None
 
     def _settled(self, assoc: Association) -> None:
         """``assoc`` has sent its A-ASSOCIATE-RQ (or is gone): no longer pending."""
         if assoc in self._unadmitted:
             self._unadmitted.discard(assoc)
-            address = assoc.peer[0]
-            self._pending_by_address[address] -= 1
-            if self._pending_by_address[address] <= 0:
-                del self._pending_by_address[address]
+            _decrement(self._pending_by_address, assoc.peer[0])
 
     def track(self, assoc: Association) -> bool:
         """A connection was made (called by the association): ``False`` to drop it at
         once because too many connections have not associated yet (``max_pending``
         in all, ``max_pending_per_address`` from its address)."""
-        ae, address = self.ae, assoc.peer[0]
-        if len(self._unadmitted) >= ae.max_pending or self._pending_by_address[address] >= ae.max_pending_per_address:
+        ae, address, pending = self.ae, assoc.peer[0], self._pending_by_address
+        if len(self._unadmitted) >= ae.max_pending or pending.get(address, 0) >= ae.max_pending_per_address:
             self._refused_connections += 1
             now = asyncio.get_running_loop().time()
             if now - self._refusal_logged >= 1.0:  # one line a second, however many
@@ -151,14 +158,14 @@ class Server:
                     dropped=self._refused_connections,
                     pending=len(self._unadmitted),
                     address=address,
-                    from_address=self._pending_by_address[address],
+                    from_address=pending.get(address, 0),
                 )
                 self._refusal_logged, self._refused_connections = now, 0
             self.note_refused("pending limit")
             return False
         self.associations.add(assoc)
         self._unadmitted.add(assoc)
-        self._pending_by_address[address] += 1
+        pending[address] = pending.get(address, 0) + 1
         return True
 
     def untrack(self, assoc: Association) -> None:
@@ -169,10 +176,8 @@ class Server:
         self.associations.discard(assoc)
         if assoc in self._admitted:
             self._admitted.discard(assoc)
-            for counter, key in ((self._by_address, assoc.peer[0]), (self._by_calling_ae, assoc.peer_ae)):
-                counter[key] -= 1
-                if counter[key] <= 0:
-                    del counter[key]
+            _decrement(self._by_address, assoc.peer[0])
+            _decrement(self._by_calling_ae, assoc.peer_ae)
 
     def attach(self, listener: Any) -> None:
         """The listening server (``loop.create_server``'s or the acceptor's) this object fronts."""
