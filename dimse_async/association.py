@@ -31,6 +31,7 @@ from .tls import TLSInfo, session_info
 __all__ = ["AssociationProtocol"]
 
 _ids = itertools.count(1)
+_log = get_logger()  # bound per association (no logger look-up per association)
 _WIND_DOWN = 30.0  # seconds for an ended association's cancelled tasks, then for its file work
 
 
@@ -72,7 +73,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self.peer_ae = ""
         self.associate_rq: AssociateRQ | None = None
         self.negotiated: Negotiated | None = None
-        self.log: Any = get_logger(assoc=self.id)
+        self.log: Any = _log.bind(assoc=self.id)
         self._debug = debug_enabled(self.log)
         self._established: asyncio.Future[None] = self.loop.create_future()
         self._release_confirm: asyncio.Future[None] | None = None

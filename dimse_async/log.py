@@ -67,8 +67,9 @@ def _format_value(value: Any) -> str:
 
 
 def _pairs(fields: dict[str, Any]) -> str:
-    """The fields as ``k=v k=v ...``, as they follow the event in a line."""
-    return " ".join([f"{k}={_format_value(v)}" for k, v in fields.items()])
+    """The fields as ``k=v k=v ...``, as they follow the event in a line (an ``int``
+    as it is: nothing in it needs quoting)."""
+    return " ".join([f"{k}={v}" if type(v) is int else f"{k}={_format_value(v)}" for k, v in fields.items()])
 
 
 def _render(event: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:

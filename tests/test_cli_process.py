@@ -58,3 +58,15 @@ def test_cli_settings_apply_to_pydicom_imported_before() -> None:
 def test_tune_allocator_is_harmless_to_call_twice() -> None:
     got = probe("from dimse_async.cli import process; process.tune_allocator(); process.tune_allocator()")
     assert got["after"][0] == got["before"][0]  # type: ignore[index]
+
+
+def test_cli_log_records_skip_thread_and_process_lookups() -> None:
+    code = (
+        "import logging; from dimse_async.cli import process; import dimse_async\n"
+        "assert logging.logThreads and logging.logProcesses\n"
+        "process.lean_log_records()\n"
+        "r = logging.getLogger('x').makeRecord('x', logging.INFO, '', 0, 'm', (), None)\n"
+        "print(r.thread, r.process, r.processName)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["None", "None", "None"]

@@ -500,6 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..log import configure_logging
 
     configure_logging(level, json=args.log_json)
+    process.lean_log_records()
     try:
         return _dispatch(args, argv)
     except (Exception, KeyboardInterrupt) as exc:

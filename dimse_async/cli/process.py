@@ -1,16 +1,17 @@
 """Process-wide settings the command line applies before a command runs: the
-allocator, the garbage collector and pydicom's warnings. A library never changes these
+allocator, the garbage collector, pydicom's warnings and what a log record looks up. A library never changes these
 (it is a guest in its application's process); the ``dimse-async`` process is ours.
 """
 
 from __future__ import annotations
 
 import importlib.machinery
+import logging
 import sys
 from types import ModuleType
 from typing import Any
 
-__all__ = ["freeze_imports", "quiet_pydicom", "tune_allocator", "tune_gc"]
+__all__ = ["freeze_imports", "lean_log_records", "quiet_pydicom", "tune_allocator", "tune_gc"]
 
 
 def tune_allocator() -> None:
@@ -95,3 +96,12 @@ def quiet_pydicom() -> None:
         _quiet_config(config)
     elif not any(isinstance(f, _QuietPydicom) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietPydicom())
+
+
+def lean_log_records() -> None:
+    """Log records without thread and process names and ids: our formatter writes none
+    of them (a worker's lines carry ``worker`` and ``pid`` fields of their own), and
+    looking them up is a good part of making each record (one per association)."""
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
