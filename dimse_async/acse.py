@@ -466,8 +466,9 @@ class NegotiationCache:
     a dictionary look-up instead of judging every context and encoding the AC. The key
     is everything of the RQ :func:`negotiate` reads (AE titles, application context,
     every presentation context with its transfer syntaxes in order, maximum length,
-    implementation class and version, asynchronous operations window, role selections)
-    and every scalar of the :class:`AcceptorPolicy`; the supported contexts are checked
+    implementation class and version, asynchronous operations window, role selections),
+    or for a received RQ the bytes it was decoded from (``AssociateRQ.raw``: equal bytes,
+    equal request), and every scalar of the :class:`AcceptorPolicy`; the supported contexts are checked
     on each hit (a ``dict`` whose values are replaced, as ``AE.add_supported_context``
     does, never changed in place). Requests with a user identity, SOP class extended or
     common extended negotiation are not cached (their answer involves the application's
@@ -489,18 +490,7 @@ class NegotiationCache:
         ui = rq.user_info
         if ui.identity_rq is not None or ui.extended or ui.common_extended:
             return negotiate(rq, policy)
-        ops = ui.async_ops
-        key = (
-            rq.called_ae,
-            rq.calling_ae,
-            rq.application_context,
-            rq.protocol_version,
-            ui.max_length,
-            ui.implementation_class_uid,
-            ui.implementation_version_name,
-            None if ops is None else (ops.max_ops_invoked, ops.max_ops_performed),
-            tuple([(r.sop_class_uid, r.scu_role, r.scp_role) for r in ui.roles]),
-            tuple([(pc.id, pc.abstract_syntax, tuple(pc.transfer_syntaxes)) for pc in rq.presentation_contexts]),
+        scalars = (
             policy.ae_title,
             policy.max_pdu,
             policy.require_called_ae,
@@ -508,6 +498,23 @@ class NegotiationCache:
             policy.max_ops_performed,
             policy.max_ops_invoked,
         )
+        if rq.raw is not None:  # a received request: its bytes stand for every field
+            key: tuple[Any, ...] = (rq.raw, scalars)
+        else:
+            ops = ui.async_ops
+            key = (
+                rq.called_ae,
+                rq.calling_ae,
+                rq.application_context,
+                rq.protocol_version,
+                ui.max_length,
+                ui.implementation_class_uid,
+                ui.implementation_version_name,
+                None if ops is None else (ops.max_ops_invoked, ops.max_ops_performed),
+                tuple([(r.sop_class_uid, r.scu_role, r.scp_role) for r in ui.roles]),
+                tuple([(pc.id, pc.abstract_syntax, tuple(pc.transfer_syntaxes)) for pc in rq.presentation_contexts]),
+                scalars,
+            )
         entry = self._entries.get(key)
         if entry is not None and entry[2] == policy.supported:
             self._entries.move_to_end(key)

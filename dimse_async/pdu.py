@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .pdu_items import (
@@ -129,7 +129,11 @@ class PresentationContextAC:
 
 @dataclass(slots=True)
 class AssociateRQ:
-    """A-ASSOCIATE-RQ PDU (PS3.8 §9.3.2)."""
+    """A-ASSOCIATE-RQ PDU (PS3.8 §9.3.2).
+
+    ``raw``: the PDU body this request was decoded from, when it was (``None`` for one
+    built here); equal bytes mean an equal request (see :class:`~dimse_async.acse.NegotiationCache`).
+    """
 
     called_ae: str
     calling_ae: str
@@ -137,6 +141,7 @@ class AssociateRQ:
     user_info: UserInformation
     application_context: str = APPLICATION_CONTEXT
     protocol_version: int = 1
+    raw: bytes | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> bytes:
         body = bytearray()
@@ -438,6 +443,7 @@ def _decode_rq_cached(body: memoryview) -> AssociateRQ:
         rq.user_info,
         rq.application_context,
         rq.protocol_version,
+        raw,
     )
 
 

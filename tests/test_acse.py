@@ -303,6 +303,34 @@ def test_cached_answer_is_never_reused_for_a_different_request():
     assert len(cache) == len(rqs)  # each variant has its own entry
 
 
+def test_received_requests_are_answered_by_their_bytes_never_another_requests_answer():
+    """A request as received (decoded from the wire, ``rq.raw`` set) is looked up by
+    its bytes: each variant gets its own entry and the fresh answer, twice; a request
+    built with the same fields (no bytes) still gets the same answer."""
+    from dimse_async.acse import NegotiationCache
+    from dimse_async.pdu import PDUReader
+
+    def received(rq):
+        reader = PDUReader(0)
+        reader.feed(rq.encode())
+        got = reader.next_pdu()
+        assert got == rq and got.raw is not None
+        return got
+
+    cache = NegotiationCache()
+    pol = policy()
+    rqs = [received(rq) for rq in variants()]
+    assert len({rq.raw for rq in rqs}) == len(rqs)
+    for _ in range(2):
+        for rq in rqs:
+            same_answer(cache.negotiate(rq, pol), negotiate(rq, pol))
+            same_answer(cache.negotiate(received(rq), pol), negotiate(rq, pol))  # decoded again: a hit
+    assert cache.misses == len(rqs) and cache.hits == 3 * len(rqs)
+    for rq in rqs:  # settings are part of the key here too
+        other = policy(max_ops_performed=2)
+        same_answer(cache.negotiate(rq, other), negotiate(rq, other))
+
+
 def test_cached_answer_follows_changed_settings():
     from dimse_async.acse import NegotiationCache
 
