@@ -341,7 +341,7 @@ class AE(HandlerRegistry):
             sinks=self._sinks(),
             judge=functools.partial(self._judge, server),
             judge_now=functools.partial(self._judge_now, server),
-            hook=lambda event, assoc: self._fire(event, assoc),
+            hook=self._fire,
             on_open=server.track if server is not None else None,
             on_close=server.untrack if server is not None else None,
             keepalive=self.keepalive,
