@@ -347,6 +347,23 @@ def write_file_inline(dest: str, chunks: Sequence[bytes | bytearray | memoryview
     return True
 
 
+try:
+    import resource as _resource
+except ImportError:  # pragma: no cover - not on Windows
+    _resource = None  # type: ignore[assignment]
+# Linux: the calling thread's voluntary context switches; where it is missing, an
+# inline write is judged by its wall time alone.
+_RUSAGE_THREAD: int | None = getattr(_resource, "RUSAGE_THREAD", None)
+
+
+def _thread_usage() -> tuple[float, int] | None:
+    """The calling thread's CPU seconds (``CLOCK_THREAD_CPUTIME_ID``: exact; getrusage's
+    lags up to a scheduler tick) and voluntary context switches so far."""
+    if _RUSAGE_THREAD is None:  # pragma: no cover
+        return None
+    return time.thread_time(), _resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
+
+
 class InlineWrites:
     """When a small instance is written on the event loop (:func:`write_file_inline`)
     instead of in the writer thread.
@@ -363,9 +380,32 @@ class InlineWrites:
     The defaults: creating a 39 KB file took 1.1-1.3 ms (median), 4.5-9 ms (99th
     percentile) and up to 20 ms on a loaded 2-core VM; a disk is slow when that is
     the usual time, not when the scheduler delays one write.
+
+    A write is timed by :meth:`start` / :meth:`done`: its wall time when the thread
+    slept during it (it waited for the disk, a lock, memory: the loop stalled), else
+    its CPU time. A thread that never slept was only ever running or waiting for a
+    CPU; on a machine busier than its cores that wait is the scheduler's, it would
+    delay the thread path as much, and it says nothing of the disk (8 senders on 2
+    cores among other work made preempted writes look 5-50 ms slow and sent half the
+    instances to the thread). Telling the two apart costs four system calls, so it is
+    done only for the ``watch`` writes after one whose wall time exceeded a quarter
+    of ``slow``; writes that stay fast are timed by the clock alone.
     """
 
-    __slots__ = ("max_size", "slow", "stall", "backoff", "max_backoff", "_avg", "_until", "_pause", "writes", "pauses")
+    __slots__ = (
+        "max_size",
+        "slow",
+        "stall",
+        "backoff",
+        "max_backoff",
+        "watch",
+        "_avg",
+        "_until",
+        "_pause",
+        "_watching",
+        "writes",
+        "pauses",
+    )
 
     def __init__(
         self,
@@ -374,12 +414,15 @@ class InlineWrites:
         stall: float = 0.05,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
+        watch: int = 64,
     ):
         self.max_size = max_size
         self.slow = slow
         self.stall = stall
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.watch = watch
+        self._watching = 0  # writes left to time by CPU and sleep, not the clock alone
         self._avg = 0.0  # moving average of the inline writes' durations
         self._until = 0.0  # paused until then (monotonic clock); 0: not paused
         self._pause = backoff
@@ -390,6 +433,24 @@ class InlineWrites:
     def allowed(self, size: int) -> bool:
         """Whether ``size`` bytes may be written on the loop now."""
         return size <= self.max_size and (not self._until or time.monotonic() >= self._until)
+
+    def start(self) -> tuple[float, tuple[float, int] | None]:
+        """Before an inline write: what :meth:`done` measures it from."""
+        return time.perf_counter(), _thread_usage() if self._watching else None
+
+    def done(self, mark: tuple[float, tuple[float, int] | None]) -> None:
+        """After the inline write begun at ``mark``: :meth:`took` its duration."""
+        wall = time.perf_counter() - mark[0]
+        seconds = wall
+        before = mark[1]
+        if before is not None:
+            self._watching -= 1
+            after = _thread_usage()
+            if after is not None and after[1] == before[1]:
+                seconds = min(wall, after[0] - before[0])  # never slept: its CPU time
+        if wall > self.slow / 4:
+            self._watching = self.watch
+        self.took(seconds)
 
     def took(self, seconds: float) -> None:
         """An inline write (allowed just before) took ``seconds``."""

@@ -191,3 +191,36 @@ def test_writev_all_writes_every_chunk_and_the_rest_after_a_short_write(tmp_path
     whole = b"".join(bytes(c) for c in chunks)
     for n in (0, 3, 4, 5, 1004, 49_004, len(whole) - 1, len(whole)):
         assert b"".join(bytes(c) for c in _after(chunks, n)) == whole[n:]
+
+
+def test_an_inline_write_is_judged_by_its_cpu_time_unless_the_thread_slept(monkeypatch):
+    """A write during which the loop's thread never slept (no voluntary context switch)
+    was only running or waiting for a CPU: its CPU time counts, so preemption on a busy
+    machine does not pause inline writing. One during which it slept (the disk, a lock)
+    counts with its wall time: a stall pauses inline writing as before. Writes are
+    watched so only after one took more than a quarter of ``slow`` by the clock."""
+    from dimse_async import filewriter
+
+    usage = (0.0, 0)  # what the thread's (CPU s, voluntary switches) read as now
+    monkeypatch.setattr(filewriter, "_thread_usage", lambda: usage)
+    policy = InlineWrites(slow=0.005, stall=0.05, backoff=60.0)
+    policy.done(policy.start())  # fast: timed by the clock alone
+    mark = policy.start()
+    time.sleep(0.003)  # above slow / 4: the next writes are watched
+    policy.done(mark)
+    assert policy.allowed(10) and policy.pauses == 0
+    usage = (1.0, 7)
+    mark = policy.start()
+    time.sleep(0.06)  # 60 ms of wall time, 1 ms of CPU, never slept: preempted
+    usage = (1.001, 7)
+    policy.done(mark)
+    assert policy.allowed(10) and policy.pauses == 0
+    usage = (2.0, 7)
+    mark = policy.start()
+    time.sleep(0.06)  # the same, but the thread slept: a stalled write
+    usage = (2.001, 8)
+    policy.done(mark)
+    assert not policy.allowed(10) and policy.pauses == 1
+    monkeypatch.undo()
+    cpu, switches = filewriter._thread_usage() or (0.0, 0)  # the real one: this thread's
+    assert cpu > 0 and switches >= 0

@@ -14,7 +14,6 @@ import asyncio
 import io
 import os
 import shutil
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -359,13 +358,13 @@ def start_c_store(
         return True
     inline = store.inline
     if inline is not None and not writer.busy and inline.allowed(spool.header_length + spool.size):
-        t0 = time.perf_counter()
+        mark = inline.start()
         error: Exception | None = None
         try:
             placed = write_file_inline(dest, spool.chunks())
         except Exception as exc:
             placed, error = True, exc  # tried, and failed: answered as such
-        inline.took(time.perf_counter() - t0)
+        inline.done(mark)
         if placed:
             written(None, error)
             return True
