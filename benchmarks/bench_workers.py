@@ -180,9 +180,10 @@ class CpuMeter:
 
 
 def machine_busy() -> float:
-    """CPU seconds the whole machine has spent busy (``/proc/stat``: all but idle and iowait)."""
+    """CPU seconds the whole machine has spent busy (``/proc/stat``: user, nice, system,
+    irq, softirq, steal; guest time is already in user and nice)."""
     with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
+        ticks = [int(x) for x in f.readline().split()[1:9]]
     return (sum(ticks) - ticks[3] - ticks[4]) / TICK
 
 
