@@ -156,6 +156,10 @@ def test_list_of_uid_in_dataset() -> None:
         ("S*h^J*", "Smith^John", True),
         ("Smith^John^*", "Smith^John", True),
         ("*", "anything", True),
+        ("Sm*th", "Smth", True),  # as many literal characters as the value: still matched
+        ("Sm?*th", "Smth", False),  # one more than the value has
+        ("S?i*h", "Sih", False),
+        ("****", "", True),
     ],
 )
 def test_wildcard_pn(key: str, stored: str, expected: bool) -> None:

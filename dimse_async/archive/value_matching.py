@@ -144,8 +144,11 @@ def _wildcard_match(pattern: str, text: str) -> bool:
     The pieces between ``*`` are found in order, each at its leftmost place (which
     never loses a match); the first is anchored at the start, the last at the end.
     No backtracking regular expression: a key of many ``*`` and ``?`` would take
-    exponential time, holding the GIL and so the event loop.
+    exponential time, holding the GIL and so the event loop. A value shorter than the
+    key's literal characters and ``?`` (one character each) is refused without a look.
     """
+    if len(pattern) - pattern.count("*") > len(text):
+        return False
     first, *middle = pattern.split("*")
     if not middle:
         return len(first) == len(text) and _segment_regex(first).fullmatch(text) is not None
