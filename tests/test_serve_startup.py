@@ -326,3 +326,35 @@ async def test_closing_a_paused_server_refuses_its_waiting_requests_at_once() ->
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("store", ["mpps", "index"])
+def test_full_disk_at_start_is_one_line_that_says_so(tmp_path: Path, store: str) -> None:
+    """An archive whose file system is full cannot create its MPPS store (or, with MPPS
+    off, its index): one line on stderr, exit 3, and the line says the disk is full
+    (SQLite itself says "disk I/O error" or "database or disk is full")."""
+    from test_integrity import small_tmpfs
+
+    config = tmp_path / "serve.toml"
+    config.write_text(f"mpps = {'true' if store == 'mpps' else 'false'}\n")
+    with small_tmpfs(tmp_path / "fs", "2m") as fs:
+        storage = fs / "archive"
+        populate(storage, 2)
+        with (fs / "filler").open("wb") as filler:
+            with pytest.raises(OSError) as full:
+                while True:
+                    filler.write(b"\0" * 65536)
+                    filler.flush()
+        assert full.value.errno == errno.ENOSPC
+        done = subprocess.run(
+            [*CLI, "serve", "--config", str(config), "--host", HOST, "--port", str(free_port()),
+             "--storage-dir", str(storage)],
+            capture_output=True, text=True, env=ENV, timeout=60, check=False,
+        )  # fmt: skip
+    assert done.returncode == 3, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    what = f"MPPS store {storage / 'mpps.sqlite'}" if store == "mpps" else f"index {storage / 'index.sqlite'}"
+    assert lines[0].startswith(f"dimse-async serve: {what}: "), lines
+    assert f"(no space left: the file system of {storage} has " in lines[0], lines
+    assert done.stdout == ""

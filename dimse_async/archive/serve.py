@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
+import sqlite3
 
 from .. import AE, Server, Verification
 from ..deploy import Deployment, serve_until_signalled, server_ssl
@@ -18,6 +20,24 @@ from .index import Archive, Worklist, relational_queries
 from .normalized import MPPS, STORAGE_COMMITMENT, install_normalized
 
 __all__ = ["archive_ae", "serve", "supervise"]
+
+
+#: Free bytes below which a failed index is put down to a full file system.
+FULL_BELOW = 1 << 20
+
+
+def store_failure(what: str, exc: BaseException, storage_dir: str) -> str:
+    """The one line for a database (the index, the MPPS store) that failed at start, with
+    the likely reason when the storage directory's file system is full (SQLite then
+    says only "disk I/O error" or "database or disk is full")."""
+    line = f"{what}: {exc}"
+    try:
+        free = shutil.disk_usage(storage_dir).free
+    except OSError:
+        return line
+    if free < FULL_BELOW:
+        line += f" (no space left: the file system of {storage_dir} has {free} bytes free)"
+    return line
 
 
 def archive_ae(config: ServeConfig) -> AE:
@@ -224,7 +244,11 @@ async def serve(args: argparse.Namespace) -> int:
     )
     ae = archive_ae(config)
     archive.install(ae, _worklist(config))
-    extras = install_normalized(ae, archive, config)
+    try:
+        extras = install_normalized(ae, archive, config)
+    except sqlite3.Error as exc:
+        what = f"MPPS store {os.path.join(config.storage_dir, 'mpps.sqlite')}"
+        raise CLIError(store_failure(what, exc, config.storage_dir), EXIT_CONNECT) from None
     if config.host in ("", "0.0.0.0", "::") and not (config.allowed_calling_aes or config.allowed_peer_addresses):
         get_logger().warning(
             "listening on all interfaces and accepting any calling AE title; "
@@ -240,13 +264,13 @@ async def serve(args: argparse.Namespace) -> int:
             counts["added"], counts["skipped"], counts["gone"] = await archive.reindex()
             counts["total"] = await archive.count()
         except archive.backend.errors as exc:
-            raise CLIError(f"index {archive.backend.description}: {exc}", EXIT_CONNECT) from None
+            raise CLIError(store_failure(f"index {archive.backend.description}", exc, config.storage_dir), EXIT_CONNECT) from None
 
     async def count() -> None:  # a worker: the parent re-indexed already
         try:
             counts["total"] = await archive.count()
         except archive.backend.errors as exc:
-            raise CLIError(f"index {archive.backend.description}: {exc}", EXIT_CONNECT) from None
+            raise CLIError(store_failure(f"index {archive.backend.description}", exc, config.storage_dir), EXIT_CONNECT) from None
 
     def announce(server: Server, health: HealthServer | None) -> None:
         print(
