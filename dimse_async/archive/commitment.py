@@ -22,7 +22,6 @@ check. The file checks of all transactions run on the SCP's own ``checks`` threa
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from ..services.commitment import (
 )
 from ..services.normalized import NCode, NRequest
 from ..status import Status
+from .db import stored_file_problem
 
 __all__ = ["CommitmentSCP"]
 
@@ -53,8 +53,7 @@ MAX_REFERENCES = 10_000
 def _file_intact(path: str, size: int | None, sop_class: str, sop_instance: str) -> bool:
     """Re-read the stored file: its size as indexed, readable to the end, the same instance."""
     try:
-        st = os.stat(path)
-        if size is not None and st.st_size != size:
+        if stored_file_problem(path, size) is not None:
             return False
         with open(path, "rb") as f:
             while f.read(_CHUNK):

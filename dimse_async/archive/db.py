@@ -43,6 +43,19 @@ def open_backend(root: Path, index: str | None, *, fsync: bool, shared: bool) ->
     raise ValueError(f"index must be a postgresql:// URL (or absent for SQLite), not {index[:40]!r}")
 
 
+def stored_file_problem(path: str, size: int | None) -> str | None:
+    """``None`` when a stored file is there at the size indexed when it was stored (``size``,
+    ``None``: not recorded); else why not. A file deleted or cut short since is never
+    presented as the instance (retrieve, storage commitment)."""
+    try:
+        actual = os.stat(path).st_size
+    except OSError as exc:
+        return f"stored file unreadable: {exc.strerror or exc}: {path}"
+    if size is not None and actual != size:
+        return f"stored file is {actual} bytes, {size} when stored: {path}"
+    return None
+
+
 class IndexDB:
     """Files under ``root`` and the connections to their index (see the module)."""
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -17,6 +16,7 @@ from ..services.qr import QueryRequest, StatusError, Unavailable
 from .budget import QueryBudget
 from .db import (
     IndexDB,
+    stored_file_problem,
 )
 from .matching import matches, parse_range, response_identifier
 from .schema import (
@@ -234,15 +234,9 @@ class QueryMixin(IndexDB):
 
 
 def _on_disk(path: str, size: int | None, uid: str) -> str | Unavailable:
-    """``path`` if its file is there with the size indexed when it was stored; a file
-    deleted or truncated since is never sent as if it were the instance."""
-    try:
-        actual = os.stat(path).st_size
-    except OSError as exc:
-        return Unavailable(uid, f"stored file unreadable: {exc.strerror or exc}: {path}")
-    if size is not None and actual != size:
-        return Unavailable(uid, f"stored file is {actual} bytes, {size} when stored: {path}")
-    return path
+    """``path``, or :class:`Unavailable` when :func:`stored_file_problem` finds one."""
+    problem = stored_file_problem(path, size)
+    return path if problem is None else Unavailable(uid, problem)
 
 
 def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[str], list[Any]]:
