@@ -53,8 +53,10 @@ __all__ = [
 ]
 
 
-#: Smallest maximum PDU length we accept from a peer: a PDV header plus some data.
-MIN_PEER_PDU = 64
+#: Smallest maximum PDU length we accept from a peer (PS3.8 D.1 sets none): the least
+#: ``AE(max_pdu=...)`` allows ourselves. Below it every message would go out in PDUs of
+#: a few dozen bytes, each costing the sender a write.
+MIN_PEER_PDU = 1024
 
 ACCEPTANCE = 0
 USER_REJECTION = 1
@@ -294,20 +296,73 @@ class AcceptorPolicy:
     on_common_extended: Callable[[SOPClassCommonExtended], bool] | None = None
 
 
+def _title_problem(title: str) -> str | None:
+    """Why a received AE title is not one the AE VR allows (see :func:`_refusal`), or ``None``."""
+    try:
+        validate_ae_title(title)
+    except InvalidAETitle as exc:
+        return str(exc)
+    return None
+
+
 def _refusal(rq: AssociateRQ, policy: AcceptorPolicy, identity_ok: bool) -> AssociateRJ | None:
-    """An A-ASSOCIATE-RJ for a request refused as a whole (PS3.8 §7.1.1.7), or ``None``."""
+    """An A-ASSOCIATE-RJ for a request refused as a whole (PS3.8 §7.1.1.7), or ``None``;
+    its ``why`` says what was wrong, for the log.
+
+    AE titles: PS3.8 Table 9-11 has each title be 16 characters of the ISO 646 basic
+    G0 set with non-significant spaces, and forbids the value of 16 spaces ("no
+    Application Name specified"); PS3.5 §6.2 (AE VR) also excludes the backslash and
+    every control character (NUL padding too). Such a title names no application
+    entity, so it is refused as the service-user's answer for a title it does not
+    recognize (PS3.8 §7.1.1.3-7.1.1.4, §9.3.4 Table 9-21): rejected-permanent, source
+    service-user, reason 7 (called) or 3 (calling), whatever ``require_called_ae`` and
+    ``allowed_calling_aes`` say. The PDU itself is well formed, so not an A-ABORT
+    (pynetdicom aborts instead; DCMTK does not check). Any title the VR allows (1-16
+    printable ASCII characters but backslash, spaces around them) goes on to the policy.
+
+    Maximum length: a peer that would receive PDUs of fewer than :data:`MIN_PEER_PDU`
+    bytes is refused (rejected-permanent, service-user, no-reason-given): PS3.8 D.1
+    sets no lower bound, but below what ``AE(max_pdu=...)`` allows ourselves every
+    message would go out in slivers of a few dozen bytes.
+    """
+    user = RejectSource.USER
     if rq.application_context != APPLICATION_CONTEXT:
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.APPLICATION_CONTEXT_NOT_SUPPORTED)
+        return AssociateRJ(
+            RejectResult.PERMANENT,
+            user,
+            UserReason.APPLICATION_CONTEXT_NOT_SUPPORTED,
+            f"application context {rq.application_context!r} not supported",
+        )
+    problem = _title_problem(rq.called_ae)
+    if problem is not None:
+        return AssociateRJ(RejectResult.PERMANENT, user, UserReason.CALLED_AE_NOT_RECOGNIZED, f"called {problem}")
+    problem = _title_problem(rq.calling_ae)
+    if problem is not None:
+        return AssociateRJ(RejectResult.PERMANENT, user, UserReason.CALLING_AE_NOT_RECOGNIZED, f"calling {problem}")
     if policy.require_called_ae and rq.called_ae != policy.ae_title:
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.CALLED_AE_NOT_RECOGNIZED)
+        return AssociateRJ(
+            RejectResult.PERMANENT,
+            user,
+            UserReason.CALLED_AE_NOT_RECOGNIZED,
+            f"called AE title {rq.called_ae!r} is not ours ({policy.ae_title!r})",
+        )
     if policy.allowed_calling_aes is not None and rq.calling_ae not in policy.allowed_calling_aes:
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.CALLING_AE_NOT_RECOGNIZED)
+        return AssociateRJ(
+            RejectResult.PERMANENT,
+            user,
+            UserReason.CALLING_AE_NOT_RECOGNIZED,
+            f"calling AE title {rq.calling_ae!r} is not allowed",
+        )
     if not identity_ok:
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN)
+        return AssociateRJ(RejectResult.PERMANENT, user, UserReason.NO_REASON_GIVEN, "user identity not accepted")
     peer_max = rq.user_info.max_length
     if peer_max is not None and 0 < peer_max < MIN_PEER_PDU:
-        # We could not send a single PDV to this peer (PS3.8 D.1): refuse up front.
-        return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN)
+        return AssociateRJ(
+            RejectResult.PERMANENT,
+            user,
+            UserReason.NO_REASON_GIVEN,
+            f"peer's maximum length received {peer_max} is below {MIN_PEER_PDU}",
+        )
     return None
 
 

@@ -195,6 +195,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self._end_reason = self._end_reason or out.reason
             what = "ARTIM timer expired, connection closed" if out.timer == "ARTIM" else f"{out.timer} timeout"
             self.log.warning(what, reason=self.fsm.failure if out.timer == "ARTIM" else out.reason)
+        elif isinstance(out, fsm.Refused):
+            self._end_reason = self._end_reason or out.reason
+            self.log.warning("connection refused", reason=out.reason)
         elif isinstance(out, fsm.StopReading):
             self.pause_reading("aborted")  # for good: ARTIM closes the connection
         elif isinstance(out, fsm.CloseTransport) and self.transport is not None:
@@ -366,7 +369,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             return  # the peer aborted or went away while we decided
         if isinstance(result, AssociateRJ):
             self._end_reason = f"rejected: {reject_text(result)}"  # on the "association closed" line
-            if self._debug:
+            if result.why:  # the request's own fault (admission refusals were logged by the AE)
+                self.log.warning("association rejected", why=result.why, answer=reject_text(result))
+            elif self._debug:
                 self.log.debug("association rejected", reason=reject_text(result))
             self._run(self.fsm.reject(result, now=self.loop.time()))
             self._hook(AssociationEvent.REJECTED)

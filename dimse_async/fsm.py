@@ -27,6 +27,7 @@ from .fsm_outputs import (
     PDataIndication,
     PeerAbort,
     ProviderAbort,
+    Refused,
     ReleaseConfirm,
     ReleaseIndication,
     Send,
@@ -69,6 +70,7 @@ __all__ = [
     "PDataIndication",
     "PeerAbort",
     "ProviderAbort",
+    "Refused",
     "ReleaseConfirm",
     "ReleaseIndication",
     "Send",
@@ -430,21 +432,27 @@ class UpperLayer:
         return S.Sta2
 
     def _ae_6(self) -> State:
-        assert isinstance(self._pdu, AssociateRQ)
+        """Stop ARTIM; the provider rejects a request it cannot accept itself, else the
+        A-ASSOCIATE indication. Rejected-permanent, service-provider (ACSE) source
+        (PS3.8 Table 9-21): protocol-version-not-supported when bit 0 (version 1) is
+        not set (Table 9-11), no-reason-given when it proposes no presentation context
+        (§9.3.2: one or more)."""
+        rq = self._pdu
+        assert isinstance(rq, AssociateRQ)
         self._stop_artim()
-        if not self._pdu.protocol_version & 1:
-            # Rejected by the service-provider (ACSE): protocol-version-not-supported.
-            self.failure = f"protocol version {self._pdu.protocol_version:#06x} not supported"
-            self._out.append(
-                Send(
-                    AssociateRJ(
-                        RejectResult.PERMANENT, RejectSource.ACSE, ACSEReason.PROTOCOL_VERSION_NOT_SUPPORTED
-                    ).encode()
-                )
-            )
+        reason = 0
+        if not rq.protocol_version & 1:
+            reason = ACSEReason.PROTOCOL_VERSION_NOT_SUPPORTED
+            self.failure = f"protocol version {rq.protocol_version:#06x} not supported"
+        elif not rq.presentation_contexts:
+            reason = ACSEReason.NO_REASON_GIVEN
+            self.failure = "A-ASSOCIATE-RQ proposes no presentation context"
+        if reason:
+            self._out.append(Send(AssociateRJ(RejectResult.PERMANENT, RejectSource.ACSE, reason).encode()))
             self._start_artim()
+            self._out.append(Refused(f"{self.failure}: A-ASSOCIATE-RJ sent"))
             return S.Sta13
-        self._out.append(AssociateIndication(self._pdu))
+        self._out.append(AssociateIndication(rq))
         return S.Sta3
 
     def _ae_7(self) -> State:
@@ -514,7 +522,8 @@ class UpperLayer:
         return S.Sta12
 
     def _aa_1(self) -> State:
-        if self.state is S.Sta2:
+        unassociated = self.state is S.Sta2
+        if unassociated:
             # Not yet associated: the provider answers the stray PDU itself.
             self._send_abort(ABORT_SOURCE_PROVIDER, self._abort_reason)
         else:
@@ -522,6 +531,8 @@ class UpperLayer:
         self.failure = self._why
         self._stop_artim()
         self._start_artim()
+        if unassociated:  # nobody else hears of it: say why
+            self._out.append(Refused(f"{self._why}: A-ABORT sent"))
         return S.Sta13
 
     def _aa_2(self) -> State:

@@ -18,6 +18,7 @@ __all__ = [
     "PDataIndication",
     "PeerAbort",
     "ProviderAbort",
+    "Refused",
     "ReleaseConfirm",
     "ReleaseIndication",
     "Send",
@@ -75,6 +76,15 @@ class TimerExpired:
 
 
 @dataclass(slots=True)
+class Refused:
+    """The provider itself answered a peer that has no association yet: AE-6's
+    A-ASSOCIATE-RJ, or AA-1's A-ABORT for a stray or invalid PDU in Sta2. For the log:
+    ``reason`` says why (no indication reaches the user, PS3.8 Table 9-7, 9-9)."""
+
+    reason: str
+
+
+@dataclass(slots=True)
 class AssociateIndication:
     rq: AssociateRQ
 
@@ -127,6 +137,7 @@ Output = (
     | StopARTIM
     | StopReading
     | TimerExpired
+    | Refused
     | AssociateIndication
     | AssociateAccepted
     | AssociateRejected

@@ -56,7 +56,10 @@ def set_process_fields(**fields: Any) -> None:
     _process_fields.update(fields)
 
 
-_QUOTED = re.compile(r'[ "=\n]')
+#: Characters that make a value quoted (JSON string escapes): spaces and ``=`` would
+#: split the pair, and control characters (a peer's AE title may hold any) could
+#: forge a line or drive the terminal.
+_QUOTED = re.compile(r'[ "=\x00-\x1f\x7f-\x9f]')
 
 
 def _format_value(value: Any) -> str:

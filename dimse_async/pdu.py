@@ -223,12 +223,14 @@ class AssociateRJ:
     """A-ASSOCIATE-RJ PDU (PS3.8 §9.3.4).
 
     ``result``: 1 rejected-permanent, 2 rejected-transient. ``source``: 1 service-user,
-    2 service-provider (ACSE), 3 service-provider (presentation).
+    2 service-provider (ACSE), 3 service-provider (presentation). ``why``: for the
+    acceptor's log, not sent (what made us reject, e.g. the offending value).
     """
 
     result: int
     source: int
     reason: int
+    why: str = field(default="", compare=False, repr=False)
 
     def encode(self) -> bytes:
         return _pdu(PDUType.ASSOCIATE_RJ, bytes((0, self.result, self.source, self.reason)))
@@ -321,12 +323,22 @@ def _ae(title: str) -> bytes:
 # ---------------------------------------------------------------------------
 
 
+def _ae_field(raw: memoryview) -> str:
+    """An AE title field as received, less its non-significant spaces (PS3.8 Table 9-11).
+
+    Never raises: in an A-ASSOCIATE-RQ a title the AE VR does not allow is the
+    acceptor's to refuse with an A-ASSOCIATE-RJ (see :func:`dimse_async.acse.negotiate`),
+    and in an A-ASSOCIATE-AC the fields are not to be tested (PS3.8 Table 9-17). Each
+    byte becomes one character (ISO 8859-1), so a bad byte stays visible in logs.
+    """
+    return bytes(raw).decode("latin-1").strip(" ")
+
+
 def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | AssociateAC:
     if len(body) < 68:
         raise PDUError("A-ASSOCIATE PDU shorter than its fixed fields")
     (version,) = U16.unpack_from(body, 0)
-    called = text(body[4:20], "called AE title")
-    calling = text(body[20:36], "calling AE title")
+    called, calling = _ae_field(body[4:20]), _ae_field(body[20:36])
     app_context = None
     user_info = None
     rq_contexts: list[PresentationContextRQ] = []

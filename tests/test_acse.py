@@ -248,13 +248,57 @@ def test_build_request_limits_and_ids():
         build_request("A", "B", [ContextSpec(ECHO, [IMPLICIT])] * 129, max_pdu=0)
 
 
-@pytest.mark.parametrize(("max_pdu", "accepted"), [(0, True), (1, False), (63, False), (64, True)])
-def test_peer_max_pdu_too_small_to_carry_a_pdv_is_rejected(max_pdu, accepted):
+@pytest.mark.parametrize(("max_pdu", "accepted"), [(0, True), (1, False), (63, False), (1023, False), (1024, True)])
+def test_peer_max_pdu_below_ours_is_rejected(max_pdu, accepted):
     rq = build_request("SCP", "SCU", [ContextSpec(ECHO, [IMPLICIT])], max_pdu=max_pdu)
     result, _ = negotiate(rq, policy())
     assert isinstance(result, AssociateAC) is accepted
     if not accepted:
         assert (result.result, result.source, result.reason) == (1, 1, 1)
+        assert f"maximum length received {max_pdu} is below 1024" in result.why
+
+
+@pytest.mark.parametrize(
+    ("called", "calling", "reason"),
+    [
+        ("", "SCU", 7),
+        ("SCP", "", 3),
+        ("SCP", "\x00" * 16, 3),
+        ("SCP", "SCU\x00", 3),
+        ("S\x1bCP", "SCU", 7),
+        ("SCP", "SC\nU", 3),
+        ("SCP", "SC\\U", 3),
+        ("SCP", "SC\xe9U", 3),  # a byte outside ISO 646, as the decoder hands it on
+        ("", "", 7),
+    ],
+)
+def test_titles_the_ae_vr_forbids_are_not_recognized(called, calling, reason):
+    """PS3.8 Table 9-11, PS3.5 §6.2: whatever the policy, and before it."""
+    for pol in (policy(), policy(require_called_ae=False)):
+        rq = request()
+        rq.called_ae, rq.calling_ae = called, calling
+        rj, neg = negotiate(rq, pol)
+        assert isinstance(rj, AssociateRJ) and neg is None
+        assert (rj.result, rj.source, rj.reason) == (1, 1, reason)
+        assert rj.why.startswith("called AE title" if reason == 7 else "calling AE title"), rj.why
+
+
+@pytest.mark.parametrize("title", ["X" * 16, "~!#$%&'()*+,-./:", ";<=>?@[]^_`{|}", "A B", "1"])
+def test_odd_but_valid_calling_titles_are_accepted(title):
+    rq = request()
+    rq.calling_ae = title
+    ac, _ = negotiate(rq, policy(allowed_calling_aes=frozenset({title})))
+    assert isinstance(ac, AssociateAC)
+
+
+def test_policy_rejections_say_why():
+    rq = request()
+    rq.called_ae = "OTHER"
+    rj, _ = negotiate(rq, policy())
+    assert isinstance(rj, AssociateRJ) and "'OTHER'" in rj.why and "'SCP'" in rj.why
+    rj, _ = negotiate(request(), policy(allowed_calling_aes=frozenset({"GOOD"})))
+    assert isinstance(rj, AssociateRJ) and "'SCU'" in rj.why
+    assert AssociateRJ(1, 1, 7, "one reason") == AssociateRJ(1, 1, 7, "another")  # not on the wire
 
 
 # ------------------------------------------------------------ the acceptor's negotiation cache

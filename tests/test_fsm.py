@@ -32,6 +32,7 @@ from dimse_async.fsm import (
     PDataIndication,
     PeerAbort,
     ProviderAbort,
+    Refused,
     ReleaseConfirm,
     ReleaseIndication,
     Send,
@@ -388,7 +389,12 @@ def model(state: State, event: Event, action: str, role: str) -> tuple[State, li
         # there is no user yet and the provider answers the stray PDU itself.
         "AA-1": (
             S.Sta13,
-            [Send(abort_pdu(0, 0) if event is E.Evt15 else abort_pdu(2, reason)), *stop, StartARTIM()],
+            [
+                Send(abort_pdu(0, 0) if event is E.Evt15 else abort_pdu(2, reason)),
+                *stop,
+                StartARTIM(),
+                *([Refused] if state is S.Sta2 else []),  # no user to tell: for the log
+            ],
             True,
         ),
         "AA-2": (S.Sta1, [*(stop if event is not E.Evt18 else []), CloseTransport(discard=True)], False),
@@ -631,7 +637,8 @@ def test_artim_restarted_by_aa1_in_sta2() -> None:
     m = reach(S.Sta2)
     out = m.receive_data(PDATA_BYTES)
     assert last(m) == (S.Sta2, E.Evt10, "AA-1")
-    assert out == [Send(abort_pdu(2, 2)), StopARTIM(), StartARTIM()]
+    check_outputs(out, [Send(abort_pdu(2, 2)), StopARTIM(), StartARTIM(), Refused])
+    assert "unexpected PDataTF PDU in Sta2" in out[3].reason
     assert m.state is S.Sta13 and m.artim_running
 
 
@@ -785,9 +792,24 @@ def test_ae6_checks_protocol_version_bit0(version: int, accepted: bool) -> None:
         assert m.state is S.Sta3 and not m.artim_running
     else:
         # rejected-permanent (1), service-provider ACSE (2), protocol-version-not-supported (2)
-        assert out == [StopARTIM(), Send(raw_pdu(0x03, bytes((0, 1, 2, 2)))), StartARTIM()]
+        rj = Send(raw_pdu(0x03, bytes((0, 1, 2, 2))))
+        assert out == [StopARTIM(), rj, StartARTIM(), Refused(f"{m.failure}: A-ASSOCIATE-RJ sent")]
         assert m.state is S.Sta13 and m.artim_running
         assert m.failure is not None and "protocol version" in m.failure
+
+
+def test_ae6_rejects_a_request_without_presentation_contexts() -> None:
+    """PS3.8 §9.3.2: one or more presentation context items. Rejected-permanent,
+    service-provider (ACSE), no-reason-given; the reason goes to the log."""
+    m = reach(S.Sta2)
+    rq = make_rq()
+    rq.presentation_contexts = []
+    out = m.receive_data(rq.encode())
+    assert last(m) == (S.Sta2, E.Evt6, "AE-6")
+    assert out[:3] == [StopARTIM(), Send(raw_pdu(0x03, bytes((0, 1, 2, 1)))), StartARTIM()]
+    check_outputs(out[3:], [Refused])
+    assert "no presentation context" in out[3].reason
+    assert m.state is S.Sta13 and m.artim_running
 
 
 @pytest.mark.parametrize("role", ["requestor", "acceptor"])
@@ -942,7 +964,8 @@ def test_invalid_pdu(state: State, variant: str) -> None:
     assert m.state is S.Sta13
     abort = Send(abort_pdu(2, int(reason)))
     if action == "AA-1":
-        assert out == [abort, StopARTIM(), StartARTIM()]
+        check_outputs(out, [abort, StopARTIM(), StartARTIM(), Refused])
+        assert out[3].reason.startswith("invalid PDU")
     elif action == "AA-8":
         check_outputs(out, [abort, ProviderAbort, StartARTIM()])
         assert out[1].reason.startswith("invalid PDU")
@@ -988,7 +1011,7 @@ def test_provider_abort(state: State) -> None:
     assert last(m) == (state, E.Evt19, action)
     abort = Send(abort_pdu(2, 5))
     want = {
-        "AA-1": [abort, StopARTIM(), StartARTIM()],
+        "AA-1": [abort, StopARTIM(), StartARTIM(), Refused("bad DIMSE framing: A-ABORT sent")],
         "AA-7": [abort],
         "AA-8": [abort, ProviderAbort("bad DIMSE framing"), StartARTIM()],
     }[action]

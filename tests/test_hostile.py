@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import socket
 import struct
@@ -50,6 +51,33 @@ def a_abort(source: int, reason: int) -> bytes:
     return bytes((0x07, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, 0x00, source, reason))
 
 
+class Warnings(logging.Handler):
+    """The WARNING lines of the ``dimse_async`` loggers while attached: (event, fields)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[tuple[str, dict[str, object]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = dict(getattr(record, "dimse_async", {}))
+        self.lines.append((str(fields.pop("event", record.getMessage())), fields))
+
+    def __enter__(self) -> Warnings:
+        logging.getLogger("dimse_async").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("dimse_async").removeHandler(self)
+
+    def events(self, event: str) -> list[dict[str, object]]:
+        return [fields for name, fields in self.lines if name == event]
+
+
+def a_associate_rj(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU, spelled out byte by byte (PS3.8 §9.3.4)."""
+    return bytes((0x03, 0x00, 0x00, 0x00, 0x00, 0x04, 0x00, result, source, reason))
+
+
 # ---------------------------------------------------------------------------------
 # Hand-built A-ASSOCIATE-RQ pieces (PS3.8 §9.3.2), so lengths can be made wrong
 # ---------------------------------------------------------------------------------
@@ -69,9 +97,11 @@ CONTEXT = item(0x20, context_value())
 USER_INFO = item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x52, b"1.2.826.0.1.3680043.9.7433.1"))
 
 
-def associate_rq(items: bytes, *, length_delta: int = 0) -> bytes:
-    """A-ASSOCIATE-RQ from SCP-called RAW; ``length_delta`` falsifies the PDU length."""
-    body = struct.pack(">HH", 1, 0) + b"SCP".ljust(16) + b"RAW".ljust(16) + bytes(32) + items
+def associate_rq(items: bytes, *, length_delta: int = 0, called: bytes = b"SCP", calling: bytes = b"RAW") -> bytes:
+    """A-ASSOCIATE-RQ from ``calling`` to ``called`` (16 bytes: padded with spaces);
+    ``length_delta`` falsifies the PDU length."""
+    fields = called.ljust(16)[:16] + calling.ljust(16)[:16]
+    body = struct.pack(">HH", 1, 0) + fields + bytes(32) + items
     return struct.pack(">BBI", 0x01, 0, len(body) + length_delta) + body
 
 
@@ -457,12 +487,43 @@ MALFORMED_RQ = {
 async def test_malformed_associate_rq_is_aborted(name: str) -> None:
     data, reason = MALFORMED_RQ[name]
     artim = 0.5
-    async with running_scp(artim_timeout=artim) as server, raw_peer(server.port) as peer:
-        await peer.send(data)
-        assert await peer.read_pdu(1.0) == a_abort(PROVIDER, reason)
-        await echo_ok(server.port)
-        assert await peer.expect_eof(artim + 3) == b""
-        await wait_until(lambda: not server.associations, 2, "the server forgot the connection")
+    with Warnings() as log:
+        async with running_scp(artim_timeout=artim) as server, raw_peer(server.port) as peer:
+            await peer.send(data)
+            assert await peer.read_pdu(1.0) == a_abort(PROVIDER, reason)
+            await echo_ok(server.port)
+            assert await peer.expect_eof(artim + 3) == b""
+            await wait_until(lambda: not server.associations, 2, "the server forgot the connection")
+    (line,) = log.events("connection refused")
+    assert str(line["reason"]).startswith("invalid PDU: ") and str(line["peer"]).startswith(HOST), line
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "answer", "why"),
+    [
+        ("no-presentation-context", associate_rq(APP_CONTEXT + USER_INFO), a_associate_rj(1, 2, 1), "no presentation"),
+        (
+            "protocol-version-2",
+            associate_rq(APP_CONTEXT + CONTEXT + USER_INFO).replace(b"\x00\x01\x00\x00SCP", b"\x00\x02\x00\x00SCP", 1),
+            a_associate_rj(1, 2, 2),
+            "protocol version 0x0002",
+        ),
+    ],
+)
+async def test_request_the_provider_rejects_is_logged_even_when_the_peer_closes_at_once(
+    name: str, data: bytes, answer: bytes, why: str
+) -> None:
+    """AE-6's own rejections (PS3.8 Table 9-7): rejected-permanent, service-provider
+    (ACSE); the peer closes at once (no ARTIM expiry to log), the WARNING says why."""
+    with Warnings() as log:
+        async with running_scp(artim_timeout=5.0) as server, raw_peer(server.port) as peer:
+            await peer.send(data)
+            assert await peer.read_pdu(1.0) == answer
+            await peer.close()
+            await wait_until(lambda: not server.associations, 2, "the server forgot the connection")
+            await echo_ok(server.port)
+    (line,) = log.events("connection refused")
+    assert why in str(line["reason"]), line
 
 
 async def test_associate_rq_longer_than_sent_waits_only_until_artim() -> None:
@@ -472,6 +533,93 @@ async def test_associate_rq_longer_than_sent_waits_only_until_artim() -> None:
         await peer.send(associate_rq(APP_CONTEXT + CONTEXT + USER_INFO, length_delta=100))
         await echo_ok(server.port)
         assert await peer.expect_eof(artim + 3) == b""
+
+
+CALLED_NOT_RECOGNIZED = a_associate_rj(1, 1, 7)
+CALLING_NOT_RECOGNIZED = a_associate_rj(1, 1, 3)
+
+#: AE title fields the AE VR does not allow (PS3.5 §6.2, PS3.8 Table 9-11): 16 bytes each.
+BAD_TITLES = {
+    "called-all-spaces": (b" " * 16, b"RAW", CALLED_NOT_RECOGNIZED),
+    "calling-all-spaces": (b"SCP", b" " * 16, CALLING_NOT_RECOGNIZED),
+    "calling-all-nul": (b"SCP", bytes(16), CALLING_NOT_RECOGNIZED),
+    "calling-nul-padded": (b"SCP", b"RAW".ljust(16, b"\x00"), CALLING_NOT_RECOGNIZED),
+    "calling-escape": (b"SCP", b"R\x1b[2JAW", CALLING_NOT_RECOGNIZED),
+    "calling-newline": (b"SCP", b"RAW\nFORGED", CALLING_NOT_RECOGNIZED),
+    "calling-tab": (b"SCP", b"R\tAW", CALLING_NOT_RECOGNIZED),
+    "calling-backslash": (b"SCP", b"R\\AW", CALLING_NOT_RECOGNIZED),
+    "calling-del": (b"SCP", b"RAW\x7f", CALLING_NOT_RECOGNIZED),
+    "calling-not-ascii": (b"SCP", b"R\xe9AW", CALLING_NOT_RECOGNIZED),
+    "called-control": (b"S\x00CP", b"RAW", CALLED_NOT_RECOGNIZED),
+    "both-blank": (b" " * 16, b" " * 16, CALLED_NOT_RECOGNIZED),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TITLES))
+async def test_ae_title_the_ae_vr_forbids_is_rejected_with_a_warning(name: str) -> None:
+    """Refused even by an SCP that answers any called title and any calling title."""
+    called, calling, answer = BAD_TITLES[name]
+    with Warnings() as log:
+        async with running_scp(require_called_ae=False, artim_timeout=0.5) as server, raw_peer(server.port) as peer:
+            await peer.send(associate_rq(APP_CONTEXT + CONTEXT + USER_INFO, called=called, calling=calling))
+            assert await peer.read_pdu(2.0) == answer
+            assert await peer.expect_eof(3) == b""
+            await echo_ok(server.port)
+            await wait_until(lambda: not server.associations, 2, "the server forgot the rejected association")
+    (line,) = log.events("association rejected")
+    which = "called" if answer == CALLED_NOT_RECOGNIZED else "calling"
+    assert str(line["why"]).startswith(f"{which} AE title"), line
+    assert str(line["peer"]).startswith(HOST), line
+    assert "not-recognized" in str(line["answer"]), line
+
+
+#: Odd titles the AE VR allows: spaces around them, 16 characters, any printable but backslash.
+GOOD_TITLES = [b"  LEADING", b"X" * 16, b"~!#$%&'()*+,-./:", b';<=>?@[]^_`{|}"', b"A B", b"1"]
+
+
+@pytest.mark.parametrize("title", GOOD_TITLES, ids=[t.decode() for t in GOOD_TITLES])
+async def test_odd_but_valid_ae_titles_are_accepted(title: bytes) -> None:
+    significant = title.decode().strip(" ")
+    async with running_scp(allowed_calling_aes=[significant]) as server, raw_peer(server.port) as peer:
+        await peer.send(associate_rq(APP_CONTEXT + CONTEXT + USER_INFO, calling=title))
+        reply = await peer.read_pdu()
+        assert reply is not None and reply[0] == 0x02, reply
+        ac = decode_pdu(0x02, reply[6:])
+        assert isinstance(ac, AssociateAC) and ac.calling_ae == significant
+        await peer.send(echo_rq_pdata())
+        assert (await peer.read_pdu()) is not None
+        await peer.send(ReleaseRQ().encode())
+        assert await peer.read_pdu() == ReleaseRP().encode()
+
+
+@pytest.mark.parametrize("max_length", [1, 6, 63, 64, 1023])
+async def test_tiny_maximum_length_is_rejected_with_a_warning(max_length: int) -> None:
+    """PS3.8 D.1 sets no minimum; below the 1024 bytes we allow ourselves, refused:
+    rejected-permanent, service-user, no-reason-given, and one WARNING saying why."""
+    user_info = item(0x50, item(0x51, struct.pack(">I", max_length)) + item(0x52, b"1.2.3"))
+    with Warnings() as log:
+        async with running_scp(artim_timeout=0.5) as server, raw_peer(server.port) as peer:
+            await peer.send(associate_rq(APP_CONTEXT + CONTEXT + user_info))
+            assert await peer.read_pdu(2.0) == a_associate_rj(1, 1, 1)
+            assert await peer.expect_eof(3) == b""
+            await echo_ok(server.port)
+    (line,) = log.events("association rejected")
+    assert f"maximum length received {max_length} " in str(line["why"]), line
+    assert str(line["peer"]).startswith(HOST), line
+
+
+@pytest.mark.parametrize("max_length", [0, 1024])
+async def test_unlimited_or_smallest_usable_maximum_length_is_accepted(max_length: int) -> None:
+    user_info = item(0x50, item(0x51, struct.pack(">I", max_length)) + item(0x52, b"1.2.3"))
+    async with running_scp() as server, raw_peer(server.port) as peer:
+        await peer.send(associate_rq(APP_CONTEXT + CONTEXT + user_info))
+        reply = await peer.read_pdu()
+        assert reply is not None and reply[0] == 0x02, reply
+        await peer.send(echo_rq_pdata())
+        reply = await peer.read_pdu()
+        assert reply is not None and reply[0] == 0x04 and len(reply) <= max(max_length, 1 << 20), reply
+        await peer.send(ReleaseRQ().encode())
+        assert await peer.read_pdu() == ReleaseRP().encode()
 
 
 # ---------------------------------------------------------------------------------
