@@ -423,6 +423,44 @@ async def test_echoscu_calling_ae_allow_list():
     assert [r.assoc.peer_ae for r in requests] == ["GOOD_SCU"]
 
 
+#: AE titles the AE VR allows (PS3.5 §6.2) that few peers use: punctuation, 16 characters.
+ODD_TITLES = ["~!#$%&'()*+,-./:", "X" * 16, ";<=>?@[]^_`{|}"]
+
+
+@pytest.mark.parametrize("title", ODD_TITLES)
+async def test_echoscu_odd_but_valid_titles_are_accepted(title: str):
+    """As calling title (matched exactly by an allow list) and as called title."""
+    ae, requests = verification_scp("A~B C!", allowed_calling_aes=[title])
+    async with serving(ae) as server:
+        result = await echoscu(server.port, "-aec", "A~B C!", "-aet", title)
+    assert result.returncode == 0, result
+    assert [r.assoc.peer_ae for r in requests] == [title]
+    ae, requests = verification_scp(title)
+    async with serving(ae) as server:
+        result = await echoscu(server.port, "-aec", title)
+    assert result.returncode == 0, result
+
+
+@pytest.mark.parametrize("title", ["BAD\tTAB", "BACK\\SLASH"])
+async def test_echoscu_calling_title_the_ae_vr_forbids_is_rejected(title: str):
+    """DCMTK sends such a title as given; we answer calling-AE-title-not-recognized."""
+    ae, requests = verification_scp(require_called_ae=False)
+    async with serving(ae) as server:
+        result = await echoscu(server.port, "-aet", title)
+    assert result.returncode != 0, result
+    assert "Calling AE Title Not Recognized" in result.text, result
+    assert requests == []
+
+
+@pytest.mark.parametrize("title", ODD_TITLES)
+async def test_pynetdicom_odd_but_valid_titles_are_accepted(title: str):
+    ae, requests = verification_scp(title, allowed_calling_aes=[title])
+    async with serving(ae) as server:
+        seen = await asyncio.to_thread(pynetdicom_session, server.port, called=title, calling=title)
+    assert seen["established"] and seen["echo_status"] == 0x0000, seen
+    assert [r.assoc.peer_ae for r in requests] == [title]
+
+
 async def test_echoscu_rejected_when_over_max_associations():
     """max_associations=1 while pynetdicom holds one: echoscu gets rejected-transient."""
     ae, _ = verification_scp(max_associations=1)
