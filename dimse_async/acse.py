@@ -454,9 +454,17 @@ def negotiate(
         async_reply = AsyncOpsWindow(req_invoked, req_performed)
         performed, invoked = req_invoked, req_performed
 
+    # SOP class extended negotiation (PS3.7 D.3.3.5): asked only about classes accepted on
+    # some context (as role selection), and once per class: the AC holds at most one
+    # sub-item per SOP class UID (the first proposed is answered, repeats are ignored).
+    accepted_classes = {c.abstract_syntax for c in contexts if c.accepted}
     extended: dict[str, bytes] = {}
     ext_replies = []
+    asked: set[str] = set()
     for item in rq.user_info.extended:
+        if item.sop_class_uid not in accepted_classes or item.sop_class_uid in asked:
+            continue
+        asked.add(item.sop_class_uid)
         reply = policy.on_extended(item.sop_class_uid, item.info) if policy.on_extended else None
         if reply is not None:
             extended[item.sop_class_uid] = reply

@@ -169,6 +169,8 @@ def test_extended_and_common_extended_negotiation():
         return b"\x01" if uid == CT else None
 
     rq = request(
+        ContextSpec(CT, [EXPLICIT]),
+        ContextSpec(MR, [EXPLICIT]),
         extended=[SOPClassExtended(CT, b"\x01\x01"), SOPClassExtended(MR, b"\x00")],
         common_extended=[
             SOPClassCommonExtended(CT, "1.2.840.10008.4.2", ["1.2.3"]),
@@ -181,6 +183,31 @@ def test_extended_and_common_extended_negotiation():
     assert neg.extended == {CT: b"\x01"}
     assert [c.sop_class_uid for c in neg.common_extended] == [CT]
     assert requestor_contexts(rq, roundtrip_ac(ac)).extended == {CT: b"\x01"}
+
+
+def test_extended_negotiation_only_for_accepted_classes_and_once_per_class():
+    """PS3.7 D.3.3.5: at most one AC sub-item per SOP class; a class not proposed (or
+    rejected) on any context is not asked about."""
+    seen = []
+
+    def on_ext(uid, info):
+        seen.append((uid, info))
+        return info
+
+    rq = request(
+        ContextSpec(CT, [EXPLICIT]),
+        ContextSpec(MR, [JPEG]),  # proposed, but no transfer syntax we take: rejected
+        extended=[
+            SOPClassExtended(CT, b"\x01"),
+            SOPClassExtended(CT, b"\x02"),  # repeated
+            SOPClassExtended(MR, b"\x03"),
+            SOPClassExtended("1.2.840.10008.5.1.4.1.1.7", b"\x04"),  # never proposed
+        ],
+    )
+    ac, neg = negotiate(rq, policy(on_extended=on_ext))
+    assert seen == [(CT, b"\x01")]
+    assert [(e.sop_class_uid, e.info) for e in roundtrip_ac(ac).user_info.extended] == [(CT, b"\x01")]
+    assert neg.extended == {CT: b"\x01"}
 
 
 def test_user_identity_response_only_when_requested():

@@ -622,6 +622,47 @@ async def test_unlimited_or_smallest_usable_maximum_length_is_accepted(max_lengt
         assert await peer.read_pdu() == ReleaseRP().encode()
 
 
+def uid_field(uid: str) -> bytes:
+    return struct.pack(">H", len(uid)) + uid.encode()
+
+
+async def test_extended_negotiation_is_answered_once_and_only_for_accepted_classes() -> None:
+    """PS3.7 D.3.3.5: one AC sub-item per SOP class at most; classes not accepted on a
+    context (here never proposed) are not put to the application."""
+    asked: list[tuple[str, bytes]] = []
+    ae = AE("SCP", artim_timeout=1.0)
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(CT_IMAGE_STORAGE)
+
+    @ae.on_extended_negotiation
+    def reply(sop_class: str, info: bytes) -> bytes:
+        asked.append((sop_class, info))
+        return b"\x01"
+
+    ext = [(Verification, b"\x01"), (Verification, b"\x02"), (CT_IMAGE_STORAGE, b"\x03")]
+    user_info = item(
+        0x50,
+        item(0x51, struct.pack(">I", 16384))
+        + item(0x52, b"1.2.3")
+        + b"".join(item(0x56, uid_field(uid) + info) for uid, info in ext),
+    )
+    server = await ae.start_server(HOST, 0)
+    try:
+        async with raw_peer(server.port) as peer:
+            await peer.send(associate_rq(APP_CONTEXT + CONTEXT + user_info))
+            reply_pdu = await peer.read_pdu()
+            assert reply_pdu is not None and reply_pdu[0] == 0x02, reply_pdu
+            ac = decode_pdu(0x02, reply_pdu[6:])
+            assert isinstance(ac, AssociateAC)
+            assert [(e.sop_class_uid, e.info) for e in ac.user_info.extended] == [(Verification, b"\x01")]
+            await peer.send(ReleaseRQ().encode())
+            assert await peer.read_pdu() == ReleaseRP().encode()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=1), 10)
+    assert asked == [(Verification, b"\x01")]
+
+
 # ---------------------------------------------------------------------------------
 # 5. PDUs out of order for the state
 # ---------------------------------------------------------------------------------
