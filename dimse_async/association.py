@@ -16,7 +16,7 @@ import socket
 from typing import Any, cast
 
 from . import fsm
-from .acse import Negotiated, negotiation_summary, reject_text, requestor_contexts
+from .acse import MIN_PEER_PDU, Negotiated, negotiation_summary, reject_text, requestor_contexts
 from .exceptions import AssociationAborted, AssociationRejected, AssociationTimeout
 from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
@@ -209,7 +209,14 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self._on_associate_indication(out.rq)
         elif isinstance(out, fsm.AssociateAccepted):
             assert self.associate_rq is not None
-            self._set_negotiated(requestor_contexts(self.associate_rq, out.ac), "association accepted by peer")
+            neg = requestor_contexts(self.associate_rq, out.ac)
+            if 0 < neg.peer_max_pdu < MIN_PEER_PDU:
+                # What an acceptor rejects (see acse._refusal); a requestor can only abort.
+                why = f"peer's maximum length received {neg.peer_max_pdu} is below {MIN_PEER_PDU}"
+                self.log.warning("association accepted by peer but unusable", why=why)
+                self.abort(why)
+                return
+            self._set_negotiated(neg, "association accepted by peer")
         elif isinstance(out, fsm.AssociateRejected):
             self._end_reason = f"rejected: {reject_text(out.rj)}"  # on the "association closed" line
             if self._debug:

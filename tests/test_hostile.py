@@ -34,7 +34,18 @@ from hypothesis import strategies as st
 from dimse_async import AE, AssociationAborted, AssociationRejected, Server, Verification
 from dimse_async.acse import ContextSpec, build_request
 from dimse_async.dimse import NO_DATASET, Command, CommandField, decode_command, encode_command
-from dimse_async.pdu import PDV, Abort, AssociateAC, AssociateRJ, PDataTF, ReleaseRP, ReleaseRQ, decode_pdu
+from dimse_async.pdu import (
+    PDV,
+    Abort,
+    AssociateAC,
+    AssociateRJ,
+    PDataTF,
+    PresentationContextAC,
+    ReleaseRP,
+    ReleaseRQ,
+    UserInformation,
+    decode_pdu,
+)
 
 HOST = "127.0.0.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -661,6 +672,53 @@ async def test_extended_negotiation_is_answered_once_and_only_for_accepted_class
         server.close()
         await asyncio.wait_for(server.wait_closed(grace=1), 10)
     assert asked == [(Verification, b"\x01")]
+
+
+@contextlib.asynccontextmanager
+async def raw_acceptor(answer: Callable[[bytes], bytes]) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A raw acceptor: reads the A-ASSOCIATE-RQ, sends ``answer(rq)``, then records every
+    PDU the requestor sends until it closes. Yields (port, PDUs received after the RQ)."""
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = Peer(reader, writer)
+        try:
+            rq = await peer.read_pdu(5)
+            assert rq is not None and rq[0] == 0x01
+            await peer.send(answer(rq))
+            while (pdu := await peer.read_pdu(5)) is not None:
+                received.append(pdu)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, HOST, 0)
+    try:
+        yield server.sockets[0].getsockname()[1], received
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+
+@pytest.mark.parametrize("max_length", [1, 6, 1023])
+async def test_requestor_aborts_an_association_whose_peer_takes_tiny_pdus(max_length: int) -> None:
+    """An A-ASSOCIATE-AC whose maximum length is below 1024: our requestor cannot reject
+    it, so it aborts (service-user source) with a WARNING, and ``associate()`` says why
+    (a maximum length of 1..6 used to fail every later send with ValueError)."""
+
+    def ac_for(rq: bytes) -> bytes:
+        ui = UserInformation(max_length=max_length, implementation_class_uid="1.2.3")
+        return AssociateAC("SCP", "SCU", [PresentationContextAC(1, 0, IMPLICIT_LE)], ui).encode()
+
+    with Warnings() as log:
+        async with raw_acceptor(ac_for) as (port, received):
+            with pytest.raises(AssociationAborted, match=f"maximum length received {max_length} is below 1024"):
+                await asyncio.wait_for(scu().associate(HOST, port, called_ae="SCP"), 5)
+            await wait_until(lambda: bool(received), 5, "the A-ABORT arrived")
+    assert received == [a_abort(USER, 0)]
+    (line,) = log.events("association accepted by peer but unusable")
+    assert str(max_length) in str(line["why"]), line
 
 
 # ---------------------------------------------------------------------------------
