@@ -35,6 +35,7 @@ from dimse_async import AE, AssociationAborted, AssociationRejected, Server, Ver
 from dimse_async.acse import ContextSpec, build_request
 from dimse_async.dimse import NO_DATASET, Command, CommandField, decode_command, encode_command
 from dimse_async.pdu import (
+    APPLICATION_CONTEXT,
     PDV,
     Abort,
     AssociateAC,
@@ -719,6 +720,56 @@ async def test_requestor_aborts_an_association_whose_peer_takes_tiny_pdus(max_le
     assert received == [a_abort(USER, 0)]
     (line,) = log.events("association accepted by peer but unusable")
     assert str(max_length) in str(line["why"]), line
+
+
+def reserved_set(data: bytes, *positions: int) -> bytes:
+    out = bytearray(data)
+    for pos in positions:
+        out[pos] = 0xFF
+    return bytes(out)
+
+
+async def test_reserved_fields_are_not_tested() -> None:
+    """PS3.8 §9.3 (Tables 9-11 ... 9-26) and Annex E: reserved fields are sent as zeros
+    "but not tested" when received: nonzero reserved bytes and bits change nothing."""
+
+    def rsv_item(item_type: int, value: bytes) -> bytes:
+        return struct.pack(">BBH", item_type, 0xFF, len(value)) + value
+
+    context = rsv_item(
+        0x20, b"\x01\xff\xff\xff" + rsv_item(0x30, Verification.encode()) + rsv_item(0x40, IMPLICIT_LE.encode())
+    )
+    user_info = rsv_item(0x50, rsv_item(0x51, struct.pack(">I", 16384)) + rsv_item(0x52, b"1.2.3"))
+    body = struct.pack(">H", 1) + b"\xff\xff" + b"SCP".ljust(16) + b"RAW".ljust(16) + b"\xff" * 32
+    body += rsv_item(0x10, APPLICATION_CONTEXT.encode()) + context + user_info
+    rq = struct.pack(">BBI", 0x01, 0xFF, len(body)) + body
+    echo = reserved_set(echo_rq_pdata(), 1)  # PDU header's reserved byte
+    echo = echo[:11] + bytes((echo[11] | 0xFC,)) + echo[12:]  # message control header bits 2-7
+    async with running_scp() as server, raw_peer(server.port) as peer:
+        await peer.send(rq)
+        reply = await peer.read_pdu()
+        assert reply is not None and reply[0] == 0x02, reply
+        await peer.send(echo)
+        reply = await peer.read_pdu()
+        assert reply is not None and reply[0] == 0x04, reply
+        rsp = decode_command(reply[12:])
+        assert (rsp.command_field, rsp.status) == (0x8030, 0)
+        await peer.send(bytes((0x05, 0xFF, 0, 0, 0, 4, 0xFF, 0xFF, 0xFF, 0xFF)))  # A-RELEASE-RQ
+        assert await peer.read_pdu() == ReleaseRP().encode()
+
+
+async def test_a_abort_with_reserved_bytes_and_odd_source_and_reason_just_closes() -> None:
+    """PS3.8 §9.3.8: source 1 and reasons past 6 are reserved values; any A-ABORT ends the
+    association (AA-3): the connection closes, a WARNING names source and reason."""
+    with Warnings() as log:
+        async with running_scp() as server, raw_peer(server.port) as peer:
+            await raw_associate(peer)
+            await peer.send(bytes((0x07, 0xFF, 0, 0, 0, 4, 0xFF, 0xFF, 0x01, 0xFF)))
+            assert await peer.expect_eof(2) == b""
+            await wait_until(lambda: not server.associations, 2, "the server forgot the aborted association")
+            await echo_ok(server.port)
+    (line,) = log.events("association aborted")
+    assert "source 1, reason 255" in str(line["reason"]), line
 
 
 # ---------------------------------------------------------------------------------
