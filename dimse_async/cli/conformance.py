@@ -21,7 +21,7 @@ import pydicom
 from pydicom.uid import UID
 
 from .. import __version__
-from ..acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from ..acse import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, MIN_PEER_PDU
 from ..ae import AE, TRANSFER_SYNTAX_PRESETS
 from ..archive.commitment import CommitmentSCP
 from ..archive.config import ServeConfig
@@ -290,6 +290,8 @@ def render() -> str:
     add(f"- Application context name: `{APPLICATION_CONTEXT}`.")
     add(f"- Implementation Class UID `{IMPLEMENTATION_CLASS_UID}`, Version Name `{IMPLEMENTATION_VERSION_NAME}`.")
     add(f"- Maximum PDU length received: {d['max_pdu']} bytes (`AE(max_pdu=)`); PDUs sent honour the peer's maximum.")
+    add(f"  A peer maximum below {MIN_PEER_PDU} bytes is refused: A-ASSOCIATE-RJ rejected-permanent, service-user,")
+    add("  no-reason-given (as acceptor); A-ABORT (as requestor).")
     add(f"- Associations at once: {serve_config.max_associations} for `serve` (`max_associations`); beyond that "
         "A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded.")  # fmt: skip
     add(f"- Asynchronous operations window: up to {serve_config.max_ops} invoked / performed (`max_ops`); "
@@ -302,7 +304,11 @@ def render() -> str:
     add("  C-FIND classes when asked for; other options are declined.")
     add("- Called AE title: any (`require_called_ae = false`, default) or only our own; calling AE")
     add("  titles: any, or those in `allowed_calling_aes`. A refusal is A-ASSOCIATE-RJ")
-    add("  rejected-permanent with the PS3.8 reason (called/calling AE title not recognized).")
+    add("  rejected-permanent with the PS3.8 reason (called/calling AE title not recognized). So is a")
+    add("  title the AE VR does not allow (all spaces, a control character, a backslash, a byte outside")
+    add("  ISO 646), whatever the policy.")
+    add("- An A-ASSOCIATE-RQ without presentation contexts, or without protocol version 1, is rejected")
+    add("  by the service-provider (ACSE); a malformed one gets A-ABORT with the PS3.8 reason.")
     add("- User identity negotiation (PS3.7 D.3.3.7): accepted when the application registers an")
     add("  authenticator (`AE.on_user_identity`); a refusal rejects the association.")
     add("")
