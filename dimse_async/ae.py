@@ -324,7 +324,13 @@ class AE(HandlerRegistry):
 
     def _sinks(self) -> dict[int, SinkFactory]:
         def spool(assoc: DIMSEProvider, msg: Message) -> Any:
-            return make_spool(assoc, msg, threshold=self.spool_threshold, directory=self.spool_dir)
+            return make_spool(
+                assoc,
+                msg,
+                threshold=self.spool_threshold,
+                directory=self.spool_dir,
+                store=self._handlers.get(CommandField.C_STORE_RQ),
+            )
 
         return {CommandField.C_STORE_RQ: spool}
 

@@ -431,8 +431,13 @@ class InlineWrites:
         self.pauses = 0
 
     def allowed(self, size: int) -> bool:
-        """Whether ``size`` bytes may be written on the loop now."""
-        return size <= self.max_size and (not self._until or time.monotonic() >= self._until)
+        """Whether an instance of ``size`` bytes may be written on the loop now."""
+        return size <= self.max_size and self.writable()
+
+    def writable(self) -> bool:
+        """Whether writes go on the loop now (not paused after slow ones): for the
+        pieces of a large instance written as they arrive (``services.spool``)."""
+        return not self._until or time.monotonic() >= self._until
 
     def start(self) -> tuple[float, tuple[float, int] | None]:
         """Before an inline write: what :meth:`done` measures it from."""

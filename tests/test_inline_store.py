@@ -1,10 +1,12 @@
-"""Small instances written on the event loop (``filewriter.InlineWrites``).
+"""Instances written on the event loop (``filewriter.InlineWrites``).
 
 PS3.4 B.2.3: success only once the instance is stored. A small instance whose data set
 arrived whole is placed by the loop itself (a new ``.partial`` file, ``writev``,
-rename) when such writes are fast; a large one, or any while inline writes are slow,
-goes to the association's writer thread. Either way the final name only ever holds a
-complete file, and a full or read-only disk answers 0xA700 leaving nothing behind.
+rename) when such writes are fast; a large one spooled past the threshold is written
+by the loop piece by piece as it arrives, then closed and renamed there too. While
+inline writes are slow, the work goes to the association's writer thread. Either way
+the final name only ever holds a complete file, and a full or read-only disk answers
+0xA700 leaving nothing behind.
 """
 
 from __future__ import annotations
@@ -15,20 +17,38 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from test_integrity import remount, small_tmpfs
-from test_receive_path import CT_CLASS, VERIFICATION, sent_intact, storage_scp, storescu, write_instances
+from test_receive_path import (
+    CT_CLASS,
+    VERIFICATION,
+    dataset_part,
+    sent_intact,
+    storage_scp,
+    storescu,
+    write_instances,
+    write_large_instances,
+)
 
 from dimse_async import AE
 from dimse_async.filewriter import InlineWrites
+from dimse_async.services import spool as spool_module
+from dimse_async.services import storage as storage_module
 from dimse_async.services.storage import DirectoryStore
 
 
 @contextlib.asynccontextmanager
-async def store_scp(store: DirectoryStore) -> AsyncIterator[int]:
+async def store_scp(store: DirectoryStore, spool_dir: Path | None = None) -> AsyncIterator[int]:
+    """A storage SCP storing with ``store``; with ``spool_dir``, data sets past 256 KiB
+    are spooled there as they arrive."""
     ae = storage_scp()
     ae.on_c_store(store)
+    if spool_dir is not None:
+        ae.spool_threshold = 256 << 10
+        ae.spool_dir = str(spool_dir)
     async with await ae.start_server("127.0.0.1", 0) as server:
         yield server.port
 
@@ -224,3 +244,117 @@ def test_an_inline_write_is_judged_by_its_cpu_time_unless_the_thread_slept(monke
     monkeypatch.undo()
     cpu, switches = filewriter._thread_usage() or (0.0, 0)  # the real one: this thread's
     assert cpu > 0 and switches >= 0
+
+
+def thread_jobs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the spool's write jobs and last-step jobs handed to the writer thread."""
+    jobs: list[str] = []
+    submit, place = spool_module.Spool._submit, storage_module._place_spooled
+
+    def counted_submit(self: spool_module.Spool) -> None:
+        jobs.append("write")
+        submit(self)
+
+    def counted_place(*args: Any) -> Any:
+        jobs.append("place")
+        return place(*args)
+
+    monkeypatch.setattr(spool_module.Spool, "_submit", counted_submit)
+    monkeypatch.setattr(storage_module, "_place_spooled", counted_place)
+    return jobs
+
+
+async def test_large_instances_are_written_by_the_loop_as_they_arrive(tmp_path, monkeypatch):
+    """Instances past the spool threshold (0.7, 2.5 and 9 MB) are written on the loop
+    piece by piece as their fragments arrive, then closed and renamed there: no write
+    job and no last-step job in the writer thread, each stored byte for byte, nothing
+    left in the spool directory. With ``inline=False`` the same instances take the
+    writer thread, stored the same."""
+    files = write_large_instances(tmp_path / "src", [700_000, 2_500_000, 9_000_000])
+    for inline in (never_slow(), False):
+        out = tmp_path / f"out-{bool(inline)}"
+        jobs = thread_jobs(monkeypatch)
+        store = DirectoryStore(out, inline=inline)
+        async with store_scp(store, out / ".incoming") as port:
+            assert await storescu(port, tmp_path / "src") == 0
+        monkeypatch.undo()
+        assert store.stored == 3
+        for uid, src in files.items():
+            assert dataset_part(out / f"{uid}.dcm") == dataset_part(src), src.name
+        assert list((out / ".incoming").iterdir()) == []
+        assert left_partial(out) == []
+        if inline:
+            # every piece of 128 KiB - 1 MiB: at least one per MiB past the threshold
+            assert store.inline is not None and store.inline.writes >= 11, store.inline.writes
+            assert jobs == []
+        else:
+            assert jobs.count("place") == 3 and jobs.count("write") >= 8
+
+
+async def test_slow_inline_writes_send_the_rest_of_a_large_instance_to_the_writer_thread(tmp_path, monkeypatch):
+    """The first piece of a 9 MB instance written on the loop counts as slow: the other
+    pieces and the last step go to the writer thread, after it (the file's bytes in
+    order); the instance is stored intact."""
+    files = write_large_instances(tmp_path / "src", [9_000_000])
+    ((uid, src),) = files.items()
+    out = tmp_path / "out"
+    jobs = thread_jobs(monkeypatch)
+    slow = InlineWrites(slow=0.0, backoff=60.0)
+    store = DirectoryStore(out, inline=slow)
+    async with store_scp(store, out / ".incoming") as port:
+        assert await storescu(port, tmp_path / "src") == 0
+    assert (slow.writes, slow.pauses) == (1, 1)
+    assert jobs.count("place") == 1 and jobs.count("write") >= 5
+    assert dataset_part(out / f"{uid}.dcm") == dataset_part(src)
+    assert list((out / ".incoming").iterdir()) == [] and left_partial(out) == []
+
+
+async def test_disk_full_while_a_large_instance_is_written_inline_answers_out_of_resources(tmp_path):
+    """The store is a 1 MB tmpfs holding its own spool directory: a 2.5 MB instance
+    written on the loop as it arrives fills it; it is answered 0xA700 with the reason,
+    its temporary file is removed, the association goes on (a small instance is
+    stored next), and once there is room the large one is stored intact."""
+    files = write_large_instances(tmp_path / "src", [2_500_000])
+    ((uid, src),) = files.items()
+    (small_uid,) = write_instances(tmp_path / "small", 1)
+    with small_tmpfs(tmp_path / "out", "1m") as out:
+        store = DirectoryStore(out, inline=never_slow())
+        async with store_scp(store, out / ".incoming") as port:
+            answers = await store_each(port, [src, tmp_path / "small" / "000.dcm"])
+            (code, comment), second = answers
+            assert code == 0xA700 and comment and comment.startswith("Out of resources"), answers
+            assert second == (0, None)
+            assert list((out / ".incoming").iterdir()) == [] and left_partial(out) == []
+            assert sorted(p.name for p in out.iterdir() if p.is_file()) == [f"{small_uid}.dcm"]
+            remount(out, "size=8m")
+            assert await store_each(port, [src]) == [(0, None)]
+        assert dataset_part(out / f"{uid}.dcm") == dataset_part(src)
+        assert list((out / ".incoming").iterdir()) == [] and left_partial(out) == []
+
+
+async def test_a_spool_on_another_file_system_is_moved_by_the_writer_thread(tmp_path, monkeypatch):
+    """The rename of a spool file written on the loop fails as across file systems
+    (EXDEV): the writer thread copies it into place instead; stored intact, no spool
+    file or temporary file left."""
+    import errno
+
+    files = write_large_instances(tmp_path / "src", [2_500_000])
+    ((uid, src),) = files.items()
+    out = tmp_path / "out"
+    spool_dir = out / ".incoming"
+    real_replace = os.replace
+    refused: list[str] = []
+
+    def replace(a: Any, b: Any) -> None:
+        if os.fspath(a).startswith(str(spool_dir)):
+            refused.append(os.fspath(a))
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "replace", replace)
+    store = DirectoryStore(out, inline=never_slow())
+    async with store_scp(store, spool_dir) as port:
+        assert await storescu(port, tmp_path / "src") == 0
+    assert len(refused) == 2  # on the loop, then in the writer thread before the copy
+    assert dataset_part(out / f"{uid}.dcm") == dataset_part(src)
+    assert list(spool_dir.iterdir()) == [] and left_partial(out) == []

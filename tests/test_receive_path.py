@@ -427,17 +427,18 @@ async def test_thousands_of_requests_in_one_pdu_beyond_the_window_are_all_answer
 
 async def test_instances_spooled_as_they_arrive_are_moved_into_place_by_the_answering_job(tmp_path):
     """A data set past the spool threshold goes to a temporary file as it arrives; with
-    a plain DirectoryStore its last bytes, the close and the move into place are one
-    writer job after the earlier writes, then the status (PS3.4 B.2.3). Instances on
-    both sides of the threshold are stored byte for byte, and no temporary file is
-    left in the spool directory or beside the stored files."""
+    a plain DirectoryStore that writes nothing on the loop (``inline=False``) its last
+    bytes, the close and the move into place are one writer job after the earlier
+    writes, then the status (PS3.4 B.2.3). Instances on both sides of the threshold are
+    stored byte for byte, and no temporary file is left in the spool directory or
+    beside the stored files. (Written on the loop instead: ``test_inline_store``.)"""
     files = write_large_instances(tmp_path / "src", [700_000, 2_500_000, 9_000_000, 100_000, 2_500_000])
     out = tmp_path / "out"
     spool_dir = out / ".incoming"
     ae = storage_scp()
     ae.spool_threshold = 256 << 10
     ae.spool_dir = str(spool_dir)
-    store = DirectoryStore(out)
+    store = DirectoryStore(out, inline=False)
     ae.on_c_store(store)
     async with await ae.start_server("127.0.0.1", 0) as server:
         assert await storescu(server.port, tmp_path / "src") == 0

@@ -14,12 +14,14 @@ import os
 import tempfile
 from collections.abc import Callable
 
-from ..filewriter import FileWriter, writev_all
+from ..filewriter import FileWriter, InlineWrites, writev_all
 from ..status import Status
 
 __all__ = ["Spool"]
 
 _FLUSH_CHUNK = 1 << 20  # hand bytes to the writer in pieces of at least this size
+_INLINE_MIN = 128 << 10  # write on the loop once this much is held ...
+_INLINE_MAX = 1 << 20  # ... and never more than this at once (how long the loop waits)
 _HIGH_WATER = 8 << 20  # pause reading while this much waits for the disk
 _LOW_WATER = 2 << 20
 
@@ -57,6 +59,14 @@ class Spool:
     called to stop reading the socket; ``resume`` once the writer is below
     ``_LOW_WATER``. :meth:`discard` never closes or removes the file under a running
     write: the writer does it after the jobs queued before it.
+
+    With ``inline`` (an :class:`~dimse_async.filewriter.InlineWrites` policy), bytes
+    past the threshold are written on the event loop as they arrive, in pieces of
+    ``_INLINE_MIN`` to ``_INLINE_MAX`` bytes, while such writes stay fast and nothing
+    of the spool waits in the writer: the file is then nearly complete when the last
+    fragment arrives, with no thread hand-off per piece (a writer thread taking the GIL
+    back after each write from a busy loop fell behind, and the response waited for
+    it). Slow writes send the following pieces to the writer thread, as above.
     """
 
     def __init__(
@@ -68,6 +78,7 @@ class Spool:
         pause: Callable[[], None],
         resume: Callable[[], None],
         writer: FileWriter | None = None,
+        inline: InlineWrites | None = None,
     ):
         self._chunks: list[bytes | memoryview] = [header]
         self._pending = len(header)  # bytes in _chunks
@@ -78,6 +89,8 @@ class Spool:
         self.path: str | None = None
         self._fd: int | None = None
         self.writer = writer
+        #: When pieces may be written on the loop (None: always in the writer thread).
+        self.inline = inline
         self._spilling = False  # past the threshold: bytes go to the file
         # Bytes handed to write jobs (counted on the loop only) and written by them
         # (counted in the writer thread only): their difference waits for the disk.
@@ -118,8 +131,34 @@ class Spool:
             if self._pending <= self.threshold:
                 return
             self._spilling = True
-        if self._pending >= _FLUSH_CHUNK:
+        pending = self._pending
+        inline = self.inline
+        if (
+            inline is not None
+            and _INLINE_MIN <= pending <= _INLINE_MAX
+            and self._queued == self._written
+            and inline.writable()
+        ):
+            self._write_inline(inline)
+        elif pending >= _FLUSH_CHUNK:
             self._submit()
+
+    def _write_inline(self, inline: InlineWrites) -> None:
+        """Write the bytes held on the loop (nothing of the spool is in the writer), timed
+        by ``inline``; a failure fails the spool as a failed write job would."""
+        chunks = self._chunks
+        self._chunks, self._pending = [], 0
+        self._handed_off = True
+        mark = inline.start()
+        try:
+            if self._fd is None:
+                self._fd = self._open()
+            writev_all(self._fd, chunks)
+        except OSError as exc:
+            self.write_error = exc
+            self._fail(exc)
+        finally:
+            inline.done(mark)
 
     def _submit(self) -> None:
         """Queue the bytes held as one write job (on the loop); pause reading while too
@@ -254,6 +293,11 @@ class Spool:
                 except OSError as exc:
                     self._fail(exc)
         self._unpause()
+
+    @property
+    def file_started(self) -> bool:
+        """The temporary file was created, and every write queued for it has run."""
+        return self._fd is not None and self._queued == self._written
 
     @property
     def in_memory(self) -> bool:

@@ -11,6 +11,7 @@ as a complete Part 10 file.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import os
 import shutil
@@ -226,11 +227,21 @@ def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     return None
 
 
-def make_spool(assoc: DIMSEProvider, msg: Message, *, threshold: int, directory: str | None) -> Spool:
+def make_spool(
+    assoc: DIMSEProvider,
+    msg: Message,
+    *,
+    threshold: int,
+    directory: str | None,
+    store: StoreHandler | None = None,
+) -> Spool:
     """Sink for an incoming C-STORE-RQ data set: Part 10 meta first, then the fragments.
 
-    Never raises: a request that cannot be stored gets a spool that drains its data set
-    and answers with a failure status.
+    ``store``: the C-STORE handler registered now; a plain :class:`DirectoryStore`
+    (not durable) lends the spool its inline-write policy, so a large instance is
+    written on the loop as it arrives (see :class:`Spool`). Never raises: a request
+    that cannot be stored gets a spool that drains its data set and answers with a
+    failure status.
     """
     cmd = msg.command
     context = assoc.context(msg.context_id)
@@ -250,9 +261,17 @@ def make_spool(assoc: DIMSEProvider, msg: Message, *, threshold: int, directory:
         pause=lambda: assoc.pause_reading("spool"),
         resume=lambda: assoc.resume_reading("spool"),
         writer=assoc.writer,
+        inline=_inline_policy(store) if assoc.store_handler is None else None,
     )
     spool.uids_valid = True
     return spool
+
+
+def _inline_policy(store: StoreHandler | None) -> InlineWrites | None:
+    """The inline-write policy of a plain, non-durable :class:`DirectoryStore`."""
+    if type(store) is DirectoryStore and not store.durable:
+        return store.inline
+    return None
 
 
 async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler | None = None) -> None:
@@ -354,6 +373,29 @@ def start_c_store(
     dest = f"{store._prefix}{cmd.affected_sop_instance_uid}.dcm"
     writer = assoc.writer
     if rest is not None:
+        inline = store.inline
+        if (
+            inline is not None
+            and spool.inline is inline
+            and spool.file_started
+            and not writer.busy
+            and inline.writable()
+            and sum(map(len, rest)) <= _INLINE_REST
+        ):
+            # Written on the loop as it arrived (see Spool): its last bytes, the close
+            # and the rename here too, no thread hop, as a small instance's.
+            mark = inline.start()
+            failure: OSError | None = None
+            try:
+                moved = _finish_spooled_inline(spool, dest, rest)
+            except OSError as exc:
+                moved, failure = True, exc  # tried, and failed: answered as such
+            inline.done(mark)
+            if moved:
+                written(None, failure)
+            else:  # the directory is missing or on another file system
+                writer.submit_then(written, _move_spooled, spool, dest)
+            return True
         writer.submit_then(written, _place_spooled, spool, dest, rest)
         return True
     inline = store.inline
@@ -370,6 +412,35 @@ def start_c_store(
             return True
     writer.submit_then(written, write_file, dest, spool.chunks(), False)
     return True
+
+
+_INLINE_REST = 1 << 20  # at most this much of a spooled instance left to write on the loop
+
+
+def _finish_spooled_inline(spool: Spool, dest: str, rest: list[bytes | memoryview]) -> bool:
+    """On the loop, for a spool whose file was written as the data set arrived: its last
+    bytes written, the file closed and renamed to ``dest``. ``False``: written and
+    closed, but the rename needs :func:`_move_spooled` in the writer thread (``dest``'s
+    directory missing, or another file system); an error is raised."""
+    source = spool.finish_job(rest)
+    if source is None:  # pragma: no cover - file_started was checked
+        raise OSError(errno.EIO, "spool file missing")
+    try:
+        os.replace(source, dest)
+    except OSError:
+        return False
+    spool.path = None  # moved: nothing left for discard() to remove
+    return True
+
+
+def _move_spooled(spool: Spool, dest: str) -> list[str]:
+    """In the writer thread: the closed spool file moved to ``dest``."""
+    source = spool.path
+    if source is None:  # pragma: no cover - discarded meanwhile
+        raise OSError(errno.EIO, "spool file missing")
+    created = _move_into_place(source, dest, False)
+    spool.path = None
+    return created
 
 
 def _place_spooled(spool: Spool, dest: str, rest: list[bytes | memoryview]) -> list[str]:
