@@ -358,3 +358,15 @@ async def test_a_spool_on_another_file_system_is_moved_by_the_writer_thread(tmp_
     assert len(refused) == 2  # on the loop, then in the writer thread before the copy
     assert dataset_part(out / f"{uid}.dcm") == dataset_part(src)
     assert list(spool_dir.iterdir()) == [] and left_partial(out) == []
+
+
+def test_a_spool_written_only_on_the_loop_is_removed_by_discard(tmp_path):
+    """A spool without a writer whose pieces all went on the loop: ``discard`` closes and
+    removes its temporary file at once (no writer thread to do it)."""
+    spool = spool_module.Spool(
+        b"meta", threshold=0, directory=str(tmp_path), pause=lambda: None, resume=lambda: None, inline=never_slow()
+    )
+    spool.write(bytes(200 << 10))
+    assert spool.writer is None and spool.path is not None and os.path.getsize(spool.path) == (200 << 10) + 4
+    spool.discard()
+    assert list(tmp_path.iterdir()) == [] and spool.path is None

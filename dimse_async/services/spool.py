@@ -340,5 +340,7 @@ class Spool:
             idle.set_result(None)
         # Nothing to remove once every job ran and the file was closed and moved (the
         # usual end: see services.storage); a job still queued may yet create the file.
-        if self.writer is not None and (self._queued != self._written or self._fd is not None or self.path is not None):
+        if self.writer is None:  # only ever written on the loop: nothing can be running
+            self._remove_now()
+        elif self._queued != self._written or self._fd is not None or self.path is not None:
             self.writer.post(self._remove_now)
