@@ -122,11 +122,17 @@ class Acceptor:
         options = self.options
         header = None
         handed_over = False
+        early: Association | None = None  # holds a place among connections not yet associated
         try:
+            if options.trusted_proxies is not None and not proxy.address_in(peer[0], options.trusted_proxies):
+                self._refuse(log, "PROXY protocol header from an address that is not a trusted proxy")
+                return
+            # Until its A-ASSOCIATE-RQ the connection counts against max_pending, and,
+            # once its client's address is known, against max_pending_per_address.
+            assoc = early = self.make_association()
+            if not self.server.track_early(assoc, None if options.trusted_proxies is not None else peer[0]):
+                return
             if options.trusted_proxies is not None:
-                if not proxy.address_in(peer[0], options.trusted_proxies):
-                    self._refuse(log, "PROXY protocol header from an address that is not a trusted proxy")
-                    return
                 try:
                     header = await asyncio.wait_for(self._read_header(conn), options.header_timeout)
                 except TimeoutError:
@@ -135,11 +141,12 @@ class Acceptor:
                 except (proxy.ProxyProtocolError, OSError) as exc:
                     self._refuse(log, f"bad PROXY protocol header: {exc}")
                     return
-            assoc = self.make_association()
             client = peer
             if header is not None and header.source is not None:  # LOCAL / UNKNOWN: the proxy itself
                 assoc.proxied_peer = client = header.source
                 assoc.via = peer
+            if header is not None and not self.server.track_early(assoc, client[0]):
+                return
             if options.ssl is None:
                 handed_over = True
                 await self.loop.connect_accepted_socket(lambda: assoc, conn)
@@ -154,6 +161,8 @@ class Acceptor:
                     log = log.bind(client=f"{client[0]}:{client[1]}")
                 self._refuse(log, f"TLS handshake failed: {_tls_error(exc)}")  # the loop closed the socket
         finally:
+            if early is not None:
+                self.server.untrack_early(early)  # if the handshake did not make it an association
             if not handed_over:
                 conn.close()
 

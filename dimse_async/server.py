@@ -72,6 +72,9 @@ class Server:
         #: ``fd_reserve`` is kept for answering A-ASSOCIATE-RJ (local limit exceeded).
         self.fd_budget = (1 << 30) if soft == resource.RLIM_INFINITY else max(0, soft - baseline - ae.fd_reserve)
         self._preambles: set[Any] = set()  # tasks of connections still in their PROXY header / TLS handshake
+        # Their associations (made before the handshake): pending too, by the address they
+        # count under (``None`` while a trusted proxy's header is read: a shared address).
+        self._early: dict[Association, str | None] = {}
         self._log = get_logger(local_ae=ae.ae_title)
         #: Set by :meth:`drain`: unready, new associations rejected (transient).
         self.draining = False
@@ -144,29 +147,68 @@ class Server:
             self._unadmitted.discard(assoc)
             _decrement(self._pending_by_address, assoc.peer[0])
 
+    def _pending_full(self, address: str | None) -> bool:
+        """Whether one more connection without an A-ASSOCIATE-RQ (from ``address``, when
+        it counts under one) would pass ``max_pending`` or ``max_pending_per_address``;
+        if so it is counted and logged (one line a second, however many)."""
+        ae, pending = self.ae, self._pending_by_address
+        total = len(self._unadmitted) + len(self._early)
+        from_address = pending.get(address, 0) if address is not None else 0
+        if total < ae.max_pending and from_address < ae.max_pending_per_address:
+            return False
+        self._refused_connections += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged >= 1.0:
+            self._log.warning(
+                "connections dropped: too many not yet associated",
+                dropped=self._refused_connections,
+                pending=total,
+                address=address,
+                from_address=from_address,
+            )
+            self._refusal_logged, self._refused_connections = now, 0
+        self.note_refused("pending limit")
+        return True
+
     def track(self, assoc: Association) -> bool:
         """A connection was made (called by the association): ``False`` to drop it at
         once because too many connections have not associated yet (``max_pending``
-        in all, ``max_pending_per_address`` from its address)."""
-        ae, address, pending = self.ae, assoc.peer[0], self._pending_by_address
-        if len(self._unadmitted) >= ae.max_pending or pending.get(address, 0) >= ae.max_pending_per_address:
-            self._refused_connections += 1
-            now = asyncio.get_running_loop().time()
-            if now - self._refusal_logged >= 1.0:  # one line a second, however many
-                self._log.warning(
-                    "connections dropped: too many not yet associated",
-                    dropped=self._refused_connections,
-                    pending=len(self._unadmitted),
-                    address=address,
-                    from_address=pending.get(address, 0),
-                )
-                self._refusal_logged, self._refused_connections = now, 0
-            self.note_refused("pending limit")
+        in all, ``max_pending_per_address`` from its address). One that already holds
+        a place from :meth:`track_early` keeps it."""
+        address, pending = assoc.peer[0], self._pending_by_address
+        if assoc in self._early:
+            counted = self._early.pop(assoc)
+            if counted != address:  # pragma: no cover - the acceptor re-counts after the header
+                if counted is not None:
+                    _decrement(pending, counted)
+                pending[address] = pending.get(address, 0) + 1
+        elif self._pending_full(address):
             return False
+        else:
+            pending[address] = pending.get(address, 0) + 1
         self.associations.add(assoc)
         self._unadmitted.add(assoc)
-        pending[address] = pending.get(address, 0) + 1
         return True
+
+    def track_early(self, assoc: Association, address: str | None) -> bool:
+        """A connection still in its PROXY header or TLS handshake (called by the
+        acceptor) takes a place among those not yet associated, counted under
+        ``address`` (``None``: only in the total); ``False`` to close it at once. Called
+        again with the client's address once a PROXY header has named it."""
+        self.untrack_early(assoc)
+        if self._pending_full(address):
+            return False
+        self._early[assoc] = address
+        if address is not None:
+            self._pending_by_address[address] = self._pending_by_address.get(address, 0) + 1
+        return True
+
+    def untrack_early(self, assoc: Association) -> None:
+        """The handshake ended without an association (failed, timed out, closed)."""
+        if assoc in self._early:
+            address = self._early.pop(assoc)
+            if address is not None:
+                _decrement(self._pending_by_address, address)
 
     def untrack(self, assoc: Association) -> None:
         """The connection is gone: its place is free again."""

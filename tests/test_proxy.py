@@ -264,3 +264,46 @@ async def test_per_address_limit_counts_the_address_from_the_proxy_header():
         for assoc in (first, second):
             assert (await assoc.c_echo()).is_success
             await assoc.release()
+
+
+async def test_connections_in_their_header_count_as_not_yet_associated():
+    """A connection still sending its PROXY header counts against ``max_pending`` but
+    not against the proxy's own ``max_pending_per_address`` (every client shares it);
+    once the header names the client it counts under the client's address."""
+    from test_tls import closed_at_once
+
+    ae = da.AE("PROXIED", max_pending=3, max_pending_per_address=1)
+    ae.add_supported_context(da.Verification)
+    scu = da.AE("CLIENT")
+    scu.add_requested_context(da.Verification)
+    async with await ae.start_server("127.0.0.1", 0, proxy_protocol=True, proxy_header_timeout=20) as server:
+
+        def header(client: str) -> bytes:
+            return proxy.encode_v2((client, 40000), ("127.0.0.1", server.port))
+
+        async def connect(first: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            r, w = await asyncio.open_connection("127.0.0.1", server.port)
+            w.write(first)
+            await w.drain()
+            return r, w
+
+        partial = [await connect(b"PROXY TCP4 10.0"), await connect(header("192.0.2.1")[:20])]
+        named = await connect(header("192.0.2.1"))  # then no A-ASSOCIATE-RQ
+        opened = [*partial, named]
+        try:
+            assert not any(await asyncio.gather(*(closed_at_once(r, 1.0) for r, _ in opened)))
+            one_more = await connect(b"PROXY ")
+            opened.append(one_more)
+            assert await closed_at_once(one_more[0], 1.5)  # max_pending
+            partial[0][1].close()
+            await asyncio.sleep(0.3)
+            again = await connect(header("192.0.2.1"))
+            opened.append(again)
+            assert await closed_at_once(again[0], 1.5)  # max_pending_per_address for 192.0.2.1
+            async with scu.associate("127.0.0.1", server.port, "PROXIED", proxy_header=header("192.0.2.2")) as assoc:
+                assert (await assoc.c_echo()).is_success
+        finally:
+            for _, w in opened:
+                w.close()
+        await asyncio.sleep(0.3)
+        assert not server._early and not server._pending_by_address

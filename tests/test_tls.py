@@ -207,6 +207,54 @@ async def test_silent_tls_client_does_not_delay_other_clients(certs: Certs):
     assert len(seen) == 1
 
 
+async def closed_at_once(reader: asyncio.StreamReader, within: float) -> bool:
+    """Whether the server closed this connection (without a byte) within ``within`` s."""
+    try:
+        return await asyncio.wait_for(reader.read(1), within) == b""
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+async def test_connections_stuck_in_the_tls_handshake_count_as_not_yet_associated(certs: Certs):
+    """Clients that connect to a TLS port and never finish the handshake are capped like
+    any connection without an A-ASSOCIATE-RQ (``max_pending_per_address``,
+    ``max_pending``): those over the cap are closed at once instead of each holding a
+    socket for the handshake timeout; other addresses still get through."""
+    seen: list[da.Association] = []
+    ae = echo_scp(seen)
+    ae.max_pending, ae.max_pending_per_address = 6, 3
+    server_ctx = tls.server_context(str(certs.server_cert), str(certs.server_key))
+    client_ctx = tls.client_context(str(certs.ca))
+    async with await ae.start_server(HOST, 0, ssl=server_ctx, ssl_handshake_timeout=20) as server:
+        stalled = []
+        for source in ("127.0.0.3", "127.0.0.4"):
+            for _ in range(6):
+                stalled.append(await asyncio.open_connection(HOST, server.port, local_addr=(source, 0)))
+        try:
+            closed = await asyncio.gather(*(closed_at_once(r, 1.5) for r, _ in stalled))
+            assert closed == [False] * 3 + [True] * 3 + [False] * 3 + [True] * 3
+            assert server.preambles == 6
+            # The total is full: one more handshake from anywhere waits its turn (closed).
+            r, w = await asyncio.open_connection(HOST, server.port, local_addr=("127.0.0.5", 0))
+            assert await closed_at_once(r, 1.5)
+            w.close()
+            # One stalled client gives up: its place is free for a real one.
+            stalled[0][1].close()
+            await asyncio.sleep(0.3)
+            async with scu().associate(
+                HOST, server.port, "TLS_SCP", ssl=client_ctx, local_address=("127.0.0.2", 0)
+            ) as assoc:
+                assert (await assoc.c_echo()).is_success
+        finally:
+            for _, w in stalled:
+                w.close()
+        await asyncio.sleep(0.3)
+        assert not server._early and not server._pending_by_address
+    assert len(seen) == 1
+
+
 def test_large_data_sets_over_tls_arrive_intact_on_uvloop_and_asyncio(certs: Certs, tmp_path: Path) -> None:
     """Data sets over 64 KiB are handed to the transport as a list of PDU headers and
     value slices (``writelines``): through TLS, on uvloop (what the command line runs)
