@@ -171,15 +171,15 @@ class Acceptor:
         self.server.note_refused(why)
 
     async def _read_header(self, conn: socket.socket) -> proxy.ProxyHeader:
-        """Read exactly the PROXY header: what follows stays in the socket."""
+        """Read exactly the PROXY header: what follows stays in the socket. Bytes no
+        header starts with are refused as they arrive, not at the header timeout."""
         buf = bytearray()
         need = proxy.FIRST_READ
         while True:
-            while len(buf) < need:
-                chunk = await self.loop.sock_recv(conn, need - len(buf))
-                if not chunk:
-                    raise proxy.ProxyProtocolError("connection closed before the header was complete")
-                buf += chunk
+            chunk = await self.loop.sock_recv(conn, need - len(buf))
+            if not chunk:
+                raise proxy.ProxyProtocolError("connection closed before the header was complete")
+            buf += chunk
             result = proxy.parse(buf)
             if isinstance(result, proxy.ProxyHeader):
                 return result

@@ -118,14 +118,16 @@ def _parse_v2(buf: bytes) -> ProxyHeader | int:
     if command == 0:  # LOCAL: the proxy speaks for itself; addresses are ignored
         return ProxyHeader(2, total, None, None, local=True, tlvs=body)
     family, transport = fam >> 4, fam & 0x0F
-    if family == 0 or family == 0x3:  # UNSPEC or UNIX: keep the connection's address
-        return ProxyHeader(2, total, None, None, tlvs=body[216:] if family == 0x3 else body)
+    if family == 0:  # UNSPEC: keep the connection's address
+        return ProxyHeader(2, total, None, None, tlvs=body)
     if family not in _V2_FAMILIES or transport not in (1, 2):
         raise ProxyProtocolError(f"PROXY v2: unknown address family/transport 0x{fam:02x}")
     alen = _V2_FAMILIES[family][0]
-    need = 2 * alen + 4
+    need = 2 * alen + 4 if family != 0x3 else 2 * alen
     if size < need:
         raise ProxyProtocolError(f"PROXY v2: address block of {size} bytes, needs {need}")
+    if family == 0x3:  # UNIX: keep the connection's address
+        return ProxyHeader(2, total, None, None, tlvs=body[need:])
     src = ipaddress.ip_address(body[:alen])
     dst = ipaddress.ip_address(body[alen : 2 * alen])
     sport = int.from_bytes(body[2 * alen : 2 * alen + 2], "big")

@@ -115,6 +115,7 @@ def test_v2_local_and_unspec_keep_the_connection_address():
         proxy.V2_SIGNATURE + bytes([0x22, 0x11, 0, 12]) + b"\x00" * 12,  # command 2
         proxy.V2_SIGNATURE + bytes([0x21, 0x11, 0, 8]) + b"\x00" * 8,  # address block too short
         proxy.V2_SIGNATURE + bytes([0x21, 0x51, 0, 12]) + b"\x00" * 12,  # family 5
+        proxy.V2_SIGNATURE + bytes([0x21, 0x31, 0, 5]) + b"\x00" * 5,  # AF_UNIX block too short (216)
     ],
 )
 def test_v2_malformed(data: bytes):
@@ -307,3 +308,38 @@ async def test_connections_in_their_header_count_as_not_yet_associated():
                 w.close()
         await asyncio.sleep(0.3)
         assert not server._early and not server._pending_by_address
+
+
+async def test_bytes_no_header_starts_with_are_refused_before_the_header_timeout():
+    """A trusted proxy's connection that starts with bytes of no PROXY header (here three
+    bytes, then nothing) is refused as they arrive, not after ``proxy_header_timeout``;
+    a header trickled a byte at a time is read to its end and no further."""
+    ae = da.AE("PROXIED")
+    ae.add_supported_context(da.Verification)
+    seen: list[da.Association] = []
+    ae.on_association("requested")(seen.append)
+    async with await ae.start_server("127.0.0.1", 0, proxy_protocol=True, proxy_header_timeout=20) as server:
+        for start in (b"GET", b"\x16\x03\x01", b"PROXY\t", proxy.V2_SIGNATURE[:5] + b"X"):
+            r, w = await asyncio.open_connection("127.0.0.1", server.port)
+            w.write(start)
+            assert await read_until_closed(r, 2) == b""
+            w.close()
+        header = b"PROXY TCP4 192.0.2.7 127.0.0.1 4242 104\r\n"
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        for i in range(len(header) - 1):
+            w.write(header[i : i + 1])
+            await w.drain()
+            await asyncio.sleep(0.005)
+        assert server.preambles == 1 and not server.associations
+        w.write(header[-1:])
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if server.associations:
+                break
+        assert [a.peer for a in server.associations] == [("192.0.2.7", 4242)]
+        w.close()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not server.associations:
+                break
+    assert seen == []
