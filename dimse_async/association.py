@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 from typing import Any, cast
 
 from . import fsm
@@ -162,6 +163,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._run(self.fsm.connection_lost(now=self.loop.time()))
         if was not in (fsm.State.Sta1, fsm.State.Sta13) and self._end_reason is None:
             self._end_reason = self.fsm.failure or "connection lost"
+        if isinstance(exc, ssl.SSLError) and self._end_reason is not None:  # a bad record, a refused renegotiation
+            self._end_reason += f" (TLS: {exc.reason or exc})"
         self._finish()
 
     # ----------------------------------------------------------- upper layer outputs

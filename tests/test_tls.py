@@ -4,6 +4,7 @@ silent TLS client that must not delay anyone else."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import time
@@ -253,6 +254,35 @@ async def test_connections_stuck_in_the_tls_handshake_count_as_not_yet_associate
         await asyncio.sleep(0.3)
         assert not server._early and not server._pending_by_address
     assert len(seen) == 1
+
+
+async def test_broken_tls_record_after_the_handshake_ends_the_association_saying_why(certs: Certs):
+    """A client that completes its handshake and then sends a record that fails to
+    decrypt (a tampered or forged record; a TLS 1.2 renegotiation is refused the same
+    way) is closed, and the association's end reason names the TLS error."""
+    seen: list[da.Association] = []
+    server_ctx = tls.server_context(str(certs.server_cert), str(certs.server_key))
+    client_ctx = tls.client_context(str(certs.ca))
+    async with await echo_scp(seen).start_server(HOST, 0, ssl=server_ctx) as server:
+
+        def connect() -> ssl.SSLSocket:
+            return client_ctx.wrap_socket(socket.create_connection((HOST, server.port)), server_hostname=HOST)
+
+        tls_sock = await asyncio.to_thread(connect)
+        try:
+            for _ in range(100):
+                if server.associations:
+                    break
+                await asyncio.sleep(0.02)
+            (assoc,) = server.associations
+            raw = socket.socket(fileno=os.dup(tls_sock.fileno()))
+            raw.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data no key made
+            raw.close()
+            await asyncio.wait_for(assoc.wait_closed(), 5)
+        finally:
+            tls_sock.close()
+    assert "TLS: " in (assoc.end_reason or ""), assoc.end_reason
+    assert seen == []
 
 
 def test_large_data_sets_over_tls_arrive_intact_on_uvloop_and_asyncio(certs: Certs, tmp_path: Path) -> None:
