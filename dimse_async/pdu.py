@@ -402,6 +402,19 @@ def _decode_pdata(body: memoryview) -> PDataTF:
     return PDataTF(pdvs)
 
 
+def _unrecognized(head: bytes) -> str:
+    """Why the first 6 bytes are no PDU (PS3.8 9.3.1), naming the protocols a
+    misconfigured peer or load balancer most often sends instead."""
+    why = f"unrecognized PDU type {head[0]:#04x}"
+    if head.startswith(b"PROXY ") or head.startswith(b"\r\n\r\n\x00\r"):
+        return why + " (a PROXY protocol header: this port does not expect one)"
+    if head[0] == 0x16 and head[1] == 0x03:
+        return why + " (a TLS handshake: this port does not use TLS)"
+    if head[:4] in (b"GET ", b"POST", b"HEAD", b"PUT "):
+        return why + " (an HTTP request)"
+    return why
+
+
 def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
     """Decode one PDU body (without its 6-byte header). Raises :class:`PDUError`."""
     mv = memoryview(body)
@@ -647,7 +660,7 @@ class PDUReader:
         elif 1 <= pdu_type <= 7:
             limit = MAX_CONTROL_PDU
         else:
-            raise PDUError(f"unrecognized PDU type {pdu_type:#04x}", AbortReason.UNRECOGNIZED_PDU)
+            raise PDUError(_unrecognized(bytes(buf[start : start + 6])), AbortReason.UNRECOGNIZED_PDU)
         if length > limit:
             raise PDUError(
                 f"PDU type {pdu_type:#04x} claims {length} bytes, over our limit of {limit}",

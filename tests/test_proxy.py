@@ -343,3 +343,28 @@ async def test_bytes_no_header_starts_with_are_refused_before_the_header_timeout
             if not server.associations:
                 break
     assert seen == []
+
+
+@pytest.mark.parametrize(
+    "first, hint",
+    [
+        (b"PROXY TCP4 192.0.2.7 127.0.0.1 4242 104\r\n", "PROXY protocol header"),
+        (proxy.encode_v2(("192.0.2.7", 4242), ("127.0.0.1", 104)), "PROXY protocol header"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "TLS handshake"),
+    ],
+)
+async def test_plain_port_names_what_a_misconfigured_peer_sent(first: bytes, hint: str):
+    """A PROXY header or a TLS ClientHello on a port expecting neither is aborted as an
+    unrecognized PDU (PS3.8 9.3.1), and the logged reason says what it looked like."""
+    from test_hostile import Warnings
+
+    ae = da.AE("PLAIN")
+    ae.add_supported_context(da.Verification)
+    with Warnings() as log:
+        async with await ae.start_server("127.0.0.1", 0) as server:
+            r, w = await asyncio.open_connection("127.0.0.1", server.port)
+            w.write(first)
+            assert (await asyncio.wait_for(r.read(10), 5))[:1] == b"\x07"  # A-ABORT
+            w.close()
+    (line,) = log.events("connection refused")
+    assert hint in str(line["reason"]), line
