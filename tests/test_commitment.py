@@ -439,7 +439,7 @@ def _counting_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     seen: dict[str, Any] = {"calls": [], "running": 0, "most": 0, "threads": set()}
     lock = threading.Lock()
 
-    def counted(path: str, size: int | None, sop_class: str, sop_instance: str) -> bool:
+    def counted(path: str, size: int | None, sop_class: str, sop_instance: str, stop: Any = None) -> bool:
         with lock:
             seen["calls"].append(sop_instance)
             seen["running"] += 1
@@ -447,7 +447,7 @@ def _counting_checks(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             seen["threads"].add(threading.current_thread().name)
         try:
             time.sleep(0.005)  # long enough for checks of other transactions to overlap if allowed
-            return real(path, size, sop_class, sop_instance)
+            return real(path, size, sop_class, sop_instance, stop)
         finally:
             with lock:
                 seen["running"] -= 1
@@ -546,3 +546,132 @@ async def test_checks_of_all_transactions_are_bounded(tmp_path: Path, monkeypatc
     assert len(seen["calls"]) == 24
     assert seen["most"] == 1
     assert all(name.startswith("commitment") for name in seen["threads"]), seen["threads"]
+
+
+def _gated_checks(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """File checks that wait for ``gate`` (``checking`` is set once one waits)."""
+    from dimse_async.archive import commitment as commitment_module
+
+    gate, checking = threading.Event(), threading.Event()
+    real = commitment_module._file_intact
+
+    def gated(*args: Any) -> bool:
+        checking.set()
+        gate.wait(20)
+        return bool(real(*args))
+
+    monkeypatch.setattr(commitment_module, "_file_intact", gated)
+    return gate, checking
+
+
+async def test_transactions_in_flight_are_capped_per_association_and_overall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While checks are held up: past ``commitment_max_per_association`` on one
+    association, or ``commitment_max_transactions`` in all, an N-ACTION is refused 0x0213
+    (resource limitation, PS3.7 10.1.4.1.10) with a log line and nothing is checked or
+    remembered for it; once the transactions under way are reported, the same request is
+    accepted and committed."""
+    from dimse_async.services.commitment import tracker_of
+
+    files = make_instances(tmp_path / "in", 1)
+    ref = (files[0][1], files[0][2])
+    gate, checking = _gated_checks(monkeypatch)
+    ae = da.AE("OUR_SCU", dimse_timeout=WAIT)
+    ae.add_requested_context(STORAGE_COMMITMENT)
+    tracker = tracker_of(ae)
+
+    async def action(assoc: Any, uid: str) -> Any:
+        tracker.expect(uid, id(assoc))
+        return await assoc.n_action(STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, 1, request_dataset(uid, [ref]))
+
+    try:
+        with Lines("commitment") as log:
+            async with running_serve(
+                tmp_path / "archive", commitment_max_per_association=2, commitment_max_transactions=3
+            ) as serve:
+                await store(serve.port, [files[0][0]])
+                async with ae.associate(HOST, serve.port, "ARCHIVE") as one, ae.associate(
+                    HOST, serve.port, "ARCHIVE"
+                ) as two:
+                    uids = [generate_uid() for _ in range(6)]
+                    assert (await action(one, uids[0])).status.is_success
+                    assert await asyncio.to_thread(checking.wait, 10)
+                    assert (await action(one, uids[1])).status.is_success
+                    per_assoc = (await action(one, uids[2])).status  # a third on one association
+                    assert (await action(two, uids[3])).status.is_success
+                    overall = (await action(two, uids[4])).status  # a fourth in all
+                    gate.set()
+                    done = [tracker.pending[u][0] for u in (uids[0], uids[1], uids[3])]
+                    results = await asyncio.wait_for(asyncio.gather(*done), WAIT)
+                    await serve.extras.commitment.wait_idle()
+                    again = await action(one, uids[2])
+                    assert again.status.is_success
+                    late = await asyncio.wait_for(tracker.pending[uids[2]][0], WAIT)
+    finally:
+        gate.set()
+    for status in (per_assoc, overall):
+        assert int(status) == 0x0213 and status.is_failure, status
+    assert "this association" in str(per_assoc.error_comment)
+    assert "3 transactions in progress" in str(overall.error_comment)
+    assert all(r.success and r.committed == [ref] for r in [*results, late])
+    refused = [m for m in log.lines if m.startswith("storage commitment request refused")]
+    assert len(refused) == 2 and "commitment_max_per_association" in refused[0], refused
+    assert "commitment_max_transactions" in refused[1]
+    assert uids[4] not in serve.extras.commitment.results
+
+
+async def test_shutdown_waits_for_the_check_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``close`` returns only once the check thread is done with the archive's files: a
+    file check under way stops at its next read (a large file is not read to its end)."""
+    from dimse_async.archive import commitment as commitment_module
+
+    files = make_instances(tmp_path / "in", 1)
+    reads = {"n": 0, "after_close": 0}
+    closed = threading.Event()
+    started = threading.Event()
+    monkeypatch.setattr(commitment_module, "_CHUNK", 1)
+
+    real_open = open
+
+    class SlowFile:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> SlowFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def read(self, n: int) -> bytes:
+            started.set()
+            reads["n"] += 1
+            if closed.is_set():
+                reads["after_close"] += 1
+            time.sleep(0.01)
+            return bytes(self.f.read(n))
+
+    def slow_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return SlowFile(real_open(path, mode, *args, **kwargs))
+
+    monkeypatch.setattr(commitment_module, "open", slow_open, raising=False)
+    with Lines("commitment") as log:
+        async with running_serve(tmp_path / "archive") as serve:
+            await store(serve.port, [files[0][0]])
+            scu = asyncio.ensure_future(
+                da.AE("OUR_SCU", dimse_timeout=WAIT).request_commitment(
+                    HOST, serve.port, "ARCHIVE", [(files[0][1], files[0][2])], timeout=WAIT, hold=WAIT
+                )
+            )
+            assert await asyncio.to_thread(started.wait, 10)
+            commitment = serve.extras.commitment
+            await commitment.close(timeout=2)
+            closed.set()
+            in_use = [t.name for t in threading.enumerate() if t.name.startswith("commitment")]
+            scu.cancel()
+            await asyncio.gather(scu, return_exceptions=True)
+    assert reads["after_close"] == 0 and not in_use, (reads, in_use)
+    assert reads["n"] < files[0][0].stat().st_size  # stopped before the end of the file
+    assert not commitment.results
+    assert any(m.startswith("storage commitment abandoned at shutdown") for m in log.lines), log.lines

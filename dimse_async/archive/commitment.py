@@ -15,13 +15,21 @@ reference repeated in the request is answered as often as sent, in order, with t
 verdict of its first check (PS3.4 J.3.3.1.1 lists the references of the request; it
 does not ask for them to be unique). A request with more than ``max_references``
 references is refused 0x0213 (resource limitation, PS3.7 10.1.4.1.10) before any
-check. The file checks of all transactions run on the SCP's own ``checks`` threads
-(one by default), never on the shared pool the stores use; transactions take turns.
+check. A transaction is in flight from its N-ACTION until its report went out (or
+failed for good); past ``max_transactions`` of them in all, or
+``max_per_association`` requested on one association, a new N-ACTION is refused
+0x0213 with a log line (the requester asks again later). The file checks of all
+transactions run on the SCP's own ``checks`` threads (one by default), never on the
+shared pool the stores use; transactions take turns. At shutdown the checks stop
+between two reads and the thread is waited for (bounded): nothing reads the archive
+after it closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -48,21 +56,35 @@ __all__ = ["CommitmentSCP"]
 _CHUNK = 1 << 20
 #: References one N-ACTION may carry (``commitment_max_references``).
 MAX_REFERENCES = 10_000
+#: Transactions in flight at once, in all and per requesting association
+#: (``commitment_max_transactions``, ``commitment_max_per_association``).
+MAX_TRANSACTIONS = 64
+MAX_PER_ASSOCIATION = 8
 
 
-def _file_intact(path: str, size: int | None, sop_class: str, sop_instance: str) -> bool:
-    """Re-read the stored file: its size as indexed, readable to the end, the same instance."""
+class _Stopped(Exception):
+    """The SCP is closing: the check stops between two reads."""
+
+
+def _file_intact(
+    path: str, size: int | None, sop_class: str, sop_instance: str, stop: threading.Event | None = None
+) -> bool:
+    """Re-read the stored file: its size as indexed, readable to the end, the same instance.
+    Raises :class:`_Stopped` once ``stop`` is set (checked between reads)."""
     try:
         if stored_file_problem(path, size) is not None:
             return False
         with open(path, "rb") as f:
             while f.read(_CHUNK):
-                pass
+                if stop is not None and stop.is_set():
+                    raise _Stopped
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
         meta = ds.file_meta
         got_instance = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")
         got_class = str(ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "")
         return got_instance == sop_instance and got_class == sop_class
+    except _Stopped:
+        raise
     except Exception:
         return False
 
@@ -79,6 +101,8 @@ class CommitmentSCP:
         retries: int = 3,
         retry_interval: float = 5.0,
         max_references: int = MAX_REFERENCES,
+        max_transactions: int = MAX_TRANSACTIONS,
+        max_per_association: int = MAX_PER_ASSOCIATION,
         checks: int = 1,
     ):
         self.archive = archive
@@ -87,6 +111,12 @@ class CommitmentSCP:
         self.retries = retries
         self.retry_interval = retry_interval
         self.max_references = max_references
+        self.max_transactions = max_transactions
+        self.max_per_association = max_per_association
+        #: Transactions in flight by requesting association (``id``; the task holds the association).
+        self._per_association: dict[int, int] = {}
+        #: Set at shutdown: a file check under way stops at its next read.
+        self._stop = threading.Event()
         #: The file checks of every transaction, ``checks`` at a time (FIFO: transactions take turns).
         self._pool = ThreadPoolExecutor(max_workers=checks, thread_name_prefix="commitment")
         self.log = get_logger("commitment")
@@ -114,6 +144,20 @@ class CommitmentSCP:
                 peer_ae=request.calling_ae,
             )
             return Status(NCode.RESOURCE_LIMITATION, reason)
+        assoc_key = id(request.assoc)
+        busy = self._per_association.get(assoc_key, 0)
+        if len(self._tasks) >= self.max_transactions or busy >= self.max_per_association:
+            if busy >= self.max_per_association:
+                reason, setting = f"{busy} transactions of this association in progress", "commitment_max_per_association"
+            else:
+                reason, setting = f"{len(self._tasks)} transactions in progress", "commitment_max_transactions"
+            self.log.warning(
+                f"storage commitment request refused: {reason} ({setting}); the requester may ask again later",
+                status="0x0213",
+                transaction_uid=parsed.transaction_uid,
+                peer_ae=request.calling_ae,
+            )
+            return Status(NCode.RESOURCE_LIMITATION, f"{reason}; ask again later"[:64])
         key = (request.calling_ae, parsed.transaction_uid)
         duplicate = key in self._seen
         self._seen[key] = time.time()
@@ -121,8 +165,15 @@ class CommitmentSCP:
             self._seen.popitem(last=False)
         task = asyncio.ensure_future(self._commit(request.assoc, request.calling_ae, parsed, duplicate))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._per_association[assoc_key] = busy + 1
+        task.add_done_callback(lambda t: self._done(t, assoc_key))
         return None
+
+    def _done(self, task: asyncio.Task[Any], assoc_key: int) -> None:
+        self._tasks.discard(task)
+        left = self._per_association.pop(assoc_key, 1) - 1
+        if left > 0:
+            self._per_association[assoc_key] = left
 
     async def _check(self, ref: Reference) -> int | None:
         """``None`` if the instance is held intact, else the failure reason."""
@@ -142,9 +193,15 @@ class CommitmentSCP:
         if stored_class != sop_class:
             return FailureReason.CLASS_INSTANCE_CONFLICT
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(self._pool, _file_intact, path, size, sop_class, sop_instance):
+        if not await loop.run_in_executor(self._pool, self._file_check, path, size, sop_class, sop_instance):
             return FailureReason.PROCESSING_FAILURE
         return None
+
+    def _file_check(self, path: str, size: int | None, sop_class: str, sop_instance: str) -> bool:
+        """:func:`_file_intact` on a check thread; none starts once :meth:`close` stopped them."""
+        if self._stop.is_set():
+            raise _Stopped
+        return _file_intact(path, size, sop_class, sop_instance, self._stop)
 
     async def verify(
         self, transaction_uid: str, references: list[Reference], duplicate: bool = False
@@ -158,6 +215,8 @@ class CommitmentSCP:
             else:
                 try:
                     reason = FailureReason.DUPLICATE_TRANSACTION_UID if duplicate else await self._check(ref)
+                except _Stopped:
+                    raise
                 except Exception as exc:
                     self.log.error("storage commitment check failed", sop_instance=ref[1], error=repr(exc))
                     reason = FailureReason.PROCESSING_FAILURE
@@ -172,7 +231,7 @@ class CommitmentSCP:
         started = time.monotonic()
         try:
             result = await self.verify(parsed.transaction_uid, parsed.references, duplicate)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, _Stopped):
             self.log.warning(
                 "storage commitment abandoned at shutdown; no report (the requester may ask again)",
                 transaction_uid=parsed.transaction_uid,
@@ -225,11 +284,31 @@ class CommitmentSCP:
         """Shutdown: wait up to ``timeout`` for the transactions under way, then abandon
         the others without a report. Checks cut short by the archive closing would
         report stored instances as failed (0x0110); no report lets the requester ask
-        again (PS3.4 J.3.2)."""
+        again (PS3.4 J.3.2). A file check under way stops at its next read and is
+        waited for, up to ``timeout`` (else one line says it was abandoned)."""
         await self.wait_idle(timeout)
         left = list(self._tasks)
         for task in left:
             task.cancel()
         if left:
             await asyncio.wait(left, timeout=timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # The check under way stops at its next read; wait for the thread (bounded) so
+        # that nothing reads the archive once it is closed.
+        self._stop.set()
+        loop = asyncio.get_running_loop()
+        joined: asyncio.Future[None] = loop.create_future()
+
+        def joined_now() -> None:
+            if not joined.done():
+                joined.set_result(None)
+
+        def join() -> None:  # a daemon thread: one stuck in a read never holds up the exit
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(joined_now)
+
+        threading.Thread(target=join, name="commitment-join", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(joined), timeout)
+        except TimeoutError:
+            self.log.warning(f"storage commitment file check still running {timeout} s into shutdown; abandoned")

@@ -56,6 +56,8 @@ Example::
     commitment_retries = 3                    # else on a new one to known_aes[requester], retried
     commitment_retry_interval = 5
     commitment_max_references = 10000         # a larger N-ACTION is refused 0x0213 (resource limitation)
+    commitment_max_transactions = 64          # transactions in flight (N-ACTION to report); past it,
+    commitment_max_per_association = 8        #   or past this many from one association: 0x0213
     mpps = true                               # act as MPPS SCP (N-CREATE / N-SET)
     ian_destinations = ["RIS"]                # send Instance Availability Notifications (known_aes)
     ian_delay = 60                            # a study is complete after 60 s without new instances
@@ -133,6 +135,11 @@ class ServeConfig:
     #: References one storage commitment N-ACTION may carry; past it the request is
     #: refused 0x0213 (resource limitation), nothing checked.
     commitment_max_references: int = 10_000
+    #: Storage commitment transactions in flight (from the N-ACTION until the report went
+    #: out or failed for good), in all and requested on one association; past either,
+    #: an N-ACTION is refused 0x0213 (resource limitation), to be asked again later.
+    commitment_max_transactions: int = 64
+    commitment_max_per_association: int = 8
     mpps: bool = True
     ian_destinations: list[str] = field(default_factory=list)
     ian_delay: float = 60.0
@@ -252,7 +259,13 @@ def _check(key: str, value: Any) -> Any:
         return [validate_ae_title(v, "allowed calling AE title") for v in value]
     if key == "port":
         return _port(value, "port")
-    if key in ("max_associations", "max_ops", "commitment_max_references"):
+    if key in (
+        "max_associations",
+        "max_ops",
+        "commitment_max_references",
+        "commitment_max_transactions",
+        "commitment_max_per_association",
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, not {value!r}")
         return value

@@ -167,6 +167,8 @@ def install_normalized(ae: Any, archive: Any, config: Any) -> Extras:
             retries=config.commitment_retries,
             retry_interval=config.commitment_retry_interval,
             max_references=config.commitment_max_references,
+            max_transactions=config.commitment_max_transactions,
+            max_per_association=config.commitment_max_per_association,
         )
         extras.commitment.install(ae)
     if config.mpps:

@@ -135,6 +135,11 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add(f"  order. More than {config.commitment_max_references} references (`commitment_max_references`): the")
     add(f"  N-ACTION is refused 0x{NCode.RESOURCE_LIMITATION:04X} (resource limitation), nothing checked. The file")
     add("  checks of all transactions run one at a time on a thread of their own, transactions taking turns.")
+    add(f"- At most {config.commitment_max_transactions} transactions in flight (N-ACTION to report sent; "
+        "`commitment_max_transactions`),")  # fmt: skip
+    add(f"  {config.commitment_max_per_association} of them requested on one association "
+        "(`commitment_max_per_association`): past")  # fmt: skip
+    add(f"  either, the N-ACTION is refused 0x{NCode.RESOURCE_LIMITATION:04X} and may be sent again later.")
     add(f"- N-EVENT-REPORT, Event Type ID {EVENT_SUCCESS} (all committed) or {EVENT_FAILURES} (failures exist), on the")
     add("  requesting association while it is open (`commitment_same_association = "
         f"{str(config.commitment_same_association).lower()}`), else on a new association to the")  # fmt: skip
