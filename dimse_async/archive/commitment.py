@@ -148,7 +148,10 @@ class CommitmentSCP:
         busy = self._per_association.get(assoc_key, 0)
         if len(self._tasks) >= self.max_transactions or busy >= self.max_per_association:
             if busy >= self.max_per_association:
-                reason, setting = f"{busy} transactions of this association in progress", "commitment_max_per_association"
+                reason, setting = (
+                    f"{busy} transactions of this association in progress",
+                    "commitment_max_per_association",
+                )
             else:
                 reason, setting = f"{len(self._tasks)} transactions in progress", "commitment_max_transactions"
             self.log.warning(

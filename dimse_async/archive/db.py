@@ -29,6 +29,11 @@ log = get_logger()
 #: failure 0xA900. ``replace``: a complete, valid new instance replaces the stored one.
 DUPLICATE_POLICIES = ("keep", "replace")
 
+#: Threads running queries (each with a connection of its own) and how long one query
+#: holds one before it takes its turn again (seconds; see ``IndexDB._read``).
+QUERY_THREADS = 2
+QUERY_SLICE = 0.05
+
 #: URL schemes of a PostgreSQL index.
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 
@@ -100,7 +105,8 @@ class IndexDB:
         # one); queries on their own threads, each with its own connection (SQLite WAL:
         # readers never wait for the writer), so a query never delays a store and the reverse.
         self._executor = ThreadPoolExecutor(max_workers=self.backend.writers, thread_name_prefix="archive-index")
-        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="archive-query")
+        self._readers = ThreadPoolExecutor(max_workers=QUERY_THREADS, thread_name_prefix="archive-query")
+        self._turns: dict[int, _Turn] = {}  # per owner of query jobs (see _read)
         self._local = threading.local()
         self._connections: list[Connection] = []
         self._connections_lock = threading.Lock()
@@ -182,11 +188,35 @@ class IndexDB:
         """A connection of its own for one query; its statements fail past ``deadline``."""
         return self.backend.read_connection(deadline)
 
-    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _read(self, fn: Callable[..., T], *args: Any, owner: object | None = None) -> T:
+        """Run ``fn(*args)`` on a query thread. With an ``owner`` (the association asking),
+        one job of that owner at a time is queued or running: the threads take the
+        owners in turn (first come first served among owners), so one association's
+        many or long queries, each a slice at a time, delay another's by a slice."""
         if not self._schema_ready:
             await self.in_index_thread(self.connection)  # the writer creates (or migrates) the schema first
             self._schema_ready = True
-        return await asyncio.get_running_loop().run_in_executor(self._readers, fn, *args)
+        loop = asyncio.get_running_loop()
+        if owner is None:
+            return await loop.run_in_executor(self._readers, fn, *args)
+        key = id(owner)  # unique while the caller holds ``owner``
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                fut = loop.run_in_executor(self._readers, fn, *args)
+                try:
+                    return await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    # The job runs on (a slice at most): the owner's next one must not overlap it.
+                    await asyncio.wait([fut])
+                    raise
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[key]
 
     def _count(self) -> int:
         return int(self.connection().execute("SELECT COUNT(*) FROM instances").fetchone()[0])
@@ -198,6 +228,16 @@ class IndexDB:
         """The stored file of ``sop_uid`` and its size, if indexed and present."""
         row = self.connection().execute("SELECT path, size FROM instances WHERE sop_uid = ?", (sop_uid,)).fetchone()
         return (row[0], row[1]) if row and os.path.exists(row[0]) else None
+
+
+class _Turn:
+    """One owner's turn at the query threads: its lock and how many jobs wait on it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
 
 
 def _settle(fut: asyncio.Future[None], outcome: BaseException | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from ..dimse import Status
 from ..services.qr import QueryRequest, StatusError, Unavailable
 from .budget import QueryBudget
 from .db import (
+    QUERY_SLICE,
     IndexDB,
     stored_file_problem,
 )
@@ -43,11 +45,13 @@ class QueryMixin(IndexDB):
     def _query(self, model: str, identifier: Dataset, relational: bool = False) -> list[Dataset]:
         db = self._read_conn()
         try:
-            return list(self._matches(db, model, identifier, relational))
+            return [m for m in self._matches(db, model, identifier, relational) if m is not None]
         finally:
             db.close()
 
-    def _matches(self, db: Any, model: str, identifier: Dataset, relational: bool) -> Iterator[Dataset]:
+    def _matches(self, db: Any, model: str, identifier: Dataset, relational: bool) -> Iterator[Dataset | None]:
+        """Each candidate's response identifier, or ``None`` when it does not match (so a
+        long run of candidates without a match can be cut into slices, :func:`_take`)."""
         level = query_level(model, identifier, "Query")
         if not relational:
             check_hierarchy(model, level, identifier)
@@ -69,6 +73,8 @@ class QueryMixin(IndexDB):
                 if self.retrieve_ae_title:
                     response.RetrieveAETitle = self.retrieve_ae_title
                 yield response
+            else:
+                yield None
 
     def _candidates(
         self, db: Any, model: str, level: str, q: Dataset, required: frozenset[str], want_path: bool
@@ -159,21 +165,29 @@ class QueryMixin(IndexDB):
         return await self._read(self._query, model_name(model_uid), identifier, relational)
 
     async def find_iter(
-        self, model_uid: str, identifier: Dataset, *, relational: bool = False, batch: int = 64
+        self,
+        model_uid: str,
+        identifier: Dataset,
+        *,
+        relational: bool = False,
+        batch: int = 64,
+        owner: object | None = None,
     ) -> AsyncIterator[Dataset]:
         """C-FIND matches produced in batches, each only when the previous one was
         taken (a peer that does not read its responses stops the query), within
-        :attr:`query_max_matches` and :attr:`query_time_budget` (else 0xA700)."""
+        :attr:`query_max_matches` and :attr:`query_time_budget` (else 0xA700). A batch
+        holds a query thread for :data:`~.db.QUERY_SLICE` at most; ``owner`` (the
+        association) takes turns with the others at the query threads."""
         model = model_name(model_uid)
         budget = QueryBudget(self.query_max_matches, self.query_time_budget, "archive C-FIND")
-        db = await self._read(self._read_conn, budget.deadline)
+        db = await self._read(self._read_conn, budget.deadline, owner=owner)
         matches = self._matches(db, model, identifier, relational)
         produced = 0
         try:
             while True:
                 want = min(batch, self.query_max_matches + 1 - produced)  # one more shows the excess
                 try:
-                    items = await self._read(_take, matches, want)
+                    items, ended = await self._read(_take, matches, want, QUERY_SLICE, owner=owner)
                 except self.resource_errors:
                     if budget.expired():  # interrupted at the deadline
                         budget.timed_out()
@@ -182,10 +196,10 @@ class QueryMixin(IndexDB):
                     yield item
                 produced += len(items)
                 budget.check(produced)
-                if len(items) < want:
+                if ended:
                     return
         finally:
-            await self._read(_close_query, matches, db)
+            await self._read(_close_query, matches, db, owner=owner)
 
     def _paths(self, model: str, identifier: Dataset) -> list[str | Unavailable]:
         level = query_level(model, identifier, "Retrieve")
@@ -212,10 +226,12 @@ class QueryMixin(IndexDB):
         finally:
             db.close()
 
-    async def retrieve_items(self, model_uid: str, identifier: Dataset) -> list[str | Unavailable]:
+    async def retrieve_items(
+        self, model_uid: str, identifier: Dataset, *, owner: object | None = None
+    ) -> list[str | Unavailable]:
         """What a C-GET / C-MOVE sends: each matching instance's file, or
         :class:`Unavailable` when the file is gone or not the size it was stored at."""
-        return await self._read(self._paths, model_name(model_uid), identifier)
+        return await self._read(self._paths, model_name(model_uid), identifier, owner=owner)
 
     async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
         return [i for i in await self.retrieve_items(model_uid, identifier) if isinstance(i, str)]
@@ -225,11 +241,12 @@ class QueryMixin(IndexDB):
     async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
         negotiated = request.assoc.negotiated
         reply = negotiated.extended.get(request.model, b"") if negotiated is not None else b""
-        async for ds in self.find_iter(request.model, request.identifier, relational=reply[:1] == b"\x01"):
+        relational = reply[:1] == b"\x01"
+        async for ds in self.find_iter(request.model, request.identifier, relational=relational, owner=request.assoc):
             yield ds
 
     async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str | Unavailable]:
-        for item in await self.retrieve_items(request.model, request.identifier):
+        for item in await self.retrieve_items(request.model, request.identifier, owner=request.assoc):
             yield item
 
 
@@ -329,9 +346,19 @@ def _marks(values: list[str]) -> str:
     return ",".join("?" * len(values))
 
 
-def _take(items: Iterator[Dataset], n: int) -> list[Dataset]:
-    """Up to ``n`` more matches (run on a query thread)."""
-    return list(itertools.islice(items, n))
+def _take(items: Iterator[Dataset | None], n: int, seconds: float) -> tuple[list[Dataset], bool]:
+    """Up to ``n`` more matches, for ``seconds`` at most (run on a query thread), and
+    whether the query is over."""
+    out: list[Dataset] = []
+    until = time.monotonic() + seconds
+    for item in items:
+        if item is not None:
+            out.append(item)
+            if len(out) >= n:
+                return out, False
+        if time.monotonic() > until:
+            return out, False
+    return out, True
 
 
 def _close_query(items: Iterator[Any], db: Any) -> None:

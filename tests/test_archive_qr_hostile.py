@@ -1,0 +1,101 @@
+"""The archive's Query/Retrieve under hostile or unlucky conditions, through ``serve``'s
+AE on 127.0.0.1: slow C-FINDs from some clients must not stall everyone else's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from normalized_helpers import HOST, running_serve
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+import dimse_async as da
+from dimse_async.archive.backend import IndexRow, index_statements
+from dimse_async.archive.schema import name_key, patient_key_of
+from dimse_async.services.qr import MODELS
+
+STUDY_FIND = MODELS["study"]["find"]
+WAIT = 60.0
+
+
+def populate(archive: Any, studies: int) -> None:
+    """``studies`` patients with a study, series and instance each, written straight
+    into the index (no files: queries never read them for these keys)."""
+    db = archive.connection()
+    with db:
+        for k in range(studies):
+            patient = {"PatientID": f"P{k}", "PatientName": f"Doe^Pat{k}"}
+            study, series, sop = generate_uid(), generate_uid(), generate_uid()
+            study_attrs = {"StudyInstanceUID": study, "StudyDate": "20200101", "StudyDescription": f"study {k}"}
+            row = IndexRow(
+                patient_key_of(patient, study), f"P{k}", json.dumps(patient), name_key(patient["PatientName"]),
+                study, "20200101", f"A{k}", json.dumps(study_attrs),
+                series, "CT", json.dumps({"SeriesInstanceUID": series, "Modality": "CT"}),
+                sop, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", f"/nonexistent/{sop}", 100, 0.0,
+                json.dumps({"SOPInstanceUID": sop}),
+            )  # fmt: skip
+            for sql, parameters in index_statements(row):
+                db.execute(sql, parameters)
+
+
+def study_query(**keys: str) -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientID = ""
+    q.StudyInstanceUID = ""
+    for key, value in keys.items():
+        setattr(q, key, value)
+    return q
+
+
+def scu(title: str) -> da.AE:
+    ae = da.AE(title, dimse_timeout=WAIT)
+    ae.add_requested_context(STUDY_FIND)
+    return ae
+
+
+async def find(assoc: Any, query: Dataset) -> tuple[int, int]:
+    """(final status, matches) of one C-FIND."""
+    async with assoc.c_find(query, model="study") as responses:
+        matches = len([d async for d in responses])
+    return int(responses.status), matches
+
+
+async def test_slow_finds_of_two_clients_do_not_stall_another_clients_find(tmp_path: Path) -> None:
+    """Two clients each run four C-FINDs at once that match nothing by wild card over
+    every study of a large index (each a long scan on a query thread). Meanwhile a
+    third client's C-FIND by Patient ID is answered about as fast as on an idle
+    archive: the query threads take the associations in turn, each query a short
+    slice at a time, instead of first come first served for a whole scan."""
+    async with running_serve(tmp_path / "archive", max_ops=8) as serve:
+        await asyncio.to_thread(populate, serve.archive, 2000)
+        victim = scu("VICTIM")
+        async with victim.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            started = time.monotonic()
+            assert await find(assoc, study_query(PatientID="P7")) == (0, 1)
+            idle = time.monotonic() - started
+
+            hostile_ae = scu("HOSTILE")
+            async with (
+                hostile_ae.associate(HOST, serve.port, "ARCHIVE", async_ops=(8, 1)) as h1,
+                hostile_ae.associate(HOST, serve.port, "ARCHIVE", async_ops=(8, 1)) as h2,
+            ):
+                scans = [
+                    asyncio.ensure_future(find(h, study_query(StudyDescription="*no such study*")))
+                    for h in (h1, h2)
+                    for _ in range(4)
+                ]
+                await asyncio.sleep(0.3)  # the scans are under way and queued
+                started = time.monotonic()
+                got = await asyncio.wait_for(find(assoc, study_query(PatientID="P42")), WAIT)
+                loaded = time.monotonic() - started
+                done_before = sum(s.done() for s in scans)
+                results = await asyncio.wait_for(asyncio.gather(*scans), WAIT)
+    assert got == (0, 1)
+    assert results == [(0, 0)] * 8  # the slow ones finish too, with every match (none)
+    assert loaded < 1.0, f"C-FIND took {loaded:.2f} s behind the slow scans ({idle:.3f} s when idle)"
+    assert done_before == 0, "the slow scans were over before the measurement"
