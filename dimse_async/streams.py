@@ -119,6 +119,12 @@ class MessageStream:
                 raise
         try:
             msg = await self._waiter.get(owner.dimse_timeout if self._timeout is None else self._timeout)
+        except asyncio.CancelledError:
+            # The caller stopped waiting (its task cancelled, a timeout of its own): the
+            # operation goes on at the peer, so it stays open for aclose's C-CANCEL (or
+            # further iteration). Forgotten now, its next response would be a protocol
+            # violation and abort the association.
+            raise
         except BaseException:
             self._finish()
             raise

@@ -99,3 +99,28 @@ async def test_slow_finds_of_two_clients_do_not_stall_another_clients_find(tmp_p
     assert results == [(0, 0)] * 8  # the slow ones finish too, with every match (none)
     assert loaded < 1.0, f"C-FIND took {loaded:.2f} s behind the slow scans ({idle:.3f} s when idle)"
     assert done_before == 0, "the slow scans were over before the measurement"
+
+
+async def test_cancel_stops_a_long_find_without_matches(tmp_path: Path) -> None:
+    """A C-CANCEL during a long scan that has found nothing yet ends it at the next
+    slice: the final response, Cancel (0xFE00, PS3.4 C.4.1.1.4), comes at once, not when
+    the scan is over; the query thread is free for the next C-FIND."""
+    async with running_serve(tmp_path / "archive") as serve:
+        await asyncio.to_thread(populate, serve.archive, 2000)
+        async with scu("CANCELLER").associate(HOST, serve.port, "ARCHIVE") as assoc:
+            responses = assoc.c_find(study_query(StudyDescription="*no such study*"), model="study")
+
+            async def consume() -> None:
+                async with responses:
+                    async for _match in responses:
+                        pass
+
+            consumer = asyncio.ensure_future(consume())
+            await asyncio.sleep(0.3)  # the scan is under way
+            started = time.monotonic()
+            consumer.cancel()  # leaving the block sends C-CANCEL and waits for the final response
+            await asyncio.gather(consumer, return_exceptions=True)
+            took = time.monotonic() - started
+            assert await find(assoc, study_query(PatientID="P3")) == (0, 1)
+    assert responses.status is not None and int(responses.status) == 0xFE00, responses.status
+    assert took < 0.5, f"the final response came {took:.2f} s after C-CANCEL"

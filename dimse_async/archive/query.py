@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -172,12 +172,14 @@ class QueryMixin(IndexDB):
         relational: bool = False,
         batch: int = 64,
         owner: object | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> AsyncIterator[Dataset]:
         """C-FIND matches produced in batches, each only when the previous one was
         taken (a peer that does not read its responses stops the query), within
         :attr:`query_max_matches` and :attr:`query_time_budget` (else 0xA700). A batch
         holds a query thread for :data:`~.db.QUERY_SLICE` at most; ``owner`` (the
-        association) takes turns with the others at the query threads."""
+        association) takes turns with the others at the query threads. ``stop()`` true
+        after a batch (a C-CANCEL) ends the query there, matches or not."""
         model = model_name(model_uid)
         budget = QueryBudget(self.query_max_matches, self.query_time_budget, "archive C-FIND")
         db = await self._read(self._read_conn, budget.deadline, owner=owner)
@@ -196,7 +198,7 @@ class QueryMixin(IndexDB):
                     yield item
                 produced += len(items)
                 budget.check(produced)
-                if ended:
+                if ended or (stop is not None and stop()):
                     return
         finally:
             await self._read(_close_query, matches, db, owner=owner)
@@ -242,7 +244,13 @@ class QueryMixin(IndexDB):
         negotiated = request.assoc.negotiated
         reply = negotiated.extended.get(request.model, b"") if negotiated is not None else b""
         relational = reply[:1] == b"\x01"
-        async for ds in self.find_iter(request.model, request.identifier, relational=relational, owner=request.assoc):
+        async for ds in self.find_iter(
+            request.model,
+            request.identifier,
+            relational=relational,
+            owner=request.assoc,
+            stop=lambda: request.cancelled,
+        ):
             yield ds
 
     async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str | Unavailable]:

@@ -151,9 +151,8 @@ class Responses(Generic[T]):
                 self._iter = self._stream.__aiter__()
             try:
                 msg = await self._iter.__anext__()
-            except StopAsyncIteration:
-                self._end()
-                raise
+            except asyncio.CancelledError:
+                raise  # not over: aclose (or leaving ``async with``) still sends C-CANCEL
             except BaseException:
                 self._end()
                 raise
