@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from normalized_helpers import HOST, running_serve
+import pydicom
+from conftest import dcmtk, free_port
+from normalized_helpers import HOST, make_instances, running_serve, store
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -19,6 +25,7 @@ from dimse_async.archive.schema import name_key, patient_key_of
 from dimse_async.services.qr import MODELS
 
 STUDY_FIND = MODELS["study"]["find"]
+STUDY_MOVE = MODELS["study"]["move"]
 WAIT = 60.0
 
 
@@ -124,3 +131,68 @@ async def test_cancel_stops_a_long_find_without_matches(tmp_path: Path) -> None:
             assert await find(assoc, study_query(PatientID="P3")) == (0, 1)
     assert responses.status is not None and int(responses.status) == 0xFE00, responses.status
     assert took < 0.5, f"the final response came {took:.2f} s after C-CANCEL"
+
+
+class Lines(logging.Handler):
+    """Messages logged under ``dimse_async`` at WARNING and above, while attached."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> Lines:
+        logging.getLogger("dimse_async").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("dimse_async").removeHandler(self)
+
+
+async def test_move_to_a_configured_but_unreachable_destination(tmp_path: Path) -> None:
+    """A destination in ``known_aes`` that nothing answers at is not an unknown one
+    (0xA801): every sub-operation failed, so the final response is 0xA702 Refused: Out
+    of Resources - Unable to perform sub-operations, with Failed = the matches, the
+    Failed SOP Instance UID List, and a log line with the reason (PS3.4 C.4.2.1.5,
+    C.4.2.3.1; DCMTK's dcmqrscp answers the same). DCMTK's movescu reads it as such."""
+    files = make_instances(tmp_path / "in", 3)
+    study = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    nobody = free_port()  # nothing listens there
+    async with running_serve(tmp_path / "archive", known_aes={"GONE": (HOST, nobody)}) as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        ae = da.AE("MOVER", dimse_timeout=WAIT)
+        ae.add_requested_context(STUDY_MOVE)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study
+        with Lines() as log:
+            async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+                progress = [p async for p in assoc.c_move(query, "GONE", model="study")]
+                unknown = [p async for p in assoc.c_move(query, "NOBODY", model="study")]
+        argv = [
+            dcmtk("movescu"), "-v", "-to", "10", "-ta", "10", "-td", "20", "-aec", "ARCHIVE", "-aem", "GONE",
+            "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", HOST, str(serve.port),
+        ]  # fmt: skip
+        done = await asyncio.to_thread(
+            subprocess.run,
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+            timeout=WAIT,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+    final = progress[-1]
+    assert int(final.status) == 0xA702, final
+    assert (final.completed, final.failed, final.warning) == (0, 3, 0), final
+    assert sorted(final.failed_instances) == sorted(i for _p, _c, i in files)
+    assert "Cannot reach GONE" in str(final.status.error_comment)
+    assert int(unknown[-1].status) == 0xA801  # a title not configured stays "unknown"
+    (line,) = [m for m in log.lines if m.startswith("cannot reach move destination")]
+    assert "GONE" in line and str(nobody) in line and "failed=3" in line, line
+    assert re.findall(r"Received Final Move Response \(([^)]*)\)", done.stdout) == [
+        "Refused: OutOfResourcesSubOperations"
+    ], done.stdout

@@ -605,8 +605,7 @@ async def _move(
     try:
         sub = await route.associate(address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1))
     except AssociationError as exc:
-        assoc.log.warning("cannot reach move destination", destination=title, error=str(exc))
-        await _respond(assoc, op, Status(Code.MOVE_DESTINATION_UNKNOWN, f"Cannot reach {title}: {exc}"[:64]))
+        await _unreachable(assoc, op, items, title, address, exc)
         return
     try:
 
@@ -620,6 +619,28 @@ async def _move(
             await sub.release()
         else:
             sub.abort("move sub-association ended")
+
+
+async def _unreachable(
+    assoc: DIMSEProvider, op: Operation, items: list[Any], title: str, address: tuple[str, int], exc: Exception
+) -> None:
+    """The destination is known but no association to it could be made (refused,
+    rejected, no answer): every sub-operation failed, 0xA702 Refused: Out of Resources -
+    Unable to perform sub-operations, with the counters and the Failed SOP Instance UID
+    List (PS3.4 C.4.2.1.5, C.4.2.3.1; as DCMTK's dcmqrscp). 0xA801 (Move Destination
+    unknown) is only for a title not configured at all."""
+    uids = await asyncio.to_thread(lambda: [_item_uid(i) for i in items])
+    assoc.log.warning(
+        "cannot reach move destination; every sub-operation failed",
+        destination=title,
+        address=f"{address[0]}:{address[1]}",
+        failed=len(items),
+        error=str(exc)[:200],
+    )
+    ident = Dataset()
+    ident.FailedSOPInstanceUIDList = [u for u in uids if u] or [""]
+    status = Status(Code.OUT_OF_RESOURCES_SUBOPERATIONS, f"Cannot reach {title}: {exc}"[:64])
+    await _respond(assoc, op, status, ident, (None, 0, len(items), 0))
 
 
 def _dataset_item(ds: Dataset) -> FileInfo:
