@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from conftest import dcmtk, free_port
 from normalized_helpers import HOST, make_instances, running_serve, store
 from pydicom.dataset import Dataset
@@ -196,3 +197,45 @@ async def test_move_to_a_configured_but_unreachable_destination(tmp_path: Path) 
     assert re.findall(r"Received Final Move Response \(([^)]*)\)", done.stdout) == [
         "Refused: OutOfResourcesSubOperations"
     ], done.stdout
+
+
+async def test_instance_deleted_between_lookup_and_send_is_listed_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-GET's instance whose file goes away after the look-up and before its
+    sub-operation: that sub-operation fails, the others are sent, and the Failed SOP
+    Instance UID List names it (PS3.4 C.4.3.3.1) - it cannot be read from the file any
+    more, so the archive's look-up must carry it."""
+    files = make_instances(tmp_path / "in", 3)
+    study = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    received: list[str] = []
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        gone = files[1][2]
+        real = serve.archive.retrieve_items
+
+        async def then_delete(*args: Any, **kwargs: Any) -> Any:
+            items = await real(*args, **kwargs)
+            os.unlink(serve.archive.path_for(gone))
+            return items
+
+        monkeypatch.setattr(serve.archive, "retrieve_items", then_delete)
+        ae = da.AE("GETTER", dimse_timeout=WAIT)
+        ae.add_requested_context(MODELS["study"]["get"])
+        ae.add_requested_context(files[0][1], scu_role=False, scp_role=True)
+
+        @ae.on_c_store
+        async def on_store(request: Any) -> int:
+            received.append(request.sop_instance_uid)
+            return 0
+
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            progress = [p async for p in assoc.c_get(query, model="study")]
+    final = progress[-1]
+    assert int(final.status) == 0xB000, final
+    assert (final.completed, final.failed, final.warning) == (2, 1, 0), final
+    assert final.failed_instances == [gone]
+    assert sorted(received) == sorted(i for _p, _c, i in files if i != gone)

@@ -13,7 +13,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from ..dimse import Status
-from ..services.qr import QueryRequest, StatusError, Unavailable
+from ..services.qr import QueryRequest, StatusError, StoredFile, Unavailable
 from .budget import QueryBudget
 from .db import (
     QUERY_SLICE,
@@ -259,9 +259,10 @@ class QueryMixin(IndexDB):
 
 
 def _on_disk(path: str, size: int | None, uid: str) -> str | Unavailable:
-    """``path``, or :class:`Unavailable` when :func:`stored_file_problem` finds one."""
+    """``path`` (with its UID, should it go away before it is sent), or
+    :class:`Unavailable` when :func:`stored_file_problem` finds one."""
     problem = stored_file_problem(path, size)
-    return path if problem is None else Unavailable(uid, problem)
+    return StoredFile(path, uid) if problem is None else Unavailable(uid, problem)
 
 
 def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[str], list[Any]]:

@@ -354,7 +354,8 @@ def render() -> str:
     add("")
     add("A matching instance whose stored file is gone, or not the size it was stored at, is a")
     add("failed C-GET/C-MOVE sub-operation (its UID in the Failed SOP Instance UID List, the")
-    add("reason logged); nothing is sent for it.")
+    add("reason logged); nothing is sent for it. The same holds for one that goes away between")
+    add("the look-up and its sub-operation.")
     add("")
 
     add("#### 4.2.4 Storage SCP (`serve`, `store-scp`)")

@@ -45,6 +45,7 @@ __all__ = [
     "Responses",
     "RetrieveRequest",
     "StatusError",
+    "StoredFile",
     "Unavailable",
     "c_find",
     "c_get",
@@ -98,6 +99,23 @@ class Unavailable:
 
     sop_instance_uid: str
     reason: str
+
+
+class StoredFile(str):
+    """A file path a C-GET / C-MOVE handler yields, with the SOP Instance UID its index
+    knows: a sub-operation that fails because the file went away still names the
+    instance in the Failed SOP Instance UID List (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
+
+    __slots__ = ("sop_instance_uid",)
+    sop_instance_uid: str
+
+    def __new__(cls, path: str, sop_instance_uid: str = "") -> StoredFile:
+        self = super().__new__(cls, path)
+        self.sop_instance_uid = sop_instance_uid
+        return self
+
+    def __reduce__(self) -> tuple[type[StoredFile], tuple[str, str]]:  # pickled for a worker process
+        return StoredFile, (str(self), self.sop_instance_uid)
 
 
 @dataclass(slots=True)
@@ -427,7 +445,7 @@ async def _find_responses(assoc: DIMSEProvider, op: Operation, request: QueryReq
 
 
 def _item_uid(item: Any) -> str:
-    if isinstance(item, Unavailable):
+    if isinstance(item, Unavailable | StoredFile):
         return item.sop_instance_uid
     if isinstance(item, Dataset):
         return str(item.get("SOPInstanceUID", ""))
@@ -500,7 +518,10 @@ async def _run_suboperations(
                 assoc.log.warning("sub-operation failed: sub-association ended", error=str(exc))
                 category = StatusCategory.FAILURE
             except Exception as exc:
-                assoc.log.warning("sub-operation failed", error=repr(exc))
+                where = (
+                    {"sop_instance": item.sop_instance_uid, "path": str(item)} if isinstance(item, StoredFile) else {}
+                )
+                assoc.log.warning("sub-operation failed", **where, error=repr(exc))
                 category = StatusCategory.FAILURE
             if category is StatusCategory.SUCCESS:
                 completed += 1
