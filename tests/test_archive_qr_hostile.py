@@ -239,3 +239,40 @@ async def test_instance_deleted_between_lookup_and_send_is_listed_as_failed(
     assert (final.completed, final.failed, final.warning) == (2, 1, 0), final
     assert final.failed_instances == [gone]
     assert sorted(received) == sorted(i for _p, _c, i in files if i != gone)
+
+
+async def test_cancel_during_get_stops_the_sub_operations(tmp_path: Path) -> None:
+    """C-CANCEL during a C-GET from ``serve``: no more C-STOREs after the one under way,
+    the final response is Cancel (0xFE00) with counters that add up (remaining included,
+    PS3.7 9.3.3.2), the SCU keeps that final Progress, and the association goes on."""
+    files = make_instances(tmp_path / "in", 12)
+    study = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    received: list[str] = []
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        ae = da.AE("GETTER", dimse_timeout=WAIT)
+        ae.add_requested_context(MODELS["study"]["get"])
+        ae.add_requested_context(files[0][1], scu_role=False, scp_role=True)
+        ae.add_requested_context(da.Verification)
+
+        @ae.on_c_store
+        async def on_store(request: Any) -> int:
+            received.append(request.sop_instance_uid)
+            await asyncio.sleep(0.05)
+            return 0
+
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            async with assoc.c_get(query, model="study") as responses:
+                async for progress in responses:
+                    if progress.completed is not None and progress.completed >= 2:
+                        break
+            after = len(received)
+            assert (await assoc.c_echo()).is_success
+    assert responses.status is not None and int(responses.status) == 0xFE00
+    final = responses.result
+    assert final is not None and final.remaining is not None and final.completed is not None
+    assert final.remaining > 0 and final.completed + (final.failed or 0) + final.remaining == 12, final
+    assert final.completed == len(received) == after <= 4, (final, len(received))

@@ -346,7 +346,7 @@ def render() -> str:
     add("| 0x0000 | success |")
     add("| 0xFE00 | cancelled by C-CANCEL |")
     add("| 0xA700 | out of resources |")
-    add("| 0xA702 | out of resources: unable to perform sub-operations (also: the move destination cannot be reached) |")
+    add("| 0xA702 | unable to perform sub-operations (also: the move destination unreachable) |")
     add("| 0xA801 | move destination unknown (not in `known_aes`) |")
     add("| 0xA900 | identifier does not match SOP class (level not in the model, missing unique keys) |")
     add("| 0xB000 | sub-operations complete, one or more failures |")

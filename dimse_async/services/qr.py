@@ -191,6 +191,10 @@ class Responses(Generic[T]):
         final = self._stream.final
         if final is not None:
             self.status = response_status(final.command.status, final.command.error_comment)
+            if self.result is None:  # left early (C-CANCEL): the final counters all the same
+                item = self._convert(final)
+                if isinstance(item, Progress):
+                    self.result = item
         elif self.status is None:
             self.status = Status(Code.CANNOT_UNDERSTAND, "no final response: the association ended")
         if self._on_end is not None:
