@@ -114,3 +114,56 @@ async def test_our_scp_receives_notifications() -> None:
     assert [(g.study_uid, g.series, g.retrieve_ae, g.availability) for g in got] == [
         (study, av.series, "PACS", "ONLINE")
     ] * 2
+
+
+async def test_a_failed_notification_is_sent_again(tmp_path: Path) -> None:
+    """The destination is down when the study goes quiet: the notification is not lost,
+    it is sent again (``ian_retries``, ``ian_retry_interval``), each failed attempt logged,
+    and arrives once the destination listens."""
+    import logging
+
+    attempts: list[str] = []
+
+    class Attempts(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            attempts.append(record.getMessage())
+
+    handler = Attempts(logging.WARNING)
+    logging.getLogger("dimse_async").addHandler(handler)
+    received: list[Dataset] = []
+    ris = da.AE("RIS")
+    ris.add_supported_context(INSTANCE_AVAILABILITY)
+
+    @ris.on_n_create(sop_class=INSTANCE_AVAILABILITY)
+    async def on_create(request: NRequest) -> int:
+        assert request.dataset is not None
+        received.append(request.dataset)
+        return 0
+
+    port = free_port()
+    files = make_instances(tmp_path / "in", 2)
+    study_uid = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    try:
+        async with running_serve(
+            tmp_path / "archive",
+            ian_destinations=["RIS"],
+            ian_delay=0.2,
+            ian_retry_interval=0.5,
+            known_aes={"RIS": (HOST, port)},
+        ) as serve:
+            await store(serve.port, [p for p, _c, _i in files])
+            deadline = time.monotonic() + WAIT
+            while not any("attempt failed" in m for m in attempts) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            async with await ris.start_server(HOST, port):
+                while not received and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert serve.extras.availability is not None
+                while not serve.extras.availability.sent and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+    finally:
+        logging.getLogger("dimse_async").removeHandler(handler)
+    assert [ds.StudyInstanceUID for ds in received] == [study_uid]
+    ((study, dest, outcome),) = serve.extras.availability.sent
+    assert (study, dest) == (study_uid, "RIS") and outcome.startswith("sent (attempt "), outcome
+    assert any(m.startswith("instance availability notification attempt failed") for m in attempts), attempts

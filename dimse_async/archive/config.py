@@ -61,6 +61,8 @@ Example::
     mpps = true                               # act as MPPS SCP (N-CREATE / N-SET)
     ian_destinations = ["RIS"]                # send Instance Availability Notifications (known_aes)
     ian_delay = 60                            # a study is complete after 60 s without new instances
+    ian_retries = 3                           # a notification that failed is sent again, 5, 10, 15 s
+    ian_retry_interval = 5                    #   later (each destination on its own)
 
     [known_aes]                               # C-MOVE destinations, commitment and IAN peers
     VIEWER = { host = "10.0.0.5", port = 104 }
@@ -143,6 +145,10 @@ class ServeConfig:
     mpps: bool = True
     ian_destinations: list[str] = field(default_factory=list)
     ian_delay: float = 60.0
+    #: A notification that failed (destination down, refused) is sent again this many
+    #: times, ``ian_retry_interval`` seconds apart (times the attempt).
+    ian_retries: int = 3
+    ian_retry_interval: float = 5.0
     #: Admission control and bounded input (see ``AE``): caps per client address and
     #: calling AE, on connections not yet associated, the PDU progress timeout and the
     #: largest identifier.
@@ -223,6 +229,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "commitment_retry_interval": (int, float),
     "mpps": (bool,),
     "ian_delay": (int, float),
+    "ian_retries": (int,),
+    "ian_retry_interval": (int, float),
     "log_operations": (bool,),
 }
 

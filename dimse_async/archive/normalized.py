@@ -29,11 +29,24 @@ class AvailabilityNotifier:
     study is complete - no new instance for ``delay`` seconds - or on demand
     (:meth:`notify`). Destinations are AE titles from ``known_aes``."""
 
-    def __init__(self, archive: Any, ae: Any, destinations: list[str], delay: float = 60.0):
+    def __init__(
+        self,
+        archive: Any,
+        ae: Any,
+        destinations: list[str],
+        delay: float = 60.0,
+        *,
+        retries: int = 3,
+        retry_interval: float = 5.0,
+    ):
         self.archive = archive
         self.ae = ae
         self.destinations = destinations
         self.delay = delay
+        #: A notification that fails is sent again ``retries`` times, ``retry_interval``
+        #: seconds apart (times the attempt), each destination on its own.
+        self.retries = retries
+        self.retry_interval = retry_interval
         self.log = get_logger("availability")
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -103,39 +116,72 @@ class AvailabilityNotifier:
         )
 
     async def notify(self, study_uid: str) -> list[tuple[str, str]]:
-        """Send the study's notification to every destination now: [(destination, outcome)]."""
+        """Send the study's notification to every destination now (at once, each retried
+        on its own): [(destination, outcome)]."""
         av = await self.availability(study_uid)
-        out = []
-        for dest in self.destinations:
-            where = self.ae.known_aes.get(dest)
-            if where is None:
-                outcome = "not in known_aes"
-            elif not av.count:
-                outcome = "no instances"
-            else:
-                try:
-                    await send_notification(self.ae, where[0], where[1], dest, av)
-                    outcome = "sent"
-                except Exception as exc:
-                    outcome = f"failed: {exc}"
-            (self.log.info if outcome == "sent" else self.log.warning)(
-                "instance availability notification",
-                study_uid=study_uid,
-                destination=dest,
-                instances=av.count,
-                outcome=outcome,
-            )
-            out.append((dest, outcome))
-            self.sent.append((study_uid, dest, outcome))
-            del self.sent[:-1000]
-        return out
+        outcomes = await asyncio.gather(*(self._notify_one(dest, av) for dest in self.destinations))
+        return list(zip(self.destinations, outcomes, strict=True))
 
-    async def close(self) -> None:
+    async def _notify_one(self, dest: str, av: Availability) -> str:
+        where = self.ae.known_aes.get(dest)
+        if where is None:
+            outcome = "not in known_aes"
+        elif not av.count:
+            outcome = "no instances"
+        else:
+            outcome = await self._send(dest, where, av)
+        (self.log.info if outcome.startswith("sent") else self.log.warning)(
+            "instance availability notification",
+            study_uid=av.study_uid,
+            destination=dest,
+            instances=av.count,
+            outcome=outcome,
+        )
+        self.sent.append((av.study_uid, dest, outcome))
+        del self.sent[:-1000]
+        return outcome
+
+    async def _send(self, dest: str, where: tuple[str, int], av: Availability) -> str:
+        """Send, retried: "sent" (with the attempt when not the first) or "failed: ..."."""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.retry_interval * attempt)
+            try:
+                await send_notification(self.ae, where[0], where[1], dest, av)
+            except Exception as exc:
+                if attempt == self.retries:
+                    return f"failed: {exc}"
+                self.log.warning(
+                    "instance availability notification attempt failed",
+                    study_uid=av.study_uid,
+                    destination=dest,
+                    attempt=attempt + 1,
+                    error=str(exc)[:200],
+                )
+            else:
+                return "sent" + (f" (attempt {attempt + 1})" if attempt else "")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Shutdown: studies not yet due are not announced (one line says how many);
+        notifications under way get ``timeout`` seconds, then are abandoned (logged)."""
+        if self._timers:
+            self.log.warning(
+                "instance availability notifications not sent at shutdown: studies still receiving",
+                studies=len(self._timers),
+            )
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=10)
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        left = list(self._tasks)
+        for task in left:
+            task.cancel()
+        if left:
+            self.log.warning("instance availability notifications abandoned at shutdown", notifications=len(left))
+            await asyncio.wait(left, timeout=timeout)
+
 
 
 class Extras:
@@ -175,6 +221,13 @@ def install_normalized(ae: Any, archive: Any, config: Any) -> Extras:
         extras.mpps = MPPSStore(archive.root)
         extras.mpps.install(ae)
     if config.ian_destinations:
-        extras.availability = AvailabilityNotifier(archive, ae, list(config.ian_destinations), config.ian_delay)
+        extras.availability = AvailabilityNotifier(
+            archive,
+            ae,
+            list(config.ian_destinations),
+            config.ian_delay,
+            retries=config.ian_retries,
+            retry_interval=config.ian_retry_interval,
+        )
         extras.availability.install(ae)
     return extras
