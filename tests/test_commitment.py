@@ -668,7 +668,7 @@ async def test_shutdown_waits_for_the_check_thread(tmp_path: Path, monkeypatch: 
             commitment = serve.extras.commitment
             await commitment.close(timeout=2)
             closed.set()
-            in_use = [t.name for t in threading.enumerate() if t.name.startswith("commitment")]
+            in_use = [t.name for t in commitment._pool._threads if t.is_alive()]  # type: ignore[attr-defined]
             scu.cancel()
             await asyncio.gather(scu, return_exceptions=True)
     assert reads["after_close"] == 0 and not in_use, (reads, in_use)
