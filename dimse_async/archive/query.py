@@ -4,6 +4,7 @@ query level and hierarchy checks, candidates narrowed in SQL, computed keys
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -201,7 +202,8 @@ class QueryMixin(IndexDB):
                 if ended or (stop is not None and stop()):
                     return
         finally:
-            await self._read(_close_query, matches, db, owner=owner)
+            # Shielded: cancelled again while it waits its turn, the query is still closed.
+            await asyncio.shield(self._read(_close_query, matches, db, owner=owner))
 
     def _paths(self, model: str, identifier: Dataset) -> list[str | Unavailable]:
         level = query_level(model, identifier, "Retrieve")
