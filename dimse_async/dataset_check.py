@@ -3,7 +3,9 @@
 Values are skipped, not decoded, so a 2 GB instance is checked with constant memory.
 Sequences and items (§7.5), encapsulated pixel data (§A.4) and the deflated syntax
 (§A.5) are followed; an element whose length runs past the end, a missing delimiter
-or bytes left over inside a defined-length item or sequence is an error. The top-level
+or bytes left over inside a defined-length item or sequence is an error; with
+``ordered``, so is an element whose tag does not increase within its data set or item
+(§7.1: ascending, each at most once; readers disagree on which of two copies counts). The top-level
 SOP Class and SOP Instance UIDs are returned, so a receiver can compare them with the
 command's (PS3.4 B.2.3: 0xA900 when they differ).
 """
@@ -145,8 +147,10 @@ class _Walker:
         little: bool,
         stop_after: int | None = None,
         keep: frozenset[int] = frozenset(),
+        ordered: bool = False,
     ):
         self.stop_after = stop_after
+        self.ordered = ordered
         self.keep = keep
         self.kept: dict[int, tuple[bytes, bytes]] = {}
         self.src = src
@@ -166,6 +170,7 @@ class _Walker:
         """Elements up to byte ``bound`` (defined length), or to an item delimiter
         (``item`` with undefined length), or to the end of the stream (top level)."""
         src = self.src
+        prev = -1
         while True:
             if bound is not None:
                 if src.pos == bound:
@@ -182,6 +187,10 @@ class _Walker:
                 return
             if tag >> 16 == 0xFFFE:
                 raise DataSetError(f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 4}")
+            if self.ordered:
+                if tag <= prev:
+                    raise _unordered(tag, src.pos - 4)
+                prev = tag
             if depth == 0 and self.stop_after is not None and tag > self.stop_after:
                 raise _Enough
             self.element(tag, depth)
@@ -270,11 +279,15 @@ class _BufferWalker:
     """
 
     __slots__ = (
-        "buf", "elements", "hdr", "implicit", "keep", "kept", "little", "size", "top", "u32", "pos", "seq", "watch"
+        "buf", "elements", "hdr", "implicit", "keep", "kept", "little", "ordered", "size", "top", "u32", "pos", "seq",
+        "watch",
     )  # fmt: skip
 
-    def __init__(self, buf: bytes, implicit: bool, little: bool, keep: frozenset[int] = frozenset()):
+    def __init__(
+        self, buf: bytes, implicit: bool, little: bool, keep: frozenset[int] = frozenset(), ordered: bool = False
+    ):
         self.buf = buf
+        self.ordered = ordered
         self.keep = keep
         self.watch = keep | {_SOP_CLASS, _SOP_INSTANCE}  # top-level tags whose value is read
         self.kept: dict[int, tuple[bytes, bytes]] = {}
@@ -300,6 +313,7 @@ class _BufferWalker:
             self._explicit_until(bound, depth, item)
             return
         buf, size, top = self.buf, self.size, depth == 0
+        prev = -1
         while True:
             pos = self.pos
             if bound is not None:
@@ -324,6 +338,10 @@ class _BufferWalker:
                 self.pos = pos + 8
                 return
             tag = (group << 16) | elem
+            if self.ordered:
+                if tag <= prev:
+                    raise _unordered(tag, pos)
+                prev = tag
             if self.implicit:
                 pos += 8
             elif vr in _LONG_VRS:
@@ -367,6 +385,7 @@ class _BufferWalker:
         limit = bound if bound is not None else (size + 1 if item else size)
         pos = self.pos
         count = 0
+        ordered, prev = self.ordered, -1
         try:
             while True:
                 if pos >= limit:
@@ -381,6 +400,11 @@ class _BufferWalker:
                         raise DataSetError(f"unexpected item delimiter at byte {pos}")
                     pos += 8
                     break
+                if ordered:
+                    tag = (group << 16) | elem
+                    if tag <= prev:
+                        raise _unordered(tag, pos)
+                    prev = tag
                 kind = kinds[vr]
                 if kind == 1:  # 2-byte length
                     pos += 8
@@ -484,12 +508,22 @@ class _BufferWalker:
             self.pos = pos + 8 + length
 
 
-def check_dataset_bytes(data: bytes, transfer_syntax: str, keep: frozenset[int] = frozenset()) -> DataSetSummary:
+def _unordered(tag: int, pos: int) -> DataSetError:
+    return DataSetError(f"element ({tag >> 16:04X},{tag & 0xFFFF:04X}) repeated or out of order at byte {pos}")
+
+
+def check_dataset_bytes(
+    data: bytes, transfer_syntax: str, keep: frozenset[int] = frozenset(), *, ordered: bool = False
+) -> DataSetSummary:
     """:func:`check_dataset` for a data set held in memory (bytes)."""
     if transfer_syntax in _DEFLATED:
-        return check_dataset(io.BytesIO(data), transfer_syntax, keep=keep)
+        return check_dataset(io.BytesIO(data), transfer_syntax, keep=keep, ordered=ordered)
     walker = _BufferWalker(
-        data, implicit=transfer_syntax == _IMPLICIT_LE, little=transfer_syntax != _EXPLICIT_BE, keep=keep
+        data,
+        implicit=transfer_syntax == _IMPLICIT_LE,
+        little=transfer_syntax != _EXPLICIT_BE,
+        keep=keep,
+        ordered=ordered,
     )
     walker.elements_until(None, 0, item=False)
     return DataSetSummary(
@@ -498,17 +532,20 @@ def check_dataset_bytes(data: bytes, transfer_syntax: str, keep: frozenset[int] 
 
 
 def check_dataset(
-    fp: BinaryIO, transfer_syntax: str, start: int = 0, keep: frozenset[int] = frozenset()
+    fp: BinaryIO, transfer_syntax: str, start: int = 0, keep: frozenset[int] = frozenset(), *, ordered: bool = False
 ) -> DataSetSummary:
     """Walk the data set in ``fp`` from byte ``start`` to its end; raise
-    :class:`DataSetError` unless every element is complete. The values of the
-    top-level elements in ``keep`` are returned with the summary (no second read)."""
+    :class:`DataSetError` unless every element is complete (and, with ``ordered``,
+    every tag greater than the one before it in its data set or item, PS3.5 §7.1).
+    The values of the top-level elements in ``keep`` are returned with the summary
+    (no second read)."""
     deflated = transfer_syntax in _DEFLATED
     walker = _Walker(
         _Source(fp, start, deflated),
         implicit=transfer_syntax == _IMPLICIT_LE,
         little=transfer_syntax != _EXPLICIT_BE,
         keep=keep,
+        ordered=ordered,
     )
     try:
         walker.elements_until(None, 0, item=False)
@@ -537,9 +574,9 @@ def dataset_uids(fp: BinaryIO, transfer_syntax: str, start: int) -> tuple[str, s
     return walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, "")
 
 
-def check_part10(fp: BinaryIO, keep: frozenset[int] = frozenset()) -> DataSetSummary:
+def check_part10(fp: BinaryIO, keep: frozenset[int] = frozenset(), *, ordered: bool = False) -> DataSetSummary:
     """Check a Part 10 stream (preamble, file meta, data set) as :func:`check_dataset`."""
     meta = read_file_meta(fp)
     if meta is None:
         raise DataSetError("no DICM prefix or incomplete file meta information")
-    return check_dataset(fp, meta.transfer_syntax, meta.dataset_offset, keep)
+    return check_dataset(fp, meta.transfer_syntax, meta.dataset_offset, keep, ordered=ordered)

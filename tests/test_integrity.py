@@ -21,6 +21,7 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -235,6 +236,69 @@ async def test_command_uids_must_equal_the_data_sets(tmp_path: Path, index: str 
         assert statuses == [0xA900], [hex(s) for s in statuses]
         assert stored_file(srv.root, victim_uid).read_bytes() == before
         assert not list(srv.root.rglob(f"{liar.SOPInstanceUID}.dcm"))
+
+
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (PS3.5 §7.1.2), padded to even length."""
+    if len(value) % 2:
+        value += b"\x00" if vr == b"UI" else b" "
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
+        return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _ct_bytes(uid: str, *elements: tuple[int, bytes, bytes]) -> bytes:
+    """A CT data set: the hierarchy's UIDs and ``elements`` in the order given (not sorted)."""
+    base = [
+        (0x00080016, b"UI", CT_CLASS.encode()),
+        (0x00080018, b"UI", uid.encode()),
+        (0x00100020, b"LO", b"ORDER"),
+        (0x0020000D, b"UI", b"1.2.826.0.1.3680043.9.7433.2.1"),
+        (0x0020000E, b"UI", b"1.2.826.0.1.3680043.9.7433.3.1"),
+    ]
+    return b"".join(_element(*e) for e in [*base, *elements])
+
+
+async def test_repeated_or_unordered_elements_are_refused(tmp_path: Path) -> None:
+    """PS3.5 §7.1: the elements of a data set or item ascend, each at most once. Readers
+    disagree on a repeated one (pydicom, and so the index, takes the last; DCMTK the
+    first): an instance whose second (0008,0018) matches the command while DCMTK reads
+    another UID, or whose Patient ID differs between index and viewer. Refused with
+    0xC000 and the reason logged, whether checked in memory or from a file (> 1 MiB)."""
+    from dimse_async.part10 import encode_file_meta
+
+    def item(*elements: bytes) -> tuple[int, bytes, bytes]:
+        """A Request Attributes Sequence of one item holding ``elements``."""
+        body = b"".join(elements)
+        return (0x00400275, b"SQ", struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body)
+
+    ref_class, ref_instance = _element(0x00081150, b"UI", CT_CLASS.encode()), _element(0x00081155, b"UI", b"1.2.3")
+    big = (0x7FE00010, b"OW", bytes(2 << 20))  # checked from a file, not in memory
+    patient = _element(0x00100020, b"LO", b"ORDER")
+    cases = {
+        # DCMTK reads 1.2.3.4; the command, the check and the index the second one
+        "instance UID twice": lambda uid: _ct_bytes(uid).replace(
+            _element(0x00080018, b"UI", uid.encode()),
+            _element(0x00080018, b"UI", b"1.2.3.4") + _element(0x00080018, b"UI", uid.encode()),
+        ),
+        "patient ID twice": lambda uid: _ct_bytes(uid).replace(patient, patient + _element(0x00100020, b"LO", b"X")),
+        "out of order, large": lambda uid: _ct_bytes(uid, (0x00100010, b"PN", b"LATE^NAME"), big),
+        "item out of order": lambda uid: _ct_bytes(uid, item(ref_instance, ref_class)),
+        "well formed": lambda uid: _ct_bytes(uid, item(ref_class, ref_instance), big),
+    }
+    files = {}
+    for name, make in cases.items():
+        uid = generate_uid()
+        path = tmp_path / f"{len(files)}.dcm"
+        path.write_bytes(encode_file_meta(CT_CLASS, uid, EXPLICIT_LE) + make(uid))
+        files[name] = (uid, path)
+    async with running_serve(tmp_path / "arch") as srv:
+        paths = [p for _uid, p in files.values()]
+        statuses = await asyncio.to_thread(pynetdicom_store_files, srv.port, paths, CT_CLASS)
+        assert dict(zip(files, statuses)) == {**{n: 0xC000 for n in files if n != "well formed"}, "well formed": 0}
+        for name, (uid, _path) in files.items():
+            assert list(srv.root.rglob(f"{uid}.dcm")) == ([] if name != "well formed" else [srv.archive.path_for(uid)])
+        assert not list(srv.root.rglob("*.partial"))
 
 
 async def test_duplicate_keep_is_the_default(tmp_path: Path, index: str | None) -> None:

@@ -57,18 +57,20 @@ LEFTOVER_AGE = 3600.0
 async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAULT_LIMITS) -> DataSetSummary:
     """Parse the received data set to its end (off the loop when it is large), keeping
     the raw values of the elements the index needs (:data:`.schema.INDEX_TAGS`): the
-    one pass over the data set a store makes."""
+    one pass over the data set a store makes. Its elements must ascend in each data set
+    and item (PS3.5 §7.1): of a repeated one, the index (pydicom) would read the last
+    copy and DCMTK the first."""
 
     def check() -> DataSetSummary:
         with request.open() as fp:
             _check_inflation(fp, limits)
-            return check_part10(fp, INDEX_TAGS)
+            return check_part10(fp, INDEX_TAGS, ordered=True)
 
     if request.spool.path is None and request.size < (1 << 20):
         data = request.spool.memory()
         meta = read_file_meta(io.BytesIO(data))
         if meta is not None and meta.transfer_syntax != _DEFLATED_LE:  # walked in place, header by header
-            return check_dataset_bytes(data[meta.dataset_offset :], meta.transfer_syntax, INDEX_TAGS)
+            return check_dataset_bytes(data[meta.dataset_offset :], meta.transfer_syntax, INDEX_TAGS, ordered=True)
         return check()
     return await asyncio.to_thread(check)
 
