@@ -504,6 +504,43 @@ async def test_store_after_peer_abort_raises(tmp_path):
         await asyncio.wait_for(assoc.wait_closed(), 5)
 
 
+async def test_save_after_the_association_ended_writes_nothing(tmp_path):
+    """The peer aborts while a handler waits; the association's end drops the instance's
+    spool and cancels the handler. A save() the handler still makes (finishing its work
+    on the way out) fails with OSError and leaves no file: never an empty or partial one
+    under the instance's name."""
+    ae = storage_scp()
+    started = asyncio.Event()
+    outcome: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+    dest = tmp_path / "stored.dcm"
+
+    @ae.on_c_store
+    async def handler(request):
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            try:
+                await request.save(dest)
+            except OSError as exc:
+                outcome.set_result(exc)
+            else:
+                outcome.set_result(None)
+            raise
+
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assoc = await scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP")
+        store = asyncio.create_task(assoc.c_store(CT))
+        await asyncio.wait_for(started.wait(), 5)
+        assoc.abort()
+        with pytest.raises(AssociationAborted):
+            await store
+        assert isinstance(await asyncio.wait_for(outcome, 5), OSError)
+        for theirs in list(server.associations):
+            await asyncio.wait_for(theirs.wait_closed(), 5)
+    assert not dest.exists()
+
+
 def test_status_of_unknown_code_is_failure():
     assert Status(0xA801).category == "failure"
     with pytest.raises(DIMSEError):

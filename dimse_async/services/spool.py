@@ -300,6 +300,11 @@ class Spool:
         return self._fd is not None and self._queued == self._written
 
     @property
+    def discarded(self) -> bool:
+        """Dropped (:meth:`discard`): what it held is gone, nothing may be saved from it."""
+        return self._discarded
+
+    @property
     def in_memory(self) -> bool:
         """Everything received is in memory, no file work pending (:meth:`finish` has nothing to do)."""
         return not self._spilling

@@ -163,6 +163,8 @@ class StoreRequest(Request):
         """
         dest = os.fspath(path)
         spool, writer = self.spool, self.assoc.writer
+        if spool.discarded:  # the association ended: its bytes are gone, never an empty file
+            raise OSError(errno.ECANCELED, "instance discarded: the association ended")
         if spool.path is not None:
             source, spool.path = spool.path, None
             created = await writer.submit(_move_into_place, source, dest, durable)
