@@ -62,6 +62,7 @@ class Running:
     archive: Archive
     root: Path
     ae: AE
+    server: Any = None
 
 
 @contextlib.asynccontextmanager
@@ -78,7 +79,7 @@ async def running_serve(root: Path, **settings: object) -> AsyncIterator[Running
     archive.install(ae)
     try:
         async with await ae.start_server(HOST, 0) as server:
-            yield Running(server.port, archive, root, ae)
+            yield Running(server.port, archive, root, ae, server)
     finally:
         archive.close()
 
@@ -333,6 +334,65 @@ async def test_a_stored_copy_truncated_on_disk_is_replaced_by_a_resend(tmp_path:
         assert store_statuses(out) == ["Success"], out
         assert same_dataset(stored_file(srv.root, uid), first)
         assert await srv.archive.count() == 1
+
+
+async def test_an_abort_while_a_replacement_is_placed_leaves_file_and_index_agreeing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replace policy: the sender of a new version aborts while its file is being written
+    into place (the association's end cancels the handler; the writer thread goes on).
+    The store is finished or undone before the instance is let go: the index describes
+    the file that is there, so the stored instance stays retrievable (getscu)."""
+    import threading
+
+    from rawpeer import RawPeer, pdata, rq_bytes, store_rq
+
+    import dimse_async.services.storage as storage_module
+    from dimse_async.pdu import Abort
+
+    uid = generate_uid()
+    first = write_ct(tmp_path / "first.dcm", SOPInstanceUID=uid, PatientName="FIRST^VERSION")
+    second = pydicom.dcmread(first)
+    second.PatientName = "SECOND^VERSION"
+    second.ImageComments = "a longer data set than the first"
+    reached, go_on = threading.Event(), threading.Event()
+    write_file = storage_module.write_file
+
+    def held_write(dest: str, chunks: Any, durable: bool) -> Any:
+        reached.set()
+        go_on.wait(10)
+        return write_file(dest, chunks, durable)
+
+    async with running_serve(tmp_path / "arch", duplicates="replace") as srv:
+        code, out = await storescu(srv.port, first)
+        assert code == 0 and store_statuses(out) == ["Success"], out
+        monkeypatch.setattr(storage_module, "write_file", held_write)
+        peer = await RawPeer.connect(srv.port)
+        await peer.associate(rq_bytes(called=SERVE_AE))
+        command, dataset = store_rq(second)
+        (theirs,) = [a for a in srv.server.associations if a.peer_ae == "RAW"]
+        await peer.send(pdata(3, command, command=True) + pdata(3, dataset, command=False))
+        assert await asyncio.to_thread(reached.wait, 10)
+        await peer.send(Abort().encode())
+        await peer.close()
+        for _ in range(250):  # the server takes the abort: the store's handler is cancelled
+            if theirs.is_closed:
+                break
+            await asyncio.sleep(0.02)
+        assert theirs.is_closed
+        go_on.set()
+        await asyncio.wait_for(theirs.wait_closed(), 10)  # its tasks and file work ended
+        monkeypatch.setattr(storage_module, "write_file", write_file)
+        row = srv.archive.connection().execute("SELECT path, size FROM instances WHERE sop_uid = ?", (uid,))
+        path, size = row.fetchone()
+        assert os.path.getsize(path) == size, "the index describes another file than the one stored"
+        name = str(pydicom.dcmread(path).PatientName)
+        code, text = await getscu(srv.port, tmp_path / "got", "QueryRetrieveLevel=IMAGE", f"SOPInstanceUID={uid}",
+                                  f"StudyInstanceUID={second.StudyInstanceUID}",
+                                  f"SeriesInstanceUID={second.SeriesInstanceUID}")  # fmt: skip
+        assert code == 0, text
+        (got,) = list((tmp_path / "got").iterdir())
+        assert str(pydicom.dcmread(got).PatientName) == name
 
 
 async def test_duplicate_replace_takes_a_valid_new_instance(tmp_path: Path, index: str | None) -> None:

@@ -368,6 +368,28 @@ class IngestMixin(IndexDB):
                 return Status(0)
             request.assoc.log.warning("duplicate SOP Instance UID: stored instance kept", sop_instance=uid)
             return Status(0xA900, "Duplicate SOP Instance UID; stored instance kept"[:64])
+        # From here the store runs to its end (the file placed and indexed, or undone)
+        # even when the association ends meanwhile and cancels this handler: the file
+        # work goes on in the writer thread regardless, and only the store itself can
+        # index what it placed or put back what it replaced.
+        placing = asyncio.ensure_future(self._place(request, dest, summary, held, old))
+        try:
+            return await asyncio.shield(placing)
+        except asyncio.CancelledError:
+            while not placing.done():  # still holding the instance's lock
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(placing)
+            status = placing.result()
+            request.assoc.log.info("C-STORE finished after the association ended", sop_instance=uid,
+                                   status=f"0x{int(status):04X}")  # fmt: skip
+            raise
+
+    async def _place(
+        self, request: StoreRequest, dest: str, summary: DataSetSummary, held: Any, old: str | None
+    ) -> Status:
+        """Move the checked instance into place and index it; on failure put back what
+        was there (``old``) and answer 0xA700 or 0xA900."""
+        uid = request.sop_instance_uid
         try:
             await request.save(dest, durable=self.fsync)  # fsync of file and directory (group commit)
         except OSError as exc:
