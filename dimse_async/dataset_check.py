@@ -21,6 +21,7 @@ from typing import BinaryIO
 from .part10 import read_file_meta
 
 __all__ = [
+    "BudgetExceeded",
     "DataSetError",
     "DataSetSummary",
     "check_dataset",
@@ -63,6 +64,11 @@ _HDR_LE, _HDR_BE = struct.Struct("<HHHH").unpack_from, struct.Struct(">HHHH").un
 
 class DataSetError(ValueError):
     """The bytes are not a complete, well-formed data set."""
+
+
+class BudgetExceeded(Exception):
+    """The in-memory walk met more elements, items and fragments than its ``budget``
+    (:func:`check_dataset_bytes`): nothing is wrong with the data set, it is only long to walk."""
 
 
 @dataclass(slots=True)
@@ -279,15 +285,23 @@ class _BufferWalker:
     """
 
     __slots__ = (
-        "buf", "elements", "hdr", "implicit", "keep", "kept", "little", "ordered", "size", "top", "u32", "pos", "seq",
-        "watch",
+        "budget", "buf", "elements", "hdr", "implicit", "items", "keep", "kept", "little", "ordered", "size", "top",
+        "u32", "pos", "seq", "watch",
     )  # fmt: skip
 
     def __init__(
-        self, buf: bytes, implicit: bool, little: bool, keep: frozenset[int] = frozenset(), ordered: bool = False
+        self,
+        buf: bytes,
+        implicit: bool,
+        little: bool,
+        keep: frozenset[int] = frozenset(),
+        ordered: bool = False,
+        budget: int | None = None,
     ):
         self.buf = buf
         self.ordered = ordered
+        self.budget = (1 << 62) if budget is None else budget
+        self.items = 0  # items and fragments walked (elements are counted in ``elements``)
         self.keep = keep
         self.watch = keep | {_SOP_CLASS, _SOP_INSTANCE}  # top-level tags whose value is read
         self.kept: dict[int, tuple[bytes, bytes]] = {}
@@ -354,6 +368,8 @@ class _BufferWalker:
             else:
                 raise DataSetError(f"invalid VR {vr!r} in ({group:04X},{elem:04X}) at byte {pos}")
             self.elements += 1
+            if self.elements + self.items > self.budget:
+                raise BudgetExceeded
             self.pos = pos
             if length == _UNDEFINED:
                 self._undefined(tag, vr, depth)
@@ -386,12 +402,15 @@ class _BufferWalker:
         pos = self.pos
         count = 0
         ordered, prev = self.ordered, -1
+        room = self.budget - self.elements - self.items  # elements this level may add
         try:
             while True:
                 if pos >= limit:
                     if pos == limit:
                         break
                     raise DataSetError(f"element crosses the end of its item at byte {bound}")
+                if count >= room:
+                    raise BudgetExceeded
                 group, elem, vr, length = hdr(buf, pos)  # struct.error: fewer than 8 bytes left
                 if group == 0xFFFE:
                     if elem != 0xE00D:
@@ -419,6 +438,7 @@ class _BufferWalker:
                         else:
                             self.sequence(pos + length, depth)
                         pos = self.pos
+                        room = self.budget - self.elements - self.items
                         continue
                 else:
                     raise DataSetError(
@@ -483,6 +503,9 @@ class _BufferWalker:
                 return
             if tag != _ITEM:
                 raise DataSetError(f"expected an item tag at byte {pos}")
+            self.items += 1
+            if self.elements + self.items > self.budget:
+                raise BudgetExceeded
             if length == _UNDEFINED:
                 self.elements_until(None, depth + 1, item=True)
             else:
@@ -494,6 +517,9 @@ class _BufferWalker:
             pos = self.pos
             if pos + 8 > size:
                 raise self._short(size)
+            self.items += 1
+            if self.elements + self.items > self.budget:
+                raise BudgetExceeded
             group, elem, length = self.seq(buf, pos)
             item = (group << 16) | elem
             if item == _SEQ_END:
@@ -513,9 +539,16 @@ def _unordered(tag: int, pos: int) -> DataSetError:
 
 
 def check_dataset_bytes(
-    data: bytes, transfer_syntax: str, keep: frozenset[int] = frozenset(), *, ordered: bool = False
+    data: bytes,
+    transfer_syntax: str,
+    keep: frozenset[int] = frozenset(),
+    *,
+    ordered: bool = False,
+    budget: int | None = None,
 ) -> DataSetSummary:
-    """:func:`check_dataset` for a data set held in memory (bytes)."""
+    """:func:`check_dataset` for a data set held in memory (bytes). ``budget``: raise
+    :class:`BudgetExceeded` past about that many elements, items and fragments (a walk
+    on an event loop stays short however the bytes are cut up; not for deflated data)."""
     if transfer_syntax in _DEFLATED:
         return check_dataset(io.BytesIO(data), transfer_syntax, keep=keep, ordered=ordered)
     walker = _BufferWalker(
@@ -524,6 +557,7 @@ def check_dataset_bytes(
         little=transfer_syntax != _EXPLICIT_BE,
         keep=keep,
         ordered=ordered,
+        budget=budget,
     )
     walker.elements_until(None, 0, item=False)
     return DataSetSummary(

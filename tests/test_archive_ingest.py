@@ -280,3 +280,67 @@ async def test_an_instance_that_cannot_be_indexed_is_undone(tmp_path, index):
         assert await arch.count() == 1
     finally:
         arch.close()
+
+
+async def test_a_data_set_of_many_tiny_pieces_is_checked_off_the_event_loop(tmp_path, monkeypatch):
+    """A small instance is checked on the event loop (no thread hop), but one cut into
+    tens of thousands of empty items under 1 MiB (a walk of ~0.1-0.3 s) would stall
+    every association on the loop: past :data:`ingest.IN_PLACE_BUDGET` pieces the walk
+    goes to a thread. Both are stored, checked and indexed the same."""
+    import struct
+    import threading
+
+    from dimse_async.archive import ingest
+    from dimse_async.dataset_check import BudgetExceeded
+
+    walks: list[tuple[bool, bool]] = []  # (on the loop's thread, finished)
+    real = ingest.check_dataset_bytes
+
+    def recorded(*args, **kwargs):
+        on_loop = threading.current_thread() is threading.main_thread()
+        try:
+            summary = real(*args, **kwargs)
+        except BudgetExceeded:
+            walks.append((on_loop, False))
+            raise
+        walks.append((on_loop, True))
+        return summary
+
+    monkeypatch.setattr(ingest, "check_dataset_bytes", recorded)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    small.SOPInstanceUID = small.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    small.save_as(tmp_path / "small.dcm")
+    items = 60_000
+    pieces = small.copy()
+    pieces.SOPInstanceUID = pieces.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    del pieces.PixelData, pieces[0xFFFCFFFC]  # the private sequence goes last
+    pieces.save_as(tmp_path / "pieces.dcm")
+    empty_items = (  # (0099,0010) LO creator, then (0099,1001) SQ of empty items, undefined length
+        struct.pack("<HH2sH", 0x0099, 0x0010, b"LO", 4) + b"ACME"
+        + struct.pack("<HH2sHI", 0x0099, 0x1001, b"SQ", 0, 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0) * items + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    )  # fmt: skip
+    with open(tmp_path / "pieces.dcm", "ab") as fp:
+        fp.write(empty_items)
+    assert (tmp_path / "pieces.dcm").stat().st_size < 1 << 20
+
+    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"))
+    arch = Archive(config.storage_dir)
+    ae = archive_ae(config)
+    arch.install(ae)
+    try:
+        async with await ae.start_server("127.0.0.1", 0) as server:
+            scu = AE("SCU")
+            scu.add_requested_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+            async with scu.associate("127.0.0.1", server.port, "ARCHIVE") as assoc:
+                assert int(await assoc.c_store(tmp_path / "small.dcm")) == 0
+                assert walks == [(True, True)]
+                walks.clear()
+                assert int(await assoc.c_store(tmp_path / "pieces.dcm")) == 0
+                assert walks == [(True, False), (False, True)]
+        assert await arch.count() == 2
+        assert arch.path_for(str(pieces.SOPInstanceUID)).read_bytes().endswith(empty_items)
+    finally:
+        arch.close()

@@ -20,7 +20,7 @@ from typing import Any
 
 import pydicom
 
-from ..dataset_check import DataSetError, DataSetSummary, check_dataset_bytes, check_part10
+from ..dataset_check import BudgetExceeded, DataSetError, DataSetSummary, check_dataset_bytes, check_part10
 from ..dimse import Status
 from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
 from ..part10 import read_file_meta, valid_uid
@@ -49,6 +49,11 @@ def _check_inflation(fp: Any, limits: InflationLimits) -> None:
 
 _DEFLATED_LE = "1.2.840.10008.1.2.1.99"
 
+#: Elements, items and fragments a received data set held in memory may have for its
+#: check to run on the event loop (a few milliseconds at most; real instances have a
+#: few hundred to a few thousand); one cut into more tiny pieces is walked on a thread.
+IN_PLACE_BUDGET = 5000
+
 #: With an index shared by several nodes, start-up removes interrupted stores'
 #: leftovers only once they are this old (seconds): younger ones may be in use.
 LEFTOVER_AGE = 3600.0
@@ -70,7 +75,13 @@ async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAUL
         data = request.spool.memory()
         meta = read_file_meta(io.BytesIO(data))
         if meta is not None and meta.transfer_syntax != _DEFLATED_LE:  # walked in place, header by header
-            return check_dataset_bytes(data[meta.dataset_offset :], meta.transfer_syntax, INDEX_TAGS, ordered=True)
+            walk = functools.partial(
+                check_dataset_bytes, data[meta.dataset_offset :], meta.transfer_syntax, INDEX_TAGS, ordered=True
+            )
+            try:
+                return walk(budget=IN_PLACE_BUDGET)
+            except BudgetExceeded:  # many tiny elements, items or fragments: not on the event loop
+                return await asyncio.to_thread(walk)
         return check()
     return await asyncio.to_thread(check)
 
