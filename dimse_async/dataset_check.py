@@ -92,21 +92,35 @@ class _Source:
         self._size = fp.tell() - start
         fp.seek(start)
         self._inflater = zlib.decompressobj(-15) if deflated else None
-        self._buf = b""
+        # Inflated bytes not yet walked: _buf[_off:]. Inflated _CHUNK at a time and read
+        # by moving _off: each byte is copied a bounded number of times however well the
+        # stream compresses (slicing the rest off at every read was quadratic).
+        self._buf = bytearray()
+        self._off = 0
 
     def _fill(self, n: int) -> bool:
         """Inflate until ``n`` bytes are buffered; False at the end of the stream."""
-        assert self._inflater is not None
-        while len(self._buf) < n:
-            raw = self.fp.read(_CHUNK)
+        inflater = self._inflater
+        assert inflater is not None
+        while len(self._buf) - self._off < n:
+            if self._off:
+                del self._buf[: self._off]
+                self._off = 0
+            if inflater.eof:  # what follows the zlib end (a pad byte) is no data
+                return False
+            raw = inflater.unconsumed_tail or self.fp.read(_CHUNK)
             if not raw:
-                self._buf += self._inflater.flush()
+                self._buf += inflater.flush()
                 return len(self._buf) >= n
             try:
-                self._buf += self._inflater.decompress(raw)
+                self._buf += inflater.decompress(raw, _CHUNK)
             except zlib.error as exc:
                 raise DataSetError(f"deflated data set is corrupt: {exc}") from None
         return True
+
+    def leftover(self) -> bytes:
+        """Inflated bytes buffered and not walked."""
+        return bytes(self._buf[self._off :])
 
     def at_end(self) -> bool:
         if self._inflater is None:
@@ -119,7 +133,9 @@ class _Source:
             data = self.fp.read(n)
         else:
             self._fill(n)
-            data, self._buf = self._buf[:n], self._buf[n:]
+            off = self._off
+            data = bytes(self._buf[off : off + n])
+            self._off = off + len(data)
         if len(data) != n:
             raise DataSetError(f"data set ends inside an element header or value at byte {self.pos + len(data)}")
         self.pos += n
@@ -134,10 +150,13 @@ class _Source:
             self.fp.seek(n, io.SEEK_CUR)
             self.pos += n
             return
-        left = n
+        start, left = self.pos, n
         while left:
-            take = min(left, _CHUNK)
-            self.read(take)
+            if len(self._buf) == self._off and not self._fill(1):
+                raise DataSetError(f"value of {n} bytes at byte {start} runs past the end of the data set")
+            take = min(left, len(self._buf) - self._off)
+            self._off += take
+            self.pos += take
             left -= take
 
 
@@ -585,7 +604,7 @@ def check_dataset(
         walker.elements_until(None, 0, item=False)
     except struct.error as exc:  # pragma: no cover - read() always returns what was asked
         raise DataSetError(str(exc)) from None
-    if deflated and walker.src._buf.strip(b"\x00"):
+    if deflated and walker.src.leftover().strip(b"\x00"):
         raise DataSetError("bytes after the end of the deflated data set")
     return DataSetSummary(
         walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, ""), transfer_syntax, walker.elements, walker.kept

@@ -424,6 +424,35 @@ async def test_deflate_bomb_c_store_is_refused_with_bounded_memory(tmp_path: Pat
         server.check_log()
 
 
+async def test_a_deflated_c_store_long_to_walk_stalls_no_one(tmp_path: Path) -> None:
+    """A few KB of deflated data set inflating to 2 MiB of empty sequence items (within
+    the inflation limits: under their 4 MiB floor). Its check is not run on the event
+    loop, and it reads the inflated stream in time linear in its length (slicing the
+    rest of the inflated buffer off at each 8-byte read made it quadratic: minutes on
+    the loop). An echo from another peer meanwhile is answered at once; the store is."""
+    ds = ct_dataset(rnd=random.Random(11))
+    items = 250_000
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [
+        packer.compress(encode_dataset(ds, EXPLICIT_LE)),
+        packer.compress(b"\x99\x00\x10\x00LO\x04\x00ACME" + b"\x99\x00\x01\x10SQ\x00\x00\xff\xff\xff\xff"),
+        packer.compress(b"\xfe\xff\x00\xe0\x00\x00\x00\x00" * items),
+        packer.compress(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"),
+        packer.flush(),
+    ]
+    data = b"".join(parts)
+    data += b"\x00" if len(data) % 2 else b""
+    assert len(data) < 64 << 10
+    with server_process(tmp_path, "serve") as server:
+        cmd, _ = store_rq(ds, ctx=5)
+        attack = asyncio.create_task(exchange(server.port, pdata(5, cmd, command=True), pdata(5, data, command=False)))
+        await asyncio.sleep(0.3)  # the check is under way
+        during = await legit_echo(server.port, timeout=10)
+        assert await attack == [(0x8001, 0x0000)]
+        assert during < 1.0, during
+        server.check_log()
+
+
 async def test_reindex_refuses_a_stored_deflate_bomb(tmp_path: Path) -> None:
     ds = BOMB_DS
     storage = tmp_path / "archive"

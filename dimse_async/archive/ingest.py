@@ -82,7 +82,7 @@ async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAUL
                 return walk(budget=IN_PLACE_BUDGET)
             except BudgetExceeded:  # many tiny elements, items or fragments: not on the event loop
                 return await asyncio.to_thread(walk)
-        return check()
+    # Large, or deflated: a few KB may inflate to 200 times as much to walk (PS3.5 A.5).
     return await asyncio.to_thread(check)
 
 
