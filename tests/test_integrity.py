@@ -302,6 +302,35 @@ async def test_repeated_or_unordered_elements_are_refused(tmp_path: Path) -> Non
         assert not list(srv.root.rglob("*.partial"))
 
 
+async def test_file_meta_elements_in_the_data_set_are_refused(tmp_path: Path) -> None:
+    """A data set that begins with a group 0002 element (PS3.10 §7.2: file meta only)
+    was stored with the element read back as part of the file meta, here as by pydicom
+    (the retrieved data set lost it; a Transfer Syntax UID there changed how the rest
+    was read, and the reason given for a refusal was wrong). Refused with 0xC000 saying
+    so; nothing stored."""
+    from rawpeer import RawPeer, pdata, response_status, rq_bytes
+
+    from dimse_async.dimse import Command, CommandField, encode_command
+
+    async with running_serve(tmp_path / "arch") as srv:
+        peer = await RawPeer.connect(srv.port)
+        await peer.associate(rq_bytes(called=SERVE_AE))
+        answers = []
+        for n, syntax in enumerate((EXPLICIT_LE, "1.2.840.10008.1.2"), 1):
+            uid = generate_uid()
+            command = Command(CommandField.C_STORE_RQ, message_id=n, affected_sop_class_uid=CT_CLASS,
+                              affected_sop_instance_uid=uid, priority=0, data_set_type=0)  # fmt: skip
+            dataset = _element(0x00020010, b"UI", syntax.encode()) + _ct_bytes(uid)
+            await peer.send(pdata(3, encode_command(command), command=True) + pdata(3, dataset, command=False))
+            reply = await peer.read_pdu()
+            assert reply is not None
+            answers.append(response_status(reply))
+            assert not list(srv.root.rglob(f"{uid}.dcm"))
+        await peer.release()
+        await peer.close()
+    assert answers == [(0x8001, 0xC000)] * 2, answers
+
+
 async def test_duplicate_keep_is_the_default(tmp_path: Path, index: str | None) -> None:
     """Default policy: the same instance again is a success (it is stored); a different
     data set under the stored UID is refused (0xA900) and the stored one stays."""

@@ -68,12 +68,14 @@ async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAUL
 
     def check() -> DataSetSummary:
         with request.open() as fp:
+            _meta_as_written(read_file_meta(fp), request)
             _check_inflation(fp, limits)
             return check_part10(fp, INDEX_TAGS, ordered=True)
 
     if request.spool.path is None and request.size < (1 << 20):
         data = request.spool.memory()
         meta = read_file_meta(io.BytesIO(data))
+        _meta_as_written(meta, request)
         if meta is not None and meta.transfer_syntax != _DEFLATED_LE:  # walked in place, header by header
             walk = functools.partial(
                 check_dataset_bytes, data[meta.dataset_offset :], meta.transfer_syntax, INDEX_TAGS, ordered=True
@@ -84,6 +86,15 @@ async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAUL
                 return await asyncio.to_thread(walk)
     # Large, or deflated: a few KB may inflate to 200 times as much to walk (PS3.5 A.5).
     return await asyncio.to_thread(check)
+
+
+def _meta_as_written(meta: Any, request: StoreRequest) -> None:
+    """The file meta read back from the received instance ends where the one written
+    for it ends. A data set that begins with group 0002 elements (never in a data set,
+    PS3.10 §7.2) would have them read as file meta, here and by pydicom (DCMTK goes by
+    the group length): another transfer syntax or instance named, elements dropped."""
+    if meta is None or meta.dataset_offset != request.spool.header_length:
+        raise DataSetError("data set holds file meta elements (0002,eeee)")
 
 
 def _dataset_part(fp: Any) -> tuple[str, int] | None:
