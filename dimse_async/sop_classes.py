@@ -1,9 +1,13 @@
-"""Storage SOP classes (PS3.4 Annex B, Table B.5-1), from pydicom's public UID registry.
+"""Storage SOP classes (PS3.4 Annex B, Table B.5-1), from pydicom's UID registry.
 
-Every non-retired SOP class whose name says it stores instances, including the
-"- For Presentation" / "- For Processing" pairs (DX, MG, IO, Breast Projection X-Ray,
-IVOCT, DICOS DX) whose names do not end in "Storage". Not storage classes: Storage
-Commitment and Media Storage Directory (DICOMDIR, PS3.10).
+Every SOP class whose name says it stores instances, including the "- For
+Presentation" / "- For Processing" pairs (DX, MG, IO, Breast Projection X-Ray, IVOCT,
+DICOS DX) whose names do not end in "Storage", and the retired ones (PS3.4 Table
+B.5-1 lists them no more, PS3.3 keeps their IODs in its retired annexes): old
+ultrasound, nuclear medicine and X-ray angiography bi-plane equipment still sends
+them, and archives migrating old studies receive them, as DCMTK's storescp accepts
+them. Not storage classes: Storage Commitment and Media Storage Directory (DICOMDIR,
+PS3.10).
 
 The list is built from pydicom's registry on first use (PEP 562), so that a program
 that never asks for it (a sender) does not load pydicom.
@@ -19,13 +23,13 @@ _NOT_STORAGE = ("Storage Commitment", "Media Storage Directory")
 
 
 def is_storage_class(uid: str) -> bool:
-    """Whether pydicom names ``uid`` a non-retired storage SOP class."""
+    """Whether pydicom names ``uid`` a storage SOP class (retired ones included)."""
     from pydicom.uid import UID
 
     info = UID(uid)
-    if info.type != "SOP Class" or info.is_retired:
+    if info.type != "SOP Class":
         return False
-    name = info.name
+    name = info.name.removesuffix(" (Retired)")
     return (" Storage" in name or name.startswith("Storage")) and not name.startswith(_NOT_STORAGE)
 
 
@@ -34,9 +38,9 @@ STORAGE_SOP_CLASSES: list[str]
 
 
 def _storage_sop_classes() -> list[str]:
-    from pydicom import uid as _uid
+    from pydicom._uid_dict import UID_dictionary  # the registry pydicom.uid reads (retired UIDs included)
 
-    return sorted({str(v) for v in vars(_uid).values() if isinstance(v, _uid.UID) and is_storage_class(v)})
+    return sorted(uid for uid, entry in UID_dictionary.items() if entry[1] == "SOP Class" and is_storage_class(uid))
 
 
 def __getattr__(name: str) -> Any:

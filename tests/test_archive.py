@@ -356,3 +356,56 @@ def test_query_budgets_from_toml(tmp_path):
     path.write_text('query_max_matches = "many"\n')
     with pytest.raises(ValueError, match="query_max_matches"):
         load_config(path)
+
+
+async def test_retired_storage_classes_are_stored_and_found(tmp_path, index):
+    """Instances of retired storage classes (ultrasound and nuclear medicine as old
+    modalities send them, an X-ray angiographic bi-plane image) are accepted by
+    default, from DCMTK's storescu and from our SCU, and found by C-FIND: archives
+    migrating old studies receive them, and DCMTK's storescp accepts them too."""
+    from dimse_async.sop_classes import STORAGE_SOP_CLASSES, is_storage_class
+
+    retired = ["1.2.840.10008.5.1.4.1.1.6", "1.2.840.10008.5.1.4.1.1.5", "1.2.840.10008.5.1.4.1.1.12.3"]
+    assert all(is_storage_class(uid) and uid in STORAGE_SOP_CLASSES for uid in retired)
+    assert not is_storage_class("1.2.840.10008.1.20.1") and not is_storage_class("1.2.840.10008.1.3.10")
+    src = tmp_path / "src"
+    src.mkdir()
+    ds = pydicom.dcmread(CT)
+    study = generate_uid()
+    files, series = [], []
+    for i, uid in enumerate(retired):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        series.append(generate_uid())
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = study, series[-1], "RETIRED"
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        files.append(src / f"{i}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"), index=index)
+    arch = Archive(config.storage_dir, index=config.index)
+    ae = archive_ae(config)
+    arch.install(ae)
+    try:
+        async with await ae.start_server("127.0.0.1", 0) as server:
+            proc = await asyncio.create_subprocess_exec(
+                "/usr/bin/storescu", "-aec", "ARCHIVE", "-R", "127.0.0.1", str(server.port), *map(str, files[:2]),
+                env={**os.environ, "TCP_NODELAY": "1"},
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode(errors="replace")
+            scu = AE("SCU")
+            scu.add_requested_context(retired[2], [ExplicitVRLittleEndian])
+            scu.add_requested_context(MODELS["study"]["find"])
+            async with scu.associate("127.0.0.1", server.port, "ARCHIVE") as assoc:
+                assert (await assoc.c_store(files[2])).is_success
+                found = [
+                    d
+                    for uid in series
+                    async for d in assoc.c_find(
+                        q("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=uid, SOPClassUID="", SOPInstanceUID="")
+                    )
+                ]
+        assert sorted(d.SOPClassUID for d in found) == sorted(retired)
+    finally:
+        arch.close()
