@@ -24,6 +24,16 @@ CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
 
 
+def in_process_archive(tmp_path, index=None, **settings: Any) -> tuple[Archive, AE]:
+    """The archive behind ``serve`` at ``tmp_path/arch`` and its AE with it installed,
+    in this process (``settings``: more of :class:`ServeConfig`); close the archive."""
+    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"), index=index, **settings)
+    arch = Archive(config.storage_dir, index=config.index, duplicates=config.duplicates)
+    ae = archive_ae(config)
+    arch.install(ae)
+    return arch, ae
+
+
 def make_archive_files(root, patients=2, studies=2, series=2, instances=2):
     """Patients P0.. with studies on 2020010N dates, CT and MR series."""
     made = []
@@ -179,10 +189,7 @@ async def test_retrieve_requires_unique_key(archive):
 
 async def test_serve_ae_store_find_get_roundtrip(tmp_path, index):
     """Through real associations: C-STORE into the archive, C-FIND, C-GET back."""
-    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"), index=index)
-    arch = Archive(config.storage_dir, index=config.index)
-    ae = archive_ae(config)
-    arch.install(ae)
+    arch, ae = in_process_archive(tmp_path, index)
     src = tmp_path / "src"
     src.mkdir()
     files = make_archive_files(src, patients=1, studies=1, series=1, instances=3)
@@ -381,10 +388,7 @@ async def test_retired_storage_classes_are_stored_and_found(tmp_path, index):
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         files.append(src / f"{i}.dcm")
         ds.save_as(files[-1], enforce_file_format=True)
-    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"), index=index)
-    arch = Archive(config.storage_dir, index=config.index)
-    ae = archive_ae(config)
-    arch.install(ae)
+    arch, ae = in_process_archive(tmp_path, index)
     try:
         async with await ae.start_server("127.0.0.1", 0) as server:
             proc = await asyncio.create_subprocess_exec(

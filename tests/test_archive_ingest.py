@@ -15,13 +15,12 @@ import pydicom
 import pytest
 from pydicom.data import get_charset_files, get_testdata_file
 from pydicom.uid import generate_uid
+from test_archive import in_process_archive
 
 from dimse_async import AE
 from dimse_async.archive.backend import IndexRow
-from dimse_async.archive.config import ServeConfig
 from dimse_async.archive.index import Archive
 from dimse_async.archive.schema import INDEX_TAGS, LEVEL_KEYS, dataset_of_kept, level_attrs, text_of
-from dimse_async.archive.serve import archive_ae
 from dimse_async.dataset_check import DataSetError, check_dataset_bytes, check_part10
 from dimse_async.part10 import read_file_meta
 
@@ -111,10 +110,7 @@ async def test_stored_rows_equal_reindexed_rows(tmp_path, index):
             out = src / f"{i}.dcm"
             ds.save_as(out)
             files.append(out)
-    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"), index=index)
-    arch = Archive(config.storage_dir, index=config.index)
-    ae = archive_ae(config)
-    arch.install(ae)
+    arch, ae = in_process_archive(tmp_path, index)
     try:
         async with await ae.start_server("127.0.0.1", 0) as server:
             scu = AE("SCU")
@@ -255,10 +251,7 @@ async def test_an_instance_that_cannot_be_indexed_is_undone(tmp_path, index):
     new_broken = tmp_path / "new-broken.dcm"
     ds.save_as(new_broken)
 
-    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"), index=index, duplicates="replace")
-    arch = Archive(config.storage_dir, index=config.index, duplicates="replace")
-    ae = archive_ae(config)
-    arch.install(ae)
+    arch, ae = in_process_archive(tmp_path, index, duplicates="replace")
     try:
         async with await ae.start_server("127.0.0.1", 0) as server:
             scu = AE("SCU")
@@ -326,10 +319,7 @@ async def test_a_data_set_of_many_tiny_pieces_is_checked_off_the_event_loop(tmp_
         fp.write(empty_items)
     assert (tmp_path / "pieces.dcm").stat().st_size < 1 << 20
 
-    config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(tmp_path / "arch"))
-    arch = Archive(config.storage_dir)
-    ae = archive_ae(config)
-    arch.install(ae)
+    arch, ae = in_process_archive(tmp_path)
     try:
         async with await ae.start_server("127.0.0.1", 0) as server:
             scu = AE("SCU")
