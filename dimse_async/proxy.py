@@ -93,7 +93,20 @@ def _v1_address(text: str, version: int) -> str:
         raise ProxyProtocolError(f"PROXY v1: {text!r} is not an IP address") from None
     if addr.version != version:
         raise ProxyProtocolError(f"PROXY v1: {text!r} is not an IPv{version} address")
-    return str(addr)
+    return plain_address(str(addr))
+
+
+def plain_address(host: str) -> str:
+    """``host``, with an IPv4-mapped IPv6 address (``::ffff:a.b.c.d``: what a dual-stack
+    listener, or a proxy on one, reports for an IPv4 client; RFC 4291 §2.5.5.2) written
+    as the IPv4 address it is, so that one client counts and logs under one address."""
+    if host[:7].lower() != "::ffff:":
+        return host
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return host if mapped is None else str(mapped)
 
 
 def _v1_port(text: str) -> int:
@@ -132,7 +145,7 @@ def _parse_v2(buf: bytes) -> ProxyHeader | int:
     dst = ipaddress.ip_address(body[alen : 2 * alen])
     sport = int.from_bytes(body[2 * alen : 2 * alen + 2], "big")
     dport = int.from_bytes(body[2 * alen + 2 : need], "big")
-    return ProxyHeader(2, total, (str(src), sport), (str(dst), dport), tlvs=body[need:])
+    return ProxyHeader(2, total, (plain_address(str(src)), sport), (plain_address(str(dst)), dport), tlvs=body[need:])
 
 
 def encode_v2(source: tuple[str, int] | None = None, destination: tuple[str, int] | None = None) -> bytes:

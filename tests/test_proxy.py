@@ -50,6 +50,19 @@ def test_v1_tcp4_and_tcp6():
     assert h.source == ("2001:db8::1", 1) and h.destination == ("::1", 65535)
 
 
+def test_an_ipv4_mapped_address_is_read_as_the_ipv4_address_it_is():
+    """``::ffff:a.b.c.d`` (a proxy on a dual-stack listener) names an IPv4 client: read
+    as ``a.b.c.d`` from either version, so it counts under one address; other IPv6
+    addresses and junk are left as they are."""
+    h, _ = feed(b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:10.0.0.2 5000 11112\r\n")
+    assert h.source == ("192.0.2.7", 5000) and h.destination == ("10.0.0.2", 11112)
+    h, _ = feed(v2_inet("::ffff:192.0.2.7", 5000, "::1", 11112))
+    assert h.source == ("192.0.2.7", 5000) and h.destination == ("::1", 11112)
+    assert proxy.plain_address("::FFFF:127.0.0.2") == "127.0.0.2"
+    for other in ("::1", "2001:db8::1", "127.0.0.1", "::ffff:junk", ""):
+        assert proxy.plain_address(other) == other
+
+
 def test_v1_unknown_keeps_the_connection_address():
     h, used = feed(b"PROXY UNKNOWN ffff::1 ::1 1 2\r\nABC")
     assert h.source is None and used == len(b"PROXY UNKNOWN ffff::1 ::1 1 2\r\n")
@@ -265,6 +278,27 @@ async def test_per_address_limit_counts_the_address_from_the_proxy_header():
         for assoc in (first, second):
             assert (await assoc.c_echo()).is_success
             await assoc.release()
+
+
+async def test_per_address_limit_counts_an_ipv4_mapped_source_as_its_ipv4_address():
+    """One client reported once as ``192.0.2.1`` and once as ``::ffff:192.0.2.1`` (a
+    balancer on a dual-stack listener) is one address: the second association passes
+    ``max_per_address`` no more than a second ``192.0.2.1`` would."""
+    ae = da.AE("PROXIED", max_per_address=1)
+    ae.add_supported_context(da.Verification)
+    scu = da.AE("CLIENT")
+    scu.add_requested_context(da.Verification)
+    async with await ae.start_server("127.0.0.1", 0, proxy_protocol=True) as server:
+        first = await scu.associate(
+            "127.0.0.1", server.port, "PROXIED", proxy_header=proxy.encode_v2(("192.0.2.1", 40000), ("127.0.0.1", 1))
+        )
+        mapped = proxy.encode_v2(("::ffff:192.0.2.1", 40001), ("::1", 1))
+        with pytest.raises(da.AssociationRejected) as rejected:
+            await scu.associate("127.0.0.1", server.port, "PROXIED", proxy_header=mapped)
+        assert rejected.value.result == 2  # transient: local limit exceeded
+        assert [a.peer[0] for a in server.associations if a.is_established] == ["192.0.2.1"]
+        assert (await first.c_echo()).is_success
+        await first.release()
 
 
 async def test_connections_in_their_header_count_as_not_yet_associated():
