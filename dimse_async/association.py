@@ -24,7 +24,6 @@ from .keepalive import set_keepalive
 from .log import debug_enabled, get_logger
 from .messaging import WRITE_BATCH, DIMSEMessaging
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
-from .proxy import plain_address
 from .session import (
     Session,
 )
@@ -119,7 +118,12 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
                 set_keepalive(sock, *self.settings.keepalive)
         peer = self.proxied_peer or transport.get_extra_info("peername") or ("", 0)
-        self.peer = (plain_address(str(peer[0])), int(peer[1]))
+        host = str(peer[0])
+        if host[:7].lower() == "::ffff:":  # IPv4-mapped: counted and logged as the IPv4 address
+            from .proxy import plain_address  # (a server-side module: a sender does not load it)
+
+            host = plain_address(host)
+        self.peer = (host, int(peer[1]))
         self.tls = session_info(transport)
         transport.set_write_buffer_limits(high=4 * WRITE_BATCH)
         self.log = self.log.bind(peer=f"{self.peer[0]}:{self.peer[1]}", local_ae=self.local_ae)
