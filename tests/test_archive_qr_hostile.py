@@ -124,7 +124,9 @@ async def test_cancel_stops_a_long_find_without_matches(tmp_path: Path) -> None:
                         pass
 
             consumer = asyncio.ensure_future(consume())
-            await asyncio.sleep(0.3)  # the scan is under way
+            # The scan is under way (2000 studies take ~0.3-0.7 s to match here; waiting
+            # longer let a fast run finish it before the C-CANCEL, answered Success).
+            await asyncio.sleep(0.05)
             started = time.monotonic()
             consumer.cancel()  # leaving the block sends C-CANCEL and waits for the final response
             await asyncio.gather(consumer, return_exceptions=True)
