@@ -19,6 +19,7 @@ from conftest import dcmtk, free_port
 from normalized_helpers import HOST, make_instances, running_serve, store
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from test_qr import study_query
 
 import dimse_async as da
 from dimse_async.archive.backend import IndexRow, index_statements
@@ -48,16 +49,6 @@ def populate(archive: Any, studies: int) -> None:
             )  # fmt: skip
             for sql, parameters in index_statements(row):
                 db.execute(sql, parameters)
-
-
-def study_query(**keys: str) -> Dataset:
-    q = Dataset()
-    q.QueryRetrieveLevel = "STUDY"
-    q.PatientID = ""
-    q.StudyInstanceUID = ""
-    for key, value in keys.items():
-        setattr(q, key, value)
-    return q
 
 
 def scu(title: str) -> da.AE:
