@@ -127,6 +127,9 @@ class AE(HandlerRegistry):
     max_per_calling_ae: int
     max_pending: int
     max_pending_per_address: int
+    #: The per-address limits count an IPv6 client under its /``ipv6_prefix`` network
+    #: (default 64: one site's, RFC 6177; 128: exact addresses); IPv4 under its address.
+    ipv6_prefix: int
     fd_reserve: int
     #: A PDU that has started arriving must be complete within this many seconds,
     #: however slowly it drips in (``None``: no limit).
@@ -175,6 +178,7 @@ class AE(HandlerRegistry):
         max_per_calling_ae: int = 256,
         max_pending: int = 1024,
         max_pending_per_address: int = 256,
+        ipv6_prefix: int = 64,
         fd_reserve: int = 64,
         pdu_timeout: float | None = 60.0,
         max_request_dataset: int = 1 << 20,
@@ -216,6 +220,9 @@ class AE(HandlerRegistry):
         self.max_per_calling_ae = max_per_calling_ae
         self.max_pending = max_pending
         self.max_pending_per_address = max_pending_per_address
+        if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int) or not 1 <= ipv6_prefix <= 128:
+            raise ValueError(f"ipv6_prefix {ipv6_prefix!r} must be a prefix length from 1 to 128")
+        self.ipv6_prefix = ipv6_prefix
         self.fd_reserve = fd_reserve
         self.pdu_timeout = pdu_timeout
         self.max_request_dataset = max_request_dataset

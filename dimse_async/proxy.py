@@ -17,7 +17,16 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["V2_SIGNATURE", "ProxyHeader", "ProxyProtocolError", "address_in", "encode_v2", "networks", "parse"]
+__all__ = [
+    "V2_SIGNATURE",
+    "ProxyHeader",
+    "ProxyProtocolError",
+    "address_in",
+    "address_key",
+    "encode_v2",
+    "networks",
+    "parse",
+]
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107  # the longest v1 line, CRLF included
@@ -107,6 +116,29 @@ def plain_address(host: str) -> str:
     except ValueError:
         return host
     return host if mapped is None else str(mapped)
+
+
+def address_key(host: str, ipv6_prefix: int = 64) -> str:
+    """What per-address limits count ``host`` under: an IPv4 address (an IPv4-mapped
+    one included, see :func:`plain_address`) as it is; an IPv6 address as its
+    ``/ipv6_prefix`` network, e.g. ``2001:db8:1:2::/64``. A site is given at least a /64
+    (RFC 6177), and a host picks its interface identifier itself (RFC 4291 §2.5.4,
+    temporary addresses RFC 8981): one client can take any of 2^64 addresses, so counting
+    exact IPv6 addresses would let it walk around every per-address cap. ``ipv6_prefix``
+    128 counts exact addresses. Anything not an IP address is its own key."""
+    if ":" not in host:  # IPv4 (the usual case), or a name
+        return host
+    try:
+        addr = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    mapped = addr.ipv4_mapped
+    if mapped is not None:
+        return str(mapped)
+    if ipv6_prefix >= 128:
+        return str(addr)
+    shift = 128 - ipv6_prefix
+    return f"{ipaddress.IPv6Address(int(addr) >> shift << shift)}/{ipv6_prefix}"
 
 
 def _v1_port(text: str) -> int:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .acse import NegotiationCache
 from .log import get_logger
+from .proxy import address_key
 
 if TYPE_CHECKING:
     from .operations import Association
@@ -35,6 +36,7 @@ class ServerOwner(Protocol):
     max_per_calling_ae: int
     max_pending: int
     max_pending_per_address: int
+    ipv6_prefix: int
     fd_reserve: int
     observer: Any
 
@@ -61,6 +63,10 @@ class Server:
         self._pending_by_address: dict[str, int] = {}
         self._by_address: dict[str, int] = {}
         self._by_calling_ae: dict[str, int] = {}
+        #: Per-address limits count an IPv6 client under its /``ipv6_prefix`` network
+        #: (:func:`~dimse_async.proxy.address_key`); fixed for the server's life, so that a
+        #: count always goes down under the key it went up under.
+        self.ipv6_prefix = ae.ipv6_prefix
         self._refused_connections = 0
         self._refusal_logged = 0.0
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -72,8 +78,8 @@ class Server:
         #: ``fd_reserve`` is kept for answering A-ASSOCIATE-RJ (local limit exceeded).
         self.fd_budget = (1 << 30) if soft == resource.RLIM_INFINITY else max(0, soft - baseline - ae.fd_reserve)
         self._preambles: set[Any] = set()  # tasks of connections still in their PROXY header / TLS handshake
-        # Their associations (made before the handshake): pending too, by the address they
-        # count under (``None`` while a trusted proxy's header is read: a shared address).
+        # Their associations (made before the handshake): pending too, by the address key
+        # they count under (``None`` while a trusted proxy's header is read: a shared address).
         self._early: dict[Association, str | None] = {}
         self._log = get_logger(local_ae=ae.ae_title)
         #: Set by :meth:`drain`: unready, new associations rejected (transient).
@@ -110,6 +116,11 @@ class Server:
     def sockets(self) -> tuple[Any, ...]:
         return tuple(self._server.sockets) if self._server else ()
 
+    def address_key(self, address: str) -> str:
+        """What the per-address limits count ``address`` under (IPv4: itself; IPv6: its
+        /``ipv6_prefix`` network)."""
+        return address if ":" not in address else address_key(address, self.ipv6_prefix)
+
     def over_limit(self) -> bool:
         """Whether admitting one more association would exceed ``max_associations``."""
         if self.draining or self.paused:
@@ -123,6 +134,8 @@ class Server:
         descriptors run short, or the server is draining."""
         self._settled(assoc)
         ae, address, calling = self.ae, assoc.peer[0], assoc.peer_ae
+        if ":" in address:
+            address = address_key(address, self.ipv6_prefix)
         if self.draining:
             return "server draining"
         if self.paused:
@@ -145,26 +158,29 @@ class Server:
         """``assoc`` has sent its A-ASSOCIATE-RQ (or is gone): no longer pending."""
         if assoc in self._unadmitted:
             self._unadmitted.discard(assoc)
-            _decrement(self._pending_by_address, assoc.peer[0])
+            _decrement(self._pending_by_address, self.address_key(assoc.peer[0]))
 
-    def _pending_full(self, address: str | None) -> bool:
-        """Whether one more connection without an A-ASSOCIATE-RQ (from ``address``, when
-        it counts under one) would pass ``max_pending`` or ``max_pending_per_address``;
-        if so it is counted and logged (one line a second, however many)."""
+    def _pending_full(self, address: str | None, key: str | None) -> bool:
+        """Whether one more connection without an A-ASSOCIATE-RQ (from ``address``,
+        counted under ``key``, when it counts under one) would pass ``max_pending`` or
+        ``max_pending_per_address``; if so it is counted and logged (one line a second,
+        however many)."""
         ae, pending = self.ae, self._pending_by_address
         total = len(self._unadmitted) + len(self._early)
-        from_address = pending.get(address, 0) if address is not None else 0
+        from_address = pending.get(key, 0) if key is not None else 0
         if total < ae.max_pending and from_address < ae.max_pending_per_address:
             return False
         self._refused_connections += 1
         now = asyncio.get_running_loop().time()
         if now - self._refusal_logged >= 1.0:
+            extra = {"counted_as": key} if key != address else {}
             self._log.warning(
                 "connections dropped: too many not yet associated",
                 dropped=self._refused_connections,
                 pending=total,
                 address=address,
                 from_address=from_address,
+                **extra,
             )
             self._refusal_logged, self._refused_connections = now, 0
         self.note_refused("pending limit")
@@ -176,16 +192,17 @@ class Server:
         in all, ``max_pending_per_address`` from its address). One that already holds
         a place from :meth:`track_early` keeps it."""
         address, pending = assoc.peer[0], self._pending_by_address
+        key = address if ":" not in address else address_key(address, self.ipv6_prefix)
         if assoc in self._early:
             counted = self._early.pop(assoc)
-            if counted != address:  # pragma: no cover - the acceptor re-counts after the header
+            if counted != key:  # pragma: no cover - the acceptor re-counts after the header
                 if counted is not None:
                     _decrement(pending, counted)
-                pending[address] = pending.get(address, 0) + 1
-        elif self._pending_full(address):
+                pending[key] = pending.get(key, 0) + 1
+        elif self._pending_full(address, key):
             return False
         else:
-            pending[address] = pending.get(address, 0) + 1
+            pending[key] = pending.get(key, 0) + 1
         self.associations.add(assoc)
         self._unadmitted.add(assoc)
         return True
@@ -196,19 +213,20 @@ class Server:
         ``address`` (``None``: only in the total); ``False`` to close it at once. Called
         again with the client's address once a PROXY header has named it."""
         self.untrack_early(assoc)
-        if self._pending_full(address):
+        key = None if address is None else self.address_key(address)
+        if self._pending_full(address, key):
             return False
-        self._early[assoc] = address
-        if address is not None:
-            self._pending_by_address[address] = self._pending_by_address.get(address, 0) + 1
+        self._early[assoc] = key
+        if key is not None:
+            self._pending_by_address[key] = self._pending_by_address.get(key, 0) + 1
         return True
 
     def untrack_early(self, assoc: Association) -> None:
         """The handshake ended without an association (failed, timed out, closed)."""
         if assoc in self._early:
-            address = self._early.pop(assoc)
-            if address is not None:
-                _decrement(self._pending_by_address, address)
+            key = self._early.pop(assoc)
+            if key is not None:
+                _decrement(self._pending_by_address, key)
 
     def untrack(self, assoc: Association) -> None:
         """The connection is gone: its place is free again."""
@@ -218,7 +236,7 @@ class Server:
         self.associations.discard(assoc)
         if assoc in self._admitted:
             self._admitted.discard(assoc)
-            _decrement(self._by_address, assoc.peer[0])
+            _decrement(self._by_address, self.address_key(assoc.peer[0]))
             _decrement(self._by_calling_ae, assoc.peer_ae)
 
     def attach(self, listener: Any) -> None:

@@ -39,6 +39,7 @@ Example::
     max_per_calling_ae = 256                  # ... from one calling AE title
     max_pending = 1024                        # connections without an A-ASSOCIATE-RQ yet
     max_pending_per_address = 256             # ... from one address
+    ipv6_prefix = 64                          # per-address limits count IPv6 clients by /64 (128: exact)
     pdu_timeout = 60                          # a started PDU must be whole within 60 s
     max_request_dataset = 1048576             # largest C-FIND/GET/MOVE identifier (bytes)
     max_buffered_output = 67108864            # response bytes queued for peers, all associations (and workers)
@@ -156,6 +157,8 @@ class ServeConfig:
     max_per_calling_ae: int = 256
     max_pending: int = 1024
     max_pending_per_address: int = 256
+    #: The per-address limits count an IPv6 client under its /``ipv6_prefix`` network.
+    ipv6_prefix: int = 64
     pdu_timeout: float | None = 60.0
     max_request_dataset: int = 1 << 20
     #: Response bytes queued for peers that have not read them, over all associations
@@ -187,6 +190,7 @@ ADMISSION_KEYS = (
     "max_per_calling_ae",
     "max_pending",
     "max_pending_per_address",
+    "ipv6_prefix",
     "pdu_timeout",
     "max_request_dataset",
     "max_buffered_output",
@@ -198,6 +202,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_per_calling_ae": (int,),
     "max_pending": (int,),
     "max_pending_per_address": (int,),
+    "ipv6_prefix": (int,),
     "pdu_timeout": (int, float),
     "max_request_dataset": (int,),
     "max_buffered_output": (int,),
@@ -276,6 +281,10 @@ def _check(key: str, value: Any) -> Any:
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, not {value!r}")
+        return value
+    if key == "ipv6_prefix":
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 128:
+            raise ValueError(f"ipv6_prefix must be a prefix length from 1 to 128, not {value!r}")
         return value
     if key in ("host", "storage_dir", "worklist_dir"):
         if not isinstance(value, str) or not value:

@@ -257,12 +257,24 @@ _BUILDERS: dict[str, Callable[[Any], None]] = {
 }
 
 
+def prefix_length(text: str) -> int:
+    """An IPv6 prefix length, 1 to 128 (``--ipv6-prefix``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 128:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a prefix length from 1 to 128")
+    return value
+
+
 #: Admission control and bounded input and time (AE settings; serve: the same keys in TOML).
-ADMISSION: tuple[tuple[str, type, str], ...] = (
+ADMISSION: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("max_per_address", int, "associations from one client address (default 256)"),
     ("max_per_calling_ae", int, "associations from one calling AE title (default 256)"),
     ("max_pending", int, "connections that have not sent an A-ASSOCIATE-RQ yet (default 1024)"),
     ("max_pending_per_address", int, "such connections from one address (default 256)"),
+    ("ipv6_prefix", prefix_length, "per-address limits count an IPv6 client by this prefix length (default 64; 128: exact)"),
     ("pdu_timeout", float, "seconds a started PDU gets to arrive whole, however slowly (default 60)"),
     ("max_request_dataset", int, "largest identifier in bytes; larger is refused 0xA700 (default 1 MiB)"),
     ("max_buffered_output", int, "response bytes queued for peers not reading, all workers together (default 64 MiB)"),
@@ -273,7 +285,7 @@ ADMISSION: tuple[tuple[str, type, str], ...] = (
 def _add_admission(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("admission control (over a cap: A-ASSOCIATE-RJ transient, local limit exceeded)")
     for name, kind, what in ADMISSION:
-        g.add_argument("--" + name.replace("_", "-"), type=kind, metavar="N" if kind is int else "S", help=what)
+        g.add_argument("--" + name.replace("_", "-"), type=kind, metavar="S" if kind is float else "N", help=what)
 
 
 def _server_options(p: argparse.ArgumentParser) -> None:
