@@ -23,7 +23,17 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Backend", "Connection", "Cursor", "IndexRow", "index_statements", "migrations", "split_statements"]
+__all__ = [
+    "Backend",
+    "Connection",
+    "Cursor",
+    "IndexRow",
+    "drop_emptied",
+    "index_statements",
+    "migrations",
+    "split_statements",
+    "write_index_rows",
+]
 
 Statements = Sequence[tuple[str, Sequence[Any]]]
 
@@ -81,6 +91,72 @@ def index_statements(r: IndexRow) -> list[tuple[str, tuple[Any, ...]]]:
             (r.sop_uid, r.series_uid, r.sop_class, r.transfer_syntax, r.path, r.size, r.mtime, r.attrs),
         ),
     ]
+
+
+#: Before an index write: the parents an instance, series or study may leave behind
+#: (the instance's series, or the series of another instance at its path; the study
+#: the series is under; the patient the study is under), as (series, study, patient).
+_PARENTS = (
+    "SELECT i.series_uid, NULL, NULL FROM instances i WHERE i.sop_uid = ? OR i.path = ? "
+    "UNION ALL SELECT NULL, s.study_uid, NULL FROM series s WHERE s.series_uid = ? "
+    "UNION ALL SELECT NULL, NULL, t.patient_key FROM studies t WHERE t.study_uid = ?"
+)
+
+
+def write_index_rows(db: Connection, r: IndexRow) -> None:
+    """Write ``r`` inside the open transaction of ``db`` (:func:`index_statements`),
+    then drop the series, study and patient it left empty: an instance stored again
+    under another series, study or patient (``duplicates = "replace"``, a changed
+    file re-indexed) moves, and what it leaves behind without instances must not be
+    found by a C-FIND (PS3.4 C.4.1.3.2: Number of ... Related Instances)."""
+    series: list[str] = []
+    studies: list[str] = []
+    patients: list[str] = []
+    for old_series, old_study, old_patient in db.execute(_PARENTS, (r.sop_uid, r.path, r.series_uid, r.study_uid)):
+        if old_series is not None and old_series != r.series_uid:
+            series.append(old_series)
+        if old_study is not None and old_study != r.study_uid:
+            studies.append(old_study)
+        if old_patient is not None and old_patient != r.patient_key:
+            patients.append(old_patient)
+    for sql, parameters in index_statements(r):
+        db.execute(sql, parameters)
+    if series or studies or patients:
+        drop_emptied(db, series, studies, patients)
+
+
+def drop_emptied(
+    db: Connection, series: Iterable[str], studies: Iterable[str] = (), patients: Iterable[str] = ()
+) -> None:
+    """In the open transaction of ``db``: delete each of ``series`` that has no
+    instance, then each of ``studies`` (and the studies of the series deleted) that has
+    no series, then each of ``patients`` (and those of the studies deleted) that has no
+    study. Each delete is conditional, so a parent a concurrent write put something
+    into stays (one writer at a time here; PostgreSQL's ``drop_emptied`` locks the row
+    first)."""
+    study_set = dict.fromkeys(studies)
+    patient_set = dict.fromkeys(patients)
+    for key in dict.fromkeys(series):
+        row = db.execute(
+            "DELETE FROM series WHERE series_uid = ? AND NOT EXISTS (SELECT 1 FROM instances WHERE series_uid = ?) "
+            "RETURNING study_uid",
+            (key, key),
+        ).fetchall()
+        if row:
+            study_set[row[0][0]] = None
+    for key in study_set:
+        row = db.execute(
+            "DELETE FROM studies WHERE study_uid = ? AND NOT EXISTS (SELECT 1 FROM series WHERE study_uid = ?) "
+            "RETURNING patient_key",
+            (key, key),
+        ).fetchall()
+        if row:
+            patient_set[row[0][0]] = None
+    for key in patient_set:
+        db.execute(
+            "DELETE FROM patients WHERE patient_key = ? AND NOT EXISTS (SELECT 1 FROM studies WHERE patient_key = ?)",
+            (key, key),
+        )
 
 
 class Cursor(Protocol):
@@ -142,8 +218,14 @@ class Backend(ABC):
                 db.execute(sql, parameters)
 
     def write_index(self, db: Connection, row: IndexRow) -> None:
-        """Index one stored instance, in one transaction."""
-        self.transaction(db, index_statements(row))
+        """Index one stored instance, in one transaction (:func:`write_index_rows`)."""
+        with db:
+            write_index_rows(db, row)
+
+    def drop_emptied(self, db: Connection, series: Sequence[str]) -> None:
+        """In the open transaction of ``db``: drop those of ``series`` left without
+        instances and the studies and patients they leave empty (:func:`drop_emptied`)."""
+        drop_emptied(db, series)
 
     def transaction_group(self, db: Connection, writes: Sequence[Callable[[], IndexRow]]) -> list[BaseException | None]:
         """Index several instances in one transaction, each in a savepoint: a write

@@ -406,6 +406,10 @@ class PostgreSQLBackend(Backend):
         """One round trip: the server runs the statements (migration 0002)."""
         db.execute(_INDEX_INSTANCE, row)  # no "?" in it: sent as it is
 
+    def drop_emptied(self, db: Any, series: Sequence[str]) -> None:
+        """One statement: the server locks each parent before it checks it (migration 0003)."""
+        db.execute("SELECT drop_emptied(?::text[], NULL, NULL)", (list(series),))
+
     def retry(self, fn: Callable[[], T]) -> T:
         for attempt in range(WRITE_RETRIES):
             try:

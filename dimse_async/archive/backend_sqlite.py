@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..log import get_logger
-from .backend import Backend, IndexRow, index_statements, migrations, split_statements
+from .backend import Backend, IndexRow, migrations, split_statements, write_index_rows
 
 T = TypeVar("T")
 
@@ -110,8 +110,7 @@ class SQLiteBackend(Backend):
             for make in writes:
                 db.execute("SAVEPOINT write")
                 try:
-                    for sql, parameters in index_statements(make()):
-                        db.execute(sql, parameters)
+                    write_index_rows(db, make())
                 except Exception as exc:
                     db.execute("ROLLBACK TO write")
                     outcomes.append(exc)
@@ -124,6 +123,18 @@ class SQLiteBackend(Backend):
                 db.execute("ROLLBACK")
             raise
         return outcomes
+
+    def write_index(self, db: Any, row: IndexRow) -> None:
+        """One transaction taking the write lock first (its look-ups of the parents
+        the instance may leave, :func:`.write_index_rows`, see what it then changes)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            write_index_rows(db, row)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
 
     def connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=BUSY_TIMEOUT)

@@ -294,17 +294,20 @@ class IngestMixin(IndexDB):
                     log.warning("archive: skipping unreadable file", path=path, error=str(exc)[:200])
         # A row whose file is gone is dropped, unless the file came back meanwhile (another
         # node storing it again): only the very row seen, at the moment it is still missing.
+        # The series, studies and patients left without instances go with them (see
+        # :func:`.backend.drop_emptied`: each only if still empty, in its transaction).
         gone = [(p, *known[p]) for p in known if p not in seen and not os.path.exists(p)]
+        series: dict[str, None] = {}
         with db:
-            db.executemany("DELETE FROM instances WHERE path = ? AND size = ? AND mtime = ?", gone)
-            self._drop_orphans(db)
+            for path, size, mtime in gone:
+                for (uid,) in db.execute(
+                    "DELETE FROM instances WHERE path = ? AND size = ? AND mtime = ? RETURNING series_uid",
+                    (path, size, mtime),
+                ).fetchall():
+                    series[uid] = None
+            if series:
+                self.backend.drop_emptied(db, list(series))
         return added, skipped, len(gone)
-
-    @staticmethod
-    def _drop_orphans(db: Any) -> None:
-        db.execute("DELETE FROM series WHERE series_uid NOT IN (SELECT series_uid FROM instances)")
-        db.execute("DELETE FROM studies WHERE study_uid NOT IN (SELECT study_uid FROM series)")
-        db.execute("DELETE FROM patients WHERE patient_key NOT IN (SELECT patient_key FROM studies)")
 
     async def reindex(self) -> tuple[int, int, int]:
         """Incremental re-index: (files added or changed, files skipped as unreadable, files gone).
