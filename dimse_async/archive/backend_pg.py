@@ -463,7 +463,15 @@ class PostgreSQLBackend(Backend):
 
     async def _write_held(self, held: HeldInstance, make: Callable[[], IndexRow], unlock: bool) -> None:
         row = make()
-        await held.conn.execute(_INDEX_INSTANCE, *[_arg(a) for a in row], timeout=COMMAND_TIMEOUT)
+        for attempt in range(WRITE_RETRIES):
+            try:
+                await held.conn.execute(_INDEX_INSTANCE, *[_arg(a) for a in row], timeout=COMMAND_TIMEOUT)
+                break
+            except asyncpg.exceptions.TransactionRollbackError as exc:  # a deadlock with a move (0003)
+                if attempt == WRITE_RETRIES - 1:
+                    raise
+                log.warning("archive: index write conflict; retrying", attempt=attempt + 1, error=str(exc)[:100])
+                await asyncio.sleep(0.02 * (2**attempt))
         # Committed. Unlocked here only then: a failed store undoes its file still holding it.
         if unlock:
             held.released = True
