@@ -15,7 +15,9 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import BinaryIO
 
 from .part10 import read_file_meta
@@ -28,6 +30,7 @@ __all__ = [
     "check_dataset_bytes",
     "check_part10",
     "dataset_uids",
+    "same_dataset",
 ]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -633,3 +636,160 @@ def check_part10(fp: BinaryIO, keep: frozenset[int] = frozenset(), *, ordered: b
     if meta is None:
         raise DataSetError("no DICM prefix or incomplete file meta information")
     return check_dataset(fp, meta.transfer_syntax, meta.dataset_offset, keep, ordered=ordered)
+
+
+# -- the same data set in two encodings -------------------------------------------------
+
+#: Syntaxes whose values are the same bytes whatever the syntax (little endian, native):
+#: a data set in one of them equals one in another when their elements do.
+_LE_NATIVE = frozenset({_IMPLICIT_LE, _EXPLICIT_LE, *_DEFLATED})
+
+
+def _is_sequence(tag: int) -> bool:
+    """Whether the data dictionary makes ``tag`` a sequence (for an implicit VR stream)."""
+    from pydicom.datadict import dictionary_VR  # here: a send of a file loads no pydicom
+
+    try:
+        return bool(dictionary_VR(tag) == "SQ")
+    except KeyError:
+        return False
+
+
+class _Tokens(_Walker):
+    """The walk of :class:`_Walker` as a stream of what a data set holds, whatever its
+    encoding: ("E", tag, length) then the value in pieces of at most ``_CHUNK`` bytes;
+    ("S", tag) ... ("/S",) around a sequence's items ("I",) ... ("/I",), of defined or
+    undefined length; ("P", tag) ... ("/P",) around encapsulated fragments ("F", length).
+    Group lengths (gggg,0000) and trailing padding (FFFC,FFFC) are left out: they
+    depend on the encoding, not on the data set (PS3.5 §7.2, §7.5)."""
+
+    def tokens(self, bound: int | None, depth: int, item: bool) -> Iterator[tuple[object, ...]]:
+        src = self.src
+        while True:
+            if bound is not None:
+                if src.pos == bound:
+                    return
+                if src.pos > bound:
+                    raise DataSetError(f"element crosses the end of its item at byte {bound}")
+            elif not item and src.at_end():
+                return
+            tag = self._tag()
+            if tag == _ITEM_END:
+                if not item or bound is not None:
+                    raise DataSetError(f"unexpected item delimiter at byte {src.pos - 4}")
+                src.read(4)
+                return
+            if tag >> 16 == 0xFFFE:
+                raise DataSetError(f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 4}")
+            yield from self.token(tag, depth)
+
+    def token(self, tag: int, depth: int) -> Iterator[tuple[object, ...]]:
+        src = self.src
+        self.elements += 1
+        if self.implicit:
+            vr = b""
+            length = self._u32()
+        else:
+            vr = src.read(2)
+            if vr in _LONG_VRS:
+                src.read(2)
+                length = self._u32()
+            elif vr in _SHORT_VRS:
+                length = int(struct.unpack(self.end + "H", src.read(2))[0])
+            else:
+                raise DataSetError(f"invalid VR {vr!r} in ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+        if length == _UNDEFINED:
+            if vr in (b"OB", b"OW") or (tag == 0x7FE00010 and vr != b"SQ"):
+                yield ("P", tag)
+                while True:
+                    item, size = self._tag(), self._u32()
+                    if item == _SEQ_END:
+                        break
+                    if item != _ITEM or size == _UNDEFINED:
+                        raise DataSetError("bad fragment")
+                    self.elements += 1
+                    yield ("F", size)
+                    yield from self.value(size)
+                yield ("/P",)
+                return
+            if vr not in (b"SQ", b"", b"UN"):
+                raise DataSetError(f"undefined length in ({tag >> 16:04X},{tag & 0xFFFF:04X}) with VR {vr!r}")
+            saved = self.implicit, self.end
+            if vr == b"UN":  # contents are implicit VR little endian (PS3.5 §6.2.2 note)
+                self.implicit, self.end = True, "<"
+            try:
+                yield ("S", tag)
+                yield from self.items(None, depth)
+                yield ("/S",)
+            finally:
+                self.implicit, self.end = saved
+            return
+        if vr == b"SQ" or (self.implicit and _is_sequence(tag)):
+            yield ("S", tag)
+            yield from self.items(src.pos + length, depth)
+            yield ("/S",)
+        elif tag & 0xFFFF == 0 or tag == 0xFFFCFFFC:
+            src.skip(length)
+        else:
+            yield ("E", tag, length)
+            yield from self.value(length)
+
+    def value(self, length: int) -> Iterator[tuple[object, ...]]:
+        while length:
+            n = min(length, _CHUNK)
+            yield ("V", self.src.read(n))
+            length -= n
+
+    def items(self, bound: int | None, depth: int) -> Iterator[tuple[object, ...]]:
+        if depth >= _MAX_DEPTH:
+            raise DataSetError("sequences nested too deep")
+        src = self.src
+        while True:
+            if bound is not None:
+                if src.pos == bound:
+                    return
+                if src.pos > bound:
+                    raise DataSetError(f"item crosses the end of its sequence at byte {bound}")
+            tag = self._tag()
+            length = self._u32()
+            if tag == _SEQ_END and bound is None:
+                return
+            if tag != _ITEM:
+                raise DataSetError(f"expected an item tag at byte {src.pos - 8}")
+            self.elements += 1
+            yield ("I",)
+            yield from self.tokens(None if length == _UNDEFINED else src.pos + length, depth + 1, item=True)
+            yield ("/I",)
+
+
+def same_dataset(
+    a: BinaryIO, a_syntax: str, a_start: int, b: BinaryIO, b_syntax: str, b_start: int, max_elements: int
+) -> bool | None:
+    """Whether two encoded data sets hold the same elements with the same values (as
+    a sender converting between Implicit and Explicit VR Little Endian, or deflating,
+    or changing sequence lengths between defined and undefined, re-encodes it). In one
+    linear pass over both, a value ``_CHUNK`` bytes at a time: memory stays bounded
+    whatever the size. ``None`` when it cannot tell cheaply: syntaxes whose values
+    would have to be decoded or byte-swapped to compare (encapsulated in two different
+    ones, big endian against little), or more than ``max_elements`` elements, items
+    and fragments. A private sequence of defined length in an implicit VR stream is not
+    recognised (it compares unequal with its explicit encoding): never a false "same"."""
+    if a_syntax != b_syntax and not (a_syntax in _LE_NATIVE and b_syntax in _LE_NATIVE):
+        return None
+    walkers = []
+    for fp, syntax, start in ((a, a_syntax, a_start), (b, b_syntax, b_start)):
+        walkers.append(
+            _Tokens(
+                _Source(fp, start, syntax in _DEFLATED), implicit=syntax == _IMPLICIT_LE, little=syntax != _EXPLICIT_BE
+            )
+        )
+    wa, wb = walkers
+    try:
+        for x, y in zip_longest(wa.tokens(None, 0, item=False), wb.tokens(None, 0, item=False)):
+            if x != y:
+                return False
+            if wa.elements > max_elements:
+                return None
+    except (DataSetError, struct.error):
+        return False
+    return True

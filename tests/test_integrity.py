@@ -1516,3 +1516,63 @@ async def test_deflated_image_frame_compression_is_stored_and_retrieved_as_sent(
         assert int(responses.status) == 0, responses.status
         assert dataset_bytes(stored_file(srv.root, uid)) == dataset_bytes(sent)
     assert got == [dataset_bytes(sent)]
+
+
+def _in_syntax(source: str, path: Path, syntax: str, **attrs: object) -> Path:
+    """``source`` (a pydicom test file) written in ``syntax`` (uncompressed), with ``attrs`` set."""
+    ds = pydicom.dcmread(source)
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(path, implicit_vr=syntax == "1.2.840.10008.1.2", little_endian=True, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "rtplan.dcm"])
+async def test_duplicate_keep_answers_success_for_the_same_data_set_in_another_syntax(
+    tmp_path: Path, index: str | None, name: str
+) -> None:
+    """Keep policy: a sender re-sending an instance in another transfer syntax (Implicit
+    first, then Explicit VR Little Endian, then deflated: a retry, a router converting)
+    holds the same data set: a success with an INFO log line, the first copy kept. A
+    data set that differs (one value) under the same UID is still refused (0xA900)."""
+    import io
+
+    from dimse_async.log import configure_logging
+
+    source = get_testdata_file(name)
+    uid = generate_uid()
+    implicit = _in_syntax(source, tmp_path / "implicit.dcm", "1.2.840.10008.1.2", SOPInstanceUID=uid)
+    explicit = _in_syntax(source, tmp_path / "explicit.dcm", "1.2.840.10008.1.2.1", SOPInstanceUID=uid)
+    deflated = _in_syntax(source, tmp_path / "deflated.dcm", "1.2.840.10008.1.2.1.99", SOPInstanceUID=uid)
+    other = _in_syntax(source, tmp_path / "other.dcm", "1.2.840.10008.1.2.1", SOPInstanceUID=uid,
+                       PatientName="SOMEONE^ELSE")  # fmt: skip
+    async with running_serve(tmp_path / "arch", index=index) as srv:
+        logged = io.StringIO()
+        configure_logging("INFO", stream=logged, capture_warnings=False)
+        try:
+            _code, out = await storescu(srv.port, implicit, explicit, deflated, other)
+        finally:
+            configure_logging("WARNING", capture_warnings=False)  # as conftest
+        assert store_statuses(out) == ["Success"] * 3 + ["Error: DataSetDoesNotMatchSOPClass"], out
+        assert logged.getvalue().count("same data set in another encoding") == 2, logged.getvalue()
+        stored = stored_file(srv.root, uid)
+        assert read_file_meta(stored.open("rb")).transfer_syntax == "1.2.840.10008.1.2"  # the first copy kept
+        assert same_dataset(stored, implicit)
+        assert await srv.archive.count() == 1
+
+
+async def test_duplicate_keep_past_the_compare_limit_keeps_the_byte_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the size up to which a re-send in another syntax is compared element by
+    element, it is refused as before (0xA900): no decoding of arbitrarily large data."""
+    import dimse_async.archive.ingest as ingest
+
+    monkeypatch.setattr(ingest, "SAME_INSTANCE_COMPARE_BYTES", 1000)
+    uid = generate_uid()
+    implicit = _in_syntax(CT, tmp_path / "implicit.dcm", "1.2.840.10008.1.2", SOPInstanceUID=uid)
+    explicit = _in_syntax(CT, tmp_path / "explicit.dcm", "1.2.840.10008.1.2.1", SOPInstanceUID=uid)
+    async with running_serve(tmp_path / "arch") as srv:
+        _code, out = await storescu(srv.port, implicit, implicit, explicit)
+        assert store_statuses(out) == ["Success", "Success", "Error: DataSetDoesNotMatchSOPClass"], out

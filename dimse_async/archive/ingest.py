@@ -20,7 +20,14 @@ from typing import Any
 
 import pydicom
 
-from ..dataset_check import BudgetExceeded, DataSetError, DataSetSummary, check_dataset_bytes, check_part10
+from ..dataset_check import (
+    BudgetExceeded,
+    DataSetError,
+    DataSetSummary,
+    check_dataset_bytes,
+    check_part10,
+    same_dataset,
+)
 from ..dimse import Status
 from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
 from ..part10 import read_file_meta, valid_uid
@@ -105,18 +112,34 @@ def _dataset_part(fp: Any) -> tuple[str, int] | None:
     return meta.transfer_syntax, meta.dataset_offset
 
 
-def _same_instance(stored: str, request: StoreRequest) -> bool:
-    """Whether the stored file holds the received data set, byte for byte, in the same syntax."""
+#: A stored instance and a re-send of it in another encoding are compared element by
+#: element (:func:`.same_dataset`, linear, bounded memory) only up to this many bytes
+#: (each) and elements: past them the cost is not worth it and the re-send is refused
+#: as a different data set, as any sender changing its instance would be.
+SAME_INSTANCE_COMPARE_BYTES = 256 << 20
+SAME_INSTANCE_COMPARE_ELEMENTS = 500_000
+
+
+def _same_instance(stored: str, request: StoreRequest) -> str | None:
+    """Whether the stored file holds the received data set: ``"identical"`` (byte for
+    byte, same syntax), ``"equivalent"`` (the same elements and values in another
+    encoding: another of the little endian uncompressed syntaxes, or sequence lengths,
+    group lengths or padding written otherwise), else ``None``."""
     with open(stored, "rb") as a, request.open() as b:
         pa, pb = _dataset_part(a), _dataset_part(b)
-        if pa is None or pb is None or pa[0] != pb[0]:
-            return False
-        while True:
-            x, y = a.read(1 << 20), b.read(1 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
+        if pa is None or pb is None:
+            return None
+        if pa[0] == pb[0]:
+            while True:
+                x, y = a.read(1 << 20), b.read(1 << 20)
+                if x != y:
+                    break
+                if not x:
+                    return "identical"
+        if max(os.fstat(a.fileno()).st_size, request.size) > SAME_INSTANCE_COMPARE_BYTES:
+            return None
+        same = same_dataset(a, pa[0], pa[1], b, pb[0], pb[1], SAME_INSTANCE_COMPARE_ELEMENTS)
+        return "equivalent" if same else None
 
 
 def _keep_previous(dest: str) -> str | None:
@@ -389,6 +412,9 @@ class IngestMixin(IndexDB):
             return _out_of_resources(request, exc)
         if existing is not None:
             same = await asyncio.to_thread(_same_instance, existing[0], request)
+            if same == "equivalent":  # a retry or a router's conversion: stored intact, findable
+                request.assoc.log.info("duplicate SOP Instance UID: same data set in another encoding; "
+                                       "stored instance kept", sop_instance=uid)  # fmt: skip
             if same:
                 return Status(0)
             request.assoc.log.warning("duplicate SOP Instance UID: stored instance kept", sop_instance=uid)
