@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .acse import ContextSpec
-from .dataset_check import DataSetError, check_part10
+from .dataset_check import NO_LIMIT, DataSetError, check_part10
 from .part10 import read_file_meta
 from .uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -42,7 +42,7 @@ def inspect_file(path: str, *, check: bool = False) -> FileInfo | str:
             size = os.fstat(fp.fileno()).st_size
             if meta is not None and check:
                 try:
-                    summary = check_part10(fp)
+                    summary = check_part10(fp, max_elements=NO_LIMIT)  # one's own files: no bound
                 except DataSetError as exc:
                     return f"not a valid data set in its transfer syntax: {exc}"
                 if not summary.sop_class_uid or not summary.sop_instance_uid:

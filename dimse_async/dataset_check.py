@@ -18,11 +18,13 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import zip_longest
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .part10 import read_file_meta
 
 __all__ = [
+    "MAX_ELEMENTS",
+    "NO_LIMIT",
     "BudgetExceeded",
     "DataSetError",
     "DataSetSummary",
@@ -31,6 +33,7 @@ __all__ = [
     "check_part10",
     "dataset_uids",
     "same_dataset",
+    "TooManyElements",
 ]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -63,10 +66,31 @@ def _vr_kinds(order: str) -> bytes:
 
 _VR_KIND_LE, _VR_KIND_BE = _vr_kinds("<"), _vr_kinds(">")
 _HDR_LE, _HDR_BE = struct.Struct("<HHHH").unpack_from, struct.Struct(">HHHH").unpack_from
+_ITEM_LE, _ITEM_BE = struct.Struct("<HHI"), struct.Struct(">HHI")  # tag, 4-byte length
+_EXPL_LE, _EXPL_BE = struct.Struct("<HH2sH"), struct.Struct(">HH2sH")  # tag, VR, 2-byte length
 
 
 class DataSetError(ValueError):
     """The bytes are not a complete, well-formed data set."""
+
+
+#: Elements, items and fragments a data set may have, all levels together (a generous
+#: bound: large multi-frame, segmentation or RT instances have a few hundred thousand).
+#: Past it the walk stops with :class:`TooManyElements`: however the data set is cut
+#: into tiny pieces (millions of empty items inflating from a few hundred KB of
+#: deflated data, PS3.5 A.5), checking it costs a bounded time (about a second per
+#: million on one core).
+MAX_ELEMENTS = 4_000_000
+#: ``max_elements`` for a check of one's own files before sending them: no bound.
+NO_LIMIT = 1 << 62
+
+
+class TooManyElements(DataSetError):
+    """The data set has more elements, items and fragments than allowed (``max_elements``)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"more than {limit} elements and items")
+        self.limit = limit
 
 
 class BudgetExceeded(Exception):
@@ -144,6 +168,25 @@ class _Source:
         self.pos += n
         return data
 
+    def unpack(self, st: struct.Struct) -> tuple[Any, ...]:
+        """The next ``st.size`` bytes unpacked, without copying them out of the
+        inflated buffer (a header: the walk of millions of tiny items stays cheap)."""
+        n = st.size
+        if self._inflater is None:
+            data = self.fp.read(n)
+            if len(data) != n:
+                raise DataSetError(f"data set ends inside an element header or value at byte {self.pos + len(data)}")
+            self.pos += n
+            return st.unpack(data)
+        if len(self._buf) - self._off < n and not self._fill(n):
+            raise DataSetError(
+                f"data set ends inside an element header or value at byte {self.pos + len(self._buf) - self._off}"
+            )
+        off = self._off
+        self._off = off + n
+        self.pos += n
+        return st.unpack_from(self._buf, off)
+
     def skip(self, n: int) -> None:
         if self._inflater is None:
             if self.pos + n > self._size:
@@ -176,6 +219,7 @@ class _Walker:
         stop_after: int | None = None,
         keep: frozenset[int] = frozenset(),
         ordered: bool = False,
+        max_elements: int | None = None,
     ):
         self.stop_after = stop_after
         self.ordered = ordered
@@ -185,7 +229,18 @@ class _Walker:
         self.implicit = implicit
         self.end = "<" if little else ">"
         self.elements = 0
+        self.pieces = 0  # elements, items and fragments
+        self.max_elements = MAX_ELEMENTS if max_elements is None else max_elements
         self.top: dict[int, str] = {}
+
+    def _piece(self) -> None:
+        self.pieces += 1
+        if self.pieces > self.max_elements:
+            raise TooManyElements(self.max_elements)
+
+    def _header(self) -> tuple[int, int, int]:
+        """An item or fragment header, or an implicit VR element's: group, element, length."""
+        return self.src.unpack(_ITEM_LE if self.end == "<" else _ITEM_BE)
 
     def _tag(self) -> int:
         group, elem = struct.unpack(self.end + "HH", self.src.read(4))
@@ -199,6 +254,13 @@ class _Walker:
         (``item`` with undefined length), or to the end of the stream (top level)."""
         src = self.src
         prev = -1
+        # The header of an element, one read: tag and length (implicit VR), or tag, VR
+        # and short length. The syntax holds for this data set or item (a UN sequence's
+        # items are walked by another call).
+        implicit = self.implicit
+        little = self.end == "<"
+        header = (_ITEM_LE if little else _ITEM_BE) if implicit else (_EXPL_LE if little else _EXPL_BE)
+        unpack = src.unpack
         while True:
             if bound is not None:
                 if src.pos == bound:
@@ -207,37 +269,38 @@ class _Walker:
                     raise DataSetError(f"element crosses the end of its item at byte {bound}")
             elif not item and src.at_end():
                 return
-            tag = self._tag()
+            if implicit:
+                group, elem, length = unpack(header)
+                vr = b""
+            else:
+                group, elem, vr, length = unpack(header)
+            tag = (group << 16) | elem
             if tag == _ITEM_END:
                 if not item or bound is not None:
-                    raise DataSetError(f"unexpected item delimiter at byte {src.pos - 4}")
-                src.read(4)
+                    raise DataSetError(f"unexpected item delimiter at byte {src.pos - 8}")
                 return
-            if tag >> 16 == 0xFFFE:
-                raise DataSetError(f"unexpected item tag ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 4}")
+            if group == 0xFFFE:
+                raise DataSetError(f"unexpected item tag ({group:04X},{elem:04X}) at byte {src.pos - 8}")
             if self.ordered:
                 if tag <= prev:
-                    raise _unordered(tag, src.pos - 4)
+                    raise _unordered(tag, src.pos - 8)
                 prev = tag
             if depth == 0 and self.stop_after is not None and tag > self.stop_after:
                 raise _Enough
-            self.element(tag, depth)
+            self.element(tag, vr, length, depth)
 
-    def element(self, tag: int, depth: int) -> None:
+    def element(self, tag: int, vr: bytes, length: int, depth: int) -> None:
+        """One element, its header read (``length``: the 2-byte one for an explicit VR)."""
         src = self.src
         self.elements += 1
-        if self.implicit:
-            vr = b""
-            length = self._u32()
-        else:
-            vr = src.read(2)
+        self.pieces += 1
+        if self.pieces > self.max_elements:
+            raise TooManyElements(self.max_elements)
+        if not self.implicit:
             if vr in _LONG_VRS:
-                src.read(2)
                 length = self._u32()
-            elif vr in _SHORT_VRS:
-                length = int(struct.unpack(self.end + "H", src.read(2))[0])
-            else:
-                raise DataSetError(f"invalid VR {vr!r} in ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 6}")
+            elif vr not in _SHORT_VRS:
+                raise DataSetError(f"invalid VR {vr!r} in ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 8}")
         if length == _UNDEFINED:
             if vr in (b"OB", b"OW") or (tag == 0x7FE00010 and vr != b"SQ"):
                 self.fragments(tag)
@@ -261,7 +324,7 @@ class _Walker:
                 self.top[tag] = value.decode("ascii", "replace").strip("\x00 ")
             if tag in self.keep:
                 self.kept[tag] = (vr, value)
-        else:
+        elif length:
             src.skip(length)
 
     def sequence(self, bound: int | None, depth: int) -> None:
@@ -274,24 +337,28 @@ class _Walker:
                     return
                 if src.pos > bound:
                     raise DataSetError(f"item crosses the end of its sequence at byte {bound}")
-            tag = self._tag()
-            length = self._u32()
+            group, elem, length = self._header()
+            tag = (group << 16) | elem
             if tag == _SEQ_END and bound is None:
                 return
             if tag != _ITEM:
                 raise DataSetError(f"expected an item tag at byte {src.pos - 8}")
+            self.pieces += 1
+            if self.pieces > self.max_elements:
+                raise TooManyElements(self.max_elements)
             if length == _UNDEFINED:
                 self.elements_until(None, depth + 1, item=True)
-            else:
+            elif length:
                 self.elements_until(src.pos + length, depth + 1, item=True)
 
     def fragments(self, tag: int) -> None:
         src = self.src
         while True:
-            item = self._tag()
-            length = self._u32()
+            group, elem, length = self._header()
+            item = (group << 16) | elem
             if item == _SEQ_END:
                 return
+            self._piece()
             if item != _ITEM or length == _UNDEFINED:
                 raise DataSetError(
                     f"bad fragment in encapsulated ({tag >> 16:04X},{tag & 0xFFFF:04X}) at byte {src.pos - 8}"
@@ -307,8 +374,8 @@ class _BufferWalker:
     """
 
     __slots__ = (
-        "budget", "buf", "elements", "hdr", "implicit", "items", "keep", "kept", "little", "ordered", "size", "top",
-        "u32", "pos", "seq", "watch",
+        "budget", "buf", "elements", "hdr", "implicit", "items", "keep", "kept", "limit", "little", "ordered", "size",
+        "top", "u32", "pos", "seq", "watch",
     )  # fmt: skip
 
     def __init__(
@@ -319,10 +386,14 @@ class _BufferWalker:
         keep: frozenset[int] = frozenset(),
         ordered: bool = False,
         budget: int | None = None,
+        max_elements: int | None = None,
     ):
         self.buf = buf
         self.ordered = ordered
-        self.budget = (1 << 62) if budget is None else budget
+        # The walk stops past ``budget`` (BudgetExceeded: walk it elsewhere) or past
+        # ``max_elements`` (TooManyElements: refused), whichever comes first.
+        self.limit = MAX_ELEMENTS if max_elements is None else max_elements
+        self.budget = min(self.limit, (1 << 62) if budget is None else budget)
         self.items = 0  # items and fragments walked (elements are counted in ``elements``)
         self.keep = keep
         self.watch = keep | {_SOP_CLASS, _SOP_INSTANCE}  # top-level tags whose value is read
@@ -340,6 +411,11 @@ class _BufferWalker:
         self.hdr = struct.Struct(end + ("HHI" if implicit else "HH2sH")).unpack_from
         self.u32 = struct.Struct(end + "I").unpack_from
         self.seq = struct.Struct(end + "HHI").unpack_from
+
+    def _over(self) -> Exception:
+        if self.budget == self.limit:
+            return TooManyElements(self.limit)
+        return BudgetExceeded()
 
     def _short(self, at: int) -> DataSetError:
         return DataSetError(f"data set ends inside an element header or value at byte {min(at, self.size)}")
@@ -391,7 +467,7 @@ class _BufferWalker:
                 raise DataSetError(f"invalid VR {vr!r} in ({group:04X},{elem:04X}) at byte {pos}")
             self.elements += 1
             if self.elements + self.items > self.budget:
-                raise BudgetExceeded
+                raise self._over()
             self.pos = pos
             if length == _UNDEFINED:
                 self._undefined(tag, vr, depth)
@@ -432,7 +508,7 @@ class _BufferWalker:
                         break
                     raise DataSetError(f"element crosses the end of its item at byte {bound}")
                 if count >= room:
-                    raise BudgetExceeded
+                    raise self._over()
                 group, elem, vr, length = hdr(buf, pos)  # struct.error: fewer than 8 bytes left
                 if group == 0xFFFE:
                     if elem != 0xE00D:
@@ -527,7 +603,7 @@ class _BufferWalker:
                 raise DataSetError(f"expected an item tag at byte {pos}")
             self.items += 1
             if self.elements + self.items > self.budget:
-                raise BudgetExceeded
+                raise self._over()
             if length == _UNDEFINED:
                 self.elements_until(None, depth + 1, item=True)
             else:
@@ -541,7 +617,7 @@ class _BufferWalker:
                 raise self._short(size)
             self.items += 1
             if self.elements + self.items > self.budget:
-                raise BudgetExceeded
+                raise self._over()
             group, elem, length = self.seq(buf, pos)
             item = (group << 16) | elem
             if item == _SEQ_END:
@@ -567,12 +643,13 @@ def check_dataset_bytes(
     *,
     ordered: bool = False,
     budget: int | None = None,
+    max_elements: int | None = None,
 ) -> DataSetSummary:
     """:func:`check_dataset` for a data set held in memory (bytes). ``budget``: raise
     :class:`BudgetExceeded` past about that many elements, items and fragments (a walk
     on an event loop stays short however the bytes are cut up; not for deflated data)."""
     if transfer_syntax in _DEFLATED:
-        return check_dataset(io.BytesIO(data), transfer_syntax, keep=keep, ordered=ordered)
+        return check_dataset(io.BytesIO(data), transfer_syntax, keep=keep, ordered=ordered, max_elements=max_elements)
     walker = _BufferWalker(
         data,
         implicit=transfer_syntax == _IMPLICIT_LE,
@@ -580,6 +657,7 @@ def check_dataset_bytes(
         keep=keep,
         ordered=ordered,
         budget=budget,
+        max_elements=max_elements,
     )
     walker.elements_until(None, 0, item=False)
     return DataSetSummary(
@@ -588,13 +666,20 @@ def check_dataset_bytes(
 
 
 def check_dataset(
-    fp: BinaryIO, transfer_syntax: str, start: int = 0, keep: frozenset[int] = frozenset(), *, ordered: bool = False
+    fp: BinaryIO,
+    transfer_syntax: str,
+    start: int = 0,
+    keep: frozenset[int] = frozenset(),
+    *,
+    ordered: bool = False,
+    max_elements: int | None = None,
 ) -> DataSetSummary:
     """Walk the data set in ``fp`` from byte ``start`` to its end; raise
     :class:`DataSetError` unless every element is complete (and, with ``ordered``,
-    every tag greater than the one before it in its data set or item, PS3.5 §7.1).
-    The values of the top-level elements in ``keep`` are returned with the summary
-    (no second read)."""
+    every tag greater than the one before it in its data set or item, PS3.5 §7.1),
+    :class:`TooManyElements` past ``max_elements`` (default :data:`MAX_ELEMENTS`)
+    elements, items and fragments. The values of the top-level elements in ``keep``
+    are returned with the summary (no second read)."""
     deflated = transfer_syntax in _DEFLATED
     walker = _Walker(
         _Source(fp, start, deflated),
@@ -602,6 +687,7 @@ def check_dataset(
         little=transfer_syntax != _EXPLICIT_BE,
         keep=keep,
         ordered=ordered,
+        max_elements=max_elements,
     )
     try:
         walker.elements_until(None, 0, item=False)
@@ -630,12 +716,16 @@ def dataset_uids(fp: BinaryIO, transfer_syntax: str, start: int) -> tuple[str, s
     return walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, "")
 
 
-def check_part10(fp: BinaryIO, keep: frozenset[int] = frozenset(), *, ordered: bool = False) -> DataSetSummary:
+def check_part10(
+    fp: BinaryIO, keep: frozenset[int] = frozenset(), *, ordered: bool = False, max_elements: int | None = None
+) -> DataSetSummary:
     """Check a Part 10 stream (preamble, file meta, data set) as :func:`check_dataset`."""
     meta = read_file_meta(fp)
     if meta is None:
         raise DataSetError("no DICM prefix or incomplete file meta information")
-    return check_dataset(fp, meta.transfer_syntax, meta.dataset_offset, keep, ordered=ordered)
+    return check_dataset(
+        fp, meta.transfer_syntax, meta.dataset_offset, keep, ordered=ordered, max_elements=max_elements
+    )
 
 
 # -- the same data set in two encodings -------------------------------------------------

@@ -28,12 +28,16 @@ class InflationLimits:
 
     ``max_size``: inflated bytes at most. ``max_ratio``: inflated / deflated at most,
     applied once more than ``ratio_floor`` bytes came out (small data may compress
-    very well, e.g. an identifier of empty keys).
+    very well, e.g. an identifier of empty keys). ``max_elements``: elements, items
+    and fragments a received data set may have, deflated or not (its check stops
+    there: millions of empty items inflate from little data within the other limits,
+    and each costs a step of the walk; :data:`.dataset_check.MAX_ELEMENTS`).
     """
 
     max_size: int = 256 << 20
     max_ratio: float = 200.0
     ratio_floor: int = 4 << 20
+    max_elements: int = 4_000_000
 
 
 DEFAULT_LIMITS = InflationLimits()

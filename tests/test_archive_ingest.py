@@ -380,3 +380,56 @@ def test_same_dataset_in_other_encodings():
     truncated = _encoded(ds, syntaxes[1])
     cut = io.BytesIO(truncated[0].getvalue()[:-10])
     assert same_dataset(*_encoded(ds, syntaxes[1]), cut, truncated[1], truncated[2], 10_000) is False
+
+
+def _item_heavy(items: int, ds: pydicom.Dataset | None = None) -> bytes:
+    """A data set (Explicit VR Little Endian) of a few elements and one private sequence
+    of ``items`` empty items: 8 bytes each, deflating about 700 to 1."""
+    from dimse_async.codec import encode_dataset
+
+    if ds is None:
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for elem in list(ds):
+        if elem.tag.group >= 0x0099:
+            del ds[elem.tag]
+    return (
+        encode_dataset(ds, "1.2.840.10008.1.2.1")
+        + b"\x99\x00\x10\x00LO\x04\x00ACME"
+        + b"\x99\x00\x01\x10SQ\x00\x00\xff\xff\xff\xff"
+        + b"\xfe\xff\x00\xe0\x00\x00\x00\x00" * items
+        + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    )
+
+
+def _deflate(data: bytes) -> bytes:
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    out = packer.compress(data) + packer.flush()
+    return out + (b"\x00" if len(out) % 2 else b"")
+
+
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"])
+def test_an_item_heavy_data_set_is_refused_past_the_element_limit_in_bounded_time(syntax):
+    """Millions of empty sequence items (a few KB deflated, within the inflation limits)
+    cost one step of the walk each: past ``max_elements`` elements, items and fragments
+    the check stops (TooManyElements, a DataSetError: 0xC000), after a CPU time linear
+    in the limit (well under a second per million here); just under it, it passes."""
+    import time
+
+    from dimse_async.dataset_check import MAX_ELEMENTS, NO_LIMIT, TooManyElements, check_dataset
+
+    raw = _item_heavy(200_000)
+    data = _deflate(raw) if syntax.endswith(".99") else raw
+    started = time.thread_time()
+    with pytest.raises(TooManyElements, match="more than 199900 elements and items"):
+        check_dataset(io.BytesIO(data), syntax, ordered=True, max_elements=199_900)
+    spent = time.thread_time() - started
+    assert spent < 0.5, spent  # about 0.1 s: some 0.5 s of CPU per million items
+    assert check_dataset(io.BytesIO(data), syntax, ordered=True, max_elements=201_000).elements < 1000
+    assert check_dataset(io.BytesIO(data), syntax, max_elements=NO_LIMIT).elements < 1000  # a sender's own file
+    with pytest.raises(TooManyElements):
+        check_dataset_bytes(data, syntax, ordered=True, max_elements=199_900)
+    with pytest.raises(TooManyElements):
+        check_dataset_bytes(data, syntax, ordered=True, budget=5000, max_elements=4000)
+    assert MAX_ELEMENTS >= 4_000_000  # generous: real instances have up to a few hundred thousand

@@ -1576,3 +1576,27 @@ async def test_duplicate_keep_past_the_compare_limit_keeps_the_byte_answer(
     async with running_serve(tmp_path / "arch") as srv:
         _code, out = await storescu(srv.port, implicit, implicit, explicit)
         assert store_statuses(out) == ["Success", "Success", "Error: DataSetDoesNotMatchSOPClass"], out
+
+
+async def test_an_item_heavy_deflated_instance_is_refused_past_the_element_limit(tmp_path: Path) -> None:
+    """storescu sends a deflated instance of 150,000 empty sequence items (a few KB on
+    the wire, within the inflation limits) to an archive allowing 100,000 elements and
+    items per data set: refused 0xC000, nothing stored, the peer's next instance stored."""
+    from test_archive_ingest import _deflate, _item_heavy
+
+    from dimse_async.inflate import InflationLimits
+    from dimse_async.part10 import encode_file_meta
+
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = generate_uid()
+    heavy = tmp_path / "heavy.dcm"
+    meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), "1.2.840.10008.1.2.1.99")
+    heavy.write_bytes(meta + _deflate(_item_heavy(150_000, ds)))
+    fine = _in_syntax(CT, tmp_path / "fine.dcm", "1.2.840.10008.1.2.1.99", SOPInstanceUID=generate_uid())
+    async with running_serve(tmp_path / "arch") as srv:
+        srv.archive.inflation_limits = InflationLimits(max_elements=100_000)
+        _code, out = await storescu(srv.port, heavy, fine, extra=("-xd", "-nh"))  # deflated on the wire
+        assert out.count("-> Deflated Explicit VR Little Endian") == 2, out
+        assert store_statuses(out) == ["Error: CannotUnderstand", "Success"], out
+        assert await srv.archive.count() == 1
+        assert not list(srv.root.rglob(f"{ds.SOPInstanceUID}.dcm"))

@@ -77,7 +77,7 @@ async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAUL
         with request.open() as fp:
             _meta_as_written(read_file_meta(fp), request)
             _check_inflation(fp, limits)
-            return check_part10(fp, INDEX_TAGS, ordered=True)
+            return check_part10(fp, INDEX_TAGS, ordered=True, max_elements=limits.max_elements)
 
     if request.spool.path is None and request.size < (1 << 20):
         data = request.spool.memory()
@@ -85,7 +85,12 @@ async def _check_request(request: StoreRequest, limits: InflationLimits = DEFAUL
         _meta_as_written(meta, request)
         if meta is not None and meta.transfer_syntax != _DEFLATED_LE:  # walked in place, header by header
             walk = functools.partial(
-                check_dataset_bytes, data[meta.dataset_offset :], meta.transfer_syntax, INDEX_TAGS, ordered=True
+                check_dataset_bytes,
+                data[meta.dataset_offset :],
+                meta.transfer_syntax,
+                INDEX_TAGS,
+                ordered=True,
+                max_elements=limits.max_elements,
             )
             try:
                 return walk(budget=IN_PLACE_BUDGET)
@@ -307,7 +312,7 @@ class IngestMixin(IndexDB):
                 try:
                     with open(path, "rb") as fp:
                         _check_inflation(fp, self.inflation_limits)
-                        check_part10(fp)
+                        check_part10(fp, max_elements=self.inflation_limits.max_elements)
                     self._index_file(path)
                     added += 1
                 except self.resource_errors:

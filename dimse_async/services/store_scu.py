@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
-from ..dataset_check import DataSetError, check_dataset, check_dataset_bytes, dataset_uids
+from ..dataset_check import NO_LIMIT, DataSetError, check_dataset, check_dataset_bytes, dataset_uids
 from ..dimse import Command, CommandField
 from ..exceptions import NoAcceptedContext
 from ..interface import DIMSEProvider
@@ -74,12 +74,12 @@ def prepare_file(path: str, *, check: bool = False) -> PreparedFile | None:
                 fp.seek(meta.dataset_offset)
                 data = fp.read(length)
                 if check:
-                    summary = check_dataset_bytes(data, ts)
+                    summary = check_dataset_bytes(data, ts, max_elements=NO_LIMIT)
                     sop_class, sop_instance = summary.sop_class_uid, summary.sop_instance_uid
                 else:
                     sop_class, sop_instance = dataset_uids(io.BytesIO(data), ts, 0)
             elif check:
-                summary = check_dataset(fp, ts, meta.dataset_offset)
+                summary = check_dataset(fp, ts, meta.dataset_offset, max_elements=NO_LIMIT)
                 sop_class, sop_instance = summary.sop_class_uid, summary.sop_instance_uid
             else:
                 sop_class, sop_instance = dataset_uids(fp, ts, meta.dataset_offset)
