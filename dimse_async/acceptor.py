@@ -125,7 +125,12 @@ class Acceptor:
         early: Association | None = None  # holds a place among connections not yet associated
         try:
             if options.trusted_proxies is not None and not proxy.address_in(peer[0], options.trusted_proxies):
-                self._refuse(log, "PROXY protocol header from an address that is not a trusted proxy")
+                self._refuse(
+                    log,
+                    "PROXY protocol header from an address that is not a trusted proxy",
+                    peer[0],
+                    "not a trusted proxy",
+                )
                 return
             # Until its A-ASSOCIATE-RQ the connection counts against max_pending, and,
             # once its client's address is known, against max_pending_per_address.
@@ -136,10 +141,11 @@ class Acceptor:
                 try:
                     header = await asyncio.wait_for(self._read_header(conn), options.header_timeout)
                 except TimeoutError:
-                    self._refuse(log, f"no complete PROXY protocol header within {options.header_timeout} s")
+                    why = f"no complete PROXY protocol header within {options.header_timeout} s"
+                    self._refuse(log, why, peer[0], "PROXY header")
                     return
                 except (proxy.ProxyProtocolError, OSError) as exc:
-                    self._refuse(log, f"bad PROXY protocol header: {exc}")
+                    self._refuse(log, f"bad PROXY protocol header: {exc}", peer[0], "PROXY header")
                     return
             client = peer
             if header is not None and header.source is not None:  # LOCAL / UNKNOWN: the proxy itself
@@ -159,15 +165,18 @@ class Acceptor:
             except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
                 if client != peer:
                     log = log.bind(client=f"{client[0]}:{client[1]}")
-                self._refuse(log, f"TLS handshake failed: {_tls_error(exc)}")  # the loop closed the socket
+                why = f"TLS handshake failed: {_tls_error(exc)}"  # (the loop closed the socket)
+                self._refuse(log, why, client[0], "TLS handshake")
         finally:
             if early is not None:
                 self.server.untrack_early(early)  # if the handshake did not make it an association
             if not handed_over:
                 conn.close()
 
-    def _refuse(self, log: Any, why: str) -> None:
-        log.warning("connection refused", reason=why)
+    def _refuse(self, log: Any, why: str, address: str, kind: str) -> None:
+        """Log (within the server's limit for ``kind`` and ``address``) and count a refusal."""
+        if self.server.allow_warning("connection refused: " + kind, address):
+            log.warning("connection refused", reason=why)
         self.server.note_refused(why)
 
     async def _read_header(self, conn: socket.socket) -> proxy.ProxyHeader:

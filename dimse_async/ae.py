@@ -130,6 +130,12 @@ class AE(HandlerRegistry):
     #: The per-address limits count an IPv6 client under its /``ipv6_prefix`` network
     #: (default 64: one site's, RFC 6177; 128: exact addresses); IPv4 under its address.
     ipv6_prefix: int
+    #: Acceptor: warnings about connections refused, rejected or dropped before they
+    #: became associations (bad AE titles, limits, PROXY garbage, failed TLS handshakes,
+    #: ARTIM ...): per kind and client address, the first ``refusal_log_burst`` in each
+    #: ``refusal_log_interval`` seconds are logged, the rest counted into one line.
+    refusal_log_burst: int
+    refusal_log_interval: float
     fd_reserve: int
     #: A PDU that has started arriving must be complete within this many seconds,
     #: however slowly it drips in (``None``: no limit).
@@ -179,6 +185,8 @@ class AE(HandlerRegistry):
         max_pending: int = 1024,
         max_pending_per_address: int = 256,
         ipv6_prefix: int = 64,
+        refusal_log_burst: int = 5,
+        refusal_log_interval: float = 10.0,
         fd_reserve: int = 64,
         pdu_timeout: float | None = 60.0,
         max_request_dataset: int = 1 << 20,
@@ -223,6 +231,10 @@ class AE(HandlerRegistry):
         if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int) or not 1 <= ipv6_prefix <= 128:
             raise ValueError(f"ipv6_prefix {ipv6_prefix!r} must be a prefix length from 1 to 128")
         self.ipv6_prefix = ipv6_prefix
+        if refusal_log_burst < 1 or not refusal_log_interval > 0:
+            raise ValueError("refusal_log_burst must be at least 1 and refusal_log_interval positive")
+        self.refusal_log_burst = refusal_log_burst
+        self.refusal_log_interval = refusal_log_interval
         self.fd_reserve = fd_reserve
         self.pdu_timeout = pdu_timeout
         self.max_request_dataset = max_request_dataset
@@ -357,6 +369,7 @@ class AE(HandlerRegistry):
             hook=self._fire,
             on_open=server.track if server is not None else None,
             on_close=server.untrack if server is not None else None,
+            limit_warning=server.allow_warning if server is not None else None,
             keepalive=self.keepalive,
             idle_release=self.idle_release,
             observer=self.observer,
@@ -407,11 +420,12 @@ class AE(HandlerRegistry):
         refusal = server.admit(assoc) if server is not None else None  # the slot is held from here on
         if refusal is not None:
             paused = server is not None and server.paused
-            assoc.log.warning("association refused: " + ("not open yet" if paused else "local limit"), reason=refusal)
+            event = "association refused: " + ("not open yet" if paused else "local limit")
+            assoc.warn_refusal(event, event, reason=refusal)
             why = PresentationReason.TEMPORARY_CONGESTION if paused else PresentationReason.LOCAL_LIMIT_EXCEEDED
             return AssociateRJ(RejectResult.TRANSIENT, RejectSource.PRESENTATION, why)
         if self.allowed_peer_addresses is not None and not _address_in(assoc.peer[0], self.allowed_peer_addresses):
-            assoc.log.warning("peer address not allowed", address=assoc.peer[0])
+            assoc.warn_refusal("peer address not allowed", "peer address not allowed", address=assoc.peer[0])
             return AssociateRJ(RejectResult.PERMANENT, RejectSource.USER, UserReason.NO_REASON_GIVEN)
         return None
 

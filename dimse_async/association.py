@@ -85,6 +85,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None  # the one wake-up: see _schedule
         self._timer_at = 0.0
         self._refused = False  # dropped by admission control before the upper layer started
+        self._quiet: bool | None = None  # see warn_refusal(); None: not decided yet
         self._last_dimse = 0.0  # last DIMSE message either way (idle release)
         self._last_rx = self._last_tx = 0.0  # last bytes from the peer / last time it took ours
         self._init_messaging()
@@ -202,10 +203,14 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         if isinstance(out, fsm.TimerExpired):
             self._end_reason = self._end_reason or out.reason
             what = "ARTIM timer expired, connection closed" if out.timer == "ARTIM" else f"{out.timer} timeout"
-            self.log.warning(what, reason=self.fsm.failure if out.timer == "ARTIM" else out.reason)
+            reason = self.fsm.failure if out.timer == "ARTIM" else out.reason
+            if self.negotiated is None:  # never associated: a silent or dripping client
+                self.warn_refusal(what, what, reason=reason)
+            else:
+                self.log.warning(what, reason=reason)
         elif isinstance(out, fsm.Refused):
             self._end_reason = self._end_reason or out.reason
-            self.log.warning("connection refused", reason=out.reason)
+            self.warn_refusal("connection refused: protocol", "connection refused", reason=out.reason)
         elif isinstance(out, fsm.StopReading):
             self.pause_reading("aborted")  # for good: ARTIM closes the connection
         elif isinstance(out, fsm.CloseTransport) and self.transport is not None:
@@ -336,6 +341,13 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 fut.exception()
         if self._refused:
             return
+        if self.negotiated is None and self._quiet is not False and self.settings.limit_warning is not None:
+            # Never associated (rejected, refused, silent, closed at once): this line is
+            # held back with the warning about it, or on its own under a flood.
+            if self._quiet is None:
+                self._quiet = not self.settings.limit_warning("closed before association", self.peer[0])
+            if self._quiet:
+                return
         # The association's one INFO line (PS3.8 has no say; the issue's contract): who,
         # what was negotiated, what was done, how long, and why it ended if not released.
         neg = self.negotiated
@@ -345,6 +357,17 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         if reason:
             fields["reason"] = reason
         self.log.info("association closed", **fields)
+
+    def warn_refusal(self, kind: str, event: str, **fields: Any) -> None:
+        """A warning about a connection that is refused, rejected or dropped before it
+        becomes an association: on an acceptor logged in full unless the server's limit
+        for ``kind`` and the peer's address holds it back (then counted). The decision
+        stands for the association's later lines (its "association closed" line)."""
+        if self._quiet is None:
+            gate = self.settings.limit_warning
+            self._quiet = gate is not None and not gate(kind, self.peer[0])
+        if not self._quiet:
+            self.log.warning(event, **fields)
 
     def _hook(self, event: AssociationEvent) -> None:
         if self.settings.hook is not None:
@@ -385,7 +408,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         if isinstance(result, AssociateRJ):
             self._end_reason = f"rejected: {reject_text(result)}"  # on the "association closed" line
             if result.why:  # the request's own fault (admission refusals were logged by the AE)
-                self.log.warning("association rejected", why=result.why, answer=reject_text(result))
+                self.warn_refusal(
+                    "association rejected", "association rejected", why=result.why, answer=reject_text(result)
+                )
             elif self._debug:
                 self.log.debug("association rejected", reason=reject_text(result))
             self._run(self.fsm.reject(result, now=self.loop.time()))

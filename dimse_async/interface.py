@@ -206,6 +206,9 @@ class Settings:
     #: ``on_open`` returning ``False`` drops the connection (admission control).
     on_open: Callable[[Any], bool | None] | None = None
     on_close: Callable[[Any], None] | None = None
+    #: Acceptor: whether to log a warning of a kind about a connection from an address
+    #: that did not become an association (``False``: the server counts it instead).
+    limit_warning: Callable[[str, str], bool] | None = None
     #: TCP keepalive (idle, interval, count) or ``None``.
     keepalive: tuple[float, float, int] | None = None
     #: Requestor: release after this many seconds without DIMSE traffic.

@@ -19,7 +19,10 @@ A library must stay silent until the application decides where its lines go. So:
 
 What is logged: INFO has one line per association, when it ends ("association closed":
 peer, AE titles, contexts accepted of proposed, operation counts, failures, bytes each
-way, duration, and why it ended unless released), plus one per failed operation; DEBUG
+way, duration, and why it ended unless released), plus one per failed operation. Of
+connections that never became associations, the warnings and closing lines are limited
+per kind and client address by the server (:mod:`dimse_async.ratelimit`): the first few
+of each interval in full, the rest counted into a "similar warnings suppressed" line. DEBUG
 adds the association's establishment or rejection, the negotiated contexts, each
 successful operation (SOP class and instance UID, status, bytes, milliseconds) and
 message-level detail. ``AE(log_operations=True)`` (CLI ``--log-ops``) logs the

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .acse import NegotiationCache
 from .log import get_logger
 from .proxy import address_key
+from .ratelimit import WarningLimiter
 
 if TYPE_CHECKING:
     from .operations import Association
@@ -37,6 +38,8 @@ class ServerOwner(Protocol):
     max_pending: int
     max_pending_per_address: int
     ipv6_prefix: int
+    refusal_log_burst: int
+    refusal_log_interval: float
     fd_reserve: int
     observer: Any
 
@@ -82,6 +85,12 @@ class Server:
         # they count under (``None`` while a trusted proxy's header is read: a shared address).
         self._early: dict[Association, str | None] = {}
         self._log = get_logger(local_ae=ae.ae_title)
+        #: Warnings about connections refused, rejected or dropped before they became
+        #: associations, per kind and client address key: the first
+        #: ``refusal_log_burst`` of each ``refusal_log_interval`` seconds in full, the
+        #: rest counted into a "similar warnings suppressed" line (see :meth:`allow_warning`).
+        self.warnings = WarningLimiter(self._suppressed, interval=ae.refusal_log_interval, burst=ae.refusal_log_burst)
+        self._warnings_timer: asyncio.TimerHandle | None = None
         #: Set by :meth:`drain`: unready, new associations rejected (transient).
         self.draining = False
         #: Set while the server is listening but not open yet (``start_server(paused=True)``,
@@ -253,6 +262,35 @@ class Server:
         """Connections still in their PROXY header or TLS handshake."""
         return len(self._preambles)
 
+    def allow_warning(self, kind: str, address: str) -> bool:
+        """Whether to log a warning of ``kind`` about a connection from ``address`` that
+        was refused, rejected or dropped before it became an association: the first few
+        per kind and address key (IPv6: its /``ipv6_prefix``) in each interval are, the
+        rest are counted and summed up in one line once the interval is over."""
+        key = address if ":" not in address else address_key(address, self.ipv6_prefix)
+        if self.warnings.allow(kind, key):
+            return True
+        if self._warnings_timer is None:
+            self._warnings_timer = asyncio.get_running_loop().call_later(self.warnings.interval, self._expire_warnings)
+        return False
+
+    def _expire_warnings(self) -> None:
+        self._warnings_timer = None
+        self.warnings.expire()
+        if self.warnings.pending:
+            self._warnings_timer = asyncio.get_running_loop().call_later(self.warnings.interval, self._expire_warnings)
+
+    def _flush_warnings(self) -> None:
+        if self._warnings_timer is not None:
+            self._warnings_timer.cancel()
+            self._warnings_timer = None
+        self.warnings.flush()
+
+    def _suppressed(self, kind: str, address: str, count: int, seconds: float) -> None:
+        self._log.warning(
+            "similar warnings suppressed", kind=kind, address=address, suppressed=count, seconds=round(seconds, 1)
+        )
+
     def note_refused(self, why: str) -> None:
         """A connection was dropped before it became an association (PROXY, TLS)."""
         observer = self.ae.observer
@@ -294,6 +332,7 @@ class Server:
         self._opened.set()  # a paused server stays paused: its waiters are refused now
         for welcome in list(self._preambles):
             welcome.cancel()
+        self._flush_warnings()
 
     async def wait_closed(self, grace: float = 10.0) -> None:
         """Wait up to ``grace`` seconds for open associations to end, then abort them."""
@@ -314,6 +353,7 @@ class Server:
                         assoc.transport.abort()
         if self._server is not None:
             await self._server.wait_closed()
+        self._flush_warnings()  # those of connections ended meanwhile
 
     async def __aenter__(self) -> Server:
         return self

@@ -221,9 +221,17 @@ async def test_clients_stalled_mid_pdu_cannot_lock_out_others(tmp_path: Path) ->
         legit.check(minimum=5)
         rss.check(48 * MiB)
         events = [str(e.get("event")) for e in server.log_events()]
-        assert events.count("association refused: local limit") == 50
         assert events.count("PDU progress timeout") == 100
         server.check_log()
+    # The 50 refusals: the first few logged in full, the rest counted in summaries
+    # (the last one written as the server closed).
+    logged = events.count("association refused: local limit")
+    summed = sum(
+        int(str(e["suppressed"]))
+        for e in server.log_events()
+        if e.get("event") == "similar warnings suppressed" and e.get("kind") == "association refused: local limit"
+    )
+    assert 5 <= logged < 50 and logged + summed == 50, (logged, summed)
 
 
 async def test_per_calling_ae_cap(tmp_path: Path) -> None:
