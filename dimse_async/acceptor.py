@@ -123,6 +123,15 @@ class Acceptor:
         header = None
         handed_over = False
         early: Association | None = None  # holds a place among connections not yet associated
+        client = peer
+        task = asyncio.current_task()
+
+        def shed(why: str) -> None:
+            """Drop it: waiting too long on a busy server (see ``Server._shed``)."""
+            self._refuse(log, why, client[0], "busy")
+            if task is not None:
+                task.cancel()
+
         try:
             if options.trusted_proxies is not None and not proxy.address_in(peer[0], options.trusted_proxies):
                 self._refuse(
@@ -135,7 +144,7 @@ class Acceptor:
             # Until its A-ASSOCIATE-RQ the connection counts against max_pending, and,
             # once its client's address is known, against max_pending_per_address.
             assoc = early = self.make_association()
-            if not self.server.track_early(assoc, None if options.trusted_proxies is not None else peer[0]):
+            if not self.server.track_early(assoc, None if options.trusted_proxies is not None else peer[0], shed):
                 return
             if options.trusted_proxies is not None:
                 try:
@@ -147,11 +156,10 @@ class Acceptor:
                 except (proxy.ProxyProtocolError, OSError) as exc:
                     self._refuse(log, f"bad PROXY protocol header: {exc}", peer[0], "PROXY header")
                     return
-            client = peer
             if header is not None and header.source is not None:  # LOCAL / UNKNOWN: the proxy itself
                 assoc.proxied_peer = client = header.source
                 assoc.via = peer
-            if header is not None and not self.server.track_early(assoc, client[0]):
+            if header is not None and not self.server.track_early(assoc, client[0], shed):
                 return
             if options.ssl is None:
                 handed_over = True

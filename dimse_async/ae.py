@@ -127,6 +127,10 @@ class AE(HandlerRegistry):
     max_per_calling_ae: int
     max_pending: int
     max_pending_per_address: int
+    #: Once half of ``max_pending`` or more is taken, a connection that has waited this
+    #: many seconds for its A-ASSOCIATE-RQ (TLS handshake and PROXY header included) is
+    #: dropped to make room, oldest first (``None``: only the usual timeouts apply).
+    busy_pending_timeout: float | None
     #: The per-address limits count an IPv6 client under its /``ipv6_prefix`` network
     #: (default 64: one site's, RFC 6177; 128: exact addresses); IPv4 under its address.
     ipv6_prefix: int
@@ -184,6 +188,7 @@ class AE(HandlerRegistry):
         max_per_calling_ae: int = 256,
         max_pending: int = 1024,
         max_pending_per_address: int = 256,
+        busy_pending_timeout: float | None = 5.0,
         ipv6_prefix: int = 64,
         refusal_log_burst: int = 5,
         refusal_log_interval: float = 10.0,
@@ -228,6 +233,9 @@ class AE(HandlerRegistry):
         self.max_per_calling_ae = max_per_calling_ae
         self.max_pending = max_pending
         self.max_pending_per_address = max_pending_per_address
+        if busy_pending_timeout is not None and not busy_pending_timeout > 0:
+            raise ValueError(f"busy_pending_timeout {busy_pending_timeout!r} must be positive (or None)")
+        self.busy_pending_timeout = busy_pending_timeout
         if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int) or not 1 <= ipv6_prefix <= 128:
             raise ValueError(f"ipv6_prefix {ipv6_prefix!r} must be a prefix length from 1 to 128")
         self.ipv6_prefix = ipv6_prefix

@@ -14,7 +14,9 @@ Families (``role`` is ``scp`` for associations we accepted, ``scu`` for those we
   (the connection ended before negotiation completed);
 - ``dicom_associations_open{role}``: associations (and connections negotiating) now;
 - ``dicom_connections_refused_total{reason}``: connections dropped before DICOM started
-  (PROXY header from an untrusted address, bad header, TLS handshake failure);
+  (``proxy``: PROXY header from an untrusted address or bad; ``tls``: TLS handshake
+  failure; ``pending``: over ``max_pending`` / ``max_pending_per_address``; ``busy``:
+  dropped after ``busy_pending_timeout`` on a busy server);
 - ``dicom_operations_total{role,service,status}``: completed DIMSE operations by service
   (``C-STORE`` ...) and status category (``success``, ``warning``, ``failure``, ``cancel``,
   PS3.7 Annex C); ``role`` is ours in the operation (``scp``: we performed it);
@@ -159,7 +161,15 @@ class Metrics:
             del self._started[k]
 
     def connection_refused(self, why: str) -> None:
-        reason = "tls" if "tls" in why.lower() else "proxy"
+        low = why.lower()
+        if "tls" in low:
+            reason = "tls"
+        elif why == "pending limit":
+            reason = "pending"
+        elif why == "busy pending timeout" or "a-associate-rq within" in low:
+            reason = "busy"
+        else:
+            reason = "proxy"
         self.refused.labels(reason).inc()
 
     def error(self, kind: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import resource
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .acse import NegotiationCache
@@ -37,6 +38,7 @@ class ServerOwner(Protocol):
     max_per_calling_ae: int
     max_pending: int
     max_pending_per_address: int
+    busy_pending_timeout: float | None
     ipv6_prefix: int
     refusal_log_burst: int
     refusal_log_interval: float
@@ -84,6 +86,10 @@ class Server:
         # Their associations (made before the handshake): pending too, by the address key
         # they count under (``None`` while a trusted proxy's header is read: a shared address).
         self._early: dict[Association, str | None] = {}
+        self._early_shed: dict[Association, Callable[[str], None]] = {}  # how the acceptor drops one
+        # Every connection not yet associated (early or not), oldest first: when it took
+        # its place (see _shed).
+        self._pending_since: dict[Association, float] = {}
         self._log = get_logger(local_ae=ae.ae_title)
         #: Warnings about connections refused, rejected or dropped before they became
         #: associations, per kind and client address key: the first
@@ -167,7 +173,42 @@ class Server:
         """``assoc`` has sent its A-ASSOCIATE-RQ (or is gone): no longer pending."""
         if assoc in self._unadmitted:
             self._unadmitted.discard(assoc)
+            self._pending_since.pop(assoc, None)
             _decrement(self._pending_by_address, self.address_key(assoc.peer[0]))
+
+    def _shed(self, total: int, now: float) -> int:
+        """Under pressure (at least half of ``max_pending`` taken), drop the connections
+        that have been waiting longer than ``busy_pending_timeout`` for their
+        A-ASSOCIATE-RQ (TLS handshake and PROXY header included), oldest first, until
+        under half; the count left. A client on any link sends its request within a
+        few round trips; one that has sent nothing (or not all) for seconds while others
+        queue only holds a place (nginx, short of connections, likewise closes the oldest
+        ones still waiting for a request: "reusing connections")."""
+        ae, since = self.ae, self._pending_since
+        timeout = ae.busy_pending_timeout
+        if timeout is None or total * 2 < ae.max_pending:
+            return total
+        horizon = now - timeout
+        why = f"no A-ASSOCIATE-RQ within {timeout} s while half of max_pending ({ae.max_pending}) or more is taken"
+        while since and total * 2 >= ae.max_pending:
+            assoc = next(iter(since))
+            if since[assoc] > horizon:
+                break
+            del since[assoc]
+            if assoc in self._early:
+                shed = self._early_shed.get(assoc)
+                self.untrack_early(assoc)
+                if shed is not None:
+                    shed(why)
+            elif assoc in self._unadmitted and assoc.associate_rq is None:
+                self._settled(assoc)
+                assoc.warn_refusal("connection refused: busy", "connection refused", reason=why)
+                self.note_refused("busy pending timeout")
+                assoc.abort(why)
+            else:  # its request is in (a paused server's wait): not ours to drop
+                continue
+            total -= 1
+        return total
 
     def _pending_full(self, address: str | None, key: str | None) -> bool:
         """Whether one more connection without an A-ASSOCIATE-RQ (from ``address``,
@@ -176,6 +217,8 @@ class Server:
         however many)."""
         ae, pending = self.ae, self._pending_by_address
         total = len(self._unadmitted) + len(self._early)
+        if total * 2 >= ae.max_pending:
+            total = self._shed(total, asyncio.get_running_loop().time())
         from_address = pending.get(key, 0) if key is not None else 0
         if total < ae.max_pending and from_address < ae.max_pending_per_address:
             return False
@@ -208,26 +251,37 @@ class Server:
                 if counted is not None:
                     _decrement(pending, counted)
                 pending[key] = pending.get(key, 0) + 1
+            self._early_shed.pop(assoc, None)  # dropped as an association from now on
         elif self._pending_full(address, key):
             return False
         else:
             pending[key] = pending.get(key, 0) + 1
+            self._pending_since[assoc] = assoc.loop.time()
         self.associations.add(assoc)
         self._unadmitted.add(assoc)
         return True
 
-    def track_early(self, assoc: Association, address: str | None) -> bool:
+    def track_early(self, assoc: Association, address: str | None, shed: Callable[[str], None] | None = None) -> bool:
         """A connection still in its PROXY header or TLS handshake (called by the
         acceptor) takes a place among those not yet associated, counted under
         ``address`` (``None``: only in the total); ``False`` to close it at once. Called
-        again with the client's address once a PROXY header has named it."""
-        self.untrack_early(assoc)
+        again with the client's address once a PROXY header has named it (it keeps its
+        age). ``shed(why)`` drops it when it has waited too long on a busy server."""
+        if assoc in self._early:  # counted again under the address its header named
+            key = self._early.pop(assoc)
+            if key is not None:
+                _decrement(self._pending_by_address, key)
         key = None if address is None else self.address_key(address)
         if self._pending_full(address, key):
+            self._forget_early(assoc)
             return False
         self._early[assoc] = key
         if key is not None:
             self._pending_by_address[key] = self._pending_by_address.get(key, 0) + 1
+        if shed is not None:
+            self._early_shed[assoc] = shed
+        if assoc not in self._pending_since:
+            self._pending_since[assoc] = asyncio.get_running_loop().time()
         return True
 
     def untrack_early(self, assoc: Association) -> None:
@@ -236,6 +290,11 @@ class Server:
             key = self._early.pop(assoc)
             if key is not None:
                 _decrement(self._pending_by_address, key)
+            self._forget_early(assoc)
+
+    def _forget_early(self, assoc: Association) -> None:
+        self._early_shed.pop(assoc, None)
+        self._pending_since.pop(assoc, None)
 
     def untrack(self, assoc: Association) -> None:
         """The connection is gone: its place is free again."""

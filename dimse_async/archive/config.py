@@ -39,6 +39,7 @@ Example::
     max_per_calling_ae = 256                  # ... from one calling AE title
     max_pending = 1024                        # connections without an A-ASSOCIATE-RQ yet
     max_pending_per_address = 256             # ... from one address
+    busy_pending_timeout = 5                  # once half of max_pending is taken, drop those waiting longer
     ipv6_prefix = 64                          # per-address limits count IPv6 clients by /64 (128: exact)
     pdu_timeout = 60                          # a started PDU must be whole within 60 s
     max_request_dataset = 1048576             # largest C-FIND/GET/MOVE identifier (bytes)
@@ -157,6 +158,9 @@ class ServeConfig:
     max_per_calling_ae: int = 256
     max_pending: int = 1024
     max_pending_per_address: int = 256
+    #: Once half of ``max_pending`` or more is taken, connections that have waited this
+    #: long for their A-ASSOCIATE-RQ are dropped, oldest first, to make room.
+    busy_pending_timeout: float = 5.0
     #: The per-address limits count an IPv6 client under its /``ipv6_prefix`` network.
     ipv6_prefix: int = 64
     pdu_timeout: float | None = 60.0
@@ -190,6 +194,7 @@ ADMISSION_KEYS = (
     "max_per_calling_ae",
     "max_pending",
     "max_pending_per_address",
+    "busy_pending_timeout",
     "ipv6_prefix",
     "pdu_timeout",
     "max_request_dataset",
@@ -203,6 +208,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_pending": (int,),
     "max_pending_per_address": (int,),
     "ipv6_prefix": (int,),
+    "busy_pending_timeout": (int, float),
     "pdu_timeout": (int, float),
     "max_request_dataset": (int,),
     "max_buffered_output": (int,),
@@ -281,6 +287,10 @@ def _check(key: str, value: Any) -> Any:
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, not {value!r}")
+        return value
+    if key == "busy_pending_timeout":
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            raise ValueError(f"busy_pending_timeout must be a positive number of seconds, not {value!r}")
         return value
     if key == "ipv6_prefix":
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 128:

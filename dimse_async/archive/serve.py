@@ -61,6 +61,7 @@ def archive_ae(config: ServeConfig) -> AE:
         max_per_calling_ae=config.max_per_calling_ae,
         max_pending=config.max_pending,
         max_pending_per_address=config.max_pending_per_address,
+        busy_pending_timeout=config.busy_pending_timeout,
         ipv6_prefix=config.ipv6_prefix,
         pdu_timeout=config.pdu_timeout,
         max_request_dataset=config.max_request_dataset,

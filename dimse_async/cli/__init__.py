@@ -274,7 +274,16 @@ ADMISSION: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("max_per_calling_ae", int, "associations from one calling AE title (default 256)"),
     ("max_pending", int, "connections that have not sent an A-ASSOCIATE-RQ yet (default 1024)"),
     ("max_pending_per_address", int, "such connections from one address (default 256)"),
-    ("ipv6_prefix", prefix_length, "per-address limits count an IPv6 client by this prefix length (default 64; 128: exact)"),
+    (
+        "busy_pending_timeout",
+        positive_float,
+        "seconds such a connection may wait once half of max_pending is taken, then dropped, oldest first (default 5)",
+    ),
+    (
+        "ipv6_prefix",
+        prefix_length,
+        "per-address limits count an IPv6 client by this prefix length (default 64; 128: exact)",
+    ),
     ("pdu_timeout", float, "seconds a started PDU gets to arrive whole, however slowly (default 60)"),
     ("max_request_dataset", int, "largest identifier in bytes; larger is refused 0xA700 (default 1 MiB)"),
     ("max_buffered_output", int, "response bytes queued for peers not reading, all workers together (default 64 MiB)"),
@@ -285,7 +294,7 @@ ADMISSION: tuple[tuple[str, Callable[[str], Any], str], ...] = (
 def _add_admission(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("admission control (over a cap: A-ASSOCIATE-RJ transient, local limit exceeded)")
     for name, kind, what in ADMISSION:
-        g.add_argument("--" + name.replace("_", "-"), type=kind, metavar="S" if kind is float else "N", help=what)
+        g.add_argument("--" + name.replace("_", "-"), type=kind, metavar="S" if kind in (float, positive_float) else "N", help=what)
 
 
 def _server_options(p: argparse.ArgumentParser) -> None:
