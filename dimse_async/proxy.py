@@ -14,6 +14,7 @@ allowed peers).
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107  # the longest v1 line, CRLF included
 V2_MAX_PAYLOAD = 0xFFFF
 FIRST_READ = 12  # enough to tell v1 ("PROXY ") from v2 (signature); shorter than any header
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 §2.5.5.2)
 
 _V2_FAMILIES = {0x1: (4, 4), 0x2: (16, 16), 0x3: (108, 108)}  # INET, INET6, UNIX: address sizes
 
@@ -128,17 +131,17 @@ def address_key(host: str, ipv6_prefix: int = 64) -> str:
     128 counts exact addresses. Anything not an IP address is its own key."""
     if ":" not in host:  # IPv4 (the usual case), or a name
         return host
-    try:
-        addr = ipaddress.IPv6Address(host.split("%", 1)[0])
-    except ValueError:
+    try:  # (the socket module's parser: a fifth of ipaddress's time)
+        packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+    except OSError:
         return host
-    mapped = addr.ipv4_mapped
-    if mapped is not None:
-        return str(mapped)
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
     if ipv6_prefix >= 128:
-        return str(addr)
+        return socket.inet_ntop(socket.AF_INET6, packed)
     shift = 128 - ipv6_prefix
-    return f"{ipaddress.IPv6Address(int(addr) >> shift << shift)}/{ipv6_prefix}"
+    network = (int.from_bytes(packed, "big") >> shift << shift).to_bytes(16, "big")
+    return f"{socket.inet_ntop(socket.AF_INET6, network)}/{ipv6_prefix}"
 
 
 def _v1_port(text: str) -> int:

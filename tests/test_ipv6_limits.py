@@ -8,10 +8,13 @@ PROXY v2 headers; one test goes over ``::1`` itself."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_hostile import Warnings
 from test_tls import closed_at_once
 
@@ -37,6 +40,18 @@ def test_address_key() -> None:
     assert key("2001:db8::1", 1) == "::/1"
     assert key("fe80::1%eth0") == "fe80::/64"  # the zone is not part of the client
     assert key("") == "" and key("not:an:address") == "not:an:address"
+
+
+@given(st.ip_addresses(v=6), st.integers(1, 128))
+def test_address_key_is_the_network_of_the_address(addr: ipaddress.IPv6Address, prefix: int) -> None:
+    key = proxy.address_key(str(addr), prefix)
+    if addr.ipv4_mapped is not None:
+        assert key == str(addr.ipv4_mapped)
+    elif prefix == 128:
+        assert ipaddress.ip_address(key) == addr
+    else:
+        assert ipaddress.ip_network(key) == ipaddress.ip_network(f"{addr}/{prefix}", strict=False)
+        assert proxy.address_key(addr.exploded.upper(), prefix) == key  # one key however written
 
 
 def test_ipv6_prefix_is_checked() -> None:
