@@ -88,6 +88,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._quiet: bool | None = None  # see warn_refusal(); None: not decided yet
         self._last_dimse = 0.0  # last DIMSE message either way (idle release)
         self._last_rx = self._last_tx = 0.0  # last bytes from the peer / last time it took ours
+        # The transport asks the PDU reader itself where to receive (once per read: no
+        # calls through this object and the upper layer; the reader is the core's for good).
+        self.get_buffer = self.fsm.reader.get_buffer  # type: ignore[method-assign]
         self._init_messaging()
 
     @property
@@ -142,7 +145,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._run(self.fsm.connection_made(now=self._last_rx))
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        """The transport receives straight into the PDU reader's buffer (no copy, no join)."""
+        """The transport receives straight into the PDU reader's buffer (no copy, no join).
+        (Each association answers with its reader's method directly: see ``__init__``.)"""
         return self.fsm.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -191,6 +195,10 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 self._on_pdata(out)
             else:
                 self._run_other(out)
+        if self._timer is not None:  # the usual case, per PDU: has the core's deadline moved earlier?
+            core = self.fsm.get_timer()
+            if core is None or core >= self._timer_at:
+                return  # the adapter's own deadlines only move later (see _set_negotiated)
         self._schedule()
 
     def _run_other(self, out: fsm.Output) -> None:

@@ -52,6 +52,9 @@ from .streams import MessageStream, ResponseQueue
 
 __all__ = ["DIMSEMessaging"]
 
+# States looked up once (on Python 3.11 reading an enum member from its class is slow):
+_CAN_SEND = (State.Sta6, State.Sta8)  # established, or the peer asked to release
+_ENDED = (State.Sta1, State.Sta13)  # aborted or closed
 WRITE_BATCH = 1 << 20  # hand up to this many bytes of PDUs to the transport at once
 JOIN_BELOW = 64 << 10  # a message smaller than this is joined into one buffer (one write)
 
@@ -223,7 +226,7 @@ class DIMSEMessaging:
         return self.session.context(context_id)
 
     def _check_can_send(self) -> None:
-        if self.fsm.state not in (State.Sta6, State.Sta8):
+        if self.fsm.state not in _CAN_SEND:
             raise AssociationAborted(self._end_reason or f"association not established ({self.fsm.state.name})")
 
     async def _drain(self) -> None:
@@ -274,8 +277,9 @@ class DIMSEMessaging:
         self.oplog.sent(now, command, None, self.log, self._debug)
         self._run(self.fsm.send_pdata(pdu))
         if budget is not None:
-            self._report_output()
-        self._message_sent(context_id, command, dataset=False)
+            budget.report(self, self.buffered_output())
+        if self._debug or self.settings.observer is not None:
+            self._message_sent(context_id, command, dataset=False)
         return True
 
     def _message_sent(self, context_id: int, command: Command, *, dataset: bool) -> None:
@@ -392,7 +396,7 @@ class DIMSEMessaging:
         self.session.forget_request(waiter.message_id)
 
     def _on_pdata(self, out: PDataIndication) -> None:
-        if self.fsm.state in (State.Sta1, State.Sta13):
+        if self.fsm.state in _ENDED:
             return  # aborted earlier in this batch of PDUs: the data is ignored (AA-6)
         pdvs = out.pdu.pdvs
         sink = self._sink

@@ -11,6 +11,7 @@ from .status import PENDING_CODES, Status
 
 __all__ = ["OperationLog"]
 
+_C_CANCEL_RQ = int(CommandField.C_CANCEL_RQ)  # per message: not read from the enum class each time (slow on 3.11)
 _OP_NAMES = {int(f): f.name.replace("_", "-").removesuffix("-RQ") for f in CommandField if not f & 0x8000}
 
 
@@ -37,7 +38,7 @@ class OperationLog:
                 started = self._in.pop(command.message_id_being_responded_to or -1, None)
                 if started is not None:
                     self._done(now, "scp", started, command, log, debug)
-        elif command.command_field != CommandField.C_CANCEL_RQ and command.message_id is not None:
+        elif command.command_field != _C_CANCEL_RQ and command.message_id is not None:
             size = None if dataset is None else (len(dataset) if hasattr(dataset, "__len__") else dataset.length)
             self._out[command.message_id] = (now, size, command)
 
@@ -49,7 +50,7 @@ class OperationLog:
                 started = self._out.pop(cmd.message_id_being_responded_to or -1, None)
                 if started is not None:
                     self._done(now, "scu", started, cmd, log, debug)
-        elif cmd.command_field != CommandField.C_CANCEL_RQ and cmd.message_id is not None:
+        elif cmd.command_field != _C_CANCEL_RQ and cmd.message_id is not None:
             size = len(msg.dataset) if msg.dataset is not None else getattr(msg.sink, "size", None)
             self._in[cmd.message_id] = (now, size, cmd)
 

@@ -74,6 +74,10 @@ _N_REQUESTS = frozenset(
         CommandField.N_DELETE_RQ,
     }
 )
+# Requests the receiver performs as SCP of the context's SOP class (made once: checked per request).
+_SCP_REQUESTS = _C_REQUESTS | _N_REQUESTS
+_C_CANCEL_RQ = int(CommandField.C_CANCEL_RQ)  # per request: not read from the enum class each time (slow on 3.11)
+_N_EVENT_REPORT_RQ = int(CommandField.N_EVENT_REPORT_RQ)
 # Requests a C-CANCEL can reach (PS3.7 §9.3.2.3, §9.3.3.3, §9.3.4.3).
 _CANCELLABLE = frozenset({CommandField.C_FIND_RQ, CommandField.C_GET_RQ, CommandField.C_MOVE_RQ})
 
@@ -215,7 +219,7 @@ class Session:
 
     def start_request(self, context: PresentationContext, command: Command, *, multi: bool = False) -> int:
         """Give ``command`` a free message id and expect its response(s) (PS3.7 §9.3.1.1)."""
-        if command.command_field in _C_REQUESTS | _N_REQUESTS and not context.as_scu:
+        if command.command_field in _SCP_REQUESTS and not context.as_scu:
             raise NoAcceptedContext(f"{command.name}: we are not SCU on presentation context {context.id}")
         if command.command_field == CommandField.N_EVENT_REPORT_RQ and not context.as_scp:
             raise NoAcceptedContext(f"{command.name}: we are not SCP on presentation context {context.id}")
@@ -340,7 +344,7 @@ class Session:
             if final:
                 del self._invoked[mid]
             out.append(ResponseArrived(mid, msg, final))
-        elif cmd.command_field == CommandField.C_CANCEL_RQ:
+        elif cmd.command_field == _C_CANCEL_RQ:
             self._cancel(cmd.message_id_being_responded_to, out)  # no response (PS3.7 §9.3.2.3)
         else:
             refusal = None if checked else self._refuse(msg)
@@ -360,9 +364,9 @@ class Session:
         """A request on a context where we did not agree to be SCP is refused (PS3.7 D.3.3.4)."""
         cmd = msg.command
         ctx = self.contexts[msg.context_id]
-        if cmd.command_field in _C_REQUESTS | _N_REQUESTS and not ctx.as_scp:
+        if cmd.command_field in _SCP_REQUESTS and not ctx.as_scp:
             comment = f"SCP role not negotiated for {ctx.abstract_syntax}"[:64]
-        elif cmd.command_field == CommandField.N_EVENT_REPORT_RQ and not ctx.as_scu:
+        elif cmd.command_field == _N_EVENT_REPORT_RQ and not ctx.as_scu:
             # The report comes from the SCP; we must be the SCU of the class on this context.
             comment = f"SCU role not negotiated for {ctx.abstract_syntax}"[:64]
         else:

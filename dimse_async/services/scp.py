@@ -56,10 +56,13 @@ def error_comment(status: Status) -> str | None:
     return None
 
 
+_C_STORE_RQ = int(CommandField.C_STORE_RQ)  # per response: not read from the enum class each time (slow on 3.11)
+
+
 def response(request: Command, status: Status) -> Command:
     """The response to ``request`` carrying ``status`` and, by the rule, its comment."""
     rsp = response_to(request, int(status), error_comment(status) if status else None)
-    if request.command_field == CommandField.C_STORE_RQ:
+    if request.command_field == _C_STORE_RQ:
         rsp.affected_sop_instance_uid = request.affected_sop_instance_uid
     return rsp
 

@@ -69,6 +69,33 @@ class Spool:
     it). Slow writes send the following pieces to the writer thread, as above.
     """
 
+    __slots__ = (
+        "_chunks",
+        "_pending",
+        "header_length",
+        "size",
+        "threshold",
+        "directory",
+        "path",
+        "_fd",
+        "writer",
+        "inline",
+        "_spilling",
+        "_queued",
+        "_written",
+        "_idle",
+        "_loop",
+        "_discarded",
+        "_pause",
+        "_resume",
+        "_paused",
+        "error",
+        "refusal",
+        "uids_valid",
+        "write_error",
+        "_handed_off",
+    )
+
     def __init__(
         self,
         header: bytes,

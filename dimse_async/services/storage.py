@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import io
 import os
 import shutil
@@ -214,6 +215,11 @@ def _copy_then_replace(src: str, dest: str, durable: bool = False) -> None:
                 pass
 
 
+# The SOP Class UIDs checked so far: a context's abstract syntax, the same for every
+# instance sent on it (so judged once, not per instance).
+_valid_class_uid = functools.lru_cache(maxsize=256)(valid_uid)
+
+
 def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     """Why a C-STORE-RQ cannot be stored, judged from its command set alone, or ``None``.
 
@@ -222,7 +228,7 @@ def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     understood (0xC000). PS3.4 B.2.3.
     """
     sop_class = cmd.affected_sop_class_uid or ""
-    if sop_class != ctx.abstract_syntax or not valid_uid(sop_class):
+    if sop_class != ctx.abstract_syntax or not _valid_class_uid(sop_class):
         return Status(Code.SOP_CLASS_NOT_SUPPORTED, "SOP Class UID does not match the presentation context")
     if not valid_uid(cmd.affected_sop_instance_uid or ""):
         return Status(Code.CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID")
