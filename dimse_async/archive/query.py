@@ -4,16 +4,15 @@ query level and hierarchy checks, candidates narrowed in SQL, computed keys
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 
 from ..dimse import Status
+from ..log import get_logger
 from ..services.qr import QueryRequest, StatusError, StoredFile, Unavailable
 from .budget import QueryBudget
 from .db import (
@@ -39,68 +38,84 @@ from .schema import (
     where_in,
 )
 
+log = get_logger()
+
 
 class QueryMixin(IndexDB):
     """Querying and retrieving (see the module)."""
 
     def _query(self, model: str, identifier: Dataset, relational: bool = False) -> list[Dataset]:
-        db = self._read_conn()
+        query = _PagedQuery(model, identifier, relational)
+        out: list[Dataset] = []
+        while not query.ended:
+            items, _ended = self._next_matches(query, _ALL, _NO_SLICE)
+            out.extend(items)
+        return out
+
+    def _next_matches(self, query: _PagedQuery, want: int, seconds: float) -> tuple[list[Dataset], bool]:
+        """Up to ``want`` more matches of ``query``, for ``seconds`` at most (run on a
+        query thread), and whether the query is over. Candidates are read a page at a
+        time after the last key seen (keyset pagination, in the order of the level's
+        unique key), on a connection of this call's own, closed before it returns: a
+        query whose peer does not read its responses holds no connection, cursor or
+        snapshot of the index (a PostgreSQL pool connection; an SQLite read
+        transaction, which would stop WAL checkpoints)."""
+        out: list[Dataset] = []
+        until = time.monotonic() + seconds
+        db = self._read_conn(query.deadline)
         try:
-            return [m for m in self._matches(db, model, identifier, relational) if m is not None]
+            while not query.ended:
+                for key, response in self._page(db, query):
+                    query.last = key
+                    if response is not None:
+                        out.append(response)
+                    if len(out) >= want or time.monotonic() > until:
+                        return out, False
+                # A page read through without enough matches: the next pages are larger
+                # (fewer statements, fewer sorts of what an index narrowed).
+                query.page = min(query.page * 2, _MAX_PAGE)
         finally:
             db.close()
+        return out, True
 
-    def _matches(self, db: Any, model: str, identifier: Dataset, relational: bool) -> Iterator[Dataset | None]:
-        """Each candidate's response identifier, or ``None`` when it does not match (so a
-        long run of candidates without a match can be cut into slices, :func:`_take`)."""
-        level = query_level(model, identifier, "Query")
-        if not relational:
-            check_hierarchy(model, level, identifier)
-        required = REQUIRED_KEYS[model][level]
-        indexed = set(INDEXED_UP_TO[level])
-        from_file = [
-            elem.tag
-            for elem in identifier
-            if elem.tag.group not in (0x0000, 0x0002) and elem.keyword not in indexed and elem.keyword not in NOT_STORED
-        ]
-        for attrs, extra, path in self._candidates(db, model, level, identifier, required, bool(from_file)):
+    def _page(self, db: Any, query: _PagedQuery) -> Iterator[tuple[str, Dataset | None]]:
+        """The next page of candidates after ``query.last``: each one's key and its
+        response identifier, or ``None`` when it does not match. Every row of the page
+        is read before the first is yielded (no statement left open)."""
+        rows = db.execute(query.sql(), query.arguments()).fetchall()
+        if len(rows) < query.page:
+            query.ended = True  # once the rows yielded were taken
+        for (attrs, extra, path), key in self._candidates(db, query, rows):
             candidate = dataset_from(*attrs)
-            for key, value in extra.items():
-                setattr(candidate, key, value)
-            if from_file and path is not None:
-                add_from_file(candidate, path, from_file)
-            if matches(identifier, candidate, unknown=required):
-                response = response_identifier(identifier, candidate)
+            for name, value in extra.items():
+                setattr(candidate, name, value)
+            if query.from_file and path is not None:
+                add_from_file(candidate, path, query.from_file)
+            if matches(query.identifier, candidate, unknown=query.required):
+                response = response_identifier(query.identifier, candidate)
                 if self.retrieve_ae_title:
                     response.RetrieveAETitle = self.retrieve_ae_title
-                yield response
+                yield key, response
             else:
-                yield None
+                yield key, None
 
     def _candidates(
-        self, db: Any, model: str, level: str, q: Dataset, required: frozenset[str], want_path: bool
-    ) -> Iterable[tuple[list[dict[str, str]], dict[str, Any], str | None]]:
-        """Rows at ``level`` joined with their parents, narrowed by exact keys in SQL
-        (a Required key also lets a zero-length stored value through, C.2.2.1.2), and
-        with ``want_path`` the file of one instance of each entity."""
-        depth = LEVEL_ORDER.index(level)
-        where, args = _prefilter(q, depth, required)
-        sql = _select(depth)
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        rows = self.backend.iterate(db, sql, args)
-        while chunk := list(itertools.islice(rows, _BATCH)):
-            # Computed keys and files for the whole batch, one statement each; the rows
-            # are decoded one at a time (a query held by a slow peer keeps little).
-            keys = sorted({row[1 + 2 * depth] for row in chunk}) if depth < 3 else []
-            computed = self._computed(db, level, keys, q)
-            paths = self._representatives(db, level, keys) if want_path and depth < 3 else {}
-            for row in chunk:
-                attrs, entities, path = _unpack(row, depth)
-                if depth >= 3:
-                    yield attrs, {}, path
-                else:
-                    yield attrs, computed[entities[level]], paths.get(entities[level])
+        self, db: Any, query: _PagedQuery, rows: list[Any]
+    ) -> Iterator[tuple[tuple[list[dict[str, str]], dict[str, Any], str | None], str]]:
+        """The candidates of ``rows`` (rows at the query level joined with their
+        parents): their attributes, computed keys and, when the query needs keys the
+        index lacks, the file of one instance of each entity; with each its key."""
+        depth, level = query.depth, query.level
+        keys = sorted({row[1 + 2 * depth] for row in rows}) if depth < 3 else []
+        computed = self._computed(db, level, keys, query.identifier)
+        paths = self._representatives(db, level, keys) if query.from_file and depth < 3 else {}
+        for row in rows:
+            attrs, entities, path = _unpack(row, depth)
+            key = row[-1]
+            if depth >= 3:
+                yield (attrs, {}, path), key
+            else:
+                yield (attrs, computed[entities[level]], paths.get(entities[level])), key
 
     @staticmethod
     def _representatives(db: Any, level: str, keys: list[str]) -> dict[str, str]:
@@ -176,66 +191,99 @@ class QueryMixin(IndexDB):
         stop: Callable[[], bool] | None = None,
     ) -> AsyncIterator[Dataset]:
         """C-FIND matches produced in batches, each only when the previous one was
-        taken (a peer that does not read its responses stops the query), within
+        taken (a peer that does not read its responses stops the query; between
+        batches nothing of the index is held, see :meth:`_next_matches`), within
         :attr:`query_max_matches` and :attr:`query_time_budget` (else 0xA700). A batch
         holds a query thread for :data:`~.db.QUERY_SLICE` at most; ``owner`` (the
         association) takes turns with the others at the query threads. ``stop()`` true
         after a batch (a C-CANCEL) ends the query there, matches or not."""
-        model = model_name(model_uid)
         budget = QueryBudget(self.query_max_matches, self.query_time_budget, "archive C-FIND")
-        db = await self._read(self._read_conn, budget.deadline, owner=owner)
-        matches = self._matches(db, model, identifier, relational)
+        query = _PagedQuery(model_name(model_uid), identifier, relational, budget.deadline)
         produced = 0
-        try:
-            while True:
-                want = min(batch, self.query_max_matches + 1 - produced)  # one more shows the excess
-                try:
-                    items, ended = await self._read(_take, matches, want, QUERY_SLICE, owner=owner)
-                except self.resource_errors:
-                    if budget.expired():  # interrupted at the deadline
-                        budget.timed_out()
-                    raise
-                for item in items[: self.query_max_matches - produced]:
-                    yield item
-                produced += len(items)
-                budget.check(produced)
-                if ended or (stop is not None and stop()):
-                    return
-        finally:
-            # Shielded: cancelled again while it waits its turn, the query is still closed.
-            await asyncio.shield(self._read(_close_query, matches, db, owner=owner))
+        while True:
+            want = min(batch, self.query_max_matches + 1 - produced)  # one more shows the excess
+            try:
+                items, ended = await self._read(self._next_matches, query, want, QUERY_SLICE, owner=owner)
+            except self.resource_errors:
+                if budget.expired():  # interrupted at the deadline
+                    budget.timed_out()
+                raise
+            for item in items[: self.query_max_matches - produced]:
+                yield item
+            produced += len(items)
+            budget.check(produced)
+            if ended or (stop is not None and stop()):
+                return
 
-    def _paths(self, model: str, identifier: Dataset) -> list[str | Unavailable]:
-        level = query_level(model, identifier, "Retrieve")
-        # Unique keys at the retrieve level (and above, for the hierarchy) are required (C.4.2.2.1).
-        if not exact_values(identifier.get(UNIQUE_KEYS[level])):
-            raise StatusError(Status(0xA900, f"{UNIQUE_KEYS[level]} is required at {level} level"))
-        where: list[str] = []
-        args: list[Any] = []
-        for column, key in (
-            ("p.patient_id", "PatientID"),
-            ("st.study_uid", "StudyInstanceUID"),
-            ("se.series_uid", "SeriesInstanceUID"),
-            ("i.sop_uid", "SOPInstanceUID"),
-        ):
-            where_in(identifier, key, column, where, args)
-        sql = (
-            "SELECT i.path, i.size, i.sop_uid FROM instances i JOIN series se ON i.series_uid = se.series_uid "
-            "JOIN studies st ON se.study_uid = st.study_uid JOIN patients p ON st.patient_key = p.patient_key "
-            "WHERE " + " AND ".join(where) + " ORDER BY i.path"
-        )
-        db = self._read_conn()
+    def _retrieve_count(self, where: _RetrieveWhere, deadline: float) -> int:
+        db = self._read_conn(deadline)
         try:
-            return [_on_disk(path, size, uid) for path, size, uid in db.execute(sql, args)]
+            return int(db.execute(f"SELECT COUNT(*) {_RETRIEVE_FROM} WHERE {where.sql}", where.args).fetchone()[0])
         finally:
             db.close()
+
+    def _retrieve_page(self, where: _RetrieveWhere, last: str | None) -> tuple[list[str | Unavailable], str | None]:
+        """The next :data:`_RETRIEVE_PAGE` instances after ``last`` in SOP Instance UID
+        order (keyset pagination), on a connection closed before this returns; and the
+        last UID read (``None``: there are no more)."""
+        sql, args = where.sql, list(where.args)
+        if last is not None:
+            sql, args = f"{sql} AND i.sop_uid > ?", [*args, last]
+        db = self._read_conn()
+        try:
+            rows = db.execute(
+                f"SELECT i.path, i.size, i.sop_uid {_RETRIEVE_FROM} WHERE {sql} ORDER BY i.sop_uid "
+                f"LIMIT {_RETRIEVE_PAGE}",
+                args,
+            ).fetchall()
+        finally:
+            db.close()
+        items = [_on_disk(path, size, uid) for path, size, uid in rows]
+        return items, (rows[-1][2] if len(rows) == _RETRIEVE_PAGE else None)
+
+    async def retrieve_iter(
+        self, model_uid: str, identifier: Dataset, *, owner: object | None = None
+    ) -> AsyncIterator[str | Unavailable]:
+        """What a C-GET / C-MOVE sends: each matching instance's file, or
+        :class:`Unavailable` when the file is gone or not the size it was stored at;
+        read a page at a time, holding nothing of the index between pages.
+
+        The matches are counted first: more than :attr:`retrieve_max_instances` are
+        refused with 0xA702, Refused: Out of Resources - Unable to perform
+        sub-operations (PS3.4 C.4.2.1.5 for C-MOVE, C.4.3.1.3 for C-GET), before any
+        sub-operation; a count not done within :attr:`query_time_budget` with 0xA701,
+        Refused: Out of Resources - Unable to calculate number of matches."""
+        where = _retrieve_where(model_name(model_uid), identifier)
+        started = time.monotonic()
+        deadline = started + self.query_time_budget
+        try:
+            count = await self._read(self._retrieve_count, where, deadline, owner=owner)
+        except self.resource_errors as exc:
+            if time.monotonic() <= deadline:
+                raise
+            log.warning("archive: retrieve refused: matches not counted in time", seconds=self.query_time_budget)
+            raise StatusError(Status(0xA701, "Out of resources: matches not counted in time")) from exc
+        if count > self.retrieve_max_instances:
+            log.warning(
+                "archive: retrieve refused: too many instances",
+                level=where.level,
+                matches=count,
+                retrieve_max_instances=self.retrieve_max_instances,
+            )
+            raise StatusError(Status(0xA702, f"Out of resources: {count} instances, over {self.retrieve_max_instances}"[:64]))
+        last: str | None = None
+        while True:
+            items, last = await self._read(self._retrieve_page, where, last, owner=owner)
+            for item in items:
+                yield item
+            if last is None:
+                return
 
     async def retrieve_items(
         self, model_uid: str, identifier: Dataset, *, owner: object | None = None
     ) -> list[str | Unavailable]:
-        """What a C-GET / C-MOVE sends: each matching instance's file, or
-        :class:`Unavailable` when the file is gone or not the size it was stored at."""
-        return await self._read(self._paths, model_name(model_uid), identifier, owner=owner)
+        """:meth:`retrieve_iter` as a list."""
+        return [item async for item in self.retrieve_iter(model_uid, identifier, owner=owner)]
 
     async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
         return [i for i in await self.retrieve_items(model_uid, identifier) if isinstance(i, str)]
@@ -256,8 +304,41 @@ class QueryMixin(IndexDB):
             yield ds
 
     async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str | Unavailable]:
-        for item in await self.retrieve_items(request.model, request.identifier, owner=request.assoc):
+        async for item in self.retrieve_iter(request.model, request.identifier, owner=request.assoc):
             yield item
+
+
+class _RetrieveWhere(NamedTuple):
+    level: str
+    sql: str
+    args: list[Any]
+
+
+#: The instances of a retrieve with their parents (the keys above the level narrow them).
+_RETRIEVE_FROM = (
+    "FROM instances i JOIN series se ON i.series_uid = se.series_uid "
+    "JOIN studies st ON se.study_uid = st.study_uid JOIN patients p ON st.patient_key = p.patient_key"
+)
+#: Instances read by one statement of a retrieve.
+_RETRIEVE_PAGE = 256
+
+
+def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
+    """The SQL condition selecting a C-GET / C-MOVE's instances (0xA900 without the
+    unique key of the retrieve level, C.4.2.2.1)."""
+    level = query_level(model, identifier, "Retrieve")
+    if not exact_values(identifier.get(UNIQUE_KEYS[level])):
+        raise StatusError(Status(0xA900, f"{UNIQUE_KEYS[level]} is required at {level} level"))
+    where: list[str] = []
+    args: list[Any] = []
+    for column, key in (
+        ("p.patient_id", "PatientID"),
+        ("st.study_uid", "StudyInstanceUID"),
+        ("se.series_uid", "SeriesInstanceUID"),
+        ("i.sop_uid", "SOPInstanceUID"),
+    ):
+        where_in(identifier, key, column, where, args)
+    return _RetrieveWhere(level, " AND ".join(where), args)
 
 
 def _on_disk(path: str, size: int | None, uid: str) -> str | Unavailable:
@@ -323,13 +404,19 @@ _LEVEL_JOINS = (
 )
 
 
+#: The unique key of the rows at each depth: the order of a paged query (its index).
+_KEY_COLUMNS = ("p.patient_key", "st.study_uid", "se.series_uid", "i.sop_uid")
+
+
 def _select(depth: int) -> str:
-    """The SELECT of rows at ``depth`` joined with their parents (without WHERE)."""
+    """The SELECT of rows at ``depth`` joined with their parents (without WHERE); the
+    last column is the row's key (:data:`_KEY_COLUMNS`)."""
     joins = ["patients p"]
     select = ["p.attrs", "p.patient_key"]
     for join, attrs, key in _LEVEL_JOINS[:depth]:
         joins.append(join)
         select += [attrs, key]
+    select.append(_KEY_COLUMNS[depth])
     return f"SELECT {', '.join(select)} FROM {' '.join(joins)}"
 
 
@@ -349,31 +436,57 @@ def _unpack(row: Any, depth: int) -> tuple[list[dict[str, str]], dict[str, str],
     return attrs, keys, None
 
 
-#: Candidate rows handled together: their computed keys and files in one statement each.
-_BATCH = 16
+#: Candidate rows read by one statement of a paged query (their computed keys and
+#: files in one statement each), at first and at most: the rows held at once.
+_PAGE = 32
+_MAX_PAGE = 512
+#: ``want`` and ``seconds`` of a query run to its end at once (:meth:`QueryMixin.find`).
+_ALL = 1 << 62
+_NO_SLICE = float("inf")
 
 
 def _marks(values: list[str]) -> str:
     return ",".join("?" * len(values))
 
 
-def _take(items: Iterator[Dataset | None], n: int, seconds: float) -> tuple[list[Dataset], bool]:
-    """Up to ``n`` more matches, for ``seconds`` at most (run on a query thread), and
-    whether the query is over."""
-    out: list[Dataset] = []
-    until = time.monotonic() + seconds
-    for item in items:
-        if item is not None:
-            out.append(item)
-            if len(out) >= n:
-                return out, False
-        if time.monotonic() > until:
-            return out, False
-    return out, True
+class _PagedQuery:
+    """One C-FIND read a page at a time (keyset pagination): the SQL of its candidates
+    narrowed by :func:`_prefilter`, in the order of the query level's unique key
+    (``ORDER BY key``, the key's index), and the last key taken; the next page is
+    ``WHERE ... AND key > last ... LIMIT``. Each entity is seen once however the
+    index changes meanwhile; one stored after its place was passed is not."""
 
+    __slots__ = (
+        "_args", "_sql", "deadline", "depth", "ended", "from_file", "identifier", "last", "level", "page", "required"
+    )  # fmt: skip
 
-def _close_query(items: Iterator[Any], db: Any) -> None:
-    close = getattr(items, "close", None)
-    if close is not None:
-        close()
-    db.close()
+    def __init__(self, model: str, identifier: Dataset, relational: bool, deadline: float | None = None):
+        level = query_level(model, identifier, "Query")
+        if not relational:
+            check_hierarchy(model, level, identifier)
+        self.identifier = identifier
+        self.level = level
+        self.depth = LEVEL_ORDER.index(level)
+        self.required = REQUIRED_KEYS[model][level]
+        indexed = set(INDEXED_UP_TO[level])
+        #: Keys the index lacks, read from a file of each candidate.
+        self.from_file = [
+            elem.tag
+            for elem in identifier
+            if elem.tag.group not in (0x0000, 0x0002) and elem.keyword not in indexed and elem.keyword not in NOT_STORED
+        ]
+        self.deadline = deadline
+        self.last: str | None = None
+        self.ended = False
+        self.page = _PAGE
+        where, self._args = _prefilter(identifier, self.depth, self.required)
+        self._sql = (_select(self.depth), where, _KEY_COLUMNS[self.depth])
+
+    def sql(self) -> str:
+        select, where, key = self._sql
+        conditions = [*where, f"{key} > ?"] if self.last is not None else where
+        clause = " WHERE " + " AND ".join(conditions) if conditions else ""
+        return f"{select}{clause} ORDER BY {key} LIMIT {self.page}"
+
+    def arguments(self) -> list[Any]:
+        return [*self._args, self.last] if self.last is not None else list(self._args)
