@@ -80,6 +80,9 @@ async def running_serve(storage: Path, **settings: Any) -> AsyncIterator[ServeUn
         fsync=False,
         retrieve_ae_title=config.ae_title,
         index=config.index,
+        query_max_matches=config.query_max_matches,
+        query_time_budget=config.query_time_budget,
+        retrieve_max_instances=config.retrieve_max_instances,
     )
     ae = archive_ae(config)
     archive.install(ae)

@@ -205,14 +205,15 @@ async def test_instance_deleted_between_lookup_and_send_is_listed_as_failed(
     async with running_serve(tmp_path / "archive") as serve:
         await store(serve.port, [p for p, _c, _i in files])
         gone = files[1][2]
-        real = serve.archive.retrieve_items
+        real = serve.archive.retrieve_iter
 
         async def then_delete(*args: Any, **kwargs: Any) -> Any:
-            items = await real(*args, **kwargs)
+            items = [item async for item in real(*args, **kwargs)]
             os.unlink(serve.archive.path_for(gone))
-            return items
+            for item in items:
+                yield item
 
-        monkeypatch.setattr(serve.archive, "retrieve_items", then_delete)
+        monkeypatch.setattr(serve.archive, "retrieve_iter", then_delete)
         ae = da.AE("GETTER", dimse_timeout=WAIT)
         ae.add_requested_context(MODELS["study"]["get"])
         ae.add_requested_context(files[0][1], scu_role=False, scp_role=True)

@@ -47,6 +47,7 @@ Example::
     abort_artim_timeout = 5                   # after our A-ABORT, seconds for the peer to close
     query_max_matches = 50000                 # a C-FIND (archive or worklist) stops with 0xA700
     query_time_budget = 60                    #   past this many matches or seconds
+    retrieve_max_instances = 100000           # a C-GET / C-MOVE of more is refused 0xA702
     http_host = "0.0.0.0"                     # /healthz and /metrics
     http_port = 8080
     drain_grace = 30                          # on SIGTERM: running associations get 30 s
@@ -175,6 +176,9 @@ class ServeConfig:
     #: resources, logged) past this many matches or seconds.
     query_max_matches: int = 50_000
     query_time_budget: float = 60.0
+    #: A C-GET / C-MOVE matching more instances is refused with 0xA702 (Refused: Out
+    #: of Resources - Unable to perform sub-operations, PS3.4 C.4.2.1.5, C.4.3.1.3).
+    retrieve_max_instances: int = 100_000
     #: Worker processes sharing the port (SO_REUSEPORT), supervised by the parent;
     #: each admits max_associations // workers associations.
     workers: int = 1
@@ -284,6 +288,7 @@ def _check(key: str, value: Any) -> Any:
         "commitment_max_references",
         "commitment_max_transactions",
         "commitment_max_per_association",
+        "retrieve_max_instances",
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, not {value!r}")

@@ -74,6 +74,7 @@ class IndexDB:
         inflation_limits: InflationLimits = DEFAULT_LIMITS,
         query_max_matches: int = 50_000,
         query_time_budget: float = 60.0,
+        retrieve_max_instances: int = 100_000,
         shared: bool = False,
         index: str | None = None,
     ):
@@ -94,6 +95,9 @@ class IndexDB:
         #: seconds (the index keeps serving everyone else meanwhile).
         self.query_max_matches = query_max_matches
         self.query_time_budget = query_time_budget
+        #: A C-GET / C-MOVE matching more instances is refused (0xA702) before any
+        #: sub-operation (PS3.4 C.4.2.1.5, C.4.3.1.3).
+        self.retrieve_max_instances = retrieve_max_instances
         #: Other processes store into the same root and index (``--workers N``): stores
         #: of one SOP Instance UID are serialised across processes too.
         self.shared = shared

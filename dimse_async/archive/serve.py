@@ -243,6 +243,7 @@ async def serve(args: argparse.Namespace) -> int:
         index=config.index,
         query_max_matches=config.query_max_matches,
         query_time_budget=config.query_time_budget,
+        retrieve_max_instances=config.retrieve_max_instances,
     )
     ae = archive_ae(config)
     archive.install(ae, _worklist(config))

@@ -1,0 +1,233 @@
+"""The archive's queries hold nothing of the index while a peer does not read, and
+retrieves are read a page at a time within a cap, through ``serve``'s AE on
+127.0.0.1: C-FINDs whose responses are never read take no PostgreSQL pool connection
+and no SQLite read snapshot (stores go on, WAL checkpoints complete); a C-GET /
+C-MOVE over ``retrieve_max_instances`` is refused 0xA702 (PS3.4 C.4.2.1.5, C.4.3.1.3)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from conftest import PostgreSQLServer, free_port
+from normalized_helpers import HOST, make_instances, park, running_serve, store
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from rawpeer import RawPeer, find_identifier, find_rq, pdata, wait_for
+from test_archive_qr_hostile import Lines
+
+import dimse_async as da
+from dimse_async.archive.backend import IndexRow, index_statements
+from dimse_async.archive.schema import name_key, patient_key_of
+from dimse_async.services.qr import MODELS
+
+WAIT = 30.0
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def populate(archive: Any, studies: int, patients: int = 20, comments: int = 60_000) -> None:
+    """``studies`` studies (a series and an instance each, no files) of ``patients``
+    patients whose Patient Comments are ``comments`` long: each STUDY-level response
+    asking for them is that large."""
+    statements = []
+    for k in range(studies):
+        patient = {"PatientID": f"P{k % patients}", "PatientName": "Doe^Pat", "PatientComments": "x" * comments}
+        study, series, sop = generate_uid(), generate_uid(), generate_uid()
+        row = IndexRow(
+            patient_key_of(patient, study), patient["PatientID"], json.dumps(patient), name_key("Doe^Pat"),
+            study, "20200101", f"A{k}", json.dumps({"StudyInstanceUID": study, "StudyDate": "20200101"}),
+            series, "CT", json.dumps({"SeriesInstanceUID": series, "Modality": "CT"}),
+            sop, CT, "1.2.840.10008.1.2.1", f"/nonexistent/{sop}", 100, 0.0, json.dumps({"SOPInstanceUID": sop}),
+        )  # fmt: skip
+        statements += index_statements(row)[0 if k < patients else 1 :]  # each patient written once
+    db = archive.backend.connect()  # closed after: a PostgreSQL one is back in the pool
+    try:
+        archive.backend.transaction(db, statements)  # one round trip to PostgreSQL's loop
+    finally:
+        db.close()
+
+
+async def non_reading_finds(serve: Any, count: int) -> list[RawPeer]:
+    """``count`` associations, each sending a C-FIND of every study (with its large
+    Patient Comments) and never reading a response; once each has responses queued
+    for it (its query stopped on its output)."""
+    hogs = []
+    for _ in range(count):
+        peer = await RawPeer.connect(serve.port)
+        hogs.append(peer)
+        await peer.associate()
+        peer.writer.transport.pause_reading()
+        q = find_identifier("STUDY")
+        q.PatientComments = ""
+        cmd, data = find_rq(q)
+        await peer.send(pdata(7, cmd, command=True) + pdata(7, data, command=False))
+    await wait_for(lambda: serve.ae.output_budget.holders >= count, 10, "every C-FIND stuck on its output")
+    return hogs
+
+
+async def find_patient(port: int, patient_id: str) -> list[Dataset]:
+    ae = da.AE("VICTIM", dimse_timeout=WAIT)
+    ae.add_requested_context(MODELS["study"]["find"])
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.PatientID = patient_id
+    q.StudyInstanceUID = ""
+    async with ae.associate(HOST, port, "ARCHIVE") as assoc:
+        async with assoc.c_find(q, model="study") as responses:
+            found = [d async for d in responses]
+    assert int(responses.status) == 0, responses.status
+    return found
+
+
+async def test_finds_not_read_take_no_postgresql_connection(tmp_path: Path, postgresql: PostgreSQLServer) -> None:
+    """More non-reading C-FIND clients than the pool has connections: none holds one
+    (each batch returns its connection before its matches go out), so C-STOREs from
+    another client are answered at once and found."""
+    dsn = postgresql.new_database()
+    async with running_serve(tmp_path / "archive", index=dsn, max_buffered_output=256 << 10) as serve:
+        backend: Any = serve.archive.backend
+        assert backend._pool is None, "the pool was opened before its size could be set"
+        backend.pool_size = 6
+        await asyncio.to_thread(populate, serve.archive, 400)
+        hogs = await non_reading_finds(serve, 8)
+        try:
+            pool = backend._pool
+            # None held (at most one a moment, by a batch just finishing): before, each kept one.
+            await wait_for(lambda: pool.get_size() - pool.get_idle_size() <= 1, 5, "pool connections released")
+            files = make_instances(tmp_path / "in", 3, patient_id="LEGIT")
+            started = time.monotonic()
+            await asyncio.wait_for(store(serve.port, [p for p, _c, _i in files]), 10)
+            assert time.monotonic() - started < 5.0
+            assert len(await asyncio.wait_for(find_patient(serve.port, "LEGIT"), 10)) == 1
+        finally:
+            for peer in hogs:
+                peer.writer.transport.abort()
+
+
+async def test_find_not_read_does_not_stop_wal_checkpoints(tmp_path: Path) -> None:
+    """A non-reading C-FIND client holds no SQLite read transaction: while stores go on,
+    another connection's ``PRAGMA wal_checkpoint(TRUNCATE)`` completes (not busy, the
+    WAL emptied), so the WAL cannot grow without bound behind a stuck query."""
+    async with running_serve(tmp_path / "archive", max_buffered_output=256 << 10) as serve:
+        await asyncio.to_thread(populate, serve.archive, 400)
+        hogs = await non_reading_finds(serve, 1)
+        try:
+            files = make_instances(tmp_path / "in", 3, patient_id="LEGIT")
+            await asyncio.wait_for(store(serve.port, [p for p, _c, _i in files]), 10)
+            path = serve.archive.backend.path  # type: ignore[attr-defined]
+            con = sqlite3.connect(path, timeout=0.5)
+            try:
+                busy, frames, done = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            finally:
+                con.close()
+            assert busy == 0, f"checkpoint blocked by a reader ({frames} frames, {done} checkpointed)"
+            assert Path(f"{path}-wal").stat().st_size == 0
+            assert len(await asyncio.wait_for(find_patient(serve.port, "LEGIT"), 10)) == 1
+        finally:
+            for peer in hogs:
+                peer.writer.transport.abort()
+
+
+def getter(sop_class: str) -> tuple[da.AE, list[str]]:
+    ae = da.AE("GETTER", dimse_timeout=WAIT)
+    ae.add_requested_context(MODELS["study"]["get"])
+    ae.add_requested_context(sop_class, scu_role=False, scp_role=True)
+    received: list[str] = []
+
+    @ae.on_c_store
+    async def on_store(request: Any) -> int:
+        received.append(request.sop_instance_uid)
+        return 0
+
+    return ae, received
+
+
+def study_key(study: str) -> Dataset:
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study
+    return query
+
+
+async def test_retrieve_over_the_cap_is_refused(tmp_path: Path) -> None:
+    """A study of 3 instances with ``retrieve_max_instances = 2``: the C-GET (ours) and
+    the C-MOVE (pynetdicom's) are refused 0xA702 before any sub-operation, and the
+    reason is logged."""
+    from pynetdicom import AE as PynetAE  # type: ignore[import-untyped]
+
+    files = make_instances(tmp_path / "in", 3)
+    study = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    known = {"DEST": (HOST, free_port())}  # never reached: refused before
+    lines = Lines()
+    async with running_serve(tmp_path / "archive", retrieve_max_instances=2, known_aes=known) as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        ae, received = getter(files[0][1])
+        with lines:
+            async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+                progress = [p async for p in assoc.c_get(study_key(study), model="study")]
+        assert int(progress[-1].status) == 0xA702, progress
+        assert len(progress) == 1 and received == []
+
+        def move() -> list[int]:
+            scu = PynetAE(ae_title="MOVER")
+            scu.add_requested_context(MODELS["study"]["move"])
+            assoc = scu.associate(HOST, serve.port, ae_title="ARCHIVE")
+            assert assoc.is_established
+            try:
+                park(assoc)
+                return [int(s.Status) for s, _i in assoc.send_c_move(study_key(study), "DEST", MODELS["study"]["move"])]
+            finally:
+                assoc.release()
+
+        with lines:
+            assert await asyncio.to_thread(move) == [0xA702]
+    refused = [line for line in lines.lines if "too many instances" in line]
+    assert len(refused) == 2, lines.lines
+
+
+async def test_retrieve_of_many_instances_is_paged(tmp_path: Path) -> None:
+    """600 instances of one study (over two pages of the look-up), exactly the cap: a
+    C-GET sends every one, the counters add up and the final status is Success."""
+    files = make_instances(tmp_path / "in", 1)
+    source, sop_class, _uid = files[0]
+    size = source.stat().st_size
+    study, series = generate_uid(), generate_uid()
+    async with running_serve(tmp_path / "archive", retrieve_max_instances=600) as serve:
+        copies = tmp_path / "copies"
+        copies.mkdir()
+
+        def fill() -> list[str]:
+            uids = []
+            db = serve.archive.connection()
+            patient = {"PatientID": "MANY"}
+            with db:
+                for n in range(600):
+                    uid = generate_uid()
+                    path = copies / f"{n}.dcm"
+                    shutil.copyfile(source, path)
+                    row = IndexRow(
+                        patient_key_of(patient, study), "MANY", json.dumps(patient), "",
+                        study, "", "", json.dumps({"StudyInstanceUID": study}),
+                        series, "CT", json.dumps({"SeriesInstanceUID": series}),
+                        uid, sop_class, "1.2.840.10008.1.2.1", str(path), size, 0.0, json.dumps({}),
+                    )  # fmt: skip
+                    for sql, parameters in index_statements(row):
+                        db.execute(sql, parameters)
+                    uids.append(uid)
+            return uids
+
+        await asyncio.to_thread(fill)
+        ae, received = getter(sop_class)
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            progress = [p async for p in assoc.c_get(study_key(study), model="study")]
+    final = progress[-1]
+    assert int(final.status) == 0, final
+    assert (final.completed, final.failed, final.warning) == (600, 0, 0), final
+    assert len(received) == 600
+    assert [p.remaining for p in progress[:-1]] == list(range(599, 0, -1))
