@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pydicom
-from conftest import PostgreSQLServer, free_port
+import pytest
+from conftest import PostgreSQLServer, dcmtk, free_port, stop_process, wait_tcp
 from normalized_helpers import HOST, make_instances, park, running_serve, store
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -31,7 +34,7 @@ WAIT = 30.0
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def populate(archive: Any, studies: int, patients: int = 20, comments: int = 60_000) -> None:
+def populate(archive: Any, studies: int, patients: int = 20, comments: int = 10_000) -> None:
     """``studies`` studies (a series and an instance each, no files) of ``patients``
     patients whose Patient Comments are ``comments`` long: each STUDY-level response
     asking for them is that large."""
@@ -93,9 +96,9 @@ async def test_finds_not_read_take_no_postgresql_connection(tmp_path: Path, post
     async with running_serve(tmp_path / "archive", index=dsn, max_buffered_output=256 << 10) as serve:
         backend: Any = serve.archive.backend
         assert backend._pool is None, "the pool was opened before its size could be set"
-        backend.pool_size = 6
-        await asyncio.to_thread(populate, serve.archive, 400)
-        hogs = await non_reading_finds(serve, 8)
+        backend.pool_size = 4
+        await asyncio.to_thread(populate, serve.archive, 1500)
+        hogs = await non_reading_finds(serve, 5)
         try:
             pool = backend._pool
             # None held (at most one a moment, by a batch just finishing): before, each kept one.
@@ -115,7 +118,7 @@ async def test_find_not_read_does_not_stop_wal_checkpoints(tmp_path: Path) -> No
     another connection's ``PRAGMA wal_checkpoint(TRUNCATE)`` completes (not busy, the
     WAL emptied), so the WAL cannot grow without bound behind a stuck query."""
     async with running_serve(tmp_path / "archive", max_buffered_output=256 << 10) as serve:
-        await asyncio.to_thread(populate, serve.archive, 400)
+        await asyncio.to_thread(populate, serve.archive, 1500)
         hogs = await non_reading_finds(serve, 1)
         try:
             files = make_instances(tmp_path / "in", 3, patient_id="LEGIT")
@@ -191,39 +194,47 @@ async def test_retrieve_over_the_cap_is_refused(tmp_path: Path) -> None:
     assert len(refused) == 2, lines.lines
 
 
-async def test_retrieve_of_many_instances_is_paged(tmp_path: Path) -> None:
-    """600 instances of one study (over two pages of the look-up), exactly the cap: a
-    C-GET sends every one, the counters add up and the final status is Success."""
-    files = make_instances(tmp_path / "in", 1)
-    source, sop_class, _uid = files[0]
+def fill_study(serve: Any, source: Path, sop_class: str, study: str, count: int) -> None:
+    """``count`` instances of one study and series in the index, each a copy of ``source``."""
+    copies = source.parent / "copies"
+    copies.mkdir()
     size = source.stat().st_size
-    study, series = generate_uid(), generate_uid()
+    series = generate_uid()
+    patient = {"PatientID": "MANY"}
+    db = serve.archive.connection()
+    with db:
+        for n in range(count):
+            uid = generate_uid()
+            path = copies / f"{n}.dcm"
+            shutil.copyfile(source, path)
+            row = IndexRow(
+                patient_key_of(patient, study), "MANY", json.dumps(patient), "",
+                study, "", "", json.dumps({"StudyInstanceUID": study}),
+                series, "CT", json.dumps({"SeriesInstanceUID": series}),
+                uid, sop_class, "1.2.840.10008.1.2.1", str(path), size, 0.0, json.dumps({}),
+            )  # fmt: skip
+            for sql, parameters in index_statements(row):
+                db.execute(sql, parameters)
+
+
+async def test_retrieve_of_many_instances_is_paged(tmp_path: Path) -> None:
+    """600 instances of one study (three pages of the look-up), exactly the cap: a
+    C-GET sends every one, the counters add up from the first pending response (the
+    total was counted), and the later pages are read while the sub-operations go on
+    (the instances are not collected first)."""
+    source, sop_class, _uid = make_instances(tmp_path / "in", 1)[0]
+    study = generate_uid()
     async with running_serve(tmp_path / "archive", retrieve_max_instances=600) as serve:
-        copies = tmp_path / "copies"
-        copies.mkdir()
-
-        def fill() -> list[str]:
-            uids = []
-            db = serve.archive.connection()
-            patient = {"PatientID": "MANY"}
-            with db:
-                for n in range(600):
-                    uid = generate_uid()
-                    path = copies / f"{n}.dcm"
-                    shutil.copyfile(source, path)
-                    row = IndexRow(
-                        patient_key_of(patient, study), "MANY", json.dumps(patient), "",
-                        study, "", "", json.dumps({"StudyInstanceUID": study}),
-                        series, "CT", json.dumps({"SeriesInstanceUID": series}),
-                        uid, sop_class, "1.2.840.10008.1.2.1", str(path), size, 0.0, json.dumps({}),
-                    )  # fmt: skip
-                    for sql, parameters in index_statements(row):
-                        db.execute(sql, parameters)
-                    uids.append(uid)
-            return uids
-
-        await asyncio.to_thread(fill)
+        await asyncio.to_thread(fill_study, serve, source, sop_class, study, 600)
         ae, received = getter(sop_class)
+        pages: list[int] = []  # instances received when each page was read
+        real = serve.archive._retrieve_page
+
+        def page(*args: Any) -> Any:
+            pages.append(len(received))
+            return real(*args)
+
+        serve.archive._retrieve_page = page  # type: ignore[method-assign]
         async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
             progress = [p async for p in assoc.c_get(study_key(study), model="study")]
     final = progress[-1]
@@ -231,3 +242,57 @@ async def test_retrieve_of_many_instances_is_paged(tmp_path: Path) -> None:
     assert (final.completed, final.failed, final.warning) == (600, 0, 0), final
     assert len(received) == 600
     assert [p.remaining for p in progress[:-1]] == list(range(599, 0, -1))
+    assert len(pages) == 3 and pages[0] == 0 and pages[-1] > 0, pages
+
+
+async def test_move_of_many_instances_to_dcmtk_storescp(tmp_path: Path) -> None:
+    """A C-MOVE of 300 instances to DCMTK's storescp: the contexts come from the
+    index (no file read ahead), every instance arrives, the final status is Success."""
+    source, sop_class, _uid = make_instances(tmp_path / "in", 1)[0]
+    study = generate_uid()
+    port = free_port()
+    out = tmp_path / "storescp-out"
+    out.mkdir()
+    log = tmp_path / "storescp.log"
+    argv = [dcmtk("storescp"), "+B", "-aet", "DEST", "-od", str(out), str(port)]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        wait_tcp(proc, port, log)
+        async with running_serve(tmp_path / "archive", known_aes={"DEST": (HOST, port)}) as serve:
+            await asyncio.to_thread(fill_study, serve, source, sop_class, study, 300)
+            ae = da.AE("MOVER", dimse_timeout=WAIT)
+            ae.add_requested_context(MODELS["study"]["move"])
+            async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+                progress = [p async for p in assoc.c_move(study_key(study), "DEST", model="study")]
+    finally:
+        stop_process(proc)
+    final = progress[-1]
+    assert int(final.status) == 0, (final, log.read_text(errors="replace")[-2000:])
+    assert (final.completed, final.failed, final.warning) == (300, 0, 0), final
+    assert progress[0].remaining == 299
+    assert len(list(out.iterdir())) == 1  # 300 copies of one instance, stored under its UID
+
+
+@pytest.mark.parametrize("batch", [5, 64])
+async def test_paged_find_yields_every_match_once(tmp_path: Path, batch: int) -> None:
+    """Batches of any size cut pages anywhere (a page's rows left for the next batch):
+    every one of 150 studies is found exactly once, also when another study is stored
+    between batches (found once or not at all, never twice)."""
+    from dimse_async.archive.index import Archive
+
+    archive = Archive(tmp_path / "archive", fsync=False)
+    try:
+        await asyncio.to_thread(populate, archive, 150, 20, 10)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        found = []
+        async for ds in archive.find_iter(MODELS["study"]["find"], query, batch=batch):
+            found.append(str(ds.StudyInstanceUID))
+            if len(found) == 75:
+                await asyncio.to_thread(populate, archive, 1, 1, 10)
+        assert len(found) == len(set(found)) and len(found) in (150, 151), len(found)
+        assert len(await archive.find(MODELS["study"]["find"], query)) == 151
+    finally:
+        archive.close()

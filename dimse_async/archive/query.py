@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 
 from ..dimse import Status
 from ..log import get_logger
-from ..services.qr import QueryRequest, StatusError, StoredFile, Unavailable
+from ..services.qr import Matches, QueryRequest, StatusError, StoredFile, Unavailable
 from .budget import QueryBudget
 from .db import (
     QUERY_SLICE,
@@ -83,8 +83,6 @@ class QueryMixin(IndexDB):
         response identifier, or ``None`` when it does not match. Every row of the page
         is read before the first is yielded (no statement left open)."""
         rows = db.execute(query.sql(), query.arguments()).fetchall()
-        if len(rows) < query.page:
-            query.ended = True  # once the rows yielded were taken
         for (attrs, extra, path), key in self._candidates(db, query, rows):
             candidate = dataset_from(*attrs)
             for name, value in extra.items():
@@ -98,6 +96,8 @@ class QueryMixin(IndexDB):
                 yield key, response
             else:
                 yield key, None
+        if len(rows) < query.page:  # the last page, and every row of it was taken
+            query.ended = True
 
     def _candidates(
         self, db: Any, query: _PagedQuery, rows: list[Any]
@@ -215,12 +215,20 @@ class QueryMixin(IndexDB):
             if ended or (stop is not None and stop()):
                 return
 
-    def _retrieve_count(self, where: _RetrieveWhere, deadline: float) -> int:
+    def _retrieve_count(self, where: _RetrieveWhere, deadline: float) -> Matches:
+        """How many instances a retrieve sends, and their (SOP class, transfer syntax) pairs."""
         db = self._read_conn(deadline)
         try:
-            return int(db.execute(f"SELECT COUNT(*) {_RETRIEVE_FROM} WHERE {where.sql}", where.args).fetchone()[0])
+            rows = db.execute(
+                f"SELECT i.sop_class, i.transfer_syntax, COUNT(*) {_RETRIEVE_FROM} WHERE {where.sql} "
+                "GROUP BY i.sop_class, i.transfer_syntax",
+                where.args,
+            ).fetchall()
         finally:
             db.close()
+        kinds = tuple((str(c), str(ts)) for c, ts, _n in rows)
+        # A transfer syntax not recorded: the files are read for the C-MOVE's contexts.
+        return Matches(sum(int(n) for _c, _ts, n in rows), kinds if all(ts for _c, ts in kinds) else None)
 
     def _retrieve_page(self, where: _RetrieveWhere, last: str | None) -> tuple[list[str | Unavailable], str | None]:
         """The next :data:`_RETRIEVE_PAGE` instances after ``last`` in SOP Instance UID
@@ -242,11 +250,13 @@ class QueryMixin(IndexDB):
         return items, (rows[-1][2] if len(rows) == _RETRIEVE_PAGE else None)
 
     async def retrieve_iter(
-        self, model_uid: str, identifier: Dataset, *, owner: object | None = None
-    ) -> AsyncIterator[str | Unavailable]:
+        self, model_uid: str, identifier: Dataset, *, owner: object | None = None, announce: bool = False
+    ) -> AsyncIterator[str | Unavailable | Matches]:
         """What a C-GET / C-MOVE sends: each matching instance's file, or
         :class:`Unavailable` when the file is gone or not the size it was stored at;
-        read a page at a time, holding nothing of the index between pages.
+        read a page at a time, holding nothing of the index between pages. With
+        ``announce`` first a :class:`~dimse_async.services.qr.Matches` (their number and
+        kinds), so the SCP sends them as they come (nothing collected first).
 
         The matches are counted first: more than :attr:`retrieve_max_instances` are
         refused with 0xA702, Refused: Out of Resources - Unable to perform
@@ -257,12 +267,13 @@ class QueryMixin(IndexDB):
         started = time.monotonic()
         deadline = started + self.query_time_budget
         try:
-            count = await self._read(self._retrieve_count, where, deadline, owner=owner)
+            matches = await self._read(self._retrieve_count, where, deadline, owner=owner)
         except self.resource_errors as exc:
             if time.monotonic() <= deadline:
                 raise
             log.warning("archive: retrieve refused: matches not counted in time", seconds=self.query_time_budget)
             raise StatusError(Status(0xA701, "Out of resources: matches not counted in time")) from exc
+        count = matches.count
         if count > self.retrieve_max_instances:
             log.warning(
                 "archive: retrieve refused: too many instances",
@@ -271,6 +282,8 @@ class QueryMixin(IndexDB):
                 retrieve_max_instances=self.retrieve_max_instances,
             )
             raise StatusError(Status(0xA702, f"Out of resources: {count} instances, over {self.retrieve_max_instances}"[:64]))
+        if announce:
+            yield matches
         last: str | None = None
         while True:
             items, last = await self._read(self._retrieve_page, where, last, owner=owner)
@@ -283,7 +296,11 @@ class QueryMixin(IndexDB):
         self, model_uid: str, identifier: Dataset, *, owner: object | None = None
     ) -> list[str | Unavailable]:
         """:meth:`retrieve_iter` as a list."""
-        return [item async for item in self.retrieve_iter(model_uid, identifier, owner=owner)]
+        return [
+            item
+            async for item in self.retrieve_iter(model_uid, identifier, owner=owner)
+            if not isinstance(item, Matches)
+        ]
 
     async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
         return [i for i in await self.retrieve_items(model_uid, identifier) if isinstance(i, str)]
@@ -303,8 +320,10 @@ class QueryMixin(IndexDB):
         ):
             yield ds
 
-    async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str | Unavailable]:
-        async for item in self.retrieve_iter(request.model, request.identifier, owner=request.assoc):
+    async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str | Unavailable | Matches]:
+        """C-GET / C-MOVE: the number of instances and their kinds first (counted in
+        SQL), then each page of instances as the sub-operations take them."""
+        async for item in self.retrieve_iter(request.model, request.identifier, owner=request.assoc, announce=True):
             yield item
 
 

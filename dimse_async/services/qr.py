@@ -39,6 +39,7 @@ from .store_scu import c_store
 
 __all__ = [
     "MODELS",
+    "Matches",
     "MoveRoute",
     "Progress",
     "QueryRequest",
@@ -99,6 +100,19 @@ class Unavailable:
 
     sop_instance_uid: str
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Matches:
+    """What a C-GET / C-MOVE handler may yield first: how many items follow (the
+    Number of Remaining Sub-operations of the first pending response, PS3.4 C.4.2.3.1,
+    C.4.3.3.1) and, for a C-MOVE, the (SOP Class UID, Transfer Syntax UID) pairs among
+    them (the contexts proposed to the destination). With it the items are sent as the
+    handler yields them, never collected into a list first; without it (or, for a
+    C-MOVE, without ``kinds``) they are collected, counted and inspected first."""
+
+    count: int
+    kinds: tuple[tuple[str, str], ...] | None = None
 
 
 class StoredFile(str):
@@ -461,19 +475,6 @@ def _item_uid(item: Any) -> str:
         return ""
 
 
-async def _collect(handler: QueryHandler, request: QueryRequest) -> list[Any]:
-    items = []
-    agen = handler(request)
-    try:
-        async for item in agen:
-            items.append(item)
-            if request.cancelled:
-                break
-    finally:
-        await agen.aclose()
-    return items
-
-
 def _final_status(cancelled: bool, remaining: int, completed: int, failed: int, warning: int) -> Status:
     """The final C-GET / C-MOVE status from the counters (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
     if cancelled and remaining:
@@ -485,24 +486,67 @@ def _final_status(cancelled: bool, remaining: int, completed: int, failed: int, 
     return Status(Code.SUCCESS)
 
 
+class _Items:
+    """The items of a C-GET / C-MOVE taken one at a time by the sub-operation workers:
+    a list, or the handler's generator itself (announced by :class:`Matches`)."""
+
+    def __init__(self, items: list[Any] | AsyncIterator[Any], total: int):
+        self.total = total
+        self._list = list(reversed(items)) if isinstance(items, list) else None
+        self._iter = items if not isinstance(items, list) else None
+        self._lock = asyncio.Lock()
+        self.ended = False
+        #: What the handler raised while yielding (the items not sent stay remaining).
+        self.error: Exception | None = None
+
+    async def next(self) -> tuple[bool, Any]:
+        """(True, the next item), or (False, None) when there are no more."""
+        if self._list is not None:
+            return (True, self._list.pop()) if self._list else (False, None)
+        async with self._lock:  # one generator step at a time
+            if self.ended or self._iter is None:
+                return False, None
+            try:
+                return True, await anext(self._iter)
+            except StopAsyncIteration:
+                self.ended = True
+            except AssociationError:
+                raise
+            except Exception as exc:
+                self.ended = True
+                self.error = exc
+            return False, None
+
+    async def rest(self) -> list[Any]:
+        """Every item not taken yet."""
+        out: list[Any] = []
+        while True:
+            more, item = await self.next()
+            if not more:
+                return out
+            out.append(item)
+
+
 async def _run_suboperations(
     assoc: DIMSEProvider,
     op: Operation,
-    items: list[Any],
+    items: list[Any] | _Items,
     store: Callable[[Any], Awaitable[Status]],
     concurrency: int = 1,
 ) -> None:
     """C-STORE every item with ``store``, answering pending responses with the four
     counters, then the final response (PS3.4 C.4.2.3 / C.4.3.3)."""
-    total = len(items)
+    source = items if isinstance(items, _Items) else _Items(items, len(items))
+    total = source.total
     completed = failed = warning = 0
     failed_uids: list[str] = []
-    queue = list(reversed(items))
 
     async def worker() -> None:
         nonlocal completed, failed, warning
-        while queue and not op.cancelled and assoc.is_established:
-            item = queue.pop()
+        while not op.cancelled and assoc.is_established:
+            more, item = await source.next()
+            if not more:
+                return
             try:
                 if isinstance(item, Unavailable):
                     assoc.log.warning(
@@ -534,14 +578,16 @@ async def _run_suboperations(
             else:
                 failed += 1
                 failed_uids.append(await asyncio.to_thread(_item_uid, item))
-            remaining = total - completed - failed - warning
+            remaining = max(total - completed - failed - warning, 0)  # more than counted: stored meanwhile
             if remaining and not op.cancelled:
                 # The association's send lock keeps concurrent workers' responses whole and in order.
                 await _respond(assoc, op, Status(Code.PENDING), None, (remaining, completed, failed, warning))
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
-    remaining = total - completed - failed - warning
+    remaining = max(total - completed - failed - warning, 0)
     status = _final_status(op.cancelled, remaining, completed, failed, warning)
+    if source.error is not None and not op.cancelled:  # the handler failed part way
+        status = failure_status(op.command.command_field, source.error, assoc)
     final_ident = None
     if failed_uids:
         final_ident = Dataset()
@@ -555,11 +601,12 @@ async def _scp_retrieve(
     assoc: DIMSEProvider,
     op: Operation,
     handler: QueryHandler | None,
-    perform: Callable[[QueryRequest, list[Any]], Awaitable[None]],
+    perform: Callable[[QueryRequest, list[Any] | _Items, Matches | None], Awaitable[None]],
     check: Callable[[], Status | None] = lambda: None,
 ) -> None:
-    """Shared C-GET / C-MOVE SCP flow: decode, refuse early, collect the handler's
-    items, then ``perform`` the sub-operations."""
+    """Shared C-GET / C-MOVE SCP flow: decode, refuse early, then ``perform`` the
+    sub-operations: on the handler's items as it yields them when it announced them
+    with :class:`Matches` first, else on the items collected first."""
     request = await _decode(assoc, op, RetrieveRequest)
     if isinstance(request, Status) or handler is None:
         await _respond(assoc, op, request if isinstance(request, Status) else _unsupported(op))
@@ -568,14 +615,32 @@ async def _scp_retrieve(
     if refusal is not None:
         await _respond(assoc, op, refusal)
         return
+    agen = handler(request)
     try:
-        items = await _collect(handler, request)
-    except AssociationError:
-        raise
-    except Exception as exc:
-        await _respond(assoc, op, failure_status(op.command.command_field, exc, assoc))
-        return
-    await perform(request, items)
+        try:
+            first = await anext(agen, _NONE)
+            matches = first if isinstance(first, Matches) else None
+            items: list[Any] | _Items
+            if matches is not None:
+                items = _Items(agen, matches.count)
+            else:
+                items = [] if first is _NONE else [first]
+                if items and not request.cancelled:
+                    async for item in agen:
+                        items.append(item)
+                        if request.cancelled:
+                            break
+        except AssociationError:
+            raise
+        except Exception as exc:
+            await _respond(assoc, op, failure_status(op.command.command_field, exc, assoc))
+            return
+        await perform(request, items, matches)
+    finally:
+        await agen.aclose()
+
+
+_NONE = object()
 
 
 async def scp_c_get(assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None) -> None:
@@ -585,7 +650,7 @@ async def scp_c_get(assoc: DIMSEProvider, op: Operation, handler: QueryHandler |
     async def store(item: Any) -> Status:
         return await c_store(assoc, item)
 
-    async def perform(request: QueryRequest, items: list[Any]) -> None:
+    async def perform(request: QueryRequest, items: list[Any] | _Items, _matches: Matches | None) -> None:
         await _run_suboperations(assoc, op, items, store)
 
     await _scp_retrieve(assoc, op, handler, perform)
@@ -605,32 +670,46 @@ async def scp_c_move(
             return Status(Code.MOVE_DESTINATION_UNKNOWN, f"Move destination unknown: {dest_title}"[:64])
         return None
 
-    async def perform(request: QueryRequest, items: list[Any]) -> None:
+    async def perform(request: QueryRequest, items: list[Any] | _Items, matches: Matches | None) -> None:
         assert destination is not None and route is not None
-        if not items:
+        if isinstance(items, _Items) and (matches is None or matches.kinds is None):
+            items = await items.rest()  # no kinds announced: the files are inspected first
+        if not (items.total if isinstance(items, _Items) else items):
             await _respond(assoc, op, Status(Code.SUCCESS), None, (None, 0, 0, 0))
             return
-        await _move(assoc, op, items, dest_title, destination, route)
+        kinds = matches.kinds if isinstance(items, _Items) and matches is not None else None
+        await _move(assoc, op, items, dest_title, destination, route, kinds)
 
     await _scp_retrieve(assoc, op, handler, perform, check)
 
 
 async def _move(
-    assoc: DIMSEProvider, op: Operation, items: list[Any], title: str, address: tuple[str, int], route: MoveRoute
+    assoc: DIMSEProvider,
+    op: Operation,
+    items: list[Any] | _Items,
+    title: str,
+    address: tuple[str, int],
+    route: MoveRoute,
+    kinds: tuple[tuple[str, str], ...] | None = None,
 ) -> None:
-    inspected = await asyncio.to_thread(
-        lambda: [
-            _dataset_item(i) if isinstance(i, Dataset) else inspect_file(os.fspath(i))
-            for i in items
-            if not isinstance(i, Unavailable)
-        ]
-    )
+    if kinds is not None:  # announced by the handler (Matches): nothing is read ahead
+        inspected: list[FileInfo | str] = [FileInfo("", c, ts, 0) for c, ts in kinds]
+    else:
+        listed = items if isinstance(items, list) else await items.rest()
+        items = listed
+        inspected = await asyncio.to_thread(
+            lambda: [
+                _dataset_item(i) if isinstance(i, Dataset) else inspect_file(os.fspath(i))
+                for i in listed
+                if not isinstance(i, Unavailable)
+            ]
+        )
     specs: list[ContextSpec] = plan_contexts([x for x in inspected if isinstance(x, FileInfo)])
     originator = (assoc.peer_ae, op.command.message_id or 0)
     try:
         sub = await route.associate(address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1))
     except AssociationError as exc:
-        await _unreachable(assoc, op, items, title, address, exc)
+        await _unreachable(assoc, op, items if isinstance(items, list) else await items.rest(), title, address, exc)
         return
     try:
 
