@@ -296,3 +296,94 @@ async def test_paged_find_yields_every_match_once(tmp_path: Path, batch: int) ->
         assert len(await archive.find(MODELS["study"]["find"], query)) == 151
     finally:
         archive.close()
+
+
+#: (model, level, keys, relational, the table whose index gives the key order)
+PLANS = [
+    ("patient", "PATIENT", {"PatientName": ""}, False, "patients"),
+    ("study", "STUDY", {"StudyInstanceUID": ""}, False, "studies"),
+    ("patient", "STUDY", {"PatientID": "BIG", "StudyInstanceUID": ""}, False, "studies"),
+    ("study", "SERIES", {"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": ""}, False, "series"),
+    ("study", "SERIES", {"SeriesInstanceUID": ""}, True, "series"),
+    ("study", "IMAGE", {"StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.0", "SOPInstanceUID": ""}, False,
+     "instances"),
+    ("patient", "IMAGE", {"SOPInstanceUID": ""}, True, "instances"),
+]  # fmt: skip
+
+
+def populate_shapes(archive: Any) -> None:
+    """2000 patients of one study, series and instance each, and patient BIG with study
+    1.2.3 of 300 series, the first of 300 instances (and a few more studies)."""
+    statements = []
+    for k in range(2000):
+        patient = {"PatientID": f"P{k}"}
+        study, series, sop = generate_uid(), generate_uid(), generate_uid()
+        statements += index_statements(
+            IndexRow(
+                patient_key_of(patient, study), f"P{k}", json.dumps(patient), "", study, "", "", "{}",
+                series, "CT", "{}", sop, CT, "", f"/x/{sop}", 1, 0.0, "{}",
+            )
+        )  # fmt: skip
+    big = {"PatientID": "BIG"}
+    for s in range(300):
+        series = f"1.2.3.{s}"
+        study = "1.2.3" if s >= 5 else f"1.2.4.{s}"
+        for n in range(300 if s == 0 else 1):
+            sop = f"{series}.{n}"
+            statements += index_statements(
+                IndexRow(
+                    patient_key_of(big, ""), "BIG", json.dumps(big), "", "1.2.3" if s == 0 else study, "", "", "{}",
+                    series, "CT", "{}", sop, CT, "", f"/x/{sop}", 1, 0.0, "{}",
+                )
+            )  # fmt: skip
+    db = archive.backend.connect()
+    try:
+        archive.backend.transaction(db, statements)
+    finally:
+        db.close()
+
+
+async def test_pages_read_in_key_order_from_an_index(tmp_path: Path, index: str | None) -> None:
+    """EXPLAIN of the next page of a wide query at each level (patient and study root,
+    relational too) and of a query within one study or series: the level's rows are
+    read from an index in key order after the last key (no scan of the table, no sort of
+    every row at every page). A patient's studies may be sorted (the patient's only)."""
+    from dimse_async.archive.index import Archive
+    from dimse_async.archive.query import _PagedQuery
+
+    archive = Archive(tmp_path / "archive", fsync=False, index=index)
+    try:
+        await asyncio.to_thread(populate_shapes, archive)
+
+        def plans() -> list[tuple[str, str]]:
+            db = archive.connection()
+            if index is not None:
+                db.execute("ANALYZE")  # as autovacuum does (SQLite's index is never analyzed)
+            out = []
+            for model, level, keys, relational, table in PLANS:
+                query_ds = Dataset()
+                query_ds.QueryRetrieveLevel = level
+                for k, v in keys.items():
+                    setattr(query_ds, k, v)
+                query = _PagedQuery(model, query_ds, relational)
+                query.last = "1.2"
+                sql, args = query.sql(), query.arguments()
+                if index is None:
+                    text = " | ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall())
+                else:
+                    text = " | ".join(str(r[0]) for r in db.execute("EXPLAIN " + sql, args).fetchall())
+                out.append((f"{model} {level} {sorted(keys)}: {text}", table))
+            return out
+
+        for plan, table in await asyncio.to_thread(plans):
+            if index is None:
+                alias = {"patients": "p", "studies": "st", "series": "se", "instances": "i"}[table]
+                assert f"SCAN {alias} " not in plan + " ", plan  # SEARCH ... (key>?)
+                if "PatientID" not in plan:
+                    assert "TEMP B-TREE" not in plan, plan
+            else:
+                assert f"Seq Scan on {table}" not in plan, plan
+                if "PatientID" not in plan:
+                    assert "Sort" not in plan, plan
+    finally:
+        archive.close()

@@ -382,14 +382,16 @@ def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[s
         # The literal start of a name key narrows by index; the matcher decides the rest.
         where.append("(p.name_key >= ? AND p.name_key < ? OR p.name_key = '')")
         args.extend([prefix, prefix + "\U0010ffff"])
+    # A parent's UID is compared in the child's own column (the same value by the join):
+    # the child rows of one parent are then read in key order from its index.
     if depth >= 1:
-        exact("st.study_uid", "StudyInstanceUID")
+        exact("se.study_uid" if depth >= 2 else "st.study_uid", "StudyInstanceUID")
         exact("st.accession", "AccessionNumber")
         date = text_of(q.get("StudyDate")) if "StudyDate" in q else ""
         if not _study_date_range(date, where, args) and exact_values(date):
             exact("st.study_date", "StudyDate")
     if depth >= 2:
-        exact("se.series_uid", "SeriesInstanceUID")
+        exact("i.series_uid" if depth >= 3 else "se.series_uid", "SeriesInstanceUID")
         exact("se.modality", "Modality")
     if depth >= 3:
         exact("i.sop_uid", "SOPInstanceUID")

@@ -283,7 +283,8 @@ def where_in(
     ``prefilter`` (the matcher decides anyway) is dropped for very long lists."""
     values = exact_values(identifier.get(key)) if key in identifier else None
     if values and not (prefilter and len(values) > _MAX_IN):
-        clause = f"{column} IN ({','.join('?' * len(values))})"
+        # One value as "=": an index read in order stays in order (an IN list may not).
+        clause = f"{column} = ?" if len(values) == 1 else f"{column} IN ({','.join('?' * len(values))})"
         where.append(f"({clause} OR {column} = '')" if or_empty else clause)
         args.extend(values)
 
