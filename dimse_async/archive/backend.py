@@ -207,10 +207,6 @@ class Backend(ABC):
     def read_connection(self, deadline: float | None = None) -> Connection:
         """A connection for one query; its statements fail past ``deadline`` (monotonic)."""
 
-    def iterate(self, db: Connection, sql: str, parameters: Sequence[Any]) -> Iterator[Any]:
-        """The rows of a possibly large query, fetched as they are consumed."""
-        return iter(db.execute(sql, parameters))
-
     def transaction(self, db: Connection, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         """Run ``statements`` as one transaction (their rows are not needed)."""
         with db:

@@ -47,8 +47,6 @@ POOL_SIZE = 24
 COMMAND_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 WRITE_RETRIES = 3
-#: Rows fetched at a time by a query's cursor (held while a slow peer takes the matches).
-FETCH = 64
 
 
 #: Indexing one instance: one statement, one round trip (migration 0002).
@@ -199,55 +197,6 @@ class PGConnection:
 
         self.backend.run(run())
 
-    def iterate(self, sql: str, parameters: Sequence[Any]) -> Iterator[tuple[Any, ...]]:
-        """Rows fetched :data:`FETCH` at a time through a cursor, in a transaction of its
-        own unless one is open; opening it and the first fetch are one call to the loop,
-        and so are the last fetch and the commit."""
-        if self._conn is not None and self._conn.is_closed():
-            self._ensure()  # drops the lost connection (or fails inside a transaction)
-        own = self._tx is None
-        statement = dollar_placeholders(sql)
-        args = [_arg(a) for a in parameters]
-        timeout = self._timeout()
-        tx: Any = self._tx
-        cursor: Any = None
-
-        async def first() -> list[Any]:
-            nonlocal cursor, tx
-            if self._conn is None:
-                self._conn = await self.backend.acquire()
-            if own:
-                tx = self._conn.transaction()
-                await tx.start()
-            cursor = await self._conn.cursor(statement, *args)
-            return await more()
-
-        async def more() -> list[Any]:
-            rows: list[Any] = await cursor.fetch(FETCH, timeout=timeout)
-            if own and len(rows) < FETCH:
-                await tx.commit()
-            return rows
-
-        done = False
-        try:
-            rows = self.backend.run(first())
-            if own:
-                self._tx = tx
-            while True:
-                done = own and len(rows) < FETCH
-                if done:
-                    self._tx = None
-                yield from (tuple(r) for r in rows)
-                if len(rows) < FETCH:
-                    return
-                timeout = self._timeout()
-                rows = self.backend.run(more())
-        finally:
-            if own and not done and tx is not None:
-                self._tx = None
-                with contextlib.suppress(Exception):
-                    self.backend.run(tx.rollback())
-
     def __enter__(self) -> PGConnection:
         conn = self._ensure()
         tx = conn.transaction()
@@ -395,9 +344,6 @@ class PostgreSQLBackend(Backend):
     def read_connection(self, deadline: float | None = None) -> PGConnection:
         self.start()
         return PGConnection(self, deadline)
-
-    def iterate(self, db: Any, sql: str, parameters: Sequence[Any]) -> Iterator[Any]:
-        return db.iterate(sql, parameters)  # type: ignore[no-any-return]
 
     def transaction(self, db: Any, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
         db.transaction(statements)
