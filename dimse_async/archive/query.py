@@ -106,6 +106,8 @@ class QueryMixin(IndexDB):
         parents): their attributes, computed keys and, when the query needs keys the
         index lacks, the file of one instance of each entity; with each its key."""
         depth, level = query.depth, query.level
+        if not rows:  # an empty page (no "IN ()": PostgreSQL refuses it)
+            return
         keys = sorted({row[1 + 2 * depth] for row in rows}) if depth < 3 else []
         computed = self._computed(db, level, keys, query.identifier)
         paths = self._representatives(db, level, keys) if query.from_file and depth < 3 else {}
