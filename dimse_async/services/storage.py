@@ -392,37 +392,48 @@ def start_c_store(
         ):
             # Written on the loop as it arrived (see Spool): its last bytes, the close
             # and the rename here too, no thread hop, as a small instance's.
-            mark = inline.start()
-            failure: OSError | None = None
-            try:
-                moved = _finish_spooled_inline(spool, dest, rest)
-            except OSError as exc:
-                moved, failure = True, exc  # tried, and failed: answered as such
-            inline.done(mark)
-            if moved:
-                written(None, failure)
-            else:  # the directory is missing or on another file system
+            if not _write_inline(inline, written, OSError, _finish_spooled_inline, spool, dest, rest):
+                # the directory is missing or on another file system
                 writer.submit_then(written, _move_spooled, spool, dest)
             return True
         writer.submit_then(written, _place_spooled, spool, dest, rest)
         return True
     inline = store.inline
-    if inline is not None and not writer.busy and inline.allowed(spool.header_length + spool.size):
-        mark = inline.start()
-        error: Exception | None = None
-        try:
-            placed = write_file_inline(dest, spool.chunks())
-        except Exception as exc:
-            placed, error = True, exc  # tried, and failed: answered as such
-        inline.done(mark)
-        if placed:
-            written(None, error)
-            return True
+    if (
+        inline is not None
+        and not writer.busy
+        and inline.allowed(spool.header_length + spool.size)
+        and _write_inline(inline, written, Exception, write_file_inline, dest, spool.chunks())
+    ):
+        return True
     writer.submit_then(written, write_file, dest, spool.chunks(), False)
     return True
 
 
 _INLINE_REST = 1 << 20  # at most this much of a spooled instance left to write on the loop
+
+
+def _write_inline(
+    inline: InlineWrites,
+    written: Callable[[object, BaseException | None], None],
+    errors: type[Exception],
+    write: Callable[..., bool],
+    *args: Any,
+) -> bool:
+    """``write(*args)`` on the loop, timed by ``inline`` (:class:`InlineWrites`). ``True``:
+    it placed the file, or failed with one of ``errors``; ``written`` has then been called
+    with the outcome. ``False``: it declined (nothing placed; the caller hands the work
+    to the writer thread)."""
+    mark = inline.start()
+    error: Exception | None = None
+    try:
+        placed = write(*args)
+    except errors as exc:
+        placed, error = True, exc  # tried, and failed: answered as such
+    inline.done(mark)
+    if placed:
+        written(None, error)
+    return placed
 
 
 def _finish_spooled_inline(spool: Spool, dest: str, rest: list[bytes | memoryview]) -> bool:
