@@ -202,12 +202,15 @@ async def test_group_commit_answers_each_write_after_its_commit(tmp_path):
         arch.close()
 
 
-async def test_group_commit_a_failed_transaction_fails_every_write(tmp_path):
+async def test_group_commit_a_failed_transaction_fails_every_write(tmp_path, monkeypatch):
     """The shared transaction itself fails (another process holds the index's write
-    lock past the busy timeout): every write of the group gets the error, no row is
-    stored; once the lock is free the next group commits."""
+    lock past the busy timeout, shortened here): every write of the group gets the
+    error, no row is stored; once the lock is free the next group commits."""
     import sqlite3
 
+    from dimse_async.archive import backend_sqlite
+
+    monkeypatch.setattr(backend_sqlite, "BUSY_TIMEOUT", 0.5)
     arch = Archive(tmp_path / "arch")
     try:
         await arch.count()

@@ -203,7 +203,9 @@ async def test_many_concurrent_associations():
 async def test_release_waiting_for_the_send_lock_survives_a_peer_abort():
     """release() judges the state only once it holds the send lock: an A-ABORT arriving
     while it waits ends the association instead of raising InvalidPrimitive."""
-    ae = echo_scp()
+    # With its reading paused the server never sees the peer close after its A-ABORT:
+    # its ARTIM (PS3.8 §9.1.5, state Sta13) ends the connection, shortened here.
+    ae = echo_scp(abort_artim_timeout=0.5)
     async with await ae.start_server("127.0.0.1", 0) as server:
         assoc = await echo_scu().associate("127.0.0.1", server.port, "SCP")
         (server_assoc,) = server.associations

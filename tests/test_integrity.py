@@ -815,12 +815,16 @@ async def test_read_only_storage_answers_out_of_resources(tmp_path: Path) -> Non
         check_nothing_half_written(srv.root, await srv.archive.count(), [first, second])
 
 
-async def test_index_failure_is_out_of_resources_with_the_reason(tmp_path: Path) -> None:
-    """The index cannot be written (another process holds its write lock): 0xA700 whose
-    comment says why, never a warning claiming the instance was stored; the file is
-    removed again, and the instance is stored once the index is free."""
+async def test_index_failure_is_out_of_resources_with_the_reason(tmp_path: Path, monkeypatch) -> None:
+    """The index cannot be written (another process holds its write lock past the busy
+    timeout, shortened here): 0xA700 whose comment says why, never a warning claiming
+    the instance was stored; the file is removed again, and the instance is stored once
+    the index is free."""
     import sqlite3
 
+    from dimse_async.archive import backend_sqlite
+
+    monkeypatch.setattr(backend_sqlite, "BUSY_TIMEOUT", 0.5)
     (ct,) = distinct_cts(tmp_path, 1)
     async with running_serve(tmp_path / "arch") as srv:
         await srv.archive.count()  # the index exists
@@ -914,7 +918,7 @@ async def test_kill_9_during_ingest_loses_nothing_acknowledged(tmp_path: Path) -
             target = before + rng.randint(1, max(1, len(todo) // 2))
             deadline = time.monotonic() + 30
             while not sender.done() and time.monotonic() < deadline and len(list(root.rglob("*.dcm"))) < target:
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.02)  # each look walks the archive: not so often that it slows the ingest
             if not sender.done():
                 killed_mid_ingest += 1
             os.kill(proc.pid, signal.SIGKILL)

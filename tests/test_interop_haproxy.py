@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import free_port, stop_process, wait_tcp
+from conftest import free_port, stop_process, text_with, wait_tcp
 
 import dimse_async as da
 
@@ -39,10 +39,12 @@ def process(argv: list[str], ports: list[int], log: Path) -> Iterator[subprocess
         stop_process(proc)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[dict[str, int | Path]]:
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int | Path]]:
     """``serve`` (PROXY protocol, trusting 127.0.0.1, allowing peers 127.0.0.2 only)
-    behind HAProxy frontends speaking PROXY v1 and v2."""
+    behind HAProxy frontends speaking PROXY v1 and v2; one for the module (each test
+    reads only what ``serve`` logged after it began, see :func:`log_end`)."""
+    tmp_path = tmp_path_factory.mktemp("haproxy")
     if shutil.which(HAPROXY) is None:
         pytest.fail(f"{HAPROXY} not found: install HAProxy (apt-get install -y haproxy)")
     ports: set[int] = set()
@@ -84,6 +86,11 @@ backend archive_v2
         yield {"serve": serve_port, "v1": v1_port, "v2": v2_port, "log": serve_log}
 
 
+def log_end(stack: dict) -> int:
+    """Where the next line of ``serve``'s log will start."""
+    return Path(stack["log"]).stat().st_size
+
+
 def scu() -> da.AE:
     ae = da.AE("CLIENT", connect_timeout=5, acse_timeout=5, dimse_timeout=5)
     ae.add_requested_context(da.Verification)
@@ -92,7 +99,7 @@ def scu() -> da.AE:
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 async def test_haproxy_passes_the_real_client_address(stack: dict, version: str):
-    port = stack[version]
+    port, since = stack[version], log_end(stack)
     # From 127.0.0.2 through HAProxy: the only address the policy allows.
     async with scu().associate(HOST, port, "ARCHIVE", local_address=(CLIENT, 0)) as assoc:
         assert (await assoc.c_echo()).is_success
@@ -100,7 +107,9 @@ async def test_haproxy_passes_the_real_client_address(stack: dict, version: str)
     with pytest.raises(da.AssociationRejected) as rejected:
         await scu().associate(HOST, port, "ARCHIVE", local_address=(HOST, 0))
     assert (rejected.value.result, rejected.value.source) == (1, 1)
-    log = Path(stack["log"]).read_text()
+    log = await text_with(
+        Path(stack["log"]), f"peer={CLIENT}:", "via=127.0.0.1:", "peer address not allowed", since=since
+    )
     assert f"peer={CLIENT}:" in log and "via=127.0.0.1:" in log
     assert "peer address not allowed" in log and "address=127.0.0.1" in log
 
@@ -108,12 +117,13 @@ async def test_haproxy_passes_the_real_client_address(stack: dict, version: str)
 async def test_direct_connections_bypassing_haproxy_are_refused(stack: dict):
     # 127.0.0.2 is allowed as a client but is not a trusted proxy: no PROXY header accepted from it,
     # and without one the connection is refused before any DICOM.
+    since = log_end(stack)
     with pytest.raises((da.AssociationAborted, da.ConnectionFailed)):
         await scu().associate(HOST, stack["serve"], "ARCHIVE", local_address=(CLIENT, 0))
     # From the trusted proxy address but without a header: refused too.
     with pytest.raises((da.AssociationAborted, da.ConnectionFailed)):
         await scu().associate(HOST, stack["serve"], "ARCHIVE", local_address=(HOST, 0))
-    log = Path(stack["log"]).read_text()
+    log = await text_with(Path(stack["log"]), "not a trusted proxy", "bad PROXY protocol header", since=since)
     assert "not a trusted proxy" in log and "bad PROXY protocol header" in log
 
 

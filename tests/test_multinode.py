@@ -273,7 +273,7 @@ async def test_two_nodes_behind_haproxy_share_the_archive_and_survive_a_kill(pos
             target = before + rng.randint(3, len(batch) // 3)
             deadline = time.monotonic() + 60
             while not sender.done() and len(stored_files(root)) < target and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.02)  # each look walks the archive: not so often that it slows the ingest
             assert not sender.done(), f"seed {seed}: the batch ended before the kill"
             (victim,) = [n for n in nodes if n.associations("KILLTEST")]
             os.kill(victim.proc.pid, signal.SIGKILL)

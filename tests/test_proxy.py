@@ -305,7 +305,7 @@ async def test_connections_in_their_header_count_as_not_yet_associated():
     """A connection still sending its PROXY header counts against ``max_pending`` but
     not against the proxy's own ``max_pending_per_address`` (every client shares it);
     once the header names the client it counts under the client's address."""
-    from test_tls import closed_at_once
+    from test_tls import closed_at_once, until
 
     ae = da.AE("PROXIED", max_pending=3, max_pending_per_address=1)
     ae.add_supported_context(da.Verification)
@@ -330,8 +330,9 @@ async def test_connections_in_their_header_count_as_not_yet_associated():
             one_more = await connect(b"PROXY ")
             opened.append(one_more)
             assert await closed_at_once(one_more[0], 1.5)  # max_pending
+            early = len(server._early)
             partial[0][1].close()
-            await asyncio.sleep(0.3)
+            await until(lambda: len(server._early) < early, "the closed connection's place freed")
             again = await connect(header("192.0.2.1"))
             opened.append(again)
             assert await closed_at_once(again[0], 1.5)  # max_pending_per_address for 192.0.2.1
@@ -340,8 +341,7 @@ async def test_connections_in_their_header_count_as_not_yet_associated():
         finally:
             for _, w in opened:
                 w.close()
-        await asyncio.sleep(0.3)
-        assert not server._early and not server._pending_by_address
+        await until(lambda: not server._early and not server._pending_by_address, "every place freed")
 
 
 async def test_bytes_no_header_starts_with_are_refused_before_the_header_timeout():

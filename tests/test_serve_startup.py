@@ -9,7 +9,7 @@ machine's speed:
   command that does nothing (``serve --version``), nobody opened the FIFO and no index
   was built;
 - while indexing (the test holds the lock a re-index takes, so it waits): the port is
-  bound and listening; DCMTK ``echoscu`` and our ``echo`` wait ``--paused-wait`` (1 s here, 5 by default), then get
+  bound and listening; DCMTK ``echoscu`` and our ``echo`` wait ``--paused-wait`` (0.3 s here, 5 by default), then get
   A-ASSOCIATE-RJ rejected-transient (temporary congestion), ``/healthz`` answers 503;
   once the lock is released the "listening on" line reports the indexed instances and
   associations are accepted (``/healthz`` 200);
@@ -174,13 +174,13 @@ def socket_listening() -> Iterator[int]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_associations_during_indexing_are_rejected_transient_then_accepted(tmp_path: Path, workers: int) -> None:
     """With ``--workers 2`` the parent re-indexes while a paused server holds the port.
-    ``--paused-wait 1``: a request waits 1 s (not the default 5) before the rejection."""
+    ``--paused-wait 0.3``: a request waits 0.3 s (not the default 5) before the rejection."""
     storage = tmp_path / "archive"
     populate(storage)
     port = free_port()
     http_port = free_port() if workers == 1 else None
     log = tmp_path / "serve.log"
-    paused = ("--paused-wait", "1")
+    paused = ("--paused-wait", "0.3")
     with reindex_locked(storage) as lock, starting_serve(storage, port, http_port, log, workers, paused) as proc:
         wait_preparing(proc, port, log)
         # bound, listening, not admitting: rejected-transient, temporary congestion

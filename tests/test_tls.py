@@ -208,6 +208,15 @@ async def test_silent_tls_client_does_not_delay_other_clients(certs: Certs):
     assert len(seen) == 1
 
 
+async def until(condition, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Until ``condition()`` holds (the server acts on a close in its own time); fails
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} after {timeout} s"
+        await asyncio.sleep(0.01)
+
+
 async def closed_at_once(reader: asyncio.StreamReader, within: float) -> bool:
     """Whether the server closed this connection (without a byte) within ``within`` s."""
     try:
@@ -242,8 +251,9 @@ async def test_connections_stuck_in_the_tls_handshake_count_as_not_yet_associate
             assert await closed_at_once(r, 1.5)
             w.close()
             # One stalled client gives up: its place is free for a real one.
+            early = len(server._early)
             stalled[0][1].close()
-            await asyncio.sleep(0.3)
+            await until(lambda: len(server._early) < early, "the closed connection's place freed")
             async with scu().associate(
                 HOST, server.port, "TLS_SCP", ssl=client_ctx, local_address=("127.0.0.2", 0)
             ) as assoc:
@@ -251,8 +261,7 @@ async def test_connections_stuck_in_the_tls_handshake_count_as_not_yet_associate
         finally:
             for _, w in stalled:
                 w.close()
-        await asyncio.sleep(0.3)
-        assert not server._early and not server._pending_by_address
+        await until(lambda: not server._early and not server._pending_by_address, "every place freed")
     assert len(seen) == 1
 
 
