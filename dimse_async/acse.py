@@ -20,6 +20,7 @@ from .pdu import (
     AssociateRJ,
     AssociateRQ,
     AsyncOpsWindow,
+    PDUType,
     PresentationContextAC,
     PresentationContextRQ,
     RejectResult,
@@ -31,6 +32,7 @@ from .pdu import (
     UserIdentityRQ,
     UserInformation,
     UserReason,
+    decode_pdu,
 )
 from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, uid_name
 
@@ -536,6 +538,9 @@ class NegotiationCache:
     does, never changed in place). Requests with a user identity, SOP class extended or
     common extended negotiation are not cached (their answer involves the application's
     callbacks), and neither are rejections. Every hit gets its own :class:`Negotiated`.
+
+    :meth:`decode_rq` remembers the decoded requests themselves (by their bytes), for
+    the server's PDU readers (:class:`~dimse_async.pdu.PDUReader`).
     """
 
     def __init__(self, size: int = 64):
@@ -543,7 +548,37 @@ class NegotiationCache:
         self._entries: OrderedDict[tuple[Any, ...], tuple[_EncodedAC, Negotiated, dict[str, ContextSpec]]] = (
             OrderedDict()
         )
+        self._decoded: dict[bytes, AssociateRQ] = {}
         self.hits = self.misses = 0
+
+    def decode_rq(self, body: memoryview) -> AssociateRQ:
+        """Decode an A-ASSOCIATE-RQ body, remembering the last ``size`` seen (by their bytes).
+
+        A client sends the same bytes every time it associates, so decoding them again
+        (every item, every UID) is wasted work. Each call still gets an ``AssociateRQ``
+        of its own whose list of presentation contexts is its own; the items in it and
+        the user information are shared between equal requests and never changed
+        (nothing in the library changes a received request). The oldest is dropped
+        first. Invalid requests raise :class:`~dimse_async.pdu.PDUError` every time
+        (they are not remembered).
+        """
+        raw = bytes(body)
+        rq = self._decoded.get(raw)
+        if rq is None:
+            decoded = decode_pdu(PDUType.ASSOCIATE_RQ, body)
+            assert isinstance(decoded, AssociateRQ)
+            rq = self._decoded[raw] = decoded
+            if len(self._decoded) > self.size:
+                del self._decoded[next(iter(self._decoded))]
+        return AssociateRQ(
+            rq.called_ae,
+            rq.calling_ae,
+            list(rq.presentation_contexts),
+            rq.user_info,
+            rq.application_context,
+            rq.protocol_version,
+            raw,
+        )
 
     def __len__(self) -> int:
         return len(self._entries)

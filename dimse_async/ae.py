@@ -385,6 +385,7 @@ class AE(HandlerRegistry):
             max_request_dataset=self.max_request_dataset,
             output_budget=self.output_budget,
             log_operations=self.log_operations,
+            decode_rq=server.negotiations.decode_rq if server is not None else None,
         )
 
     async def _judge(

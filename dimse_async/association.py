@@ -59,6 +59,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             artim_timeout=settings.artim_timeout,
             abort_artim_timeout=settings.abort_artim_timeout,
             pdu_timeout=settings.pdu_timeout,
+            decode_rq=settings.decode_rq,
         )
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)

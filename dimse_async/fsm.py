@@ -17,6 +17,8 @@ complete within ``pdu_timeout`` seconds, however slowly its bytes drip in).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .fsm_outputs import (
     AssociateAccepted,
     AssociateIndication,
@@ -127,7 +129,8 @@ class UpperLayer:
 
     ``artim_timeout`` is the ARTIM value, ``abort_artim_timeout`` the one used after we
     sent an A-ABORT; ``pdu_timeout`` bounds the arrival of one PDU (``None``: no bound);
-    after our A-ABORT at most ``after_abort_read`` more bytes are taken from the peer.
+    after our A-ABORT at most ``after_abort_read`` more bytes are taken from the peer;
+    ``decode_rq`` goes to the :class:`~dimse_async.pdu.PDUReader`.
     """
 
     def __init__(
@@ -139,10 +142,11 @@ class UpperLayer:
         abort_artim_timeout: float = 5.0,
         pdu_timeout: float | None = None,
         after_abort_read: int = 64 << 10,
+        decode_rq: Callable[[memoryview], AssociateRQ] | None = None,
     ):
         self.requestor = requestor
         self.state = State.Sta1
-        self.reader = PDUReader(max_pdu_receive)
+        self.reader = PDUReader(max_pdu_receive, decode_rq=decode_rq)
         self.artim_timeout = artim_timeout
         self.abort_artim_timeout = min(abort_artim_timeout, artim_timeout)
         self.pdu_timeout = pdu_timeout

@@ -223,3 +223,7 @@ class Settings:
     observer: Any = None
     #: Log each successful DIMSE operation at INFO (else DEBUG).
     log_operations: bool = False
+    #: Acceptor: decodes a received A-ASSOCIATE-RQ body (the server's
+    #: ``NegotiationCache.decode_rq``, which remembers requests seen before); ``None``:
+    #: the PDU reader decodes each itself.
+    decode_rq: Callable[[memoryview], Any] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -46,6 +47,7 @@ __all__ = [
     "PDU",
     "PDUError",
     "PDUReader",
+    "RQ_DECODED_BY_CALLER_UP_TO",
     "PDV",
     "PDataTF",
     "PDUType",
@@ -439,43 +441,8 @@ def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
     raise PDUError(f"unrecognized PDU type {pdu_type:#04x}", AbortReason.UNRECOGNIZED_PDU)
 
 
-#: A-ASSOCIATE-RQs up to this long are remembered decoded (see :func:`_decode_rq_cached`).
-_RQ_CACHED_UP_TO = 4096
-_RQ_CACHE_SIZE = 64
-_rq_cache: dict[bytes, AssociateRQ] = {}
-_rq_cache_lock = threading.Lock()
-
-
-def _decode_rq_cached(body: memoryview) -> AssociateRQ:
-    """Decode an A-ASSOCIATE-RQ body, remembering the last few seen (by their bytes).
-
-    A client sends the same bytes every time it associates, so decoding them again
-    (every item, every UID) is wasted work. Each call still gets an ``AssociateRQ`` of
-    its own whose list of presentation contexts is its own; the items in it and the
-    user information are shared between equal requests and never changed (nothing in
-    the library changes a received request). Bounded: at most ``_RQ_CACHE_SIZE``
-    requests of at most ``_RQ_CACHED_UP_TO`` bytes, the oldest dropped first. Invalid
-    requests raise :class:`PDUError` every time (they are not remembered).
-    """
-    raw = bytes(body)
-    rq = _rq_cache.get(raw)
-    if rq is None:
-        decoded = _decode_associate(PDUType.ASSOCIATE_RQ, body)
-        assert isinstance(decoded, AssociateRQ)
-        rq = decoded
-        with _rq_cache_lock:  # readers of several threads' event loops may share it
-            _rq_cache[raw] = rq
-            while len(_rq_cache) > _RQ_CACHE_SIZE:
-                del _rq_cache[next(iter(_rq_cache))]
-    return AssociateRQ(
-        rq.called_ae,
-        rq.calling_ae,
-        list(rq.presentation_contexts),
-        rq.user_info,
-        rq.application_context,
-        rq.protocol_version,
-        raw,
-    )
+#: A-ASSOCIATE-RQs up to this long go to a :class:`PDUReader`'s ``decode_rq`` (see there).
+RQ_DECODED_BY_CALLER_UP_TO = 4096
 
 
 _FRESH = 64 << 10  # a new receive buffer at a PDU boundary: one small PDU or the start of a big one
@@ -592,12 +559,25 @@ class PDUReader:
     ``max_pdata_length`` is the maximum length we advertised (PS3.8 D.1): the limit
     on the P-DATA-TF PDU-length field. 0 means we advertised "unlimited"; the reader
     still caps it at ``hard_limit``.
+
+    ``decode_rq``: decodes an A-ASSOCIATE-RQ body of at most
+    :data:`RQ_DECODED_BY_CALLER_UP_TO` bytes instead of :func:`decode_pdu` (a server's
+    :meth:`~dimse_async.acse.NegotiationCache.decode_rq`, which remembers requests seen
+    before); ``None``: every request is decoded here. Either way such a request keeps
+    its bytes (``AssociateRQ.raw``).
     """
 
-    __slots__ = ("_buf", "_start", "_end", "_last", "max_pdata_length", "hard_limit", "pool")
+    __slots__ = ("_buf", "_start", "_end", "_last", "max_pdata_length", "hard_limit", "pool", "decode_rq")
 
-    def __init__(self, max_pdata_length: int, hard_limit: int = 1 << 26, pool: BufferPool | None = RECEIVE_BUFFERS):
+    def __init__(
+        self,
+        max_pdata_length: int,
+        hard_limit: int = 1 << 26,
+        pool: BufferPool | None = RECEIVE_BUFFERS,
+        decode_rq: Callable[[memoryview], AssociateRQ] | None = None,
+    ):
         self.pool = pool
+        self.decode_rq = decode_rq
         self._buf = bytearray()
         self._start = 0  # first unread byte
         self._end = 0  # end of the bytes received
@@ -680,6 +660,11 @@ class PDUReader:
             self._start = start + total
         if pdu_type == _P_DATA_TF:
             return _decode_pdata(body)
-        if pdu_type == _ASSOCIATE_RQ and length <= _RQ_CACHED_UP_TO:
-            return _decode_rq_cached(body)
+        if pdu_type == _ASSOCIATE_RQ and length <= RQ_DECODED_BY_CALLER_UP_TO:
+            if self.decode_rq is not None:
+                return self.decode_rq(body)
+            rq = _decode_associate(pdu_type, body)
+            assert isinstance(rq, AssociateRQ)
+            rq.raw = bytes(body)  # its bytes stand for it (see NegotiationCache)
+            return rq
         return decode_pdu(pdu_type, body)

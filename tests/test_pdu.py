@@ -1367,48 +1367,65 @@ def test_reader_without_pool_allocates_every_buffer():
     assert second.pdvs[0].data.obj is not buf
 
 
-def test_equal_associate_rqs_are_decoded_once_each_getting_its_own_request():
-    """The bytes of an A-ASSOCIATE-RQ seen before are not decoded again: the same fields,
-    in a request object (and list of contexts) of its own per association."""
-    from dimse_async import pdu as pdu_module
+def cached_round_trip(pdu, cache):
+    """``round_trip`` through a server's reader: A-ASSOCIATE-RQs decoded by ``cache``."""
+    encoded = pdu.encode()
+    reader = PDUReader(0, decode_rq=cache.decode_rq)
+    reader.feed(encoded)
+    decoded = reader.next_pdu()
+    assert reader.next_pdu() is None
+    return encoded, decoded
 
+
+def test_equal_associate_rqs_are_decoded_once_each_getting_its_own_request():
+    """The bytes of an A-ASSOCIATE-RQ seen before by a server are not decoded again: the
+    same fields, in a request object (and list of contexts) of its own per association."""
+    from dimse_async.acse import NegotiationCache
+
+    cache = NegotiationCache()
     rq = full_rq()
     rq.calling_ae = "CACHED-1"
-    _, first = round_trip(rq)
-    _, second = round_trip(rq)
+    _, first = cached_round_trip(rq, cache)
+    _, second = cached_round_trip(rq, cache)
     assert first == second == rq
     assert first is not second and first.presentation_contexts is not second.presentation_contexts
     second.presentation_contexts.pop()
-    _, third = round_trip(rq)
+    _, third = cached_round_trip(rq, cache)
     assert third == rq  # what one association does to its request's list is its own
-    assert rq.encode()[6:] in pdu_module._rq_cache
+    assert rq.encode()[6:] in cache._decoded
     other = full_rq()
     other.calling_ae = "CACHED-2"
-    _, decoded = round_trip(other)
+    _, decoded = cached_round_trip(other, cache)
     assert decoded == other and decoded.calling_ae == "CACHED-2"
+    # Another server's cache, and a reader without one, know nothing of it.
+    assert rq.encode()[6:] not in NegotiationCache()._decoded
+    assert round_trip(rq)[1] == rq
 
 
 def test_associate_rq_cache_is_bounded_and_skips_invalid_and_large_requests():
     from dimse_async import pdu as pdu_module
+    from dimse_async.acse import NegotiationCache
 
-    for i in range(pdu_module._RQ_CACHE_SIZE + 10):
+    cache = NegotiationCache()
+    for i in range(cache.size + 10):
         rq = full_rq()
         rq.calling_ae = f"BOUND-{i}"
-        assert round_trip(rq)[1] == rq
-    assert len(pdu_module._rq_cache) == pdu_module._RQ_CACHE_SIZE
-    assert f"BOUND-{pdu_module._RQ_CACHE_SIZE + 9}".encode() in next(reversed(pdu_module._rq_cache))
+        assert cached_round_trip(rq, cache)[1] == rq
+    assert len(cache._decoded) == cache.size
+    assert f"BOUND-{cache.size + 9}".encode() in next(reversed(cache._decoded))
     # Invalid: refused every time, never remembered.
     bad = bytearray(full_rq().encode())
     bad[6 + 68] = 0x77  # the first item's type: not an A-ASSOCIATE-RQ item
     for _ in range(2):
-        reader = PDUReader(0)
+        reader = PDUReader(0, decode_rq=cache.decode_rq)
         reader.feed(bytes(bad))
         with pytest.raises(PDUError):
             reader.next_pdu()
-    assert bytes(bad[6:]) not in pdu_module._rq_cache
+    assert bytes(bad[6:]) not in cache._decoded
     # Longer than the bound: decoded every time.
     big = full_rq()
     big.presentation_contexts = [PresentationContextRQ(2 * i + 1, CT_IMAGE, [EXPLICIT_LE] * 8) for i in range(20)]
-    encoded, decoded = round_trip(big)
-    assert len(encoded) > pdu_module._RQ_CACHED_UP_TO and decoded == big
-    assert encoded[6:] not in pdu_module._rq_cache
+    encoded, decoded = cached_round_trip(big, cache)
+    assert len(encoded) > pdu_module.RQ_DECODED_BY_CALLER_UP_TO and decoded == big
+    assert encoded[6:] not in cache._decoded
+
