@@ -15,9 +15,10 @@ that never asks for it (a sender) does not load pydicom.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-__all__ = ["STORAGE_SOP_CLASSES", "is_storage_class"]
+__all__ = ["STORAGE_SOP_CLASSES", "is_storage_class", "is_other_service_class"]
 
 _NOT_STORAGE = ("Storage Commitment", "Media Storage Directory")
 
@@ -31,6 +32,19 @@ def is_storage_class(uid: str) -> bool:
         return False
     name = info.name.removesuffix(" (Retired)")
     return (" Storage" in name or name.startswith("Storage")) and not name.startswith(_NOT_STORAGE)
+
+
+@functools.lru_cache(maxsize=256)
+def is_other_service_class(uid: str) -> bool:
+    """Whether ``uid`` is a standard SOP class that is not a storage class (Verification,
+    Query/Retrieve, worklist, commitment, MPPS ...): a C-STORE on its context is not a
+    service of that class (PS3.7 C.5.8, 0x0211). Private and unknown UIDs are not; only
+    UIDs under the DICOM root (1.2.840.10008.) consult pydicom's registry."""
+    if not uid.startswith("1.2.840.10008."):
+        return False
+    from pydicom.uid import UID
+
+    return UID(uid).type == "SOP Class" and not is_storage_class(uid)
 
 
 #: The storage SOP classes, sorted by UID.

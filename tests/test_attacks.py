@@ -106,6 +106,29 @@ async def test_store_with_0xff_in_sop_class_uid_is_refused(archive: ServerProces
     ]
 
 
+@pytest.mark.parametrize("ctx", [1, 7], ids=["verification", "study-find"])
+async def test_store_on_a_context_of_a_non_storage_class_is_refused(archive: ServerProcess, ctx: int) -> None:
+    """A C-STORE whose command and data set both name the context's class, a standard
+    class that is not a storage class: 0x0211 (PS3.7 C.5.8), nothing stored."""
+    ds = ct_dataset()
+    ds.SOPClassUID = VERIFICATION if ctx == 1 else STUDY_FIND
+    cmd = command_bytes(
+        Command(
+            CommandField.C_STORE_RQ,
+            message_id=1,
+            affected_sop_class_uid=str(ds.SOPClassUID),
+            affected_sop_instance_uid=str(ds.SOPInstanceUID),
+            priority=0,
+            data_set_type=0,
+        )
+    )
+    data = encode_dataset(ds, "1.2.840.10008.1.2" if ctx == 1 else EXPLICIT_LE)
+    assert await exchange(archive.port, pdata(ctx, cmd, command=True), pdata(ctx, data, command=False)) == [
+        (0x8001, 0x0211)
+    ]
+    assert not list(archive.root.glob(f"archive/**/{ds.SOPInstanceUID}.dcm"))
+
+
 async def test_store_announcing_no_data_set_is_a_failure_status(archive: ServerProcess) -> None:
     cmd, _ = store_rq(ct_dataset())
     cmd = _patch(cmd, struct.pack("<HHIH", 0, 0x0800, 2, 0), struct.pack("<HHIH", 0, 0x0800, 2, 0x0101))

@@ -26,6 +26,7 @@ from ..filewriter import InlineWrites, group_commit, make_dirs, sync_file, write
 from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, valid_uid
 from ..session import Operation
+from ..sop_classes import is_other_service_class
 from ..status import Code, Status
 from ..uids import (
     DeflatedExplicitVRLittleEndian,
@@ -224,12 +225,16 @@ def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     """Why a C-STORE-RQ cannot be stored, judged from its command set alone, or ``None``.
 
     A SOP Class UID other than the context's abstract syntax is refused as not
-    supported (0x0122); a SOP Instance UID that is not a UID (PS3.5 §9.1) cannot be
-    understood (0xC000). PS3.4 B.2.3.
+    supported (0x0122); a standard SOP class that is not a storage class (a C-STORE on
+    a Verification, Query/Retrieve, commitment or MPPS context) is an unrecognized
+    operation (0x0211, PS3.7 C.5.8); a SOP Instance UID that is not a UID (PS3.5 §9.1)
+    cannot be understood (0xC000). PS3.4 B.2.3.
     """
     sop_class = cmd.affected_sop_class_uid or ""
     if sop_class != ctx.abstract_syntax or not _valid_class_uid(sop_class):
         return Status(Code.SOP_CLASS_NOT_SUPPORTED, "SOP Class UID does not match the presentation context")
+    if is_other_service_class(sop_class):
+        return Status(Code.UNRECOGNIZED_OPERATION, "C-STORE is not a service of this SOP Class")
     if not valid_uid(cmd.affected_sop_instance_uid or ""):
         return Status(Code.CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID")
     return None
