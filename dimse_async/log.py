@@ -252,7 +252,10 @@ class StructuredFormatter(logging.Formatter):
                 if record.name != LOGGER_NAME:
                     out["logger"] = record.name
             if record.exc_info:
-                out["exception"] = self.formatException(record.exc_info)
+                if _foreign(record):
+                    out["error"] = _one_line(record.exc_info)
+                else:
+                    out["exception"] = self.formatException(record.exc_info)
             out = {"timestamp": stamp, "level": level, **out, **_process_fields}
             return _json.dumps(out, default=str)
         text = f"{stamp} [{level:<7}] {record.getMessage().rstrip()}"
@@ -261,8 +264,26 @@ class StructuredFormatter(logging.Formatter):
         for key, value in _process_fields.items():
             text += f" {key}={_format_value(value)}"
         if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
+            if _foreign(record):
+                text += f" error={_format_value(_one_line(record.exc_info))}"
+            else:
+                text += "\n" + self.formatException(record.exc_info)
         return text
+
+
+def _foreign(record: logging.LogRecord) -> bool:
+    """A record of another library's logger (pydicom, py.warnings), not ours."""
+    return record.name != LOGGER_NAME and not record.name.startswith(LOGGER_NAME + ".")
+
+
+def _one_line(exc_info: Any) -> str:
+    """``Type: message`` of a record's exception. Another library's handled failure (a
+    pixel decoder plugin pydicom tried, say) is one line, as our own line about it is;
+    a traceback of ours still means a bug."""
+    exc = exc_info[1] if isinstance(exc_info, tuple) else None
+    if exc is None:
+        return "exception"
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
 
 
 _installed: list[tuple[logging.Logger, logging.Handler]] = []

@@ -17,6 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from conftest import dcmtk, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,6 +220,33 @@ def test_configure_logging_json_captures_warnings_as_structured_lines() -> None:
     assert any(r.get("logger") == "py.warnings" and "a warning from somewhere" in r["event"] for r in records)
     assert any(r.get("logger") == "pydicom" and "pydicom says" in r["event"] for r in records)
     assert len(records) >= 3
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["console", "json"])
+def test_another_librarys_logged_exception_is_one_line_and_ours_keeps_its_traceback(as_json: bool) -> None:
+    """pydicom logs each pixel decoder plugin that failed with its traceback (a C-GET
+    of an instance it cannot decode, which we answer and log ourselves): one line with
+    ``error=Type: message``; an exception logged by our own logger keeps its traceback."""
+    code = f"""
+        import logging
+        from dimse_async.log import configure_logging
+        configure_logging("INFO", json={as_json})
+        try:
+            raise RuntimeError("libjpeg error code '-1038'\\nreturned from Decode()")
+        except RuntimeError:
+            logging.getLogger("pydicom.pixels.decoders.base").exception("plugin failed")
+        import sys; sys.stderr.write("--ours--\\n")
+        try:
+            raise ValueError("ours")
+        except ValueError:
+            logging.getLogger("dimse_async.test").exception("our bug")
+    """
+    done = run_host(code)
+    assert done.returncode == 0, done.stderr
+    foreign, ours = done.stderr.split("--ours--\n")
+    assert "Traceback" not in foreign and foreign.count("\n") == 1, foreign
+    assert "plugin failed" in foreign and "RuntimeError: libjpeg error code '-1038' returned" in foreign
+    assert "Traceback" in ours
 
 
 def test_echoscu_against_embedded_scp_logs_to_the_app_handler(tmp_path: Path) -> None:
