@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from .pdu import PDV, encode_pdata_header
 from .status import Status
@@ -328,21 +328,25 @@ class Message:
     sink: DatasetSink | None = None
 
 
-@dataclass(slots=True, frozen=True)
+# The events of the receive path are read-only by type (``Final``: mypy refuses an
+# assignment) but not frozen: a frozen dataclass's __init__ sets each field through
+# object.__setattr__, about three times the cost of a plain slot store, and several such
+# events are made per received instance. ``unsafe_hash``: hashable by value, as frozen.
+@dataclass(slots=True, unsafe_hash=True)
 class CommandReceived:
     """A command set is complete; if ``command.has_dataset`` its fragments follow."""
 
-    context_id: int
-    command: Command
+    context_id: Final[int]
+    command: Final[Command]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class DataFragment:
     """One data set fragment, as received (a view into the PDU, not a copy)."""
 
-    context_id: int
-    data: bytes | memoryview
-    last: bool
+    context_id: Final[int]
+    data: Final[bytes | memoryview]
+    last: Final[bool]
 
 
 AssemblerEvent = CommandReceived | DataFragment

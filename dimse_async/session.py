@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Final
 
 from .acse import PresentationContext
 from .dimse import (
@@ -100,45 +101,46 @@ class Operation:
         return self.message.command.message_id
 
 
-@dataclass(slots=True, frozen=True)
+# Read-only by type, not frozen (cheaper to make; see dimse.CommandReceived).
+@dataclass(slots=True, unsafe_hash=True)
 class StreamStarted:
     """A request whose data set streams to a sink: the adapter opens one now; the
     :class:`~dimse_async.dimse.DataFragment` events that follow go to it."""
 
-    message: Message
+    message: Final[Message]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Perform:
     """Run the handler for this operation now (a slot in the window is reserved)."""
 
-    operation: Operation
+    operation: Final[Operation]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Respond:
     """Send this response, decided by the session (a refusal, or Cancel for a held-back request)."""
 
-    context_id: int
-    command: Command
+    context_id: Final[int]
+    command: Final[Command]
     #: The request answered, when its data set may have streamed to a sink (to drop).
-    request: Message | None = None
+    request: Final[Message | None] = None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ResponseArrived:
     """A response to a request we invoked; ``final`` unless its status is pending."""
 
-    message_id: int
-    message: Message
-    final: bool
+    message_id: Final[int]
+    message: Final[Message]
+    final: Final[bool]
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, unsafe_hash=True)
 class CancelRequested:
     """The peer cancelled a running operation (``operation.cancelled`` is now set)."""
 
-    operation: Operation
+    operation: Final[Operation]
 
 
 @dataclass(slots=True, frozen=True)
