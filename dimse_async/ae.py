@@ -638,7 +638,11 @@ class _Associating:
         except OSError as exc:
             raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}") from exc
         assoc.timings["connect"] = loop.time() - started
-        await assoc.wait_established(self._acse_timeout)
+        try:
+            await assoc.wait_established(self._acse_timeout)
+        except asyncio.CancelledError:
+            assoc.abort("cancelled while negotiating")  # no half-open association left behind
+            raise
         assoc.timings["associate"] = loop.time() - started - assoc.timings["connect"]
         return assoc
 

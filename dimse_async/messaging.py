@@ -459,8 +459,11 @@ class DIMSEMessaging:
                 self.pause_reading("window")
         elif isinstance(event, ResumeReading):
             self.resume_reading("window")
-        elif isinstance(event, CancelRequested) and self._debug:
-            self.log.debug("C-CANCEL received", message_id=event.operation.message_id)
+        elif isinstance(event, CancelRequested):
+            if self._debug:
+                self.log.debug("C-CANCEL received", message_id=event.operation.message_id)
+            if event.operation.on_cancel is not None:
+                event.operation.on_cancel()
 
     def _start_inline(self, op: Operation) -> bool:
         """Let a service with a ``start(assoc, op, done)`` run ``op`` as callbacks

@@ -18,7 +18,7 @@ than I/O:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 
@@ -91,6 +91,9 @@ class Operation:
     message: Message
     #: Set when the peer sent C-CANCEL for it; the handler stops at its next step.
     cancelled: bool = False
+    #: Called (by the adapter) when the C-CANCEL arrives: wakes a handler waiting on
+    #: something other than its next step (a C-MOVE sub-association being set up).
+    on_cancel: Callable[[], None] | None = None
 
     @property
     def command(self) -> Command:

@@ -192,6 +192,63 @@ async def test_move_to_a_configured_but_unreachable_destination(tmp_path: Path) 
     ], done.stdout
 
 
+async def test_cancel_while_the_move_sub_association_is_set_up(tmp_path: Path) -> None:
+    """C-CANCEL while the C-MOVE sub-association waits for its A-ASSOCIATE answer (a
+    destination that accepts the TCP connection and never answers): the final response
+    is Cancel (0xFE00) at once, not after the ACSE timeout, with the counters (all
+    remaining, PS3.4 C.4.2.1.5, C.4.2.3), and the half-open sub-association is closed."""
+    files = make_instances(tmp_path / "in", 3)
+    study = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    accepted = asyncio.Event()
+    pdu_types: list[int] = []
+    aborted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        try:
+            while True:  # the A-ASSOCIATE-RQ, never answered, then (after the cancel) an A-ABORT
+                header = await reader.readexactly(6)
+                await reader.readexactly(int.from_bytes(header[2:], "big"))
+                pdu_types.append(header[0])
+                if header[0] == 0x07:
+                    aborted.set()
+                    break
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        writer.close()
+
+    listener = await asyncio.start_server(silent, HOST, 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with running_serve(tmp_path / "archive", known_aes={"SILENT": (HOST, port)}) as serve:
+            await store(serve.port, [p for p, _c, _i in files])
+            ae = da.AE("MOVER", dimse_timeout=WAIT)
+            ae.add_requested_context(STUDY_MOVE)
+            ae.add_requested_context(da.Verification)
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = study
+            async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+                responses = assoc.c_move(query, "SILENT", model="study")
+                pending = asyncio.ensure_future(anext(responses, None))
+                await asyncio.wait_for(accepted.wait(), 10)
+                assert not pending.done()
+                started = time.monotonic()
+                pending.cancel()
+                await asyncio.wait_for(responses.aclose(), 10)  # C-CANCEL, then the final response
+                took = time.monotonic() - started
+                assert (await assoc.c_echo()).is_success
+            await asyncio.wait_for(aborted.wait(), 5)  # the half-open association aborted (not at ARTIM)
+            assert pdu_types == [0x01, 0x07], pdu_types
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert responses.status is not None and int(responses.status) == 0xFE00, responses.status
+    assert took < 2.0, took
+    final = responses.result
+    assert final is not None and (final.remaining, final.completed, final.failed, final.warning) == (3, 0, 0, 0)
+
+
 async def test_instance_deleted_between_lookup_and_send_is_listed_as_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

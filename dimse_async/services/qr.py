@@ -707,9 +707,13 @@ async def _move(
     specs: list[ContextSpec] = plan_contexts([x for x in inspected if isinstance(x, FileInfo)])
     originator = (assoc.peer_ae, op.command.message_id or 0)
     try:
-        sub = await route.associate(address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1))
+        sub = await _associate_unless_cancelled(op, route, address, title, specs)
     except AssociationError as exc:
         await _unreachable(assoc, op, items if isinstance(items, list) else await items.rest(), title, address, exc)
+        return
+    if sub is None:  # C-CANCEL while the sub-association was being set up: nothing sent
+        total = items.total if isinstance(items, _Items) else len(items)
+        await _respond(assoc, op, Status(Code.CANCEL), None, (total, 0, 0, 0))
         return
     try:
 
@@ -723,6 +727,35 @@ async def _move(
             await sub.release()
         else:
             sub.abort("move sub-association ended")
+
+
+async def _associate_unless_cancelled(
+    op: Operation, route: MoveRoute, address: tuple[str, int], title: str, specs: list[ContextSpec]
+) -> Any:
+    """The C-MOVE sub-association, or ``None`` when the peer sends C-CANCEL before it is
+    established (PS3.4 C.4.2.3: the SCP stops, Cancel): a destination slow to answer
+    (up to the ACSE timeout) does not hold the cancel; the half-open association is aborted."""
+    if op.cancelled:
+        return None
+    connecting = asyncio.ensure_future(
+        route.associate(address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1))
+    )
+
+    def cancel() -> None:
+        connecting.cancel()  # nothing when already done
+
+    op.on_cancel = cancel
+    try:
+        return await connecting
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not op.cancelled or (task is not None and task.cancelling()):
+            raise  # this task itself is cancelled (the association ended)
+        return None
+    finally:
+        op.on_cancel = None
+        if not connecting.done():
+            connecting.cancel()
 
 
 async def _unreachable(
