@@ -22,7 +22,7 @@ from .exceptions import AssociationAborted, AssociationRejected, AssociationTime
 from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
 from .log import debug_enabled, get_logger
-from .messaging import WRITE_BATCH, DIMSEMessaging
+from .messaging import HIGH_WATER, DIMSEMessaging
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
 from .session import (
     Session,
@@ -130,7 +130,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             host = plain_address(host)
         self.peer = (host, int(peer[1]))
         self.tls = session_info(transport)
-        transport.set_write_buffer_limits(high=4 * WRITE_BATCH)
+        transport.set_write_buffer_limits(high=HIGH_WATER)
         self.log = self.log.bind(peer=f"{self.peer[0]}:{self.peer[1]}", local_ae=self.local_ae)
         if self.via is not None:
             self.log = self.log.bind(via=f"{self.via[0]}:{self.via[1]}")

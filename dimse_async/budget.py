@@ -3,9 +3,10 @@
 Each association's transport buffers at most ~4 MiB before its senders wait
 (per-association backpressure). Many peers that never read could still hold that
 much each; :class:`OutputBudget` bounds the sum. Associations report what their
-transport holds; while the sum is over the limit, a response is sent only once its
-own peer has taken everything queued for it, so producers for peers that do not read
-stop first, and a peer that reads is still served, one message at a time.
+transport holds; while the sum is over the limit, a response (or the next write batch
+of a data set, such as a C-GET sub-operation's C-STORE) is sent only once its own peer
+has taken everything queued for it, so producers for peers that do not read stop
+first, and a peer that reads is still served, one message (or batch) at a time.
 """
 
 from __future__ import annotations

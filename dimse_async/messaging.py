@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from .acse import Negotiated, PresentationContext
@@ -56,6 +56,11 @@ __all__ = ["DIMSEMessaging"]
 _CAN_SEND = (State.Sta6, State.Sta8)  # established, or the peer asked to release
 _ENDED = (State.Sta1, State.Sta13)  # aborted or closed
 WRITE_BATCH = 1 << 20  # hand up to this many bytes of PDUs to the transport at once
+HIGH_WATER = 4 * WRITE_BATCH  # a transport holding more pauses its senders
+#: A streamed data set whose transport has not drained within this many seconds gives
+#: back what it read ahead (a peer that reads drains sooner; one that does not holds
+#: only what its transport holds).
+SHED_AFTER = 0.05
 JOIN_BELOW = 64 << 10  # a message smaller than this is joined into one buffer (one write)
 
 
@@ -148,10 +153,12 @@ class DIMSEMessaging:
         if budget is not None:
             budget.report(self, self.buffered_output() if size is None else size)
 
-    async def _within_output_budget(self) -> None:
-        """While the server-wide output budget is exceeded, a response goes out only
-        once this peer has taken everything queued for it: a peer that does not read
-        holds its producers, one that reads is served, a message at a time."""
+    async def _within_output_budget(self, shed: Callable[[], Awaitable[None]] | None = None) -> None:
+        """While the server-wide output budget is exceeded, a response (or the next
+        write batch of a data set) goes out only once this peer has taken everything
+        queued for it: a peer that does not read holds its producers, one that reads is
+        served, a message at a time. ``shed``: called before waiting (a streamed data
+        set gives back what it read ahead)."""
         budget, transport = self.settings.output_budget, self.transport
         if budget is None or transport is None:
             return
@@ -161,13 +168,37 @@ class DIMSEMessaging:
                 tight = True
                 self.log.debug("output budget exceeded: waiting for the peer to read", queued=budget.total)
                 transport.set_write_buffer_limits(high=0, low=0)  # paused until fully drained
+                if shed is not None:
+                    await shed()
             if self._write_paused:
                 await self._drain()
             else:  # pragma: no cover - a transport that did not pause at once
                 await asyncio.sleep(0.05)
                 self._check_can_send()
         if tight and not transport.is_closing():
-            transport.set_write_buffer_limits(high=4 * WRITE_BATCH)
+            transport.set_write_buffer_limits(high=HIGH_WATER)
+
+    def _may_read_ahead(self) -> bool:
+        """Whether a streamed data set should read past its next write batch: not when
+        that batch will fill the transport, nor while the output budget is exceeded."""
+        if self._write_paused or self.buffered_output() + WRITE_BATCH >= HIGH_WATER:
+            return False
+        budget = self.settings.output_budget
+        return budget is None or not budget.over(self.loop.time())
+
+    async def _between_batches(self, shed: Callable[[], Awaitable[None]] | None) -> None:
+        """After a write batch of a data set: wait for the transport to drain and for
+        the output budget (the data set's read-ahead given back when that takes long)."""
+        if self._write_paused and shed is not None and self.transport is not None:
+            if self._drain_waiter is None:
+                self._drain_waiter = self.loop.create_future()
+            done, _ = await asyncio.wait((self._drain_waiter,), timeout=SHED_AFTER)
+            if not done:
+                await shed()
+        await self._drain()
+        self._check_can_send()
+        if self.settings.output_budget is not None:
+            await self._within_output_budget(shed)
 
     def _wake_drain(self) -> None:
         """Let a send waiting for the transport to drain go on (it then finds out
@@ -231,8 +262,9 @@ class DIMSEMessaging:
 
     async def _drain(self) -> None:
         if self._write_paused and self.transport is not None and not self.transport.is_closing():
-            self._drain_waiter = self.loop.create_future()
-            await self._drain_waiter
+            if self._drain_waiter is None:  # one waiter for every send waiting
+                self._drain_waiter = self.loop.create_future()
+            await asyncio.shield(self._drain_waiter)
             self._check_can_send()  # the connection may have gone while we waited
 
     async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None:
@@ -306,7 +338,7 @@ class DIMSEMessaging:
                 # Headers and value slices are handed to the transport as they are (one
                 # writev) when the bytes cannot change under it (``bytes``, or a source
                 # marked ``immutable``), else joined once per write.
-                prefetch = None
+                prefetch = shed = None
                 unjoined = type(dataset) is bytes or getattr(dataset, "immutable", False)
                 parts: Iterator[tuple[bytes, bytes | memoryview]]
                 if isinstance(dataset, (bytes, bytearray, memoryview)):
@@ -314,11 +346,12 @@ class DIMSEMessaging:
                 else:
                     parts = fragment_stream_parts(context_id, dataset, max_pdu)
                     prefetch = getattr(dataset, "prefetch", None)
+                    shed = getattr(dataset, "shed", None)
                 ahead = WRITE_BATCH + (max_pdu or 1 << 22)
                 started = False
                 try:
                     if prefetch is not None:
-                        await prefetch(ahead)
+                        await prefetch(ahead, self._may_read_ahead())
                     for header, chunk in parts:
                         batch += (header, chunk)
                         size += len(header) + len(chunk)
@@ -326,10 +359,9 @@ class DIMSEMessaging:
                             self._run(self.fsm.send_pdata(batch if unjoined else b"".join(batch)))
                             self._report_output()
                             started, batch, size = True, [], 0
-                            await self._drain()
-                            self._check_can_send()
+                            await self._between_batches(shed)
                             if prefetch is not None:
-                                await prefetch(ahead)
+                                await prefetch(ahead, self._may_read_ahead())
                 except BaseException as exc:
                     if started:  # the peer can never see this message whole (PS3.8 Annex E)
                         self.abort(f"sending {command.name} failed midway: {exc!r}")

@@ -386,7 +386,8 @@ async def test_send_command_pipelines_to_our_scp(tmp_path: Path) -> None:
 
 async def test_the_file_stream_gives_back_the_file_however_it_is_read() -> None:
     """The streamed source returns the file's bytes (plus the deflate pad) in order for
-    any mix of read sizes and prefetches, comes up short on a truncated file, and
+    any mix of read sizes, prefetches (reading ahead or not) and read-ahead given back
+    (``shed``, as while a peer does not read), comes up short on a truncated file, and
     always closes its file, also with a read still in flight."""
     rng = random.Random(20261202)
     for trial in range(60):
@@ -401,7 +402,10 @@ async def test_the_file_stream_gives_back_the_file_however_it_is_read() -> None:
         while left:
             n = min(left, rng.choice([1, 7, 4096, 130_000, 1 << 20, 3 << 20]))
             if prefetching and rng.random() < 0.5:
-                await stream.prefetch(n + rng.randrange(2 << 20))
+                await stream.prefetch(n + rng.randrange(2 << 20), rng.random() < 0.7)
+            if rng.random() < 0.2:
+                await stream.shed()
+                assert stream._buffered == 0 and stream._pending is None
             piece = stream.read(n)
             if len(piece) != n:
                 short = True

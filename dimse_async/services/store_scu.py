@@ -32,6 +32,10 @@ __all__ = ["READ_WHOLE", "PreparedFile", "c_store", "prepare_file"]
 #: Data sets up to this size are read whole (in a worker thread) before they are sent;
 #: larger ones are streamed from their file in pieces read ahead in a worker thread.
 READ_WHOLE = 4 << 20
+#: :func:`c_store` from a path (a C-GET / C-MOVE sub-operation) streams data sets larger
+#: than this: a peer that stops reading holds at most about this much of the file in
+#: memory besides what its transport holds (within the output budget).
+STREAM_ABOVE = 1 << 20
 _PIECE = 1 << 20  # bytes per read of a streamed file
 _UNCOMPRESSED = frozenset(UNCOMPRESSED_TRANSFER_SYNTAXES) | {DeflatedExplicitVRLittleEndian}
 
@@ -53,13 +57,13 @@ class PreparedFile:
     pad: bool = False  # PS3.5 A.5: an odd-length deflated stream gets one trailing NUL
 
 
-def prepare_file(path: str, *, check: bool = False) -> PreparedFile | None:
+def prepare_file(path: str, *, check: bool = False, read_whole: int = READ_WHOLE) -> PreparedFile | None:
     """Read what sending ``path`` needs, without decoding it. Blocking (run it in a thread).
 
     ``None`` when the file has no usable file meta (pydicom must read it). Raises
     ``ValueError`` for a data set that is not well formed: with ``check`` every element
     is walked to the end (PS3.5 §7), else only as far as the SOP Instance UID.
-    Data sets up to :data:`READ_WHOLE` bytes are read into memory, larger ones stay on disk.
+    Data sets up to ``read_whole`` bytes are read into memory, larger ones stay on disk.
     """
     with open(path, "rb") as fp:
         meta = read_file_meta(fp)
@@ -70,7 +74,7 @@ def prepare_file(path: str, *, check: bool = False) -> PreparedFile | None:
         ts = meta.transfer_syntax
         data: bytes | None = None
         try:
-            if length <= READ_WHOLE:
+            if length <= read_whole:
                 fp.seek(meta.dataset_offset)
                 data = fp.read(length)
                 if check:
@@ -97,8 +101,10 @@ class _FileStream:
     """The data set of a large file, sent in pieces read ahead in a worker thread.
 
     :meth:`prefetch` (awaited by the sender between writes) keeps the next bytes in
-    memory, one read in flight behind them; :meth:`read` serves from there. At most
-    about two write batches of the file are in memory at once, whatever its size.
+    memory, one read in flight behind them while the peer keeps up; :meth:`read` serves
+    from there. At most about two write batches of the file are in memory at once,
+    whatever its size, and none while the sender waits long for its peer
+    (:meth:`shed`): a peer that does not read holds only what its transport holds.
     """
 
     #: :meth:`read` returns bytes, or views of bytes, that nothing changes afterwards:
@@ -110,6 +116,7 @@ class _FileStream:
         self.length = prepared.length
         self._unread = prepared.length - prepared.pad  # bytes of the file not yet asked for
         self._pad = b"\x00" if prepared.pad else b""
+        self._padded = prepared.pad
         self._pieces: deque[memoryview] = deque()
         self._buffered = 0
         self._pending: concurrent.futures.Future[bytes] | None = None  # the read in flight
@@ -137,12 +144,30 @@ class _FileStream:
             self._pieces.append(memoryview(self._pad))
             self._buffered, self._pad = self._buffered + 1, b""
 
-    async def prefetch(self, n: int) -> None:
-        """Have at least ``n`` bytes (or all that is left) in memory, and the next read started."""
-        self._start()
-        while self._buffered < n and self._pending is not None:
-            self._keep(await asyncio.wrap_future(self._pending))
+    async def prefetch(self, n: int, read_ahead: bool = True) -> None:
+        """Have at least ``n`` bytes (or all that is left) in memory and, with
+        ``read_ahead``, the next read started."""
+        while self._buffered < n:
             self._start()
+            if self._pending is None:
+                break
+            self._keep(await asyncio.wrap_future(self._pending))
+        if read_ahead:
+            self._start()
+
+    async def shed(self) -> None:
+        """Give back the bytes read ahead: they are read again from the file when
+        asked for (the sender waits for a peer that may never read them)."""
+        if self._pending is not None:
+            self._keep(await asyncio.wrap_future(self._pending))
+        back = self._buffered
+        if back and self._padded and not self._pad and self._unread <= 0:
+            back, self._pad = back - 1, b"\x00"  # the pad is queued last: queued again later
+        self._pieces.clear()
+        self._buffered = 0
+        if back:
+            self.fp.seek(-back, os.SEEK_CUR)  # no read in flight: the position is ours
+            self._unread += back
 
     def read(self, n: int) -> bytes | memoryview:
         # Prefetched, this only slices what is in memory. A sender that reads ahead of
@@ -199,13 +224,14 @@ async def c_store(
     :class:`PreparedFile` (PS3.7 §9.1.1).
 
     A file in an accepted transfer syntax goes as it is stored: read whole in a worker
-    thread when small, else streamed from disk with bounded read-ahead (never the
-    whole file in memory); the command names what the data set says it is (PS3.4
+    thread when small (up to :data:`STREAM_ABOVE`), else streamed from disk with
+    bounded read-ahead (never the whole file in memory, none while the peer does not
+    read); the command names what the data set says it is (PS3.4
     B.2.3), not the file meta. Other files are decoded and transcoded with pydicom.
     """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
-        prepared = await asyncio.to_thread(prepare_file, path)
+        prepared = await asyncio.to_thread(prepare_file, path, read_whole=STREAM_ABOVE)
         if prepared is None:
             return await _store_decoded(assoc, path, priority, move_originator, timeout)
     elif isinstance(source, PreparedFile):
