@@ -292,13 +292,18 @@ def fragment_stream_parts(
     remaining = payload.length
     while True:
         n = min(max_data, remaining)
-        chunk = payload.read(n)
-        if len(chunk) != n:
-            raise DIMSEError(f"data set source ended {remaining - len(chunk)} bytes early")
         remaining -= n
-        yield encode_pdata_header(n, context_id, 2 if remaining == 0 else 0), chunk
+        # No local keeps the value while suspended: a slice of a piece read ahead would
+        # keep the whole piece in memory while the sender waits for its peer.
+        yield encode_pdata_header(n, context_id, 2 if remaining == 0 else 0), _exactly(payload.read(n), n, remaining)
         if remaining == 0:
             return
+
+
+def _exactly(chunk: bytes | memoryview, n: int, remaining: int) -> bytes | memoryview:
+    if len(chunk) != n:
+        raise DIMSEError(f"data set source ended {remaining + n - len(chunk)} bytes early")
+    return chunk
 
 
 class DatasetSource(Protocol):

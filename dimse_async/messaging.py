@@ -359,6 +359,7 @@ class DIMSEMessaging:
                             self._run(self.fsm.send_pdata(batch if unjoined else b"".join(batch)))
                             self._report_output()
                             started, batch, size = True, [], 0
+                            del header, chunk  # not kept (with the piece it is a slice of) while waiting
                             await self._between_batches(shed)
                             if prefetch is not None:
                                 await prefetch(ahead, self._may_read_ahead())
