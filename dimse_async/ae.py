@@ -147,8 +147,9 @@ class AE(HandlerRegistry):
     #: Largest request data set (a C-FIND/C-GET/C-MOVE identifier) accepted; a larger
     #: one is refused with 0xA700 (out of resources) without being kept in memory.
     max_request_dataset: int
-    #: Response bytes queued for peers, summed over all associations of this AE: past
-    #: it, responses to peers that do not read wait (``dimse_async.budget``). ``None``:
+    #: Bytes queued for peers, summed over all associations of this AE: past it,
+    #: responses and the write batches of data sets (C-GET sub-operations) to peers
+    #: that do not read wait (``dimse_async.budget``). ``None``:
     #: only the per-association bound (~4 MiB).
     max_buffered_output: int | None
     output_budget: OutputBudget

@@ -166,9 +166,9 @@ class ServeConfig:
     ipv6_prefix: int = 64
     pdu_timeout: float | None = 60.0
     max_request_dataset: int = 1 << 20
-    #: Response bytes queued for peers that have not read them, over all associations
-    #: (of all workers: each gets ``max_buffered_output // workers``); past it, peers
-    #: that do not read get nothing more.
+    #: Bytes queued for peers that have not read them (responses, C-GET sub-operations'
+    #: data sets), over all associations (of all workers: each gets
+    #: ``max_buffered_output // workers``); past it, peers that do not read get nothing more.
     max_buffered_output: int = 64 << 20
     #: After our A-ABORT, seconds the peer gets to close the connection (ARTIM, PS3.8 §9.1.5).
     abort_artim_timeout: float = 5.0

@@ -286,7 +286,7 @@ ADMISSION: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ),
     ("pdu_timeout", float, "seconds a started PDU gets to arrive whole, however slowly (default 60)"),
     ("max_request_dataset", int, "largest identifier in bytes; larger is refused 0xA700 (default 1 MiB)"),
-    ("max_buffered_output", int, "response bytes queued for peers not reading, all workers together (default 64 MiB)"),
+    ("max_buffered_output", int, "bytes queued for peers not reading (responses, C-GET data sets), all workers together (default 64 MiB)"),
     ("abort_artim_timeout", float, "seconds a peer gets to close the connection after our A-ABORT (default 5)"),
 )
 
