@@ -688,3 +688,26 @@ def test_match_value_accepts_data_elements() -> None:
     assert match_value(key, DataElement(0x00080060, "CS", "MR"), "CS")
     assert not match_value(key, DataElement(0x00080060, "CS", "CT"), "CS")
     assert match_value(DataElement(0x00280010, "US or SS", 512), 512, "US or SS")
+
+
+def test_matcher_parses_a_long_uid_list_once_and_matches_like_matches():
+    """List of UID Matching (C.2.2.2.2) with 20,000 UIDs: the same answers as
+    :func:`matches`, padding not significant; a CS list with a wild card still matches
+    by wild card."""
+    from dimse_async.archive.matching import Matcher
+
+    q = Dataset()
+    q.StudyInstanceUID = [f"1.2.{k}" for k in range(20_000)] + ["1.2.3.4\x00"]
+    q.Modality = ["MR", "C*"]
+    matcher = Matcher(q)
+    for uid, modality, expected in [
+        ("1.2.19999", "CT", True),
+        ("1.2.3.4", "CR", True),
+        ("1.2.20000", "CT", False),
+        ("1.2.5", "US", False),
+        ("1.2.5", "MR", True),
+    ]:
+        candidate = Dataset()
+        candidate.StudyInstanceUID = uid
+        candidate.Modality = modality
+        assert matcher(candidate) is expected == matches(q, candidate), (uid, modality)

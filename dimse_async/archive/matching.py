@@ -98,11 +98,21 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from .date_ranges import parse_range
-from .value_matching import WILDCARD_VRS, is_universal, match_plain_value, norm_vr, unwrap
+from .value_matching import (
+    WILDCARD_VRS,
+    KeyValues,
+    is_universal,
+    key_values,
+    match_key_values,
+    match_plain_value,
+    norm_vr,
+    unwrap,
+)
 
 __all__ = [
     "DEFAULT_IGNORE",
     "WILDCARD_VRS",
+    "Matcher",
     "is_universal",
     "match_value",
     "matches",
@@ -218,9 +228,69 @@ def matches(
     matches it only if the key is universal (or a pure ``*`` wild card), unless the
     key's keyword is in *unknown*: for Required Keys of Query/Retrieve an absent or
     zero-length stored value is unknown and matches any key value (§C.2.2.1.2).
-    Sequence keys use Sequence Matching (§C.2.2.2.6).
+    Sequence keys use Sequence Matching (§C.2.2.2.6). For many candidates, build a
+    :class:`Matcher` once instead.
     """
-    return _match_dataset(query, candidate, ignore, pn_case_insensitive, unknown)
+    return Matcher(query, ignore=ignore, pn_case_insensitive=pn_case_insensitive, unknown=unknown)(candidate)
+
+
+class _Key:
+    """One Key Attribute of a :class:`Matcher`, its values parsed once per VR (a key
+    of VR UN, e.g. a list over 64 KiB sent in explicit VR, takes the stored one's)."""
+
+    __slots__ = ("_parsed", "elem", "keyword", "tag", "universal")
+
+    def __init__(self, elem: DataElement):
+        self.elem = elem
+        self.tag = elem.tag
+        self.keyword = elem.keyword
+        self.universal = is_universal(elem.value)
+        self._parsed: dict[str, KeyValues] = {}
+
+    def values(self, vr: str) -> KeyValues:
+        parsed = self._parsed.get(vr)
+        if parsed is None:
+            parsed = self._parsed[vr] = key_values(self.elem.value, vr)
+        return parsed
+
+
+class Matcher:
+    """:func:`matches` for one request Identifier and many candidates: each key's
+    values are parsed once (a set for List of UID Matching, PS3.4 C.2.2.2.2, and for
+    other keys compared by equality), so a candidate costs about one look-up per key
+    however many values a key lists, instead of the whole list split and compared
+    again for each candidate."""
+
+    __slots__ = ("_keys", "_pn_case_insensitive", "_unknown")
+
+    def __init__(
+        self,
+        query: Dataset,
+        *,
+        ignore: frozenset[str] = DEFAULT_IGNORE,
+        pn_case_insensitive: bool = True,
+        unknown: Container[str] = frozenset(),
+    ):
+        self._keys = [_Key(elem) for elem in query if _is_key(elem, ignore)]
+        self._pn_case_insensitive = pn_case_insensitive
+        self._unknown = unknown
+
+    def __call__(self, candidate: Dataset) -> bool:
+        pn = self._pn_case_insensitive
+        for key in self._keys:
+            stored = candidate.get(key.tag)
+            stored_value = stored.value if stored is not None else None
+            if key.keyword in self._unknown and is_universal(stored_value):
+                continue  # C.2.2.1.2, as in matches()
+            if key.universal:
+                continue
+            vr = _key_vr(key.elem, stored)
+            if vr == "SQ":
+                if not match_value(key.elem.value, stored_value, vr, pn_case_insensitive=pn):
+                    return False
+            elif not match_key_values(key.values(vr), stored_value, vr, pn_case_insensitive=pn):
+                return False
+        return True
 
 
 def _empty_element(key: DataElement) -> DataElement:

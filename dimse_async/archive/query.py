@@ -20,7 +20,7 @@ from .db import (
     IndexDB,
     stored_file_problem,
 )
-from .matching import matches, parse_range, response_identifier
+from .matching import Matcher, parse_range, response_identifier
 from .schema import (
     INDEXED_UP_TO,
     LEVEL_ORDER,
@@ -89,7 +89,7 @@ class QueryMixin(IndexDB):
                 setattr(candidate, name, value)
             if query.from_file and path is not None:
                 add_from_file(candidate, path, query.from_file)
-            if matches(query.identifier, candidate, unknown=query.required):
+            if query.matches(candidate):
                 response = response_identifier(query.identifier, candidate)
                 if self.retrieve_ae_title:
                     response.RetrieveAETitle = self.retrieve_ae_title
@@ -480,7 +480,8 @@ class _PagedQuery:
     index changes meanwhile; one stored after its place was passed is not."""
 
     __slots__ = (
-        "_args", "_sql", "deadline", "depth", "ended", "from_file", "identifier", "last", "level", "page", "required"
+        "_args", "_sql", "deadline", "depth", "ended", "from_file", "identifier", "last", "level", "matches", "page",
+        "required",
     )  # fmt: skip
 
     def __init__(self, model: str, identifier: Dataset, relational: bool, deadline: float | None = None):
@@ -491,6 +492,8 @@ class _PagedQuery:
         self.level = level
         self.depth = LEVEL_ORDER.index(level)
         self.required = REQUIRED_KEYS[model][level]
+        #: The identifier's keys parsed once for all the candidates (a long UID list a set).
+        self.matches = Matcher(identifier, unknown=self.required)
         indexed = set(INDEXED_UP_TO[level])
         #: Keys the index lacks, read from a file of each candidate.
         self.from_file = [

@@ -20,7 +20,16 @@ from pydicom.valuerep import PersonName
 
 from .date_ranges import range_match
 
-__all__ = ["WILDCARD_VRS", "is_universal", "match_plain_value", "norm_vr", "unwrap"]
+__all__ = [
+    "WILDCARD_VRS",
+    "KeyValues",
+    "is_universal",
+    "key_values",
+    "match_key_values",
+    "match_plain_value",
+    "norm_vr",
+    "unwrap",
+]
 
 #: VRs for which ``*`` and ``?`` are wild cards (PS3.4 §C.2.2.2.4).
 WILDCARD_VRS: frozenset[str] = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
@@ -31,6 +40,8 @@ _UNSPLIT_VRS = frozenset({"LT", "ST", "UT", "UR"})
 # Leading spaces are padding, not content (PS3.5 Table 6.2-1).
 _LEADING_PAD_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM"})
 _NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "SS", "US", "SL", "UL", "SV", "UV"})
+# Values compared by string equality alone when no key value holds a wild card.
+_EQUALITY_VRS = frozenset({"UI", "AE", "AS", "CS", "LO", "SH", "UC"})
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
@@ -262,3 +273,42 @@ def match_plain_value(query: Any, stored: Any, vr: str, *, pn_case_insensitive: 
     if not stored_values:
         return _pure_wildcard(keys, vr)
     return any(_match_single(k, s, vr, pn_case_insensitive) for k in keys for s in stored_values)
+
+
+class KeyValues:
+    """The values of one (non-universal) key, parsed once for many stored values:
+    ``exact`` is their set when every one is compared by equality alone (UI, or AE,
+    AS, CS, LO, SH, UC without wild cards), so a long List of UID (§C.2.2.2.2) costs
+    one look-up per stored value."""
+
+    __slots__ = ("exact", "pure_wildcard", "values")
+
+    def __init__(self, values: list[Any], vr: str):
+        self.values = values
+        self.pure_wildcard = _pure_wildcard(values, vr)
+        self.exact: frozenset[str] | None = None
+        if (
+            vr in _EQUALITY_VRS
+            and all(type(v) is str for v in values)
+            and (vr in ("UI", "AS") or not any(_has_wildcard(v) for v in values))
+        ):
+            self.exact = frozenset(values)
+
+
+def key_values(query: Any, vr: str) -> KeyValues:
+    """A non-universal key's values for :func:`match_key_values`."""
+    return KeyValues(_values(query, norm_vr(vr)), norm_vr(vr))
+
+
+def match_key_values(keys: KeyValues, stored: Any, vr: str, *, pn_case_insensitive: bool = True) -> bool:
+    """:func:`match_plain_value` of a key whose values :func:`key_values` parsed (for
+    the same ``vr``)."""
+    if not keys.values:  # only delimiters / padding: nothing to match on
+        return True
+    stored_values = _values(stored, vr)
+    if not stored_values:
+        return keys.pure_wildcard
+    exact = keys.exact
+    if exact is not None:
+        return any(str(s) in exact if isinstance(s, str) else False for s in stored_values)
+    return any(_match_single(k, s, vr, pn_case_insensitive) for k in keys.values for s in stored_values)

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from ..log import get_logger
 from ..services.qr import QueryRequest
 from .budget import QueryBudget
-from .matching import matches, response_identifier
+from .matching import Matcher, response_identifier
 
 log = get_logger()
 
@@ -61,8 +61,9 @@ class Worklist:
         budget = QueryBudget(self.max_matches, self.time_budget, "worklist C-FIND")
         items = await asyncio.to_thread(self._items, budget)
         produced = 0
+        matches = Matcher(request.identifier)  # the keys parsed once (a long list a set)
         for i, item in enumerate(items):
-            if matches(request.identifier, item):
+            if matches(item):
                 produced += 1
                 budget.check(produced)
                 yield response_identifier(request.identifier, item)
