@@ -322,12 +322,21 @@ def _refusal(rq: AssociateRQ, policy: AcceptorPolicy, identity_ok: bool) -> Asso
     (pynetdicom aborts instead; DCMTK does not check). Any title the VR allows (1-16
     printable ASCII characters but backslash, spaces around them) goes on to the policy.
 
+    Size: a request with more presentation contexts or transfer syntaxes than
+    :data:`~dimse_async.pdu.MAX_RQ_CONTEXTS`, :data:`~dimse_async.pdu.MAX_TRANSFER_SYNTAXES`
+    (in one context) or :data:`~dimse_async.pdu.MAX_RQ_TRANSFER_SYNTAXES` (in all) was
+    not decoded past them (``AssociateRQ.over_limit``) and is refused rejected-permanent,
+    service-user, no-reason-given (PS3.8 9.3.4): a few milliseconds of the event loop
+    at most, instead of decoding and judging up to 1 MiB of items.
+
     Maximum length: a peer that would receive PDUs of fewer than :data:`MIN_PEER_PDU`
     bytes is refused (rejected-permanent, service-user, no-reason-given): PS3.8 D.1
     sets no lower bound, but below what ``AE(max_pdu=...)`` allows ourselves every
     message would go out in slivers of a few dozen bytes.
     """
     user = RejectSource.USER
+    if rq.over_limit:  # not read to its end (pdu.MAX_RQ_CONTEXTS and the like)
+        return AssociateRJ(RejectResult.PERMANENT, user, UserReason.NO_REASON_GIVEN, f"request refused: {rq.over_limit}")
     if rq.application_context != APPLICATION_CONTEXT:
         return AssociateRJ(
             RejectResult.PERMANENT,
@@ -578,6 +587,7 @@ class NegotiationCache:
             rq.application_context,
             rq.protocol_version,
             raw,
+            rq.over_limit,
         )
 
     def __len__(self) -> int:

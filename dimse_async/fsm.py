@@ -458,7 +458,7 @@ class UpperLayer:
         if not rq.protocol_version & 1:
             reason = ACSEReason.PROTOCOL_VERSION_NOT_SUPPORTED
             self.failure = f"protocol version {rq.protocol_version:#06x} not supported"
-        elif not rq.presentation_contexts:
+        elif not rq.presentation_contexts and not rq.over_limit:  # over a limit: the AE rejects it
             reason = ACSEReason.NO_REASON_GIVEN
             self.failure = "A-ASSOCIATE-RQ proposes no presentation context"
         if reason:

@@ -43,6 +43,10 @@ __all__ = [
     "AssociateRJ",
     "AssociateRQ",
     "AsyncOpsWindow",
+    "MAX_RQ_CONTEXTS",
+    "MAX_RQ_DISTINCT_TRANSFER_SYNTAXES",
+    "MAX_RQ_TRANSFER_SYNTAXES",
+    "MAX_TRANSFER_SYNTAXES",
     "BufferPool",
     "PDU",
     "PDUError",
@@ -83,6 +87,23 @@ _PDATA_HDR = struct.Struct(">BBIIBB")  # PDU header + one PDV header
 #: Largest non-P-DATA PDU we accept; an A-ASSOCIATE-RQ with many contexts and a
 #: Kerberos/SAML identity fits comfortably.
 MAX_CONTROL_PDU = 1 << 20
+
+#: An A-ASSOCIATE-RQ proposing more presentation contexts than this, more transfer
+#: syntaxes than :data:`MAX_TRANSFER_SYNTAXES` in one of them, more than
+#: :data:`MAX_RQ_TRANSFER_SYNTAXES` in all or more than
+#: :data:`MAX_RQ_DISTINCT_TRANSFER_SYNTAXES` different ones is not read further
+#: (``AssociateRQ.over_limit``) and is rejected (rejected-permanent, service-user,
+#: no-reason-given, PS3.8 9.3.4). Context IDs are the odd numbers 1-255 (PS3.8
+#: 9.3.2.2), so 128 distinct contexts; PS3.6 Table A-1 lists some 60 transfer
+#: syntaxes. DCMTK's storescu proposes 128 contexts of at most 4 syntaxes (11 KB),
+#: its echoscu at most 128 contexts of 38; pynetdicom at most 128 contexts. Decoding
+#: a request within the limits takes a few milliseconds of the event loop at most
+#: (the attack this answers, 128 contexts of 100 different 64-character syntaxes,
+#: 0.9 MB, took 25 ms; now refused after its first context).
+MAX_RQ_CONTEXTS = 256
+MAX_TRANSFER_SYNTAXES = 64
+MAX_RQ_TRANSFER_SYNTAXES = 128 * MAX_TRANSFER_SYNTAXES
+MAX_RQ_DISTINCT_TRANSFER_SYNTAXES = 256
 
 
 class PDUType(IntEnum):
@@ -141,6 +162,8 @@ class AssociateRQ:
 
     ``raw``: the PDU body this request was decoded from, when it was (``None`` for one
     built here); equal bytes mean an equal request (see :class:`~dimse_async.acse.NegotiationCache`).
+    ``over_limit``: why a received request was not read to its end (past
+    :data:`MAX_RQ_CONTEXTS` and the like; it is then rejected), else empty.
     """
 
     called_ae: str
@@ -150,6 +173,7 @@ class AssociateRQ:
     application_context: str = APPLICATION_CONTEXT
     protocol_version: int = 1
     raw: bytes | None = field(default=None, compare=False, repr=False)
+    over_limit: str = field(default="", compare=False)
 
     def encode(self) -> bytes:
         body = bytearray()
@@ -342,6 +366,46 @@ def _ae_field(raw: memoryview) -> str:
     return bytes(raw).decode("latin-1").strip(" ")
 
 
+def _rq_context(v: memoryview, names: dict[bytes, str]) -> PresentationContextRQ:
+    """A presentation context item of an A-ASSOCIATE-RQ (PS3.8 Table 9-13): its
+    sub-items read from one copy of its bytes, each transfer syntax decoded once per
+    PDU (``names``)."""
+    raw = bytes(v)
+    end = len(raw)
+    if end < 4:
+        raise PDUError("truncated presentation context item")
+    abstract = None
+    syntaxes: list[str] = []
+    pos = 4
+    while pos < end:
+        if end - pos < 4:
+            raise PDUError("truncated item header in presentation context")
+        st, n = raw[pos], (raw[pos + 2] << 8) | raw[pos + 3]
+        pos += 4
+        if pos + n > end:
+            raise PDUError(f"item {st:#04x} in presentation context claims {n} bytes, only {end - pos} remain")
+        value = raw[pos : pos + n]
+        pos += n
+        if st == 0x40:
+            name = names.get(value)
+            if name is None:
+                name = names[value] = text(value, "transfer syntax")
+                if len(names) > MAX_RQ_DISTINCT_TRANSFER_SYNTAXES:  # refused: not read further
+                    return PresentationContextRQ(raw[0], abstract or "", syntaxes)
+            syntaxes.append(name)
+            if len(syntaxes) > MAX_TRANSFER_SYNTAXES:  # refused: not read further
+                return PresentationContextRQ(raw[0], abstract or "", syntaxes)
+        elif st == 0x30:
+            if abstract is not None:
+                raise PDUError("presentation context has two abstract syntaxes")
+            abstract = text(value, "abstract syntax")
+        else:
+            raise PDUError(f"unknown sub-item {st:#04x} in presentation context", AbortReason.UNRECOGNIZED_PDU_PARAMETER)
+    if abstract is None or not syntaxes:
+        raise PDUError("presentation context lacks an abstract or transfer syntax")
+    return PresentationContextRQ(raw[0], abstract, syntaxes)
+
+
 def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | AssociateAC:
     if len(body) < 68:
         raise PDUError("A-ASSOCIATE PDU shorter than its fixed fields")
@@ -351,28 +415,28 @@ def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | Associat
     user_info = None
     rq_contexts: list[PresentationContextRQ] = []
     ac_contexts: list[PresentationContextAC] = []
+    names: dict[bytes, str] = {}  # the syntaxes decoded so far: most contexts repeat them
+    syntaxes_seen = 0
+    over_limit = ""
     for t, v in items(body[68:], "A-ASSOCIATE PDU"):
         if t == 0x10:
             app_context = text(v, "application context name")
         elif t == 0x20 and pdu_type == PDUType.ASSOCIATE_RQ:
-            if len(v) < 4:
-                raise PDUError("truncated presentation context item")
-            abstract = None
-            syntaxes = []
-            for st, sv in items(v[4:], "presentation context"):
-                if st == 0x30:
-                    if abstract is not None:
-                        raise PDUError("presentation context has two abstract syntaxes")
-                    abstract = text(sv, "abstract syntax")
-                elif st == 0x40:
-                    syntaxes.append(text(sv, "transfer syntax"))
-                else:
-                    raise PDUError(
-                        f"unknown sub-item {st:#04x} in presentation context", AbortReason.UNRECOGNIZED_PDU_PARAMETER
-                    )
-            if abstract is None or not syntaxes:
-                raise PDUError("presentation context lacks an abstract or transfer syntax")
-            rq_contexts.append(PresentationContextRQ(v[0], abstract, syntaxes))
+            if len(rq_contexts) >= MAX_RQ_CONTEXTS:
+                over_limit = f"more than {MAX_RQ_CONTEXTS} presentation contexts"
+                break
+            pc = _rq_context(v, names)
+            syntaxes_seen += len(pc.transfer_syntaxes)
+            if len(pc.transfer_syntaxes) > MAX_TRANSFER_SYNTAXES:
+                over_limit = f"more than {MAX_TRANSFER_SYNTAXES} transfer syntaxes in presentation context {pc.id}"
+                break
+            if syntaxes_seen > MAX_RQ_TRANSFER_SYNTAXES:
+                over_limit = f"more than {MAX_RQ_TRANSFER_SYNTAXES} transfer syntaxes in all"
+                break
+            if len(names) > MAX_RQ_DISTINCT_TRANSFER_SYNTAXES:
+                over_limit = f"more than {MAX_RQ_DISTINCT_TRANSFER_SYNTAXES} distinct transfer syntaxes"
+                break
+            rq_contexts.append(pc)
         elif t == 0x21 and pdu_type == PDUType.ASSOCIATE_AC:
             if len(v) < 4:
                 raise PDUError("truncated presentation context item")
@@ -387,6 +451,9 @@ def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | Associat
             raise PDUError(f"unexpected item {t:#04x} in A-ASSOCIATE PDU", AbortReason.UNEXPECTED_PDU_PARAMETER)
     if app_context is None:
         raise PDUError("A-ASSOCIATE PDU has no application context item")
+    if over_limit:  # the rest is not read: the request is refused (see MAX_RQ_CONTEXTS)
+        return AssociateRQ(called, calling, rq_contexts, user_info or UserInformation(), app_context, version,
+                           over_limit=over_limit)  # fmt: skip
     if user_info is None:
         raise PDUError("A-ASSOCIATE PDU has no user information item")
     if pdu_type == PDUType.ASSOCIATE_RQ:

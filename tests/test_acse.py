@@ -472,3 +472,48 @@ def test_each_hit_gets_its_own_negotiation():
     _, first = cache.negotiate(rq, pol)
     _, second = cache.negotiate(rq, pol)
     assert first == second and first is not second and first.contexts is not second.contexts
+
+
+def _received(rq_bytes: bytes):
+    """An A-ASSOCIATE-RQ as a server's reader decodes it (its bytes; small ones through
+    the NegotiationCache's decode_rq)."""
+    from dimse_async.acse import NegotiationCache
+    from dimse_async.pdu import PDUReader
+
+    reader = PDUReader(65536, decode_rq=NegotiationCache().decode_rq)
+    reader.feed(rq_bytes)
+    return reader.next_pdu()
+
+
+@pytest.mark.parametrize(
+    ("specs", "why"),
+    [
+        ([ContextSpec(CT, [f"1.2.{k}" for k in range(65)])], "more than 64 transfer syntaxes in presentation context 1"),
+        ([ContextSpec(CT, [f"1.2.{i}.{k}" for k in range(3)]) for i in range(86)], "more than 256 distinct"),
+        ([ContextSpec(CT, [f"1.2.{k}" for k in range(64)])] * 128 + [ContextSpec(CT, [EXPLICIT])], "8192 transfer"),
+        ([ContextSpec(CT, [EXPLICIT])] * 257, "more than 256 presentation contexts"),
+    ],
+    ids=["per-context", "distinct", "in-all", "contexts"],
+)
+def test_a_request_over_the_size_limits_is_rejected_without_being_read_further(specs, why):
+    """PS3.8 9.3.4: rejected-permanent, service-user, no-reason-given; the decoder
+    stopped where the limit was passed (``over_limit``), small and large requests alike."""
+    sent = build_request("SCP", "SCU", specs[:128], max_pdu=32768)
+    sent.presentation_contexts += [PresentationContextRQ(1, s.abstract_syntax, s.transfer_syntaxes) for s in specs[128:]]
+    rq = _received(sent.encode())
+    assert why in rq.over_limit
+    result, neg = negotiate(rq, policy())
+    assert isinstance(result, AssociateRJ) and neg is None
+    assert (result.result, result.source, result.reason) == (1, 1, 1)
+    assert why in result.why
+
+
+def test_requests_at_the_size_limits_are_negotiated():
+    """128 contexts of 64 transfer syntaxes (8,192, 256 different ones) is not over."""
+    tss = [EXPLICIT] + [f"1.2.{k}" for k in range(254)]
+    specs = [ContextSpec(CT, tss[(i % 4) * 63 : (i % 4) * 63 + 64]) for i in range(128)]
+    rq = _received(build_request("SCP", "SCU", specs, max_pdu=32768).encode())
+    assert not rq.over_limit and sum(len(pc.transfer_syntaxes) for pc in rq.presentation_contexts) == 8192
+    result, neg = negotiate(rq, policy())
+    assert isinstance(result, AssociateAC) and neg is not None
+    assert neg.contexts[0].accepted and neg.contexts[0].transfer_syntax == EXPLICIT

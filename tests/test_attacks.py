@@ -19,7 +19,8 @@ from typing import Any
 
 import psutil
 import pytest
-from pydicom.dataset import Dataset
+from conftest import dcmtk
+from pydicom.dataset import Dataset, FileMetaDataset
 from rawpeer import (
     EXPLICIT_LE,
     HOST,
@@ -46,6 +47,7 @@ from rawpeer import (
 )
 
 from dimse_async import AE
+from dimse_async.acse import ContextSpec, build_request
 from dimse_async.codec import encode_dataset
 from dimse_async.dimse import Command, CommandField
 from dimse_async.part10 import encode_file_meta
@@ -167,6 +169,83 @@ async def test_find_key_of_many_wild_cards_is_answered_and_stops_nobody(archive:
         assert await find == [(0x8020, 0x0000)]
     finally:
         find.cancel()
+
+
+RJ_PERMANENT_NO_REASON = bytes.fromhex("03 00 00000004 00 01 01 01")  # rejected-permanent, service-user, reason 1
+
+
+def big_rq(calling: str = "BIGRQ") -> bytes:
+    """An A-ASSOCIATE-RQ of 128 contexts each proposing 100 made-up 64-character
+    transfer syntaxes (0.9 MB): decoding and judging it took the loop ~25 ms."""
+    bogus = [f"1.2.{k}.".ljust(64, "9") for k in range(100)]
+    specs = [ContextSpec(f"1.2.840.10008.5.1.4.1.1.{i}", bogus) for i in range(1, 129)]
+    return build_request("ARCHIVE", calling, specs, max_pdu=65536).encode()
+
+
+async def test_many_huge_associate_rqs_at_once_stall_no_one(archive: ServerProcess) -> None:
+    """50 such requests sent at once from one address: each is rejected (permanent,
+    service-user, no-reason-given, PS3.8 9.3.4) without being read past its first
+    context, and a C-ECHO association from another address meanwhile takes well under
+    a second (before: 1.6 s with 50 at once, 0.5 s with 20)."""
+    rq = big_rq()
+
+    async def attack() -> bytes | None:
+        peer = await RawPeer.connect(archive.port)
+        try:
+            await peer.send(rq, timeout=30)
+            return await peer.read_pdu(timeout=30)
+        finally:
+            await peer.close()
+
+    assert await legit_echo(archive.port) < 1  # warmed up
+    attacks = asyncio.gather(*(attack() for _ in range(50)))
+    latencies = []
+    try:
+        for _ in range(5):
+            latencies.append(await legit_echo(archive.port, timeout=10))
+    finally:
+        replies = await attacks
+    assert all(r is not None and r[:10] == RJ_PERMANENT_NO_REASON for r in replies), {r[:10] for r in replies if r}
+    assert max(latencies) < 0.8, latencies  # about 0.25 s (the first); 1.7 s before
+    lines = [e for e in archive.log_events() if "more than 64 transfer syntaxes" in str(e.get("why"))]
+    assert 1 <= len(lines) <= 5, lines  # the refusal log limit of one address (refusal_log_burst)
+
+
+async def test_requests_of_dcmtk_and_pynetdicom_with_many_contexts_are_accepted(
+    archive: ServerProcess, tmp_path: Path
+) -> None:
+    """What real requestors propose stays within the limits: DCMTK's storescu (128
+    contexts of up to 4 syntaxes) stores; pynetdicom proposing 128 contexts of every
+    transfer syntax pydicom knows (39 each, 4,992 in all) is accepted."""
+    from pydicom.uid import AllTransferSyntaxes
+    from pynetdicom import AE as PynetdicomAE
+    from pynetdicom.presentation import AllStoragePresentationContexts
+
+    path = tmp_path / "many-contexts.dcm"
+    ds = ct_dataset("MANYCTX")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+    ds.save_as(path, enforce_file_format=True)
+    proc = await asyncio.create_subprocess_exec(
+        dcmtk("storescu"), "-xs", "-aec", "ARCHIVE", HOST, str(archive.port), str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, out.decode(errors="replace")
+
+    def pynetdicom_associate() -> tuple[bool, int]:
+        ae = PynetdicomAE("PYNETDICOM")
+        for cx in AllStoragePresentationContexts[:128]:
+            ae.add_requested_context(cx.abstract_syntax, list(AllTransferSyntaxes))
+        assoc = ae.associate(HOST, archive.port, ae_title="ARCHIVE")
+        try:
+            return assoc.is_established, len(assoc.accepted_contexts)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    established, accepted = await asyncio.to_thread(pynetdicom_associate)
+    assert established and accepted >= 100, (established, accepted)
 
 
 def test_no_traceback_or_internal_error_in_the_server_log(archive: ServerProcess) -> None:
