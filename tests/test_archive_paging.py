@@ -387,3 +387,47 @@ async def test_pages_read_in_key_order_from_an_index(tmp_path: Path, index: str 
                     assert "Sort" not in plan, plan
     finally:
         archive.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_long_uid_list_is_read_in_pieces_of_the_index(tmp_path: Path, backend: str, request: Any) -> None:
+    """A STUDY-level C-FIND listing 2,500 stored Study Instance UIDs and 2,500 others
+    (List of UID Matching, over the 1,000 values of one SQL IN): the list is looked up
+    in the index a piece at a time, each piece a page at a time in key order, and
+    each stored study is returned once (PostgreSQL may sort keys otherwise than Python)."""
+    index = request.getfixturevalue("postgresql").new_database() if backend == "postgresql" else None
+    async with running_serve(tmp_path / "archive", index=index) as serve:
+        await asyncio.to_thread(populate, serve.archive, 3000, 20, 10)
+        db = serve.archive.backend.connect()
+        try:
+            stored = sorted(row[0] for row in db.execute("SELECT study_uid FROM studies").fetchall())
+        finally:
+            db.close()
+        wanted = stored[::6] + stored[1::6] + stored[2::6] + stored[3::6] + stored[4::6]  # 2,500
+        ae = da.AE("LISTER", dimse_timeout=WAIT)
+        ae.add_requested_context(MODELS["study"]["find"])
+        q = Dataset()
+        q.QueryRetrieveLevel = "STUDY"
+        q.StudyInstanceUID = [f"2.25.{k}" for k in range(2500)] + wanted
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            async with assoc.c_find(q, model="study") as responses:
+                found = [str(d.StudyInstanceUID) async for d in responses]
+        assert int(responses.status) == 0, responses.status
+        assert sorted(found) == sorted(wanted) and len(found) == len(set(found))
+
+
+def test_the_values_of_a_uid_list_sent_as_un_narrow_exactly() -> None:
+    """A Study Instance UID list over 64 KiB is sent as UN in explicit VR (PS3.5 6.2.2):
+    its values for SQL are the UIDs without padding, first and last included (they were
+    read from the bytes' repr, so a C-FIND or C-MOVE missed those two studies)."""
+    from dimse_async.archive.schema import exact_values
+    from dimse_async.codec import decode_identifier, encode_dataset
+
+    q = Dataset()
+    uids = [f"2.25.{k}" for k in range(9000)] + ["1.2.345"]
+    q.StudyInstanceUID = uids
+    with pytest.warns(UserWarning):
+        data = encode_dataset(q, "1.2.840.10008.1.2.1")
+    decoded = decode_identifier(data, "1.2.840.10008.1.2.1")
+    assert decoded["StudyInstanceUID"].VR == "UN"
+    assert exact_values(decoded.get("StudyInstanceUID")) == uids

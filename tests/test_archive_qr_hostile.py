@@ -352,5 +352,4 @@ async def test_find_by_a_long_list_of_uids_is_answered_quickly(tmp_path: Path) -
         elapsed = time.monotonic() - started
         assert int(responses.status) == 0, responses.status
         assert found == wanted
-        print(f"20,000-UID C-FIND over 3,000 studies: {elapsed:.2f} s")
-        assert elapsed < 10.0, elapsed  # about 0.5 s; over 60 s before
+        assert elapsed < 10.0, elapsed  # about 0.15 s; over 60 s before

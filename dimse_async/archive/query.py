@@ -24,6 +24,7 @@ from .matching import Matcher, parse_range, response_identifier
 from .schema import (
     INDEXED_UP_TO,
     LEVEL_ORDER,
+    MAX_IN,
     NOT_STORED,
     REQUIRED_KEYS,
     UNIQUE_KEYS,
@@ -96,8 +97,8 @@ class QueryMixin(IndexDB):
                 yield key, response
             else:
                 yield key, None
-        if len(rows) < query.page:  # the last page, and every row of it was taken
-            query.ended = True
+        if len(rows) < query.page:  # the last page (of a list's piece), every row of it taken
+            query.next_piece()
 
     def _candidates(
         self, db: Any, query: _PagedQuery, rows: list[Any]
@@ -480,7 +481,7 @@ class _PagedQuery:
     index changes meanwhile; one stored after its place was passed is not."""
 
     __slots__ = (
-        "_args", "_sql", "deadline", "depth", "ended", "from_file", "identifier", "last", "level", "matches", "page",
+        "_args", "_piece", "_pieces", "_sql", "deadline", "depth", "ended", "from_file", "identifier", "last", "level", "matches", "page",
         "required",
     )  # fmt: skip
 
@@ -507,12 +508,34 @@ class _PagedQuery:
         self.page = _PAGE
         where, self._args = _prefilter(identifier, self.depth, self.required)
         self._sql = (_select(self.depth), where, _KEY_COLUMNS[self.depth])
+        #: A list of more than MAX_IN values of the level's unique key (List of UID
+        #: Matching, too long for one IN): its values in pieces of MAX_IN, read one
+        #: piece after the other, each a page at a time in key order.
+        self._pieces: list[list[str]] = []
+        self._piece = 0
+        values = exact_values(identifier.get(UNIQUE_KEYS[level])) if self.depth else None
+        if values and len(values) > MAX_IN:
+            unique = sorted(set(values))
+            self._pieces = [unique[i : i + MAX_IN] for i in range(0, len(unique), MAX_IN)]
+
+    def next_piece(self) -> None:
+        """The rows of a piece (or of the query) were all read: on to the next piece, or the end."""
+        if self._piece + 1 < len(self._pieces):
+            self._piece += 1
+            self.last = None  # pieces are disjoint: the next one is read from its start
+        else:
+            self.ended = True
 
     def sql(self) -> str:
         select, where, key = self._sql
-        conditions = [*where, f"{key} > ?"] if self.last is not None else where
+        conditions = list(where)
+        if self._pieces:
+            conditions.append(f"{key} IN ({_marks(self._pieces[self._piece])})")
+        if self.last is not None:
+            conditions.append(f"{key} > ?")
         clause = " WHERE " + " AND ".join(conditions) if conditions else ""
         return f"{select}{clause} ORDER BY {key} LIMIT {self.page}"
 
     def arguments(self) -> list[Any]:
-        return [*self._args, self.last] if self.last is not None else list(self._args)
+        piece = self._pieces[self._piece] if self._pieces else []
+        return [*self._args, *piece, *([self.last] if self.last is not None else [])]

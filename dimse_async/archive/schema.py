@@ -139,6 +139,8 @@ _MODEL_BY_UID = {uid: name for name, ops in MODELS.items() for uid in ops.values
 def text_of(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, bytes | bytearray):  # a key sent as UN (e.g. over 64 KiB in explicit VR)
+        return bytes(value).decode("latin-1")
     if isinstance(value, pydicom.multival.MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value)
@@ -265,7 +267,8 @@ def model_name(model_uid: str) -> str:
 
 
 #: Longer value lists are left to the matcher (a bound on SQL parameters, in every engine).
-_MAX_IN = 1000
+#: Values of a key narrowing a query in SQL with one ``IN`` list (more: see where_in).
+MAX_IN = 1000
 
 
 def where_in(
@@ -282,7 +285,7 @@ def where_in(
     ``or_empty`` also lets rows whose value is unknown (zero length) through; a
     ``prefilter`` (the matcher decides anyway) is dropped for very long lists."""
     values = exact_values(identifier.get(key)) if key in identifier else None
-    if values and not (prefilter and len(values) > _MAX_IN):
+    if values and not (prefilter and len(values) > MAX_IN):
         # One value as "=": an index read in order stays in order (an IN list may not).
         clause = f"{column} = ?" if len(values) == 1 else f"{column} IN ({','.join('?' * len(values))})"
         where.append(f"({clause} OR {column} = '')" if or_empty else clause)
@@ -291,10 +294,12 @@ def where_in(
 
 def exact_values(value: Any) -> list[str] | None:
     """Values of a key usable for an SQL equality prefilter (no wildcard, no range)."""
-    text = text_of(value).strip()
+    text = text_of(value).strip(" \x00")
     if not text or "*" in text or "?" in text:
         return None
-    return [v.strip() for v in text.split("\\") if v.strip()]
+    # Padding is not significant: spaces, and the NUL of a UID (PS3.5 9.1), e.g. of a
+    # list over 64 KiB that came as UN and so kept it.
+    return [v for v in (v.strip(" \x00") for v in text.split("\\")) if v]
 
 
 def patient_key_of(patient: dict[str, str], study_uid: str) -> str:
