@@ -174,25 +174,6 @@ def _key_vr(key: DataElement, stored: DataElement | None) -> str:
     return vr
 
 
-def _match_dataset(
-    query: Dataset,
-    candidate: Dataset,
-    ignore: Container[Any],
-    pn_case_insensitive: bool,
-    unknown: Container[str] = frozenset(),
-) -> bool:
-    for key in query:
-        if not _is_key(key, ignore):
-            continue
-        stored = candidate.get(key.tag)
-        stored_value = stored.value if stored is not None else None
-        if key.keyword in unknown and is_universal(stored_value):
-            continue  # an unknown value of a Required key matches any key value (C.2.2.1.2)
-        if not match_value(key.value, stored_value, _key_vr(key, stored), pn_case_insensitive=pn_case_insensitive):
-            return False
-    return True
-
-
 def _match_sequence(query: Any, stored: Any, pn_case_insensitive: bool) -> bool:
     """Sequence Matching (§C.2.2.2.6) for a non-universal key sequence.
 
@@ -205,7 +186,7 @@ def _match_sequence(query: Any, stored: Any, pn_case_insensitive: bool) -> bool:
         return True
     stored_items = _items(stored) or [Dataset()]
     return any(
-        _match_dataset(key_item, item, frozenset(), pn_case_insensitive)
+        Matcher(key_item, ignore=frozenset(), pn_case_insensitive=pn_case_insensitive)(item)
         for key_item in key_items
         for item in stored_items
     )
@@ -281,7 +262,7 @@ class Matcher:
             stored = candidate.get(key.tag)
             stored_value = stored.value if stored is not None else None
             if key.keyword in self._unknown and is_universal(stored_value):
-                continue  # C.2.2.1.2, as in matches()
+                continue  # an unknown value of a Required key matches any key value (C.2.2.1.2)
             if key.universal:
                 continue
             vr = _key_vr(key.elem, stored)
@@ -322,7 +303,7 @@ def _project(query: Dataset, candidate: Dataset, pn_case_insensitive: bool, top:
         items: list[Dataset] = []
         for item in _items(stored.value if stored is not None else None):
             for key_item in key_items:
-                if _match_dataset(key_item, item, frozenset(), pn_case_insensitive):
+                if Matcher(key_item, ignore=frozenset(), pn_case_insensitive=pn_case_insensitive)(item):
                     items.append(_project(key_item, item, pn_case_insensitive, top=False))
                     break
         out.add(DataElement(tag, "SQ", DicomSequence(items)))

@@ -266,13 +266,7 @@ def match_plain_value(query: Any, stored: Any, vr: str, *, pn_case_insensitive: 
     query, stored = unwrap(query), unwrap(stored)
     if is_universal(query):
         return True
-    keys = _values(query, vr)
-    if not keys:  # only delimiters / padding: nothing to match on
-        return True
-    stored_values = _values(stored, vr)
-    if not stored_values:
-        return _pure_wildcard(keys, vr)
-    return any(_match_single(k, s, vr, pn_case_insensitive) for k in keys for s in stored_values)
+    return match_key_values(key_values(query, vr), stored, vr, pn_case_insensitive=pn_case_insensitive)
 
 
 class KeyValues:
