@@ -136,7 +136,7 @@ class AE(HandlerRegistry):
     ipv6_prefix: int
     #: Acceptor: warnings about connections refused, rejected or dropped before they
     #: became associations (bad AE titles, limits, PROXY garbage, failed TLS handshakes,
-    #: ARTIM ...): per kind and client address, the first ``refusal_log_burst`` in each
+    #: ARTIM, an authenticator that raised ...): per kind and client address, the first ``refusal_log_burst`` in each
     #: ``refusal_log_interval`` seconds are logged, the rest counted into one line.
     refusal_log_burst: int
     refusal_log_interval: float
@@ -404,8 +404,9 @@ class AE(HandlerRegistry):
         if identity is not None and self._authenticator is not None:
             try:
                 ok, response = await asyncio.wait_for(self._authenticator(identity, assoc), self.acse_timeout)
-            except Exception as exc:  # the hook failed: treat as a refusal, say why
-                assoc.log.warning("user identity check failed", error=repr(exc))
+            except Exception as exc:  # the hook failed: treat as a refusal, say why (limited per address)
+                if server is None or server.allow_warning("user identity check failed", assoc.peer[0]):
+                    assoc.log.warning("user identity check failed", error=repr(exc))
                 ok, response = False, None
         return negotiate(rq, self._acceptor_policy(), identity_ok=ok, identity_response=response)
 

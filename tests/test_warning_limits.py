@@ -274,3 +274,32 @@ async def test_each_server_has_its_own_limiter() -> None:
         assert two.allow_warning("x", "192.0.2.1")
         logged = [one.allow_warning("x", f"2001:db8:1:2::{i}") for i in range(1, 10)]
         assert logged == [True] * 5 + [False] * 4  # an IPv6 client is keyed by its /64
+
+
+async def test_an_authenticator_that_fails_for_every_request_logs_a_bounded_number_of_lines() -> None:
+    """A user-identity hook that raises is a refusal with a warning saying why; 40
+    requests from 127.0.0.1 in a row write five of those warnings in full and one
+    summary of the rest, not 40 (PS3.7 D.3.3.7: the request is rejected either way)."""
+    from dimse_async.pdu import UserIdentityRQ
+
+    ae = da.AE("ARCHIVE", refusal_log_interval=0.5)
+    ae.add_supported_context(da.Verification)
+
+    @ae.on_user_identity
+    async def check(identity: object, assoc: object) -> tuple[bool, bytes | None]:
+        raise RuntimeError("directory unreachable")
+
+    scu = da.AE("CLIENT")
+    scu.add_requested_context(da.Verification)
+    with lines() as log:
+        async with await ae.start_server("127.0.0.1", 0) as server:
+            t0 = asyncio.get_running_loop().time()
+            for _ in range(40):
+                with pytest.raises(da.AssociationRejected):
+                    await scu.associate("127.0.0.1", server.port, "ARCHIVE", identity=UserIdentityRQ(1, b"user"))
+            flood = asyncio.get_running_loop().time() - t0
+        failed = log.events("user identity check failed")
+        summaries = [s for s in log.events("similar warnings suppressed") if s["kind"] == "user identity check failed"]
+    assert failed and all(line["error"] == "RuntimeError('directory unreachable')" for line in failed)
+    assert len(failed) <= 5 * (2 + int(flood / 0.5)), (len(failed), flood)
+    assert len(failed) + sum(int(str(s["suppressed"])) for s in summaries) == 40
