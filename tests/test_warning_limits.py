@@ -303,3 +303,33 @@ async def test_an_authenticator_that_fails_for_every_request_logs_a_bounded_numb
     assert failed and all(line["error"] == "RuntimeError('directory unreachable')" for line in failed)
     assert len(failed) <= 5 * (2 + int(flood / 0.5)), (len(failed), flood)
     assert len(failed) + sum(int(str(s["suppressed"])) for s in summaries) == 40
+
+
+def test_refusal_log_settings_from_the_command_line_and_the_serve_configuration(tmp_path: Path) -> None:
+    """``--refusal-log-burst`` / ``--refusal-log-interval`` on every SCP command, the same
+    keys in serve's TOML (checked when loaded), and serve's ``--retrieve-max-instances``."""
+    from dimse_async.archive.config import load_config
+    from dimse_async.archive.serve import apply_args, archive_ae
+    from dimse_async.cli import _parser, storage_ae
+
+    argv = ["--refusal-log-burst", "2", "--refusal-log-interval", "0.5"]
+    ae = storage_ae(_parser("store-scp").parse_args(["store-scp", "--out", str(tmp_path), *argv]))
+    assert (ae.refusal_log_burst, ae.refusal_log_interval) == (2, 0.5)
+    config = load_config(None)
+    assert (config.refusal_log_burst, config.refusal_log_interval, config.retrieve_max_instances) == (5, 10.0, 100_000)
+    apply_args(config, _parser("serve").parse_args(["serve", *argv, "--retrieve-max-instances", "7"]))
+    ae = archive_ae(config)
+    assert (ae.refusal_log_burst, ae.refusal_log_interval, config.retrieve_max_instances) == (2, 0.5, 7)
+    path = tmp_path / "serve.toml"
+    path.write_text("refusal_log_burst = 3\nrefusal_log_interval = 30\n")
+    ae = archive_ae(load_config(path))
+    assert (ae.refusal_log_burst, ae.refusal_log_interval) == (3, 30)
+    for bad in ("refusal_log_burst = 0", "refusal_log_interval = 0", "refusal_log_burst = 1.5", "refusal_log_interval = true"):
+        path.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=bad.split()[0]):
+            load_config(path)
+    for flags in (["--refusal-log-burst", "0"], ["--refusal-log-interval", "-1"]):
+        with pytest.raises(SystemExit):
+            _parser("echo-scp").parse_args(["echo-scp", *flags])
+    with pytest.raises(SystemExit):
+        _parser("serve").parse_args(["serve", "--retrieve-max-instances", "0"])

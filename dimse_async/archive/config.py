@@ -45,6 +45,8 @@ Example::
     max_request_dataset = 1048576             # largest C-FIND/GET/MOVE identifier (bytes)
     max_buffered_output = 67108864            # response bytes queued for peers, all associations (and workers)
     abort_artim_timeout = 5                   # after our A-ABORT, seconds for the peer to close
+    refusal_log_burst = 5                     # warnings about refused connections: 5 in full
+    refusal_log_interval = 10                 #   per kind and address every 10 s, the rest counted
     query_max_matches = 50000                 # a C-FIND (archive or worklist) stops with 0xA700
     query_time_budget = 60                    #   past this many matches or seconds
     retrieve_max_instances = 100000           # a C-GET / C-MOVE of more is refused 0xA702
@@ -172,6 +174,10 @@ class ServeConfig:
     max_buffered_output: int = 64 << 20
     #: After our A-ABORT, seconds the peer gets to close the connection (ARTIM, PS3.8 §9.1.5).
     abort_artim_timeout: float = 5.0
+    #: Warnings about connections refused or rejected: the first ``refusal_log_burst``
+    #: per kind and client address in each ``refusal_log_interval`` seconds in full.
+    refusal_log_burst: int = 5
+    refusal_log_interval: float = 10.0
     #: Every C-FIND the archive runs (Q/R and worklist) stops with 0xA700 (out of
     #: resources, logged) past this many matches or seconds.
     query_max_matches: int = 50_000
@@ -204,6 +210,8 @@ ADMISSION_KEYS = (
     "max_request_dataset",
     "max_buffered_output",
     "abort_artim_timeout",
+    "refusal_log_burst",
+    "refusal_log_interval",
 )
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -217,6 +225,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_request_dataset": (int,),
     "max_buffered_output": (int,),
     "abort_artim_timeout": (int, float),
+    "refusal_log_burst": (int,),
+    "refusal_log_interval": (int, float),
     "paused_wait": (int, float),
     "query_max_matches": (int,),
     "query_time_budget": (int, float),
@@ -289,13 +299,14 @@ def _check(key: str, value: Any) -> Any:
         "commitment_max_transactions",
         "commitment_max_per_association",
         "retrieve_max_instances",
+        "refusal_log_burst",
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{key} must be a positive integer, not {value!r}")
         return value
-    if key == "busy_pending_timeout":
+    if key in ("busy_pending_timeout", "refusal_log_interval"):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ValueError(f"busy_pending_timeout must be a positive number of seconds, not {value!r}")
+            raise ValueError(f"{key} must be a positive number of seconds, not {value!r}")
         return value
     if key == "ipv6_prefix":
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 128:

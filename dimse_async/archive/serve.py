@@ -67,6 +67,8 @@ def archive_ae(config: ServeConfig) -> AE:
         max_request_dataset=config.max_request_dataset,
         max_buffered_output=config.max_buffered_output,
         abort_artim_timeout=config.abort_artim_timeout,
+        refusal_log_burst=config.refusal_log_burst,
+        refusal_log_interval=config.refusal_log_interval,
         log_operations=config.log_operations,
     )
     ae.add_supported_context(Verification)
@@ -101,6 +103,7 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         ("query_max_matches", "query_max_matches"),
         ("query_time_budget", "query_time_budget"),
         ("commitment_max_references", "commitment_max_references"),
+        ("retrieve_max_instances", "retrieve_max_instances"),
         ("tls_cert", "tls_cert"),
         ("tls_key", "tls_key"),
         ("tls_ca", "tls_ca"),

@@ -170,6 +170,13 @@ def _add_serve(sub: Any) -> None:
         "(config: commitment_max_references, default 10000)",
     )
     serve.add_argument(
+        "--retrieve-max-instances",
+        type=positive_int,
+        metavar="N",
+        help="a C-GET / C-MOVE matching more than N instances is refused 0xA702 "
+        "(config: retrieve_max_instances, default 100000)",
+    )
+    serve.add_argument(
         "--max-associations", type=positive_int, help="associations at once (config: max_associations)"
     )
     serve.add_argument("--workers", type=positive_int, help="worker processes sharing the port (config: workers, default 1)")
@@ -288,6 +295,12 @@ ADMISSION: tuple[tuple[str, Callable[[str], Any], str], ...] = (
     ("max_request_dataset", int, "largest identifier in bytes; larger is refused 0xA700 (default 1 MiB)"),
     ("max_buffered_output", int, "bytes queued for peers not reading (responses, C-GET data sets), all workers together (default 64 MiB)"),
     ("abort_artim_timeout", float, "seconds a peer gets to close the connection after our A-ABORT (default 5)"),
+    (
+        "refusal_log_burst",
+        positive_int,
+        "warnings about refused connections logged in full per kind and client address in each interval (default 5)",
+    ),
+    ("refusal_log_interval", positive_float, "... that interval in seconds; the rest are counted into one line (default 10)"),
 )
 
 
