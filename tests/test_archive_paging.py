@@ -431,3 +431,35 @@ def test_the_values_of_a_uid_list_sent_as_un_narrow_exactly() -> None:
     decoded = decode_identifier(data, "1.2.840.10008.1.2.1")
     assert decoded["StudyInstanceUID"].VR == "UN"
     assert exact_values(decoded.get("StudyInstanceUID")) == uids
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_retrieve_of_a_uid_list_longer_than_a_statement_takes(tmp_path: Path, backend: str, request: Any) -> None:
+    """A C-GET at IMAGE level listing 40,000 SOP Instance UIDs, three of them stored
+    (List of UID Matching; more arguments than PostgreSQL takes in one statement,
+    32,767): the list is looked up 1,000 values at a time, the three are counted and
+    sent, and the C-GET succeeds (it failed 0xC000 on PostgreSQL). Over 1,000 values of
+    a key above the level, which must be single-valued (PS3.4 C.4.2.2.1), is 0xA900."""
+    index = request.getfixturevalue("postgresql").new_database() if backend == "postgresql" else None
+    files = make_instances(tmp_path / "in", 3)
+    first = pydicom.dcmread(files[0][0])
+    async with running_serve(tmp_path / "archive", index=index) as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        ae, received = getter(files[0][1])
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID = first.StudyInstanceUID
+        q.SeriesInstanceUID = first.SeriesInstanceUID
+        q.SOPInstanceUID = [f"2.25.{k}" for k in range(20_000)] + [i for _p, _c, i in files] + [f"2.{k}" for k in range(20_000)]
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            progress = [p async for p in assoc.c_get(q, model="study")]
+            final = progress[-1]
+            assert int(final.status) == 0, final
+            assert (final.completed, final.failed, final.warning) == (3, 0, 0), final
+            assert sorted(received) == sorted(i for _p, _c, i in files)
+            q.QueryRetrieveLevel = "SERIES"
+            q.SeriesInstanceUID = [f"2.25.{k}" for k in range(1_001)]
+            q.StudyInstanceUID = [first.StudyInstanceUID] + [f"2.{k}" for k in range(1_001)]
+            del q.SOPInstanceUID
+            refused = [p async for p in assoc.c_get(q, model="study")]
+        assert int(refused[-1].status) == 0xA900 and len(received) == 3, refused

@@ -220,24 +220,32 @@ class QueryMixin(IndexDB):
 
     def _retrieve_count(self, where: _RetrieveWhere, deadline: float) -> Matches:
         """How many instances a retrieve sends, and their (SOP class, transfer syntax) pairs."""
+        counts: dict[tuple[str, str], int] = {}
         db = self._read_conn(deadline)
         try:
-            rows = db.execute(
-                f"SELECT i.sop_class, i.transfer_syntax, COUNT(*) {_RETRIEVE_FROM} WHERE {where.sql} "
-                "GROUP BY i.sop_class, i.transfer_syntax",
-                where.args,
-            ).fetchall()
+            for sql, args in where.parts:
+                for c, ts, n in db.execute(
+                    f"SELECT i.sop_class, i.transfer_syntax, COUNT(*) {_RETRIEVE_FROM} WHERE {sql} "
+                    "GROUP BY i.sop_class, i.transfer_syntax",
+                    args,
+                ).fetchall():
+                    kind = (str(c), str(ts) if ts else "")
+                    counts[kind] = counts.get(kind, 0) + int(n)
         finally:
             db.close()
-        kinds = tuple((str(c), str(ts)) for c, ts, _n in rows)
+        kinds = tuple(counts)
         # A transfer syntax not recorded: the files are read for the C-MOVE's contexts.
-        return Matches(sum(int(n) for _c, _ts, n in rows), kinds if all(ts for _c, ts in kinds) else None)
+        return Matches(sum(counts.values()), kinds if all(ts for _c, ts in kinds) else None)
 
-    def _retrieve_page(self, where: _RetrieveWhere, last: str | None) -> tuple[list[str | Unavailable], str | None]:
-        """The next :data:`_RETRIEVE_PAGE` instances after ``last`` in SOP Instance UID
-        order (keyset pagination), on a connection closed before this returns; and the
-        last UID read (``None``: there are no more)."""
-        sql, args = where.sql, list(where.args)
+    def _retrieve_page(
+        self, where: _RetrieveWhere, after: tuple[int, str | None]
+    ) -> tuple[list[str | Unavailable], tuple[int, str | None] | None]:
+        """The next :data:`_RETRIEVE_PAGE` instances of part ``after[0]`` of the
+        retrieve after SOP Instance UID ``after[1]`` (keyset pagination, part after
+        part), on a connection closed before this returns; and where the next page
+        starts (``None``: there are no more)."""
+        part, last = after
+        sql, args = where.parts[part]
         if last is not None:
             sql, args = f"{sql} AND i.sop_uid > ?", [*args, last]
         db = self._read_conn()
@@ -250,7 +258,9 @@ class QueryMixin(IndexDB):
         finally:
             db.close()
         items = [_on_disk(path, size, uid) for path, size, uid in rows]
-        return items, (rows[-1][2] if len(rows) == _RETRIEVE_PAGE else None)
+        if len(rows) == _RETRIEVE_PAGE:
+            return items, (part, rows[-1][2])
+        return items, ((part + 1, None) if part + 1 < len(where.parts) else None)
 
     async def retrieve_iter(
         self, model_uid: str, identifier: Dataset, *, owner: object | None = None, announce: bool = False
@@ -287,13 +297,11 @@ class QueryMixin(IndexDB):
             raise StatusError(Status(0xA702, f"Out of resources: {count} instances, over {self.retrieve_max_instances}"[:64]))
         if announce:
             yield matches
-        last: str | None = None
-        while True:
-            items, last = await self._read(self._retrieve_page, where, last, owner=owner)
+        after: tuple[int, str | None] | None = (0, None)
+        while after is not None:
+            items, after = await self._read(self._retrieve_page, where, after, owner=owner)
             for item in items:
                 yield item
-            if last is None:
-                return
 
     async def retrieve_items(
         self, model_uid: str, identifier: Dataset, *, owner: object | None = None
@@ -331,9 +339,11 @@ class QueryMixin(IndexDB):
 
 
 class _RetrieveWhere(NamedTuple):
+    """A retrieve's SQL conditions: one part, or one per :data:`MAX_IN` values of a long
+    list of the level's unique key (disjoint: each instance is in one part)."""
+
     level: str
-    sql: str
-    args: list[Any]
+    parts: list[tuple[str, list[Any]]]
 
 
 #: The instances of a retrieve with their parents (the keys above the level narrow them).
@@ -343,24 +353,44 @@ _RETRIEVE_FROM = (
 )
 #: Instances read by one statement of a retrieve.
 _RETRIEVE_PAGE = 256
+#: The keys that select a retrieve's instances, with their columns.
+_RETRIEVE_KEYS = (
+    ("p.patient_id", "PatientID"),
+    ("st.study_uid", "StudyInstanceUID"),
+    ("se.series_uid", "SeriesInstanceUID"),
+    ("i.sop_uid", "SOPInstanceUID"),
+)
 
 
 def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
     """The SQL condition selecting a C-GET / C-MOVE's instances (0xA900 without the
     unique key of the retrieve level, C.4.2.2.1)."""
     level = query_level(model, identifier, "Retrieve")
-    if not exact_values(identifier.get(UNIQUE_KEYS[level])):
-        raise StatusError(Status(0xA900, f"{UNIQUE_KEYS[level]} is required at {level} level"))
+    unique = UNIQUE_KEYS[level]
+    values = exact_values(identifier.get(unique))
+    if not values:
+        raise StatusError(Status(0xA900, f"{unique} is required at {level} level"))
     where: list[str] = []
     args: list[Any] = []
-    for column, key in (
-        ("p.patient_id", "PatientID"),
-        ("st.study_uid", "StudyInstanceUID"),
-        ("se.series_uid", "SeriesInstanceUID"),
-        ("i.sop_uid", "SOPInstanceUID"),
-    ):
+    pieces: list[list[str]] = []
+    for column, key in _RETRIEVE_KEYS:
+        if key == unique and len(values) > MAX_IN:
+            # A long List of UID Matching (C.2.2.2.2): in pieces, each one IN of the
+            # index (PostgreSQL takes at most 32,767 arguments per statement).
+            listed = sorted(set(values))
+            pieces = [listed[i : i + MAX_IN] for i in range(0, len(listed), MAX_IN)]
+            unique_column = column
+            continue
+        others = exact_values(identifier.get(key)) if key in identifier else None
+        if others and len(others) > MAX_IN:  # above the level: a single value (C.4.2.2.1)
+            raise StatusError(Status(0xA900, f"{key}: {len(others)} values; only {unique} may list many"))
         where_in(identifier, key, column, where, args)
-    return _RetrieveWhere(level, " AND ".join(where), args)
+    if not pieces:
+        return _RetrieveWhere(level, [(" AND ".join(where), args)])
+    return _RetrieveWhere(
+        level,
+        [(" AND ".join([*where, f"{unique_column} IN ({_marks(piece)})"]), [*args, *piece]) for piece in pieces],
+    )
 
 
 def _on_disk(path: str, size: int | None, uid: str) -> str | Unavailable:
