@@ -674,8 +674,8 @@ class PDUReader:
         size = max(size, pending + 4096)  # room even when a whole PDU waits unread
         pool = self.pool
         fresh = bytearray(size) if pool is None else pool.take(size)
-        if pending:
-            fresh[:pending] = memoryview(buf)[start:end]
+        if pending:  # one copy (a bytearray slice assignment from a view copies twice)
+            memoryview(fresh)[:pending] = memoryview(buf)[start:end]
         if pool is not None:
             pool.put(buf)
         self._buf, self._start, self._end = fresh, 0, pending
