@@ -598,3 +598,37 @@ async def test_spool_write_jobs_queue_without_waiting_and_pause_reading_while_th
     assert second.writer is not None
     await second.writer.submit(lambda: None)
     assert os.listdir(tmp_path) == []
+
+
+def test_spool_files_are_new_files_of_their_own(tmp_path: Path, monkeypatch: Any) -> None:
+    """A spool's temporary file is created with ``O_EXCL`` under a name of this process
+    (``.incoming-<pid>-<n>.partial``, mode 0600, an absolute path); a name already
+    taken (a file or a link left behind) is never opened: another name is used and
+    what was there is untouched."""
+    import itertools
+
+    from dimse_async.services import spool as spool_mod
+
+    monkeypatch.setattr(spool_mod, "_spool_names", itertools.count(7))
+    taken = tmp_path / f".incoming-{os.getpid()}-7.partial"
+    taken.write_bytes(b"someone else's")
+    link = tmp_path / f".incoming-{os.getpid()}-8.partial"
+    link.symlink_to(tmp_path / "target")
+    fds = []
+    try:
+        fd, path = spool_mod._create_spool_file(str(tmp_path))  # the taken name: another one
+        fds.append(fd)
+        assert path not in (str(taken), str(link)) and Path(path).parent == tmp_path
+        assert Path(path).name.startswith(".incoming-") and path.endswith(".partial")
+        fd, path2 = spool_mod._create_spool_file(str(tmp_path))  # the link's name: another one
+        fds.append(fd)
+        assert path2 not in (str(taken), str(link), path)
+        monkeypatch.chdir(tmp_path)
+        fd, path3 = spool_mod._create_spool_file(".")  # a relative directory: an absolute path
+        fds.append(fd)
+        assert path3 == str(tmp_path / f".incoming-{os.getpid()}-9.partial")
+        assert os.stat(path3).st_mode & 0o777 == 0o600
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert taken.read_bytes() == b"someone else's" and not (tmp_path / "target").exists()

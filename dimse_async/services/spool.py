@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 import tempfile
 from collections.abc import Callable
@@ -35,6 +36,24 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+_spool_names = itertools.count()
+_SPOOL_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+
+def _create_spool_file(directory: str) -> tuple[int, str]:
+    """A new file ``directory/.incoming-<pid>-<n>.partial``, as ``tempfile.mkstemp``
+    makes one (``O_EXCL``: never an existing file or a link; mode 0600), without its
+    per-call Python work (random names, path checks: ~10 us per instance); a name
+    that is taken (a file left by an earlier process with this pid) falls back to it."""
+    if not os.path.isabs(directory):
+        directory = os.path.abspath(directory)
+    path = f"{directory}{os.sep}.incoming-{os.getpid()}-{next(_spool_names)}.partial"
+    try:
+        return os.open(path, _SPOOL_FLAGS, 0o600), path
+    except FileExistsError:
+        return tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
 
 
 def _unlink(path: str) -> None:
@@ -207,13 +226,13 @@ class Spool:
             self._progress()  # the writer may have caught up meanwhile
 
     def _open(self) -> int:
-        """Create the ``.partial`` file (in the writer thread)."""
+        """Create the ``.partial`` file (on the loop or in the writer thread)."""
         directory = self.directory or tempfile.gettempdir()
         try:
-            fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
+            fd, self.path = _create_spool_file(directory)
         except FileNotFoundError:
             os.makedirs(directory, exist_ok=True)
-            fd, self.path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
+            fd, self.path = _create_spool_file(directory)
         return fd
 
     def _write_job(self, chunks: list[bytes | memoryview], n: int) -> None:
