@@ -552,8 +552,14 @@ class NegotiationCache:
     the server's PDU readers (:class:`~dimse_async.pdu.PDUReader`).
     """
 
+    #: The decoded requests kept by :meth:`decode_rq` hold at most this many bytes of
+    #: requests in all (besides at most ``size`` of them): many different large
+    #: requests cannot make it hold much memory.
+    DECODED_BYTES = 512 << 10
+
     def __init__(self, size: int = 64):
         self.size = size
+        self._decoded_bytes = 0
         self._entries: OrderedDict[tuple[Any, ...], tuple[_EncodedAC, Negotiated, dict[str, ContextSpec]]] = (
             OrderedDict()
         )
@@ -561,7 +567,8 @@ class NegotiationCache:
         self.hits = self.misses = 0
 
     def decode_rq(self, body: memoryview) -> AssociateRQ:
-        """Decode an A-ASSOCIATE-RQ body, remembering the last ``size`` seen (by their bytes).
+        """Decode an A-ASSOCIATE-RQ body, remembering the last ``size`` seen (by their
+        bytes; at most :attr:`DECODED_BYTES` of them).
 
         A client sends the same bytes every time it associates, so decoding them again
         (every item, every UID) is wasted work. Each call still gets an ``AssociateRQ``
@@ -576,9 +583,13 @@ class NegotiationCache:
         if rq is None:
             decoded = decode_pdu(PDUType.ASSOCIATE_RQ, body)
             assert isinstance(decoded, AssociateRQ)
-            rq = self._decoded[raw] = decoded
-            if len(self._decoded) > self.size:
-                del self._decoded[next(iter(self._decoded))]
+            kept = self._decoded
+            rq = kept[raw] = decoded
+            self._decoded_bytes += len(raw)
+            while len(kept) > self.size or self._decoded_bytes > self.DECODED_BYTES:
+                oldest = next(iter(kept))
+                del kept[oldest]
+                self._decoded_bytes -= len(oldest)
         return AssociateRQ(
             rq.called_ae,
             rq.calling_ae,

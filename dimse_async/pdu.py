@@ -509,7 +509,9 @@ def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
 
 
 #: A-ASSOCIATE-RQs up to this long go to a :class:`PDUReader`'s ``decode_rq`` (see there).
-RQ_DECODED_BY_CALLER_UP_TO = 4096
+#: DCMTK's storescu proposes 128 presentation contexts by default (a 9.6 KB request);
+#: a request of up to 256 contexts with a few transfer syntaxes each fits.
+RQ_DECODED_BY_CALLER_UP_TO = 64 << 10
 
 
 _FRESH = 64 << 10  # a new receive buffer at a PDU boundary: one small PDU or the start of a big one

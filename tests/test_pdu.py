@@ -1424,8 +1424,56 @@ def test_associate_rq_cache_is_bounded_and_skips_invalid_and_large_requests():
     assert bytes(bad[6:]) not in cache._decoded
     # Longer than the bound: decoded every time.
     big = full_rq()
-    big.presentation_contexts = [PresentationContextRQ(2 * i + 1, CT_IMAGE, [EXPLICIT_LE] * 8) for i in range(20)]
+    big.presentation_contexts = [PresentationContextRQ(i % 128 * 2 + 1, CT_IMAGE, [EXPLICIT_LE] * 12) for i in range(256)]
     encoded, decoded = cached_round_trip(big, cache)
     assert len(encoded) > pdu_module.RQ_DECODED_BY_CALLER_UP_TO and decoded == big
     assert encoded[6:] not in cache._decoded
+
+
+def storescu_like_rq(calling_ae: str, contexts: int = 128, syntaxes: int = 1) -> AssociateRQ:
+    """A request as DCMTK's storescu sends by default: 128 presentation contexts, one
+    storage SOP class and one transfer syntax each (about 9.6 KB)."""
+    rq = full_rq()
+    rq.calling_ae = calling_ae
+    rq.presentation_contexts = [
+        PresentationContextRQ(i % 128 * 2 + 1, f"{CT_IMAGE}.{i}", [EXPLICIT_LE] * syntaxes) for i in range(contexts)
+    ]
+    return rq
+
+
+def test_a_request_of_128_contexts_is_decoded_once():
+    """storescu's default request (128 contexts, ~9.6 KB) costs a dictionary look-up
+    from the second association on, as a small one does."""
+    from dimse_async.acse import NegotiationCache
+
+    cache = NegotiationCache()
+    rq = storescu_like_rq("STORESCU-128")
+    encoded, first = cached_round_trip(rq, cache)
+    assert pdu_module_bound() // 16 < 8000 < len(encoded) and first == rq  # twice the old 4 KiB bound
+    assert encoded[6:] in cache._decoded
+    kept = cache._decoded[encoded[6:]]
+    _, second = cached_round_trip(rq, cache)
+    assert second == rq and second is not kept and second.presentation_contexts is not kept.presentation_contexts
+    assert second.presentation_contexts[0] is kept.presentation_contexts[0]  # not decoded again
+
+
+def test_decoded_requests_kept_are_bounded_in_bytes():
+    """Many different large requests: the cache keeps at most DECODED_BYTES of them
+    (not ``size`` times 64 KiB), the most recent, and still answers every one right."""
+    from dimse_async.acse import NegotiationCache
+
+    cache = NegotiationCache()
+    rqs = [storescu_like_rq(f"BIG-{i}", contexts=200, syntaxes=10) for i in range(24)]
+    for rq in rqs:
+        encoded, decoded = cached_round_trip(rq, cache)
+        assert 50_000 < len(encoded) <= 6 + pdu_module_bound() and decoded == rq
+        assert cache._decoded_bytes == sum(map(len, cache._decoded)) <= cache.DECODED_BYTES
+    assert 0 < len(cache._decoded) < len(rqs)
+    assert rqs[-1].encode()[6:] in cache._decoded and rqs[0].encode()[6:] not in cache._decoded
+
+
+def pdu_module_bound() -> int:
+    from dimse_async import pdu as pdu_module
+
+    return pdu_module.RQ_DECODED_BY_CALLER_UP_TO
 
