@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import socket
 import ssl
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import fsm
 from .acse import MIN_PEER_PDU, Negotiated, negotiation_summary, reject_text, requestor_contexts
@@ -27,7 +27,9 @@ from .pdu import AssociateAC, AssociateRJ, AssociateRQ
 from .session import (
     Session,
 )
-from .tls import TLSInfo, session_info
+
+if TYPE_CHECKING:  # loaded by a TLS association only (connection_made)
+    from .tls import TLSInfo
 
 __all__ = ["AssociationProtocol"]
 
@@ -129,7 +131,10 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
 
             host = plain_address(host)
         self.peer = (host, int(peer[1]))
-        self.tls = session_info(transport)
+        if transport.get_extra_info("ssl_object") is not None:
+            from .tls import session_info  # (a plain TCP association does not load it)
+
+            self.tls = session_info(transport)
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self.log = self.log.bind(peer=f"{self.peer[0]}:{self.peer[1]}", local_ae=self.local_ae)
         if self.via is not None:

@@ -13,14 +13,16 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .acse import Negotiated, PresentationContext
 from .budget import OutputBudget
 from .dimse import Command, DatasetSink, DatasetSource, Message
-from .filewriter import FileWriter
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
 from .session import Operation
+
+if TYPE_CHECKING:  # an association's writer is made on first use (messaging): a sender never loads it
+    from .filewriter import FileWriter
 
 __all__ = [
     "AssociationEvent",

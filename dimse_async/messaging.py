@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .acse import Negotiated, PresentationContext
 from .dimse import (
@@ -30,7 +30,6 @@ from .dimse import (
     fragment_stream_parts,
 )
 from .exceptions import AssociationAborted, AssociationError
-from .filewriter import FileWriter
 from .fsm import Output, PDataIndication, State, UpperLayer
 from .interface import Payload, ResponseWaiter, Settings, StoreHandler
 from .oplog import OperationLog
@@ -49,6 +48,9 @@ from .session import (
 )
 from .status import Code
 from .streams import MessageStream, ResponseQueue
+
+if TYPE_CHECKING:
+    from .filewriter import FileWriter
 
 __all__ = ["DIMSEMessaging"]
 
@@ -117,6 +119,8 @@ class DIMSEMessaging:
     def writer(self) -> FileWriter:
         """This association's file writer (its jobs in order, in a shared thread; made on first use)."""
         if self._writer is None:
+            from .filewriter import FileWriter  # file work is the receiving side's: a sender never loads it
+
             self._writer = FileWriter(self.loop)
         return self._writer
 
