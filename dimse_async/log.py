@@ -31,7 +31,6 @@ successful operations at INFO instead.
 
 from __future__ import annotations
 
-import json as _json
 import logging
 import re
 import sys
@@ -65,10 +64,18 @@ def set_process_fields(**fields: Any) -> None:
 _QUOTED = re.compile(r'[ "=\x00-\x1f\x7f-\x9f]')
 
 
+def _dumps(value: Any) -> str:
+    """``value`` as JSON text (json is loaded by the first line that needs it: a run that
+    logs nothing, such as a quiet ``send``, never imports it)."""
+    import json
+
+    return json.dumps(value, default=str)
+
+
 def _format_value(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
     if not text or _QUOTED.search(text):
-        return _json.dumps(text)
+        return _dumps(text)
     return text
 
 
@@ -257,7 +264,7 @@ class StructuredFormatter(logging.Formatter):
                 else:
                     out["exception"] = self.formatException(record.exc_info)
             out = {"timestamp": stamp, "level": level, **out, **_process_fields}
-            return _json.dumps(out, default=str)
+            return _dumps(out)
         text = f"{stamp} [{level:<7}] {record.getMessage().rstrip()}"
         if fields is None and record.name != LOGGER_NAME:
             text += f" logger={record.name}"
