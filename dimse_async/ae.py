@@ -6,7 +6,7 @@ import asyncio
 import functools
 import socket
 import ssl as ssl_module
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 
@@ -30,14 +30,14 @@ from .pdu import (
     UserIdentityRQ,
     UserReason,
 )
-from .services import verification
-from .services.storage import STORE_TRANSFER_SYNTAXES, CStoreService, make_spool
 from .session import Operation
-from .uids import DEFAULT_TRANSFER_SYNTAXES
+from .uids import DEFAULT_TRANSFER_SYNTAXES, STORE_TRANSFER_SYNTAXES
 
 if TYPE_CHECKING:  # the acceptor side is loaded when a server starts, not by an SCU
     from .proxy import Network
     from .server import Server
+    from .services.storage import CStoreService
+    from .services.verification import EchoService
 
 __all__ = ["AE", "TRANSFER_SYNTAX_PRESETS", "Service"]
 
@@ -84,6 +84,45 @@ def _syntaxes(transfer_syntaxes: Iterable[str] | str | None) -> list[str]:
     if not out:
         raise ValueError("no transfer syntaxes given")
     return out
+
+
+class _SCPServices:
+    """An AE's built-in SCP services, C-ECHO (PS3.4 Annex A) and C-STORE (Annex B), and
+    the C-STORE spool. Made when an association first needs one: their modules (and the
+    spool and file writer) are not imported by a sender, which receives no request."""
+
+    __slots__ = ("echo", "make_spool", "store")
+
+    echo: EchoService
+    store: CStoreService
+    make_spool: Callable[..., Any]
+
+    def __init__(self, handlers: dict[CommandField, Any]) -> None:
+        from .services.storage import CStoreService, make_spool
+        from .services.verification import EchoService
+
+        self.echo = EchoService(functools.partial(handlers.get, CommandField.C_ECHO_RQ))
+        self.store = CStoreService(functools.partial(handlers.get, CommandField.C_STORE_RQ))
+        self.make_spool = make_spool
+
+
+class _FirstRequest:
+    """The C-ECHO or C-STORE entry of an association's dispatch table while the AE's
+    :class:`_SCPServices` are not loaded yet: the first request loads them."""
+
+    __slots__ = ("_ae", "_name")
+
+    def __init__(self, ae: AE, name: str) -> None:
+        self._ae, self._name = ae, name
+
+    def _service(self) -> EchoService | CStoreService:
+        return getattr(self._ae._scp_services(), self._name)  # type: ignore[no-any-return]
+
+    def __call__(self, assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
+        return self._service()(assoc, op)
+
+    def start(self, assoc: DIMSEProvider, op: Operation, done: asyncio.Future[None]) -> bool:
+        return self._service().start(assoc, op, done)
 
 
 class AE(HandlerRegistry):
@@ -253,6 +292,7 @@ class AE(HandlerRegistry):
         self.requested_contexts = []
         self.supported_contexts = {}
         self.commitments = None
+        self._scp: _SCPServices | None = None
 
     # ------------------------------------------------------------ contexts
 
@@ -314,8 +354,11 @@ class AE(HandlerRegistry):
         routes: list[Any] = []  # the C-MOVE route, made on the first C-MOVE
 
         # C-ECHO and C-STORE may run a request as callbacks, without a task (``start``).
-        echo = verification.EchoService(functools.partial(handlers.get, CommandField.C_ECHO_RQ))
-        store = CStoreService(functools.partial(handlers.get, CommandField.C_STORE_RQ))
+        # Their modules load with the first such request (a sender gets none): until then
+        # an association gets stand-ins, afterwards the services themselves.
+        scp = self._scp
+        echo: ServiceHandler = scp.echo if scp is not None else _FirstRequest(self, "echo")
+        store: ServiceHandler = scp.store if scp is not None else _FirstRequest(self, "store")
 
         async def find(assoc: DIMSEProvider, op: Operation) -> None:
             from .services import qr
@@ -350,9 +393,15 @@ class AE(HandlerRegistry):
             CommandField.C_MOVE_RQ: move,
         }
 
+    def _scp_services(self) -> _SCPServices:
+        """The C-ECHO and C-STORE services and the C-STORE spool, loaded on first use."""
+        if self._scp is None:
+            self._scp = _SCPServices(self._handlers)
+        return self._scp
+
     def _sinks(self) -> dict[int, SinkFactory]:
         def spool(assoc: DIMSEProvider, msg: Message) -> Any:
-            return make_spool(
+            return self._scp_services().make_spool(
                 assoc,
                 msg,
                 threshold=self.spool_threshold,

@@ -10,6 +10,7 @@ __all__ = [
     "DEFAULT_TRANSFER_SYNTAXES",
     "IMPLEMENTATION_CLASS_UID",
     "IMPLEMENTATION_VERSION_NAME",
+    "STORE_TRANSFER_SYNTAXES",
     "UNCOMPRESSED_TRANSFER_SYNTAXES",
     "Verification",
     "uid_name",
@@ -35,6 +36,27 @@ UNCOMPRESSED_TRANSFER_SYNTAXES = [
 
 #: What we propose and accept unless told otherwise.
 DEFAULT_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+#: What a storage SCP accepts by default: uncompressed first, then the usual compressed
+#: (also ``services.storage.STORE_TRANSFER_SYNTAXES``; here for the AE's presets).
+STORE_TRANSFER_SYNTAXES: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+]
 
 
 def uid_name(uid: str) -> str:

@@ -166,6 +166,46 @@ async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
     assert len(list((tmp_path / "out").iterdir())) == 1
 
 
+#: What a plain TCP send does not need either (imported where they are used): TLS, the
+#: receiving side's file writer and storage SCP, json (only a logged line needing quoting
+#: or JSON output). ``ssl`` itself is not among them: asyncio and uvloop import it.
+NOT_FOR_A_SENDER = (
+    "dimse_async.tls",
+    "dimse_async.filewriter",
+    "json",
+)
+
+#: Runs ``python -m dimse_async`` as the process itself; at exit writes the modules
+#: loaded to the file named first in argv (an exit handler: they still run at the end).
+_AS_PROCESS = """
+import atexit, runpy, sys
+out, sys.argv = sys.argv[1], ["dimse-async", *sys.argv[2:]]
+def written():
+    with open(out, "w") as f:
+        f.write("\\n".join(sorted(sys.modules)))
+atexit.register(written)
+runpy.run_module("dimse_async", run_name="__main__", alter_sys=True)
+"""
+
+
+async def test_a_send_process_loads_no_tls_and_ends_cleanly(tmp_path: Path) -> None:
+    """``python -m dimse_async send`` of one instance to storescp, as its own process,
+    without TLS: none of :data:`NOT_FOR_A_SENDER` (nor the heavy or server-side modules)
+    is loaded; the process ends at once (``cli.process.exit_now``) yet its exit handlers
+    run and its output is all there."""
+    (path,) = distinct_cts(tmp_path / "in", 1)
+    modules = tmp_path / "modules.txt"
+    with storescp(tmp_path / "out") as port:
+        argv = [sys.executable, "-c", _AS_PROCESS, str(modules), "send", HOST, str(port), str(path), "--aec", "STORESCP"]
+        res = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, env=ENV, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("sent 1/1 instances"), res.stdout
+    loaded = set(modules.read_text().split())
+    assert "dimse_async.services.send" in loaded and "ssl" in loaded  # (asyncio's own import)
+    assert not {m for m in loaded for h in (*NOT_FOR_A_SENDER, *HEAVY, *SERVER_SIDE) if m == h or m.startswith(h + ".")}
+    assert len(list((tmp_path / "out").iterdir())) == 1
+
+
 async def test_send_of_a_file_without_meta_loads_pydicom_when_needed(tmp_path: Path) -> None:
     """The counterpart: a file with no Part 10 header can only be read by pydicom, which is
     then loaded (and the file sent)."""

@@ -28,12 +28,7 @@ from ..part10 import encode_file_meta, valid_uid
 from ..session import Operation
 from ..sop_classes import is_other_service_class
 from ..status import Code, Status
-from ..uids import (
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from ..uids import STORE_TRANSFER_SYNTAXES
 from .requests import Request
 from .scp import failure_status, outcome_status, response
 from .spool import Spool
@@ -67,27 +62,6 @@ def __getattr__(name: str) -> Any:
 
         return codec.encode_dataset
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-#: What a storage SCP accepts by default: uncompressed first, then the usual compressed.
-STORE_TRANSFER_SYNTAXES: list[str] = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-    "1.2.840.10008.1.2.4.203",  # HTJ2K
-]
 
 
 # ---------------------------------------------------------------------------
