@@ -70,3 +70,28 @@ def test_cli_log_records_skip_thread_and_process_lookups() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.split() == ["None", "None", "None"]
+
+
+EXIT_PROBE = """
+import atexit, sys, threading, time
+atexit.register(lambda: print("exit handler ran"))
+from dimse_async.cli import process
+if {thread}:
+    threading.Thread(target=time.sleep, args=(0.2,)).start()
+print("returned", process.exit_now(5), end="")
+"""
+
+
+def test_exit_now_runs_exit_handlers_flushes_and_ends_with_the_code() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE.format(thread=False)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert (out.returncode, out.stdout, out.stderr) == (5, "exit handler ran\n", "")
+
+
+def test_exit_now_leaves_a_process_with_other_threads_to_the_interpreter() -> None:
+    """The interpreter waits for a non-daemon thread at exit; exit_now returns the code instead."""
+    out = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE.format(thread=True)], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert (out.returncode, out.stdout, out.stderr) == (0, "returned 5exit handler ran\n", "")

@@ -212,8 +212,9 @@ def _private(name: str) -> bool:
 
 
 #: Private names of the standard library used where no public name exists
-#: (argparse and zlib types; namedtuple._replace is documented API).
-STDLIB_PRIVATE_TYPES = {"_SubParsersAction", "_Decompress", "_replace"}
+#: (argparse and zlib types; namedtuple._replace and os._exit are documented API;
+#: atexit._run_exitfuncs runs the exit handlers before the CLI's os._exit).
+STDLIB_PRIVATE_TYPES = {"_SubParsersAction", "_Decompress", "_replace", "_exit", "_run_exitfuncs"}
 
 
 def test_no_module_uses_another_modules_private_names():

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from ..services.send import SendResult
     from ..workers import WorkerInfo
 
-__all__ = ["main"]
+__all__ = ["console", "main"]
 
 #: Commands in their own modules: ``add_parser(subparsers)`` and ``async run(args)``.
 MODULES = ("find", "get", "move")
@@ -519,6 +519,7 @@ def _command(argv: list[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    process.tune_gc()  # before parsing: checking AE titles imports the protocol's modules
     try:
         args = _parser(_command(argv)).parse_args(argv)
     except SystemExit as exc:
@@ -526,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(_module("check").UNKNOWN)  # monitoring convention: bad arguments are UNKNOWN
         raise
     process.tune_allocator()
-    process.tune_gc()
+    process.freeze_imports()
     process.quiet_pydicom()
     level = args.log_level
     if getattr(args, "log_ops", False) and level in ("WARNING", "ERROR", "CRITICAL"):
@@ -539,6 +540,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, argv)
     except (Exception, KeyboardInterrupt) as exc:
         return report(f"dimse-async {args.command}", exc, args.log_level)
+
+
+def console() -> int:
+    """The ``dimse-async`` program (and ``python -m dimse_async``): :func:`main` on the
+    process's arguments, then the process ends at once (:func:`process.exit_now`)."""
+    return process.exit_now(main())
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib.machinery
 import logging
+import os
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
-__all__ = ["freeze_imports", "lean_log_records", "quiet_pydicom", "tune_allocator", "tune_gc"]
+__all__ = ["exit_now", "freeze_imports", "lean_log_records", "quiet_pydicom", "tune_allocator", "tune_gc"]
 
 
 def tune_allocator() -> None:
@@ -105,3 +107,26 @@ def lean_log_records() -> None:
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+
+
+def exit_now(code: int) -> int:
+    """End the ``dimse-async`` process with ``code`` once its command has returned,
+    without tearing the interpreter down.
+
+    The exit handlers still run (logging's flush among them) and stdout and stderr are
+    flushed; what is skipped is freeing every module and object one by one, which the
+    process's end does at once: ~5 ms of a one-instance ``send``. Only when no other
+    thread is alive (the interpreter would wait for it) and the streams flush cleanly;
+    otherwise ``code`` is returned for the usual exit (``sys.exit``).
+    """
+    import atexit
+
+    if threading.active_count() > 1:
+        return code
+    atexit._run_exitfuncs()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe or stream: let the interpreter report it
+        return code
+    os._exit(code)
