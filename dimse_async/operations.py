@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from .association import AssociationProtocol
 from .interface import StoreHandler
-from .services import verification
 from .services.store_scu import PreparedFile, c_store
 from .status import Status
 
@@ -37,6 +36,8 @@ class Association(AssociationProtocol):
 
     async def c_echo(self, *, timeout: float | None = None) -> Status:
         """C-ECHO (PS3.7 §9.1.5, PS3.4 Annex A): returns the response status."""
+        from .services import verification  # (loaded by the first C-ECHO: a send does without it)
+
         return await verification.c_echo(self, timeout=timeout)
 
     async def c_store(

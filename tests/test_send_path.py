@@ -167,11 +167,15 @@ async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
 
 
 #: What a plain TCP send does not need either (imported where they are used): TLS, the
-#: receiving side's file writer and storage SCP, json (only a logged line needing quoting
-#: or JSON output). ``ssl`` itself is not among them: asyncio and uvloop import it.
+#: receiving side's file writer, the SCP services (loaded by the first request received),
+#: json (a logged line needing quoting, JSON output). ``ssl`` is not among them: asyncio
+#: and uvloop import it themselves.
 NOT_FOR_A_SENDER = (
     "dimse_async.tls",
     "dimse_async.filewriter",
+    "dimse_async.services.storage",
+    "dimse_async.services.verification",
+    "dimse_async.services.scp",
     "json",
 )
 
