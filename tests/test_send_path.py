@@ -168,8 +168,8 @@ async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
 
 #: What a plain TCP send does not need either (imported where they are used): TLS, the
 #: receiving side's file writer, the SCP services (loaded by the first request received),
-#: json (a logged line needing quoting, JSON output). ``ssl`` is not among them: asyncio
-#: and uvloop import it themselves.
+#: json (a logged line needing quoting, JSON output), ctypes (the allocator tuning of the
+#: receiving commands). ``ssl`` is not among them: asyncio and uvloop import it themselves.
 NOT_FOR_A_SENDER = (
     "dimse_async.tls",
     "dimse_async.filewriter",
@@ -177,6 +177,7 @@ NOT_FOR_A_SENDER = (
     "dimse_async.services.verification",
     "dimse_async.services.scp",
     "json",
+    "ctypes",
 )
 
 #: Runs ``python -m dimse_async`` as the process itself; at exit writes the modules

@@ -526,7 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.code == EXIT_USAGE and "check" in argv:
             return int(_module("check").UNKNOWN)  # monitoring convention: bad arguments are UNKNOWN
         raise
-    process.tune_allocator()
+    if args.command != "send":  # a sender receives only short responses (and saves importing ctypes)
+        process.tune_allocator()
     process.freeze_imports()
     process.quiet_pydicom()
     level = args.log_level
