@@ -24,6 +24,8 @@ MAX_CONTEXTS = 128
 
 @dataclass(slots=True)
 class FileInfo:
+    """What planning the presentation contexts needs of a file (:func:`inspect_file`)."""
+
     path: str
     sop_class: str
     transfer_syntax: str

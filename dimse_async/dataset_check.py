@@ -100,6 +100,8 @@ class BudgetExceeded(Exception):
 
 @dataclass(slots=True)
 class DataSetSummary:
+    """What a structural check of a data set found: its UIDs, syntax and element count."""
+
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str

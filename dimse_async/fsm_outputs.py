@@ -39,7 +39,7 @@ class Send:
 
 @dataclass(slots=True)
 class ConnectTransport:
-    pass
+    """Open the transport connection to the peer (AE-1, PS3.8 Table 9-6)."""
 
 
 @dataclass(slots=True)
@@ -52,12 +52,12 @@ class CloseTransport:
 
 @dataclass(slots=True)
 class StartARTIM:
-    pass
+    """Start (or restart) the ARTIM timer (PS3.8 §9.1.5)."""
 
 
 @dataclass(slots=True)
 class StopARTIM:
-    pass
+    """Stop the ARTIM timer (PS3.8 §9.1.5)."""
 
 
 @dataclass(slots=True)
@@ -86,32 +86,43 @@ class Refused:
 
 @dataclass(slots=True)
 class AssociateIndication:
+    """A-ASSOCIATE indication: the peer's A-ASSOCIATE-RQ, for the acceptor to judge."""
+
     rq: AssociateRQ
 
 
 @dataclass(slots=True)
 class AssociateAccepted:
+    """A-ASSOCIATE confirmation (accept): the peer's A-ASSOCIATE-AC."""
+
     ac: AssociateAC
 
 
 @dataclass(slots=True)
 class AssociateRejected:
+    """A-ASSOCIATE confirmation (reject): the peer's A-ASSOCIATE-RJ."""
+
     rj: AssociateRJ
 
 
 @dataclass(slots=True)
 class PDataIndication:
+    """P-DATA indication: a P-DATA-TF PDU from the peer."""
+
     pdu: PDataTF
 
 
 @dataclass(slots=True)
 class ReleaseIndication:
+    """A-RELEASE indication: the peer asks to release (``collision``: both sides asked at
+    once, a release collision, Sta9-Sta12)."""
+
     collision: bool = False
 
 
 @dataclass(slots=True)
 class ReleaseConfirm:
-    pass
+    """A-RELEASE confirmation: the peer's A-RELEASE-RP."""
 
 
 @dataclass(slots=True)

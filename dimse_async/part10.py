@@ -23,6 +23,8 @@ _MAX_META = 1 << 16
 
 @dataclass(slots=True)
 class FileMeta:
+    """A Part 10 file's meta information (PS3.10 §7.1) and where its data set starts."""
+
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: str

@@ -31,6 +31,8 @@ _RETRIES = 3  # associations in a row that may end before one more file is answe
 
 @dataclass(slots=True)
 class SendResult:
+    """One file's outcome: the response status, or why it was not sent."""
+
     path: str
     size: int
     status: Status | None = None
@@ -43,6 +45,8 @@ class SendResult:
 
 @dataclass
 class SendReport:
+    """The outcome of :func:`send_files`: one result per file and the seconds it took."""
+
     results: list[SendResult] = field(default_factory=list)
     seconds: float = 0.0
 
