@@ -116,7 +116,8 @@ class _FirstRequest:
         self._ae, self._name = ae, name
 
     def _service(self) -> EchoService | CStoreService:
-        return getattr(self._ae._scp_services(), self._name)  # type: ignore[no-any-return]
+        services = self._ae._scp_services()
+        return services.echo if self._name == "echo" else services.store
 
     def __call__(self, assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
         return self._service()(assoc, op)

@@ -543,10 +543,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report(f"dimse-async {args.command}", exc, args.log_level)
 
 
+#: Commands whose process ends at once when they return (:func:`process.exit_now`):
+#: clients that leave no file or database open for the interpreter's teardown to close.
+QUICK_EXIT = ("echo", "send")
+
+
 def console() -> int:
     """The ``dimse-async`` program (and ``python -m dimse_async``): :func:`main` on the
-    process's arguments, then the process ends at once (:func:`process.exit_now`)."""
-    return process.exit_now(main())
+    process's arguments; a :data:`QUICK_EXIT` command's process then ends at once."""
+    code = main()
+    if _command(sys.argv[1:]) in QUICK_EXIT:
+        return process.exit_now(code)
+    return code
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:

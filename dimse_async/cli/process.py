@@ -112,8 +112,8 @@ def lean_log_records() -> None:
 
 
 def exit_now(code: int) -> int:
-    """End the ``dimse-async`` process with ``code`` once its command has returned,
-    without tearing the interpreter down.
+    """End the ``dimse-async`` process with ``code`` once its command (a client run that
+    leaves no file or database open) has returned, without tearing the interpreter down.
 
     The exit handlers still run (logging's flush among them) and stdout and stderr are
     flushed; what is skipped is freeing every module and object one by one, which the
@@ -127,8 +127,9 @@ def exit_now(code: int) -> int:
         return code
     atexit._run_exitfuncs()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
     except (OSError, ValueError):  # a closed pipe or stream: let the interpreter report it
         return code
     os._exit(code)
