@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-__all__ = ["FileMeta", "encode_file_meta", "read_file_meta", "valid_uid"]
+__all__ = ["FileMeta", "encode_file_meta", "plausible_uid", "read_file_meta", "valid_uid"]
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _MAX_META = 1 << 16
@@ -37,6 +37,17 @@ _UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 def valid_uid(uid: str) -> bool:
     """PS3.5 §9.1: 1-64 chars of digits and dots, no empty component, no leading zero."""
     return 0 < len(uid) <= 64 and _UID.fullmatch(uid) is not None
+
+
+_LOOSE_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+
+
+def plausible_uid(uid: str) -> bool:
+    """PS3.5 §9.1's character set and length (1-64 digits and dots, no empty component),
+    leading zeros tolerated: some devices generate UIDs with them, and a UID that never
+    names a file need not be refused for that. Letters, slashes, spaces inside, more
+    than 64 characters are refused."""
+    return 0 < len(uid) <= 64 and _LOOSE_UID.fullmatch(uid) is not None
 
 
 def read_file_meta(fp: BinaryIO) -> FileMeta | None:

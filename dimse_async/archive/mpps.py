@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 
 from ..codec import decode_identifier, encode_dataset
@@ -39,6 +40,45 @@ CREATE TABLE IF NOT EXISTS mpps (
 CREATE INDEX IF NOT EXISTS mpps_status ON mpps(status);
 CREATE INDEX IF NOT EXISTS mpps_patient ON mpps(patient_id);
 """
+
+
+#: Attributes the SCP reads as one text value (its state and its listing's columns).
+_TEXT_KEYWORDS = (
+    "PerformedProcedureStepStatus",
+    "PatientID",
+    "Modality",
+    "PerformedStationAETitle",
+    "StudyInstanceUID",
+)
+
+
+def _malformed(ds: Dataset) -> str | None:
+    """Why an attribute list cannot be taken as it is (the comment of 0x0106 Invalid
+    Attribute Value, PS3.7 §10.1.5.1.6 / §10.1.3.1.9), or ``None``: a standard
+    attribute that is a sequence where the dictionary says it is not, or the reverse,
+    at any depth; or several values, a number or a sequence where the SCP reads one
+    text value (:data:`_TEXT_KEYWORDS`). Such a list used to fail in the handler
+    (0x0110 with a Python message) or be stored with a sequence's repr as its
+    Patient ID."""
+    stack = [ds]
+    while stack:
+        current = stack.pop()
+        for elem in current:
+            if elem.tag.is_private:
+                continue
+            try:
+                vr = dictionary_VR(elem.tag)
+            except KeyError:
+                continue
+            if (vr == "SQ") != (elem.VR == "SQ"):
+                return f"{elem.tag} must {'' if vr == 'SQ' else 'not '}be a sequence"
+            if elem.VR == "SQ":
+                stack.extend(item for item in elem.value)
+        for keyword in _TEXT_KEYWORDS:
+            value = current.get(keyword)
+            if value is not None and not isinstance(value, str):
+                return f"{keyword} is not one text value"
+    return None
 
 
 def _study_uid(ds: Dataset) -> str:
@@ -161,6 +201,10 @@ class MPPSStore:
         uid = request.sop_instance_uid or ""
         if ds is None:
             return Status(NCode.MISSING_ATTRIBUTE, "N-CREATE without an attribute list")
+        why = _malformed(ds)
+        if why is not None:
+            request.assoc.log.warning("MPPS N-CREATE refused", sop_instance=uid, error=why)
+            return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64])
         state = str(ds.get("PerformedProcedureStepStatus") or "")
         if state != IN_PROGRESS:
             # F.7.2.1.2: a step is created "IN PROGRESS"; anything else is an invalid value.
@@ -177,6 +221,10 @@ class MPPSStore:
         uid = request.sop_instance_uid or ""
         mods = request.dataset
         assert mods is not None  # the N-service layer answered 0x0120 otherwise
+        why = _malformed(mods)
+        if why is not None:
+            request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, error=why)
+            return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64])
         async with self._steps:
             got = await asyncio.to_thread(self._get, uid)
             if got is None:

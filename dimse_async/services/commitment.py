@@ -28,6 +28,7 @@ from pydicom.uid import generate_uid
 from ..acse import ContextSpec
 from ..exceptions import AssociationError, DIMSEFailure
 from ..log import get_logger
+from ..part10 import plausible_uid
 from ..status import Status
 from ..uids import DEFAULT_TRANSFER_SYNTAXES
 from .normalized import NCode, NRequest
@@ -347,13 +348,25 @@ def commitment_request(request: NRequest) -> CommitmentRequest | Status:
     ds = request.dataset
     if ds is None or not ds.get("TransactionUID"):
         return Status(NCode.MISSING_ATTRIBUTE, "no Transaction UID (0008,1195)")
+    transaction_uid = ds.TransactionUID
+    if not isinstance(transaction_uid, str) or not plausible_uid(transaction_uid):
+        # PS3.7 §10.1.4.1.10: 0x0115 Invalid Argument Value; the report would carry it back.
+        return Status(NCode.INVALID_ARGUMENT_VALUE, "Transaction UID (0008,1195) is not a UID")
     seq = ds.get("ReferencedSOPSequence")
     if not seq:
         return Status(NCode.MISSING_ATTRIBUTE, "no Referenced SOP Sequence (0008,1199)")
+    if ds["ReferencedSOPSequence"].VR != "SQ" or not all(isinstance(item, Dataset) for item in seq):
+        return Status(NCode.INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence (0008,1199) is not a sequence")
+    if any(
+        not isinstance(item.get(keyword) or "", str)
+        for item in seq
+        for keyword in ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID")
+    ):  # several values, a number, a sequence: not one UID to commit or report
+        return Status(NCode.INVALID_ARGUMENT_VALUE, "a reference's SOP class or instance is not one UID")
     refs = _references(seq)
     if any(not c or not i for c, i in refs):
         return Status(NCode.MISSING_ATTRIBUTE_VALUE, "a reference without SOP class or instance UID")
-    return CommitmentRequest(str(ds.TransactionUID), refs, str(ds.get("StorageMediaFileSetUID") or "") or None)
+    return CommitmentRequest(str(transaction_uid), refs, str(ds.get("StorageMediaFileSetUID") or "") or None)
 
 
 def report_dataset(result: CommitmentResult) -> tuple[int, Dataset]:

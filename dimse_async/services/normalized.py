@@ -29,6 +29,7 @@ from ..codec import decode_identifier, encode_dataset
 from ..dimse import Command, CommandField
 from ..exceptions import DIMSEFailure
 from ..interface import DIMSEProvider
+from ..part10 import plausible_uid
 from ..session import Operation
 from ..status import Code, Status, response_status
 from .requests import Request
@@ -330,6 +331,10 @@ async def scp_n_service(assoc: DIMSEProvider, op: Operation, handler: NHandler |
             status = Status(NCode.MISSING_ATTRIBUTE, "no SOP Class UID in the command")
         elif field != CommandField.N_CREATE_RQ and not request.sop_instance_uid:
             status = Status(NCode.MISSING_ATTRIBUTE, "no SOP Instance UID in the command")
+        elif not plausible_uid(request.sop_instance_uid or ""):
+            # PS3.7 §10.1: 0x0117 Invalid SOP Instance (every N-service); a handler
+            # never sees letters, slashes or 65+ characters as an instance's name.
+            status = Status(NCode.INVALID_OBJECT_INSTANCE, "invalid SOP Instance UID")
         elif request.sop_class_uid != ctx.abstract_syntax:
             status = Status(NCode.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context's")
         elif handler is None:
