@@ -85,6 +85,27 @@ class SQLiteBackend(Backend):
         self.path = root / "index.sqlite"
         self.fsync = fsync
         self.shared = shared
+        #: The file (device, inode) each writer connection opened, by ``id``.
+        self._files: dict[int, tuple[int, int]] = {}
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _check_file(self, db: Any) -> None:
+        """Refuse to write through a connection whose file is no longer the index: one
+        removed (``rm``) or replaced (a restore) while the archive runs. SQLite would go
+        on writing into the unlinked file, every store answered success while no query,
+        opening ``index.sqlite`` afresh, finds it. An ``sqlite3.OperationalError`` here
+        rolls the transaction back and the store is refused 0xA700 with this reason
+        (the files stay; a restart re-indexes them). One ``stat`` per transaction."""
+        opened = self._files.get(id(db))
+        if opened is not None and self._file_identity() != opened:
+            log.error("archive: index file removed or replaced while in use; restart to re-index", path=str(self.path))
+            raise sqlite3.OperationalError("index file removed or replaced; restart to re-index")
 
     @property
     def description(self) -> str:
@@ -107,6 +128,7 @@ class SQLiteBackend(Backend):
         outcomes: list[BaseException | None] = []
         db.execute("BEGIN IMMEDIATE")  # a savepoint alone would open (and its release commit) a transaction
         try:
+            self._check_file(db)
             for make in writes:
                 db.execute("SAVEPOINT write")
                 try:
@@ -129,6 +151,7 @@ class SQLiteBackend(Backend):
         the instance may leave, :func:`.write_index_rows`, see what it then changes)."""
         db.execute("BEGIN IMMEDIATE")
         try:
+            self._check_file(db)
             write_index_rows(db, row)
             db.execute("COMMIT")
         except BaseException:
@@ -142,6 +165,9 @@ class SQLiteBackend(Backend):
         self.retry(lambda: db.execute("PRAGMA journal_mode=WAL"))
         self.retry(lambda: self._migrate(db))
         db.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'NORMAL'}")
+        opened = self._file_identity()  # the file is open by now (journal mode, migrations)
+        if opened is not None:
+            self._files[id(db)] = opened
         return db
 
     @staticmethod
