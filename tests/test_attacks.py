@@ -152,6 +152,50 @@ async def test_find_level_with_0xff_is_a_failure_status(archive: ServerProcess) 
     await legit_echo(archive.port)
 
 
+def _el(tag: int, vr: bytes, value: bytes, length: int | None = None) -> bytes:
+    """One explicit VR little endian element; ``length`` overrides the value's."""
+    n = len(value) if length is None else length
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
+    if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR"):
+        return head + b"\0\0" + struct.pack("<I", n) + value
+    return head + struct.pack("<H", n) + value
+
+
+_LEVEL = _el(0x00080052, b"CS", b"STUDY ")
+_STUDY_UID = _el(0x0020000D, b"UI", b"")
+_ITEM = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+
+#: Identifiers that are not valid explicit VR little endian data sets (PS3.5 7.1, 7.5).
+MALFORMED_IDENTIFIERS = {
+    "value past the end": _LEVEL + _el(0x00100020, b"LO", b"x", 200),
+    "undefined length LO": _LEVEL + _el(0x00100010, b"LO", b"abc", 0xFFFF),
+    "odd trailing byte": _LEVEL + _STUDY_UID + b"\x01",
+    "unknown VR": _LEVEL + _el(0x00100020, b"ZZ", b"ab") + _STUDY_UID,
+    "item at top level": _LEVEL + _STUDY_UID + struct.pack("<HHI", 0xFFFE, 0xE000, 0),
+    "sequence delimiter at top level": _LEVEL + _STUDY_UID + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0),
+    "sequence past the end": _LEVEL + _el(0x00081110, b"SQ", b"\0" * 10, 1000),
+    "sequence never closed": _LEVEL + _el(0x00081110, b"SQ", _ITEM, 0xFFFFFFFF),
+    "element where an item belongs": _LEVEL + _el(0x00081110, b"SQ", _el(0x00100010, b"PN", b"")),
+    "elements out of order": _STUDY_UID + _LEVEL,
+    "element repeated": _LEVEL + _LEVEL + _STUDY_UID,
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED_IDENTIFIERS))
+async def test_malformed_find_identifier_is_refused_a900(archive: ServerProcess, kind: str) -> None:
+    """A C-FIND identifier that does not parse to its end, in order, is refused 0xA900
+    (Identifier does not match SOP Class, PS3.4 C.4.1.1.4) with a warning: not matched
+    as far as it parses (Success), nor failed in the handler (0xA700 / 0xC000 with an
+    error line)."""
+    cmd, _ = find_rq(Dataset())
+    identifier = MALFORMED_IDENTIFIERS[kind]
+    assert await exchange(archive.port, pdata(7, cmd, command=True), pdata(7, identifier, command=False)) == [
+        (0x8020, 0xA900)
+    ]
+    assert "handler failed" not in archive.log_text()
+    archive.check_log()
+
+
 async def test_find_key_of_many_wild_cards_is_answered_and_stops_nobody(archive: ServerProcess) -> None:
     """A Patient's Name key of 63 ``*`` and an ``X`` against a stored instance:
     the C-FIND ends with its final response and another client is served meanwhile."""

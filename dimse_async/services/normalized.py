@@ -33,7 +33,7 @@ from ..part10 import plausible_uid
 from ..session import Operation
 from ..status import Code, Status, response_status
 from .requests import Request
-from .scp import error_comment, failure_status
+from .scp import decode_received, error_comment, failure_status
 
 __all__ = [
     "N_REQUESTS",
@@ -316,7 +316,7 @@ async def scp_n_service(assoc: DIMSEProvider, op: Operation, handler: NHandler |
         status = Status(NCode.MISSING_ATTRIBUTE, "N-SET without a modification list")
     elif op.message.dataset is not None:
         try:
-            dataset = decode_identifier(op.message.dataset, ctx.transfer_syntax)
+            dataset = decode_received(op.message.dataset, ctx.transfer_syntax)
             # Touch every element: a malformed data set fails here, not in the handler.
             for _ in dataset.iterall():
                 pass

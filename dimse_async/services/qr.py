@@ -34,7 +34,7 @@ from ..session import Operation
 from ..status import Code, Status, StatusCategory, response_status
 from ..uids import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from .requests import Request
-from .scp import StatusError, failure_status, response
+from .scp import StatusError, decode_received, failure_status, response
 from .store_scu import c_store
 
 __all__ = [
@@ -398,9 +398,9 @@ async def _decode(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) 
     data, syntax = op.message.dataset or b"", op.context.transfer_syntax
     try:
         if len(data) > _DECODE_ON_LOOP or syntax == DeflatedExplicitVRLittleEndian:
-            identifier = await asyncio.to_thread(decode_identifier, data, syntax)
+            identifier = await asyncio.to_thread(decode_received, data, syntax)
         else:
-            identifier = decode_identifier(data, syntax)
+            identifier = decode_received(data, syntax)
     except InflationLimit as exc:
         assoc.log.warning("identifier refused", command=op.command.name, error=str(exc))
         return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier refused: inflates past the limit")

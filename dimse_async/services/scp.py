@@ -12,21 +12,44 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..dimse import Command, CommandField, response_to
 from ..interface import DIMSEProvider
 from ..status import Code, Status, StatusCategory
+from ..uids import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "FAILURE_CODES",
     "StatusError",
+    "decode_received",
     "error_comment",
     "failure_status",
     "outcome_status",
     "response",
     "run_handler",
 ]
+
+
+def decode_received(data: bytes, transfer_syntax: str) -> Dataset:
+    """A data set received from a peer (an identifier, an N-service attribute list),
+    once it has been walked to its end, elements ascending and once each (PS3.5 §7.1,
+    §7.5; the check stored data sets get), else a
+    :class:`~dimse_async.dataset_check.DataSetError` (a ``ValueError``) naming the
+    fault. pydicom alone reads lazily and leniently: a value running past the end, an
+    unknown VR or a stray item tag surfaced later in a handler, or never. A deflated
+    one is inflated within the default limits first."""
+    from ..codec import decode_identifier  # here: a sender that never receives one loads no pydicom
+    from ..dataset_check import check_dataset_bytes
+    from ..inflate import inflate
+
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        data, transfer_syntax = inflate(data), ExplicitVRLittleEndian
+    check_dataset_bytes(data, transfer_syntax, ordered=True)
+    return decode_identifier(data, transfer_syntax)
 
 
 class StatusError(Exception):
