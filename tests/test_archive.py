@@ -413,3 +413,30 @@ async def test_retired_storage_classes_are_stored_and_found(tmp_path, index):
         assert sorted(d.SOPClassUID for d in found) == sorted(retired)
     finally:
         arch.close()
+
+
+async def test_worklist_files_truncated_or_garbage_are_not_items(tmp_path):
+    """A worklist file that does not parse to its end (truncated, zeros, junk) is
+    skipped with one warning, not served as an item of whatever parsed: DCMTK's
+    findscu -W gets the valid items only, for a universal query too."""
+    from test_integrity import findscu
+
+    wl = tmp_path / "wl"
+    _worklist_items(wl, 2)
+    good = (wl / "item0.wl").read_bytes()
+    (wl / "truncated.wl").write_bytes(good[: len(good) // 2])
+    (wl / "zeros.wl").write_bytes(bytes(200))
+    (wl / "junk.wl").write_bytes(b"not dicom at all")
+    meta = pydicom.dcmread(CT)
+    meta.save_as(wl / "part10-cut.dcm", enforce_file_format=True)
+    (wl / "part10-cut.dcm").write_bytes((wl / "part10-cut.dcm").read_bytes()[:-100])
+    arch = Archive(tmp_path / "arch")
+    try:
+        ae = archive_ae(ServeConfig(ae_title="ARCHIVE"))
+        arch.install(ae, Worklist(wl))
+        async with await ae.start_server("127.0.0.1", 0) as server:
+            status, items = await findscu(server.port, tmp_path / "out", "PatientID", "AccessionNumber", model="-W")
+    finally:
+        arch.close()
+    assert status == "Success"
+    assert sorted(str(d.PatientID) for d in items) == ["W0", "W1"]

@@ -10,18 +10,48 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 
+from ..dataset_check import DataSetError, check_dataset
 from ..log import get_logger
+from ..part10 import read_file_meta
 from ..services.qr import QueryRequest
+from ..uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from .budget import QueryBudget
 from .matching import Matcher, response_identifier
 
 log = get_logger()
 
 
+def _read_item(path: Path) -> Dataset:
+    """A worklist file's item, once its data set has been walked to its end (PS3.5
+    §7.1, §7.5; the check stored instances get): a truncated or garbage file is never
+    served as an item with the values that happened to parse (pydicom's ``force``
+    reads 200 zero bytes as an empty data set, which matches every query). A file
+    without file meta is a bare data set in explicit or implicit VR little endian."""
+    with open(path, "rb") as fp:
+        meta = read_file_meta(fp)
+        if meta is not None:
+            check_dataset(fp, meta.transfer_syntax, meta.dataset_offset, ordered=True)
+        else:
+            first: DataSetError | None = None
+            for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                try:
+                    check_dataset(fp, syntax, 0, ordered=True)
+                    break
+                except DataSetError as exc:
+                    first = first or exc
+            else:
+                raise first or DataSetError("not a data set")
+    ds = pydicom.dcmread(path, force=True)
+    if not any(elem.tag.group > 2 for elem in ds):
+        raise DataSetError("no attributes")
+    return ds
+
+
 class Worklist:
     """Modality worklist items from ``*.wl`` / ``*.dcm`` files in a directory (PS3.4 K).
 
-    Files are re-read when they change; matching follows PS3.4 C.2.2.2 (with
+    Files are re-read when they change; one that does not parse to its end is skipped
+    with a warning (once per version of the file, :func:`_read_item`); matching follows PS3.4 C.2.2.2 (with
     sequence matching on the Scheduled Procedure Step Sequence). A query stops with
     0xA700 past ``max_matches`` matches or ``time_budget`` seconds (PS3.4 K.4.1.1.4).
     """
@@ -30,7 +60,7 @@ class Worklist:
         self.directory = Path(directory)
         self.max_matches = max_matches
         self.time_budget = time_budget
-        self._cache: dict[str, tuple[float, Dataset]] = {}
+        self._cache: dict[str, tuple[float, Dataset | None]] = {}
 
     def _items(self, budget: QueryBudget | None = None) -> list[Dataset]:
         items = []
@@ -46,12 +76,13 @@ class Worklist:
             cached = self._cache.get(key)
             if cached is None or cached[0] != mtime:
                 try:
-                    cached = (mtime, pydicom.dcmread(path, force=True))
-                except Exception as exc:
+                    cached = (mtime, _read_item(path))
+                except Exception as exc:  # warned once per version of the file
                     log.warning("worklist: skipping unreadable file", path=key, error=str(exc)[:200])
-                    continue
+                    cached = (mtime, None)
                 self._cache[key] = cached
-            items.append(cached[1])
+            if cached[1] is not None:
+                items.append(cached[1])
         for key in list(self._cache):
             if key not in present:
                 del self._cache[key]
