@@ -220,6 +220,13 @@ class IngestMixin(IndexDB):
             warnings.simplefilter("ignore")  # pydicom's value warnings: the file is stored as received
             st = os.stat(path)
             ds = dataset_of_kept(summary.kept, summary.transfer_syntax)
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "PatientID"):
+                if "\\" in text_of(ds.get(keyword)):
+                    # VM 1 (PS3.3 C.7.1.1, C.7.2.1, C.7.3.1; a backslash separates values,
+                    # PS3.5 6.2): no query key can name it (it reads as a list, PS3.4
+                    # C.2.2.2.2), so no retrieve by it or below it could reach the instance.
+                    # Refused when received; files already stored are indexed as they are.
+                    raise IndexingError(f"{keyword} holds several values")
             return self._index_row(
                 path, st, ds, summary.sop_instance_uid, summary.sop_class_uid, summary.transfer_syntax
             )
