@@ -170,7 +170,14 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add("|---|---|")
     add(_status_row(NCode.SUCCESS, "created / updated"))
     add(_status_row(NCode.DUPLICATE_SOP_INSTANCE, "N-CREATE of a step that exists"))
-    add(_status_row(NCode.INVALID_ATTRIBUTE_VALUE, f"N-CREATE not `{IN_PROGRESS}`, or an unknown state"))
+    add(
+        _status_row(
+            NCode.INVALID_ATTRIBUTE_VALUE,
+            f"N-CREATE not `{IN_PROGRESS}`, an unknown state, or an attribute of the wrong shape "
+            "(a sequence or not, several values)",
+        )
+    )
+    add(_status_row(NCode.INVALID_OBJECT_INSTANCE, "a SOP Instance UID that is not a UID"))
     add(_status_row(NCode.NO_SUCH_SOP_INSTANCE, "N-SET of a step never created"))
     add(_status_row(NCode.PROCESSING_FAILURE, "N-SET of a step that has ended (may no longer be updated)"))
     add(_status_row(NCode.MISSING_ATTRIBUTE, "N-CREATE without an attribute list"))
