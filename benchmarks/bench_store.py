@@ -209,14 +209,10 @@ def make_huge(directory: Path, mib: int) -> Workload:
 
 
 def _dimse_async_cmd() -> list[str]:
-    """The ``dimse-async`` console script of this interpreter (not a pyenv shim)."""
-    script = Path(sys.executable).with_name("dimse-async")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("dimse-async")
-    if found and "shims" not in found:
-        return [found]
-    return [sys.executable, "-m", "dimse_async"]  # the same main(), without the script wrapper
+    """``python -m dimse_async`` of this interpreter: the same entry for every tree
+    measured (``PYTHONPATH`` picks the tree; an installed console script may name an
+    entry point an older tree lacks)."""
+    return [sys.executable, "-m", "dimse_async"]
 
 
 def _dcmtk_env() -> dict[str, str]:
