@@ -463,3 +463,33 @@ async def test_a_retrieve_of_a_uid_list_longer_than_a_statement_takes(tmp_path: 
             del q.SOPInstanceUID
             refused = [p async for p in assoc.c_get(q, model="study")]
         assert int(refused[-1].status) == 0xA900 and len(received) == 3, refused
+
+
+@pytest.mark.parametrize("vr", ["US", "SQ", "LO"])
+async def test_a_retrieve_key_of_the_wrong_vr_is_refused(tmp_path: Path, vr: str) -> None:
+    """A C-GET whose Study Instance UID comes (explicit VR) as US or SQ instead of UI
+    names nothing that can be stored: 0xA900, not Success with no sub-operations
+    (PS3.4 C.4.2.2.1); as LO (text all the same) it is read as the UID it holds."""
+    from pydicom.dataelem import DataElement
+    from pydicom.sequence import Sequence
+
+    files = make_instances(tmp_path / "in", 1)
+    study = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        ae, received = getter(files[0][1])
+        ae.requested_contexts.clear()
+        ae.add_requested_context(MODELS["study"]["get"], "1.2.840.10008.1.2.1")  # explicit VR: the VR travels
+        ae.add_requested_context(files[0][1], scu_role=False, scp_role=True)
+        bad = Dataset()
+        bad.QueryRetrieveLevel = "STUDY"
+        value = {"US": 5, "SQ": Sequence([Dataset()]), "LO": study}[vr]
+        bad.add(DataElement(0x0020000D, vr, value))
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            refused = [p async for p in assoc.c_get(bad, model="study")]
+            good = [p async for p in assoc.c_get(study_key(study), model="study")]
+    if vr == "LO":
+        assert int(refused[-1].status) == 0 and int(good[-1].status) == 0 and len(received) == 2, (refused, good)
+    else:
+        assert int(refused[-1].status) == 0xA900, refused
+        assert int(good[-1].status) == 0 and len(received) == 1, good

@@ -360,6 +360,10 @@ _RETRIEVE_KEYS = (
     ("se.series_uid", "SeriesInstanceUID"),
     ("i.sop_uid", "SOPInstanceUID"),
 )
+#: Their VRs (PS3.6). An identifier in explicit VR may say otherwise: another text VR
+#: is read as text (its value may still name something), a binary one or SQ cannot.
+_RETRIEVE_VR = {"PatientID": "LO", "StudyInstanceUID": "UI", "SeriesInstanceUID": "UI", "SOPInstanceUID": "UI"}
+_TEXT_VRS = frozenset(["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UN", "UR", "UT"])
 
 
 def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
@@ -374,6 +378,9 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
     args: list[Any] = []
     pieces: list[list[str]] = []
     for column, key in _RETRIEVE_KEYS:
+        if key in identifier and identifier[key].VR not in _TEXT_VRS:
+            # e.g. an SQ or US: its "value" names nothing stored (PS3.4 C.4.2.2.1)
+            raise StatusError(Status(0xA900, f"{key} sent as {identifier[key].VR}, not {_RETRIEVE_VR[key]}"))
         if key == unique and len(values) > MAX_IN:
             # A long List of UID Matching (C.2.2.2.2): in pieces, each one IN of the
             # index (PostgreSQL takes at most 32,767 arguments per statement).
