@@ -318,6 +318,22 @@ async def test_send_reads_files_in_worker_threads_only(tmp_path: Path) -> None:
     assert opens.threads and threading.get_ident() not in opens.threads
 
 
+async def test_a_file_whose_meta_names_another_sop_class_is_reported_not_sent(tmp_path: Path) -> None:
+    """The contexts are planned from the file meta: a file whose meta says MR Image
+    Storage around a CT data set is reported with both classes named (PS3.10 7.1), not
+    as a missing presentation context, and the consistent file beside it is sent."""
+    good, odd = distinct_cts(tmp_path / "in", 2)
+    ds = pydicom.dcmread(odd)
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    ds.save_as(odd)  # (enforce_file_format would set the meta from the data set)
+    with storescp(tmp_path / "out") as port:
+        report = await send_files(da.AE("SENDER"), HOST, port, "STORESCP", [str(good), str(odd)])
+    assert [r.path for r in report.results if r.ok] == [str(good)]
+    (failed,) = report.failed
+    assert failed.error == "the file meta's SOP class (MR Image Storage) is not the data set's (CT Image Storage)", failed
+    assert len(list((tmp_path / "out").iterdir())) == 1
+
+
 # --------------------------------------------------------------------------- large instances
 
 

@@ -91,6 +91,10 @@ def prepare_file(path: str, *, check: bool = False, read_whole: int = READ_WHOLE
             raise ValueError(f"not a valid data set in its transfer syntax ({uid_name(ts)}): {exc}") from None
     if not sop_class or not sop_instance:
         raise ValueError("the data set has no SOP Class or SOP Instance UID")
+    if sop_class != meta.sop_class_uid:  # the contexts were planned from the meta (PS3.10 7.1)
+        raise ValueError(
+            f"the file meta's SOP class ({uid_name(meta.sop_class_uid)}) is not the data set's ({uid_name(sop_class)})"
+        )
     pad = ts == DeflatedExplicitVRLittleEndian and length % 2 == 1
     if data is not None and pad:
         data += b"\x00"
