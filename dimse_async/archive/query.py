@@ -32,6 +32,8 @@ from .schema import (
     check_hierarchy,
     dataset_from,
     exact_values,
+    in_clause,
+    in_pieces,
     model_name,
     name_prefix,
     query_level,
@@ -377,26 +379,29 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
     where: list[str] = []
     args: list[Any] = []
     pieces: list[list[str]] = []
+    unique_column = ""
     for column, key in _RETRIEVE_KEYS:
-        if key in identifier and identifier[key].VR not in _TEXT_VRS:
-            # e.g. an SQ or US: its "value" names nothing stored (PS3.4 C.4.2.2.1)
-            raise StatusError(Status(0xA900, f"{key} sent as {identifier[key].VR}, not {_RETRIEVE_VR[key]}"))
-        if key == unique and len(values) > MAX_IN:
-            # A long List of UID Matching (C.2.2.2.2): in pieces, each one IN of the
-            # index (PostgreSQL takes at most 32,767 arguments per statement).
-            listed = sorted(set(values))
-            pieces = [listed[i : i + MAX_IN] for i in range(0, len(listed), MAX_IN)]
-            unique_column = column
+        if key not in identifier:
             continue
-        others = exact_values(identifier.get(key)) if key in identifier else None
-        if others and len(others) > MAX_IN:  # above the level: a single value (C.4.2.2.1)
-            raise StatusError(Status(0xA900, f"{key}: {len(others)} values; only {unique} may list many"))
-        where_in(identifier, key, column, where, args)
+        vr = identifier[key].VR
+        if vr not in _TEXT_VRS:  # e.g. an SQ or US: its "value" names nothing stored (PS3.4 C.4.2.2.1)
+            raise StatusError(Status(0xA900, f"{key} sent as {vr}, not {_RETRIEVE_VR[key]}"))
+        keyed = values if key == unique else exact_values(identifier.get(key))
+        if not keyed:
+            continue
+        if len(keyed) <= MAX_IN:
+            where.append(in_clause(column, keyed))
+            args.extend(keyed)
+        elif key == unique:
+            # A long List of UID Matching: in pieces, each one IN of the index
+            # (PostgreSQL takes at most 32,767 arguments per statement).
+            pieces, unique_column = in_pieces(keyed), column
+        else:  # above the level: a single value (C.4.2.2.1)
+            raise StatusError(Status(0xA900, f"{key}: {len(keyed)} values; only {unique} may list many"))
     if not pieces:
         return _RetrieveWhere(level, [(" AND ".join(where), args)])
     return _RetrieveWhere(
-        level,
-        [(" AND ".join([*where, f"{unique_column} IN ({_marks(piece)})"]), [*args, *piece]) for piece in pieces],
+        level, [(" AND ".join([*where, in_clause(unique_column, piece)]), [*args, *piece]) for piece in pieces]
     )
 
 
@@ -414,7 +419,7 @@ def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[s
     args: list[Any] = []
 
     def exact(column: str, key: str) -> None:
-        where_in(q, key, column, where, args, or_empty=key in required, prefilter=True)
+        where_in(q, key, column, where, args, or_empty=key in required)
 
     exact("p.patient_id", "PatientID")
     prefix = name_prefix(q.get("PatientName")) if "PatientName" in q else ""
@@ -552,8 +557,7 @@ class _PagedQuery:
         self._piece = 0
         values = exact_values(identifier.get(UNIQUE_KEYS[level])) if self.depth else None
         if values and len(values) > MAX_IN:
-            unique = sorted(set(values))
-            self._pieces = [unique[i : i + MAX_IN] for i in range(0, len(unique), MAX_IN)]
+            self._pieces = in_pieces(values)
 
     def next_piece(self) -> None:
         """The rows of a piece (or of the query) were all read: on to the next piece, or the end."""
@@ -567,7 +571,7 @@ class _PagedQuery:
         select, where, key = self._sql
         conditions = list(where)
         if self._pieces:
-            conditions.append(f"{key} IN ({_marks(self._pieces[self._piece])})")
+            conditions.append(in_clause(key, self._pieces[self._piece]))
         if self.last is not None:
             conditions.append(f"{key} > ?")
         clause = " WHERE " + " AND ".join(conditions) if conditions else ""

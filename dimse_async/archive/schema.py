@@ -279,17 +279,29 @@ def where_in(
     args: list[Any],
     *,
     or_empty: bool = False,
-    prefilter: bool = False,
 ) -> None:
-    """Add ``column IN (...)`` for a key with exact values (no wildcard, no range);
-    ``or_empty`` also lets rows whose value is unknown (zero length) through; a
-    ``prefilter`` (the matcher decides anyway) is dropped for very long lists."""
+    """Add ``column IN (...)`` narrowing a C-FIND for a key with exact values (no
+    wildcard, no range); ``or_empty`` also lets rows whose value is unknown (zero
+    length) through. A list of more than :data:`MAX_IN` adds nothing: the matcher
+    decides anyway."""
     values = exact_values(identifier.get(key)) if key in identifier else None
-    if values and not (prefilter and len(values) > MAX_IN):
-        # One value as "=": an index read in order stays in order (an IN list may not).
-        clause = f"{column} = ?" if len(values) == 1 else f"{column} IN ({','.join('?' * len(values))})"
+    if values and len(values) <= MAX_IN:
+        clause = in_clause(column, values)
         where.append(f"({clause} OR {column} = '')" if or_empty else clause)
         args.extend(values)
+
+
+def in_clause(column: str, values: list[str]) -> str:
+    """``column = ?`` for one value (an index read in order stays in order; an IN list
+    may not), else ``column IN (?, ...)``."""
+    return f"{column} = ?" if len(values) == 1 else f"{column} IN ({','.join('?' * len(values))})"
+
+
+def in_pieces(values: list[str]) -> list[list[str]]:
+    """A list too long for one ``IN`` (List of UID Matching, PS3.4 C.2.2.2.2): its
+    distinct values in order, in pieces of :data:`MAX_IN` (disjoint, each one look-up)."""
+    listed = sorted(set(values))
+    return [listed[i : i + MAX_IN] for i in range(0, len(listed), MAX_IN)]
 
 
 def exact_values(value: Any) -> list[str] | None:
