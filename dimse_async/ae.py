@@ -367,16 +367,16 @@ class AE(HandlerRegistry):
             await qr.scp_c_find(assoc, op, handlers.get(CommandField.C_FIND_RQ))
 
         async def get(assoc: DIMSEProvider, op: Operation) -> None:
-            from .services import qr
+            from .services import retrieve_scp
 
-            await qr.scp_c_get(assoc, op, handlers.get(CommandField.C_GET_RQ))
+            await retrieve_scp.scp_c_get(assoc, op, handlers.get(CommandField.C_GET_RQ))
 
         async def move(assoc: DIMSEProvider, op: Operation) -> None:
-            from .services import qr
+            from .services import retrieve_scp
 
             if not routes:
-                routes.append(qr.MoveRoute(self.known_aes, self.associate, self.move_concurrency))
-            await qr.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), routes[0])
+                routes.append(retrieve_scp.MoveRoute(self.known_aes, self.associate, self.move_concurrency))
+            await retrieve_scp.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), routes[0])
 
         async def n_service(assoc: DIMSEProvider, op: Any) -> None:
             from .services import normalized

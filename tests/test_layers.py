@@ -37,6 +37,7 @@ LAYERS: list[set[str]] = [
     {"services.requests", "services.scp", "services.spool"},
     {"services.storage", "services.store_scu", "services.verification", "services.normalized"},
     {"services.qr", "services.commitment", "services.availability"},
+    {"services.retrieve_scp"},
     # the association users hold, the listening side, the AE that wires it all
     {"operations"},
     {"handlers"},

@@ -8,39 +8,34 @@ final status afterwards.
 
 SCP: handlers are ``async def`` generators. A C-FIND handler yields matching
 identifiers; a C-GET / C-MOVE handler yields what to send (file paths or
-``Dataset``s). A C-CANCEL from the peer stops the handler at its next yield and the
-final status is Cancel (0xFE00).
+``Dataset``s), sent as sub-operations by :mod:`.retrieve_scp`. A C-CANCEL from the
+peer stops the handler at its next yield and the final status is Cancel (0xFE00).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pydicom.dataset import Dataset
 
-from ..acse import ContextSpec, PresentationContext
+from ..acse import PresentationContext
 from ..codec import decode_identifier, encode_dataset
-from ..contexts import FileInfo, inspect_file, plan_contexts
 from ..dimse import Command, CommandField, Message
-from ..exceptions import AssociationError, NoAcceptedContext
+from ..exceptions import AssociationError
 from ..inflate import InflationLimit
 from ..interface import DIMSEProvider, ResponseStream, StoreHandler
-from ..part10 import read_file_meta
 from ..session import Operation
-from ..status import Code, Status, StatusCategory, response_status
-from ..uids import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from ..status import Code, Status, response_status
+from ..uids import DeflatedExplicitVRLittleEndian
 from .requests import Request
 from .scp import StatusError, decode_received, failure_status, response
-from .store_scu import c_store
 
 __all__ = [
     "MODELS",
     "Matches",
-    "MoveRoute",
     "Progress",
     "QueryRequest",
     "Responses",
@@ -54,8 +49,6 @@ __all__ = [
     "decode_identifier",
     "model_uid",
     "scp_c_find",
-    "scp_c_get",
-    "scp_c_move",
 ]
 
 #: Information models by short name and operation (PS3.4 C.6, K.6).
@@ -381,20 +374,12 @@ class RetrieveRequest(QueryRequest):
 QueryHandler = Callable[[Any], Any]
 
 
-@dataclass(slots=True)
-class MoveRoute:
-    """How a C-MOVE SCP reaches destinations: AE title -> (host, port), and a way to associate."""
-
-    known_aes: Mapping[str, tuple[str, int]]
-    associate: Callable[..., Awaitable[Any]]
-    concurrency: int = 4
-
-
 #: Identifiers larger than this (or deflated) are decoded in a worker thread.
 _DECODE_ON_LOOP = 64 << 10
 
 
-async def _decode(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
+async def decode_request(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
+    """The request with its identifier, or the failure status to answer (0xA900)."""
     data, syntax = op.message.dataset or b"", op.context.transfer_syntax
     try:
         if len(data) > _DECODE_ON_LOOP or syntax == DeflatedExplicitVRLittleEndian:
@@ -410,13 +395,15 @@ async def _decode(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) 
     return cls(assoc, op, identifier)
 
 
-async def _respond(
+async def respond(
     assoc: DIMSEProvider,
     op: Operation,
     status: Status,
     identifier: Dataset | None = None,
     counters: tuple[int | None, int, int, int] | None = None,
 ) -> None:
+    """Send one C-FIND / C-GET / C-MOVE response; ``counters`` are the sub-operation
+    counts (remaining, completed, failed, warning; PS3.7 §9.3.3.2, §9.3.4.2)."""
     rsp = response(op.command, status)
     if counters is not None:
         rsp.remaining, rsp.completed, rsp.failed, rsp.warning = counters
@@ -424,15 +411,16 @@ async def _respond(
     await assoc.send(op.context.id, rsp, payload)
 
 
-def _unsupported(op: Operation) -> Status:
+def unsupported(op: Operation) -> Status:
+    """0x0122 for an operation no handler serves."""
     return Status(Code.SOP_CLASS_NOT_SUPPORTED, f"{op.command.name[:-3]} not supported")
 
 
 async def scp_c_find(assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None) -> None:
     """Run the C-FIND handler: a pending response per yielded identifier (PS3.4 C.4.1)."""
-    request = await _decode(assoc, op, QueryRequest)
+    request = await decode_request(assoc, op, QueryRequest)
     if isinstance(request, Status) or handler is None:
-        await _respond(assoc, op, request if isinstance(request, Status) else _unsupported(op))
+        await respond(assoc, op, request if isinstance(request, Status) else unsupported(op))
         return
     try:
         status = await _find_responses(assoc, op, request, handler(request))
@@ -440,7 +428,7 @@ async def scp_c_find(assoc: DIMSEProvider, op: Operation, handler: QueryHandler 
         raise
     except Exception as exc:
         status = failure_status(CommandField.C_FIND_RQ, exc, assoc)
-    await _respond(assoc, op, status)
+    await respond(assoc, op, status)
 
 
 async def _find_responses(assoc: DIMSEProvider, op: Operation, request: QueryRequest, agen: Any) -> Status:
@@ -455,332 +443,8 @@ async def _find_responses(assoc: DIMSEProvider, op: Operation, request: QueryReq
             if op.cancelled:
                 return Status(Code.CANCEL)  # this match is left unsent
             code, ident = item if isinstance(item, tuple) else (Code.PENDING, item)
-            await _respond(assoc, op, Status(code), ident)
+            await respond(assoc, op, Status(code), ident)
             await asyncio.sleep(0)  # let the loop read a C-CANCEL that may have arrived
     finally:
         await agen.aclose()
     return Status(Code.CANCEL if request.cancel_seen else Code.SUCCESS)
-
-
-def _item_uid(item: Any) -> str:
-    if isinstance(item, Unavailable | StoredFile):
-        return item.sop_instance_uid
-    if isinstance(item, Dataset):
-        return str(item.get("SOPInstanceUID", ""))
-    try:
-        with open(os.fspath(item), "rb") as fp:
-            meta = read_file_meta(fp)
-        return meta.sop_instance_uid if meta else ""
-    except OSError:
-        return ""
-
-
-def _final_status(cancelled: bool, remaining: int, completed: int, failed: int, warning: int) -> Status:
-    """The final C-GET / C-MOVE status from the counters (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
-    if cancelled and remaining:
-        return Status(Code.CANCEL)
-    if failed and not completed and not warning:
-        return Status(Code.OUT_OF_RESOURCES_SUBOPERATIONS, "Unable to perform sub-operations")
-    if failed or warning:
-        return Status(Code.SUBOPERATIONS_WARNING, "Sub-operations complete, one or more failures or warnings")
-    return Status(Code.SUCCESS)
-
-
-class _Items:
-    """The items of a C-GET / C-MOVE taken one at a time by the sub-operation workers:
-    a list, or the handler's generator itself (announced by :class:`Matches`)."""
-
-    def __init__(self, items: list[Any] | AsyncIterator[Any], total: int):
-        self.total = total
-        self._list = list(reversed(items)) if isinstance(items, list) else None
-        self._iter = items if not isinstance(items, list) else None
-        self._lock = asyncio.Lock()
-        self.ended = False
-        #: What the handler raised while yielding (the items not sent stay remaining).
-        self.error: Exception | None = None
-
-    async def next(self) -> tuple[bool, Any]:
-        """(True, the next item), or (False, None) when there are no more."""
-        if self._list is not None:
-            return (True, self._list.pop()) if self._list else (False, None)
-        async with self._lock:  # one generator step at a time
-            if self.ended or self._iter is None:
-                return False, None
-            try:
-                return True, await anext(self._iter)
-            except StopAsyncIteration:
-                self.ended = True
-            except AssociationError:
-                raise
-            except Exception as exc:
-                self.ended = True
-                self.error = exc
-            return False, None
-
-    async def rest(self) -> list[Any]:
-        """Every item not taken yet."""
-        out: list[Any] = []
-        while True:
-            more, item = await self.next()
-            if not more:
-                return out
-            out.append(item)
-
-
-async def _run_suboperations(
-    assoc: DIMSEProvider,
-    op: Operation,
-    items: list[Any] | _Items,
-    store: Callable[[Any], Awaitable[Status]],
-    concurrency: int = 1,
-) -> None:
-    """C-STORE every item with ``store``, answering pending responses with the four
-    counters, then the final response (PS3.4 C.4.2.3 / C.4.3.3)."""
-    source = items if isinstance(items, _Items) else _Items(items, len(items))
-    total = source.total
-    completed = failed = warning = 0
-    failed_uids: list[str] = []
-
-    async def worker() -> None:
-        nonlocal completed, failed, warning
-        while not op.cancelled and assoc.is_established:
-            more, item = await source.next()
-            if not more:
-                return
-            try:
-                if isinstance(item, Unavailable):
-                    assoc.log.warning(
-                        "sub-operation not possible", sop_instance=item.sop_instance_uid, error=item.reason
-                    )
-                    category = StatusCategory.FAILURE
-                else:
-                    category = (await store(item)).category
-            except NoAcceptedContext as exc:
-                assoc.log.warning("sub-operation not possible", error=str(exc))
-                category = StatusCategory.FAILURE
-            except AssociationError as exc:
-                if not assoc.is_established:
-                    raise
-                # The C-MOVE sub-association ended (the destination aborted): this and
-                # every later sub-operation fail, and the final response still goes out.
-                assoc.log.warning("sub-operation failed: sub-association ended", error=str(exc))
-                category = StatusCategory.FAILURE
-            except Exception as exc:
-                where = (
-                    {"sop_instance": item.sop_instance_uid, "path": str(item)} if isinstance(item, StoredFile) else {}
-                )
-                assoc.log.warning("sub-operation failed", **where, error=repr(exc))
-                category = StatusCategory.FAILURE
-            if category is StatusCategory.SUCCESS:
-                completed += 1
-            elif category is StatusCategory.WARNING:
-                warning += 1
-            else:
-                failed += 1
-                failed_uids.append(await asyncio.to_thread(_item_uid, item))
-            remaining = max(total - completed - failed - warning, 0)  # more than counted: stored meanwhile
-            if remaining and not op.cancelled:
-                # The association's send lock keeps concurrent workers' responses whole and in order.
-                await _respond(assoc, op, Status(Code.PENDING), None, (remaining, completed, failed, warning))
-
-    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
-    remaining = max(total - completed - failed - warning, 0)
-    status = _final_status(op.cancelled, remaining, completed, failed, warning)
-    if source.error is not None and not op.cancelled:  # the handler failed part way
-        status = failure_status(op.command.command_field, source.error, assoc)
-    final_ident = None
-    if failed_uids:
-        final_ident = Dataset()
-        final_ident.FailedSOPInstanceUIDList = [u for u in failed_uids if u] or [""]
-    # Remaining is only meaningful in pending and cancel responses (PS3.7 §9.3.3.2).
-    counters = (remaining if int(status) == Code.CANCEL else None, completed, failed, warning)
-    await _respond(assoc, op, status, final_ident, counters)
-
-
-async def _scp_retrieve(
-    assoc: DIMSEProvider,
-    op: Operation,
-    handler: QueryHandler | None,
-    perform: Callable[[QueryRequest, list[Any] | _Items, Matches | None], Awaitable[None]],
-    check: Callable[[], Status | None] = lambda: None,
-) -> None:
-    """Shared C-GET / C-MOVE SCP flow: decode, refuse early, then ``perform`` the
-    sub-operations: on the handler's items as it yields them when it announced them
-    with :class:`Matches` first, else on the items collected first."""
-    request = await _decode(assoc, op, RetrieveRequest)
-    if isinstance(request, Status) or handler is None:
-        await _respond(assoc, op, request if isinstance(request, Status) else _unsupported(op))
-        return
-    refusal = check()
-    if refusal is not None:
-        await _respond(assoc, op, refusal)
-        return
-    agen = handler(request)
-    try:
-        try:
-            first = await anext(agen, _NONE)
-            matches = first if isinstance(first, Matches) else None
-            items: list[Any] | _Items
-            if matches is not None:
-                items = _Items(agen, matches.count)
-            else:
-                items = [] if first is _NONE else [first]
-                if items and not request.cancelled:
-                    async for item in agen:
-                        items.append(item)
-                        if request.cancelled:
-                            break
-        except AssociationError:
-            raise
-        except Exception as exc:
-            await _respond(assoc, op, failure_status(op.command.command_field, exc, assoc))
-            return
-        await perform(request, items, matches)
-    finally:
-        await agen.aclose()
-
-
-_NONE = object()
-
-
-async def scp_c_get(assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None) -> None:
-    """C-GET SCP: the handler's instances go back as C-STORE sub-operations on this
-    association (PS3.4 C.4.3)."""
-
-    async def store(item: Any) -> Status:
-        return await c_store(assoc, item)
-
-    async def perform(request: QueryRequest, items: list[Any] | _Items, _matches: Matches | None) -> None:
-        await _run_suboperations(assoc, op, items, store)
-
-    await _scp_retrieve(assoc, op, handler, perform)
-
-
-async def scp_c_move(
-    assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None, route: MoveRoute | None = None
-) -> None:
-    """C-MOVE SCP: look up the destination, open a second association, C-STORE the
-    handler's instances with the move originator fields set (PS3.4 C.4.2)."""
-    dest_title = (op.command.move_destination or "").strip()
-    destination = route.known_aes.get(dest_title) if route is not None else None
-
-    def check() -> Status | None:
-        if destination is None:
-            assoc.log.warning("unknown move destination", destination=dest_title)
-            return Status(Code.MOVE_DESTINATION_UNKNOWN, f"Move destination unknown: {dest_title}"[:64])
-        return None
-
-    async def perform(request: QueryRequest, items: list[Any] | _Items, matches: Matches | None) -> None:
-        assert destination is not None and route is not None
-        if isinstance(items, _Items) and (matches is None or matches.kinds is None):
-            items = await items.rest()  # no kinds announced: the files are inspected first
-        if not (items.total if isinstance(items, _Items) else items):
-            await _respond(assoc, op, Status(Code.SUCCESS), None, (None, 0, 0, 0))
-            return
-        kinds = matches.kinds if isinstance(items, _Items) and matches is not None else None
-        await _move(assoc, op, items, dest_title, destination, route, kinds)
-
-    await _scp_retrieve(assoc, op, handler, perform, check)
-
-
-async def _move(
-    assoc: DIMSEProvider,
-    op: Operation,
-    items: list[Any] | _Items,
-    title: str,
-    address: tuple[str, int],
-    route: MoveRoute,
-    kinds: tuple[tuple[str, str], ...] | None = None,
-) -> None:
-    if kinds is not None:  # announced by the handler (Matches): nothing is read ahead
-        inspected: list[FileInfo | str] = [FileInfo("", c, ts, 0) for c, ts in kinds]
-    else:
-        listed = items if isinstance(items, list) else await items.rest()
-        items = listed
-        inspected = await asyncio.to_thread(
-            lambda: [
-                _dataset_item(i) if isinstance(i, Dataset) else inspect_file(os.fspath(i))
-                for i in listed
-                if not isinstance(i, Unavailable)
-            ]
-        )
-    specs: list[ContextSpec] = plan_contexts([x for x in inspected if isinstance(x, FileInfo)])
-    originator = (assoc.peer_ae, op.command.message_id or 0)
-    try:
-        sub = await _associate_unless_cancelled(op, route, address, title, specs)
-    except AssociationError as exc:
-        await _unreachable(assoc, op, items if isinstance(items, list) else await items.rest(), title, address, exc)
-        return
-    if sub is None:  # C-CANCEL while the sub-association was being set up: nothing sent
-        total = items.total if isinstance(items, _Items) else len(items)
-        await _respond(assoc, op, Status(Code.CANCEL), None, (total, 0, 0, 0))
-        return
-    try:
-
-        async def store(item: Any) -> Status:
-            status: Status = await sub.c_store(item, move_originator=originator)
-            return status
-
-        await _run_suboperations(assoc, op, items, store, concurrency=route.concurrency)
-    finally:
-        if sub.is_established:
-            await sub.release()
-        else:
-            sub.abort("move sub-association ended")
-
-
-async def _associate_unless_cancelled(
-    op: Operation, route: MoveRoute, address: tuple[str, int], title: str, specs: list[ContextSpec]
-) -> Any:
-    """The C-MOVE sub-association, or ``None`` when the peer sends C-CANCEL before it is
-    established (PS3.4 C.4.2.3: the SCP stops, Cancel): a destination slow to answer
-    (up to the ACSE timeout) does not hold the cancel; the half-open association is aborted."""
-    if op.cancelled:
-        return None
-    connecting = asyncio.ensure_future(
-        route.associate(address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1))
-    )
-
-    def cancel() -> None:
-        connecting.cancel()  # nothing when already done
-
-    op.on_cancel = cancel
-    try:
-        return await connecting
-    except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if not op.cancelled or (task is not None and task.cancelling()):
-            raise  # this task itself is cancelled (the association ended)
-        return None
-    finally:
-        op.on_cancel = None
-        if not connecting.done():
-            connecting.cancel()
-
-
-async def _unreachable(
-    assoc: DIMSEProvider, op: Operation, items: list[Any], title: str, address: tuple[str, int], exc: Exception
-) -> None:
-    """The destination is known but no association to it could be made (refused,
-    rejected, no answer): every sub-operation failed, 0xA702 Refused: Out of Resources -
-    Unable to perform sub-operations, with the counters and the Failed SOP Instance UID
-    List (PS3.4 C.4.2.1.5, C.4.2.3.1; as DCMTK's dcmqrscp). 0xA801 (Move Destination
-    unknown) is only for a title not configured at all."""
-    uids = await asyncio.to_thread(lambda: [_item_uid(i) for i in items])
-    assoc.log.warning(
-        "cannot reach move destination; every sub-operation failed",
-        destination=title,
-        address=f"{address[0]}:{address[1]}",
-        failed=len(items),
-        error=str(exc)[:200],
-    )
-    ident = Dataset()
-    ident.FailedSOPInstanceUIDList = [u for u in uids if u] or [""]
-    status = Status(Code.OUT_OF_RESOURCES_SUBOPERATIONS, f"Cannot reach {title}: {exc}"[:64])
-    await _respond(assoc, op, status, ident, (None, 0, len(items), 0))
-
-
-def _dataset_item(ds: Dataset) -> FileInfo:
-    meta = getattr(ds, "file_meta", None)
-    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    return FileInfo("", str(ds.SOPClassUID), ts or ExplicitVRLittleEndian, 0)
