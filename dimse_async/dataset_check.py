@@ -479,7 +479,8 @@ class _BufferWalker:
                 if top and tag in (_SOP_CLASS, _SOP_INSTANCE):
                     raise self._short(size)
                 raise DataSetError(
-                    f"value of {length} bytes at byte {pos} runs past the end of the data set ({size} bytes)"
+                    f"value of ({group:04X},{elem:04X}), {length} bytes at byte {pos}, runs past the end of"
+                    f" the data set ({size} bytes)"
                 )
             else:
                 if top:
@@ -550,7 +551,8 @@ class _BufferWalker:
                     if watch is not None and ((group << 16) | elem) in (_SOP_CLASS, _SOP_INSTANCE):
                         raise self._short(size)
                     raise DataSetError(
-                        f"value of {length} bytes at byte {pos} runs past the end of the data set ({size} bytes)"
+                        f"value of ({group:04X},{elem:04X}), {length} bytes at byte {pos}, runs past the end of"
+                        f" the data set ({size} bytes)"
                     )
                 if watch is not None:
                     tag = (group << 16) | elem

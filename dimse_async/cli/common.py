@@ -177,6 +177,7 @@ async def association_errors(what: str, body: Callable[[], Awaitable[int]]) -> i
         AssociationRejected,
         AssociationTimeout,
         ConnectionFailed,
+        DIMSEFailure,
         NoAcceptedContext,
     )
 
@@ -190,6 +191,8 @@ async def association_errors(what: str, body: Callable[[], Awaitable[int]]) -> i
         raise CLIError(f"{what}: timeout: {exc}", EXIT_TIMEOUT) from None
     except NoAcceptedContext as exc:
         raise CLIError(f"{what}: {exc}", EXIT_ABORTED) from None
+    except DIMSEFailure as exc:  # a malformed or refused reply: the association itself was fine
+        raise CLIError(f"{what}: {exc}", EXIT_STATUS) from None
     except (AssociationAborted, AssociationError) as exc:
         raise CLIError(f"{what}: association aborted: {exc}", EXIT_ABORTED) from None
 

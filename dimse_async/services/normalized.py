@@ -25,7 +25,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from ..codec import decode_identifier, encode_dataset
+from ..codec import encode_dataset
 from ..dimse import Command, CommandField
 from ..exceptions import DIMSEFailure
 from ..interface import DIMSEProvider
@@ -126,9 +126,9 @@ async def _invoke(
     reply = None
     if rsp.dataset is not None:
         try:
-            reply = decode_identifier(rsp.dataset, ctx.transfer_syntax)
+            reply = decode_received(rsp.dataset, ctx.transfer_syntax)
         except Exception as exc:
-            raise DIMSEFailure(f"{c.name}: the reply data set cannot be decoded: {exc}") from exc
+            raise DIMSEFailure(f"{c.name}: the reply data set is malformed: {exc}") from exc
     type_id = c.event_type_id if cmd.command_field == CommandField.N_EVENT_REPORT_RQ else c.action_type_id
     return NResult(
         response_status(c.status, c.error_comment),

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from ..acse import PresentationContext
 from ..codec import decode_identifier, encode_dataset
 from ..dimse import Command, CommandField, Message
-from ..exceptions import AssociationError
+from ..exceptions import AssociationError, DIMSEFailure
 from ..inflate import InflationLimit
 from ..interface import DIMSEProvider, ResponseStream, StoreHandler
 from ..session import Operation
@@ -235,15 +235,26 @@ class Responses(Generic[T]):
 def c_find(
     assoc: DIMSEProvider, query: Dataset, model: str = "study", *, priority: int = 0, timeout: float | None = None
 ) -> Responses[Dataset]:
-    """C-FIND: yields each pending identifier as a ``Dataset``; ``status`` at the end."""
+    """C-FIND: yields each pending identifier as a ``Dataset``; ``status`` at the end.
+
+    Each identifier is walked to its end first (as received ones are by the SCP): a
+    malformed one raises :class:`~dimse_async.exceptions.DIMSEFailure` naming the
+    fault; inside ``async with`` the rest is then cancelled (PS3.7 §9.3.2.3)."""
     sop_class = model_uid(model, "find")
     ctx = assoc.context_for(sop_class)
     cmd = Command(CommandField.C_FIND_RQ, affected_sop_class_uid=sop_class, priority=priority)
     stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax), timeout)
 
+    pending = 0
+
     def convert(msg: Message) -> Dataset | None:
+        nonlocal pending
         if msg.command.status in PENDING and msg.dataset is not None:
-            return decode_identifier(msg.dataset, ctx.transfer_syntax)
+            pending += 1
+            try:
+                return decode_received(msg.dataset, ctx.transfer_syntax)
+            except Exception as exc:  # not handed on: pydicom would fail later, or never
+                raise DIMSEFailure(f"C-FIND response {pending}: identifier malformed: {exc}") from exc
         return None
 
     return Responses(stream, convert)
