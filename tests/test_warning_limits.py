@@ -172,7 +172,8 @@ async def test_a_flood_of_rejected_associations_logs_a_bounded_number_of_lines()
             async with scu.associate("127.0.0.1", server.port, "ARCHIVE") as assoc:
                 assert (await assoc.c_echo()).is_success
             flood = asyncio.get_running_loop().time() - t0
-            assert server.warnings.pending
+            if flood < 0.5:  # all in the first window (a loaded machine may spread them over several)
+                assert server.warnings.pending
             for _ in range(100):  # the last summary comes when its window is over, without more traffic
                 if not server.warnings.pending:
                     break
