@@ -188,7 +188,8 @@ class Session:
         self.max_request_dataset = max_request_dataset
         self.assembler = MessageAssembler()
         self._next_id = 0
-        self._invoked: dict[int, bool] = {}  # message id -> expects several responses
+        # message id -> (expects several responses, the response's command field)
+        self._invoked: dict[int, tuple[bool, int]] = {}
         self._performing: dict[int, Operation] = {}  # by id() of the operation
         self._held: deque[Operation] = deque()
         # The message whose data set is arriving: collected in memory, streamed, or dropped.
@@ -235,7 +236,7 @@ class Session:
         else:  # pragma: no cover - 65535 requests outstanding
             raise DIMSEError("no free message id")
         command.message_id = self._next_id
-        self._invoked[self._next_id] = multi
+        self._invoked[self._next_id] = (multi, command.command_field | 0x8000)
         return self._next_id
 
     def forget_request(self, message_id: int) -> None:
@@ -309,8 +310,8 @@ class Session:
             elif cmd.command_field in self.streamed:
                 self._mode = "stream"
                 out.append(StreamStarted(msg))
-        elif cmd.message_id_being_responded_to not in self._invoked:
-            raise DIMSEError(f"{cmd.name} answers message id {cmd.message_id_being_responded_to}, never sent")
+        else:
+            self._expected(cmd)
 
     def _on_fragment(self, event: DataFragment, out: list[SessionEvent]) -> None:
         msg = self._current
@@ -342,10 +343,8 @@ class Session:
         """``checked``: a request whose role was judged as its command set arrived."""
         cmd = msg.command
         if cmd.command_field & 0x8000:
-            mid = cmd.message_id_being_responded_to
-            if mid is None or mid not in self._invoked:
-                raise DIMSEError(f"{cmd.name} answers message id {mid}, never sent")
-            final = not (self._invoked[mid] and cmd.status in PENDING_CODES)
+            mid, multi = self._expected(cmd)
+            final = not (multi and cmd.status in PENDING_CODES)
             if final:
                 del self._invoked[mid]
             out.append(ResponseArrived(mid, msg, final))
@@ -364,6 +363,18 @@ class Session:
                 if not self._held:
                     out.append(PauseReading())
                 self._held.append(op)
+
+    def _expected(self, cmd: Command) -> tuple[int, bool]:
+        """(message id, several responses expected) of the request ``cmd`` answers;
+        :class:`DIMSEError` unless it answers one we sent, with that request's own
+        response command field (PS3.7 §9.3, §10.3, E.1: C-STORE-RQ 0001H is answered
+        by C-STORE-RSP 8001H, and so on)."""
+        mid = cmd.message_id_being_responded_to
+        if mid is None or (expected := self._invoked.get(mid)) is None:
+            raise DIMSEError(f"{cmd.name} answers message id {mid}, never sent")
+        if cmd.command_field != expected[1]:
+            raise DIMSEError(f"{cmd.name} answers message id {mid}, a {Command(expected[1] & 0x7FFF).name}")
+        return mid, expected[0]
 
     def _refuse(self, msg: Message) -> Respond | None:
         """A request on a context where we did not agree to be SCP is refused (PS3.7 D.3.3.4)."""

@@ -1,0 +1,206 @@
+"""Our SCU against a hostile, broken or confused SCP: a raw acceptor speaking the upper
+layer protocol (PS3.8) that answers with what a real peer cannot be made to send.
+
+Each test scripts the acceptor after its A-ASSOCIATE-AC; the requestor is the library's
+``async with ae.associate(...)`` API. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dimse_async import AE
+from dimse_async.dimse import Command, CommandField, decode_command, encode_command
+from dimse_async.exceptions import AssociationAborted
+from dimse_async.pdu import (
+    PDV,
+    AssociateAC,
+    AssociateRQ,
+    PDataTF,
+    PresentationContextAC,
+    ReleaseRP,
+    decode_pdu,
+)
+from dimse_async.pdu_items import UserInformation
+
+HOST = "127.0.0.1"
+VERIFICATION = "1.2.840.10008.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+class Peer:
+    """The acceptor's side of one connection: whole PDUs and DIMSE messages."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader, self.writer = reader, writer
+        self.rq: AssociateRQ | None = None
+
+    async def read_pdu(self, timeout: float = 5.0) -> bytes | None:
+        try:
+            header = await asyncio.wait_for(self.reader.readexactly(6), timeout)
+            (length,) = struct.unpack(">I", header[2:])
+            return header + await asyncio.wait_for(self.reader.readexactly(length), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await asyncio.wait_for(self.writer.drain(), 5)
+
+    def context_id(self, abstract: str) -> int:
+        assert self.rq is not None
+        return next(pc.id for pc in self.rq.presentation_contexts if pc.abstract_syntax == abstract)
+
+    async def read_message(self, timeout: float = 5.0) -> tuple[int, Command, bytes]:
+        """One whole DIMSE message: (context id, command, data set bytes)."""
+        cmd_bytes, data, cmd = b"", b"", None
+        while True:
+            pdu = await self.read_pdu(timeout)
+            assert pdu is not None and pdu[0] == 0x04, f"expected P-DATA-TF, got {pdu!r}"
+            pdata = decode_pdu(4, pdu[6:])
+            assert isinstance(pdata, PDataTF)
+            for pdv in pdata.pdvs:
+                if pdv.is_command:
+                    cmd_bytes += bytes(pdv.data)
+                    if pdv.is_last:
+                        cmd = decode_command(cmd_bytes)
+                        if not cmd.has_dataset:
+                            return pdv.context_id, cmd, b""
+                else:
+                    data += bytes(pdv.data)
+                    if pdv.is_last:
+                        assert cmd is not None
+                        return pdv.context_id, cmd, data
+
+    async def reply(self, ctx: int, cmd: Command, dataset: bytes | None = None) -> None:
+        if dataset is not None:
+            cmd.data_set_type = 0
+        out = PDataTF([PDV(ctx, True, True, encode_command(cmd))]).encode()
+        if dataset is not None:
+            out += PDataTF([PDV(ctx, False, True, dataset)]).encode()
+        await self.send(out)
+
+    async def drain_until_closed(self, timeout: float = 5.0) -> list[bytes]:
+        """Every PDU until the requestor closes; an A-RELEASE-RQ is answered."""
+        pdus = []
+        while (pdu := await self.read_pdu(timeout)) is not None:
+            pdus.append(pdu)
+            if pdu[0] == 0x05:
+                await self.send(ReleaseRP().encode())
+        return pdus
+
+
+Script = Callable[[Peer], Awaitable[None]]
+
+
+def accept_all(rq: AssociateRQ, max_length: int = 16384) -> bytes:
+    """An A-ASSOCIATE-AC accepting every proposed context with its first transfer syntax."""
+    contexts = [PresentationContextAC(pc.id, 0, pc.transfer_syntaxes[0]) for pc in rq.presentation_contexts]
+    ui = UserInformation(max_length=max_length, implementation_class_uid="1.2.3.4")
+    return AssociateAC(rq.called_ae, rq.calling_ae, contexts, ui).encode()
+
+
+@contextlib.asynccontextmanager
+async def hostile_scp(
+    script: Script, answer: Callable[[AssociateRQ], bytes] = accept_all
+) -> AsyncIterator[tuple[int, list[BaseException]]]:
+    """A raw acceptor on a free port: answers the A-ASSOCIATE-RQ with ``answer(rq)``,
+    then runs ``script``; yields (port, errors the script raised)."""
+    errors: list[BaseException] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tasks.add(asyncio.current_task())  # type: ignore[arg-type]
+        peer = Peer(reader, writer)
+        try:
+            pdu = await peer.read_pdu()
+            assert pdu is not None and pdu[0] == 0x01
+            rq = decode_pdu(1, pdu[6:])
+            assert isinstance(rq, AssociateRQ)
+            peer.rq = rq
+            await peer.send(answer(rq))
+            await script(peer)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:  # reported by the test
+            errors.append(exc)
+        finally:
+            writer.transport.abort()
+
+    server = await asyncio.start_server(serve, HOST, 0)
+    try:
+        yield server.sockets[0].getsockname()[1], errors
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+
+def scu(*abstracts: str, **options: object) -> AE:
+    for name in ("connect_timeout", "acse_timeout", "dimse_timeout"):
+        options.setdefault(name, 5.0)
+    options.setdefault("network_timeout", None)
+    ae = AE("SCU", **options)  # type: ignore[arg-type]
+    for abstract in abstracts or (VERIFICATION,):
+        ae.add_requested_context(abstract, [EXPLICIT_LE, IMPLICIT_LE])
+    return ae
+
+
+def ct_instance() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = generate_uid()
+    ds.PatientID = "P1"
+    ds.Modality = "CT"
+    return ds
+
+
+def rsp(cmd: Command, status: int = 0, **fields: object) -> Command:
+    out = Command(
+        cmd.command_field | 0x8000,
+        message_id_being_responded_to=cmd.message_id,
+        affected_sop_class_uid=cmd.affected_sop_class_uid,
+        affected_sop_instance_uid=cmd.affected_sop_instance_uid,
+        status=status,
+    )
+    for name, value in fields.items():
+        setattr(out, name, value)
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Responses that do not answer what we asked
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", [CommandField.C_ECHO_RSP, CommandField.C_FIND_RSP, 0x8999])
+async def test_response_of_another_kind_does_not_answer_a_c_store(field: int) -> None:
+    """PS3.7 §9.3.1.2, E.1: a C-STORE-RQ is answered by a C-STORE-RSP (8001H). Another
+    command field with our message id is a protocol violation: A-ABORT, never 'stored'."""
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        answer = rsp(cmd, 0)
+        answer.command_field = field
+        await peer.reply(ctx, answer)
+        await peer.drain_until_closed()
+
+    async with hostile_scp(script) as (port, errors):
+        assoc = await asyncio.wait_for(scu(CT).associate(HOST, port, called_ae="SCP"), 5)
+        try:
+            with pytest.raises(AssociationAborted, match="C-STORE"):
+                await asyncio.wait_for(assoc.c_store(ct_instance()), 5)
+        finally:
+            assoc.abort()
+    assert not errors, errors
