@@ -93,7 +93,9 @@ class DIMSEProvider(Protocol):
 
     def context(self, context_id: int) -> PresentationContext: ...
 
-    async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None: ...
+    async def send(
+        self, context_id: int, command: Command, dataset: Payload | None = None, *, timeout: float | None = None
+    ) -> None: ...
 
     def answer(self, op: Operation, command: Command, done: asyncio.Future[None]) -> None:
         """The final response of an operation a service's ``start`` took up (run as
@@ -164,7 +166,9 @@ class RequestInvoker(Protocol):
     def end_request(self, waiter: ResponseWaiter) -> None:
         """Forget the request: later responses to it are ignored."""
 
-    async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None: ...
+    async def send(
+        self, context_id: int, command: Command, dataset: Payload | None = None, *, timeout: float | None = None
+    ) -> None: ...
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
 

@@ -29,7 +29,7 @@ from .dimse import (
     fragment_parts,
     fragment_stream_parts,
 )
-from .exceptions import AssociationAborted, AssociationError
+from .exceptions import AssociationAborted, AssociationError, AssociationTimeout
 from .fsm import Output, PDataIndication, State, UpperLayer
 from .interface import Payload, ResponseWaiter, Settings, StoreHandler
 from .oplog import OperationLog
@@ -190,7 +190,7 @@ class DIMSEMessaging:
         budget = self.settings.output_budget
         return budget is None or not budget.over(self.loop.time())
 
-    async def _between_batches(self, shed: Callable[[], Awaitable[None]] | None) -> None:
+    async def _between_batches(self, shed: Callable[[], Awaitable[None]] | None, timeout: float | None) -> None:
         """After a write batch of a data set: wait for the transport to drain and for
         the output budget (the data set's read-ahead given back when that takes long)."""
         if self._write_paused and shed is not None and self.transport is not None:
@@ -199,7 +199,7 @@ class DIMSEMessaging:
             done, _ = await asyncio.wait((self._drain_waiter,), timeout=SHED_AFTER)
             if not done:
                 await shed()
-        await self._drain()
+        await self._drain(timeout)
         self._check_can_send()
         if self.settings.output_budget is not None:
             await self._within_output_budget(shed)
@@ -264,24 +264,35 @@ class DIMSEMessaging:
         if self.fsm.state not in _CAN_SEND:
             raise AssociationAborted(self._end_reason or f"association not established ({self.fsm.state.name})")
 
-    async def _drain(self) -> None:
+    async def _drain(self, timeout: float | None = None) -> None:
+        """Until the transport takes more: a peer that reads none of it for ``timeout``
+        seconds (a request's DIMSE timeout) is aborted, :class:`AssociationTimeout`."""
         if self._write_paused and self.transport is not None and not self.transport.is_closing():
             if self._drain_waiter is None:  # one waiter for every send waiting
                 self._drain_waiter = self.loop.create_future()
-            await asyncio.shield(self._drain_waiter)
+            if timeout is None:
+                await asyncio.shield(self._drain_waiter)
+            elif not (await asyncio.wait((self._drain_waiter,), timeout=timeout))[0]:
+                reason = f"the peer read none of our data for {timeout} s"
+                self.abort(reason)
+                raise AssociationTimeout(reason)
             self._check_can_send()  # the connection may have gone while we waited
 
-    async def send(self, context_id: int, command: Command, dataset: Payload | None = None) -> None:
+    async def send(
+        self, context_id: int, command: Command, dataset: Payload | None = None, *, timeout: float | None = None
+    ) -> None:
         """Send one DIMSE message, fragmented for the peer's maximum PDU length.
 
         ``dataset`` is bytes, or a payload with ``length`` and ``read(n)`` streamed in
         PDU-sized pieces (a file). The send lock keeps messages whole; small ones go
         out in one write, large ones in ~1 MiB writes that wait for the transport to drain.
+        ``timeout``: a peer that reads nothing of it for that long is aborted (a request's
+        DIMSE timeout; ``None``: the network idle timeout applies).
         """
         if dataset is None:
             if not self._sending and self._send_now(context_id, command):
                 if self._write_paused:
-                    await self._drain()
+                    await self._drain(timeout)
                 return
         else:
             command.data_set_type = 0x0000
@@ -289,7 +300,7 @@ class DIMSEMessaging:
         max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
         self._sending += 1
         try:
-            await self._send_locked(context_id, command, cmd, dataset, max_pdu)
+            await self._send_locked(context_id, command, cmd, dataset, max_pdu, timeout)
         finally:
             self._sending -= 1
 
@@ -326,7 +337,13 @@ class DIMSEMessaging:
             self.settings.observer.message_sent(self, command)
 
     async def _send_locked(
-        self, context_id: int, command: Command, cmd: bytes, dataset: Payload | None, max_pdu: int
+        self,
+        context_id: int,
+        command: Command,
+        cmd: bytes,
+        dataset: Payload | None,
+        max_pdu: int,
+        timeout: float | None = None,
     ) -> None:
         async with self._send_lock:
             self._check_can_send()
@@ -364,7 +381,7 @@ class DIMSEMessaging:
                             self._report_output()
                             started, batch, size = True, [], 0
                             del header, chunk  # not kept (with the piece it is a slice of) while waiting
-                            await self._between_batches(shed)
+                            await self._between_batches(shed, timeout)
                             if prefetch is not None:
                                 await prefetch(ahead, self._may_read_ahead())
                 except BaseException as exc:
@@ -379,7 +396,7 @@ class DIMSEMessaging:
                 self._report_output()
             self._last_dimse = self.loop.time()
             self._message_sent(context_id, command, dataset=dataset is not None)
-            await self._drain()
+            await self._drain(timeout)
 
     async def request(
         self,
@@ -389,11 +406,12 @@ class DIMSEMessaging:
         timeout: float | None = None,
     ) -> Message:
         """Send a request and await its single response (within the async ops window)."""
+        timeout = self.settings.dimse_timeout if timeout is None else timeout
         async with self._window:
             waiter = self.begin_request(context, command, multi=False)
             try:
-                await self.send(context.id, command, dataset)
-                return await waiter.get(self.settings.dimse_timeout if timeout is None else timeout)
+                await self.send(context.id, command, dataset, timeout=timeout)
+                return await waiter.get(timeout)
             finally:
                 self.end_request(waiter)
 

@@ -109,16 +109,17 @@ class MessageStream:
         if self._closed or self.final is not None:
             raise StopAsyncIteration
         owner = self._owner
+        timeout = owner.dimse_timeout if self._timeout is None else self._timeout
         if self._waiter is None:
             await owner.acquire_window()
             try:
                 self._waiter = owner.begin_request(self._context, self._command, multi=True)
-                await owner.send(self._context.id, self._command, self._dataset)
+                await owner.send(self._context.id, self._command, self._dataset, timeout=timeout)
             except BaseException:
                 self._finish()
                 raise
         try:
-            msg = await self._waiter.get(owner.dimse_timeout if self._timeout is None else self._timeout)
+            msg = await self._waiter.get(timeout)
         except asyncio.CancelledError:
             # The caller stopped waiting (its task cancelled, a timeout of its own): the
             # operation goes on at the peer, so it stays open for aclose's C-CANCEL (or
@@ -156,11 +157,11 @@ class MessageStream:
             return
         try:
             if self._owner.is_established:
-                await self._owner.send(
-                    self._context.id, Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=waiter.message_id)
-                )
+                timeout = self._owner.dimse_timeout if self._timeout is None else self._timeout
+                cancel = Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=waiter.message_id)
+                await self._owner.send(self._context.id, cancel, timeout=timeout)
                 while self.final is None:
-                    msg = await waiter.get(self._owner.dimse_timeout if self._timeout is None else self._timeout)
+                    msg = await waiter.get(timeout)
                     if waiter.drained:
                         self.final = msg
         except AssociationError:

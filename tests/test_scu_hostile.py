@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 
 from dimse_async import AE
 from dimse_async.dimse import Command, CommandField, decode_command, encode_command
-from dimse_async.exceptions import AssociationAborted, DIMSEFailure
+from dimse_async.exceptions import AssociationAborted, AssociationTimeout, DIMSEFailure
 from dimse_async.pdu import (
     PDV,
     AssociateAC,
@@ -231,5 +231,40 @@ async def test_response_of_another_kind_does_not_answer_a_c_store(field: int) ->
             with pytest.raises(AssociationAborted, match="C-STORE"):
                 await asyncio.wait_for(assoc.c_store(ct_instance()), 5)
         finally:
+            assoc.abort()
+    assert not errors, errors
+
+
+# ---------------------------------------------------------------------------------
+# Peers that stall
+# ---------------------------------------------------------------------------------
+
+
+async def test_c_store_to_a_peer_that_stops_reading_times_out() -> None:
+    """A peer that takes the command and then stops reading the data set: the send is
+    bounded by the DIMSE timeout (as a response would be), not left to the network
+    idle timeout (5 minutes by default) or forever."""
+    stop = asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        peer.writer.transport.pause_reading()  # type: ignore[attr-defined]
+        await asyncio.wait_for(stop.wait(), 10)
+
+    ds = ct_instance()
+    ds.BitsAllocated = 8
+    ds.PixelData = bytes(32 << 20)  # more than both sides' socket buffers hold
+    loop = asyncio.get_running_loop()
+    async with hostile_scp(script) as (port, errors):
+        assoc = await asyncio.wait_for(
+            scu(CT, dimse_timeout=0.5, network_timeout=300, abort_artim_timeout=0.5).associate(HOST, port, called_ae="SCP"), 5
+        )
+        try:
+            start = loop.time()
+            with pytest.raises(AssociationTimeout, match=r"0\.5 s"):
+                await asyncio.wait_for(assoc.c_store(ds), 10)
+            assert loop.time() - start < 3
+            await asyncio.wait_for(assoc.wait_closed(), 5)
+        finally:
+            stop.set()
             assoc.abort()
     assert not errors, errors
