@@ -447,7 +447,9 @@ class DIMSEMessaging:
 
     def end_request(self, waiter: ResponseWaiter) -> None:
         """Forget the request: later responses to it are ignored."""
-        self._waiters.pop(waiter.message_id, None)
+        queue = self._waiters.pop(waiter.message_id, None)
+        if queue is not None:
+            queue.resume()  # its responses no longer wait for anyone
         self.session.forget_request(waiter.message_id)
 
     def _on_pdata(self, out: PDataIndication) -> None:

@@ -16,16 +16,28 @@ from .interface import RequestInvoker, ResponseWaiter
 __all__ = ["MessageStream", "ResponseQueue"]
 
 
-class ResponseQueue:
-    """The responses to one request, as they arrive; ``done`` resolves with the final one."""
+#: Responses (or bytes of their data sets) waiting for the application, above which the
+#: association stops reading until it has taken half of them: a peer sending pending
+#: responses faster than they are consumed is held by TCP flow control, not buffered.
+MAX_QUEUED = 64
+MAX_QUEUED_BYTES = 8 << 20
 
-    __slots__ = ("_items", "_owner", "_wakeup", "done", "message_id", "name")
+
+class ResponseQueue:
+    """The responses to one request, as they arrive; ``done`` resolves with the final one.
+
+    Reading pauses while more than :data:`MAX_QUEUED` responses (or
+    :data:`MAX_QUEUED_BYTES` of their data sets) wait to be taken."""
+
+    __slots__ = ("_bytes", "_items", "_owner", "_paused", "_wakeup", "done", "message_id", "name")
 
     def __init__(self, owner: RequestInvoker, message_id: int, name: str):
         self._owner = owner
         self.message_id = message_id
         self.name = name
         self._items: deque[Message | BaseException] = deque()
+        self._bytes = 0
+        self._paused = ""  # the pause reason while this queue holds reading
         self._wakeup: asyncio.Future[bool] | None = None
         self.done: asyncio.Future[None] = owner.loop.create_future()
 
@@ -36,9 +48,20 @@ class ResponseQueue:
 
     def put(self, message: Message, final: bool) -> None:
         self._items.append(message)
+        if message.dataset is not None:
+            self._bytes += len(message.dataset)
         if final and not self.done.done():
             self.done.set_result(None)
+        elif not self._paused and (len(self._items) > MAX_QUEUED or self._bytes > MAX_QUEUED_BYTES):
+            self._paused = f"responses to {self.message_id}"
+            self._owner.pause_reading(self._paused)
         self._wake()
+
+    def resume(self) -> None:
+        """Let reading go on (taken down to half the limits, or nobody waits any more)."""
+        if self._paused:
+            reason, self._paused = self._paused, ""
+            self._owner.resume_reading(reason)
 
     def fail(self, exc: BaseException) -> None:
         self._items.append(exc)
@@ -76,6 +99,10 @@ class ResponseQueue:
         item = self._items.popleft()
         if isinstance(item, BaseException):
             raise item
+        if item.dataset is not None:
+            self._bytes -= len(item.dataset)
+        if self._paused and len(self._items) <= MAX_QUEUED // 2 and self._bytes <= MAX_QUEUED_BYTES // 2:
+            self.resume()
         return item
 
 

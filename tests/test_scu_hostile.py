@@ -268,3 +268,64 @@ async def test_c_store_to_a_peer_that_stops_reading_times_out() -> None:
             stop.set()
             assoc.abort()
     assert not errors, errors
+
+
+def identifier(i: int, size: int = 1000) -> bytes:
+    """A C-FIND match in explicit VR little endian: Patient ID and a padded comment."""
+    from dimse_async.codec import encode_dataset
+
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = f"P{i}"
+    ds.StudyDescription = "x" * 60
+    ds.TextValue = "y" * size  # UT: no length limit
+    return encode_dataset(ds, EXPLICIT_LE)
+
+
+async def test_endless_pending_c_find_responses_wait_for_the_application() -> None:
+    """A peer pouring out pending C-FIND responses faster than the application takes
+    them: we stop reading once a bounded number of them wait (the peer's writes block,
+    TCP flow control), read on as the application consumes them, and lose none."""
+    total = 1000  # 20 MiB of matches: more than the socket buffers on both sides hold
+    sent = 0
+
+    async def script(peer: Peer) -> None:
+        nonlocal sent
+        ctx, cmd, _ = await peer.read_message()
+        batch = []
+        for i in range(total):
+            pending = rsp(cmd, 0xFF00)
+            pending.data_set_type = 0
+            batch.append(
+                PDataTF([PDV(ctx, True, True, encode_command(pending))]).encode()
+                + PDataTF([PDV(ctx, False, True, identifier(i, 20000))]).encode()
+            )
+            if len(batch) == 10:
+                peer.writer.write(b"".join(batch))
+                batch = []
+                await asyncio.wait_for(peer.writer.drain(), 30)
+                sent = i + 1
+        await peer.reply(ctx, rsp(cmd, 0))
+        sent = total + 1
+        await peer.drain_until_closed(10)
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = ""
+    async with hostile_scp(script) as (port, errors):
+        async with scu(STUDY_FIND).associate(HOST, port, called_ae="SCP") as assoc:
+            async with assoc.c_find(query) as responses:
+                got = [await asyncio.wait_for(anext(responses), 5)]
+                # The application is busy: the peer must be held (until it has written
+                # nothing more for 0.3 s; at most 3 s).
+                for _ in range(10):
+                    held_at = sent
+                    await asyncio.sleep(0.3)
+                    if sent == held_at:
+                        break
+                assert held_at < total // 2, f"the peer wrote {held_at} of {total} responses unread"
+                async for match in responses:
+                    got.append(match)
+            assert responses.status == 0
+    assert [str(m.PatientID) for m in got] == [f"P{i}" for i in range(total)]
+    assert not errors, errors
