@@ -188,8 +188,8 @@ class Session:
         self.max_request_dataset = max_request_dataset
         self.assembler = MessageAssembler()
         self._next_id = 0
-        # message id -> (expects several responses, the response's command field)
-        self._invoked: dict[int, tuple[bool, int]] = {}
+        # message id -> (expects several responses, the response's command field, context id)
+        self._invoked: dict[int, tuple[bool, int, int]] = {}
         self._performing: dict[int, Operation] = {}  # by id() of the operation
         self._held: deque[Operation] = deque()
         # The message whose data set is arriving: collected in memory, streamed, or dropped.
@@ -236,7 +236,7 @@ class Session:
         else:  # pragma: no cover - 65535 requests outstanding
             raise DIMSEError("no free message id")
         command.message_id = self._next_id
-        self._invoked[self._next_id] = (multi, command.command_field | 0x8000)
+        self._invoked[self._next_id] = (multi, command.command_field | 0x8000, context.id)
         return self._next_id
 
     def forget_request(self, message_id: int) -> None:
@@ -311,7 +311,7 @@ class Session:
                 self._mode = "stream"
                 out.append(StreamStarted(msg))
         else:
-            self._expected(cmd)
+            self._expected(msg)
 
     def _on_fragment(self, event: DataFragment, out: list[SessionEvent]) -> None:
         msg = self._current
@@ -343,7 +343,7 @@ class Session:
         """``checked``: a request whose role was judged as its command set arrived."""
         cmd = msg.command
         if cmd.command_field & 0x8000:
-            mid, multi = self._expected(cmd)
+            mid, multi = self._expected(msg)
             final = not (multi and cmd.status in PENDING_CODES)
             if final:
                 del self._invoked[mid]
@@ -364,17 +364,24 @@ class Session:
                     out.append(PauseReading())
                 self._held.append(op)
 
-    def _expected(self, cmd: Command) -> tuple[int, bool]:
-        """(message id, several responses expected) of the request ``cmd`` answers;
-        :class:`DIMSEError` unless it answers one we sent, with that request's own
-        response command field (PS3.7 §9.3, §10.3, E.1: C-STORE-RQ 0001H is answered
-        by C-STORE-RSP 8001H, and so on)."""
+    def _expected(self, msg: Message) -> tuple[int, bool]:
+        """(message id, several responses expected) of the request the response ``msg``
+        answers; :class:`DIMSEError` unless it answers one we sent, with that request's
+        own response command field (PS3.7 §9.3, §10.3, E.1: C-STORE-RQ 0001H is answered
+        by C-STORE-RSP 8001H, and so on), on the request's presentation context (which
+        names its abstract syntax and the encoding of the reply, PS3.8 §7.1.1.13)."""
+        cmd = msg.command
         mid = cmd.message_id_being_responded_to
         if mid is None or (expected := self._invoked.get(mid)) is None:
             raise DIMSEError(f"{cmd.name} answers message id {mid}, never sent")
-        if cmd.command_field != expected[1]:
-            raise DIMSEError(f"{cmd.name} answers message id {mid}, a {Command(expected[1] & 0x7FFF).name}")
-        return mid, expected[0]
+        multi, field, context_id = expected
+        if cmd.command_field != field:
+            raise DIMSEError(f"{cmd.name} answers message id {mid}, a {Command(field & 0x7FFF).name}")
+        if msg.context_id != context_id:
+            raise DIMSEError(
+                f"{cmd.name} for message id {mid} on presentation context {msg.context_id}, the request was sent on {context_id}"
+            )
+        return mid, multi
 
     def _refuse(self, msg: Message) -> Respond | None:
         """A request on a context where we did not agree to be SCP is refused (PS3.7 D.3.3.4)."""

@@ -235,6 +235,27 @@ async def test_response_of_another_kind_does_not_answer_a_c_store(field: int) ->
     assert not errors, errors
 
 
+
+async def test_response_on_another_presentation_context_is_a_violation() -> None:
+    """A C-STORE-RSP on the Verification context for a C-STORE-RQ sent on the CT
+    context: the context names the request's abstract syntax and the encoding of what
+    answers it (PS3.8 §7.1.1.13, PS3.7 §6.3.1), so it does not answer ours: A-ABORT."""
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        assert ctx == peer.context_id(CT)
+        await peer.reply(peer.context_id(VERIFICATION), rsp(cmd, 0))
+        await peer.drain_until_closed()
+
+    async with hostile_scp(script) as (port, errors):
+        assoc = await asyncio.wait_for(scu(VERIFICATION, CT).associate(HOST, port, called_ae="SCP"), 5)
+        try:
+            with pytest.raises(AssociationAborted, match=r"presentation context 1, .* sent on 3"):
+                await asyncio.wait_for(assoc.c_store(ct_instance()), 5)
+        finally:
+            assoc.abort()
+    assert not errors, errors
+
 # ---------------------------------------------------------------------------------
 # Peers that stall
 # ---------------------------------------------------------------------------------
