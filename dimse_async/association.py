@@ -506,6 +506,13 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 self.loop.call_soon(self._release_response)
             return  # acceptor (Sta10) waits for the A-RELEASE-RP first
         self._released = True
+        if self._waiters:
+            # No P-DATA can follow the peer's A-RELEASE-RQ (Sta8, PS3.8 Table 9-10: AA-8):
+            # what we asked for will never be answered.
+            asked = ", ".join(sorted({w.name for w in self._waiters.values()}))
+            reason = f"the peer released the association with {asked} unanswered"
+            self.log.warning("peer released with requests outstanding", outstanding=len(self._waiters), requests=asked)
+            self._settle(AssociationAborted(reason), released=True)
         if self.session.idle and not self._sending:  # the usual case: every answer went out already
             self._release_response()
         else:

@@ -26,6 +26,7 @@ from dimse_async.pdu import (
     PDataTF,
     PresentationContextAC,
     ReleaseRP,
+    ReleaseRQ,
     decode_pdu,
 )
 from dimse_async.pdu_items import UserInformation
@@ -255,6 +256,40 @@ async def test_response_on_another_presentation_context_is_a_violation() -> None
         finally:
             assoc.abort()
     assert not errors, errors
+
+
+async def test_peer_releasing_with_our_request_outstanding_fails_it_at_once() -> None:
+    """The SCP sends A-RELEASE-RQ instead of the C-STORE-RSP: after it the peer can send
+    no P-DATA (PS3.8 Table 9-10, Sta8: AA-8), so the request fails at once, saying so,
+    and the release is answered; before, it waited for the DIMSE timeout."""
+    replies: list[bytes] = []
+
+    async def script(peer: Peer) -> None:
+        await peer.read_message()
+        await peer.send(ReleaseRQ().encode())
+        pdu = await peer.read_pdu()
+        assert pdu is not None
+        replies.append(pdu)
+        await peer.drain_until_closed()  # a lax peer: the transport stays open
+
+    loop = asyncio.get_running_loop()
+    async with hostile_scp(script) as (port, errors):
+        assoc = await asyncio.wait_for(
+            scu(CT, dimse_timeout=3).associate(HOST, port, called_ae="SCP"), 5
+        )
+        try:
+            start = loop.time()
+            with pytest.raises(AssociationAborted, match="released the association with C-STORE-RQ unanswered"):
+                await asyncio.wait_for(assoc.c_store(ct_instance()), 5)
+            assert loop.time() - start < 2
+            for _ in range(100):  # the peer reads our answer to its release (bounded)
+                if replies or errors:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            assoc.abort()
+    assert not errors, errors
+    assert replies == [ReleaseRP().encode()]
 
 # ---------------------------------------------------------------------------------
 # Peers that stall
