@@ -385,3 +385,55 @@ async def test_endless_pending_c_find_responses_wait_for_the_application() -> No
             assert responses.status == 0
     assert [str(m.PatientID) for m in got] == [f"P{i}" for i in range(total)]
     assert not errors, errors
+
+
+# ---------------------------------------------------------------------------------
+# The command line tools against such peers
+# ---------------------------------------------------------------------------------
+
+STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+async def cli(*args: str, timeout: float = 20.0) -> tuple[int, str]:
+    """``python -m dimse_async ARGS`` from this tree: (exit code, stderr)."""
+    import os
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dimse_async", *args,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return proc.returncode, err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("operation", ["move", "get"])
+async def test_retrieve_final_success_with_failed_sub_operations_is_not_exit_0(operation: str) -> None:
+    """A C-MOVE / C-GET SCP answering Success (0000) while its counters say sub-operations
+    failed: Success means every one completed without failure or warning (PS3.4
+    C.4.2.1.5, C.4.3.1.4), so the tool must not exit 0 ('all succeeded')."""
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        await peer.reply(ctx, rsp(cmd, 0xFF00, remaining=2, completed=0, failed=0, warning=0))
+        await peer.reply(ctx, rsp(cmd, 0, completed=0, failed=2, warning=0))
+        await peer.drain_until_closed()
+
+    async with hostile_scp(script) as (port, errors):
+        extra = ["--dest", "ELSEWHERE"] if operation == "move" else ["--sop-class", CT, "--out", "/tmp"]
+        code, err = await cli(
+            operation, HOST, str(port), "--timeout", "5", "-k", "StudyInstanceUID=1.2.3", *extra
+        )
+    assert not errors, errors
+    assert code == 1, (code, err)
+    assert "2 failed" in err and "contradicts" in err, err
+    assert len(err.strip().splitlines()) == 1, err
