@@ -105,9 +105,10 @@ Script = Callable[[Peer], Awaitable[None]]
 
 
 def accept_all(rq: AssociateRQ, max_length: int = 16384) -> bytes:
-    """An A-ASSOCIATE-AC accepting every proposed context with its first transfer syntax."""
+    """An A-ASSOCIATE-AC accepting every proposed context with its first transfer syntax,
+    and every role proposed (PS3.7 D.3.3.4)."""
     contexts = [PresentationContextAC(pc.id, 0, pc.transfer_syntaxes[0]) for pc in rq.presentation_contexts]
-    ui = UserInformation(max_length=max_length, implementation_class_uid="1.2.3.4")
+    ui = UserInformation(max_length=max_length, implementation_class_uid="1.2.3.4", roles=list(rq.user_info.roles))
     return AssociateAC(rq.called_ae, rq.calling_ae, contexts, ui).encode()
 
 
@@ -437,3 +438,49 @@ async def test_retrieve_final_success_with_failed_sub_operations_is_not_exit_0(o
     assert code == 1, (code, err)
     assert "2 failed" in err and "contradicts" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+async def test_get_refuses_sub_operations_whose_data_set_is_broken_or_another_instance(tmp_path: object) -> None:
+    """A C-GET SCP sending C-STORE sub-operations with a truncated data set, an empty
+    one, or one whose SOP Instance UID is not the command's: each is refused (0xC000 /
+    0xA900, as the archive refuses them, PS3.4 B.2.3) and no file is written under the
+    command's UID; a sound one is stored. Before, every one was answered Success and
+    written as OUT/<command's UID>.dcm."""
+    from pathlib import Path
+
+    from dimse_async.codec import encode_dataset
+
+    out = Path(str(tmp_path)) / "out"
+    statuses: dict[str, int] = {}
+    good, other = ct_instance(), ct_instance()
+    cases = [
+        ("truncated", "1.2.3.1", encode_dataset(good, EXPLICIT_LE)[:-7]),
+        ("empty", "1.2.3.2", b""),
+        ("another instance", "1.2.3.3", encode_dataset(other, EXPLICIT_LE)),
+        ("sound", str(good.SOPInstanceUID), encode_dataset(good, EXPLICIT_LE)),
+    ]
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        ct_ctx = peer.context_id(CT)
+        for i, (name, uid, data) in enumerate(cases):
+            store = Command(
+                CommandField.C_STORE_RQ, message_id=100 + i, affected_sop_class_uid=CT,
+                affected_sop_instance_uid=uid, priority=0,
+            )  # fmt: skip
+            await peer.reply(ct_ctx, store, data)
+            _, answer, _ = await peer.read_message()
+            assert answer.status is not None
+            statuses[name] = answer.status
+        await peer.reply(ctx, rsp(cmd, 0xB000, completed=1, failed=3, warning=0))
+        await peer.drain_until_closed()
+
+    async with hostile_scp(script) as (port, errors):
+        code, err = await cli(
+            "get", HOST, str(port), "--timeout", "5", "-k", "StudyInstanceUID=1.2.3",
+            "--sop-class", CT, "--out", str(out),
+        )  # fmt: skip
+    assert not errors, errors
+    assert statuses == {"truncated": 0xC000, "empty": 0xC000, "another instance": 0xA900, "sound": 0}, statuses
+    assert sorted(p.name for p in out.glob("*.dcm")) == [f"{good.SOPInstanceUID}.dcm"]
+    assert code == 1, (code, err)

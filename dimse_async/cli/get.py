@@ -121,7 +121,7 @@ async def run(args: argparse.Namespace) -> int:
     syntaxes = UNCOMPRESSED_TRANSFER_SYNTAXES if args.uncompressed_only else STORE_TRANSFER_SYNTAXES
     for sop_class in classes:
         ae.add_requested_context(sop_class, syntaxes, scu_role=False, scp_role=True)
-    store = DirectoryStore(out)
+    store = DirectoryStore(out, check=True)  # what the peer sends is walked first
     where = f"{args.aec}@{args.host}:{args.port}"
     connection = options.associate_kwargs(args)
 

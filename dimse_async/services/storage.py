@@ -470,6 +470,31 @@ class CStoreService:
         return start_c_store(assoc, op, self._handler(), done)
 
 
+def _dataset_refusal(request: StoreRequest) -> Status | None:
+    """Why the received data set is not stored (see ``DirectoryStore(check=True)``), or
+    ``None``. Blocking: run in a thread."""
+    from ..dataset_check import DataSetError, check_dataset
+    from ..part10 import read_file_meta
+
+    try:
+        with request.open() as fp:
+            meta = read_file_meta(fp)
+            if meta is None or meta.dataset_offset != request.spool.header_length:
+                raise DataSetError("data set holds file meta elements (0002,eeee)")  # PS3.10 §7.2
+            summary = check_dataset(fp, meta.transfer_syntax, meta.dataset_offset)
+    except DataSetError as exc:
+        return Status(Code.CANNOT_UNDERSTAND, f"Cannot understand: {exc}"[:64])
+    if not summary.sop_instance_uid and not summary.sop_class_uid:
+        return Status(Code.CANNOT_UNDERSTAND, "Cannot understand: no SOP Class or Instance UID")
+    for what, ours, theirs in (
+        ("Instance", summary.sop_instance_uid, request.sop_instance_uid),
+        ("Class", summary.sop_class_uid, request.sop_class_uid),
+    ):
+        if ours != theirs:
+            return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Data set SOP {what} UID differs from the command's")
+    return None
+
+
 class DirectoryStore:
     """A C-STORE handler that writes each instance to ``root/<SOP Instance UID>.dcm``.
 
@@ -480,10 +505,18 @@ class DirectoryStore:
     ``inline``: when a small instance's file is written on the event loop instead of in
     the association's writer thread (:class:`~dimse_async.filewriter.InlineWrites`;
     ``True``: its defaults; ``False``: never; never when durable).
+    ``check``: the data set is walked to its end first (PS3.5 §7.1, in a worker thread)
+    and must name the command's SOP Class and Instance UIDs: else it is refused, 0xC000
+    or 0xA900 (PS3.4 B.2.3), and no file is written (what a C-GET's peer sends).
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], *, durable: bool = False, inline: bool | InlineWrites = True
+        self,
+        root: str | os.PathLike[str],
+        *,
+        durable: bool = False,
+        inline: bool | InlineWrites = True,
+        check: bool = False,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -494,6 +527,7 @@ class DirectoryStore:
             inline if isinstance(inline, InlineWrites) else InlineWrites() if inline else None
         )
         self.stored = 0
+        self.check = check
 
     def path_for(self, sop_instance_uid: str) -> Path:
         if not valid_uid(sop_instance_uid):
@@ -507,6 +541,11 @@ class DirectoryStore:
                 return Status(Code.CANNOT_UNDERSTAND, f"invalid SOP Instance UID {uid[:70]!r}"[:64])
             if not valid_uid(request.sop_class_uid):
                 return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID")
+        if self.check:
+            refusal = await asyncio.to_thread(_dataset_refusal, request)
+            if refusal is not None:
+                request.assoc.log.warning("C-STORE data set refused", sop_instance=uid, error=refusal.error_comment)
+                return refusal
         await request.save(os.path.join(self._root, uid + ".dcm"), durable=self.durable)
         self.stored += 1
         return _SUCCESS
