@@ -687,6 +687,11 @@ class _Associating:
                 else exc.reason
             )
             raise ConnectionFailed(f"TLS handshake with {self._host}:{self._port} failed: {why or exc}") from exc
+        except ConnectionError as exc:
+            why = exc.strerror or str(exc) or "connection closed by the peer"  # a reset carries no text
+            if self._ssl is not None and not exc.strerror:  # the peer closed during the handshake
+                raise ConnectionFailed(f"TLS handshake with {self._host}:{self._port} failed: {why}") from exc
+            raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {why}") from exc
         except OSError as exc:
             raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}") from exc
         assoc.timings["connect"] = loop.time() - started

@@ -484,3 +484,27 @@ async def test_get_refuses_sub_operations_whose_data_set_is_broken_or_another_in
     assert statuses == {"truncated": 0xC000, "empty": 0xC000, "another instance": 0xA900, "sound": 0}, statuses
     assert sorted(p.name for p in out.glob("*.dcm")) == [f"{good.SOPInstanceUID}.dcm"]
     assert code == 1, (code, err)
+
+
+async def test_tls_peer_closing_mid_handshake_is_a_clear_connection_failure() -> None:
+    """A peer that reads our ClientHello and closes: ConnectionFailed saying the TLS
+    handshake failed because the peer closed (the error had no text: 'cannot connect to
+    HOST:PORT: ' was all the CLI printed)."""
+    import ssl
+
+    async def close_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(10)
+        writer.close()
+
+    from dimse_async.exceptions import ConnectionFailed
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    server = await asyncio.start_server(close_early, HOST, 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(ConnectionFailed, match=r"TLS handshake with .* failed: connection closed by the peer"):
+            await asyncio.wait_for(scu().associate(HOST, port, called_ae="SCP", ssl=context), 5)
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
