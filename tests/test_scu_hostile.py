@@ -508,3 +508,32 @@ async def test_tls_peer_closing_mid_handshake_is_a_clear_connection_failure() ->
     finally:
         server.close()
         await asyncio.wait_for(server.wait_closed(), 5)
+
+
+MPPS = "1.2.840.10008.3.1.2.3.3"
+
+
+@pytest.mark.parametrize("field", ["affected_sop_instance_uid", "affected_sop_class_uid"])
+async def test_n_set_rsp_naming_another_instance_is_not_a_success_for_ours(field: str) -> None:
+    """PS3.7 §10.1.3.1, §10.3.3: the N-SET-RSP's Affected SOP Class / Instance UID, when
+    present, are the request's Requested ones; a Success naming another instance says
+    nothing about ours: DIMSEFailure naming both."""
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        answer = Command(
+            CommandField.N_SET_RSP, message_id_being_responded_to=cmd.message_id, status=0,
+            affected_sop_class_uid=cmd.requested_sop_class_uid,
+            affected_sop_instance_uid=cmd.requested_sop_instance_uid,
+        )  # fmt: skip
+        setattr(answer, field, "1.2.3.999")
+        await peer.reply(ctx, answer)
+        await peer.drain_until_closed()
+
+    modification = Dataset()
+    modification.PerformedProcedureStepStatus = "COMPLETED"
+    async with hostile_scp(script) as (port, errors):
+        async with scu(MPPS).associate(HOST, port, called_ae="SCP") as assoc:
+            with pytest.raises(DIMSEFailure, match=r"N-SET-RSP .*'1\.2\.3\.999'"):
+                await asyncio.wait_for(assoc.n_set(MPPS, "1.2.3.4", modification), 5)
+    assert not errors, errors
