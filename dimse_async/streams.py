@@ -177,7 +177,8 @@ class MessageStream:
             self._owner.release_window()
 
     async def aclose(self) -> None:
-        """Stop early: C-CANCEL, then wait for the final response (PS3.7 §9.3.2.3)."""
+        """Stop early: C-CANCEL, then wait for the final response (PS3.7 §9.3.2.3), the
+        DIMSE timeout in all: a peer that goes on sending pending responses is aborted."""
         waiter = self._waiter
         if self._closed or waiter is None:
             self._closed = True
@@ -187,8 +188,15 @@ class MessageStream:
                 timeout = self._owner.dimse_timeout if self._timeout is None else self._timeout
                 cancel = Command(CommandField.C_CANCEL_RQ, message_id_being_responded_to=waiter.message_id)
                 await self._owner.send(self._context.id, cancel, timeout=timeout)
+                loop = self._owner.loop
+                deadline = None if timeout is None else loop.time() + timeout
                 while self.final is None:
-                    msg = await waiter.get(timeout)
+                    left = None if deadline is None else deadline - loop.time()
+                    if left is not None and left <= 0:
+                        reason = f"no final {self._command.name} response within {timeout} s of its C-CANCEL"
+                        self._owner.abort(reason)
+                        break
+                    msg = await waiter.get(left)
                     if waiter.drained:
                         self.final = msg
         except AssociationError:

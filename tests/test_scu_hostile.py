@@ -388,6 +388,46 @@ async def test_endless_pending_c_find_responses_wait_for_the_application() -> No
     assert not errors, errors
 
 
+
+async def test_c_find_peer_ignoring_c_cancel_does_not_hold_the_application() -> None:
+    """Leaving a C-FIND early sends C-CANCEL and waits for the final response (PS3.7
+    §9.3.2.3). A peer that ignores it and keeps sending pending responses, each well
+    within the DIMSE timeout, is given that timeout in all, then aborted; before, the
+    application's ``async with`` never ended."""
+    stop = asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        pending = rsp(cmd, 0xFF00)
+        for i in range(3):
+            await peer.reply(ctx, pending, identifier(i, 10))
+        while not stop.is_set():  # C-CANCEL or not: more matches, every 20 ms (at most 10 s)
+            await peer.reply(ctx, pending, identifier(0, 10))
+            await asyncio.sleep(0.02)
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    loop = asyncio.get_running_loop()
+    async with hostile_scp(script) as (port, errors):
+        assoc = await asyncio.wait_for(
+            scu(STUDY_FIND, dimse_timeout=0.5, abort_artim_timeout=0.5).associate(HOST, port, called_ae="SCP"), 5
+        )
+        try:
+            start = loop.time()
+
+            async def leave_early() -> None:
+                async with assoc.c_find(query) as responses:
+                    async for _ in responses:
+                        break
+
+            await asyncio.wait_for(leave_early(), 10)
+            assert loop.time() - start < 3
+            assert not assoc.is_established  # aborted: the final response never came
+        finally:
+            stop.set()
+            assoc.abort()
+    assert not errors, errors
+
 # ---------------------------------------------------------------------------------
 # The command line tools against such peers
 # ---------------------------------------------------------------------------------
