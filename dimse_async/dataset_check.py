@@ -65,7 +65,9 @@ def _vr_kinds(order: str) -> bytes:
 
 
 _VR_KIND_LE, _VR_KIND_BE = _vr_kinds("<"), _vr_kinds(">")
+_ITEM_GROUP = frozenset({0xFFFE})
 _HDR_LE, _HDR_BE = struct.Struct("<HHHH").unpack_from, struct.Struct(">HHHH").unpack_from
+_RUN_HDR_LE, _RUN_HDR_BE = struct.Struct("<H2xHH").unpack_from, struct.Struct(">H2xHH").unpack_from  # group, VR, length
 _ITEM_LE, _ITEM_BE = struct.Struct("<HHI"), struct.Struct(">HHI")  # tag, 4-byte length
 _EXPL_LE, _EXPL_BE = struct.Struct("<HH2sH"), struct.Struct(">HH2sH")  # tag, VR, 2-byte length
 
@@ -380,6 +382,10 @@ class _BufferWalker:
         "top", "u32", "pos", "seq", "watch",
     )  # fmt: skip
 
+    #: Walk runs of plain elements in the short loop of :meth:`_explicit_until` (tests
+    #: compare it with the general step alone).
+    runs = True
+
     def __init__(
         self,
         buf: bytes,
@@ -497,6 +503,7 @@ class _BufferWalker:
         index, tags built only where a value is read (top level) or a sequence followed."""
         buf, size, u32, watch = self.buf, self.size, self.u32, self.watch if depth == 0 else None
         hdr, kinds = (_HDR_LE, _VR_KIND_LE) if self.little else (_HDR_BE, _VR_KIND_BE)
+        run_hdr = _RUN_HDR_LE if self.little else _RUN_HDR_BE
         # Where the walk ends: the item's end, the data set's end (top level), or never
         # (an undefined-length item, ended by its delimiter; size + 1 is not reachable).
         limit = bound if bound is not None else (size + 1 if item else size)
@@ -504,8 +511,29 @@ class _BufferWalker:
         count = 0
         ordered, prev = self.ordered, -1
         room = self.budget - self.elements - self.items  # elements this level may add
+        # The run of plain elements (a VR with a 2-byte length, no value read) is walked by
+        # the short loop below; the others take the general step after it. ``special``:
+        # the item group and, at the top level, the groups of the tags whose value is read.
+        stop = min(limit, size)
+        runs = self.runs and not ordered
+        special = _ITEM_GROUP if watch is None else frozenset({0xFFFE, *(tag >> 16 for tag in watch)})
         try:
             while True:
+                # Without an order to check, and with no way to reach the element budget in
+                # the bytes left (an element takes at least 8), the run needs only the
+                # header, its VR's kind and the position.
+                if runs and pos < stop and room - count > (size - pos) // 8 + 1:
+                    while True:
+                        group, vr, length = run_hdr(buf, pos)  # struct.error: fewer than 8 bytes left
+                        if kinds[vr] != 1 or group in special:
+                            break
+                        pos += 8 + length
+                        count += 1
+                        if pos >= stop:
+                            if pos > stop:  # the value runs past the end: the general step says so
+                                pos -= 8 + length
+                                count -= 1
+                            break
                 if pos >= limit:
                     if pos == limit:
                         break

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-__all__ = ["FileMeta", "encode_file_meta", "plausible_uid", "read_file_meta", "valid_uid"]
+__all__ = ["FileMeta", "encode_file_meta", "file_meta_from_bytes", "plausible_uid", "read_file_meta", "valid_uid"]
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 _MAX_META = 1 << 16
@@ -68,38 +68,54 @@ def read_file_meta(fp: BinaryIO) -> FileMeta | None:
     return None if got is _MORE else got  # type: ignore[return-value]
 
 
+def file_meta_from_bytes(data: bytes) -> FileMeta | None:
+    """:func:`read_file_meta` for a whole file held in memory (the same answer: a file
+    meta running past the first 64 KiB is not read)."""
+    head = data[: 132 + _FIRST_READ]
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    got = _parse_meta(head, complete=len(head) < 132 + _FIRST_READ)
+    if got is _MORE:
+        got = _parse_meta(data[: 132 + _MAX_META], complete=True)
+    return None if got is _MORE else got  # type: ignore[return-value]
+
+
 _FIRST_READ = 4096
 _MORE = object()  # the meta runs past what was read
 
 
 def _parse_meta(head: bytes, *, complete: bool) -> FileMeta | object | None:
     pos = 132
+    end = len(head)
     values: dict[int, str] = {}
     while True:
-        if pos + 8 > len(head):
+        if pos + 8 > end:
             if not complete:
                 return _MORE
             break
-        group, elem = struct.unpack_from("<HH", head, pos)
+        group, elem, vr, length = _META_HEADER(head, pos)
         if group != 0x0002:
             break
-        vr = head[pos + 4 : pos + 6]
         if vr in _LONG_VRS:
-            if pos + 12 > len(head):
+            if pos + 12 > end:
                 return None if complete else _MORE
-            (length,) = struct.unpack_from("<I", head, pos + 8)
+            (length,) = _META_LONG(head, pos + 8)
             start = pos + 12
         else:
-            (length,) = struct.unpack_from("<H", head, pos + 6)
             start = pos + 8
-        if start + length > len(head):
+        if start + length > end:
             return None if complete else _MORE
-        if elem in (0x0002, 0x0003, 0x0010):
+        if elem in _META_KEPT:
             values[elem] = head[start : start + length].decode("ascii", "replace").rstrip("\x00 ")
         pos = start + length
-    if not all(k in values for k in (0x0002, 0x0003, 0x0010)):
+    if len(values) < 3:
         return None
     return FileMeta(values[0x0002], values[0x0003], values[0x0010], pos)
+
+
+_META_HEADER = struct.Struct("<HH2sH").unpack_from  # tag, VR, 2-byte length (explicit VR little endian)
+_META_LONG = struct.Struct("<I").unpack_from
+_META_KEPT = frozenset({0x0002, 0x0003, 0x0010})  # SOP class, SOP instance, transfer syntax
 
 
 def _elem(elem: int, vr: bytes, value: bytes) -> bytes:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import dimse_async as da
-from dimse_async.dataset_check import DataSetError, check_dataset, check_dataset_bytes
+from dimse_async.dataset_check import BudgetExceeded, DataSetError, check_dataset, check_dataset_bytes
 from dimse_async.part10 import read_file_meta
 from dimse_async.services import store_scu
 from dimse_async.services.send import send_files
@@ -280,6 +281,101 @@ def test_in_memory_check_agrees_with_the_file_walk() -> None:
             compared += 1
             refused += outcomes[0] is None
     assert compared > 1000 and 100 < refused < compared
+
+
+def _outcome(data: bytes, syntax: str, limits: dict[str, int]) -> object:
+    try:
+        s = check_dataset_bytes(data, syntax, _KEEP, **limits)  # type: ignore[arg-type]
+    except (DataSetError, BudgetExceeded) as exc:
+        return type(exc).__name__, str(exc)
+    return s.sop_class_uid, s.sop_instance_uid, s.elements, s.kept
+
+
+def test_runs_of_plain_elements_walk_as_the_general_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The short loop for runs of plain elements (explicit VR) gives the same result or the
+    same error, word for word, as the general step alone: pydicom's corpus, truncated, with
+    bytes changed anywhere and among the first headers, and with budgets and element
+    limits that the walk reaches."""
+    from dimse_async.dataset_check import _BufferWalker
+
+    rng = random.Random(20261203)
+    compared = refused = 0
+    for name in get_testdata_files():
+        try:
+            data = Path(name).read_bytes()
+        except OSError:
+            continue
+        meta = read_file_meta(io.BytesIO(data))
+        if meta is None or meta.transfer_syntax == "1.2.840.10008.1.2":
+            continue
+        dataset = data[meta.dataset_offset :]
+        variants = list(_variants(dataset, rng))
+        for _ in range(6):  # changes among the headers at the start (tags, VRs, lengths)
+            b = bytearray(dataset)
+            if b:
+                for _ in range(rng.randrange(1, 3)):
+                    b[rng.randrange(min(len(b), 600))] = rng.choice((0, 0xFF, 0xFE, rng.randrange(256)))
+            variants.append(bytes(b))
+        for variant in variants:
+            for limits in ({}, {"budget": 40}, {"max_elements": 30}, {"max_elements": 100_000}):
+                got = []
+                for runs in (True, False):
+                    monkeypatch.setattr(_BufferWalker, "runs", runs)
+                    got.append(_outcome(variant, meta.transfer_syntax, limits))
+                assert got[0] == got[1], (name, limits)
+                compared += 1
+                refused += isinstance(got[0], tuple) and len(got[0]) == 2
+    assert compared > 1000 and 100 < refused < compared
+
+
+def test_file_meta_from_bytes_agrees_with_read_file_meta() -> None:
+    """A file's meta parsed from its bytes in memory (a small file read whole) is what
+    reading it from the file gives: pydicom's corpus, truncated, and a meta longer than
+    the first read and than 64 KiB."""
+    from dimse_async.part10 import encode_file_meta, file_meta_from_bytes
+
+    samples = []
+    for name in get_testdata_files():
+        with contextlib.suppress(OSError):
+            data = Path(name).read_bytes()
+            samples += [data, data[:200], data[:131], data[:4300]]
+    base = encode_file_meta("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1")
+    for extra in (5000, 70000):  # a private meta element (0002,0100) OB of that many bytes
+        long_meta = base + struct.pack("<HH2sHI", 2, 0x0100, b"OB", 0, extra) + bytes(extra)
+        samples += [long_meta + b"\x08\x00\x16\x00UI\x02\x0012", long_meta]
+    assert len(samples) > 100
+    for data in samples:
+        assert file_meta_from_bytes(data) == read_file_meta(io.BytesIO(data))
+
+
+def test_prepare_file_reads_a_small_file_whole_as_it_reads_a_larger_one(tmp_path: Path) -> None:
+    """prepare_file of a small file (one read, its meta parsed from memory) gives what the
+    path for larger files gives: the same UIDs, offsets and data set, or the same error."""
+    rng = random.Random(7)
+    names = [n for n in get_testdata_files() if n.endswith(".dcm")][:60]
+    for i, name in enumerate(names):
+        data = Path(name).read_bytes()
+        for j, variant in enumerate([data, data[: len(data) // 2], data[:100], bytes(_changed(data, rng))]):
+            path = tmp_path / f"{i}_{j}.dcm"
+            path.write_bytes(variant)
+            outcomes = []
+            for small, read_whole in ((True, 1 << 30), (False, 1 << 30)):
+                try:
+                    if small:
+                        got = store_scu.prepare_file(str(path), check=True, read_whole=read_whole)
+                    else:
+                        got = store_scu._prepare_open(str(path), True, read_whole)
+                    outcomes.append(got)
+                except ValueError as exc:
+                    outcomes.append(str(exc))
+            assert outcomes[0] == outcomes[1], name
+
+
+def _changed(data: bytes, rng: random.Random) -> bytearray:
+    b = bytearray(data)
+    for _ in range(3):
+        b[rng.randrange(len(b))] = rng.randrange(256)
+    return b
 
 
 # --------------------------------------------------------------------------- reads off the loop

@@ -19,7 +19,7 @@ from ..dataset_check import NO_LIMIT, DataSetError, check_dataset, check_dataset
 from ..dimse import Command, CommandField
 from ..exceptions import DIMSEFailure, NoAcceptedContext
 from ..interface import DIMSEProvider
-from ..part10 import read_file_meta
+from ..part10 import FileMeta, file_meta_from_bytes, read_file_meta
 from ..status import Status, response_status
 from ..uids import UNCOMPRESSED_TRANSFER_SYNTAXES, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, uid_name
 
@@ -63,8 +63,36 @@ def prepare_file(path: str, *, check: bool = False, read_whole: int = READ_WHOLE
     ``None`` when the file has no usable file meta (pydicom must read it). Raises
     ``ValueError`` for a data set that is not well formed: with ``check`` every element
     is walked to the end (PS3.5 §7), else only as far as the SOP Instance UID.
-    Data sets up to ``read_whole`` bytes are read into memory, larger ones stay on disk.
+    Data sets up to ``read_whole`` bytes are read into memory, larger ones stay on disk;
+    a file of at most ``read_whole`` bytes is read in one go, its meta parsed from memory.
     """
+    with open(path, "rb", buffering=0) as raw:
+        if os.fstat(raw.fileno()).st_size <= read_whole:
+            return _prepare_read(path, raw.readall(), check)
+    return _prepare_open(path, check, read_whole)
+
+
+def _prepare_read(path: str, whole: bytes, check: bool) -> PreparedFile | None:
+    """:func:`prepare_file` of a file read whole."""
+    meta = file_meta_from_bytes(whole)
+    if meta is None:
+        return None
+    ts = meta.transfer_syntax
+    data = whole[meta.dataset_offset :]
+    try:
+        if check:
+            summary = check_dataset_bytes(data, ts, max_elements=NO_LIMIT)
+            sop_class, sop_instance = summary.sop_class_uid, summary.sop_instance_uid
+        else:
+            sop_class, sop_instance = dataset_uids(io.BytesIO(data), ts, 0)
+    except DataSetError as exc:
+        raise ValueError(f"not a valid data set in its transfer syntax ({uid_name(ts)}): {exc}") from None
+    return _prepared(path, meta, sop_class, sop_instance, len(whole), data)
+
+
+def _prepare_open(path: str, check: bool, read_whole: int) -> PreparedFile | None:
+    """:func:`prepare_file` of a larger file: its meta read first, then its data set
+    read whole (up to ``read_whole`` bytes) or walked in the file."""
     with open(path, "rb") as fp:
         meta = read_file_meta(fp)
         if meta is None:
@@ -89,12 +117,21 @@ def prepare_file(path: str, *, check: bool = False, read_whole: int = READ_WHOLE
                 sop_class, sop_instance = dataset_uids(fp, ts, meta.dataset_offset)
         except DataSetError as exc:
             raise ValueError(f"not a valid data set in its transfer syntax ({uid_name(ts)}): {exc}") from None
+    return _prepared(path, meta, sop_class, sop_instance, file_size, data)
+
+
+def _prepared(
+    path: str, meta: FileMeta, sop_class: str, sop_instance: str, file_size: int, data: bytes | None
+) -> PreparedFile:
+    """The checks both ways of reading share, and the result (``data``: the data set read whole)."""
     if not sop_class or not sop_instance:
         raise ValueError("the data set has no SOP Class or SOP Instance UID")
     if sop_class != meta.sop_class_uid:  # the contexts were planned from the meta (PS3.10 7.1)
         raise ValueError(
             f"the file meta's SOP class ({uid_name(meta.sop_class_uid)}) is not the data set's ({uid_name(sop_class)})"
         )
+    ts = meta.transfer_syntax
+    length = file_size - meta.dataset_offset
     pad = ts == DeflatedExplicitVRLittleEndian and length % 2 == 1
     if data is not None and pad:
         data += b"\x00"
