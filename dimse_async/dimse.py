@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final, Protocol
@@ -178,8 +178,18 @@ _ENCODING = [(elem, vr == "US", vr) for elem, vr, _ in _ELEMENTS]
 
 def encode_command(cmd: Command) -> bytes:
     """Encode a command set, group length first (implicit VR little endian)."""
+    if cmd.command_field == 0x0001:  # C-STORE-RQ: from the parts kept for its shape
+        got = _encode_store_rq(cmd)
+        if got is not None:
+            return got
+    body = _encode_elements(zip(_ENCODING, _ALL_VALUES(cmd)))
+    return _GROUP_LENGTH.pack(0, 0, 4, len(body)) + body
+
+
+def _encode_elements(fields: Iterable[tuple[tuple[int, bool, str], Any]]) -> bytearray:
+    """The elements of the (element number, is US, VR), value pairs given a value."""
     body = bytearray()
-    for (elem, us, vr), value in zip(_ENCODING, _ALL_VALUES(cmd)):
+    for (elem, us, vr), value in fields:
         if value is None:
             continue
         if us:
@@ -188,7 +198,51 @@ def encode_command(cmd: Command) -> bytes:
             raw = _encode_value(vr, value)
             body += _ELEM_HDR.pack(0, elem, len(raw))
             body += raw
-    return _GROUP_LENGTH.pack(0, 0, 4, len(body)) + body
+    return body
+
+
+# C-STORE-RQ (PS3.7 9.3.1.1): of a batch's requests only the Message ID (0000,0110) and the
+# Affected SOP Instance UID (0000,1000) change from one to the next. The elements before,
+# between and after them are encoded once per (SOP class, priority, data set type, move
+# originator) and kept; a request with any other field set takes the general encoder.
+_STORE_RQ_FIXED = ("affected_sop_class_uid", "priority", "data_set_type", "move_originator_ae", "move_originator_message_id")
+_STORE_RQ_KEY = operator.attrgetter(*_STORE_RQ_FIXED)
+_STORE_RQ_OTHERS = operator.attrgetter(
+    *(n for _, _, n in _ELEMENTS if n not in {*_STORE_RQ_FIXED, "command_field", "message_id", "affected_sop_instance_uid"})
+)
+_STORE_RQ_ABSENT = (None,) * len(_STORE_RQ_OTHERS(Command(0)))
+_STORE_RQ_PARTS: dict[tuple[Any, ...], tuple[bytes, bytes, bytes, int]] = {}
+_STORE_RQ_SHAPES = 256  # shapes kept at most (a batch has one per SOP class)
+
+
+def _encode_store_rq(cmd: Command) -> bytes | None:
+    """:func:`encode_command` of a C-STORE-RQ from the parts kept for its shape; ``None``
+    when it is not of that shape (no Message ID or SOP Instance UID, another field set)."""
+    if cmd.message_id is None or cmd.affected_sop_instance_uid is None or _STORE_RQ_OTHERS(cmd) != _STORE_RQ_ABSENT:
+        return None
+    key = _STORE_RQ_KEY(cmd)
+    parts = _STORE_RQ_PARTS.get(key)
+    if parts is None:
+        if len(_STORE_RQ_PARTS) >= _STORE_RQ_SHAPES:
+            _STORE_RQ_PARTS.clear()
+        fields = list(zip(_ENCODING, _ALL_VALUES(Command(0x0001, **dict(zip(_STORE_RQ_FIXED, key))))))
+        head = bytes(_encode_elements(f for f in fields if f[0][0] < 0x0110))
+        middle = bytes(_encode_elements(f for f in fields if 0x0110 < f[0][0] < 0x1000))
+        tail = bytes(_encode_elements(f for f in fields if f[0][0] > 0x1000))
+        parts = _STORE_RQ_PARTS[key] = (head, middle, tail, len(head) + 10 + len(middle) + 8 + len(tail))
+    head, middle, tail, fixed = parts
+    raw = _encode_value("UI", cmd.affected_sop_instance_uid)
+    return b"".join(
+        (
+            _GROUP_LENGTH.pack(0, 0, 4, fixed + len(raw)),
+            head,
+            _US_ELEM.pack(0, 0x0110, 2, cmd.message_id),
+            middle,
+            _ELEM_HDR.pack(0, 0x1000, len(raw)),
+            raw,
+            tail,
+        )
+    )
 
 
 _US_KIND, _AT_KIND, _STR_KIND = 0, 1, 2

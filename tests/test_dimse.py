@@ -891,3 +891,62 @@ def test_property_fragment_then_reassemble(size, max_cmd, max_ds, sizes):
     assert all(isinstance(e, DataFragment) for e in events[1:]) and events[-1].last
     assert not any(e.last for e in events[1:-1])
     assert dataset_of(events) == payload
+
+
+def _general_encoding(cmd: Command) -> bytes:
+    """encode_command's general path, for any command (the C-STORE-RQ parts bypassed)."""
+    from dimse_async import dimse
+
+    body = dimse._encode_elements(zip(dimse._ENCODING, dimse._ALL_VALUES(cmd)))
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + bytes(body)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mid=st.integers(0, 0xFFFF),
+    sop_class=st.sampled_from(["1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4", "1.2.3"]),
+    instance=st.text("0123456789.", min_size=0, max_size=64),
+    priority=st.sampled_from([None, 0, 1, 2]),
+    data_set_type=st.sampled_from([0x0000, 0x0101, 0x0102]),
+    originator=st.sampled_from([None, ("MOVESCU", 7), ("ODD", 0xFFFF), ("", 1)]),
+    extra=st.sampled_from([None, ("status", 0), ("error_comment", "x"), ("message_id_being_responded_to", 3)]),
+)
+def test_store_requests_from_kept_parts_are_encoded_exactly(
+    mid, sop_class, instance, priority, data_set_type, originator, extra
+):
+    """A C-STORE-RQ encoded from the parts kept for its shape (SOP class, priority, data
+    set type, move originator) is byte for byte the general encoding, whatever its
+    Message ID and SOP Instance UID (odd lengths padded); one with another field set,
+    or without a Message ID, is encoded in full (and still the same bytes)."""
+    cmd = Command(
+        CommandField.C_STORE_RQ,
+        message_id=mid,
+        affected_sop_class_uid=sop_class,
+        affected_sop_instance_uid=instance,
+        priority=priority,
+        data_set_type=data_set_type,
+    )
+    if originator is not None:
+        cmd.move_originator_ae, cmd.move_originator_message_id = originator
+    if extra is not None:
+        setattr(cmd, *extra)
+    for _ in range(2):  # the shape's parts are made, then used
+        assert encode_command(cmd) == _general_encoding(cmd)
+        assert decode_command(encode_command(cmd)) == cmd
+    cmd.message_id = None
+    assert encode_command(cmd) == _general_encoding(cmd)
+
+
+def test_store_request_parts_are_kept_per_shape():
+    """The parts are made once per shape and reused; many shapes do not grow them without bound."""
+    from dimse_async import dimse
+
+    dimse._STORE_RQ_PARTS.clear()
+    for i in range(3):
+        encode_command(Command(CommandField.C_STORE_RQ, message_id=i + 1, affected_sop_class_uid="1.2.3",
+                               affected_sop_instance_uid=f"1.2.{i}", priority=0, data_set_type=0))  # fmt: skip
+    assert len(dimse._STORE_RQ_PARTS) == 1
+    for i in range(dimse._STORE_RQ_SHAPES + 10):
+        encode_command(Command(CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid=f"1.2.{i}",
+                               affected_sop_instance_uid="1.2", data_set_type=0))  # fmt: skip
+    assert len(dimse._STORE_RQ_PARTS) <= dimse._STORE_RQ_SHAPES
