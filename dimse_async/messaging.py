@@ -33,7 +33,7 @@ from .exceptions import AssociationAborted, AssociationError, AssociationTimeout
 from .fsm import Output, PDataIndication, State, UpperLayer
 from .interface import Payload, ResponseWaiter, Settings, StoreHandler
 from .oplog import OperationLog
-from .pdu import AbortReason
+from .pdu import AbortReason, encode_pdata_header
 from .session import (
     CancelRequested,
     Operation,
@@ -296,6 +296,17 @@ class DIMSEMessaging:
                 return
         else:
             command.data_set_type = 0x0000
+            # A small data set in memory goes with its command in one write, as a message
+            # without one does (the locked path would join them into one write too).
+            if (
+                isinstance(dataset, bytes)
+                and len(dataset) < JOIN_BELOW
+                and not self._sending
+                and self._send_now(context_id, command, dataset)
+            ):
+                if self._write_paused:
+                    await self._drain()
+                return
         cmd = encode_command(command)
         max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
         self._sending += 1
@@ -304,11 +315,11 @@ class DIMSEMessaging:
         finally:
             self._sending -= 1
 
-    def _send_now(self, context_id: int, command: Command) -> bool:
-        """Send a message without a data set at once, when no other send is under way
-        or waiting (so nothing can come between): one write, no lock, no task switch.
-        ``False`` when a response must wait for the output budget (the caller then
-        takes the locked path)."""
+    def _send_now(self, context_id: int, command: Command, dataset: bytes | None = None) -> bool:
+        """Send a message without a data set, or with a small one in memory, at once,
+        when no other send is under way or waiting (so nothing can come between): one
+        write, no lock, no task switch. ``False`` when a response must wait for the
+        output budget (the caller then takes the locked path)."""
         self._check_can_send()
         budget = self.settings.output_budget
         if (
@@ -320,13 +331,22 @@ class DIMSEMessaging:
             return False
         max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
         pdu = encode_pdata(context_id, encode_command(command), True, max_pdu)
+        if dataset is not None:
+            n = len(dataset)
+            if 0 < n <= (max_pdu or 1 << 22) - 6:  # one PDU, the usual case
+                pdu = b"".join((pdu, encode_pdata_header(n, context_id, 2), dataset))
+            else:
+                parts: list[bytes | memoryview] = [pdu]
+                for header, chunk in fragment_parts(context_id, dataset, False, max_pdu):
+                    parts += (header, chunk)
+                pdu = b"".join(parts)
         self._last_dimse = now = self.loop.time()
-        self.oplog.sent(now, command, None, self.log, self._debug)
+        self.oplog.sent(now, command, dataset, self.log, self._debug)
         self._run(self.fsm.send_pdata(pdu))
         if budget is not None:
             budget.report(self, self.buffered_output())
         if self._debug or self.settings.observer is not None:
-            self._message_sent(context_id, command, dataset=False)
+            self._message_sent(context_id, command, dataset=dataset is not None)
         return True
 
     def _message_sent(self, context_id: int, command: Command, *, dataset: bool) -> None:

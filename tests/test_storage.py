@@ -589,3 +589,39 @@ async def test_spool_discard_never_closes_the_file_under_the_writer_thread(tmp_p
         await asyncio.sleep(0.02)
     assert events == ["write start", "write end", "close"]
     assert os.listdir(tmp_path) == []
+
+
+async def test_a_small_data_set_goes_with_its_command_in_one_write(tmp_path, monkeypatch):
+    """A C-STORE whose data set is in memory and under 64 KiB is written at once with its
+    command, one buffer, without the send lock, also when the peer's maximum PDU length
+    cuts it into several PDUs; what arrives is the data set unchanged."""
+    from dimse_async.messaging import DIMSEMessaging
+
+    locked = []
+    original = DIMSEMessaging._send_locked
+
+    async def counted(self, *args):
+        locked.append(args[1].name)
+        return await original(self, *args)
+
+    monkeypatch.setattr(DIMSEMessaging, "_send_locked", counted)
+    ae = storage_scp(max_pdu=4096)
+    ae.on_c_store(DirectoryStore(tmp_path))
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
+            writes = []
+            send_pdata = assoc.fsm.send_pdata
+            assoc.fsm.send_pdata = lambda data: writes.append(data) or send_pdata(data)
+            status = await assoc.c_store(CT)
+    assert status == 0 and locked == []
+    (written,) = writes  # one buffer: the command's PDU and the data set's, each at most 4096 bytes
+    assert isinstance(written, bytes)
+    pos, sizes = 0, []
+    while pos < len(written):
+        assert written[pos] == 0x04  # P-DATA-TF
+        (length,) = struct.unpack_from(">I", written, pos + 2)
+        sizes.append(length)
+        pos += 6 + length
+    assert pos == len(written) and len(sizes) == 1 + -(-len(dataset_bytes(CT)) // 4090) and max(sizes) <= 4096
+    uid = pydicom.dcmread(CT).SOPInstanceUID
+    assert dataset_bytes(tmp_path / f"{uid}.dcm") == dataset_bytes(CT)
