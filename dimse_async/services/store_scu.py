@@ -37,6 +37,9 @@ READ_WHOLE = 4 << 20
 #: memory besides what its transport holds (within the output budget).
 STREAM_ABOVE = 1 << 20
 _PIECE = 1 << 20  # bytes per read of a streamed file
+#: Files up to this size are read whole in one read (the data set is then copied out of
+#: it); a larger one has its meta read first and its data set read into its own buffer.
+ONE_READ = 256 << 10
 _UNCOMPRESSED = frozenset(UNCOMPRESSED_TRANSFER_SYNTAXES) | {DeflatedExplicitVRLittleEndian}
 
 
@@ -64,10 +67,11 @@ def prepare_file(path: str, *, check: bool = False, read_whole: int = READ_WHOLE
     ``ValueError`` for a data set that is not well formed: with ``check`` every element
     is walked to the end (PS3.5 §7), else only as far as the SOP Instance UID.
     Data sets up to ``read_whole`` bytes are read into memory, larger ones stay on disk;
-    a file of at most ``read_whole`` bytes is read in one go, its meta parsed from memory.
+    a file of at most :data:`ONE_READ` (and ``read_whole``) bytes is read in one go, its
+    meta parsed from memory.
     """
     with open(path, "rb", buffering=0) as raw:
-        if os.fstat(raw.fileno()).st_size <= read_whole:
+        if os.fstat(raw.fileno()).st_size <= min(read_whole, ONE_READ):
             return _prepare_read(path, raw.readall(), check)
     return _prepare_open(path, check, read_whole)
 
