@@ -305,7 +305,7 @@ class DIMSEMessaging:
                 and self._send_now(context_id, command, dataset)
             ):
                 if self._write_paused:
-                    await self._drain()
+                    await self._drain(timeout)
                 return
         cmd = encode_command(command)
         max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
