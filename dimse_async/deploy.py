@@ -60,6 +60,7 @@ async def serve_until_signalled(
     dep: Deployment,
     announce: Callable[[Server, HealthServer | None], None],
     prepare: Callable[[], Awaitable[None]] | None = None,
+    check: Callable[[], Awaitable[str | None]] | None = None,
 ) -> Server:
     """Listen, call ``announce(server, health)``, and on SIGTERM/SIGINT drain: unready
     first, then stop accepting, then give running associations ``drain_grace`` seconds.
@@ -71,7 +72,8 @@ async def serve_until_signalled(
     that cannot be bound raises :class:`ListenError` before any of that work.
 
     With ``dep.http_port``, a :class:`~dimse_async.health.HealthServer` serves
-    ``/healthz`` and ``/metrics`` (a :class:`~dimse_async.metrics.Metrics` installed on ``ae``).
+    ``/healthz`` and ``/metrics`` (a :class:`~dimse_async.metrics.Metrics` installed on ``ae``);
+    ``check`` (e.g. the archive's index probe) makes ``/healthz`` 503 while it fails.
     """
     log = get_logger(local_ae=ae.ae_title)
     metrics = None
@@ -94,7 +96,7 @@ async def serve_until_signalled(
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
             pass
     try:
-        return await _serve(ae, host, port, dep, announce, prepare, stop, metrics, log)
+        return await _serve(ae, host, port, dep, announce, prepare, stop, metrics, log, check)
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
@@ -110,6 +112,7 @@ async def _serve(
     stop: asyncio.Event,
     metrics: Metrics | None,
     log: Any,
+    check: Callable[[], Awaitable[str | None]] | None = None,
 ) -> Server:
     """The body of :func:`serve_until_signalled`, with its signal handlers installed."""
     try:
@@ -129,7 +132,7 @@ async def _serve(
     health = None
     try:
         if dep.http_port is not None:
-            health = await HealthServer(lambda: server.ready, metrics).start(dep.http_host, dep.http_port)
+            health = await HealthServer(lambda: server.ready, metrics, check).start(dep.http_host, dep.http_port)
         if prepare is not None:
             log.debug("listening; preparing before accepting associations", port=server.port)
             work = asyncio.ensure_future(prepare())

@@ -1,7 +1,8 @@
 """A small HTTP responder for load balancers and Prometheus: ``/healthz``, ``/livez``, ``/metrics``.
 
 ``GET /healthz`` answers 200 ``ok`` while the DICOM server accepts associations and 503
-``draining`` once a drain began (so a load balancer stops sending new clients first);
+``draining`` once a drain began (so a load balancer stops sending new clients first),
+and 503 with the reason while a dependency check (the archive's index) fails;
 ``GET /livez`` answers 200 while the process runs; ``GET /metrics`` is the Prometheus
 exposition of a :class:`~dimse_async.metrics.Metrics` (404 without one). Requests are
 bounded (8 KiB of headers, 5 s); every response closes the connection.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .log import get_logger
@@ -26,9 +27,14 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 class HealthServer:
     """``await HealthServer(ready, metrics).start(host, port)``; :meth:`close` stops it."""
 
-    def __init__(self, ready: Callable[[], bool], metrics: Any = None):
+    def __init__(
+        self, ready: Callable[[], bool], metrics: Any = None, check: Callable[[], Awaitable[str | None]] | None = None
+    ):
         self.ready = ready
         self.metrics = metrics
+        #: A dependency check (bounded by itself): ``None`` when fine, else why not.
+        self.check = check
+        self._checking: asyncio.Future[str | None] | None = None
         self._server: asyncio.base_events.Server | None = None
         self._log = get_logger()
 
@@ -66,9 +72,9 @@ class HealthServer:
             head_only = method == b"HEAD"
             if target == b"/healthz" or target == b"/readyz":
                 ready = self.ready()
-                await self._send(
-                    writer, 200 if ready else 503, b"ok\n" if ready else b"draining\n", head_only=head_only
-                )
+                problem = await self._check() if ready else "draining"
+                body = b"ok\n" if problem is None else problem.encode(errors="replace") + b"\n"
+                await self._send(writer, 200 if problem is None else 503, body, head_only=head_only)
             elif target == b"/livez":
                 await self._send(writer, 200, b"ok\n", head_only=head_only)
             elif target == b"/metrics" and self.metrics is not None:
@@ -84,6 +90,20 @@ class HealthServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), _TIMEOUT)
+
+    async def _check(self) -> str | None:
+        """The dependency check; concurrent requests share one run of it."""
+        if self.check is None:
+            return None
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(self.check())
+            self._checking.add_done_callback(self._checked)
+        return await asyncio.shield(self._checking)
+
+    def _checked(self, fut: asyncio.Future[str | None]) -> None:
+        self._checking = None
+        if not fut.cancelled():
+            fut.exception()  # (retrieved: the requests waiting on it re-raise it)
 
     async def _send(
         self,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -187,6 +188,24 @@ class IndexDB:
         for db in connections:
             db.close()
         self.backend.close()
+
+    def _probe(self, deadline: float) -> None:
+        db = self.backend.read_connection(deadline)
+        try:
+            db.execute("SELECT COUNT(*) FROM schema_version").fetchone()
+        finally:
+            db.close()
+
+    async def probe(self, timeout: float = 5.0) -> str | None:
+        """Whether the index answers a read within ``timeout`` seconds: ``None``, or why
+        not (for ``/healthz``: a node whose index is away answers every store 0xA700)."""
+        try:  # (a thread of its own: never queued behind queries)
+            await asyncio.wait_for(asyncio.to_thread(self._probe, time.monotonic() + timeout), timeout)
+        except TimeoutError:
+            return f"index {self.backend.description} unavailable: no answer within {timeout:g} s"
+        except Exception as exc:
+            return f"index {self.backend.description} unavailable: {str(exc).strip()[:200] or type(exc).__name__}"
+        return None
 
     def _read_conn(self, deadline: float | None = None) -> Any:
         """A connection of its own for one query; its statements fail past ``deadline``."""

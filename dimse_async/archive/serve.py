@@ -294,7 +294,13 @@ async def serve(args: argparse.Namespace) -> int:
 
     try:
         await serve_until_signalled(
-            ae, config.host, config.port, dep, announce, prepare=reindex if info is None else count
+            ae,
+            config.host,
+            config.port,
+            dep,
+            announce,
+            prepare=reindex if info is None else count,
+            check=archive.probe,
         )
     finally:
         await extras.close()
