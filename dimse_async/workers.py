@@ -116,9 +116,18 @@ def _reserve(host: str, port: int) -> socket.socket:
 
 
 class _Supervisor:
-    def __init__(self, argv: Sequence[str], count: int, port: int, grace: float, http: tuple[str, int] | None = None):
+    def __init__(
+        self,
+        argv: Sequence[str],
+        count: int,
+        port: int,
+        grace: float,
+        http: tuple[str, int] | None = None,
+        check: Callable[[], Awaitable[str | None]] | None = None,
+    ):
         self.argv = list(argv)
         self.http = http
+        self.check = check
         self.metrics_dir: str | None = None
         self.metrics: Any = None
         self.health: Any = None
@@ -276,7 +285,7 @@ class _Supervisor:
         def ready() -> bool:
             return bool(self.ready) and not self.stopping.is_set()
 
-        self.health = await HealthServer(ready, self.metrics).start(host, port)
+        self.health = await HealthServer(ready, self.metrics, self.check).start(host, port)
 
     async def _run(
         self,
@@ -322,6 +331,7 @@ def run_workers(
     prepare: Callable[[], Awaitable[None]] | None = None,
     hold: Callable[[int], Awaitable[Any]] | None = None,
     http: tuple[str, int] | None = None,
+    check: Callable[[], Awaitable[str | None]] | None = None,
 ) -> int:
     """Run the command ``argv`` (``dimse-async`` arguments) as ``count`` supervised
     workers sharing ``host:port``; returns when all have stopped (after SIGTERM/SIGINT
@@ -332,13 +342,14 @@ def run_workers(
     ``prepare()`` runs (e.g. re-indexing an archive) while ``hold(port)`` - a server
     listening on the port with ``SO_REUSEPORT``, paused - answers association requests
     rejected-transient; it is closed once every worker listens. ``http``: (host, port)
-    where the parent serves ``/healthz`` and the workers' summed ``/metrics``."""
+    where the parent serves ``/healthz`` and the workers' summed ``/metrics``; ``check``
+    (the archive's index probe) makes ``/healthz`` 503 while it fails."""
     try:
         reserved = _reserve(host, port)
     except OSError as exc:
         raise ListenError(host, port, exc) from None
     try:
         actual = int(reserved.getsockname()[1])
-        return asyncio.run(_Supervisor(argv, count, actual, grace, http).run(prepare, hold))
+        return asyncio.run(_Supervisor(argv, count, actual, grace, http, check).run(prepare, hold))
     finally:
         reserved.close()

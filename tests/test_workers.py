@@ -89,8 +89,21 @@ def alive(pid: int) -> bool:
 
 
 def test_serve_workers_share_the_port_restart_and_drain(tmp_path):
-    server = Workers(tmp_path, "serve", "--workers", "2", "--port", "0", "--storage-dir", str(tmp_path / "a"))
+    from conftest import free_port
+
+    http_port = free_port()
+    server = Workers(
+        tmp_path, "serve", "--workers", "2", "--port", "0", "--storage-dir", str(tmp_path / "a"),
+        "--http-port", str(http_port),
+    )  # fmt: skip
     try:
+        # /healthz (the parent's) is 503 while the index cannot be read, 200 again after.
+        server.wait_for(lambda: f"health and metrics on port {http_port}" in server.out.read_text(), "HTTP port")
+        assert _healthz(http_port) == 200
+        (tmp_path / "a" / "index.sqlite").rename(tmp_path / "index.away")
+        assert _healthz(http_port) == 503
+        (tmp_path / "index.away").rename(tmp_path / "a" / "index.sqlite")
+        assert _healthz(http_port) == 200
         assert len(server.pids) == 2 and len(set(server.pids)) == 2
         # Both workers take associations: the kernel spreads connections over the two.
         served: set[int] = set()

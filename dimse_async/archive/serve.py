@@ -179,11 +179,8 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
     )
 
     async def reindex() -> None:
-        try:
-            added, skipped, gone = await archive.reindex()
-            get_logger().info("archive re-indexed", added=added, skipped=skipped, gone=gone)
-        finally:
-            archive.close()
+        added, skipped, gone = await archive.reindex()
+        get_logger().info("archive re-indexed", added=added, skipped=skipped, gone=gone)
 
     async def hold(port: int) -> Server:
         """While re-indexing: listen on the workers' port, rejecting (transient)."""
@@ -201,9 +198,20 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
 
     grace = config.drain_grace + config.drain_delay + 15
     http = (config.http_host, config.http_port) if config.http_port is not None else None
-    return run_workers(
-        argv, config.workers, config.host, config.port, grace=grace, prepare=reindex, hold=hold, http=http
-    )
+    try:  # the archive stays open for /healthz's index probe
+        return run_workers(
+            argv,
+            config.workers,
+            config.host,
+            config.port,
+            grace=grace,
+            prepare=reindex,
+            hold=hold,
+            http=http,
+            check=archive.probe if http is not None else None,
+        )
+    finally:
+        archive.close()
 
 
 async def serve(args: argparse.Namespace) -> int:
