@@ -54,6 +54,7 @@ async def test_store_after_the_index_file_is_removed_or_replaced_is_refused(tmp_
         async with await ae.start_server("127.0.0.1", 0) as server:
             first, _ = _instance(src, "FIRST")
             assert (await _storescu(server.port, first))[0] == 0
+            assert await arch.probe() is None
             copy = tmp_path / "copy.sqlite"
             with contextlib.closing(sqlite3.connect(index)) as live, contextlib.closing(sqlite3.connect(copy)) as to:
                 live.backup(to)  # a restore's copy: the live data, WAL included
@@ -68,6 +69,9 @@ async def test_store_after_the_index_file_is_removed_or_replaced_is_refused(tmp_
             replaced, _ = _instance(src, "REPLACED")
             code, err = await _storescu(server.port, replaced)
             assert code != 0 and "Refused: OutOfResources" in err, err
+            # /healthz's probe says so (a restart re-indexes), not ok.
+            problem = await arch.probe()
+            assert problem is not None and "restart to re-index" in problem, problem
             scu = AE("SCU")
             scu.add_requested_context(MODELS["patient"]["find"])
             query = pydicom.Dataset()

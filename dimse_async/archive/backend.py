@@ -258,6 +258,11 @@ class Backend(ABC):
     def description(self) -> str:
         """Where the index is, for messages (no password)."""
 
+    def unusable(self) -> str | None:
+        """Why writes through the connections open now must fail whatever a fresh read
+        says (``None``: no such reason)."""
+        return None
+
 
 _NUMBERED = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 

@@ -111,6 +111,13 @@ class SQLiteBackend(Backend):
     def description(self) -> str:
         return str(self.path)
 
+    def unusable(self) -> str | None:
+        """The index file removed or replaced under the writers (see :meth:`_check_file`)."""
+        current = self._file_identity()
+        if any(opened != current for opened in list(self._files.values())):
+            return "index file removed or replaced; restart to re-index"
+        return None
+
     def retry(self, fn: Callable[[], T]) -> T:
         """Retry a few times while another process holds the database (SQLITE_BUSY
         beyond the busy timeout, or a busy WAL snapshot upgrade)."""

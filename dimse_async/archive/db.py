@@ -190,6 +190,9 @@ class IndexDB:
         self.backend.close()
 
     def _probe(self, deadline: float) -> None:
+        reason = self.backend.unusable()
+        if reason is not None:
+            raise OSError(reason)
         db = self.backend.read_connection(deadline)
         try:
             db.execute("SELECT COUNT(*) FROM schema_version").fetchone()
