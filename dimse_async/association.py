@@ -442,7 +442,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             streamed=self.settings.sinks,
             max_request_dataset=self.settings.max_request_dataset,
         )
-        self._window = asyncio.Semaphore(neg.max_ops_invoked or 1 << 16)
+        if neg.max_ops_invoked != 1:  # the window of one made with the association otherwise
+            self._window = asyncio.Semaphore(neg.max_ops_invoked or 1 << 16)
         self._last_dimse = self.loop.time()
         timer = self._timer
         if timer is not None:  # the idle deadlines start now: the timer must not wake later than they are due

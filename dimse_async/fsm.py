@@ -282,7 +282,7 @@ class UpperLayer:
         artim, pdu = self.artim_deadline, self.pdu_deadline
         if artim is None or pdu is None:
             return pdu if artim is None else artim
-        return min(artim, pdu)
+        return artim if artim < pdu else pdu
 
     def handle_timer(self, now: float) -> list[Output]:
         """Run the timers due at ``now``: ARTIM expiry (Evt18: AA-2 closes in Sta2 and

@@ -64,6 +64,10 @@ HIGH_WATER = 4 * WRITE_BATCH  # a transport holding more pauses its senders
 #: only what its transport holds).
 SHED_AFTER = 0.05
 JOIN_BELOW = 64 << 10  # a message smaller than this is joined into one buffer (one write)
+#: The session of every association not negotiated yet, shared: with no accepted context
+#: it is only read (idle, no operation, no request); P-DATA reaches a session only once
+#: the association is established, with a session of its own.
+_UNNEGOTIATED = Session(())
 
 
 class DIMSEMessaging:
@@ -99,7 +103,7 @@ class DIMSEMessaging:
         raise NotImplementedError
 
     def _init_messaging(self) -> None:
-        self.session = Session(())
+        self.session = _UNNEGOTIATED  # until the association is negotiated (see _set_negotiated)
         #: A C-STORE handler that takes precedence over the AE's (a C-GET's sub-operations).
         self.store_handler: StoreHandler | None = None
         self.oplog = OperationLog(self.loop.time(), info=self.settings.log_operations)
@@ -636,7 +640,8 @@ class DIMSEMessaging:
         timeout = self.settings.network_timeout
         if timeout is None or self.negotiated is None:
             return None
-        return max(self._last_rx, self._last_tx) + timeout
+        rx, tx = self._last_rx, self._last_tx
+        return (rx if rx > tx else tx) + timeout
 
     def _check_idle(self, now: float) -> None:
         deadline = self._idle_deadline()

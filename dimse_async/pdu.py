@@ -580,7 +580,8 @@ class BufferPool:
         nothing references any more; a new zeroed one when none of the oldest fits."""
         with self._lock:
             free = self._free
-            for _ in range(min(self._TRIES, len(free))):
+            tries = len(free)
+            for _ in range(tries if tries < self._TRIES else self._TRIES):
                 buf = free.popleft()
                 try:  # no view of it alive? A resize would fail (shrinking by one byte: no copy)
                     last = buf.pop()
@@ -662,6 +663,11 @@ class PDUReader:
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes go (at least one byte of room)."""
         buf, start, end = self._buf, self._start, self._end
+        if not end and not buf:  # nothing held (a read at a PDU boundary): a fresh buffer
+            ahead = _AHEAD * self._last  # (no min()/max(): builtins that parse arguments slowly)
+            size = _FRESH if ahead < _FRESH else ahead if ahead < _MAX_BUFFER else _MAX_BUFFER
+            self._buf = fresh = bytearray(size) if self.pool is None else self.pool.take(size)
+            return memoryview(fresh)
         pending = end - start
         # Bytes the PDU at the read position needs in all (6 while its header is incomplete).
         need = 6 if pending < 6 else 6 + int(_LEN.unpack_from(buf, start + 2)[0])

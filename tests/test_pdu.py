@@ -1269,6 +1269,23 @@ def test_in_place_buffer_let_go_when_read_completely_and_claims_not_allocated_at
     assert len(reader.get_buffer(-1)) < 1 << 20
 
 
+def test_in_place_fresh_buffer_sized_by_the_last_pdu():
+    """A read at a PDU boundary gets a buffer for a few PDUs of the last size seen: at
+    least 64 KiB, 8 PDUs' worth, at most 4 MiB (past that, a PDU still gets its length)."""
+    for size, want in ((10, 64 << 10), (20_000, 8 * (20_000 + 12)), (700_000, 4 << 20)):
+        reader = PDUReader(0, pool=None)
+        pdu = PDataTF([PDV(1, False, True, b"x" * size)]).encode()
+        pos = 0
+        while pos < len(pdu):
+            room = reader.get_buffer(-1)
+            n = min(len(room), len(pdu) - pos)
+            room[:n] = pdu[pos : pos + n]
+            reader.buffer_updated(n)
+            pos += n
+        assert isinstance(reader.next_pdu(), PDataTF) and reader.buffered == 0
+        assert len(reader.get_buffer(-1)) == want
+
+
 # ---------------------------------------------------------------------------
 # Receive buffers reused once nothing views them (BufferPool)
 # ---------------------------------------------------------------------------
