@@ -28,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 import dimse_async as da
 from dimse_async.dataset_check import BudgetExceeded, DataSetError, check_dataset, check_dataset_bytes
-from dimse_async.part10 import read_file_meta
+from dimse_async.part10 import FileMeta, read_file_meta
 from dimse_async.services import store_scu
 from dimse_async.services.send import send_files
 
@@ -251,20 +251,25 @@ def _variants(data: bytes, rng: random.Random) -> Iterator[bytes]:
 _KEEP = frozenset({0x00080005, 0x00080016, 0x00080020, 0x00100010, 0x00200013, 0x00082112, 0x7FE00010})
 
 
-def test_in_memory_check_agrees_with_the_file_walk() -> None:
-    """check_dataset_bytes (the sender's fast walk) accepts and refuses exactly what
-    check_dataset does, with the same UIDs, element counts and kept values, over pydicom's corpus in
-    every syntax it has, truncated and with random bytes changed."""
-    rng = random.Random(20261202)
-    compared = refused = 0
+def _corpus_part10() -> Iterator[tuple[str, bytes, FileMeta]]:
+    """(name, bytes, file meta) of each of pydicom's test files that has a file meta."""
     for name in get_testdata_files():
         try:
             data = Path(name).read_bytes()
         except OSError:
             continue
         meta = read_file_meta(io.BytesIO(data))
-        if meta is None:
-            continue
+        if meta is not None:
+            yield name, data, meta
+
+
+def test_in_memory_check_agrees_with_the_file_walk() -> None:
+    """check_dataset_bytes (the sender's fast walk) accepts and refuses exactly what
+    check_dataset does, with the same UIDs, element counts and kept values, over pydicom's corpus in
+    every syntax it has, truncated and with random bytes changed."""
+    rng = random.Random(20261202)
+    compared = refused = 0
+    for name, data, meta in _corpus_part10():
         for variant in _variants(data[meta.dataset_offset :], rng):
             outcomes = []
             ts = meta.transfer_syntax
@@ -300,13 +305,8 @@ def test_runs_of_plain_elements_walk_as_the_general_step(monkeypatch: pytest.Mon
 
     rng = random.Random(20261203)
     compared = refused = 0
-    for name in get_testdata_files():
-        try:
-            data = Path(name).read_bytes()
-        except OSError:
-            continue
-        meta = read_file_meta(io.BytesIO(data))
-        if meta is None or meta.transfer_syntax == "1.2.840.10008.1.2":
+    for name, data, meta in _corpus_part10():
+        if meta.transfer_syntax == "1.2.840.10008.1.2":
             continue
         dataset = data[meta.dataset_offset :]
         variants = list(_variants(dataset, rng))
