@@ -21,6 +21,7 @@ from .pdu import PDV, encode_pdata_header
 from .status import Status
 
 __all__ = [
+    "affected_mismatch",
     "NO_DATASET",
     "AssemblerEvent",
     "Command",
@@ -409,6 +410,23 @@ class DataFragment:
 
 
 AssemblerEvent = CommandReceived | DataFragment
+
+
+def affected_mismatch(request: Command, response: Command) -> str | None:
+    """Why ``response`` does not answer for what ``request`` named, or ``None``: its
+    Affected SOP Class / Instance UID, when present, must be the request's (Requested, or
+    Affected for C-STORE, N-EVENT-REPORT and N-CREATE; PS3.7 §9.3.1.2, §10.1, §10.3
+    "U(=)"). A request without an instance UID (N-CREATE) leaves it to the peer."""
+    for what, sent, answered in (
+        ("Instance", request.requested_sop_instance_uid or request.affected_sop_instance_uid,
+         response.affected_sop_instance_uid),
+        ("Class", request.requested_sop_class_uid or request.affected_sop_class_uid,
+         response.affected_sop_class_uid),
+    ):  # fmt: skip
+        if sent and answered and answered != sent:
+            status = "none" if response.status is None else f"0x{response.status:04X}"
+            return f"names Affected SOP {what} UID {answered!r}, not {sent!r} (its status {status} disregarded)"
+    return None
 
 
 def response_to(request: Command, status: int, error_comment: str | None = None) -> Command:

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from ..codec import encode_dataset
-from ..dimse import Command, CommandField
+from ..dimse import Command, CommandField, affected_mismatch
 from ..exceptions import DIMSEFailure
 from ..interface import DIMSEProvider
 from ..part10 import plausible_uid
@@ -116,22 +116,6 @@ class NResult:
 # ---------------------------------------------------------------------------
 
 
-def _check_names(cmd: Command, c: Command) -> None:
-    """The response's Affected SOP Class / Instance UID, when present, are the ones the
-    request named (Requested, or Affected for N-EVENT-REPORT and N-CREATE; PS3.7 §10.1,
-    §10.3: "U(=)"): else :class:`DIMSEFailure` naming both, the status disregarded."""
-    for what, sent, answered in (
-        ("Instance", cmd.requested_sop_instance_uid or cmd.affected_sop_instance_uid, c.affected_sop_instance_uid),
-        ("Class", cmd.requested_sop_class_uid or cmd.affected_sop_class_uid, c.affected_sop_class_uid),
-    ):
-        if sent and answered and answered != sent:  # (N-CREATE may leave the instance to the peer)
-            status = "none" if c.status is None else f"0x{c.status:04X}"
-            raise DIMSEFailure(
-                f"{c.name} names Affected SOP {what} UID {answered!r}, not {sent!r} as requested "
-                f"(its status {status} disregarded)"
-            )
-
-
 async def _invoke(
     assoc: DIMSEProvider, cmd: Command, sop_class: str, dataset: Dataset | None, *, as_scp: bool, timeout: float | None
 ) -> NResult:
@@ -139,7 +123,9 @@ async def _invoke(
     payload = None if dataset is None else encode_dataset(dataset, ctx.transfer_syntax)
     rsp = await assoc.request(ctx, cmd, payload, timeout=timeout)
     c = rsp.command
-    _check_names(cmd, c)
+    mismatch = affected_mismatch(cmd, c)
+    if mismatch is not None:
+        raise DIMSEFailure(f"{c.name} {mismatch}")
     reply = None
     if rsp.dataset is not None:
         try:

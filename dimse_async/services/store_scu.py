@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
 from ..dataset_check import NO_LIMIT, DataSetError, check_dataset, check_dataset_bytes, dataset_uids
-from ..dimse import Command, CommandField
+from ..dimse import Command, CommandField, affected_mismatch
 from ..exceptions import DIMSEFailure, NoAcceptedContext
 from ..interface import DIMSEProvider
 from ..part10 import FileMeta, file_meta_from_bytes, read_file_meta
@@ -345,18 +345,10 @@ async def _send_store(
     if move_originator is not None:
         cmd.move_originator_ae, cmd.move_originator_message_id = move_originator
     rsp = (await assoc.request(ctx, cmd, payload, timeout=timeout)).command
-    # PS3.7 §9.1.1.1.3-4, §9.3.1.2: the response's Affected SOP Class / Instance UID, when
-    # present, is the request's: a status for another instance says nothing about this one.
-    for what, sent, answered in (
-        ("SOP Instance", sop_instance, rsp.affected_sop_instance_uid),
-        ("SOP Class", sop_class, rsp.affected_sop_class_uid),
-    ):
-        if answered and answered != sent:  # (an empty value names nothing)
-            status = "none" if rsp.status is None else f"0x{rsp.status:04X}"
-            raise DIMSEFailure(
-                f"C-STORE-RSP for {sop_instance} names Affected {what} UID {answered!r}, not {sent!r} as sent "
-                f"(its status {status} disregarded)"
-            )
+    # PS3.7 §9.1.1.1.3-4, §9.3.1.2: a status for another instance says nothing about this one.
+    mismatch = affected_mismatch(cmd, rsp)
+    if mismatch is not None:
+        raise DIMSEFailure(f"C-STORE-RSP for {sop_instance} {mismatch}")
     return response_status(rsp.status, rsp.error_comment)  # the association logs the outcome
 
 
