@@ -72,6 +72,11 @@ def _pynetdicom_mpps(port: int, study_uid: str) -> dict[str, Any]:
         stop = Dataset()
         stop.PerformedProcedureStepStatus = "DISCONTINUED"
         park(assoc)
+        out["set_discontinued_bare"] = assoc.send_n_set(stop, MPPS, second)[0]
+        stop.PerformedProcedureStepEndDate = "20261201"
+        stop.PerformedProcedureStepEndTime = "121500"
+        stop.PerformedSeriesSequence = [series]
+        park(assoc)
         out["set_discontinued"] = assoc.send_n_set(stop, MPPS, second)[0]
     finally:
         assoc.release()
@@ -99,6 +104,7 @@ async def test_pynetdicom_mpps_into_serve(tmp_path: Path) -> None:
         "set_unknown": 0x0112,
         "create_second": 0x0000,
         "set_weird": 0x0106,
+        "set_discontinued_bare": 0x0121,  # End Date / Time empty since the N-CREATE
         "set_discontinued": 0x0000,
     }
     assert str(out["set_after_end"].ErrorComment).startswith("Performed Procedure Step Object may no longer be updated")
@@ -119,8 +125,90 @@ async def test_our_mpps_scu_helpers(tmp_path: Path) -> None:
             assert created.is_success and created.sop_instance_uid  # assigned by the SCP
             end = Dataset()
             end.PerformedProcedureStepStatus = "COMPLETED"
+            end.PerformedProcedureStepEndDate = "20261201"
+            end.PerformedProcedureStepEndTime = "130000"
+            series = Dataset()
+            series.SeriesInstanceUID = generate_uid()
+            series.ReferencedImageSequence = []
+            end.PerformedSeriesSequence = [series]
             assert (await assoc.n_set(MPPS, created.sop_instance_uid, end)).is_success
             assert (await assoc.n_set(MPPS, created.sop_instance_uid, end)).status == 0x0110
         assert serve.extras.mpps is not None
         step = await serve.extras.mpps.get(created.sop_instance_uid)
         assert step is not None and step.PerformedProcedureStepStatus == "COMPLETED" and step.Modality == "US"
+
+
+def _pynetdicom_nset_rules(port: int, uid: str) -> dict[str, tuple[int, str]]:
+    ae = PynetdicomAE("MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(MPPS)
+    out: dict[str, tuple[int, str]] = {}
+    assoc = ae.associate(HOST, port, ae_title="ARCHIVE")
+    assert assoc.is_established
+
+    def n_set(name: str, mods: Dataset) -> None:
+        park(assoc)
+        status = assoc.send_n_set(mods, MPPS, uid)[0]
+        out[name] = (int(status.Status), str(status.get("ErrorComment", "")))
+
+    try:
+        create = mpps_create_dataset(
+            "PAT9", "Yamada^Tarou=山田^太郎=やまだ^たろう", generate_uid(), "CT", "PPS9", "CT1"
+        )
+        create.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        park(assoc)
+        out["create"] = (int(assoc.send_n_create(create, MPPS, uid)[0].Status), "")
+        other_patient = Dataset()
+        other_patient.PatientID = "SOMEONE-ELSE"
+        n_set("set patient id", other_patient)
+        other_start = Dataset()
+        other_start.PerformedProcedureStepStartDate = "19990101"
+        n_set("set start date", other_start)
+        latin1 = Dataset()
+        latin1.SpecificCharacterSet = "ISO_IR 100"
+        latin1.PerformedProcedureStepDescription = "Schädel nativ"
+        n_set("set in latin-1", latin1)
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        n_set("complete without end", done)
+        done.PerformedProcedureStepEndDate = "20261201"
+        done.PerformedProcedureStepEndTime = "120000"
+        n_set("complete without series", done)
+        series = Dataset()
+        series.SeriesInstanceUID = generate_uid()
+        series.ReferencedImageSequence = []
+        done.PerformedSeriesSequence = [series]
+        n_set("complete", done)
+    finally:
+        assoc.release()
+    return out
+
+
+async def test_n_set_keeps_the_step_s_identity_its_text_and_the_final_state_rules(tmp_path: Path) -> None:
+    """PS3.4 F.7.2.2.3 and Table F.7.2-1: an N-SET may not change the patient or the
+    step's start (0x0105, nothing applied); an N-SET in another character set leaves
+    the N-CREATE's text as it was; COMPLETED needs End Date, End Time and a Performed
+    Series Sequence item (0x0121 while they are empty; the step stays IN PROGRESS)."""
+    uid = generate_uid()
+    async with running_serve(tmp_path / "archive") as serve:
+        out = await asyncio.wait_for(asyncio.to_thread(_pynetdicom_nset_rules, serve.port, uid), WAIT)
+        assert serve.extras.mpps is not None
+        step = await serve.extras.mpps.get(uid)
+        by_patient = await serve.extras.mpps.find(patient_id="PAT9")
+    assert {name: code for name, (code, _) in out.items()} == {
+        "create": 0x0000,
+        "set patient id": 0x0105,
+        "set start date": 0x0105,
+        "set in latin-1": 0x0000,
+        "complete without end": 0x0121,
+        "complete without series": 0x0121,
+        "complete": 0x0000,
+    }
+    assert out["set patient id"][1] == "PatientID may not be set by N-SET"
+    assert out["complete without end"][1].startswith("PerformedProcedureStepEndDate")
+    assert out["complete without series"][1].startswith("PerformedSeriesSequence")
+    assert step is not None and step.PerformedProcedureStepStatus == "COMPLETED"
+    assert step.PatientID == "PAT9" and step.PerformedProcedureStepStartDate != "19990101"
+    assert str(step.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    assert step.PerformedProcedureStepDescription == "Schädel nativ"
+    assert [s.SOPInstanceUID for s in by_patient] == [uid]

@@ -82,6 +82,11 @@ def _session(port: int) -> dict[str, tuple[int, str]]:
         record("set PSS not SQ", assoc.send_n_set(mods, MPPS, good))
         mods = Dataset()
         mods.PerformedProcedureStepStatus = "DISCONTINUED"
+        mods.PerformedProcedureStepEndDate = "20261201"
+        mods.PerformedProcedureStepEndTime = "120000"
+        series = Dataset()
+        series.SeriesInstanceUID = generate_uid()
+        mods.PerformedSeriesSequence = [series]
         park(assoc)
         record("set bad uid", assoc.send_n_set(mods, MPPS, "1.2.3/../x"))
         park(assoc)

@@ -3,9 +3,17 @@
 N-CREATE makes a step, which must start "IN PROGRESS" (F.7.2.1); N-SET updates it
 while it is in progress and may end it "COMPLETED" or "DISCONTINUED" (F.7.2.2). A
 step that has ended may no longer be updated: 0x0110 with the standard's comment
-(F.7.2.2.2, Error ID 0xA710). An N-SET for an instance never created: 0x0112. Steps
-are kept in ``mpps.sqlite`` beside the archive index; :meth:`MPPSStore.find` lists
-them (by status, patient, study) - the small query API.
+(F.7.2.2.4, Error ID 0xA710). An N-SET for an instance never created: 0x0112. An
+N-SET of an attribute Table F.7.2-1 marks "Not allowed" for N-SET (the patient, the
+scheduled step, the station, the start, the step's ID, the modality): 0x0105 No Such
+Attribute, nothing applied. An N-SET that ends the step without the Final State
+attributes (End Date, End Time, a Performed Series Sequence with an item; Table
+F.7.2-1 and its Note 2): 0x0120 Missing Attribute or 0x0121 Missing Attribute Value
+(PS3.4 §5.4.2.1), the step stays IN PROGRESS. Text is kept in UTF-8: each request is
+decoded with its own Specific Character Set, so an N-SET in another character set
+does not garble what the N-CREATE sent (F.7.2.2.3). Steps are kept in
+``mpps.sqlite`` beside the archive index; :meth:`MPPSStore.find` lists them (by
+status, patient, study) - the small query API.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from ..codec import decode_identifier, encode_dataset
 from ..services.normalized import NCode, NRequest
@@ -31,7 +40,39 @@ __all__ = ["MPPS", "MPPSStore", "mpps_create_dataset"]
 MPPS = "1.2.840.10008.3.1.2.3.3"
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
 _STATES = (IN_PROGRESS, COMPLETED, DISCONTINUED)
-_ENDED_COMMENT = "Performed Procedure Step Object may no longer be updated"  # F.7.2.2.2, 0xA710
+_ENDED_COMMENT = "Performed Procedure Step Object may no longer be updated"  # F.7.2.2.4, 0xA710
+
+#: Attributes Table F.7.2-1 marks "Not allowed" in N-SET: set at N-CREATE, fixed after
+#: (the SCU creates a new step instead, F.7.2.2.3 Note).
+_NOT_SETTABLE = frozenset(
+    Tag(keyword)
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "ScheduledStepAttributesSequence",
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "IssuerOfPatientIDQualifiersSequence",
+        "OtherPatientIDsSequence",
+        "PatientBirthDate",
+        "PatientSex",
+        "ReferencedPatientSequence",
+        "AdmissionID",
+        "IssuerOfAdmissionIDSequence",
+        "PerformedStationAETitle",
+        "PerformedStationName",
+        "PerformedLocation",
+        "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+        "PerformedProcedureStepID",
+        "Modality",
+        "StudyID",
+    )
+)
+#: Type 1 in the Final State (Table F.7.2-1): present, with a value, once the step is
+#: COMPLETED or DISCONTINUED; the series sequence with an item (Note 2).
+_FINAL_REQUIRED = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime", "PerformedSeriesSequence")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpps (
@@ -78,6 +119,24 @@ def _malformed(ds: Dataset) -> str | None:
             value = current.get(keyword)
             if value is not None and not isinstance(value, str):
                 return f"{keyword} is not one text value"
+    return None
+
+
+def _in_utf8(ds: Dataset) -> Dataset:
+    """``ds`` with every text value decoded with its own Specific Character Set (at any
+    depth) and the set made ISO_IR 192: steps are kept in one character set."""
+    ds.decode()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+def _final_state_missing(ds: Dataset) -> Status | None:
+    """0x0120 / 0x0121 naming the first Final State attribute ``ds`` lacks, or ``None``."""
+    for keyword in _FINAL_REQUIRED:
+        if keyword not in ds:
+            return Status(NCode.MISSING_ATTRIBUTE, f"{keyword} is required to end the step")
+        if not ds[keyword].value:
+            return Status(NCode.MISSING_ATTRIBUTE_VALUE, f"{keyword} needs a value to end the step"[:64])
     return None
 
 
@@ -212,7 +271,7 @@ class MPPSStore:
         async with self._steps:
             if await asyncio.to_thread(self._get, uid) is not None:
                 return Status(NCode.DUPLICATE_SOP_INSTANCE, "performed procedure step already exists")
-            await asyncio.to_thread(self._put, uid, ds, new=True)
+            await asyncio.to_thread(self._put, uid, _in_utf8(ds), new=True)
         request.assoc.log.info("MPPS created", sop_instance=uid, patient_id=str(ds.get("PatientID") or ""))
         return None
 
@@ -233,11 +292,22 @@ class MPPSStore:
             if state != IN_PROGRESS:
                 # F.7.2.2.2: once COMPLETED or DISCONTINUED the step is final.
                 return Status(NCode.PROCESSING_FAILURE, f"{_ENDED_COMMENT} ({state})")
+            fixed = next((elem for elem in mods if elem.tag in _NOT_SETTABLE), None)
+            if fixed is not None:
+                # Table F.7.2-1: "Not allowed" in N-SET; PS3.7 §10.1.3.1.9 0x0105.
+                request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, attribute=str(fixed.tag))
+                return Status(NCode.NO_SUCH_ATTRIBUTE, f"{fixed.keyword or fixed.tag} may not be set by N-SET"[:64])
             new_state = str(mods.get("PerformedProcedureStepStatus") or state)
             if new_state not in _STATES:
                 return Status(NCode.INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status {new_state!r}"[:64])
-            for elem in mods:
-                ds[elem.tag] = elem
+            ds = _in_utf8(ds)
+            for elem in _in_utf8(mods):
+                ds[elem.tag] = elem  # (Specific Character Set too: both are ISO_IR 192 now)
+            if new_state != IN_PROGRESS:
+                missing = _final_state_missing(ds)
+                if missing is not None:
+                    request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, error=missing.error_comment)
+                    return missing
             await asyncio.to_thread(self._put, uid, ds, new=False)
         request.assoc.log.info("MPPS updated", sop_instance=uid, status=new_state)
         return None

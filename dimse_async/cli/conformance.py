@@ -180,7 +180,22 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add(_status_row(NCode.INVALID_OBJECT_INSTANCE, "a SOP Instance UID that is not a UID"))
     add(_status_row(NCode.NO_SUCH_SOP_INSTANCE, "N-SET of a step never created"))
     add(_status_row(NCode.PROCESSING_FAILURE, "N-SET of a step that has ended (may no longer be updated)"))
-    add(_status_row(NCode.MISSING_ATTRIBUTE, "N-CREATE without an attribute list"))
+    add(
+        _status_row(
+            NCode.NO_SUCH_ATTRIBUTE,
+            "N-SET of an attribute Table F.7.2-1 does not allow (patient, scheduled step, station, start, ID, modality)",
+        )
+    )
+    add(
+        _status_row(
+            NCode.MISSING_ATTRIBUTE,
+            "N-CREATE without an attribute list; N-SET ending the step without End Date, End Time "
+            "or Performed Series Sequence",
+        )
+    )
+    add(_status_row(NCode.MISSING_ATTRIBUTE_VALUE, "N-SET ending the step while one of those three is empty"))
+    add("")
+    add("Text is kept in UTF-8 (each request decoded with its own Specific Character Set, F.7.2.2.3).")
     add("")
     sample = notification_dataset(Availability("1", {"2": [("3", "4")]}, retrieve_ae="AE"))
     keys = sorted({e.keyword for e in sample.iterall() if e.keyword})
