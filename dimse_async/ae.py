@@ -383,7 +383,10 @@ class AE(HandlerRegistry):
 
             cmd = op.command
             sop_class = cmd.affected_sop_class_uid or cmd.requested_sop_class_uid or ""
-            await normalized.scp_n_service(assoc, op, self.n_handler(cmd.command_field, sop_class))
+            handler = self.n_handler(cmd.command_field, sop_class)
+            # Handlers for other N-services of the class: the class is served, this operation is not.
+            served = handler is None and any(self.has_n_handler(field, sop_class) for field in _N_REQUESTS)
+            await normalized.scp_n_service(assoc, op, handler, class_served=served)
 
         return {
             **{field: n_service for field in _N_REQUESTS},

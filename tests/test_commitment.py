@@ -293,7 +293,7 @@ async def test_hostile_requests_to_serve_and_pynetdicom_scu(tmp_path: Path) -> N
     assert int(out["bad_type"].Status) == 0x0123
     assert "no action type 7" in str(out["bad_type"].ErrorComment)
     assert int(out["bad_instance"].Status) == 0x0112
-    assert int(out["no_refs"].Status) == 0x0120
+    assert int(out["no_refs"].Status) == 0x0121  # present but empty: Missing Attribute Value (PS3.4 §5.4.2.1)
     assert int(out["good"].Status) == 0x0000
     # The report reached pynetdicom on the same association: everything committed.
     ((event_type, info),) = out["events"]

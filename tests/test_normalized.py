@@ -339,7 +339,8 @@ async def test_our_scu_to_pynetdicom_scp(pynet_scp: PynetSCP) -> None:
 
 async def test_role_rules_and_failing_handlers() -> None:
     """An N-GET on a context where the requestor took only the SCP role is refused;
-    handler errors map to 0x0110 / 0x0213; no handler: 0x0122; the association goes on."""
+    handler errors map to 0x0110 / 0x0213; no handler for the operation of a class the AE
+    serves: 0x0211, for a class it serves not at all: 0x0122; the association goes on."""
     ae = da.AE("OUR_SCP", dimse_timeout=WAIT)
     ae.add_supported_context(FILM_SESSION)
     ae.add_supported_context(PRINTER, scp_role=True, scu_role=False)
@@ -365,7 +366,8 @@ async def test_role_rules_and_failing_handlers() -> None:
             assert (await assoc.n_get(FILM_SESSION, "1.2.4")).status == 0x0110
             res = await assoc.n_get(FILM_SESSION, "1.2.5")
             assert res.status == 0x0110 and "boom" in res.status.error_comment
-            assert (await assoc.n_delete(FILM_SESSION, "1.2.5")).status == 0x0122  # no handler
+            # The class has an N-GET handler, not an N-DELETE one: 0x0211 Unrecognized Operation.
+            assert (await assoc.n_delete(FILM_SESSION, "1.2.5")).status == 0x0211
             with pytest.raises(da.NoAcceptedContext):  # we are only SCP of the printer class
                 await assoc.n_get(PRINTER, PRINTER_INSTANCE)
             # An N-EVENT-REPORT from us (the printer SCP) goes to the acceptor, its SCU:

@@ -96,7 +96,15 @@ def _session(port: int) -> dict[str, tuple[int, str]]:
             park(assoc)
             record(name, assoc.send_n_action(ds, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE))
 
+        park(assoc)  # MPPS is N-CREATE and N-SET only (PS3.4 Table F.7.1-1)
+        record("get mpps", assoc.send_n_get([0x00100020], MPPS, good))
+        park(assoc)
+        record("delete mpps", (assoc.send_n_delete(MPPS, good),))  # (a status, not a pair)
         action("commit seq as UI", _commit_request(generate_uid(), ("UI", "1.2.3")))
+        action("commit empty transaction uid", _commit_request(""))
+        no_refs = _commit_request(generate_uid())
+        del no_refs.ReferencedSOPSequence
+        action("commit without references", no_refs)
         action("commit bad transaction uid", _commit_request("1.2.x"))
         item = Dataset()
         item.ReferencedSOPClassUID = CT
@@ -125,7 +133,11 @@ async def test_malformed_n_requests_get_standard_statuses(tmp_path: Path) -> Non
         "set PSS not SQ": 0x0106,
         "set bad uid": 0x0117,
         "set": 0x0000,
-        "commit seq as UI": 0x0115,  # PS3.7 §10.1.4.1.10 Invalid Argument Value
+        "get mpps": 0x0211,  # PS3.7 Annex C Unrecognized Operation: the class is served, not by N-GET
+        "delete mpps": 0x0211,
+        "commit seq as UI": 0x0115,
+        "commit empty transaction uid": 0x0121,  # Table J.3-1 1/1, PS3.4 §5.4.2.1
+        "commit without references": 0x0120,  # PS3.7 §10.1.4.1.10 Invalid Argument Value
         "commit bad transaction uid": 0x0115,
         "commit two instance UIDs": 0x0115,
     }

@@ -14,11 +14,10 @@ from pathlib import Path
 
 from conftest import communicate, free_port, stop_process, wait_tcp
 from normalized_helpers import HOST, make_instances, park, store
-from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE as PynetdicomAE
 
-from dimse_async.archive.mpps import MPPS, MPPSStore, mpps_create_dataset
+from dimse_async.archive.mpps import MPPS, MPPSStore, mpps_create_dataset, mpps_final_dataset
 
 WAIT = 30.0
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +34,7 @@ def _mpps(port: int) -> list[int]:
     try:
         park(assoc)
         created = assoc.send_n_create(mpps_create_dataset("P9", "X^Y", generate_uid(), "DX", "S9"), MPPS, uid)[0]
-        end = Dataset()
-        end.PerformedProcedureStepStatus = "DISCONTINUED"
+        end = mpps_final_dataset("DISCONTINUED")
         park(assoc)
         ended = assoc.send_n_set(end, MPPS, uid)[0]
         park(assoc)

@@ -28,13 +28,14 @@ from typing import Any
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+from pydicom.uid import generate_uid
 
 from ..codec import decode_identifier, encode_dataset
 from ..services.normalized import NCode, NRequest
 from ..status import Status
 from ..uids import ExplicitVRLittleEndian
 
-__all__ = ["MPPS", "MPPSStore", "mpps_create_dataset"]
+__all__ = ["MPPS", "MPPSStore", "mpps_create_dataset", "mpps_final_dataset"]
 
 #: Modality Performed Procedure Step SOP Class (PS3.4 F.7.1).
 MPPS = "1.2.840.10008.3.1.2.3.3"
@@ -170,6 +171,26 @@ def mpps_create_dataset(
     ds.PerformedProcedureStepStatus = IN_PROGRESS
     ds.Modality = modality
     ds.PerformedSeriesSequence = []
+    return ds
+
+
+def mpps_final_dataset(status: str = COMPLETED, series_uids: list[str] | None = None, retrieve_ae: str = "") -> Dataset:
+    """An N-SET that ends a step (F.7.2.2.1) with the Final State attributes of Table
+    F.7.2-1: End Date and Time now, a Performed Series Sequence item per series (one
+    new series UID when none is given; Note 2: never empty)."""
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = status
+    now = time.localtime()
+    ds.PerformedProcedureStepEndDate = time.strftime("%Y%m%d", now)
+    ds.PerformedProcedureStepEndTime = time.strftime("%H%M%S", now)
+    items = []
+    for uid in series_uids or [generate_uid()]:
+        item = Dataset()
+        item.SeriesInstanceUID = uid
+        item.RetrieveAETitle = retrieve_ae
+        item.ReferencedImageSequence = []
+        items.append(item)
+    ds.PerformedSeriesSequence = items
     return ds
 
 

@@ -346,15 +346,20 @@ def commitment_request(request: NRequest) -> CommitmentRequest | Status:
     if request.sop_instance_uid != STORAGE_COMMITMENT_INSTANCE:
         return Status(NCode.NO_SUCH_SOP_INSTANCE, "not the storage commitment well-known instance")
     ds = request.dataset
-    if ds is None or not ds.get("TransactionUID"):
+    # Table J.3-1: both are 1/1. Absent: 0x0120; present without a value: 0x0121 (PS3.4 §5.4.2.1).
+    if ds is None or "TransactionUID" not in ds:
         return Status(NCode.MISSING_ATTRIBUTE, "no Transaction UID (0008,1195)")
+    if not ds.TransactionUID:
+        return Status(NCode.MISSING_ATTRIBUTE_VALUE, "Transaction UID (0008,1195) is empty")
     transaction_uid = ds.TransactionUID
     if not isinstance(transaction_uid, str) or not plausible_uid(transaction_uid):
         # PS3.7 §10.1.4.1.10: 0x0115 Invalid Argument Value; the report would carry it back.
         return Status(NCode.INVALID_ARGUMENT_VALUE, "Transaction UID (0008,1195) is not a UID")
-    seq = ds.get("ReferencedSOPSequence")
-    if not seq:
+    if "ReferencedSOPSequence" not in ds:
         return Status(NCode.MISSING_ATTRIBUTE, "no Referenced SOP Sequence (0008,1199)")
+    seq = ds.ReferencedSOPSequence
+    if not seq:
+        return Status(NCode.MISSING_ATTRIBUTE_VALUE, "Referenced SOP Sequence (0008,1199) is empty")
     if ds["ReferencedSOPSequence"].VR != "SQ" or not all(isinstance(item, Dataset) for item in seq):
         return Status(NCode.INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence (0008,1199) is not a sequence")
     if any(

@@ -8,7 +8,8 @@ SCP: :func:`scp_n_service` answers any received N-request from the handler the A
 has registered for its command field and SOP class (``@ae.on_n_get`` and friends).
 A handler gets an :class:`NRequest` and returns a status, a data set (success with
 that reply), or ``(status, data set)``; raising works as for every service
-(:mod:`dimse_async.services.scp`). No handler: 0x0122 (SOP class not supported).
+(:mod:`dimse_async.services.scp`). No handler: 0x0211 (unrecognized operation) when
+the AE handles other N-services of that class, else 0x0122 (SOP class not supported).
 
 Role rules (PS3.7 §10.1): N-EVENT-REPORT is invoked by the SCP of the SOP class and
 performed by its SCU; the other five are invoked by the SCU. The session enforces
@@ -306,8 +307,14 @@ def _response(op: Operation, status: Status, sop_class: str | None, sop_instance
     return rsp
 
 
-async def scp_n_service(assoc: DIMSEProvider, op: Operation, handler: NHandler | None) -> None:
-    """Perform one received N-request with ``handler`` and send its response (PS3.7 §10.1)."""
+async def scp_n_service(
+    assoc: DIMSEProvider, op: Operation, handler: NHandler | None, *, class_served: bool = False
+) -> None:
+    """Perform one received N-request with ``handler`` and send its response (PS3.7 §10.1).
+
+    No handler: 0x0211 Unrecognized Operation when ``class_served`` (the AE has handlers
+    for other N-services of the class, e.g. an N-GET on MPPS, whose class has only
+    N-CREATE and N-SET, PS3.4 Table F.7.1-1), else 0x0122 SOP Class Not Supported."""
     cmd = op.command
     field = cmd.command_field
     name = cmd.name[:-3]
@@ -340,6 +347,9 @@ async def scp_n_service(assoc: DIMSEProvider, op: Operation, handler: NHandler |
             status = Status(NCode.INVALID_OBJECT_INSTANCE, "invalid SOP Instance UID")
         elif request.sop_class_uid != ctx.abstract_syntax:
             status = Status(NCode.SOP_CLASS_NOT_SUPPORTED, "SOP class differs from the presentation context's")
+        elif handler is None and class_served:
+            # PS3.7 Annex C: 0x0211, the operation is not one of those agreed for the class.
+            status = Status(NCode.UNRECOGNIZED_OPERATION, f"{name} is not an operation of this SOP class here")
         elif handler is None:
             status = Status(NCode.SOP_CLASS_NOT_SUPPORTED, f"no {name} handler for this SOP class")
     reply: Dataset | None = None
