@@ -5,6 +5,7 @@ visible through the archive's listing. Our own SCU helpers drive the same SCP.""
 from __future__ import annotations
 
 import asyncio
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,9 @@ def _pynetdicom_mpps(port: int, study_uid: str) -> dict[str, Any]:
         )[0]
         park(assoc)
         out["duplicate"] = assoc.send_n_create(
-            mpps_create_dataset("PAT7", "Doe^Jane", study_uid, "CT", "PPS1"), MPPS, first
+            mpps_create_dataset("PAT7", "Doe^Jane", study_uid, "CT", "PPS1", "STATION1"), MPPS, first
         )[0]
-        bad = mpps_create_dataset("PAT7", "Doe^Jane", study_uid, "CT", "PPS9")
+        bad = mpps_create_dataset("PAT7", "Doe^Jane", study_uid, "CT", "PPS9", "STATION1")
         bad.PerformedProcedureStepStatus = "COMPLETED"
         park(assoc)
         out["create_completed"] = assoc.send_n_create(bad, MPPS, generate_uid())[0]
@@ -65,7 +66,7 @@ def _pynetdicom_mpps(port: int, study_uid: str) -> dict[str, Any]:
         weird.PerformedProcedureStepStatus = "PAUSED"
         park(assoc)
         out["create_second"] = assoc.send_n_create(
-            mpps_create_dataset("PAT8", "Roe^Rick", study_uid, "MR", "PPS2"), MPPS, second
+            mpps_create_dataset("PAT8", "Roe^Rick", study_uid, "MR", "PPS2", "STATION1"), MPPS, second
         )[0]
         park(assoc)
         out["set_weird"] = assoc.send_n_set(weird, MPPS, second)[0]
@@ -121,7 +122,9 @@ async def test_our_mpps_scu_helpers(tmp_path: Path) -> None:
         ae = da.AE("MODALITY", dimse_timeout=WAIT)
         ae.add_requested_context(MPPS)
         async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
-            created = await assoc.n_create(MPPS, None, mpps_create_dataset("P1", "A^B", generate_uid(), "US", "S1"))
+            created = await assoc.n_create(
+                MPPS, None, mpps_create_dataset("P1", "A^B", generate_uid(), "US", "S1", "STATION1")
+            )
             assert created.is_success and created.sop_instance_uid  # assigned by the SCP
             end = Dataset()
             end.PerformedProcedureStepStatus = "COMPLETED"
@@ -156,6 +159,19 @@ def _pynetdicom_nset_rules(port: int, uid: str) -> dict[str, tuple[int, str]]:
             "PAT9", "Yamada^Tarou=山田^太郎=やまだ^たろう", generate_uid(), "CT", "PPS9", "CT1"
         )
         create.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        for name, keyword, value in (
+            ("create without status", "PerformedProcedureStepStatus", None),
+            ("create without step id", "PerformedProcedureStepID", None),
+            ("create with empty station", "PerformedStationAETitle", ""),
+            ("create with empty start", "PerformedProcedureStepStartDate", ""),
+        ):
+            partial = copy.deepcopy(create)
+            if value is None:
+                delattr(partial, keyword)
+            else:
+                setattr(partial, keyword, value)
+            park(assoc)
+            out[name] = (int(assoc.send_n_create(partial, MPPS, uid)[0].Status), "")
         park(assoc)
         out["create"] = (int(assoc.send_n_create(create, MPPS, uid)[0].Status), "")
         other_patient = Dataset()
@@ -185,7 +201,8 @@ def _pynetdicom_nset_rules(port: int, uid: str) -> dict[str, tuple[int, str]]:
 
 
 async def test_n_set_keeps_the_step_s_identity_its_text_and_the_final_state_rules(tmp_path: Path) -> None:
-    """PS3.4 F.7.2.2.3 and Table F.7.2-1: an N-SET may not change the patient or the
+    """PS3.4 F.7.2.2.3 and Table F.7.2-1: an N-CREATE needs its Type 1 attributes (none
+    of the refused ones is kept, the UID stays free); an N-SET may not change the patient or the
     step's start (0x0105, nothing applied); an N-SET in another character set leaves
     the N-CREATE's text as it was; COMPLETED needs End Date, End Time and a Performed
     Series Sequence item (0x0121 while they are empty; the step stays IN PROGRESS)."""
@@ -196,6 +213,10 @@ async def test_n_set_keeps_the_step_s_identity_its_text_and_the_final_state_rule
         step = await serve.extras.mpps.get(uid)
         by_patient = await serve.extras.mpps.find(patient_id="PAT9")
     assert {name: code for name, (code, _) in out.items()} == {
+        "create without status": 0x0120,  # Type 1 in N-CREATE: absent 0x0120, empty 0x0121 (PS3.4 5.4.2.1)
+        "create without step id": 0x0120,
+        "create with empty station": 0x0121,
+        "create with empty start": 0x0121,
         "create": 0x0000,
         "set patient id": 0x0105,
         "set start date": 0x0105,

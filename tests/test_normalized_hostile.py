@@ -52,30 +52,34 @@ def _session(port: int) -> dict[str, tuple[int, str]]:
     try:
         park(assoc)
         record(
-            "create bad uid", assoc.send_n_create(mpps_create_dataset("P1", "A^B", study, "CT", "1"), MPPS, "1.2.abc")
+            "create bad uid",
+            assoc.send_n_create(mpps_create_dataset("P1", "A^B", study, "CT", "1", "STATION1"), MPPS, "1.2.abc"),
         )
         park(assoc)  # (pynetdicom refuses to send one over 64 characters)
         record(
-            "create path uid", assoc.send_n_create(mpps_create_dataset("P1", "A^B", study, "CT", "1"), MPPS, "1.2/../3")
+            "create path uid",
+            assoc.send_n_create(mpps_create_dataset("P1", "A^B", study, "CT", "1", "STATION1"), MPPS, "1.2/../3"),
         )
-        ds = mpps_create_dataset("P1", "A^B", study, "CT", "1")
+        ds = mpps_create_dataset("P1", "A^B", study, "CT", "1", "STATION1")
         del ds.ScheduledStepAttributesSequence
         ds.add_new(0x00400270, "LO", "not a sequence")
         park(assoc)
         record("create SSAS not SQ", assoc.send_n_create(ds, MPPS, generate_uid()))
-        ds = mpps_create_dataset("P1", "A^B", study, "CT", "1")
+        ds = mpps_create_dataset("P1", "A^B", study, "CT", "1", "STATION1")
         del ds.PatientID
         ds.add_new(0x00100020, "SQ", Sequence([Dataset()]))
         park(assoc)
         record("create PatientID SQ", assoc.send_n_create(ds, MPPS, generate_uid()))
-        ds = mpps_create_dataset("P1", "A^B", study, "CT", "1")
+        ds = mpps_create_dataset("P1", "A^B", study, "CT", "1", "STATION1")
         ds.ScheduledStepAttributesSequence[0].StudyInstanceUID = [study, generate_uid()]
         park(assoc)
         record("create two study UIDs", assoc.send_n_create(ds, MPPS, generate_uid()))
         good = generate_uid()
         out["uid"] = (0, good)
         park(assoc)
-        record("create", assoc.send_n_create(mpps_create_dataset("P1", "A^B", study, "CT", "1"), MPPS, good))
+        record(
+            "create", assoc.send_n_create(mpps_create_dataset("P1", "A^B", study, "CT", "1", "STATION1"), MPPS, good)
+        )
         mods = Dataset()
         mods.add_new(0x00400340, "LO", "not a sequence")  # Performed Series Sequence
         park(assoc)

@@ -33,7 +33,9 @@ def _mpps(port: int) -> list[int]:
     uid = "1.2.826.0.1.3680043.10.1.42"
     try:
         park(assoc)
-        created = assoc.send_n_create(mpps_create_dataset("P9", "X^Y", generate_uid(), "DX", "S9"), MPPS, uid)[0]
+        created = assoc.send_n_create(
+            mpps_create_dataset("P9", "X^Y", generate_uid(), "DX", "S9", "STATION1"), MPPS, uid
+        )[0]
         end = mpps_final_dataset("DISCONTINUED")
         park(assoc)
         ended = assoc.send_n_set(end, MPPS, uid)[0]

@@ -1,6 +1,8 @@
 """``serve`` as Modality Performed Procedure Step SCP (PS3.4 Annex F.7).
 
-N-CREATE makes a step, which must start "IN PROGRESS" (F.7.2.1); N-SET updates it
+N-CREATE makes a step, which must start "IN PROGRESS" (F.7.2.1) and carry its Type 1
+attributes (status, step ID, station AE title, start date and time, modality: 0x0120
+when absent, 0x0121 when empty, PS3.4 §5.4.2.1); N-SET updates it
 while it is in progress and may end it "COMPLETED" or "DISCONTINUED" (F.7.2.2). A
 step that has ended may no longer be updated: 0x0110 with the standard's comment
 (F.7.2.2.4, Error ID 0xA710). An N-SET for an instance never created: 0x0112. An
@@ -71,6 +73,15 @@ _NOT_SETTABLE = frozenset(
         "StudyID",
     )
 )
+#: Type 1 for the N-CREATE (1/1 in Table F.7.2-1): the step's identity and start.
+_CREATE_REQUIRED = (
+    "PerformedProcedureStepStatus",
+    "PerformedProcedureStepID",
+    "PerformedStationAETitle",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "Modality",
+)
 #: Type 1 in the Final State (Table F.7.2-1): present, with a value, once the step is
 #: COMPLETED or DISCONTINUED; the series sequence with an item (Note 2).
 _FINAL_REQUIRED = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime", "PerformedSeriesSequence")
@@ -131,13 +142,14 @@ def _in_utf8(ds: Dataset) -> Dataset:
     return ds
 
 
-def _final_state_missing(ds: Dataset) -> Status | None:
-    """0x0120 / 0x0121 naming the first Final State attribute ``ds`` lacks, or ``None``."""
-    for keyword in _FINAL_REQUIRED:
+def _missing(ds: Dataset, keywords: tuple[str, ...], what: str) -> Status | None:
+    """0x0120 (absent) / 0x0121 (empty) naming the first of ``keywords`` ``ds`` lacks a
+    value of, or ``None`` (PS3.4 §5.4.2.1)."""
+    for keyword in keywords:
         if keyword not in ds:
-            return Status(NCode.MISSING_ATTRIBUTE, f"{keyword} is required to end the step")
+            return Status(NCode.MISSING_ATTRIBUTE, f"{keyword} is required {what}"[:64])
         if not ds[keyword].value:
-            return Status(NCode.MISSING_ATTRIBUTE_VALUE, f"{keyword} needs a value to end the step"[:64])
+            return Status(NCode.MISSING_ATTRIBUTE_VALUE, f"{keyword} needs a value {what}"[:64])
     return None
 
 
@@ -151,18 +163,34 @@ def _study_uid(ds: Dataset) -> str:
 def mpps_create_dataset(
     patient_id: str, patient_name: str, study_uid: str, modality: str, procedure_step_id: str, station_ae: str = ""
 ) -> Dataset:
-    """A minimal N-CREATE attribute list for an SCU (F.7.2.1.1, Table F.7.2-1): IN PROGRESS now."""
+    """An N-CREATE attribute list for an SCU (F.7.2.1.1, Table F.7.2-1): IN PROGRESS now,
+    the Type 2 attributes present and empty. ``station_ae`` (Performed Station AE Title)
+    is Type 1: an SCP refuses an empty one (0x0121)."""
     ds = Dataset()
     ds.PatientID = patient_id
     ds.PatientName = patient_name
+    ds.PatientBirthDate = None
+    ds.PatientSex = None
+    ds.ReferencedPatientSequence = []
     step = Dataset()
     step.StudyInstanceUID = study_uid
+    step.ReferencedStudySequence = []
     step.AccessionNumber = ""
     step.RequestedProcedureID = ""
+    step.RequestedProcedureDescription = ""
     step.ScheduledProcedureStepID = ""
+    step.ScheduledProcedureStepDescription = ""
+    step.ScheduledProtocolCodeSequence = []
     ds.ScheduledStepAttributesSequence = [step]
     ds.PerformedProcedureStepID = procedure_step_id
     ds.PerformedStationAETitle = station_ae
+    ds.PerformedStationName = ""
+    ds.PerformedLocation = ""
+    ds.PerformedProcedureStepDescription = ""
+    ds.PerformedProcedureTypeDescription = ""
+    ds.ProcedureCodeSequence = []
+    ds.StudyID = ""
+    ds.PerformedProtocolCodeSequence = []
     now = time.localtime()
     ds.PerformedProcedureStepStartDate = time.strftime("%Y%m%d", now)
     ds.PerformedProcedureStepStartTime = time.strftime("%H%M%S", now)
@@ -285,10 +313,13 @@ class MPPSStore:
         if why is not None:
             request.assoc.log.warning("MPPS N-CREATE refused", sop_instance=uid, error=why)
             return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64])
-        state = str(ds.get("PerformedProcedureStepStatus") or "")
-        if state != IN_PROGRESS:
-            # F.7.2.1.2: a step is created "IN PROGRESS"; anything else is an invalid value.
+        if "PerformedProcedureStepStatus" in ds and str(ds.PerformedProcedureStepStatus or "") != IN_PROGRESS:
+            # F.7.2.1.3: a step is created "IN PROGRESS"; another value is an invalid value.
             return Status(NCode.INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status must be {IN_PROGRESS}")
+        missing = _missing(ds, _CREATE_REQUIRED, "in N-CREATE")
+        if missing is not None:
+            request.assoc.log.warning("MPPS N-CREATE refused", sop_instance=uid, error=missing.error_comment)
+            return missing
         async with self._steps:
             if await asyncio.to_thread(self._get, uid) is not None:
                 return Status(NCode.DUPLICATE_SOP_INSTANCE, "performed procedure step already exists")
@@ -325,7 +356,7 @@ class MPPSStore:
             for elem in _in_utf8(mods):
                 ds[elem.tag] = elem  # (Specific Character Set too: both are ISO_IR 192 now)
             if new_state != IN_PROGRESS:
-                missing = _final_state_missing(ds)
+                missing = _missing(ds, _FINAL_REQUIRED, "to end the step")
                 if missing is not None:
                     request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, error=missing.error_comment)
                     return missing

@@ -189,11 +189,13 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add(
         _status_row(
             NCode.MISSING_ATTRIBUTE,
-            "N-CREATE without an attribute list; N-SET ending the step without End Date, End Time "
+            "N-CREATE without an attribute list or a Type 1 attribute (status, step ID, station AE title, "
+            "start date / time, modality); N-SET ending the step without End Date, End Time "
             "or Performed Series Sequence",
         )
     )
-    add(_status_row(NCode.MISSING_ATTRIBUTE_VALUE, "N-SET ending the step while one of those three is empty"))
+    add(_status_row(NCode.MISSING_ATTRIBUTE_VALUE, "one of those attributes present but empty"))
+    add(_status_row(NCode.UNRECOGNIZED_OPERATION, "N-GET, N-DELETE or N-ACTION on the MPPS class"))
     add("")
     add("Text is kept in UTF-8 (each request decoded with its own Specific Character Set, F.7.2.2.3).")
     add("")
