@@ -349,7 +349,10 @@ class MPPSStore:
                 # Table F.7.2-1: "Not allowed" in N-SET; PS3.7 §10.1.3.1.9 0x0105.
                 request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, attribute=str(fixed.tag))
                 return Status(NCode.NO_SUCH_ATTRIBUTE, f"{fixed.keyword or fixed.tag} may not be set by N-SET"[:64])
-            new_state = str(mods.get("PerformedProcedureStepStatus") or state)
+            # Present, it must be one of the three (3/1 in Table F.7.2-1: never empty).
+            new_state = (
+                str(mods.PerformedProcedureStepStatus or "") if "PerformedProcedureStepStatus" in mods else state
+            )
             if new_state not in _STATES:
                 return Status(NCode.INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status {new_state!r}"[:64])
             ds = _in_utf8(ds)
