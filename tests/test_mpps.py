@@ -184,6 +184,10 @@ def _pynetdicom_nset_rules(port: int, uid: str) -> dict[str, tuple[int, str]]:
         latin1.SpecificCharacterSet = "ISO_IR 100"
         latin1.PerformedProcedureStepDescription = "Schädel nativ"
         n_set("set in latin-1", latin1)
+        unknown = Dataset()
+        unknown.SpecificCharacterSet = "ISO_IR 999"
+        unknown.PerformedProcedureStepDescription = "Sch\xe4del"
+        n_set("set in an unknown character set", unknown)
         blank = Dataset()
         blank.PerformedProcedureStepStatus = ""
         n_set("set empty status", blank)  # once stored, the step was stuck without a state
@@ -225,6 +229,7 @@ async def test_n_set_keeps_the_step_s_identity_its_text_and_the_final_state_rule
         "set start date": 0x0105,
         "set in latin-1": 0x0000,
         "set empty status": 0x0106,
+        "set in an unknown character set": 0x0106,  # F.7.2.2.3: cannot convert, nothing applied
         "complete without end": 0x0121,
         "complete without series": 0x0121,
         "complete": 0x0000,

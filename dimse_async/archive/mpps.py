@@ -13,7 +13,8 @@ attributes (End Date, End Time, a Performed Series Sequence with an item; Table
 F.7.2-1 and its Note 2): 0x0120 Missing Attribute or 0x0121 Missing Attribute Value
 (PS3.4 §5.4.2.1), the step stays IN PROGRESS. Text is kept in UTF-8: each request is
 decoded with its own Specific Character Set, so an N-SET in another character set
-does not garble what the N-CREATE sent (F.7.2.2.3). Steps are kept in
+does not garble what the N-CREATE sent; a character set pydicom does not know is
+0x0106, nothing kept (F.7.2.2.3). Steps are kept in
 ``mpps.sqlite`` beside the archive index; :meth:`MPPSStore.find` lists them (by
 status, patient, study) - the small query API.
 """
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -131,6 +133,19 @@ def _malformed(ds: Dataset) -> str | None:
             value = current.get(keyword)
             if value is not None and not isinstance(value, str):
                 return f"{keyword} is not one text value"
+    return None
+
+
+def _unknown_charset(ds: Dataset) -> str | None:
+    """A term of ``ds``'s Specific Character Set pydicom cannot decode (it would fall
+    back to Latin-1 and keep the names garbled), or ``None``. F.7.2.2.3: an SCP that
+    cannot convert the text may return 0x0106 Invalid Attribute Value."""
+    value = ds.get("SpecificCharacterSet")
+    terms = [value] if isinstance(value, str) else list(value or [])
+    for term in terms:
+        text = str(term).strip()
+        if text and text not in python_encoding and text.replace("-", "_").upper() not in python_encoding:
+            return text
     return None
 
 
@@ -310,6 +325,9 @@ class MPPSStore:
         if ds is None:
             return Status(NCode.MISSING_ATTRIBUTE, "N-CREATE without an attribute list")
         why = _malformed(ds)
+        charset = _unknown_charset(ds)
+        if why is None and charset is not None:
+            why = f"Specific Character Set {charset!r} is not known"
         if why is not None:
             request.assoc.log.warning("MPPS N-CREATE refused", sop_instance=uid, error=why)
             return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64])
@@ -333,6 +351,9 @@ class MPPSStore:
         mods = request.dataset
         assert mods is not None  # the N-service layer answered 0x0120 otherwise
         why = _malformed(mods)
+        charset = _unknown_charset(mods)
+        if why is None and charset is not None:
+            why = f"Specific Character Set {charset!r} is not known"
         if why is not None:
             request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, error=why)
             return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64])
