@@ -174,7 +174,8 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
         _status_row(
             NCode.INVALID_ATTRIBUTE_VALUE,
             f"N-CREATE not `{IN_PROGRESS}`, an unknown state, or an attribute of the wrong shape "
-            "(a sequence or not, several values)",
+            "(a sequence or not, several values), an empty status in N-SET, a Specific Character Set "
+            "that cannot be decoded",
         )
     )
     add(_status_row(NCode.INVALID_OBJECT_INSTANCE, "a SOP Instance UID that is not a UID"))
