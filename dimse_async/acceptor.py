@@ -189,7 +189,10 @@ class Acceptor:
 
     async def _read_header(self, conn: socket.socket) -> proxy.ProxyHeader:
         """Read exactly the PROXY header: what follows stays in the socket. Bytes no
-        header starts with are refused as they arrive, not at the header timeout."""
+        header starts with are refused as they arrive, not at the header timeout.
+        Once the start is known good, the parser sees the buffer again only when it holds
+        the bytes the parser asked for: a v2 header (up to 64 KiB) trickled in small
+        segments is parsed a few times, not copied and parsed once per segment."""
         buf = bytearray()
         need = proxy.FIRST_READ
         while True:
@@ -197,6 +200,8 @@ class Acceptor:
             if not chunk:
                 raise proxy.ProxyProtocolError("connection closed before the header was complete")
             buf += chunk
+            if proxy.FIRST_READ <= len(buf) < need:
+                continue
             result = proxy.parse(buf)
             if isinstance(result, proxy.ProxyHeader):
                 return result

@@ -402,3 +402,37 @@ async def test_plain_port_names_what_a_misconfigured_peer_sent(first: bytes, hin
             w.close()
     (line,) = log.events("connection refused")
     assert hint in str(line["reason"]), line
+
+
+async def test_a_v2_header_trickled_in_small_segments_is_parsed_a_few_times(monkeypatch):
+    """A v2 header with 60 KB of TLVs sent 20 bytes per segment: the acceptor hands the
+    parser the buffer a few times (start, fixed part, whole header), not once per
+    segment (quadratic copying: ~90 MB for this header), and the association that follows
+    sees the header's address."""
+    parsed: list[int] = []
+    real_parse = proxy.parse
+
+    def counting_parse(data):  # type: ignore[no-untyped-def]
+        parsed.append(len(data))
+        return real_parse(data)
+
+    monkeypatch.setattr(proxy, "parse", counting_parse)
+    ae = da.AE("PROXIED")
+    ae.add_supported_context(da.Verification)
+    scu = da.AE("CLIENT")
+    scu.add_requested_context(da.Verification)
+    async with await ae.start_server("127.0.0.1", 0, proxy_protocol=True, proxy_header_timeout=30) as server:
+        tlv = bytes([0xE0]) + struct.pack("!H", 60000) + b"x" * 60000  # a private TLV (PP2_TYPE_MIN_CUSTOM)
+        header = v2_inet("192.0.2.9", 4343, "127.0.0.1", server.port, tlv)
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        for i in range(0, len(header), 20):
+            w.write(header[i : i + 20])
+            await w.drain()
+            await asyncio.sleep(0)
+        for _ in range(500):
+            if server.associations:
+                break
+            await asyncio.sleep(0.01)
+        assert [a.peer for a in server.associations] == [("192.0.2.9", 4343)]
+        w.close()
+    assert sum(parsed) <= 4 * len(header), (len(parsed), sum(parsed))
