@@ -424,7 +424,7 @@ async def test_a_v2_header_trickled_in_small_segments_is_parsed_a_few_times(monk
     async with await ae.start_server("127.0.0.1", 0, proxy_protocol=True, proxy_header_timeout=30) as server:
         tlv = bytes([0xE0]) + struct.pack("!H", 60000) + b"x" * 60000  # a private TLV (PP2_TYPE_MIN_CUSTOM)
         header = v2_inet("192.0.2.9", 4343, "127.0.0.1", server.port, tlv)
-        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        _r, w = await asyncio.open_connection("127.0.0.1", server.port)
         for i in range(0, len(header), 20):
             w.write(header[i : i + 20])
             await w.drain()
