@@ -293,6 +293,58 @@ def _one_line(exc_info: Any) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
 
 
+class Repeats:
+    """Per key, ``burst`` occurrences let through per ``interval`` seconds and the rest
+    counted: :meth:`allow` answers ``None`` (hold it back) or how many were held back
+    since the last one let through (to report with it). At most ``max_keys`` keys."""
+
+    def __init__(self, interval: float, burst: int = 1, max_keys: int = 256, clock: Any = time.monotonic):
+        self.interval, self.burst, self.max_keys, self.clock = interval, burst, max_keys, clock
+        self._windows: dict[Any, list[float]] = {}  # key -> [start, let through, held back]
+
+    def allow(self, key: Any) -> int | None:
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is not None and now - window[0] < self.interval:
+            if window[1] >= self.burst:
+                window[2] += 1
+                return None
+            window[1] += 1
+            return 0
+        if window is None and len(self._windows) >= self.max_keys:
+            self._windows.clear()
+        self._windows[key] = [now, 1, 0]
+        return int(window[2]) if window is not None else 0
+
+
+class RepeatFilter(logging.Filter):
+    """On a handler: lets one record of each kind (logger and message template) of the
+    loggers ``names`` (and their children) through per ``interval`` seconds and counts
+    the rest; the next one let through says how many were held back (``suppressed=N``).
+    Other records pass. For another library's retry loops (asyncpg's pool failing to
+    reconnect while PostgreSQL is down logs on every try)."""
+
+    def __init__(self, names: tuple[str, ...], interval: float = 60.0, clock: Any = time.monotonic):
+        super().__init__()
+        self.names = names
+        self.prefixes = tuple(name + "." for name in names)
+        self.repeats = Repeats(interval, clock=clock)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name not in self.names and not record.name.startswith(self.prefixes):
+            return True
+        suppressed = self.repeats.allow((record.name, str(record.msg)))
+        if suppressed is None:
+            return False
+        if suppressed:
+            record.msg = f"{record.msg} suppressed={suppressed}"
+        return True
+
+
+#: Loggers of libraries we run whose handled failures are one line each in our stream
+#: (``Type: message``, never a traceback), rate-limited by a :class:`RepeatFilter`.
+_FOREIGN_QUIET = ("asyncpg",)
+
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
 
 
@@ -306,18 +358,22 @@ def configure_logging(
     """Send this library's log (and, by default, Python warnings and pydicom's log)
     to ``stream`` (default stderr) as console lines or JSON lines, at ``level``.
 
-    Installs a handler on the ``"dimse_async"``, ``"py.warnings"`` and ``"pydicom"``
-    loggers only (replacing the one a previous call installed); the root logger and
+    Installs a handler on the ``"dimse_async"``, ``"py.warnings"``, ``"pydicom"`` and
+    ``"asyncpg"`` loggers only (replacing the one a previous call installed; another
+    library's exception is one ``error=`` field, never a traceback, and asyncpg's
+    repeated lines, its pool retrying while PostgreSQL is down, one per minute with a
+    ``suppressed=N`` count); the root logger and
     structlog's global configuration are left as they are. Raises ``ValueError`` for an
     unknown level name. Returns the handler.
     """
     numeric = _level(level)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(StructuredFormatter(json=json))
+    handler.addFilter(RepeatFilter(_FOREIGN_QUIET))
     for logger, old in _installed:
         logger.removeHandler(old)
     _installed.clear()
-    names = [LOGGER_NAME] + (["py.warnings", "pydicom"] if capture_warnings else [])
+    names = [LOGGER_NAME] + (["py.warnings", "pydicom", *_FOREIGN_QUIET] if capture_warnings else [])
     for name in names:
         logger = logging.getLogger(name)
         logger.addHandler(handler)

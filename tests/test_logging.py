@@ -249,6 +249,44 @@ def test_another_librarys_logged_exception_is_one_line_and_ours_keeps_its_traceb
     assert "Traceback" in ours
 
 
+def test_asyncpgs_retry_lines_are_one_line_each_and_rate_limited() -> None:
+    """asyncpg's pool logs a warning with the connection error's traceback on each try
+    to reconnect while PostgreSQL is down: through configure_logging it is one line
+    (``error=Type: message``), once a minute, the next one saying how many were held back."""
+    code = """
+        import logging
+        from dimse_async.log import configure_logging, RepeatFilter
+        handler = configure_logging("INFO")
+        pool = logging.getLogger("asyncpg.pool")
+        for _ in range(20):
+            try:
+                raise ConnectionRefusedError(111, "Connection refused")
+            except OSError:
+                pool.warning("Failed to restore the pool connection floor; retrying", exc_info=True)
+        (repeats,) = [f for f in handler.filters if isinstance(f, RepeatFilter)]
+        repeats.repeats.clock = lambda: 1e12  # a minute and more later
+        pool.warning("Failed to restore the pool connection floor; retrying")
+    """
+    done = run_host(code)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert "Traceback" not in done.stderr and len(lines) == 2, done.stderr
+    assert "logger=asyncpg.pool" in lines[0] and "ConnectionRefusedError: [Errno 111] Connection refused" in lines[0]
+    assert "suppressed=19" in lines[1]
+
+
+def test_repeats_lets_a_burst_through_per_interval_and_counts_the_rest() -> None:
+    from dimse_async.log import Repeats
+
+    now = [0.0]
+    r = Repeats(10.0, burst=2, max_keys=2, clock=lambda: now[0])
+    assert [r.allow("a") for _ in range(5)] == [0, 0, None, None, None]
+    assert r.allow("b") == 0
+    now[0] = 10.0
+    assert r.allow("a") == 3 and r.allow("a") == 0 and r.allow("a") is None
+    assert r.allow("c") == 0  # a third key: the table starts afresh, bounded
+
+
 def test_echoscu_against_embedded_scp_logs_to_the_app_handler(tmp_path: Path) -> None:
     """DCMTK ``echoscu`` as the peer of an SCP embedded in a host app that logs to a
     file: the acceptor's lines arrive there, stdout stays empty."""

@@ -1,7 +1,9 @@
 """``serve`` with its PostgreSQL index stopped and started again (a cluster of its
 own: the session's is shared by other tests): stores and queries are answered 0xA700
 at once while the index is away, ``/healthz`` says so (a load balancer sends clients
-to another node), and all of it comes back without restarting ``serve``."""
+to another node), and all of it comes back without restarting ``serve``. Meanwhile the
+log has one line per refusal at most (the first few), never the PostgreSQL client
+library's traceback."""
 
 from __future__ import annotations
 
@@ -89,6 +91,13 @@ async def test_postgresql_stopped_and_started_again(tmp_path: Path) -> None:
         code, body = healthz(http)
         assert code == 503 and "index" in body, (code, body)
         assert not [p for p in (tmp_path / "a").rglob(f"{uid}.dcm") if ".incoming" not in p.parts]
+        for _ in range(7):  # every refused store: one line at most, no client library traceback
+            path, uid = instance(tmp_path)
+            assert (await store_and_find(port, path, uid))[0] == 0xA700
+        text = log.read_text()
+        assert "Traceback" not in text and 'File "' not in text, text[-3000:]
+        assert text.count("C-STORE out of resources") <= 5, text[-3000:]
+        assert text.count("connection floor") <= 1, text[-3000:]
 
         restart = subprocess.run(
             _as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(pg.data), "-l", str(pg.log), "-w", "-t", "60", "-o",

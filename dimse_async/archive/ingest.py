@@ -30,6 +30,7 @@ from ..dataset_check import (
 )
 from ..dimse import Status
 from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
+from ..log import Repeats
 from ..part10 import read_file_meta, valid_uid
 from ..services.storage import StoreRequest
 from .backend import IndexRow
@@ -178,13 +179,24 @@ def _files_before_store(existing: tuple[str, int] | None, dest: str) -> tuple[tu
     return None, _keep_previous(dest)
 
 
+#: "C-STORE out of resources" lines: while a disk is full or the index is down every
+#: store is refused for the same reason; the first 5 of a reason per 10 s are logged,
+#: the rest counted into the next line logged (``suppressed=N``). Each refusal still
+#: has its operation line (INFO with ``log_operations``) and its status to the peer.
+_refusal_lines = Repeats(10.0, burst=5)
+
+
 def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
     """0xA700 with the true reason: disk full, read-only, too many open files, a locked index."""
     if isinstance(exc, OSError):
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
     else:
         reason = f"index: {exc}"
-    request.assoc.log.error("C-STORE out of resources", sop_instance=request.sop_instance_uid, error=str(exc)[:200])
+    error = str(exc).replace("\n", " ")[:200]
+    suppressed = _refusal_lines.allow(error)
+    if suppressed is not None:
+        extra = {"suppressed": suppressed} if suppressed else {}
+        request.assoc.log.error("C-STORE out of resources", sop_instance=request.sop_instance_uid, error=error, **extra)
     return Status(0xA700, f"Out of resources: {reason}"[:64])
 
 
