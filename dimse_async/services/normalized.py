@@ -18,6 +18,7 @@ this on every accepted context (:mod:`dimse_async.session`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -34,7 +35,7 @@ from ..part10 import plausible_uid
 from ..session import Operation
 from ..status import Code, Status, response_status
 from .requests import Request
-from .scp import decode_received, error_comment, failure_status
+from .scp import decode_received, decode_received_async, error_comment, failure_status, off_loop
 
 __all__ = [
     "N_REQUESTS",
@@ -130,7 +131,7 @@ async def _invoke(
     reply = None
     if rsp.dataset is not None:
         try:
-            reply = decode_received(rsp.dataset, ctx.transfer_syntax)
+            reply = await decode_received_async(rsp.dataset, ctx.transfer_syntax)
         except Exception as exc:
             raise DIMSEFailure(f"{c.name}: the reply data set is malformed: {exc}") from exc
     type_id = c.event_type_id if cmd.command_field == CommandField.N_EVENT_REPORT_RQ else c.action_type_id
@@ -307,6 +308,14 @@ def _response(op: Operation, status: Status, sop_class: str | None, sop_instance
     return rsp
 
 
+def _decode_whole(data: bytes, transfer_syntax: str) -> Dataset:
+    dataset = decode_received(data, transfer_syntax)
+    # Touch every element: a malformed data set fails here, not in the handler.
+    for _ in dataset.iterall():
+        pass
+    return dataset
+
+
 async def scp_n_service(
     assoc: DIMSEProvider, op: Operation, handler: NHandler | None, *, class_served: bool = False
 ) -> None:
@@ -326,10 +335,10 @@ async def scp_n_service(
         status = Status(NCode.MISSING_ATTRIBUTE, "N-SET without a modification list")
     elif op.message.dataset is not None:
         try:
-            dataset = decode_received(op.message.dataset, ctx.transfer_syntax)
-            # Touch every element: a malformed data set fails here, not in the handler.
-            for _ in dataset.iterall():
-                pass
+            if off_loop(op.message.dataset, ctx.transfer_syntax):
+                dataset = await asyncio.to_thread(_decode_whole, op.message.dataset, ctx.transfer_syntax)
+            else:
+                dataset = _decode_whole(op.message.dataset, ctx.transfer_syntax)
         except Exception as exc:
             assoc.log.warning(f"{name} data set cannot be decoded", error=str(exc)[:200])
             status = Status(NCode.MISTYPED_ARGUMENT, "data set cannot be decoded")

@@ -29,9 +29,8 @@ from ..inflate import InflationLimit
 from ..interface import DIMSEProvider, ResponseStream, StoreHandler
 from ..session import Operation
 from ..status import Code, Status, response_status
-from ..uids import DeflatedExplicitVRLittleEndian
 from .requests import Request
-from .scp import StatusError, decode_received, failure_status, response
+from .scp import StatusError, decode_received, decode_received_async, failure_status, off_loop, response
 
 __all__ = [
     "MODELS",
@@ -154,8 +153,11 @@ class Responses(Generic[T]):
         *,
         on_start: Callable[[], None] | None = None,
         on_end: Callable[[], None] | None = None,
+        transfer_syntax: str = "",
     ):
         self._stream = stream
+        #: The context's: a large or deflated identifier is converted in a worker thread.
+        self._syntax = transfer_syntax
         self._iter: AsyncIterator[Message] | None = None
         self._convert = convert
         self._on_start, self._on_end = on_start, on_end
@@ -181,7 +183,10 @@ class Responses(Generic[T]):
             except BaseException:
                 self._end()
                 raise
-            item = self._convert(msg)
+            if off_loop(msg.dataset, self._syntax):  # one peer's huge reply holds up no other association
+                item = await asyncio.to_thread(self._convert, msg)
+            else:
+                item = self._convert(msg)
             if msg is self._stream.final:
                 if isinstance(item, Progress):
                     self.result = item
@@ -257,7 +262,7 @@ def c_find(
                 raise DIMSEFailure(f"C-FIND response {pending}: identifier malformed: {exc}") from exc
         return None
 
-    return Responses(stream, convert)
+    return Responses(stream, convert, transfer_syntax=ctx.transfer_syntax)
 
 
 def _progress(msg: Message, ctx: PresentationContext) -> Progress:
@@ -303,8 +308,8 @@ def _retrieve(
         assoc.store_handler = previous[0]
 
     if store is None:
-        return Responses(stream, convert)
-    return Responses(stream, convert, on_start=start, on_end=end)
+        return Responses(stream, convert, transfer_syntax=ctx.transfer_syntax)
+    return Responses(stream, convert, on_start=start, on_end=end, transfer_syntax=ctx.transfer_syntax)
 
 
 def c_get(
@@ -385,18 +390,11 @@ class RetrieveRequest(QueryRequest):
 QueryHandler = Callable[[Any], Any]
 
 
-#: Identifiers larger than this (or deflated) are decoded in a worker thread.
-_DECODE_ON_LOOP = 64 << 10
-
-
 async def decode_request(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
     """The request with its identifier, or the failure status to answer (0xA900)."""
     data, syntax = op.message.dataset or b"", op.context.transfer_syntax
     try:
-        if len(data) > _DECODE_ON_LOOP or syntax == DeflatedExplicitVRLittleEndian:
-            identifier = await asyncio.to_thread(decode_received, data, syntax)
-        else:
-            identifier = decode_received(data, syntax)
+        identifier = await decode_received_async(data, syntax)
     except InflationLimit as exc:
         assoc.log.warning("identifier refused", command=op.command.name, error=str(exc))
         return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier refused: inflates past the limit")

@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 __all__ = [
     "FAILURE_CODES",
     "StatusError",
+    "DECODE_ON_LOOP",
     "decode_received",
+    "decode_received_async",
+    "off_loop",
     "error_comment",
     "failure_status",
     "outcome_status",
@@ -50,6 +53,25 @@ def decode_received(data: bytes, transfer_syntax: str) -> Dataset:
         data, transfer_syntax = inflate(data), ExplicitVRLittleEndian
     check_dataset_bytes(data, transfer_syntax, ordered=True)
     return decode_identifier(data, transfer_syntax)
+
+
+#: Received data sets (identifiers, N-service attribute lists, replies) larger than
+#: this, or deflated, are checked and decoded in a worker thread: walking a few MiB (and
+#: pydicom reading undefined-length sequences, superlinear in their items) would hold up
+#: every other association on the event loop for as long.
+DECODE_ON_LOOP = 64 << 10
+
+
+def off_loop(data: bytes | None, transfer_syntax: str) -> bool:
+    """Whether decoding ``data`` belongs in a worker thread (see :data:`DECODE_ON_LOOP`)."""
+    return data is not None and (len(data) > DECODE_ON_LOOP or transfer_syntax == DeflatedExplicitVRLittleEndian)
+
+
+async def decode_received_async(data: bytes, transfer_syntax: str) -> Dataset:
+    """:func:`decode_received`, in a worker thread when ``data`` is large or deflated."""
+    if off_loop(data, transfer_syntax):
+        return await asyncio.to_thread(decode_received, data, transfer_syntax)
+    return decode_received(data, transfer_syntax)
 
 
 class StatusError(Exception):
