@@ -7,7 +7,9 @@ the kernel spreads incoming connections among them. The parent binds the port on
 
 - a worker that dies (crash, ``kill -9``) is started again after a back-off
   (0.5 s doubling up to 30 s; reset once a worker has run for 30 s); one that fails
-  before it ever listened stops the whole set (a configuration or bind error);
+  before it ever listened stops the whole set (a configuration or bind error). Once it
+  is reaped, the spool files of the stores it was receiving (``.incoming-<pid>-*.partial``,
+  ``flock``-ed by their writer) are removed: a live worker's are never touched;
 - SIGTERM / SIGINT are forwarded to every worker, which drains as a single process
   does (:func:`dimse_async.deploy.serve_until_signalled`); workers still running after
   the drain time are killed. The exit code is 0 when every worker exited cleanly;
@@ -124,10 +126,12 @@ class _Supervisor:
         grace: float,
         http: tuple[str, int] | None = None,
         check: Callable[[], Awaitable[str | None]] | None = None,
+        leftovers: Callable[[int], int] | None = None,
     ):
         self.argv = list(argv)
         self.http = http
         self.check = check
+        self.leftovers = leftovers
         self.metrics_dir: str | None = None
         self.metrics: Any = None
         self.health: Any = None
@@ -190,6 +194,7 @@ class _Supervisor:
             rc = await proc.wait()
             if self.metrics is not None:
                 self.metrics.process_dead(proc.pid)
+            await self._remove_leftovers(index, proc.pid)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(pump, 5)
             was_ready = index in self.ready
@@ -212,6 +217,18 @@ class _Supervisor:
                 self.exit_codes[index] = rc
                 return
             backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _remove_leftovers(self, index: int, pid: int) -> None:
+        """A worker is gone (reaped): remove what its stores in progress left behind."""
+        if self.leftovers is None:
+            return
+        try:
+            removed = await asyncio.to_thread(self.leftovers, pid)
+        except Exception as exc:  # never let the clean-up stop the supervision
+            self.log.warning("could not remove a dead worker's unfinished stores", worker=index, pid=pid, error=repr(exc))
+            return
+        if removed:
+            self.log.warning("removed a dead worker's unfinished stores", worker=index, pid=pid, files=removed)
 
     def _forward(self, sig: int) -> None:
         if not self.stopping.is_set():
@@ -332,6 +349,7 @@ def run_workers(
     hold: Callable[[int], Awaitable[Any]] | None = None,
     http: tuple[str, int] | None = None,
     check: Callable[[], Awaitable[str | None]] | None = None,
+    leftovers: Callable[[int], int] | None = None,
 ) -> int:
     """Run the command ``argv`` (``dimse-async`` arguments) as ``count`` supervised
     workers sharing ``host:port``; returns when all have stopped (after SIGTERM/SIGINT
@@ -343,13 +361,15 @@ def run_workers(
     listening on the port with ``SO_REUSEPORT``, paused - answers association requests
     rejected-transient; it is closed once every worker listens. ``http``: (host, port)
     where the parent serves ``/healthz`` and the workers' summed ``/metrics``; ``check``
-    (the archive's index probe) makes ``/healthz`` 503 while it fails."""
+    (the archive's index probe) makes ``/healthz`` 503 while it fails. ``leftovers(pid)``
+    runs (in a thread) once a worker is gone, before it is started again: it removes
+    what the dead worker's stores in progress left (its spool files) and says how many."""
     try:
         reserved = _reserve(host, port)
     except OSError as exc:
         raise ListenError(host, port, exc) from None
     try:
         actual = int(reserved.getsockname()[1])
-        return asyncio.run(_Supervisor(argv, count, actual, grace, http, check).run(prepare, hold))
+        return asyncio.run(_Supervisor(argv, count, actual, grace, http, check, leftovers).run(prepare, hold))
     finally:
         reserved.close()

@@ -348,3 +348,88 @@ def test_metrics_of_all_workers_summed_on_one_http_port(tmp_path):
     finally:
         server.stop()
     assert not metrics_dir.exists()
+
+
+@pytest.mark.parametrize("command", ["store-scp", "serve"])
+async def test_a_worker_killed_mid_store_leaves_no_spool_file_behind(tmp_path, command):
+    """kill -9 a worker while it spools a large instance: once the parent has reaped it,
+    its ``.partial`` spool file is gone (before: there until the whole server restarted);
+    the spool files of the other worker's stores in progress stay and those stores
+    complete; an instance stored before is untouched."""
+    from rawpeer import RawPeer, ct_dataset, pdata, response_status, rq_bytes, store_rq
+
+    out = tmp_path / "a"
+    where = ["--out", str(out)] if command == "store-scp" else ["--storage-dir", str(out)]
+    server = Workers(tmp_path, command, "--workers", "2", "--port", "0", *where)
+    incoming = out / ".incoming"
+    peers: list[RawPeer] = []
+
+    def spools() -> dict[int, list[Path]]:
+        found: dict[int, list[Path]] = {}
+        for path in incoming.glob(".incoming-*.partial") if incoming.is_dir() else ():
+            found.setdefault(int(path.name.split("-")[1]), []).append(path)
+        return found
+
+    try:
+        scu = AE("SCU", acse_timeout=30, dimse_timeout=30)
+        scu.add_requested_context(CT_CLASS, [ExplicitVRLittleEndian])
+        finished = tmp_path / "finished.dcm"
+        ds = pydicom.dcmread(CT)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(finished, enforce_file_format=True)
+        async with scu.associate("127.0.0.1", server.port, "ANY-SCP") as assoc:
+            assert int(await assoc.c_store(finished)) == 0
+        (stored,) = [p for p in out.rglob("*") if p.is_file() and ds.SOPInstanceUID in p.name]
+        stored_bytes = stored.read_bytes()
+
+        big = ct_dataset()  # 8 MiB of pixel data: past serve's spool threshold (4 MiB) too
+        big.Rows, big.Columns, big.BitsAllocated, big.BitsStored, big.HighBit = 2048, 2048, 16, 16, 15
+        big.SamplesPerPixel, big.PhotometricInterpretation, big.PixelRepresentation = 1, "MONOCHROME2", 0
+        big.PixelData = bytes(2048 * 2048 * 2)
+        held = 6 << 20
+        sent: dict[RawPeer, tuple[bytes, bytes]] = {}
+        for _ in range(12):  # until both workers spool a store in progress (the kernel picks)
+            peer = await RawPeer.connect(server.port)
+            peers.append(peer)
+            big.SOPInstanceUID = generate_uid()
+            cmd, data = sent[peer] = store_rq(big)
+            await peer.associate(rq_bytes(called="ANY-SCP", max_pdu=16384))
+            await peer.send(pdata(3, cmd, command=True))
+            for offset in range(0, held, 16000):
+                await peer.send(pdata(3, data[offset : min(offset + 16000, held)], command=False, last=False))
+            opened = len(peers)
+            server.wait_for(lambda: sum(map(len, spools().values())) >= opened, "a spool file per store")  # noqa: B023
+            if len(spools()) == 2:
+                break
+        assert len(spools()) == 2, server.log()[-3000:]
+        victim, survivor = sorted(spools())
+        survivors, victims = sorted(spools()[survivor]), len(spools()[victim])
+        os.kill(victim, signal.SIGKILL)
+        # The parent removes them once it reaped the worker, before it says it restarts it.
+        server.wait_for(lambda: re.search(rf"worker died; restarting .*pid={victim}", server.log()), "the restart")
+        assert victim not in spools() and sorted(spools()[survivor]) == survivors
+        assert re.search(rf"removed a dead worker's unfinished stores .*pid={victim} files={victims}\b", server.log())
+        assert stored.read_bytes() == stored_bytes
+        # The other worker's stores in progress complete.
+        completed = 0
+        for peer in peers:
+            if peer.writer.is_closing() or peer.reader.at_eof():
+                continue
+            data = sent[peer][1]
+            try:
+                for offset in range(held, len(data), 16000):
+                    end = min(offset + 16000, len(data))
+                    await peer.send(pdata(3, data[offset:end], command=False, last=end == len(data)))
+            except (ConnectionError, TimeoutError):
+                continue  # one of the dead worker's
+            reply = await peer.read_pdu(30)
+            if reply is not None:
+                assert response_status(reply) == (0x8001, 0), reply[:64]
+                completed += 1
+        assert completed == len(survivors)
+        server.wait_for(lambda: not spools(), "the completed stores' spool files placed")
+        assert len([p for p in out.rglob("*.dcm") if ".incoming" not in p.parts]) == 1 + completed
+    finally:
+        for peer in peers:
+            await peer.close()
+        server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import sqlite3
@@ -13,6 +14,7 @@ from ..deploy import Deployment, serve_until_signalled, server_ssl
 from ..health import HealthServer
 from ..log import get_logger
 from ..services.qr import MODELS
+from ..services.spool import remove_leftovers
 from ..services.storage import STORAGE_SOP_CLASSES
 from ..workers import WorkerInfo, run_workers, worker_info
 from .config import ADMISSION_KEYS, ServeConfig, check_setting, load_config
@@ -40,6 +42,11 @@ def store_failure(what: str, exc: BaseException, storage_dir: str) -> str:
     return line
 
 
+def spool_dir(config: ServeConfig) -> str:
+    """Where stores in progress are spooled (``.incoming-<pid>-<n>.partial``)."""
+    return os.path.join(config.storage_dir, ".incoming")
+
+
 def archive_ae(config: ServeConfig) -> AE:
     """The ``serve`` AE: verification, all storage classes (SCP and, for C-GET, SCU
     role), Q/R FIND/GET/MOVE in every model and modality worklist."""
@@ -50,7 +57,7 @@ def archive_ae(config: ServeConfig) -> AE:
         max_associations=config.max_associations,
         max_ops_performed=config.max_ops,
         max_ops_invoked=config.max_ops,
-        spool_dir=os.path.join(config.storage_dir, ".incoming"),
+        spool_dir=spool_dir(config),
         known_aes=config.known_aes,
         allowed_peer_addresses=config.allowed_peer_addresses,
         network_timeout=config.idle_timeout,
@@ -209,6 +216,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
             hold=hold,
             http=http,
             check=archive.probe if http is not None else None,
+            leftovers=functools.partial(remove_leftovers, spool_dir(config)),
         )
     finally:
         archive.close()

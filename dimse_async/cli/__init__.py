@@ -577,6 +577,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from ..workers import worker_info
 
         if args.workers > 1 and worker_info() is None:
+            import functools
+
+            from ..services.spool import remove_leftovers
             from ..workers import run_workers
 
             dep = _deployment(args, "store-scp")
@@ -584,7 +587,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 return EXIT_USAGE
             grace = dep.drain_grace + dep.drain_delay + 15
             http = (dep.http_host, dep.http_port) if dep.http_port is not None else None
-            return run_workers(argv, args.workers, args.host, args.port, grace=grace, http=http)
+            leftovers = functools.partial(remove_leftovers, os.path.join(args.out, ".incoming"))
+            return run_workers(argv, args.workers, args.host, args.port, grace=grace, http=http, leftovers=leftovers)
         return run(_store_scp(args))
     if args.command == "send":
         return run(_send(args))

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from ..filewriter import FileWriter, InlineWrites, writev_all
 from ..status import Status
 
-__all__ = ["Spool"]
+__all__ = ["Spool", "remove_leftovers"]
 
 _FLUSH_CHUNK = 1 << 20  # hand bytes to the writer in pieces of at least this size
 _INLINE_MIN = 128 << 10  # write on the loop once this much is held ...
@@ -39,6 +39,13 @@ def _close_fd(fd: int) -> None:
 
 
 _spool_names = itertools.count()
+try:
+    import fcntl as _fcntl
+
+    _flock: Callable[[int, int], None] | None = _fcntl.flock
+    _LOCK_EX_NB = _fcntl.LOCK_EX | _fcntl.LOCK_NB
+except ImportError:  # pragma: no cover - not on Windows
+    _flock, _LOCK_EX_NB = None, 0
 _SPOOL_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -46,14 +53,53 @@ def _create_spool_file(directory: str) -> tuple[int, str]:
     """A new file ``directory/.incoming-<pid>-<n>.partial``, as ``tempfile.mkstemp``
     makes one (``O_EXCL``: never an existing file or a link; mode 0600), without its
     per-call Python work (random names, path checks: ~10 us per instance); a name
-    that is taken (a file left by an earlier process with this pid) falls back to it."""
+    that is taken (a file left by an earlier process with this pid) falls back to it.
+    The file is ``flock``-ed while its descriptor is open, so :func:`remove_leftovers`
+    can tell a dead writer's file from a live one's."""
     if not os.path.isabs(directory):
         directory = os.path.abspath(directory)
     path = f"{directory}{os.sep}.incoming-{os.getpid()}-{next(_spool_names)}.partial"
     try:
-        return os.open(path, _SPOOL_FLAGS, 0o600), path
+        fd = os.open(path, _SPOOL_FLAGS, 0o600)
     except FileExistsError:
-        return tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
+        fd, path = tempfile.mkstemp(prefix=".incoming-", suffix=".partial", dir=directory)
+    if _flock is not None:
+        try:
+            _flock(fd, _LOCK_EX_NB)
+        except OSError:  # a file system without locks: the pid in the name still tells
+            pass
+    return fd, path
+
+
+def remove_leftovers(directory: str, pid: int) -> int:
+    """Remove the spool files process ``pid`` left in ``directory`` (a ``--workers N``
+    worker killed mid-store; the caller knows it is gone): ``.incoming-<pid>-*.partial``
+    that nobody holds locked (a live process of that pid on another machine sharing the
+    directory holds its own). Returns how many went."""
+    prefix = f".incoming-{pid}-"
+    removed = 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".partial")):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            if _flock is not None:
+                _flock(fd, _LOCK_EX_NB)  # raises while a live writer holds it
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _unlink(path: str) -> None:
