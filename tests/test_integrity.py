@@ -72,7 +72,12 @@ async def running_serve(root: Path, **settings: object) -> AsyncIterator[Running
     for key, value in settings.items():
         setattr(config, key, value)
     archive = Archive(
-        root, duplicates=config.duplicates, fsync=config.fsync, retrieve_ae_title=config.ae_title, index=config.index
+        root,
+        duplicates=config.duplicates,
+        fsync=config.fsync,
+        retrieve_ae_title=config.ae_title,
+        index=config.index,
+        min_free_space=config.min_free_space,
     )
     await archive.reindex()
     ae = archive_ae(config)
@@ -775,7 +780,7 @@ async def test_disk_full_answers_out_of_resources_and_recovers(tmp_path: Path) -
     answering, and once there is room again the same instances are stored."""
     files = distinct_cts(tmp_path, 30)
     with small_tmpfs(tmp_path / "arch", "700k") as root:
-        async with running_serve(root) as srv:
+        async with running_serve(root, min_free_space=0) as srv:  # the writes themselves fail
             _code, out = await storescu(srv.port, *files, extra=("-nh",))  # -nh: go on after a failure
             statuses = store_statuses(out)
             assert len(statuses) == len(files), out

@@ -50,6 +50,8 @@ Example::
     query_max_matches = 50000                 # a C-FIND (archive or worklist) stops with 0xA700
     query_time_budget = 60                    #   past this many matches or seconds
     retrieve_max_instances = 100000           # a C-GET / C-MOVE of more is refused 0xA702
+    min_free_space = 1048576                  # bytes; below it stores are refused 0xA700 and
+                                              #   /healthz is 503 "storage ... full" (0: off)
     http_host = "0.0.0.0"                     # /healthz and /metrics
     http_port = 8080
     drain_grace = 30                          # on SIGTERM: running associations get 30 s
@@ -185,6 +187,11 @@ class ServeConfig:
     #: A C-GET / C-MOVE matching more instances is refused with 0xA702 (Refused: Out
     #: of Resources - Unable to perform sub-operations, PS3.4 C.4.2.1.5, C.4.3.1.3).
     retrieve_max_instances: int = 100_000
+    #: Bytes the storage directory's file system must keep available: below it every
+    #: C-STORE is refused 0xA700 ("storage full", PS3.4 B.2.3) and ``/healthz`` answers
+    #: 503 ``storage ... full`` (a load balancer sends studies elsewhere); both recover
+    #: by themselves once room is made. 0: stores fail only when a write does.
+    min_free_space: int = 1 << 20
     #: Worker processes sharing the port (SO_REUSEPORT), supervised by the parent;
     #: each admits max_associations // workers associations.
     workers: int = 1
@@ -307,6 +314,10 @@ def _check(key: str, value: Any) -> Any:
     if key in ("busy_pending_timeout", "refusal_log_interval"):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             raise ValueError(f"{key} must be a positive number of seconds, not {value!r}")
+        return value
+    if key == "min_free_space":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"min_free_space must be a number of bytes (0 or more), not {value!r}")
         return value
     if key == "ipv6_prefix":
         if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 128:

@@ -78,6 +78,7 @@ class IndexDB:
         retrieve_max_instances: int = 100_000,
         shared: bool = False,
         index: str | None = None,
+        min_free_space: int = 1 << 20,
     ):
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
@@ -99,6 +100,9 @@ class IndexDB:
         #: A C-GET / C-MOVE matching more instances is refused (0xA702) before any
         #: sub-operation (PS3.4 C.4.2.1.5, C.4.3.1.3).
         self.retrieve_max_instances = retrieve_max_instances
+        #: Stores are refused (0xA700, "storage full") and ``/healthz`` is 503 while the
+        #: storage's file system has fewer bytes available; 0: never for space.
+        self.min_free_space = min_free_space
         #: Other processes store into the same root and index (``--workers N``): stores
         #: of one SOP Instance UID are serialised across processes too.
         self.shared = shared

@@ -192,12 +192,23 @@ def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
     else:
         reason = f"index: {exc}"
-    error = str(exc).replace("\n", " ")[:200]
+    _log_refusal(request, str(exc))
+    return Status(0xA700, f"Out of resources: {reason}"[:64])
+
+
+def _log_refusal(request: StoreRequest, error: str) -> None:
+    error = error.replace("\n", " ")[:200]
     suppressed = _refusal_lines.allow(error)
     if suppressed is not None:
         extra = {"suppressed": suppressed} if suppressed else {}
         request.assoc.log.error("C-STORE out of resources", sop_instance=request.sop_instance_uid, error=error, **extra)
-    return Status(0xA700, f"Out of resources: {reason}"[:64])
+
+
+#: Free space well above the minimum (this many bytes more) is looked at again after a
+#: second; nearer the minimum, at every store (one ``statvfs``), so a store is refused
+#: as soon as the minimum is crossed and admitted again as soon as room is made.
+_SPACE_MARGIN = 256 << 20
+_SPACE_RECHECK = 1.0
 
 
 class IngestMixin(IndexDB):
@@ -205,6 +216,44 @@ class IngestMixin(IndexDB):
 
     #: Set when the caller of :meth:`reindex` was cancelled: the pass stops before the next file.
     _reindex_stop: threading.Event | None = None
+    #: Bytes the storage's file system must keep available (``statvfs`` ``f_bavail``):
+    #: below it every C-STORE is refused 0xA700 "storage full" before its data set is
+    #: checked or written, and :meth:`probe` (``/healthz``) says so; 0: never refused
+    #: for space (stores then fail only when a write does, ENOSPC).
+    min_free_space: int = 0
+    _space_ok_until = 0.0
+
+    def storage_full(self) -> str | None:
+        """Why stores are refused for want of space (``storage <root> full: ...``), or
+        ``None``. Cheap: one ``statvfs`` at most, none within a second of having seen
+        plenty of room."""
+        minimum = self.min_free_space
+        if minimum <= 0:
+            return None
+        now = time.monotonic()
+        if now < self._space_ok_until:
+            return None
+        try:
+            st = os.statvfs(self.root)
+        except OSError:  # cannot tell: the store itself will say
+            return None
+        free = st.f_bavail * st.f_frsize
+        if free >= minimum:
+            if free - minimum >= _SPACE_MARGIN:
+                self._space_ok_until = now + _SPACE_RECHECK
+            return None
+        return f"storage {self.root} full: {free} bytes free, minimum {minimum}"
+
+    async def probe(self, timeout: float = 5.0) -> str | None:
+        """``None`` while stores can succeed, else why not (for ``/healthz``): the
+        storage is full (below :attr:`min_free_space`), or the index does not answer."""
+        try:
+            full = await asyncio.wait_for(asyncio.to_thread(self.storage_full), timeout)
+        except TimeoutError:
+            return f"storage {self.root} unavailable: no answer within {timeout:g} s"
+        if full is not None:
+            return full
+        return await super().probe(timeout)
 
     def _index_file(self, path: str) -> str:
         with warnings.catch_warnings():
@@ -395,6 +444,10 @@ class IngestMixin(IndexDB):
             return Status(0xC000, str(exc)[:64])
         if not valid_uid(request.sop_class_uid):
             return Status(0xC000, "invalid SOP Class UID")
+        full = self.storage_full()
+        if full is not None:  # (PS3.4 B.2.3: refused, nothing stored)
+            _log_refusal(request, full)
+            return Status(0xA700, "Out of resources: storage full")
         try:
             summary = await _check_request(request, self.inflation_limits)
         except (DataSetError, InflationLimit) as exc:

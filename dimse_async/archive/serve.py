@@ -111,6 +111,7 @@ def apply_args(config: ServeConfig, args: argparse.Namespace) -> None:
         ("query_time_budget", "query_time_budget"),
         ("commitment_max_references", "commitment_max_references"),
         ("retrieve_max_instances", "retrieve_max_instances"),
+        ("min_free_space", "min_free_space"),
         ("tls_cert", "tls_cert"),
         ("tls_key", "tls_key"),
         ("tls_ca", "tls_ca"),
@@ -182,7 +183,12 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
         return None
     dep = deployment(config)
     archive = Archive(
-        config.storage_dir, duplicates=config.duplicates, fsync=config.fsync, shared=True, index=config.index
+        config.storage_dir,
+        duplicates=config.duplicates,
+        fsync=config.fsync,
+        shared=True,
+        index=config.index,
+        min_free_space=config.min_free_space,
     )
 
     async def reindex() -> None:
@@ -205,7 +211,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
 
     grace = config.drain_grace + config.drain_delay + 15
     http = (config.http_host, config.http_port) if config.http_port is not None else None
-    try:  # the archive stays open for /healthz's index probe
+    try:  # the archive stays open for /healthz's probe (storage full, index unavailable)
         return run_workers(
             argv,
             config.workers,
@@ -263,6 +269,7 @@ async def serve(args: argparse.Namespace) -> int:
         query_max_matches=config.query_max_matches,
         query_time_budget=config.query_time_budget,
         retrieve_max_instances=config.retrieve_max_instances,
+        min_free_space=config.min_free_space,
     )
     ae = archive_ae(config)
     archive.install(ae, _worklist(config))

@@ -34,6 +34,7 @@ from .common import (
     association_errors,
     check_bindable,
     log_level,
+    non_negative_int,
     port,
     positive_float,
     positive_int,
@@ -175,6 +176,13 @@ def _add_serve(sub: Any) -> None:
         metavar="N",
         help="a C-GET / C-MOVE matching more than N instances is refused 0xA702 "
         "(config: retrieve_max_instances, default 100000)",
+    )
+    serve.add_argument(
+        "--min-free-space",
+        type=non_negative_int,
+        metavar="BYTES",
+        help="below this many bytes free in the storage, stores are refused 0xA700 and /healthz is 503 "
+        "(config: min_free_space, default 1048576; 0: off)",
     )
     serve.add_argument(
         "--max-associations", type=positive_int, help="associations at once (config: max_associations)"

@@ -35,6 +35,7 @@ __all__ = [
     "association_errors",
     "check_bindable",
     "log_level",
+    "non_negative_int",
     "port",
     "positive_float",
     "positive_int",
@@ -88,6 +89,16 @@ def port(value: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid port {value!r}: not a number") from None
     if not 0 <= number <= 65535:
         raise argparse.ArgumentTypeError(f"invalid port {number}: must be 0..65535")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{number} must be 0 or more")
     return number
 
 

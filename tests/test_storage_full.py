@@ -1,0 +1,126 @@
+"""``serve`` with its storage full (below ``min_free_space``): every C-STORE is refused
+0xA700 "storage full" before anything is written, and ``/healthz`` answers 503
+``storage ... full`` (the parent's too with ``--workers N``), so a load balancer sends
+studies to another node; once room is made both recover without a restart."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import free_port, stop_process, wait_tcp
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dimse_async import AE
+
+pytestmark = pytest.mark.timeout(120)
+
+CT = get_testdata_file("CT_small.dcm")
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+MiB = 1 << 20
+
+
+def healthz(port: int) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as rsp:
+            return int(rsp.status), rsp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def instance(tmp: Path) -> tuple[Path, str]:
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = tmp / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, str(ds.SOPInstanceUID)
+
+
+async def store(port: int, path: Path) -> tuple[int, str]:
+    scu = AE("SCU", acse_timeout=30, dimse_timeout=30)
+    scu.add_requested_context(CT_CLASS, [ExplicitVRLittleEndian])
+    async with scu.associate("127.0.0.1", port, "ARCHIVE") as assoc:
+        status = await assoc.c_store(path)
+        return int(status), status.error_comment or ""
+
+
+def stored(storage: Path, uid: str) -> bool:
+    return any(".incoming" not in p.parts for p in storage.rglob(f"{uid}.dcm"))
+
+
+def serve(tmp: Path, storage: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    port, http = free_port(), free_port()
+    log = tmp / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dimse_async", "serve", "--aet", "ARCHIVE", "--port", str(port),
+             "--storage-dir", str(storage), "--http-port", str(http), *extra],
+            stdout=out, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(Path.cwd()), "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+    wait_tcp(proc, port, log)
+    deadline = time.monotonic() + 60
+    while f"port {http}: /healthz" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc, port, http, log
+
+
+async def test_a_full_storage_is_unhealthy_and_refuses_stores_until_room_is_made(tmp_path: Path) -> None:
+    """A 6 MiB file system, 2 MiB to keep free: filled to ~1 MiB free, /healthz says 503
+    ``storage ... full`` and a C-STORE (39 KB, which would fit) is refused 0xA700 with
+    nothing stored; the filler removed, both recover by themselves."""
+    from test_integrity import small_tmpfs
+
+    with small_tmpfs(tmp_path / "fs", "6m") as fs:
+        storage = fs / "archive"
+        proc, port, http, log = serve(tmp_path, storage, "--min-free-space", str(2 * MiB))
+        try:
+            path, uid = instance(tmp_path)
+            assert await store(port, path) == (0, "") and stored(storage, uid)
+            assert healthz(http) == (200, "ok\n")
+
+            with open(fs / "filler", "wb") as filler:  # until ~1 MiB is left
+                while shutil.disk_usage(fs).free > MiB + 64 * 1024:
+                    filler.write(b"\0" * 64 * 1024)
+                    filler.flush()
+                    os.fsync(filler.fileno())
+            code, body = healthz(http)
+            assert code == 503 and re.match(
+                rf"storage {re.escape(str(storage))} full: \d+ bytes free, minimum {2 * MiB}\n", body
+            ), body
+            path, uid = instance(tmp_path)
+            assert await store(port, path) == (0xA700, "Out of resources: storage full")
+            assert not stored(storage, uid) and not list(storage.rglob("*.partial"))
+
+            (fs / "filler").unlink()
+            assert healthz(http) == (200, "ok\n")
+            assert await store(port, path) == (0, "") and stored(storage, uid)
+            assert "Traceback" not in log.read_text()
+        finally:
+            stop_process(proc, timeout=30)
+
+
+async def test_workers_parent_healthz_says_storage_full(tmp_path: Path) -> None:
+    """``--workers 2``: with more free space asked for than the disk has, the parent's
+    /healthz is 503 ``storage ... full`` and the workers refuse stores 0xA700."""
+    storage = tmp_path / "archive"
+    storage.mkdir()
+    beyond = shutil.disk_usage(storage).free + (1 << 40)
+    proc, port, http, _log = serve(tmp_path, storage, "--workers", "2", "--min-free-space", str(beyond))
+    try:
+        code, body = healthz(http)
+        assert code == 503 and body.startswith(f"storage {storage} full: ") and f"minimum {beyond}" in body, body
+        path, uid = instance(tmp_path)
+        assert await store(port, path) == (0xA700, "Out of resources: storage full")
+        assert not stored(storage, uid)
+    finally:
+        stop_process(proc, timeout=30)
