@@ -1,5 +1,5 @@
-"""``serve`` with its storage full (below ``min_free_space``): every C-STORE is refused
-0xA700 "storage full" before anything is written, and ``/healthz`` answers 503
+"""``serve`` with its storage full (below ``min_free_space``) or read-only: every C-STORE
+is refused 0xA700 "storage full" ("storage read-only") before anything is written, and ``/healthz`` answers 503
 ``storage ... full`` (the parent's too with ``--workers N``), so a load balancer sends
 studies to another node; once room is made both recover without a restart."""
 
@@ -104,6 +104,7 @@ async def test_a_full_storage_is_unhealthy_and_refuses_stores_until_room_is_made
             (fs / "filler").unlink()
             assert healthz(http) == (200, "ok\n")
             assert await store(port, path) == (0, "") and stored(storage, uid)
+
             assert "Traceback" not in log.read_text()
         finally:
             stop_process(proc, timeout=30)
@@ -124,3 +125,27 @@ async def test_workers_parent_healthz_says_storage_full(tmp_path: Path) -> None:
         assert not stored(storage, uid)
     finally:
         stop_process(proc, timeout=30)
+
+
+def test_a_read_only_storage_is_reported(tmp_path: Path) -> None:
+    """The storage's file system remounted read-only (as ext4 does after I/O errors with
+    ``errors=remount-ro``): the archive says so (its stores are then refused 0xA700
+    "storage read-only" and /healthz is 503 with the reason), and no more once writable.
+    (A file system with the index open for writing cannot be remounted read-only by
+    hand, so the archive is closed first: the check reads the file system, not the index.)"""
+    from test_integrity import remount, small_tmpfs
+
+    from dimse_async.archive.index import Archive
+
+    with small_tmpfs(tmp_path / "fs", "4m") as fs:
+        archive = Archive(fs / "archive", min_free_space=0)
+        try:
+            assert archive.storage_problem() is None
+        finally:
+            archive.close()
+        remount(fs, "ro")
+        try:
+            assert archive.storage_problem() == (f"storage {fs / 'archive'} read-only", "storage read-only")
+        finally:
+            remount(fs, "rw")
+        assert archive.storage_problem() is None

@@ -219,17 +219,17 @@ class IngestMixin(IndexDB):
     #: Bytes the storage's file system must keep available (``statvfs`` ``f_bavail``):
     #: below it every C-STORE is refused 0xA700 "storage full" before its data set is
     #: checked or written, and :meth:`probe` (``/healthz``) says so; 0: never refused
-    #: for space (stores then fail only when a write does, ENOSPC).
+    #: for space (stores then fail only when a write does, ENOSPC). A read-only file
+    #: system is refused and reported the same way.
     min_free_space: int = 0
     _space_ok_until = 0.0
 
-    def storage_full(self) -> str | None:
-        """Why stores are refused for want of space (``storage <root> full: ...``), or
-        ``None``. Cheap: one ``statvfs`` at most, none within a second of having seen
-        plenty of room."""
-        minimum = self.min_free_space
-        if minimum <= 0:
-            return None
+    def storage_problem(self) -> tuple[str, str] | None:
+        """Why every store would be refused for the storage itself, or ``None``: its file
+        system read-only (remounted so after I/O errors, say) or below
+        :attr:`min_free_space`: (the reason for ``/healthz`` and the log, the short
+        one for the status's comment). Cheap: one ``statvfs`` at most, none within a
+        second of having seen it writable with plenty of room."""
         now = time.monotonic()
         if now < self._space_ok_until:
             return None
@@ -237,22 +237,26 @@ class IngestMixin(IndexDB):
             st = os.statvfs(self.root)
         except OSError:  # cannot tell: the store itself will say
             return None
+        if st.f_flag & os.ST_RDONLY:
+            return f"storage {self.root} read-only", "storage read-only"
+        minimum = self.min_free_space
         free = st.f_bavail * st.f_frsize
-        if free >= minimum:
-            if free - minimum >= _SPACE_MARGIN:
-                self._space_ok_until = now + _SPACE_RECHECK
-            return None
-        return f"storage {self.root} full: {free} bytes free, minimum {minimum}"
+        if free < minimum:
+            return f"storage {self.root} full: {free} bytes free, minimum {minimum}", "storage full"
+        if free - minimum >= _SPACE_MARGIN:
+            self._space_ok_until = now + _SPACE_RECHECK
+        return None
 
     async def probe(self, timeout: float = 5.0) -> str | None:
         """``None`` while stores can succeed, else why not (for ``/healthz``): the
-        storage is full (below :attr:`min_free_space`), or the index does not answer."""
+        storage is read-only or full (below :attr:`min_free_space`), or the index does
+        not answer."""
         try:
-            full = await asyncio.wait_for(asyncio.to_thread(self.storage_full), timeout)
+            problem = await asyncio.wait_for(asyncio.to_thread(self.storage_problem), timeout)
         except TimeoutError:
             return f"storage {self.root} unavailable: no answer within {timeout:g} s"
-        if full is not None:
-            return full
+        if problem is not None:
+            return problem[0]
         return await super().probe(timeout)
 
     def _index_file(self, path: str) -> str:
@@ -444,10 +448,10 @@ class IngestMixin(IndexDB):
             return Status(0xC000, str(exc)[:64])
         if not valid_uid(request.sop_class_uid):
             return Status(0xC000, "invalid SOP Class UID")
-        full = self.storage_full()
-        if full is not None:  # (PS3.4 B.2.3: refused, nothing stored)
-            _log_refusal(request, full)
-            return Status(0xA700, "Out of resources: storage full")
+        problem = self.storage_problem()
+        if problem is not None:  # (PS3.4 B.2.3: refused, nothing stored)
+            _log_refusal(request, problem[0])
+            return Status(0xA700, f"Out of resources: {problem[1]}")
         try:
             summary = await _check_request(request, self.inflation_limits)
         except (DataSetError, InflationLimit) as exc:
