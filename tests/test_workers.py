@@ -433,3 +433,40 @@ async def test_a_worker_killed_mid_store_leaves_no_spool_file_behind(tmp_path, c
         for peer in peers:
             await peer.close()
         server.stop()
+
+
+def test_store_scp_removes_an_earlier_runs_spool_files_at_start(tmp_path):
+    """store-scp starting removes the spool files of a process that is gone (an earlier
+    run killed mid-store); those of a running process (its pid alive, or the file
+    locked by a writer) stay."""
+    import fcntl
+
+    from conftest import free_port
+
+    incoming = tmp_path / "in" / ".incoming"
+    incoming.mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = incoming / f".incoming-{gone.pid}-0.partial"
+    live = incoming / f".incoming-{os.getpid()}-0.partial"
+    held = incoming / f".incoming-{gone.pid}-1.partial"
+    for path in (dead, live, held):
+        path.write_bytes(b"\0" * 1000)
+    with open(held, "rb") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        out = tmp_path / "stdout"
+        with open(out, "wb") as stdout:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dimse_async", "store-scp", "--port", str(free_port()),
+                 "--out", str(tmp_path / "in")],
+                stdout=stdout, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=os.getcwd()),
+            )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while "listening on" not in out.read_text() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "listening on" in out.read_text()
+            assert not dead.exists() and live.exists() and held.exists()
+        finally:
+            stop_process(proc)
+        assert proc.stderr is not None and b"removed unfinished stores of an earlier run files=1" in proc.stderr.read()

@@ -427,6 +427,17 @@ def storage_ae(args: argparse.Namespace) -> AE:
     return ae
 
 
+def remove_earlier_leftovers(out: str) -> None:
+    """``store-scp`` starting (before any worker): remove the spool files of an earlier
+    run that died mid-store (kill -9, power loss); a running process's stay."""
+    from ..log import get_logger
+    from ..services.spool import remove_leftovers
+
+    removed = remove_leftovers(os.path.join(out, ".incoming"))
+    if removed:
+        get_logger().warning("removed unfinished stores of an earlier run", files=removed)
+
+
 def _share_limits(args: argparse.Namespace, info: WorkerInfo) -> None:
     """A worker's part of the limits set for the whole set of workers (defaults as in ``AE``)."""
     args.max_associations = info.share(args.max_associations)
@@ -454,6 +465,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
     await asyncio.to_thread(writable_dir, args.out, "output directory")
     if info is None:  # workers share the parent's port (SO_REUSEPORT)
         check_bindable(args.host, args.port)
+        await asyncio.to_thread(remove_earlier_leftovers, args.out)
     ae = storage_ae(args)
     store = DirectoryStore(args.out, durable=args.durable)
     ae.on_c_store(store)
@@ -595,6 +607,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
                 return EXIT_USAGE
             grace = dep.drain_grace + dep.drain_delay + 15
             http = (dep.http_host, dep.http_port) if dep.http_port is not None else None
+            remove_earlier_leftovers(args.out)
             leftovers = functools.partial(remove_leftovers, os.path.join(args.out, ".incoming"))
             return run_workers(argv, args.workers, args.host, args.port, grace=grace, http=http, leftovers=leftovers)
         return run(_store_scp(args))

@@ -71,12 +71,26 @@ def _create_spool_file(directory: str) -> tuple[int, str]:
     return fd, path
 
 
-def remove_leftovers(directory: str, pid: int) -> int:
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: running
+        return True
+    return True
+
+
+def remove_leftovers(directory: str, pid: int | None = None) -> int:
     """Remove the spool files process ``pid`` left in ``directory`` (a ``--workers N``
     worker killed mid-store; the caller knows it is gone): ``.incoming-<pid>-*.partial``
     that nobody holds locked (a live process of that pid on another machine sharing the
-    directory holds its own). Returns how many went."""
-    prefix = f".incoming-{pid}-"
+    directory holds its own). ``pid=None`` (at start-up, before any sibling process
+    runs): those of every process that is not running here. Returns how many went.
+
+    (A spool is locked while it is written; once its data set is complete it waits,
+    closed, for the handler to move it: only a process known dead leaves such a file.)"""
+    prefix = ".incoming-" if pid is None else f".incoming-{pid}-"
     removed = 0
     try:
         names = os.listdir(directory)
@@ -85,6 +99,10 @@ def remove_leftovers(directory: str, pid: int) -> int:
     for name in names:
         if not (name.startswith(prefix) and name.endswith(".partial")):
             continue
+        if pid is None:
+            owner = name[len(prefix) :].split("-", 1)[0]
+            if not owner.isdigit() or _running(int(owner)):
+                continue
         path = os.path.join(directory, name)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
