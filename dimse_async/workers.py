@@ -9,7 +9,7 @@ the kernel spreads incoming connections among them. The parent binds the port on
   (0.5 s doubling up to 30 s; reset once a worker has run for 30 s); one that fails
   before it ever listened stops the whole set (a configuration or bind error). Once it
   is reaped, the spool files of the stores it was receiving (``.incoming-<pid>-*.partial``,
-  ``flock``-ed by their writer) are removed: a live worker's are never touched;
+  ``flock``-ed while written) are removed: the other workers' are never touched;
 - SIGTERM / SIGINT are forwarded to every worker, which drains as a single process
   does (:func:`dimse_async.deploy.serve_until_signalled`); workers still running after
   the drain time are killed. The exit code is 0 when every worker exited cleanly;
