@@ -177,6 +177,10 @@ def _pynetdicom_nset_rules(port: int, uid: str) -> dict[str, tuple[int, str]]:
         other_patient = Dataset()
         other_patient.PatientID = "SOMEONE-ELSE"
         n_set("set patient id", other_patient)
+        same_patient = Dataset()
+        same_patient.PatientID = "PAT9"  # (some modalities send the whole list again)
+        same_patient.PerformedProcedureStepDescription = "first"
+        n_set("set patient id unchanged", same_patient)
         other_start = Dataset()
         other_start.PerformedProcedureStepStartDate = "19990101"
         n_set("set start date", other_start)
@@ -227,6 +231,7 @@ async def test_n_set_keeps_the_step_s_identity_its_text_and_the_final_state_rule
         "create": 0x0000,
         "set patient id": 0x0105,
         "set start date": 0x0105,
+        "set patient id unchanged": 0x0000,
         "set in latin-1": 0x0000,
         "set empty status": 0x0106,
         "set in an unknown character set": 0x0106,  # F.7.2.2.3: cannot convert, nothing applied

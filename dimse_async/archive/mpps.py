@@ -7,8 +7,9 @@ while it is in progress and may end it "COMPLETED" or "DISCONTINUED" (F.7.2.2). 
 step that has ended may no longer be updated: 0x0110 with the standard's comment
 (F.7.2.2.4, Error ID 0xA710). An N-SET for an instance never created: 0x0112. An
 N-SET of an attribute Table F.7.2-1 marks "Not allowed" for N-SET (the patient, the
-scheduled step, the station, the start, the step's ID, the modality): 0x0105 No Such
-Attribute, nothing applied. An N-SET that ends the step without the Final State
+scheduled step, the station, the start, the step's ID, the modality) with another
+value than the step has: 0x0105 No Such Attribute, nothing applied (the same value
+sent again is tolerated). An N-SET that ends the step without the Final State
 attributes (End Date, End Time, a Performed Series Sequence with an item; Table
 F.7.2-1 and its Note 2): 0x0120 Missing Attribute or 0x0121 Missing Attribute Value
 (PS3.4 §5.4.2.1), the step stays IN PROGRESS. Text is kept in UTF-8: each request is
@@ -155,6 +156,12 @@ def _in_utf8(ds: Dataset) -> Dataset:
     ds.decode()
     ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
+
+
+def _changes(ds: Dataset, elem: Any) -> bool:
+    """Whether N-SET element ``elem`` gives ``ds`` another value (empty equals absent)."""
+    old = ds[elem.tag].value if elem.tag in ds else None
+    return (old or None) != (elem.value or None)
 
 
 def _missing(ds: Dataset, keywords: tuple[str, ...], what: str) -> Status | None:
@@ -365,7 +372,10 @@ class MPPSStore:
             if state != IN_PROGRESS:
                 # F.7.2.2.2: once COMPLETED or DISCONTINUED the step is final.
                 return Status(NCode.PROCESSING_FAILURE, f"{_ENDED_COMMENT} ({state})")
-            fixed = next((elem for elem in mods if elem.tag in _NOT_SETTABLE), None)
+            ds, mods = _in_utf8(ds), _in_utf8(mods)
+            # A modality that sends such an attribute again with its value unchanged is
+            # tolerated; a different value would change the step's identity.
+            fixed = next((elem for elem in mods if elem.tag in _NOT_SETTABLE and _changes(ds, elem)), None)
             if fixed is not None:
                 # Table F.7.2-1: "Not allowed" in N-SET; PS3.7 §10.1.3.1.9 0x0105.
                 request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, attribute=str(fixed.tag))
@@ -376,8 +386,7 @@ class MPPSStore:
             )
             if new_state not in _STATES:
                 return Status(NCode.INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status {new_state!r}"[:64])
-            ds = _in_utf8(ds)
-            for elem in _in_utf8(mods):
+            for elem in mods:
                 ds[elem.tag] = elem  # (Specific Character Set too: both are ISO_IR 192 now)
             if new_state != IN_PROGRESS:
                 missing = _missing(ds, _FINAL_REQUIRED, "to end the step")

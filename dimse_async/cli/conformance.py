@@ -184,7 +184,8 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add(
         _status_row(
             NCode.NO_SUCH_ATTRIBUTE,
-            "N-SET of an attribute Table F.7.2-1 does not allow (patient, scheduled step, station, start, ID, modality)",
+            "N-SET changing an attribute Table F.7.2-1 does not allow (patient, scheduled step, station, start, ID, "
+            "modality); the same value again is accepted",
         )
     )
     add(
@@ -372,7 +373,9 @@ def render() -> str:
     add("| 0xFE00 | cancelled by C-CANCEL |")
     add("| 0xA700 | out of resources |")
     add("| 0xA701 | C-MOVE/C-GET: the matches not counted within `query_time_budget` |")
-    add("| 0xA702 | unable to perform sub-operations: more than `retrieve_max_instances` matches, or the move destination unreachable |")
+    add(
+        "| 0xA702 | unable to perform sub-operations: more than `retrieve_max_instances` matches, or the move destination unreachable |"
+    )
     add("| 0xA801 | move destination unknown (not in `known_aes`) |")
     add("| 0xA900 | identifier does not match SOP class (level not in the model, missing unique keys) |")
     add("| 0xB000 | sub-operations complete, one or more failures |")
