@@ -183,11 +183,11 @@ def _study_uid(ds: Dataset) -> str:
 
 
 def mpps_create_dataset(
-    patient_id: str, patient_name: str, study_uid: str, modality: str, procedure_step_id: str, station_ae: str = ""
+    patient_id: str, patient_name: str, study_uid: str, modality: str, procedure_step_id: str, station_ae: str
 ) -> Dataset:
     """An N-CREATE attribute list for an SCU (F.7.2.1.1, Table F.7.2-1): IN PROGRESS now,
     the Type 2 attributes present and empty. ``station_ae`` (Performed Station AE Title)
-    is Type 1: an SCP refuses an empty one (0x0121)."""
+    is Type 1 and so required here (an SCP refuses an empty one, 0x0121)."""
     ds = Dataset()
     ds.PatientID = patient_id
     ds.PatientName = patient_name
