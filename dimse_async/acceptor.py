@@ -15,11 +15,11 @@ import asyncio
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import proxy
 from .keepalive import set_nodelay
+from .lazy_dataclass import dataclass
 from .log import get_logger
 
 if TYPE_CHECKING:

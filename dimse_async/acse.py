@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
+from .lazy_dataclass import dataclass
 from .pdu import (
     APPLICATION_CONTEXT,
     AssociateAC,

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 from .acse import ContextSpec
 from .dataset_check import NO_LIMIT, DataSetError, check_part10
+from .lazy_dataclass import dataclass
 from .part10 import read_file_meta
 from .uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 

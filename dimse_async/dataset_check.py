@@ -16,10 +16,11 @@ import io
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from itertools import zip_longest
 from typing import Any, BinaryIO
 
+from .lazy_dataclass import dataclass
 from .part10 import read_file_meta
 
 __all__ = [

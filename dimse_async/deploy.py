@@ -8,12 +8,12 @@ import contextlib
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import tls
 from .exceptions import ListenError
 from .health import HealthServer
+from .lazy_dataclass import dataclass
 from .log import get_logger
 
 if TYPE_CHECKING:

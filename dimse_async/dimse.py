@@ -13,10 +13,10 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Final, Protocol
 
+from .lazy_dataclass import dataclass
 from .pdu import PDV, encode_pdata_header
 from .status import Status
 

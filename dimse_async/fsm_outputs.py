@@ -4,8 +4,7 @@ indications and confirmations for the local user (PS3.8 §9.1, Tables 9-6 .. 9-9
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from .lazy_dataclass import dataclass
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ, PDataTF
 
 __all__ = [

@@ -10,8 +10,9 @@ past ``ratio_floor`` bytes, ``max_ratio`` times the input consumed so far. Pure 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 from typing import BinaryIO
+
+from .lazy_dataclass import dataclass
 
 __all__ = ["DEFAULT_LIMITS", "InflationLimit", "InflationLimits", "check_deflated", "inflate"]
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .acse import Negotiated, PresentationContext
 from .budget import OutputBudget
 from .dimse import Command, DatasetSink, DatasetSource, Message
+from .lazy_dataclass import dataclass
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
 from .session import Operation
 

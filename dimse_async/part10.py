@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass
 from typing import BinaryIO
 
+from .lazy_dataclass import dataclass
 from .uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 __all__ = ["FileMeta", "encode_file_meta", "file_meta_from_bytes", "plausible_uid", "read_file_meta", "valid_uid"]

@@ -11,9 +11,10 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import IntEnum
 
+from .lazy_dataclass import dataclass
 from .pdu_items import (
     U16,
     AbortReason,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import IntEnum
+
+from .lazy_dataclass import dataclass
 
 __all__ = [
     "ITEM",

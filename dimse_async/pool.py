@@ -25,10 +25,11 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import AssociationError
+from .lazy_dataclass import dataclass
 from .log import get_logger
 from .uids import Verification
 

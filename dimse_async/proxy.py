@@ -16,7 +16,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+
+from .lazy_dataclass import dataclass
 
 __all__ = [
     "V2_SIGNATURE",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
 from typing import Final
 
 from .acse import PresentationContext
@@ -34,6 +33,7 @@ from .dimse import (
     response_to,
 )
 from .exceptions import NoAcceptedContext
+from .lazy_dataclass import dataclass
 from .pdu import PDV
 from .status import PENDING_CODES, Code
 from .uids import uid_name

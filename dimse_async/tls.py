@@ -10,8 +10,10 @@ including the peer certificate's subject (``Association.tls``).
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
+
+from .lazy_dataclass import dataclass
 
 __all__ = ["TLSInfo", "client_context", "harden", "server_context", "session_info", "subject_text"]
 

@@ -38,10 +38,10 @@ import socket
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .exceptions import ListenError
+from .lazy_dataclass import dataclass
 from .log import get_logger, set_process_fields
 
 __all__ = ["WorkerInfo", "run_workers", "worker_info"]

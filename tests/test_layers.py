@@ -18,6 +18,7 @@ PACKAGE = Path(dimse_async.__file__).parent
 
 LAYERS: list[set[str]] = [
     # pure helpers with no package imports
+    {"lazy_dataclass"},
     {"uids", "log", "status", "keepalive", "proxy", "tls", "sop_classes", "inflate", "filewriter", "budget"},
     {"ratelimit"},
     # the sans-I/O core: bytes <-> PDUs, the state machine, negotiation, DIMSE messages

@@ -79,11 +79,12 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
 
 from ..acse import validate_ae_title
+from ..lazy_dataclass import dataclass
 from ..part10 import valid_uid
 from ..proxy import networks
 from ..services.storage import STORE_TRANSFER_SYNTAXES

@@ -10,7 +10,7 @@ SCP side is a plain ``@ae.on_n_create(sop_class=INSTANCE_AVAILABILITY)`` handler
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -18,6 +18,7 @@ from pydicom.uid import generate_uid
 
 from ..acse import ContextSpec
 from ..exceptions import DIMSEFailure
+from ..lazy_dataclass import dataclass
 from ..uids import DEFAULT_TRANSFER_SYNTAXES
 from .normalized import NRequest, NResult
 

@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -27,6 +27,7 @@ from pydicom.uid import generate_uid
 
 from ..acse import ContextSpec
 from ..exceptions import AssociationError, DIMSEFailure
+from ..lazy_dataclass import dataclass
 from ..log import get_logger
 from ..part10 import plausible_uid
 from ..status import Status

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -31,6 +30,7 @@ from ..codec import encode_dataset
 from ..dimse import Command, CommandField, affected_mismatch
 from ..exceptions import DIMSEFailure
 from ..interface import DIMSEProvider
+from ..lazy_dataclass import dataclass
 from ..part10 import plausible_uid
 from ..session import Operation
 from ..status import Code, Status, response_status

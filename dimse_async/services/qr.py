@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Generic, TypeVar
 
 from pydicom.dataset import Dataset
@@ -27,6 +27,7 @@ from ..dimse import Command, CommandField, Message
 from ..exceptions import AssociationError, DIMSEFailure
 from ..inflate import InflationLimit
 from ..interface import DIMSEProvider, ResponseStream, StoreHandler
+from ..lazy_dataclass import dataclass
 from ..session import Operation
 from ..status import Code, Status, response_status
 from .requests import Request

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -19,6 +18,7 @@ from ..acse import ContextSpec
 from ..contexts import FileInfo, inspect_file, plan_contexts
 from ..exceptions import AssociationError, NoAcceptedContext
 from ..interface import DIMSEProvider
+from ..lazy_dataclass import dataclass
 from ..part10 import read_file_meta
 from ..session import Operation
 from ..status import Code, Status, StatusCategory

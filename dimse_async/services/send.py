@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
 from ..contexts import FileInfo, inspect_file, plan_contexts
 from ..exceptions import AssociationError
+from ..lazy_dataclass import dataclass
 from ..status import Status, StatusCategory
 from .store_scu import PreparedFile, prepare_file
 

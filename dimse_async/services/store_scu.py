@@ -11,7 +11,6 @@ import io
 import os
 import weakref
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
@@ -19,6 +18,7 @@ from ..dataset_check import NO_LIMIT, DataSetError, check_dataset, check_dataset
 from ..dimse import Command, CommandField, affected_mismatch
 from ..exceptions import DIMSEFailure, NoAcceptedContext
 from ..interface import DIMSEProvider
+from ..lazy_dataclass import dataclass
 from ..part10 import FileMeta, file_meta_from_bytes, read_file_meta
 from ..status import Status, response_status
 from ..uids import UNCOMPRESSED_TRANSFER_SYNTAXES, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, uid_name
