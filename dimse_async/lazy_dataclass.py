@@ -22,6 +22,9 @@ Nothing outside the decorated classes is touched.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import sys
+from types import CodeType, FunctionType
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["dataclass"]
@@ -46,10 +49,44 @@ _TWIN: dict[str, dict[str, bool]] = {
 }
 
 
+#: ``def __init__(self, a0, .., an): self.a0 = a0 ..`` compiled once per number of fields.
+_PLAIN_INIT: dict[int, CodeType] = {}
+
+
+def _plain_init(cls: type, fields: tuple[Any, ...]) -> Any:
+    """The ``__init__`` of a class whose fields are all plain arguments (no factory, no
+    keyword-only, not frozen, no ``__post_init__``): the code ``dataclasses.dataclass``
+    compiles for it, ``self.<name> = <name>`` for each field in order, taken from a
+    template with the names replaced, with its defaults, annotations and names."""
+    names = tuple(f.name for f in fields)
+    template = _PLAIN_INIT.get(len(names))
+    if template is None:
+        args = [f"a{i}" for i in range(len(names))]
+        body = "".join(f"  self.{a}={a}\n" for a in args) or "  pass\n"
+        ns: dict[str, Any] = {}
+        exec(f"def __init__(self{''.join(',' + a for a in args)}):\n{body}", {}, ns)
+        template = _PLAIN_INIT[len(names)] = ns["__init__"].__code__
+    code = template.replace(co_varnames=("self", *names), co_names=names)
+    module = sys.modules.get(cls.__module__)
+    fn = FunctionType(code, module.__dict__ if module is not None else {}, "__init__")
+    fn.__defaults__ = tuple(f.default for f in fields if f.default is not dataclasses.MISSING) or None
+    fn.__annotations__ = {**{f.name: f.type for f in fields}, "return": None}
+    fn.__qualname__ = f"{cls.__qualname__}.__init__"
+    return fn
+
+
 def _method(cls: type, name: str, frozen: bool, slots: bool) -> Any:
     """The method ``name`` that ``dataclasses.dataclass`` gives ``cls``'s fields, made on
     a twin class (same name, module, fields and ``__post_init__``)."""
     fields = _fields(cls)
+    if (
+        name == "__init__"
+        and not frozen
+        and not hasattr(cls, "__post_init__")
+        and "self" not in (f.name for f in fields)
+        and all(f.init and not f.kw_only and f.default_factory is dataclasses.MISSING for f in fields)
+    ):
+        return _plain_init(cls, fields)
     ns: dict[str, Any] = {
         "__annotations__": {f.name: f.type for f in fields},
         "__qualname__": cls.__qualname__,
@@ -122,6 +159,13 @@ def _lazy_ok(cls: type, params: dict[str, Any]) -> bool:
         and params["eq"]
         and not params["order"]
         and not any(name in cls.__dict__ for name in LAZY)
+        # no pseudo-fields (ClassVar, InitVar), however they are spelt, here or in a base
+        and not any("Var" in str(t) for t in inspect.get_annotations(cls).values())
+        and not any(
+            len(base.__dict__["__dataclass_fields__"]) != len(_fields(base))
+            for base in cls.__mro__[1:]
+            if "__dataclass_fields__" in base.__dict__
+        )
     )
 
 
@@ -129,8 +173,14 @@ def _process(cls: type, params: dict[str, Any]) -> Any:
     if not _lazy_ok(cls, params):
         return _std(cls, **params)
     made = _std(cls, **{**params, "init": False, "repr": False, "eq": False, "unsafe_hash": False})
-    if len(_fields(made)) != len(made.__dataclass_fields__):  # ClassVar / InitVar pseudo-fields
-        return _std(cls, **params)
+    # what dataclasses checks while it writes __init__ (PEP 557)
+    seen_default = ""
+    for f in _fields(made):
+        if f.init and not f.kw_only:
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+                seen_default = f.name
+            elif seen_default:
+                raise TypeError(f"non-default argument {f.name!r} follows default argument")
     p = made.__dataclass_params__
     p.init, p.repr, p.eq, p.unsafe_hash = True, True, True, params["unsafe_hash"]
     _make_lazy(made, params["frozen"], params["frozen"] or params["unsafe_hash"], params["slots"])

@@ -226,3 +226,83 @@ def test_every_dataclass_of_the_package_behaves_as_with_the_standard_decorator()
     assert ours.keys() == std.keys()
     for name in std:
         assert ours[name] == std[name], name
+
+
+def test_a_plain_init_is_the_code_dataclasses_compiles() -> None:
+    """Fields that are all plain arguments: ``__init__`` comes from a template with the
+    names replaced; its instructions, names, defaults and annotations are the standard's."""
+
+    def define(decorator: Any) -> list[type]:
+        @decorator(slots=True)
+        class Empty:
+            """No fields."""
+
+        @decorator(slots=True)
+        class Two:
+            """Two fields."""
+
+            data: bytes
+            more: int = 5
+
+        @decorator
+        class Three:
+            """Three fields, defaults."""
+
+            a: str = "x"
+            b: object = None
+            c: float = 1.5
+
+        return [Empty, Two, Three]
+
+    for ours, std in zip(define(lazy_dataclass), define(dataclasses.dataclass), strict=True):
+        made = ours()  if ours.__name__ != "Two" else ours(b"d")
+        fn, ref = ours.__dict__["__init__"], std.__dict__["__init__"]
+        assert made is not None and "*args" not in str(inspect.signature(fn))
+        assert fn.__code__.co_code == ref.__code__.co_code
+        assert fn.__code__.co_names == ref.__code__.co_names
+        assert fn.__code__.co_varnames == ref.__code__.co_varnames
+        assert (fn.__defaults__, fn.__kwdefaults__, fn.__annotations__) == (
+            ref.__defaults__,
+            ref.__kwdefaults__,
+            ref.__annotations__,
+        )
+        assert (fn.__qualname__, fn.__module__, fn.__closure__) == (ref.__qualname__, ref.__module__, ref.__closure__)
+
+
+def test_what_dataclasses_refuses_is_refused_when_the_class_is_defined() -> None:
+    with pytest.raises(TypeError, match="non-default argument 'b' follows default argument"):
+
+        @lazy_dataclass
+        class Bad:
+            """A default, then none."""
+
+            a: int = 1
+            b: int
+
+    with pytest.raises(ValueError, match="mutable default"):
+
+        @lazy_dataclass
+        class Mutable:
+            """A list as a default."""
+
+            a: list[int] = []  # noqa: RUF012
+
+
+def test_an_init_var_of_a_base_takes_the_standard_decorator() -> None:
+    @dataclasses.dataclass
+    class Base:
+        """With an InitVar."""
+
+        seed: dataclasses.InitVar[int]
+        value: int = 0
+
+        def __post_init__(self, seed: int) -> None:
+            self.value = seed * 2
+
+    @lazy_dataclass
+    class Child(Base):
+        """Inherits it."""
+
+        name: str = "c"
+
+    assert Child(3).value == 6 and Child(3, 1, "n").name == "n"
