@@ -167,6 +167,50 @@ async def test_send_of_a_file_loads_nothing_heavy(tmp_path: Path) -> None:
     assert len(list((tmp_path / "out").iterdir())) == 1
 
 
+#: Classes a sender loads but never makes, prints or compares (a rejection, an abort,
+#: the acceptor's indications, user identity and extended negotiation, an SCP's
+#: performing): their generated methods are never compiled (``lazy_dataclass``).
+NEVER_MADE_BY_A_SENDER = (
+    "pdu.AssociateRJ",
+    "pdu.Abort",
+    "pdu_items.UserIdentityRQ",
+    "pdu_items.UserIdentityAC",
+    "pdu_items.RoleSelection",
+    "pdu_items.SOPClassExtended",
+    "fsm_outputs.PeerAbort",
+    "fsm_outputs.ProviderAbort",
+    "fsm_outputs.AssociateIndication",
+    "fsm_outputs.Refused",
+    "session.Perform",
+    "session.Respond",
+)
+
+
+async def test_a_send_compiles_no_method_of_the_classes_it_does_not_use(tmp_path: Path) -> None:
+    """A one-instance ``send`` (in a fresh interpreter) leaves the ``__init__``,
+    ``__repr__`` and ``__eq__`` of :data:`NEVER_MADE_BY_A_SENDER` as the stand-ins
+    ``lazy_dataclass`` put there, and made ``__init__`` only for what it used."""
+    (path,) = distinct_cts(tmp_path / "in", 1)
+    with storescp(tmp_path / "out") as port:
+        body = (
+            "import importlib, sys\n"
+            "from dimse_async.cli import main\n"
+            f"code = main(['send', {HOST!r}, '{port}', {str(path)!r}, '--aec', 'STORESCP'])\n"
+            "assert code == 0, code\n"
+            "def made(name, method):\n"
+            "    module, cls = name.split('.')\n"
+            "    fn = vars(getattr(importlib.import_module('dimse_async.' + module), cls))[method]\n"
+            "    return not getattr(fn, 'stand_in', False)\n"
+            f"for name in {NEVER_MADE_BY_A_SENDER!r}:\n"
+            "    assert not any(made(name, m) for m in ('__init__', '__repr__', '__eq__')), name\n"
+            "assert made('pdu.AssociateRQ', '__init__') and not made('pdu.AssociateRQ', '__eq__')\n"
+            "print('checked')"
+        )
+        got, text = await asyncio.to_thread(loaded_heavy, body, HEAVY + SERVER_SIDE)
+    assert "sent 1/1 instances" in text and "checked" in text, text
+    assert got == [], text
+
+
 #: What a plain TCP send does not need either (imported where they are used): TLS, the
 #: receiving side's file writer, the SCP services (loaded by the first request received),
 #: json (a logged line needing quoting, JSON output), ctypes (the allocator tuning of the
