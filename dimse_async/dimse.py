@@ -179,7 +179,12 @@ _ENCODING = [(elem, vr == "US", vr) for elem, vr, _ in _ELEMENTS]
 
 def encode_command(cmd: Command) -> bytes:
     """Encode a command set, group length first (implicit VR little endian)."""
-    if cmd.command_field == 0x0001:  # C-STORE-RQ: from the parts kept for its shape
+    field = cmd.command_field
+    if field & 0x8000:  # a response: from the parts kept for its shape
+        got = _encode_response(cmd)
+        if got is not None:
+            return got
+    elif field == 0x0001:  # C-STORE-RQ: from the parts kept for its shape
         got = _encode_store_rq(cmd)
         if got is not None:
             return got
@@ -244,6 +249,49 @@ def _encode_store_rq(cmd: Command) -> bytes | None:
             tail,
         )
     )
+
+
+# A response (PS3.7 9.3, 10.3) as a C-STORE, C-ECHO or N-service SCP usually sends it:
+# Command Field, Message ID Being Responded To, Affected SOP Class UID, Command Data Set
+# Type, Status, and perhaps an Error Comment and the Affected SOP Instance UID. The
+# elements up to (0000,0120) and the Data Set Type's are encoded once per (command field,
+# SOP class, data set type) and kept; a response with any other field set (C-FIND /
+# C-MOVE counts, an Offending Element ...) takes the general encoder.
+_RSP_VARYING = ("message_id_being_responded_to", "status", "error_comment", "affected_sop_instance_uid")
+_RSP_FIELDS = operator.attrgetter("affected_sop_class_uid", "data_set_type", *_RSP_VARYING)
+_RSP_OTHERS = operator.attrgetter(
+    *(n for _, _, n in _ELEMENTS if n not in {*_RSP_VARYING, "command_field", "affected_sop_class_uid", "data_set_type"})
+)
+_RSP_ABSENT = (None,) * len(_RSP_OTHERS(Command(0)))
+_RSP_PARTS: dict[tuple[int, str | None, int], tuple[bytes, bytes]] = {}
+_RSP_SHAPES = 256  # shapes kept at most (one per SOP class and response kind in use)
+
+
+def _encode_response(cmd: Command) -> bytes | None:
+    """:func:`encode_command` of a response from the parts kept for its shape; ``None``
+    when it is not of that shape (no Message ID Being Responded To or Status, another
+    field set)."""
+    sop_class, data_set_type, mid, status, comment, instance = _RSP_FIELDS(cmd)
+    if mid is None or status is None or _RSP_OTHERS(cmd) != _RSP_ABSENT:
+        return None
+    key = (cmd.command_field, sop_class, data_set_type)
+    parts = _RSP_PARTS.get(key)
+    if parts is None:
+        if len(_RSP_PARTS) >= _RSP_SHAPES:
+            _RSP_PARTS.clear()
+        fields = list(zip(_ENCODING, _ALL_VALUES(Command(key[0], affected_sop_class_uid=sop_class, data_set_type=data_set_type))))
+        head = bytes(_encode_elements(f for f in fields if f[0][0] < 0x0120))
+        dst = bytes(_encode_elements(f for f in fields if f[0][0] == 0x0800))
+        parts = _RSP_PARTS[key] = (head, dst)
+    head, dst = parts
+    body = [head, _US_ELEM.pack(0, 0x0120, 2, mid), dst, _US_ELEM.pack(0, 0x0900, 2, status)]
+    size = len(head) + 20 + len(dst)
+    for elem, vr, value in ((0x0902, "LO", comment), (0x1000, "UI", instance)):
+        if value is not None:
+            raw = _encode_value(vr, value)
+            body += (_ELEM_HDR.pack(0, elem, len(raw)), raw)
+            size += 8 + len(raw)
+    return _GROUP_LENGTH.pack(0, 0, 4, size) + b"".join(body)
 
 
 _US_KIND, _AT_KIND, _STR_KIND = 0, 1, 2

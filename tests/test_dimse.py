@@ -950,3 +950,44 @@ def test_store_request_parts_are_kept_per_shape():
         encode_command(Command(CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid=f"1.2.{i}",
                                affected_sop_instance_uid="1.2", data_set_type=0))  # fmt: skip
     assert len(dimse._STORE_RQ_PARTS) <= dimse._STORE_RQ_SHAPES
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    field=st.sampled_from([0x8001, 0x8030, 0x8140, 0x8150, 0x8020]),
+    mid=st.one_of(st.none(), st.integers(0, 0xFFFF)),
+    sop_class=st.sampled_from([None, "1.2.840.10008.5.1.4.1.1.2", "1.2.3"]),
+    status=st.one_of(st.none(), st.sampled_from([0, 0xA700, 0xB000, 0xFF00, 0x0122])),
+    comment=st.one_of(st.none(), st.text(max_size=70)),
+    instance=st.one_of(st.none(), st.text("0123456789.", max_size=64)),
+    data_set_type=st.sampled_from([0x0101, 0x0000, 0x0102]),
+    extra=st.sampled_from([None, ("remaining", 3), ("offending_element", [0x00100010]), ("message_id", 9)]),
+)
+def test_responses_from_kept_parts_are_encoded_exactly(
+    field, mid, sop_class, status, comment, instance, data_set_type, extra
+):
+    """A response encoded from the parts kept for its shape (command field, SOP class,
+    data set type) is byte for byte the general encoding, whatever its Message ID Being
+    Responded To, Status, Error Comment and SOP Instance UID (odd lengths padded); one
+    with another field set, or without a Message ID Being Responded To or Status, is
+    encoded in full (and still the same bytes)."""
+    cmd = Command(field, message_id_being_responded_to=mid, affected_sop_class_uid=sop_class, status=status,
+                  error_comment=comment, affected_sop_instance_uid=instance, data_set_type=data_set_type)  # fmt: skip
+    if extra is not None:
+        setattr(cmd, *extra)
+    for _ in range(2):  # the shape's parts are made, then used
+        assert encode_command(cmd) == _general_encoding(cmd)
+
+
+def test_response_parts_are_kept_per_shape():
+    """The parts are made once per shape and reused; many shapes do not grow them without bound."""
+    from dimse_async import dimse
+
+    dimse._RSP_PARTS.clear()
+    for i in range(3):
+        encode_command(Command(0x8001, message_id_being_responded_to=i, affected_sop_class_uid="1.2.3",
+                               affected_sop_instance_uid=f"1.2.{i}", status=i))  # fmt: skip
+    assert len(dimse._RSP_PARTS) == 1
+    for i in range(dimse._RSP_SHAPES + 10):
+        encode_command(Command(0x8001, message_id_being_responded_to=1, affected_sop_class_uid=f"1.2.{i}", status=0))
+    assert len(dimse._RSP_PARTS) <= dimse._RSP_SHAPES
