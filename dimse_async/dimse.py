@@ -10,6 +10,7 @@ from received PDVs, checking context ids and ordering.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 import struct
 from collections.abc import Iterable, Iterator
@@ -301,10 +302,58 @@ _DECODING = {elem: (_US_KIND if vr == "US" else _AT_KIND if vr == "AT" else _STR
 
 def decode_command(data: bytes | bytearray | memoryview) -> Command:
     """Decode a command set. Unknown group-0000 elements are skipped."""
-    raw = bytes(data)
+    raw = data if type(data) is bytes else bytes(data)
+    if len(raw) > 40 and raw.startswith(_GROUP_LENGTH_HEADER):  # a C-STORE-RQ of a shape seen before?
+        at = 38 + (raw[16] | raw[17] << 8)
+        shape = _STORE_RQ_SEEN.get(raw[12:at])
+        if shape is not None:
+            cmd = _store_rq_of_shape(raw, at, shape)
+            if cmd is not None:
+                return cmd
+    return _decode_elements(raw)
+
+
+# C-STORE-RQs received (PS3.7 9.3.1.1): a sender's requests differ from one to the next
+# in the Message ID, the SOP Instance UID and the group length only. Once one is decoded
+# in full, the bytes around those three are kept as its shape, keyed by its elements up
+# to the Message ID's value: (0000,0000) of 4 bytes first, then the SOP Class UID,
+# Command Field and the Message ID's header, in that order. A request whose bytes are
+# the shape's, apart from those three values, decodes to the same fields (the elements'
+# boundaries follow from those very bytes); the two values are decoded as the general
+# decoder does. Any other request is decoded in full.
+_GROUP_LENGTH_HEADER = _ELEM_HDR.pack(0, 0, 4)
+_COMMAND_FIELDS = [f.name for f in dataclasses.fields(Command)]
+_ALL_FIELDS = operator.attrgetter(*_COMMAND_FIELDS)
+_MESSAGE_ID_AT = _COMMAND_FIELDS.index("message_id")
+_INSTANCE_UID_AT = _COMMAND_FIELDS.index("affected_sop_instance_uid")
+# elements up to the Message ID's value -> (bytes from after it to the SOP Instance UID's
+# length, the bytes after that UID, the other fields in Command's order)
+_STORE_RQ_SEEN: dict[bytes, tuple[bytes, bytes, tuple[Any, ...]]] = {}
+
+
+def _store_rq_of_shape(raw: bytes, at: int, shape: tuple[bytes, bytes, tuple[Any, ...]]) -> Command | None:
+    """The C-STORE-RQ ``raw``, whose bytes up to its Message ID's value (at ``at``) are
+    those of ``shape``; ``None`` when the rest is not of that shape."""
+    middle, tail, fields = shape
+    if not raw.startswith(middle, at + 2):
+        return None
+    start = at + 6 + len(middle)  # the SOP Instance UID's value
+    stop = start + int.from_bytes(raw[start - 4 : start], "little")
+    if stop + len(tail) != len(raw) or not raw.endswith(tail):
+        return None
+    args = list(fields)
+    args[_MESSAGE_ID_AT] = raw[at] | raw[at + 1] << 8
+    args[_INSTANCE_UID_AT] = raw[start:stop].decode("ascii", "replace").rstrip("\x00 ").lstrip(" ")
+    return Command(*args)
+
+
+def _decode_elements(raw: bytes) -> Command:
+    """:func:`decode_command`, element by element (a C-STORE-RQ's shape is kept)."""
     pos, end = 0, len(raw)
     values: dict[str, object] = {}
     unpack_header, decoding = _ELEM_HDR.unpack_from, _DECODING
+    message_id_at = instance_uid_at = instance_uid_end = -1
+    repeated = False
     while pos < end:
         if end - pos < 8:
             raise DIMSEError("truncated command element")
@@ -316,22 +365,42 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         spec = decoding.get(elem)
         if spec is not None:
             kind, name = spec
+            repeated = repeated or name in values
             if kind == _US_KIND:
                 if length != 2:
                     raise DIMSEError(f"command element (0000,{elem:04X}) has bad length {length}")
                 values[name] = raw[pos] | raw[pos + 1] << 8
+                if elem == 0x0110:
+                    message_id_at = pos
             elif kind == _STR_KIND:
                 values[name] = raw[pos:stop].decode("ascii", "replace").rstrip("\x00 ").lstrip(" ")
+                if elem == 0x1000:
+                    instance_uid_at, instance_uid_end = pos, stop
             else:
                 if length % 4:
                     raise DIMSEError(f"command element (0000,{elem:04X}) has bad length {length}")
                 values[name] = [(g << 16) | e for g, e in struct.iter_unpack("<HH", raw[pos:stop])]
+                repeated = True  # (a list: never shared by the commands of one shape)
         pos = stop
     if "command_field" not in values:
         raise DIMSEError("command set has no Command Field (0000,0100)")
     if "data_set_type" not in values:
         raise DIMSEError("command set has no Command Data Set Type (0000,0800)")
-    return Command(**values)  # type: ignore[arg-type]
+    cmd = Command(**values)  # type: ignore[arg-type]
+    if (
+        cmd.command_field == 0x0001
+        and not repeated
+        and instance_uid_at > message_id_at == 38 + (raw[16] | raw[17] << 8)
+        and raw.startswith(_GROUP_LENGTH_HEADER)
+    ):
+        if len(_STORE_RQ_SEEN) >= _STORE_RQ_SHAPES:
+            _STORE_RQ_SEEN.clear()
+        _STORE_RQ_SEEN[raw[12:message_id_at]] = (
+            raw[message_id_at + 2 : instance_uid_at - 4],
+            raw[instance_uid_end:],
+            _ALL_FIELDS(cmd),
+        )
+    return cmd
 
 
 # ---------------------------------------------------------------------------
@@ -525,18 +594,25 @@ class MessageAssembler:
                     raise DIMSEError("command fragment received while a data set was arriving")
                 if self._cmd_context is not None and pdv.context_id != self._cmd_context:
                     raise DIMSEError("command fragments on different presentation contexts")
-                self._cmd_context = pdv.context_id
-                self._cmd += pdv.data
-                if len(self._cmd) > 1 << 20:
-                    raise DIMSEError("command set larger than 1 MiB")
-                if pdv.is_last:
+                if pdv.is_last and not self._cmd:  # the usual command set: one PDV
+                    if len(pdv.data) > 1 << 20:
+                        raise DIMSEError("command set larger than 1 MiB")
+                    cmd = decode_command(pdv.data)
+                    self._cmd_context = None
+                else:
+                    self._cmd_context = pdv.context_id
+                    self._cmd += pdv.data
+                    if len(self._cmd) > 1 << 20:
+                        raise DIMSEError("command set larger than 1 MiB")
+                    if not pdv.is_last:
+                        continue
                     cmd = decode_command(self._cmd)
                     self._cmd = bytearray()
                     self._cmd_context = None
-                    events.append(CommandReceived(pdv.context_id, cmd))
-                    if cmd.has_dataset:
-                        self._data_context = pdv.context_id
-                        self.received = 0
+                events.append(CommandReceived(pdv.context_id, cmd))
+                if cmd.has_dataset:
+                    self._data_context = pdv.context_id
+                    self.received = 0
             else:
                 if self._data_context is None:
                     raise DIMSEError("data set fragment received without a command")

@@ -991,3 +991,68 @@ def test_response_parts_are_kept_per_shape():
     for i in range(dimse._RSP_SHAPES + 10):
         encode_command(Command(0x8001, message_id_being_responded_to=1, affected_sop_class_uid=f"1.2.{i}", status=0))
     assert len(dimse._RSP_PARTS) <= dimse._RSP_SHAPES
+
+
+def _full_decode(raw: bytes) -> Command | str:
+    """The element-by-element decoder's answer: the command, or its error."""
+    from dimse_async import dimse
+
+    try:
+        return dimse._decode_elements(bytes(raw))
+    except DIMSEError as exc:
+        return f"DIMSEError: {exc}"
+
+
+def _decoded(raw: bytes) -> Command | str:
+    try:
+        return decode_command(raw)
+    except DIMSEError as exc:
+        return f"DIMSEError: {exc}"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sop_class=st.sampled_from(["1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.5.1.4.1.1.128"]),
+    originator=st.sampled_from([None, ("MOVESCU", 7)]),
+    mids=st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2),
+    instances=st.lists(st.text("0123456789.", max_size=64), min_size=2, max_size=2),
+    edits=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=3),
+    cut=st.one_of(st.none(), st.integers(0, 400)),
+)
+def test_store_requests_of_a_shape_seen_decode_as_in_full(sop_class, originator, mids, instances, edits, cut):
+    """A C-STORE-RQ whose shape was seen (decoded once in full) decodes to what the
+    element-by-element decoder makes of the same bytes, also once bytes are changed or
+    cut anywhere (same command, or the same refusal)."""
+    first = Command(CommandField.C_STORE_RQ, message_id=mids[0], affected_sop_class_uid=sop_class,
+                    affected_sop_instance_uid=instances[0], priority=0, data_set_type=0)  # fmt: skip
+    if originator is not None:
+        first.move_originator_ae, first.move_originator_message_id = originator
+    assert decode_command(encode_command(first)) == first  # the shape is kept
+    second = Command(**{**{f: getattr(first, f) for f in first.__slots__}, "message_id": mids[1],
+                        "affected_sop_instance_uid": instances[1]})  # fmt: skip
+    raw = bytearray(encode_command(second))
+    assert decode_command(bytes(raw)) == second
+    for at, value in edits:
+        if at < len(raw):
+            raw[at] = value
+    if cut is not None:
+        del raw[cut:]
+    assert _decoded(bytes(raw)) == _full_decode(bytes(raw))
+    assert _decoded(memoryview(raw)) == _full_decode(bytes(raw))
+
+
+def test_decoded_store_requests_share_no_lists_and_shapes_are_bounded():
+    """A kept shape holds no list a decoded command could share; many shapes do not grow
+    the kept ones without bound."""
+    from dimse_async import dimse
+
+    rq = Command(CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid="1.2.3",
+                 affected_sop_instance_uid="1.2.4", data_set_type=0, offending_element=[0x00100010])  # fmt: skip
+    a, b = decode_command(encode_command(rq)), decode_command(encode_command(rq))
+    assert a == b == rq and a.offending_element is not b.offending_element
+    dimse._STORE_RQ_SEEN.clear()
+    for i in range(dimse._STORE_RQ_SHAPES + 10):
+        rq = Command(CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid=f"1.2.{i}",
+                     affected_sop_instance_uid="1.2.4", data_set_type=0)  # fmt: skip
+        assert decode_command(encode_command(rq)) == rq
+    assert 0 < len(dimse._STORE_RQ_SEEN) <= dimse._STORE_RQ_SHAPES
