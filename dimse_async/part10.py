@@ -31,7 +31,7 @@ class FileMeta:
     dataset_offset: int
 
 
-_UID = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+_UID = re.compile(r"(?:0|[1-9][0-9]*+)(?:\.(?:0|[1-9][0-9]*+))*+")  # possessive: nothing to give back
 
 
 def valid_uid(uid: str) -> bool:

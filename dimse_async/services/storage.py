@@ -190,11 +190,6 @@ def _copy_then_replace(src: str, dest: str, durable: bool = False) -> None:
                 pass
 
 
-# The SOP Class UIDs checked so far: a context's abstract syntax, the same for every
-# instance sent on it (so judged once, not per instance).
-_valid_class_uid = functools.lru_cache(maxsize=256)(valid_uid)
-
-
 def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     """Why a C-STORE-RQ cannot be stored, judged from its command set alone, or ``None``.
 
@@ -205,12 +200,28 @@ def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     cannot be understood (0xC000). PS3.4 B.2.3.
     """
     sop_class = cmd.affected_sop_class_uid or ""
-    if sop_class != ctx.abstract_syntax or not _valid_class_uid(sop_class):
-        return Status(Code.SOP_CLASS_NOT_SUPPORTED, "SOP Class UID does not match the presentation context")
-    if is_other_service_class(sop_class):
-        return Status(Code.UNRECOGNIZED_OPERATION, "C-STORE is not a service of this SOP Class")
+    if sop_class != ctx.abstract_syntax:
+        return Status(Code.SOP_CLASS_NOT_SUPPORTED, _NOT_THE_CONTEXTS)
+    refusal = _class_refusal(sop_class)
+    if refusal is not None:
+        return Status(*refusal)
     if not valid_uid(cmd.affected_sop_instance_uid or ""):
         return Status(Code.CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID")
+    return None
+
+
+_NOT_THE_CONTEXTS = "SOP Class UID does not match the presentation context"
+
+
+# Judged once per class: a SOP Class UID that reaches here is a context's abstract syntax
+# (so only those are kept), the same for every instance sent on that context.
+@functools.lru_cache(maxsize=256)
+def _class_refusal(sop_class: str) -> tuple[int, str] | None:
+    """:func:`store_refusal`'s judgement of a context's abstract syntax: (status, comment) or ``None``."""
+    if not valid_uid(sop_class):
+        return Code.SOP_CLASS_NOT_SUPPORTED, _NOT_THE_CONTEXTS
+    if is_other_service_class(sop_class):
+        return Code.UNRECOGNIZED_OPERATION, "C-STORE is not a service of this SOP Class"
     return None
 
 
