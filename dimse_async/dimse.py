@@ -285,14 +285,22 @@ def _encode_response(cmd: Command) -> bytes | None:
         dst = bytes(_encode_elements(f for f in fields if f[0][0] == 0x0800))
         parts = _RSP_PARTS[key] = (head, dst)
     head, dst = parts
-    body = [head, _US_ELEM.pack(0, 0x0120, 2, mid), dst, _US_ELEM.pack(0, 0x0900, 2, status)]
+    body = [head, _US_ELEM.pack(0, 0x0120, 2, mid), dst, _SUCCESS_ELEM if status == 0 else _US_ELEM.pack(0, 0x0900, 2, status)]
     size = len(head) + 20 + len(dst)
-    for elem, vr, value in ((0x0902, "LO", comment), (0x1000, "UI", instance)):
-        if value is not None:
-            raw = _encode_value(vr, value)
-            body += (_ELEM_HDR.pack(0, elem, len(raw)), raw)
-            size += 8 + len(raw)
+    if comment is not None:
+        raw = _encode_value("LO", comment)
+        body += (_ELEM_HDR.pack(0, 0x0902, len(raw)), raw)
+        size += 8 + len(raw)
+    if instance is not None:
+        raw = instance.encode("ascii", "replace") if type(instance) is str else _encode_value("UI", instance)
+        if len(raw) % 2:
+            raw += b"\x00"
+        body += (_ELEM_HDR.pack(0, 0x1000, len(raw)), raw)
+        size += 8 + len(raw)
     return _GROUP_LENGTH.pack(0, 0, 4, size) + b"".join(body)
+
+
+_SUCCESS_ELEM = _US_ELEM.pack(0, 0x0900, 2, 0)  # Status (0000,0900) Success
 
 
 _US_KIND, _AT_KIND, _STR_KIND = 0, 1, 2

@@ -332,7 +332,7 @@ def encode_pdata_header(data_length: int, context_id: int, control: int) -> byte
 
     Lets a sender write ``header + payload`` without copying the payload.
     """
-    return _PDATA_HDR.pack(PDUType.P_DATA_TF, 0, data_length + 6, data_length + 2, context_id, control)
+    return _PDATA_HDR.pack(_P_DATA_TF, 0, data_length + 6, data_length + 2, context_id, control)
 
 
 # ---------------------------------------------------------------------------
