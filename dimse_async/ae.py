@@ -86,6 +86,9 @@ def _syntaxes(transfer_syntaxes: Iterable[str] | str | None) -> list[str]:
     return out
 
 
+_C_STORE_RQ = CommandField.C_STORE_RQ  # per instance: a global, not read from the enum class each time (slow on 3.11)
+
+
 class _SCPServices:
     """An AE's built-in SCP services, C-ECHO (PS3.4 Annex A) and C-STORE (Annex B), and
     the C-STORE spool. Made when an association first needs one: their modules (and the
@@ -110,14 +113,18 @@ class _FirstRequest:
     """The C-ECHO or C-STORE entry of an association's dispatch table while the AE's
     :class:`_SCPServices` are not loaded yet: the first request loads them."""
 
-    __slots__ = ("_ae", "_name")
+    __slots__ = ("_ae", "_name", "_loaded")
 
     def __init__(self, ae: AE, name: str) -> None:
         self._ae, self._name = ae, name
+        self._loaded: EchoService | CStoreService | None = None
 
     def _service(self) -> EchoService | CStoreService:
-        services = self._ae._scp_services()
-        return services.echo if self._name == "echo" else services.store
+        loaded = self._loaded
+        if loaded is None:  # the first request: kept for the next ones (one step less per request)
+            services = self._ae._scp_services()
+            loaded = self._loaded = services.echo if self._name == "echo" else services.store
+        return loaded
 
     def __call__(self, assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
         return self._service()(assoc, op)
@@ -405,12 +412,12 @@ class AE(HandlerRegistry):
 
     def _sinks(self) -> dict[int, SinkFactory]:
         def spool(assoc: DIMSEProvider, msg: Message) -> Any:
-            return self._scp_services().make_spool(
+            return (self._scp or self._scp_services()).make_spool(
                 assoc,
                 msg,
                 threshold=self.spool_threshold,
                 directory=self.spool_dir,
-                store=self._handlers.get(CommandField.C_STORE_RQ),
+                store=self._handlers.get(_C_STORE_RQ),
             )
 
         return {CommandField.C_STORE_RQ: spool}

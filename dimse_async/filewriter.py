@@ -432,7 +432,7 @@ class InlineWrites:
 
     def allowed(self, size: int) -> bool:
         """Whether an instance of ``size`` bytes may be written on the loop now."""
-        return size <= self.max_size and self.writable()
+        return size <= self.max_size and (not self._until or time.monotonic() >= self._until)  # writable(), inlined
 
     def writable(self) -> bool:
         """Whether writes go on the loop now (not paused after slow ones): for the
