@@ -556,12 +556,21 @@ def affected_mismatch(request: Command, response: Command) -> str | None:
 
 def response_to(request: Command, status: int, error_comment: str | None = None) -> Command:
     """The response command set answering ``request`` with ``status`` (PS3.7 §9.3, §10.3)."""
+    # (by position: keywords to a class cost a dict per call; the fields in Command's order)
     return Command(
         request.command_field | 0x8000,
-        message_id_being_responded_to=request.message_id,
-        affected_sop_class_uid=request.affected_sop_class_uid,
-        status=status,
-        error_comment=error_comment,
+        None,  # message_id
+        request.message_id,  # message_id_being_responded_to
+        request.affected_sop_class_uid,
+        None,  # requested_sop_class_uid
+        None,  # affected_sop_instance_uid
+        None,  # requested_sop_instance_uid
+        NO_DATASET,  # data_set_type
+        status,
+        None,  # priority
+        None,  # move_destination
+        None,  # offending_element
+        error_comment,
     )
 
 
@@ -618,7 +627,7 @@ class MessageAssembler:
                     self._cmd = bytearray()
                     self._cmd_context = None
                 events.append(CommandReceived(pdv.context_id, cmd))
-                if cmd.has_dataset:
+                if cmd.data_set_type != NO_DATASET:  # (has_dataset, without the property call)
                     self._data_context = pdv.context_id
                     self.received = 0
             else:

@@ -550,7 +550,7 @@ class DIMSEMessaging:
         """Let a service with a ``start(assoc, op, done)`` run ``op`` as callbacks
         instead of a task (the usual C-STORE into a directory: one file job, then the
         response); it then ends with :meth:`answer`. ``False``: it did not take it."""
-        start = getattr(self.settings.dispatch.get(op.command.command_field), "start", None)
+        start = getattr(self.settings.dispatch.get(op.message.command.command_field), "start", None)
         if start is None:
             return False
         done: asyncio.Future[None] = self.loop.create_future()

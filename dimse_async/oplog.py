@@ -45,7 +45,7 @@ class OperationLog:
     def received(self, now: float, msg: Message, log: Any, debug: bool) -> None:
         """Note a request we are asked to perform, or log the outcome of one we sent."""
         cmd = msg.command
-        if cmd.is_response:
+        if cmd.command_field & 0x8000:  # a response
             if cmd.status is not None and cmd.status not in PENDING_CODES:
                 started = self._out.pop(cmd.message_id_being_responded_to or -1, None)
                 if started is not None:

@@ -23,6 +23,7 @@ from typing import Final
 
 from .acse import PresentationContext
 from .dimse import (
+    NO_DATASET,
     Command,
     CommandField,
     CommandReceived,
@@ -296,7 +297,7 @@ class Session:
 
     def _on_command(self, msg: Message, out: list[SessionEvent]) -> None:
         cmd = msg.command
-        if not cmd.has_dataset:
+        if cmd.data_set_type == NO_DATASET:  # (not has_dataset, without the property call)
             self._complete(msg, out)
             return
         request = not cmd.command_field & 0x8000

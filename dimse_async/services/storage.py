@@ -344,7 +344,7 @@ def start_c_store(
         rest = spool.take_rest()
         if rest is None:
             return False
-    cmd = op.command
+    cmd = op.message.command
     store: DirectoryStore = handler
 
     def written(_created: object, exc: BaseException | None) -> None:
