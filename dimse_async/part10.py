@@ -36,7 +36,24 @@ _UID = re.compile(r"(?:0|[1-9][0-9]*+)(?:\.(?:0|[1-9][0-9]*+))*+")  # possessive
 
 def valid_uid(uid: str) -> bool:
     """PS3.5 §9.1: 1-64 chars of digits and dots, no empty component, no leading zero."""
-    return 0 < len(uid) <= 64 and _UID.fullmatch(uid) is not None
+    if not 0 < len(uid) <= 64:
+        return False
+    head, dot, last = uid.rpartition(".")
+    if head in _VALID_HEADS:  # all but the last component seen valid before: judge the last alone
+        return last.isdigit() and last.isascii() and (last[0] != "0" or len(last) == 1)
+    if _UID.fullmatch(uid) is None:
+        return False
+    if dot:
+        if len(_VALID_HEADS) >= _HEADS_KEPT:
+            _VALID_HEADS.clear()
+        _VALID_HEADS.add(head)
+    return True
+
+
+# The instances of a series, a study, a device have UIDs that differ in the last
+# component (a counter, a time): what comes before it, in UIDs found valid, is kept.
+_VALID_HEADS: set[str] = set()
+_HEADS_KEPT = 1024
 
 
 _LOOSE_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")

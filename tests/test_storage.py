@@ -15,6 +15,8 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import free_port
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
@@ -625,3 +627,25 @@ async def test_a_small_data_set_goes_with_its_command_in_one_write(tmp_path, mon
     assert pos == len(written) and len(sizes) == 1 + -(-len(dataset_bytes(CT)) // 4090) and max(sizes) <= 4096
     uid = pydicom.dcmread(CT).SOPInstanceUID
     assert dataset_bytes(tmp_path / f"{uid}.dcm") == dataset_bytes(CT)
+
+
+_UID_TEXT = st.text("0123456789.", max_size=70) | st.sampled_from(
+    ["1.2.840.10008.5.1.4.1.1.2", "1.2.3.04", "1.2.3.0", "1.2.3.", "1.2.3.4\u0663", "0.1", "00.1"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(uids=st.lists(_UID_TEXT, max_size=6))
+def test_valid_uid_with_kept_heads_judges_as_the_pattern(uids: list[str]) -> None:
+    """valid_uid keeps what comes before the last component of UIDs it found valid and
+    then judges only that last component: every answer is still PS3.5 §9.1's (the
+    pattern's), whatever was seen before, and the heads kept are bounded."""
+    import re
+
+    from dimse_async import part10
+
+    rule = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+    for uid in uids + [u + ".7" for u in uids] + [u + ".07" for u in uids] + [u + "." for u in uids]:
+        for _ in range(2):  # judged in full, then (if its head was kept) by the last component
+            assert part10.valid_uid(uid) == (0 < len(uid) <= 64 and rule.fullmatch(uid) is not None), uid
+    assert len(part10._VALID_HEADS) <= part10._HEADS_KEPT
