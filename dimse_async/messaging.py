@@ -329,6 +329,8 @@ class DIMSEMessaging:
         if (
             budget is not None
             and command.command_field & 0x8000
+            and budget.limit is not None
+            and budget.total > budget.limit  # (what over() checks first: no call while under the limit)
             and budget.over(self.loop.time())
             and self.buffered_output() > 0
         ):
