@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import IntEnum, StrEnum
 
-__all__ = ["PENDING_CODES", "Code", "Status", "StatusCategory", "response_status"]
+__all__ = ["ATTRIBUTE_LIST_CODES", "PENDING_CODES", "Code", "Status", "StatusCategory", "response_status"]
 
 
 class StatusCategory(StrEnum):
@@ -49,9 +50,22 @@ _WARNING_CODES = frozenset({0x0001, 0x0107, 0x0116})
 #: The codes of a pending (non-final) response.
 PENDING_CODES = frozenset({Code.PENDING, Code.PENDING_WARNING})
 
+#: The DIMSE-N statuses whose response names the attributes concerned in Attribute
+#: Identifier List (0000,1005) (PS3.7 Annex C): 0x0105 No Such Attribute, 0x0106 Invalid
+#: Attribute Value, 0x0107 Attribute List Error, 0x0116 Attribute Value Out of Range,
+#: 0x0120 Missing Attribute, 0x0121 Missing Attribute Value.
+ATTRIBUTE_LIST_CODES = frozenset({0x0105, 0x0106, 0x0107, 0x0116, 0x0120, 0x0121})
+
 
 class Status(int):
-    """A DIMSE status code with its optional error comment (PS3.7 Annex C)."""
+    """A DIMSE status code with its optional error comment (PS3.7 Annex C) and the
+    tags (ints, ``0xGGGGEEEE``) of the attributes it is about.
+
+    A DIMSE-N SCP handler returns e.g. ``Status(0x0120, "PatientID is required",
+    attributes=[0x00100020])``: for the codes in :data:`ATTRIBUTE_LIST_CODES` the
+    response carries them as Attribute Identifier List (0000,1005); an N-response
+    received with that field has them here (empty when it has none).
+    """
 
     SUCCESS = Code.SUCCESS
     PENDING = Code.PENDING
@@ -59,10 +73,13 @@ class Status(int):
     CANCEL = Code.CANCEL
 
     error_comment: str | None
+    attributes: tuple[int, ...] = ()
 
-    def __new__(cls, code: int, error_comment: str | None = None) -> Status:
+    def __new__(cls, code: int, error_comment: str | None = None, attributes: Iterable[int] = ()) -> Status:
         obj = super().__new__(cls, code)
         obj.error_comment = error_comment
+        if attributes:
+            obj.attributes = tuple(int(tag) for tag in attributes)
         return obj
 
     @property
@@ -92,13 +109,18 @@ class Status(int):
 
     def __repr__(self) -> str:
         extra = f", {self.error_comment!r}" if self.error_comment else ""
+        if self.attributes:
+            extra += ", attributes=[" + ", ".join(f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in self.attributes) + "]"
         return f"Status(0x{int(self):04X} {self.category.value}{extra})"
 
     __str__ = __repr__
 
 
-def response_status(status: int | None, error_comment: str | None = None) -> Status:
-    """The status a received response carries; a response without one is a failure (0xC000)."""
+def response_status(
+    status: int | None, error_comment: str | None = None, attributes: Iterable[int] | None = None
+) -> Status:
+    """The status a received response carries (with its error comment and Attribute
+    Identifier List, if any); a response without one is a failure (0xC000)."""
     if status is None:
         return Status(Code.CANNOT_UNDERSTAND, "response has no status")
-    return Status(status, error_comment)
+    return Status(status, error_comment, attributes or ())

@@ -126,6 +126,13 @@ async def test_our_mpps_scu_helpers(tmp_path: Path) -> None:
                 MPPS, None, mpps_create_dataset("P1", "A^B", generate_uid(), "US", "S1", "STATION1")
             )
             assert created.is_success and created.sop_instance_uid  # assigned by the SCP
+            assert created.status.attributes == ()
+            partial = mpps_create_dataset("P1", "A^B", generate_uid(), "US", "S2", "STATION1")
+            del partial.PerformedProcedureStepID
+            refused = await assoc.n_create(MPPS, None, partial)
+            # 0x0120 with Attribute Identifier List (0000,1005) naming the attribute (PS3.7 Annex C).
+            assert refused.status == 0x0120 and refused.status.attributes == (0x00400253,)
+            assert "(0040,0253)" in repr(refused.status)
             end = Dataset()
             end.PerformedProcedureStepStatus = "COMPLETED"
             end.PerformedProcedureStepEndDate = "20261201"
@@ -141,18 +148,24 @@ async def test_our_mpps_scu_helpers(tmp_path: Path) -> None:
         assert step is not None and step.PerformedProcedureStepStatus == "COMPLETED" and step.Modality == "US"
 
 
-def _pynetdicom_nset_rules(port: int, uid: str) -> dict[str, tuple[int, str]]:
+def _tags(status: Dataset) -> list[int]:
+    """The Attribute Identifier List (0000,1005) pynetdicom received with ``status``."""
+    value = status.get("AttributeIdentifierList")
+    return [] if value is None else [int(t) for t in (value if isinstance(value, list) else [value])]
+
+
+def _pynetdicom_nset_rules(port: int, uid: str) -> dict[str, tuple[int, str, list[int]]]:
     ae = PynetdicomAE("MODALITY")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(MPPS)
-    out: dict[str, tuple[int, str]] = {}
+    out: dict[str, tuple[int, str, list[int]]] = {}
     assoc = ae.associate(HOST, port, ae_title="ARCHIVE")
     assert assoc.is_established
 
     def n_set(name: str, mods: Dataset) -> None:
         park(assoc)
         status = assoc.send_n_set(mods, MPPS, uid)[0]
-        out[name] = (int(status.Status), str(status.get("ErrorComment", "")))
+        out[name] = (int(status.Status), str(status.get("ErrorComment", "")), _tags(status))
 
     try:
         create = mpps_create_dataset(
@@ -171,9 +184,9 @@ def _pynetdicom_nset_rules(port: int, uid: str) -> dict[str, tuple[int, str]]:
             else:
                 setattr(partial, keyword, value)
             park(assoc)
-            out[name] = (int(assoc.send_n_create(partial, MPPS, uid)[0].Status), "")
+            out[name] = (int(assoc.send_n_create(partial, MPPS, uid)[0].Status), "", [])
         park(assoc)
-        out["create"] = (int(assoc.send_n_create(create, MPPS, uid)[0].Status), "")
+        out["create"] = (int(assoc.send_n_create(create, MPPS, uid)[0].Status), "", [])
         other_patient = Dataset()
         other_patient.PatientID = "SOMEONE-ELSE"
         n_set("set patient id", other_patient)
@@ -223,7 +236,7 @@ async def test_n_set_keeps_the_step_s_identity_its_text_and_the_final_state_rule
         assert serve.extras.mpps is not None
         step = await serve.extras.mpps.get(uid)
         by_patient = await serve.extras.mpps.find(patient_id="PAT9")
-    assert {name: code for name, (code, _) in out.items()} == {
+    assert {name: code for name, (code, _, _) in out.items()} == {
         "create without status": 0x0120,  # Type 1 in N-CREATE: absent 0x0120, empty 0x0121 (PS3.4 5.4.2.1)
         "create without step id": 0x0120,
         "create with empty station": 0x0121,
@@ -242,6 +255,15 @@ async def test_n_set_keeps_the_step_s_identity_its_text_and_the_final_state_rule
     assert out["set patient id"][1] == "PatientID may not be set by N-SET"
     assert out["complete without end"][1].startswith("PerformedProcedureStepEndDate")
     assert out["complete without series"][1].startswith("PerformedSeriesSequence")
+    # PS3.7 Annex C: 0x0105 / 0x0106 / 0x0121 name the attribute in Attribute Identifier List (0000,1005).
+    assert {name: tags for name, (_, _, tags) in out.items() if tags} == {
+        "set patient id": [0x00100020],  # Patient ID
+        "set start date": [0x00400244],  # Performed Procedure Step Start Date
+        "set empty status": [0x00400252],  # Performed Procedure Step Status
+        "set in an unknown character set": [0x00080005],  # Specific Character Set
+        "complete without end": [0x00400250],  # Performed Procedure Step End Date
+        "complete without series": [0x00400340],  # Performed Series Sequence
+    }
     assert step is not None and step.PerformedProcedureStepStatus == "COMPLETED"
     assert step.PatientID == "PAT9" and step.PerformedProcedureStepStartDate != "19990101"
     assert str(step.PatientName) == "Yamada^Tarou=山田^太郎=やまだ^たろう"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 from pydicom.uid import generate_uid
@@ -108,9 +108,10 @@ _TEXT_KEYWORDS = (
 )
 
 
-def _malformed(ds: Dataset) -> str | None:
-    """Why an attribute list cannot be taken as it is (the comment of 0x0106 Invalid
-    Attribute Value, PS3.7 §10.1.5.1.6 / §10.1.3.1.9), or ``None``: a standard
+def _malformed(ds: Dataset) -> tuple[int, str] | None:
+    """The attribute (tag) for which an attribute list cannot be taken as it is, and
+    why (the comment of 0x0106 Invalid Attribute Value, PS3.7 §10.1.5.1.6 /
+    §10.1.3.1.9), or ``None``: a standard
     attribute that is a sequence where the dictionary says it is not, or the reverse,
     at any depth; or several values, a number or a sequence where the SCP reads one
     text value (:data:`_TEXT_KEYWORDS`). Such a list used to fail in the handler
@@ -127,13 +128,13 @@ def _malformed(ds: Dataset) -> str | None:
             except KeyError:
                 continue
             if (vr == "SQ") != (elem.VR == "SQ"):
-                return f"{elem.tag} must {'' if vr == 'SQ' else 'not '}be a sequence"
+                return int(elem.tag), f"{elem.tag} must {'' if vr == 'SQ' else 'not '}be a sequence"
             if elem.VR == "SQ":
                 stack.extend(item for item in elem.value)
         for keyword in _TEXT_KEYWORDS:
             value = current.get(keyword)
             if value is not None and not isinstance(value, str):
-                return f"{keyword} is not one text value"
+                return _tag(keyword), f"{keyword} is not one text value"
     return None
 
 
@@ -164,15 +165,34 @@ def _changes(ds: Dataset, elem: Any) -> bool:
     return (old or None) != (elem.value or None)
 
 
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
+    return tag
+
+
 def _missing(ds: Dataset, keywords: tuple[str, ...], what: str) -> Status | None:
     """0x0120 (absent) / 0x0121 (empty) naming the first of ``keywords`` ``ds`` lacks a
-    value of, or ``None`` (PS3.4 §5.4.2.1)."""
+    value of (comment and Attribute Identifier List), or ``None`` (PS3.4 §5.4.2.1)."""
     for keyword in keywords:
         if keyword not in ds:
-            return Status(NCode.MISSING_ATTRIBUTE, f"{keyword} is required {what}"[:64])
+            return Status(NCode.MISSING_ATTRIBUTE, f"{keyword} is required {what}"[:64], [_tag(keyword)])
         if not ds[keyword].value:
-            return Status(NCode.MISSING_ATTRIBUTE_VALUE, f"{keyword} needs a value {what}"[:64])
+            return Status(NCode.MISSING_ATTRIBUTE_VALUE, f"{keyword} needs a value {what}"[:64], [_tag(keyword)])
     return None
+
+
+def _invalid(ds: Dataset) -> Status | None:
+    """0x0106 Invalid Attribute Value for a list :func:`_malformed` refuses or whose
+    Specific Character Set is not known (F.7.2.2.3), naming the attribute; or ``None``."""
+    bad = _malformed(ds)
+    if bad is None:
+        charset = _unknown_charset(ds)
+        if charset is None:
+            return None
+        bad = _tag("SpecificCharacterSet"), f"Specific Character Set {charset!r} is not known"
+    tag, why = bad
+    return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64], [tag])
 
 
 def _study_uid(ds: Dataset) -> str:
@@ -331,16 +351,17 @@ class MPPSStore:
         uid = request.sop_instance_uid or ""
         if ds is None:
             return Status(NCode.MISSING_ATTRIBUTE, "N-CREATE without an attribute list")
-        why = _malformed(ds)
-        charset = _unknown_charset(ds)
-        if why is None and charset is not None:
-            why = f"Specific Character Set {charset!r} is not known"
-        if why is not None:
-            request.assoc.log.warning("MPPS N-CREATE refused", sop_instance=uid, error=why)
-            return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64])
+        invalid = _invalid(ds)
+        if invalid is not None:
+            request.assoc.log.warning("MPPS N-CREATE refused", sop_instance=uid, error=invalid.error_comment)
+            return invalid
         if "PerformedProcedureStepStatus" in ds and str(ds.PerformedProcedureStepStatus or "") != IN_PROGRESS:
             # F.7.2.1.3: a step is created "IN PROGRESS"; another value is an invalid value.
-            return Status(NCode.INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status must be {IN_PROGRESS}")
+            return Status(
+                NCode.INVALID_ATTRIBUTE_VALUE,
+                f"Performed Procedure Step Status must be {IN_PROGRESS}",
+                [_tag("PerformedProcedureStepStatus")],
+            )
         missing = _missing(ds, _CREATE_REQUIRED, "in N-CREATE")
         if missing is not None:
             request.assoc.log.warning("MPPS N-CREATE refused", sop_instance=uid, error=missing.error_comment)
@@ -357,13 +378,10 @@ class MPPSStore:
         uid = request.sop_instance_uid or ""
         mods = request.dataset
         assert mods is not None  # the N-service layer answered 0x0120 otherwise
-        why = _malformed(mods)
-        charset = _unknown_charset(mods)
-        if why is None and charset is not None:
-            why = f"Specific Character Set {charset!r} is not known"
-        if why is not None:
-            request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, error=why)
-            return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64])
+        invalid = _invalid(mods)
+        if invalid is not None:
+            request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, error=invalid.error_comment)
+            return invalid
         async with self._steps:
             got = await asyncio.to_thread(self._get, uid)
             if got is None:
@@ -379,13 +397,15 @@ class MPPSStore:
             if fixed is not None:
                 # Table F.7.2-1: "Not allowed" in N-SET; PS3.7 §10.1.3.1.9 0x0105.
                 request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, attribute=str(fixed.tag))
-                return Status(NCode.NO_SUCH_ATTRIBUTE, f"{fixed.keyword or fixed.tag} may not be set by N-SET"[:64])
+                comment = f"{fixed.keyword or fixed.tag} may not be set by N-SET"[:64]
+                return Status(NCode.NO_SUCH_ATTRIBUTE, comment, [int(fixed.tag)])
             # Present, it must be one of the three (3/1 in Table F.7.2-1: never empty).
             new_state = (
                 str(mods.PerformedProcedureStepStatus or "") if "PerformedProcedureStepStatus" in mods else state
             )
             if new_state not in _STATES:
-                return Status(NCode.INVALID_ATTRIBUTE_VALUE, f"Performed Procedure Step Status {new_state!r}"[:64])
+                comment = f"Performed Procedure Step Status {new_state!r}"[:64]
+                return Status(NCode.INVALID_ATTRIBUTE_VALUE, comment, [_tag("PerformedProcedureStepStatus")])
             for elem in mods:
                 ds[elem.tag] = elem  # (Specific Character Set too: both are ISO_IR 192 now)
             if new_state != IN_PROGRESS:

@@ -121,13 +121,18 @@ def _references(seq: Any) -> list[Reference]:
     return [(str(item.get("ReferencedSOPClassUID", "")), str(item.get("ReferencedSOPInstanceUID", ""))) for item in seq]
 
 
+# Named in Attribute Identifier List (0000,1005) of a 0x0120 / 0x0121 response (PS3.7 Annex C).
+_TRANSACTION_UID = 0x00081195
+_REFERENCED_SOP_SEQUENCE = 0x00081199
+
+
 def parse_report(request: NRequest) -> CommitmentResult | Status:
     """The result an N-EVENT-REPORT carries (J.3.3.1.1), or the status refusing it."""
     if request.event_type_id not in (EVENT_SUCCESS, EVENT_FAILURES):
         return Status(NCode.NO_SUCH_EVENT_TYPE, f"no event type {request.event_type_id} in storage commitment")
     ds = request.dataset
     if ds is None or not ds.get("TransactionUID"):
-        return Status(NCode.MISSING_ATTRIBUTE, "no Transaction UID in the event information")
+        return Status(NCode.MISSING_ATTRIBUTE, "no Transaction UID in the event information", [_TRANSACTION_UID])
     try:
         committed = _references(ds.get("ReferencedSOPSequence") or [])
         failed = [
@@ -349,18 +354,19 @@ def commitment_request(request: NRequest) -> CommitmentRequest | Status:
     ds = request.dataset
     # Table J.3-1: both are 1/1. Absent: 0x0120; present without a value: 0x0121 (PS3.4 §5.4.2.1).
     if ds is None or "TransactionUID" not in ds:
-        return Status(NCode.MISSING_ATTRIBUTE, "no Transaction UID (0008,1195)")
+        return Status(NCode.MISSING_ATTRIBUTE, "no Transaction UID (0008,1195)", [_TRANSACTION_UID])
     if not ds.TransactionUID:
-        return Status(NCode.MISSING_ATTRIBUTE_VALUE, "Transaction UID (0008,1195) is empty")
+        return Status(NCode.MISSING_ATTRIBUTE_VALUE, "Transaction UID (0008,1195) is empty", [_TRANSACTION_UID])
     transaction_uid = ds.TransactionUID
     if not isinstance(transaction_uid, str) or not plausible_uid(transaction_uid):
         # PS3.7 §10.1.4.1.10: 0x0115 Invalid Argument Value; the report would carry it back.
         return Status(NCode.INVALID_ARGUMENT_VALUE, "Transaction UID (0008,1195) is not a UID")
     if "ReferencedSOPSequence" not in ds:
-        return Status(NCode.MISSING_ATTRIBUTE, "no Referenced SOP Sequence (0008,1199)")
+        return Status(NCode.MISSING_ATTRIBUTE, "no Referenced SOP Sequence (0008,1199)", [_REFERENCED_SOP_SEQUENCE])
     seq = ds.ReferencedSOPSequence
     if not seq:
-        return Status(NCode.MISSING_ATTRIBUTE_VALUE, "Referenced SOP Sequence (0008,1199) is empty")
+        comment = "Referenced SOP Sequence (0008,1199) is empty"
+        return Status(NCode.MISSING_ATTRIBUTE_VALUE, comment, [_REFERENCED_SOP_SEQUENCE])
     if ds["ReferencedSOPSequence"].VR != "SQ" or not all(isinstance(item, Dataset) for item in seq):
         return Status(NCode.INVALID_ARGUMENT_VALUE, "Referenced SOP Sequence (0008,1199) is not a sequence")
     if any(

@@ -7,7 +7,10 @@ SCU: :func:`n_event_report`, :func:`n_get`, :func:`n_set`, :func:`n_action`,
 SCP: :func:`scp_n_service` answers any received N-request from the handler the AE
 has registered for its command field and SOP class (``@ae.on_n_get`` and friends).
 A handler gets an :class:`NRequest` and returns a status, a data set (success with
-that reply), or ``(status, data set)``; raising works as for every service
+that reply), or ``(status, data set)``; a :class:`~dimse_async.status.Status` with
+``attributes`` names the offending tags in Attribute Identifier List (0000,1005) for
+the statuses PS3.7 Annex C gives that field (0x0105, 0x0106, 0x0107, 0x0116, 0x0120,
+0x0121), as an :class:`NResult`'s ``status.attributes`` does on the SCU side; raising works as for every service
 (:mod:`dimse_async.services.scp`). No handler: 0x0211 (unrecognized operation) when
 the AE handles other N-services of that class, else 0x0122 (SOP class not supported).
 
@@ -33,7 +36,7 @@ from ..interface import DIMSEProvider
 from ..lazy_dataclass import dataclass
 from ..part10 import plausible_uid
 from ..session import Operation
-from ..status import Code, Status, response_status
+from ..status import ATTRIBUTE_LIST_CODES, Code, Status, response_status
 from .requests import Request
 from .scp import decode_received, decode_received_async, error_comment, failure_status, off_loop
 
@@ -136,7 +139,7 @@ async def _invoke(
             raise DIMSEFailure(f"{c.name}: the reply data set is malformed: {exc}") from exc
     type_id = c.event_type_id if cmd.command_field == CommandField.N_EVENT_REPORT_RQ else c.action_type_id
     return NResult(
-        response_status(c.status, c.error_comment),
+        response_status(c.status, c.error_comment, c.attribute_identifier_list),
         c.affected_sop_class_uid,
         c.affected_sop_instance_uid,
         type_id,
@@ -291,7 +294,9 @@ def _outcome(result: Any, assoc: DIMSEProvider, name: str) -> tuple[Status, Data
 
 
 def _response(op: Operation, status: Status, sop_class: str | None, sop_instance: str | None) -> Command:
-    """The N-response command set (PS3.7 §10.3): affected class and instance echo the request."""
+    """The N-response command set (PS3.7 §10.3): affected class and instance echo the
+    request; a status of :data:`ATTRIBUTE_LIST_CODES` names its ``attributes`` in
+    Attribute Identifier List (0000,1005) (PS3.7 Annex C)."""
     cmd = op.command
     rsp = Command(
         cmd.command_field | 0x8000,
@@ -301,6 +306,8 @@ def _response(op: Operation, status: Status, sop_class: str | None, sop_instance
         status=int(status),
         error_comment=error_comment(status),
     )
+    if status.attributes and int(status) in ATTRIBUTE_LIST_CODES:
+        rsp.attribute_identifier_list = list(status.attributes)
     if cmd.command_field == CommandField.N_EVENT_REPORT_RQ:
         rsp.event_type_id = cmd.event_type_id
     elif cmd.command_field == CommandField.N_ACTION_RQ:
