@@ -69,6 +69,11 @@ def our_ae(film: Film) -> da.AE:
         session = film.sessions.get(request.sop_instance_uid)
         if session is None:
             return 0x0112
+        copies = request.dataset.get("NumberOfCopies")
+        if copies == 0:  # PS3.7 Annex C: 0x0106 names the attribute in (0000,1005)
+            return da.Status(0x0106, "Number of Copies must be 1 or more", attributes=[0x20000010])
+        if copies is not None and copies > 99:  # 0x0110 has no such field: not sent
+            return da.Status(0x0110, "too many copies", attributes=[0x20000010])
         session.update(request.dataset)
         return request.dataset
 
@@ -142,6 +147,10 @@ def _pynetdicom_scu(port: int) -> dict[str, Any]:
         park(assoc)
         out["set"] = assoc.send_n_set(_ds(NumberOfCopies=5), FILM_SESSION, uid)
         park(assoc)
+        out["set_zero"] = assoc.send_n_set(_ds(NumberOfCopies=0), FILM_SESSION, uid)
+        park(assoc)
+        out["set_many"] = assoc.send_n_set(_ds(NumberOfCopies=500), FILM_SESSION, uid)
+        park(assoc)
         out["get"] = assoc.send_n_get([0x20000010], FILM_SESSION, uid)
         park(assoc)
         out["get_printer"] = assoc.send_n_get([0x21100010], PRINTER, PRINTER_INSTANCE)
@@ -193,6 +202,9 @@ async def test_pynetdicom_scu_to_our_scp() -> None:
     assigned = [uid for uid in film.sessions if film.sessions[uid].NumberOfCopies == 1]
     assert len(assigned) == 1 and assigned[0].startswith("1.2.826.0.1.3680043")  # the SCP assigned it
     assert _status(out["set"]) == 0 and out["set"][1].NumberOfCopies == 5
+    zero, many = out["set_zero"][0], out["set_many"][0]
+    assert int(zero.Status) == 0x0106 and zero.AttributeIdentifierList == 0x20000010
+    assert int(many.Status) == 0x0110 and "AttributeIdentifierList" not in many
     status, got = out["get"]
     assert int(status.Status) == 0 and got.NumberOfCopies == 5 and "FilmDestination" not in got
     assert _status(out["get_printer"]) == 0 and out["get_printer"][1].PrinterStatus == "NORMAL"
