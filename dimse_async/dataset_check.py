@@ -35,6 +35,7 @@ __all__ = [
     "dataset_uids",
     "same_dataset",
     "TooManyElements",
+    "TooManyItems",
 ]
 
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -66,6 +67,7 @@ def _vr_kinds(order: str) -> bytes:
 
 
 _VR_KIND_LE, _VR_KIND_BE = _vr_kinds("<"), _vr_kinds(">")
+_UN_LE, _UN_BE = struct.unpack("<H", b"UN")[0], struct.unpack(">H", b"UN")[0]
 _ITEM_GROUP = frozenset({0xFFFE})
 _HDR_LE, _HDR_BE = struct.Struct("<HHHH").unpack_from, struct.Struct(">HHHH").unpack_from
 _RUN_HDR_LE, _RUN_HDR_BE = struct.Struct("<H2xHH").unpack_from, struct.Struct(">H2xHH").unpack_from  # group, VR, length
@@ -93,6 +95,16 @@ class TooManyElements(DataSetError):
 
     def __init__(self, limit: int):
         super().__init__(f"more than {limit} elements and items")
+        self.limit = limit
+
+
+class TooManyItems(DataSetError):
+    """The data set has more sequence items, all depths together, than allowed
+    (``max_items``): pydicom takes about 50 µs of CPU per item it reads (PS3.5 §7.5),
+    so a few hundred KB of tiny items would hold a thread for seconds."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"more than {limit} sequence items")
         self.limit = limit
 
 
@@ -225,8 +237,11 @@ class _Walker:
         keep: frozenset[int] = frozenset(),
         ordered: bool = False,
         max_elements: int | None = None,
+        max_items: int | None = None,
     ):
         self.stop_after = stop_after
+        self.seq_items = 0  # sequence items, all depths (not fragments)
+        self.max_items = NO_LIMIT if max_items is None else max_items
         self.ordered = ordered
         self.keep = keep
         self.kept: dict[int, tuple[bytes, bytes]] = {}
@@ -323,6 +338,15 @@ class _Walker:
             return
         if vr == b"SQ":
             self.sequence(src.pos + length, depth)
+        elif vr in (b"", b"UN") and self.max_items < NO_LIMIT and _is_sequence(tag):
+            # Items are counted wherever pydicom would read them: a defined-length
+            # sequence in implicit VR, or as UN (read as implicit VR little endian).
+            saved = self.implicit, self.end
+            self.implicit, self.end = True, "<"
+            try:
+                self.sequence(src.pos + length, depth)
+            finally:
+                self.implicit, self.end = saved
         elif depth == 0 and (tag in self.keep or tag in (_SOP_CLASS, _SOP_INSTANCE)):
             value = src.read(length)
             if tag in (_SOP_CLASS, _SOP_INSTANCE):
@@ -351,6 +375,9 @@ class _Walker:
             self.pieces += 1
             if self.pieces > self.max_elements:
                 raise TooManyElements(self.max_elements)
+            self.seq_items += 1
+            if self.seq_items > self.max_items:
+                raise TooManyItems(self.max_items)
             if length == _UNDEFINED:
                 self.elements_until(None, depth + 1, item=True)
             elif length:
@@ -379,8 +406,8 @@ class _BufferWalker:
     """
 
     __slots__ = (
-        "budget", "buf", "elements", "hdr", "implicit", "items", "keep", "kept", "limit", "little", "ordered", "size",
-        "top", "u32", "pos", "seq", "watch",
+        "budget", "buf", "elements", "hdr", "implicit", "items", "keep", "kept", "limit", "little", "max_items",
+        "ordered", "seq_items", "size", "top", "u32", "pos", "seq", "watch",
     )  # fmt: skip
 
     #: Walk runs of plain elements in the short loop of :meth:`_explicit_until` (tests
@@ -396,8 +423,11 @@ class _BufferWalker:
         ordered: bool = False,
         budget: int | None = None,
         max_elements: int | None = None,
+        max_items: int | None = None,
     ):
         self.buf = buf
+        self.seq_items = 0  # sequence items, all depths (not fragments)
+        self.max_items = NO_LIMIT if max_items is None else max_items
         self.ordered = ordered
         # The walk stops past ``budget`` (BudgetExceeded: walk it elsewhere) or past
         # ``max_elements`` (TooManyElements: refused), whichever comes first.
@@ -480,8 +510,8 @@ class _BufferWalker:
             self.pos = pos
             if length == _UNDEFINED:
                 self._undefined(tag, vr, depth)
-            elif vr == b"SQ":
-                self.sequence(pos + length, depth)
+            elif vr == b"SQ" or (self.max_items < NO_LIMIT and _is_sequence(tag)):
+                self.sequence(pos + length, depth)  # (implicit: the dictionary's, to count its items)
             elif pos + length > size:
                 if top and tag in (_SOP_CLASS, _SOP_INSTANCE):
                     raise self._short(size)
@@ -505,6 +535,9 @@ class _BufferWalker:
         buf, size, u32, watch = self.buf, self.size, self.u32, self.watch if depth == 0 else None
         hdr, kinds = (_HDR_LE, _VR_KIND_LE) if self.little else (_HDR_BE, _VR_KIND_BE)
         run_hdr = _RUN_HDR_LE if self.little else _RUN_HDR_BE
+        # With an item limit, a UN element of a dictionary sequence is walked as one
+        # (pydicom reads it as implicit VR little endian items, PS3.5 §6.2.2).
+        un = (_UN_LE if self.little else _UN_BE) if self.max_items < NO_LIMIT else -1
         # Where the walk ends: the item's end, the data set's end (top level), or never
         # (an undefined-length item, ended by its delimiter; size + 1 is not reachable).
         limit = bound if bound is not None else (size + 1 if item else size)
@@ -560,13 +593,15 @@ class _BufferWalker:
                 elif kind:
                     (length,) = u32(buf, pos + 8)  # struct.error: fewer than 12 bytes left
                     pos += 12
-                    if length == _UNDEFINED or kind == 3:
+                    if length == _UNDEFINED or kind == 3 or (vr == un and _is_sequence((group << 16) | elem)):
                         count += 1
                         self.pos = pos
                         if length == _UNDEFINED:
                             self._undefined((group << 16) | elem, buf[pos - 8 : pos - 6], depth)
-                        else:
+                        elif kind == 3:
                             self.sequence(pos + length, depth)
+                        else:
+                            self._implicit_sequence(pos + length, depth)
                         pos = self.pos
                         room = self.budget - self.elements - self.items
                         continue
@@ -599,16 +634,19 @@ class _BufferWalker:
         self.pos = pos
         self.elements += count
 
+    def _implicit_sequence(self, bound: int | None, depth: int) -> None:
+        saved = self.implicit, self.little
+        self._syntax(True, True)
+        try:
+            self.sequence(bound, depth)
+        finally:
+            self._syntax(*saved)
+
     def _undefined(self, tag: int, vr: bytes, depth: int) -> None:
         if vr in (b"OB", b"OW") or (tag == 0x7FE00010 and vr != b"SQ"):
             self.fragments(tag)
         elif vr == b"UN":  # contents are implicit VR little endian (PS3.5 §6.2.2 note)
-            saved = self.implicit, self.little
-            self._syntax(True, True)
-            try:
-                self.sequence(None, depth)
-            finally:
-                self._syntax(*saved)
+            self._implicit_sequence(None, depth)
         elif vr in (b"SQ", b""):
             self.sequence(None, depth)
         else:
@@ -637,6 +675,9 @@ class _BufferWalker:
             self.items += 1
             if self.elements + self.items > self.budget:
                 raise self._over()
+            self.seq_items += 1
+            if self.seq_items > self.max_items:
+                raise TooManyItems(self.max_items)
             if length == _UNDEFINED:
                 self.elements_until(None, depth + 1, item=True)
             else:
@@ -677,12 +718,20 @@ def check_dataset_bytes(
     ordered: bool = False,
     budget: int | None = None,
     max_elements: int | None = None,
+    max_items: int | None = None,
 ) -> DataSetSummary:
     """:func:`check_dataset` for a data set held in memory (bytes). ``budget``: raise
     :class:`BudgetExceeded` past about that many elements, items and fragments (a walk
     on an event loop stays short however the bytes are cut up; not for deflated data)."""
     if transfer_syntax in _DEFLATED:
-        return check_dataset(io.BytesIO(data), transfer_syntax, keep=keep, ordered=ordered, max_elements=max_elements)
+        return check_dataset(
+            io.BytesIO(data),
+            transfer_syntax,
+            keep=keep,
+            ordered=ordered,
+            max_elements=max_elements,
+            max_items=max_items,
+        )
     walker = _BufferWalker(
         data,
         implicit=transfer_syntax == _IMPLICIT_LE,
@@ -691,6 +740,7 @@ def check_dataset_bytes(
         ordered=ordered,
         budget=budget,
         max_elements=max_elements,
+        max_items=max_items,
     )
     walker.elements_until(None, 0, item=False)
     return DataSetSummary(
@@ -706,12 +756,15 @@ def check_dataset(
     *,
     ordered: bool = False,
     max_elements: int | None = None,
+    max_items: int | None = None,
 ) -> DataSetSummary:
     """Walk the data set in ``fp`` from byte ``start`` to its end; raise
     :class:`DataSetError` unless every element is complete (and, with ``ordered``,
     every tag greater than the one before it in its data set or item, PS3.5 §7.1),
     :class:`TooManyElements` past ``max_elements`` (default :data:`MAX_ELEMENTS`)
-    elements, items and fragments. The values of the top-level elements in ``keep``
+    elements, items and fragments, :class:`TooManyItems` past ``max_items`` sequence
+    items (all depths; default: no bound but ``max_elements``). Sequences nest at most
+    64 deep. The values of the top-level elements in ``keep``
     are returned with the summary (no second read)."""
     deflated = transfer_syntax in _DEFLATED
     walker = _Walker(
@@ -721,6 +774,7 @@ def check_dataset(
         keep=keep,
         ordered=ordered,
         max_elements=max_elements,
+        max_items=max_items,
     )
     try:
         walker.elements_until(None, 0, item=False)

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 
 import dimse_async as da
 from dimse_async import dataset_check
+from dimse_async.services import scp
 from dimse_async.services.qr import MODELS
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,7 +60,10 @@ asyncio.run(main())
 """
 
 
-async def test_a_huge_c_find_match_is_walked_off_the_loop_while_another_association_echoes(tmp_path: Path) -> None:
+async def test_a_huge_c_find_match_is_walked_off_the_loop_while_another_association_echoes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(scp, "MAX_IDENTIFIER_ITEMS", ITEMS)  # (a long walk wanted here, not the item limit)
     port = free_port()
     log = tmp_path / "scp.log"
     with open(log, "wb") as out:

@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from ..codec import encode_dataset
+from ..dataset_check import TooManyItems
 from ..dimse import Command, CommandField, affected_mismatch
 from ..exceptions import DIMSEFailure
 from ..interface import DIMSEProvider
@@ -38,7 +39,15 @@ from ..part10 import plausible_uid
 from ..session import Operation
 from ..status import ATTRIBUTE_LIST_CODES, Code, Status, response_status
 from .requests import Request
-from .scp import decode_received, decode_received_async, error_comment, failure_status, off_loop
+from .scp import (
+    MAX_N_REPLY_ITEMS,
+    MAX_N_REQUEST_ITEMS,
+    decode_received,
+    decode_received_async,
+    error_comment,
+    failure_status,
+    off_loop,
+)
 
 __all__ = [
     "N_REQUESTS",
@@ -134,7 +143,10 @@ async def _invoke(
     reply = None
     if rsp.dataset is not None:
         try:
-            reply = await decode_received_async(rsp.dataset, ctx.transfer_syntax)
+            reply = await decode_received_async(rsp.dataset, ctx.transfer_syntax, MAX_N_REPLY_ITEMS)
+        except TooManyItems as exc:
+            assoc.log.warning(f"{c.name} reply data set refused", error=str(exc))
+            raise DIMSEFailure(f"{c.name}: the reply data set is refused: {exc} (MAX_N_REPLY_ITEMS)") from exc
         except Exception as exc:
             raise DIMSEFailure(f"{c.name}: the reply data set is malformed: {exc}") from exc
     type_id = c.event_type_id if cmd.command_field == CommandField.N_EVENT_REPORT_RQ else c.action_type_id
@@ -316,7 +328,7 @@ def _response(op: Operation, status: Status, sop_class: str | None, sop_instance
 
 
 def _decode_whole(data: bytes, transfer_syntax: str) -> Dataset:
-    dataset = decode_received(data, transfer_syntax)
+    dataset = decode_received(data, transfer_syntax, MAX_N_REQUEST_ITEMS)
     # Touch every element: a malformed data set fails here, not in the handler.
     for _ in dataset.iterall():
         pass
@@ -346,6 +358,9 @@ async def scp_n_service(
                 dataset = await asyncio.to_thread(_decode_whole, op.message.dataset, ctx.transfer_syntax)
             else:
                 dataset = _decode_whole(op.message.dataset, ctx.transfer_syntax)
+        except TooManyItems as exc:
+            assoc.log.warning(f"{name} data set refused", error=str(exc))
+            status = Status(NCode.PROCESSING_FAILURE, f"data set refused: {exc}")
         except Exception as exc:
             assoc.log.warning(f"{name} data set cannot be decoded", error=str(exc)[:200])
             status = Status(NCode.MISTYPED_ARGUMENT, "data set cannot be decoded")

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 
 from ..acse import PresentationContext
 from ..codec import decode_identifier, encode_dataset
+from ..dataset_check import TooManyItems
 from ..dimse import Command, CommandField, Message
 from ..exceptions import AssociationError, DIMSEFailure
 from ..inflate import InflationLimit
@@ -259,6 +260,11 @@ def c_find(
             pending += 1
             try:
                 return decode_received(msg.dataset, ctx.transfer_syntax)
+            except TooManyItems as exc:
+                assoc.log.warning("C-FIND response identifier refused", error=str(exc))
+                raise DIMSEFailure(
+                    f"C-FIND response {pending}: identifier refused: {exc} (MAX_IDENTIFIER_ITEMS)"
+                ) from exc
             except Exception as exc:  # not handed on: pydicom would fail later, or never
                 raise DIMSEFailure(f"C-FIND response {pending}: identifier malformed: {exc}") from exc
         return None
@@ -399,6 +405,9 @@ async def decode_request(assoc: DIMSEProvider, op: Operation, cls: type[QueryReq
     except InflationLimit as exc:
         assoc.log.warning("identifier refused", command=op.command.name, error=str(exc))
         return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier refused: inflates past the limit")
+    except TooManyItems as exc:
+        assoc.log.warning("identifier refused", command=op.command.name, error=str(exc))
+        return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Identifier refused: {exc}")
     except Exception as exc:
         assoc.log.warning("cannot decode identifier", command=op.command.name, error=repr(exc))
         return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier does not match SOP class")

@@ -26,6 +26,9 @@ __all__ = [
     "FAILURE_CODES",
     "StatusError",
     "DECODE_ON_LOOP",
+    "MAX_IDENTIFIER_ITEMS",
+    "MAX_N_REQUEST_ITEMS",
+    "MAX_N_REPLY_ITEMS",
     "decode_received",
     "decode_received_async",
     "off_loop",
@@ -37,21 +40,36 @@ __all__ = [
 ]
 
 
-def decode_received(data: bytes, transfer_syntax: str) -> Dataset:
+#: Sequence items (all depths together) a received C-FIND / C-GET / C-MOVE identifier
+#: may hold, request or response: past it the data set is refused before pydicom reads
+#: it (about 50 µs of CPU per item: a 1 MiB request of 100,000 tiny undefined-length
+#: items, PS3.5 §7.5.2, held a worker thread for seconds; real identifiers have a few).
+MAX_IDENTIFIER_ITEMS = 10_000
+#: ... an N-service request's data set (SCP; MPPS and Storage Commitment list every
+#: image, about 100 bytes an item: the default 1 MiB request limit holds ~10,000).
+MAX_N_REQUEST_ITEMS = 20_000
+#: ... an N-service reply's data set (SCU: no 1 MiB limit; an N-GET of a large MPPS).
+MAX_N_REPLY_ITEMS = 50_000
+
+
+def decode_received(data: bytes, transfer_syntax: str, max_items: int | None = None) -> Dataset:
     """A data set received from a peer (an identifier, an N-service attribute list),
     once it has been walked to its end, elements ascending and once each (PS3.5 §7.1,
     §7.5; the check stored data sets get), else a
     :class:`~dimse_async.dataset_check.DataSetError` (a ``ValueError``) naming the
     fault. pydicom alone reads lazily and leniently: a value running past the end, an
     unknown VR or a stray item tag surfaced later in a handler, or never. A deflated
-    one is inflated within the default limits first."""
+    one is inflated within the default limits first. More than ``max_items`` (default
+    :data:`MAX_IDENTIFIER_ITEMS`) sequence items, all depths together:
+    :class:`~dimse_async.dataset_check.TooManyItems`, before pydicom reads any."""
     from ..codec import decode_identifier  # here: a sender that never receives one loads no pydicom
     from ..dataset_check import check_dataset_bytes
     from ..inflate import inflate
 
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         data, transfer_syntax = inflate(data), ExplicitVRLittleEndian
-    check_dataset_bytes(data, transfer_syntax, ordered=True)
+    limit = MAX_IDENTIFIER_ITEMS if max_items is None else max_items
+    check_dataset_bytes(data, transfer_syntax, ordered=True, max_items=limit)
     return decode_identifier(data, transfer_syntax)
 
 
@@ -67,11 +85,11 @@ def off_loop(data: bytes | None, transfer_syntax: str) -> bool:
     return data is not None and (len(data) > DECODE_ON_LOOP or transfer_syntax == DeflatedExplicitVRLittleEndian)
 
 
-async def decode_received_async(data: bytes, transfer_syntax: str) -> Dataset:
+async def decode_received_async(data: bytes, transfer_syntax: str, max_items: int | None = None) -> Dataset:
     """:func:`decode_received`, in a worker thread when ``data`` is large or deflated."""
     if off_loop(data, transfer_syntax):
-        return await asyncio.to_thread(decode_received, data, transfer_syntax)
-    return decode_received(data, transfer_syntax)
+        return await asyncio.to_thread(decode_received, data, transfer_syntax, max_items)
+    return decode_received(data, transfer_syntax, max_items)
 
 
 class StatusError(Exception):
