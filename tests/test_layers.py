@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     # pure helpers with no package imports
     {"lazy_dataclass"},
     {"uids", "log", "status", "keepalive", "proxy", "tls", "sop_classes", "inflate", "filewriter", "budget"},
-    {"ratelimit"},
+    {"ratelimit", "space"},
     # the sans-I/O core: bytes <-> PDUs, the state machine, negotiation, DIMSE messages
     {"pdu_items", "fsm_table"},
     {"pdu"},

@@ -149,3 +149,82 @@ def test_a_read_only_storage_is_reported(tmp_path: Path) -> None:
         finally:
             remount(fs, "rw")
         assert archive.storage_problem() is None
+
+
+def store_scp(tmp: Path, out: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    """``dimse-async store-scp`` (no index) into ``out``, /healthz on its own port."""
+    port, http = free_port(), free_port()
+    log = tmp / "store-scp.log"
+    with open(log, "wb") as output:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dimse_async", "store-scp", "--aet", "ARCHIVE", "--port", str(port),
+             "--out", str(out), "--http-port", str(http), *extra],
+            stdout=output, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(Path.cwd()), "PATH": "/usr/bin:/bin"},
+        )  # fmt: skip
+    wait_tcp(proc, port, log)
+    deadline = time.monotonic() + 60
+    while f"port {http}: /healthz" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc, port, http, log
+
+
+async def test_store_scp_with_a_full_disk_is_unhealthy_and_refuses_stores_until_room_is_made(tmp_path: Path) -> None:
+    """``store-scp`` as ``serve``: a 6 MiB file system, 2 MiB to keep free, filled to
+    ~1 MiB free: /healthz 503 ``storage <out> full``, a C-STORE refused 0xA700 with
+    nothing written and a log line; the filler removed, both recover by themselves."""
+    from test_integrity import small_tmpfs
+
+    with small_tmpfs(tmp_path / "fs", "6m") as fs:
+        out = fs / "in"
+        proc, port, http, log = store_scp(tmp_path, out, "--min-free-space", str(2 * MiB))
+        try:
+            path, uid = instance(tmp_path)
+            assert await store(port, path) == (0, "") and stored(out, uid)
+            assert healthz(http) == (200, "ok\n")
+
+            with open(fs / "filler", "wb") as filler:  # until ~1 MiB is left
+                while shutil.disk_usage(fs).free > MiB + 64 * 1024:
+                    filler.write(b"\0" * 64 * 1024)
+                    filler.flush()
+                    os.fsync(filler.fileno())
+            code, body = healthz(http)
+            assert code == 503 and re.match(
+                rf"storage {re.escape(str(out))} full: \d+ bytes free, minimum {2 * MiB}\n", body
+            ), body
+            path, uid = instance(tmp_path)
+            assert await store(port, path) == (0xA700, "Out of resources: storage full")
+            assert not stored(out, uid) and not list(out.rglob("*.partial"))
+
+            (fs / "filler").unlink()
+            assert healthz(http) == (200, "ok\n")
+            assert await store(port, path) == (0, "") and stored(out, uid)
+        finally:
+            stop_process(proc, timeout=30)
+        text = log.read_text()
+        assert "C-STORE out of resources" in text and f"storage {out} full" in text, text
+        assert "Traceback" not in text
+
+
+async def test_store_scp_workers_parent_healthz_says_storage_full(tmp_path: Path) -> None:
+    """``store-scp --workers 2``: with more free space asked for than the disk has, the
+    parent's /healthz is 503 ``storage ... full`` and the workers refuse stores 0xA700."""
+    out = tmp_path / "in"
+    out.mkdir()
+    beyond = shutil.disk_usage(out).free + (1 << 40)
+    proc, port, http, _log = store_scp(tmp_path, out, "--workers", "2", "--min-free-space", str(beyond))
+    try:
+        code, body = healthz(http)
+        assert code == 503 and body.startswith(f"storage {out} full: ") and f"minimum {beyond}" in body, body
+        path, uid = instance(tmp_path)
+        assert await store(port, path) == (0xA700, "Out of resources: storage full")
+        assert not stored(out, uid)
+    finally:
+        stop_process(proc, timeout=30)
+
+
+def test_store_scp_keeps_1_mib_free_unless_told(tmp_path: Path) -> None:
+    from dimse_async.cli import _parser
+
+    args = _parser("store-scp").parse_args(["store-scp"])
+    assert args.min_free_space == 1 << 20
+    assert _parser("store-scp").parse_args(["store-scp", "--min-free-space", "0"]).min_free_space == 0

@@ -30,9 +30,9 @@ from ..dataset_check import (
 )
 from ..dimse import Status
 from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
-from ..log import Repeats
 from ..part10 import read_file_meta, valid_uid
 from ..services.storage import StoreRequest
+from ..space import StorageSpace, log_store_refusal
 from .backend import IndexRow
 from .db import IndexDB, log
 from .schema import (
@@ -179,36 +179,14 @@ def _files_before_store(existing: tuple[str, int] | None, dest: str) -> tuple[tu
     return None, _keep_previous(dest)
 
 
-#: "C-STORE out of resources" lines: while a disk is full or the index is down every
-#: store is refused for the same reason; the first 5 of a reason per 10 s are logged,
-#: the rest counted into the next line logged (``suppressed=N``). Each refusal still
-#: has its operation line (INFO with ``log_operations``) and its status to the peer.
-_refusal_lines = Repeats(10.0, burst=5)
-
-
 def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
     """0xA700 with the true reason: disk full, read-only, too many open files, a locked index."""
     if isinstance(exc, OSError):
         reason = exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
     else:
         reason = f"index: {exc}"
-    _log_refusal(request, str(exc))
+    log_store_refusal(request, str(exc))
     return Status(0xA700, f"Out of resources: {reason}"[:64])
-
-
-def _log_refusal(request: StoreRequest, error: str) -> None:
-    error = error.replace("\n", " ")[:200]
-    suppressed = _refusal_lines.allow(error)
-    if suppressed is not None:
-        extra = {"suppressed": suppressed} if suppressed else {}
-        request.assoc.log.error("C-STORE out of resources", sop_instance=request.sop_instance_uid, error=error, **extra)
-
-
-#: Free space well above the minimum (this many bytes more) is looked at again after a
-#: second; nearer the minimum, at every store (one ``statvfs``), so a store is refused
-#: as soon as the minimum is crossed and admitted again as soon as room is made.
-_SPACE_MARGIN = 256 << 20
-_SPACE_RECHECK = 1.0
 
 
 class IngestMixin(IndexDB):
@@ -222,41 +200,28 @@ class IngestMixin(IndexDB):
     #: for space (stores then fail only when a write does, ENOSPC). A read-only file
     #: system is refused and reported the same way.
     min_free_space: int = 0
-    _space_ok_until = 0.0
+    _space: StorageSpace | None = None
+
+    def _storage_space(self) -> StorageSpace:
+        space = self._space
+        if space is None:
+            space = self._space = StorageSpace(self.root)
+        space.min_free_space = self.min_free_space
+        return space
 
     def storage_problem(self) -> tuple[str, str] | None:
-        """Why every store would be refused for the storage itself, or ``None``: its file
-        system read-only (remounted so after I/O errors, say) or below
-        :attr:`min_free_space`: (the reason for ``/healthz`` and the log, the short
-        one for the status's comment). Cheap: one ``statvfs`` at most, none within a
-        second of having seen it writable with plenty of room."""
-        now = time.monotonic()
-        if now < self._space_ok_until:
-            return None
-        try:
-            st = os.statvfs(self.root)
-        except OSError:  # cannot tell: the store itself will say
-            return None
-        if st.f_flag & os.ST_RDONLY:
-            return f"storage {self.root} read-only", "storage read-only"
-        minimum = self.min_free_space
-        free = st.f_bavail * st.f_frsize
-        if free < minimum:
-            return f"storage {self.root} full: {free} bytes free, minimum {minimum}", "storage full"
-        if free - minimum >= _SPACE_MARGIN:
-            self._space_ok_until = now + _SPACE_RECHECK
-        return None
+        """Why every store would be refused for the storage itself, or ``None``
+        (:meth:`~dimse_async.space.StorageSpace.problem`: read-only, or below
+        :attr:`min_free_space`)."""
+        return self._storage_space().problem()
 
     async def probe(self, timeout: float = 5.0) -> str | None:
         """``None`` while stores can succeed, else why not (for ``/healthz``): the
         storage is read-only or full (below :attr:`min_free_space`), or the index does
         not answer."""
-        try:
-            problem = await asyncio.wait_for(asyncio.to_thread(self.storage_problem), timeout)
-        except TimeoutError:
-            return f"storage {self.root} unavailable: no answer within {timeout:g} s"
+        problem = await self._storage_space().probe(timeout)
         if problem is not None:
-            return problem[0]
+            return problem
         return await super().probe(timeout)
 
     def _index_file(self, path: str) -> str:
@@ -448,10 +413,9 @@ class IngestMixin(IndexDB):
             return Status(0xC000, str(exc)[:64])
         if not valid_uid(request.sop_class_uid):
             return Status(0xC000, "invalid SOP Class UID")
-        problem = self.storage_problem()
-        if problem is not None:  # (PS3.4 B.2.3: refused, nothing stored)
-            _log_refusal(request, problem[0])
-            return Status(0xA700, f"Out of resources: {problem[1]}")
+        refusal = self._storage_space().refusal(request)
+        if refusal is not None:  # (PS3.4 B.2.3: refused, nothing stored)
+            return refusal
         try:
             summary = await _check_request(request, self.inflation_limits)
         except (DataSetError, InflationLimit) as exc:

@@ -232,6 +232,14 @@ def _add_store_scp(sub: Any) -> None:
         action="store_true",
         help="fsync each file and its directory before answering success (group commit across stores)",
     )
+    store.add_argument(
+        "--min-free-space",
+        type=non_negative_int,
+        default=1 << 20,
+        metavar="BYTES",
+        help="below this many bytes free in --out's file system (or with it read-only), stores are refused "
+        "0xA700 and /healthz is 503 (default 1048576; 0: read-only only)",
+    )
     _scp_common(store)
     _server_options(store)
 
@@ -467,7 +475,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
         check_bindable(args.host, args.port)
         await asyncio.to_thread(remove_earlier_leftovers, args.out)
     ae = storage_ae(args)
-    store = DirectoryStore(args.out, durable=args.durable)
+    store = DirectoryStore(args.out, durable=args.durable, min_free_space=args.min_free_space)
     ae.on_c_store(store)
     warn_if_exposed(args.host, policy=bool(getattr(args, "allowed_peer", None)))
     await serve_until_signalled(
@@ -476,6 +484,7 @@ async def _store_scp(args: argparse.Namespace) -> int:
         args.port,
         dep,
         options.announce(f"{args.aet} listening on {args.host}:{{port}}, storing into {args.out}"),
+        check=store.space.probe if store.space is not None else None,
     )
     print(f"stored {store.stored} instances", flush=True)
     return EXIT_OK
@@ -600,6 +609,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             import functools
 
             from ..services.spool import remove_leftovers
+            from ..space import StorageSpace
             from ..workers import run_workers
 
             dep = _deployment(args, "store-scp")
@@ -609,7 +619,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
             http = (dep.http_host, dep.http_port) if dep.http_port is not None else None
             remove_earlier_leftovers(args.out)
             leftovers = functools.partial(remove_leftovers, os.path.join(args.out, ".incoming"))
-            return run_workers(argv, args.workers, args.host, args.port, grace=grace, http=http, leftovers=leftovers)
+            space = StorageSpace(args.out, args.min_free_space)  # /healthz: the workers' storage
+            check = space.probe if http is not None else None
+            return run_workers(
+                argv, args.workers, args.host, args.port, grace=grace, http=http, check=check, leftovers=leftovers
+            )
         return run(_store_scp(args))
     if args.command == "send":
         return run(_send(args))

@@ -27,6 +27,7 @@ from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, valid_uid
 from ..session import Operation
 from ..sop_classes import is_other_service_class
+from ..space import StorageSpace
 from ..status import Code, Status
 from ..uids import STORE_TRANSFER_SYNTAXES
 from .requests import Request
@@ -335,6 +336,7 @@ def start_c_store(
         or not spool.uids_valid
         or spool.refusal is not None
         or spool.error is not None
+        or (handler.space is not None and handler.space.problem() is not None)  # refused by the handler
     ):
         return False
     rest = None
@@ -519,6 +521,10 @@ class DirectoryStore:
     ``check``: the data set is walked to its end first (PS3.5 §7.1, in a worker thread)
     and must name the command's SOP Class and Instance UIDs: else it is refused, 0xC000
     or 0xA900 (PS3.4 B.2.3), and no file is written (what a C-GET's peer sends).
+    ``min_free_space`` (bytes; 0: read-only only): while the root's file system is
+    below it or read-only, every store is refused 0xA700 before its data set is checked
+    or written (:class:`~dimse_async.space.StorageSpace`, :attr:`space`, whose
+    ``probe`` serves ``/healthz``); ``None``: stores fail only when a write does.
     """
 
     def __init__(
@@ -528,6 +534,7 @@ class DirectoryStore:
         durable: bool = False,
         inline: bool | InlineWrites = True,
         check: bool = False,
+        min_free_space: int | None = None,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -539,6 +546,7 @@ class DirectoryStore:
         )
         self.stored = 0
         self.check = check
+        self.space = None if min_free_space is None else StorageSpace(self._root, min_free_space)
 
     def path_for(self, sop_instance_uid: str) -> Path:
         if not valid_uid(sop_instance_uid):
@@ -552,6 +560,10 @@ class DirectoryStore:
                 return Status(Code.CANNOT_UNDERSTAND, f"invalid SOP Instance UID {uid[:70]!r}"[:64])
             if not valid_uid(request.sop_class_uid):
                 return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID")
+        if self.space is not None:
+            refusal = self.space.refusal(request)
+            if refusal is not None:  # (PS3.4 B.2.3: refused, nothing stored)
+                return refusal
         if self.check:
             refusal = await asyncio.to_thread(_dataset_refusal, request)
             if refusal is not None:
