@@ -250,7 +250,7 @@ async def test_many_huge_associate_rqs_at_once_stall_no_one(archive: ServerProce
     finally:
         replies = await attacks
     assert all(r is not None and r[:10] == RJ_PERMANENT_NO_REASON for r in replies), {r[:10] for r in replies if r}
-    assert max(latencies) < 0.8, latencies  # about 0.25 s (the first); 1.7 s before
+    assert max(latencies) < 1.2, latencies  # about 0.25 s (the first) on a quiet machine; 1.6-1.7 s before
     lines = [e for e in archive.log_events() if "more than 64 transfer syntaxes" in str(e.get("why"))]
     assert 1 <= len(lines) <= 5, lines  # the refusal log limit of one address (refusal_log_burst)
 
