@@ -36,6 +36,14 @@ __all__ = ["AssociationProtocol"]
 _ids = itertools.count(1)
 _log = get_logger()  # bound per association (no logger look-up per association)
 _WIND_DOWN = 30.0  # seconds for an ended association's cancelled tasks, then for its file work
+# Read once (a member read from its enum class is slow on Python 3.11: see fsm.Sta1).
+_REQUESTED, _ACCEPTED, _REJECTED, _RELEASED, _ABORTED = (
+    AssociationEvent.REQUESTED,
+    AssociationEvent.ACCEPTED,
+    AssociationEvent.REJECTED,
+    AssociationEvent.RELEASED,
+    AssociationEvent.ABORTED,
+)
 
 
 def _nothing() -> None:
@@ -153,7 +161,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
 
     @property
     def is_established(self) -> bool:
-        return self.fsm.state is fsm.State.Sta6
+        return self.fsm.state is fsm.Sta6
 
     @property
     def is_closed(self) -> bool:
@@ -232,7 +240,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.fsm.state
         self._run(self.fsm.connection_lost(now=self.loop.time()))
-        if was not in (fsm.State.Sta1, fsm.State.Sta13) and self._end_reason is None:
+        if was not in (fsm.Sta1, fsm.Sta13) and self._end_reason is None:
             self._end_reason = self.fsm.failure or "connection lost"
         if isinstance(exc, ssl.SSLError) and self._end_reason is not None:  # a bad record, a refused renegotiation
             self._end_reason += f" (TLS: {exc.reason or exc})"
@@ -309,7 +317,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self._on_release_indication(out.collision)
         elif isinstance(out, fsm.ReleaseConfirm):
             self._released = True
-            if self.fsm.state is fsm.State.Sta12:  # acceptor side of a collision
+            if self.fsm.state is fsm.Sta12:  # acceptor side of a collision
                 self.loop.call_soon(self._release_response)
             if self._release_confirm is not None and not self._release_confirm.done():
                 self._release_confirm.set_result(None)
@@ -404,7 +412,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self.settings.observer.association_ended(self)
         if self.negotiated is not None:
             released = self._released and reason is None
-            self._hook(AssociationEvent.RELEASED if released else AssociationEvent.ABORTED)
+            self._hook(_RELEASED if released else _ABORTED)
         for fut in (self._established, self._release_confirm):  # mark exceptions nobody awaits as retrieved
             if fut is not None and fut.done() and not fut.cancelled():
                 fut.exception()
@@ -448,11 +456,11 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self.associate_rq, self.peer_ae = rq, rq.calling_ae
         self.log = self.log.bind(peer_ae=rq.calling_ae, called_ae=rq.called_ae)
         judge_now = self.settings.judge_now
-        if judge_now is None or self.fsm.state is not fsm.State.Sta3:
+        if judge_now is None or self.fsm.state is not fsm.Sta3:
             self.spawn(self._on_associate_request(rq))
             return
         try:
-            self._hook(AssociationEvent.REQUESTED)
+            self._hook(_REQUESTED)
             decided = judge_now(self, rq)
             if decided is None:
                 self.spawn(self._on_associate_request(rq, hooked=True))
@@ -465,14 +473,14 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     async def _on_associate_request(self, rq: AssociateRQ, *, hooked: bool = False) -> None:
         """Acceptor: the AE judges the A-ASSOCIATE-RQ, awaiting what it needs to."""
         if not hooked:
-            self._hook(AssociationEvent.REQUESTED)
+            self._hook(_REQUESTED)
         assert self.settings.judge is not None, "an acceptor needs Settings.judge"
         result, neg = await self.settings.judge(self, rq)
         self._answer_request(result, neg)
 
     def _answer_request(self, result: AssociateAC | AssociateRJ, neg: Negotiated | None) -> None:
         """A-ASSOCIATE response (accept or reject) to the request being judged."""
-        if self.fsm.state is not fsm.State.Sta3:
+        if self.fsm.state is not fsm.Sta3:
             return  # the peer aborted or went away while we decided
         if isinstance(result, AssociateRJ):
             self._end_reason = f"rejected: {reject_text(result)}"  # on the "association closed" line
@@ -483,7 +491,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             elif self._debug:
                 self.log.debug("association rejected", reason=reject_text(result))
             self._run(self.fsm.reject(result, now=self.loop.time()))
-            self._hook(AssociationEvent.REJECTED)
+            self._hook(_REJECTED)
             return
         assert neg is not None
         self._run(self.fsm.accept(result, now=self.loop.time()))
@@ -515,7 +523,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 window=f"{neg.max_ops_invoked},{neg.max_ops_performed}",
             )
             self.log.debug("negotiated", **negotiation_summary(neg))
-        self._hook(AssociationEvent.ACCEPTED)
+        self._hook(_ACCEPTED)
         if not self._established.done():
             self._established.set_result(None)
 
@@ -537,14 +545,14 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
 
         A peer that does not answer within ``timeout`` (default: ACSE timeout) is aborted.
         """
-        if self.fsm.state is fsm.State.Sta6 and self._waiters:
+        if self.fsm.state is fsm.Sta6 and self._waiters:
             await asyncio.gather(*(w.done for w in self._waiters.values()), return_exceptions=True)
         async with self._send_lock:  # the state is judged after the last message went out
-            if self.fsm.state is fsm.State.Sta6:
+            if self.fsm.state is fsm.Sta6:
                 self._release_confirm = self.loop.create_future()
                 self._run(self.fsm.release(now=self.loop.time()))
         if self._release_confirm is None:  # released or aborted meanwhile, by either side
-            if not self._closed.done() and self.fsm.state is not fsm.State.Sta1:
+            if not self._closed.done() and self.fsm.state is not fsm.Sta1:
                 await self.wait_closed()
             return
         timeout = self.settings.acse_timeout if timeout is None else timeout
@@ -583,15 +591,15 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._release_response()
 
     def _release_response(self) -> None:
-        if self.fsm.state in (fsm.State.Sta8, fsm.State.Sta9, fsm.State.Sta12):
+        if self.fsm.state in (fsm.Sta8, fsm.Sta9, fsm.Sta12):
             self._run(self.fsm.release_response(now=self.loop.time()))
 
     def abort(self, reason: str = "aborted by local user") -> None:
         """A-ABORT (PS3.8 §7.3), service-user source. Safe to call in any state."""
         self._end_reason = self._end_reason or reason
         state = self.fsm.state
-        if state in (fsm.State.Sta1, fsm.State.Sta2, fsm.State.Sta13):
-            if self.transport is not None and state is not fsm.State.Sta13:
+        if state in (fsm.Sta1, fsm.Sta2, fsm.Sta13):
+            if self.transport is not None and state is not fsm.Sta13:
                 self.transport.close()
             return
         self.log.info("aborting association", reason=reason)

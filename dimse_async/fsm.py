@@ -98,10 +98,17 @@ _PDU_EVENTS: dict[type, Event] = {
 }
 
 
-# Enum members read per PDU, looked up once: reading a member from its class goes through
-# EnumType.__getattr__'s slow attribute path on Python 3.11 (~0.2 us each).
-_STA6 = S.Sta6
-_NO_FRAMES = (S.Sta1, S.Sta4)  # no association, or the connection is gone: nothing is framed
+# The states and events as module names, looked up once: reading a member from its class
+# goes through EnumType.__getattr__'s slow attribute path on Python 3.11 (~900 instructions,
+# ~0.2 us, each; an association's transitions read a dozen).
+Sta1, Sta2, Sta3, Sta4, Sta5, Sta6, Sta7, Sta8, Sta9, Sta10, Sta11, Sta12, Sta13 = State
+(
+    Evt1, Evt2, Evt3, Evt4, Evt5, Evt6, Evt7, Evt8, Evt9, Evt10,
+    Evt11, Evt12, Evt13, Evt14, Evt15, Evt16, Evt17, Evt18, Evt19,
+) = Event  # fmt: skip
+_STA6 = Sta6
+_STATE_NAMES = {state: state.name for state in State}  # (a member's .name is slow too)
+_NO_FRAMES = (Sta1, Sta4)  # no association, or the connection is gone: nothing is framed
 
 # Outputs without data, and PDUs that are always the same bytes: made once.
 _START_ARTIM, _STOP_ARTIM = StartARTIM(), StopARTIM()
@@ -145,7 +152,7 @@ class UpperLayer:
         decode_rq: Callable[[memoryview], AssociateRQ] | None = None,
     ):
         self.requestor = requestor
-        self.state = State.Sta1
+        self.state = Sta1
         self.reader = PDUReader(max_pdu_receive, decode_rq=decode_rq)
         self.artim_timeout = artim_timeout
         self.abort_artim_timeout = min(abort_artim_timeout, artim_timeout)
@@ -229,7 +236,7 @@ class UpperLayer:
                 self._unframeable = True
                 self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, int(exc.reason)
                 self._why = f"invalid PDU: {exc}"
-                out += self._handle(E.Evt19)
+                out += self._handle(Evt19)
                 break
             if pdu is None:
                 break
@@ -247,23 +254,23 @@ class UpperLayer:
                 self._why = f"A-ABORT received (source {pdu.source}, reason {pdu.reason})"
             else:
                 self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, AbortReason.UNEXPECTED_PDU
-                self._why = f"unexpected {type(pdu).__name__} PDU in {self.state.name}"
+                self._why = f"unexpected {type(pdu).__name__} PDU in {_STATE_NAMES[self.state]}"
             out += self._handle(_PDU_EVENTS[type(pdu)])
         return out
 
     def connection_made(self, *, now: float | None = None) -> list[Output]:
         """Evt2 for the requestor (connect confirmation), Evt5 for the acceptor."""
         self._tick(now)
-        return self._handle(E.Evt2 if self.requestor else E.Evt5)
+        return self._handle(Evt2 if self.requestor else Evt5)
 
     def connection_lost(self, *, now: float | None = None) -> list[Output]:
         """Evt17. Ignored once idle (the close we asked for ourselves)."""
         self._tick(now)
         self.pdu_deadline = None
-        if self.state is State.Sta1:
+        if self.state is Sta1:
             return []
         self._why = "transport connection closed by peer"
-        return self._handle(E.Evt17)
+        return self._handle(Evt17)
 
     def artim_expired(self, *, now: float | None = None) -> list[Output]:
         """Evt18. A stale expiry (timer already stopped) is ignored."""
@@ -273,7 +280,7 @@ class UpperLayer:
         self.artim_running = False
         self.artim_deadline = None
         self._why = f"ARTIM timer expired in {self.state.name}"
-        return self._handle(E.Evt18)
+        return self._handle(Evt18)
 
     # -- time --------------------------------------------------------------------------
 
@@ -314,14 +321,14 @@ class UpperLayer:
     def _pdu_stalled(self, now: float) -> list[Output]:
         self.pdu_deadline = None
         timeout = self.pdu_timeout
-        if not self.reader.buffered or timeout is None or self.state in (State.Sta1, State.Sta4):
+        if not self.reader.buffered or timeout is None or self.state in (Sta1, Sta4):
             return []
         if self.reading_paused:  # we stopped reading, not the peer: not its fault
             self.pdu_deadline = now + timeout
             return []
         reason = f"PDU not completed within {timeout:g} s ({self.reader.buffered} bytes received)"
         out: list[Output] = [TimerExpired("PDU progress", reason)]
-        if self.state in (State.Sta2, State.Sta13):  # ARTIM runs: end as its expiry would (AA-2)
+        if self.state in (Sta2, Sta13):  # ARTIM runs: end as its expiry would (AA-2)
             self.failure = self.failure or reason
             return out + self.artim_expired()
         return out + self.provider_abort(reason, AbortReason.NOT_SPECIFIED)
@@ -332,19 +339,19 @@ class UpperLayer:
         """A-ASSOCIATE request (Evt1); the RQ is sent once the transport is up."""
         self._tick(now)
         self._pdu = rq
-        return self._handle(E.Evt1)
+        return self._handle(Evt1)
 
     def accept(self, ac: AssociateAC, *, now: float | None = None) -> list[Output]:
         """A-ASSOCIATE response, accept (Evt7)."""
         self._tick(now)
         self._pdu = ac
-        return self._handle(E.Evt7)
+        return self._handle(Evt7)
 
     def reject(self, rj: AssociateRJ, *, now: float | None = None) -> list[Output]:
         """A-ASSOCIATE response, reject (Evt8)."""
         self._tick(now)
         self._pdu = rj
-        return self._handle(E.Evt8)
+        return self._handle(Evt8)
 
     def send_pdata(self, data: bytes | list[bytes | memoryview]) -> list[Output]:
         """P-DATA request (Evt9); ``data`` is one or more encoded P-DATA-TF PDUs, as one
@@ -356,24 +363,24 @@ class UpperLayer:
                 del history[:32]
             return [Send(data)]
         self._outgoing = data
-        return self._handle(E.Evt9)
+        return self._handle(Evt9)
 
     def release(self, *, now: float | None = None) -> list[Output]:
         """A-RELEASE request (Evt11)."""
         self._tick(now)
-        return self._handle(E.Evt11)
+        return self._handle(Evt11)
 
     def release_response(self, *, now: float | None = None) -> list[Output]:
         """A-RELEASE response (Evt14)."""
         self._tick(now)
-        return self._handle(E.Evt14)
+        return self._handle(Evt14)
 
     def abort(self, reason: str = "aborted by local user", *, now: float | None = None) -> list[Output]:
         """A-ABORT request (Evt15), service-user source."""
         self._tick(now)
         self._abort_source, self._abort_reason = ABORT_SOURCE_USER, 0
         self._why = reason
-        return self._handle(E.Evt15)
+        return self._handle(Evt15)
 
     def provider_abort(
         self, reason: str, diag: AbortReason = AbortReason.NOT_SPECIFIED, *, now: float | None = None
@@ -386,7 +393,7 @@ class UpperLayer:
         self._tick(now)
         self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, int(diag)
         self._why = reason
-        return self._handle(E.Evt19)
+        return self._handle(Evt19)
 
     # -- transition function ---------------------------------------------------------
 
@@ -424,26 +431,26 @@ class UpperLayer:
 
     def _ae_1(self) -> State:
         self._out.append(ConnectTransport())
-        return S.Sta4
+        return Sta4
 
     def _ae_2(self) -> State:
         assert isinstance(self._pdu, AssociateRQ)
         self._out.append(Send(self._pdu.encode()))
-        return S.Sta5
+        return Sta5
 
     def _ae_3(self) -> State:
         assert isinstance(self._pdu, AssociateAC)
         self._out.append(AssociateAccepted(self._pdu))
-        return S.Sta6
+        return Sta6
 
     def _ae_4(self) -> State:
         assert isinstance(self._pdu, AssociateRJ)
         self._out += [AssociateRejected(self._pdu), CloseTransport()]
-        return S.Sta1
+        return Sta1
 
     def _ae_5(self) -> State:
         self._start_artim()
-        return S.Sta2
+        return Sta2
 
     def _ae_6(self) -> State:
         """Stop ARTIM; the provider rejects a request it cannot accept itself, else the
@@ -465,59 +472,59 @@ class UpperLayer:
             self._out.append(Send(AssociateRJ(RejectResult.PERMANENT, RejectSource.ACSE, reason).encode()))
             self._start_artim()
             self._out.append(Refused(f"{self.failure}: A-ASSOCIATE-RJ sent"))
-            return S.Sta13
+            return Sta13
         self._out.append(AssociateIndication(rq))
-        return S.Sta3
+        return Sta3
 
     def _ae_7(self) -> State:
         assert isinstance(self._pdu, AssociateAC)
         self._out.append(Send(self._pdu.encode()))
-        return S.Sta6
+        return Sta6
 
     def _ae_8(self) -> State:
         assert isinstance(self._pdu, AssociateRJ)
         self._out.append(Send(self._pdu.encode()))
         self._start_artim()
-        return S.Sta13
+        return Sta13
 
     def _dt_1(self) -> State:
         self._out.append(Send(self._take_outgoing()))
-        return S.Sta6
+        return Sta6
 
     def _dt_2(self) -> State:
         assert isinstance(self._pdu, PDataTF)
         self._out.append(PDataIndication(self._pdu))
-        return S.Sta6
+        return Sta6
 
     def _ar_1(self) -> State:
         self._out.append(Send(_RELEASE_RQ))
-        return S.Sta7
+        return Sta7
 
     def _ar_2(self) -> State:
         self._out.append(ReleaseIndication())
-        return S.Sta8
+        return Sta8
 
     def _ar_3(self) -> State:
         self._out += [ReleaseConfirm(), CloseTransport()]
-        return S.Sta1
+        return Sta1
 
     def _ar_4(self) -> State:
         self._out.append(Send(_RELEASE_RP))
         self._start_artim()
-        return S.Sta13
+        return Sta13
 
     def _ar_5(self) -> State:
         self._stop_artim()
-        return S.Sta1
+        return Sta1
 
     def _ar_6(self) -> State:
         assert isinstance(self._pdu, PDataTF)
         self._out.append(PDataIndication(self._pdu))
-        return S.Sta7
+        return Sta7
 
     def _ar_7(self) -> State:
         self._out.append(Send(self._take_outgoing()))
-        return S.Sta8
+        return Sta8
 
     def _take_outgoing(self) -> bytes | list[bytes | memoryview]:
         data, self._outgoing = self._outgoing, b""
@@ -525,18 +532,18 @@ class UpperLayer:
 
     def _ar_8(self) -> State:
         self._out.append(ReleaseIndication(collision=True))
-        return S.Sta9 if self.requestor else S.Sta10
+        return Sta9 if self.requestor else Sta10
 
     def _ar_9(self) -> State:
         self._out.append(Send(_RELEASE_RP))
-        return S.Sta11
+        return Sta11
 
     def _ar_10(self) -> State:
         self._out.append(ReleaseConfirm())
-        return S.Sta12
+        return Sta12
 
     def _aa_1(self) -> State:
-        unassociated = self.state is S.Sta2
+        unassociated = self.state is Sta2
         if unassociated:
             # Not yet associated: the provider answers the stray PDU itself.
             self._send_abort(ABORT_SOURCE_PROVIDER, self._abort_reason)
@@ -547,14 +554,14 @@ class UpperLayer:
         self._start_artim()
         if unassociated:  # nobody else hears of it: say why
             self._out.append(Refused(f"{self._why}: A-ABORT sent"))
-        return S.Sta13
+        return Sta13
 
     def _aa_2(self) -> State:
         self._stop_artim()
         if self.failure is None and self._why:
             self.failure = self._why
         self._out.append(CloseTransport(discard=True))
-        return S.Sta1
+        return Sta1
 
     def _aa_3(self) -> State:
         assert isinstance(self._pdu, Abort)
@@ -564,23 +571,23 @@ class UpperLayer:
         else:
             self._out.append(PeerAbort(self._pdu.source, self._pdu.reason))
         self._out.append(CloseTransport(discard=True))
-        return S.Sta1
+        return Sta1
 
     def _aa_4(self) -> State:
         self.failure = self._why
         self._out.append(ProviderAbort(self._why))
-        return S.Sta1
+        return Sta1
 
     def _aa_5(self) -> State:
         self._stop_artim()
-        return S.Sta1
+        return Sta1
 
     def _aa_6(self) -> State:
-        return S.Sta13
+        return Sta13
 
     def _aa_7(self) -> State:
         self._send_abort(ABORT_SOURCE_PROVIDER, self._abort_reason)
-        return S.Sta13
+        return Sta13
 
     def _aa_8(self) -> State:
         self.failure = self._why
@@ -588,9 +595,9 @@ class UpperLayer:
         self._out.append(ProviderAbort(self._why))
         self._stop_artim()
         self._start_artim()
-        return S.Sta13
+        return Sta13
 
 
 _ACTIONS = {action: getattr(UpperLayer, "_" + action.name.lower()) for action in Action}
-_DT_1 = (S.Sta6, E.Evt9, A.DT_1)
-_DT_2 = (S.Sta6, E.Evt10, A.DT_2)
+_DT_1 = (Sta6, Evt9, A.DT_1)
+_DT_2 = (Sta6, Evt10, A.DT_2)
