@@ -123,6 +123,9 @@ class PDUType(IntEnum):
 # EnumType.__getattr__'s slow attribute path on Python 3.11 (~0.2 us each).
 _P_DATA_TF = int(PDUType.P_DATA_TF)
 _ASSOCIATE_RQ = int(PDUType.ASSOCIATE_RQ)
+# Read per PDU: not from the enum class each time (EnumType's slow attribute path on 3.11).
+_ASSOCIATE_AC, _ASSOCIATE_RJ = int(PDUType.ASSOCIATE_AC), int(PDUType.ASSOCIATE_RJ)
+_RELEASE_RQ, _RELEASE_RP, _ABORT = int(PDUType.RELEASE_RQ), int(PDUType.RELEASE_RP), int(PDUType.ABORT)
 
 
 # ---------------------------------------------------------------------------
@@ -422,7 +425,7 @@ def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | Associat
     for t, v in items(body[68:], "A-ASSOCIATE PDU"):
         if t == 0x10:
             app_context = text(v, "application context name")
-        elif t == 0x20 and pdu_type == PDUType.ASSOCIATE_RQ:
+        elif t == 0x20 and pdu_type == _ASSOCIATE_RQ:
             if len(rq_contexts) >= MAX_RQ_CONTEXTS:
                 over_limit = f"more than {MAX_RQ_CONTEXTS} presentation contexts"
                 break
@@ -438,7 +441,7 @@ def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | Associat
                 over_limit = f"more than {MAX_RQ_DISTINCT_TRANSFER_SYNTAXES} distinct transfer syntaxes"
                 break
             rq_contexts.append(pc)
-        elif t == 0x21 and pdu_type == PDUType.ASSOCIATE_AC:
+        elif t == 0x21 and pdu_type == _ASSOCIATE_AC:
             if len(v) < 4:
                 raise PDUError("truncated presentation context item")
             ts = ""
@@ -457,7 +460,7 @@ def _decode_associate(pdu_type: int, body: memoryview) -> AssociateRQ | Associat
                            over_limit=over_limit)  # fmt: skip
     if user_info is None:
         raise PDUError("A-ASSOCIATE PDU has no user information item")
-    if pdu_type == PDUType.ASSOCIATE_RQ:
+    if pdu_type == _ASSOCIATE_RQ:
         return AssociateRQ(called, calling, rq_contexts, user_info, app_context, version)
     return AssociateAC(called, calling, ac_contexts, user_info, app_context, version)
 
@@ -494,18 +497,18 @@ def _unrecognized(head: bytes) -> str:
 def decode_pdu(pdu_type: int, body: bytes | memoryview) -> PDU:
     """Decode one PDU body (without its 6-byte header). Raises :class:`PDUError`."""
     mv = memoryview(body)
-    if pdu_type == PDUType.P_DATA_TF:
+    if pdu_type == _P_DATA_TF:
         return _decode_pdata(mv)
-    if pdu_type in (PDUType.ASSOCIATE_RQ, PDUType.ASSOCIATE_AC):
+    if pdu_type in (_ASSOCIATE_RQ, _ASSOCIATE_AC):
         return _decode_associate(pdu_type, mv)
-    if pdu_type in (PDUType.ASSOCIATE_RJ, PDUType.RELEASE_RQ, PDUType.RELEASE_RP, PDUType.ABORT):
+    if pdu_type in (_RELEASE_RQ, _RELEASE_RP, _ASSOCIATE_RJ, _ABORT):
         if len(mv) != 4:
             raise PDUError(f"PDU type {pdu_type:#04x} must have length 4, not {len(mv)}")
-        if pdu_type == PDUType.ASSOCIATE_RJ:
+        if pdu_type == _ASSOCIATE_RJ:
             return AssociateRJ(mv[1], mv[2], mv[3])
-        if pdu_type == PDUType.ABORT:
+        if pdu_type == _ABORT:
             return Abort(mv[2], mv[3])
-        return ReleaseRQ() if pdu_type == PDUType.RELEASE_RQ else ReleaseRP()
+        return ReleaseRQ() if pdu_type == _RELEASE_RQ else ReleaseRP()
     raise PDUError(f"unrecognized PDU type {pdu_type:#04x}", AbortReason.UNRECOGNIZED_PDU)
 
 
