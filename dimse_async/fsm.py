@@ -108,6 +108,7 @@ Sta1, Sta2, Sta3, Sta4, Sta5, Sta6, Sta7, Sta8, Sta9, Sta10, Sta11, Sta12, Sta13
 ) = Event  # fmt: skip
 _STA6 = Sta6
 _STATE_NAMES = {state: state.name for state in State}  # (a member's .name is slow too)
+_UNEXPECTED_PDU = int(AbortReason.UNEXPECTED_PDU)  # the reason an A-ABORT for a PDU out of turn would give
 _NO_FRAMES = (Sta1, Sta4)  # no association, or the connection is gone: nothing is framed
 
 # Outputs without data, and PDUs that are always the same bytes: made once.
@@ -253,7 +254,7 @@ class UpperLayer:
             if type(pdu) is Abort:
                 self._why = f"A-ABORT received (source {pdu.source}, reason {pdu.reason})"
             else:
-                self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, AbortReason.UNEXPECTED_PDU
+                self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, _UNEXPECTED_PDU
                 self._why = f"unexpected {type(pdu).__name__} PDU in {_STATE_NAMES[self.state]}"
             out += self._handle(_PDU_EVENTS[type(pdu)])
         return out
