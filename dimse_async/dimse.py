@@ -308,6 +308,12 @@ _US_KIND, _AT_KIND, _STR_KIND = 0, 1, 2
 _DECODING = {elem: (_US_KIND if vr == "US" else _AT_KIND if vr == "AT" else _STR_KIND, name) for elem, vr, name in _ELEMENTS}
 
 
+# C-ECHO-RQ command sets decoded before, by their bytes: a client that checks a server with
+# a C-ECHO per association sends the same bytes every time (message id 1, its SOP class).
+_ECHO_RQ_SEEN: dict[bytes, dict[str, Any]] = {}
+_ECHO_RQ_KEPT = 64
+
+
 def decode_command(data: bytes | bytearray | memoryview) -> Command:
     """Decode a command set. Unknown group-0000 elements are skipped."""
     raw = data if type(data) is bytes else bytes(data)
@@ -318,6 +324,9 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
             cmd = _store_rq_of_shape(raw, at, shape)
             if cmd is not None:
                 return cmd
+    seen = _ECHO_RQ_SEEN.get(raw)  # a C-ECHO-RQ seen before?
+    if seen is not None:
+        return Command(**seen)  # a command of its own: the values are plain ints and strings
     return _decode_elements(raw)
 
 
@@ -395,6 +404,10 @@ def _decode_elements(raw: bytes) -> Command:
     if "data_set_type" not in values:
         raise DIMSEError("command set has no Command Data Set Type (0000,0800)")
     cmd = Command(**values)  # type: ignore[arg-type]
+    if cmd.command_field == 0x0030 and cmd.data_set_type == NO_DATASET:
+        if len(_ECHO_RQ_SEEN) >= _ECHO_RQ_KEPT:
+            _ECHO_RQ_SEEN.clear()
+        _ECHO_RQ_SEEN[raw] = dict(values)
     if (
         cmd.command_field == 0x0001
         and not repeated

@@ -1056,3 +1056,26 @@ def test_decoded_store_requests_share_no_lists_and_shapes_are_bounded():
                      affected_sop_instance_uid="1.2.4", data_set_type=0)  # fmt: skip
         assert decode_command(encode_command(rq)) == rq
     assert 0 < len(dimse._STORE_RQ_SEEN) <= dimse._STORE_RQ_SHAPES
+
+
+def test_echo_requests_seen_before_decode_to_commands_of_their_own():
+    """A C-ECHO-RQ command set decoded before (by its bytes) decodes again to an equal,
+    separate Command (changing one leaves the next alone); other commands are not kept,
+    nor are more than a bound of distinct requests."""
+    from dimse_async import dimse
+
+    dimse._ECHO_RQ_SEEN.clear()
+    raw = encode_command(Command(CommandField.C_ECHO_RQ, message_id=1, affected_sop_class_uid="1.2.840.10008.1.1"))
+    first = decode_command(raw)
+    assert len(dimse._ECHO_RQ_SEEN) == 1
+    second = decode_command(bytearray(raw))
+    assert second == first and second is not first
+    second.message_id = 9
+    assert decode_command(raw) == first
+    decode_command(encode_command(Command(CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid="1.2",
+                                          affected_sop_instance_uid="1.2.3", data_set_type=0)))  # fmt: skip
+    decode_command(encode_command(Command(CommandField.C_ECHO_RSP, message_id_being_responded_to=1, status=0)))
+    assert len(dimse._ECHO_RQ_SEEN) == 1
+    for i in range(dimse._ECHO_RQ_KEPT + 10):
+        assert decode_command(encode_command(Command(CommandField.C_ECHO_RQ, message_id=i))).message_id == i
+    assert len(dimse._ECHO_RQ_SEEN) <= dimse._ECHO_RQ_KEPT
