@@ -79,10 +79,31 @@ def _format_value(value: Any) -> str:
     return text
 
 
+#: Strings judged lately (whether they are written as they are, unquoted): an AE title, a
+#: count of contexts or operations recurs from line to line and is then judged by a
+#: dictionary look-up instead of the pattern. Bounded (emptied when full).
+_PLAIN: dict[str, bool] = {}
+_PLAIN_KEPT = 4096
+
+
 def _pairs(fields: dict[str, Any]) -> str:
     """The fields as ``k=v k=v ...``, as they follow the event in a line (an ``int``
     as it is: nothing in it needs quoting)."""
-    return " ".join([f"{k}={v}" if type(v) is int else f"{k}={_format_value(v)}" for k, v in fields.items()])
+    out = []
+    for k, v in fields.items():
+        kind = type(v)
+        if kind is int:
+            out.append(f"{k}={v}")
+        elif kind is str:
+            plain = _PLAIN.get(v)
+            if plain is None:
+                if len(_PLAIN) >= _PLAIN_KEPT:
+                    _PLAIN.clear()
+                plain = _PLAIN[v] = bool(v) and _QUOTED.search(v) is None
+            out.append(f"{k}={v}" if plain else f"{k}={_dumps(v)}")
+        else:
+            out.append(f"{k}={_format_value(v)}")
+    return " ".join(out)
 
 
 def _render(event: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -226,6 +247,9 @@ def get_logger(name: str | None = None, **initial: Any) -> Any:
     return _LazyLogger(stdlib_logger, initial)
 
 
+_LEVEL_FIELDS: dict[str, str] = {}  # level name -> its console field, e.g. "[info   ]"
+
+
 class StructuredFormatter(logging.Formatter):
     """Console (``time level event k=v``) or JSON lines; for any record, ours or not."""
 
@@ -250,8 +274,8 @@ class StructuredFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, RECORD_ATTR, None)
         stamp = self._stamp(record.created)
-        level = record.levelname.lower()
         if self.json:
+            level = record.levelname.lower()
             if fields is not None:
                 out = dict(fields)
             else:
@@ -265,7 +289,10 @@ class StructuredFormatter(logging.Formatter):
                     out["exception"] = self.formatException(record.exc_info)
             out = {"timestamp": stamp, "level": level, **out, **_process_fields}
             return _dumps(out)
-        text = f"{stamp} [{level:<7}] {record.getMessage().rstrip()}"
+        field = _LEVEL_FIELDS.get(record.levelname)
+        if field is None:  # made once per level name: "[info   ]"
+            field = _LEVEL_FIELDS[record.levelname] = f"[{record.levelname.lower():<7}]"
+        text = f"{stamp} {field} {record.getMessage().rstrip()}"
         if fields is None and record.name != LOGGER_NAME:
             text += f" logger={record.name}"
         for key, value in _process_fields.items():
@@ -345,6 +372,24 @@ class RepeatFilter(logging.Filter):
 #: (``Type: message``, never a traceback), rate-limited by a :class:`RepeatFilter`.
 _FOREIGN_QUIET = ("asyncpg",)
 
+
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """``logging.StreamHandler`` writing each line and flushing it in one step: the
+    stream is flushed under the lock :meth:`handle` already holds, not under a second
+    round trip of it (``StreamHandler.flush``). The same bytes, written when logged."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            stream = self.stream
+            stream.write(msg + self.terminator)
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
 
 
@@ -367,7 +412,7 @@ def configure_logging(
     unknown level name. Returns the handler.
     """
     numeric = _level(level)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = _LineHandler(stream or sys.stderr)
     handler.setFormatter(StructuredFormatter(json=json))
     handler.addFilter(RepeatFilter(_FOREIGN_QUIET))
     for logger, old in _installed:
