@@ -242,7 +242,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._run(self.fsm.connection_lost(now=self.loop.time()))
         if was not in (fsm.Sta1, fsm.Sta13) and self._end_reason is None:
             self._end_reason = self.fsm.failure or "connection lost"
-        if isinstance(exc, ssl.SSLError) and self._end_reason is not None:  # a bad record, a refused renegotiation
+        if exc is not None and isinstance(exc, ssl.SSLError) and self._end_reason is not None:  # a bad record, a refused renegotiation
             self._end_reason += f" (TLS: {exc.reason or exc})"
         self._finish()
 
@@ -392,7 +392,13 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         reason = self._end_reason
         self._wake_drain()  # a send waiting for a peer that never read: the connection is gone
         self._report_output(0)
-        self._settle(AssociationAborted(reason or "association closed"), released=self._released)
+        release_confirm = self._release_confirm
+        if (
+            self._waiters
+            or not self._established.done()
+            or (release_confirm is not None and not release_confirm.done())
+        ):  # someone still waits (not after a release the peer asked for: no exception made)
+            self._settle(AssociationAborted(reason or "association closed"), released=self._released)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
