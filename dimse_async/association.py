@@ -506,7 +506,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     def _set_negotiated(self, neg: Negotiated, what: str) -> None:
         self.negotiated = neg
         self.session = Session(
-            neg.accepted,
+            neg.contexts,  # (the session keeps the accepted ones: no list of them made here)
             max_performed=neg.max_ops_performed,
             streamed=self.settings.sinks,
             max_request_dataset=self.settings.max_request_dataset,
