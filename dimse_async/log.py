@@ -194,10 +194,8 @@ class _LazyLogger:
         event = str(event) if event is not None else ""
         initial = self._initial
         if kw and not initial.keys().isdisjoint(kw):  # a bound field given again: its new value in its place
-            fields = {**initial, **kw}
-            pairs = _pairs(fields)
+            pairs = _pairs({**initial, **kw})
         else:
-            fields = {**initial, **kw} if kw else initial
             prefix = self._prefix
             if prefix is None:  # the bound fields rendered once per logger, not per line
                 prefix = self._prefix = _pairs(initial)
@@ -208,7 +206,7 @@ class _LazyLogger:
         # The record made and handled directly: what Logger.log would do, less the
         # search of the stack for the caller (which would name this method anyway).
         record = stdlib.makeRecord(stdlib.name, level, "", 0, event + " " + pairs if pairs else event, (), None)
-        setattr(record, RECORD_ATTR, {"event": event, **fields})
+        setattr(record, RECORD_ATTR, {"event": event, **initial, **kw})  # (a field given again: in its place)
         stdlib.handle(record)
         return None
 
@@ -248,6 +246,7 @@ def get_logger(name: str | None = None, **initial: Any) -> Any:
 
 
 _LEVEL_FIELDS: dict[str, str] = {}  # level name -> its console field, e.g. "[info   ]"
+_MILLIS = [f".{ms:03d}+00:00" for ms in range(1000)]  # a stamp's end, made once (not formatted per line)
 
 
 class StructuredFormatter(logging.Formatter):
@@ -269,7 +268,7 @@ class StructuredFormatter(logging.Formatter):
         if second != self._second:
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._second_text}.{ms:03d}+00:00"
+        return self._second_text + _MILLIS[ms]
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, RECORD_ATTR, None)
