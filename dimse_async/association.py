@@ -265,8 +265,9 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             else:
                 self._run_other(out)
         if self._timer is not None:  # the usual case, per PDU: has the core's deadline moved earlier?
-            core = self.fsm.get_timer()
-            if core is None or core >= self._timer_at:
+            # (fsm.get_timer() inlined: this runs for every batch of outputs)
+            at, core, pdu = self._timer_at, self.fsm.artim_deadline, self.fsm.pdu_deadline
+            if (core is None or core >= at) and (pdu is None or pdu >= at):
                 return  # the adapter's own deadlines only move later (see _set_negotiated)
         self._schedule()
 

@@ -156,7 +156,8 @@ class UpperLayer:
         self.state = Sta1
         self.reader = PDUReader(max_pdu_receive, decode_rq=decode_rq)
         self.artim_timeout = artim_timeout
-        self.abort_artim_timeout = min(abort_artim_timeout, artim_timeout)
+        # (not min(): a builtin that parses its arguments slowly on 3.11, per association)
+        self.abort_artim_timeout = abort_artim_timeout if abort_artim_timeout < artim_timeout else artim_timeout
         self.pdu_timeout = pdu_timeout
         self.after_abort_read = after_abort_read
         #: Set by the adapter while it does not read (our backpressure, not the peer's
