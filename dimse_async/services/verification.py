@@ -28,14 +28,22 @@ async def c_echo(assoc: DIMSEProvider, *, timeout: float | None = None) -> Statu
 
 def _echo_status(assoc: DIMSEProvider, op: Operation) -> Status | None:
     """The status for a C-ECHO-RQ of another SOP class (logged), else ``None``."""
-    if op.command.affected_sop_class_uid != op.context.abstract_syntax:
+    sop_class = op.message.command.affected_sop_class_uid
+    if sop_class != op.context.abstract_syntax:
         # PS3.7 §9.3.5.1: the Verification SOP Class; anything else is not supported.
-        assoc.log.warning("C-ECHO-RQ for another SOP class", sop_class=op.command.affected_sop_class_uid)
+        assoc.log.warning("C-ECHO-RQ for another SOP class", sop_class=sop_class)
         return Status(Code.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported")
     return None
 
 
 def _echo_response(cmd: Command, status: Status) -> Command:
+    if not status:  # success: what response() makes, in one step (one C-ECHO per association is usual)
+        return Command(
+            _C_ECHO_RSP,
+            message_id_being_responded_to=cmd.message_id,
+            affected_sop_class_uid=cmd.affected_sop_class_uid or Verification,
+            status=0,
+        )
     rsp = response(cmd, status)
     rsp.affected_sop_class_uid = cmd.affected_sop_class_uid or Verification
     return rsp
@@ -49,11 +57,12 @@ def start_c_echo(
     if handler is not None:
         return False
     status = _echo_status(assoc, op) or _SUCCESS
-    assoc.answer(op, _echo_response(op.command, status), done)
+    assoc.answer(op, _echo_response(op.message.command, status), done)
     return True
 
 
 _SUCCESS = Status(Status.SUCCESS)
+_C_ECHO_RSP = int(CommandField.C_ECHO_RSP)  # not read from the enum class per response (slow on 3.11)
 
 
 async def scp_c_echo(
