@@ -179,7 +179,8 @@ class UpperLayer:
         self._outgoing: bytes | list[bytes | memoryview] = b""
         self._abort_source = ABORT_SOURCE_USER
         self._abort_reason = 0
-        self._why = ""
+        self._why: str | None = ""  # why an abort or close happens (None: see _reason)
+        self._out_of_turn: tuple[type, State] = (PDataTF, Sta1)  # the last PDU that may come out of turn
 
     # -- inputs from the peer and the transport ------------------------------------
 
@@ -256,7 +257,7 @@ class UpperLayer:
                 self._why = f"A-ABORT received (source {pdu.source}, reason {pdu.reason})"
             else:
                 self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, _UNEXPECTED_PDU
-                self._why = f"unexpected {type(pdu).__name__} PDU in {_STATE_NAMES[self.state]}"
+                self._why, self._out_of_turn = None, (type(pdu), self.state)  # said if needed: see _reason
             out += self._handle(_PDU_EVENTS[type(pdu)])
         return out
 
@@ -412,6 +413,14 @@ class UpperLayer:
         self.state = _ACTIONS[action](self)
         return out
 
+    def _reason(self) -> str:
+        """Why the abort or close under way happens; for a PDU out of turn said only now
+        (most PDUs that could come out of turn do not: an A-ASSOCIATE-RQ, an A-RELEASE-RQ)."""
+        if self._why is None:
+            kind, state = self._out_of_turn
+            self._why = f"unexpected {kind.__name__} PDU in {_STATE_NAMES[state]}"
+        return self._why
+
     # -- actions (Tables 9-6 … 9-9); each returns the next state ------------------------
 
     def _start_artim(self) -> None:
@@ -551,17 +560,17 @@ class UpperLayer:
             self._send_abort(ABORT_SOURCE_PROVIDER, self._abort_reason)
         else:
             self._send_abort(ABORT_SOURCE_USER, 0)
-        self.failure = self._why
+        self.failure = self._reason()
         self._stop_artim()
         self._start_artim()
         if unassociated:  # nobody else hears of it: say why
-            self._out.append(Refused(f"{self._why}: A-ABORT sent"))
+            self._out.append(Refused(f"{self._reason()}: A-ABORT sent"))
         return Sta13
 
     def _aa_2(self) -> State:
         self._stop_artim()
-        if self.failure is None and self._why:
-            self.failure = self._why
+        if self.failure is None and self._reason():
+            self.failure = self._reason()
         self._out.append(CloseTransport(discard=True))
         return Sta1
 
@@ -576,8 +585,8 @@ class UpperLayer:
         return Sta1
 
     def _aa_4(self) -> State:
-        self.failure = self._why
-        self._out.append(ProviderAbort(self._why))
+        self.failure = self._reason()
+        self._out.append(ProviderAbort(self._reason()))
         return Sta1
 
     def _aa_5(self) -> State:
@@ -592,9 +601,9 @@ class UpperLayer:
         return Sta13
 
     def _aa_8(self) -> State:
-        self.failure = self._why
+        self.failure = self._reason()
         self._send_abort(ABORT_SOURCE_PROVIDER, self._abort_reason)
-        self._out.append(ProviderAbort(self._why))
+        self._out.append(ProviderAbort(self._reason()))
         self._stop_artim()
         self._start_artim()
         return Sta13
