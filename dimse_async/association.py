@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any, cast
@@ -21,7 +22,7 @@ from .acse import MIN_PEER_PDU, Negotiated, negotiation_summary, reject_text, re
 from .exceptions import AssociationAborted, AssociationRejected, AssociationTimeout
 from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
-from .log import debug_enabled, get_logger
+from .log import LOGGER_NAME, get_logger
 from .messaging import HIGH_WATER, DIMSEMessaging
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
 from .session import (
@@ -35,6 +36,7 @@ __all__ = ["AssociationProtocol"]
 
 _ids = itertools.count(1)
 _log = get_logger()  # bound per association (no logger look-up per association)
+_stdlib_log = logging.getLogger(LOGGER_NAME)  # the one _log writes to (its level read per association)
 _WIND_DOWN = 30.0  # seconds for an ended association's cancelled tasks, then for its file work
 # Read once (a member read from its enum class is slow on Python 3.11: see fsm.Sta1).
 _REQUESTED, _ACCEPTED, _REJECTED, _RELEASED, _ABORTED = (
@@ -141,7 +143,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self.associate_rq: AssociateRQ | None = None
         self.negotiated: Negotiated | None = None
         self.log: Any = _log.bind(assoc=self.id)
-        self._debug = debug_enabled(self.log)
+        self._debug = _stdlib_log.isEnabledFor(logging.DEBUG)
         self._established: asyncio.Future[None] = self.loop.create_future()
         self._release_confirm: asyncio.Future[None] | None = None
         self._closed: asyncio.Future[None] = self.loop.create_future()
