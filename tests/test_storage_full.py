@@ -58,13 +58,14 @@ def stored(storage: Path, uid: str) -> bool:
     return any(".incoming" not in p.parts for p in storage.rglob(f"{uid}.dcm"))
 
 
-def serve(tmp: Path, storage: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+def launch(tmp: Path, command: str, *args: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    """``dimse-async <command> --aet ARCHIVE`` with ``args``, /healthz on its own port."""
     port, http = free_port(), free_port()
-    log = tmp / "serve.log"
+    log = tmp / f"{command}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dimse_async", "serve", "--aet", "ARCHIVE", "--port", str(port),
-             "--storage-dir", str(storage), "--http-port", str(http), *extra],
+            [sys.executable, "-m", "dimse_async", command, "--aet", "ARCHIVE", "--port", str(port),
+             "--http-port", str(http), *args],
             stdout=out, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(Path.cwd()), "PATH": "/usr/bin:/bin"},
         )  # fmt: skip
     wait_tcp(proc, port, log)
@@ -74,15 +75,27 @@ def serve(tmp: Path, storage: Path, *extra: str) -> tuple[subprocess.Popen[bytes
     return proc, port, http, log
 
 
-async def test_a_full_storage_is_unhealthy_and_refuses_stores_until_room_is_made(tmp_path: Path) -> None:
-    """A 6 MiB file system, 2 MiB to keep free: filled to ~1 MiB free, /healthz says 503
-    ``storage ... full`` and a C-STORE (39 KB, which would fit) is refused 0xA700 with
-    nothing stored; the filler removed, both recover by themselves."""
+def serve(tmp: Path, storage: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    return launch(tmp, "serve", "--storage-dir", str(storage), *extra)
+
+
+def store_scp(tmp: Path, out: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
+    """``dimse-async store-scp`` (no index) into ``out``."""
+    return launch(tmp, "store-scp", "--out", str(out), *extra)
+
+
+@pytest.mark.parametrize("command", ["serve", "store-scp"])
+async def test_a_full_storage_is_unhealthy_and_refuses_stores_until_room_is_made(tmp_path: Path, command: str) -> None:
+    """``serve`` and ``store-scp`` alike: a 6 MiB file system, 2 MiB to keep free: filled
+    to ~1 MiB free, /healthz says 503 ``storage ... full`` and a C-STORE (39 KB, which would
+    fit) is refused 0xA700 with nothing stored and a log line; the filler removed, both
+    recover by themselves."""
     from test_integrity import small_tmpfs
 
     with small_tmpfs(tmp_path / "fs", "6m") as fs:
         storage = fs / "archive"
-        proc, port, http, log = serve(tmp_path, storage, "--min-free-space", str(2 * MiB))
+        start = serve if command == "serve" else store_scp
+        proc, port, http, log = start(tmp_path, storage, "--min-free-space", str(2 * MiB))
         try:
             path, uid = instance(tmp_path)
             assert await store(port, path) == (0, "") and stored(storage, uid)
@@ -104,10 +117,11 @@ async def test_a_full_storage_is_unhealthy_and_refuses_stores_until_room_is_made
             (fs / "filler").unlink()
             assert healthz(http) == (200, "ok\n")
             assert await store(port, path) == (0, "") and stored(storage, uid)
-
-            assert "Traceback" not in log.read_text()
         finally:
             stop_process(proc, timeout=30)
+        text = log.read_text()
+        assert "C-STORE out of resources" in text and f"storage {storage} full" in text, text
+        assert "Traceback" not in text
 
 
 async def test_workers_parent_healthz_says_storage_full(tmp_path: Path) -> None:
@@ -149,60 +163,6 @@ def test_a_read_only_storage_is_reported(tmp_path: Path) -> None:
         finally:
             remount(fs, "rw")
         assert archive.storage_problem() is None
-
-
-def store_scp(tmp: Path, out: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int, int, Path]:
-    """``dimse-async store-scp`` (no index) into ``out``, /healthz on its own port."""
-    port, http = free_port(), free_port()
-    log = tmp / "store-scp.log"
-    with open(log, "wb") as output:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dimse_async", "store-scp", "--aet", "ARCHIVE", "--port", str(port),
-             "--out", str(out), "--http-port", str(http), *extra],
-            stdout=output, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(Path.cwd()), "PATH": "/usr/bin:/bin"},
-        )  # fmt: skip
-    wait_tcp(proc, port, log)
-    deadline = time.monotonic() + 60
-    while f"port {http}: /healthz" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return proc, port, http, log
-
-
-async def test_store_scp_with_a_full_disk_is_unhealthy_and_refuses_stores_until_room_is_made(tmp_path: Path) -> None:
-    """``store-scp`` as ``serve``: a 6 MiB file system, 2 MiB to keep free, filled to
-    ~1 MiB free: /healthz 503 ``storage <out> full``, a C-STORE refused 0xA700 with
-    nothing written and a log line; the filler removed, both recover by themselves."""
-    from test_integrity import small_tmpfs
-
-    with small_tmpfs(tmp_path / "fs", "6m") as fs:
-        out = fs / "in"
-        proc, port, http, log = store_scp(tmp_path, out, "--min-free-space", str(2 * MiB))
-        try:
-            path, uid = instance(tmp_path)
-            assert await store(port, path) == (0, "") and stored(out, uid)
-            assert healthz(http) == (200, "ok\n")
-
-            with open(fs / "filler", "wb") as filler:  # until ~1 MiB is left
-                while shutil.disk_usage(fs).free > MiB + 64 * 1024:
-                    filler.write(b"\0" * 64 * 1024)
-                    filler.flush()
-                    os.fsync(filler.fileno())
-            code, body = healthz(http)
-            assert code == 503 and re.match(
-                rf"storage {re.escape(str(out))} full: \d+ bytes free, minimum {2 * MiB}\n", body
-            ), body
-            path, uid = instance(tmp_path)
-            assert await store(port, path) == (0xA700, "Out of resources: storage full")
-            assert not stored(out, uid) and not list(out.rglob("*.partial"))
-
-            (fs / "filler").unlink()
-            assert healthz(http) == (200, "ok\n")
-            assert await store(port, path) == (0, "") and stored(out, uid)
-        finally:
-            stop_process(proc, timeout=30)
-        text = log.read_text()
-        assert "C-STORE out of resources" in text and f"storage {out} full" in text, text
-        assert "Traceback" not in text
 
 
 async def test_store_scp_workers_parent_healthz_says_storage_full(tmp_path: Path) -> None:

@@ -92,24 +92,22 @@ def port(value: str) -> int:
     return number
 
 
-def non_negative_int(value: str) -> int:
+def _int_at_least(value: str, minimum: int, words: str) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"{number} must be 0 or more")
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"{number} must be {words}")
     return number
+
+
+def non_negative_int(value: str) -> int:
+    return _int_at_least(value, 0, "0 or more")
 
 
 def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{number} must be at least 1")
-    return number
+    return _int_at_least(value, 1, "at least 1")
 
 
 def positive_float(value: str) -> float:
