@@ -146,11 +146,15 @@ def memory_bytes(proc: psutil.Process, per_process_pss: bool) -> int:
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time of the server's processes: every thread's exact time on a CPU from
+    ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; 10 ms clock ticks from
+    ``cpu_times`` were too coarse for 500 new associations)."""
     total = 0.0
     for p in tree(proc):
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p.pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):  # a thread gone meanwhile
+                    total += int(Path(f"/proc/{p.pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
     return total
 
 
