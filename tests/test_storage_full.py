@@ -124,13 +124,16 @@ async def test_a_full_storage_is_unhealthy_and_refuses_stores_until_room_is_made
         assert "Traceback" not in text
 
 
-async def test_workers_parent_healthz_says_storage_full(tmp_path: Path) -> None:
-    """``--workers 2``: with more free space asked for than the disk has, the parent's
-    /healthz is 503 ``storage ... full`` and the workers refuse stores 0xA700."""
+@pytest.mark.parametrize("command", ["serve", "store-scp"])
+async def test_workers_parent_healthz_says_storage_full(tmp_path: Path, command: str) -> None:
+    """``serve`` and ``store-scp`` alike with ``--workers 2``: with more free space asked
+    for than the disk has, the parent's /healthz is 503 ``storage ... full`` and the
+    workers refuse stores 0xA700."""
     storage = tmp_path / "archive"
     storage.mkdir()
     beyond = shutil.disk_usage(storage).free + (1 << 40)
-    proc, port, http, _log = serve(tmp_path, storage, "--workers", "2", "--min-free-space", str(beyond))
+    start = serve if command == "serve" else store_scp
+    proc, port, http, _log = start(tmp_path, storage, "--workers", "2", "--min-free-space", str(beyond))
     try:
         code, body = healthz(http)
         assert code == 503 and body.startswith(f"storage {storage} full: ") and f"minimum {beyond}" in body, body
@@ -163,23 +166,6 @@ def test_a_read_only_storage_is_reported(tmp_path: Path) -> None:
         finally:
             remount(fs, "rw")
         assert archive.storage_problem() is None
-
-
-async def test_store_scp_workers_parent_healthz_says_storage_full(tmp_path: Path) -> None:
-    """``store-scp --workers 2``: with more free space asked for than the disk has, the
-    parent's /healthz is 503 ``storage ... full`` and the workers refuse stores 0xA700."""
-    out = tmp_path / "in"
-    out.mkdir()
-    beyond = shutil.disk_usage(out).free + (1 << 40)
-    proc, port, http, _log = store_scp(tmp_path, out, "--workers", "2", "--min-free-space", str(beyond))
-    try:
-        code, body = healthz(http)
-        assert code == 503 and body.startswith(f"storage {out} full: ") and f"minimum {beyond}" in body, body
-        path, uid = instance(tmp_path)
-        assert await store(port, path) == (0xA700, "Out of resources: storage full")
-        assert not stored(out, uid)
-    finally:
-        stop_process(proc, timeout=30)
 
 
 def test_store_scp_keeps_1_mib_free_unless_told(tmp_path: Path) -> None:
