@@ -88,8 +88,10 @@ class Peer:
         if dataset is not None:
             cmd.data_set_type = 0
         out = PDataTF([PDV(ctx, True, True, encode_command(cmd))]).encode()
-        if dataset is not None:
-            out += PDataTF([PDV(ctx, False, True, dataset)]).encode()
+        if dataset is not None:  # in PDUs within our 256 KiB limit
+            step = 1 << 16
+            for at in range(0, max(len(dataset), 1), step):
+                out += PDataTF([PDV(ctx, False, at + step >= len(dataset), dataset[at : at + step])]).encode()
         await self.send(out)
 
     async def drain_until_closed(self, timeout: float = 5.0) -> list[bytes]:
@@ -569,3 +571,76 @@ async def test_n_set_rsp_naming_another_instance_is_not_a_success_for_ours(field
             with pytest.raises(DIMSEFailure, match=r"N-SET-RSP .*'1\.2\.3\.999'"):
                 await asyncio.wait_for(assoc.n_set(MPPS, "1.2.3.4", modification), 5)
     assert not errors, errors
+
+
+# ---------------------------------------------------------------------------------
+# C-GET / C-MOVE response identifiers
+# ---------------------------------------------------------------------------------
+
+
+def _implicit(tag: int, value: bytes, length: int | None = None) -> bytes:
+    """One implicit VR little endian element (PS3.5 §7.1.3): 32-bit lengths."""
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value) if length is None else length) + value
+
+
+def _failed_list(*uids: str) -> bytes:
+    value = "\\".join(uids).encode()
+    return _implicit(0x00080058, value + b"\0" * (len(value) % 2))
+
+
+def _many_items(count: int) -> bytes:
+    """A Referenced SOP Sequence of ``count`` empty items, undefined lengths (PS3.5 §7.5.2)."""
+    item = _implicit(0xFFFEE000, b"", 0xFFFFFFFF) + _implicit(0xFFFEE00D, b"")
+    return _implicit(0x00081199, b"", 0xFFFFFFFF) + item * count + _implicit(0xFFFEE0DD, b"")
+
+
+@pytest.mark.parametrize("operation", ["move", "get"])
+async def test_retrieve_response_identifiers_are_walked_and_bounded(
+    operation: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A C-GET / C-MOVE SCP's response identifiers (the Failed SOP Instance UID List,
+    PS3.4 C.4.2.3.1, C.4.3.3.1) get the walk and the limits C-FIND matches get: one
+    whose value runs past its end, one past MAX_IDENTIFIER_ITEMS sequence items, one
+    listing more than MAX_FAILED_UIDS UIDs: each list is dropped (pydicom read them
+    leniently and handed them on), the counters and statuses kept, one warning line."""
+    import logging
+
+    from dimse_async.services import qr
+
+    malformed = _implicit(0x00080058, b"1.2.3.4\0", 0x4000)  # runs past the end
+    identifiers = [
+        malformed,
+        _failed_list("1.2.3.5") + _many_items(10_001),
+        _failed_list(*(["1.2.3.6"] * (qr.MAX_FAILED_UIDS + 1))),
+        _failed_list("1.2.3.7", "1.2.3.8"),
+    ]
+    sop_class = STUDY_MOVE if operation == "move" else STUDY_GET
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        for i, ident in enumerate(identifiers[:-1]):
+            await peer.reply(ctx, rsp(cmd, 0xFF00, remaining=3 - i, completed=0, failed=i + 1, warning=0), ident)
+        await peer.reply(ctx, rsp(cmd, 0xA702, completed=0, failed=4, warning=0), identifiers[-1])
+        await peer.drain_until_closed()
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.3"
+    logging.getLogger("dimse_async").addHandler(caplog.handler)  # (it does not propagate to root)
+    try:
+        async with hostile_scp(script) as (port, errors):
+            ae = scu()
+            ae.requested_contexts.clear()
+            ae.add_requested_context(sop_class, [IMPLICIT_LE])  # 32-bit lengths: a list past 64 KiB
+            async with ae.associate(HOST, port, called_ae="SCP") as assoc:
+                responses = assoc.c_move(query, "ELSEWHERE") if operation == "move" else assoc.c_get(query)
+                got = [p async for p in responses]
+    finally:
+        logging.getLogger("dimse_async").removeHandler(caplog.handler)
+    assert not errors, errors
+    assert [p.failed_instances for p in got] == [[], [], [], ["1.2.3.7", "1.2.3.8"]]
+    assert [(p.remaining, p.failed) for p in got] == [(3, 1), (2, 2), (1, 3), (None, 4)]
+    assert [int(p.status) for p in got] == [0xFF00, 0xFF00, 0xFF00, 0xA702]
+    assert responses.status == 0xA702 and responses.result is not None and responses.result.failed == 4
+    logged = [r.getMessage() for r in caplog.records if "Failed SOP Instance UID List is dropped" in r.getMessage()]
+    assert len(logged) == 1 and "(0008,0058)" in logged[0], logged

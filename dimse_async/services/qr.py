@@ -128,7 +128,11 @@ class StoredFile(str):
 
 @dataclass(slots=True)
 class Progress:
-    """Sub-operation counters of a C-GET / C-MOVE response (PS3.7 §9.3.3.2, §9.3.4.2)."""
+    """Sub-operation counters of a C-GET / C-MOVE response (PS3.7 §9.3.3.2, §9.3.4.2).
+
+    ``failed_instances``: the identifier's Failed SOP Instance UID List (PS3.4
+    C.4.2.3.1, C.4.3.3.1); empty, with a warning logged once per operation, when the
+    peer's identifier is malformed or past the limits (the counters are kept)."""
 
     status: Status
     remaining: int | None = None
@@ -272,17 +276,43 @@ def c_find(
     return Responses(stream, convert, transfer_syntax=ctx.transfer_syntax)
 
 
-def _progress(msg: Message, ctx: PresentationContext) -> Progress:
+#: Failed SOP Instance UIDs a C-GET / C-MOVE response's identifier may list (PS3.4
+#: C.4.2.3.1, C.4.3.3.1): about 100 bytes each as Python strings. A longer list (one
+#: 64 MiB value split into millions of UIDs) is dropped, the counters kept.
+MAX_FAILED_UIDS = 100_000
+_FAILED_LIST = 0x00080058
+
+
+def _failed_uids(data: bytes, syntax: str) -> list[str]:
+    """The Failed SOP Instance UID List of a received C-GET / C-MOVE identifier, walked
+    to its end first as every received data set is (:func:`.scp.decode_received`);
+    :class:`~dimse_async.dataset_check.DataSetError` (a ``ValueError``) naming the fault."""
+    ident = decode_received(data, syntax)
+    if _FAILED_LIST not in ident:
+        return []
+    raw = getattr(ident.get_item(_FAILED_LIST), "value", None)  # counted before pydicom splits it
+    if isinstance(raw, bytes) and raw.count(b"\\") >= MAX_FAILED_UIDS:
+        raise ValueError(f"more than {MAX_FAILED_UIDS} UIDs in the Failed SOP Instance UID List (MAX_FAILED_UIDS)")
+    value = ident[_FAILED_LIST].value
+    if not value:
+        return []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _progress(msg: Message, ctx: PresentationContext, refused: Callable[[Message, Exception], None]) -> Progress:
+    """The :class:`Progress` a C-GET / C-MOVE response reports. Its identifier (the
+    Failed SOP Instance UID List) is walked and bounded as C-FIND matches are: a
+    malformed one, one past :data:`.scp.MAX_IDENTIFIER_ITEMS` sequence items or
+    :data:`MAX_FAILED_UIDS` UIDs leaves ``failed_instances`` empty and calls
+    ``refused`` (a warning log line); the status and counters, which say what
+    happened, are kept (PS3.7 §9.3.3.2, §9.3.4.2)."""
     cmd = msg.command
     failed_list: list[str] = []
     if msg.dataset:
         try:
-            ident = decode_identifier(msg.dataset, ctx.transfer_syntax)
-            value = ident.get("FailedSOPInstanceUIDList")
-            if value:
-                failed_list = [str(value)] if isinstance(value, str) else [str(v) for v in value]
-        except Exception:  # a malformed identifier does not hide the counters
-            failed_list = []
+            failed_list = _failed_uids(msg.dataset, ctx.transfer_syntax)
+        except Exception as exc:  # the counters still say what happened
+            refused(msg, exc)
     status = response_status(cmd.status, cmd.error_comment)
     return Progress(status, cmd.remaining, cmd.completed, cmd.failed, cmd.warning, failed_list)
 
@@ -302,8 +332,22 @@ def _retrieve(
     cmd = Command(op, affected_sop_class_uid=sop_class, priority=priority, move_destination=destination)
     stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax), timeout)
 
+    responses = refusals = 0
+
+    def refused(msg: Message, exc: Exception) -> None:
+        nonlocal refusals
+        refusals += 1
+        if refusals == 1:  # once per operation: a peer cannot flood the log with them
+            assoc.log.warning(
+                f"{msg.command.name} identifier refused: its Failed SOP Instance UID List is dropped",
+                response=responses,
+                error=str(exc)[:200],
+            )
+
     def convert(msg: Message) -> Progress:
-        return _progress(msg, ctx)
+        nonlocal responses
+        responses += 1
+        return _progress(msg, ctx, refused)
 
     previous: list[StoreHandler | None] = []
 
