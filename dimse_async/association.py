@@ -111,6 +111,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         "_tasks",
         "_sink",
         "_writer",
+        "_message_start",
+        "_message_mark",
     )
 
     def __init__(self, settings: Settings, *, requestor: bool, ae: Any = None):

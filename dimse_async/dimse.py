@@ -595,7 +595,7 @@ class MessageAssembler:
     (``last`` on the final one). Any ordering violation raises :class:`DIMSEError`.
     """
 
-    __slots__ = ("_cmd", "_cmd_context", "_data_context", "received")
+    __slots__ = ("_cmd", "_cmd_context", "_data_context", "messages", "received")
 
     def __init__(self) -> None:
         self._cmd = bytearray()
@@ -603,10 +603,17 @@ class MessageAssembler:
         self._data_context: int | None = None  # context of the data set being received
         #: Data set bytes received so far for the current message.
         self.received = 0
+        #: Command sets received so far (which message is the current one).
+        self.messages = 0
 
     @property
     def in_dataset(self) -> bool:
         return self._data_context is not None
+
+    @property
+    def incomplete(self) -> bool:
+        """A message has begun and is not complete: its command set or its data set is arriving."""
+        return self._data_context is not None or self._cmd_context is not None
 
     def stream_fragment(self, pdv: PDV) -> bool:
         """A data PDV, not the last, of the data set being received on its context:
@@ -640,6 +647,7 @@ class MessageAssembler:
                     self._cmd = bytearray()
                     self._cmd_context = None
                 events.append(CommandReceived(pdv.context_id, cmd))
+                self.messages += 1
                 if cmd.data_set_type != NO_DATASET:  # (has_dataset, without the property call)
                     self._data_context = pdv.context_id
                     self.received = 0

@@ -87,6 +87,8 @@ class DIMSEMessaging:
     _last_dimse: float
     _last_rx: float
     _last_tx: float
+    _timer: asyncio.TimerHandle | None
+    _timer_at: float
     requestor: bool
 
     @property
@@ -118,6 +120,10 @@ class DIMSEMessaging:
         self._tasks: set[asyncio.Future[Any]] = set()  # tasks, and operations run as callbacks
         self._sink: DatasetSink | None = None
         self._writer: FileWriter | None = None
+        #: When the message still arriving began (see :meth:`_message_deadline`), and
+        #: which one it is (the assembler's count of command sets).
+        self._message_start: float | None = None
+        self._message_mark = 0
 
     @property
     def writer(self) -> FileWriter:
@@ -498,6 +504,24 @@ class DIMSEMessaging:
             return
         for event in events:
             self._on_session_event(event)
+        if self.session.assembler.incomplete:
+            self._watch_message()
+        else:
+            self._message_start = None
+
+    def _watch_message(self) -> None:
+        """A message is arriving: note when it began (once per message), and have the
+        timer wake at its DIMSE deadline if that comes before the timer's."""
+        count = self.session.assembler.messages
+        if self._message_start is not None and count == self._message_mark:
+            return
+        self._message_mark = count
+        now = self._message_start = self.loop.time()
+        timeout = self.settings.dimse_timeout
+        timer = self._timer
+        if timeout is not None and timer is not None and now + timeout < self._timer_at:
+            timer.cancel()
+            self._timer = None  # the adapter schedules the earliest deadline again
 
     def _received(self, msg: Message) -> None:
         """A complete request or response arrived: accounting and observers."""
@@ -638,14 +662,52 @@ class DIMSEMessaging:
     # adapter's single timer (association._schedule) wakes them.
 
     def _idle_deadline(self) -> float | None:
-        """Network idle timeout: when the association counts as silent (``network_timeout``)."""
+        """Network idle timeout: when the association counts as silent (``network_timeout``),
+        or the DIMSE deadline of a message still arriving, whichever comes first."""
+        message = self._message_deadline() if self._message_start is not None else None
         timeout = self.settings.network_timeout
         if timeout is None or self.negotiated is None:
-            return None
+            return message
         rx, tx = self._last_rx, self._last_tx
-        return (rx if rx > tx else tx) + timeout
+        idle = (rx if rx > tx else tx) + timeout
+        return idle if message is None or idle < message else message
+
+    def _message_deadline(self) -> float | None:
+        """A message whose command announced a data set (or whose command set came in
+        part) must complete within ``dimse_timeout`` of its start; one streamed to a sink
+        (a C-STORE, any size) within ``dimse_timeout`` of its last bytes. Past it: A-ABORT,
+        as pynetdicom's ``dimse_timeout`` and DCMTK's ``-td`` (PS3.7 §7.5.2, PS3.8 §9.3.8
+        give no status for it). Time we did not read (paused) does not count."""
+        start, timeout = self._message_start, self.settings.dimse_timeout
+        if start is None or timeout is None:
+            return None
+        if self.session.streaming and self._last_rx > start:
+            start = self._last_rx
+        return start + timeout
+
+    def _check_message(self, now: float) -> bool:
+        """Abort when the message arriving is past its DIMSE deadline; ``True`` if so."""
+        deadline = self._message_deadline()
+        if deadline is None or now < deadline or self._closed.done():
+            return False
+        if self._pause_reasons:  # we stopped reading, not the peer: not its fault
+            self._message_start = now
+            return False
+        msg = self.session.receiving
+        what = f"{msg.command.name} data set" if msg is not None else "command set"
+        timeout = self.settings.dimse_timeout
+        if self.session.streaming:
+            reason = f"DIMSE timeout: nothing more of the {what} for {timeout} s"
+        else:
+            reason = f"DIMSE timeout: the {what} not complete within {timeout} s"
+        self._message_start = None  # once
+        self.log.warning("message incomplete: aborting", reason=reason)
+        self.abort(reason)
+        return True
 
     def _check_idle(self, now: float) -> None:
+        if self._message_start is not None and self._check_message(now):
+            return
         deadline = self._idle_deadline()
         if deadline is None or now < deadline or self._closed.done():
             return

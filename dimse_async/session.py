@@ -200,6 +200,16 @@ class Session:
         self._mode = "memory"  # "memory" | "stream" | "drop"
         self._refusal: Respond | None = None
 
+    @property
+    def receiving(self) -> Message | None:
+        """The message whose data set is arriving (``None`` between messages)."""
+        return self._current
+
+    @property
+    def streaming(self) -> bool:
+        """The data set arriving goes to a sink (a C-STORE of any size), not to memory."""
+        return self._current is not None and self._mode == "stream"
+
     # ----------------------------------------------------------- contexts
 
     def context(self, context_id: int) -> PresentationContext:
