@@ -644,3 +644,56 @@ async def test_retrieve_response_identifiers_are_walked_and_bounded(
     assert responses.status == 0xA702 and responses.result is not None and responses.result.failed == 4
     logged = [r.getMessage() for r in caplog.records if "Failed SOP Instance UID List is dropped" in r.getMessage()]
     assert len(logged) == 1 and "(0008,0058)" in logged[0], logged
+
+
+PATIENT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+
+
+async def test_c_find_response_naming_another_sop_class_is_not_a_match() -> None:
+    """PS3.7 §9.3.2.2: a C-FIND-RSP's Affected SOP Class UID, when present, is the
+    request's. A match under another information model's class answers another query:
+    DIMSEFailure naming both, the match not handed on (it was)."""
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        await peer.reply(ctx, rsp(cmd, 0xFF00, affected_sop_class_uid=PATIENT_FIND), identifier(1, 10))
+        _, cancel, _ = await peer.read_message()
+        assert cancel.command_field == CommandField.C_CANCEL_RQ
+        await peer.reply(ctx, rsp(cmd, 0xFE00))
+        await peer.drain_until_closed()
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    got: list[Dataset] = []
+    async with hostile_scp(script) as (port, errors):
+        async with scu(STUDY_FIND).associate(HOST, port, called_ae="SCP") as assoc:
+            with pytest.raises(DIMSEFailure, match=re.escape(PATIENT_FIND)):
+                async with assoc.c_find(query) as responses:
+                    async for match in responses:
+                        got.append(match)
+    assert not errors, errors
+    assert got == []
+
+
+@pytest.mark.parametrize("operation", ["move", "get"])
+async def test_retrieve_final_response_naming_another_sop_class_is_not_its_outcome(operation: str) -> None:
+    """A C-MOVE / C-GET final Success naming another Affected SOP Class UID (PS3.7
+    §9.3.3.2, §9.3.4.2 "U(=)") says nothing of ours: DIMSEFailure, the status a failure."""
+    sop_class = STUDY_MOVE if operation == "move" else STUDY_GET
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        await peer.reply(ctx, rsp(cmd, 0, affected_sop_class_uid=PATIENT_FIND, completed=1, failed=0, warning=0))
+        await peer.drain_until_closed()
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.3"
+    async with hostile_scp(script) as (port, errors):
+        async with scu(sop_class).associate(HOST, port, called_ae="SCP") as assoc:
+            responses = assoc.c_move(query, "ELSEWHERE") if operation == "move" else assoc.c_get(query)
+            with pytest.raises(DIMSEFailure, match=re.escape(PATIENT_FIND)):
+                async for _ in responses:
+                    pass
+    assert not errors, errors
+    assert responses.status is not None and responses.status.is_failure and responses.result is None

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from ..acse import PresentationContext
 from ..codec import decode_identifier, encode_dataset
 from ..dataset_check import TooManyItems
-from ..dimse import Command, CommandField, Message
+from ..dimse import Command, CommandField, Message, affected_mismatch
 from ..exceptions import AssociationError, DIMSEFailure
 from ..inflate import InflationLimit
 from ..interface import DIMSEProvider, ResponseStream, StoreHandler
@@ -150,6 +150,10 @@ class Responses(Generic[T]):
     with ``await responses.aclose()``: C-CANCEL goes out at once and the final
     response is awaited, so ``status`` is set (PS3.7 §9.3.2.3). A loop left with
     ``break`` over an iterator nobody else holds cancels as soon as it is dropped.
+
+    A response naming another Affected SOP Class UID than ``request``'s (PS3.7
+    §9.3.2.2, §9.3.3.2, §9.3.4.2: "U(=)") answers for another information model:
+    :class:`~dimse_async.exceptions.DIMSEFailure` naming both, nothing of it handed on.
     """
 
     def __init__(
@@ -160,8 +164,10 @@ class Responses(Generic[T]):
         on_start: Callable[[], None] | None = None,
         on_end: Callable[[], None] | None = None,
         transfer_syntax: str = "",
+        request: Command | None = None,
     ):
         self._stream = stream
+        self._request = request
         #: The context's: a large or deflated identifier is converted in a worker thread.
         self._syntax = transfer_syntax
         self._iter: AsyncIterator[Message] | None = None
@@ -189,6 +195,10 @@ class Responses(Generic[T]):
             except BaseException:
                 self._end()
                 raise
+            if self._request is not None and (mismatch := affected_mismatch(self._request, msg.command)):
+                if msg is self._stream.final:
+                    self._end()
+                raise DIMSEFailure(f"{msg.command.name} {mismatch}")
             if off_loop(msg.dataset, self._syntax):  # one peer's huge reply holds up no other association
                 item = await asyncio.to_thread(self._convert, msg)
             else:
@@ -207,7 +217,10 @@ class Responses(Generic[T]):
             return
         self._ended = True
         final = self._stream.final
-        if final is not None:
+        if final is not None and self._request is not None and affected_mismatch(self._request, final.command):
+            # Over, but its status and counters are not this operation's.
+            self.status = Status(Code.CANNOT_UNDERSTAND, "the final response names another SOP class")
+        elif final is not None:
             self.status = response_status(final.command.status, final.command.error_comment)
             if self.result is None:  # left early (C-CANCEL): the final counters all the same
                 item = self._convert(final)
@@ -273,7 +286,7 @@ def c_find(
                 raise DIMSEFailure(f"C-FIND response {pending}: identifier malformed: {exc}") from exc
         return None
 
-    return Responses(stream, convert, transfer_syntax=ctx.transfer_syntax)
+    return Responses(stream, convert, transfer_syntax=ctx.transfer_syntax, request=cmd)
 
 
 #: Failed SOP Instance UIDs a C-GET / C-MOVE response's identifier may list (PS3.4
@@ -359,8 +372,8 @@ def _retrieve(
         assoc.store_handler = previous[0]
 
     if store is None:
-        return Responses(stream, convert, transfer_syntax=ctx.transfer_syntax)
-    return Responses(stream, convert, on_start=start, on_end=end, transfer_syntax=ctx.transfer_syntax)
+        return Responses(stream, convert, transfer_syntax=ctx.transfer_syntax, request=cmd)
+    return Responses(stream, convert, on_start=start, on_end=end, transfer_syntax=ctx.transfer_syntax, request=cmd)
 
 
 def c_get(
