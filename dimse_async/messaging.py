@@ -29,7 +29,7 @@ from .dimse import (
     fragment_parts,
     fragment_stream_parts,
 )
-from .exceptions import AssociationAborted, AssociationError, AssociationTimeout
+from .exceptions import AssociationAborted, AssociationError, AssociationTimeout, DIMSEFailure
 from .fsm import Output, PDataIndication, State, UpperLayer
 from .interface import Payload, ResponseWaiter, Settings, StoreHandler
 from .oplog import OperationLog
@@ -46,7 +46,7 @@ from .session import (
     SessionEvent,
     StreamStarted,
 )
-from .status import Code
+from .status import Code, Status
 from .streams import MessageStream, ResponseQueue
 
 if TYPE_CHECKING:
@@ -420,6 +420,8 @@ class DIMSEMessaging:
                     if started:  # the peer can never see this message whole (PS3.8 Annex E)
                         self.abort(f"sending {command.name} failed midway: {exc!r}")
                     raise
+            if started and not command.command_field & 0x8000:
+                self._answered_early(command)
             if batch:
                 if unjoined and size >= JOIN_BELOW:  # a large tail: written as the pieces it is
                     self._run(self.fsm.send_pdata(batch))
@@ -430,6 +432,13 @@ class DIMSEMessaging:
             self._message_sent(context_id, command, dataset=dataset is not None)
             await self._drain(timeout)
 
+    def _answered_early(self, command: Command) -> None:
+        """Before the last write of a request sent in several: a response to it already
+        here came before the peer could have had the whole data set (see :meth:`request`)."""
+        waiter = self._waiters.get(command.message_id or 0)
+        if waiter is not None and waiter.waiting:
+            waiter.early = True
+
     async def request(
         self,
         context: PresentationContext,
@@ -437,15 +446,27 @@ class DIMSEMessaging:
         dataset: Payload | None = None,
         timeout: float | None = None,
     ) -> Message:
-        """Send a request and await its single response (within the async ops window)."""
+        """Send a request and await its single response (within the async ops window).
+
+        A response other than a failure that arrived before the request's data set was
+        all sent cannot be about it (a C-STORE-RSP Success for an instance the peer had
+        not received whole, PS3.7 §9.1.1.1): :class:`DIMSEFailure`, its status disregarded."""
         timeout = self.settings.dimse_timeout if timeout is None else timeout
         async with self._window:
             waiter = self.begin_request(context, command, multi=False)
             try:
                 await self.send(context.id, command, dataset, timeout=timeout)
-                return await waiter.get(timeout)
+                rsp = await waiter.get(timeout)
             finally:
                 self.end_request(waiter)
+        status = rsp.command.status
+        if waiter.early and status is not None and not Status(status).is_failure:
+            self.log.warning("response before the request's data set was all sent", command=command.name, status=f"0x{status:04X}")
+            raise DIMSEFailure(
+                f"{rsp.command.name} 0x{status:04X} arrived before our {command.name} data set was all sent "
+                "(its status disregarded)"
+            )
+        return rsp
 
     def request_stream(
         self,

@@ -29,7 +29,7 @@ class ResponseQueue:
     Reading pauses while more than :data:`MAX_QUEUED` responses (or
     :data:`MAX_QUEUED_BYTES` of their data sets) wait to be taken."""
 
-    __slots__ = ("_bytes", "_items", "_owner", "_paused", "_wakeup", "done", "message_id", "name")
+    __slots__ = ("_bytes", "_items", "_owner", "_paused", "_wakeup", "done", "early", "message_id", "name")
 
     def __init__(self, owner: RequestInvoker, message_id: int, name: str):
         self._owner = owner
@@ -40,6 +40,13 @@ class ResponseQueue:
         self._paused = ""  # the pause reason while this queue holds reading
         self._wakeup: asyncio.Future[bool] | None = None
         self.done: asyncio.Future[None] = owner.loop.create_future()
+        #: A response came before the request's data set was all sent (set by the sender).
+        self.early = False
+
+    @property
+    def waiting(self) -> bool:
+        """Responses are here, not taken yet."""
+        return bool(self._items)
 
     @property
     def drained(self) -> bool:
