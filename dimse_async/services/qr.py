@@ -195,7 +195,7 @@ class Responses(Generic[T]):
             except BaseException:
                 self._end()
                 raise
-            if self._request is not None and (mismatch := affected_mismatch(self._request, msg.command)):
+            if (mismatch := self._foreign(msg)) is not None:
                 if msg is self._stream.final:
                     self._end()
                 raise DIMSEFailure(f"{msg.command.name} {mismatch}")
@@ -212,12 +212,16 @@ class Responses(Generic[T]):
             if self._ended:
                 raise StopAsyncIteration
 
+    def _foreign(self, msg: Message) -> str | None:
+        """Why ``msg`` answers for another SOP class than the request's, or ``None``."""
+        return None if self._request is None else affected_mismatch(self._request, msg.command)
+
     def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
         final = self._stream.final
-        if final is not None and self._request is not None and affected_mismatch(self._request, final.command):
+        if final is not None and self._foreign(final) is not None:
             # Over, but its status and counters are not this operation's.
             self.status = Status(Code.CANNOT_UNDERSTAND, "the final response names another SOP class")
         elif final is not None:
@@ -238,6 +242,12 @@ class Responses(Generic[T]):
         try:
             if self._iter is not None:
                 await self._stream.aclose()
+                final = self._stream.final
+                # A large final's counters are taken in a worker thread, as __anext__ takes them.
+                if final is not None and self.result is None and off_loop(final.dataset, self._syntax):
+                    item = None if self._foreign(final) else await asyncio.to_thread(self._convert, final)
+                    if isinstance(item, Progress):
+                        self.result = item
         finally:
             if self._iter is None:
                 self._ended = True
