@@ -697,3 +697,141 @@ async def test_retrieve_final_response_naming_another_sop_class_is_not_its_outco
                     pass
     assert not errors, errors
     assert responses.status is not None and responses.status.is_failure and responses.result is None
+
+
+async def test_c_store_success_before_the_data_set_was_all_sent_is_not_stored() -> None:
+    """A C-STORE SCP answering Success after the first PDU of a 32 MiB data set, then
+    reading the rest: its Success was decided before it had the instance whole (PS3.7
+    §9.1.1.1), so it is not reported stored (it was): DIMSEFailure, status disregarded."""
+    read_all = asyncio.Event()
+
+    async def script(peer: Peer) -> None:
+        pdu = await peer.read_pdu()
+        assert pdu is not None and pdu[0] == 0x04
+        cmd = None
+        while True:  # the command set, then the first data set PDU
+            pdata = decode_pdu(4, pdu[6:])
+            assert isinstance(pdata, PDataTF)
+            if any(pdv.is_command and pdv.is_last for pdv in pdata.pdvs):
+                cmd = decode_command(bytes(next(p.data for p in pdata.pdvs if p.is_command)))
+            if any(not pdv.is_command for pdv in pdata.pdvs):
+                break
+            pdu = await peer.read_pdu()
+            assert pdu is not None
+        assert cmd is not None
+        await peer.reply(peer.context_id(CT), rsp(cmd, 0))
+        while (pdu := await peer.read_pdu()) is not None:  # the rest, to its last fragment
+            pdata = decode_pdu(4, pdu[6:])
+            assert isinstance(pdata, PDataTF)
+            if any(pdv.is_last and not pdv.is_command for pdv in pdata.pdvs):
+                break
+        read_all.set()
+        ctx, cmd, _ = await peer.read_message()  # the next C-STORE, answered in order
+        await peer.reply(ctx, rsp(cmd, 0))
+        await peer.drain_until_closed()
+
+    ds = ct_instance()
+    ds.BitsAllocated = 8
+    ds.PixelData = bytes(32 << 20)  # more than the transport holds: we wait for the peer to read
+    async with hostile_scp(script) as (port, errors):
+        async with scu(CT).associate(HOST, port, called_ae="SCP") as assoc:
+            with pytest.raises(DIMSEFailure, match="before our C-STORE-RQ data set was all sent"):
+                await asyncio.wait_for(assoc.c_store(ds), 10)
+            await asyncio.wait_for(read_all.wait(), 5)  # the peer has it all by now
+            assert (await asyncio.wait_for(assoc.c_store(ct_instance()), 5)).is_success  # the association goes on
+    assert not errors, errors
+
+
+async def test_c_get_sub_operations_off_their_context_or_after_the_final_response_are_refused() -> None:
+    """A C-GET SCP sending a C-STORE sub-operation on the C-GET context (where we are
+    not storage SCP, PS3.7 D.3.3.4) and another after its final response (PS3.4
+    C.4.3.3: sub-operations precede it): both answered 0x0122, neither reaches the
+    C-GET's store handler nor is reported stored."""
+    statuses: list[int] = []
+    instance = ct_instance()
+
+    async def script(peer: Peer) -> None:
+        from dimse_async.codec import encode_dataset
+
+        ctx, cmd, _ = await peer.read_message()
+        store = Command(
+            CommandField.C_STORE_RQ, message_id=100, affected_sop_class_uid=CT,
+            affected_sop_instance_uid=str(instance.SOPInstanceUID), priority=0,
+        )  # fmt: skip
+        data = encode_dataset(instance, EXPLICIT_LE)
+        await peer.reply(ctx, store, data)
+        _, answer, _ = await peer.read_message()
+        statuses.append(answer.status or 0)
+        await peer.reply(ctx, rsp(cmd, 0xA702, completed=0, failed=1, warning=0))
+        store.message_id = 101
+        await peer.reply(peer.context_id(CT), store, data)
+        _, answer, _ = await peer.read_message()
+        statuses.append(answer.status or 0)
+        await peer.drain_until_closed()
+
+    from dimse_async.acse import ContextSpec
+
+    handed: list[str] = []
+
+    async def handler(request: object) -> int:
+        handed.append(str(request.sop_instance_uid))  # type: ignore[attr-defined]
+        return 0
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    async with hostile_scp(script) as (port, errors):
+        ae = scu(STUDY_GET)
+        ae.requested_contexts.append(ContextSpec(CT, [EXPLICIT_LE], scu_role=False, scp_role=True))
+        async with ae.associate(HOST, port, called_ae="SCP") as assoc:
+            got = [p async for p in assoc.c_get(query, store=handler)]
+            for _ in range(100):  # the late sub-operation answered (bounded)
+                if len(statuses) == 2 or errors:
+                    break
+                await asyncio.sleep(0.02)
+    assert not errors, errors
+    assert statuses == [0x0122, 0x0122]
+    assert handed == [] and [p.failed for p in got] == [1]
+
+
+async def test_c_get_left_early_takes_a_large_final_identifier_off_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leaving a C-GET early (C-CANCEL): its final response's identifier, a Failed SOP
+    Instance UID List past 64 KiB, is walked in a worker thread as any large response's
+    is while iterating (it was walked on the event loop), and its UIDs are in ``result``."""
+    import threading
+
+    from dimse_async import dataset_check
+
+    uids = [f"1.2.3.{i}" for i in range(12_000)]
+    walks: list[bool] = []  # on the event loop's thread
+    real = dataset_check.check_dataset_bytes
+    loop_thread = threading.get_ident()
+
+    def check(data, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if len(data) > 64 << 10:
+            walks.append(threading.get_ident() == loop_thread)
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_check, "check_dataset_bytes", check)
+
+    async def script(peer: Peer) -> None:
+        ctx, cmd, _ = await peer.read_message()
+        await peer.reply(ctx, rsp(cmd, 0xFF00, remaining=1, completed=0, failed=0, warning=0))
+        _, cancel, _ = await peer.read_message()
+        assert cancel.command_field == CommandField.C_CANCEL_RQ
+        await peer.reply(ctx, rsp(cmd, 0xFE00, completed=0, failed=len(uids), warning=0), _failed_list(*uids))
+        await peer.drain_until_closed()
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    async with hostile_scp(script) as (port, errors):
+        ae = scu()
+        ae.requested_contexts.clear()
+        ae.add_requested_context(STUDY_GET, [IMPLICIT_LE])  # 32-bit lengths: a list past 64 KiB
+        async with ae.associate(HOST, port, called_ae="SCP") as assoc:
+            async with assoc.c_get(query) as responses:
+                async for _ in responses:
+                    break
+    assert not errors, errors
+    assert responses.status == 0xFE00 and responses.result is not None
+    assert responses.result.failed_instances == uids
+    assert walks == [False]
