@@ -113,6 +113,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         "_writer",
         "_message_start",
         "_message_mark",
+        "_last_request",
     )
 
     def __init__(self, settings: Settings, *, requestor: bool, ae: Any = None):

@@ -139,7 +139,7 @@ class ResponseWaiter(Protocol):
     def drained(self) -> bool:
         """The final response arrived and has been taken."""
 
-    async def get(self, timeout: float | None) -> Message: ...
+    async def get(self, timeout: float | None, progress: Callable[[], float] | None = None) -> Message: ...
 
 
 class RequestInvoker(Protocol):
@@ -178,6 +178,10 @@ class RequestInvoker(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]: ...
 
     def abort(self, reason: str = ...) -> None: ...
+
+    def sub_operation_progress(self) -> float:
+        """When the peer last got on with a request of its own on this association (a
+        C-GET's C-STORE sub-operation), on the loop's clock."""
 
 
 #: Performs one received request and sends its response(s).

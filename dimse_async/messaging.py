@@ -124,6 +124,7 @@ class DIMSEMessaging:
         #: which one it is (the assembler's count of command sets).
         self._message_start: float | None = None
         self._message_mark = 0
+        self._last_request = 0.0  # when a request of the peer's last arrived (sub_operation_progress)
 
     @property
     def writer(self) -> FileWriter:
@@ -432,6 +433,17 @@ class DIMSEMessaging:
             self._message_sent(context_id, command, dataset=dataset is not None)
             await self._drain(timeout)
 
+    def sub_operation_progress(self) -> float:
+        """When the peer last got on with a request of its own (a C-GET's C-STORE
+        sub-operation): its command set or its last streamed bytes arrived; now while we
+        perform one (our time, not the peer's)."""
+        session = self.session
+        if not session.idle:
+            return self.loop.time()
+        if session.streaming and self._last_rx > self._last_request:
+            return self._last_rx
+        return self._last_request
+
     def _answered_early(self, command: Command) -> None:
         """Before the last write of a request sent in several: a response to it already
         here came before the peer could have had the whole data set (see :meth:`request`)."""
@@ -566,6 +578,7 @@ class DIMSEMessaging:
         elif isinstance(event, Perform):
             op = event.operation
             self._received(op.message)
+            self._last_request = self._last_dimse
             if self._debug:
                 self.log.debug("message received", command=op.command.name, context=op.context.id)
             if not self._start_inline(op):
@@ -576,6 +589,7 @@ class DIMSEMessaging:
             if waiter is not None:
                 waiter.put(event.message, event.final)
         elif isinstance(event, StreamStarted):
+            self._last_request = self.loop.time()
             self._sink = self.settings.sinks[event.message.command.command_field](self, event.message)
             event.message.sink = self._sink
         elif isinstance(event, Respond):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .acse import PresentationContext
@@ -85,21 +86,29 @@ class ResponseQueue:
         if not wakeup.done():
             wakeup.set_result(False)  # the timeout: nothing arrived
 
-    async def get(self, timeout: float | None) -> Message:
-        """The next response; no response within ``timeout`` aborts (one rule for every operation)."""
+    async def get(self, timeout: float | None, progress: Callable[[], float] | None = None) -> Message:
+        """The next response; no response within ``timeout`` aborts (one rule for every
+        operation). ``progress``: when the peer last got on with the operation otherwise
+        (a C-GET's sub-operations); the timeout then counts from that."""
         if not self._items:
             # One future and one timer per wait (cheaper than asyncio.wait_for, which
             # this runs for every response of a batch).
             loop = self._owner.loop
-            self._wakeup = wakeup = loop.create_future()
-            timer = None if timeout is None else loop.call_later(timeout, self._expire, wakeup)
-            try:
-                arrived = await wakeup
-            finally:
-                self._wakeup = None
-                if timer is not None:
-                    timer.cancel()
-            if not arrived:
+            since = loop.time()
+            while True:
+                self._wakeup = wakeup = loop.create_future()
+                timer = None if timeout is None else loop.call_at(since + timeout, self._expire, wakeup)
+                try:
+                    arrived = await wakeup
+                finally:
+                    self._wakeup = None
+                    if timer is not None:
+                        timer.cancel()
+                if arrived:
+                    break
+                if progress is not None and (moved := progress()) > since:
+                    since = moved  # the peer is at work on it: wait on
+                    continue
                 reason = f"no {self.name} response within {timeout} s"
                 self._owner.abort(reason)
                 raise AssociationTimeout(reason)
@@ -135,6 +144,9 @@ class MessageStream:
         self._closed = False
         #: The final response, once it arrived.
         self.final: Message | None = None
+        # A C-GET's sub-operations come on this association, pending responses between
+        # them optional (PS3.4 C.4.3.2): the DIMSE timeout bounds the silence between any two.
+        self._progress = owner.sub_operation_progress if command.command_field == CommandField.C_GET_RQ else None
 
     def __aiter__(self) -> MessageStream:
         return self
@@ -153,7 +165,7 @@ class MessageStream:
                 self._finish()
                 raise
         try:
-            msg = await self._waiter.get(timeout)
+            msg = await self._waiter.get(timeout, self._progress)
         except asyncio.CancelledError:
             # The caller stopped waiting (its task cancelled, a timeout of its own): the
             # operation goes on at the peer, so it stays open for aclose's C-CANCEL (or

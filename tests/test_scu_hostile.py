@@ -835,3 +835,50 @@ async def test_c_get_left_early_takes_a_large_final_identifier_off_the_loop(monk
     assert responses.status == 0xFE00 and responses.result is not None
     assert responses.result.failed_instances == uids
     assert walks == [False]
+
+
+async def test_c_get_without_pending_responses_is_timed_by_its_sub_operations() -> None:
+    """A C-GET SCP may send no pending response at all (PS3.4 C.4.3.2: optional), only
+    its C-STORE sub-operations, then the final response: the DIMSE timeout bounds the
+    silence between them (as pynetdicom's and DCMTK's SCUs count any message), not the
+    whole retrieval. Before, the C-GET was aborted once the DIMSE timeout had passed
+    since the request, sub-operations arriving or not."""
+    instances = [ct_instance() for _ in range(5)]
+    statuses: list[int] = []
+    dimse = 0.5
+
+    async def script(peer: Peer) -> None:
+        from dimse_async.codec import encode_dataset
+
+        ctx, cmd, _ = await peer.read_message()
+        for i, ds in enumerate(instances):
+            await asyncio.sleep(dimse / 2)
+            store = Command(
+                CommandField.C_STORE_RQ, message_id=100 + i, affected_sop_class_uid=CT,
+                affected_sop_instance_uid=str(ds.SOPInstanceUID), priority=0,
+            )  # fmt: skip
+            await peer.reply(peer.context_id(CT), store, encode_dataset(ds, EXPLICIT_LE))
+            _, answer, _ = await peer.read_message()
+            statuses.append(answer.status or 0)
+        await peer.reply(ctx, rsp(cmd, 0, completed=len(instances), failed=0, warning=0))
+        await peer.drain_until_closed()
+
+    from dimse_async.acse import ContextSpec
+
+    stored: list[str] = []
+
+    async def handler(request: object) -> int:
+        stored.append(str(request.sop_instance_uid))  # type: ignore[attr-defined]
+        return 0
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    async with hostile_scp(script) as (port, errors):
+        ae = scu(STUDY_GET, dimse_timeout=dimse)
+        ae.requested_contexts.append(ContextSpec(CT, [EXPLICIT_LE], scu_role=False, scp_role=True))
+        async with ae.associate(HOST, port, called_ae="SCP") as assoc:
+            responses = assoc.c_get(query, store=handler)
+            got = [p async for p in responses]
+    assert not errors, errors
+    assert responses.status == 0 and [p.completed for p in got] == [5]
+    assert statuses == [0] * 5 and stored == [str(ds.SOPInstanceUID) for ds in instances]
