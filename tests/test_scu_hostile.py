@@ -882,3 +882,53 @@ async def test_c_get_without_pending_responses_is_timed_by_its_sub_operations() 
     assert not errors, errors
     assert responses.status == 0 and [p.completed for p in got] == [5]
     assert statuses == [0] * 5 and stored == [str(ds.SOPInstanceUID) for ds in instances]
+
+
+COMMITMENT = "1.2.840.10008.1.20.1"
+
+
+async def test_a_flood_of_unknown_commitment_reports_is_answered_without_a_flood_of_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An SCP sending our SCU 60 storage commitment N-EVENT-REPORTs for transactions
+    never requested: each is answered 0x0110 (PS3.4 J.3.3), the warning is logged 5
+    times per peer and minute, the rest counted (it was one warning per report)."""
+    import logging
+
+    from dimse_async.codec import encode_dataset
+    from dimse_async.services.commitment import tracker_of
+
+    count = 60
+    statuses: list[int] = []
+
+    async def script(peer: Peer) -> None:
+        ctx = peer.context_id(COMMITMENT)
+        for i in range(count):
+            info = Dataset()
+            info.TransactionUID = f"1.2.3.{i}"
+            report = Command(
+                CommandField.N_EVENT_REPORT_RQ, message_id=i + 1, affected_sop_class_uid=COMMITMENT,
+                affected_sop_instance_uid="1.2.840.10008.1.20.1.1", event_type_id=1,
+            )  # fmt: skip
+            await peer.reply(ctx, report, encode_dataset(info, EXPLICIT_LE))
+        for _ in range(count):
+            _, answer, _ = await peer.read_message()
+            statuses.append(answer.status or 0)
+        await peer.drain_until_closed()
+
+    ae = scu(COMMITMENT)
+    tracker_of(ae)
+    logging.getLogger("dimse_async").addHandler(caplog.handler)  # (it does not propagate to root)
+    try:
+        async with hostile_scp(script) as (port, errors):
+            async with ae.associate(HOST, port, called_ae="SCP"):
+                for _ in range(250):  # every report answered (bounded)
+                    if len(statuses) == count or errors:
+                        break
+                    await asyncio.sleep(0.02)
+    finally:
+        logging.getLogger("dimse_async").removeHandler(caplog.handler)
+    assert not errors, errors
+    assert statuses == [0x0110] * count
+    logged = [r.getMessage() for r in caplog.records if "unknown transaction" in r.getMessage()]
+    assert len(logged) == 5, logged

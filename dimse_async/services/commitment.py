@@ -30,6 +30,7 @@ from ..exceptions import AssociationError, DIMSEFailure
 from ..lazy_dataclass import dataclass
 from ..log import get_logger
 from ..part10 import plausible_uid
+from ..ratelimit import WarningLimiter
 from ..status import Status
 from ..uids import DEFAULT_TRANSFER_SYNTAXES
 from .normalized import NCode, NRequest
@@ -159,7 +160,9 @@ class CommitmentTracker:
 
     Registered as the AE's N-EVENT-REPORT handler for the commitment class. ``late``
     keeps the last ``keep_late`` reports that came after their requester stopped
-    waiting; ``on_late`` (if set) is called with each.
+    waiting; ``on_late`` (if set) is called with each. Reports refused (malformed, or
+    for a transaction never requested) are logged a few per peer AE title and minute,
+    the rest counted in a summary line: a peer flooding them floods no log.
     """
 
     def __init__(self, keep_late: int = 256):
@@ -169,6 +172,10 @@ class CommitmentTracker:
         self.keep_late = keep_late
         self.on_late: Callable[[CommitmentResult], Any] | None = None
         self.log = get_logger("commitment")
+        self._warnings = WarningLimiter(self._suppressed, interval=60.0, burst=5)
+
+    def _suppressed(self, kind: str, peer_ae: str, count: int, seconds: float) -> None:
+        self.log.warning(f"{kind}: {count} similar suppressed", peer_ae=peer_ae, seconds=round(seconds))
 
     def expect(self, transaction_uid: str, association_id: int) -> asyncio.Future[CommitmentResult]:
         fut: asyncio.Future[CommitmentResult] = asyncio.get_running_loop().create_future()
@@ -191,7 +198,8 @@ class CommitmentTracker:
             return Status(NCode.NO_SUCH_SOP_INSTANCE, "not the storage commitment well-known instance")
         result = parse_report(request)
         if isinstance(result, Status):
-            self.log.warning("storage commitment report refused", status=repr(result), peer_ae=request.calling_ae)
+            if self._warnings.allow("storage commitment report refused", request.calling_ae):
+                self.log.warning("storage commitment report refused", status=repr(result), peer_ae=request.calling_ae)
             return result
         uid = result.transaction_uid
         entry = self.pending.pop(uid, None)
@@ -216,9 +224,10 @@ class CommitmentTracker:
             if self.on_late is not None:
                 self.on_late(result)
             return None
-        self.log.warning(
-            "storage commitment report for an unknown transaction", transaction_uid=uid, peer_ae=request.calling_ae
-        )
+        if self._warnings.allow("storage commitment report for an unknown transaction", request.calling_ae):
+            self.log.warning(
+                "storage commitment report for an unknown transaction", transaction_uid=uid, peer_ae=request.calling_ae
+            )
         return Status(NCode.PROCESSING_FAILURE, f"no pending transaction {uid}"[:64])
 
 
