@@ -845,14 +845,14 @@ async def test_c_get_without_pending_responses_is_timed_by_its_sub_operations() 
     since the request, sub-operations arriving or not."""
     instances = [ct_instance() for _ in range(5)]
     statuses: list[int] = []
-    dimse = 0.5
+    dimse = 0.8  # 5 sub-operations 0.2 s apart: the retrieval takes longer
 
     async def script(peer: Peer) -> None:
         from dimse_async.codec import encode_dataset
 
         ctx, cmd, _ = await peer.read_message()
         for i, ds in enumerate(instances):
-            await asyncio.sleep(dimse / 2)
+            await asyncio.sleep(0.2)
             store = Command(
                 CommandField.C_STORE_RQ, message_id=100 + i, affected_sop_class_uid=CT,
                 affected_sop_instance_uid=str(ds.SOPInstanceUID), priority=0,

@@ -65,8 +65,8 @@ def ct_store() -> tuple[bytes, bytes]:
     return encode_command(cmd), encode_dataset(ds, IMPLICIT_LE)
 
 
-async def scp_server(stored: list[str]) -> Any:
-    ae = AE("SCP", dimse_timeout=DIMSE, network_timeout=30.0, artim_timeout=1.0, abort_artim_timeout=0.3)
+async def scp_server(stored: list[str], dimse: float = DIMSE) -> Any:
+    ae = AE("SCP", dimse_timeout=dimse, network_timeout=30.0, artim_timeout=1.0, abort_artim_timeout=0.3)
     ae.add_supported_context(STUDY_FIND)
     ae.add_supported_context(CT)
 
@@ -130,18 +130,19 @@ async def test_scp_aborts_a_message_not_completed_within_the_dimse_timeout(case:
 
 
 async def test_scp_takes_a_slow_store_data_set_that_keeps_arriving() -> None:
-    """Its parts come every DIMSE/2 seconds, the whole takes several DIMSE timeouts: stored."""
+    """Its parts come every 0.1 s, the whole takes longer than the DIMSE timeout: stored."""
     stored: list[str] = []
-    server = await scp_server(stored)
+    dimse = 0.6
+    server = await scp_server(stored, dimse)
     command, data = ct_store()
-    parts = [data[i : i + 1024] for i in range(0, len(data), 1024)]
-    assert len(parts) >= 4
+    parts = [data[i : i + 512] for i in range(0, len(data), 512)]
+    assert len(parts) * 0.1 > dimse + 0.2
     try:
         async with raw_peer(server.port) as peer:
             await raw_associate(peer, STUDY_FIND, CT)
             await peer.send(pdata(3, command, command=True))
             for i, part in enumerate(parts):
-                await asyncio.sleep(DIMSE / 2)
+                await asyncio.sleep(0.1)
                 await peer.send(pdata(3, part, command=False, last=i == len(parts) - 1))
             reply = await peer.read_pdu(5)
             assert reply is not None and reply[0] == 0x04, reply
