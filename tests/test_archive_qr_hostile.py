@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -353,3 +354,101 @@ async def test_find_by_a_long_list_of_uids_is_answered_quickly(tmp_path: Path) -
         assert int(responses.status) == 0, responses.status
         assert found == wanted
         assert elapsed < 10.0, elapsed  # about 0.15 s; over 60 s before
+
+
+class StuckDestination:
+    """A pynetdicom C-MOVE destination that accepts CT Image Storage and then never
+    answers a C-STORE (its handler blocks until the test ends): a destination that hangs."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+        self.entered = threading.Event()
+        self.ended = threading.Event()
+        self.release = threading.Event()
+        self.port = free_port()
+        ae = AE(ae_title="STUCK")
+        ae.add_supported_context(CTImageStorage)
+
+        def on_store(event: Any) -> int:
+            self.entered.set()
+            self.release.wait(30)
+            return 0
+
+        def on_end(event: Any) -> None:
+            self.ended.set()
+
+        self.server = ae.start_server(
+            (HOST, self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_ABORTED, on_end), (evt.EVT_CONN_CLOSE, on_end)],
+        )
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
+async def start_move_to_stuck(tmp_path: Path, serve: Any, stuck: StuckDestination) -> tuple[Any, Any, Any]:
+    """An association from MOVER with a C-MOVE of a 3-instance study to STUCK, under way
+    (the destination's C-STORE handler entered): (association, responses, first-response future)."""
+    files = make_instances(tmp_path / "in", 3)
+    await store(serve.port, [p for p, _c, _i in files])
+    ae = da.AE("MOVER", dimse_timeout=WAIT)
+    ae.add_requested_context(STUDY_MOVE)
+    ae.add_requested_context(da.Verification)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    assoc = await ae.associate(HOST, serve.port, "ARCHIVE")
+    responses = assoc.c_move(query, "STUCK", model="study")
+    first = asyncio.ensure_future(anext(responses, None))
+    assert await asyncio.to_thread(stuck.entered.wait, 10), "the destination never got a C-STORE"
+    return assoc, responses, first
+
+
+async def test_cancel_of_a_move_whose_destination_hangs_is_answered_within_the_grace(tmp_path: Path) -> None:
+    """C-CANCEL during a C-MOVE whose destination (pynetdicom) never answers its C-STORE:
+    the sub-operations under way get ``CANCEL_GRACE`` (2 s), then the sub-association is
+    aborted and the final response is Cancel (0xFE00) with counters that add up (PS3.4
+    C.4.2.3), not after the DIMSE timeout (60 s before); the association goes on."""
+    stuck = StuckDestination()
+    try:
+        async with running_serve(tmp_path / "archive", known_aes={"STUCK": (HOST, stuck.port)}) as serve:
+            assoc, responses, first = await start_move_to_stuck(tmp_path, serve, stuck)
+            try:
+                started = time.monotonic()
+                first.cancel()
+                await asyncio.wait_for(responses.aclose(), 10)  # C-CANCEL, then the final response
+                took = time.monotonic() - started
+                assert (await assoc.c_echo()).is_success
+                assert await asyncio.to_thread(stuck.ended.wait, 5), "the stuck sub-association is still open"
+            finally:
+                await assoc.release()
+    finally:
+        stuck.close()
+    assert responses.status is not None and int(responses.status) == 0xFE00, responses.status
+    assert 1.5 < took < 5.0, took
+    final = responses.result
+    assert final is not None and final.remaining is not None and final.failed, final
+    assert final.remaining + (final.completed or 0) + final.failed == 3, final
+
+
+async def test_requestor_abort_mid_move_ends_the_sub_association_at_once(tmp_path: Path) -> None:
+    """The C-MOVE requestor aborts while a sub-operation waits for a destination that
+    does not answer: the sub-association is aborted at once, not released (a release
+    waits for the outstanding C-STORE, up to the DIMSE timeout, holding a connection
+    to the destination that nobody wants any more)."""
+    stuck = StuckDestination()
+    try:
+        async with running_serve(tmp_path / "archive", known_aes={"STUCK": (HOST, stuck.port)}) as serve:
+            assoc, _responses, first = await start_move_to_stuck(tmp_path, serve, stuck)
+            started = time.monotonic()
+            assoc.abort("test: requestor gone")
+            first.cancel()
+            assert await asyncio.to_thread(stuck.ended.wait, 5), "the sub-association outlived its C-MOVE"
+            took = time.monotonic() - started
+    finally:
+        stuck.close()
+    assert took < 1.0, took

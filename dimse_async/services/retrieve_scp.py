@@ -63,8 +63,10 @@ def _item_uid(item: Any) -> str:
 
 
 def _final_status(cancelled: bool, remaining: int, completed: int, failed: int, warning: int) -> Status:
-    """The final C-GET / C-MOVE status from the counters (PS3.4 C.4.2.1.5, C.4.3.1.4)."""
-    if cancelled and remaining:
+    """The final C-GET / C-MOVE status from the counters (PS3.4 C.4.2.1.5, C.4.3.1.4).
+    ``cancelled``: a C-CANCEL stopped sub-operations (not yet started, ``remaining``, or
+    interrupted under way, counted failed): Cancel (C.4.2.3.1)."""
+    if cancelled:
         return Status(Code.CANCEL)
     if failed and not completed and not warning:
         return Status(Code.OUT_OF_RESOURCES_SUBOPERATIONS, "Unable to perform sub-operations")
@@ -127,9 +129,10 @@ async def _run_suboperations(
     total = source.total
     completed = failed = warning = 0
     failed_uids: list[str] = []
+    interrupted = False  # a sub-operation under way was cut short by the C-CANCEL
 
     async def worker() -> None:
-        nonlocal completed, failed, warning
+        nonlocal completed, failed, warning, interrupted
         while not op.cancelled and assoc.is_established:
             more, item = await source.next()
             if not more:
@@ -152,6 +155,7 @@ async def _run_suboperations(
                 # every later sub-operation fail, and the final response still goes out.
                 assoc.log.warning("sub-operation failed: sub-association ended", error=str(exc))
                 category = StatusCategory.FAILURE
+                interrupted = interrupted or op.cancelled
             except Exception as exc:
                 where = (
                     {"sop_instance": item.sop_instance_uid, "path": str(item)} if isinstance(item, StoredFile) else {}
@@ -172,7 +176,7 @@ async def _run_suboperations(
 
     await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
     remaining = max(total - completed - failed - warning, 0)
-    status = _final_status(op.cancelled, remaining, completed, failed, warning)
+    status = _final_status(op.cancelled and (remaining > 0 or interrupted), remaining, completed, failed, warning)
     if source.error is not None and not op.cancelled:  # the handler failed part way
         status = failure_status(op.command.command_field, source.error, assoc)
     final_ident = None
@@ -228,6 +232,10 @@ async def _scp_retrieve(
 
 
 _NONE = object()
+
+#: Seconds the C-STORE sub-operations under way when a C-MOVE is cancelled get to be
+#: answered before the sub-association is aborted (PS3.4 C.4.2.3).
+CANCEL_GRACE = 2.0
 
 
 async def scp_c_get(assoc: DIMSEProvider, op: Operation, handler: QueryHandler | None = None) -> None:
@@ -302,6 +310,17 @@ async def _move(
         total = items.total if isinstance(items, _Items) else len(items)
         await respond(assoc, op, Status(Code.CANCEL), None, (total, 0, 0, 0))
         return
+    loop = asyncio.get_running_loop()
+    stop: list[asyncio.TimerHandle] = []
+
+    def cancelled() -> None:
+        # C-CANCEL (PS3.4 C.4.2.3): the sub-operations under way get CANCEL_GRACE seconds
+        # to be answered; a destination that does not answer them (slow, not reading)
+        # does not hold the Cancel response for the DIMSE timeout: its association is aborted.
+        stop.append(loop.call_later(CANCEL_GRACE, sub.abort, "C-MOVE cancelled; the destination did not answer"))
+
+    op.on_cancel = cancelled
+    completed = False
     try:
 
         async def store(item: Any) -> Status:
@@ -309,11 +328,15 @@ async def _move(
             return status
 
         await _run_suboperations(assoc, op, items, store, concurrency=route.concurrency)
+        completed = True
     finally:
-        if sub.is_established:
+        op.on_cancel = None
+        for handle in stop:
+            handle.cancel()
+        if completed and sub.is_established:
             await sub.release()
-        else:
-            sub.abort("move sub-association ended")
+        else:  # the requestor's association ended (or the move failed) mid-way: no waiting for the destination
+            sub.abort("move sub-association ended" if completed else "C-MOVE ended before its sub-operations")
 
 
 async def _associate_unless_cancelled(
