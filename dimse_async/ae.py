@@ -155,6 +155,9 @@ class AE(HandlerRegistry):
     known_aes: dict[str, tuple[str, int]]
     #: C-STORE sub-operations kept in flight per C-MOVE (if the destination agrees).
     move_concurrency: int
+    #: C-MOVE sub-associations open at once to one destination, over all C-MOVEs;
+    #: more C-MOVEs to it wait their turn (``None``: no limit).
+    max_move_associations: int | None
     #: Acceptor: only peers at these addresses / CIDR blocks may associate (the real
     #: client address when the PROXY protocol is on); others get A-ASSOCIATE-RJ.
     allowed_peer_addresses: tuple[Network, ...] | None
@@ -227,6 +230,7 @@ class AE(HandlerRegistry):
         spool_dir: str | None = None,
         known_aes: dict[str, tuple[str, int]] | None = None,
         move_concurrency: int = 4,
+        max_move_associations: int | None = 8,
         allowed_peer_addresses: Iterable[str] | None = None,
         keepalive_idle: float | None = None,
         keepalive_interval: float = 10.0,
@@ -268,6 +272,9 @@ class AE(HandlerRegistry):
         self.spool_dir = spool_dir
         self.known_aes = dict(known_aes or {})
         self.move_concurrency = move_concurrency
+        if max_move_associations is not None and max_move_associations < 1:
+            raise ValueError(f"max_move_associations {max_move_associations!r} must be at least 1 (or None)")
+        self.max_move_associations = max_move_associations
         if allowed_peer_addresses is not None:
             from .proxy import networks
 
@@ -382,7 +389,11 @@ class AE(HandlerRegistry):
             from .services import retrieve_scp
 
             if not routes:
-                routes.append(retrieve_scp.MoveRoute(self.known_aes, self.associate, self.move_concurrency))
+                routes.append(
+                    retrieve_scp.MoveRoute(
+                        self.known_aes, self.associate, self.move_concurrency, self.max_move_associations
+                    )
+                )
             await retrieve_scp.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), routes[0])
 
         async def n_service(assoc: DIMSEProvider, op: Any) -> None:

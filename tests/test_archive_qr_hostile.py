@@ -452,3 +452,51 @@ async def test_requestor_abort_mid_move_ends_the_sub_association_at_once(tmp_pat
     finally:
         stuck.close()
     assert took < 1.0, took
+
+
+async def test_concurrent_moves_to_one_destination_share_a_bounded_set_of_associations(tmp_path: Path) -> None:
+    """Twelve C-MOVEs at once, from two associations, to one destination that hangs
+    (pynetdicom): at most ``max_move_associations`` (3 here) sub-associations are open to
+    it, the other C-MOVEs wait their turn (before: one association each, as many as
+    requestors ask for), and a waiting C-MOVE's C-CANCEL is answered Cancel at once
+    with every sub-operation remaining (PS3.4 C.4.2.3)."""
+    stuck = StuckDestination()
+    files = make_instances(tmp_path / "in", 1)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    try:
+        async with running_serve(
+            tmp_path / "archive", known_aes={"STUCK": (HOST, stuck.port)}, max_move_associations=3
+        ) as serve:
+            await store(serve.port, [p for p, _c, _i in files])
+            ae = da.AE("MOVER", dimse_timeout=WAIT)
+            ae.add_requested_context(STUDY_MOVE)
+            requestors = [await ae.associate(HOST, serve.port, "ARCHIVE", async_ops=(8, 1)) for _ in range(2)]
+            try:
+                streams = [r.c_move(query, "STUCK", model="study") for r in requestors for _ in range(6)]
+                firsts = [asyncio.ensure_future(anext(s, None)) for s in streams]
+                deadline = time.monotonic() + 10
+                while len(stuck.server.active_associations) < 3 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)  # time for more to open, were they not bounded
+                opened = len(stuck.server.active_associations)
+                # The last C-MOVE asked waits for a place: its C-CANCEL is answered at once.
+                started = time.monotonic()
+                firsts[-1].cancel()
+                await asyncio.wait_for(streams[-1].aclose(), 5)
+                took = time.monotonic() - started
+                waiting = streams[-1]
+            finally:
+                for r in requestors:
+                    r.abort("test over")
+            for first in firsts:
+                first.cancel()
+            assert await asyncio.to_thread(stuck.ended.wait, 5)
+    finally:
+        stuck.close()
+    assert opened == 3, f"{opened} sub-associations open to one destination"
+    assert waiting.status is not None and int(waiting.status) == 0xFE00, waiting.status
+    final = waiting.result
+    assert final is not None and (final.remaining, final.completed, final.failed) == (1, 0, 0), final
+    assert took < 1.0, took

@@ -59,6 +59,7 @@ def archive_ae(config: ServeConfig) -> AE:
         max_ops_invoked=config.max_ops,
         spool_dir=spool_dir(config),
         known_aes=config.known_aes,
+        max_move_associations=config.max_move_associations,
         allowed_peer_addresses=config.allowed_peer_addresses,
         network_timeout=config.idle_timeout,
         keepalive_idle=config.keepalive_idle,

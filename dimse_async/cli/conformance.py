@@ -276,6 +276,8 @@ def render() -> str:
     add("AE that stores received instances into an SQLite-indexed directory, answers C-FIND from")
     add("the index and the worklist files, and performs C-MOVE (to a destination from its")
     add("`known_aes` table, over a new association) and C-GET (on the same association).")
+    add(f"At most {serve_config.max_move_associations} C-MOVE sub-associations are open to one destination at once")
+    add("(`max_move_associations`); further C-MOVEs to it wait their turn.")
     add("The SCU commands open one association per invocation (`send`: `--associations N`).")
     add("")
     add("| AE | Default AE title | Role | Real-world activity |")

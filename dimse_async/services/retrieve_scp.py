@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -42,11 +43,26 @@ __all__ = ["MoveRoute", "scp_c_get", "scp_c_move"]
 
 @dataclass(slots=True)
 class MoveRoute:
-    """How a C-MOVE SCP reaches destinations: AE title -> (host, port), and a way to associate."""
+    """How a C-MOVE SCP reaches destinations: AE title -> (host, port), and a way to associate.
+
+    ``per_destination``: sub-associations open at once to one destination (host, port),
+    over every C-MOVE through this route; a C-MOVE past it waits for one to end before
+    it associates (a C-CANCEL ends the wait), so requestors cannot make the SCP flood a
+    destination with associations (``None``: no limit)."""
 
     known_aes: Mapping[str, tuple[str, int]]
     associate: Callable[..., Awaitable[Any]]
     concurrency: int = 4
+    per_destination: int | None = 8
+    slots: dict[tuple[str, int], asyncio.Semaphore] = field(default_factory=dict)
+
+    def slot(self, address: tuple[str, int]) -> asyncio.Semaphore | None:
+        """The semaphore bounding sub-associations to ``address`` (``None``: unbounded)."""
+        if self.per_destination is None:
+            return None
+        if address not in self.slots:
+            self.slots[address] = asyncio.Semaphore(self.per_destination)
+        return self.slots[address]
 
 
 def _item_uid(item: Any) -> str:
@@ -301,8 +317,9 @@ async def _move(
         )
     specs: list[ContextSpec] = plan_contexts([x for x in inspected if isinstance(x, FileInfo)])
     originator = (assoc.peer_ae, op.command.message_id or 0)
+    slot = route.slot(address)
     try:
-        sub = await _associate_unless_cancelled(op, route, address, title, specs)
+        sub = await _associate_unless_cancelled(op, route, address, title, specs, slot)
     except AssociationError as exc:
         await _unreachable(assoc, op, items if isinstance(items, list) else await items.rest(), title, address, exc)
         return
@@ -310,6 +327,17 @@ async def _move(
         total = items.total if isinstance(items, _Items) else len(items)
         await respond(assoc, op, Status(Code.CANCEL), None, (total, 0, 0, 0))
         return
+    try:
+        await _send_moved(assoc, op, items, route, sub, originator)
+    finally:
+        if slot is not None:
+            slot.release()
+
+
+async def _send_moved(
+    assoc: DIMSEProvider, op: Operation, items: list[Any] | _Items, route: MoveRoute, sub: Any, originator: Any
+) -> None:
+    """The C-STORE sub-operations of a C-MOVE on its sub-association ``sub``, then its end."""
     loop = asyncio.get_running_loop()
     stop: list[asyncio.TimerHandle] = []
 
@@ -340,16 +368,35 @@ async def _move(
 
 
 async def _associate_unless_cancelled(
-    op: Operation, route: MoveRoute, address: tuple[str, int], title: str, specs: list[ContextSpec]
+    op: Operation,
+    route: MoveRoute,
+    address: tuple[str, int],
+    title: str,
+    specs: list[ContextSpec],
+    slot: asyncio.Semaphore | None = None,
 ) -> Any:
     """The C-MOVE sub-association, or ``None`` when the peer sends C-CANCEL before it is
     established (PS3.4 C.4.2.3: the SCP stops, Cancel): a destination slow to answer
-    (up to the ACSE timeout) does not hold the cancel; the half-open association is aborted."""
+    (up to the ACSE timeout) does not hold the cancel; the half-open association is aborted.
+    With ``slot``, one of the destination's places is taken first (waiting for it is
+    cancelled the same way) and kept with the association (the caller releases it);
+    it is given back when no association is returned."""
     if op.cancelled:
         return None
-    connecting = asyncio.ensure_future(
-        route.associate(address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1))
-    )
+
+    async def associate() -> Any:
+        if slot is not None:
+            await slot.acquire()
+        try:
+            return await route.associate(
+                address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1)
+            )
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
+
+    connecting = asyncio.ensure_future(associate())
 
     def cancel() -> None:
         connecting.cancel()  # nothing when already done
@@ -358,6 +405,10 @@ async def _associate_unless_cancelled(
     try:
         return await connecting
     except asyncio.CancelledError:
+        if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
+            connecting.result().abort("C-MOVE ended while its sub-association was set up")
+            if slot is not None:  # made just as the wait was cancelled: not used
+                slot.release()
         task = asyncio.current_task()
         if not op.cancelled or (task is not None and task.cancelling()):
             raise  # this task itself is cancelled (the association ended)
