@@ -16,14 +16,14 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from ..acse import ContextSpec
-from ..contexts import FileInfo, inspect_file, plan_contexts
+from ..contexts import MAX_CONTEXTS, FileInfo, inspect_file, plan_contexts
 from ..exceptions import AssociationError, NoAcceptedContext
 from ..interface import DIMSEProvider
 from ..lazy_dataclass import dataclass
 from ..part10 import read_file_meta
 from ..session import Operation
 from ..status import Code, Status, StatusCategory
-from ..uids import ExplicitVRLittleEndian
+from ..uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from .qr import (
     Matches,
     QueryHandler,
@@ -315,7 +315,7 @@ async def _move(
                 if not isinstance(i, Unavailable)
             ]
         )
-    specs: list[ContextSpec] = plan_contexts([x for x in inspected if isinstance(x, FileInfo)])
+    specs = _move_contexts(assoc, [x for x in inspected if isinstance(x, FileInfo)])
     originator = (assoc.peer_ae, op.command.message_id or 0)
     slot = route.slot(address)
     try:
@@ -439,6 +439,28 @@ async def _unreachable(
     ident.FailedSOPInstanceUIDList = [u for u in uids if u] or [""]
     status = Status(Code.OUT_OF_RESOURCES_SUBOPERATIONS, f"Cannot reach {title}: {exc}"[:64])
     await respond(assoc, op, status, ident, (None, 0, len(items), 0))
+
+
+def _move_contexts(assoc: DIMSEProvider, infos: list[FileInfo]) -> list[ContextSpec]:
+    """The presentation contexts proposed to a C-MOVE destination: one per (SOP class,
+    stored transfer syntax) plus an uncompressed one per class (:func:`plan_contexts`).
+    When that is more than one association carries (128, PS3.8 §9.3.2.2), one context
+    per SOP class offering its stored syntaxes and the uncompressed ones (the
+    destination picks one; the other instances are transcoded where they can be), for
+    the first 128 classes: instances of further classes fail, each logged (no accepted
+    presentation context), instead of the whole C-MOVE."""
+    try:
+        return plan_contexts(infos)
+    except ValueError as exc:
+        assoc.log.warning("C-MOVE needs too many presentation contexts; one per SOP class", error=str(exc))
+    by_class: dict[str, dict[str, None]] = {}
+    for info in infos:
+        by_class.setdefault(info.sop_class, {})[info.transfer_syntax] = None
+    specs = [
+        ContextSpec(sop_class, list(dict.fromkeys([*syntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+        for sop_class, syntaxes in by_class.items()
+    ]
+    return specs[:MAX_CONTEXTS]
 
 
 def _dataset_item(ds: Dataset) -> FileInfo:
