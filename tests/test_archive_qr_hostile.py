@@ -17,7 +17,7 @@ from typing import Any
 import pydicom
 import pytest
 from conftest import dcmtk, free_port
-from normalized_helpers import HOST, make_instances, running_serve, store
+from normalized_helpers import HOST, make_instances, park, running_serve, store
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from test_qr import study_query
@@ -500,3 +500,41 @@ async def test_concurrent_moves_to_one_destination_share_a_bounded_set_of_associ
     final = waiting.result
     assert final is not None and (final.remaining, final.completed, final.failed) == (1, 0, 0), final
     assert took < 1.0, took
+
+
+async def test_get_by_a_peer_that_takes_no_instances_is_a_few_log_lines(tmp_path: Path) -> None:
+    """A pynetdicom C-GET of a 30-instance study that negotiated no storage context: every
+    sub-operation fails (0xA702 with Failed = 30 and the Failed SOP Instance UID List,
+    PS3.4 C.4.3.1.3, C.4.3.3.1), and the log has the first five in full and one line
+    counting the rest, not one line per instance (a 100,000-instance study would be
+    100,000 lines for every such request)."""
+    from pynetdicom import AE
+
+    files = make_instances(tmp_path / "in", 30)
+    study = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study
+
+        def get() -> list[Any]:
+            ae = AE(ae_title="NOSTORE")
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = WAIT
+            ae.add_requested_context(MODELS["study"]["get"])
+            assoc = ae.associate(HOST, serve.port, ae_title="ARCHIVE")
+            assert assoc.is_established
+            try:
+                park(assoc)
+                return [status for status, _ident in assoc.send_c_get(query, MODELS["study"]["get"])]
+            finally:
+                assoc.release()
+
+        with Lines() as log:
+            statuses = await asyncio.to_thread(get)
+    final = statuses[-1]
+    assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 30, final
+    assert final.NumberOfCompletedSuboperations == 0, final
+    lines = [m for m in log.lines if m.startswith("sub-operation not possible")]
+    assert len(lines) == 6, lines
+    assert "more not logged" in lines[-1] and "more=25" in lines[-1], lines[-1]

@@ -146,6 +146,15 @@ async def _run_suboperations(
     completed = failed = warning = 0
     failed_uids: list[str] = []
     interrupted = False  # a sub-operation under way was cut short by the C-CANCEL
+    logged: dict[str, int] = {}
+
+    def warn(event: str, **fields: Any) -> None:
+        """A failed sub-operation's warning: the first SUBOP_LOG_BURST of each kind per
+        C-GET / C-MOVE in full, the rest counted into one line at the end (a study of
+        100,000 instances for a peer that takes none is not 100,000 lines)."""
+        logged[event] = logged.get(event, 0) + 1
+        if logged[event] <= SUBOP_LOG_BURST:
+            assoc.log.warning(event, **fields)
 
     async def worker() -> None:
         nonlocal completed, failed, warning, interrupted
@@ -155,28 +164,26 @@ async def _run_suboperations(
                 return
             try:
                 if isinstance(item, Unavailable):
-                    assoc.log.warning(
-                        "sub-operation not possible", sop_instance=item.sop_instance_uid, error=item.reason
-                    )
+                    warn("sub-operation not possible", sop_instance=item.sop_instance_uid, error=item.reason)
                     category = StatusCategory.FAILURE
                 else:
                     category = (await store(item)).category
             except NoAcceptedContext as exc:
-                assoc.log.warning("sub-operation not possible", error=str(exc))
+                warn("sub-operation not possible", error=str(exc))
                 category = StatusCategory.FAILURE
             except AssociationError as exc:
                 if not assoc.is_established:
                     raise
                 # The C-MOVE sub-association ended (the destination aborted): this and
                 # every later sub-operation fail, and the final response still goes out.
-                assoc.log.warning("sub-operation failed: sub-association ended", error=str(exc))
+                warn("sub-operation failed: sub-association ended", error=str(exc))
                 category = StatusCategory.FAILURE
                 interrupted = interrupted or op.cancelled
             except Exception as exc:
                 where = (
                     {"sop_instance": item.sop_instance_uid, "path": str(item)} if isinstance(item, StoredFile) else {}
                 )
-                assoc.log.warning("sub-operation failed", **where, error=repr(exc))
+                warn("sub-operation failed", **where, error=repr(exc))
                 category = StatusCategory.FAILURE
             if category is StatusCategory.SUCCESS:
                 completed += 1
@@ -190,7 +197,12 @@ async def _run_suboperations(
                 # The association's send lock keeps concurrent workers' responses whole and in order.
                 await respond(assoc, op, Status(Code.PENDING), None, (remaining, completed, failed, warning))
 
-    await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
+    try:
+        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
+    finally:
+        for event, count in logged.items():
+            if count > SUBOP_LOG_BURST:
+                assoc.log.warning(f"{event}: more not logged", more=count - SUBOP_LOG_BURST)
     remaining = max(total - completed - failed - warning, 0)
     status = _final_status(op.cancelled and (remaining > 0 or interrupted), remaining, completed, failed, warning)
     if source.error is not None and not op.cancelled:  # the handler failed part way
@@ -248,6 +260,9 @@ async def _scp_retrieve(
 
 
 _NONE = object()
+
+#: Warnings logged in full per kind of failed sub-operation and C-GET / C-MOVE.
+SUBOP_LOG_BURST = 5
 
 #: Seconds the C-STORE sub-operations under way when a C-MOVE is cancelled get to be
 #: answered before the sub-association is aborted (PS3.4 C.4.2.3).
