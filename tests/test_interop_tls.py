@@ -217,3 +217,69 @@ tls_handshake_timeout = 5
         assert code == 2 and json.loads(out)["association"]["accepted"] is False, out + err
     log = (tmp_path / "serve.log").read_text()
     assert "(TLS)" in log and "TLS handshake failed" in log
+
+
+async def test_expired_stranger_and_plain_clients_are_refused_and_logged(certs: Certs, tmp_path: Path):
+    """Our SCP requiring client certificates, against DCMTK echoscu with an expired
+    certificate from our CA, one from another CA, and no TLS at all: each is refused at
+    the handshake at once (no association, no hang), with a warning naming why; a good
+    client right after is served."""
+    import datetime
+    import logging
+
+    import trustme
+
+    past = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=2)
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", HOST)
+    expired = ca.issue_cert(
+        "old.example.org", common_name="OLD", not_before=past - datetime.timedelta(days=30), not_after=past
+    )
+    files = {}
+    for name, blob in (("ca", ca.cert_pem), ("server", server.cert_chain_pems[0]), ("server-key", server.private_key_pem),
+                       ("expired", expired.cert_chain_pems[0]), ("expired-key", expired.private_key_pem)):  # fmt: skip
+        files[name] = tmp_path / f"{name}.pem"
+        blob.write_to_path(files[name])
+    good = ca.issue_cert("ct1.example.org", common_name="CT1")
+    good.cert_chain_pems[0].write_to_path(tmp_path / "good.pem")
+    good.private_key_pem.write_to_path(tmp_path / "good-key.pem")
+    ctx = tls.server_context(
+        str(files["server"]), str(files["server-key"]), cafile=str(files["ca"]), require_client_cert=True
+    )
+    seen: list[da.Request] = []
+    warnings: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    handler = Capture()
+    logging.getLogger("dimse_async").addHandler(handler)
+    try:
+        async with await our_scp(seen).start_server(HOST, 0, ssl=ctx, ssl_handshake_timeout=5) as scp:
+            base = (dcmtk("echoscu"), "-aec", "OUR_TLS", "-to", "10", "-ta", "10", "-td", "10")
+            tail = (HOST, str(scp.port))
+            clients = {
+                "expired": ("+tls", str(files["expired-key"]), str(files["expired"]), "-pw", "+cf", str(files["ca"])),
+                "stranger": ("+tls", str(certs.other_client_key), str(certs.other_client_cert), "-pw", "+cf", str(files["ca"])),
+                "plain": (),
+            }  # fmt: skip
+            for name, options in clients.items():
+                code, out, _ = await communicate((*base, *options, *tail), env=DCMTK_ENV, merge_stderr=True, timeout=10)
+                assert code != 0, (name, out)
+            good = ("+tls", str(tmp_path / "good-key.pem"), str(tmp_path / "good.pem"), "-pw", "+cf", str(files["ca"]))
+            code, out, _ = await communicate((*base, *good, *tail), env=DCMTK_ENV, merge_stderr=True)
+            assert code == 0, out
+    finally:
+        logging.getLogger("dimse_async").removeHandler(handler)
+    assert (
+        len(seen) == 1
+        and seen[0].assoc.tls is not None
+        and (seen[0].assoc.tls.peer_subject or "").startswith("CN=CT1,")
+    )
+    refusals = [w for w in warnings if w.startswith("connection refused")]
+    assert len(refusals) == 3, warnings
+    assert "certificate has expired" in refusals[0], refusals[0]
+    assert "unable to get local issuer certificate" in refusals[1], refusals[1]
+    assert "WRONG_VERSION_NUMBER" in refusals[2], refusals[2]
