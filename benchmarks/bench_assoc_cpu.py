@@ -144,7 +144,9 @@ def main() -> int:
     p.add_argument("--count", type=int, metavar="N", help="only serve N associations after the warm-up (for callgrind)")
     args = p.parse_args()
     log = tempfile.NamedTemporaryFile("w", prefix="bench-assoc-cpu-", suffix=".log")  # noqa: SIM115
-    configure_logging(args.level, stream=log)
+    # The file object itself, as the CLI's stderr is (not the temporary file's wrapper,
+    # whose write and flush are each a Python call more per line).
+    configure_logging(args.level, stream=log.file)
     try:  # as the CLI does
         from dimse_async.cli import process
 
