@@ -439,10 +439,17 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 return
         # The association's one INFO line (PS3.8 has no say; the contract): who,
         # what was negotiated, what was done, how long, and why it ended if not released.
+        if not _stdlib_log.isEnabledFor(logging.INFO):  # (the logger self.log writes to)
+            return
         neg = self.negotiated
-        fields = self.oplog.summary(self.loop.time())
+        contexts = None
         if neg is not None:
-            fields = {"contexts": f"{len(neg.accepted)}/{len(neg.contexts)}", **fields}
+            accepted = 0
+            for context in neg.contexts:  # (not neg.accepted: no list made)
+                if context.accepted:
+                    accepted += 1
+            contexts = f"{accepted}/{len(neg.contexts)}"
+        fields = self.oplog.summary(self.loop.time(), contexts)
         if reason:
             fields["reason"] = reason
         self.log.info("association closed", **fields)

@@ -81,7 +81,7 @@ def _format_value(value: Any) -> str:
 
 #: Strings judged lately (whether they are written as they are, unquoted): an AE title, a
 #: count of contexts or operations recurs from line to line and is then judged by a
-#: dictionary look-up instead of the pattern. Bounded (emptied when full).
+#: dictionary look-up. Bounded (emptied when full).
 _PLAIN: dict[str, bool] = {}
 _PLAIN_KEPT = 4096
 
@@ -99,7 +99,12 @@ def _pairs(fields: dict[str, Any]) -> str:
             if plain is None:
                 if len(_PLAIN) >= _PLAIN_KEPT:
                     _PLAIN.clear()
-                plain = _PLAIN[v] = bool(v) and _QUOTED.search(v) is None
+                # What _QUOTED finds, without the pattern when no character is unprintable
+                # (every one it looks for but the three below is: C0, DEL and C1 are "Other").
+                if v.isprintable():
+                    plain = _PLAIN[v] = v != "" and " " not in v and '"' not in v and "=" not in v
+                else:
+                    plain = _PLAIN[v] = _QUOTED.search(v) is None
             out.append(f"{k}={v}" if plain else f"{k}={_dumps(v)}")
         else:
             out.append(f"{k}={_format_value(v)}")
@@ -291,7 +296,10 @@ class StructuredFormatter(logging.Formatter):
         field = _LEVEL_FIELDS.get(record.levelname)
         if field is None:  # made once per level name: "[info   ]"
             field = _LEVEL_FIELDS[record.levelname] = f"[{record.levelname.lower():<7}]"
-        text = f"{stamp} {field} {record.getMessage().rstrip()}"
+        msg = record.msg
+        if type(msg) is not str or record.args:  # (ours: a str without arguments, as it is)
+            msg = record.getMessage()
+        text = f"{stamp} {field} {msg.rstrip()}"
         if fields is None and record.name != LOGGER_NAME:
             text += f" logger={record.name}"
         for key, value in _process_fields.items():

@@ -90,10 +90,25 @@ class OperationLog:
                 fields["error_comment"] = status.error_comment
             log.info(f"{name} {status.category.value}", **fields)
 
-    def summary(self, now: float) -> dict[str, Any]:
-        """Fields of the "association closed" line."""
+    def summary(self, now: float, contexts: str | None = None) -> dict[str, Any]:
+        """Fields of the "association closed" line (``contexts`` first when given)."""
+        operations = self.operations
+        if len(operations) == 1:  # the usual short association: one kind (no list, no sort)
+            [(name, n)] = operations.items()
+            ops = f"{name}:{n}"
+        else:
+            ops = ",".join([f"{name}:{n}" for name, n in sorted(operations.items())]) or "none"
+        if contexts is not None:
+            return {
+                "contexts": contexts,
+                "ops": ops,
+                "failed": self.failed_operations,
+                "rx_bytes": self.bytes_received,
+                "tx_bytes": self.bytes_sent,
+                "duration_ms": round((now - self.opened_at) * 1000),
+            }
         return {
-            "ops": ",".join([f"{name}:{n}" for name, n in sorted(self.operations.items())]) or "none",
+            "ops": ops,
             "failed": self.failed_operations,
             "rx_bytes": self.bytes_received,
             "tx_bytes": self.bytes_sent,

@@ -481,3 +481,92 @@ def test_cli_log_ops_flag_and_toml_key(tmp_path: Path) -> None:
     logged = [json.loads(line) for line in (tmp_path / "serve.err").read_text().splitlines()]
     served = [r for r in logged if r["event"] == "C-STORE done"]
     assert len(served) == 2 and all(r["level"] == "info" and r["role"] == "scp" for r in served), logged
+
+
+# ---------------------------------------------------------------- rendering, in process
+
+_TEXTS = [
+    "",
+    " ",
+    "BENCH",
+    "127.0.0.1:40000",
+    "a=b",
+    'say "hi"',
+    "tab\there",
+    "new\nline",
+    "\x00",
+    "\x1f",
+    "\x7f",
+    "\x85",  # NEL: C1
+    "\x9f",
+    "\xa0",  # no-break space: unprintable to Python, not quoted by the pattern
+    "\u2028",  # line separator: likewise
+    "\u200b",
+    "caf\xe9",
+    "\U0001f600",
+    "x" * 80,
+]
+
+
+def _expected_pair(key: str, value: str) -> str:
+    from dimse_async.log import _QUOTED
+
+    return f"{key}={value}" if value and _QUOTED.search(value) is None else f"{key}={json.dumps(value)}"
+
+
+@pytest.mark.parametrize("value", _TEXTS)
+def test_a_string_field_is_quoted_exactly_when_the_pattern_finds_a_character(value: str) -> None:
+    """The check without the pattern (printable strings) decides as the pattern does:
+    judged fresh and then from the kept judgement."""
+    from dimse_async import log
+
+    log._PLAIN.clear()
+    assert log._pairs({"k": value}) == _expected_pair("k", value)
+    assert log._pairs({"k": value}) == _expected_pair("k", value)  # the kept judgement
+
+
+def test_string_fields_quoted_as_the_pattern_says_for_any_text() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from dimse_async import log
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=12))
+    def check(value: str) -> None:
+        log._PLAIN.pop(value, None)
+        assert log._pairs({"k": value, "n": 3}) == _expected_pair("k", value) + " n=3"
+
+    check()
+
+
+def test_formatter_writes_a_records_message_with_and_without_arguments() -> None:
+    import logging
+
+    from dimse_async.log import StructuredFormatter
+
+    fmt = StructuredFormatter()
+    for msg, args, text in [("plain  ", (), "plain"), ("x %s y", (7,), "x 7 y"), (ValueError("bad"), (), "bad")]:
+        record = logging.LogRecord("dimse_async", logging.INFO, "", 0, msg, args, None)
+        assert fmt.format(record).endswith(f"[info   ] {text}")
+
+
+def test_operation_summary_fields() -> None:
+    """The "association closed" line's fields: operations by kind (sorted, ``none``),
+    ``contexts`` first when given."""
+    from dimse_async.oplog import OperationLog
+
+    ops = OperationLog(10.0)
+    ops.bytes_received, ops.bytes_sent = 5, 6
+    assert ops.summary(10.0125) == {"ops": "none", "failed": 0, "rx_bytes": 5, "tx_bytes": 6, "duration_ms": 12}
+    ops.operations["C-STORE"] = 3
+    assert list(ops.summary(11.0, "2/3").items()) == [
+        ("contexts", "2/3"),
+        ("ops", "C-STORE:3"),
+        ("failed", 0),
+        ("rx_bytes", 5),
+        ("tx_bytes", 6),
+        ("duration_ms", 1000),
+    ]
+    ops.operations["C-ECHO"] = 1
+    assert ops.summary(11.0)["ops"] == "C-ECHO:1,C-STORE:3"
