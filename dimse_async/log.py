@@ -154,6 +154,9 @@ def _ignore(*_args: Any, **_kwargs: Any) -> None:
     return None
 
 
+_new_object = object.__new__
+
+
 class _LazyLogger:
     """A structlog-style bound logger over a stdlib logger.
 
@@ -182,7 +185,12 @@ class _LazyLogger:
     def bind(self, **values: Any) -> Any:
         if self._bound is not None:
             return self._bound.bind(**values)
-        return _LazyLogger(self._stdlib, {**self._initial, **values})
+        # (made without a call of __init__: from a type call it is a frame of its own)
+        bound = _new_object(_LazyLogger)
+        bound._stdlib = self._stdlib
+        bound._initial = {**self._initial, **values}
+        bound._bound = bound._prefix = None
+        return bound
 
     def isEnabledFor(self, level: int) -> bool:
         return self._stdlib.isEnabledFor(level)

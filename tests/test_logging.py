@@ -570,3 +570,25 @@ def test_operation_summary_fields() -> None:
     ]
     ops.operations["C-ECHO"] = 1
     assert ops.summary(11.0)["ops"] == "C-ECHO:1,C-STORE:3"
+
+
+def test_bound_fields_keep_their_order_and_a_field_bound_again_its_new_value() -> None:
+    import io
+    import logging
+
+    from dimse_async.log import configure_logging, get_logger
+
+    stream = io.StringIO()
+    handler = configure_logging("INFO", stream=stream, capture_warnings=False)
+    try:
+        log = get_logger("bindtest", assoc="1f").bind(peer="127.0.0.1:4", local_ae="A").bind(peer_ae="B", local_ae="C")
+        log.info("done", n=2)
+        log.bind(x="y").info("again")
+        log.debug("not at INFO")
+    finally:
+        logging.getLogger("dimse_async").removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "done assoc=1f peer=127.0.0.1:4 local_ae=C peer_ae=B n=2",
+        "again assoc=1f peer=127.0.0.1:4 local_ae=C peer_ae=B x=y",
+    ]
