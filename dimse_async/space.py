@@ -4,7 +4,10 @@ Below ``min_free_space`` bytes available (``statvfs`` ``f_bavail``), or on a fil
 system mounted read-only (ext4 ``errors=remount-ro`` after I/O errors), every C-STORE
 is refused 0xA700 Out of Resources (PS3.4 B.2.3) before its data set is checked or
 written, and ``/healthz`` answers 503 with the reason, so a load balancer sends studies
-elsewhere; both recover by themselves once room is made.
+elsewhere; both recover by themselves once room is made. The refusal is decided when
+the request's command arrives (a C-STORE handler's ``space``, see
+``services.storage.make_spool``): its data set is then dropped as it arrives, never
+spooled, and the answer follows its last fragment.
 """
 
 from __future__ import annotations
@@ -38,11 +41,15 @@ _refusal_lines = Repeats(10.0, burst=5)
 def log_store_refusal(request: Any, error: str) -> None:
     """The (rate-limited) error line of a C-STORE refused 0xA700 for ``error``
     (``request``: a :class:`~dimse_async.services.storage.StoreRequest`)."""
+    _log_refusal(request.assoc.log, request.sop_instance_uid, error)
+
+
+def _log_refusal(log: Any, sop_instance_uid: str | None, error: str) -> None:
     error = error.replace("\n", " ")[:200]
     suppressed = _refusal_lines.allow(error)
     if suppressed is not None:
         extra = {"suppressed": suppressed} if suppressed else {}
-        request.assoc.log.error("C-STORE out of resources", sop_instance=request.sop_instance_uid, error=error, **extra)
+        log.error("C-STORE out of resources", sop_instance=sop_instance_uid, error=error, **extra)
 
 
 class StorageSpace:
@@ -87,8 +94,13 @@ class StorageSpace:
 
     def refusal(self, request: Any) -> Status | None:
         """0xA700 (logged) for a store while :meth:`problem` says so, else ``None``."""
+        return self.command_refusal(request.assoc.log, request.sop_instance_uid)
+
+    def command_refusal(self, log: Any, sop_instance_uid: str | None) -> Status | None:
+        """:meth:`refusal` for a C-STORE whose command set alone has arrived (``log``:
+        its association's logger), so its data set is never written."""
         problem = self.problem()
         if problem is None:
             return None
-        log_store_refusal(request, problem[0])
+        _log_refusal(log, sop_instance_uid, problem[0])
         return Status(0xA700, f"Out of resources: {problem[1]}")

@@ -54,6 +54,23 @@ async def store(port: int, path: Path) -> tuple[int, str]:
         return int(status), status.error_comment or ""
 
 
+def large_instance(tmp: Path, size: int) -> tuple[Path, str]:
+    """A CT of about ``size`` bytes of pixel data (past any spool threshold)."""
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = size // 1024, 512
+    ds.PixelData = b"\1" * (ds.Rows * ds.Columns * 2)
+    path = tmp / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path, str(ds.SOPInstanceUID)
+
+
+def bytes_written(pid: int) -> int:
+    """Bytes process ``pid`` passed to write(2) and its kin so far (files, sockets, pipes)."""
+    text = Path(f"/proc/{pid}/io").read_text()
+    return int(re.search(r"^wchar: (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
 def stored(storage: Path, uid: str) -> bool:
     return any(".incoming" not in p.parts for p in storage.rglob(f"{uid}.dcm"))
 
@@ -113,6 +130,15 @@ async def test_a_full_storage_is_unhealthy_and_refuses_stores_until_room_is_made
             path, uid = instance(tmp_path)
             assert await store(port, path) == (0xA700, "Out of resources: storage full")
             assert not stored(storage, uid) and not list(storage.rglob("*.partial"))
+            # A data set past the spool threshold (serve's 4 MiB, store-scp's 512 KiB) is
+            # refused at its command: its fragments are dropped as they arrive, not
+            # written anywhere (the refusal used to wait for the spool file, which filled
+            # the disk and was then deleted), and the answer comes after the last one.
+            big, big_uid = large_instance(tmp_path, 5 * MiB)
+            before = bytes_written(proc.pid)
+            assert await store(port, big) == (0xA700, "Out of resources: storage full")
+            assert bytes_written(proc.pid) - before < 64 * 1024  # the response and a log line
+            assert not stored(storage, big_uid) and not list(storage.rglob("*.partial"))
 
             (fs / "filler").unlink()
             assert healthz(http) == (200, "ok\n")

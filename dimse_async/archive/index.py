@@ -11,8 +11,8 @@ runs on worker threads, so the event loop never waits on the database.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 
@@ -32,6 +32,8 @@ from .worklist import Worklist
 
 if TYPE_CHECKING:
     from ..ae import AE
+    from ..services.storage import StoreRequest
+    from ..space import StorageSpace
 
 __all__ = ["DUPLICATE_POLICIES", "LEVEL_KEYS", "Archive", "IndexingError", "Worklist", "relational_queries"]
 
@@ -53,7 +55,26 @@ class Archive(IngestMixin, QueryMixin):
             async for ds in source:
                 yield ds
 
-        ae.on_c_store(self.on_c_store)
+        ae.on_c_store(_StoreHandler(self))
         ae.on_c_find(on_c_find)
         ae.on_c_get(self.on_retrieve)
         ae.on_c_move(self.on_retrieve)
+
+
+class _StoreHandler:
+    """The archive's C-STORE handler as registered: :meth:`Archive.on_c_store`, with the
+    storage's :class:`~dimse_async.space.StorageSpace` as ``space``, so a store is
+    refused for a full or read-only storage when its command arrives and its data set
+    is never spooled (``services.storage.make_spool``)."""
+
+    __slots__ = ("_archive",)
+
+    def __init__(self, archive: Archive):
+        self._archive = archive
+
+    def __call__(self, request: StoreRequest) -> Coroutine[Any, Any, Status]:
+        return self._archive.on_c_store(request)
+
+    @property
+    def space(self) -> StorageSpace:
+        return self._archive._storage_space()

@@ -238,13 +238,20 @@ def make_spool(
 
     ``store``: the C-STORE handler registered now; a plain :class:`DirectoryStore`
     (not durable) lends the spool its inline-write policy, so a large instance is
-    written on the loop as it arrives (see :class:`Spool`). Never raises: a request
-    that cannot be stored gets a spool that drains its data set and answers with a
-    failure status.
+    written on the loop as it arrives (see :class:`Spool`). A handler with a ``space``
+    (:class:`~dimse_async.space.StorageSpace`: a :class:`DirectoryStore` with
+    ``min_free_space``, the archive's) refuses the request here while its storage is
+    full or read-only: 0xA700, its data set dropped as it arrives, never written
+    (PS3.4 B.2.3). Never raises: a request that cannot be stored gets a spool that
+    drains its data set and answers with a failure status.
     """
     cmd = msg.command
     context = assoc.context(msg.context_id)
     refusal = store_refusal(cmd, context)
+    if refusal is None and assoc.store_handler is None:
+        space = getattr(store, "space", None)
+        if isinstance(space, StorageSpace):
+            refusal = space.command_refusal(assoc.log, cmd.affected_sop_instance_uid)
     if refusal is not None:
         return Spool.refused(refusal)
     header = encode_file_meta(
