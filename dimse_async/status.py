@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import IntEnum, StrEnum
 
-__all__ = ["ATTRIBUTE_LIST_CODES", "PENDING_CODES", "Code", "Status", "StatusCategory", "response_status"]
+__all__ = [
+    "ATTRIBUTE_LIST_CODES",
+    "PENDING_CODES",
+    "Code",
+    "Status",
+    "StatusCategory",
+    "offending_element_allowed",
+    "response_status",
+]
 
 
 class StatusCategory(StrEnum):
@@ -56,6 +64,20 @@ PENDING_CODES = frozenset({Code.PENDING, Code.PENDING_WARNING})
 #: 0x0120 Missing Attribute, 0x0121 Missing Attribute Value.
 ATTRIBUTE_LIST_CODES = frozenset({0x0105, 0x0106, 0x0107, 0x0116, 0x0120, 0x0121})
 
+#: C-STORE warnings whose response may name Offending Element (0000,0901) (PS3.4
+#: Table B.2-1): B000 Coercion of Data Elements, B006 Elements Discarded, B007 Data
+#: Set does not match SOP Class. (B000 of a C-GET / C-MOVE has counters instead.)
+_STORE_WARNINGS_WITH_OFFENDING = frozenset({0xB000, 0xB006, 0xB007})
+
+
+def offending_element_allowed(code: int, store: bool = False) -> bool:
+    """Whether a DIMSE-C response of status ``code`` may carry Offending Element
+    (0000,0901): the A9xx (Data Set / Identifier does not match SOP Class) and Cxxx
+    (Cannot understand / Unable to process) failures of C-STORE, C-FIND, C-GET and
+    C-MOVE (PS3.4 Tables B.2-1, C.4-1, C.4-2, C.4-3), and ``store``'s warnings B000,
+    B006 and B007. Never 0xA7xx, 0xA801, 0x0122 (Error Comment only)."""
+    return 0xA900 <= code <= 0xA9FF or 0xC000 <= code <= 0xCFFF or (store and code in _STORE_WARNINGS_WITH_OFFENDING)
+
 
 class Status(int):
     """A DIMSE status code with its optional error comment (PS3.7 Annex C) and the
@@ -64,7 +86,10 @@ class Status(int):
     A DIMSE-N SCP handler returns e.g. ``Status(0x0120, "PatientID is required",
     attributes=[0x00100020])``: for the codes in :data:`ATTRIBUTE_LIST_CODES` the
     response carries them as Attribute Identifier List (0000,1005); an N-response
-    received with that field has them here (empty when it has none).
+    received with that field has them here (empty when it has none). A DIMSE-C
+    handler's ``Status(0xA900, "...", attributes=[0x00080052])`` names them in
+    Offending Element (0000,0901) where the status allows it
+    (:func:`offending_element_allowed`); a C-response received with it has them here.
     """
 
     SUCCESS = Code.SUCCESS
@@ -120,7 +145,8 @@ def response_status(
     status: int | None, error_comment: str | None = None, attributes: Iterable[int] | None = None
 ) -> Status:
     """The status a received response carries (with its error comment and Attribute
-    Identifier List, if any); a response without one is a failure (0xC000)."""
+    Identifier List or Offending Element, if any); a response without one is a
+    failure (0xC000)."""
     if status is None:
         return Status(Code.CANNOT_UNDERSTAND, "response has no status")
     return Status(status, error_comment, attributes or ())

@@ -42,6 +42,7 @@ from .schema import (
     level_attrs,
     name_key,
     patient_key_of,
+    tag_of,
     text_of,
 )
 
@@ -56,6 +57,10 @@ def _check_inflation(fp: Any, limits: InflationLimits) -> None:
 
 
 _DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+# Offending Element (0000,0901) of a refused C-STORE (PS3.4 Table B.2-1): the data
+# set's UIDs, or the command's (PS3.7 Table 9.3-1).
+_SOP_CLASS_UID, _SOP_INSTANCE_UID = 0x00080016, 0x00080018
+_AFFECTED_SOP_CLASS_UID, _AFFECTED_SOP_INSTANCE_UID = 0x00000002, 0x00001000
 
 #: Elements, items and fragments a received data set held in memory may have for its
 #: check to run on the event loop (a few milliseconds at most; real instances have a
@@ -256,7 +261,7 @@ class IngestMixin(IndexDB):
                     # PS3.5 6.2): no query key can name it (it reads as a list, PS3.4
                     # C.2.2.2.2), so no retrieve by it or below it could reach the instance.
                     # Refused when received; files already stored are indexed as they are.
-                    raise IndexingError(f"{keyword} holds several values")
+                    raise IndexingError(f"{keyword} holds several values", (tag_of(keyword),))
             return self._index_row(
                 path, st, ds, summary.sop_instance_uid, summary.sop_class_uid, summary.transfer_syntax
             )
@@ -268,7 +273,9 @@ class IngestMixin(IndexDB):
         """The index rows of one stored file (written by :meth:`.Backend.write_index`)."""
         study_uid, series_uid = text_of(ds.get("StudyInstanceUID")), text_of(ds.get("SeriesInstanceUID"))
         if not (sop_uid and study_uid and series_uid):
-            raise IndexingError("missing Study, Series or SOP Instance UID")
+            missing = [tag for tag, uid in ((0x0020000D, study_uid), (0x0020000E, series_uid),
+                                            (_SOP_INSTANCE_UID, sop_uid)) if not uid]  # fmt: skip
+            raise IndexingError("missing Study, Series or SOP Instance UID", tuple(missing))
         patient = level_attrs(ds, "PATIENT")
         study = level_attrs(ds, "STUDY")
         series = level_attrs(ds, "SERIES")
@@ -404,15 +411,17 @@ class IngestMixin(IndexDB):
         replaced according to :attr:`duplicates`. The file is moved into place and then
         indexed; if indexing fails the previous state is restored and the answer is
         0xA700 (out of resources, with the reason) or 0xA900. A success is answered
-        only when the file and its index row are both committed.
+        only when the file and its index row are both committed. A9xx and Cxxx name
+        the element at fault as Offending Element (0000,0901) where it is known (PS3.4
+        Table B.2-1).
         """
         uid = request.sop_instance_uid
         try:
             path = self.path_for(uid)
         except ValueError as exc:
-            return Status(0xC000, str(exc)[:64])
+            return Status(0xC000, str(exc)[:64], attributes=[_AFFECTED_SOP_INSTANCE_UID])
         if not valid_uid(request.sop_class_uid):
-            return Status(0xC000, "invalid SOP Class UID")
+            return Status(0xC000, "invalid SOP Class UID", attributes=[_AFFECTED_SOP_CLASS_UID])
         refusal = self._storage_space().refusal(request)
         if refusal is not None:  # (PS3.4 B.2.3: refused, nothing stored)
             return refusal
@@ -429,8 +438,8 @@ class IngestMixin(IndexDB):
                 sop_class=request.sop_class_uid,
                 dataset_class=summary.sop_class_uid,
             )
-            what = "Instance" if summary.sop_instance_uid != uid else "Class"
-            return Status(0xA900, f"Data set SOP {what} UID differs from the command's"[:64])
+            what, tag = ("Instance", _SOP_INSTANCE_UID) if summary.sop_instance_uid != uid else ("Class", _SOP_CLASS_UID)
+            return Status(0xA900, f"Data set SOP {what} UID differs from the command's"[:64], attributes=[tag])
         # One store at a time per SOP Instance UID; the entry lives while someone uses it.
         entry = self._locks.setdefault(uid, [asyncio.Lock(), 0])
         entry[1] += 1
@@ -463,7 +472,7 @@ class IngestMixin(IndexDB):
             if same:
                 return Status(0)
             request.assoc.log.warning("duplicate SOP Instance UID: stored instance kept", sop_instance=uid)
-            return Status(0xA900, "Duplicate SOP Instance UID; stored instance kept"[:64])
+            return Status(0xA900, "Duplicate SOP Instance UID; stored instance kept", attributes=[_SOP_INSTANCE_UID])
         # From here the store runs to its end (the file placed and indexed, or undone)
         # even when the association ends meanwhile and cancels this handler: the file
         # work goes on in the writer thread regardless, and only the store itself can
@@ -505,7 +514,7 @@ class IngestMixin(IndexDB):
             if isinstance(exc, self.resource_errors):
                 return _out_of_resources(request, exc)
             request.assoc.log.warning("C-STORE data set cannot be indexed", sop_instance=uid, error=str(exc)[:200])
-            return Status(0xA900, f"Cannot index: {exc}"[:64])
+            return Status(0xA900, f"Cannot index: {exc}"[:64], attributes=getattr(exc, "tags", ()))
         if old is not None:
             with contextlib.suppress(OSError):
                 os.unlink(old)

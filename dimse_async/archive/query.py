@@ -37,6 +37,7 @@ from .schema import (
     model_name,
     name_prefix,
     query_level,
+    tag_of,
     text_of,
     where_in,
 )
@@ -369,13 +370,14 @@ _TEXT_VRS = frozenset(["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN
 
 
 def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
-    """The SQL condition selecting a C-GET / C-MOVE's instances (0xA900 without the
-    unique key of the retrieve level, C.4.2.2.1)."""
+    """The SQL condition selecting a C-GET / C-MOVE's instances: 0xA900 without the
+    unique key of the retrieve level (C.4.2.2.1), the key as Offending Element
+    (0000,0901, PS3.4 C.4.2.1.5, C.4.3.1.4)."""
     level = query_level(model, identifier, "Retrieve")
     unique = UNIQUE_KEYS[level]
     values = exact_values(identifier.get(unique))
     if not values:
-        raise StatusError(Status(0xA900, f"{unique} is required at {level} level"))
+        raise StatusError(Status(0xA900, f"{unique} is required at {level} level", attributes=[tag_of(unique)]))
     where: list[str] = []
     args: list[Any] = []
     pieces: list[list[str]] = []
@@ -385,7 +387,7 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
             continue
         vr = identifier[key].VR
         if vr not in _TEXT_VRS:  # e.g. an SQ or US: its "value" names nothing stored (PS3.4 C.4.2.2.1)
-            raise StatusError(Status(0xA900, f"{key} sent as {vr}, not {_RETRIEVE_VR[key]}"))
+            raise StatusError(Status(0xA900, f"{key} sent as {vr}, not {_RETRIEVE_VR[key]}", attributes=[tag_of(key)]))
         keyed = values if key == unique else exact_values(identifier.get(key))
         if not keyed:
             continue
@@ -397,7 +399,8 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
             # (PostgreSQL takes at most 32,767 arguments per statement).
             pieces, unique_column = in_pieces(keyed), column
         else:  # above the level: a single value (C.4.2.2.1)
-            raise StatusError(Status(0xA900, f"{key}: {len(keyed)} values; only {unique} may list many"))
+            comment = f"{key}: {len(keyed)} values; only {unique} may list many"[:64]
+            raise StatusError(Status(0xA900, comment, attributes=[tag_of(key)]))
     if not pieces:
         return _RetrieveWhere(level, [(" AND ".join(where), args)])
     return _RetrieveWhere(

@@ -21,7 +21,12 @@ log = get_logger()
 
 
 class IndexingError(ValueError):
-    """A stored file that cannot be indexed (its data set lacks the hierarchy's UIDs)."""
+    """A stored file that cannot be indexed (its data set lacks the hierarchy's UIDs);
+    ``tags``: the attributes at fault (a refused C-STORE's Offending Element)."""
+
+    def __init__(self, message: str, tags: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.tags = tags
 
 
 #: Attributes kept per level (PS3.4 C.6.1.1 / C.6.2.1 keys and common optional ones).
@@ -220,11 +225,24 @@ def name_prefix(value: Any) -> str:
     return text.rstrip(" ^").upper()
 
 
+def tag_of(keyword: str) -> int:
+    """The tag of a standard attribute's keyword (``0xGGGGEEEE``)."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None:  # pragma: no cover - the keywords used here are standard
+        raise KeyError(keyword)
+    return int(tag)
+
+
+QUERY_RETRIEVE_LEVEL = 0x00080052
+
+
 def query_level(model: str, identifier: Dataset, what: str) -> str:
-    """The identifier's level, refused (0xA900) when the model has no such level."""
-    level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+    """The identifier's level, refused (0xA900, Offending Element (0008,0052): PS3.4
+    C.4.1.1.4, C.4.2.1.5, C.4.3.1.4) when missing or not a level of the model."""
+    level = text_of(identifier.get("QueryRetrieveLevel")).strip().upper()
     if level not in _MODEL_LEVELS[model]:
-        raise StatusError(Status(0xA900, f"{what} level {level!r} not valid for this model"))
+        comment = f"{what} level {level!r} not valid for this model" if level else "Query/Retrieve Level missing"
+        raise StatusError(Status(0xA900, comment[:64], attributes=[QUERY_RETRIEVE_LEVEL]))
     return level
 
 
@@ -237,12 +255,14 @@ def relational_queries(sop_class_uid: str, info: bytes) -> bytes | None:
 
 
 def check_hierarchy(model: str, level: str, identifier: Dataset) -> None:
-    """Refuse (0xA900) a query lacking the unique key of a level above its own (a
-    UID list is taken as List of UID Matching; wild cards and empty values are refused)."""
+    """Refuse (0xA900, that key as Offending Element) a query lacking the unique key of
+    a level above its own (a UID list is taken as List of UID Matching; wild cards and
+    empty values are refused; PS3.4 C.4.1.2.2.1)."""
     for key in _ABOVE[model][level]:
         values = exact_values(identifier.get(key)) if key in identifier else None
         if not values or (len(values) != 1 and key == "PatientID"):
-            raise StatusError(Status(0xA900, f"{level} query needs one {key} (no relational queries)"[:64]))
+            comment = f"{level} query needs one {key} (no relational queries)"[:64]
+            raise StatusError(Status(0xA900, comment, attributes=[tag_of(key)]))
 
 
 def add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:

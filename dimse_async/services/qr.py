@@ -225,7 +225,8 @@ class Responses(Generic[T]):
             # Over, but its status and counters are not this operation's.
             self.status = Status(Code.CANNOT_UNDERSTAND, "the final response names another SOP class")
         elif final is not None:
-            self.status = response_status(final.command.status, final.command.error_comment)
+            cmd = final.command  # Offending Element (0000,0901), if any, in ``attributes``
+            self.status = response_status(cmd.status, cmd.error_comment, cmd.offending_element)
             if self.result is None:  # left early (C-CANCEL): the final counters all the same
                 item = self._convert(final)
                 if isinstance(item, Progress):
@@ -336,7 +337,7 @@ def _progress(msg: Message, ctx: PresentationContext, refused: Callable[[Message
             failed_list = _failed_uids(msg.dataset, ctx.transfer_syntax)
         except Exception as exc:  # the counters still say what happened
             refused(msg, exc)
-    status = response_status(cmd.status, cmd.error_comment)
+    status = response_status(cmd.status, cmd.error_comment, cmd.offending_element)
     return Progress(status, cmd.remaining, cmd.completed, cmd.failed, cmd.warning, failed_list)
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..dimse import Command, CommandField, response_to
 from ..interface import DIMSEProvider
-from ..status import Code, Status, StatusCategory
+from ..status import Code, Status, StatusCategory, offending_element_allowed
 from ..uids import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 if TYPE_CHECKING:
@@ -123,10 +123,15 @@ _C_STORE_RQ = int(CommandField.C_STORE_RQ)  # per response: not read from the en
 
 
 def response(request: Command, status: Status) -> Command:
-    """The response to ``request`` carrying ``status`` and, by the rule, its comment."""
+    """The response to ``request`` carrying ``status`` and, by the rule, its comment;
+    the status's ``attributes`` as Offending Element (0000,0901) where its code allows
+    one (:func:`~dimse_async.status.offending_element_allowed`, PS3.7 Annex C)."""
     rsp = response_to(request, int(status), error_comment(status) if status else None)
-    if request.command_field == _C_STORE_RQ:
+    store = request.command_field == _C_STORE_RQ
+    if store:
         rsp.affected_sop_instance_uid = request.affected_sop_instance_uid
+    if status.attributes and offending_element_allowed(int(status), store):
+        rsp.offending_element = list(status.attributes)
     return rsp
 
 

@@ -207,8 +207,11 @@ def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     if refusal is not None:
         return Status(*refusal)
     if not valid_uid(cmd.affected_sop_instance_uid or ""):
-        return Status(Code.CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID")
+        return Status(Code.CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID", attributes=[_AFFECTED_INSTANCE])
     return None
+
+
+_AFFECTED_INSTANCE = 0x00001000  # Offending Element (0000,0901) of a refusal for it (PS3.4 Table B.2-1)
 
 
 _NOT_THE_CONTEXTS = "SOP Class UID does not match the presentation context"
@@ -506,12 +509,13 @@ def _dataset_refusal(request: StoreRequest) -> Status | None:
         return Status(Code.CANNOT_UNDERSTAND, f"Cannot understand: {exc}"[:64])
     if not summary.sop_instance_uid and not summary.sop_class_uid:
         return Status(Code.CANNOT_UNDERSTAND, "Cannot understand: no SOP Class or Instance UID")
-    for what, ours, theirs in (
-        ("Instance", summary.sop_instance_uid, request.sop_instance_uid),
-        ("Class", summary.sop_class_uid, request.sop_class_uid),
+    for what, tag, ours, theirs in (
+        ("Instance", 0x00080018, summary.sop_instance_uid, request.sop_instance_uid),
+        ("Class", 0x00080016, summary.sop_class_uid, request.sop_class_uid),
     ):
-        if ours != theirs:
-            return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Data set SOP {what} UID differs from the command's")
+        if ours != theirs:  # the data set's element as Offending Element (PS3.4 Table B.2-1)
+            comment = f"Data set SOP {what} UID differs from the command's"
+            return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, comment, attributes=[tag])
     return None
 
 
@@ -564,9 +568,10 @@ class DirectoryStore:
         uid = request.sop_instance_uid
         if not request.spool.uids_valid:  # else checked as the request arrived (store_refusal)
             if not valid_uid(uid):
-                return Status(Code.CANNOT_UNDERSTAND, f"invalid SOP Instance UID {uid[:70]!r}"[:64])
+                comment = f"invalid SOP Instance UID {uid[:70]!r}"[:64]
+                return Status(Code.CANNOT_UNDERSTAND, comment, attributes=[_AFFECTED_INSTANCE])
             if not valid_uid(request.sop_class_uid):
-                return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID")
+                return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID", attributes=[0x00000002])
         if self.space is not None:
             refusal = self.space.refusal(request)
             if refusal is not None:  # (PS3.4 B.2.3: refused, nothing stored)

@@ -349,7 +349,8 @@ async def _send_store(
     mismatch = affected_mismatch(cmd, rsp)
     if mismatch is not None:
         raise DIMSEFailure(f"C-STORE-RSP for {sop_instance} {mismatch}")
-    return response_status(rsp.status, rsp.error_comment)  # the association logs the outcome
+    # the association logs the outcome; Offending Element (0000,0901) in ``attributes``
+    return response_status(rsp.status, rsp.error_comment, rsp.offending_element)
 
 
 #: Per association: (SOP class, transfer syntax) -> the accepted context to send it on.

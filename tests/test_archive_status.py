@@ -1,0 +1,181 @@
+"""The archive's C-service failure answers (PS3.7 Annex C; PS3.4 Tables B.2-1, C.4-1,
+C.4-2, C.4-3): each refusal carries its Error Comment (0000,0902) and, where the
+status allows one and the fault is known, the Offending Element (0000,0901), as a
+pynetdicom SCU reads them and as our SCU hands them on (``Status.attributes``)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from conftest import free_port
+from normalized_helpers import HOST, make_instances, park, running_serve
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+import dimse_async as da
+from dimse_async.services.qr import MODELS
+
+pytestmark = pytest.mark.timeout(60)
+
+QR_LEVEL, STUDY_UID, SERIES_UID, SOP_INSTANCE = 0x00080052, 0x0020000D, 0x0020000E, 0x00080018
+
+
+def identifier(**keys: Any) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def tags(value: Any) -> list[int]:
+    """An Offending Element value as pynetdicom hands it over (one tag, or a list)."""
+    if value is None:
+        return []
+    return [int(t) for t in value] if isinstance(value, list | pydicom.multival.MultiValue) else [int(value)]
+
+
+def pynetdicom_requests(port: int, requests: list[tuple[str, Dataset]]) -> list[tuple[int, str, list[int]]]:
+    """Each (operation, identifier) sent by pynetdicom on one association: the final
+    response's (status, Error Comment, Offending Element); a C-FIND's matches are
+    counted into the comment (``"<n> matches"``) when it succeeds."""
+    from pynetdicom import AE as PynetAE  # type: ignore[import-untyped]
+
+    scu = PynetAE(ae_title="PYNET")
+    for op in ("find", "move", "get"):
+        scu.add_requested_context(MODELS["study"][op])
+    scu.add_requested_context(MODELS["patient"]["find"])
+    scu.add_requested_context(MODELS["worklist"]["find"])
+    assoc = scu.associate(HOST, port, ae_title="ARCHIVE")
+    assert assoc.is_established
+    out = []
+    try:
+        for op, query in requests:
+            park(assoc)
+            if op in ("find", "worklist"):
+                responses = list(assoc.send_c_find(query, MODELS["study" if op == "find" else "worklist"]["find"]))
+            elif op == "move":
+                responses = list(assoc.send_c_move(query, "DEST", MODELS["study"]["move"]))
+            else:
+                responses = list(assoc.send_c_get(query, MODELS["study"]["get"]))
+            status = responses[-1][0]
+            comment = str(status.get("ErrorComment", ""))
+            if op in ("find", "worklist") and status.Status == 0:
+                comment = f"{len(responses) - 1} matches"
+            out.append((int(status.Status), comment, tags(status.get("OffendingElement"))))
+    finally:
+        assoc.release()
+    return out
+
+
+async def test_query_and_retrieve_refusals_name_the_offending_element(tmp_path: Path) -> None:
+    """A C-FIND without a Query/Retrieve Level, a SERIES C-FIND without the study's
+    UID, a C-MOVE and a C-GET without the unique key of their level, and one at a level
+    the model lacks: 0xA900 Identifier does not match SOP Class, each with its Error
+    Comment and the key at fault as Offending Element (PS3.4 C.4.1.1.4, C.4.2.1.5,
+    C.4.3.1.4; dcm4che names (0008,0052) the same way)."""
+    known = {"DEST": (HOST, free_port())}  # never reached: refused before
+    async with running_serve(tmp_path / "archive", known_aes=known) as serve:
+        got = await asyncio.to_thread(
+            pynetdicom_requests,
+            serve.port,
+            [
+                ("find", identifier(PatientID="X", StudyInstanceUID="")),
+                ("find", identifier(QueryRetrieveLevel="SERIES", SeriesInstanceUID="")),
+                ("move", identifier(QueryRetrieveLevel="STUDY", PatientID="X")),
+                ("get", identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2.3")),
+                ("find", identifier(QueryRetrieveLevel="PATIENT", PatientID="X")),
+            ],
+        )
+        assert got == [
+            (0xA900, "Query/Retrieve Level missing", [QR_LEVEL]),
+            (0xA900, "SERIES query needs one StudyInstanceUID (no relational queries)", [STUDY_UID]),
+            (0xA900, "StudyInstanceUID is required at STUDY level", [STUDY_UID]),
+            (0xA900, "SeriesInstanceUID is required at SERIES level", [SERIES_UID]),
+            (0xA900, "Query level 'PATIENT' not valid for this model", [QR_LEVEL]),
+        ]
+
+        ae = da.AE("OURS")
+        ae.add_requested_context(MODELS["study"]["find"])
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            async with assoc.c_find(identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID="1.2"), "study") as rsp:
+                assert [m async for m in rsp] == []
+        status = rsp.status
+        assert status is not None and int(status) == 0xA900 and status.attributes == (SERIES_UID,), repr(status)
+
+
+def mismatched_file(tmp: Path) -> tuple[Path, str]:
+    """A Part 10 file whose file meta names another SOP Instance UID than its data set:
+    an SCU sending it by its meta puts that UID in Affected SOP Instance UID."""
+    path, _cls, _uid = make_instances(tmp, 1)[0]
+    ds = pydicom.dcmread(path)
+    other = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = other
+    ds.save_as(path, enforce_file_format=False)
+    return path, other
+
+
+async def test_a_store_whose_data_set_names_another_instance_names_its_sop_instance_uid(tmp_path: Path) -> None:
+    """A C-STORE whose Affected SOP Instance UID is not the data set's (0008,0018):
+    0xA900 Data Set does not match SOP Class with (0008,0018) as Offending Element
+    (PS3.4 Table B.2-1), to pynetdicom and to our SCU alike; nothing stored."""
+    from pynetdicom import AE as PynetAE
+
+    path, _other = mismatched_file(tmp_path / "in")
+    async with running_serve(tmp_path / "archive") as serve:
+
+        def pynet_store() -> tuple[int, str, list[int]]:
+            from pynetdicom import _config
+
+            scu = PynetAE(ae_title="PYNET")
+            scu.add_requested_context(pydicom.dcmread(path).SOPClassUID, pydicom.uid.ExplicitVRLittleEndian)
+            assoc = scu.associate(HOST, serve.port, ae_title="ARCHIVE")
+            assert assoc.is_established
+            chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+            try:
+                park(assoc)
+                status = assoc.send_c_store(path)  # streamed from the file, by its file meta's UIDs
+            finally:
+                _config.STORE_SEND_CHUNKED_DATASET = chunked
+                assoc.release()
+            return int(status.Status), str(status.get("ErrorComment", "")), tags(status.get("OffendingElement"))
+
+        assert await asyncio.to_thread(pynet_store) == (
+            0xA900,
+            "Data set SOP Instance UID differs from the command's",
+            [SOP_INSTANCE],
+        )
+        assert await serve.archive.count() == 0
+
+
+async def test_our_scu_hands_on_the_offending_element_of_a_c_store_response(tmp_path: Path) -> None:
+    """A pynetdicom Storage SCP answering 0xC000 with an Offending Element and an Error
+    Comment: our C-STORE's status carries both (``attributes``, ``error_comment``)."""
+    from pynetdicom import AE as PynetAE
+    from pynetdicom import evt
+
+    def refuse(event: Any) -> Dataset:
+        status = Dataset()
+        status.Status = 0xC001
+        status.ErrorComment = "PatientName garbled"
+        status.OffendingElement = [0x00100010, 0x00100020]
+        return status
+
+    path, sop_class, _uid = make_instances(tmp_path / "in", 1)[0]
+    scp = PynetAE(ae_title="PYNETSCP")
+    scp.add_supported_context(sop_class, pydicom.uid.ExplicitVRLittleEndian)
+    port = free_port()
+    server = scp.start_server((HOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, refuse)])
+    try:
+        ae = da.AE("OURS")
+        ae.add_requested_context(sop_class)
+        async with ae.associate(HOST, port, "PYNETSCP") as assoc:
+            status = await assoc.c_store(path)
+    finally:
+        await asyncio.to_thread(server.shutdown)
+    assert int(status) == 0xC001 and status.error_comment == "PatientName garbled", repr(status)
+    assert status.attributes == (0x00100010, 0x00100020), repr(status)
+
