@@ -12,7 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 from conftest import free_port
-from normalized_helpers import HOST, make_instances, park, running_serve
+from normalized_helpers import HOST, make_instances, park, running_serve, store
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -179,3 +179,47 @@ async def test_our_scu_hands_on_the_offending_element_of_a_c_store_response(tmp_
     assert int(status) == 0xC001 and status.error_comment == "PatientName garbled", repr(status)
     assert status.attributes == (0x00100010, 0x00100020), repr(status)
 
+
+async def test_a_query_in_a_character_set_we_do_not_know_is_refused(tmp_path: Path) -> None:
+    """A C-FIND whose Specific Character Set names no repertoire we know (PS3.3
+    C.12.1.1.2) cannot be read as the peer meant it: 0xC000 Unable to process with
+    (0008,0005) as Offending Element and the term in the Error Comment, for the Q/R and
+    worklist models alike (it used to be matched as Latin-1 and answered Success). The
+    known ones, and an empty first value (the default repertoire, PS3.5 §6.1.2.5.3),
+    are matched as before."""
+    path, _cls, _uid = make_instances(tmp_path / "in", 1, patient_id="PAT1")[0]
+    ds = pydicom.dcmread(path)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Hans"
+    ds.save_as(path)
+
+    def query(charset: str | None, name: bytes = b"M*") -> Dataset:
+        q = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="")
+        if charset is not None:
+            q.add_new(0x00080005, "CS", charset)
+        q.add_new(0x00100010, "PN", name)  # the bytes as they go out
+        return q
+
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [path])
+        with pytest.warns(UserWarning, match="Unknown encoding"):  # pydicom's, encoding pynetdicom's requests
+            got = await asyncio.to_thread(
+                pynetdicom_requests,
+                serve.port,
+                [
+                    ("find", query("ISO_IR 999", b"M\xfcller*")),
+                    ("find", query("ISO_IR 100\\ISO 2022 IR 999")),
+                    ("worklist", query("ISO_IR 999")),
+                    ("find", query("ISO_IR 100", b"M\xfcller*")),
+                    ("find", query("\\ISO 2022 IR 87")),
+                    ("find", query(None)),
+                ],
+            )
+    assert got == [
+        (0xC000, "Specific Character Set 'ISO_IR 999' not supported", [0x00080005]),
+        (0xC000, "Specific Character Set 'ISO 2022 IR 999' not supported", [0x00080005]),
+        (0xC000, "Specific Character Set 'ISO_IR 999' not supported", [0x00080005]),
+        (0, "1 matches", []),
+        (0, "1 matches", []),
+        (0, "1 matches", []),
+    ]

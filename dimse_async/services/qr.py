@@ -466,7 +466,9 @@ QueryHandler = Callable[[Any], Any]
 
 
 async def decode_request(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
-    """The request with its identifier, or the failure status to answer (0xA900)."""
+    """The request with its identifier, or the failure status to answer: 0xA900 for an
+    identifier that cannot be decoded, 0xC000 for one in a character set we do not know
+    (:func:`charset_refusal`)."""
     data, syntax = op.message.dataset or b"", op.context.transfer_syntax
     try:
         identifier = await decode_received_async(data, syntax)
@@ -479,7 +481,42 @@ async def decode_request(assoc: DIMSEProvider, op: Operation, cls: type[QueryReq
     except Exception as exc:
         assoc.log.warning("cannot decode identifier", command=op.command.name, error=repr(exc))
         return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier does not match SOP class")
+    refusal = charset_refusal(identifier)
+    if refusal is not None:
+        assoc.log.warning("identifier refused", command=op.command.name, error=refusal.error_comment)
+        return refusal
     return cls(assoc, op, identifier)
+
+
+_SPECIFIC_CHARACTER_SET = 0x00080005
+
+
+def charset_refusal(identifier: Dataset) -> Status | None:
+    """0xC000 Unable to process, with Offending Element (0008,0005) (PS3.4 C.4.1.1.4,
+    C.4.2.1.5, C.4.3.1.4), for an identifier whose Specific Character Set names a
+    repertoire we do not know (PS3.3 C.12.1.1.2; PS3.5 §6.1.2.5.3: an empty first value
+    is the default repertoire): its text keys cannot be read as the peer meant them,
+    and matching them as if they were Latin-1 (pydicom's fallback) would answer
+    Success with wrong matches or none. ``None`` when it has none or knows them all."""
+    from pydicom.charset import python_encoding
+
+    elem = identifier.get_item(_SPECIFIC_CHARACTER_SET)
+    if elem is None:
+        return None
+    value = elem.value
+    if isinstance(value, bytes | bytearray):
+        terms = bytes(value).decode("latin-1").split("\\")
+    elif isinstance(value, str):
+        terms = value.split("\\")
+    elif value is None:
+        return None
+    else:
+        terms = [str(v) for v in value]
+    for i, term in enumerate(t.strip(" \x00") for t in terms):
+        if term not in python_encoding or (not term and i):
+            comment = f"Specific Character Set {term!r} not supported"[:64]
+            return Status(Code.CANNOT_UNDERSTAND, comment, attributes=[_SPECIFIC_CHARACTER_SET])
+    return None
 
 
 async def respond(
