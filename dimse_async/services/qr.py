@@ -467,8 +467,8 @@ QueryHandler = Callable[[Any], Any]
 
 async def decode_request(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
     """The request with its identifier, or the failure status to answer: 0xA900 for an
-    identifier that cannot be decoded, 0xC000 for one in a character set we do not know
-    (:func:`charset_refusal`)."""
+    identifier that cannot be decoded, 0xC000 for keys in a character set we do not
+    know (:func:`charset_refusal`)."""
     data, syntax = op.message.dataset or b"", op.context.transfer_syntax
     try:
         identifier = await decode_received_async(data, syntax)
@@ -489,15 +489,22 @@ async def decode_request(assoc: DIMSEProvider, op: Operation, cls: type[QueryReq
 
 
 _SPECIFIC_CHARACTER_SET = 0x00080005
+#: VRs whose values are characters (PS3.5 §6.2), and UN (bytes of anything).
+_TEXT_VRS = frozenset(
+    ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UN", "UR", "UT"]
+)
 
 
 def charset_refusal(identifier: Dataset) -> Status | None:
-    """0xC000 Unable to process, with Offending Element (0008,0005) (PS3.4 C.4.1.1.4,
-    C.4.2.1.5, C.4.3.1.4), for an identifier whose Specific Character Set names a
-    repertoire we do not know (PS3.3 C.12.1.1.2; PS3.5 §6.1.2.5.3: an empty first value
-    is the default repertoire): its text keys cannot be read as the peer meant them,
-    and matching them as if they were Latin-1 (pydicom's fallback) would answer
-    Success with wrong matches or none. ``None`` when it has none or knows them all."""
+    """An identifier whose Specific Character Set names a repertoire we do not know
+    (PS3.3 C.12.1.1.2; an empty first value is the default one, PS3.5 §6.1.2.5.3):
+    PS3.4 C.2.2.2 leaves matching then to the SCP. Keys in the default repertoire
+    alone (ASCII, no escape sequence) are matched as such: the unknown term is removed
+    from ``identifier``, so they are read without it. A key with any other byte
+    cannot be read as the peer meant it, and matching it as Latin-1 (pydicom's
+    fallback) would answer Success with wrong matches or none: 0xC000 Unable to
+    process, with (0008,0005) and that key as Offending Element (PS3.4 C.4.1.1.4,
+    C.4.2.1.5, C.4.3.1.4). ``None``: nothing to refuse."""
     from pydicom.charset import python_encoding
 
     elem = identifier.get_item(_SPECIFIC_CHARACTER_SET)
@@ -514,8 +521,45 @@ def charset_refusal(identifier: Dataset) -> Status | None:
         terms = [str(v) for v in value]
     for i, term in enumerate(t.strip(" \x00") for t in terms):
         if term not in python_encoding or (not term and i):
-            comment = f"Specific Character Set {term!r} not supported"[:64]
-            return Status(Code.CANNOT_UNDERSTAND, comment, attributes=[_SPECIFIC_CHARACTER_SET])
+            break
+    else:
+        return None
+    offending = _non_default_text(identifier)
+    if offending is None:
+        del identifier[_SPECIFIC_CHARACTER_SET]  # every key in the default repertoire
+        return None
+    comment = f"Specific Character Set {term!r} not supported"[:64]
+    return Status(Code.CANNOT_UNDERSTAND, comment, attributes=[_SPECIFIC_CHARACTER_SET, offending])
+
+
+def _non_default_text(ds: Dataset) -> int | None:
+    """The first text element of ``ds`` (items included) with a byte outside the
+    default repertoire (not ASCII, or ESC), as received; ``None`` when there is none."""
+    from pydicom.datadict import dictionary_VR
+
+    for tag in list(ds.keys()):
+        if tag == _SPECIFIC_CHARACTER_SET:
+            continue
+        raw = ds.get_item(tag)
+        vr = raw.VR if raw is not None else None
+        if not vr:
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                vr = "UN"
+        if vr == "SQ":
+            for item in ds[tag].value or ():
+                found = _non_default_text(item)
+                if found is not None:
+                    return found
+            continue
+        if vr not in _TEXT_VRS or raw is None:
+            continue
+        value = raw.value
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if isinstance(value, bytes | bytearray) and (not value.isascii() or b"\x1b" in value):
+            return int(tag)
     return None
 
 
