@@ -71,8 +71,9 @@ class ServeUnderTest:
 
 
 @contextlib.asynccontextmanager
-async def running_serve(storage: Path, **settings: Any) -> AsyncIterator[ServeUnderTest]:
-    """The ``serve`` AE on a free port, configured like a TOML file would (``settings``)."""
+async def running_serve(storage: Path, worklist: Any = None, **settings: Any) -> AsyncIterator[ServeUnderTest]:
+    """The ``serve`` AE on a free port, configured like a TOML file would (``settings``),
+    with ``worklist`` (a :class:`~dimse_async.archive.index.Worklist`) if given."""
     config = ServeConfig(ae_title="ARCHIVE", storage_dir=str(storage), fsync=False, **settings)
     archive = Archive(
         config.storage_dir,
@@ -85,7 +86,7 @@ async def running_serve(storage: Path, **settings: Any) -> AsyncIterator[ServeUn
         retrieve_max_instances=config.retrieve_max_instances,
     )
     ae = archive_ae(config)
-    archive.install(ae)
+    archive.install(ae, worklist)
     extras = install_normalized(ae, archive, config)
     server = await ae.start_server(HOST, 0)
     try:

@@ -14,6 +14,7 @@ import pytest
 from conftest import free_port
 from normalized_helpers import HOST, make_instances, park, running_serve, store
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 import dimse_async as da
@@ -225,6 +226,71 @@ async def test_a_query_in_a_character_set_we_do_not_know_is_refused(tmp_path: Pa
         (0xC000, "Specific Character Set 'ISO 2022 IR 999' not supported", refused),
         (0xC000, "Specific Character Set 'ISO_IR 999' not supported", refused),
         (0, "1 matches", []),
+        (0, "1 matches", []),
+        (0, "1 matches", []),
+        (0, "1 matches", []),
+    ]
+
+
+def worklist_dir(directory: Path) -> Path:
+    """One worklist item of patient PAT1, a CT step."""
+    directory.mkdir(parents=True)
+    item = identifier(PatientName="Work^List", PatientID="PAT1", AccessionNumber="ACC1")
+    item.ScheduledProcedureStepSequence = Sequence([identifier(Modality="CT", ScheduledStationAETitle="CT1")])
+    item.file_meta = pydicom.dataset.FileMetaDataset()
+    item.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    item.save_as(directory / "item.wl", enforce_file_format=False)
+    return directory
+
+
+async def test_keys_of_the_wrong_kind_of_vr_are_refused_and_timezone_is_no_key(tmp_path: Path) -> None:
+    """A C-FIND key sent with a VR of another kind than its attribute's (a sequence for
+    Patient ID, binary for Study Date; in a worklist step item, binary for Modality)
+    names nothing stored: 0xA900 with the key as Offending Element, no longer Success
+    with no matches. Timezone Offset From UTC (0008,0201) says in which timezone the
+    date and time keys are (PS3.4 C.4.1.1.3.1), it is no key: the query matches as
+    without it (it used to match nothing) and the response has none of it."""
+    from dimse_async.archive.index import Worklist
+
+    path, _cls, _uid = make_instances(tmp_path / "in", 1, patient_id="PAT1")[0]
+
+    def study(**keys: Any) -> Dataset:
+        return identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="", **keys)
+
+    def raw(ds: Dataset, tag: int, vr: str, value: Any) -> Dataset:
+        ds.add_new(tag, vr, value)
+        return ds
+
+    def step(modality: Any, vr: str) -> Dataset:
+        q = identifier(PatientID="PAT1")
+        q.ScheduledProcedureStepSequence = Sequence([raw(Dataset(), 0x00080060, vr, modality)])
+        return q
+
+    item = identifier(ReferencedSOPInstanceUID="1.2.3")
+    worklist = Worklist(worklist_dir(tmp_path / "wl"))
+    async with running_serve(tmp_path / "archive", worklist=worklist) as serve:
+        await store(serve.port, [path])
+        got = await asyncio.to_thread(
+            pynetdicom_requests,
+            serve.port,
+            [
+                ("find", raw(study(), 0x00100020, "SQ", Sequence([item]))),
+                ("find", raw(study(), 0x00080020, "US", 7)),
+                ("worklist", step(1, "US")),
+                ("worklist", step("CT", "CS")),
+                ("find", study(PatientID="PAT1", TimezoneOffsetFromUTC="+0100")),
+                ("worklist", raw(step("CT", "CS"), 0x00080201, "SH", "-0500")),
+            ],
+        )
+        ae = da.AE("OURS")
+        ae.add_requested_context(MODELS["study"]["find"])
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            matches = [m async for m in assoc.c_find(study(PatientID="PAT1", TimezoneOffsetFromUTC="+0100"), "study")]
+        assert len(matches) == 1 and "TimezoneOffsetFromUTC" not in matches[0], matches
+    assert got == [
+        (0xA900, "PatientID sent as SQ, not LO", [0x00100020]),
+        (0xA900, "StudyDate sent as US, not DA", [0x00080020]),
+        (0xA900, "Modality sent as US, not CS", [0x00080060]),
         (0, "1 matches", []),
         (0, "1 matches", []),
         (0, "1 matches", []),

@@ -84,7 +84,9 @@ Interpretation choices (documented here as a Conformance Statement would)
   an offset (``20200101120000-0500`` is a single value), otherwise as the range
   separator (``2019-2020``).
 * Specific Character Set is never matched (§C.2.2.2); values are compared as the
-  decoded Python strings pydicom produces.
+  decoded Python strings pydicom produces. Nor is Timezone Offset From UTC
+  (0008,0201), which is no key (§C.4.1.1.3.1): DA and TM keys are compared with the
+  stored values as they are, not moved to another timezone.
 """
 
 from __future__ import annotations
@@ -121,8 +123,10 @@ __all__ = [
 ]
 
 
-#: Keywords present in an Identifier that are never matched (§C.2.2.2; PS3.4 §C.4.1.1.3.1).
-DEFAULT_IGNORE: frozenset[str] = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet"})
+#: Keywords present in an Identifier that are never matched (§C.2.2.2; PS3.4 §C.4.1.1.3.1):
+#: Timezone Offset From UTC says in which timezone the date and time keys are, it is
+#: not a key (and a candidate lacking it would never match).
+DEFAULT_IGNORE: frozenset[str] = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
 
 
 def match_value(query: Any, stored: Any, vr: str, *, pn_case_insensitive: bool = True) -> bool:
@@ -291,6 +295,8 @@ def _project(query: Dataset, candidate: Dataset, pn_case_insensitive: bool, top:
             continue
         if top and key.keyword == "SpecificCharacterSet":
             continue
+        if top and key.keyword == "TimezoneOffsetFromUTC" and tag not in candidate:
+            continue  # never zero length (PS3.4 C.4.1.1.3.2): the candidate's, when it has one
         stored = candidate.get(tag)
         if key.VR != "SQ" or (stored is not None and stored.VR != "SQ"):
             out.add(copy.deepcopy(stored) if stored is not None else _empty_element(key))

@@ -30,6 +30,7 @@ from .schema import (
     UNIQUE_KEYS,
     add_from_file,
     check_hierarchy,
+    check_key_vrs,
     dataset_from,
     exact_values,
     in_clause,
@@ -534,6 +535,7 @@ class _PagedQuery:
         level = query_level(model, identifier, "Query")
         if not relational:
             check_hierarchy(model, level, identifier)
+        check_key_vrs(identifier)
         self.identifier = identifier
         self.level = level
         self.depth = LEVEL_ORDER.index(level)

@@ -246,6 +246,42 @@ def query_level(model: str, identifier: Dataset, what: str) -> str:
     return level
 
 
+#: Value representations by kind (PS3.5 Table 6.2-1): a key of one kind sent as the
+#: other, or a sequence as a value or the reverse, names nothing that is stored.
+_TEXT_VRS = frozenset(
+    ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"]
+)
+
+
+def _vr_kind(vr: str) -> str:
+    return "SQ" if vr == "SQ" else "text" if vr in _TEXT_VRS else "binary"
+
+
+def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
+    """Refuse (0xA900, the key as Offending Element: PS3.4 C.4.1.1.4, K.4.1.1.4) a key
+    of a standard attribute sent with a VR of another kind than its own (PS3.6): a
+    sequence for a value or a value for a sequence, binary for text or text for
+    binary. Such a key matches nothing stored, and answering Success with no matches
+    would say that nothing is there. UN, another text VR than the dictionary's (LO
+    for SH) and private or unknown attributes are taken as they are; sequence items
+    are checked as the identifier is."""
+    for elem in identifier:
+        tag = elem.tag
+        if tag.group in (0x0000, 0x0002) or tag.is_private or elem.VR == "UN":
+            continue
+        try:
+            own = pydicom.datadict.dictionary_VR(tag)
+        except KeyError:
+            continue
+        kinds = {_vr_kind(vr.strip()) for vr in own.split(" or ")}
+        if own != "UN" and _vr_kind(elem.VR) not in kinds:
+            name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
+            raise StatusError(Status(0xA900, f"{name} sent as {elem.VR}, not {own}"[:64], attributes=[int(tag)]))
+        if elem.VR == "SQ" and depth < 8:
+            for item in elem.value or ():
+                check_key_vrs(item, depth + 1)
+
+
 def relational_queries(sop_class_uid: str, info: bytes) -> bytes | None:
     """SOP class extended negotiation reply (PS3.4 C.5.1.1.1): relational queries are
     granted for the Q/R FIND classes when asked for; the other options are declined."""

@@ -17,6 +17,7 @@ from ..services.qr import QueryRequest
 from ..uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from .budget import QueryBudget
 from .matching import Matcher, response_identifier
+from .schema import check_key_vrs
 
 log = get_logger()
 
@@ -89,6 +90,7 @@ class Worklist:
         return items
 
     async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
+        check_key_vrs(request.identifier)
         budget = QueryBudget(self.max_matches, self.time_budget, "worklist C-FIND")
         items = await asyncio.to_thread(self._items, budget)
         produced = 0
