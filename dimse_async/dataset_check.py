@@ -13,6 +13,7 @@ command's (PS3.4 B.2.3: 0xA900 when they differ).
 from __future__ import annotations
 
 import io
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -77,6 +78,19 @@ _EXPL_LE, _EXPL_BE = struct.Struct("<HH2sH"), struct.Struct(">HH2sH")  # tag, VR
 
 class DataSetError(ValueError):
     """The bytes are not a complete, well-formed data set."""
+
+    @property
+    def tag(self) -> int | None:
+        """The element the fault was found in (``0xGGGGEEEE``), when the message names
+        one (an item tag is no element): a refusal's Offending Element (0000,0901)."""
+        for match in _TAG_IN_MESSAGE.finditer(str(self)):
+            group, element = int(match[1], 16), int(match[2], 16)
+            if group != 0xFFFE:
+                return (group << 16) | element
+        return None
+
+
+_TAG_IN_MESSAGE = re.compile(r"\(([0-9A-F]{4}),([0-9A-F]{4})\)")
 
 
 #: Elements, items and fragments a data set may have, all levels together (a generous

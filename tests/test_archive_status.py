@@ -23,6 +23,7 @@ from dimse_async.services.qr import MODELS
 pytestmark = pytest.mark.timeout(60)
 
 QR_LEVEL, STUDY_UID, SERIES_UID, SOP_INSTANCE = 0x00080052, 0x0020000D, 0x0020000E, 0x00080018
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def identifier(**keys: Any) -> Dataset:
@@ -119,20 +120,31 @@ def mismatched_file(tmp: Path) -> tuple[Path, str]:
     return path, other
 
 
-async def test_a_store_whose_data_set_names_another_instance_names_its_sop_instance_uid(tmp_path: Path) -> None:
+def bad_vr_file(tmp: Path) -> Path:
+    """A Part 10 file whose Patient's Name (0010,0010) has the VR bytes 00H 00H."""
+    path, _cls, _uid = make_instances(tmp, 1)[0]
+    data = path.read_bytes()
+    at = data.index(b"\x10\x00\x10\x00PN")
+    path.write_bytes(data[: at + 4] + b"\x00\x00" + data[at + 6 :])
+    return path
+
+
+async def test_store_refusals_name_the_offending_element(tmp_path: Path) -> None:
     """A C-STORE whose Affected SOP Instance UID is not the data set's (0008,0018):
-    0xA900 Data Set does not match SOP Class with (0008,0018) as Offending Element
-    (PS3.4 Table B.2-1), to pynetdicom and to our SCU alike; nothing stored."""
+    0xA900 Data Set does not match SOP Class with (0008,0018) as Offending Element;
+    one whose data set has an element with an invalid VR: 0xC000 Cannot understand
+    with that element (PS3.4 Table B.2-1), to pynetdicom; nothing stored."""
     from pynetdicom import AE as PynetAE
 
-    path, _other = mismatched_file(tmp_path / "in")
+    mismatched, _other = mismatched_file(tmp_path / "in")
+    bad_vr = bad_vr_file(tmp_path / "bad")
     async with running_serve(tmp_path / "archive") as serve:
 
-        def pynet_store() -> tuple[int, str, list[int]]:
+        def pynet_store(path: Path) -> tuple[int, str, list[int]]:
             from pynetdicom import _config
 
             scu = PynetAE(ae_title="PYNET")
-            scu.add_requested_context(pydicom.dcmread(path).SOPClassUID, pydicom.uid.ExplicitVRLittleEndian)
+            scu.add_requested_context(CT_IMAGE_STORAGE, pydicom.uid.ExplicitVRLittleEndian)
             assoc = scu.associate(HOST, serve.port, ae_title="ARCHIVE")
             assert assoc.is_established
             chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
@@ -144,11 +156,13 @@ async def test_a_store_whose_data_set_names_another_instance_names_its_sop_insta
                 assoc.release()
             return int(status.Status), str(status.get("ErrorComment", "")), tags(status.get("OffendingElement"))
 
-        assert await asyncio.to_thread(pynet_store) == (
+        assert await asyncio.to_thread(pynet_store, mismatched) == (
             0xA900,
             "Data set SOP Instance UID differs from the command's",
             [SOP_INSTANCE],
         )
+        status, comment, offending = await asyncio.to_thread(pynet_store, bad_vr)
+        assert (status, offending) == (0xC000, [0x00100010]) and comment.startswith("Cannot understand: invalid VR")
         assert await serve.archive.count() == 0
 
 

@@ -429,7 +429,8 @@ class IngestMixin(IndexDB):
             summary = await _check_request(request, self.inflation_limits)
         except (DataSetError, InflationLimit) as exc:
             request.assoc.log.warning("C-STORE data set refused", sop_instance=uid, error=str(exc))
-            return Status(0xC000, f"Cannot understand: {exc}"[:64])
+            tag = exc.tag if isinstance(exc, DataSetError) else None
+            return Status(0xC000, f"Cannot understand: {exc}"[:64], attributes=() if tag is None else [tag])
         if summary.sop_instance_uid != uid or summary.sop_class_uid != request.sop_class_uid:
             request.assoc.log.warning(
                 "C-STORE UIDs differ from the data set's",

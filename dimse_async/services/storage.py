@@ -505,8 +505,9 @@ def _dataset_refusal(request: StoreRequest) -> Status | None:
             if meta is None or meta.dataset_offset != request.spool.header_length:
                 raise DataSetError("data set holds file meta elements (0002,eeee)")  # PS3.10 §7.2
             summary = check_dataset(fp, meta.transfer_syntax, meta.dataset_offset)
-    except DataSetError as exc:
-        return Status(Code.CANNOT_UNDERSTAND, f"Cannot understand: {exc}"[:64])
+    except DataSetError as exc:  # the element at fault as Offending Element, when known (PS3.4 Table B.2-1)
+        tag = exc.tag
+        return Status(Code.CANNOT_UNDERSTAND, f"Cannot understand: {exc}"[:64], attributes=() if tag is None else [tag])
     if not summary.sop_instance_uid and not summary.sop_class_uid:
         return Status(Code.CANNOT_UNDERSTAND, "Cannot understand: no SOP Class or Instance UID")
     for what, tag, ours, theirs in (
