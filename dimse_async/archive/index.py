@@ -77,4 +77,4 @@ class _StoreHandler:
 
     @property
     def space(self) -> StorageSpace:
-        return self._archive._storage_space()
+        return self._archive.storage_space

@@ -214,6 +214,12 @@ class IngestMixin(IndexDB):
         space.min_free_space = self.min_free_space
         return space
 
+    @property
+    def storage_space(self) -> StorageSpace:
+        """The storage's file system (:class:`~dimse_async.space.StorageSpace`, with
+        :attr:`min_free_space`): what a store is refused by when its command arrives."""
+        return self._storage_space()
+
     def storage_problem(self) -> tuple[str, str] | None:
         """Why every store would be refused for the storage itself, or ``None``
         (:meth:`~dimse_async.space.StorageSpace.problem`: read-only, or below
