@@ -257,13 +257,16 @@ def worklist_dir(directory: Path) -> Path:
     return directory
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR")  # pydicom's, encoding pynetdicom's requests
 async def test_keys_of_the_wrong_kind_of_vr_are_refused_and_timezone_is_no_key(tmp_path: Path) -> None:
     """A C-FIND key sent with a VR of another kind than its attribute's (a sequence for
     Patient ID, binary for Study Date; in a worklist step item, binary for Modality)
     names nothing stored: 0xA900 with the key as Offending Element, no longer Success
     with no matches. Timezone Offset From UTC (0008,0201) says in which timezone the
     date and time keys are (PS3.4 C.4.1.1.3.1), it is no key: the query matches as
-    without it (it used to match nothing) and the response has none of it."""
+    without it (it used to match nothing) and the response has none of it. A DA, TM
+    or DT key that is neither a value nor a range of them (C.2.2.2.5) is refused
+    0xA900 naming it (it used to match nothing, or anything when nothing was stored)."""
     from dimse_async.archive.index import Worklist
 
     path, _cls, _uid = make_instances(tmp_path / "in", 1, patient_id="PAT1")[0]
@@ -280,6 +283,11 @@ async def test_keys_of_the_wrong_kind_of_vr_are_refused_and_timezone_is_no_key(t
         q.ScheduledProcedureStepSequence = Sequence([raw(Dataset(), 0x00080060, vr, modality)])
         return q
 
+    def step_time(time: str) -> Dataset:
+        q = identifier(PatientID="PAT1")
+        q.ScheduledProcedureStepSequence = Sequence([identifier(ScheduledProcedureStepStartTime=time)])
+        return q
+
     item = identifier(ReferencedSOPInstanceUID="1.2.3")
     worklist = Worklist(worklist_dir(tmp_path / "wl"))
     async with running_serve(tmp_path / "archive", worklist=worklist) as serve:
@@ -294,6 +302,10 @@ async def test_keys_of_the_wrong_kind_of_vr_are_refused_and_timezone_is_no_key(t
                 ("worklist", step("CT", "CS")),
                 ("find", study(PatientID="PAT1", TimezoneOffsetFromUTC="+0100")),
                 ("worklist", raw(step("CT", "CS"), 0x00080201, "SH", "-0500")),
+                ("find", study(StudyDate="2020-13-45x")),
+                ("find", study(StudyDate="20200101\\2020011")),
+                ("worklist", step_time("25")),
+                ("find", study(StudyDate="2019-", StudyTime="0800-1800")),
             ],
         )
         ae = da.AE("OURS")
@@ -307,5 +319,9 @@ async def test_keys_of_the_wrong_kind_of_vr_are_refused_and_timezone_is_no_key(t
         (0xA900, "Modality sent as US, not CS", [0x00080060]),
         (0, "1 matches", []),
         (0, "1 matches", []),
+        (0, "1 matches", []),
+        (0xA900, "StudyDate '2020-13-45x': not a DA value or range", [0x00080020]),
+        (0xA900, "StudyDate '2020011': not a DA value or range", [0x00080020]),
+        (0xA900, "ScheduledProcedureStepStartTime '25': not a TM value or range", [0x00400003]),
         (0, "1 matches", []),
     ]

@@ -12,7 +12,7 @@ import datetime
 import re
 from typing import Any
 
-__all__ = ["parse_range", "range_match"]
+__all__ = ["parse_range", "range_match", "valid_key"]
 
 _US_PER_SECOND = 1_000_000
 _DA_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?")
@@ -204,3 +204,17 @@ def range_match(key: str, stored: str, vr: str) -> bool:
     if lower is not None and not _le(lower.start, lower.offset, point.start, point.offset):
         return False
     return upper is None or _le(point.start, point.offset, upper.end, upper.offset)
+
+
+def valid_key(key: str, vr: str) -> bool:
+    """Whether a DA, TM or DT key value (one of a list) is a value of its VR, of
+    reduced precision or not, or a range of such values (PS3.4 §C.2.2.2.1, §C.2.2.2.5;
+    an empty one is universal)."""
+    parse = _PARSERS[vr]
+    text = key.strip(" \x00")
+    if not text:
+        return True
+    bounds = parse_range(text, vr)
+    if bounds is None:
+        return parse(text) is not None
+    return all(end is None or parse(end) is not None for end in bounds)

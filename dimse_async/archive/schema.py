@@ -16,6 +16,7 @@ from pydicom.tag import BaseTag
 from ..dimse import Status
 from ..log import get_logger
 from ..services.qr import MODELS, StatusError
+from .date_ranges import valid_key
 
 log = get_logger()
 
@@ -261,10 +262,11 @@ def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
     """Refuse (0xA900, the key as Offending Element: PS3.4 C.4.1.1.4, K.4.1.1.4) a key
     of a standard attribute sent with a VR of another kind than its own (PS3.6): a
     sequence for a value or a value for a sequence, binary for text or text for
-    binary. Such a key matches nothing stored, and answering Success with no matches
-    would say that nothing is there. UN, another text VR than the dictionary's (LO
-    for SH) and private or unknown attributes are taken as they are; sequence items
-    are checked as the identifier is."""
+    binary; and a DA, TM or DT key that is neither a value of its VR nor a range of
+    them (C.2.2.2.1, C.2.2.2.5). Such a key matches nothing stored, and answering
+    Success with no matches would say that nothing is there. UN, another text VR than
+    the dictionary's (LO for SH) and private or unknown attributes are taken as they
+    are; sequence items are checked as the identifier is."""
     for elem in identifier:
         tag = elem.tag
         if tag.group in (0x0000, 0x0002) or tag.is_private or elem.VR == "UN":
@@ -273,10 +275,15 @@ def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
             own = pydicom.datadict.dictionary_VR(tag)
         except KeyError:
             continue
+        name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
         kinds = {_vr_kind(vr.strip()) for vr in own.split(" or ")}
         if own != "UN" and _vr_kind(elem.VR) not in kinds:
-            name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
             raise StatusError(Status(0xA900, f"{name} sent as {elem.VR}, not {own}"[:64], attributes=[int(tag)]))
+        if elem.VR in ("DA", "TM", "DT"):
+            for value in text_of(elem.value).split("\\"):
+                if not valid_key(value, elem.VR):
+                    comment = f"{name} {value[:20]!r}: not a {elem.VR} value or range"[:64]
+                    raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
         if elem.VR == "SQ" and depth < 8:
             for item in elem.value or ():
                 check_key_vrs(item, depth + 1)
