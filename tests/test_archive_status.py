@@ -73,10 +73,17 @@ def pynetdicom_requests(port: int, requests: list[tuple[str, Dataset]]) -> list[
     return out
 
 
+def with_level_as(vr: str, value: Any) -> Dataset:
+    """A STUDY identifier whose Query/Retrieve Level (0008,0052) is sent with ``vr``."""
+    ds = identifier(StudyInstanceUID="1.2.3")
+    ds.add_new(QR_LEVEL, vr, value)
+    return ds
+
+
 async def test_query_and_retrieve_refusals_name_the_offending_element(tmp_path: Path) -> None:
     """A C-FIND without a Query/Retrieve Level, a SERIES C-FIND without the study's
-    UID, a C-MOVE and a C-GET without the unique key of their level, and one at a level
-    the model lacks: 0xA900 Identifier does not match SOP Class, each with its Error
+    UID, a C-MOVE and a C-GET without the unique key of their level, one at a level
+    the model lacks, and levels sent as a sequence or a number: 0xA900 Identifier does not match SOP Class, each with its Error
     Comment and the key at fault as Offending Element (PS3.4 C.4.1.1.4, C.4.2.1.5,
     C.4.3.1.4; dcm4che names (0008,0052) the same way)."""
     known = {"DEST": (HOST, free_port())}  # never reached: refused before
@@ -90,6 +97,8 @@ async def test_query_and_retrieve_refusals_name_the_offending_element(tmp_path: 
                 ("move", identifier(QueryRetrieveLevel="STUDY", PatientID="X")),
                 ("get", identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID="1.2.3")),
                 ("find", identifier(QueryRetrieveLevel="PATIENT", PatientID="X")),
+                ("find", with_level_as("SQ", Sequence([identifier(PatientID="X")]))),
+                ("move", with_level_as("US", 1)),
             ],
         )
         assert got == [
@@ -98,6 +107,8 @@ async def test_query_and_retrieve_refusals_name_the_offending_element(tmp_path: 
             (0xA900, "StudyInstanceUID is required at STUDY level", [STUDY_UID]),
             (0xA900, "SeriesInstanceUID is required at SERIES level", [SERIES_UID]),
             (0xA900, "Query level 'PATIENT' not valid for this model", [QR_LEVEL]),
+            (0xA900, "Query/Retrieve Level sent as SQ, not CS", [QR_LEVEL]),
+            (0xA900, "Query/Retrieve Level sent as US, not CS", [QR_LEVEL]),
         ]
 
         ae = da.AE("OURS")

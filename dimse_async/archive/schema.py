@@ -240,9 +240,13 @@ QUERY_RETRIEVE_LEVEL = 0x00080052
 def query_level(model: str, identifier: Dataset, what: str) -> str:
     """The identifier's level, refused (0xA900, Offending Element (0008,0052): PS3.4
     C.4.1.1.4, C.4.2.1.5, C.4.3.1.4) when missing or not a level of the model."""
-    level = text_of(identifier.get("QueryRetrieveLevel")).strip().upper()
+    elem = identifier.get(QUERY_RETRIEVE_LEVEL)
+    if elem is not None and elem.VR not in ("CS", "UN"):
+        comment = f"Query/Retrieve Level sent as {elem.VR}, not CS"
+        raise StatusError(Status(0xA900, comment, attributes=[QUERY_RETRIEVE_LEVEL]))
+    level = text_of(elem.value if elem is not None else None).strip().upper()
     if level not in _MODEL_LEVELS[model]:
-        comment = f"{what} level {level!r} not valid for this model" if level else "Query/Retrieve Level missing"
+        comment = f"{what} level {level[:20]!r} not valid for this model" if level else "Query/Retrieve Level missing"
         raise StatusError(Status(0xA900, comment[:64], attributes=[QUERY_RETRIEVE_LEVEL]))
     return level
 
