@@ -22,6 +22,7 @@ import pytest
 from conftest import dcmtk
 from pydicom.dataset import Dataset, FileMetaDataset
 from rawpeer import (
+    CT_IMAGE_STORAGE,
     EXPLICIT_LE,
     HOST,
     LEGIT_HOST,
@@ -656,27 +657,82 @@ async def test_deflate_bomb_identifier_is_refused_in_process() -> None:
 
 def _fill_archive(storage: Path, studies: int, comments: int = 0) -> None:
     """``studies`` one-instance studies as Part 10 files, indexed by serve's start-up
-    re-index; with ``comments``, each patient's Patient Comments that long."""
+    re-index; with ``comments``, each patient's Patient Comments that long. The data sets
+    of :func:`ct_dataset` (and these attributes), encoded here element by element (~1000x
+    quicker than pydicom, which took most of these tests' time); the first file is
+    checked to be byte for byte what pydicom writes."""
     rnd = random.Random(5)
     for i in range(studies):
-        ds = ct_dataset(patient=f"P{i % 50}")
+        ds = {
+            "SOPClassUID": CT_IMAGE_STORAGE,
+            "SOPInstanceUID": f"2.25.{rnd.getrandbits(100)}",
+            "StudyInstanceUID": f"2.25.{rnd.getrandbits(100)}",
+            "SeriesInstanceUID": f"2.25.{rnd.getrandbits(100)}",
+            "PatientID": f"P{i % 50}",
+            "PatientName": "Fuzz^Patient",
+            "StudyDate": "20240101",
+            "Modality": "CT",
+            "StudyDescription": "x" * 60,
+        }
         if comments:
-            ds.PatientComments = "x" * comments
-        ds.SOPInstanceUID = f"2.25.{rnd.getrandbits(100)}"
-        ds.StudyInstanceUID = f"2.25.{rnd.getrandbits(100)}"
-        ds.SeriesInstanceUID = f"2.25.{rnd.getrandbits(100)}"
-        ds.StudyDescription = "x" * 60
+            ds["PatientComments"] = "x" * comments
+        data = _explicit_le(ds)
+        if i == 0:
+            assert data == encode_dataset(_as_pydicom(ds), EXPLICIT_LE)
         folder = storage / f"{i % 97:02d}"
         folder.mkdir(parents=True, exist_ok=True)
-        meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), EXPLICIT_LE)
-        (folder / f"{ds.SOPInstanceUID}.dcm").write_bytes(meta + encode_dataset(ds, EXPLICIT_LE))
+        meta = encode_file_meta(ds["SOPClassUID"], ds["SOPInstanceUID"], EXPLICIT_LE)
+        (folder / f"{ds['SOPInstanceUID']}.dcm").write_bytes(meta + data)
+
+
+@pytest.fixture(scope="module")
+def big_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2000 one-instance studies (50 patients, 8000-character Patient Comments) for the
+    tests of clients that never read: written once, re-indexed by the first ``serve``
+    started on it, the index kept for the next (each test stores its own patient)."""
+    storage = tmp_path_factory.mktemp("big") / "archive"
+    _fill_archive(storage, 2000, comments=8000)
+    return storage
+
+
+#: (tag, VR) of the attributes :func:`_fill_archive` writes (PS3.6), each with a 2-byte length.
+_ATTRIBUTES = {
+    "SOPClassUID": (0x00080016, "UI"),
+    "SOPInstanceUID": (0x00080018, "UI"),
+    "StudyDate": (0x00080020, "DA"),
+    "Modality": (0x00080060, "CS"),
+    "StudyDescription": (0x00081030, "LO"),
+    "PatientName": (0x00100010, "PN"),
+    "PatientID": (0x00100020, "LO"),
+    "PatientComments": (0x00104000, "LT"),
+    "StudyInstanceUID": (0x0020000D, "UI"),
+    "SeriesInstanceUID": (0x0020000E, "UI"),
+}
+
+
+def _explicit_le(ds: dict[str, str]) -> bytes:
+    """``ds`` in Explicit VR Little Endian (PS3.5 7.1.2), text padded to even length (PS3.5 6.2)."""
+    out = []
+    for tag, vr, value in sorted((*_ATTRIBUTES[k], v) for k, v in ds.items()):
+        raw = value.encode("ascii")
+        if len(raw) % 2:
+            raw += b"\0" if vr == "UI" else b" "
+        out.append(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(raw)) + raw)
+    return b"".join(out)
+
+
+def _as_pydicom(ds: dict[str, str]) -> Dataset:
+    out = Dataset()
+    for keyword, value in ds.items():
+        setattr(out, keyword, value)
+    return out
 
 
 @pytest.mark.timeout(300)
-async def test_c_find_clients_that_never_read_neither_grow_memory_nor_starve_stores(tmp_path: Path) -> None:
-    storage = tmp_path / "archive"
-    _fill_archive(storage, 2000)
-    with server_process(tmp_path, "serve", storage=storage) as server:
+async def test_c_find_clients_that_never_read_neither_grow_memory_nor_starve_stores(
+    tmp_path: Path, big_archive: Path
+) -> None:
+    with server_process(tmp_path, "serve", storage=big_archive) as server:
         async with RSSWatch(server) as rss:
             hogs = []
             try:
@@ -716,16 +772,14 @@ async def test_c_find_clients_that_never_read_neither_grow_memory_nor_starve_sto
 
 
 @pytest.mark.timeout(300)
-async def test_non_reading_c_find_clients_are_bounded_server_wide(tmp_path: Path) -> None:
+async def test_non_reading_c_find_clients_are_bounded_server_wide(tmp_path: Path, big_archive: Path) -> None:
     """24 clients each run a C-FIND whose responses (~8 KiB each, ~16 MiB in all) they
     never read. Each could hold ~4 MiB queued in the server (the per-association
     bound; the server grew ~220 MiB so); the server-wide ``--max-buffered-output``
     (8 MiB here) stops them first, while a client from 127.0.0.2 finds 40 matches,
     stores and echoes."""
-    storage = tmp_path / "archive"
-    _fill_archive(storage, 2000, comments=8000)
     budget = 8 * MiB
-    with server_process(tmp_path, "serve", "--max-buffered-output", str(budget), storage=storage) as server:
+    with server_process(tmp_path, "serve", "--max-buffered-output", str(budget), storage=big_archive) as server:
         async with RSSWatch(server) as rss:
             hogs = []
             try:
@@ -750,7 +804,7 @@ async def test_non_reading_c_find_clients_are_bounded_server_wide(tmp_path: Path
                     30,
                 )
                 assert found == [(0x8020, 0xFF00)] * 40 + [(0x8020, 0x0000)]
-                cmd, data = store_rq(ct_dataset(patient="LEGIT"))
+                cmd, data = store_rq(ct_dataset(patient="LEGIT-2"))
                 stored = await exchange(
                     server.port, pdata(3, cmd, command=True), pdata(3, data, command=False), source=LEGIT_HOST
                 )
