@@ -1148,26 +1148,36 @@ async def test_pydicom_corpus_retrieved_by_getscu_and_movescu_in_its_own_syntax(
     async with running_serve(tmp_path / "arch") as srv:
         report = await send_files(AE("SENDER"), HOST, srv.port, SERVE_AE, [str(p) for _, p in corpus.values()])
         assert not report.failed, [(r.path, r.error or r.status) for r in report.failed]
-        for ts, uids in sorted(by_syntax.items()):
+
+        async def retrieve(n: int, ts: str, uids: list[str]) -> str:
+            """getscu and movescu of one syntax's instances, at the same time; movescu's output."""
             keys = ["-k", "QueryRetrieveLevel=IMAGE", "-k", "SOPInstanceUID=" + "\\".join(uids)]
-            got_dir = tmp_path / f"get-{ts}"
+            got_dir, move_dir = tmp_path / f"get-{ts}", tmp_path / f"move-{ts}"
             got_dir.mkdir()
-            code, text, _ = await communicate(
-                (dcmtk("getscu"), "-S", "+B", "-aec", SERVE_AE, PREFER[ts], "-od", str(got_dir), *keys, HOST, str(srv.port)),
-                env=DCMTK_ENV, merge_stderr=True, timeout=60,
-            )  # fmt: skip
-            assert code == 0, text
-            move_dir = tmp_path / f"move-{ts}"
             move_dir.mkdir()
-            port = free_port()
-            srv.ae.known_aes["MOVESCU"] = (HOST, port)
-            code, text, _ = await communicate(
-                (dcmtk("movescu"), "-v", "-S", "-aet", "MOVESCU", "-aec", SERVE_AE, "-aem", "MOVESCU", "+P", str(port),
-                 PREFER[ts], "+B", *keys, HOST, str(srv.port)),
-                env=DCMTK_ENV, merge_stderr=True, timeout=60, cwd=move_dir,  # +B writes to the current directory
+            port, mover = free_port(), f"MOVESCU{n}"
+            srv.ae.known_aes[mover] = (HOST, port)
+            (code, text, _), (move_code, move_text, _) = await asyncio.gather(
+                communicate(
+                    (dcmtk("getscu"), "-S", "+B", "-aec", SERVE_AE, PREFER[ts], "-od", str(got_dir), *keys, HOST,
+                     str(srv.port)),
+                    env=DCMTK_ENV, merge_stderr=True, timeout=60,
+                ),
+                communicate(
+                    (dcmtk("movescu"), "-v", "-S", "-aet", mover, "-aec", SERVE_AE, "-aem", mover, "+P", str(port),
+                     PREFER[ts], "+B", *keys, HOST, str(srv.port)),
+                    env=DCMTK_ENV, merge_stderr=True, timeout=60, cwd=move_dir,  # +B writes to the current directory
+                ),
             )  # fmt: skip
             assert code == 0, text
-            move_text = text
+            assert move_code == 0, move_text
+            return move_text
+
+        # Every syntax's retrievals at once (the comparisons below take their time anyway).
+        syntaxes = sorted(by_syntax.items())
+        move_texts = await asyncio.gather(*(retrieve(n, ts, uids) for n, (ts, uids) in enumerate(syntaxes)))
+        for (ts, uids), move_text in zip(syntaxes, move_texts, strict=True):
+            got_dir, move_dir = tmp_path / f"get-{ts}", tmp_path / f"move-{ts}"
             # movescu takes each instance in its own syntax. getscu (DCMTK 3.6.7) proposes
             # explicit VR little endian only for most of its preferences: what is stored in
             # another syntax then comes transcoded, compressed pixel data decoded by pydicom.
