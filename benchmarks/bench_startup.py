@@ -63,6 +63,68 @@ def timed(argv: list[str], env: dict[str, str], runs: int) -> dict[str, float]:
     }
 
 
+def _echo_once(port: int) -> bool:
+    """One association + C-ECHO + release on a blocking socket; False if not (yet) accepted."""
+    import socket
+    import struct
+
+    from dimse_async.acse import ContextSpec, build_request
+    from dimse_async.dimse import Command, CommandField, encode_command
+    from dimse_async.pdu import PDV, PDataTF, ReleaseRQ
+
+    def read_pdu(sock: socket.socket) -> bytes:
+        data = b""
+        while len(data) < 6 or len(data) < 6 + struct.unpack(">I", data[2:6])[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    rq = build_request("ANY-SCP", "BENCH", [ContextSpec(VERIFICATION, ["1.2.840.10008.1.2"])],
+                       max_pdu=65536).encode()  # fmt: skip
+    cmd = Command(CommandField.C_ECHO_RQ, message_id=1, affected_sop_class_uid=VERIFICATION)
+    try:
+        with socket.create_connection((bs.HOST, port), timeout=10) as sock:
+            sock.sendall(rq)
+            if read_pdu(sock)[0] != 0x02:
+                return False
+            sock.sendall(PDataTF([PDV(1, True, True, encode_command(cmd))]).encode())
+            if read_pdu(sock)[0] != 0x04:
+                return False
+            sock.sendall(ReleaseRQ().encode())
+            read_pdu(sock)
+            return True
+    except OSError:
+        return False
+
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def server_ready(argv: list[str], env: dict[str, str], runs: int, tmp: Path) -> dict[str, float]:
+    """Wall time from starting a server process to its first accepted C-ECHO (its
+    association, C-ECHO-RSP and release), best and median of ``runs`` fresh processes."""
+    walls = []
+    for n in range(runs):
+        port = bs.free_port()
+        out = tmp / f"srv{n}"
+        full = [a.replace("{port}", str(port)).replace("{out}", str(out)) for a in argv]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(full, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                cwd=NEUTRAL_CWD)  # fmt: skip
+        try:
+            deadline = t0 + 60
+            while not _echo_once(port):
+                if proc.poll() is not None or time.perf_counter() > deadline:
+                    raise SystemExit(f"{' '.join(full)} did not answer a C-ECHO")
+                time.sleep(0.002)
+            walls.append(time.perf_counter() - t0)
+        finally:
+            bs.stop(proc)
+    return {"wall_min_ms": min(walls) * 1e3, "wall_median_ms": statistics.median(walls) * 1e3}
+
+
 def import_profile(argv: list[str], env: dict[str, str]) -> tuple[float, float, list[tuple[float, str]]]:
     """(all imports ms, this package's own ms, heaviest modules) from -X importtime (self times)."""
     res = subprocess.run(
@@ -83,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--tree", help="a checkout whose dimse_async to measure (default: this one)")
     p.add_argument("--json", default=str(bs.RESULTS_DIR / "startup.json"))
+    p.add_argument("--servers", action="store_true",
+                   help="only the servers: wall time from start to the first accepted C-ECHO")  # fmt: skip
     args = p.parse_args(argv)
     tree = Path(args.tree).resolve() if args.tree else HERE.parent
     env = bs._py_env()
@@ -95,6 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     found = subprocess.run([sys.executable, "-c", "import dimse_async; print(dimse_async.__file__)"], env=env,
                            capture_output=True, text=True, cwd=NEUTRAL_CWD).stdout.strip()  # fmt: skip
     rows: dict[str, dict[str, float]] = {}
+    if args.servers:
+        servers = {
+            "store-scp": [*cli, "store-scp", "--port", "{port}", "--out", "{out}"],
+            "serve": [*cli, "serve", "--port", "{port}", "--storage-dir", "{out}"],
+        }
+        walls: dict[str, list[float]] = {name: [] for name in servers}
+        with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
+            for argv_ in servers.values():
+                server_ready(argv_, env, 1, Path(tmp))  # .pyc files
+            for _ in range(args.runs):  # the two alternating, one process each per round
+                for name, argv_ in servers.items():
+                    walls[name].append(server_ready(argv_, env, 1, Path(tmp))["wall_min_ms"])
+        print(f"tree: {tree} (dimse_async loaded from {found})\n")
+        print("| server: start to first accepted C-ECHO | wall best ms | wall median ms |")
+        print("|---|---|---|")
+        for name, ms in walls.items():
+            print(f"| {name} | {min(ms):.0f} | {statistics.median(ms):.0f} |")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
         wl = bs.make_small(Path(tmp) / "in", 1)
         (one,) = sorted(str(f) for f in wl.directory.iterdir())
