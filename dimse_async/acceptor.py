@@ -209,8 +209,6 @@ class Acceptor:
 
 
 def _tls_error(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate verify failed: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    return str(exc) or type(exc).__name__
+    from .tls import handshake_error
+
+    return handshake_error(exc)

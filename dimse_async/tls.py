@@ -15,7 +15,15 @@ from typing import Any
 
 from .lazy_dataclass import dataclass
 
-__all__ = ["TLSInfo", "client_context", "harden", "server_context", "session_info", "subject_text"]
+__all__ = [
+    "TLSInfo",
+    "client_context",
+    "handshake_error",
+    "harden",
+    "server_context",
+    "session_info",
+    "subject_text",
+]
 
 # TLS 1.2 suites allowed by BCP 195 (RFC 9325 §4.2): ECDHE/DHE key exchange with AES-GCM or
 # ChaCha20-Poly1305. TLS 1.3 suites are all AEAD and stay at OpenSSL's defaults.
@@ -139,3 +147,26 @@ def session_info(transport: Any) -> TLSInfo | None:
         return None
     cipher = obj.cipher()
     return TLSInfo(obj.version() or "", cipher[0] if cipher else "", obj.getpeercert() or None)
+
+
+#: OpenSSL's reasons for a first record that is not TLS at all.
+_NOT_TLS = {
+    "WRONG_VERSION_NUMBER": "not TLS: a client without TLS on this TLS port?",
+    "UNKNOWN_PROTOCOL": "not TLS: a client without TLS on this TLS port?",
+    "HTTP_REQUEST": "an HTTP request",
+    "HTTPS_PROXY_REQUEST": "an HTTP proxy request",
+}
+
+
+def handshake_error(exc: BaseException) -> str:
+    """Why an acceptor's TLS handshake failed, for its log line (PS3.15 B.9): the
+    certificate check that failed, OpenSSL's reason (with what the bytes were when they
+    were not TLS: a DICOM client without TLS sends an A-ASSOCIATE-RQ, read as a bad
+    record version), or the connection's end."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or str(exc)
+        hint = _NOT_TLS.get(exc.reason or "")
+        return f"{reason} ({hint})" if hint else reason
+    return str(exc) or type(exc).__name__

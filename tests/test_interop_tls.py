@@ -222,8 +222,8 @@ tls_handshake_timeout = 5
 async def test_expired_stranger_and_plain_clients_are_refused_and_logged(certs: Certs, tmp_path: Path):
     """Our SCP requiring client certificates, against DCMTK echoscu with an expired
     certificate from our CA, one from another CA, and no TLS at all: each is refused at
-    the handshake at once (no association, no hang), with a warning naming why; a good
-    client right after is served."""
+    the handshake at once (no association, no hang), with a warning naming why (for the
+    client without TLS: that it was not TLS); a good client right after is served."""
     import datetime
     import logging
 
@@ -282,4 +282,4 @@ async def test_expired_stranger_and_plain_clients_are_refused_and_logged(certs: 
     assert len(refusals) == 3, warnings
     assert "certificate has expired" in refusals[0], refusals[0]
     assert "unable to get local issuer certificate" in refusals[1], refusals[1]
-    assert "WRONG_VERSION_NUMBER" in refusals[2], refusals[2]
+    assert "WRONG_VERSION_NUMBER (not TLS: a client without TLS on this TLS port?)" in refusals[2], refusals[2]
