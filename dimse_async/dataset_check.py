@@ -12,6 +12,7 @@ command's (PS3.4 B.2.3: 0xA900 when they differ).
 
 from __future__ import annotations
 
+import array
 import io
 import re
 import struct
@@ -834,6 +835,25 @@ def check_part10(
 #: Syntaxes whose values are the same bytes whatever the syntax (little endian, native):
 #: a data set in one of them equals one in another when their elements do.
 _LE_NATIVE = frozenset({_IMPLICIT_LE, _EXPLICIT_LE, *_DEFLATED})
+#: Native syntaxes comparable with each other: Explicit VR Big Endian's values read as
+#: little endian once the byte order of each binary number is swapped (PS3.5 §7.3).
+_NATIVE = _LE_NATIVE | {_EXPLICIT_BE}
+#: VR -> the size of the numbers whose bytes Big Endian swaps (PS3.5 §7.3, Table 6.2-1):
+#: text, OB and UN (a byte string, PS3.5 §6.2.2) are the same bytes in either order.
+_SWAP_UNIT = {
+    b"US": 2, b"SS": 2, b"AT": 2, b"OW": 2,
+    b"UL": 4, b"SL": 4, b"FL": 4, b"OL": 4, b"OF": 4,
+    b"FD": 8, b"OD": 8, b"OV": 8, b"SV": 8, b"UV": 8,
+}  # fmt: skip
+#: Number size -> an array type code of that size (for its byteswap()).
+_ARRAY_CODE = {size: code for code in "QLIH" if (size := array.array(code).itemsize) in (2, 4, 8)}
+
+
+def _to_little(data: bytes, unit: int) -> bytes:
+    """Big endian numbers of ``unit`` bytes (``len(data)`` a multiple of it) as little endian."""
+    numbers = array.array(_ARRAY_CODE[unit], data)
+    numbers.byteswap()
+    return numbers.tobytes()
 
 
 def _is_sequence(tag: int) -> bool:
@@ -923,12 +943,18 @@ class _Tokens(_Walker):
             src.skip(length)
         else:
             yield ("E", tag, length)
-            yield from self.value(length)
+            unit = _SWAP_UNIT.get(vr, 0) if self.end == ">" and not self.implicit else 0
+            yield from self.value(length, unit)
 
-    def value(self, length: int) -> Iterator[tuple[object, ...]]:
+    def value(self, length: int, unit: int = 0) -> Iterator[tuple[object, ...]]:
+        """The value in pieces of at most ``_CHUNK`` bytes (a multiple of 8), as little
+        endian: big endian numbers of ``unit`` bytes are swapped."""
+        if unit and length % unit:
+            raise DataSetError(f"value of {length} bytes is not a whole number of {unit}-byte numbers")
         while length:
             n = min(length, _CHUNK)
-            yield ("V", self.src.read(n))
+            data = self.src.read(n)
+            yield ("V", _to_little(data, unit) if unit else data)
             length -= n
 
     def items(self, bound: int | None, depth: int) -> Iterator[tuple[object, ...]]:
@@ -957,15 +983,18 @@ def same_dataset(
     a: BinaryIO, a_syntax: str, a_start: int, b: BinaryIO, b_syntax: str, b_start: int, max_elements: int
 ) -> bool | None:
     """Whether two encoded data sets hold the same elements with the same values (as
-    a sender converting between Implicit and Explicit VR Little Endian, or deflating,
-    or changing sequence lengths between defined and undefined, re-encodes it). In one
-    linear pass over both, a value ``_CHUNK`` bytes at a time: memory stays bounded
-    whatever the size. ``None`` when it cannot tell cheaply: syntaxes whose values
-    would have to be decoded or byte-swapped to compare (encapsulated in two different
-    ones, big endian against little), or more than ``max_elements`` elements, items
-    and fragments. A private sequence of defined length in an implicit VR stream is not
-    recognised (it compares unequal with its explicit encoding): never a false "same"."""
-    if a_syntax != b_syntax and not (a_syntax in _LE_NATIVE and b_syntax in _LE_NATIVE):
+    a sender converting between Implicit and Explicit VR Little Endian and Explicit VR
+    Big Endian, or deflating, or changing sequence lengths between defined and
+    undefined, re-encodes it; PS3.5 §7, A.1-A.5). Big endian numbers are compared
+    swapped to little endian by their VR (PS3.5 §7.3); values of VR UN are byte strings
+    (PS3.5 §6.2.2), compared as they are. In one linear pass over both, a value
+    ``_CHUNK`` bytes at a time: memory stays bounded whatever the size. ``None`` when it
+    cannot tell cheaply: syntaxes whose values would have to be decoded to compare
+    (encapsulated against another syntax: compressed pixel data is another encoding),
+    or more than ``max_elements`` elements, items and fragments. A private sequence of
+    defined length in an implicit VR stream is not recognised (it compares unequal with
+    its explicit encoding): never a false "same"."""
+    if a_syntax != b_syntax and not (a_syntax in _NATIVE and b_syntax in _NATIVE):
         return None
     walkers = []
     for fp, syntax, start in ((a, a_syntax, a_start), (b, b_syntax, b_start)):

@@ -4,6 +4,7 @@ ones a full read of the stored file gives (the re-index's way)."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import copy
 import glob
@@ -351,22 +352,29 @@ def _encoded(ds: pydicom.Dataset, syntax: str, undefined: bool | None = None) ->
                 for item in elem.value:
                     item.is_undefined_length_sequence_item = undefined
     ds.file_meta.TransferSyntaxUID = syntax
+    if syntax == "1.2.840.10008.1.2.2":  # pydicom writes OW/OF/OD/OL/OV values unswapped
+        for elem in ds.iterall():
+            unit = {"OW": "H", "OF": "I", "OL": "I", "OD": "Q", "OV": "Q"}.get(elem.VR)
+            if unit and elem.value:
+                words = array.array(unit, elem.value)
+                words.byteswap()
+                elem.value = words.tobytes()
     buf = io.BytesIO()
-    ds.save_as(buf, implicit_vr=syntax == "1.2.840.10008.1.2", little_endian=syntax != "1.2.840.10008.1.2.2",
-               enforce_file_format=True)  # fmt: skip
+    pydicom.dcmwrite(buf, ds, implicit_vr=syntax == "1.2.840.10008.1.2",
+                     little_endian=syntax != "1.2.840.10008.1.2.2", enforce_file_format=True)  # fmt: skip
     buf.seek(0)
     return buf, syntax, read_file_meta(buf).dataset_offset
 
 
 def test_same_dataset_in_other_encodings():
     """The element by element comparison of a stored instance with a re-send: equal
-    across Implicit / Explicit VR Little Endian / deflated and defined / undefined
-    sequence lengths; unequal for one value changed deep in an item; no answer for
-    syntaxes that would need decoding, or past its element bound."""
+    across Implicit / Explicit VR Little Endian / deflated / Explicit VR Big Endian and
+    defined / undefined sequence lengths; unequal for one value changed deep in an item;
+    no answer for syntaxes that would need decoding, or past its element bound."""
     from dimse_async.dataset_check import same_dataset
 
     ds = pydicom.dcmread(get_testdata_file("rtplan.dcm"))
-    syntaxes = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"]
+    syntaxes = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"]
     encodings = [_encoded(ds, s, u) for s in syntaxes for u in (True, False)]
     for a in encodings:
         for b in encodings:
@@ -377,12 +385,36 @@ def test_same_dataset_in_other_encodings():
     for syntax in syntaxes:
         assert same_dataset(*_encoded(ds, syntax), *_encoded(changed, "1.2.840.10008.1.2"), 10_000) is False
     big = _encoded(ds, syntaxes[1])
-    assert same_dataset(*encodings[0], big[0], "1.2.840.10008.1.2.2", big[2], 10_000) is None  # values swapped
+    assert same_dataset(*encodings[0], big[0], "1.2.840.10008.1.2.2", big[2], 10_000) is False  # not big endian
     assert same_dataset(*encodings[0], big[0], "1.2.840.10008.1.2.4.50", big[2], 10_000) is None  # JPEG
     assert same_dataset(*_encoded(ds, syntaxes[1]), *_encoded(ds, syntaxes[0]), 10) is None
     truncated = _encoded(ds, syntaxes[1])
     cut = io.BytesIO(truncated[0].getvalue()[:-10])
     assert same_dataset(*_encoded(ds, syntaxes[1]), cut, truncated[1], truncated[2], 10_000) is False
+
+
+def test_same_dataset_in_big_endian_compares_numbers_by_their_vr():
+    """Explicit VR Big Endian against the little endian syntaxes (PS3.5 §7.3): each
+    number (US, SS, UL, SL, FL, FD, AT, OW pixel data) compared byte-swapped by its VR,
+    text and OB as they are. Rows 128 (80 00 little endian) against 32768 (80 00 big
+    endian), or pixels with their bytes swapped: different values, though the same bytes."""
+    from dimse_async.dataset_check import same_dataset
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.add_new(0x00209165, "AT", [0x00180050, 0x00280030])  # Dimension Index Pointer
+    big = "1.2.840.10008.1.2.2"
+    for syntax in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", big):
+        assert same_dataset(*_encoded(ds, syntax), *_encoded(ds, big), 10_000) is True, syntax
+        assert same_dataset(*_encoded(ds, big), *_encoded(ds, syntax), 10_000) is True, syntax
+    assert ds.Rows == 0x0080
+    rows = copy.deepcopy(ds)
+    rows.Rows = 0x8000
+    assert same_dataset(*_encoded(ds, "1.2.840.10008.1.2"), *_encoded(rows, big), 10_000) is False
+    pixel = copy.deepcopy(ds)  # each pixel's bytes swapped: sent as the stored bytes
+    words = array.array("H", pixel.PixelData)
+    words.byteswap()
+    pixel.PixelData = words.tobytes()
+    assert same_dataset(*_encoded(ds, "1.2.840.10008.1.2.1"), *_encoded(pixel, big), 10_000) is False
 
 
 def _item_heavy(items: int, ds: pydicom.Dataset | None = None) -> bytes:

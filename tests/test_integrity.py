@@ -46,6 +46,8 @@ from dimse_async.archive.serve import archive_ae
 from dimse_async.part10 import read_file_meta
 from dimse_async.services.qr import MODELS
 from dimse_async.sop_classes import STORAGE_SOP_CLASSES
+from dimse_async.uids import STORE_TRANSFER_SYNTAXES
+from dimse_async.uids import ExplicitVRBigEndian as EXPLICIT_BE
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
@@ -1579,6 +1581,47 @@ async def test_duplicate_keep_answers_success_for_the_same_data_set_in_another_s
         assert read_file_meta(stored.open("rb")).transfer_syntax == "1.2.840.10008.1.2"  # the first copy kept
         assert same_dataset(stored, implicit)
         assert await srv.archive.count() == 1
+
+
+async def test_duplicate_keep_answers_success_for_the_same_data_set_in_any_uncompressed_syntax(
+    tmp_path: Path,
+) -> None:
+    """Keep policy: storescu sends CT_small and MR_small in Implicit VR Little Endian
+    (stored so) and again as they are, then converting them to Explicit VR Little Endian
+    (-xe), Explicit VR Big Endian (-xb: every number byte-swapped, PS3.5 §7.3) and
+    deflated (-xd): the same data sets, each answered success, the first copies kept.
+    In big endian, a copy whose Rows is 32768 (big endian 80 00, the stored 128's bytes)
+    and one whose Patient's Name differs are refused 0xA900, the stored ones kept."""
+    uid_ct, uid_mr = generate_uid(), generate_uid()
+    ct = _in_syntax(CT, tmp_path / "ct.dcm", "1.2.840.10008.1.2", SOPInstanceUID=uid_ct)
+    mr = _in_syntax(MR, tmp_path / "mr.dcm", "1.2.840.10008.1.2", SOPInstanceUID=uid_mr)
+    rows = _in_syntax(CT, tmp_path / "rows.dcm", "1.2.840.10008.1.2", SOPInstanceUID=uid_ct, Rows=0x8000)
+    name = _in_syntax(MR, tmp_path / "name.dcm", "1.2.840.10008.1.2", SOPInstanceUID=uid_mr,
+                      PatientName="SOMEONE^ELSE")  # fmt: skip
+    # -xe / -xb with +C propose one context of all uncompressed syntaxes for each SOP
+    # class, and the acceptor's order picks (PS3.8 §9.3.3.2): big endian is had from an
+    # archive preferring it, the same storage started again.
+    big_endian_first = [EXPLICIT_BE, *(s for s in STORE_TRANSFER_SYNTAXES if s != EXPLICIT_BE)]
+    runs = [
+        ([], ((("-xi",), None, (ct, mr, ct, mr)), (("-xe", "+C"), "Little Endian Explicit", (ct, mr)),
+              (("-xd",), "Deflated Explicit VR Little Endian", (ct, mr)))),
+        (big_endian_first, ((("-xb", "+C"), "Big Endian Explicit", (ct, mr, rows, name)),)),
+    ]  # fmt: skip
+    for syntaxes, sends in runs:
+        settings = {"transfer_syntaxes": syntaxes} if syntaxes else {}
+        async with running_serve(tmp_path / "arch", **settings) as srv:
+            for option, wire, files in sends:
+                _code, out = await storescu(srv.port, *files, extra=(*option, "-R", "-nh"))
+                if wire is not None:
+                    assert out.count(f"-> {wire}") == len(files), out
+                different = sum(f in (rows, name) for f in files)
+                expected = ["Success"] * (len(files) - different) + ["Error: DataSetDoesNotMatchSOPClass"] * different
+                assert store_statuses(out) == expected, (option, out)
+            assert await srv.archive.count() == 2
+    for uid, sent in ((uid_ct, ct), (uid_mr, mr)):
+        stored = stored_file(tmp_path / "arch", uid)
+        assert read_file_meta(stored.open("rb")).transfer_syntax == "1.2.840.10008.1.2"  # the first copy kept
+        assert same_dataset(stored, sent)
 
 
 async def test_duplicate_keep_past_the_compare_limit_keeps_the_byte_answer(

@@ -134,8 +134,8 @@ SAME_INSTANCE_COMPARE_ELEMENTS = 500_000
 def _same_instance(stored: str, request: StoreRequest) -> str | None:
     """Whether the stored file holds the received data set: ``"identical"`` (byte for
     byte, same syntax), ``"equivalent"`` (the same elements and values in another
-    encoding: another of the little endian uncompressed syntaxes, or sequence lengths,
-    group lengths or padding written otherwise), else ``None``."""
+    encoding: another uncompressed syntax, little or big endian, deflated or not, or
+    sequence lengths, group lengths or padding written otherwise), else ``None``."""
     with open(stored, "rb") as a, request.open() as b:
         pa, pb = _dataset_part(a), _dataset_part(b)
         if pa is None or pb is None:
