@@ -6,7 +6,9 @@ the PROXY header (only from trusted proxy addresses, exactly its bytes, within a
 limit), runs the TLS handshake (PS3.15 B.9) with its own timeout, and then hands the
 socket to an :class:`~dimse_async.association.Association` that sees the real client
 address. A client that never finishes its header or handshake delays nobody else;
-every refusal is logged with the reason.
+every refusal is logged with the reason. A connection closed before its first TLS byte
+(a load balancer's TCP health check) is no failed handshake: one INFO line, as on a
+plain port.
 """
 
 from __future__ import annotations
@@ -165,14 +167,35 @@ class Acceptor:
                 handed_over = True
                 await self.loop.connect_accepted_socket(lambda: assoc, conn)
                 return
+            if client != peer:
+                log = log.bind(client=f"{client[0]}:{client[1]}")
+            timeout = options.handshake_timeout
+            started = self.loop.time()
+            try:
+                begun = _first_byte(conn)  # a client's ClientHello is often there already
+                if begun is None:
+                    begun = await asyncio.wait_for(_handshake_begun(self.loop, conn), timeout)
+            except TimeoutError:
+                self._refuse(
+                    log, f"TLS handshake failed: no ClientHello within {timeout:g} s", client[0], "TLS handshake"
+                )
+                return
+            except OSError as exc:
+                self._refuse(log, f"TLS handshake failed: {_tls_error(exc)}", client[0], "TLS handshake")
+                return
+            if not begun:
+                # Connected and closed without a byte: a TCP probe (a load balancer's
+                # health check), logged as on a plain port, not a failed handshake.
+                if self.server.allow_warning("closed before association", client[0]):
+                    log.info("connection closed", reason="closed before its TLS handshake began (a TCP probe?)")
+                return
+            left = max(timeout - (self.loop.time() - started), 0.001)
             try:
                 handed_over = True
                 await self.loop.connect_accepted_socket(
-                    lambda: assoc, conn, ssl=options.ssl, ssl_handshake_timeout=options.handshake_timeout
+                    lambda: assoc, conn, ssl=options.ssl, ssl_handshake_timeout=left
                 )
             except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-                if client != peer:
-                    log = log.bind(client=f"{client[0]}:{client[1]}")
                 why = f"TLS handshake failed: {_tls_error(exc)}"  # (the loop closed the socket)
                 self._refuse(log, why, client[0], "TLS handshake")
         finally:
@@ -206,6 +229,38 @@ class Acceptor:
             if isinstance(result, proxy.ProxyHeader):
                 return result
             need = result
+
+
+def _first_byte(conn: socket.socket) -> bool | None:
+    """Whether a TLS client has sent its first byte (PS3.15 B.9: the client speaks first,
+    its ClientHello; the byte stays unread): ``False`` if it closed without one (a FIN, or
+    a reset as HAProxy's checks close), ``None`` if neither yet."""
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK))
+    except (BlockingIOError, InterruptedError):
+        return None
+    except ConnectionResetError:
+        return False
+
+
+async def _handshake_begun(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bool:
+    """:func:`_first_byte`, once the socket is readable."""
+    fd = conn.fileno()
+    while True:
+        readable = loop.create_future()
+        loop.add_reader(fd, _wake, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+        begun = _first_byte(conn)
+        if begun is not None:
+            return begun
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _tls_error(exc: BaseException) -> str:

@@ -341,3 +341,59 @@ def test_large_data_sets_over_tls_arrive_intact_on_uvloop_and_asyncio(certs: Cer
             assert meta is not None
             received = (out / f"{meta.sop_instance_uid}.dcm").read_bytes()
             assert received.endswith(sent[meta.dataset_offset :]), (loop_name, path.name)
+
+
+def test_tcp_probes_on_a_tls_port_are_logged_at_info_and_a_broken_handshake_still_warns(certs: Certs) -> None:
+    """A load balancer's TCP health check connects and closes without a byte (a FIN, or a
+    reset as HAProxy's checks close): one INFO line saying it closed before its TLS
+    handshake began, as a plain port logs a connect-and-close, not a failed handshake.
+    A client that sends half a ClientHello and closes is still a warning; a real client
+    right after is served. On uvloop (what the command line runs) and asyncio's loop."""
+    import logging
+    import struct
+
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    server_ctx = tls.server_context(str(certs.server_cert), str(certs.server_key))
+    client_ctx = tls.client_context(str(certs.ca))
+
+    async def scenario() -> list[tuple[int, str]]:
+        seen: list[da.Association] = []
+        records.clear()
+        async with await echo_scp(seen).start_server(HOST, 0, ssl=server_ctx) as server:
+            for reset in (False, True):
+                probe = socket.create_connection((HOST, server.port))
+                if reset:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                probe.close()
+            half = socket.create_connection((HOST, server.port))
+            half.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's first bytes
+            half.close()
+            await until(lambda: len(connection_lines()) >= 3 and not server.preambles, "the three connections logged")
+            async with scu().associate(HOST, server.port, "TLS_SCP", ssl=client_ctx) as assoc:
+                assert (await assoc.c_echo()).is_success
+        assert len(seen) == 1
+        return connection_lines()
+
+    def connection_lines() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in records if r.getMessage().startswith("connection ")]
+
+    logger = logging.getLogger("dimse_async")
+    handler, level = Capture(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        for loop_name, run in (("uvloop", da.run), ("asyncio", asyncio.run)):
+            lines = run(scenario())
+            probes = [text for level_no, text in lines if level_no == logging.INFO]
+            warnings = [text for level_no, text in lines if level_no >= logging.WARNING]
+            assert len(probes) == 2, (loop_name, lines)
+            assert all("closed before its TLS handshake began (a TCP probe?)" in p for p in probes), (loop_name, lines)
+            assert len(warnings) == 1 and "TLS handshake failed" in warnings[0], (loop_name, lines)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
