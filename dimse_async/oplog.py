@@ -1,6 +1,7 @@
-"""Accounting for the log: bytes each way, operations by kind, and one line per finished
-operation (DEBUG on success - INFO with ``AE(log_operations=True)`` - INFO otherwise)
-with its UIDs, status, size and duration."""
+"""Accounting for the log: bytes each way, operations by kind (finished, and those still
+under way when the association ended), and one line per finished operation (DEBUG on
+success - INFO with ``AE(log_operations=True)`` - INFO otherwise) with its UIDs, status,
+size and duration."""
 
 from __future__ import annotations
 
@@ -92,6 +93,8 @@ class OperationLog:
 
     def summary(self, now: float, contexts: str | None = None) -> dict[str, Any]:
         """Fields of the "association closed" line (``contexts`` first when given)."""
+        if self._in or self._out:  # ended with operations under way (an abort, a lost connection)
+            return self._summary_unfinished(now, contexts)
         operations = self.operations
         if len(operations) == 1:  # the usual short association: one kind (no list, no sort)
             [(name, n)] = operations.items()
@@ -114,3 +117,24 @@ class OperationLog:
             "tx_bytes": self.bytes_sent,
             "duration_ms": round((now - self.opened_at) * 1000),
         }
+
+    def _summary_unfinished(self, now: float, contexts: str | None) -> dict[str, Any]:
+        """The same, with ``unfinished``: the operations begun and never given a final
+        response (PS3.7 9.1.3: a C-GET's is its last C-GET-RSP), by kind, after the finished ones."""
+        unfinished: dict[str, int] = {}
+        for _, _, rq in (*self._in.values(), *self._out.values()):
+            name = _OP_NAMES.get(rq.command_field) or rq.name.removesuffix("-RQ")
+            unfinished[name] = unfinished.get(name, 0) + 1
+        fields: dict[str, Any] = {} if contexts is None else {"contexts": contexts}
+        fields["ops"] = _by_kind(self.operations)
+        fields["unfinished"] = _by_kind(unfinished)
+        fields["failed"] = self.failed_operations
+        fields["rx_bytes"] = self.bytes_received
+        fields["tx_bytes"] = self.bytes_sent
+        fields["duration_ms"] = round((now - self.opened_at) * 1000)
+        return fields
+
+
+def _by_kind(counts: dict[str, int]) -> str:
+    """``C-ECHO:1,C-STORE:3`` (sorted), ``none`` when empty."""
+    return ",".join([f"{name}:{n}" for name, n in sorted(counts.items())]) or "none"

@@ -592,3 +592,99 @@ def test_bound_fields_keep_their_order_and_a_field_bound_again_its_new_value() -
         "done assoc=1f peer=127.0.0.1:4 local_ae=C peer_ae=B n=2",
         "again assoc=1f peer=127.0.0.1:4 local_ae=C peer_ae=B x=y",
     ]
+
+
+async def test_an_abort_mid_c_get_shows_the_get_as_unfinished_on_the_closed_line() -> None:
+    """pynetdicom asks for a C-GET of 40 instances, stores them slowly and aborts after
+    the first pending C-GET-RSP (PS3.7 9.1.3). The SCP's "association closed" line counts
+    the finished C-STORE sub-operations under ``ops`` and the C-GET (with a C-STORE still
+    under way, if any) under ``unfinished``, not as if the C-GET never was; a released
+    association's line has no ``unfinished``."""
+    import asyncio
+    import logging
+    import time
+    from typing import Any
+
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE as PynetAE  # type: ignore[import-untyped]
+    from pynetdicom import build_role, evt
+
+    import dimse_async as da
+
+    ct, get_model = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.2.2.3"
+
+    def instance(i: int) -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientName = ct, f"1.2.3.4.{i}", "GET^ABORT"
+        ds.file_meta = Dataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds
+
+    scp = da.AE("GETSCP")
+    scp.add_supported_context(get_model)
+    scp.add_supported_context(ct, [ExplicitVRLittleEndian], scp_role=True)
+
+    @scp.on_c_get
+    async def get(request: Any) -> Any:
+        for i in range(40 if request.identifier.StudyInstanceUID == "1.2.3" else 3):
+            yield instance(i)
+
+    def retrieve(port: int, abort: bool) -> int:
+        query = Dataset()
+        query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", "1.2.3" if abort else "1.2.4"
+        ae = PynetAE(ae_title="GETSCU")
+        ae.add_requested_context(get_model)
+        ae.add_requested_context(ct, ExplicitVRLittleEndian)
+        stored: list[int] = []
+
+        def on_store(event: Any) -> int:  # a slow C-STORE SCP: the C-GET is under way a while
+            stored.append(1)
+            if abort:
+                time.sleep(0.02)
+            return 0x0000
+
+        assoc = ae.associate(
+            "127.0.0.1", port, ae_title="GETSCP", ext_neg=[build_role(ct, scp_role=True)],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )  # fmt: skip
+        assert assoc.is_established
+        try:
+            for status, _ in assoc.send_c_get(query, get_model):
+                if abort and status and status.Status == 0xFF00:
+                    break
+        finally:
+            assoc.abort() if abort else assoc.release()
+        return len(stored)
+
+    class Closed(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.INFO)
+            self.lines: list[dict[str, Any]] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            fields = dict(getattr(record, "dimse_async", {}))
+            if record.getMessage().startswith("association closed"):
+                self.lines.append(fields)
+
+    logger = logging.getLogger("dimse_async")
+    handler, level = Closed(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        async with await scp.start_server("127.0.0.1", 0) as server:
+            for abort in (True, False):
+                stored = await asyncio.to_thread(retrieve, server.port, abort)
+                deadline = time.monotonic() + 10
+                while server.associations or len(handler.lines) < (1 if abort else 2):
+                    assert time.monotonic() < deadline, handler.lines
+                    await asyncio.sleep(0.01)
+                assert (stored < 40) if abort else stored == 3
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    aborted, released = handler.lines
+    assert aborted["ops"].startswith("C-STORE:") and "C-GET" not in aborted["ops"], aborted
+    assert aborted["unfinished"] in ("C-GET:1", "C-GET:1,C-STORE:1"), aborted
+    assert "aborted" in aborted["reason"], aborted
+    assert released["ops"] == "C-GET:1,C-STORE:3" and "unfinished" not in released, released
