@@ -2,23 +2,21 @@
 
 :func:`encode_dataset` writes a data set without file meta in any uncompressed
 syntax (swapping word-valued elements between endiannesses, deflating for the
-deflated syntax); :func:`decode_identifier` reads one back.
+deflated syntax); :func:`decode_identifier` reads one back. pydicom is imported at
+first use, so that a server that has not yet exchanged a data set has not loaded it.
 """
 
 from __future__ import annotations
 
 import array
 import zlib
-from typing import BinaryIO, cast
-
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 from .inflate import DEFAULT_LIMITS, InflationLimits, inflate
 from .uids import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["UNCOMPRESSED", "decode_identifier", "encode_dataset"]
 
@@ -30,6 +28,9 @@ _WORD_SIZES = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 
 def _swap_words(ds: Dataset) -> Dataset:
     """Copy of ``ds`` with OW/OF/OL/OD/OV values byte-swapped (endianness change)."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
     out = Dataset()
     for elem in ds:
         if elem.VR == "SQ":
@@ -51,6 +52,9 @@ def encode_dataset(ds: Dataset, transfer_syntax: str, source_syntax: str | None 
     Between little and big endian, word-valued binary elements (OW, OF, OL, OD, OV)
     are byte-swapped, which pydicom does not do on its own.
     """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
     little = transfer_syntax != ExplicitVRBigEndian
     source_little = (source_syntax or ExplicitVRLittleEndian) != ExplicitVRBigEndian
     if little != source_little:
@@ -74,6 +78,9 @@ def decode_identifier(data: bytes, transfer_syntax: str, limits: InflationLimits
     A deflated one is inflated within ``limits`` (:class:`~dimse_async.inflate.InflationLimit`
     past them, a ``ValueError``).
     """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset
+
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         data = inflate(data, limits)
     fp = DicomBytesIO(data)

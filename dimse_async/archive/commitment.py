@@ -35,8 +35,6 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import pydicom
-
 from ..log import get_logger
 from ..services.commitment import (
     STORAGE_COMMITMENT,
@@ -78,6 +76,8 @@ def _file_intact(
             while f.read(_CHUNK):
                 if stop is not None and stop.is_set():
                     raise _Stopped
+        import pydicom  # here: a server loads pydicom at its first data set, not at start
+
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
         meta = ds.file_meta
         got_instance = str(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "")

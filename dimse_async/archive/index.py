@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from pydicom.dataset import Dataset
-
 from ..dimse import Status
 from ..services.qr import MODELS, QueryRequest, StatusError
 from .db import (
@@ -31,6 +29,8 @@ from .schema import (
 from .worklist import Worklist
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from ..ae import AE
     from ..services.storage import StoreRequest
     from ..space import StorageSpace

@@ -18,8 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import pydicom
-
 from ..dataset_check import (
     BudgetExceeded,
     DataSetError,
@@ -244,6 +242,8 @@ class IngestMixin(IndexDB):
         return self.backend.retry(lambda: self._index_file_once(path))
 
     def _index_file_once(self, path: str) -> str:
+        import pydicom  # here: a server whose archive needs no re-index loads no pydicom at start
+
         st = os.stat(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         meta = ds.file_meta

@@ -23,22 +23,20 @@ status, patient, study) - the small query API.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-from pydicom.charset import python_encoding
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataset import Dataset
-from pydicom.tag import Tag
-from pydicom.uid import generate_uid
+from typing import TYPE_CHECKING, Any
 
 from ..codec import decode_identifier, encode_dataset
 from ..services.normalized import NCode, NRequest
 from ..status import Status
 from ..uids import ExplicitVRLittleEndian
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["MPPS", "MPPSStore", "mpps_create_dataset", "mpps_final_dataset"]
 
@@ -50,32 +48,39 @@ _ENDED_COMMENT = "Performed Procedure Step Object may no longer be updated"  # F
 
 #: Attributes Table F.7.2-1 marks "Not allowed" in N-SET: set at N-CREATE, fixed after
 #: (the SCU creates a new step instead, F.7.2.2.3 Note).
-_NOT_SETTABLE = frozenset(
-    Tag(keyword)
-    for keyword in (
-        "SOPClassUID",
-        "SOPInstanceUID",
-        "ScheduledStepAttributesSequence",
-        "PatientName",
-        "PatientID",
-        "IssuerOfPatientID",
-        "IssuerOfPatientIDQualifiersSequence",
-        "OtherPatientIDsSequence",
-        "PatientBirthDate",
-        "PatientSex",
-        "ReferencedPatientSequence",
-        "AdmissionID",
-        "IssuerOfAdmissionIDSequence",
-        "PerformedStationAETitle",
-        "PerformedStationName",
-        "PerformedLocation",
-        "PerformedProcedureStepStartDate",
-        "PerformedProcedureStepStartTime",
-        "PerformedProcedureStepID",
-        "Modality",
-        "StudyID",
-    )
+_NOT_SETTABLE = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "ScheduledStepAttributesSequence",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientSex",
+    "ReferencedPatientSequence",
+    "AdmissionID",
+    "IssuerOfAdmissionIDSequence",
+    "PerformedStationAETitle",
+    "PerformedStationName",
+    "PerformedLocation",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepStartTime",
+    "PerformedProcedureStepID",
+    "Modality",
+    "StudyID",
 )
+
+
+@functools.cache
+def _not_settable() -> frozenset[int]:
+    """The tags of :data:`_NOT_SETTABLE` (pydicom's dictionary, loaded at the first N-SET)."""
+    from pydicom.tag import Tag
+
+    return frozenset(Tag(keyword) for keyword in _NOT_SETTABLE)
+
+
 #: Type 1 for the N-CREATE (1/1 in Table F.7.2-1): the step's identity and start.
 _CREATE_REQUIRED = (
     "PerformedProcedureStepStatus",
@@ -117,6 +122,8 @@ def _malformed(ds: Dataset) -> tuple[int, str] | None:
     text value (:data:`_TEXT_KEYWORDS`). Such a list used to fail in the handler
     (0x0110 with a Python message) or be stored with a sequence's repr as its
     Patient ID."""
+    from pydicom.datadict import dictionary_VR
+
     stack = [ds]
     while stack:
         current = stack.pop()
@@ -142,6 +149,8 @@ def _unknown_charset(ds: Dataset) -> str | None:
     """A term of ``ds``'s Specific Character Set pydicom cannot decode (it would fall
     back to Latin-1 and keep the names garbled), or ``None``. F.7.2.2.3: an SCP that
     cannot convert the text may return 0x0106 Invalid Attribute Value."""
+    from pydicom.charset import python_encoding
+
     value = ds.get("SpecificCharacterSet")
     terms = [value] if isinstance(value, str) else list(value or [])
     for term in terms:
@@ -166,6 +175,8 @@ def _changes(ds: Dataset, elem: Any) -> bool:
 
 
 def _tag(keyword: str) -> int:
+    from pydicom.datadict import tag_for_keyword
+
     tag = tag_for_keyword(keyword)
     assert tag is not None, keyword
     return tag
@@ -208,6 +219,8 @@ def mpps_create_dataset(
     """An N-CREATE attribute list for an SCU (F.7.2.1.1, Table F.7.2-1): IN PROGRESS now,
     the Type 2 attributes present and empty. ``station_ae`` (Performed Station AE Title)
     is Type 1 and so required here (an SCP refuses an empty one, 0x0121)."""
+    from pydicom.dataset import Dataset
+
     ds = Dataset()
     ds.PatientID = patient_id
     ds.PatientName = patient_name
@@ -248,6 +261,9 @@ def mpps_final_dataset(status: str = COMPLETED, series_uids: list[str] | None = 
     """An N-SET that ends a step (F.7.2.2.1) with the Final State attributes of Table
     F.7.2-1: End Date and Time now, a Performed Series Sequence item per series (one
     new series UID when none is given; Note 2: never empty)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import generate_uid
+
     ds = Dataset()
     ds.PerformedProcedureStepStatus = status
     now = time.localtime()
@@ -393,7 +409,7 @@ class MPPSStore:
             ds, mods = _in_utf8(ds), _in_utf8(mods)
             # A modality that sends such an attribute again with its value unchanged is
             # tolerated; a different value would change the step's identity.
-            fixed = next((elem for elem in mods if elem.tag in _NOT_SETTABLE and _changes(ds, elem)), None)
+            fixed = next((elem for elem in mods if elem.tag in _not_settable() and _changes(ds, elem)), None)
             if fixed is not None:
                 # Table F.7.2-1: "Not allowed" in N-SET; PS3.7 §10.1.3.1.9 0x0105.
                 request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, attribute=str(fixed.tag))

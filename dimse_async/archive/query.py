@@ -7,20 +7,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, NamedTuple
-
-from pydicom.dataset import Dataset
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..dimse import Status
 from ..log import get_logger
 from ..services.qr import Matches, QueryRequest, StatusError, StoredFile, Unavailable
 from .budget import QueryBudget
+from .date_ranges import parse_range
 from .db import (
     QUERY_SLICE,
     IndexDB,
     stored_file_problem,
 )
-from .matching import Matcher, parse_range, response_identifier
 from .schema import (
     INDEXED_UP_TO,
     LEVEL_ORDER,
@@ -42,6 +40,9 @@ from .schema import (
     text_of,
     where_in,
 )
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = get_logger()
 
@@ -87,6 +88,8 @@ class QueryMixin(IndexDB):
         """The next page of candidates after ``query.last``: each one's key and its
         response identifier, or ``None`` when it does not match. Every row of the page
         is read before the first is yielded (no statement left open)."""
+        from .matching import response_identifier  # here: matching loads pydicom
+
         rows = db.execute(query.sql(), query.arguments()).fetchall()
         for (attrs, extra, path), key in self._candidates(db, query, rows):
             candidate = dataset_from(*attrs)
@@ -540,6 +543,8 @@ class _PagedQuery:
         self.level = level
         self.depth = LEVEL_ORDER.index(level)
         self.required = REQUIRED_KEYS[model][level]
+        from .matching import Matcher  # here: matching loads pydicom
+
         #: The identifier's keys parsed once for all the candidates (a long UID list a set).
         self.matches = Matcher(identifier, unknown=self.required)
         indexed = set(INDEXED_UP_TO[level])

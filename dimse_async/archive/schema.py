@@ -4,19 +4,19 @@ requires, patient identity, and the SQL prefilters of a query."""
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
-from typing import Any
-
-import pydicom
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.tag import BaseTag
+from typing import TYPE_CHECKING, Any
 
 from ..dimse import Status
 from ..log import get_logger
 from ..services.qr import MODELS, StatusError
 from .date_ranges import valid_key
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+    from pydicom.tag import BaseTag
 
 log = get_logger()
 
@@ -131,7 +131,49 @@ _ABOVE = {
 }  # fmt: skip
 _ALL_KEYS = [k for level in LEVEL_ORDER for k in LEVEL_KEYS[level]]
 _CHARSET = "SpecificCharacterSet"  # stored with each level's attributes, never matched
-_VR = {k: pydicom.datadict.dictionary_VR(pydicom.datadict.tag_for_keyword(k) or 0) for k in _ALL_KEYS}
+#: Tag and VR (PS3.6 Table 6-1) of each attribute kept, so that the index's tables need
+#: no pydicom at import (a server listens before it loads pydicom); checked against
+#: pydicom's dictionary by ``tests/test_serve_imports.py``.
+KEPT_TAG_VR: dict[str, tuple[int, str]] = {
+    "PatientName": (0x00100010, "PN"),
+    "PatientID": (0x00100020, "LO"),
+    "IssuerOfPatientID": (0x00100021, "LO"),
+    "PatientBirthDate": (0x00100030, "DA"),
+    "PatientBirthTime": (0x00100032, "TM"),
+    "PatientSex": (0x00100040, "CS"),
+    "OtherPatientIDs": (0x00101000, "LO"),
+    "EthnicGroup": (0x00102160, "SH"),
+    "PatientComments": (0x00104000, "LT"),
+    "StudyInstanceUID": (0x0020000D, "UI"),
+    "StudyDate": (0x00080020, "DA"),
+    "StudyTime": (0x00080030, "TM"),
+    "AccessionNumber": (0x00080050, "SH"),
+    "StudyID": (0x00200010, "SH"),
+    "ReferringPhysicianName": (0x00080090, "PN"),
+    "StudyDescription": (0x00081030, "LO"),
+    "PatientAge": (0x00101010, "AS"),
+    "PatientSize": (0x00101020, "DS"),
+    "PatientWeight": (0x00101030, "DS"),
+    "SeriesInstanceUID": (0x0020000E, "UI"),
+    "Modality": (0x00080060, "CS"),
+    "SeriesNumber": (0x00200011, "IS"),
+    "SeriesDescription": (0x0008103E, "LO"),
+    "SeriesDate": (0x00080021, "DA"),
+    "SeriesTime": (0x00080031, "TM"),
+    "BodyPartExamined": (0x00180015, "CS"),
+    "PerformedProcedureStepStartDate": (0x00400244, "DA"),
+    "SOPInstanceUID": (0x00080018, "UI"),
+    "SOPClassUID": (0x00080016, "UI"),
+    "InstanceNumber": (0x00200013, "IS"),
+    "ContentDate": (0x00080023, "DA"),
+    "ContentTime": (0x00080033, "TM"),
+    "AcquisitionDate": (0x00080022, "DA"),
+    "Rows": (0x00280010, "US"),
+    "Columns": (0x00280011, "US"),
+    "NumberOfFrames": (0x00280008, "IS"),
+    "ImageType": (0x00080008, "CS"),
+}
+_VR = {k: KEPT_TAG_VR[k][1] for k in _ALL_KEYS}
 
 # Which information model allows which levels, and the root of its hierarchy.
 _MODEL_LEVELS = {
@@ -147,29 +189,40 @@ def text_of(value: Any) -> str:
         return ""
     if isinstance(value, bytes | bytearray):  # a key sent as UN (e.g. over 64 KiB in explicit VR)
         return bytes(value).decode("latin-1")
-    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+    from pydicom.multival import MultiValue
+
+    if isinstance(value, MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value)
 
 
-_CHARSET_TAG = BaseTag(0x00080005)
-#: (keyword, tag) of the attributes kept per level, looked up by tag (no keyword look-up per store).
-_LEVEL_TAGS = {
-    level: tuple((k, BaseTag(pydicom.datadict.tag_for_keyword(k) or 0)) for k in keys)
-    for level, keys in LEVEL_KEYS.items()
-}
+_CHARSET_TAG = 0x00080005
+
+
+@functools.cache
+def _level_tags() -> tuple[dict[str, tuple[tuple[str, BaseTag], ...]], BaseTag]:
+    """(keyword, tag) of the attributes kept per level, looked up by tag (no keyword
+    look-up per store), and Specific Character Set's tag: pydicom's tags, made at the
+    first data set indexed."""
+    from pydicom.tag import BaseTag
+
+    tags = {level: tuple((k, BaseTag(KEPT_TAG_VR[k][0])) for k in keys) for level, keys in LEVEL_KEYS.items()}
+    return tags, BaseTag(_CHARSET_TAG)
+
+
 #: Every top-level element the index reads from a data set: the kept attributes, the
 #: hierarchy's UIDs and the Specific Character Set their text needs (PS3.5 §6.1.2.5).
 INDEX_TAGS = frozenset(
-    {int(tag) for tags in _LEVEL_TAGS.values() for _k, tag in tags}
-    | {int(_CHARSET_TAG), 0x00080016, 0x00080018, 0x0020000D, 0x0020000E}
+    {KEPT_TAG_VR[k][0] for keys in LEVEL_KEYS.values() for k in keys}
+    | {_CHARSET_TAG, 0x00080016, 0x00080018, 0x0020000D, 0x0020000E}
 )
 
 
 def level_attrs(ds: Dataset, level: str) -> dict[str, str]:
-    attrs = {k: text_of(ds[tag].value) for k, tag in _LEVEL_TAGS[level] if tag in ds}
-    if _CHARSET_TAG in ds:  # the values are kept decoded; remember which repertoire they need
-        attrs[_CHARSET] = text_of(ds[_CHARSET_TAG].value)
+    level_tags, charset_tag = _level_tags()
+    attrs = {k: text_of(ds[tag].value) for k, tag in level_tags[level] if tag in ds}
+    if charset_tag in ds:  # the values are kept decoded; remember which repertoire they need
+        attrs[_CHARSET] = text_of(ds[charset_tag].value)
     return attrs
 
 
@@ -177,6 +230,10 @@ def dataset_of_kept(kept: dict[int, tuple[bytes, bytes]], transfer_syntax: str) 
     """A data set of the raw top-level elements a structural check kept
     (:attr:`~dimse_async.dataset_check.DataSetSummary.kept`), decoded by pydicom on
     access exactly as a full read of the file would decode them (PS3.5 §7, §6.1.2.5)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import BaseTag
+
     implicit = transfer_syntax == "1.2.840.10008.1.2"
     little = transfer_syntax != "1.2.840.10008.1.2.2"
     ds = Dataset()
@@ -189,6 +246,8 @@ def dataset_of_kept(kept: dict[int, tuple[bytes, bytes]], transfer_syntax: str) 
 def dataset_from(*attr_maps: dict[str, str]) -> Dataset:
     """A candidate built from index rows, declaring a Specific Character Set that can
     encode its values: the rows' own when they agree, else UTF-8 (PS3.5 §6.1.2.5.3)."""
+    from pydicom.dataset import Dataset
+
     ds = Dataset()
     charsets = {attrs[_CHARSET] for attrs in attr_maps if attrs.get(_CHARSET, "").strip("\\ ")}
     if charsets:
@@ -228,7 +287,9 @@ def name_prefix(value: Any) -> str:
 
 def tag_of(keyword: str) -> int:
     """The tag of a standard attribute's keyword (``0xGGGGEEEE``)."""
-    tag = pydicom.datadict.tag_for_keyword(keyword)
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
     if tag is None:  # pragma: no cover - the keywords used here are standard
         raise KeyError(keyword)
     return int(tag)
@@ -271,12 +332,14 @@ def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
     Success with no matches would say that nothing is there. UN, another text VR than
     the dictionary's (LO for SH) and private or unknown attributes are taken as they
     are; sequence items are checked as the identifier is."""
+    from pydicom.datadict import dictionary_VR
+
     for elem in identifier:
         tag = elem.tag
         if tag.group in (0x0000, 0x0002) or tag.is_private or elem.VR == "UN":
             continue
         try:
-            own = pydicom.datadict.dictionary_VR(tag)
+            own = dictionary_VR(tag)
         except KeyError:
             continue
         name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
@@ -314,6 +377,8 @@ def check_hierarchy(model: str, level: str, identifier: Dataset) -> None:
 
 def add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:
     """Copy the keys the index lacks from the stored instance into ``candidate``."""
+    import pydicom
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

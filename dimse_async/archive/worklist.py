@@ -6,9 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-
-import pydicom
-from pydicom.dataset import Dataset
+from typing import TYPE_CHECKING
 
 from ..dataset_check import DataSetError, check_dataset
 from ..log import get_logger
@@ -16,8 +14,10 @@ from ..part10 import read_file_meta
 from ..services.qr import QueryRequest
 from ..uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from .budget import QueryBudget
-from .matching import Matcher, response_identifier
 from .schema import check_key_vrs
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = get_logger()
 
@@ -42,6 +42,8 @@ def _read_item(path: Path) -> Dataset:
                     first = first or exc
             else:
                 raise first or DataSetError("not a data set")
+    import pydicom  # here: a server loads pydicom at its first data set, not at start
+
     ds = pydicom.dcmread(path, force=True)
     if not any(elem.tag.group > 2 for elem in ds):
         raise DataSetError("no attributes")
@@ -90,6 +92,8 @@ class Worklist:
         return items
 
     async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
+        from .matching import Matcher, response_identifier  # here: matching loads pydicom
+
         check_key_vrs(request.identifier)
         budget = QueryBudget(self.max_matches, self.time_budget, "worklist C-FIND")
         items = await asyncio.to_thread(self._items, budget)

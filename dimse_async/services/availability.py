@@ -11,16 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import field
-from typing import Any
-
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from typing import TYPE_CHECKING, Any
 
 from ..acse import ContextSpec
 from ..exceptions import DIMSEFailure
 from ..lazy_dataclass import dataclass
 from ..uids import DEFAULT_TRANSFER_SYNTAXES
 from .normalized import NRequest, NResult
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = ["INSTANCE_AVAILABILITY", "Availability", "notification_dataset", "parse_notification", "send_notification"]
 
@@ -46,6 +46,8 @@ class Availability:
 
 def notification_dataset(av: Availability) -> Dataset:
     """The N-CREATE attribute list (R.3.1, Table R.3-1)."""
+    from pydicom.dataset import Dataset
+
     ds = Dataset()
     steps = []
     for sop_class, sop_instance in av.procedure_steps:
@@ -97,6 +99,8 @@ async def send_notification(
     ae: Any, host: str, port: int, called_ae: str, availability: Availability, **associate_kwargs: Any
 ) -> NResult:
     """N-CREATE one notification on a new association; raises ``DIMSEFailure`` on a failure status."""
+    from pydicom.uid import generate_uid
+
     contexts = [ContextSpec(INSTANCE_AVAILABILITY, list(DEFAULT_TRANSFER_SYNTAXES))]
     async with ae.associate(host, port, called_ae, contexts=contexts, **associate_kwargs) as assoc:
         result: NResult = await assoc.n_create(

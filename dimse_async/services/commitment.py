@@ -20,10 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import field
-from typing import Any
-
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from typing import TYPE_CHECKING, Any
 
 from ..acse import ContextSpec
 from ..exceptions import AssociationError, DIMSEFailure
@@ -34,6 +31,9 @@ from ..ratelimit import WarningLimiter
 from ..status import Status
 from ..uids import DEFAULT_TRANSFER_SYNTAXES
 from .normalized import NCode, NRequest
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "STORAGE_COMMITMENT",
@@ -233,6 +233,8 @@ class CommitmentTracker:
 
 def request_dataset(transaction_uid: str, references: Iterable[Reference]) -> Dataset:
     """The N-ACTION information (J.3.2.1.1): Transaction UID and Referenced SOP Sequence."""
+    from pydicom.dataset import Dataset
+
     ds = Dataset()
     ds.TransactionUID = transaction_uid
     items = []
@@ -276,6 +278,8 @@ async def request_commitment_on(
 ) -> CommitmentResult:
     """Request commitment on an open association and wait up to ``timeout`` s for the
     report (on it or on a new one); raises :class:`CommitmentTimeout` or :class:`CommitmentFailed`."""
+    from pydicom.uid import generate_uid
+
     tracker = tracker_of(assoc.ae)
     uid = transaction_uid or generate_uid()
     fut = tracker.expect(uid, id(assoc))
@@ -313,6 +317,8 @@ async def request_commitment(
     opens to ``ae``) until ``timeout`` s after the request. Raises
     :class:`CommitmentTimeout` (the transaction is then remembered as late) or
     :class:`CommitmentFailed`; connection errors as :meth:`AE.associate`."""
+    from pydicom.uid import generate_uid
+
     tracker = tracker_of(ae)
     refs = list(references)
     uid = transaction_uid or generate_uid()
@@ -356,6 +362,8 @@ class CommitmentRequest:
 
 def commitment_request(request: NRequest) -> CommitmentRequest | Status:
     """Parse an N-ACTION for the commitment class, or the status refusing it (J.3.2.1.2)."""
+    from pydicom.dataset import Dataset
+
     if request.action_type_id != ACTION_REQUEST:
         return Status(NCode.NO_SUCH_ACTION_TYPE, f"no action type {request.action_type_id} in storage commitment")
     if request.sop_instance_uid != STORAGE_COMMITMENT_INSTANCE:
@@ -392,6 +400,8 @@ def commitment_request(request: NRequest) -> CommitmentRequest | Status:
 
 def report_dataset(result: CommitmentResult) -> tuple[int, Dataset]:
     """Event Type ID and Event Information of the report (J.3.3.1.1)."""
+    from pydicom.dataset import Dataset
+
     ds = Dataset()
     ds.TransactionUID = result.transaction_uid
     if result.retrieve_ae:
@@ -409,6 +419,8 @@ def report_dataset(result: CommitmentResult) -> tuple[int, Dataset]:
 
 
 def _item(sop_class: str, sop_instance: str) -> Dataset:
+    from pydicom.dataset import Dataset
+
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class
     item.ReferencedSOPInstanceUID = sop_instance

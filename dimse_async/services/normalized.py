@@ -24,10 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from enum import IntEnum
-from typing import Any
-
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from typing import TYPE_CHECKING, Any
 
 from ..codec import encode_dataset
 from ..dataset_check import TooManyItems
@@ -48,6 +45,9 @@ from .scp import (
     failure_status,
     off_loop,
 )
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "N_REQUESTS",
@@ -291,6 +291,8 @@ NHandler = Callable[[NRequest], Awaitable[Any]]
 
 
 def _outcome(result: Any, assoc: DIMSEProvider, name: str) -> tuple[Status, Dataset | None]:
+    from pydicom.dataset import Dataset
+
     if result is None:
         return Status(Code.SUCCESS), None
     if isinstance(result, Dataset):
@@ -367,6 +369,8 @@ async def scp_n_service(
     if status is None:
         request = NRequest(assoc, op, dataset)
         if field == CommandField.N_CREATE_RQ and not request.sop_instance_uid:
+            from pydicom.uid import generate_uid
+
             request.sop_instance_uid = generate_uid()  # the SCP assigns it (PS3.7 §10.1.5.1.2)
         if not request.sop_class_uid:
             status = Status(NCode.MISSING_ATTRIBUTE, "no SOP Class UID in the command")

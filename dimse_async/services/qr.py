@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import field
-from typing import Any, Generic, TypeVar
-
-from pydicom.dataset import Dataset
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..acse import PresentationContext
 from ..codec import decode_identifier, encode_dataset
@@ -33,6 +31,9 @@ from ..session import Operation
 from ..status import Code, Status, response_status
 from .requests import Request
 from .scp import StatusError, decode_received, decode_received_async, failure_status, off_loop, response
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "MODELS",
