@@ -234,6 +234,8 @@ class IngestMixin(IndexDB):
         return await super().probe(timeout)
 
     def _index_file(self, path: str) -> str:
+        import pydicom  # noqa: F401 - first imported outside catch_warnings: the filters its import adds stay
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's value warnings: the file is stored as received
             return self._index_file_quietly(path)
@@ -257,6 +259,8 @@ class IngestMixin(IndexDB):
     def _stored_rows(self, path: str, summary: DataSetSummary) -> IndexRow:
         """The index rows of a file just stored, from the values its check kept (no
         second parse); on a writer thread."""
+        import pydicom  # noqa: F401 - first imported outside catch_warnings: the filters its import adds stay
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom's value warnings: the file is stored as received
             st = os.stat(path)
