@@ -126,7 +126,7 @@ def test_the_public_names_still_resolve() -> None:
         "import dimse_async\nnames = [getattr(dimse_async, n) for n in dimse_async.__all__]\n"
         "assert dimse_async.QR_MODEL_NAMES and len(dimse_async.STORAGE_SOP_CLASSES) > 100"
     )
-    assert "pydicom" in got and "dimse_async.services.qr" in got, text
+    assert "dimse_async.services.qr" in got, text  # (pydicom: at the first data set)
 
 
 def test_version_loads_nothing_heavy() -> None:
