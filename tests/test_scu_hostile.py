@@ -742,6 +742,31 @@ async def test_c_store_success_before_the_data_set_was_all_sent_is_not_stored() 
     assert not errors, errors
 
 
+def store_sub_operation(instance: Dataset, message_id: int) -> Command:
+    """A C-GET SCP's C-STORE sub-operation request for ``instance`` (PS3.4 C.4.3.3)."""
+    return Command(
+        CommandField.C_STORE_RQ, message_id=message_id, affected_sop_class_uid=CT,
+        affected_sop_instance_uid=str(instance.SOPInstanceUID), priority=0,
+    )  # fmt: skip
+
+
+def get_scu(**options: object) -> tuple[AE, Callable[[object], Awaitable[int]], list[str]]:
+    """An SCU for Study Root C-GET that takes CT sub-operations as storage SCP (role
+    selection, PS3.7 D.3.3.4): the AE, a store handler answering Success, and the SOP
+    Instance UIDs that handler was given."""
+    from dimse_async.acse import ContextSpec
+
+    ae = scu(STUDY_GET, **options)
+    ae.requested_contexts.append(ContextSpec(CT, [EXPLICIT_LE], scu_role=False, scp_role=True))
+    handed: list[str] = []
+
+    async def handler(request: object) -> int:
+        handed.append(str(request.sop_instance_uid))  # type: ignore[attr-defined]
+        return 0
+
+    return ae, handler, handed
+
+
 async def test_c_get_sub_operations_off_their_context_or_after_the_final_response_are_refused() -> None:
     """A C-GET SCP sending a C-STORE sub-operation on the C-GET context (where we are
     not storage SCP, PS3.7 D.3.3.4) and another after its final response (PS3.4
@@ -754,10 +779,7 @@ async def test_c_get_sub_operations_off_their_context_or_after_the_final_respons
         from dimse_async.codec import encode_dataset
 
         ctx, cmd, _ = await peer.read_message()
-        store = Command(
-            CommandField.C_STORE_RQ, message_id=100, affected_sop_class_uid=CT,
-            affected_sop_instance_uid=str(instance.SOPInstanceUID), priority=0,
-        )  # fmt: skip
+        store = store_sub_operation(instance, 100)
         data = encode_dataset(instance, EXPLICIT_LE)
         await peer.reply(ctx, store, data)
         _, answer, _ = await peer.read_message()
@@ -769,19 +791,10 @@ async def test_c_get_sub_operations_off_their_context_or_after_the_final_respons
         statuses.append(answer.status or 0)
         await peer.drain_until_closed()
 
-    from dimse_async.acse import ContextSpec
-
-    handed: list[str] = []
-
-    async def handler(request: object) -> int:
-        handed.append(str(request.sop_instance_uid))  # type: ignore[attr-defined]
-        return 0
-
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
+    ae, handler, handed = get_scu()
     async with hostile_scp(script) as (port, errors):
-        ae = scu(STUDY_GET)
-        ae.requested_contexts.append(ContextSpec(CT, [EXPLICIT_LE], scu_role=False, scp_role=True))
         async with ae.associate(HOST, port, called_ae="SCP") as assoc:
             got = [p async for p in assoc.c_get(query, store=handler)]
             for _ in range(100):  # the late sub-operation answered (bounded)
@@ -853,29 +866,17 @@ async def test_c_get_without_pending_responses_is_timed_by_its_sub_operations() 
         ctx, cmd, _ = await peer.read_message()
         for i, ds in enumerate(instances):
             await asyncio.sleep(0.2)
-            store = Command(
-                CommandField.C_STORE_RQ, message_id=100 + i, affected_sop_class_uid=CT,
-                affected_sop_instance_uid=str(ds.SOPInstanceUID), priority=0,
-            )  # fmt: skip
+            store = store_sub_operation(ds, 100 + i)
             await peer.reply(peer.context_id(CT), store, encode_dataset(ds, EXPLICIT_LE))
             _, answer, _ = await peer.read_message()
             statuses.append(answer.status or 0)
         await peer.reply(ctx, rsp(cmd, 0, completed=len(instances), failed=0, warning=0))
         await peer.drain_until_closed()
 
-    from dimse_async.acse import ContextSpec
-
-    stored: list[str] = []
-
-    async def handler(request: object) -> int:
-        stored.append(str(request.sop_instance_uid))  # type: ignore[attr-defined]
-        return 0
-
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
+    ae, handler, stored = get_scu(dimse_timeout=dimse)
     async with hostile_scp(script) as (port, errors):
-        ae = scu(STUDY_GET, dimse_timeout=dimse)
-        ae.requested_contexts.append(ContextSpec(CT, [EXPLICIT_LE], scu_role=False, scp_role=True))
         async with ae.associate(HOST, port, called_ae="SCP") as assoc:
             responses = assoc.c_get(query, store=handler)
             got = [p async for p in responses]
