@@ -43,7 +43,11 @@ Range Matching (§C.2.2.2.5)
 Sequence Matching (§C.2.2.2.6)
     A key sequence with one item matches when, for at least one stored item, every
     item key matches (recursively). A key sequence with no items or one empty item
-    is a Universal Match and returns the whole stored sequence.
+    is a Universal Match and returns the whole stored sequence. A key sequence
+    "shall contain only a single Item": the archive's Query/Retrieve and worklist
+    SCPs refuse one of several items (0xA900 naming it, ``schema.check_key_vrs``)
+    before matching; called directly, these functions take each item as an
+    alternative.
 Multiple values in the stored Attribute (§C.2.2.3)
     When the stored Attribute has several values the Attribute matches when any of
     them matches.

@@ -21,6 +21,7 @@ from .db import (
 )
 from .schema import (
     INDEXED_UP_TO,
+    LEVEL_KEYS,
     LEVEL_ORDER,
     MAX_IN,
     NOT_STORED,
@@ -375,8 +376,10 @@ _TEXT_VRS = frozenset(["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN
 
 def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
     """The SQL condition selecting a C-GET / C-MOVE's instances: 0xA900 without the
-    unique key of the retrieve level (C.4.2.2.1), the key as Offending Element
-    (0000,0901, PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+    unique key of the retrieve level (C.4.2.2.1), or with a unique key of a level
+    below it (a STUDY retrieve sends the whole study: C.4.2.1.4.1, C.4.3.1.3.1 allow
+    the keys of the retrieve level and above; it was taken to narrow the study), the
+    key as Offending Element (0000,0901, PS3.4 C.4.2.1.5, C.4.3.1.4)."""
     level = query_level(model, identifier, "Retrieve")
     unique = UNIQUE_KEYS[level]
     values = exact_values(identifier.get(unique))
@@ -386,7 +389,8 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
     args: list[Any] = []
     pieces: list[list[str]] = []
     unique_column = ""
-    for column, key in _RETRIEVE_KEYS:
+    depth = LEVEL_ORDER.index(level)
+    for at, (column, key) in enumerate(_RETRIEVE_KEYS):
         if key not in identifier:
             continue
         vr = identifier[key].VR
@@ -395,6 +399,9 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
         keyed = values if key == unique else exact_values(identifier.get(key))
         if not keyed:
             continue
+        if at > depth:  # a unique key below the level: the level says what is sent (C.4.2.2.1)
+            comment = f"{key} is of the {LEVEL_ORDER[at]} level, below {level}"[:64]
+            raise StatusError(Status(0xA900, comment, attributes=[tag_of(key)]))
         if len(keyed) <= MAX_IN:
             where.append(in_clause(column, keyed))
             args.extend(keyed)
@@ -410,6 +417,60 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
     return _RetrieveWhere(
         level, [(" AND ".join([*where, in_clause(unique_column, piece)]), [*args, *piece]) for piece in pieces]
     )
+
+
+#: Attributes of each level below PATIENT that the index does not keep (PS3.4 C.6.1.1,
+#: C.6.2.1 and the modules of each IE, PS3.3): with :data:`LEVEL_KEYS` and the
+#: computed keys (C.3.4), the keys :func:`keys_below` knows the level of.
+_MORE_KEYS = {
+    "STUDY": (
+        "ModalitiesInStudy", "SOPClassesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+        "StudyComments", "OtherStudyNumbers", "AdmittingDiagnosesDescription", "NameOfPhysiciansReadingStudy",
+        "ProcedureCodeSequence", "IssuerOfAccessionNumberSequence",
+    ),
+    "SERIES": (
+        "NumberOfSeriesRelatedInstances", "ProtocolName", "Laterality", "PerformedProcedureStepStartTime",
+        "PerformedProcedureStepID", "PerformedProcedureStepDescription", "RequestAttributesSequence",
+        "OperatorsName", "PerformingPhysicianName", "Manufacturer", "ManufacturerModelName", "StationName",
+        "FrameOfReferenceUID",
+    ),
+    "IMAGE": (
+        "AcquisitionNumber", "AcquisitionTime", "AcquisitionDateTime", "ImagePositionPatient",
+        "ImageOrientationPatient", "SliceLocation", "SliceThickness", "ImageComments", "SamplesPerPixel",
+        "PhotometricInterpretation", "BitsAllocated", "BitsStored", "AvailableTransferSyntaxUID", "ContentLabel",
+    ),
+}  # fmt: skip
+#: The level (its place in LEVEL_ORDER) of each attribute whose level is known.
+_KEY_LEVEL = {
+    keyword: LEVEL_ORDER.index(level)
+    for level in LEVEL_ORDER
+    for keyword in (*LEVEL_KEYS[level], *_MORE_KEYS.get(level, ()))
+}
+
+
+def keys_below(level: str, identifier: Dataset) -> frozenset[str]:
+    """The keys of ``identifier`` whose attributes belong to a level below ``level``
+    (an IMAGE attribute in a STUDY query): an entity at ``level`` has as many values
+    of them as it has entities below, none of them its own. Only keys of the query's
+    level and of the levels above are allowed (PS3.4 C.4.1.1.3.1, "the Key Attributes
+    and values allowable for the level of the query"; C.4.1.2.1), with or without
+    relational queries: one with a value is refused 0xA900 naming it (it was matched
+    against one instance of the entity, taken at random); a zero-length one (or
+    ``*``, equivalent to Universal Matching, C.2.2.2.4) is returned zero-length."""
+    depth = LEVEL_ORDER.index(level)
+    below: set[str] = set()
+    for elem in identifier:
+        at = _KEY_LEVEL.get(elem.keyword, 0)
+        if at <= depth:
+            continue
+        if elem.VR != "SQ" and text_of(elem.value).strip(" \x00*\\"):
+            comment = f"{elem.keyword} is of the {LEVEL_ORDER[at]} level, below {level}"[:64]
+            raise StatusError(Status(0xA900, comment, attributes=[int(elem.tag)]))
+        if elem.VR == "SQ" and any(len(item) for item in elem.value or ()):
+            comment = f"{elem.keyword} is of the {LEVEL_ORDER[at]} level, below {level}"[:64]
+            raise StatusError(Status(0xA900, comment, attributes=[int(elem.tag)]))
+        below.add(elem.keyword)
+    return frozenset(below)
 
 
 def _on_disk(path: str, size: int | None, uid: str) -> str | Unavailable:
@@ -539,20 +600,25 @@ class _PagedQuery:
         if not relational:
             check_hierarchy(model, level, identifier)
         check_key_vrs(identifier)
+        below = keys_below(level, identifier)
         self.identifier = identifier
         self.level = level
         self.depth = LEVEL_ORDER.index(level)
         self.required = REQUIRED_KEYS[model][level]
-        from .matching import Matcher  # here: matching loads pydicom
+        from .matching import DEFAULT_IGNORE, Matcher  # here: matching loads pydicom
 
-        #: The identifier's keys parsed once for all the candidates (a long UID list a set).
-        self.matches = Matcher(identifier, unknown=self.required)
+        #: The identifier's keys parsed once for all the candidates (a long UID list a set);
+        #: those of a lower level are return keys only (see keys_below).
+        self.matches = Matcher(identifier, ignore=DEFAULT_IGNORE | below, unknown=self.required)
         indexed = set(INDEXED_UP_TO[level])
         #: Keys the index lacks, read from a file of each candidate.
         self.from_file = [
             elem.tag
             for elem in identifier
-            if elem.tag.group not in (0x0000, 0x0002) and elem.keyword not in indexed and elem.keyword not in NOT_STORED
+            if elem.tag.group not in (0x0000, 0x0002)
+            and elem.keyword not in indexed
+            and elem.keyword not in NOT_STORED
+            and elem.keyword not in below
         ]
         self.deadline = deadline
         self.last: str | None = None

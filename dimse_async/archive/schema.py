@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -331,12 +332,24 @@ def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
     them (C.2.2.2.1, C.2.2.2.5). Such a key matches nothing stored, and answering
     Success with no matches would say that nothing is there. UN, another text VR than
     the dictionary's (LO for SH) and private or unknown attributes are taken as they
-    are; sequence items are checked as the identifier is."""
+    are; sequence items are checked as the identifier is.
+
+    Also refused: a sequence key of more than one item (C.2.2.2.6: "shall contain
+    only a single Item"; no items, or one empty item, is Universal Matching), and an
+    IS, DS or AS key value that is not a value of its VR (PS3.5 Table 6.2-1; C.2.2.2.1:
+    no wild cards in them), which would match nothing or, for a Required Key whose
+    stored value is unknown, anything."""
     from pydicom.datadict import dictionary_VR
 
     for elem in identifier:
         tag = elem.tag
-        if tag.group in (0x0000, 0x0002) or tag.is_private or elem.VR == "UN":
+        if tag.group in (0x0000, 0x0002):
+            continue
+        if elem.VR == "SQ" and elem.value is not None and len(elem.value) > 1:
+            name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
+            comment = f"{name}: {len(elem.value)} items, a sequence key has one"[:64]
+            raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
+        if tag.is_private or elem.VR == "UN":
             continue
         try:
             own = dictionary_VR(tag)
@@ -351,9 +364,22 @@ def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
                 if not valid_key(value, elem.VR):
                     comment = f"{name} {value[:20]!r}: not a {elem.VR} value or range"[:64]
                     raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
+        if elem.VR in _NUMBER_STRINGS:
+            for value in text_of(elem.value).split("\\"):
+                if value.strip(" ") and _NUMBER_STRINGS[elem.VR].fullmatch(value.strip(" ")) is None:
+                    comment = f"{name} {value[:20]!r}: not a value of VR {elem.VR}"[:64]
+                    raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
         if elem.VR == "SQ" and depth < 8:
             for item in elem.value or ():
                 check_key_vrs(item, depth + 1)
+
+
+#: The numeric and age strings (PS3.5 Table 6.2-1): a key value of their VR that is none.
+_NUMBER_STRINGS = {
+    "IS": re.compile(r"[+-]?[0-9]+"),
+    "DS": re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"),
+    "AS": re.compile(r"[0-9]{3}[DWMY]"),
+}
 
 
 def relational_queries(sop_class_uid: str, info: bytes) -> bytes | None:

@@ -1,0 +1,140 @@
+"""C-FIND / C-MOVE / C-GET identifiers the archive cannot answer truthfully (PS3.4
+C.2.2.2, C.4.1.1.3.1, C.4.2.1.4.1): a sequence key of several items, a numeric or age
+string key that is none, a key of a level below the request's. Each is refused 0xA900
+Identifier does not match SOP Class naming the key (Offending Element, C.4.1.1.4)
+rather than answered Success with matches that mean nothing. pynetdicom is the SCU
+against the ``serve`` AE."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from conftest import free_port
+from normalized_helpers import make_instances, running_serve, store
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from test_archive_status import identifier, pynetdicom_requests, worklist_dir
+
+pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:Invalid value for VR")]
+
+SERIES_NUMBER, INSTANCE_NUMBER, PATIENT_SIZE, PATIENT_AGE = 0x00200011, 0x00200013, 0x00101020, 0x00101010
+SERIES_UID, SOP_INSTANCE = 0x0020000E, 0x00080018
+
+
+def raw(ds: Dataset, tag: int, vr: str, value: bytes) -> Dataset:
+    """``ds`` with an element of undecoded bytes (sent as they are, never validated)."""
+    ds[Tag(tag)] = RawDataElement(Tag(tag), vr, len(value), value, 0, True, True)  # type: ignore[assignment]
+    return ds
+
+
+def study(**keys: Any) -> Dataset:
+    return identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="", **keys)
+
+
+def series(study_uid: str, **keys: Any) -> Dataset:
+    return identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID="", **keys)
+
+
+def referenced(*uids: str) -> Sequence:
+    return Sequence([identifier(ReferencedSOPInstanceUID=uid) for uid in uids])
+
+
+async def test_find_keys_that_cannot_be_matched_truthfully_are_refused(tmp_path: Path) -> None:
+    """A sequence key of two items (C.2.2.2.6: a single item; it was "any of them"),
+    IS, DS and AS keys that are no numbers or ages (they matched nothing, or an
+    unknown Required value, and said Success), and a key of a level below the query's
+    (InstanceNumber in a STUDY query: it was matched against one instance of the study,
+    so InstanceNumber 2 found the study and 1 did not). One item, an empty item, a zero
+    length lower key and valid numbers still match."""
+    paths = make_instances(tmp_path / "in", 2, patient_id="PAT1")
+    study_uid = str(pydicom.dcmread(paths[0][0]).StudyInstanceUID)
+    with_items = study(PatientID="PAT1")
+    with_items.ReferencedStudySequence = referenced("1.2", "1.3")
+    one_item = study(PatientID="PAT1")
+    one_item.ReferencedStudySequence = Sequence([Dataset()])
+    nested = identifier(PatientID="PAT1")
+    nested.ScheduledProcedureStepSequence = Sequence([Dataset()])
+    nested.ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence = Sequence([Dataset(), Dataset()])
+    from dimse_async.archive.index import Worklist
+
+    worklist = Worklist(worklist_dir(tmp_path / "wl"))
+    async with running_serve(tmp_path / "archive", worklist=worklist) as serve:
+        await store(serve.port, [p for p, _c, _u in paths])
+        got = await asyncio.to_thread(
+            pynetdicom_requests,
+            serve.port,
+            [
+                ("find", with_items),
+                ("worklist", nested),
+                ("find", raw(series(study_uid), SERIES_NUMBER, "IS", b"abc ")),
+                ("find", raw(series(study_uid), SERIES_NUMBER, "IS", b"1\\1.5 ")),
+                ("find", raw(study(), PATIENT_SIZE, "DS", b"1.5x")),
+                ("find", raw(study(), PATIENT_AGE, "AS", b"40 ")),
+                ("find", study(InstanceNumber="1")),
+                ("find", study(InstanceNumber="2")),
+                ("find", raw(series(study_uid), SOP_INSTANCE, "UI", b"1.2.3\x00")),
+                ("find", one_item),
+                ("find", raw(series(study_uid), SERIES_NUMBER, "IS", b"+1 \\ 2")),
+                ("find", raw(study(), PATIENT_SIZE, "DS", b" 1.5e0\\.5")),
+                ("find", study(PatientID="PAT1", InstanceNumber="", SOPInstanceUID="*")),
+            ],
+        )
+    assert got == [
+        (0xA900, "ReferencedStudySequence: 2 items, a sequence key has one", [0x00081110]),
+        (0xA900, "ScheduledProtocolCodeSequence: 2 items, a sequence key has one", [0x00400008]),
+        (0xA900, "SeriesNumber 'abc': not a value of VR IS", [SERIES_NUMBER]),
+        (0xA900, "SeriesNumber '1.5': not a value of VR IS", [SERIES_NUMBER]),
+        (0xA900, "PatientSize '1.5x': not a value of VR DS", [PATIENT_SIZE]),
+        (0xA900, "PatientAge '40': not a value of VR AS", [PATIENT_AGE]),
+        (0xA900, "InstanceNumber is of the IMAGE level, below STUDY", [INSTANCE_NUMBER]),
+        (0xA900, "InstanceNumber is of the IMAGE level, below STUDY", [INSTANCE_NUMBER]),
+        (0xA900, "SOPInstanceUID is of the IMAGE level, below SERIES", [SOP_INSTANCE]),
+        (0, "1 matches", []),
+        (0, "1 matches", []),
+        (0, "0 matches", []),  # valid, but no instance has a Patient's Size
+        (0, "1 matches", []),
+    ]
+
+
+async def test_lower_level_keys_are_returned_zero_length(tmp_path: Path) -> None:
+    """A zero-length key of a level below the query's is returned zero-length, not
+    one instance's value (two instances, InstanceNumber 1 and 2: a STUDY has neither)."""
+    paths = make_instances(tmp_path / "in", 2, patient_id="PAT1")
+    import dimse_async as da
+    from dimse_async.services.qr import MODELS
+
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [p for p, _c, _u in paths])
+        ae = da.AE("OURS")
+        ae.add_requested_context(MODELS["study"]["find"])
+        async with ae.associate("127.0.0.1", serve.port, "ARCHIVE") as assoc:
+            found = [m async for m in assoc.c_find(study(InstanceNumber="", Rows=None), "study")]
+    assert len(found) == 1
+    assert found[0]["InstanceNumber"].value is None and found[0]["Rows"].value is None, found[0]
+
+
+async def test_retrieve_with_a_unique_key_below_its_level_is_refused(tmp_path: Path) -> None:
+    """A STUDY C-MOVE or C-GET also naming a Series Instance UID: the keys allowed are
+    those of the retrieve level and above (PS3.4 C.4.2.1.4.1, C.4.3.1.3.1); it used to
+    narrow the study to that series and answer Success. A zero-length one is ignored."""
+    paths = make_instances(tmp_path / "in", 1, patient_id="PAT1")
+    ds = pydicom.dcmread(paths[0][0])
+    study_uid, series_uid = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+
+    def retrieve(series: str) -> Dataset:
+        return identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid, SeriesInstanceUID=series)
+
+    known = {"DEST": ("127.0.0.1", free_port())}  # never reached: refused before
+    async with running_serve(tmp_path / "archive", known_aes=known) as serve:
+        await store(serve.port, [p for p, _c, _u in paths])
+        got = await asyncio.to_thread(
+            pynetdicom_requests, serve.port, [("move", retrieve(series_uid)), ("get", retrieve(series_uid))]
+        )
+    below = (0xA900, "SeriesInstanceUID is of the SERIES level, below STUDY", [SERIES_UID])
+    assert got == [below, below]
