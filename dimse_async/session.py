@@ -55,6 +55,12 @@ __all__ = [
 
 # Requests that never carry a data set (PS3.7 §9.3.5, §9.3.2.3, §10.3.6).
 _NO_DATASET_REQUESTS = frozenset({CommandField.C_ECHO_RQ, CommandField.C_CANCEL_RQ, CommandField.N_DELETE_RQ})
+# Responses that never carry one (Data Set Type 0101H: PS3.7 §9.3.1.2, §9.3.5.2, §10.3.6.2).
+_NO_DATASET_RESPONSES = frozenset(int(f) for f in (CommandField.C_STORE_RSP, CommandField.C_ECHO_RSP, CommandField.N_DELETE_RSP))
+_C_FIND_RSP = int(CommandField.C_FIND_RSP)
+#: Largest data set collected of a response that has no use for one (a final C-FIND-RSP:
+#: only pending ones carry an identifier, PS3.7 §9.1.2.1); larger is an A-ABORT.
+MAX_STRAY_DATASET = 64 << 10
 # DIMSE-C requests: the receiver performs them as SCP of the context's SOP class (PS3.7 D.3.3.4).
 _C_REQUESTS = frozenset(
     {
@@ -198,6 +204,7 @@ class Session:
         self._chunks: list[bytes | memoryview] = []
         self._size = 0
         self._mode = "memory"  # "memory" | "stream" | "drop"
+        self._limit = max_in_memory  # of the data set arriving in memory
         self._refusal: Respond | None = None
 
     @property
@@ -314,6 +321,7 @@ class Session:
         if request and cmd.command_field in _NO_DATASET_REQUESTS:
             raise DIMSEError(f"{cmd.name} must not carry a data set")
         self._current, self._chunks, self._size, self._mode = msg, [], 0, "memory"
+        self._limit = self.max_in_memory
         if request:
             self._refusal = self._refuse(msg)
             if self._refusal is not None:
@@ -323,6 +331,10 @@ class Session:
                 out.append(StreamStarted(msg))
         else:
             self._expected(msg)
+            if cmd.command_field in _NO_DATASET_RESPONSES:
+                raise DIMSEError(f"{cmd.name} must not carry a data set")
+            if cmd.command_field == _C_FIND_RSP and cmd.status not in PENDING_CODES:
+                self._limit = MAX_STRAY_DATASET
 
     def _on_fragment(self, event: DataFragment, out: list[SessionEvent]) -> None:
         msg = self._current
@@ -335,8 +347,8 @@ class Session:
             if not msg.command.is_response and self._size > self.max_request_dataset:
                 self._mode, self._chunks = "drop", []
                 self._refusal = Respond(msg.context_id, _too_large(msg.command, self.max_request_dataset))
-            elif self._size > self.max_in_memory:
-                raise DIMSEError(f"{msg.command.name} data set larger than {self.max_in_memory} bytes")
+            elif self._size > self._limit:
+                raise DIMSEError(f"{msg.command.name} data set larger than {self._limit} bytes")
         if not event.last:
             return
         self._current = None

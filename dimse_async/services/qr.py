@@ -275,18 +275,25 @@ def c_find(
 
     Each identifier is walked to its end first (as received ones are by the SCP): a
     malformed one raises :class:`~dimse_async.exceptions.DIMSEFailure` naming the
-    fault; inside ``async with`` the rest is then cancelled (PS3.7 §9.3.2.3)."""
+    fault; inside ``async with`` the rest is then cancelled (PS3.7 §9.3.2.3). So does
+    a Pending response without an identifier: a pending C-FIND-RSP carries the match
+    (PS3.7 §9.1.2.1, PS3.4 C.4.1.1.3.2; it was skipped, a match lost unsaid). A
+    final response's data set (none belongs there) is ignored with a warning."""
     sop_class = model_uid(model, "find")
     ctx = assoc.context_for(sop_class)
     cmd = Command(CommandField.C_FIND_RQ, affected_sop_class_uid=sop_class, priority=priority)
     stream = assoc.request_stream(ctx, cmd, encode_dataset(query, ctx.transfer_syntax), timeout)
 
     pending = 0
+    warned: Message | None = None
 
     def convert(msg: Message) -> Dataset | None:
-        nonlocal pending
-        if msg.command.status in PENDING and msg.dataset is not None:
+        nonlocal pending, warned
+        if msg.command.status in PENDING:
             pending += 1
+            if msg.dataset is None:
+                assoc.log.warning("C-FIND pending response without an identifier", response=pending)
+                raise DIMSEFailure(f"C-FIND response {pending}: pending without an identifier (PS3.7 9.1.2.1)")
             try:
                 return decode_received(msg.dataset, ctx.transfer_syntax)
             except TooManyItems as exc:
@@ -296,6 +303,10 @@ def c_find(
                 ) from exc
             except Exception as exc:  # not handed on: pydicom would fail later, or never
                 raise DIMSEFailure(f"C-FIND response {pending}: identifier malformed: {exc}") from exc
+        if msg.dataset is not None and msg is not warned:  # (once: the final may be converted again)
+            warned = msg
+            status = msg.command.status
+            assoc.log.warning("C-FIND final response carries a data set; ignored", status=f"0x{status or 0:04X}")
         return None
 
     return Responses(stream, convert, transfer_syntax=ctx.transfer_syntax, request=cmd)
