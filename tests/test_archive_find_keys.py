@@ -138,3 +138,21 @@ async def test_retrieve_with_a_unique_key_below_its_level_is_refused(tmp_path: P
         )
     below = (0xA900, "SeriesInstanceUID is of the SERIES level, below STUDY", [SERIES_UID])
     assert got == [below, below]
+
+
+async def test_study_date_keys_of_reduced_precision_or_the_acr_nema_form_match(tmp_path: Path) -> None:
+    """A Study Date key of a year or a month (a period, C.2.2.2.1, as the matcher takes
+    it) or in the ACR-NEMA form ``YYYY.MM.DD``, and ranges open on one side (C.2.2.2.5):
+    the index no longer narrows by the key's text as if it were a full date (``2020``
+    found nothing dated 20200315, though the matcher would have matched it), nor by
+    the two ends of a list holding a range (``20200315\\20190101-20191231``)."""
+    (path, _c, _u), = make_instances(tmp_path / "in", 1, patient_id="PAT1")
+    ds = pydicom.dcmread(path)
+    ds.StudyDate = "20200315"
+    ds.save_as(path)
+    dates = ["2020", "202003", "2020.03.15", "20200315", "-20200315", "20200315-", "20200316-", "-20200314", "2019"]
+    dates += ["20200315\\20190101-20191231", "20190101-20191231\\20200315", "20190101-20191231\\20210101"]
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [path])
+        got = await asyncio.to_thread(pynetdicom_requests, serve.port, [("find", study(StudyDate=d)) for d in dates])
+    assert [comment for _s, comment, _t in got] == [f"{n} matches" for n in (1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0)]

@@ -501,7 +501,10 @@ def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[s
         exact("se.study_uid" if depth >= 2 else "st.study_uid", "StudyInstanceUID")
         exact("st.accession", "AccessionNumber")
         date = text_of(q.get("StudyDate")) if "StudyDate" in q else ""
-        if not _study_date_range(date, where, args) and exact_values(date):
+        dates = exact_values(date)
+        # Only full dates compare as text; a year or month (a period, C.2.2.2.1) or the
+        # ACR-NEMA form YYYY.MM.DD is left to the matcher.
+        if not _study_date_range(date, where, args) and dates and all(len(d) == 8 and d.isdigit() for d in dates):
             exact("st.study_date", "StudyDate")
     if depth >= 2:
         exact("i.series_uid" if depth >= 3 else "se.series_uid", "SeriesInstanceUID")
@@ -517,6 +520,8 @@ def _study_date_range(date: str, where: list[str], args: list[Any]) -> bool:
     Only full YYYYMMDD bounds compare correctly as strings; shorter ones (a whole
     month or year) are left to the matcher. An unknown (empty) study date matches
     (Required key, C.2.2.1.2)."""
+    if "\\" in date:  # several values (ranges among them): each is the matcher's
+        return "-" in date
     rng = parse_range(date, "DA") if date else None
     if rng is None:
         return False
