@@ -358,7 +358,10 @@ def render() -> str:
     add("")
     add("Information models: " + ", ".join(f"`{m}`" for m in MODELS) + " (names used by the API and `--model`).")
     add("")
-    add("Keys held in the index per level (other keys are matched on a stored instance):")
+    add("Keys held in the index per level (other keys of the query's level or above are matched on")
+    add("a stored instance of the entity; keys of a level below the query's are refused 0xA900 when")
+    add("they have a value and returned zero-length when not, with or without relational queries,")
+    add("PS3.4 C.4.1.1.3.1; a unique key below a C-MOVE/C-GET's level with a value is refused 0xA900):")
     add("")
     add("| Level | Keys |")
     add("|---|---|")
@@ -367,6 +370,9 @@ def render() -> str:
     add("")
     add("Matching (PS3.4 C.2.2.2): single value, universal, list of UID, range (DA, TM, DT),")
     add("sequence, and wild card matching for VRs " + ", ".join(sorted(WILDCARD_VRS)) + ".")
+    add("A sequence key holds one item (C.2.2.2.6; none, or one empty, is universal); a key of")
+    add("several items, and a DA, TM, DT, IS, DS or AS key value that is not of its VR, are refused")
+    add("0xA900 naming the key (Offending Element). IS and DS keys compare by numeric value (C.2.2.2.1).")
     add("")
     add("| Status | Meaning |")
     add("|---|---|")
@@ -379,7 +385,8 @@ def render() -> str:
         "| 0xA702 | unable to perform sub-operations: more than `retrieve_max_instances` matches, or the move destination unreachable |"
     )
     add("| 0xA801 | move destination unknown (not in `known_aes`) |")
-    add("| 0xA900 | identifier does not match SOP class (level not in the model, missing unique keys) |")
+    add("| 0xA900 | identifier does not match SOP class (level not in the model, missing unique keys, "
+        "a key below the level, a sequence key of several items, a key value not of its VR) |")  # fmt: skip
     add("| 0xB000 | sub-operations complete, one or more failures |")
     add("| 0xC000 | unable to process |")
     add("")
@@ -412,6 +419,9 @@ def render() -> str:
     add(f"- `get` proposes {len(COMMON_STORAGE_CLASSES)} common storage classes with the SCP role "
         "(or those given with `--sop-class`), in every syntax of the `\"as-received\"` preset.")  # fmt: skip
     add("- A C-FIND left early sends C-CANCEL (PS3.7 9.3.2.3) and waits for the final response.")
+    add("- A Pending C-FIND response without an identifier is a failure (PS3.7 9.1.2.1), the rest")
+    add("  cancelled; a final one's data set is ignored with a warning, over 64 KiB an A-ABORT. A")
+    add("  C-ECHO-RSP, C-STORE-RSP or N-DELETE-RSP announcing a data set is an A-ABORT.")
     add("")
     add("Transfer syntax presets of the API (`add_supported_context(uid, preset)`):")
     add("")
