@@ -156,3 +156,38 @@ async def test_study_date_keys_of_reduced_precision_or_the_acr_nema_form_match(t
         await store(serve.port, [path])
         got = await asyncio.to_thread(pynetdicom_requests, serve.port, [("find", study(StudyDate=d)) for d in dates])
     assert [comment for _s, comment, _t in got] == [f"{n} matches" for n in (1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 0)]
+
+
+async def test_request_without_an_identifier_is_refused(tmp_path: Path) -> None:
+    """A C-FIND-RQ announcing no data set (Data Set Type 0101H; the Identifier is
+    mandatory, PS3.7 §9.1.2.1): 0xA900 "Identifier missing", for the worklist too (it
+    answered every item as if all keys were universal)."""
+    from rawpeer import RawPeer, command_bytes, pdata, response_status
+
+    from dimse_async.acse import ContextSpec, build_request
+    from dimse_async.archive.index import Worklist
+    from dimse_async.dimse import Command, CommandField
+    from dimse_async.services.qr import MODELS
+
+    worklist = Worklist(worklist_dir(tmp_path / "wl"))
+    models = [MODELS["worklist"]["find"], MODELS["study"]["find"]]
+    rq = build_request("ARCHIVE", "RAW", [ContextSpec(m, ["1.2.840.10008.1.2"]) for m in models], max_pdu=65536).encode()
+    got = []
+    async with running_serve(tmp_path / "archive", worklist=worklist) as serve:
+        peer = await RawPeer.connect(serve.port)
+        try:
+            await peer.associate(rq)
+            for ctx, model in zip((1, 3), models, strict=True):
+                cmd = Command(CommandField.C_FIND_RQ, message_id=ctx, affected_sop_class_uid=model, priority=0)
+                await peer.send(pdata(ctx, command_bytes(cmd), command=True))
+                while True:  # the responses' statuses up to the final one
+                    pdu = await peer.read_pdu()
+                    assert pdu is not None and pdu[0] == 0x04, pdu
+                    if pdu[11] & 0x01:  # a command set (not a match's data set)
+                        got.append(response_status(pdu))
+                        if got[-1][1] not in (0xFF00, 0xFF01):
+                            break
+            await peer.release()
+        finally:
+            await peer.close()
+    assert got == [(0x8020, 0xA900), (0x8020, 0xA900)]

@@ -480,8 +480,13 @@ QueryHandler = Callable[[Any], Any]
 async def decode_request(assoc: DIMSEProvider, op: Operation, cls: type[QueryRequest]) -> QueryRequest | Status:
     """The request with its identifier, or the failure status to answer: 0xA900 for an
     identifier that cannot be decoded, 0xC000 for keys in a character set we do not
-    know (:func:`charset_refusal`)."""
-    data, syntax = op.message.dataset or b"", op.context.transfer_syntax
+    know (:func:`charset_refusal`), and 0xA900 for a request without an identifier
+    (Data Set Type 0101H: the Identifier of a C-FIND, C-GET or C-MOVE request is
+    mandatory, PS3.7 §9.1.2.1, §9.1.3.1, §9.1.4.1; a worklist C-FIND answered every item)."""
+    if op.message.dataset is None:
+        assoc.log.warning("identifier refused", command=op.command.name, error="no identifier")
+        return Status(Code.DATASET_DOES_NOT_MATCH_SOP_CLASS, "Identifier missing")
+    data, syntax = op.message.dataset, op.context.transfer_syntax
     try:
         identifier = await decode_received_async(data, syntax)
     except InflationLimit as exc:
