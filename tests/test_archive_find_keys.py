@@ -191,3 +191,26 @@ async def test_request_without_an_identifier_is_refused(tmp_path: Path) -> None:
         finally:
             await peer.close()
     assert got == [(0x8020, 0xA900), (0x8020, 0xA900)]
+
+
+async def test_retrieve_ae_title_and_instance_availability_are_keys_too(tmp_path: Path) -> None:
+    """Retrieve AE Title and Instance Availability (PS3.4 C.4.1.1.3.2) with a value
+    match where the instances are (this AE, ONLINE): they matched nothing, no candidate
+    had them; a zero-length Instance Availability is returned ONLINE."""
+    (path, _c, _u), = make_instances(tmp_path / "in", 1, patient_id="PAT1")
+    import dimse_async as da
+    from dimse_async.services.qr import MODELS
+
+    keys = [
+        {"RetrieveAETitle": "ARCHIVE"}, {"RetrieveAETitle": "ELSEWHERE"},
+        {"InstanceAvailability": "ONLINE"}, {"InstanceAvailability": "OFFLINE"},
+    ]  # fmt: skip
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [path])
+        got = await asyncio.to_thread(pynetdicom_requests, serve.port, [("find", study(**k)) for k in keys])
+        ae = da.AE("OURS")
+        ae.add_requested_context(MODELS["study"]["find"])
+        async with ae.associate("127.0.0.1", serve.port, "ARCHIVE") as assoc:
+            found = [m async for m in assoc.c_find(study(InstanceAvailability=""), "study")]
+    assert [comment for _s, comment, _t in got] == ["1 matches", "0 matches", "1 matches", "0 matches"]
+    assert [m.InstanceAvailability for m in found] == ["ONLINE"]

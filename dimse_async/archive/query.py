@@ -92,9 +92,16 @@ class QueryMixin(IndexDB):
         from .matching import response_identifier  # here: matching loads pydicom
 
         rows = db.execute(query.sql(), query.arguments()).fetchall()
+        # Where the instances are (PS3.4 C.4.1.1.3.2), as keys too: a Retrieve AE Title or
+        # Instance Availability key with a value matched nothing (no candidate had them).
+        located: dict[str, str] = {}
+        if self.retrieve_ae_title and "RetrieveAETitle" in query.identifier:
+            located["RetrieveAETitle"] = self.retrieve_ae_title
+        if "InstanceAvailability" in query.identifier:
+            located["InstanceAvailability"] = "ONLINE"  # every instance is a file in the storage directory
         for (attrs, extra, path), key in self._candidates(db, query, rows):
             candidate = dataset_from(*attrs)
-            for name, value in extra.items():
+            for name, value in (*extra.items(), *located.items()):
                 setattr(candidate, name, value)
             if query.from_file and path is not None:
                 add_from_file(candidate, path, query.from_file)
