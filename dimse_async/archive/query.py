@@ -428,7 +428,9 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
 
 #: Attributes of each level below PATIENT that the index does not keep (PS3.4 C.6.1.1,
 #: C.6.2.1 and the modules of each IE, PS3.3): with :data:`LEVEL_KEYS` and the
-#: computed keys (C.3.4), the keys :func:`keys_below` knows the level of.
+#: computed keys (C.3.4), the keys :func:`keys_below` knows the level of. The
+#: Equipment IE's (Institution Name, Station Name, Manufacturer), which archives place
+#: at the study or the series level, are not among them: matched on a stored instance.
 _MORE_KEYS = {
     "STUDY": (
         "ModalitiesInStudy", "SOPClassesInStudy", "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
@@ -438,8 +440,7 @@ _MORE_KEYS = {
     "SERIES": (
         "NumberOfSeriesRelatedInstances", "ProtocolName", "Laterality", "PerformedProcedureStepStartTime",
         "PerformedProcedureStepID", "PerformedProcedureStepDescription", "RequestAttributesSequence",
-        "OperatorsName", "PerformingPhysicianName", "Manufacturer", "ManufacturerModelName", "StationName",
-        "FrameOfReferenceUID",
+        "OperatorsName", "PerformingPhysicianName", "FrameOfReferenceUID",
     ),
     "IMAGE": (
         "AcquisitionNumber", "AcquisitionTime", "AcquisitionDateTime", "ImagePositionPatient",
