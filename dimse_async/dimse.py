@@ -595,7 +595,7 @@ class MessageAssembler:
     (``last`` on the final one). Any ordering violation raises :class:`DIMSEError`.
     """
 
-    __slots__ = ("_cmd", "_cmd_context", "_data_context", "messages", "received")
+    __slots__ = ("_cmd", "_cmd_context", "_data_context", "current", "messages", "received")
 
     def __init__(self) -> None:
         self._cmd = bytearray()
@@ -605,6 +605,10 @@ class MessageAssembler:
         self.received = 0
         #: Command sets received so far (which message is the current one).
         self.messages = 0
+        #: The number of the message arriving (its command set or data set not complete:
+        #: ``messages`` once its command set is), 0 between messages. An attribute, not a
+        #: property: the adapter reads it after every PDU (its DIMSE deadline watch).
+        self.current = 0
 
     @property
     def in_dataset(self) -> bool:
@@ -613,7 +617,7 @@ class MessageAssembler:
     @property
     def incomplete(self) -> bool:
         """A message has begun and is not complete: its command set or its data set is arriving."""
-        return self._data_context is not None or self._cmd_context is not None
+        return self.current != 0
 
     def stream_fragment(self, pdv: PDV) -> bool:
         """A data PDV, not the last, of the data set being received on its context:
@@ -637,6 +641,8 @@ class MessageAssembler:
                     cmd = decode_command(pdv.data)
                     self._cmd_context = None
                 else:
+                    if self._cmd_context is None:  # its first fragment: the message begins
+                        self.current = self.messages + 1
                     self._cmd_context = pdv.context_id
                     self._cmd += pdv.data
                     if len(self._cmd) > 1 << 20:
@@ -651,6 +657,9 @@ class MessageAssembler:
                 if cmd.data_set_type != NO_DATASET:  # (has_dataset, without the property call)
                     self._data_context = pdv.context_id
                     self.received = 0
+                    self.current = self.messages
+                else:
+                    self.current = 0
             else:
                 if self._data_context is None:
                     raise DIMSEError("data set fragment received without a command")
@@ -661,5 +670,6 @@ class MessageAssembler:
                 self.received += len(pdv.data)
                 if pdv.is_last:
                     self._data_context = None
+                    self.current = 0
                 events.append(DataFragment(pdv.context_id, pdv.data, pdv.is_last))
         return events

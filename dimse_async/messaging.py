@@ -121,7 +121,7 @@ class DIMSEMessaging:
         self._sink: DatasetSink | None = None
         self._writer: FileWriter | None = None
         #: When the message still arriving began (see :meth:`_message_deadline`), and
-        #: which one it is (the assembler's count of command sets).
+        #: which one it is (the assembler's ``current``; 0: none).
         self._message_start: float | None = None
         self._message_mark = 0
         self._last_request = 0.0  # when a request of the peer's last arrived (sub_operation_progress)
@@ -537,24 +537,13 @@ class DIMSEMessaging:
             return
         for event in events:
             self._on_session_event(event)
-        if self.session.assembler.incomplete:
-            self._watch_message()
-        else:
-            self._message_start = None
-
-    def _watch_message(self) -> None:
-        """A message is arriving: note when it began (once per message), and have the
-        timer wake at its DIMSE deadline if that comes before the timer's."""
-        count = self.session.assembler.messages
-        if self._message_start is not None and count == self._message_mark:
-            return
-        self._message_mark = count
-        now = self._message_start = self.loop.time()
-        timeout = self.settings.dimse_timeout
-        timer = self._timer
-        if timeout is not None and timer is not None and now + timeout < self._timer_at:
-            timer.cancel()
-            self._timer = None  # the adapter schedules the earliest deadline again
+        # The DIMSE deadline watch: a message that began in this PDU is noted with the
+        # time of the read that brought it (no clock read, no call); the timer wakes at
+        # least every dimse_timeout (see _idle_deadline) and then at its deadline.
+        current = self.session.assembler.current
+        if current != self._message_mark:
+            self._message_mark = current
+            self._message_start = self._last_rx if current else None
 
     def _received(self, msg: Message) -> None:
         """A complete request or response arrived: accounting and observers."""
@@ -589,7 +578,7 @@ class DIMSEMessaging:
             if waiter is not None:
                 waiter.put(event.message, event.final)
         elif isinstance(event, StreamStarted):
-            self._last_request = self.loop.time()
+            self._last_request = self._last_rx  # (its command set came with the read just made)
             self._sink = self.settings.sinks[event.message.command.command_field](self, event.message)
             event.message.sink = self._sink
         elif isinstance(event, Respond):
@@ -698,8 +687,16 @@ class DIMSEMessaging:
 
     def _idle_deadline(self) -> float | None:
         """Network idle timeout: when the association counts as silent (``network_timeout``),
-        or the DIMSE deadline of a message still arriving, whichever comes first."""
-        message = self._message_deadline() if self._message_start is not None else None
+        or the DIMSE deadline of a message still arriving, whichever comes first. Between
+        messages, once negotiated, ``dimse_timeout`` from now at the latest: a message
+        is noted as it begins without a look at the timer (see :meth:`_on_pdata`), and a
+        wake within ``dimse_timeout`` of its start then schedules its deadline."""
+        if self._message_start is not None:
+            message = self._message_deadline()
+        elif self.settings.dimse_timeout is not None and self.negotiated is not None:
+            message = self.loop.time() + self.settings.dimse_timeout
+        else:
+            message = None
         timeout = self.settings.network_timeout
         if timeout is None or self.negotiated is None:
             return message

@@ -755,6 +755,32 @@ def test_command_without_dataset_completes_alone():
         assembler.receive([PDV(1, False, True, b"stray")])
 
 
+def test_assembler_current_names_the_message_arriving_from_its_first_fragment():
+    """``current`` (read by the adapter's DIMSE deadline watch after every PDU): the
+    number of the message whose command set or data set is arriving, 0 between
+    messages; a command set in parts is that message from its first fragment on."""
+    assembler = MessageAssembler()
+    assert assembler.current == 0 and not assembler.incomplete
+    cmd_pdvs = pdvs_of(3, encode_command(STORE_RQ), True, 64)
+    assert len(cmd_pdvs) > 2
+    for pdv in cmd_pdvs[:-1]:
+        assert assembler.receive([pdv]) == []
+        assert assembler.current == 1 and assembler.incomplete
+    assembler.receive([cmd_pdvs[-1]])
+    assert assembler.current == 1 and assembler.messages == 1
+    data_pdvs = pdvs_of(3, PAYLOAD, False, 1000)
+    assembler.receive(data_pdvs[:-1])
+    assert assembler.current == 1
+    assembler.receive([data_pdvs[-1]])
+    assert assembler.current == 0 and not assembler.incomplete
+    assembler.receive(pdvs_of(1, encode_command(EXAMPLES["C-ECHO-RQ"]), True, 0))
+    assert assembler.current == 0 and assembler.messages == 2  # whole in one PDV
+    assembler.receive(pdvs_of(3, encode_command(STORE_RQ), True, 0))
+    assert assembler.current == 3 and assembler.incomplete  # its data set follows
+    assembler.receive(pdvs_of(3, PAYLOAD, False, 0))
+    assert assembler.current == 0
+
+
 def test_dataset_fragment_before_any_command():
     with pytest.raises(DIMSEError):
         MessageAssembler().receive([PDV(1, False, True, b"data")])
