@@ -175,6 +175,7 @@ class Spool:
         "error",
         "refusal",
         "uids_valid",
+        "space_checked",
         "write_error",
         "_handed_off",
     )
@@ -218,6 +219,9 @@ class Spool:
         self.refusal: Status | None = None
         #: Set when the request's SOP Class and Instance UIDs were checked as it arrived.
         self.uids_valid = False
+        #: The storage space found with room as the request's command arrived (see
+        #: ``services.storage.make_spool``): not consulted again for it.
+        self.space_checked: object = None
         #: A write of the spool's that failed, as the writer thread saw it.
         self.write_error: OSError | None = None
         self._handed_off = False  # some bytes went to the writer thread

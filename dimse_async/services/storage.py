@@ -251,6 +251,7 @@ def make_spool(
     cmd = msg.command
     context = assoc.context(msg.context_id)
     refusal = store_refusal(cmd, context)
+    space = None
     if refusal is None and assoc.store_handler is None:
         space = getattr(store, "space", None)
         if isinstance(space, StorageSpace):
@@ -273,6 +274,7 @@ def make_spool(
         inline=_inline_policy(store) if assoc.store_handler is None else None,
     )
     spool.uids_valid = True
+    spool.space_checked = space
     return spool
 
 
@@ -346,7 +348,9 @@ def start_c_store(
         or not spool.uids_valid
         or spool.refusal is not None
         or spool.error is not None
-        or (handler.space is not None and handler.space.problem() is not None)  # refused by the handler
+        # refused by the handler; once per store: not again when judged as the command arrived
+        # (a disk that fills meanwhile fails the write: 0xA700, no file)
+        or (handler.space is not None and spool.space_checked is not handler.space and handler.space.problem() is not None)
     ):
         return False
     rest = None
@@ -573,7 +577,7 @@ class DirectoryStore:
                 return Status(Code.CANNOT_UNDERSTAND, comment, attributes=[_AFFECTED_INSTANCE])
             if not valid_uid(request.sop_class_uid):
                 return Status(Code.CANNOT_UNDERSTAND, "invalid SOP Class UID", attributes=[0x00000002])
-        if self.space is not None:
+        if self.space is not None and request.spool.space_checked is not self.space:  # (once per store)
             refusal = self.space.refusal(request)
             if refusal is not None:  # (PS3.4 B.2.3: refused, nothing stored)
                 return refusal
