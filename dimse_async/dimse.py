@@ -39,6 +39,7 @@ __all__ = [
     "decode_command",
     "encode_command",
     "encode_pdata",
+    "encode_response_fields",
     "fragment",
     "fragment_stream",
 ]
@@ -275,7 +276,22 @@ def _encode_response(cmd: Command) -> bytes | None:
     sop_class, data_set_type, mid, status, comment, instance = _RSP_FIELDS(cmd)
     if mid is None or status is None or _RSP_OTHERS(cmd) != _RSP_ABSENT:
         return None
-    key = (cmd.command_field, sop_class, data_set_type)
+    return encode_response_fields(cmd.command_field, sop_class, data_set_type, mid, status, comment, instance)
+
+
+def encode_response_fields(
+    command_field: int,
+    sop_class: str | None,
+    data_set_type: int,
+    mid: int,
+    status: int,
+    comment: str | None = None,
+    instance: str | None = None,
+) -> bytes:
+    """:func:`encode_command` of the response whose fields are these, all others absent
+    (``None``), from the parts kept for its shape: for a sender that knows its response
+    is of that shape (a C-STORE-RSP it made), without the check of the other fields."""
+    key = (command_field, sop_class, data_set_type)
     parts = _RSP_PARTS.get(key)
     if parts is None:
         if len(_RSP_PARTS) >= _RSP_SHAPES:

@@ -98,9 +98,12 @@ class DIMSEProvider(Protocol):
         self, context_id: int, command: Command, dataset: Payload | None = None, *, timeout: float | None = None
     ) -> None: ...
 
-    def answer(self, op: Operation, command: Command, done: asyncio.Future[None]) -> None:
+    def answer(
+        self, op: Operation, command: Command, done: asyncio.Future[None], encoded: bytes | None = None
+    ) -> None:
         """The final response of an operation a service's ``start`` took up (run as
-        callbacks, no task): sent, then the operation is finished."""
+        callbacks, no task): sent, then the operation is finished. ``encoded``: the
+        command set's bytes when the service made them."""
 
     async def request(
         self,

@@ -326,11 +326,14 @@ class DIMSEMessaging:
         finally:
             self._sending -= 1
 
-    def _send_now(self, context_id: int, command: Command, dataset: bytes | None = None) -> bool:
+    def _send_now(
+        self, context_id: int, command: Command, dataset: bytes | None = None, encoded: bytes | None = None
+    ) -> bool:
         """Send a message without a data set, or with a small one in memory, at once,
         when no other send is under way or waiting (so nothing can come between): one
         write, no lock, no task switch. ``False`` when a response must wait for the
-        output budget (the caller then takes the locked path)."""
+        output budget (the caller then takes the locked path). ``encoded``: the command
+        set already encoded (:func:`~dimse_async.dimse.encode_response_fields`)."""
         self._check_can_send()
         budget = self.settings.output_budget
         if (
@@ -343,7 +346,7 @@ class DIMSEMessaging:
         ):
             return False
         max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
-        pdu = encode_pdata(context_id, encode_command(command), True, max_pdu)
+        pdu = encode_pdata(context_id, encode_command(command) if encoded is None else encoded, True, max_pdu)
         if dataset is not None:
             n = len(dataset)
             if 0 < n <= (max_pdu or 1 << 22) - 6:  # one PDU, the usual case
@@ -610,16 +613,19 @@ class DIMSEMessaging:
             return False
         return True
 
-    def answer(self, op: Operation, command: Command, done: asyncio.Future[None]) -> None:
+    def answer(
+        self, op: Operation, command: Command, done: asyncio.Future[None], encoded: bytes | None = None
+    ) -> None:
         """Send the final response of ``op`` run as callbacks (see :meth:`_start_inline`),
         at once when nothing else is being sent, else behind the sends under way; then
         the operation is finished (the next held-back request may start). Nothing is
-        sent once ``done`` is done: the association ended meanwhile."""
+        sent once ``done`` is done: the association ended meanwhile. ``encoded``:
+        ``command`` already encoded, for the usual case (sent at once)."""
         if done.done():
             return
         if not self._sending and not self._write_paused:
             try:
-                sent = self._send_now(op.context.id, command)
+                sent = self._send_now(op.context.id, command, None, encoded)
             except AssociationError:
                 sent = True  # gone: nobody to answer
             if sent:

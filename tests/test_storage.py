@@ -649,3 +649,33 @@ def test_valid_uid_with_kept_heads_judges_as_the_pattern(uids: list[str]) -> Non
         for _ in range(2):  # judged in full, then (if its head was kept) by the last component
             assert part10.valid_uid(uid) == (0 < len(uid) <= 64 and rule.fullmatch(uid) is not None), uid
     assert len(part10._VALID_HEADS) <= part10._HEADS_KEPT
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mid=st.one_of(st.none(), st.integers(0, 0xFFFF)),
+    sop_class=st.one_of(st.none(), _UID_TEXT),
+    instance=st.one_of(st.none(), _UID_TEXT, st.text(max_size=70)),
+    priority=st.sampled_from([None, 0, 2]),
+    originator=st.sampled_from([None, ("MOVESCU", 7)]),
+)
+def test_success_response_is_the_general_one_byte_for_byte(mid, sop_class, instance, priority, originator) -> None:
+    """The C-STORE-RSP Success of the inline path, with its command set encoded from the
+    kept parts (no check of the other fields), is the response scp.response makes and,
+    byte for byte, the general encoder's bytes for it."""
+    from dimse_async import dimse
+    from dimse_async.services.scp import response
+    from dimse_async.services.storage import success_response
+
+    rq = Command(CommandField.C_STORE_RQ, message_id=mid, affected_sop_class_uid=sop_class,
+                 affected_sop_instance_uid=instance, priority=priority, data_set_type=0)  # fmt: skip
+    if originator is not None:
+        rq.move_originator_ae, rq.move_originator_message_id = originator
+    expected = response(rq, Status(0))
+    body = dimse._encode_elements(zip(dimse._ENCODING, dimse._ALL_VALUES(expected)))
+    general = struct.pack("<HHII", 0, 0, 4, len(body)) + bytes(body)
+    for _ in range(2):  # the shape's parts are made, then used
+        rsp, encoded = success_response(rq)
+        assert rsp == expected
+        assert (encoded if encoded is not None else dimse.encode_command(rsp)) == general
+        assert (encoded is None) == (mid is None)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
-from ..dimse import Command, CommandField, Message
+from ..dimse import NO_DATASET, Command, CommandField, Message, encode_response_fields, response_to
 from ..filewriter import InlineWrites, group_commit, make_dirs, sync_file, write_file, write_file_inline
 from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, valid_uid
@@ -370,8 +370,11 @@ def start_c_store(
         try:
             if exc is None:
                 store.stored += 1
-                status: Status = _SUCCESS
-            elif isinstance(exc, OSError) and exc is spool.write_error:  # as scp_c_store answers a spool error
+                rsp, encoded = success_response(cmd)
+                assoc.answer(op, rsp, done, encoded)
+                return
+            status: Status
+            if isinstance(exc, OSError) and exc is spool.write_error:  # as scp_c_store answers a spool error
                 assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(exc))
                 assoc.note_error("spool")
                 status = Status(Code.OUT_OF_RESOURCES, f"Out of resources: {exc.strerror or exc}")
@@ -417,6 +420,18 @@ def start_c_store(
 
 
 _INLINE_REST = 1 << 20  # at most this much of a spooled instance left to write on the loop
+
+
+def success_response(request: Command) -> tuple[Command, bytes | None]:
+    """The C-STORE-RSP Success answering ``request`` (:func:`~.scp.response` of
+    :data:`_SUCCESS`) and its command set encoded from the kept parts of its shape
+    (``None``: a request without a Message ID, encoded in full when sent)."""
+    rsp = response_to(request, 0)
+    instance = rsp.affected_sop_instance_uid = request.affected_sop_instance_uid
+    mid = request.message_id
+    if mid is None:
+        return rsp, None
+    return rsp, encode_response_fields(0x8001, rsp.affected_sop_class_uid, NO_DATASET, mid, 0, None, instance)
 
 
 def _write_inline(
