@@ -183,7 +183,6 @@ class Spool:
     def __init__(
         self,
         header: bytes,
-        *,
         threshold: int,
         directory: str | None,
         pause: Callable[[], None],

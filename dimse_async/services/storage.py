@@ -264,25 +264,20 @@ def make_spool(
         context.transfer_syntax,
         assoc.peer_ae or None,
     )
+    # (the arguments by position: keywords to a class build a dict per call)
     spool = Spool(
         header,
-        threshold=threshold,
-        directory=directory,
-        pause=lambda: assoc.pause_reading("spool"),
-        resume=lambda: assoc.resume_reading("spool"),
-        writer=assoc.writer,
-        inline=_inline_policy(store) if assoc.store_handler is None else None,
+        threshold,
+        directory,
+        lambda: assoc.pause_reading("spool"),
+        lambda: assoc.resume_reading("spool"),
+        assoc.writer,
+        # the inline-write policy of a plain, non-durable DirectoryStore
+        store.inline if type(store) is DirectoryStore and not store.durable and assoc.store_handler is None else None,
     )
     spool.uids_valid = True
     spool.space_checked = space
     return spool
-
-
-def _inline_policy(store: StoreHandler | None) -> InlineWrites | None:
-    """The inline-write policy of a plain, non-durable :class:`DirectoryStore`."""
-    if type(store) is DirectoryStore and not store.durable:
-        return store.inline
-    return None
 
 
 async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler | None = None) -> None:
@@ -388,7 +383,9 @@ def start_c_store(
             done.set_exception(err)
 
     dest = f"{store._prefix}{cmd.affected_sop_instance_uid}.dcm"
-    writer = assoc.writer
+    writer = spool.writer  # the association's, from make_spool (no property call)
+    if writer is None:  # pragma: no cover - a spool made elsewhere
+        writer = assoc.writer
     if rest is not None:
         inline = store.inline
         if (
