@@ -323,7 +323,9 @@ class Session:
         self._current, self._chunks, self._size, self._mode = msg, [], 0, "memory"
         self._limit = self.max_in_memory
         if request:
-            self._refusal = self._refuse(msg)
+            # (the usual request, on a context where we are its SCP, judged without the call)
+            ok = cmd.command_field in _SCP_REQUESTS and self.contexts[msg.context_id].as_scp
+            self._refusal = None if ok else self._refuse(msg)
             if self._refusal is not None:
                 self._mode = "drop"
             elif cmd.command_field in self.streamed:
