@@ -636,11 +636,14 @@ class MessageAssembler:
         return self.current != 0
 
     def stream_fragment(self, pdv: PDV) -> bool:
-        """A data PDV, not the last, of the data set being received on its context:
-        counted, ``True`` (what :meth:`receive` does for it, without the event)."""
+        """A data PDV of the data set being received on its context: counted (the last
+        one ends the message), ``True``: what :meth:`receive` does for it, without the event."""
         if pdv.context_id != self._data_context:
             return False
         self.received += len(pdv.data)
+        if pdv.is_last:
+            self._data_context = None
+            self.current = 0
         return True
 
     def receive(self, pdvs: list[PDV]) -> list[AssemblerEvent]:

@@ -525,19 +525,26 @@ class DIMSEMessaging:
             return  # aborted earlier in this batch of PDUs: the data is ignored (AA-6)
         pdvs = out.pdu.pdvs
         sink = self._sink
-        if sink is not None and len(pdvs) == 1 and self.session.stream_fragment(pdvs[0]):
-            sink.write(pdvs[0].data)  # the bulk of a streamed data set: straight to its sink
-            return
-        try:
-            events = self.session.receive(pdvs)
-        except DIMSEError as exc:
-            self.log.warning("DIMSE protocol violation", error=str(exc))
-            self._run(
-                self.fsm.provider_abort(
-                    f"DIMSE protocol violation: {exc}", AbortReason.NOT_SPECIFIED, now=self.loop.time()
+        events = None
+        if sink is not None and len(pdvs) == 1:
+            pdv = pdvs[0]
+            events = self.session.stream(pdv)
+            if events is not None:  # a streamed data set's fragment: straight to its sink, no event
+                sink.write(pdv.data)
+                if not pdv.is_last:
+                    return
+                self._sink = None
+        if events is None:
+            try:
+                events = self.session.receive(pdvs)
+            except DIMSEError as exc:
+                self.log.warning("DIMSE protocol violation", error=str(exc))
+                self._run(
+                    self.fsm.provider_abort(
+                        f"DIMSE protocol violation: {exc}", AbortReason.NOT_SPECIFIED, now=self.loop.time()
+                    )
                 )
-            )
-            return
+                return
         for event in events:
             self._on_session_event(event)
         # The DIMSE deadline watch: a message that began in this PDU is noted with the

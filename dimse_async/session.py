@@ -300,6 +300,22 @@ class Session:
             return False
         return self.assembler.stream_fragment(pdv)
 
+    def stream(self, pdv: PDV) -> list[SessionEvent] | None:
+        """:meth:`stream_fragment` for any fragment of the data set being streamed to a
+        sink, the last one too: the events that follow it (for the last, what
+        :meth:`receive` returns after its :class:`DataFragment`: the request to perform),
+        and the caller hands ``pdv.data`` to that sink first. ``None``: :meth:`receive`
+        takes it."""
+        if pdv.is_command or self._mode != "stream" or not self.assembler.stream_fragment(pdv):
+            return None
+        out: list[SessionEvent] = []
+        if pdv.is_last:  # (what _on_fragment does for it)
+            msg = self._current
+            assert msg is not None  # the assembler had its data set under way
+            self._current = None
+            self._complete(msg, out, checked=True)
+        return out
+
     def receive(self, pdvs: list[PDV]) -> list[SessionEvent]:
         """Events for one P-DATA-TF's PDVs; raises :class:`DIMSEError` on a violation."""
         out: list[SessionEvent] = []

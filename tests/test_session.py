@@ -4,6 +4,8 @@ routing, role checks and response matching, driven with PDVs only (no sockets)."
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dimse_async.acse import PresentationContext
 from dimse_async.dimse import NO_DATASET, Command, CommandField, DataFragment, DIMSEError, encode_command
@@ -153,6 +155,58 @@ def test_middle_fragments_of_a_streamed_data_set_are_taken_without_events():
     find = Command(CommandField.C_FIND_RQ, message_id=2, affected_sop_class_uid=FIND, priority=0, data_set_type=0)
     assert session.receive(command(3, find)) == []
     assert not session.stream_fragment(PDV(3, False, False, b"ident"))  # kept in memory, not streamed
+
+
+def _plain(events: list[object] | str) -> object:
+    """Events compared by value (an Operation compares by identity)."""
+    if isinstance(events, str):
+        return events
+    return [(e.operation.context, e.operation.message) if isinstance(e, Perform) else e for e in events]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 9), min_size=1, max_size=6),
+    role_scp=st.booleans(),
+    then=st.sampled_from(["store", "echo", "find", "stray"]),
+)
+def test_stream_takes_a_streamed_data_set_as_receive_does(sizes: list[int], role_scp: bool, then: str) -> None:
+    """``stream`` (every fragment of a data set streamed to a sink, the last one too)
+    leaves the session as ``receive`` does and returns the events ``receive`` returns
+    after the fragment's :class:`DataFragment` (the request to perform); it takes
+    nothing else: a data set dropped (refused) or in memory, a command, no data set."""
+    contexts = [
+        PresentationContext(1, CT, LE, 0, as_scu=not role_scp, as_scp=role_scp),
+        PresentationContext(3, FIND, LE, 0, as_scu=False, as_scp=True),
+    ]
+    store = Command(CommandField.C_STORE_RQ, message_id=1, affected_sop_class_uid=CT,
+                    affected_sop_instance_uid="1.2", data_set_type=0)  # fmt: skip
+    fragments = [PDV(1, False, i == len(sizes) - 1, bytes(n)) for i, n in enumerate(sizes)]
+    echo = Command(CommandField.C_ECHO_RQ, message_id=5, affected_sop_class_uid=CT)
+    nxt = {"store": command(1, store), "echo": command(1, echo), "find": find_rq(2), "stray": [PDV(1, False, True, b"x")]}[then]
+    a = Session(contexts, streamed={CommandField.C_STORE_RQ})
+    b = Session(contexts, streamed={CommandField.C_STORE_RQ})
+    assert a.receive(command(1, store)) == b.receive(command(1, store))
+    for pdv in [*fragments, *nxt]:
+        try:
+            general: list[object] | str = a.receive([pdv])
+        except DIMSEError as exc:
+            general = str(exc)
+        taken = b.stream(pdv)
+        if taken is None:
+            try:
+                fast: list[object] | str = list(b.receive([pdv]))
+            except DIMSEError as exc:
+                fast = str(exc)
+        else:
+            assert role_scp and not pdv.is_command  # only a streamed (admitted) data set's fragments
+            fast = [DataFragment(1, pdv.data, pdv.is_last), *taken]
+        assert _plain(fast) == _plain(general)
+        assert (a.assembler.received, a.assembler.current, a.assembler.messages, a.receiving, a.streaming) == (
+            b.assembler.received, b.assembler.current, b.assembler.messages, b.receiving, b.streaming
+        )
+        if isinstance(general, str):
+            break
 
 
 def test_message_on_a_context_that_was_not_accepted_is_a_violation():
