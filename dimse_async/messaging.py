@@ -334,7 +334,8 @@ class DIMSEMessaging:
         write, no lock, no task switch. ``False`` when a response must wait for the
         output budget (the caller then takes the locked path). ``encoded``: the command
         set already encoded (:func:`~dimse_async.dimse.encode_response_fields`)."""
-        self._check_can_send()
+        if self.fsm.state not in _CAN_SEND:  # (the check inlined: the call only to raise)
+            self._check_can_send()
         budget = self.settings.output_budget
         if (
             budget is not None
@@ -360,7 +361,9 @@ class DIMSEMessaging:
         self.oplog.sent(now, command, dataset, self.log, self._debug)
         self._run(self.fsm.send_pdata(pdu))
         if budget is not None:
-            budget.report(self, self.buffered_output())
+            size = self.buffered_output()
+            if size or budget.total:  # (with nothing queued anywhere, a report of 0 changes nothing)
+                budget.report(self, size)
         if self._debug or self.settings.observer is not None:
             self._message_sent(context_id, command, dataset=dataset is not None)
         return True
@@ -652,10 +655,18 @@ class DIMSEMessaging:
             return
         # A held-back request started here may finish inline too: loop, never recurse
         # (a peer can pack thousands of requests beyond the window into one PDU).
-        self._finished_ops.append(op)
-        if len(self._finished_ops) > 1:
+        finished = self._finished_ops
+        if finished:
+            finished.append(op)
             return  # an outer call is taking them in turn
-        while self._finished_ops:
+        events = self.session.finished(op)
+        if not events:
+            return  # the usual case: nothing held back starts
+        finished.append(op)  # (so that one finishing meanwhile is taken below, in turn)
+        for event in events:
+            self._on_session_event(event)
+        finished.popleft()
+        while finished:
             for event in self.session.finished(self._finished_ops[0]):
                 self._on_session_event(event)
             self._finished_ops.popleft()
