@@ -710,17 +710,24 @@ class DIMSEMessaging:
     # adapter's single timer (association._schedule) wakes them.
 
     def _idle_deadline(self) -> float | None:
+        """When the adapter's timer must wake: :meth:`_network_deadline`, and between
+        messages, once negotiated, ``dimse_timeout`` from now at the latest: a message is
+        noted as it begins without a look at the timer (see :meth:`_on_pdata`), and a
+        wake within ``dimse_timeout`` of its start then schedules its deadline. (A
+        ``dimse_timeout`` of 0 or less is judged at the next wake.)"""
+        deadline = self._network_deadline()
+        if self._message_start is None and self.negotiated is not None:
+            timeout = self.settings.dimse_timeout
+            if timeout is not None and timeout > 0:
+                sweep = self.loop.time() + timeout
+                if deadline is None or sweep < deadline:
+                    return sweep
+        return deadline
+
+    def _network_deadline(self) -> float | None:
         """Network idle timeout: when the association counts as silent (``network_timeout``),
-        or the DIMSE deadline of a message still arriving, whichever comes first. Between
-        messages, once negotiated, ``dimse_timeout`` from now at the latest: a message
-        is noted as it begins without a look at the timer (see :meth:`_on_pdata`), and a
-        wake within ``dimse_timeout`` of its start then schedules its deadline."""
-        if self._message_start is not None:
-            message = self._message_deadline()
-        elif self.settings.dimse_timeout is not None and self.negotiated is not None:
-            message = self.loop.time() + self.settings.dimse_timeout
-        else:
-            message = None
+        or the DIMSE deadline of a message still arriving, whichever comes first."""
+        message = self._message_deadline() if self._message_start is not None else None
         timeout = self.settings.network_timeout
         if timeout is None or self.negotiated is None:
             return message
@@ -764,7 +771,7 @@ class DIMSEMessaging:
     def _check_idle(self, now: float) -> None:
         if self._message_start is not None and self._check_message(now):
             return
-        deadline = self._idle_deadline()
+        deadline = self._network_deadline()
         if deadline is None or now < deadline or self._closed.done():
             return
         # Handlers blocked on a peer that neither sends nor reads are not local work.
