@@ -51,7 +51,8 @@ async def test_find_keys_that_cannot_be_matched_truthfully_are_refused(tmp_path:
     unknown Required value, and said Success), and a key of a level below the query's
     (InstanceNumber in a STUDY query: it was matched against one instance of the study,
     so InstanceNumber 2 found the study and 1 did not). One item, an empty item, a zero
-    length lower key and valid numbers still match."""
+    length lower key and valid numbers still match. A UI key with ``*`` or ``?`` (no
+    wild cards in UI, C.2.2.2.4) matched nothing; it is refused too."""
     paths = make_instances(tmp_path / "in", 2, patient_id="PAT1")
     study_uid = str(pydicom.dcmread(paths[0][0]).StudyInstanceUID)
     with_items = study(PatientID="PAT1")
@@ -83,6 +84,8 @@ async def test_find_keys_that_cannot_be_matched_truthfully_are_refused(tmp_path:
                 ("find", raw(series(study_uid), SERIES_NUMBER, "IS", b"+1 \\ 2")),
                 ("find", raw(study(), PATIENT_SIZE, "DS", b" 1.5e0\\.5")),
                 ("find", study(PatientID="PAT1", InstanceNumber="", SOPInstanceUID="*")),
+                ("find", identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="*")),
+                ("find", identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="1.2.3\\1.2.?")),
             ],
         )
     assert got == [
@@ -99,6 +102,8 @@ async def test_find_keys_that_cannot_be_matched_truthfully_are_refused(tmp_path:
         (0, "1 matches", []),
         (0, "0 matches", []),  # valid, but no instance has a Patient's Size
         (0, "1 matches", []),
+        (0xA900, "StudyInstanceUID '*': no wild cards in UI", [0x0020000D]),
+        (0xA900, "StudyInstanceUID '1.2.?': no wild cards in UI", [0x0020000D]),
     ]
 
 

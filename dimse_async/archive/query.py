@@ -612,8 +612,8 @@ class _PagedQuery:
         level = query_level(model, identifier, "Query")
         if not relational:
             check_hierarchy(model, level, identifier)
-        check_key_vrs(identifier)
         below = keys_below(level, identifier)
+        check_key_vrs(identifier, return_only=below)
         self.identifier = identifier
         self.level = level
         self.depth = LEVEL_ORDER.index(level)

@@ -324,7 +324,7 @@ def _vr_kind(vr: str) -> str:
     return "SQ" if vr == "SQ" else "text" if vr in _TEXT_VRS else "binary"
 
 
-def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
+def check_key_vrs(identifier: Dataset, depth: int = 0, return_only: frozenset[str] = frozenset()) -> None:
     """Refuse (0xA900, the key as Offending Element: PS3.4 C.4.1.1.4, K.4.1.1.4) a key
     of a standard attribute sent with a VR of another kind than its own (PS3.6): a
     sequence for a value or a value for a sequence, binary for text or text for
@@ -338,7 +338,9 @@ def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
     only a single Item"; no items, or one empty item, is Universal Matching), and an
     IS, DS or AS key value that is not a value of its VR (PS3.5 Table 6.2-1; C.2.2.2.1:
     no wild cards in them), which would match nothing or, for a Required Key whose
-    stored value is unknown, anything."""
+    stored value is unknown, anything; and a UI key holding ``*`` or ``?`` (no wild
+    cards in UI, C.2.2.2.4: it matched nothing). Keys in ``return_only`` (top level)
+    are not matched and not checked for their values."""
     from pydicom.datadict import dictionary_VR
 
     for elem in identifier:
@@ -359,11 +361,17 @@ def check_key_vrs(identifier: Dataset, depth: int = 0) -> None:
         kinds = {_vr_kind(vr.strip()) for vr in own.split(" or ")}
         if own != "UN" and _vr_kind(elem.VR) not in kinds:
             raise StatusError(Status(0xA900, f"{name} sent as {elem.VR}, not {own}"[:64], attributes=[int(tag)]))
+        if elem.keyword in return_only:
+            continue
         if elem.VR in ("DA", "TM", "DT"):
             for value in text_of(elem.value).split("\\"):
                 if not valid_key(value, elem.VR):
                     comment = f"{name} {value[:20]!r}: not a {elem.VR} value or range"[:64]
                     raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
+        if elem.VR == "UI" and ("*" in (uids := text_of(elem.value)) or "?" in uids):
+            bad = next(v for v in uids.split("\\") if "*" in v or "?" in v)
+            comment = f"{name} {bad[:20]!r}: no wild cards in UI"[:64]
+            raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
         if elem.VR in _NUMBER_STRINGS:
             for value in text_of(elem.value).split("\\"):
                 if value.strip(" ") and _NUMBER_STRINGS[elem.VR].fullmatch(value.strip(" ")) is None:
