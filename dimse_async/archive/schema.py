@@ -261,8 +261,24 @@ def dataset_from(*attr_maps: dict[str, str]) -> Dataset:
             if vr in ("US", "SS", "UL", "SL"):
                 setattr(ds, key, int(value) if value.strip().lstrip("-").isdigit() else None)
             else:
-                setattr(ds, key, _split(value))
+                try:
+                    setattr(ds, key, _split(value))
+                except ValueError:
+                    _set_as_stored(ds, key, vr, value)
     return ds
+
+
+def _set_as_stored(ds: Dataset, key: str, vr: str, value: str) -> None:
+    """A value its VR does not allow (an IS of "1A", PS3.5 Table 6.2-1) that pydicom will
+    not take as a value: set as the bytes of the text stored, which pydicom reads as text
+    (as it read the file), so the instance is still matched and answered as it is held."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import BaseTag
+
+    raw = value.encode("utf-8", "replace")
+    raw += b" " * (len(raw) % 2)
+    tag = BaseTag(KEPT_TAG_VR[key][0])
+    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)  # type: ignore[assignment, unused-ignore]
 
 
 def _split(value: str) -> str | list[str]:
