@@ -394,14 +394,20 @@ class Server:
         self._flush_warnings()
 
     async def wait_closed(self, grace: float = 10.0) -> None:
-        """Wait up to ``grace`` seconds for open associations to end, then abort them."""
+        """Wait up to ``grace`` seconds for open associations to end, then abort them.
+
+        An association already released or aborted (Sta13, PS3.8 Table 9-10: only the
+        peer's close of the connection is awaited, up to ARTIM) is closed at once: a peer
+        that keeps the connection after the A-RELEASE-RP holds no shutdown."""
+        self._close_ended()
         pending = list(self.associations)  # also those ended and still removing their files
         if pending:
             _done, rest = await asyncio.wait([asyncio.ensure_future(a.wait_closed()) for a in pending], timeout=grace)
             for fut in rest:
                 fut.cancel()
+            self._close_ended()
             for assoc in list(self.associations):
-                if not assoc.is_closed:
+                if not assoc.is_closed and not _ended(assoc):
                     assoc.log.warning("aborting association still open after the grace period", grace=grace)
                     assoc.abort("server shutting down")
             still = [a for a in self.associations if not a.is_closed]
@@ -414,9 +420,21 @@ class Server:
             await self._server.wait_closed()
         self._flush_warnings()  # those of connections ended meanwhile
 
+    def _close_ended(self) -> None:
+        for assoc in list(self.associations):
+            if _ended(assoc) and assoc.transport is not None:
+                assoc.transport.close()
+
     async def __aenter__(self) -> Server:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
         self.close()
         await self.wait_closed()
+
+
+def _ended(assoc: Association) -> bool:
+    """Released or aborted, waiting only for the peer to close the connection (Sta13)."""
+    from .fsm import Sta13
+
+    return assoc.fsm.state is Sta13 and not assoc.is_closed

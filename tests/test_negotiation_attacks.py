@@ -35,6 +35,7 @@ from test_hostile import (
     PROVIDER,
     UNEXPECTED_PDU,
     UNRECOGNIZED_PDU,
+    Warnings,
     a_abort,
     a_associate_rj,
     associate_rq,
@@ -254,6 +255,29 @@ async def test_a_abort_after_release_rq_just_closes() -> None:
         await peer.send(ReleaseRQ().encode() + a_abort(0, 0))
         assert await peer.expect_eof(3) in (b"", ReleaseRP().encode())
         await echo_ok(server.port)
+
+
+async def test_a_peer_keeping_the_connection_after_release_holds_no_shutdown() -> None:
+    """After our A-RELEASE-RP the acceptor waits (Sta13, up to ARTIM: 30 s here) only for
+    the peer to close the connection. A peer that never does used to hold the server's
+    shutdown for the whole grace period (then 2 s more), with a WARNING that an
+    association was still open; now it is closed at once."""
+    with Warnings() as log:
+        ae = AE("SCP", artim_timeout=30.0)
+        ae.add_supported_context(Verification)
+        server = await ae.start_server(HOST, 0)
+        async with raw_peer(server.port) as peer:
+            await peer.send(associate_rq(APP_CONTEXT + CONTEXT + user_info()))
+            accepted(await peer.read_pdu())
+            await peer.send(ReleaseRQ().encode())
+            assert await peer.read_pdu() == ReleaseRP().encode()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            server.close()
+            await asyncio.wait_for(server.wait_closed(grace=5), 10)
+            assert loop.time() - started < 1
+            assert await peer.expect_eof(1) == b""
+    assert not log.events("aborting association still open after the grace period")
 
 
 # --------------------------------------------------------------------------- our SCU against a raw acceptor
