@@ -280,6 +280,38 @@ async def test_a_peer_keeping_the_connection_after_release_holds_no_shutdown() -
     assert not log.events("aborting association still open after the grace period")
 
 
+@pytest.mark.parametrize(
+    ("sent", "answer"),
+    [
+        pytest.param(a_abort(0, 0), b"", id="a-abort"),  # Sta3: AA-3, closed
+        pytest.param(echo_rq_pdata(), a_abort(PROVIDER, UNEXPECTED_PDU), id="p-data"),  # Sta3: AA-8
+        pytest.param(ReleaseRQ().encode(), a_abort(PROVIDER, UNEXPECTED_PDU), id="release-rq"),  # Sta3: AA-8
+    ],
+)
+async def test_pdu_while_the_identity_is_checked_is_answered_by_sta3s_rules(sent: bytes, answer: bytes) -> None:
+    """The authenticator is still deciding (Sta3) when the requestor sends another PDU:
+    PS3.8 Table 9-10's answer, and no A-ASSOCIATE-AC after it."""
+    ae = AE("SCP", artim_timeout=0.3)
+    ae.add_supported_context(Verification)
+
+    @ae.on_user_identity
+    async def check(_identity: object, _assoc: object) -> tuple[bool, bytes]:
+        await asyncio.sleep(0.2)
+        return True, b"token"
+
+    server = await ae.start_server(HOST, 0)
+    try:
+        async with raw_peer(server.port) as peer:
+            await peer.send(associate_rq(APP_CONTEXT + CONTEXT + user_info(identity(5, b"eyJ0.e30.x"))))
+            await asyncio.sleep(0.05)
+            await peer.send(sent)
+            assert await peer.expect_eof(2) == answer
+        await echo_ok(server.port)
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=1), 10)
+
+
 # --------------------------------------------------------------------------- our SCU against a raw acceptor
 
 
