@@ -56,12 +56,9 @@ async def test_values_their_vr_forbids_are_found_and_answered_as_stored(tmp_path
         )  # fmt: skip
         assert status == "Success" and [str(d.SeriesNumber) for d in found] == ["1x"], status
 
-        for key in ("NumberOfFrames", "NumberOfFrames=1A"):
-            status, found = await findscu(
-                srv.port, tmp_path, "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={rt.StudyInstanceUID}",
-                f"SeriesInstanceUID={rt.SeriesInstanceUID}", "SOPInstanceUID", key,
-            )  # fmt: skip
-            assert status == "Success", (key, status)
-            assert [(str(d.SOPInstanceUID), str(d.NumberOfFrames)) for d in found] == [
-                (str(rt.SOPInstanceUID), "1A")
-            ], key
+        status, found = await findscu(
+            srv.port, tmp_path, "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={rt.StudyInstanceUID}",
+            f"SeriesInstanceUID={rt.SeriesInstanceUID}", "SOPInstanceUID", "NumberOfFrames",
+        )  # fmt: skip
+        assert status == "Success", status
+        assert [(str(d.SOPInstanceUID), str(d.NumberOfFrames)) for d in found] == [(str(rt.SOPInstanceUID), "1A")]
