@@ -308,6 +308,16 @@ class AE(HandlerRegistry):
         self.supported_contexts = {}
         self.commitments = None
         self._scp: _SCPServices | None = None
+        #: Modules (pydicom ...) being imported off the loop, e.g. by ``serve`` once it
+        #: listens: Q/R and DIMSE-N requests wait for it (awaiting, the loop keeps
+        #: serving) instead of importing them on the loop. ``None``: nothing to wait for.
+        self.preloading: asyncio.Future[None] | None = None
+
+    async def _preloaded(self) -> None:
+        """Until :attr:`preloading` is done (its failure is its owner's to report)."""
+        preloading = self.preloading
+        if preloading is not None and not preloading.done():
+            await asyncio.wait((preloading,))
 
     # ------------------------------------------------------------ contexts
 
@@ -376,16 +386,19 @@ class AE(HandlerRegistry):
         store: ServiceHandler = scp.store if scp is not None else _FirstRequest(self, "store")
 
         async def find(assoc: DIMSEProvider, op: Operation) -> None:
+            await self._preloaded()
             from .services import qr
 
             await qr.scp_c_find(assoc, op, handlers.get(CommandField.C_FIND_RQ))
 
         async def get(assoc: DIMSEProvider, op: Operation) -> None:
+            await self._preloaded()
             from .services import retrieve_scp
 
             await retrieve_scp.scp_c_get(assoc, op, handlers.get(CommandField.C_GET_RQ))
 
         async def move(assoc: DIMSEProvider, op: Operation) -> None:
+            await self._preloaded()
             from .services import retrieve_scp
 
             if not routes:
@@ -397,6 +410,7 @@ class AE(HandlerRegistry):
             await retrieve_scp.scp_c_move(assoc, op, handlers.get(CommandField.C_MOVE_RQ), routes[0])
 
         async def n_service(assoc: DIMSEProvider, op: Any) -> None:
+            await self._preloaded()
             from .services import normalized
 
             cmd = op.command

@@ -41,8 +41,8 @@ def is_other_service_class(uid: str) -> bool:
     Query/Retrieve, worklist, commitment, MPPS ...): a C-STORE on its context is not a
     service of that class (PS3.7 C.5.8, 0x0211). Private and unknown UIDs are not; only
     UIDs under the DICOM root (1.2.840.10008.) consult pydicom's registry."""
-    if not uid.startswith("1.2.840.10008."):
-        return False
+    if not uid.startswith("1.2.840.10008.") or uid in _STORAGE:
+        return False  # a listed storage class: judged without loading pydicom
     from pydicom.uid import UID
 
     return UID(uid).type == "SOP Class" and not is_storage_class(uid)
@@ -263,3 +263,5 @@ STORAGE_SOP_CLASSES: list[str] = [
     "1.2.840.10008.5.1.4.44.1",  # Implant Assembly Template Storage
     "1.2.840.10008.5.1.4.45.1",  # Implant Template Group Storage
 ]
+
+_STORAGE = frozenset(STORAGE_SOP_CLASSES)

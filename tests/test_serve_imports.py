@@ -25,12 +25,13 @@ def test_the_kept_attributes_table_is_pydicoms_dictionary() -> None:
     assert {tag_for_keyword(k) for k in keywords} | {0x00080005} <= INDEX_TAGS
 
 
-def _serve(storage: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _serve(storage: Path, port: int, imports: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``serve`` run by ``import_recorder.py``: which thread imported what, in ``imports``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "IMPORT_LOG": str(imports), "PROBE_PORT": str(port)}
     with log.open("wb") as sink:
         return subprocess.Popen(
-            [sys.executable, "-X", "importtime", "-m", "dimse_async", "serve", "--port", str(port), "--aet", "ARCHIVE",
-             "--storage-dir", str(storage)],
+            [sys.executable, str(ROOT / "tests" / "import_recorder.py"), "serve", "--port", str(port), "--aet",
+             "ARCHIVE", "--storage-dir", str(storage)],
             stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
 
@@ -41,40 +42,54 @@ def _echo(port: int) -> None:
     assert echo.returncode == 0, echo
 
 
-def _heavy(text: str) -> list[str]:
-    """The pydicom and numpy modules a ``-X importtime`` log says were imported."""
-    imported = [line.rsplit("|", 1)[1].strip() for line in text.splitlines() if line.startswith("import time:")]
-    assert "dimse_async.archive.index" in imported, text[-2000:]
-    return [m for m in imported if m.split(".")[0] in ("pydicom", "numpy")]
+def _on_the_loop(imports: str) -> list[str]:
+    """The pydicom and numpy modules, and the archive's matching, that the main thread
+    (the event loop's) imported, and the waits of a thread for another's pydicom import."""
+    heavy = ("pydicom", "numpy", "dimse_async.archive.matching")
+    return [
+        line
+        for line in imports.splitlines()
+        if line.endswith("(waits)") or (line.startswith("MainThread ") and line.split()[1].startswith(heavy))
+    ]
 
 
-def test_serve_answers_a_c_echo_without_loading_pydicom(tmp_path: Path) -> None:
-    """An empty archive: C-ECHO (DCMTK echoscu) without pydicom; then a C-STORE (storescu)
-    loads it and is stored. Started again on that archive (indexed already): C-ECHO and
-    shutdown without pydicom."""
+def test_serve_listens_before_loading_pydicom_and_loads_it_off_the_event_loop(tmp_path: Path) -> None:
+    """An empty archive: ``serve`` listens before importing pydicom (nor numpy), then imports
+    it on one thread; a C-STORE (DCMTK storescu) and a C-FIND (findscu) sent together as
+    soon as the port listens are answered without the event loop importing pydicom (an
+    import there stalls every association for ~0.3-0.5 s) and without a second thread
+    importing it meanwhile. Started again on that archive (indexed already): the same,
+    with a C-ECHO."""
     (sent,) = make_instances(tmp_path / "in", 1)
     storage, port = tmp_path / "archive", free_port()
-    log = tmp_path / "serve-empty.log"
-    proc = _serve(storage, port, log)
+    imports, log = tmp_path / "imports-empty", tmp_path / "serve-empty.log"
+    proc = _serve(storage, port, imports, log)
     try:
         wait_tcp(proc, port, log)
-        _echo(port)
-        before_store = log.read_text(errors="replace")
-        store = subprocess.run([dcmtk("storescu"), "-v", "-aec", "ARCHIVE", "127.0.0.1", str(port), str(sent)],
-                               capture_output=True, text=True, timeout=30)  # fmt: skip
-        assert acknowledged(store.stdout + store.stderr) == {str(sent)}, store
+        peers = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for argv in (
+                [dcmtk("storescu"), "-v", "-aec", "ARCHIVE", "127.0.0.1", str(port), str(sent)],
+                [dcmtk("findscu"), "-v", "-S", "-aec", "ARCHIVE", "-k", "QueryRetrieveLevel=STUDY", "-k",
+                 "StudyInstanceUID", "127.0.0.1", str(port)],
+            )
+        ]  # fmt: skip
+        (store, _), (find, _) = (peer.communicate(timeout=30) for peer in peers)
+        assert acknowledged(store) == {str(sent)}, store
+        assert peers[1].returncode == 0 and "Received Final Find Response (Success)" in find, find  # 0 or 1 match
     finally:
         assert stop_process(proc) == 0
-    assert not _heavy(before_store), before_store[-2000:]
-    assert "pydicom" in _heavy(log.read_text(errors="replace"))  # at the first data set
+    text = imports.read_text()
+    assert "listening True" in text and "listening False" not in text, text[-2000:]
+    assert not _on_the_loop(text), _on_the_loop(text)
 
-    log = tmp_path / "serve-indexed.log"
-    proc = _serve(storage, port, log)
+    imports, log = tmp_path / "imports-indexed", tmp_path / "serve-indexed.log"
+    proc = _serve(storage, port, imports, log)
     try:
         wait_tcp(proc, port, log)
         _echo(port)
     finally:
         assert stop_process(proc) == 0
-    text = log.read_text(errors="replace")
-    assert "1 instances (0 indexed now" in text, text[-2000:]
-    assert not _heavy(text), text[-2000:]
+    assert "1 instances (0 indexed now" in log.read_text(errors="replace"), log.read_text(errors="replace")[-2000:]
+    text = imports.read_text()
+    assert "listening True" in text and not _on_the_loop(text), text[-2000:]

@@ -11,6 +11,7 @@ runs on worker threads, so the event loop never waits on the database.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,7 @@ class Archive(IngestMixin, QueryMixin):
             async for ds in source:
                 yield ds
 
-        ae.on_c_store(_StoreHandler(self))
+        ae.on_c_store(_StoreHandler(self, ae))
         ae.on_c_find(on_c_find)
         ae.on_c_get(self.on_retrieve)
         ae.on_c_move(self.on_retrieve)
@@ -65,15 +66,24 @@ class _StoreHandler:
     """The archive's C-STORE handler as registered: :meth:`Archive.on_c_store`, with the
     storage's :class:`~dimse_async.space.StorageSpace` as ``space``, so a store is
     refused for a full or read-only storage when its command arrives and its data set
-    is never spooled (``services.storage.make_spool``)."""
+    is never spooled (``services.storage.make_spool``). While the AE's modules are
+    preloaded (``AE.preloading``), a store waits for them: its index thread would
+    otherwise import pydicom beside the preloading thread."""
 
-    __slots__ = ("_archive",)
+    __slots__ = ("_archive", "_ae")
 
-    def __init__(self, archive: Archive):
-        self._archive = archive
+    def __init__(self, archive: Archive, ae: AE):
+        self._archive, self._ae = archive, ae
 
     def __call__(self, request: StoreRequest) -> Coroutine[Any, Any, Status]:
+        preloading = self._ae.preloading
+        if preloading is not None and not preloading.done():
+            return self._after(preloading, request)
         return self._archive.on_c_store(request)
+
+    async def _after(self, preloading: asyncio.Future[None], request: StoreRequest) -> Status:
+        await asyncio.wait((preloading,))
+        return await self._archive.on_c_store(request)
 
     @property
     def space(self) -> StorageSpace:

@@ -42,6 +42,50 @@ def store_failure(what: str, exc: BaseException, storage_dir: str) -> str:
     return line
 
 
+#: What the first C-STORE, C-FIND, C-GET/C-MOVE and N-request import, besides pydicom
+#: (and numpy with it): loaded by :func:`preload` once the port listens.
+PRELOADED = (
+    "dimse_async.services.verification",  # first: what the first association loads
+    "dimse_async.services.storage",
+    "pydicom",
+    "pydicom.filereader",
+    "pydicom.filewriter",
+    "dimse_async.codec",
+    "dimse_async.services.qr",
+    "dimse_async.services.retrieve_scp",
+    "dimse_async.services.normalized",
+    "dimse_async.archive.matching",
+    "dimse_async.archive.query",
+)
+
+
+def _import_all() -> None:
+    import importlib
+
+    for name in PRELOADED:
+        importlib.import_module(name)
+
+
+def preload(ae: AE) -> asyncio.Future[None]:
+    """Import :data:`PRELOADED` on a thread (~0.3-0.5 s, pydicom's import), started once
+    the port listens and the re-index is over: start-up stays fast, and the first
+    requests do not import it on the event loop, which would stall every association
+    meanwhile. Until it is done, C-STORE, Q/R and DIMSE-N requests wait for it without
+    blocking the loop (``AE.preloading``): no other thread imports pydicom meanwhile
+    (Python 3.11's import locks can fail two threads importing one package together
+    with "partially initialized module")."""
+    loop = asyncio.get_running_loop()
+    preloading: asyncio.Future[None] = loop.run_in_executor(None, _import_all)
+
+    def done(future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:  # the first request will say it again
+            get_logger().warning("preloading modules failed", error=str(future.exception()))
+
+    preloading.add_done_callback(done)
+    ae.preloading = preloading
+    return preloading
+
+
 def spool_dir(config: ServeConfig) -> str:
     """Where stores in progress are spooled (``.incoming-<pid>-<n>.partial``)."""
     return os.path.join(config.storage_dir, ".incoming")
@@ -295,12 +339,14 @@ async def serve(args: argparse.Namespace) -> int:
             counts["total"] = await archive.count()
         except archive.backend.errors as exc:
             raise CLIError(store_failure(f"index {archive.backend.description}", exc, config.storage_dir), EXIT_CONNECT) from None
+        preload(ae)  # after the re-index: its thread's import of pydicom is over
 
     async def count() -> None:  # a worker: the parent re-indexed already
         try:
             counts["total"] = await archive.count()
         except archive.backend.errors as exc:
             raise CLIError(store_failure(f"index {archive.backend.description}", exc, config.storage_dir), EXIT_CONNECT) from None
+        preload(ae)
 
     def announce(server: Server, health: HealthServer | None) -> None:
         print(
