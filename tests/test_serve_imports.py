@@ -58,7 +58,7 @@ def test_serve_listens_before_loading_pydicom_and_loads_it_off_the_event_loop(tm
     it on one thread; a C-STORE (DCMTK storescu) and a C-FIND (findscu) sent together as
     soon as the port listens are answered without the event loop importing pydicom (an
     import there stalls every association for ~0.3-0.5 s) and without a second thread
-    importing it meanwhile. Started again on that archive (indexed already): the same,
+    importing it meanwhile; asyncpg (PostgreSQL's client) is never imported. Started again on that archive (indexed already): the same,
     with a C-ECHO."""
     (sent,) = make_instances(tmp_path / "in", 1)
     storage, port = tmp_path / "archive", free_port()
@@ -82,6 +82,7 @@ def test_serve_listens_before_loading_pydicom_and_loads_it_off_the_event_loop(tm
     text = imports.read_text()
     assert "listening True" in text and "listening False" not in text, text[-2000:]
     assert not _on_the_loop(text), _on_the_loop(text)
+    assert not [line for line in text.splitlines() if line.split()[-1].startswith("asyncpg")]  # an SQLite index
 
     imports, log = tmp_path / "imports-indexed", tmp_path / "serve-indexed.log"
     proc = _serve(storage, port, imports, log)
