@@ -25,6 +25,7 @@ from test_qr import study_query
 import dimse_async as da
 from dimse_async.archive.backend import IndexRow, index_statements
 from dimse_async.archive.schema import name_key, patient_key_of
+from dimse_async.services import retrieve_scp
 from dimse_async.services.qr import MODELS
 
 STUDY_FIND = MODELS["study"]["find"]
@@ -500,6 +501,64 @@ async def test_concurrent_moves_to_one_destination_share_a_bounded_set_of_associ
     final = waiting.result
     assert final is not None and (final.remaining, final.completed, final.failed) == (1, 0, 0), final
     assert took < 1.0, took
+
+
+async def test_a_move_waiting_for_a_destination_place_sends_pending_and_is_cancelled_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``max_move_associations`` 1, its place held by a C-MOVE to a destination that hangs:
+    a second C-MOVE (pynetdicom) waiting for the place gets a Pending response (0xFF00) every
+    ``SLOT_PENDING_INTERVAL`` (0.2 s here) with every sub-operation remaining (PS3.4
+    C.4.2.1.5, C.4.2.3.1; before: nothing until the place was free, and a requestor with a
+    DIMSE timeout gave up), and its C-CANCEL is answered Cancel at once."""
+    from pynetdicom import AE
+
+    monkeypatch.setattr(retrieve_scp, "SLOT_PENDING_INTERVAL", 0.2, raising=False)
+    stuck = StuckDestination()
+    try:
+        async with running_serve(
+            tmp_path / "archive", known_aes={"STUCK": (HOST, stuck.port)}, max_move_associations=1
+        ) as serve:
+            holder, _responses, first = await start_move_to_stuck(tmp_path, serve, stuck)
+            query = Dataset()
+            query.QueryRetrieveLevel = "STUDY"
+            query.StudyInstanceUID = str(pydicom.dcmread(next((tmp_path / "in").iterdir())).StudyInstanceUID)
+
+            def move() -> tuple[list[tuple[float, Any]], float]:
+                ae = AE(ae_title="WAITER")
+                ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = WAIT
+                ae.add_requested_context(STUDY_MOVE)
+                assoc = ae.associate(HOST, serve.port, ae_title="ARCHIVE")
+                assert assoc.is_established
+                try:
+                    park(assoc)
+                    got, cancelled = [], 0.0
+                    for status, _ident in assoc.send_c_move(query, "STUCK", STUDY_MOVE, msg_id=7):
+                        got.append((time.monotonic(), status))
+                        if len(got) == 3:
+                            cancelled = time.monotonic()
+                            assoc.send_c_cancel(7, assoc.accepted_contexts[0].context_id)
+                    return got, cancelled
+                finally:
+                    assoc.release()
+
+            try:
+                got, cancelled = await asyncio.wait_for(asyncio.to_thread(move), 20)
+            finally:
+                first.cancel()
+                holder.abort("test over")
+    finally:
+        stuck.close()
+    *pending, (answered, final) = got
+    assert len(pending) == 3, got
+    for _t, status in pending:
+        assert status.Status == 0xFF00, status
+        counts = [status.get(k) for k in ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations",
+                                          "NumberOfFailedSuboperations", "NumberOfWarningSuboperations")]  # fmt: skip
+        assert counts == [3, 0, 0, 0], status
+    assert pending[1][0] - pending[0][0] > 0.1, pending  # paced, not a burst
+    assert final.Status == 0xFE00 and final.NumberOfRemainingSuboperations == 3, final
+    assert answered - cancelled < 1.0, answered - cancelled
 
 
 async def test_get_by_a_peer_that_takes_no_instances_is_a_few_log_lines(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ Example::
     retrieve_max_instances = 100000           # a C-GET / C-MOVE of more is refused 0xA702
     max_move_associations = 8                 # C-MOVE sub-associations open at once to one
                                               #   destination; more C-MOVEs wait their turn
+                                              #   (Pending every 5 s); per worker process
     min_free_space = 1048576                  # bytes; below it stores are refused 0xA700 and
                                               #   /healthz is 503 "storage ... full" (0: off)
     http_host = "0.0.0.0"                     # /healthz and /metrics
@@ -190,9 +191,10 @@ class ServeConfig:
     #: A C-GET / C-MOVE matching more instances is refused with 0xA702 (Refused: Out
     #: of Resources - Unable to perform sub-operations, PS3.4 C.4.2.1.5, C.4.3.1.3).
     retrieve_max_instances: int = 100_000
-    #: C-MOVE sub-associations open at once to one destination (per process), over all
-    #: C-MOVEs: more C-MOVEs to it wait their turn (a C-CANCEL ends the wait), so
-    #: requestors cannot make the archive flood a destination with associations.
+    #: C-MOVE sub-associations open at once to one destination (per process: with
+    #: ``workers`` N, each worker's, N times this in all), over all C-MOVEs: more C-MOVEs
+    #: to it wait their turn, sent a Pending response every 5 s (a C-CANCEL ends the
+    #: wait), so requestors cannot make the archive flood a destination with associations.
     max_move_associations: int = 8
     #: Bytes the storage directory's file system must keep available: below it every
     #: C-STORE is refused 0xA700 ("storage full", PS3.4 B.2.3) and ``/healthz`` answers

@@ -48,7 +48,9 @@ class MoveRoute:
     ``per_destination``: sub-associations open at once to one destination (host, port),
     over every C-MOVE through this route; a C-MOVE past it waits for one to end before
     it associates (a C-CANCEL ends the wait), so requestors cannot make the SCP flood a
-    destination with associations (``None``: no limit)."""
+    destination with associations (``None``: no limit). The bound is this route's (one
+    process: with ``serve --workers N``, each worker's). While a C-MOVE waits, a Pending
+    response every :data:`SLOT_PENDING_INTERVAL` seconds tells its requestor it goes on."""
 
     known_aes: Mapping[str, tuple[str, int]]
     associate: Callable[..., Awaitable[Any]]
@@ -264,6 +266,11 @@ _NONE = object()
 #: Warnings logged in full per kind of failed sub-operation and C-GET / C-MOVE.
 SUBOP_LOG_BURST = 5
 
+#: Seconds between the Pending responses of a C-MOVE waiting for a place among its
+#: destination's sub-associations (PS3.4 C.4.2.1.5): requestors that time out a silent
+#: C-MOVE (Orthanc's DicomScuTimeout is 10 s, pynetdicom's DIMSE timeout 30 s) keep waiting.
+SLOT_PENDING_INTERVAL = 5.0
+
 #: Seconds the C-STORE sub-operations under way when a C-MOVE is cancelled get to be
 #: answered before the sub-association is aborted (PS3.4 C.4.2.3).
 CANCEL_GRACE = 2.0
@@ -333,13 +340,17 @@ async def _move(
     specs = _move_contexts(assoc, [x for x in inspected if isinstance(x, FileInfo)])
     originator = (assoc.peer_ae, op.command.message_id or 0)
     slot = route.slot(address)
+    total = items.total if isinstance(items, _Items) else len(items)
+
+    async def waiting() -> None:  # nothing started yet: every sub-operation remains (C.4.2.1.5)
+        await respond(assoc, op, Status(Code.PENDING), None, (total, 0, 0, 0))
+
     try:
-        sub = await _associate_unless_cancelled(op, route, address, title, specs, slot)
+        sub = await _associate_unless_cancelled(op, route, address, title, specs, slot, waiting)
     except AssociationError as exc:
         await _unreachable(assoc, op, items if isinstance(items, list) else await items.rest(), title, address, exc)
         return
     if sub is None:  # C-CANCEL while the sub-association was being set up: nothing sent
-        total = items.total if isinstance(items, _Items) else len(items)
         await respond(assoc, op, Status(Code.CANCEL), None, (total, 0, 0, 0))
         return
     try:
@@ -389,19 +400,26 @@ async def _associate_unless_cancelled(
     title: str,
     specs: list[ContextSpec],
     slot: asyncio.Semaphore | None = None,
+    waiting: Callable[[], Awaitable[None]] | None = None,
 ) -> Any:
     """The C-MOVE sub-association, or ``None`` when the peer sends C-CANCEL before it is
     established (PS3.4 C.4.2.3: the SCP stops, Cancel): a destination slow to answer
     (up to the ACSE timeout) does not hold the cancel; the half-open association is aborted.
     With ``slot``, one of the destination's places is taken first (waiting for it is
-    cancelled the same way) and kept with the association (the caller releases it);
-    it is given back when no association is returned."""
+    cancelled the same way; meanwhile ``waiting()`` sends a Pending response every
+    :data:`SLOT_PENDING_INTERVAL` seconds) and kept with the association (the caller
+    releases it); it is given back when no association is returned."""
     if op.cancelled:
         return None
+    queued = [False]  # waiting for a place
 
     async def associate() -> Any:
         if slot is not None:
-            await slot.acquire()
+            queued[0] = slot.locked()
+            try:
+                await slot.acquire()
+            finally:
+                queued[0] = False
         try:
             return await route.associate(
                 address[0], address[1], title, contexts=specs, async_ops=(route.concurrency, 1)
@@ -418,7 +436,11 @@ async def _associate_unless_cancelled(
 
     op.on_cancel = cancel
     try:
-        return await connecting
+        while not connecting.done():  # not cancelled by a response in flight: it runs here
+            await asyncio.wait((connecting,), timeout=SLOT_PENDING_INTERVAL)
+            if queued[0] and waiting is not None and not op.cancelled:
+                await waiting()
+        return connecting.result()
     except asyncio.CancelledError:
         if connecting.done() and not connecting.cancelled() and connecting.exception() is None:
             connecting.result().abort("C-MOVE ended while its sub-association was set up")
