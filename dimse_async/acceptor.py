@@ -185,7 +185,8 @@ class Acceptor:
                 return
             if not begun:
                 # Connected and closed without a byte: a TCP probe (a load balancer's
-                # health check), logged as on a plain port, not a failed handshake.
+                # health check), logged and counted as on a plain port, not a failed handshake.
+                self.server.note_probe()
                 if self.server.allow_warning("closed before association", client[0]):
                     log.info("connection closed", reason="closed before its TLS handshake began (a TCP probe?)")
                 return

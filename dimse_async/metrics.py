@@ -11,7 +11,8 @@ Families (``role`` is ``scp`` for associations we accepted, ``scu`` for those we
 
 - ``dicom_associations_total{role,outcome,reason}``: ended associations; outcome
   ``released``, ``aborted``, ``rejected`` (``reason`` per PS3.8 Table 9-21) or ``failed``
-  (the connection ended before negotiation completed);
+  (the connection ended before negotiation completed: also a TCP probe, a connection
+  closed without a byte, on a plain or a TLS port);
 - ``dicom_associations_open{role}``: associations (and connections negotiating) now;
 - ``dicom_connections_refused_total{reason}``: connections dropped before DICOM started
   (``proxy``: PROXY header from an untrusted address or bad; ``tls``: TLS handshake
@@ -159,6 +160,12 @@ class Metrics:
         key = id(assoc)
         for k in [k for k in self._started if k[0] == key]:
             del self._started[k]
+
+    def connection_probed(self) -> None:
+        """A connection to a TLS port closed before its handshake began (a TCP probe):
+        ``outcome="failed"``, as a probe of a plain port (a connection that ended before
+        negotiation)."""
+        self.associations.labels("scp", "failed", "").inc()
 
     def connection_refused(self, why: str) -> None:
         low = why.lower()

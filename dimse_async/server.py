@@ -350,6 +350,13 @@ class Server:
             "similar warnings suppressed", kind=kind, address=address, suppressed=count, seconds=round(seconds, 1)
         )
 
+    def note_probe(self) -> None:
+        """A connection closed before its TLS handshake began (a TCP probe): counted as a
+        plain port's probe is, an association that failed before negotiation."""
+        probed = getattr(self.ae.observer, "connection_probed", None)
+        if probed is not None:
+            probed()
+
     def note_refused(self, why: str) -> None:
         """A connection was dropped before it became an association (PROXY, TLS)."""
         observer = self.ae.observer

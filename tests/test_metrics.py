@@ -223,3 +223,33 @@ async def test_storage_and_spool_errors_are_counted(tmp_path: Path):
     assert value(m, "dicom_operations_total", role="scp", service="C-STORE", status="failure") == 4
     assert value(m, "dicom_errors_total", kind="storage") == 2
     assert value(m, "dicom_errors_total", kind="spool") == 2
+
+
+async def test_tcp_probes_of_serves_tls_port_are_counted_as_on_a_plain_port(tmp_path: Path):
+    """A load balancer's TCP probe (connect, close before any byte) of ``serve``'s TLS port
+    is in ``/metrics`` as a probe of a plain port is: ``dicom_associations_total``
+    ``{role="scp",outcome="failed",reason=""}`` (before: in no metric at all)."""
+    from test_tls import make_certs
+
+    (tmp_path / "certs").mkdir()
+    certs = make_certs(tmp_path / "certs")
+    dicom_port, http_port = distinct_ports(2)
+    argv = [
+        *CLI, "serve", "--host", HOST, "--port", str(dicom_port), "--aet", "ARCHIVE", "--storage-dir",
+        str(tmp_path / "archive"), "--http-port", str(http_port), "--tls-cert", str(certs.server_cert), "--tls-key",
+        str(certs.server_key),
+    ]  # fmt: skip
+    labels = {"role": "scp", "outcome": "failed", "reason": ""}
+    with listening(argv, [dicom_port, http_port], tmp_path / "serve.log"):
+        async with aiohttp.ClientSession() as http:
+            before = value(await scrape(http, http_port), "dicom_associations_total", **labels)
+            for _ in range(3):
+                _reader, writer = await asyncio.open_connection(HOST, dicom_port)
+                writer.close()
+                await writer.wait_closed()
+            deadline = time.monotonic() + 10
+            while (now := value(await scrape(http, http_port), "dicom_associations_total", **labels)) < before + 3:
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+    assert now == before + 3, (before, now)
