@@ -51,6 +51,7 @@ from dimse_async import AE
 from dimse_async.acse import ContextSpec, build_request
 from dimse_async.codec import encode_dataset
 from dimse_async.dimse import Command, CommandField
+from dimse_async.messaging import HIGH_WATER, WRITE_BATCH
 from dimse_async.part10 import encode_file_meta
 
 
@@ -732,21 +733,30 @@ def _as_pydicom(ds: dict[str, str]) -> Dataset:
 async def test_c_find_clients_that_never_read_neither_grow_memory_nor_starve_stores(
     tmp_path: Path, big_archive: Path
 ) -> None:
+    """10 clients each run a C-FIND whose responses (~8 KiB each, ~16 MiB per query) they
+    never read: the server holds ``HIGH_WATER`` (4 MiB) and at most a response more for
+    each (the per-association bound; 40 MiB together, under the server-wide 64 MiB), and a
+    client from 127.0.0.2 stores, finds and echoes meanwhile.
+
+    Counted exactly once the server is idle (its producers blocked), as in
+    :func:`test_non_reading_c_find_clients_are_bounded_server_wide`: the bytes written on
+    each connection less those read and those the sockets hold. (Before: a fixed 1 s
+    sleep and RSS, which queries of ~400 KiB each could not push past its bound.)"""
+    clients = 10
     with server_process(tmp_path, "serve", storage=big_archive) as server:
         async with RSSWatch(server) as rss:
-            hogs = []
+            hogs: dict[int, tuple[RawPeer, int]] = {}  # by local port: the peer, bytes it read
             try:
-                for _ in range(20):
+                for _ in range(clients):
                     peer = await RawPeer.connect(server.port)
-                    await peer.associate()
+                    read = len(await peer.associate())
                     peer.writer.transport.pause_reading()  # never read a response
+                    hogs[peer.writer.get_extra_info("sockname")[1]] = peer, read
                     q = find_identifier("STUDY")
-                    q.PatientName = ""
-                    q.StudyDescription = ""
+                    q.PatientComments = ""
                     cmd, data = find_rq(q)
                     await peer.send(pdata(7, cmd, command=True) + pdata(7, data, command=False))
-                    hogs.append(peer)
-                await asyncio.sleep(1.0)
+                await _idle(server)
                 loop = asyncio.get_running_loop()
                 start = loop.time()
                 cmd, data = store_rq(ct_dataset(patient="LEGIT"))
@@ -764,10 +774,16 @@ async def test_c_find_clients_that_never_read_neither_grow_memory_nor_starve_sto
                 assert found == [(0x8020, 0xFF00), (0x8020, 0x0000)]
                 assert store_seconds < 5.0, store_seconds
                 await legit_echo(server.port)
+                in_sockets = _socket_queues(server.port, hogs)
             finally:
-                for peer in hogs:
+                for peer, _ in hogs.values():
                     peer.writer.transport.abort()
-        rss.check(96 * MiB)
+            written = await _bytes_written(server, hogs)
+        held = {port: written[port] - read - in_sockets[port] for port, (_, read) in hogs.items()}
+        # Past the transport's high-water mark by the response that crossed it (seen: 134 to
+        # 3828 bytes); with the bound off (HIGH_WATER 1 GiB): 5.5 to 7.6 MiB each.
+        assert all(HIGH_WATER < n <= HIGH_WATER + 16 * 1024 for n in held.values()), (held, written, in_sockets)
+        rss.check(clients * (HIGH_WATER + WRITE_BATCH) + 56 * MiB)
         server.check_log()
 
 
