@@ -59,8 +59,17 @@ STORE_TRANSFER_SYNTAXES: list[str] = [
 ]
 
 
+#: True while a server imports pydicom on another thread (``serve``'s preload): names
+#: are not looked up meanwhile, since a second thread importing pydicom (a submodule of
+#: a package another thread is initializing) can make both imports fail.
+pydicom_loading = False
+
+
 def uid_name(uid: str) -> str:
-    """The registered name of ``uid`` (PS3.6 Annex A) if pydicom knows it, else the UID."""
+    """The registered name of ``uid`` (PS3.6 Annex A) if pydicom knows it, else the UID
+    (also while :data:`pydicom_loading`)."""
+    if pydicom_loading:
+        return uid
     try:
         from pydicom.uid import UID
 

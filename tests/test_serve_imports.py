@@ -31,7 +31,7 @@ def _serve(storage: Path, port: int, imports: Path, log: Path) -> subprocess.Pop
     with log.open("wb") as sink:
         return subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "import_recorder.py"), "serve", "--port", str(port), "--aet",
-             "ARCHIVE", "--storage-dir", str(storage)],
+             "ARCHIVE", "--storage-dir", str(storage), "--log-level", "DEBUG", "--log-ops"],
             stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )  # fmt: skip
 
@@ -58,7 +58,7 @@ def test_serve_listens_before_loading_pydicom_and_loads_it_off_the_event_loop(tm
     it on one thread; a C-STORE (DCMTK storescu) and a C-FIND (findscu) sent together as
     soon as the port listens are answered without the event loop importing pydicom (an
     import there stalls every association for ~0.3-0.5 s) and without a second thread
-    importing it meanwhile; asyncpg (PostgreSQL's client) is never imported. Started again on that archive (indexed already): the same,
+    importing it meanwhile (logging at DEBUG, every operation logged); asyncpg (PostgreSQL's client) is never imported. Started again on that archive (indexed already): the same,
     with a C-ECHO."""
     (sent,) = make_instances(tmp_path / "in", 1)
     storage, port = tmp_path / "archive", free_port()

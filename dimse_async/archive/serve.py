@@ -9,7 +9,7 @@ import os
 import shutil
 import sqlite3
 
-from .. import AE, Server, Verification
+from .. import AE, Server, Verification, uids
 from ..deploy import Deployment, serve_until_signalled, server_ssl
 from ..health import HealthServer
 from ..log import get_logger
@@ -62,8 +62,11 @@ PRELOADED = (
 def _import_all() -> None:
     import importlib
 
-    for name in PRELOADED:
-        importlib.import_module(name)
+    try:
+        for name in PRELOADED:
+            importlib.import_module(name)
+    finally:
+        uids.pydicom_loading = False
 
 
 def preload(ae: AE) -> asyncio.Future[None]:
@@ -75,6 +78,7 @@ def preload(ae: AE) -> asyncio.Future[None]:
     (Python 3.11's import locks can fail two threads importing one package together
     with "partially initialized module")."""
     loop = asyncio.get_running_loop()
+    uids.pydicom_loading = True  # (a debug line's UID names: not looked up meanwhile)
     preloading: asyncio.Future[None] = loop.run_in_executor(None, _import_all)
 
     def done(future: asyncio.Future[None]) -> None:
