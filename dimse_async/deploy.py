@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,17 @@ def server_ssl(cert: str | None, key: str | None, ca: str | None, require: bool)
             raise ValueError("TLS options need a certificate (--tls-cert / tls_cert)")
         return None
     return tls.server_context(cert, key, cafile=ca, require_client_cert=require)
+
+
+#: SIGHUP where there is one: logged and ignored by a server (:func:`hangup`).
+HANGUP: signal.Signals | None = getattr(signal, "SIGHUP", None)
+
+
+def hangup(log: Any) -> None:
+    """SIGHUP (a closed terminal, or a reload asked for): the server goes on, with the
+    configuration it read at start, instead of dying at once without draining (Python's
+    default); the line says how to apply a new one."""
+    log.warning("SIGHUP ignored: the configuration is read at start only; restart to apply a new one (SIGTERM drains)")
 
 
 @dataclass
@@ -89,9 +101,11 @@ async def serve_until_signalled(
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig, action in ((signal.SIGINT, stop.set), (signal.SIGTERM, stop.set), (HANGUP, functools.partial(hangup, log))):
+        if sig is None:  # pragma: no cover - no SIGHUP (Windows)
+            continue
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, action)
             installed.append(sig)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
             pass

@@ -274,6 +274,12 @@ class _Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._forward, sig)
+        if hasattr(signal, "SIGHUP"):  # ignored, as by the workers (deploy.hangup): a terminal's reaches them all
+            loop.add_signal_handler(
+                signal.SIGHUP,
+                self.log.warning,
+                "SIGHUP ignored: the configuration is read at start only; restart to apply a new one (SIGTERM drains)",
+            )
         if self.http is not None:
             await self._serve_http(*self.http)
         try:
