@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import functools
 import os
 import shutil
 import sqlite3
+import threading
 
 from .. import AE, Server, Verification, uids
 from ..deploy import Deployment, serve_until_signalled, server_ssl
@@ -42,11 +44,18 @@ def store_failure(what: str, exc: BaseException, storage_dir: str) -> str:
     return line
 
 
-#: What the first C-STORE, C-FIND, C-GET/C-MOVE and N-request import, besides pydicom
-#: (and numpy with it): loaded by :func:`preload` once the port listens.
-PRELOADED = (
-    "dimse_async.services.verification",  # first: what the first association loads
+#: What the event loop's thread imports at the first connection and association:
+#: imported by :func:`preload` at once (a few ms; later they would wait for the rest).
+FIRST_USE = (
+    "dimse_async.acceptor",
+    "dimse_async.services.verification",
     "dimse_async.services.storage",
+    "encodings.idna",
+)
+
+#: What the first C-STORE, C-FIND, C-GET/C-MOVE and N-request import, besides pydicom
+#: (and numpy with it): loaded by :func:`preload` on a thread once the port listens.
+PRELOADED = (
     "pydicom",
     "pydicom.filereader",
     "pydicom.filewriter",
@@ -59,30 +68,56 @@ PRELOADED = (
 )
 
 
-def _import_all() -> None:
+def _import_all(locked: threading.Event) -> None:
+    """Import :data:`PRELOADED` holding the interpreter's import lock: another thread's
+    first import of any module meanwhile waits for the end (as when it imported pydicom
+    itself) instead of entering a package this thread is initializing, which fails both
+    ("partially initialized module"). ``locked`` is set once the lock is held."""
+    import _imp
     import importlib
 
+    _imp.acquire_lock()
+    locked.set()
     try:
         for name in PRELOADED:
             importlib.import_module(name)
     finally:
+        _imp.release_lock()
         uids.pydicom_loading = False
 
 
 def preload(ae: AE) -> asyncio.Future[None]:
     """Import :data:`PRELOADED` on a thread (~0.3-0.5 s, pydicom's import), started once
-    the port listens and the re-index is over: start-up stays fast, and the first
-    requests do not import it on the event loop, which would stall every association
-    meanwhile. Until it is done, C-STORE, Q/R and DIMSE-N requests wait for it without
-    blocking the loop (``AE.preloading``): no other thread imports pydicom meanwhile
-    (Python 3.11's import locks can fail two threads importing one package together
-    with "partially initialized module")."""
+    the port listens and the re-index is over, before associations are admitted:
+    start-up stays fast, and the first requests do not import pydicom on the event
+    loop, which would stall every association meanwhile. Until it is done, C-STORE, Q/R
+    and DIMSE-N requests wait for it without blocking the loop (``AE.preloading``), and
+    log lines do not look up UID names. The thread takes the import lock while the loop
+    waits for it (microseconds): no thread is inside an import then, so none can hold
+    a module the preload needs (no deadlock)."""
+    import importlib
+
+    for name in FIRST_USE:
+        importlib.import_module(name)
     loop = asyncio.get_running_loop()
-    uids.pydicom_loading = True  # (a debug line's UID names: not looked up meanwhile)
-    preloading: asyncio.Future[None] = loop.run_in_executor(None, _import_all)
+    uids.pydicom_loading = True
+    locked = threading.Event()
+    result: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            _import_all(locked)
+        except BaseException as exc:  # reported below; the first request meets it again
+            result.set_exception(exc)
+        else:
+            result.set_result(None)
+
+    threading.Thread(target=run, name="dimse-preload", daemon=True).start()
+    locked.wait(5.0)
+    preloading = asyncio.wrap_future(result, loop=loop)
 
     def done(future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and future.exception() is not None:  # the first request will say it again
+        if not future.cancelled() and future.exception() is not None:
             get_logger().warning("preloading modules failed", error=str(future.exception()))
 
     preloading.add_done_callback(done)
@@ -342,14 +377,18 @@ async def serve(args: argparse.Namespace) -> int:
             counts["added"], counts["skipped"], counts["gone"] = await archive.reindex()
             counts["total"] = await archive.count()
         except archive.backend.errors as exc:
-            raise CLIError(store_failure(f"index {archive.backend.description}", exc, config.storage_dir), EXIT_CONNECT) from None
+            raise CLIError(
+                store_failure(f"index {archive.backend.description}", exc, config.storage_dir), EXIT_CONNECT
+            ) from None
         preload(ae)  # after the re-index: its thread's import of pydicom is over
 
     async def count() -> None:  # a worker: the parent re-indexed already
         try:
             counts["total"] = await archive.count()
         except archive.backend.errors as exc:
-            raise CLIError(store_failure(f"index {archive.backend.description}", exc, config.storage_dir), EXIT_CONNECT) from None
+            raise CLIError(
+                store_failure(f"index {archive.backend.description}", exc, config.storage_dir), EXIT_CONNECT
+            ) from None
         preload(ae)
 
     def announce(server: Server, health: HealthServer | None) -> None:
@@ -359,8 +398,7 @@ async def serve(args: argparse.Namespace) -> int:
             + (" (PROXY protocol)" if dep.proxy_protocol else "")
             + f"; archive {config.storage_dir}: "
             f"{counts['total']} instances ({counts['added']} indexed now, {counts['skipped']} unreadable skipped, "
-            f"{counts['gone']} gone)"
-            + (f"; worklist {config.worklist_dir}" if config.worklist_dir else ""),
+            f"{counts['gone']} gone)" + (f"; worklist {config.worklist_dir}" if config.worklist_dir else ""),
             flush=True,
         )
         if health is not None:
