@@ -474,7 +474,7 @@ def _decode_pdata(body: memoryview) -> PDataTF:
         length, ctx, control = _PDV.unpack_from(body, pos)
         if length < 2 or pos + 4 + length > end:
             raise PDUError(f"PDV item length {length} is invalid")
-        pdvs.append(PDV(ctx, bool(control & 1), bool(control & 2), body[pos + 6 : pos + 4 + length]))
+        pdvs.append(PDV(ctx, control & 1 != 0, control & 2 != 0, body[pos + 6 : pos + 4 + length]))
         pos += 4 + length
     if not pdvs:
         raise PDUError("P-DATA-TF PDU holds no PDV")
@@ -729,7 +729,6 @@ class PDUReader:
         total = 6 + length
         if avail < total:
             return None
-        body = memoryview(buf)[start + 6 : start + total]
         self._last = total
         if avail == total:  # all read: let the buffer go with the views into it
             if self.pool is not None:
@@ -738,7 +737,15 @@ class PDUReader:
         else:
             self._start = start + total
         if pdu_type == _P_DATA_TF:
-            return _decode_pdata(body)
+            if length >= 6:
+                # One PDV filling the PDU (what peers send: a command, or a data set's
+                # fragment): decoded here as _decode_pdata would, without its loop.
+                pdv_length, context_id, control = _PDV.unpack_from(buf, start + 6)
+                if pdv_length == length - 4 and pdv_length >= 2:
+                    value = memoryview(buf)[start + 12 : start + total]
+                    return PDataTF([PDV(context_id, control & 1 != 0, control & 2 != 0, value)])
+            return _decode_pdata(memoryview(buf)[start + 6 : start + total])
+        body = memoryview(buf)[start + 6 : start + total]
         if pdu_type == _ASSOCIATE_RQ and length <= RQ_DECODED_BY_CALLER_UP_TO:
             if self.decode_rq is not None:
                 return self.decode_rq(body)

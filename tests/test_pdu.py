@@ -1494,3 +1494,46 @@ def pdu_module_bound() -> int:
 
     return pdu_module.RQ_DECODED_BY_CALLER_UP_TO
 
+
+
+# ---------------------------------------------------------------------------
+# The reader's one-PDV P-DATA-TF path decodes as the general decoder does
+# ---------------------------------------------------------------------------
+
+_pdv_items = st.builds(
+    lambda ctx, control, value: struct.pack(">IBB", len(value) + 2, ctx, control) + value,
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.binary(max_size=40),
+)
+# P-DATA-TF bodies: well-formed lists of PDV items (one is the reader's own path), and
+# the same with a PDV item length off by a little or any bytes at all.
+_pdata_bodies = st.one_of(
+    _pdv_items,
+    st.lists(_pdv_items, min_size=1, max_size=4).map(b"".join),
+    st.tuples(_pdv_items, st.integers(-6, 6)).map(
+        lambda t: struct.pack(">I", max(0, struct.unpack_from(">I", t[0])[0] + t[1])) + t[0][4:]
+    ),
+    st.binary(max_size=30),
+)
+
+
+def _pdata_outcome(decode):
+    try:
+        pdu = decode()
+    except PDUError as exc:
+        return ("error", str(exc), exc.reason)
+    return [(v.context_id, v.is_command, v.is_last, type(v.data), bytes(v.data)) for v in pdu.pdvs]
+
+
+@PROPERTY_SETTINGS
+@given(body=_pdata_bodies)
+def test_property_reader_pdata_same_as_general_decoder(body):
+    """A P-DATA-TF taken by the reader (a PDU of one PDV has a path of its own there)
+    gives the PDVs, values and errors the general decoder gives for the same body."""
+    reader = PDUReader(0, pool=None)
+    reader.feed(struct.pack(">BBI", 4, 0, len(body)) + body)
+    got = _pdata_outcome(reader.next_pdu)
+    assert got == _pdata_outcome(lambda: decode_pdu(0x04, body))
+    if not isinstance(got, tuple):
+        assert reader.buffered == 0 and reader.next_pdu() is None
