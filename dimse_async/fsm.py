@@ -109,6 +109,7 @@ Sta1, Sta2, Sta3, Sta4, Sta5, Sta6, Sta7, Sta8, Sta9, Sta10, Sta11, Sta12, Sta13
 _STA6 = Sta6
 _STATE_NAMES = {state: state.name for state in State}  # (a member's .name is slow too)
 _UNEXPECTED_PDU = int(AbortReason.UNEXPECTED_PDU)  # the reason an A-ABORT for a PDU out of turn would give
+_new = object.__new__
 _NO_FRAMES = (Sta1, Sta4)  # no association, or the connection is gone: nothing is framed
 
 # Outputs without data, and PDUs that are always the same bytes: made once.
@@ -251,7 +252,9 @@ class UpperLayer:
                 history.append(_DT_2)
                 if len(history) > 64:
                     del history[:32]
-                out.append(PDataIndication(pdu))
+                indication = _new(PDataIndication)  # (no __init__ frame: see pdu.PDUReader.next_pdu)
+                indication.pdu = pdu
+                out.append(indication)
                 continue
             if type(pdu) is Abort:
                 self._why = f"A-ABORT received (source {pdu.source}, reason {pdu.reason})"
