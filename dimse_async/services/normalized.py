@@ -44,6 +44,7 @@ from .scp import (
     error_comment,
     failure_status,
     off_loop,
+    own_cancellation,
 )
 
 if TYPE_CHECKING:
@@ -392,7 +393,11 @@ async def scp_n_service(
         assert request is not None and handler is not None
         try:
             result = await handler(request)
-        except Exception as exc:  # CancelledError is not an Exception: it propagates
+        except asyncio.CancelledError as exc:
+            if own_cancellation():
+                raise
+            status = failure_status(field, exc, assoc)
+        except Exception as exc:
             status = failure_status(field, exc, assoc)
         else:
             status, reply = _outcome(result, assoc, name)

@@ -30,7 +30,15 @@ from ..lazy_dataclass import dataclass
 from ..session import Operation
 from ..status import Code, Status, response_status
 from .requests import Request
-from .scp import StatusError, decode_received, decode_received_async, failure_status, off_loop, response
+from .scp import (
+    StatusError,
+    decode_received,
+    decode_received_async,
+    failure_status,
+    off_loop,
+    own_cancellation,
+    response,
+)
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -611,6 +619,10 @@ async def scp_c_find(assoc: DIMSEProvider, op: Operation, handler: QueryHandler 
         status = await _find_responses(assoc, op, request, handler(request))
     except AssociationError:
         raise
+    except asyncio.CancelledError as exc:
+        if own_cancellation():
+            raise
+        status = failure_status(CommandField.C_FIND_RQ, exc, assoc)
     except Exception as exc:
         status = failure_status(CommandField.C_FIND_RQ, exc, assoc)
     await respond(assoc, op, status)

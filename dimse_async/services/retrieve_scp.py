@@ -35,7 +35,7 @@ from .qr import (
     respond,
     unsupported,
 )
-from .scp import failure_status
+from .scp import failure_status, own_cancellation
 from .store_scu import c_store
 
 __all__ = ["MoveRoute", "scp_c_get", "scp_c_move"]
@@ -104,7 +104,7 @@ class _Items:
         self._lock = asyncio.Lock()
         self.ended = False
         #: What the handler raised while yielding (the items not sent stay remaining).
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
 
     async def next(self) -> tuple[bool, Any]:
         """(True, the next item), or (False, None) when there are no more."""
@@ -119,6 +119,11 @@ class _Items:
                 self.ended = True
             except AssociationError:
                 raise
+            except asyncio.CancelledError as exc:
+                if own_cancellation():
+                    raise
+                self.ended = True
+                self.error = exc
             except Exception as exc:
                 self.ended = True
                 self.error = exc
@@ -253,7 +258,9 @@ async def _scp_retrieve(
                             break
         except AssociationError:
             raise
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and own_cancellation():
+                raise
             await respond(assoc, op, failure_status(op.command.command_field, exc, assoc))
             return
         await perform(request, items, matches)

@@ -2,9 +2,9 @@
 
 A handler returns a status (or ``None`` for success), raises :class:`StatusError` to
 answer a specific status, or raises anything else: ``OSError`` answers the service's
-out-of-resources code, other exceptions its generic failure code, and a returned value
-that is not a status answers 0xC000 (PS3.7 C.5.2); the association stays up either
-way. Error comments go with warning and failure statuses only, at most 64
+out-of-resources code, other exceptions its generic failure code (a ``CancelledError``
+too, unless the association itself is ending), and a returned value that is not a
+status answers 0xC000 (PS3.7 C.5.2); the association stays up either way. Error comments go with warning and failure statuses only, at most 64
 characters (PS3.7 C.4, LO).
 """
 
@@ -35,6 +35,7 @@ __all__ = [
     "error_comment",
     "failure_status",
     "outcome_status",
+    "own_cancellation",
     "response",
     "run_handler",
 ]
@@ -135,6 +136,16 @@ def response(request: Command, status: Status) -> Command:
     return rsp
 
 
+def own_cancellation() -> bool:
+    """Whether a ``CancelledError`` raised in a handler is its task's own cancellation
+    (the association ended, the server stops): then it propagates. Otherwise something
+    the handler awaited was cancelled by another party (a pool or task of the
+    application's closed under it): a failure of the handler as any other exception,
+    answered with a status and logged (a request is answered, PS3.7 §9.1)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def failure_status(service: int, exc: BaseException, assoc: DIMSEProvider) -> Status:
     """The status answering a handler that raised ``exc``; logged with the service name."""
     log = assoc.log
@@ -143,6 +154,9 @@ def failure_status(service: int, exc: BaseException, assoc: DIMSEProvider) -> St
         log.info("handler refused", service=name, status=repr(exc.status))
         return exc.status
     generic, resources = FAILURE_CODES.get(service, (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES))
+    if isinstance(exc, asyncio.CancelledError):
+        log.error(f"{name} handler failed", error=f"cancelled by another task than the association's ({exc!r})")
+        return Status(generic, "Unable to process: the handler was cancelled")
     log.error(f"{name} handler failed", error=repr(exc))
     if isinstance(exc, OSError):
         if service == CommandField.C_STORE_RQ:
@@ -170,8 +184,10 @@ async def run_handler(
     """Await ``handler(request)`` and turn its outcome into a status."""
     try:
         result = await handler(request)
-    except asyncio.CancelledError:
-        raise
+    except asyncio.CancelledError as exc:
+        if own_cancellation():
+            raise
+        return failure_status(service, exc, assoc)
     except Exception as exc:
         return failure_status(service, exc, assoc)
     return outcome_status(service, result, assoc.log)

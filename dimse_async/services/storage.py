@@ -31,7 +31,7 @@ from ..space import StorageSpace
 from ..status import Code, Status
 from ..uids import STORE_TRANSFER_SYNTAXES
 from .requests import Request
-from .scp import failure_status, outcome_status, response
+from .scp import failure_status, outcome_status, own_cancellation, response
 from .spool import Spool
 
 if TYPE_CHECKING:  # pydicom is loaded only where a data set is decoded or encoded
@@ -305,8 +305,10 @@ async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler
         else:  # run_handler, inlined: one coroutine less per instance
             try:
                 result = await handler(StoreRequest(assoc, op.message, spool))
-            except asyncio.CancelledError:
-                raise
+            except asyncio.CancelledError as exc:
+                if own_cancellation():
+                    raise
+                status = failure_status(CommandField.C_STORE_RQ, exc, assoc)
             except Exception as exc:
                 status = failure_status(CommandField.C_STORE_RQ, exc, assoc)
             else:

@@ -1,0 +1,162 @@
+"""An application's handlers that misbehave, seen by a real peer (pynetdicom).
+
+A handler whose await is cancelled by something else than the association (a pool or
+a task of the application's own shut down under it): each request gets its service's
+failure status (PS3.7 Annex C, PS3.4 C.4) and an ERROR line naming the fault, and the
+association goes on serving the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE as PynetdicomAE
+from pynetdicom import build_role, evt
+
+import dimse_async as da
+
+pytestmark = pytest.mark.timeout(60)
+
+HOST = "127.0.0.1"
+VERIFICATION = "1.2.840.10008.1.1"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+PEER_TIMEOUT = 3  # the peer's DIMSE timeout: a request left unanswered shows as no status
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    logger = logging.getLogger("dimse_async")
+    logger.addHandler(caplog.handler)  # (it does not propagate to root)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def ct_instance() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CT
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientID = "P1"
+    ds.Modality = "CT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def query(level: str = "STUDY") -> Dataset:
+    q = Dataset()
+    q.QueryRetrieveLevel = level
+    q.PatientID = ""
+    q.StudyInstanceUID = ""
+    return q
+
+
+@contextlib.asynccontextmanager
+async def serving(ae: da.AE) -> AsyncIterator[int]:
+    server = await ae.start_server(HOST, 0)
+    try:
+        yield server.port
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=2), 10)
+
+
+def scp(**handlers: Callable[..., Any]) -> da.AE:
+    # A destination that is known (else 0xA801 before any handler runs) and never reached.
+    ae = da.AE("SCP", known_aes={"NOWHERE": (HOST, 9)})
+    for sop_class in (VERIFICATION, CT, STUDY_FIND, STUDY_GET, STUDY_MOVE):
+        ae.add_supported_context(sop_class, scu_role=True, scp_role=sop_class == CT)
+    for service, handler in handlers.items():
+        ae.set_handler(service, handler)
+    return ae
+
+
+def pynetdicom_session(port: int, operations: list[str]) -> list[tuple[list[int | None], bool]]:
+    """One pynetdicom association running ``operations`` ("echo", "store", "find",
+    "get", "move") in turn: per operation the statuses received (``None``: none, the
+    peer timed out) and whether the association still stood after it."""
+    ae = PynetdicomAE("PYNETDICOM")
+    ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = PEER_TIMEOUT
+    for sop_class in (VERIFICATION, CT, STUDY_FIND, STUDY_GET, STUDY_MOVE):
+        ae.add_requested_context(sop_class)
+    assoc = ae.associate(
+        HOST,
+        port,
+        ae_title="SCP",
+        ext_neg=[build_role(CT, scu_role=True, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)],
+    )
+    assert assoc.is_established
+    out: list[tuple[list[int | None], bool]] = []
+    try:
+        for operation in operations:
+            statuses: list[int | None] = []
+            if operation == "echo":
+                statuses.append(assoc.send_c_echo().get("Status"))
+            elif operation == "store":
+                statuses.append(assoc.send_c_store(ct_instance()).get("Status"))
+            elif operation == "find":
+                statuses += [s.get("Status") for s, _ in assoc.send_c_find(query(), STUDY_FIND)]
+            elif operation == "get":
+                statuses += [s.get("Status") for s, _ in assoc.send_c_get(query(), STUDY_GET)]
+            elif operation == "move":
+                statuses += [s.get("Status") for s, _ in assoc.send_c_move(query(), "NOWHERE", STUDY_MOVE)]
+            out.append((statuses, assoc.is_established))
+            if not assoc.is_established:
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()
+    return out
+
+
+async def cancelled_elsewhere() -> None:
+    """What a handler sees when something it awaits is cancelled by another party (a
+    connection pool closed under it): CancelledError, its own task not cancelled."""
+    waiting = asyncio.get_running_loop().create_future()
+    waiting.cancel()
+    await waiting
+
+
+async def test_a_handler_whose_await_is_cancelled_elsewhere_answers_a_failure(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """Each service's failure status at once (C-ECHO 0x0211, C-STORE, C-FIND, C-GET and
+    C-MOVE 0xC000), an ERROR line, and the association goes on; before, no response
+    went out at all and the peer waited for its DIMSE timeout."""
+
+    async def unary(request: Any) -> None:
+        await cancelled_elsewhere()
+
+    async def matches(request: Any) -> AsyncIterator[Dataset]:
+        await cancelled_elsewhere()
+        yield query()
+
+    ae = scp(c_echo=unary, c_store=unary, c_find=matches, c_get=matches, c_move=matches)
+    async with serving(ae) as port:
+        results = await asyncio.to_thread(pynetdicom_session, port, ["echo", "store", "find", "get", "move", "echo"])
+    assert results == [
+        ([0x0211], True),
+        ([0xC000], True),
+        ([0xC000], True),
+        ([0xC000], True),
+        ([0xC000], True),
+        ([0x0211], True),
+    ]
+    failed = [r.getMessage() for r in logged.records if r.levelno == logging.ERROR and "cancelled" in r.getMessage()]
+    assert len(failed) == 6, logged.text
