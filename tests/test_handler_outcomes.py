@@ -1,8 +1,9 @@
 """An application's handlers that misbehave, seen by a real peer (pynetdicom).
 
 A handler whose await is cancelled by something else than the association (a pool or
-a task of the application's own shut down under it): each request gets its service's
-failure status (PS3.7 Annex C, PS3.4 C.4) and an ERROR line naming the fault, and the
+a task of the application's own shut down under it), a C-GET / C-MOVE handler that is
+no async generator: each request gets its service's failure
+status (PS3.7 Annex C, PS3.4 C.4) and an ERROR line naming the fault, and the
 association goes on serving the next request.
 """
 
@@ -160,3 +161,25 @@ async def test_a_handler_whose_await_is_cancelled_elsewhere_answers_a_failure(
     ]
     failed = [r.getMessage() for r in logged.records if r.levelno == logging.ERROR and "cancelled" in r.getMessage()]
     assert len(failed) == 6, logged.text
+
+
+async def test_retrieve_handlers_that_are_no_async_generators_answer_a_failure(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """A C-GET handler returning a list, a C-MOVE handler raising as it is called:
+    0xC000 each with an ERROR line naming it, and the association goes on (before: an
+    "internal error" A-ABORT, after or instead of the response)."""
+
+    def listing(request: Any) -> list[Dataset]:
+        return [ct_instance()]
+
+    def broken(request: Any) -> Any:
+        raise RuntimeError("no archive configured")
+
+    ae = scp(c_get=listing, c_move=broken)
+    async with serving(ae) as port:
+        results = await asyncio.to_thread(pynetdicom_session, port, ["get", "move", "echo"])
+    assert results == [([0xC000], True), ([0xC000], True), ([0x0000], True)]
+    text = logged.text
+    assert "internal error" not in text
+    assert "C-GET handler failed" in text and "C-MOVE handler failed" in text and "no archive configured" in text

@@ -56,6 +56,7 @@ __all__ = [
     "c_find",
     "c_get",
     "c_move",
+    "close_handler",
     "decode_identifier",
     "model_uid",
     "scp_c_find",
@@ -643,5 +644,15 @@ async def _find_responses(assoc: DIMSEProvider, op: Operation, request: QueryReq
             await respond(assoc, op, Status(code), ident)
             await asyncio.sleep(0)  # let the loop read a C-CANCEL that may have arrived
     finally:
-        await agen.aclose()
+        await close_handler(agen)
     return Status(Code.CANCEL if request.cancel_seen else Code.SUCCESS)
+
+
+async def close_handler(agen: Any) -> None:
+    """Close what a Q/R handler returned: its async generator; a coroutine (an ``async
+    def`` without ``yield``) is closed unawaited; anything else is left alone."""
+    aclose = getattr(agen, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    elif asyncio.iscoroutine(agen):
+        agen.close()

@@ -31,6 +31,7 @@ from .qr import (
     RetrieveRequest,
     StoredFile,
     Unavailable,
+    close_handler,
     decode_request,
     respond,
     unsupported,
@@ -241,9 +242,10 @@ async def _scp_retrieve(
     if refusal is not None:
         await respond(assoc, op, refusal)
         return
-    agen = handler(request)
+    agen: Any = None
     try:
         try:
+            agen = handler(request)
             first = await anext(agen, _NONE)
             matches = first if isinstance(first, Matches) else None
             items: list[Any] | _Items
@@ -261,11 +263,13 @@ async def _scp_retrieve(
         except (Exception, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and own_cancellation():
                 raise
+            if isinstance(exc, TypeError) and agen is not None and not hasattr(agen, "__anext__"):
+                exc = TypeError(f"the handler returned {type(agen).__name__}, not an async generator")
             await respond(assoc, op, failure_status(op.command.command_field, exc, assoc))
             return
         await perform(request, items, matches)
     finally:
-        await agen.aclose()
+        await close_handler(agen)
 
 
 _NONE = object()
