@@ -2,7 +2,8 @@
 
 A handler whose await is cancelled by something else than the association (a pool or
 a task of the application's own shut down under it), a C-GET / C-MOVE handler that is
-no async generator: each request gets its service's failure
+no async generator, and statuses a service cannot answer with (a pending status as the
+final one, a final status yielded as a match): each request gets its service's failure
 status (PS3.7 Annex C, PS3.4 C.4) and an ERROR line naming the fault, and the
 association goes on serving the next request.
 """
@@ -183,3 +184,42 @@ async def test_retrieve_handlers_that_are_no_async_generators_answer_a_failure(
     text = logged.text
     assert "internal error" not in text
     assert "C-GET handler failed" in text and "C-MOVE handler failed" in text and "no archive configured" in text
+
+
+async def test_statuses_a_service_cannot_answer_with_are_refused_as_failures(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """A pending status (0xFF00) returned for C-ECHO or C-STORE, or raised as the final
+    status of a C-FIND, would leave the peer waiting for a final response that never
+    comes (PS3.7 §9.1.2.1.6: pending only while matches follow); a final status
+    (Success) or no identifier yielded as a C-FIND match would end the operation at
+    the peer before its final response (PS3.4 C.4.1.1.4). Each is answered with the
+    service's failure status and logged."""
+
+    async def pending(request: Any) -> int:
+        return 0xFF00
+
+    finds = iter(["raise-pending", "yield-success", "yield-none"])
+
+    async def find(request: Any) -> AsyncIterator[Any]:
+        kind = next(finds)
+        if kind == "raise-pending":
+            raise da.StatusError(0xFF00)
+        match = query()
+        match.PatientID = "P1"
+        yield match
+        yield (0x0000, match) if kind == "yield-success" else None
+
+    ae = scp(c_echo=pending, c_store=pending, c_find=find)
+    async with serving(ae) as port:
+        results = await asyncio.to_thread(pynetdicom_session, port, ["echo", "store", "find", "find", "find", "echo"])
+    assert results == [
+        ([0xC000], True),
+        ([0xC000], True),
+        ([0xC000], True),
+        ([0xFF00, 0xC000], True),
+        ([0xFF00, 0xC000], True),
+        ([0xC000], True),
+    ]
+    errors = [r.getMessage() for r in logged.records if r.levelno == logging.ERROR]
+    assert len(errors) == 6, logged.text

@@ -43,6 +43,7 @@ from .scp import (
     decode_received_async,
     error_comment,
     failure_status,
+    final_status,
     off_loop,
     own_cancellation,
 )
@@ -401,6 +402,7 @@ async def scp_n_service(
             status = failure_status(field, exc, assoc)
         else:
             status, reply = _outcome(result, assoc, name)
+            status = final_status(field, status, assoc.log)
     sop_class = request.sop_class_uid if request else (cmd.requested_sop_class_uid or cmd.affected_sop_class_uid)
     sop_instance = (
         request.sop_instance_uid if request else (cmd.requested_sop_instance_uid or cmd.affected_sop_instance_uid)

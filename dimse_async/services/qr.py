@@ -28,7 +28,7 @@ from ..inflate import InflationLimit
 from ..interface import DIMSEProvider, ResponseStream, StoreHandler
 from ..lazy_dataclass import dataclass
 from ..session import Operation
-from ..status import Code, Status, response_status
+from ..status import PENDING_CODES, Code, Status, response_status
 from .requests import Request
 from .scp import (
     StatusError,
@@ -635,17 +635,31 @@ async def _find_responses(assoc: DIMSEProvider, op: Operation, request: QueryReq
     Cancel (0xFE00, "matching terminated due to cancel", PS3.4 C.4.1.1.4) only when
     matching was cut short: a match was left unsent, or the handler ended after it saw
     ``request.cancelled``. A C-CANCEL read after the last match went out changes
-    nothing: every match was sent, the final status is Success (PS3.7 §9.3.2.3)."""
+    nothing: every match was sent, the final status is Success (PS3.7 §9.3.2.3).
+
+    A match is a ``Dataset``, or ``(0xFF00 or 0xFF01, Dataset)``: anything else (no
+    identifier, a final status such as Success, which would end the operation at the
+    peer before its final response) is the handler's failure (``ValueError``)."""
+    from pydicom.dataset import Dataset  # (loaded already: the request's identifier was decoded)
+
     try:
         async for item in agen:
             if op.cancelled:
                 return Status(Code.CANCEL)  # this match is left unsent
-            code, ident = item if isinstance(item, tuple) else (Code.PENDING, item)
+            code, ident = item if isinstance(item, tuple) and len(item) == 2 else (Code.PENDING, item)
+            if code not in PENDING_CODES or not isinstance(ident, Dataset):
+                raise ValueError(f"a match must be a Dataset or (0xFF00 or 0xFF01, Dataset), not {_brief(item)}")
             await respond(assoc, op, Status(code), ident)
             await asyncio.sleep(0)  # let the loop read a C-CANCEL that may have arrived
     finally:
         await close_handler(agen)
     return Status(Code.CANCEL if request.cancel_seen else Code.SUCCESS)
+
+
+def _brief(item: object) -> str:
+    if isinstance(item, tuple):
+        return "(" + ", ".join(f"0x{v:04X}" if isinstance(v, int) else type(v).__name__ for v in item) + ")"
+    return type(item).__name__
 
 
 async def close_handler(agen: Any) -> None:

@@ -4,7 +4,8 @@ A handler returns a status (or ``None`` for success), raises :class:`StatusError
 answer a specific status, or raises anything else: ``OSError`` answers the service's
 out-of-resources code, other exceptions its generic failure code (a ``CancelledError``
 too, unless the association itself is ending), and a returned value that is not a
-status answers 0xC000 (PS3.7 C.5.2); the association stays up either way. Error comments go with warning and failure statuses only, at most 64
+status, or a pending status as the final one, answers 0xC000 (PS3.7 C.5.2); the
+association stays up either way. Error comments go with warning and failure statuses only, at most 64
 characters (PS3.7 C.4, LO).
 """
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..dimse import Command, CommandField, response_to
 from ..interface import DIMSEProvider
-from ..status import Code, Status, StatusCategory, offending_element_allowed
+from ..status import PENDING_CODES, Code, Status, StatusCategory, offending_element_allowed
 from ..uids import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ __all__ = [
     "off_loop",
     "error_comment",
     "failure_status",
+    "final_status",
     "outcome_status",
     "own_cancellation",
     "response",
@@ -146,13 +148,24 @@ def own_cancellation() -> bool:
     return task is None or task.cancelling() > 0
 
 
+def final_status(service: int, status: Status, log: Any) -> Status:
+    """``status`` as a handler's final answer: a pending status (0xFF00, 0xFF01) cannot be
+    one (PS3.7 §9.1.2.1.6: the peer would wait for a final response that never comes):
+    logged, 0xC000."""
+    if int(status) not in PENDING_CODES:
+        return status
+    name = CommandField(service).name.replace("_", "-")[:-3]
+    log.error(f"{name} handler answered a pending status as its final one", status=f"0x{int(status):04X}")
+    return Status(Code.CANNOT_UNDERSTAND, f"handler answered pending 0x{int(status):04X} as final status")
+
+
 def failure_status(service: int, exc: BaseException, assoc: DIMSEProvider) -> Status:
     """The status answering a handler that raised ``exc``; logged with the service name."""
     log = assoc.log
     name = CommandField(service).name.replace("_", "-")[:-3]
     if isinstance(exc, StatusError):
         log.info("handler refused", service=name, status=repr(exc.status))
-        return exc.status
+        return final_status(service, exc.status, log)
     generic, resources = FAILURE_CODES.get(service, (Code.CANNOT_UNDERSTAND, Code.OUT_OF_RESOURCES))
     if isinstance(exc, asyncio.CancelledError):
         log.error(f"{name} handler failed", error=f"cancelled by another task than the association's ({exc!r})")
@@ -170,9 +183,9 @@ def outcome_status(service: int, result: object, log: Any) -> Status:
     if result is None:
         return Status(Code.SUCCESS)
     if isinstance(result, Status):
-        return result
+        return final_status(service, result, log)
     if isinstance(result, int) and not isinstance(result, bool) and 0 <= result <= 0xFFFF:
-        return Status(result)
+        return final_status(service, Status(result), log)
     name = CommandField(service).name.replace("_", "-")[:-3]
     log.error(f"{name} handler returned a non-status", result=repr(result)[:100])
     return Status(Code.CANNOT_UNDERSTAND, f"handler returned {type(result).__name__}, not a status")

@@ -28,7 +28,7 @@ from ..part10 import encode_file_meta, valid_uid
 from ..session import Operation
 from ..sop_classes import is_other_service_class
 from ..space import StorageSpace
-from ..status import Code, Status
+from ..status import PENDING_CODES, Code, Status
 from ..uids import STORE_TRANSFER_SYNTAXES
 from .requests import Request
 from .scp import failure_status, outcome_status, own_cancellation, response
@@ -313,7 +313,7 @@ async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler
                 status = failure_status(CommandField.C_STORE_RQ, exc, assoc)
             else:
                 status = result
-                if not isinstance(result, Status):
+                if not isinstance(result, Status) or int(result) in PENDING_CODES:
                     status = outcome_status(CommandField.C_STORE_RQ, result, assoc.log)
     finally:
         spool.discard()
