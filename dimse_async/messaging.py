@@ -303,6 +303,7 @@ class DIMSEMessaging:
         if dataset is None:
             if not self._sending and self._send_now(context_id, command):
                 if self._write_paused:
+                    self._mark_sent(command)
                     await self._drain(timeout)
                 return
         else:
@@ -316,6 +317,7 @@ class DIMSEMessaging:
                 and self._send_now(context_id, command, dataset)
             ):
                 if self._write_paused:
+                    self._mark_sent(command)
                     await self._drain(timeout)
                 return
         cmd = encode_command(command)
@@ -437,6 +439,8 @@ class DIMSEMessaging:
                 self._report_output()
             self._last_dimse = self.loop.time()
             self._message_sent(context_id, command, dataset=dataset is not None)
+            if self._write_paused:
+                self._mark_sent(command)
             await self._drain(timeout)
 
     def sub_operation_progress(self) -> float:
@@ -470,13 +474,26 @@ class DIMSEMessaging:
         all sent cannot be about it (a C-STORE-RSP Success for an instance the peer had
         not received whole, PS3.7 §9.1.1.1): :class:`DIMSEFailure`, its status disregarded."""
         timeout = self.settings.dimse_timeout if timeout is None else timeout
-        async with self._window:
+        window = self._window
+        await window.acquire()
+        abandoned = False
+        try:
             waiter = self.begin_request(context, command, multi=False)
             try:
                 await self.send(context.id, command, dataset, timeout=timeout)
+                waiter.sent = True
                 rsp = await waiter.get(timeout)
+            except asyncio.CancelledError:
+                abandoned = waiter.sent and self.fsm.state in _CAN_SEND
+                if abandoned:
+                    self._abandon(waiter, window, timeout)
+                raise
             finally:
-                self.end_request(waiter)
+                if not abandoned:
+                    self.end_request(waiter)
+        finally:
+            if not abandoned:
+                window.release()
         status = rsp.command.status
         if waiter.early and status is not None and not Status(status).is_failure:
             self.log.warning("response before the request's data set was all sent", command=command.name, status=f"0x{status:04X}")
@@ -485,6 +502,37 @@ class DIMSEMessaging:
                 "(its status disregarded)"
             )
         return rsp
+
+    def _abandon(self, waiter: ResponseQueue, window: asyncio.Semaphore, timeout: float | None) -> None:
+        """A request whose caller stopped awaiting it (its task cancelled) once it went
+        out: the peer still answers it (PS3.7 §9.1), so its message id stays expected
+        and the response is dropped when it comes (not a protocol violation), its place
+        in the window of operations we invoke is held until then (PS3.7 D.3.3.3), and a
+        release waits for it. No response within ``timeout`` aborts, as for a request
+        still awaited."""
+        timer = None if timeout is None else self.loop.call_later(timeout, self._abandoned_timeout, waiter, timeout)
+
+        def answered(_done: asyncio.Future[None]) -> None:
+            if timer is not None:
+                timer.cancel()
+            self.end_request(waiter)
+            window.release()
+
+        waiter.done.add_done_callback(answered)
+        if self._debug:
+            self.log.debug("request no longer awaited: its response will be dropped", message_id=waiter.message_id)
+
+    def _abandoned_timeout(self, waiter: ResponseQueue, timeout: float) -> None:
+        if not waiter.done.done():
+            self.abort(f"no {waiter.name} response within {timeout} s")
+
+    def _mark_sent(self, command: Command) -> None:
+        """``command`` went to the transport whole: a request's waiter learns it (before
+        a wait for the transport to drain, which its caller may cancel)."""
+        if not command.command_field & 0x8000:
+            waiter = self._waiters.get(command.message_id or 0)
+            if waiter is not None:
+                waiter.sent = True
 
     def request_stream(
         self,

@@ -30,7 +30,7 @@ class ResponseQueue:
     Reading pauses while more than :data:`MAX_QUEUED` responses (or
     :data:`MAX_QUEUED_BYTES` of their data sets) wait to be taken."""
 
-    __slots__ = ("_bytes", "_items", "_owner", "_paused", "_wakeup", "done", "early", "message_id", "name")
+    __slots__ = ("_bytes", "_items", "_owner", "_paused", "_wakeup", "done", "early", "message_id", "name", "sent")
 
     def __init__(self, owner: RequestInvoker, message_id: int, name: str):
         self._owner = owner
@@ -43,6 +43,8 @@ class ResponseQueue:
         self.done: asyncio.Future[None] = owner.loop.create_future()
         #: A response came before the request's data set was all sent (set by the sender).
         self.early = False
+        #: The request went to the transport whole (its caller may stop awaiting it then).
+        self.sent = False
 
     @property
     def waiting(self) -> bool:
