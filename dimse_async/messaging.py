@@ -64,6 +64,9 @@ HIGH_WATER = 4 * WRITE_BATCH  # a transport holding more pauses its senders
 #: only what its transport holds).
 SHED_AFTER = 0.05
 JOIN_BELOW = 64 << 10  # a message smaller than this is joined into one buffer (one write)
+#: Requests the peer sent beyond the negotiated window (PS3.7 D.3.3.3) held back while
+#: reading goes on because requests of ours await their responses; past it reading pauses.
+MAX_HELD_AWAITING = 16
 #: The session of every association not negotiated yet, shared: with no accepted context
 #: it is only read (idle, no operation, no request); P-DATA reaches a session only once
 #: the association is established, with a session of its own.
@@ -560,6 +563,8 @@ class DIMSEMessaging:
     def begin_request(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue:
         """Give ``command`` a message id and a queue for its responses (not sent yet)."""
         self._check_can_send()
+        if "window" in self._pause_reasons and self.session.held <= MAX_HELD_AWAITING:
+            self.resume_reading("window")  # its response must be read (see _on_session_event)
         mid = self.session.start_request(context, command, multi=multi)
         waiter = self._waiters[mid] = ResponseQueue(self, mid, command.name)
         return waiter
@@ -647,7 +652,11 @@ class DIMSEMessaging:
                 event.request.sink.discard()  # refused or cancelled before it started
             self._respond(event.context_id, event.command)
         elif isinstance(event, PauseReading):
-            if self.session.held:  # not when the held-back requests already ran (answered inline)
+            # Not when the held-back requests already ran (answered inline); nor, for a few,
+            # while requests of ours await responses (a C-GET's C-STORE sub-operations:
+            # unread, they would hold the operation, and so every held-back one, for good).
+            held = self.session.held
+            if held and (not self._waiters or held > MAX_HELD_AWAITING):
                 self.pause_reading("window")
         elif isinstance(event, ResumeReading):
             self.resume_reading("window")

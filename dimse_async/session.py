@@ -155,13 +155,16 @@ class CancelRequested:
 
 @dataclass(slots=True, frozen=True)
 class PauseReading:
-    """The peer exceeded the window: stop reading until :class:`ResumeReading`."""
+    """The peer exceeded the window (one more request held back): stop reading until
+    :class:`ResumeReading`, unless the adapter must read on (responses it awaits)."""
 
 
 @dataclass(slots=True, frozen=True)
 class ResumeReading:
     """Every held-back request has started: read again."""
 
+
+_PAUSE = PauseReading()
 
 SessionEvent = (
     StreamStarted | DataFragment | Perform | Respond | ResponseArrived | CancelRequested | PauseReading | ResumeReading
@@ -400,10 +403,9 @@ class Session:
             if len(self._performing) < self.max_performed:
                 self._performing[id(op)] = op
                 out.append(Perform(op))
-            else:  # the peer exceeded the negotiated window: hold it, stop reading
-                if not self._held:
-                    out.append(PauseReading())
+            else:  # the peer exceeded the negotiated window: hold it (the adapter judges reading)
                 self._held.append(op)
+                out.append(_PAUSE)
 
     def _expected(self, msg: Message) -> tuple[int, bool]:
         """(message id, several responses expected) of the request the response ``msg``

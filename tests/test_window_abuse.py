@@ -1,0 +1,116 @@
+"""A raw peer exceeding the asynchronous operations window (PS3.7 D.3.3.3) while our
+SCP awaits responses of its own: a C-GET's C-STORE sub-operations (PS3.4 C.4.3).
+
+Requests beyond the window are held back until a place frees (the SCP stops reading
+meanwhile); the C-STORE-RSPs of the sub-operations must still be read, or the C-GET,
+and every request held behind it, waits for good (until the DIMSE timeout aborts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from pydicom.dataset import Dataset
+from rawpeer import CT_IMAGE_STORAGE, EXPLICIT_LE, IMPLICIT_LE, VERIFICATION, RawPeer, ct_dataset, echo_rq, pdata
+
+import dimse_async as da
+from dimse_async.acse import ContextSpec, build_request
+from dimse_async.dimse import Command, CommandField, decode_command, encode_command
+from dimse_async.services.storage import encode_dataset
+
+pytestmark = pytest.mark.timeout(60)
+
+STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+DIMSE_TIMEOUT = 5.0  # the SCP's: a C-GET stuck on unread responses ends only then
+INSTANCES = 3
+
+
+@contextlib.asynccontextmanager
+async def get_scp() -> AsyncIterator[int]:
+    ae = da.AE("SCP", dimse_timeout=DIMSE_TIMEOUT)
+    ae.add_supported_context(VERIFICATION)
+    ae.add_supported_context(CT_IMAGE_STORAGE, scu_role=True, scp_role=True)
+    ae.add_supported_context(STUDY_GET)
+
+    @ae.on_c_get
+    async def get(request: da.QueryRequest) -> AsyncIterator[Dataset]:
+        for _ in range(INSTANCES):
+            yield ct_dataset()
+
+    server = await ae.start_server("127.0.0.1", 0)
+    try:
+        yield server.port
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=2), 10)
+
+
+def command_of(pdu: bytes) -> Command | None:
+    """The command set of a P-DATA-TF holding one whole command (else ``None``)."""
+    (length,) = struct.unpack_from(">I", pdu, 6)
+    if pdu[11] != 0x03:
+        return None
+    return decode_command(pdu[12 : 10 + length])
+
+
+@pytest.mark.parametrize("extra", [1, 5], ids=["one", "five"])
+async def test_requests_beyond_the_window_during_a_c_get_leave_its_sub_operations_answered(extra: int) -> None:
+    """C-GET-RQ, then C-ECHO-RQs beyond the window of 1 in the same write: every
+    sub-operation is answered by the peer and read, the C-GET ends Success, then each
+    C-ECHO is answered, in well under the DIMSE timeout (before: the C-STORE-RSPs
+    stayed unread behind the paused socket and the association was aborted after it,
+    "no C-STORE-RQ response")."""
+    specs = [
+        ContextSpec(VERIFICATION, [IMPLICIT_LE]),
+        ContextSpec(CT_IMAGE_STORAGE, [EXPLICIT_LE], scu_role=True, scp_role=True),
+        ContextSpec(STUDY_GET, [IMPLICIT_LE]),
+    ]
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.3"
+    get_rq = Command(CommandField.C_GET_RQ, message_id=1, affected_sop_class_uid=STUDY_GET, priority=0, data_set_type=0)
+    async with get_scp() as port:
+        peer = await RawPeer.connect(port)
+        try:
+            await peer.associate(build_request("SCP", "RAW", specs, max_pdu=65536).encode())
+            start = time.monotonic()
+            await peer.send(
+                pdata(5, encode_command(get_rq), command=True)
+                + pdata(5, encode_dataset(query, IMPLICIT_LE), command=False)
+                + b"".join(echo_rq(2 + i) for i in range(extra))
+            )
+            stored, get_statuses, echoes = 0, [], []
+            while len(echoes) < extra:
+                pdu = await peer.read_pdu(DIMSE_TIMEOUT + 2)
+                assert pdu is not None and pdu[0] == 0x04, f"ended with {pdu!r} after {time.monotonic() - start:.1f} s"
+                cmd = command_of(pdu)
+                if cmd is None:
+                    continue  # a sub-operation's data set
+                if cmd.command_field == CommandField.C_STORE_RQ:
+                    await peer.read_pdu()  # its data set
+                    rsp = Command(
+                        CommandField.C_STORE_RSP,
+                        message_id_being_responded_to=cmd.message_id,
+                        affected_sop_class_uid=cmd.affected_sop_class_uid,
+                        affected_sop_instance_uid=cmd.affected_sop_instance_uid,
+                        status=0,
+                    )
+                    await peer.send(pdata(pdu[10], encode_command(rsp), command=True))
+                    stored += 1
+                elif cmd.command_field == CommandField.C_GET_RSP:
+                    get_statuses.append(cmd.status)
+                elif cmd.command_field == CommandField.C_ECHO_RSP:
+                    assert get_statuses[-1:] == [0x0000], "the C-ECHO was answered before the C-GET ended"
+                    echoes.append((cmd.message_id_being_responded_to, cmd.status))
+            assert stored == INSTANCES
+            assert get_statuses == [0xFF00] * (INSTANCES - 1) + [0x0000]
+            assert echoes == [(2 + i, 0x0000) for i in range(extra)]
+            assert time.monotonic() - start < DIMSE_TIMEOUT / 2
+            await peer.release()
+        finally:
+            await peer.close()
