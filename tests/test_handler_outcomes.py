@@ -32,6 +32,8 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model: N-ACTION
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 PEER_TIMEOUT = 3  # the peer's DIMSE timeout: a request left unanswered shows as no status
 
 
@@ -77,22 +79,26 @@ async def serving(ae: da.AE) -> AsyncIterator[int]:
 
 
 def scp(**handlers: Callable[..., Any]) -> da.AE:
+    """Our SCP with ``handlers`` by service name (``c_echo`` ... ``n_action``)."""
     # A destination that is known (else 0xA801 before any handler runs) and never reached.
     ae = da.AE("SCP", known_aes={"NOWHERE": (HOST, 9)})
-    for sop_class in (VERIFICATION, CT, STUDY_FIND, STUDY_GET, STUDY_MOVE):
+    for sop_class in (VERIFICATION, CT, STUDY_FIND, STUDY_GET, STUDY_MOVE, COMMITMENT):
         ae.add_supported_context(sop_class, scu_role=True, scp_role=sop_class == CT)
     for service, handler in handlers.items():
-        ae.set_handler(service, handler)
+        if service == "n_action":
+            ae.on_n_action(handler, sop_class=COMMITMENT)
+        else:
+            ae.set_handler(service, handler)
     return ae
 
 
 def pynetdicom_session(port: int, operations: list[str]) -> list[tuple[list[int | None], bool]]:
     """One pynetdicom association running ``operations`` ("echo", "store", "find",
-    "get", "move") in turn: per operation the statuses received (``None``: none, the
+    "get", "move", "action") in turn: per operation the statuses received (``None``: none, the
     peer timed out) and whether the association still stood after it."""
     ae = PynetdicomAE("PYNETDICOM")
     ae.dimse_timeout = ae.acse_timeout = ae.network_timeout = PEER_TIMEOUT
-    for sop_class in (VERIFICATION, CT, STUDY_FIND, STUDY_GET, STUDY_MOVE):
+    for sop_class in (VERIFICATION, CT, STUDY_FIND, STUDY_GET, STUDY_MOVE, COMMITMENT):
         ae.add_requested_context(sop_class)
     assoc = ae.associate(
         HOST,
@@ -116,6 +122,11 @@ def pynetdicom_session(port: int, operations: list[str]) -> list[tuple[list[int 
                 statuses += [s.get("Status") for s, _ in assoc.send_c_get(query(), STUDY_GET)]
             elif operation == "move":
                 statuses += [s.get("Status") for s, _ in assoc.send_c_move(query(), "NOWHERE", STUDY_MOVE)]
+            elif operation == "action":
+                request = Dataset()
+                request.TransactionUID = generate_uid()
+                status, _reply = assoc.send_n_action(request, 1, COMMITMENT, COMMITMENT_INSTANCE)
+                statuses.append(status.get("Status"))
             out.append((statuses, assoc.is_established))
             if not assoc.is_established:
                 break
@@ -223,3 +234,32 @@ async def test_statuses_a_service_cannot_answer_with_are_refused_as_failures(
     ]
     errors = [r.getMessage() for r in logged.records if r.levelno == logging.ERROR]
     assert len(errors) == 6, logged.text
+
+
+async def test_replies_pydicom_cannot_encode_are_the_handlers_failure_in_one_log_line(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """A value the handler set that pydicom cannot write (a text in US): an N-ACTION
+    reply is answered 0x0110 Processing Failure, a C-FIND match 0xC000, a C-GET
+    instance a failed sub-operation (0xA702); the association goes on and the log has
+    one line about it, without the traceback pydicom puts into its message (before,
+    the N-ACTION aborted the association as an internal error)."""
+
+    def unwritable() -> Dataset:
+        ds = ct_instance()
+        ds.add_new(0x00280010, "US", "not a number")  # Rows
+        return ds
+
+    async def action(request: Any) -> Dataset:
+        return unwritable()
+
+    async def matches(request: Any) -> AsyncIterator[Dataset]:
+        yield unwritable()
+
+    ae = scp(n_action=action, c_find=matches, c_get=matches)
+    async with serving(ae) as port:
+        results = await asyncio.to_thread(pynetdicom_session, port, ["action", "find", "get", "echo"])
+    assert results == [([0x0110], True), ([0xC000], True), ([0xA702], True), ([0x0000], True)]
+    text = logged.text
+    assert "Traceback" not in text and "internal error" not in text, text
+    assert "N-ACTION handler failed" in text and "C-FIND handler failed" in text and "sub-operation failed" in text

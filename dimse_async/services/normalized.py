@@ -39,6 +39,7 @@ from .requests import Request
 from .scp import (
     MAX_N_REPLY_ITEMS,
     MAX_N_REQUEST_ITEMS,
+    brief_error,
     decode_received,
     decode_received_async,
     error_comment,
@@ -390,6 +391,7 @@ async def scp_n_service(
         elif handler is None:
             status = Status(NCode.SOP_CLASS_NOT_SUPPORTED, f"no {name} handler for this SOP class")
     reply: Dataset | None = None
+    payload: bytes | None = None
     if status is None:
         assert request is not None and handler is not None
         try:
@@ -403,14 +405,19 @@ async def scp_n_service(
         else:
             status, reply = _outcome(result, assoc, name)
             status = final_status(field, status, assoc.log)
+            if reply is not None and not status.is_failure:
+                try:  # the handler's reply, encoded now: one pydicom cannot write is its failure
+                    payload = encode_dataset(reply, ctx.transfer_syntax)
+                except Exception as exc:  # (pydicom raises OSError for it: no lack of resources)
+                    cause = ValueError(f"reply data set cannot be encoded: {brief_error(exc)}")
+                    status, reply = failure_status(field, cause, assoc), None
     sop_class = request.sop_class_uid if request else (cmd.requested_sop_class_uid or cmd.affected_sop_class_uid)
     sop_instance = (
         request.sop_instance_uid if request else (cmd.requested_sop_instance_uid or cmd.affected_sop_instance_uid)
     )
     if status.is_failure:
-        reply = None  # a failure carries no reply data set (PS3.7 §10.1)
+        payload = None  # a failure carries no reply data set (PS3.7 §10.1)
     if not status.is_success:
         assoc.log.info(f"{name} answered", status=repr(status), sop_class=sop_class)
     rsp = _response(op, status, sop_class, sop_instance)
-    payload = None if reply is None else encode_dataset(reply, ctx.transfer_syntax)
     await assoc.send(ctx.id, rsp, payload)

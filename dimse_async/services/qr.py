@@ -32,6 +32,7 @@ from ..status import PENDING_CODES, Code, Status, response_status
 from .requests import Request
 from .scp import (
     StatusError,
+    brief_error,
     decode_received,
     decode_received_async,
     failure_status,
@@ -601,7 +602,12 @@ async def respond(
     rsp = response(op.command, status)
     if counters is not None:
         rsp.remaining, rsp.completed, rsp.failed, rsp.warning = counters
-    payload = encode_dataset(identifier, op.context.transfer_syntax) if identifier is not None else None
+    payload = None
+    if identifier is not None:
+        try:
+            payload = encode_dataset(identifier, op.context.transfer_syntax)
+        except Exception as exc:  # (pydicom raises OSError for a value it cannot write: no lack of resources)
+            raise ValueError(f"identifier cannot be encoded: {brief_error(exc)}") from exc
     await assoc.send(op.context.id, rsp, payload)
 
 

@@ -36,7 +36,7 @@ from .qr import (
     respond,
     unsupported,
 )
-from .scp import failure_status, own_cancellation
+from .scp import brief_error, failure_status, own_cancellation
 from .store_scu import c_store
 
 __all__ = ["MoveRoute", "scp_c_get", "scp_c_move"]
@@ -191,7 +191,7 @@ async def _run_suboperations(
                 where = (
                     {"sop_instance": item.sop_instance_uid, "path": str(item)} if isinstance(item, StoredFile) else {}
                 )
-                warn("sub-operation failed", **where, error=repr(exc))
+                warn("sub-operation failed", **where, error=brief_error(exc))
                 category = StatusCategory.FAILURE
             if category is StatusCategory.SUCCESS:
                 completed += 1

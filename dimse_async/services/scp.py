@@ -34,6 +34,7 @@ __all__ = [
     "decode_received_async",
     "off_loop",
     "error_comment",
+    "brief_error",
     "failure_status",
     "final_status",
     "outcome_status",
@@ -159,6 +160,16 @@ def final_status(service: int, status: Status, log: Any) -> Status:
     return Status(Code.CANNOT_UNDERSTAND, f"handler answered pending 0x{int(status):04X} as final status")
 
 
+def brief_error(exc: BaseException) -> str:
+    """``repr(exc)``, or for an exception whose text runs over several lines (pydicom's
+    writer puts the traceback of the exception it wraps into its message) its type and
+    first line: a log line stays one line about the fault."""
+    text = str(exc)
+    if "\n" not in text:
+        return repr(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}"
+
+
 def failure_status(service: int, exc: BaseException, assoc: DIMSEProvider) -> Status:
     """The status answering a handler that raised ``exc``; logged with the service name."""
     log = assoc.log
@@ -170,12 +181,13 @@ def failure_status(service: int, exc: BaseException, assoc: DIMSEProvider) -> St
     if isinstance(exc, asyncio.CancelledError):
         log.error(f"{name} handler failed", error=f"cancelled by another task than the association's ({exc!r})")
         return Status(generic, "Unable to process: the handler was cancelled")
-    log.error(f"{name} handler failed", error=repr(exc))
+    log.error(f"{name} handler failed", error=brief_error(exc))
     if isinstance(exc, OSError):
         if service == CommandField.C_STORE_RQ:
             assoc.note_error("storage")
         return Status(resources, f"Out of resources: {exc.strerror or exc}")
-    return Status(generic, f"Unable to process: {exc}")
+    text = str(exc)
+    return Status(generic, f"Unable to process: {text.splitlines()[0] if text else ''}")
 
 
 def outcome_status(service: int, result: object, log: Any) -> Status:
