@@ -7,6 +7,7 @@ here at request time; association hooks see the lifecycle events.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -178,6 +179,13 @@ class HandlerRegistry:
                 if asyncio.iscoroutine(result):
                     task = asyncio.ensure_future(result)
                     self._hook_tasks.add(task)
-                    task.add_done_callback(self._hook_tasks.discard)
+                    task.add_done_callback(functools.partial(self._hook_done, event, assoc))
             except Exception as exc:
                 assoc.log.error("association hook failed", hook_event=event.value, error=repr(exc))
+
+    def _hook_done(self, event: AssociationEvent, assoc: Association, task: asyncio.Future[Any]) -> None:
+        """An ``async`` hook ended: what it raised is logged as a plain hook's is (not left
+        to asyncio's "Task exception was never retrieved" and its traceback)."""
+        self._hook_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            assoc.log.error("association hook failed", hook_event=event.value, error=repr(exc))

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
+from conftest import communicate, dcmtk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -263,3 +265,34 @@ async def test_replies_pydicom_cannot_encode_are_the_handlers_failure_in_one_log
     text = logged.text
     assert "Traceback" not in text and "internal error" not in text, text
     assert "N-ACTION handler failed" in text and "C-FIND handler failed" in text and "sub-operation failed" in text
+
+
+async def test_an_async_association_hook_that_raises_is_logged_as_a_plain_one(
+    logged: pytest.LogCaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DCMTK echoscu against our SCP whose ``async`` hooks raise: an ERROR line per hook,
+    as for a plain hook; before, asyncio's "Task exception was never retrieved" and a
+    traceback, and nothing of ours."""
+    ae = scp()
+
+    @ae.on_association("accepted")
+    async def accepted(assoc: da.Association) -> None:
+        raise RuntimeError("hook of the application failed")
+
+    @ae.on_association("released")
+    async def released(assoc: da.Association) -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("hook of the application failed")
+
+    async with serving(ae) as port:
+        code, out, err = await communicate((dcmtk("echoscu"), "-aec", "SCP", HOST, str(port)), timeout=20)
+        assert code == 0, out + err
+        for _ in range(100):
+            if sum("association hook failed" in r.getMessage() for r in logged.records) >= 2:
+                break
+            await asyncio.sleep(0.01)
+    gc.collect()  # a task whose exception nobody took reports it when collected
+    await asyncio.sleep(0)
+    hooks = [r.getMessage() for r in logged.records if "association hook failed" in r.getMessage()]
+    assert len(hooks) == 2 and all("hook of the application failed" in h for h in hooks), logged.text
+    assert "never retrieved" not in caplog.text
