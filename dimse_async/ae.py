@@ -489,7 +489,10 @@ class AE(HandlerRegistry):
         if identity is not None and self._authenticator is not None:
             try:
                 ok, response = await asyncio.wait_for(self._authenticator(identity, assoc), self.acse_timeout)
-            except Exception as exc:  # the hook failed: treat as a refusal, say why (limited per address)
+            except (Exception, asyncio.CancelledError) as exc:  # the hook failed: a refusal, say why (limited per address)
+                task = asyncio.current_task()
+                if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):
+                    raise  # the association itself ends (the peer went away, the server stops)
                 if server is None or server.allow_warning("user identity check failed", assoc.peer[0]):
                     assoc.log.warning("user identity check failed", error=repr(exc))
                 ok, response = False, None

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE as PynetdicomAE
 from pynetdicom import build_role, evt
+from pynetdicom.pdu_primitives import UserIdentityNegotiation
 
 import dimse_async as da
 
@@ -296,3 +297,33 @@ async def test_an_async_association_hook_that_raises_is_logged_as_a_plain_one(
     hooks = [r.getMessage() for r in logged.records if "association hook failed" in r.getMessage()]
     assert len(hooks) == 2 and all("hook of the application failed" in h for h in hooks), logged.text
     assert "never retrieved" not in caplog.text
+
+
+async def test_an_authenticator_whose_await_is_cancelled_elsewhere_rejects_the_association(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """A user identity check (PS3.7 D.3.3.7) that fails that way is a refusal as any
+    failure of it: A-ASSOCIATE-RJ at once and a warning; before, nothing answered the
+    A-ASSOCIATE-RQ and the peer aborted at its ACSE timeout."""
+    ae = scp()
+
+    @ae.on_user_identity
+    async def check(identity: da.UserIdentityRQ, assoc: da.Association) -> tuple[bool, bytes | None]:
+        await cancelled_elsewhere()
+        return True, None
+
+    def associate(port: int) -> tuple[bool, bool]:
+        peer = PynetdicomAE("PYNETDICOM")
+        peer.acse_timeout = PEER_TIMEOUT
+        peer.add_requested_context(VERIFICATION)
+        identity = UserIdentityNegotiation()
+        identity.user_identity_type = 1
+        identity.primary_field = b"alice"
+        assoc = peer.associate(HOST, port, ae_title="SCP", ext_neg=[identity])
+        if assoc.is_established:
+            assoc.release()
+        return assoc.is_rejected, assoc.is_aborted
+
+    async with serving(ae) as port:
+        assert await asyncio.to_thread(associate, port) == (True, False)
+    assert "user identity check failed" in logged.text
