@@ -17,6 +17,7 @@ from .exceptions import AssociationTimeout, ConnectionFailed
 from .handlers import HandlerRegistry, Service
 from .interface import DIMSEProvider, ServiceHandler, Settings, SinkFactory
 from .keepalive import set_nodelay
+from .log import get_logger
 from .operations import Association
 from .pdu import (
     AssociateAC,
@@ -60,6 +61,8 @@ TRANSFER_SYNTAX_PRESETS: dict[str, list[str]] = {
     ],
     "as-received": list(STORE_TRANSFER_SYNTAXES),
 }
+
+_log = get_logger()
 
 
 def _address_in(address: str, allowed: tuple[Network, ...]) -> bool:
@@ -537,9 +540,34 @@ class AE(HandlerRegistry):
             allowed_calling_aes=self.allowed_calling_aes,
             max_ops_performed=self.max_ops_performed,
             max_ops_invoked=self.max_ops_invoked,
-            on_extended=self._on_extended,
-            on_common_extended=self._on_common_extended,
+            on_extended=self._extended_reply if self._on_extended is not None else None,
+            on_common_extended=self._common_extended_ok if self._on_common_extended is not None else None,
         )
+
+    def _extended_reply(self, sop_class: str, info: bytes) -> bytes | None:
+        """The application's SOP class extended negotiation reply (PS3.7 D.3.3.5): a
+        callback that raises or returns no bytes is logged and its item declined (no
+        reply sub-item), never the association's end."""
+        assert self._on_extended is not None
+        try:
+            reply = self._on_extended(sop_class, info)
+        except Exception as exc:
+            _log.error("extended negotiation callback failed", sop_class=sop_class, error=repr(exc))
+            return None
+        if reply is not None and not isinstance(reply, (bytes, bytearray)):
+            _log.error("extended negotiation callback returned no bytes", sop_class=sop_class, result=repr(reply)[:100])
+            return None
+        return None if reply is None else bytes(reply)
+
+    def _common_extended_ok(self, item: SOPClassCommonExtended) -> bool:
+        """The application's verdict on a common extended negotiation item (PS3.7 D.3.3.6);
+        a callback that raises is logged and the item not acknowledged."""
+        assert self._on_common_extended is not None
+        try:
+            return bool(self._on_common_extended(item))
+        except Exception as exc:
+            _log.error("common extended negotiation callback failed", sop_class=item.sop_class_uid, error=repr(exc))
+            return False
 
     # ------------------------------------------------------------ requestor
 

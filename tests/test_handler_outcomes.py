@@ -23,7 +23,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE as PynetdicomAE
 from pynetdicom import build_role, evt
-from pynetdicom.pdu_primitives import UserIdentityNegotiation
+from pynetdicom.pdu_primitives import (
+    SOPClassCommonExtendedNegotiation,
+    SOPClassExtendedNegotiation,
+    UserIdentityNegotiation,
+)
 
 import dimse_async as da
 
@@ -327,3 +331,50 @@ async def test_an_authenticator_whose_await_is_cancelled_elsewhere_rejects_the_a
     async with serving(ae) as port:
         assert await asyncio.to_thread(associate, port) == (True, False)
     assert "user identity check failed" in logged.text
+
+
+@pytest.mark.parametrize("fault", ["raises", "returns str"])
+async def test_extended_negotiation_callbacks_that_fail_decline_their_items(
+    logged: pytest.LogCaptureFixture, fault: str
+) -> None:
+    """SOP class extended and common extended negotiation callbacks (PS3.7 D.3.3.5,
+    D.3.3.6) that raise, or return a str where bytes are due: the item is declined (no
+    reply sub-item), an ERROR line says why, and the association is accepted; before,
+    an "internal error" A-ABORT answered the A-ASSOCIATE-RQ."""
+    ae = scp()
+
+    @ae.on_extended_negotiation
+    def extended(sop_class: str, info: bytes) -> Any:
+        if fault == "raises":
+            raise RuntimeError("callback of the application failed")
+        return "\x01"  # not bytes
+
+    @ae.on_common_extended_negotiation
+    def common(item: Any) -> bool:
+        raise RuntimeError("callback of the application failed")
+
+    def associate(port: int) -> tuple[bool, list[Any], int | None]:
+        peer = PynetdicomAE("PYNETDICOM")
+        peer.acse_timeout = peer.dimse_timeout = PEER_TIMEOUT
+        for sop_class in (VERIFICATION, STUDY_FIND, CT):
+            peer.add_requested_context(sop_class)
+        ext = SOPClassExtendedNegotiation()
+        ext.sop_class_uid = STUDY_FIND
+        ext.service_class_application_information = b"\x01"
+        common = SOPClassCommonExtendedNegotiation()
+        common.sop_class_uid = CT
+        common.service_class_uid = "1.2.840.10008.4.2"
+        assoc = peer.associate(HOST, port, ae_title="SCP", ext_neg=[ext, common])
+        if not assoc.is_established:
+            return False, [], None
+        replies = [i for i in assoc.acceptor.user_information if isinstance(i, SOPClassExtendedNegotiation)]
+        status = assoc.send_c_echo().get("Status")
+        assoc.release()
+        return True, replies, status
+
+    async with serving(ae) as port:
+        established, replies, status = await asyncio.to_thread(associate, port)
+    assert (established, replies, status) == (True, [], 0x0000)
+    assert "internal error" not in logged.text
+    assert "extended negotiation callback" in logged.text
+    assert "common extended negotiation callback failed" in logged.text
