@@ -378,3 +378,24 @@ async def test_extended_negotiation_callbacks_that_fail_decline_their_items(
     assert "internal error" not in logged.text
     assert "extended negotiation callback" in logged.text
     assert "common extended negotiation callback failed" in logged.text
+
+
+async def test_retrieve_items_that_are_neither_paths_nor_datasets_fail_their_sub_operations(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """A C-GET handler yielding an int and ``None`` among its instances: those
+    sub-operations fail (0xA702 when none succeeded, 0xB000 beside a stored one, PS3.4
+    C.4.3.1.4), each with a warning, and the association goes on; before, an
+    "internal error" A-ABORT."""
+    gets = iter([[5, None], [ct_instance(), 5]])
+
+    async def items(request: Any) -> AsyncIterator[Any]:
+        for item in next(gets):
+            yield item
+
+    ae = scp(c_get=items)
+    async with serving(ae) as port:
+        results = await asyncio.to_thread(pynetdicom_session, port, ["get", "get", "echo"])
+    assert results == [([0xFF00, 0xA702], True), ([0xFF00, 0xB000], True), ([0x0000], True)]
+    assert "internal error" not in logged.text
+    assert "sub-operation failed" in logged.text

@@ -77,7 +77,7 @@ def _item_uid(item: Any) -> str:
         with open(os.fspath(item), "rb") as fp:
             meta = read_file_meta(fp)
         return meta.sop_instance_uid if meta else ""
-    except OSError:
+    except (OSError, TypeError, ValueError):  # (a handler's item that is no path: a failed sub-operation)
         return ""
 
 
