@@ -399,3 +399,26 @@ async def test_retrieve_items_that_are_neither_paths_nor_datasets_fail_their_sub
     assert results == [([0xFF00, 0xA702], True), ([0xFF00, 0xB000], True), ([0x0000], True)]
     assert "internal error" not in logged.text
     assert "sub-operation failed" in logged.text
+
+
+async def test_move_items_that_cannot_be_inspected_fail_without_ending_the_association(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """A C-MOVE handler yielding an int, ``None`` and a Dataset without SOP Class UID:
+    each sub-operation fails (no sub-association is made for none to send), the C-MOVE
+    ends 0xA702 and the association goes on;
+    before, inspecting them for the destination's contexts raised and the association
+    was aborted as an internal error."""
+    no_class = ct_instance()
+    del no_class.SOPClassUID
+
+    async def items(request: Any) -> AsyncIterator[Any]:
+        for item in (5, None, no_class):
+            yield item
+
+    ae = scp(c_move=items)
+    async with serving(ae) as port:
+        results = await asyncio.to_thread(pynetdicom_session, port, ["move", "echo"])
+    assert results == [([0xFF00, 0xFF00, 0xA702], True), ([0x0000], True)]  # a pending response per failed one
+    assert "internal error" not in logged.text
+    assert "sub-operation not possible" in logged.text

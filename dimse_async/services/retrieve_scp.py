@@ -341,14 +341,15 @@ async def _move(
     else:
         listed = items if isinstance(items, list) else await items.rest()
         items = listed
-        inspected = await asyncio.to_thread(
-            lambda: [
-                _dataset_item(i) if isinstance(i, Dataset) else inspect_file(os.fspath(i))
-                for i in listed
-                if not isinstance(i, Unavailable)
-            ]
-        )
+        inspected = await asyncio.to_thread(lambda: [_inspect(i) for i in listed if not isinstance(i, Unavailable)])
     specs = _move_contexts(assoc, [x for x in inspected if isinstance(x, FileInfo)])
+    if not specs:  # nothing that can be sent (the handler's items): no sub-association
+
+        async def unsendable(item: Any) -> Status:
+            raise NoAcceptedContext("neither a readable DICOM file nor a Dataset with its SOP Class UID")
+
+        await _run_suboperations(assoc, op, items, unsendable)
+        return
     originator = (assoc.peer_ae, op.command.message_id or 0)
     slot = route.slot(address)
     total = items.total if isinstance(items, _Items) else len(items)
@@ -509,6 +510,18 @@ def _move_contexts(assoc: DIMSEProvider, infos: list[FileInfo]) -> list[ContextS
         for sop_class, syntaxes in by_class.items()
     ]
     return specs[:MAX_CONTEXTS]
+
+
+def _inspect(item: Any) -> FileInfo | str:
+    """What a C-MOVE sub-operation sends (for the destination's contexts), or why it
+    cannot be sent (a handler's item that is neither a path nor a Dataset with its SOP
+    Class UID: that sub-operation fails). Blocking."""
+    if isinstance(item, Dataset):
+        return _dataset_item(item) if "SOPClassUID" in item else "the data set has no SOP Class UID"
+    try:
+        return inspect_file(os.fspath(item))
+    except (TypeError, ValueError):
+        return f"neither a path nor a Dataset: {type(item).__name__}"
 
 
 def _dataset_item(ds: Dataset) -> FileInfo:
