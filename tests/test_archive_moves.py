@@ -71,24 +71,26 @@ async def test_replaced_instances_moving_leave_no_empty_parents(tmp_path: Path, 
             "studies": {study_b},
             "series": {series_b1, series_b2},
         }
-        # A series moving to another study (an instance of it arriving under another
-        # Study Instance UID) leaves its first study empty: it goes.
+        # An instance naming series X under another study while X holds another instance
+        # is refused (test_archive_hierarchy): nothing moves, nothing is left empty.
         _code, out = await storescu(srv.port, ct("3", three, study_c, series_x, "P3"))
-        _code, out = await storescu(srv.port, ct("4", four, study_d, series_x, "P3"))
         assert store_statuses(out) == ["Success"], out
+        _code, out = await storescu(srv.port, ct("4", four, study_d, series_x, "P3"))
+        assert store_statuses(out) == ["Error: DataSetDoesNotMatchSOPClass"], out
         found = await _found(srv.port, tmp_path)
-        assert study_c not in found["studies"] and study_d in found["studies"], found
-    # Re-index: a file changed on disk moves; a file gone takes its parents along.
-    path = stored_file(tmp_path / "arch", four)
+        assert study_c in found["studies"] and study_d not in found["studies"], found
+    # Re-index: a file changed on disk moves (the only instance of its series, study and
+    # patient: they go); a file gone takes its parents along.
+    path = stored_file(tmp_path / "arch", three)
     moved = pydicom.dcmread(path)
-    moved.StudyInstanceUID, moved.SeriesInstanceUID, moved.PatientID = study_c, generate_uid(), "P4"
+    moved.StudyInstanceUID, moved.SeriesInstanceUID, moved.PatientID = study_d, generate_uid(), "P4"
     moved.save_as(path)
     os.unlink(stored_file(tmp_path / "arch", one))
     async with running_serve(tmp_path / "arch", duplicates="replace", index=index) as srv:
         found = await _found(srv.port, tmp_path)
-        assert found["studies"] == {study_b, study_c, study_d}, found
-        assert found["patients"] == {"P2", "P3", "P4"}, found
-        assert series_b1 not in found["series"] and series_x in found["series"], found
+        assert found["studies"] == {study_b, study_d}, found
+        assert found["patients"] == {"P2", "P4"}, found
+        assert series_b1 not in found["series"] and series_x not in found["series"], found
 
 
 async def test_a_parent_a_concurrent_store_is_using_stays(postgresql, tmp_path: Path) -> None:
