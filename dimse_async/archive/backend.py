@@ -103,21 +103,60 @@ _PARENTS = (
 )
 
 
+#: Whether a series, or a study, holds an instance other than the one being indexed.
+_OTHERS_IN_SERIES = "SELECT 1 FROM instances WHERE series_uid = ? AND sop_uid != ? LIMIT 1"
+_OTHERS_IN_STUDY = (
+    "SELECT 1 FROM series s JOIN instances i ON i.series_uid = s.series_uid "
+    "WHERE s.study_uid = ? AND i.sop_uid != ? LIMIT 1"
+)
+#: Offending Elements (0000,0901) of an instance the hierarchy refuses (PS3.4 Table B.2-1).
+_SERIES_INSTANCE_UID, _PATIENT_ID = 0x0020000E, 0x00100020
+SERIES_CONFLICT = "Series Instance UID is in another study"
+STUDY_CONFLICT = "Study Instance UID is another patient's"
+
+
+class HierarchyConflict(ValueError):
+    """An instance whose series the index holds under another study, or its study for
+    another patient (:data:`SERIES_CONFLICT`, :data:`STUDY_CONFLICT`); ``tags``: the
+    element at fault (a refused C-STORE's Offending Element), as for :class:`.IndexingError`."""
+
+    def __init__(self, message: str, tags: tuple[int, ...]):
+        super().__init__(message)
+        self.tags = tags
+
+
+def hierarchy_conflict(message: str) -> HierarchyConflict:
+    """The :class:`HierarchyConflict` of :data:`SERIES_CONFLICT` or :data:`STUDY_CONFLICT`."""
+    return HierarchyConflict(message, (_SERIES_INSTANCE_UID,) if message == SERIES_CONFLICT else (_PATIENT_ID,))
+
+
 def write_index_rows(db: Connection, r: IndexRow) -> None:
     """Write ``r`` inside the open transaction of ``db`` (:func:`index_statements`),
     then drop the series, study and patient it left empty: an instance stored again
     under another series, study or patient (``duplicates = "replace"``, a changed
     file re-indexed) moves, and what it leaves behind without instances must not be
-    found by a C-FIND (PS3.4 C.4.1.3.2: Number of ... Related Instances)."""
+    found by a C-FIND (PS3.4 C.4.1.3.2: Number of ... Related Instances).
+
+    A series or study holding other instances does not move: a UID names one entity
+    (PS3.3 A.1.2), so an instance naming the series under another study, or the study
+    for another patient, conflicts with what is held, and :class:`HierarchyConflict`
+    (naming Series Instance UID or Patient ID) is raised before anything is written.
+    Moved, the instances held would be answered under a study or patient their data
+    sets do not name, and not found under their own."""
     series: list[str] = []
     studies: list[str] = []
     patients: list[str] = []
-    for old_series, old_study, old_patient in db.execute(_PARENTS, (r.sop_uid, r.path, r.series_uid, r.study_uid)):
+    parents = db.execute(_PARENTS, (r.sop_uid, r.path, r.series_uid, r.study_uid)).fetchall()
+    for old_series, old_study, old_patient in parents:
         if old_series is not None and old_series != r.series_uid:
             series.append(old_series)
         if old_study is not None and old_study != r.study_uid:
+            if db.execute(_OTHERS_IN_SERIES, (r.series_uid, r.sop_uid)).fetchone() is not None:
+                raise hierarchy_conflict(SERIES_CONFLICT)
             studies.append(old_study)
         if old_patient is not None and old_patient != r.patient_key:
+            if db.execute(_OTHERS_IN_STUDY, (r.study_uid, r.sop_uid)).fetchone() is not None:
+                raise hierarchy_conflict(STUDY_CONFLICT)
             patients.append(old_patient)
     for sql, parameters in index_statements(r):
         db.execute(sql, parameters)

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from typing import Any, TypeVar
 
 from ..log import get_logger
-from .backend import Backend, IndexRow, migrations
+from .backend import Backend, IndexRow, hierarchy_conflict, migrations
 
 #: The ``asyncpg`` module, imported by the first :class:`PostgreSQLBackend` (~160 ms):
 #: ``serve`` on an SQLite index never loads it.
@@ -57,6 +57,17 @@ POOL_SIZE = 24
 COMMAND_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 10.0
 WRITE_RETRIES = 3
+#: SQLSTATE of ``index_instance`` refusing an instance whose series or study the index
+#: holds under another parent (migration 0005; its message is the reason).
+HIERARCHY_CONFLICT = "DA001"
+
+
+def _refusal(exc: BaseException) -> BaseException:
+    """``exc``, or the :class:`.HierarchyConflict` it stands for (:data:`HIERARCHY_CONFLICT`):
+    the instance is refused 0xA900, not the index said to be out of order (0xA700)."""
+    if getattr(exc, "sqlstate", None) == HIERARCHY_CONFLICT:
+        return hierarchy_conflict(str(getattr(exc, "message", "") or exc))
+    return exc
 
 
 #: Indexing one instance: one statement, one round trip (migration 0002).
@@ -358,8 +369,14 @@ class PostgreSQLBackend(Backend):
         db.transaction(statements)
 
     def write_index(self, db: Any, row: IndexRow) -> None:
-        """One round trip: the server runs the statements (migration 0002)."""
-        db.execute(_INDEX_INSTANCE, row)  # no "?" in it: sent as it is
+        """One round trip: the server runs the statements (migrations 0002, 0005)."""
+        try:
+            db.execute(_INDEX_INSTANCE, row)  # no "?" in it: sent as it is
+        except asyncpg.PostgresError as exc:
+            refusal = _refusal(exc)
+            if refusal is exc:
+                raise
+            raise refusal from None
 
     def drop_emptied(self, db: Any, series: Sequence[str]) -> None:
         """One statement: the server locks each parent before it checks it (migration 0003)."""
@@ -427,6 +444,11 @@ class PostgreSQLBackend(Backend):
                     raise
                 log.warning("archive: index write conflict; retrying", attempt=attempt + 1, error=str(exc)[:100])
                 await asyncio.sleep(0.02 * (2**attempt))
+            except asyncpg.PostgresError as exc:
+                refusal = _refusal(exc)
+                if refusal is exc:
+                    raise
+                raise refusal from None
         # Committed. Unlocked here only then: a failed store undoes its file still holding it.
         if unlock:
             held.released = True
