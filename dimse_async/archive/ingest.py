@@ -291,17 +291,21 @@ class IngestMixin(IndexDB):
         series = level_attrs(ds, "SERIES")
         image = level_attrs(ds, "IMAGE")
         image.setdefault("SOPClassUID", sop_class)
+        # The columns a query narrows by in SQL hold the values without their padding
+        # (LO, SH, CS, DA "may be padded with leading and/or trailing spaces", PS3.5
+        # Table 6.2-1; not significant in matching, PS3.4 C.2.2.2.1), as the keys are
+        # compared: a Patient ID " P1" is found by "P1". The attributes keep them as stored.
         return IndexRow(
             patient_key_of(patient, study_uid),
-            patient.get("PatientID", ""),
+            patient.get("PatientID", "").strip(" "),
             json.dumps(patient),
             name_key(patient.get("PatientName", "")),
             study_uid,
-            study.get("StudyDate", ""),
-            study.get("AccessionNumber", ""),
+            study.get("StudyDate", "").strip(" "),
+            study.get("AccessionNumber", "").strip(" "),
             json.dumps(study),
             series_uid,
-            series.get("Modality", ""),
+            series.get("Modality", "").strip(" "),
             json.dumps(series),
             sop_uid,
             image["SOPClassUID"],
