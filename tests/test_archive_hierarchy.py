@@ -118,3 +118,69 @@ async def test_an_instance_naming_a_held_series_or_study_under_another_parent_is
             assert store_statuses(out) == ["Success"], out
             assert await _images(srv.port, tmp_path, study_b) == {one: ("P1", study_b, series_x)}
             assert await _images(srv.port, tmp_path, study_a) == {four: ("P1", study_a, series_y)}
+
+
+async def test_stores_naming_one_series_under_two_studies_at_once_keep_one(tmp_path: Path, index: str | None) -> None:
+    """Two associations at once (pynetdicom), each storing one instance of every new
+    series X1..X12, one under study S1..S12, the other under T1..T12: for each series
+    exactly one store succeeds and the other is refused 0xA900; the series is found
+    under the winner's study only, with its one instance (on PostgreSQL, with four
+    writers, the series and the study are locked for the transaction first)."""
+    pairs = [(generate_uid(), generate_uid(), generate_uid()) for _ in range(12)]  # (series, study S, study T)
+    first = [ct_file(tmp_path / f"s{i}.dcm", generate_uid(), s, x) for i, (x, s, _t) in enumerate(pairs)]
+    second = [ct_file(tmp_path / f"t{i}.dcm", generate_uid(), t, x) for i, (x, _s, t) in enumerate(pairs)]
+    async with running_serve(tmp_path / "arch", index=index) as srv:
+        a, b = await asyncio.gather(
+            asyncio.to_thread(pynetdicom_store, srv.port, *first),
+            asyncio.to_thread(pynetdicom_store, srv.port, *second),
+        )
+        for i, (x, s, t) in enumerate(pairs):
+            statuses = sorted((a[i][0], b[i][0]))
+            assert statuses == [0, 0xA900], (i, a[i], b[i])
+            winner = s if a[i][0] == 0 else t
+            for study in (s, t):
+                found = await _images(srv.port, tmp_path, study)
+                assert len(found) == (1 if study == winner else 0), (i, study, found)
+                assert all(series == x for _pid, _study, series in found.values())
+
+
+def ct_file(path: Path, uid: str, study: str, series: str) -> Path:
+    return write_ct(path, SOPInstanceUID=uid, StudyInstanceUID=study, SeriesInstanceUID=series, PatientID="P1")
+
+
+async def test_postgresql_judges_a_series_named_by_a_store_not_yet_committed(postgresql, tmp_path: Path) -> None:
+    """PostgreSQL, several writers: one transaction has put instance B under series X of
+    study T and not committed; a store of instance A naming X under study S waits for it
+    (the series' lock), then sees B and is refused (SQLSTATE DA001) instead of moving X."""
+    import asyncpg
+
+    from dimse_async.archive.backend import IndexRow
+    from dimse_async.archive.index import Archive
+
+    dsn = postgresql.new_database()
+    arch = Archive(tmp_path / "arch", index=dsn)
+    assert await arch.count() == 0  # migrated
+    arch.close()
+
+    def row(sop: str, study: str, series: str) -> list[object]:
+        return list(IndexRow("P", "P", "{}", "", study, "", "", "{}", series, "CT", "{}", sop, "1.2.3",
+                             "1.2.840.10008.1.2", f"/x/{sop}.dcm", 1, 0.0, "{}"))  # fmt: skip
+
+    call = f"SELECT index_instance({', '.join(f'${i + 1}' for i in range(18))})"
+    a, b = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        tx = b.transaction()
+        await tx.start()
+        await b.execute(call, *row("1.2", "9.2", "9.9"))  # B: series 9.9 under study 9.2, not committed
+        storing = asyncio.ensure_future(a.execute(call, *row("1.1", "9.1", "9.9")))  # A: 9.9 under 9.1
+        await asyncio.sleep(0.3)
+        assert not storing.done()  # waits for B's transaction
+        await tx.commit()
+        with pytest.raises(asyncpg.PostgresError) as raised:
+            await asyncio.wait_for(storing, 10)
+        assert raised.value.sqlstate == "DA001", raised.value
+        assert [tuple(r) for r in await a.fetch("SELECT series_uid, study_uid FROM series")] == [("9.9", "9.2")]
+        assert [r[0] for r in await a.fetch("SELECT sop_uid FROM instances")] == ["1.2"]
+    finally:
+        await a.close()
+        await b.close()
