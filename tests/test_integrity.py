@@ -1051,10 +1051,11 @@ PREFER = {
 }
 
 
-def pydicom_corpus(dest: Path) -> dict[str, tuple[str, Path]]:
+def pydicom_corpus(dest: Path, only: set[str] | None = None) -> dict[str, tuple[str, Path]]:
     """Every pydicom test file with a storage SOP class whose data set is complete and
     names itself and its study and series: SOP Instance UID -> (transfer syntax, file). Files holding an instance
-    already taken get a new UID of the same length patched in (encoding untouched)."""
+    already taken get a new UID of the same length patched in (encoding untouched).
+    ``only``: just the files of these names."""
     import warnings
 
     from pydicom.data import get_testdata_files
@@ -1065,7 +1066,7 @@ def pydicom_corpus(dest: Path) -> dict[str, tuple[str, Path]]:
     names = sorted(get_testdata_files(), key=lambda n: (not n.endswith("dfl.dcm"), n))  # deflated first
     for n, name in enumerate(names):
         path = Path(name)
-        if not path.is_file():
+        if not path.is_file() or (only is not None and path.name not in only):
             continue
         with path.open("rb") as fp:
             meta = read_file_meta(fp)
