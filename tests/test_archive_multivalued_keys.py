@@ -56,3 +56,22 @@ async def test_key_attribute_with_several_values_is_refused(tmp_path: Path, keyw
     text = err.decode(errors="replace")
     assert proc.returncode != 0 and "Received Store Response (Error: DataSetDoesNotMatchSOPClass)" in text, text
     assert found == [] and not arch.path_for(str(ds.SOPInstanceUID)).exists()
+
+
+@pytest.mark.parametrize(("keyword", "value"), [("StudyInstanceUID", "1.2.3*"), ("SeriesInstanceUID", "1.2.3?4")])
+async def test_a_study_or_series_uid_holding_a_wild_card_is_refused(tmp_path: Path, keyword: str, value: str) -> None:
+    """``*`` and ``?`` are not in a UID (PS3.5 §9.1), and a key holding them is refused
+    (no wild cards in UI, PS3.4 C.2.2.2.4; a retrieve's unique key holds none, C.4.2.2.1):
+    an instance stored under such a Study or Series Instance UID could never be found
+    or retrieved by it. The store is refused 0xA900 (pynetdicom), nothing kept."""
+    from test_archive_hierarchy import pynetdicom_store
+    from test_integrity import running_serve, write_ct
+
+    uid = generate_uid()
+    attrs = {"SOPInstanceUID": uid, "StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid()}
+    path = write_ct(tmp_path / "wild.dcm", PatientID="WILD", **{**attrs, keyword: value})
+    async with running_serve(tmp_path / "arch") as srv:
+        ((status, comment, tags),) = await asyncio.to_thread(pynetdicom_store, srv.port, path)
+        assert await srv.archive.count() == 0
+    assert (status, tags) == (0xA900, [0x0020000D if keyword == "StudyInstanceUID" else 0x0020000E]), comment
+    assert "wild card" in comment and not srv.archive.path_for(uid).exists()
