@@ -272,6 +272,12 @@ class IngestMixin(IndexDB):
                     # C.2.2.2.2), so no retrieve by it or below it could reach the instance.
                     # Refused when received; files already stored are indexed as they are.
                     raise IndexingError(f"{keyword} holds several values", (tag_of(keyword),))
+            for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+                if any(c in text_of(ds.get(keyword)) for c in "*?"):
+                    # Not in a UID (PS3.5 9.1), and no key may hold them (no wild cards in
+                    # UI, PS3.4 C.2.2.2.4; a retrieve's unique keys hold none, C.4.2.2.1):
+                    # nothing could find or retrieve the instance by it.
+                    raise IndexingError(f"{keyword} holds a wild card", (tag_of(keyword),))
             return self._index_row(
                 path, st, ds, summary.sop_instance_uid, summary.sop_class_uid, summary.transfer_syntax
             )
