@@ -743,8 +743,9 @@ class _Associating:
         try:
             await asyncio.wait_for(self._connect(loop, assoc, tls), self._connect_timeout)
         except TimeoutError:
+            what = "TCP connect and TLS handshake with" if self._ssl is not None else "TCP connect to"
             raise AssociationTimeout(
-                f"TCP connect to {self._host}:{self._port} timed out after {self._connect_timeout} s"
+                f"{what} {self._host}:{self._port} timed out after {self._connect_timeout} s"
             ) from None
         except ssl_module.SSLError as exc:
             why = (
@@ -755,8 +756,12 @@ class _Associating:
             raise ConnectionFailed(f"TLS handshake with {self._host}:{self._port} failed: {why or exc}") from exc
         except ConnectionError as exc:
             why = exc.strerror or str(exc) or "connection closed by the peer"  # a reset carries no text
-            if self._ssl is not None and not exc.strerror:  # the peer closed during the handshake
-                raise ConnectionFailed(f"TLS handshake with {self._host}:{self._port} failed: {why}") from exc
+            if self._ssl is not None and not isinstance(exc, ConnectionRefusedError):
+                # Connected, then closed or reset during the handshake: a plain DICOM port
+                # answers a ClientHello (PDU type 16H to it) with A-ABORT or a reset.
+                raise ConnectionFailed(
+                    f"TLS handshake with {self._host}:{self._port} failed: {why} (does the peer speak TLS?)"
+                ) from exc
             raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {why}") from exc
         except OSError as exc:
             raise ConnectionFailed(f"cannot connect to {self._host}:{self._port}: {exc.strerror or exc}") from exc

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import re
 import struct
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from pydicom.dataset import Dataset
@@ -539,6 +541,52 @@ async def test_tls_peer_closing_mid_handshake_is_a_clear_connection_failure() ->
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(ConnectionFailed, match=r"TLS handshake with .* failed: connection closed by the peer"):
             await asyncio.wait_for(scu().associate(HOST, port, called_ae="SCP", ssl=context), 5)
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 5)
+
+
+async def test_tls_to_a_plain_dicom_port_says_the_handshake_failed(tmp_path: Path) -> None:
+    """Our SCU over TLS to DCMTK storescp without TLS: storescp takes the ClientHello
+    for a PDU of type 16H and drops the connection; ConnectionFailed says the TLS
+    handshake failed and asks whether the peer speaks TLS (before: 'cannot connect to
+    HOST:PORT: Connection reset by peer', as if nothing listened)."""
+    import ssl
+
+    from conftest import dcmtk, free_port, stop_process, wait_tcp
+
+    from dimse_async.exceptions import ConnectionFailed
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    port = free_port()
+    log = tmp_path / "storescp.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([dcmtk("storescp"), "-od", str(tmp_path), str(port)], stdout=out, stderr=out)
+    try:
+        wait_tcp(proc, port, log)
+        with pytest.raises(ConnectionFailed, match=r"TLS handshake with .* failed: .*does the peer speak TLS\?"):
+            await asyncio.wait_for(scu().associate(HOST, port, called_ae="STORESCP", ssl=context), 10)
+    finally:
+        stop_process(proc)
+
+
+async def test_tls_peer_silent_in_the_handshake_times_out_naming_the_handshake() -> None:
+    """A peer that accepts the TCP connection and never answers the ClientHello: the
+    AssociationTimeout names the TLS handshake, not only the TCP connect."""
+    import ssl
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until we close
+        writer.close()
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    server = await asyncio.start_server(silent, HOST, 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        with pytest.raises(AssociationTimeout, match=r"TCP connect and TLS handshake with .* timed out after 0.3 s"):
+            await asyncio.wait_for(scu().associate(HOST, port, called_ae="SCP", ssl=context, timeout=0.3), 5)
     finally:
         server.close()
         await asyncio.wait_for(server.wait_closed(), 5)
