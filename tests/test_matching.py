@@ -22,6 +22,8 @@ from pydicom.valuerep import PersonName
 
 from dimse_async.archive.matching import (
     WILDCARD_VRS,
+    Matcher,
+    SequenceKeyError,
     is_universal,
     match_value,
     matches,
@@ -532,6 +534,46 @@ def test_match_value_sq() -> None:
     assert match_value(Sequence([item]), stored, "SQ")
     item.Modality = "US"
     assert not match_value(Sequence([item]), stored, "SQ")
+
+
+def _two_items(*modalities: str) -> Sequence:
+    items = []
+    for modality in modalities:
+        item = Dataset()
+        item.Modality = modality
+        items.append(item)
+    return Sequence(items)
+
+
+def test_a_sequence_key_of_several_items_is_no_key() -> None:
+    """PS3.4 §C.2.2.2.6: a key sequence "shall contain only a single Item". One of two
+    items was taken as two alternatives (any item matching matched); the helpers now
+    refuse it whatever the candidate, as the C-FIND SCPs do (0xA900), at any depth and
+    for two empty items too."""
+    entry = _worklist_entry("Doe^Jane", _sps("CT", "A", "20240115"))
+    query = Dataset()
+    query.ScheduledProcedureStepSequence = _two_items("MR", "CT")
+    with pytest.raises(SequenceKeyError, match="ScheduledProcedureStepSequence: 2 items"):
+        matches(query, entry)
+    with pytest.raises(SequenceKeyError):
+        Matcher(query)  # before any candidate
+    with pytest.raises(SequenceKeyError):
+        response_identifier(query, entry)
+    with pytest.raises(SequenceKeyError):
+        match_value(query["ScheduledProcedureStepSequence"], entry.ScheduledProcedureStepSequence, "SQ")
+    with pytest.raises(SequenceKeyError):
+        match_value(_two_items("MR", "US"), Sequence(), "SQ")
+    query.ScheduledProcedureStepSequence = Sequence([Dataset(), Dataset()])
+    with pytest.raises(SequenceKeyError):
+        matches(query, entry)
+    nested = Dataset()
+    nested.ScheduledProtocolCodeSequence = Sequence([Dataset(), Dataset()])
+    query.ScheduledProcedureStepSequence = Sequence([nested])
+    with pytest.raises(SequenceKeyError, match="ScheduledProtocolCodeSequence"):
+        Matcher(query)
+    with pytest.raises(SequenceKeyError, match="ScheduledProtocolCodeSequence"):
+        response_identifier(query, Dataset())
+    assert isinstance(SequenceKeyError("X", 2), ValueError)
 
 
 # ---------------------------------------------------------------------------

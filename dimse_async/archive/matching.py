@@ -44,10 +44,12 @@ Sequence Matching (§C.2.2.2.6)
     A key sequence with one item matches when, for at least one stored item, every
     item key matches (recursively). A key sequence with no items or one empty item
     is a Universal Match and returns the whole stored sequence. A key sequence
-    "shall contain only a single Item": the archive's Query/Retrieve and worklist
-    SCPs refuse one of several items (0xA900 naming it, ``schema.check_key_vrs``)
-    before matching; called directly, these functions take each item as an
-    alternative.
+    "shall contain only a single Item": one of several items (at any depth) is no
+    key, and :func:`match_value`, :func:`matches`, :class:`Matcher` and
+    :func:`response_identifier` raise :class:`SequenceKeyError` (a ``ValueError``)
+    for it, whatever the candidate; the archive's Query/Retrieve and worklist SCPs
+    refuse such an identifier before matching (0xA900 naming the key,
+    ``schema.check_key_vrs``).
 Multiple values in the stored Attribute (§C.2.2.3)
     When the stored Attribute has several values the Attribute matches when any of
     them matches.
@@ -119,6 +121,7 @@ __all__ = [
     "DEFAULT_IGNORE",
     "WILDCARD_VRS",
     "Matcher",
+    "SequenceKeyError",
     "is_universal",
     "match_value",
     "matches",
@@ -131,6 +134,45 @@ __all__ = [
 #: Timezone Offset From UTC says in which timezone the date and time keys are, it is
 #: not a key (and a candidate lacking it would never match).
 DEFAULT_IGNORE: frozenset[str] = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "TimezoneOffsetFromUTC"})
+
+
+class SequenceKeyError(ValueError):
+    """A key sequence of more than one item: PS3.4 §C.2.2.2.6 says a key sequence
+    "shall contain only a single Item", so it is no key to match (a C-FIND SCP answers
+    0xA900 naming it). ``keyword``: the sequence's keyword (or tag)."""
+
+    def __init__(self, keyword: str, items: int):
+        super().__init__(f"{keyword}: {items} items; a sequence key has a single item (PS3.4 C.2.2.2.6)")
+        self.keyword = keyword
+        self.items = items
+
+
+def check_sequence_keys(query: Dataset, depth: int = 0) -> None:
+    """Raise :class:`SequenceKeyError` for a key sequence of ``query`` (at any depth)
+    with more than one item (PS3.4 §C.2.2.2.6)."""
+    for elem in query:
+        if elem.VR != "SQ" or elem.value is None:
+            continue
+        items = list(elem.value)
+        if len(items) > 1:
+            raise SequenceKeyError(elem.keyword or str(elem.tag), len(items))
+        if items and isinstance(items[0], Dataset) and depth < _MAX_DEPTH:
+            check_sequence_keys(items[0], depth + 1)
+
+
+#: Sequence keys nested deeper than this are not looked into (a Dataset cannot hold
+#: itself, but a hostile identifier can nest items deeply).
+_MAX_DEPTH = 32
+
+
+def _one_item(query: Any, name: str = "sequence key") -> list[Dataset]:
+    """The items of a key sequence (none or one, checked as :func:`check_sequence_keys`)."""
+    items = _items(query)
+    if len(items) > 1:
+        raise SequenceKeyError(name, len(items))
+    if items:
+        check_sequence_keys(items[0])
+    return items
 
 
 def match_value(query: Any, stored: Any, vr: str, *, pn_case_insensitive: bool = True) -> bool:
@@ -146,11 +188,16 @@ def match_value(query: Any, stored: Any, vr: str, *, pn_case_insensitive: bool =
     * a key with several values matches if any of them does (List of UID Matching,
       §C.2.2.2.2, applied to every VR);
     * a stored Attribute with several values matches if any of them does (§C.2.2.3);
-    * a zero-length stored value matches only universal keys and pure wild cards.
+    * a zero-length stored value matches only universal keys and pure wild cards;
+    * a sequence key (``vr="SQ"``) of more than one item raises
+      :class:`SequenceKeyError` (§C.2.2.2.6: a single item).
 
     See the module documentation for the matching types and interpretation choices.
     """
-    if norm_vr(vr) == "SQ" and not is_universal(unwrap(query)):
+    if norm_vr(vr) == "SQ":
+        name = query.keyword if isinstance(query, DataElement) else "sequence key"
+        if not _one_item(unwrap(query), name or "sequence key") or is_universal(unwrap(query)):
+            return True
         return _match_sequence(unwrap(query), unwrap(stored), pn_case_insensitive)
     return match_plain_value(query, stored, vr, pn_case_insensitive=pn_case_insensitive)
 
@@ -183,21 +230,16 @@ def _key_vr(key: DataElement, stored: DataElement | None) -> str:
 
 
 def _match_sequence(query: Any, stored: Any, pn_case_insensitive: bool) -> bool:
-    """Sequence Matching (§C.2.2.2.6) for a non-universal key sequence.
+    """Sequence Matching (§C.2.2.2.6) for a key sequence of one non-empty item
+    (checked by the caller).
 
     All Item Key Attributes must match within one and the same stored item. An
     absent or empty stored sequence is treated as a single empty item, so only
-    items whose keys are all universal (or pure wild cards) match it.
+    an item whose keys are all universal (or pure wild cards) matches it.
     """
-    key_items = [item for item in _items(query) if len(item)]
-    if not key_items:
-        return True
-    stored_items = _items(stored) or [Dataset()]
-    return any(
-        Matcher(key_item, ignore=frozenset(), pn_case_insensitive=pn_case_insensitive)(item)
-        for key_item in key_items
-        for item in stored_items
-    )
+    (key_item,) = _items(query)
+    matcher = Matcher(key_item, ignore=frozenset(), pn_case_insensitive=pn_case_insensitive)
+    return any(matcher(item) for item in _items(stored) or [Dataset()])
 
 
 def matches(
@@ -217,8 +259,9 @@ def matches(
     matches it only if the key is universal (or a pure ``*`` wild card), unless the
     key's keyword is in *unknown*: for Required Keys of Query/Retrieve an absent or
     zero-length stored value is unknown and matches any key value (§C.2.2.1.2).
-    Sequence keys use Sequence Matching (§C.2.2.2.6). For many candidates, build a
-    :class:`Matcher` once instead.
+    Sequence keys use Sequence Matching (§C.2.2.2.6); one of more than one item
+    raises :class:`SequenceKeyError`. For many candidates, build a :class:`Matcher`
+    once instead.
     """
     return Matcher(query, ignore=ignore, pn_case_insensitive=pn_case_insensitive, unknown=unknown)(candidate)
 
@@ -248,7 +291,8 @@ class Matcher:
     values are parsed once (a set for List of UID Matching, PS3.4 C.2.2.2.2, and for
     other keys compared by equality), so a candidate costs about one look-up per key
     however many values a key lists, instead of the whole list split and compared
-    again for each candidate."""
+    again for each candidate. A sequence key of more than one item (at any depth)
+    raises :class:`SequenceKeyError` here (§C.2.2.2.6), before any candidate."""
 
     __slots__ = ("_keys", "_pn_case_insensitive", "_unknown")
 
@@ -261,6 +305,9 @@ class Matcher:
         unknown: Container[str] = frozenset(),
     ):
         self._keys = [_Key(elem) for elem in query if _is_key(elem, ignore)]
+        for key in self._keys:
+            if key.elem.VR == "SQ":
+                _one_item(key.elem.value, key.keyword or str(key.tag))
         self._pn_case_insensitive = pn_case_insensitive
         self._unknown = unknown
 
@@ -309,13 +356,13 @@ def _project(query: Dataset, candidate: Dataset, pn_case_insensitive: bool, top:
             # "request that ... the entire Sequence of Items be returned" (§C.2.2.2.6)
             out.add(copy.deepcopy(stored) if stored is not None else _empty_element(key))
             continue
-        key_items = [item for item in _items(key.value) if len(item)]
-        items: list[Dataset] = []
-        for item in _items(stored.value if stored is not None else None):
-            for key_item in key_items:
-                if Matcher(key_item, ignore=frozenset(), pn_case_insensitive=pn_case_insensitive)(item):
-                    items.append(_project(key_item, item, pn_case_insensitive, top=False))
-                    break
+        (key_item,) = _one_item(key.value, key.keyword or str(tag))
+        matcher = Matcher(key_item, ignore=frozenset(), pn_case_insensitive=pn_case_insensitive)
+        items = [
+            _project(key_item, item, pn_case_insensitive, top=False)
+            for item in _items(stored.value if stored is not None else None)
+            if matcher(item)
+        ]
         out.add(DataElement(tag, "SQ", DicomSequence(items)))
     if top and "SpecificCharacterSet" in candidate:
         out.add(copy.deepcopy(candidate["SpecificCharacterSet"]))
@@ -331,6 +378,8 @@ def response_identifier(query: Dataset, candidate: Dataset, *, pn_case_insensiti
     present (the values returned are the candidate's) and otherwise omitted. Sequence
     keys (§C.2.2.2.6): a universal key sequence returns the candidate's whole
     sequence; otherwise the sequence holds the candidate's matching items only,
-    each reduced to the item keys (recursively). Group 0x0002 elements are dropped.
+    each reduced to the item keys (recursively); a key sequence of more than one item
+    raises :class:`SequenceKeyError`. Group 0x0002 elements are dropped.
     """
+    check_sequence_keys(query)
     return _project(query, candidate, pn_case_insensitive, top=True)
