@@ -12,7 +12,7 @@ import datetime
 import re
 from typing import Any
 
-__all__ = ["parse_range", "range_match", "valid_key"]
+__all__ = ["da_days", "index_date", "parse_range", "range_match", "valid_key"]
 
 _US_PER_SECOND = 1_000_000
 _DA_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?")
@@ -60,6 +60,33 @@ def _parse_da(text: str) -> _Period | None:
     except ValueError:
         return None
     return _Period(first.toordinal(), last.toordinal())
+
+
+def _yyyymmdd(ordinal: int) -> str:
+    day = datetime.date.fromordinal(ordinal)
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
+
+
+def da_days(text: str) -> tuple[str, str] | None:
+    """The first and last day (``YYYYMMDD``) of the period a DA value denotes, as the
+    matcher reads it (a year or a month: its days; ``YYYY.MM.DD``: that day; PS3.5
+    §6.2, PS3.4 §C.2.2.2.1); ``None`` when it is no date."""
+    period = _parse_da(text.strip(" \x00"))
+    return None if period is None else (_yyyymmdd(period.start), _yyyymmdd(period.end))
+
+
+def index_date(stored: str) -> str:
+    """A stored DA value as the index compares it (its Study Date column): the first
+    day of its period as ``YYYYMMDD`` - the point the matcher compares (:func:`range_match`),
+    so that a range of ``YYYYMMDD`` bounds compared as text narrows to exactly what the
+    matcher then matches. The ACR-NEMA form ``1993.02.15`` becomes ``19930215``;
+    padding is dropped. ``""`` (never narrowed away) for an unknown value, several
+    values (any may match, PS3.4 §C.2.2.3) or a value that is no date."""
+    values = [v for v in (v.strip(" \x00") for v in stored.split("\\")) if v]
+    if len(values) != 1:
+        return ""
+    days = da_days(values[0])
+    return "" if days is None else days[0]
 
 
 def _parse_tm(text: str) -> _Period | None:

@@ -32,6 +32,7 @@ from ..part10 import read_file_meta, valid_uid
 from ..services.storage import StoreRequest
 from ..space import StorageSpace, log_store_refusal
 from .backend import IndexRow
+from .date_ranges import index_date
 from .db import IndexDB, log
 from .schema import (
     INDEX_TAGS,
@@ -307,7 +308,7 @@ class IngestMixin(IndexDB):
             json.dumps(patient),
             name_key(patient.get("PatientName", "")),
             study_uid,
-            study.get("StudyDate", "").strip(" "),
+            index_date(study.get("StudyDate", "")),  # as the C-FIND prefilter compares it
             study.get("AccessionNumber", "").strip(" "),
             json.dumps(study),
             series_uid,

@@ -13,7 +13,7 @@ from ..dimse import Status
 from ..log import get_logger
 from ..services.qr import Matches, QueryRequest, StatusError, StoredFile, Unavailable
 from .budget import QueryBudget
-from .date_ranges import parse_range
+from .date_ranges import da_days, parse_range
 from .db import (
     QUERY_SLICE,
     IndexDB,
@@ -508,12 +508,8 @@ def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[s
     if depth >= 1:
         exact("se.study_uid" if depth >= 2 else "st.study_uid", "StudyInstanceUID")
         exact("st.accession", "AccessionNumber")
-        date = text_of(q.get("StudyDate")) if "StudyDate" in q else ""
-        dates = exact_values(date)
-        # Only full dates compare as text; a year or month (a period, C.2.2.2.1) or the
-        # ACR-NEMA form YYYY.MM.DD is left to the matcher.
-        if not _study_date_range(date, where, args) and dates and all(len(d) == 8 and d.isdigit() for d in dates):
-            exact("st.study_date", "StudyDate")
+        if "StudyDate" in q:
+            _study_dates(text_of(q.get("StudyDate")), where, args)
     if depth >= 2:
         exact("i.series_uid" if depth >= 3 else "se.series_uid", "SeriesInstanceUID")
         exact("se.modality", "Modality")
@@ -522,25 +518,36 @@ def _prefilter(q: Dataset, depth: int, required: frozenset[str]) -> tuple[list[s
     return where, args
 
 
-def _study_date_range(date: str, where: list[str], args: list[Any]) -> bool:
-    """Narrow by a Study Date range key; ``False`` when ``date`` is not a range.
-
-    Only full YYYYMMDD bounds compare correctly as strings; shorter ones (a whole
-    month or year) are left to the matcher. An unknown (empty) study date matches
-    (Required key, C.2.2.1.2)."""
-    if "\\" in date:  # several values (ranges among them): each is the matcher's
-        return "-" in date
-    rng = parse_range(date, "DA") if date else None
-    if rng is None:
-        return False
-    bounds = []
-    for bound, op in zip(rng, (">=", "<="), strict=True):
-        if bound and len(bound) == 8 and bound.isdigit():
-            bounds.append(f"st.study_date {op} ?")
-            args.append(bound)
-    if bounds:
-        where.append(f"({' AND '.join(bounds)} OR st.study_date = '')")
-    return True
+def _study_dates(key: str, where: list[str], args: list[Any]) -> None:
+    """Narrow by a Study Date key on the indexed column, which holds each study's date
+    as the matcher compares it: ``YYYYMMDD``, the first day of the stored value's
+    period (:func:`~.date_ranges.index_date`; ``""`` for an unknown value, several
+    values or one that is no date, always a candidate). Each key value, single or a
+    range (PS3.4 C.2.2.2.1, C.2.2.2.5), is read as the matcher reads it - a year or a
+    month as its days, ``YYYY.MM.DD`` as that day - so the SQL lets through exactly
+    the studies the matcher may match. A key the matcher would not read adds nothing."""
+    values = [v for v in (v.strip(" \x00") for v in key.split("\\")) if v]
+    if not values or len(values) > MAX_IN:
+        return
+    clauses: list[str] = []
+    mine: list[str] = []
+    for value in values:
+        bounds = parse_range(value, "DA")
+        lo, hi = (value, value) if bounds is None else bounds
+        lo_days = da_days(lo) if lo is not None else None
+        hi_days = da_days(hi) if hi is not None else None
+        if (lo is not None and lo_days is None) or (hi is not None and hi_days is None):
+            return  # no date (refused 0xA900 before this; a caller of the index's own)
+        first, last = lo_days[0] if lo_days else None, hi_days[1] if hi_days else None
+        if first is None and last is None:
+            return  # "-": any date
+        if first == last:
+            clauses.append("st.study_date = ?")
+        else:
+            clauses.append(" AND ".join(f"st.study_date {op} ?" for b, op in ((first, ">="), (last, "<=")) if b))
+        mine.extend(b for b in dict.fromkeys((first, last)) if b is not None)
+    where.append(f"({' OR '.join(f'({c})' for c in clauses)} OR st.study_date = '')")
+    args.extend(mine)
 
 
 #: Per level below PATIENT: the join and the columns it adds (attributes, then key or path).
