@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from . import tls
+from . import early_signals, tls
 from .exceptions import ListenError
 from .health import HealthServer
 from .lazy_dataclass import dataclass
@@ -45,6 +45,19 @@ def hangup(log: Any) -> None:
     log.warning("SIGHUP ignored: the configuration is read at start only; restart to apply a new one (SIGTERM drains)")
 
 
+def startup_step(step: str, log: Any = None) -> None:
+    """A step of a server's start-up (``step``: what comes next): the SIGHUPs received
+    since the process began are logged as ignored, and a SIGTERM / SIGINT received
+    raises :class:`~dimse_async.early_signals.StoppedAtStart` (the command then exits
+    0 with a log line, :mod:`dimse_async.early_signals`)."""
+    count = early_signals.hangups()
+    if count:
+        log = log or get_logger()
+        for _ in range(count):
+            hangup(log)
+    early_signals.check(step)
+
+
 @dataclass
 class Deployment:
     """How an SCP command listens and shuts down."""
@@ -76,6 +89,8 @@ async def serve_until_signalled(
 ) -> Server:
     """Listen, call ``announce(server, health)``, and on SIGTERM/SIGINT drain: unready
     first, then stop accepting, then give running associations ``drain_grace`` seconds.
+    A signal the process recorded before (:mod:`dimse_async.early_signals`) stops it
+    before it listens (:class:`~dimse_async.early_signals.StoppedAtStart`).
 
     ``prepare`` (e.g. re-indexing an archive) runs after the port is bound and listening
     and before associations are admitted: meanwhile an A-ASSOCIATE-RQ waits up to
@@ -110,10 +125,13 @@ async def serve_until_signalled(
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-POSIX
             pass
     try:
+        startup_step("listening", log)  # what came before these handlers
         return await _serve(ae, host, port, dep, announce, prepare, stop, metrics, log, check)
     finally:
         for sig in installed:
-            loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)  # (Python's default action again)
+        if early_signals.installed():  # a signal while the command closes its files: recorded
+            early_signals.catch()
 
 
 async def _serve(

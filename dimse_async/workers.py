@@ -40,6 +40,7 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from . import early_signals
 from .exceptions import ListenError
 from .lazy_dataclass import dataclass
 from .log import get_logger, set_process_fields
@@ -280,6 +281,13 @@ class _Supervisor:
                 self.log.warning,
                 "SIGHUP ignored: the configuration is read at start only; restart to apply a new one (SIGTERM drains)",
             )
+        early = early_signals.requested()  # before these handlers, since the process began
+        if early is not None:
+            self._forward(early)
+        for _ in range(early_signals.hangups()):
+            self.log.warning(
+                "SIGHUP ignored: the configuration is read at start only; restart to apply a new one (SIGTERM drains)"
+            )
         if self.http is not None:
             await self._serve_http(*self.http)
         try:
@@ -315,6 +323,9 @@ class _Supervisor:
         prepare: Callable[[], Awaitable[None]] | None,
         hold: Callable[[int], Awaitable[Any]] | None,
     ) -> int:
+        if self.stopping.is_set():  # signalled while starting: nothing started yet
+            self.log.warning("stopped during start-up", signal=self.stop_signal.name, before="starting workers")
+            return 0
         if prepare is not None:
             try:
                 if not await self._prepare(prepare, hold):
@@ -379,3 +390,5 @@ def run_workers(
         return asyncio.run(_Supervisor(argv, count, actual, grace, http, check, leftovers).run(prepare, hold))
     finally:
         reserved.close()
+        if early_signals.installed():  # the loop's handlers are gone: a late signal is recorded
+            early_signals.catch()

@@ -19,7 +19,7 @@ PACKAGE = Path(dimse_async.__file__).parent
 LAYERS: list[set[str]] = [
     # pure helpers with no package imports
     {"lazy_dataclass"},
-    {"uids", "log", "status", "keepalive", "proxy", "tls", "sop_classes", "inflate", "filewriter", "budget"},
+    {"uids", "log", "status", "keepalive", "proxy", "tls", "sop_classes", "inflate", "filewriter", "budget", "early_signals"},
     {"ratelimit", "space"},
     # the sans-I/O core: bytes <-> PDUs, the state machine, negotiation, DIMSE messages
     {"pdu_items", "fsm_table"},

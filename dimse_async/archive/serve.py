@@ -12,7 +12,7 @@ import sqlite3
 import threading
 
 from .. import AE, Server, Verification, uids
-from ..deploy import Deployment, serve_until_signalled, server_ssl
+from ..deploy import Deployment, serve_until_signalled, server_ssl, startup_step
 from ..health import HealthServer
 from ..log import get_logger
 from ..services.qr import MODELS
@@ -264,7 +264,9 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int | None:
 
         raise CLIError(str(exc), EXIT_USAGE) from None
     if config.workers <= 1:
+        args.loaded_config = config  # read once: a FIFO (``--config <(...)``) reads once
         return None
+    startup_step("opening the index")
     dep = deployment(config)
     archive = Archive(
         config.storage_dir,
@@ -326,7 +328,7 @@ async def serve(args: argparse.Namespace) -> int:
     from ..cli.common import EXIT_CONNECT, EXIT_USAGE, CLIError, writable_dir
 
     try:
-        config = load_config(args.config)
+        config = getattr(args, "loaded_config", None) or load_config(args.config)
         apply_args(config, args)
         dep = deployment(config)
     except (OSError, ValueError) as exc:
@@ -343,6 +345,7 @@ async def serve(args: argparse.Namespace) -> int:
     await asyncio.to_thread(writable_dir, config.storage_dir, "storage directory")
     if config.worklist_dir is not None and not await asyncio.to_thread(os.path.isdir, config.worklist_dir):
         raise CLIError(f"worklist directory {config.worklist_dir!r} does not exist", EXIT_USAGE)
+    startup_step("opening the index")  # a signal meanwhile (early_signals): stop here, exit 0
     archive = Archive(
         config.storage_dir,
         duplicates=config.duplicates,

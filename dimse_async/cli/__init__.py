@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .. import __version__, run
+from .. import __version__, early_signals, run
 from . import options, process
 from .common import (
     EXIT_CODES,
@@ -567,9 +567,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level, json=args.log_json)
     process.lean_log_records()
     try:
+        early_signals.check("starting")
         return _dispatch(args, argv)
+    except early_signals.StoppedAtStart as exc:
+        return _stopped_at_start(exc)
     except (Exception, KeyboardInterrupt) as exc:
         return report(f"dimse-async {args.command}", exc, args.log_level)
+
+
+def _stopped_at_start(exc: early_signals.StoppedAtStart) -> int:
+    """A server command signalled to stop while starting (:mod:`~dimse_async.early_signals`):
+    one line, exit 0 (a stop asked for, as a drain after start-up)."""
+    from ..log import get_logger
+
+    get_logger().warning("stopped during start-up", signal=exc.signal.name, before=exc.step)
+    return EXIT_OK
 
 
 #: Commands whose process ends at once when they return (:func:`process.exit_now`):
@@ -579,7 +591,10 @@ QUICK_EXIT = ("echo", "send")
 
 def console() -> int:
     """The ``dimse-async`` program (and ``python -m dimse_async``): :func:`main` on the
-    process's arguments; a :data:`QUICK_EXIT` command's process then ends at once."""
+    process's arguments; a :data:`QUICK_EXIT` command's process then ends at once. A
+    server command records SIGTERM / SIGINT / SIGHUP from here on
+    (:mod:`~dimse_async.early_signals`; ``python -m dimse_async`` before its imports)."""
+    early_signals.catch_for(sys.argv[1:])
     code = main()
     if _command(sys.argv[1:]) in QUICK_EXIT:
         return process.exit_now(code)
