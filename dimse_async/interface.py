@@ -105,6 +105,9 @@ class DIMSEProvider(Protocol):
         callbacks, no task): sent, then the operation is finished. ``encoded``: the
         command set's bytes when the service made them."""
 
+    def fail_requests(self, exc: BaseException) -> None:
+        """Stop waiting for the responses to our requests (each waiter raises ``exc``)."""
+
     async def request(
         self,
         context: PresentationContext,

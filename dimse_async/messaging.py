@@ -569,6 +569,13 @@ class DIMSEMessaging:
         waiter = self._waiters[mid] = ResponseQueue(self, mid, command.name)
         return waiter
 
+    def fail_requests(self, exc: BaseException) -> None:
+        """Stop waiting for the responses to our requests (each waiter raises ``exc``;
+        a request still being sent is sent whole first): a server shutting down ends a
+        C-GET whose requestor does not answer its C-STORE sub-operations."""
+        for waiter in list(self._waiters.values()):
+            waiter.fail(exc)
+
     def end_request(self, waiter: ResponseWaiter) -> None:
         """Forget the request: later responses to it are ignored."""
         queue = self._waiters.pop(waiter.message_id, None)

@@ -372,7 +372,8 @@ class Server:
         """Graceful shutdown: turn :attr:`ready` false, answer new association requests
         with rejected-transient for ``delay`` seconds (while load balancers notice), stop
         listening, let running associations finish for up to ``grace`` seconds, then
-        abort the rest, logging each."""
+        abort the rest, logging each (a C-GET or C-MOVE still running sends its final
+        response first, :data:`STOP_GRACE`)."""
         self.draining = True
         self._log.info("draining", open_associations=len(self.associations), grace=grace, delay=delay)
         if delay > 0:
@@ -413,6 +414,7 @@ class Server:
             for fut in rest:
                 fut.cancel()
             self._close_ended()
+            await _stop_operations(self.associations)
             for assoc in list(self.associations):
                 if not assoc.is_closed and not _ended(assoc):
                     assoc.log.warning("aborting association still open after the grace period", grace=grace)
@@ -438,6 +440,27 @@ class Server:
     async def __aexit__(self, *exc: Any) -> None:
         self.close()
         await self.wait_closed()
+
+
+#: Seconds the operations still running when the grace period ends get to send their
+#: final response (:func:`_stop_operations`) before their associations are aborted.
+STOP_GRACE = 2.0
+
+
+async def _stop_operations(associations: Any) -> None:
+    """Before the associations still open after the grace period are aborted: each
+    operation that can end at once with a final response (``Operation.on_stop``: a
+    C-MOVE or C-GET, its sub-operations not done counted failed, PS3.4 C.4.2.3.1,
+    C.4.3.3.1) does, within :data:`STOP_GRACE` seconds."""
+    stops = [
+        op.on_stop()
+        for assoc in list(associations)
+        if not assoc.is_closed and not _ended(assoc) and getattr(assoc, "session", None) is not None
+        for op in assoc.session.operations()
+        if op.on_stop is not None
+    ]
+    if stops:
+        await asyncio.wait([asyncio.ensure_future(stop) for stop in stops], timeout=STOP_GRACE)
 
 
 def _ended(assoc: Association) -> bool:

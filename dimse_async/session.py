@@ -18,7 +18,7 @@ than I/O:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Final
 
 from .acse import PresentationContext
@@ -101,6 +101,9 @@ class Operation:
     #: Called (by the adapter) when the C-CANCEL arrives: wakes a handler waiting on
     #: something other than its next step (a C-MOVE sub-association being set up).
     on_cancel: Callable[[], None] | None = None
+    #: Set by a handler that can end at once with a final response (a C-GET / C-MOVE);
+    #: awaited by a server shutting down before it aborts the association.
+    on_stop: Callable[[], Awaitable[None]] | None = None
 
     @property
     def command(self) -> Command:

@@ -388,7 +388,8 @@ def render() -> str:
     add("| 0xA700 | out of resources |")
     add("| 0xA701 | C-MOVE/C-GET: the matches not counted within `query_time_budget` |")
     add(
-        "| 0xA702 | unable to perform sub-operations: more than `retrieve_max_instances` matches, or the move destination unreachable |"
+        "| 0xA702 | unable to perform sub-operations: more than `retrieve_max_instances` matches, the move destination unreachable, "
+        "or the server shutting down before any completed (C.4.2.3.1) |"
     )
     add("| 0xA801 | move destination unknown (not in `known_aes`) |")
     add("| 0xA900 | identifier does not match SOP class (level not in the model, missing unique keys, "

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from ..acse import ContextSpec
 from ..contexts import MAX_CONTEXTS, FileInfo, inspect_file, plan_contexts
-from ..exceptions import AssociationError, NoAcceptedContext
+from ..exceptions import AssociationError, DIMSEFailure, NoAcceptedContext
 from ..interface import DIMSEProvider
 from ..lazy_dataclass import dataclass
 from ..part10 import read_file_meta
@@ -146,15 +146,37 @@ async def _run_suboperations(
     items: list[Any] | _Items,
     store: Callable[[Any], Awaitable[Status]],
     concurrency: int = 1,
+    interrupt: Callable[[], None] | None = None,
 ) -> None:
     """C-STORE every item with ``store``, answering pending responses with the four
-    counters, then the final response (PS3.4 C.4.2.3 / C.4.3.3)."""
+    counters, then the final response (PS3.4 C.4.2.3 / C.4.3.3).
+
+    A server shutting down (``op.on_stop``, once its grace period is over) gets the
+    final response at once instead of an association aborted without one:
+    ``interrupt()`` ends the sub-operations under way (their responses no longer
+    awaited), no other starts, and every sub-operation not completed is counted failed
+    and listed in the Failed SOP Instance UID List - Warning 0xB000, or 0xA702 Refused:
+    Out of Resources - Unable to perform sub-operations when none completed (PS3.4
+    C.4.2.3.1, C.4.3.3.1: the final response once no sub-operation remains; as DCMTK's
+    dcmqrscp fails every remaining sub-operation when it cannot go on). Cancel (0xFE00)
+    is for the requestor's C-CANCEL only."""
     source = items if isinstance(items, _Items) else _Items(items, len(items))
     total = source.total
     completed = failed = warning = 0
     failed_uids: list[str] = []
     interrupted = False  # a sub-operation under way was cut short by the C-CANCEL
     logged: dict[str, int] = {}
+    stopping = False  # the server is shutting down (op.on_stop)
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def stop() -> None:
+        nonlocal stopping
+        if not stopping and not answered.done():
+            stopping = True
+            assoc.log.warning("server shutting down: ending the retrieve with its final response", sub_operations=total)
+            if interrupt is not None:
+                interrupt()
+        await asyncio.shield(answered)
 
     def warn(event: str, **fields: Any) -> None:
         """A failed sub-operation's warning: the first SUBOP_LOG_BURST of each kind per
@@ -166,7 +188,7 @@ async def _run_suboperations(
 
     async def worker() -> None:
         nonlocal completed, failed, warning, interrupted
-        while not op.cancelled and assoc.is_established:
+        while not op.cancelled and not stopping and assoc.is_established:
             more, item = await source.next()
             if not more:
                 return
@@ -201,27 +223,41 @@ async def _run_suboperations(
                 failed += 1
                 failed_uids.append(await asyncio.to_thread(_item_uid, item))
             remaining = max(total - completed - failed - warning, 0)  # more than counted: stored meanwhile
-            if remaining and not op.cancelled:
+            if remaining and not op.cancelled and not stopping:
                 # The association's send lock keeps concurrent workers' responses whole and in order.
                 await respond(assoc, op, Status(Code.PENDING), None, (remaining, completed, failed, warning))
 
+    op.on_stop = stop
     try:
-        await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
+        try:
+            await asyncio.gather(*(worker() for _ in range(max(1, min(concurrency, total or 1)))))
+        finally:
+            for event, count in logged.items():
+                if count > SUBOP_LOG_BURST:
+                    assoc.log.warning(f"{event}: more not logged", more=count - SUBOP_LOG_BURST)
+        remaining = max(total - completed - failed - warning, 0)
+        shutdown = stopping and not op.cancelled
+        if shutdown:  # not performed: failed (the final response has no Remaining, C.4.2.3.1)
+            rest = await source.rest()
+            failed_uids += await asyncio.to_thread(lambda: [_item_uid(i) for i in rest])
+            failed += max(remaining, len(rest))
+            remaining = 0
+        status = _final_status(op.cancelled and (remaining > 0 or interrupted), remaining, completed, failed, warning)
+        if shutdown:
+            status = Status(int(status), "Server shutting down: sub-operations not done failed")
+        elif source.error is not None and not op.cancelled:  # the handler failed part way
+            status = failure_status(op.command.command_field, source.error, assoc)
+        final_ident = None
+        if failed_uids:
+            final_ident = Dataset()
+            final_ident.FailedSOPInstanceUIDList = [u for u in failed_uids if u] or [""]
+        # Remaining is only meaningful in pending and cancel responses (PS3.7 §9.3.3.2).
+        counters = (remaining if int(status) == Code.CANCEL else None, completed, failed, warning)
+        await respond(assoc, op, status, final_ident, counters)
     finally:
-        for event, count in logged.items():
-            if count > SUBOP_LOG_BURST:
-                assoc.log.warning(f"{event}: more not logged", more=count - SUBOP_LOG_BURST)
-    remaining = max(total - completed - failed - warning, 0)
-    status = _final_status(op.cancelled and (remaining > 0 or interrupted), remaining, completed, failed, warning)
-    if source.error is not None and not op.cancelled:  # the handler failed part way
-        status = failure_status(op.command.command_field, source.error, assoc)
-    final_ident = None
-    if failed_uids:
-        final_ident = Dataset()
-        final_ident.FailedSOPInstanceUIDList = [u for u in failed_uids if u] or [""]
-    # Remaining is only meaningful in pending and cancel responses (PS3.7 §9.3.3.2).
-    counters = (remaining if int(status) == Code.CANCEL else None, completed, failed, warning)
-    await respond(assoc, op, status, final_ident, counters)
+        op.on_stop = None
+        if not answered.done():
+            answered.set_result(None)
 
 
 async def _scp_retrieve(
@@ -294,8 +330,11 @@ async def scp_c_get(assoc: DIMSEProvider, op: Operation, handler: QueryHandler |
     async def store(item: Any) -> Status:
         return await c_store(assoc, item)
 
+    def interrupt() -> None:  # the sub-operations' responses are no longer awaited
+        assoc.fail_requests(DIMSEFailure("C-STORE sub-operation not answered: server shutting down"))
+
     async def perform(request: QueryRequest, items: list[Any] | _Items, _matches: Matches | None) -> None:
-        await _run_suboperations(assoc, op, items, store)
+        await _run_suboperations(assoc, op, items, store, interrupt=interrupt)
 
     await _scp_retrieve(assoc, op, handler, perform)
 
@@ -393,7 +432,10 @@ async def _send_moved(
             status: Status = await sub.c_store(item, move_originator=originator)
             return status
 
-        await _run_suboperations(assoc, op, items, store, concurrency=route.concurrency)
+        def interrupt() -> None:  # the destination's answers are no longer awaited
+            sub.abort("server shutting down")
+
+        await _run_suboperations(assoc, op, items, store, concurrency=route.concurrency, interrupt=interrupt)
         completed = True
     finally:
         op.on_cancel = None
