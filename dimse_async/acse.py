@@ -378,6 +378,10 @@ def _refusal(rq: AssociateRQ, policy: AcceptorPolicy, identity_ok: bool) -> Asso
     return None
 
 
+#: The transfer syntax every implementation supports (PS3.5 §10.1).
+_DEFAULT_TS = "1.2.840.10008.1.2"
+
+
 def _judge_contexts(
     rq: AssociateRQ, policy: AcceptorPolicy
 ) -> tuple[list[PresentationContextAC], list[PresentationContext], list[RoleSelection]]:
@@ -416,8 +420,11 @@ def _judge_contexts(
                     result = USER_REJECTION
         seen.add(pc.id)
         # PS3.8 Table 9-18: the AC item always carries one transfer syntax sub-item; when the
-        # context is not accepted its value is not significant (we echo the first proposed).
-        echoed = ts if result == ACCEPTANCE else (pc.transfer_syntaxes[0] if pc.transfer_syntaxes else "")
+        # context is not accepted its value is not significant: the first proposed, or for a
+        # context proposed without any, the default (Implicit VR Little Endian, PS3.5 §10.1).
+        # An empty name is no transfer syntax: pynetdicom reads it as none and cannot
+        # encode the item again (its codec; others may refuse the AC).
+        echoed = ts if result == ACCEPTANCE else next((t for t in pc.transfer_syntaxes if t), _DEFAULT_TS)
         ac_pcs.append(PresentationContextAC(pc.id, result, echoed))
         contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp))
     return ac_pcs, contexts, list(reply_roles.values())

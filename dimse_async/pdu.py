@@ -148,6 +148,9 @@ class PresentationContextAC:
 
     ``result``: 0 acceptance, 1 user-rejection, 2 no-reason (provider rejection),
     3 abstract-syntax-not-supported, 4 transfer-syntaxes-not-supported.
+    ``transfer_syntax``: the item's one sub-item (PS3.8 Table 9-18; not significant
+    unless accepted); ``""`` only for a peer's item without it (read leniently), which
+    is encoded without it again: the acceptor's negotiation always names one.
     """
 
     id: int

@@ -85,6 +85,52 @@ def test_context_results_per_context():
     assert mine.peer_max_pdu == 65536
 
 
+def _ac_items(ac_bytes: bytes) -> list[list[tuple[int, bytes]]]:
+    """The sub-items (type, value) of each presentation context item (21H) of an
+    encoded A-ASSOCIATE-AC, read by hand (PS3.8 Table 9-17, 9-18)."""
+    import struct
+
+    out, pos = [], 6 + 68
+    while pos < len(ac_bytes):
+        kind, length = ac_bytes[pos], struct.unpack(">H", ac_bytes[pos + 2 : pos + 4])[0]
+        value = ac_bytes[pos + 4 : pos + 4 + length]
+        if kind == 0x21:
+            subs, at = [], 4
+            while at < len(value):
+                sub_len = struct.unpack(">H", value[at + 2 : at + 4])[0]
+                subs.append((value[at], bytes(value[at + 4 : at + 4 + sub_len])))
+                at += 4 + sub_len
+            out.append(subs)
+        pos += 4 + length
+    return out
+
+
+def test_a_context_proposed_without_transfer_syntax_is_answered_with_one():
+    """PS3.8 Table 9-18: the AC's presentation context item carries one transfer syntax
+    sub-item, whatever the result (its value not significant unless accepted). A
+    context proposed with none got an item without one; adding an empty one instead
+    is no fix: pynetdicom reads an empty name as none and cannot encode the item
+    again. It names the default transfer syntax (PS3.5 §10.1); pynetdicom reads our
+    AC and re-encodes it byte for byte."""
+    pdus = pytest.importorskip("pynetdicom.pdu")
+    rq = request(ContextSpec(ECHO, [IMPLICIT]), ContextSpec(CT, [EXPLICIT]))
+    rq.presentation_contexts.append(PresentationContextRQ(5, CT, []))
+    rq.presentation_contexts.append(PresentationContextRQ(7, "1.2.3.4", []))
+    ac, _neg = negotiate(rq, policy())
+    assert isinstance(ac, AssociateAC)
+    encoded = ac.encode()
+    items = _ac_items(encoded)
+    assert [[t for t, _v in subs] for subs in items] == [[0x40]] * 4
+    assert [subs[0][1].decode() for subs in items] == [IMPLICIT, EXPLICIT, IMPLICIT, IMPLICIT]
+    assert [(pc.id, pc.result) for pc in ac.presentation_contexts] == [
+        (1, ACCEPTANCE), (3, ACCEPTANCE), (5, TRANSFER_SYNTAXES_NOT_SUPPORTED), (7, ABSTRACT_SYNTAX_NOT_SUPPORTED)
+    ]  # fmt: skip
+    theirs = pdus.A_ASSOCIATE_AC()
+    theirs.decode(encoded)
+    assert [str(pc.transfer_syntax) for pc in theirs.presentation_context] == [IMPLICIT, EXPLICIT, IMPLICIT, IMPLICIT]
+    assert theirs.encode() == encoded
+
+
 def test_even_and_duplicate_context_ids_are_refused():
     rq = request(ContextSpec(ECHO, [IMPLICIT]))
     rq.presentation_contexts += [PresentationContextRQ(2, ECHO, [IMPLICIT]), PresentationContextRQ(1, ECHO, [IMPLICIT])]

@@ -153,10 +153,12 @@ def full_ac() -> AssociateAC:
         presentation_contexts=[
             PresentationContextAC(1, 0, IMPLICIT_LE),
             PresentationContextAC(3, 0, EXPLICIT_LE),
-            PresentationContextAC(5, 1),
-            PresentationContextAC(7, 2),
-            PresentationContextAC(9, 3),
-            PresentationContextAC(11, 4),
+            # Rejected: one (insignificant) transfer syntax each, as PS3.8 Table 9-18 wants
+            # (read without one too: test_a_associate_ac_layout).
+            PresentationContextAC(5, 1, IMPLICIT_LE),
+            PresentationContextAC(7, 2, IMPLICIT_LE),
+            PresentationContextAC(9, 3, EXPLICIT_LE),
+            PresentationContextAC(11, 4, IMPLICIT_LE),
         ],
         user_info=UserInformation(
             max_length=0,

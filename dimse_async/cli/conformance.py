@@ -332,6 +332,8 @@ def render() -> str:
         "a requestor proposing none gets synchronous operation.")  # fmt: skip
     add("- Presentation contexts: the acceptor's transfer syntax order wins; unsupported abstract")
     add("  syntaxes are rejected (result 3), unsupported transfer syntaxes rejected (result 4).")
+    add("  Every AC context item carries one transfer syntax (PS3.8 Table 9-18): for a rejected")
+    add("  one the first proposed, or Implicit VR Little Endian when none was proposed.")
     add("- SCP/SCU role selection (PS3.7 D.3.3.4): the storage classes accept the SCP role for the")
     add("  requestor (so C-GET sub-operations can flow back); other roles are answered as proposed.")
     add("- SOP class extended negotiation (PS3.4 C.5.1.1.1): relational queries are granted for the")
