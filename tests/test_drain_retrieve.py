@@ -83,6 +83,45 @@ async def test_a_move_to_a_hanging_destination_gets_its_final_response_at_drain(
     assert "Server shutting down" in out, out
 
 
+async def test_a_move_whose_destination_never_answers_the_association_request(tmp_path: Path) -> None:
+    """The destination (a raw socket) accepts the TCP connection and never answers the
+    A-ASSOCIATE-RQ: at the end of the grace period the C-MOVE still waiting for it is
+    answered 0xA702 with every instance failed, as for a destination that cannot be
+    reached, instead of an association aborted without a response."""
+    files = make_instances(tmp_path / "in", 2)
+    study = str(pydicom.dcmread(files[0][0]).StudyInstanceUID)
+    connected = asyncio.Event()
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        connected.set()
+
+    destination = await asyncio.start_server(silent, HOST, 0)
+    dest_port = destination.sockets[0].getsockname()[1]
+    try:
+        async with running_serve(tmp_path / "archive", known_aes={"MUTE": (HOST, dest_port)}) as serve:
+            await store(serve.port, [p for p, _c, _i in files])
+            mover = await asyncio.create_subprocess_exec(
+                dcmtk("movescu"), "-d", "-to", "30", "-ta", "30", "-td", "30", "-aec", "ARCHIVE", "-aem", "MUTE",
+                "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", HOST, str(serve.port),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,
+            )  # fmt: skip
+            await asyncio.wait_for(connected.wait(), 20)
+            await serve.server.drain(grace=0.2)
+            out = (await asyncio.wait_for(mover.communicate(), 20))[0].decode(errors="replace")
+    finally:
+        for writer in held:
+            writer.close()
+        destination.close()
+    final = out[out.rindex("DIMSE Status") - 400 :]
+    assert "0xa702: Refused: Out of resources - Unable to perform sub-operations" in final, out
+    assert re.search(r"Failed Suboperations +: 2\n", final), out
+    (listed,) = re.findall(r"\(0008,0058\) UI \[([^]]*)\]", out)
+    assert sorted(listed.split("\\")) == sorted(i for _p, _c, i in files), out
+    assert "server shutting down" in out, out
+
+
 def _get_rq(study: str) -> tuple[bytes, bytes]:
     cmd = Command(
         CommandField.C_GET_RQ, message_id=1, affected_sop_class_uid=STUDY_GET, priority=0, data_set_type=0

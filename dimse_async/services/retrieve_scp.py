@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 
 from ..acse import ContextSpec
 from ..contexts import MAX_CONTEXTS, FileInfo, inspect_file, plan_contexts
-from ..exceptions import AssociationError, DIMSEFailure, NoAcceptedContext
+from ..exceptions import AssociationError, ConnectionFailed, DIMSEFailure, NoAcceptedContext
 from ..interface import DIMSEProvider
 from ..lazy_dataclass import dataclass
 from ..part10 import read_file_meta
@@ -396,11 +396,17 @@ async def _move(
     async def waiting() -> None:  # nothing started yet: every sub-operation remains (C.4.2.1.5)
         await respond(assoc, op, Status(Code.PENDING), None, (total, 0, 0, 0))
 
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
-        sub = await _associate_unless_cancelled(op, route, address, title, specs, slot, waiting)
-    except AssociationError as exc:
-        await _unreachable(assoc, op, items if isinstance(items, list) else await items.rest(), title, address, exc)
-        return
+        try:
+            sub = await _associate_unless_cancelled(op, route, address, title, specs, slot, waiting, answered)
+        except AssociationError as exc:
+            rest = items if isinstance(items, list) else await items.rest()
+            await _unreachable(assoc, op, rest, title, address, exc)
+            return
+    finally:
+        if not answered.done():  # the final response of a server shutting down is out
+            answered.set_result(None)
     if sub is None:  # C-CANCEL while the sub-association was being set up: nothing sent
         await respond(assoc, op, Status(Code.CANCEL), None, (total, 0, 0, 0))
         return
@@ -455,6 +461,7 @@ async def _associate_unless_cancelled(
     specs: list[ContextSpec],
     slot: asyncio.Semaphore | None = None,
     waiting: Callable[[], Awaitable[None]] | None = None,
+    answered: asyncio.Future[None] | None = None,
 ) -> Any:
     """The C-MOVE sub-association, or ``None`` when the peer sends C-CANCEL before it is
     established (PS3.4 C.4.2.3: the SCP stops, Cancel): a destination slow to answer
@@ -462,7 +469,9 @@ async def _associate_unless_cancelled(
     With ``slot``, one of the destination's places is taken first (waiting for it is
     cancelled the same way; meanwhile ``waiting()`` sends a Pending response every
     :data:`SLOT_PENDING_INTERVAL` seconds) and kept with the association (the caller
-    releases it); it is given back when no association is returned."""
+    releases it); it is given back when no association is returned. A server shutting
+    down (``op.on_stop``) ends the wait too: :class:`AssociationError`, the move failing
+    as for an unreachable destination; ``answered`` is set once that response is out."""
     if op.cancelled:
         return None
     queued = [False]  # waiting for a place
@@ -488,7 +497,16 @@ async def _associate_unless_cancelled(
     def cancel() -> None:
         connecting.cancel()  # nothing when already done
 
+    stopping = [False]
+
+    async def stop() -> None:  # the server shuts down: no destination to wait for
+        stopping[0] = True
+        connecting.cancel()
+        if answered is not None:
+            await asyncio.shield(answered)
+
     op.on_cancel = cancel
+    op.on_stop = stop
     try:
         while not connecting.done():  # not cancelled by a response in flight: it runs here
             await asyncio.wait((connecting,), timeout=SLOT_PENDING_INTERVAL)
@@ -501,11 +519,16 @@ async def _associate_unless_cancelled(
             if slot is not None:  # made just as the wait was cancelled: not used
                 slot.release()
         task = asyncio.current_task()
-        if not op.cancelled or (task is not None and task.cancelling()):
+        if task is not None and task.cancelling():
             raise  # this task itself is cancelled (the association ended)
+        if stopping[0] and not op.cancelled:
+            raise ConnectionFailed("server shutting down") from None
+        if not op.cancelled:
+            raise
         return None
     finally:
         op.on_cancel = None
+        op.on_stop = None
         if not connecting.done():
             connecting.cancel()
 
