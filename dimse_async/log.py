@@ -216,9 +216,13 @@ class _LazyLogger:
             if kw:
                 more = _pairs(kw)
                 pairs = pairs + " " + more if pairs else more
+        message = event + " " + pairs if pairs else event
+        direct = _direct
+        if direct is not None and stdlib is direct.logger and direct.write(level, message):
+            return None
         # The record made and handled directly: what Logger.log would do, less the
         # search of the stack for the caller (which would name this method anyway).
-        record = stdlib.makeRecord(stdlib.name, level, "", 0, event + " " + pairs if pairs else event, (), None)
+        record = stdlib.makeRecord(stdlib.name, level, "", 0, message, (), None)
         setattr(record, RECORD_ATTR, {"event": event, **initial, **kw})  # (a field given again: in its place)
         stdlib.handle(record)
         return None
@@ -283,6 +287,16 @@ class StructuredFormatter(logging.Formatter):
             self._second = second
         return self._second_text + _MILLIS[ms]
 
+    def _line(self, stamp: str, levelname: str, msg: str) -> str:
+        """A console line: stamp, level, the message (stripped), the process's fields."""
+        field = _LEVEL_FIELDS.get(levelname)
+        if field is None:  # made once per level name: "[info   ]"
+            field = _LEVEL_FIELDS[levelname] = f"[{levelname.lower():<7}]"
+        text = f"{stamp} {field} {msg}"
+        for key, value in _process_fields.items():
+            text += f" {key}={_format_value(value)}"
+        return text
+
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, RECORD_ATTR, None)
         stamp = self._stamp(record.created)
@@ -301,17 +315,13 @@ class StructuredFormatter(logging.Formatter):
                     out["exception"] = self.formatException(record.exc_info)
             out = {"timestamp": stamp, "level": level, **out, **_process_fields}
             return _dumps(out)
-        field = _LEVEL_FIELDS.get(record.levelname)
-        if field is None:  # made once per level name: "[info   ]"
-            field = _LEVEL_FIELDS[record.levelname] = f"[{record.levelname.lower():<7}]"
         msg = record.msg
         if type(msg) is not str or record.args:  # (ours: a str without arguments, as it is)
             msg = record.getMessage()
-        text = f"{stamp} {field} {msg.rstrip()}"
+        msg = msg.rstrip()
         if fields is None and record.name != LOGGER_NAME:
-            text += f" logger={record.name}"
-        for key, value in _process_fields.items():
-            text += f" {key}={_format_value(value)}"
+            msg += f" logger={record.name}"
+        text = self._line(stamp, record.levelname, msg)
         if record.exc_info:
             if _foreign(record):
                 text += f" error={_format_value(_one_line(record.exc_info))}"
@@ -408,6 +418,70 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _installed: list[tuple[logging.Logger, logging.Handler]] = []
 
 
+class _Direct:
+    """:func:`configure_logging`'s console handler on the ``"dimse_async"`` logger, written
+    to without a ``LogRecord`` while nothing but that handler would see the record.
+
+    A line of ours on that logger, once its level is enabled, goes through
+    ``Logger.handle`` (the logger's filters), ``callHandlers`` (the logger's handlers:
+    the ``NullHandler`` and ours; the parents' if it propagates) and ``Handler.handle``
+    (the handler's filters: our :class:`RepeatFilter`, which passes it; its level, its
+    lock), then ``StructuredFormatter.format`` and ``_LineHandler.emit``. When all of that
+    is still as :func:`configure_logging` left it (the same handlers and filters, no
+    propagation, the same console formatter, the standard record factory and logger
+    class), the outcome is the formatter's line written and flushed under the handler's
+    lock, and that is what :meth:`write` does: the same bytes, written when logged,
+    without the record and its handling (a third of the cost of an association's
+    INFO line). Anything else (a host's
+    handler or filter added, ``propagate`` set, the formatter replaced, JSON lines, a
+    record factory set) makes :meth:`write` decline, and the record is made and handled
+    as usual.
+    """
+
+    __slots__ = ("filters", "formatter", "handler", "handlers", "logger")
+
+    def __init__(self, logger: logging.Logger, handler: _LineHandler, formatter: StructuredFormatter):
+        self.logger = logger
+        self.handler = handler
+        self.formatter = formatter
+        self.handlers = list(logger.handlers)
+        self.filters = list(handler.filters)
+
+    def write(self, level: int, message: str) -> bool:
+        """Write ``message`` at ``level`` (enabled) as the handler would; ``False`` (nothing
+        written) when anything but the handler could see the record."""
+        logger, handler, formatter = self.logger, self.handler, self.formatter
+        if (
+            logger.handlers != self.handlers
+            or logger.filters
+            or logger.propagate
+            or handler.filters != self.filters
+            or handler.formatter is not formatter
+            or formatter.json
+            or level < handler.level
+            or logging.getLogRecordFactory() is not logging.LogRecord
+        ):
+            return False
+        lock = handler.lock
+        if lock is None:  # (not ours: configure_logging's handler has its lock)
+            return False
+        line = formatter._line(formatter._stamp(time.time()), logging.getLevelName(level), message.rstrip())
+        with lock:  # (Handler.acquire / release)
+            try:
+                stream = handler.stream
+                stream.write(line + handler.terminator)
+                stream.flush()
+            except RecursionError:
+                raise
+            except Exception:
+                handler.handleError(logger.makeRecord(logger.name, level, "", 0, message, (), None))
+        return True
+
+
+#: Set by :func:`configure_logging` for a console handler (see :class:`_Direct`).
+_direct: _Direct | None = None
+
+
 def configure_logging(
     level: str | int = "INFO",
     *,
@@ -428,7 +502,8 @@ def configure_logging(
     """
     numeric = _level(level)
     handler = _LineHandler(stream or sys.stderr)
-    handler.setFormatter(StructuredFormatter(json=json))
+    formatter = StructuredFormatter(json=json)
+    handler.setFormatter(formatter)
     handler.addFilter(RepeatFilter(_FOREIGN_QUIET))
     for logger, old in _installed:
         logger.removeHandler(old)
@@ -442,6 +517,10 @@ def configure_logging(
         _installed.append((logger, handler))
     if capture_warnings:
         logging.captureWarnings(True)
+    global _direct
+    ours = logging.getLogger(LOGGER_NAME)
+    plain = not json and type(ours) is logging.Logger and handler.lock is not None
+    _direct = _Direct(ours, handler, formatter) if plain else None
     return handler
 
 

@@ -15,7 +15,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import dcmtk, free_port, stop_process
@@ -594,6 +596,167 @@ def test_bound_fields_keep_their_order_and_a_field_bound_again_its_new_value() -
     ]
 
 
+@pytest.fixture
+def console_log() -> Iterator[Any]:
+    """``configure_logging("INFO")`` to a ``StringIO`` in this process; the test process's
+    own configuration (conftest's) restored afterwards."""
+    import io
+    import logging
+
+    from dimse_async import log
+
+    ours = logging.getLogger("dimse_async")
+    before = (list(ours.handlers), ours.level, ours.propagate, list(log._installed), log._direct)
+    stream = io.StringIO()
+    handler = log.configure_logging("INFO", stream=stream, capture_warnings=False)
+    try:
+        yield stream, handler
+    finally:
+        ours.handlers[:] = before[0]
+        ours.setLevel(before[1])
+        ours.propagate = before[2]
+        log._installed[:] = before[3]
+        log._direct = before[4]
+
+
+def _log_lines() -> None:
+    from dimse_async.log import get_logger
+
+    bound = get_logger(assoc="1f").bind(peer="127.0.0.1:4", local_ae="A", peer_ae="B C")
+    bound.info("association closed", contexts="1/1", ops="C-ECHO:1", failed=0, rx_bytes=317)
+    bound.warning("bad  ", why='a "quoted" = reason', n=None)
+    get_logger().error("plain")
+    bound.debug("not at INFO")
+
+
+def _texts(stream: Any) -> list[str]:
+    return [line.split(" ", 1)[1] for line in stream.getvalue().splitlines()]
+
+
+def test_configure_loggings_handler_alone_writes_our_lines_without_log_records(
+    console_log: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the handler ``configure_logging`` installed is the only one that would see
+    our lines, they are written without a ``LogRecord`` (and its handling); the text is
+    what the record would have made. A filter on the logger (here one that passes all)
+    gets the records made and handled as usual, with the same text."""
+    import logging
+
+    stream, _handler = console_log
+    made = []
+    init = logging.LogRecord.__init__
+
+    def counting(self: logging.LogRecord, *args: Any, **kwargs: Any) -> None:
+        made.append(args[1] if len(args) > 1 else None)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(logging.LogRecord, "__init__", counting)
+    _log_lines()
+    direct = _texts(stream)
+    assert made == []
+    stream.seek(0)
+    stream.truncate()
+    seen: list[logging.LogRecord] = []
+    logger = logging.getLogger("dimse_async")
+    def keep(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    logger.addFilter(keep)
+    try:
+        _log_lines()
+    finally:
+        logger.removeFilter(keep)
+    assert len(made) == 3 and len(seen) == 3
+    assert _texts(stream) == direct == [
+        "[info   ] association closed assoc=1f peer=127.0.0.1:4 local_ae=A peer_ae=\"B C\" contexts=1/1 "
+        "ops=C-ECHO:1 failed=0 rx_bytes=317",
+        '[warning] bad   assoc=1f peer=127.0.0.1:4 local_ae=A peer_ae="B C" why="a \\"quoted\\" = reason" n=None',
+        "[error  ] plain",
+    ]
+
+
+@pytest.mark.parametrize("change", ["handler", "propagate", "formatter", "factory", "level", "handler filter", "json"])
+def test_what_a_host_adds_gets_our_records(console_log: Any, change: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anything that could see a record besides ``configure_logging``'s handler (another
+    handler on our logger or above it, a formatter or filter of the host's on our
+    handler, a record factory) gets every record; the level of our handler still holds."""
+    import logging
+
+    from dimse_async.log import configure_logging
+
+    stream, handler = console_log
+    logger = logging.getLogger("dimse_async")
+    got: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record)
+
+    if change == "handler":
+        logger.addHandler(Keep())
+    elif change == "propagate":
+        root_handler = Keep()
+        logging.getLogger().addHandler(root_handler)
+        monkeypatch.setattr(logger, "propagate", True)
+    elif change == "formatter":
+        handler.setFormatter(logging.Formatter("HOST %(levelname)s %(message)s"))
+    elif change == "factory":
+        factory = logging.getLogRecordFactory()
+
+        def tagging(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = factory(*args, **kwargs)
+            got.append(record)
+            return record
+
+        logging.setLogRecordFactory(tagging)
+    elif change == "level":
+        handler.setLevel(logging.ERROR)
+    elif change == "handler filter":
+        handler.addFilter(lambda record: got.append(record) or True)
+    elif change == "json":
+        handler = configure_logging("INFO", stream=stream, json=True, capture_warnings=False)
+    try:
+        _log_lines()
+    finally:
+        if change == "propagate":
+            logging.getLogger().removeHandler(root_handler)
+        elif change == "factory":
+            logging.setLogRecordFactory(factory)
+    lines = stream.getvalue().splitlines()
+    if change == "formatter":
+        assert lines[0].startswith("HOST INFO association closed assoc=1f") and len(lines) == 3
+    elif change == "level":
+        assert _texts(stream) == ["[error  ] plain"]
+    elif change == "json":
+        assert [json.loads(line)["event"] for line in lines] == ["association closed", "bad  ", "plain"]
+    else:
+        assert len(got) == 3 and len(lines) == 3
+        assert got[0].getMessage().startswith("association closed assoc=1f")
+        assert got[0].dimse_async["event"] == "association closed"  # type: ignore[attr-defined]
+
+
+def test_a_line_that_cannot_be_written_goes_to_the_handlers_error_handling(
+    console_log: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    _stream, handler = console_log
+
+    class Broken:
+        def write(self, text: str) -> int:
+            raise OSError("disk full")
+
+        def flush(self) -> None:
+            pass
+
+    failed: list[logging.LogRecord] = []
+    handler.setStream(Broken())
+    monkeypatch.setattr(handler, "handleError", failed.append)
+    _log_lines()
+    assert [r.getMessage().split(" ", 1)[0] for r in failed] == ["association", "bad", "plain"]
+
+
 async def test_an_abort_mid_c_get_shows_the_get_as_unfinished_on_the_closed_line() -> None:
     """pynetdicom asks for a C-GET of 40 instances, stores them slowly and aborts after
     the first pending C-GET-RSP (PS3.7 9.1.3). The SCP's "association closed" line counts
@@ -603,7 +766,6 @@ async def test_an_abort_mid_c_get_shows_the_get_as_unfinished_on_the_closed_line
     import asyncio
     import logging
     import time
-    from typing import Any
 
     from pydicom.dataset import Dataset
     from pydicom.uid import ExplicitVRLittleEndian
