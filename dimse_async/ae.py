@@ -311,6 +311,7 @@ class AE(HandlerRegistry):
         self.supported_contexts = {}
         self.commitments = None
         self._scp: _SCPServices | None = None
+        self._policy: tuple[tuple[Any, ...], AcceptorPolicy] | None = None  # see _acceptor_policy
         #: Modules (pydicom ...) being imported off the loop, e.g. by ``serve`` once it
         #: listens: Q/R and DIMSE-N requests wait for it (awaiting, the loop keeps
         #: serving) instead of importing them on the loop. ``None``: nothing to wait for.
@@ -532,17 +533,28 @@ class AE(HandlerRegistry):
         return None
 
     def _acceptor_policy(self) -> AcceptorPolicy:
-        return AcceptorPolicy(
-            ae_title=self.ae_title,
-            supported=self.supported_contexts,
-            max_pdu=self.max_pdu,
-            require_called_ae=self.require_called_ae,
-            allowed_calling_aes=self.allowed_calling_aes,
-            max_ops_performed=self.max_ops_performed,
-            max_ops_invoked=self.max_ops_invoked,
-            on_extended=self._extended_reply if self._on_extended is not None else None,
-            on_common_extended=self._common_extended_ok if self._on_common_extended is not None else None,
+        """The policy for the request being judged: the one made for the last request
+        while every setting it holds is still equal (the AE's attributes may be changed
+        between associations, so they are compared each time; one tuple instead of a
+        new dataclass of nine fields per association). The negotiation callbacks are
+        the AE's wrappers, which call the application's current ones."""
+        now = (
+            self.ae_title,
+            self.supported_contexts,
+            self.max_pdu,
+            self.require_called_ae,
+            self.allowed_calling_aes,
+            self.max_ops_performed,
+            self.max_ops_invoked,
+            self._extended_reply if self._on_extended is not None else None,
+            self._common_extended_ok if self._on_common_extended is not None else None,
         )
+        kept = self._policy
+        if kept is not None and kept[0] == now:
+            return kept[1]
+        policy = AcceptorPolicy(*now)
+        self._policy = (now, policy)
+        return policy
 
     def _extended_reply(self, sop_class: str, info: bytes) -> bytes | None:
         """The application's SOP class extended negotiation reply (PS3.7 D.3.3.5): a

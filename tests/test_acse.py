@@ -477,6 +477,54 @@ def test_cached_answer_follows_changed_settings():
         assert isinstance(cache.negotiate(rq, refusing)[0], AssociateRJ)
 
 
+def test_the_aes_policy_is_kept_while_its_settings_are_unchanged_and_follows_every_change():
+    """``AE._acceptor_policy`` hands out the policy made for the last request while each
+    setting it holds is equal, and a new one reflecting any setting changed between
+    associations (attributes set, contexts added or replaced, callbacks registered)."""
+    from dimse_async import AE
+
+    ae = AE("SCP")
+    ae.add_supported_context(CT)
+    first = ae._acceptor_policy()
+    assert ae._acceptor_policy() is first
+    ae.add_supported_context(MR)  # the dict changed in place: the policy reads it live
+    assert ae._acceptor_policy() is first and MR in first.supported
+
+    def reply(sop_class: str, info: bytes) -> bytes | None:
+        return None
+
+    def accept(item: object) -> bool:
+        return True
+
+    changes = [
+        ("ae_title", lambda: setattr(ae, "ae_title", "OTHER"), lambda p: p.ae_title == "OTHER"),
+        ("max_pdu", lambda: setattr(ae, "max_pdu", 4096), lambda p: p.max_pdu == 4096),
+        ("require_called_ae", lambda: setattr(ae, "require_called_ae", False), lambda p: p.require_called_ae is False),
+        (
+            "allowed_calling_aes",
+            lambda: setattr(ae, "allowed_calling_aes", frozenset({"SCU"})),
+            lambda p: p.allowed_calling_aes == {"SCU"},
+        ),
+        ("max_ops_performed", lambda: setattr(ae, "max_ops_performed", 2), lambda p: p.max_ops_performed == 2),
+        ("max_ops_invoked", lambda: setattr(ae, "max_ops_invoked", 3), lambda p: p.max_ops_invoked == 3),
+        ("on_extended", lambda: ae.on_extended_negotiation(reply), lambda p: p.on_extended is not None),
+        ("on_common_extended", lambda: ae.on_common_extended_negotiation(accept), lambda p: p.on_common_extended is not None),
+        (
+            "supported",
+            lambda: setattr(ae, "supported_contexts", {CT: ContextSpec(CT, [IMPLICIT])}),
+            lambda p: p.supported[CT].transfer_syntaxes == [IMPLICIT] and MR not in p.supported,
+        ),
+    ]
+    for name, change, holds in changes:
+        before = ae._acceptor_policy()
+        change()
+        after = ae._acceptor_policy()
+        assert after is not before and holds(after), name
+        assert ae._acceptor_policy() is after, name
+    # every field of the policy is one of the settings compared
+    assert len(changes) == len(AcceptorPolicy.__dataclass_fields__)
+
+
 def test_negotiation_cache_is_bounded_and_keeps_the_recent():
     from dimse_async.acse import NegotiationCache
 
