@@ -147,10 +147,13 @@ class Server:
         why not (for A-ASSOCIATE-RJ rejected-transient, local-limit-exceeded) when
         ``max_associations``, the per-address or per-calling-AE cap is reached, file
         descriptors run short, or the server is draining."""
-        self._settled(assoc)
         ae, address, calling = self.ae, assoc.peer[0], assoc.peer_ae
         if ":" in address:
             address = address_key(address, self.ipv6_prefix)
+        if assoc in self._unadmitted:  # _settled, with the key made here
+            self._unadmitted.discard(assoc)
+            self._pending_since.pop(assoc, None)
+            _decrement(self._pending_by_address, address)
         if self.draining:
             return "server draining"
         if self.paused:
@@ -252,10 +255,17 @@ class Server:
                     _decrement(pending, counted)
                 pending[key] = pending.get(key, 0) + 1
             self._early_shed.pop(assoc, None)  # dropped as an association from now on
-        elif self._pending_full(address, key):
-            return False
         else:
-            pending[key] = pending.get(key, 0) + 1
+            ae, from_address = self.ae, pending.get(key, 0)
+            # Well under max_pending (no shedding) and under the address's limit: what
+            # _pending_full would find without a call; otherwise it judges.
+            if (len(self._unadmitted) + len(self._early)) * 2 >= ae.max_pending or (
+                from_address >= ae.max_pending_per_address
+            ):
+                if self._pending_full(address, key):
+                    return False
+                from_address = pending.get(key, 0)
+            pending[key] = from_address + 1
             self._pending_since[assoc] = assoc.loop.time()
         self.associations.add(assoc)
         self._unadmitted.add(assoc)
@@ -300,12 +310,26 @@ class Server:
         """The connection is gone: its place is free again."""
         if assoc not in self.associations:
             return
-        self._settled(assoc)
+        if assoc in self._unadmitted:
+            self._settled(assoc)
         self.associations.discard(assoc)
         if assoc in self._admitted:
             self._admitted.discard(assoc)
-            _decrement(self._by_address, self.address_key(assoc.peer[0]))
-            _decrement(self._by_calling_ae, assoc.peer_ae)
+            address = assoc.peer[0]
+            by_address, by_calling_ae, calling = self._by_address, self._by_calling_ae, assoc.peer_ae
+            if ":" in address:
+                address = address_key(address, self.ipv6_prefix)
+            # (_decrement, twice, without the calls)
+            n = by_address.get(address, 0) - 1
+            if n > 0:
+                by_address[address] = n
+            else:
+                by_address.pop(address, None)
+            n = by_calling_ae.get(calling, 0) - 1
+            if n > 0:
+                by_calling_ae[calling] = n
+            else:
+                by_calling_ae.pop(calling, None)
 
     def attach(self, listener: Any) -> None:
         """The listening server (``loop.create_server``'s or the acceptor's) this object fronts."""
