@@ -466,15 +466,17 @@ class _Direct:
         if lock is None:  # (not ours: configure_logging's handler has its lock)
             return False
         line = formatter._line(formatter._stamp(time.time()), logging.getLevelName(level), message.rstrip())
-        with lock:  # (Handler.acquire / release)
-            try:
-                stream = handler.stream
-                stream.write(line + handler.terminator)
-                stream.flush()
-            except RecursionError:
-                raise
-            except Exception:
-                handler.handleError(logger.makeRecord(logger.name, level, "", 0, message, (), None))
+        lock.acquire()  # (as Handler.acquire / release; not a ``with``: twice the cost on 3.11)
+        try:
+            stream = handler.stream
+            stream.write(line + handler.terminator)
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            handler.handleError(logger.makeRecord(logger.name, level, "", 0, message, (), None))
+        finally:
+            lock.release()
         return True
 
 
