@@ -283,6 +283,12 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             # The core keeps the ARTIM deadline (fsm.get_timer); the requestor opens the
             # connection itself (see AE.associate).
             return
+        if type(out) is fsm.AssociateIndication:  # (an acceptor's one of each, by identity before the others)
+            self._on_associate_indication(out.rq)
+            return
+        if type(out) is fsm.ReleaseIndication:
+            self._on_release_indication(out.collision)
+            return
         if isinstance(out, fsm.TimerExpired):
             self._end_reason = self._end_reason or out.reason
             what = "ARTIM timer expired, connection closed" if out.timer == "ARTIM" else f"{out.timer} timeout"
@@ -396,8 +402,11 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self._timer.cancel()
             self._timer = None
         reason = self._end_reason
-        self._wake_drain()  # a send waiting for a peer that never read: the connection is gone
-        self._report_output(0)
+        if self._drain_waiter is not None:
+            self._wake_drain()  # a send waiting for a peer that never read: the connection is gone
+        settings = self.settings
+        if settings.output_budget is not None:
+            settings.output_budget.report(self, 0)  # (_report_output(0))
         release_confirm = self._release_confirm
         if (
             self._waiters
@@ -405,29 +414,36 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             or (release_confirm is not None and not release_confirm.done())
         ):  # someone still waits (not after a release the peer asked for: no exception made)
             self._settle(AssociationAborted(reason or "association closed"), released=self._released)
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
+        tasks = list(self._tasks) if self._tasks else None
+        if tasks:
+            for task in tasks:
+                task.cancel()
         if self._sink is not None:
             self._sink.discard()  # an interrupted instance never looks complete
             self._sink = None
         for op in self.session.operations():  # held back, or cancelled before they started
             if op.message.sink is not None:
                 op.message.sink.discard()
-        self._close_writer()
+        writer = self._writer
+        if writer is not None:
+            self._close_writer()
         self._closed.set_result(None)
-        if tasks or (self._writer is not None and self._writer.submitted):
-            self._wound_down = self.loop.create_task(self._wind_down(tasks))
-        elif self.settings.on_close is not None:
-            self.settings.on_close(self)
-        if self.settings.observer is not None:
-            self.settings.observer.association_ended(self)
+        if tasks or (writer is not None and writer.submitted):
+            self._wound_down = self.loop.create_task(self._wind_down(tasks or []))
+        elif settings.on_close is not None:
+            settings.on_close(self)
+        if settings.observer is not None:
+            settings.observer.association_ended(self)
         if self.negotiated is not None:
             released = self._released and reason is None
             self._hook(_RELEASED if released else _ABORTED)
-        for fut in (self._established, self._release_confirm):  # mark exceptions nobody awaits as retrieved
-            if fut is not None and fut.done() and not fut.cancelled():
-                fut.exception()
+        # Exceptions nobody awaits marked as retrieved (the established future holds one
+        # only when the association never was; a release confirmation only when asked for).
+        established = self._established
+        if established.done() and not established.cancelled():
+            established.exception()
+        if release_confirm is not None and release_confirm.done() and not release_confirm.cancelled():
+            release_confirm.exception()
         if self._refused:
             return
         if self.negotiated is None and self._quiet is not False and self.settings.limit_warning is not None:
