@@ -41,17 +41,30 @@ def valid_uid(uid: str) -> bool:
     head, dot, last = uid.rpartition(".")
     if head in _VALID_HEADS:  # all but the last component seen valid before: judge the last alone
         return last.isdigit() and last.isascii() and (last[0] != "0" or len(last) == 1)
+    root, _, middle = head.rpartition(".")
+    if root in _VALID_HEADS:  # all but the last two seen valid before: judge those two alone
+        return (
+            middle.isdigit()
+            and middle.isascii()
+            and (middle[0] != "0" or len(middle) == 1)
+            and last.isdigit()
+            and last.isascii()
+            and (last[0] != "0" or len(last) == 1)
+        )
     if _UID.fullmatch(uid) is None:
         return False
     if dot:
-        if len(_VALID_HEADS) >= _HEADS_KEPT:
+        if len(_VALID_HEADS) >= _HEADS_KEPT - 1:
             _VALID_HEADS.clear()
         _VALID_HEADS.add(head)
+        if root:
+            _VALID_HEADS.add(root)
     return True
 
 
 # The instances of a series, a study, a device have UIDs that differ in the last
-# component (a counter, a time): what comes before it, in UIDs found valid, is kept.
+# component or two (a counter, a time; a series number then an instance number): what
+# comes before them, in UIDs found valid, is kept.
 _VALID_HEADS: set[str] = set()
 _HEADS_KEPT = 1024
 

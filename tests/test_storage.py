@@ -652,6 +652,25 @@ def test_valid_uid_with_kept_heads_judges_as_the_pattern(uids: list[str]) -> Non
 
 
 @settings(max_examples=300, deadline=None)
+@given(uids=st.lists(_UID_TEXT, max_size=5), ends=st.lists(_UID_TEXT, min_size=1, max_size=4))
+def test_valid_uid_with_kept_roots_judges_as_the_pattern(uids: list[str], ends: list[str]) -> None:
+    """Where the last two components differ from one UID to the next (a series number,
+    then an instance number), valid_uid judges those two alone once the rest was seen
+    valid: every answer is still PS3.5 §9.1's (the pattern's), whatever was seen before."""
+    import re
+
+    from dimse_async import part10
+
+    rule = re.compile(r"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+    for uid in uids:
+        for end in [*ends, "7.1", "07.1", "7.01", "7.", ".1", "7.1.", "\u0663.1"]:
+            for case in (f"{uid}.{end}", f"{uid}.{end}.0", f"{uid}{end}"):
+                for _ in range(2):
+                    assert part10.valid_uid(case) == (0 < len(case) <= 64 and rule.fullmatch(case) is not None), case
+    assert len(part10._VALID_HEADS) <= part10._HEADS_KEPT
+
+
+@settings(max_examples=300, deadline=None)
 @given(
     mid=st.one_of(st.none(), st.integers(0, 0xFFFF)),
     sop_class=st.one_of(st.none(), _UID_TEXT),
