@@ -646,6 +646,25 @@ class MessageAssembler:
             self.current = 0
         return True
 
+    def command(self, pdv: PDV) -> Command | None:
+        """:meth:`receive` of ``[pdv]``, a lone PDV holding a whole command set (the
+        usual command), between messages: its command, without the event. ``None``
+        when a command set or data set is under way: :meth:`receive` takes it."""
+        if self._data_context is not None or self._cmd_context is not None:
+            return None
+        data = pdv.data
+        if len(data) > 1 << 20:
+            raise DIMSEError("command set larger than 1 MiB")
+        cmd = decode_command(data)
+        self.messages += 1
+        if cmd.data_set_type != NO_DATASET:
+            self._data_context = pdv.context_id
+            self.received = 0
+            self.current = self.messages
+        else:
+            self.current = 0
+        return cmd
+
     def receive(self, pdvs: list[PDV]) -> list[AssemblerEvent]:
         events: list[AssemblerEvent] = []
         for pdv in pdvs:

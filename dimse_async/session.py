@@ -325,6 +325,14 @@ class Session:
     def receive(self, pdvs: list[PDV]) -> list[SessionEvent]:
         """Events for one P-DATA-TF's PDVs; raises :class:`DIMSEError` on a violation."""
         out: list[SessionEvent] = []
+        if len(pdvs) == 1 and (pdv := pdvs[0]).is_command and pdv.is_last:
+            # The usual command set, one PDV: without the assembler's event (MessageAssembler.command).
+            cmd = self.assembler.command(pdv)
+            if cmd is not None:
+                if pdv.context_id not in self.contexts:
+                    raise DIMSEError(f"message on presentation context {pdv.context_id}, which was not accepted")
+                self._on_command(Message(pdv.context_id, cmd), out)
+                return out
         for event in self.assembler.receive(pdvs):
             if event.context_id not in self.contexts:
                 raise DIMSEError(f"message on presentation context {event.context_id}, which was not accepted")

@@ -287,3 +287,48 @@ async def test_responses_status_after_a_final_response_without_status():
     responses = Responses(Delivered(), lambda msg: None)
     assert [r async for r in responses] == []
     assert responses.status == Code.CANNOT_UNDERSTAND
+
+
+_PDV_STEPS = st.sampled_from(["store", "echo", "store-in-parts", "data", "last-data", "other-context", "big"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(_PDV_STEPS, min_size=1, max_size=8))
+def test_a_lone_command_pdv_is_taken_as_the_assembler_receives_it(steps: list[str]) -> None:
+    """``MessageAssembler.command`` (a command set in one PDV, between messages) returns
+    the command ``receive`` would report and leaves the assembler as ``receive`` does;
+    it declines (``None``) while a command or data set is under way, and raises what
+    ``receive`` raises. Sequences of commands, data PDVs and command fragments, in and
+    out of order."""
+    from dimse_async.dimse import CommandReceived, MessageAssembler
+
+    store = encode_command(Command(CommandField.C_STORE_RQ, message_id=7, affected_sop_class_uid=CT,
+                                   affected_sop_instance_uid="1.2.3", priority=0, data_set_type=0))  # fmt: skip
+    echo = encode_command(Command(CommandField.C_ECHO_RQ, message_id=8, affected_sop_class_uid=VERIFICATION))
+    pdvs = {
+        "store": [PDV(1, True, True, store)],
+        "echo": [PDV(1, True, True, echo)],
+        "store-in-parts": [PDV(1, True, False, store[:10]), PDV(1, True, True, store[10:])],
+        "data": [PDV(1, False, False, b"ab")],
+        "last-data": [PDV(1, False, True, b"cd")],
+        "other-context": [PDV(3, True, True, echo)],
+        "big": [PDV(1, True, True, bytes((1 << 20) + 2))],
+    }
+    a, b = MessageAssembler(), MessageAssembler()
+    for step in steps:
+        for pdv in pdvs[step]:
+            try:
+                general: list[object] | str = list(a.receive([pdv]))
+            except DIMSEError as exc:
+                general = str(exc)
+            try:
+                cmd = b.command(pdv) if pdv.is_command and pdv.is_last else None
+                fast: list[object] | str = list(b.receive([pdv])) if cmd is None else [CommandReceived(pdv.context_id, cmd)]
+            except DIMSEError as exc:
+                fast = str(exc)
+            assert fast == general
+            assert (a.received, a.current, a.messages, a.in_dataset, a.incomplete) == (
+                b.received, b.current, b.messages, b.in_dataset, b.incomplete
+            )
+            if isinstance(general, str):
+                return
