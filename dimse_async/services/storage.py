@@ -359,63 +359,81 @@ def start_c_store(
             return False
     cmd = op.message.command
     store: DirectoryStore = handler
-
-    def written(_created: object, exc: BaseException | None) -> None:
-        spool.discard()
-        if done.done():
-            return  # the association ended meanwhile
-        try:
-            if exc is None:
-                store.stored += 1
-                rsp, encoded = success_response(cmd)
-                assoc.answer(op, rsp, done, encoded)
-                return
-            status: Status
-            if isinstance(exc, OSError) and exc is spool.write_error:  # as scp_c_store answers a spool error
-                assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(exc))
-                assoc.note_error("spool")
-                status = Status(Code.OUT_OF_RESOURCES, f"Out of resources: {exc.strerror or exc}")
-            elif isinstance(exc, Exception):
-                status = failure_status(CommandField.C_STORE_RQ, exc, assoc)
-            else:  # pragma: no cover - KeyboardInterrupt and the like in the writer thread
-                raise exc
-            assoc.answer(op, response(cmd, status), done)
-        except BaseException as err:  # never leave the operation hanging
-            assoc.log.error("internal error in C-STORE", error=repr(err))
-            done.set_exception(err)
-
     dest = f"{store._prefix}{cmd.affected_sop_instance_uid}.dcm"
     writer = spool.writer  # the association's, from make_spool (no property call)
     if writer is None:  # pragma: no cover - a spool made elsewhere
         writer = assoc.writer
-    if rest is not None:
-        inline = store.inline
-        if (
-            inline is not None
-            and spool.inline is inline
-            and spool.file_started
-            and not writer.busy
-            and inline.writable()
-            and sum(map(len, rest)) <= _INLINE_REST
-        ):
-            # Written on the loop as it arrived (see Spool): its last bytes, the close
-            # and the rename here too, no thread hop, as a small instance's.
-            if not _write_inline(inline, written, OSError, _finish_spooled_inline, spool, dest, rest):
-                # the directory is missing or on another file system
-                writer.submit_then(written, _move_spooled, spool, dest)
-            return True
-        writer.submit_then(written, _place_spooled, spool, dest, rest)
-        return True
     inline = store.inline
+    if rest is None:
+        if inline is not None and not writer.busy and inline.allowed(spool.header_length + spool.size):
+            # The usual small instance: placed here, on the loop (as _write_inline does,
+            # without a callback made for it).
+            mark = inline.start()
+            error: Exception | None = None
+            try:
+                placed = write_file_inline(dest, spool.chunks())
+            except Exception as exc:
+                placed, error = True, exc  # tried, and failed: answered as such
+            inline.done(mark)
+            if placed:
+                _written(assoc, op, done, store, spool, cmd, None, error)
+                return True
+        writer.submit_then(
+            functools.partial(_written, assoc, op, done, store, spool, cmd), write_file, dest, spool.chunks(), False
+        )
+        return True
+    written = functools.partial(_written, assoc, op, done, store, spool, cmd)
     if (
         inline is not None
+        and spool.inline is inline
+        and spool.file_started
         and not writer.busy
-        and inline.allowed(spool.header_length + spool.size)
-        and _write_inline(inline, written, Exception, write_file_inline, dest, spool.chunks())
+        and inline.writable()
+        and sum(map(len, rest)) <= _INLINE_REST
     ):
+        # Written on the loop as it arrived (see Spool): its last bytes, the close
+        # and the rename here too, no thread hop, as a small instance's.
+        if not _write_inline(inline, written, OSError, _finish_spooled_inline, spool, dest, rest):
+            # the directory is missing or on another file system
+            writer.submit_then(written, _move_spooled, spool, dest)
         return True
-    writer.submit_then(written, write_file, dest, spool.chunks(), False)
+    writer.submit_then(written, _place_spooled, spool, dest, rest)
     return True
+
+
+def _written(
+    assoc: DIMSEProvider,
+    op: Operation,
+    done: asyncio.Future[None],
+    store: DirectoryStore,
+    spool: Spool,
+    cmd: Command,
+    _created: object,
+    exc: BaseException | None,
+) -> None:
+    """:func:`start_c_store`'s file work has ended (``exc``: how it failed): answer."""
+    spool.discard()
+    if done.done():
+        return  # the association ended meanwhile
+    try:
+        if exc is None:
+            store.stored += 1
+            rsp, encoded = success_response(cmd)
+            assoc.answer(op, rsp, done, encoded)
+            return
+        status: Status
+        if isinstance(exc, OSError) and exc is spool.write_error:  # as scp_c_store answers a spool error
+            assoc.log.error("cannot spool instance", sop_instance=cmd.affected_sop_instance_uid, error=str(exc))
+            assoc.note_error("spool")
+            status = Status(Code.OUT_OF_RESOURCES, f"Out of resources: {exc.strerror or exc}")
+        elif isinstance(exc, Exception):
+            status = failure_status(CommandField.C_STORE_RQ, exc, assoc)
+        else:  # pragma: no cover - KeyboardInterrupt and the like in the writer thread
+            raise exc
+        assoc.answer(op, response(cmd, status), done)
+    except BaseException as err:  # never leave the operation hanging
+        assoc.log.error("internal error in C-STORE", error=repr(err))
+        done.set_exception(err)
 
 
 _INLINE_REST = 1 << 20  # at most this much of a spooled instance left to write on the loop
