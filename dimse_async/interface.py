@@ -108,6 +108,10 @@ class DIMSEProvider(Protocol):
     def fail_requests(self, exc: BaseException) -> None:
         """Stop waiting for the responses to our requests (each waiter raises ``exc``)."""
 
+    def answer_encoded(self, op: Operation, done: asyncio.Future[None], encoded: bytes) -> bool:
+        """:meth:`answer` of the final Success response already encoded, without its
+        ``Command`` where none is needed; ``False``: not done, call :meth:`answer`."""
+
     async def request(
         self,
         context: PresentationContext,

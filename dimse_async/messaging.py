@@ -708,6 +708,40 @@ class DIMSEMessaging:
         task = self.spawn(self.send(op.context.id, command))
         task.add_done_callback(lambda _task: self._finished_inline(op, done))
 
+    def answer_encoded(self, op: Operation, done: asyncio.Future[None], encoded: bytes) -> bool:
+        """:meth:`answer` with the final Success response of ``op`` (no error comment)
+        already encoded, without its :class:`Command` when nobody would look at one: sent
+        at once (nothing else being sent, no output budget exceeded), no DEBUG lines,
+        no observer, operations not logged at INFO. ``True``: sent, or nothing to send
+        (the association ended); ``False``: nothing done, the caller makes the response
+        and calls :meth:`answer`."""
+        if done.done():
+            return True
+        if self._sending or self._write_paused or self._debug or self.settings.observer is not None or self.oplog.info:
+            return False
+        if self.fsm.state not in _CAN_SEND:  # gone: nobody to answer (as answer() finds)
+            self._finished_inline(op, done)
+            return True
+        budget = self.settings.output_budget
+        if (
+            budget is not None
+            and budget.limit is not None
+            and budget.total > budget.limit
+            and budget.over(self.loop.time())
+            and self.buffered_output() > 0
+        ):
+            return False
+        self._last_dimse = self.loop.time()
+        self.oplog.succeeded(op.message.command)
+        max_pdu = self.negotiated.peer_max_pdu if self.negotiated else 0
+        self._run(self.fsm.send_pdata(encode_pdata(op.context.id, encoded, True, max_pdu)))
+        if budget is not None:
+            size = self.buffered_output()
+            if size or budget.total:  # (as _send_now reports)
+                budget.report(self, size)
+        self._finished_inline(op, done)
+        return True
+
     def _finished_inline(self, op: Operation, done: asyncio.Future[None]) -> None:
         self._tasks.discard(done)
         if not done.done():

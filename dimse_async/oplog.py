@@ -43,6 +43,16 @@ class OperationLog:
             size = None if dataset is None else (len(dataset) if hasattr(dataset, "__len__") else dataset.length)
             self._out[command.message_id] = (now, size, command)
 
+    def succeeded(self, request: Command) -> None:
+        """What :meth:`sent` does for the Success response (no error comment) to
+        ``request``, a request we performed, when it is not logged (no DEBUG, not
+        :attr:`info`): counted."""
+        started = self._in.pop(request.message_id or -1, None)
+        if started is not None:
+            rq = started[2]
+            name = _OP_NAMES.get(rq.command_field) or rq.name.removesuffix("-RQ")
+            self.operations[name] = self.operations.get(name, 0) + 1
+
     def received(self, now: float, msg: Message, log: Any, debug: bool) -> None:
         """Note a request we are asked to perform, or log the outcome of one we sent."""
         cmd = msg.command

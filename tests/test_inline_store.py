@@ -370,3 +370,54 @@ def test_a_spool_written_only_on_the_loop_is_removed_by_discard(tmp_path):
     assert spool.writer is None and spool.path is not None and os.path.getsize(spool.path) == (200 << 10) + 4
     spool.discard()
     assert list(tmp_path.iterdir()) == [] and spool.path is None
+
+
+@pytest.mark.parametrize("log_operations", [False, True])
+async def test_success_answered_without_a_command_is_sent_and_counted_as_with_one(tmp_path, monkeypatch, log_operations):
+    """The Success of an instance stored inline goes out from its encoded bytes alone
+    (``answer_encoded``: no ``Command`` made) when nobody looks at the command: no
+    DEBUG, no observer, operations not logged at INFO. With ``log_operations`` it takes
+    ``answer`` with the ``Command``. Either way storescu's 5 instances get the same
+    response bytes (the general encoder's), and the operations are counted, none left
+    unfinished."""
+    from dimse_async.dimse import decode_command, encode_command, encode_pdata
+    from dimse_async.messaging import DIMSEMessaging
+    from dimse_async.services.scp import response
+    from dimse_async.status import Status
+
+    src = tmp_path / "src"
+    uids = write_instances(src, 5)
+    store = DirectoryStore(tmp_path / "out", inline=never_slow())
+    ae = storage_scp()
+    ae.log_operations = log_operations
+    ae.on_c_store(store)
+    accepted: list[Any] = []
+    sent: list[bytes] = []
+
+    @ae.on_association("accepted")
+    def spy(assoc: Any) -> None:
+        accepted.append(assoc)
+        send_pdata = assoc.fsm.send_pdata
+        assoc.fsm.send_pdata = lambda data: sent.append(bytes(data)) or send_pdata(data)
+
+    answered = []
+    answer = DIMSEMessaging.answer
+    monkeypatch.setattr(DIMSEMessaging, "answer", lambda self, *a: answered.append(a) or answer(self, *a))
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        assert await storescu(server.port, src) == 0
+        await asyncio.wait_for(accepted[0].wait_closed(), 10)
+    assert len(answered) == (5 if log_operations else 0) and store.stored == 5
+    (assoc,) = accepted
+    context = assoc.context_for(CT_CLASS, as_scp=True).id
+    responses = [decode_command(pdu[12:]) for pdu in sent if pdu[11] == 3]  # (one command PDV per PDU)
+    assert sorted(r.affected_sop_instance_uid or "" for r in responses) == sorted(uids)
+    for pdu, rsp in zip(sent, responses):  # each the general encoder's bytes for the request it answers
+        rq = storage_module.Command(
+            0x0001,
+            message_id=rsp.message_id_being_responded_to,
+            affected_sop_class_uid=CT_CLASS,
+            affected_sop_instance_uid=rsp.affected_sop_instance_uid,
+        )
+        assert pdu == encode_pdata(context, encode_command(response(rq, Status(0))), True, 0)
+    assert assoc.oplog.operations == {"C-STORE": 5} and assoc.oplog.summary(0.0)["ops"] == "C-STORE:5"
+    assert "unfinished" not in assoc.oplog.summary(0.0)

@@ -418,6 +418,11 @@ def _written(
     try:
         if exc is None:
             store.stored += 1
+            mid, instance = cmd.message_id, cmd.affected_sop_instance_uid
+            if mid is not None and assoc.answer_encoded(  # success_response's bytes, no Command if none is needed
+                op, done, encode_response_fields(0x8001, cmd.affected_sop_class_uid, NO_DATASET, mid, 0, None, instance)
+            ):
+                return
             rsp, encoded = success_response(cmd)
             assoc.answer(op, rsp, done, encoded)
             return
