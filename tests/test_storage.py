@@ -172,11 +172,15 @@ async def test_unsafe_uids_never_become_paths(tmp_path):
     async with await ae.start_server("127.0.0.1", 0) as server:
         async with scu((CT_CLASS, [ExplicitVRLittleEndian])).associate("127.0.0.1", server.port, "SCP") as assoc:
             statuses = []
-            for bad in ("../../escape", "/etc/passwd", "1." + "2" * 80, "1.2.3.04"):
+            for bad in ("../../escape", "/etc/passwd", "1." + "2" * 80, "1.2..3", "1.2.*"):
                 ds.SOPInstanceUID = bad
                 statuses.append(await assoc.c_store(ds))
-    assert [int(s) for s in statuses] == [0xC000] * 4
-    assert list(out.iterdir()) == [] or all(p.name == ".incoming" for p in out.iterdir())
+            # A leading zero in a component (PS3.5 §9.1 forbids it, devices make it): stored.
+            ds.SOPInstanceUID = "1.2.3.04"
+            kept = await assoc.c_store(ds)
+    assert [int(s) for s in statuses] == [0xC000] * 5
+    assert int(kept) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name != ".incoming") == ["1.2.3.04.dcm"]
     assert not (tmp_path / "escape").exists()
 
 

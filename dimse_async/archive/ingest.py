@@ -28,7 +28,7 @@ from ..dataset_check import (
 )
 from ..dimse import Status
 from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
-from ..part10 import read_file_meta, valid_uid
+from ..part10 import plausible_uid, read_file_meta, valid_uid
 from ..services.storage import StoreRequest
 from ..space import StorageSpace, log_store_refusal
 from .backend import IndexRow
@@ -150,6 +150,31 @@ def _same_instance(stored: str, request: StoreRequest) -> str | None:
             return None
         same = same_dataset(a, pa[0], pa[1], b, pb[0], pb[1], SAME_INSTANCE_COMPARE_ELEMENTS)
         return "equivalent" if same else None
+
+
+_HIERARCHY_UIDS = (
+    ("SOPInstanceUID", _SOP_INSTANCE_UID),
+    ("StudyInstanceUID", 0x0020000D),
+    ("SeriesInstanceUID", 0x0020000E),
+)
+
+
+def _warn_nonconformant_uids(request: StoreRequest, summary: DataSetSummary) -> None:
+    """One warning line naming each UID of the instance (SOP Instance, Study, Series)
+    that PS3.5 §9.1 forbids but that is stored all the same: a component with a leading
+    zero (``1.2.03``), as some devices generate. Refusing it would lose the image
+    (DCMTK's storescp and Orthanc store it); it is found and retrieved by that UID."""
+    for keyword, tag in _HIERARCHY_UIDS:
+        if tag == _SOP_INSTANCE_UID:
+            uid = summary.sop_instance_uid
+        else:
+            raw = summary.kept.get(tag)
+            uid = "" if raw is None else raw[1].decode("latin-1").strip(" \x00")
+        if uid and not valid_uid(uid) and plausible_uid(uid):
+            request.assoc.log.warning(
+                "C-STORE UID not conformant (PS3.5 9.1: leading zero in a component); stored as received",
+                sop_instance=summary.sop_instance_uid, attribute=keyword, uid=uid,
+            )  # fmt: skip
 
 
 def _keep_previous(dest: str) -> str | None:
@@ -274,11 +299,16 @@ class IngestMixin(IndexDB):
                     # Refused when received; files already stored are indexed as they are.
                     raise IndexingError(f"{keyword} holds several values", (tag_of(keyword),))
             for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-                if any(c in text_of(ds.get(keyword)) for c in "*?"):
+                value = text_of(ds.get(keyword))
+                if any(c in value for c in "*?"):
                     # Not in a UID (PS3.5 9.1), and no key may hold them (no wild cards in
                     # UI, PS3.4 C.2.2.2.4; a retrieve's unique keys hold none, C.4.2.2.1):
                     # nothing could find or retrieve the instance by it.
                     raise IndexingError(f"{keyword} holds a wild card", (tag_of(keyword),))
+                if value.strip(" \x00") and not plausible_uid(value.strip(" \x00")):
+                    # Letters, separators, empty components, over 64 characters: no UID
+                    # (PS3.5 9.1); a leading zero in a component is tolerated.
+                    raise IndexingError(f"{keyword} is not a UID", (tag_of(keyword),))
             return self._index_row(
                 path, st, ds, summary.sop_instance_uid, summary.sop_class_uid, summary.transfer_syntax
             )
@@ -418,7 +448,9 @@ class IngestMixin(IndexDB):
     # -- storing ------------------------------------------------------------------
 
     def path_for(self, sop_instance_uid: str) -> Path:
-        if not valid_uid(sop_instance_uid):
+        """Where the instance's file is: the UID (PS3.5 §9.1's characters, leading
+        zeros tolerated: :func:`~dimse_async.part10.plausible_uid`) is its name."""
+        if not plausible_uid(sop_instance_uid):
             raise ValueError(f"invalid SOP Instance UID {sop_instance_uid[:70]!r}")
         # Two levels of fan-out keep directories small with 10^5..10^7 files.
         digest = sop_instance_uid[-4:].replace(".", "0")
@@ -452,6 +484,7 @@ class IngestMixin(IndexDB):
             request.assoc.log.warning("C-STORE data set refused", sop_instance=uid, error=str(exc))
             tag = exc.tag if isinstance(exc, DataSetError) else None
             return Status(0xC000, f"Cannot understand: {exc}"[:64], attributes=() if tag is None else [tag])
+        _warn_nonconformant_uids(request, summary)
         if summary.sop_instance_uid != uid or summary.sop_class_uid != request.sop_class_uid:
             request.assoc.log.warning(
                 "C-STORE UIDs differ from the data set's",
@@ -460,7 +493,9 @@ class IngestMixin(IndexDB):
                 sop_class=request.sop_class_uid,
                 dataset_class=summary.sop_class_uid,
             )
-            what, tag = ("Instance", _SOP_INSTANCE_UID) if summary.sop_instance_uid != uid else ("Class", _SOP_CLASS_UID)
+            what, tag = (
+                ("Instance", _SOP_INSTANCE_UID) if summary.sop_instance_uid != uid else ("Class", _SOP_CLASS_UID)
+            )
             return Status(0xA900, f"Data set SOP {what} UID differs from the command's"[:64], attributes=[tag])
         # One store at a time per SOP Instance UID; the entry lives while someone uses it.
         entry = self._locks.setdefault(uid, [asyncio.Lock(), 0])

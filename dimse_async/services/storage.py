@@ -24,7 +24,7 @@ from ..acse import PresentationContext
 from ..dimse import NO_DATASET, Command, CommandField, Message, encode_response_fields, response_to
 from ..filewriter import InlineWrites, group_commit, make_dirs, sync_file, write_file, write_file_inline
 from ..interface import DIMSEProvider, StoreHandler
-from ..part10 import encode_file_meta, valid_uid
+from ..part10 import encode_file_meta, plausible_uid, valid_uid
 from ..session import Operation
 from ..sop_classes import is_other_service_class
 from ..space import StorageSpace
@@ -197,8 +197,11 @@ def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     A SOP Class UID other than the context's abstract syntax is refused as not
     supported (0x0122); a standard SOP class that is not a storage class (a C-STORE on
     a Verification, Query/Retrieve, commitment or MPPS context) is an unrecognized
-    operation (0x0211, PS3.7 C.5.8); a SOP Instance UID that is not a UID (PS3.5 §9.1)
-    cannot be understood (0xC000). PS3.4 B.2.3.
+    operation (0x0211, PS3.7 C.5.8); a SOP Instance UID that is not a UID (PS3.5 §9.1:
+    1-64 digits and dots, no empty component) cannot be understood (0xC000). PS3.4 B.2.3.
+    A component with a leading zero (``1.2.03``), which §9.1 forbids but real devices
+    generate, is no reason to lose the instance: it is accepted (:func:`.plausible_uid`;
+    the UID names a file safely all the same).
     """
     sop_class = cmd.affected_sop_class_uid or ""
     if sop_class != ctx.abstract_syntax:
@@ -206,7 +209,7 @@ def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     refusal = _class_refusal(sop_class)
     if refusal is not None:
         return Status(*refusal)
-    if not valid_uid(cmd.affected_sop_instance_uid or ""):
+    if not plausible_uid(cmd.affected_sop_instance_uid or ""):
         return Status(Code.CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID", attributes=[_AFFECTED_INSTANCE])
     return None
 
@@ -347,7 +350,11 @@ def start_c_store(
         or spool.error is not None
         # refused by the handler; once per store: not again when judged as the command arrived
         # (a disk that fills meanwhile fails the write: 0xA700, no file)
-        or (handler.space is not None and spool.space_checked is not handler.space and handler.space.problem() is not None)
+        or (
+            handler.space is not None
+            and spool.space_checked is not handler.space
+            and handler.space.problem() is not None
+        )
     ):
         return False
     rest = None
@@ -564,8 +571,9 @@ def _dataset_refusal(request: StoreRequest) -> Status | None:
 class DirectoryStore:
     """A C-STORE handler that writes each instance to ``root/<SOP Instance UID>.dcm``.
 
-    UIDs are validated (PS3.5 §9.1) and never used as paths otherwise: an invalid UID
-    gets failure 0xC000 instead of a file. An instance already present is replaced.
+    UIDs are validated (PS3.5 §9.1, leading zeros in a component tolerated: see
+    :func:`store_refusal`) and never used as paths otherwise: an invalid UID gets
+    failure 0xC000 instead of a file. An instance already present is replaced.
     ``durable``: success is answered only once file and directory entry were fsynced
     (group commit across concurrent stores, see :meth:`StoreRequest.save`).
     ``inline``: when a small instance's file is written on the event loop instead of in
@@ -602,14 +610,14 @@ class DirectoryStore:
         self.space = None if min_free_space is None else StorageSpace(self._root, min_free_space)
 
     def path_for(self, sop_instance_uid: str) -> Path:
-        if not valid_uid(sop_instance_uid):
+        if not plausible_uid(sop_instance_uid):
             raise ValueError(f"invalid SOP Instance UID {sop_instance_uid[:70]!r}")
         return self.root / f"{sop_instance_uid}.dcm"
 
     async def __call__(self, request: StoreRequest) -> Status:
         uid = request.sop_instance_uid
         if not request.spool.uids_valid:  # else checked as the request arrived (store_refusal)
-            if not valid_uid(uid):
+            if not plausible_uid(uid):
                 comment = f"invalid SOP Instance UID {uid[:70]!r}"[:64]
                 return Status(Code.CANNOT_UNDERSTAND, comment, attributes=[_AFFECTED_INSTANCE])
             if not valid_uid(request.sop_class_uid):

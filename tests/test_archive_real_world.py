@@ -1,0 +1,186 @@
+"""The archive and data as real devices make it: UIDs with leading zeros, empty
+Patient IDs, Japanese names in their component groups, study attributes that
+differ between instances; and hierarchical retrieves that lack keys (PS3.4 C.4.2.2.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from normalized_helpers import HOST, park, running_serve
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+import dimse_async as da
+from dimse_async.services.qr import MODELS
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.filterwarnings("ignore:Invalid value for VR UI")]
+
+CT = get_testdata_file("CT_small.dcm")
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def identifier(**keys: Any) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def ct(sop: str | None = None, study: str | None = None, series: str | None = None, **attrs: Any) -> Dataset:
+    """CT_small with the given UIDs (new ones otherwise) and attributes."""
+    ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = sop or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.StudyInstanceUID = study or generate_uid()
+    ds.SeriesInstanceUID = series or generate_uid()
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """The library's log lines (its logger does not propagate to the root)."""
+    logger = logging.getLogger("dimse_async")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="dimse_async")
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+class Pynet:
+    """A pynetdicom requestor on one association (storage, Q/R FIND and GET of both
+    models, CT storage as SCP for C-GET), used from a worker thread."""
+
+    def __init__(self, port: int, relational: bool = False):
+        from pynetdicom import AE as PynetAE  # type: ignore[import-untyped]
+        from pynetdicom import build_role, evt
+        from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation  # type: ignore[import-untyped]
+
+        self.received: list[Dataset] = []
+        ae = PynetAE(ae_title="PYNET")
+        ae.add_requested_context(CT_CLASS, [ExplicitVRLittleEndian])
+        for model in ("study", "patient"):
+            for op in ("find", "get", "move"):
+                ae.add_requested_context(MODELS[model][op])
+        extended = []
+        if relational:
+            for model in ("study", "patient"):
+                for op in ("get", "move"):
+                    item = SOPClassExtendedNegotiation()
+                    item.sop_class_uid = MODELS[model][op]
+                    item.service_class_application_information = b"\x01"
+                    extended.append(item)
+
+        def on_store(event: Any) -> int:
+            self.received.append(event.dataset)
+            return 0
+
+        self.assoc = ae.associate(
+            HOST, port, ae_title="ARCHIVE", ext_neg=[build_role(CT_CLASS, scu_role=True, scp_role=True), *extended],
+            evt_handlers=[(evt.EVT_C_STORE, on_store)],
+        )  # fmt: skip
+        assert self.assoc.is_established
+
+    def store(self, ds: Dataset) -> int:
+        park(self.assoc)
+        return int(self.assoc.send_c_store(ds).Status)
+
+    def find(self, query: Dataset, model: str = "study") -> tuple[int, list[Dataset]]:
+        park(self.assoc)
+        responses = list(self.assoc.send_c_find(query, MODELS[model]["find"]))
+        return int(responses[-1][0].Status), [
+            ds for status, ds in responses if ds is not None and status.Status in (0xFF00, 0xFF01)
+        ]
+
+    def get(self, query: Dataset, model: str = "study") -> tuple[int, list[int]]:
+        """C-GET: the final status and its Offending Element."""
+        park(self.assoc)
+        final = list(self.assoc.send_c_get(query, MODELS[model]["get"]))[-1][0]
+        offending = final.get("OffendingElement")
+        tags = (
+            []
+            if offending is None
+            else [int(t) for t in offending]
+            if isinstance(offending, list)
+            else [int(offending)]
+        )
+        return int(final.Status), tags
+
+    def close(self) -> None:
+        self.assoc.release()
+
+
+# --------------------------------------------------------------------------- UIDs with leading zeros
+
+
+async def test_uids_with_leading_zero_components_are_stored_found_and_retrieved(
+    tmp_path: Path, logged: pytest.LogCaptureFixture
+) -> None:
+    """SOP Instance, Study and Series UIDs with a component "04" (forbidden by PS3.5
+    9.1, made by real modalities; stored by DCMTK storescp and Orthanc): stored with one
+    warning line naming each UID, then found by them (C-FIND at every level of the
+    Study Root) and retrieved by C-GET (pynetdicom)."""
+    sop, study, series = "1.2.826.0.1.3680043.04.5", "1.2.826.0.1.3680043.04.6.01", "1.2.826.0.1.3680043.04.7"
+    async with running_serve(tmp_path / "arch") as serve:
+
+        def scenario() -> None:
+            peer = Pynet(serve.port)
+            try:
+                assert peer.store(ct(sop, study, series)) == 0
+                status, found = peer.find(identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study))
+                assert (status, [str(d.StudyInstanceUID) for d in found]) == (0, [study])
+                query = identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series,
+                                   SOPInstanceUID=sop)  # fmt: skip
+                status, found = peer.find(query)
+                assert (status, [str(d.SOPInstanceUID) for d in found]) == (0, [sop])
+                assert peer.get(query) == (0, [])
+                assert [str(d.SOPInstanceUID) for d in peer.received] == [sop]
+            finally:
+                peer.close()
+
+        await asyncio.to_thread(scenario)
+    warned = [r.getMessage() for r in logged.records if "not conformant" in r.getMessage()]
+    assert len(warned) == 3 and all(any(uid in line for line in warned) for uid in (sop, study, series)), warned
+
+
+UNSAFE = [
+    ("sop", "1.2.3.04.*", 0xC000),
+    ("sop", "1.2..3", 0xC000),
+    ("sop", "1.2.3a", 0xC000),
+    ("sop", "../1.2.3", 0xC000),
+    ("sop", "1." + "2" * 64, 0xC000),
+    ("study", "1.2/3", 0xA900),
+    ("study", "1.2.3.", 0xA900),
+    ("series", "1.2.3 4", 0xA900),
+    ("series", "1." + "2" * 64, 0xA900),
+]
+
+
+async def test_unsafe_uids_are_still_refused(tmp_path: Path) -> None:
+    """What is no UID at all (wild cards, empty components, letters, separators, over
+    64 characters) is refused: 0xC000 for the command's SOP Instance UID, 0xA900 for a
+    Study or Series UID of the data set; nothing is stored or findable."""
+    async with running_serve(tmp_path / "arch") as serve:
+        ae = da.AE("OURS")
+        ae.add_requested_context(CT_CLASS, [ExplicitVRLittleEndian])
+        got = []
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            for where, uid, _status in UNSAFE:
+                ds = ct(**{where: uid}) if where != "sop" else ct()
+                if where == "sop":
+                    ds.SOPInstanceUID = uid
+                got.append(int(await assoc.c_store(ds)))
+        assert got == [status for _w, _u, status in UNSAFE]
+        query = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="")
+        assert await serve.archive.find(MODELS["study"]["find"], query) == []
+        assert not list((tmp_path / "arch").rglob("*.dcm"))
