@@ -184,3 +184,41 @@ async def test_unsafe_uids_are_still_refused(tmp_path: Path) -> None:
         query = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="")
         assert await serve.archive.find(MODELS["study"]["find"], query) == []
         assert not list((tmp_path / "arch").rglob("*.dcm"))
+
+
+# --------------------------------------------------------------------------- re-index: the reason named
+
+
+async def test_reindex_names_why_a_readable_file_is_not_indexed(
+    tmp_path: Path, index: str | None, logged: pytest.LogCaptureFixture
+) -> None:
+    """At start-up (re-index), a file whose series the index holds under another study,
+    and one without a Series Instance UID, are left out with a warning naming the true
+    reason, not "unreadable"; a file that does not parse is still called unreadable."""
+    from dimse_async.archive.index import Archive
+
+    root = tmp_path / "arch"
+    series, shared = generate_uid(), generate_uid()
+    first = ct(study=generate_uid(), series=series)
+    conflicting = ct(study=generate_uid(), series=series)
+    placeless = ct()
+    del placeless.SeriesInstanceUID
+    for name, ds in (("a", first), ("b", conflicting), ("c", placeless)):
+        (root / name).mkdir(parents=True)
+        ds.save_as(root / name / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    (root / "d").mkdir()
+    (root / "d" / f"{shared}.dcm").write_bytes((root / "a" / f"{first.SOPInstanceUID}.dcm").read_bytes()[:1000])
+    arch = Archive(root, index=index)
+    try:
+        added, skipped, _gone = await arch.reindex()
+    finally:
+        arch.close()
+    assert (added, skipped) == (1, 3)
+    lines = {r.getMessage().split(" path=")[0]: r.getMessage() for r in logged.records if "path=" in r.getMessage()}
+    assert sorted(lines) == [
+        "archive: re-index: file not indexed: conflicts with the stored hierarchy",
+        "archive: re-index: file not indexed: no place in the Q/R hierarchy",
+        "archive: skipping unreadable file",
+    ], lines
+    conflict = lines["archive: re-index: file not indexed: conflicts with the stored hierarchy"]
+    assert "Series Instance UID is in another study" in conflict

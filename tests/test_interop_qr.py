@@ -564,7 +564,7 @@ def findscu_responses(out: Path) -> list[Dataset]:
 
 SERVE_LINE = re.compile(
     r"(?P<ae>\S+) listening on (?P<host>[\d.]+):(?P<port>\d+); archive (?P<dir>.+?): (?P<total>\d+) instances "
-    r"\((?P<added>\d+) indexed now, (?P<skipped>\d+) unreadable skipped, (?P<gone>\d+) gone\)"
+    r"\((?P<added>\d+) indexed now, (?P<skipped>\d+) not indexed, (?P<gone>\d+) gone\)"
     r"(?:; worklist (?P<worklist>.+))?$",
     re.M,
 )

@@ -207,7 +207,7 @@ def test_associations_during_indexing_are_rejected_transient_then_accepted(tmp_p
         line = proc.stdout.readline()
         assert f"listening on {HOST}:{port}" in line, (line, log.read_text())
         if workers == 1:
-            assert f"{INSTANCES} instances ({INSTANCES} indexed now, 0 unreadable skipped, 0 gone)" in line, line
+            assert f"{INSTANCES} instances ({INSTANCES} indexed now, 0 not indexed, 0 gone)" in line, line
             assert healthz(http_port) == 200
         else:
             assert f"{INSTANCES} instances" in line and "(2 workers, pids" in line, line

@@ -31,7 +31,7 @@ from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_def
 from ..part10 import plausible_uid, read_file_meta, valid_uid
 from ..services.storage import StoreRequest
 from ..space import StorageSpace, log_store_refusal
-from .backend import IndexRow
+from .backend import HierarchyConflict, IndexRow
 from .date_ranges import index_date
 from .db import IndexDB, log
 from .schema import (
@@ -216,6 +216,24 @@ def _out_of_resources(request: StoreRequest, exc: BaseException) -> Status:
         reason = f"index: {exc}"
     log_store_refusal(request, str(exc))
     return Status(0xA700, f"Out of resources: {reason}"[:64])
+
+
+def _log_not_indexed(path: str, exc: BaseException) -> None:
+    """The re-index's warning line for a file it leaves out, naming the true reason: a
+    data set that does not parse (or inflates past the limits) is unreadable; one that
+    parses but has no place in the Q/R hierarchy (no Study, Series or SOP Instance UID,
+    a UID that is none) or conflicts with what the index holds (its series under
+    another study, its study another patient's: a UID names one entity, PS3.3 A.1.2)
+    is readable, and said to be so."""
+    reason = str(exc)[:200]
+    if isinstance(exc, HierarchyConflict):
+        log.warning(
+            "archive: re-index: file not indexed: conflicts with the stored hierarchy", path=path, reason=reason
+        )
+    elif isinstance(exc, IndexingError):
+        log.warning("archive: re-index: file not indexed: no place in the Q/R hierarchy", path=path, reason=reason)
+    else:
+        log.warning("archive: skipping unreadable file", path=path, error=reason)
 
 
 class IngestMixin(IndexDB):
@@ -414,7 +432,7 @@ class IngestMixin(IndexDB):
                     raise
                 except Exception as exc:
                     skipped += 1
-                    log.warning("archive: skipping unreadable file", path=path, error=str(exc)[:200])
+                    _log_not_indexed(path, exc)
         # A row whose file is gone is dropped, unless the file came back meanwhile (another
         # node storing it again): only the very row seen, at the moment it is still missing.
         # The series, studies and patients left without instances go with them (see
@@ -433,10 +451,11 @@ class IngestMixin(IndexDB):
         return added, skipped, len(gone)
 
     async def reindex(self) -> tuple[int, int, int]:
-        """Incremental re-index: (files added or changed, files skipped as unreadable, files gone).
+        """Incremental re-index: (files added or changed, files not indexed, files gone).
 
         Leftovers of interrupted stores are removed first; a file is indexed only
-        when its data set parses to its end. Cancelling the caller stops the pass before
+        when its data set parses to its end and fits the hierarchy the index holds (a
+        warning line names each file left out and why, see :func:`_log_not_indexed`). Cancelling the caller stops the pass before
         its next file (what was indexed stays; the next pass goes on from there)."""
         stop = self._reindex_stop = threading.Event()
         try:

@@ -400,7 +400,7 @@ async def serve(args: argparse.Namespace) -> int:
             + (" (TLS)" if dep.ssl else "")
             + (" (PROXY protocol)" if dep.proxy_protocol else "")
             + f"; archive {config.storage_dir}: "
-            f"{counts['total']} instances ({counts['added']} indexed now, {counts['skipped']} unreadable skipped, "
+            f"{counts['total']} instances ({counts['added']} indexed now, {counts['skipped']} not indexed, "
             f"{counts['gone']} gone)" + (f"; worklist {config.worklist_dir}" if config.worklist_dir else ""),
             flush=True,
         )
