@@ -85,6 +85,7 @@ async def running_serve(storage: Path, worklist: Any = None, **settings: Any) ->
         query_time_budget=config.query_time_budget,
         retrieve_max_instances=config.retrieve_max_instances,
     )
+    archive.relational_retrieve = config.relational_retrieve
     ae = archive_ae(config)
     archive.install(ae, worklist)
     extras = install_normalized(ae, archive, config)

@@ -222,3 +222,101 @@ async def test_reindex_names_why_a_readable_file_is_not_indexed(
     ], lines
     conflict = lines["archive: re-index: file not indexed: conflicts with the stored hierarchy"]
     assert "Series Instance UID is in another study" in conflict
+
+
+# --------------------------------------------------------------------------- hierarchical retrieve
+
+STUDY_UID_TAG, SERIES_UID_TAG, PATIENT_ID_TAG = 0x0020000D, 0x0020000E, 0x00100020
+
+
+async def test_retrieve_without_upper_unique_keys_is_refused_unless_relational_retrieval_was_negotiated(
+    tmp_path: Path,
+) -> None:
+    """PS3.4 C.4.2.2.1 / C.4.3.2.1: a hierarchical C-GET names the unique key of every
+    level above its own. Without them: 0xA900 with the missing key as Offending
+    Element. With relational retrieval negotiated (SOP Class Extended Negotiation,
+    C.5.3.1.1) the same requests retrieve the instance."""
+    ds = ct(PatientID="P1")
+    sop, study, series = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+    requests = [
+        ("study", identifier(QueryRetrieveLevel="SERIES", SeriesInstanceUID=series), [STUDY_UID_TAG]),
+        ("study", identifier(QueryRetrieveLevel="IMAGE", SOPInstanceUID=sop), [STUDY_UID_TAG]),
+        ("study", identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SOPInstanceUID=sop), [SERIES_UID_TAG]),
+        ("patient", identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study), [PATIENT_ID_TAG]),
+        ("patient", identifier(QueryRetrieveLevel="SERIES", PatientID="P1", SeriesInstanceUID=series), [STUDY_UID_TAG]),
+    ]
+    complete = [
+        ("study", identifier(QueryRetrieveLevel="IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series,
+                             SOPInstanceUID=sop)),
+        ("patient", identifier(QueryRetrieveLevel="SERIES", PatientID="P1", StudyInstanceUID=study,
+                               SeriesInstanceUID=series)),
+    ]  # fmt: skip
+    async with running_serve(tmp_path / "arch") as serve:
+
+        def scenario() -> None:
+            hierarchical = Pynet(serve.port)
+            try:
+                assert hierarchical.store(ds) == 0
+                got = [hierarchical.get(query, model) for model, query, _tags in requests]
+                assert got == [(0xA900, tags) for _m, _q, tags in requests]
+                assert not hierarchical.received
+                assert [hierarchical.get(query, model) for model, query in complete] == [(0, [])] * 2
+                assert len(hierarchical.received) == 2
+            finally:
+                hierarchical.close()
+            relational = Pynet(serve.port, relational=True)
+            try:
+                assert [relational.get(query, model) for model, query, _t in requests] == [(0, [])] * len(requests)
+                assert [str(d.SOPInstanceUID) for d in relational.received] == [sop] * len(requests)
+            finally:
+                relational.close()
+
+        await asyncio.to_thread(scenario)
+
+
+# --------------------------------------------------------------------------- patients without an ID
+
+
+async def test_instances_without_patient_id_are_navigable_in_the_patient_root(tmp_path: Path) -> None:
+    """Patient ID is Type 2: instances with an empty or absent one are found at every
+    level of the Patient Root model and retrieved, their patient's unique key being the
+    empty Patient ID a PATIENT level C-FIND answers for them; a patient with an ID is not
+    among them. (Hierarchical: the Patient ID key is sent, without a value.)"""
+    empty, absent, other = ct(PatientID="", PatientName="Anon^One"), ct(PatientName="Anon^Two"), ct(PatientID="P1")
+    del absent.PatientID
+    async with running_serve(tmp_path / "arch") as serve:
+
+        def scenario() -> None:
+            peer = Pynet(serve.port)
+            try:
+                assert [peer.store(ds) for ds in (empty, absent, other)] == [0, 0, 0]
+                status, patients = peer.find(identifier(QueryRetrieveLevel="PATIENT", PatientID="", PatientName=""),
+                                             "patient")  # fmt: skip
+                assert status == 0
+                assert sorted((str(p.PatientID), str(p.PatientName)) for p in patients) == [
+                    ("", "Anon^One"), ("", "Anon^Two"), ("P1", "CompressedSamples^CT1")]  # fmt: skip
+                no_id = identifier(QueryRetrieveLevel="STUDY", PatientID="", StudyInstanceUID="")
+                status, studies = peer.find(no_id, "patient")
+                want = sorted([str(empty.StudyInstanceUID), str(absent.StudyInstanceUID)])
+                assert (status, sorted(str(s.StudyInstanceUID) for s in studies)) == (0, want)
+                for ds in (empty, absent):
+                    series = identifier(QueryRetrieveLevel="SERIES", PatientID="", StudyInstanceUID=ds.StudyInstanceUID,
+                                        SeriesInstanceUID="")  # fmt: skip
+                    status, found = peer.find(series, "patient")
+                    assert (status, [str(s.SeriesInstanceUID) for s in found]) == (0, [str(ds.SeriesInstanceUID)])
+                    image = identifier(QueryRetrieveLevel="IMAGE", PatientID="", StudyInstanceUID=ds.StudyInstanceUID,
+                                       SeriesInstanceUID=ds.SeriesInstanceUID, SOPInstanceUID=ds.SOPInstanceUID)  # fmt: skip
+                    status, found = peer.find(image, "patient")
+                    assert (status, [str(s.SOPInstanceUID) for s in found]) == (0, [str(ds.SOPInstanceUID)])
+                    assert peer.get(image, "patient") == (0, [])
+                    study = identifier(QueryRetrieveLevel="STUDY", PatientID="", StudyInstanceUID=ds.StudyInstanceUID)
+                    assert peer.get(study, "patient") == (0, [])
+                # The patient with an ID is not the patient without one.
+                wrong = identifier(QueryRetrieveLevel="STUDY", PatientID="", StudyInstanceUID=other.StudyInstanceUID)
+                assert peer.get(wrong, "patient") == (0, [])
+                assert sorted(str(d.SOPInstanceUID) for d in peer.received) == sorted(
+                    [str(empty.SOPInstanceUID)] * 2 + [str(absent.SOPInstanceUID)] * 2)  # fmt: skip
+            finally:
+                peer.close()
+
+        await asyncio.to_thread(scenario)

@@ -81,6 +81,7 @@ async def running_serve(root: Path, **settings: object) -> AsyncIterator[Running
         index=config.index,
         min_free_space=config.min_free_space,
     )
+    archive.relational_retrieve = config.relational_retrieve
     await archive.reindex()
     ae = archive_ae(config)
     archive.install(ae)
@@ -1156,7 +1157,7 @@ async def test_pydicom_corpus_retrieved_by_getscu_and_movescu_in_its_own_syntax(
     for uid, (ts, _path) in corpus.items():
         by_syntax.setdefault(ts, []).append(uid)
     assert set(by_syntax) <= set(PREFER), set(by_syntax) - set(PREFER)
-    async with running_serve(tmp_path / "arch") as srv:
+    async with running_serve(tmp_path / "arch", relational_retrieve=True) as srv:
         report = await send_files(AE("SENDER"), HOST, srv.port, SERVE_AE, [str(p) for _, p in corpus.values()])
         assert not report.failed, [(r.path, r.error or r.status) for r in report.failed]
 
@@ -1239,7 +1240,7 @@ async def test_pydicom_corpus_compressed_retrieved_decompressed_by_a_peer_taking
     classes = sorted({str(pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID) for _ts, p in corpus.values()})
     got_dir = tmp_path / "got"
     got_dir.mkdir()
-    async with running_serve(tmp_path / "arch") as srv:
+    async with running_serve(tmp_path / "arch", relational_retrieve=True) as srv:
         report = await send_files(AE("SENDER"), HOST, srv.port, SERVE_AE, [str(p) for _, p in corpus.values()])
         assert not report.failed, [(r.path, r.error or r.status) for r in report.failed]
 

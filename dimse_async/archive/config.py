@@ -50,6 +50,9 @@ Example::
     query_max_matches = 50000                 # a C-FIND (archive or worklist) stops with 0xA700
     query_time_budget = 60                    #   past this many matches or seconds
     retrieve_max_instances = 100000           # a C-GET / C-MOVE of more is refused 0xA702
+    relational_retrieve = false               # true: a C-GET / C-MOVE without the unique keys
+                                              #   of the levels above is served as if relational
+                                              #   retrieval were negotiated (else 0xA900)
     max_move_associations = 8                 # C-MOVE sub-associations open at once to one
                                               #   destination; more C-MOVEs wait their turn
                                               #   (Pending every 5 s); per worker process
@@ -191,6 +194,12 @@ class ServeConfig:
     #: A C-GET / C-MOVE matching more instances is refused with 0xA702 (Refused: Out
     #: of Resources - Unable to perform sub-operations, PS3.4 C.4.2.1.5, C.4.3.1.3).
     retrieve_max_instances: int = 100_000
+    #: A hierarchical C-GET / C-MOVE names the unique key of every level above its own
+    #: (PS3.4 C.4.2.2.1, C.4.3.2.1), else it is refused 0xA900 naming the missing key,
+    #: unless the requestor negotiated relational retrieval (C.5.2.1.1, C.5.3.1.1).
+    #: ``True`` serves such requests anyway (an IMAGE level retrieve by SOP Instance UIDs
+    #: alone, as many SCUs send without negotiating it; dcm4che's "relational-lenient").
+    relational_retrieve: bool = False
     #: C-MOVE sub-associations open at once to one destination (per process: with
     #: ``workers`` N, each worker's, N times this in all), over all C-MOVEs: more C-MOVEs
     #: to it wait their turn, sent a Pending response every 5 s (a C-CANCEL ends the
@@ -273,6 +282,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ian_retries": (int,),
     "ian_retry_interval": (int, float),
     "log_operations": (bool,),
+    "relational_retrieve": (bool,),
 }
 
 

@@ -20,6 +20,7 @@ from .db import (
     stored_file_problem,
 )
 from .schema import (
+    HIERARCHY_ABOVE,
     INDEXED_UP_TO,
     LEVEL_KEYS,
     LEVEL_ORDER,
@@ -36,6 +37,7 @@ from .schema import (
     in_pieces,
     model_name,
     name_prefix,
+    no_patient_id,
     query_level,
     tag_of,
     text_of,
@@ -50,6 +52,10 @@ log = get_logger()
 
 class QueryMixin(IndexDB):
     """Querying and retrieving (see the module)."""
+
+    #: C-GET / C-MOVE requests are served as relational retrievals even where the
+    #: requestor did not negotiate it (``serve``'s ``relational_retrieve``).
+    relational_retrieve: bool = False
 
     def _query(self, model: str, identifier: Dataset, relational: bool = False) -> list[Dataset]:
         query = _PagedQuery(model, identifier, relational)
@@ -278,10 +284,18 @@ class QueryMixin(IndexDB):
         return items, ((part + 1, None) if part + 1 < len(where.parts) else None)
 
     async def retrieve_iter(
-        self, model_uid: str, identifier: Dataset, *, owner: object | None = None, announce: bool = False
+        self,
+        model_uid: str,
+        identifier: Dataset,
+        *,
+        owner: object | None = None,
+        announce: bool = False,
+        relational: bool = False,
     ) -> AsyncIterator[str | Unavailable | Matches]:
         """What a C-GET / C-MOVE sends: each matching instance's file, or
-        :class:`Unavailable` when the file is gone or not the size it was stored at;
+        :class:`Unavailable` when the file is gone or not the size it was stored at
+        (``relational``: relational retrieval was negotiated, C.4.2.2.1: the unique
+        keys of the levels above may be left out);
         read a page at a time, holding nothing of the index between pages. With
         ``announce`` first a :class:`~dimse_async.services.qr.Matches` (their number and
         kinds), so the SCP sends them as they come (nothing collected first).
@@ -291,7 +305,7 @@ class QueryMixin(IndexDB):
         sub-operations (PS3.4 C.4.2.1.5 for C-MOVE, C.4.3.1.3 for C-GET), before any
         sub-operation; a count not done within :attr:`query_time_budget` with 0xA701,
         Refused: Out of Resources - Unable to calculate number of matches."""
-        where = _retrieve_where(model_name(model_uid), identifier)
+        where = _retrieve_where(model_name(model_uid), identifier, relational)
         started = time.monotonic()
         deadline = started + self.query_time_budget
         try:
@@ -309,7 +323,9 @@ class QueryMixin(IndexDB):
                 matches=count,
                 retrieve_max_instances=self.retrieve_max_instances,
             )
-            raise StatusError(Status(0xA702, f"Out of resources: {count} instances, over {self.retrieve_max_instances}"[:64]))
+            raise StatusError(
+                Status(0xA702, f"Out of resources: {count} instances, over {self.retrieve_max_instances}"[:64])
+            )
         if announce:
             yield matches
         after: tuple[int, str | None] | None = (0, None)
@@ -319,24 +335,23 @@ class QueryMixin(IndexDB):
                 yield item
 
     async def retrieve_items(
-        self, model_uid: str, identifier: Dataset, *, owner: object | None = None
+        self, model_uid: str, identifier: Dataset, *, owner: object | None = None, relational: bool = False
     ) -> list[str | Unavailable]:
         """:meth:`retrieve_iter` as a list."""
         return [
             item
-            async for item in self.retrieve_iter(model_uid, identifier, owner=owner)
+            async for item in self.retrieve_iter(model_uid, identifier, owner=owner, relational=relational)
             if not isinstance(item, Matches)
         ]
 
-    async def retrieve_paths(self, model_uid: str, identifier: Dataset) -> list[str]:
-        return [i for i in await self.retrieve_items(model_uid, identifier) if isinstance(i, str)]
+    async def retrieve_paths(self, model_uid: str, identifier: Dataset, *, relational: bool = False) -> list[str]:
+        items = await self.retrieve_items(model_uid, identifier, relational=relational)
+        return [i for i in items if isinstance(i, str)]
 
     # -- handlers -----------------------------------------------------------------
 
     async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
-        negotiated = request.assoc.negotiated
-        reply = negotiated.extended.get(request.model, b"") if negotiated is not None else b""
-        relational = reply[:1] == b"\x01"
+        relational = _negotiated_relational(request)
         async for ds in self.find_iter(
             request.model,
             request.identifier,
@@ -349,8 +364,20 @@ class QueryMixin(IndexDB):
     async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str | Unavailable | Matches]:
         """C-GET / C-MOVE: the number of instances and their kinds first (counted in
         SQL), then each page of instances as the sub-operations take them."""
-        async for item in self.retrieve_iter(request.model, request.identifier, owner=request.assoc, announce=True):
+        relational = self.relational_retrieve or _negotiated_relational(request)
+        items = self.retrieve_iter(
+            request.model, request.identifier, owner=request.assoc, announce=True, relational=relational
+        )
+        async for item in items:
             yield item
+
+
+def _negotiated_relational(request: QueryRequest) -> bool:
+    """Whether relational queries (a FIND class, PS3.4 C.5.1.1.1) or relational retrieval
+    (MOVE, GET: C.5.2.1.1, C.5.3.1.1) were granted for the request's SOP class."""
+    negotiated = request.assoc.negotiated
+    reply = negotiated.extended.get(request.model, b"") if negotiated is not None else b""
+    return reply[:1] == b"\x01"
 
 
 class _RetrieveWhere(NamedTuple):
@@ -378,15 +405,19 @@ _RETRIEVE_KEYS = (
 #: Their VRs (PS3.6). An identifier in explicit VR may say otherwise: another text VR
 #: is read as text (its value may still name something), a binary one or SQ cannot.
 _RETRIEVE_VR = {"PatientID": "LO", "StudyInstanceUID": "UI", "SeriesInstanceUID": "UI", "SOPInstanceUID": "UI"}
-_TEXT_VRS = frozenset(["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UN", "UR", "UT"])
+_TEXT_VRS = frozenset(
+    ["AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UN", "UR", "UT"]
+)
 
 
-def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
+def _retrieve_where(model: str, identifier: Dataset, relational: bool = False) -> _RetrieveWhere:
     """The SQL condition selecting a C-GET / C-MOVE's instances: 0xA900 without the
-    unique key of the retrieve level (C.4.2.2.1), or with a unique key of a level
-    below it (a STUDY retrieve sends the whole study: C.4.2.1.4.1, C.4.3.1.3.1 allow
-    the keys of the retrieve level and above; it was taken to narrow the study), the
-    key as Offending Element (0000,0901, PS3.4 C.4.2.1.5, C.4.3.1.4)."""
+    unique key of the retrieve level (C.4.2.2.1), without the unique key of each level
+    above it unless relational retrieval was negotiated (``relational``; C.4.2.2.1,
+    C.4.3.2.1 hierarchical retrieve: :func:`.check_hierarchy`), or with a unique key of
+    a level below it (a STUDY retrieve sends the whole study: C.4.2.1.4.1, C.4.3.1.3.1
+    allow the keys of the retrieve level and above; it was taken to narrow the study),
+    the key as Offending Element (0000,0901, PS3.4 C.4.2.1.5, C.4.3.1.4)."""
     level = query_level(model, identifier, "Retrieve")
     unique = UNIQUE_KEYS[level]
     values = exact_values(identifier.get(unique))
@@ -394,6 +425,10 @@ def _retrieve_where(model: str, identifier: Dataset) -> _RetrieveWhere:
         raise StatusError(Status(0xA900, f"{unique} is required at {level} level", attributes=[tag_of(unique)]))
     where: list[str] = []
     args: list[Any] = []
+    if not relational:
+        check_hierarchy(model, level, identifier, "retrieve")
+        if "PatientID" in HIERARCHY_ABOVE[model][level] and no_patient_id(identifier):
+            where.append("p.patient_id = ''")  # the patients without an ID (see no_patient_id)
     pieces: list[list[str]] = []
     unique_column = ""
     depth = LEVEL_ORDER.index(level)
@@ -645,6 +680,8 @@ class _PagedQuery:
         self.ended = False
         self.page = _PAGE
         where, self._args = _prefilter(identifier, self.depth, self.required)
+        if not relational and "PatientID" in HIERARCHY_ABOVE[model][level] and no_patient_id(identifier):
+            where.append("p.patient_id = ''")  # the patients without an ID (see no_patient_id)
         self._sql = (_select(self.depth), where, _KEY_COLUMNS[self.depth])
         #: A list of more than MAX_IN values of the level's unique key (List of UID
         #: Matching, too long for one IN): its values in pieces of MAX_IN, read one

@@ -124,7 +124,7 @@ REQUIRED_KEYS: dict[str, dict[str, frozenset[str]]] = {
 }
 #: Unique keys that a hierarchical query must carry for every level
 #: above its own (PS3.4 C.4.1.2.2; relational queries are not negotiated).
-_ABOVE = {
+HIERARCHY_ABOVE = {
     "patient": {"PATIENT": (), "STUDY": ("PatientID",), "SERIES": ("PatientID", "StudyInstanceUID"),
                 "IMAGE": ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")},
     "study": {"STUDY": (), "SERIES": ("StudyInstanceUID",), "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID")},
@@ -407,22 +407,41 @@ _NUMBER_STRINGS = {
 
 
 def relational_queries(sop_class_uid: str, info: bytes) -> bytes | None:
-    """SOP class extended negotiation reply (PS3.4 C.5.1.1.1): relational queries are
-    granted for the Q/R FIND classes when asked for; the other options are declined."""
-    if sop_class_uid not in _MODEL_BY_UID or sop_class_uid != MODELS[_MODEL_BY_UID[sop_class_uid]]["find"]:
+    """SOP class extended negotiation reply: relational queries are granted for the Q/R
+    FIND classes (PS3.4 C.5.1.1.1), relational retrieval for the MOVE and GET classes
+    (C.5.2.1.1, C.5.3.1.1), when asked for; the other options are declined."""
+    model = _MODEL_BY_UID.get(sop_class_uid)
+    if model is None or sop_class_uid not in (MODELS[model]["find"], MODELS[model]["move"], MODELS[model]["get"]):
         return None
     return b"\x01" if info[:1] == b"\x01" else b"\x00"
 
 
-def check_hierarchy(model: str, level: str, identifier: Dataset) -> None:
-    """Refuse (0xA900, that key as Offending Element) a query lacking the unique key of
-    a level above its own (a UID list is taken as List of UID Matching; wild cards and
-    empty values are refused; PS3.4 C.4.1.2.2.1)."""
-    for key in _ABOVE[model][level]:
+def check_hierarchy(model: str, level: str, identifier: Dataset, what: str = "query") -> None:
+    """Refuse (0xA900, that key as Offending Element) a query (C.4.1.2.2.1) or retrieve
+    (C.4.2.2.1, C.4.3.2.1) lacking the unique key of a level above its own, where no
+    relational query or retrieval was negotiated. For a query a UID list is taken as List
+    of UID Matching; wild cards are refused, and so is a UID without a value. A Patient
+    ID present without a value names the patients whose Patient ID is empty (it is Type
+    2, PS3.3 C.7.1.1: such a patient has no other unique key): see :func:`no_patient_id`."""
+    for key in HIERARCHY_ABOVE[model][level]:
         values = exact_values(identifier.get(key)) if key in identifier else None
-        if not values or (len(values) != 1 and key == "PatientID"):
-            comment = f"{level} query needs one {key} (no relational queries)"[:64]
+        if key == "PatientID" and no_patient_id(identifier):
+            continue
+        if not values or (len(values) != 1 and (key == "PatientID" or what == "retrieve")):
+            comment = f"{level} {what} needs one {key} (no relational {_RELATIONAL[what]})"[:64]
             raise StatusError(Status(0xA900, comment, attributes=[tag_of(key)]))
+
+
+_RELATIONAL = {"query": "queries", "retrieve": "retrieval"}
+
+
+def no_patient_id(identifier: Dataset) -> bool:
+    """Whether ``identifier`` holds a Patient ID key without a value (zero length, or
+    only spaces). In a hierarchical query or retrieve below the PATIENT level of the
+    Patient Root model it stands as the unique key of a patient without an ID (what a
+    PATIENT level C-FIND answers for them), matching the entities whose Patient ID is
+    empty or absent, so that they are found and retrieved like any other."""
+    return "PatientID" in identifier and not text_of(identifier.get("PatientID")).strip(" \x00")
 
 
 def add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:

@@ -358,6 +358,7 @@ async def serve(args: argparse.Namespace) -> int:
         retrieve_max_instances=config.retrieve_max_instances,
         min_free_space=config.min_free_space,
     )
+    archive.relational_retrieve = config.relational_retrieve
     ae = archive_ae(config)
     archive.install(ae, _worklist(config))
     try:
