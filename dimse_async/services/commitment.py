@@ -44,6 +44,7 @@ __all__ = [
     "CommitmentTracker",
     "FailureReason",
     "commitment_request",
+    "reconcile",
     "references_from_files",
     "report_dataset",
     "request_commitment",
@@ -167,6 +168,8 @@ class CommitmentTracker:
 
     def __init__(self, keep_late: int = 256):
         self.pending: dict[str, tuple[asyncio.Future[CommitmentResult], int]] = {}
+        #: The references each transaction asked for (pending or expired), to hold its report to.
+        self._asked: dict[str, list[Reference]] = {}
         self._expired: OrderedDict[str, float] = OrderedDict()
         self.late: OrderedDict[str, CommitmentResult] = OrderedDict()
         self.keep_late = keep_late
@@ -177,9 +180,15 @@ class CommitmentTracker:
     def _suppressed(self, kind: str, peer_ae: str, count: int, seconds: float) -> None:
         self.log.warning(f"{kind}: {count} similar suppressed", peer_ae=peer_ae, seconds=round(seconds))
 
-    def expect(self, transaction_uid: str, association_id: int) -> asyncio.Future[CommitmentResult]:
+    def expect(
+        self, transaction_uid: str, association_id: int, references: Iterable[Reference] | None = None
+    ) -> asyncio.Future[CommitmentResult]:
+        """Wait for the report of ``transaction_uid``; with ``references`` (those
+        requested) the report is held to them (:func:`reconcile`)."""
         fut: asyncio.Future[CommitmentResult] = asyncio.get_running_loop().create_future()
         self.pending[transaction_uid] = (fut, association_id)
+        if references is not None:
+            self._asked[transaction_uid] = list(references)
         return fut
 
     def expire(self, transaction_uid: str) -> None:
@@ -187,10 +196,25 @@ class CommitmentTracker:
         self.pending.pop(transaction_uid, None)
         self._expired[transaction_uid] = time.time()
         while len(self._expired) > 4 * self.keep_late:
-            self._expired.popitem(last=False)
+            self._asked.pop(self._expired.popitem(last=False)[0], None)
 
     def forget(self, transaction_uid: str) -> None:
         self.pending.pop(transaction_uid, None)
+        self._asked.pop(transaction_uid, None)
+
+    def _reconciled(self, result: CommitmentResult, peer_ae: str) -> CommitmentResult:
+        asked = self._asked.pop(result.transaction_uid, None)
+        if asked is None:
+            return result
+        problems = reconcile(result, asked)
+        if problems and self._warnings.allow("storage commitment report inconsistent", peer_ae):
+            self.log.warning(
+                "storage commitment report inconsistent with the request",
+                transaction_uid=result.transaction_uid,
+                peer_ae=peer_ae,
+                **problems,
+            )
+        return result
 
     async def on_report(self, request: NRequest) -> Any:
         """N-EVENT-REPORT handler (J.3.3): match the Transaction UID, wake the requester."""
@@ -203,6 +227,8 @@ class CommitmentTracker:
             return result
         uid = result.transaction_uid
         entry = self.pending.pop(uid, None)
+        if entry is not None or uid in self._expired:
+            result = self._reconciled(result, request.calling_ae)
         if entry is not None:
             fut, assoc_id = entry
             result.same_association = assoc_id == id(request.assoc)
@@ -229,6 +255,28 @@ class CommitmentTracker:
                 "storage commitment report for an unknown transaction", transaction_uid=uid, peer_ae=request.calling_ae
             )
         return Status(NCode.PROCESSING_FAILURE, f"no pending transaction {uid}"[:64])
+
+
+def reconcile(result: CommitmentResult, asked: Iterable[Reference]) -> dict[str, int]:
+    """Hold a report to the references requested (PS3.4 J.3.3: each of them is in the
+    report, committed or failed): a reference the report leaves out fails with 0x0110
+    (processing failure), one reported both committed and failed is failed, one never
+    requested is dropped. ``result`` is changed in place; returns the count of each
+    kind of inconsistency found (``{}``: none)."""
+    wanted = dict.fromkeys(asked)
+    failed_refs = {(c, i) for c, i, _r in result.failed}
+    committed = [ref for ref in result.committed if ref in wanted and ref not in failed_refs]
+    failed = [(c, i, r) for c, i, r in result.failed if (c, i) in wanted]
+    reported = set(committed) | failed_refs
+    missing = [ref for ref in wanted if ref not in reported]
+    problems = {
+        "omitted": len(missing),
+        "committed_and_failed": len(set(result.committed) & failed_refs),
+        "not_requested": len({*result.committed, *failed_refs} - set(wanted)),
+    }
+    result.committed = committed
+    result.failed = failed + [(c, i, FailureReason.PROCESSING_FAILURE) for c, i in missing]
+    return {kind: count for kind, count in problems.items() if count}
 
 
 def request_dataset(transaction_uid: str, references: Iterable[Reference]) -> Dataset:
@@ -282,7 +330,8 @@ async def request_commitment_on(
 
     tracker = tracker_of(assoc.ae)
     uid = transaction_uid or generate_uid()
-    fut = tracker.expect(uid, id(assoc))
+    references = list(references)
+    fut = tracker.expect(uid, id(assoc), references)
     try:
         rsp = await assoc.n_action(
             STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, ACTION_REQUEST, request_dataset(uid, references)
@@ -326,7 +375,7 @@ async def request_commitment(
     loop = asyncio.get_running_loop()
     start = loop.time()
     async with ae.associate(host, port, called_ae, contexts=contexts, **associate_kwargs) as assoc:
-        fut = tracker.expect(uid, id(assoc))
+        fut = tracker.expect(uid, id(assoc), refs)
         try:
             rsp = await assoc.n_action(
                 STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, ACTION_REQUEST, request_dataset(uid, refs)
