@@ -99,12 +99,19 @@ class Status(int):
 
     error_comment: str | None
     attributes: tuple[int, ...] = ()
+    #: Error ID (0000,0903): the code a service class gives one failure (PS3.7 Annex C;
+    #: e.g. 0xA710 for an MPPS that may no longer be updated, PS3.4 Table F.7.2-2).
+    error_id: int | None = None
 
-    def __new__(cls, code: int, error_comment: str | None = None, attributes: Iterable[int] = ()) -> Status:
+    def __new__(
+        cls, code: int, error_comment: str | None = None, attributes: Iterable[int] = (), error_id: int | None = None
+    ) -> Status:
         obj = super().__new__(cls, code)
         obj.error_comment = error_comment
         if attributes:
             obj.attributes = tuple(int(tag) for tag in attributes)
+        if error_id is not None:
+            obj.error_id = error_id
         return obj
 
     @property
@@ -134,6 +141,8 @@ class Status(int):
 
     def __repr__(self) -> str:
         extra = f", {self.error_comment!r}" if self.error_comment else ""
+        if self.error_id is not None:
+            extra += f", error_id=0x{self.error_id:04X}"
         if self.attributes:
             extra += ", attributes=[" + ", ".join(f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in self.attributes) + "]"
         return f"Status(0x{int(self):04X} {self.category.value}{extra})"
@@ -142,11 +151,14 @@ class Status(int):
 
 
 def response_status(
-    status: int | None, error_comment: str | None = None, attributes: Iterable[int] | None = None
+    status: int | None,
+    error_comment: str | None = None,
+    attributes: Iterable[int] | None = None,
+    error_id: int | None = None,
 ) -> Status:
-    """The status a received response carries (with its error comment and Attribute
-    Identifier List or Offending Element, if any); a response without one is a
-    failure (0xC000)."""
+    """The status a received response carries (with its error comment, Attribute
+    Identifier List or Offending Element, and Error ID, if any); a response without
+    one is a failure (0xC000)."""
     if status is None:
         return Status(Code.CANNOT_UNDERSTAND, "response has no status")
-    return Status(status, error_comment, attributes or ())
+    return Status(status, error_comment, attributes or (), error_id)

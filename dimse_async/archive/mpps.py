@@ -5,7 +5,7 @@ attributes (status, step ID, station AE title, start date and time, modality: 0x
 when absent, 0x0121 when empty, PS3.4 §5.4.2.1); N-SET updates it
 while it is in progress and may end it "COMPLETED" or "DISCONTINUED" (F.7.2.2). A
 step that has ended may no longer be updated: 0x0110 with the standard's comment
-(F.7.2.2.4, Error ID 0xA710). An N-SET for an instance never created: 0x0112. An
+and Error ID (0000,0903) 0xA710 (F.7.2.2.4). An N-SET for an instance never created: 0x0112. An
 N-SET of an attribute Table F.7.2-1 marks "Not allowed" for N-SET (the patient, the
 scheduled step, the station, the start, the step's ID, the modality) with another
 value than the step has: 0x0105 No Such Attribute, nothing applied (the same value
@@ -44,7 +44,9 @@ __all__ = ["MPPS", "MPPSStore", "mpps_create_dataset", "mpps_final_dataset"]
 MPPS = "1.2.840.10008.3.1.2.3.3"
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
 _STATES = (IN_PROGRESS, COMPLETED, DISCONTINUED)
-_ENDED_COMMENT = "Performed Procedure Step Object may no longer be updated"  # F.7.2.2.4, 0xA710
+#: Error Comment and Error ID (0000,0903) of an N-SET of a step that ended (F.7.2.2.4, Table F.7.2-2).
+_ENDED_COMMENT = "Performed Procedure Step Object may no longer be updated"
+_ENDED_ERROR_ID = 0xA710
 
 #: Attributes Table F.7.2-1 marks "Not allowed" in N-SET: set at N-CREATE, fixed after
 #: (the SCU creates a new step instead, F.7.2.2.3 Note).
@@ -404,8 +406,10 @@ class MPPSStore:
                 return Status(NCode.NO_SUCH_SOP_INSTANCE, "no such performed procedure step")
             state, ds = got
             if state != IN_PROGRESS:
-                # F.7.2.2.2: once COMPLETED or DISCONTINUED the step is final.
-                return Status(NCode.PROCESSING_FAILURE, f"{_ENDED_COMMENT} ({state})")
+                # F.7.2.2.3: once COMPLETED or DISCONTINUED the step is final; the
+                # comment and Error ID exactly as Table F.7.2-2 gives them.
+                request.assoc.log.warning("MPPS N-SET refused: the step has ended", sop_instance=uid, status=state)
+                return Status(NCode.PROCESSING_FAILURE, _ENDED_COMMENT, error_id=_ENDED_ERROR_ID)
             ds, mods = _in_utf8(ds), _in_utf8(mods)
             # A modality that sends such an attribute again with its value unchanged is
             # tolerated; a different value would change the step's identity.

@@ -154,7 +154,7 @@ async def _invoke(
             raise DIMSEFailure(f"{c.name}: the reply data set is malformed: {exc}") from exc
     type_id = c.event_type_id if cmd.command_field == CommandField.N_EVENT_REPORT_RQ else c.action_type_id
     return NResult(
-        response_status(c.status, c.error_comment, c.attribute_identifier_list),
+        response_status(c.status, c.error_comment, c.attribute_identifier_list, c.error_id),
         c.affected_sop_class_uid,
         c.affected_sop_instance_uid,
         type_id,
@@ -322,6 +322,7 @@ def _response(op: Operation, status: Status, sop_class: str | None, sop_instance
         affected_sop_instance_uid=sop_instance or None,
         status=int(status),
         error_comment=error_comment(status),
+        error_id=status.error_id if isinstance(status, Status) and status.is_failure else None,
     )
     if status.attributes and int(status) in ATTRIBUTE_LIST_CODES:
         rsp.attribute_identifier_list = list(status.attributes)
