@@ -126,3 +126,95 @@ async def test_mpps_n_set_after_the_end_carries_the_error_id_of_the_standard(tmp
     assert int(refused.Status) == 0x0110
     assert refused.ErrorComment == "Performed Procedure Step Object may no longer be updated"
     assert refused.get("ErrorID") == 0xA710
+
+
+async def test_availability_notifications_tell_each_instance_s_state_and_the_steps() -> None:
+    """PS3.4 Annex R: ``serve`` lists an instance whose file is gone as UNAVAILABLE,
+    not ONLINE (a retrieve would fail it); it references the MPPS steps that performed
+    the study's series (R.3.4.1.1), each with its Performed Workitem Code Sequence (2/2);
+    every instance carries Retrieve AE Title (1/1). As SCP, :func:`parse_notification`
+    keeps each instance's availability (it kept the last one seen for all) and refuses a
+    value that is no defined term or an instance without one."""
+    import os
+    import tempfile
+
+    import pydicom
+    from normalized_helpers import make_instances, store
+
+    from dimse_async.services.availability import (
+        INSTANCE_AVAILABILITY,
+        Availability,
+        notification_dataset,
+        parse_notification,
+    )
+
+    got: list[Availability] = []
+    raw: list[Dataset] = []
+    ris = da.AE("RIS")
+    ris.add_supported_context(INSTANCE_AVAILABILITY)
+
+    @ris.on_n_create(sop_class=INSTANCE_AVAILABILITY)
+    async def on_ian(request: NRequest) -> Any:
+        assert request.dataset is not None
+        raw.append(request.dataset)
+        try:
+            got.append(parse_notification(request))
+        except ValueError as exc:
+            raise da.StatusError(0x0106, str(exc)) from None
+        return None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = make_instances(Path(tmp) / "in", 3)
+        first = pydicom.dcmread(files[0][0])
+        study_uid, series_uid = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+        async with await ris.start_server(HOST, 0) as ris_server:
+            async with running_serve(
+                Path(tmp) / "archive",
+                ian_destinations=["RIS"],
+                ian_delay=3600,
+                known_aes={"RIS": (HOST, ris_server.port)},
+            ) as serve:
+                await store(serve.port, [p for p, _c, _i in files])
+                gone = files[1][2]
+                (path,) = (
+                    serve.archive.connection()
+                    .execute("SELECT path FROM instances WHERE sop_uid = ?", (gone,))
+                    .fetchone()
+                )
+                os.unlink(path)
+                modality = da.AE("MODALITY", dimse_timeout=WAIT)
+                modality.add_requested_context(MPPS)
+                steps = []
+                async with modality.associate(HOST, serve.port, "ARCHIVE") as assoc:
+                    for series in (series_uid, generate_uid()):  # the second performed another series
+                        created = await assoc.n_create(
+                            MPPS, None, mpps_create_dataset("PAT1", "A^B", study_uid, "CT", "1", "CT1")
+                        )
+                        end = mpps_final_dataset("COMPLETED", [series], "ARCHIVE")
+                        assert (await assoc.n_set(MPPS, created.sop_instance_uid, end)).is_success
+                        steps.append(created.sop_instance_uid)
+                assert serve.extras.availability is not None
+                assert await serve.extras.availability.notify(study_uid) == [("RIS", "sent")]
+            # A notification as a hostile or careless SCU may send it.
+            bad = notification_dataset(Availability(study_uid, {series_uid: [(CT, gone)]}, retrieve_ae="PACS"))
+            bad.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].InstanceAvailability = "MAYBE"
+            empty = notification_dataset(Availability(study_uid, {series_uid: [(CT, gone)]}, retrieve_ae="PACS"))
+            del empty.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].InstanceAvailability
+            sender = da.AE("SENDER", dimse_timeout=WAIT)
+            sender.add_requested_context(INSTANCE_AVAILABILITY)
+            async with sender.associate(HOST, ris_server.port, "RIS") as assoc:
+                refused = [(await assoc.n_create(INSTANCE_AVAILABILITY, None, ds)).status for ds in (bad, empty)]
+    assert [int(s) for s in refused] == [0x0106, 0x0106]
+    assert "MAYBE" in str(refused[0].error_comment) and "InstanceAvailability" in str(refused[1].error_comment)
+    (av,) = got
+    assert av.availability == "ONLINE" and av.instance_availability == {gone: "UNAVAILABLE"}
+    assert sorted(av.series[series_uid]) == sorted((c, i) for _p, c, i in files)
+    assert av.procedure_steps == [(MPPS, steps[0])]
+    ds = raw[0]
+    items = ds.ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert {i.ReferencedSOPInstanceUID: i.InstanceAvailability for i in items} == {
+        i: ("UNAVAILABLE" if i == gone else "ONLINE") for _p, _c, i in files
+    }
+    assert {i.RetrieveAETitle for i in items} == {"ARCHIVE"}
+    (step,) = ds.ReferencedPerformedProcedureStepSequence
+    assert "PerformedWorkitemCodeSequence" in step and not step.PerformedWorkitemCodeSequence

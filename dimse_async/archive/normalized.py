@@ -12,6 +12,7 @@ from ..log import get_logger
 from ..services.availability import INSTANCE_AVAILABILITY, Availability, group_instances, send_notification
 from ..services.commitment import STORAGE_COMMITMENT
 from .commitment import CommitmentSCP
+from .db import stored_file_problem
 from .mpps import MPPS, MPPSStore
 
 __all__ = [
@@ -27,7 +28,14 @@ __all__ = [
 class AvailabilityNotifier:
     """Sends an Instance Availability Notification (R.3) to each destination AE when a
     study is complete - no new instance for ``delay`` seconds - or on demand
-    (:meth:`notify`). Destinations are AE titles from ``known_aes``."""
+    (:meth:`notify`). Destinations are AE titles from ``known_aes``.
+
+    Every instance the index holds in the study is listed: ONLINE when its file is
+    there at the size it was stored at, UNAVAILABLE when it is gone or cut short (a
+    retrieve would fail it; PS3.3 C.4.23.1.1), the archive's AE title to retrieve
+    from. With ``mpps`` (the MPPS SCP's store) the notification references the
+    performed procedure steps of the study whose Performed Series Sequence names one
+    of its series (R.3.4.1.1: the relationship to the PPS)."""
 
     def __init__(
         self,
@@ -38,9 +46,11 @@ class AvailabilityNotifier:
         *,
         retries: int = 3,
         retry_interval: float = 5.0,
+        mpps: MPPSStore | None = None,
     ):
         self.archive = archive
         self.ae = ae
+        self.mpps = mpps
         self.destinations = destinations
         self.delay = delay
         #: A notification that fails is sent again ``retries`` times, ``retry_interval``
@@ -100,20 +110,42 @@ class AvailabilityNotifier:
         task.add_done_callback(self._tasks.discard)
 
     async def availability(self, study_uid: str) -> Availability:
+        """What the study's notification says (see the class)."""
+
         def rows() -> Any:
             return (
                 self.archive.connection()
                 .execute(
-                    "SELECT i.series_uid, i.sop_class, i.sop_uid FROM instances i JOIN series s "
+                    "SELECT i.series_uid, i.sop_class, i.sop_uid, i.path, i.size FROM instances i JOIN series s "
                     "ON i.series_uid = s.series_uid WHERE s.study_uid = ? ORDER BY i.series_uid, i.sop_uid",
                     (study_uid,),
                 )
                 .fetchall()
             )
 
-        return Availability(
-            study_uid, group_instances(await self.archive.in_index_thread(rows)), retrieve_ae=self.ae.ae_title
+        found = await self.archive.in_index_thread(rows)
+
+        def unavailable() -> dict[str, str]:  # a stat per instance, off the event loop
+            return {
+                sop_uid: "UNAVAILABLE"
+                for _series, _class, sop_uid, path, size in found
+                if stored_file_problem(path, size) is not None
+            }
+
+        av = Availability(
+            study_uid,
+            group_instances((series, sop_class, sop_uid) for series, sop_class, sop_uid, _p, _s in found),
+            retrieve_ae=self.ae.ae_title,
+            instance_availability=await asyncio.to_thread(unavailable),
         )
+        if self.mpps is not None and av.series:
+            for step in await self.mpps.find(study_uid=study_uid):
+                performed = {
+                    str(item.get("SeriesInstanceUID") or "") for item in step.get("PerformedSeriesSequence") or []
+                }
+                if performed & av.series.keys():
+                    av.procedure_steps.append((MPPS, str(step.SOPInstanceUID)))
+        return av
 
     async def notify(self, study_uid: str) -> list[tuple[str, str]]:
         """Send the study's notification to every destination now (at once, each retried
@@ -183,7 +215,6 @@ class AvailabilityNotifier:
             await asyncio.wait(left, timeout=timeout)
 
 
-
 class Extras:
     """What :func:`install_normalized` set up, for shutdown and inspection."""
 
@@ -228,6 +259,7 @@ def install_normalized(ae: Any, archive: Any, config: Any) -> Extras:
             config.ian_delay,
             retries=config.ian_retries,
             retry_interval=config.ian_retry_interval,
+            mpps=extras.mpps,
         )
         extras.availability.install(ae)
     return extras
