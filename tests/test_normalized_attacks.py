@@ -26,6 +26,7 @@ from dimse_async.services.normalized import NRequest
 
 WAIT = 30.0
 CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def _lying_commitment_scp(report: Any) -> da.AE:
@@ -218,3 +219,23 @@ async def test_availability_notifications_tell_each_instance_s_state_and_the_ste
     assert {i.RetrieveAETitle for i in items} == {"ARCHIVE"}
     (step,) = ds.ReferencedPerformedProcedureStepSequence
     assert "PerformedWorkitemCodeSequence" in step and not step.PerformedWorkitemCodeSequence
+
+
+async def test_commitment_of_a_class_the_archive_does_not_store_is_0x0122(tmp_path: Path) -> None:
+    """PS3.3 C.14.1.1 Failure Reason: a reference to an instance not held is 0x0112, but
+    one of a SOP class the archive does not store (an MPPS, a made-up class) is 0x0122
+    Referenced SOP Class not supported: no point sending it again. A held instance
+    named under another class stays 0x0119."""
+    from normalized_helpers import make_instances, store
+
+    files = make_instances(tmp_path / "in", 1)
+    held = (files[0][1], files[0][2])
+    refs = [held, (CT, generate_uid()), (MPPS, generate_uid()), ("1.2.3.999", generate_uid()), (MR, held[1])]
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [files[0][0]])
+        scu = da.AE("OUR_SCU", dimse_timeout=WAIT)
+        scu.add_requested_context(STORAGE_COMMITMENT)
+        async with scu.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            result = await assoc.request_commitment(refs, timeout=WAIT)
+    assert result.committed == [held]
+    assert [r for _c, _i, r in result.failed] == [0x0112, 0x0122, 0x0122, 0x0119]

@@ -3,8 +3,9 @@
 The N-ACTION is answered at once (J.3.2); then every referenced instance is checked:
 indexed, of the SOP class the request names, and its file still whole (the size the
 index recorded, read to the end, its header naming the same instance and class).
-Only those are committed; the others fail with a reason (J.3.3.1.1.1): 0x0112 not
-held, 0x0119 held under another SOP class, 0x0110 the file is damaged or unreadable,
+Only those are committed; the others fail with a reason (PS3.3 C.14.1.1): 0x0112 not
+held, 0x0122 not held and of a SOP class the archive does not store (with
+``storage_classes``), 0x0119 held under another SOP class, 0x0110 the file is damaged or unreadable,
 0x0131 a Transaction UID already used by that requester. The report goes on the
 requesting association if it is still open, else on a new association to the
 requester's entry in ``[known_aes]`` (proposing the SCP role), retried; one log
@@ -32,6 +33,7 @@ import contextlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -104,8 +106,12 @@ class CommitmentSCP:
         max_transactions: int = MAX_TRANSACTIONS,
         max_per_association: int = MAX_PER_ASSOCIATION,
         checks: int = 1,
+        storage_classes: Collection[str] | None = None,
     ):
         self.archive = archive
+        #: The SOP classes the archive stores: a reference not held and of another class
+        #: fails 0x0122 (Referenced SOP Class not supported), not 0x0112 (``None``: not told).
+        self.storage_classes = None if storage_classes is None else frozenset(storage_classes)
         self.ae = ae
         self.same_association = same_association
         self.retries = retries
@@ -191,6 +197,8 @@ class CommitmentSCP:
 
         found = await self.archive.in_index_thread(row)
         if found is None:
+            if self.storage_classes is not None and sop_class not in self.storage_classes:
+                return FailureReason.REFERENCED_SOP_CLASS_NOT_SUPPORTED
             return FailureReason.NO_SUCH_OBJECT_INSTANCE
         stored_class, path, size = found
         if stored_class != sop_class:

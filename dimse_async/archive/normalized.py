@@ -11,6 +11,7 @@ from ..dimse import CommandField
 from ..log import get_logger
 from ..services.availability import INSTANCE_AVAILABILITY, Availability, group_instances, send_notification
 from ..services.commitment import STORAGE_COMMITMENT
+from ..services.storage import STORAGE_SOP_CLASSES
 from .commitment import CommitmentSCP
 from .db import stored_file_problem
 from .mpps import MPPS, MPPSStore
@@ -246,6 +247,7 @@ def install_normalized(ae: Any, archive: Any, config: Any) -> Extras:
             max_references=config.commitment_max_references,
             max_transactions=config.commitment_max_transactions,
             max_per_association=config.commitment_max_per_association,
+            storage_classes=[*STORAGE_SOP_CLASSES, *config.storage_classes],
         )
         extras.commitment.install(ae)
     if config.mpps:
