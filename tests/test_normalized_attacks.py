@@ -239,3 +239,58 @@ async def test_commitment_of_a_class_the_archive_does_not_store_is_0x0122(tmp_pa
             result = await assoc.request_commitment(refs, timeout=WAIT)
     assert result.committed == [held]
     assert [r for _c, _i, r in result.failed] == [0x0112, 0x0122, 0x0122, 0x0119]
+
+
+def _pynetdicom_reads_steps(port: int, uid: str) -> dict[str, Any]:
+    from dimse_async.archive.mpps import MPPS_RETRIEVE
+
+    ae = PynetdicomAE("RIS")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(MPPS_RETRIEVE)
+    assoc = ae.associate(HOST, port, ae_title="ARCHIVE")
+    assert assoc.is_established
+    out: dict[str, Any] = {}
+    try:
+        for name, tags, instance in (
+            ("all", [], uid),
+            ("some", [0x00100010, 0x00400252, 0x00400340, 0x00081030, 0x00080005], uid),
+            ("unknown step", [0x00400252], generate_uid()),
+        ):
+            park(assoc)
+            status, ds = assoc.send_n_get(tags, MPPS_RETRIEVE, instance)
+            out[name] = (int(status.Status), str(status.get("ErrorComment", "")), ds)
+    finally:
+        assoc.release()
+    return out
+
+
+async def test_a_step_is_read_back_by_n_get_of_the_retrieve_class(tmp_path: Path) -> None:
+    """PS3.4 F.8: a RIS reads a performed procedure step with N-GET of the MPPS Retrieve
+    SOP Class (it was not offered: the context was rejected). The listed attributes come
+    back (a sequence whole, the text in its character set); one the step does not have is
+    left out with Warning 0x0001 naming it (Table F.8.2-2); a step never created 0x0112."""
+    uid = generate_uid()
+    async with running_serve(tmp_path / "archive") as serve:
+        modality = da.AE("MODALITY", dimse_timeout=WAIT)
+        modality.add_requested_context(MPPS)
+        async with modality.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            create = mpps_create_dataset("PAT1", "Müller^Jörg", generate_uid(), "CT", "PPS1", "CT1")
+            create.SpecificCharacterSet = "ISO_IR 100"
+            assert (await assoc.n_create(MPPS, uid, create)).is_success
+            series = generate_uid()
+            assert (await assoc.n_set(MPPS, uid, mpps_final_dataset("COMPLETED", [series], "ARCHIVE"))).is_success
+        out = await asyncio.wait_for(asyncio.to_thread(_pynetdicom_reads_steps, serve.port, uid), WAIT)
+    status, _comment, every = out["all"]
+    assert status == 0 and every.PerformedProcedureStepID == "PPS1" and every.PatientID == "PAT1"
+    assert str(every.PatientName) == "Müller^Jörg" and every.PerformedProcedureStepStatus == "COMPLETED"
+    status, comment, some = out["some"]
+    assert (status, comment) == (0x0001, "not maintained: (0008,1030)")
+    assert sorted(e.keyword for e in some) == [
+        "PatientName",
+        "PerformedProcedureStepStatus",
+        "PerformedSeriesSequence",
+        "SpecificCharacterSet",
+    ]
+    assert str(some.PatientName) == "Müller^Jörg"
+    assert [s.SeriesInstanceUID for s in some.PerformedSeriesSequence] == [series]
+    assert out["unknown step"][0] == 0x0112

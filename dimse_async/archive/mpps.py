@@ -17,7 +17,11 @@ decoded with its own Specific Character Set, so an N-SET in another character se
 does not garble what the N-CREATE sent; a character set pydicom does not know is
 0x0106, nothing kept (F.7.2.2.3). Steps are kept in
 ``mpps.sqlite`` beside the archive index; :meth:`MPPSStore.find` lists them (by
-status, patient, study) - the small query API.
+status, patient, study) - the small query API. Over the network, the Modality
+Performed Procedure Step Retrieve SOP Class (F.8) reads one: N-GET by the step's SOP
+Instance UID returns the attributes its Attribute Identifier List names (all of them
+when it names none), a sequence whole; a step never created is 0x0112 (F.8.1); a
+listed attribute the step does not have is left out, with Warning 0x0001 (F.8.2.1.4).
 """
 
 from __future__ import annotations
@@ -38,10 +42,14 @@ from ..uids import ExplicitVRLittleEndian
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
 
-__all__ = ["MPPS", "MPPSStore", "mpps_create_dataset", "mpps_final_dataset"]
+__all__ = ["MPPS", "MPPS_RETRIEVE", "MPPSStore", "mpps_create_dataset", "mpps_final_dataset"]
 
 #: Modality Performed Procedure Step SOP Class (PS3.4 F.7.1).
 MPPS = "1.2.840.10008.3.1.2.3.3"
+#: Modality Performed Procedure Step Retrieve SOP Class (PS3.4 F.8): N-GET of a step.
+MPPS_RETRIEVE = "1.2.840.10008.3.1.2.3.4"
+#: Warning of an N-GET naming attributes the step does not have (PS3.4 Table F.8.2-2).
+_OPTIONAL_NOT_SUPPORTED = 0x0001
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
 _STATES = (IN_PROGRESS, COMPLETED, DISCONTINUED)
 #: Error Comment and Error ID (0000,0903) of an N-SET of a step that ended (F.7.2.2.4, Table F.7.2-2).
@@ -299,6 +307,7 @@ class MPPSStore:
     def install(self, ae: Any) -> None:
         ae.on_n_create(self.on_n_create, sop_class=MPPS)
         ae.on_n_set(self.on_n_set, sop_class=MPPS)
+        ae.on_n_get(self.on_n_get, sop_class=MPPS_RETRIEVE)
 
     # -- storage
 
@@ -436,3 +445,33 @@ class MPPSStore:
             await asyncio.to_thread(self._put, uid, ds, new=False)
         request.assoc.log.info("MPPS updated", sop_instance=uid, status=new_state)
         return None
+
+    async def on_n_get(self, request: NRequest) -> Any:
+        """N-GET of the Retrieve SOP Class (F.8.2.1): the step's attributes the Attribute
+        Identifier List names (every one when it names none), in UTF-8."""
+        from pydicom.dataset import Dataset
+
+        uid = request.sop_instance_uid or ""
+        step = await self.get(uid)
+        if step is None:
+            return Status(NCode.NO_SUCH_SOP_INSTANCE, "no such performed procedure step")  # F.8.1
+        wanted = request.attribute_identifier_list
+        if not wanted:
+            reply = step
+            missing: list[int] = []
+        else:
+            reply = Dataset()
+            missing = []
+            for tag in dict.fromkeys(wanted):
+                if tag in step:
+                    reply.add(step[tag])
+                elif tag != _tag("SpecificCharacterSet"):
+                    missing.append(tag)
+        reply.SpecificCharacterSet = "ISO_IR 192"  # 1C: the step is kept in UTF-8
+        if missing:
+            # F.8.2.1.2: the SCU may ask for attributes not maintained; Table F.8.2-2.
+            named = ", ".join(f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            return Status(_OPTIONAL_NOT_SUPPORTED, f"not maintained: {named}{more}"[:64]), reply
+        return reply
+

@@ -21,6 +21,7 @@ from ..services.storage import STORAGE_SOP_CLASSES
 from ..workers import WorkerInfo, run_workers, worker_info
 from .config import ADMISSION_KEYS, ServeConfig, check_setting, load_config
 from .index import Archive, Worklist, relational_queries
+from .mpps import MPPS_RETRIEVE
 from .normalized import MPPS, STORAGE_COMMITMENT, install_normalized
 
 __all__ = ["archive_ae", "serve", "supervise"]
@@ -173,6 +174,7 @@ def archive_ae(config: ServeConfig) -> AE:
         ae.add_supported_context(STORAGE_COMMITMENT)
     if config.mpps:
         ae.add_supported_context(MPPS)
+        ae.add_supported_context(MPPS_RETRIEVE)
     return ae
 
 

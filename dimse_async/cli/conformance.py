@@ -27,7 +27,7 @@ from ..archive.commitment import CommitmentSCP
 from ..archive.config import ServeConfig
 from ..archive.index import LEVEL_KEYS
 from ..archive.matching import WILDCARD_VRS
-from ..archive.mpps import COMPLETED, DISCONTINUED, IN_PROGRESS, MPPS, MPPSStore
+from ..archive.mpps import COMPLETED, DISCONTINUED, IN_PROGRESS, MPPS, MPPS_RETRIEVE, MPPSStore
 from ..archive.serve import archive_ae
 from ..dimse import CommandField
 from ..services.availability import INSTANCE_AVAILABILITY, Availability, notification_dataset
@@ -86,7 +86,7 @@ def _serve_n_handlers(config: ServeConfig) -> list[tuple[str, str]]:
             store = MPPSStore(scratch)
             store.install(ae)
             store.close()
-    classes = (STORAGE_COMMITMENT, MPPS, INSTANCE_AVAILABILITY)
+    classes = (STORAGE_COMMITMENT, MPPS, MPPS_RETRIEVE, INSTANCE_AVAILABILITY)
     return sorted((_n_service(f), uid) for f in N_REQUESTS for uid in classes if ae.has_n_handler(f, uid))
 
 
@@ -200,6 +200,11 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add(_status_row(NCode.UNRECOGNIZED_OPERATION, "N-GET, N-DELETE or N-ACTION on the MPPS class"))
     add("")
     add("Text is kept in UTF-8 (each request decoded with its own Specific Character Set, F.7.2.2.3).")
+    if config.mpps:
+        add("The Retrieve SOP Class (F.8) reads a step: N-GET by its SOP Instance UID returns the")
+        add("attributes its Attribute Identifier List names (all when it names none; a sequence whole),")
+        add("Specific Character Set ISO_IR 192; a step never created 0x0112, a listed attribute the step")
+        add("does not have left out with Warning 0x0001 (PS3.4 Table F.8.2-2).")
     add("")
     sample = notification_dataset(Availability("1", {"2": [("3", "4")]}, retrieve_ae="AE"))
     keys = sorted({e.keyword for e in sample.iterall() if e.keyword})
