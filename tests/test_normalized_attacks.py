@@ -294,3 +294,78 @@ async def test_a_step_is_read_back_by_n_get_of_the_retrieve_class(tmp_path: Path
     assert str(some.PatientName) == "Müller^Jörg"
     assert [s.SeriesInstanceUID for s in some.PerformedSeriesSequence] == [series]
     assert out["unknown step"][0] == 0x0112
+
+
+def _pynetdicom_mpps_items(port: int, uid: str) -> dict[str, tuple[int, str, list[int]]]:
+    ae = PynetdicomAE("MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(MPPS)
+    assoc = ae.associate(HOST, port, ae_title="ARCHIVE")
+    assert assoc.is_established
+    out: dict[str, tuple[int, str, list[int]]] = {}
+
+    def record(name: str, status: Dataset) -> None:
+        tags = status.get("AttributeIdentifierList")
+        listed = [] if tags is None else [int(t) for t in (tags if isinstance(tags, list) else [tags])]
+        out[name] = (int(status.Status), str(status.get("ErrorComment", "")), listed)
+
+    def create(name: str, ds: Dataset, instance: str | None = None) -> None:
+        park(assoc)
+        record(name, assoc.send_n_create(ds, MPPS, instance or generate_uid())[0])
+
+    def n_set(name: str, ds: Dataset) -> None:
+        park(assoc)
+        record(name, assoc.send_n_set(ds, MPPS, uid)[0])
+
+    try:
+        no_steps = mpps_create_dataset("P1", "A^B", generate_uid(), "CT", "1", "CT1")
+        del no_steps.ScheduledStepAttributesSequence
+        create("create without scheduled step", no_steps)
+        empty_steps = mpps_create_dataset("P1", "A^B", generate_uid(), "CT", "1", "CT1")
+        empty_steps.ScheduledStepAttributesSequence = []
+        create("create with no scheduled step item", empty_steps)
+        no_study = mpps_create_dataset("P1", "A^B", generate_uid(), "CT", "1", "CT1")
+        del no_study.ScheduledStepAttributesSequence[0].StudyInstanceUID
+        create("create without study", no_study)
+        create("create", mpps_create_dataset("P1", "A^B", generate_uid(), "CT", "1", "CT1"), uid)
+        no_series_uid = mpps_final_dataset("COMPLETED")
+        del no_series_uid.PerformedSeriesSequence[0].SeriesInstanceUID
+        n_set("complete without series uid", no_series_uid)
+        image = Dataset()
+        image.ReferencedSOPClassUID = CT
+        bad_image = mpps_final_dataset("COMPLETED")
+        bad_image.PerformedSeriesSequence[0].ReferencedImageSequence = [image]
+        n_set("complete with an image without uid", bad_image)
+        image.ReferencedSOPInstanceUID = generate_uid()
+        good = mpps_final_dataset("COMPLETED")
+        good.PerformedSeriesSequence[0].ReferencedImageSequence = [image]
+        n_set("complete", good)
+    finally:
+        assoc.release()
+    return out
+
+
+async def test_mpps_items_need_their_type_1_attributes(tmp_path: Path) -> None:
+    """PS3.4 Table F.7.2-1: the Scheduled Step Attributes Sequence is 1/1 in N-CREATE and
+    its item's Study Instance UID too (a step without them belongs to no study: no
+    listing by study finds it, no notification references it); a Performed Series
+    item's Series Instance UID and an image reference's UIDs are 1/1 in N-CREATE and
+    N-SET. Each absent is 0x0120, empty 0x0121, naming the attribute; nothing kept."""
+    uid = generate_uid()
+    async with running_serve(tmp_path / "archive") as serve:
+        out = await asyncio.wait_for(asyncio.to_thread(_pynetdicom_mpps_items, serve.port, uid), WAIT)
+        assert serve.extras.mpps is not None
+        steps = await serve.extras.mpps.find()
+    # (pynetdicom hands on the Attribute Identifier List of N-SET responses, not N-CREATE's)
+    assert {name: (code, tags) for name, (code, _, tags) in out.items()} == {
+        "create without scheduled step": (0x0120, []),
+        "create with no scheduled step item": (0x0121, []),
+        "create without study": (0x0120, []),
+        "create": (0, []),
+        "complete without series uid": (0x0120, [0x0020000E]),
+        "complete with an image without uid": (0x0120, [0x00081155]),
+        "complete": (0, []),
+    }
+    assert out["create without scheduled step"][1].startswith("ScheduledStepAttributesSequence is required")
+    assert out["create without study"][1] == "StudyInstanceUID is required in item 1 of (0040,0270)"
+    assert [s.SOPInstanceUID for s in steps] == [uid]

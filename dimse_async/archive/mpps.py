@@ -1,8 +1,10 @@
 """``serve`` as Modality Performed Procedure Step SCP (PS3.4 Annex F.7).
 
 N-CREATE makes a step, which must start "IN PROGRESS" (F.7.2.1) and carry its Type 1
-attributes (status, step ID, station AE title, start date and time, modality: 0x0120
-when absent, 0x0121 when empty, PS3.4 §5.4.2.1); N-SET updates it
+attributes (status, step ID, station AE title, start date and time, modality, the
+Scheduled Step Attributes Sequence with an item naming its study: 0x0120 when absent,
+0x0121 when empty, PS3.4 §5.4.2.1; a Performed Series item's Series Instance UID and an
+image reference's UIDs likewise, in N-CREATE and N-SET); N-SET updates it
 while it is in progress and may end it "COMPLETED" or "DISCONTINUED" (F.7.2.2). A
 step that has ended may no longer be updated: 0x0110 with the standard's comment
 and Error ID (0000,0903) 0xA710 (F.7.2.2.4). An N-SET for an instance never created: 0x0112. An
@@ -91,8 +93,10 @@ def _not_settable() -> frozenset[int]:
     return frozenset(Tag(keyword) for keyword in _NOT_SETTABLE)
 
 
-#: Type 1 for the N-CREATE (1/1 in Table F.7.2-1): the step's identity and start.
+#: Type 1 for the N-CREATE (1/1 in Table F.7.2-1): the step's identity and start, and
+#: the Scheduled Step Attributes Sequence (with an item: the study it belongs to).
 _CREATE_REQUIRED = (
+    "ScheduledStepAttributesSequence",
     "PerformedProcedureStepStatus",
     "PerformedProcedureStepID",
     "PerformedStationAETitle",
@@ -103,6 +107,16 @@ _CREATE_REQUIRED = (
 #: Type 1 in the Final State (Table F.7.2-1): present, with a value, once the step is
 #: COMPLETED or DISCONTINUED; the series sequence with an item (Note 2).
 _FINAL_REQUIRED = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime", "PerformedSeriesSequence")
+#: Type 1 in the items of these sequences, N-CREATE and N-SET alike (1/1 in Table
+#: F.7.2-1): (sequence, item attributes, nested sequences checked the same way).
+#: Protocol Name (1/1 in a Performed Series item) is not enforced: modalities send it
+#: empty, and nothing here depends on it.
+_ITEM_REQUIRED: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ScheduledStepAttributesSequence", ("StudyInstanceUID",)),
+    ("PerformedSeriesSequence", ("SeriesInstanceUID",)),
+)
+_REFERENCE_SEQUENCES = ("ReferencedImageSequence", "ReferencedNonImageCompositeSOPInstanceSequence")
+_REFERENCE_REQUIRED = ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS mpps (
@@ -203,6 +217,25 @@ def _missing(ds: Dataset, keywords: tuple[str, ...], what: str) -> Status | None
     return None
 
 
+def _missing_in_items(ds: Dataset) -> Status | None:
+    """0x0120 / 0x0121 naming the first Type 1 attribute of a sequence item (Table
+    F.7.2-1: a scheduled step's Study Instance UID, a performed series' Series Instance
+    UID, an image reference's SOP Class and Instance UIDs) that ``ds`` lacks a value of,
+    or ``None``. A step without them could not be tied to its study or its series."""
+    for sequence, keywords in _ITEM_REQUIRED:
+        for number, item in enumerate(ds.get(sequence) or [], 1):
+            tag = _tag(sequence)
+            where = f"in item {number} of ({tag >> 16:04X},{tag & 0xFFFF:04X})"
+            missing = _missing(item, keywords, where)
+            if missing is None and sequence == "PerformedSeriesSequence":
+                for references in _REFERENCE_SEQUENCES:
+                    for ref in item.get(references) or []:
+                        missing = missing or _missing(ref, _REFERENCE_REQUIRED, f"in {references}"[:30])
+            if missing is not None:
+                return missing
+    return None
+
+
 def _invalid(ds: Dataset) -> Status | None:
     """0x0106 Invalid Attribute Value for a list :func:`_malformed` refuses or whose
     Specific Character Set is not known (F.7.2.2.3), naming the attribute; or ``None``."""
@@ -267,10 +300,18 @@ def mpps_create_dataset(
     return ds
 
 
-def mpps_final_dataset(status: str = COMPLETED, series_uids: list[str] | None = None, retrieve_ae: str = "") -> Dataset:
+def mpps_final_dataset(
+    status: str = COMPLETED,
+    series_uids: list[str] | None = None,
+    retrieve_ae: str = "",
+    *,
+    protocol_name: str = "UNSPECIFIED",
+) -> Dataset:
     """An N-SET that ends a step (F.7.2.2.1) with the Final State attributes of Table
     F.7.2-1: End Date and Time now, a Performed Series Sequence item per series (one
-    new series UID when none is given; Note 2: never empty)."""
+    new series UID when none is given; Note 2: never empty), each with its Type 1
+    Series Instance UID and Protocol Name (pass the protocol the series was acquired
+    with) and its Type 2 attributes empty (add the image references)."""
     from pydicom.dataset import Dataset
     from pydicom.uid import generate_uid
 
@@ -283,8 +324,13 @@ def mpps_final_dataset(status: str = COMPLETED, series_uids: list[str] | None = 
     for uid in series_uids or [generate_uid()]:
         item = Dataset()
         item.SeriesInstanceUID = uid
+        item.ProtocolName = protocol_name
+        item.PerformingPhysicianName = ""
+        item.OperatorsName = ""
+        item.SeriesDescription = ""
         item.RetrieveAETitle = retrieve_ae
         item.ReferencedImageSequence = []
+        item.ReferencedNonImageCompositeSOPInstanceSequence = []
         items.append(item)
     ds.PerformedSeriesSequence = items
     return ds
@@ -389,7 +435,7 @@ class MPPSStore:
                 f"Performed Procedure Step Status must be {IN_PROGRESS}",
                 [_tag("PerformedProcedureStepStatus")],
             )
-        missing = _missing(ds, _CREATE_REQUIRED, "in N-CREATE")
+        missing = _missing(ds, _CREATE_REQUIRED, "in N-CREATE") or _missing_in_items(ds)
         if missing is not None:
             request.assoc.log.warning("MPPS N-CREATE refused", sop_instance=uid, error=missing.error_comment)
             return missing
@@ -437,11 +483,12 @@ class MPPSStore:
                 return Status(NCode.INVALID_ATTRIBUTE_VALUE, comment, [_tag("PerformedProcedureStepStatus")])
             for elem in mods:
                 ds[elem.tag] = elem  # (Specific Character Set too: both are ISO_IR 192 now)
-            if new_state != IN_PROGRESS:
+            missing = _missing_in_items(mods)
+            if missing is None and new_state != IN_PROGRESS:
                 missing = _missing(ds, _FINAL_REQUIRED, "to end the step")
-                if missing is not None:
-                    request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, error=missing.error_comment)
-                    return missing
+            if missing is not None:
+                request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, error=missing.error_comment)
+                return missing
             await asyncio.to_thread(self._put, uid, ds, new=False)
         request.assoc.log.info("MPPS updated", sop_instance=uid, status=new_state)
         return None
@@ -474,4 +521,3 @@ class MPPSStore:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             return Status(_OPTIONAL_NOT_SUPPORTED, f"not maintained: {named}{more}"[:64]), reply
         return reply
-

@@ -192,8 +192,9 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
         _status_row(
             NCode.MISSING_ATTRIBUTE,
             "N-CREATE without an attribute list or a Type 1 attribute (status, step ID, station AE title, "
-            "start date / time, modality); N-SET ending the step without End Date, End Time "
-            "or Performed Series Sequence",
+            "start date / time, modality, Scheduled Step Attributes Sequence and its item's Study Instance UID); "
+            "a Performed Series item without Series Instance UID, an image reference without its UIDs; "
+            "N-SET ending the step without End Date, End Time or Performed Series Sequence",
         )
     )
     add(_status_row(NCode.MISSING_ATTRIBUTE_VALUE, "one of those attributes present but empty"))
