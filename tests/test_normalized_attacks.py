@@ -369,3 +369,19 @@ async def test_mpps_items_need_their_type_1_attributes(tmp_path: Path) -> None:
     assert out["create without scheduled step"][1].startswith("ScheduledStepAttributesSequence is required")
     assert out["create without study"][1] == "StudyInstanceUID is required in item 1 of (0040,0270)"
     assert [s.SOPInstanceUID for s in steps] == [uid]
+
+
+def test_an_availability_destination_without_an_address_is_refused_at_start(tmp_path: Path) -> None:
+    """``ian_destinations`` names AE titles of ``known_aes``; one missing there had every
+    study's notification fail (a warning per study, for ever) in a server that started
+    as if configured. It is a configuration error, naming the title."""
+    import pytest
+
+    from dimse_async.archive.config import load_config
+
+    config = tmp_path / "serve.toml"
+    config.write_text('ian_destinations = ["RIS", "HIS"]\n[known_aes]\nHIS = { host = "127.0.0.1", port = 104 }\n')
+    with pytest.raises(ValueError, match="ian_destinations RIS not in known_aes"):
+        load_config(config)
+    config.write_text('ian_destinations = ["RIS"]\n[known_aes]\nRIS = { host = "127.0.0.1", port = 104 }\n')
+    assert load_config(config).ian_destinations == ["RIS"]

@@ -79,6 +79,7 @@ Example::
 
     [known_aes]                               # C-MOVE destinations, commitment and IAN peers
     VIEWER = { host = "10.0.0.5", port = 104 }
+    RIS = { host = "10.0.0.9", port = 104 }   # each of ian_destinations must be here
 """
 
 from __future__ import annotations
@@ -420,4 +421,10 @@ def load_config(path: str | Path | None) -> ServeConfig:
             setattr(config, key, _check(key, value))
         except ValueError as exc:
             raise ValueError(f"{path}: {exc}") from None
+    unknown_destinations = [title for title in config.ian_destinations if title not in config.known_aes]
+    if unknown_destinations:
+        # Else every study's notification to it would fail, one warning each, for ever.
+        raise ValueError(
+            f"{path}: ian_destinations {', '.join(unknown_destinations)} not in known_aes (no address to send to)"
+        )
     return config
