@@ -385,3 +385,39 @@ def test_an_availability_destination_without_an_address_is_refused_at_start(tmp_
         load_config(config)
     config.write_text('ian_destinations = ["RIS"]\n[known_aes]\nRIS = { host = "127.0.0.1", port = 104 }\n')
     assert load_config(config).ian_destinations == ["RIS"]
+
+
+async def test_n_create_names_the_instance_only_when_it_was_created(tmp_path: Path) -> None:
+    """PS3.7 §10.1.5.1.4: the N-CREATE response's Affected SOP Instance UID "may only be
+    included in the success response" and "shall be included" when the SCU sent none.
+    A refused N-CREATE named the UID the SCP had assigned, an instance that does not
+    exist; an SCP answering success without the UID it assigned left the SCU holding a
+    result that names nothing (now DIMSEFailure)."""
+    async with running_serve(tmp_path / "archive") as serve:
+        ae = da.AE("MODALITY", dimse_timeout=WAIT)
+        ae.add_requested_context(MPPS)
+        partial = mpps_create_dataset("P1", "A^B", generate_uid(), "CT", "1", "CT1")
+        del partial.PerformedProcedureStepID
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            refused = await assoc.n_create(MPPS, None, partial)
+            created = await assoc.n_create(MPPS, None, mpps_create_dataset("P1", "A^B", generate_uid(), "CT", "1", "X"))
+    assert refused.status == 0x0120 and refused.sop_instance_uid is None
+    assert created.is_success and created.sop_instance_uid
+
+    silent = da.AE("SILENT")
+    silent.add_supported_context(MPPS)
+
+    @silent.on_n_create(sop_class=MPPS)
+    async def forgets_the_uid(request: NRequest) -> None:
+        request.sop_instance_uid = None  # a peer that assigns a UID and does not say which
+
+    import pytest
+
+    async with await silent.start_server(HOST, 0) as server:
+        async with ae.associate(HOST, server.port, "SILENT") as assoc:
+            with pytest.raises(da.DIMSEFailure, match="without the Affected SOP Instance UID"):
+                await assoc.n_create(MPPS, None, mpps_create_dataset("P1", "A^B", generate_uid(), "CT", "1", "X"))
+            named = await assoc.n_create(
+                MPPS, generate_uid(), mpps_create_dataset("P", "A", generate_uid(), "CT", "1", "X")
+            )
+    assert named.is_success  # the SCU named it: the response need not repeat it

@@ -143,6 +143,14 @@ async def _invoke(
     mismatch = affected_mismatch(cmd, c)
     if mismatch is not None:
         raise DIMSEFailure(f"{c.name} {mismatch}")
+    if (
+        cmd.command_field == CommandField.N_CREATE_RQ
+        and not cmd.affected_sop_instance_uid
+        and not c.affected_sop_instance_uid
+        and c.status is not None
+        and not response_status(c.status).is_failure
+    ):  # PS3.7 §10.1.5.1.4: the SCP assigned it and shall say which; without it, nothing names the instance
+        raise DIMSEFailure(f"{c.name}: status 0x{c.status:04X} without the Affected SOP Instance UID the SCP assigned")
     reply = None
     if rsp.dataset is not None:
         try:
@@ -312,9 +320,11 @@ def _outcome(result: Any, assoc: DIMSEProvider, name: str) -> tuple[Status, Data
 
 def _response(op: Operation, status: Status, sop_class: str | None, sop_instance: str | None) -> Command:
     """The N-response command set (PS3.7 §10.3): affected class and instance echo the
-    request; a status of :data:`ATTRIBUTE_LIST_CODES` names its ``attributes`` in
+    request (an N-CREATE failure names no instance: none was created, §10.1.5.1.4); a status of :data:`ATTRIBUTE_LIST_CODES` names its ``attributes`` in
     Attribute Identifier List (0000,1005) (PS3.7 Annex C)."""
     cmd = op.command
+    if cmd.command_field == CommandField.N_CREATE_RQ and status.is_failure:
+        sop_instance = None  # PS3.7 §10.1.5.1.4: only in a success; nothing was created
     rsp = Command(
         cmd.command_field | 0x8000,
         message_id_being_responded_to=cmd.message_id,
