@@ -255,6 +255,7 @@ def _pynetdicom_reads_steps(port: int, uid: str) -> dict[str, Any]:
             ("all", [], uid),
             ("some", [0x00100010, 0x00400252, 0x00400340, 0x00081030, 0x00080005], uid),
             ("unknown step", [0x00400252], generate_uid()),
+            ("no such attributes", [0x00400252, 0x00620099, 0x00000900, 0x00400000], uid),
         ):
             park(assoc)
             status, ds = assoc.send_n_get(tags, MPPS_RETRIEVE, instance)
@@ -294,6 +295,11 @@ async def test_a_step_is_read_back_by_n_get_of_the_retrieve_class(tmp_path: Path
     assert str(some.PatientName) == "Müller^Jörg"
     assert [s.SeriesInstanceUID for s in some.PerformedSeriesSequence] == [series]
     assert out["unknown step"][0] == 0x0112
+    # PS3.7 §10.1.2.1.9: tags that are no attribute (unknown, a command element, a group
+    # length) are 0x0107 Attribute List Error; the values that could be read come back.
+    status, comment, read = out["no such attributes"]
+    assert (status, comment) == (0x0107, "not recognized: (0062,0099), (0000,0900), (0040,0000)")
+    assert read.PerformedProcedureStepStatus == "COMPLETED"
 
 
 def _pynetdicom_mpps_items(port: int, uid: str) -> dict[str, tuple[int, str, list[int]]]:

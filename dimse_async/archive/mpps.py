@@ -23,7 +23,9 @@ status, patient, study) - the small query API. Over the network, the Modality
 Performed Procedure Step Retrieve SOP Class (F.8) reads one: N-GET by the step's SOP
 Instance UID returns the attributes its Attribute Identifier List names (all of them
 when it names none), a sequence whole; a step never created is 0x0112 (F.8.1); a
-listed attribute the step does not have is left out, with Warning 0x0001 (F.8.2.1.4).
+listed attribute the step does not have is left out, with Warning 0x0001 (F.8.2.1.4),
+or 0x0107 naming it when it is no attribute at all (a command element, a group
+length, a tag of no dictionary; PS3.7 §10.1.2.1.9).
 """
 
 from __future__ import annotations
@@ -336,6 +338,23 @@ def mpps_final_dataset(
     return ds
 
 
+def _tags(tags: list[int]) -> str:
+    """The first few ``tags`` as ``(gggg,eeee)``, for an error comment."""
+    named = ", ".join(f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in tags[:3])
+    return named + (f" and {len(tags) - 3} more" if len(tags) > 3 else "")
+
+
+def _recognized(tag: int) -> bool:
+    """Whether an N-GET may name ``tag``: a data set attribute of the dictionary (not a
+    command or file meta element, nor a group length) or a private one."""
+    from pydicom.datadict import dictionary_has_tag
+
+    group, element = tag >> 16, tag & 0xFFFF
+    if group <= 0x0002 or element == 0x0000:
+        return False
+    return bool(group & 1) or dictionary_has_tag(tag)
+
+
 class MPPSStore:
     """Performed procedure steps in ``root/mpps.sqlite``, and the MPPS SCP handlers."""
 
@@ -515,9 +534,12 @@ class MPPSStore:
                 elif tag != _tag("SpecificCharacterSet"):
                     missing.append(tag)
         reply.SpecificCharacterSet = "ISO_IR 192"  # 1C: the step is kept in UTF-8
+        unknown = [tag for tag in missing if not _recognized(tag)]
+        if unknown:
+            # PS3.7 §10.1.2.1.9: 0x0107 Attribute List Error, "the specified Attribute was
+            # not recognized"; the values that could be read are returned.
+            return Status(NCode.ATTRIBUTE_LIST_ERROR, f"not recognized: {_tags(unknown)}"[:64], unknown), reply
         if missing:
             # F.8.2.1.2: the SCU may ask for attributes not maintained; Table F.8.2-2.
-            named = ", ".join(f"({t >> 16:04X},{t & 0xFFFF:04X})" for t in missing[:3])
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            return Status(_OPTIONAL_NOT_SUPPORTED, f"not maintained: {named}{more}"[:64]), reply
+            return Status(_OPTIONAL_NOT_SUPPORTED, f"not maintained: {_tags(missing)}"[:64]), reply
         return reply
