@@ -427,3 +427,32 @@ async def test_n_create_names_the_instance_only_when_it_was_created(tmp_path: Pa
                 MPPS, generate_uid(), mpps_create_dataset("P", "A", generate_uid(), "CT", "1", "X")
             )
     assert named.is_success  # the SCU named it: the response need not repeat it
+
+
+async def test_mpps_n_set_repeating_the_step_s_own_uids_is_accepted(tmp_path: Path) -> None:
+    """Some modalities send the whole attribute list again in the N-SET, SOP Class and
+    Instance UID included. They are "Not allowed" in N-SET only as changes (Table
+    F.7.2-1): the step's own values, which its N-CREATE gave in the command, are no
+    change (they were refused 0x0105 when the N-CREATE list did not repeat them);
+    another instance UID still is."""
+    from pydicom.uid import generate_uid as new_uid
+
+    uid = new_uid()
+    async with running_serve(tmp_path / "archive") as serve:
+        ae = da.AE("MODALITY", dimse_timeout=WAIT)
+        ae.add_requested_context(MPPS)
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            assert (
+                await assoc.n_create(MPPS, uid, mpps_create_dataset("P1", "A^B", new_uid(), "CT", "1", "X"))
+            ).is_success
+            other = mpps_final_dataset("COMPLETED")
+            other.SOPClassUID, other.SOPInstanceUID = MPPS, new_uid()
+            moved = await assoc.n_set(MPPS, uid, other)
+            same = mpps_final_dataset("COMPLETED")
+            same.SOPClassUID, same.SOPInstanceUID = MPPS, uid
+            ended = await assoc.n_set(MPPS, uid, same)
+        assert serve.extras.mpps is not None
+        step = await serve.extras.mpps.get(uid)
+    assert moved.status == 0x0105 and moved.status.attributes == (0x00080018,)
+    assert ended.is_success
+    assert step is not None and step.PerformedProcedureStepStatus == "COMPLETED" and step.SOPInstanceUID == uid

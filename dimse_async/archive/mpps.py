@@ -194,9 +194,18 @@ def _in_utf8(ds: Dataset) -> Dataset:
     return ds
 
 
-def _changes(ds: Dataset, elem: Any) -> bool:
-    """Whether N-SET element ``elem`` gives ``ds`` another value (empty equals absent)."""
-    old = ds[elem.tag].value if elem.tag in ds else None
+#: SOP Class UID and SOP Instance UID: the step's identity, from the N-CREATE command.
+_IDENTITY = (0x00080016, 0x00080018)
+
+
+def _changes(ds: Dataset, elem: Any, uid: str) -> bool:
+    """Whether N-SET element ``elem`` gives step ``uid`` (attributes ``ds``) another value
+    (empty equals absent). Its SOP Class / Instance UID are MPPS and ``uid`` (the
+    N-CREATE command's), also when its attribute list did not repeat them."""
+    if int(elem.tag) in _IDENTITY:
+        old: Any = MPPS if int(elem.tag) == _IDENTITY[0] else uid
+    else:
+        old = ds[elem.tag].value if elem.tag in ds else None
     return (old or None) != (elem.value or None)
 
 
@@ -487,7 +496,7 @@ class MPPSStore:
             ds, mods = _in_utf8(ds), _in_utf8(mods)
             # A modality that sends such an attribute again with its value unchanged is
             # tolerated; a different value would change the step's identity.
-            fixed = next((elem for elem in mods if elem.tag in _not_settable() and _changes(ds, elem)), None)
+            fixed = next((elem for elem in mods if elem.tag in _not_settable() and _changes(ds, elem, uid)), None)
             if fixed is not None:
                 # Table F.7.2-1: "Not allowed" in N-SET; PS3.7 §10.1.3.1.9 0x0105.
                 request.assoc.log.warning("MPPS N-SET refused", sop_instance=uid, attribute=str(fixed.tag))
@@ -501,7 +510,8 @@ class MPPSStore:
                 comment = f"Performed Procedure Step Status {new_state!r}"[:64]
                 return Status(NCode.INVALID_ATTRIBUTE_VALUE, comment, [_tag("PerformedProcedureStepStatus")])
             for elem in mods:
-                ds[elem.tag] = elem  # (Specific Character Set too: both are ISO_IR 192 now)
+                if int(elem.tag) not in _IDENTITY:  # (the same as the step's, checked above)
+                    ds[elem.tag] = elem  # (Specific Character Set too: both are ISO_IR 192 now)
             missing = _missing_in_items(mods)
             if missing is None and new_state != IN_PROGRESS:
                 missing = _missing(ds, _FINAL_REQUIRED, "to end the step")
