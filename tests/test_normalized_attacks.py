@@ -5,16 +5,27 @@ status or a result that tells the truth."""
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from normalized_helpers import HOST, park, running_serve
+import pydicom
+import pytest
+from normalized_helpers import HOST, make_instances, park, running_serve, store
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE as PynetdicomAE
 
 import dimse_async as da
-from dimse_async.archive.mpps import MPPS, mpps_create_dataset, mpps_final_dataset
+from dimse_async.archive.config import load_config
+from dimse_async.archive.mpps import MPPS, MPPS_RETRIEVE, mpps_create_dataset, mpps_final_dataset
+from dimse_async.services.availability import (
+    INSTANCE_AVAILABILITY,
+    Availability,
+    notification_dataset,
+    parse_notification,
+)
 from dimse_async.services.commitment import (
     STORAGE_COMMITMENT,
     STORAGE_COMMITMENT_INSTANCE,
@@ -136,19 +147,6 @@ async def test_availability_notifications_tell_each_instance_s_state_and_the_ste
     every instance carries Retrieve AE Title (1/1). As SCP, :func:`parse_notification`
     keeps each instance's availability (it kept the last one seen for all) and refuses a
     value that is no defined term or an instance without one."""
-    import os
-    import tempfile
-
-    import pydicom
-    from normalized_helpers import make_instances, store
-
-    from dimse_async.services.availability import (
-        INSTANCE_AVAILABILITY,
-        Availability,
-        notification_dataset,
-        parse_notification,
-    )
-
     got: list[Availability] = []
     raw: list[Dataset] = []
     ris = da.AE("RIS")
@@ -226,8 +224,6 @@ async def test_commitment_of_a_class_the_archive_does_not_store_is_0x0122(tmp_pa
     one of a SOP class the archive does not store (an MPPS, a made-up class) is 0x0122
     Referenced SOP Class not supported: no point sending it again. A held instance
     named under another class stays 0x0119."""
-    from normalized_helpers import make_instances, store
-
     files = make_instances(tmp_path / "in", 1)
     held = (files[0][1], files[0][2])
     refs = [held, (CT, generate_uid()), (MPPS, generate_uid()), ("1.2.3.999", generate_uid()), (MR, held[1])]
@@ -242,8 +238,6 @@ async def test_commitment_of_a_class_the_archive_does_not_store_is_0x0122(tmp_pa
 
 
 def _pynetdicom_reads_steps(port: int, uid: str) -> dict[str, Any]:
-    from dimse_async.archive.mpps import MPPS_RETRIEVE
-
     ae = PynetdicomAE("RIS")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(MPPS_RETRIEVE)
@@ -381,10 +375,6 @@ def test_an_availability_destination_without_an_address_is_refused_at_start(tmp_
     """``ian_destinations`` names AE titles of ``known_aes``; one missing there had every
     study's notification fail (a warning per study, for ever) in a server that started
     as if configured. It is a configuration error, naming the title."""
-    import pytest
-
-    from dimse_async.archive.config import load_config
-
     config = tmp_path / "serve.toml"
     config.write_text('ian_destinations = ["RIS", "HIS"]\n[known_aes]\nHIS = { host = "127.0.0.1", port = 104 }\n')
     with pytest.raises(ValueError, match="ian_destinations RIS not in known_aes"):
@@ -417,8 +407,6 @@ async def test_n_create_names_the_instance_only_when_it_was_created(tmp_path: Pa
     async def forgets_the_uid(request: NRequest) -> None:
         request.sop_instance_uid = None  # a peer that assigns a UID and does not say which
 
-    import pytest
-
     async with await silent.start_server(HOST, 0) as server:
         async with ae.associate(HOST, server.port, "SILENT") as assoc:
             with pytest.raises(da.DIMSEFailure, match="without the Affected SOP Instance UID"):
@@ -435,18 +423,16 @@ async def test_mpps_n_set_repeating_the_step_s_own_uids_is_accepted(tmp_path: Pa
     F.7.2-1): the step's own values, which its N-CREATE gave in the command, are no
     change (they were refused 0x0105 when the N-CREATE list did not repeat them);
     another instance UID still is."""
-    from pydicom.uid import generate_uid as new_uid
-
-    uid = new_uid()
+    uid = generate_uid()
     async with running_serve(tmp_path / "archive") as serve:
         ae = da.AE("MODALITY", dimse_timeout=WAIT)
         ae.add_requested_context(MPPS)
         async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
             assert (
-                await assoc.n_create(MPPS, uid, mpps_create_dataset("P1", "A^B", new_uid(), "CT", "1", "X"))
+                await assoc.n_create(MPPS, uid, mpps_create_dataset("P1", "A^B", generate_uid(), "CT", "1", "X"))
             ).is_success
             other = mpps_final_dataset("COMPLETED")
-            other.SOPClassUID, other.SOPInstanceUID = MPPS, new_uid()
+            other.SOPClassUID, other.SOPInstanceUID = MPPS, generate_uid()
             moved = await assoc.n_set(MPPS, uid, other)
             same = mpps_final_dataset("COMPLETED")
             same.SOPClassUID, same.SOPInstanceUID = MPPS, uid
@@ -456,3 +442,27 @@ async def test_mpps_n_set_repeating_the_step_s_own_uids_is_accepted(tmp_path: Pa
     assert moved.status == 0x0105 and moved.status.attributes == (0x00080018,)
     assert ended.is_success
     assert step is not None and step.PerformedProcedureStepStatus == "COMPLETED" and step.SOPInstanceUID == uid
+
+
+async def test_a_commitment_request_naming_no_uid_is_refused(tmp_path: Path) -> None:
+    """A reference whose SOP Class or Instance UID is no UID (102 digits, letters) was
+    checked, failed and carried back in the report as it came, an invalid UI value
+    in the event information. It is refused 0x0115 Invalid Argument Value (PS3.7
+    §10.1.4.1.10), naming the reference, as a malformed Transaction UID is; UIDs with
+    leading zeros, which devices send, stay accepted."""
+    long_uid = "1." + "2" * 100
+    refs = [(CT, generate_uid()), (long_uid, generate_uid()), (CT, "1.2.3.abc")]
+    async with running_serve(tmp_path / "archive") as serve:
+        scu = da.AE("OUR_SCU", dimse_timeout=WAIT)
+        scu.add_requested_context(STORAGE_COMMITMENT)
+        async with scu.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            statuses = []
+            for bad in refs[1:]:
+                with pytest.raises(da.DIMSEFailure) as info:
+                    await assoc.request_commitment([refs[0], bad], timeout=WAIT)
+                statuses.append(info.value.status)
+            zeros = await assoc.request_commitment([(CT, "1.2.840.0113.01.5")], timeout=WAIT)
+    assert [(int(s), s.error_comment) for s in statuses] == [
+        (0x0115, "reference 2: its SOP class or instance UID is not a UID")
+    ] * 2
+    assert zeros.failed == [(CT, "1.2.840.0113.01.5", 0x0112)]

@@ -444,6 +444,11 @@ def commitment_request(request: NRequest) -> CommitmentRequest | Status:
     refs = _references(seq)
     if any(not c or not i for c, i in refs):
         return Status(NCode.MISSING_ATTRIBUTE_VALUE, "a reference without SOP class or instance UID")
+    bad = next((n for n, (c, i) in enumerate(refs, 1) if not (plausible_uid(c) and plausible_uid(i))), None)
+    if bad is not None:
+        # The report would carry it back as it came (letters, 65+ characters): 0x0115
+        # Invalid Argument Value, as for the Transaction UID (PS3.7 §10.1.4.1.10).
+        return Status(NCode.INVALID_ARGUMENT_VALUE, f"reference {bad}: its SOP class or instance UID is not a UID")
     return CommitmentRequest(str(transaction_uid), refs, str(ds.get("StorageMediaFileSetUID") or "") or None)
 
 
