@@ -18,8 +18,10 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE as PynetdicomAE
 
 import dimse_async as da
+import dimse_async.services.normalized as normalized
 from dimse_async.archive.config import load_config
 from dimse_async.archive.mpps import MPPS, MPPS_RETRIEVE, mpps_create_dataset, mpps_final_dataset
+from dimse_async.archive.normalized import split_availability
 from dimse_async.services.availability import (
     INSTANCE_AVAILABILITY,
     Availability,
@@ -466,3 +468,47 @@ async def test_a_commitment_request_naming_no_uid_is_refused(tmp_path: Path) -> 
         (0x0115, "reference 2: its SOP class or instance UID is not a UID")
     ] * 2
     assert zeros.failed == [(CT, "1.2.840.0113.01.5", 0x0112)]
+
+
+async def test_a_large_study_is_notified_in_parts_a_receiver_takes(tmp_path: Path) -> None:
+    """A study's notification listed every instance in one N-CREATE: past the items a
+    receiver takes in a request (ours: MAX_N_REQUEST_ITEMS, 20,000) it was refused and
+    sent again for ever. It goes in parts of ``max_instances`` now (PS3.4 R.3.2.1.2: any
+    set of instances), whole series together while they fit; every instance is in
+    exactly one part. (Here the receiver takes 4 items and a part 2 instances.)"""
+    study = generate_uid()
+    files = make_instances(tmp_path / "a", 3, study_uid=study) + make_instances(tmp_path / "b", 1, study_uid=study)
+    got: list[Dataset] = []
+    ris = da.AE("RIS")
+    ris.add_supported_context(INSTANCE_AVAILABILITY)
+
+    @ris.on_n_create(sop_class=INSTANCE_AVAILABILITY)
+    async def on_ian(request: NRequest) -> None:
+        assert request.dataset is not None
+        got.append(request.dataset)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(normalized, "MAX_N_REQUEST_ITEMS", 4)  # the receiver's bound, small
+        async with await ris.start_server(HOST, 0) as ris_server:
+            async with running_serve(
+                tmp_path / "archive",
+                ian_destinations=["RIS"],
+                ian_delay=3600,
+                known_aes={"RIS": (HOST, ris_server.port)},
+            ) as serve:
+                await store(serve.port, [p for p, _c, _i in files])
+                notifier = serve.extras.availability
+                assert notifier is not None
+                notifier.max_instances = 2
+                notifier.retries = 0
+                outcome = await notifier.notify(study)
+    # (2 or 3 parts: the 1-instance series joins the 3-instance one's rest or not, by UID order)
+    assert outcome == [("RIS", f"sent ({len(got)} notifications)")] and len(got) in (2, 3)
+    listed = [
+        r.ReferencedSOPInstanceUID for ds in got for s in ds.ReferencedSeriesSequence for r in s.ReferencedSOPSequence
+    ]
+    assert sorted(listed) == sorted(i for _p, _c, i in files)
+    assert all(sum(len(s.ReferencedSOPSequence) for s in ds.ReferencedSeriesSequence) <= 2 for ds in got)
+    av = Availability(study, {"1": [(CT, "1.1"), (CT, "1.2")], "2": [(CT, "2.1")]}, retrieve_ae="A")
+    assert [p.series for p in split_availability(av, 2)] == [{"1": [(CT, "1.1"), (CT, "1.2")]}, {"2": [(CT, "2.1")]}]
+    assert [p.series for p in split_availability(av, 5)] == [av.series]

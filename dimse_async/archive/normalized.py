@@ -18,12 +18,52 @@ from .mpps import MPPS, MPPSStore
 
 __all__ = [
     "INSTANCE_AVAILABILITY",
+    "MAX_NOTIFIED_INSTANCES",
     "MPPS",
     "STORAGE_COMMITMENT",
     "AvailabilityNotifier",
     "Extras",
     "install_normalized",
+    "split_availability",
 ]
+
+
+#: Instances one notification lists at most: a receiver bounds the sequence items of a
+#: request (ours: ``MAX_N_REQUEST_ITEMS``, 20,000), so a study of 30,000 images in one
+#: N-CREATE would be refused, and sent again, for ever.
+MAX_NOTIFIED_INSTANCES = 5_000
+
+
+def split_availability(av: Availability, max_instances: int) -> list[Availability]:
+    """``av`` as notifications of at most ``max_instances`` instances each (PS3.4 R.3.2.1.2:
+    an SCU may notify any set of instances): whole series together while they fit, a
+    larger series over several; each part references the procedure steps of ``av``."""
+    parts: list[Availability] = []
+    current: dict[str, list[tuple[str, str]]] = {}
+    count = 0
+    for series_uid, instances in av.series.items():
+        for start in range(0, max(len(instances), 1), max_instances):
+            chunk = instances[start : start + max_instances]
+            if count and count + len(chunk) > max_instances:
+                parts.append(_part(av, current))
+                current, count = {}, 0
+            current.setdefault(series_uid, []).extend(chunk)
+            count += len(chunk)
+    if current or not parts:
+        parts.append(_part(av, current))
+    return parts
+
+
+def _part(av: Availability, series: dict[str, list[tuple[str, str]]]) -> Availability:
+    uids = {uid for instances in series.values() for _c, uid in instances}
+    return Availability(
+        av.study_uid,
+        series,
+        av.availability,
+        av.retrieve_ae,
+        list(av.procedure_steps),
+        {uid: value for uid, value in av.instance_availability.items() if uid in uids},
+    )
 
 
 class AvailabilityNotifier:
@@ -48,10 +88,13 @@ class AvailabilityNotifier:
         retries: int = 3,
         retry_interval: float = 5.0,
         mpps: MPPSStore | None = None,
+        max_instances: int = MAX_NOTIFIED_INSTANCES,
     ):
         self.archive = archive
         self.ae = ae
         self.mpps = mpps
+        #: Instances one N-CREATE lists at most; a larger study goes in several (R.3.2.1.2).
+        self.max_instances = max_instances
         self.destinations = destinations
         self.delay = delay
         #: A notification that fails is sent again ``retries`` times, ``retry_interval``
@@ -162,7 +205,10 @@ class AvailabilityNotifier:
         elif not av.count:
             outcome = "no instances"
         else:
-            outcome = await self._send(dest, where, av)
+            parts = split_availability(av, self.max_instances)
+            outcomes = [await self._send(dest, where, part) for part in parts]
+            failed = [o for o in outcomes if not o.startswith("sent")]
+            outcome = failed[0] if failed else outcomes[0] if len(parts) == 1 else f"sent ({len(parts)} notifications)"
         (self.log.info if outcome.startswith("sent") else self.log.warning)(
             "instance availability notification",
             study_uid=av.study_uid,
