@@ -512,3 +512,42 @@ async def test_a_large_study_is_notified_in_parts_a_receiver_takes(tmp_path: Pat
     av = Availability(study, {"1": [(CT, "1.1"), (CT, "1.2")], "2": [(CT, "2.1")]}, retrieve_ae="A")
     assert [p.series for p in split_availability(av, 2)] == [{"1": [(CT, "1.1"), (CT, "1.2")]}, {"2": [(CT, "2.1")]}]
     assert [p.series for p in split_availability(av, 5)] == [av.series]
+
+
+async def test_a_cancelled_commitment_wait_leaves_no_pending_transaction() -> None:
+    """An application that cancels its wait for a report (a shutdown, its own timeout
+    around the call) left the transaction pending for ever: one entry per request, a
+    leak in a long-running modality. It is expired now, as on our own timeout, so a
+    report that still comes is kept as late."""
+    from dimse_async.services.commitment import tracker_of
+
+    silent = da.AE("SILENT")
+    silent.add_supported_context(STORAGE_COMMITMENT)
+    asked = asyncio.Event()
+
+    @silent.on_n_action(sop_class=STORAGE_COMMITMENT)
+    async def never_reports(request: NRequest) -> None:
+        asked.set()
+
+    scu = da.AE("OUR_SCU", dimse_timeout=WAIT)
+    scu.add_requested_context(STORAGE_COMMITMENT)
+    tracker = tracker_of(scu)
+    async with await silent.start_server(HOST, 0) as server:
+        async with scu.associate(HOST, server.port, "SILENT") as assoc:
+            waiting = asyncio.ensure_future(assoc.request_commitment([(CT, generate_uid())], timeout=WAIT))
+            await asyncio.wait_for(asked.wait(), WAIT)
+            while not tracker.pending:
+                await asyncio.sleep(0.01)
+            (uid,) = tracker.pending
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        held = asyncio.ensure_future(
+            scu.request_commitment(HOST, server.port, "SILENT", [(CT, generate_uid())], hold=WAIT)
+        )
+        while len(tracker.pending) < 1:
+            await asyncio.sleep(0.01)
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+    assert not tracker.pending and uid in tracker._expired

@@ -347,6 +347,9 @@ async def request_commitment_on(
     except TimeoutError:
         tracker.expire(uid)
         raise CommitmentTimeout(uid, timeout) from None
+    except asyncio.CancelledError:
+        tracker.expire(uid)  # nobody waits now: a report that comes is kept as late
+        raise
 
 
 async def request_commitment(
@@ -386,13 +389,20 @@ async def request_commitment(
         if rsp.status.is_failure:
             tracker.forget(uid)
             raise CommitmentFailed(rsp.status, uid)
-        await asyncio.wait([fut], timeout=max(0.0, min(hold, timeout - (loop.time() - start))))
+        try:
+            await asyncio.wait([fut], timeout=max(0.0, min(hold, timeout - (loop.time() - start))))
+        except asyncio.CancelledError:
+            tracker.expire(uid)
+            raise
         # Released here; the transaction stays pending for a report on a new association.
     try:
         return await asyncio.wait_for(asyncio.shield(fut), max(0.0, timeout - (loop.time() - start)))
     except TimeoutError:
         tracker.expire(uid)
         raise CommitmentTimeout(uid, timeout) from None
+    except asyncio.CancelledError:
+        tracker.expire(uid)  # nobody waits now: a report that comes is kept as late
+        raise
 
 
 # ---------------------------------------------------------------------------
