@@ -201,11 +201,18 @@ async def test_availability_notifications_tell_each_instance_s_state_and_the_ste
             bad.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].InstanceAvailability = "MAYBE"
             empty = notification_dataset(Availability(study_uid, {series_uid: [(CT, gone)]}, retrieve_ae="PACS"))
             del empty.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].InstanceAvailability
+            second = notification_dataset(
+                Availability(study_uid, {series_uid: [(CT, gone), (CT, generate_uid())]}, retrieve_ae="PACS")
+            )
+            del second.ReferencedSeriesSequence[0].ReferencedSOPSequence[1].RetrieveAETitle
             sender = da.AE("SENDER", dimse_timeout=WAIT)
             sender.add_requested_context(INSTANCE_AVAILABILITY)
             async with sender.associate(HOST, ris_server.port, "RIS") as assoc:
-                refused = [(await assoc.n_create(INSTANCE_AVAILABILITY, None, ds)).status for ds in (bad, empty)]
-    assert [int(s) for s in refused] == [0x0106, 0x0106]
+                refused = [
+                    (await assoc.n_create(INSTANCE_AVAILABILITY, None, ds)).status for ds in (bad, empty, second)
+                ]
+    assert [int(s) for s in refused] == [0x0106, 0x0106, 0x0106]
+    assert str(refused[2].error_comment).startswith("no RetrieveAETitle (instance ")  # the second one's
     assert "MAYBE" in str(refused[0].error_comment) and "InstanceAvailability" in str(refused[1].error_comment)
     (av,) = got
     assert av.availability == "ONLINE" and av.instance_availability == {gone: "UNAVAILABLE"}

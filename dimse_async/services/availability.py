@@ -142,7 +142,8 @@ def parse_notification(request: NRequest) -> Availability:
             if value not in AVAILABILITY_VALUES:
                 raise ValueError(f"Instance Availability {value!r} is not a defined term (instance {sop_instance})")
             values[sop_instance] = value
-            av.retrieve_ae = av.retrieve_ae or _text(r, "RetrieveAETitle", f"instance {sop_instance}")
+            retrieve_ae = _text(r, "RetrieveAETitle", f"instance {sop_instance}")  # each instance's (1/1)
+            av.retrieve_ae = av.retrieve_ae or retrieve_ae
     counts: dict[str, int] = {}
     for value in values.values():
         counts[value] = counts.get(value, 0) + 1
