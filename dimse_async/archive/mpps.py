@@ -110,9 +110,9 @@ _CREATE_REQUIRED = (
 #: COMPLETED or DISCONTINUED; the series sequence with an item (Note 2).
 _FINAL_REQUIRED = ("PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime", "PerformedSeriesSequence")
 #: Type 1 in the items of these sequences, N-CREATE and N-SET alike (1/1 in Table
-#: F.7.2-1): (sequence, item attributes, nested sequences checked the same way).
-#: Protocol Name (1/1 in a Performed Series item) is not enforced: modalities send it
-#: empty, and nothing here depends on it.
+#: F.7.2-1): (sequence, item attributes); the image and non-image references of a
+#: Performed Series item too. Protocol Name (1/1 in a Performed Series item) is not
+#: enforced: nothing here depends on it, and a step is not refused for it.
 _ITEM_REQUIRED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ScheduledStepAttributesSequence", ("StudyInstanceUID",)),
     ("PerformedSeriesSequence", ("SeriesInstanceUID",)),
@@ -235,13 +235,12 @@ def _missing_in_items(ds: Dataset) -> Status | None:
     or ``None``. A step without them could not be tied to its study or its series."""
     for sequence, keywords in _ITEM_REQUIRED:
         for number, item in enumerate(ds.get(sequence) or [], 1):
-            tag = _tag(sequence)
-            where = f"in item {number} of ({tag >> 16:04X},{tag & 0xFFFF:04X})"
-            missing = _missing(item, keywords, where)
+            missing = _missing(item, keywords, f"in item {number} of {_tags([_tag(sequence)])}")
             if missing is None and sequence == "PerformedSeriesSequence":
                 for references in _REFERENCE_SEQUENCES:
+                    where = f"in an item of {_tags([_tag(references)])}"
                     for ref in item.get(references) or []:
-                        missing = missing or _missing(ref, _REFERENCE_REQUIRED, f"in {references}"[:30])
+                        missing = missing or _missing(ref, _REFERENCE_REQUIRED, where)
             if missing is not None:
                 return missing
     return None
