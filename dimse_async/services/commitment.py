@@ -7,7 +7,9 @@ SCP opens back to our AE (which must then listen, accepting the Storage Commitme
 Push Model class with ``scp_role=True`` so the peer may take the SCP role). Reports
 are matched by Transaction UID in the AE's :class:`CommitmentTracker`; the pending
 transaction survives the requesting association's release. A report arriving after
-the caller gave up is acknowledged, logged and kept in ``tracker.late``.
+the caller gave up (timed out or cancelled) is acknowledged, logged and kept in
+``tracker.late``. Each report is held to the references requested (:func:`reconcile`):
+one it leaves out counts as failed, never as committed.
 
 SCP: :func:`commitment_request` parses an N-ACTION; :func:`send_report` delivers the
 result on a given association, or on a new one with retries (used by ``serve``).
