@@ -453,6 +453,7 @@ async def test_mpps_n_set_repeating_the_step_s_own_uids_is_accepted(tmp_path: Pa
     assert step is not None and step.PerformedProcedureStepStatus == "COMPLETED" and step.SOPInstanceUID == uid
 
 
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # pydicom, writing the bad UIDs we send
 async def test_a_commitment_request_naming_no_uid_is_refused(tmp_path: Path) -> None:
     """A reference whose SOP Class or Instance UID is no UID (102 digits, letters) was
     checked, failed and carried back in the report as it came, an invalid UI value
