@@ -320,3 +320,79 @@ async def test_instances_without_patient_id_are_navigable_in_the_patient_root(tm
                 peer.close()
 
         await asyncio.to_thread(scenario)
+
+
+# --------------------------------------------------------------------------- Person Name component groups
+
+_SINGLE_IR87 = b"ISO 2022 IR 87  "  # the two-value form's length: patched in place
+
+
+def charset_instances(directory: Path) -> list[Path]:
+    """pydicom's Japanese (ISO 2022 IR 87 with and without ISO 2022 IR 13) and Chinese
+    (ISO_IR 192) names, and one named ``=山田^花子`` (no alphabetic group) whose Specific
+    Character Set is ``ISO 2022 IR 87`` alone, as some devices write it."""
+    from pydicom.data import get_charset_files
+
+    files = {Path(f).name: f for f in get_charset_files()}
+    out = []
+    for name, patient in (("chrH31.dcm", "J31"), ("chrH32.dcm", "J32"), ("chrX1.dcm", "X1"), ("chrH31.dcm", "H1")):
+        ds = pydicom.dcmread(files[name])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.PatientID = generate_uid(), generate_uid(), patient
+        if patient == "H1":
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.PatientName = "=山田^花子"
+        path = directory / f"{patient}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        if patient == "H1":
+            data = path.read_bytes()
+            assert data.count(b"\\ISO 2022 IR 87 ") == 1
+            path.write_bytes(data.replace(b"\\ISO 2022 IR 87 ", _SINGLE_IR87))
+        out.append(path)
+    return out
+
+
+def jis(text: str) -> str:
+    """``text`` as ISO 2022 IR 87 bytes (escape sequences, 7 bits), for a DCMTK argument."""
+    return text.encode("iso2022_jp").decode("ascii")
+
+
+async def test_person_name_keys_match_by_component_group_in_real_character_sets(
+    tmp_path: Path,
+) -> None:
+    """Names stored in ISO 2022 IR 87 (with ISO 2022 IR 13 too, or alone) and ISO_IR 192,
+    queried by DCMTK findscu in those character sets (PS3.5 6.2.1.1 component groups,
+    PS3.4 C.2.2.2.1): a key of the ideographic group only (``=山田^太郎``, ``*=山田*``)
+    matches that group; a one-group key of ideographic characters (``山田*``) matches
+    the ideographic group (an alphabetic group holds none). An instance and a query
+    whose Specific Character Set is ``ISO 2022 IR 87`` alone (its alphabetic group
+    empty) are read with the default repertoire first: stored, indexed, matched."""
+    from conftest import acknowledged, communicate, dcmtk
+
+    src = tmp_path / "src"
+    src.mkdir()
+    files = charset_instances(src)
+    async with running_serve(tmp_path / "arch") as serve:
+        code, out, _ = await communicate(
+            (dcmtk("storescu"), "-v", "-aec", "ARCHIVE", HOST, str(serve.port), *map(str, files)), merge_stderr=True
+        )
+        assert code == 0 and len(acknowledged(out)) == 4, out
+
+        async def find(charset: str, key: str) -> list[str]:
+            code, out, _ = await communicate(
+                (dcmtk("findscu"), "-v", "-S", "-aec", "ARCHIVE", "-k", "QueryRetrieveLevel=STUDY", "-k",
+                 "StudyInstanceUID", "-k", "PatientID", "-k", f"SpecificCharacterSet={charset}", "-k",
+                 f"PatientName={key}", HOST, str(serve.port)),
+                merge_stderr=True,
+            )  # fmt: skip
+            assert code == 0 and "Final Find Response (Success)" in out, out
+            return sorted(
+                line.split("[")[1].split("]")[0].strip() for line in out.splitlines() if "(0010,0020) LO [" in line
+            )
+
+        assert await find("ISO 2022 IR 87", jis("=山田^太郎")) == ["J31", "J32"]
+        assert await find("\\ISO 2022 IR 87", jis("*=山田*")) == ["H1", "J31", "J32"]
+        assert await find("ISO 2022 IR 87", jis("=山田^花子")) == ["H1"]
+        assert await find("ISO_IR 192", "=山田^太郎") == ["J31", "J32"]
+        assert await find("ISO_IR 192", "=王^小東") == ["X1"]
+        assert await find("ISO_IR 192", "山田*") == ["H1", "J31", "J32"]
+        assert await find("ISO_IR 192", "Yamada*") == ["J31"]

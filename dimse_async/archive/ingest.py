@@ -43,6 +43,7 @@ from .schema import (
     patient_key_of,
     tag_of,
     text_of,
+    with_default_repertoire,
 )
 
 
@@ -291,7 +292,7 @@ class IngestMixin(IndexDB):
         import pydicom  # here: a server whose archive needs no re-index loads no pydicom at start
 
         st = os.stat(path)
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = with_default_repertoire(pydicom.dcmread(path, stop_before_pixels=True))
         meta = ds.file_meta
         sop_uid = text_of(ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID"))
         row = self._index_row(

@@ -42,6 +42,7 @@ from .schema import (
     tag_of,
     text_of,
     where_in,
+    with_default_repertoire,
 )
 
 if TYPE_CHECKING:
@@ -651,6 +652,7 @@ class _PagedQuery:
     )  # fmt: skip
 
     def __init__(self, model: str, identifier: Dataset, relational: bool, deadline: float | None = None):
+        with_default_repertoire(identifier)
         level = query_level(model, identifier, "Query")
         if not relational:
             check_hierarchy(model, level, identifier)

@@ -227,6 +227,33 @@ def level_attrs(ds: Dataset, level: str) -> dict[str, str]:
     return attrs
 
 
+#: Multi-byte character sets used with code extensions only (PS3.3 Table C.12-4): never
+#: the default repertoire, which value 1 of Specific Character Set names.
+_EXTENSION_ONLY = frozenset({"ISO 2022 IR 87", "ISO 2022 IR 159", "ISO 2022 IR 149", "ISO 2022 IR 58"})
+
+
+def with_default_repertoire(ds: Dataset) -> Dataset:
+    """``ds`` with a Specific Character Set whose first value is a multi-byte set used
+    with code extensions only (``ISO 2022 IR 87`` alone, as some Japanese devices and
+    queries send it) read as ``\\ISO 2022 IR 87``: the default repertoire first, the
+    escape sequences switching to the set (PS3.3 C.12.1.1.2, PS3.5 6.1.2.5.3). pydicom
+    cannot decode a Person Name otherwise whose alphabetic group is empty
+    (``=山田^太郎``: an IndexError), so such an instance could not be indexed, nor such a
+    key matched. Call before any value of ``ds`` is read."""
+    elem = ds.get(_CHARSET_TAG)
+    if elem is None:
+        return ds
+    values = [v.strip() for v in text_of(elem.value).split("\\")]
+    if values[0] in _EXTENSION_ONLY:
+        from pydicom.charset import convert_encodings
+
+        ds.SpecificCharacterSet = ["", *values]
+        if ds.original_character_set:  # read from bytes: pydicom decodes with what it read first
+            implicit, little = ds.original_encoding
+            ds.set_original_encoding(implicit, little, convert_encodings(["", *values]))
+    return ds
+
+
 def dataset_of_kept(kept: dict[int, tuple[bytes, bytes]], transfer_syntax: str) -> Dataset:
     """A data set of the raw top-level elements a structural check kept
     (:attr:`~dimse_async.dataset_check.DataSetSummary.kept`), decoded by pydicom on
@@ -241,7 +268,7 @@ def dataset_of_kept(kept: dict[int, tuple[bytes, bytes]], transfer_syntax: str) 
     for tag, (vr, value) in sorted(kept.items()):
         t = BaseTag(tag)
         ds[t] = RawDataElement(t, vr.decode("ascii") if vr else None, len(value), value, 0, implicit, little)  # type: ignore[assignment, unused-ignore]
-    return ds
+    return with_default_repertoire(ds)
 
 
 def dataset_from(*attr_maps: dict[str, str]) -> Dataset:
@@ -291,11 +318,20 @@ def name_key(name: str) -> str:
     return name.split("=", 1)[0].rstrip(" ^").upper()
 
 
+def ideographic_or_phonetic(text: str) -> bool:
+    """Whether ``text`` holds a wide (East Asian) character: ideographic or phonetic
+    (kanji, kana, hangul), which no alphabetic component group holds (PS3.5 6.2.1.1: the
+    alphabetic group is single-byte text)."""
+    from unicodedata import east_asian_width
+
+    return any(east_asian_width(ch) in "WF" for ch in text)
+
+
 def name_prefix(value: Any) -> str:
     """The literal prefix of a single-valued PN key, upper case; "" when none can be used."""
     text = text_of(value).strip()
-    if not text or "\\" in text or "=" in text:
-        return ""
+    if not text or "\\" in text or "=" in text or (not text.isascii() and ideographic_or_phonetic(text)):
+        return ""  # (a key of ideographic or phonetic characters is matched against every group)
     for i, ch in enumerate(text):
         if ch in "*?":
             return text[:i].upper()
@@ -451,7 +487,7 @@ def add_from_file(candidate: Dataset, path: str, tags: list[Any]) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            stored = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(tags))
+            stored = with_default_repertoire(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(tags)))
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         log.warning("archive: cannot read stored instance for matching", path=path, error=str(exc)[:200])
         return

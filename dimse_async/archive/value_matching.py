@@ -19,6 +19,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import PersonName
 
 from .date_ranges import range_match
+from .schema import ideographic_or_phonetic
 
 __all__ = [
     "WILDCARD_VRS",
@@ -200,11 +201,19 @@ def _pn_group_match(key: str, stored: str) -> bool:
 
 
 def _pn_match(key: str, stored: str, case_insensitive: bool) -> bool:
+    """PN matching by component group (PS3.5 6.2.1.1, PS3.4 C.2.2.2.1): a key of one
+    group is the alphabetic group, matched against the stored alphabetic group; one of
+    several (``=山田^太郎``, ``*=山田*``) is matched group by group, an empty key group
+    matching any stored one. A single-group key of ideographic or phonetic characters
+    (``山田*``, sent without ``=`` by SCUs that hold one name form) is matched against
+    every stored group, since no alphabetic group could hold it."""
     if case_insensitive:
         key, stored = key.casefold(), stored.casefold()
     key_groups = _pn_groups(key)
     stored_groups = _pn_groups(stored)
     if len(key_groups) == 1:
+        if not key.isascii() and ideographic_or_phonetic(key_groups[0]):
+            return any(_pn_group_match(key_groups[0], group) for group in stored_groups)
         return _pn_group_match(key_groups[0], stored_groups[0])
     stored_groups += [""] * (len(key_groups) - len(stored_groups))
     return all(_pn_group_match(k, s) for k, s in zip(key_groups, stored_groups))
