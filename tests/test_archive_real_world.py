@@ -396,3 +396,53 @@ async def test_person_name_keys_match_by_component_group_in_real_character_sets(
         assert await find("ISO_IR 192", "=王^小東") == ["X1"]
         assert await find("ISO_IR 192", "山田*") == ["H1", "J31", "J32"]
         assert await find("ISO_IR 192", "Yamada*") == ["J31"]
+
+
+# --------------------------------------------------------------------------- study attributes that disagree
+
+
+async def test_attributes_of_the_first_instance_stored_are_kept_and_supplemented(
+    tmp_path: Path, index: str | None
+) -> None:
+    """Two instances of one study, series and patient that disagree (Study Description,
+    Series Description, Patient's Name): the first stored names them, the later one
+    changes nothing it disagrees on but adds what the first lacked (Accession Number),
+    found by it; a query for the later values finds nothing (as dcm4chee-arc's default
+    SUPPLEMENT policy and Orthanc). A study whose only instance is stored again
+    (``duplicates = "replace"``) takes its new values."""
+    study, series = generate_uid(), generate_uid()
+    first = ct(study=study, series=series, PatientID="P9", PatientName="Doe^First", StudyDescription="First",
+               AccessionNumber="", SeriesDescription="Axial")  # fmt: skip
+    second = ct(study=study, series=series, PatientID="P9", PatientName="Doe^Second", StudyDescription="Second",
+                AccessionNumber="ACC2", SeriesDescription="Coronal")  # fmt: skip
+    alone = ct(PatientID="P8", StudyDescription="Before", AccessionNumber="A8")
+    again = pydicom.dcmread(CT)
+    again.update(alone)
+    again.StudyDescription = "After"
+    study_root = MODELS["study"]["find"]
+    async with running_serve(tmp_path / "arch", index=index, duplicates="replace") as serve:
+        ae = da.AE("OURS")
+        ae.add_requested_context(CT_CLASS, [ExplicitVRLittleEndian])
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            assert [int(await assoc.c_store(ds)) for ds in (first, second, alone, again)] == [0, 0, 0, 0]
+        found = await serve.archive.find(
+            study_root,
+            identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=study, StudyDescription="", AccessionNumber="",
+                       PatientName=""),
+        )  # fmt: skip
+        assert [(str(d.StudyDescription), str(d.AccessionNumber), str(d.PatientName)) for d in found] == [
+            ("First", "ACC2", "Doe^First")
+        ]
+        by_accession = identifier(QueryRetrieveLevel="STUDY", AccessionNumber="ACC2", StudyInstanceUID="")
+        assert [str(d.StudyInstanceUID) for d in await serve.archive.find(study_root, by_accession)] == [study]
+        later = identifier(QueryRetrieveLevel="STUDY", StudyDescription="Second", StudyInstanceUID="")
+        assert await serve.archive.find(study_root, later) == []
+        named = identifier(QueryRetrieveLevel="PATIENT", PatientName="Doe^Second", PatientID="")
+        assert await serve.archive.find(MODELS["patient"]["find"], named) == []
+        series_found = await serve.archive.find(
+            study_root,
+            identifier(QueryRetrieveLevel="SERIES", StudyInstanceUID=study, SeriesInstanceUID="", SeriesDescription=""),
+        )
+        assert [str(d.SeriesDescription) for d in series_found] == ["Axial"]
+        replaced = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=alone.StudyInstanceUID, StudyDescription="")
+        assert [str(d.StudyDescription) for d in await serve.archive.find(study_root, replaced)] == ["After"]

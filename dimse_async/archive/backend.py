@@ -14,6 +14,7 @@ process writing the same index.
 
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -130,6 +131,64 @@ def hierarchy_conflict(message: str) -> HierarchyConflict:
     return HierarchyConflict(message, (_SERIES_INSTANCE_UID,) if message == SERIES_CONFLICT else (_PATIENT_ID,))
 
 
+#: Whether a patient holds an instance other than the one being indexed.
+_OTHERS_OF_PATIENT = (
+    "SELECT 1 FROM studies t JOIN series s ON s.study_uid = t.study_uid JOIN instances i ON i.series_uid = s.series_uid "
+    "WHERE t.patient_key = ? AND i.sop_uid != ? LIMIT 1"
+)
+_CHARSET = "SpecificCharacterSet"
+
+
+def supplement_attrs(held: str, received: str) -> str:
+    """A patient's, study's or series' attributes (JSON) as held, supplemented by those
+    of another instance received for it: each attribute held with a value keeps it; one
+    held without a value (absent or empty) takes the received one. The Specific
+    Character Set is the held one unless a received value was taken and the two differ
+    (then ISO_IR 192, which holds both; the values are kept decoded). The same rule as
+    ``supplement_attrs`` of PostgreSQL's index (migration 0008)."""
+    old, new = json.loads(held), json.loads(received)
+    merged = {k: v for k, v in old.items() if k != _CHARSET}
+    taken = {k: v for k, v in new.items() if k != _CHARSET and v != "" and old.get(k, "") == ""}
+    merged.update(taken)
+    old_charset, new_charset = old.get(_CHARSET, ""), new.get(_CHARSET, "")
+    charset = old_charset
+    if taken and new_charset and new_charset != old_charset:
+        charset = new_charset if not old_charset else "ISO_IR 192"
+    if charset:
+        merged[_CHARSET] = charset
+    return json.dumps(merged)
+
+
+def _supplemented(db: Connection, r: IndexRow) -> IndexRow:
+    """``r`` with its patient's, study's and series' attributes supplemented, not
+    replaced, where the index holds that entity with other instances (see
+    :func:`supplement_attrs`): the first instance stored names the study (its
+    description, date, accession number...), a later one that disagrees changes
+    nothing, one that knows more adds it. An entity whose only instance is this one
+    (stored again, ``duplicates = "replace"``, or its file re-indexed) takes the
+    received values. The columns a query narrows by follow the attributes kept."""
+    changes: dict[str, Any] = {}
+    held = db.execute("SELECT attrs, name_key FROM patients WHERE patient_key = ?", (r.patient_key,)).fetchone()
+    if held is not None and db.execute(_OTHERS_OF_PATIENT, (r.patient_key, r.sop_uid)).fetchone() is not None:
+        changes["patient_attrs"] = supplement_attrs(held[0], r.patient_attrs)
+        if json.loads(held[0]).get("PatientName", ""):
+            changes["name_key"] = held[1]
+    held = db.execute("SELECT attrs, study_date, accession FROM studies WHERE study_uid = ?", (r.study_uid,)).fetchone()
+    if held is not None and db.execute(_OTHERS_IN_STUDY, (r.study_uid, r.sop_uid)).fetchone() is not None:
+        changes["study_attrs"] = supplement_attrs(held[0], r.study_attrs)
+        old = json.loads(held[0])
+        if old.get("StudyDate", ""):
+            changes["study_date"] = held[1]
+        if old.get("AccessionNumber", ""):
+            changes["accession"] = held[2]
+    held = db.execute("SELECT attrs, modality FROM series WHERE series_uid = ?", (r.series_uid,)).fetchone()
+    if held is not None and db.execute(_OTHERS_IN_SERIES, (r.series_uid, r.sop_uid)).fetchone() is not None:
+        changes["series_attrs"] = supplement_attrs(held[0], r.series_attrs)
+        if json.loads(held[0]).get("Modality", ""):
+            changes["modality"] = held[1]
+    return r._replace(**changes) if changes else r
+
+
 def write_index_rows(db: Connection, r: IndexRow) -> None:
     """Write ``r`` inside the open transaction of ``db`` (:func:`index_statements`),
     then drop the series, study and patient it left empty: an instance stored again
@@ -142,7 +201,10 @@ def write_index_rows(db: Connection, r: IndexRow) -> None:
     for another patient, conflicts with what is held, and :class:`HierarchyConflict`
     (naming Series Instance UID or Patient ID) is raised before anything is written.
     Moved, the instances held would be answered under a study or patient their data
-    sets do not name, and not found under their own."""
+    sets do not name, and not found under their own.
+
+    The patient's, study's and series' attributes are supplemented, not replaced,
+    where the entity holds other instances (:func:`_supplemented`)."""
     series: list[str] = []
     studies: list[str] = []
     patients: list[str] = []
@@ -158,7 +220,7 @@ def write_index_rows(db: Connection, r: IndexRow) -> None:
             if db.execute(_OTHERS_IN_STUDY, (r.study_uid, r.sop_uid)).fetchone() is not None:
                 raise hierarchy_conflict(STUDY_CONFLICT)
             patients.append(old_patient)
-    for sql, parameters in index_statements(r):
+    for sql, parameters in index_statements(_supplemented(db, r)):
         db.execute(sql, parameters)
     if series or studies or patients:
         drop_emptied(db, series, studies, patients)
