@@ -446,3 +446,37 @@ async def test_attributes_of_the_first_instance_stored_are_kept_and_supplemented
         assert [str(d.SeriesDescription) for d in series_found] == ["Axial"]
         replaced = identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID=alone.StudyInstanceUID, StudyDescription="")
         assert [str(d.StudyDescription) for d in await serve.archive.find(study_root, replaced)] == ["After"]
+
+
+async def test_worklist_items_and_queries_in_iso_2022_ir_87_alone(tmp_path: Path) -> None:
+    """A worklist item and a worklist C-FIND (DCMTK findscu -W) whose Specific Character
+    Set is ``ISO 2022 IR 87`` alone, the name in its ideographic group only: the item is
+    read and matched by that group (it was a 0xC000 for the query)."""
+    from conftest import communicate, dcmtk
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence
+
+    from dimse_async.archive.index import Worklist
+
+    wl = tmp_path / "wl"
+    wl.mkdir()
+    item = Dataset()
+    item.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    item.PatientName, item.PatientID, item.AccessionNumber = "=山田^太郎", "W1", "ACC1"
+    step = Dataset()
+    step.Modality, step.ScheduledStationAETitle = "CT", "CT1"
+    item.ScheduledProcedureStepSequence = Sequence([step])
+    item.file_meta = FileMetaDataset()
+    item.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    item.save_as(wl / "item.wl", enforce_file_format=False)
+    data = (wl / "item.wl").read_bytes()
+    (wl / "item.wl").write_bytes(data.replace(b"\\ISO 2022 IR 87 ", _SINGLE_IR87))
+    async with running_serve(tmp_path / "arch", worklist=Worklist(wl)) as serve:
+        code, out, _ = await communicate(
+            (dcmtk("findscu"), "-v", "-W", "-aec", "ARCHIVE", "-k", "SpecificCharacterSet=ISO 2022 IR 87", "-k",
+             f"PatientName={jis('=山田^太郎')}", "-k", "PatientID", "-k", "ScheduledProcedureStepSequence[0].Modality=CT",
+             HOST, str(serve.port)),
+            merge_stderr=True,
+        )  # fmt: skip
+    assert code == 0 and "Final Find Response (Success)" in out, out
+    assert [line for line in out.splitlines() if "(0010,0020) LO [W1" in line], out

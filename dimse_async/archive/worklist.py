@@ -14,7 +14,7 @@ from ..part10 import read_file_meta
 from ..services.qr import QueryRequest
 from ..uids import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from .budget import QueryBudget
-from .schema import check_key_vrs
+from .schema import check_key_vrs, with_default_repertoire
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -44,7 +44,7 @@ def _read_item(path: Path) -> Dataset:
                 raise first or DataSetError("not a data set")
     import pydicom  # here: a server loads pydicom at its first data set, not at start
 
-    ds = pydicom.dcmread(path, force=True)
+    ds = with_default_repertoire(pydicom.dcmread(path, force=True))
     if not any(elem.tag.group > 2 for elem in ds):
         raise DataSetError("no attributes")
     return ds
@@ -94,7 +94,7 @@ class Worklist:
     async def on_c_find(self, request: QueryRequest) -> AsyncIterator[Dataset]:
         from .matching import Matcher, response_identifier  # here: matching loads pydicom
 
-        check_key_vrs(request.identifier)
+        check_key_vrs(with_default_repertoire(request.identifier))
         budget = QueryBudget(self.max_matches, self.time_budget, "worklist C-FIND")
         items = await asyncio.to_thread(self._items, budget)
         produced = 0
