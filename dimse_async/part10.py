@@ -77,7 +77,8 @@ def plausible_uid(uid: str) -> bool:
     leading zeros tolerated: some devices generate UIDs with them, and a UID that never
     names a file need not be refused for that. Letters, slashes, spaces inside, more
     than 64 characters are refused."""
-    return 0 < len(uid) <= 64 and _LOOSE_UID.fullmatch(uid) is not None
+    # valid_uid first: its look-up of the UID's head is cheaper than the pattern.
+    return valid_uid(uid) or (0 < len(uid) <= 64 and _LOOSE_UID.fullmatch(uid) is not None)
 
 
 def read_file_meta(fp: BinaryIO) -> FileMeta | None:
