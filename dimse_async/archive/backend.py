@@ -137,6 +137,12 @@ _OTHERS_OF_PATIENT = (
     "WHERE t.patient_key = ? AND i.sop_uid != ? LIMIT 1"
 )
 _CHARSET = "SpecificCharacterSet"
+#: The patient, study and series rows an index write finds (NULLs where there are none).
+_HELD = (
+    "SELECT p.attrs, p.name_key, st.attrs, st.study_date, st.accession, se.attrs, se.modality FROM (SELECT 1) AS one "
+    "LEFT JOIN patients p ON p.patient_key = ? LEFT JOIN studies st ON st.study_uid = ? "
+    "LEFT JOIN series se ON se.series_uid = ?"
+)
 
 
 def supplement_attrs(held: str, received: str) -> str:
@@ -168,24 +174,38 @@ def _supplemented(db: Connection, r: IndexRow) -> IndexRow:
     (stored again, ``duplicates = "replace"``, or its file re-indexed) takes the
     received values. The columns a query narrows by follow the attributes kept."""
     changes: dict[str, Any] = {}
-    held = db.execute("SELECT attrs, name_key FROM patients WHERE patient_key = ?", (r.patient_key,)).fetchone()
-    if held is not None and db.execute(_OTHERS_OF_PATIENT, (r.patient_key, r.sop_uid)).fetchone() is not None:
-        changes["patient_attrs"] = supplement_attrs(held[0], r.patient_attrs)
-        if json.loads(held[0]).get("PatientName", ""):
-            changes["name_key"] = held[1]
-    held = db.execute("SELECT attrs, study_date, accession FROM studies WHERE study_uid = ?", (r.study_uid,)).fetchone()
-    if held is not None and db.execute(_OTHERS_IN_STUDY, (r.study_uid, r.sop_uid)).fetchone() is not None:
-        changes["study_attrs"] = supplement_attrs(held[0], r.study_attrs)
-        old = json.loads(held[0])
-        if old.get("StudyDate", ""):
-            changes["study_date"] = held[1]
-        if old.get("AccessionNumber", ""):
-            changes["accession"] = held[2]
-    held = db.execute("SELECT attrs, modality FROM series WHERE series_uid = ?", (r.series_uid,)).fetchone()
-    if held is not None and db.execute(_OTHERS_IN_SERIES, (r.series_uid, r.sop_uid)).fetchone() is not None:
-        changes["series_attrs"] = supplement_attrs(held[0], r.series_attrs)
-        if json.loads(held[0]).get("Modality", ""):
-            changes["modality"] = held[1]
+    # One look-up of the three rows; attributes as held (the usual case: every instance
+    # of a study carries the same) need nothing more.
+    p_attrs, p_name, st_attrs, st_date, st_accession, se_attrs, se_modality = db.execute(
+        _HELD, (r.patient_key, r.study_uid, r.series_uid)
+    ).fetchone()
+    if (
+        p_attrs is not None
+        and p_attrs != r.patient_attrs
+        and db.execute(_OTHERS_OF_PATIENT, (r.patient_key, r.sop_uid)).fetchone() is not None
+    ):
+        changes["patient_attrs"] = supplement_attrs(p_attrs, r.patient_attrs)
+        if json.loads(p_attrs).get("PatientName", ""):
+            changes["name_key"] = p_name
+    if (
+        st_attrs is not None
+        and st_attrs != r.study_attrs
+        and db.execute(_OTHERS_IN_STUDY, (r.study_uid, r.sop_uid)).fetchone() is not None
+    ):
+        changes["study_attrs"] = supplement_attrs(st_attrs, r.study_attrs)
+        held = json.loads(st_attrs)
+        if held.get("StudyDate", ""):
+            changes["study_date"] = st_date
+        if held.get("AccessionNumber", ""):
+            changes["accession"] = st_accession
+    if (
+        se_attrs is not None
+        and se_attrs != r.series_attrs
+        and db.execute(_OTHERS_IN_SERIES, (r.series_uid, r.sop_uid)).fetchone() is not None
+    ):
+        changes["series_attrs"] = supplement_attrs(se_attrs, r.series_attrs)
+        if json.loads(se_attrs).get("Modality", ""):
+            changes["modality"] = se_modality
     return r._replace(**changes) if changes else r
 
 

@@ -56,14 +56,14 @@ BEGIN
         RAISE EXCEPTION 'Study Instance UID is another patient''s' USING ERRCODE = 'DA001';
     END IF;
     SELECT attrs, name_key INTO held_attrs, held_column FROM patients WHERE patient_key = p_patient_key;
-    IF FOUND AND EXISTS (
+    IF FOUND AND held_attrs <> p_patient_attrs AND EXISTS (
             SELECT 1 FROM studies t JOIN series s ON s.study_uid = t.study_uid JOIN instances i ON i.series_uid = s.series_uid
             WHERE t.patient_key = p_patient_key AND i.sop_uid <> p_sop_uid) THEN
         p_patient_attrs := supplement_attrs(held_attrs, p_patient_attrs);
         IF coalesce((held_attrs::json -> 'PatientName')::text, '""') <> '""' THEN p_name_key := held_column; END IF;
     END IF;
     SELECT attrs, study_date, accession INTO held_attrs, held_column, held_accession FROM studies WHERE study_uid = p_study_uid;
-    IF FOUND AND EXISTS (
+    IF FOUND AND held_attrs <> p_study_attrs AND EXISTS (
             SELECT 1 FROM series s JOIN instances i ON i.series_uid = s.series_uid
             WHERE s.study_uid = p_study_uid AND i.sop_uid <> p_sop_uid) THEN
         p_study_attrs := supplement_attrs(held_attrs, p_study_attrs);
@@ -71,7 +71,7 @@ BEGIN
         IF coalesce((held_attrs::json -> 'AccessionNumber')::text, '""') <> '""' THEN p_accession := held_accession; END IF;
     END IF;
     SELECT attrs, modality INTO held_attrs, held_column FROM series WHERE series_uid = p_series_uid;
-    IF FOUND AND EXISTS (SELECT 1 FROM instances WHERE series_uid = p_series_uid AND sop_uid <> p_sop_uid) THEN
+    IF FOUND AND held_attrs <> p_series_attrs AND EXISTS (SELECT 1 FROM instances WHERE series_uid = p_series_uid AND sop_uid <> p_sop_uid) THEN
         p_series_attrs := supplement_attrs(held_attrs, p_series_attrs);
         IF coalesce((held_attrs::json -> 'Modality')::text, '""') <> '""' THEN p_modality := held_column; END IF;
     END IF;
