@@ -68,8 +68,10 @@ Interpretation choices (documented here as a Conformance Statement would)
   Required Keys of Query/Retrieve (``matches(..., unknown=...)``) an absent or
   zero-length stored value is unknown and matches any key value (§C.2.2.1.2).
 * PN: a key without ``=`` is compared with the first (alphabetic) component group
-  of the stored name only; a key with ``=`` is compared group by group, an empty
-  key group matching any stored group. Empty trailing components (``Smith^John^^``)
+  of the stored name only, unless it holds ideographic or phonetic (wide) characters,
+  which no alphabetic group holds: then with every group (``山田*``); a key with ``=``
+  is compared group by group, an empty key group matching any stored group
+  (``=山田^太郎`` matches by the ideographic group alone). Empty trailing components (``Smith^John^^``)
   are not significant. Wild cards apply to the whole group string, so ``*`` and
   ``?`` may match ``^``. Case folding uses :meth:`str.casefold`; accents are
   significant.
