@@ -128,7 +128,7 @@ async def test_uids_with_leading_zero_components_are_stored_found_and_retrieved(
 ) -> None:
     """SOP Instance, Study and Series UIDs with a component "04" (forbidden by PS3.5
     9.1, made by real modalities; stored by DCMTK storescp and Orthanc): stored with one
-    warning line naming each UID, then found by them (C-FIND at every level of the
+    warning line naming the UIDs, then found by them (C-FIND at every level of the
     Study Root) and retrieved by C-GET (pynetdicom)."""
     sop, study, series = "1.2.826.0.1.3680043.04.5", "1.2.826.0.1.3680043.04.6.01", "1.2.826.0.1.3680043.04.7"
     async with running_serve(tmp_path / "arch") as serve:
@@ -150,7 +150,7 @@ async def test_uids_with_leading_zero_components_are_stored_found_and_retrieved(
 
         await asyncio.to_thread(scenario)
     warned = [r.getMessage() for r in logged.records if "not conformant" in r.getMessage()]
-    assert len(warned) == 3 and all(any(uid in line for line in warned) for uid in (sop, study, series)), warned
+    assert len(warned) == 1 and all(uid in warned[0] for uid in (sop, study, series)), warned
 
 
 UNSAFE = [

@@ -161,10 +161,11 @@ _HIERARCHY_UIDS = (
 
 
 def _warn_nonconformant_uids(request: StoreRequest, summary: DataSetSummary) -> None:
-    """One warning line naming each UID of the instance (SOP Instance, Study, Series)
-    that PS3.5 §9.1 forbids but that is stored all the same: a component with a leading
-    zero (``1.2.03``), as some devices generate. Refusing it would lose the image
+    """One warning line per instance naming each of its UIDs (SOP Instance, Study,
+    Series) that PS3.5 §9.1 forbids but that is stored all the same: a component with a
+    leading zero (``1.2.03``), as some devices generate. Refusing it would lose the image
     (DCMTK's storescp and Orthanc store it); it is found and retrieved by that UID."""
+    odd: dict[str, str] = {}
     for keyword, tag in _HIERARCHY_UIDS:
         if tag == _SOP_INSTANCE_UID:
             uid = summary.sop_instance_uid
@@ -172,10 +173,12 @@ def _warn_nonconformant_uids(request: StoreRequest, summary: DataSetSummary) -> 
             raw = summary.kept.get(tag)
             uid = "" if raw is None else raw[1].decode("latin-1").strip(" \x00")
         if uid and not valid_uid(uid) and plausible_uid(uid):
-            request.assoc.log.warning(
-                "C-STORE UID not conformant (PS3.5 9.1: leading zero in a component); stored as received",
-                sop_instance=summary.sop_instance_uid, attribute=keyword, uid=uid,
-            )  # fmt: skip
+            odd[keyword] = uid
+    if odd:
+        request.assoc.log.warning(
+            "C-STORE UIDs not conformant (PS3.5 9.1: leading zero in a component); stored as received",
+            sop_instance=summary.sop_instance_uid, **odd,
+        )  # fmt: skip
 
 
 def _keep_previous(dest: str) -> str | None:
