@@ -209,7 +209,8 @@ def store_refusal(cmd: Command, ctx: PresentationContext) -> Status | None:
     refusal = _class_refusal(sop_class)
     if refusal is not None:
         return Status(*refusal)
-    if not plausible_uid(cmd.affected_sop_instance_uid or ""):
+    uid = cmd.affected_sop_instance_uid or ""
+    if not valid_uid(uid) and not plausible_uid(uid):  # (valid_uid: the receive path's usual answer, cheapest)
         return Status(Code.CANNOT_UNDERSTAND, "invalid Affected SOP Instance UID", attributes=[_AFFECTED_INSTANCE])
     return None
 
