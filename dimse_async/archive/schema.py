@@ -318,17 +318,10 @@ def name_key(name: str) -> str:
     return name.split("=", 1)[0].rstrip(" ^").upper()
 
 
-def ideographic_or_phonetic(text: str) -> bool:
-    """Whether ``text`` holds a wide (East Asian) character: ideographic or phonetic
-    (kanji, kana, hangul), which no alphabetic component group holds (PS3.5 6.2.1.1: the
-    alphabetic group is single-byte text)."""
-    from unicodedata import east_asian_width
-
-    return any(east_asian_width(ch) in "WF" for ch in text)
-
-
 def name_prefix(value: Any) -> str:
     """The literal prefix of a single-valued PN key, upper case; "" when none can be used."""
+    from .value_matching import ideographic_or_phonetic  # (called by queries: pydicom is loaded)
+
     text = text_of(value).strip()
     if not text or "\\" in text or "=" in text or (not text.isascii() and ideographic_or_phonetic(text)):
         return ""  # (a key of ideographic or phonetic characters is matched against every group)

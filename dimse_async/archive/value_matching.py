@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
+from unicodedata import east_asian_width
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -19,7 +20,6 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.valuerep import PersonName
 
 from .date_ranges import range_match
-from .schema import ideographic_or_phonetic
 
 __all__ = [
     "WILDCARD_VRS",
@@ -198,6 +198,13 @@ def _pn_group_match(key: str, stored: str) -> bool:
         padded = stored + "^" * max(0, 4 - stored.count("^"))
         return _wildcard_match(key, stored) or _wildcard_match(key, padded)
     return key == stored
+
+
+def ideographic_or_phonetic(text: str) -> bool:
+    """Whether ``text`` holds a wide (East Asian) character: ideographic or phonetic
+    (kanji, kana, hangul), which no alphabetic component group holds (PS3.5 6.2.1.1: the
+    alphabetic group is single-byte text)."""
+    return any(east_asian_width(ch) in "WF" for ch in text)
 
 
 def _pn_match(key: str, stored: str, case_insensitive: bool) -> bool:
