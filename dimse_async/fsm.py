@@ -213,9 +213,17 @@ class UpperLayer:
             return []
         else:
             out = None
-        before = self.reader.buffer_updated(nbytes)  # pending plus received
+        reader = self.reader
+        before = reader.buffer_updated(nbytes)  # pending plus received
         pdus = self._take_pdus()
-        self._pdu_progress(before)
+        # _pdu_progress(before), inlined: this runs for every read
+        after = reader.end - reader.start
+        if after == 0 or after < before or self.pdu_timeout is None:
+            self.pdu_deadline = None
+            if after and self.pdu_timeout is not None:
+                self.pdu_deadline = self.now + self.pdu_timeout
+        elif self.pdu_deadline is None:
+            self.pdu_deadline = self.now + self.pdu_timeout
         if out:
             out += pdus
             return out
@@ -233,9 +241,12 @@ class UpperLayer:
 
     def _take_pdus(self) -> list[Output]:
         out: list[Output] = []
+        reader = self.reader
         while self.state not in _NO_FRAMES:
+            if reader.end - reader.start < 6:
+                break  # not even a PDU header: next_pdu() would say None (no call)
             try:
-                pdu = self.reader.next_pdu()
+                pdu = reader.next_pdu()
             except PDUError as exc:
                 self._unframeable = True
                 self._abort_source, self._abort_reason = ABORT_SOURCE_PROVIDER, int(exc.reason)

@@ -660,7 +660,7 @@ class PDUReader:
     its bytes (``AssociateRQ.raw``).
     """
 
-    __slots__ = ("_buf", "_start", "_end", "_last", "max_pdata_length", "hard_limit", "pool", "decode_rq")
+    __slots__ = ("_buf", "start", "end", "_last", "max_pdata_length", "hard_limit", "pool", "decode_rq")
 
     def __init__(
         self,
@@ -672,8 +672,10 @@ class PDUReader:
         self.pool = pool
         self.decode_rq = decode_rq
         self._buf = bytearray()
-        self._start = 0  # first unread byte
-        self._end = 0  # end of the bytes received
+        #: First unread byte and end of the bytes received in the buffer (read by the
+        #: state machine after each read, without a call; written here only).
+        self.start = 0
+        self.end = 0
         self._last = 0  # length of the last PDU taken (sizes the next fresh buffer)
         self.max_pdata_length = max_pdata_length
         self.hard_limit = hard_limit
@@ -681,11 +683,11 @@ class PDUReader:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet taken as a PDU."""
-        return self._end - self._start
+        return self.end - self.start
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes go (at least one byte of room)."""
-        buf, start, end = self._buf, self._start, self._end
+        buf, start, end = self._buf, self.start, self.end
         if not end and not buf:  # nothing held (a read at a PDU boundary): a fresh buffer
             ahead = _AHEAD * self._last  # (no min()/max(): builtins that parse arguments slowly)
             size = _FRESH if ahead < _FRESH else ahead if ahead < _MAX_BUFFER else _MAX_BUFFER
@@ -709,14 +711,14 @@ class PDUReader:
             memoryview(fresh)[:pending] = memoryview(buf)[start:end]
         if pool is not None:
             pool.put(buf)
-        self._buf, self._start, self._end = fresh, 0, pending
+        self._buf, self.start, self.end = fresh, 0, pending
         return memoryview(fresh)[pending:]
 
     def buffer_updated(self, nbytes: int) -> int:
         """``nbytes`` were written at the start of the last :meth:`get_buffer` view;
         returns the bytes now buffered (:attr:`buffered`)."""
-        end = self._end = self._end + nbytes
-        return end - self._start
+        end = self.end = self.end + nbytes
+        return end - self.start
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the buffer (for callers that do not receive in place)."""
@@ -729,8 +731,8 @@ class PDUReader:
             view = view[n:]
 
     def next_pdu(self) -> PDU | None:
-        buf, start = self._buf, self._start
-        avail = self._end - start
+        buf, start = self._buf, self.start
+        avail = self.end - start
         if avail < 6:
             return None
         pdu_type, _, length = _HDR.unpack_from(buf, start)
@@ -752,9 +754,9 @@ class PDUReader:
         if avail == total:  # all read: let the buffer go with the views into it
             if self.pool is not None:
                 self.pool.put(buf)
-            self._buf, self._start, self._end = bytearray(), 0, 0
+            self._buf, self.start, self.end = bytearray(), 0, 0
         else:
-            self._start = start + total
+            self.start = start + total
         if pdu_type == _P_DATA_TF:
             if length >= 6:
                 # One PDV filling the PDU (what peers send: a command, or a data set's
