@@ -332,3 +332,32 @@ def test_a_lone_command_pdv_is_taken_as_the_assembler_receives_it(steps: list[st
             )
             if isinstance(general, str):
                 return
+
+
+def test_objects_of_a_streamed_request_have_every_field_of_their_dataclass():
+    """The request's Message, StreamStarted, Operation and Perform are made without their
+    __init__ (see session._new): each field set, to what the dataclass would give it."""
+    import dataclasses
+
+    from dimse_async.dimse import Message
+    from dimse_async.session import Operation
+
+    session = Session([PresentationContext(5, CT, LE, 0, as_scu=False, as_scp=True)])
+    rq = Command(
+        CommandField.C_STORE_RQ, message_id=3, affected_sop_class_uid=CT,
+        affected_sop_instance_uid="1.2.3.4", priority=0, data_set_type=0,
+    )  # fmt: skip
+    [started] = session.receive(command(5, rq))
+    [_fragment, perform] = session.receive([PDV(5, False, True, b"data")])
+    msg = started.message
+    op = perform.operation
+    for obj, made in (
+        (msg, Message(5, msg.command)),
+        (started, StreamStarted(msg)),
+        (op, Operation(session.contexts[5], msg)),
+        (perform, Perform(op)),
+    ):
+        assert type(obj) is type(made)
+        for field in dataclasses.fields(made):
+            assert getattr(obj, field.name) is getattr(made, field.name), field.name
+    assert msg.command == rq and op.message is msg and op.context is session.contexts[5]
