@@ -632,3 +632,43 @@ def test_spool_files_are_new_files_of_their_own(tmp_path: Path, monkeypatch: Any
         for fd in fds:
             os.close(fd)
     assert taken.read_bytes() == b"someone else's" and not (tmp_path / "target").exists()
+
+
+async def test_spool_pauses_and_resumes_reading_through_its_flow(tmp_path, monkeypatch):
+    """A spool given a ``flow`` (what ``make_spool`` passes: the association) calls its
+    ``pause_reading("spool")`` / ``resume_reading("spool")`` while the disk lags, as the
+    ``pause`` / ``resume`` callables are called otherwise (not those)."""
+    from dimse_async.services import spool as spool_module
+
+    gate = threading.Event()
+    real = spool_module.writev_all
+
+    def gated(fd: int, chunks: Any) -> int:
+        gate.wait(30)
+        return real(fd, chunks)
+
+    class Flow:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def pause_reading(self, reason: str) -> None:
+            self.calls.append(f"pause {reason}")
+
+        def resume_reading(self, reason: str) -> None:
+            self.calls.append(f"resume {reason}")
+
+    monkeypatch.setattr(spool_module, "writev_all", gated)
+    flow, called = Flow(), []
+    spool = spool_module.Spool(
+        b"HEAD", 1024, str(tmp_path), lambda: called.append("pause"), lambda: called.append("resume"), None, None, flow
+    )
+    payload = os.urandom(1 << 20)
+    for _ in range(12):
+        spool.write(memoryview(payload))
+    assert flow.calls == ["pause spool"]  # 12 MiB queued, none written
+    gate.set()
+    await asyncio.wait_for(spool.finish(), 30)
+    assert flow.calls == ["pause spool", "resume spool"] and called == []
+    spool.discard()
+    assert spool.writer is not None
+    await spool.writer.submit(lambda: None)

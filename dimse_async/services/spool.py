@@ -14,6 +14,7 @@ import itertools
 import os
 import tempfile
 from collections.abc import Callable
+from typing import Protocol
 
 from ..filewriter import FileWriter, InlineWrites, writev_all
 from ..status import Status
@@ -25,6 +26,14 @@ _INLINE_MIN = 128 << 10  # write on the loop once this much is held ...
 _INLINE_MAX = 1 << 20  # ... and never more than this at once (how long the loop waits)
 _HIGH_WATER = 8 << 20  # pause reading while this much waits for the disk
 _LOW_WATER = 2 << 20
+
+
+class ReadingFlow(Protocol):
+    """What pauses and resumes reading the socket (an association: ``DIMSEProvider``)."""
+
+    def pause_reading(self, reason: str) -> None: ...
+
+    def resume_reading(self, reason: str) -> None: ...
 
 
 def _nothing() -> None:
@@ -140,7 +149,8 @@ class Spool:
     loop has something to do (a failed write, reading to resume, :meth:`finish`
     waiting). While more than ``_HIGH_WATER`` bytes wait for the disk, ``pause`` is
     called to stop reading the socket; ``resume`` once the writer is below
-    ``_LOW_WATER``. :meth:`discard` never closes or removes the file under a running
+    ``_LOW_WATER`` (with ``flow``, an association: its ``pause_reading("spool")`` and
+    ``resume_reading("spool")`` instead). :meth:`discard` never closes or removes the file under a running
     write: the writer does it after the jobs queued before it.
 
     With ``inline`` (an :class:`~dimse_async.filewriter.InlineWrites` policy), bytes
@@ -171,6 +181,7 @@ class Spool:
         "_discarded",
         "_pause",
         "_resume",
+        "_flow",
         "_paused",
         "error",
         "refusal",
@@ -185,10 +196,11 @@ class Spool:
         header: bytes,
         threshold: int,
         directory: str | None,
-        pause: Callable[[], None],
-        resume: Callable[[], None],
+        pause: Callable[[], None] | None,
+        resume: Callable[[], None] | None,
         writer: FileWriter | None = None,
         inline: InlineWrites | None = None,
+        flow: ReadingFlow | None = None,
     ):
         self._chunks: list[bytes | memoryview] = [header]
         self._pending = len(header)  # bytes in _chunks
@@ -209,7 +221,9 @@ class Spool:
         self._idle: asyncio.Future[None] | None = None  # finish() waiting for every job
         self._loop: asyncio.AbstractEventLoop | None = None
         self._discarded = False
-        self._pause, self._resume = pause, resume
+        # ``flow``: its pause_reading("spool") / resume_reading("spool") instead of
+        # ``pause`` / ``resume`` (no two closures made per instance received).
+        self._pause, self._resume, self._flow = pause or _nothing, resume or _nothing, flow
         self._paused = False
         #: The OSError that made the spool fail (disk full, permissions), if any.
         self.error: OSError | None = None
@@ -289,7 +303,10 @@ class Spool:
         writer.post(self._write_job, chunks, n)
         if not self._paused and self._queued - self._written >= _HIGH_WATER:
             self._paused = True  # before the check below: see _write_job
-            self._pause()
+            if self._flow is not None:
+                self._flow.pause_reading("spool")
+            else:
+                self._pause()
             self._progress()  # the writer may have caught up meanwhile
 
     def _open(self) -> int:
@@ -385,7 +402,10 @@ class Spool:
     def _unpause(self) -> None:
         if self._paused:
             self._paused = False
-            self._resume()
+            if self._flow is not None:
+                self._flow.resume_reading("spool")
+            else:
+                self._resume()
 
     async def finish(self, sync: bool = False) -> None:
         """Wait until every byte received is in memory or on disk; close the file

@@ -273,11 +273,12 @@ def make_spool(
         header,
         threshold,
         directory,
-        lambda: assoc.pause_reading("spool"),
-        lambda: assoc.resume_reading("spool"),
+        None,
+        None,
         assoc.writer,
         # the inline-write policy of a plain, non-durable DirectoryStore
         store.inline if type(store) is DirectoryStore and not store.durable and assoc.store_handler is None else None,
+        assoc,  # pause_reading("spool") / resume_reading("spool") (no closures made)
     )
     spool.uids_valid = True
     spool.space_checked = space
