@@ -601,21 +601,23 @@ class BufferPool:
             tries = len(free)
             if tries > self._TRIES:
                 tries = self._TRIES
+            most = 4 * size
             while tries:  # (no range(): a type call per take)
                 tries -= 1
                 buf = free.popleft()
+                n = len(buf)
+                if not size <= n <= most:  # (judged first: the size costs no method call)
+                    free.append(buf)
+                    continue
                 try:  # no view of it alive? A resize would fail (shrinking by one byte: no copy)
                     last = buf.pop()
                 except BufferError:
                     free.append(buf)  # still in use: look again later
                     continue
                 buf.append(last)
-                n = len(buf)
-                if size <= n <= 4 * size:
-                    self._bytes -= n
-                    self.reused += 1
-                    return buf
-                free.append(buf)
+                self._bytes -= n
+                self.reused += 1
+                return buf
             self.allocated += 1
         finally:
             lock.release()
