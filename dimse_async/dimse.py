@@ -40,6 +40,7 @@ __all__ = [
     "encode_command",
     "encode_pdata",
     "encode_response_fields",
+    "encode_store_success",
     "fragment",
     "fragment_stream",
 ]
@@ -317,6 +318,30 @@ def encode_response_fields(
 
 
 _SUCCESS_ELEM = _US_ELEM.pack(0, 0x0900, 2, 0)  # Status (0000,0900) Success
+
+# SOP Class UID -> (the elements before the Message ID Being Responded To, those after it
+# up to the SOP Instance UID, the group's length less that UID's value): see below.
+_STORE_SUCCESS_PARTS: dict[str | None, tuple[bytes, bytes, int]] = {}
+
+
+def encode_store_success(sop_class: str | None, mid: int, instance: str) -> bytes:
+    """``encode_response_fields(0x8001, sop_class, NO_DATASET, mid, 0, None, instance)``:
+    the C-STORE-RSP Success (PS3.7 §9.3.1.2), a receiver's usual response, from the
+    parts kept per SOP Class (no key, list or size sum made per response)."""
+    parts = _STORE_SUCCESS_PARTS.get(sop_class)
+    if parts is None:
+        encode_response_fields(0x8001, sop_class, NO_DATASET, 0, 0)  # (its parts kept)
+        head, dst = _RSP_PARTS[(0x8001, sop_class, NO_DATASET)]
+        if len(_STORE_SUCCESS_PARTS) >= _RSP_SHAPES:
+            _STORE_SUCCESS_PARTS.clear()
+        parts = _STORE_SUCCESS_PARTS[sop_class] = (head, dst + _SUCCESS_ELEM, len(head) + 10 + len(dst) + 10 + 8)
+    head, tail, size = parts
+    raw = instance.encode("ascii", "replace") if type(instance) is str else _encode_value("UI", instance)
+    n = len(raw)
+    if n % 2:
+        raw += b"\x00"
+        n += 1
+    return b"".join((_GROUP_LENGTH.pack(0, 0, 4, size + n), head, _US_ELEM.pack(0, 0x0120, 2, mid), tail, _ELEM_HDR.pack(0, 0x1000, n), raw))
 
 
 _US_KIND, _AT_KIND, _STR_KIND = 0, 1, 2

@@ -702,3 +702,5 @@ def test_success_response_is_the_general_one_byte_for_byte(mid, sop_class, insta
         assert rsp == expected
         assert (encoded if encoded is not None else dimse.encode_command(rsp)) == general
         assert (encoded is None) == (mid is None)
+        if mid is not None and instance is not None:  # the inline path's own encoder (no Command)
+            assert dimse.encode_store_success(sop_class, mid, instance) == general

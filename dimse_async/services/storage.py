@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..acse import PresentationContext
-from ..dimse import NO_DATASET, Command, CommandField, Message, encode_response_fields, response_to
+from ..dimse import (
+    NO_DATASET,
+    Command,
+    CommandField,
+    Message,
+    encode_response_fields,
+    encode_store_success,
+    response_to,
+)
 from ..filewriter import InlineWrites, group_commit, make_dirs, sync_file, write_file, write_file_inline
 from ..interface import DIMSEProvider, StoreHandler
 from ..part10 import encode_file_meta, plausible_uid, valid_uid
@@ -428,8 +436,12 @@ def _written(
         if exc is None:
             store.stored += 1
             mid, instance = cmd.message_id, cmd.affected_sop_instance_uid
-            if mid is not None and assoc.answer_encoded(  # success_response's bytes, no Command if none is needed
-                op, done, encode_response_fields(0x8001, cmd.affected_sop_class_uid, NO_DATASET, mid, 0, None, instance)
+            if (
+                mid is not None
+                and instance is not None
+                and assoc.answer_encoded(  # success_response's bytes, no Command if none is needed
+                    op, done, encode_store_success(cmd.affected_sop_class_uid, mid, instance)
+                )
             ):
                 return
             rsp, encoded = success_response(cmd)
