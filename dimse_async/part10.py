@@ -181,11 +181,16 @@ def encode_file_meta(
             _META_PARTS.clear()
         parts = _META_PARTS[key] = (head, tail)
     head, tail = parts
-    instance = _elem(0x0003, b"UI", sop_instance_uid.encode("ascii"))
-    length = len(head) + len(instance) + len(tail)
-    return b"".join((_PREAMBLE, _UL.pack(length), head, instance, tail))
+    instance = sop_instance_uid.encode("ascii")  # (_elem(0x0003, b"UI", ...) inlined: per instance)
+    n = len(instance)
+    if n % 2:
+        instance += b"\x00"
+        n += 1
+    length = len(head) + 8 + n + len(tail)
+    return b"".join((_PREAMBLE, _UL.pack(length), head, _INSTANCE_UID_HEADER(2, 3, b"UI", n), instance, tail))
 
 
 _PREAMBLE = bytes(128) + b"DICM" + struct.pack("<HH2sH", 2, 0, b"UL", 4)  # then the group length value
 _UL = struct.Struct("<I")
+_INSTANCE_UID_HEADER = struct.Struct("<HH2sH").pack  # (0002,0003) UI and its 2-byte length
 _META_PARTS: dict[tuple[str, str, str | None], tuple[bytes, bytes]] = {}

@@ -704,3 +704,31 @@ def test_success_response_is_the_general_one_byte_for_byte(mid, sop_class, insta
         assert (encoded is None) == (mid is None)
         if mid is not None and instance is not None:  # the inline path's own encoder (no Command)
             assert dimse.encode_store_success(sop_class, mid, instance) == general
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sop_class=st.text(alphabet="0123456789.", min_size=1, max_size=64),
+    instance=st.text(alphabet="0123456789.", max_size=64),
+    syntax=st.sampled_from(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50"]),
+    source=st.sampled_from([None, "", "SCU", "ODD_AE"]),
+)
+def test_file_meta_is_the_elements_encoded_one_by_one(sop_class, instance, syntax, source) -> None:
+    """encode_file_meta (the parts kept per class, syntax and source; the SOP Instance
+    UID encoded in place) gives the bytes of its elements encoded one by one (PS3.10
+    §7.1: explicit VR LE, UIDs padded with NUL to an even length)."""
+    from dimse_async import part10
+
+    elems = [
+        part10._elem(0x0001, b"OB", b"\x00\x01"),
+        part10._elem(0x0002, b"UI", sop_class.encode("ascii")),
+        part10._elem(0x0003, b"UI", instance.encode("ascii")),
+        part10._elem(0x0010, b"UI", syntax.encode("ascii")),
+        part10._elem(0x0012, b"UI", part10.IMPLEMENTATION_CLASS_UID.encode("ascii")),
+        part10._elem(0x0013, b"SH", part10.IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+        part10._elem(0x0016, b"AE", source.encode("ascii")) if source else b"",
+    ]
+    body = b"".join(elems)
+    expected = bytes(128) + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body
+    for _ in range(2):  # the parts are made, then used
+        assert encode_file_meta(sop_class, instance, syntax, source or None) == expected
