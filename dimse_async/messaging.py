@@ -631,13 +631,9 @@ class DIMSEMessaging:
             self.settings.observer.error(kind)
 
     def _on_session_event(self, event: SessionEvent) -> None:
-        # The per-message events first: a data set fragment, a request to perform, a response.
-        if isinstance(event, DataFragment):
-            if self._sink is not None:
-                self._sink.write(event.data)
-                if event.last:
-                    self._sink = None
-        elif isinstance(event, Perform):
+        # The per-message events first: a data set fragment, a request to perform, a
+        # response, a data set streamed (by type identity: the session's own classes).
+        if type(event) is Perform:
             op = event.operation
             self._received(op.message)
             self._last_request = self._last_dimse
@@ -645,15 +641,20 @@ class DIMSEMessaging:
                 self.log.debug("message received", command=op.command.name, context=op.context.id)
             if not self._start_inline(op):
                 self.spawn(self._perform(op))
+        elif type(event) is StreamStarted:
+            message = event.message
+            self._last_request = self._last_rx  # (its command set came with the read just made)
+            self._sink = message.sink = self.settings.sinks[message.command.command_field](self, message)
+        elif isinstance(event, DataFragment):
+            if self._sink is not None:
+                self._sink.write(event.data)
+                if event.last:
+                    self._sink = None
         elif isinstance(event, ResponseArrived):
             self._received(event.message)
             waiter = self._waiters.get(event.message_id)
             if waiter is not None:
                 waiter.put(event.message, event.final)
-        elif isinstance(event, StreamStarted):
-            self._last_request = self._last_rx  # (its command set came with the read just made)
-            self._sink = self.settings.sinks[event.message.command.command_field](self, event.message)
-            event.message.sink = self._sink
         elif isinstance(event, Respond):
             if event.request is not None and event.request.sink is not None:
                 event.request.sink.discard()  # refused or cancelled before it started
