@@ -382,8 +382,6 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
 _GROUP_LENGTH_HEADER = _ELEM_HDR.pack(0, 0, 4)
 _COMMAND_FIELDS = [f.name for f in dataclasses.fields(Command)]
 _ALL_FIELDS = operator.attrgetter(*_COMMAND_FIELDS)
-_MESSAGE_ID_AT = _COMMAND_FIELDS.index("message_id")
-_INSTANCE_UID_AT = _COMMAND_FIELDS.index("affected_sop_instance_uid")
 # elements up to the Message ID's value -> (bytes from after it to the SOP Instance UID's
 # length, the bytes after that UID, the other fields in Command's order)
 _STORE_RQ_SEEN: dict[bytes, tuple[bytes, bytes, tuple[Any, ...]]] = {}
@@ -396,13 +394,29 @@ def _store_rq_of_shape(raw: bytes, at: int, shape: tuple[bytes, bytes, tuple[Any
     if not raw.startswith(middle, at + 2):
         return None
     start = at + 6 + len(middle)  # the SOP Instance UID's value
-    stop = start + int.from_bytes(raw[start - 4 : start], "little")
+    if start > len(raw):
+        return None  # cut inside the UID's length: the general decoder says how
+    stop = start + _UL_AT(raw, start - 4)[0]
     if stop + len(tail) != len(raw) or not raw.endswith(tail):
         return None
-    args = list(fields)
-    args[_MESSAGE_ID_AT] = raw[at] | raw[at + 1] << 8
-    args[_INSTANCE_UID_AT] = raw[start:stop].decode("ascii", "replace").rstrip("\x00 ").lstrip(" ")
-    return Command(*args)
+    # Command(*fields) with the two values replaced, made without its __init__ (a frame
+    # of 24 locals): every field set here, in Command's order (_COMMAND_FIELDS).
+    cmd = _new(Command)
+    (
+        cmd.command_field, cmd.message_id, cmd.message_id_being_responded_to, cmd.affected_sop_class_uid,
+        cmd.requested_sop_class_uid, cmd.affected_sop_instance_uid, cmd.requested_sop_instance_uid,
+        cmd.data_set_type, cmd.status, cmd.priority, cmd.move_destination, cmd.offending_element,
+        cmd.error_comment, cmd.error_id, cmd.event_type_id, cmd.attribute_identifier_list, cmd.action_type_id,
+        cmd.remaining, cmd.completed, cmd.failed, cmd.warning, cmd.move_originator_ae,
+        cmd.move_originator_message_id,
+    ) = fields  # fmt: skip
+    cmd.message_id = raw[at] | raw[at + 1] << 8
+    cmd.affected_sop_instance_uid = raw[start:stop].decode("ascii", "replace").rstrip("\x00 ").lstrip(" ")
+    return cmd
+
+
+_new = object.__new__
+_UL_AT = struct.Struct("<I").unpack_from
 
 
 def _decode_elements(raw: bytes) -> Command:

@@ -1105,3 +1105,48 @@ def test_echo_requests_seen_before_decode_to_commands_of_their_own():
     for i in range(dimse._ECHO_RQ_KEPT + 10):
         assert decode_command(encode_command(Command(CommandField.C_ECHO_RQ, message_id=i))).message_id == i
     assert len(dimse._ECHO_RQ_SEEN) <= dimse._ECHO_RQ_KEPT
+
+
+def test_store_request_of_a_shape_sets_every_field_in_commands_order():
+    """A C-STORE-RQ of a shape seen is made without Command's __init__: each field gets
+    the shape's value at that field's position in Command (the Message ID and SOP
+    Instance UID from the bytes), none left unset."""
+    import dataclasses
+
+    from dimse_async import dimse
+
+    rq = Command(CommandField.C_STORE_RQ, message_id=7, affected_sop_class_uid=CT_IMAGE,
+                 affected_sop_instance_uid="1.2.3", priority=0, data_set_type=0)  # fmt: skip
+    raw = encode_command(rq)
+    assert decode_command(raw) == rq  # decoded in full: its shape kept
+    at = 38 + (raw[16] | raw[17] << 8)
+    middle, tail, fields = dimse._STORE_RQ_SEEN[raw[12:at]]
+    marks = tuple(object() for _ in fields)
+    cmd = dimse._store_rq_of_shape(raw, at, (middle, tail, marks))
+    assert cmd is not None
+    for i, field in enumerate(dataclasses.fields(Command)):
+        if field.name not in ("message_id", "affected_sop_instance_uid"):
+            assert getattr(cmd, field.name) is marks[i], field.name
+    assert cmd.message_id == 7 and cmd.affected_sop_instance_uid == "1.2.3"
+
+
+def test_store_request_of_a_shape_seen_cut_anywhere_is_a_protocol_violation():
+    """A C-STORE-RQ whose bytes begin like a shape seen but end anywhere (inside the SOP
+    Instance UID's length too) is decoded as the element-by-element decoder does: the
+    same command, or a DIMSEError, never another error."""
+    from dimse_async import dimse
+
+    rq = Command(CommandField.C_STORE_RQ, message_id=9, affected_sop_class_uid=CT_IMAGE,
+                 affected_sop_instance_uid="1.2.840.99.7", priority=0, data_set_type=0)  # fmt: skip
+    raw = encode_command(rq)
+    assert decode_command(raw) == rq  # its shape kept
+    for cut in range(41, len(raw)):
+        try:
+            expected: Command | None = dimse._decode_elements(raw[:cut])
+        except DIMSEError:
+            expected = None
+        if expected is None:
+            with pytest.raises(DIMSEError):
+                decode_command(raw[:cut])
+        else:
+            assert decode_command(raw[:cut]) == expected
