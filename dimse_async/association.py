@@ -162,6 +162,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         # The transport asks the PDU reader itself where to receive (once per read: no
         # calls through this object and the upper layer; the reader is the core's for good).
         self.get_buffer = self.fsm.reader.get_buffer  # type: ignore[method-assign]
+        self.fsm.reader.hold = True  # a message's next PDU goes to the rest of its buffer (see _on_pdata)
         self._init_messaging()
 
     @property

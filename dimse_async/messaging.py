@@ -617,6 +617,10 @@ class DIMSEMessaging:
         if current != self._message_mark:
             self._message_mark = current
             self._message_start = self._last_rx if current else None
+        if not current:  # between messages: a buffer the reader kept for the rest of one goes (PDUReader.hold)
+            reader = self.fsm.reader
+            if reader.end and reader.end == reader.start:
+                reader.let_go()
 
     def _received(self, msg: Message) -> None:
         """A complete request or response arrived: accounting and observers."""

@@ -662,7 +662,7 @@ class PDUReader:
     its bytes (``AssociateRQ.raw``).
     """
 
-    __slots__ = ("_buf", "start", "end", "_last", "max_pdata_length", "hard_limit", "pool", "decode_rq")
+    __slots__ = ("_buf", "start", "end", "hold", "_last", "max_pdata_length", "hard_limit", "pool", "decode_rq")
 
     def __init__(
         self,
@@ -678,6 +678,12 @@ class PDUReader:
         #: state machine after each read, without a call; written here only).
         self.start = 0
         self.end = 0
+        #: Set by an owner that lets the buffer go itself (:meth:`let_go`) once no
+        #: message is under way: a P-DATA-TF read to the buffer's end, other than a data
+        #: set's last fragment, keeps the buffer, and the bytes that follow (its
+        #: message's next PDU) go to its rest, no pool round trip. ``False``: a buffer
+        #: read completely is let go at once.
+        self.hold = False
         self._last = 0  # length of the last PDU taken (sizes the next fresh buffer)
         self.max_pdata_length = max_pdata_length
         self.hard_limit = hard_limit
@@ -722,6 +728,14 @@ class PDUReader:
         end = self.end = self.end + nbytes
         return end - self.start
 
+    def let_go(self) -> None:
+        """Let the buffer go if every byte received was taken (see :attr:`hold`)."""
+        end = self.end
+        if end and end == self.start:
+            if self.pool is not None:
+                self.pool.put(self._buf)
+            self._buf, self.start, self.end = bytearray(), 0, 0
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the buffer (for callers that do not receive in place)."""
         view = memoryview(data).cast("B")
@@ -753,7 +767,9 @@ class PDUReader:
         if avail < total:
             return None
         self._last = total
-        if avail == total:  # all read: let the buffer go with the views into it
+        # All read: let the buffer go with the views into it (held: not after a command
+        # set or a fragment not the last, message control header bits 0 and 1, PS3.8 E.2).
+        if avail == total and not (self.hold and pdu_type == _P_DATA_TF and length >= 6 and buf[start + 11] & 3 != 2):
             if self.pool is not None:
                 self.pool.put(buf)
             self._buf, self.start, self.end = bytearray(), 0, 0

@@ -1539,3 +1539,45 @@ def test_property_reader_pdata_same_as_general_decoder(body):
     assert got == _pdata_outcome(lambda: decode_pdu(0x04, body))
     if not isinstance(got, tuple):
         assert reader.buffered == 0 and reader.next_pdu() is None
+
+
+def test_a_holding_reader_keeps_its_buffer_within_a_message_only():
+    """``hold``: after a command set or a fragment not the last, a buffer read to its end
+    is kept and the next PDU goes to its rest (the views handed out stay intact); after
+    a data set's last fragment it is let go, as by a reader that does not hold;
+    ``let_go`` lets it go only at a PDU boundary."""
+    reader = PDUReader(0, pool=BufferPool())
+    reader.hold = True
+
+    def receive(pdu: bytes) -> PDataTF:
+        room = reader.get_buffer(-1)
+        room[: len(pdu)] = pdu
+        reader.buffer_updated(len(pdu))
+        got = reader.next_pdu()
+        assert isinstance(got, PDataTF)
+        return got
+
+    command = receive(PDataTF([PDV(1, True, True, b"c" * 10)]).encode())
+    buf = reader._buf
+    assert buf and reader.start == reader.end
+    middle = receive(PDataTF([PDV(1, False, False, b"d" * 100)]).encode())
+    assert reader._buf is buf and reader.start == reader.end
+    last = receive(PDataTF([PDV(1, False, True, b"e" * 50)]).encode())
+    assert reader._buf == bytearray() and reader.end == 0
+    assert bytes(command.pdvs[0].data) == b"c" * 10 and bytes(middle.pdvs[0].data) == b"d" * 100
+    assert bytes(last.pdvs[0].data) == b"e" * 50
+    receive(PDataTF([PDV(1, True, True, b"c" * 10)]).encode())
+    partial = PDataTF([PDV(1, False, True, b"f" * 20)]).encode()
+    room = reader.get_buffer(-1)
+    room[:10] = partial[:10]
+    reader.buffer_updated(10)
+    assert reader.next_pdu() is None
+    reader.let_go()  # not at a boundary: kept
+    assert reader.end - reader.start == 10
+    room = reader.get_buffer(-1)
+    room[: len(partial) - 10] = partial[10:]
+    reader.buffer_updated(len(partial) - 10)
+    assert isinstance(reader.next_pdu(), PDataTF) and reader._buf == bytearray()
+    receive(PDataTF([PDV(1, True, True, b"c" * 10)]).encode())
+    reader.let_go()
+    assert reader._buf == bytearray() and reader.end == 0

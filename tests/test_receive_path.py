@@ -672,3 +672,53 @@ async def test_spool_pauses_and_resumes_reading_through_its_flow(tmp_path, monke
     spool.discard()
     assert spool.writer is not None
     await spool.writer.submit(lambda: None)
+
+
+async def test_a_messages_pdus_share_a_receive_buffer_and_none_is_held_between_messages(tmp_path):
+    """Within a message the reader keeps its buffer at a PDU boundary: the message's next
+    PDU goes to its rest, no buffer taken from the pool (after a command set and after
+    a fragment that is not the last, PS3.8 E.2). Between messages (after a C-STORE's last
+    fragment, after a C-ECHO) the association holds no receive buffer."""
+    from rawpeer import ct_dataset, echo_rq, pdata, store_rq
+
+    ae = storage_scp()
+    ae.on_c_store(DirectoryStore(tmp_path))
+    server = await ae.start_server("127.0.0.1", 0)
+
+    async def until(condition: Any) -> None:
+        for _ in range(1000):  # bounded: the server reads what was sent within 10 s
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the server did not read what was sent")
+
+    try:
+        peer = await RawPeer.connect(server.port)
+        await peer.associate(rq_bytes(called="SCP"))
+        [assoc] = list(server.associations)
+        reader = assoc.fsm.reader
+        for message_id in (1, 2):
+            cmd, data = store_rq(ct_dataset(), ctx=3, message_id=message_id)
+            await peer.send(pdata(3, cmd, command=True))
+            await until(lambda: assoc.session.assembler.current)
+            buf, taken = reader._buf, RECEIVE_BUFFERS.reused + RECEIVE_BUFFERS.allocated
+            assert buf and reader.end == reader.start  # kept at the boundary: its data set follows
+            half = len(data) // 2
+            await peer.send(pdata(3, data[:half], command=False, last=False))
+            await until(lambda: assoc.session.assembler.received == half)  # noqa: B023
+            assert reader._buf is buf and reader.end == reader.start
+            await peer.send(pdata(3, data[half:], command=False, last=True))
+            rsp = await peer.read_pdu()
+            assert rsp is not None and response_status(rsp) == (0x8001, 0)
+            assert RECEIVE_BUFFERS.reused + RECEIVE_BUFFERS.allocated == taken  # in the same buffer
+            assert reader._buf == bytearray() and reader.end == 0  # between messages: none held
+            await peer.send(echo_rq(message_id=10 + message_id, ctx=1))
+            rsp = await peer.read_pdu()
+            assert rsp is not None and response_status(rsp) == (0x8030, 0)
+            assert reader._buf == bytearray() and reader.end == 0
+        await peer.release()
+        await peer.close()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=1), 10)
+    assert len(list(tmp_path.rglob("*.dcm"))) == 2
