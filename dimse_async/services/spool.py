@@ -173,7 +173,7 @@ class Spool:
         "_fd",
         "writer",
         "inline",
-        "_spilling",
+        "in_memory",
         "_queued",
         "_written",
         "_idle",
@@ -213,7 +213,10 @@ class Spool:
         self.writer = writer
         #: When pieces may be written on the loop (None: always in the writer thread).
         self.inline = inline
-        self._spilling = False  # past the threshold: bytes go to the file
+        #: Everything received is in memory, no file work pending (:meth:`finish` has
+        #: nothing to do); ``False`` once past the threshold: bytes go to the file. (An
+        #: attribute, not a property: read per instance by the C-STORE service.)
+        self.in_memory = True
         # Bytes handed to write jobs (counted on the loop only) and written by them
         # (counted in the writer thread only): their difference waits for the disk.
         self._queued = 0
@@ -254,10 +257,10 @@ class Spool:
             return  # failed or refused: count, drop, and answer with a failure status
         self._chunks.append(data)
         self._pending += n
-        if not self._spilling:
+        if self.in_memory:
             if self._pending <= self.threshold:
                 return
-            self._spilling = True
+            self.in_memory = False
         pending = self._pending
         inline = self.inline
         if (
@@ -410,7 +413,7 @@ class Spool:
     async def finish(self, sync: bool = False) -> None:
         """Wait until every byte received is in memory or on disk; close the file
         (after an ``fsync`` when ``sync``)."""
-        if self._spilling and self.error is None and not self._discarded:
+        if not self.in_memory and self.error is None and not self._discarded:
             if self._pending:
                 self._submit()
             if self._queued != self._written:
@@ -436,11 +439,6 @@ class Spool:
     def discarded(self) -> bool:
         """Dropped (:meth:`discard`): what it held is gone, nothing may be saved from it."""
         return self._discarded
-
-    @property
-    def in_memory(self) -> bool:
-        """Everything received is in memory, no file work pending (:meth:`finish` has nothing to do)."""
-        return not self._spilling
 
     def chunks(self) -> list[bytes | memoryview]:
         """The in-memory part (header + data set) as received, without copying."""
