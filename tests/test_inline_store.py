@@ -421,3 +421,24 @@ async def test_success_answered_without_a_command_is_sent_and_counted_as_with_on
         assert pdu == encode_pdata(context, encode_command(response(rq, Status(0))), True, 0)
     assert assoc.oplog.operations == {"C-STORE": 5} and assoc.oplog.summary(0.0)["ops"] == "C-STORE:5"
     assert "unfinished" not in assoc.oplog.summary(0.0)
+
+
+def test_done_counts_an_unwatched_write_as_took_does(monkeypatch):
+    """InlineWrites.done counts a fast write that is not watched in place (took()
+    inlined): the same average, counts, back-offs and pause as took() of its duration."""
+    from dimse_async import filewriter
+
+    clock = [1024.0]
+    monkeypatch.setattr(filewriter.time, "perf_counter", lambda: clock[0])
+    timed, told = filewriter.InlineWrites(slow=0.004, stall=0.0008), filewriter.InlineWrites(slow=0.004, stall=0.0008)
+    for ticks in [100, 900, 300, 850, 200, 900, 100] * 3:
+        seconds = ticks * 2.0**-20  # (exact sums on the clock: the same float either way)
+        mark = timed.start()
+        assert mark[1] is None  # not watched: never slower than slow / 4 here
+        clock[0] += seconds
+        timed.done(mark)
+        told.took(seconds)
+        assert (timed._avg, timed.writes, timed.pauses, bool(timed._until), timed._pause) == (
+            told._avg, told.writes, told.pauses, bool(told._until), told._pause,
+        )  # fmt: skip
+    assert timed.pauses and timed.writes == 21
