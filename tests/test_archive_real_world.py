@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,8 @@ async def test_retrieve_without_upper_unique_keys_is_refused_unless_relational_r
     """PS3.4 C.4.2.2.1 / C.4.3.2.1: a hierarchical C-GET names the unique key of every
     level above its own. Without them: 0xA900 with the missing key as Offending
     Element. With relational retrieval negotiated (SOP Class Extended Negotiation,
-    C.5.3.1.1) the same requests retrieve the instance."""
+    C.5.3.1.1) the same requests retrieve the instance. ``relational_retrieve = false``
+    (the strict hierarchy; the default serves them, see the next test)."""
     ds = ct(PatientID="P1")
     sop, study, series = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     requests = [
@@ -251,7 +253,7 @@ async def test_retrieve_without_upper_unique_keys_is_refused_unless_relational_r
         ("patient", identifier(QueryRetrieveLevel="SERIES", PatientID="P1", StudyInstanceUID=study,
                                SeriesInstanceUID=series)),
     ]  # fmt: skip
-    async with running_serve(tmp_path / "arch") as serve:
+    async with running_serve(tmp_path / "arch", relational_retrieve=False) as serve:
 
         def scenario() -> None:
             hierarchical = Pynet(serve.port)
@@ -272,6 +274,45 @@ async def test_retrieve_without_upper_unique_keys_is_refused_unless_relational_r
                 relational.close()
 
         await asyncio.to_thread(scenario)
+
+
+async def test_retrieve_without_upper_unique_keys_is_served_by_default(tmp_path: Path) -> None:
+    """By default (``relational_retrieve = true``, as Orthanc and dcm4chee-arc) a retrieve
+    lacking an upper level's unique key is served by the keys it names: DCMTK ``getscu``
+    in its default Patient Root model by Study Instance UID alone, pynetdicom at IMAGE
+    level by SOP Instance UID alone, neither negotiating relational retrieval."""
+    ds = ct(PatientID="P7")
+    sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+    async with running_serve(tmp_path / "arch") as serve:
+
+        def scenario() -> None:
+            peer = Pynet(serve.port)
+            try:
+                assert peer.store(ds) == 0
+                image = identifier(QueryRetrieveLevel="IMAGE", SOPInstanceUID=sop)
+                assert peer.get(image, "study") == (0, [])
+                assert [str(d.SOPInstanceUID) for d in peer.received] == [sop]
+            finally:
+                peer.close()
+
+        await asyncio.to_thread(scenario)
+        out = tmp_path / "got"
+        out.mkdir()
+        args = ["/usr/bin/getscu", "-aec", "ARCHIVE", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                "-k", f"StudyInstanceUID={study}", HOST, str(serve.port)]  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            *args, env={**os.environ, "TCP_NODELAY": "1"}, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            text, _ = await asyncio.wait_for(proc.communicate(), 60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, text.decode(errors="replace")
+        got = list(out.iterdir())
+        assert len(got) == 1 and str(pydicom.dcmread(got[0]).SOPInstanceUID) == sop, text.decode(errors="replace")
 
 
 # --------------------------------------------------------------------------- patients without an ID

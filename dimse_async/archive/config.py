@@ -50,9 +50,10 @@ Example::
     query_max_matches = 50000                 # a C-FIND (archive or worklist) stops with 0xA700
     query_time_budget = 60                    #   past this many matches or seconds
     retrieve_max_instances = 100000           # a C-GET / C-MOVE of more is refused 0xA702
-    relational_retrieve = false               # true: a C-GET / C-MOVE without the unique keys
-                                              #   of the levels above is served as if relational
-                                              #   retrieval were negotiated (else 0xA900)
+    relational_retrieve = true                # a C-GET / C-MOVE without the unique keys of the
+                                              #   levels above is served by the keys it names;
+                                              #   false: refused 0xA900 unless relational
+                                              #   retrieval was negotiated (strict hierarchy)
     max_move_associations = 8                 # C-MOVE sub-associations open at once to one
                                               #   destination; more C-MOVEs wait their turn
                                               #   (Pending every 5 s); per worker process
@@ -198,9 +199,11 @@ class ServeConfig:
     #: A hierarchical C-GET / C-MOVE names the unique key of every level above its own
     #: (PS3.4 C.4.2.2.1, C.4.3.2.1), else it is refused 0xA900 naming the missing key,
     #: unless the requestor negotiated relational retrieval (C.5.2.1.1, C.5.3.1.1).
-    #: ``True`` serves such requests anyway (an IMAGE level retrieve by SOP Instance UIDs
-    #: alone, as many SCUs send without negotiating it; dcm4che's "relational-lenient").
-    relational_retrieve: bool = False
+    #: ``True`` (the default) serves such requests anyway, as Orthanc and dcm4chee-arc do:
+    #: many SCUs send them without negotiating relational retrieval (DCMTK ``getscu`` /
+    #: ``movescu`` in their default Patient Root model by Study Instance UID alone, an
+    #: IMAGE level retrieve by SOP Instance UIDs alone). ``False``: the strict hierarchy.
+    relational_retrieve: bool = True
     #: C-MOVE sub-associations open at once to one destination (per process: with
     #: ``workers`` N, each worker's, N times this in all), over all C-MOVEs: more C-MOVEs
     #: to it wait their turn, sent a Pending response every 5 s (a C-CANCEL ends the

@@ -54,9 +54,10 @@ log = get_logger()
 class QueryMixin(IndexDB):
     """Querying and retrieving (see the module)."""
 
-    #: C-GET / C-MOVE requests are served as relational retrievals even where the
-    #: requestor did not negotiate it (``serve``'s ``relational_retrieve``).
-    relational_retrieve: bool = False
+    #: C-GET / C-MOVE requests lacking the unique key of a level above their own are
+    #: served by the keys they name even where the requestor did not negotiate
+    #: relational retrieval (``serve``'s ``relational_retrieve``).
+    relational_retrieve: bool = True
 
     def _query(self, model: str, identifier: Dataset, relational: bool = False) -> list[Dataset]:
         query = _PagedQuery(model, identifier, relational)
@@ -292,11 +293,13 @@ class QueryMixin(IndexDB):
         owner: object | None = None,
         announce: bool = False,
         relational: bool = False,
+        lenient: bool = False,
     ) -> AsyncIterator[str | Unavailable | Matches]:
         """What a C-GET / C-MOVE sends: each matching instance's file, or
         :class:`Unavailable` when the file is gone or not the size it was stored at
         (``relational``: relational retrieval was negotiated, C.4.2.2.1: the unique
-        keys of the levels above may be left out);
+        keys of the levels above may be left out; ``lenient``: they may be left out
+        without it, the keys given keeping their hierarchical meaning);
         read a page at a time, holding nothing of the index between pages. With
         ``announce`` first a :class:`~dimse_async.services.qr.Matches` (their number and
         kinds), so the SCP sends them as they come (nothing collected first).
@@ -306,7 +309,7 @@ class QueryMixin(IndexDB):
         sub-operations (PS3.4 C.4.2.1.5 for C-MOVE, C.4.3.1.3 for C-GET), before any
         sub-operation; a count not done within :attr:`query_time_budget` with 0xA701,
         Refused: Out of Resources - Unable to calculate number of matches."""
-        where = _retrieve_where(model_name(model_uid), identifier, relational)
+        where = _retrieve_where(model_name(model_uid), identifier, relational, lenient)
         started = time.monotonic()
         deadline = started + self.query_time_budget
         try:
@@ -365,9 +368,13 @@ class QueryMixin(IndexDB):
     async def on_retrieve(self, request: QueryRequest) -> AsyncIterator[str | Unavailable | Matches]:
         """C-GET / C-MOVE: the number of instances and their kinds first (counted in
         SQL), then each page of instances as the sub-operations take them."""
-        relational = self.relational_retrieve or _negotiated_relational(request)
         items = self.retrieve_iter(
-            request.model, request.identifier, owner=request.assoc, announce=True, relational=relational
+            request.model,
+            request.identifier,
+            owner=request.assoc,
+            announce=True,
+            relational=_negotiated_relational(request),
+            lenient=self.relational_retrieve,
         )
         async for item in items:
             yield item
@@ -411,11 +418,13 @@ _TEXT_VRS = frozenset(
 )
 
 
-def _retrieve_where(model: str, identifier: Dataset, relational: bool = False) -> _RetrieveWhere:
+def _retrieve_where(model: str, identifier: Dataset, relational: bool = False, lenient: bool = False) -> _RetrieveWhere:
     """The SQL condition selecting a C-GET / C-MOVE's instances: 0xA900 without the
     unique key of the retrieve level (C.4.2.2.1), without the unique key of each level
     above it unless relational retrieval was negotiated (``relational``; C.4.2.2.1,
-    C.4.3.2.1 hierarchical retrieve: :func:`.check_hierarchy`), or with a unique key of
+    C.4.3.2.1 hierarchical retrieve: :func:`.check_hierarchy`) or ``lenient`` (served by
+    the keys given, a Patient ID without a value still naming the patients without
+    one), or with a unique key of
     a level below it (a STUDY retrieve sends the whole study: C.4.2.1.4.1, C.4.3.1.3.1
     allow the keys of the retrieve level and above; it was taken to narrow the study),
     the key as Offending Element (0000,0901, PS3.4 C.4.2.1.5, C.4.3.1.4)."""
@@ -427,7 +436,8 @@ def _retrieve_where(model: str, identifier: Dataset, relational: bool = False) -
     where: list[str] = []
     args: list[Any] = []
     if not relational:
-        check_hierarchy(model, level, identifier, "retrieve")
+        if not lenient:
+            check_hierarchy(model, level, identifier, "retrieve")
         if "PatientID" in HIERARCHY_ABOVE[model][level] and no_patient_id(identifier):
             where.append("p.patient_id = ''")  # the patients without an ID (see no_patient_id)
     pieces: list[list[str]] = []
