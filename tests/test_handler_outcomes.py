@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import communicate, dcmtk
+from normalized_helpers import park
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -119,6 +120,7 @@ def pynetdicom_session(port: int, operations: list[str]) -> list[tuple[list[int 
     try:
         for operation in operations:
             statuses: list[int | None] = []
+            park(assoc)  # else its reactor may take our response off the queue (see park)
             if operation == "echo":
                 statuses.append(assoc.send_c_echo().get("Status"))
             elif operation == "store":
@@ -376,6 +378,7 @@ async def test_extended_negotiation_callbacks_that_fail_decline_their_items(
         if not assoc.is_established:
             return False, [], None
         replies = [i for i in assoc.acceptor.user_information if isinstance(i, SOPClassExtendedNegotiation)]
+        park(assoc)
         status = assoc.send_c_echo().get("Status")
         assoc.release()
         return True, replies, status
