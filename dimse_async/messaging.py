@@ -65,8 +65,12 @@ HIGH_WATER = 4 * WRITE_BATCH  # a transport holding more pauses its senders
 SHED_AFTER = 0.05
 JOIN_BELOW = 64 << 10  # a message smaller than this is joined into one buffer (one write)
 #: Requests the peer sent beyond the negotiated window (PS3.7 D.3.3.3) held back while
-#: reading goes on because requests of ours await their responses; past it reading pauses.
-MAX_HELD_AWAITING = 16
+#: reading goes on because requests of ours await their responses (a C-GET's C-STORE
+#: sub-operations); past either bound reading pauses. Their data sets (identifiers in
+#: memory, C-STOREs spooled) are bounded by bytes: at most this much, plus the request
+#: that crossed it.
+MAX_HELD_AWAITING = 8
+MAX_HELD_BYTES_AWAITING = 1 << 20
 #: The session of every association not negotiated yet, shared: with no accepted context
 #: it is only read (idle, no operation, no request); P-DATA reaches a session only once
 #: the association is established, with a session of its own.
@@ -563,7 +567,7 @@ class DIMSEMessaging:
     def begin_request(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue:
         """Give ``command`` a message id and a queue for its responses (not sent yet)."""
         self._check_can_send()
-        if "window" in self._pause_reasons and self.session.held <= MAX_HELD_AWAITING:
+        if "window" in self._pause_reasons and not self._held_past_budget():
             self.resume_reading("window")  # its response must be read (see _on_session_event)
         mid = self.session.start_request(context, command, multi=multi)
         waiter = self._waiters[mid] = ResponseQueue(self, mid, command.name)
@@ -667,8 +671,7 @@ class DIMSEMessaging:
             # Not when the held-back requests already ran (answered inline); nor, for a few,
             # while requests of ours await responses (a C-GET's C-STORE sub-operations:
             # unread, they would hold the operation, and so every held-back one, for good).
-            held = self.session.held
-            if held and (not self._waiters or held > MAX_HELD_AWAITING):
+            if self.session.held and (not self._waiters or self._held_past_budget()):
                 self.pause_reading("window")
         elif isinstance(event, ResumeReading):
             self.resume_reading("window")
@@ -677,6 +680,12 @@ class DIMSEMessaging:
                 self.log.debug("C-CANCEL received", message_id=event.operation.message_id)
             if event.operation.on_cancel is not None:
                 event.operation.on_cancel()
+
+    def _held_past_budget(self) -> bool:
+        """The peer's requests held back are past what we read on for (see
+        :data:`MAX_HELD_AWAITING`)."""
+        session = self.session
+        return session.held > MAX_HELD_AWAITING or session.held_bytes > MAX_HELD_BYTES_AWAITING
 
     def _start_inline(self, op: Operation) -> bool:
         """Let a service with a ``start(assoc, op, done)`` run ``op`` as callbacks

@@ -104,6 +104,9 @@ class Operation:
     #: Set by a handler that can end at once with a final response (a C-GET / C-MOVE);
     #: awaited by a server shutting down before it aborts the association.
     on_stop: Callable[[], Awaitable[None]] | None = None
+    #: Data set bytes received with the request, counted when it is held back (in
+    #: memory, or a spool's: the adapter bounds what the requests held back hold).
+    size: int = 0
 
     @property
     def command(self) -> Command:
@@ -279,6 +282,11 @@ class Session:
         """Requests of the peer's held back until a slot in the window frees."""
         return len(self._held)
 
+    @property
+    def held_bytes(self) -> int:
+        """Data set bytes received with the requests held back."""
+        return sum(op.size for op in self._held)
+
     def operations(self) -> list[Operation]:
         """The peer's requests being performed or held back."""
         return [*self._performing.values(), *self._held]
@@ -427,6 +435,8 @@ class Session:
                 perform.operation = op
                 out.append(perform)
             else:  # the peer exceeded the negotiated window: hold it (the adapter judges reading)
+                if cmd.data_set_type != NO_DATASET:
+                    op.size = self.assembler.received
                 self._held.append(op)
                 out.append(_PAUSE)
 

@@ -114,3 +114,93 @@ async def test_requests_beyond_the_window_during_a_c_get_leave_its_sub_operation
             await peer.release()
         finally:
             await peer.close()
+
+
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+HELD_IDENTIFIER = 900_000  # bytes: each held C-FIND-RQ's identifier, under max_request_dataset (1 MiB)
+HELD_REQUESTS = 16  # beyond the window, sent while a sub-operation awaits its response
+
+
+def big_identifier(size: int) -> bytes:
+    """A C-FIND identifier (Implicit VR Little Endian) of ``size`` bytes: the level and a
+    long Patient Comments (0010,4000), written directly (the SCP holds it unparsed)."""
+    level = struct.pack("<HHI", 0x0008, 0x0052, 6) + b"STUDY "
+    rest = size - len(level) - 8
+    return level + struct.pack("<HHI", 0x0010, 0x4000, rest) + b"x" * rest
+
+
+def held_bytes(assoc: da.Association) -> int:
+    """The data set bytes of the peer's requests the SCP holds back (read, not started)."""
+    session = assoc.session
+    held = session.operations()[len(session.operations()) - session.held :]
+    return sum(len(op.message.dataset or b"") for op in held)
+
+
+async def test_requests_held_during_a_c_get_are_bounded_in_bytes() -> None:
+    """While a C-GET's sub-operation awaits its response, a peer sends sixteen C-FIND-RQs
+    with 900 KB identifiers beyond the window of 1 and answers nothing: the SCP reads on
+    only within a small budget (1 MiB of held data sets, 8 requests) and then stops
+    reading, so it holds at most the budget, the request that crossed it and those that
+    came in the same read (up to 4 MiB): 2.7 MB here; before, it read on for up to 16
+    held requests (16 x 900 KB = 14.4 MB here; 16 x 4 MiB with spooled C-STOREs)."""
+    ae = da.AE("SCP", dimse_timeout=DIMSE_TIMEOUT)
+    ae.add_supported_context(CT_IMAGE_STORAGE, scu_role=True, scp_role=True)
+    ae.add_supported_context(STUDY_GET)
+    ae.add_supported_context(STUDY_FIND)
+    associations: list[da.Association] = []
+    ae.on_association("accepted")(associations.append)
+
+    @ae.on_c_get
+    async def get(request: da.QueryRequest) -> AsyncIterator[Dataset]:
+        yield ct_dataset()
+
+    @ae.on_c_find
+    async def find(request: da.QueryRequest) -> AsyncIterator[Dataset]:
+        return
+        yield
+
+    specs = [
+        ContextSpec(CT_IMAGE_STORAGE, [EXPLICIT_LE], scu_role=True, scp_role=True),
+        ContextSpec(STUDY_GET, [IMPLICIT_LE]),
+        ContextSpec(STUDY_FIND, [IMPLICIT_LE]),
+    ]
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.3"
+    get_rq = Command(CommandField.C_GET_RQ, message_id=1, affected_sop_class_uid=STUDY_GET, priority=0, data_set_type=0)
+    identifier = big_identifier(HELD_IDENTIFIER)
+    finds = b""
+    for i in range(HELD_REQUESTS):
+        find_rq = Command(
+            CommandField.C_FIND_RQ, message_id=2 + i, affected_sop_class_uid=STUDY_FIND, priority=0, data_set_type=0
+        )
+        finds += pdata(5, encode_command(find_rq), command=True)
+        for at in range(0, len(identifier), 200_000):
+            finds += pdata(5, identifier[at : at + 200_000], command=False, last=at + 200_000 >= len(identifier))
+    server = await ae.start_server("127.0.0.1", 0)
+    peer = await RawPeer.connect(server.port)
+    try:
+        await peer.associate(build_request("SCP", "RAW", specs, max_pdu=65536).encode())
+        await peer.send(
+            pdata(3, encode_command(get_rq), command=True) + pdata(3, encode_dataset(query, IMPLICIT_LE), command=False)
+        )
+        pdu = await peer.read_pdu()  # the sub-operation's C-STORE-RQ: the SCP now awaits its response
+        assert pdu is not None and (cmd := command_of(pdu)) is not None and cmd.command_field == CommandField.C_STORE_RQ
+        peer.writer.write(finds)  # not drained: the SCP may stop reading
+        # What the SCP holds once it has stopped reading or has read everything (the
+        # C-GET cannot go on: its sub-operation is not answered).
+        (assoc,) = associations
+        seen, steady_since = -1, time.monotonic()
+        deadline = time.monotonic() + 20
+        while time.monotonic() - steady_since < 0.5 and time.monotonic() < deadline:
+            now = held_bytes(assoc)
+            if now != seen:
+                seen, steady_since = now, time.monotonic()
+            await asyncio.sleep(0.02)
+        assert assoc.session.held >= 1, "no request was held back"
+        bound = (1 << 20) + HELD_IDENTIFIER + (4 << 20)  # budget, the one crossing it, one read
+        assert seen <= bound, f"{seen} bytes held for {assoc.session.held} requests"
+    finally:
+        peer.writer.transport.abort()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=2), 10)
