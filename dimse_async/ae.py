@@ -492,7 +492,10 @@ class AE(HandlerRegistry):
         identity = rq.user_info.identity_rq
         if identity is not None and self._authenticator is not None:
             try:
-                ok, response = await asyncio.wait_for(self._authenticator(identity, assoc), self.acse_timeout)
+                verdict: Any = self._authenticator(identity, assoc)
+                if hasattr(verdict, "__await__"):  # an async def's; a plain def's result is the verdict
+                    verdict = await asyncio.wait_for(verdict, self.acse_timeout)
+                ok, response = verdict
             except (Exception, asyncio.CancelledError) as exc:  # the hook failed: a refusal, say why (limited per address)
                 task = asyncio.current_task()
                 if isinstance(exc, asyncio.CancelledError) and (task is None or task.cancelling()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -34,6 +35,41 @@ _SERVICE_NAMES = {
 }
 
 
+_STREAMING = frozenset({CommandField.C_FIND_RQ, CommandField.C_GET_RQ, CommandField.C_MOVE_RQ})
+
+
+def _service_name(field: int) -> str:
+    return CommandField(field).name.replace("_", "-")[:-3]
+
+
+def checked_handler(field: int, handler: Any) -> Any:
+    """``handler`` if it can serve ``field``'s requests, else a ``TypeError`` naming it
+    and the service, at registration instead of a failure status for each request.
+
+    C-FIND / C-GET / C-MOVE handlers yield their matches or instances: an ``async def``
+    with ``yield`` (or a plain function returning an async iterator). C-ECHO, C-STORE and
+    DIMSE-N handlers return their outcome: an ``async def``, or a plain ``def`` (called
+    on the event loop; its return value is the outcome). A plain generator function
+    (``def`` with ``yield``, as written for pynetdicom) serves neither."""
+    name = _service_name(field)
+    if not callable(handler):
+        raise TypeError(f"{name} handler {handler!r} is not callable")
+    target = handler.func if isinstance(handler, functools.partial) else handler
+    if not inspect.isfunction(target) and not inspect.ismethod(target):
+        target = type(target).__call__.__get__(target)  # a callable object: its method
+    label = getattr(target, "__qualname__", None) or repr(handler)
+    if inspect.isgeneratorfunction(target):
+        kind = "an async generator (async def ... yield)" if field in _STREAMING else "async def or def returning a status"
+        raise TypeError(f"{name} handler {label} is a plain generator function (def ... yield): write it as {kind}")
+    if field in _STREAMING and inspect.iscoroutinefunction(target):
+        raise TypeError(
+            f"{name} handler {label} is an async def without yield: write it as an async generator (async def ... yield)"
+        )
+    if field not in _STREAMING and inspect.isasyncgenfunction(target):
+        raise TypeError(f"{name} handler {label} is an async generator: it returns its outcome (async def ... return)")
+    return handler
+
+
 class HandlerRegistry:
     """The handlers and hooks an :class:`~dimse_async.ae.AE` dispatches to."""
 
@@ -48,8 +84,9 @@ class HandlerRegistry:
         self._on_common_extended: Callable[[SOPClassCommonExtended], bool] | None = None
 
     def on_c_echo(self, handler: H) -> H:
-        """Register the C-ECHO handler: ``async def h(request) -> status | None``."""
-        self._handlers[CommandField.C_ECHO_RQ] = handler
+        """Register the C-ECHO handler: ``async def h(request) -> status | None`` (or a
+        plain ``def``, called on the event loop; see :func:`checked_handler`)."""
+        self._handlers[CommandField.C_ECHO_RQ] = checked_handler(CommandField.C_ECHO_RQ, handler)
         return handler
 
     def on_c_store(self, handler: H) -> H:
@@ -58,18 +95,18 @@ class HandlerRegistry:
         Raising ``OSError`` answers 0xA700 (out of resources), ``StatusError`` its status,
         any other exception 0xC000 (cannot understand); the association stays up.
         """
-        self._handlers[CommandField.C_STORE_RQ] = handler
+        self._handlers[CommandField.C_STORE_RQ] = checked_handler(CommandField.C_STORE_RQ, handler)
         return handler
 
     def on_c_find(self, handler: H) -> H:
         """Register the C-FIND handler: an async generator ``h(request)`` yielding matches
         (``Dataset``, or ``(status, Dataset)`` for 0xFF01)."""
-        self._handlers[CommandField.C_FIND_RQ] = handler
+        self._handlers[CommandField.C_FIND_RQ] = checked_handler(CommandField.C_FIND_RQ, handler)
         return handler
 
     def on_c_get(self, handler: H) -> H:
         """Register the C-GET handler: an async generator yielding paths or ``Dataset``s."""
-        self._handlers[CommandField.C_GET_RQ] = handler
+        self._handlers[CommandField.C_GET_RQ] = checked_handler(CommandField.C_GET_RQ, handler)
         return handler
 
     def on_c_move(self, handler: H) -> H:
@@ -77,7 +114,7 @@ class HandlerRegistry:
 
         The destination is looked up in ``known_aes``; unknown gives 0xA801.
         """
-        self._handlers[CommandField.C_MOVE_RQ] = handler
+        self._handlers[CommandField.C_MOVE_RQ] = checked_handler(CommandField.C_MOVE_RQ, handler)
         return handler
 
     def handler_for(self, field: CommandField) -> Handler | None:
@@ -90,11 +127,11 @@ class HandlerRegistry:
 
     def _on_n(self, field: int, handler: Any, sop_class: str | None) -> Any:
         if handler is not None and callable(handler):
-            self._n_handlers[(field, sop_class)] = handler
+            self._n_handlers[(field, sop_class)] = checked_handler(field, handler)
             return handler
 
         def register(fn: H) -> H:
-            self._n_handlers[(field, sop_class)] = fn
+            self._n_handlers[(field, sop_class)] = checked_handler(field, fn)
             return fn
 
         return register
@@ -131,7 +168,8 @@ class HandlerRegistry:
 
     def set_handler(self, service: Service | str, handler: Handler) -> None:
         """Register ``handler`` for ``service`` (a :data:`Service` or "c_echo", "c_store", ...)."""
-        self._handlers[_SERVICE_NAMES[service] if isinstance(service, str) else CommandField(service)] = handler
+        field = _SERVICE_NAMES[service] if isinstance(service, str) else CommandField(service)
+        self._handlers[field] = checked_handler(field, handler)
 
     def on_user_identity(self, authenticator: Authenticator) -> Authenticator:
         """Register ``async def check(identity, assoc) -> (ok, server_response | None)``.

@@ -406,7 +406,9 @@ async def scp_n_service(
     if status is None:
         assert request is not None and handler is not None
         try:
-            result = await handler(request)
+            result = handler(request)
+            if hasattr(result, "__await__"):  # an async def's; a plain def's result is the outcome
+                result = await result
         except asyncio.CancelledError as exc:
             if own_cancellation():
                 raise

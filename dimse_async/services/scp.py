@@ -208,7 +208,9 @@ async def run_handler(
 ) -> Status:
     """Await ``handler(request)`` and turn its outcome into a status."""
     try:
-        result = await handler(request)
+        result = handler(request)
+        if hasattr(result, "__await__"):  # an async def's; a plain def's result is the outcome
+            result = await result
     except asyncio.CancelledError as exc:
         if own_cancellation():
             raise

@@ -317,7 +317,9 @@ async def scp_c_store(assoc: DIMSEProvider, op: Operation, handler: StoreHandler
             status = Status(Code.SOP_CLASS_NOT_SUPPORTED, "No C-STORE handler: SOP class not supported")
         else:  # run_handler, inlined: one coroutine less per instance
             try:
-                result = await handler(StoreRequest(assoc, op.message, spool))
+                result: Any = handler(StoreRequest(assoc, op.message, spool))
+                if hasattr(result, "__await__"):  # an async def's; a plain def's result is the outcome
+                    result = await result
             except asyncio.CancelledError as exc:
                 if own_cancellation():
                     raise
