@@ -579,10 +579,24 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     async def release(self, timeout: float | None = None) -> None:
         """A-RELEASE (PS3.8 §7.2): waits for outstanding requests, then for A-RELEASE-RP.
 
-        A peer that does not answer within ``timeout`` (default: ACSE timeout) is aborted.
+        A peer that does not answer within ``timeout`` (default: ACSE timeout; without
+        one, the ARTIM timeout, PS3.8 §9.1.5: a release is never awaited forever) is
+        aborted.
         """
+        if timeout is None:
+            timeout = self.settings.acse_timeout
+            if timeout is None:
+                timeout = self.settings.artim_timeout
         if self.fsm.state is fsm.Sta6 and self._waiters:
-            await asyncio.gather(*(w.done for w in self._waiters.values()), return_exceptions=True)
+            # Each is bounded by the DIMSE timeout; without one, by the release's.
+            outstanding = asyncio.gather(*(w.done for w in self._waiters.values()), return_exceptions=True)
+            bound = self.settings.dimse_timeout
+            try:
+                await asyncio.wait_for(asyncio.shield(outstanding), timeout if bound is None else None)
+            except TimeoutError:
+                asked = ", ".join(sorted({w.name for w in self._waiters.values()}))
+                self.abort(f"{asked} unanswered within {timeout} s of the release")
+                raise AssociationTimeout(f"{asked} unanswered within {timeout} s of the release") from None
         async with self._send_lock:  # the state is judged after the last message went out
             if self.fsm.state is fsm.Sta6:
                 self._release_confirm = self.loop.create_future()
@@ -591,7 +605,6 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             if not self._closed.done() and self.fsm.state is not fsm.Sta1:
                 await self.wait_closed()
             return
-        timeout = self.settings.acse_timeout if timeout is None else timeout
         try:
             await asyncio.wait_for(asyncio.shield(self._release_confirm), timeout)
         except TimeoutError:

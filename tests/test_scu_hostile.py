@@ -293,6 +293,54 @@ async def test_peer_releasing_with_our_request_outstanding_fails_it_at_once() ->
 # ---------------------------------------------------------------------------------
 
 
+async def _read_silently(peer: Peer) -> None:
+    """A peer that reads everything (A-RELEASE-RQ included) and answers nothing."""
+    while await peer.read_pdu(30) is not None:
+        pass
+
+
+async def test_release_to_a_peer_that_never_answers_is_bounded_without_timeouts() -> None:
+    """``acse_timeout=None`` and ``dimse_timeout=None``: the wait for A-RELEASE-RP is
+    still bounded, by the ARTIM timeout (PS3.8 §9.1.5), then the association is aborted;
+    before, ``release()`` (and leaving ``async with``) waited forever."""
+    loop = asyncio.get_running_loop()
+    async with hostile_scp(_read_silently) as (port, errors):
+        ae = scu(acse_timeout=None, dimse_timeout=None, artim_timeout=1.0)
+        assoc = await asyncio.wait_for(ae.associate(HOST, port, called_ae="SCP"), 5)
+        start = loop.time()
+        try:
+            with pytest.raises(AssociationTimeout, match="A-RELEASE"):
+                await asyncio.wait_for(assoc.release(), 10)
+        finally:
+            assoc.abort()
+        assert loop.time() - start < 5
+        await asyncio.wait_for(assoc.wait_closed(), 5)
+    assert not errors, errors
+
+
+async def test_release_behind_a_request_awaited_without_dimse_timeout_is_bounded() -> None:
+    """``dimse_timeout=None``, a C-ECHO still awaited by another task, never answered:
+    the release waits for it only as long as for an A-RELEASE-RP (``acse_timeout``),
+    then aborts naming it (the C-ECHO fails with the abort); before, it waited forever."""
+    loop = asyncio.get_running_loop()
+    async with hostile_scp(_read_silently) as (port, errors):
+        ae = scu(acse_timeout=1.0, dimse_timeout=None)
+        assoc = await asyncio.wait_for(ae.associate(HOST, port, called_ae="SCP"), 5)
+        echo = asyncio.create_task(assoc.c_echo())
+        try:
+            await asyncio.sleep(0.2)
+            start = loop.time()
+            with pytest.raises(AssociationTimeout, match="C-ECHO-RQ unanswered"):
+                await asyncio.wait_for(assoc.release(), 10)
+            assert loop.time() - start < 5
+            with pytest.raises(AssociationAborted):
+                await asyncio.wait_for(echo, 5)
+        finally:
+            echo.cancel()
+            assoc.abort()
+    assert not errors, errors
+
+
 async def test_c_store_to_a_peer_that_stops_reading_times_out() -> None:
     """A peer that takes the command and then stops reading the data set: the send is
     bounded by the DIMSE timeout (as a response would be), not left to the network
