@@ -22,6 +22,7 @@ from dataclasses import field
 from itertools import zip_longest
 from typing import Any, BinaryIO
 
+from .inflate import deflate_end_error
 from .lazy_dataclass import dataclass
 from .part10 import read_file_meta
 
@@ -180,6 +181,13 @@ class _Source:
     def leftover(self) -> bytes:
         """Inflated bytes buffered and not walked."""
         return bytes(self._buf[self._off :])
+
+    def deflate_end_error(self) -> str | None:
+        """Once the walk is over: why the deflate stream is not framed as PS3.5 A.5 has
+        it (cut short, or bytes after it other than a NUL pad), or ``None``."""
+        inflater = self._inflater
+        assert inflater is not None
+        return deflate_end_error(inflater.eof, (inflater.unused_data + self.fp.read(2))[:2])
 
     def at_end(self) -> bool:
         if self._inflater is None:
@@ -795,8 +803,12 @@ def check_dataset(
         walker.elements_until(None, 0, item=False)
     except struct.error as exc:  # pragma: no cover - read() always returns what was asked
         raise DataSetError(str(exc)) from None
-    if deflated and walker.src.leftover().strip(b"\x00"):
-        raise DataSetError("bytes after the end of the deflated data set")
+    if deflated:
+        if walker.src.leftover().strip(b"\x00"):
+            raise DataSetError("bytes after the end of the deflated data set")
+        error = walker.src.deflate_end_error()
+        if error is not None:
+            raise DataSetError(error)
     return DataSetSummary(
         walker.top.get(_SOP_CLASS, ""), walker.top.get(_SOP_INSTANCE, ""), transfer_syntax, walker.elements, walker.kept
     )

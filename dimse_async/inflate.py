@@ -5,6 +5,11 @@ can inflate to gigabytes, so everything that inflates data from a peer or from d
 goes through here: the stream is inflated in pieces of at most ``_PIECE`` bytes and
 refused (:class:`InflationLimit`) as soon as the output passes ``max_size`` or, once
 past ``ratio_floor`` bytes, ``max_ratio`` times the input consumed so far. Pure code.
+
+The stream must be whole and alone (:class:`CorruptDeflate` otherwise): it ends with
+its final block, and only the one NUL byte that pads it to an even length may follow
+(PS3.5 A.5); other bytes after it, or a stream cut before its end, make a data set that
+cannot be parsed.
 """
 
 from __future__ import annotations
@@ -14,13 +19,29 @@ from typing import BinaryIO
 
 from .lazy_dataclass import dataclass
 
-__all__ = ["DEFAULT_LIMITS", "InflationLimit", "InflationLimits", "check_deflated", "inflate"]
+__all__ = ["DEFAULT_LIMITS", "CorruptDeflate", "InflationLimit", "InflationLimits", "check_deflated", "inflate"]
 
 _PIECE = 1 << 16
 
 
 class InflationLimit(ValueError):
     """The deflated data would inflate past a limit (a "deflate bomb")."""
+
+
+class CorruptDeflate(ValueError):
+    """The deflated data is no whole DEFLATE stream followed at most by its NUL pad
+    (PS3.5 A.5): corrupt, cut before its end, or with other bytes after it."""
+
+
+def deflate_end_error(ended: bool, after: bytes) -> str | None:
+    """Why a deflated data set's stream is not framed as PS3.5 A.5 has it (``ended``: the
+    stream reached its final block; ``after``: up to 2 of the bytes that follow it), or
+    ``None``."""
+    if not ended:
+        return "deflated data set ends before its deflate stream does"
+    if after and after != b"\x00":
+        return "bytes after the end of the deflate stream of the data set (only a NUL pad may follow)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +91,10 @@ def _pieces(inflater: zlib._Decompress, data: bytes, meter: _Meter) -> list[byte
     pending = data
     while pending:
         before = len(pending)
-        piece = inflater.decompress(pending, _PIECE)
+        try:
+            piece = inflater.decompress(pending, _PIECE)
+        except zlib.error as exc:
+            raise CorruptDeflate(f"deflated data set is corrupt: {exc}") from None
         pending = inflater.unconsumed_tail
         meter.add(before - len(pending), len(piece))
         if piece:
@@ -85,25 +109,34 @@ def _pieces(inflater: zlib._Decompress, data: bytes, meter: _Meter) -> list[byte
 def inflate(data: bytes | memoryview, limits: InflationLimits = DEFAULT_LIMITS) -> bytes:
     """Inflate a raw DEFLATE stream within ``limits``.
 
-    Raises :class:`InflationLimit` past a limit and ``zlib.error`` on corrupt data.
+    Raises :class:`InflationLimit` past a limit and :class:`CorruptDeflate` on corrupt
+    data, a stream cut short, or bytes after it other than a NUL pad.
     """
     inflater = zlib.decompressobj(-15)
     meter = _Meter(limits)
     out: list[bytes] = []
     view = memoryview(data)
+    fed = 0
     for pos in range(0, len(view), _PIECE):
-        out += _pieces(inflater, bytes(view[pos : pos + _PIECE]), meter)
+        fed = min(pos + _PIECE, len(view))
+        out += _pieces(inflater, bytes(view[pos:fed]), meter)
         if inflater.eof:
             break
-    out.append(inflater.flush())
-    meter.add(0, len(out[-1]))
+    if not inflater.eof:
+        out.append(inflater.flush())
+        meter.add(0, len(out[-1]))
+    # (at the end, what follows the stream is in unused_data; a flush would add the
+    # unconsumed tail of a piece cut short by the output limit to it a second time)
+    error = deflate_end_error(inflater.eof, (inflater.unused_data + bytes(view[fed : fed + 2]))[:2])
+    if error is not None:
+        raise CorruptDeflate(error)
     return b"".join(out)
 
 
 def check_deflated(fp: BinaryIO, start: int, limits: InflationLimits = DEFAULT_LIMITS) -> int:
     """Inflate the stream from ``fp`` at ``start`` without keeping it; the inflated size.
 
-    Raises :class:`InflationLimit` past a limit and ``zlib.error`` on corrupt data.
+    Raises :class:`InflationLimit` past a limit and :class:`CorruptDeflate` as :func:`inflate`.
     """
     fp.seek(start)
     inflater = zlib.decompressobj(-15)
@@ -113,5 +146,9 @@ def check_deflated(fp: BinaryIO, start: int, limits: InflationLimits = DEFAULT_L
         if not chunk:
             break
         _pieces(inflater, chunk, meter)
-    meter.add(0, len(inflater.flush()))
+    if not inflater.eof:
+        meter.add(0, len(inflater.flush()))
+    error = deflate_end_error(inflater.eof, (inflater.unused_data + fp.read(2))[:2])
+    if error is not None:
+        raise CorruptDeflate(error)
     return meter.produced

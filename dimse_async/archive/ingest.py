@@ -27,7 +27,7 @@ from ..dataset_check import (
     same_dataset,
 )
 from ..dimse import Status
-from ..inflate import DEFAULT_LIMITS, InflationLimit, InflationLimits, check_deflated
+from ..inflate import DEFAULT_LIMITS, CorruptDeflate, InflationLimit, InflationLimits, check_deflated
 from ..part10 import plausible_uid, read_file_meta, valid_uid
 from ..services.storage import StoreRequest
 from ..space import StorageSpace, log_store_refusal
@@ -503,7 +503,7 @@ class IngestMixin(IndexDB):
             return refusal
         try:
             summary = await _check_request(request, self.inflation_limits)
-        except (DataSetError, InflationLimit) as exc:
+        except (DataSetError, InflationLimit, CorruptDeflate) as exc:
             request.assoc.log.warning("C-STORE data set refused", sop_instance=uid, error=str(exc))
             tag = exc.tag if isinstance(exc, DataSetError) else None
             return Status(0xC000, f"Cannot understand: {exc}"[:64], attributes=() if tag is None else [tag])

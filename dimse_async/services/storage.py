@@ -355,6 +355,7 @@ def start_c_store(
     if (
         type(handler) is not DirectoryStore
         or handler.durable
+        or handler.check  # the data set is walked first, in a worker thread
         or assoc.store_handler is not None
         or type(spool) is not Spool
         or not spool.uids_valid
