@@ -170,6 +170,11 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         return self.fsm.state is fsm.Sta6
 
     @property
+    def peer_released(self) -> bool:
+        """The peer asked to release (Sta8): our answers still go out, our requests fail."""
+        return self.fsm.state is fsm.Sta8
+
+    @property
     def is_closed(self) -> bool:
         return self._closed.done()
 

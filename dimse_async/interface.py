@@ -80,6 +80,11 @@ class DIMSEProvider(Protocol):
     def is_established(self) -> bool: ...
 
     @property
+    def peer_released(self) -> bool:
+        """The peer asked to release (PS3.8 Sta8): our requests can no longer be
+        answered, our answers to its requests still go out before A-RELEASE-RP."""
+
+    @property
     def writer(self) -> FileWriter:
         """The association's file writer: file work in a thread, off the event loop."""
 

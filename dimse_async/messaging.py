@@ -102,6 +102,10 @@ class DIMSEMessaging:
     def is_established(self) -> bool:
         raise NotImplementedError
 
+    @property
+    def peer_released(self) -> bool:
+        raise NotImplementedError
+
     async def release(self, timeout: float | None = None) -> None:
         raise NotImplementedError
 

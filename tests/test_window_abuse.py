@@ -13,6 +13,7 @@ import contextlib
 import struct
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -20,7 +21,9 @@ from rawpeer import CT_IMAGE_STORAGE, EXPLICIT_LE, IMPLICIT_LE, VERIFICATION, Ra
 
 import dimse_async as da
 from dimse_async.acse import ContextSpec, build_request
+from dimse_async.codec import decode_identifier
 from dimse_async.dimse import Command, CommandField, decode_command, encode_command
+from dimse_async.pdu import ReleaseRQ
 from dimse_async.services.storage import encode_dataset
 
 pytestmark = pytest.mark.timeout(60)
@@ -169,14 +172,17 @@ async def test_requests_held_during_a_c_get_are_bounded_in_bytes() -> None:
     query.StudyInstanceUID = "1.2.3"
     get_rq = Command(CommandField.C_GET_RQ, message_id=1, affected_sop_class_uid=STUDY_GET, priority=0, data_set_type=0)
     identifier = big_identifier(HELD_IDENTIFIER)
-    finds = b""
+    data_pdus = b"".join(
+        pdata(5, identifier[at : at + 200_000], command=False, last=at + 200_000 >= len(identifier))
+        for at in range(0, len(identifier), 200_000)
+    )
+    parts = []
     for i in range(HELD_REQUESTS):
         find_rq = Command(
             CommandField.C_FIND_RQ, message_id=2 + i, affected_sop_class_uid=STUDY_FIND, priority=0, data_set_type=0
         )
-        finds += pdata(5, encode_command(find_rq), command=True)
-        for at in range(0, len(identifier), 200_000):
-            finds += pdata(5, identifier[at : at + 200_000], command=False, last=at + 200_000 >= len(identifier))
+        parts += [pdata(5, encode_command(find_rq), command=True), data_pdus]
+    finds = b"".join(parts)
     server = await ae.start_server("127.0.0.1", 0)
     peer = await RawPeer.connect(server.port)
     try:
@@ -203,4 +209,47 @@ async def test_requests_held_during_a_c_get_are_bounded_in_bytes() -> None:
     finally:
         peer.writer.transport.abort()
         server.close()
-        await asyncio.wait_for(server.wait_closed(grace=2), 10)
+        await asyncio.wait_for(server.wait_closed(grace=0.1), 10)  # (it no longer reads: aborted)
+
+
+async def test_a_release_during_a_c_get_gets_its_final_response_first() -> None:
+    """The peer sends A-RELEASE-RQ with our first C-STORE sub-operation unanswered: no
+    response to it can follow (PS3.8 Sta8), so it and the sub-operations not performed
+    fail, and the C-GET's final response (0xA702, the three instances in the Failed SOP
+    Instance UID List) goes out before A-RELEASE-RP (PS3.8 §7.2: every request answered);
+    before, the C-GET was left without a final response."""
+    specs = [
+        ContextSpec(VERIFICATION, [IMPLICIT_LE]),
+        ContextSpec(CT_IMAGE_STORAGE, [EXPLICIT_LE], scu_role=True, scp_role=True),
+        ContextSpec(STUDY_GET, [IMPLICIT_LE]),
+    ]
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = "1.2.3"
+    get_rq = Command(CommandField.C_GET_RQ, message_id=1, affected_sop_class_uid=STUDY_GET, priority=0, data_set_type=0)
+    async with get_scp() as port:
+        peer = await RawPeer.connect(port)
+        try:
+            await peer.associate(build_request("SCP", "RAW", specs, max_pdu=65536).encode())
+            await peer.send(
+                pdata(5, encode_command(get_rq), command=True) + pdata(5, encode_dataset(query, IMPLICIT_LE), command=False)
+            )
+            pdu = await peer.read_pdu()
+            assert pdu is not None and (cmd := command_of(pdu)) is not None and cmd.command_field == CommandField.C_STORE_RQ
+            await peer.send(ReleaseRQ().encode())
+            seen: list[Any] = []
+            while not seen or seen[-1] != "A-RELEASE-RP":
+                pdu = await peer.read_pdu(DIMSE_TIMEOUT / 2)
+                assert pdu is not None, f"closed after {seen}"
+                if pdu[0] == 0x06:
+                    seen.append("A-RELEASE-RP")
+                elif (cmd := command_of(pdu)) is not None and cmd.command_field == CommandField.C_GET_RSP:
+                    seen.append(cmd.status)
+                    if cmd.status != 0xFF00:
+                        data = await peer.read_pdu()
+                        assert data is not None
+                        failed = decode_identifier(data[12:], IMPLICIT_LE).FailedSOPInstanceUIDList
+                        seen.append(len(failed))
+            assert seen == [0xA702, INSTANCES, "A-RELEASE-RP"]
+        finally:
+            await peer.close()

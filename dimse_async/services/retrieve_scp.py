@@ -202,10 +202,11 @@ async def _run_suboperations(
                 warn("sub-operation not possible", error=str(exc))
                 category = StatusCategory.FAILURE
             except AssociationError as exc:
-                if not assoc.is_established:
+                if not assoc.is_established and not assoc.peer_released:
                     raise
-                # The C-MOVE sub-association ended (the destination aborted): this and
-                # every later sub-operation fail, and the final response still goes out.
+                # The C-MOVE sub-association ended (the destination aborted), or the C-GET
+                # peer released with our C-STORE unanswered: this and every later
+                # sub-operation fail, and the final response still goes out.
                 warn("sub-operation failed: sub-association ended", error=str(exc))
                 category = StatusCategory.FAILURE
                 interrupted = interrupted or op.cancelled
@@ -223,7 +224,7 @@ async def _run_suboperations(
                 failed += 1
                 failed_uids.append(await asyncio.to_thread(_item_uid, item))
             remaining = max(total - completed - failed - warning, 0)  # more than counted: stored meanwhile
-            if remaining and not op.cancelled and not stopping:
+            if remaining and not op.cancelled and not stopping and not assoc.peer_released:
                 # The association's send lock keeps concurrent workers' responses whole and in order.
                 await respond(assoc, op, Status(Code.PENDING), None, (remaining, completed, failed, warning))
 
@@ -236,7 +237,9 @@ async def _run_suboperations(
                 if count > SUBOP_LOG_BURST:
                     assoc.log.warning(f"{event}: more not logged", more=count - SUBOP_LOG_BURST)
         remaining = max(total - completed - failed - warning, 0)
-        shutdown = stopping and not op.cancelled
+        # A server shutting down, or a peer that asked to release (no further sub-operation
+        # can be answered on its association, PS3.8 Sta8): those not performed failed.
+        shutdown = (stopping or assoc.peer_released) and not op.cancelled
         if shutdown:  # not performed: failed (the final response has no Remaining, C.4.2.3.1)
             rest = await source.rest()
             failed_uids += await asyncio.to_thread(lambda: [_item_uid(i) for i in rest])
@@ -244,7 +247,8 @@ async def _run_suboperations(
             remaining = 0
         status = _final_status(op.cancelled and (remaining > 0 or interrupted), remaining, completed, failed, warning)
         if shutdown:
-            status = Status(int(status), "Server shutting down: sub-operations not done failed")
+            why = "Server shutting down" if stopping else "Peer released"
+            status = Status(int(status), f"{why}: sub-operations not done failed")
         elif source.error is not None and not op.cancelled:  # the handler failed part way
             status = failure_status(op.command.command_field, source.error, assoc)
         final_ident = None
