@@ -155,6 +155,13 @@ class Acceptor:
                     why = f"no complete PROXY protocol header within {options.header_timeout} s"
                     self._refuse(log, why, peer[0], "PROXY header")
                     return
+                except _ClosedWithoutAByte:
+                    # A TCP probe (a load balancer's health check that sends no PROXY
+                    # header), logged and counted as on a plain port, not a bad header.
+                    self.server.note_probe()
+                    if self.server.allow_warning("closed before association", peer[0]):
+                        log.info("connection closed", reason="closed before its PROXY protocol header (a TCP probe?)")
+                    return
                 except (proxy.ProxyProtocolError, OSError) as exc:
                     self._refuse(log, f"bad PROXY protocol header: {exc}", peer[0], "PROXY header")
                     return
@@ -220,8 +227,15 @@ class Acceptor:
         buf = bytearray()
         need = proxy.FIRST_READ
         while True:
-            chunk = await self.loop.sock_recv(conn, need - len(buf))
+            try:
+                chunk = await self.loop.sock_recv(conn, need - len(buf))
+            except ConnectionResetError:
+                if buf:
+                    raise
+                raise _ClosedWithoutAByte from None  # (a reset, as HAProxy's checks close)
             if not chunk:
+                if not buf:
+                    raise _ClosedWithoutAByte
                 raise proxy.ProxyProtocolError("connection closed before the header was complete")
             buf += chunk
             if proxy.FIRST_READ <= len(buf) < need:
@@ -230,6 +244,10 @@ class Acceptor:
             if isinstance(result, proxy.ProxyHeader):
                 return result
             need = result
+
+
+class _ClosedWithoutAByte(Exception):
+    """The connection closed (a FIN or a reset) before it sent a byte: a TCP probe."""
 
 
 def _first_byte(conn: socket.socket) -> bool | None:

@@ -375,8 +375,9 @@ class Server:
         )
 
     def note_probe(self) -> None:
-        """A connection closed before its TLS handshake began (a TCP probe): counted as a
-        plain port's probe is, an association that failed before negotiation."""
+        """A connection closed before its TLS handshake or PROXY header began (a TCP
+        probe): counted as a plain port's probe is, an association that failed before
+        negotiation."""
         probed = getattr(self.ae.observer, "connection_probed", None)
         if probed is not None:
             probed()

@@ -436,3 +436,51 @@ async def test_a_v2_header_trickled_in_small_segments_is_parsed_a_few_times(monk
         assert [a.peer for a in server.associations] == [("192.0.2.9", 4343)]
         w.close()
     assert sum(parsed) <= 4 * len(header), (len(parsed), sum(parsed))
+
+
+async def test_tcp_probes_on_a_proxy_port_are_logged_at_info_and_a_cut_header_still_warns():
+    """A load balancer's TCP health check without a PROXY header connects and closes
+    without a byte (a FIN, or a reset as HAProxy's checks close): one INFO line each,
+    saying it closed before its PROXY header, as a plain or TLS port logs a probe;
+    before, each was a "bad PROXY protocol header" warning (one every check interval).
+    A header cut short is still a warning."""
+    import logging
+    import socket
+
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    def connection_lines() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in records if r.getMessage().startswith("connection ")]
+
+    logger = logging.getLogger("dimse_async")
+    handler, level = Capture(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    ae = da.AE("PROXIED")
+    ae.add_supported_context(da.Verification)
+    try:
+        async with await ae.start_server("127.0.0.1", 0, proxy_protocol=True) as server:
+            for reset in (False, True):
+                probe = socket.create_connection(("127.0.0.1", server.port))
+                if reset:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                probe.close()
+            cut = socket.create_connection(("127.0.0.1", server.port))
+            cut.sendall(b"PROXY TCP4 192.0.2.7")
+            cut.close()
+            for _ in range(250):
+                if len(connection_lines()) >= 3 and not server.preambles:
+                    break
+                await asyncio.sleep(0.02)
+        lines = connection_lines()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    probes = [text for level_no, text in lines if level_no == logging.INFO]
+    warnings = [text for level_no, text in lines if level_no >= logging.WARNING]
+    assert len(probes) == 2 and all("closed before its PROXY protocol header (a TCP probe?)" in p for p in probes), lines
+    assert len(warnings) == 1 and "bad PROXY protocol header" in warnings[0], lines
