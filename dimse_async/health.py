@@ -21,6 +21,9 @@ __all__ = ["HealthServer"]
 
 _MAX_HEAD = 8192
 _TIMEOUT = 5.0
+#: Connections served at once; more are closed as they come (a flood of slow or silent
+#: clients holds at most this many descriptors of the process, not every one it has).
+MAX_CLIENTS = 64
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
@@ -37,6 +40,8 @@ class HealthServer:
         self._checking: asyncio.Future[str | None] | None = None
         self._server: asyncio.base_events.Server | None = None
         self._log = get_logger()
+        self._clients = 0
+        self._turned_away = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> HealthServer:
         self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True, limit=_MAX_HEAD)
@@ -56,6 +61,13 @@ class HealthServer:
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._clients >= MAX_CLIENTS:
+            writer.transport.abort()  # (a reset: nothing kept for it)
+            self._turned_away += 1
+            if self._turned_away == 1:  # once per flood: until the served ones drop below the cap
+                self._log.warning("health endpoint: too many connections, closing new ones", limit=MAX_CLIENTS)
+            return
+        self._clients += 1
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
@@ -90,6 +102,9 @@ class HealthServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), _TIMEOUT)
+            self._clients -= 1
+            if self._clients < MAX_CLIENTS // 2:
+                self._turned_away = 0
 
     async def _check(self) -> str | None:
         """The dependency check; concurrent requests share one run of it."""

@@ -253,3 +253,47 @@ async def test_tcp_probes_of_serves_tls_port_are_counted_as_on_a_plain_port(tmp_
                     break
                 await asyncio.sleep(0.05)
     assert now == before + 3, (before, now)
+
+
+async def test_a_flood_of_silent_health_clients_holds_a_bounded_number_of_connections():
+    """200 connections to the health port that send nothing: the first 64 are served
+    (each until its 5 s read timeout), the rest are closed as they come, so the flood
+    holds a bounded number of the process's descriptors (the DICOM port shares them);
+    a probe sent once the flood is over is answered. Before, every one was held."""
+    health = await HealthServer(lambda: True).start(HOST, 0)
+    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(200):
+            opened.append(await asyncio.open_connection(HOST, health.port))
+
+        async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+            try:
+                return await asyncio.wait_for(reader.read(1), 2) == b""
+            except ConnectionResetError:
+                return True
+            except TimeoutError:
+                return False
+
+        closed = await asyncio.gather(*(closed_by_server(r) for r, _ in opened))
+        held = sum(not c for c in closed)
+        assert held == 64, held
+        for _, w in opened:
+            w.close()
+        opened.clear()
+        for _ in range(100):  # the served ones see their clients go
+            r, w = await asyncio.open_connection(HOST, health.port)
+            w.write(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                reply = await asyncio.wait_for(r.read(), 5)
+            except ConnectionResetError:
+                reply = b""
+            w.close()
+            if reply:
+                break
+            await asyncio.sleep(0.05)
+        assert reply.startswith(b"HTTP/1.1 200"), reply
+    finally:
+        for _, w in opened:
+            w.close()
+        health.close()
+        await health.wait_closed()
