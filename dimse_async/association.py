@@ -635,6 +635,18 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 self.loop.call_soon(self._release_response)
             return  # acceptor (Sta10) waits for the A-RELEASE-RP first
         self._released = True
+        incomplete = self.session.receiving
+        if incomplete is not None:
+            # Its data set was cut by the release (no P-DATA can follow): never performed,
+            # never answered (there is no request to answer); what arrived is dropped.
+            self.log.warning(
+                "peer released with a message incomplete: discarded",
+                command=incomplete.command.name,
+                received=self.session.assembler.received,
+            )
+            if self._sink is not None:
+                self._sink.discard()
+                self._sink = None
         if self._waiters:
             # No P-DATA can follow the peer's A-RELEASE-RQ (Sta8, PS3.8 Table 9-10: AA-8):
             # what we asked for will never be answered.

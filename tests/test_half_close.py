@@ -1,4 +1,4 @@
-"""A peer that half-closes its TCP connection (shutdown of its sending side) right after
+"""Releases at odd moments. A peer that half-closes its TCP connection (shutdown of its sending side) right after
 its A-RELEASE-RQ, with a request still being answered: it sends nothing more, but reads
 on. The answers and the A-RELEASE-RP still go out (PS3.8 §7.2), then we close at once;
 before, the end of its data was taken for a lost connection and the association was
@@ -80,3 +80,46 @@ async def test_a_peer_half_closing_after_its_release_request_gets_every_answer(s
         writer.close()
         server.close()
         await asyncio.wait_for(server.wait_closed(grace=1), 10)
+
+
+async def test_a_release_cutting_a_c_store_data_set_is_answered_and_logged(tmp_path: Any) -> None:
+    """A-RELEASE-RQ after half a C-STORE data set: no P-DATA can follow it (PS3.8 Sta8),
+    so the message is never complete; A-RELEASE-RP goes out, nothing is stored or left
+    spooled, and one warning names the dropped C-STORE-RQ (before, it went silently)."""
+    import logging
+
+    from rawpeer import ct_dataset, rq_bytes, store_rq
+
+    records: list[logging.LogRecord] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("dimse_async")
+    handler = Capture(logging.WARNING)
+    logger.addHandler(handler)
+    ae = da.AE("ARCHIVE", spool_threshold=0, spool_dir=str(tmp_path))
+    ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    ae.on_c_store(da.DirectoryStore(tmp_path / "stored"))
+    server = await ae.start_server(HOST, 0)
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        writer.write(rq_bytes())
+        ac = await read_pdu(reader)
+        assert ac is not None and ac[0] == 0x02
+        cmd, data = store_rq(ct_dataset(), ctx=3)
+        writer.write(
+            pdata(3, cmd, command=True) + pdata(3, data[: len(data) // 2], command=False, last=False) + ReleaseRQ().encode()
+        )
+        rp = await read_pdu(reader)
+        assert rp is not None and rp[0] == 0x06, rp
+    finally:
+        writer.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=1), 10)
+        logger.removeHandler(handler)
+    lines = [r.getMessage() for r in records if "incomplete" in r.getMessage()]
+    assert len(lines) == 1 and "C-STORE-RQ" in lines[0], [r.getMessage() for r in records]
+    assert not list((tmp_path / "stored").iterdir())
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
