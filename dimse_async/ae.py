@@ -145,10 +145,12 @@ class AE(HandlerRegistry):
     ...     status = await assoc.c_echo()
 
     Timeouts are in seconds (``None`` waits forever): ``connect_timeout`` for TCP (and TLS),
-    ``acse_timeout`` for A-ASSOCIATE / A-RELEASE answers, ``dimse_timeout`` for a
-    DIMSE response, ``network_timeout`` for an idle association, ``artim_timeout``
-    for the ARTIM timer (PS3.8 §9.1.5), ``abort_artim_timeout`` for ARTIM after we sent
-    an A-ABORT (only the peer's close is awaited; never above ``artim_timeout``).
+    ``acse_timeout`` for A-ASSOCIATE / A-RELEASE answers (a release is bounded by
+    ``artim_timeout`` without one, and waits for our outstanding requests at most as
+    long without a ``dimse_timeout``), ``dimse_timeout`` for a DIMSE response,
+    ``network_timeout`` for an idle association, ``artim_timeout`` for the ARTIM timer
+    (PS3.8 §9.1.5), ``abort_artim_timeout`` for ARTIM after we sent an A-ABORT (only
+    the peer's close is awaited; never above ``artim_timeout``).
     """
 
     #: Received data sets larger than this go to a temporary file in ``spool_dir``.
