@@ -323,12 +323,19 @@ async def test_release_behind_a_request_awaited_without_dimse_timeout_is_bounded
     the release waits for it only as long as for an A-RELEASE-RP (``acse_timeout``),
     then aborts naming it (the C-ECHO fails with the abort); before, it waited forever."""
     loop = asyncio.get_running_loop()
-    async with hostile_scp(_read_silently) as (port, errors):
+    request_read = asyncio.Event()
+
+    async def read_silently(peer: Peer) -> None:
+        while (pdu := await peer.read_pdu(30)) is not None:
+            if pdu[0] == 0x04:
+                request_read.set()
+
+    async with hostile_scp(read_silently) as (port, errors):
         ae = scu(acse_timeout=1.0, dimse_timeout=None)
         assoc = await asyncio.wait_for(ae.associate(HOST, port, called_ae="SCP"), 5)
         echo = asyncio.create_task(assoc.c_echo())
         try:
-            await asyncio.sleep(0.2)
+            await asyncio.wait_for(request_read.wait(), 10)  # the C-ECHO-RQ is out
             start = loop.time()
             with pytest.raises(AssociationTimeout, match="C-ECHO-RQ unanswered"):
                 await asyncio.wait_for(assoc.release(), 10)
