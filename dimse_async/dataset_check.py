@@ -183,11 +183,11 @@ class _Source:
         return bytes(self._buf[self._off :])
 
     def deflate_end_error(self) -> str | None:
-        """Once the walk is over: why the deflate stream is not framed as PS3.5 A.5 has
-        it (cut short, or bytes after it other than a NUL pad), or ``None``."""
+        """Once the walk is over: why the deflate stream is not whole (cut before its
+        final block), or ``None``."""
         inflater = self._inflater
         assert inflater is not None
-        return deflate_end_error(inflater.eof, (inflater.unused_data + self.fp.read(2))[:2])
+        return deflate_end_error(inflater.eof)
 
     def at_end(self) -> bool:
         if self._inflater is None:

@@ -6,10 +6,10 @@ goes through here: the stream is inflated in pieces of at most ``_PIECE`` bytes 
 refused (:class:`InflationLimit`) as soon as the output passes ``max_size`` or, once
 past ``ratio_floor`` bytes, ``max_ratio`` times the input consumed so far. Pure code.
 
-The stream must be whole and alone (:class:`CorruptDeflate` otherwise): it ends with
-its final block, and only the one NUL byte that pads it to an even length may follow
-(PS3.5 A.5); other bytes after it, or a stream cut before its end, make a data set that
-cannot be parsed.
+The stream must be whole (:class:`CorruptDeflate` otherwise): a stream cut before its
+final block is a data set that cannot be parsed. What follows its end is ignored: the
+NUL byte that pads it to an even length (PS3.5 A.5), and the bytes some writers leave
+there (pydicom's own ``image_dfl.dcm`` ends with eight), as DCMTK and pydicom read them.
 """
 
 from __future__ import annotations
@@ -29,18 +29,15 @@ class InflationLimit(ValueError):
 
 
 class CorruptDeflate(ValueError):
-    """The deflated data is no whole DEFLATE stream followed at most by its NUL pad
-    (PS3.5 A.5): corrupt, cut before its end, or with other bytes after it."""
+    """The deflated data is no whole DEFLATE stream (PS3.5 A.5): corrupt, or cut before
+    its final block."""
 
 
-def deflate_end_error(ended: bool, after: bytes) -> str | None:
-    """Why a deflated data set's stream is not framed as PS3.5 A.5 has it (``ended``: the
-    stream reached its final block; ``after``: up to 2 of the bytes that follow it), or
-    ``None``."""
+def deflate_end_error(ended: bool) -> str | None:
+    """Why a deflated data set's stream is not whole (``ended``: it reached its final
+    block), or ``None``. Bytes after its end are no data and are ignored (see above)."""
     if not ended:
         return "deflated data set ends before its deflate stream does"
-    if after and after != b"\x00":
-        return "bytes after the end of the deflate stream of the data set (only a NUL pad may follow)"
     return None
 
 
@@ -110,24 +107,20 @@ def inflate(data: bytes | memoryview, limits: InflationLimits = DEFAULT_LIMITS) 
     """Inflate a raw DEFLATE stream within ``limits``.
 
     Raises :class:`InflationLimit` past a limit and :class:`CorruptDeflate` on corrupt
-    data, a stream cut short, or bytes after it other than a NUL pad.
+    data or a stream cut short.
     """
     inflater = zlib.decompressobj(-15)
     meter = _Meter(limits)
     out: list[bytes] = []
     view = memoryview(data)
-    fed = 0
     for pos in range(0, len(view), _PIECE):
-        fed = min(pos + _PIECE, len(view))
-        out += _pieces(inflater, bytes(view[pos:fed]), meter)
+        out += _pieces(inflater, bytes(view[pos : pos + _PIECE]), meter)
         if inflater.eof:
             break
     if not inflater.eof:
         out.append(inflater.flush())
         meter.add(0, len(out[-1]))
-    # (at the end, what follows the stream is in unused_data; a flush would add the
-    # unconsumed tail of a piece cut short by the output limit to it a second time)
-    error = deflate_end_error(inflater.eof, (inflater.unused_data + bytes(view[fed : fed + 2]))[:2])
+    error = deflate_end_error(inflater.eof)
     if error is not None:
         raise CorruptDeflate(error)
     return b"".join(out)
@@ -148,7 +141,7 @@ def check_deflated(fp: BinaryIO, start: int, limits: InflationLimits = DEFAULT_L
         _pieces(inflater, chunk, meter)
     if not inflater.eof:
         meter.add(0, len(inflater.flush()))
-    error = deflate_end_error(inflater.eof, (inflater.unused_data + fp.read(2))[:2])
+    error = deflate_end_error(inflater.eof)
     if error is not None:
         raise CorruptDeflate(error)
     return meter.produced
