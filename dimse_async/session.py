@@ -429,6 +429,7 @@ class Session:
                 return
             op = _new(Operation)  # Operation(self.contexts[msg.context_id], msg)
             op.context, op.message, op.cancelled, op.on_cancel, op.on_stop = self.contexts[msg.context_id], msg, False, None, None
+            op.size = 0
             if len(self._performing) < self.max_performed:
                 self._performing[id(op)] = op
                 perform: Any = _new(Perform)  # Perform(op)
