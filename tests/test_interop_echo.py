@@ -336,6 +336,44 @@ async def test_echoscu_to_our_scp_succeeds():
     assert events.seen["aborted"] == [] and events.seen["rejected"] == []
 
 
+@pytest.mark.parametrize("log_operations", [False, True])
+async def test_echo_success_answered_without_a_command_is_sent_and_counted_as_with_one(monkeypatch, log_operations):
+    """Without a C-ECHO handler, the Success goes out from its encoded bytes alone
+    (``answer_encoded``: no ``Command`` made) when nobody looks at the command: no
+    DEBUG, no observer, operations not logged at INFO. With ``log_operations`` it takes
+    ``answer`` with the ``Command``. Either way echoscu's 3 requests get the general
+    encoder's bytes for the response, and the operations are counted, none unfinished."""
+    from dimse_async.dimse import Command, encode_command, encode_pdata
+    from dimse_async.messaging import DIMSEMessaging
+
+    ae = da.AE("OUR_SCP", log_operations=log_operations)
+    ae.add_supported_context(da.Verification)
+    events = Events(ae)
+    sent: list[bytes] = []
+
+    @ae.on_association("accepted")
+    def spy(assoc: Any) -> None:
+        send_pdata = assoc.fsm.send_pdata
+        assoc.fsm.send_pdata = lambda data: sent.append(bytes(data)) or send_pdata(data)
+
+    answered = []
+    answer = DIMSEMessaging.answer
+    monkeypatch.setattr(DIMSEMessaging, "answer", lambda self, *a: answered.append(a) or answer(self, *a))
+    async with serving(ae) as server:
+        result = await echoscu(server.port, "-aec", "OUR_SCP", "--repeat", "3")
+        assert result.returncode == 0, result
+        assert result.text.count("Received Echo Response (Success)") == 3, result
+        (assoc,) = await events.wait("released")
+    assert len(answered) == (3 if log_operations else 0)
+    context = assoc.context_for(VERIFICATION, as_scp=True).id
+    assert len(sent) == 3
+    for mid, pdu in enumerate(sent, 1):  # echoscu numbers its requests 1, 2, 3
+        rsp = Command(0x8030, message_id_being_responded_to=mid, affected_sop_class_uid=VERIFICATION, status=0)
+        assert pdu == encode_pdata(context, encode_command(rsp), True, 0)
+    assert assoc.oplog.operations == {"C-ECHO": 3} and assoc.oplog.summary(0.0)["ops"] == "C-ECHO:3"
+    assert "unfinished" not in assoc.oplog.summary(0.0)
+
+
 async def test_echoscu_reads_our_association_ac():
     """echoscu's debug dump of our A-ASSOCIATE-AC: implementation identity and max PDU."""
     ae, _ = verification_scp(max_pdu=65536)

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..dimse import Command, CommandField
+from ..dimse import NO_DATASET, Command, CommandField, encode_response_fields
 from ..interface import DIMSEProvider
 from ..session import Operation
 from ..status import Code, Status, response_status
@@ -56,8 +56,20 @@ def start_c_echo(
     :meth:`~dimse_async.messaging.DIMSEMessaging.answer`); ``False`` otherwise."""
     if handler is not None:
         return False
-    status = _echo_status(assoc, op) or _SUCCESS
-    assoc.answer(op, _echo_response(op.message.command, status), done)
+    cmd = op.message.command
+    status = _echo_status(assoc, op)
+    if status is None:
+        mid = cmd.message_id
+        # Success, from its encoded bytes alone when nobody would look at its Command
+        # (as a C-STORE stored inline is answered: see DIMSEMessaging.answer_encoded).
+        if mid is not None and assoc.answer_encoded(
+            op,
+            done,
+            encode_response_fields(_C_ECHO_RSP, cmd.affected_sop_class_uid or Verification, NO_DATASET, mid, 0),
+        ):
+            return True
+        status = _SUCCESS
+    assoc.answer(op, _echo_response(cmd, status), done)
     return True
 
 
