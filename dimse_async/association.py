@@ -81,7 +81,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         "peer_ae",
         "associate_rq",
         "negotiated",
-        "log",
+        "_log",
+        "_log_fields",
         "_debug",
         "_established",
         "_release_confirm",
@@ -146,7 +147,10 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self.peer_ae = ""
         self.associate_rq: AssociateRQ | None = None
         self.negotiated: Negotiated | None = None
-        self.log: Any = _log.bind(assoc=self.id)
+        # The bound logger is made when first used (see ``log``): an association that
+        # logs nothing until its closing line binds its fields once, not three times.
+        self._log: Any = None
+        self._log_fields: dict[str, Any] = {"assoc": self.id}
         self._debug = _stdlib_log.isEnabledFor(logging.DEBUG)
         self._established: asyncio.Future[None] = self.loop.create_future()
         self._release_confirm: asyncio.Future[None] | None = None
@@ -166,6 +170,27 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self.get_buffer = self.fsm.reader.get_buffer  # type: ignore[method-assign]
         self.fsm.reader.hold = True  # a message's next PDU goes to the rest of its buffer (see _on_pdata)
         self._init_messaging()
+
+    @property
+    def log(self) -> Any:
+        """The association's logger, bound with its fields (``assoc``, ``peer``,
+        ``local_ae``, ``peer_ae`` ...); made on first use."""
+        log = self._log
+        if log is None:  # (the fields handed over: later binds go to the logger)
+            log = self._log = _log.bind_fields(self._log_fields)
+        return log
+
+    @log.setter
+    def log(self, value: Any) -> None:
+        self._log = value
+
+    def _bind(self, fields: dict[str, Any]) -> None:
+        """Bind ``fields`` to the association's logger (a field bound before keeps its
+        place with the new value), or to the fields it will be made with."""
+        if self._log is None:
+            self._log_fields.update(fields)
+        else:
+            self._log = self._log.bind(**fields)
 
     @property
     def is_established(self) -> bool:
@@ -212,11 +237,17 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
 
             self.tls = session_info(transport)
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.log = self.log.bind(peer=f"{self.peer[0]}:{self.peer[1]}", local_ae=self.local_ae)
+        peer_text = f"{self.peer[0]}:{self.peer[1]}"
+        if self._log is None:  # (the usual case: _bind without the call and its dict)
+            fields = self._log_fields
+            fields["peer"] = peer_text
+            fields["local_ae"] = self.local_ae
+        else:
+            self._bind({"peer": peer_text, "local_ae": self.local_ae})
         if self.via is not None:
-            self.log = self.log.bind(via=f"{self.via[0]}:{self.via[1]}")
+            self._bind({"via": f"{self.via[0]}:{self.via[1]}"})
         if self.tls is not None:
-            self.log = self.log.bind(tls=self.tls.version, tls_subject=self.tls.peer_subject)
+            self._bind({"tls": self.tls.version, "tls_subject": self.tls.peer_subject})
         if self.settings.observer is not None:
             self.settings.observer.association_started(self)
         self._last_rx = self.loop.time()
@@ -506,7 +537,12 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         """Acceptor: the AE judges the A-ASSOCIATE-RQ (AE-6 gave the indication; we are
         Sta3): at once when nothing needs awaiting (no task), else in a task."""
         self.associate_rq, self.peer_ae = rq, rq.calling_ae
-        self.log = self.log.bind(peer_ae=rq.calling_ae, called_ae=rq.called_ae)
+        if self._log is None:  # (as in connection_made)
+            fields = self._log_fields
+            fields["peer_ae"] = rq.calling_ae
+            fields["called_ae"] = rq.called_ae
+        else:
+            self._bind({"peer_ae": rq.calling_ae, "called_ae": rq.called_ae})
         judge_now = self.settings.judge_now
         if judge_now is None or self.fsm.state is not fsm.Sta3:
             self.spawn(self._on_associate_request(rq))
@@ -582,7 +618,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     def request_association(self, rq: AssociateRQ) -> None:
         """Requestor: A-ASSOCIATE request (Evt1, AE-1); the caller then opens the transport."""
         self.associate_rq, self.peer_ae = rq, rq.called_ae
-        self.log = self.log.bind(peer_ae=rq.called_ae, local_ae=self.local_ae)
+        self._bind({"peer_ae": rq.called_ae, "local_ae": self.local_ae})
         self._run(self.fsm.associate(rq, now=self.loop.time()))
 
     async def wait_established(self, timeout: float | None) -> None:

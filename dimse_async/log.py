@@ -192,6 +192,17 @@ class _LazyLogger:
         bound._bound = bound._prefix = None
         return bound
 
+    def bind_fields(self, fields: dict[str, Any]) -> Any:
+        """``bind(**fields)``, ``fields`` handed over: kept as it is (not copied) when
+        nothing is bound yet; the caller never changes it again."""
+        if self._bound is not None or self._initial:
+            return self.bind(**fields)
+        bound = _new_object(_LazyLogger)
+        bound._stdlib = self._stdlib
+        bound._initial = fields
+        bound._bound = bound._prefix = None
+        return bound
+
     def isEnabledFor(self, level: int) -> bool:
         return self._stdlib.isEnabledFor(level)
 

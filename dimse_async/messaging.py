@@ -371,7 +371,7 @@ class DIMSEMessaging:
                     parts += (header, chunk)
                 pdu = b"".join(parts)
         self._last_dimse = now = self.loop.time()
-        self.oplog.sent(now, command, dataset, self.log, self._debug)
+        self.oplog.sent(now, command, dataset, self, self._debug)
         self._run(self.fsm.send_pdata(pdu))
         if budget is not None:
             size = self.buffered_output()
@@ -401,7 +401,7 @@ class DIMSEMessaging:
             self._check_can_send()
             if command.command_field & 0x8000:  # a response: within the server-wide budget
                 await self._within_output_budget()
-            self.oplog.sent(self.loop.time(), command, dataset, self.log, self._debug)
+            self.oplog.sent(self.loop.time(), command, dataset, self, self._debug)
             batch: list[bytes | memoryview] = list(fragment(context_id, cmd, True, max_pdu))
             size = sum(map(len, batch))
             unjoined = False
@@ -633,7 +633,7 @@ class DIMSEMessaging:
     def _received(self, msg: Message) -> None:
         """A complete request or response arrived: accounting and observers."""
         now = self._last_dimse = self.loop.time()
-        self.oplog.received(now, msg, self.log, self._debug)
+        self.oplog.received(now, msg, self, self._debug)
         if self.settings.observer is not None:
             self.settings.observer.message_received(self, msg.command)
 

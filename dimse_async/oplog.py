@@ -17,7 +17,9 @@ _OP_NAMES = {int(f): f.name.replace("_", "-").removesuffix("-RQ") for f in Comma
 
 
 class OperationLog:
-    """What one association did, for its log lines; fed by the adapter."""
+    """What one association did, for its log lines; fed by the adapter. ``owner`` (of
+    :meth:`sent` and :meth:`received`): whose ``log`` a line goes to, read only when a
+    line is logged (an association's logger is made on first use)."""
 
     def __init__(self, now: float, info: bool = False):
         self.opened_at = now
@@ -31,14 +33,14 @@ class OperationLog:
         self._out: dict[int, tuple[float, int | None, Command]] = {}
         self._in: dict[int, tuple[float, int | None, Command]] = {}
 
-    def sent(self, now: float, command: Command, dataset: Any, log: Any, debug: bool) -> None:
+    def sent(self, now: float, command: Command, dataset: Any, owner: Any, debug: bool) -> None:
         """Note a request we send, or log the outcome of one we performed."""
         if command.command_field & 0x8000:
             status = command.status
             if status is not None and status not in PENDING_CODES:
                 started = self._in.pop(command.message_id_being_responded_to or -1, None)
                 if started is not None:
-                    self._done(now, "scp", started, command, log, debug)
+                    self._done(now, "scp", started, command, owner, debug)
         elif command.command_field != _C_CANCEL_RQ and command.message_id is not None:
             size = None if dataset is None else (len(dataset) if hasattr(dataset, "__len__") else dataset.length)
             self._out[command.message_id] = (now, size, command)
@@ -53,20 +55,20 @@ class OperationLog:
             name = _OP_NAMES.get(rq.command_field) or rq.name.removesuffix("-RQ")
             self.operations[name] = self.operations.get(name, 0) + 1
 
-    def received(self, now: float, msg: Message, log: Any, debug: bool) -> None:
+    def received(self, now: float, msg: Message, owner: Any, debug: bool) -> None:
         """Note a request we are asked to perform, or log the outcome of one we sent."""
         cmd = msg.command
         if cmd.command_field & 0x8000:  # a response
             if cmd.status is not None and cmd.status not in PENDING_CODES:
                 started = self._out.pop(cmd.message_id_being_responded_to or -1, None)
                 if started is not None:
-                    self._done(now, "scu", started, cmd, log, debug)
+                    self._done(now, "scu", started, cmd, owner, debug)
         elif cmd.command_field != _C_CANCEL_RQ and cmd.message_id is not None:
             size = len(msg.dataset) if msg.dataset is not None else getattr(msg.sink, "size", None)
             self._in[cmd.message_id] = (now, size, cmd)
 
     def _done(
-        self, now: float, role: str, started: tuple[float, int | None, Command], rsp: Command, log: Any, debug: bool
+        self, now: float, role: str, started: tuple[float, int | None, Command], rsp: Command, owner: Any, debug: bool
     ) -> None:
         t0, size, rq = started
         name = _OP_NAMES.get(rq.command_field) or rq.name.removesuffix("-RQ")
@@ -94,6 +96,7 @@ class OperationLog:
         fields["ms"] = round((now - t0) * 1000, 1)
         if rsp.completed is not None or rsp.failed is not None:
             fields["sub_ops"] = f"{rsp.completed or 0} completed, {rsp.failed or 0} failed, {rsp.warning or 0} warning"
+        log = owner.log
         if ok:
             (log.info if self.info else log.debug)(f"{name} done", **fields)
         else:

@@ -850,3 +850,87 @@ async def test_an_abort_mid_c_get_shows_the_get_as_unfinished_on_the_closed_line
     assert aborted["unfinished"] in ("C-GET:1", "C-GET:1,C-STORE:1"), aborted
     assert "aborted" in aborted["reason"], aborted
     assert released["ops"] == "C-GET:1,C-STORE:3" and "unfinished" not in released, released
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+async def test_association_lines_carry_their_bound_fields_in_order(console_log: Any, level: str) -> None:
+    """Every line of an association carries its fields as they became known, in order:
+    ``assoc``, then (acceptor) ``peer``, ``local_ae`` at the connection and ``peer_ae``,
+    ``called_ae`` at the A-ASSOCIATE-RQ; (requestor) ``peer_ae``, ``local_ae`` at the
+    request and ``peer`` at the connection. The logger is made when the first line is
+    logged (INFO: the closing line; DEBUG: the first bytes, before the request), so
+    fields bound before and after that both reach the lines. An application's logger
+    set on the association is the one written to."""
+    import asyncio
+    import logging
+    import re
+
+    import dimse_async as da
+
+    stream, handler = console_log
+    if level == "DEBUG":
+        logging.getLogger("dimse_async").setLevel(logging.DEBUG)
+        handler.setLevel(logging.DEBUG)
+    scp = da.AE("FIELDS_SCP")
+    scp.add_supported_context(da.Verification)
+    scu = da.AE("FIELDS_SCU")
+    scu.add_requested_context(da.Verification)
+    async with await scp.start_server("127.0.0.1", 0) as server:
+        scp_port = server.port
+        async with scu.associate("127.0.0.1", scp_port, called_ae="FIELDS_SCP") as assoc:
+            await assoc.c_echo()
+            port = assoc.transport.get_extra_info("sockname")[1]
+        for _ in range(500):  # the acceptor's closing line follows the release (bounded wait)
+            if stream.getvalue().count("association closed") >= 2:
+                break
+            await asyncio.sleep(0.01)
+    lines = stream.getvalue().splitlines()
+
+    def keys(line: str) -> list[str]:
+        return re.findall(r" (\w+)=", line)
+
+    def closed(local_ae: str) -> str:
+        return next(line for line in lines if "association closed" in line and f"local_ae={local_ae}" in line)
+
+    acceptor, requestor = closed("FIELDS_SCP"), closed("FIELDS_SCU")
+    assert keys(acceptor)[:6] == ["assoc", "peer", "local_ae", "peer_ae", "called_ae", "contexts"], acceptor
+    assert f"peer=127.0.0.1:{port} local_ae=FIELDS_SCP peer_ae=FIELDS_SCU called_ae=FIELDS_SCP " in acceptor
+    assert keys(requestor)[:5] == ["assoc", "peer_ae", "local_ae", "peer", "contexts"], requestor
+    assert f"peer_ae=FIELDS_SCP local_ae=FIELDS_SCU peer=127.0.0.1:{scp_port} " in requestor
+    acceptor_id = acceptor.split(" assoc=", 1)[1].split(" ", 1)[0]
+    mine = [line for line in lines if f" assoc={acceptor_id} " in line]
+    if level == "DEBUG":  # lines before the request carry what was known then, later ones all
+        first = mine[0]
+        assert "bytes received" in first and keys(first)[:3] == ["assoc", "peer", "local_ae"], first
+        assert "peer_ae=" not in first
+        accepted = next(line for line in mine if "association accepted" in line)
+        assert keys(accepted)[:5] == ["assoc", "peer", "local_ae", "peer_ae", "called_ae"], accepted
+    else:
+        assert mine == [acceptor]
+
+    # An application's own logger, set on the association before its first line.
+    got: list[dict[str, Any]] = []
+
+    class Spy:
+        def __init__(self, fields: dict[str, Any]) -> None:
+            self.fields = fields
+
+        def bind(self, **fields: Any) -> Spy:
+            return Spy({**self.fields, **fields})
+
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **fields: got.append({"event": event, **self.fields, **fields})
+
+    @scp.on_association("requested")
+    def own_logger(acceptor_assoc: Any) -> None:
+        acceptor_assoc.log = Spy({"app": 1})
+
+    async with await scp.start_server("127.0.0.1", 0) as server:
+        async with scu.associate("127.0.0.1", server.port, called_ae="FIELDS_SCP") as assoc:
+            await assoc.c_echo()
+        for _ in range(500):
+            if any(event["event"] == "association closed" for event in got):
+                break
+            await asyncio.sleep(0.01)
+    closing = next(event for event in got if event["event"] == "association closed")
+    assert list(closing)[:3] == ["event", "app", "contexts"] and closing["ops"] == "C-ECHO:1"
