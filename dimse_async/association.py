@@ -22,7 +22,7 @@ from .acse import MIN_PEER_PDU, Negotiated, negotiation_summary, reject_text, re
 from .exceptions import AssociationAborted, AssociationRejected, AssociationTimeout
 from .interface import AssociationEvent, Settings
 from .keepalive import set_keepalive
-from .log import LOGGER_NAME, get_logger
+from .log import LOGGER_NAME, get_logger, log_info
 from .messaging import HIGH_WATER, DIMSEMessaging
 from .pdu import AssociateAC, AssociateRJ, AssociateRQ
 from .session import (
@@ -516,7 +516,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         fields = self.oplog.summary(self.loop.time(), contexts)
         if reason:
             fields["reason"] = reason
-        self.log.info("association closed", **fields)
+        log_info(self.log, "association closed", fields)
 
     def warn_refusal(self, kind: str, event: str, **fields: Any) -> None:
         """A warning about a connection that is refused, rejected or dropped before it

@@ -262,6 +262,15 @@ class _LazyLogger:
         return getattr(self._real(), name)
 
 
+def log_info(logger: Any, event: str, fields: dict[str, Any]) -> None:
+    """``logger.info(event, **fields)``; for a logger of ours without the dict unpacked
+    into keyword arguments and packed again (a call with ``**`` is not inlined on 3.11)."""
+    if type(logger) is _LazyLogger:
+        logger._emit(logging.INFO, "info", event, (), fields)
+    else:
+        logger.info(event, **fields)
+
+
 def get_logger(name: str | None = None, **initial: Any) -> Any:
     """A structlog bound logger writing to stdlib logger ``dimse_async[.name]``.
 

@@ -934,3 +934,47 @@ async def test_association_lines_carry_their_bound_fields_in_order(console_log: 
             await asyncio.sleep(0.01)
     closing = next(event for event in got if event["event"] == "association closed")
     assert list(closing)[:3] == ["event", "app", "contexts"] and closing["ops"] == "C-ECHO:1"
+
+
+def test_log_info_writes_what_info_with_the_fields_writes(console_log: Any) -> None:
+    """``log_info(logger, event, fields)`` is ``logger.info(event, **fields)``: the same
+    text written directly, the same record when the record path is taken (a filter on
+    the logger), a bound field given again in its place; another logger gets ``info``."""
+    import logging
+
+    from dimse_async.log import get_logger, log_info
+
+    stream, _handler = console_log
+    bound = get_logger(assoc="1f").bind(peer="127.0.0.1:4", local_ae="A")
+    fields = {"contexts": "1/1", "ops": "C-ECHO:1", "failed": 0, "local_ae": "B", "why": "a b"}
+    seen: list[logging.LogRecord] = []
+
+    def run(call: Any) -> tuple[list[str], Any]:
+        stream.seek(0)
+        stream.truncate()
+        seen.clear()
+        call()
+        logger = logging.getLogger("dimse_async")
+        logger.addFilter(keep)
+        try:
+            call()
+        finally:
+            logger.removeFilter(keep)
+        return _texts(stream), [(r.getMessage(), r.dimse_async) for r in seen]  # type: ignore[attr-defined]
+
+    def keep(record: logging.LogRecord) -> bool:
+        seen.append(record)
+        return True
+
+    expected = run(lambda: bound.info("association closed", **fields))
+    assert expected[0][0] == '[info   ] association closed assoc=1f peer=127.0.0.1:4 local_ae=B contexts=1/1 ops=C-ECHO:1 failed=0 why="a b"'
+    assert run(lambda: log_info(bound, "association closed", fields)) == expected
+    assert fields == {"contexts": "1/1", "ops": "C-ECHO:1", "failed": 0, "local_ae": "B", "why": "a b"}
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    class Other:
+        def info(self, event: str, **kw: Any) -> None:
+            got.append((event, kw))
+
+    log_info(Other(), "association closed", fields)
+    assert got == [("association closed", fields)]
