@@ -467,6 +467,7 @@ class AE(HandlerRegistry):
             judge=functools.partial(self._judge, server),
             judge_now=functools.partial(self._judge_now, server),
             hook=self._fire,
+            hooks=self._hooks,
             on_open=server.track if server is not None else None,
             on_close=server.untrack if server is not None else None,
             limit_warning=server.allow_warning if server is not None else None,

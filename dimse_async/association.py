@@ -530,8 +530,11 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
             self.log.warning(event, **fields)
 
     def _hook(self, event: AssociationEvent) -> None:
-        if self.settings.hook is not None:
-            self.settings.hook(event, self)
+        """The hooks for ``event``: not called when none is registered (the usual case)."""
+        settings = self.settings
+        hook, hooks = settings.hook, settings.hooks
+        if hook is not None and (hooks is None or hooks.get(event)):
+            hook(event, self)
 
     def _on_associate_indication(self, rq: AssociateRQ) -> None:
         """Acceptor: the AE judges the A-ASSOCIATE-RQ (AE-6 gave the indication; we are

@@ -10,7 +10,7 @@ handler), the sink factories, the acceptor's judgement and the event hook.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -232,6 +232,10 @@ class Settings:
     #: "use ``judge``" (a paused server, a user identity for the authenticator).
     judge_now: JudgeNow | None = None
     hook: Hook | None = None
+    #: The hooks registered, by event (the AE's own lists, so a hook registered while
+    #: serving counts): ``hook`` is not called for an event that has none. ``None``:
+    #: ``hook`` is called for every event.
+    hooks: Mapping[AssociationEvent, Sequence[Any]] | None = None
     #: The server's bookkeeping: called when a connection is made and when it is gone.
     #: ``on_open`` returning ``False`` drops the connection (admission control).
     on_open: Callable[[Any], bool | None] | None = None

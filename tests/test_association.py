@@ -64,6 +64,34 @@ async def test_hooks_fire_in_order():
     assert {peer for _, peer in events} == {"SCU"}
 
 
+async def test_hooks_registered_while_serving_fire_for_the_next_associations():
+    """An association with no hook registered for an event skips the call; a hook
+    registered while the server runs (the settings were made at its start) fires for
+    the associations that follow, on both sides."""
+    events = []
+    ae = echo_scp()
+    scu = echo_scu()
+    async with await ae.start_server("127.0.0.1", 0) as server:
+        async with scu.associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert (await assoc.c_echo()).is_success
+        for _ in range(200):  # the server's side of it has ended too
+            if not server.associations:
+                break
+            await asyncio.sleep(0.01)
+        for side, who in (("scp", ae), ("scu", scu)):
+            for name in ("requested", "accepted", "released"):
+                who.on_association(name)(lambda assoc, name=name, side=side: events.append((side, name)))
+        async with scu.associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert (await assoc.c_echo()).is_success
+        for _ in range(200):
+            if len(events) == 5:
+                break
+            await asyncio.sleep(0.01)
+    assert sorted(events) == sorted(
+        [("scp", "requested"), ("scp", "accepted"), ("scp", "released"), ("scu", "accepted"), ("scu", "released")]
+    )
+
+
 async def test_unknown_hook_event_is_an_error():
     with pytest.raises(ValueError, match="unknown association event"):
         AE("X").on_association("opened")
