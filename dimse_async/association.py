@@ -399,9 +399,12 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         if self._closed.done():
             return
         when = self.fsm.get_timer()
-        for deadline in (self._idle_deadline(), self._idle_release_deadline()):
-            if deadline is not None and (when is None or deadline < when):
-                when = deadline
+        if self.negotiated is not None or self._message_start is not None:
+            # (before negotiation, with no message under way, the adapter has no deadline
+            # of its own: _idle_deadline and _idle_release_deadline would find none)
+            for deadline in (self._idle_deadline(), self._idle_release_deadline()):
+                if deadline is not None and (when is None or deadline < when):
+                    when = deadline
         if when is None:
             return
         if self._timer is not None:
