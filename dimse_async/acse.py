@@ -528,17 +528,26 @@ class _EncodedAC(AssociateAC):
         return self._encoded
 
 
+_new = object.__new__
+
+
 def _own_copy(neg: Negotiated) -> Negotiated:
     """A cached negotiation for one association (its contexts list its own; nothing
-    else cached is set: requests with identity or extended negotiation are not cached)."""
-    return Negotiated(
-        list(neg.contexts),
-        neg.peer_max_pdu,
-        neg.max_ops_invoked,
-        neg.max_ops_performed,
-        neg.peer_implementation_uid,
-        neg.peer_implementation_version,
-    )
+    else cached is set: requests with identity or extended negotiation are not cached).
+    Made without a call of the dataclass ``__init__`` (a type call runs it as a frame of
+    its own), every field set as ``Negotiated(...)`` of the first six would."""
+    copy = _new(Negotiated)
+    copy.contexts = list(neg.contexts)
+    copy.peer_max_pdu = neg.peer_max_pdu
+    copy.max_ops_invoked = neg.max_ops_invoked
+    copy.max_ops_performed = neg.max_ops_performed
+    copy.peer_implementation_uid = neg.peer_implementation_uid
+    copy.peer_implementation_version = neg.peer_implementation_version
+    copy.extended = {}
+    copy.common_extended = []
+    copy.identity = None
+    copy.identity_response = None
+    return copy
 
 
 class NegotiationCache:
@@ -598,16 +607,17 @@ class NegotiationCache:
                 oldest = next(iter(kept))
                 del kept[oldest]
                 self._decoded_bytes -= len(oldest)
-        return AssociateRQ(
-            rq.called_ae,
-            rq.calling_ae,
-            list(rq.presentation_contexts),
-            rq.user_info,
-            rq.application_context,
-            rq.protocol_version,
-            raw,
-            rq.over_limit,
-        )
+        # (made without a call of the dataclass __init__, as _own_copy)
+        copy = _new(AssociateRQ)
+        copy.called_ae = rq.called_ae
+        copy.calling_ae = rq.calling_ae
+        copy.presentation_contexts = list(rq.presentation_contexts)
+        copy.user_info = rq.user_info
+        copy.application_context = rq.application_context
+        copy.protocol_version = rq.protocol_version
+        copy.raw = raw
+        copy.over_limit = rq.over_limit
+        return copy
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -611,3 +611,43 @@ def test_requests_at_the_size_limits_are_negotiated():
     result, neg = negotiate(rq, policy())
     assert isinstance(result, AssociateAC) and neg is not None
     assert neg.contexts[0].accepted and neg.contexts[0].transfer_syntax == EXPLICIT
+
+
+def test_cached_copies_have_every_field_of_the_fresh_objects():
+    """The copies a NegotiationCache hands out (a decoded A-ASSOCIATE-RQ seen before, a
+    cached negotiation) are made without their dataclass ``__init__``: every field,
+    those left out of comparisons too, is what the fresh object has; the lists are
+    their own."""
+    import dataclasses
+
+    from dimse_async.acse import NegotiationCache
+    from dimse_async.pdu import PDUType, decode_pdu
+
+    cache = NegotiationCache()
+    over = build_request("SCP", "SCU", [ContextSpec(CT, [f"1.2.{k}" for k in range(65)])], max_pdu=32768)
+    sent = build_request("SCP", "SCU", [ContextSpec(CT, [EXPLICIT, IMPLICIT]), ContextSpec(MR, [EXPLICIT])], max_pdu=32768)
+    sent.protocol_version, sent.application_context = 3, "1.2.840.10008.3.1.1.1.9"  # not the defaults
+    for rq in (over, sent):
+        body = memoryview(rq.encode())[6:]
+        fresh = decode_pdu(PDUType.ASSOCIATE_RQ, body)
+        first, second = cache.decode_rq(body), cache.decode_rq(body)  # decoded, then remembered
+        for got in (first, second):
+            for f in dataclasses.fields(fresh):
+                assert getattr(got, f.name) == getattr(fresh, f.name) or f.name == "raw", f.name
+            assert got.raw == bytes(body)
+        assert first.presentation_contexts is not second.presentation_contexts
+    assert over.over_limit == "" and fresh.over_limit == "" and first.protocol_version == 3
+    over_rq = cache.decode_rq(memoryview(over.encode())[6:])
+    assert over_rq.over_limit
+    pol = policy()
+    plain = build_request("SCP", "SCU", [ContextSpec(CT, [EXPLICIT, IMPLICIT]), ContextSpec(MR, [EXPLICIT])], max_pdu=32768)
+    plain.user_info.implementation_version_name = "OTHER_1"
+    received = cache.decode_rq(memoryview(plain.encode())[6:])
+    expected = negotiate(received, pol)[1]
+    assert expected is not None and expected.peer_implementation_version == "OTHER_1"
+    for _ in range(3):  # a miss, then hits
+        neg = cache.negotiate(received, pol)[1]
+        assert neg is not None
+        for f in dataclasses.fields(expected):
+            assert getattr(neg, f.name) == getattr(expected, f.name), f.name
+        assert neg.contexts is not expected.contexts
