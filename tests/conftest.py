@@ -17,10 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from dimse_async.log import configure_logging
 
 configure_logging("WARNING", capture_warnings=False)
+
+# Property tests judge answers, not speed: on a loaded 2-core machine a single example
+# may take longer than hypothesis' 200 ms deadline, and generating inputs may look slow.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 DCMTK = "/usr/bin"
 
