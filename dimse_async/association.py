@@ -90,7 +90,6 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         "_wound_down",
         "_end_reason",
         "_released",
-        "_peer_eof",
         "_timer",
         "_timer_at",
         "_refused",
@@ -158,7 +157,6 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._wound_down: asyncio.Task[None] | None = None  # see _wind_down
         self._end_reason: str | None = None
         self._released = False
-        self._peer_eof = False  # the peer half-closed after its A-RELEASE-RQ
         self._timer: asyncio.TimerHandle | None = None  # the one wake-up: see _schedule
         self._timer_at = 0.0
         self._refused = False  # dropped by admission control before the upper layer started
@@ -279,16 +277,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._run(self.fsm.receive_data(data, now=now))
 
     def eof_received(self) -> bool | None:
-        """The peer shut down its sending side. After its A-RELEASE-RQ (Sta8) that is a
-        half-close, not a lost connection: the answers to its requests and A-RELEASE-RP
-        still go out, then the transport is closed (PS3.8 §7.2). Otherwise the transport
-        closes (connection_lost follows: A-P-ABORT, PS3.8 Table 9-10 Evt17)."""
-        transport = self.transport
-        # (not over TLS: its transport closes at the peer's EOF whatever we answer)
-        if self.fsm.state is fsm.Sta8 and transport is not None and transport.get_extra_info("sslcontext") is None:
-            self._peer_eof = True
-            return True
-        return None
+        return None  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.fsm.state
@@ -712,8 +701,6 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     def _release_response(self) -> None:
         if self.fsm.state in (fsm.Sta8, fsm.Sta9, fsm.Sta12):
             self._run(self.fsm.release_response(now=self.loop.time()))
-            if self._peer_eof and self.transport is not None:
-                self.transport.close()  # (after what is buffered) the peer sends nothing more
 
     def abort(self, reason: str = "aborted by local user") -> None:
         """A-ABORT (PS3.8 §7.3), service-user source. Safe to call in any state."""
