@@ -219,3 +219,70 @@ async def test_retrieve_ae_title_and_instance_availability_are_keys_too(tmp_path
             found = [m async for m in assoc.c_find(study(InstanceAvailability=""), "study")]
     assert [comment for _s, comment, _t in got] == ["1 matches", "0 matches", "1 matches", "0 matches"]
     assert [m.InstanceAvailability for m in found] == ["ONLINE"]
+
+
+def test_reversed_ranges_are_no_keys() -> None:
+    """A DA, TM or DT range is ``<a> - <b>`` with ``a`` not after ``b`` (PS3.4
+    C.2.2.2.5); periods of reduced precision compare start of the lower with end of the
+    upper, DT readings in UTC when both carry an offset."""
+    from dimse_async.archive.date_ranges import key_problem
+
+    assert [key_problem(k, "DA") for k in ("20200101-20201231", "2020-2020", "2020-202001", "20201231-20200101")] == [
+        None, None, None, "lower end after upper end",
+    ]  # fmt: skip
+    assert [key_problem(k, "TM") for k in ("0800-1700", "10-1030", "1030-1029", "230000-010000")] == [
+        None, None, "range crosses midnight", "range crosses midnight",
+    ]  # fmt: skip
+    dt = ("20200101120000+0500-20200101080000+0000", "20200101120000-20200101080000", "2021-2020", "2020-")
+    assert [key_problem(k, "DT") for k in dt] == [None, "lower end after upper end", "lower end after upper end", None]
+    assert key_problem("2020-13", "DA") == "not a DA value or range"
+
+
+async def test_reversed_date_and_time_ranges_are_refused(tmp_path: Path) -> None:
+    """A Study Date range whose lower end is after its upper end, and a Study Time
+    range crossing midnight (PS3.4 C.2.2.2.5: not supported), matched nothing and
+    answered Success: refused 0xA900 naming the key. The same ranges the right way
+    round still match."""
+    (path, _c, _u), = make_instances(tmp_path / "in", 1, patient_id="PAT1")
+    ds = pydicom.dcmread(path)
+    ds.StudyDate, ds.StudyTime = "20200315", "233000"
+    ds.save_as(path)
+    keys = [
+        {"StudyDate": "20201231-20200101"}, {"StudyTime": "230000-010000"}, {"StudyDate": "20200101-20201231"},
+        {"StudyTime": "230000-235959"}, {"StudyDate": "20190101-20191231\\20201231-20200101"},
+    ]  # fmt: skip
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [path])
+        got = await asyncio.to_thread(pynetdicom_requests, serve.port, [("find", study(**k)) for k in keys])
+    study_date, study_time = [0x00080020], [0x00080030]
+    assert got == [
+        (0xA900, "StudyDate '20201231-20200101': lower end after upper end", study_date),
+        (0xA900, "StudyTime '230000-010000': range crosses midnight", study_time),
+        (0, "1 matches", []),
+        (0, "1 matches", []),
+        (0xA900, "StudyDate '20201231-20200101': lower end after upper end", study_date),
+    ]
+
+
+async def test_sequence_keys_of_several_items_deep_down_are_refused(tmp_path: Path) -> None:
+    """A sequence key of two items nested ten sequences deep (past the depth the keys'
+    values are checked to), or inside a private sequence (whose keys are taken as
+    they are): the matcher refused it with SequenceKeyError, answered 0xC000 "Unable
+    to process" with an ERROR line; it is refused 0xA900 naming it, as one at the top."""
+    (path, _c, _u), = make_instances(tmp_path / "in", 1, patient_id="PAT1")
+    deep = study(PatientID="PAT1")
+    inner = deep
+    for _ in range(10):
+        inner.ReferencedStudySequence = Sequence([Dataset()])
+        inner = inner.ReferencedStudySequence[0]
+    inner.ReferencedSeriesSequence = referenced("1.2", "1.3")
+    private = study(PatientID="PAT1")
+    private.private_block(0x0009, "DIMSE_ASYNC TEST", create=True).add_new(0x01, "SQ", Sequence([Dataset()]))
+    private[0x00091001].value[0].ReferencedStudySequence = referenced("1.2", "1.3")
+    async with running_serve(tmp_path / "archive") as serve:
+        await store(serve.port, [path])
+        got = await asyncio.to_thread(pynetdicom_requests, serve.port, [("find", deep), ("find", private)])
+    assert got == [
+        (0xA900, "ReferencedSeriesSequence: 2 items, a sequence key has one", [0x00081115]),
+        (0xA900, "ReferencedStudySequence: 2 items, a sequence key has one", [0x00081110]),
+    ]

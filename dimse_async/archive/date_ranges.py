@@ -12,7 +12,7 @@ import datetime
 import re
 from typing import Any
 
-__all__ = ["da_days", "index_date", "parse_range", "range_match", "valid_key"]
+__all__ = ["da_days", "index_date", "key_problem", "parse_range", "range_match", "valid_key"]
 
 _US_PER_SECOND = 1_000_000
 _DA_RE = re.compile(r"(\d{4})(\d{2})?(\d{2})?")
@@ -236,12 +236,29 @@ def range_match(key: str, stored: str, vr: str) -> bool:
 def valid_key(key: str, vr: str) -> bool:
     """Whether a DA, TM or DT key value (one of a list) is a value of its VR, of
     reduced precision or not, or a range of such values (PS3.4 §C.2.2.2.1, §C.2.2.2.5;
-    an empty one is universal)."""
+    an empty one is universal); see :func:`key_problem`."""
+    return key_problem(key, vr) is None
+
+
+def key_problem(key: str, vr: str) -> str | None:
+    """What makes a DA, TM or DT key value (one of a list) no key of its VR, or
+    ``None`` when it is one: a value of the VR, of reduced precision or not, or a
+    range of such values whose lower end is not after its upper end (PS3.4
+    §C.2.2.2.1, §C.2.2.2.5: "<date1> - <date2>, where <date1> is less or equal to
+    <date2>"; for TM "Range Matching crossing midnight is not supported"). An empty
+    value is universal. The ends are compared as the matcher compares them: the start
+    of the lower end's period with the end of the upper's (``2020-2020``, ``2020-202001``
+    are ranges), DT readings in UTC when both carry an offset."""
     parse = _PARSERS[vr]
     text = key.strip(" \x00")
     if not text:
-        return True
+        return None
     bounds = parse_range(text, vr)
     if bounds is None:
-        return parse(text) is not None
-    return all(end is None or parse(end) is not None for end in bounds)
+        return None if parse(text) is not None else f"not a {vr} value or range"
+    lower, upper = (parse(end) if end is not None else None for end in bounds)
+    if (bounds[0] is not None and lower is None) or (bounds[1] is not None and upper is None):
+        return f"not a {vr} value or range"
+    if lower is not None and upper is not None and not _le(lower.start, lower.offset, upper.end, upper.offset):
+        return "range crosses midnight" if vr == "TM" else "lower end after upper end"
+    return None

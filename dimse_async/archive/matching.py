@@ -79,7 +79,8 @@ Interpretation choices (documented here as a Conformance Statement would)
   start of the period, as an upper bound its end (``"-1030"`` includes ``103059``,
   ``"2020-"`` in DT starts at 2020-01-01T00:00). Stored values are taken at the
   start of their period. Range Matching crossing midnight is not supported (as the
-  standard says); a range whose lower end is after its upper end matches nothing.
+  standard says); a range whose lower end is after its upper end matches nothing
+  (the archive's SCPs refuse such a key 0xA900, ``schema.check_key_vrs``).
   The ACR-NEMA forms ``YYYY.MM.DD`` and ``HH:MM:SS`` are accepted. Reduced-precision
   DA (``YYYY``, ``YYYYMM``) is accepted in keys for convenience. A key that is not
   a valid date/time never matches (except by exact string equality).

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..dimse import Status
 from ..log import get_logger
 from ..services.qr import MODELS, StatusError
-from .date_ranges import valid_key
+from .date_ranges import key_problem
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -374,13 +374,15 @@ def check_key_vrs(identifier: Dataset, depth: int = 0, return_only: frozenset[st
     of a standard attribute sent with a VR of another kind than its own (PS3.6): a
     sequence for a value or a value for a sequence, binary for text or text for
     binary; and a DA, TM or DT key that is neither a value of its VR nor a range of
-    them (C.2.2.2.1, C.2.2.2.5). Such a key matches nothing stored, and answering
+    them, the lower end not after the upper (C.2.2.2.1, C.2.2.2.5; a TM range crossing
+    midnight is not supported). Such a key matches nothing stored, and answering
     Success with no matches would say that nothing is there. UN, another text VR than
     the dictionary's (LO for SH) and private or unknown attributes are taken as they
     are; sequence items are checked as the identifier is.
 
     Also refused: a sequence key of more than one item (C.2.2.2.6: "shall contain
-    only a single Item"; no items, or one empty item, is Universal Matching), and an
+    only a single Item"; no items, or one empty item, is Universal Matching; at any
+    depth, :func:`_check_one_item`), and an
     IS, DS or AS key value that is not a value of its VR (PS3.5 Table 6.2-1; C.2.2.2.1:
     no wild cards in them), which would match nothing or, for a Required Key whose
     stored value is unknown, anything; and a UI key holding ``*`` or ``?`` (no wild
@@ -388,14 +390,12 @@ def check_key_vrs(identifier: Dataset, depth: int = 0, return_only: frozenset[st
     are not matched and not checked for their values."""
     from pydicom.datadict import dictionary_VR
 
+    if depth == 0:
+        _check_one_item(identifier)
     for elem in identifier:
         tag = elem.tag
         if tag.group in (0x0000, 0x0002):
             continue
-        if elem.VR == "SQ" and elem.value is not None and len(elem.value) > 1:
-            name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
-            comment = f"{name}: {len(elem.value)} items, a sequence key has one"[:64]
-            raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
         if tag.is_private or elem.VR == "UN":
             continue
         try:
@@ -410,8 +410,8 @@ def check_key_vrs(identifier: Dataset, depth: int = 0, return_only: frozenset[st
             continue
         if elem.VR in ("DA", "TM", "DT"):
             for value in text_of(elem.value).split("\\"):
-                if not valid_key(value, elem.VR):
-                    comment = f"{name} {value[:20]!r}: not a {elem.VR} value or range"[:64]
+                if (problem := key_problem(value, elem.VR)) is not None:
+                    comment = f"{name} {value[:20]!r}: {problem}"[:64]
                     raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
         if elem.VR == "UI" and ("*" in (uids := text_of(elem.value)) or "?" in uids):
             bad = next(v for v in uids.split("\\") if "*" in v or "?" in v)
@@ -425,6 +425,25 @@ def check_key_vrs(identifier: Dataset, depth: int = 0, return_only: frozenset[st
         if elem.VR == "SQ" and depth < 8:
             for item in elem.value or ():
                 check_key_vrs(item, depth + 1)
+
+
+def _check_one_item(identifier: Dataset, depth: int = 0) -> None:
+    """Refuse (0xA900) a sequence key of more than one item at any depth, private ones
+    and return keys too (C.2.2.2.6): the matcher and the response look into every depth
+    (one below those :func:`check_key_vrs` checks values to, or inside a private
+    sequence, was a SequenceKeyError: 0xC000 and an error line). Received identifiers
+    nest 64 deep at most (:mod:`~dimse_async.dataset_check`)."""
+    for elem in identifier:
+        if elem.VR != "SQ" or elem.value is None:
+            continue
+        if len(elem.value) > 1:
+            tag = elem.tag
+            name = elem.keyword or f"({tag.group:04X},{tag.element:04X})"
+            comment = f"{name}: {len(elem.value)} items, a sequence key has one"[:64]
+            raise StatusError(Status(0xA900, comment, attributes=[int(tag)]))
+        if depth < 64:
+            for item in elem.value:
+                _check_one_item(item, depth + 1)
 
 
 #: The numeric and age strings (PS3.5 Table 6.2-1): a key value of their VR that is none.
