@@ -451,6 +451,10 @@ def render() -> str:
         f"{', '.join(_name(u) for u in DEFAULT_TRANSFER_SYNTAXES)}.")  # fmt: skip
     add(f"- `get` proposes {len(COMMON_STORAGE_CLASSES)} common storage classes with the SCP role "
         "(or those given with `--sop-class`), in every syntax of the `\"as-received\"` preset.")  # fmt: skip
+    add("- With `--relational`, `find` proposes relational queries (SOP class extended negotiation,")
+    add("  PS3.4 C.5.1.1.1), `get` and `move` relational retrieval (C.5.2.1.1, C.5.3.1.1): keys of")
+    add("  a level without the unique keys above it. A peer that does not grant it is named on")
+    add("  stderr; the request is sent all the same. Otherwise no extended negotiation is proposed.")
     add("- A C-FIND left early sends C-CANCEL (PS3.7 9.3.2.3) and waits for the final response.")
     add("- A Pending C-FIND response without an identifier is a failure (PS3.7 9.1.2.1), the rest")
     add("  cancelled; a final one's data set is ignored with a warning, over 64 KiB an A-ABORT. A")

@@ -11,7 +11,7 @@ from ..services.qr import MODELS
 from . import options
 from .common import EXIT_OK, EXIT_STATUS, add_logging, add_scu, association_errors
 from .progress import progress_bar
-from .query import add_query, build_query, format_identifier
+from .query import add_query, build_query, format_identifier, relational_proposal, warn_unless_granted
 
 __all__ = ["add_parser", "run"]
 
@@ -48,7 +48,11 @@ async def run(args: argparse.Namespace) -> int:
 
     async def body() -> int:
         nonlocal count, status
-        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1), **connection) as assoc:
+        extended = relational_proposal(args, "find")
+        async with ae.associate(
+            args.host, args.port, args.aec, async_ops=(1, 1), extended=extended, **connection
+        ) as assoc:
+            warn_unless_granted(args, assoc.negotiated, "find", "find", where)
             with progress_bar("matches", unit="") as bar:
                 async with assoc.c_find(query, model=args.model) as responses:
                     async for identifier in responses:

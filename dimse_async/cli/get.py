@@ -14,7 +14,7 @@ from ..services.storage import STORE_TRANSFER_SYNTAXES, DirectoryStore
 from ..uids import UNCOMPRESSED_TRANSFER_SYNTAXES
 from . import options
 from .common import EXIT_USAGE, CLIError, add_logging, add_scu, association_errors, writable_dir
-from .query import add_query, build_query
+from .query import add_query, build_query, relational_proposal, warn_unless_granted
 from .retrieve import follow, outcome
 
 __all__ = ["COMMON_STORAGE_CLASSES", "add_parser", "run"]
@@ -126,7 +126,11 @@ async def run(args: argparse.Namespace) -> int:
     connection = options.associate_kwargs(args)
 
     async def body() -> int:
-        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1), **connection) as assoc:
+        extended = relational_proposal(args, "get")
+        async with ae.associate(
+            args.host, args.port, args.aec, async_ops=(1, 1), extended=extended, **connection
+        ) as assoc:
+            warn_unless_granted(args, assoc.negotiated, "get", "get", where)
             responses = assoc.c_get(query, model=args.model, store=store)
             final = await follow(responses, "retrieving")
             return outcome("get", where, responses, final)

@@ -9,7 +9,7 @@ from .. import AE
 from ..services.qr import MODELS
 from . import options
 from .common import add_logging, add_scu, ae_title, association_errors
-from .query import add_query, build_query
+from .query import add_query, build_query, relational_proposal, warn_unless_granted
 from .retrieve import follow, outcome
 
 __all__ = ["add_parser", "run"]
@@ -41,7 +41,11 @@ async def run(args: argparse.Namespace) -> int:
     connection = options.associate_kwargs(args)
 
     async def body() -> int:
-        async with ae.associate(args.host, args.port, args.aec, async_ops=(1, 1), **connection) as assoc:
+        extended = relational_proposal(args, "move")
+        async with ae.associate(
+            args.host, args.port, args.aec, async_ops=(1, 1), extended=extended, **connection
+        ) as assoc:
+            warn_unless_granted(args, assoc.negotiated, "move", "move", where)
             responses = assoc.c_move(query, args.dest, model=args.model)
             final = await follow(responses, f"moving to {args.dest}")
             return outcome("move", where, responses, final)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from typing import Any
 
 from pydicom import config as pydicom_config
@@ -15,10 +16,11 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 
+from ..pdu_items import SOPClassExtended
 from ..services.qr import MODELS
 from .common import CLIError
 
-__all__ = ["add_query", "build_query", "format_identifier", "parse_key"]
+__all__ = ["add_query", "build_query", "format_identifier", "parse_key", "relational_proposal", "warn_unless_granted"]
 
 # QueryRetrieveLevel default per model when no -k QueryRetrieveLevel=... is given.
 DEFAULT_LEVEL = {"patient": "PATIENT", "study": "STUDY", "patient-study": "STUDY", "worklist": None}
@@ -53,6 +55,16 @@ def add_query(p: argparse.ArgumentParser, operations: str) -> None:
         type=str.upper,
         choices=["PATIENT", "STUDY", "SERIES", "IMAGE"],
         help="QueryRetrieveLevel (default PATIENT for patient root, STUDY otherwise)",
+    )
+    kind = "query" if operations == "find" else "retrieval"
+    p.add_argument(
+        "--relational",
+        f"--relational-{kind}",
+        dest="relational",
+        action="store_true",
+        help=f"propose relational {'queries' if kind == 'query' else kind} (SOP class extended negotiation, "
+        "PS3.4 C.5): the keys of a level without the unique keys of the levels above it "
+        "(e.g. an IMAGE level request by SOPInstanceUID alone)",
     )
 
 
@@ -129,6 +141,8 @@ def build_query(args: argparse.Namespace, operation: str) -> Dataset:
     with pydicom_config.disable_value_validation():
         for spec in args.key:
             parse_key(spec, ds)
+    if args.model == "worklist" and getattr(args, "relational", False):
+        raise CLIError("--relational is for the query/retrieve models, not the worklist")
     if args.model == "worklist":
         if "QueryRetrieveLevel" in ds and not any(s.startswith("QueryRetrieveLevel") for s in args.key):
             del ds.QueryRetrieveLevel
@@ -139,6 +153,27 @@ def build_query(args: argparse.Namespace, operation: str) -> Dataset:
     ):
         ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
+
+
+def relational_proposal(args: argparse.Namespace, operation: str) -> list[SOPClassExtended]:
+    """With ``--relational``, the SOP class extended negotiation sub-item proposing
+    relational queries (a FIND class, PS3.4 C.5.1.1.1) or relational retrieval (MOVE,
+    GET: C.5.2.1.1, C.5.3.1.1) for the model's ``operation`` class: its first byte 1."""
+    if not getattr(args, "relational", False):
+        return []
+    return [SOPClassExtended(MODELS[args.model][operation], b"\x01")]
+
+
+def warn_unless_granted(args: argparse.Namespace, negotiated: Any, operation: str, command: str, where: str) -> None:
+    """With ``--relational``, one line on stderr when the peer did not grant it (no reply
+    item, or its first byte 0: PS3.4 C.5.1.1.2, C.5.2.1.2, C.5.3.1.2); the request is sent
+    all the same, and a peer holding to the hierarchy refuses it (0xA900 naming the key)."""
+    if not getattr(args, "relational", False):
+        return
+    reply = negotiated.extended.get(MODELS[args.model][operation], b"") if negotiated is not None else b""
+    if reply[:1] != b"\x01":
+        what = "queries" if operation == "find" else "retrieval"
+        print(f"dimse-async {command}: {where}: relational {what} not granted by the peer", file=sys.stderr)
 
 
 def format_identifier(ds: Dataset, as_json: bool) -> str:
