@@ -166,7 +166,10 @@ class ContextSpec:
 
 @dataclass(slots=True)
 class PresentationContext:
-    """A negotiated presentation context and the roles the *local* side may take."""
+    """A negotiated presentation context and the roles the *local* side may take.
+    ``role_selection``: the roles were settled by an SCP/SCU Role Selection item for
+    its abstract syntax; without one they are the default ones, requestor SCU and
+    acceptor SCP (PS3.7 D.3.3.4)."""
 
     id: int
     abstract_syntax: str
@@ -174,6 +177,7 @@ class PresentationContext:
     result: int
     as_scu: bool = True
     as_scp: bool = False
+    role_selection: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -257,12 +261,14 @@ def requestor_contexts(rq: AssociateRQ, ac: AssociateAC) -> Negotiated:
         if result == ACCEPTANCE and ts not in pc.transfer_syntaxes:
             result = NO_REASON  # the peer picked a syntax we never proposed
         as_scu, as_scp = True, False
+        selected = False
         if pc.abstract_syntax in proposed_roles:
             reply = roles.get(pc.abstract_syntax)
             if reply is not None:
                 prop = proposed_roles[pc.abstract_syntax]
                 as_scu, as_scp = prop.scu_role and reply.scu_role, prop.scp_role and reply.scp_role
-        contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp))
+                selected = True
+        contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp, selected))
     ops = ac.user_info.async_ops
     proposed = rq.user_info.async_ops
     invoked = performed = 1
@@ -426,7 +432,8 @@ def _judge_contexts(
         # encode the item again (its codec; others may refuse the AC).
         echoed = ts if result == ACCEPTANCE else next((t for t in pc.transfer_syntaxes if t), _DEFAULT_TS)
         ac_pcs.append(PresentationContextAC(pc.id, result, echoed))
-        contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp))
+        selected = pc.abstract_syntax in reply_roles
+        contexts.append(PresentationContext(pc.id, pc.abstract_syntax, ts, result, as_scu, as_scp, selected))
     return ac_pcs, contexts, list(reply_roles.values())
 
 

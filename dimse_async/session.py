@@ -86,6 +86,7 @@ _N_REQUESTS = frozenset(
 _SCP_REQUESTS = _C_REQUESTS | _N_REQUESTS
 _C_CANCEL_RQ = int(CommandField.C_CANCEL_RQ)  # per request: not read from the enum class each time (slow on 3.11)
 _N_EVENT_REPORT_RQ = int(CommandField.N_EVENT_REPORT_RQ)
+_STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class (PS3.4 J.3)
 # Requests a C-CANCEL can reach (PS3.7 §9.3.2.3, §9.3.3.3, §9.3.4.3).
 _CANCELLABLE = frozenset({CommandField.C_FIND_RQ, CommandField.C_GET_RQ, CommandField.C_MOVE_RQ})
 
@@ -466,7 +467,7 @@ class Session:
         ctx = self.contexts[msg.context_id]
         if cmd.command_field in _SCP_REQUESTS and not ctx.as_scp:
             comment = f"SCP role not negotiated for {ctx.abstract_syntax}"[:64]
-        elif cmd.command_field == _N_EVENT_REPORT_RQ and not ctx.as_scu:
+        elif cmd.command_field == _N_EVENT_REPORT_RQ and not ctx.as_scu and not _report_by_default(ctx):
             # The report comes from the SCP; we must be the SCU of the class on this context.
             comment = f"SCU role not negotiated for {ctx.abstract_syntax}"[:64]
         else:
@@ -493,6 +494,17 @@ class Session:
                 if not self._held:
                     out.append(ResumeReading())
                 return
+
+
+def _report_by_default(ctx: PresentationContext) -> bool:
+    """A Storage Commitment report (N-EVENT-REPORT) from a peer that opened the
+    association without an SCP/SCU Role Selection item for the class: the roles are then
+    the default ones (it SCU, we SCP), but PS3.4 J.3.3.1.3 has the SCP open an
+    association to the SCU to report, and archives in the field do so without the item
+    (PS3.4 J.2.1 makes it mandatory); pynetdicom and DCMTK take their reports all the
+    same. Taken (the service logs a warning naming the peer); with a role selection
+    that left us without the SCU role it is refused."""
+    return ctx.abstract_syntax == _STORAGE_COMMITMENT and not ctx.role_selection
 
 
 def _too_large(cmd: Command, limit: int) -> Command:

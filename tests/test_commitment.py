@@ -53,12 +53,12 @@ def listening_scu(title: str = "OUR_SCU") -> da.AE:
 
 
 class Lines(logging.Handler):
-    """The messages logged under ``dimse_async.<name>`` at INFO and above, while attached."""
+    """The messages logged under ``dimse_async.<name>`` (``""``: all the library's) at INFO and above, while attached."""
 
     def __init__(self, name: str) -> None:
         super().__init__(logging.INFO)
         self.lines: list[str] = []
-        self.logger = logging.getLogger(f"dimse_async.{name}")
+        self.logger = logging.getLogger(f"dimse_async.{name}" if name else "dimse_async")
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
@@ -675,3 +675,44 @@ async def test_shutdown_waits_for_the_check_thread(tmp_path: Path, monkeypatch: 
     assert reads["n"] < files[0][0].stat().st_size  # stopped before the end of the file
     assert not commitment.results
     assert any(m.startswith("storage commitment abandoned at shutdown") for m in log.lines), log.lines
+
+
+def _reports_with_and_without_roles(port: int, uid: str) -> dict[str, Any]:
+    """pynetdicom as the commitment SCP opening to our AE: once proposing no role
+    selection (as most archives do), once a role selection that keeps it SCU only."""
+    out: dict[str, Any] = {}
+    _type, ds = report_dataset(CommitmentResult(uid, [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")]))
+    for case, ext_neg in (("no_roles", []), ("scu_only", [build_role(STORAGE_COMMITMENT, scu_role=True, scp_role=False)])):
+        ae = PynetdicomAE("PYNET_SCP")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(STORAGE_COMMITMENT)
+        assoc = ae.associate(HOST, port, ae_title="OUR_SCU", ext_neg=ext_neg)
+        assert assoc.is_established, case
+        try:
+            park(assoc)
+            rsp = assoc.send_n_event_report(ds, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
+            out[case] = int(rsp.Status) if "Status" in rsp else None
+        finally:
+            assoc.release()
+    return out
+
+
+async def test_a_report_on_an_association_without_role_selection_is_taken_with_a_warning() -> None:
+    """PS3.4 J.3.3.1.3: the SCP opens an association to report; J.2.1 asks it to propose
+    the SCP role, but archives in the field do not. Their report is taken (it resolves the
+    pending transaction) with one warning naming the peer; before, it was refused 0x0122.
+    A role selection that leaves the peer SCU only is still refused 0x0122."""
+    ours = listening_scu()
+    from dimse_async.services.commitment import tracker_of
+
+    tracker = tracker_of(ours)
+    uid = generate_uid()
+    waiting = tracker.expect(uid, 0)
+    with Lines("") as log:
+        async with await ours.start_server(HOST, 0) as listener:
+            out = await asyncio.wait_for(asyncio.to_thread(_reports_with_and_without_roles, listener.port, uid), WAIT)
+    assert out == {"no_roles": 0x0000, "scu_only": 0x0122}, out
+    result = waiting.result()
+    assert result.calling_ae == "PYNET_SCP" and result.committed == [("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4")]
+    warnings = [line for line in log.lines if "without SCP/SCU role selection" in line]
+    assert len(warnings) == 1 and "peer_ae=PYNET_SCP" in warnings[0], log.lines

@@ -361,3 +361,34 @@ def test_objects_of_a_streamed_request_have_every_field_of_their_dataclass():
         for field in dataclasses.fields(made):
             assert getattr(obj, field.name) is getattr(made, field.name), field.name
     assert msg.command == rq and op.message is msg and op.context is session.contexts[5]
+
+
+COMMITMENT = "1.2.840.10008.1.20.1"
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "role_selection", "performed"),
+    [(COMMITMENT, False, True), (COMMITMENT, True, False), (FIND, False, False)],
+    ids=["commitment-default-roles", "commitment-selected-scu-only", "other-class-default-roles"],
+)
+def test_a_report_on_a_context_with_the_acceptors_default_roles(sop_class: str, role_selection: bool, performed: bool):
+    """An N-EVENT-REPORT from the requestor on a context where we (acceptor) are SCP by
+    default: the Storage Commitment report the SCP opens an association for (PS3.4
+    J.3.3.1.3) is performed even without the role selection J.2.1 asks for; with a role
+    selection that left us without the SCU role, or for another class, it is refused
+    0x0122 (PS3.7 D.3.3.4)."""
+    ctx = PresentationContext(1, sop_class, LE, 0, as_scu=False, as_scp=True, role_selection=role_selection)
+    session = Session([ctx])
+    cmd = Command(
+        CommandField.N_EVENT_REPORT_RQ,
+        message_id=1,
+        affected_sop_class_uid=sop_class,
+        affected_sop_instance_uid=f"{sop_class}.1",
+        event_type_id=1,
+        data_set_type=0,
+    )
+    [event] = session.receive([*command(1, cmd), PDV(1, False, True, b"information")])
+    if performed:
+        assert isinstance(event, Perform) and event.operation.message.dataset == b"information"
+    else:
+        assert isinstance(event, Respond) and event.command.status == Code.SOP_CLASS_NOT_SUPPORTED

@@ -156,8 +156,10 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add("")
     add("As SCU (`commit`, `AE.request_commitment`): the N-ACTION on a new association, held open")
     add("for the report for `hold` seconds (5), then the report is accepted on any association the")
-    add("SCP opens to our AE (SCP role accepted when the AE supports the class with `scp_role=True`),")
-    add("matched by Transaction UID; a report after the timeout is acknowledged and kept as late.")
+    add("SCP opens to our AE (SCP role accepted when the AE supports the class with `scp_role=True`;")
+    add("an association that proposes no role selection for the class is taken too, with a warning")
+    add("naming the peer), matched by Transaction UID; a report after the timeout is acknowledged and")
+    add("kept as late.")
     add("")
     add(
         f"**Modality Performed Procedure Step (PS3.4 Annex F.7)**, `serve` as SCP (`mpps = {str(config.mpps).lower()}`):"

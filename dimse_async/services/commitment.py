@@ -4,7 +4,9 @@ SCU: :func:`request_commitment` sends the N-ACTION (Request Storage Commitment,
 Action Type ID 1, J.3.2) and resolves when the N-EVENT-REPORT with the result arrives
 (J.3.3) - on the same association while we hold it open, or on a new association the
 SCP opens back to our AE (which must then listen, accepting the Storage Commitment
-Push Model class with ``scp_role=True`` so the peer may take the SCP role). Reports
+Push Model class with ``scp_role=True`` so the peer may take the SCP role; a peer that
+proposes no role selection for it, as many archives do although PS3.4 J.2.1 asks for
+it, is taken too, with a warning naming it). Reports
 are matched by Transaction UID in the AE's :class:`CommitmentTracker`; the pending
 transaction survives the requesting association's release. A report arriving after
 the caller gave up (timed out or cancelled) is acknowledged, logged and kept in

@@ -366,6 +366,14 @@ async def scp_n_service(
     dataset: Dataset | None = None
     status: Status | None = None
     request: NRequest | None = None
+    if field == CommandField.N_EVENT_REPORT_RQ and not ctx.as_scu:
+        # (the session let it through: a Storage Commitment report on an association the
+        # reporting SCP opened without role selection; see session._report_by_default)
+        assoc.log.warning(
+            f"{name} without SCP/SCU role selection for its class: taken (PS3.4 J.2.1 asks for it)",
+            sop_class=ctx.abstract_syntax,
+            peer_ae=assoc.peer_ae,
+        )
     if field in (CommandField.N_SET_RQ,) and op.message.dataset is None:
         status = Status(NCode.MISSING_ATTRIBUTE, "N-SET without a modification list")
     elif op.message.dataset is not None:
