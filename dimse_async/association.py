@@ -48,6 +48,10 @@ _REQUESTED, _ACCEPTED, _REJECTED, _RELEASED, _ABORTED = (
 )
 
 
+#: States where the peer's EOF closes the transport as it is (see eof_received).
+_CLOSE_AT_EOF = (fsm.Sta1, fsm.Sta2, fsm.Sta13)
+
+
 def _nothing() -> None:
     return None
 
@@ -90,6 +94,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         "_wound_down",
         "_end_reason",
         "_released",
+        "_peer_eof",
         "_timer",
         "_timer_at",
         "_refused",
@@ -157,6 +162,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._wound_down: asyncio.Task[None] | None = None  # see _wind_down
         self._end_reason: str | None = None
         self._released = False
+        self._peer_eof = False  # the peer half-closed after its A-RELEASE-RQ (see eof_received)
         self._timer: asyncio.TimerHandle | None = None  # the one wake-up: see _schedule
         self._timer_at = 0.0
         self._refused = False  # dropped by admission control before the upper layer started
@@ -277,7 +283,33 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self._run(self.fsm.receive_data(data, now=now))
 
     def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost follows
+        """The peer shut down its sending side (TCP FIN).
+
+        After its A-RELEASE-RQ (Sta8) that is a half-close, not a lost connection: no
+        P-DATA could follow the A-RELEASE-RQ anyway, so nothing waits on the peer any
+        more (our requests failed at the release indication, and none can start in
+        Sta8), while the answers to its requests and the A-RELEASE-RP still go out; the
+        transport is closed once the A-RELEASE-RP is written (PS3.8 §7.2, Table 9-10).
+        In Sta13 it is the close awaited, in Sta2 the end of a connection that never
+        associated (AA-5; we have sent nothing). Anywhere else it is the end of the
+        connection (Evt17: A-P-ABORT, AA-4), taken at once: what we had queued for the
+        peer is dropped, not drained first while the association's work waits on a peer
+        that is gone (a C-GET's C-STORE sub-operation behind megabytes the peer never
+        reads)."""
+        state, transport = self.fsm.state, self.transport
+        if transport is None or state in _CLOSE_AT_EOF:
+            return None  # close the transport (after what is buffered); connection_lost follows
+        if (
+            state is fsm.Sta8
+            and not self.fsm.reader.buffered  # (a PDU cut short by the close is a lost connection)
+            and transport.get_extra_info("sslcontext") is None  # (TLS closes at the peer's EOF whatever we answer)
+        ):
+            self._peer_eof = True
+            if self._debug:
+                self.log.debug("peer half-closed after its A-RELEASE-RQ: answering, then closing")
+            return True
+        transport.abort()  # connection_lost follows at once: Evt17
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.fsm.state
@@ -666,6 +698,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 self.loop.call_soon(self._release_response)
             return  # acceptor (Sta10) waits for the A-RELEASE-RP first
         self._released = True
+        self._message_start = None  # no P-DATA can follow (Sta8): no message to time out
         incomplete = self.session.receiving
         if incomplete is not None:
             # Its data set was cut by the release (no P-DATA can follow): never performed,
@@ -701,6 +734,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
     def _release_response(self) -> None:
         if self.fsm.state in (fsm.Sta8, fsm.Sta9, fsm.Sta12):
             self._run(self.fsm.release_response(now=self.loop.time()))
+            if self._peer_eof and self.transport is not None:
+                self.transport.close()  # (after what is buffered) the peer sends nothing more: no ARTIM wait
 
     def abort(self, reason: str = "aborted by local user") -> None:
         """A-ABORT (PS3.8 §7.3), service-user source. Safe to call in any state."""

@@ -57,6 +57,7 @@ __all__ = ["DIMSEMessaging"]
 # States looked up once (on Python 3.11 reading an enum member from its class is slow):
 _CAN_SEND = (State.Sta6, State.Sta8)  # established, or the peer asked to release
 _ENDED = (State.Sta1, State.Sta13)  # aborted or closed
+_ESTABLISHED = State.Sta6
 WRITE_BATCH = 1 << 20  # hand up to this many bytes of PDUs to the transport at once
 HIGH_WATER = 4 * WRITE_BATCH  # a transport holding more pauses its senders
 #: A streamed data set whose transport has not drained within this many seconds gives
@@ -569,8 +570,15 @@ class DIMSEMessaging:
         self._window.release()
 
     def begin_request(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue:
-        """Give ``command`` a message id and a queue for its responses (not sent yet)."""
-        self._check_can_send()
+        """Give ``command`` a message id and a queue for its responses (not sent yet).
+        Not once the peer has asked to release (Sta8): no P-DATA can follow its
+        A-RELEASE-RQ (PS3.8 Table 9-10), so a request sent now could never be answered
+        (a C-GET's next C-STORE sub-operation fails at once instead of waiting for the
+        DIMSE timeout)."""
+        state = self.fsm.state
+        if state is not _ESTABLISHED:
+            self._check_can_send()
+            raise AssociationAborted(f"the peer released the association: {command.name} not sent (no response could come)")
         if "window" in self._pause_reasons and not self._held_past_budget():
             self.resume_reading("window")  # its response must be read (see _on_session_event)
         mid = self.session.start_request(context, command, multi=multi)
