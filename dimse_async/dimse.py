@@ -18,7 +18,7 @@ from enum import IntEnum
 from typing import Any, Final, Protocol
 
 from .lazy_dataclass import dataclass
-from .pdu import PDV, encode_pdata_header
+from .pdu import PDV, AbortReason, encode_pdata_header
 from .status import Status
 
 __all__ = [
@@ -81,7 +81,16 @@ _NAMES = {int(f): f.name.replace("_", "-") for f in CommandField}
 
 
 class DIMSEError(ValueError):
-    """A DIMSE protocol violation (bad command set, misordered fragments)."""
+    """A DIMSE protocol violation (bad command set, misordered fragments).
+
+    ``reason``: the A-ABORT reason (service-provider source, PS3.8 Table 9-26) it is
+    answered with: unexpected-PDU parameter for a PDV out of turn (a command set where a
+    data set is due, a data set fragment on another context or without a command, as
+    dcm4che judges them), else reason-not-specified."""
+
+    def __init__(self, message: str, reason: int = 0) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # (element number, VR, attribute) for every command element, in tag order.
@@ -642,6 +651,10 @@ def response_to(request: Command, status: int, error_comment: str | None = None)
     )
 
 
+#: The A-ABORT reason for a PDV out of turn: unexpected-PDU parameter (PS3.8 Table 9-26).
+_OUT_OF_TURN = int(AbortReason.UNEXPECTED_PDU_PARAMETER)
+
+
 class MessageAssembler:
     """Rebuild DIMSE messages from PDVs (PS3.7 §9.3 / PS3.8 Annex E); never calls out.
 
@@ -709,9 +722,12 @@ class MessageAssembler:
         for pdv in pdvs:
             if pdv.is_command:
                 if self._data_context is not None:
-                    raise DIMSEError("command fragment received while a data set was arriving")
+                    raise DIMSEError(
+                        f"command set received where a data set was due ({self.received} bytes of it received)",
+                        _OUT_OF_TURN,
+                    )
                 if self._cmd_context is not None and pdv.context_id != self._cmd_context:
-                    raise DIMSEError("command fragments on different presentation contexts")
+                    raise DIMSEError("command fragments on different presentation contexts", _OUT_OF_TURN)
                 if pdv.is_last and not self._cmd:  # the usual command set: one PDV
                     if len(pdv.data) > 1 << 20:
                         raise DIMSEError("command set larger than 1 MiB")
@@ -739,10 +755,11 @@ class MessageAssembler:
                     self.current = 0
             else:
                 if self._data_context is None:
-                    raise DIMSEError("data set fragment received without a command")
+                    raise DIMSEError("data set fragment received without a command", _OUT_OF_TURN)
                 if pdv.context_id != self._data_context:
                     raise DIMSEError(
-                        f"data set fragment on context {pdv.context_id}, command was on {self._data_context}"
+                        f"data set fragment on context {pdv.context_id}, command was on {self._data_context}",
+                        _OUT_OF_TURN,
                     )
                 self.received += len(pdv.data)
                 if pdv.is_last:

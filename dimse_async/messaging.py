@@ -617,12 +617,7 @@ class DIMSEMessaging:
             try:
                 events = self.session.receive(pdvs)
             except DIMSEError as exc:
-                self.log.warning("DIMSE protocol violation", error=str(exc))
-                self._run(
-                    self.fsm.provider_abort(
-                        f"DIMSE protocol violation: {exc}", AbortReason.NOT_SPECIFIED, now=self.loop.time()
-                    )
-                )
+                self._dimse_violation(exc)
                 return
         for event in events:
             self._on_session_event(event)
@@ -637,6 +632,21 @@ class DIMSEMessaging:
             reader = self.fsm.reader
             if reader.end and reader.end == reader.start:
                 reader.let_go()
+
+    def _dimse_violation(self, exc: DIMSEError) -> None:
+        """A-ABORT (service-provider source, the reason the violation calls for) with one
+        warning naming it, and the message it cut when one was arriving: a command whose
+        Command Data Set Type announced a data set that never came before the next
+        command set (PS3.7 §9.3, E.1; PS3.8 Annex E) is named with that value."""
+        error = str(exc)
+        awaited = self.session.receiving
+        if awaited is not None:
+            cmd = awaited.command
+            mid = cmd.message_id or cmd.message_id_being_responded_to
+            error += f"; receiving {cmd.name} (message id {mid}, Command Data Set Type 0x{cmd.data_set_type:04X})"
+        self.log.warning("DIMSE protocol violation", error=error)
+        reason = AbortReason(exc.reason)
+        self._run(self.fsm.provider_abort(f"DIMSE protocol violation: {error}", reason, now=self.loop.time()))
 
     def _received(self, msg: Message) -> None:
         """A complete request or response arrived: accounting and observers."""
@@ -885,6 +895,12 @@ class DIMSEMessaging:
         timeout = self.settings.dimse_timeout
         if self.session.streaming:
             reason = f"DIMSE timeout: nothing more of the {what} for {timeout} s"
+        elif msg is not None and not self.session.assembler.received:
+            # (pynetdicom announces one for an empty Dataset() and sends none: PS3.7 E.1)
+            reason = (
+                f"DIMSE timeout: the {what} not complete within {timeout} s: none of it came "
+                f"(its Command Data Set Type 0x{msg.command.data_set_type:04X} announced one)"
+            )
         else:
             reason = f"DIMSE timeout: the {what} not complete within {timeout} s"
         self._message_start = None  # once

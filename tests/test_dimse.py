@@ -808,6 +808,27 @@ def test_command_fragment_right_after_command_announcing_dataset():
         assembler.receive(pdvs_of(1, encode_command(STORE_RQ), True, 0) + pdvs_of(1, encode_command(STORE_RQ), True, 0))
 
 
+def test_a_pdv_out_of_turn_is_answered_with_unexpected_pdu_parameter():
+    """A command set where an announced data set is due (none of it sent, as pynetdicom
+    does for an empty Dataset()), a data set fragment without a command or on another
+    context: PS3.8 Table 9-26 reason 5, unexpected-PDU parameter (as dcm4che answers a PDV
+    out of turn); a malformed command set stays reason-not-specified."""
+    cases = [
+        pdvs_of(1, encode_command(STORE_RQ), True, 0) + pdvs_of(1, encode_command(EXAMPLES["C-ECHO-RQ"]), True, 0),
+        [PDV(1, False, True, b"data")],
+        [*pdvs_of(1, encode_command(STORE_RQ), True, 0), PDV(3, False, True, b"wrong context")],
+    ]
+    for pdvs in cases:
+        with pytest.raises(DIMSEError) as info:
+            MessageAssembler().receive(pdvs)
+        assert info.value.reason == 5, str(info.value)
+    with pytest.raises(DIMSEError, match="0 bytes of it received"):
+        MessageAssembler().receive(cases[0])
+    with pytest.raises(DIMSEError) as info:
+        MessageAssembler().receive([PDV(1, True, True, b"\x00\x00")])
+    assert info.value.reason == 0
+
+
 def test_dataset_fragment_on_other_context():
     assembler = MessageAssembler()
     assembler.receive(pdvs_of(1, encode_command(STORE_RQ), True, 0))
