@@ -537,10 +537,11 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 if context.accepted:
                     accepted += 1
             contexts = f"{accepted}/{len(neg.contexts)}"
-        fields = self.oplog.summary(self.loop.time(), contexts)
+        fields, text = self.oplog.closing(self.loop.time(), contexts)
         if reason:
             fields["reason"] = reason
-        log_info(self.log, "association closed", fields)
+            text = None
+        log_info(self.log, "association closed", fields, text)
 
     def warn_refusal(self, kind: str, event: str, **fields: Any) -> None:
         """A warning about a connection that is refused, rejected or dropped before it

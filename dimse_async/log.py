@@ -86,6 +86,25 @@ _PLAIN: dict[str, bool] = {}
 _PLAIN_KEPT = 4096
 
 
+def _judge(text: str) -> bool:
+    """Whether ``text`` is written as it is (unquoted), judged and kept in :data:`_PLAIN`."""
+    if len(_PLAIN) >= _PLAIN_KEPT:
+        _PLAIN.clear()
+    # What _QUOTED finds, without the pattern when no character is unprintable
+    # (every one it looks for but the three below is: C0, DEL and C1 are "Other").
+    if text.isprintable():
+        plain = _PLAIN[text] = text != "" and " " not in text and '"' not in text and "=" not in text
+    else:
+        plain = _PLAIN[text] = _QUOTED.search(text) is None
+    return plain
+
+
+def written_plain(text: str) -> bool:
+    """Whether the string ``text`` is written as it is in a line's ``k=v`` (not quoted)."""
+    plain = _PLAIN.get(text)
+    return _judge(text) if plain is None else plain
+
+
 def _pairs(fields: dict[str, Any]) -> str:
     """The fields as ``k=v k=v ...``, as they follow the event in a line (an ``int``
     as it is: nothing in it needs quoting)."""
@@ -97,14 +116,7 @@ def _pairs(fields: dict[str, Any]) -> str:
         elif kind is str:
             plain = _PLAIN.get(v)
             if plain is None:
-                if len(_PLAIN) >= _PLAIN_KEPT:
-                    _PLAIN.clear()
-                # What _QUOTED finds, without the pattern when no character is unprintable
-                # (every one it looks for but the three below is: C0, DEL and C1 are "Other").
-                if v.isprintable():
-                    plain = _PLAIN[v] = v != "" and " " not in v and '"' not in v and "=" not in v
-                else:
-                    plain = _PLAIN[v] = _QUOTED.search(v) is None
+                plain = _judge(v)
             out.append(f"{k}={v}" if plain else f"{k}={_dumps(v)}")
         else:
             out.append(f"{k}={_format_value(v)}")
@@ -209,7 +221,10 @@ class _LazyLogger:
     def is_enabled_for(self, level: int) -> bool:
         return self._stdlib.isEnabledFor(level)
 
-    def _emit(self, level: int, method: str, event: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    def _emit(
+        self, level: int, method: str, event: Any, args: tuple[Any, ...], kw: dict[str, Any], text: str | None = None
+    ) -> Any:
+        """The line; ``text``: ``kw`` as ``k=v ...``, already made by the caller (else made here)."""
         if self._bound is not None or args or "event" in kw:
             return getattr(self._real(), method)(event, *args, **kw)
         stdlib = self._stdlib
@@ -225,7 +240,7 @@ class _LazyLogger:
                 prefix = self._prefix = _pairs(initial)
             pairs = prefix
             if kw:
-                more = _pairs(kw)
+                more = _pairs(kw) if text is None else text
                 pairs = pairs + " " + more if pairs else more
         message = event + " " + pairs if pairs else event
         direct = _direct
@@ -262,11 +277,13 @@ class _LazyLogger:
         return getattr(self._real(), name)
 
 
-def log_info(logger: Any, event: str, fields: dict[str, Any]) -> None:
+def log_info(logger: Any, event: str, fields: dict[str, Any], text: str | None = None) -> None:
     """``logger.info(event, **fields)``; for a logger of ours without the dict unpacked
-    into keyword arguments and packed again (a call with ``**`` is not inlined on 3.11)."""
+    into keyword arguments and packed again (a call with ``**`` is not inlined on 3.11).
+    ``text``: ``fields`` as a line writes them (``k=v ...``), when the caller made it
+    (see :meth:`~dimse_async.oplog.OperationLog.closing`)."""
     if type(logger) is _LazyLogger:
-        logger._emit(logging.INFO, "info", event, (), fields)
+        logger._emit(logging.INFO, "info", event, (), fields, text)
     else:
         logger.info(event, **fields)
 

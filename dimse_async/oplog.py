@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from .dimse import Command, CommandField, Message
+from .log import written_plain
 from .status import PENDING_CODES, Status
 
 __all__ = ["OperationLog"]
@@ -106,30 +107,43 @@ class OperationLog:
 
     def summary(self, now: float, contexts: str | None = None) -> dict[str, Any]:
         """Fields of the "association closed" line (``contexts`` first when given)."""
+        return self.closing(now, contexts)[0]
+
+    def closing(self, now: float, contexts: str | None = None) -> tuple[dict[str, Any], str | None]:
+        """:meth:`summary`'s fields, and the same fields as the line writes them (``k=v
+        ...``, what the logger would make of them, in one f-string instead of a string per
+        field) when every operation finished and every string is written unquoted; else
+        ``None`` (the logger renders the fields)."""
         if self._in or self._out:  # ended with operations under way (an abort, a lost connection)
-            return self._summary_unfinished(now, contexts)
+            return self._summary_unfinished(now, contexts), None
         operations = self.operations
         if len(operations) == 1:  # the usual short association: one kind (no list, no sort)
             [(name, n)] = operations.items()
             ops = f"{name}:{n}"
         else:
             ops = ",".join([f"{name}:{n}" for name, n in sorted(operations.items())]) or "none"
-        if contexts is not None:
-            return {
+        failed, received, sent = self.failed_operations, self.bytes_received, self.bytes_sent
+        ms = round((now - self.opened_at) * 1000)
+        fields: dict[str, Any]
+        if contexts is None:
+            fields = {"ops": ops, "failed": failed, "rx_bytes": received, "tx_bytes": sent, "duration_ms": ms}
+        else:
+            fields = {
                 "contexts": contexts,
                 "ops": ops,
-                "failed": self.failed_operations,
-                "rx_bytes": self.bytes_received,
-                "tx_bytes": self.bytes_sent,
-                "duration_ms": round((now - self.opened_at) * 1000),
+                "failed": failed,
+                "rx_bytes": received,
+                "tx_bytes": sent,
+                "duration_ms": ms,
             }
-        return {
-            "ops": ops,
-            "failed": self.failed_operations,
-            "rx_bytes": self.bytes_received,
-            "tx_bytes": self.bytes_sent,
-            "duration_ms": round((now - self.opened_at) * 1000),
-        }
+        if not written_plain(ops):
+            return fields, None
+        text = f"ops={ops} failed={failed} rx_bytes={received} tx_bytes={sent} duration_ms={ms}"
+        if contexts is None:
+            return fields, text
+        if not written_plain(contexts):
+            return fields, None
+        return fields, f"contexts={contexts} {text}"
 
     def _summary_unfinished(self, now: float, contexts: str | None) -> dict[str, Any]:
         """The same, with ``unfinished``: the operations begun and never given a final

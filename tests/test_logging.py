@@ -574,6 +574,39 @@ def test_operation_summary_fields() -> None:
     assert ops.summary(11.0)["ops"] == "C-ECHO:1,C-STORE:3"
 
 
+def test_closing_text_is_what_the_logger_makes_of_the_fields() -> None:
+    """``OperationLog.closing``'s text is ``log._pairs`` of its fields, in every shape it
+    makes one for (one kind, none, several, without contexts); none when a string would
+    be quoted (an unknown command's name, odd contexts) or operations are unfinished."""
+    from dimse_async import log
+    from dimse_async.oplog import OperationLog
+
+    ops = OperationLog(10.0)
+    ops.bytes_received, ops.bytes_sent, ops.failed_operations = 5, 1 << 40, 2
+    plain_ops = [{}, {"C-ECHO": 1}, {"C-STORE": 3, "C-ECHO": 1}]
+    plain_contexts = [None, "1/1", "12/128"]
+    made = []
+    for operations in [*plain_ops, {"command 0x1234": 1}, {"C-FIND": 1, 'a"b': 2}]:
+        ops.operations = dict(operations)
+        for contexts in [*plain_contexts, "1 of 2", ""]:
+            fields, text = ops.closing(10.4567, contexts)
+            assert fields == ops.summary(10.4567, contexts)
+            if text is not None:
+                assert text == log._pairs(fields)
+                made.append((operations, contexts))
+    assert made == [(o, c) for o in plain_ops for c in plain_contexts]
+    ops.operations = {"C-ECHO": 1}
+    ops.received(10.0, _echo_request(), None, False)  # under way: the line names it unfinished
+    fields, text = ops.closing(11.0, "1/1")
+    assert text is None and fields["unfinished"] == "C-ECHO:1"
+
+
+def _echo_request() -> object:
+    from dimse_async.dimse import Command, CommandField, Message
+
+    return Message(1, Command(CommandField.C_ECHO_RQ, message_id=7, affected_sop_class_uid="1.2.840.10008.1.1"))
+
+
 def test_bound_fields_keep_their_order_and_a_field_bound_again_its_new_value() -> None:
     import io
     import logging
@@ -942,6 +975,7 @@ def test_log_info_writes_what_info_with_the_fields_writes(console_log: Any) -> N
     the logger), a bound field given again in its place; another logger gets ``info``."""
     import logging
 
+    from dimse_async import log
     from dimse_async.log import get_logger, log_info
 
     stream, _handler = console_log
@@ -969,6 +1003,11 @@ def test_log_info_writes_what_info_with_the_fields_writes(console_log: Any) -> N
     expected = run(lambda: bound.info("association closed", **fields))
     assert expected[0][0] == '[info   ] association closed assoc=1f peer=127.0.0.1:4 local_ae=B contexts=1/1 ops=C-ECHO:1 failed=0 why="a b"'
     assert run(lambda: log_info(bound, "association closed", fields)) == expected
+    # The fields' text made by the caller (OperationLog.closing): the same line and record.
+    assert run(lambda: log_info(bound, "association closed", fields, "contexts=1/1 ops=C-ECHO:1 failed=0 why=\"a b\"")) == expected
+    fields_ = {k: v for k, v in fields.items() if k != "local_ae"}
+    expected_ = run(lambda: bound.info("association closed", **fields_))
+    assert run(lambda: log_info(bound, "association closed", fields_, log._pairs(fields_))) == expected_
     assert fields == {"contexts": "1/1", "ops": "C-ECHO:1", "failed": 0, "local_ae": "B", "why": "a b"}
     got: list[tuple[str, dict[str, Any]]] = []
 
