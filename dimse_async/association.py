@@ -677,7 +677,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
                 asked = ", ".join(sorted({w.name for w in self._waiters.values()}))
                 self.abort(f"{asked} unanswered within {timeout} s of the release")
                 raise AssociationTimeout(f"{asked} unanswered within {timeout} s of the release") from None
-        async with self._send_lock:  # the state is judged after the last message went out
+        async with self._lock():  # the state is judged after the last message went out
             if self.fsm.state is fsm.Sta6:
                 self._release_confirm = self.loop.create_future()
                 self._run(self.fsm.release(now=self.loop.time()))

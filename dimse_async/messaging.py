@@ -121,12 +121,14 @@ class DIMSEMessaging:
         #: A C-STORE handler that takes precedence over the AE's (a C-GET's sub-operations).
         self.store_handler: StoreHandler | None = None
         self.oplog = OperationLog(self.loop.time(), info=self.settings.log_operations)
-        self._send_lock = asyncio.Lock()
+        self._send_lock: asyncio.Lock | None = None  # made when first needed: see _lock
         self._sending = 0  # sends holding or waiting for the lock (none: a small message goes at once)
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._pause_reasons: set[str] = set()
-        self._window = asyncio.Semaphore(1)
+        # The window of requests we may invoke (PS3.7 D.3.3.3): made when first needed
+        # (see _invoke_window), one unless negotiated otherwise (see _set_negotiated).
+        self._window: asyncio.Semaphore | None = None
         self._waiters: dict[int, ResponseQueue] = {}
         self._finished_ops: deque[Operation] = deque()  # finished inline, next held-back ones to start
         self._tasks: set[asyncio.Future[Any]] = set()  # tasks, and operations run as callbacks
@@ -398,7 +400,7 @@ class DIMSEMessaging:
         max_pdu: int,
         timeout: float | None = None,
     ) -> None:
-        async with self._send_lock:
+        async with self._lock():
             self._check_can_send()
             if command.command_field & 0x8000:  # a response: within the server-wide budget
                 await self._within_output_budget()
@@ -486,7 +488,7 @@ class DIMSEMessaging:
         all sent cannot be about it (a C-STORE-RSP Success for an instance the peer had
         not received whole, PS3.7 §9.1.1.1): :class:`DIMSEFailure`, its status disregarded."""
         timeout = self.settings.dimse_timeout if timeout is None else timeout
-        window = self._window
+        window = self._invoke_window()
         await window.acquire()
         abandoned = False
         try:
@@ -564,10 +566,24 @@ class DIMSEMessaging:
 
     async def acquire_window(self) -> None:
         """Wait for a free slot in the window of operations we may invoke (PS3.7 D.3.3.3)."""
-        await self._window.acquire()
+        await self._invoke_window().acquire()
 
     def release_window(self) -> None:
-        self._window.release()
+        self._invoke_window().release()
+
+    def _invoke_window(self) -> asyncio.Semaphore:
+        """The window of requests we may invoke (an acceptor that only answers never makes it)."""
+        window = self._window
+        if window is None:
+            window = self._window = asyncio.Semaphore(1)
+        return window
+
+    def _lock(self) -> asyncio.Lock:
+        """The lock a message being sent holds (made by the first send that waits for it)."""
+        lock = self._send_lock
+        if lock is None:
+            lock = self._send_lock = asyncio.Lock()
+        return lock
 
     def begin_request(self, context: PresentationContext, command: Command, *, multi: bool) -> ResponseQueue:
         """Give ``command`` a message id and a queue for its responses (not sent yet).

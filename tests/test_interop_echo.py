@@ -342,7 +342,9 @@ async def test_echo_success_answered_without_a_command_is_sent_and_counted_as_wi
     (``answer_encoded``: no ``Command`` made) when nobody looks at the command: no
     DEBUG, no observer, operations not logged at INFO. With ``log_operations`` it takes
     ``answer`` with the ``Command``. Either way echoscu's 3 requests get the general
-    encoder's bytes for the response, and the operations are counted, none unfinished."""
+    encoder's bytes for the response, and the operations are counted, none unfinished.
+    An acceptor that only answers makes no send lock and no window of requests it would
+    invoke (made when first needed)."""
     from dimse_async.dimse import Command, encode_command, encode_pdata
     from dimse_async.messaging import DIMSEMessaging
 
@@ -372,6 +374,7 @@ async def test_echo_success_answered_without_a_command_is_sent_and_counted_as_wi
         assert pdu == encode_pdata(context, encode_command(rsp), True, 0)
     assert assoc.oplog.operations == {"C-ECHO": 3} and assoc.oplog.summary(0.0)["ops"] == "C-ECHO:3"
     assert "unfinished" not in assoc.oplog.summary(0.0)
+    assert assoc._send_lock is None and assoc._window is None
 
 
 async def test_echoscu_reads_our_association_ac():
