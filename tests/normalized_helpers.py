@@ -124,3 +124,26 @@ def park(assoc: Any, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline or not assoc.is_alive():
             raise AssertionError(f"pynetdicom's reactor did not pause within {timeout} s")
         time.sleep(0.0001)
+
+
+def served(events: list[Any], threads: list[Any], count: int = 1, timeout: float = 10.0) -> None:
+    """After a request our SCP answers with N-EVENT-REPORTs on the same association: wait
+    until a pynetdicom requestor's handler has taken ``count`` of them (``events``) and
+    until the threads it ran them in (``threads``, each handler appends
+    ``threading.current_thread()``) have ended, before its next request or release.
+
+    pynetdicom 3 serves an N-EVENT-REPORT-RQ in a thread of its own (``DIMSEServiceProvider
+    .receive_primitive``), which sets the association's ``_is_paused`` on entry and clears
+    it when done. Cleared after the reactor paused for the next ``send_*`` or ``release``,
+    the flag reads False while the reactor is blocked on its checkpoint, and that call
+    spins on it for ever (no time limit): seen on a loaded machine as a requestor
+    thread that never returned."""
+    deadline = time.monotonic() + timeout
+    while len(events) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(events)} of {count} N-EVENT-REPORTs reached pynetdicom within {timeout} s")
+        time.sleep(0.001)
+    for thread in list(threads):
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            raise AssertionError(f"pynetdicom's N-EVENT-REPORT thread did not end within {timeout} s")

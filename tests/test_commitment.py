@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port
-from normalized_helpers import HOST, make_instances, park, running_serve, store
+from normalized_helpers import HOST, make_instances, park, running_serve, served, store
 from pydicom.dataset import Dataset
 from pydicom.uid import MRImageStorage, generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -255,11 +255,11 @@ def _hostile_actions(port: int, refs: list[tuple[str, str]]) -> dict[str, Any]:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(STORAGE_COMMITMENT)
     out: dict[str, Any] = {"events": []}
-    got = threading.Event()
+    reporting: list[threading.Thread] = []  # the threads pynetdicom answered our reports in
 
     def on_report(event: Any) -> Any:
+        reporting.append(threading.current_thread())  # first: served() joins it once the event is seen
         out["events"].append((event.event_type, event.event_information))
-        got.set()
         return 0x0000, None
 
     assoc = ae.associate(HOST, port, ae_title="ARCHIVE", evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
@@ -278,7 +278,7 @@ def _hostile_actions(port: int, refs: list[tuple[str, str]]) -> dict[str, Any]:
         park(assoc)
         out["good"] = assoc.send_n_action(info, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)[0]
         out["transaction_uid"] = uid
-        got.wait(10)
+        served(out["events"], reporting)  # before the release (see served)
     finally:
         assoc.release()
     return out

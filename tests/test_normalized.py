@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 import pytest
 from conftest import free_port
-from normalized_helpers import park
+from normalized_helpers import park, served
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE as PynetdicomAE
@@ -124,12 +123,14 @@ def our_ae(film: Film) -> da.AE:
 def _pynetdicom_scu(port: int) -> dict[str, Any]:
     """Blocking: every N-service from a pynetdicom requestor; what it got back."""
     out: dict[str, Any] = {"events": []}
+    reporting: list[threading.Thread] = []  # the threads pynetdicom answered our reports in
     ae = PynetdicomAE("PYNET_SCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(FILM_SESSION)
     ae.add_requested_context(PRINTER)
 
     def on_event(event: Any) -> Any:
+        reporting.append(threading.current_thread())  # first: served() joins it once the event is seen
         out["events"].append((event.event_type, event.request.AffectedSOPInstanceUID, event.event_information))
         return 0x0000, None
 
@@ -156,13 +157,13 @@ def _pynetdicom_scu(port: int) -> dict[str, Any]:
         out["get_printer"] = assoc.send_n_get([0x21100010], PRINTER, PRINTER_INSTANCE)
         park(assoc)
         out["action"] = assoc.send_n_action(None, 1, FILM_SESSION, uid)
-        # Our N-EVENT-REPORT follows the N-ACTION response. pynetdicom 3 cannot take a
-        # request while its own is outstanding (both threads read one message queue):
-        # next request only once its reactor has taken the report (park() then waits
-        # for the reactor to finish answering it and pause).
-        deadline = time.monotonic() + 10
-        while not out["events"] and time.monotonic() < deadline:
-            time.sleep(0.001)
+        # Our N-EVENT-REPORT follows the N-ACTION response. pynetdicom 3 answers an
+        # N-EVENT-REPORT-RQ in a thread of its own, which sets the requestor's
+        # ``_is_paused`` flag on entry and clears it on its way out: cleared after the
+        # reactor has paused for our next request, the flag stays False while the
+        # reactor is blocked, and that request (or the release) spins on it for ever.
+        # So: next request only once that thread has ended (see served()).
+        served(out["events"], reporting)
         park(assoc)
         out["bad_action"] = assoc.send_n_action(None, 7, FILM_SESSION, uid)
         park(assoc)
