@@ -10,6 +10,7 @@ line here, which is the point: placing it says what it may use.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import dimse_async
@@ -109,12 +110,21 @@ def resolve(importer: str, is_package: bool, node: ast.ImportFrom | ast.Import, 
     return out
 
 
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """The syntax tree of a module of the package (parsed once per run: the tests here
+    only read the trees)."""
+    return ast.parse(path.read_text(), str(path))
+
+
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
+    """Each module's imports of the package's modules (made once per run; read only)."""
     mods = modules()
     known = set(mods)
     graph: dict[str, set[str]] = {}
     for name, path in mods.items():
-        tree = ast.parse(path.read_text(), str(path))
+        tree = parsed(path)
         targets: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -225,7 +235,7 @@ def test_no_module_uses_another_modules_private_names():
     between layers is what they publish). ``self._x`` of a base class is allowed."""
     found = []
     for name, path in modules().items():
-        tree = ast.parse(path.read_text(), str(path))
+        tree = parsed(path)
         own = _own_names(tree)
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
