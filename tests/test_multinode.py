@@ -32,6 +32,7 @@ import pytest
 from conftest import acknowledged, communicate, dcmtk, free_port, stop_process, wait_tcp
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
+from test_integrity import same_dataset
 
 from dimse_async.archive.config import load_config
 
@@ -217,14 +218,6 @@ async def get_series(port: int, out: Path, study: str, series: str) -> dict[str,
     )  # fmt: skip
     assert code == 0, text
     return {uid_of(p): p for p in out.iterdir()}
-
-
-def same_dataset(a: Path, b: Path) -> bool:
-    def elements(path: Path) -> dict[int, object]:
-        ds = pydicom.dcmread(path)
-        return {int(e.tag): e.value for e in ds if e.tag.element != 0x0000 and e.tag != 0xFFFCFFFC}
-
-    return elements(a) == elements(b)
 
 
 def stored_files(root: Path) -> list[Path]:
