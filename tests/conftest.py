@@ -148,6 +148,18 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     return proc.returncode
 
 
+def kill_process(proc: subprocess.Popen[bytes]) -> int:
+    """SIGKILL and reap, then end children left in its process group: for a peer whose
+    state goes with its temporary directory, where a graceful shutdown (Orthanc's takes
+    seconds) is neither needed nor under test."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # only exists if it was started in its own session
+    return proc.returncode
+
+
 def wait_tcp(proc: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 60.0) -> None:
     """Until something accepts TCP connections on 127.0.0.1:``port`` (bounded; fails if
     the process dies, showing its log)."""

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, stop_process, wait_tcp
+from conftest import free_port, kill_process, wait_tcp
 from normalized_helpers import HOST, make_instances, running_serve, store
 from pydicom.uid import generate_uid
 
@@ -109,7 +109,7 @@ def orthanc(tmp_path: Path, modalities: dict[str, list[Any]]) -> Iterator[Orthan
         wait_tcp(proc, dicom_port, log)
         yield peer
     finally:
-        stop_process(proc, timeout=15)
+        kill_process(proc)  # its storage is thrown away: no graceful shutdown to wait for
 
 
 async def test_our_scu_orthanc_scp_report_on_separate_association(tmp_path: Path) -> None:

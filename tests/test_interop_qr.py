@@ -49,7 +49,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
+from conftest import communicate, dcmtk, free_port, kill_process, stop_process, wait_tcp
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -930,7 +930,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory, corpus: Corpus, qr_ports: 
         assert (stats["CountPatients"], stats["CountStudies"], stats["CountInstances"]) == (3, 6, 36)
         yield Peer(proc, dicom_port, "ORTHANC", log, http_port)
     finally:
-        stop_process(proc, timeout=20)
+        kill_process(proc)  # its storage is thrown away: no graceful shutdown to wait for
 
 
 DCMQRSCP_AE = "DCMQRSCP"

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
-from conftest import communicate, dcmtk, free_port, stop_process, wait_tcp
+from conftest import communicate, dcmtk, free_port, kill_process, stop_process, wait_tcp
 from normalized_helpers import park
 from pydicom.data import get_testdata_file, get_testdata_files
 from pydicom.datadict import DicomDictionary
@@ -1053,7 +1053,7 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         _wait_tcp(proc, dicom_port, log)
         yield peer
     finally:
-        _stop(proc, timeout=15)
+        kill_process(proc)  # its storage is thrown away: no graceful shutdown to wait for
 
 
 async def test_our_scu_to_orthanc(corpus: Corpus, orthanc: Orthanc) -> None:
