@@ -62,6 +62,13 @@ def stored_file_problem(path: str, size: int | None) -> str | None:
     return None
 
 
+def instance_availability(path: str, size: int | None) -> str:
+    """Instance Availability (0008,0056) of a stored instance (PS3.3 C.4.23.1.1): ONLINE
+    when its file is there at the size it was stored at, else UNAVAILABLE (a retrieve
+    fails its sub-operation: :func:`stored_file_problem`). One stat."""
+    return "ONLINE" if stored_file_problem(path, size) is None else "UNAVAILABLE"
+
+
 class IndexDB:
     """Files under ``root`` and the connections to their index (see the module)."""
 

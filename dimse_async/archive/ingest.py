@@ -407,9 +407,21 @@ class IngestMixin(IndexDB):
             return self._reindex_files(db)
 
     def _reindex_files(self, db: Any) -> tuple[int, int, int]:
+        """Index the files not indexed as they are: new ones, and those whose size or
+        time changed, oldest first (file modification time): a patient's, study's or
+        series' attributes are those of its first instance stored, supplemented by the
+        later ones (:func:`.backend.write_index_rows`), as the live archive decided them,
+        whatever order the directory walk meets the files in. A file shorter than the
+        index's record of it that still names the instance, study and series recorded
+        was cut after it was stored (damage, a crash of a store without ``fsync``): its
+        data set may end at an element boundary and parse as complete, so it is not
+        indexed again; its record stays (a retrieve fails it, a C-FIND says UNAVAILABLE)
+        and a warning line names it. A file rewritten (other UIDs, or longer) is indexed
+        as it is now, with a warning line when its size changed."""
         known = {row[0]: (row[1], row[2]) for row in db.execute("SELECT path, size, mtime FROM instances")}
         added = skipped = 0
         seen = set()
+        changed: list[tuple[float, str, int, int | None]] = []  # (mtime, path, size, size recorded)
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
@@ -424,19 +436,37 @@ class IngestMixin(IndexDB):
                     st = os.stat(path)
                 except OSError:
                     continue
-                if known.get(path) == (st.st_size, st.st_mtime):
+                record = known.get(path)
+                if record == (st.st_size, st.st_mtime):
                     continue
-                try:
-                    with open(path, "rb") as fp:
-                        _check_inflation(fp, self.inflation_limits)
-                        check_part10(fp, max_elements=self.inflation_limits.max_elements)
-                    self._index_file(path)
-                    added += 1
-                except self.resource_errors:
-                    raise
-                except Exception as exc:
-                    skipped += 1
-                    _log_not_indexed(path, exc)
+                changed.append((st.st_mtime, path, st.st_size, record[0] if record is not None else None))
+        changed.sort()
+        for _mtime, path, size, stored_size in changed:
+            if self._reindex_stop is not None and self._reindex_stop.is_set():
+                log.warning("archive: re-index stopped", added=added, skipped=skipped)
+                return added, skipped, 0
+            try:
+                with open(path, "rb") as fp:
+                    _check_inflation(fp, self.inflation_limits)
+                    check_part10(fp, max_elements=self.inflation_limits.max_elements)
+                if stored_size is not None and size != stored_size:
+                    if size < stored_size and self._names_as_recorded(db, path):
+                        skipped += 1
+                        log.warning("archive: re-index: stored file shorter than when stored; not indexed, "
+                                    "its instance unavailable until stored again", path=path, size=size,
+                                    stored_size=stored_size)  # fmt: skip
+                        continue
+                    log.warning("archive: re-index: stored file changed size since stored; indexed as it is now",
+                                path=path, size=size, stored_size=stored_size)  # fmt: skip
+                self._index_file(path)
+                added += 1
+            except FileNotFoundError:
+                continue  # gone meanwhile (its row, if any, is dropped below)
+            except self.resource_errors:
+                raise
+            except Exception as exc:
+                skipped += 1
+                _log_not_indexed(path, exc)
         # A row whose file is gone is dropped, unless the file came back meanwhile (another
         # node storing it again): only the very row seen, at the moment it is still missing.
         # The series, studies and patients left without instances go with them (see
@@ -453,6 +483,28 @@ class IngestMixin(IndexDB):
             if series:
                 self.backend.drop_emptied(db, list(series))
         return added, skipped, len(gone)
+
+    @staticmethod
+    def _names_as_recorded(db: Any, path: str) -> bool:
+        """Whether the file at ``path`` names the SOP Instance, Study and Series UIDs its
+        index row records: what a file cut short keeps (they come early in a data set),
+        and a file rewritten for another instance, study or series does not."""
+        import pydicom
+
+        row = db.execute(
+            "SELECT i.sop_uid, se.study_uid, i.series_uid FROM instances i "
+            "JOIN series se ON se.series_uid = i.series_uid WHERE i.path = ?",
+            (path,),
+        ).fetchone()
+        if row is None:
+            return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=["SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+            )
+        named = (text_of(ds.get(k)).strip(" \x00") for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"))
+        return tuple(named) == tuple(str(v).strip(" \x00") for v in row)
 
     async def reindex(self) -> tuple[int, int, int]:
         """Incremental re-index: (files added or changed, files not indexed, files gone).

@@ -13,7 +13,7 @@ from ..services.availability import INSTANCE_AVAILABILITY, Availability, group_i
 from ..services.commitment import STORAGE_COMMITMENT
 from ..services.storage import STORAGE_SOP_CLASSES
 from .commitment import CommitmentSCP
-from .db import stored_file_problem
+from .db import instance_availability
 from .mpps import MPPS, MPPSStore
 
 __all__ = [
@@ -170,11 +170,8 @@ class AvailabilityNotifier:
         found = await self.archive.in_index_thread(rows)
 
         def unavailable() -> dict[str, str]:  # a stat per instance, off the event loop
-            return {
-                sop_uid: "UNAVAILABLE"
-                for _series, _class, sop_uid, path, size in found
-                if stored_file_problem(path, size) is not None
-            }
+            availability = ((sop_uid, instance_availability(path, size)) for _se, _c, sop_uid, path, size in found)
+            return {sop_uid: value for sop_uid, value in availability if value != "ONLINE"}
 
         av = Availability(
             study_uid,

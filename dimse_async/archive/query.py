@@ -17,6 +17,7 @@ from .date_ranges import da_days, parse_range
 from .db import (
     QUERY_SLICE,
     IndexDB,
+    instance_availability,
     stored_file_problem,
 )
 from .schema import (
@@ -102,11 +103,13 @@ class QueryMixin(IndexDB):
         rows = db.execute(query.sql(), query.arguments()).fetchall()
         # Where the instances are (PS3.4 C.4.1.1.3.2), as keys too: a Retrieve AE Title or
         # Instance Availability key with a value matched nothing (no candidate had them).
+        # An instance's availability is its file's (see _candidates); above the IMAGE
+        # level it is not looked up file by file.
         located: dict[str, str] = {}
         if self.retrieve_ae_title and "RetrieveAETitle" in query.identifier:
             located["RetrieveAETitle"] = self.retrieve_ae_title
-        if "InstanceAvailability" in query.identifier:
-            located["InstanceAvailability"] = "ONLINE"  # every instance is a file in the storage directory
+        if "InstanceAvailability" in query.identifier and query.depth < 3:
+            located["InstanceAvailability"] = "ONLINE"
         for (attrs, extra, path), key in self._candidates(db, query, rows):
             candidate = dataset_from(*attrs)
             for name, value in (*extra.items(), *located.items()):
@@ -128,18 +131,23 @@ class QueryMixin(IndexDB):
     ) -> Iterator[tuple[tuple[list[dict[str, str]], dict[str, Any], str | None], str]]:
         """The candidates of ``rows`` (rows at the query level joined with their
         parents): their attributes, computed keys and, when the query needs keys the
-        index lacks, the file of one instance of each entity; with each its key."""
+        index lacks, the file of one instance of each entity; with each its key. At the
+        IMAGE level an Instance Availability key is the instance's file's: UNAVAILABLE
+        when it is gone or not the size it was stored at (:func:`.instance_availability`),
+        as a retrieve would fail it."""
         depth, level = query.depth, query.level
         if not rows:  # an empty page (no "IN ()": PostgreSQL refuses it)
             return
         keys = sorted({row[1 + 2 * depth] for row in rows}) if depth < 3 else []
         computed = self._computed(db, level, keys, query.identifier)
         paths = self._representatives(db, level, keys) if query.from_file and depth < 3 else {}
+        availability = "InstanceAvailability" in query.identifier
         for row in rows:
             attrs, entities, path = _unpack(row, depth)
             key = row[-1]
             if depth >= 3:
-                yield (attrs, {}, path), key
+                extra = {"InstanceAvailability": instance_availability(row[7], row[8])} if availability else {}
+                yield (attrs, extra, path), key
             else:
                 yield (attrs, computed[entities[level]], paths.get(entities[level])), key
 
@@ -616,6 +624,8 @@ def _select(depth: int) -> str:
     for join, attrs, key in _LEVEL_JOINS[:depth]:
         joins.append(join)
         select += [attrs, key]
+    if depth >= 3:
+        select.append("i.size")  # (Instance Availability: the file at the size it was stored at)
     select.append(_KEY_COLUMNS[depth])
     return f"SELECT {', '.join(select)} FROM {' '.join(joins)}"
 

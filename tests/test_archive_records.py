@@ -1,0 +1,166 @@
+"""What the archive's records of its instances are used for, checked against ``serve``
+(in this process, on loopback) with our SCU as the peer:
+
+- a stored file cut at an element boundary parses as a complete data set: the size the
+  index recorded when it was stored tells it apart. C-FIND says UNAVAILABLE for it at the
+  IMAGE level (Instance Availability, PS3.3 C.4.23.1.1), a C-GET fails its sub-operation,
+  and a re-index keeps the record and names the file instead of indexing the cut file;
+- a re-index from scratch gives a study and a series the attributes of their first
+  instance stored (file modification time), as the live archive did, whatever order the
+  directory walk meets the files in;
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from normalized_helpers import HOST, make_instances, running_serve, store
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+import dimse_async as da
+from dimse_async.archive.index import Archive
+from dimse_async.services.qr import MODELS
+
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little endian
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """The library's log lines (its logger does not propagate to the root)."""
+    logger = logging.getLogger("dimse_async")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="dimse_async")
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def _query(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for key, value in keys.items():
+        setattr(ds, key, value)
+    return ds
+
+
+async def _availability(port: int, study: str, series: str) -> dict[str, str]:
+    """SOP Instance UID -> Instance Availability of the series' instances, by C-FIND."""
+    scu = da.AE("FINDSCU")
+    scu.add_requested_context(MODELS["study"]["find"])
+    query = _query("IMAGE", StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID="",
+                   InstanceAvailability="")  # fmt: skip
+    async with scu.associate(HOST, port, "ARCHIVE") as assoc:
+        found = [m async for m in assoc.c_find(query, "study")]
+    return {str(m.SOPInstanceUID): str(m.InstanceAvailability) for m in found}
+
+
+async def test_a_file_cut_at_an_element_boundary_is_unavailable_and_not_reindexed(
+    tmp_path: Path, index: str | None, logged: pytest.LogCaptureFixture
+) -> None:
+    """Three instances stored; one file is then cut just before its Pixel Data element
+    (what is left is a complete data set to any parser). C-FIND (IMAGE level) says
+    UNAVAILABLE for it, ONLINE for the others; the re-index leaves it out with a warning
+    naming the file, keeping the record of the size stored; a C-GET of the study sends
+    the two intact instances and fails the cut one (0xB000, its UID in the Failed SOP
+    Instance UID List)."""
+    files = make_instances(tmp_path / "in", 3)
+    first = pydicom.dcmread(files[0][0])
+    study, series = str(first.StudyInstanceUID), str(first.SeriesInstanceUID)
+    uids = [uid for _p, _c, uid in files]
+    async with running_serve(tmp_path / "archive", index=index) as serve:
+        await store(serve.port, [p for p, _c, _i in files])
+        assert await _availability(serve.port, study, series) == dict.fromkeys(uids, "ONLINE")
+        cut = serve.archive.path_for(uids[0])
+        data = cut.read_bytes()
+        os.truncate(cut, data.rindex(PIXEL_DATA_TAG))
+        assert "PixelData" not in pydicom.dcmread(cut)  # parses as complete
+        assert await _availability(serve.port, study, series) == {uids[0]: "UNAVAILABLE", uids[1]: "ONLINE", uids[2]: "ONLINE"}
+
+        added, skipped, gone = await serve.archive.reindex()
+        assert (added, skipped, gone) == (0, 1, 0)
+        (line,) = [r.getMessage() for r in logged.records if "shorter than when stored" in r.getMessage()]
+        assert str(cut) in line and f"stored_size={len(data)}" in line
+        assert await _availability(serve.port, study, series) == {uids[0]: "UNAVAILABLE", uids[1]: "ONLINE", uids[2]: "ONLINE"}
+
+        scu = da.AE("GETSCU")
+        scu.add_requested_context(MODELS["study"]["get"])
+        scu.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian], scu_role=False, scp_role=True)
+        received: list[str] = []
+
+        async def sink(request: Any) -> int:
+            received.append(request.sop_instance_uid)
+            return 0
+
+        async with scu.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            responses = assoc.c_get(_query("STUDY", StudyInstanceUID=study), store=sink)
+            progress = [p async for p in responses]
+    assert sorted(received) == sorted(uids[1:])
+    assert int(responses.status) == 0xB000
+    assert (progress[-1].completed, progress[-1].failed) == (2, 1)
+    assert progress[-1].failed_instances == [uids[0]]
+
+
+def _walk_order(root: Path) -> list[Path]:
+    """The directories under ``root`` in the order the re-index's walk visits them."""
+    order = []
+    for dirpath, dirnames, _files in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        order.append(Path(dirpath))
+    return order
+
+
+async def test_reindex_from_scratch_keeps_the_attributes_of_the_first_instance_stored(tmp_path: Path) -> None:
+    """Two instances of one study and series, their descriptions differing, stored one
+    after the other: the archive answers with the first one's (first stored wins). The
+    index is then lost and rebuilt from the files, the walk meeting the second one's file
+    first: the study and the series still have the first one's descriptions."""
+    root = tmp_path / "archive"
+    a_uid, b_uid = generate_uid(), generate_uid()
+    while a_uid[-4:] == b_uid[-4:]:  # (in directories of their own)
+        b_uid = generate_uid()
+    probe = Archive(root)
+    try:
+        paths = {uid: probe.path_for(uid) for uid in (a_uid, b_uid)}
+    finally:
+        probe.close()
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # The directories exist before the files, so the walk's order is known now: the
+    # instance whose file it meets first is stored second.
+    order = _walk_order(root)
+    second, first = sorted((a_uid, b_uid), key=lambda uid: order.index(paths[uid].parent))
+    sources = make_instances(tmp_path / "in", 2)
+    for (path, _c, _i), uid, words in ((sources[0], first, "FIRST"), (sources[1], second, "SECOND")):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.StudyDescription = f"{words} STUDY"
+        ds.SeriesDescription = f"{words} SERIES"
+        ds.save_as(path, enforce_file_format=True)
+    query = _query("SERIES", StudyInstanceUID=str(ds.StudyInstanceUID), StudyDescription="", SeriesDescription="",
+                   SeriesInstanceUID="")  # fmt: skip
+    async with running_serve(root) as serve:
+        await store(serve.port, [sources[0][0]])
+        await store(serve.port, [sources[1][0]])
+        (live,) = await serve.archive.find(MODELS["study"]["find"], query)
+    assert (live.StudyDescription, live.SeriesDescription) == ("FIRST STUDY", "FIRST SERIES")
+    now = time.time()
+    os.utime(paths[first], (now - 10, now - 10))  # (stored in that order; no tie on a coarse clock)
+    os.utime(paths[second], (now, now))
+    for leftover in root.glob("index.sqlite*"):
+        leftover.unlink()
+    rebuilt = Archive(root)
+    try:
+        assert await rebuilt.reindex() == (2, 0, 0)
+        (again,) = await rebuilt.find(MODELS["study"]["find"], query)
+    finally:
+        rebuilt.close()
+    assert (again.StudyDescription, again.SeriesDescription) == ("FIRST STUDY", "FIRST SERIES")
