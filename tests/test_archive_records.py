@@ -8,12 +8,14 @@
 - a re-index from scratch gives a study and a series the attributes of their first
   instance stored (file modification time), as the live archive did, whatever order the
   directory walk meets the files in;
+- a performed procedure step is found by any study it was scheduled for (PS3.4 F.7.2);
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,8 +29,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import dimse_async as da
 from dimse_async.archive.index import Archive
+from dimse_async.archive.mpps import MPPS, MPPSStore, mpps_create_dataset, mpps_final_dataset
 from dimse_async.services.qr import MODELS
 
+WAIT = 30.0
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little endian
 
 
@@ -164,3 +168,46 @@ async def test_reindex_from_scratch_keeps_the_attributes_of_the_first_instance_s
     finally:
         rebuilt.close()
     assert (again.StudyDescription, again.SeriesDescription) == ("FIRST STUDY", "FIRST SERIES")
+
+
+async def test_a_step_of_several_studies_is_found_by_each(tmp_path: Path) -> None:
+    """An MPPS N-CREATE whose Scheduled Step Attributes Sequence names two studies (two
+    requested procedures done in one step); the images go in the second study. The step
+    is found by either study, and the second study's instance availability notification
+    references it (PS3.4 R.3.4.1.1); steps kept before every study was listed are found
+    the same once the file is opened again."""
+    files = make_instances(tmp_path / "in", 1)
+    image = pydicom.dcmread(files[0][0])
+    one, two = generate_uid(), str(image.StudyInstanceUID)
+    create = mpps_create_dataset("PAT1", "Test^Patient", one, "CT", "PPS1", "CT1")
+    also = Dataset()
+    also.StudyInstanceUID = two
+    also.ReferencedStudySequence = []
+    also.AccessionNumber = "A2"
+    create.ScheduledStepAttributesSequence.append(also)
+    root = tmp_path / "archive"
+    async with running_serve(root, ian_destinations=["RIS"], ian_delay=3600.0, known_aes={"RIS": (HOST, 9)}) as serve:
+        await store(serve.port, [files[0][0]])
+        ae = da.AE("MODALITY", dimse_timeout=WAIT)
+        ae.add_requested_context(MPPS)
+        async with ae.associate(HOST, serve.port, "ARCHIVE") as assoc:
+            created = await assoc.n_create(MPPS, None, create)
+            assert created.is_success
+            uid = created.sop_instance_uid
+            ended = await assoc.n_set(MPPS, uid, mpps_final_dataset(series_uids=[str(image.SeriesInstanceUID)]))
+            assert ended.is_success
+        steps = serve.extras.mpps
+        assert steps is not None and serve.extras.availability is not None
+        assert [s.SOPInstanceUID for s in await steps.find(study_uid=one)] == [uid]
+        assert [s.SOPInstanceUID for s in await steps.find(study_uid=two)] == [uid]
+        notified = await serve.extras.availability.availability(two)
+        assert notified.procedure_steps == [(MPPS, uid)]
+    with sqlite3.connect(root / "mpps.sqlite") as db:  # as a file kept before the list existed
+        db.execute("DELETE FROM mpps_studies")
+        db.execute("PRAGMA user_version = 0")
+    db.close()
+    reopened = MPPSStore(root)
+    try:
+        assert [s.SOPInstanceUID for s in await reopened.find(study_uid=two)] == [uid]
+    finally:
+        reopened.close()

@@ -126,7 +126,11 @@ CREATE TABLE IF NOT EXISTS mpps (
     station_ae TEXT, created REAL NOT NULL, updated REAL NOT NULL, attrs BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS mpps_status ON mpps(status);
 CREATE INDEX IF NOT EXISTS mpps_patient ON mpps(patient_id);
+CREATE TABLE IF NOT EXISTS mpps_studies (
+    sop_uid TEXT NOT NULL REFERENCES mpps(sop_uid), study_uid TEXT NOT NULL, PRIMARY KEY (study_uid, sop_uid));
 """
+#: ``PRAGMA user_version`` of ``mpps.sqlite``: 1 since ``mpps_studies`` lists every study of a step.
+_SCHEMA_VERSION = 1
 
 
 #: Attributes the SCP reads as one text value (its state and its listing's columns).
@@ -259,11 +263,18 @@ def _invalid(ds: Dataset) -> Status | None:
     return Status(NCode.INVALID_ATTRIBUTE_VALUE, why[:64], [tag])
 
 
+def _study_uids(ds: Dataset) -> list[str]:
+    """Every study a step belongs to, in order, once each: the Study Instance UID of each
+    item of its Scheduled Step Attributes Sequence (PS3.4 Table F.7.2-1; a step performed
+    for several requested procedures has an item for each, possibly of several studies)."""
+    uids = [str(item.StudyInstanceUID) for item in ds.get("ScheduledStepAttributesSequence") or []
+            if item.get("StudyInstanceUID")]  # fmt: skip
+    return list(dict.fromkeys(uids)) or ([str(ds.StudyInstanceUID)] if ds.get("StudyInstanceUID") else [])
+
+
 def _study_uid(ds: Dataset) -> str:
-    for item in ds.get("ScheduledStepAttributesSequence") or []:
-        if item.get("StudyInstanceUID"):
-            return str(item.StudyInstanceUID)
-    return str(ds.get("StudyInstanceUID") or "")
+    uids = _study_uids(ds)
+    return uids[0] if uids else ""
 
 
 def mpps_create_dataset(
@@ -370,6 +381,8 @@ class MPPSStore:
         self.path = Path(root) / "mpps.sqlite"
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.executescript(_SCHEMA)
+        if self._db.execute("PRAGMA user_version").fetchone()[0] < _SCHEMA_VERSION:
+            self._list_studies()
         self._lock = threading.Lock()  # sqlite calls run in worker threads
         self._steps = asyncio.Lock()  # one N-CREATE / N-SET at a time: the state rules hold
 
@@ -383,6 +396,17 @@ class MPPSStore:
         ae.on_n_get(self.on_n_get, sop_class=MPPS_RETRIEVE)
 
     # -- storage
+
+    def _list_studies(self) -> None:
+        """Fill ``mpps_studies`` for the steps kept before it existed (each step's first
+        study only was kept, in ``mpps.study_uid``): once, when the file is opened."""
+        with self._db:
+            for uid, attrs in self._db.execute("SELECT sop_uid, attrs FROM mpps").fetchall():
+                studies = _study_uids(decode_identifier(attrs, ExplicitVRLittleEndian))
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO mpps_studies VALUES (?, ?)", [(uid, study) for study in studies]
+                )
+            self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def _get(self, uid: str) -> tuple[str, Dataset] | None:
         with self._lock:
@@ -405,6 +429,10 @@ class MPPSStore:
                 self._db.execute(
                     "INSERT INTO mpps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (uid, *values[:5], now, *values[5:])
                 )
+                # (The studies are fixed at creation: the scheduled steps are not N-SET, F.7.2-1.)
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO mpps_studies VALUES (?, ?)", [(uid, study) for study in _study_uids(ds)]
+                )
             else:
                 self._db.execute(
                     "UPDATE mpps SET status=?, patient_id=?, study_uid=?, modality=?, station_ae=?, updated=?, attrs=? "
@@ -423,17 +451,21 @@ class MPPSStore:
 
     def _find(self, status: str | None, patient_id: str | None, study_uid: str | None) -> list[tuple[str, bytes]]:
         sql, args = "SELECT sop_uid, attrs FROM mpps WHERE 1=1", []
-        for column, value in (("status", status), ("patient_id", patient_id), ("study_uid", study_uid)):
+        for column, value in (("status", status), ("patient_id", patient_id)):
             if value is not None:
                 sql += f" AND {column} = ?"
                 args.append(value)
+        if study_uid is not None:  # any of the step's studies (mpps_studies), not only its first
+            sql += " AND sop_uid IN (SELECT sop_uid FROM mpps_studies WHERE study_uid = ?)"
+            args.append(study_uid)
         with self._lock:
             return self._db.execute(sql + " ORDER BY created", args).fetchall()
 
     async def find(
         self, *, status: str | None = None, patient_id: str | None = None, study_uid: str | None = None
     ) -> list[Dataset]:
-        """Steps matching every criterion given, oldest first (each with its SOP Instance UID)."""
+        """Steps matching every criterion given, oldest first (each with its SOP Instance
+        UID); ``study_uid`` finds a step by any study it names."""
         rows = await asyncio.to_thread(self._find, status, patient_id, study_uid)
         out = []
         for uid, attrs in rows:
