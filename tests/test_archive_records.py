@@ -9,10 +9,13 @@
   instance stored (file modification time), as the live archive did, whatever order the
   directory walk meets the files in;
 - a performed procedure step is found by any study it was scheduled for (PS3.4 F.7.2);
+- storage commitment: a second N-ACTION with the Transaction UID of a transaction still in
+  progress is refused, so that the Transaction UID has one report (PS3.4 J.3.2, J.3.3).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -30,6 +33,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 import dimse_async as da
 from dimse_async.archive.index import Archive
 from dimse_async.archive.mpps import MPPS, MPPSStore, mpps_create_dataset, mpps_final_dataset
+from dimse_async.services.commitment import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, request_dataset
+from dimse_async.services.normalized import NRequest
 from dimse_async.services.qr import MODELS
 
 WAIT = 30.0
@@ -211,3 +216,57 @@ async def test_a_step_of_several_studies_is_found_by_each(tmp_path: Path) -> Non
         assert [s.SOPInstanceUID for s in await reopened.find(study_uid=two)] == [uid]
     finally:
         reopened.close()
+
+
+async def test_a_transaction_uid_in_progress_is_refused_and_reported_once(
+    tmp_path: Path, logged: pytest.LogCaptureFixture
+) -> None:
+    """Storage commitment, the report on a new association, two ``serve`` processes'
+    worth of SCPs on one index (as ``--workers 2``): while the report of a transaction
+    is under way (the requester has not answered it yet), an N-ACTION with the same
+    Transaction UID is refused 0x0115 (a failure: J.3.2.1.3, the SCP does not process
+    it) with a warning line, by the SCP that took it and by the other one alike; the
+    requester gets one report for the Transaction UID, the first request's, not also one
+    failing it 0x0131 (in either order). Once reported, the Transaction UID used again
+    is answered by a report failing it 0x0131, by either SCP."""
+    reports: list[Dataset] = []
+    entered, release = asyncio.Event(), asyncio.Event()
+    ours = da.AE("OUR_SCU", dimse_timeout=WAIT)
+    ours.add_supported_context(STORAGE_COMMITMENT, scp_role=True)
+    ours.add_requested_context(STORAGE_COMMITMENT)
+
+    @ours.on_n_event_report(sop_class=STORAGE_COMMITMENT)
+    async def on_report(request: NRequest) -> None:
+        assert request.dataset is not None
+        reports.append(request.dataset)
+        entered.set()
+        await release.wait()
+
+    transaction = generate_uid()
+    info = request_dataset(transaction, [(CTImageStorage, generate_uid())])
+    root = tmp_path / "archive"
+
+    async def action(port: int) -> Any:
+        async with ours.associate(HOST, port, "ARCHIVE") as assoc:
+            return (await assoc.n_action(STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, 1, info)).status
+
+    async with await ours.start_server(HOST, 0) as listener:
+        settings: dict[str, Any] = {"commitment_same_association": False, "known_aes": {"OUR_SCU": (HOST, listener.port)}}
+        async with running_serve(root, **settings) as serve, running_serve(root, **settings) as other:
+            assert serve.extras.commitment is not None and other.extras.commitment is not None
+            first = await action(serve.port)
+            await asyncio.wait_for(entered.wait(), WAIT)  # its report is on its way
+            again = await action(serve.port)
+            elsewhere = await action(other.port)
+            release.set()
+            await serve.extras.commitment.wait_idle(WAIT)
+            assert [str(r.TransactionUID) for r in reports] == [transaction]
+            reused = await action(other.port)
+            await other.extras.commitment.wait_idle(WAIT)
+    assert first.is_success and reused.is_success
+    for status in (again, elsewhere):
+        assert int(status) == 0x0115 and "Transaction UID in use" in str(status.error_comment), status
+    assert [str(r.TransactionUID) for r in reports] == [transaction] * 2
+    assert [[int(f.FailureReason) for f in r.FailedSOPSequence] for r in reports] == [[0x0112], [0x0131]]
+    lines = [r.getMessage() for r in logged.records if "Transaction UID is in use" in r.getMessage()]
+    assert len(lines) == 2 and all(transaction in line and "OUR_SCU" in line for line in lines)

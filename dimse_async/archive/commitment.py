@@ -6,7 +6,15 @@ index recorded, read to the end, its header naming the same instance and class).
 Only those are committed; the others fail with a reason (PS3.3 C.14.1.1): 0x0112 not
 held, 0x0122 not held and of a SOP class the archive does not store (with
 ``storage_classes``), 0x0119 held under another SOP class, 0x0110 the file is damaged or unreadable,
-0x0131 a Transaction UID already used by that requester. The report goes on the
+0x0131 a Transaction UID already used by that requester (its report went out: J.3.3.1.2,
+"no longer active and shall not be reused"). An N-ACTION naming a Transaction UID of
+that requester whose transaction is still in flight (the same request twice at once, a
+retry racing the original) is refused 0x0115 (Invalid Argument Value, PS3.7 10.1.4.1.10;
+J.3.2.1.3: "the SCP is not processing the request"), so that a Transaction UID has one
+report only, the one of the request that was taken. The transactions are kept in the
+archive's index (``commitment_transactions``), so this holds across the worker
+processes and nodes serving it; one claimed by a process that died without reporting
+it may be taken again after :data:`ABANDONED_AFTER` seconds. The report goes on the
 requesting association if it is still open, else on a new association to the
 requester's entry in ``[known_aes]`` (proposing the SCP role), retried; one log
 line per transaction says what was committed and how the report went.
@@ -60,6 +68,14 @@ MAX_REFERENCES = 10_000
 #: (``commitment_max_transactions``, ``commitment_max_per_association``).
 MAX_TRANSACTIONS = 64
 MAX_PER_ASSOCIATION = 8
+#: A transaction still without a report this many seconds after its N-ACTION was taken
+#: was abandoned (its process died): a request with its Transaction UID takes it again.
+ABANDONED_AFTER = 3600.0
+#: Transactions are remembered this long (seconds): a Transaction UID used again
+#: meanwhile fails 0x0131 (Duplicate transaction UID, PS3.3 C.14.1.1).
+REMEMBERED_FOR = 30 * 86400.0
+#: What :meth:`CommitmentSCP._claim` finds for a Transaction UID.
+_NEW, _IN_FLIGHT, _REPORTED = "new", "in flight", "reported"
 
 
 class _Stopped(Exception):
@@ -127,7 +143,15 @@ class CommitmentSCP:
         self._pool = ThreadPoolExecutor(max_workers=checks, thread_name_prefix="commitment")
         self.log = get_logger("commitment")
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()  # (requester, transaction) -> time
+        #: (requester, transaction) of this SCP's transactions whose report has not gone
+        #: out yet, from the N-ACTION's arrival (before the index says whether it is new).
+        self._in_flight: set[tuple[str, str]] = set()
+        #: N-ACTIONs between their arrival and their task (the index being asked).
+        self._claiming = 0
+        #: Transactions abandoned at shutdown without a report, released in the index by
+        #: :meth:`close` (the requester may ask again).
+        self._abandoned: list[tuple[str, str]] = []
+        self._unclaims: set[asyncio.Future[None]] = set()
         #: Failed report attempts, "attempt N: error", newest last (bounded).
         self.attempts: list[str] = []
         #: The last results, newest last (for inspection and tests).
@@ -150,16 +174,20 @@ class CommitmentSCP:
                 peer_ae=request.calling_ae,
             )
             return Status(NCode.RESOURCE_LIMITATION, reason)
+        key = (request.calling_ae, parsed.transaction_uid)
+        if key in self._in_flight:
+            return self._refuse_in_flight(parsed.transaction_uid, request.calling_ae)
         assoc_key = id(request.assoc)
         busy = self._per_association.get(assoc_key, 0)
-        if len(self._tasks) >= self.max_transactions or busy >= self.max_per_association:
+        in_progress = len(self._tasks) + self._claiming
+        if in_progress >= self.max_transactions or busy >= self.max_per_association:
             if busy >= self.max_per_association:
                 reason, setting = (
                     f"{busy} transactions of this association in progress",
                     "commitment_max_per_association",
                 )
             else:
-                reason, setting = f"{len(self._tasks)} transactions in progress", "commitment_max_transactions"
+                reason, setting = f"{in_progress} transactions in progress", "commitment_max_transactions"
             self.log.warning(
                 f"storage commitment request refused: {reason} ({setting}); the requester may ask again later",
                 status="0x0213",
@@ -167,22 +195,110 @@ class CommitmentSCP:
                 peer_ae=request.calling_ae,
             )
             return Status(NCode.RESOURCE_LIMITATION, f"{reason}; ask again later"[:64])
-        key = (request.calling_ae, parsed.transaction_uid)
-        duplicate = key in self._seen
-        self._seen[key] = time.time()
-        while len(self._seen) > 10_000:
-            self._seen.popitem(last=False)
-        task = asyncio.ensure_future(self._commit(request.assoc, request.calling_ae, parsed, duplicate))
-        self._tasks.add(task)
+        # Held from here, while the index is asked: a second N-ACTION of this
+        # transaction arriving meanwhile is refused above.
+        self._in_flight.add(key)
         self._per_association[assoc_key] = busy + 1
-        task.add_done_callback(lambda t: self._done(t, assoc_key))
+        self._claiming += 1
+        claiming = asyncio.ensure_future(self.archive.in_index_thread(self._claim, key, time.time()))
+        try:
+            claim = await asyncio.shield(claiming)
+        except asyncio.CancelledError:  # the association went away: no answer, no report
+            self._in_flight.discard(key)
+            self._release_association(assoc_key)
+            claiming.add_done_callback(lambda done: self._unclaim(done, key))
+            raise
+        except Exception as exc:
+            self._in_flight.discard(key)
+            self._release_association(assoc_key)
+            self.log.error("storage commitment request refused: index unavailable", error=str(exc)[:200],
+                           transaction_uid=parsed.transaction_uid, peer_ae=request.calling_ae)  # fmt: skip
+            return Status(NCode.PROCESSING_FAILURE, f"index unavailable: {exc}"[:64])
+        finally:
+            self._claiming -= 1
+        if claim == _IN_FLIGHT:  # (taken by another process or node serving the index)
+            self._in_flight.discard(key)
+            self._release_association(assoc_key)
+            return self._refuse_in_flight(parsed.transaction_uid, request.calling_ae)
+        task = asyncio.ensure_future(self._commit(request.assoc, key, parsed, claim == _REPORTED))
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._done(t, assoc_key, key))
         return None
 
-    def _done(self, task: asyncio.Task[Any], assoc_key: int) -> None:
-        self._tasks.discard(task)
+    def _refuse_in_flight(self, transaction_uid: str, requester: str) -> Status:
+        self.log.warning(
+            "storage commitment request refused: its Transaction UID is in use by a transaction in progress",
+            status="0x0115",
+            transaction_uid=transaction_uid,
+            peer_ae=requester,
+        )
+        return Status(NCode.INVALID_ARGUMENT_VALUE, "Transaction UID in use: its report is pending")
+
+    def _claim(self, key: tuple[str, str], now: float) -> str:
+        """Take the transaction in the index (on a writer thread): ``"new"``; or what it
+        is already: ``"in flight"`` (its report under way, here or in another process or
+        node), ``"reported"`` (its report went out). One abandoned for
+        :data:`ABANDONED_AFTER` seconds is taken again (``"new"``)."""
+        db = self.archive.connection()
+        requester, uid = key
+
+        def claim() -> str:
+            with db:
+                db.execute("DELETE FROM commitment_transactions WHERE received < ?", (now - REMEMBERED_FOR,))
+                taken = db.execute(
+                    "INSERT INTO commitment_transactions (requester, transaction_uid, received, reported) "
+                    "VALUES (?, ?, ?, 0) ON CONFLICT (requester, transaction_uid) DO NOTHING RETURNING received",
+                    (requester, uid, now),
+                ).fetchall()  # (a statement with RETURNING read to its end before the commit)
+                if taken:
+                    return _NEW
+                received, reported = db.execute(
+                    "SELECT received, reported FROM commitment_transactions WHERE requester = ? AND transaction_uid = ?",
+                    (requester, uid),
+                ).fetchone()
+                if reported:
+                    return _REPORTED
+                if now - received < ABANDONED_AFTER:
+                    return _IN_FLIGHT
+                again = db.execute(
+                    "UPDATE commitment_transactions SET received = ? "
+                    "WHERE requester = ? AND transaction_uid = ? AND received = ? AND reported = 0 RETURNING received",
+                    (now, requester, uid, received),
+                ).fetchall()
+                return _NEW if again else _IN_FLIGHT
+
+        return str(self.archive.backend.retry(claim))
+
+    def _settle(self, key: tuple[str, str], reported: bool) -> None:
+        """In the index (on a writer thread): the transaction's report went out or failed
+        for good (``reported``), or it was abandoned without one (forgotten: the
+        requester may ask again)."""
+        db = self.archive.connection()
+        sql = (
+            "UPDATE commitment_transactions SET reported = 1 WHERE requester = ? AND transaction_uid = ?"
+            if reported
+            else "DELETE FROM commitment_transactions WHERE requester = ? AND transaction_uid = ? AND reported = 0"
+        )
+        self.archive.backend.retry(lambda: self.archive.backend.transaction(db, [(sql, key)]))
+
+    def _unclaim(self, claiming: asyncio.Future[str], key: tuple[str, str]) -> None:
+        """A transaction taken in the index for an N-ACTION never answered (its
+        association went away meanwhile) is released there: the requester may ask again."""
+        if claiming.cancelled() or claiming.exception() is not None or claiming.result() != _NEW:
+            return
+        task = asyncio.ensure_future(self.archive.in_index_thread(self._settle, key, False))
+        self._unclaims.add(task)
+        task.add_done_callback(self._unclaims.discard)
+
+    def _release_association(self, assoc_key: int) -> None:
         left = self._per_association.pop(assoc_key, 1) - 1
         if left > 0:
             self._per_association[assoc_key] = left
+
+    def _done(self, task: asyncio.Task[Any], assoc_key: int, key: tuple[str, str]) -> None:
+        self._tasks.discard(task)
+        self._in_flight.discard(key)
+        self._release_association(assoc_key)
 
     async def _check(self, ref: Reference) -> int | None:
         """``None`` if the instance is held intact, else the failure reason."""
@@ -238,17 +354,31 @@ class CommitmentSCP:
                 result.failed.append((ref[0], ref[1], reason))
         return result
 
-    async def _commit(self, assoc: Any, requester: str, parsed: CommitmentRequest, duplicate: bool) -> None:
-        started = time.monotonic()
+    async def _commit(self, assoc: Any, key: tuple[str, str], parsed: CommitmentRequest, duplicate: bool) -> None:
+        """Check, report, and record in the index that the transaction was reported; one
+        cut short at shutdown is released there instead (:meth:`close`)."""
+        requester = key[0]
         try:
-            result = await self.verify(parsed.transaction_uid, parsed.references, duplicate)
+            await self._check_and_report(assoc, requester, parsed, duplicate)
         except (asyncio.CancelledError, _Stopped):
             self.log.warning(
                 "storage commitment abandoned at shutdown; no report (the requester may ask again)",
                 transaction_uid=parsed.transaction_uid,
                 requester=requester,
             )
+            self._abandoned.append(key)
             raise
+        try:
+            await self.archive.in_index_thread(self._settle, key, True)
+        except Exception as exc:  # (a request with its UID is refused until ABANDONED_AFTER)
+            self.log.error("storage commitment: transaction not recorded as reported", error=str(exc)[:200],
+                           transaction_uid=parsed.transaction_uid, requester=requester)  # fmt: skip
+
+    async def _check_and_report(
+        self, assoc: Any, requester: str, parsed: CommitmentRequest, duplicate: bool
+    ) -> None:
+        started = time.monotonic()
+        result = await self.verify(parsed.transaction_uid, parsed.references, duplicate)
         destination = self.ae.known_aes.get(requester)
         fields = {
             "transaction_uid": parsed.transaction_uid,
@@ -303,6 +433,12 @@ class CommitmentSCP:
             task.cancel()
         if left:
             await asyncio.wait(left, timeout=timeout)
+        if self._unclaims:
+            await asyncio.wait(list(self._unclaims), timeout=timeout)
+        abandoned, self._abandoned = self._abandoned, []
+        for key in abandoned:  # (the requester may ask again with the same Transaction UID)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.archive.in_index_thread(self._settle, key, False), timeout)
         # The check under way stops at its next read; wait for the thread (bounded) so
         # that nothing reads the archive once it is closed.
         self._stop.set()

@@ -140,6 +140,11 @@ def _normalized(add: Callable[[str], None], config: ServeConfig) -> None:
     add(f"  {config.commitment_max_per_association} of them requested on one association "
         "(`commitment_max_per_association`): past")  # fmt: skip
     add(f"  either, the N-ACTION is refused 0x{NCode.RESOURCE_LIMITATION:04X} and may be sent again later.")
+    add("- A Transaction UID is taken once per requester, by every process and node serving the")
+    add("  index: an N-ACTION naming one whose report is still under way is refused "
+        f"0x{NCode.INVALID_ARGUMENT_VALUE:04X}")  # fmt: skip
+    add("  (invalid argument value), so it has one report; one whose report went out is answered")
+    add(f"  by a report failing every reference 0x{FailureReason.DUPLICATE_TRANSACTION_UID:04X}.")
     add(f"- N-EVENT-REPORT, Event Type ID {EVENT_SUCCESS} (all committed) or {EVENT_FAILURES} (failures exist), on the")
     add("  requesting association while it is open (`commitment_same_association = "
         f"{str(config.commitment_same_association).lower()}`), else on a new association to the")  # fmt: skip
