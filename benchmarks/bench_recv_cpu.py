@@ -17,6 +17,10 @@ difference of two runs, 100 instances apart)::
     valgrind --tool=callgrind --callgrind-out-file=/dev/null python benchmarks/bench_recv_cpu.py --count 100
     valgrind --tool=callgrind --callgrind-out-file=/dev/null python benchmarks/bench_recv_cpu.py --count 200
 
+A large instance (``--size 2100000``: its data set in PDUs of ``--pdu`` bytes, handed
+over in reads of as much as the receiver's buffer takes, at most ``--read`` bytes; fewer instances, e.g. ``--warm 10 --count 20`` and
+``--count 40``) measures the per-PDU and per-read cost instead.
+
 Without ``--count``: process CPU per instance (best of 5 batches; noisy on a shared
 machine) and Python calls per instance (cProfile). ``--profile N``: the functions by
 calls and own time. The inline-write policy's ``slow`` is raised to 1 s, as on a quiet
@@ -38,7 +42,7 @@ import time
 from typing import Any
 
 from dimse_async.acse import ContextSpec, build_request
-from dimse_async.dimse import Command, CommandField, encode_command
+from dimse_async.dimse import Command, CommandField, encode_command, fragment
 from dimse_async.pdu import PDV, PDataTF, ReleaseRQ
 
 CT, EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
@@ -111,10 +115,29 @@ def _feed(proto: Any, data: bytes, head: int | None = None) -> None:
     proto.buffer_updated(n)
 
 
+def _feed_stream(proto: Any, size: int, headers: list[tuple[int, bytes]], read: int) -> None:
+    """``size`` bytes received into the protocol's buffer as a socket hands them over:
+    each read as much as its view takes, at most ``read`` bytes; of those bytes only the
+    PDU and PDV headers (``headers``: offset in the stream, bytes) are copied."""
+    at, h = 0, 0
+    while at < size:
+        view = proto.get_buffer(-1)
+        n = min(len(view), read, size - at)
+        while h < len(headers) and headers[h][0] < at + n:
+            offset, header = headers[h]
+            lo, hi = max(offset, at), min(offset + len(header), at + n)
+            view[lo - at : hi - at] = header[lo - offset : hi - offset]
+            if offset + len(header) > at + n:
+                break  # (its rest comes with the next read)
+            h += 1
+        proto.buffer_updated(n)
+        at += n
+
+
 class Receiver:
     """One ``store-scp``-like acceptor with one association open."""
 
-    def __init__(self, out: str, reads: int):
+    def __init__(self, out: str, reads: int, size: int = 0, pdu: int = 131072, read: int = 1 << 20):
         from dimse_async.cli import _parser, storage_ae
         from dimse_async.filewriter import InlineWrites
         from dimse_async.operations import Association
@@ -137,6 +160,15 @@ class Receiver:
             raise SystemExit(f"no A-ASSOCIATE-AC: {self.transport.last[:16]!r}")
         self.data = PDataTF([PDV(1, False, True, _dataset())]).encode()
         self.reads = reads
+        # A large instance (--size): its data set in PDUs of --pdu bytes, as storescu
+        # sends it, handed over in reads of --read bytes (only the headers copied).
+        self.large: list[tuple[int, bytes]] | None = None
+        if size:
+            self.large, at = [], 0
+            for data_pdu in fragment(1, bytes(size), False, pdu):
+                self.large.append((at, data_pdu[:12]))
+                at += len(data_pdu)
+            self.large_size, self.read = at, read
         self.n = 0
         # Every command PDU made beforehand (the same work whatever --count: it cancels out).
         self.commands = [self._command(i) for i in range(1, _MADE + 1)]
@@ -158,7 +190,10 @@ class Receiver:
         command = self.commands[self.n % _MADE]
         self.n += 1
         writes = self.transport.writes
-        if self.reads <= 1:
+        if self.large is not None:
+            _feed(self.assoc, command)
+            _feed_stream(self.assoc, self.large_size, self.large, self.read)
+        elif self.reads <= 1:
             _feed(self.assoc, command + self.data)
         else:
             _feed(self.assoc, command)
@@ -173,8 +208,8 @@ class Receiver:
 
 
 async def _main(args: argparse.Namespace, out: str) -> None:
-    rx = Receiver(out, args.reads)
-    for _ in range(100):  # warm: caches, the buffer pool, the shapes kept
+    rx = Receiver(out, args.reads, args.size, args.pdu, args.read)
+    for _ in range(args.warm):  # warm: caches, the buffer pool, the shapes kept
         rx.one()
     await asyncio.sleep(0)
     if args.count is not None:
@@ -213,6 +248,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description="the receiver's own cost of one small C-STORE (benchmarks/README.md)")
     p.add_argument("-n", type=int, default=1000, help="instances per timed batch")
     p.add_argument("--reads", type=int, default=3, choices=(1, 2, 3), help="reads per instance (default 3)")
+    p.add_argument("--size", type=int, default=0, help="a large instance: its data set size in bytes (e.g. 2100000)")
+    p.add_argument("--pdu", type=int, default=131072, help="with --size: the data PDUs' length (default 131072)")
+    p.add_argument("--read", type=int, default=1 << 20, help="with --size: at most this many bytes per read (default 1 MiB)")
+    p.add_argument("--warm", type=int, default=100, help="instances received first, unmeasured (default 100)")
     p.add_argument("--count", type=int, metavar="N", help="only receive N instances after the warm-up (for callgrind)")
     p.add_argument("--profile", type=int, metavar="N", help="cProfile N instances: calls by function")
     p.add_argument("--out", help="directory for the files (default: a new one on /dev/shm, removed after)")
