@@ -120,6 +120,8 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         "_message_start",
         "_message_mark",
         "_last_request",
+        "_spare_done",
+        "_spare_for",
     )
 
     def __init__(self, settings: Settings, *, requestor: bool, ae: Any = None):

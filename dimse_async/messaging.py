@@ -139,6 +139,11 @@ class DIMSEMessaging:
         self._message_start: float | None = None
         self._message_mark = 0
         self._last_request = 0.0  # when a request of the peer's last arrived (sub_operation_progress)
+        # The future handed to a service's ``start`` and the operation it was handed for
+        # while that runs (see _start_inline): made once, kept while operations finish
+        # within their ``start``.
+        self._spare_done: asyncio.Future[None] | None = None
+        self._spare_for: Operation | None = None
 
     @property
     def writer(self) -> FileWriter:
@@ -728,15 +733,26 @@ class DIMSEMessaging:
     def _start_inline(self, op: Operation) -> bool:
         """Let a service with a ``start(assoc, op, done)`` run ``op`` as callbacks
         instead of a task (the usual C-STORE into a directory: one file job, then the
-        response); it then ends with :meth:`answer`. ``False``: it did not take it."""
+        response); it then ends with :meth:`answer`. ``False``: it did not take it.
+
+        ``done`` is the association's spare future: an operation answered before its
+        ``start`` returns (an instance written on the loop) leaves it pending, for the
+        next one; one that outlives ``start`` (work in the writer thread) keeps it, in
+        the association's tasks (cancelled when it ends, awaited before a release), and
+        the next operation gets a new one."""
         start = getattr(self.settings.dispatch.get(op.message.command.command_field), "start", None)
         if start is None:
             return False
-        done: asyncio.Future[None] = self.loop.create_future()
-        self._tasks.add(done)  # local work: cancelled when the association ends, awaited before a release
+        done = self._spare_done
+        if done is None:
+            done = self._spare_done = self.loop.create_future()
+        self._spare_for = op  # (cleared by _finished_inline when op is answered within start)
         if not start(self, op, done):
-            self._tasks.discard(done)
+            self._spare_for = None
             return False
+        if self._spare_for is op:  # still under way: the future is its own now
+            self._spare_for = self._spare_done = None
+            self._tasks.add(done)
         return True
 
     def answer(
@@ -795,9 +811,12 @@ class DIMSEMessaging:
         return True
 
     def _finished_inline(self, op: Operation, done: asyncio.Future[None]) -> None:
-        self._tasks.discard(done)
-        if not done.done():
-            done.set_result(None)
+        if op is self._spare_for and done is self._spare_done:
+            self._spare_for = None  # answered within its start: the spare stays pending, for the next one
+        else:
+            self._tasks.discard(done)
+            if not done.done():
+                done.set_result(None)
         sink = op.message.sink
         if sink is not None:
             sink.discard()

@@ -442,3 +442,60 @@ def test_done_counts_an_unwatched_write_as_took_does(monkeypatch):
             told._avg, told.writes, told.pauses, bool(told._until), told._pause,
         )  # fmt: skip
     assert timed.pauses and timed.writes == 21
+
+
+async def test_an_operation_outliving_start_keeps_its_future_in_the_associations_tasks(tmp_path, monkeypatch):
+    """The future a service's ``start`` gets (``DIMSEMessaging._start_inline``): an
+    instance written on the loop is answered within ``start`` and leaves it pending, in
+    no task set, for the next operation (the same future); one whose file goes to the
+    writer thread keeps it in the association's tasks (cancelled when the association
+    ends, awaited before a release) until answered, and the next operation gets a new
+    one. storescu's 6 instances, every other one to the writer: all stored intact, each
+    future handed off resolved, none left in the tasks."""
+    src = tmp_path / "src"
+    uids = write_instances(src, 6)
+    store = DirectoryStore(tmp_path / "out", inline=never_slow())
+    calls = 0
+    write_file_inline = storage_module.write_file_inline
+
+    def every_other(dest: str, chunks: Any) -> bool:
+        nonlocal calls
+        calls += 1
+        return calls % 2 == 1 and write_file_inline(dest, chunks)  # False: the writer thread places it
+
+    monkeypatch.setattr(storage_module, "write_file_inline", every_other)
+    from dimse_async.messaging import DIMSEMessaging
+
+    seen: list[tuple[Any, bool, bool]] = []  # (future, in the tasks after _start_inline, done then)
+    assocs: list[Any] = []
+    given: list[Any] = []
+    start, start_inline = storage_module.CStoreService.start, DIMSEMessaging._start_inline
+
+    def spy_start(self: Any, assoc: Any, op: Any, done: Any) -> bool:
+        given.append(done)
+        return start(self, assoc, op, done)
+
+    def spy_start_inline(self: Any, op: Any) -> bool:
+        taken = start_inline(self, op)
+        assocs.append(self)
+        done = given[-1]
+        seen.append((done, done in self._tasks, done.done()))
+        return taken
+
+    monkeypatch.setattr(storage_module.CStoreService, "start", spy_start)
+    monkeypatch.setattr(DIMSEMessaging, "_start_inline", spy_start_inline)
+    async with store_scp(store) as port:
+        assert await storescu(port, src) == 0
+        await asyncio.wait_for(assocs[0].wait_closed(), 10)
+    assert store.stored == 6 and calls == 6
+    for i, uid in enumerate(uids):
+        assert sent_intact((store.root / f"{uid}.dcm").read_bytes(), src / f"{i:03d}.dcm")
+    inline, handed = seen[0::2], seen[1::2]
+    assert [(in_tasks, done) for _, in_tasks, done in inline] == [(False, False)] * 3
+    assert [in_tasks for _, in_tasks, _ in handed] == [True] * 3
+    assert all(future.done() and not future.cancelled() for future, _, _ in handed)
+    # The spare of an operation answered within start goes to the next one; a future
+    # handed off is that operation's alone.
+    assert inline[0][0] is handed[0][0] and inline[1][0] is handed[1][0] and inline[2][0] is handed[2][0]
+    assert len({id(future) for future, _, _ in handed}) == 3
+    assert not assocs[0]._tasks
