@@ -114,19 +114,25 @@ class _SCPServices:
 
 class _FirstRequest:
     """The C-ECHO or C-STORE entry of an association's dispatch table while the AE's
-    :class:`_SCPServices` are not loaded yet: the first request loads them."""
+    :class:`_SCPServices` are not loaded yet: the first request loads them, and the
+    service takes this entry's place in ``table`` (its own ``start`` then called
+    directly, no step through this object per request)."""
 
-    __slots__ = ("_ae", "_name", "_loaded")
+    __slots__ = ("_ae", "_name", "_loaded", "table")
 
     def __init__(self, ae: AE, name: str) -> None:
         self._ae, self._name = ae, name
         self._loaded: EchoService | CStoreService | None = None
+        #: The dispatch table holding this entry (set by ``AE._dispatch``).
+        self.table: dict[int, Any] | None = None
 
     def _service(self) -> EchoService | CStoreService:
         loaded = self._loaded
-        if loaded is None:  # the first request: kept for the next ones (one step less per request)
+        if loaded is None:  # the first request: kept for the next ones
             services = self._ae._scp_services()
             loaded = self._loaded = services.echo if self._name == "echo" else services.store
+            if self.table is not None:
+                self.table[CommandField.C_ECHO_RQ if self._name == "echo" else _C_STORE_RQ] = loaded
         return loaded
 
     def __call__(self, assoc: DIMSEProvider, op: Operation) -> Awaitable[None]:
@@ -426,7 +432,7 @@ class AE(HandlerRegistry):
             served = handler is None and any(self.has_n_handler(field, sop_class) for field in _N_REQUESTS)
             await normalized.scp_n_service(assoc, op, handler, class_served=served)
 
-        return {
+        table: dict[int, ServiceHandler] = {
             **{field: n_service for field in _N_REQUESTS},
             CommandField.C_ECHO_RQ: echo,
             CommandField.C_STORE_RQ: store,
@@ -434,6 +440,10 @@ class AE(HandlerRegistry):
             CommandField.C_GET_RQ: get,
             CommandField.C_MOVE_RQ: move,
         }
+        for entry in (echo, store):
+            if type(entry) is _FirstRequest:
+                entry.table = table
+        return table
 
     def _scp_services(self) -> _SCPServices:
         """The C-ECHO and C-STORE services and the C-STORE spool, loaded on first use."""

@@ -273,7 +273,7 @@ class AssociationProtocol(DIMSEMessaging, asyncio.BufferedProtocol):
         self.oplog.bytes_received += nbytes
         if self._debug:
             self.log.debug("bytes received", n=nbytes, state=self.fsm.state.name)
-        self._run(self.fsm.buffer_updated(nbytes, now=now))
+        self._run(self.fsm.buffer_updated(nbytes, now))
 
     def data_received(self, data: bytes) -> None:
         """The same for bytes handed over as an object (a transport that does not

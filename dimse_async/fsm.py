@@ -201,8 +201,9 @@ class UpperLayer:
         """Where the transport should receive the next bytes (see :meth:`buffer_updated`)."""
         return self.reader.get_buffer(sizehint)
 
-    def buffer_updated(self, nbytes: int, *, now: float | None = None) -> list[Output]:
-        """``nbytes`` were received into :meth:`get_buffer`'s view: like :meth:`receive_data`."""
+    def buffer_updated(self, nbytes: int, now: float | None = None) -> list[Output]:
+        """``nbytes`` were received into :meth:`get_buffer`'s view: like :meth:`receive_data`
+        (``now`` may be given by position: the adapter's call per read)."""
         if now is not None:
             self.now = now
         if self._after_abort is not None:
@@ -214,7 +215,8 @@ class UpperLayer:
         else:
             out = None
         reader = self.reader
-        before = reader.buffer_updated(nbytes)  # pending plus received
+        end = reader.end = reader.end + nbytes  # reader.buffer_updated(nbytes), inlined: per read
+        before = end - reader.start  # pending plus received
         pdus = self._take_pdus()
         # _pdu_progress(before), inlined: this runs for every read
         after = reader.end - reader.start
@@ -378,7 +380,9 @@ class UpperLayer:
             history.append(_DT_1)
             if len(history) > 64:
                 del history[:32]
-            return [Send(data)]
+            send = _new(Send)  # Send(data), without its __init__ frame
+            send.data = data
+            return [send]
         self._outgoing = data
         return self._handle(Evt9)
 

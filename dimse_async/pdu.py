@@ -675,7 +675,8 @@ class PDUReader:
         self.decode_rq = decode_rq
         self._buf = bytearray()
         #: First unread byte and end of the bytes received in the buffer (read by the
-        #: state machine after each read, without a call; written here only).
+        #: state machine after each read, without a call; ``end`` moved by it as
+        #: :meth:`buffer_updated` moves it, the rest written here only).
         self.start = 0
         self.end = 0
         #: Set by an owner that lets the buffer go itself (:meth:`let_go`) once no

@@ -499,3 +499,32 @@ async def test_an_operation_outliving_start_keeps_its_future_in_the_associations
     assert inline[0][0] is handed[0][0] and inline[1][0] is handed[1][0] and inline[2][0] is handed[2][0]
     assert len({id(future) for future, _, _ in handed}) == 3
     assert not assocs[0]._tasks
+
+
+async def test_the_first_requests_put_their_services_in_the_dispatch_table(tmp_path):
+    """A server's C-ECHO and C-STORE entries are stand-ins until the first such request
+    loads the services (a sender never loads them); each first request then puts its
+    service in the stand-in's place, so the next ones call its ``start`` directly."""
+    from dimse_async import ae as ae_module
+    from dimse_async.services.verification import EchoService
+
+    src = tmp_path / "src"
+    write_instances(src, 2)
+    store = DirectoryStore(tmp_path / "out", inline=never_slow())
+    scp = storage_scp()
+    scp.on_c_store(store)
+    accepted: list[Any] = []
+    scp.on_association("accepted")(accepted.append)
+    async with await scp.start_server("127.0.0.1", 0) as server:
+        assert await storescu(server.port, src) == 0
+        dispatch = accepted[0].settings.dispatch
+        assert type(dispatch[0x0001]) is storage_module.CStoreService
+        assert type(dispatch[0x0030]) is ae_module._FirstRequest  # no C-ECHO yet
+        assert await storescu(server.port, src) == 0  # (the service itself takes them)
+        assert store.stored == 4
+        scu = AE("SCU")
+        scu.add_requested_context(VERIFICATION)
+        async with scu.associate("127.0.0.1", server.port, "SCP") as assoc:
+            assert (await assoc.c_echo()).is_success
+            assert (await assoc.c_echo()).is_success
+        assert type(dispatch[0x0030]) is EchoService
