@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -350,3 +351,15 @@ def index(request: pytest.FixtureRequest) -> Iterator[str | None]:
     dsn = server.new_database()
     yield dsn
     server.drop_database(dsn)
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """The library's log lines (its logger does not propagate to the root)."""
+    logger = logging.getLogger("dimse_async")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="dimse_async")
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -5,9 +5,7 @@ differ between instances; and hierarchical retrieves that lack keys (PS3.4 C.4.2
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +42,6 @@ def ct(sop: str | None = None, study: str | None = None, series: str | None = No
     for keyword, value in attrs.items():
         setattr(ds, keyword, value)
     return ds
-
-
-@pytest.fixture
-def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """The library's log lines (its logger does not propagate to the root)."""
-    logger = logging.getLogger("dimse_async")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="dimse_async")
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
 
 
 class Pynet:

@@ -16,11 +16,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +37,6 @@ from dimse_async.services.qr import MODELS
 
 WAIT = 30.0
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little endian
-
-
-@pytest.fixture
-def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
-    """The library's log lines (its logger does not propagate to the root)."""
-    logger = logging.getLogger("dimse_async")
-    logger.addHandler(caplog.handler)
-    caplog.set_level(logging.INFO, logger="dimse_async")
-    try:
-        yield caplog
-    finally:
-        logger.removeHandler(caplog.handler)
 
 
 def _query(level: str, **keys: str) -> Dataset:
