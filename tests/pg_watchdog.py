@@ -3,7 +3,8 @@
 ``python pg_watchdog.py FD PARENT BASE STOP...``: ``FD`` is the read end of a pipe
 whose write end only the test process holds. End of file on it (the process ended,
 ``kill -9`` included), or a new parent (it died, this one was adopted), runs the
-``STOP`` command (``pg_ctl stop -m immediate``) and removes the cluster's directory
+``STOP`` command (``pg_ctl stop -m immediate``; not when ``BASE/data/postmaster.pid``
+is gone: the fixture's teardown stopped the server) and removes the cluster's directory
 ``BASE``. The fixture starts it in a session of its own, so signals to the test's
 process group (Ctrl-C) leave it to do its job.
 """
@@ -26,7 +27,8 @@ def main() -> None:
         ready, _, _ = select.select([fd], [], [], 0.5)
         if ready and not os.read(fd, 64):
             break
-    subprocess.run(stop, capture_output=True, timeout=60, check=False)  # no server: a quick error
+    if os.path.exists(os.path.join(base, "data", "postmaster.pid")):  # gone once the server stopped
+        subprocess.run(stop, capture_output=True, timeout=60, check=False)
     shutil.rmtree(base, ignore_errors=True)
 
 
