@@ -294,6 +294,18 @@ class DIMSEMessaging:
         if self.fsm.state not in _CAN_SEND:
             raise AssociationAborted(self._end_reason or f"association not established ({self.fsm.state.name})")
 
+    def _check_can_send_now(self, command: Command) -> None:
+        """As :meth:`_check_can_send`, and once the peer has asked to release (Sta8) only
+        responses go out: no P-DATA can follow its A-RELEASE-RQ (PS3.8 Table 9-10), so a
+        request of ours that waited for the send lock meanwhile could never be answered.
+        Nor a C-CANCEL-RQ: what it asks for is the cancelled operation's final response
+        (PS3.7 §9.3.2.3), which cannot come either. The message is dropped with
+        one line naming it; its sender gets :class:`AssociationAborted`."""
+        self._check_can_send()
+        if self.fsm.state is not _ESTABLISHED and not command.command_field & 0x8000:
+            self.log.info("request not sent: the peer released the association", command=command.name)
+            raise AssociationAborted(f"the peer released the association: {command.name} not sent (no response could come)")
+
     async def _drain(self, timeout: float | None = None) -> None:
         """Until the transport takes more: a peer that reads none of it for ``timeout``
         seconds (a request's DIMSE timeout) is aborted, :class:`AssociationTimeout`."""
@@ -355,8 +367,8 @@ class DIMSEMessaging:
         write, no lock, no task switch. ``False`` when a response must wait for the
         output budget (the caller then takes the locked path). ``encoded``: the command
         set already encoded (:func:`~dimse_async.dimse.encode_response_fields`)."""
-        if self.fsm.state not in _CAN_SEND:  # (the check inlined: the call only to raise)
-            self._check_can_send()
+        if self.fsm.state is not _ESTABLISHED:  # (the check inlined: the call only to raise)
+            self._check_can_send_now(command)
         budget = self.settings.output_budget
         if (
             budget is not None
@@ -406,7 +418,7 @@ class DIMSEMessaging:
         timeout: float | None = None,
     ) -> None:
         async with self._lock():
-            self._check_can_send()
+            self._check_can_send_now(command)
             if command.command_field & 0x8000:  # a response: within the server-wide budget
                 await self._within_output_budget()
             self.oplog.sent(self.loop.time(), command, dataset, self, self._debug)

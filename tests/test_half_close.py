@@ -432,3 +432,78 @@ async def test_a_half_close_before_the_association_request_is_complete_closes_at
         writer.close()
         server.close()
         await asyncio.wait_for(server.wait_closed(grace=1), 10)
+
+
+async def test_a_sub_operation_waiting_for_the_send_lock_when_the_peer_releases_is_not_sent(
+    logged: pytest.LogCaptureFixture,
+) -> None:
+    """Two C-GETs at once (window 2): the first one's 12 MB C-STORE-RQ holds the send
+    lock for a peer that reads nothing yet; the second one's C-STORE-RQ, begun before the
+    peer's A-RELEASE-RQ, waits for the lock. Once the peer has released, no P-DATA can
+    answer it (PS3.8 Table 9-10): it is never sent, both sub-operations fail, and each
+    C-GET's final response (Failed 1) and A-RELEASE-RP still go out. (Before, that
+    C-STORE-RQ went out after the release, to a peer that could no longer answer it.)"""
+    from rawpeer import ct_dataset
+
+    big = ct_dataset()
+    big.Rows, big.Columns, big.BitsAllocated, big.BitsStored, big.HighBit = 2048, 3072, 16, 16, 15
+    big.SamplesPerPixel, big.PixelRepresentation, big.PhotometricInterpretation = 1, 0, "MONOCHROME2"
+    big.PixelData = bytes(2048 * 3072 * 2)
+    ae = da.AE("SCP", artim_timeout=20, dimse_timeout=20)
+    ae.add_supported_context(STUDY_GET, [IMPLICIT_LE])
+    ae.add_supported_context(CT, [EXPLICIT_LE], scp_role=True)
+
+    @ae.on_c_get
+    async def get(request: Any) -> AsyncIterator[Dataset]:
+        yield big if request.identifier.StudyInstanceUID == "1.2.3" else ct_dataset()
+
+    def c_get(message_id: int, study: str) -> bytes:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = study
+        cmd = Command(
+            CommandField.C_GET_RQ, message_id=message_id, affected_sop_class_uid=STUDY_GET, priority=0, data_set_type=0
+        )
+        return pdata(1, encode_command(cmd), command=True) + pdata(1, encode_dataset(query, IMPLICIT_LE), command=False)
+
+    server = await ae.start_server(HOST, 0)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # a small window: the server's writes back up
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (HOST, server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+    specs = [ContextSpec(STUDY_GET, [IMPLICIT_LE]), ContextSpec(CT, [EXPLICIT_LE], scu_role=False, scp_role=True)]
+
+    async def until(condition: Any) -> None:
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert condition()
+
+    try:
+        writer.write(build_request("SCP", "RAW", specs, max_pdu=1 << 20, async_ops=(4, 2)).encode())
+        ac = await read_pdu(reader)
+        assert ac is not None and ac[0] == 0x02
+        (assoc,) = server.associations
+        writer.write(c_get(1, "1.2.3"))
+        await until(lambda: assoc.buffered_output() > 0)  # the big C-STORE-RQ holds the send lock
+        writer.write(c_get(2, "1.2.4"))
+        await until(lambda: assoc._sending >= 2)  # the second C-STORE-RQ waits for the lock
+        writer.write(ReleaseRQ().encode())
+        await until(lambda: assoc.peer_released)
+        seen: list[Any] = []  # reading now lets the lock go
+        while not seen or seen[-1] != "A-RELEASE-RP":
+            got = await next_command(reader)
+            assert got is not None, seen
+            seen.append(got if isinstance(got, str) else (got.name, got.status, got.completed, got.failed))
+        stores = [s for s in seen if isinstance(s, tuple) and s[0] == "C-STORE-RQ"]
+        finals = sorted(s[2:] for s in seen if isinstance(s, tuple) and s[0] == "C-GET-RSP" and s[1] != 0xFF00)
+        assert len(stores) == 1, seen  # only the one begun before the release
+        assert finals == [(0, 1), (0, 1)], seen
+        assert seen[-1] == "A-RELEASE-RP", seen
+        dropped = [r.getMessage() for r in logged.records if "request not sent" in r.getMessage()]
+        assert len(dropped) == 1 and "C-STORE-RQ" in dropped[0], dropped
+    finally:
+        writer.close()
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=1), 10)
