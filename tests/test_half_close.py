@@ -12,6 +12,7 @@ once even with megabytes queued for a peer that no longer reads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -42,6 +43,35 @@ async def read_pdu(reader: asyncio.StreamReader) -> bytes | None:
         return header + await asyncio.wait_for(reader.readexactly(struct.unpack(">I", header[2:])[0]), 10)
     except asyncio.IncompleteReadError:
         return None
+
+
+@contextlib.asynccontextmanager
+async def associated(
+    ae: da.AE, request: bytes, *, small_window: bool = False, limit: int = 1 << 16
+) -> AsyncIterator[tuple[Any, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``ae`` serving on a free port and a raw connection to it that sent ``request`` and
+    read its A-ASSOCIATE-AC; with ``small_window`` the connection's receive buffer is
+    64 KiB (the server's writes back up). Connection and server closed after."""
+    server = await ae.start_server(HOST, 0)
+    try:
+        if small_window:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (HOST, server.port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
+        else:
+            reader, writer = await asyncio.open_connection(HOST, server.port)
+        try:
+            writer.write(request)
+            ac = await read_pdu(reader)
+            assert ac is not None and ac[0] == 0x02
+            yield server, reader, writer
+        finally:
+            writer.close()
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(grace=1), 10)
 
 
 async def test_a_release_cutting_a_c_store_data_set_is_answered_and_logged(tmp_path: Any) -> None:
@@ -244,12 +274,8 @@ async def test_a_peer_half_closing_after_its_release_request_gets_every_answer(s
             match.QueryRetrieveLevel = "STUDY"
             yield match
 
-    server = await ae.start_server(HOST, 0)
-    reader, writer = await asyncio.open_connection(HOST, server.port)
-    try:
-        writer.write(build_request("SCP", "RAW", [ContextSpec(STUDY_FIND, [IMPLICIT_LE])], max_pdu=65536).encode())
-        ac = await read_pdu(reader)
-        assert ac is not None and ac[0] == 0x02
+    request = build_request("SCP", "RAW", [ContextSpec(STUDY_FIND, [IMPLICIT_LE])], max_pdu=65536).encode()
+    async with associated(ae, request) as (_server, reader, writer):
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         cmd = Command(CommandField.C_FIND_RQ, message_id=1, affected_sop_class_uid=STUDY_FIND, priority=0, data_set_type=0)
@@ -263,10 +289,6 @@ async def test_a_peer_half_closing_after_its_release_request_gets_every_answer(s
         statuses = [s[1] if isinstance(s, tuple) else s for s in seen]
         assert statuses == [0xFF00] * MATCHES + [0x0000, "A-RELEASE-RP"], seen
         assert took < CLOSED_WITHIN, took  # closed after the A-RELEASE-RP, not at ARTIM
-    finally:
-        writer.close()
-        server.close()
-        await asyncio.wait_for(server.wait_closed(grace=1), 10)
 
 
 async def test_a_half_close_after_the_release_fails_the_c_get_sub_operation_it_left_unanswered() -> None:
@@ -285,12 +307,7 @@ async def test_a_half_close_after_the_release_fails_the_c_get_sub_operation_it_l
         for _ in range(2):
             yield ct_dataset()
 
-    server = await ae.start_server(HOST, 0)
-    reader, writer = await asyncio.open_connection(HOST, server.port)
-    try:
-        writer.write(get_rq_bytes())
-        ac = await read_pdu(reader)
-        assert ac is not None and ac[0] == 0x02
+    async with associated(ae, get_rq_bytes()) as (_server, reader, writer):
         writer.write(c_get_rq())
         await first_sub_operation(reader)  # (its C-STORE-RSP never sent)
         writer.write(ReleaseRQ().encode())
@@ -301,10 +318,6 @@ async def test_a_half_close_after_the_release_fails_the_c_get_sub_operation_it_l
             "A-RELEASE-RP",
         ], seen
         assert took < CLOSED_WITHIN, took
-    finally:
-        writer.close()
-        server.close()
-        await asyncio.wait_for(server.wait_closed(grace=1), 10)
 
 
 async def test_a_c_get_sub_operation_due_after_a_half_closed_release_is_not_sent() -> None:
@@ -330,12 +343,7 @@ async def test_a_c_get_sub_operation_due_after_a_half_closed_release_is_not_sent
         await asyncio.wait_for(released.wait(), 10)
         yield ct_dataset()
 
-    server = await ae.start_server(HOST, 0)
-    reader, writer = await asyncio.open_connection(HOST, server.port)
-    try:
-        writer.write(get_rq_bytes())
-        ac = await read_pdu(reader)
-        assert ac is not None and ac[0] == 0x02
+    async with associated(ae, get_rq_bytes()) as (server, reader, writer):
         writer.write(c_get_rq())
         first = await first_sub_operation(reader)
         writer.write(c_store_rsp(first))
@@ -354,10 +362,6 @@ async def test_a_c_get_sub_operation_due_after_a_half_closed_release_is_not_sent
             "A-RELEASE-RP",
         ], seen
         assert took < CLOSED_WITHIN, took
-    finally:
-        writer.close()
-        server.close()
-        await asyncio.wait_for(server.wait_closed(grace=1), 10)
 
 
 async def test_a_half_close_mid_c_get_ends_the_association_at_once_though_much_is_queued() -> None:
@@ -382,16 +386,7 @@ async def test_a_half_close_mid_c_get_ends_the_association_at_once_though_much_i
         sending.set()
         yield big
 
-    server = await ae.start_server(HOST, 0)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # a small window: the server's writes back up
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (HOST, server.port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    try:
-        writer.write(get_rq_bytes())
-        ac = await read_pdu(reader)
-        assert ac is not None and ac[0] == 0x02
+    async with associated(ae, get_rq_bytes(), small_window=True) as (server, _reader, writer):
         (assoc,) = server.associations
         writer.write(c_get_rq())
         await asyncio.wait_for(sending.wait(), 10)
@@ -404,10 +399,6 @@ async def test_a_half_close_mid_c_get_ends_the_association_at_once_though_much_i
         await asyncio.wait_for(assoc.wait_closed(), CLOSED_WITHIN * 2)
         assert time.monotonic() - start < CLOSED_WITHIN
         assert assoc.end_reason and "closed by peer" in assoc.end_reason, assoc.end_reason
-    finally:
-        writer.close()
-        server.close()
-        await asyncio.wait_for(server.wait_closed(grace=1), 10)
 
 
 async def test_a_half_close_before_the_association_request_is_complete_closes_at_once() -> None:
