@@ -78,6 +78,12 @@ MAX_HELD_BYTES_AWAITING = 1 << 20
 _UNNEGOTIATED = Session(())
 
 
+def _not_after_release(command: Command) -> AssociationAborted:
+    """What a request of ours gets once the peer asked to release (Sta8): no P-DATA can
+    follow its A-RELEASE-RQ (PS3.8 Table 9-10), so no response could come."""
+    return AssociationAborted(f"the peer released the association: {command.name} not sent (no response could come)")
+
+
 class DIMSEMessaging:
     """Sending and receiving DIMSE messages over an established association."""
 
@@ -304,7 +310,7 @@ class DIMSEMessaging:
         self._check_can_send()
         if self.fsm.state is not _ESTABLISHED and not command.command_field & 0x8000:
             self.log.info("request not sent: the peer released the association", command=command.name)
-            raise AssociationAborted(f"the peer released the association: {command.name} not sent (no response could come)")
+            raise _not_after_release(command)
 
     async def _drain(self, timeout: float | None = None) -> None:
         """Until the transport takes more: a peer that reads none of it for ``timeout``
@@ -611,7 +617,7 @@ class DIMSEMessaging:
         state = self.fsm.state
         if state is not _ESTABLISHED:
             self._check_can_send()
-            raise AssociationAborted(f"the peer released the association: {command.name} not sent (no response could come)")
+            raise _not_after_release(command)
         if "window" in self._pause_reasons and not self._held_past_budget():
             self.resume_reading("window")  # its response must be read (see _on_session_event)
         mid = self.session.start_request(context, command, multi=multi)

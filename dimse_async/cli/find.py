@@ -52,7 +52,7 @@ async def run(args: argparse.Namespace) -> int:
         async with ae.associate(
             args.host, args.port, args.aec, async_ops=(1, 1), extended=extended, **connection
         ) as assoc:
-            warn_unless_granted(args, assoc.negotiated, "find", "find", where)
+            warn_unless_granted(args, assoc.negotiated, "find", where)
             with progress_bar("matches", unit="") as bar:
                 async with assoc.c_find(query, model=args.model) as responses:
                     async for identifier in responses:

@@ -130,7 +130,7 @@ async def run(args: argparse.Namespace) -> int:
         async with ae.associate(
             args.host, args.port, args.aec, async_ops=(1, 1), extended=extended, **connection
         ) as assoc:
-            warn_unless_granted(args, assoc.negotiated, "get", "get", where)
+            warn_unless_granted(args, assoc.negotiated, "get", where)
             responses = assoc.c_get(query, model=args.model, store=store)
             final = await follow(responses, "retrieving")
             return outcome("get", where, responses, final)

@@ -45,7 +45,7 @@ async def run(args: argparse.Namespace) -> int:
         async with ae.associate(
             args.host, args.port, args.aec, async_ops=(1, 1), extended=extended, **connection
         ) as assoc:
-            warn_unless_granted(args, assoc.negotiated, "move", "move", where)
+            warn_unless_granted(args, assoc.negotiated, "move", where)
             responses = assoc.c_move(query, args.dest, model=args.model)
             final = await follow(responses, f"moving to {args.dest}")
             return outcome("move", where, responses, final)

@@ -164,7 +164,7 @@ def relational_proposal(args: argparse.Namespace, operation: str) -> list[SOPCla
     return [SOPClassExtended(MODELS[args.model][operation], b"\x01")]
 
 
-def warn_unless_granted(args: argparse.Namespace, negotiated: Any, operation: str, command: str, where: str) -> None:
+def warn_unless_granted(args: argparse.Namespace, negotiated: Any, operation: str, where: str) -> None:
     """With ``--relational``, one line on stderr when the peer did not grant it (no reply
     item, or its first byte 0: PS3.4 C.5.1.1.2, C.5.2.1.2, C.5.3.1.2); the request is sent
     all the same, and a peer holding to the hierarchy refuses it (0xA900 naming the key)."""
@@ -173,7 +173,7 @@ def warn_unless_granted(args: argparse.Namespace, negotiated: Any, operation: st
     reply = negotiated.extended.get(MODELS[args.model][operation], b"") if negotiated is not None else b""
     if reply[:1] != b"\x01":
         what = "queries" if operation == "find" else "retrieval"
-        print(f"dimse-async {command}: {where}: relational {what} not granted by the peer", file=sys.stderr)
+        print(f"dimse-async {operation}: {where}: relational {what} not granted by the peer", file=sys.stderr)
 
 
 def format_identifier(ds: Dataset, as_json: bool) -> str:
