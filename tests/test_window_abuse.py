@@ -61,13 +61,9 @@ def command_of(pdu: bytes) -> Command | None:
     return decode_command(pdu[12 : 10 + length])
 
 
-@pytest.mark.parametrize("extra", [1, 5], ids=["one", "five"])
-async def test_requests_beyond_the_window_during_a_c_get_leave_its_sub_operations_answered(extra: int) -> None:
-    """C-GET-RQ, then C-ECHO-RQs beyond the window of 1 in the same write: every
-    sub-operation is answered by the peer and read, the C-GET ends Success, then each
-    C-ECHO is answered, in well under the DIMSE timeout (before: the C-STORE-RSPs
-    stayed unread behind the paused socket and the association was aborted after it,
-    "no C-STORE-RQ response")."""
+def study_get() -> tuple[list[ContextSpec], Dataset, Command]:
+    """What the C-GET peers here propose (Verification, CT Image Storage in both roles,
+    Study Root GET), their STUDY level identifier and its C-GET-RQ (message id 1)."""
     specs = [
         ContextSpec(VERIFICATION, [IMPLICIT_LE]),
         ContextSpec(CT_IMAGE_STORAGE, [EXPLICIT_LE], scu_role=True, scp_role=True),
@@ -77,6 +73,17 @@ async def test_requests_beyond_the_window_during_a_c_get_leave_its_sub_operation
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = "1.2.3"
     get_rq = Command(CommandField.C_GET_RQ, message_id=1, affected_sop_class_uid=STUDY_GET, priority=0, data_set_type=0)
+    return specs, query, get_rq
+
+
+@pytest.mark.parametrize("extra", [1, 5], ids=["one", "five"])
+async def test_requests_beyond_the_window_during_a_c_get_leave_its_sub_operations_answered(extra: int) -> None:
+    """C-GET-RQ, then C-ECHO-RQs beyond the window of 1 in the same write: every
+    sub-operation is answered by the peer and read, the C-GET ends Success, then each
+    C-ECHO is answered, in well under the DIMSE timeout (before: the C-STORE-RSPs
+    stayed unread behind the paused socket and the association was aborted after it,
+    "no C-STORE-RQ response")."""
+    specs, query, get_rq = study_get()
     async with get_scp() as port:
         peer = await RawPeer.connect(port)
         try:
@@ -218,15 +225,7 @@ async def test_a_release_during_a_c_get_gets_its_final_response_first() -> None:
     fail, and the C-GET's final response (0xA702, the three instances in the Failed SOP
     Instance UID List) goes out before A-RELEASE-RP (PS3.8 §7.2: every request answered);
     before, the C-GET was left without a final response."""
-    specs = [
-        ContextSpec(VERIFICATION, [IMPLICIT_LE]),
-        ContextSpec(CT_IMAGE_STORAGE, [EXPLICIT_LE], scu_role=True, scp_role=True),
-        ContextSpec(STUDY_GET, [IMPLICIT_LE]),
-    ]
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = "1.2.3"
-    get_rq = Command(CommandField.C_GET_RQ, message_id=1, affected_sop_class_uid=STUDY_GET, priority=0, data_set_type=0)
+    specs, query, get_rq = study_get()
     async with get_scp() as port:
         peer = await RawPeer.connect(port)
         try:
