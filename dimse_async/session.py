@@ -37,7 +37,7 @@ from .exceptions import NoAcceptedContext
 from .lazy_dataclass import dataclass
 from .pdu import PDV
 from .status import PENDING_CODES, Code
-from .uids import uid_name
+from .uids import StorageCommitmentPushModel, uid_name
 
 __all__ = [
     "CancelRequested",
@@ -86,7 +86,6 @@ _N_REQUESTS = frozenset(
 _SCP_REQUESTS = _C_REQUESTS | _N_REQUESTS
 _C_CANCEL_RQ = int(CommandField.C_CANCEL_RQ)  # per request: not read from the enum class each time (slow on 3.11)
 _N_EVENT_REPORT_RQ = int(CommandField.N_EVENT_REPORT_RQ)
-_STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class (PS3.4 J.3)
 # Requests a C-CANCEL can reach (PS3.7 §9.3.2.3, §9.3.3.3, §9.3.4.3).
 _CANCELLABLE = frozenset({CommandField.C_FIND_RQ, CommandField.C_GET_RQ, CommandField.C_MOVE_RQ})
 
@@ -504,7 +503,7 @@ def _report_by_default(ctx: PresentationContext) -> bool:
     (PS3.4 J.2.1 makes it mandatory); pynetdicom and DCMTK take their reports all the
     same. Taken (the service logs a warning naming the peer); with a role selection
     that left us without the SCU role it is refused."""
-    return ctx.abstract_syntax == _STORAGE_COMMITMENT and not ctx.role_selection
+    return ctx.abstract_syntax == StorageCommitmentPushModel and not ctx.role_selection
 
 
 def _too_large(cmd: Command, limit: int) -> Command:

@@ -12,6 +12,7 @@ __all__ = [
     "IMPLEMENTATION_VERSION_NAME",
     "STORE_TRANSFER_SYNTAXES",
     "UNCOMPRESSED_TRANSFER_SYNTAXES",
+    "StorageCommitmentPushModel",
     "Verification",
     "uid_name",
 ]
@@ -21,6 +22,8 @@ IMPLEMENTATION_CLASS_UID = "2.25.274571480719065348315665717021919789922"
 IMPLEMENTATION_VERSION_NAME = "DIMSE_ASYNC_01"
 
 Verification = "1.2.840.10008.1.1"
+#: Storage Commitment Push Model SOP Class (PS3.4 J.3).
+StorageCommitmentPushModel = "1.2.840.10008.1.20.1"
 
 ImplicitVRLittleEndian = "1.2.840.10008.1.2"
 ExplicitVRLittleEndian = "1.2.840.10008.1.2.1"

@@ -33,7 +33,7 @@ from ..log import get_logger
 from ..part10 import plausible_uid
 from ..ratelimit import WarningLimiter
 from ..status import Status
-from ..uids import DEFAULT_TRANSFER_SYNTAXES
+from ..uids import DEFAULT_TRANSFER_SYNTAXES, StorageCommitmentPushModel
 from .normalized import NCode, NRequest
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: Storage Commitment Push Model SOP Class and its well-known instance (PS3.4 J.3, PS3.6 A).
-STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT = StorageCommitmentPushModel
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 ACTION_REQUEST = 1  # Request Storage Commitment (J.3.2.1.1)
 EVENT_SUCCESS = 1  # Storage Commitment Request Successful (J.3.3.1.1)
